@@ -1,6 +1,7 @@
 // config.cpp — config.json parsing and validation. Every error names the file and the field.
 #include "config.h"
 
+#include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -21,6 +22,11 @@ const char* attn_kind_name(AttnKind k) {
 }
 
 const char* expert_format_name(ExpertFormat f) { return f == ExpertFormat::nvfp4 ? "NVFP4" : "MXFP4"; }
+
+int64_t ModelConfig::ratio(int64_t layer) const {
+    MEGAMOE_CHECK(layer >= 0 && layer < static_cast<int64_t>(compress_ratios.size()), "layer ", layer);
+    return compress_ratios[static_cast<size_t>(layer)];
+}
 
 AttnKind ModelConfig::attn_kind(int64_t layer) const {
     const int64_t r = ratio(layer);
@@ -77,14 +83,16 @@ struct Reader {
         if (v->is_number_integer()) return v->get<int64_t>();
         // Some configs write integers as 16.0; accept exact integral floats.
         if (v->is_number_float()) {
-            double d = v->get<double>();
-            if (d == static_cast<double>(static_cast<int64_t>(d))) return static_cast<int64_t>(d);
+            const double d = v->get<double>();   // range-check before the cast, which is UB outside int64
+            if (d >= -9.2e18 && d <= 9.2e18 && d == std::trunc(d)) return static_cast<int64_t>(d);
         }
         bad(field, str("must be an integer, got ", v->dump()));
     }
-    int64_t positive(const std::string& field) const {
+    // Dimensions are bounded so that products of them (tensor sizes) cannot overflow int64.
+    int64_t positive(const std::string& field, int64_t max = int64_t{1} << 20) const {
         int64_t v = integer(field);
         if (v <= 0) bad(field, str("must be positive, got ", v));
+        if (v > max) bad(field, str("= ", v, " is larger than this engine supports (", max, ")"));
         return v;
     }
     double number(const std::string& field, bool required = true, double def = 0) const {
@@ -147,8 +155,9 @@ void parse_rope(const json& root, const std::string& file, ModelConfig& c) {
     if (!s) return;   // no YaRN on compressed layers either
     if (!s->is_object()) r.bad("rope_scaling", "must be an object");
     Reader y{*s, file, "rope_scaling."};
-    std::string type = y.string("type", false, y.string("rope_type", false, ""));
-    if (type != "yarn") y.bad("type", str("= \"", type, "\" is not supported (expected \"yarn\")"));
+    const char* type_field = y.get("type", false) ? "type" : "rope_type";
+    std::string type = y.string(type_field, false, "");
+    if (type != "yarn") y.bad(type_field, str("= \"", type, "\" is not supported (expected \"yarn\")"));
     c.yarn.factor = y.number("factor");
     c.yarn.original_max_position_embeddings = y.positive("original_max_position_embeddings");
     c.yarn.beta_fast = y.number("beta_fast");
@@ -171,7 +180,7 @@ ModelConfig parse_model_config(const std::string& text, const std::string& file)
     Reader r{root, file, ""};
     ModelConfig c;
 
-    c.vocab_size = r.positive("vocab_size");
+    c.vocab_size = r.positive("vocab_size", int64_t{1} << 31);
     c.hidden_size = r.positive("hidden_size");
     c.num_hidden_layers = r.positive("num_hidden_layers");
     c.num_attention_heads = r.positive("num_attention_heads");
@@ -196,7 +205,7 @@ ModelConfig parse_model_config(const std::string& text, const std::string& file)
     c.hc_eps = r.number("hc_eps");
     c.rms_norm_eps = r.number("rms_norm_eps");
     c.num_nextn_predict_layers = r.integer("num_nextn_predict_layers", false, 0);
-    c.max_position_embeddings = r.positive("max_position_embeddings");
+    c.max_position_embeddings = r.positive("max_position_embeddings", int64_t{1} << 40);
     c.bos_token_id = r.integer("bos_token_id", false, 0);
     c.eos_token_id = r.integer("eos_token_id", false, 1);
     parse_rope(root, file, c);
@@ -231,7 +240,6 @@ ModelConfig parse_model_config(const std::string& text, const std::string& file)
     if (!(c.swiglu_limit > 0)) r.bad("swiglu_limit", str("= ", c.swiglu_limit, " must be positive"));
     if (c.num_nextn_predict_layers < 0 || c.num_nextn_predict_layers > 1)
         r.bad("num_nextn_predict_layers", "must be 0 or 1");
-    if (c.vocab_size > (int64_t{1} << 31)) r.bad("vocab_size", "is too large");
 
     const json* cr = r.get("compress_ratios", true);
     if (!cr->is_array()) r.bad("compress_ratios", "must be an array");

@@ -69,7 +69,7 @@ struct ModelConfig {
 
     AttnKind   attn_kind(int64_t layer) const;          // layer may be L for the MTP block
     RouterKind router_kind(int64_t layer) const;        // the MTP block always routes by score
-    int64_t    ratio(int64_t layer) const { return compress_ratios.at(static_cast<size_t>(layer)); }
+    int64_t    ratio(int64_t layer) const;                  // layer in [0, L]
     int64_t    nope_dim() const { return head_dim - qk_rope_head_dim; }
     int64_t    heads_per_group() const { return num_attention_heads / o_groups; }
     int64_t    mix_width() const { return (2 + hc_mult) * hc_mult; }   // mHC pre|post|comb

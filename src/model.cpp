@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "parallel.h"
+
 namespace megamoe {
 
 using Buf = std::vector<float>;
@@ -156,8 +158,7 @@ void attend_chunk(const Model& m, const AttentionWeights& a, const AttnInputs& i
     for (int64_t i = 0; i < st.n_window; ++i) ext[static_cast<size_t>(i)] = st.window.data() + i * hd;
     for (int64_t i = 0; i < n; ++i) ext[static_cast<size_t>(st.n_window + i)] = in.kv.data() + (t0 + i) * hd;
 
-#pragma omp parallel for schedule(dynamic)
-    for (int64_t i = 0; i < n; ++i) {
+    parallel_for(n, [&](int64_t i) {
         const int64_t t = t0 + i, p = B.pos[static_cast<size_t>(t)];
         std::vector<const float*> keys;
         for (int64_t q = std::max<int64_t>(0, p - W + 1); q <= p; ++q) keys.push_back(ext[static_cast<size_t>(q - ext_start)]);
@@ -174,7 +175,7 @@ void attend_chunk(const Model& m, const AttentionWeights& a, const AttnInputs& i
         }
         ops::attend_one(in.q.data() + t * H * hd, H, hd, keys.data(), static_cast<int64_t>(keys.size()),
                         a.attn_sink.as<float>(), scale, o + t * H * hd);
-    }
+    }, H * hd * (W + c.index_topk));
     // Keep the last W-1 rows: the keys the next tokens still see besides themselves.
     const int64_t total = st.n_window + n, keep = std::min(W - 1, total);
     Buf window(static_cast<size_t>(keep * hd));

@@ -4,6 +4,7 @@
 
 #include "formats.h"
 #include "ops.h"
+#include "parallel.h"
 
 namespace megamoe::ops {
 
@@ -28,8 +29,7 @@ void embed(const Tensor& table, const int32_t* ids, int64_t T, float* out) {
 
 void rms_norm(const float* x, int64_t T, int64_t D, const Tensor* w, float eps, float* y) {
     const uint16_t* wb = w ? w->as<uint16_t>() : nullptr;
-#pragma omp parallel for schedule(static) if (T * D > 65536)
-    for (int64_t t = 0; t < T; ++t) {
+    parallel_for(T, [&](int64_t t) {
         const float* xr = x + t * D;
         double ss = 0;
         for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(xr[d]) * xr[d];
@@ -38,35 +38,31 @@ void rms_norm(const float* x, int64_t T, int64_t D, const Tensor* w, float eps, 
             const float v = xr[d] * inv;
             y[t * D + d] = wb ? bf16_to_f32(wb[d]) * v : v;
         }
-    }
+    }, 2 * D);
 }
 
 void linear(const Linear& W, const float* x, int64_t T, float* y) {
     const int64_t N = W.out, K = W.in;
-#pragma omp parallel if (N * K * (T + 1) > (1 << 16))
-    {
+    parallel_ranges(N, [&](int64_t begin, int64_t end, int) {
         std::vector<float> row(static_cast<size_t>(K));
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; ++n) {
+        for (int64_t n = begin; n < end; ++n) {
             W.decode_row(n, row.data());
             for (int64_t t = 0; t < T; ++t) y[t * N + n] = dot(row.data(), x + t * K, K);
         }
-    }
+    }, K * (T + 1));
 }
 
 void grouped_linear(const Linear& W, int64_t groups, const float* x, int64_t T, float* y) {
     const int64_t N = W.out, K = W.in, R = N / groups;
     MEGAMOE_CHECK(R * groups == N, "grouped_linear: ", N, " rows do not split into ", groups, " groups");
-#pragma omp parallel if (N * K * (T + 1) > (1 << 16))
-    {
+    parallel_ranges(N, [&](int64_t begin, int64_t end, int) {
         std::vector<float> row(static_cast<size_t>(K));
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; ++n) {
+        for (int64_t n = begin; n < end; ++n) {
             W.decode_row(n, row.data());
             const int64_t g = n / R;
             for (int64_t t = 0; t < T; ++t) y[t * N + n] = dot(row.data(), x + (t * groups + g) * K, K);
         }
-    }
+    }, K * (T + 1));
 }
 
 RopeTable make_rope_table(double base, int64_t rope_dim, const YarnConfig* yarn) {

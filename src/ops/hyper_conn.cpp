@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "parallel.h"
 
 namespace megamoe::ops {
 
@@ -28,8 +29,7 @@ void hc_pre(const HyperConnWeights& w, const ModelConfig& c, const float* X, int
     const float* fn = w.fn.as<float>();
     const float* base = w.base.as<float>();
     const float* scale = w.scale.as<float>();
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
+    parallel_for(T, [&](int64_t t) {
         const float* x = X + t * n;
         std::vector<float> mix(static_cast<size_t>(c.mix_width()));
         hc_mixes(fn, c.mix_width(), x, n, static_cast<float>(c.rms_norm_eps), mix.data());
@@ -75,13 +75,12 @@ void hc_pre(const HyperConnWeights& w, const ModelConfig& c, const float* X, int
             for (int64_t j = 0; j < hc; ++j) acc += pre[static_cast<size_t>(j)] * x[j * D + d];
             u[t * D + d] = acc;
         }
-    }
+    }, c.mix_width() * n);
 }
 
 void hc_post(const float* y, const float* res, const float* post, const float* comb, int64_t T, int64_t hc,
              int64_t D, float* out) {
-#pragma omp parallel for schedule(static) if (T * hc * D > 65536)
-    for (int64_t t = 0; t < T; ++t) {
+    parallel_for(T, [&](int64_t t) {
         const float* C = comb + t * hc * hc;
         for (int64_t k = 0; k < hc; ++k) {
             for (int64_t d = 0; d < D; ++d) {
@@ -90,14 +89,13 @@ void hc_post(const float* y, const float* res, const float* post, const float* c
                 out[(t * hc + k) * D + d] = acc;
             }
         }
-    }
+    }, hc * hc * D);
 }
 
 void hc_head(const HyperHeadWeights& w, const ModelConfig& c, const float* X, int64_t T, float* u) {
     const int64_t hc = c.hc_mult, D = c.hidden_size, n = hc * D;
     const float eps = static_cast<float>(c.hc_eps);
-#pragma omp parallel for schedule(static)
-    for (int64_t t = 0; t < T; ++t) {
+    parallel_for(T, [&](int64_t t) {
         const float* x = X + t * n;
         std::vector<float> mix(static_cast<size_t>(hc)), pre(static_cast<size_t>(hc));
         hc_mixes(w.fn.as<float>(), hc, x, n, static_cast<float>(c.rms_norm_eps), mix.data());
@@ -109,7 +107,7 @@ void hc_head(const HyperHeadWeights& w, const ModelConfig& c, const float* X, in
             for (int64_t j = 0; j < hc; ++j) acc += pre[static_cast<size_t>(j)] * x[j * D + d];
             u[t * D + d] = acc;
         }
-    }
+    }, hc * n);
 }
 
 }  // namespace megamoe::ops

@@ -1,0 +1,188 @@
+// cli.cpp — the `megamoe` command line: info, logits, generate, synth.
+//
+// Every failure (a malformed checkpoint, config, token file or flag) prints one line naming what
+// is wrong and exits with status 1.
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "generate.h"
+#include "model.h"
+#include "parallel.h"
+#include "safetensors.h"
+#include "synth.h"
+
+using namespace megamoe;
+
+namespace {
+
+std::vector<int32_t> parse_ids(const std::string& text, const std::string& what) {
+    std::istringstream in(text);
+    std::vector<int32_t> ids;
+    std::string tok;
+    while (in >> tok) {
+        size_t used = 0;
+        long long v = 0;
+        try {
+            v = std::stoll(tok, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        if (used != tok.size() || v < 0 || v > INT32_MAX) fail(what, ": '", tok, "' is not a token id");
+        ids.push_back(static_cast<int32_t>(v));
+    }
+    if (ids.empty()) fail(what, ": no token ids");
+    return ids;
+}
+
+std::string read_file(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) fail(path, ": cannot open");
+    std::stringstream ss;
+    ss << f.rdbuf();
+    return ss.str();
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::string human_bytes(int64_t b) {
+    char buf[32];
+    if (b >= (int64_t{1} << 30))
+        std::snprintf(buf, sizeof buf, "%.2f GiB", static_cast<double>(b) / (1 << 30));
+    else if (b >= (1 << 20))
+        std::snprintf(buf, sizeof buf, "%.2f MiB", static_cast<double>(b) / (1 << 20));
+    else
+        std::snprintf(buf, sizeof buf, "%.1f KiB", static_cast<double>(b) / 1024);
+    return buf;
+}
+
+void cmd_info(const std::string& dir) {
+    auto m = Model::load(dir);
+    const ModelConfig& c = m->cfg;
+    std::printf("model        %s\n", dir.c_str());
+    std::printf("hidden       %ld, %ld layers (+%s MTP block), vocab %ld\n", c.hidden_size, c.num_hidden_layers,
+                m->w.mtp ? "1" : "no", c.vocab_size);
+    std::printf("attention    %ld heads x %ld (rope %ld), q_lora %ld, %ld output groups x %ld, window %ld\n",
+                c.num_attention_heads, c.head_dim, c.qk_rope_head_dim, c.q_lora_rank, c.o_groups, c.o_lora_rank,
+                c.sliding_window);
+    std::printf("indexer      %ld heads x %ld, top %ld\n", c.index_n_heads, c.index_head_dim, c.index_topk);
+    std::printf("moe          %ld routed experts (%s) top-%ld, width %ld, + %ld shared; scale %.3g, swiglu limit %.3g\n",
+                c.n_routed_experts, expert_format_name(c.expert_format), c.num_experts_per_tok,
+                c.moe_intermediate_size, c.n_shared_experts, c.routed_scaling_factor, c.swiglu_limit);
+    std::printf("rope         theta %.0f (SWA layers), %.0f + YaRN x%.0f from %ld (compressed layers)\n", c.rope_theta,
+                c.compress_rope_theta, c.yarn.factor, c.yarn.original_max_position_embeddings);
+    std::printf("context      %ld tokens\n\nlayer  attention  ratio  router\n", c.max_position_embeddings);
+    for (int64_t l = 0; l <= c.num_hidden_layers; ++l) {
+        const bool mtp = l == c.num_hidden_layers;
+        if (mtp && !m->w.mtp) break;
+        std::printf("%-6s %-10s %-6ld %s\n", mtp ? "mtp" : std::to_string(l).c_str(), attn_kind_name(c.attn_kind(l)),
+                    c.ratio(l), c.router_kind(l) == RouterKind::hash ? "hash" : "score");
+    }
+    Weights scratch;
+    WeightStats s = weight_stats(c, scratch, m->w.mtp.has_value());
+    int64_t params = 0, bytes = 0;
+    std::printf("\n%-16s %16s %12s\n", "group", "parameters", "bytes");
+    for (const auto& g : s.groups) {
+        std::printf("%-16s %16ld %12s\n", g.name.c_str(), g.params, human_bytes(g.bytes).c_str());
+        params += g.params;
+        bytes += g.bytes;
+    }
+    std::printf("%-16s %16ld %12s\n\nformat                                    bytes\n", "total", params,
+                human_bytes(bytes).c_str());
+    for (const auto& [name, b] : s.formats) std::printf("%-40s %12s\n", name.c_str(), human_bytes(b).c_str());
+}
+
+void cmd_logits(const std::string& dir, const std::string& tokens_file, const std::string& out, const Schedule& s) {
+    const std::vector<int32_t> ids = parse_ids(read_file(tokens_file), tokens_file);
+    auto m = Model::load(dir);
+    auto t0 = std::chrono::steady_clock::now();
+    std::vector<float> logits = sequence_logits(*m, ids, s);
+    const double sec = seconds_since(t0);
+    write_safetensors(out, {{"logits", DType::f32, {static_cast<int64_t>(ids.size()), m->cfg.vocab_size}, logits.data()}});
+    std::fprintf(stderr, "%zu tokens in %.2f s (%.1f tok/s), logits -> %s\n", ids.size(), sec,
+                 static_cast<double>(ids.size()) / sec, out.c_str());
+}
+
+void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t max_new, int64_t chunk, bool ignore_eos) {
+    const std::vector<int32_t> prompt = parse_ids(ids_text, "--ids");
+    if (max_new < 0) fail("--max-new must be >= 0");
+    auto m = Model::load(dir);
+    auto t0 = std::chrono::steady_clock::now();
+    std::vector<int32_t> out = generate_greedy(*m, prompt, max_new, chunk, ignore_eos);
+    const double sec = seconds_since(t0);
+    for (size_t i = 0; i < out.size(); ++i) std::printf("%s%d", i ? " " : "", out[i]);
+    std::printf("\n");
+    std::fprintf(stderr, "%zu prompt + %zu new tokens in %.2f s\n", prompt.size(), out.size(), sec);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    CLI::App app{"megamoe: DeepSeek-V4 inference with 4-bit experts (CPU reference backend)"};
+    app.require_subcommand(1);
+    int threads = 0;
+    app.add_option("--threads", threads, "CPU threads (default: all cores)");
+
+    std::string model, tokens, out, ids, preset = "tiny", experts = "nvfp4";
+    Schedule sched;
+    int64_t max_new = 16, chunk = 0, layers = -1, vocab = -1, routed = -1, shard_mb = 4096;
+    uint64_t seed = 0;
+    bool ignore_eos = false, no_mtp = false;
+
+    auto* info = app.add_subcommand("info", "config summary, layer schedule, weight formats and sizes");
+    info->add_option("--model", model, "checkpoint directory")->required();
+
+    auto* lg = app.add_subcommand("logits", "logits of every position of one token sequence");
+    lg->add_option("--model", model, "checkpoint directory")->required();
+    lg->add_option("--tokens", tokens, "file of whitespace-separated token ids")->required();
+    lg->add_option("--out", out, "output .safetensors (tensor 'logits' F32 [T, vocab])")->required();
+    lg->add_option("--decode-from", sched.decode_from, "prefill N tokens, then decode one at a time");
+    lg->add_option("--chunk", sched.chunk, "prefill in chunks of C tokens");
+
+    auto* gen = app.add_subcommand("generate", "greedy continuation; prints the new ids");
+    gen->add_option("--model", model, "checkpoint directory")->required();
+    gen->add_option("--ids", ids, "prompt token ids, e.g. \"1 2 3\"")->required();
+    gen->add_option("--max-new", max_new, "tokens to generate");
+    gen->add_option("--chunk", chunk, "prefill the prompt in chunks of C tokens");
+    gen->add_flag("--ignore-eos", ignore_eos, "do not stop at the EOS token");
+
+    auto* syn = app.add_subcommand("synth", "write a random checkpoint in the release layout");
+    syn->add_option("--out", out, "output directory")->required();
+    syn->add_option("--preset", preset, "tiny | flash | pro")->check(CLI::IsMember({"tiny", "flash", "pro"}));
+    syn->add_option("--layers", layers, "number of layers (the preset's schedule, cut)");
+    syn->add_option("--vocab", vocab, "vocabulary size");
+    syn->add_option("--experts", experts, "routed-expert format: nvfp4 | mxfp4")->check(CLI::IsMember({"nvfp4", "mxfp4"}));
+    syn->add_option("--routed-experts", routed, "number of routed experts (default: the preset's)");
+    syn->add_option("--seed", seed, "random seed");
+    syn->add_option("--shard-mb", shard_mb, "target shard size in MiB");
+    syn->add_flag("--no-mtp", no_mtp, "leave out the mtp.0.* block");
+
+    CLI11_PARSE(app, argc, argv);
+    if (threads > 0) set_num_threads(threads);
+    try {
+        if (*info) cmd_info(model);
+        if (*lg) cmd_logits(model, tokens, out, sched);
+        if (*gen) cmd_generate(model, ids, max_new, chunk, ignore_eos);
+        if (*syn) {
+            SynthOptions o;
+            o.preset = preset, o.layers = layers, o.vocab = vocab, o.routed_experts = routed, o.seed = seed;
+            o.experts = experts == "mxfp4" ? ExpertFormat::mxfp4 : ExpertFormat::nvfp4;
+            o.mtp = !no_mtp;
+            o.shard_bytes = shard_mb << 20;
+            auto t0 = std::chrono::steady_clock::now();
+            const int64_t bytes = write_synthetic_checkpoint(out, o);
+            std::fprintf(stderr, "wrote %s of %s weights to %s in %.1f s\n", human_bytes(bytes).c_str(),
+                         preset.c_str(), out.c_str(), seconds_since(t0));
+        }
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "megamoe: error: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}

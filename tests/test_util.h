@@ -1,0 +1,63 @@
+// test_util.h — helpers shared by the tests: golden paths, error-message checks, comparisons.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <functional>
+#include <unistd.h>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace megamoe::test {
+
+inline std::string shared_dir() { return MEGAMOE_SHARED_DIR; }
+inline std::string golden_dir(const std::string& name) { return shared_dir() + "/golden/" + name; }
+inline bool have_golden(const std::string& name) { return std::filesystem::exists(golden_dir(name) + "/golden.safetensors"); }
+
+// A fresh, empty temporary directory, removed when the object goes away.
+struct TempDir {
+    std::filesystem::path path;
+    TempDir() {
+        static int counter = 0;
+        const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+        std::string name = std::string("megamoe_") + (info ? info->name() : "t") + "_" + std::to_string(::getpid()) +
+                           "_" + std::to_string(counter++);
+        std::replace(name.begin(), name.end(), '/', '_');
+        path = std::filesystem::temp_directory_path() / name;
+        std::filesystem::remove_all(path);
+        std::filesystem::create_directories(path);
+    }
+    ~TempDir() {
+        std::error_code ec;
+        std::filesystem::remove_all(path, ec);
+    }
+    std::string str() const { return path.string(); }
+};
+
+// Runs fn, expects megamoe::Error, and checks every substring is in its message.
+inline void expect_error(const std::function<void()>& fn, const std::vector<std::string>& substrings) {
+    try {
+        fn();
+    } catch (const Error& e) {
+        const std::string msg = e.what();
+        for (const auto& s : substrings) EXPECT_NE(msg.find(s), std::string::npos) << "'" << s << "' not in: " << msg;
+        return;
+    }
+    ADD_FAILURE() << "expected megamoe::Error";
+}
+
+inline double max_abs_diff(const float* a, const float* b, size_t n) {
+    double m = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const double d = std::fabs(static_cast<double>(a[i]) - static_cast<double>(b[i]));
+        if (!(d <= m)) m = d;   // NaN propagates as a failure
+    }
+    return m;
+}
+
+}  // namespace megamoe::test
