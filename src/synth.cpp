@@ -232,11 +232,8 @@ std::vector<uint8_t> bytes_of(const std::vector<T>& v) {
 }
 
 void gen_linear(const Item& it, uint64_t seed, Generated& g) {
-    Rng rng{name_seed(seed, it.name)};
     const int64_t out = it.out, in = it.in;
-    std::vector<float> w(static_cast<size_t>(out * in));
-    const float std = 1.0f / std::sqrt(static_cast<float>(in));
-    for (float& v : w) v = rng.centered(std);
+    const std::vector<float> w = synth_linear_values(it.name, out, in, seed);
     const std::string p = it.name;
     auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
     switch (it.format) {
@@ -319,6 +316,14 @@ void gen_tensor(const Item& it, const ModelConfig& c, uint64_t seed, Generated& 
 }
 
 }  // namespace
+
+std::vector<float> synth_linear_values(const std::string& prefix, int64_t out, int64_t in, uint64_t seed) {
+    Rng rng{name_seed(seed, prefix)};
+    std::vector<float> w(static_cast<size_t>(out * in));
+    const float std = 1.0f / std::sqrt(static_cast<float>(in));   // keeps y = W·x at the scale of x
+    for (float& v : w) v = rng.centered(std);
+    return w;
+}
 
 int64_t write_synthetic_checkpoint(const std::string& dir, const SynthOptions& o) {
     const ModelConfig c = synth_config(o);

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "config.h"
 
@@ -30,5 +31,7 @@ ModelConfig synth_config(const SynthOptions& o);            // throws Error on a
 std::string config_to_json(const ModelConfig& c);           // release-style config.json text
 // Writes the checkpoint into `dir` (created if needed). Returns the number of bytes of tensors.
 int64_t write_synthetic_checkpoint(const std::string& dir, const SynthOptions& o);
+// The f32 values [out, in] a projection PREFIX is generated from, before quantization.
+std::vector<float> synth_linear_values(const std::string& prefix, int64_t out, int64_t in, uint64_t seed);
 
 }  // namespace megamoe
