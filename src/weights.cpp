@@ -178,7 +178,17 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct Binder : WeightVisitor {
     const Checkpoint& ck;
-    explicit Binder(const Checkpoint& c) : ck(c) {}
+    Weights& w;
+    Binder(const Checkpoint& c, Weights& weights) : ck(c), w(weights) {}
+
+    // A tensor at a misaligned offset is copied once into an aligned buffer the Weights own.
+    Tensor aligned(Tensor t) {
+        if (reinterpret_cast<uintptr_t>(t.data) % dtype_size(t.dtype) == 0) return t;
+        auto& buf = w.realigned.emplace_back((t.bytes() + 7) / 8);
+        std::memcpy(buf.data(), t.data, t.bytes());
+        t.data = buf.data();
+        return t;
+    }
 
     Tensor get(const std::string& name, DType dtype, const std::vector<int64_t>& shape) {
         const Checkpoint::Entry* e = ck.find(name);
@@ -188,7 +198,7 @@ struct Binder : WeightVisitor {
         if (t.dtype != dtype || got != shape)
             fail(e->file->path(), ": tensor '", name, "' is ", dtype_name(t.dtype), " ", shape_str(got), ", expected ",
                  dtype_name(dtype), " ", shape_str(shape));
-        return t;
+        return aligned(t);
     }
 
     void tensor(const std::string& name, DType dtype, const std::vector<int64_t>& shape, Tensor& dst) override {
@@ -250,7 +260,7 @@ void check_tid2eid(const Checkpoint& ck, const std::string& name, const Tensor& 
 
 Weights bind_weights(const ModelConfig& cfg, const Checkpoint& ck) {
     Weights w;
-    Binder b(ck);
+    Binder b(ck, w);
     const bool with_mtp = cfg.num_nextn_predict_layers > 0 && ck.find("mtp.0.attn.wq_a.weight") != nullptr;
     visit_weights(cfg, w, b, with_mtp);
     for (size_t l = 0; l < w.layers.size(); ++l) {

@@ -110,6 +110,10 @@ struct MtpWeights {                // multi-token prediction block (loaded, not 
 };
 
 struct Weights {
+    // Copies of tensors whose offset in their shard is not aligned for their dtype (safetensors
+    // does not require alignment; reading a float through a misaligned pointer is undefined).
+    std::vector<std::vector<uint64_t>> realigned;
+
     Tensor embed;                  // bf16 [V, D]
     Linear head;                   // bf16 [V, D]
     Tensor norm;                   // bf16 [D]
