@@ -14,6 +14,7 @@
 #include "model.h"
 #include "parallel.h"
 #include "safetensors.h"
+#include "server.h"
 #include "synth.h"
 
 using namespace megamoe;
@@ -163,12 +164,26 @@ int main(int argc, char** argv) {
     syn->add_option("--shard-mb", shard_mb, "target shard size in MiB");
     syn->add_flag("--no-mtp", no_mtp, "leave out the mtp.0.* block");
 
+    ServeOptions so;
+    auto* srv = app.add_subcommand("serve", "OpenAI-compatible HTTP server");
+    srv->add_option("--model", so.model_dir, "checkpoint directory")->required();
+    srv->add_option("--tokenizer", so.tokenizer, "tokenizer.json (default: MODEL/tokenizer.json)");
+    srv->add_option("--served-model-name", so.served_model_name, "model id in the API (default: directory name)");
+    srv->add_option("--host", so.host, "address to listen on");
+    srv->add_option("--port", so.port, "port");
+    srv->add_option("--max-model-len", so.max_model_len, "context limit, prompt + completion");
+    srv->add_option("--max-batch-tokens", so.max_batch_tokens, "tokens per engine step (prefill chunks + decodes)");
+    srv->add_option("--max-seqs", so.max_seqs, "requests running at once");
+    srv->add_option("--max-body-bytes", so.max_body_bytes, "largest request body accepted (413 above)");
+    srv->add_option("--seed", so.seed, "seed for requests that bring none");
+
     CLI11_PARSE(app, argc, argv);
     if (threads > 0) set_num_threads(threads);
     try {
         if (*info) cmd_info(model);
         if (*lg) cmd_logits(model, tokens, out, sched);
         if (*gen) cmd_generate(model, ids, max_new, chunk, ignore_eos);
+        if (*srv) return serve(so);
         if (*syn) {
             SynthOptions o;
             o.preset = preset, o.layers = layers, o.vocab = vocab, o.routed_experts = routed, o.seed = seed;

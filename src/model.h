@@ -26,7 +26,9 @@ struct Model {
     ops::RopeTable rope_main;                 // ratio-0 layers: rope_theta, no YaRN
     ops::RopeTable rope_compress;             // compressed layers: compress_rope_theta with YaRN
 
-    static std::unique_ptr<Model> load(const std::string& dir);   // throws Error
+    // Reads DIR/config.json and binds the checkpoint; progress(done, total) reports tensors bound.
+    static std::unique_ptr<Model> load(const std::string& dir,
+                                       const std::function<void(size_t, size_t)>& progress = nullptr);   // throws Error
 };
 
 // State of one compressor (attention or indexer) of one layer of one sequence.

@@ -67,6 +67,24 @@ bool better(const T& a, const T& b) {
     return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
 }
 
+// Keeps the n best elements of a stream in `heap`, a heap whose front is the worst kept: most
+// elements cost one comparison, so picking a small k from a large vocabulary is one cheap pass.
+template <typename T>
+void keep_best(std::vector<T>& heap, size_t n, const T& item) {
+    auto by_rank = [](const T& a, const T& b) { return better(a, b); };
+    if (heap.size() < n) {
+        heap.push_back(item);
+        std::push_heap(heap.begin(), heap.end(), by_rank);
+    } else if (better(item, heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), by_rank);
+        heap.back() = item;
+        std::push_heap(heap.begin(), heap.end(), by_rank);
+    }
+}
+
+// Above this top_k, nth_element over a copy beats the O(V log k) worst case of the heap.
+constexpr size_t kHeapTopK = 1024;
+
 uint64_t splitmix64(uint64_t& x) {
     uint64_t z = (x += 0x9e3779b97f4a7c15ULL);
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
@@ -80,12 +98,13 @@ uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 // distribution is uniform over them (the limit of softmax), so only their count matters.
 struct LogNorm {
     float max;
-    double lse;       // log-sum-exp when max is finite
-    int64_t n_inf;    // number of +inf logits when max is +inf
+    double lse;     // log-sum-exp when max is finite
+    int64_t n_inf;  // number of +inf logits when max is +inf
 
     double logprob(float x) const {
         if (!valid(x)) return -std::numeric_limits<double>::infinity();
-        if (std::isinf(max)) return x == max ? -std::log(static_cast<double>(n_inf)) : -std::numeric_limits<double>::infinity();
+        if (std::isinf(max))
+            return x == max ? -std::log(static_cast<double>(n_inf)) : -std::numeric_limits<double>::infinity();
         return static_cast<double>(x) - lse;
     }
 };
@@ -246,30 +265,44 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
     }
 
     // Ranked path: the candidates (valid tokens; only the +inf ones when there are any).
-    cands_.clear();
-    for (int64_t i = 0; i < vocab; ++i) {
-        const float x = logits[i];
-        if (valid(x) && (!inf_max || x == m)) cands_.push_back({x, static_cast<int32_t>(i), 0.0});
-    }
+    auto is_cand = [&](float x) { return valid(x) && (!inf_max || x == m); };
     auto by_rank = [](const Cand& a, const Cand& b) { return better(a, b); };
     auto by_id = [](const Cand& a, const Cand& b) { return a.id < b.id; };
-
-    // top-k: selection, not a sort; then back to id order so the total below is summed in an
-    // order that does not depend on how nth_element permuted the rest.
-    const size_t k = static_cast<size_t>(std::max<int32_t>(params_.top_k, 0));
-    if (use_top_k && k < cands_.size()) {
-        std::nth_element(cands_.begin(), cands_.begin() + static_cast<std::ptrdiff_t>(k), cands_.end(), by_rank);
-        cands_.resize(k);
-        std::sort(cands_.begin(), cands_.end(), by_id);
+    cands_.clear();
+    const size_t k = use_top_k ? static_cast<size_t>(params_.top_k) : 0;
+    if (use_top_k && k <= kHeapTopK) {
+        // Small k (the usual case): one streaming pass, no vocabulary-sized copy.
+        for (int64_t i = 0; i < vocab; ++i)
+            if (is_cand(logits[i])) keep_best(cands_, k, Cand{logits[i], static_cast<int32_t>(i), 0.0});
+    } else {
+        for (int64_t i = 0; i < vocab; ++i)
+            if (is_cand(logits[i])) cands_.push_back({logits[i], static_cast<int32_t>(i), 0.0});
+        // Large k: selection, not a sort.
+        if (use_top_k && k < cands_.size()) {
+            std::nth_element(cands_.begin(), cands_.begin() + static_cast<std::ptrdiff_t>(k), cands_.end(), by_rank);
+            cands_.resize(k);
+        }
     }
+    // Back to id order, so the total below is summed in an order that does not depend on how
+    // the selection permuted the candidates.
+    if (use_top_k) std::sort(cands_.begin(), cands_.end(), by_id);
     double total = 0.0;
     for (Cand& c : cands_) total += (c.w = weight(c.logit));
 
     // top-p: the smallest set, in rank order, whose probability reaches top_p (the token that
-    // crosses the threshold is kept; so is the best token). The nucleus is usually small, so rank
-    // in growing chunks (select with nth_element, then sort the chunk) instead of sorting all.
+    // crosses the threshold is kept; so is the best token).
     if (use_top_p && cands_.size() > 1) {
         const double threshold = static_cast<double>(params_.top_p) * total;
+        // Exact pruning first: the tokens lighter than floor_w are a suffix of the ranking whose
+        // total is at most half of the (1 - top_p) tail, so the tokens above them already reach
+        // the threshold (with a margin far beyond rounding) and the nucleus cannot include them.
+        // With real logits this drops nearly the whole vocabulary before any ranking.
+        const double floor_w =
+            0.5 * (1.0 - static_cast<double>(params_.top_p)) * total / static_cast<double>(cands_.size());
+        cands_.erase(std::remove_if(cands_.begin(), cands_.end(), [&](const Cand& c) { return c.w < floor_w; }),
+                     cands_.end());
+        // The nucleus is usually small, so rank in growing chunks (select with nth_element, then
+        // sort the chunk) instead of sorting every candidate.
         const size_t n = cands_.size();
         size_t done = 0, keep = n, chunk = 64;
         double cum = 0.0;
@@ -287,7 +320,7 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
                 }
             }
             done = hi;
-            chunk *= 2;
+            chunk *= 4;
         }
         cands_.resize(keep);  // keep == n only if rounding kept cum below threshold: keep all
         std::sort(cands_.begin(), cands_.end(), by_id);
@@ -328,26 +361,16 @@ std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t
     const size_t n = static_cast<size_t>(std::min<int64_t>(k, vocab));
     if (n == 0) return {};
 
-    // One pass with a heap of the n best (front = worst kept): most tokens cost one comparison.
     // NaN ranks as -inf so the order stays total.
     struct Item {
         float logit;
         int32_t id;
     };
-    auto by_rank = [](const Item& a, const Item& b) { return better(a, b); };
     std::vector<Item> heap;
     heap.reserve(n);
-    for (int64_t i = 0; i < vocab; ++i) {
-        const Item it{valid(logits[i]) ? logits[i] : kNegInf, static_cast<int32_t>(i)};
-        if (heap.size() < n) {
-            heap.push_back(it);
-            std::push_heap(heap.begin(), heap.end(), by_rank);
-        } else if (better(it, heap.front())) {
-            std::pop_heap(heap.begin(), heap.end(), by_rank);
-            heap.back() = it;
-            std::push_heap(heap.begin(), heap.end(), by_rank);
-        }
-    }
+    for (int64_t i = 0; i < vocab; ++i)
+        keep_best(heap, n, Item{valid(logits[i]) ? logits[i] : kNegInf, static_cast<int32_t>(i)});
+    auto by_rank = [](const Item& a, const Item& b) { return better(a, b); };
     std::sort(heap.begin(), heap.end(), by_rank);
     std::vector<std::pair<int32_t, float>> out;
     out.reserve(n);

@@ -179,6 +179,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct Binder : WeightVisitor {
     const Checkpoint& ck;
     Weights& w;
+    std::function<void(size_t, size_t)> progress;
+    size_t bound = 0;
     Binder(const Checkpoint& c, Weights& weights) : ck(c), w(weights) {}
 
     // A tensor at a misaligned offset is copied once into an aligned buffer the Weights own.
@@ -198,6 +200,7 @@ struct Binder : WeightVisitor {
         if (t.dtype != dtype || got != shape)
             fail(e->file->path(), ": tensor '", name, "' is ", dtype_name(t.dtype), " ", shape_str(got), ", expected ",
                  dtype_name(dtype), " ", shape_str(shape));
+        if (progress && ++bound % 256 == 0) progress(bound, ck.size());
         return aligned(t);
     }
 
@@ -258,9 +261,10 @@ void check_tid2eid(const Checkpoint& ck, const std::string& name, const Tensor& 
 
 }  // namespace
 
-Weights bind_weights(const ModelConfig& cfg, const Checkpoint& ck) {
+Weights bind_weights(const ModelConfig& cfg, const Checkpoint& ck, const std::function<void(size_t, size_t)>& progress) {
     Weights w;
     Binder b(ck, w);
+    b.progress = progress;
     const bool with_mtp = cfg.num_nextn_predict_layers > 0 && ck.find("mtp.0.attn.wq_a.weight") != nullptr;
     visit_weights(cfg, w, b, with_mtp);
     for (size_t l = 0; l < w.layers.size(); ++l) {
@@ -268,6 +272,7 @@ Weights bind_weights(const ModelConfig& cfg, const Checkpoint& ck) {
             check_tid2eid(ck, "layers." + std::to_string(l) + ".ffn.gate.tid2eid", w.layers[l].ffn.tid2eid,
                           cfg.n_routed_experts);
     }
+    if (progress) progress(ck.size(), ck.size());
     return w;
 }
 

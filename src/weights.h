@@ -134,7 +134,9 @@ void visit_weights(const ModelConfig& cfg, Weights& w, WeightVisitor& v, bool wi
 
 // Bind a checkpoint: every tensor the config implies must exist with the right dtype and shape
 // (errors name the tensor and both shapes). The MTP block is bound when its tensors are present.
-Weights bind_weights(const ModelConfig& cfg, const Checkpoint& ck);
+// progress(done, total), when given, is called as tensors are bound (total = tensors in the checkpoint).
+Weights bind_weights(const ModelConfig& cfg, const Checkpoint& ck,
+                     const std::function<void(size_t, size_t)>& progress = nullptr);
 
 // Weight byte counts by group (for `megamoe info`).
 struct WeightStats {
