@@ -28,6 +28,7 @@
 namespace megamoe {
 
 using ojson = nlohmann::ordered_json;
+using detail::MarkerScan;
 namespace tok = chat_tokens;
 
 namespace {
@@ -321,16 +322,14 @@ ToolCall tool_call_from_json(const ojson& c, const std::string& where) {
     return call;
 }
 
-std::optional<ojson> tools_from_json(const ojson& msg, const std::string& where) {
-    const ojson* tools = field(msg, "tools");
-    if (!tools) return std::nullopt;
-    if (!tools->is_array()) fail(where, ".tools: expected an array, got ", tools->type_name());
-    for (size_t i = 0; i < tools->size(); ++i) {
-        const ojson& t = (*tools)[i];
+// An OpenAI tool list: [{type: "function", function: {...}}, ...]; `where` names it.
+void check_tools(const ojson& tools, const std::string& where) {
+    if (!tools.is_array()) fail(where, ": expected an array, got ", tools.type_name());
+    for (size_t i = 0; i < tools.size(); ++i) {
+        const ojson& t = tools[i];
         if (!t.is_object() || !field(t, "function") || !t["function"].is_object())
-            fail(where, ".tools[", i, "].function: expected an object");
+            fail(where, "[", i, "].function: expected an object");
     }
-    return *tools;
 }
 
 ChatMessage message_from_json(const ojson& m, const std::string& where) {
@@ -355,7 +354,10 @@ ChatMessage message_from_json(const ojson& m, const std::string& where) {
     msg.task = opt_string(m, "task", where);
     if (msg.task && task_index(*msg.task) < 0) fail(where, ".task: unknown task '", *msg.task, "'");
     if (const ojson* w = field(m, "wo_eos")) msg.wo_eos = truthy(*w);
-    msg.tools = tools_from_json(m, where);
+    if (const ojson* tools = field(m, "tools")) {
+        check_tools(*tools, where + ".tools");
+        msg.tools = *tools;
+    }
     if (const ojson* rf = field(m, "response_format")) msg.response_format = *rf;
     return msg;
 }
@@ -668,11 +670,13 @@ void attach_request_fields(const ChatOptions& opt, std::vector<Turn>& context,
     ChatMessage& sys = storage.back();
     const std::string where = target.front().where();
     if (opt.tools) {
-        if (sys.tools) fail(where, ".tools: tools given both in the request and on the message");
+        check_tools(*opt.tools, "tools");
+        if (sys.tools && truthy(*sys.tools)) fail(where, ".tools: tools given both in the request and on the message");
         sys.tools = *opt.tools;
     }
     if (opt.response_format) {
-        if (sys.response_format) fail(where, ".response_format: given both in the request and on the message");
+        if (sys.response_format && truthy(*sys.response_format))
+            fail(where, ".response_format: given both in the request and on the message");
         sys.response_format = *opt.response_format;
     }
 }
@@ -731,7 +735,9 @@ ChatPrompt encode_chat(const ChatRequest& request) {
 // One state machine serves parse_completion and streaming: reasoning -> content -> tool-call
 // block -> done. In reasoning and content, the earliest marker wins (§8 "read until"); a marker
 // is acted on only when no other marker could still start earlier, so every chunking gives the
-// same result. Departures from the reference, which raises on all of these:
+// same result. Each marker's search resumes where it stopped (MarkerScan), so the work stays
+// linear in the text whatever the chunking. Departures from the reference, which raises on all
+// of these:
 //  - no </think> in thinking mode: everything is reasoning; a leading <think> is dropped;
 //  - a tool-call block ends the reasoning too, and needs no blank line in front
 //    ("\n\n" is removed with it when present, as the encoder writes it);
@@ -743,6 +749,8 @@ ChatPrompt encode_chat(const ChatRequest& request) {
 //    </｜DSML｜invoke> arrived (the reference accepts a block cut after a header, §10 says not
 //    to); a malformed header or parameter or a duplicate key drops that invoke; a
 //    string="false" value that is not JSON becomes a JSON string so arguments stay valid JSON;
+//    a parameter must end with "</｜DSML｜parameter>" (the reference's regex also takes
+//    "<\n/｜DSML｜parameter>");
 //  - at the end of generation, a tail that is an incomplete marker (e.g. "</thi", "\n\n<｜DS")
 //    or an incomplete UTF-8 character is dropped; a tail of bare newlines is kept as text.
 
@@ -761,20 +769,22 @@ constexpr std::array<Act, 12> kTextActs = {
     Act::drop, Act::drop,        Act::drop,       Act::drop,
     Act::drop, Act::drop,        Act::drop,       Act::drop};
 
-struct Found {
-    size_t pos = npos;
-    size_t which = 0;
-};
+// The tool-call block's needles, in pairs per state (ToolState::between, header, params), then
+// the closing tag of a parameter. Each has its own MarkerScan in ChatStreamParser.
+constexpr std::array<std::string_view, 7> kToolNeedles = {
+    kInvokeOpen, kToolCallsClose, kParamOpen, kInvokeCloseStem, kParamOpen, kInvokeClose, kParamClose};
 
-// Earliest full occurrence of any needle at or after `from` (the longest one at a tie).
-Found find_first(std::string_view hay, size_t from, std::span<const std::string_view> needles) {
-    Found f;
-    for (size_t k = 0; k < needles.size(); ++k) {
-        const size_t p = hay.find(needles[k], from);
-        if (p < f.pos || (p == f.pos && p != npos && needles[k].size() > needles[f.which].size()))
-            f = {p, k};
-    }
-    return f;
+// The next occurrence of `needle` at or after `from` (npos if none yet), resuming where the
+// previous search of this scan stopped: `from` only grows and the text is only appended to.
+size_t scan_next(MarkerScan& s, std::string_view hay, std::string_view needle, size_t from) {
+    if (s.next != npos && s.next >= from) return s.next;
+    const size_t start = std::max(from, s.scanned);
+    s.next = hay.find(needle, start);
+    if (s.next != npos)
+        s.scanned = s.next;
+    else if (hay.size() >= needle.size())
+        s.scanned = std::max(start, hay.size() - needle.size() + 1);
+    return s.next;
 }
 
 // Earliest position q >= from where hay[q..] is a proper prefix of a needle: a marker that
@@ -791,12 +801,28 @@ size_t partial_start(std::string_view hay, size_t from, std::span<const std::str
     return npos;
 }
 
-// The marker to act on now, or npos when none is certain yet.
-Found decide(std::string_view hay, size_t from, std::span<const std::string_view> needles, bool final) {
-    const Found f = find_first(hay, from, needles);
-    if (f.pos == npos || final) return f;
-    const size_t partial = partial_start(hay, from, needles);
-    return partial != npos && partial < f.pos ? Found{} : f;
+struct Decision {
+    size_t pos = npos;   // the marker to act on now, if any
+    size_t which = 0;    // its index in the needles
+    size_t hold = npos;  // text from here on may belong to a marker
+};
+
+// The earliest marker at or after `from` (the longest at a tie), acted on only when no marker
+// can start before it once more text arrives: so any chunking decides the same way.
+Decision decide(std::string_view hay, size_t from, std::span<const std::string_view> needles,
+                std::span<MarkerScan> scans, bool final) {
+    Decision d;
+    for (size_t k = 0; k < needles.size(); ++k) {
+        const size_t p = scan_next(scans[k], hay, needles[k], from);
+        if (p < d.pos || (p == d.pos && p != npos && needles[k].size() > needles[d.which].size())) {
+            d.pos = p;
+            d.which = k;
+        }
+    }
+    const size_t partial = final ? npos : partial_start(hay, from, needles);
+    d.hold = std::min(d.pos, partial);
+    if (partial < d.pos) d.pos = npos;
+    return d;
 }
 
 bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
@@ -860,12 +886,14 @@ void ChatStreamParser::drop_marker(ChatDelta& out) {
 }
 
 void ChatStreamParser::scan_text(bool final, ChatDelta& out) {
-    while (state_ == State::reasoning || state_ == State::content) {
-        const Found f = decide(pending_, 0, kTextMarkers, final);
-        if (f.pos == npos) break;
-        emit(std::string_view(pending_).substr(0, f.pos), out);
-        pending_.erase(0, f.pos + kTextMarkers[f.which].size());
-        Act act = kTextActs[f.which];
+    if (state_ != State::reasoning && state_ != State::content) return;
+    std::array<MarkerScan, kTextMarkers.size()> scans{};
+    size_t at = 0;  // pending_[0, at) is consumed
+    Decision d;
+    while ((d = decide(pending_, at, kTextMarkers, scans, final)).pos != npos) {
+        emit(std::string_view(pending_).substr(at, d.pos - at), out);
+        at = d.pos + kTextMarkers[d.which].size();
+        Act act = kTextActs[d.which];
         if (act == Act::close_think && state_ == State::content) act = Act::drop;
         switch (act) {
             case Act::end:
@@ -873,28 +901,29 @@ void ChatStreamParser::scan_text(bool final, ChatDelta& out) {
                 stopped_ = true;
                 pending_.clear();
                 return;
+            case Act::tool_calls:
+                pending_.erase(0, at);
+                state_ = State::tools;
+                tool_state_ = ToolState::between;
+                pos_ = eos_scanned_ = 0;
+                tool_scans_ = {};
+                return;
             case Act::close_think:
                 state_ = State::content;
                 tail_.clear();
                 break;
-            case Act::tool_calls:
-                state_ = State::tools;
-                tool_state_ = ToolState::between;
-                pos_ = eos_scanned_ = 0;
-                return;
             case Act::drop: drop_marker(out); break;
         }
     }
-    if (state_ != State::reasoning && state_ != State::content) return;
     if (final) {
+        pending_.erase(0, at);
         flush_text_tail(out);
         return;
     }
     // Emit what no marker can claim any more, short of a cut UTF-8 character.
-    const Found f = find_first(pending_, 0, kTextMarkers);
-    size_t safe = std::min({pending_.size(), f.pos, partial_start(pending_, 0, kTextMarkers)});
-    safe -= utf8_incomplete_tail(std::string_view(pending_).substr(0, safe));
-    emit(std::string_view(pending_).substr(0, safe), out);
+    size_t safe = std::min(d.hold, pending_.size());
+    safe -= utf8_incomplete_tail(std::string_view(pending_).substr(at, safe - at));
+    emit(std::string_view(pending_).substr(at, safe - at), out);
     pending_.erase(0, safe);
 }
 
@@ -910,51 +939,41 @@ void ChatStreamParser::flush_text_tail(ChatDelta& out) {
 
 // One step of the tool-call block over pending_[pos_..]. False when it needs more text.
 bool ChatStreamParser::tools_step(bool final, ChatDelta& out) {
-    static constexpr std::array<std::string_view, 2> between = {kInvokeOpen, kToolCallsClose};
-    static constexpr std::array<std::string_view, 2> header = {kParamOpen, kInvokeCloseStem};
-    static constexpr std::array<std::string_view, 2> params = {kParamOpen, kInvokeClose};
     const std::string_view buf = pending_;
+    const size_t state = static_cast<size_t>(tool_state_);
+    const Decision d = decide(buf, pos_, std::span(kToolNeedles).subspan(2 * state, 2),
+                              std::span(tool_scans_).subspan(2 * state, 2), final);
+    if (d.pos == npos) return false;
     switch (tool_state_) {
-        case ToolState::between: {  // text here ('>' of the opening tag, newlines) is skipped
-            const Found f = decide(buf, pos_, between, final);
-            if (f.pos == npos) return false;
-            if (f.which == 1) {
+        case ToolState::between:  // text here ('>' of the opening tag, newlines) is skipped
+            if (d.which == 1) {   // </｜DSML｜tool_calls>
                 state_ = State::done;
                 stopped_ = true;
                 return false;
             }
-            pos_ = f.pos + kInvokeOpen.size();
+            pos_ = d.pos + kInvokeOpen.size();
             call_ = ToolCall{};
             params_.clear();
             call_ok_ = true;
             tool_state_ = ToolState::header;
             return true;
-        }
-        case ToolState::header: {
-            const Found f = decide(buf, pos_, header, final);
-            if (f.pos == npos) return false;
-            call_ok_ = parse_invoke_header(buf.substr(pos_, f.pos - pos_), call_.name);
-            pos_ = f.pos;
+        case ToolState::header:
+            call_ok_ = parse_invoke_header(buf.substr(pos_, d.pos - pos_), call_.name);
+            pos_ = d.pos;
             tool_state_ = ToolState::params;
             return true;
-        }
-        case ToolState::params: {
-            const Found f = decide(buf, pos_, params, final);
-            if (f.pos == npos) return false;
-            if (f.which == 1) {
-                if (call_ok_) {
-                    std::string args = "{";
-                    for (size_t k = 0; k < params_.size(); ++k)
-                        args += (k ? ", " : "") + json_string(params_[k].first) + ": " + params_[k].second;
-                    call_.arguments = args + "}";
-                    out.tool_calls.push_back(std::move(call_));
-                }
-                pos_ = f.pos + kInvokeClose.size();
-                tool_state_ = ToolState::between;
-                return true;
+        case ToolState::params:
+            if (d.which == 0) return tools_param(d.pos);
+            if (call_ok_) {  // </｜DSML｜invoke>: the call is complete
+                std::string args = "{";
+                for (size_t k = 0; k < params_.size(); ++k)
+                    args += (k ? ", " : "") + json_string(params_[k].first) + ": " + params_[k].second;
+                call_.arguments = args + "}";
+                out.tool_calls.push_back(std::move(call_));
             }
-            return tools_param(f.pos);
-        }
+            pos_ = d.pos + kInvokeClose.size();
+            tool_state_ = ToolState::between;
+            return true;
     }
     return false;
 }
@@ -962,7 +981,7 @@ bool ChatStreamParser::tools_step(bool final, ChatDelta& out) {
 // A parameter whose tag starts at `at`; false until its closing tag has arrived.
 bool ChatStreamParser::tools_param(size_t at) {
     const size_t start = at + kParamOpen.size();
-    const size_t end = std::string_view(pending_).find(kParamClose, start);
+    const size_t end = scan_next(tool_scans_[6], pending_, kParamClose, start);
     if (end == npos) return false;
     auto param = parse_param(std::string_view(pending_).substr(start, end - start));
     if (!param) {
@@ -981,7 +1000,12 @@ void ChatStreamParser::scan_tools(bool final, ChatDelta& out) {
     const size_t eos = std::string_view(pending_).find(tok::eos, eos_scanned_);
     if (eos != npos) {
         pending_.resize(eos);
-        pos_ = std::min(pos_, pending_.size());
+        pos_ = std::min(pos_, eos);
+        for (size_t k = 0; k < tool_scans_.size(); ++k) {  // forget matches cut by the EOS
+            MarkerScan& s = tool_scans_[k];
+            if (s.next != npos && s.next + kToolNeedles[k].size() > eos) s.next = npos;
+            s.scanned = std::min(s.scanned, eos);
+        }
         stopped_ = final = true;
     } else if (pending_.size() >= tok::eos.size()) {
         eos_scanned_ = pending_.size() - tok::eos.size() + 1;

@@ -15,6 +15,7 @@
 // only once its </｜DSML｜invoke> arrived. On well-formed output it agrees with the reference.
 #pragma once
 
+#include <array>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -134,6 +135,15 @@ struct ChatDelta {
 // "</think>", of "\n\n<｜DSML｜tool_calls", an incomplete UTF-8 character, ...) until the next
 // bytes decide it, so markup never reaches content or reasoning whatever the chunking. The
 // concatenated deltas of push(...)... + finish() equal parse_completion() of the whole text.
+namespace detail {
+// Where one marker occurs next in a growing text, and how far it was looked for; it keeps the
+// stream parser linear however the text is chunked.
+struct MarkerScan {
+    size_t next = std::string_view::npos;
+    size_t scanned = 0;
+};
+}  // namespace detail
+
 class ChatStreamParser {
 public:
     explicit ChatStreamParser(bool thinking);
@@ -143,7 +153,7 @@ public:
 
 private:
     enum class State { reasoning, content, tools, done };
-    enum class ToolState { between, header, params };
+    enum class ToolState { between, header, params };  // indexes needle pairs in chat.cpp
 
     void scan_text(bool final, ChatDelta& out);
     void flush_text_tail(ChatDelta& out);
@@ -162,6 +172,7 @@ private:
     ToolState tool_state_ = ToolState::between;
     size_t pos_ = 0;
     size_t eos_scanned_ = 0;  // pending_ before this offset holds no EOS
+    std::array<detail::MarkerScan, 7> tool_scans_{};  // one per tool-block needle (chat.cpp)
     ToolCall call_;
     std::vector<std::pair<std::string, std::string>> params_;  // key, JSON value text
     bool call_ok_ = true;

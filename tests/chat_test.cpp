@@ -581,4 +581,7 @@ TEST(ChatMessages, MalformedJsonNamesTheField) {
     bad(R"([{"role":"user","task":"x"}])", {"messages[0].task: unknown task 'x'"});
     bad(R"([{"role":"system","tools":[{"type":"function"}]}])", {"messages[0].tools[0].function"});
     bad(R"([{"role":"system","tools":{}}])", {"messages[0].tools: expected an array"});
+    ChatOptions opt = mode("chat");
+    opt.tools = ojson::parse(R"([{"type":"function"}])");
+    expect_error([&] { encode_chat({}, opt); }, {"tools[0].function"});
 }
