@@ -171,23 +171,29 @@ const ByteLevel& byte_level() {
     return bl;
 }
 
-// The bytes a token string stands for: each character mapped back through the byte-level
-// alphabet, or, when some character is outside it, the string's own UTF-8 (HF ByteLevel decoder).
-std::string token_string_to_bytes(const std::string& tok) {
+// The bytes a token string in the byte-level alphabet stands for; false if some character is
+// outside the alphabet (e.g. "<｜User｜>").
+bool byte_level_to_bytes(std::string_view tok, std::string* out) {
     const ByteLevel& bl = byte_level();
-    std::string out;
-    out.reserve(tok.size());
+    out->clear();
     size_t i = 0;
     while (i < tok.size()) {
         size_t bad = 0;
         const size_t n = utf8_seq(tok, i, &bad);
-        if (n == 0) return tok;
+        if (n == 0) return false;
         const uint32_t cp = decode_cp(tok.data() + i, n);
-        if (cp >= bl.cp_to_byte.size() || bl.cp_to_byte[cp] < 0) return tok;
-        out += static_cast<char>(bl.cp_to_byte[cp]);
+        if (cp >= bl.cp_to_byte.size() || bl.cp_to_byte[cp] < 0) return false;
+        *out += static_cast<char>(bl.cp_to_byte[cp]);
         i += n;
     }
-    return out;
+    return true;
+}
+
+// What decode() emits for a token: its byte-level bytes, or, when some character is outside the
+// alphabet, the string's own UTF-8 (HF's ByteLevel decoder, applied to added tokens too).
+std::string token_string_to_bytes(const std::string& tok) {
+    std::string out;
+    return byte_level_to_bytes(tok, &out) ? out : tok;
 }
 
 // ---- misc -----------------------------------------------------------------------------------
@@ -486,7 +492,7 @@ struct Tokenizer::Impl {
     mutable std::mutex cache_mu;
     mutable StrMap<std::vector<int32_t>> cache;
 
-    // BPE scratch, per call.
+    // BPE working state: a linked list of symbols and a heap of candidate merges.
     struct Symbol {
         int32_t id, prev, next;
         bool alive;
@@ -765,6 +771,7 @@ void load_model(Tokenizer::Impl& t, const json& root, const std::string& file) {
     const json& vocab = need(model, "vocab", where);
     if (!vocab.is_object()) fail(where, ".vocab: must be an object (token -> id)");
     std::vector<bool> seen;
+    t.vocab.reserve(vocab.size());
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
         const int32_t id = to_id(it.value(), str(where, ".vocab[\"", it.key(), "\"]"));
         const auto i = static_cast<size_t>(id);
@@ -783,13 +790,18 @@ void load_model(Tokenizer::Impl& t, const json& root, const std::string& file) {
         auto it = t.vocab.find(s);
         t.byte_id[b] = it == t.vocab.end() ? -1 : it->second;
     }
-    if (t.ignore_merges)
-        for (const auto& [tok, id] : t.vocab) t.vocab_by_bytes.emplace(token_string_to_bytes(tok), id);
+    if (t.ignore_merges) {
+        // HF looks the byte-level piece up in the vocab; tokens outside the alphabet never match.
+        std::string bytes;
+        for (const auto& [tok, id] : t.vocab)
+            if (byte_level_to_bytes(tok, &bytes)) t.vocab_by_bytes.emplace(bytes, id);
+    }
 
     const json& merges = need(model, "merges", where);
     if (!merges.is_array()) fail(where, ".merges: must be an array");
     t.merges.reserve(merges.size() * 2);
     int32_t rank = 0;
+    std::string joined;
     for (const json& m : merges) {
         std::string a, b;
         if (m.is_string()) {
@@ -805,10 +817,11 @@ void load_model(Tokenizer::Impl& t, const json& root, const std::string& file) {
         } else {
             fail(where, ".merges[", rank, "]: expected a \"left right\" string or a [left, right] pair");
         }
-        auto ia = t.vocab.find(a), ib = t.vocab.find(b), ic = t.vocab.find(a + b);
+        joined.assign(a).append(b);
+        auto ia = t.vocab.find(a), ib = t.vocab.find(b), ic = t.vocab.find(joined);
         if (ia == t.vocab.end()) fail(where, ".merges[", rank, "]: unknown token \"", a, "\"");
         if (ib == t.vocab.end()) fail(where, ".merges[", rank, "]: unknown token \"", b, "\"");
-        if (ic == t.vocab.end()) fail(where, ".merges[", rank, "]: merged token \"", a + b, "\" is not in the vocab");
+        if (ic == t.vocab.end()) fail(where, ".merges[", rank, "]: merged token \"", joined, "\" is not in the vocab");
         // A repeated pair keeps its last rank, as HF's HashMap collect does.
         t.merges[Tokenizer::Impl::pair_key(ia->second, ib->second)] = {rank, ic->second};
         ++rank;

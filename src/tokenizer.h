@@ -33,6 +33,9 @@ public:
     // Parses and validates `path` (a tokenizer.json). Throws megamoe::Error naming the file and
     // what is wrong: unreadable, not JSON, model.type != "BPE", missing vocab/merges, a merge
     // naming an unknown token, duplicate ids, unsupported normalizer/pre_tokenizer/decoder.
+    // added_tokens: lstrip/rstrip/normalized behave as in HF, single_word=true is rejected; HF
+    // ignores the stored ids and numbers added tokens itself (vocab id if the content is in the
+    // vocab, else the next id), so a file whose ids disagree is rejected rather than renumbered.
     static Tokenizer load(const std::string& path);
 
     Tokenizer(Tokenizer&&) noexcept;

@@ -30,7 +30,7 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr int64_t kMaxModelLen = 256;
+constexpr int64_t kMaxModelLen = 1024;
 constexpr size_t kMaxBody = 64 * 1024;
 
 std::string tokenizer_path() { return test::shared_dir() + "/golden/tokenizer/tokenizer.json"; }
@@ -381,11 +381,11 @@ TEST_F(Server, BadRequestsGetErrorsAndTheServerGoesOn) {
     wrong = user_chat("x", 4);
     wrong["model"] = "gpt-4";
     expect(404, wrong.dump(), "gpt-4");
-    std::vector<int> long_prompt(300, 100);
+    std::vector<int> long_prompt(1100, 100);
     expect(400, json{{"model", "tiny-synth"}, {"prompt", long_prompt}}.dump(),
-           "This model's maximum context length is 256 tokens", "/v1/completions");
-    expect(400, json{{"model", "tiny-synth"}, {"prompt", std::vector<int>(200, 100)}, {"max_tokens", 100}}.dump(),
-           "However, you requested 300 tokens (200 in the messages, 100 in the completion)", "/v1/completions");
+           "This model's maximum context length is 1024 tokens", "/v1/completions");
+    expect(400, json{{"model", "tiny-synth"}, {"prompt", std::vector<int>(1000, 100)}, {"max_tokens", 100}}.dump(),
+           "However, you requested 1100 tokens (1000 in the messages, 100 in the completion)", "/v1/completions");
     expect(400, json{{"model", "tiny-synth"}, {"prompt", {1, 999999}}}.dump(), "outside the vocabulary", "/v1/completions");
     expect(413, json{{"model", "tiny-synth"}, {"prompt", std::string(kMaxBody + 100, 'a')}}.dump(), "too large",
            "/v1/completions");
@@ -393,6 +393,42 @@ TEST_F(Server, BadRequestsGetErrorsAndTheServerGoesOn) {
     int status = 0;
     json ok = post("/v1/chat/completions", user_chat("still there?", 3), &status);
     EXPECT_EQ(status, 200) << ok.dump();
+}
+
+TEST_F(Server, ToolsReasoningEffortResponseFormat) {
+    json body = user_chat("What's the weather in Paris?", 4);
+    body["tools"] = json::parse(R"([{"type": "function", "function": {"name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}])");
+    body["tool_choice"] = "auto";
+    body["reasoning_effort"] = "high";
+    int with_tools = 0, status = 0;
+    json r = post("/v1/chat/completions", body, &status);
+    ASSERT_EQ(status, 200) << r.dump();
+    with_tools = r["usage"]["prompt_tokens"];
+    body["tool_choice"] = "none";   // the tools are not rendered
+    json r2 = post("/v1/chat/completions", body, &status);
+    ASSERT_EQ(status, 200) << r2.dump();
+    EXPECT_LT(r2["usage"]["prompt_tokens"].get<int>(), with_tools);
+    body["response_format"] = {{"type", "json_object"}};
+    EXPECT_EQ(post("/v1/chat/completions", body, &status)["object"], "chat.completion");
+    EXPECT_EQ(status, 200);
+    body["tool_choice"] = "sometimes";
+    post("/v1/chat/completions", body, &status);
+    EXPECT_EQ(status, 400);
+    // An assistant turn with reasoning_content and tool calls, then the tool's result.
+    json conv = user_chat("Weather?", 3);
+    conv["messages"].push_back({{"role", "assistant"},
+                                {"reasoning_content", "I should call the tool."},
+                                {"content", ""},
+                                {"tool_calls",
+                                 {{{"id", "call_1"},
+                                   {"type", "function"},
+                                   {"function", {{"name", "get_weather"}, {"arguments", "{\"city\": \"Paris\"}"}}}}}}});
+    conv["messages"].push_back({{"role", "tool"}, {"tool_call_id", "call_1"}, {"content", "sunny"}});
+    conv["tools"] = body["tools"];
+    post("/v1/chat/completions", conv, &status);
+    EXPECT_EQ(status, 200);
 }
 
 TEST_F(Server, SpecialTokenTextInUserContentIsOrdinaryText) {

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common.h"
@@ -114,6 +115,24 @@ TEST_F(TokenizerTest, ExtraHfCases) {
     for (const Case& c : cases) EXPECT_EQ(tok_->encode(c.text), c.ids) << "text: " << c.text;
 }
 
+// Pre-tokenizer pieces from HF (pre_tokenizer.pre_tokenize_str) for characters Unicode 15-16
+// added (PCRE2 10.42 does not know them) and for U+180E, which PCRE2 calls whitespace.
+TEST_F(TokenizerTest, UnicodeVersionPieces) {
+    struct Case {
+        std::string text;
+        std::vector<std::string> pieces;
+    };
+    const std::vector<Case> cases = {
+        {"a\U00031350b \U00031350", {"a\U00031350b", " \U00031350"}},              // CJK Ext H letter
+        {"x\U0001FAE8!! \U0001FAE8y", {"x", "\U0001FAE8!!", " \U0001FAE8", "y"}},  // emoji 15 (So)
+        {" \u180E\u180E x", {" ", "\u180E\u180E", " x"}},
+        {"ab\u0897c d\U00016D70\U00016D71\U00016D72\U00016D73",                  // mark; Kirat Rai digits
+         {"ab\u0897c", " d", "\U00016D70\U00016D71\U00016D72", "\U00016D73"}},
+    };
+    for (const Case& c : cases) EXPECT_EQ(tok_->pre_tokenize(c.text), c.pieces) << "text: " << c.text;
+    EXPECT_EQ(tok_->encode("x\U0001FAE8!! \U0001FAE8y"), (std::vector<int32_t>{90, 670, 107, 104, 3, 3, 2043, 107, 104, 91}));
+}
+
 TEST_F(TokenizerTest, Lookups) {
     EXPECT_EQ(tok_->token_id("<｜User｜>"), std::optional<int32_t>(6000));
     EXPECT_EQ(tok_->token_id("<｜begin▁of▁sentence｜>"), std::optional<int32_t>(0));
@@ -207,6 +226,21 @@ TEST_F(TokenizerTest, LongPiecesAndMixedText) {
     for (const std::string& t : {spaces, letters, cjk, std::string(30000, '!'), spaces + "a" + letters}) {
         EXPECT_EQ(tok_->decode(tok_->encode(t)), t);
     }
+}
+
+TEST_F(TokenizerTest, ConcurrentEncode) {
+    // The BPE cache is shared; two threads encoding at once must get the single-thread answer.
+    std::string text;
+    for (const json& c : *cases_) text += c.at("text").get<std::string>() + "\n";
+    const std::vector<int32_t> want = tok_->encode(text);
+    std::vector<std::vector<int32_t>> got(2);
+    std::vector<std::thread> threads;
+    for (size_t t = 0; t < got.size(); ++t)
+        threads.emplace_back([&, t] {
+            for (int r = 0; r < 20; ++r) got[t] = tok_->encode(text);
+        });
+    for (auto& th : threads) th.join();
+    for (const auto& g : got) EXPECT_EQ(g, want);
 }
 
 // ---- malformed files ------------------------------------------------------------------------

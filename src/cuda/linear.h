@@ -1,0 +1,95 @@
+// linear.h — dense linear on the GPU for decode / small M, reading the weights in their packed
+// checkpoint formats (host API; plain C++, compiles without the CUDA toolkit).
+//
+//   y[M, N] (f32) = x[M, K] (bf16) · Wᵀ        W: [N, K] = [out, in] in any LinearFormat
+//
+// The same function as ops::linear (the CPU twin) on the same decoded weights, with x given as
+// bf16: results agree up to the order of fp32 summation (see linear.cu for the argument). The
+// kernel is built for M = 1..16, the bandwidth-bound decode regime; larger M is processed in
+// slices of 16 rows (correct, not tuned).
+//
+// Device layout (what upload_linear makes; lossless, see device_row_bytes):
+//   weight: [out rows] × weight_row_bytes, each row the checkpoint's packed row bytes unchanged,
+//           zero-padded at its end to a multiple of 64 bytes (only when the row is not already).
+//   scale:  fp8_block  e8m0 [ceil(out/128), ceil(in/128)]            as stored (no padding)
+//           mxfp4      e8m0 [out] × scale_row_bytes, row = in/32 bytes, padded with 127 (2^0)
+//           nvfp4      e4m3 [out] × scale_row_bytes, row = in/16 bytes, padded with 0
+//   Padding covers whole 64-byte weight-row chunks; padded codes are zero, so they add nothing.
+// No other reordering: bytes keep their checkpoint order inside a row.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "weights.h"
+
+struct CUstream_st;   // cudaStream_t is CUstream_st*; declared here so the header needs no CUDA include
+
+namespace megamoe::cuda {
+
+// A projection on the device. Owns its buffers; release with free_linear (no destructor, so it
+// can be copied around as a plain handle: exactly one free_linear per upload_linear).
+struct DeviceLinear {
+    LinearFormat format = LinearFormat::bf16;
+    int64_t out = 0, in = 0;              // N, K
+    void*   weight = nullptr;             // device, [out] rows of weight_row_bytes (layout above)
+    int64_t weight_row_bytes = 0;         // multiple of 64
+    void*   scale = nullptr;              // device, nullptr for f32/bf16
+    int64_t scale_row_bytes = 0;          // bytes per scale row (fp8: ceil(in/128); mx/nv: padded)
+    float   scale_2 = 1.0f;               // nvfp4 weight_scale_2, as stored (1 for other formats)
+
+    // Derived at upload from the packed bytes (no weight value changes):
+    int     exp_shift = 0;                // fp8/mxfp4: F >= 0 so that every block scale 2^(e-127-F)
+                                          // times the kernel's decode bias fits bf16; y is scaled by 2^F
+    bool    nan_codes = false;            // fp8: some weight byte is the e4m3 NaN code (0x7F/0xFF);
+                                          // such a linear runs the exact fallback kernel
+    size_t  bytes() const;                // packed checkpoint bytes (weight + scales), no padding
+};
+
+// Packed row bytes of the checkpoint layout (f32: 4K, bf16: 2K, fp8: K, fp4: K/2) and the device
+// row stride (that, rounded up to 64 bytes). Throws for K that the format cannot hold (mxfp4: K % 32,
+// nvfp4: K % 16).
+int64_t packed_row_bytes(LinearFormat f, int64_t in);
+int64_t device_row_bytes(LinearFormat f, int64_t in);
+
+// Copies the packed tensors of `host` (CPU memory, as bound from a checkpoint or made by the
+// quantizers) to new device buffers. Checks dtypes and shapes and throws megamoe::Error naming
+// the mismatch. Synchronous.
+DeviceLinear upload_linear(const Linear& host);
+void free_linear(DeviceLinear& w);        // frees and resets to an empty handle; safe on empty
+
+// The checkpoint bytes back from the device, padding dropped: weight [out, packed_row_bytes]
+// and the scale tensor with its checkpoint shape (empty for f32/bf16). For tests (lossless upload).
+struct PackedBytes {
+    std::vector<uint8_t> weight, scale;
+};
+PackedBytes download_packed(const DeviceLinear& w);
+
+// y[M, N] = x[M, K] · Wᵀ on `stream` (nullptr = legacy default stream). x: bf16 bits, device,
+// row-major [M, K] (any alignment; 16-byte aligned with K % 8 == 0 is the fast path for staging).
+// y: f32, device, row-major [M, N], every element written (no accumulation into y).
+// Asynchronous; launch errors throw megamoe::Error. Deterministic: the same inputs give the same
+// bits on the same GPU (fixed reduction order, no atomics). May be captured into a CUDA graph.
+// A DeviceLinear may be used by several streams at once (the kernel keeps no state in it).
+void linear_small_m(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, float* y, CUstream_st* stream);
+
+// The plain exact kernel that linear_small_m falls back to for f32 weights and fp8 NaN codes:
+// one warp per output row, decode exactly as Linear::decode_row, fp32 FMA. Exposed for tests.
+void linear_reference(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, float* y, CUstream_st* stream);
+
+// True if a CUDA device is present and usable (cudaGetDeviceCount > 0). Never throws.
+bool gpu_available();
+
+}  // namespace megamoe::cuda
+
+// Throws megamoe::Error("file:line: expr: <cudaGetErrorString>") when a CUDA runtime call fails.
+// Expand only where cuda_runtime.h is included.
+#ifndef CUDA_CHECK
+#define CUDA_CHECK(expr)                                                                                   \
+    do {                                                                                                   \
+        const auto megamoe_cuda_err_ = (expr);                                                             \
+        if (megamoe_cuda_err_ != cudaSuccess)                                                              \
+            ::megamoe::fail(__FILE__, ":", __LINE__, ": ", #expr, ": ", cudaGetErrorString(megamoe_cuda_err_)); \
+    } while (0)
+#endif
