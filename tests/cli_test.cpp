@@ -122,6 +122,9 @@ TEST_F(Cli, BadInputsGiveOneClearError) {
                 {"missing.txt", "cannot open"});
     expect_fail("info --model " + dir.str() + "/nowhere", {"nowhere", "config.json"});
     expect_fail("generate --model " + model() + " --ids \"1 2 x\"", {"--ids", "'x'"});
+    // serve listens, then fails to load: one clear line and status 1, not a hang or a crash
+    expect_fail("serve --model " + dir.str() + "/nowhere --port 0", {"nowhere", "config.json"});
+    expect_fail("serve --model " + model() + " --port 0", {"tokenizer.json"});   // the golden dir has none
     EXPECT_FALSE(std::filesystem::exists(out));   // nothing half-written
 }
 

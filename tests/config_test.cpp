@@ -17,6 +17,8 @@
 
 #include "common.h"
 
+#include "test_util.h"
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using namespace megamoe;
@@ -33,20 +35,7 @@ std::string read_text(const std::string& path) {
     return ss.str();
 }
 
-// Runs fn, expects megamoe::Error, and checks that the message contains every substring.
-void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> substrs) {
-    try {
-        fn();
-    } catch (const Error& e) {
-        const std::string msg = e.what();
-        for (const auto& s : substrs) EXPECT_NE(msg.find(s), std::string::npos) << "'" << s << "' not in: " << msg;
-        return;
-    } catch (const std::exception& e) {
-        ADD_FAILURE() << "threw a non-megamoe exception: " << e.what();
-        return;
-    }
-    ADD_FAILURE() << "no megamoe::Error thrown";
-}
+using megamoe::test::expect_error;
 
 // The golden config.json of `name` ("tiny-flash-nvfp4"), or an empty object when absent.
 json golden_json(const std::string& name) {

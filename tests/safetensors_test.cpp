@@ -15,25 +15,14 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "test_util.h"
+
 namespace fs = std::filesystem;
 using namespace megamoe;
 
 namespace {
 
-// Runs fn, expects megamoe::Error, and checks that the message contains every substring.
-void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> substrs) {
-    try {
-        fn();
-    } catch (const Error& e) {
-        const std::string msg = e.what();
-        for (const auto& s : substrs) EXPECT_NE(msg.find(s), std::string::npos) << "'" << s << "' not in: " << msg;
-        return;
-    } catch (const std::exception& e) {
-        ADD_FAILURE() << "threw a non-megamoe exception: " << e.what();
-        return;
-    }
-    ADD_FAILURE() << "no megamoe::Error thrown";
-}
+using megamoe::test::expect_error;
 
 // A fresh directory per test, removed afterwards.
 class SafetensorsTest : public ::testing::Test {

@@ -21,6 +21,8 @@
 
 #include "common.h"
 
+#include "test_util.h"
+
 using namespace megamoe;
 namespace fs = std::filesystem;
 
@@ -98,17 +100,7 @@ void expect_distribution(const SamplingParams& params, const std::vector<float>&
     EXPECT_LT(chi2, bound) << "df " << df;
 }
 
-// Runs fn, expects megamoe::Error, and checks every substring is in its message.
-void expect_error(const std::function<void()>& fn, const std::vector<std::string>& substrings) {
-    try {
-        fn();
-    } catch (const Error& e) {
-        const std::string msg = e.what();
-        for (const auto& s : substrings) EXPECT_NE(msg.find(s), std::string::npos) << "'" << s << "' not in: " << msg;
-        return;
-    }
-    ADD_FAILURE() << "expected megamoe::Error";
-}
+using megamoe::test::expect_error;
 
 // A fresh temporary directory, removed when the object goes away.
 struct TempDir {

@@ -47,6 +47,9 @@ inline void expect_error(const std::function<void()>& fn, const std::vector<std:
         const std::string msg = e.what();
         for (const auto& s : substrings) EXPECT_NE(msg.find(s), std::string::npos) << "'" << s << "' not in: " << msg;
         return;
+    } catch (const std::exception& e) {
+        ADD_FAILURE() << "threw a non-megamoe exception: " << e.what();
+        return;
     }
     ADD_FAILURE() << "expected megamoe::Error";
 }

@@ -27,6 +27,8 @@
 #include "config.h"
 #include "safetensors.h"
 
+#include "test_util.h"
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using namespace megamoe;
@@ -39,20 +41,7 @@ const std::string kShard1 = "model-00001-of-00002.safetensors";
 const std::string kShard2 = "model-00002-of-00002.safetensors";
 const std::string kIndex = "model.safetensors.index.json";
 
-// Runs fn, expects megamoe::Error, and checks that the message contains every substring.
-void expect_error(const std::function<void()>& fn, std::initializer_list<std::string> substrs) {
-    try {
-        fn();
-    } catch (const Error& e) {
-        const std::string msg = e.what();
-        for (const auto& s : substrs) EXPECT_NE(msg.find(s), std::string::npos) << "'" << s << "' not in: " << msg;
-        return;
-    } catch (const std::exception& e) {
-        ADD_FAILURE() << "threw a non-megamoe exception: " << e.what();
-        return;
-    }
-    ADD_FAILURE() << "no megamoe::Error thrown";
-}
+using megamoe::test::expect_error;
 
 std::string read_text(const std::string& path) {
     std::ifstream in(path, std::ios::binary);
