@@ -529,6 +529,7 @@ void Server::respond_stream(httplib::Response& res, const Parsed& p, std::shared
         bool started = false;
         bool done = false;
         size_t tool_index = 0;
+        size_t text_offset = 0;   // completions logprobs: where each token's text starts
         std::unique_ptr<ChatStreamParser> parser;
     };
     auto st = std::make_shared<StreamState>();
@@ -564,7 +565,14 @@ void Server::respond_stream(httplib::Response& res, const Parsed& p, std::shared
             const bool more = s->next(pieces);
             for (const auto& pc : pieces) {
                 json lp = nullptr;
-                if (pc.token) lp = p.chat ? json{{"content", json::array({token_logprob_json(*tok, pc)})}} : json(nullptr);
+                if (pc.token && p.chat) lp = json{{"content", json::array({token_logprob_json(*tok, pc)})}};
+                if (pc.token && !p.chat) {
+                    json top = json::object();
+                    for (const auto& [tid, v] : pc.token->top) top[utf8_lossy(tok->token_bytes(tid))] = v;
+                    lp = {{"tokens", {utf8_lossy(pc.token_text)}}, {"token_logprobs", {pc.token->logprob}},
+                          {"top_logprobs", {top}}, {"text_offset", {st->text_offset}}};
+                }
+                st->text_offset += pc.text.size();
                 if (!p.chat) {
                     if (!pc.text.empty() || pc.token) out += chunk(delta_choice({{"content", pc.text}}, lp, nullptr));
                     continue;

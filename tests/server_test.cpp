@@ -261,6 +261,26 @@ TEST_F(Server, GreedyCompletionEqualsGenerate) {
     std::string text;
     for (const auto& e : ev) text += e["choices"][0]["text"].get<std::string>();
     EXPECT_EQ(text, r["choices"][0]["text"]);
+    // logprobs, whole and streamed: one entry per token, the greedy token the most likely
+    json lp_body = {{"model", model_name()}, {"prompt", prompt}, {"max_tokens", 4}, {"temperature", 0},
+                    {"ignore_eos", true}, {"logprobs", 2}};
+    json lp = post("/v1/completions", lp_body)["choices"][0]["logprobs"];
+    ASSERT_EQ(lp["token_logprobs"].size(), 4u);
+    for (size_t i = 0; i < 4; ++i) {
+        EXPECT_EQ(lp["top_logprobs"][i].size(), 2u);
+        double best = -1e30;
+        for (auto& [k, v] : lp["top_logprobs"][i].items()) best = std::max(best, v.get<double>());
+        EXPECT_NEAR(lp["token_logprobs"][i].get<double>(), best, 1e-6);
+    }
+    std::vector<json> lev = stream("/v1/completions", lp_body, &done);
+    ASSERT_TRUE(done);
+    size_t n_lp = 0;
+    for (const auto& e : lev)
+        if (!e["choices"][0]["logprobs"].is_null()) {
+            EXPECT_EQ(e["choices"][0]["logprobs"]["token_logprobs"][0], lp["token_logprobs"][n_lp]);
+            ++n_lp;
+        }
+    EXPECT_EQ(n_lp, 4u);
 }
 
 TEST_F(Server, StopStringsAndSeeds) {
