@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "weights.h"
@@ -72,7 +73,13 @@ PackedBytes download_packed(const DeviceLinear& w);
 // Asynchronous; launch errors throw megamoe::Error. Deterministic: the same inputs give the same
 // bits on the same GPU (fixed reduction order, no atomics). May be captured into a CUDA graph.
 // A DeviceLinear may be used by several streams at once (the kernel keeps no state in it).
+// Launched with programmatic dependent launch: the kernel may start while the previous kernel
+// on `stream` still runs and prefetch weights, but it reads x and writes y only after that
+// kernel has completed (griddepcontrol.wait), so ordinary stream order holds for x and y.
 void linear_small_m(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, float* y, CUstream_st* stream);
+
+// How linear_small_m would launch for M tokens (first slice of 16), for benchmarks and logs.
+std::string linear_small_m_plan(const DeviceLinear& w, int64_t M);
 
 // The plain exact kernel that linear_small_m falls back to for f32 weights and fp8 NaN codes:
 // one warp per output row, decode exactly as Linear::decode_row, fp32 FMA. Exposed for tests.

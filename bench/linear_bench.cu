@@ -1,0 +1,415 @@
+// linear_bench.cu — decode/small-M linear on the GPU (src/cuda/linear.h): check, then time.
+//
+// Usage: linear_bench [--quick] [--plans] [--shape NAMES] [--once FORMAT M]
+//   --quick: validate only the shapes under 8M weights; --plans: print each launch's shape;
+//   --shape: only the shapes whose names appear in NAMES (e.g. "wq_b,wo_b");
+//   --once: 5 plain launches of FORMAT at M on the first selected shape, no timing (for ncu).
+// For each DeepSeek-V4-Flash projection shape, each weight format (BF16, FP8 block, MXFP4,
+// NVFP4) and M = 1, 4, 16 tokens:
+//   1. validate linear_small_m against the CPU twin ops::linear (per element, within kRelTol of
+//      Σ|w||x|, as in tests/cuda_linear_test.cpp);
+//   2. time it: one CUDA graph of L launches that rotate over enough copies of the packed weights
+//      to exceed ~200 MB (so every launch reads its weights from HBM, not the 50 MB L2), replayed
+//      after warm-up; time per launch = graph time / L, median over the replays. The figure
+//      includes the small gap between back-to-back kernels of a graph.
+// Prints µs, bytes moved (packed weights + scales + x + y), GB/s and the percentage of the
+// device-to-device copy bandwidth measured here (read + write bytes of a 1 GiB cudaMemcpy).
+// Beside each shape: cuBLAS cublasGemmEx (bf16 A/B, fp32 compute, fp32 y) on random BF16
+// weights of the same shape (what a dequantized copy would cost), timed the same way, and the
+// speed-up of the packed-format kernel over it.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "cuda/linear.h"
+#include "formats.h"
+#include "ops/ops.h"
+#include "parallel.h"
+
+using namespace megamoe;
+
+namespace {
+
+constexpr double kRelTol = 1e-5;                 // same bound as the unit test
+constexpr size_t kRotateBytes = 200ull << 20;    // per format and shape, > 4× the H100's 50 MB L2
+constexpr int kReplays = 21, kWarmup = 3;
+constexpr double kWarmupMs = 40.0;               // busy time before each measurement (clock ramp)
+
+#define CUBLAS_CHECK(expr)                                                                   \
+    do {                                                                                     \
+        const cublasStatus_t st_ = (expr);                                                   \
+        if (st_ != CUBLAS_STATUS_SUCCESS) fail(__FILE__, ":", __LINE__, ": ", #expr, " = ", int(st_)); \
+    } while (0)
+
+struct Shape {
+    const char* name;
+    int64_t N, K;
+};
+
+const char* fmt_name(LinearFormat f) {
+    switch (f) {
+        case LinearFormat::bf16: return "bf16";
+        case LinearFormat::fp8_block: return "fp8";
+        case LinearFormat::mxfp4: return "mxfp4";
+        case LinearFormat::nvfp4: return "nvfp4";
+        default: return "?";
+    }
+}
+
+// Fast deterministic pseudo-random floats (the values only need to be non-trivial).
+struct Rng {
+    uint64_t s;
+    explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 1) {}
+    uint32_t u32() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        return static_cast<uint32_t>(s >> 16);
+    }
+    float sym() { return (static_cast<float>(u32() & 0xFFFFFF) / 8388608.0f) - 1.0f; }   // [-1, 1)
+};
+
+struct HostLinear {
+    Linear lin;
+    std::vector<uint8_t> w, s;
+    float s2 = 1.0f;
+};
+
+void make_weights(HostLinear& h, LinearFormat f, int64_t N, int64_t K, uint64_t seed) {
+    std::vector<float> w(static_cast<size_t>(N * K));
+    parallel_ranges(N, [&](int64_t b, int64_t e, int) {
+        for (int64_t n = b; n < e; ++n) {
+            Rng r(seed * 1000003 + static_cast<uint64_t>(n));
+            const float mag = std::exp2(-3.0f * (1.0f + r.sym()));
+            for (int64_t k = 0; k < K; ++k) w[static_cast<size_t>(n * K + k)] = r.sym() * mag;
+        }
+    }, K);
+    Linear& l = h.lin;
+    l = Linear{};
+    l.format = f;
+    l.out = N;
+    l.in = K;
+    switch (f) {
+        case LinearFormat::bf16: {
+            h.w.resize(w.size() * 2);
+            uint16_t* o = reinterpret_cast<uint16_t*>(h.w.data());
+            for (size_t i = 0; i < w.size(); ++i) o[i] = f32_to_bf16(w[i]);
+            l.weight = Tensor(h.w.data(), DType::bf16, {N, K});
+            break;
+        }
+        case LinearFormat::fp8_block:
+            h.w.resize(w.size());
+            h.s.resize(static_cast<size_t>(((N + 127) / 128) * ((K + 127) / 128)));
+            quantize_fp8_block(w.data(), N, K, h.w.data(), h.s.data());
+            l.weight = Tensor(h.w.data(), DType::e4m3, {N, K});
+            l.scale = Tensor(h.s.data(), DType::e8m0, {(N + 127) / 128, (K + 127) / 128});
+            break;
+        case LinearFormat::mxfp4:
+            h.w.resize(w.size() / 2);
+            h.s.resize(static_cast<size_t>(N * (K / 32)));
+            quantize_mxfp4(w.data(), N, K, h.w.data(), h.s.data());
+            l.weight = Tensor(h.w.data(), DType::i8, {N, K / 2});
+            l.scale = Tensor(h.s.data(), DType::e8m0, {N, K / 32});
+            break;
+        case LinearFormat::nvfp4:
+            h.w.resize(w.size() / 2);
+            h.s.resize(static_cast<size_t>(N * (K / 16)));
+            quantize_nvfp4(w.data(), N, K, h.w.data(), h.s.data(), &h.s2);
+            l.weight = Tensor(h.w.data(), DType::u8, {N, K / 2});
+            l.scale = Tensor(h.s.data(), DType::e4m3, {N, K / 16});
+            l.scale_2 = Tensor(&h.s2, DType::f32, {});
+            break;
+        default: fail("make_weights: format");
+    }
+}
+
+std::vector<uint16_t> random_x(int64_t M, int64_t K, uint64_t seed) {
+    Rng r(seed);
+    std::vector<uint16_t> x(static_cast<size_t>(M * K));
+    for (auto& v : x) v = f32_to_bf16(r.sym() * 2.0f);
+    return x;
+}
+
+// Another device copy of the same packed weights (D2D), sharing nothing with `d`.
+cuda::DeviceLinear clone(const cuda::DeviceLinear& d) {
+    cuda::DeviceLinear c = d;
+    const size_t wbytes = static_cast<size_t>(d.out * d.weight_row_bytes);
+    CUDA_CHECK(cudaMalloc(&c.weight, wbytes));
+    CUDA_CHECK(cudaMemcpy(c.weight, d.weight, wbytes, cudaMemcpyDeviceToDevice));
+    if (d.scale) {
+        const int64_t rows = d.format == LinearFormat::fp8_block ? (d.out + 127) / 128 : d.out;
+        const size_t sbytes = static_cast<size_t>(rows * d.scale_row_bytes);
+        CUDA_CHECK(cudaMalloc(&c.scale, sbytes));
+        CUDA_CHECK(cudaMemcpy(c.scale, d.scale, sbytes, cudaMemcpyDeviceToDevice));
+    }
+    return c;
+}
+
+// Median over replays of (graph time / launches), in microseconds. `enqueue(i)` issues launch i.
+template <typename F>
+double time_graph(int launches, cudaStream_t stream, F&& enqueue) {
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < launches; ++i) enqueue(i);
+    CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+    CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    cudaEvent_t a, b;
+    CUDA_CHECK(cudaEventCreate(&a));
+    CUDA_CHECK(cudaEventCreate(&b));
+    // Warm-up, then keep the GPU busy for ~kWarmupMs so that its clocks are up before timing.
+    for (int i = 0; i < kWarmup; ++i) CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    CUDA_CHECK(cudaEventRecord(a, stream));
+    CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    CUDA_CHECK(cudaEventRecord(b, stream));
+    CUDA_CHECK(cudaEventSynchronize(b));
+    float once = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&once, a, b));
+    const int busy = static_cast<int>(std::min(2000.0, kWarmupMs / std::max(once, 1e-3f)));
+    for (int i = 0; i < busy; ++i) CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    std::vector<double> us;
+    for (int i = 0; i < kReplays; ++i) {
+        CUDA_CHECK(cudaEventRecord(a, stream));
+        CUDA_CHECK(cudaGraphLaunch(exec, stream));
+        CUDA_CHECK(cudaEventRecord(b, stream));
+        CUDA_CHECK(cudaEventSynchronize(b));
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+        us.push_back(1000.0 * ms / launches);
+    }
+    CUDA_CHECK(cudaEventDestroy(a));
+    CUDA_CHECK(cudaEventDestroy(b));
+    CUDA_CHECK(cudaGraphExecDestroy(exec));
+    CUDA_CHECK(cudaGraphDestroy(graph));
+    std::sort(us.begin(), us.end());
+    return us[us.size() / 2];
+}
+
+// Device-to-device copy bandwidth, bytes read + written per second.
+double d2d_bandwidth(cudaStream_t stream) {
+    const size_t bytes = 1ull << 30;
+    void *src = nullptr, *dst = nullptr;
+    CUDA_CHECK(cudaMalloc(&src, bytes));
+    CUDA_CHECK(cudaMalloc(&dst, bytes));
+    CUDA_CHECK(cudaMemset(src, 0x3C, bytes));
+    cudaEvent_t a, b;
+    CUDA_CHECK(cudaEventCreate(&a));
+    CUDA_CHECK(cudaEventCreate(&b));
+    std::vector<double> gbs;
+    for (int i = 0; i < 12; ++i) {
+        CUDA_CHECK(cudaEventRecord(a, stream));
+        CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
+        CUDA_CHECK(cudaEventRecord(b, stream));
+        CUDA_CHECK(cudaEventSynchronize(b));
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+        if (i >= 2) gbs.push_back(2.0 * bytes / (ms * 1e-3) / 1e9);
+    }
+    CUDA_CHECK(cudaEventDestroy(a));
+    CUDA_CHECK(cudaEventDestroy(b));
+    CUDA_CHECK(cudaFree(src));
+    CUDA_CHECK(cudaFree(dst));
+    std::sort(gbs.begin(), gbs.end());
+    return gbs[gbs.size() / 2];
+}
+
+// Worst |gpu - cpu| / Σ|w||x| over all elements (inf if an element is out of tolerance or NaN).
+double validate(const HostLinear& h, const cuda::DeviceLinear& d, int64_t M, cudaStream_t stream) {
+    const int64_t N = h.lin.out, K = h.lin.in;
+    const auto x = random_x(M, K, 77 + static_cast<uint64_t>(M));
+    std::vector<float> xf(x.size());
+    for (size_t i = 0; i < x.size(); ++i) xf[i] = bf16_to_f32(x[i]);
+    std::vector<float> ref(static_cast<size_t>(M * N)), got(ref.size());
+    ops::linear(h.lin, xf.data(), M, ref.data());
+    uint16_t* dx = nullptr;
+    float* dy = nullptr;
+    CUDA_CHECK(cudaMalloc(&dx, x.size() * 2));
+    CUDA_CHECK(cudaMalloc(&dy, got.size() * 4));
+    CUDA_CHECK(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemset(dy, 0xFF, got.size() * 4));
+    cuda::linear_small_m(d, dx, M, dy, stream);
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    CUDA_CHECK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaFree(dx));
+    CUDA_CHECK(cudaFree(dy));
+    std::vector<double> worst(static_cast<size_t>(num_threads()), 0.0);
+    parallel_ranges(N, [&](int64_t b, int64_t e, int wkr) {
+        std::vector<float> row(static_cast<size_t>(K));
+        for (int64_t n = b; n < e; ++n) {
+            h.lin.decode_row(n, row.data());
+            for (int64_t t = 0; t < M; ++t) {
+                double bound = 0;
+                for (int64_t k = 0; k < K; ++k) bound += std::fabs(double(row[size_t(k)]) * xf[size_t(t * K + k)]);
+                const size_t i = static_cast<size_t>(t * N + n);
+                const double diff = std::fabs(double(got[i]) - double(ref[i]));
+                double r = bound > 0 ? diff / bound : (diff == 0 ? 0 : INFINITY);
+                if (!(diff <= kRelTol * bound)) r = INFINITY;
+                worst[size_t(wkr)] = std::max(worst[size_t(wkr)], r);
+            }
+        }
+    }, K * M);
+    return *std::max_element(worst.begin(), worst.end());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    try {
+        bool quick = false, verbose = false;
+        std::string only, once_fmt;
+        int64_t once_m = 0;
+        for (int i = 1; i < argc; ++i) {
+            quick |= std::strcmp(argv[i], "--quick") == 0;
+            verbose |= std::strcmp(argv[i], "--plans") == 0;
+            if (std::strcmp(argv[i], "--shape") == 0 && i + 1 < argc) only = argv[++i];
+            if (std::strcmp(argv[i], "--once") == 0 && i + 2 < argc) {
+                once_fmt = argv[++i];
+                once_m = std::atoll(argv[++i]);
+            }
+        }
+        if (!cuda::gpu_available()) {
+            std::printf("linear_bench: no CUDA device\n");
+            return 1;
+        }
+        const auto t_start = std::chrono::steady_clock::now();
+        int dev = 0;
+        CUDA_CHECK(cudaGetDevice(&dev));
+        cudaDeviceProp prop;
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+        cudaStream_t stream;
+        CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        const double d2d = d2d_bandwidth(stream);
+        std::printf("GPU: %s, %d SMs, L2 %.0f MB, HBM %.0f GB\n", prop.name, prop.multiProcessorCount,
+                    prop.l2CacheSize / 1048576.0, prop.totalGlobalMem / 1e9);
+        std::printf("device-to-device cudaMemcpy (read + write): %.0f GB/s\n\n", d2d);
+
+        cublasHandle_t blas;
+        CUBLAS_CHECK(cublasCreate(&blas));
+        CUBLAS_CHECK(cublasSetStream(blas, stream));
+        void* blas_ws = nullptr;
+        const size_t blas_ws_bytes = 64ull << 20;
+        CUDA_CHECK(cudaMalloc(&blas_ws, blas_ws_bytes));
+        CUBLAS_CHECK(cublasSetWorkspace(blas, blas_ws, blas_ws_bytes));
+
+        const Shape shapes[] = {{"wq_a", 1024, 4096}, {"wq_b", 32768, 1024}, {"wkv", 512, 4096},
+                                {"wo_b", 4096, 8192}, {"w1", 2048, 4096},    {"w2", 4096, 2048}};
+        const LinearFormat formats[] = {LinearFormat::bf16, LinearFormat::fp8_block, LinearFormat::mxfp4,
+                                        LinearFormat::nvfp4};
+        const int64_t Ms[] = {1, 4, 16};
+        const int64_t max_M = 16;
+
+        std::printf("%-5s %-11s %-6s %3s %9s %10s %8s %6s %9s %8s %9s\n", "shape", "N x K", "format", "M", "us",
+                    "bytes", "GB/s", "%d2d", "max err", "cuBLAS", "speed-up");
+        bool all_ok = true;
+        for (const Shape& sh : shapes) {
+            if (!only.empty() && only.find(sh.name) == std::string::npos) continue;
+            const int64_t N = sh.N, K = sh.K;
+            // x and y buffers shared by every launch (tiny; they stay in L2 like in a real decode step).
+            uint16_t* dx = nullptr;
+            float* dy = nullptr;
+            {
+                const auto x = random_x(max_M, K, 5);
+                CUDA_CHECK(cudaMalloc(&dx, x.size() * 2));
+                CUDA_CHECK(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+                CUDA_CHECK(cudaMalloc(&dy, static_cast<size_t>(max_M * N) * 4));
+            }
+
+            // cuBLAS on BF16 weights of this shape: y^T[N, M] = W[N, K] · x^T[K, M] (column-major view).
+            double blas_us[3] = {0, 0, 0};
+            if (once_fmt.empty()) {
+                const size_t wbytes = static_cast<size_t>(N * K) * 2;
+                const int copies = static_cast<int>(std::max<size_t>(2, (kRotateBytes + wbytes - 1) / wbytes));
+                std::vector<uint16_t> wb(static_cast<size_t>(N * K));
+                Rng r(99);
+                for (auto& v : wb) v = f32_to_bf16(r.sym() * 0.05f);
+                std::vector<void*> bufs(static_cast<size_t>(copies));
+                for (auto& b : bufs) {
+                    CUDA_CHECK(cudaMalloc(&b, wbytes));
+                    CUDA_CHECK(cudaMemcpy(b, wb.data(), wbytes, cudaMemcpyHostToDevice));
+                }
+                for (int mi = 0; mi < 3; ++mi) {
+                    const int M = static_cast<int>(Ms[mi]);
+                    const float alpha = 1.0f, beta = 0.0f;
+                    auto gemm = [&](int i) {
+                        CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), M,
+                                                  static_cast<int>(K), &alpha, bufs[size_t(i % copies)], CUDA_R_16BF,
+                                                  static_cast<int>(K), dx, CUDA_R_16BF, static_cast<int>(K), &beta,
+                                                  dy, CUDA_R_32F, static_cast<int>(N), CUBLAS_COMPUTE_32F,
+                                                  CUBLAS_GEMM_DEFAULT));
+                    };
+                    gemm(0);   // warm-up outside capture (heuristics, handle state)
+                    CUDA_CHECK(cudaStreamSynchronize(stream));
+                    blas_us[mi] = time_graph(std::max(copies, 20), stream, gemm);
+                }
+                for (auto b : bufs) CUDA_CHECK(cudaFree(b));
+            }
+
+            if (!once_fmt.empty()) {
+                // One format and M on the first selected shape, a few plain launches (for profilers).
+                for (LinearFormat f : formats) {
+                    if (once_fmt != fmt_name(f)) continue;
+                    HostLinear h;
+                    make_weights(h, f, N, K, 1234 + static_cast<uint64_t>(f));
+                    cuda::DeviceLinear d = cuda::upload_linear(h.lin);
+                    std::printf("%s %s M=%lld: %s\n", sh.name, fmt_name(f), static_cast<long long>(once_m),
+                                cuda::linear_small_m_plan(d, once_m).c_str());
+                    for (int i = 0; i < 5; ++i) cuda::linear_small_m(d, dx, once_m, dy, stream);
+                    CUDA_CHECK(cudaStreamSynchronize(stream));
+                    cuda::free_linear(d);
+                }
+                return 0;
+            }
+            for (LinearFormat f : formats) {
+                HostLinear h;
+                make_weights(h, f, N, K, 1234 + static_cast<uint64_t>(f));
+                std::vector<cuda::DeviceLinear> dl;
+                dl.push_back(cuda::upload_linear(h.lin));
+                const size_t packed = dl[0].bytes();
+                const int copies = static_cast<int>(std::max<size_t>(2, (kRotateBytes + packed - 1) / packed));
+                while (static_cast<int>(dl.size()) < copies) dl.push_back(clone(dl[0]));
+                for (int mi = 0; mi < 3; ++mi) {
+                    const int64_t M = Ms[mi];
+                    const double err = (quick && sh.N * sh.K > (8ll << 20)) ? 0.0 : validate(h, dl[0], M, stream);
+                    const bool ok = std::isfinite(err);
+                    all_ok &= ok;
+                    const double us = time_graph(std::max(copies, 20), stream, [&](int i) {
+                        cuda::linear_small_m(dl[size_t(i % copies)], dx, M, dy, stream);
+                    });
+                    const double bytes = static_cast<double>(packed) + double(M * K * 2) + double(M * N * 4);
+                    const double gbs = bytes / (us * 1e-6) / 1e9;
+                    char nk[32];
+                    std::snprintf(nk, sizeof nk, "%lldx%lld", static_cast<long long>(N), static_cast<long long>(K));
+                    std::printf("%-5s %-11s %-6s %3lld %9.2f %10.0f %8.0f %5.1f%% %9.1e %8.2f %8.2fx%s%s%s\n", sh.name,
+                                nk, fmt_name(f), static_cast<long long>(M), us, bytes, gbs, 100.0 * gbs / d2d, err,
+                                blas_us[mi], blas_us[mi] / us, ok ? "" : "  VALIDATION FAILED",
+                                verbose ? "  " : "", verbose ? cuda::linear_small_m_plan(dl[0], M).c_str() : "");
+                    std::fflush(stdout);
+                }
+                for (auto& d : dl) cuda::free_linear(d);
+            }
+            CUDA_CHECK(cudaFree(dx));
+            CUDA_CHECK(cudaFree(dy));
+        }
+        CUDA_CHECK(cudaFree(blas_ws));
+        CUBLAS_CHECK(cublasDestroy(blas));
+        CUDA_CHECK(cudaStreamDestroy(stream));
+        const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+        std::printf("\nus: per launch, median of %d graph replays; cuBLAS: cublasGemmEx bf16 x bf16 -> f32 on BF16 "
+                    "weights of the same shape. %s. %.0f s.\n",
+                    kReplays, all_ok ? "all validations passed" : "SOME VALIDATIONS FAILED", secs);
+        return all_ok ? 0 : 2;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "linear_bench: %s\n", e.what());
+        return 1;
+    }
+}

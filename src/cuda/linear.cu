@@ -1,0 +1,1053 @@
+// linear.cu — decode / small-M dense linear, y[M, N] = x[M, K] · Wᵀ, with W read in its packed
+// checkpoint format (BF16, FP8 e4m3 + e8m0 128×128 blocks, MXFP4, NVFP4) on Hopper (sm_90a).
+//
+// Launch strategy (bandwidth-bound: M ≤ 16 tokens, every weight byte is read exactly once)
+// ---------------------------------------------------------------------------------------
+// * Tensor cores do the multiply: mma.sync m16n8k16 bf16 → f32 with the weights as the 16-row A
+//   operand and the tokens as the 8-column B operand ("swap AB": M = 1..8 uses one n8 tile,
+//   9..16 two). The MMA's k order is free as long as A and B agree, so each lane takes its A
+//   values from 16 contiguous bytes of one weight row (4 lanes cover 64 contiguous bytes of a
+//   row: one "step"), decodes them in registers, and the x copy in shared memory is stored in
+//   the matching element order. The checkpoint layout needs no repacking.
+// * Weights stream through a per-warp ring of kStages shared-memory slots filled by 16-byte
+//   cp.async copies (L2 only, 256-byte L2 prefetch): while step s is decoded, steps s+1..s+2 are
+//   in flight, without holding them in registers. Each lane copies exactly the bytes it later
+//   reads, so a slot is ready after cp.async.wait_group alone (no warp or CTA barrier).
+// * A warp owns 16·MT output rows (MT = 1 or 2: B fragments are reused MT times) and a range of
+//   steps along K. A CTA is 8 warps = W_r row groups × W_k K-ranges; its x slice [M, K-range] is
+//   staged once into shared memory. CTAs of one thread-block cluster (S = 1..8 along grid.x)
+//   split K further; partial sums are reduced through distributed shared memory in a fixed order
+//   (cluster rank, then warp): deterministic, no atomics, no workspace.
+// * plan_small_m picks MT, W_r and S per (N, K, M, format) from a small cost model fed with the
+//   measured occupancy of each kernel instance (cudaOccupancyMaxActiveClusters), so a launch fills
+//   the GPU in as few waves as possible.
+// * Programmatic dependent launch: the kernel issues its first weight copies, then waits
+//   (griddepcontrol.wait) for the previous kernel of the stream before it reads x or writes y, so
+//   its weight prefetch overlaps that kernel's tail.
+//
+// Where the time goes (H200, see bench/linear_bench.cu): BF16 streams at ~80% of the
+// device-to-device copy bandwidth on large matrices; FP8 and FP4 are bound by decode
+// instructions (FP4: ~20 integer/bf16 ops per 8 weights, ~4.5 instructions per weight in all,
+// at ~40% issue efficiency), not by memory; small matrices (≤ 8 MB) by launch and latency
+// (~5 µs, as cuBLAS). See the report of this change for measured numbers and next steps.
+//
+// Exactness: every A value given to the tensor core is the exact weight (up to a power of two
+// applied once to y), so y differs from ops::linear only by fp32 summation order/rounding:
+//   bf16   : the stored bits.
+//   fp8    : e4m3 bits placed in a bf16 (sign, 4 exponent + 3 mantissa bits) are e4m3·2^-120,
+//            subnormal e4m3 codes included; one bf16 multiply by 2^(e-7-F) (the block's e8m0
+//            scale e and the decode bias) gives e4m3·2^(e-127)·2^-F exactly. y is scaled by 2^F.
+//   MXFP4  : e2m1 bits placed in a bf16 are e2m1·2^-126 (the 0.5 code is a bf16 subnormal; PTX
+//            bf16 arithmetic keeps subnormals), times 2^(e-1-F) per 32-group. y is scaled by 2^F.
+//   NVFP4  : e2m1·2^-126 times bf16(e4m3 scale · 2^117) per 16-group = e2m1·scale·2^-9 exactly
+//            (≤ 6 significant bits, range 2^-19..2^12); y is scaled by weight_scale_2·2^9.
+//   F ≥ 0 (exp_shift, chosen at upload from the largest scale) keeps the multiplier finite in
+//   bf16; it is 0 for any real checkpoint. A decoded weight below the bf16 subnormal range would
+//   round: with F = 0 that needs an fp8 block scale under 2^-124 (MXFP4 never); quantizers never
+//   make such blocks from finite weights above ~2^-115.
+//   fp8 weight bytes that are the e4m3 NaN code would decode as 480, so upload flags them and
+//   such a linear (and f32 weights) runs linear_reference: one warp per row, exact fp32 FMA.
+#include "cuda/linear.h"
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <set>
+#include <tuple>
+#include <type_traits>
+
+#include "common.h"
+#include "formats.h"
+
+namespace cg = cooperative_groups;
+
+namespace megamoe::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;                 // 8 warps per CTA
+constexpr int kWarps = kThreads / 32;
+constexpr int kStepBytes = 64;                // one warp step: 4 lanes × 16 B of each of 16 rows
+constexpr int kMaxM = 16;                     // tokens per launch (two n8 MMA tiles)
+constexpr int kMaxCluster = 8;                // portable cluster size
+constexpr int kXSmemBudget = 64 * 1024;       // staged x per CTA (with the ring, 2 CTAs fit per SM)
+constexpr int kRedSmemMax = 256 * kMaxM * 4;  // partial sums: W_k·R = 128·MT rows × M tokens
+constexpr int kNvfp4Shift = 9;                // NVFP4 A values carry 2^-9, y gets 2^9
+constexpr int kStages = 3;                    // per-warp cp.async ring: 2 steps in flight while 1 is decoded
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------- device helpers
+
+// 16 (or 0: zero fill) bytes global -> shared, asynchronous, L2 only, with a 256-byte L2 prefetch.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool pred) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(pred ? 4 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+// c += A·B, m16n8k16, A row-major bf16 (4 regs), B col-major bf16 (2 regs), f32 accumulators.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Four e4m3 bytes b0..b3 -> bf16x2 {b0, b2} (lo) and {b1, b3} (hi), each value e4m3 · 2^-120:
+// the sign goes to bit 15, the 7 exponent+mantissa bits to bits 10..4 (the low exponent bits and
+// the top mantissa bits of a bf16). Exact for every code but NaN (which reads as 480·2^-120).
+__device__ __forceinline__ void fp8x4_bits(uint32_t q, uint32_t& lo, uint32_t& hi) {
+    hi = (q & 0x80008000u) | ((q & 0x7F007F00u) >> 4);
+    q <<= 8;
+    lo = (q & 0x80008000u) | ((q & 0x7F007F00u) >> 4);
+}
+
+// Eight e2m1 nibbles n0..n7 (n0 = bits 0..3 = element 0) -> p[i] = bf16x2 {n_i, n_{i+4}}, each
+// value e2m1 · 2^-126 (sign -> bit 15, 2 exponent + 1 mantissa bits -> bits 8..6).
+__device__ __forceinline__ void fp4x8_bits(uint32_t q, uint32_t (&p)[4]) {
+    p[3] = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
+    q <<= 4;
+    p[2] = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
+    q <<= 4;
+    p[1] = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
+    q <<= 4;
+    p[0] = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
+}
+
+// bf16x2 {2^(e+bias-127), same} for an e8m0 byte e (255 = NaN); subnormal when e+bias <= 0.
+__device__ __forceinline__ uint32_t pow2_bf16x2(uint32_t e, int bias) {
+    uint32_t b;
+    const int f = static_cast<int>(e) + bias;
+    if (e == 255u) b = 0x7FC0u;
+    else if (f >= 1) b = static_cast<uint32_t>(f) << 7;
+    else b = f >= -6 ? (0x40u >> (-f)) : 0u;
+    return b | (b << 16);
+}
+
+// Two NVFP4 e4m3 scale bytes (low byte = group 2·tig) -> bf16x2 multipliers {s·2^117, s·2^117}
+// for each, exact (4 significant bits, 2^108..2^125.8). NaN stays NaN, 0 stays 0.
+__device__ __forceinline__ void nvfp4_mults(uint32_t sc, uint32_t& m_lo, uint32_t& m_hi) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(sc & 0xFFFFu), __NV_E4M3);
+    float2 f = __half22float2(__half2(h));
+    f.x *= 0x1p117f;
+    f.y *= 0x1p117f;
+    const __nv_bfloat162 b = __float22bfloat162_rn(f);
+    uint32_t u;
+    memcpy(&u, &b, 4);
+    m_lo = __byte_perm(u, 0, 0x1010);
+    m_hi = __byte_perm(u, 0, 0x3232);
+}
+
+// ---------------------------------------------------------------------------- format traits
+
+// kElems: weights per 16-byte load; one warp step covers kStepK = 4·kElems columns (64 B/row).
+// x is staged into shared memory in the element order the decoded A registers come out in:
+//   bf16: natural; fp8: [0 2 1 3] in every 4 (lo/hi halves of fp8x4_bits); fp4: [0 4 1 5 2 6 3 7]
+//   in every 8 (fp4x8_bits). kRowMod: x row stride mod 128 B that makes the LDS.128 of a
+//   quarter-warp (rows g, g+1 × 4 lanes) hit 8 distinct 16-byte bank groups; fp4 also swizzles
+//   16-byte chunk q to q ^ bit3(q) (its 4 lanes sit 64 B apart).
+template <LinearFormat F> struct Traits;
+template <> struct Traits<LinearFormat::bf16> {
+    static constexpr int kElems = 8, kRowMod = 64;
+    static constexpr bool kSwizzle = false;
+};
+template <> struct Traits<LinearFormat::fp8_block> {
+    static constexpr int kElems = 16, kRowMod = 16;
+    static constexpr bool kSwizzle = false;
+};
+template <> struct Traits<LinearFormat::mxfp4> {
+    static constexpr int kElems = 32, kRowMod = 32;
+    static constexpr bool kSwizzle = true;
+};
+template <> struct Traits<LinearFormat::nvfp4> {
+    static constexpr int kElems = 32, kRowMod = 32;
+    static constexpr bool kSwizzle = true;
+};
+
+template <LinearFormat F> __device__ __forceinline__ int x_chunk_pos(int q) {
+    return Traits<F>::kSwizzle ? (q ^ ((q >> 3) & 1)) : q;
+}
+
+// 8 consecutive x values (4 words {x0 x1} {x2 x3} {x4 x5} {x6 x7}) into the format's order.
+template <LinearFormat F> __device__ __forceinline__ uint4 x_permute(uint4 v) {
+    if constexpr (F == LinearFormat::fp8_block) {
+        return make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632),
+                          __byte_perm(v.z, v.w, 0x5410), __byte_perm(v.z, v.w, 0x7632));
+    } else if constexpr (F == LinearFormat::mxfp4 || F == LinearFormat::nvfp4) {
+        return make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
+                          __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
+    } else {
+        return v;
+    }
+}
+
+// One ring slot of a warp: 16 weight bytes and a 4-byte scale word for each (m-tile, row half,
+// lane), indexed idx = (mt·2 + h)·32 + lane; lane-contiguous, so copies and reads are conflict-free.
+template <int MT> struct StageLayout {
+    static constexpr int kWeightBytes = MT * 2 * 32 * 16;
+    static constexpr int kBytes = kWeightBytes + MT * 2 * 32 * 4;
+    __device__ static constexpr int weight(int idx) { return idx * 16; }
+    __device__ static constexpr int scale(int idx) { return kWeightBytes + idx * 4; }
+};
+
+constexpr int kRingSmemMax = kWarps * kStages * StageLayout<2>::kBytes;   // the rings of the largest tile
+
+struct SmallMParams {
+    const uint8_t*  w;            // [N] rows of w_row_bytes
+    const uint8_t*  scale;
+    const uint16_t* x;            // [M, K] bf16
+    float*          y;            // [M, N]
+    int64_t w_row_bytes, s_row_bytes;
+    int     N, K, M;
+    int     steps;                // weight row steps (w_row_bytes / 64)
+    int     spc, spw;             // steps per CTA, per warp
+    int     wr;                   // warps along rows in a CTA (W_k = 8 / wr)
+    int     x_rs;                 // x row stride in shared memory, bytes
+    int     bias;                 // fp8: 120 - F, mxfp4: 126 - F
+    float   out_scale;            // applied to every output
+};
+
+// ---------------------------------------------------------------------------- the kernel
+
+// Grid (S, row blocks), cluster (S, 1, 1), 256 threads. CTA (rank r, row block b) computes rows
+// [b·R, b·R + R), R = wr·16·MT, over steps [r·spc, (r+1)·spc) of every row; warp w takes row group
+// w % wr and step range w / wr of that. Shared memory: x [M][x_rs], then the warps' rings
+// [8][kStages] of StageLayout<MT>::kBytes, then partials [W_k][M][R] f32.
+template <LinearFormat F, int MT, int NT>
+static __global__ void __launch_bounds__(kThreads, 2) linear_small_m_kernel(const SmallMParams p) {
+    using T = Traits<F>;
+    constexpr int kE = T::kElems;
+    constexpr int kStepK = 4 * kE;             // columns per step
+    constexpr int kChunksPerStep = kStepK / 8; // 16-byte x chunks per step
+    constexpr int kLds = kE / 8;               // x chunks per lane per step (each feeds 2 MMAs)
+    extern __shared__ __align__(16) uint8_t smem[];
+
+    const int S = static_cast<int>(gridDim.x);
+    const int rank = static_cast<int>(blockIdx.x);
+    const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const int wk_count = kWarps / p.wr;
+    const int wrow = warp % p.wr, wk = warp / p.wr;
+    const int R = p.wr * 16 * MT;
+    const int M = p.M;
+
+    const int cs0 = rank * p.spc;
+    const int cta_steps = max(0, min(p.spc, p.steps - cs0));
+    uint8_t* xs = smem;
+    uint8_t* ring = smem + static_cast<size_t>(M) * p.x_rs;   // [warp][stage] of StageLayout<MT>::kBytes
+    float* red = reinterpret_cast<float*>(ring + kWarps * kStages * StageLayout<MT>::kBytes);
+
+    const int row0 = static_cast<int>(blockIdx.y) * R + wrow * 16 * MT;
+    const int ws0 = wk * p.spw;
+    const int ws1 = min(ws0 + p.spw, cta_steps);
+
+    // This warp's ring of kStages slots. Slot layout (StageLayout): the 16-byte weight chunk of
+    // each (m-tile, row half, lane), then a 4-byte scale word per (m-tile, row half, lane). Every
+    // lane copies exactly the bytes it will read itself, so completion needs no warp barrier.
+    const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring)) +
+                            static_cast<uint32_t>(warp * kStages * StageLayout<MT>::kBytes);
+    // This lane's sources at the CTA's first step, per (m-tile, row half); a step adds kStepBytes
+    // to the weight pointer and the format's scale bytes per step to the scale pointer. Rows past
+    // N keep a valid pointer and copy nothing (zero fill).
+    const uint8_t* wsrc[MT][2];
+    const uint8_t* ssrc[MT][2];
+    bool rok[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = row0 + mt * 16 + h * 8 + g;
+            rok[mt][h] = row < p.N;
+            wsrc[mt][h] = rok[mt][h] ? p.w + row * p.w_row_bytes + cs0 * kStepBytes + tig * 16 : p.w;
+            if constexpr (F == LinearFormat::fp8_block) {
+                const int rbase = row0 + mt * 16;   // one e8m0 per 128×128 block; tiles are 16-aligned
+                rok[mt][h] = rbase < p.N;
+                ssrc[mt][h] = rok[mt][h] ? p.scale + (rbase / kFp8Block) * p.s_row_bytes : p.scale;
+            } else if constexpr (F == LinearFormat::mxfp4) {
+                ssrc[mt][h] = rok[mt][h] ? p.scale + row * p.s_row_bytes + cs0 * 4 : p.scale;
+            } else if constexpr (F == LinearFormat::nvfp4) {
+                ssrc[mt][h] = rok[mt][h] ? p.scale + row * p.s_row_bytes + cs0 * 8 + (tig >> 1) * 4 : p.scale;
+            } else {
+                ssrc[mt][h] = p.w;
+            }
+        }
+    }
+    // fp8: address of the block-scale byte of step s (its 4-byte word is what gets copied).
+    auto fp8_scale_addr = [&](int mt, int s) {
+        return reinterpret_cast<uintptr_t>(ssrc[mt][0]) + static_cast<uintptr_t>(((cs0 + s) * kStepK) / kFp8Block);
+    };
+    auto issue = [&](int s, int slot) {
+        if (s >= ws1) return;   // nothing to fetch; the (empty) group is still committed
+        const uint32_t base = ring_s + static_cast<uint32_t>(slot * StageLayout<MT>::kBytes);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int idx = (mt * 2 + h) * 32 + lane;
+                const bool ok = row0 + mt * 16 + h * 8 + g < p.N;
+                cp_async16(base + StageLayout<MT>::weight(idx), wsrc[mt][h] + (ok ? s * kStepBytes : 0), ok);
+                if constexpr (F == LinearFormat::fp8_block) {
+                    if (h == 0) {
+                        const uintptr_t a = rok[mt][0] ? fp8_scale_addr(mt, s) & ~uintptr_t(3)
+                                                       : reinterpret_cast<uintptr_t>(p.scale);
+                        cp_async4(base + StageLayout<MT>::scale(idx), reinterpret_cast<const void*>(a), rok[mt][0]);
+                    }
+                } else if constexpr (F == LinearFormat::mxfp4) {
+                    cp_async4(base + StageLayout<MT>::scale(idx), ssrc[mt][h] + (ok ? s * 4 : 0), ok);
+                } else if constexpr (F == LinearFormat::nvfp4) {
+                    cp_async4(base + StageLayout<MT>::scale(idx), ssrc[mt][h] + (ok ? s * 8 : 0), ok);
+                }
+            }
+        }
+    };
+
+    // Prologue: kStages-1 steps in flight while x is staged. With programmatic dependent launch
+    // this kernel may start while the previous kernel of the stream still runs: weights and
+    // scales are constant, so they are fetched before griddepcontrol.wait, which returns once
+    // that kernel has completed and its writes (x, or a y it reads) are visible.
+#pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) {
+        issue(ws0 + i, i);
+        cp_async_commit();
+    }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+
+    // 1. Stage x[:, cs0·kStepK : (cs0 + cta_steps)·kStepK] (zeros past K) in the format's order.
+    {
+        const int chunks = cta_steps * kChunksPerStep;
+        const int k_base = cs0 * kStepK;
+        const bool vec = (p.K % 8 == 0) && ((reinterpret_cast<uintptr_t>(p.x) & 15) == 0);
+        for (int i = static_cast<int>(threadIdx.x); i < M * chunks; i += kThreads) {
+            const int t = i / chunks, q = i - t * chunks;
+            const int k = k_base + q * 8;
+            const uint16_t* src = p.x + static_cast<int64_t>(t) * p.K + k;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (vec && k + 8 <= p.K) {
+                v = __ldg(reinterpret_cast<const uint4*>(src));
+            } else {
+                uint16_t e[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) e[j] = (k + j < p.K) ? src[j] : uint16_t(0);
+                v = make_uint4(e[0] | (uint32_t(e[1]) << 16), e[2] | (uint32_t(e[3]) << 16),
+                               e[4] | (uint32_t(e[5]) << 16), e[6] | (uint32_t(e[7]) << 16));
+            }
+            *reinterpret_cast<uint4*>(xs + t * p.x_rs + x_chunk_pos<F>(q) * 16) = x_permute<F>(v);
+        }
+    }
+    __syncthreads();
+
+    // 2. Stream this warp's weights: step s is decoded while steps s+1 .. s+kStages-1 are in flight.
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
+
+    int slot = 0;   // (s - ws0) % kStages
+    for (int s = ws0; s < ws1; ++s) {
+        issue(s + kStages - 1, slot == 0 ? kStages - 1 : slot - 1);
+        cp_async_commit();
+        cp_async_wait<kStages - 1>();   // this lane's copies for step s have landed
+
+        const uint8_t* st = ring + (warp * kStages + slot) * StageLayout<MT>::kBytes;
+        uint4 wv[MT][2];
+        uint32_t mlo[MT][2], mhi[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int idx = (mt * 2 + h) * 32 + lane;
+                wv[mt][h] = *reinterpret_cast<const uint4*>(st + StageLayout<MT>::weight(idx));
+                if constexpr (F == LinearFormat::fp8_block) {
+                    const int idx0 = (mt * 2) * 32 + lane;
+                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + StageLayout<MT>::scale(idx0));
+                    const int off = static_cast<int>(fp8_scale_addr(mt, s) & 3);
+                    mlo[mt][h] = mhi[mt][h] = pow2_bf16x2((word >> (8 * off)) & 0xFFu, p.bias);
+                } else if constexpr (F == LinearFormat::mxfp4) {
+                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + StageLayout<MT>::scale(idx));
+                    mlo[mt][h] = mhi[mt][h] = pow2_bf16x2((word >> (8 * tig)) & 0xFFu, p.bias);
+                } else if constexpr (F == LinearFormat::nvfp4) {
+                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + StageLayout<MT>::scale(idx));
+                    nvfp4_mults(word >> (16 * (tig & 1)), mlo[mt][h], mhi[mt][h]);
+                } else {
+                    mlo[mt][h] = mhi[mt][h] = 0;
+                }
+            }
+        }
+        slot = slot == kStages - 1 ? 0 : slot + 1;
+
+        const int q0 = s * kChunksPerStep + tig * kLds;
+#pragma unroll
+        for (int l = 0; l < kLds; ++l) {
+            uint4 b[NT];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const int t = nt * 8 + g;
+                b[nt] = t < M ? *reinterpret_cast<const uint4*>(xs + t * p.x_rs + x_chunk_pos<F>(q0 + l) * 16)
+                              : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                uint32_t a[2][4];   // A of the two MMAs fed by this x chunk
+                const uint4& w0 = wv[mt][0];
+                const uint4& w1 = wv[mt][1];
+                if constexpr (F == LinearFormat::bf16) {
+                    a[0][0] = w0.x; a[0][1] = w1.x; a[0][2] = w0.y; a[0][3] = w1.y;
+                    a[1][0] = w0.z; a[1][1] = w1.z; a[1][2] = w0.w; a[1][3] = w1.w;
+                } else if constexpr (F == LinearFormat::fp8_block) {
+                    const uint32_t q00 = l == 0 ? w0.x : w0.z, q01 = l == 0 ? w0.y : w0.w;
+                    const uint32_t q10 = l == 0 ? w1.x : w1.z, q11 = l == 0 ? w1.y : w1.w;
+                    uint32_t lo, hi;
+                    fp8x4_bits(q00, lo, hi);
+                    a[0][0] = bf16x2_mul(lo, mlo[mt][0]); a[0][2] = bf16x2_mul(hi, mlo[mt][0]);
+                    fp8x4_bits(q10, lo, hi);
+                    a[0][1] = bf16x2_mul(lo, mlo[mt][1]); a[0][3] = bf16x2_mul(hi, mlo[mt][1]);
+                    fp8x4_bits(q01, lo, hi);
+                    a[1][0] = bf16x2_mul(lo, mlo[mt][0]); a[1][2] = bf16x2_mul(hi, mlo[mt][0]);
+                    fp8x4_bits(q11, lo, hi);
+                    a[1][1] = bf16x2_mul(lo, mlo[mt][1]); a[1][3] = bf16x2_mul(hi, mlo[mt][1]);
+                } else {
+                    const uint32_t q0w = l == 0 ? w0.x : l == 1 ? w0.y : l == 2 ? w0.z : w0.w;
+                    const uint32_t q1w = l == 0 ? w1.x : l == 1 ? w1.y : l == 2 ? w1.z : w1.w;
+                    // NVFP4: words 0,1 of a lane's 16 B are group 2·tig, words 2,3 group 2·tig+1.
+                    const uint32_t m0 = l < 2 ? mlo[mt][0] : mhi[mt][0];
+                    const uint32_t m1 = l < 2 ? mlo[mt][1] : mhi[mt][1];
+                    uint32_t p0[4], p1[4];
+                    fp4x8_bits(q0w, p0);
+                    fp4x8_bits(q1w, p1);
+                    a[0][0] = bf16x2_mul(p0[0], m0); a[0][1] = bf16x2_mul(p1[0], m1);
+                    a[0][2] = bf16x2_mul(p0[1], m0); a[0][3] = bf16x2_mul(p1[1], m1);
+                    a[1][0] = bf16x2_mul(p0[2], m0); a[1][1] = bf16x2_mul(p1[2], m1);
+                    a[1][2] = bf16x2_mul(p0[3], m0); a[1][3] = bf16x2_mul(p1[3], m1);
+                }
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    mma_bf16(acc[mt][nt], a[0][0], a[0][1], a[0][2], a[0][3], b[nt].x, b[nt].y);
+                    mma_bf16(acc[mt][nt], a[1][0], a[1][1], a[1][2], a[1][3], b[nt].z, b[nt].w);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // The next kernel of the stream may be scheduled now (its CTAs start as ours retire).
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+
+    // 3. Partials to shared memory: red[wk][t][row in CTA]. C fragment: c0,c1 = (row g, tokens
+    //    2·tig, 2·tig+1), c2,c3 = (row g+8, same tokens); + 8 tokens for n-tile 1.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int t = nt * 8 + 2 * tig + (i & 1);
+                const int rl = wrow * 16 * MT + mt * 16 + g + (i >= 2 ? 8 : 0);
+                if (t < M) red[(wk * M + t) * R + rl] = acc[mt][nt][i];
+            }
+
+    // 4. Reduce over the cluster's CTAs and this CTA's K-warps, fixed order; CTA `rank` writes
+    //    rows [rank·R/S, (rank+1)·R/S) of the row block.
+    cg::cluster_group cluster = cg::this_cluster();
+    if (S > 1) cluster.sync();
+    else __syncthreads();
+    const int rows_per_rank = R / S;
+    for (int i = static_cast<int>(threadIdx.x); i < M * rows_per_rank; i += kThreads) {
+        const int t = i / rows_per_rank;
+        const int rl = rank * rows_per_rank + (i - t * rows_per_rank);
+        float sum = 0.0f;
+        for (int r = 0; r < S; ++r) {
+            const float* src = S > 1 ? cluster.map_shared_rank(red, r) : red;
+            for (int k = 0; k < wk_count; ++k) sum += src[(k * M + t) * R + rl];
+        }
+        const int row = static_cast<int>(blockIdx.y) * R + rl;
+        if (row < p.N) p.y[static_cast<int64_t>(t) * p.N + row] = sum * p.out_scale;
+    }
+    if (S > 1) cluster.sync();   // keep this CTA's shared memory alive until every rank has read it
+}
+
+// ---------------------------------------------------------------------------- reference kernel
+
+struct RefParams {
+    LinearFormat    format;
+    const uint8_t*  w;
+    const uint8_t*  scale;
+    const uint16_t* x;
+    float*          y;
+    int64_t w_row_bytes, s_row_bytes;
+    int     N, K, M;
+    float   scale_2;
+};
+
+__constant__ float kE2m1Table[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
+                                     -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+__device__ __forceinline__ float e4m3_f32(uint8_t b) {
+    return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(b), __NV_E4M3)));
+}
+__device__ __forceinline__ float e8m0_f32(uint8_t b) {
+    if (b == 255) return __int_as_float(0x7FC00000);
+    return b == 0 ? __int_as_float(0x00400000) : __int_as_float(static_cast<int>(b) << 23);
+}
+
+// Weight (n, k) decoded exactly as Linear::decode_row does (same products in the same order).
+__device__ __forceinline__ float ref_weight(const RefParams& p, int n, int k) {
+    const uint8_t* row = p.w + n * p.w_row_bytes;
+    switch (p.format) {
+        case LinearFormat::f32: return reinterpret_cast<const float*>(row)[k];
+        case LinearFormat::bf16: return __uint_as_float(uint32_t(reinterpret_cast<const uint16_t*>(row)[k]) << 16);
+        case LinearFormat::fp8_block:
+            return e4m3_f32(row[k]) * e8m0_f32(p.scale[(n / kFp8Block) * p.s_row_bytes + k / kFp8Block]);
+        case LinearFormat::mxfp4:
+            return kE2m1Table[(row[k / 2] >> (4 * (k & 1))) & 0xF] * e8m0_f32(p.scale[n * p.s_row_bytes + k / 32]);
+        case LinearFormat::nvfp4: {
+            const float s = e4m3_f32(p.scale[n * p.s_row_bytes + k / 16]);
+            if (s == 0.0f) return 0.0f;
+            return kE2m1Table[(row[k / 2] >> (4 * (k & 1))) & 0xF] * s * p.scale_2;
+        }
+    }
+    return 0.0f;
+}
+
+// One warp per output row, lanes stride over K, fp32 FMA, shuffle reduction. M ≤ 16.
+static __global__ void __launch_bounds__(kThreads) linear_reference_kernel(const RefParams p) {
+    const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+    const int n = static_cast<int>(blockIdx.x) * kWarps + warp;
+    if (n >= p.N) return;
+    float acc[kMaxM];
+#pragma unroll
+    for (int t = 0; t < kMaxM; ++t) acc[t] = 0.0f;
+    for (int k = lane; k < p.K; k += 32) {
+        const float w = ref_weight(p, n, k);
+#pragma unroll
+        for (int t = 0; t < kMaxM; ++t)
+            if (t < p.M) acc[t] = fmaf(w, __uint_as_float(uint32_t(p.x[static_cast<int64_t>(t) * p.K + k]) << 16), acc[t]);
+    }
+#pragma unroll
+    for (int t = 0; t < kMaxM; ++t) {
+        float v = acc[t];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+        if (lane == 0 && t < p.M) p.y[static_cast<int64_t>(t) * p.N + n] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------- host side
+
+int elems_per_16b(LinearFormat f) {
+    switch (f) {
+        case LinearFormat::bf16: return 8;
+        case LinearFormat::fp8_block: return 16;
+        case LinearFormat::mxfp4:
+        case LinearFormat::nvfp4: return 32;
+        case LinearFormat::f32: return 4;
+    }
+    return 0;
+}
+
+int x_row_mod(LinearFormat f) {
+    switch (f) {
+        case LinearFormat::bf16: return Traits<LinearFormat::bf16>::kRowMod;
+        case LinearFormat::fp8_block: return Traits<LinearFormat::fp8_block>::kRowMod;
+        case LinearFormat::mxfp4: return Traits<LinearFormat::mxfp4>::kRowMod;
+        default: return Traits<LinearFormat::nvfp4>::kRowMod;
+    }
+}
+
+using SmallMKernel = void (*)(SmallMParams);
+
+SmallMKernel small_m_kernel(LinearFormat f, int mt, int nt) {
+#define MEGAMOE_PICK(F)                                                                       \
+    return mt == 2 ? (nt == 2 ? linear_small_m_kernel<F, 2, 2> : linear_small_m_kernel<F, 2, 1>) \
+                   : (nt == 2 ? linear_small_m_kernel<F, 1, 2> : linear_small_m_kernel<F, 1, 1>)
+    switch (f) {
+        case LinearFormat::bf16: MEGAMOE_PICK(LinearFormat::bf16);
+        case LinearFormat::fp8_block: MEGAMOE_PICK(LinearFormat::fp8_block);
+        case LinearFormat::mxfp4: MEGAMOE_PICK(LinearFormat::mxfp4);
+        case LinearFormat::nvfp4: MEGAMOE_PICK(LinearFormat::nvfp4);
+        default: fail("linear_small_m: no fast kernel for ", linear_format_name(f));
+    }
+#undef MEGAMOE_PICK
+}
+
+int current_device() {
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    return dev;
+}
+
+// Per-device facts the planner needs, looked up once: the kernels' raised shared-memory limit
+// (default 48 KB) and how many CTAs of a kernel instance fit on the GPU at once for a cluster
+// size and shared-memory size (cudaOccupancyMaxActiveClusters: clusters must fit in one GPC, so
+// this is not simply CTAs/SM × SMs).
+class Occupancy {
+public:
+    static Occupancy& get() {
+        static Occupancy o;
+        return o;
+    }
+
+    int resident_ctas(SmallMKernel k, int dev, int cluster, size_t smem) {
+        const Key key{reinterpret_cast<uintptr_t>(k), dev, cluster, static_cast<int>(smem)};
+        std::lock_guard<std::mutex> lk(m_);
+        auto it = cache_.find(key);
+        if (it != cache_.end()) return it->second;
+        if (!raised_.count({reinterpret_cast<uintptr_t>(k), dev})) {
+            CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            kXSmemBudget + kRingSmemMax + kRedSmemMax));
+            raised_.insert({reinterpret_cast<uintptr_t>(k), dev});
+        }
+        int n = 0;
+        if (cluster == 1) {
+            int per_sm = 0, sms = 0;
+            CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kThreads, smem));
+            CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+            n = per_sm * sms;
+        } else {
+            cudaLaunchConfig_t cfg = {};
+            cfg.gridDim = dim3(static_cast<unsigned>(cluster), 1, 1);
+            cfg.blockDim = dim3(kThreads, 1, 1);
+            cfg.dynamicSmemBytes = smem;
+            cudaLaunchAttribute attr[1];
+            attr[0].id = cudaLaunchAttributeClusterDimension;
+            attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+            attr[0].val.clusterDim.y = 1;
+            attr[0].val.clusterDim.z = 1;
+            cfg.attrs = attr;
+            cfg.numAttrs = 1;
+            int clusters = 0;
+            CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, k, &cfg));
+            n = clusters * cluster;
+        }
+        cache_[key] = n;
+        return n;
+    }
+
+private:
+    struct Key {
+        uintptr_t k;
+        int dev, cluster, smem;
+        bool operator<(const Key& o) const {
+            return std::tie(k, dev, cluster, smem) < std::tie(o.k, o.dev, o.cluster, o.smem);
+        }
+    };
+    std::mutex m_;
+    std::map<Key, int> cache_;
+    std::set<std::pair<uintptr_t, int>> raised_;
+};
+
+struct Plan {
+    int mt = 1, nt = 1, wr = 1, s = 1, spc = 0, spw = 0, x_rs = 0, row_blocks = 0;
+    size_t smem = 0;
+    double cost = 0;   // model time, µs
+};
+
+// Shapes for one launch of M ≤ 16 tokens: MT (row tiles per warp), W_r (row groups per CTA, so
+// W_k = 8 / W_r warps split the CTA's K range) and S (CTAs of a cluster along K). Each candidate
+// is scored with a small model: the launch runs in `waves` rounds of at most `resident` CTAs
+// (the measured occupancy of that kernel, cluster size and shared memory); each round costs a
+// latency floor, and the bytes (weights, plus x staged from L2 at half weight) stream at the
+// memory bandwidth times the fraction of CTA slots the launch keeps busy. Lowest model time
+// wins; ties keep the earlier candidate (more rows per CTA: better x reuse, fewer partials).
+// Returns false if x for M tokens does not fit the shared-memory budget even with S = 8.
+bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, Plan& out) {
+    constexpr double kBandwidth = 4.0e6;     // bytes/µs of HBM (order of magnitude; H100 3.35, H200 4.8 TB/s)
+    constexpr double kRoundUs = 2.0;         // latency floor of a round: x stage, loads, reduction
+    const int step_k = 4 * elems_per_16b(f);
+    const int64_t t16 = ceil_div(N, 16);
+    const int nt = M > 8 ? 2 : 1;
+    bool found = false;
+    for (int mt : {2, 1}) {
+        if (mt == 2 && t16 < 2) continue;
+        const SmallMKernel k = small_m_kernel(f, mt, nt);
+        for (int wr : {8, 4, 2, 1}) {
+            if (wr > 1 && wr * mt > t16) continue;
+            const int64_t rows = int64_t(wr) * 16 * mt;
+            const int64_t rb = ceil_div(N, rows);
+            if (rb > 65535) continue;
+            for (int s = 1; s <= kMaxCluster; s *= 2) {
+                if (s > 1 && s > steps) break;
+                const int64_t spc = ceil_div(steps, s);
+                const int64_t wk = kWarps / wr;
+                const int64_t x_rs = ceil_div(spc * step_k * 2, 128) * 128 + x_row_mod(f);
+                if (int64_t(M) * x_rs > kXSmemBudget) continue;
+                const size_t ring = size_t(kWarps) * kStages * (mt == 2 ? StageLayout<2>::kBytes : StageLayout<1>::kBytes);
+                const size_t smem = static_cast<size_t>(M) * x_rs + ring + size_t(wk) * M * rows * sizeof(float);
+                const int64_t ctas = rb * s;
+                const int resident = Occupancy::get().resident_ctas(k, dev, s, smem);
+                if (resident <= 0) continue;
+                const int64_t waves = ceil_div(ctas, resident);
+                const double busy = double(ctas) / double(waves * resident);
+                const double bytes = double(ctas) * (double(rows) * spc * kStepBytes + 0.5 * double(M) * spc * step_k * 2);
+                const double cost = double(waves) * kRoundUs + bytes / (kBandwidth * busy);
+                if (!found || cost < out.cost * 0.98) {
+                    out.mt = mt;
+                    out.nt = nt;
+                    out.wr = wr;
+                    out.s = s;
+                    out.spc = static_cast<int>(spc);
+                    out.spw = static_cast<int>(ceil_div(spc, wk));
+                    out.x_rs = static_cast<int>(x_rs);
+                    out.row_blocks = static_cast<int>(rb);
+                    out.smem = smem;
+                    out.cost = cost;
+                    found = true;
+                }
+            }
+        }
+    }
+    return found;
+}
+
+void launch_small_m(const SmallMParams& prm, const Plan& plan, LinearFormat f, cudaStream_t stream) {
+    const SmallMKernel kernel = small_m_kernel(f, plan.mt, plan.nt);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(plan.s), static_cast<unsigned>(plan.row_blocks), 1);
+    cfg.blockDim = dim3(kThreads, 1, 1);
+    cfg.dynamicSmemBytes = plan.smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[2];
+    unsigned n_attr = 0;
+    // Programmatic dependent launch: may start while the previous kernel of the stream runs (see
+    // griddepcontrol in the kernel); measured 0.3-0.6 µs per launch on back-to-back launches.
+    attr[n_attr].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n_attr].val.programmaticStreamSerializationAllowed = 1;
+    ++n_attr;
+    if (plan.s > 1) {
+        attr[n_attr].id = cudaLaunchAttributeClusterDimension;
+        attr[n_attr].val.clusterDim.x = static_cast<unsigned>(plan.s);
+        attr[n_attr].val.clusterDim.y = 1;
+        attr[n_attr].val.clusterDim.z = 1;
+        ++n_attr;
+    }
+    cfg.attrs = attr;
+    cfg.numAttrs = n_attr;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, prm);
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError();   // a refused launch is not sticky; leave no error for the next call
+        fail(__FILE__, ":", __LINE__, ": linear_small_m launch (grid ", plan.s, "x", plan.row_blocks, ", smem ",
+             plan.smem, "): ", cudaGetErrorString(err));
+    }
+}
+
+void check_launch_args(const DeviceLinear& w, const uint16_t* x, int64_t M, const float* y, const char* what) {
+    MEGAMOE_CHECK(w.weight != nullptr, what, ": weights not uploaded");
+    MEGAMOE_CHECK(M >= 0, what, ": M = ", M);
+    MEGAMOE_CHECK(M == 0 || (x != nullptr && y != nullptr), what, ": null x or y");
+    MEGAMOE_CHECK(w.out > 0 && w.out <= std::numeric_limits<int>::max() && w.in > 0 &&
+                      w.in <= std::numeric_limits<int>::max() / 4,
+                  what, ": unsupported shape [", w.out, ", ", w.in, "]");
+    MEGAMOE_CHECK(w.format == LinearFormat::f32 || w.format == LinearFormat::bf16 || w.scale != nullptr, what,
+                  ": scales not uploaded");
+}
+
+void launch_reference(const DeviceLinear& w, const uint16_t* x, int64_t M, float* y, cudaStream_t stream) {
+    RefParams p;
+    p.format = w.format;
+    p.w = static_cast<const uint8_t*>(w.weight);
+    p.scale = static_cast<const uint8_t*>(w.scale);
+    p.x = x;
+    p.y = y;
+    p.w_row_bytes = w.weight_row_bytes;
+    p.s_row_bytes = w.scale_row_bytes;
+    p.N = static_cast<int>(w.out);
+    p.K = static_cast<int>(w.in);
+    p.M = static_cast<int>(M);
+    p.scale_2 = w.scale_2;
+    const unsigned blocks = static_cast<unsigned>(ceil_div(w.out, kWarps));
+    linear_reference_kernel<<<blocks, kThreads, 0, stream>>>(p);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------- public API
+
+int64_t packed_row_bytes(LinearFormat f, int64_t in) {
+    MEGAMOE_CHECK(in > 0, "linear: input size ", in);
+    switch (f) {
+        case LinearFormat::f32: return in * 4;
+        case LinearFormat::bf16: return in * 2;
+        case LinearFormat::fp8_block: return in;
+        case LinearFormat::mxfp4:
+            if (in % kMxfp4Group) fail("MXFP4 input size ", in, " is not a multiple of ", kMxfp4Group);
+            return in / 2;
+        case LinearFormat::nvfp4:
+            if (in % kNvfp4Group) fail("NVFP4 input size ", in, " is not a multiple of ", kNvfp4Group);
+            return in / 2;
+    }
+    fail("linear: unknown format");
+}
+
+int64_t device_row_bytes(LinearFormat f, int64_t in) {
+    return ceil_div(packed_row_bytes(f, in), kStepBytes) * kStepBytes;
+}
+
+size_t DeviceLinear::bytes() const {
+    size_t b = static_cast<size_t>(out * packed_row_bytes(format, in));
+    switch (format) {
+        case LinearFormat::fp8_block: b += static_cast<size_t>(ceil_div(out, kFp8Block) * ceil_div(in, kFp8Block)); break;
+        case LinearFormat::mxfp4: b += static_cast<size_t>(out * (in / kMxfp4Group)); break;
+        case LinearFormat::nvfp4: b += static_cast<size_t>(out * (in / kNvfp4Group)) + 4; break;
+        default: break;
+    }
+    return b;
+}
+
+bool gpu_available() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        (void)cudaGetLastError();   // clear the sticky-free error so later calls start clean
+        return false;
+    }
+    return n > 0;
+}
+
+namespace {
+
+void expect_tensor(const Tensor& t, const char* what, std::initializer_list<DType> dtypes,
+                   std::initializer_list<int64_t> shape) {
+    MEGAMOE_CHECK(!t.empty(), "upload_linear: ", what, " is missing");
+    MEGAMOE_CHECK(t.device == Device::cpu, "upload_linear: ", what, " is not in host memory");
+    bool dtype_ok = false;
+    for (DType d : dtypes) dtype_ok |= t.dtype == d;
+    if (!dtype_ok) fail("upload_linear: ", what, " has dtype ", dtype_name(t.dtype));
+    bool shape_ok = t.ndim == static_cast<int>(shape.size());
+    int i = 0;
+    for (int64_t d : shape) shape_ok = shape_ok && t.dim(i++) == d;
+    if (!shape_ok) {
+        std::string want = "[";
+        i = 0;
+        for (int64_t d : shape) want += (i++ ? ", " : "") + std::to_string(d);
+        fail("upload_linear: ", what, " has shape ", t.shape_str(), ", expected ", want, "]");
+    }
+}
+
+// Rows of `row_bytes` from host `src` into device rows of `dst_row_bytes`; the padding at each
+// row's end gets `fill`.
+void copy_rows(void* dst, int64_t dst_row_bytes, const void* src, int64_t row_bytes, int64_t rows, int fill) {
+    if (rows == 0 || row_bytes == 0) return;
+    if (dst_row_bytes == row_bytes) {
+        CUDA_CHECK(cudaMemcpy(dst, src, static_cast<size_t>(rows * row_bytes), cudaMemcpyHostToDevice));
+        return;
+    }
+    CUDA_CHECK(cudaMemset(dst, fill, static_cast<size_t>(rows * dst_row_bytes)));
+    CUDA_CHECK(cudaMemcpy2D(dst, static_cast<size_t>(dst_row_bytes), src, static_cast<size_t>(row_bytes),
+                            static_cast<size_t>(row_bytes), static_cast<size_t>(rows), cudaMemcpyHostToDevice));
+}
+
+}  // namespace
+
+DeviceLinear upload_linear(const Linear& h) {
+    MEGAMOE_CHECK(h.out > 0 && h.in > 0, "upload_linear: shape [", h.out, ", ", h.in, "]");
+    DeviceLinear d;
+    d.format = h.format;
+    d.out = h.out;
+    d.in = h.in;
+    const int64_t row_bytes = packed_row_bytes(h.format, h.in);
+    d.weight_row_bytes = device_row_bytes(h.format, h.in);
+    try {
+        switch (h.format) {
+            case LinearFormat::f32: expect_tensor(h.weight, "weight", {DType::f32}, {h.out, h.in}); break;
+            case LinearFormat::bf16: expect_tensor(h.weight, "weight", {DType::bf16}, {h.out, h.in}); break;
+            case LinearFormat::fp8_block:
+                expect_tensor(h.weight, "weight", {DType::e4m3, DType::u8}, {h.out, h.in});
+                expect_tensor(h.scale, "scale", {DType::e8m0, DType::u8},
+                              {ceil_div(h.out, kFp8Block), ceil_div(h.in, kFp8Block)});
+                break;
+            case LinearFormat::mxfp4:
+                expect_tensor(h.weight, "weight", {DType::i8, DType::u8}, {h.out, h.in / 2});
+                expect_tensor(h.scale, "scale", {DType::e8m0, DType::u8}, {h.out, h.in / kMxfp4Group});
+                break;
+            case LinearFormat::nvfp4:
+                expect_tensor(h.weight, "weight", {DType::u8, DType::i8}, {h.out, h.in / 2});
+                expect_tensor(h.scale, "weight_scale", {DType::e4m3, DType::u8}, {h.out, h.in / kNvfp4Group});
+                expect_tensor(h.scale_2, "weight_scale_2", {DType::f32}, {});
+                d.scale_2 = *h.scale_2.as<float>();
+                break;
+        }
+
+        CUDA_CHECK(cudaMalloc(&d.weight, static_cast<size_t>(h.out * d.weight_row_bytes)));
+        copy_rows(d.weight, d.weight_row_bytes, h.weight.data, row_bytes, h.out, 0);
+
+        const uint8_t* sc = h.scale.empty() ? nullptr : h.scale.as<uint8_t>();
+        int64_t scale_rows = 0, scale_cols = 0, fill = 0;
+        switch (h.format) {
+            case LinearFormat::fp8_block:
+                scale_rows = ceil_div(h.out, kFp8Block);
+                scale_cols = ceil_div(h.in, kFp8Block);
+                d.scale_row_bytes = scale_cols;
+                break;
+            case LinearFormat::mxfp4:
+                scale_rows = h.out;
+                scale_cols = h.in / kMxfp4Group;
+                d.scale_row_bytes = d.weight_row_bytes * 2 / kMxfp4Group;
+                fill = 127;   // 2^0 for the padded groups (their codes are 0)
+                break;
+            case LinearFormat::nvfp4:
+                scale_rows = h.out;
+                scale_cols = h.in / kNvfp4Group;
+                d.scale_row_bytes = d.weight_row_bytes * 2 / kNvfp4Group;
+                break;
+            default: break;
+        }
+        if (scale_rows > 0) {
+            // +16: the kernel copies 4-byte aligned words around each scale byte it needs.
+            CUDA_CHECK(cudaMalloc(&d.scale, static_cast<size_t>(scale_rows * d.scale_row_bytes) + 16));
+            copy_rows(d.scale, d.scale_row_bytes, sc, scale_cols, scale_rows, static_cast<int>(fill));
+        }
+
+        // The bias shift F: the largest finite e8m0 scale must keep the kernel's bf16 multiplier
+        // 2^(e + bias - 127) finite (fp8 bias 120, mxfp4 126, so e ≤ 134 / 128 need no shift).
+        if (h.format == LinearFormat::fp8_block || h.format == LinearFormat::mxfp4) {
+            int max_e = 0;
+            for (int64_t i = 0; i < scale_rows * scale_cols; ++i)
+                if (sc[i] != 255) max_e = std::max(max_e, static_cast<int>(sc[i]));
+            const int limit = h.format == LinearFormat::fp8_block ? 134 : 128;
+            d.exp_shift = std::max(0, max_e - limit);
+        }
+        if (h.format == LinearFormat::fp8_block) {
+            const uint8_t* wb = h.weight.as<uint8_t>();
+            const int64_t n = h.out * h.in;
+            for (int64_t i = 0; i < n && !d.nan_codes; ++i) d.nan_codes = (wb[i] & 0x7F) == 0x7F;
+        }
+    } catch (...) {
+        free_linear(d);
+        throw;
+    }
+    return d;
+}
+
+void free_linear(DeviceLinear& w) {
+    // Errors from cudaFree are ignored: this runs on error paths too.
+    if (w.weight) (void)cudaFree(w.weight);
+    if (w.scale) (void)cudaFree(w.scale);
+    w = DeviceLinear{};
+}
+
+PackedBytes download_packed(const DeviceLinear& w) {
+    MEGAMOE_CHECK(w.weight != nullptr, "download_packed: weights not uploaded");
+    PackedBytes b;
+    const int64_t row_bytes = packed_row_bytes(w.format, w.in);
+    b.weight.resize(static_cast<size_t>(w.out * row_bytes));
+    CUDA_CHECK(cudaMemcpy2D(b.weight.data(), static_cast<size_t>(row_bytes), w.weight,
+                            static_cast<size_t>(w.weight_row_bytes), static_cast<size_t>(row_bytes),
+                            static_cast<size_t>(w.out), cudaMemcpyDeviceToHost));
+    int64_t rows = 0, cols = 0;
+    switch (w.format) {
+        case LinearFormat::fp8_block: rows = ceil_div(w.out, kFp8Block); cols = ceil_div(w.in, kFp8Block); break;
+        case LinearFormat::mxfp4: rows = w.out; cols = w.in / kMxfp4Group; break;
+        case LinearFormat::nvfp4: rows = w.out; cols = w.in / kNvfp4Group; break;
+        default: break;
+    }
+    if (rows > 0) {
+        b.scale.resize(static_cast<size_t>(rows * cols));
+        CUDA_CHECK(cudaMemcpy2D(b.scale.data(), static_cast<size_t>(cols), w.scale,
+                                static_cast<size_t>(w.scale_row_bytes), static_cast<size_t>(cols),
+                                static_cast<size_t>(rows), cudaMemcpyDeviceToHost));
+    }
+    return b;
+}
+
+void linear_reference(const DeviceLinear& w, const uint16_t* x, int64_t M, float* y, CUstream_st* stream) {
+    check_launch_args(w, x, M, y, "linear_reference");
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
+        const int64_t m = std::min<int64_t>(kMaxM, M - m0);
+        launch_reference(w, x + m0 * w.in, m, y + m0 * w.out, stream);
+    }
+}
+
+std::string linear_small_m_plan(const DeviceLinear& w, int64_t M) {
+    check_launch_args(w, nullptr, 0, nullptr, "linear_small_m_plan");
+    if (w.format == LinearFormat::f32 || w.nan_codes) return "reference kernel";
+    int m = static_cast<int>(std::clamp<int64_t>(M, 1, kMaxM));
+    Plan plan;
+    while (!plan_small_m(w.format, w.out, w.weight_row_bytes / kStepBytes, m, current_device(), plan)) {
+        if (m == 1) return "K too large";
+        m = (m + 1) / 2;
+    }
+    return str("MT=", plan.mt, " NT=", plan.nt, " Wr=", plan.wr, " Wk=", kWarps / plan.wr, " S=", plan.s,
+               " grid=", plan.s, "x", plan.row_blocks, " steps/warp=", plan.spw, " smem=", plan.smem,
+               " model=", static_cast<int>(plan.cost * 10) / 10.0, "us");
+}
+
+void linear_small_m(const DeviceLinear& w, const uint16_t* x, int64_t M, float* y, CUstream_st* stream) {
+    check_launch_args(w, x, M, y, "linear_small_m");
+    if (M == 0) return;
+    if (w.format == LinearFormat::f32 || w.nan_codes) {
+        linear_reference(w, x, M, y, stream);
+        return;
+    }
+    const int dev = current_device();
+    const int64_t steps = w.weight_row_bytes / kStepBytes;
+    int64_t m0 = 0;
+    while (m0 < M) {
+        // Up to 16 tokens per launch; fewer only if x for 16 would not fit shared memory.
+        int m = static_cast<int>(std::min<int64_t>(kMaxM, M - m0));
+        Plan plan;
+        while (!plan_small_m(w.format, w.out, steps, m, dev, plan)) {
+            if (m == 1) fail("linear_small_m: K = ", w.in, " is too large for the shared-memory x stage");
+            m = (m + 1) / 2;
+        }
+        SmallMParams p;
+        p.w = static_cast<const uint8_t*>(w.weight);
+        p.scale = static_cast<const uint8_t*>(w.scale);
+        p.x = x + m0 * w.in;
+        p.y = y + m0 * w.out;
+        p.w_row_bytes = w.weight_row_bytes;
+        p.s_row_bytes = w.scale_row_bytes;
+        p.N = static_cast<int>(w.out);
+        p.K = static_cast<int>(w.in);
+        p.M = m;
+        p.steps = static_cast<int>(steps);
+        p.spc = plan.spc;
+        p.spw = plan.spw;
+        p.wr = plan.wr;
+        p.x_rs = plan.x_rs;
+        p.bias = 0;
+        p.out_scale = 1.0f;
+        switch (w.format) {
+            case LinearFormat::fp8_block:
+                p.bias = 120 - w.exp_shift;
+                p.out_scale = std::ldexp(1.0f, w.exp_shift);
+                break;
+            case LinearFormat::mxfp4:
+                p.bias = 126 - w.exp_shift;
+                p.out_scale = std::ldexp(1.0f, w.exp_shift);
+                break;
+            case LinearFormat::nvfp4: p.out_scale = w.scale_2 * std::ldexp(1.0f, kNvfp4Shift); break;
+            default: break;
+        }
+        launch_small_m(p, plan, w.format, stream);
+        CUDA_CHECK(cudaGetLastError());
+        m0 += m;
+    }
+}
+
+}  // namespace megamoe::cuda
