@@ -206,7 +206,7 @@ struct Parsed {                     // what both endpoints need after validation
     std::vector<std::string> stops;
     bool stream = false, include_usage = false;
     int logprobs = -1;              // -1 none; else top-k alternatives
-    bool chat = false, thinking = false, chat_logprobs = false;
+    bool chat = false, thinking = false;
 };
 
 class Server {

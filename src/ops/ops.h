@@ -1,6 +1,6 @@
 // ops.h — the table of contents of the math: every op of the DeepSeek-V4 forward, CPU backend.
 //
-// These are the specification twins: plain fp32 loops, OpenMP only on outer loops, every result
+// These are the specification twins: plain fp32 loops, threads (parallel.h) only on outer loops, every result
 // independent of how many tokens are processed together (each output element is computed in one
 // fixed order), so prefill, chunked prefill and decode give bit-identical results. Activations are
 // contiguous row-major f32 arrays; the shape comment on each declaration is its contract
