@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -48,6 +49,23 @@ int free_port() {
     return ntohs(a.sin_port);
 }
 
+pid_t spawn_server(const std::string& model_dir, int port, const std::string& log) {
+    std::vector<std::string> args = {MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1",
+                                      "--port", std::to_string(port), "--max-model-len", std::to_string(kMaxModelLen),
+                                      "--max-body-bytes", std::to_string(kMaxBody), "--max-batch-tokens", "128"};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_adddup2(&fa, 1, 2);
+    pid_t pid = -1;
+    if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) pid = -1;
+    posix_spawn_file_actions_destroy(&fa);
+    return pid;
+}
+
 class Server : public ::testing::Test {
 protected:
     static inline std::unique_ptr<test::TempDir> dir;
@@ -66,19 +84,7 @@ protected:
         write_synthetic_checkpoint(model_dir, o);
         std::filesystem::copy_file(tokenizer_path(), model_dir + "/tokenizer.json");
         port = free_port();
-        const std::string log = dir->str() + "/server.log";
-        std::vector<std::string> args = {MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1",
-                                          "--port", std::to_string(port), "--max-model-len", std::to_string(kMaxModelLen),
-                                          "--max-body-bytes", std::to_string(kMaxBody), "--max-batch-tokens", "128"};
-        std::vector<char*> argv;
-        for (auto& a : args) argv.push_back(a.data());
-        argv.push_back(nullptr);
-        posix_spawn_file_actions_t fa;
-        posix_spawn_file_actions_init(&fa);
-        posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        posix_spawn_file_actions_adddup2(&fa, 1, 2);
-        if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) pid = -1;
-        posix_spawn_file_actions_destroy(&fa);
+        pid = spawn_server(model_dir, port, dir->str() + "/server.log");
         httplib::Client c("127.0.0.1", port);
         for (int i = 0; i < 600 && pid > 0; ++i) {   // up to 60 s
             auto r = c.Get("/health");
@@ -145,6 +151,43 @@ json user_chat(const std::string& text, int max_tokens) {
             {"messages", {{{"role", "user"}, {"content", text}}}},
             {"max_tokens", max_tokens},
             {"temperature", 0}};
+}
+
+// While the checkpoint loads, /health answers 503 and requests are refused with 503; then 200.
+// The load is held up deterministically: config.json is a FIFO that the test writes late.
+TEST_F(Server, HealthIs503WhileLoading) {
+    test::TempDir slow;
+    const std::string dir2 = slow.str() + "/slow-model";
+    std::filesystem::create_directories(dir2);
+    for (const auto& e : std::filesystem::directory_iterator(model_dir))
+        if (e.path().filename() != "config.json") std::filesystem::copy(e.path(), dir2 + "/" + e.path().filename().string());
+    ASSERT_EQ(mkfifo((dir2 + "/config.json").c_str(), 0644), 0);
+    const int port2 = free_port();
+    const pid_t pid2 = spawn_server(dir2, port2, slow.str() + "/server.log");
+    ASSERT_GT(pid2, 0);
+    httplib::Client c("127.0.0.1", port2);
+    int health = -1;
+    for (int i = 0; i < 200 && health != 503; ++i) {   // wait until it listens
+        if (auto r = c.Get("/health")) health = r->status;
+        else std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    EXPECT_EQ(health, 503);
+    auto busy = c.Post("/v1/completions", json{{"prompt", "hi"}}.dump(), "application/json");
+    ASSERT_TRUE(busy);
+    EXPECT_EQ(busy->status, 503);
+    EXPECT_NE(busy->body.find("loading"), std::string::npos);
+    {   // now let the load go on
+        std::ofstream fifo(dir2 + "/config.json");
+        std::ifstream cfg(model_dir + "/config.json");
+        fifo << cfg.rdbuf();
+    }
+    for (int i = 0; i < 200 && health != 200; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        if (auto r = c.Get("/health")) health = r->status;
+    }
+    EXPECT_EQ(health, 200);
+    kill(pid2, SIGTERM);
+    waitpid(pid2, nullptr, 0);
 }
 
 TEST_F(Server, ModelsHealthMetrics) {
