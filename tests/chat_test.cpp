@@ -29,20 +29,14 @@ const std::string B(chat_tokens::bos), E(chat_tokens::eos), U(chat_tokens::user)
     A(chat_tokens::assistant), R(chat_tokens::latest_reminder), TO(chat_tokens::think_open),
     TC(chat_tokens::think_close);
 
-std::string read_text(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
 
 bool have_vectors() { return std::filesystem::exists(kVectors + "/cases.json"); }
 
-ojson cases() { return ojson::parse(read_text(kVectors + "/cases.json")); }
+ojson cases() { return ojson::parse(megamoe::test::read_file(kVectors + "/cases.json")); }
 
 // The messages of case `c` as its test builds them (cases.json "build_messages").
 std::vector<ChatMessage> case_messages(const ojson& c) {
-    ojson in = ojson::parse(read_text(kVectors + "/" + c["input"].get<std::string>()));
+    ojson in = ojson::parse(megamoe::test::read_file(kVectors + "/" + c["input"].get<std::string>()));
     if (in.is_object()) {
         ojson msgs = in["messages"];
         msgs[0]["tools"] = in["tools"];
@@ -164,7 +158,7 @@ TEST(ChatGolden, VectorsByteExact) {
     const ojson all = cases();
     ASSERT_EQ(all["cases"].size(), 4u);
     for (const ojson& c : all["cases"]) {
-        const std::string expected = read_text(kVectors + "/" + c["expected_output"].get<std::string>());
+        const std::string expected = megamoe::test::read_file(kVectors + "/" + c["expected_output"].get<std::string>());
         const std::string got = encode_chat(case_messages(c), mode(c["call"]["thinking_mode"])).text();
         EXPECT_EQ(got, expected) << "case " << c["id"];
         if (c.contains("other_asserts")) {
@@ -175,12 +169,12 @@ TEST(ChatGolden, VectorsByteExact) {
 
 TEST(ChatGolden, RequestLevelToolsMatchCase1) {
     if (!have_vectors()) GTEST_SKIP() << kVectors << " not present";
-    const ojson in = ojson::parse(read_text(kVectors + "/input_1.json"));
+    const ojson in = ojson::parse(megamoe::test::read_file(kVectors + "/input_1.json"));
     ChatRequest req;
     req.messages = messages_from_json(in["messages"]);
     req.tools = in["tools"];
     req.thinking = true;
-    EXPECT_EQ(encode_chat(req).text(), read_text(kVectors + "/output_1.txt"));
+    EXPECT_EQ(encode_chat(req).text(), megamoe::test::read_file(kVectors + "/output_1.txt"));
     // Given twice: the request's and the system message's tools conflict.
     req.messages[0].tools = in["tools"];
     expect_error([&] { encode_chat(req); }, {"messages[0].tools"});
@@ -218,7 +212,7 @@ TEST(ChatGolden, SpecialPiecesAreAddedTokens) {
     const std::string tok_path = megamoe::test::golden_dir("tokenizer") + "/tokenizer.json";
     if (!have_vectors() || !std::filesystem::exists(tok_path)) GTEST_SKIP() << "vectors or tokenizer absent";
     std::set<std::string> added;
-    const ojson tokenizer = ojson::parse(read_text(tok_path));
+    const ojson tokenizer = ojson::parse(megamoe::test::read_file(tok_path));
     for (const auto& t : tokenizer["added_tokens"]) added.insert(t["content"].get<std::string>());
     const std::set<std::string> ours(chat_special_tokens().begin(), chat_special_tokens().end());
     EXPECT_EQ(ours, added);

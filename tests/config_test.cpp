@@ -28,12 +28,6 @@ namespace {
 const std::string kGolden = MEGAMOE_SHARED_DIR "/golden";
 const std::string kReleases = MEGAMOE_SHARED_DIR "/reference/configs";
 
-std::string read_text(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
 
 using megamoe::test::expect_error;
 
@@ -41,7 +35,7 @@ using megamoe::test::expect_error;
 json golden_json(const std::string& name) {
     const std::string path = kGolden + "/" + name + "/model/config.json";
     if (!fs::exists(path)) return json::object();
-    return json::parse(read_text(path));
+    return json::parse(megamoe::test::read_file(path));
 }
 
 ModelConfig parse(const json& j) { return parse_model_config(j.dump(), "config.json"); }

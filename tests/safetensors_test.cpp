@@ -72,12 +72,7 @@ protected:
     fs::path dir_;
 };
 
-std::string read_file(const std::string& p) {
-    std::ifstream in(p, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
+using megamoe::test::read_file;
 
 }  // namespace
 

@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <unistd.h>
 #include <string>
 #include <vector>
@@ -18,6 +20,12 @@ namespace megamoe::test {
 inline std::string shared_dir() { return MEGAMOE_SHARED_DIR; }
 inline std::string golden_dir(const std::string& name) { return shared_dir() + "/golden/" + name; }
 inline bool have_golden(const std::string& name) { return std::filesystem::exists(golden_dir(name) + "/golden.safetensors"); }
+
+// The whole file as bytes ("" if it cannot be read; tests then fail on the content).
+inline std::string read_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+}
 
 // A fresh, empty temporary directory, removed when the object goes away.
 struct TempDir {

@@ -26,12 +26,7 @@ namespace {
 
 const std::string kTokDir = MEGAMOE_SHARED_DIR "/golden/tokenizer";
 
-std::string read_file(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
+using megamoe::test::read_file;
 
 void write_file(const std::string& path, const std::string& text) {
     std::ofstream out(path, std::ios::binary);

@@ -43,12 +43,6 @@ const std::string kIndex = "model.safetensors.index.json";
 
 using megamoe::test::expect_error;
 
-std::string read_text(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
 
 // The checks shared by both golden cases; `main_format` is the main layers' expert format.
 void check_golden_binding(const std::string& dir, LinearFormat main_format) {
@@ -226,7 +220,7 @@ protected:
 
     // Drops `name` from the index's weight_map.
     void unlist(const std::string& name) const {
-        json idx = json::parse(read_text(path(kIndex)));
+        json idx = json::parse(megamoe::test::read_file(path(kIndex)));
         ASSERT_EQ(idx.at("weight_map").erase(name), 1u) << name;
         std::ofstream(path(kIndex), std::ios::binary) << idx.dump(2);
     }

@@ -1,0 +1,102 @@
+// moe_dispatch.h — data movement of the GPU routed-expert layer: route (stable counting sort of the
+// routed slots by expert), gather (token rows into expert-contiguous order) and combine (expert
+// outputs back per token, in slot order). Host API; plain C++, compiles without the CUDA toolkit.
+//
+// Shapes (N = T·k routed rows; row i = t·k + s is slot s of token t):
+//   ids     [T, k] int32 in [0, E)        the routed experts (device)
+//   weights [T, k] f32                    routing weights (device)
+//   counts  [E] int32                     rows per expert
+//   offsets [E + 1] int32                 exclusive prefix sum of counts; offsets[E] = N
+//   perm    [N] int32                     perm[j] = t·k + s of the j-th row in expert order
+//   inv     [N] int32                     inv[t·k + s] = j, i.e. perm[inv[i]] = i
+//   xs      [N, D] bf16                   xs[j] = x[perm[j] / k]        (rows offsets[e]..offsets[e+1])
+//   ws      [N] f32                       ws[j] = weights[perm[j]]      belong to expert e
+//   rows    [N, D] f32                    expert outputs in the permuted order (already scaled by
+//                                         the routing weight before w2, as ops::expert_ffn does)
+//   y       [T, D] f32 (or bf16)          y[t] = Σ_{s<k} rows[inv[t·k+s]] (+ shared[t], added last)
+//
+// This is the order ops::moe uses on the CPU: within an expert, rows are in ascending
+// (token, slot) order (ops::moe pushes i = t·k + s in increasing i), and the combine adds the k
+// slots of a token in slot order into an fp32 accumulator that starts at 0, then adds that sum to
+// the shared-expert output. With the same f32 rows, the GPU combine gives the same bits.
+//
+// Everything is asynchronous on `stream`, uses no host synchronization and allocates nothing (use
+// MoeDispatchWorkspace), so for a fixed T the three calls can be captured into a CUDA graph and
+// replayed with new contents of ids / weights / x / rows. Deterministic: no result depends on the
+// order in which atomics happen (see moe_dispatch.cu).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+struct CUstream_st;   // cudaStream_t is CUstream_st*; declared here so the header needs no CUDA include
+
+namespace megamoe::cuda {
+
+// Largest expert count the route kernels handle (one scan thread per expert, per-chunk shared
+// histograms). DeepSeek-V4 uses 256 / 384.
+constexpr int64_t kMoeMaxExperts = 1024;
+
+// Routed rows sorted per block of the route kernels; the scratch holds one E-wide table per chunk.
+constexpr int64_t kMoeRouteChunk = 1024;
+
+// int32 elements of device scratch that moe_route_counts needs for T·k = N rows and E experts:
+// a [ceil(N / kMoeRouteChunk), E] table of per-chunk counts / bases and a [N] rank per row.
+int64_t moe_route_scratch_ints(int64_t N, int64_t E);
+
+// Route: counts, offsets, perm and inv from ids [T, k] (device). All outputs are fully written
+// (for T = 0: counts = offsets = 0). ids must lie in [0, E); out-of-range ids are clamped into it
+// (no memory outside the buffers is touched, but the routing is then meaningless). Requires
+// 1 ≤ E ≤ kMoeMaxExperts, k ≥ 1, T·k < 2^31. scratch: moe_route_scratch_ints(T·k, E) int32s.
+// Three kernels: per-chunk histogram + stable rank, per-expert scan, scatter.
+void moe_route_counts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* offsets,
+                      int32_t* perm, int32_t* inv, int32_t* scratch, CUstream_st* stream);
+
+// Gather: xs[j, :] = x[perm[j] / k, :] (bf16 bits, copied unchanged) and, when weights and ws are
+// both non-null, ws[j] = weights[perm[j]]. x: [T, D] row-major bf16 (16-byte aligned with
+// D % 8 == 0 is the vectorized path; anything else works). One kernel.
+void moe_gather(const uint16_t* x_bf16, const float* weights, const int32_t* perm, int64_t T, int64_t k, int64_t D,
+                uint16_t* xs_bf16, float* ws, CUstream_st* stream);
+
+// Combine: y[t, :] = Σ_{s=0..k-1} rows[inv[t·k+s], :] in that order with fp32 adds (no FMA
+// contraction), then y[t] = shared[t] + sum when shared != nullptr. y is overwritten, not
+// accumulated into. rows / shared / y: row-major with row length D (y may not alias rows).
+// The bf16 variant rounds the same f32 result to nearest-even (NaN stays NaN).
+void moe_combine(const float* rows, const int32_t* inv, const float* shared, int64_t T, int64_t k, int64_t D,
+                 float* y, CUstream_st* stream);
+void moe_combine_bf16(const float* rows, const int32_t* inv, const float* shared, int64_t T, int64_t k, int64_t D,
+                      uint16_t* y_bf16, CUstream_st* stream);
+
+// Device buffers for up to T_max tokens of a (k, E, D) layer, allocated once so that the calls
+// below allocate nothing (and can be captured into a CUDA graph). Move-only; frees in the
+// destructor. Every pointer is a cudaMalloc'd device buffer sized for T_max.
+class MoeDispatchWorkspace {
+public:
+    MoeDispatchWorkspace() = default;
+    MoeDispatchWorkspace(int64_t T_max, int64_t k, int64_t E, int64_t D);   // throws megamoe::Error
+    ~MoeDispatchWorkspace();
+    MoeDispatchWorkspace(MoeDispatchWorkspace&& o) noexcept;
+    MoeDispatchWorkspace& operator=(MoeDispatchWorkspace&& o) noexcept;
+    MoeDispatchWorkspace(const MoeDispatchWorkspace&) = delete;
+    MoeDispatchWorkspace& operator=(const MoeDispatchWorkspace&) = delete;
+
+    int64_t T_max = 0, k = 0, E = 0, D = 0;
+    int32_t*  counts = nullptr;    // [E]
+    int32_t*  offsets = nullptr;   // [E + 1]
+    int32_t*  perm = nullptr;      // [T_max·k]
+    int32_t*  inv = nullptr;       // [T_max·k]
+    uint16_t* xs = nullptr;        // [T_max·k, D] bf16
+    float*    ws = nullptr;        // [T_max·k]
+    int32_t*  scratch = nullptr;   // [moe_route_scratch_ints(T_max·k, E)]
+    size_t    bytes() const;       // device bytes held
+
+    // The three steps on this workspace's buffers (T ≤ T_max; throws otherwise).
+    void route(const int32_t* ids, int64_t T, CUstream_st* stream);
+    void gather(const uint16_t* x_bf16, const float* weights, int64_t T, CUstream_st* stream);
+    void combine(const float* rows, const float* shared, int64_t T, float* y, CUstream_st* stream) const;
+
+private:
+    void release() noexcept;
+};
+
+}  // namespace megamoe::cuda
