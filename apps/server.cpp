@@ -358,11 +358,11 @@ Parsed Server::parse_chat(const json& body) {
     if (auto e = get_string(body, "reasoning_effort")) cr.reasoning_effort = *e;
     std::string tool_choice = "auto";
     if (const json* tc = field(body, "tool_choice")) {
-        if (!tc->is_string()) bad_request("only the tool_choice values \"none\", \"auto\" and \"required\" are supported",
-                                          "tool_choice");
+        // "required" and a named function need constrained decoding, which this engine lacks.
+        if (!tc->is_string()) bad_request("only the tool_choice values \"none\" and \"auto\" are supported", "tool_choice");
         tool_choice = tc->get<std::string>();
-        if (tool_choice != "none" && tool_choice != "auto" && tool_choice != "required")
-            bad_request(str("unknown tool_choice '", tool_choice, "'"), "tool_choice");
+        if (tool_choice != "none" && tool_choice != "auto")
+            bad_request(str("tool_choice '", tool_choice, "' is not supported (\"none\" or \"auto\")"), "tool_choice");
     }
     if (const json* tools = field(body, "tools"); tools && tool_choice != "none") {
         if (!tools->is_array()) bad_request("'tools' must be an array", "tools");
@@ -418,14 +418,20 @@ json usage_json(int64_t prompt, int64_t completion) {
     return {{"prompt_tokens", prompt}, {"completion_tokens", completion}, {"total_tokens", prompt + completion}};
 }
 
+std::vector<int> utf8_bytes(const std::string& t) {   // OpenAI's "bytes": the UTF-8 bytes as 0..255
+    std::vector<int> b;
+    for (unsigned char ch : t) b.push_back(ch);
+    return b;
+}
+
 json token_logprob_json(const Tokenizer& tok, const Piece& p) {
     json top = json::array();
     for (const auto& [id, lp] : p.token->top) {
         const std::string t = utf8_lossy(tok.token_bytes(id));
-        top.push_back({{"token", t}, {"logprob", lp}, {"bytes", std::vector<int>(t.begin(), t.end())}});
+        top.push_back({{"token", t}, {"logprob", lp}, {"bytes", utf8_bytes(t)}});
     }
     const std::string t = utf8_lossy(p.token_text);
-    return {{"token", t}, {"logprob", p.token->logprob}, {"bytes", std::vector<int>(t.begin(), t.end())},
+    return {{"token", t}, {"logprob", p.token->logprob}, {"bytes", utf8_bytes(t)},
             {"top_logprobs", top}};
 }
 

@@ -262,6 +262,12 @@ TEST_F(Server, ThinkingOffAndLogprobs) {
     ASSERT_EQ(static_cast<int64_t>(lp.size()), r["usage"]["completion_tokens"].get<int64_t>());
     for (const auto& t : lp) {
         ASSERT_EQ(t["top_logprobs"].size(), 3u);
+        std::string from_bytes;
+        for (const auto& b : t["bytes"]) {
+            ASSERT_TRUE(b.get<int>() >= 0 && b.get<int>() <= 255);
+            from_bytes += static_cast<char>(b.get<int>());
+        }
+        EXPECT_EQ(from_bytes, t["token"].get<std::string>());
         EXPECT_LE(t["logprob"].get<double>(), 0.0);
         // greedy: the chosen token is the most likely one
         EXPECT_NEAR(t["logprob"].get<double>(), t["top_logprobs"][0]["logprob"].get<double>(), 1e-6);
@@ -476,9 +482,13 @@ TEST_F(Server, ToolsReasoningEffortResponseFormat) {
     body["response_format"] = {{"type", "json_object"}};
     EXPECT_EQ(post("/v1/chat/completions", body, &status)["object"], "chat.completion");
     EXPECT_EQ(status, 200);
-    body["tool_choice"] = "sometimes";
-    post("/v1/chat/completions", body, &status);
-    EXPECT_EQ(status, 400);
+    for (const json& choice : {json("sometimes"), json("required"),
+                               json{{"type", "function"}, {"function", {{"name", "get_weather"}}}}}) {
+        body["tool_choice"] = choice;   // unknown, or needing constrained decoding: unsupported
+        json err = post("/v1/chat/completions", body, &status);
+        EXPECT_EQ(status, 400) << choice.dump();
+        EXPECT_EQ(err["error"]["param"], "tool_choice");
+    }
     // An assistant turn with reasoning_content and tool calls, then the tool's result.
     json conv = user_chat("Weather?", 3);
     conv["messages"].push_back({{"role", "assistant"},
