@@ -27,8 +27,8 @@
 //
 // Where the time goes (H200, see bench/linear_bench.cu): BF16 streams at ~80% of the
 // device-to-device copy bandwidth on large matrices; FP8 and FP4 are bound by decode
-// instructions (FP4: ~20 integer/bf16 ops per 8 weights, ~4.5 instructions per weight in all,
-// at ~40% issue efficiency), not by memory; small matrices (≤ 8 MB) by launch and latency
+// instructions (FP4 decode: 10 integer + 4 bf16 ops per 8 weights with the rotate+select decode,
+// was 15 + 4; at ~40% issue efficiency), not by memory; small matrices (≤ 8 MB) by launch and latency
 // (~5 µs, as cuBLAS). See the report of this change for measured numbers and next steps.
 //
 // Exactness: every A value given to the tensor core is the exact weight (up to a power of two
@@ -117,25 +117,44 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ uint32_t rotl32(uint32_t x, int k) { return __funnelshift_l(x, x, k); }
+// (a & C) | (b & ~C) in one LOP3 (left to itself the compiler splits it in two).
+template <uint32_t C> __device__ __forceinline__ uint32_t bitsel(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(d) : "r"(a), "r"(b), "n"(C));
+    return d;
+}
+
 // Four e4m3 bytes b0..b3 -> bf16x2 {b0, b2} (lo) and {b1, b3} (hi), each value e4m3 · 2^-120:
 // the sign goes to bit 15, the 7 exponent+mantissa bits to bits 10..4 (the low exponent bits and
 // the top mantissa bits of a bf16). Exact for every code but NaN (which reads as 480·2^-120).
+// Bit-identical to (q & 0x80008000) | ((q & 0x7F007F00) >> 4) (hi) and the same on q << 8 (lo),
+// in 6 integer ops instead of 7: r = q rotated right by 4 holds every byte's 7 low bits 4 places
+// down (byte j at bits 8j-4 .. 8j+2 mod 32), so a byte's bits of r and its sign in q are 11 apart
+// as in a bf16; one select per half merges them, one rotate places lo, one AND clears the rest.
 __device__ __forceinline__ void fp8x4_bits(uint32_t q, uint32_t& lo, uint32_t& hi) {
-    hi = (q & 0x80008000u) | ((q & 0x7F007F00u) >> 4);
-    q <<= 8;
-    lo = (q & 0x80008000u) | ((q & 0x7F007F00u) >> 4);
+    const uint32_t r = rotl32(q, 28);
+    hi = bitsel<0x80008000u>(q, r) & 0x87F087F0u;
+    const uint32_t t = bitsel<0x00800080u>(q, r);   // b0: bits 28..2 + 7, b2: 12..18 + 23
+    lo = rotl32(t, 8) & 0x87F087F0u;
 }
 
 // Eight e2m1 nibbles n0..n7 (n0 = bits 0..3 = element 0) -> p[i] = bf16x2 {n_i, n_{i+4}}, each
 // value e2m1 · 2^-126 (sign -> bit 15, 2 exponent + 1 mantissa bits -> bits 8..6).
+// 10 integer ops (was 15): r = q rotated right by 6 holds nibble j's 3 magnitude bits at
+// 4j-6 .. 4j-4 (mod 32), 9 below its sign bit 4j+3 in q: the bf16 spacing of bit 15 and bits 8..6.
+// Selecting the signs of {n2 n3 n6 n7} from q and everything else from r gives one word with those
+// four nibbles' fields disjoint ({2..4, 11}, {6..8, 15}, +16), likewise {n0 n1 n4 n5} ({26..28, 3},
+// {30..0, 7}, +16); a rotate moves each pair to bits {6..8, 15, 22..24, 31} and one AND keeps them.
 __device__ __forceinline__ void fp4x8_bits(uint32_t q, uint32_t (&p)[4]) {
-    p[3] = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
-    q <<= 4;
-    p[2] = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
-    q <<= 4;
-    p[1] = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
-    q <<= 4;
-    p[0] = (q & 0x80008000u) | ((q & 0x70007000u) >> 6);
+    constexpr uint32_t kMask = 0x81C081C0u;
+    const uint32_t r = rotl32(q, 26);
+    const uint32_t ta = bitsel<0x88008800u>(q, r);   // n2 n3 n6 n7
+    const uint32_t tb = bitsel<0x00880088u>(q, r);   // n0 n1 n4 n5
+    p[3] = ta & kMask;
+    p[2] = rotl32(ta, 4) & kMask;
+    p[1] = rotl32(tb, 8) & kMask;
+    p[0] = rotl32(tb, 12) & kMask;
 }
 
 // bf16x2 {2^(e+bias-127), same} for an e8m0 byte e (255 = NaN); subnormal when e+bias <= 0.
