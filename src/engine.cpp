@@ -32,7 +32,7 @@ struct Engine::Request {
     RequestCallbacks cb;
     std::unique_ptr<SequenceState> state;
     Sampler sampler;
-    int64_t n_fed = 0;             // tokens the model has seen: prompt, then generated
+    std::atomic<int64_t> n_fed{0}; // tokens the model has seen: prompt, then generated (metrics() reads it)
     int32_t pending = -1;          // the last sampled token, fed at the next step
     int64_t n_generated = 0;
     bool cancelled = false;
@@ -174,9 +174,8 @@ bool Engine::step() {
         for (auto& r : running_) {
             const int64_t left = static_cast<int64_t>(r->prompt.size()) - r->n_fed;
             if (r->cancelled || left <= 0 || budget <= 0) continue;
-            const int64_t n = std::min(left, budget);
-            batch.push_back({r->state.get(), std::vector<int32_t>(r->prompt.begin() + r->n_fed,
-                                                                  r->prompt.begin() + r->n_fed + n)});
+            const int64_t n = std::min(left, budget), fed = r->n_fed;
+            batch.push_back({r->state.get(), std::vector<int32_t>(r->prompt.begin() + fed, r->prompt.begin() + fed + n)});
             chunk_of.push_back(r.get());
             budget -= n;
         }
