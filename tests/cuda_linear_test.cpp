@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "cuda/linear.h"
+#include "cuda_test_util.h"
 #include "formats.h"
 #include "ops/ops.h"
 #include "parallel.h"
@@ -188,15 +189,7 @@ std::vector<uint16_t> random_x(int64_t M, int64_t K, uint32_t seed) {
     return x;
 }
 
-template <typename T>
-struct DeviceBuf {
-    T* p = nullptr;
-    size_t n = 0;
-    explicit DeviceBuf(size_t count) : n(count) { CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T))); }
-    ~DeviceBuf() { (void)cudaFree(p); }
-    DeviceBuf(const DeviceBuf&) = delete;
-    DeviceBuf& operator=(const DeviceBuf&) = delete;
-};
+using megamoe::test::DeviceBuf;
 
 struct DeviceLinearGuard {
     DeviceLinear d;

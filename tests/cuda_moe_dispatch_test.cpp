@@ -31,6 +31,8 @@
 
 #include "common.h"
 #include "cuda/linear.h"   // gpu_available, CUDA_CHECK
+#include "formats.h"        // f32_to_bf16 (RNE)
+#include "cuda_test_util.h"
 #endif
 
 namespace megamoe {
@@ -226,21 +228,8 @@ TEST(MoeDispatchCpu, TwinGatherCombineMatchOpsMoeLayout) {
 #define SKIP_WITHOUT_GPU() \
     if (!cuda::gpu_available()) GTEST_SKIP() << "no CUDA device"
 
-uint16_t bf16_rne(float f) {   // round to nearest even (inputs here are finite)
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
 
-template <typename T>
-struct DeviceBuf {
-    T* p = nullptr;
-    size_t n = 0;
-    explicit DeviceBuf(size_t count) : n(count) { CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T))); }
-    ~DeviceBuf() { (void)cudaFree(p); }
-    DeviceBuf(const DeviceBuf&) = delete;
-    DeviceBuf& operator=(const DeviceBuf&) = delete;
-};
+using megamoe::test::DeviceBuf;
 
 template <typename T>
 void to_device(T* dst, const std::vector<T>& src) {
@@ -304,7 +293,7 @@ void check_case(const std::vector<int32_t>& ids, const std::vector<uint16_t>& x,
         std::vector<float> y_ref;
         cpu_combine(rows, r.inv, with_shared ? shared.data() : nullptr, T, k, D, y_ref);
         std::vector<uint16_t> yb_ref(y_ref.size());
-        for (size_t i = 0; i < y_ref.size(); ++i) yb_ref[i] = bf16_rne(y_ref[i]);
+        for (size_t i = 0; i < y_ref.size(); ++i) yb_ref[i] = f32_to_bf16(y_ref[i]);
         const float* sh = with_shared ? d_shared.p + off : nullptr;
         CUDA_CHECK(cudaMemset(y.p, 0xFF, y.n * 4));
         CUDA_CHECK(cudaMemset(yb.p, 0xFF, yb.n * 2));
