@@ -7,8 +7,9 @@
 //   operand and the tokens as the 8-column B operand ("swap AB": M = 1..8 uses one n8 tile,
 //   9..16 two). The MMA's k order is free as long as A and B agree, so each lane takes its A
 //   values from 16 contiguous bytes of one weight row (4 lanes cover 64 contiguous bytes of a
-//   row: one "step"), decodes them in registers, and the x copy in shared memory is stored in
-//   the matching element order. The checkpoint layout needs no repacking.
+//   row: one "step") and decodes them in registers. The device copy of fp8 / fp4 rows has each
+//   4-byte word permuted once at upload (to_kernel_order, lossless) so that the decoded bf16
+//   pairs come out in natural k order and x is staged as it is (src/cuda/device.cuh).
 // * Weights stream through a per-warp ring of kStages shared-memory slots filled by 16-byte
 //   cp.async copies (L2 only, 256-byte L2 prefetch): while step s is decoded, steps s+1..s+2 are
 //   in flight, without holding them in registers. Each lane copies exactly the bytes it later
@@ -67,6 +68,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda/device.cuh"
 #include "formats.h"
 
 namespace cg = cooperative_groups;
@@ -75,154 +77,17 @@ namespace megamoe::cuda {
 
 namespace {
 
+using namespace dev;
+
 constexpr int kThreads = 256;                 // 8 warps per CTA
 constexpr int kWarps = kThreads / 32;
-constexpr int kStepBytes = 64;                // one warp step: 4 lanes × 16 B of each of 16 rows
 constexpr int kMaxM = 16;                     // tokens per launch (two n8 MMA tiles)
 constexpr int kMaxCluster = 8;                // portable cluster size
 constexpr int kXSmemBudget = 64 * 1024;       // staged x per CTA (with the ring, 2 CTAs fit per SM)
 constexpr int kRedSmemMax = 256 * kMaxM * 4;  // partial sums: W_k·R = 128·MT rows × M tokens
-constexpr int kNvfp4Shift = 9;                // NVFP4 A values carry 2^-9, y gets 2^9
 constexpr int kStages = 3;                    // per-warp cp.async ring: 2 steps in flight while 1 is decoded
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// ---------------------------------------------------------------------------- device helpers
-
-// 16 (or 0: zero fill) bytes global -> shared, asynchronous, L2 only, with a 256-byte L2 prefetch.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool pred) {
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool pred) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(pred ? 4 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-}
-
-// c += A·B, m16n8k16, A row-major bf16 (4 regs), B col-major bf16 (2 regs), f32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t rotl32(uint32_t x, int k) { return __funnelshift_l(x, x, k); }
-// (a & C) | (b & ~C) in one LOP3 (left to itself the compiler splits it in two).
-template <uint32_t C> __device__ __forceinline__ uint32_t bitsel(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(d) : "r"(a), "r"(b), "n"(C));
-    return d;
-}
-
-// Four e4m3 bytes b0..b3 -> bf16x2 {b0, b2} (lo) and {b1, b3} (hi), each value e4m3 · 2^-120:
-// the sign goes to bit 15, the 7 exponent+mantissa bits to bits 10..4 (the low exponent bits and
-// the top mantissa bits of a bf16). Exact for every code but NaN (which reads as 480·2^-120).
-// Bit-identical to (q & 0x80008000) | ((q & 0x7F007F00) >> 4) (hi) and the same on q << 8 (lo),
-// in 6 integer ops instead of 7: r = q rotated right by 4 holds every byte's 7 low bits 4 places
-// down (byte j at bits 8j-4 .. 8j+2 mod 32), so a byte's bits of r and its sign in q are 11 apart
-// as in a bf16; one select per half merges them, one rotate places lo, one AND clears the rest.
-__device__ __forceinline__ void fp8x4_bits(uint32_t q, uint32_t& lo, uint32_t& hi) {
-    const uint32_t r = rotl32(q, 28);
-    hi = bitsel<0x80008000u>(q, r) & 0x87F087F0u;
-    const uint32_t t = bitsel<0x00800080u>(q, r);   // b0: bits 28..2 + 7, b2: 12..18 + 23
-    lo = rotl32(t, 8) & 0x87F087F0u;
-}
-
-// Eight e2m1 nibbles n0..n7 (n0 = bits 0..3 = element 0) -> p[i] = bf16x2 {n_i, n_{i+4}}, each
-// value e2m1 · 2^-126 (sign -> bit 15, 2 exponent + 1 mantissa bits -> bits 8..6).
-// 10 integer ops (was 15): r = q rotated right by 6 holds nibble j's 3 magnitude bits at
-// 4j-6 .. 4j-4 (mod 32), 9 below its sign bit 4j+3 in q: the bf16 spacing of bit 15 and bits 8..6.
-// Selecting the signs of {n2 n3 n6 n7} from q and everything else from r gives one word with those
-// four nibbles' fields disjoint ({2..4, 11}, {6..8, 15}, +16), likewise {n0 n1 n4 n5} ({26..28, 3},
-// {30..0, 7}, +16); a rotate moves each pair to bits {6..8, 15, 22..24, 31} and one AND keeps them.
-__device__ __forceinline__ void fp4x8_bits(uint32_t q, uint32_t (&p)[4]) {
-    constexpr uint32_t kMask = 0x81C081C0u;
-    const uint32_t r = rotl32(q, 26);
-    const uint32_t ta = bitsel<0x88008800u>(q, r);   // n2 n3 n6 n7
-    const uint32_t tb = bitsel<0x00880088u>(q, r);   // n0 n1 n4 n5
-    p[3] = ta & kMask;
-    p[2] = rotl32(ta, 4) & kMask;
-    p[1] = rotl32(tb, 8) & kMask;
-    p[0] = rotl32(tb, 12) & kMask;
-}
-
-// bf16x2 {2^(e+bias-127), same} for an e8m0 byte e (255 = NaN); subnormal when e+bias <= 0.
-__device__ __forceinline__ uint32_t pow2_bf16x2(uint32_t e, int bias) {
-    uint32_t b;
-    const int f = static_cast<int>(e) + bias;
-    if (e == 255u) b = 0x7FC0u;
-    else if (f >= 1) b = static_cast<uint32_t>(f) << 7;
-    else b = f >= -6 ? (0x40u >> (-f)) : 0u;
-    return b | (b << 16);
-}
-
-// Two NVFP4 e4m3 scale bytes (low byte = group 2·tig) -> bf16x2 multipliers {s·2^117, s·2^117}
-// for each, exact (4 significant bits, 2^108..2^125.8). NaN stays NaN, 0 stays 0.
-__device__ __forceinline__ void nvfp4_mults(uint32_t sc, uint32_t& m_lo, uint32_t& m_hi) {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(sc & 0xFFFFu), __NV_E4M3);
-    float2 f = __half22float2(__half2(h));
-    f.x *= 0x1p117f;
-    f.y *= 0x1p117f;
-    const __nv_bfloat162 b = __float22bfloat162_rn(f);
-    uint32_t u;
-    memcpy(&u, &b, 4);
-    m_lo = __byte_perm(u, 0, 0x1010);
-    m_hi = __byte_perm(u, 0, 0x3232);
-}
-
-// ---------------------------------------------------------------------------- format traits
-
-// kElems: weights per 16-byte load; one warp step covers kStepK = 4·kElems columns (64 B/row).
-// x is staged into shared memory in the element order the decoded A registers come out in:
-//   bf16: natural; fp8: [0 2 1 3] in every 4 (lo/hi halves of fp8x4_bits); fp4: [0 4 1 5 2 6 3 7]
-//   in every 8 (fp4x8_bits). kRowMod: x row stride mod 128 B that makes the LDS.128 of a
-//   quarter-warp (rows g, g+1 × 4 lanes) hit 8 distinct 16-byte bank groups; fp4 also swizzles
-//   16-byte chunk q to q ^ bit3(q) (its 4 lanes sit 64 B apart).
-template <LinearFormat F> struct Traits;
-template <> struct Traits<LinearFormat::bf16> {
-    static constexpr int kElems = 8, kRowMod = 64;
-    static constexpr bool kSwizzle = false;
-};
-template <> struct Traits<LinearFormat::fp8_block> {
-    static constexpr int kElems = 16, kRowMod = 16;
-    static constexpr bool kSwizzle = false;
-};
-template <> struct Traits<LinearFormat::mxfp4> {
-    static constexpr int kElems = 32, kRowMod = 32;
-    static constexpr bool kSwizzle = true;
-};
-template <> struct Traits<LinearFormat::nvfp4> {
-    static constexpr int kElems = 32, kRowMod = 32;
-    static constexpr bool kSwizzle = true;
-};
-
-template <LinearFormat F> __device__ __forceinline__ int x_chunk_pos(int q) {
-    return Traits<F>::kSwizzle ? (q ^ ((q >> 3) & 1)) : q;
-}
-
-// 8 consecutive x values (4 words {x0 x1} {x2 x3} {x4 x5} {x6 x7}) into the format's order.
-template <LinearFormat F> __device__ __forceinline__ uint4 x_permute(uint4 v) {
-    if constexpr (F == LinearFormat::fp8_block) {
-        return make_uint4(__byte_perm(v.x, v.y, 0x5410), __byte_perm(v.x, v.y, 0x7632),
-                          __byte_perm(v.z, v.w, 0x5410), __byte_perm(v.z, v.w, 0x7632));
-    } else if constexpr (F == LinearFormat::mxfp4 || F == LinearFormat::nvfp4) {
-        return make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632),
-                          __byte_perm(v.y, v.w, 0x5410), __byte_perm(v.y, v.w, 0x7632));
-    } else {
-        return v;
-    }
-}
 
 // One ring slot of a warp: 16 weight bytes and a 4-byte scale word for each (m-tile, row half,
 // lane), indexed idx = (mt·2 + h)·32 + lane; lane-contiguous, so copies and reads are conflict-free.
@@ -238,8 +103,11 @@ constexpr int kRingSmemMax = kWarps * kStages * StageLayout<2>::kBytes;   // the
 struct SmallMParams {
     const uint8_t*  w;            // [N] rows of w_row_bytes
     const uint8_t*  scale;
-    const uint16_t* x;            // [M, K] bf16
-    float*          y;            // [M, N]
+    const uint16_t* x;            // [M, x_ld] bf16; a row block of group g reads columns g·K .. g·K + K
+    void*           y;            // [M, N] f32 or bf16 (out_bf16)
+    int64_t x_ld;                 // x row stride, elements (K, or groups·K for a grouped linear)
+    int     group_rows;           // rows per group (grouped linear, a multiple of the CTA's rows), 0: none
+    bool    out_bf16;
     int64_t w_row_bytes, s_row_bytes;
     int     N, K, M;
     int     steps;                // weight row steps (w_row_bytes / 64)
@@ -355,15 +223,17 @@ static __global__ void __launch_bounds__(kThreads, 2) linear_small_m_kernel(cons
     }
     asm volatile("griddepcontrol.wait;" ::: "memory");
 
-    // 1. Stage x[:, cs0·kStepK : (cs0 + cta_steps)·kStepK] (zeros past K) in the format's order.
+    // 1. Stage x[:, cs0·kStepK : (cs0 + cta_steps)·kStepK] (zeros past K); for a grouped linear,
+    //    the columns of this row block's group.
     {
         const int chunks = cta_steps * kChunksPerStep;
         const int k_base = cs0 * kStepK;
-        const bool vec = (p.K % 8 == 0) && ((reinterpret_cast<uintptr_t>(p.x) & 15) == 0);
+        const uint16_t* xg = p.x + (p.group_rows ? static_cast<int64_t>(blockIdx.y) * R / p.group_rows * p.K : 0);
+        const bool vec = (p.K % 8 == 0) && (p.x_ld % 8 == 0) && ((reinterpret_cast<uintptr_t>(xg) & 15) == 0);
         for (int i = static_cast<int>(threadIdx.x); i < M * chunks; i += kThreads) {
             const int t = i / chunks, q = i - t * chunks;
             const int k = k_base + q * 8;
-            const uint16_t* src = p.x + static_cast<int64_t>(t) * p.K + k;
+            const uint16_t* src = xg + static_cast<int64_t>(t) * p.x_ld + k;
             uint4 v = make_uint4(0, 0, 0, 0);
             if (vec && k + 8 <= p.K) {
                 v = __ldg(reinterpret_cast<const uint4*>(src));
@@ -374,7 +244,7 @@ static __global__ void __launch_bounds__(kThreads, 2) linear_small_m_kernel(cons
                 v = make_uint4(e[0] | (uint32_t(e[1]) << 16), e[2] | (uint32_t(e[3]) << 16),
                                e[4] | (uint32_t(e[5]) << 16), e[6] | (uint32_t(e[7]) << 16));
             }
-            *reinterpret_cast<uint4*>(xs + t * p.x_rs + x_chunk_pos<F>(q) * 16) = x_permute<F>(v);
+            *reinterpret_cast<uint4*>(xs + t * p.x_rs + x_chunk_pos<F>(q) * 16) = v;
         }
     }
     __syncthreads();
@@ -506,7 +376,11 @@ static __global__ void __launch_bounds__(kThreads, 2) linear_small_m_kernel(cons
             for (int k = 0; k < wk_count; ++k) sum += src[(k * M + t) * R + rl];
         }
         const int row = static_cast<int>(blockIdx.y) * R + rl;
-        if (row < p.N) p.y[static_cast<int64_t>(t) * p.N + row] = sum * p.out_scale;
+        if (row < p.N) {
+            const float v = sum * p.out_scale;
+            if (p.out_bf16) static_cast<__nv_bfloat16*>(p.y)[static_cast<int64_t>(t) * p.N + row] = __float2bfloat16_rn(v);
+            else static_cast<float*>(p.y)[static_cast<int64_t>(t) * p.N + row] = v;
+        }
     }
     if (S > 1) cluster.sync();   // keep this CTA's shared memory alive until every rank has read it
 }
@@ -517,11 +391,12 @@ struct RefParams {
     LinearFormat    format;
     const uint8_t*  w;
     const uint8_t*  scale;
-    const uint16_t* x;
-    float*          y;
-    int64_t w_row_bytes, s_row_bytes;
-    int     N, K, M;
+    const uint16_t* x;            // [M, x_ld]; row n reads columns (n / group_rows)·K .. + K when grouped
+    void*           y;            // [M, N] f32 or bf16
+    int64_t w_row_bytes, s_row_bytes, x_ld;
+    int     N, K, M, group_rows;
     float   scale_2;
+    bool    out_bf16;
 };
 
 __constant__ float kE2m1Table[16] = {0.0f,  0.5f,  1.0f,  1.5f,  2.0f,  3.0f,  4.0f,  6.0f,
@@ -535,20 +410,28 @@ __device__ __forceinline__ float e8m0_f32(uint8_t b) {
     return b == 0 ? __int_as_float(0x00400000) : __int_as_float(static_cast<int>(b) << 23);
 }
 
+// The e2m1 code of element k of a kernel-order fp4 row (nibble j of a word holds k = kFp4Order[j]).
+__device__ __forceinline__ uint32_t fp4_code(const uint8_t* row, int k) {
+    const int nib = (k & ~7) + ((k & 1) ? 4 + ((k & 7) >> 1) : ((k & 7) >> 1));
+    return (row[nib / 2] >> (4 * (nib & 1))) & 0xFu;
+}
+
 // Weight (n, k) decoded exactly as Linear::decode_row does (same products in the same order).
 __device__ __forceinline__ float ref_weight(const RefParams& p, int n, int k) {
     const uint8_t* row = p.w + n * p.w_row_bytes;
     switch (p.format) {
         case LinearFormat::f32: return reinterpret_cast<const float*>(row)[k];
         case LinearFormat::bf16: return __uint_as_float(uint32_t(reinterpret_cast<const uint16_t*>(row)[k]) << 16);
-        case LinearFormat::fp8_block:
-            return e4m3_f32(row[k]) * e8m0_f32(p.scale[(n / kFp8Block) * p.s_row_bytes + k / kFp8Block]);
+        case LinearFormat::fp8_block: {
+            const int b = (k & ~3) | ((k & 1) << 1) | ((k & 2) >> 1);   // kernel order [k0 k2 k1 k3]
+            return e4m3_f32(row[b]) * e8m0_f32(p.scale[(n / kFp8Block) * p.s_row_bytes + k / kFp8Block]);
+        }
         case LinearFormat::mxfp4:
-            return kE2m1Table[(row[k / 2] >> (4 * (k & 1))) & 0xF] * e8m0_f32(p.scale[n * p.s_row_bytes + k / 32]);
+            return kE2m1Table[fp4_code(row, k)] * e8m0_f32(p.scale[n * p.s_row_bytes + k / 32]);
         case LinearFormat::nvfp4: {
             const float s = e4m3_f32(p.scale[n * p.s_row_bytes + k / 16]);
             if (s == 0.0f) return 0.0f;
-            return kE2m1Table[(row[k / 2] >> (4 * (k & 1))) & 0xF] * s * p.scale_2;
+            return kE2m1Table[fp4_code(row, k)] * s * p.scale_2;
         }
     }
     return 0.0f;
@@ -559,6 +442,7 @@ static __global__ void __launch_bounds__(kThreads) linear_reference_kernel(const
     const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
     const int n = static_cast<int>(blockIdx.x) * kWarps + warp;
     if (n >= p.N) return;
+    const uint16_t* x = p.x + (p.group_rows ? static_cast<int64_t>(n / p.group_rows) * p.K : 0);
     float acc[kMaxM];
 #pragma unroll
     for (int t = 0; t < kMaxM; ++t) acc[t] = 0.0f;
@@ -566,14 +450,18 @@ static __global__ void __launch_bounds__(kThreads) linear_reference_kernel(const
         const float w = ref_weight(p, n, k);
 #pragma unroll
         for (int t = 0; t < kMaxM; ++t)
-            if (t < p.M) acc[t] = fmaf(w, __uint_as_float(uint32_t(p.x[static_cast<int64_t>(t) * p.K + k]) << 16), acc[t]);
+            if (t < p.M) acc[t] = fmaf(w, __uint_as_float(uint32_t(x[static_cast<int64_t>(t) * p.x_ld + k]) << 16), acc[t]);
     }
 #pragma unroll
     for (int t = 0; t < kMaxM; ++t) {
         float v = acc[t];
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
-        if (lane == 0 && t < p.M) p.y[static_cast<int64_t>(t) * p.N + n] = v;
+        if (lane == 0 && t < p.M) {
+            const int64_t i = static_cast<int64_t>(t) * p.N + n;
+            if (p.out_bf16) static_cast<__nv_bfloat16*>(p.y)[i] = __float2bfloat16_rn(v);
+            else static_cast<float*>(p.y)[i] = v;
+        }
     }
 }
 
@@ -694,8 +582,9 @@ struct Plan {
 // latency floor, and the bytes (weights, plus x staged from L2 at half weight) stream at the
 // memory bandwidth times the fraction of CTA slots the launch keeps busy. Lowest model time
 // wins; ties keep the earlier candidate (more rows per CTA: better x reuse, fewer partials).
-// Returns false if x for M tokens does not fit the shared-memory budget even with S = 8.
-bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, Plan& out) {
+// Returns false if x for M tokens does not fit the shared-memory budget even with S = 8 (or no
+// row block size divides group_rows, for a grouped linear).
+bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, int64_t group_rows, Plan& out) {
     constexpr double kBandwidth = 4.0e6;     // bytes/µs of HBM (order of magnitude; H100 3.35, H200 4.8 TB/s)
     constexpr double kRoundUs = 2.0;         // latency floor of a round: x stage, loads, reduction
     const int step_k = 4 * elems_per_16b(f);
@@ -710,6 +599,7 @@ bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, Plan
             const int64_t rows = int64_t(wr) * 16 * mt;
             const int64_t rb = ceil_div(N, rows);
             if (rb > 65535) continue;
+            if (group_rows > 0 && group_rows % rows != 0) continue;   // a CTA's rows lie in one group
             for (int s = 1; s <= kMaxCluster; s *= 2) {
                 if (s > 1 && s > steps) break;
                 const int64_t spc = ceil_div(steps, s);
@@ -775,7 +665,9 @@ void launch_small_m(const SmallMParams& prm, const Plan& plan, LinearFormat f, c
     }
 }
 
-void check_launch_args(const DeviceLinear& w, const uint16_t* x, int64_t M, const float* y, const char* what) {
+void check_launch_args(const DeviceLinear& w, const uint16_t* x, int64_t M, const void* y, const LinearOptions& o,
+                       const char* what) {
+    MEGAMOE_CHECK(o.groups >= 1 && w.out % o.groups == 0, what, ": ", o.groups, " groups do not divide ", w.out, " rows");
     MEGAMOE_CHECK(w.weight != nullptr, what, ": weights not uploaded");
     MEGAMOE_CHECK(M >= 0, what, ": M = ", M);
     MEGAMOE_CHECK(M == 0 || (x != nullptr && y != nullptr), what, ": null x or y");
@@ -786,7 +678,8 @@ void check_launch_args(const DeviceLinear& w, const uint16_t* x, int64_t M, cons
                   ": scales not uploaded");
 }
 
-void launch_reference(const DeviceLinear& w, const uint16_t* x, int64_t M, float* y, cudaStream_t stream) {
+void launch_reference(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
+                      cudaStream_t stream) {
     RefParams p;
     p.format = w.format;
     p.w = static_cast<const uint8_t*>(w.weight);
@@ -795,10 +688,13 @@ void launch_reference(const DeviceLinear& w, const uint16_t* x, int64_t M, float
     p.y = y;
     p.w_row_bytes = w.weight_row_bytes;
     p.s_row_bytes = w.scale_row_bytes;
+    p.x_ld = w.in * o.groups;
     p.N = static_cast<int>(w.out);
     p.K = static_cast<int>(w.in);
     p.M = static_cast<int>(M);
+    p.group_rows = o.groups > 1 ? static_cast<int>(w.out / o.groups) : 0;
     p.scale_2 = w.scale_2;
+    p.out_bf16 = o.out_bf16;
     const unsigned blocks = static_cast<unsigned>(ceil_div(w.out, kWarps));
     linear_reference_kernel<<<blocks, kThreads, 0, stream>>>(p);
     CUDA_CHECK(cudaGetLastError());
@@ -883,6 +779,38 @@ void copy_rows(void* dst, int64_t dst_row_bytes, const void* src, int64_t row_by
 
 }  // namespace
 
+void to_kernel_order(LinearFormat f, uint8_t* bytes, int64_t n) {
+    MEGAMOE_CHECK(n % 4 == 0, "to_kernel_order: ", n, " bytes is not a whole number of words");
+    for (int64_t i = 0; i < n; i += 4) {
+        uint32_t q;
+        std::memcpy(&q, bytes + i, 4);
+        uint32_t r = q;
+        if (f == LinearFormat::fp8_block) {
+            r = (q & 0xFF0000FFu) | ((q >> 8) & 0x0000FF00u) | ((q << 8) & 0x00FF0000u);   // [k0 k2 k1 k3]
+        } else if (f == LinearFormat::mxfp4 || f == LinearFormat::nvfp4) {
+            r = 0;
+            for (int j = 0; j < 8; ++j) r |= ((q >> (4 * kFp4KernelOrder[j])) & 0xFu) << (4 * j);
+        }
+        std::memcpy(bytes + i, &r, 4);
+    }
+}
+
+void from_kernel_order(LinearFormat f, uint8_t* bytes, int64_t n) {
+    MEGAMOE_CHECK(n % 4 == 0, "from_kernel_order: ", n, " bytes is not a whole number of words");
+    for (int64_t i = 0; i < n; i += 4) {
+        uint32_t q;
+        std::memcpy(&q, bytes + i, 4);
+        uint32_t r = q;
+        if (f == LinearFormat::fp8_block) {
+            r = (q & 0xFF0000FFu) | ((q >> 8) & 0x0000FF00u) | ((q << 8) & 0x00FF0000u);   // the swap is its own inverse
+        } else if (f == LinearFormat::mxfp4 || f == LinearFormat::nvfp4) {
+            r = 0;
+            for (int j = 0; j < 8; ++j) r |= ((q >> (4 * j)) & 0xFu) << (4 * kFp4KernelOrder[j]);
+        }
+        std::memcpy(bytes + i, &r, 4);
+    }
+}
+
 DeviceLinear upload_linear(const Linear& h) {
     MEGAMOE_CHECK(h.out > 0 && h.in > 0, "upload_linear: shape [", h.out, ", ", h.in, "]");
     DeviceLinear d;
@@ -913,7 +841,23 @@ DeviceLinear upload_linear(const Linear& h) {
         }
 
         CUDA_CHECK(cudaMalloc(&d.weight, static_cast<size_t>(h.out * d.weight_row_bytes)));
-        copy_rows(d.weight, d.weight_row_bytes, h.weight.data, row_bytes, h.out, 0);
+        if (h.format == LinearFormat::fp8_block || h.format == LinearFormat::mxfp4 || h.format == LinearFormat::nvfp4) {
+            // Padded rows in kernel order, made on the host in slices of rows (bounded memory).
+            const int64_t rows_per = std::max<int64_t>(1, (64ll << 20) / d.weight_row_bytes);
+            std::vector<uint8_t> buf;
+            for (int64_t r0 = 0; r0 < h.out; r0 += rows_per) {
+                const int64_t n = std::min(rows_per, h.out - r0);
+                buf.assign(static_cast<size_t>(n * d.weight_row_bytes), 0);
+                const uint8_t* src = h.weight.as<uint8_t>() + r0 * row_bytes;
+                for (int64_t r = 0; r < n; ++r)
+                    std::memcpy(buf.data() + r * d.weight_row_bytes, src + r * row_bytes, static_cast<size_t>(row_bytes));
+                to_kernel_order(h.format, buf.data(), static_cast<int64_t>(buf.size()));
+                CUDA_CHECK(cudaMemcpy(static_cast<uint8_t*>(d.weight) + r0 * d.weight_row_bytes, buf.data(), buf.size(),
+                                      cudaMemcpyHostToDevice));
+            }
+        } else {
+            copy_rows(d.weight, d.weight_row_bytes, h.weight.data, row_bytes, h.out, 0);
+        }
 
         const uint8_t* sc = h.scale.empty() ? nullptr : h.scale.as<uint8_t>();
         int64_t scale_rows = 0, scale_cols = 0, fill = 0;
@@ -974,10 +918,12 @@ PackedBytes download_packed(const DeviceLinear& w) {
     MEGAMOE_CHECK(w.weight != nullptr, "download_packed: weights not uploaded");
     PackedBytes b;
     const int64_t row_bytes = packed_row_bytes(w.format, w.in);
+    std::vector<uint8_t> dev_rows(static_cast<size_t>(w.out * w.weight_row_bytes));
+    CUDA_CHECK(cudaMemcpy(dev_rows.data(), w.weight, dev_rows.size(), cudaMemcpyDeviceToHost));
+    from_kernel_order(w.format, dev_rows.data(), static_cast<int64_t>(dev_rows.size()));
     b.weight.resize(static_cast<size_t>(w.out * row_bytes));
-    CUDA_CHECK(cudaMemcpy2D(b.weight.data(), static_cast<size_t>(row_bytes), w.weight,
-                            static_cast<size_t>(w.weight_row_bytes), static_cast<size_t>(row_bytes),
-                            static_cast<size_t>(w.out), cudaMemcpyDeviceToHost));
+    for (int64_t r = 0; r < w.out; ++r)
+        std::memcpy(b.weight.data() + r * row_bytes, dev_rows.data() + r * w.weight_row_bytes, static_cast<size_t>(row_bytes));
     int64_t rows = 0, cols = 0;
     switch (w.format) {
         case LinearFormat::fp8_block: rows = ceil_div(w.out, kFp8Block); cols = ceil_div(w.in, kFp8Block); break;
@@ -994,21 +940,24 @@ PackedBytes download_packed(const DeviceLinear& w) {
     return b;
 }
 
-void linear_reference(const DeviceLinear& w, const uint16_t* x, int64_t M, float* y, CUstream_st* stream) {
-    check_launch_args(w, x, M, y, "linear_reference");
+void linear_reference(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
+                      CUstream_st* stream) {
+    check_launch_args(w, x, M, y, o, "linear_reference");
+    const int64_t y_row = w.out * (o.out_bf16 ? 2 : 4);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxM) {
         const int64_t m = std::min<int64_t>(kMaxM, M - m0);
-        launch_reference(w, x + m0 * w.in, m, y + m0 * w.out, stream);
+        launch_reference(w, x + m0 * w.in * o.groups, m, static_cast<uint8_t*>(y) + m0 * y_row, o, stream);
     }
 }
 
-std::string linear_small_m_plan(const DeviceLinear& w, int64_t M) {
-    check_launch_args(w, nullptr, 0, nullptr, "linear_small_m_plan");
+std::string linear_small_m_plan(const DeviceLinear& w, int64_t M, const LinearOptions& o) {
+    check_launch_args(w, nullptr, 0, nullptr, o, "linear_small_m_plan");
     if (w.format == LinearFormat::f32 || w.nan_codes) return "reference kernel";
     int m = static_cast<int>(std::clamp<int64_t>(M, 1, kMaxM));
     Plan plan;
-    while (!plan_small_m(w.format, w.out, w.weight_row_bytes / kStepBytes, m, current_device(), plan)) {
-        if (m == 1) return "K too large";
+    const int64_t group_rows = o.groups > 1 ? w.out / o.groups : 0;
+    while (!plan_small_m(w.format, w.out, w.weight_row_bytes / kStepBytes, m, current_device(), group_rows, plan)) {
+        if (m == 1) return "no plan (K too large, or no row block divides the group)";
         m = (m + 1) / 2;
     }
     return str("MT=", plan.mt, " NT=", plan.nt, " Wr=", plan.wr, " Wk=", kWarps / plan.wr, " S=", plan.s,
@@ -1016,29 +965,42 @@ std::string linear_small_m_plan(const DeviceLinear& w, int64_t M) {
                " model=", static_cast<int>(plan.cost * 10) / 10.0, "us");
 }
 
-void linear_small_m(const DeviceLinear& w, const uint16_t* x, int64_t M, float* y, CUstream_st* stream) {
-    check_launch_args(w, x, M, y, "linear_small_m");
+void linear_small_m(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
+                    CUstream_st* stream) {
+    check_launch_args(w, x, M, y, o, "linear_small_m");
     if (M == 0) return;
     if (w.format == LinearFormat::f32 || w.nan_codes) {
-        linear_reference(w, x, M, y, stream);
+        linear_reference(w, x, M, y, o, stream);
         return;
     }
     const int dev = current_device();
     const int64_t steps = w.weight_row_bytes / kStepBytes;
+    const int64_t group_rows = o.groups > 1 ? w.out / o.groups : 0;
+    const int64_t x_ld = w.in * o.groups;
+    const int64_t y_row = w.out * (o.out_bf16 ? 2 : 4);
     int64_t m0 = 0;
     while (m0 < M) {
         // Up to 16 tokens per launch; fewer only if x for 16 would not fit shared memory.
         int m = static_cast<int>(std::min<int64_t>(kMaxM, M - m0));
         Plan plan;
-        while (!plan_small_m(w.format, w.out, steps, m, dev, plan)) {
-            if (m == 1) fail("linear_small_m: K = ", w.in, " is too large for the shared-memory x stage");
+        while (!plan_small_m(w.format, w.out, steps, m, dev, group_rows, plan)) {
+            if (m == 1) {
+                if (group_rows > 0) {   // no CTA row count divides the group: the exact kernel does it
+                    linear_reference(w, x + m0 * x_ld, M - m0, static_cast<uint8_t*>(y) + m0 * y_row, o, stream);
+                    return;
+                }
+                fail("linear_small_m: K = ", w.in, " is too large for the shared-memory x stage");
+            }
             m = (m + 1) / 2;
         }
         SmallMParams p;
         p.w = static_cast<const uint8_t*>(w.weight);
         p.scale = static_cast<const uint8_t*>(w.scale);
-        p.x = x + m0 * w.in;
-        p.y = y + m0 * w.out;
+        p.x = x + m0 * x_ld;
+        p.y = static_cast<uint8_t*>(y) + m0 * y_row;
+        p.x_ld = x_ld;
+        p.group_rows = static_cast<int>(group_rows);
+        p.out_bf16 = o.out_bf16;
         p.w_row_bytes = w.weight_row_bytes;
         p.s_row_bytes = w.scale_row_bytes;
         p.N = static_cast<int>(w.out);
@@ -1051,21 +1013,37 @@ void linear_small_m(const DeviceLinear& w, const uint16_t* x, int64_t M, float* 
         p.x_rs = plan.x_rs;
         p.bias = 0;
         p.out_scale = 1.0f;
-        switch (w.format) {
-            case LinearFormat::fp8_block:
-                p.bias = 120 - w.exp_shift;
-                p.out_scale = std::ldexp(1.0f, w.exp_shift);
-                break;
-            case LinearFormat::mxfp4:
-                p.bias = 126 - w.exp_shift;
-                p.out_scale = std::ldexp(1.0f, w.exp_shift);
-                break;
-            case LinearFormat::nvfp4: p.out_scale = w.scale_2 * std::ldexp(1.0f, kNvfp4Shift); break;
-            default: break;
-        }
+        kernel_scales(w, p.bias, p.out_scale);
         launch_small_m(p, plan, w.format, stream);
         CUDA_CHECK(cudaGetLastError());
         m0 += m;
+    }
+}
+
+void linear_small_m(const DeviceLinear& w, const uint16_t* x, int64_t M, float* y, CUstream_st* stream) {
+    linear_small_m(w, x, M, y, LinearOptions{}, stream);
+}
+
+void linear_reference(const DeviceLinear& w, const uint16_t* x, int64_t M, float* y, CUstream_st* stream) {
+    linear_reference(w, x, M, y, LinearOptions{}, stream);
+}
+
+std::string linear_small_m_plan(const DeviceLinear& w, int64_t M) { return linear_small_m_plan(w, M, LinearOptions{}); }
+
+void kernel_scales(const DeviceLinear& w, int& bias, float& out_scale) {
+    bias = 0;
+    out_scale = 1.0f;
+    switch (w.format) {
+        case LinearFormat::fp8_block:
+            bias = 120 - w.exp_shift;
+            out_scale = std::ldexp(1.0f, w.exp_shift);
+            break;
+        case LinearFormat::mxfp4:
+            bias = 126 - w.exp_shift;
+            out_scale = std::ldexp(1.0f, w.exp_shift);
+            break;
+        case LinearFormat::nvfp4: out_scale = w.scale_2 * std::ldexp(1.0f, kNvfp4Shift); break;
+        default: break;
     }
 }
 

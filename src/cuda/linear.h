@@ -15,7 +15,8 @@
 //           mxfp4      e8m0 [out] × scale_row_bytes, row = in/32 bytes, padded with 127 (2^0)
 //           nvfp4      e4m3 [out] × scale_row_bytes, row = in/16 bytes, padded with 0
 //   Padding covers whole 64-byte weight-row chunks; padded codes are zero, so they add nothing.
-// No other reordering: bytes keep their checkpoint order inside a row.
+// fp8 / fp4 weight rows are stored in "kernel order": each 4-byte word permuted as
+// to_kernel_order says (lossless; download_packed undoes it). Nothing else is reordered.
 #pragma once
 
 #include <cstddef>
@@ -67,6 +68,28 @@ struct PackedBytes {
 };
 PackedBytes download_packed(const DeviceLinear& w);
 
+// The kernel order of fp8 / fp4 weight words: fp8 bytes [k0 k2 k1 k3]; fp4 nibble j (bits 4j..4j+3)
+// holds element kFp4KernelOrder[j] of its 8. With it the in-register decoders of the kernels emit
+// bf16 pairs in natural k order, so x needs no permutation. n: a multiple of 4 bytes (whole rows
+// of the padded device layout). Other formats are left unchanged.
+constexpr int kFp4KernelOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+void to_kernel_order(LinearFormat f, uint8_t* bytes, int64_t n);
+void from_kernel_order(LinearFormat f, uint8_t* bytes, int64_t n);
+
+// How a call reads x and writes y.
+//   groups = G > 1: a grouped linear (DeepSeek-V4's wo_a): W [N, K] is G blocks of N/G rows;
+//     block g multiplies x columns [g·K, (g+1)·K) of x [M, G·K] into y columns [g·N/G, (g+1)·N/G)
+//     of y [M, N]. One call for all groups.
+//   out_bf16: y is bf16 (the f32 result rounded to nearest even) instead of f32.
+struct LinearOptions {
+    int64_t groups = 1;
+    bool    out_bf16 = false;
+};
+
+// The kernels' per-linear constants: the decode bias (fp8: 120 - F, mxfp4: 126 - F) and the
+// factor applied to every output (2^F, or NVFP4's weight_scale_2·2^9). See linear.cu.
+void kernel_scales(const DeviceLinear& w, int& bias, float& out_scale);
+
 // y[M, N] = x[M, K] · Wᵀ on `stream` (nullptr = legacy default stream). x: bf16 bits, device,
 // row-major [M, K] (any alignment; 16-byte aligned with K % 8 == 0 is the fast path for staging).
 // y: f32, device, row-major [M, N], every element written (no accumulation into y).
@@ -77,13 +100,19 @@ PackedBytes download_packed(const DeviceLinear& w);
 // on `stream` still runs and prefetch weights, but it reads x and writes y only after that
 // kernel has completed (griddepcontrol.wait), so ordinary stream order holds for x and y.
 void linear_small_m(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, float* y, CUstream_st* stream);
+// The same with LinearOptions (grouped, bf16 y: y points to M·N bf16 or f32).
+void linear_small_m(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void* y, const LinearOptions& o,
+                    CUstream_st* stream);
 
 // How linear_small_m would launch for M tokens (first slice of 16), for benchmarks and logs.
 std::string linear_small_m_plan(const DeviceLinear& w, int64_t M);
+std::string linear_small_m_plan(const DeviceLinear& w, int64_t M, const LinearOptions& o);
 
 // The plain exact kernel that linear_small_m falls back to for f32 weights and fp8 NaN codes:
 // one warp per output row, decode exactly as Linear::decode_row, fp32 FMA. Exposed for tests.
 void linear_reference(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, float* y, CUstream_st* stream);
+void linear_reference(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void* y, const LinearOptions& o,
+                      CUstream_st* stream);
 
 // True if a CUDA device is present and usable (cudaGetDeviceCount > 0). Never throws.
 bool gpu_available();
