@@ -78,6 +78,8 @@ struct TiledParams {
     int N, K, steps;              // rows per group (per matrix), columns, 64-byte row steps
     int64_t w_row_bytes, s_row_bytes;
     float limit;                  // SwiGLU clamp
+    int   spz;                    // wgmma split-K: steps per blockIdx.z (= steps when not split)
+    float* part;                  // wgmma split-K: f32 partial sums [gridDim.z][M][y_ld], or nullptr
 };
 
 template <LinearFormat F> struct TileX;   // x row stride in shared memory per step (conflict-free LDS.128)
@@ -380,6 +382,415 @@ static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const Til
     }
 }
 
+// ---------------------------------------------------------------------------- wgmma (prefill)
+//
+// For many tokens the tiled kernel above is bound by instruction issue (decode + mma.sync + LDS).
+// wgmma_kernel multiplies with Hopper's asynchronous warpgroup MMA instead: A (the weights) still
+// comes from registers, decoded by each warp exactly as above (a warpgroup's 4 warps hold the 4
+// 16-row slices of a 64-row A tile, the m16n8k16 A fragment layout), and B (128 tokens × k16) is
+// read by the tensor cores straight from shared memory through a matrix descriptor, so one
+// decoded A fragment feeds 128 tokens and no x fragment passes through registers.
+//   CTA: 2 warpgroups × 2 row tiles of 64 = 256 weight rows, 128 tokens, 4-stage cp.async ring.
+//   B in shared memory: the canonical K-major layout without swizzle: 8 tokens × 16 bytes "core
+//   matrices" of 128 contiguous bytes, K-adjacent ones 128 B apart (LBO), token-adjacent ones
+//   256 B apart (SBO), one 16-column slice after another.
+//   The decoded A registers cover, per lane, 8 contiguous k of its own 16-byte chunk, so the k16
+//   slice j of a step holds the columns wgmma_column(j, s) (below) in its slots s = 0..15; x is
+//   permuted into that order once (permute_x_for_wgmma) before the GEMM. The permutation stays
+//   inside each step's kStepK columns.
+//   Per step: wait for the stage, then for each 8-column word l of the lanes' chunks: decode into
+//   one of two A buffers (alternating over all words; the wgmma group that read it two words ago
+//   has completed: wait_group 1), fence, 4 wgmmas (2 row tiles × 2 k16 slices), commit. The ring
+//   is refilled two steps ahead, so a stage is rewritten only after the wgmmas that read it are done
+//   and the tensor cores never drain between steps.
+
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+    return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+           (static_cast<uint64_t>(sbo >> 4) << 32);   // layout type 0: no swizzle, base offset 0
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
+}
+// wait_group N that also keeps the 16 A registers a group may still be reading alive (and unchanged)
+// until the wait: the compiler sees them as read and written here, so it neither reuses their
+// physical registers nor moves the next decode's writes above the wait.
+template <int N> __device__ __forceinline__ void wgmma_wait_keep(uint32_t (&r)[2][2][4]) {
+    asm volatile("wgmma.wait_group.sync.aligned %16;"
+                 : "+r"(r[0][0][0]), "+r"(r[0][0][1]), "+r"(r[0][0][2]), "+r"(r[0][0][3]), "+r"(r[0][1][0]),
+                   "+r"(r[0][1][1]), "+r"(r[0][1][2]), "+r"(r[0][1][3]), "+r"(r[1][0][0]), "+r"(r[1][0][1]),
+                   "+r"(r[1][0][2]), "+r"(r[1][0][3]), "+r"(r[1][1][0]), "+r"(r[1][1][1]), "+r"(r[1][1][2]),
+                   "+r"(r[1][1][3])
+                 : "n"(N)
+                 : "memory");
+}
+// Keeps the compiler from moving accumulator registers across the asynchronous wgmma window.
+__device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// d[64] += A (4 bf16x2 registers, m64k16 slice of this warp) · B (smem descriptor, k16 × n128), f32.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1));
+}
+
+constexpr int kWgRows = 256, kWgTokens = 128, kWgStages = 4, kWgThreads = 256;
+
+template <LinearFormat F> struct WgLayout {
+    static constexpr int kStepK = 4 * Traits<F>::kElems;
+    static constexpr int kW = 0;
+    static constexpr int kS = kWgRows * kStepBytes;
+    static constexpr int kX = kS + kWgRows * scale_slot_bytes<F>();
+    static constexpr int kStage = (kX + kWgTokens * kStepK * 2 + 127) / 128 * 128;
+    static constexpr int kSmem = kWgStages * kStage;
+};
+
+template <LinearFormat F, int EPI>
+static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const TiledParams p) {
+    using L = WgLayout<F>;
+    constexpr int MT = 2, BR = kWgRows, BT = kWgTokens;
+    constexpr int kE = Traits<F>::kElems, kStepK = L::kStepK, kLds = kE / 8;
+    constexpr int SB = scale_slot_bytes<F>();
+    constexpr int kQ = kStepK / 8;                  // 16-byte x chunks per token per step
+    constexpr int kXChunks = BT * kQ;
+    constexpr int kWChunks = BR * 4 / kWgThreads;
+    constexpr bool kPair = EPI == kEpiSwiglu;
+    extern __shared__ __align__(128) uint8_t smem[];
+
+    int gi, row0, rows;
+    GemmGroup G;
+    if (p.items) {
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+        if (static_cast<int>(blockIdx.y) >= *p.n_items) return;
+        const int4 it = p.items[blockIdx.y];
+        gi = it.x;
+        row0 = it.y;
+        rows = it.z;
+        G = p.table[gi];
+    } else {
+        gi = static_cast<int>(blockIdx.y) / p.tiles;
+        row0 = (static_cast<int>(blockIdx.y) - gi * p.tiles) * BT;
+        rows = min(BT, p.M - row0);
+        G = p.base;
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+    }
+    const int64_t grow0 = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
+    const uint16_t* xg = p.x + (p.items ? 0 : static_cast<int64_t>(gi) * p.K);
+
+    const int tid = static_cast<int>(threadIdx.x);
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+    const int wg = warp >> 2, q = warp & 3;
+
+    // Tile row r: warpgroup r / 128, row tile (r / 64) % 2, row r % 64 of it.
+    auto phys_row = [&](int r, int& m, int& row) {
+        if constexpr (kPair) {
+            m = (r >> 6) & 1;
+            row = static_cast<int>(blockIdx.x) * (BR / 2) + (r >> 7) * 64 + (r & 63);
+        } else {
+            m = 0;
+            row = static_cast<int>(blockIdx.x) * BR + r;
+        }
+    };
+
+    const uint8_t* wsrc[kWChunks];
+    bool wok[kWChunks];
+#pragma unroll
+    for (int i = 0; i < kWChunks; ++i) {
+        const int c = tid + i * kWgThreads;
+        int m, row;
+        phys_row(c >> 2, m, row);
+        wok[i] = row < p.N;
+        wsrc[i] = wok[i] ? G.w[m] + (grow0 + row) * p.w_row_bytes + (c & 3) * 16 : G.w[0];
+    }
+    const uint8_t* ssrc = G.s[0];
+    bool sok = false;
+    if constexpr (SB > 0) {
+        int m, row;
+        phys_row(tid, m, row);
+        sok = row < p.N;
+        if (sok) {
+            if constexpr (F == LinearFormat::fp8_block) ssrc = G.s[m] + ((grow0 + row) / kFp8Block) * p.s_row_bytes;
+            else ssrc = G.s[m] + (grow0 + row) * p.s_row_bytes;
+        }
+    }
+    const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+
+    auto issue = [&](int s, int slot) {
+        const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
+#pragma unroll
+        for (int i = 0; i < kWChunks; ++i) {
+            const int c = tid + i * kWgThreads;
+            cp_async16(base + L::kW + c * 16, wsrc[i] + (wok[i] ? s * kStepBytes : 0), wok[i]);
+        }
+        if constexpr (F == LinearFormat::nvfp4) {
+            cp_async8(base + L::kS + tid * 8, ssrc + (sok ? s * 8 : 0), sok);
+        } else if constexpr (F == LinearFormat::mxfp4) {
+            cp_async4(base + L::kS + tid * 4, ssrc + (sok ? s * 4 : 0), sok);
+        } else if constexpr (F == LinearFormat::fp8_block) {
+            const uintptr_t a = (reinterpret_cast<uintptr_t>(ssrc) + (sok ? (s * kStepK) / kFp8Block : 0)) & ~uintptr_t(3);
+            cp_async4(base + L::kS + tid * 4, reinterpret_cast<const void*>(a), sok);
+        }
+        // x chunk (token t, chunk q2 of the step) -> core matrix (slice q2 / 2, tokens t / 8), K half q2 % 2.
+#pragma unroll
+        for (int c = tid; c < kXChunks; c += kWgThreads) {
+            const int kh = c & 1, rest = c >> 1;
+            const int t = rest % BT, j = rest / BT;
+            const int q2 = 2 * j + kh;
+            const int k = s * kStepK + q2 * 8;
+            const bool ok = t < rows;
+            const uint16_t* src = ok ? xg + static_cast<int64_t>(row0 + t) * p.x_ld + k : p.x;
+            const uint32_t dst = base + L::kX + static_cast<uint32_t>(((j * (BT / 8) + (t >> 3)) * 2 + kh) * 128 + (t & 7) * 16);
+            cp_async16(dst, src, ok);
+        }
+    };
+
+    int lrow[MT][2], mat[MT];
+    uint32_t s_lo[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        mat[mt] = kPair ? mt : 0;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            lrow[mt][h] = wg * 128 + mt * 64 + q * 16 + h * 8 + g;
+            s_lo[mt][h] = 0;
+            if constexpr (F == LinearFormat::fp8_block) {
+                int m, row;
+                phys_row(lrow[mt][h], m, row);
+                s_lo[mt][h] = static_cast<uint32_t>(
+                    (reinterpret_cast<uintptr_t>(G.s[m]) + ((grow0 + row) / kFp8Block) * p.s_row_bytes) & 3);
+            }
+        }
+    }
+
+    // Prefetch distance kWgStages - 2: the slot refilled at step s is the one step s - 2 read, whose
+    // wgmmas are complete (each warpgroup waits for all but its newest group before the barrier);
+    // step s - 1's last group may still run while step s starts.
+    constexpr int kAhead = kWgStages - 2;
+    const int s0 = static_cast<int>(blockIdx.z) * p.spz;          // split-K: this CTA's steps
+    const int ns = max(0, min(p.spz, p.steps - s0));
+#pragma unroll
+    for (int i = 0; i < kAhead; ++i) {
+        if (i < ns) issue(s0 + i, i);
+        cp_async_commit();
+    }
+
+    float acc[MT][64];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[mt][i] = 0.0f;
+
+    // A buffers alternate per word; with an odd number of words per step (bf16) one buffer is
+    // reused after the previous group completes (the buffer index must be a compile-time constant).
+    constexpr bool kAlt = kLds % 2 == 0;
+    uint32_t a[2][MT][2][4] = {};   // [buffer][row tile][k16 slice of the word][fragment]
+    for (int ls = 0; ls < ns; ++ls) {
+        const int s = s0 + ls;   // the weight step; ls indexes the ring
+        // Step s - 1's groups but its last are done, so buffer 0 is free. bf16 (one word per step)
+        // waits for all: its A registers are the weight registers wv themselves, reloaded below.
+        if constexpr (kAlt) wgmma_wait_keep<1>(a[0]);
+        else wgmma_wait_keep<0>(a[0]);
+        cp_async_wait<kAhead - 1>();
+        __syncthreads();
+        {
+            const int nx = ls + kAhead;
+            if (nx < ns) issue(s0 + nx, nx % kWgStages);
+            cp_async_commit();
+        }
+        const int slot = ls % kWgStages;
+        const uint8_t* st = smem + slot * L::kStage;
+        const uint32_t xs = smem_s + static_cast<uint32_t>(slot * L::kStage + L::kX);
+
+        uint4 wv[MT][2];
+        uint32_t mlo[MT][2], mhi[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int r = lrow[mt][h];
+                wv[mt][h] = *reinterpret_cast<const uint4*>(st + L::kW + r * kStepBytes + tig * 16);
+                if constexpr (F == LinearFormat::nvfp4) {
+                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + L::kS + r * 8 + (tig >> 1) * 4);
+                    nvfp4_mults(word >> (16 * (tig & 1)), mlo[mt][h], mhi[mt][h]);
+                } else if constexpr (F == LinearFormat::mxfp4) {
+                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + L::kS + r * 4);
+                    mlo[mt][h] = mhi[mt][h] = pow2_bf16x2((word >> (8 * tig)) & 0xFFu, G.bias[mat[mt]]);
+                } else if constexpr (F == LinearFormat::fp8_block) {
+                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + L::kS + r * 4);
+                    const uint32_t off = (s_lo[mt][h] + static_cast<uint32_t>((s * kStepK) / kFp8Block)) & 3u;
+                    mlo[mt][h] = mhi[mt][h] = pow2_bf16x2((word >> (8 * off)) & 0xFFu, G.bias[mat[mt]]);
+                } else {
+                    mlo[mt][h] = mhi[mt][h] = 0;
+                }
+            }
+        }
+
+#pragma unroll
+        for (int l = 0; l < kLds; ++l) {
+            const int bf = kAlt ? (l & 1) : 0;
+            if (!kAlt) wgmma_wait_keep<0>(a[bf]);
+            else if (l > 0) wgmma_wait_keep<1>(a[bf]);   // the group that read buffer bf (two words ago) is done
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const uint4& w0 = wv[mt][0];
+                const uint4& w1 = wv[mt][1];
+                uint32_t (&A)[2][4] = a[bf][mt];
+                if constexpr (F == LinearFormat::bf16) {
+                    A[0][0] = w0.x; A[0][1] = w1.x; A[0][2] = w0.y; A[0][3] = w1.y;
+                    A[1][0] = w0.z; A[1][1] = w1.z; A[1][2] = w0.w; A[1][3] = w1.w;
+                } else if constexpr (F == LinearFormat::fp8_block) {
+                    const uint32_t q00 = l == 0 ? w0.x : w0.z, q01 = l == 0 ? w0.y : w0.w;
+                    const uint32_t q10 = l == 0 ? w1.x : w1.z, q11 = l == 0 ? w1.y : w1.w;
+                    uint32_t lo, hi;
+                    fp8x4_bits(q00, lo, hi);
+                    A[0][0] = bf16x2_mul(lo, mlo[mt][0]); A[0][2] = bf16x2_mul(hi, mlo[mt][0]);
+                    fp8x4_bits(q10, lo, hi);
+                    A[0][1] = bf16x2_mul(lo, mlo[mt][1]); A[0][3] = bf16x2_mul(hi, mlo[mt][1]);
+                    fp8x4_bits(q01, lo, hi);
+                    A[1][0] = bf16x2_mul(lo, mlo[mt][0]); A[1][2] = bf16x2_mul(hi, mlo[mt][0]);
+                    fp8x4_bits(q11, lo, hi);
+                    A[1][1] = bf16x2_mul(lo, mlo[mt][1]); A[1][3] = bf16x2_mul(hi, mlo[mt][1]);
+                } else {
+                    const uint32_t q0w = l == 0 ? w0.x : l == 1 ? w0.y : l == 2 ? w0.z : w0.w;
+                    const uint32_t q1w = l == 0 ? w1.x : l == 1 ? w1.y : l == 2 ? w1.z : w1.w;
+                    const uint32_t m0 = l < 2 ? mlo[mt][0] : mhi[mt][0];
+                    const uint32_t m1 = l < 2 ? mlo[mt][1] : mhi[mt][1];
+                    uint32_t p0[4], p1[4];
+                    fp4x8_bits(q0w, p0);
+                    fp4x8_bits(q1w, p1);
+                    A[0][0] = bf16x2_mul(p0[0], m0); A[0][1] = bf16x2_mul(p1[0], m1);
+                    A[0][2] = bf16x2_mul(p0[1], m0); A[0][3] = bf16x2_mul(p1[1], m1);
+                    A[1][0] = bf16x2_mul(p0[2], m0); A[1][1] = bf16x2_mul(p1[2], m1);
+                    A[1][2] = bf16x2_mul(p0[3], m0); A[1][3] = bf16x2_mul(p1[3], m1);
+                }
+            }
+            wgmma_fence();
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int j = 2 * l + i;   // k16 slice of the step
+                const uint64_t desc = smem_desc(xs + static_cast<uint32_t>(j * (BT / 8) * 256), 128, 256);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const uint32_t(&A)[4] = a[bf][mt][i];
+                    wgmma_m64n128k16(acc[mt], A[0], A[1], A[2], A[3], desc);
+                }
+            }
+            wgmma_commit();
+        }
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < 64; ++i) reg_fence(acc[mt][i]);
+    cp_async_wait<0>();
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+
+    // Epilogue: acc[mt][4·nt + i] = (row lrow[mt][i >> 1], token 8·nt + 2·tig + (i & 1)).
+    if (p.part != nullptr) {   // split-K (uniform groups only): f32 partials, reduced by reduce_split_kernel
+        const int64_t ycol = static_cast<int64_t>(gi) * p.N;
+        float* part = p.part + static_cast<int64_t>(blockIdx.z) * p.M * p.y_ld;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int t = nt * 8 + 2 * tig + (i & 1);
+                    const int row = static_cast<int>(blockIdx.x) * BR + lrow[mt][i >> 1];
+                    if (t < rows && row < p.N)
+                        part[static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row] = acc[mt][4 * nt + i] * G.out_scale[0];
+                }
+        return;
+    }
+    if constexpr (kPair) {
+        __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y);
+#pragma unroll
+        for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int t = nt * 8 + 2 * tig + (i & 1);
+                const int row = static_cast<int>(blockIdx.x) * (BR / 2) + wg * 64 + q * 16 + g + (i >= 2 ? 8 : 0);
+                if (t < rows && row < p.N) {
+                    const float gate = acc[0][4 * nt + i] * G.out_scale[0];
+                    const float up = acc[1][4 * nt + i] * G.out_scale[1];
+                    const float h = silu_swiglu(gate, up, p.limit) * p.row_scale[row0 + t];
+                    y[static_cast<int64_t>(row0 + t) * p.y_ld + row] = __float2bfloat16_rn(h);
+                }
+            }
+    } else {
+        const int64_t ycol = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int t = nt * 8 + 2 * tig + (i & 1);
+                    const int row = static_cast<int>(blockIdx.x) * BR + lrow[mt][i >> 1];
+                    if (t < rows && row < p.N) {
+                        const float v = acc[mt][4 * nt + i] * G.out_scale[0];
+                        const int64_t o = static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row;
+                        if constexpr (EPI == kEpiBf16) static_cast<__nv_bfloat16*>(p.y)[o] = __float2bfloat16_rn(v);
+                        else static_cast<float*>(p.y)[o] = v;
+                    }
+                }
+    }
+}
+
+// y[i] = Σ_{z < S} part[z][i] in order z = 0, 1, ... (deterministic), as f32 or rounded to bf16.
+static __global__ void __launch_bounds__(256) reduce_split_kernel(const float* part, int64_t n, int S, void* y,
+                                                                  bool out_bf16) {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * 256) {
+        float v = part[i];
+        for (int z = 1; z < S; ++z) v = __fadd_rn(v, part[z * n + i]);
+        if (out_bf16) static_cast<__nv_bfloat16*>(y)[i] = __float2bfloat16_rn(v);
+        else static_cast<float*>(y)[i] = v;
+    }
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// Column k of a step that slot s of its k16 slice j holds for wgmma_kernel (see above): lane tig's
+// word l = j / 2 holds columns tig·kE + 8·l .. + 7; its A registers of slice j = 2l + i hold the
+// pairs (4i, 4i + 1) at slots 2·tig and (4i + 2, 4i + 3) at slots 8 + 2·tig.
+__host__ __device__ constexpr int wgmma_column(int kE, int j, int s) {
+    return ((s & 7) >> 1) * kE + (j >> 1) * 8 + 4 * (j & 1) + 2 * (s >> 3) + (s & 1);
+}
+
+// x rows permuted in place (in == out allowed) or out of place into wgmma_kernel's column order:
+// out[r, b·kStepK + p] = in[r, b·kStepK + wgmma_column(p)] for every kStepK block b of `cols`.
+// One warp per block: the block goes through shared memory, so in-place is safe.
+static __global__ void __launch_bounds__(256) permute_x_kernel(const uint16_t* in, int64_t in_ld, uint16_t* out,
+                                                               int64_t out_ld, int64_t rows, int64_t cols, int kE) {
+    __shared__ __align__(16) uint32_t buf[8][64];   // one 256-byte block per warp
+    const int kStepK = 4 * kE, words = kStepK / 2, chunks = kStepK / 8;
+    const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    const int64_t blocks_per_row = cols / kStepK, n = rows * blocks_per_row;
+    for (int64_t b = static_cast<int64_t>(blockIdx.x) * 8 + warp; b < n; b += static_cast<int64_t>(gridDim.x) * 8) {
+        const int64_t r = b / blocks_per_row, c0 = (b - r * blocks_per_row) * kStepK;
+        const uint32_t* src = reinterpret_cast<const uint32_t*>(in + r * in_ld + c0);
+        for (int w = lane; w < words; w += 32) buf[warp][w] = src[w];
+        __syncwarp();
+        if (lane < chunks) {
+            const int j = lane >> 1, hi = lane & 1;
+            uint32_t v[4];
+#pragma unroll
+            for (int t = 0; t < 4; ++t) v[t] = buf[warp][wgmma_column(kE, j, hi * 8 + 2 * t) >> 1];
+            *reinterpret_cast<uint4*>(out + r * out_ld + c0 + lane * 8) = make_uint4(v[0], v[1], v[2], v[3]);
+        }
+        __syncwarp();
+    }
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 // Work list from the routing offsets: expert e with c rows gets ceil(c / BT) items
 // {e, offsets[e] + j·BT, min(BT, c - j·BT), 0}, in expert order. One block; E ≤ 1024.
 static __global__ void __launch_bounds__(1024) build_items_kernel(const int32_t* offsets, int E, int BT, int4* items,
@@ -421,7 +832,9 @@ const TiledConfig kConfigs[] = {
 #define MEGAMOE_ROW(i, mt, nt, wr, wt, st) {mt, nt, wr, wt, (wr) * (mt) * 16, (wt) * (nt) * 8, st},
     MEGAMOE_TILED_CONFIGS(MEGAMOE_ROW)
 #undef MEGAMOE_ROW
+    {2, 16, 8, 1, kWgRows, kWgTokens, kWgStages},   // 6: wgmma_kernel (x in wgmma column order)
 };
+constexpr int kWgConfig = 6;
 constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
 
 using TiledKernel = void (*)(TiledParams);
@@ -444,7 +857,24 @@ template <LinearFormat F> int smem_of(int c) {
     fail("tiled linear: config ", c, " does not exist");
 }
 
+template <LinearFormat F> TiledKernel wg_kernel_for(int epi, int& smem) {
+    smem = WgLayout<F>::kSmem;
+    if constexpr (F == LinearFormat::mxfp4 || F == LinearFormat::nvfp4)
+        if (epi == kEpiSwiglu) return wgmma_kernel<F, kEpiSwiglu>;
+    MEGAMOE_CHECK(epi != kEpiSwiglu, "wgmma linear: no SwiGLU epilogue for ", linear_format_name(F));
+    return epi == kEpiBf16 ? wgmma_kernel<F, kEpiBf16> : wgmma_kernel<F, kEpiF32>;
+}
+
 TiledKernel tiled_kernel_for(LinearFormat f, int epi, int c, int& smem) {
+    if (c == kWgConfig) {
+        switch (f) {
+            case LinearFormat::bf16: return wg_kernel_for<LinearFormat::bf16>(epi, smem);
+            case LinearFormat::fp8_block: return wg_kernel_for<LinearFormat::fp8_block>(epi, smem);
+            case LinearFormat::mxfp4: return wg_kernel_for<LinearFormat::mxfp4>(epi, smem);
+            case LinearFormat::nvfp4: return wg_kernel_for<LinearFormat::nvfp4>(epi, smem);
+            default: fail("wgmma linear: no kernel for ", linear_format_name(f));
+        }
+    }
     switch (f) {
         case LinearFormat::bf16:
             smem = smem_of<LinearFormat::bf16>(c);
@@ -488,12 +918,12 @@ int sm_count() {
 }
 
 void launch_tiled(LinearFormat f, int epi, int c, const TiledParams& p, unsigned grid_x, unsigned grid_y,
-                  cudaStream_t stream) {
+                  cudaStream_t stream, unsigned grid_z = 1) {
     int smem = 0;
     const TiledKernel k = tiled_kernel_for(f, epi, c, smem);
     raise_smem(k, smem);
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid_x, grid_y, 1);
+    cfg.gridDim = dim3(grid_x, grid_y, grid_z);
     cfg.blockDim = dim3(static_cast<unsigned>(kConfigs[c].wr * kConfigs[c].wt * 32), 1, 1);
     cfg.dynamicSmemBytes = static_cast<size_t>(smem);
     cfg.stream = stream;
@@ -510,9 +940,76 @@ void launch_tiled(LinearFormat f, int epi, int c, const TiledParams& p, unsigned
     }
 }
 
+// Weights per 16-byte load (Traits<F>::kElems) for the host.
+int elems_of(LinearFormat f) {
+    switch (f) {
+        case LinearFormat::bf16: return 8;
+        case LinearFormat::fp8_block: return 16;
+        case LinearFormat::mxfp4:
+        case LinearFormat::nvfp4: return 32;
+        default: fail("tiled linear: no kernel for ", linear_format_name(f));
+    }
+}
+int step_cols(LinearFormat f) { return 4 * elems_of(f); }
+
+// x [rows, cols] (row stride in_ld) into wgmma column order (out may equal in).
+void launch_permute(LinearFormat f, const uint16_t* in, int64_t in_ld, uint16_t* out, int64_t out_ld, int64_t rows,
+                    int64_t cols, cudaStream_t stream) {
+    const int64_t blocks = rows * (cols / step_cols(f));
+    const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(blocks, 8), 4 * 132 * 8)));
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(grid, 1, 1);
+    cfg.blockDim = dim3(256, 1, 1);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, permute_x_kernel, in, in_ld, out, out_ld, rows, cols, elems_of(f)));
+}
+
+// Scratch of dense wgmma calls (0: the permuted x, 1: split-K partial sums): one buffer each per
+// device, grown outside stream capture (a call being captured that would need a larger one runs
+// without it: the mma.sync kernel, or no split).
+class WgScratch {
+public:
+    static WgScratch& get(int which) {
+        static WgScratch s[2];
+        return s[which];
+    }
+    void* acquire(size_t bytes, cudaStream_t stream) {
+        const size_t elems = bytes;
+        int dev = 0;
+        CUDA_CHECK(cudaGetDevice(&dev));
+        std::lock_guard<std::mutex> lk(m_);
+        Buf& b = bufs_[dev];
+        if (b.elems >= elems) return b.p;
+        cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+        CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
+        if (st != cudaStreamCaptureStatusNone) return nullptr;
+        CUDA_CHECK(cudaStreamSynchronize(stream));   // the old buffer may still be read by queued work
+        if (b.p) CUDA_CHECK(cudaFree(b.p));
+        b.p = nullptr;
+        b.elems = 0;
+        CUDA_CHECK(cudaMalloc(&b.p, elems));
+        b.elems = elems;
+        return b.p;
+    }
+
+private:
+    struct Buf {
+        void* p = nullptr;
+        size_t elems = 0;
+    };
+    std::mutex m_;
+    std::map<int, Buf> bufs_;
+};
+
 // Config for a dense (uniform) call: the largest tile that still gives at least one CTA per SM,
 // else the one with the most CTAs (small problems are latency-bound; more CTAs = more loads in flight).
-int choose_dense(int64_t N, int64_t M, int64_t groups) {
+int choose_dense(int64_t N, int64_t M, int64_t groups, bool wgmma_ok) {
+    if (wgmma_ok) return kWgConfig;   // decodes each weight once per 128 tokens; split-K fills the GPU
     const int64_t sms = sm_count();
     int best = 0;
     int64_t best_ctas = -1;
@@ -529,9 +1026,9 @@ int choose_dense(int64_t N, int64_t M, int64_t groups) {
 // Config for the grouped expert GEMMs from the mean rows per expert (no device sync).
 int choose_grouped(int64_t N, int64_t E) {
     const double mean = static_cast<double>(N) / static_cast<double>(std::min<int64_t>(E, std::max<int64_t>(N, 1)));
-    if (mean <= 8) return 0;
-    if (mean <= 32) return 1;
-    return 4;
+    if (mean <= 12) return 0;   // measured on H200 (megamoe-gemm-bench --config): T ≤ 256 at Flash shapes
+    if (mean <= 48) return 1;   // T = 1024
+    return kWgConfig;           // T ≥ 4096
 }
 
 void check_config(int c) { MEGAMOE_CHECK(c >= -1 && c < kNumConfigs, "tiled linear: config ", c, " does not exist"); }
@@ -578,7 +1075,21 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
         return;
     }
     const int64_t N = w.out / o.groups;
-    const int c = config >= 0 ? config : choose_dense(N, M, o.groups);
+    int c = config >= 0 ? config : choose_dense(N, M, o.groups, w.in % step_cols(w.format) == 0);
+    const uint16_t* xk = x;   // x as the kernel reads it
+    if (c == kWgConfig) {
+        // wgmma_kernel reads x in its column order, permuted within each step's columns.
+        const int64_t cols = w.in * o.groups;
+        uint16_t* buf = w.in % step_cols(w.format) == 0
+                            ? static_cast<uint16_t*>(WgScratch::get(0).acquire(static_cast<size_t>(M * cols) * 2, stream))
+                            : nullptr;
+        if (buf) {
+            launch_permute(w.format, x, cols, buf, cols, M, cols, stream);
+            xk = buf;
+        } else {
+            c = 5;   // K not a whole number of steps, or no scratch during capture: mma.sync kernel
+        }
+    }
     const TiledConfig& t = kConfigs[c];
     TiledParams p{};
     p.base = group_of(w, nullptr);
@@ -587,7 +1098,7 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
     p.n_items = nullptr;
     p.M = static_cast<int>(M);
     p.tiles = static_cast<int>(ceil_div(M, t.tokens));
-    p.x = x;
+    p.x = xk;
     p.x_ld = w.in * o.groups;
     p.y = y;
     p.y_ld = w.out;
@@ -598,10 +1109,40 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
     p.w_row_bytes = w.weight_row_bytes;
     p.s_row_bytes = w.scale_row_bytes;
     p.limit = 0;
+    p.spz = p.steps;
+    p.part = nullptr;
     const int64_t gy = p.tiles * o.groups;
     MEGAMOE_CHECK(gy <= 65535, "linear_tiled: ", M, " rows × ", o.groups, " groups is too many tiles for one launch");
-    launch_tiled(w.format, o.out_bf16 ? kEpiBf16 : kEpiF32, c, p, static_cast<unsigned>(ceil_div(N, t.rows)),
-                 static_cast<unsigned>(gy), stream);
+    const int64_t gx = ceil_div(N, t.rows);
+    int64_t S = 1;
+    if (c == kWgConfig) {
+        // Split K over blockIdx.z when the tiles alone leave SMs idle (few rows and tokens, long K):
+        // at least 8 steps per split, at most 8 splits; partial sums reduced in a fixed order.
+        const int64_t ctas = gx * gy, sms = sm_count();
+        if (ctas < sms) S = std::min<int64_t>({8, ceil_div(sms, ctas), std::max<int64_t>(1, p.steps / 8)});
+        if (S > 1) {
+            p.spz = static_cast<int>(ceil_div(p.steps, S));
+            S = ceil_div(p.steps, p.spz);
+            p.part = static_cast<float*>(WgScratch::get(1).acquire(static_cast<size_t>(S * M * w.out) * 4, stream));
+            if (!p.part) S = 1, p.spz = p.steps;
+        }
+    }
+    launch_tiled(w.format, o.out_bf16 ? kEpiBf16 : kEpiF32, c, p, static_cast<unsigned>(gx), static_cast<unsigned>(gy),
+                 stream, static_cast<unsigned>(S));
+    if (S > 1) {
+        const int64_t n = M * w.out;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 4 * sm_count())), 1, 1);
+        cfg.blockDim = dim3(256, 1, 1);
+        cfg.stream = stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        CUDA_CHECK(cudaLaunchKernelEx(&cfg, reduce_split_kernel, static_cast<const float*>(p.part), n, static_cast<int>(S),
+                                      y, o.out_bf16));
+    }
 }
 
 void linear(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o, CUstream_st* stream) {
@@ -711,6 +1252,7 @@ MoeLayerWorkspace::MoeLayerWorkspace(int64_t T_max, int64_t k, const DeviceExper
     i_ = ex.I;
     try {
         CUDA_CHECK(cudaMalloc(&h, static_cast<size_t>(N * ex.I) * sizeof(uint16_t)));
+        CUDA_CHECK(cudaMalloc(&xp, static_cast<size_t>(N * std::max(ex.D, ex.I)) * sizeof(uint16_t)));
         CUDA_CHECK(cudaMalloc(&rows, static_cast<size_t>(N * ex.D) * sizeof(float)));
         CUDA_CHECK(cudaMalloc(&items, static_cast<size_t>(max_items) * 4 * sizeof(int32_t)));
         CUDA_CHECK(cudaMalloc(&n_items, 2 * sizeof(int32_t)));
@@ -722,6 +1264,8 @@ MoeLayerWorkspace::MoeLayerWorkspace(int64_t T_max, int64_t k, const DeviceExper
 
 void MoeLayerWorkspace::release() noexcept {
     if (h) (void)cudaFree(h);
+    if (xp) (void)cudaFree(xp);
+    xp = nullptr;
     if (rows) (void)cudaFree(rows);
     if (items) (void)cudaFree(items);
     if (n_items) (void)cudaFree(n_items);
@@ -740,6 +1284,8 @@ MoeLayerWorkspace& MoeLayerWorkspace::operator=(MoeLayerWorkspace&& o) noexcept 
         release();
         dispatch = std::move(o.dispatch);
         h = o.h;
+        xp = o.xp;
+        o.xp = nullptr;
         rows = o.rows;
         items = o.items;
         n_items = o.n_items;
@@ -758,6 +1304,7 @@ size_t MoeLayerWorkspace::bytes() const {
     const int64_t N = dispatch.T_max * dispatch.k;
     const int64_t I = h ? i_ : 0;
     return dispatch.bytes() + static_cast<size_t>(N * I) * 2 + static_cast<size_t>(N * dispatch.D) * 4 +
+           static_cast<size_t>(N * std::max(I, dispatch.D)) * 2 +
            static_cast<size_t>(max_items) * 16 + 8;
 }
 
@@ -786,10 +1333,20 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     MEGAMOE_CHECK(N >= 0 && N <= ws.dispatch.T_max * ws.dispatch.k, "moe_l", l1 ? 1 : 2, ": ", N,
                   " rows exceed the workspace (", ws.dispatch.T_max * ws.dispatch.k, ")");
     if (N == 0) return;
-    const int c = config >= 0 ? config : choose_grouped(N, ex.E);
+    int c = config >= 0 ? config : choose_grouped(N, ex.E);
+    const DeviceLinear& w = l1 ? ex.w1[0] : ex.w2[0];
+    const uint16_t* x = l1 ? ws.dispatch.xs : ws.h;
+    if (c == kWgConfig) {
+        // wgmma_kernel reads its input in wgmma column order: a permuted copy in ws.xp.
+        if (w.in % step_cols(ex.format) == 0) {
+            launch_permute(ex.format, x, w.in, ws.xp, w.in, N, w.in, stream);
+            x = ws.xp;
+        } else {
+            c = 4;   // same token tile (128), so a shared work list stays valid
+        }
+    }
     const TiledConfig& t = kConfigs[c];
     if (build) launch_build_items(ws, ex.E, t.tokens, stream);
-    const DeviceLinear& w = l1 ? ex.w1[0] : ex.w2[0];
     TiledParams p{};
     p.base = GemmGroup{};
     p.table = static_cast<const GemmGroup*>(l1 ? ex.l1_table : ex.l2_table);
@@ -797,7 +1354,7 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     p.n_items = ws.n_items;
     p.M = 0;
     p.tiles = 0;
-    p.x = l1 ? ws.dispatch.xs : ws.h;
+    p.x = x;
     p.x_ld = l1 ? ex.D : ex.I;
     p.y = l1 ? static_cast<void*>(ws.h) : static_cast<void*>(ws.rows);
     p.y_ld = l1 ? ex.I : ex.D;
@@ -808,6 +1365,8 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     p.w_row_bytes = w.weight_row_bytes;
     p.s_row_bytes = w.scale_row_bytes;
     p.limit = limit;
+    p.spz = p.steps;
+    p.part = nullptr;
     const int64_t items = ceil_div(N, t.tokens) + std::min(N, ex.E);
     MEGAMOE_CHECK(items <= 65535, "moe_l", l1 ? 1 : 2, ": ", items, " work items exceed one launch");
     const int64_t rows_per_cta = l1 ? t.rows / 2 : t.rows;
@@ -844,7 +1403,8 @@ int moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return cho
 
 int linear_tiled_config(const DeviceLinear& w, int64_t M, const LinearOptions& o) {
     MEGAMOE_CHECK(o.groups >= 1 && w.out % o.groups == 0, "linear_tiled_config: bad groups");
-    return choose_dense(w.out / o.groups, M, o.groups);
+    return choose_dense(w.out / o.groups, M, o.groups,
+                        w.format != LinearFormat::f32 && w.in % step_cols(w.format) == 0);
 }
 
 }  // namespace megamoe::cuda

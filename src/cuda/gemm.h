@@ -91,6 +91,7 @@ public:
 
     MoeDispatchWorkspace dispatch;   // counts, offsets, perm, inv, xs [T_max·k, D], ws
     uint16_t* h = nullptr;           // [T_max·k, I] bf16, L1 output
+    uint16_t* xp = nullptr;          // [T_max·k, max(D, I)] bf16: xs or h in wgmma column order (large T)
     float*    rows = nullptr;        // [T_max·k, D] f32, L2 output (routing weight already applied)
     int32_t*  items = nullptr;       // work list of the grouped kernels: [max_items] × 4 int32
     int32_t*  n_items = nullptr;     // [2]: items of L1's tile size, of L2's
