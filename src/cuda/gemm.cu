@@ -441,6 +441,10 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint32_t a0, ui
 }
 
 constexpr int kWgRows = 256, kWgTokens = 128, kWgStages = 4, kWgThreads = 256;
+// Ring depth per format: as many ~200 KB allows (an fp4 stage holds 32 KB of x, fp8 16 KB, bf16 8 KB).
+template <LinearFormat F> __host__ __device__ constexpr int wg_stages() {
+    return F == LinearFormat::bf16 ? 8 : F == LinearFormat::fp8_block ? 6 : 4;
+}
 
 template <LinearFormat F> struct WgLayout {
     static constexpr int kStepK = 4 * Traits<F>::kElems;
@@ -448,7 +452,7 @@ template <LinearFormat F> struct WgLayout {
     static constexpr int kS = kWgRows * kStepBytes;
     static constexpr int kX = kS + kWgRows * scale_slot_bytes<F>();
     static constexpr int kStage = (kX + kWgTokens * kStepK * 2 + 127) / 128 * 128;
-    static constexpr int kSmem = kWgStages * kStage;
+    static constexpr int kSmem = wg_stages<F>() * kStage;
 };
 
 template <LinearFormat F, int EPI>
@@ -520,6 +524,14 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
         }
     }
     const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+    // x copies: thread tid takes token tid / 2 and the K half tid % 2 of each of the step's k16
+    // slices, so its source is one row pointer and its destinations one offset plus j·slice.
+    static_assert(BT * 2 == kWgThreads && kXChunks == kWgThreads * (kQ / 2), "x copy mapping");
+    constexpr int kXPer = kQ / 2;   // k16 slices per step
+    const int xt = tid >> 1, xkh = tid & 1;
+    const bool xok = xt < rows;
+    const uint16_t* xrow = xok ? xg + static_cast<int64_t>(row0 + xt) * p.x_ld + xkh * 8 : p.x;
+    const uint32_t xdst0 = static_cast<uint32_t>(L::kX + ((xt >> 3) * 2 + xkh) * 128 + (xt & 7) * 16);
 
     auto issue = [&](int s, int slot) {
         const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
@@ -536,18 +548,10 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
             const uintptr_t a = (reinterpret_cast<uintptr_t>(ssrc) + (sok ? (s * kStepK) / kFp8Block : 0)) & ~uintptr_t(3);
             cp_async4(base + L::kS + tid * 4, reinterpret_cast<const void*>(a), sok);
         }
-        // x chunk (token t, chunk q2 of the step) -> core matrix (slice q2 / 2, tokens t / 8), K half q2 % 2.
+        // x: this thread's token row, K half xkh of every k16 slice j (core matrix (j, tokens / 8)).
 #pragma unroll
-        for (int c = tid; c < kXChunks; c += kWgThreads) {
-            const int kh = c & 1, rest = c >> 1;
-            const int t = rest % BT, j = rest / BT;
-            const int q2 = 2 * j + kh;
-            const int k = s * kStepK + q2 * 8;
-            const bool ok = t < rows;
-            const uint16_t* src = ok ? xg + static_cast<int64_t>(row0 + t) * p.x_ld + k : p.x;
-            const uint32_t dst = base + L::kX + static_cast<uint32_t>(((j * (BT / 8) + (t >> 3)) * 2 + kh) * 128 + (t & 7) * 16);
-            cp_async16(dst, src, ok);
-        }
+        for (int j = 0; j < kXPer; ++j)
+            cp_async16(base + xdst0 + static_cast<uint32_t>(j * (BT / 8) * 256), xrow + (xok ? s * kStepK + j * 16 : 0), xok);
     };
 
     int lrow[MT][2], mat[MT];
@@ -568,10 +572,11 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
         }
     }
 
-    // Prefetch distance kWgStages - 2: the slot refilled at step s is the one step s - 2 read, whose
+    // Prefetch distance ST - 2: the slot refilled at step s is the one step s - 2 read, whose
     // wgmmas are complete (each warpgroup waits for all but its newest group before the barrier);
     // step s - 1's last group may still run while step s starts.
-    constexpr int kAhead = kWgStages - 2;
+    constexpr int ST = wg_stages<F>();
+    constexpr int kAhead = ST - 2;
     const int s0 = static_cast<int>(blockIdx.z) * p.spz;          // split-K: this CTA's steps
     const int ns = max(0, min(p.spz, p.steps - s0));
 #pragma unroll
@@ -600,10 +605,10 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
         __syncthreads();
         {
             const int nx = ls + kAhead;
-            if (nx < ns) issue(s0 + nx, nx % kWgStages);
+            if (nx < ns) issue(s0 + nx, nx % ST);
             cp_async_commit();
         }
-        const int slot = ls % kWgStages;
+        const int slot = ls % ST;
         const uint8_t* st = smem + slot * L::kStage;
         const uint32_t xs = smem_s + static_cast<uint32_t>(slot * L::kStage + L::kX);
 
@@ -832,7 +837,7 @@ const TiledConfig kConfigs[] = {
 #define MEGAMOE_ROW(i, mt, nt, wr, wt, st) {mt, nt, wr, wt, (wr) * (mt) * 16, (wt) * (nt) * 8, st},
     MEGAMOE_TILED_CONFIGS(MEGAMOE_ROW)
 #undef MEGAMOE_ROW
-    {2, 16, 8, 1, kWgRows, kWgTokens, kWgStages},   // 6: wgmma_kernel (x in wgmma column order)
+    {2, 16, 8, 1, kWgRows, kWgTokens, kWgStages},   // 6: wgmma_kernel (x in wgmma column order; 4-8 stages by format)
 };
 constexpr int kWgConfig = 6;
 constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
