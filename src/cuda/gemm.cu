@@ -429,9 +429,10 @@ template <int N> __device__ __forceinline__ void wgmma_wait_keep(uint32_t (&r)[2
 // Keeps the compiler from moving accumulator registers across the asynchronous wgmma window.
 __device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-// d[64] += A (4 bf16x2 registers, m64k16 slice of this warp) · B (smem descriptor, k16 × n128), f32.
+// d[N/2] += A (4 bf16x2 registers: this warp's 16-row slice of the m64k16 A tile) · B (shared-memory
+// descriptor, k16 × N), f32. One wrapper per N used (the register list is part of the instruction).
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                                 uint64_t desc) {
+                                                uint64_t desc) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
@@ -439,26 +440,41 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint32_t a0, ui
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1));
 }
-
-constexpr int kWgRows = 256, kWgTokens = 128, kWgStages = 4, kWgThreads = 256;
-// Ring depth per format: as many ~200 KB allows (an fp4 stage holds 32 KB of x, fp8 16 KB, bf16 8 KB).
-template <LinearFormat F> __host__ __device__ constexpr int wg_stages() {
-    return F == LinearFormat::bf16 ? 8 : F == LinearFormat::fp8_block ? 6 : 4;
+__device__ __forceinline__ void wgmma_m64n32k16(float (&d)[16], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                uint64_t desc) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1));
+}
+template <int N> __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                       uint32_t a3, uint64_t desc) {
+    if constexpr (N == 128) wgmma_m64n128k16(d, a0, a1, a2, a3, desc);
+    else wgmma_m64n32k16(d, a0, a1, a2, a3, desc);
 }
 
-template <LinearFormat F> struct WgLayout {
+constexpr int kWgRows = 256, kWgThreads = 256;
+
+template <LinearFormat F, int BT> struct WgLayout {
     static constexpr int kStepK = 4 * Traits<F>::kElems;
     static constexpr int kW = 0;
     static constexpr int kS = kWgRows * kStepBytes;
     static constexpr int kX = kS + kWgRows * scale_slot_bytes<F>();
-    static constexpr int kStage = (kX + kWgTokens * kStepK * 2 + 127) / 128 * 128;
-    static constexpr int kSmem = wg_stages<F>() * kStage;
+    static constexpr int kStage = (kX + BT * kStepK * 2 + 127) / 128 * 128;
+    // Ring depth: as many stages as ~200 KB holds, at most 8 (an fp4 stage of 128 tokens holds
+    // 32 KB of x and 18 KB of weights + scales).
+    static constexpr int kStages = (200 * 1024 / kStage) < 8 ? (200 * 1024 / kStage) : 8;
+    static constexpr int kSmem = kStages * kStage;
+    static_assert(kStages >= 3, "the ring needs 3 stages (prefetch distance stages - 2)");
 };
 
-template <LinearFormat F, int EPI>
+template <LinearFormat F, int EPI, int BT>
 static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const TiledParams p) {
-    using L = WgLayout<F>;
-    constexpr int MT = 2, BR = kWgRows, BT = kWgTokens;
+    using L = WgLayout<F, BT>;
+    constexpr int MT = 2, BR = kWgRows;
+    static_assert(BT == 32 || BT == 128, "wgmma wrappers exist for N = 32 and 128");
     constexpr int kE = Traits<F>::kElems, kStepK = L::kStepK, kLds = kE / 8;
     constexpr int SB = scale_slot_bytes<F>();
     constexpr int kQ = kStepK / 8;                  // 16-byte x chunks per token per step
@@ -524,14 +540,18 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
         }
     }
     const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-    // x copies: thread tid takes token tid / 2 and the K half tid % 2 of each of the step's k16
-    // slices, so its source is one row pointer and its destinations one offset plus j·slice.
-    static_assert(BT * 2 == kWgThreads && kXChunks == kWgThreads * (kQ / 2), "x copy mapping");
-    constexpr int kXPer = kQ / 2;   // k16 slices per step
-    const int xt = tid >> 1, xkh = tid & 1;
+    // x copies: thread tid takes token (tid / 2) % BT and the K half tid % 2 of the step's k16
+    // slices j ≡ tid / (2·BT) (mod kJStride), so its source is one row pointer and its
+    // destinations one offset plus j·slice.
+    constexpr int kJStride = kWgThreads / (2 * BT);   // threads cover kJStride slices at once
+    constexpr int kXPer = (kQ / 2 + kJStride - 1) / kJStride;   // slices per thread per step
+    static_assert(kXChunks == kWgThreads * kXPer || kXPer == 1, "x copy mapping");
+    const int xt = (tid >> 1) % BT, xkh = tid & 1, xj0 = (tid >> 1) / BT;
+    const bool xcopy = xj0 < kQ / 2;   // false only where the threads outnumber the step's chunks
     const bool xok = xt < rows;
-    const uint16_t* xrow = xok ? xg + static_cast<int64_t>(row0 + xt) * p.x_ld + xkh * 8 : p.x;
-    const uint32_t xdst0 = static_cast<uint32_t>(L::kX + ((xt >> 3) * 2 + xkh) * 128 + (xt & 7) * 16);
+    const uint16_t* xrow = xok ? xg + static_cast<int64_t>(row0 + xt) * p.x_ld + xj0 * 16 + xkh * 8 : p.x;
+    const uint32_t xdst0 =
+        static_cast<uint32_t>(L::kX + xj0 * (BT / 8) * 256 + ((xt >> 3) * 2 + xkh) * 128 + (xt & 7) * 16);
 
     auto issue = [&](int s, int slot) {
         const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
@@ -549,9 +569,12 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
             cp_async4(base + L::kS + tid * 4, reinterpret_cast<const void*>(a), sok);
         }
         // x: this thread's token row, K half xkh of every k16 slice j (core matrix (j, tokens / 8)).
+        if (xcopy) {
 #pragma unroll
-        for (int j = 0; j < kXPer; ++j)
-            cp_async16(base + xdst0 + static_cast<uint32_t>(j * (BT / 8) * 256), xrow + (xok ? s * kStepK + j * 16 : 0), xok);
+            for (int j = 0; j < kXPer; ++j)
+                cp_async16(base + xdst0 + static_cast<uint32_t>(j * kJStride * (BT / 8) * 256),
+                           xrow + (xok ? s * kStepK + j * kJStride * 16 : 0), xok);
+        }
     };
 
     int lrow[MT][2], mat[MT];
@@ -575,7 +598,7 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
     // Prefetch distance ST - 2: the slot refilled at step s is the one step s - 2 read, whose
     // wgmmas are complete (each warpgroup waits for all but its newest group before the barrier);
     // step s - 1's last group may still run while step s starts.
-    constexpr int ST = wg_stages<F>();
+    constexpr int ST = L::kStages;
     constexpr int kAhead = ST - 2;
     const int s0 = static_cast<int>(blockIdx.z) * p.spz;          // split-K: this CTA's steps
     const int ns = max(0, min(p.spz, p.steps - s0));
@@ -585,11 +608,12 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
         cp_async_commit();
     }
 
-    float acc[MT][64];
+    constexpr int NA = BT / 2;   // accumulators per thread per row tile (m64nBT f32)
+    float acc[MT][NA];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int i = 0; i < 64; ++i) acc[mt][i] = 0.0f;
+        for (int i = 0; i < NA; ++i) acc[mt][i] = 0.0f;
 
     // A buffers alternate per word; with an odd number of words per step (bf16) one buffer is
     // reused after the previous group completes (the buffer index must be a compile-time constant).
@@ -683,7 +707,7 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     const uint32_t(&A)[4] = a[bf][mt][i];
-                    wgmma_m64n128k16(acc[mt], A[0], A[1], A[2], A[3], desc);
+                    wgmma_m64k16<BT>(acc[mt], A[0], A[1], A[2], A[3], desc);
                 }
             }
             wgmma_commit();
@@ -693,7 +717,7 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int i = 0; i < 64; ++i) reg_fence(acc[mt][i]);
+        for (int i = 0; i < NA; ++i) reg_fence(acc[mt][i]);
     cp_async_wait<0>();
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
@@ -704,7 +728,7 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < 16; ++nt)
+            for (int nt = 0; nt < BT / 8; ++nt)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const int t = nt * 8 + 2 * tig + (i & 1);
@@ -717,7 +741,7 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
     if constexpr (kPair) {
         __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y);
 #pragma unroll
-        for (int nt = 0; nt < 16; ++nt)
+        for (int nt = 0; nt < BT / 8; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int t = nt * 8 + 2 * tig + (i & 1);
@@ -734,7 +758,7 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int nt = 0; nt < 16; ++nt)
+            for (int nt = 0; nt < BT / 8; ++nt)
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const int t = nt * 8 + 2 * tig + (i & 1);
@@ -837,9 +861,11 @@ const TiledConfig kConfigs[] = {
 #define MEGAMOE_ROW(i, mt, nt, wr, wt, st) {mt, nt, wr, wt, (wr) * (mt) * 16, (wt) * (nt) * 8, st},
     MEGAMOE_TILED_CONFIGS(MEGAMOE_ROW)
 #undef MEGAMOE_ROW
-    {2, 16, 8, 1, kWgRows, kWgTokens, kWgStages},   // 6: wgmma_kernel (x in wgmma column order; 4-8 stages by format)
+    {2, 16, 8, 1, kWgRows, 128, 0},   // 6: wgmma_kernel, 128 tokens (x in wgmma column order; stages by format)
+    {2, 4, 8, 1, kWgRows, 32, 0},     // 7: wgmma_kernel, 32 tokens (more weight bytes in flight)
 };
-constexpr int kWgConfig = 6;
+constexpr int kWgConfig = 6, kWgConfig32 = 7;
+bool is_wg(int c) { return c == kWgConfig || c == kWgConfig32; }
 constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
 
 using TiledKernel = void (*)(TiledParams);
@@ -862,21 +888,25 @@ template <LinearFormat F> int smem_of(int c) {
     fail("tiled linear: config ", c, " does not exist");
 }
 
-template <LinearFormat F> TiledKernel wg_kernel_for(int epi, int& smem) {
-    smem = WgLayout<F>::kSmem;
+template <LinearFormat F, int BT> TiledKernel wg_kernel_for(int epi, int& smem) {
+    smem = WgLayout<F, BT>::kSmem;
     if constexpr (F == LinearFormat::mxfp4 || F == LinearFormat::nvfp4)
-        if (epi == kEpiSwiglu) return wgmma_kernel<F, kEpiSwiglu>;
+        if (epi == kEpiSwiglu) return wgmma_kernel<F, kEpiSwiglu, BT>;
     MEGAMOE_CHECK(epi != kEpiSwiglu, "wgmma linear: no SwiGLU epilogue for ", linear_format_name(F));
-    return epi == kEpiBf16 ? wgmma_kernel<F, kEpiBf16> : wgmma_kernel<F, kEpiF32>;
+    return epi == kEpiBf16 ? wgmma_kernel<F, kEpiBf16, BT> : wgmma_kernel<F, kEpiF32, BT>;
+}
+
+template <LinearFormat F> TiledKernel wg_kernel_for(int c, int epi, int& smem) {
+    return c == kWgConfig ? wg_kernel_for<F, 128>(epi, smem) : wg_kernel_for<F, 32>(epi, smem);
 }
 
 TiledKernel tiled_kernel_for(LinearFormat f, int epi, int c, int& smem) {
-    if (c == kWgConfig) {
+    if (is_wg(c)) {
         switch (f) {
-            case LinearFormat::bf16: return wg_kernel_for<LinearFormat::bf16>(epi, smem);
-            case LinearFormat::fp8_block: return wg_kernel_for<LinearFormat::fp8_block>(epi, smem);
-            case LinearFormat::mxfp4: return wg_kernel_for<LinearFormat::mxfp4>(epi, smem);
-            case LinearFormat::nvfp4: return wg_kernel_for<LinearFormat::nvfp4>(epi, smem);
+            case LinearFormat::bf16: return wg_kernel_for<LinearFormat::bf16>(c, epi, smem);
+            case LinearFormat::fp8_block: return wg_kernel_for<LinearFormat::fp8_block>(c, epi, smem);
+            case LinearFormat::mxfp4: return wg_kernel_for<LinearFormat::mxfp4>(c, epi, smem);
+            case LinearFormat::nvfp4: return wg_kernel_for<LinearFormat::nvfp4>(c, epi, smem);
             default: fail("wgmma linear: no kernel for ", linear_format_name(f));
         }
     }
@@ -1031,9 +1061,10 @@ int choose_dense(int64_t N, int64_t M, int64_t groups, bool wgmma_ok) {
 // Config for the grouped expert GEMMs from the mean rows per expert (no device sync).
 int choose_grouped(int64_t N, int64_t E) {
     const double mean = static_cast<double>(N) / static_cast<double>(std::min<int64_t>(E, std::max<int64_t>(N, 1)));
-    if (mean <= 12) return 0;   // measured on H200 (megamoe-gemm-bench --config): T ≤ 256 at Flash shapes
-    if (mean <= 48) return 1;   // T = 1024
-    return kWgConfig;           // T ≥ 4096
+    // Measured with megamoe-gemm-bench --config on H100 and H200 (Flash and Pro, NVFP4):
+    if (mean <= 12) return 0;          // T ≤ 256: stream the weights, 8-token tiles
+    if (mean <= 48) return kWgConfig32;  // T ≈ 1024: wgmma, 32-token tiles (1.45x config 1 on H100)
+    return kWgConfig;                  // T ≥ 4096: wgmma, 128-token tiles
 }
 
 void check_config(int c) { MEGAMOE_CHECK(c >= -1 && c < kNumConfigs, "tiled linear: config ", c, " does not exist"); }
@@ -1061,6 +1092,7 @@ std::string tiled_config_name(int c) {
     check_config(c);
     if (c < 0) return "auto";
     const TiledConfig& t = kConfigs[c];
+    if (is_wg(c)) return str("wgmma tile ", t.rows, "x", t.tokens, " (2 warpgroups x 2 m64n", t.tokens, " tiles)");
     return str("tile ", t.rows, "x", t.tokens, " (MT=", t.mt, " NT=", t.nt, " WR=", t.wr, " WT=", t.wt,
                " stages=", t.stages, ")");
 }
@@ -1082,7 +1114,7 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
     const int64_t N = w.out / o.groups;
     int c = config >= 0 ? config : choose_dense(N, M, o.groups, w.in % step_cols(w.format) == 0);
     const uint16_t* xk = x;   // x as the kernel reads it
-    if (c == kWgConfig) {
+    if (is_wg(c)) {
         // wgmma_kernel reads x in its column order, permuted within each step's columns.
         const int64_t cols = w.in * o.groups;
         uint16_t* buf = w.in % step_cols(w.format) == 0
@@ -1120,7 +1152,7 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
     MEGAMOE_CHECK(gy <= 65535, "linear_tiled: ", M, " rows × ", o.groups, " groups is too many tiles for one launch");
     const int64_t gx = ceil_div(N, t.rows);
     int64_t S = 1;
-    if (c == kWgConfig) {
+    if (is_wg(c)) {
         // Split K over blockIdx.z when the tiles alone leave SMs idle (few rows and tokens, long K):
         // at least 8 steps per split, at most 8 splits; partial sums reduced in a fixed order.
         const int64_t ctas = gx * gy, sms = sm_count();
@@ -1341,13 +1373,14 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     int c = config >= 0 ? config : choose_grouped(N, ex.E);
     const DeviceLinear& w = l1 ? ex.w1[0] : ex.w2[0];
     const uint16_t* x = l1 ? ws.dispatch.xs : ws.h;
-    if (c == kWgConfig) {
+    if (is_wg(c)) {
         // wgmma_kernel reads its input in wgmma column order: a permuted copy in ws.xp.
         if (w.in % step_cols(ex.format) == 0) {
             launch_permute(ex.format, x, w.in, ws.xp, w.in, N, w.in, stream);
             x = ws.xp;
         } else {
-            c = 4;   // same token tile (128), so a shared work list stays valid
+            if (kConfigs[c].tokens != kConfigs[4].tokens) build = true;   // the work list's tile changes
+            c = 4;
         }
     }
     const TiledConfig& t = kConfigs[c];

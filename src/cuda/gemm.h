@@ -46,7 +46,7 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void
 struct TiledConfig {
     int mt, nt, wr, wt;      // per warp: 16·mt weight rows × 8·nt tokens; wr × wt warps (rows × tokens)
     int rows, tokens;        // CTA tile
-    int stages;              // shared-memory ring depth
+    int stages;              // shared-memory ring depth (0: the wgmma shapes, chosen per format)
 };
 const std::vector<TiledConfig>& tiled_configs();
 std::string tiled_config_name(int config);
