@@ -1004,9 +1004,13 @@ void launch_permute(LinearFormat f, const uint16_t* in, int64_t in_ld, uint16_t*
     CUDA_CHECK(cudaLaunchKernelEx(&cfg, permute_x_kernel, in, in_ld, out, out_ld, rows, cols, elems_of(f)));
 }
 
-// Scratch of dense wgmma calls (0: the permuted x, 1: split-K partial sums): one buffer each per
-// device, grown outside stream capture (a call being captured that would need a larger one runs
-// without it: the mma.sync kernel, or no split).
+// Scratch of dense wgmma calls (0: the permuted x, 1: split-K partial sums), one buffer per
+// (device, stream): calls on different streams never share one (a DeviceLinear may be used by
+// several streams at once), calls on one stream are ordered by it. A buffer only grows, outside
+// stream capture, and an outgrown buffer is never freed (kept until exit): a CUDA graph captured
+// earlier may still point at it. Growth at least doubles, so the retired ones add up to less than
+// the live one. A call being captured that would need a larger buffer runs without it (the
+// mma.sync kernel, or no split).
 class WgScratch {
 public:
     static WgScratch& get(int which) {
@@ -1014,31 +1018,31 @@ public:
         return s[which];
     }
     void* acquire(size_t bytes, cudaStream_t stream) {
-        const size_t elems = bytes;
         int dev = 0;
         CUDA_CHECK(cudaGetDevice(&dev));
         std::lock_guard<std::mutex> lk(m_);
-        Buf& b = bufs_[dev];
-        if (b.elems >= elems) return b.p;
+        Buf& b = bufs_[{dev, reinterpret_cast<uintptr_t>(stream)}];
+        if (b.bytes >= bytes) return b.p;
         cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
         CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
         if (st != cudaStreamCaptureStatusNone) return nullptr;
-        CUDA_CHECK(cudaStreamSynchronize(stream));   // the old buffer may still be read by queued work
-        if (b.p) CUDA_CHECK(cudaFree(b.p));
-        b.p = nullptr;
-        b.elems = 0;
-        CUDA_CHECK(cudaMalloc(&b.p, elems));
-        b.elems = elems;
+        const size_t grown = std::max(bytes, 2 * b.bytes);
+        void* p = nullptr;
+        CUDA_CHECK(cudaMalloc(&p, grown));
+        if (b.p) retired_.push_back(b.p);   // queued work or a captured graph may still use it
+        b.p = p;
+        b.bytes = grown;
         return b.p;
     }
 
 private:
     struct Buf {
         void* p = nullptr;
-        size_t elems = 0;
+        size_t bytes = 0;
     };
     std::mutex m_;
-    std::map<int, Buf> bufs_;
+    std::map<std::pair<int, uintptr_t>, Buf> bufs_;
+    std::vector<void*> retired_;
 };
 
 // Config for a dense (uniform) call: the largest tile that still gives at least one CTA per SM,

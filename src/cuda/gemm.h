@@ -32,7 +32,10 @@ namespace megamoe::cuda {
 
 // y[M, N] = x[M, K·groups] · Wᵀ (see LinearOptions): M ≤ 16 → linear_small_m, else linear_tiled.
 // x bf16 row-major [M, K·groups] (16-byte aligned; for the tiled path K % 8 == 0), y f32 or bf16
-// [M, N]. Asynchronous, deterministic, graph-capturable.
+// [M, N]. Asynchronous, deterministic, graph-capturable. For M > 16 the wgmma path uses a scratch
+// buffer per (device, stream) (x in its column order, split-K partials) that is allocated or grown
+// on first need outside stream capture; during capture a call that would need a larger one runs
+// the mma.sync kernel instead (same results up to summation order). Capture after a warm-up call.
 void linear(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void* y, const LinearOptions& o,
             CUstream_st* stream);
 
