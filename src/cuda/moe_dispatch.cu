@@ -51,12 +51,19 @@ constexpr int kCopyThreads = 256;
 static_assert(kScanThreads == kMoeMaxExperts, "the scan kernel gives each expert one thread");
 static_assert(kMoeRouteChunk % kRouteThreads == 0, "a chunk is walked in whole CTA-wide steps");
 
+// First statement of every kernel here (see launch_pdl).
+__device__ __forceinline__ void pdl_begin() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
 __device__ __forceinline__ int clamp_expert(int e, int E) { return e < 0 ? 0 : (e >= E ? E - 1 : e); }
 
 // Kernel 1: per-chunk stable rank + histogram. Dynamic shared memory: running[E], per_warp[8][E].
 static __global__ void __launch_bounds__(kRouteThreads)
 moe_route_rank_kernel(const int32_t* __restrict__ ids, int N, int E, int32_t* __restrict__ chunk_table,
                       int32_t* __restrict__ rank) {
+    pdl_begin();
     extern __shared__ int32_t smem[];
     int32_t* running = smem;
     int32_t* per_warp = smem + E;
@@ -99,6 +106,7 @@ moe_route_rank_kernel(const int32_t* __restrict__ ids, int N, int E, int32_t* __
 static __global__ void __launch_bounds__(kScanThreads)
 moe_route_scan_kernel(int32_t* __restrict__ chunk_table, int chunks, int E, int N, int32_t* __restrict__ counts,
                       int32_t* __restrict__ offsets) {
+    pdl_begin();
     __shared__ int32_t warp_sums[kScanThreads / 32];
     const int e = threadIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int total = 0;
@@ -139,6 +147,7 @@ moe_route_scan_kernel(int32_t* __restrict__ chunk_table, int chunks, int E, int 
 static __global__ void __launch_bounds__(kCopyThreads)
 moe_route_scatter_kernel(const int32_t* __restrict__ ids, int N, int E, const int32_t* __restrict__ chunk_table,
                          const int32_t* __restrict__ rank, int32_t* __restrict__ perm, int32_t* __restrict__ inv) {
+    pdl_begin();
     for (int i = blockIdx.x * kCopyThreads + threadIdx.x; i < N; i += gridDim.x * kCopyThreads) {
         const int e = clamp_expert(ids[i], E);
         const int pos = chunk_table[(i / static_cast<int>(kMoeRouteChunk)) * E + e] + rank[i];
@@ -163,6 +172,7 @@ template <typename V>
 static __global__ void __launch_bounds__(kCopyThreads)
 moe_gather_kernel(const V* __restrict__ x, const float* __restrict__ weights, const int32_t* __restrict__ perm, int N,
                   int k, int64_t vecs, int tpr_shift, V* __restrict__ xs, float* __restrict__ ws) {
+    pdl_begin();
     const int tpr = 1 << tpr_shift;
     const int64_t row = static_cast<int64_t>(blockIdx.x) * (kCopyThreads >> tpr_shift) + (threadIdx.x >> tpr_shift);
     if (row >= N) return;
@@ -208,12 +218,15 @@ template <typename OutT, int VEC>
 static __global__ void __launch_bounds__(kCopyThreads)
 moe_combine_kernel(const float* __restrict__ rows, const int32_t* __restrict__ inv, const float* __restrict__ shared,
                    int T, int k, int64_t D, int tpr_shift, OutT* __restrict__ y) {
+    pdl_begin();
     const int tpr = 1 << tpr_shift;
     const int64_t t = static_cast<int64_t>(blockIdx.x) * (kCopyThreads >> tpr_shift) + (threadIdx.x >> tpr_shift);
     if (t >= T) return;
     const int64_t vecs = D / VEC;
     const int32_t* my_inv = inv + t * k;
-    for (int64_t c = threadIdx.x & (tpr - 1); c < vecs; c += tpr) {
+    // blockIdx.y splits a row's vectors over several CTAs (few tokens: more loads in flight).
+    const int64_t step = static_cast<int64_t>(tpr) * gridDim.y;
+    for (int64_t c = (threadIdx.x & (tpr - 1)) + static_cast<int64_t>(blockIdx.y) * tpr; c < vecs; c += step) {
         float acc[VEC];
         for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;   // +0 start, as the CPU's `float acc = 0`
         for (int s = 0; s < k; ++s) {
@@ -233,6 +246,25 @@ moe_combine_kernel(const float* __restrict__ rows, const int32_t* __restrict__ i
 bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
 
 cudaStream_t as_stream(CUstream_st* s) { return s; }
+
+// Launch with programmatic dependent launch: the kernel may be scheduled while the previous kernel
+// of the stream finishes; every kernel here starts with pdl_begin(), whose griddepcontrol.wait
+// returns only once that kernel has completed and its writes are visible (so stream order holds
+// for every read and write), and then lets the next kernel be scheduled early in turn.
+template <typename... KArgs, typename... Args>
+void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...));
+}
 
 int grid_for(int64_t rows, int64_t rows_per_block) {
     const int64_t g = (rows + rows_per_block - 1) / rows_per_block;
@@ -257,12 +289,18 @@ void combine_impl(const float* rows, const int32_t* inv, const float* shared, in
     const int64_t vecs = vec ? D / 4 : D;
     const RowGeometry g = row_geometry(vecs);
     const int grid = grid_for(T, g.rows_per_block());
+    // With few tokens the row CTAs alone would leave the GPU idle and each thread would walk its
+    // row serially: split each row's vectors over up to ceil(vecs / TPR) CTAs, aiming at ~2 CTAs
+    // per SM in all. Each output element is still summed by one thread in slot order.
+    const int64_t iters = (vecs + (int64_t{1} << g.tpr_shift) - 1) >> g.tpr_shift;
+    const dim3 blocks(static_cast<unsigned>(grid),
+                      static_cast<unsigned>(std::clamp<int64_t>(264 / std::max(grid, 1), 1, std::min<int64_t>(iters, 65535))));
     if (vec)
-        moe_combine_kernel<OutT, 4><<<grid, kCopyThreads, 0, as_stream(stream)>>>(
-            rows, inv, shared, static_cast<int>(T), static_cast<int>(k), D, g.tpr_shift, y);
+        launch_pdl(moe_combine_kernel<OutT, 4>, blocks, dim3(kCopyThreads), 0, as_stream(stream), rows, inv, shared,
+                   static_cast<int>(T), static_cast<int>(k), D, g.tpr_shift, y);
     else
-        moe_combine_kernel<OutT, 1><<<grid, kCopyThreads, 0, as_stream(stream)>>>(
-            rows, inv, shared, static_cast<int>(T), static_cast<int>(k), D, g.tpr_shift, y);
+        launch_pdl(moe_combine_kernel<OutT, 1>, blocks, dim3(kCopyThreads), 0, as_stream(stream), rows, inv, shared,
+                   static_cast<int>(T), static_cast<int>(k), D, g.tpr_shift, y);
     CUDA_CHECK(cudaGetLastError());
 }
 
@@ -286,18 +324,18 @@ void moe_route_counts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32
     const cudaStream_t s = as_stream(stream);
     if (N > 0) {
         const size_t smem = sizeof(int32_t) * static_cast<size_t>(E) * (1 + kRouteWarps);   // ≤ 36 KiB
-        moe_route_rank_kernel<<<chunks, kRouteThreads, smem, s>>>(ids, static_cast<int>(N), static_cast<int>(E),
-                                                                  table, rank);
+        launch_pdl(moe_route_rank_kernel, dim3(chunks), dim3(kRouteThreads), smem, s, ids, static_cast<int>(N),
+                   static_cast<int>(E), table, rank);
         CUDA_CHECK(cudaGetLastError());
     }
     // Runs for N = 0 too (chunks = 0), so counts and offsets are always written.
-    moe_route_scan_kernel<<<1, kScanThreads, 0, s>>>(table, chunks, static_cast<int>(E), static_cast<int>(N), counts,
-                                                     offsets);
+    launch_pdl(moe_route_scan_kernel, dim3(1), dim3(kScanThreads), 0, s, table, chunks, static_cast<int>(E),
+               static_cast<int>(N), counts, offsets);
     CUDA_CHECK(cudaGetLastError());
     if (N > 0) {
         const int grid = static_cast<int>(std::min<int64_t>((N + kCopyThreads - 1) / kCopyThreads, 4096));
-        moe_route_scatter_kernel<<<grid, kCopyThreads, 0, s>>>(ids, static_cast<int>(N), static_cast<int>(E), table,
-                                                               rank, perm, inv);
+        launch_pdl(moe_route_scatter_kernel, dim3(grid), dim3(kCopyThreads), 0, s, ids, static_cast<int>(N),
+                   static_cast<int>(E), static_cast<const int32_t*>(table), static_cast<const int32_t*>(rank), perm, inv);
         CUDA_CHECK(cudaGetLastError());
     }
 }
@@ -316,13 +354,12 @@ void moe_gather(const uint16_t* x_bf16, const float* weights, const int32_t* per
     const int grid = grid_for(N, g.rows_per_block());
     const cudaStream_t s = as_stream(stream);
     if (vec)
-        moe_gather_kernel<uint4><<<grid, kCopyThreads, 0, s>>>(
-            reinterpret_cast<const uint4*>(x_bf16), weights, perm, static_cast<int>(N), static_cast<int>(k), vecs,
-            g.tpr_shift, reinterpret_cast<uint4*>(xs_bf16), ws);
+        launch_pdl(moe_gather_kernel<uint4>, dim3(grid), dim3(kCopyThreads), 0, s, reinterpret_cast<const uint4*>(x_bf16),
+                   weights, perm, static_cast<int>(N), static_cast<int>(k), vecs, g.tpr_shift,
+                   reinterpret_cast<uint4*>(xs_bf16), ws);
     else
-        moe_gather_kernel<uint16_t><<<grid, kCopyThreads, 0, s>>>(x_bf16, weights, perm, static_cast<int>(N),
-                                                                  static_cast<int>(k), vecs, g.tpr_shift, xs_bf16,
-                                                                  ws);
+        launch_pdl(moe_gather_kernel<uint16_t>, dim3(grid), dim3(kCopyThreads), 0, s, x_bf16, weights, perm,
+                   static_cast<int>(N), static_cast<int>(k), vecs, g.tpr_shift, xs_bf16, ws);
     CUDA_CHECK(cudaGetLastError());
 }
 
