@@ -1,5 +1,11 @@
 // gemm.cu — the tiled linear (any M) and the grouped routed-expert GEMMs on Hopper (sm_90a).
 //
+// Two kernel families share the weight handling (packed checkpoint bytes in kernel order, decoded
+// in registers, never a dequantized copy) and the work decomposition below:
+//   tiled_kernel (mma.sync; configs 0-5): decode / few tokens per expert, and any M or K;
+//   wgmma_kernel (wgmma with A from registers; configs 6, 7): prefill and mid-size expert batches
+//     (described where it is defined). Tile choices: choose_dense / choose_grouped (measured).
+//
 // Kernel (tiled_kernel)
 // ---------------------
 // * A CTA of WR·WT warps computes a tile of BR weight rows × BT tokens, warps arranged WR (rows) ×
@@ -12,7 +18,7 @@
 // * K is walked in 64-byte weight-row steps (bf16: 32, fp8: 64, fp4: 128 columns). Each step's
 //   operands — BR rows × 64 B of packed weights (checkpoint bytes, no dequantized copy), their
 //   scale bytes, and BT tokens × the step's x columns — are copied by all threads with 16-byte
-//   cp.async into one slot of a kTStages-deep shared-memory ring (one __syncthreads per step).
+//   cp.async into one slot of an ST-deep shared-memory ring (one __syncthreads per step).
 //   x rows are padded and (fp4) chunk-swizzled so the quarter-warp LDS.128 reads are conflict-free
 //   (same layout argument as linear.cu's x stage).
 // * Work: grid.x = row blocks, grid.y = work items (a group and BT of its token rows). Groups are
@@ -49,7 +55,6 @@ namespace megamoe::cuda {
 namespace {
 
 using namespace dev;
-
 
 enum Epi : int { kEpiF32 = 0, kEpiBf16 = 1, kEpiSwiglu = 2 };
 
@@ -389,20 +394,23 @@ static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const Til
 // comes from registers, decoded by each warp exactly as above (a warpgroup's 4 warps hold the 4
 // 16-row slices of a 64-row A tile, the m16n8k16 A fragment layout), and B (128 tokens × k16) is
 // read by the tensor cores straight from shared memory through a matrix descriptor, so one
-// decoded A fragment feeds 128 tokens and no x fragment passes through registers.
-//   CTA: 2 warpgroups × 2 row tiles of 64 = 256 weight rows, 128 tokens, 4-stage cp.async ring.
+// decoded A fragment feeds BT tokens and no x fragment passes through registers.
+//   CTA: 2 warpgroups × 2 row tiles of 64 = 256 weight rows, BT = 128 or 32 tokens (wgmma N), a
+//   cp.async ring as deep as ~200 KB of shared memory allows (WgLayout::kStages, 3..8).
 //   B in shared memory: the canonical K-major layout without swizzle: 8 tokens × 16 bytes "core
 //   matrices" of 128 contiguous bytes, K-adjacent ones 128 B apart (LBO), token-adjacent ones
 //   256 B apart (SBO), one 16-column slice after another.
 //   The decoded A registers cover, per lane, 8 contiguous k of its own 16-byte chunk, so the k16
 //   slice j of a step holds the columns wgmma_column(j, s) (below) in its slots s = 0..15; x is
-//   permuted into that order once (permute_x_for_wgmma) before the GEMM. The permutation stays
+//   permuted into that order once (permute_x_kernel) before the GEMM. The permutation stays
 //   inside each step's kStepK columns.
 //   Per step: wait for the stage, then for each 8-column word l of the lanes' chunks: decode into
 //   one of two A buffers (alternating over all words; the wgmma group that read it two words ago
-//   has completed: wait_group 1), fence, 4 wgmmas (2 row tiles × 2 k16 slices), commit. The ring
-//   is refilled two steps ahead, so a stage is rewritten only after the wgmmas that read it are done
-//   and the tensor cores never drain between steps.
+//   has completed: wait_group 1), fence, 4 wgmmas (2 row tiles × 2 k16 slices), commit. A stage is
+//   refilled only after the wgmmas that read it are done (it is the one of two steps back), and
+//   the last group of a step still runs while the next step starts.
+//   Split-K (dense calls): blockIdx.z takes p.spz steps and writes f32 partials, summed in a fixed
+//   order by reduce_split_kernel (deterministic).
 
 __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
     return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
