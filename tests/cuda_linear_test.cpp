@@ -437,6 +437,40 @@ TEST(CudaLinear, ZeroTokensIsANoOp) {
     EXPECT_THROW(cuda::linear_small_m(empty, nullptr, 1, nullptr, nullptr), Error);
 }
 
+// The upload's word permutation (host code: runs without a GPU). Every one of the 2^16 values of
+// the low and high half-words, with random other halves: from_kernel_order undoes
+// to_kernel_order, fp8 byte b of the kernel word holds element [0 2 1 3][b], fp4 nibble j holds
+// element kFp4KernelOrder[j]; bf16 and f32 rows are left unchanged.
+TEST(CudaLinear, KernelOrderIsALosslessWordPermutation) {
+    std::mt19937 rng(77);
+    std::vector<uint8_t> orig(4 * 2 * 65536);
+    for (uint32_t i = 0; i < 2 * 65536; ++i) {
+        const uint32_t r = rng();
+        const uint32_t w = i < 65536 ? (r & 0xFFFF0000u) | i : (r & 0x0000FFFFu) | ((i - 65536) << 16);
+        std::memcpy(orig.data() + 4 * i, &w, 4);
+    }
+    for (LinearFormat f : {LinearFormat::f32, LinearFormat::bf16, LinearFormat::fp8_block, LinearFormat::mxfp4,
+                           LinearFormat::nvfp4}) {
+        std::vector<uint8_t> k = orig;
+        cuda::to_kernel_order(f, k.data(), static_cast<int64_t>(k.size()));
+        for (size_t i = 0; i < orig.size(); i += 4) {
+            uint32_t a, b;
+            std::memcpy(&a, orig.data() + i, 4);
+            std::memcpy(&b, k.data() + i, 4);
+            for (int j = 0; j < 8; ++j) {
+                int src = j;   // the element of the original word at position j of the kernel word
+                if (f == LinearFormat::fp8_block) src = j / 2 == 0 || j / 2 == 3 ? j : (j / 2 == 1 ? j + 2 : j - 2);
+                if (f == LinearFormat::mxfp4 || f == LinearFormat::nvfp4) src = cuda::kFp4KernelOrder[j];
+                ASSERT_EQ((b >> (4 * j)) & 0xFu, (a >> (4 * src)) & 0xFu) << fmt_name(f) << " word " << i / 4 << " nibble " << j;
+            }
+        }
+        cuda::from_kernel_order(f, k.data(), static_cast<int64_t>(k.size()));
+        ASSERT_EQ(k, orig) << fmt_name(f);
+    }
+    std::vector<uint8_t> odd(6);
+    EXPECT_THROW(cuda::to_kernel_order(LinearFormat::nvfp4, odd.data(), 6), Error);
+}
+
 }  // namespace
 }  // namespace megamoe
 
