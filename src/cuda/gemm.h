@@ -1,14 +1,14 @@
 // gemm.h — tiled linear for any M (prefill) and the routed-expert layer on the GPU. Host API;
 // plain C++, compiles without the CUDA toolkit.
 //
-// One tiled kernel family (gemm.cu) serves three callers:
+// Two kernel families (gemm.cu: mma.sync tiles and wgmma tiles) serve three callers:
 //   linear / linear_tiled   y[M, N] = x[M, K] · Wᵀ for one weight (M > 16; M ≤ 16 goes to
 //                           linear_small_m), optionally grouped (wo_a) and with bf16 output;
 //   moe_l1                  per expert e, rows j of its slice of xs:
 //                           h[j] = silu(min(g, L)) · clamp(u, -L, L) · ws[j]   (bf16)
 //                           with g = xs[j] · w1[e]ᵀ, u = xs[j] · w3[e]ᵀ computed in one pass;
 //   moe_l2                  rows[j] = h[j] · w2[e]ᵀ (f32).
-// and MoeLayer runs the whole routed-expert layer: route → gather → L1 → L2 → combine, with no
+// and moe_layer runs the whole routed-expert layer: route → gather → L1 → L2 → combine, with no
 // host synchronization (graph-capturable for a fixed T).
 //
 // Weights stay in their checkpoint formats (DeviceLinear, kernel-order words; see linear.h).
@@ -57,8 +57,9 @@ std::string tiled_config_name(int config);
 // ------------------------------------------------------------------------ routed experts
 
 // The routed experts of one MoE layer on the device: E × (w1, w3 [I, D], w2 [D, I]) in one format
-// (NVFP4 or MXFP4, the releases' expert formats; others are refused), each uploaded with upload_linear, plus the per-expert
-// parameter tables the grouped kernels read. Move-only; frees in the destructor.
+// (NVFP4 or MXFP4, the releases' expert formats; others are refused), each uploaded with
+// upload_linear, plus the per-expert parameter tables the grouped kernels read. Move-only; frees
+// in the destructor.
 class DeviceExperts {
 public:
     DeviceExperts() = default;
