@@ -147,4 +147,64 @@ template <LinearFormat F> __device__ __forceinline__ int x_chunk_pos(int q) {
 }
 
 
+
+// The A fragments of the two m16n8k16 MMAs fed by word l of a lane's 16 weight bytes (rows g and
+// g + 8 of a 16-row tile: w0, w1), each multiplied by its block's bf16x2 scale multiplier:
+// (lo0, hi0) for row g, (lo1, hi1) for row g + 8; hi is the lane's second 16-group (NVFP4 only,
+// words 2 and 3). a[i] feeds the MMA over the word's columns 4i .. 4i + 3 (kernel order, natural k
+// pairs). Shared by every kernel that takes its weights in registers (linear.cu, gemm.cu).
+template <LinearFormat F>
+__device__ __forceinline__ void decode_a(const uint4& w0, const uint4& w1, int l, uint32_t lo0, uint32_t hi0,
+                                         uint32_t lo1, uint32_t hi1, uint32_t (&a)[2][4]) {
+    if constexpr (F == LinearFormat::bf16) {
+        a[0][0] = w0.x; a[0][1] = w1.x; a[0][2] = w0.y; a[0][3] = w1.y;
+        a[1][0] = w0.z; a[1][1] = w1.z; a[1][2] = w0.w; a[1][3] = w1.w;
+    } else if constexpr (F == LinearFormat::fp8_block) {
+        const uint32_t q00 = l == 0 ? w0.x : w0.z, q01 = l == 0 ? w0.y : w0.w;
+        const uint32_t q10 = l == 0 ? w1.x : w1.z, q11 = l == 0 ? w1.y : w1.w;
+        uint32_t lo, hi;
+        fp8x4_bits(q00, lo, hi);
+        a[0][0] = bf16x2_mul(lo, lo0); a[0][2] = bf16x2_mul(hi, lo0);
+        fp8x4_bits(q10, lo, hi);
+        a[0][1] = bf16x2_mul(lo, lo1); a[0][3] = bf16x2_mul(hi, lo1);
+        fp8x4_bits(q01, lo, hi);
+        a[1][0] = bf16x2_mul(lo, lo0); a[1][2] = bf16x2_mul(hi, lo0);
+        fp8x4_bits(q11, lo, hi);
+        a[1][1] = bf16x2_mul(lo, lo1); a[1][3] = bf16x2_mul(hi, lo1);
+    } else {
+        const uint32_t q0w = l == 0 ? w0.x : l == 1 ? w0.y : l == 2 ? w0.z : w0.w;
+        const uint32_t q1w = l == 0 ? w1.x : l == 1 ? w1.y : l == 2 ? w1.z : w1.w;
+        // NVFP4: words 0,1 of a lane's 16 B are group 2·tig, words 2,3 group 2·tig+1.
+        const uint32_t m0 = l < 2 ? lo0 : hi0;
+        const uint32_t m1 = l < 2 ? lo1 : hi1;
+        uint32_t p0[4], p1[4];
+        fp4x8_bits(q0w, p0);
+        fp4x8_bits(q1w, p1);
+        a[0][0] = bf16x2_mul(p0[0], m0); a[0][1] = bf16x2_mul(p1[0], m1);
+        a[0][2] = bf16x2_mul(p0[1], m0); a[0][3] = bf16x2_mul(p1[1], m1);
+        a[1][0] = bf16x2_mul(p0[2], m0); a[1][1] = bf16x2_mul(p1[2], m1);
+        a[1][2] = bf16x2_mul(p0[3], m0); a[1][3] = bf16x2_mul(p1[3], m1);
+    }
+}
+
+
+// Host: launch `kernel` with programmatic dependent launch (it may be scheduled while the previous
+// kernel of the stream finishes; every kernel launched this way calls griddepcontrol.wait before it
+// touches memory the previous kernel writes or reads, so stream order holds). Returns the launch
+// status; the caller reports it.
+template <typename... KArgs, typename... Args>
+cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
+}
+
 }  // namespace megamoe::cuda::dev

@@ -121,6 +121,75 @@ __device__ __forceinline__ float silu_swiglu(float g, float u, float limit) {
     return g / (1.0f + expf(-g)) * u;
 }
 
+// The CTA's work item (blockIdx.y): group gi, its first x row row0, rows (≤ BT) and the group's
+// weights. Listed groups read the device work list, which the previous kernel wrote, so they wait
+// for it first (griddepcontrol.wait); uniform ones derive the item from blockIdx.y and wait after.
+// False if blockIdx.y lies past the list's device-side length (the CTA has nothing to do).
+template <int BT>
+__device__ __forceinline__ bool work_item(const TiledParams& p, int& gi, int& row0, int& rows, GemmGroup& G) {
+    if (p.items) {
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+        if (static_cast<int>(blockIdx.y) >= *p.n_items) return false;
+        const int4 it = p.items[blockIdx.y];
+        gi = it.x;
+        row0 = it.y;
+        rows = it.z;
+        G = p.table[gi];
+    } else {
+        gi = static_cast<int>(blockIdx.y) / p.tiles;
+        row0 = (static_cast<int>(blockIdx.y) - gi * p.tiles) * BT;
+        rows = min(BT, p.M - row0);
+        G = p.base;
+        asm volatile("griddepcontrol.wait;" ::: "memory");
+    }
+    return true;
+}
+
+// A lane's weights and scale multipliers from one ring stage: the 16 bytes at byte 16·tig of the
+// step for each of its rows lrow[mt][h] (w_slot: [rows][64 B]), and the bf16x2 block-scale
+// multipliers for them (s_slot: per row, 8 bytes NVFP4, 4 bytes MXFP4 and fp8 (the aligned word
+// holding the byte; s_lo: its offset in the word at step 0)), as decode_a takes them.
+template <LinearFormat F, int MT>
+__device__ __forceinline__ void stage_weights(const uint8_t* w_slot, const uint8_t* s_slot, const int (&lrow)[MT][2],
+                                              const int (&mat)[MT], const uint32_t (&s_lo)[MT][2], int tig, int s,
+                                              const GemmGroup& G, uint4 (&wv)[MT][2], uint32_t (&mlo)[MT][2],
+                                              uint32_t (&mhi)[MT][2]) {
+    constexpr int kStepK = 4 * Traits<F>::kElems;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int r = lrow[mt][h];
+            wv[mt][h] = *reinterpret_cast<const uint4*>(w_slot + r * kStepBytes + tig * 16);
+            if constexpr (F == LinearFormat::nvfp4) {
+                const uint32_t word = *reinterpret_cast<const uint32_t*>(s_slot + r * 8 + (tig >> 1) * 4);
+                nvfp4_mults(word >> (16 * (tig & 1)), mlo[mt][h], mhi[mt][h]);
+            } else if constexpr (F == LinearFormat::mxfp4) {
+                const uint32_t word = *reinterpret_cast<const uint32_t*>(s_slot + r * 4);
+                mlo[mt][h] = mhi[mt][h] = pow2_bf16x2((word >> (8 * tig)) & 0xFFu, G.bias[mat[mt]]);
+            } else if constexpr (F == LinearFormat::fp8_block) {
+                const uint32_t word = *reinterpret_cast<const uint32_t*>(s_slot + r * 4);
+                const uint32_t off = (s_lo[mt][h] + static_cast<uint32_t>((s * kStepK) / kFp8Block)) & 3u;
+                mlo[mt][h] = mhi[mt][h] = pow2_bf16x2((word >> (8 * off)) & 0xFFu, G.bias[mat[mt]]);
+            } else {
+                mlo[mt][h] = mhi[mt][h] = 0;
+            }
+        }
+    }
+}
+
+// One output element: store_y writes y[o] = v as f32 or bf16 (EPI); store_h, for a SwiGLU pair,
+// writes h[xrow, row] = silu(min(g, L)) · clamp(u, ±L) · routing weight of x row xrow, in bf16.
+template <int EPI>
+__device__ __forceinline__ void store_y(const TiledParams& p, int64_t o, float v) {
+    if constexpr (EPI == kEpiBf16) static_cast<__nv_bfloat16*>(p.y)[o] = __float2bfloat16_rn(v);
+    else static_cast<float*>(p.y)[o] = v;
+}
+__device__ __forceinline__ void store_h(const TiledParams& p, int xrow, int row, float gate, float up) {
+    const float h = silu_swiglu(gate, up, p.limit) * p.row_scale[xrow];
+    static_cast<__nv_bfloat16*>(p.y)[static_cast<int64_t>(xrow) * p.y_ld + row] = __float2bfloat16_rn(h);
+}
+
 template <LinearFormat F, int MT, int NT, int WR, int WT, int ST, int EPI>
 static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const TiledParams p) {
     using L = TileLayout<F, MT, NT, WR, WT, ST>;
@@ -141,21 +210,7 @@ static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const Til
     // ---- the work item
     int gi, row0, rows;
     GemmGroup G;
-    if (p.items) {
-        asm volatile("griddepcontrol.wait;" ::: "memory");   // the list comes from the previous kernel
-        if (static_cast<int>(blockIdx.y) >= *p.n_items) return;
-        const int4 it = p.items[blockIdx.y];
-        gi = it.x;
-        row0 = it.y;
-        rows = it.z;
-        G = p.table[gi];
-    } else {
-        gi = static_cast<int>(blockIdx.y) / p.tiles;
-        row0 = (static_cast<int>(blockIdx.y) - gi * p.tiles) * BT;
-        rows = min(BT, p.M - row0);
-        G = p.base;
-        asm volatile("griddepcontrol.wait;" ::: "memory");
-    }
+    if (!work_item<BT>(p, gi, row0, rows, G)) return;
     const int64_t grow0 = p.items ? 0 : static_cast<int64_t>(gi) * p.N;   // uniform: the group's first row in W
     const uint16_t* xg = p.x + (p.items ? 0 : static_cast<int64_t>(gi) * p.K);
 
@@ -275,27 +330,7 @@ static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const Til
 
         uint4 wv[MT][2];
         uint32_t mlo[MT][2], mhi[MT][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = lrow[mt][h];
-                wv[mt][h] = *reinterpret_cast<const uint4*>(st + L::kW + r * kStepBytes + tig * 16);
-                if constexpr (F == LinearFormat::nvfp4) {
-                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + L::kS + r * 8 + (tig >> 1) * 4);
-                    nvfp4_mults(word >> (16 * (tig & 1)), mlo[mt][h], mhi[mt][h]);
-                } else if constexpr (F == LinearFormat::mxfp4) {
-                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + L::kS + r * 4);
-                    mlo[mt][h] = mhi[mt][h] = pow2_bf16x2((word >> (8 * tig)) & 0xFFu, G.bias[mat[mt]]);
-                } else if constexpr (F == LinearFormat::fp8_block) {
-                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + L::kS + r * 4);
-                    const uint32_t off = (s_lo[mt][h] + static_cast<uint32_t>((s * kStepK) / kFp8Block)) & 3u;
-                    mlo[mt][h] = mhi[mt][h] = pow2_bf16x2((word >> (8 * off)) & 0xFFu, G.bias[mat[mt]]);
-                } else {
-                    mlo[mt][h] = mhi[mt][h] = 0;
-                }
-            }
-        }
+        stage_weights<F, MT>(st + L::kW, st + L::kS, lrow, mat, s_lo, tig, s, G, wv, mlo, mhi);
 
 #pragma unroll
         for (int l = 0; l < kLds; ++l) {
@@ -307,36 +342,7 @@ static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const Til
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 uint32_t a[2][4];
-                const uint4& w0 = wv[mt][0];
-                const uint4& w1 = wv[mt][1];
-                if constexpr (F == LinearFormat::bf16) {
-                    a[0][0] = w0.x; a[0][1] = w1.x; a[0][2] = w0.y; a[0][3] = w1.y;
-                    a[1][0] = w0.z; a[1][1] = w1.z; a[1][2] = w0.w; a[1][3] = w1.w;
-                } else if constexpr (F == LinearFormat::fp8_block) {
-                    const uint32_t q00 = l == 0 ? w0.x : w0.z, q01 = l == 0 ? w0.y : w0.w;
-                    const uint32_t q10 = l == 0 ? w1.x : w1.z, q11 = l == 0 ? w1.y : w1.w;
-                    uint32_t lo, hi;
-                    fp8x4_bits(q00, lo, hi);
-                    a[0][0] = bf16x2_mul(lo, mlo[mt][0]); a[0][2] = bf16x2_mul(hi, mlo[mt][0]);
-                    fp8x4_bits(q10, lo, hi);
-                    a[0][1] = bf16x2_mul(lo, mlo[mt][1]); a[0][3] = bf16x2_mul(hi, mlo[mt][1]);
-                    fp8x4_bits(q01, lo, hi);
-                    a[1][0] = bf16x2_mul(lo, mlo[mt][0]); a[1][2] = bf16x2_mul(hi, mlo[mt][0]);
-                    fp8x4_bits(q11, lo, hi);
-                    a[1][1] = bf16x2_mul(lo, mlo[mt][1]); a[1][3] = bf16x2_mul(hi, mlo[mt][1]);
-                } else {
-                    const uint32_t q0w = l == 0 ? w0.x : l == 1 ? w0.y : l == 2 ? w0.z : w0.w;
-                    const uint32_t q1w = l == 0 ? w1.x : l == 1 ? w1.y : l == 2 ? w1.z : w1.w;
-                    const uint32_t m0 = l < 2 ? mlo[mt][0] : mhi[mt][0];
-                    const uint32_t m1 = l < 2 ? mlo[mt][1] : mhi[mt][1];
-                    uint32_t p0[4], p1[4];
-                    fp4x8_bits(q0w, p0);
-                    fp4x8_bits(q1w, p1);
-                    a[0][0] = bf16x2_mul(p0[0], m0); a[0][1] = bf16x2_mul(p1[0], m1);
-                    a[0][2] = bf16x2_mul(p0[1], m0); a[0][3] = bf16x2_mul(p1[1], m1);
-                    a[1][0] = bf16x2_mul(p0[2], m0); a[1][1] = bf16x2_mul(p1[2], m1);
-                    a[1][2] = bf16x2_mul(p0[3], m0); a[1][3] = bf16x2_mul(p1[3], m1);
-                }
+                decode_a<F>(wv[mt][0], wv[mt][1], l, mlo[mt][0], mhi[mt][0], mlo[mt][1], mhi[mt][1], a);
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
                     mma_bf16(acc[mt][nt], a[0][0], a[0][1], a[0][2], a[0][3], b[nt].x, b[nt].y);
@@ -350,7 +356,6 @@ static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const Til
 
     // ---- epilogue. C fragment: c0, c1 = (row g, tokens 2·tig, 2·tig + 1), c2, c3 = (row g + 8, same).
     if constexpr (kPair) {
-        __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y);
 #pragma unroll
         for (int mt = 0; mt < MT / 2; ++mt)
 #pragma unroll
@@ -360,12 +365,9 @@ static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const Til
                     const int t = tb + nt * 8 + 2 * tig + (i & 1);
                     const int row = static_cast<int>(blockIdx.x) * (BR / 2) + wr_i * (MT / 2) * 16 + mt * 16 + g +
                                     (i >= 2 ? 8 : 0);
-                    if (t < rows && row < p.N) {
-                        const float gate = acc[mt][nt][i] * G.out_scale[0];
-                        const float up = acc[mt + MT / 2][nt][i] * G.out_scale[1];
-                        const float h = silu_swiglu(gate, up, p.limit) * p.row_scale[row0 + t];
-                        y[static_cast<int64_t>(row0 + t) * p.y_ld + row] = __float2bfloat16_rn(h);
-                    }
+                    if (t < rows && row < p.N)
+                        store_h(p, row0 + t, row, acc[mt][nt][i] * G.out_scale[0],
+                                acc[mt + MT / 2][nt][i] * G.out_scale[1]);
                 }
     } else {
         const int64_t ycol = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
@@ -377,12 +379,9 @@ static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const Til
                 for (int i = 0; i < 4; ++i) {
                     const int t = tb + nt * 8 + 2 * tig + (i & 1);
                     const int row = static_cast<int>(blockIdx.x) * BR + lrow[mt][i >> 1];
-                    if (t < rows && row < p.N) {
-                        const float v = acc[mt][nt][i] * G.out_scale[0];
-                        const int64_t o = static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row;
-                        if constexpr (EPI == kEpiBf16) static_cast<__nv_bfloat16*>(p.y)[o] = __float2bfloat16_rn(v);
-                        else static_cast<float*>(p.y)[o] = v;
-                    }
+                    if (t < rows && row < p.N)
+                        store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row,
+                                     acc[mt][nt][i] * G.out_scale[0]);
                 }
     }
 }
@@ -493,21 +492,7 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
 
     int gi, row0, rows;
     GemmGroup G;
-    if (p.items) {
-        asm volatile("griddepcontrol.wait;" ::: "memory");
-        if (static_cast<int>(blockIdx.y) >= *p.n_items) return;
-        const int4 it = p.items[blockIdx.y];
-        gi = it.x;
-        row0 = it.y;
-        rows = it.z;
-        G = p.table[gi];
-    } else {
-        gi = static_cast<int>(blockIdx.y) / p.tiles;
-        row0 = (static_cast<int>(blockIdx.y) - gi * p.tiles) * BT;
-        rows = min(BT, p.M - row0);
-        G = p.base;
-        asm volatile("griddepcontrol.wait;" ::: "memory");
-    }
+    if (!work_item<BT>(p, gi, row0, rows, G)) return;
     const int64_t grow0 = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
     const uint16_t* xg = p.x + (p.items ? 0 : static_cast<int64_t>(gi) * p.K);
 
@@ -646,27 +631,7 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
 
         uint4 wv[MT][2];
         uint32_t mlo[MT][2], mhi[MT][2];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = lrow[mt][h];
-                wv[mt][h] = *reinterpret_cast<const uint4*>(st + L::kW + r * kStepBytes + tig * 16);
-                if constexpr (F == LinearFormat::nvfp4) {
-                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + L::kS + r * 8 + (tig >> 1) * 4);
-                    nvfp4_mults(word >> (16 * (tig & 1)), mlo[mt][h], mhi[mt][h]);
-                } else if constexpr (F == LinearFormat::mxfp4) {
-                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + L::kS + r * 4);
-                    mlo[mt][h] = mhi[mt][h] = pow2_bf16x2((word >> (8 * tig)) & 0xFFu, G.bias[mat[mt]]);
-                } else if constexpr (F == LinearFormat::fp8_block) {
-                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + L::kS + r * 4);
-                    const uint32_t off = (s_lo[mt][h] + static_cast<uint32_t>((s * kStepK) / kFp8Block)) & 3u;
-                    mlo[mt][h] = mhi[mt][h] = pow2_bf16x2((word >> (8 * off)) & 0xFFu, G.bias[mat[mt]]);
-                } else {
-                    mlo[mt][h] = mhi[mt][h] = 0;
-                }
-            }
-        }
+        stage_weights<F, MT>(st + L::kW, st + L::kS, lrow, mat, s_lo, tig, s, G, wv, mlo, mhi);
 
 #pragma unroll
         for (int l = 0; l < kLds; ++l) {
@@ -675,37 +640,7 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
             else if (l > 0) wgmma_wait_keep<1>(a[bf]);   // the group that read buffer bf (two words ago) is done
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
-                const uint4& w0 = wv[mt][0];
-                const uint4& w1 = wv[mt][1];
-                uint32_t (&A)[2][4] = a[bf][mt];
-                if constexpr (F == LinearFormat::bf16) {
-                    A[0][0] = w0.x; A[0][1] = w1.x; A[0][2] = w0.y; A[0][3] = w1.y;
-                    A[1][0] = w0.z; A[1][1] = w1.z; A[1][2] = w0.w; A[1][3] = w1.w;
-                } else if constexpr (F == LinearFormat::fp8_block) {
-                    const uint32_t q00 = l == 0 ? w0.x : w0.z, q01 = l == 0 ? w0.y : w0.w;
-                    const uint32_t q10 = l == 0 ? w1.x : w1.z, q11 = l == 0 ? w1.y : w1.w;
-                    uint32_t lo, hi;
-                    fp8x4_bits(q00, lo, hi);
-                    A[0][0] = bf16x2_mul(lo, mlo[mt][0]); A[0][2] = bf16x2_mul(hi, mlo[mt][0]);
-                    fp8x4_bits(q10, lo, hi);
-                    A[0][1] = bf16x2_mul(lo, mlo[mt][1]); A[0][3] = bf16x2_mul(hi, mlo[mt][1]);
-                    fp8x4_bits(q01, lo, hi);
-                    A[1][0] = bf16x2_mul(lo, mlo[mt][0]); A[1][2] = bf16x2_mul(hi, mlo[mt][0]);
-                    fp8x4_bits(q11, lo, hi);
-                    A[1][1] = bf16x2_mul(lo, mlo[mt][1]); A[1][3] = bf16x2_mul(hi, mlo[mt][1]);
-                } else {
-                    const uint32_t q0w = l == 0 ? w0.x : l == 1 ? w0.y : l == 2 ? w0.z : w0.w;
-                    const uint32_t q1w = l == 0 ? w1.x : l == 1 ? w1.y : l == 2 ? w1.z : w1.w;
-                    const uint32_t m0 = l < 2 ? mlo[mt][0] : mhi[mt][0];
-                    const uint32_t m1 = l < 2 ? mlo[mt][1] : mhi[mt][1];
-                    uint32_t p0[4], p1[4];
-                    fp4x8_bits(q0w, p0);
-                    fp4x8_bits(q1w, p1);
-                    A[0][0] = bf16x2_mul(p0[0], m0); A[0][1] = bf16x2_mul(p1[0], m1);
-                    A[0][2] = bf16x2_mul(p0[1], m0); A[0][3] = bf16x2_mul(p1[1], m1);
-                    A[1][0] = bf16x2_mul(p0[2], m0); A[1][1] = bf16x2_mul(p1[2], m1);
-                    A[1][2] = bf16x2_mul(p0[3], m0); A[1][3] = bf16x2_mul(p1[3], m1);
-                }
+                decode_a<F>(wv[mt][0], wv[mt][1], l, mlo[mt][0], mhi[mt][0], mlo[mt][1], mhi[mt][1], a[bf][mt]);
             }
             wgmma_fence();
 #pragma unroll
@@ -747,19 +682,14 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
         return;
     }
     if constexpr (kPair) {
-        __nv_bfloat16* y = static_cast<__nv_bfloat16*>(p.y);
 #pragma unroll
         for (int nt = 0; nt < BT / 8; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int t = nt * 8 + 2 * tig + (i & 1);
                 const int row = static_cast<int>(blockIdx.x) * (BR / 2) + wg * 64 + q * 16 + g + (i >= 2 ? 8 : 0);
-                if (t < rows && row < p.N) {
-                    const float gate = acc[0][4 * nt + i] * G.out_scale[0];
-                    const float up = acc[1][4 * nt + i] * G.out_scale[1];
-                    const float h = silu_swiglu(gate, up, p.limit) * p.row_scale[row0 + t];
-                    y[static_cast<int64_t>(row0 + t) * p.y_ld + row] = __float2bfloat16_rn(h);
-                }
+                if (t < rows && row < p.N)
+                    store_h(p, row0 + t, row, acc[0][4 * nt + i] * G.out_scale[0], acc[1][4 * nt + i] * G.out_scale[1]);
             }
     } else {
         const int64_t ycol = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
@@ -771,12 +701,9 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
                 for (int i = 0; i < 4; ++i) {
                     const int t = nt * 8 + 2 * tig + (i & 1);
                     const int row = static_cast<int>(blockIdx.x) * BR + lrow[mt][i >> 1];
-                    if (t < rows && row < p.N) {
-                        const float v = acc[mt][4 * nt + i] * G.out_scale[0];
-                        const int64_t o = static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row;
-                        if constexpr (EPI == kEpiBf16) static_cast<__nv_bfloat16*>(p.y)[o] = __float2bfloat16_rn(v);
-                        else static_cast<float*>(p.y)[o] = v;
-                    }
+                    if (t < rows && row < p.N)
+                        store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row,
+                                     acc[mt][4 * nt + i] * G.out_scale[0]);
                 }
     }
 }
@@ -955,10 +882,18 @@ void raise_smem(TiledKernel k, int smem) {
     done[key] = true;
 }
 
+// SMs of the current device, looked up once per device (it is on every launch's host path).
 int sm_count() {
-    int dev = 0, sms = 0;
+    static std::mutex m;
+    static std::map<int, int> cache;
+    int dev = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
+    std::lock_guard<std::mutex> lk(m);
+    auto it = cache.find(dev);
+    if (it != cache.end()) return it->second;
+    int sms = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    cache[dev] = sms;
     return sms;
 }
 
@@ -967,17 +902,9 @@ void launch_tiled(LinearFormat f, int epi, int c, const TiledParams& p, unsigned
     int smem = 0;
     const TiledKernel k = tiled_kernel_for(f, epi, c, smem);
     raise_smem(k, smem);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid_x, grid_y, grid_z);
-    cfg.blockDim = dim3(static_cast<unsigned>(kConfigs[c].wr * kConfigs[c].wt * 32), 1, 1);
-    cfg.dynamicSmemBytes = static_cast<size_t>(smem);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    const cudaError_t err = cudaLaunchKernelEx(&cfg, k, p);
+    const cudaError_t err = launch_pdl(k, dim3(grid_x, grid_y, grid_z),
+                                       dim3(static_cast<unsigned>(kConfigs[c].wr * kConfigs[c].wt * 32)),
+                                       static_cast<size_t>(smem), stream, p);
     if (err != cudaSuccess) {
         (void)cudaGetLastError();
         fail(__FILE__, ":", __LINE__, ": tiled linear launch (config ", c, ", grid ", grid_x, "x", grid_y, ", smem ", smem,
@@ -1001,17 +928,9 @@ int step_cols(LinearFormat f) { return 4 * elems_of(f); }
 void launch_permute(LinearFormat f, const uint16_t* in, int64_t in_ld, uint16_t* out, int64_t out_ld, int64_t rows,
                     int64_t cols, cudaStream_t stream) {
     const int64_t blocks = rows * (cols / step_cols(f));
-    const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(blocks, 8), 4 * 132 * 8)));
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(grid, 1, 1);
-    cfg.blockDim = dim3(256, 1, 1);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CUDA_CHECK(cudaLaunchKernelEx(&cfg, permute_x_kernel, in, in_ld, out, out_ld, rows, cols, elems_of(f)));
+    const unsigned grid = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(blocks, 8), 4 * 8 * sm_count())));
+    CUDA_CHECK(launch_pdl(permute_x_kernel, dim3(grid), dim3(256), 0, stream, in, in_ld, out, out_ld, rows, cols,
+                          elems_of(f)));
 }
 
 // Scratch of dense wgmma calls (0: the permuted x, 1: split-K partial sums), one buffer per
@@ -1182,17 +1101,9 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
                  stream, static_cast<unsigned>(S));
     if (S > 1) {
         const int64_t n = M * w.out;
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 4 * sm_count())), 1, 1);
-        cfg.blockDim = dim3(256, 1, 1);
-        cfg.stream = stream;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        CUDA_CHECK(cudaLaunchKernelEx(&cfg, reduce_split_kernel, static_cast<const float*>(p.part), n, static_cast<int>(S),
-                                      y, o.out_bf16));
+        const unsigned grid = static_cast<unsigned>(std::min<int64_t>(ceil_div(n, 256), 4 * sm_count()));
+        CUDA_CHECK(launch_pdl(reduce_split_kernel, dim3(grid), dim3(256), 0, stream, static_cast<const float*>(p.part), n,
+                              static_cast<int>(S), y, o.out_bf16));
     }
 }
 
@@ -1362,17 +1273,9 @@ size_t MoeLayerWorkspace::bytes() const {
 namespace {
 
 void launch_build_items(const MoeLayerWorkspace& ws, int64_t E, int BT, cudaStream_t stream) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(1, 1, 1);
-    cfg.blockDim = dim3(1024, 1, 1);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CUDA_CHECK(cudaLaunchKernelEx(&cfg, build_items_kernel, static_cast<const int32_t*>(ws.dispatch.offsets),
-                                  static_cast<int>(E), BT, reinterpret_cast<int4*>(ws.items), ws.n_items));
+    CUDA_CHECK(launch_pdl(build_items_kernel, dim3(1), dim3(1024), 0, stream,
+                          static_cast<const int32_t*>(ws.dispatch.offsets), static_cast<int>(E), BT,
+                          reinterpret_cast<int4*>(ws.items), ws.n_items));
 }
 
 void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1, float limit, int config,

@@ -304,37 +304,7 @@ static __global__ void __launch_bounds__(kThreads, 2) linear_small_m_kernel(cons
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 uint32_t a[2][4];   // A of the two MMAs fed by this x chunk
-                const uint4& w0 = wv[mt][0];
-                const uint4& w1 = wv[mt][1];
-                if constexpr (F == LinearFormat::bf16) {
-                    a[0][0] = w0.x; a[0][1] = w1.x; a[0][2] = w0.y; a[0][3] = w1.y;
-                    a[1][0] = w0.z; a[1][1] = w1.z; a[1][2] = w0.w; a[1][3] = w1.w;
-                } else if constexpr (F == LinearFormat::fp8_block) {
-                    const uint32_t q00 = l == 0 ? w0.x : w0.z, q01 = l == 0 ? w0.y : w0.w;
-                    const uint32_t q10 = l == 0 ? w1.x : w1.z, q11 = l == 0 ? w1.y : w1.w;
-                    uint32_t lo, hi;
-                    fp8x4_bits(q00, lo, hi);
-                    a[0][0] = bf16x2_mul(lo, mlo[mt][0]); a[0][2] = bf16x2_mul(hi, mlo[mt][0]);
-                    fp8x4_bits(q10, lo, hi);
-                    a[0][1] = bf16x2_mul(lo, mlo[mt][1]); a[0][3] = bf16x2_mul(hi, mlo[mt][1]);
-                    fp8x4_bits(q01, lo, hi);
-                    a[1][0] = bf16x2_mul(lo, mlo[mt][0]); a[1][2] = bf16x2_mul(hi, mlo[mt][0]);
-                    fp8x4_bits(q11, lo, hi);
-                    a[1][1] = bf16x2_mul(lo, mlo[mt][1]); a[1][3] = bf16x2_mul(hi, mlo[mt][1]);
-                } else {
-                    const uint32_t q0w = l == 0 ? w0.x : l == 1 ? w0.y : l == 2 ? w0.z : w0.w;
-                    const uint32_t q1w = l == 0 ? w1.x : l == 1 ? w1.y : l == 2 ? w1.z : w1.w;
-                    // NVFP4: words 0,1 of a lane's 16 B are group 2·tig, words 2,3 group 2·tig+1.
-                    const uint32_t m0 = l < 2 ? mlo[mt][0] : mhi[mt][0];
-                    const uint32_t m1 = l < 2 ? mlo[mt][1] : mhi[mt][1];
-                    uint32_t p0[4], p1[4];
-                    fp4x8_bits(q0w, p0);
-                    fp4x8_bits(q1w, p1);
-                    a[0][0] = bf16x2_mul(p0[0], m0); a[0][1] = bf16x2_mul(p1[0], m1);
-                    a[0][2] = bf16x2_mul(p0[1], m0); a[0][3] = bf16x2_mul(p1[1], m1);
-                    a[1][0] = bf16x2_mul(p0[2], m0); a[1][1] = bf16x2_mul(p1[2], m1);
-                    a[1][2] = bf16x2_mul(p0[3], m0); a[1][3] = bf16x2_mul(p1[3], m1);
-                }
+                decode_a<F>(wv[mt][0], wv[mt][1], l, mlo[mt][0], mhi[mt][0], mlo[mt][1], mhi[mt][1], a);
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
                     mma_bf16(acc[mt][nt], a[0][0], a[0][1], a[0][2], a[0][3], b[nt].x, b[nt].y);

@@ -39,6 +39,7 @@
 #include <utility>
 
 #include "common.h"
+#include "cuda/device.cuh"
 #include "cuda/linear.h"   // CUDA_CHECK
 
 namespace megamoe::cuda {
@@ -247,23 +248,10 @@ bool aligned(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % 
 
 cudaStream_t as_stream(CUstream_st* s) { return s; }
 
-// Launch with programmatic dependent launch: the kernel may be scheduled while the previous kernel
-// of the stream finishes; every kernel here starts with pdl_begin(), whose griddepcontrol.wait
-// returns only once that kernel has completed and its writes are visible (so stream order holds
-// for every read and write), and then lets the next kernel be scheduled early in turn.
+// Every kernel here starts with pdl_begin() and is launched with dev::launch_pdl.
 template <typename... KArgs, typename... Args>
 void launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid;
-    cfg.blockDim = block;
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = s;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...));
+    CUDA_CHECK(dev::launch_pdl(kernel, grid, block, smem, s, args...));
 }
 
 int grid_for(int64_t rows, int64_t rows_per_block) {
