@@ -66,6 +66,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench_util.h"
 #include "common.h"
 #include "config.h"
 #include "cuda/gemm.h"
@@ -95,12 +96,7 @@ struct Settings {
     int max_launches = 256;
 };
 Settings g_set;
-
-#define CUBLAS_CHECK(expr)                                                                                   \
-    do {                                                                                                     \
-        const cublasStatus_t st_ = (expr);                                                                   \
-        if (st_ != CUBLAS_STATUS_SUCCESS) fail(__FILE__, ":", __LINE__, ": ", #expr, " = ", int(st_));       \
-    } while (0)
+bench::Timing g_timing() { return {g_set.warmup, g_set.replays, g_set.warm_ms, 1000}; }
 
 void progress(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
 void progress(const char* fmt, ...) {
@@ -274,78 +270,6 @@ int launches_for(double est_us, int min_launches, int multiple) {
     return L;
 }
 
-// Median over replays of (graph time / launches), in µs. `enqueue(i)` issues launch i.
-template <typename F>
-double time_graph(int launches, cudaStream_t stream, F&& enqueue) {
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    try {
-        for (int i = 0; i < launches; ++i) enqueue(i);
-    } catch (...) {
-        cudaGraph_t g = nullptr;
-        (void)cudaStreamEndCapture(stream, &g);
-        if (g) (void)cudaGraphDestroy(g);
-        throw;
-    }
-    CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-    CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    cudaEvent_t a, b;
-    CUDA_CHECK(cudaEventCreate(&a));
-    CUDA_CHECK(cudaEventCreate(&b));
-    for (int i = 0; i < g_set.warmup; ++i) CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    CUDA_CHECK(cudaEventRecord(a, stream));
-    CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    CUDA_CHECK(cudaEventRecord(b, stream));
-    CUDA_CHECK(cudaEventSynchronize(b));
-    float once = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&once, a, b));
-    // Keep the GPU busy for ~warm_ms so that its clocks are up before timing.
-    const int busy = static_cast<int>(std::min(1000.0, g_set.warm_ms / std::max(once, 1e-3f)));
-    for (int i = 0; i < busy; ++i) CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    std::vector<double> us;
-    for (int i = 0; i < g_set.replays; ++i) {
-        CUDA_CHECK(cudaEventRecord(a, stream));
-        CUDA_CHECK(cudaGraphLaunch(exec, stream));
-        CUDA_CHECK(cudaEventRecord(b, stream));
-        CUDA_CHECK(cudaEventSynchronize(b));
-        float ms = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-        us.push_back(1000.0 * ms / launches);
-    }
-    CUDA_CHECK(cudaEventDestroy(a));
-    CUDA_CHECK(cudaEventDestroy(b));
-    CUDA_CHECK(cudaGraphExecDestroy(exec));
-    CUDA_CHECK(cudaGraphDestroy(graph));
-    std::sort(us.begin(), us.end());
-    return us[us.size() / 2];
-}
-
-// Device-to-device copy bandwidth, bytes read + written per second (1 GiB cudaMemcpyAsync).
-double d2d_bandwidth(cudaStream_t stream) {
-    const size_t bytes = 1ull << 30;
-    DevBuf<uint8_t> src(bytes), dst(bytes);
-    CUDA_CHECK(cudaMemset(src.p, 0x3C, bytes));
-    CUDA_CHECK(cudaDeviceSynchronize());
-    cudaEvent_t a, b;
-    CUDA_CHECK(cudaEventCreate(&a));
-    CUDA_CHECK(cudaEventCreate(&b));
-    std::vector<double> gbs;
-    for (int i = 0; i < 12; ++i) {
-        CUDA_CHECK(cudaEventRecord(a, stream));
-        CUDA_CHECK(cudaMemcpyAsync(dst.p, src.p, bytes, cudaMemcpyDeviceToDevice, stream));
-        CUDA_CHECK(cudaEventRecord(b, stream));
-        CUDA_CHECK(cudaEventSynchronize(b));
-        float ms = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-        if (i >= 2) gbs.push_back(2.0 * bytes / (ms * 1e-3) / 1e9);
-    }
-    CUDA_CHECK(cudaEventDestroy(a));
-    CUDA_CHECK(cudaEventDestroy(b));
-    std::sort(gbs.begin(), gbs.end());
-    return gbs[gbs.size() / 2];
-}
-
 // cuBLAS BF16 (bf16 out, fp32 compute) on a square 8192³ GEMM: the dense reference rate (TFLOP/s).
 double blas_peak_tflops(cublasHandle_t blas, cudaStream_t stream) {
     const int n = 8192;
@@ -358,7 +282,7 @@ double blas_peak_tflops(cublasHandle_t blas, cudaStream_t stream) {
                                   CUDA_R_16BF, n, &beta, c.p, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     };
     const double est = estimate_us(stream, gemm, 2);
-    const double us = time_graph(launches_for(est, 2, 1), stream, gemm);
+    const double us = bench::time_graph(launches_for(est, 2, 1), stream, gemm, g_timing());
     return 2.0 * n * double(n) * n / (us * 1e-6) / 1e12;
 }
 
@@ -428,20 +352,6 @@ void make_random_linear(HostLinear& h, LinearFormat f, int64_t N, int64_t K, uin
 }
 
 // Another device copy of the same packed weights (D2D), sharing nothing with `d`.
-cuda::DeviceLinear clone(const cuda::DeviceLinear& d) {
-    cuda::DeviceLinear c = d;
-    c.weight = c.scale = nullptr;
-    const size_t wbytes = static_cast<size_t>(d.out * d.weight_row_bytes);
-    CUDA_CHECK(cudaMalloc(&c.weight, wbytes));
-    CUDA_CHECK(cudaMemcpy(c.weight, d.weight, wbytes, cudaMemcpyDeviceToDevice));
-    if (d.scale) {
-        const int64_t rows = d.format == LinearFormat::fp8_block ? (d.out + 127) / 128 : d.out;
-        const size_t sbytes = static_cast<size_t>(rows * d.scale_row_bytes);
-        CUDA_CHECK(cudaMalloc(&c.scale, sbytes + 16));   // + 16 as upload_linear: kernels read words around a byte
-        CUDA_CHECK(cudaMemcpy(c.scale, d.scale, sbytes, cudaMemcpyDeviceToDevice));
-    }
-    return c;
-}
 
 // ---------------------------------------------------------------------------- checks
 
@@ -656,7 +566,7 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
                 const int64_t M = opt.Ms[mi];
                 auto gemm = [&](int i) { blas_linear(ctx.blas, wb[size_t(i % copies)].p, N, K, G, dx.p, M, dy.p, y_bf16); };
                 const double est = estimate_us(stream, gemm, 3);
-                blas_us[mi] = time_graph(launches_for(est, M < kComputeM ? copies : 1, 1), stream, gemm);
+                blas_us[mi] = bench::time_graph(launches_for(est, M < kComputeM ? copies : 1, 1), stream, gemm, g_timing());
             }
         }
 
@@ -668,7 +578,7 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
             dl.push_back(cuda::upload_linear(h.lin));
             const size_t packed = dl[0].bytes();
             const int copies = rotate ? int(std::max<size_t>(2, (kRotateBytes + packed - 1) / packed)) : 2;
-            while (int(dl.size()) < copies) dl.push_back(clone(dl[0]));
+            while (int(dl.size()) < copies) dl.push_back(cuda::copy_linear(dl[0]));
             // upload_linear / clone copy on the legacy stream, which the benchmark stream does not wait for.
             CUDA_CHECK(cudaDeviceSynchronize());
             const cuda::LinearOptions o32{G, false}, o{G, y_bf16};
@@ -718,7 +628,7 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
                 };
                 const double est = estimate_us(stream, launch, 3);
                 const int L = launches_for(est, M < kComputeM ? copies : 1, 1);
-                const double us = time_graph(L, stream, launch);
+                const double us = bench::time_graph(L, stream, launch, g_timing());
                 const double bytes = double(packed) + double(M * Kx * 2) + double(M * N) * double(ysz);
                 const double gbs = bytes / (us * 1e-6) / 1e9;
                 const double flop = 2.0 * double(M) * double(N) * double(K);
@@ -928,7 +838,7 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
             // At most ~4096 GEMMs per graph (captures stay quick), at least one pass over the routings.
             const int cap = std::max(R, int(4096 / (2 * routings[ti][0].distinct)) / R * R);
             const int L = std::min(launches_for(est, R, R), cap);
-            blas_us[ti] = time_graph(L, stream, enqueue);
+            blas_us[ti] = bench::time_graph(L, stream, enqueue, g_timing());
             progress("  cuBLAS bf16 T=%-6lld %10.2f us  %7.1f TFLOP/s  (%d launches, %d weight copies)\n", (long long)T,
                      blas_us[ti], flop_per_token * double(T) / (blas_us[ti] * 1e-6) / 1e12, L, C);
         }
@@ -993,7 +903,7 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
             };
             const double est = estimate_us(stream, launch, R);
             const int L = launches_for(est, R, R);
-            const double us = time_graph(L, stream, launch);
+            const double us = bench::time_graph(L, stream, launch, g_timing());
             // Bytes: the experts this launch's routing touches, x (bf16), shared and y (f32), ids and weights.
             const double bytes = distinct * per_expert + double(T * D) * (2 + 4 + 4) + double(T * k) * 8;
             const double gbs = bytes / (us * 1e-6) / 1e9;
@@ -1085,7 +995,7 @@ int main(int argc, char** argv) {
         CUBLAS_CHECK(cublasGetVersion(ctx.blas, &blas_ver));
         DevBuf<uint8_t> blas_ws(64ull << 20);
         CUBLAS_CHECK(cublasSetWorkspace(ctx.blas, blas_ws.p, blas_ws.n));
-        ctx.d2d = d2d_bandwidth(ctx.stream);
+        ctx.d2d = bench::d2d_bandwidth(ctx.stream);
         ctx.peak = blas_peak_tflops(ctx.blas, ctx.stream);
 
         std::printf("## megamoe-gemm-bench\n\n");

@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_util.h"
 #include "common.h"
 #include "cuda/linear.h"
 #include "formats.h"
@@ -42,14 +43,9 @@ namespace {
 
 constexpr double kRelTol = 1e-5;                 // same bound as the unit test
 constexpr size_t kRotateBytes = 200ull << 20;    // per format and shape, > 4× the H100's 50 MB L2
-constexpr int kReplays = 21, kWarmup = 3;
-constexpr double kWarmupMs = 40.0;               // busy time before each measurement (clock ramp)
-
-#define CUBLAS_CHECK(expr)                                                                   \
-    do {                                                                                     \
-        const cublasStatus_t st_ = (expr);                                                   \
-        if (st_ != CUBLAS_STATUS_SUCCESS) fail(__FILE__, ":", __LINE__, ": ", #expr, " = ", int(st_)); \
-    } while (0)
+constexpr int kReplays = 21;
+// 3 warm-up replays, then ~40 ms busy (clock ramp), then the median of kReplays.
+constexpr bench::Timing kTiming{3, kReplays, 40.0, 2000};
 
 struct Shape {
     const char* name;
@@ -140,89 +136,6 @@ std::vector<uint16_t> random_x(int64_t M, int64_t K, uint64_t seed) {
     return x;
 }
 
-// Another device copy of the same packed weights (D2D), sharing nothing with `d`.
-cuda::DeviceLinear clone(const cuda::DeviceLinear& d) {
-    cuda::DeviceLinear c = d;
-    const size_t wbytes = static_cast<size_t>(d.out * d.weight_row_bytes);
-    CUDA_CHECK(cudaMalloc(&c.weight, wbytes));
-    CUDA_CHECK(cudaMemcpy(c.weight, d.weight, wbytes, cudaMemcpyDeviceToDevice));
-    if (d.scale) {
-        const int64_t rows = d.format == LinearFormat::fp8_block ? (d.out + 127) / 128 : d.out;
-        const size_t sbytes = static_cast<size_t>(rows * d.scale_row_bytes);
-        CUDA_CHECK(cudaMalloc(&c.scale, sbytes));
-        CUDA_CHECK(cudaMemcpy(c.scale, d.scale, sbytes, cudaMemcpyDeviceToDevice));
-    }
-    return c;
-}
-
-// Median over replays of (graph time / launches), in microseconds. `enqueue(i)` issues launch i.
-template <typename F>
-double time_graph(int launches, cudaStream_t stream, F&& enqueue) {
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    for (int i = 0; i < launches; ++i) enqueue(i);
-    CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
-    CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-    cudaEvent_t a, b;
-    CUDA_CHECK(cudaEventCreate(&a));
-    CUDA_CHECK(cudaEventCreate(&b));
-    // Warm-up, then keep the GPU busy for ~kWarmupMs so that its clocks are up before timing.
-    for (int i = 0; i < kWarmup; ++i) CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    CUDA_CHECK(cudaEventRecord(a, stream));
-    CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    CUDA_CHECK(cudaEventRecord(b, stream));
-    CUDA_CHECK(cudaEventSynchronize(b));
-    float once = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&once, a, b));
-    const int busy = static_cast<int>(std::min(2000.0, kWarmupMs / std::max(once, 1e-3f)));
-    for (int i = 0; i < busy; ++i) CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    std::vector<double> us;
-    for (int i = 0; i < kReplays; ++i) {
-        CUDA_CHECK(cudaEventRecord(a, stream));
-        CUDA_CHECK(cudaGraphLaunch(exec, stream));
-        CUDA_CHECK(cudaEventRecord(b, stream));
-        CUDA_CHECK(cudaEventSynchronize(b));
-        float ms = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-        us.push_back(1000.0 * ms / launches);
-    }
-    CUDA_CHECK(cudaEventDestroy(a));
-    CUDA_CHECK(cudaEventDestroy(b));
-    CUDA_CHECK(cudaGraphExecDestroy(exec));
-    CUDA_CHECK(cudaGraphDestroy(graph));
-    std::sort(us.begin(), us.end());
-    return us[us.size() / 2];
-}
-
-// Device-to-device copy bandwidth, bytes read + written per second.
-double d2d_bandwidth(cudaStream_t stream) {
-    const size_t bytes = 1ull << 30;
-    void *src = nullptr, *dst = nullptr;
-    CUDA_CHECK(cudaMalloc(&src, bytes));
-    CUDA_CHECK(cudaMalloc(&dst, bytes));
-    CUDA_CHECK(cudaMemset(src, 0x3C, bytes));
-    cudaEvent_t a, b;
-    CUDA_CHECK(cudaEventCreate(&a));
-    CUDA_CHECK(cudaEventCreate(&b));
-    std::vector<double> gbs;
-    for (int i = 0; i < 12; ++i) {
-        CUDA_CHECK(cudaEventRecord(a, stream));
-        CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
-        CUDA_CHECK(cudaEventRecord(b, stream));
-        CUDA_CHECK(cudaEventSynchronize(b));
-        float ms = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-        if (i >= 2) gbs.push_back(2.0 * bytes / (ms * 1e-3) / 1e9);
-    }
-    CUDA_CHECK(cudaEventDestroy(a));
-    CUDA_CHECK(cudaEventDestroy(b));
-    CUDA_CHECK(cudaFree(src));
-    CUDA_CHECK(cudaFree(dst));
-    std::sort(gbs.begin(), gbs.end());
-    return gbs[gbs.size() / 2];
-}
-
 // Worst |gpu - cpu| / Σ|w||x| over all elements (inf if an element is out of tolerance or NaN).
 double validate(const HostLinear& h, const cuda::DeviceLinear& d, int64_t M, cudaStream_t stream) {
     const int64_t N = h.lin.out, K = h.lin.in;
@@ -288,7 +201,7 @@ int main(int argc, char** argv) {
         CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
         cudaStream_t stream;
         CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-        const double d2d = d2d_bandwidth(stream);
+        const double d2d = bench::d2d_bandwidth(stream);
         std::printf("GPU: %s, %d SMs, L2 %.0f MB, HBM %.0f GB\n", prop.name, prop.multiProcessorCount,
                     prop.l2CacheSize / 1048576.0, prop.totalGlobalMem / 1e9);
         std::printf("device-to-device cudaMemcpy (read + write): %.0f GB/s\n\n", d2d);
@@ -349,7 +262,7 @@ int main(int argc, char** argv) {
                     };
                     gemm(0);   // warm-up outside capture (heuristics, handle state)
                     CUDA_CHECK(cudaStreamSynchronize(stream));
-                    blas_us[mi] = time_graph(std::max(copies, 20), stream, gemm);
+                    blas_us[mi] = bench::time_graph(std::max(copies, 20), stream, gemm, kTiming);
                 }
                 for (auto b : bufs) CUDA_CHECK(cudaFree(b));
             }
@@ -376,15 +289,15 @@ int main(int argc, char** argv) {
                 dl.push_back(cuda::upload_linear(h.lin));
                 const size_t packed = dl[0].bytes();
                 const int copies = static_cast<int>(std::max<size_t>(2, (kRotateBytes + packed - 1) / packed));
-                while (static_cast<int>(dl.size()) < copies) dl.push_back(clone(dl[0]));
+                while (static_cast<int>(dl.size()) < copies) dl.push_back(cuda::copy_linear(dl[0]));
                 for (int mi = 0; mi < 3; ++mi) {
                     const int64_t M = Ms[mi];
                     const double err = (quick && sh.N * sh.K > (8ll << 20)) ? 0.0 : validate(h, dl[0], M, stream);
                     const bool ok = std::isfinite(err);
                     all_ok &= ok;
-                    const double us = time_graph(std::max(copies, 20), stream, [&](int i) {
+                    const double us = bench::time_graph(std::max(copies, 20), stream, [&](int i) {
                         cuda::linear_small_m(dl[size_t(i % copies)], dx, M, dy, stream);
-                    });
+                    }, kTiming);
                     const double bytes = static_cast<double>(packed) + double(M * K * 2) + double(M * N * 4);
                     const double gbs = bytes / (us * 1e-6) / 1e9;
                     char nk[32];

@@ -221,6 +221,13 @@ TEST(CudaLinear, UploadIsLossless) {
             EXPECT_EQ(b.scale, h.s) << fmt_name(f) << " " << s.N << "x" << s.K;
             EXPECT_EQ(d.d.scale_2, h.s2);
             EXPECT_EQ(d.d.bytes(), h.lin.bytes());   // packed bytes, padding not counted
+            // copy_linear: an independent device copy with the same bytes.
+            cuda::DeviceLinear c = cuda::copy_linear(d.d);
+            EXPECT_NE(c.weight, d.d.weight);
+            const cuda::PackedBytes bc = cuda::download_packed(c);
+            EXPECT_EQ(bc.weight, h.w) << "copy_linear " << fmt_name(f);
+            EXPECT_EQ(bc.scale, h.s) << "copy_linear " << fmt_name(f);
+            cuda::free_linear(c);
         }
     }
 }

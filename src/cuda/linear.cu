@@ -749,6 +749,14 @@ void copy_rows(void* dst, int64_t dst_row_bytes, const void* src, int64_t row_by
 
 }  // namespace
 
+// Bytes of the device scale buffer upload_linear allocates for w (0 without scales): the scale
+// rows plus 16, since the kernels copy 4-byte aligned words around each scale byte they need.
+static size_t device_scale_bytes(const DeviceLinear& w) {
+    if (w.format == LinearFormat::f32 || w.format == LinearFormat::bf16) return 0;
+    const int64_t rows = w.format == LinearFormat::fp8_block ? ceil_div(w.out, kFp8Block) : w.out;
+    return static_cast<size_t>(rows * w.scale_row_bytes) + 16;
+}
+
 void to_kernel_order(LinearFormat f, uint8_t* bytes, int64_t n) {
     MEGAMOE_CHECK(n % 4 == 0, "to_kernel_order: ", n, " bytes is not a whole number of words");
     for (int64_t i = 0; i < n; i += 4) {
@@ -851,8 +859,7 @@ DeviceLinear upload_linear(const Linear& h) {
             default: break;
         }
         if (scale_rows > 0) {
-            // +16: the kernel copies 4-byte aligned words around each scale byte it needs.
-            CUDA_CHECK(cudaMalloc(&d.scale, static_cast<size_t>(scale_rows * d.scale_row_bytes) + 16));
+            CUDA_CHECK(cudaMalloc(&d.scale, device_scale_bytes(d)));   // + 16, see there
             copy_rows(d.scale, d.scale_row_bytes, sc, scale_cols, scale_rows, static_cast<int>(fill));
         }
 
@@ -875,6 +882,25 @@ DeviceLinear upload_linear(const Linear& h) {
         throw;
     }
     return d;
+}
+
+DeviceLinear copy_linear(const DeviceLinear& w) {
+    MEGAMOE_CHECK(w.weight != nullptr, "copy_linear: weights not uploaded");
+    DeviceLinear c = w;
+    c.weight = c.scale = nullptr;
+    try {
+        const size_t wbytes = static_cast<size_t>(w.out * w.weight_row_bytes);
+        CUDA_CHECK(cudaMalloc(&c.weight, wbytes));
+        CUDA_CHECK(cudaMemcpy(c.weight, w.weight, wbytes, cudaMemcpyDeviceToDevice));
+        if (const size_t sbytes = device_scale_bytes(w)) {
+            CUDA_CHECK(cudaMalloc(&c.scale, sbytes));
+            CUDA_CHECK(cudaMemcpy(c.scale, w.scale, sbytes, cudaMemcpyDeviceToDevice));
+        }
+    } catch (...) {
+        free_linear(c);
+        throw;
+    }
+    return c;
 }
 
 void free_linear(DeviceLinear& w) {

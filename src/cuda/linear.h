@@ -60,6 +60,9 @@ int64_t device_row_bytes(LinearFormat f, int64_t in);
 // the mismatch. Synchronous.
 DeviceLinear upload_linear(const Linear& host);
 void free_linear(DeviceLinear& w);        // frees and resets to an empty handle; safe on empty
+// A second device copy of w, same layout and allocation sizes as upload_linear (device to device;
+// e.g. to rotate weight copies in benchmarks). Free with free_linear.
+DeviceLinear copy_linear(const DeviceLinear& w);
 
 // The checkpoint bytes back from the device, padding dropped: weight [out, packed_row_bytes]
 // and the scale tensor with its checkpoint shape (empty for f32/bf16). For tests (lossless upload).
