@@ -10,12 +10,12 @@
 #include <iostream>
 #include <sstream>
 
-#include "generate.h"
-#include "model.h"
-#include "parallel.h"
-#include "safetensors.h"
+#include "ref/generate.h"
+#include "ref/model.h"
+#include "core/parallel.h"
+#include "io/safetensors.h"
 #include "server.h"
-#include "synth.h"
+#include "io/synth.h"
 
 using namespace megamoe;
 

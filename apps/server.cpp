@@ -22,9 +22,9 @@
 #include <sstream>
 #include <thread>
 
-#include "chat.h"
-#include "engine.h"
-#include "tokenizer.h"
+#include "serve/chat.h"
+#include "serve/engine.h"
+#include "serve/tokenizer.h"
 
 namespace megamoe {
 namespace {

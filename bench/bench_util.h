@@ -9,7 +9,7 @@
 #include <cstddef>
 #include <vector>
 
-#include "common.h"
+#include "core/common.h"
 #include "cuda/linear.h"   // CUDA_CHECK
 
 #define CUBLAS_CHECK(expr)                                                                             \

@@ -67,15 +67,15 @@
 #include <vector>
 
 #include "bench_util.h"
-#include "common.h"
-#include "config.h"
+#include "core/common.h"
+#include "io/config.h"
 #include "cuda/gemm.h"
 #include "cuda/linear.h"
 #include "cuda/moe_dispatch.h"
-#include "formats.h"
-#include "parallel.h"
-#include "synth.h"
-#include "weights.h"
+#include "io/formats.h"
+#include "core/parallel.h"
+#include "io/synth.h"
+#include "io/weights.h"
 
 using namespace megamoe;
 

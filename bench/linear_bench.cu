@@ -31,11 +31,11 @@
 #include <vector>
 
 #include "bench_util.h"
-#include "common.h"
+#include "core/common.h"
 #include "cuda/linear.h"
-#include "formats.h"
-#include "ops/ops.h"
-#include "parallel.h"
+#include "io/formats.h"
+#include "ref/ops.h"
+#include "core/parallel.h"
 
 using namespace megamoe;
 

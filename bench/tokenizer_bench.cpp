@@ -17,8 +17,8 @@
 #include <string>
 #include <vector>
 
-#include "common.h"
-#include "tokenizer.h"
+#include "core/common.h"
+#include "serve/tokenizer.h"
 
 namespace {
 

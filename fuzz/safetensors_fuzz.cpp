@@ -8,7 +8,7 @@
 #include <string>
 #include <string_view>
 
-#include "safetensors.h"
+#include "io/safetensors.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (size < 8) return 0;

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "common.h"
+#include "core/common.h"
 
 namespace megamoe::test {
 

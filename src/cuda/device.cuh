@@ -17,7 +17,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "weights.h"
+#include "io/weights.h"
 
 namespace megamoe::cuda::dev {
 

@@ -46,9 +46,9 @@
 #include <map>
 #include <mutex>
 
-#include "common.h"
+#include "core/common.h"
 #include "cuda/device.cuh"
-#include "formats.h"
+#include "io/formats.h"
 
 namespace megamoe::cuda {
 

@@ -24,7 +24,7 @@
 
 #include "cuda/linear.h"
 #include "cuda/moe_dispatch.h"
-#include "weights.h"
+#include "io/weights.h"
 
 struct CUstream_st;
 

@@ -67,9 +67,9 @@
 #include <tuple>
 #include <type_traits>
 
-#include "common.h"
+#include "core/common.h"
 #include "cuda/device.cuh"
-#include "formats.h"
+#include "io/formats.h"
 
 namespace cg = cooperative_groups;
 

@@ -24,7 +24,7 @@
 #include <string>
 #include <vector>
 
-#include "weights.h"
+#include "io/weights.h"
 
 struct CUstream_st;   // cudaStream_t is CUstream_st*; declared here so the header needs no CUDA include
 

@@ -38,7 +38,7 @@
 #include <cstdint>
 #include <utility>
 
-#include "common.h"
+#include "core/common.h"
 #include "cuda/device.cuh"
 #include "cuda/linear.h"   // CUDA_CHECK
 

@@ -1,0 +1,28 @@
+// generate.h — single-sequence drivers over the batch API: logits of a token sequence under a
+// chosen processing schedule, and greedy generation.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "ref/model.h"
+
+namespace megamoe {
+
+struct Schedule {
+    int64_t decode_from = -1;   // prefill tokens [0, decode_from), then one token at a time; -1: no decode
+    int64_t chunk = 0;          // prefill in chunks of this many tokens; 0: one chunk
+};
+
+// Logits [T, V] f32 of every position of `tokens` (one fresh sequence) under `s`.
+std::vector<float> sequence_logits(const Model& m, const std::vector<int32_t>& tokens, const Schedule& s);
+
+// Index of the largest logit; ties go to the lower id.
+int32_t argmax(const float* logits, int64_t n);
+
+// Greedy continuation: prefill `prompt` (in chunks of `chunk`, 0 = one), then up to `max_new`
+// tokens, stopping after EOS unless ignore_eos. Returns the new ids.
+std::vector<int32_t> generate_greedy(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
+                                     int64_t chunk = 0, bool ignore_eos = false);
+
+}  // namespace megamoe

@@ -1,0 +1,85 @@
+// ops.h — the table of contents of the math: every op of the DeepSeek-V4 forward, CPU backend.
+//
+// These are the specification twins: plain fp32 loops, threads (parallel.h) only on outer loops, every result
+// independent of how many tokens are processed together (each output element is computed in one
+// fixed order), so prefill, chunked prefill and decode give bit-identical results. Activations are
+// contiguous row-major f32 arrays; the shape comment on each declaration is its contract
+// (T tokens, D hidden, H heads, hd head_dim, r rope dims, hc streams, E experts, k experts/token).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "io/config.h"
+#include "io/weights.h"
+
+namespace megamoe::ops {
+
+// ---- basic
+// out[T, D] = embed[ids[t], :]                              embed: bf16 [V, D]
+void embed(const Tensor& table, const int32_t* ids, int64_t T, float* out);
+// y[T, D] = x * rsqrt(mean(x²) + eps) (* w)                 w: bf16 [D] or nullptr (unweighted)
+void rms_norm(const float* x, int64_t T, int64_t D, const Tensor* w, float eps, float* y);
+// y[T, N] = x[T, K] · Wᵀ                                    W: [N, K] any LinearFormat
+void linear(const Linear& W, const float* x, int64_t T, float* y);
+// y[T, G, R] = x[T, G, K] ·g W[gR:(g+1)R, :]ᵀ, one weight block per group (wo_a)   W: [G·R, K]
+void grouped_linear(const Linear& W, int64_t groups, const float* x, int64_t T, float* y);
+
+// ---- rotary embedding (interleaved pairs on the trailing rope dims of each head)
+struct RopeTable {
+    int64_t rope_dim = 0;               // r
+    std::vector<float> inv_freq;        // [r/2]
+};
+// base^(-2i/r), with YaRN blending when yarn != nullptr (as the official code and HF compute it in f32).
+RopeTable make_rope_table(double base, int64_t rope_dim, const YarnConfig* yarn);
+// x[T, heads, head_dim]: rotate dims [head_dim - r, head_dim) of every head by pos[t]·f (inverse: conjugate).
+void rope(float* x, int64_t T, int64_t heads, int64_t head_dim, const int64_t* pos, const RopeTable& table,
+          bool inverse);
+
+// ---- manifold-constrained hyper-connections
+// From X[T, hc, D]: u[T, D] = Σ_j pre_j X[j]; post[T, hc]; comb[T, hc, hc] (Sinkhorn, doubly stochastic).
+void hc_pre(const HyperConnWeights& w, const ModelConfig& c, const float* X, int64_t T, float* u, float* post,
+            float* comb);
+// out[T, hc, D]: out[k] = post_k · y + Σ_j comb[j][k] · res[j]          (the transposed comb)
+void hc_post(const float* y, const float* res, const float* post, const float* comb, int64_t T, int64_t hc,
+             int64_t D, float* out);
+// u[T, D] = Σ_j (sigmoid(mix_j · scale + base_j) + eps) X[j]           (the final collapse)
+void hc_head(const HyperHeadWeights& w, const ModelConfig& c, const float* X, int64_t T, float* u);
+
+// ---- attention pieces
+// One query's attention over explicit key rows with a per-head sink:
+// o[H, hd] = Σ_j softmax([q·k_j·scale ..., sink_h])_j k_j (sink column dropped); keys[n] point to rows of hd.
+void attend_one(const float* q, int64_t H, int64_t hd, const float* const* keys, int64_t n_keys,
+                const float* sink, float scale, float* o);
+// Gated pooling of one compressed row (fp32): c[f] = Σ_s softmax_s(gate[s][f]) kv[s][f] over n_slots,
+// slots given as row pointers of width d (gate already includes the position bias).
+void compress_pool(const float* const* kv, const float* const* gate, int64_t n_slots, int64_t d, float* out);
+// Lightning-indexer scores of one query against rows [0, n_rows):
+// score[s] = Σ_h w[h] · relu(q[h]·K[s]) · hd^-0.5            q: [nh, hd]  K: [n_rows, hd]  w: [nh]
+void indexer_scores(const float* q, const float* w, int64_t nh, int64_t hd, const float* K, int64_t n_rows,
+                    float* score);
+// Indices of the k largest scores (ties -> lower index), returned ascending.   score: [n]
+std::vector<int32_t> topk_indices(const float* score, int64_t n, int64_t k);
+
+// ---- MoE
+// Score router: s = sqrt(softplus(x · gateᵀ)); ids = top-k of s + bias (ties -> lower index);
+// weights = s[ids] / Σ s[ids] · scale.   x: [T, D]  ids, wts: [T, k]
+void route_score(const MoeWeights& m, const ModelConfig& c, const float* x, int64_t T, int32_t* ids, float* wts);
+// Hash router: ids = tid2eid[token]; weights as above from the same scores.
+void route_hash(const MoeWeights& m, const ModelConfig& c, const float* x, const int32_t* tokens, int64_t T,
+                int32_t* ids, float* wts);
+// Clamped SwiGLU expert: y[T, D] = w2 · (silu(min(w1·x, L)) · clamp(w3·x, ±L) · scale[t])
+// scale: [T] per-token routing weight or nullptr (shared expert).
+void expert_ffn(const ExpertWeights& e, float limit, const float* x, int64_t T, const float* scale, float* y);
+// y[T, D] = Σ_k wts[t,k] · expert_{ids[t,k]}(x[t]) + shared(x[t])     (fp32 accumulation)
+void moe(const MoeWeights& m, const ModelConfig& c, const float* x, int64_t T, const int32_t* ids,
+         const float* wts, float* y);
+
+// ---- places where the official inference code rounds activations (QAT simulation). This
+// engine's exact mode leaves values unrounded; each is one named function so the rounding can
+// be added in one place later.
+inline void round_kv_latent(float* /*kv [n, hd]*/, int64_t /*n*/, int64_t /*hd*/, int64_t /*rope*/) {}  // FP8 e4m3, 64-blocks, nope dims
+inline void round_indexer_qk(float* /*x [n, hd]*/, int64_t /*n*/, int64_t /*hd*/) {}  // Hadamard + FP4, 32-blocks
+inline void round_gemm_input(float* /*x [T, K]*/, int64_t /*T*/, int64_t /*K*/) {}    // FP8 e4m3, 128-blocks
+
+}  // namespace megamoe::ops

@@ -1,0 +1,108 @@
+// engine.h — continuous batching: requests join and leave a running batch; each step prefills
+// chunks of new prompts within a token budget, mixed with one decode token per running request.
+//
+// One worker thread owns the model and every sequence's state (ds4's rule: the worker owns all
+// live KV state); other threads talk to it through submit() / cancel(). Callbacks run on the
+// worker thread, without the engine lock held, so they may call cancel().
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "ref/model.h"
+#include "serve/sampler.h"
+
+namespace megamoe {
+
+struct EngineOptions {
+    int64_t  max_batch_tokens = 512;   // tokens per forward step: prefill chunks + decodes
+    int64_t  max_seqs = 64;            // requests running at once; the rest wait
+    int64_t  max_model_len = 0;        // context limit (prompt + completion); 0: max_position_embeddings
+    uint64_t seed = 0;                 // seeds requests that bring none (each gets seed + request id)
+};
+
+struct GenerationParams {
+    SamplingParams       sampling;
+    int64_t              max_tokens = 16;   // completion tokens at most
+    bool                 ignore_eos = false;
+    std::vector<int32_t> stop_token_ids;    // finish (reason "stop") after any of these
+    int                  top_logprobs = -1; // -1: none; k >= 0: the sampled token's logprob and k alternatives
+};
+
+struct TokenOut {
+    int32_t id = 0;
+    float   logprob = 0;                               // when top_logprobs >= 0
+    std::vector<std::pair<int32_t, float>> top;        // [k] (id, logprob)
+};
+
+enum class FinishReason { stop, length, cancelled, error };
+const char* finish_reason_name(FinishReason r);      // "stop" | "length" | "cancelled" | "error"
+
+struct RequestCallbacks {
+    // Each new token; return false to finish the request here (reason "stop"), e.g. a stop string.
+    std::function<bool(const TokenOut&)> on_token;
+    // Exactly once, after the last token (or on cancellation, or an engine error with its message).
+    std::function<void(FinishReason, const std::string& error)> on_finish;
+};
+
+// Prometheus-style histogram with fixed bucket bounds (seconds).
+struct Histogram {
+    std::vector<double>   bounds;
+    std::vector<uint64_t> counts;                      // cumulative per bound, as Prometheus wants
+    uint64_t count = 0;
+    double   sum = 0;
+    explicit Histogram(std::vector<double> b) : bounds(std::move(b)), counts(bounds.size()) {}
+    void observe(double v);
+};
+
+struct EngineMetrics {
+    uint64_t requests_total = 0, prompt_tokens_total = 0, generation_tokens_total = 0;
+    int64_t  running = 0, waiting = 0;
+    double   cache_usage = 0;                          // tokens held by running sequences / (max_seqs · max_model_len)
+    Histogram ttft{{0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
+    Histogram tpot{{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}};
+};
+
+class Engine {
+public:
+    Engine(std::unique_ptr<Model> model, const EngineOptions& opt);
+    ~Engine();   // cancels what is left and joins the worker
+
+    const ModelConfig& config() const { return model_->cfg; }
+    int64_t max_model_len() const { return max_model_len_; }
+
+    // Queues a request. Throws Error, changing nothing, when the prompt is empty, holds an id
+    // outside the vocabulary, or prompt + max_tokens exceeds the context limit (vLLM's wording).
+    uint64_t submit(std::vector<int32_t> prompt, const GenerationParams& params, RequestCallbacks cb);
+    void cancel(uint64_t id);          // no-op for unknown or finished ids
+    EngineMetrics metrics() const;
+
+private:
+    struct Request;
+    void loop();
+    bool step();                       // one forward over the current batch; false when idle
+    void finish(Request& r, FinishReason why, const std::string& error = "");
+
+    std::unique_ptr<Model> model_;
+    EngineOptions opt_;
+    int64_t max_model_len_;
+    mutable std::mutex m_;
+    std::condition_variable cv_;
+    std::deque<std::unique_ptr<Request>> waiting_;
+    std::vector<std::unique_ptr<Request>> running_;
+    std::map<uint64_t, Request*> by_id_;
+    uint64_t next_id_ = 1;
+    bool stop_ = false;
+    EngineMetrics metrics_;
+    std::thread worker_;
+};
+
+}  // namespace megamoe

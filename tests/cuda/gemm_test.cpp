@@ -1,0 +1,1028 @@
+// cuda_gemm_test.cpp — the tiled GPU linear and the routed-expert layer (src/cuda/gemm.h) against
+// their CPU twins, element by element.
+//
+//   linear / linear_tiled  vs ops::linear / ops::grouped_linear, every format, every tiled config
+//                          and the automatic choice, f32 and bf16 output, real DeepSeek-V4 shapes
+//                          and odd ones.
+//   moe_l1 (h, bf16)       vs the expression of ops::expert_ffn on ops::linear's g = w1·x, u = w3·x.
+//   moe_l2 (rows, f32)     vs ops::linear(w2) on the GPU's own h.
+//   moe_layer (y)          (a) its combine, bit for bit, from its own rows (ops::moe's slot order);
+//                          (b) vs CPU rows computed from the GPU's own h, summed in slot order;
+//                          (c) vs the all-fp32 composition of ops::expert_ffn (the CPU never rounds
+//                              h to bf16; the bound carries that rounding through |w2|).
+//   CUDA graph             replays equal plain calls bit for bit, with new routing each replay.
+//   T = 0, bad input.
+//
+// Tolerances (each derived next to its constant; none is a fudge factor):
+//   f32 linear      |gpu - cpu| ≤ 1e-5·Σ_k|w·x| + 1e-30 (the convention of cuda_linear_test: the
+//                   same exact products summed in another order).
+//   bf16 output     gpu = RNE_bf16(v) for some v within the f32 bound: since RNE is monotone, gpu
+//                   must lie between RNE(cpu - tol) and RNE(cpu + tol) (bf16_in_range).
+//   h (L1)          the f32 bounds of g and u carried through silu·clamp·w (Lipschitz), plus the
+//                   f32 evaluation of that expression on both sides, then as bf16 output above.
+//
+// Without a CUDA build, or without a GPU, the tests skip.
+#include <gtest/gtest.h>
+
+#ifdef MEGAMOE_HAVE_CUDA
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/common.h"
+#include "cuda/gemm.h"
+#include "cuda/linear.h"
+#include "cuda/moe_dispatch.h"
+#include "cuda_test_util.h"
+#include "io/formats.h"
+#include "ref/ops.h"
+#include "core/parallel.h"
+#include "test_util.h"
+
+namespace megamoe {
+namespace {
+
+using cuda::DeviceLinear;
+using test::DeviceBuf;
+using test::DeviceLinearGuard;
+using test::fmt_name;
+using test::HostLinear;
+using test::make_quantized;
+using test::random_x;
+
+// ---------------------------------------------------------------------------- tolerances
+
+// f32 result of a linear, GPU vs CPU: both sum the same exact f32 products Σ_k w_nk·x_tk (the
+// tensor core's bf16 operands are the exact weights, see gemm.cu / linear.cu), in different orders
+// (and NVFP4/fp8 apply the scale product at a different point). Each is a few fp32 roundings of
+// partial sums bounded by Σ|w||x|: ~1e-7 of that sum observed, 1e-5 leaves margin while any wrong
+// element, scale or sign is an error of 1e-3 .. 1 of the sum. Same constants as cuda_linear_test.
+constexpr double kRelTol = 1e-5;
+constexpr double kAbsTol = 1e-30;   // a row whose products are all zero must give (almost) exactly 0
+
+// f32 unit roundoff (one rounding moves a value by at most 2^-24 of it).
+constexpr double kU32 = 0x1p-24;
+// bf16 keeps 8 significant bits, so its unit roundoff is 2^-8: round-to-nearest-even moves a
+// normal value v by at most half an ulp = 2^-8·|v| (an ulp of v is at most 2^-7·|v|). bf16 has
+// f32's exponent range; a subnormal result is off by at most 2^-134 absolute, below kAbsTol.
+constexpr double kBf16Round = 0x1p-8;
+
+// max |d silu(g) / dg| = max σ(g)(1 + g(1 - σ(g))) ≈ 1.0998 (at g ≈ 2.4); min(g, L) and clamp are
+// 1-Lipschitz, so an error e in g moves silu(min(g, L)) by at most 1.1·e.
+constexpr double kSiluSlope = 1.1;
+
+// f32 evaluation of h = g/(1 + exp(-g))·u·w (g, u already clamped), on each side, relative to |h|:
+//   CPU (ops::expert_ffn): std::exp < 1 ulp (≤ 2u), then +, /, ·u, ·w: one rounding each (u):   6u
+//   GPU (gemm.cu silu_swiglu, no fast math): expf ≤ 2 ulp (CUDA guide, ≤ 4u), IEEE + / · · : 8u
+// An exp error ε changes 1 + e^-g by at most ε relative, so each side is within its sum of h.
+// Together 14u; 16u is used.
+constexpr double kSwigluEval = 16 * kU32;
+
+// Every GPU output starts as 0xFF bytes (f32 / bf16 NaN): an element left unwritten fails.
+constexpr int kPoison = 0xFF;
+
+#define SKIP_WITHOUT_GPU() \
+    if (!cuda::gpu_available()) GTEST_SKIP() << "no CUDA device"
+
+template <typename T>
+void to_device(T* dst, const std::vector<T>& src, cudaStream_t stream = nullptr) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src.data(), src.size() * sizeof(T), cudaMemcpyHostToDevice, stream));
+}
+template <typename T>
+std::vector<T> to_host(const T* src, size_t n, cudaStream_t stream = nullptr) {
+    std::vector<T> v(n);
+    CUDA_CHECK(cudaMemcpyAsync(v.data(), src, n * sizeof(T), cudaMemcpyDeviceToHost, stream));
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    return v;
+}
+template <typename T>
+void poison(T* p, size_t n, cudaStream_t stream = nullptr) {
+    CUDA_CHECK(cudaMemsetAsync(p, kPoison, n * sizeof(T), stream));
+}
+
+std::vector<float> widen(const std::vector<uint16_t>& x) {
+    std::vector<float> f(x.size());
+    for (size_t i = 0; i < x.size(); ++i) f[i] = bf16_to_f32(x[i]);
+    return f;
+}
+std::vector<float> abs_of(const float* v, size_t n) {
+    std::vector<float> a(n);
+    for (size_t i = 0; i < n; ++i) a[i] = std::fabs(v[i]);
+    return a;
+}
+
+// Index of the first element whose bits differ, or -1.
+template <typename T>
+int64_t first_mismatch(const std::vector<T>& a, const std::vector<T>& b) {
+    if (a.size() != b.size()) return static_cast<int64_t>(std::min(a.size(), b.size()));
+    for (size_t i = 0; i < a.size(); ++i)
+        if (std::memcmp(&a[i], &b[i], sizeof(T)) != 0) return static_cast<int64_t>(i);
+    return -1;
+}
+
+// ---------------------------------------------------------------------------- bounds and checks
+
+// Σ a_i·b_i of non-negative f32 in 8 lanes (vectorizes). Used only for bounds: a sum of n
+// non-negative terms in f32 is within n·2^-24 relative of the exact one (≤ 2.5e-4 for n = 4096),
+// which moves a kRelTol tolerance by ≤ 2.5e-9 of Σ|w x|, far below its margin.
+float dot_abs(const float* a, const float* b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+    float tail = 0;
+    for (; i < n; ++i) tail += a[i] * b[i];
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+// out[t, n] = Σ_k |W[n, k]|·a[t, g(n)·K + k] for a ≥ 0 of [M, groups·K], g(n) = n / (N / groups):
+// the Σ|w·x| of ops::linear (groups = 1) or ops::grouped_linear.
+void abs_linear(const Linear& W, const float* a, int64_t M, float* out, int64_t groups = 1) {
+    const int64_t N = W.out, K = W.in, R = N / groups;
+    parallel_ranges(N, [&](int64_t b, int64_t e, int) {
+        std::vector<float> row(static_cast<size_t>(K));
+        for (int64_t n = b; n < e; ++n) {
+            W.decode_row(n, row.data());
+            for (float& v : row) v = std::fabs(v);
+            const int64_t g = n / R;
+            for (int64_t t = 0; t < M; ++t) out[t * N + n] = dot_abs(row.data(), a + (t * groups + g) * K, K);
+        }
+    }, K * (M + 1));
+}
+
+// |gpu - cpu| ≤ tol(i) for each of n elements (rows of row_len for messages); reports the first
+// few failures, returns the largest |gpu - cpu| / tol (the fraction of the tolerance used).
+double check_close(const float* gpu, const float* cpu, size_t n, int64_t row_len, const std::function<double(size_t)>& tol,
+                   const std::string& what) {
+    double worst = 0;
+    int reported = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const double d = std::fabs(static_cast<double>(gpu[i]) - static_cast<double>(cpu[i]));
+        const double t = tol(i);
+        if (!(d <= t)) {
+            if (reported++ < 5)
+                ADD_FAILURE() << what << ": [" << i / static_cast<size_t>(row_len) << ", "
+                              << i % static_cast<size_t>(row_len) << "] gpu " << gpu[i] << " cpu " << cpu[i]
+                              << " |diff| " << d << " > tol " << t;
+            worst = std::numeric_limits<double>::infinity();
+        } else if (t > 0) {
+            worst = std::max(worst, d / t);
+        }
+    }
+    return worst;
+}
+
+// Whether bf16 b is RNE_bf16(v) for some v with |v - ref| ≤ tol. RNE is monotone (non-decreasing),
+// so those b are exactly the bf16 values between RNE(ref - tol) and RNE(ref + tol). The two ends
+// are taken in f32 and moved out by one f32 ulp (2^-23 relative: 1/65536 of a bf16 ulp) to cover
+// the double → float conversion.
+bool bf16_in_range(uint16_t b, double ref, double tol) {
+    constexpr float inf = std::numeric_limits<float>::infinity();
+    const float lo = std::nextafter(static_cast<float>(ref - tol), -inf);
+    const float hi = std::nextafter(static_cast<float>(ref + tol), inf);
+    const float v = bf16_to_f32(b);
+    return !std::isnan(v) && bf16_to_f32(f32_to_bf16(lo)) <= v && v <= bf16_to_f32(f32_to_bf16(hi));
+}
+
+void check_bf16(const uint16_t* gpu, const float* cpu, size_t n, int64_t row_len, const std::function<double(size_t)>& tol,
+                const std::string& what) {
+    int reported = 0;
+    for (size_t i = 0; i < n; ++i) {
+        const double t = tol(i);
+        if (!bf16_in_range(gpu[i], cpu[i], t) && reported++ < 5)
+            ADD_FAILURE() << what << ": [" << i / static_cast<size_t>(row_len) << ", " << i % static_cast<size_t>(row_len)
+                          << "] gpu bf16 " << bf16_to_f32(gpu[i]) << " (0x" << std::hex << gpu[i] << std::dec
+                          << ") is not RNE of a value within " << t << " of cpu " << cpu[i] << " (RNE range "
+                          << bf16_to_f32(f32_to_bf16(static_cast<float>(cpu[i] - t))) << " .. "
+                          << bf16_to_f32(f32_to_bf16(static_cast<float>(cpu[i] + t))) << ")";
+    }
+}
+
+// ---------------------------------------------------------------------------- linear
+
+struct LinearRef {
+    std::vector<float> y;       // ops::linear / ops::grouped_linear
+    std::vector<float> bound;   // Σ_k |w·x|
+};
+
+LinearRef linear_twin(const Linear& lin, const std::vector<uint16_t>& x, int64_t M, int64_t groups) {
+    const std::vector<float> xf = widen(x);
+    const std::vector<float> xa = abs_of(xf.data(), xf.size());
+    LinearRef r;
+    r.y.resize(static_cast<size_t>(M * lin.out));
+    r.bound.resize(r.y.size());
+    if (groups == 1) ops::linear(lin, xf.data(), M, r.y.data());
+    else ops::grouped_linear(lin, groups, xf.data(), M, r.y.data());
+    abs_linear(lin, xa.data(), M, r.bound.data(), groups);
+    return r;
+}
+
+constexpr int kViaLinear = -2;   // cuda::linear (linear_small_m for M ≤ 16, linear_tiled auto above)
+
+std::vector<int> linear_paths() {
+    std::vector<int> p = {kViaLinear, -1};
+    for (int c = 0; c < static_cast<int>(cuda::tiled_configs().size()); ++c) p.push_back(c);
+    return p;
+}
+
+std::string path_name(int path) {
+    if (path == kViaLinear) return "linear()";
+    return "linear_tiled " + cuda::tiled_config_name(path);
+}
+
+void launch_linear(const DeviceLinear& d, const uint16_t* x, int64_t M, void* y, const cuda::LinearOptions& o, int path) {
+    if (path == kViaLinear) cuda::linear(d, x, M, y, o, nullptr);
+    else cuda::linear_tiled(d, x, M, y, o, nullptr, path);
+}
+
+// One weight W [N, K] (groups > 1: K per group, x [M, groups·K]) in format f, each M in Ms, every
+// path, f32 and bf16 y.
+void check_linear(LinearFormat f, int64_t N, int64_t K, const std::vector<int64_t>& Ms, int64_t groups, uint32_t seed) {
+    HostLinear h;
+    make_quantized(h, f, N, K, seed);
+    DeviceLinearGuard d(h.lin);
+    const std::vector<int> paths = linear_paths();
+    for (int64_t M : Ms) {
+        const auto x = random_x(M, K * groups, seed + static_cast<uint32_t>(M));
+        const LinearRef ref = linear_twin(h.lin, x, M, groups);
+        const size_t n = static_cast<size_t>(M * N);
+        DeviceBuf<uint16_t> dx(x.size()), yb(n);
+        DeviceBuf<float> yf(n);
+        to_device(dx.p, x);
+        const std::string shape =
+            str(fmt_name(f), " ", N, "x", K, groups > 1 ? str(" groups=", groups) : std::string(), " M=", M);
+        auto tol = [&](size_t i) { return kRelTol * ref.bound[i] + kAbsTol; };
+        double worst = 0;
+        for (int path : paths) {
+            const std::string what = shape + " " + path_name(path);
+            cuda::LinearOptions o;
+            o.groups = groups;
+            poison(yf.p, n);
+            launch_linear(d.d, dx.p, M, yf.p, o, path);
+            o.out_bf16 = true;
+            poison(yb.p, n);
+            launch_linear(d.d, dx.p, M, yb.p, o, path);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            const auto gf = to_host(yf.p, n);
+            const auto gb = to_host(yb.p, n);
+            worst = std::max(worst, check_close(gf.data(), ref.y.data(), n, N, tol, what + " f32"));
+            check_bf16(gb.data(), ref.y.data(), n, N, tol, what + " bf16");
+            // linear.h: a bf16 y is the f32 result rounded to nearest even (same kernel, same sums).
+            std::vector<uint16_t> rounded(n);
+            for (size_t i = 0; i < n; ++i) rounded[i] = f32_to_bf16(gf[i]);
+            const int64_t bad = first_mismatch(gb, rounded);
+            EXPECT_EQ(bad, -1) << what << ": bf16 y[" << bad << "] is not RNE of the f32 y";
+            if (::testing::Test::HasFailure()) return;   // one failing case is enough output
+        }
+        std::printf("  %-40s %zu paths, max |gpu-cpu| / tol = %.2e\n", shape.c_str(), paths.size(), worst);
+    }
+}
+
+// Real DeepSeek-V4-Flash shapes at prefill M, and odd shapes (partial tiles and blocks) at small M.
+void check_format(LinearFormat f, const std::vector<int64_t>& odd_K, uint32_t seed) {
+    struct Shape { int64_t N, K; };
+    // wq_a [1024, 4096]; expert w1/w3 [2048, 4096]; expert w2 [4096, 2048].
+    for (Shape s : {Shape{1024, 4096}, Shape{2048, 4096}, Shape{4096, 2048}}) {
+        check_linear(f, s.N, s.K, {17, 64, 129, 1024}, 1, seed++);
+        if (::testing::Test::HasFailure()) return;
+    }
+    for (int64_t N : {40, 136, 1000}) {
+        for (int64_t K : odd_K) {
+            check_linear(f, N, K, {1, 3, 17, 129}, 1, seed++);
+            if (::testing::Test::HasFailure()) return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- experts
+
+// E experts of one format, w1, w3 [I, D], w2 [D, I], as the quantizers make them. Row magnitudes
+// 2^U(-2, 1)/sqrt(in): with x of per-token scale 2^U(0, 3.5) (expert_x) the pre-activations
+// g = w1·x and u = w3·x have standard deviations 0.25 .. 23 per (row, token), so a good share of
+// them lies beyond the SwiGLU limit (7) on either side and a good share within.
+struct HostExperts {
+    std::vector<std::unique_ptr<HostLinear>> store;   // 3 per expert: w1, w3, w2
+    std::vector<ExpertWeights> experts;
+    int64_t E = 0, D = 0, I = 0;
+};
+
+HostExperts make_experts(LinearFormat f, int64_t E, int64_t D, int64_t I, uint32_t seed) {
+    HostExperts h;
+    h.E = E;
+    h.D = D;
+    h.I = I;
+    h.store.resize(static_cast<size_t>(3 * E));
+    for (auto& p : h.store) p = std::make_unique<HostLinear>();
+    const float nd = 1.0f / std::sqrt(static_cast<float>(D)), ni = 1.0f / std::sqrt(static_cast<float>(I));
+    parallel_for(E, [&](int64_t e) {
+        const uint32_t s = seed + static_cast<uint32_t>(3 * e);
+        make_quantized(*h.store[static_cast<size_t>(3 * e)], f, I, D, s, -2.0f, 1.0f, nd);
+        make_quantized(*h.store[static_cast<size_t>(3 * e + 1)], f, I, D, s + 1, -2.0f, 1.0f, nd);
+        make_quantized(*h.store[static_cast<size_t>(3 * e + 2)], f, D, I, s + 2, -2.0f, 1.0f, ni);
+    }, 3 * D * I * 40);
+    h.experts.resize(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) {
+        ExpertWeights& x = h.experts[static_cast<size_t>(e)];
+        x.w1 = h.store[static_cast<size_t>(3 * e)]->lin;
+        x.w3 = h.store[static_cast<size_t>(3 * e + 1)]->lin;
+        x.w2 = h.store[static_cast<size_t>(3 * e + 2)]->lin;
+    }
+    return h;
+}
+
+enum class Routing { uniform, hot };
+const char* routing_name(Routing r) { return r == Routing::uniform ? "uniform" : "hot"; }
+
+// uniform: k distinct experts per token from all E, as a top-k gives (with E ≫ T·k most experts
+// get no rows). hot: slot 0 of every token is expert 3 (one expert gets all T tokens), the other
+// k-1 slots distinct experts from the top m = max(E/2, k) other than 3, so every expert below
+// E - m except 3 gets no rows. Requires E ≥ 4 and k ≤ E.
+std::vector<int32_t> make_ids(Routing r, int64_t T, int64_t k, int64_t E, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::vector<int32_t> ids(static_cast<size_t>(T * k));
+    std::vector<int32_t> pool;
+    if (r == Routing::uniform) {
+        pool.resize(static_cast<size_t>(E));
+        std::iota(pool.begin(), pool.end(), 0);
+    } else {
+        for (int64_t e = E - std::max(E / 2, k); e < E; ++e)
+            if (e != 3) pool.push_back(static_cast<int32_t>(e));
+    }
+    for (int64_t t = 0; t < T; ++t) {
+        int32_t* row = ids.data() + t * k;
+        std::shuffle(pool.begin(), pool.end(), rng);
+        if (r == Routing::uniform) {
+            std::copy(pool.begin(), pool.begin() + k, row);
+        } else {
+            row[0] = 3;
+            std::copy(pool.begin(), pool.begin() + (k - 1), row + 1);
+        }
+    }
+    return ids;
+}
+
+// One batch of the routed layer, on the host.
+struct MoeCase {
+    int64_t T = 0, k = 0;
+    std::vector<int32_t> ids;     // [T, k]
+    std::vector<float> wts;       // [T, k] routing weights, positive
+    std::vector<uint16_t> x;      // [T, D] bf16
+    std::vector<float> shared;    // [T, D] or empty (no shared term)
+};
+
+MoeCase make_case(Routing r, int64_t T, int64_t k, int64_t E, int64_t D, bool with_shared, uint32_t seed) {
+    MoeCase c;
+    c.T = T;
+    c.k = k;
+    c.ids = make_ids(r, T, k, E, seed);
+    std::mt19937 rng(seed + 1);
+    std::uniform_real_distribution<float> w(0.05f, 1.5f);
+    c.wts.resize(static_cast<size_t>(T * k));
+    for (float& v : c.wts) v = w(rng);
+    c.x = random_x(T, D, seed + 2, 0.0f, 3.5f);
+    if (with_shared) {
+        std::normal_distribution<float> nd(0.0f, 4.0f);
+        c.shared.resize(static_cast<size_t>(T * D));
+        for (float& v : c.shared) v = nd(rng);
+    }
+    return c;
+}
+
+// The case's inputs on the device.
+struct DeviceInputs {
+    DeviceBuf<int32_t> ids;
+    DeviceBuf<float> wts;
+    DeviceBuf<uint16_t> x;
+    DeviceBuf<float> shared;
+    DeviceInputs(int64_t T, int64_t k, int64_t D)
+        : ids(static_cast<size_t>(T * k)), wts(static_cast<size_t>(T * k)), x(static_cast<size_t>(T * D)),
+          shared(static_cast<size_t>(T * D)) {}
+    void upload(const MoeCase& c, cudaStream_t stream = nullptr) {
+        to_device(ids.p, c.ids, stream);
+        to_device(wts.p, c.wts, stream);
+        to_device(x.p, c.x, stream);
+        if (!c.shared.empty()) to_device(shared.p, c.shared, stream);
+    }
+    const float* shared_or_null(const MoeCase& c) const { return c.shared.empty() ? nullptr : shared.p; }
+};
+
+// The routing the workspace holds (offsets, perm, inv), checked against the stable counting sort
+// ops::moe implies (cuda_moe_dispatch_test tests it fully). On a mismatch the CPU routing is
+// returned so that the checks after it index safely (and fail).
+struct Route {
+    std::vector<int32_t> offsets, perm, inv;
+};
+
+Route cpu_route(const MoeCase& c, int64_t E) {
+    const int64_t N = c.T * c.k;
+    Route cpu;
+    cpu.offsets.assign(static_cast<size_t>(E + 1), 0);
+    cpu.perm.resize(static_cast<size_t>(N));
+    cpu.inv.resize(static_cast<size_t>(N));
+    for (int64_t i = 0; i < N; ++i) ++cpu.offsets[static_cast<size_t>(c.ids[static_cast<size_t>(i)] + 1)];
+    for (int64_t e = 0; e < E; ++e) cpu.offsets[static_cast<size_t>(e + 1)] += cpu.offsets[static_cast<size_t>(e)];
+    std::vector<int32_t> next(cpu.offsets.begin(), cpu.offsets.end() - 1);
+    for (int64_t i = 0; i < N; ++i) {
+        const int32_t j = next[static_cast<size_t>(c.ids[static_cast<size_t>(i)])]++;
+        cpu.perm[static_cast<size_t>(j)] = static_cast<int32_t>(i);
+        cpu.inv[static_cast<size_t>(i)] = j;
+    }
+    return cpu;
+}
+
+Route get_route(const cuda::MoeLayerWorkspace& ws, const MoeCase& c, int64_t E) {
+    const int64_t N = c.T * c.k;
+    const Route cpu = cpu_route(c, E);
+    Route gpu;
+    gpu.offsets = to_host(ws.dispatch.offsets, static_cast<size_t>(E + 1));
+    gpu.perm = to_host(ws.dispatch.perm, static_cast<size_t>(N));
+    gpu.inv = to_host(ws.dispatch.inv, static_cast<size_t>(N));
+    const bool same = gpu.offsets == cpu.offsets && gpu.perm == cpu.perm && gpu.inv == cpu.inv;
+    EXPECT_TRUE(same) << "the workspace's routing differs from the stable sort of ids";
+    return same ? gpu : cpu;
+}
+
+// Counts over a test, to show that the SwiGLU clamps were exercised.
+struct ClampStats {
+    int64_t g_clamped = 0, u_clamped = 0, total = 0;
+};
+
+// CPU L1 in the workspace's row order: h[j] as ops::expert_ffn computes it (ops::linear for g and
+// u, then its expression, verbatim) and err[j], a bound on |v - h| where v is the GPU's f32 value
+// before its bf16 rounding:
+//   g' = g + δg, |δg| ≤ eg = kRelTol·Σ|w1 x| + kAbsTol, same for u (eu); s = silu(min(g, L)),
+//   c = clamp(u, ±L); |s' - s| ≤ 1.1·eg, |c' - c| ≤ eu, so
+//   |s'c'w - scw| ≤ w·(1.1·eg·(|c| + eu) + |s|·eu) =: prop,
+//   plus the f32 evaluation of both sides: kSwigluEval·(|h| + prop), plus kAbsTol.
+struct L1Ref {
+    std::vector<float> xs;    // [N, D] gathered x, widened
+    std::vector<float> h;     // [N, I]
+    std::vector<float> err;   // [N, I]
+};
+
+L1Ref l1_twin(const HostExperts& hx, float limit, const MoeCase& c, const Route& r, ClampStats* stats) {
+    const int64_t N = c.T * c.k, D = hx.D, I = hx.I;
+    L1Ref ref;
+    ref.xs.resize(static_cast<size_t>(N * D));
+    for (int64_t j = 0; j < N; ++j) {
+        const int64_t t = r.perm[static_cast<size_t>(j)] / c.k;
+        for (int64_t d = 0; d < D; ++d)
+            ref.xs[static_cast<size_t>(j * D + d)] = bf16_to_f32(c.x[static_cast<size_t>(t * D + d)]);
+    }
+    const std::vector<float> xa = abs_of(ref.xs.data(), ref.xs.size());
+    std::vector<float> g(static_cast<size_t>(N * I)), u(g.size()), bg(g.size()), bu(g.size());
+    for (int64_t e = 0; e < hx.E; ++e) {
+        const int64_t o = r.offsets[static_cast<size_t>(e)], n = r.offsets[static_cast<size_t>(e + 1)] - o;
+        if (n == 0) continue;
+        const ExpertWeights& ew = hx.experts[static_cast<size_t>(e)];
+        ops::linear(ew.w1, ref.xs.data() + o * D, n, g.data() + o * I);
+        ops::linear(ew.w3, ref.xs.data() + o * D, n, u.data() + o * I);
+        abs_linear(ew.w1, xa.data() + o * D, n, bg.data() + o * I);
+        abs_linear(ew.w3, xa.data() + o * D, n, bu.data() + o * I);
+    }
+    ref.h.resize(g.size());
+    ref.err.resize(g.size());
+    for (int64_t j = 0; j < N; ++j) {
+        const float w = c.wts[static_cast<size_t>(r.perm[static_cast<size_t>(j)])];
+        for (int64_t i = 0; i < I; ++i) {
+            const size_t q = static_cast<size_t>(j * I + i);
+            // ops::expert_ffn, verbatim:
+            const float gv = std::min(g[q], limit);
+            const float uv = std::clamp(u[q], -limit, limit);
+            float a = gv / (1.0f + std::exp(-gv)) * uv;
+            a *= w;
+            ref.h[q] = a;
+            const double s = static_cast<double>(gv) / (1.0 + std::exp(-static_cast<double>(gv)));
+            const double eg = kRelTol * bg[q] + kAbsTol, eu = kRelTol * bu[q] + kAbsTol;
+            const double prop = w * (kSiluSlope * eg * (std::fabs(uv) + eu) + std::fabs(s) * eu);
+            ref.err[q] = static_cast<float>(prop + kSwigluEval * (std::fabs(a) + prop) + kAbsTol);
+            if (stats) {
+                stats->g_clamped += g[q] > limit;
+                stats->u_clamped += std::fabs(u[q]) > limit;
+                ++stats->total;
+            }
+        }
+    }
+    return ref;
+}
+
+// gpu h (bf16) against the L1 twin: RNE of a value within err of the CPU h.
+void check_h(const std::vector<uint16_t>& h, const L1Ref& ref, int64_t I, const std::string& what) {
+    check_bf16(h.data(), ref.h.data(), ref.h.size(), I, [&](size_t i) { return static_cast<double>(ref.err[i]); },
+               what + " h");
+}
+
+// CPU L2 in the workspace's row order: rows[j] = ops::linear(w2[e], h[j]) for the expert e whose
+// offsets hold j, and bound[j] = Σ|w2|·|h[j]|.
+struct RowsRef {
+    std::vector<float> rows, bound;   // [N, D]
+};
+
+RowsRef l2_twin(const HostExperts& hx, const std::vector<float>& h, const Route& r) {
+    const int64_t N = static_cast<int64_t>(r.perm.size()), D = hx.D, I = hx.I;
+    RowsRef ref;
+    ref.rows.resize(static_cast<size_t>(N * D));
+    ref.bound.resize(ref.rows.size());
+    const std::vector<float> ha = abs_of(h.data(), h.size());
+    for (int64_t e = 0; e < hx.E; ++e) {
+        const int64_t o = r.offsets[static_cast<size_t>(e)], n = r.offsets[static_cast<size_t>(e + 1)] - o;
+        if (n == 0) continue;
+        const Linear& w2 = hx.experts[static_cast<size_t>(e)].w2;
+        ops::linear(w2, h.data() + o * I, n, ref.rows.data() + o * D);
+        abs_linear(w2, ha.data() + o * I, n, ref.bound.data() + o * D);
+    }
+    return ref;
+}
+
+void check_rows(const std::vector<float>& rows, const RowsRef& ref, int64_t D, const std::string& what) {
+    check_close(rows.data(), ref.rows.data(), ref.rows.size(), D,
+                [&](size_t i) { return kRelTol * ref.bound[i] + kAbsTol; }, what + " rows");
+}
+
+// y[t] = Σ_s rows[inv[t·k + s]] in slot order from 0, then shared[t] + that (ops::moe's combine).
+std::vector<float> combine(const std::vector<float>& rows, const std::vector<int32_t>& inv, const MoeCase& c, int64_t D) {
+    std::vector<float> y(static_cast<size_t>(c.T * D));
+    for (int64_t t = 0; t < c.T; ++t) {
+        for (int64_t d = 0; d < D; ++d) {
+            float acc = 0;
+            for (int64_t s = 0; s < c.k; ++s) acc += rows[static_cast<size_t>(inv[static_cast<size_t>(t * c.k + s)] * D + d)];
+            y[static_cast<size_t>(t * D + d)] = c.shared.empty() ? acc : c.shared[static_cast<size_t>(t * D + d)] + acc;
+        }
+    }
+    return y;
+}
+
+// Route + gather, then moe_l1 / moe_l2 for each config: h against the L1 twin, rows against ops::linear(w2)
+// on the GPU's own h.
+void check_l1_l2(const HostExperts& hx, const cuda::DeviceExperts& dex, cuda::MoeLayerWorkspace& ws, const MoeCase& c,
+                 float limit, const std::vector<int>& configs, const std::string& what, ClampStats* stats) {
+    SCOPED_TRACE(what);
+    const int64_t N = c.T * c.k, D = hx.D, I = hx.I;
+    DeviceInputs in(c.T, c.k, D);
+    in.upload(c);
+    ws.dispatch.route(in.ids.p, c.T, nullptr);
+    ws.dispatch.gather(in.x.p, in.wts.p, c.T, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const Route r = get_route(ws, c, hx.E);
+    const L1Ref l1 = l1_twin(hx, limit, c, r, stats);
+    for (int cfg : configs) {
+        const std::string name = what + " " + cuda::tiled_config_name(cfg);
+        poison(ws.h, static_cast<size_t>(N * I));
+        cuda::moe_l1(dex, limit, ws, N, nullptr, cfg);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        const auto h = to_host(ws.h, static_cast<size_t>(N * I));
+        check_h(h, l1, I, name);
+        const RowsRef l2 = l2_twin(hx, widen(h), r);
+        poison(ws.rows, static_cast<size_t>(N * D));
+        cuda::moe_l2(dex, ws, N, nullptr, cfg);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        check_rows(to_host(ws.rows, static_cast<size_t>(N * D)), l2, D, name);
+        if (::testing::Test::HasFailure()) return;
+    }
+}
+
+std::vector<int> all_configs() {
+    std::vector<int> v = {-1};
+    for (int c = 0; c < static_cast<int>(cuda::tiled_configs().size()); ++c) v.push_back(c);
+    return v;
+}
+
+// The layer's outputs (routing r, h [N, I] bf16, rows [N, D], y [T, D]) on the host: h and rows
+// against the twins, and y three ways (see the file comment).
+void verify_layer_outputs(const HostExperts& hx, const MoeCase& c, float limit, const Route& r,
+                          const std::vector<uint16_t>& h, const std::vector<float>& rows,
+                          const std::vector<float>& y_gpu, const std::string& what, ClampStats* stats) {
+    const int64_t N = c.T * c.k, D = hx.D, I = hx.I, k = c.k;
+
+    // h and rows (the layer's own L1 and L2; moe_layer leaves them in ws.h and ws.rows).
+    const L1Ref l1 = l1_twin(hx, limit, c, r, stats);
+    check_h(h, l1, I, what);
+    const RowsRef l2 = l2_twin(hx, widen(h), r);
+    check_rows(rows, l2, D, what);
+
+    // (a) the combine of its own rows, bit for bit (moe_dispatch.h: same f32 adds, same order).
+    const std::vector<float> y_a = combine(rows, r.inv, c, D);
+    const int64_t bad = first_mismatch(y_gpu, y_a);
+    EXPECT_EQ(bad, -1) << what << ": y[" << bad << "] is not the slot-order combine of ws.rows";
+
+    // Summation of the k slot rows and the shared term, on either side: k + 1 f32 additions of
+    // partial sums bounded by Σ_s|row_s| + |shared|, each rounding ≤ 2^-24 of it (γ_{k+1} ≈
+    // (k+1)·2^-24, ×1.01 for its second-order term).
+    auto comb_err = [&](size_t q, const std::vector<float>& ra, const std::vector<float>& rb) {
+        const int64_t t = static_cast<int64_t>(q) / D, d = static_cast<int64_t>(q) % D;
+        double s = 0;
+        for (int64_t sl = 0; sl < k; ++sl) {
+            const size_t j = static_cast<size_t>(r.inv[static_cast<size_t>(t * k + sl)] * D + d);
+            s += std::fabs(ra[j]) + std::fabs(rb[j]);
+        }
+        const double sh = c.shared.empty() ? 0.0 : 2.0 * std::fabs(c.shared[q]);
+        return 1.01 * static_cast<double>(k + 1) * kU32 * (s + sh);
+    };
+    auto slot_sum = [&](size_t q, const std::function<double(size_t)>& per_row) {
+        const int64_t t = static_cast<int64_t>(q) / D, d = static_cast<int64_t>(q) % D;
+        double s = 0;
+        for (int64_t sl = 0; sl < k; ++sl) s += per_row(static_cast<size_t>(r.inv[static_cast<size_t>(t * k + sl)] * D + d));
+        return s;
+    };
+
+    // (b) CPU rows from the GPU's own h, combined: each slot row within kRelTol·Σ|w2 h| (+ kAbsTol).
+    const std::vector<float> y_b = combine(l2.rows, r.inv, c, D);
+    check_close(y_gpu.data(), y_b.data(), y_b.size(), D, [&](size_t q) {
+        return slot_sum(q, [&](size_t j) { return kRelTol * l2.bound[j] + kAbsTol; }) + comb_err(q, rows, l2.rows);
+    }, what + " y vs CPU rows of the GPU h");
+
+    // (c) the all-fp32 CPU composition: ops::expert_ffn per expert on its rows (h never rounded).
+    // Per slot row, with h_g the GPU's h and h_c the CPU's: |h_g - h_c| ≤ Δ = err + 2^-8·(|h_c| + err)
+    // (the L1 bound, then the bf16 rounding of a value within err of h_c), so
+    //   |GPU_L2(h_g) - CPU_L2(h_c)| ≤ |GPU_L2(h_g) - CPU_L2(h_g)|          ≤ kRelTol·Σ|w2||h_g|
+    //                              + |CPU_L2(h_g) - CPU_L2(h_c)|          ≤ Σ|w2|·Δ
+    //                                 + the f32 summation of each CPU dot  ≤ kRelTol·(Σ|w2||h_g| + Σ|w2||h_c|)
+    std::vector<float> rows32(static_cast<size_t>(N * D)), delta(l1.h.size()), b_delta(rows32.size()),
+        b_hc(rows32.size());
+    for (size_t q = 0; q < delta.size(); ++q)
+        delta[q] = static_cast<float>(l1.err[q] + kBf16Round * (std::fabs(l1.h[q]) + l1.err[q]));
+    const std::vector<float> hc_abs = abs_of(l1.h.data(), l1.h.size());
+    for (int64_t e = 0; e < hx.E; ++e) {
+        const int64_t o = r.offsets[static_cast<size_t>(e)], n = r.offsets[static_cast<size_t>(e + 1)] - o;
+        if (n == 0) continue;
+        std::vector<float> we(static_cast<size_t>(n));
+        for (int64_t j = 0; j < n; ++j) we[static_cast<size_t>(j)] = c.wts[static_cast<size_t>(r.perm[static_cast<size_t>(o + j)])];
+        const ExpertWeights& ew = hx.experts[static_cast<size_t>(e)];
+        ops::expert_ffn(ew, limit, l1.xs.data() + o * D, n, we.data(), rows32.data() + o * D);
+        abs_linear(ew.w2, delta.data() + o * I, n, b_delta.data() + o * D);
+        abs_linear(ew.w2, hc_abs.data() + o * I, n, b_hc.data() + o * D);
+    }
+    const std::vector<float> y_c = combine(rows32, r.inv, c, D);
+    check_close(y_gpu.data(), y_c.data(), y_c.size(), D, [&](size_t q) {
+        return slot_sum(q, [&](size_t j) {
+                   return 2 * kRelTol * l2.bound[j] + kRelTol * b_hc[j] + static_cast<double>(b_delta[j]) + kAbsTol;
+               }) +
+               comb_err(q, rows, rows32);
+    }, what + " y vs fp32 ops::expert_ffn composition");
+}
+
+// After a moe_layer on c (y_gpu its output, ws as it left it: moe_layer leaves the routing, h and
+// rows in the workspace).
+void verify_layer(const HostExperts& hx, const cuda::MoeLayerWorkspace& ws, const MoeCase& c, float limit,
+                  const std::vector<float>& y_gpu, const std::string& what, ClampStats* stats) {
+    SCOPED_TRACE(what);
+    const int64_t N = c.T * c.k;
+    const Route r = get_route(ws, c, hx.E);
+    const auto h = to_host(ws.h, static_cast<size_t>(N * hx.I));
+    const auto rows = to_host(ws.rows, static_cast<size_t>(N * hx.D));
+    verify_layer_outputs(hx, c, limit, r, h, rows, y_gpu, what, stats);
+}
+
+// moe_layer on c (default stream), then verify_layer.
+void check_layer(const HostExperts& hx, const cuda::DeviceExperts& dex, cuda::MoeLayerWorkspace& ws, const MoeCase& c,
+                 float limit, const std::string& what, ClampStats* stats) {
+    const int64_t D = hx.D;
+    DeviceInputs in(c.T, c.k, D);
+    in.upload(c);
+    DeviceBuf<float> y(static_cast<size_t>(c.T * D));
+    poison(y.p, y.n);
+    poison(ws.h, static_cast<size_t>(c.T * c.k * hx.I));
+    poison(ws.rows, static_cast<size_t>(c.T * c.k * D));
+    cuda::moe_layer(dex, limit, in.x.p, in.ids.p, in.wts.p, c.T, in.shared_or_null(c), y.p, ws, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    verify_layer(hx, ws, c, limit, to_host(y.p, y.n), what, stats);
+}
+
+void expect_clamps_exercised(const ClampStats& s) {
+    // Both clamps must have been hit on a real share of elements (and not on all of them).
+    EXPECT_GT(s.g_clamped, s.total / 100) << "g > limit in " << s.g_clamped << " of " << s.total;
+    EXPECT_GT(s.u_clamped, s.total / 100) << "|u| > limit in " << s.u_clamped << " of " << s.total;
+    EXPECT_LT(s.u_clamped, s.total / 2);
+    std::printf("  clamped: g %lld, u %lld of %lld h elements\n", static_cast<long long>(s.g_clamped),
+                static_cast<long long>(s.u_clamped), static_cast<long long>(s.total));
+}
+
+constexpr float kLimit = 7.0f;   // SwiGLU limit (DeepSeek-V4's swiglu_limit is of this order)
+
+// ---------------------------------------------------------------------------- tests: linear
+
+TEST(CudaGemm, TiledConfigsAreConsistent) {
+    SKIP_WITHOUT_GPU();
+    const auto& cs = cuda::tiled_configs();
+    ASSERT_FALSE(cs.empty());
+    for (size_t i = 0; i < cs.size(); ++i) {
+        const cuda::TiledConfig& c = cs[i];
+        // gemm.h: a CTA of 8 warps, wr along rows (so 8/wr along tokens), a warp 16·mt × 8·nt.
+        ASSERT_GT(c.wr, 0);
+        EXPECT_EQ(8 % c.wr, 0) << i;
+        EXPECT_EQ(c.rows, 16 * c.mt * c.wr) << i;
+        EXPECT_EQ(c.tokens, 8 * c.nt * c.wt) << i;
+        EXPECT_FALSE(cuda::tiled_config_name(static_cast<int>(i)).empty());
+    }
+    EXPECT_THROW((void)cuda::tiled_config_name(static_cast<int>(cs.size())), Error);
+}
+
+TEST(CudaGemm, LinearBf16MatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    check_format(LinearFormat::bf16, {128, 264}, 1000);
+}
+
+TEST(CudaGemm, LinearFp8MatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    check_format(LinearFormat::fp8_block, {128, 264}, 2000);   // 264: a partial 128-column scale block
+}
+
+TEST(CudaGemm, LinearMxfp4MatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    check_format(LinearFormat::mxfp4, {96, 288}, 3000);   // rows of 48 / 144 bytes: padded device rows
+}
+
+TEST(CudaGemm, LinearNvfp4MatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    check_format(LinearFormat::nvfp4, {48, 272}, 4000);
+}
+
+// DeepSeek-V4's wo_a: W [G·R, K] fp8, x [M, G·K], y[:, g·R:(g+1)·R] = x[:, g·K:(g+1)·K]·W_gᵀ, against
+// ops::grouped_linear (same contract). G = 8, R = 1024 (the real o_groups, o_lora_rank; K smaller
+// than the real 4096 to keep the CPU quick), and an odd G = 3, R = 40 with a partial scale block.
+TEST(CudaGemm, GroupedLinearMatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    check_linear(LinearFormat::fp8_block, 8 * 1024, 512, {1, 5, 17, 100}, 8, 5000);
+    if (HasFailure()) return;
+    check_linear(LinearFormat::fp8_block, 3 * 40, 264, {1, 5, 17, 100}, 3, 5100);
+}
+
+// ---------------------------------------------------------------------------- tests: experts
+
+// route + gather + moe_l1 + moe_l2, every config and the automatic choice, small experts (E = 8:
+// every expert busy; E = 256: most idle), NVFP4 and MXFP4, uniform and hot routings.
+TEST(CudaMoeLayer, L1L2MatchCpuTwinSmallExperts) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 256, I = 128, k = 6, T_max = 600;
+    ClampStats stats;
+    uint32_t seed = 100;
+    for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        for (int64_t E : {8, 256}) {
+            const HostExperts hx = make_experts(f, E, D, I, seed += 1000);
+            cuda::DeviceExperts dex(hx.experts);
+            EXPECT_EQ(dex.E, E);
+            EXPECT_EQ(dex.D, D);
+            EXPECT_EQ(dex.I, I);
+            EXPECT_EQ(dex.format, f);
+            size_t bytes = 0;
+            for (const ExpertWeights& e : hx.experts) bytes += e.w1.bytes() + e.w3.bytes() + e.w2.bytes();
+            EXPECT_EQ(dex.bytes(), bytes);
+            cuda::MoeLayerWorkspace ws(T_max, k, dex);
+            EXPECT_GT(ws.bytes(), 0u);
+            for (int64_t T : {1, 3, 17, 129, 600}) {
+                for (Routing r : {Routing::uniform, Routing::hot}) {
+                    const MoeCase c = make_case(r, T, k, E, D, false, ++seed);
+                    check_l1_l2(hx, dex, ws, c, kLimit, all_configs(),
+                                str(fmt_name(f), " E=", E, " T=", T, " ", routing_name(r)), &stats);
+                    if (HasFailure()) return;
+                }
+            }
+        }
+    }
+    expect_clamps_exercised(stats);
+}
+
+// DeepSeek-V4-Flash expert shapes (D = 4096, I = 2048), E = 4, k = 2.
+void check_flash_l1_l2(LinearFormat f, uint32_t seed) {
+    const int64_t D = 4096, I = 2048, E = 4, k = 2;
+    const HostExperts hx = make_experts(f, E, D, I, seed);
+    cuda::DeviceExperts dex(hx.experts);
+    cuda::MoeLayerWorkspace ws(600, k, dex);
+    ClampStats stats;
+    struct Case { int64_t T; Routing r; bool all; };
+    for (Case cs : {Case{1, Routing::uniform, false}, Case{129, Routing::uniform, true}, Case{600, Routing::hot, false}}) {
+        const MoeCase c = make_case(cs.r, cs.T, k, E, D, false, ++seed);
+        check_l1_l2(hx, dex, ws, c, kLimit, cs.all ? all_configs() : std::vector<int>{-1},
+                    str(fmt_name(f), " Flash E=", E, " T=", cs.T, " ", routing_name(cs.r)), &stats);
+        if (::testing::Test::HasFailure()) return;
+    }
+    expect_clamps_exercised(stats);
+}
+
+TEST(CudaMoeLayer, L1L2MatchCpuTwinFlashDimsNvfp4) {
+    SKIP_WITHOUT_GPU();
+    check_flash_l1_l2(LinearFormat::nvfp4, 7000);
+}
+
+TEST(CudaMoeLayer, L1L2MatchCpuTwinFlashDimsMxfp4) {
+    SKIP_WITHOUT_GPU();
+    check_flash_l1_l2(LinearFormat::mxfp4, 8000);
+}
+
+// The grouped kernels have a SwiGLU epilogue for the 4-bit expert formats only (both releases ship
+// the routed experts in NVFP4 or MXFP4); other formats are refused when the experts are uploaded.
+TEST(CudaMoeLayer, RejectsNon4BitExperts) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 256, I = 128, E = 2;
+    for (LinearFormat f : {LinearFormat::bf16, LinearFormat::fp8_block}) {
+        const HostExperts hx = make_experts(f, E, D, I, 9000 + static_cast<uint32_t>(f));
+        test::expect_error([&] { cuda::DeviceExperts dex(hx.experts); }, {"DeviceExperts", "NVFP4 or MXFP4"});
+    }
+}
+
+// The whole layer, with and without a shared term.
+TEST(CudaMoeLayer, LayerMatchesCpuComposition) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 256, I = 128, k = 6, T_max = 600;
+    ClampStats stats;
+    uint32_t seed = 20000;
+    for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        for (int64_t E : {8, 256}) {
+            const HostExperts hx = make_experts(f, E, D, I, seed += 1000);
+            cuda::DeviceExperts dex(hx.experts);
+            cuda::MoeLayerWorkspace ws(T_max, k, dex);
+            for (int64_t T : {1, 17, 129, 600}) {
+                for (Routing r : {Routing::uniform, Routing::hot}) {
+                    for (bool shared : {false, true}) {
+                        const MoeCase c = make_case(r, T, k, E, D, shared, ++seed);
+                        check_layer(hx, dex, ws, c, kLimit,
+                                    str(fmt_name(f), " E=", E, " T=", T, " ", routing_name(r), shared ? " shared" : ""),
+                                    &stats);
+                        if (HasFailure()) return;
+                    }
+                }
+            }
+        }
+    }
+    expect_clamps_exercised(stats);
+}
+
+TEST(CudaMoeLayer, LayerMatchesCpuCompositionFlashDims) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 4096, I = 2048, E = 4, k = 2;
+    uint32_t seed = 30000;
+    for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        const HostExperts hx = make_experts(f, E, D, I, seed += 1000);
+        cuda::DeviceExperts dex(hx.experts);
+        cuda::MoeLayerWorkspace ws(129, k, dex);
+        for (int64_t T : {17, 129}) {
+            const MoeCase c = make_case(T == 17 ? Routing::hot : Routing::uniform, T, k, E, D, true, ++seed);
+            check_layer(hx, dex, ws, c, kLimit, str(fmt_name(f), " Flash E=", E, " T=", T), nullptr);
+            if (HasFailure()) return;
+        }
+    }
+}
+
+// moe_layer captured once per T (global capture mode: any host synchronization or allocation inside
+// would fail the capture) on a non-blocking stream with T < T_max, replayed with new x / ids /
+// weights / shared each time; each replay is checked against the twins and must equal a plain
+// moe_layer call on the same inputs bit for bit (the kernels are deterministic).
+TEST(CudaMoeLayer, GraphReplayEqualsPlainCalls) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 256, I = 128, k = 6, E = 16;
+    const HostExperts hx = make_experts(LinearFormat::nvfp4, E, D, I, 40000);
+    cuda::DeviceExperts dex(hx.experts);
+    cuda::MoeLayerWorkspace ws(300, k, dex);
+    cudaStream_t stream = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    for (int64_t T : {17, 256}) {
+        DeviceInputs in(T, k, D);
+        DeviceBuf<float> y_graph(static_cast<size_t>(T * D)), y_plain(static_cast<size_t>(T * D));
+        cudaGraph_t graph = nullptr;
+        cudaGraphExec_t exec = nullptr;
+        CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+        bool threw = false;
+        try {
+            cuda::moe_layer(dex, kLimit, in.x.p, in.ids.p, in.wts.p, T, in.shared.p, y_graph.p, ws, stream);
+        } catch (const std::exception& e) {
+            threw = true;
+            ADD_FAILURE() << "moe_layer during capture: " << e.what();
+        }
+        const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+        if (threw) {
+            if (graph) (void)cudaGraphDestroy(graph);
+            break;
+        }
+        ASSERT_EQ(end, cudaSuccess) << cudaGetErrorString(end);
+        CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        const Routing routings[2] = {Routing::uniform, Routing::hot};
+        for (int replay = 0; replay < 2; ++replay) {
+            const std::string what = str("T=", T, " replay ", replay, " ", routing_name(routings[replay]));
+            const MoeCase c = make_case(routings[replay], T, k, E, D, true, 41000 + static_cast<uint32_t>(T * 10 + replay));
+            in.upload(c, stream);
+            poison(y_graph.p, y_graph.n, stream);
+            poison(ws.h, static_cast<size_t>(T * k * I), stream);
+            CUDA_CHECK(cudaGraphLaunch(exec, stream));
+            CUDA_CHECK(cudaStreamSynchronize(stream));
+            const auto yg = to_host(y_graph.p, y_graph.n, stream);
+            const auto hg = to_host(ws.h, static_cast<size_t>(T * k * I), stream);
+            verify_layer(hx, ws, c, kLimit, yg, what + " (graph)", nullptr);
+
+            poison(y_plain.p, y_plain.n, stream);
+            poison(ws.h, static_cast<size_t>(T * k * I), stream);
+            cuda::moe_layer(dex, kLimit, in.x.p, in.ids.p, in.wts.p, T, in.shared.p, y_plain.p, ws, stream);
+            CUDA_CHECK(cudaStreamSynchronize(stream));
+            const auto yp = to_host(y_plain.p, y_plain.n, stream);
+            const auto hp = to_host(ws.h, static_cast<size_t>(T * k * I), stream);
+            const int64_t by = first_mismatch(yg, yp), bh = first_mismatch(hg, hp);
+            EXPECT_EQ(by, -1) << what << ": graph y[" << by << "] differs from the plain call";
+            EXPECT_EQ(bh, -1) << what << ": graph h[" << bh << "] differs from the plain call";
+        }
+        CUDA_CHECK(cudaGraphExecDestroy(exec));
+        CUDA_CHECK(cudaGraphDestroy(graph));
+        if (HasFailure()) break;
+    }
+    CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+TEST(CudaMoeLayer, ZeroTokensIsANoOp) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 256, I = 128, k = 6, E = 8;
+    const HostExperts hx = make_experts(LinearFormat::nvfp4, E, D, I, 50000);
+    cuda::DeviceExperts dex(hx.experts);
+    cuda::MoeLayerWorkspace ws(8, k, dex);
+    DeviceInputs in(8, k, D);
+    DeviceBuf<float> y(static_cast<size_t>(8 * D));
+    CUDA_CHECK(cudaMemset(y.p, 0x3F, y.n * sizeof(float)));
+    EXPECT_NO_THROW(cuda::moe_layer(dex, kLimit, in.x.p, in.ids.p, in.wts.p, 0, in.shared.p, y.p, ws, nullptr));
+    EXPECT_NO_THROW(cuda::moe_layer(dex, kLimit, nullptr, nullptr, nullptr, 0, nullptr, nullptr, ws, nullptr));
+    EXPECT_NO_THROW(cuda::moe_l1(dex, kLimit, ws, 0, nullptr));
+    EXPECT_NO_THROW(cuda::moe_l2(dex, ws, 0, nullptr));
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const auto yh = to_host(y.p, y.n);
+    float sentinel;
+    const uint32_t bits = 0x3F3F3F3Fu;
+    std::memcpy(&sentinel, &bits, 4);
+    EXPECT_EQ(std::count(yh.begin(), yh.end(), sentinel), static_cast<std::ptrdiff_t>(yh.size())) << "y was written";
+    // The workspace still works after the empty batches.
+    check_layer(hx, dex, ws, make_case(Routing::uniform, 3, k, E, D, true, 50001), kLimit, "T=3 after T=0", nullptr);
+}
+
+TEST(CudaMoeLayer, RejectsBadInput) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 256, I = 128, k = 6, E = 4;
+    const HostExperts hx = make_experts(LinearFormat::nvfp4, E, D, I, 60000);
+    const HostExperts narrow = make_experts(LinearFormat::nvfp4, 1, D, 64, 60100);   // I = 64
+    const HostExperts mx = make_experts(LinearFormat::mxfp4, 1, D, I, 60200);
+
+    test::expect_error([] { cuda::DeviceExperts ex(std::vector<ExpertWeights>{}); }, {"DeviceExperts"});
+    {
+        auto bad = hx.experts;   // expert 2 with another I (all three matrices consistent with it)
+        bad[2] = narrow.experts[0];
+        test::expect_error([&] { cuda::DeviceExperts ex(bad); }, {"DeviceExperts", "expert 2"});
+    }
+    {
+        auto bad = hx.experts;   // expert 1's w2 of another shape
+        bad[1].w2 = narrow.experts[0].w2;
+        test::expect_error([&] { cuda::DeviceExperts ex(bad); }, {"DeviceExperts", "expert 1", "w2"});
+    }
+    {
+        auto bad = hx.experts;   // w3 unlike w1 inside expert 0
+        bad[0].w3 = narrow.experts[0].w3;
+        test::expect_error([&] { cuda::DeviceExperts ex(bad); }, {"DeviceExperts", "expert 0", "w3"});
+    }
+    {
+        auto bad = hx.experts;   // mixed formats
+        bad[3] = mx.experts[0];
+        test::expect_error([&] { cuda::DeviceExperts ex(bad); }, {"DeviceExperts", "expert 3"});
+    }
+
+    cuda::DeviceExperts dex(hx.experts);
+    cuda::MoeLayerWorkspace ws(4, k, dex);
+    DeviceInputs in(5, k, D);   // room for T = 5, so a missing check would not write out of bounds here
+    DeviceBuf<float> y(static_cast<size_t>(5 * D));
+    test::expect_error([&] { cuda::moe_layer(dex, kLimit, in.x.p, in.ids.p, in.wts.p, 5, nullptr, y.p, ws, nullptr); },
+                       {"T_max"});
+    EXPECT_THROW(cuda::moe_l1(dex, kLimit, ws, 4 * k + 1, nullptr), Error);   // more rows than the workspace
+    EXPECT_THROW(cuda::moe_l2(dex, ws, 4 * k + 1, nullptr), Error);
+    EXPECT_THROW(cuda::moe_l1(dex, kLimit, ws, 4 * k, nullptr, static_cast<int>(cuda::tiled_configs().size())), Error);
+    EXPECT_THROW(cuda::MoeLayerWorkspace(0, k, dex), Error);
+    {
+        // A workspace made for other experts (E = 1).
+        cuda::DeviceExperts other(narrow.experts);
+        cuda::MoeLayerWorkspace ws_other(4, k, other);
+        EXPECT_THROW(cuda::moe_l1(dex, kLimit, ws_other, k, nullptr), Error);
+    }
+    CUDA_CHECK(cudaDeviceSynchronize());
+
+    // Move-only handles: the moved-to object owns the buffers, the moved-from one none.
+    cuda::DeviceExperts moved = std::move(dex);
+    EXPECT_EQ(moved.E, E);
+    EXPECT_NE(moved.l1_table, nullptr);
+    EXPECT_EQ(dex.l1_table, nullptr);
+    EXPECT_TRUE(dex.w1.empty());
+    cuda::MoeLayerWorkspace ws2 = std::move(ws);
+    EXPECT_NE(ws2.h, nullptr);
+    EXPECT_EQ(ws.h, nullptr);
+}
+
+}  // namespace
+}  // namespace megamoe
+
+#else  // !MEGAMOE_HAVE_CUDA
+
+TEST(CudaGemm, SkippedWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
+
+#endif

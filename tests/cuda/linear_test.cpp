@@ -1,0 +1,385 @@
+// cuda_linear_test.cpp — the GPU small-M linear (src/cuda/linear.h) against its CPU twin ops::linear.
+//
+// Weights come two ways: realistic ones from the quantizers in formats.h (random normal rows of
+// different magnitudes), and random packed codes with random scales, which reach every code the
+// fast path decodes (e4m3 subnormals, the ±0.5 e2m1 code whose bf16 bit image is subnormal, -0,
+// NVFP4 zero and subnormal block scales). x is random bf16. The CPU twin runs ops::linear on the
+// same Linear with x widened to f32; the GPU result must match element by element within
+// kRelTol of that element's Σ_k |w_nk · x_tk| (see the constant for why).
+//
+// Without a CUDA build, or without a GPU, the tests skip (the upload checks that need no GPU
+// still run in a CUDA build).
+#include <gtest/gtest.h>
+
+#ifdef MEGAMOE_HAVE_CUDA
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda/linear.h"
+#include "cuda_test_util.h"
+#include "io/formats.h"
+#include "ref/ops.h"
+#include "core/parallel.h"
+
+namespace megamoe {
+namespace {
+
+using cuda::DeviceLinear;
+using test::DeviceLinearGuard;
+using test::fmt_name;
+using test::HostLinear;
+using test::make_quantized;
+using test::random_x;
+
+// Both sides compute Σ_k w_nk·x_tk over the same exact fp32 products (the GPU's bf16 operands are
+// the exact weights, see linear.cu); they differ in summation order, in the tensor core's internal
+// fp32 accumulation, and, for NVFP4/fp8, in where the scale product is rounded. Each is a few
+// fp32 roundings of partial sums bounded by Σ|w||x|, so the error is ~K_eff·2^-24 of that sum at
+// worst; 1e-5 leaves ample margin over the observed ~1e-7 while still catching any wrong
+// element, scale or sign (those are errors of order 1e-3 .. 1 of the sum).
+constexpr double kRelTol = 1e-5;
+constexpr double kAbsTol = 1e-30;   // so that a row whose products are all zero must give exactly 0
+
+bool gpu() { return cuda::gpu_available(); }
+
+#define SKIP_WITHOUT_GPU() \
+    if (!gpu()) GTEST_SKIP() << "no CUDA device"
+
+// Random packed codes and scales: every fp8 code but NaN, every nibble, e8m0 scales over a wide
+// range, NVFP4 block scales over all finite e4m3 values (zero and subnormals included).
+void make_random_codes(HostLinear& h, LinearFormat f, int64_t N, int64_t K, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int> byte(0, 255);
+    switch (f) {
+        case LinearFormat::fp8_block: {
+            h.w.resize(static_cast<size_t>(N * K));
+            for (auto& b : h.w) {
+                do b = static_cast<uint8_t>(byte(rng));
+                while ((b & 0x7F) == 0x7F);
+            }
+            h.s.resize(static_cast<size_t>(((N + 127) / 128) * ((K + 127) / 128)));
+            std::uniform_int_distribution<int> e(100, 134);
+            for (auto& b : h.s) b = static_cast<uint8_t>(e(rng));
+            break;
+        }
+        case LinearFormat::mxfp4: {
+            h.w.resize(static_cast<size_t>(N * K / 2));
+            for (auto& b : h.w) b = static_cast<uint8_t>(byte(rng));
+            h.s.resize(static_cast<size_t>(N * (K / 32)));
+            std::uniform_int_distribution<int> e(90, 128);
+            for (auto& b : h.s) b = static_cast<uint8_t>(e(rng));
+            break;
+        }
+        case LinearFormat::nvfp4: {
+            h.w.resize(static_cast<size_t>(N * K / 2));
+            for (auto& b : h.w) b = static_cast<uint8_t>(byte(rng));
+            h.s.resize(static_cast<size_t>(N * (K / 16)));
+            std::uniform_int_distribution<int> e(0, 0x7E);
+            for (auto& b : h.s) b = static_cast<uint8_t>(e(rng));
+            h.s2 = 3.0e-4f;
+            break;
+        }
+        default: FAIL() << "make_random_codes: format without codes";
+    }
+    h.bind(f, N, K);
+}
+
+using megamoe::test::DeviceBuf;
+
+// y_gpu for x (host bf16), via the fast path or the reference kernel. y starts as NaN bytes so
+// that an element left unwritten fails the comparison. `x_offset` shifts x by that many
+// elements inside its buffer (to reach the unaligned staging path).
+std::vector<float> run_gpu(const DeviceLinear& d, const std::vector<uint16_t>& x, int64_t M, bool reference = false,
+                           int x_offset = 0, cudaStream_t stream = nullptr) {
+    DeviceBuf<uint16_t> dx(x.size() + static_cast<size_t>(x_offset));
+    DeviceBuf<float> dy(static_cast<size_t>(M * d.out));
+    CUDA_CHECK(cudaMemcpy(dx.p + x_offset, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemset(dy.p, 0xFF, dy.n * sizeof(float)));
+    if (reference) cuda::linear_reference(d, dx.p + x_offset, M, dy.p, stream);
+    else cuda::linear_small_m(d, dx.p + x_offset, M, dy.p, stream);
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    std::vector<float> y(static_cast<size_t>(M * d.out));
+    CUDA_CHECK(cudaMemcpy(y.data(), dy.p, y.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    return y;
+}
+
+struct Reference {
+    std::vector<float> y;       // ops::linear
+    std::vector<double> bound;  // Σ_k |w_nk·x_tk|
+};
+
+Reference cpu_twin(const Linear& lin, const std::vector<uint16_t>& x, int64_t M) {
+    const int64_t N = lin.out, K = lin.in;
+    std::vector<float> xf(x.size());
+    for (size_t i = 0; i < x.size(); ++i) xf[i] = bf16_to_f32(x[i]);
+    Reference r;
+    r.y.resize(static_cast<size_t>(M * N));
+    ops::linear(lin, xf.data(), M, r.y.data());
+    r.bound.resize(static_cast<size_t>(M * N));
+    parallel_ranges(N, [&](int64_t b, int64_t e, int) {
+        std::vector<float> row(static_cast<size_t>(K));
+        for (int64_t n = b; n < e; ++n) {
+            lin.decode_row(n, row.data());
+            for (int64_t t = 0; t < M; ++t) {
+                double s = 0;
+                for (int64_t k = 0; k < K; ++k) s += std::fabs(double(row[size_t(k)]) * xf[size_t(t * K + k)]);
+                r.bound[static_cast<size_t>(t * N + n)] = s;
+            }
+        }
+    }, K * M);
+    return r;
+}
+
+// Largest |gpu - cpu| / (Σ|w||x|) over all elements; fails the test at the first bad element.
+double compare(const std::vector<float>& gpu_y, const Reference& ref, int64_t M, int64_t N, const std::string& what) {
+    double worst = 0;
+    int reported = 0;
+    for (int64_t t = 0; t < M; ++t) {
+        for (int64_t n = 0; n < N; ++n) {
+            const size_t i = static_cast<size_t>(t * N + n);
+            const double d = std::fabs(double(gpu_y[i]) - double(ref.y[i]));
+            const double tol = kRelTol * ref.bound[i] + kAbsTol;
+            const bool same_nan = std::isnan(gpu_y[i]) && std::isnan(ref.y[i]);
+            if (!same_nan && !(d <= tol)) {
+                if (reported++ < 5)
+                    ADD_FAILURE() << what << ": y[" << t << ", " << n << "] gpu " << gpu_y[i] << " cpu " << ref.y[i]
+                                  << " |diff| " << d << " > tol " << tol;
+            }
+            if (ref.bound[i] > 0 && !same_nan) worst = std::max(worst, d / ref.bound[i]);
+        }
+    }
+    return worst;
+}
+
+struct Shape {
+    int64_t N, K;
+};
+
+void check_format(LinearFormat f, const std::vector<Shape>& shapes, bool random_codes, uint32_t seed) {
+    for (const Shape& s : shapes) {
+        HostLinear h;
+        if (random_codes) make_random_codes(h, f, s.N, s.K, seed);
+        else make_quantized(h, f, s.N, s.K, seed);
+        DeviceLinearGuard d(h.lin);
+        for (int64_t M : {1, 3, 16}) {
+            const auto x = random_x(M, s.K, seed + static_cast<uint32_t>(M));
+            const Reference ref = cpu_twin(h.lin, x, M);
+            const std::string what = str(fmt_name(f), random_codes ? " codes " : " ", s.N, "x", s.K, " M=", M);
+            const double worst = compare(run_gpu(d.d, x, M), ref, M, s.N, what);
+            std::printf("  %-32s max |gpu-cpu| / sum|w||x| = %.2e\n", what.c_str(), worst);
+            ++seed;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- tests
+
+TEST(CudaLinear, UploadRejectsBadTensors) {
+    // Checks happen before any CUDA call, so this runs in any CUDA build, GPU or not.
+    HostLinear h;
+    h.w.resize(16 * 64);
+    h.s.resize(16 * 2);
+    h.bind(LinearFormat::mxfp4, 16, 64);
+    h.lin.scale = Tensor(h.s.data(), DType::e8m0, {16, 3});
+    try {
+        (void)cuda::upload_linear(h.lin);
+        ADD_FAILURE() << "expected megamoe::Error";
+    } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("scale has shape [16, 3], expected [16, 2]"), std::string::npos) << e.what();
+    }
+    h.bind(LinearFormat::mxfp4, 16, 64);
+    h.lin.weight.dtype = DType::f32;
+    EXPECT_THROW((void)cuda::upload_linear(h.lin), Error);
+    EXPECT_THROW((void)cuda::packed_row_bytes(LinearFormat::mxfp4, 48), Error);
+    EXPECT_EQ(cuda::device_row_bytes(LinearFormat::nvfp4, 48), 64);
+    EXPECT_EQ(cuda::device_row_bytes(LinearFormat::fp8_block, 4096), 4096);
+}
+
+TEST(CudaLinear, UploadIsLossless) {
+    SKIP_WITHOUT_GPU();
+    const LinearFormat formats[] = {LinearFormat::f32, LinearFormat::bf16, LinearFormat::fp8_block,
+                                    LinearFormat::mxfp4, LinearFormat::nvfp4};
+    for (LinearFormat f : formats) {
+        for (Shape s : {Shape{3, 160}, Shape{17, 96}, Shape{130, 256}}) {
+            if (f == LinearFormat::mxfp4 && s.K % 32) continue;
+            HostLinear h;
+            make_quantized(h, f, s.N, s.K, 7);
+            DeviceLinearGuard d(h.lin);
+            EXPECT_EQ(d.d.weight_row_bytes % 64, 0);
+            const cuda::PackedBytes b = cuda::download_packed(d.d);
+            EXPECT_EQ(b.weight, h.w) << fmt_name(f) << " " << s.N << "x" << s.K;
+            EXPECT_EQ(b.scale, h.s) << fmt_name(f) << " " << s.N << "x" << s.K;
+            EXPECT_EQ(d.d.scale_2, h.s2);
+            EXPECT_EQ(d.d.bytes(), h.lin.bytes());   // packed bytes, padding not counted
+            // copy_linear: an independent device copy with the same bytes.
+            cuda::DeviceLinear c = cuda::copy_linear(d.d);
+            EXPECT_NE(c.weight, d.d.weight);
+            const cuda::PackedBytes bc = cuda::download_packed(c);
+            EXPECT_EQ(bc.weight, h.w) << "copy_linear " << fmt_name(f);
+            EXPECT_EQ(bc.scale, h.s) << "copy_linear " << fmt_name(f);
+            cuda::free_linear(c);
+        }
+    }
+}
+
+TEST(CudaLinear, Bf16MatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    check_format(LinearFormat::bf16, {{3, 160}, {17, 160}, {40, 200}, {512, 4096}, {1024, 4096}}, false, 100);
+}
+
+TEST(CudaLinear, Fp8MatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    // wq_a, wq_b, wkv, wo_b of DeepSeek-V4-Flash, and odd shapes (partial 128-blocks, K % 64 != 0).
+    check_format(LinearFormat::fp8_block,
+                 {{3, 160}, {17, 160}, {130, 200}, {1024, 4096}, {32768, 1024}, {512, 4096}, {4096, 8192}}, false, 200);
+}
+
+TEST(CudaLinear, Mxfp4MatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    // Expert w1 (and w3) [2048, 4096] and w2 [4096, 2048], and odd shapes.
+    check_format(LinearFormat::mxfp4, {{3, 64}, {17, 64}, {40, 96}, {2048, 4096}, {4096, 2048}}, false, 300);
+}
+
+TEST(CudaLinear, Nvfp4MatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    check_format(LinearFormat::nvfp4, {{3, 64}, {17, 64}, {40, 48}, {2048, 4096}, {4096, 2048}}, false, 400);
+}
+
+TEST(CudaLinear, AllCodesMatchCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    check_format(LinearFormat::fp8_block, {{17, 160}, {256, 1024}}, true, 500);
+    check_format(LinearFormat::mxfp4, {{17, 64}, {256, 1024}}, true, 600);
+    check_format(LinearFormat::nvfp4, {{17, 64}, {256, 1024}}, true, 700);
+}
+
+TEST(CudaLinear, ReferenceKernelMatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    const LinearFormat formats[] = {LinearFormat::f32, LinearFormat::bf16, LinearFormat::fp8_block,
+                                    LinearFormat::mxfp4, LinearFormat::nvfp4};
+    for (LinearFormat f : formats) {
+        HostLinear h;
+        make_quantized(h, f, 70, 320, 11);
+        DeviceLinearGuard d(h.lin);
+        for (int64_t M : {1, 16, 20}) {
+            const auto x = random_x(M, 320, 12);
+            compare(run_gpu(d.d, x, M, /*reference=*/true), cpu_twin(h.lin, x, M), M, 70,
+                    str("reference ", fmt_name(f), " M=", M));
+        }
+    }
+}
+
+TEST(CudaLinear, F32AndNanCodesTakeTheExactPath) {
+    SKIP_WITHOUT_GPU();
+    HostLinear f32;
+    make_quantized(f32, LinearFormat::f32, 33, 100, 21);
+    DeviceLinearGuard d32(f32.lin);
+    auto x = random_x(2, 100, 22);
+    compare(run_gpu(d32.d, x, 2), cpu_twin(f32.lin, x, 2), 2, 33, "f32");
+
+    HostLinear h;
+    make_quantized(h, LinearFormat::fp8_block, 40, 256, 23);
+    h.w[5 * 256 + 17] = 0x7F;   // row 5 holds an e4m3 NaN
+    DeviceLinearGuard d(h.lin);
+    EXPECT_TRUE(d.d.nan_codes);
+    x = random_x(3, 256, 24);
+    const auto y = run_gpu(d.d, x, 3);
+    const Reference ref = cpu_twin(h.lin, x, 3);
+    for (int64_t t = 0; t < 3; ++t) EXPECT_TRUE(std::isnan(y[static_cast<size_t>(t * 40 + 5)]));
+    compare(y, ref, 3, 40, "fp8 with NaN code");
+}
+
+TEST(CudaLinear, LargeMUnalignedXAndStreams) {
+    SKIP_WITHOUT_GPU();
+    HostLinear h;
+    make_quantized(h, LinearFormat::nvfp4, 300, 512, 31);
+    DeviceLinearGuard d(h.lin);
+    cudaStream_t stream = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    for (int64_t M : {17, 40}) {
+        const auto x = random_x(M, 512, 32);
+        compare(run_gpu(d.d, x, M, false, 0, stream), cpu_twin(h.lin, x, M), M, 300, str("nvfp4 M=", M));
+    }
+    // x one element off 16-byte alignment, and K % 8 != 0 (bf16 K = 100): the scalar staging path.
+    const auto x = random_x(5, 512, 33);
+    compare(run_gpu(d.d, x, 5, false, 1, stream), cpu_twin(h.lin, x, 5), 5, 300, "nvfp4 unaligned x");
+    HostLinear b;
+    make_quantized(b, LinearFormat::bf16, 19, 100, 34);
+    DeviceLinearGuard db(b.lin);
+    const auto xb = random_x(4, 100, 35);
+    compare(run_gpu(db.d, xb, 4, false, 0, stream), cpu_twin(b.lin, xb, 4), 4, 19, "bf16 K=100");
+    CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+TEST(CudaLinear, Deterministic) {
+    SKIP_WITHOUT_GPU();
+    HostLinear h;
+    make_quantized(h, LinearFormat::fp8_block, 512, 4096, 41);   // split over a cluster of CTAs
+    DeviceLinearGuard d(h.lin);
+    const auto x = random_x(16, 4096, 42);
+    const auto a = run_gpu(d.d, x, 16), b = run_gpu(d.d, x, 16);
+    EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
+}
+
+TEST(CudaLinear, ZeroTokensIsANoOp) {
+    SKIP_WITHOUT_GPU();
+    HostLinear h;
+    make_quantized(h, LinearFormat::bf16, 8, 64, 51);
+    DeviceLinearGuard d(h.lin);
+    EXPECT_NO_THROW(cuda::linear_small_m(d.d, nullptr, 0, nullptr, nullptr));
+    EXPECT_THROW(cuda::linear_small_m(d.d, nullptr, -1, nullptr, nullptr), Error);
+    DeviceLinear empty;
+    EXPECT_THROW(cuda::linear_small_m(empty, nullptr, 1, nullptr, nullptr), Error);
+}
+
+// The upload's word permutation (host code: runs without a GPU). Every one of the 2^16 values of
+// the low and high half-words, with random other halves: from_kernel_order undoes
+// to_kernel_order, fp8 byte b of the kernel word holds element [0 2 1 3][b], fp4 nibble j holds
+// element kFp4KernelOrder[j]; bf16 and f32 rows are left unchanged.
+TEST(CudaLinear, KernelOrderIsALosslessWordPermutation) {
+    std::mt19937 rng(77);
+    std::vector<uint8_t> orig(4 * 2 * 65536);
+    for (uint32_t i = 0; i < 2 * 65536; ++i) {
+        const uint32_t r = rng();
+        const uint32_t w = i < 65536 ? (r & 0xFFFF0000u) | i : (r & 0x0000FFFFu) | ((i - 65536) << 16);
+        std::memcpy(orig.data() + 4 * i, &w, 4);
+    }
+    for (LinearFormat f : {LinearFormat::f32, LinearFormat::bf16, LinearFormat::fp8_block, LinearFormat::mxfp4,
+                           LinearFormat::nvfp4}) {
+        std::vector<uint8_t> k = orig;
+        cuda::to_kernel_order(f, k.data(), static_cast<int64_t>(k.size()));
+        for (size_t i = 0; i < orig.size(); i += 4) {
+            uint32_t a, b;
+            std::memcpy(&a, orig.data() + i, 4);
+            std::memcpy(&b, k.data() + i, 4);
+            for (int j = 0; j < 8; ++j) {
+                int src = j;   // the element of the original word at position j of the kernel word
+                if (f == LinearFormat::fp8_block) src = j / 2 == 0 || j / 2 == 3 ? j : (j / 2 == 1 ? j + 2 : j - 2);
+                if (f == LinearFormat::mxfp4 || f == LinearFormat::nvfp4) src = cuda::kFp4KernelOrder[j];
+                ASSERT_EQ((b >> (4 * j)) & 0xFu, (a >> (4 * src)) & 0xFu) << fmt_name(f) << " word " << i / 4 << " nibble " << j;
+            }
+        }
+        cuda::from_kernel_order(f, k.data(), static_cast<int64_t>(k.size()));
+        ASSERT_EQ(k, orig) << fmt_name(f);
+    }
+    std::vector<uint8_t> odd(6);
+    EXPECT_THROW(cuda::to_kernel_order(LinearFormat::nvfp4, odd.data(), 6), Error);
+}
+
+}  // namespace
+}  // namespace megamoe
+
+#else  // !MEGAMOE_HAVE_CUDA
+
+TEST(CudaLinear, SkippedWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
+
+#endif

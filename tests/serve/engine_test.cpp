@@ -1,0 +1,171 @@
+// engine_test.cpp — continuous batching on the golden checkpoint: requests that share steps,
+// chunked prefills under a small token budget and a cap on running requests give exactly the
+// tokens each gets alone; cancellation, stop ids, length limits and the context check.
+#include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <future>
+#include <mutex>
+
+#include "serve/engine.h"
+#include "ref/generate.h"
+#include "io/safetensors.h"
+#include "test_util.h"
+
+namespace megamoe {
+namespace {
+
+struct Result {
+    std::vector<int32_t> tokens;
+    FinishReason reason = FinishReason::error;
+    bool done = false;
+};
+
+// Collects one request's tokens; wait() blocks until it finishes.
+struct Collector {
+    std::mutex m;
+    std::condition_variable cv;
+    Result r;
+    RequestCallbacks callbacks(int stop_after = -1) {
+        RequestCallbacks cb;
+        cb.on_token = [this, stop_after](const TokenOut& t) {
+            std::lock_guard<std::mutex> lk(m);
+            r.tokens.push_back(t.id);
+            return stop_after < 0 || static_cast<int>(r.tokens.size()) < stop_after;
+        };
+        cb.on_finish = [this](FinishReason why, const std::string&) {
+            std::lock_guard<std::mutex> lk(m);
+            r.reason = why;
+            r.done = true;
+            cv.notify_all();
+        };
+        return cb;
+    }
+    Result wait() {
+        std::unique_lock<std::mutex> lk(m);
+        cv.wait(lk, [&] { return r.done; });
+        return r;
+    }
+};
+
+class EngineTest : public ::testing::Test {
+protected:
+    std::vector<int32_t> ids;
+    void SetUp() override {
+        if (!test::have_golden("tiny-flash-nvfp4")) GTEST_SKIP() << "no golden checkpoint";
+        SafetensorsFile g(test::golden_dir("tiny-flash-nvfp4") + "/golden.safetensors");
+        Tensor t = g.view(*g.find("input_ids"));
+        for (int64_t i = 0; i < t.numel(); ++i) ids.push_back(static_cast<int32_t>(t.as<int64_t>()[i]));
+    }
+    std::unique_ptr<Model> load() { return Model::load(test::golden_dir("tiny-flash-nvfp4") + "/model"); }
+    std::vector<int32_t> prompt(size_t begin, size_t n) { return {ids.begin() + begin, ids.begin() + begin + n}; }
+};
+
+GenerationParams greedy(int64_t max_tokens) {
+    GenerationParams p;
+    p.sampling.temperature = 0;
+    p.max_tokens = max_tokens;
+    p.ignore_eos = true;
+    return p;
+}
+
+TEST_F(EngineTest, BatchedRequestsMatchSoloGreedy) {
+    auto solo_model = load();
+    const std::vector<std::pair<size_t, size_t>> prompts = {{0, 40}, {10, 3}, {50, 77}, {100, 1}, {3, 20}, {130, 64}};
+    std::vector<std::vector<int32_t>> want;
+    for (auto [b, n] : prompts) want.push_back(generate_greedy(*solo_model, prompt(b, n), 12, 0, true));
+
+    EngineOptions eo;
+    eo.max_batch_tokens = 24;   // forces chunked prefills that share steps with decodes
+    eo.max_seqs = 3;            // and a waiting queue
+    Engine e(load(), eo);
+    std::vector<std::unique_ptr<Collector>> cols;
+    for (auto [b, n] : prompts) {
+        cols.push_back(std::make_unique<Collector>());
+        e.submit(prompt(b, n), greedy(12), cols.back()->callbacks());
+    }
+    for (size_t i = 0; i < prompts.size(); ++i) {
+        Result r = cols[i]->wait();
+        EXPECT_EQ(r.reason, FinishReason::length) << i;
+        EXPECT_EQ(r.tokens, want[i]) << "request " << i;
+    }
+    EngineMetrics m = e.metrics();
+    EXPECT_EQ(m.requests_total, prompts.size());
+    EXPECT_EQ(m.generation_tokens_total, 12 * prompts.size());
+    EXPECT_EQ(m.ttft.count, prompts.size());
+    EXPECT_EQ(m.tpot.count, 11 * prompts.size());
+    EXPECT_EQ(m.running, 0);
+    EXPECT_EQ(m.waiting, 0);
+}
+
+TEST_F(EngineTest, CancelStopsOnlyThatRequest) {
+    EngineOptions eo;
+    Engine e(load(), eo);
+    Collector a, b;
+    std::promise<void> first_token;
+    bool signalled = false;
+    RequestCallbacks cb = a.callbacks();
+    auto inner = cb.on_token;
+    cb.on_token = [&](const TokenOut& t) {
+        if (!signalled) {
+            signalled = true;
+            first_token.set_value();
+        }
+        return inner(t);
+    };
+    const uint64_t ida = e.submit(prompt(0, 16), greedy(1000), cb);
+    e.submit(prompt(20, 16), greedy(20), b.callbacks());
+    first_token.get_future().wait();
+    e.cancel(ida);
+    Result ra = a.wait(), rb = b.wait();
+    EXPECT_EQ(ra.reason, FinishReason::cancelled);
+    EXPECT_LT(ra.tokens.size(), 1000u);
+    EXPECT_EQ(rb.reason, FinishReason::length);
+    EXPECT_EQ(rb.tokens.size(), 20u);
+    e.cancel(ida);       // unknown now: no effect
+    e.cancel(987654);
+}
+
+TEST_F(EngineTest, StopIdsCallbacksAndLimits) {
+    auto solo_model = load();
+    const std::vector<int32_t> free_run = generate_greedy(*solo_model, prompt(0, 10), 8, 0, true);
+    Engine e(load(), EngineOptions{});
+    // A stop token id: the request ends with it, reason stop.
+    GenerationParams p = greedy(8);
+    p.stop_token_ids = {free_run[3]};
+    Collector c1;
+    e.submit(prompt(0, 10), p, c1.callbacks());
+    Result r1 = c1.wait();
+    EXPECT_EQ(r1.reason, FinishReason::stop);
+    EXPECT_EQ(r1.tokens, std::vector<int32_t>(free_run.begin(), free_run.begin() + 4));
+    // The token callback asks to stop (a stop string, say).
+    Collector c2;
+    e.submit(prompt(0, 10), greedy(8), c2.callbacks(/*stop_after=*/2));
+    Result r2 = c2.wait();
+    EXPECT_EQ(r2.reason, FinishReason::stop);
+    EXPECT_EQ(r2.tokens.size(), 2u);
+}
+
+TEST_F(EngineTest, RejectsWhatCannotFit) {
+    EngineOptions eo;
+    eo.max_model_len = 64;
+    Engine e(load(), eo);
+    Collector c;
+    test::expect_error([&] { e.submit(prompt(0, 64), greedy(1), c.callbacks()); },
+                       {"This model's maximum context length is 64 tokens", "your request has 64 input tokens"});
+    test::expect_error([&] { e.submit(prompt(0, 50), greedy(20), c.callbacks()); },
+                       {"maximum context length is 64 tokens. However, you requested 70 tokens (50 in the messages, 20 in "
+                        "the completion)"});
+    test::expect_error([&] { e.submit({}, greedy(1), c.callbacks()); }, {"empty"});
+    test::expect_error([&] { e.submit({5, 1024}, greedy(1), c.callbacks()); }, {"token id 1024"});
+    GenerationParams bad = greedy(1);
+    bad.sampling.temperature = -1;
+    test::expect_error([&] { e.submit({5}, bad, c.callbacks()); }, {"temperature"});
+    EXPECT_EQ(e.metrics().requests_total, 0u);
+    // Exactly at the limit is fine.
+    e.submit(prompt(0, 50), greedy(14), c.callbacks());
+    EXPECT_EQ(c.wait().tokens.size(), 14u);
+}
+
+}  // namespace
+}  // namespace megamoe
