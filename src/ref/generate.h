@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "ref/backend.h"
 #include "ref/model.h"
 
 namespace megamoe {
@@ -14,14 +15,21 @@ struct Schedule {
     int64_t chunk = 0;          // prefill in chunks of this many tokens; 0: one chunk
 };
 
-// Logits [T, V] f32 of every position of `tokens` (one fresh sequence) under `s`.
+// Logits [T, V] f32 of every position of `tokens` (one fresh sequence) under `s`. The backend
+// version opens a slot for the sequence and closes it after; its steps hold at most
+// max_batch_tokens (and max_logit_rows) tokens, so a long prefill chunk runs in several steps.
+// The Model version runs the CPU reference with no step limit.
+std::vector<float> sequence_logits(Backend& b, const std::vector<int32_t>& tokens, const Schedule& s);
 std::vector<float> sequence_logits(const Model& m, const std::vector<int32_t>& tokens, const Schedule& s);
 
 // Index of the largest logit; ties go to the lower id.
 int32_t argmax(const float* logits, int64_t n);
 
 // Greedy continuation: prefill `prompt` (in chunks of `chunk`, 0 = one), then up to `max_new`
-// tokens, stopping after EOS unless ignore_eos. Returns the new ids.
+// tokens, stopping after EOS unless ignore_eos, or when the sequence reaches the backend's context
+// limit (fewer than max_new ids come back then). Returns the new ids.
+std::vector<int32_t> generate_greedy(Backend& b, const std::vector<int32_t>& prompt, int64_t max_new,
+                                     int64_t chunk = 0, bool ignore_eos = false);
 std::vector<int32_t> generate_greedy(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
                                      int64_t chunk = 0, bool ignore_eos = false);
 

@@ -68,6 +68,9 @@ void route_score(const MoeWeights& m, const ModelConfig& c, const float* x, int6
 // Hash router: ids = tid2eid[token]; weights as above from the same scores.
 void route_hash(const MoeWeights& m, const ModelConfig& c, const float* x, const int32_t* tokens, int64_t T,
                 int32_t* ids, float* wts);
+// Weights of given experts: ids [T, k] (any, e.g. forced by a probe); wts as above.
+void route_weights(const MoeWeights& m, const ModelConfig& c, const float* x, int64_t T, const int32_t* ids,
+                   float* wts);
 // Clamped SwiGLU expert: y[T, D] = w2 · (silu(min(w1·x, L)) · clamp(w3·x, ±L) · scale[t])
 // scale: [T] per-token routing weight or nullptr (shared expert).
 void expert_ffn(const ExpertWeights& e, float limit, const float* x, int64_t T, const float* scale, float* y);

@@ -49,6 +49,14 @@ void route_hash(const MoeWeights& m, const ModelConfig& c, const float* x, const
     }
 }
 
+void route_weights(const MoeWeights& m, const ModelConfig& c, const float* x, int64_t T, const int32_t* ids,
+                   float* wts) {
+    const int64_t E = c.n_routed_experts, k = c.num_experts_per_tok;
+    std::vector<float> s = router_scores(m, x, T);
+    for (int64_t t = 0; t < T; ++t)
+        normalize_weights(s.data() + t * E, ids + t * k, k, static_cast<float>(c.routed_scaling_factor), wts + t * k);
+}
+
 void expert_ffn(const ExpertWeights& e, float limit, const float* x, int64_t T, const float* scale, float* y) {
     const int64_t I = e.w1.out;
     std::vector<float> g(static_cast<size_t>(T * I)), u(static_cast<size_t>(T * I));

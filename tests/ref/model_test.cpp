@@ -72,9 +72,11 @@ TEST_P(GoldenCase, PerLayerStreams) {
     std::vector<SequenceChunk> batch{{&st, g->input_ids}};
     ForwardOptions opt;
     int checked = 0;
-    opt.trace = [&](const char* name, int64_t layer, const float* data, int64_t T, int64_t width) {
-        const std::string n = name;
+    opt.probe = [&](TraceView& v) {
+        const std::string n = v.name;
         if (n != trace_names::streams && n != trace_names::final_norm) return;
+        const int64_t layer = v.layer, T = v.rows, width = v.width;
+        const float* data = v.f32();
         const std::string key = "hidden." + std::to_string(layer);
         const TensorInfo* info = g->file->find(key);
         ASSERT_NE(info, nullptr) << key;
