@@ -13,13 +13,17 @@
 #include "ref/generate.h"
 #include "ref/model.h"
 #include "core/parallel.h"
+#include "io/config.h"
 #include "io/safetensors.h"
+#include "serve/backends.h"
 #include "server.h"
 #include "io/synth.h"
 
 using namespace megamoe;
 
 namespace {
+
+constexpr int kMaxThreads = 1024;   // --threads
 
 std::vector<int32_t> parse_ids(const std::string& text, const std::string& what) {
     std::istringstream in(text);
@@ -99,23 +103,56 @@ void cmd_info(const std::string& dir) {
     for (const auto& [name, b] : s.formats) std::printf("%-40s %12s\n", name.c_str(), human_bytes(b).c_str());
 }
 
-void cmd_logits(const std::string& dir, const std::string& tokens_file, const std::string& out, const Schedule& s) {
+// The backend of `logits` / `generate`: one sequence of up to `positions` positions. The GPU runs
+// steps of at most 512 tokens with a logit row each (a longer prefill chunk runs as several steps,
+// which gives the same logits up to bf16 rounding); the CPU runs each chunk in one step.
+std::unique_ptr<Backend> one_sequence_backend(const Model& m, const std::string& name, double mem_fraction,
+                                              int64_t positions) {
+    BackendOptions bo;
+    bo.name = resolve_backend(name);
+    bo.max_seqs = 1;
+    bo.max_batch_tokens = bo.name == "cuda" ? 512 : int64_t{1} << 40;
+    bo.max_logit_rows = bo.name == "cuda" ? 512 : bo.max_batch_tokens;
+    bo.max_model_len = std::max<int64_t>(positions, 1);
+    bo.gpu_memory_fraction = mem_fraction;
+    auto b = make_backend(m, bo, &std::cerr);
+    std::fprintf(stderr, "megamoe: backend %s\n", b->name().c_str());
+    return b;
+}
+
+void cmd_logits(const std::string& dir, const std::string& tokens_file, const std::string& out, const Schedule& s,
+                const std::string& backend, double mem_fraction) {
+    if (s.chunk < 0) fail("--chunk must be >= 0 (0: one chunk), got ", s.chunk);
     const std::vector<int32_t> ids = parse_ids(read_file(tokens_file), tokens_file);
+    (void)resolve_backend(backend);   // a bad --backend fails before the weights load
     auto m = Model::load(dir);
+    auto b = one_sequence_backend(*m, backend, mem_fraction, static_cast<int64_t>(ids.size()));
     auto t0 = std::chrono::steady_clock::now();
-    std::vector<float> logits = sequence_logits(*m, ids, s);
+    std::vector<float> logits = sequence_logits(*b, ids, s);
     const double sec = seconds_since(t0);
     write_safetensors(out, {{"logits", DType::f32, {static_cast<int64_t>(ids.size()), m->cfg.vocab_size}, logits.data()}});
     std::fprintf(stderr, "%zu tokens in %.2f s (%.1f tok/s), logits -> %s\n", ids.size(), sec,
                  static_cast<double>(ids.size()) / sec, out.c_str());
 }
 
-void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t max_new, int64_t chunk, bool ignore_eos) {
+void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t max_new, int64_t chunk, bool ignore_eos,
+                  const std::string& backend, double mem_fraction) {
     const std::vector<int32_t> prompt = parse_ids(ids_text, "--ids");
-    if (max_new < 0) fail("--max-new must be >= 0");
+    if (max_new < 0) fail("--max-new must be >= 0, got ", max_new);
+    if (chunk < 0) fail("--chunk must be >= 0 (0: the whole prompt at once), got ", chunk);
+    // The context holds the prompt and every new token but the last (which is never fed back).
+    const int64_t P = static_cast<int64_t>(prompt.size()), context = load_model_config(dir).max_position_embeddings;
+    if (P > context) fail("--ids: the prompt has ", P, " tokens, more than the model's context of ", context);
+    if (max_new > context - P + 1) {
+        std::fprintf(stderr, "megamoe: note: --max-new %ld stops at the context limit: %ld new tokens after the %ld-token prompt (max_position_embeddings %ld)\n",
+                     max_new, context - P + 1, P, context);
+        max_new = context - P + 1;
+    }
+    (void)resolve_backend(backend);   // a bad --backend fails before the weights load
     auto m = Model::load(dir);
+    auto b = one_sequence_backend(*m, backend, mem_fraction, P + std::max<int64_t>(max_new - 1, 0));
     auto t0 = std::chrono::steady_clock::now();
-    std::vector<int32_t> out = generate_greedy(*m, prompt, max_new, chunk, ignore_eos);
+    std::vector<int32_t> out = generate_greedy(*b, prompt, max_new, chunk, ignore_eos);
     const double sec = seconds_since(t0);
     for (size_t i = 0; i < out.size(); ++i) std::printf("%s%d", i ? " " : "", out[i]);
     std::printf("\n");
@@ -125,7 +162,7 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
 }  // namespace
 
 int main(int argc, char** argv) {
-    CLI::App app{"megamoe: DeepSeek-V4 inference with 4-bit experts (CPU reference backend)"};
+    CLI::App app{"megamoe: DeepSeek-V4 inference with 4-bit experts (CUDA on Hopper, or the CPU reference)"};
     app.require_subcommand(1);
     int threads = 0;
     app.add_option("--threads", threads, "CPU threads (default: all cores)");
@@ -143,8 +180,12 @@ int main(int argc, char** argv) {
     lg->add_option("--model", model, "checkpoint directory")->required();
     lg->add_option("--tokens", tokens, "file of whitespace-separated token ids")->required();
     lg->add_option("--out", out, "output .safetensors (tensor 'logits' F32 [T, vocab])")->required();
-    lg->add_option("--decode-from", sched.decode_from, "prefill N tokens, then decode one at a time");
+    auto* decode_from = lg->add_option("--decode-from", sched.decode_from, "prefill N tokens, then decode one at a time");
     lg->add_option("--chunk", sched.chunk, "prefill in chunks of C tokens");
+    std::string backend = "auto";
+    double mem_fraction = 0.92;
+    lg->add_option("--backend", backend, "cpu | cuda | auto (cuda when a GPU is usable)");
+    lg->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
 
     auto* gen = app.add_subcommand("generate", "greedy continuation; prints the new ids");
     gen->add_option("--model", model, "checkpoint directory")->required();
@@ -152,6 +193,8 @@ int main(int argc, char** argv) {
     gen->add_option("--max-new", max_new, "tokens to generate");
     gen->add_option("--chunk", chunk, "prefill the prompt in chunks of C tokens");
     gen->add_flag("--ignore-eos", ignore_eos, "do not stop at the EOS token");
+    gen->add_option("--backend", backend, "cpu | cuda | auto (cuda when a GPU is usable)");
+    gen->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
 
     auto* syn = app.add_subcommand("synth", "write a random checkpoint in the release layout");
     syn->add_option("--out", out, "output directory")->required();
@@ -176,13 +219,27 @@ int main(int argc, char** argv) {
     srv->add_option("--max-seqs", so.max_seqs, "requests running at once");
     srv->add_option("--max-body-bytes", so.max_body_bytes, "largest request body accepted (413 above)");
     srv->add_option("--seed", so.seed, "seed for requests that bring none");
+    srv->add_option("--header-timeout", so.header_timeout, "seconds a client has to send a request's headers");
+    srv->add_option("--body-timeout", so.body_timeout, "seconds a client has to send a request's body");
+    srv->add_option("--drain-timeout", so.drain_timeout, "seconds running requests get to finish on SIGTERM/SIGINT");
+    srv->add_option("--max-connections", so.max_connections, "connections served at once (more wait)");
+    srv->add_option("--backend", so.backend, "cpu | cuda | auto (cuda when a GPU is usable)");
+    srv->add_option("--gpu-memory-fraction", so.gpu_memory_fraction, "share of the GPU's memory megamoe may hold");
 
     CLI11_PARSE(app, argc, argv);
-    if (threads > 0) set_num_threads(threads);
+    // serve waits for SIGTERM/SIGINT on a thread of its own: block them before any thread starts.
+    if (*srv) block_shutdown_signals();
     try {
+        if (threads < 0 || threads > kMaxThreads)
+            fail("--threads must be in 1..", kMaxThreads, " (default: all cores), got ", threads);
+        if (threads > 0) set_num_threads(threads);
+        if (decode_from->count() && sched.decode_from < 0)
+            fail("--decode-from must be >= 0 (the number of tokens to prefill), got ", sched.decode_from);
         if (*info) cmd_info(model);
-        if (*lg) cmd_logits(model, tokens, out, sched);
-        if (*gen) cmd_generate(model, ids, max_new, chunk, ignore_eos);
+        if (mem_fraction <= 0 || mem_fraction > 1)
+            fail("--gpu-memory-fraction must be in (0, 1], got ", mem_fraction);
+        if (*lg) cmd_logits(model, tokens, out, sched, backend, mem_fraction);
+        if (*gen) cmd_generate(model, ids, max_new, chunk, ignore_eos, backend, mem_fraction);
         if (*srv) return serve(so);
         if (*syn) {
             SynthOptions o;

@@ -1,27 +1,40 @@
 // server.cpp — `megamoe serve`: an OpenAI-compatible HTTP server over the Engine.
 //
-// HTTP threads parse and validate a request, tokenize it, and submit it to the engine; the
-// engine thread samples tokens and calls back into the request's Session, which detokenizes,
-// applies stop strings and queues text for the HTTP thread. Streaming responses are written
-// as SSE from that queue; a client that goes away cancels its request and only its request.
-// The server includes engine, chat and tokenizer headers only: it never sees tensors.
+// HTTP threads read, parse and validate a request, tokenize it, and submit one engine request
+// per choice (n); the engine thread samples tokens and calls back into each choice's Session,
+// which detokenizes, applies stop strings and queues text for the HTTP thread. Streaming
+// responses are written as SSE from those queues. A client that goes away, streaming or not,
+// cancels its requests and only those. Connection threads, header/body deadlines and the
+// disconnect check come from connections.h. The server includes engine, chat and tokenizer
+// headers only: it never sees tensors.
 #include "server.h"
 
 #include <httplib.h>
-#include <sys/socket.h>
 #include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
+#include <ctime>
 #include <deque>
 #include <filesystem>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <sstream>
+#include <optional>
 #include <thread>
+#include <tuple>
+#include <vector>
 
+#include "connections.h"
+#include "serve/backends.h"
 #include "serve/chat.h"
 #include "serve/engine.h"
 #include "serve/tokenizer.h"
@@ -31,8 +44,14 @@ namespace {
 
 using json = nlohmann::ordered_json;
 
+constexpr int kMaxChoices = 128;   // n
+
 // Serialized JSON; invalid UTF-8 (which the decoders never produce) is replaced, never thrown on.
 std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+int64_t unix_now() {
+    return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
 
 // ---- errors
 
@@ -41,15 +60,16 @@ struct HttpError {
     std::string message;
     std::string type;    // OpenAI error type
     std::string param;   // offending field, may be empty
+    std::string code;    // e.g. "model_not_found", may be empty
 };
 
 [[noreturn]] void bad_request(const std::string& msg, const std::string& param = "") {
-    throw HttpError{400, msg, "invalid_request_error", param};
+    throw HttpError{400, msg, "invalid_request_error", param, ""};
 }
 
 std::string error_body(const HttpError& e) {
     json err = {{"message", e.message}, {"type", e.type}, {"param", e.param.empty() ? json(nullptr) : json(e.param)},
-                {"code", e.status == 404 ? json("model_not_found") : json(nullptr)}};
+                {"code", e.code.empty() ? json(nullptr) : json(e.code)}};
     return dump(json{{"error", err}});
 }
 
@@ -57,6 +77,8 @@ void send_error(httplib::Response& res, const HttpError& e) {
     res.status = e.status;
     res.set_content(error_body(e), "application/json");
 }
+
+HttpError shutting_down() { return {503, "the server is shutting down", "service_unavailable", "", ""}; }
 
 // ---- request field access with type checks (each error names the field)
 
@@ -95,7 +117,32 @@ std::optional<std::string> get_string(const json& body, const char* name) {
     return v->get<std::string>();
 }
 
-// ---- one request's life: engine callbacks -> queue -> HTTP thread
+// ---- request bodies
+
+// Reads the body through httplib's content reader, so that the limit holds for chunked bodies
+// too (httplib 0.11 checks only Content-Length). Past the limit the rest is read and dropped,
+// so the client gets its 413 on a connection still in step; the body deadline
+// (connections.h) bounds how long that may take.
+std::string read_body(httplib::Response& res, const httplib::ContentReader& reader, size_t limit) {
+    std::string body;
+    bool too_large = false;
+    const bool ok = reader([&](const char* data, size_t len) {
+        if (too_large || body.size() + len > limit) {
+            if (!too_large) std::string().swap(body);
+            too_large = true;
+            return true;
+        }
+        body.append(data, len);
+        return true;
+    });
+    if (too_large || res.status == 413)   // httplib sets 413 for a Content-Length over the limit
+        throw HttpError{413, str("the request body is too large: over ", limit, " bytes (--max-body-bytes)"),
+                        "invalid_request_error", "", ""};
+    if (!ok) bad_request("the request body could not be read");
+    return body;
+}
+
+// ---- one choice's life: engine callbacks -> queue -> HTTP thread
 
 struct Piece {
     std::string text;                  // new text (after stop-string handling)
@@ -103,17 +150,27 @@ struct Piece {
     std::string token_text;            // that token's own text
 };
 
+// The lock and signal shared by the choices of one request, so that its HTTP thread can wait
+// for any of them.
+struct Channel {
+    std::mutex m;
+    std::condition_variable cv;
+};
+
 class Session {
 public:
-    Session(const Tokenizer& tok, std::vector<std::string> stops, bool logprobs)
-        : tok_(tok), dec_(tok, /*skip_special=*/true), stops_(std::move(stops)), logprobs_(logprobs) {
+    Session(const Tokenizer& tok, std::shared_ptr<Channel> ch, std::vector<std::string> stops, bool logprobs)
+        : tok_(tok), ch_(std::move(ch)), dec_(tok, /*skip_special=*/true), stops_(std::move(stops)), logprobs_(logprobs) {
         for (const auto& s : stops_) hold_ = std::max(hold_, s.size());
     }
 
-    // Engine thread: one token. Returns false when a stop string ended the text.
+    // Engine thread: one token. Returns false when a stop string ended the text. Ids that name
+    // no token are masked out of sampling (Engine: masked_token_ids); were one to come, it adds
+    // no text and its logprobs entry shows an empty token.
     bool on_token(const TokenOut& t) {
+        const bool known = tok_.has_token(t.id);
         const size_t before = text_.size();
-        text_ += dec_.push(t.id);
+        if (known) text_ += dec_.push(t.id);
         ++completion_tokens_;
         // A stop string that ends in the new text starts at most hold_ - 1 bytes before it.
         size_t cut = std::string::npos;
@@ -137,9 +194,11 @@ public:
         }
         if (logprobs_) {
             p.token = t;
-            p.token_text = tok_.token_bytes(t.id);
+            if (known) p.token_text = tok_.token_bytes(t.id);
         }
-        push(std::move(p));
+        std::lock_guard<std::mutex> lk(ch_->m);
+        queue_.push_back(std::move(p));
+        ch_->cv.notify_all();
         return !stopped_by_string_;
     }
 
@@ -149,39 +208,34 @@ public:
         Piece p;
         if (text_.size() > emitted_) p.text = text_.substr(emitted_);
         emitted_ = text_.size();
-        std::lock_guard<std::mutex> lk(m_);
+        std::lock_guard<std::mutex> lk(ch_->m);
         if (!p.text.empty()) queue_.push_back(std::move(p));
         finished_ = true;
         reason_ = why;
         error_ = error;
-        cv_.notify_all();
+        ch_->cv.notify_all();
     }
 
-    // HTTP thread: wait for the next pieces (or the end). Returns false once finished and drained.
-    bool next(std::vector<Piece>& out, std::chrono::milliseconds wait = std::chrono::milliseconds(200)) {
-        std::unique_lock<std::mutex> lk(m_);
-        cv_.wait_for(lk, wait, [&] { return !queue_.empty() || finished_; });
-        out.assign(std::make_move_iterator(queue_.begin()), std::make_move_iterator(queue_.end()));
+    // HTTP thread, with the channel's lock held.
+    bool has_news() const { return !queue_.empty() || (finished_ && !ended_); }
+    // Moves the queued pieces to `out`; returns true once, when the choice has finished and
+    // everything it produced was taken.
+    bool take(std::vector<Piece>& out) {
+        out.insert(out.end(), std::make_move_iterator(queue_.begin()), std::make_move_iterator(queue_.end()));
         queue_.clear();
-        return !(finished_ && out.empty());
+        if (!finished_ || ended_) return false;
+        ended_ = true;
+        return true;
     }
 
-    bool finished() const {
-        std::lock_guard<std::mutex> lk(m_);
-        return finished_;
-    }
+    // After the end was taken:
     FinishReason reason() const { return reason_; }
     const std::string& error() const { return error_; }
     int64_t completion_tokens() const { return completion_tokens_; }
 
 private:
-    void push(Piece p) {
-        std::lock_guard<std::mutex> lk(m_);
-        queue_.push_back(std::move(p));
-        cv_.notify_all();
-    }
-
     const Tokenizer& tok_;
+    std::shared_ptr<Channel> ch_;
     StreamDecoder dec_;
     std::vector<std::string> stops_;
     size_t hold_ = 0;
@@ -190,10 +244,8 @@ private:
     size_t emitted_ = 0;
     bool stopped_by_string_ = false;
     std::atomic<int64_t> completion_tokens_{0};
-    mutable std::mutex m_;
-    std::condition_variable cv_;
-    std::deque<Piece> queue_;
-    bool finished_ = false;
+    std::deque<Piece> queue_;          // under ch_->m from here on
+    bool finished_ = false, ended_ = false;
     FinishReason reason_ = FinishReason::stop;
     std::string error_;
 };
@@ -206,60 +258,162 @@ struct Parsed {                     // what both endpoints need after validation
     std::vector<std::string> stops;
     bool stream = false, include_usage = false;
     int logprobs = -1;              // -1 none; else top-k alternatives
+    int n = 1;                      // choices, each its own engine request
     bool chat = false, thinking = false;
+};
+
+class Server;
+
+// A request being answered, from its submission until its response is written: counted, so
+// that a shutdown lets it finish, and cancellable as a whole.
+class Active {
+public:
+    explicit Active(Server& s);   // throws the 503 once the server is draining
+    ~Active();
+    void add(uint64_t engine_id);
+
+private:
+    Server& s_;
+    std::vector<uint64_t> ids_;
+};
+
+// The choices of one request.
+struct Reply {
+    std::shared_ptr<Channel> ch = std::make_shared<Channel>();
+    std::vector<std::shared_ptr<Session>> sessions;
+    std::vector<uint64_t> ids;
+    std::shared_ptr<Active> active;
+    int64_t created = 0;
+
+    // Waits up to `wait` for news from any choice, then moves each choice's pieces to got[i];
+    // ended[i] is set once, when choice i finished and all of it was taken.
+    void poll(std::vector<std::vector<Piece>>& got, std::vector<char>& ended, std::chrono::milliseconds wait) {
+        got.assign(sessions.size(), {});
+        ended.assign(sessions.size(), 0);
+        std::unique_lock<std::mutex> lk(ch->m);
+        ch->cv.wait_for(lk, wait, [&] {
+            for (const auto& s : sessions)
+                if (s->has_news()) return true;
+            return false;
+        });
+        for (size_t i = 0; i < sessions.size(); ++i) ended[i] = sessions[i]->take(got[i]);
+    }
+    int64_t completion_tokens() const {
+        int64_t n = 0;
+        for (const auto& s : sessions) n += s->completion_tokens();
+        return n;
+    }
 };
 
 class Server {
 public:
-    explicit Server(const ServeOptions& o) : opt_(o) {}
+    explicit Server(const ServeOptions& o);
 
     int run();
 
 private:
+    friend class Active;
     void load();
     void routes();
     std::vector<int32_t> tokenize(const ChatPrompt& p) const;
     void parse_common(const json& body, Parsed& p, bool chat);
     Parsed parse_chat(const json& body);
     Parsed parse_completion(const json& body);
-    void handle(const httplib::Request& req, httplib::Response& res, bool chat);
-    void respond_full(httplib::Response& res, const Parsed& p, std::shared_ptr<Session> s, uint64_t id);
-    void respond_stream(httplib::Response& res, const Parsed& p, std::shared_ptr<Session> s, uint64_t id);
+    void handle(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader, bool chat);
+    void respond_full(httplib::Response& res, const Parsed& p, std::shared_ptr<Reply> r);
+    void respond_stream(httplib::Response& res, const Parsed& p, std::shared_ptr<Reply> r);
     std::string metrics_text() const;
+    void watch_signals();
+    void drain(int sig);
+    void stop_http();
 
     ServeOptions opt_;
+    Connections conns_;
     std::atomic<bool> ready_{false};
     std::string model_name_;
     std::unique_ptr<Tokenizer> tok_;
     std::unique_ptr<Engine> engine_;
     SamplingParams defaults_;
-    std::atomic<uint64_t> next_id_{1};
     httplib::Server http_;
-    const int64_t created_ = std::chrono::duration_cast<std::chrono::seconds>(
-                                 std::chrono::system_clock::now().time_since_epoch()).count();
+    const int64_t started_ = unix_now();   // /v1/models "created"
+
+    // Shutdown. active_m_ guards the three below.
+    std::mutex active_m_;
+    std::condition_variable active_cv_;
+    int64_t active_ = 0;                   // requests being answered
+    std::multiset<uint64_t> active_ids_;   // their engine ids
+    bool draining_ = false;                // new requests get 503
+    std::atomic<bool> cancelled_all_{false};   // the drain timed out: what runs was cancelled
+    std::atomic<bool> stop_signals_{false}, listen_returned_{false}, signalled_{false};
+    std::once_flag stop_once_;             // httplib's stop() must run once
 };
+
+Active::Active(Server& s) : s_(s) {
+    std::lock_guard<std::mutex> lk(s_.active_m_);
+    if (s_.draining_) throw shutting_down();
+    ++s_.active_;
+}
+
+Active::~Active() {
+    std::lock_guard<std::mutex> lk(s_.active_m_);
+    for (uint64_t id : ids_) s_.active_ids_.erase(s_.active_ids_.find(id));
+    --s_.active_;
+    s_.active_cv_.notify_all();
+}
+
+void Active::add(uint64_t id) {
+    {
+        std::lock_guard<std::mutex> lk(s_.active_m_);
+        s_.active_ids_.insert(id);
+        ids_.push_back(id);
+    }
+    if (s_.cancelled_all_) s_.engine_->cancel(id);
+}
+
+Server::Server(const ServeOptions& o)
+    : opt_(o),
+      conns_(ConnectionLimits{std::chrono::milliseconds(static_cast<int64_t>(o.header_timeout * 1000)),
+                              std::chrono::milliseconds(static_cast<int64_t>(o.body_timeout * 1000)),
+                              static_cast<size_t>(o.max_connections)}) {}
 
 void Server::load() {
     auto t0 = std::chrono::steady_clock::now();
-    std::fprintf(stderr, "megamoe: loading %s\n", opt_.model_dir.c_str());
-    auto model = Model::load(opt_.model_dir, [](size_t done, size_t total) {
-        std::fprintf(stderr, "\rmegamoe: binding tensors %zu/%zu (%3zu%%)", done, total, total ? done * 100 / total : 100);
-        if (done == total) std::fprintf(stderr, "\n");
-    });
-    std::string tok_path = opt_.tokenizer;
-    if (tok_path.empty()) tok_path = opt_.model_dir + "/tokenizer.json";
-    if (!std::filesystem::exists(tok_path))
-        fail(tok_path, ": no tokenizer.json (put one in the checkpoint directory or pass --tokenizer)");
+    // The cheap checks first: the tokenizer and the config, then the weights.
+    std::string tok_path = opt_.tokenizer.empty() ? opt_.model_dir + "/tokenizer.json" : opt_.tokenizer;
+    std::fprintf(stderr, "megamoe: loading %s\n", tok_path.c_str());
     tok_ = std::make_unique<Tokenizer>(Tokenizer::load(tok_path));
-    if (tok_->vocab_size() > model->cfg.vocab_size)
-        fail(tok_path, ": the tokenizer has ", tok_->vocab_size(), " ids but the model only ", model->cfg.vocab_size);
+    const ModelConfig cfg = load_model_config(opt_.model_dir);
+    if (tok_->vocab_size() > cfg.vocab_size)
+        fail(tok_path, ": the tokenizer has ", tok_->vocab_size(), " ids but the model only ", cfg.vocab_size);
     defaults_ = load_generation_defaults(opt_.model_dir);
     EngineOptions eo;
     eo.max_batch_tokens = opt_.max_batch_tokens;
     eo.max_seqs = opt_.max_seqs;
     eo.max_model_len = opt_.max_model_len;
     eo.seed = opt_.seed;
-    engine_ = std::make_unique<Engine>(std::move(model), eo);
+    for (int64_t id = 0; id < cfg.vocab_size; ++id)
+        if (!tok_->has_token(static_cast<int32_t>(id))) eo.masked_token_ids.push_back(static_cast<int32_t>(id));
+    if (!eo.masked_token_ids.empty())
+        std::fprintf(stderr, "megamoe: %zu of the model's %ld token ids name no token in the tokenizer: never sampled\n",
+                     eo.masked_token_ids.size(), cfg.vocab_size);
+    std::fprintf(stderr, "megamoe: loading %s\n", opt_.model_dir.c_str());
+    auto model = Model::load(opt_.model_dir, [](size_t done, size_t total) {
+        std::fprintf(stderr, "\rmegamoe: binding tensors %zu/%zu (%3zu%%)", done, total, total ? done * 100 / total : 100);
+        if (done == total) std::fprintf(stderr, "\n");
+    });
+    if (model->cfg.vocab_size != cfg.vocab_size) fail(opt_.model_dir, "/config.json changed while loading");
+    BackendOptions bo;
+    bo.name = opt_.backend;
+    bo.max_seqs = opt_.max_seqs;
+    bo.max_batch_tokens = opt_.max_batch_tokens;
+    bo.max_logit_rows = opt_.max_seqs;
+    bo.max_model_len = opt_.max_model_len;
+    bo.gpu_memory_fraction = opt_.gpu_memory_fraction;
+    std::ostringstream plan;
+    auto backend = make_backend(*model, bo, &plan);
+    if (!plan.str().empty()) std::fprintf(stderr, "%s", plan.str().c_str());
+    std::fprintf(stderr, "megamoe: backend %s\n", backend->name().c_str());
+    engine_ = std::make_unique<Engine>(std::move(model), std::move(backend), eo);
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::fprintf(stderr, "megamoe: ready in %.1f s, serving '%s' (context %ld tokens)\n", sec, model_name_.c_str(),
                  engine_->max_model_len());
@@ -271,7 +425,7 @@ std::vector<int32_t> Server::tokenize(const ChatPrompt& p) const {
     for (const auto& piece : p.pieces) {
         if (piece.special) {
             auto id = tok_->token_id(piece.text);
-            if (!id) throw HttpError{500, str("the tokenizer has no special token ", piece.text), "server_error", ""};
+            if (!id) throw HttpError{500, str("the tokenizer has no special token ", piece.text), "server_error", "", ""};
             ids.push_back(*id);
         } else {
             auto part = tok_->encode_ordinary(piece.text);   // user text never becomes special tokens
@@ -283,8 +437,11 @@ std::vector<int32_t> Server::tokenize(const ChatPrompt& p) const {
 
 void Server::parse_common(const json& body, Parsed& p, bool chat) {
     if (auto m = get_string(body, "model"); m && *m != model_name_)
-        throw HttpError{404, str("The model `", *m, "` does not exist."), "NotFoundError", "model"};
-    if (auto n = get_number<int64_t>(body, "n"); n && *n != 1) bad_request("only n = 1 is supported", "n");
+        throw HttpError{404, str("The model `", *m, "` does not exist."), "NotFoundError", "model", "model_not_found"};
+    if (auto n = get_number<int64_t>(body, "n")) {
+        if (*n < 1 || *n > kMaxChoices) bad_request(str("'n' must be in [1, ", kMaxChoices, "]"), "n");
+        p.n = static_cast<int>(*n);
+    }
     p.stream = get_bool(body, "stream").value_or(false);
     if (const json* so = field(body, "stream_options")) {
         if (!so->is_object()) bad_request("'stream_options' must be an object", "stream_options");
@@ -424,15 +581,24 @@ std::vector<int> utf8_bytes(const std::string& t) {   // OpenAI's "bytes": the U
     return b;
 }
 
+// top_logprobs never holds an id without a token (the engine masks them); the check is a guard.
 json token_logprob_json(const Tokenizer& tok, const Piece& p) {
     json top = json::array();
     for (const auto& [id, lp] : p.token->top) {
+        if (!tok.has_token(id)) continue;
         const std::string t = utf8_lossy(tok.token_bytes(id));
         top.push_back({{"token", t}, {"logprob", lp}, {"bytes", utf8_bytes(t)}});
     }
     const std::string t = utf8_lossy(p.token_text);
     return {{"token", t}, {"logprob", p.token->logprob}, {"bytes", utf8_bytes(t)},
             {"top_logprobs", top}};
+}
+
+json completion_top_json(const Tokenizer& tok, const Piece& p) {   // /v1/completions: {token: logprob}
+    json top = json::object();
+    for (const auto& [id, lp] : p.token->top)
+        if (tok.has_token(id)) top[utf8_lossy(tok.token_bytes(id))] = lp;
+    return top;
 }
 
 std::string finish_name(FinishReason r, bool tool_calls) {
@@ -451,12 +617,29 @@ json tool_calls_json(const std::vector<ToolCall>& calls, size_t first_index, uin
     return out;
 }
 
-void Server::handle(const httplib::Request& req, httplib::Response& res, bool chat) {
+// The error a finished choice reports, if any: an engine error, or a cancellation while the
+// client is still there, which only the shutdown does.
+std::optional<HttpError> choice_error(const Session& s) {
+    if (s.reason() == FinishReason::error) return HttpError{500, s.error(), "server_error", "", ""};
+    if (s.reason() == FinishReason::cancelled) return shutting_down();
+    return std::nullopt;
+}
+
+void Server::handle(const httplib::Request&, httplib::Response& res, const httplib::ContentReader& reader, bool chat) {
     try {
-        if (!ready_) throw HttpError{503, "the model is still loading", "service_unavailable", ""};
+        const std::string text = read_body(res, reader, static_cast<size_t>(opt_.max_body_bytes));
+        Connections::body_read();
+        {
+            std::lock_guard<std::mutex> lk(active_m_);
+            if (draining_) throw shutting_down();
+        }
+        if (!ready_) throw HttpError{503, "the model is still loading", "service_unavailable", "", ""};
+        // Copying and serializing JSON recurse once per level: bound the nesting before parsing.
+        if (json_nesting_depth(text) > kMaxJsonDepth)
+            bad_request(str("the request body nests arrays and objects deeper than ", kMaxJsonDepth, " levels"));
         json body;
         try {
-            body = json::parse(req.body);
+            body = json::parse(text);
         } catch (const json::exception& e) {
             bad_request(str("the request body is not valid JSON: ", e.what()));
         }
@@ -464,97 +647,159 @@ void Server::handle(const httplib::Request& req, httplib::Response& res, bool ch
         Parsed p = chat ? parse_chat(body) : parse_completion(body);
         const int64_t P = static_cast<int64_t>(p.prompt.size());
         if (p.gen.max_tokens == 0) p.gen.max_tokens = std::max<int64_t>(1, engine_->max_model_len() - P);
-        auto session = std::make_shared<Session>(*tok_, p.stops, p.logprobs >= 0);
-        RequestCallbacks cb;
-        cb.on_token = [session](const TokenOut& t) { return session->on_token(t); };
-        cb.on_finish = [session](FinishReason r, const std::string& e) { session->on_finish(r, e); };
-        uint64_t id = 0;
-        try {
-            id = engine_->submit(p.prompt, p.gen, cb);
-        } catch (const Error& e) {
-            bad_request(e.what(), "messages");
+        auto r = std::make_shared<Reply>();
+        r->created = unix_now();
+        r->active = std::make_shared<Active>(*this);
+        // n choices: each its own sequence over the same prompt; with a seed, choice i uses seed + i.
+        for (int i = 0; i < p.n; ++i) {
+            auto session = std::make_shared<Session>(*tok_, r->ch, p.stops, p.logprobs >= 0);
+            GenerationParams g = p.gen;
+            if (g.sampling.seed) g.sampling.seed = *g.sampling.seed + static_cast<uint64_t>(i);
+            RequestCallbacks cb;
+            cb.on_token = [session](const TokenOut& t) { return session->on_token(t); };
+            cb.on_finish = [session](FinishReason why, const std::string& e) { session->on_finish(why, e); };
+            try {
+                r->ids.push_back(engine_->submit(p.prompt, g, cb));
+            } catch (const Error& e) {
+                for (uint64_t id : r->ids) engine_->cancel(id);
+                bad_request(e.what(), chat ? "messages" : "prompt");
+            }
+            r->sessions.push_back(std::move(session));
+            r->active->add(r->ids.back());
         }
         if (p.stream)
-            respond_stream(res, p, session, id);
+            respond_stream(res, p, r);
         else
-            respond_full(res, p, session, id);
+            respond_full(res, p, r);
     } catch (const HttpError& e) {
         send_error(res, e);
     } catch (const std::exception& e) {
-        send_error(res, HttpError{500, e.what(), "server_error", ""});
+        send_error(res, HttpError{500, e.what(), "server_error", "", ""});
     }
 }
 
-void Server::respond_full(httplib::Response& res, const Parsed& p, std::shared_ptr<Session> s, uint64_t id) {
-    std::string text;
-    json lp_content = json::array();
-    json lp_tokens = json::array(), lp_values = json::array(), lp_top = json::array(), lp_offsets = json::array();
-    std::vector<Piece> pieces;
-    while (s->next(pieces)) {
-        for (const auto& pc : pieces) {
-            if (pc.token && p.chat) lp_content.push_back(token_logprob_json(*tok_, pc));
-            if (pc.token && !p.chat) {
-                lp_offsets.push_back(text.size());
-                lp_tokens.push_back(utf8_lossy(pc.token_text));
-                lp_values.push_back(pc.token->logprob);
-                json top = json::object();
-                for (const auto& [tid, v] : pc.token->top) top[utf8_lossy(tok_->token_bytes(tid))] = v;
-                lp_top.push_back(top);
+void Server::respond_full(httplib::Response& res, const Parsed& p, std::shared_ptr<Reply> r) {
+    struct Acc {
+        std::string text;
+        json lp_content = json::array();
+        json lp_tokens = json::array(), lp_values = json::array(), lp_top = json::array(), lp_offsets = json::array();
+    };
+    const size_t n = r->sessions.size();
+    std::vector<Acc> acc(n);
+    std::vector<std::vector<Piece>> got;
+    std::vector<char> ended;
+    size_t n_ended = 0;
+    bool gone = false;
+    while (n_ended < n) {
+        r->poll(got, ended, std::chrono::milliseconds(100));
+        for (size_t i = 0; i < n; ++i) {
+            Acc& a = acc[i];
+            for (const auto& pc : got[i]) {
+                if (pc.token && p.chat) a.lp_content.push_back(token_logprob_json(*tok_, pc));
+                if (pc.token && !p.chat) {
+                    a.lp_offsets.push_back(a.text.size());
+                    a.lp_tokens.push_back(utf8_lossy(pc.token_text));
+                    a.lp_values.push_back(pc.token->logprob);
+                    a.lp_top.push_back(completion_top_json(*tok_, pc));
+                }
+                a.text += pc.text;
             }
-            text += pc.text;
+            n_ended += ended[i] != 0;
+        }
+        // A client that hung up gets nothing: stop generating for it.
+        if (n_ended < n && !gone && Connections::client_gone()) {
+            gone = true;
+            for (uint64_t id : r->ids) engine_->cancel(id);
         }
     }
-    if (s->reason() == FinishReason::error) throw HttpError{500, s->error(), "server_error", ""};
-    const int64_t P = static_cast<int64_t>(p.prompt.size());
-    json choice;
-    if (p.chat) {
-        ParsedCompletion pc = megamoe::parse_completion(text, p.thinking);
-        json msg = {{"role", "assistant"}, {"content", pc.content}};
-        if (p.thinking) msg["reasoning_content"] = pc.reasoning_content;
-        if (pc.has_tool_calls()) msg["tool_calls"] = tool_calls_json(pc.tool_calls, 0, id);
-        choice = {{"index", 0}, {"message", msg},
-                  {"logprobs", p.logprobs >= 0 ? json{{"content", lp_content}} : json(nullptr)},
-                  {"finish_reason", finish_name(s->reason(), pc.has_tool_calls())}};
-    } else {
-        json lp = p.logprobs >= 0 ? json{{"tokens", lp_tokens}, {"token_logprobs", lp_values}, {"top_logprobs", lp_top},
-                                         {"text_offset", lp_offsets}}
-                                  : json(nullptr);
-        choice = {{"index", 0}, {"text", text}, {"logprobs", lp}, {"finish_reason", finish_name(s->reason(), false)}};
+    if (gone) {
+        send_error(res, HttpError{499, "the client closed the connection", "invalid_request_error", "", ""});
+        return;
     }
-    json out = {{"id", str(p.chat ? "chatcmpl-" : "cmpl-", id)},
+    for (const auto& s : r->sessions)
+        if (auto e = choice_error(*s)) throw *e;
+    const int64_t P = static_cast<int64_t>(p.prompt.size());
+    json choices = json::array();
+    for (size_t i = 0; i < n; ++i) {
+        const Session& s = *r->sessions[i];
+        Acc& a = acc[i];
+        if (p.chat) {
+            ParsedCompletion pc = megamoe::parse_completion(a.text, p.thinking);
+            json msg = {{"role", "assistant"}, {"content", pc.content}};
+            if (p.thinking) msg["reasoning_content"] = pc.reasoning_content;
+            if (pc.has_tool_calls()) msg["tool_calls"] = tool_calls_json(pc.tool_calls, 0, r->ids[i]);
+            choices.push_back({{"index", i}, {"message", msg},
+                               {"logprobs", p.logprobs >= 0 ? json{{"content", a.lp_content}} : json(nullptr)},
+                               {"finish_reason", finish_name(s.reason(), pc.has_tool_calls())}});
+        } else {
+            json lp = p.logprobs >= 0 ? json{{"tokens", a.lp_tokens}, {"token_logprobs", a.lp_values},
+                                             {"top_logprobs", a.lp_top}, {"text_offset", a.lp_offsets}}
+                                      : json(nullptr);
+            choices.push_back({{"index", i}, {"text", a.text}, {"logprobs", lp},
+                               {"finish_reason", finish_name(s.reason(), false)}});
+        }
+    }
+    json out = {{"id", str(p.chat ? "chatcmpl-" : "cmpl-", r->ids[0])},
                 {"object", p.chat ? "chat.completion" : "text_completion"},
-                {"created", created_},
+                {"created", r->created},
                 {"model", model_name_},
-                {"choices", json::array({choice})},
-                {"usage", usage_json(P, s->completion_tokens())}};
-    res.set_content(dump(out), "application/json");
+                {"choices", choices},
+                {"usage", usage_json(P, r->completion_tokens())}};   // the prompt once, every choice's tokens
+    // Written by a provider so that the request counts as running until its response is out
+    // (the releaser holds it): the shutdown waits for that.
+    auto text = std::make_shared<std::string>(dump(out));
+    auto active = r->active;
+    res.set_content_provider(
+        text->size(), "application/json",
+        [text](size_t offset, size_t length, httplib::DataSink& sink) { return sink.write(text->data() + offset, length); },
+        [active](bool) {});
 }
 
-void Server::respond_stream(httplib::Response& res, const Parsed& p, std::shared_ptr<Session> s, uint64_t id) {
-    struct StreamState {
-        bool started = false;
-        bool done = false;
+void Server::respond_stream(httplib::Response& res, const Parsed& p, std::shared_ptr<Reply> r) {
+    struct Choice {
         size_t tool_index = 0;
         size_t text_offset = 0;   // completions logprobs: where each token's text starts
         std::unique_ptr<ChatStreamParser> parser;
     };
+    struct StreamState {
+        bool started = false;
+        bool done = false;
+        bool failed = false;      // an error event was sent; the other choices are cancelled
+        size_t n_ended = 0;
+        std::vector<Choice> choices;
+    };
+    const size_t n = r->sessions.size();
     auto st = std::make_shared<StreamState>();
-    if (p.chat) st->parser = std::make_unique<ChatStreamParser>(p.thinking);
-    const std::string rid = str(p.chat ? "chatcmpl-" : "cmpl-", id);
+    st->choices.resize(n);
+    if (p.chat)
+        for (auto& c : st->choices) c.parser = std::make_unique<ChatStreamParser>(p.thinking);
+    const std::string rid = str(p.chat ? "chatcmpl-" : "cmpl-", r->ids[0]);
     const int64_t P = static_cast<int64_t>(p.prompt.size());
     Engine* engine = engine_.get();
     const Tokenizer* tok = tok_.get();
     const std::string model = model_name_;
-    const int64_t created = created_;
+    const int64_t created = r->created;
+    const char* object = p.chat ? "chat.completion.chunk" : "text_completion";
 
     auto chunk = [=](json choice) {
-        json c = {{"id", rid}, {"object", p.chat ? "chat.completion.chunk" : "text_completion"}, {"created", created},
-                  {"model", model}, {"choices", json::array({std::move(choice)})}};
+        json c = {{"id", rid}, {"object", object}, {"created", created}, {"model", model},
+                  {"choices", json::array({std::move(choice)})}};
         return "data: " + dump(c) + "\n\n";
     };
-    auto delta_choice = [=](json delta, json logprobs, json finish) {
-        if (p.chat) return json{{"index", 0}, {"delta", delta}, {"logprobs", logprobs}, {"finish_reason", finish}};
-        return json{{"index", 0}, {"text", delta.value("content", "")}, {"logprobs", logprobs}, {"finish_reason", finish}};
+    auto delta_choice = [=](size_t i, json delta, json logprobs, json finish) {
+        if (p.chat) return json{{"index", i}, {"delta", delta}, {"logprobs", logprobs}, {"finish_reason", finish}};
+        return json{{"index", i}, {"text", delta.value("content", "")}, {"logprobs", logprobs}, {"finish_reason", finish}};
+    };
+    auto add_chat_delta = [](json& delta, const ChatDelta& d, Choice& c, uint64_t id) {
+        if (!d.reasoning_content.empty()) delta["reasoning_content"] = d.reasoning_content;
+        if (!d.content.empty()) delta["content"] = d.content;
+        if (!d.tool_calls.empty()) {
+            delta["tool_calls"] = tool_calls_json(d.tool_calls, c.tool_index, id);
+            c.tool_index += d.tool_calls.size();
+        }
+    };
+    auto cancel_all = [r, engine] {
+        for (uint64_t id : r->ids) engine->cancel(id);
     };
 
     res.set_header("Cache-Control", "no-cache");
@@ -563,70 +808,69 @@ void Server::respond_stream(httplib::Response& res, const Parsed& p, std::shared
         [=](size_t, httplib::DataSink& sink) {
             if (st->done) return false;
             std::string out;
-            if (p.chat && !st->started) {
-                out += chunk(delta_choice({{"role", "assistant"}, {"content", ""}}, nullptr, nullptr));
-                st->started = true;
-            }
-            std::vector<Piece> pieces;
-            const bool more = s->next(pieces);
-            for (const auto& pc : pieces) {
-                json lp = nullptr;
-                if (pc.token && p.chat) lp = json{{"content", json::array({token_logprob_json(*tok, pc)})}};
-                if (pc.token && !p.chat) {
-                    json top = json::object();
-                    for (const auto& [tid, v] : pc.token->top) top[utf8_lossy(tok->token_bytes(tid))] = v;
-                    lp = {{"tokens", {utf8_lossy(pc.token_text)}}, {"token_logprobs", {pc.token->logprob}},
-                          {"top_logprobs", {top}}, {"text_offset", {st->text_offset}}};
+            if (p.chat && !st->started)
+                for (size_t i = 0; i < n; ++i)
+                    out += chunk(delta_choice(i, {{"role", "assistant"}, {"content", ""}}, nullptr, nullptr));
+            st->started = true;
+            std::vector<std::vector<Piece>> got;
+            std::vector<char> ended;
+            r->poll(got, ended, std::chrono::milliseconds(100));
+            for (size_t i = 0; i < n; ++i) {
+                Choice& c = st->choices[i];
+                for (const auto& pc : got[i]) {
+                    if (st->failed) break;
+                    json lp = nullptr;
+                    if (pc.token && p.chat) lp = json{{"content", json::array({token_logprob_json(*tok, pc)})}};
+                    if (pc.token && !p.chat)
+                        lp = {{"tokens", {utf8_lossy(pc.token_text)}}, {"token_logprobs", {pc.token->logprob}},
+                              {"top_logprobs", {completion_top_json(*tok, pc)}}, {"text_offset", {c.text_offset}}};
+                    c.text_offset += pc.text.size();
+                    if (!p.chat) {
+                        if (!pc.text.empty() || pc.token) out += chunk(delta_choice(i, {{"content", pc.text}}, lp, nullptr));
+                        continue;
+                    }
+                    json delta = json::object();
+                    add_chat_delta(delta, c.parser->push(pc.text), c, r->ids[i]);
+                    if (!delta.empty() || pc.token) out += chunk(delta_choice(i, delta, lp, nullptr));
                 }
-                st->text_offset += pc.text.size();
-                if (!p.chat) {
-                    if (!pc.text.empty() || pc.token) out += chunk(delta_choice({{"content", pc.text}}, lp, nullptr));
+                if (!ended[i]) continue;
+                ++st->n_ended;
+                if (st->failed) continue;
+                const Session& s = *r->sessions[i];
+                if (auto e = choice_error(s)) {
+                    out += "data: " + error_body(*e) + "\n\n";
+                    st->failed = true;
+                    cancel_all();   // the other choices end too
                     continue;
                 }
-                ChatDelta d = st->parser->push(pc.text);
                 json delta = json::object();
-                if (!d.reasoning_content.empty()) delta["reasoning_content"] = d.reasoning_content;
-                if (!d.content.empty()) delta["content"] = d.content;
-                if (!d.tool_calls.empty()) {
-                    delta["tool_calls"] = tool_calls_json(d.tool_calls, st->tool_index, id);
-                    st->tool_index += d.tool_calls.size();
-                }
-                if (!delta.empty() || pc.token) out += chunk(delta_choice(delta, lp, nullptr));
+                if (p.chat) add_chat_delta(delta, c.parser->finish(), c, r->ids[i]);
+                out += chunk(delta_choice(i, delta, nullptr, finish_name(s.reason(), c.tool_index > 0)));
             }
-            if (!more) {
-                if (s->reason() == FinishReason::error) {
-                    out += "data: " + error_body(HttpError{500, s->error(), "server_error", ""}) + "\n\n";
-                } else {
-                    json delta = json::object();
-                    if (p.chat) {
-                        ChatDelta d = st->parser->finish();
-                        if (!d.reasoning_content.empty()) delta["reasoning_content"] = d.reasoning_content;
-                        if (!d.content.empty()) delta["content"] = d.content;
-                        if (!d.tool_calls.empty()) {
-                            delta["tool_calls"] = tool_calls_json(d.tool_calls, st->tool_index, id);
-                            st->tool_index += d.tool_calls.size();
-                        }
-                    }
-                    out += chunk(delta_choice(delta, nullptr, finish_name(s->reason(), st->tool_index > 0)));
-                    if (p.include_usage) {
-                        json c = {{"id", rid}, {"object", p.chat ? "chat.completion.chunk" : "text_completion"},
-                                  {"created", created}, {"model", model}, {"choices", json::array()},
-                                  {"usage", usage_json(P, s->completion_tokens())}};
-                        out += "data: " + dump(c) + "\n\n";
-                    }
+            if (st->n_ended == n) {
+                if (p.include_usage && !st->failed) {
+                    json u = {{"id", rid}, {"object", object}, {"created", created}, {"model", model},
+                              {"choices", json::array()}, {"usage", usage_json(P, r->completion_tokens())}};
+                    out += "data: " + dump(u) + "\n\n";
                 }
                 out += "data: [DONE]\n\n";
                 st->done = true;
             }
-            if (!out.empty() && !sink.write(out.data(), out.size())) {
-                engine->cancel(id);   // the client is gone
+            if (out.empty()) {   // nothing new: check that someone still listens
+                if (!Connections::client_gone()) return true;
+                cancel_all();
+                return false;
+            }
+            if (!sink.write(out.data(), out.size())) {
+                cancel_all();   // the client is gone
                 return false;
             }
             if (st->done) sink.done();
             return true;
         },
         [=](bool success) {
-            if (!success || !s->finished()) engine->cancel(id);
+            if (!success || !st->done) cancel_all();
+            Connections::stream_ended();
         });
 }
 
@@ -661,20 +905,44 @@ std::string Server::metrics_text() const {
 }
 
 void Server::routes() {
-    http_.new_task_queue = [] { return new httplib::ThreadPool(64); };
-    http_.set_payload_max_length(opt_.max_body_bytes);
-    http_.set_read_timeout(30, 0);
+    http_.new_task_queue = [this] { return conns_.make_queue(); };
+    http_.set_payload_max_length(static_cast<size_t>(opt_.max_body_bytes));
+    // Each read waits at most the header timeout; the deadlines of whole headers and bodies are
+    // kept by conns_. An idle keep-alive connection waits as long for its next request.
+    const auto read_us = static_cast<int64_t>(opt_.header_timeout * 1e6);
+    http_.set_read_timeout(read_us / 1000000, read_us % 1000000);
     http_.set_write_timeout(30, 0);
-    http_.set_error_handler([](const httplib::Request&, httplib::Response& res) {
-        if (!res.body.empty()) return;
-        std::string msg = res.status == 413 ? "the request body is too large" :
-                          res.status == 404 ? "no such endpoint" : str("HTTP error ", res.status);
-        res.set_content(error_body(HttpError{res.status, msg, res.status == 404 ? "NotFoundError" : "invalid_request_error", ""}),
+    http_.set_keep_alive_timeout(std::max<time_t>(1, static_cast<time_t>(std::ceil(opt_.header_timeout))));
+    http_.set_pre_routing_handler([](const httplib::Request& req, httplib::Response& res) {
+        Connections::headers_read();
+        // PRI (whose body httplib would read without a limit), TRACE and CONNECT: not served.
+        static const std::set<std::string> served = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"};
+        if (served.count(req.method)) return httplib::Server::HandlerResponse::Unhandled;
+        send_error(res, HttpError{405, str("method ", req.method, " is not allowed"), "invalid_request_error", "",
+                                  "method_not_allowed"});
+        return httplib::Server::HandlerResponse::Handled;
+    });
+    http_.set_post_routing_handler([](const httplib::Request&, httplib::Response& res) {
+        Connections::response_ready(res.is_chunked_content_provider_);
+    });
+    http_.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
+        if (!res.body.empty() || res.content_provider_) return;
+        std::string msg = res.status == 413 ? "the request body is too large"
+                        : res.status == 404 ? str("no such endpoint: ", req.method, " ", req.path)
+                                            : str("HTTP error ", res.status);
+        res.set_content(error_body(HttpError{res.status, msg, res.status == 404 ? "NotFoundError" : "invalid_request_error",
+                                             "", ""}),
                         "application/json");
     });
     http_.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
-        res.status = ready_ ? 200 : 503;
-        res.set_content(ready_ ? "{\"status\":\"ok\"}" : "{\"status\":\"loading\"}", "application/json");
+        bool draining;
+        {
+            std::lock_guard<std::mutex> lk(active_m_);
+            draining = draining_;
+        }
+        res.status = ready_ && !draining ? 200 : 503;
+        res.set_content(draining ? "{\"status\":\"draining\"}" : ready_ ? "{\"status\":\"ok\"}" : "{\"status\":\"loading\"}",
+                        "application/json");
     });
     http_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
         res.set_content(metrics_text(), "text/plain; version=0.0.4");
@@ -682,12 +950,45 @@ void Server::routes() {
     http_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
         json data = json::array();
         if (ready_)
-            data.push_back({{"id", model_name_}, {"object", "model"}, {"created", created_}, {"owned_by", "megamoe"},
+            data.push_back({{"id", model_name_}, {"object", "model"}, {"created", started_}, {"owned_by", "megamoe"},
                             {"max_model_len", engine_->max_model_len()}});
         res.set_content(dump(json{{"object", "list"}, {"data", data}}), "application/json");
     });
-    http_.Post("/v1/chat/completions", [this](const httplib::Request& q, httplib::Response& r) { handle(q, r, true); });
-    http_.Post("/v1/completions", [this](const httplib::Request& q, httplib::Response& r) { handle(q, r, false); });
+    http_.Post("/v1/chat/completions", [this](const httplib::Request& q, httplib::Response& r, const httplib::ContentReader& c) {
+        handle(q, r, c, true);
+    });
+    http_.Post("/v1/completions", [this](const httplib::Request& q, httplib::Response& r, const httplib::ContentReader& c) {
+        handle(q, r, c, false);
+    });
+    // Everything else: 405 on a known path with the wrong method (as vLLM), else 404. A body is
+    // read first (within --max-body-bytes) so that the connection stays in step.
+    auto not_routed = [](const httplib::Request& req, httplib::Response& res) {
+        static const std::set<std::string> post = {"/v1/chat/completions", "/v1/completions"},
+                                           get = {"/health", "/metrics", "/v1/models"};
+        if (post.count(req.path) || get.count(req.path)) {
+            const char* allow = post.count(req.path) ? "POST" : "GET, HEAD";
+            res.set_header("Allow", allow);
+            send_error(res, HttpError{405, str("method ", req.method, " is not allowed on ", req.path, " (allowed: ", allow, ")"),
+                                      "invalid_request_error", "", "method_not_allowed"});
+        } else {
+            send_error(res, HttpError{404, str("no such endpoint: ", req.method, " ", req.path), "NotFoundError", "", ""});
+        }
+    };
+    auto with_body = [this, not_routed](const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& c) {
+        try {
+            read_body(res, c, static_cast<size_t>(opt_.max_body_bytes));
+        } catch (const HttpError& e) {
+            send_error(res, e);
+            return;
+        }
+        not_routed(req, res);
+    };
+    for (const char* path : {"/v1/chat/completions", "/v1/completions"}) http_.Get(path, not_routed);
+    http_.Options(".*", not_routed);
+    http_.Post(".*", with_body);
+    http_.Put(".*", with_body);
+    http_.Patch(".*", with_body);
+    http_.Delete(".*", with_body);
 }
 
 // Debian's compiled cpp-httplib listens with a backlog of 5 (CPPHTTPLIB_LISTEN_BACKLOG is fixed
@@ -708,35 +1009,168 @@ void raise_listen_backlog(int port) {
     }
 }
 
+// Each connection holds a descriptor (two: httplib's and the watchdog's duplicate); lift the
+// soft limit, often 1024, to the hard one.
+void raise_fd_limit() {
+    rlimit r{};
+    if (getrlimit(RLIMIT_NOFILE, &r) != 0) return;
+    const rlim_t want = r.rlim_max == RLIM_INFINITY ? rlim_t{1} << 16 : r.rlim_max;
+    if (r.rlim_cur < want) {
+        r.rlim_cur = want;
+        setrlimit(RLIMIT_NOFILE, &r);
+    }
+}
+
+sigset_t shutdown_signals() {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    return set;
+}
+
+void Server::stop_http() {
+    std::call_once(stop_once_, [this] {
+        // stop() acts once listen_after_bind() runs: wait for that (or for it to have ended).
+        while (!http_.is_running() && !listen_returned_) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        http_.stop();
+    });
+}
+
+void Server::watch_signals() {
+    const sigset_t set = shutdown_signals();
+    const timespec tick{0, 100 * 1000 * 1000};
+    while (!stop_signals_) {
+        const int sig = sigtimedwait(&set, nullptr, &tick);
+        if (sig == SIGTERM || sig == SIGINT) {
+            drain(sig);
+            return;
+        }
+    }
+}
+
+// Refuses new requests, lets the running ones finish for up to --drain-timeout, then cancels
+// what is left (its clients get an error event or a 503) and stops listening. A second signal
+// cuts the wait short.
+void Server::drain(int sig) {
+    signalled_ = true;
+    int64_t running = 0;
+    {
+        std::lock_guard<std::mutex> lk(active_m_);
+        draining_ = true;
+        running = active_;
+    }
+    std::fprintf(stderr, "megamoe: %s: refusing new requests; %ld running may take up to %g s to finish (a second signal stops at once)\n",
+                 sig == SIGTERM ? "SIGTERM" : "SIGINT", running, opt_.drain_timeout);
+    const sigset_t set = shutdown_signals();
+    const timespec now_only{0, 0};
+    bool again = false;
+    auto wait_idle = [&](std::chrono::steady_clock::time_point until) {
+        for (;;) {
+            {
+                std::unique_lock<std::mutex> lk(active_m_);
+                if (active_cv_.wait_for(lk, std::chrono::milliseconds(50), [&] { return active_ == 0; })) return true;
+            }
+            if (again || std::chrono::steady_clock::now() >= until) return false;
+            if (sigtimedwait(&set, nullptr, &now_only) > 0) again = true;
+        }
+    };
+    const auto t0 = std::chrono::steady_clock::now();
+    if (!wait_idle(t0 + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                            std::chrono::duration<double>(opt_.drain_timeout)))) {
+        cancelled_all_ = true;
+        std::vector<uint64_t> ids;
+        {
+            std::lock_guard<std::mutex> lk(active_m_);
+            ids.assign(active_ids_.begin(), active_ids_.end());
+        }
+        std::fprintf(stderr, "megamoe: cancelling what still runs\n");
+        if (ready_)
+            for (uint64_t id : ids) engine_->cancel(id);
+        if (!again) wait_idle(std::chrono::steady_clock::now() + std::chrono::seconds(5));
+    }
+    stop_http();
+}
+
 int Server::run() {
     model_name_ = opt_.served_model_name.empty()
                       ? std::filesystem::path(opt_.model_dir).lexically_normal().filename().string()
                       : opt_.served_model_name;
     if (model_name_.empty() || model_name_ == ".") model_name_ = "megamoe";
     routes();
-    if (!http_.bind_to_port(opt_.host, opt_.port)) fail("cannot listen on ", opt_.host, ":", opt_.port);
-    raise_listen_backlog(opt_.port);
-    std::fprintf(stderr, "megamoe: listening on http://%s:%d (health 503 until loaded)\n", opt_.host.c_str(), opt_.port);
+    int port = opt_.port;
+    if (port == 0)
+        port = http_.bind_to_any_port(opt_.host);
+    else if (!http_.bind_to_port(opt_.host, port))
+        port = -1;
+    if (port <= 0) fail("cannot listen on ", opt_.host, ":", opt_.port);
+    conns_.set_port(port);
+    raise_listen_backlog(port);
+    std::fprintf(stderr, "megamoe: listening on http://%s:%d (health 503 until loaded)\n", opt_.host.c_str(), port);
+    std::thread signals([this] { watch_signals(); });
     // Load in the background so /health answers 503 meanwhile.
     std::string load_error;
+    std::atomic<bool> load_done{false};
     std::thread loader([&] {
         try {
             load();
         } catch (const std::exception& e) {
             load_error = e.what();
-            http_.stop();
         }
+        load_done = true;
+        if (!load_error.empty()) stop_http();
     });
     http_.listen_after_bind();
+    listen_returned_ = true;
+    stop_signals_ = true;
+    signals.join();
+    if (signalled_ && !load_done) {   // stopped while loading, which cannot be interrupted
+        std::fprintf(stderr, "megamoe: stopped while loading\n");
+        std::_Exit(0);
+    }
     loader.join();
     if (!load_error.empty()) fail(load_error);
     engine_.reset();
+    std::fprintf(stderr, "megamoe: stopped\n");
     return 0;
 }
 
 }  // namespace
 
+void validate(const ServeOptions& o) {
+    if (o.model_dir.empty()) fail("--model: a checkpoint directory is required");
+    if (o.port < 0 || o.port > 65535) fail("--port must be in 1..65535 (0: any free port), got ", o.port);
+    if (o.max_model_len < 0) fail("--max-model-len must be >= 0 (0: the model's context), got ", o.max_model_len);
+    if (o.max_batch_tokens < 1 || o.max_batch_tokens > (int64_t{1} << 20))
+        fail("--max-batch-tokens must be in 1..1048576, got ", o.max_batch_tokens);
+    if (o.max_seqs < 1 || o.max_seqs > 65536) fail("--max-seqs must be in 1..65536, got ", o.max_seqs);
+    if (o.max_body_bytes < 1) fail("--max-body-bytes must be >= 1, got ", o.max_body_bytes);
+    if (o.max_connections < 1 || o.max_connections > 65536)
+        fail("--max-connections must be in 1..65536, got ", o.max_connections);
+    for (const auto& [flag, v, low] : {std::tuple{"--header-timeout", o.header_timeout, 0.1},
+                                       std::tuple{"--body-timeout", o.body_timeout, 0.1},
+                                       std::tuple{"--drain-timeout", o.drain_timeout, 0.0}})
+        if (!(v >= low && v <= 86400)) fail(flag, " must be in [", low, ", 86400] seconds, got ", v);
+    if (!(o.gpu_memory_fraction > 0 && o.gpu_memory_fraction <= 1))
+        fail("--gpu-memory-fraction must be in (0, 1], got ", o.gpu_memory_fraction);
+    (void)resolve_backend(o.backend);   // an unknown backend, or cuda without a GPU
+}
+
+void block_shutdown_signals() {
+    const sigset_t set = shutdown_signals();
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+}
+
 int serve(const ServeOptions& opt) {
+    validate(opt);
+    block_shutdown_signals();
+    // What can be checked without reading: before the port is bound.
+    if (!std::filesystem::exists(opt.model_dir + "/config.json"))
+        fail(opt.model_dir, "/config.json: no such file (is --model a checkpoint directory?)");
+    const std::string tok = opt.tokenizer.empty() ? opt.model_dir + "/tokenizer.json" : opt.tokenizer;
+    if (!std::filesystem::exists(tok))
+        fail(tok, ": no tokenizer.json (put one in the checkpoint directory or pass --tokenizer)");
+    raise_fd_limit();
     Server s(opt);
     return s.run();
 }

@@ -11,16 +11,34 @@ struct ServeOptions {
     std::string tokenizer;                 // default: MODEL_DIR/tokenizer.json
     std::string served_model_name;         // default: the model directory's name
     std::string host = "127.0.0.1";
-    int         port = 8000;
+    int         port = 8000;               // 1..65535; 0: any free port (printed)
     int64_t     max_model_len = 0;         // 0: the model's max_position_embeddings
     int64_t     max_batch_tokens = 512;
     int64_t     max_seqs = 64;
-    size_t      max_body_bytes = 4u << 20;  // larger bodies get 413
+    int64_t     max_body_bytes = 4 << 20;  // larger bodies get 413, chunked ones too
     uint64_t    seed = 0;
+    double      header_timeout = 10;       // s to send a request's headers (from connecting or the last response)
+    double      body_timeout = 60;         // s to send a request's body (from the end of its headers)
+    double      drain_timeout = 30;        // s running requests may take to finish after SIGTERM / SIGINT
+    int64_t     max_connections = 1024;    // connections served at once (one thread each); more wait
+    std::string backend = "auto";          // cpu | cuda | auto (cuda when a GPU is usable)
+    double      gpu_memory_fraction = 0.92;
 };
 
-// Listens, loads the model in the background (/health answers 503 meanwhile), serves until
-// killed. Throws Error when the port cannot be bound or the model fails to load.
+// Throws Error naming the flag (--port, --max-seqs, ...) for a value out of range. serve()
+// calls it first, before anything is loaded.
+void validate(const ServeOptions& opt);
+
+// Blocks SIGTERM and SIGINT in the calling thread and so in every thread it starts later; serve()
+// waits for them on a thread of its own. Call it before starting any thread (main() does).
+void block_shutdown_signals();
+
+// Validates the options, checks that the checkpoint's config.json and the tokenizer exist,
+// listens, then loads the tokenizer, the config and the weights in the background (/health
+// answers 503 meanwhile). On SIGTERM or SIGINT it refuses new requests (503), lets running ones
+// finish for up to drain_timeout (then cancels them: streams end with an error event and
+// [DONE]), and returns 0; a second signal stops at once. Throws Error when the options are
+// invalid, the port cannot be bound or the model fails to load.
 int serve(const ServeOptions& opt);
 
 }  // namespace megamoe

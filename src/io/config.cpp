@@ -5,6 +5,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <string_view>
 
 #include "core/common.h"
 
@@ -41,10 +42,28 @@ RouterKind ModelConfig::router_kind(int64_t layer) const {
 namespace {
 
 // Glob match with '*' only, as used in quantization_config.ignore ("*.attn.*", "mtp.*").
-bool glob_match(const char* pat, const char* s) {
-    if (*pat == '\0') return *s == '\0';
-    if (*pat == '*') return glob_match(pat + 1, s) || (*s && glob_match(pat, s + 1));
-    return *s == *pat && glob_match(pat + 1, s + 1);
+// The classic two-pointer wildcard match: on a mismatch only the last '*' is retried, one
+// character further on, so the cost is O(|pattern| * |s|) whatever the pattern (a recursive
+// matcher is exponential in the number of stars: "**************Q" hung the loader).
+bool glob_match(std::string_view pat, std::string_view s) {
+    constexpr size_t none = std::string_view::npos;
+    size_t p = 0, i = 0, star = none, star_i = 0;
+    while (i < s.size()) {
+        if (p < pat.size() && pat[p] == '*') {
+            star = p++;        // let the star match nothing for now
+            star_i = i;
+        } else if (p < pat.size() && pat[p] == s[i]) {
+            ++p;
+            ++i;
+        } else if (star != none) {
+            p = star + 1;      // the last star takes one more character
+            i = ++star_i;
+        } else {
+            return false;
+        }
+    }
+    while (p < pat.size() && pat[p] == '*') ++p;
+    return p == pat.size();
 }
 
 }  // namespace
@@ -53,7 +72,7 @@ ExpertFormat ModelConfig::expert_format_for(const std::string& module) const {
     if (expert_format == ExpertFormat::mxfp4) return ExpertFormat::mxfp4;
     for (const auto& pat : quant_ignore) {
         // A pattern ignores the module if it matches the module or any tensor inside it.
-        if (glob_match(pat.c_str(), module.c_str()) || glob_match(pat.c_str(), (module + ".0.w1").c_str()))
+        if (glob_match(pat, module) || glob_match(pat, module + ".0.w1"))
             return ExpertFormat::mxfp4;
     }
     return ExpertFormat::nvfp4;
@@ -208,6 +227,11 @@ ModelConfig parse_model_config(const std::string& text, const std::string& file)
     c.max_position_embeddings = r.positive("max_position_embeddings", int64_t{1} << 40);
     c.bos_token_id = r.integer("bos_token_id", false, 0);
     c.eos_token_id = r.integer("eos_token_id", false, 1);
+    // Token ids index the vocabulary: a negative or too large one would never match (EOS) or
+    // would index past the embedding (BOS).
+    for (const auto& [field, id] : {std::pair{"bos_token_id", c.bos_token_id}, std::pair{"eos_token_id", c.eos_token_id}})
+        if (id < 0 || id >= c.vocab_size)
+            r.bad(field, str("= ", id, " is not a token id: it must be in [0, vocab_size = ", c.vocab_size, ")"));
     parse_rope(root, file, c);
     parse_quantization(root, file, c);
 

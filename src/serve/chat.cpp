@@ -190,7 +190,9 @@ void append_string(std::string& out, std::string_view s) {
     out += '"';
 }
 
-void append_json(std::string& out, const ojson& j) {
+void append_json(std::string& out, const ojson& j, size_t depth = 0) {
+    if ((j.is_array() || j.is_object()) && depth >= kMaxJsonDepth)
+        fail("JSON nested deeper than ", kMaxJsonDepth, " levels");
     switch (j.type()) {
         case ojson::value_t::null: out += "null"; break;
         case ojson::value_t::boolean: out += j.get<bool>() ? "true" : "false"; break;
@@ -204,7 +206,7 @@ void append_json(std::string& out, const ojson& j) {
             for (const auto& v : j) {
                 if (!first) out += ", ";
                 first = false;
-                append_json(out, v);
+                append_json(out, v, depth + 1);
             }
             out += ']';
             break;
@@ -217,7 +219,7 @@ void append_json(std::string& out, const ojson& j) {
                 first = false;
                 append_string(out, k);
                 out += ": ";
-                append_json(out, v);
+                append_json(out, v, depth + 1);
             }
             out += '}';
             break;
@@ -233,6 +235,28 @@ std::string json_string(std::string_view s) {
 }
 
 }  // namespace
+
+size_t json_nesting_depth(std::string_view text) {
+    size_t depth = 0, deepest = 0;
+    bool in_string = false, escaped = false;
+    for (const char c : text) {
+        if (in_string) {
+            if (escaped)
+                escaped = false;
+            else if (c == '\\')
+                escaped = true;
+            else if (c == '"')
+                in_string = false;
+        } else if (c == '"') {
+            in_string = true;
+        } else if (c == '[' || c == '{') {
+            deepest = std::max(deepest, ++depth);
+        } else if ((c == ']' || c == '}') && depth > 0) {
+            --depth;
+        }
+    }
+    return deepest;
+}
 
 std::string python_json_dumps(const ojson& value) {
     std::string out;
@@ -312,7 +336,11 @@ ToolCall tool_call_from_json(const ojson& c, const std::string& where) {
     if (args->is_string()) {
         call.arguments = args->get<std::string>();
     } else if (args->is_object()) {
-        call.arguments = python_json_dumps(*args);
+        try {
+            call.arguments = python_json_dumps(*args);
+        } catch (const Error& e) {
+            fail(fw, ".arguments: ", e.what());
+        }
     } else {
         fail(fw, ".arguments: expected a string or an object, got ", args->type_name());
     }
@@ -519,6 +547,8 @@ struct Param {
 };
 
 std::vector<Param> call_params(const ToolCall& call, const std::string& where) {
+    if (json_nesting_depth(call.arguments) > kMaxJsonDepth)
+        fail(where, ".function.arguments: JSON nested deeper than ", kMaxJsonDepth, " levels");
     const ojson args = ojson::parse(call.arguments, nullptr, /*allow_exceptions=*/false);
     if (args.is_discarded()) return {{"arguments", true, call.arguments}};
     if (!args.is_object()) fail(where, ".function.arguments: JSON ", args.type_name(), ", expected an object");
@@ -565,7 +595,11 @@ void render_appendices(PromptBuilder& b, const Turn& t) {
             if (!tool.is_object() || !tool.contains("function"))
                 fail(t.where(), ".tools[", i, "]: no 'function'");
             if (i > 0) schemas += '\n';
-            schemas += python_json_dumps(tool["function"]);
+            try {
+                schemas += python_json_dumps(tool["function"]);
+            } catch (const Error& e) {
+                fail(t.where(), ".tools[", i, "].function: ", e.what());
+            }
         }
         b.markup("\n\n");
         b.markup(kToolsHead);
@@ -574,7 +608,11 @@ void render_appendices(PromptBuilder& b, const Turn& t) {
     }
     if (m.response_format && truthy(*m.response_format)) {
         b.markup(kResponseFormatHead);
-        b.text(python_json_dumps(*m.response_format));
+        try {
+            b.text(python_json_dumps(*m.response_format));
+        } catch (const Error& e) {
+            fail(t.where(), ".response_format: ", e.what());
+        }
     }
 }
 

@@ -109,7 +109,17 @@ ChatPrompt encode_chat(const ChatRequest& request);
 
 // Python json.dumps(value, ensure_ascii=False) with default separators (§5.1): input key order,
 // ints as ints, floats as Python repr (1.0, 0.1, 1e-05), only ", \ and control chars escaped.
+// Throws Error for a value nested deeper than kMaxJsonDepth (it recurses once per level).
 std::string python_json_dumps(const nlohmann::ordered_json& value);
+
+// Request JSON may nest arrays and objects at most this deep. Serializing and copying JSON
+// recurse once per level, so unbounded nesting (a 60 KB body can nest 30000 levels) would
+// overflow the stack; real tool schemas and arguments nest a few levels.
+inline constexpr size_t kMaxJsonDepth = 128;
+
+// The deepest nesting of arrays and objects in JSON text: brackets outside strings, counted in
+// one pass without parsing (the text need not be valid JSON). Check text with it before parsing.
+size_t json_nesting_depth(std::string_view text);
 
 struct ParsedCompletion {
     std::string reasoning_content;

@@ -3,6 +3,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <limits>
 
 namespace megamoe {
 
@@ -30,7 +32,7 @@ struct Engine::Request {
     std::vector<int32_t> prompt;
     GenerationParams params;
     RequestCallbacks cb;
-    std::unique_ptr<SequenceState> state;
+    int32_t slot = -1;             // the backend's sequence slot once admitted
     Sampler sampler;
     std::atomic<int64_t> n_fed{0}; // tokens the model has seen: prompt, then generated (metrics() reads it)
     int32_t pending = -1;          // the last sampled token, fed at the next step
@@ -41,12 +43,36 @@ struct Engine::Request {
     Request(const GenerationParams& p, uint64_t seed) : params(p), sampler(p.sampling, seed) {}
 };
 
+namespace {
+
+std::unique_ptr<Backend> cpu_backend_for(const Model& m, const EngineOptions& opt) {
+    if (opt.max_batch_tokens < 1) fail("max_batch_tokens must be >= 1");
+    if (opt.max_seqs < 1) fail("max_seqs must be >= 1");
+    return make_cpu_backend(m, opt.max_seqs, opt.max_batch_tokens, opt.max_model_len);
+}
+
+}  // namespace
+
 Engine::Engine(std::unique_ptr<Model> model, const EngineOptions& opt)
-    : model_(std::move(model)), opt_(opt),
-      max_model_len_(opt.max_model_len > 0 ? std::min(opt.max_model_len, model_->cfg.max_position_embeddings)
-                                           : model_->cfg.max_position_embeddings) {
+    : Engine(std::move(model), nullptr, opt) {}
+
+Engine::Engine(std::unique_ptr<Model> model, std::unique_ptr<Backend> backend, const EngineOptions& opt)
+    : model_(std::move(model)), backend_(backend ? std::move(backend) : cpu_backend_for(*model_, opt)), opt_(opt),
+      max_model_len_(std::min(opt.max_model_len > 0 ? std::min(opt.max_model_len, model_->cfg.max_position_embeddings)
+                                                    : model_->cfg.max_position_embeddings,
+                              backend_->max_model_len())) {
     if (opt_.max_batch_tokens < 1) fail("max_batch_tokens must be >= 1");
     if (opt_.max_seqs < 1) fail("max_seqs must be >= 1");
+    opt_.max_batch_tokens = std::min(opt_.max_batch_tokens, backend_->max_batch_tokens());
+    opt_.max_seqs = std::min({opt_.max_seqs, backend_->max_seqs(), backend_->max_logit_rows()});
+    const int64_t V = model_->cfg.vocab_size;
+    masked_.assign(static_cast<size_t>(V), 0);
+    for (int32_t id : opt_.masked_token_ids) {
+        if (id < 0 || id >= V) fail("masked_token_ids: id ", id, " is outside the vocabulary [0, ", V, ")");
+        masked_[static_cast<size_t>(id)] = 1;
+    }
+    if (std::find(masked_.begin(), masked_.end(), 0) == masked_.end())
+        fail("masked_token_ids: every one of the ", V, " ids is masked");
     worker_ = std::thread([this] { loop(); });
 }
 
@@ -58,8 +84,10 @@ Engine::~Engine() {
     cv_.notify_all();
     worker_.join();
     for (auto* list : {&running_}) {
-        for (auto& r : *list)
+        for (auto& r : *list) {
+            if (r->slot >= 0) backend_->close(r->slot);
             if (r->cb.on_finish) r->cb.on_finish(FinishReason::cancelled, "");
+        }
     }
     for (auto& r : waiting_)
         if (r->cb.on_finish) r->cb.on_finish(FinishReason::cancelled, "");
@@ -107,9 +135,7 @@ EngineMetrics Engine::metrics() const {
     EngineMetrics m = metrics_;
     m.running = static_cast<int64_t>(running_.size());
     m.waiting = static_cast<int64_t>(waiting_.size());
-    int64_t held = 0;
-    for (const auto& r : running_) held += r->n_fed;
-    m.cache_usage = static_cast<double>(held) / static_cast<double>(opt_.max_seqs * max_model_len_);
+    m.cache_usage = cache_usage_;
     return m;
 }
 
@@ -120,13 +146,33 @@ void Engine::loop() {
             cv_.wait(lk, [&] { return stop_ || !waiting_.empty() || !running_.empty(); });
             if (stop_) return;
         }
-        step();
+        try {
+            step();
+        } catch (const std::exception& e) {   // a bug: fail what runs rather than abort the process
+            fail_running(str("engine error: ", e.what()));
+        }
     }
+}
+
+void Engine::fail_running(const std::string& error) {
+    std::vector<Request*> all;
+    {
+        std::lock_guard<std::mutex> lk(m_);
+        for (auto& r : running_) all.push_back(r.get());
+    }
+    for (Request* r : all) finish(*r, FinishReason::error, error);
 }
 
 // Removes a request from the engine and reports its end. Called on the worker thread, without m_.
 void Engine::finish(Request& r, FinishReason why, const std::string& error) {
     std::unique_ptr<Request> owned;
+    if (r.slot >= 0) {
+        backend_->close(r.slot);   // the worker thread owns the backend
+        r.slot = -1;
+        const double usage = backend_->cache_usage();
+        std::lock_guard<std::mutex> lk(m_);
+        cache_usage_ = usage;
+    }
     {
         std::lock_guard<std::mutex> lk(m_);
         by_id_.erase(r.id);
@@ -136,12 +182,19 @@ void Engine::finish(Request& r, FinishReason why, const std::string& error) {
             running_.erase(it);
         }
     }
-    if (r.cb.on_finish) r.cb.on_finish(why, error);
+    if (!r.cb.on_finish) return;
+    try {
+        r.cb.on_finish(why, error);
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "megamoe: request %lu: on_finish threw: %s\n", static_cast<unsigned long>(r.id), e.what());
+    } catch (...) {
+        std::fprintf(stderr, "megamoe: request %lu: on_finish threw\n", static_cast<unsigned long>(r.id));
+    }
 }
 
 bool Engine::step() {
     std::vector<Request*> cancelled, chunk_of;
-    std::vector<SequenceChunk> batch;
+    std::vector<BackendChunk> batch;
     {
         std::lock_guard<std::mutex> lk(m_);
         // Waiting requests cancelled before they ran leave at once.
@@ -154,10 +207,18 @@ bool Engine::step() {
                 ++it;
             }
         }
+        // Admission in arrival order, while the backend has a slot and state for the whole request.
         while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < opt_.max_seqs) {
+            Request& r = *waiting_.front();
+            const int32_t slot = backend_->open();
+            if (slot < 0) break;
+            if (!backend_->reserve(slot, static_cast<int64_t>(r.prompt.size()) + r.params.max_tokens)) {
+                backend_->close(slot);
+                break;   // it waits for running requests to finish
+            }
+            r.slot = slot;
             running_.push_back(std::move(waiting_.front()));
             waiting_.pop_front();
-            running_.back()->state = std::make_unique<SequenceState>(model_->cfg);
         }
         // Decodes first (one token each), then prompt chunks in arrival order within the budget.
         int64_t budget = opt_.max_batch_tokens;
@@ -167,7 +228,7 @@ bool Engine::step() {
                 continue;
             }
             if (r->pending < 0) continue;
-            batch.push_back({r->state.get(), {r->pending}});
+            batch.push_back({r->slot, {r->pending}});
             chunk_of.push_back(r.get());
             --budget;
         }
@@ -175,7 +236,7 @@ bool Engine::step() {
             const int64_t left = static_cast<int64_t>(r->prompt.size()) - r->n_fed;
             if (r->cancelled || left <= 0 || budget <= 0) continue;
             const int64_t n = std::min(left, budget), fed = r->n_fed;
-            batch.push_back({r->state.get(), std::vector<int32_t>(r->prompt.begin() + fed, r->prompt.begin() + fed + n)});
+            batch.push_back({r->slot, std::vector<int32_t>(r->prompt.begin() + fed, r->prompt.begin() + fed + n)});
             chunk_of.push_back(r.get());
             budget -= n;
         }
@@ -185,10 +246,15 @@ bool Engine::step() {
 
     std::vector<float> logits;
     try {
-        forward(*model_, batch, ForwardOptions{}, logits);
+        backend_->step(batch, false, logits);
     } catch (const std::exception& e) {
         for (Request* r : chunk_of) finish(*r, FinishReason::error, e.what());
         return true;
+    }
+    {
+        const double usage = backend_->cache_usage();
+        std::lock_guard<std::mutex> lk(m_);
+        cache_usage_ = usage;
     }
     const int64_t V = model_->cfg.vocab_size;
     for (size_t i = 0; i < chunk_of.size(); ++i) {
@@ -196,37 +262,47 @@ bool Engine::step() {
         r.n_fed += static_cast<int64_t>(batch[i].tokens.size());
         r.pending = -1;
         if (r.n_fed < static_cast<int64_t>(r.prompt.size())) continue;   // more prompt to prefill
-        const float* row = logits.data() + static_cast<int64_t>(i) * V;
-        TokenOut out;
-        out.id = r.sampler.sample(row, V);
-        if (r.params.top_logprobs >= 0) {
-            out.logprob = token_logprob(row, V, out.id);
-            out.top = top_logprobs(row, V, r.params.top_logprobs);
+        try {
+            emit(r, logits.data() + static_cast<int64_t>(i) * V);
+        } catch (const std::exception& e) {
+            finish(r, FinishReason::error, e.what());
         }
-        ++r.n_generated;
-        const auto now = Clock::now();
-        {
-            std::lock_guard<std::mutex> lk(m_);
-            ++metrics_.generation_tokens_total;
-            if (r.n_generated == 1)
-                metrics_.ttft.observe(std::chrono::duration<double>(now - r.submitted).count());
-            else
-                metrics_.tpot.observe(std::chrono::duration<double>(now - r.last_token).count());
-        }
-        r.last_token = now;
-        const auto& stops = r.params.stop_token_ids;
-        const bool stop = (!r.params.ignore_eos && out.id == model_->cfg.eos_token_id) ||
-                          std::find(stops.begin(), stops.end(), out.id) != stops.end();
-        const bool length = r.n_generated >= r.params.max_tokens || r.n_fed + 1 > max_model_len_;
-        const bool keep = !r.cb.on_token || r.cb.on_token(out);
-        if (!keep || stop)
-            finish(r, FinishReason::stop);
-        else if (length)
-            finish(r, FinishReason::length);
-        else
-            r.pending = out.id;
     }
     return true;
+}
+
+void Engine::emit(Request& r, float* row) {
+    const int64_t V = model_->cfg.vocab_size;
+    for (int32_t id : opt_.masked_token_ids) row[id] = -std::numeric_limits<float>::infinity();
+    TokenOut out;
+    out.id = r.sampler.sample(row, V);
+    if (r.params.top_logprobs >= 0) {
+        out.logprob = token_logprob(row, V, out.id);
+        out.top = top_logprobs(row, V, r.params.top_logprobs);
+        std::erase_if(out.top, [&](const auto& t) { return masked_[static_cast<size_t>(t.first)] != 0; });
+    }
+    ++r.n_generated;
+    const auto now = Clock::now();
+    {
+        std::lock_guard<std::mutex> lk(m_);
+        ++metrics_.generation_tokens_total;
+        if (r.n_generated == 1)
+            metrics_.ttft.observe(std::chrono::duration<double>(now - r.submitted).count());
+        else
+            metrics_.tpot.observe(std::chrono::duration<double>(now - r.last_token).count());
+    }
+    r.last_token = now;
+    const auto& stops = r.params.stop_token_ids;
+    const bool stop = (!r.params.ignore_eos && out.id == model_->cfg.eos_token_id) ||
+                      std::find(stops.begin(), stops.end(), out.id) != stops.end();
+    const bool length = r.n_generated >= r.params.max_tokens || r.n_fed + 1 > max_model_len_;
+    const bool keep = !r.cb.on_token || r.cb.on_token(out);
+    if (!keep || stop)
+        finish(r, FinishReason::stop);
+    else if (length)
+        finish(r, FinishReason::length);
+    else
+        r.pending = out.id;
 }
 
 }  // namespace megamoe

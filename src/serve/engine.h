@@ -1,9 +1,12 @@
 // engine.h — continuous batching: requests join and leave a running batch; each step prefills
 // chunks of new prompts within a token budget, mixed with one decode token per running request.
 //
-// One worker thread owns the model and every sequence's state (ds4's rule: the worker owns all
-// live KV state); other threads talk to it through submit() / cancel(). Callbacks run on the
-// worker thread, without the engine lock held, so they may call cancel().
+// The engine drives a Backend (ref/backend.h: the CPU reference or the GPU runner) and never sees
+// a tensor: a request is admitted when the backend gives it a slot and reserves state for its
+// whole length (prompt + max_tokens); until then it waits. One worker thread owns the backend and
+// every sequence's state (ds4's rule: the worker owns all live KV state); other threads talk to it
+// through submit() / cancel(). Callbacks run on the worker thread, without the engine lock held,
+// so they may call cancel().
 #pragma once
 
 #include <atomic>
@@ -17,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "ref/backend.h"
 #include "ref/model.h"
 #include "serve/sampler.h"
 
@@ -27,6 +31,12 @@ struct EngineOptions {
     int64_t  max_seqs = 64;            // requests running at once; the rest wait
     int64_t  max_model_len = 0;        // context limit (prompt + completion); 0: max_position_embeddings
     uint64_t seed = 0;                 // seeds requests that bring none (each gets seed + request id)
+    // Ids that name no token. A checkpoint's vocabulary is often padded past its tokenizer's
+    // (DeepSeek-V4: 129280 logits, fewer tokenizer ids); as in vLLM, these ids' logits are set to
+    // -inf before sampling and logprobs, so they are never sampled and never listed in
+    // TokenOut::top (which may then hold fewer than k entries), and logprobs are normalized over
+    // the ids that remain. Each must be in [0, vocab_size); at least one id must stay unmasked.
+    std::vector<int32_t> masked_token_ids;
 };
 
 struct GenerationParams {
@@ -50,6 +60,8 @@ struct RequestCallbacks {
     // Each new token; return false to finish the request here (reason "stop"), e.g. a stop string.
     std::function<bool(const TokenOut&)> on_token;
     // Exactly once, after the last token (or on cancellation, or an engine error with its message).
+    // An exception from on_token ends the request with reason "error" and its message; one from
+    // on_finish is printed to stderr. None escapes the engine thread.
     std::function<void(FinishReason, const std::string& error)> on_finish;
 };
 
@@ -66,17 +78,22 @@ struct Histogram {
 struct EngineMetrics {
     uint64_t requests_total = 0, prompt_tokens_total = 0, generation_tokens_total = 0;
     int64_t  running = 0, waiting = 0;
-    double   cache_usage = 0;                          // tokens held by running sequences / (max_seqs · max_model_len)
+    double   cache_usage = 0;                          // the backend's state in use (fraction)
     Histogram ttft{{0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
     Histogram tpot{{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}};
 };
 
 class Engine {
 public:
+    // The CPU reference backend for `model`.
     Engine(std::unique_ptr<Model> model, const EngineOptions& opt);
+    // A given backend (which may hold references into `model`: the engine keeps both, the backend
+    // destroyed first). max_seqs, max_batch_tokens and max_model_len are capped by the backend's.
+    Engine(std::unique_ptr<Model> model, std::unique_ptr<Backend> backend, const EngineOptions& opt);
     ~Engine();   // cancels what is left and joins the worker
 
     const ModelConfig& config() const { return model_->cfg; }
+    const Backend& backend() const { return *backend_; }
     int64_t max_model_len() const { return max_model_len_; }
 
     // Queues a request. Throws Error, changing nothing, when the prompt is empty, holds an id
@@ -89,11 +106,15 @@ private:
     struct Request;
     void loop();
     bool step();                       // one forward over the current batch; false when idle
+    void emit(Request& r, float* row); // samples r's next token from its logits row and reports it
     void finish(Request& r, FinishReason why, const std::string& error = "");
+    void fail_running(const std::string& error);   // ends every running request with an error
 
     std::unique_ptr<Model> model_;
+    std::unique_ptr<Backend> backend_;   // after model_: destroyed first
     EngineOptions opt_;
     int64_t max_model_len_;
+    std::vector<char> masked_;         // [vocab] 1 for EngineOptions::masked_token_ids
     mutable std::mutex m_;
     std::condition_variable cv_;
     std::deque<std::unique_ptr<Request>> waiting_;
@@ -102,6 +123,7 @@ private:
     uint64_t next_id_ = 1;
     bool stop_ = false;
     EngineMetrics metrics_;
+    double cache_usage_ = 0;           // the backend's, after the last step
     std::thread worker_;
 };
 

@@ -1030,6 +1030,10 @@ bool Tokenizer::is_added(int32_t id) const {
     return k == Kind::added || k == Kind::special;
 }
 
+bool Tokenizer::has_token(int32_t id) const {
+    return id >= 0 && static_cast<size_t>(id) < impl_->id_kind.size() && impl_->id_kind[static_cast<size_t>(id)] != Kind::none;
+}
+
 int32_t Tokenizer::vocab_size() const { return static_cast<int32_t>(impl_->id_kind.size()); }
 
 const std::string& Tokenizer::path() const { return impl_->path; }

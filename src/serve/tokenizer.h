@@ -73,6 +73,7 @@ public:
     // (e.g. "<｜User｜>", "Ġthe"); nullopt when absent.
     std::optional<int32_t> token_id(std::string_view token) const;
 
+    bool has_token(int32_t id) const;   // the id names a token (vocab or added); false past vocab_size()
     bool is_special(int32_t id) const;  // an added token with "special": true
     bool is_added(int32_t id) const;    // any entry of added_tokens
     int32_t vocab_size() const;         // max id + 1 over vocab and added tokens

@@ -3,7 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
 #include <sys/wait.h>
 
 #include "io/safetensors.h"
@@ -126,6 +129,82 @@ TEST_F(Cli, BadInputsGiveOneClearError) {
     expect_fail("serve --model " + dir.str() + "/nowhere --port 0", {"nowhere", "config.json"});
     expect_fail("serve --model " + model() + " --port 0", {"tokenizer.json"});   // the golden dir has none
     EXPECT_FALSE(std::filesystem::exists(out));   // nothing half-written
+}
+
+// ---- checks that need no golden checkpoint: a synthetic one will do
+
+void expect_fails(const std::string& args, const std::vector<std::string>& subs, const std::vector<std::string>& absent = {}) {
+    CliRun r = run(args);
+    EXPECT_EQ(r.status, 1) << args << "\n" << r.output;
+    for (const auto& s : subs) EXPECT_NE(r.output.find(s), std::string::npos) << s << "\n" << r.output;
+    for (const auto& s : absent) EXPECT_EQ(r.output.find(s), std::string::npos) << s << "\n" << r.output;
+}
+
+std::string synth_checkpoint(const test::TempDir& dir) {
+    const std::string ck = dir.str() + "/ck";
+    CliRun s = run("synth --out " + ck + " --layers 2 --vocab 64 --seed 3");
+    EXPECT_EQ(s.status, 0) << s.output;
+    return ck;
+}
+
+// serve's flags are checked before anything is read or bound: one line naming the flag.
+TEST(CliChecks, ServeFlagsOutOfRange) {
+    test::TempDir dir;
+    const std::string ck = synth_checkpoint(dir);
+    const std::vector<std::string> never = {"listening", "binding tensors"};
+    expect_fails("serve --model " + ck + " --port 99999", {"--port", "99999", "1..65535"}, never);
+    expect_fails("serve --model " + ck + " --port -1", {"--port"}, never);
+    expect_fails("serve --model " + ck + " --max-seqs 0", {"--max-seqs", "got 0"}, never);
+    expect_fails("serve --model " + ck + " --max-batch-tokens -4", {"--max-batch-tokens"}, never);
+    expect_fails("serve --model " + ck + " --max-model-len -1", {"--max-model-len"}, never);
+    expect_fails("serve --model " + ck + " --max-body-bytes 0", {"--max-body-bytes"}, never);
+    expect_fails("serve --model " + ck + " --header-timeout 0", {"--header-timeout"}, never);
+    expect_fails("serve --model " + ck + " --drain-timeout -1", {"--drain-timeout"}, never);
+    // No tokenizer.json: found before the weights are loaded (and before listening).
+    expect_fails("serve --model " + ck + " --port 0", {"tokenizer.json"}, never);
+}
+
+// --threads 100000 used to abort (std::system_error out of the thread pool).
+TEST(CliChecks, ThreadsOutOfRange) {
+    test::TempDir dir;
+    const std::string ck = synth_checkpoint(dir);
+    expect_fails("--threads 100000 info --model " + ck, {"--threads", "100000"});
+    expect_fails("--threads -2 info --model " + ck, {"--threads"});
+    CliRun ok = run("--threads 2 info --model " + ck);
+    EXPECT_EQ(ok.status, 0) << ok.output;
+}
+
+TEST(CliChecks, NegativeChunkAndDecodeFrom) {
+    test::TempDir dir;
+    const std::string ck = synth_checkpoint(dir);
+    write_text(dir.str() + "/t.txt", "1 2 3 4 5");
+    const std::string lg = "logits --model " + ck + " --tokens " + dir.str() + "/t.txt --out " + dir.str() + "/o.safetensors";
+    expect_fails(lg + " --chunk -1", {"--chunk", "-1"});
+    expect_fails(lg + " --decode-from -5", {"--decode-from", "-5"});
+    expect_fails("generate --model " + ck + " --ids \"1 2\" --chunk -3", {"--chunk", "-3"});
+    EXPECT_FALSE(std::filesystem::exists(dir.str() + "/o.safetensors"));
+    CliRun ok = run(lg + " --decode-from 0");
+    EXPECT_EQ(ok.status, 0) << ok.output;
+}
+
+// --max-new past the context: generation stops at the limit, prints what it made, and says so.
+TEST(CliChecks, GenerateStopsAtTheContextLimit) {
+    test::TempDir dir;
+    const std::string ck = synth_checkpoint(dir);
+    nlohmann::json cfg = nlohmann::json::parse(test::read_file(ck + "/config.json"));
+    cfg["max_position_embeddings"] = 24;
+    write_text(ck + "/config.json", cfg.dump());
+    CliRun r = run("generate --model " + ck + " --ids \"1 2 3 4\" --max-new 100 --ignore-eos", false);
+    ASSERT_EQ(r.status, 0) << r.output;
+    std::istringstream ids(r.output);
+    int n = 0;
+    for (int v; ids >> v;) ++n;
+    EXPECT_EQ(n, 24 - 4 + 1);   // the last new token is never fed back
+    CliRun note = run("generate --model " + ck + " --ids \"1 2 3 4\" --max-new 100 --ignore-eos");
+    EXPECT_NE(note.output.find("context limit"), std::string::npos) << note.output;
+    std::string long_prompt;
+    for (int i = 0; i < 30; ++i) long_prompt += "1 ";
+    expect_fails("generate --model " + ck + " --ids \"" + long_prompt + "\"", {"--ids", "30 tokens"});
 }
 
 }  // namespace

@@ -14,10 +14,16 @@
 #include <unistd.h>
 
 #include <fcntl.h>
+#include <poll.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cerrno>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
 #include <thread>
 
 #include "io/synth.h"
@@ -49,10 +55,15 @@ int free_port() {
     return ntohs(a.sin_port);
 }
 
-pid_t spawn_server(const std::string& model_dir, int port, const std::string& log) {
+pid_t spawn_server(const std::string& model_dir, int port, const std::string& log,
+                   const std::vector<std::string>& extra = {}) {
     std::vector<std::string> args = {MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1",
-                                      "--port", std::to_string(port), "--max-model-len", std::to_string(kMaxModelLen),
-                                      "--max-body-bytes", std::to_string(kMaxBody), "--max-batch-tokens", "128"};
+                                      "--port", std::to_string(port)};
+    for (const auto& [flag, value] : {std::pair<std::string, std::string>{"--max-model-len", std::to_string(kMaxModelLen)},
+                                      {"--max-body-bytes", std::to_string(kMaxBody)},
+                                      {"--max-batch-tokens", "128"}})
+        if (std::find(extra.begin(), extra.end(), flag) == extra.end()) args.insert(args.end(), {flag, value});
+    args.insert(args.end(), extra.begin(), extra.end());
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
@@ -154,14 +165,15 @@ json user_chat(const std::string& text, int max_tokens) {
 }
 
 // While the checkpoint loads, /health answers 503 and requests are refused with 503; then 200.
-// The load is held up deterministically: config.json is a FIFO that the test writes late.
+// The load is held up deterministically: tokenizer.json, read first, is a FIFO that the test
+// writes late.
 TEST_F(Server, HealthIs503WhileLoading) {
     test::TempDir slow;
     const std::string dir2 = slow.str() + "/slow-model";
     std::filesystem::create_directories(dir2);
     for (const auto& e : std::filesystem::directory_iterator(model_dir))
-        if (e.path().filename() != "config.json") std::filesystem::copy(e.path(), dir2 + "/" + e.path().filename().string());
-    ASSERT_EQ(mkfifo((dir2 + "/config.json").c_str(), 0644), 0);
+        if (e.path().filename() != "tokenizer.json") std::filesystem::copy(e.path(), dir2 + "/" + e.path().filename().string());
+    ASSERT_EQ(mkfifo((dir2 + "/tokenizer.json").c_str(), 0644), 0);
     const int port2 = free_port();
     const pid_t pid2 = spawn_server(dir2, port2, slow.str() + "/server.log");
     ASSERT_GT(pid2, 0);
@@ -177,9 +189,9 @@ TEST_F(Server, HealthIs503WhileLoading) {
     EXPECT_EQ(busy->status, 503);
     EXPECT_NE(busy->body.find("loading"), std::string::npos);
     {   // now let the load go on
-        std::ofstream fifo(dir2 + "/config.json");
-        std::ifstream cfg(model_dir + "/config.json");
-        fifo << cfg.rdbuf();
+        std::ofstream fifo(dir2 + "/tokenizer.json");
+        std::ifstream tok(model_dir + "/tokenizer.json");
+        fifo << tok.rdbuf();
     }
     for (int i = 0; i < 200 && health != 200; ++i) {
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -518,5 +530,478 @@ TEST_F(Server, SpecialTokenTextInUserContentIsOrdinaryText) {
     EXPECT_EQ(b["usage"]["prompt_tokens"].get<int64_t>() - a["usage"]["prompt_tokens"].get<int64_t>(), extra);
 }
 
+
+// ---- hardening: what a careless or hostile client does
+
+int64_t unix_now() {
+    return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+httplib::Client client_at(int port) {
+    httplib::Client c("127.0.0.1", port);
+    c.set_read_timeout(60, 0);
+    return c;
+}
+
+json post_at(int port, const std::string& path, const json& body, int* status = nullptr) {
+    auto r = client_at(port).Post(path.c_str(), body.dump(), "application/json");
+    if (!r) return json{{"transport_error", true}};
+    if (status) *status = r->status;
+    return json::parse(r->body, nullptr, false);
+}
+
+// The JSON of every SSE `data:` event before [DONE] in `raw`; done tells whether [DONE] came.
+std::vector<json> sse_events(const std::string& raw, bool* done) {
+    std::vector<json> events;
+    std::istringstream in(raw);
+    std::string line;
+    *done = false;
+    while (std::getline(in, line)) {
+        if (line.rfind("data: ", 0) != 0) continue;
+        if (line.substr(6) == "[DONE]") {
+            *done = true;
+            break;
+        }
+        events.push_back(json::parse(line.substr(6), nullptr, false));
+    }
+    return events;
+}
+
+// A raw TCP connection, for what an HTTP client library will not do: trickle, chunk, hang up.
+class RawConn {
+public:
+    explicit RawConn(int port) {
+        fd_ = socket(AF_INET, SOCK_STREAM, 0);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_port = htons(static_cast<uint16_t>(port));
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (connect(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) close_now();
+    }
+    ~RawConn() { close_now(); }
+    RawConn(const RawConn&) = delete;
+    RawConn& operator=(const RawConn&) = delete;
+
+    bool ok() const { return fd_ >= 0; }
+    bool send(const std::string& s) {   // MSG_NOSIGNAL: a connection the server closed gives EPIPE, not SIGPIPE
+        return fd_ >= 0 && ::send(fd_, s.data(), s.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(s.size());
+    }
+    // Reads until `until` has arrived, the peer closes, or timeout_s passes; returns all read so far.
+    std::string read_until(const std::string& until, double timeout_s) {
+        const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+        while (fd_ >= 0 && got_.find(until) == std::string::npos && std::chrono::steady_clock::now() < end) {
+            pollfd p{fd_, POLLIN, 50};
+            if (poll(&p, 1, 50) <= 0) continue;
+            char buf[8192];
+            const ssize_t n = recv(fd_, buf, sizeof buf, 0);
+            if (n <= 0) break;
+            got_.append(buf, static_cast<size_t>(n));
+        }
+        return got_;
+    }
+    // Whether the server has closed (or reset) the connection; never blocks.
+    bool closed_by_server() {
+        char buf[4096];
+        for (;;) {
+            const ssize_t n = recv(fd_, buf, sizeof buf, MSG_DONTWAIT);
+            if (n == 0) return true;
+            if (n < 0) return errno != EAGAIN && errno != EWOULDBLOCK;
+        }
+    }
+    void close_now() {
+        if (fd_ >= 0) close(fd_);
+        fd_ = -1;
+    }
+
+private:
+    int fd_ = -1;
+    std::string got_;
+};
+
+std::string post_request(const std::string& path, const std::string& body) {
+    return "POST " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: " +
+           std::to_string(body.size()) + "\r\n\r\n" + body;
+}
+
+// Waits up to timeout_s for the process to exit; kills it (and fails) if it does not.
+int wait_exit(pid_t pid, double timeout_s) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    int st = 0;
+    while (std::chrono::steady_clock::now() < end) {
+        if (waitpid(pid, &st, WNOHANG) == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &st, 0);
+    ADD_FAILURE() << "the server did not exit within " << timeout_s << " s";
+    return -1;
+}
+
+bool wait_healthy(int port, double timeout_s) {
+    httplib::Client c("127.0.0.1", port);
+    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    while (std::chrono::steady_clock::now() < end) {
+        auto r = c.Get("/health");
+        if (r && r->status == 200) return true;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+}
+
+// vLLM answers a wrong method with 405 and Allow; an unknown path is 404 without the
+// model_not_found code, which belongs to an unknown model.
+TEST_F(Server, WrongMethodIs405AndUnknownPathIs404) {
+    for (const char* path : {"/v1/chat/completions", "/v1/completions"}) {
+        auto r = client().Get(path);
+        ASSERT_TRUE(r);
+        EXPECT_EQ(r->status, 405) << path << " " << r->body;
+        EXPECT_EQ(r->get_header_value("Allow"), "POST");
+        json j = json::parse(r->body, nullptr, false);
+        EXPECT_EQ(j["error"]["code"], "method_not_allowed") << r->body;
+        auto put = client().Put(path, "{}", "application/json");
+        ASSERT_TRUE(put);
+        EXPECT_EQ(put->status, 405);
+    }
+    auto r = client().Post("/health", "{}", "application/json");
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 405);
+    EXPECT_EQ(r->get_header_value("Allow"), "GET, HEAD");
+    for (bool get : {true, false}) {
+        auto nf = get ? client().Get("/v1/nothing") : client().Post("/v1/nothing", "{}", "application/json");
+        ASSERT_TRUE(nf);
+        EXPECT_EQ(nf->status, 404);
+        json j = json::parse(nf->body, nullptr, false);
+        EXPECT_TRUE(j["error"]["code"].is_null()) << nf->body;
+        EXPECT_NE(nf->body.find("/v1/nothing"), std::string::npos);
+    }
+    json wrong = user_chat("x", 1);
+    wrong["model"] = "gpt-4";
+    int status = 0;
+    EXPECT_EQ(post("/v1/chat/completions", wrong, &status)["error"]["code"], "model_not_found");
+    EXPECT_EQ(status, 404);
+}
+
+// "created" is when the completion was made, not when the server started.
+TEST_F(Server, CreatedIsTheRequestTime) {
+    const int64_t started = json::parse(client().Get("/v1/models")->body)["data"][0]["created"];
+    while (unix_now() <= started) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    const int64_t before = unix_now();
+    json body = {{"model", model_name()}, {"prompt", "Hi"}, {"max_tokens", 1}};
+    json r = post("/v1/completions", body);
+    EXPECT_GE(r["created"].get<int64_t>(), before) << r.dump();
+    bool done = false;
+    std::vector<json> ev = stream("/v1/completions", body, &done);
+    ASSERT_TRUE(done);
+    EXPECT_GE(ev.at(0)["created"].get<int64_t>(), before);
+}
+
+// n choices share the prompt; each is its own sequence, choice i sampled with seed + i; usage
+// counts the prompt once and every choice's tokens. Streamed, each choice ends on its own.
+TEST_F(Server, NChoices) {
+    json body = {{"model", model_name()}, {"prompt", "Once upon a time"}, {"max_tokens", 6}, {"temperature", 1.0},
+                 {"seed", 42}, {"ignore_eos", true}, {"n", 3}};
+    int status = 0;
+    json r = post("/v1/completions", body, &status);
+    ASSERT_EQ(status, 200) << r.dump();
+    ASSERT_EQ(r["choices"].size(), 3u);
+    std::set<std::string> distinct;
+    for (int i = 0; i < 3; ++i) {
+        EXPECT_EQ(r["choices"][i]["index"], i);
+        json one = body;
+        one.erase("n");
+        one["seed"] = 42 + i;
+        EXPECT_EQ(post("/v1/completions", one)["choices"][0]["text"], r["choices"][i]["text"]) << i;
+        distinct.insert(r["choices"][i]["text"].get<std::string>());
+    }
+    EXPECT_GT(distinct.size(), 1u);
+    const int64_t prompt_tokens = r["usage"]["prompt_tokens"];
+    EXPECT_EQ(r["usage"]["completion_tokens"], 18);
+    EXPECT_EQ(r["usage"]["total_tokens"], prompt_tokens + 18);
+
+    json chat = user_chat("Tell me a story", 5);
+    chat["n"] = 2;
+    chat["temperature"] = 1.0;
+    chat["seed"] = 3;
+    json full = post("/v1/chat/completions", chat, &status);
+    ASSERT_EQ(status, 200) << full.dump();
+    ASSERT_EQ(full["choices"].size(), 2u);
+    chat["stream_options"] = {{"include_usage", true}};
+    bool done = false;
+    std::vector<json> ev = stream("/v1/chat/completions", chat, &done);
+    ASSERT_TRUE(done);
+    ASSERT_FALSE(ev.empty());
+    std::map<int, std::string> text, finish;
+    for (size_t k = 0; k + 1 < ev.size(); ++k) {
+        const json& c = ev[k]["choices"][0];
+        const int i = c["index"];
+        const json& d = c["delta"];
+        if (d.contains("reasoning_content")) text[i] += d["reasoning_content"].get<std::string>();
+        if (d.contains("content")) text[i] += d["content"].get<std::string>();
+        if (!c["finish_reason"].is_null()) finish[i] = c["finish_reason"];
+    }
+    ASSERT_EQ(finish.size(), 2u);
+    for (int i = 0; i < 2; ++i) {
+        const json& m = full["choices"][i]["message"];
+        EXPECT_EQ(text[i], m.value("reasoning_content", "") + m["content"].get<std::string>()) << i;
+        EXPECT_EQ(finish[i], full["choices"][i]["finish_reason"]);
+    }
+    EXPECT_EQ(ev.back()["usage"], full["usage"]);
+    for (int n : {0, 129}) {
+        json bad = user_chat("x", 1);
+        bad["n"] = n;
+        EXPECT_EQ(post("/v1/chat/completions", bad, &status)["error"]["param"], "n");
+        EXPECT_EQ(status, 400);
+    }
+}
+
+// JSON nested 30000 deep in 60 KB: a 400, not a stack overflow in the re-serializers.
+TEST_F(Server, DeeplyNestedJsonIs400) {
+    const std::string deep = std::string(30000, '[') + std::string(30000, ']');
+    const std::string head = R"({"model": "tiny-synth", "max_tokens": 2, )";
+    const std::vector<std::string> bodies = {
+        head + R"("messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f", "parameters": )" +
+            deep + "}}]}",
+        head + R"("messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"a": )" +
+            deep + "}}}]}]}",
+        // arguments as a string holding the JSON: the chat encoder parses it, and bounds it too
+        head + R"("messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{\"a\": )" +
+            deep + R"(}"}}]}, {"role": "user", "content": "and?"}]})"};
+    for (const auto& b : bodies) {
+        ASSERT_LT(b.size(), kMaxBody);
+        auto r = client().Post("/v1/chat/completions", b, "application/json");
+        ASSERT_TRUE(r) << "transport error: the server died";
+        EXPECT_EQ(r->status, 400) << r->body;
+        EXPECT_NE(r->body.find("deeper than 128"), std::string::npos) << r->body;
+    }
+    int status = 0;
+    post("/v1/chat/completions", user_chat("still there?", 1), &status);
+    EXPECT_EQ(status, 200);
+}
+
+// A non-streaming client that hangs up (curl -m 1) cancels its generation.
+TEST_F(Server, NonStreamingClientThatLeavesIsCancelled) {
+    auto value = [](const char* name) {
+        auto r = client().Get("/metrics");
+        return r ? metric(r->body, name) : -1;
+    };
+    const double gen_before = value("megamoe_generation_tokens_total");
+    RawConn c(port);
+    ASSERT_TRUE(c.send(post_request("/v1/completions", json{{"model", model_name()}, {"prompt", "Tell me a long story"},
+                                                            {"max_tokens", 1000}, {"ignore_eos", true},
+                                                            {"temperature", 0}}.dump())));
+    double running = 0;
+    for (int i = 0; i < 250 && running != 1; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        running = value("megamoe_num_requests_running");
+    }
+    ASSERT_EQ(running, 1);
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    c.close_now();
+    for (int i = 0; i < 100 && running != 0; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        running = value("megamoe_num_requests_running");
+    }
+    EXPECT_EQ(running, 0);
+    EXPECT_LT(value("megamoe_generation_tokens_total") - gen_before, 500);
+}
+
+// A second server whose model has more logits (8192) than the tokenizer has ids (6014), with
+// short header and body deadlines.
+class ServerLimits : public ::testing::Test {
+protected:
+    static inline std::unique_ptr<test::TempDir> dir;
+    static inline pid_t pid = -1;
+    static inline int port = 0;
+    static inline std::string model_dir;
+    static constexpr int64_t kContext = 4096;
+
+    static std::vector<std::string> flags() {
+        return {"--header-timeout", "1", "--body-timeout", "2", "--max-model-len", std::to_string(kContext)};
+    }
+    static void SetUpTestSuite() {
+        if (!std::filesystem::exists(tokenizer_path())) return;
+        dir = std::make_unique<test::TempDir>();
+        model_dir = dir->str() + "/wide-vocab";
+        SynthOptions o;
+        o.vocab = 8192;
+        o.layers = 2;
+        o.seed = 5;
+        write_synthetic_checkpoint(model_dir, o);
+        std::filesystem::copy_file(tokenizer_path(), model_dir + "/tokenizer.json");
+        port = free_port();
+        pid = spawn_server(model_dir, port, dir->str() + "/server.log", flags());
+        if (!wait_healthy(port, 60)) ADD_FAILURE() << "the server did not come up";
+    }
+    static void TearDownTestSuite() {
+        if (pid > 0) {
+            kill(pid, SIGTERM);
+            wait_exit(pid, 30);
+            pid = -1;
+        }
+        dir.reset();
+    }
+    void SetUp() override {
+        if (!std::filesystem::exists(tokenizer_path())) GTEST_SKIP() << "no tokenizer fixture";
+        ASSERT_GT(pid, 0);
+        auto r = client_at(port).Get("/health");
+        ASSERT_TRUE(r && r->status == 200) << "server not healthy";
+    }
+};
+
+// Ids without a token are never sampled, even where sampling is uniform, and never listed
+// among the alternatives. The server used to abort on the first one.
+TEST_F(ServerLimits, IdsPastTheTokenizerAreNeverSampled) {
+    int status = 0;
+    json r = post_at(port, "/v1/completions",
+                     {{"prompt", "Hello"}, {"temperature", 1e9}, {"seed", 1}, {"ignore_eos", true}, {"max_tokens", 64},
+                      {"logprobs", 5}},
+                     &status);
+    ASSERT_EQ(status, 200) << r.dump();
+    EXPECT_EQ(r["usage"]["completion_tokens"], 64);
+    ASSERT_EQ(r["choices"][0]["logprobs"]["tokens"].size(), 64u);
+    for (const auto& top : r["choices"][0]["logprobs"]["top_logprobs"]) EXPECT_GE(top.size(), 1u);
+    // Streamed chat with 20 alternatives per token: each is a real token.
+    json chat = {{"messages", {{{"role", "user"}, {"content", "Hi"}}}}, {"max_tokens", 8}, {"logprobs", true},
+                 {"top_logprobs", 20}, {"stream", true}, {"temperature", 1e9}, {"seed", 2}};
+    auto s = client_at(port).Post("/v1/chat/completions", chat.dump(), "application/json");
+    ASSERT_TRUE(s) << "transport error: the server died";
+    bool done = false;
+    std::vector<json> ev = sse_events(s->body, &done);
+    ASSERT_TRUE(done) << s->body;
+    size_t tokens = 0;
+    for (const auto& e : ev) {
+        const json& lp = e["choices"][0]["logprobs"];
+        if (lp.is_null()) continue;
+        ++tokens;
+        const json& t = lp["content"][0];
+        EXPECT_TRUE(t["token"].is_string());
+        EXPECT_EQ(t["top_logprobs"].size(), 20u);
+        for (const auto& alt : t["top_logprobs"]) EXPECT_TRUE(alt["token"].is_string() && alt["logprob"].is_number());
+    }
+    EXPECT_EQ(tokens, 8u);
+}
+
+// --max-body-bytes holds for chunked bodies as it does for Content-Length: 413, and the body is
+// never gathered. The connection stays usable.
+TEST_F(ServerLimits, ChunkedBodyOverTheLimitIs413) {
+    RawConn c(port);
+    ASSERT_TRUE(c.ok());
+    const std::string big = json{{"prompt", std::string(200000, 'a')}, {"max_tokens", 1}}.dump();
+    std::string req = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      "Transfer-Encoding: chunked\r\n\r\n";
+    char hex[16];
+    for (size_t at = 0; at < big.size(); at += 8192) {
+        const std::string part = big.substr(at, 8192);
+        std::snprintf(hex, sizeof hex, "%zx\r\n", part.size());
+        req += hex + part + "\r\n";
+    }
+    req += "0\r\n\r\n";
+    ASSERT_TRUE(c.send(req));
+    std::string got = c.read_until("}}", 20);
+    EXPECT_EQ(got.rfind("HTTP/1.1 413", 0), 0u) << got.substr(0, 200);
+    EXPECT_NE(got.find("too large: over 65536 bytes"), std::string::npos) << got.substr(0, 400);
+    // The same connection, a small chunked request: answered.
+    const std::string small = json{{"prompt", "Hi"}, {"max_tokens", 1}}.dump();
+    std::snprintf(hex, sizeof hex, "%zx\r\n", small.size());
+    const size_t before = got.size();
+    ASSERT_TRUE(c.send("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n" +
+                       std::string(hex) + small + "\r\n0\r\n\r\n"));
+    got = c.read_until("text_completion", 20);
+    EXPECT_NE(got.find("HTTP/1.1 200", before), std::string::npos) << got.substr(before);
+}
+
+// A hundred clients trickling their headers a byte at a time neither starve /health and
+// /metrics nor hold their connections past the header deadline (1 s here).
+TEST_F(ServerLimits, SlowClientsDoNotStarveHealth) {
+    std::vector<std::unique_ptr<RawConn>> slow;
+    for (int i = 0; i < 100; ++i) {
+        slow.push_back(std::make_unique<RawConn>(port));
+        ASSERT_TRUE(slow.back()->ok());
+        slow.back()->send("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    }
+    std::atomic<bool> stop{false};
+    std::thread trickle([&] {
+        while (!stop) {
+            for (auto& c : slow) c->send("X");
+            std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        }
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    httplib::Client c("127.0.0.1", port);
+    c.set_read_timeout(5, 0);
+    const auto t0 = std::chrono::steady_clock::now();
+    auto h = c.Get("/health");
+    auto m = c.Get("/metrics");
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_TRUE(h && h->status == 200);
+    EXPECT_TRUE(m && m->status == 200);
+    EXPECT_LT(sec, 1.0);
+    // Past the deadline, every slow client has been disconnected.
+    std::this_thread::sleep_for(std::chrono::milliseconds(1700));
+    int closed = 0;
+    for (auto& s : slow) closed += s->closed_by_server();
+    stop = true;
+    trickle.join();
+    EXPECT_EQ(closed, 100);
+}
+
+// A header line without end is cut once the headers pass 256 KiB (httplib 0.11 would gather it
+// all in memory), well before the header deadline.
+TEST_F(ServerLimits, EndlessHeaderLineIsCut) {
+    RawConn c(port);
+    ASSERT_TRUE(c.send("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "));
+    const auto t0 = std::chrono::steady_clock::now();
+    auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+    const std::string piece(64 << 10, 'a');
+    for (int i = 0; i < 64 && elapsed() < 0.5; ++i)   // up to 4 MiB, no newline; stops once the server hangs up
+        if (!c.send(piece)) break;
+    bool closed = false;
+    while (!closed && elapsed() < 0.8) {
+        closed = c.closed_by_server();
+        if (!closed) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    EXPECT_TRUE(closed);
+    EXPECT_LT(elapsed(), 0.8);   // the header deadline is 1 s: the size cut it
+    auto h = client_at(port).Get("/health");
+    EXPECT_TRUE(h && h->status == 200);
+}
+
+// SIGTERM: new requests get 503 while running ones finish ([DONE]), then exit 0. Past
+// --drain-timeout, what still runs is cancelled: an error event, [DONE], exit 0.
+TEST_F(ServerLimits, SigtermDrainsThenExits) {
+    for (const bool patient : {true, false}) {
+        const int port2 = free_port();
+        std::vector<std::string> f = flags();
+        f.insert(f.end(), {"--drain-timeout", patient ? "30" : "0.3"});
+        const pid_t p2 = spawn_server(model_dir, port2, dir->str() + "/drain.log", f);
+        ASSERT_GT(p2, 0);
+        ASSERT_TRUE(wait_healthy(port2, 60));
+        RawConn c(port2);
+        ASSERT_TRUE(c.send(post_request("/v1/completions", json{{"prompt", "Hi"}, {"max_tokens", patient ? 100 : 3000},
+                                                                 {"ignore_eos", true}, {"stream", true}}.dump())));
+        ASSERT_NE(c.read_until("data: {", 20).find("data: {"), std::string::npos);
+        kill(p2, SIGTERM);
+        if (patient) {
+            int health = 0;
+            for (int i = 0; i < 100 && health != 503; ++i) {
+                if (auto r = httplib::Client("127.0.0.1", port2).Get("/health")) health = r->status;
+                if (health != 503) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+            }
+            EXPECT_EQ(health, 503);
+            int status = 0;
+            json refused = post_at(port2, "/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 1}}, &status);
+            EXPECT_EQ(status, 503) << refused.dump();
+            EXPECT_NE(refused.dump().find("shutting down"), std::string::npos);
+        }
+        const std::string got = c.read_until("data: [DONE]", 30);
+        ASSERT_NE(got.find("data: [DONE]"), std::string::npos) << got.substr(got.size() > 300 ? got.size() - 300 : 0);
+        if (patient) {
+            EXPECT_NE(got.find("\"finish_reason\":\"length\""), std::string::npos);
+        } else {
+            EXPECT_NE(got.find("shutting down"), std::string::npos);
+        }
+        EXPECT_EQ(wait_exit(p2, 20), 0);
+    }
+}
 }  // namespace
 }  // namespace megamoe

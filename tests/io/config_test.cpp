@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -340,6 +341,40 @@ TEST_F(ConfigError, TwoKvHeads) {
 TEST_F(ConfigError, TwoSharedExperts) {
     j_["n_shared_experts"] = 2;
     expect_bad("n_shared_experts");
+}
+
+TEST_F(ConfigError, NegativeEosTokenId) {
+    j_["eos_token_id"] = -1;
+    expect_bad("eos_token_id", {"-1", "vocab_size"});
+}
+
+TEST_F(ConfigError, EosTokenIdPastVocab) {
+    j_["eos_token_id"] = 1024;   // vocab_size is 1024
+    expect_bad("eos_token_id", {"1024"});
+    j_["eos_token_id"] = 1;
+    j_["bos_token_id"] = -3;
+    expect_bad("bos_token_id", {"-3"});
+}
+
+// quantization_config.ignore globs match in polynomial time: a pattern of many stars that
+// cannot match used to take exponential time (the loader hung on "**************Q").
+TEST_F(ConfigError, HostileIgnoreGlobIsFast) {
+    j_["quantization_config"]["ignore"] = {"**************Q", "*.*.*.*.*.*.*.*.*.*.*.*.*.*.*.*Q", "layers.*.ffn.*"};
+    const ModelConfig c = parse(j_);
+    const auto t0 = std::chrono::steady_clock::now();
+    EXPECT_EQ(c.expert_format_for("layers.3.ffn.experts"), ExpertFormat::mxfp4);   // the last pattern
+    EXPECT_EQ(c.expert_format_for("mtp.0.ffn.experts"), ExpertFormat::nvfp4);      // none
+    const std::string long_name(2000, 'a');
+    EXPECT_EQ(c.expert_format_for(long_name), ExpertFormat::nvfp4);
+    EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 1.0);
+    // The matcher's semantics: '*' matches any run, everything else itself.
+    j_["quantization_config"]["ignore"] = {"*a*b", "x*"};
+    const ModelConfig d = parse(j_);
+    EXPECT_EQ(d.expert_format_for("zzazzb"), ExpertFormat::mxfp4);       // "*a*b" on the module
+    EXPECT_EQ(d.expert_format_for("zzazzbq"), ExpertFormat::nvfp4);      // nor on "zzazzbq.0.w1"
+    EXPECT_EQ(d.expert_format_for("xy"), ExpertFormat::mxfp4);
+    EXPECT_EQ(d.expert_format_for("ab"), ExpertFormat::mxfp4);
+    EXPECT_EQ(d.expert_format_for("ba"), ExpertFormat::nvfp4);
 }
 
 // ---- not a config object at all

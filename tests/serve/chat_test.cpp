@@ -447,6 +447,35 @@ TEST(ChatJson, PythonDumps) {
     EXPECT_EQ(python_json_dumps(ojson(-1.0 / 0.0)), "-Infinity");
 }
 
+// Deep nesting is refused with an Error, never a stack overflow: the writer recurses per level.
+TEST(ChatJson, NestingIsBounded) {
+    EXPECT_EQ(json_nesting_depth(""), 0u);
+    EXPECT_EQ(json_nesting_depth(R"({"a": [1, {"b": []}]})"), 4u);
+    EXPECT_EQ(json_nesting_depth(R"({"a": "[[[{{{\"[[["})"), 1u);   // brackets inside strings do not count
+    EXPECT_EQ(json_nesting_depth("]]]][[]"), 2u);                     // unbalanced text is fine
+    auto nested = [](size_t levels) {   // {"a": {"a": ... {}}}, built in place (no deep copies)
+        ojson root = ojson::object();
+        ojson* at = &root;
+        for (size_t i = 1; i < levels; ++i) at = &((*at)["a"] = ojson::object());
+        return root;
+    };
+    EXPECT_EQ(json_nesting_depth(nested(7).dump()), 7u);
+    EXPECT_NO_THROW(python_json_dumps(nested(kMaxJsonDepth - 1)));
+    expect_error([&] { python_json_dumps(nested(30000)); }, {"nested deeper than"});
+    // Through the chat encoder: an object argument, a string argument, a tool schema.
+    const ojson call_obj = {{{"role", "user"}, {"content", "q"}},
+                            {{"role", "assistant"}, {"tool_calls", {{{"function", {{"name", "f"}, {"arguments", nested(1000)}}}}}}}};
+    expect_error([&] { messages_from_json(call_obj); }, {"messages[1].tool_calls[0].function.arguments", "nested"});
+    const std::string deep_text = std::string(1000, '[') + std::string(1000, ']');
+    const ojson call_str = {{{"role", "user"}, {"content", "q"}},
+                            {{"role", "assistant"}, {"tool_calls", {{{"function", {{"name", "f"}, {"arguments", "{\"k\": " + deep_text + "}"}}}}}}}};
+    expect_error([&] { encode(call_str, mode("chat")); }, {"messages[1].tool_calls[0].function.arguments", "nested"});
+    ChatRequest req;
+    req.messages = messages_from_json(ojson::parse(R"([{"role":"user","content":"q"}])"));
+    req.tools = ojson::array({{{"type", "function"}, {"function", {{"name", "f"}, {"parameters", nested(1000)}}}}});
+    expect_error([&] { encode_chat(req); }, {"tools[0].function", "nested"});
+}
+
 // ---- completion parsing
 
 TEST(ChatParse, WellFormed) {

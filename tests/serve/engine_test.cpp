@@ -3,9 +3,11 @@
 // tokens each gets alone; cancellation, stop ids, length limits and the context check.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <condition_variable>
 #include <future>
 #include <mutex>
+#include <set>
 
 #include "serve/engine.h"
 #include "ref/generate.h"
@@ -165,6 +167,85 @@ TEST_F(EngineTest, RejectsWhatCannotFit) {
     // Exactly at the limit is fine.
     e.submit(prompt(0, 50), greedy(14), c.callbacks());
     EXPECT_EQ(c.wait().tokens.size(), 14u);
+}
+
+// Ids that name no token are masked: never sampled, even at a temperature that makes every
+// logit equal, and never listed in top_logprobs, whose logprobs are normalized over the rest.
+TEST_F(EngineTest, MaskedIdsAreNeverSampledNorListed) {
+    const std::vector<int32_t> allowed = {1, 5, 17, 300, 1023};
+    EngineOptions eo;
+    for (int32_t id = 0; id < 1024; ++id)
+        if (std::find(allowed.begin(), allowed.end(), id) == allowed.end()) eo.masked_token_ids.push_back(id);
+    Engine e(load(), eo);
+    std::vector<TokenOut> outs;
+    std::mutex m;
+    Collector c;
+    RequestCallbacks cb = c.callbacks();
+    cb.on_token = [&](const TokenOut& t) {
+        std::lock_guard<std::mutex> lk(m);
+        outs.push_back(t);
+        return true;
+    };
+    GenerationParams p;
+    p.sampling.temperature = 1e9f;
+    p.sampling.seed = 1;
+    p.max_tokens = 40;
+    p.ignore_eos = true;
+    p.top_logprobs = 20;
+    e.submit(prompt(0, 8), p, cb);
+    EXPECT_EQ(c.wait().reason, FinishReason::length);
+    ASSERT_EQ(outs.size(), 40u);
+    std::set<int32_t> seen;
+    for (const TokenOut& t : outs) {
+        seen.insert(t.id);
+        EXPECT_NE(std::find(allowed.begin(), allowed.end(), t.id), allowed.end()) << t.id;
+        EXPECT_TRUE(std::isfinite(t.logprob));
+        ASSERT_EQ(t.top.size(), allowed.size());   // only the unmasked ids, though 20 were asked for
+        double total = 0;
+        for (const auto& [id, lp] : t.top) {
+            EXPECT_NE(std::find(allowed.begin(), allowed.end(), id), allowed.end()) << id;
+            total += std::exp(static_cast<double>(lp));
+        }
+        EXPECT_NEAR(total, 1.0, 1e-4);
+    }
+    EXPECT_GT(seen.size(), 2u);   // really sampled, not stuck on one id
+    test::expect_error([&] { EngineOptions bad; bad.masked_token_ids = {1024}; Engine(load(), bad); },
+                       {"masked_token_ids", "1024"});
+}
+
+// A callback that throws ends its request with an error; the engine thread lives on.
+TEST_F(EngineTest, CallbackExceptionsEndOnlyThatRequest) {
+    Engine e(load(), EngineOptions{});
+    std::mutex m;
+    std::condition_variable cv;
+    std::string error;
+    FinishReason why = FinishReason::stop;
+    bool done = false;
+    RequestCallbacks cb;
+    cb.on_token = [](const TokenOut&) -> bool { throw Error("the detokenizer does not know this id"); };
+    cb.on_finish = [&](FinishReason r, const std::string& msg) {
+        std::lock_guard<std::mutex> lk(m);
+        why = r;
+        error = msg;
+        done = true;
+        cv.notify_all();
+    };
+    e.submit(prompt(0, 8), greedy(5), cb);
+    {
+        std::unique_lock<std::mutex> lk(m);
+        cv.wait(lk, [&] { return done; });
+    }
+    EXPECT_EQ(why, FinishReason::error);
+    EXPECT_NE(error.find("does not know this id"), std::string::npos) << error;
+    // on_finish may throw too; the next request still runs.
+    RequestCallbacks bad_finish;
+    bad_finish.on_finish = [](FinishReason, const std::string&) { throw Error("on_finish failed"); };
+    e.submit(prompt(0, 8), greedy(2), bad_finish);
+    Collector ok;
+    e.submit(prompt(0, 8), greedy(3), ok.callbacks());
+    Result r = ok.wait();
+    EXPECT_EQ(r.reason, FinishReason::length);
+    EXPECT_EQ(r.tokens.size(), 3u);
 }
 
 }  // namespace

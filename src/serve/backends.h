@@ -1,0 +1,31 @@
+// backends.h — choosing and making the backend a command runs on (`--backend cpu|cuda`).
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <memory>
+#include <string>
+
+#include "ref/backend.h"
+
+namespace megamoe {
+
+struct BackendOptions {
+    std::string name;                  // "cpu", "cuda", or "" / "auto": cuda when a GPU is usable
+    int64_t max_seqs = 1;              // sequences at once
+    int64_t max_batch_tokens = 512;    // tokens per step
+    int64_t max_logit_rows = 0;        // logit rows per step (0: max_seqs; all-logits steps need max_batch_tokens)
+    int64_t max_model_len = 0;         // positions per sequence (0: the model's, capped on the GPU by memory)
+    double  gpu_memory_fraction = 0.92;
+    bool    graphs = true;             // decode steps through CUDA graphs
+};
+
+// True when this build has the CUDA backend and a GPU is usable.
+bool cuda_backend_available();
+// "cpu" or "cuda" for a requested name (auto: cuda when available); throws Error for an unknown
+// name, or for "cuda" in a build without CUDA or on a machine without a GPU.
+std::string resolve_backend(const std::string& name);
+// The backend for `m` (which must outlive it). The GPU backend prints its memory plan to `log`.
+std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, std::ostream* log);
+
+}  // namespace megamoe
