@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "core/common.h"
+#include "cuda/buffer.h"
 #include "cuda/linear.h"   // CUDA_CHECK
 
 #define CUBLAS_CHECK(expr)                                                                             \
@@ -80,10 +81,8 @@ double time_graph(int launches, cudaStream_t stream, F&& enqueue, const Timing& 
 // of 10 after 2 warm-up copies): the 100% of the benchmarks' "% copy".
 inline double d2d_bandwidth(cudaStream_t stream) {
     const size_t bytes = 1ull << 30;
-    void *src = nullptr, *dst = nullptr;
-    CUDA_CHECK(cudaMalloc(&src, bytes));
-    CUDA_CHECK(cudaMalloc(&dst, bytes));
-    CUDA_CHECK(cudaMemset(src, 0x3C, bytes));
+    cuda::DeviceBuffer src(bytes, "d2d_bandwidth source"), dst(bytes, "d2d_bandwidth destination");
+    src.fill(0x3C);
     CUDA_CHECK(cudaDeviceSynchronize());
     cudaEvent_t a, b;
     CUDA_CHECK(cudaEventCreate(&a));
@@ -91,7 +90,7 @@ inline double d2d_bandwidth(cudaStream_t stream) {
     std::vector<double> gbs;
     for (int i = 0; i < 12; ++i) {
         CUDA_CHECK(cudaEventRecord(a, stream));
-        CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream));
+        CUDA_CHECK(cudaMemcpyAsync(dst.get(), src.get(), bytes, cudaMemcpyDeviceToDevice, stream));
         CUDA_CHECK(cudaEventRecord(b, stream));
         CUDA_CHECK(cudaEventSynchronize(b));
         float ms = 0;
@@ -100,8 +99,6 @@ inline double d2d_bandwidth(cudaStream_t stream) {
     }
     CUDA_CHECK(cudaEventDestroy(a));
     CUDA_CHECK(cudaEventDestroy(b));
-    CUDA_CHECK(cudaFree(src));
-    CUDA_CHECK(cudaFree(dst));
     std::sort(gbs.begin(), gbs.end());
     return gbs[gbs.size() / 2];
 }

@@ -4,7 +4,7 @@
 // Usage: megamoe-gemm-bench [--quick] [--part linears|experts|all] [--model flash|pro|all]
 //                           [--M 1,16,64,1024,8192] [--T 1,4,16,64,256,1024,4096,16384]
 //                           [--shape wq_b,wo_a,...] [--format fp8,nvfp4,mxfp4] [--f32-out]
-//                           [--replays N] [--no-check]
+//                           [--replays N] [--no-check] [--config TILE]
 //   --quick:   V4-Flash only (unless --model says otherwise), M = 1,64,8192, T = 1,64,4096,
 //              the linears wq_b, wo_a and shared w1 only, formats fp8 and nvfp4 only (so the
 //              experts in NVFP4 only), 5 replays, shorter graphs; well under a minute.
@@ -15,6 +15,8 @@
 //   --format:  only these weight formats (linears: fp8, nvfp4, mxfp4; experts: nvfp4, mxfp4).
 //   --f32-out: the linears write f32 y (default bf16 y, for ours and for cuBLAS alike).
 //   --no-check: skip the checks against the CPU twins (timing only).
+//   --config:  force one kernel shape (cuda::Tile, by name such as wgmma_256x32 or by its index in
+//              cuda::tiled_configs()) for the linears with M > 16 and for the expert layer.
 // Progress goes to stderr; the header, the result tables (markdown) and the notes to stdout.
 //
 // Part A — linears. For each projection of the attention and of the shared expert, in its
@@ -24,7 +26,7 @@
 //   1. check cuda::linear against the CPU twin on a sample of weight rows (every row of the
 //      sample decoded with Linear::decode_row, the dot products in double): M = 3 (small-M path),
 //      M = 17 and M = 129 with f32 y, M = 129 once per tiled kernel shape (linear_tiled with a
-//      forced config), and then each timed call itself (sampled rows × sampled tokens). Bound as
+//      forced cuda::Tile), and then each timed call itself (sampled rows × sampled tokens). Bound as
 //      in tests/cuda_linear_test.cpp: |y - ref| ≤ 1e-5 · Σ|w·x|; bf16 y must lie in
 //      [bf16(ref - bound), bf16(ref + bound)] (the rounding of an f32 result within the bound).
 //   2. time: one CUDA graph of L launches that rotate over enough copies of the packed weights to
@@ -129,25 +131,8 @@ const char* fmt_name(LinearFormat f) {
 
 // ---------------------------------------------------------------------------- small helpers
 
-// A device buffer of n T (at least one), freed on scope exit. Move-only.
-template <typename T>
-struct DevBuf {
-    T* p = nullptr;
-    size_t n = 0;
-    DevBuf() = default;
-    explicit DevBuf(size_t count) : n(count) { CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T))); }
-    ~DevBuf() {
-        if (p) (void)cudaFree(p);
-    }
-    DevBuf(DevBuf&& o) noexcept : p(o.p), n(o.n) { o.p = nullptr, o.n = 0; }
-    DevBuf& operator=(DevBuf&& o) noexcept {
-        std::swap(p, o.p);
-        std::swap(n, o.n);
-        return *this;
-    }
-    DevBuf(const DevBuf&) = delete;
-    DevBuf& operator=(const DevBuf&) = delete;
-};
+// Device buffers: cuda::DeviceArray (move-only, freed on scope exit).
+using cuda::DeviceArray;
 
 uint64_t splitmix(uint64_t& s) {
     uint64_t z = (s += 0x9E3779B97F4A7C15ull);
@@ -273,13 +258,13 @@ int launches_for(double est_us, int min_launches, int multiple) {
 // cuBLAS BF16 (bf16 out, fp32 compute) on a square 8192³ GEMM: the dense reference rate (TFLOP/s).
 double blas_peak_tflops(cublasHandle_t blas, cudaStream_t stream) {
     const int n = 8192;
-    DevBuf<uint16_t> a(size_t(n) * n), b(size_t(n) * n), c(size_t(n) * n);
-    fill_bf16(a.p, int64_t(n) * n, 1, 0.05f);
-    fill_bf16(b.p, int64_t(n) * n, 2, 1.0f);
+    DeviceArray<uint16_t> a(size_t(n) * n), b(size_t(n) * n), c(size_t(n) * n);
+    fill_bf16(a.data(), int64_t(n) * n, 1, 0.05f);
+    fill_bf16(b.data(), int64_t(n) * n, 2, 1.0f);
     const float alpha = 1.0f, beta = 0.0f;
     auto gemm = [&](int) {
-        CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.p, CUDA_R_16BF, n, b.p,
-                                  CUDA_R_16BF, n, &beta, c.p, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+        CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.data(), CUDA_R_16BF, n, b.data(),
+                                  CUDA_R_16BF, n, &beta, c.data(), CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     };
     const double est = estimate_us(stream, gemm, 2);
     const double us = bench::time_graph(launches_for(est, 2, 1), stream, gemm, g_timing());
@@ -451,9 +436,20 @@ struct CheckRow {
 
 // ---------------------------------------------------------------------------- options and context
 
+// --config: a tile name (cuda::tile_name, e.g. mma_128x8) or its index in cuda::tiled_configs().
+cuda::Tile parse_tile(const std::string& s) {
+    if (!s.empty() && s.find_first_not_of("0123456789") == std::string::npos) {
+        const size_t i = std::stoul(s);
+        if (i >= cuda::tiled_configs().size())
+            fail("--config ", s, ": there are ", cuda::tiled_configs().size(), " tiles");
+        return cuda::tiled_configs()[i].tile;
+    }
+    return cuda::tile_from_name(s);
+}
+
 struct Options {
     bool quick = false, check = true, y_f32 = false;
-    int config = -1;   // --config: force this tiled kernel shape (linears with M > 16, the expert layer)
+    cuda::Tile tile = cuda::Tile::automatic;   // --config: force this kernel shape (linears M > 16, expert layer)
     std::string part = "all", models, shapes, formats;
     std::vector<int64_t> Ms, Ts;
 };
@@ -537,10 +533,12 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
     int64_t maxKx = 0, maxN = 0;
     for (const auto& s : shapes) maxKx = std::max(maxKx, s.K * s.groups), maxN = std::max(maxN, s.N);
     // x and y shared by every launch (x random in [-2, 2); y written, never read).
-    DevBuf<uint16_t> dx(static_cast<size_t>(Mx * maxKx));
-    DevBuf<uint8_t> dy(static_cast<size_t>(Mx * maxN) * 4);
-    fill_bf16(dx.p, Mx * maxKx, 7, 2.0f);
+    DeviceArray<uint16_t> dx(static_cast<size_t>(Mx * maxKx));
+    DeviceArray<uint8_t> dy(static_cast<size_t>(Mx * maxN) * 4);
+    fill_bf16(dx.data(), Mx * maxKx, 7, 2.0f);
     const auto& configs = cuda::tiled_configs();
+    std::vector<cuda::Tile> tiles = {cuda::Tile::automatic};
+    for (const cuda::TiledConfig& c : configs) tiles.push_back(c.tile);
 
     for (const LinShape& sh : shapes) {
         const int64_t N = sh.N, K = sh.K, G = sh.groups, Kx = K * G;
@@ -557,14 +555,16 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
         {
             const size_t wbytes = static_cast<size_t>(N * K) * 2;
             const int copies = rotate ? int(std::max<size_t>(2, (kRotateBytes + wbytes - 1) / wbytes)) : 2;
-            std::vector<DevBuf<uint16_t>> wb;
+            std::vector<DeviceArray<uint16_t>> wb;
             for (int c = 0; c < copies; ++c) {
                 wb.emplace_back(static_cast<size_t>(N * K));
-                fill_bf16(wb.back().p, N * K, 100 + uint64_t(c), 0.05f);
+                fill_bf16(wb.back().data(), N * K, 100 + uint64_t(c), 0.05f);
             }
             for (size_t mi = 0; mi < opt.Ms.size(); ++mi) {
                 const int64_t M = opt.Ms[mi];
-                auto gemm = [&](int i) { blas_linear(ctx.blas, wb[size_t(i % copies)].p, N, K, G, dx.p, M, dy.p, y_bf16); };
+                auto gemm = [&](int i) {
+                    blas_linear(ctx.blas, wb[size_t(i % copies)].data(), N, K, G, dx.data(), M, dy.data(), y_bf16);
+                };
                 const double est = estimate_us(stream, gemm, 3);
                 blas_us[mi] = bench::time_graph(launches_for(est, M < kComputeM ? copies : 1, 1), stream, gemm, g_timing());
             }
@@ -574,14 +574,19 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
             if (!in_list(opt.formats, fmt_name(f))) continue;
             HostLinear h;
             make_random_linear(h, f, N, K, 1000 + 17 * uint64_t(f) + uint64_t(N) * 31 + uint64_t(K));
-            std::vector<cuda::DeviceLinear> dl;
-            dl.push_back(cuda::upload_linear(h.lin));
-            const size_t packed = dl[0].bytes();
+            std::vector<cuda::OwnedLinear> owned;
+            owned.emplace_back(h.lin);
+            const size_t packed = owned[0].view().bytes();
             const int copies = rotate ? int(std::max<size_t>(2, (kRotateBytes + packed - 1) / packed)) : 2;
-            while (int(dl.size()) < copies) dl.push_back(cuda::copy_linear(dl[0]));
-            // upload_linear / clone copy on the legacy stream, which the benchmark stream does not wait for.
+            while (int(owned.size()) < copies) owned.push_back(cuda::copy_linear(owned[0].view()));
+            std::vector<cuda::DeviceLinear> dl;   // views of the copies (same layout)
+            for (const auto& w : owned) dl.push_back(w.view());
+            // The upload and the copies ran on the legacy stream, which the benchmark stream does not wait for.
             CUDA_CHECK(cudaDeviceSynchronize());
             const cuda::LinearOptions o32{G, false}, o{G, y_bf16};
+            // The dense wgmma path's scratch for every M here (one stream: the calls are ordered).
+            DeviceArray<uint8_t> scratch_buf(cuda::linear_scratch_bytes(dl[0], Mx, o32));
+            const cuda::GemmScratch scratch{scratch_buf.data(), scratch_buf.size()};
             const std::string what = fmt("%s %s %s", model.c_str(), sh.name.c_str(), fmt_name(f));
             const auto rows = sample_indices(N, 192, 11 + uint64_t(N));
             auto all_tokens = [](int64_t M) {
@@ -594,37 +599,40 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
             if (opt.check) {
                 // The small-M path and the tiled path with their own choice, then every kernel shape.
                 for (int64_t M : {int64_t(3), int64_t(17)}) {
-                    CUDA_CHECK(cudaMemsetAsync(dy.p, 0xFF, size_t(M * N) * 4, stream));
-                    cuda::linear(dl[0], dx.p, M, dy.p, o32, stream);
+                    CUDA_CHECK(cudaMemsetAsync(dy.data(), 0xFF, size_t(M * N) * 4, stream));
+                    cuda::linear(dl[0], dx.data(), M, dy.data(), o32, &scratch, stream);
                     CUDA_CHECK(cudaStreamSynchronize(stream));
-                    worst = std::max(worst, compare_linear(linear_ref(h.lin, G, dx.p, rows, all_tokens(M)), dy.p, N, false));
+                    worst = std::max(worst, compare_linear(linear_ref(h.lin, G, dx.data(), rows, all_tokens(M)),
+                                                           dy.data(), N, false));
                 }
-                const LinRef r129 = linear_ref(h.lin, G, dx.p, rows, all_tokens(129));
-                for (int c = -1; c < int(configs.size()); ++c) {
-                    CUDA_CHECK(cudaMemsetAsync(dy.p, 0xFF, size_t(129 * N) * 4, stream));
-                    cuda::linear_tiled(dl[0], dx.p, 129, dy.p, o32, stream, c);
+                const LinRef r129 = linear_ref(h.lin, G, dx.data(), rows, all_tokens(129));
+                for (cuda::Tile c : tiles) {
+                    CUDA_CHECK(cudaMemsetAsync(dy.data(), 0xFF, size_t(129 * N) * 4, stream));
+                    cuda::linear_tiled(dl[0], dx.data(), 129, dy.data(), o32, &scratch, stream, c);
                     CUDA_CHECK(cudaStreamSynchronize(stream));
-                    const double w = compare_linear(r129, dy.p, N, false);
+                    const double w = compare_linear(r129, dy.data(), N, false);
                     if (w > 1.0) progress("  %s: M=129 %s out of bound (%.3g)\n", what.c_str(),
                                           cuda::tiled_config_name(c).c_str(), w);
                     worst = std::max(worst, w);
                 }
-                detail = fmt("M=3,17,129 x %d configs (f32 y), %zu rows", int(configs.size()) + 1, rows.size());
+                detail = fmt("M=3,17,129 x %d tiles (f32 y), %zu rows", int(tiles.size()), rows.size());
             }
             for (size_t mi = 0; mi < opt.Ms.size(); ++mi) {
                 const int64_t M = opt.Ms[mi];
                 if (opt.check) {   // the timed call itself, sampled
-                    CUDA_CHECK(cudaMemsetAsync(dy.p, 0xFF, size_t(M * N) * ysz, stream));
-                    cuda::linear(dl[0], dx.p, M, dy.p, o, stream);
+                    CUDA_CHECK(cudaMemsetAsync(dy.data(), 0xFF, size_t(M * N) * ysz, stream));
+                    cuda::linear(dl[0], dx.data(), M, dy.data(), o, &scratch, stream);
                     CUDA_CHECK(cudaStreamSynchronize(stream));
                     const auto toks = sample_indices(M, 12, 5 + uint64_t(M));
-                    const double w = compare_linear(linear_ref(h.lin, G, dx.p, rows, toks), dy.p, N, y_bf16);
+                    const double w = compare_linear(linear_ref(h.lin, G, dx.data(), rows, toks), dy.data(), N, y_bf16);
                     if (w > 1.0) progress("  %s: M=%lld out of bound (%.3g)\n", what.c_str(), (long long)M, w);
                     worst = std::max(worst, w);
                 }
                 auto launch = [&](int i) {
-                    if (opt.config >= 0 && M > 16) cuda::linear_tiled(dl[size_t(i % copies)], dx.p, M, dy.p, o, stream, opt.config);
-                    else cuda::linear(dl[size_t(i % copies)], dx.p, M, dy.p, o, stream);
+                    const cuda::DeviceLinear& w = dl[size_t(i % copies)];
+                    if (opt.tile != cuda::Tile::automatic && M > 16)
+                        cuda::linear_tiled(w, dx.data(), M, dy.data(), o, &scratch, stream, opt.tile);
+                    else cuda::linear(w, dx.data(), M, dy.data(), o, &scratch, stream);
                 };
                 const double est = estimate_us(stream, launch, 3);
                 const int L = launches_for(est, M < kComputeM ? copies : 1, 1);
@@ -644,7 +652,6 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
                 detail += fmt("; timed M sampled (%s y)", y_bf16 ? "bf16" : "f32");
                 ctx.record(what, detail, worst);
             }
-            for (auto& d : dl) cuda::free_linear(d);
         }
     }
 }
@@ -701,12 +708,12 @@ double check_moe(const std::vector<HostExpert>& hosts, const cuda::DeviceExperts
                  int64_t k, float limit, const uint16_t* dx, const float* dshared, float* dy, int64_t T,
                  const Routing& rt, const std::vector<int64_t>& tokens, cudaStream_t stream) {
     const int64_t D = ex.D, I = ex.I;
-    DevBuf<int32_t> dids(rt.ids.size());
-    DevBuf<float> dw(rt.wts.size());
-    CUDA_CHECK(cudaMemcpyAsync(dids.p, rt.ids.data(), rt.ids.size() * 4, cudaMemcpyHostToDevice, stream));
-    CUDA_CHECK(cudaMemcpyAsync(dw.p, rt.wts.data(), rt.wts.size() * 4, cudaMemcpyHostToDevice, stream));
+    DeviceArray<int32_t> dids(rt.ids.size());
+    DeviceArray<float> dw(rt.wts.size());
+    CUDA_CHECK(cudaMemcpyAsync(dids.data(), rt.ids.data(), rt.ids.size() * 4, cudaMemcpyHostToDevice, stream));
+    CUDA_CHECK(cudaMemcpyAsync(dw.data(), rt.wts.data(), rt.wts.size() * 4, cudaMemcpyHostToDevice, stream));
     CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(T * D) * 4, stream));
-    cuda::moe_layer(ex, limit, dx, dids.p, dw.p, T, dshared, dy, ws, stream);
+    cuda::moe_layer(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream);
     CUDA_CHECK(cudaStreamSynchronize(stream));
     double worst = 0;
     std::vector<float> x, y(static_cast<size_t>(D)), sh(static_cast<size_t>(D));
@@ -799,18 +806,18 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
     {
         const size_t per = size_t(3 * I * D) * 2;
         const int C = int(std::max<size_t>(3, (kRotateBytesBlas + per - 1) / per));
-        std::vector<DevBuf<uint16_t>> w13, w2;
+        std::vector<DeviceArray<uint16_t>> w13, w2;
         for (int c = 0; c < C; ++c) {
             w13.emplace_back(size_t(2 * I * D));
             w2.emplace_back(size_t(D * I));
-            fill_bf16(w13.back().p, 2 * I * D, 200 + uint64_t(c), 0.05f);
-            fill_bf16(w2.back().p, D * I, 300 + uint64_t(c), 0.05f);
+            fill_bf16(w13.back().data(), 2 * I * D, 200 + uint64_t(c), 0.05f);
+            fill_bf16(w2.back().data(), D * I, 300 + uint64_t(c), 0.05f);
         }
         const int64_t Nmax = T_max * k;
-        DevBuf<uint16_t> xs(size_t(Nmax * D)), h13(size_t(Nmax * 2 * I)), hb(size_t(Nmax * I));
-        DevBuf<float> out(size_t(Nmax * D));
-        fill_bf16(xs.p, Nmax * D, 8, 2.0f);
-        fill_bf16(hb.p, Nmax * I, 9, 2.0f);
+        DeviceArray<uint16_t> xs(size_t(Nmax * D)), h13(size_t(Nmax * 2 * I)), hb(size_t(Nmax * I));
+        DeviceArray<float> out(size_t(Nmax * D));
+        fill_bf16(xs.data(), Nmax * D, 8, 2.0f);
+        fill_bf16(hb.data(), Nmax * I, 9, 2.0f);
         const float alpha = 1.0f, beta = 0.0f;
         int64_t rot = 0;
         for (size_t ti = 0; ti < opt.Ts.size(); ++ti) {
@@ -824,12 +831,12 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
                     if (!cnt) continue;
                     const size_t b = size_t(rot++ % C);
                     CUBLAS_CHECK(cublasGemmEx(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, int(2 * I), cnt, int(D), &alpha,
-                                              w13[b].p, CUDA_R_16BF, int(D), xs.p + off * D, CUDA_R_16BF, int(D), &beta,
-                                              h13.p + off * 2 * I, CUDA_R_16BF, int(2 * I), CUBLAS_COMPUTE_32F,
+                                              w13[b].data(), CUDA_R_16BF, int(D), xs.data() + off * D, CUDA_R_16BF, int(D), &beta,
+                                              h13.data() + off * 2 * I, CUDA_R_16BF, int(2 * I), CUBLAS_COMPUTE_32F,
                                               CUBLAS_GEMM_DEFAULT));
-                    CUBLAS_CHECK(cublasGemmEx(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, int(D), cnt, int(I), &alpha, w2[b].p,
-                                              CUDA_R_16BF, int(I), hb.p + off * I, CUDA_R_16BF, int(I), &beta,
-                                              out.p + off * D, CUDA_R_32F, int(D), CUBLAS_COMPUTE_32F,
+                    CUBLAS_CHECK(cublasGemmEx(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, int(D), cnt, int(I), &alpha, w2[b].data(),
+                                              CUDA_R_16BF, int(I), hb.data() + off * I, CUDA_R_16BF, int(I), &beta,
+                                              out.data() + off * D, CUDA_R_32F, int(D), CUBLAS_COMPUTE_32F,
                                               CUBLAS_GEMM_DEFAULT));
                     off += cnt;
                 }
@@ -861,10 +868,10 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
         cuda::DeviceExperts ex(host);
         cuda::MoeLayerWorkspace ws(T_max, k, ex);
         CUDA_CHECK(cudaDeviceSynchronize());   // uploads ran on the legacy stream
-        DevBuf<uint16_t> dx(size_t(T_max * D));
-        DevBuf<float> dshared(size_t(T_max * D)), dy(size_t(T_max * D));
-        fill_bf16(dx.p, T_max * D, 21, 2.0f);
-        fill_f32(dshared.p, T_max * D, 22, 1.0f);
+        DeviceArray<uint16_t> dx(size_t(T_max * D));
+        DeviceArray<float> dshared(size_t(T_max * D)), dy(size_t(T_max * D));
+        fill_bf16(dx.data(), T_max * D, 21, 2.0f);
+        fill_f32(dshared.data(), T_max * D, 22, 1.0f);
         const double per_expert = double(ex.bytes()) / double(E);
         progress("  %s: %lld experts uploaded, %.2f GB packed (%.1f MB per expert), workspace %.2f GB, %.1f s\n",
                  fmt_name(f), (long long)E, ex.bytes() / 1e9, per_expert / 1e6, ws.bytes() / 1e9,
@@ -873,7 +880,7 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
         double worst = 0;
         if (opt.check) {
             std::vector<int64_t> all5 = {0, 1, 2, 3, 4};
-            worst = check_moe(hosts, ex, ws, k, limit, dx.p, dshared.p, dy.p, 5, make_routing(5, k, E, 77), all5, stream);
+            worst = check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), 5, make_routing(5, k, E, 77), all5, stream);
             if (worst > 1.0) progress("  %s: T=5 out of bound (%.3g)\n", what.c_str(), worst);
         }
         for (size_t ti = 0; ti < opt.Ts.size(); ++ti) {
@@ -882,24 +889,25 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
             const int R = int(rts.size());
             if (opt.check) {   // the timed call (routing 0) on a few tokens
                 const auto toks = sample_indices(T, opt.quick ? 2 : 3, 31 + uint64_t(T));
-                const double w = check_moe(hosts, ex, ws, k, limit, dx.p, dshared.p, dy.p, T, rts[0], toks, stream);
+                const double w = check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), T, rts[0], toks, stream);
                 if (w > 1.0) progress("  %s: T=%lld out of bound (%.3g)\n", what.c_str(), (long long)T, w);
                 worst = std::max(worst, w);
             }
-            DevBuf<int32_t> dids(size_t(R * T * k));
-            DevBuf<float> dw(size_t(R * T * k));
+            DeviceArray<int32_t> dids(size_t(R * T * k));
+            DeviceArray<float> dw(size_t(R * T * k));
             double distinct = 0;
             for (int r = 0; r < R; ++r) {
-                CUDA_CHECK(cudaMemcpy(dids.p + r * T * k, rts[size_t(r)].ids.data(), size_t(T * k) * 4,
+                CUDA_CHECK(cudaMemcpy(dids.data() + r * T * k, rts[size_t(r)].ids.data(), size_t(T * k) * 4,
                                       cudaMemcpyHostToDevice));
-                CUDA_CHECK(cudaMemcpy(dw.p + r * T * k, rts[size_t(r)].wts.data(), size_t(T * k) * 4,
+                CUDA_CHECK(cudaMemcpy(dw.data() + r * T * k, rts[size_t(r)].wts.data(), size_t(T * k) * 4,
                                       cudaMemcpyHostToDevice));
                 distinct += double(rts[size_t(r)].distinct) / R;
             }
             CUDA_CHECK(cudaDeviceSynchronize());   // the copies above ran on the legacy stream
             auto launch = [&](int i) {
                 const int r = i % R;
-                cuda::moe_layer(ex, limit, dx.p, dids.p + r * T * k, dw.p + r * T * k, T, dshared.p, dy.p, ws, stream, opt.config);
+                cuda::moe_layer(ex, limit, dx.data(), dids.data() + r * T * k, dw.data() + r * T * k, T, dshared.data(), dy.data(), ws, stream,
+                                opt.tile);
             };
             const double est = estimate_us(stream, launch, R);
             const int L = launches_for(est, R, R);
@@ -937,7 +945,7 @@ int main(int argc, char** argv) {
             if (a == "--quick") opt.quick = true;
             else if (a == "--no-check") opt.check = false;
             else if (a == "--f32-out") opt.y_f32 = true;
-            else if (a == "--config") opt.config = std::atoi(next());
+            else if (a == "--config") opt.tile = parse_tile(next());
             else if (a == "--part") opt.part = next();
             else if (a == "--model") opt.models = next();
             else if (a == "--shape") opt.shapes = next();
@@ -949,8 +957,12 @@ int main(int argc, char** argv) {
                 std::printf(
                     "usage: megamoe-gemm-bench [--quick] [--part linears|experts|all] [--model flash|pro|all]\n"
                     "       [--M 1,16,64,1024,8192] [--T 1,4,16,64,256,1024,4096,16384] [--shape NAMES]\n"
-                    "       [--format fp8,nvfp4,mxfp4] [--f32-out] [--replays N] [--no-check]\n"
-                    "shapes: wq_a wq_b wkv wo_a wo_b sh.w1 sh.w2 idx.wq_b\n");
+                    "       [--format fp8,nvfp4,mxfp4] [--f32-out] [--replays N] [--no-check] [--config TILE]\n"
+                    "shapes: wq_a wq_b wkv wo_a wo_b sh.w1 sh.w2 idx.wq_b\n"
+                    "tiles (--config: a name or its index):");
+                for (size_t i = 0; i < cuda::tiled_configs().size(); ++i)
+                    std::printf(" %zu=%s", i, cuda::tiled_configs()[i].name);
+                std::printf("\n");
                 return 0;
             } else fail("unknown option '", a, "' (see --help)");
         }
@@ -993,8 +1005,8 @@ int main(int argc, char** argv) {
         CUBLAS_CHECK(cublasCreate(&ctx.blas));
         CUBLAS_CHECK(cublasSetStream(ctx.blas, ctx.stream));
         CUBLAS_CHECK(cublasGetVersion(ctx.blas, &blas_ver));
-        DevBuf<uint8_t> blas_ws(64ull << 20);
-        CUBLAS_CHECK(cublasSetWorkspace(ctx.blas, blas_ws.p, blas_ws.n));
+        DeviceArray<uint8_t> blas_ws(64ull << 20);
+        CUBLAS_CHECK(cublasSetWorkspace(ctx.blas, blas_ws.data(), blas_ws.bytes()));
         ctx.d2d = bench::d2d_bandwidth(ctx.stream);
         ctx.peak = blas_peak_tflops(ctx.blas, ctx.stream);
 

@@ -32,6 +32,7 @@
 
 #include "bench_util.h"
 #include "core/common.h"
+#include "cuda/buffer.h"
 #include "cuda/linear.h"
 #include "io/formats.h"
 #include "ref/ops.h"
@@ -144,17 +145,12 @@ double validate(const HostLinear& h, const cuda::DeviceLinear& d, int64_t M, cud
     for (size_t i = 0; i < x.size(); ++i) xf[i] = bf16_to_f32(x[i]);
     std::vector<float> ref(static_cast<size_t>(M * N)), got(ref.size());
     ops::linear(h.lin, xf.data(), M, ref.data());
-    uint16_t* dx = nullptr;
-    float* dy = nullptr;
-    CUDA_CHECK(cudaMalloc(&dx, x.size() * 2));
-    CUDA_CHECK(cudaMalloc(&dy, got.size() * 4));
-    CUDA_CHECK(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemset(dy, 0xFF, got.size() * 4));
-    cuda::linear_small_m(d, dx, M, dy, stream);
+    const cuda::DeviceArray<uint16_t> dx(x);
+    cuda::DeviceArray<float> dy(got.size());
+    dy.fill(0xFF);
+    cuda::linear_small_m(d, dx.data(), M, dy.data(), stream);
     CUDA_CHECK(cudaStreamSynchronize(stream));
-    CUDA_CHECK(cudaMemcpy(got.data(), dy, got.size() * 4, cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaFree(dx));
-    CUDA_CHECK(cudaFree(dy));
+    got = dy.download();
     std::vector<double> worst(static_cast<size_t>(num_threads()), 0.0);
     parallel_ranges(N, [&](int64_t b, int64_t e, int wkr) {
         std::vector<float> row(static_cast<size_t>(K));
@@ -209,10 +205,8 @@ int main(int argc, char** argv) {
         cublasHandle_t blas;
         CUBLAS_CHECK(cublasCreate(&blas));
         CUBLAS_CHECK(cublasSetStream(blas, stream));
-        void* blas_ws = nullptr;
-        const size_t blas_ws_bytes = 64ull << 20;
-        CUDA_CHECK(cudaMalloc(&blas_ws, blas_ws_bytes));
-        CUBLAS_CHECK(cublasSetWorkspace(blas, blas_ws, blas_ws_bytes));
+        cuda::DeviceBuffer blas_ws(64ull << 20, "cuBLAS workspace");
+        CUBLAS_CHECK(cublasSetWorkspace(blas, blas_ws.get(), blas_ws.bytes()));
 
         const Shape shapes[] = {{"wq_a", 1024, 4096}, {"wq_b", 32768, 1024}, {"wkv", 512, 4096},
                                 {"wo_b", 4096, 8192}, {"w1", 2048, 4096},    {"w2", 4096, 2048}};
@@ -228,14 +222,8 @@ int main(int argc, char** argv) {
             if (!only.empty() && only.find(sh.name) == std::string::npos) continue;
             const int64_t N = sh.N, K = sh.K;
             // x and y buffers shared by every launch (tiny; they stay in L2 like in a real decode step).
-            uint16_t* dx = nullptr;
-            float* dy = nullptr;
-            {
-                const auto x = random_x(max_M, K, 5);
-                CUDA_CHECK(cudaMalloc(&dx, x.size() * 2));
-                CUDA_CHECK(cudaMemcpy(dx, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
-                CUDA_CHECK(cudaMalloc(&dy, static_cast<size_t>(max_M * N) * 4));
-            }
+            const cuda::DeviceArray<uint16_t> dx(random_x(max_M, K, 5));
+            cuda::DeviceArray<float> dy(static_cast<size_t>(max_M * N));
 
             // cuBLAS on BF16 weights of this shape: y^T[N, M] = W[N, K] · x^T[K, M] (column-major view).
             double blas_us[3] = {0, 0, 0};
@@ -245,26 +233,23 @@ int main(int argc, char** argv) {
                 std::vector<uint16_t> wb(static_cast<size_t>(N * K));
                 Rng r(99);
                 for (auto& v : wb) v = f32_to_bf16(r.sym() * 0.05f);
-                std::vector<void*> bufs(static_cast<size_t>(copies));
-                for (auto& b : bufs) {
-                    CUDA_CHECK(cudaMalloc(&b, wbytes));
-                    CUDA_CHECK(cudaMemcpy(b, wb.data(), wbytes, cudaMemcpyHostToDevice));
-                }
+                std::vector<cuda::DeviceArray<uint16_t>> bufs;
+                for (int c = 0; c < copies; ++c) bufs.emplace_back(wb, "cuBLAS weights");
                 for (int mi = 0; mi < 3; ++mi) {
                     const int M = static_cast<int>(Ms[mi]);
                     const float alpha = 1.0f, beta = 0.0f;
                     auto gemm = [&](int i) {
                         CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(N), M,
-                                                  static_cast<int>(K), &alpha, bufs[size_t(i % copies)], CUDA_R_16BF,
-                                                  static_cast<int>(K), dx, CUDA_R_16BF, static_cast<int>(K), &beta,
-                                                  dy, CUDA_R_32F, static_cast<int>(N), CUBLAS_COMPUTE_32F,
+                                                  static_cast<int>(K), &alpha, bufs[size_t(i % copies)].data(),
+                                                  CUDA_R_16BF, static_cast<int>(K), dx.data(), CUDA_R_16BF,
+                                                  static_cast<int>(K), &beta, dy.data(), CUDA_R_32F, static_cast<int>(N),
+                                                  CUBLAS_COMPUTE_32F,
                                                   CUBLAS_GEMM_DEFAULT));
                     };
                     gemm(0);   // warm-up outside capture (heuristics, handle state)
                     CUDA_CHECK(cudaStreamSynchronize(stream));
                     blas_us[mi] = bench::time_graph(std::max(copies, 20), stream, gemm, kTiming);
                 }
-                for (auto b : bufs) CUDA_CHECK(cudaFree(b));
             }
 
             if (!once_fmt.empty()) {
@@ -273,30 +258,31 @@ int main(int argc, char** argv) {
                     if (once_fmt != fmt_name(f)) continue;
                     HostLinear h;
                     make_weights(h, f, N, K, 1234 + static_cast<uint64_t>(f));
-                    cuda::DeviceLinear d = cuda::upload_linear(h.lin);
+                    const cuda::OwnedLinear d(h.lin);
                     std::printf("%s %s M=%lld: %s\n", sh.name, fmt_name(f), static_cast<long long>(once_m),
-                                cuda::linear_small_m_plan(d, once_m).c_str());
-                    for (int i = 0; i < 5; ++i) cuda::linear_small_m(d, dx, once_m, dy, stream);
+                                cuda::linear_small_m_plan(d.view(), once_m).c_str());
+                    for (int i = 0; i < 5; ++i) cuda::linear_small_m(d.view(), dx.data(), once_m, dy.data(), stream);
                     CUDA_CHECK(cudaStreamSynchronize(stream));
-                    cuda::free_linear(d);
                 }
                 return 0;
             }
             for (LinearFormat f : formats) {
                 HostLinear h;
                 make_weights(h, f, N, K, 1234 + static_cast<uint64_t>(f));
-                std::vector<cuda::DeviceLinear> dl;
-                dl.push_back(cuda::upload_linear(h.lin));
-                const size_t packed = dl[0].bytes();
+                std::vector<cuda::OwnedLinear> owned;
+                owned.emplace_back(h.lin);
+                const size_t packed = owned[0].view().bytes();
                 const int copies = static_cast<int>(std::max<size_t>(2, (kRotateBytes + packed - 1) / packed));
-                while (static_cast<int>(dl.size()) < copies) dl.push_back(cuda::copy_linear(dl[0]));
+                while (static_cast<int>(owned.size()) < copies) owned.push_back(cuda::copy_linear(owned[0].view()));
+                std::vector<cuda::DeviceLinear> dl;   // views
+                for (const auto& o : owned) dl.push_back(o.view());
                 for (int mi = 0; mi < 3; ++mi) {
                     const int64_t M = Ms[mi];
                     const double err = (quick && sh.N * sh.K > (8ll << 20)) ? 0.0 : validate(h, dl[0], M, stream);
                     const bool ok = std::isfinite(err);
                     all_ok &= ok;
                     const double us = bench::time_graph(std::max(copies, 20), stream, [&](int i) {
-                        cuda::linear_small_m(dl[size_t(i % copies)], dx, M, dy, stream);
+                        cuda::linear_small_m(dl[size_t(i % copies)], dx.data(), M, dy.data(), stream);
                     }, kTiming);
                     const double bytes = static_cast<double>(packed) + double(M * K * 2) + double(M * N * 4);
                     const double gbs = bytes / (us * 1e-6) / 1e9;
@@ -308,12 +294,8 @@ int main(int argc, char** argv) {
                                 verbose ? "  " : "", verbose ? cuda::linear_small_m_plan(dl[0], M).c_str() : "");
                     std::fflush(stdout);
                 }
-                for (auto& d : dl) cuda::free_linear(d);
             }
-            CUDA_CHECK(cudaFree(dx));
-            CUDA_CHECK(cudaFree(dy));
         }
-        CUDA_CHECK(cudaFree(blas_ws));
         CUBLAS_CHECK(cublasDestroy(blas));
         CUDA_CHECK(cudaStreamDestroy(stream));
         const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();

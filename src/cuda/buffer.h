@@ -42,34 +42,39 @@ private:
     size_t n_ = 0;
 };
 
-// A typed view of a DeviceBuffer with an element count, for tests and small owners.
+// A typed DeviceBuffer of `count` T, for workspaces, tests and small owners. Move-only like the
+// buffer it holds; the count is the buffer's, so a moved-from array is empty (size 0, null data).
 template <typename T>
 class DeviceArray {
 public:
     DeviceArray() = default;
-    explicit DeviceArray(size_t count, const char* what = "device array") : buf_(count * sizeof(T), what), n_(count) {}
+    explicit DeviceArray(size_t count, const char* what = "device array") : buf_(count * sizeof(T), what) {}
     explicit DeviceArray(const std::vector<T>& host, const char* what = "device array")
         : DeviceArray(host.size(), what) {
         buf_.upload(host.data(), host.size() * sizeof(T));
     }
     T*     data() const { return buf_.as<T>(); }
-    size_t size() const { return n_; }
-    void   upload(const std::vector<T>& host) { buf_.upload(host.data(), std::min(host.size(), n_) * sizeof(T)); }
+    size_t size() const { return buf_.bytes() / sizeof(T); }
+    size_t bytes() const { return buf_.bytes(); }
+    bool   empty() const { return buf_.empty(); }
+    void   upload(const std::vector<T>& host) { buf_.upload(host.data(), std::min(host.size(), size()) * sizeof(T)); }
     std::vector<T> download() const {
-        std::vector<T> h(n_);
-        buf_.download(h.data(), n_ * sizeof(T));
+        std::vector<T> h(size());
+        buf_.download(h.data(), h.size() * sizeof(T));
         return h;
     }
     void fill(int byte_value) { buf_.fill(byte_value); }
 
 private:
-    DeviceBuffer buf_;
-    size_t n_ = 0;
+    DeviceBuffer buf_;   // [count] T
 };
 
 // Bump allocation inside one DeviceBuffer: many small buffers (a model's weights, a workspace's
-// activations) in one cudaMalloc, each aligned to 256 bytes. Plan first with a counting pass
-// (DeviceArena::Plan), allocate once, then carve in the same order. Nothing is freed alone.
+// activations) in one cudaMalloc, each aligned to 256 bytes. Plan first with a counting arena
+// (the default constructor: same calls, nothing allocated, no CUDA call at all, so planning runs
+// on machines without a GPU too), allocate a real arena of the counted used() bytes, then carve
+// in the same order: the same sequence of take() calls gives the same offsets in both. Nothing is
+// freed alone. Move-only (a moved-from arena is a counting one).
 class DeviceArena {
 public:
     static constexpr size_t kAlign = 256;

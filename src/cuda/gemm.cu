@@ -2,9 +2,11 @@
 //
 // Two kernel families share the weight handling (packed checkpoint bytes in kernel order, decoded
 // in registers, never a dequantized copy) and the work decomposition below:
-//   tiled_kernel (mma.sync; configs 0-5): decode / few tokens per expert, and any M or K;
-//   wgmma_kernel (wgmma with A from registers; configs 6, 7): prefill and mid-size expert batches
-//     (described where it is defined). Tile choices: choose_dense / choose_grouped (measured).
+//   tiled_kernel (mma.sync; the mma_* tiles): decode / few tokens per expert, and any M or K;
+//   wgmma_kernel (wgmma with A from registers; wgmma_256x128, wgmma_256x32): prefill and mid-size
+//     expert batches (described where it is defined). Tile choices: choose_dense / choose_grouped
+//     (measured). The dense wgmma path's buffers (permuted x, split-K partials) are the caller's
+//     GemmScratch; the grouped path's are in MoeLayerWorkspace. Nothing here allocates per call.
 //
 // Kernel (tiled_kernel)
 // ---------------------
@@ -781,48 +783,69 @@ static __global__ void __launch_bounds__(1024) build_items_kernel(const int32_t*
 
 // ---------------------------------------------------------------------------- host side
 
-// The instantiated shapes (index = config number). Per step per warp: MT decodes, NT x loads,
+// The instantiated mma.sync shapes, in Tile order. Per step per warp: MT decodes, NT x loads,
 // 2·MT·NT MMAs per 32 columns of a lane's chunk. Decode shapes keep more steps in flight (the
 // weights stream from HBM once); prefill shapes reuse each decoded fragment NT times.
 #define MEGAMOE_TILED_CONFIGS(X) \
-    X(0, 2, 1, 4, 1, 3)   /* 128 x 8, 4 warps: decode, few tokens per expert; no duplicate decode. */ \
-                          /* 3 stages: 5 CTAs (20 warps) per SM; 6 stages (2 CTAs) was 15-20% slower */ \
-                          /* on H200 (instruction-issue bound, more warps hide more latency) */ \
-    X(1, 2, 2, 4, 1, 4)   /* 128 x 16, 4 warps */ \
-    X(2, 4, 4, 4, 2, 4)   /* 256 x 64 */ \
-    X(3, 4, 4, 2, 4, 4)   /* 128 x 128 */ \
-    X(4, 2, 8, 4, 2, 3)   /* 128 x 128, NT = 8: half the decode work per MMA */ \
-    X(5, 4, 8, 4, 2, 3)   /* 256 x 128 */
+    X(mma_128x8, 2, 1, 4, 1, 3)        /* 4 warps: decode, few tokens per expert; no duplicate decode. */ \
+                                       /* 3 stages: 5 CTAs (20 warps) per SM; 6 stages (2 CTAs) was 15-20% */ \
+                                       /* slower on H200 (instruction-issue bound, more warps hide more latency) */ \
+    X(mma_128x16, 2, 2, 4, 1, 4)       /* 4 warps */ \
+    X(mma_256x64, 4, 4, 4, 2, 4) \
+    X(mma_128x128, 4, 4, 2, 4, 4) \
+    X(mma_128x128_nt8, 2, 8, 4, 2, 3)  /* NT = 8: half the decode work per MMA */ \
+    X(mma_256x128, 4, 8, 4, 2, 3)
 
-const TiledConfig kConfigs[] = {
-#define MEGAMOE_ROW(i, mt, nt, wr, wt, st) {mt, nt, wr, wt, (wr) * (mt) * 16, (wt) * (nt) * 8, st},
+constexpr TiledConfig kConfigs[] = {
+#define MEGAMOE_ROW(tile, mt, nt, wr, wt, st) {Tile::tile, #tile, mt, nt, wr, wt, (wr) * (mt) * 16, (wt) * (nt) * 8, st},
     MEGAMOE_TILED_CONFIGS(MEGAMOE_ROW)
 #undef MEGAMOE_ROW
-    {2, 16, 8, 1, kWgRows, 128, 0},   // 6: wgmma_kernel, 128 tokens (x in wgmma column order; stages by format)
-    {2, 4, 8, 1, kWgRows, 32, 0},     // 7: wgmma_kernel, 32 tokens (more weight bytes in flight)
+    // wgmma_kernel, 128 tokens (x in wgmma column order; stages by format)
+    {Tile::wgmma_256x128, "wgmma_256x128", 2, 16, 8, 1, kWgRows, 128, 0},
+    // wgmma_kernel, 32 tokens (more weight bytes in flight)
+    {Tile::wgmma_256x32, "wgmma_256x32", 2, 4, 8, 1, kWgRows, 32, 0},
 };
-constexpr int kWgConfig = 6, kWgConfig32 = 7;
-bool is_wg(int c) { return c == kWgConfig || c == kWgConfig32; }
 constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
+constexpr bool configs_in_tile_order() {
+    for (int i = 0; i < kNumConfigs; ++i)
+        if (static_cast<int>(kConfigs[i].tile) != i) return false;
+    return true;
+}
+static_assert(configs_in_tile_order(), "kConfigs[i] must describe Tile i");
+
+bool is_wg(Tile c) { return c == Tile::wgmma_256x128 || c == Tile::wgmma_256x32; }
+
+// A forced tile (or automatic) that names a shape; throws otherwise.
+void check_tile(Tile c) {
+    const int i = static_cast<int>(c);
+    MEGAMOE_CHECK(i >= -1 && i < kNumConfigs, "tiled linear: tile ", i, " does not exist");
+}
+const TiledConfig& cfg(Tile c) {
+    const int i = static_cast<int>(c);
+    MEGAMOE_CHECK(i >= 0 && i < kNumConfigs, "tiled linear: tile ", i, " names no kernel shape");
+    return kConfigs[i];
+}
 
 using TiledKernel = void (*)(TiledParams);
 
-template <LinearFormat F, int EPI> TiledKernel pick_cfg(int c) {
+template <LinearFormat F, int EPI> TiledKernel pick_cfg(Tile c) {
     switch (c) {
-#define MEGAMOE_CASE(i, mt, nt, wr, wt, st) case i: return tiled_kernel<F, mt, nt, wr, wt, st, EPI>;
+#define MEGAMOE_CASE(tile, mt, nt, wr, wt, st) case Tile::tile: return tiled_kernel<F, mt, nt, wr, wt, st, EPI>;
         MEGAMOE_TILED_CONFIGS(MEGAMOE_CASE)
 #undef MEGAMOE_CASE
+        default: break;
     }
-    fail("tiled linear: config ", c, " does not exist");
+    fail("tiled linear: no mma.sync kernel for tile ", static_cast<int>(c));
 }
 
-template <LinearFormat F> int smem_of(int c) {
+template <LinearFormat F> int smem_of(Tile c) {
     switch (c) {
-#define MEGAMOE_CASE(i, mt, nt, wr, wt, st) case i: return TileLayout<F, mt, nt, wr, wt, st>::kSmem;
+#define MEGAMOE_CASE(tile, mt, nt, wr, wt, st) case Tile::tile: return TileLayout<F, mt, nt, wr, wt, st>::kSmem;
         MEGAMOE_TILED_CONFIGS(MEGAMOE_CASE)
 #undef MEGAMOE_CASE
+        default: break;
     }
-    fail("tiled linear: config ", c, " does not exist");
+    fail("tiled linear: no mma.sync kernel for tile ", static_cast<int>(c));
 }
 
 template <LinearFormat F, int BT> TiledKernel wg_kernel_for(int epi, int& smem) {
@@ -833,11 +856,11 @@ template <LinearFormat F, int BT> TiledKernel wg_kernel_for(int epi, int& smem) 
     return epi == kEpiBf16 ? wgmma_kernel<F, kEpiBf16, BT> : wgmma_kernel<F, kEpiF32, BT>;
 }
 
-template <LinearFormat F> TiledKernel wg_kernel_for(int c, int epi, int& smem) {
-    return c == kWgConfig ? wg_kernel_for<F, 128>(epi, smem) : wg_kernel_for<F, 32>(epi, smem);
+template <LinearFormat F> TiledKernel wg_kernel_for(Tile c, int epi, int& smem) {
+    return c == Tile::wgmma_256x128 ? wg_kernel_for<F, 128>(epi, smem) : wg_kernel_for<F, 32>(epi, smem);
 }
 
-TiledKernel tiled_kernel_for(LinearFormat f, int epi, int c, int& smem) {
+TiledKernel tiled_kernel_for(LinearFormat f, int epi, Tile c, int& smem) {
     if (is_wg(c)) {
         switch (f) {
             case LinearFormat::bf16: return wg_kernel_for<LinearFormat::bf16>(c, epi, smem);
@@ -897,30 +920,25 @@ int sm_count() {
     return sms;
 }
 
-void launch_tiled(LinearFormat f, int epi, int c, const TiledParams& p, unsigned grid_x, unsigned grid_y,
+void launch_tiled(LinearFormat f, int epi, Tile c, const TiledParams& p, unsigned grid_x, unsigned grid_y,
                   cudaStream_t stream, unsigned grid_z = 1) {
     int smem = 0;
     const TiledKernel k = tiled_kernel_for(f, epi, c, smem);
     raise_smem(k, smem);
-    const cudaError_t err = launch_pdl(k, dim3(grid_x, grid_y, grid_z),
-                                       dim3(static_cast<unsigned>(kConfigs[c].wr * kConfigs[c].wt * 32)),
+    const TiledConfig& t = cfg(c);
+    const cudaError_t err = launch_pdl(k, dim3(grid_x, grid_y, grid_z), dim3(static_cast<unsigned>(t.wr * t.wt * 32)),
                                        static_cast<size_t>(smem), stream, p);
     if (err != cudaSuccess) {
         (void)cudaGetLastError();
-        fail(__FILE__, ":", __LINE__, ": tiled linear launch (config ", c, ", grid ", grid_x, "x", grid_y, ", smem ", smem,
+        fail(__FILE__, ":", __LINE__, ": tiled linear launch (", t.name, ", grid ", grid_x, "x", grid_y, ", smem ", smem,
              "): ", cudaGetErrorString(err));
     }
 }
 
-// Weights per 16-byte load (Traits<F>::kElems) for the host.
+// Weights per 16-byte load (Traits<F>::kElems on the device) for the host; f32 has no tiled kernel.
 int elems_of(LinearFormat f) {
-    switch (f) {
-        case LinearFormat::bf16: return 8;
-        case LinearFormat::fp8_block: return 16;
-        case LinearFormat::mxfp4:
-        case LinearFormat::nvfp4: return 32;
-        default: fail("tiled linear: no kernel for ", linear_format_name(f));
-    }
+    if (f == LinearFormat::f32) fail("tiled linear: no kernel for ", linear_format_name(f));
+    return 128 / format_info(f).weight_bits;
 }
 int step_cols(LinearFormat f) { return 4 * elems_of(f); }
 
@@ -933,57 +951,16 @@ void launch_permute(LinearFormat f, const uint16_t* in, int64_t in_ld, uint16_t*
                           elems_of(f)));
 }
 
-// Scratch of dense wgmma calls (0: the permuted x, 1: split-K partial sums), one buffer per
-// (device, stream): calls on different streams never share one (a DeviceLinear may be used by
-// several streams at once), calls on one stream are ordered by it. A buffer only grows, outside
-// stream capture, and an outgrown buffer is never freed (kept until exit): a CUDA graph captured
-// earlier may still point at it. Growth at least doubles, so the retired ones add up to less than
-// the live one. A call being captured that would need a larger buffer runs without it (the
-// mma.sync kernel, or no split).
-class WgScratch {
-public:
-    static WgScratch& get(int which) {
-        static WgScratch s[2];
-        return s[which];
-    }
-    void* acquire(size_t bytes, cudaStream_t stream) {
-        int dev = 0;
-        CUDA_CHECK(cudaGetDevice(&dev));
-        std::lock_guard<std::mutex> lk(m_);
-        Buf& b = bufs_[{dev, reinterpret_cast<uintptr_t>(stream)}];
-        if (b.bytes >= bytes) return b.p;
-        cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
-        CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
-        if (st != cudaStreamCaptureStatusNone) return nullptr;
-        const size_t grown = std::max(bytes, 2 * b.bytes);
-        void* p = nullptr;
-        CUDA_CHECK(cudaMalloc(&p, grown));
-        if (b.p) retired_.push_back(b.p);   // queued work or a captured graph may still use it
-        b.p = p;
-        b.bytes = grown;
-        return b.p;
-    }
-
-private:
-    struct Buf {
-        void* p = nullptr;
-        size_t bytes = 0;
-    };
-    std::mutex m_;
-    std::map<std::pair<int, uintptr_t>, Buf> bufs_;
-    std::vector<void*> retired_;
-};
-
-// Config for a dense (uniform) call: the largest tile that still gives at least one CTA per SM,
+// Tile for a dense (uniform) call: the largest tile that still gives at least one CTA per SM,
 // else the one with the most CTAs (small problems are latency-bound; more CTAs = more loads in flight).
-int choose_dense(int64_t N, int64_t M, int64_t groups, bool wgmma_ok) {
-    if (wgmma_ok) return kWgConfig;   // decodes each weight once per 128 tokens; split-K fills the GPU
+Tile choose_dense(int64_t N, int64_t M, int64_t groups, bool wgmma_ok) {
+    if (wgmma_ok) return Tile::wgmma_256x128;   // decodes each weight once per 128 tokens; split-K fills the GPU
     const int64_t sms = sm_count();
-    int best = 0;
+    Tile best = Tile::mma_128x8;
     int64_t best_ctas = -1;
-    for (int c : {5, 4, 1, 0}) {
-        const TiledConfig& t = kConfigs[c];
-        if (c != 0 && t.tokens >= 2 * M) continue;   // at most half the token tile wasted
+    for (Tile c : {Tile::mma_256x128, Tile::mma_128x128_nt8, Tile::mma_128x16, Tile::mma_128x8}) {
+        const TiledConfig& t = cfg(c);
+        if (c != Tile::mma_128x8 && t.tokens >= 2 * M) continue;   // at most half the token tile wasted
         const int64_t ctas = ceil_div(N, t.rows) * ceil_div(M, t.tokens) * groups;
         if (ctas >= sms) return c;
         if (ctas > best_ctas) best = c, best_ctas = ctas;
@@ -991,16 +968,34 @@ int choose_dense(int64_t N, int64_t M, int64_t groups, bool wgmma_ok) {
     return best;
 }
 
-// Config for the grouped expert GEMMs from the mean rows per expert (no device sync).
-int choose_grouped(int64_t N, int64_t E) {
+// Tile for the grouped expert GEMMs from the mean rows per expert (no device sync).
+Tile choose_grouped(int64_t N, int64_t E) {
     const double mean = static_cast<double>(N) / static_cast<double>(std::min<int64_t>(E, std::max<int64_t>(N, 1)));
     // Measured with megamoe-gemm-bench --config on H100 and H200 (Flash and Pro, NVFP4):
-    if (mean <= 12) return 0;          // T ≤ 256: stream the weights, 8-token tiles
-    if (mean <= 48) return kWgConfig32;  // T ≈ 1024: wgmma, 32-token tiles (1.45x config 1 on H100)
-    return kWgConfig;                  // T ≥ 4096: wgmma, 128-token tiles
+    if (mean <= 12) return Tile::mma_128x8;       // T ≤ 256: stream the weights, 8-token tiles
+    if (mean <= 48) return Tile::wgmma_256x32;    // T ≈ 1024: wgmma, 32-token tiles (1.45x mma_128x16 on H100)
+    return Tile::wgmma_256x128;                   // T ≥ 4096: wgmma, 128-token tiles
 }
 
-void check_config(int c) { MEGAMOE_CHECK(c >= -1 && c < kNumConfigs, "tiled linear: config ", c, " does not exist"); }
+// Split-K of a dense wgmma call: S parts of spz steps each over blockIdx.z, when the tiles alone
+// (`ctas` of them) leave SMs idle (few rows and tokens, long K): at least 8 steps per split, at
+// most 8 splits; partial sums reduced in a fixed order. S = 1: no split (spz = steps).
+int64_t split_k(int64_t ctas, int64_t steps, int64_t& spz) {
+    const int64_t sms = sm_count();
+    int64_t S = 1;
+    if (ctas < sms) S = std::min<int64_t>({8, ceil_div(sms, ctas), std::max<int64_t>(1, steps / 8)});
+    spz = steps;
+    if (S > 1) {
+        spz = ceil_div(steps, S);
+        S = ceil_div(steps, spz);
+    }
+    return S;
+}
+
+// Scratch of a dense wgmma call of M rows (see GemmScratch): x in wgmma column order [M, cols]
+// bf16 at offset 0, then the f32 partial sums [S][M][out] at xperm_bytes(M, cols).
+size_t xperm_bytes(int64_t M, int64_t cols) { return DeviceArena::round_up(static_cast<size_t>(M * cols) * 2); }
+size_t partial_bytes(int64_t S, int64_t M, int64_t out) { return static_cast<size_t>(S * M * out) * 4; }
 
 GemmGroup group_of(const DeviceLinear& a, const DeviceLinear* b) {
     GemmGroup g{};
@@ -1021,46 +1016,96 @@ const std::vector<TiledConfig>& tiled_configs() {
     return v;
 }
 
-std::string tiled_config_name(int c) {
-    check_config(c);
-    if (c < 0) return "auto";
-    const TiledConfig& t = kConfigs[c];
-    if (is_wg(c)) return str("wgmma tile ", t.rows, "x", t.tokens, " (2 warpgroups x 2 m64n", t.tokens, " tiles)");
-    return str("tile ", t.rows, "x", t.tokens, " (MT=", t.mt, " NT=", t.nt, " WR=", t.wr, " WT=", t.wt,
+const TiledConfig& tiled_config(Tile tile) {
+    (void)cfg(tile);   // checks
+    return tiled_configs()[static_cast<size_t>(tile)];
+}
+
+const char* tile_name(Tile tile) {
+    if (tile == Tile::automatic) return "automatic";
+    return cfg(tile).name;
+}
+
+std::string tiled_config_name(Tile tile) {
+    check_tile(tile);
+    if (tile == Tile::automatic) return "automatic";
+    const TiledConfig& t = cfg(tile);
+    if (is_wg(tile))
+        return str(t.name, " (wgmma tile ", t.rows, "x", t.tokens, ", 2 warpgroups x 2 m64n", t.tokens, " tiles)");
+    return str(t.name, " (tile ", t.rows, "x", t.tokens, ", MT=", t.mt, " NT=", t.nt, " WR=", t.wr, " WT=", t.wt,
                " stages=", t.stages, ")");
 }
 
+Tile tile_from_name(const std::string& name) {
+    if (name == "automatic") return Tile::automatic;
+    std::string names = "automatic";
+    for (const TiledConfig& t : kConfigs) {
+        if (name == t.name) return t.tile;
+        names += str(", ", t.name);
+    }
+    fail("unknown tile '", name, "' (tiles: ", names, ")");
+}
+
+size_t linear_scratch_bytes(const DeviceLinear& w, int64_t M, const LinearOptions& o) {
+    MEGAMOE_CHECK(w.out > 0 && w.in > 0 && w.weight_row_bytes > 0, "linear_scratch_bytes: no layout");
+    MEGAMOE_CHECK(M >= 0, "linear_scratch_bytes: M = ", M);
+    MEGAMOE_CHECK(o.groups >= 1 && w.out % o.groups == 0, "linear_scratch_bytes: ", o.groups, " groups do not divide ",
+                  w.out, " rows");
+    // As linear_tiled: these never take the wgmma path.
+    if (M == 0 || w.format == LinearFormat::f32 || w.nan_codes || w.in % 8 != 0 || w.in % step_cols(w.format) != 0)
+        return 0;
+    const int64_t N = w.out / o.groups, steps = w.weight_row_bytes / kStepBytes, sms = sm_count();
+    size_t most = 0;
+    for (Tile c : {Tile::wgmma_256x128, Tile::wgmma_256x32}) {
+        const TiledConfig& t = cfg(c);
+        const int64_t gx = ceil_div(N, t.rows);
+        // The largest S·m over m ≤ M: S is fixed while the tile count ceil(m / tokens) is, so the
+        // candidates are the last m of each count; past ctas ≥ SMs there is no split at all.
+        int64_t split_rows = 0;
+        for (int64_t tiles = 1;; ++tiles) {
+            const int64_t m = std::min(M, tiles * t.tokens), ctas = gx * tiles * o.groups;
+            int64_t spz = 0;
+            const int64_t S = split_k(ctas, steps, spz);
+            if (S > 1) split_rows = std::max(split_rows, S * m);
+            if (m == M || ctas >= sms) break;
+        }
+        most = std::max(most, xperm_bytes(M, w.in * o.groups) + partial_bytes(split_rows, 1, w.out));
+    }
+    return most;
+}
+
 void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
-                  CUstream_st* stream, int config) {
-    check_config(config);
+                  const GemmScratch* scratch, CUstream_st* stream, Tile tile) {
+    check_tile(tile);
     MEGAMOE_CHECK(w.weight != nullptr, "linear_tiled: weights not uploaded");
     MEGAMOE_CHECK(M >= 0 && M <= std::numeric_limits<int>::max() / 2, "linear_tiled: M = ", M);
     MEGAMOE_CHECK(o.groups >= 1 && w.out % o.groups == 0, "linear_tiled: ", o.groups, " groups do not divide ", w.out,
                   " rows");
     if (M == 0) return;
     MEGAMOE_CHECK(x != nullptr && y != nullptr, "linear_tiled: null x or y");
+    MEGAMOE_CHECK(scratch == nullptr || scratch->p == nullptr || (reinterpret_cast<uintptr_t>(scratch->p) & 15) == 0,
+                  "linear_tiled: scratch is not 16-byte aligned");
     if (w.format == LinearFormat::f32 || w.nan_codes || w.in % 8 != 0 || (reinterpret_cast<uintptr_t>(x) & 15) != 0) {
         // The exact kernel: f32 weights, fp8 NaN codes, or x rows that 16-byte copies cannot take.
         linear_reference(w, x, M, y, o, stream);
         return;
     }
     const int64_t N = w.out / o.groups;
-    int c = config >= 0 ? config : choose_dense(N, M, o.groups, w.in % step_cols(w.format) == 0);
+    Tile c = tile != Tile::automatic ? tile : choose_dense(N, M, o.groups, w.in % step_cols(w.format) == 0);
     const uint16_t* xk = x;   // x as the kernel reads it
+    const int64_t cols = w.in * o.groups;
+    const size_t room = scratch != nullptr && scratch->p != nullptr ? scratch->bytes : 0;
     if (is_wg(c)) {
-        // wgmma_kernel reads x in its column order, permuted within each step's columns.
-        const int64_t cols = w.in * o.groups;
-        uint16_t* buf = w.in % step_cols(w.format) == 0
-                            ? static_cast<uint16_t*>(WgScratch::get(0).acquire(static_cast<size_t>(M * cols) * 2, stream))
-                            : nullptr;
-        if (buf) {
+        // wgmma_kernel reads x in its column order, permuted within each step's columns (into scratch).
+        if (w.in % step_cols(w.format) == 0 && room >= static_cast<size_t>(M * cols) * 2) {
+            uint16_t* buf = static_cast<uint16_t*>(scratch->p);
             launch_permute(w.format, x, cols, buf, cols, M, cols, stream);
             xk = buf;
         } else {
-            c = 5;   // K not a whole number of steps, or no scratch during capture: mma.sync kernel
+            c = Tile::mma_256x128;   // K not a whole number of steps, or no room for x: mma.sync kernel
         }
     }
-    const TiledConfig& t = kConfigs[c];
+    const TiledConfig& t = cfg(c);
     TiledParams p{};
     p.base = group_of(w, nullptr);
     p.table = nullptr;
@@ -1086,15 +1131,14 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
     const int64_t gx = ceil_div(N, t.rows);
     int64_t S = 1;
     if (is_wg(c)) {
-        // Split K over blockIdx.z when the tiles alone leave SMs idle (few rows and tokens, long K):
-        // at least 8 steps per split, at most 8 splits; partial sums reduced in a fixed order.
-        const int64_t ctas = gx * gy, sms = sm_count();
-        if (ctas < sms) S = std::min<int64_t>({8, ceil_div(sms, ctas), std::max<int64_t>(1, p.steps / 8)});
-        if (S > 1) {
-            p.spz = static_cast<int>(ceil_div(p.steps, S));
-            S = ceil_div(p.steps, p.spz);
-            p.part = static_cast<float*>(WgScratch::get(1).acquire(static_cast<size_t>(S * M * w.out) * 4, stream));
-            if (!p.part) S = 1, p.spz = p.steps;
+        int64_t spz = p.steps;
+        S = split_k(gx * gy, p.steps, spz);
+        // The partial sums go after x in scratch; without room for them, no split.
+        if (S > 1 && room >= xperm_bytes(M, cols) + partial_bytes(S, M, w.out)) {
+            p.spz = static_cast<int>(spz);
+            p.part = reinterpret_cast<float*>(static_cast<uint8_t*>(scratch->p) + xperm_bytes(M, cols));
+        } else {
+            S = 1;
         }
     }
     launch_tiled(w.format, o.out_bf16 ? kEpiBf16 : kEpiF32, c, p, static_cast<unsigned>(gx), static_cast<unsigned>(gy),
@@ -1107,94 +1151,103 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
     }
 }
 
-void linear(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o, CUstream_st* stream) {
+void linear(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
+            const GemmScratch* scratch, CUstream_st* stream) {
     if (M <= 16) linear_small_m(w, x, M, y, o, stream);
-    else linear_tiled(w, x, M, y, o, stream, -1);
+    else linear_tiled(w, x, M, y, o, scratch, stream, Tile::automatic);
 }
 
 // ------------------------------------------------------------------------ routed experts
 
 DeviceExperts::DeviceExperts(const std::vector<ExpertWeights>& experts) {
-    MEGAMOE_CHECK(!experts.empty(), "DeviceExperts: no experts");
-    MEGAMOE_CHECK(static_cast<int64_t>(experts.size()) <= kMoeMaxExperts, "DeviceExperts: ", experts.size(),
-                  " experts (at most ", kMoeMaxExperts, ")");
-    const ExpertWeights& e0 = experts[0];
-    format = e0.w1.format;
-    I = e0.w1.out;
-    D = e0.w1.in;
-    E = static_cast<int64_t>(experts.size());
-    MEGAMOE_CHECK(format == LinearFormat::nvfp4 || format == LinearFormat::mxfp4, "DeviceExperts: expert weights are ",
-                  linear_format_name(format), "; the grouped kernels take NVFP4 or MXFP4 (the releases' expert formats)");
-    try {
-        for (int64_t e = 0; e < E; ++e) {
-            const ExpertWeights& x = experts[static_cast<size_t>(e)];
-            auto check = [&](const Linear& l, const char* name, int64_t out, int64_t in) {
-                if (l.format != format)
-                    fail("DeviceExperts: expert ", e, " ", name, " is ", linear_format_name(l.format), ", expert 0 is ",
-                         linear_format_name(format));
-                if (l.out != out || l.in != in)
-                    fail("DeviceExperts: expert ", e, " ", name, " is [", l.out, ", ", l.in, "], expected [", out, ", ",
-                         in, "]");
-            };
-            check(x.w1, "w1", I, D);
-            check(x.w3, "w3", I, D);
-            check(x.w2, "w2", D, I);
-            w1.push_back(upload_linear(x.w1));
-            w3.push_back(upload_linear(x.w3));
-            w2.push_back(upload_linear(x.w2));
-            if (w1.back().nan_codes || w3.back().nan_codes || w2.back().nan_codes)
-                fail("DeviceExperts: expert ", e, " has fp8 NaN weight codes (not supported by the grouped kernels)");
-            MEGAMOE_CHECK(D % 8 == 0 && I % 8 == 0, "DeviceExperts: D = ", D, " and I = ", I, " must be multiples of 8");
-        }
-        std::vector<GemmGroup> t1(static_cast<size_t>(E)), t2(static_cast<size_t>(E));
-        for (int64_t e = 0; e < E; ++e) {
-            t1[static_cast<size_t>(e)] = group_of(w1[static_cast<size_t>(e)], &w3[static_cast<size_t>(e)]);
-            t2[static_cast<size_t>(e)] = group_of(w2[static_cast<size_t>(e)], nullptr);
-        }
-        CUDA_CHECK(cudaMalloc(&l1_table, t1.size() * sizeof(GemmGroup)));
-        CUDA_CHECK(cudaMalloc(&l2_table, t2.size() * sizeof(GemmGroup)));
-        CUDA_CHECK(cudaMemcpy(l1_table, t1.data(), t1.size() * sizeof(GemmGroup), cudaMemcpyHostToDevice));
-        CUDA_CHECK(cudaMemcpy(l2_table, t2.data(), t2.size() * sizeof(GemmGroup), cudaMemcpyHostToDevice));
-    } catch (...) {
-        release();
-        throw;
-    }
+    DeviceArena plan;   // checks everything and counts, before any allocation
+    place(experts, plan);
+    own_ = DeviceArena(plan.used(), "routed experts");
+    place(experts, own_);
 }
 
-void DeviceExperts::release() noexcept {
-    for (auto* v : {&w1, &w3, &w2})
-        for (DeviceLinear& l : *v) free_linear(l);
+DeviceExperts::DeviceExperts(const std::vector<ExpertWeights>& experts, DeviceArena& arena) { place(experts, arena); }
+
+DeviceExperts::DeviceExperts(std::vector<DeviceLinear> w1_, std::vector<DeviceLinear> w3_, std::vector<DeviceLinear> w2_,
+                             DeviceArena& arena)
+    : w1(std::move(w1_)), w3(std::move(w3_)), w2(std::move(w2_)) {
+    tables(arena);
+}
+
+namespace {
+
+// Expert e's matrix `name` must be in the experts' format and of shape [out, in].
+void check_expert_matrix(int64_t e, const char* name, LinearFormat f, int64_t rows, int64_t cols, LinearFormat format,
+                         int64_t out, int64_t in) {
+    if (f != format)
+        fail("DeviceExperts: expert ", e, " ", name, " is ", linear_format_name(f), ", expert 0 is ",
+             linear_format_name(format));
+    if (rows != out || cols != in)
+        fail("DeviceExperts: expert ", e, " ", name, " is [", rows, ", ", cols, "], expected [", out, ", ", in, "]");
+}
+
+void check_expert_set(size_t n, LinearFormat format) {
+    MEGAMOE_CHECK(n > 0, "DeviceExperts: no experts");
+    MEGAMOE_CHECK(static_cast<int64_t>(n) <= kMoeMaxExperts, "DeviceExperts: ", n, " experts (at most ", kMoeMaxExperts,
+                  ")");
+    MEGAMOE_CHECK(format == LinearFormat::nvfp4 || format == LinearFormat::mxfp4, "DeviceExperts: expert weights are ",
+                  linear_format_name(format), "; the grouped kernels take NVFP4 or MXFP4 (the releases' expert formats)");
+}
+
+}  // namespace
+
+void DeviceExperts::place(const std::vector<ExpertWeights>& experts, DeviceArena& arena) {
+    // Every check before the first upload (a plan in a counting arena finds every error).
+    check_expert_set(experts.size(), experts.empty() ? LinearFormat::nvfp4 : experts[0].w1.format);
+    const Linear& l0 = experts[0].w1;
+    for (size_t e = 0; e < experts.size(); ++e) {
+        const ExpertWeights& x = experts[e];
+        const int64_t i = static_cast<int64_t>(e);
+        check_expert_matrix(i, "w1", x.w1.format, x.w1.out, x.w1.in, l0.format, l0.out, l0.in);
+        check_expert_matrix(i, "w3", x.w3.format, x.w3.out, x.w3.in, l0.format, l0.out, l0.in);
+        check_expert_matrix(i, "w2", x.w2.format, x.w2.out, x.w2.in, l0.format, l0.in, l0.out);
+    }
+    MEGAMOE_CHECK(l0.in % 8 == 0 && l0.out % 8 == 0, "DeviceExperts: D = ", l0.in, " and I = ", l0.out,
+                  " must be multiples of 8");
     w1.clear();
     w3.clear();
     w2.clear();
-    if (l1_table) (void)cudaFree(l1_table);
-    if (l2_table) (void)cudaFree(l2_table);
-    l1_table = l2_table = nullptr;
+    for (const ExpertWeights& x : experts) {
+        w1.push_back(upload_linear(x.w1, arena));
+        w3.push_back(upload_linear(x.w3, arena));
+        w2.push_back(upload_linear(x.w2, arena));
+    }
+    tables(arena);
 }
 
-DeviceExperts::~DeviceExperts() { release(); }
-
-DeviceExperts::DeviceExperts(DeviceExperts&& o) noexcept { *this = std::move(o); }
-
-DeviceExperts& DeviceExperts::operator=(DeviceExperts&& o) noexcept {
-    if (this != &o) {
-        release();
-        format = o.format;
-        E = o.E;
-        D = o.D;
-        I = o.I;
-        w1 = std::move(o.w1);
-        w3 = std::move(o.w3);
-        w2 = std::move(o.w2);
-        l1_table = o.l1_table;
-        l2_table = o.l2_table;
-        o.w1.clear();
-        o.w3.clear();
-        o.w2.clear();
-        o.l1_table = o.l2_table = nullptr;
-        o.E = 0;
+void DeviceExperts::tables(DeviceArena& arena) {
+    check_expert_set(w1.size(), w1.empty() ? LinearFormat::nvfp4 : w1[0].format);
+    MEGAMOE_CHECK(w3.size() == w1.size() && w2.size() == w1.size(), "DeviceExperts: ", w1.size(), " w1, ", w3.size(),
+                  " w3 and ", w2.size(), " w2");
+    format = w1[0].format;
+    I = w1[0].out;
+    D = w1[0].in;
+    E = static_cast<int64_t>(w1.size());
+    for (int64_t e = 0; e < E; ++e) {
+        const auto i = static_cast<size_t>(e);
+        check_expert_matrix(e, "w1", w1[i].format, w1[i].out, w1[i].in, format, I, D);
+        check_expert_matrix(e, "w3", w3[i].format, w3[i].out, w3[i].in, format, I, D);
+        check_expert_matrix(e, "w2", w2[i].format, w2[i].out, w2[i].in, format, D, I);
+        if (w1[i].nan_codes || w3[i].nan_codes || w2[i].nan_codes)
+            fail("DeviceExperts: expert ", e, " has fp8 NaN weight codes (not supported by the grouped kernels)");
     }
-    return *this;
+    MEGAMOE_CHECK(D % 8 == 0 && I % 8 == 0, "DeviceExperts: D = ", D, " and I = ", I, " must be multiples of 8");
+    const size_t table_bytes = static_cast<size_t>(E) * sizeof(GemmGroup);
+    l1_table = arena.take(table_bytes);
+    l2_table = arena.take(table_bytes);
+    if (arena.counting()) return;   // a plan: shapes only
+    std::vector<GemmGroup> t1(static_cast<size_t>(E)), t2(static_cast<size_t>(E));
+    for (size_t e = 0; e < t1.size(); ++e) {
+        t1[e] = group_of(w1[e], &w3[e]);
+        t2[e] = group_of(w2[e], nullptr);
+    }
+    CUDA_CHECK(cudaMemcpy(l1_table, t1.data(), table_bytes, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(l2_table, t2.data(), table_bytes, cudaMemcpyHostToDevice));
 }
 
 size_t DeviceExperts::bytes() const {
@@ -1210,110 +1263,65 @@ MoeLayerWorkspace::MoeLayerWorkspace(int64_t T_max, int64_t k, const DeviceExper
     dispatch = MoeDispatchWorkspace(T_max, k, ex.E, ex.D);
     const int64_t N = T_max * k;
     // Items for the smallest token tile: Σ_e ceil(c_e / BT) ≤ N / BT + (experts with rows).
-    max_items = ceil_div(N, kConfigs[0].tokens) + std::min(N, ex.E);
-    i_ = ex.I;
-    try {
-        CUDA_CHECK(cudaMalloc(&h, static_cast<size_t>(N * ex.I) * sizeof(uint16_t)));
-        CUDA_CHECK(cudaMalloc(&xp, static_cast<size_t>(N * std::max(ex.D, ex.I)) * sizeof(uint16_t)));
-        CUDA_CHECK(cudaMalloc(&rows, static_cast<size_t>(N * ex.D) * sizeof(float)));
-        CUDA_CHECK(cudaMalloc(&items, static_cast<size_t>(max_items) * 4 * sizeof(int32_t)));
-        CUDA_CHECK(cudaMalloc(&n_items, 2 * sizeof(int32_t)));
-    } catch (...) {
-        release();
-        throw;
-    }
-}
-
-void MoeLayerWorkspace::release() noexcept {
-    if (h) (void)cudaFree(h);
-    if (xp) (void)cudaFree(xp);
-    xp = nullptr;
-    if (rows) (void)cudaFree(rows);
-    if (items) (void)cudaFree(items);
-    if (n_items) (void)cudaFree(n_items);
-    h = nullptr;
-    rows = nullptr;
-    items = nullptr;
-    n_items = nullptr;
-}
-
-MoeLayerWorkspace::~MoeLayerWorkspace() { release(); }
-
-MoeLayerWorkspace::MoeLayerWorkspace(MoeLayerWorkspace&& o) noexcept { *this = std::move(o); }
-
-MoeLayerWorkspace& MoeLayerWorkspace::operator=(MoeLayerWorkspace&& o) noexcept {
-    if (this != &o) {
-        release();
-        dispatch = std::move(o.dispatch);
-        h = o.h;
-        xp = o.xp;
-        o.xp = nullptr;
-        rows = o.rows;
-        items = o.items;
-        n_items = o.n_items;
-        max_items = o.max_items;
-        i_ = o.i_;
-        o.h = nullptr;
-        o.rows = nullptr;
-        o.items = nullptr;
-        o.n_items = nullptr;
-        o.max_items = 0;
-    }
-    return *this;
+    max_items = ceil_div(N, cfg(Tile::mma_128x8).tokens) + std::min(N, ex.E);
+    h = DeviceArray<uint16_t>(static_cast<size_t>(N * ex.I), "MoeLayerWorkspace h");
+    xp = DeviceArray<uint16_t>(static_cast<size_t>(N * std::max(ex.D, ex.I)), "MoeLayerWorkspace xp");
+    rows = DeviceArray<float>(static_cast<size_t>(N * ex.D), "MoeLayerWorkspace rows");
+    items = DeviceArray<int32_t>(static_cast<size_t>(max_items) * 4, "MoeLayerWorkspace items");
+    n_items = DeviceArray<int32_t>(2, "MoeLayerWorkspace n_items");
 }
 
 size_t MoeLayerWorkspace::bytes() const {
-    const int64_t N = dispatch.T_max * dispatch.k;
-    const int64_t I = h ? i_ : 0;
-    return dispatch.bytes() + static_cast<size_t>(N * I) * 2 + static_cast<size_t>(N * dispatch.D) * 4 +
-           static_cast<size_t>(N * std::max(I, dispatch.D)) * 2 +
-           static_cast<size_t>(max_items) * 16 + 8;
+    return dispatch.bytes() + h.bytes() + xp.bytes() + rows.bytes() + items.bytes() + n_items.bytes();
 }
 
 namespace {
 
 void launch_build_items(const MoeLayerWorkspace& ws, int64_t E, int BT, cudaStream_t stream) {
     CUDA_CHECK(launch_pdl(build_items_kernel, dim3(1), dim3(1024), 0, stream,
-                          static_cast<const int32_t*>(ws.dispatch.offsets), static_cast<int>(E), BT,
-                          reinterpret_cast<int4*>(ws.items), ws.n_items));
+                          static_cast<const int32_t*>(ws.dispatch.offsets.data()), static_cast<int>(E), BT,
+                          reinterpret_cast<int4*>(ws.items.data()), ws.n_items.data()));
 }
 
-void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1, float limit, int config,
-             bool build, cudaStream_t stream) {
-    check_config(config);
-    MEGAMOE_CHECK(ex.E > 0 && ex.E == ws.dispatch.E && ex.D == ws.dispatch.D, "moe_l", l1 ? 1 : 2,
-                  ": workspace is for E = ", ws.dispatch.E, ", D = ", ws.dispatch.D, ", experts have E = ", ex.E,
-                  ", D = ", ex.D);
+void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1, float limit, Tile tile, bool build,
+             cudaStream_t stream) {
+    check_tile(tile);
+    MEGAMOE_CHECK(ex.E > 0 && static_cast<int64_t>(ex.w1.size()) == ex.E, "moe_l", l1 ? 1 : 2,
+                  ": experts not uploaded");
+    MEGAMOE_CHECK(!ws.items.empty(), "moe_l", l1 ? 1 : 2, ": the workspace holds no buffers");
+    MEGAMOE_CHECK(ex.E == ws.dispatch.E && ex.D == ws.dispatch.D, "moe_l", l1 ? 1 : 2, ": workspace is for E = ",
+                  ws.dispatch.E, ", D = ", ws.dispatch.D, ", experts have E = ", ex.E, ", D = ", ex.D);
     MEGAMOE_CHECK(N >= 0 && N <= ws.dispatch.T_max * ws.dispatch.k, "moe_l", l1 ? 1 : 2, ": ", N,
                   " rows exceed the workspace (", ws.dispatch.T_max * ws.dispatch.k, ")");
     if (N == 0) return;
-    int c = config >= 0 ? config : choose_grouped(N, ex.E);
+    Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
     const DeviceLinear& w = l1 ? ex.w1[0] : ex.w2[0];
-    const uint16_t* x = l1 ? ws.dispatch.xs : ws.h;
+    const uint16_t* x = l1 ? ws.dispatch.xs.data() : ws.h.data();
     if (is_wg(c)) {
         // wgmma_kernel reads its input in wgmma column order: a permuted copy in ws.xp.
         if (w.in % step_cols(ex.format) == 0) {
-            launch_permute(ex.format, x, w.in, ws.xp, w.in, N, w.in, stream);
-            x = ws.xp;
+            launch_permute(ex.format, x, w.in, ws.xp.data(), w.in, N, w.in, stream);
+            x = ws.xp.data();
         } else {
-            if (kConfigs[c].tokens != kConfigs[4].tokens) build = true;   // the work list's tile changes
-            c = 4;
+            const Tile fallback = Tile::mma_128x128_nt8;
+            if (cfg(c).tokens != cfg(fallback).tokens) build = true;   // the work list's tile changes
+            c = fallback;
         }
     }
-    const TiledConfig& t = kConfigs[c];
+    const TiledConfig& t = cfg(c);
     if (build) launch_build_items(ws, ex.E, t.tokens, stream);
     TiledParams p{};
     p.base = GemmGroup{};
     p.table = static_cast<const GemmGroup*>(l1 ? ex.l1_table : ex.l2_table);
-    p.items = reinterpret_cast<const int4*>(ws.items);
-    p.n_items = ws.n_items;
+    p.items = reinterpret_cast<const int4*>(ws.items.data());
+    p.n_items = ws.n_items.data();
     p.M = 0;
     p.tiles = 0;
     p.x = x;
     p.x_ld = l1 ? ex.D : ex.I;
-    p.y = l1 ? static_cast<void*>(ws.h) : static_cast<void*>(ws.rows);
+    p.y = l1 ? static_cast<void*>(ws.h.data()) : static_cast<void*>(ws.rows.data());
     p.y_ld = l1 ? ex.I : ex.D;
-    p.row_scale = ws.dispatch.ws;
+    p.row_scale = ws.dispatch.ws.data();
     p.N = static_cast<int>(w.out);
     p.K = static_cast<int>(w.in);
     p.steps = static_cast<int>(w.weight_row_bytes / kStepBytes);
@@ -1331,32 +1339,32 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
 
 }  // namespace
 
-void moe_l1(const DeviceExperts& ex, float limit, MoeLayerWorkspace& ws, int64_t N, CUstream_st* stream, int config) {
-    grouped(ex, ws, N, true, limit, config, true, stream);
+void moe_l1(const DeviceExperts& ex, float limit, MoeLayerWorkspace& ws, int64_t N, CUstream_st* stream, Tile tile) {
+    grouped(ex, ws, N, true, limit, tile, true, stream);
 }
 
-void moe_l2(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, CUstream_st* stream, int config) {
-    grouped(ex, ws, N, false, 0.0f, config, true, stream);
+void moe_l2(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, CUstream_st* stream, Tile tile) {
+    grouped(ex, ws, N, false, 0.0f, tile, true, stream);
 }
 
 void moe_layer(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
-               int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws, CUstream_st* stream, int config) {
-    check_config(config);
+               int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Tile tile) {
+    check_tile(tile);
     MEGAMOE_CHECK(T >= 0 && T <= ws.dispatch.T_max, "moe_layer: T = ", T, " exceeds the workspace's T_max = ",
                   ws.dispatch.T_max);
     if (T == 0) return;
     const int64_t N = T * ws.dispatch.k;
     ws.dispatch.route(ids, T, stream);
     ws.dispatch.gather(x, weights, T, stream);
-    const int c = config >= 0 ? config : choose_grouped(N, ex.E);
+    const Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
     grouped(ex, ws, N, true, limit, c, true, stream);
     grouped(ex, ws, N, false, 0.0f, c, false, stream);   // same tile size: L1's work list serves
-    ws.dispatch.combine(ws.rows, shared, T, y, stream);
+    ws.dispatch.combine(ws.rows.data(), shared, T, y, stream);
 }
 
-int moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return choose_grouped(T * k, ex.E); }
+Tile moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return choose_grouped(T * k, ex.E); }
 
-int linear_tiled_config(const DeviceLinear& w, int64_t M, const LinearOptions& o) {
+Tile linear_tiled_config(const DeviceLinear& w, int64_t M, const LinearOptions& o) {
     MEGAMOE_CHECK(o.groups >= 1 && w.out % o.groups == 0, "linear_tiled_config: bad groups");
     return choose_dense(w.out / o.groups, M, o.groups,
                         w.format != LinearFormat::f32 && w.in % step_cols(w.format) == 0);

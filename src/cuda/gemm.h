@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/buffer.h"
 #include "cuda/linear.h"
 #include "cuda/moe_dispatch.h"
 #include "io/weights.h"
@@ -30,90 +31,134 @@ struct CUstream_st;
 
 namespace megamoe::cuda {
 
-// y[M, N] = x[M, K·groups] · Wᵀ (see LinearOptions): M ≤ 16 → linear_small_m, else linear_tiled.
-// x bf16 row-major [M, K·groups] (16-byte aligned; for the tiled path K % 8 == 0), y f32 or bf16
-// [M, N]. Asynchronous, deterministic, graph-capturable. For M > 16 the wgmma path uses a scratch
-// buffer per (device, stream) (x in its column order, split-K partials) that is allocated or grown
-// on first need outside stream capture; during capture a call that would need a larger one runs
-// the mma.sync kernel instead (same results up to summation order). Capture after a warm-up call.
-void linear(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void* y, const LinearOptions& o,
-            CUstream_st* stream);
+// The tiled kernel shapes, named after their CTA tile (weight rows × tokens). mma_*: tiled_kernel
+// (mma.sync m16n8k16; any M, any K % 8 == 0); wgmma_*: wgmma_kernel (K a whole number of 64-byte
+// weight steps, x permuted into the kernel's column order first). The reasons for each shape and
+// the measurements behind the automatic choice are next to the table in gemm.cu.
+enum class Tile : int8_t {
+    automatic = -1,    // chosen per call: from M (dense), from the mean rows per expert (grouped)
+    mma_128x8 = 0,     // decode, few tokens per expert: 4 warps, no duplicate decode, 5 CTAs per SM
+    mma_128x16,        // 4 warps, each decoded fragment used for two token tiles
+    mma_256x64,
+    mma_128x128,
+    mma_128x128_nt8,   // NT = 8: half the decode work per MMA; the grouped fallback without wgmma
+    mma_256x128,       // the dense fallback when wgmma cannot run (K not whole steps, no scratch)
+    wgmma_256x128,     // prefill: each weight decoded once per 128 tokens; split-K fills the GPU
+    wgmma_256x32,      // mid-size expert batches: more weight bytes in flight per token
+};
 
-// The tiled kernel for any M ≥ 1 (what linear uses for M > 16). f32 weights and fp8 weights with
-// NaN codes go to linear_reference. `config` forces one of the kernel shapes (tests, benchmarks):
-// -1 chooses from M; otherwise an index into tiled_configs().
-void linear_tiled(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void* y, const LinearOptions& o,
-                  CUstream_st* stream, int config = -1);
-
-// The kernel shapes: a CTA of wr·wt warps covers `rows` weight rows × `tokens` tokens per tile.
+// A kernel shape: a CTA of wr·wt warps covers `rows` weight rows × `tokens` tokens per tile.
 struct TiledConfig {
+    Tile        tile;
+    const char* name;        // the enumerator's name, e.g. "mma_128x8"
     int mt, nt, wr, wt;      // per warp: 16·mt weight rows × 8·nt tokens; wr × wt warps (rows × tokens)
     int rows, tokens;        // CTA tile
     int stages;              // shared-memory ring depth (0: the wgmma shapes, chosen per format)
 };
+// Every shape (Tile::automatic excluded), in enum order: iterate this to run or print them all.
 const std::vector<TiledConfig>& tiled_configs();
-std::string tiled_config_name(int config);
+const TiledConfig& tiled_config(Tile tile);       // throws for automatic and for values naming no shape
+const char* tile_name(Tile tile);                 // "automatic", "mma_128x8", ...; throws like tiled_config
+std::string tiled_config_name(Tile tile);         // name and shape, for logs and test messages
+Tile tile_from_name(const std::string& name);     // inverse of tile_name; throws listing the names
+
+// Device scratch of the dense wgmma path, owned by the caller (a DeviceBuffer, or a piece of a
+// DeviceArena): x in the kernel's column order, then the split-K partial sums. The library keeps
+// no scratch of its own, so a call allocates nothing and depends on no state outside its
+// arguments. One scratch must not serve two calls that may run at the same time (calls on one
+// stream are ordered by it; calls on different streams need a scratch each).
+struct GemmScratch {
+    void*  p = nullptr;   // device, 16-byte aligned (cudaMalloc / DeviceArena memory is 256-aligned)
+    size_t bytes = 0;
+};
+
+// Scratch bytes that make linear_tiled (and linear for M > 16) run its wgmma path with split-K
+// for any call of w with 1..M rows and options o, whatever the tile (the largest of the permuted x
+// and the partial sums over those calls; the split depends on the current device's SM count).
+// 0 when w never takes the wgmma path (f32, fp8 NaN codes, K not a whole number of steps). Reads
+// only w's layout, so w may be a plan from a counting arena (upload_linear).
+size_t linear_scratch_bytes(const DeviceLinear& w, int64_t M, const LinearOptions& o);
+
+// y[M, N] = x[M, K·groups] · Wᵀ (see LinearOptions): M ≤ 16 → linear_small_m, else linear_tiled.
+// x bf16 row-major [M, K·groups] (16-byte aligned; for the tiled path K % 8 == 0), y f32 or bf16
+// [M, N]. Asynchronous, deterministic, allocation-free and graph-capturable: the wgmma path takes
+// its buffers from `scratch` (see GemmScratch), which the caller owns, so capture needs no warm-up
+// call and a captured graph keeps using that same memory (it must outlive the graph, and no other
+// work may use it while the graph runs). scratch == nullptr or smaller than the call needs: the
+// mma.sync kernel (no x buffer) or wgmma without split-K (no room for the partial sums) — the same
+// results up to summation order.
+void linear(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void* y, const LinearOptions& o,
+            const GemmScratch* scratch, CUstream_st* stream);
+
+// The tiled kernel for any M ≥ 1 (what linear uses for M > 16). f32 weights, fp8 weights with NaN
+// codes and x that 16-byte copies cannot read go to linear_reference. `tile` forces a kernel shape
+// (tests, benchmarks; a wgmma tile without enough scratch runs as linear describes); automatic
+// chooses from M.
+void linear_tiled(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void* y, const LinearOptions& o,
+                  const GemmScratch* scratch, CUstream_st* stream, Tile tile = Tile::automatic);
 
 // ------------------------------------------------------------------------ routed experts
 
 // The routed experts of one MoE layer on the device: E × (w1, w3 [I, D], w2 [D, I]) in one format
 // (NVFP4 or MXFP4, the releases' expert formats; others are refused), each uploaded with
-// upload_linear, plus the per-expert parameter tables the grouped kernels read. Move-only; frees
-// in the destructor.
+// upload_linear, plus the per-expert parameter tables the grouped kernels read. Two ways to place
+// them: into a caller's DeviceArena (a model's weights in one allocation; plan with a counting
+// arena first: the same constructor checks and counts, then carve from the real arena), or
+// standalone, in one allocation this object owns. Move-only; a moved-from object has no experts.
 class DeviceExperts {
 public:
     DeviceExperts() = default;
-    explicit DeviceExperts(const std::vector<ExpertWeights>& experts);   // throws megamoe::Error
-    ~DeviceExperts();
-    DeviceExperts(DeviceExperts&& o) noexcept;
-    DeviceExperts& operator=(DeviceExperts&& o) noexcept;
-    DeviceExperts(const DeviceExperts&) = delete;
-    DeviceExperts& operator=(const DeviceExperts&) = delete;
+    // Standalone: every weight and both tables in one allocation owned here. Throws megamoe::Error.
+    explicit DeviceExperts(const std::vector<ExpertWeights>& experts);
+    // Into `arena`, in order: per expert w1, w3, w2 (upload_linear), then the L1 and L2 tables.
+    // The views point into the arena, which must outlive this object. A counting arena: checks
+    // and counts only, no CUDA call (the result has the shapes, null device pointers).
+    DeviceExperts(const std::vector<ExpertWeights>& experts, DeviceArena& arena);
+    // From expert matrices already on the device ([E] each, e.g. synth_linear or upload_linear
+    // views; this object views them too): the same checks, and the two tables carved from `arena`
+    // (a counting arena: counted only).
+    DeviceExperts(std::vector<DeviceLinear> w1, std::vector<DeviceLinear> w3, std::vector<DeviceLinear> w2,
+                  DeviceArena& arena);
 
     LinearFormat format = LinearFormat::nvfp4;
     int64_t E = 0, D = 0, I = 0;
-    std::vector<DeviceLinear> w1, w3, w2;   // [E] each
-    void* l1_table = nullptr;               // device: per-expert (w1, w3) descriptors
-    void* l2_table = nullptr;               // device: per-expert w2 descriptors
+    std::vector<DeviceLinear> w1, w3, w2;   // [E] each, views
+    void* l1_table = nullptr;               // device [E]: per-expert (w1, w3) descriptors
+    void* l2_table = nullptr;               // device [E]: per-expert w2 descriptors
     size_t bytes() const;                   // packed checkpoint bytes of all experts
 
 private:
-    void release() noexcept;
+    DeviceArena own_;   // the standalone constructor's allocation (a counting arena otherwise)
+    void place(const std::vector<ExpertWeights>& experts, DeviceArena& arena);   // checks, uploads, tables()
+    void tables(DeviceArena& arena);   // checks w1, w3, w2 and sets the shapes; carves and fills the tables
 };
 
 // Device buffers for the routed-expert layer at up to T_max tokens (allocated once; the calls
-// below allocate nothing). Move-only.
+// below allocate nothing). Move-only; a moved-from workspace holds no buffers.
 class MoeLayerWorkspace {
 public:
     MoeLayerWorkspace() = default;
     MoeLayerWorkspace(int64_t T_max, int64_t k, const DeviceExperts& ex);   // throws megamoe::Error
-    ~MoeLayerWorkspace();
-    MoeLayerWorkspace(MoeLayerWorkspace&& o) noexcept;
-    MoeLayerWorkspace& operator=(MoeLayerWorkspace&& o) noexcept;
-    MoeLayerWorkspace(const MoeLayerWorkspace&) = delete;
-    MoeLayerWorkspace& operator=(const MoeLayerWorkspace&) = delete;
 
-    MoeDispatchWorkspace dispatch;   // counts, offsets, perm, inv, xs [T_max·k, D], ws
-    uint16_t* h = nullptr;           // [T_max·k, I] bf16, L1 output
-    uint16_t* xp = nullptr;          // [T_max·k, max(D, I)] bf16: xs or h in wgmma column order (large T)
-    float*    rows = nullptr;        // [T_max·k, D] f32, L2 output (routing weight already applied)
-    int32_t*  items = nullptr;       // work list of the grouped kernels: [max_items] × 4 int32
-    int32_t*  n_items = nullptr;     // [2]: items of L1's tile size, of L2's
-    int64_t   max_items = 0;
-    size_t    bytes() const;
-
-private:
-    int64_t i_ = 0;   // expert width I the buffers are sized for
-    void release() noexcept;
+    MoeDispatchWorkspace     dispatch;   // counts, offsets, perm, inv, xs [T_max·k, D], ws
+    DeviceArray<uint16_t>    h;          // [T_max·k, I] bf16, L1 output
+    DeviceArray<uint16_t>    xp;         // [T_max·k, max(D, I)] bf16: xs or h in wgmma column order (large T)
+    DeviceArray<float>       rows;       // [T_max·k, D] f32, L2 output (routing weight already applied)
+    DeviceArray<int32_t>     items;      // [max_items, 4] int32: work list of the grouped kernels
+    DeviceArray<int32_t>     n_items;    // [2] int32: items of L1's tile size, of L2's
+    int64_t                  max_items = 0;
+    size_t bytes() const;                // device bytes held
 };
 
 // L1 of the routed experts over the rows of ws.dispatch (after route + gather):
 // h[j, :] = silu(min(g, limit)) · clamp(u, -limit, limit) · ws[j] in bf16, g/u from w1/w3 of the
-// expert that row j belongs to (offsets). N = T·k rows. `config` as in linear_tiled (-1: from T).
+// expert that row j belongs to (offsets). N = T·k rows. `tile` as in linear_tiled (automatic: from
+// the mean rows per expert).
 void moe_l1(const DeviceExperts& ex, float swiglu_limit, MoeLayerWorkspace& ws, int64_t N, CUstream_st* stream,
-            int config = -1);
+            Tile tile = Tile::automatic);
 // L2: rows[j, :] = h[j, :] · w2[e]ᵀ (f32).
-void moe_l2(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, CUstream_st* stream, int config = -1);
+void moe_l2(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, CUstream_st* stream,
+            Tile tile = Tile::automatic);
 
 // The whole routed-expert layer: y[T, D] = Σ_s weights[t, s] · expert_{ids[t, s]}(x[t]) (+ shared[t]
 // added last, if not null), in the slot order of ops::moe. x bf16 [T, D], ids int32 [T, k],
@@ -122,10 +167,11 @@ void moe_l2(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, CUstream_
 // replayed with new x / ids / weights.
 void moe_layer(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,
                const float* weights, int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws,
-               CUstream_st* stream, int config = -1);
+               CUstream_st* stream, Tile tile = Tile::automatic);
 
-// The tiled kernel shape moe_layer uses for T tokens (config = -1), and linear_tiled for M rows.
-int moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k);
-int linear_tiled_config(const DeviceLinear& w, int64_t M, const LinearOptions& o);
+// The kernel shape Tile::automatic picks: moe_layer for T tokens, linear_tiled for M rows (with
+// enough scratch; without, a wgmma choice runs as mma_256x128).
+Tile moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k);
+Tile linear_tiled_config(const DeviceLinear& w, int64_t M, const LinearOptions& o);
 
 }  // namespace megamoe::cuda

@@ -437,16 +437,8 @@ static __global__ void __launch_bounds__(kThreads) linear_reference_kernel(const
 
 // ---------------------------------------------------------------------------- host side
 
-int elems_per_16b(LinearFormat f) {
-    switch (f) {
-        case LinearFormat::bf16: return 8;
-        case LinearFormat::fp8_block: return 16;
-        case LinearFormat::mxfp4:
-        case LinearFormat::nvfp4: return 32;
-        case LinearFormat::f32: return 4;
-    }
-    return 0;
-}
+// Weights per 16-byte load (Traits<F>::kElems on the device).
+int elems_per_16b(LinearFormat f) { return 128 / format_info(f).weight_bits; }
 
 int x_row_mod(LinearFormat f) {
     switch (f) {
@@ -675,19 +667,9 @@ void launch_reference(const DeviceLinear& w, const uint16_t* x, int64_t M, void*
 // ---------------------------------------------------------------------------- public API
 
 int64_t packed_row_bytes(LinearFormat f, int64_t in) {
-    MEGAMOE_CHECK(in > 0, "linear: input size ", in);
-    switch (f) {
-        case LinearFormat::f32: return in * 4;
-        case LinearFormat::bf16: return in * 2;
-        case LinearFormat::fp8_block: return in;
-        case LinearFormat::mxfp4:
-            if (in % kMxfp4Group) fail("MXFP4 input size ", in, " is not a multiple of ", kMxfp4Group);
-            return in / 2;
-        case LinearFormat::nvfp4:
-            if (in % kNvfp4Group) fail("NVFP4 input size ", in, " is not a multiple of ", kNvfp4Group);
-            return in / 2;
-    }
-    fail("linear: unknown format");
+    const FormatInfo& fi = format_info(f);
+    fi.check_in(in, "linear");
+    return fi.packed_row_bytes(in);
 }
 
 int64_t device_row_bytes(LinearFormat f, int64_t in) {
@@ -695,14 +677,10 @@ int64_t device_row_bytes(LinearFormat f, int64_t in) {
 }
 
 size_t DeviceLinear::bytes() const {
-    size_t b = static_cast<size_t>(out * packed_row_bytes(format, in));
-    switch (format) {
-        case LinearFormat::fp8_block: b += static_cast<size_t>(ceil_div(out, kFp8Block) * ceil_div(in, kFp8Block)); break;
-        case LinearFormat::mxfp4: b += static_cast<size_t>(out * (in / kMxfp4Group)); break;
-        case LinearFormat::nvfp4: b += static_cast<size_t>(out * (in / kNvfp4Group)) + 4; break;
-        default: break;
-    }
-    return b;
+    // As the checkpoint stores them, less NVFP4's input_scale (not uploaded; weight_scale_2 is scale_2).
+    const FormatInfo& fi = format_info(format);
+    return static_cast<size_t>(out * fi.packed_row_bytes(in) + fi.scale_rows(out) * fi.scale_cols(in)) +
+           (fi.global_scales ? sizeof(float) : 0);
 }
 
 bool gpu_available() {
@@ -749,12 +727,21 @@ void copy_rows(void* dst, int64_t dst_row_bytes, const void* src, int64_t row_by
 
 }  // namespace
 
-// Bytes of the device scale buffer upload_linear allocates for w (0 without scales): the scale
-// rows plus 16, since the kernels copy 4-byte aligned words around each scale byte they need.
-static size_t device_scale_bytes(const DeviceLinear& w) {
-    if (w.format == LinearFormat::f32 || w.format == LinearFormat::bf16) return 0;
-    const int64_t rows = w.format == LinearFormat::fp8_block ? ceil_div(w.out, kFp8Block) : w.out;
-    return static_cast<size_t>(rows * w.scale_row_bytes) + 16;
+LinearLayout linear_layout(LinearFormat f, int64_t out, int64_t in) {
+    MEGAMOE_CHECK(out > 0, "linear_layout: ", out, " rows");
+    const FormatInfo& fi = format_info(f);
+    LinearLayout l;
+    l.weight_row_bytes = device_row_bytes(f, in);
+    l.weight_bytes = static_cast<size_t>(out * l.weight_row_bytes);
+    if (fi.has_scales()) {
+        // The scales of a padded weight row: fp4's padded groups get scales too; fp8's 64-byte
+        // padding never adds a 128-column block, so its rows stay the checkpoint's ceil(in/128).
+        l.scale_rows = fi.scale_rows(out);
+        l.scale_row_bytes = fi.scale_cols(l.weight_row_bytes * 8 / fi.weight_bits);
+        // + 16: the kernels copy 4-byte aligned words around each scale byte they need.
+        l.scale_bytes = static_cast<size_t>(l.scale_rows * l.scale_row_bytes) + 16;
+    }
+    return l;
 }
 
 void to_kernel_order(LinearFormat f, uint8_t* bytes, int64_t n) {
@@ -789,125 +776,94 @@ void from_kernel_order(LinearFormat f, uint8_t* bytes, int64_t n) {
     }
 }
 
-DeviceLinear upload_linear(const Linear& h) {
+DeviceLinear upload_linear(const Linear& h, DeviceArena& arena) {
     MEGAMOE_CHECK(h.out > 0 && h.in > 0, "upload_linear: shape [", h.out, ", ", h.in, "]");
+    const FormatInfo& fi = format_info(h.format);
+    fi.check_in(h.in, "upload_linear");
+    expect_tensor(h.weight, "weight", {fi.weight_dtype, fi.weight_dtype_alt}, {h.out, fi.weight_cols(h.in)});
+    if (fi.has_scales())
+        expect_tensor(h.scale, fi.scale_suffix, {fi.scale_dtype, DType::u8}, {fi.scale_rows(h.out), fi.scale_cols(h.in)});
+    if (fi.global_scales) expect_tensor(h.scale_2, "weight_scale_2", {DType::f32}, {});
+
+    const LinearLayout lay = linear_layout(h.format, h.out, h.in);
     DeviceLinear d;
     d.format = h.format;
     d.out = h.out;
     d.in = h.in;
-    const int64_t row_bytes = packed_row_bytes(h.format, h.in);
-    d.weight_row_bytes = device_row_bytes(h.format, h.in);
-    try {
-        switch (h.format) {
-            case LinearFormat::f32: expect_tensor(h.weight, "weight", {DType::f32}, {h.out, h.in}); break;
-            case LinearFormat::bf16: expect_tensor(h.weight, "weight", {DType::bf16}, {h.out, h.in}); break;
-            case LinearFormat::fp8_block:
-                expect_tensor(h.weight, "weight", {DType::e4m3, DType::u8}, {h.out, h.in});
-                expect_tensor(h.scale, "scale", {DType::e8m0, DType::u8},
-                              {ceil_div(h.out, kFp8Block), ceil_div(h.in, kFp8Block)});
-                break;
-            case LinearFormat::mxfp4:
-                expect_tensor(h.weight, "weight", {DType::i8, DType::u8}, {h.out, h.in / 2});
-                expect_tensor(h.scale, "scale", {DType::e8m0, DType::u8}, {h.out, h.in / kMxfp4Group});
-                break;
-            case LinearFormat::nvfp4:
-                expect_tensor(h.weight, "weight", {DType::u8, DType::i8}, {h.out, h.in / 2});
-                expect_tensor(h.scale, "weight_scale", {DType::e4m3, DType::u8}, {h.out, h.in / kNvfp4Group});
-                expect_tensor(h.scale_2, "weight_scale_2", {DType::f32}, {});
-                d.scale_2 = *h.scale_2.as<float>();
-                break;
-        }
+    d.weight_row_bytes = lay.weight_row_bytes;
+    d.scale_row_bytes = lay.scale_row_bytes;
+    if (fi.global_scales) d.scale_2 = *h.scale_2.as<float>();
+    d.weight = arena.take(lay.weight_bytes);
+    if (lay.scale_bytes) d.scale = arena.take(lay.scale_bytes);
+    if (arena.counting()) return d;   // a plan: layout only
 
-        CUDA_CHECK(cudaMalloc(&d.weight, static_cast<size_t>(h.out * d.weight_row_bytes)));
-        if (h.format == LinearFormat::fp8_block || h.format == LinearFormat::mxfp4 || h.format == LinearFormat::nvfp4) {
-            // Padded rows in kernel order, made on the host in slices of rows (bounded memory).
-            const int64_t rows_per = std::max<int64_t>(1, (64ll << 20) / d.weight_row_bytes);
-            std::vector<uint8_t> buf;
-            for (int64_t r0 = 0; r0 < h.out; r0 += rows_per) {
-                const int64_t n = std::min(rows_per, h.out - r0);
-                buf.assign(static_cast<size_t>(n * d.weight_row_bytes), 0);
-                const uint8_t* src = h.weight.as<uint8_t>() + r0 * row_bytes;
-                for (int64_t r = 0; r < n; ++r)
-                    std::memcpy(buf.data() + r * d.weight_row_bytes, src + r * row_bytes, static_cast<size_t>(row_bytes));
-                to_kernel_order(h.format, buf.data(), static_cast<int64_t>(buf.size()));
-                CUDA_CHECK(cudaMemcpy(static_cast<uint8_t*>(d.weight) + r0 * d.weight_row_bytes, buf.data(), buf.size(),
-                                      cudaMemcpyHostToDevice));
-            }
-        } else {
-            copy_rows(d.weight, d.weight_row_bytes, h.weight.data, row_bytes, h.out, 0);
+    const int64_t row_bytes = fi.packed_row_bytes(h.in);
+    if (fi.weight_bits <= 8) {
+        // fp8 / fp4: padded rows in kernel order, made on the host in slices of rows (bounded memory).
+        const int64_t rows_per = std::max<int64_t>(1, (64ll << 20) / d.weight_row_bytes);
+        std::vector<uint8_t> buf;
+        for (int64_t r0 = 0; r0 < h.out; r0 += rows_per) {
+            const int64_t n = std::min(rows_per, h.out - r0);
+            buf.assign(static_cast<size_t>(n * d.weight_row_bytes), 0);
+            const uint8_t* src = h.weight.as<uint8_t>() + r0 * row_bytes;
+            for (int64_t r = 0; r < n; ++r)
+                std::memcpy(buf.data() + r * d.weight_row_bytes, src + r * row_bytes, static_cast<size_t>(row_bytes));
+            to_kernel_order(h.format, buf.data(), static_cast<int64_t>(buf.size()));
+            CUDA_CHECK(cudaMemcpy(static_cast<uint8_t*>(d.weight) + r0 * d.weight_row_bytes, buf.data(), buf.size(),
+                                  cudaMemcpyHostToDevice));
         }
+    } else {
+        copy_rows(d.weight, d.weight_row_bytes, h.weight.data, row_bytes, h.out, 0);
+    }
 
-        const uint8_t* sc = h.scale.empty() ? nullptr : h.scale.as<uint8_t>();
-        int64_t scale_rows = 0, scale_cols = 0, fill = 0;
-        switch (h.format) {
-            case LinearFormat::fp8_block:
-                scale_rows = ceil_div(h.out, kFp8Block);
-                scale_cols = ceil_div(h.in, kFp8Block);
-                d.scale_row_bytes = scale_cols;
-                break;
-            case LinearFormat::mxfp4:
-                scale_rows = h.out;
-                scale_cols = h.in / kMxfp4Group;
-                d.scale_row_bytes = d.weight_row_bytes * 2 / kMxfp4Group;
-                fill = 127;   // 2^0 for the padded groups (their codes are 0)
-                break;
-            case LinearFormat::nvfp4:
-                scale_rows = h.out;
-                scale_cols = h.in / kNvfp4Group;
-                d.scale_row_bytes = d.weight_row_bytes * 2 / kNvfp4Group;
-                break;
-            default: break;
-        }
-        if (scale_rows > 0) {
-            CUDA_CHECK(cudaMalloc(&d.scale, device_scale_bytes(d)));   // + 16, see there
-            copy_rows(d.scale, d.scale_row_bytes, sc, scale_cols, scale_rows, static_cast<int>(fill));
-        }
+    const uint8_t* sc = h.scale.empty() ? nullptr : h.scale.as<uint8_t>();
+    const int64_t scale_rows = fi.scale_rows(h.out), scale_cols = fi.scale_cols(h.in);
+    if (fi.has_scales()) {
+        const int fill = h.format == LinearFormat::mxfp4 ? 127 : 0;   // MXFP4: 2^0 for the padded groups (codes 0)
+        copy_rows(d.scale, d.scale_row_bytes, sc, scale_cols, scale_rows, fill);
+    }
 
-        // The bias shift F: the largest finite e8m0 scale must keep the kernel's bf16 multiplier
-        // 2^(e + bias - 127) finite (fp8 bias 120, mxfp4 126, so e ≤ 134 / 128 need no shift).
-        if (h.format == LinearFormat::fp8_block || h.format == LinearFormat::mxfp4) {
-            int max_e = 0;
-            for (int64_t i = 0; i < scale_rows * scale_cols; ++i)
-                if (sc[i] != 255) max_e = std::max(max_e, static_cast<int>(sc[i]));
-            const int limit = h.format == LinearFormat::fp8_block ? 134 : 128;
-            d.exp_shift = std::max(0, max_e - limit);
-        }
-        if (h.format == LinearFormat::fp8_block) {
-            const uint8_t* wb = h.weight.as<uint8_t>();
-            const int64_t n = h.out * h.in;
-            for (int64_t i = 0; i < n && !d.nan_codes; ++i) d.nan_codes = (wb[i] & 0x7F) == 0x7F;
-        }
-    } catch (...) {
-        free_linear(d);
-        throw;
+    // The bias shift F: the largest finite e8m0 scale must keep the kernel's bf16 multiplier
+    // 2^(e + bias - 127) finite (fp8 bias 120, mxfp4 126, so e ≤ 134 / 128 need no shift).
+    if (h.format == LinearFormat::fp8_block || h.format == LinearFormat::mxfp4) {
+        int max_e = 0;
+        for (int64_t i = 0; i < scale_rows * scale_cols; ++i)
+            if (sc[i] != 255) max_e = std::max(max_e, static_cast<int>(sc[i]));
+        const int limit = h.format == LinearFormat::fp8_block ? 134 : 128;
+        d.exp_shift = std::max(0, max_e - limit);
+    }
+    if (h.format == LinearFormat::fp8_block) {
+        const uint8_t* wb = h.weight.as<uint8_t>();
+        const int64_t n = h.out * h.in;
+        for (int64_t i = 0; i < n && !d.nan_codes; ++i) d.nan_codes = (wb[i] & 0x7F) == 0x7F;
     }
     return d;
 }
 
-DeviceLinear copy_linear(const DeviceLinear& w) {
-    MEGAMOE_CHECK(w.weight != nullptr, "copy_linear: weights not uploaded");
-    DeviceLinear c = w;
-    c.weight = c.scale = nullptr;
-    try {
-        const size_t wbytes = static_cast<size_t>(w.out * w.weight_row_bytes);
-        CUDA_CHECK(cudaMalloc(&c.weight, wbytes));
-        CUDA_CHECK(cudaMemcpy(c.weight, w.weight, wbytes, cudaMemcpyDeviceToDevice));
-        if (const size_t sbytes = device_scale_bytes(w)) {
-            CUDA_CHECK(cudaMalloc(&c.scale, sbytes));
-            CUDA_CHECK(cudaMemcpy(c.scale, w.scale, sbytes, cudaMemcpyDeviceToDevice));
-        }
-    } catch (...) {
-        free_linear(c);
-        throw;
-    }
-    return c;
+size_t upload_linear_bytes(const Linear& h) {
+    DeviceArena plan;
+    (void)upload_linear(h, plan);
+    return plan.used();
 }
 
-void free_linear(DeviceLinear& w) {
-    // Errors from cudaFree are ignored: this runs on error paths too.
-    if (w.weight) (void)cudaFree(w.weight);
-    if (w.scale) (void)cudaFree(w.scale);
-    w = DeviceLinear{};
+OwnedLinear::OwnedLinear(const Linear& host)
+    : arena_(upload_linear_bytes(host), "linear weights"), view_(upload_linear(host, arena_)) {}
+
+OwnedLinear copy_linear(const DeviceLinear& w) {
+    MEGAMOE_CHECK(w.weight != nullptr, "copy_linear: weights not uploaded");
+    const LinearLayout lay = linear_layout(w.format, w.out, w.in);
+    const size_t wbytes = lay.weight_bytes, sbytes = lay.scale_bytes;
+    OwnedLinear c;
+    c.arena_ = DeviceArena(DeviceArena::round_up(wbytes) + DeviceArena::round_up(sbytes), "linear weights");
+    c.view_ = w;
+    c.view_.weight = c.arena_.take(wbytes);
+    CUDA_CHECK(cudaMemcpy(c.view_.weight, w.weight, wbytes, cudaMemcpyDeviceToDevice));
+    c.view_.scale = nullptr;
+    if (sbytes) {
+        c.view_.scale = c.arena_.take(sbytes);
+        CUDA_CHECK(cudaMemcpy(c.view_.scale, w.scale, sbytes, cudaMemcpyDeviceToDevice));
+    }
+    return c;
 }
 
 PackedBytes download_packed(const DeviceLinear& w) {
@@ -920,13 +876,8 @@ PackedBytes download_packed(const DeviceLinear& w) {
     b.weight.resize(static_cast<size_t>(w.out * row_bytes));
     for (int64_t r = 0; r < w.out; ++r)
         std::memcpy(b.weight.data() + r * row_bytes, dev_rows.data() + r * w.weight_row_bytes, static_cast<size_t>(row_bytes));
-    int64_t rows = 0, cols = 0;
-    switch (w.format) {
-        case LinearFormat::fp8_block: rows = ceil_div(w.out, kFp8Block); cols = ceil_div(w.in, kFp8Block); break;
-        case LinearFormat::mxfp4: rows = w.out; cols = w.in / kMxfp4Group; break;
-        case LinearFormat::nvfp4: rows = w.out; cols = w.in / kNvfp4Group; break;
-        default: break;
-    }
+    const FormatInfo& fi = format_info(w.format);
+    const int64_t rows = fi.scale_rows(w.out), cols = fi.scale_cols(w.in);
     if (rows > 0) {
         b.scale.resize(static_cast<size_t>(rows * cols));
         CUDA_CHECK(cudaMemcpy2D(b.scale.data(), static_cast<size_t>(cols), w.scale,

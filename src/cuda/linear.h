@@ -15,6 +15,8 @@
 //           mxfp4      e8m0 [out] × scale_row_bytes, row = in/32 bytes, padded with 127 (2^0)
 //           nvfp4      e4m3 [out] × scale_row_bytes, row = in/16 bytes, padded with 0
 //   Padding covers whole 64-byte weight-row chunks; padded codes are zero, so they add nothing.
+//   The scale buffer has 16 bytes more than its rows (the kernels read aligned words around a
+//   scale byte). linear_layout gives these sizes; upload_linear carves them from a DeviceArena.
 // fp8 / fp4 weight rows are stored in "kernel order": each 4-byte word permuted as
 // to_kernel_order says (lossless; download_packed undoes it). Nothing else is reordered.
 #pragma once
@@ -24,14 +26,15 @@
 #include <string>
 #include <vector>
 
+#include "cuda/buffer.h"
 #include "io/weights.h"
 
 struct CUstream_st;   // cudaStream_t is CUstream_st*; declared here so the header needs no CUDA include
 
 namespace megamoe::cuda {
 
-// A projection on the device. Owns its buffers; release with free_linear (no destructor, so it
-// can be copied around as a plain handle: exactly one free_linear per upload_linear).
+// A projection on the device: a plain, copyable view of device memory owned elsewhere (an
+// OwnedLinear, or the DeviceArena upload_linear carved it from); valid while that owner lives.
 struct DeviceLinear {
     LinearFormat format = LinearFormat::bf16;
     int64_t out = 0, in = 0;              // N, K
@@ -46,7 +49,7 @@ struct DeviceLinear {
                                           // times the kernel's decode bias fits bf16; y is scaled by 2^F
     bool    nan_codes = false;            // fp8: some weight byte is the e4m3 NaN code (0x7F/0xFF);
                                           // such a linear runs the exact fallback kernel
-    size_t  bytes() const;                // packed checkpoint bytes (weight + scales), no padding
+    size_t  bytes() const;                // packed checkpoint bytes (weight + scales + weight_scale_2), no padding
 };
 
 // Packed row bytes of the checkpoint layout (f32: 4K, bf16: 2K, fp8: K, fp4: K/2) and the device
@@ -55,14 +58,53 @@ struct DeviceLinear {
 int64_t packed_row_bytes(LinearFormat f, int64_t in);
 int64_t device_row_bytes(LinearFormat f, int64_t in);
 
+// The device layout upload_linear gives a projection of format f and shape [out, in] (see the
+// top of this file), for code that carves or fills such buffers itself. Throws like
+// device_row_bytes.
+struct LinearLayout {
+    int64_t weight_row_bytes = 0;   // device_row_bytes(f, in)
+    int64_t scale_row_bytes = 0;    // scales of one padded weight row (0 without block scales)
+    int64_t scale_rows = 0;         // FormatInfo::scale_rows(out) (0 without block scales)
+    size_t  weight_bytes = 0;       // out · weight_row_bytes
+    size_t  scale_bytes = 0;        // scale_rows · scale_row_bytes + 16 bytes the kernels may read past; 0 without
+};
+LinearLayout linear_layout(LinearFormat f, int64_t out, int64_t in);
+
+// Device bytes that upload_linear(host, arena) takes from an arena: the weight rows padded to
+// device_row_bytes, and for formats with block scales the scale rows (padded as above) plus 16
+// bytes, since the kernels copy 4-byte aligned words around each scale byte they need; each
+// buffer rounded up to DeviceArena::kAlign. Checks `host` like upload_linear. No CUDA call.
+size_t upload_linear_bytes(const Linear& host);
+
 // Copies the packed tensors of `host` (CPU memory, as bound from a checkpoint or made by the
-// quantizers) to new device buffers. Checks dtypes and shapes and throws megamoe::Error naming
-// the mismatch. Synchronous.
-DeviceLinear upload_linear(const Linear& host);
-void free_linear(DeviceLinear& w);        // frees and resets to an empty handle; safe on empty
-// A second device copy of w, same layout and allocation sizes as upload_linear (device to device;
-// e.g. to rotate weight copies in benchmarks). Free with free_linear.
-DeviceLinear copy_linear(const DeviceLinear& w);
+// quantizers) into two buffers carved from `arena` (weight, then scale), in the device layout
+// above. Checks dtypes and shapes first and throws megamoe::Error naming the mismatch, before any
+// CUDA call. Synchronous. The result views arena memory. A counting arena only checks and counts
+// (no CUDA call, no scan of the weights): the result has the layout (format, shape, row bytes,
+// scale_2) but null buffers, and is not launchable; carving the same linears in the same order
+// from a real arena of the counted size gives the same offsets.
+DeviceLinear upload_linear(const Linear& host, DeviceArena& arena);
+
+// A DeviceLinear that owns its device memory (one allocation of upload_linear_bytes): for tests,
+// benchmarks and tools; a model's weights go into one arena instead. Move-only (rule of zero);
+// the view is valid while this object lives, and a moved-from object's view must not be used.
+class OwnedLinear {
+public:
+    OwnedLinear() = default;
+    explicit OwnedLinear(const Linear& host);   // upload_linear into its own arena; throws megamoe::Error
+
+    const DeviceLinear& view() const { return view_; }
+    size_t device_bytes() const { return arena_.capacity(); }   // padded device bytes held
+
+private:
+    friend OwnedLinear copy_linear(const DeviceLinear& w);
+    DeviceArena  arena_;   // weight, then scale
+    DeviceLinear view_;    // into arena_
+};
+
+// A second device copy of w, same layout and allocation sizes as an upload (device to device,
+// synchronous; e.g. to rotate weight copies in benchmarks).
+OwnedLinear copy_linear(const DeviceLinear& w);
 
 // The checkpoint bytes back from the device, padding dropped: weight [out, packed_row_bytes]
 // and the scale tensor with its checkpoint shape (empty for f32/bf16). For tests (lossless upload).

@@ -36,7 +36,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 
 #include "core/common.h"
 #include "cuda/device.cuh"
@@ -369,78 +368,44 @@ MoeDispatchWorkspace::MoeDispatchWorkspace(int64_t T_max_, int64_t k_, int64_t E
     if (E < 1 || E > kMoeMaxExperts) fail("MoeDispatchWorkspace: E=", E, " outside [1, ", kMoeMaxExperts, "]");
     if (D < 1) fail("MoeDispatchWorkspace: bad D=", D);
     const int64_t N = T_max * k;
-    // cudaMalloc of 0 bytes returns nullptr; keep every buffer non-null so T_max = 0 works too.
-    auto alloc = [](auto*& p, int64_t count) {
-        CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&p), sizeof(*p) * static_cast<size_t>(std::max<int64_t>(count, 1))));
-    };
-    try {
-        alloc(counts, E);
-        alloc(offsets, E + 1);
-        alloc(perm, N);
-        alloc(inv, N);
-        alloc(xs, N * D);
-        alloc(ws, N);
-        alloc(scratch, moe_route_scratch_ints(N, E));
-    } catch (...) {
-        release();
-        throw;
-    }
-}
-
-MoeDispatchWorkspace::~MoeDispatchWorkspace() { release(); }
-
-MoeDispatchWorkspace::MoeDispatchWorkspace(MoeDispatchWorkspace&& o) noexcept { *this = std::move(o); }
-
-MoeDispatchWorkspace& MoeDispatchWorkspace::operator=(MoeDispatchWorkspace&& o) noexcept {
-    if (this != &o) {
-        release();
-        T_max = std::exchange(o.T_max, 0);
-        k = std::exchange(o.k, 0);
-        E = std::exchange(o.E, 0);
-        D = std::exchange(o.D, 0);
-        counts = std::exchange(o.counts, nullptr);
-        offsets = std::exchange(o.offsets, nullptr);
-        perm = std::exchange(o.perm, nullptr);
-        inv = std::exchange(o.inv, nullptr);
-        xs = std::exchange(o.xs, nullptr);
-        ws = std::exchange(o.ws, nullptr);
-        scratch = std::exchange(o.scratch, nullptr);
-    }
-    return *this;
-}
-
-void MoeDispatchWorkspace::release() noexcept {
-    // Errors are ignored: a destructor must not throw, and a failed free leaves nothing to retry.
-    for (void* p : {static_cast<void*>(counts), static_cast<void*>(offsets), static_cast<void*>(perm),
-                    static_cast<void*>(inv), static_cast<void*>(xs), static_cast<void*>(ws),
-                    static_cast<void*>(scratch)})
-        if (p) (void)cudaFree(p);
-    counts = offsets = perm = inv = scratch = nullptr;
-    xs = nullptr;
-    ws = nullptr;
+    // At least one element each: every buffer is non-null, so T_max = 0 works too.
+    auto count = [](int64_t n) { return static_cast<size_t>(std::max<int64_t>(n, 1)); };
+    counts = DeviceArray<int32_t>(count(E), "MoeDispatchWorkspace counts");
+    offsets = DeviceArray<int32_t>(count(E + 1), "MoeDispatchWorkspace offsets");
+    perm = DeviceArray<int32_t>(count(N), "MoeDispatchWorkspace perm");
+    inv = DeviceArray<int32_t>(count(N), "MoeDispatchWorkspace inv");
+    xs = DeviceArray<uint16_t>(count(N * D), "MoeDispatchWorkspace xs");
+    ws = DeviceArray<float>(count(N), "MoeDispatchWorkspace ws");
+    scratch = DeviceArray<int32_t>(count(moe_route_scratch_ints(N, E)), "MoeDispatchWorkspace scratch");
 }
 
 size_t MoeDispatchWorkspace::bytes() const {
-    if (!counts) return 0;
-    const int64_t N = std::max<int64_t>(T_max * k, 1);
-    return sizeof(int32_t) * static_cast<size_t>(E + (E + 1) + 2 * N + moe_route_scratch_ints(T_max * k, E)) +
-           sizeof(uint16_t) * static_cast<size_t>(N * D) + sizeof(float) * static_cast<size_t>(N);
+    return counts.bytes() + offsets.bytes() + perm.bytes() + inv.bytes() + xs.bytes() + ws.bytes() + scratch.bytes();
 }
 
+namespace {
+
+void check_workspace(const MoeDispatchWorkspace& w, int64_t T, const char* what) {
+    if (w.counts.empty()) fail(what, ": the workspace holds no buffers");
+    if (T < 0 || T > w.T_max) fail(what, ": T=", T, " outside [0, ", w.T_max, "]");
+}
+
+}  // namespace
+
 void MoeDispatchWorkspace::route(const int32_t* ids, int64_t T, CUstream_st* stream) {
-    if (T < 0 || T > T_max) fail("MoeDispatchWorkspace::route: T=", T, " outside [0, ", T_max, "]");
-    moe_route_counts(ids, T, k, E, counts, offsets, perm, inv, scratch, stream);
+    check_workspace(*this, T, "MoeDispatchWorkspace::route");
+    moe_route_counts(ids, T, k, E, counts.data(), offsets.data(), perm.data(), inv.data(), scratch.data(), stream);
 }
 
 void MoeDispatchWorkspace::gather(const uint16_t* x_bf16, const float* weights, int64_t T, CUstream_st* stream) {
-    if (T < 0 || T > T_max) fail("MoeDispatchWorkspace::gather: T=", T, " outside [0, ", T_max, "]");
-    moe_gather(x_bf16, weights, perm, T, k, D, xs, ws, stream);
+    check_workspace(*this, T, "MoeDispatchWorkspace::gather");
+    moe_gather(x_bf16, weights, perm.data(), T, k, D, xs.data(), ws.data(), stream);
 }
 
 void MoeDispatchWorkspace::combine(const float* rows, const float* shared, int64_t T, float* y,
                                    CUstream_st* stream) const {
-    if (T < 0 || T > T_max) fail("MoeDispatchWorkspace::combine: T=", T, " outside [0, ", T_max, "]");
-    moe_combine(rows, inv, shared, T, k, D, y, stream);
+    check_workspace(*this, T, "MoeDispatchWorkspace::combine");
+    moe_combine(rows, inv.data(), shared, T, k, D, y, stream);
 }
 
 }  // namespace megamoe::cuda

@@ -29,6 +29,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/buffer.h"
+
 struct CUstream_st;   // cudaStream_t is CUstream_st*; declared here so the header needs no CUDA include
 
 namespace megamoe::cuda {
@@ -68,35 +70,28 @@ void moe_combine_bf16(const float* rows, const int32_t* inv, const float* shared
                       uint16_t* y_bf16, CUstream_st* stream);
 
 // Device buffers for up to T_max tokens of a (k, E, D) layer, allocated once so that the calls
-// below allocate nothing (and can be captured into a CUDA graph). Move-only; frees in the
-// destructor. Every pointer is a cudaMalloc'd device buffer sized for T_max.
+// below allocate nothing (and can be captured into a CUDA graph). Every buffer is a DeviceArray
+// sized for T_max (at least one element, so that even T_max = 0 gives non-null pointers).
+// Move-only; a moved-from workspace holds no buffers (its calls throw).
 class MoeDispatchWorkspace {
 public:
     MoeDispatchWorkspace() = default;
     MoeDispatchWorkspace(int64_t T_max, int64_t k, int64_t E, int64_t D);   // throws megamoe::Error
-    ~MoeDispatchWorkspace();
-    MoeDispatchWorkspace(MoeDispatchWorkspace&& o) noexcept;
-    MoeDispatchWorkspace& operator=(MoeDispatchWorkspace&& o) noexcept;
-    MoeDispatchWorkspace(const MoeDispatchWorkspace&) = delete;
-    MoeDispatchWorkspace& operator=(const MoeDispatchWorkspace&) = delete;
 
     int64_t T_max = 0, k = 0, E = 0, D = 0;
-    int32_t*  counts = nullptr;    // [E]
-    int32_t*  offsets = nullptr;   // [E + 1]
-    int32_t*  perm = nullptr;      // [T_max·k]
-    int32_t*  inv = nullptr;       // [T_max·k]
-    uint16_t* xs = nullptr;        // [T_max·k, D] bf16
-    float*    ws = nullptr;        // [T_max·k]
-    int32_t*  scratch = nullptr;   // [moe_route_scratch_ints(T_max·k, E)]
-    size_t    bytes() const;       // device bytes held
+    DeviceArray<int32_t>  counts;    // [E]
+    DeviceArray<int32_t>  offsets;   // [E + 1]
+    DeviceArray<int32_t>  perm;      // [T_max·k]
+    DeviceArray<int32_t>  inv;       // [T_max·k]
+    DeviceArray<uint16_t> xs;        // [T_max·k, D] bf16
+    DeviceArray<float>    ws;        // [T_max·k]
+    DeviceArray<int32_t>  scratch;   // [moe_route_scratch_ints(T_max·k, E)]
+    size_t bytes() const;            // device bytes held
 
     // The three steps on this workspace's buffers (T ≤ T_max; throws otherwise).
     void route(const int32_t* ids, int64_t T, CUstream_st* stream);
     void gather(const uint16_t* x_bf16, const float* weights, int64_t T, CUstream_st* stream);
     void combine(const float* rows, const float* shared, int64_t T, float* y, CUstream_st* stream) const;
-
-private:
-    void release() noexcept;
 };
 
 }  // namespace megamoe::cuda

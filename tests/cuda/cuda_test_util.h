@@ -1,4 +1,5 @@
 // cuda_test_util.h — helpers shared by the GPU twin tests (include only under MEGAMOE_HAVE_CUDA).
+// Device memory in tests: cuda::DeviceArray<T> (buffers), cuda::OwnedLinear (uploaded weights).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,22 +12,12 @@
 #include <random>
 #include <vector>
 
-#include "cuda/linear.h"   // CUDA_CHECK, upload_linear
+#include "cuda/buffer.h"   // DeviceArray
+#include "cuda/linear.h"   // CUDA_CHECK, OwnedLinear
 #include "io/formats.h"
 #include "io/weights.h"
 
 namespace megamoe::test {
-
-// A device buffer of `count` T, freed on scope exit (at least one element is allocated).
-template <typename T>
-struct DeviceBuf {
-    T* p = nullptr;
-    size_t n = 0;
-    explicit DeviceBuf(size_t count) : n(count) { CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T))); }
-    ~DeviceBuf() { (void)cudaFree(p); }
-    DeviceBuf(const DeviceBuf&) = delete;
-    DeviceBuf& operator=(const DeviceBuf&) = delete;
-};
 
 inline const char* fmt_name(LinearFormat f) {
     switch (f) {
@@ -54,23 +45,10 @@ struct HostLinear {
         lin.format = f;
         lin.out = N;
         lin.in = K;
-        switch (f) {
-            case LinearFormat::f32: lin.weight = Tensor(w.data(), DType::f32, {N, K}); break;
-            case LinearFormat::bf16: lin.weight = Tensor(w.data(), DType::bf16, {N, K}); break;
-            case LinearFormat::fp8_block:
-                lin.weight = Tensor(w.data(), DType::e4m3, {N, K});
-                lin.scale = Tensor(s.data(), DType::e8m0, {(N + 127) / 128, (K + 127) / 128});
-                break;
-            case LinearFormat::mxfp4:
-                lin.weight = Tensor(w.data(), DType::i8, {N, K / 2});
-                lin.scale = Tensor(s.data(), DType::e8m0, {N, K / 32});
-                break;
-            case LinearFormat::nvfp4:
-                lin.weight = Tensor(w.data(), DType::u8, {N, K / 2});
-                lin.scale = Tensor(s.data(), DType::e4m3, {N, K / 16});
-                lin.scale_2 = Tensor(&s2, DType::f32, {});
-                break;
-        }
+        const FormatInfo& fi = format_info(f);   // the checkpoint's tensors, as the binder expects them
+        lin.weight = Tensor(w.data(), fi.weight_dtype, {N, fi.weight_cols(K)});
+        if (fi.has_scales()) lin.scale = Tensor(s.data(), fi.scale_dtype, {fi.scale_rows(N), fi.scale_cols(K)});
+        if (fi.global_scales) lin.scale_2 = Tensor(&s2, DType::f32, {});
     }
 };
 
@@ -131,15 +109,5 @@ inline std::vector<uint16_t> random_x(int64_t M, int64_t K, uint32_t seed, float
     if (K > 3) x[2] = 0x8000;
     return x;
 }
-
-// A DeviceLinear uploaded from a host Linear, freed on scope exit.
-struct DeviceLinearGuard {
-    cuda::DeviceLinear d;
-    explicit DeviceLinearGuard(const Linear& l) : d(cuda::upload_linear(l)) {}
-    ~DeviceLinearGuard() { cuda::free_linear(d); }
-    DeviceLinearGuard(const DeviceLinearGuard&) = delete;
-    DeviceLinearGuard& operator=(const DeviceLinearGuard&) = delete;
-};
-
 
 }  // namespace megamoe::test

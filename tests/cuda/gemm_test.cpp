@@ -55,8 +55,7 @@ namespace megamoe {
 namespace {
 
 using cuda::DeviceLinear;
-using test::DeviceBuf;
-using test::DeviceLinearGuard;
+using cuda::DeviceArray;
 using test::fmt_name;
 using test::HostLinear;
 using test::make_quantized;
@@ -229,54 +228,75 @@ LinearRef linear_twin(const Linear& lin, const std::vector<uint16_t>& x, int64_t
     return r;
 }
 
-constexpr int kViaLinear = -2;   // cuda::linear (linear_small_m for M ≤ 16, linear_tiled auto above)
+// How a check calls the GPU linear: cuda::linear (linear_small_m for M ≤ 16, linear_tiled's own
+// choice above) or linear_tiled with a tile, with the scratch linear_scratch_bytes asks for or
+// without any (the mma.sync fallback of the wgmma choice).
+struct LinearPath {
+    bool       via_linear = false;
+    cuda::Tile tile = cuda::Tile::automatic;
+    bool       scratch = true;
+};
 
-std::vector<int> linear_paths() {
-    std::vector<int> p = {kViaLinear, -1};
-    for (int c = 0; c < static_cast<int>(cuda::tiled_configs().size()); ++c) p.push_back(c);
+std::vector<LinearPath> linear_paths() {
+    std::vector<LinearPath> p = {{true, cuda::Tile::automatic, true},
+                                 {true, cuda::Tile::automatic, false},
+                                 {false, cuda::Tile::automatic, true}};
+    for (const cuda::TiledConfig& c : cuda::tiled_configs()) p.push_back({false, c.tile, true});
     return p;
 }
 
-std::string path_name(int path) {
-    if (path == kViaLinear) return "linear()";
-    return "linear_tiled " + cuda::tiled_config_name(path);
+std::string path_name(const LinearPath& path) {
+    const std::string s = path.via_linear ? "linear()" : "linear_tiled " + cuda::tiled_config_name(path.tile);
+    return path.scratch ? s : s + " without scratch";
 }
 
-void launch_linear(const DeviceLinear& d, const uint16_t* x, int64_t M, void* y, const cuda::LinearOptions& o, int path) {
-    if (path == kViaLinear) cuda::linear(d, x, M, y, o, nullptr);
-    else cuda::linear_tiled(d, x, M, y, o, nullptr, path);
+void launch_linear(const DeviceLinear& d, const uint16_t* x, int64_t M, void* y, const cuda::LinearOptions& o,
+                   const LinearPath& path, const cuda::GemmScratch& scratch, cudaStream_t stream = nullptr) {
+    const cuda::GemmScratch* s = path.scratch ? &scratch : nullptr;
+    if (path.via_linear) cuda::linear(d, x, M, y, o, s, stream);
+    else cuda::linear_tiled(d, x, M, y, o, s, stream, path.tile);
 }
+
+// Scratch for the dense wgmma path of d at up to M rows, as linear_scratch_bytes sizes it.
+struct ScratchBuf {
+    DeviceArray<uint8_t> buf;
+    cuda::GemmScratch s;
+    ScratchBuf(const DeviceLinear& d, int64_t M, const cuda::LinearOptions& o, size_t factor = 1)
+        : buf(cuda::linear_scratch_bytes(d, M, o) * factor), s{buf.data(), buf.size()} {}
+};
 
 // One weight W [N, K] (groups > 1: K per group, x [M, groups·K]) in format f, each M in Ms, every
 // path, f32 and bf16 y.
 void check_linear(LinearFormat f, int64_t N, int64_t K, const std::vector<int64_t>& Ms, int64_t groups, uint32_t seed) {
     HostLinear h;
     make_quantized(h, f, N, K, seed);
-    DeviceLinearGuard d(h.lin);
-    const std::vector<int> paths = linear_paths();
+    cuda::OwnedLinear d(h.lin);
+    const std::vector<LinearPath> paths = linear_paths();
     for (int64_t M : Ms) {
         const auto x = random_x(M, K * groups, seed + static_cast<uint32_t>(M));
         const LinearRef ref = linear_twin(h.lin, x, M, groups);
         const size_t n = static_cast<size_t>(M * N);
-        DeviceBuf<uint16_t> dx(x.size()), yb(n);
-        DeviceBuf<float> yf(n);
-        to_device(dx.p, x);
+        DeviceArray<uint16_t> dx(x.size()), yb(n);
+        DeviceArray<float> yf(n);
+        to_device(dx.data(), x);
+        cuda::LinearOptions og;
+        og.groups = groups;
+        const ScratchBuf scratch(d.view(), M, og);
         const std::string shape =
             str(fmt_name(f), " ", N, "x", K, groups > 1 ? str(" groups=", groups) : std::string(), " M=", M);
         auto tol = [&](size_t i) { return kRelTol * ref.bound[i] + kAbsTol; };
         double worst = 0;
-        for (int path : paths) {
+        for (const LinearPath& path : paths) {
             const std::string what = shape + " " + path_name(path);
-            cuda::LinearOptions o;
-            o.groups = groups;
-            poison(yf.p, n);
-            launch_linear(d.d, dx.p, M, yf.p, o, path);
+            cuda::LinearOptions o = og;
+            poison(yf.data(), n);
+            launch_linear(d.view(), dx.data(), M, yf.data(), o, path, scratch.s);
             o.out_bf16 = true;
-            poison(yb.p, n);
-            launch_linear(d.d, dx.p, M, yb.p, o, path);
+            poison(yb.data(), n);
+            launch_linear(d.view(), dx.data(), M, yb.data(), o, path, scratch.s);
             CUDA_CHECK(cudaDeviceSynchronize());
-            const auto gf = to_host(yf.p, n);
-            const auto gb = to_host(yb.p, n);
+            const auto gf = to_host(yf.data(), n);
+            const auto gb = to_host(yb.data(), n);
             worst = std::max(worst, check_close(gf.data(), ref.y.data(), n, N, tol, what + " f32"));
             check_bf16(gb.data(), ref.y.data(), n, N, tol, what + " bf16");
             // linear.h: a bf16 y is the f32 result rounded to nearest even (same kernel, same sums).
@@ -402,20 +422,20 @@ MoeCase make_case(Routing r, int64_t T, int64_t k, int64_t E, int64_t D, bool wi
 
 // The case's inputs on the device.
 struct DeviceInputs {
-    DeviceBuf<int32_t> ids;
-    DeviceBuf<float> wts;
-    DeviceBuf<uint16_t> x;
-    DeviceBuf<float> shared;
+    DeviceArray<int32_t> ids;
+    DeviceArray<float> wts;
+    DeviceArray<uint16_t> x;
+    DeviceArray<float> shared;
     DeviceInputs(int64_t T, int64_t k, int64_t D)
         : ids(static_cast<size_t>(T * k)), wts(static_cast<size_t>(T * k)), x(static_cast<size_t>(T * D)),
           shared(static_cast<size_t>(T * D)) {}
     void upload(const MoeCase& c, cudaStream_t stream = nullptr) {
-        to_device(ids.p, c.ids, stream);
-        to_device(wts.p, c.wts, stream);
-        to_device(x.p, c.x, stream);
-        if (!c.shared.empty()) to_device(shared.p, c.shared, stream);
+        to_device(ids.data(), c.ids, stream);
+        to_device(wts.data(), c.wts, stream);
+        to_device(x.data(), c.x, stream);
+        if (!c.shared.empty()) to_device(shared.data(), c.shared, stream);
     }
-    const float* shared_or_null(const MoeCase& c) const { return c.shared.empty() ? nullptr : shared.p; }
+    const float* shared_or_null(const MoeCase& c) const { return c.shared.empty() ? nullptr : shared.data(); }
 };
 
 // The routing the workspace holds (offsets, perm, inv), checked against the stable counting sort
@@ -446,9 +466,9 @@ Route get_route(const cuda::MoeLayerWorkspace& ws, const MoeCase& c, int64_t E) 
     const int64_t N = c.T * c.k;
     const Route cpu = cpu_route(c, E);
     Route gpu;
-    gpu.offsets = to_host(ws.dispatch.offsets, static_cast<size_t>(E + 1));
-    gpu.perm = to_host(ws.dispatch.perm, static_cast<size_t>(N));
-    gpu.inv = to_host(ws.dispatch.inv, static_cast<size_t>(N));
+    gpu.offsets = to_host(ws.dispatch.offsets.data(), static_cast<size_t>(E + 1));
+    gpu.perm = to_host(ws.dispatch.perm.data(), static_cast<size_t>(N));
+    gpu.inv = to_host(ws.dispatch.inv.data(), static_cast<size_t>(N));
     const bool same = gpu.offsets == cpu.offsets && gpu.perm == cpu.perm && gpu.inv == cpu.inv;
     EXPECT_TRUE(same) << "the workspace's routing differs from the stable sort of ids";
     return same ? gpu : cpu;
@@ -567,35 +587,35 @@ std::vector<float> combine(const std::vector<float>& rows, const std::vector<int
 // Route + gather, then moe_l1 / moe_l2 for each config: h against the L1 twin, rows against ops::linear(w2)
 // on the GPU's own h.
 void check_l1_l2(const HostExperts& hx, const cuda::DeviceExperts& dex, cuda::MoeLayerWorkspace& ws, const MoeCase& c,
-                 float limit, const std::vector<int>& configs, const std::string& what, ClampStats* stats) {
+                 float limit, const std::vector<cuda::Tile>& tiles, const std::string& what, ClampStats* stats) {
     SCOPED_TRACE(what);
     const int64_t N = c.T * c.k, D = hx.D, I = hx.I;
     DeviceInputs in(c.T, c.k, D);
     in.upload(c);
-    ws.dispatch.route(in.ids.p, c.T, nullptr);
-    ws.dispatch.gather(in.x.p, in.wts.p, c.T, nullptr);
+    ws.dispatch.route(in.ids.data(), c.T, nullptr);
+    ws.dispatch.gather(in.x.data(), in.wts.data(), c.T, nullptr);
     CUDA_CHECK(cudaDeviceSynchronize());
     const Route r = get_route(ws, c, hx.E);
     const L1Ref l1 = l1_twin(hx, limit, c, r, stats);
-    for (int cfg : configs) {
-        const std::string name = what + " " + cuda::tiled_config_name(cfg);
-        poison(ws.h, static_cast<size_t>(N * I));
-        cuda::moe_l1(dex, limit, ws, N, nullptr, cfg);
+    for (cuda::Tile tile : tiles) {
+        const std::string name = what + " " + cuda::tiled_config_name(tile);
+        poison(ws.h.data(), static_cast<size_t>(N * I));
+        cuda::moe_l1(dex, limit, ws, N, nullptr, tile);
         CUDA_CHECK(cudaDeviceSynchronize());
-        const auto h = to_host(ws.h, static_cast<size_t>(N * I));
+        const auto h = to_host(ws.h.data(), static_cast<size_t>(N * I));
         check_h(h, l1, I, name);
         const RowsRef l2 = l2_twin(hx, widen(h), r);
-        poison(ws.rows, static_cast<size_t>(N * D));
-        cuda::moe_l2(dex, ws, N, nullptr, cfg);
+        poison(ws.rows.data(), static_cast<size_t>(N * D));
+        cuda::moe_l2(dex, ws, N, nullptr, tile);
         CUDA_CHECK(cudaDeviceSynchronize());
-        check_rows(to_host(ws.rows, static_cast<size_t>(N * D)), l2, D, name);
+        check_rows(to_host(ws.rows.data(), static_cast<size_t>(N * D)), l2, D, name);
         if (::testing::Test::HasFailure()) return;
     }
 }
 
-std::vector<int> all_configs() {
-    std::vector<int> v = {-1};
-    for (int c = 0; c < static_cast<int>(cuda::tiled_configs().size()); ++c) v.push_back(c);
+std::vector<cuda::Tile> all_tiles() {
+    std::vector<cuda::Tile> v = {cuda::Tile::automatic};
+    for (const cuda::TiledConfig& c : cuda::tiled_configs()) v.push_back(c.tile);
     return v;
 }
 
@@ -680,8 +700,8 @@ void verify_layer(const HostExperts& hx, const cuda::MoeLayerWorkspace& ws, cons
     SCOPED_TRACE(what);
     const int64_t N = c.T * c.k;
     const Route r = get_route(ws, c, hx.E);
-    const auto h = to_host(ws.h, static_cast<size_t>(N * hx.I));
-    const auto rows = to_host(ws.rows, static_cast<size_t>(N * hx.D));
+    const auto h = to_host(ws.h.data(), static_cast<size_t>(N * hx.I));
+    const auto rows = to_host(ws.rows.data(), static_cast<size_t>(N * hx.D));
     verify_layer_outputs(hx, c, limit, r, h, rows, y_gpu, what, stats);
 }
 
@@ -691,13 +711,13 @@ void check_layer(const HostExperts& hx, const cuda::DeviceExperts& dex, cuda::Mo
     const int64_t D = hx.D;
     DeviceInputs in(c.T, c.k, D);
     in.upload(c);
-    DeviceBuf<float> y(static_cast<size_t>(c.T * D));
-    poison(y.p, y.n);
-    poison(ws.h, static_cast<size_t>(c.T * c.k * hx.I));
-    poison(ws.rows, static_cast<size_t>(c.T * c.k * D));
-    cuda::moe_layer(dex, limit, in.x.p, in.ids.p, in.wts.p, c.T, in.shared_or_null(c), y.p, ws, nullptr);
+    DeviceArray<float> y(static_cast<size_t>(c.T * D));
+    poison(y.data(), y.size());
+    poison(ws.h.data(), static_cast<size_t>(c.T * c.k * hx.I));
+    poison(ws.rows.data(), static_cast<size_t>(c.T * c.k * D));
+    cuda::moe_layer(dex, limit, in.x.data(), in.ids.data(), in.wts.data(), c.T, in.shared_or_null(c), y.data(), ws, nullptr);
     CUDA_CHECK(cudaDeviceSynchronize());
-    verify_layer(hx, ws, c, limit, to_host(y.p, y.n), what, stats);
+    verify_layer(hx, ws, c, limit, to_host(y.data(), y.size()), what, stats);
 }
 
 void expect_clamps_exercised(const ClampStats& s) {
@@ -713,20 +733,35 @@ constexpr float kLimit = 7.0f;   // SwiGLU limit (DeepSeek-V4's swiglu_limit is 
 
 // ---------------------------------------------------------------------------- tests: linear
 
+// The shape table and the tile names (host only: runs without a GPU).
 TEST(CudaGemm, TiledConfigsAreConsistent) {
-    SKIP_WITHOUT_GPU();
     const auto& cs = cuda::tiled_configs();
     ASSERT_FALSE(cs.empty());
     for (size_t i = 0; i < cs.size(); ++i) {
         const cuda::TiledConfig& c = cs[i];
-        // gemm.h: a CTA of 8 warps, wr along rows (so 8/wr along tokens), a warp 16·mt × 8·nt.
+        // gemm.h: wr warps along rows, wt along tokens (at most 8 warps), a warp 16·mt × 8·nt.
+        EXPECT_EQ(static_cast<size_t>(c.tile), i) << c.name;
         ASSERT_GT(c.wr, 0);
-        EXPECT_EQ(8 % c.wr, 0) << i;
-        EXPECT_EQ(c.rows, 16 * c.mt * c.wr) << i;
-        EXPECT_EQ(c.tokens, 8 * c.nt * c.wt) << i;
-        EXPECT_FALSE(cuda::tiled_config_name(static_cast<int>(i)).empty());
+        EXPECT_EQ(8 % c.wr, 0) << c.name;
+        EXPECT_EQ(c.rows, 16 * c.mt * c.wr) << c.name;
+        EXPECT_EQ(c.tokens, 8 * c.nt * c.wt) << c.name;
+        // The name is the tile: <family>_<rows>x<tokens>[...].
+        const std::string name = c.name;
+        EXPECT_NE(name.find(str("_", c.rows, "x", c.tokens)), std::string::npos) << name;
+        EXPECT_EQ(name.rfind(c.stages == 0 ? "wgmma_" : "mma_", 0), 0u) << name;
+        EXPECT_EQ(cuda::tile_name(c.tile), name);
+        EXPECT_EQ(cuda::tile_from_name(name), c.tile);
+        EXPECT_EQ(&cuda::tiled_config(c.tile), &c);
+        EXPECT_EQ(cuda::tiled_config_name(c.tile).rfind(name, 0), 0u);
     }
-    EXPECT_THROW((void)cuda::tiled_config_name(static_cast<int>(cs.size())), Error);
+    EXPECT_EQ(cuda::tile_from_name("automatic"), cuda::Tile::automatic);
+    EXPECT_STREQ(cuda::tile_name(cuda::Tile::automatic), "automatic");
+    EXPECT_EQ(cuda::tiled_config_name(cuda::Tile::automatic), "automatic");
+    const auto past = static_cast<cuda::Tile>(cs.size());
+    EXPECT_THROW((void)cuda::tiled_config_name(past), Error);
+    EXPECT_THROW((void)cuda::tile_name(past), Error);
+    EXPECT_THROW((void)cuda::tiled_config(cuda::Tile::automatic), Error);
+    test::expect_error([] { (void)cuda::tile_from_name("mma_1x1"); }, {"mma_1x1", "wgmma_256x128"});
 }
 
 TEST(CudaGemm, LinearBf16MatchesCpuTwin) {
@@ -759,6 +794,71 @@ TEST(CudaGemm, GroupedLinearMatchesCpuTwin) {
     check_linear(LinearFormat::fp8_block, 3 * 40, 264, {1, 5, 17, 100}, 3, 5100);
 }
 
+// The dense wgmma path's scratch belongs to the caller: linear_scratch_bytes(w, M_max) serves every
+// M ≤ M_max exactly as a much larger scratch does (same kernel, same split: same bits), and linear
+// captured into a CUDA graph (global capture mode: an allocation or host sync inside would fail
+// it) with no earlier call replays to the bits of plain calls, with new x each replay.
+TEST(CudaGemm, CallerScratchServesSmallerCallsAndCapture) {
+    SKIP_WITHOUT_GPU();
+    HostLinear h;
+    make_quantized(h, LinearFormat::fp8_block, 1024, 4096, 6000);   // wq_a: few row tiles, long K: split-K
+    cuda::OwnedLinear d(h.lin);
+    const cuda::LinearOptions o;
+    const int64_t M_max = 300, N = 1024, K = 4096;
+    const ScratchBuf planned(d.view(), M_max, o), big(d.view(), M_max, o, 8);
+    EXPECT_GT(planned.s.bytes, static_cast<size_t>(M_max * K) * 2) << "expected room for split-K partials";
+    DeviceArray<uint16_t> dx(static_cast<size_t>(M_max * K));
+    DeviceArray<float> ya(static_cast<size_t>(M_max * N)), yb(ya.size());
+    to_device(dx.data(), random_x(M_max, K, 6001));
+    for (int64_t M : {17, 100, 128, 129, 256, 300}) {
+        for (const LinearPath& path : linear_paths()) {
+            if (!path.scratch) continue;
+            poison(ya.data(), ya.size());
+            poison(yb.data(), yb.size());
+            launch_linear(d.view(), dx.data(), M, ya.data(), o, path, planned.s);
+            launch_linear(d.view(), dx.data(), M, yb.data(), o, path, big.s);
+            const auto a = to_host(ya.data(), static_cast<size_t>(M * N)), b = to_host(yb.data(), a.size());
+            const int64_t bad = first_mismatch(a, b);
+            EXPECT_EQ(bad, -1) << "M=" << M << " " << path_name(path) << ": y[" << bad
+                               << "] differs between the planned and a larger scratch";
+        }
+        if (HasFailure()) return;
+    }
+
+    cudaStream_t stream = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    const int64_t M = 129;
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    bool threw = false;
+    try {
+        cuda::linear(d.view(), dx.data(), M, ya.data(), o, &planned.s, stream);
+    } catch (const std::exception& e) {
+        threw = true;
+        ADD_FAILURE() << "linear during capture: " << e.what();
+    }
+    const cudaError_t end = cudaStreamEndCapture(stream, &graph);
+    if (!threw) {
+        ASSERT_EQ(end, cudaSuccess) << cudaGetErrorString(end);
+        CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        for (int replay = 0; replay < 2; ++replay) {
+            to_device(dx.data(), random_x(M, K, 6100 + static_cast<uint32_t>(replay)), stream);
+            poison(ya.data(), ya.size(), stream);
+            CUDA_CHECK(cudaGraphLaunch(exec, stream));
+            poison(yb.data(), yb.size(), stream);
+            cuda::linear(d.view(), dx.data(), M, yb.data(), o, &planned.s, stream);
+            const auto a = to_host(ya.data(), static_cast<size_t>(M * N), stream);
+            const auto b = to_host(yb.data(), a.size(), stream);
+            const int64_t bad = first_mismatch(a, b);
+            EXPECT_EQ(bad, -1) << "replay " << replay << ": graph y[" << bad << "] differs from the plain call";
+        }
+        CUDA_CHECK(cudaGraphExecDestroy(exec));
+    }
+    if (graph) CUDA_CHECK(cudaGraphDestroy(graph));
+    CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
 // ---------------------------------------------------------------------------- tests: experts
 
 // route + gather + moe_l1 + moe_l2, every config and the automatic choice, small experts (E = 8:
@@ -784,7 +884,7 @@ TEST(CudaMoeLayer, L1L2MatchCpuTwinSmallExperts) {
             for (int64_t T : {1, 3, 17, 129, 600}) {
                 for (Routing r : {Routing::uniform, Routing::hot}) {
                     const MoeCase c = make_case(r, T, k, E, D, false, ++seed);
-                    check_l1_l2(hx, dex, ws, c, kLimit, all_configs(),
+                    check_l1_l2(hx, dex, ws, c, kLimit, all_tiles(),
                                 str(fmt_name(f), " E=", E, " T=", T, " ", routing_name(r)), &stats);
                     if (HasFailure()) return;
                 }
@@ -804,7 +904,7 @@ void check_flash_l1_l2(LinearFormat f, uint32_t seed) {
     struct Case { int64_t T; Routing r; bool all; };
     for (Case cs : {Case{1, Routing::uniform, false}, Case{129, Routing::uniform, true}, Case{600, Routing::hot, false}}) {
         const MoeCase c = make_case(cs.r, cs.T, k, E, D, false, ++seed);
-        check_l1_l2(hx, dex, ws, c, kLimit, cs.all ? all_configs() : std::vector<int>{-1},
+        check_l1_l2(hx, dex, ws, c, kLimit, cs.all ? all_tiles() : std::vector<cuda::Tile>{cuda::Tile::automatic},
                     str(fmt_name(f), " Flash E=", E, " T=", cs.T, " ", routing_name(cs.r)), &stats);
         if (::testing::Test::HasFailure()) return;
     }
@@ -829,6 +929,77 @@ TEST(CudaMoeLayer, RejectsNon4BitExperts) {
     for (LinearFormat f : {LinearFormat::bf16, LinearFormat::fp8_block}) {
         const HostExperts hx = make_experts(f, E, D, I, 9000 + static_cast<uint32_t>(f));
         test::expect_error([&] { cuda::DeviceExperts dex(hx.experts); }, {"DeviceExperts", "NVFP4 or MXFP4"});
+    }
+}
+
+// A model's experts planned in a counting arena (host only: the checks and the counting run
+// without a GPU), then placed in a real arena of the counted size: the same layer, bit for bit,
+// as experts in their own allocation.
+TEST(CudaMoeLayer, ExpertsPlanAndPlaceInAnArena) {
+    const int64_t D = 256, I = 128, E = 8, k = 6;
+    const HostExperts hx = make_experts(LinearFormat::mxfp4, E, D, I, 70000);
+    cuda::DeviceArena plan;
+    cuda::DeviceExperts planned(hx.experts, plan);
+    EXPECT_EQ(planned.E, E);
+    EXPECT_EQ(planned.D, D);
+    EXPECT_EQ(planned.I, I);
+    EXPECT_EQ(planned.l1_table, nullptr);
+    EXPECT_EQ(planned.w1[0].weight, nullptr);
+    size_t lin = 0, packed = 0;
+    for (const ExpertWeights& e : hx.experts) {
+        lin += cuda::upload_linear_bytes(e.w1) + cuda::upload_linear_bytes(e.w3) + cuda::upload_linear_bytes(e.w2);
+        packed += e.w1.bytes() + e.w3.bytes() + e.w2.bytes();
+    }
+    EXPECT_EQ(planned.bytes(), packed);
+    EXPECT_GT(plan.used(), lin);                                        // + the two descriptor tables,
+    EXPECT_LE(plan.used(), lin + 2 * cuda::DeviceArena::round_up(E * 128));   // well under 128 B per expert
+    {
+        // From views placed elsewhere (here: plans): the same checks, only the tables are carved.
+        cuda::DeviceArena p1, p2;
+        std::vector<cuda::DeviceLinear> w1, w3, w2;
+        for (const ExpertWeights& e : hx.experts) {
+            w1.push_back(cuda::upload_linear(e.w1, p1));
+            w3.push_back(cuda::upload_linear(e.w3, p1));
+            w2.push_back(cuda::upload_linear(e.w2, p1));
+        }
+        EXPECT_EQ(p1.used(), lin);
+        const cuda::DeviceExperts views(w1, w3, w2, p2);
+        EXPECT_EQ(views.E, E);
+        EXPECT_EQ(views.bytes(), packed);
+        EXPECT_EQ(p2.used(), plan.used() - lin);
+        auto bad = w2;
+        std::swap(bad[5].out, bad[5].in);
+        test::expect_error([&] { cuda::DeviceExperts x(w1, w3, bad, p2); }, {"DeviceExperts", "expert 5", "w2"});
+        bad.pop_back();
+        test::expect_error([&] { cuda::DeviceExperts x(w1, w3, bad, p2); }, {"DeviceExperts", "w2"});
+    }
+    {
+        const HostExperts bf = make_experts(LinearFormat::bf16, 2, D, I, 70100);
+        cuda::DeviceArena p2;
+        test::expect_error([&] { cuda::DeviceExperts x(bf.experts, p2); }, {"DeviceExperts", "NVFP4 or MXFP4"});
+    }
+    SKIP_WITHOUT_GPU();
+    cuda::DeviceArena arena(plan.used(), "test experts");
+    const cuda::DeviceExperts placed(hx.experts, arena);
+    EXPECT_EQ(arena.used(), plan.used());
+    const cuda::DeviceExperts own(hx.experts);
+    cuda::MoeLayerWorkspace ws(129, k, own);
+    for (int64_t T : {3, 129}) {
+        const MoeCase c = make_case(Routing::uniform, T, k, E, D, true, 70200 + static_cast<uint32_t>(T));
+        DeviceInputs in(T, k, D);
+        in.upload(c);
+        DeviceArray<float> ya(static_cast<size_t>(T * D)), yb(ya.size());
+        poison(ya.data(), ya.size());
+        poison(yb.data(), yb.size());
+        cuda::moe_layer(placed, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, in.shared.data(), ya.data(), ws,
+                        nullptr);
+        const auto a = to_host(ya.data(), ya.size());
+        verify_layer(hx, ws, c, kLimit, a, str("arena T=", T), nullptr);
+        cuda::moe_layer(own, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, in.shared.data(), yb.data(), ws,
+                        nullptr);
+        const int64_t bad = first_mismatch(a, to_host(yb.data(), yb.size()));
+        EXPECT_EQ(bad, -1) << "T=" << T << ": y[" << bad << "] differs between arena and standalone experts";
+        if (HasFailure()) return;
     }
 }
 
@@ -889,13 +1060,13 @@ TEST(CudaMoeLayer, GraphReplayEqualsPlainCalls) {
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     for (int64_t T : {17, 256}) {
         DeviceInputs in(T, k, D);
-        DeviceBuf<float> y_graph(static_cast<size_t>(T * D)), y_plain(static_cast<size_t>(T * D));
+        DeviceArray<float> y_graph(static_cast<size_t>(T * D)), y_plain(static_cast<size_t>(T * D));
         cudaGraph_t graph = nullptr;
         cudaGraphExec_t exec = nullptr;
         CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
         bool threw = false;
         try {
-            cuda::moe_layer(dex, kLimit, in.x.p, in.ids.p, in.wts.p, T, in.shared.p, y_graph.p, ws, stream);
+            cuda::moe_layer(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, in.shared.data(), y_graph.data(), ws, stream);
         } catch (const std::exception& e) {
             threw = true;
             ADD_FAILURE() << "moe_layer during capture: " << e.what();
@@ -912,20 +1083,20 @@ TEST(CudaMoeLayer, GraphReplayEqualsPlainCalls) {
             const std::string what = str("T=", T, " replay ", replay, " ", routing_name(routings[replay]));
             const MoeCase c = make_case(routings[replay], T, k, E, D, true, 41000 + static_cast<uint32_t>(T * 10 + replay));
             in.upload(c, stream);
-            poison(y_graph.p, y_graph.n, stream);
-            poison(ws.h, static_cast<size_t>(T * k * I), stream);
+            poison(y_graph.data(), y_graph.size(), stream);
+            poison(ws.h.data(), static_cast<size_t>(T * k * I), stream);
             CUDA_CHECK(cudaGraphLaunch(exec, stream));
             CUDA_CHECK(cudaStreamSynchronize(stream));
-            const auto yg = to_host(y_graph.p, y_graph.n, stream);
-            const auto hg = to_host(ws.h, static_cast<size_t>(T * k * I), stream);
+            const auto yg = to_host(y_graph.data(), y_graph.size(), stream);
+            const auto hg = to_host(ws.h.data(), static_cast<size_t>(T * k * I), stream);
             verify_layer(hx, ws, c, kLimit, yg, what + " (graph)", nullptr);
 
-            poison(y_plain.p, y_plain.n, stream);
-            poison(ws.h, static_cast<size_t>(T * k * I), stream);
-            cuda::moe_layer(dex, kLimit, in.x.p, in.ids.p, in.wts.p, T, in.shared.p, y_plain.p, ws, stream);
+            poison(y_plain.data(), y_plain.size(), stream);
+            poison(ws.h.data(), static_cast<size_t>(T * k * I), stream);
+            cuda::moe_layer(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, in.shared.data(), y_plain.data(), ws, stream);
             CUDA_CHECK(cudaStreamSynchronize(stream));
-            const auto yp = to_host(y_plain.p, y_plain.n, stream);
-            const auto hp = to_host(ws.h, static_cast<size_t>(T * k * I), stream);
+            const auto yp = to_host(y_plain.data(), y_plain.size(), stream);
+            const auto hp = to_host(ws.h.data(), static_cast<size_t>(T * k * I), stream);
             const int64_t by = first_mismatch(yg, yp), bh = first_mismatch(hg, hp);
             EXPECT_EQ(by, -1) << what << ": graph y[" << by << "] differs from the plain call";
             EXPECT_EQ(bh, -1) << what << ": graph h[" << bh << "] differs from the plain call";
@@ -944,14 +1115,14 @@ TEST(CudaMoeLayer, ZeroTokensIsANoOp) {
     cuda::DeviceExperts dex(hx.experts);
     cuda::MoeLayerWorkspace ws(8, k, dex);
     DeviceInputs in(8, k, D);
-    DeviceBuf<float> y(static_cast<size_t>(8 * D));
-    CUDA_CHECK(cudaMemset(y.p, 0x3F, y.n * sizeof(float)));
-    EXPECT_NO_THROW(cuda::moe_layer(dex, kLimit, in.x.p, in.ids.p, in.wts.p, 0, in.shared.p, y.p, ws, nullptr));
+    DeviceArray<float> y(static_cast<size_t>(8 * D));
+    CUDA_CHECK(cudaMemset(y.data(), 0x3F, y.size() * sizeof(float)));
+    EXPECT_NO_THROW(cuda::moe_layer(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 0, in.shared.data(), y.data(), ws, nullptr));
     EXPECT_NO_THROW(cuda::moe_layer(dex, kLimit, nullptr, nullptr, nullptr, 0, nullptr, nullptr, ws, nullptr));
     EXPECT_NO_THROW(cuda::moe_l1(dex, kLimit, ws, 0, nullptr));
     EXPECT_NO_THROW(cuda::moe_l2(dex, ws, 0, nullptr));
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    const auto yh = to_host(y.p, y.n);
+    const auto yh = to_host(y.data(), y.size());
     float sentinel;
     const uint32_t bits = 0x3F3F3F3Fu;
     std::memcpy(&sentinel, &bits, 4);
@@ -992,12 +1163,13 @@ TEST(CudaMoeLayer, RejectsBadInput) {
     cuda::DeviceExperts dex(hx.experts);
     cuda::MoeLayerWorkspace ws(4, k, dex);
     DeviceInputs in(5, k, D);   // room for T = 5, so a missing check would not write out of bounds here
-    DeviceBuf<float> y(static_cast<size_t>(5 * D));
-    test::expect_error([&] { cuda::moe_layer(dex, kLimit, in.x.p, in.ids.p, in.wts.p, 5, nullptr, y.p, ws, nullptr); },
+    DeviceArray<float> y(static_cast<size_t>(5 * D));
+    test::expect_error([&] { cuda::moe_layer(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 5, nullptr, y.data(), ws, nullptr); },
                        {"T_max"});
     EXPECT_THROW(cuda::moe_l1(dex, kLimit, ws, 4 * k + 1, nullptr), Error);   // more rows than the workspace
     EXPECT_THROW(cuda::moe_l2(dex, ws, 4 * k + 1, nullptr), Error);
-    EXPECT_THROW(cuda::moe_l1(dex, kLimit, ws, 4 * k, nullptr, static_cast<int>(cuda::tiled_configs().size())), Error);
+    EXPECT_THROW(cuda::moe_l1(dex, kLimit, ws, 4 * k, nullptr, static_cast<cuda::Tile>(cuda::tiled_configs().size())),
+                 Error);
     EXPECT_THROW(cuda::MoeLayerWorkspace(0, k, dex), Error);
     {
         // A workspace made for other experts (E = 1).
@@ -1007,15 +1179,20 @@ TEST(CudaMoeLayer, RejectsBadInput) {
     }
     CUDA_CHECK(cudaDeviceSynchronize());
 
-    // Move-only handles: the moved-to object owns the buffers, the moved-from one none.
+    // Move-only handles: the moved-to object owns the buffers, the moved-from one none (and the
+    // layer refuses it).
     cuda::DeviceExperts moved = std::move(dex);
     EXPECT_EQ(moved.E, E);
     EXPECT_NE(moved.l1_table, nullptr);
-    EXPECT_EQ(dex.l1_table, nullptr);
     EXPECT_TRUE(dex.w1.empty());
+    EXPECT_EQ(dex.bytes(), 0u);
     cuda::MoeLayerWorkspace ws2 = std::move(ws);
-    EXPECT_NE(ws2.h, nullptr);
-    EXPECT_EQ(ws.h, nullptr);
+    EXPECT_NE(ws2.h.data(), nullptr);
+    EXPECT_EQ(ws.h.data(), nullptr);
+    EXPECT_EQ(ws.bytes(), 0u);
+    EXPECT_THROW(cuda::moe_l1(dex, kLimit, ws2, k, nullptr), Error);
+    EXPECT_THROW(cuda::moe_l1(moved, kLimit, ws, k, nullptr), Error);
+    EXPECT_NO_THROW(cuda::moe_l1(moved, kLimit, ws2, 0, nullptr));
 }
 
 }  // namespace

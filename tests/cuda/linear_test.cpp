@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -35,7 +36,6 @@ namespace megamoe {
 namespace {
 
 using cuda::DeviceLinear;
-using test::DeviceLinearGuard;
 using test::fmt_name;
 using test::HostLinear;
 using test::make_quantized;
@@ -94,22 +94,22 @@ void make_random_codes(HostLinear& h, LinearFormat f, int64_t N, int64_t K, uint
     h.bind(f, N, K);
 }
 
-using megamoe::test::DeviceBuf;
+using cuda::DeviceArray;
 
 // y_gpu for x (host bf16), via the fast path or the reference kernel. y starts as NaN bytes so
 // that an element left unwritten fails the comparison. `x_offset` shifts x by that many
 // elements inside its buffer (to reach the unaligned staging path).
 std::vector<float> run_gpu(const DeviceLinear& d, const std::vector<uint16_t>& x, int64_t M, bool reference = false,
                            int x_offset = 0, cudaStream_t stream = nullptr) {
-    DeviceBuf<uint16_t> dx(x.size() + static_cast<size_t>(x_offset));
-    DeviceBuf<float> dy(static_cast<size_t>(M * d.out));
-    CUDA_CHECK(cudaMemcpy(dx.p + x_offset, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemset(dy.p, 0xFF, dy.n * sizeof(float)));
-    if (reference) cuda::linear_reference(d, dx.p + x_offset, M, dy.p, stream);
-    else cuda::linear_small_m(d, dx.p + x_offset, M, dy.p, stream);
+    DeviceArray<uint16_t> dx(x.size() + static_cast<size_t>(x_offset));
+    DeviceArray<float> dy(static_cast<size_t>(M * d.out));
+    CUDA_CHECK(cudaMemcpy(dx.data() + x_offset, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemset(dy.data(), 0xFF, dy.size() * sizeof(float)));
+    if (reference) cuda::linear_reference(d, dx.data() + x_offset, M, dy.data(), stream);
+    else cuda::linear_small_m(d, dx.data() + x_offset, M, dy.data(), stream);
     CUDA_CHECK(cudaStreamSynchronize(stream));
     std::vector<float> y(static_cast<size_t>(M * d.out));
-    CUDA_CHECK(cudaMemcpy(y.data(), dy.p, y.size() * sizeof(float), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(y.data(), dy.data(), y.size() * sizeof(float), cudaMemcpyDeviceToHost));
     return y;
 }
 
@@ -170,12 +170,12 @@ void check_format(LinearFormat f, const std::vector<Shape>& shapes, bool random_
         HostLinear h;
         if (random_codes) make_random_codes(h, f, s.N, s.K, seed);
         else make_quantized(h, f, s.N, s.K, seed);
-        DeviceLinearGuard d(h.lin);
+        cuda::OwnedLinear d(h.lin);
         for (int64_t M : {1, 3, 16}) {
             const auto x = random_x(M, s.K, seed + static_cast<uint32_t>(M));
             const Reference ref = cpu_twin(h.lin, x, M);
             const std::string what = str(fmt_name(f), random_codes ? " codes " : " ", s.N, "x", s.K, " M=", M);
-            const double worst = compare(run_gpu(d.d, x, M), ref, M, s.N, what);
+            const double worst = compare(run_gpu(d.view(), x, M), ref, M, s.N, what);
             std::printf("  %-32s max |gpu-cpu| / sum|w||x| = %.2e\n", what.c_str(), worst);
             ++seed;
         }
@@ -192,14 +192,17 @@ TEST(CudaLinear, UploadRejectsBadTensors) {
     h.bind(LinearFormat::mxfp4, 16, 64);
     h.lin.scale = Tensor(h.s.data(), DType::e8m0, {16, 3});
     try {
-        (void)cuda::upload_linear(h.lin);
+        cuda::OwnedLinear d(h.lin);
         ADD_FAILURE() << "expected megamoe::Error";
     } catch (const Error& e) {
         EXPECT_NE(std::string(e.what()).find("scale has shape [16, 3], expected [16, 2]"), std::string::npos) << e.what();
     }
+    EXPECT_THROW((void)cuda::upload_linear_bytes(h.lin), Error);
+    cuda::DeviceArena plan;
+    EXPECT_THROW((void)cuda::upload_linear(h.lin, plan), Error);
     h.bind(LinearFormat::mxfp4, 16, 64);
     h.lin.weight.dtype = DType::f32;
-    EXPECT_THROW((void)cuda::upload_linear(h.lin), Error);
+    EXPECT_THROW((void)cuda::OwnedLinear(h.lin), Error);
     EXPECT_THROW((void)cuda::packed_row_bytes(LinearFormat::mxfp4, 48), Error);
     EXPECT_EQ(cuda::device_row_bytes(LinearFormat::nvfp4, 48), 64);
     EXPECT_EQ(cuda::device_row_bytes(LinearFormat::fp8_block, 4096), 4096);
@@ -214,22 +217,98 @@ TEST(CudaLinear, UploadIsLossless) {
             if (f == LinearFormat::mxfp4 && s.K % 32) continue;
             HostLinear h;
             make_quantized(h, f, s.N, s.K, 7);
-            DeviceLinearGuard d(h.lin);
-            EXPECT_EQ(d.d.weight_row_bytes % 64, 0);
-            const cuda::PackedBytes b = cuda::download_packed(d.d);
+            cuda::OwnedLinear d(h.lin);
+            EXPECT_EQ(d.view().weight_row_bytes % 64, 0);
+            const cuda::PackedBytes b = cuda::download_packed(d.view());
             EXPECT_EQ(b.weight, h.w) << fmt_name(f) << " " << s.N << "x" << s.K;
             EXPECT_EQ(b.scale, h.s) << fmt_name(f) << " " << s.N << "x" << s.K;
-            EXPECT_EQ(d.d.scale_2, h.s2);
-            EXPECT_EQ(d.d.bytes(), h.lin.bytes());   // packed bytes, padding not counted
+            EXPECT_EQ(d.view().scale_2, h.s2);
+            EXPECT_EQ(d.view().bytes(), h.lin.bytes());   // packed bytes, padding not counted
+            EXPECT_EQ(d.device_bytes(), cuda::upload_linear_bytes(h.lin));
             // copy_linear: an independent device copy with the same bytes.
-            cuda::DeviceLinear c = cuda::copy_linear(d.d);
-            EXPECT_NE(c.weight, d.d.weight);
-            const cuda::PackedBytes bc = cuda::download_packed(c);
+            const cuda::OwnedLinear c = cuda::copy_linear(d.view());
+            EXPECT_NE(c.view().weight, d.view().weight);
+            EXPECT_EQ(c.device_bytes(), d.device_bytes());
+            const cuda::PackedBytes bc = cuda::download_packed(c.view());
             EXPECT_EQ(bc.weight, h.w) << "copy_linear " << fmt_name(f);
             EXPECT_EQ(bc.scale, h.s) << "copy_linear " << fmt_name(f);
-            cuda::free_linear(c);
         }
     }
+}
+
+// Planning with a counting arena (host only, so this runs without a GPU too): the plan has the
+// layout of the upload and null buffers, takes upload_linear_bytes, and a second linear carved
+// after it starts where the first one's bytes end.
+TEST(CudaLinear, CountingArenaPlansWithoutTheGpu) {
+    const LinearFormat formats[] = {LinearFormat::f32, LinearFormat::bf16, LinearFormat::fp8_block,
+                                    LinearFormat::mxfp4, LinearFormat::nvfp4};
+    for (LinearFormat f : formats) {
+        for (Shape s : {Shape{3, 160}, Shape{130, 96}, Shape{257, 1024}}) {
+            if (f == LinearFormat::mxfp4 && s.K % 32) continue;
+            HostLinear h;
+            make_quantized(h, f, s.N, s.K, 5);
+            cuda::DeviceArena plan;
+            const cuda::DeviceLinear d = cuda::upload_linear(h.lin, plan);
+            EXPECT_TRUE(plan.counting());
+            EXPECT_EQ(d.weight, nullptr);
+            EXPECT_EQ(d.scale, nullptr);
+            EXPECT_EQ(d.format, f);
+            EXPECT_EQ(d.out, s.N);
+            EXPECT_EQ(d.in, s.K);
+            EXPECT_EQ(d.weight_row_bytes, cuda::device_row_bytes(f, s.K));
+            EXPECT_EQ(d.scale_2, h.s2);
+            EXPECT_EQ(d.bytes(), h.lin.bytes());
+            const size_t n = cuda::upload_linear_bytes(h.lin);
+            EXPECT_EQ(plan.used(), n) << fmt_name(f);
+            EXPECT_EQ(n % cuda::DeviceArena::kAlign, 0u);
+            // Padded weight rows, then (with scales) the scale rows and 16 bytes of slack.
+            const size_t w = static_cast<size_t>(s.N * d.weight_row_bytes);
+            const FormatInfo& fi = format_info(f);
+            const size_t sc = fi.has_scales() ? static_cast<size_t>(fi.scale_rows(s.N) * d.scale_row_bytes) + 16 : 0;
+            EXPECT_EQ(n, cuda::DeviceArena::round_up(w) + (sc ? cuda::DeviceArena::round_up(sc) : 0)) << fmt_name(f);
+            if (f == LinearFormat::mxfp4 || f == LinearFormat::nvfp4) {
+                EXPECT_EQ(d.scale_row_bytes, d.weight_row_bytes * 2 / fi.scale_cols_per);
+            }
+            if (f == LinearFormat::fp8_block) {
+                EXPECT_EQ(d.scale_row_bytes, fi.scale_cols(s.K));
+            }
+            const cuda::LinearLayout l = cuda::linear_layout(f, s.N, s.K);
+            EXPECT_EQ(l.weight_row_bytes, d.weight_row_bytes);
+            EXPECT_EQ(l.scale_row_bytes, d.scale_row_bytes);
+            EXPECT_EQ(l.weight_bytes, w);
+            EXPECT_EQ(l.scale_bytes, sc);
+            (void)cuda::upload_linear(h.lin, plan);
+            EXPECT_EQ(plan.used(), 2 * n);
+        }
+    }
+}
+
+// Two linears carved from one arena (the runner's way): each downloads as it was uploaded, at the
+// offsets a counting arena planned.
+TEST(CudaLinear, UploadIntoOneArena) {
+    SKIP_WITHOUT_GPU();
+    HostLinear a, b;
+    make_quantized(a, LinearFormat::nvfp4, 130, 96, 61);
+    make_quantized(b, LinearFormat::fp8_block, 70, 320, 62);
+    cuda::DeviceArena plan;
+    const cuda::DeviceLinear pa = cuda::upload_linear(a.lin, plan);
+    const cuda::DeviceLinear pb = cuda::upload_linear(b.lin, plan);
+    cuda::DeviceArena arena(plan.used(), "test arena");
+    const cuda::DeviceLinear da = cuda::upload_linear(a.lin, arena);
+    const cuda::DeviceLinear db = cuda::upload_linear(b.lin, arena);
+    EXPECT_EQ(arena.used(), plan.used());
+    EXPECT_EQ(static_cast<uint8_t*>(db.weight) - static_cast<uint8_t*>(da.weight),
+              static_cast<std::ptrdiff_t>(cuda::upload_linear_bytes(a.lin)));
+    EXPECT_EQ(da.weight_row_bytes, pa.weight_row_bytes);
+    EXPECT_EQ(db.scale_row_bytes, pb.scale_row_bytes);
+    const cuda::PackedBytes ba = cuda::download_packed(da), bb = cuda::download_packed(db);
+    EXPECT_EQ(ba.weight, a.w);
+    EXPECT_EQ(ba.scale, a.s);
+    EXPECT_EQ(bb.weight, b.w);
+    EXPECT_EQ(bb.scale, b.s);
+    const auto x = random_x(3, 320, 63);
+    compare(run_gpu(db, x, 3), cpu_twin(b.lin, x, 3), 3, 70, "fp8 in a shared arena");
+    EXPECT_THROW((void)cuda::upload_linear(a.lin, arena), Error);   // the arena is full
 }
 
 TEST(CudaLinear, Bf16MatchesCpuTwin) {
@@ -269,10 +348,10 @@ TEST(CudaLinear, ReferenceKernelMatchesCpuTwin) {
     for (LinearFormat f : formats) {
         HostLinear h;
         make_quantized(h, f, 70, 320, 11);
-        DeviceLinearGuard d(h.lin);
+        cuda::OwnedLinear d(h.lin);
         for (int64_t M : {1, 16, 20}) {
             const auto x = random_x(M, 320, 12);
-            compare(run_gpu(d.d, x, M, /*reference=*/true), cpu_twin(h.lin, x, M), M, 70,
+            compare(run_gpu(d.view(), x, M, /*reference=*/true), cpu_twin(h.lin, x, M), M, 70,
                     str("reference ", fmt_name(f), " M=", M));
         }
     }
@@ -282,17 +361,17 @@ TEST(CudaLinear, F32AndNanCodesTakeTheExactPath) {
     SKIP_WITHOUT_GPU();
     HostLinear f32;
     make_quantized(f32, LinearFormat::f32, 33, 100, 21);
-    DeviceLinearGuard d32(f32.lin);
+    cuda::OwnedLinear d32(f32.lin);
     auto x = random_x(2, 100, 22);
-    compare(run_gpu(d32.d, x, 2), cpu_twin(f32.lin, x, 2), 2, 33, "f32");
+    compare(run_gpu(d32.view(), x, 2), cpu_twin(f32.lin, x, 2), 2, 33, "f32");
 
     HostLinear h;
     make_quantized(h, LinearFormat::fp8_block, 40, 256, 23);
     h.w[5 * 256 + 17] = 0x7F;   // row 5 holds an e4m3 NaN
-    DeviceLinearGuard d(h.lin);
-    EXPECT_TRUE(d.d.nan_codes);
+    cuda::OwnedLinear d(h.lin);
+    EXPECT_TRUE(d.view().nan_codes);
     x = random_x(3, 256, 24);
-    const auto y = run_gpu(d.d, x, 3);
+    const auto y = run_gpu(d.view(), x, 3);
     const Reference ref = cpu_twin(h.lin, x, 3);
     for (int64_t t = 0; t < 3; ++t) EXPECT_TRUE(std::isnan(y[static_cast<size_t>(t * 40 + 5)]));
     compare(y, ref, 3, 40, "fp8 with NaN code");
@@ -302,21 +381,21 @@ TEST(CudaLinear, LargeMUnalignedXAndStreams) {
     SKIP_WITHOUT_GPU();
     HostLinear h;
     make_quantized(h, LinearFormat::nvfp4, 300, 512, 31);
-    DeviceLinearGuard d(h.lin);
+    cuda::OwnedLinear d(h.lin);
     cudaStream_t stream = nullptr;
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     for (int64_t M : {17, 40}) {
         const auto x = random_x(M, 512, 32);
-        compare(run_gpu(d.d, x, M, false, 0, stream), cpu_twin(h.lin, x, M), M, 300, str("nvfp4 M=", M));
+        compare(run_gpu(d.view(), x, M, false, 0, stream), cpu_twin(h.lin, x, M), M, 300, str("nvfp4 M=", M));
     }
     // x one element off 16-byte alignment, and K % 8 != 0 (bf16 K = 100): the scalar staging path.
     const auto x = random_x(5, 512, 33);
-    compare(run_gpu(d.d, x, 5, false, 1, stream), cpu_twin(h.lin, x, 5), 5, 300, "nvfp4 unaligned x");
+    compare(run_gpu(d.view(), x, 5, false, 1, stream), cpu_twin(h.lin, x, 5), 5, 300, "nvfp4 unaligned x");
     HostLinear b;
     make_quantized(b, LinearFormat::bf16, 19, 100, 34);
-    DeviceLinearGuard db(b.lin);
+    cuda::OwnedLinear db(b.lin);
     const auto xb = random_x(4, 100, 35);
-    compare(run_gpu(db.d, xb, 4, false, 0, stream), cpu_twin(b.lin, xb, 4), 4, 19, "bf16 K=100");
+    compare(run_gpu(db.view(), xb, 4, false, 0, stream), cpu_twin(b.lin, xb, 4), 4, 19, "bf16 K=100");
     CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
@@ -324,9 +403,9 @@ TEST(CudaLinear, Deterministic) {
     SKIP_WITHOUT_GPU();
     HostLinear h;
     make_quantized(h, LinearFormat::fp8_block, 512, 4096, 41);   // split over a cluster of CTAs
-    DeviceLinearGuard d(h.lin);
+    cuda::OwnedLinear d(h.lin);
     const auto x = random_x(16, 4096, 42);
-    const auto a = run_gpu(d.d, x, 16), b = run_gpu(d.d, x, 16);
+    const auto a = run_gpu(d.view(), x, 16), b = run_gpu(d.view(), x, 16);
     EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float)));
 }
 
@@ -334,9 +413,9 @@ TEST(CudaLinear, ZeroTokensIsANoOp) {
     SKIP_WITHOUT_GPU();
     HostLinear h;
     make_quantized(h, LinearFormat::bf16, 8, 64, 51);
-    DeviceLinearGuard d(h.lin);
-    EXPECT_NO_THROW(cuda::linear_small_m(d.d, nullptr, 0, nullptr, nullptr));
-    EXPECT_THROW(cuda::linear_small_m(d.d, nullptr, -1, nullptr, nullptr), Error);
+    cuda::OwnedLinear d(h.lin);
+    EXPECT_NO_THROW(cuda::linear_small_m(d.view(), nullptr, 0, nullptr, nullptr));
+    EXPECT_THROW(cuda::linear_small_m(d.view(), nullptr, -1, nullptr, nullptr), Error);
     DeviceLinear empty;
     EXPECT_THROW(cuda::linear_small_m(empty, nullptr, 1, nullptr, nullptr), Error);
 }

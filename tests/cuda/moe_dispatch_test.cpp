@@ -229,7 +229,7 @@ TEST(MoeDispatchCpu, TwinGatherCombineMatchOpsMoeLayout) {
     if (!cuda::gpu_available()) GTEST_SKIP() << "no CUDA device"
 
 
-using megamoe::test::DeviceBuf;
+using cuda::DeviceArray;
 
 template <typename T>
 void to_device(T* dst, const std::vector<T>& src) {
@@ -252,56 +252,56 @@ void check_case(const std::vector<int32_t>& ids, const std::vector<uint16_t>& x,
     const int64_t N = T * k;
     const Route r = cpu_route(ids, T, k, E);
 
-    DeviceBuf<int32_t> d_ids(ids.size()), counts(static_cast<size_t>(E)), offsets(static_cast<size_t>(E + 1)),
+    DeviceArray<int32_t> d_ids(ids.size()), counts(static_cast<size_t>(E)), offsets(static_cast<size_t>(E + 1)),
         perm(static_cast<size_t>(N)), inv(static_cast<size_t>(N)),
         scratch(static_cast<size_t>(cuda::moe_route_scratch_ints(N, E)));
-    to_device(d_ids.p, ids);
+    to_device(d_ids.data(), ids);
     // Outputs start as 0xFF bytes (-1 / NaN) so that anything left unwritten fails.
-    CUDA_CHECK(cudaMemset(counts.p, 0xFF, counts.n * 4));
-    CUDA_CHECK(cudaMemset(offsets.p, 0xFF, offsets.n * 4));
-    CUDA_CHECK(cudaMemset(perm.p, 0xFF, perm.n * 4));
-    CUDA_CHECK(cudaMemset(inv.p, 0xFF, inv.n * 4));
-    cuda::moe_route_counts(d_ids.p, T, k, E, counts.p, offsets.p, perm.p, inv.p, scratch.p, nullptr);
+    CUDA_CHECK(cudaMemset(counts.data(), 0xFF, counts.size() * 4));
+    CUDA_CHECK(cudaMemset(offsets.data(), 0xFF, offsets.size() * 4));
+    CUDA_CHECK(cudaMemset(perm.data(), 0xFF, perm.size() * 4));
+    CUDA_CHECK(cudaMemset(inv.data(), 0xFF, inv.size() * 4));
+    cuda::moe_route_counts(d_ids.data(), T, k, E, counts.data(), offsets.data(), perm.data(), inv.data(), scratch.data(), nullptr);
     CUDA_CHECK(cudaDeviceSynchronize());
-    EXPECT_EQ(first_mismatch(to_host(counts.p, counts.n), r.counts), -1) << "counts";
-    EXPECT_EQ(first_mismatch(to_host(offsets.p, offsets.n), r.offsets), -1) << "offsets";
-    EXPECT_EQ(first_mismatch(to_host(perm.p, perm.n), r.perm), -1) << "perm";
-    EXPECT_EQ(first_mismatch(to_host(inv.p, inv.n), r.inv), -1) << "inv";
+    EXPECT_EQ(first_mismatch(to_host(counts.data(), counts.size()), r.counts), -1) << "counts";
+    EXPECT_EQ(first_mismatch(to_host(offsets.data(), offsets.size()), r.offsets), -1) << "offsets";
+    EXPECT_EQ(first_mismatch(to_host(perm.data(), perm.size()), r.perm), -1) << "perm";
+    EXPECT_EQ(first_mismatch(to_host(inv.data(), inv.size()), r.inv), -1) << "inv";
 
     // Gather from the GPU's own perm (equal to the twin's if the checks above passed).
     std::vector<uint16_t> xs_ref;
     std::vector<float> ws_ref;
     cpu_gather(x, w, r.perm, k, D, xs_ref, ws_ref);
-    DeviceBuf<uint16_t> d_x(x.size() + static_cast<size_t>(off)), xs(static_cast<size_t>(N * D));
-    DeviceBuf<float> d_w(w.size()), ws(static_cast<size_t>(N));
-    CUDA_CHECK(cudaMemcpy(d_x.p + off, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
-    to_device(d_w.p, w);
-    CUDA_CHECK(cudaMemset(xs.p, 0xFF, xs.n * 2));
-    CUDA_CHECK(cudaMemset(ws.p, 0xFF, ws.n * 4));
-    cuda::moe_gather(d_x.p + off, d_w.p, perm.p, T, k, D, xs.p, ws.p, nullptr);
+    DeviceArray<uint16_t> d_x(x.size() + static_cast<size_t>(off)), xs(static_cast<size_t>(N * D));
+    DeviceArray<float> d_w(w.size()), ws(static_cast<size_t>(N));
+    CUDA_CHECK(cudaMemcpy(d_x.data() + off, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+    to_device(d_w.data(), w);
+    CUDA_CHECK(cudaMemset(xs.data(), 0xFF, xs.size() * 2));
+    CUDA_CHECK(cudaMemset(ws.data(), 0xFF, ws.size() * 4));
+    cuda::moe_gather(d_x.data() + off, d_w.data(), perm.data(), T, k, D, xs.data(), ws.data(), nullptr);
     CUDA_CHECK(cudaDeviceSynchronize());
-    EXPECT_EQ(first_mismatch(to_host(xs.p, xs.n), xs_ref), -1) << "xs";
-    EXPECT_EQ(first_mismatch(to_host(ws.p, ws.n), ws_ref), -1) << "ws";
+    EXPECT_EQ(first_mismatch(to_host(xs.data(), xs.size()), xs_ref), -1) << "xs";
+    EXPECT_EQ(first_mismatch(to_host(ws.data(), ws.size()), ws_ref), -1) << "ws";
 
     // Combine, with and without the shared term, f32 and bf16 out.
-    DeviceBuf<float> d_rows(rows.size() + static_cast<size_t>(off)), d_shared(shared.size() + static_cast<size_t>(off)),
+    DeviceArray<float> d_rows(rows.size() + static_cast<size_t>(off)), d_shared(shared.size() + static_cast<size_t>(off)),
         y(static_cast<size_t>(T * D) + static_cast<size_t>(off));
-    DeviceBuf<uint16_t> yb(static_cast<size_t>(T * D) + static_cast<size_t>(off));
-    CUDA_CHECK(cudaMemcpy(d_rows.p + off, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice));
-    CUDA_CHECK(cudaMemcpy(d_shared.p + off, shared.data(), shared.size() * 4, cudaMemcpyHostToDevice));
+    DeviceArray<uint16_t> yb(static_cast<size_t>(T * D) + static_cast<size_t>(off));
+    CUDA_CHECK(cudaMemcpy(d_rows.data() + off, rows.data(), rows.size() * 4, cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(d_shared.data() + off, shared.data(), shared.size() * 4, cudaMemcpyHostToDevice));
     for (bool with_shared : {true, false}) {
         std::vector<float> y_ref;
         cpu_combine(rows, r.inv, with_shared ? shared.data() : nullptr, T, k, D, y_ref);
         std::vector<uint16_t> yb_ref(y_ref.size());
         for (size_t i = 0; i < y_ref.size(); ++i) yb_ref[i] = f32_to_bf16(y_ref[i]);
-        const float* sh = with_shared ? d_shared.p + off : nullptr;
-        CUDA_CHECK(cudaMemset(y.p, 0xFF, y.n * 4));
-        CUDA_CHECK(cudaMemset(yb.p, 0xFF, yb.n * 2));
-        cuda::moe_combine(d_rows.p + off, inv.p, sh, T, k, D, y.p + off, nullptr);
-        cuda::moe_combine_bf16(d_rows.p + off, inv.p, sh, T, k, D, yb.p + off, nullptr);
+        const float* sh = with_shared ? d_shared.data() + off : nullptr;
+        CUDA_CHECK(cudaMemset(y.data(), 0xFF, y.size() * 4));
+        CUDA_CHECK(cudaMemset(yb.data(), 0xFF, yb.size() * 2));
+        cuda::moe_combine(d_rows.data() + off, inv.data(), sh, T, k, D, y.data() + off, nullptr);
+        cuda::moe_combine_bf16(d_rows.data() + off, inv.data(), sh, T, k, D, yb.data() + off, nullptr);
         CUDA_CHECK(cudaDeviceSynchronize());
-        auto y_gpu = to_host(y.p + off, static_cast<size_t>(T * D));
-        auto yb_gpu = to_host(yb.p + off, static_cast<size_t>(T * D));
+        auto y_gpu = to_host(y.data() + off, static_cast<size_t>(T * D));
+        auto yb_gpu = to_host(yb.data() + off, static_cast<size_t>(T * D));
         EXPECT_EQ(first_mismatch(y_gpu, y_ref), -1) << "y f32, shared=" << with_shared;
         EXPECT_EQ(first_mismatch(yb_gpu, yb_ref), -1) << "y bf16, shared=" << with_shared;
     }
@@ -368,14 +368,14 @@ TEST(MoeDispatch, EmptyBatchWritesZeroCounts) {
     SKIP_WITHOUT_GPU();
     const int64_t E = 16;
     cuda::MoeDispatchWorkspace ws(4, 6, E, 64);
-    CUDA_CHECK(cudaMemset(ws.counts, 0xFF, E * 4));
-    CUDA_CHECK(cudaMemset(ws.offsets, 0xFF, (E + 1) * 4));
+    CUDA_CHECK(cudaMemset(ws.counts.data(), 0xFF, E * 4));
+    CUDA_CHECK(cudaMemset(ws.offsets.data(), 0xFF, (E + 1) * 4));
     ws.route(nullptr, 0, nullptr);
     ws.gather(nullptr, nullptr, 0, nullptr);
     ws.combine(nullptr, nullptr, 0, nullptr, nullptr);
     CUDA_CHECK(cudaDeviceSynchronize());
-    EXPECT_EQ(to_host(ws.counts, E), std::vector<int32_t>(E, 0));
-    EXPECT_EQ(to_host(ws.offsets, E + 1), std::vector<int32_t>(E + 1, 0));
+    EXPECT_EQ(to_host(ws.counts.data(), E), std::vector<int32_t>(E, 0));
+    EXPECT_EQ(to_host(ws.offsets.data(), E + 1), std::vector<int32_t>(E + 1, 0));
 }
 
 TEST(MoeDispatch, RejectsBadArguments) {
@@ -383,12 +383,16 @@ TEST(MoeDispatch, RejectsBadArguments) {
     cuda::MoeDispatchWorkspace ws(4, 6, 16, 64);
     EXPECT_THROW(ws.route(nullptr, 5, nullptr), Error);   // T > T_max
     EXPECT_THROW(cuda::MoeDispatchWorkspace(4, 6, cuda::kMoeMaxExperts + 1, 64), Error);
-    EXPECT_THROW(cuda::moe_route_counts(nullptr, 1, 6, 16, ws.counts, ws.offsets, ws.perm, ws.inv, ws.scratch, nullptr),
+    EXPECT_THROW(cuda::moe_route_counts(nullptr, 1, 6, 16, ws.counts.data(), ws.offsets.data(), ws.perm.data(),
+                                        ws.inv.data(), ws.scratch.data(), nullptr),
                  Error);
     EXPECT_GT(ws.bytes(), 0u);
+    // Move-only: the moved-to workspace holds the buffers, the moved-from one none (and refuses work).
     cuda::MoeDispatchWorkspace moved = std::move(ws);
-    EXPECT_EQ(ws.counts, nullptr);
-    EXPECT_NE(moved.counts, nullptr);
+    EXPECT_EQ(ws.counts.data(), nullptr);
+    EXPECT_EQ(ws.bytes(), 0u);
+    EXPECT_NE(moved.counts.data(), nullptr);
+    EXPECT_THROW(ws.route(nullptr, 0, nullptr), Error);
 }
 
 // Route + gather + combine captured once into a CUDA graph for fixed T, replayed twice with new
@@ -397,25 +401,25 @@ TEST(MoeDispatch, GraphCaptureReplaysWithNewIds) {
     SKIP_WITHOUT_GPU();
     const int64_t T = 129, k = 6, E = 256, D = 64;
     cuda::MoeDispatchWorkspace work(T, k, E, D);
-    DeviceBuf<int32_t> ids(static_cast<size_t>(T * k));
-    DeviceBuf<uint16_t> x(static_cast<size_t>(T * D));
-    DeviceBuf<float> w(static_cast<size_t>(T * k)), rows(static_cast<size_t>(T * k * D)), shared(static_cast<size_t>(T * D)),
+    DeviceArray<int32_t> ids(static_cast<size_t>(T * k));
+    DeviceArray<uint16_t> x(static_cast<size_t>(T * D));
+    DeviceArray<float> w(static_cast<size_t>(T * k)), rows(static_cast<size_t>(T * k * D)), shared(static_cast<size_t>(T * D)),
         y(static_cast<size_t>(T * D));
-    const auto hx = random_bf16(x.n, 1);
-    const auto hw = random_f32(w.n, 2);
-    const auto hshared = random_f32(shared.n, 3);
-    to_device(x.p, hx);
-    to_device(w.p, hw);
-    to_device(shared.p, hshared);
+    const auto hx = random_bf16(x.size(), 1);
+    const auto hw = random_f32(w.size(), 2);
+    const auto hshared = random_f32(shared.size(), 3);
+    to_device(x.data(), hx);
+    to_device(w.data(), hw);
+    to_device(shared.data(), hshared);
 
     cudaStream_t stream;
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     cudaGraph_t graph = nullptr;
     cudaGraphExec_t exec = nullptr;
     CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    work.route(ids.p, T, stream);
-    work.gather(x.p, w.p, T, stream);
-    work.combine(rows.p, shared.p, T, y.p, stream);
+    work.route(ids.data(), T, stream);
+    work.gather(x.data(), w.data(), T, stream);
+    work.combine(rows.data(), shared.data(), T, y.data(), stream);
     CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
     CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
 
@@ -423,11 +427,11 @@ TEST(MoeDispatch, GraphCaptureReplaysWithNewIds) {
     for (int replay = 0; replay < 2; ++replay) {
         SCOPED_TRACE(str("replay ", replay));
         const auto hids = make_ids(patterns[replay], T, k, E, static_cast<uint32_t>(100 + replay));
-        const auto hrows = random_f32(rows.n, static_cast<uint64_t>(200 + replay));
-        to_device(ids.p, hids);
-        to_device(rows.p, hrows);
-        CUDA_CHECK(cudaMemset(y.p, 0xFF, y.n * 4));
-        CUDA_CHECK(cudaMemset(work.perm, 0xFF, static_cast<size_t>(T * k) * 4));
+        const auto hrows = random_f32(rows.size(), static_cast<uint64_t>(200 + replay));
+        to_device(ids.data(), hids);
+        to_device(rows.data(), hrows);
+        CUDA_CHECK(cudaMemset(y.data(), 0xFF, y.size() * 4));
+        CUDA_CHECK(cudaMemset(work.perm.data(), 0xFF, static_cast<size_t>(T * k) * 4));
         CUDA_CHECK(cudaGraphLaunch(exec, stream));
         CUDA_CHECK(cudaStreamSynchronize(stream));
 
@@ -436,13 +440,13 @@ TEST(MoeDispatch, GraphCaptureReplaysWithNewIds) {
         std::vector<float> ws_ref, y_ref;
         cpu_gather(hx, hw, r.perm, k, D, xs_ref, ws_ref);
         cpu_combine(hrows, r.inv, hshared.data(), T, k, D, y_ref);
-        EXPECT_EQ(first_mismatch(to_host(work.counts, static_cast<size_t>(E)), r.counts), -1) << "counts";
-        EXPECT_EQ(first_mismatch(to_host(work.offsets, static_cast<size_t>(E + 1)), r.offsets), -1) << "offsets";
-        EXPECT_EQ(first_mismatch(to_host(work.perm, static_cast<size_t>(T * k)), r.perm), -1) << "perm";
-        EXPECT_EQ(first_mismatch(to_host(work.inv, static_cast<size_t>(T * k)), r.inv), -1) << "inv";
-        EXPECT_EQ(first_mismatch(to_host(work.xs, static_cast<size_t>(T * k * D)), xs_ref), -1) << "xs";
-        EXPECT_EQ(first_mismatch(to_host(work.ws, static_cast<size_t>(T * k)), ws_ref), -1) << "ws";
-        EXPECT_EQ(first_mismatch(to_host(y.p, y.n), y_ref), -1) << "y";
+        EXPECT_EQ(first_mismatch(to_host(work.counts.data(), static_cast<size_t>(E)), r.counts), -1) << "counts";
+        EXPECT_EQ(first_mismatch(to_host(work.offsets.data(), static_cast<size_t>(E + 1)), r.offsets), -1) << "offsets";
+        EXPECT_EQ(first_mismatch(to_host(work.perm.data(), static_cast<size_t>(T * k)), r.perm), -1) << "perm";
+        EXPECT_EQ(first_mismatch(to_host(work.inv.data(), static_cast<size_t>(T * k)), r.inv), -1) << "inv";
+        EXPECT_EQ(first_mismatch(to_host(work.xs.data(), static_cast<size_t>(T * k * D)), xs_ref), -1) << "xs";
+        EXPECT_EQ(first_mismatch(to_host(work.ws.data(), static_cast<size_t>(T * k)), ws_ref), -1) << "ws";
+        EXPECT_EQ(first_mismatch(to_host(y.data(), y.size()), y_ref), -1) << "y";
     }
     CUDA_CHECK(cudaGraphExecDestroy(exec));
     CUDA_CHECK(cudaGraphDestroy(graph));
