@@ -1,0 +1,233 @@
+// forward_bench.cu — megamoe-forward-bench: whole DeepSeek-V4 forward steps on one GPU, on a
+// synthetic full-width model made in GPU memory (random packed weights in the checkpoint formats;
+// V4-Flash at full width is ~160 GB, more than a GPU machine's disk holds).
+//
+// Rows: decode steps at batch 1, 8, 64, 256 and context 1K and 32K (graph-replayed steps, as
+// serving runs them), and an 8K-token prefill. Each row: µs per step and per layer, tokens/s, the
+// bandwidth floor (the bytes a step must read ÷ the copy bandwidth measured in the same run) and
+// the ratio to it, then where the time goes (an eager step with events between the stages).
+//
+// Validation comes first, as for every benchmark: the forward itself is validated against the CPU
+// reference by tests/gpu/runner_test.cpp on the golden checkpoints; here the bench checks that
+// the synthetic model's logits are finite and that a graph-replayed step equals an eager one.
+//
+//   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
+//                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "bench_util.h"
+#include "core/common.h"
+#include "gpu/runner.h"
+#include "io/formats.h"
+#include "io/synth.h"
+#include "io/weights.h"
+
+using namespace megamoe;
+
+namespace {
+
+std::vector<int64_t> parse_list(const std::string& s) {
+    std::vector<int64_t> v;
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, ',')) v.push_back(std::stoll(item));
+    return v;
+}
+
+// Bytes of the weights by role, from the weight walk (packed checkpoint bytes).
+struct WeightBytes : WeightVisitor {
+    double dense = 0;          // everything a step reads whatever the batch (attention, shared, router, hc, norms)
+    double expert = 0;         // one routed expert of one layer (w1 + w3 + w2)
+    double head = 0, embed_row = 0;
+    int64_t D = 0;
+    void tensor(const std::string& name, DType t, const std::vector<int64_t>& shape, Tensor&) override {
+        int64_t n = 1;
+        for (int64_t d : shape) n *= d;
+        const double b = static_cast<double>(n) * static_cast<double>(dtype_size(t));
+        if (name == "embed.weight") embed_row = b / static_cast<double>(shape[0]);
+        else if (name.find("tid2eid") != std::string::npos) {}   // one row per token: negligible
+        else dense += b;
+    }
+    void linear(const std::string& p, LinearFormat f, int64_t out, int64_t in, Linear&) override {
+        const double b = static_cast<double>(format_info(f).packed_bytes(out, in));
+        if (p == "head") head = b;
+        else if (p.find(".experts.") != std::string::npos) {
+            if (p.find(".experts.0.") != std::string::npos && p.rfind("layers.0.", 0) == 0) expert += b;
+        } else dense += b;
+    }
+};
+
+struct Row {
+    std::string what;
+    double us_step = 0, us_layer = 0, tok_s = 0, floor_us = 0;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    try {
+        std::string preset = "flash", experts = "nvfp4";
+        int64_t layers = -1, prefill = 8192, steps = 20;
+        std::vector<int64_t> batches{1, 8, 64, 256}, contexts{1024, 32768};
+        for (int i = 1; i < argc; ++i) {
+            const std::string a = argv[i];
+            auto next = [&]() -> std::string {
+                if (i + 1 >= argc) fail(a, " needs a value");
+                return argv[++i];
+            };
+            if (a == "--model") preset = next();
+            else if (a == "--layers") layers = std::stoll(next());
+            else if (a == "--batches") batches = parse_list(next());
+            else if (a == "--contexts") contexts = parse_list(next());
+            else if (a == "--prefill") prefill = std::stoll(next());
+            else if (a == "--steps") steps = std::stoll(next());
+            else if (a == "--experts") experts = next();
+            else fail("unknown option ", a);
+        }
+        if (layers < 0) layers = preset == "pro" ? 4 : 20;
+        SynthOptions so;
+        so.preset = preset;
+        so.layers = layers;
+        so.experts = experts == "mxfp4" ? ExpertFormat::mxfp4 : ExpertFormat::nvfp4;
+        const ModelConfig cfg = synth_config(so);
+
+        cudaDeviceProp prop{};
+        CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+        cudaStream_t side = nullptr;
+        CUDA_CHECK(cudaStreamCreate(&side));
+        const double bw = bench::d2d_bandwidth(side);   // GB/s, bytes read + written
+        std::printf("# megamoe-forward-bench: %s, V4-%s at full width, %ld of the release's layers, %s experts\n",
+                    prop.name, preset.c_str(), static_cast<long>(layers), experts.c_str());
+        std::printf("# copy bandwidth (read + write) measured in this run: %.0f GB/s\n", bw);
+
+        const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
+        const int64_t max_ctx = *std::max_element(contexts.begin(), contexts.end());
+        gpu::RunnerOptions ro;
+        ro.max_seqs = max_batch;
+        ro.max_batch_tokens = std::max(prefill, max_batch);
+        ro.max_logit_rows = max_batch;
+        ro.max_model_len = std::max(max_ctx, prefill) + steps + 8;
+        ro.memory_fraction = 0.95;
+        const auto t0 = std::chrono::steady_clock::now();
+        gpu::Runner run(cfg, 1234, ro, &std::cout);
+        std::printf("# synthetic weights made in %.1f s\n",
+                    std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+
+        WeightBytes wb;
+        Weights shapes;
+        visit_weights(cfg, shapes, wb, false);
+        const double L = static_cast<double>(cfg.num_hidden_layers), E = static_cast<double>(cfg.n_routed_experts);
+        const double k = static_cast<double>(cfg.num_experts_per_tok), hd = static_cast<double>(cfg.head_dim);
+        int64_t n_csa = 0, n_hca = 0;
+        for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+            n_csa += cfg.attn_kind(l) == AttnKind::csa;
+            n_hca += cfg.attn_kind(l) == AttnKind::hca;
+        }
+        int64_t hca_ratio = 128;
+        for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+            if (cfg.attn_kind(l) == AttnKind::hca) hca_ratio = cfg.ratio(l);
+
+        std::vector<Row> rows;
+        std::vector<float> logits;
+        for (int64_t ctx : contexts) {
+            for (int64_t B : batches) {
+                std::vector<int32_t> slots;
+                for (int64_t i = 0; i < B; ++i) {
+                    slots.push_back(run.open());
+                    if (slots.back() < 0 || !run.reserve(slots.back(), ctx + steps + 4))
+                        fail("no room for ", B, " sequences of ", ctx, " positions");
+                    run.set_n_past_for_benchmark(slots.back(), ctx);
+                }
+                auto decode = [&](int64_t s) {
+                    std::vector<gpu::RunnerChunk> ch;
+                    for (int64_t i = 0; i < B; ++i)
+                        ch.push_back({slots[static_cast<size_t>(i)], {static_cast<int32_t>((7 * i + 13 * s) % 1000 + 2)}});
+                    return ch;
+                };
+                run.step(decode(0), false, logits);   // eager, then capture
+                run.step(decode(1), false, logits);   // first replay
+                for (float v : logits)
+                    if (!std::isfinite(v)) fail("non-finite logit at batch ", B, ", context ", ctx);
+                CUDA_CHECK(cudaDeviceSynchronize());
+                const auto a = std::chrono::steady_clock::now();
+                for (int64_t s = 2; s < steps + 2; ++s) run.step(decode(s), false, logits);
+                const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count() /
+                                  static_cast<double>(steps);
+                // Floor: dense weights + the experts B tokens hit (expected distinct, uniform routing)
+                // + the head + per token its keys (window + top-k or all HCA rows + indexer keys).
+                const double hit = E * (1.0 - std::pow(1.0 - k / E, static_cast<double>(B)));
+                const double c = static_cast<double>(ctx);
+                const double kv_tok =
+                    L * static_cast<double>(cfg.sliding_window) * hd * 2 +
+                    static_cast<double>(n_csa) * (std::min<double>(static_cast<double>(cfg.index_topk), c / 4) * hd * 2 +
+                                                  c / 4 * static_cast<double>(cfg.index_head_dim) * 2) +
+                    static_cast<double>(n_hca) * (c / static_cast<double>(hca_ratio)) * hd * 2;
+                const double bytes = wb.dense + L * hit * wb.expert + wb.head + static_cast<double>(B) * kv_tok;
+                Row r;
+                r.what = str("decode B=", B, " ctx=", ctx);
+                r.us_step = us;
+                r.us_layer = us / L;
+                r.tok_s = static_cast<double>(B) * 1e6 / us;
+                r.floor_us = bytes / (bw * 1e9) * 1e6;   // the copy rate (read + write) as the read limit, as megamoe-gemm-bench does
+                rows.push_back(r);
+                std::printf("%-24s %9.1f us/step %8.1f us/layer %10.0f tok/s  floor %8.1f us (%.2fx)\n", r.what.c_str(),
+                            r.us_step, r.us_layer, r.tok_s, r.floor_us, r.us_step / r.floor_us);
+                const auto prof = run.profile_step(decode(steps + 2));
+                double tot = 0;
+                for (const auto& [n, ms] : prof) tot += ms;
+                std::printf("    eager step %.1f us:", tot * 1000);
+                for (const auto& [n, ms] : prof) std::printf(" %s %.0f%%", n.c_str(), 100 * ms / tot);
+                std::printf("\n");
+                for (int32_t s : slots) run.close(s);
+            }
+        }
+        if (prefill > 0) {
+            const int32_t s = run.open();
+            if (s < 0 || !run.reserve(s, prefill)) fail("no room for a prefill of ", prefill);
+            std::vector<int32_t> toks(static_cast<size_t>(prefill));
+            for (int64_t i = 0; i < prefill; ++i) toks[static_cast<size_t>(i)] = static_cast<int32_t>((31 * i) % 1000 + 2);
+            run.step({{s, toks}}, false, logits);   // warm-up
+            run.close(s);
+            const int32_t s2 = run.open();
+            (void)run.reserve(s2, prefill);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            const auto a = std::chrono::steady_clock::now();
+            run.step({{s2, toks}}, false, logits);
+            const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();
+            const double bytes = wb.dense + L * E * wb.expert + wb.head;
+            Row r;
+            r.what = str("prefill T=", prefill);
+            r.us_step = us;
+            r.us_layer = us / L;
+            r.tok_s = static_cast<double>(prefill) * 1e6 / us;
+            r.floor_us = bytes / (bw * 1e9) * 1e6;
+            std::printf("%-24s %9.1f us/step %8.1f us/layer %10.0f tok/s  (weights-read floor %.1f us; compute-bound)\n",
+                        r.what.c_str(), r.us_step, r.us_layer, r.tok_s, r.floor_us);
+            run.close(s2);
+            const int32_t s3 = run.open();
+            (void)run.reserve(s3, prefill);
+            const auto prof = run.profile_step({{s3, toks}});
+            double tot = 0;
+            for (const auto& [n, ms] : prof) tot += ms;
+            std::printf("    eager step %.1f us:", tot * 1000);
+            for (const auto& [n, ms] : prof) std::printf(" %s %.0f%%", n.c_str(), 100 * ms / tot);
+            std::printf("\n");
+            run.close(s3);
+        }
+        std::printf("# all rows ran; logits finite\n");
+        return 0;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "megamoe-forward-bench: %s\n", e.what());
+        return 1;
+    }
+}

@@ -1,0 +1,69 @@
+// attention.h — DeepSeek-V4 attention on the GPU: the lightning indexer (scores over the
+// compressed keys, top-k) and sink attention over the sliding window plus compressed rows.
+// Host API; plain C++, compiles without the CUDA toolkit.
+//
+// Which keys a query at position p (in chunk c, first position p0, first batch row t0) sees:
+//   window      positions q in [max(0, p − W + 1), p]: this step's kv row t0 + (q − p0) if q ≥ p0,
+//               else the sequence's ring row q mod W;
+//   compressed  rows w < n_vis = (p + 1) / r of the layer's PagedRows: all of them (HCA), or the
+//               indexer's top-k of them (CSA), or none (ratio 0).
+// Window keys come first, then compressed rows in ascending row order; one softmax with the
+// head's sink over all of them (ops::attend_one's order).
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/step.h"
+
+struct CUstream_st;
+
+namespace megamoe::cuda {
+
+struct AttentionArgs {
+    int32_t         heads = 0;               // H
+    int32_t         head_dim = 0;            // hd (64, 128, 256 or 512)
+    int32_t         window = 0;              // W keys per query, the query included
+    const uint16_t* q = nullptr;             // [T, H, hd] bf16, normalized and rotated
+    const uint16_t* kv = nullptr;            // [T, hd] bf16 this step's latents, normalized and rotated
+    SlotArray       ring;                    // bf16 [W, hd] per slot (window_write's layout)
+    PagedRows       comp;                    // compressed rows (comp.ratio = 0: none)
+    const int32_t*  topk = nullptr;          // [T, topk_k] ascending rows, −1 = none (CSA); null: all
+    int32_t         topk_k = 0;              //   visible rows (HCA)
+    const float*    sink = nullptr;          // [H] f32, a raw logit per head
+    float           scale = 0;               // hd^-0.5
+    RopeView        rope;                    // the layer's table: the output's rope dims are rotated
+                                             // back at the query position (ops::rope, inverse)
+    uint16_t*       out = nullptr;           // [T, H, hd] bf16
+};
+
+// out[t, h] = Σ_j softmax([q·k_j·scale ..., sink_h])_j · k_j (sink column dropped), keys as above,
+// then the inverse rotation of its rope dims.      twin: ops::attend_one, then ops::rope(inverse)
+// bf16 products, f32 accumulation; the softmax weights are rounded to bf16 before the P·V product.
+void sparse_attention(const AttentionArgs& a, const BatchView& b, CUstream_st* stream);
+
+// The lightning indexer of a CSA layer.
+struct IndexerArgs {
+    int32_t         heads = 0;               // nI (64 in the releases)
+    int32_t         head_dim = 0;            // dI (128)
+    const uint16_t* q = nullptr;             // [T, nI, dI] bf16, rotated
+    const float*    w = nullptr;             // [T, nI] f32 head weights (weights_proj · x)
+    float           w_scale = 0;             // applied to w: nI^-0.5
+    PagedRows       keys;                    // the indexer compressor's rows (keys.dim = dI, ratio 4)
+    float*          scores = nullptr;        // [T, max_rows] f32 scratch
+    int64_t         max_rows = 0;            // row stride of `scores` (≥ every token's n_vis)
+    int32_t         k = 0;                   // index_topk
+    int32_t*        topk = nullptr;          // [T, k] out: ascending row ids, −1 past min(k, n_vis)
+};
+
+// score[t, s] = Σ_h w[t, h]·w_scale · relu(q[t, h] · K[s] · dI^-0.5) for s < n_vis(t), then the
+// k largest (ties to the lower row) in ascending order.
+// twin: ops::indexer_scores (with w · w_scale), ops::topk_indices
+void indexer_topk(const IndexerArgs& a, const BatchView& b, CUstream_st* stream);
+
+// The top-k alone (exposed for its tests): for each row t of scores [T, stride], the k largest of
+// the first n[t] values (ties to the lower index), ascending, −1 past min(k, n[t]).
+// twin: ops::topk_indices
+void topk_rows(const float* scores, int64_t T, int64_t stride, const int32_t* n, int32_t k, int32_t* out,
+               CUstream_st* stream);
+
+}  // namespace megamoe::cuda

@@ -1,0 +1,339 @@
+// compressor.cu — the KV compressors and the sliding-window ring on the GPU (contract and state
+// layout in compressor.h; the CPU twin is compressor_feed, ref/compressor.cpp). Hopper (sm_90a),
+// nothing architecture-specific.
+//
+// Where a slot's values come from
+// -------------------------------
+// A chunk c starts at position p0 = pos[chunk_first[c]]; its token at position q ≥ p0 is batch row
+// t0 + (q − p0) of this step's kv / gate (the gate then gets + ape[q mod r] here). A position
+// q < p0 belongs to a window that was already seen before this step:
+//   - the window open at the chunk's start (v = p0 / r): its slot q mod r of pending_* (both
+//     series, gate already + ape);
+//   - the window before it (v = p0 / r − 1, only ever read as overlap series A): prev_*.
+// Nothing older is ever needed: a row pools at most windows w−1 and w, and w ≥ p0 / r because the
+// closing token is in the chunk. A position q < p0 exists in the sequence, so its state was
+// written by an earlier step: a fresh slot needs no reset.
+//
+// compressor_emit: one CTA per batch token (grid T). A token that does not close a window returns
+// at once. Otherwise the CTA first resolves the row's 2r (overlap, w ≥ 1) or r slots into three
+// pointers each in shared memory (kv, gate, ape-or-null, already offset to the series), then each
+// thread owns feature pairs (2j, 2j+1) — which are exactly RoPE's interleaved pairs, so the
+// rotation needs no exchange between threads — and, per feature, runs the softmax in f32 in slot
+// order: max over the gates, then Σ e and Σ e·kv with e = expf(g − max), pooled = Σe·kv / Σe. The
+// pooled row goes to shared memory; the sum of squares is reduced over the block in a fixed tree
+// (per-thread sums in pair order, warp xor-shuffle, warps in order); then each thread normalizes
+// (x · inv, then · w as ops::rms_norm rounds), rotates its pairs that fall in the last rope_dim
+// features at position w·r (angle = float(w·r) · inv_freq[i] in f32, cosf / sinf, the four
+// products and two sums rounded one by one as ops::rope does) and stores bf16x2 (RNE).
+// Everything is a function of the inputs and the launch shape: deterministic, no atomics.
+//
+// compressor_save: grid (C, G), G = min(r, 8) slot groups; CTA (c, g) handles slots s ≡ g mod G of
+// chunk c, its threads own feature columns. For slot s and column col the thread first writes
+// prev[s][col] (overlap, col < d, when the chunk closed a window: the last one, v_last =
+// end / r − 1; its position v_last·r + s is either in this step's buffers or, when v_last was the
+// window open at the chunk's start, in pending[s][col]) and only then pending[s][col] (the open
+// window u = end / r at slots s < end mod r, positions ≥ p0 only: older ones are there already).
+// The one element of pending a thread reads is the one it later writes itself, so there is no
+// hazard between threads or CTAs (a slot appears in at most one chunk of a step, as a sequence
+// does). The emit of the same step has finished reading the pending
+// state by then (stream order).
+//
+// window_write: a warp per token (grid ⌈T/8⌉ CTAs of 8 warps); the token copies its kv row into
+// ring row pos mod W iff it is one of the last W tokens of its chunk (so no two tokens of a step
+// write the same ring row). 16-byte vectors when hd and the pointers allow, bf16 elements else.
+//
+// All three kernels are launched with programmatic dependent launch and start with
+// griddepcontrol.wait, so they touch memory only after the previous kernel of the stream ended.
+#include "cuda/compressor.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "core/common.h"
+#include "cuda/device.cuh"
+#include "cuda/linear.h"   // CUDA_CHECK
+
+namespace megamoe::cuda {
+namespace {
+
+constexpr int kEmitMaxThreads = 256;
+constexpr int kSaveThreads = 256;
+constexpr int kSaveMaxGroups = 8;
+constexpr int kWindowThreads = 256;
+constexpr int kWindowWarps = kWindowThreads / 32;
+
+__device__ __forceinline__ void pdl_begin() {
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+cudaStream_t as_stream(CUstream_st* s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// The four f32 arrays of one state record (compressor.h): pending [r, width], prev [r, d].
+struct StateRecord {
+    float *pend_kv, *pend_gate, *prev_kv, *prev_gate;
+};
+__device__ __forceinline__ StateRecord state_record(const CompressorArgs& a, int32_t slot, int64_t width) {
+    float* base = a.state.at<float>(slot);
+    const int64_t rw = static_cast<int64_t>(a.ratio) * width, rd = static_cast<int64_t>(a.ratio) * a.dim;
+    return {base, base + rw, base + 2 * rw, base + 2 * rw + rd};
+}
+
+// Dynamic shared memory: slot_kv[n_max], slot_gate[n_max], slot_ape[n_max] (pointers), row[d],
+// red[32] (f32).
+__global__ void __launch_bounds__(kEmitMaxThreads) compressor_emit_kernel(CompressorArgs a, BatchView b) {
+    pdl_begin();
+    const int t = static_cast<int>(blockIdx.x);
+    const int32_t p = b.pos[t];
+    const int r = a.ratio, d = a.dim;
+    if ((p + 1) % r != 0) return;   // uniform over the CTA
+
+    const int n_max = a.overlap ? 2 * r : r;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    const float** slot_kv = reinterpret_cast<const float**>(smem_raw);
+    const float** slot_gate = slot_kv + n_max;
+    const float** slot_ape = slot_gate + n_max;
+    float* row = reinterpret_cast<float*>(slot_ape + n_max);
+    float* red = row + d;
+
+    const int64_t width = a.overlap ? 2 * static_cast<int64_t>(d) : d;
+    const int64_t w = (p + 1) / r - 1;                    // the row this token closes
+    const int32_t c = b.chunk[t];
+    const int32_t t0 = b.chunk_first[c];
+    const int64_t p0 = b.pos[t0];
+    const int64_t open0 = p0 / r;                         // window open at the chunk's start
+    const int32_t slot = b.slot[t];
+    const StateRecord st = state_record(a, slot, width);
+
+    const int n_a = (a.overlap && w > 0) ? r : 0;         // series A of window w-1 (absent for w = 0)
+    const int n = n_a + r;
+    for (int i = static_cast<int>(threadIdx.x); i < n; i += static_cast<int>(blockDim.x)) {
+        const bool series_a = i < n_a;
+        const int64_t v = series_a ? w - 1 : w;
+        const int s = series_a ? i : i - n_a;
+        const int64_t col = (a.overlap && !series_a) ? d : 0;
+        const int64_t q = v * r + s;
+        if (q >= p0) {
+            const int64_t src = static_cast<int64_t>(t0) + (q - p0);
+            slot_kv[i] = a.kv + src * width + col;
+            slot_gate[i] = a.gate + src * width + col;
+            slot_ape[i] = a.ape + s * width + col;
+        } else if (v == open0) {
+            slot_kv[i] = st.pend_kv + s * width + col;
+            slot_gate[i] = st.pend_gate + s * width + col;
+            slot_ape[i] = nullptr;
+        } else {   // v == open0 - 1, series A: the last window closed before this step
+            slot_kv[i] = st.prev_kv + static_cast<int64_t>(s) * d;
+            slot_gate[i] = st.prev_gate + static_cast<int64_t>(s) * d;
+            slot_ape[i] = nullptr;
+        }
+    }
+    __syncthreads();
+
+    // Pool: per feature, softmax over the n slots in slot order (f32).
+    float ss = 0.0f;
+    for (int j = static_cast<int>(threadIdx.x); j < d / 2; j += static_cast<int>(blockDim.x)) {
+        const int f = 2 * j;
+        float2 m = make_float2(-INFINITY, -INFINITY);
+        for (int i = 0; i < n; ++i) {
+            float2 g = *reinterpret_cast<const float2*>(slot_gate[i] + f);
+            if (slot_ape[i]) {
+                const float2 e = *reinterpret_cast<const float2*>(slot_ape[i] + f);
+                g.x = __fadd_rn(g.x, e.x);
+                g.y = __fadd_rn(g.y, e.y);
+            }
+            m.x = fmaxf(m.x, g.x);
+            m.y = fmaxf(m.y, g.y);
+        }
+        float2 den = make_float2(0.0f, 0.0f), num = make_float2(0.0f, 0.0f);
+        for (int i = 0; i < n; ++i) {
+            float2 g = *reinterpret_cast<const float2*>(slot_gate[i] + f);
+            if (slot_ape[i]) {
+                const float2 e = *reinterpret_cast<const float2*>(slot_ape[i] + f);
+                g.x = __fadd_rn(g.x, e.x);
+                g.y = __fadd_rn(g.y, e.y);
+            }
+            const float2 kv = *reinterpret_cast<const float2*>(slot_kv[i] + f);
+            const float ex = expf(g.x - m.x), ey = expf(g.y - m.y);
+            den.x += ex;
+            den.y += ey;
+            num.x = fmaf(ex, kv.x, num.x);
+            num.y = fmaf(ey, kv.y, num.y);
+        }
+        const float x0 = num.x / den.x, x1 = num.y / den.y;
+        row[f] = x0;
+        row[f + 1] = x1;
+        ss = fmaf(x0, x0, ss);
+        ss = fmaf(x1, x1, ss);
+    }
+
+    // Block sum of squares: warp tree, then the warps in order (fixed for a given d).
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+    if (lane == 0) red[warp] = ss;
+    __syncthreads();
+    float total = 0.0f;
+    for (int i = 0; i < static_cast<int>(blockDim.x) / 32; ++i) total += red[i];
+    const float inv = 1.0f / sqrtf(total / static_cast<float>(d) + a.norm_eps);
+
+    // Normalize, rotate the last rope_dim features at position w·r, store bf16.
+    __nv_bfloat162* out = a.rows.row<__nv_bfloat162>(slot, w);
+    const int off = d - a.rope.rope_dim;
+    const float first_pos = static_cast<float>(w * r);
+    for (int j = static_cast<int>(threadIdx.x); j < d / 2; j += static_cast<int>(blockDim.x)) {
+        const int f = 2 * j;
+        float y0 = __fmul_rn(__bfloat162float(__ushort_as_bfloat16(a.norm_w[f])), __fmul_rn(row[f], inv));
+        float y1 = __fmul_rn(__bfloat162float(__ushort_as_bfloat16(a.norm_w[f + 1])), __fmul_rn(row[f + 1], inv));
+        if (f >= off) {
+            const float angle = __fmul_rn(first_pos, a.rope.inv_freq[(f - off) / 2]);
+            const float cs = cosf(angle), sn = sinf(angle);
+            const float r0 = __fsub_rn(__fmul_rn(y0, cs), __fmul_rn(y1, sn));
+            const float r1 = __fadd_rn(__fmul_rn(y1, cs), __fmul_rn(y0, sn));
+            y0 = r0;
+            y1 = r1;
+        }
+        out[j] = __floats2bfloat162_rn(y0, y1);
+    }
+}
+
+__global__ void __launch_bounds__(kSaveThreads) compressor_save_kernel(CompressorArgs a, BatchView b, int groups) {
+    pdl_begin();
+    const int c = static_cast<int>(blockIdx.x), g = static_cast<int>(blockIdx.y);
+    const int r = a.ratio, d = a.dim;
+    const int64_t width = a.overlap ? 2 * static_cast<int64_t>(d) : d;
+    const int32_t t0 = b.chunk_first[c];
+    const int64_t p0 = b.pos[t0];
+    const int64_t end = p0 + b.chunk_len[c];              // n_past after this step
+    const int64_t open1 = end / r;                        // window open at the chunk's end
+    const int n_open = static_cast<int>(end % r);         // its valid slots
+    const int64_t last = open1 - 1;                       // last closed window (if open1 > 0)
+    const bool write_prev = a.overlap && open1 > 0 && (open1 * r - 1 >= p0);   // closed by this chunk
+    const StateRecord st = state_record(a, b.slot[t0], width);
+
+    for (int s = g; s < r; s += groups) {
+        const int64_t q_prev = last * r + s;              // slot s of the last closed window
+        const int64_t q_open = open1 * r + s;             // slot s of the open window
+        const bool prev_here = write_prev;
+        const bool open_here = s < n_open && q_open >= p0;
+        if (!prev_here && !open_here) continue;           // uniform over the CTA
+        for (int64_t col = threadIdx.x; col < width; col += blockDim.x) {
+            if (prev_here && col < d) {
+                float kv, gt;
+                if (q_prev >= p0) {
+                    const int64_t src = static_cast<int64_t>(t0) + (q_prev - p0);
+                    kv = a.kv[src * width + col];
+                    gt = __fadd_rn(a.gate[src * width + col], a.ape[s * width + col]);
+                } else {   // the window was open at the chunk's start: pending (read before written below)
+                    kv = st.pend_kv[s * width + col];
+                    gt = st.pend_gate[s * width + col];
+                }
+                st.prev_kv[static_cast<int64_t>(s) * d + col] = kv;
+                st.prev_gate[static_cast<int64_t>(s) * d + col] = gt;
+            }
+            if (open_here) {
+                const int64_t src = static_cast<int64_t>(t0) + (q_open - p0);
+                st.pend_kv[s * width + col] = a.kv[src * width + col];
+                st.pend_gate[s * width + col] = __fadd_rn(a.gate[src * width + col], a.ape[s * width + col]);
+            }
+        }
+    }
+}
+
+template <typename V>
+__global__ void __launch_bounds__(kWindowThreads) window_write_kernel(const V* kv, int64_t row_vecs, int64_t hd,
+                                                                     int64_t W, SlotArray window, BatchView b) {
+    pdl_begin();
+    const int lane = static_cast<int>(threadIdx.x) & 31;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * kWindowWarps + (threadIdx.x >> 5);
+    if (t >= b.T) return;
+    const int32_t c = b.chunk[t];
+    const int64_t i = t - b.chunk_first[c];               // index inside the chunk
+    if (b.chunk_len[c] - i > W) return;                   // not among the chunk's last W tokens
+    const int64_t p = b.pos[t];
+    V* dst = reinterpret_cast<V*>(window.at<uint16_t>(b.slot[t]) + (p % W) * hd);
+    const V* src = kv + t * row_vecs;
+    for (int64_t k = lane; k < row_vecs; k += 32) dst[k] = src[k];
+}
+
+bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
+
+void check_args(const CompressorArgs& a, const BatchView& b, const char* what) {
+    MEGAMOE_CHECK(a.ratio > 0 && a.dim > 0 && a.dim % 2 == 0, what, ": ratio ", a.ratio, ", dim ", a.dim,
+                  " (dim must be even and positive)");
+    MEGAMOE_CHECK(a.rope.rope_dim >= 0 && a.rope.rope_dim % 2 == 0 && a.rope.rope_dim <= a.dim, what,
+                  ": rope_dim ", a.rope.rope_dim, " for dim ", a.dim);
+    MEGAMOE_CHECK(b.T >= 0 && b.C >= 0, what, ": T ", b.T, ", C ", b.C);
+    if (b.T == 0) return;
+    MEGAMOE_CHECK(a.kv && a.gate && a.ape && a.state.base && b.pos && b.slot && b.chunk && b.chunk_first &&
+                      b.chunk_len,
+                  what, ": null pointer");
+    // f32 pairs are read as float2: rows of even width from 8-byte aligned bases.
+    MEGAMOE_CHECK(aligned(a.kv, 8) && aligned(a.gate, 8) && aligned(a.ape, 8) && aligned(a.state.base, 8) &&
+                      a.state.slot_stride % 8 == 0,
+                  what, ": kv, gate, ape and state must be 8-byte aligned (state stride ", a.state.slot_stride, ")");
+    MEGAMOE_CHECK(a.state.slot_stride >= compressor_state_bytes(a.ratio, a.dim, a.overlap), what,
+                  ": state stride ", a.state.slot_stride, " < record bytes ",
+                  compressor_state_bytes(a.ratio, a.dim, a.overlap));
+}
+
+}  // namespace
+
+int64_t compressor_state_bytes(int64_t r, int64_t d, bool overlap) {
+    const int64_t width = (overlap ? 2 : 1) * d;
+    return static_cast<int64_t>(sizeof(float)) * (2 * r * width + (overlap ? 2 * r * d : 0));
+}
+
+void compressor_emit(const CompressorArgs& a, const BatchView& b, CUstream_st* stream) {
+    check_args(a, b, "compressor_emit");
+    if (b.T == 0) return;
+    MEGAMOE_CHECK(a.norm_w && a.rows.pool && a.rows.block_table && (a.rope.rope_dim == 0 || a.rope.inv_freq),
+                  "compressor_emit: null pointer");
+    MEGAMOE_CHECK(a.rows.dim == a.dim && a.rows.ratio == a.ratio, "compressor_emit: rows are ", a.rows.dim,
+                  " wide at ratio ", a.rows.ratio, ", the compressor's ", a.dim, " at ratio ", a.ratio);
+    MEGAMOE_CHECK(a.rows.block_tokens > 0 && a.rows.block_tokens % a.ratio == 0 && a.rows.max_blocks > 0,
+                  "compressor_emit: block_tokens ", a.rows.block_tokens, " is not a positive multiple of ratio ",
+                  a.ratio);
+    // Rows are stored as bf16 pairs (4-byte stores).
+    MEGAMOE_CHECK(aligned(a.rows.pool, 4) && a.rows.block_bytes % 4 == 0 && a.rows.layer_offset % 4 == 0,
+                  "compressor_emit: rows must be 4-byte aligned (block_bytes ", a.rows.block_bytes,
+                  ", layer_offset ", a.rows.layer_offset, ")");
+    const int n_max = a.overlap ? 2 * a.ratio : a.ratio;
+    const size_t smem = static_cast<size_t>(n_max) * 3 * sizeof(const float*) + static_cast<size_t>(a.dim) * 4 + 32 * 4;
+    MEGAMOE_CHECK(smem <= 48 * 1024, "compressor_emit: ratio ", a.ratio, " and dim ", a.dim,
+                  " need ", smem, " bytes of shared memory (limit 48 KiB)");
+    const int threads = std::min(kEmitMaxThreads, (a.dim / 2 + 31) / 32 * 32);
+    CUDA_CHECK(dev::launch_pdl(compressor_emit_kernel, dim3(static_cast<unsigned>(b.T)), dim3(threads), smem,
+                               as_stream(stream), a, b));
+}
+
+void compressor_save(const CompressorArgs& a, const BatchView& b, CUstream_st* stream) {
+    check_args(a, b, "compressor_save");
+    if (b.T == 0 || b.C == 0) return;
+    const int groups = std::min(a.ratio, kSaveMaxGroups);
+    CUDA_CHECK(dev::launch_pdl(compressor_save_kernel, dim3(static_cast<unsigned>(b.C), static_cast<unsigned>(groups)),
+                               dim3(kSaveThreads), 0, as_stream(stream), a, b, groups));
+}
+
+void window_write(const uint16_t* kv, int64_t hd, int64_t W, const SlotArray& window, const BatchView& b,
+                  CUstream_st* stream) {
+    MEGAMOE_CHECK(hd > 0 && W > 0, "window_write: hd ", hd, ", W ", W);
+    MEGAMOE_CHECK(b.T >= 0, "window_write: T ", b.T);
+    if (b.T == 0) return;
+    MEGAMOE_CHECK(kv && window.base && b.pos && b.slot && b.chunk && b.chunk_first && b.chunk_len,
+                  "window_write: null pointer");
+    MEGAMOE_CHECK(window.slot_stride >= W * hd * 2, "window_write: slot stride ", window.slot_stride, " < ",
+                  W * hd * 2, " bytes of ring");
+    const dim3 grid(static_cast<unsigned>((static_cast<int64_t>(b.T) + kWindowWarps - 1) / kWindowWarps));
+    const bool vec = hd % 8 == 0 && aligned(kv, 16) && aligned(window.base, 16) && window.slot_stride % 16 == 0;
+    if (vec)
+        CUDA_CHECK(dev::launch_pdl(window_write_kernel<uint4>, grid, dim3(kWindowThreads), 0, as_stream(stream),
+                                   reinterpret_cast<const uint4*>(kv), hd / 8, hd, W, window, b));
+    else
+        CUDA_CHECK(dev::launch_pdl(window_write_kernel<uint16_t>, grid, dim3(kWindowThreads), 0, as_stream(stream),
+                                   kv, hd, hd, W, window, b));
+}
+
+}  // namespace megamoe::cuda

@@ -1,0 +1,73 @@
+// compressor.h — the KV compressors (CSA's overlapping ratio-4 windows, HCA's ratio-128 windows,
+// the indexer's keys) and the sliding-window ring on the GPU. Host API; plain C++.
+//
+// The compressor state machine (the CPU version is compressor_feed in ref/compressor.h; both follow
+// these rules):
+//   - Position p belongs to window w = p / r at slot s = p mod r. Its gate gets the position bias
+//     ape[s] (the half that matches the series).
+//   - Window w closes at its last position, (w+1)·r − 1, and then emits compressed row w.
+//     Without overlap, row w pools the r slots of window w over all d features.
+//     With overlap (ratio 4): each token carries two series of d features, A = [0, d) and
+//     B = [d, 2d); row w pools 2r slots: series A of window w−1 (absent for w = 0: weight 0) and
+//     series B of window w.
+//   - Pooling is a per-feature softmax over the slots' gates, weighting the slots' kv.
+//   - The pooled row is RMS-normalized (the compressor's norm), rotated at position w·r (the
+//     window's first token, with the compressed-layer rope table), and stored as row w.
+// State per (sequence, compressor), fixed size, f32 (SlotArray records, layout below):
+//   pending_kv, pending_gate  [r, width]   slot s holds the token at position w·r + s of the open
+//                                          window (gate already + ape), valid for s < n_past mod r
+//   prev_kv, prev_gate        [r, d]       series A of the last closed window (overlap only),
+//                                          valid once n_past ≥ r
+// width = 2d with overlap, else d. A fresh sequence needs no reset: nothing is read before it is
+// written (positions before the chunk's first come from state only if the sequence had them).
+//
+// Per step, for every compressor of a layer: compressor_emit, then compressor_save (the save
+// overwrites the pending slots the emit reads). A slot appears in at most one chunk per step.
+// kv, gate, ape and the state records are 8-byte aligned (record stride a multiple of 8); rows
+// 4-byte aligned; d and rope_dim even; rows.block_tokens a multiple of r.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/step.h"
+
+struct CUstream_st;
+
+namespace megamoe::cuda {
+
+// Bytes of one compressor's state record (pending + prev) for ratio r, feature dim d.
+// Layout inside the record: pending_kv [r, width] f32, pending_gate [r, width] f32,
+// then (overlap) prev_kv [r, d] f32, prev_gate [r, d] f32.
+int64_t compressor_state_bytes(int64_t r, int64_t d, bool overlap);
+
+struct CompressorArgs {
+    int32_t      ratio = 0;                  // r
+    int32_t      dim = 0;                    // d (row width)
+    bool         overlap = false;            // ratio 4: two series
+    const float* kv = nullptr;               // [T, width] this step's wkv · x (f32)
+    const float* gate = nullptr;             // [T, width] this step's wgate · x (no ape)
+    const float* ape = nullptr;              // [r, width] position bias
+    const uint16_t* norm_w = nullptr;        // [d] bf16 RMS norm weight
+    float        norm_eps = 1e-6f;
+    RopeView     rope;                       // the compressed-layer table
+    SlotArray    state;                      // compressor_state_bytes per slot
+    PagedRows    rows;                       // where emitted rows go (rows.dim = d, rows.ratio = r)
+};
+
+// For every token t whose position closes a window ((pos + 1) mod r == 0): pools row
+// w = (pos + 1)/r − 1 from this step's kv/gate (positions ≥ the chunk's first) and the pending /
+// prev state (older positions), normalizes, rotates and stores it (bf16) in a.rows.
+// twin: ops::compress_pool, ops::rms_norm, ops::rope (what compressor_feed does per row).
+void compressor_emit(const CompressorArgs& a, const BatchView& b, CUstream_st* stream);
+
+// For every chunk: writes prev (overlap: series A of the last window closed by this chunk, if it
+// closed any) and the pending slots of the window left open at the chunk's end.
+void compressor_save(const CompressorArgs& a, const BatchView& b, CUstream_st* stream);
+
+// The sliding-window ring: window bf16 records [W, hd] per slot; position p lives in row p mod W.
+// For every chunk, copies its last min(W, n) rows of kv bf16 [T, hd] into the ring. Run after the
+// layer's attention (which reads the older rows the copy may overwrite).
+void window_write(const uint16_t* kv, int64_t hd, int64_t W, const SlotArray& window, const BatchView& b,
+                  CUstream_st* stream);
+
+}  // namespace megamoe::cuda

@@ -1,0 +1,41 @@
+// backend.cpp — GpuBackend: the Backend interface over a Runner.
+#include "gpu/backend.h"
+
+namespace megamoe::gpu {
+
+namespace {
+
+class GpuBackend final : public Backend {
+public:
+    GpuBackend(const Model& m, const RunnerOptions& opt, std::ostream* log) : r_(m, opt, log) {}
+
+    const ModelConfig& config() const override { return r_.cfg(); }
+    std::string name() const override { return "cuda"; }
+    int64_t max_seqs() const override { return r_.options().max_seqs; }
+    int64_t max_batch_tokens() const override { return r_.options().max_batch_tokens; }
+    int64_t max_logit_rows() const override { return r_.options().max_logit_rows; }
+    int64_t max_model_len() const override { return r_.options().max_model_len; }
+    int32_t open() override { return r_.open(); }
+    void close(int32_t slot) override { r_.close(slot); }
+    bool reserve(int32_t slot, int64_t n) override { return r_.reserve(slot, n); }
+    int64_t n_past(int32_t slot) const override { return r_.n_past(slot); }
+    void step(const std::vector<BackendChunk>& chunks, bool all_logits, std::vector<float>& logits,
+              const Probe& probe) override {
+        std::vector<RunnerChunk> rc(chunks.size());
+        for (size_t i = 0; i < chunks.size(); ++i) rc[i] = {chunks[i].slot, chunks[i].tokens};
+        r_.step(rc, all_logits, logits, probe);
+    }
+    double cache_usage() const override { return r_.cache_usage(); }
+    SequenceState state(int32_t slot) const override { return r_.download_state(slot); }
+
+private:
+    Runner r_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_gpu_backend(const Model& m, const RunnerOptions& opt, std::ostream* log) {
+    return std::make_unique<GpuBackend>(m, opt, log);
+}
+
+}  // namespace megamoe::gpu

@@ -1,0 +1,726 @@
+// runner.cpp — the GPU forward (mirrors ref/forward.cpp block by block; see runner.h).
+#include "gpu/runner.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <ostream>
+#include <sstream>
+
+#include "cuda/attention.h"
+#include "cuda/buffer.h"
+#include "cuda/compressor.h"
+#include "cuda/gemm.h"
+#include "cuda/hyper_conn.h"
+#include "cuda/linear.h"
+#include "cuda/router.h"
+#include "cuda/rowwise.h"
+#include "cuda/step.h"
+#include "gpu/device_model.h"
+#include "gpu/state_pool.h"
+#include "io/formats.h"
+
+namespace megamoe::gpu {
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        fail("gpu runner: ", what, ": ", cudaGetErrorString(e));
+    }
+}
+
+std::string mib(size_t b) { return str(b / (1 << 20), " MiB"); }
+
+// Bytes the checkpoint stores for the weights the device holds (the uploaded walk).
+struct CheckpointBytes : WeightVisitor {
+    size_t bytes = 0;
+    void tensor(const std::string&, DType t, const std::vector<int64_t>& shape, Tensor&) override {
+        int64_t n = 1;
+        for (int64_t d : shape) n *= d;
+        bytes += static_cast<size_t>(n) * dtype_size(t);
+    }
+    void linear(const std::string&, LinearFormat f, int64_t out, int64_t in, Linear&) override {
+        bytes += static_cast<size_t>(format_info(f).packed_bytes(out, in));
+    }
+};
+
+}  // namespace
+
+std::string MemoryPlan::describe() const {
+    std::ostringstream os;
+    os << "GPU memory plan:\n"
+       << "  weights    " << mib(weights) << " (checkpoint " << mib(checkpoint) << ")\n"
+       << "  workspace  " << mib(workspace) << "\n"
+       << "  slots      " << mib(slots) << " (per-sequence windows and open compressor windows)\n"
+       << "  state pool " << mib(blocks) << " = " << block_count << " blocks of " << block_tokens
+       << " positions: " << context_tokens << " tokens of context in all, up to " << max_model_len
+       << " per sequence\n";
+    return os.str();
+}
+
+size_t device_weight_bytes(const Model& model) { return DeviceModel::plan_bytes(model); }
+
+// ------------------------------------------------------------------------------------------------
+// The workspace: activations and scratch for up to T tokens, C chunks and R logit rows, carved
+// from one allocation.
+
+struct Workspace {
+    int64_t T = 0, C = 0, R = 0, max_rows = 0, part_floats = 0;
+    float* X = nullptr;              // [T, hc, D] residual streams
+    float* X2 = nullptr;             // [T, hc, D]
+    float* part = nullptr;           // hc_mix partial sums
+    float* post = nullptr;           // [T, hc]
+    float* comb = nullptr;           // [T, hc, hc]
+    uint16_t* xn = nullptr;          // [T, D] bf16 normalized sublayer input
+    float* y = nullptr;              // [T, D] sublayer output
+    // attention
+    float* qr_f = nullptr;           // [T, q_lora]
+    uint16_t* qr = nullptr;          // [T, q_lora] bf16
+    float* q_f = nullptr;            // [T, H·hd]
+    uint16_t* q = nullptr;           // [T, H, hd] bf16
+    float* kv_f = nullptr;           // [T, hd]
+    uint16_t* kv = nullptr;          // [T, hd] bf16
+    float* ckv = nullptr;            // [T, 2·hd] compressor projections
+    float* cgate = nullptr;          // [T, 2·hd]
+    float* ikv = nullptr;            // [T, 2·dI] indexer compressor projections
+    float* igate = nullptr;          // [T, 2·dI]
+    float* iq_f = nullptr;           // [T, nI·dI]
+    uint16_t* iq = nullptr;          // [T, nI, dI] bf16
+    float* iw = nullptr;             // [T, nI]
+    float* scores = nullptr;         // [T, max_rows]
+    int32_t* topk = nullptr;         // [T, index_topk]
+    uint16_t* o = nullptr;           // [T, H, hd] bf16
+    uint16_t* z = nullptr;           // [T, G·R] bf16
+    // MoE
+    float* gate_logits = nullptr;    // [T, E]
+    int32_t* ids = nullptr;          // [T, k]
+    float* wts = nullptr;            // [T, k]
+    float* sh_g = nullptr;           // [T, I]
+    float* sh_u = nullptr;           // [T, I]
+    uint16_t* sh_h = nullptr;        // [T, I] bf16
+    float* sh_out = nullptr;         // [T, D]
+    // head
+    uint16_t* sel = nullptr;         // [R, D] bf16
+    float* logits = nullptr;         // [R, V]
+    cuda::GemmScratch gemm;          // the wgmma path's permuted x and split-K partials
+    // step inputs (device); their pinned mirror has the same layout
+    int32_t* in = nullptr;           // [in_ints]
+    int64_t in_ints = 0;
+    int32_t* tokens = nullptr;       // [T]
+    int32_t* pos = nullptr;          // [T]
+    int32_t* slot = nullptr;         // [T]
+    int32_t* chunk = nullptr;        // [T]
+    int32_t* chunk_first = nullptr;  // [C]
+    int32_t* chunk_len = nullptr;    // [C]
+    int32_t* rows = nullptr;         // [R] batch index of each logit row
+    int32_t* iota = nullptr;         // [T] 0, 1, ... (forced expert ids go through the hash path)
+    int32_t* forced_ids = nullptr;   // [T, k] expert ids given by a probe
+
+    // Carves every buffer from `a` (a counting arena first, then the real one).
+    void carve(cuda::DeviceArena& a, const ModelConfig& c, int64_t gemm_bytes) {
+        const int64_t D = c.hidden_size, hc = c.hc_mult, H = c.num_attention_heads, hd = c.head_dim;
+        const int64_t nI = c.index_n_heads, dI = c.index_head_dim, E = c.n_routed_experts, k = c.num_experts_per_tok;
+        const int64_t I = c.moe_intermediate_size * std::max<int64_t>(1, c.n_shared_experts);
+        X = a.take_n<float>(T * hc * D);
+        X2 = a.take_n<float>(T * hc * D);
+        part = a.take_n<float>(part_floats);
+        post = a.take_n<float>(T * hc);
+        comb = a.take_n<float>(T * hc * hc);
+        xn = a.take_n<uint16_t>(T * D);
+        y = a.take_n<float>(T * D);
+        qr_f = a.take_n<float>(T * c.q_lora_rank);
+        qr = a.take_n<uint16_t>(T * c.q_lora_rank);
+        q_f = a.take_n<float>(T * H * hd);
+        q = a.take_n<uint16_t>(T * H * hd);
+        kv_f = a.take_n<float>(T * hd);
+        kv = a.take_n<uint16_t>(T * hd);
+        ckv = a.take_n<float>(T * 2 * hd);
+        cgate = a.take_n<float>(T * 2 * hd);
+        ikv = a.take_n<float>(T * 2 * dI);
+        igate = a.take_n<float>(T * 2 * dI);
+        iq_f = a.take_n<float>(T * nI * dI);
+        iq = a.take_n<uint16_t>(T * nI * dI);
+        iw = a.take_n<float>(T * nI);
+        scores = a.take_n<float>(T * std::max<int64_t>(max_rows, 1));
+        topk = a.take_n<int32_t>(T * std::max<int64_t>(c.index_topk, 1));
+        o = a.take_n<uint16_t>(T * H * hd);
+        z = a.take_n<uint16_t>(T * c.o_groups * c.o_lora_rank);
+        gate_logits = a.take_n<float>(T * E);
+        ids = a.take_n<int32_t>(T * k);
+        wts = a.take_n<float>(T * k);
+        sh_g = a.take_n<float>(T * I);
+        sh_u = a.take_n<float>(T * I);
+        sh_h = a.take_n<uint16_t>(T * I);
+        sh_out = a.take_n<float>(T * D);
+        sel = a.take_n<uint16_t>(R * D);
+        logits = a.take_n<float>(R * c.vocab_size);
+        gemm.bytes = static_cast<size_t>(gemm_bytes);
+        gemm.p = a.take(gemm.bytes);
+        in_ints = 6 * T + 2 * C + R;
+        in = a.take_n<int32_t>(in_ints);
+        iota = a.take_n<int32_t>(T);
+        forced_ids = a.take_n<int32_t>(T * k);
+        tokens = in;
+        pos = tokens + T;
+        slot = pos + T;
+        chunk = slot + T;
+        chunk_first = chunk + T;
+        chunk_len = chunk_first + C;
+        rows = chunk_len + C;
+    }
+};
+
+// ------------------------------------------------------------------------------------------------
+
+struct Runner::Impl {
+    RunnerOptions opt;
+    ModelConfig cfg;
+    MemoryPlan plan;
+    std::unique_ptr<DeviceModel> dm;
+    std::unique_ptr<StatePool> pool;
+    Workspace ws;
+    cuda::DeviceArena ws_arena;
+    cuda::MoeLayerWorkspace moe_ws;
+    cudaStream_t stream = nullptr;
+    int32_t* pinned_in = nullptr;                 // [ws.in_ints]
+    float* pinned_logits = nullptr;               // [R, V]
+    std::map<int64_t, cudaGraphExec_t> graphs;    // decode bucket -> graph
+    std::vector<int64_t> buckets;
+    int64_t replays = 0;
+    // Stage events of profile_step (eager steps only).
+    bool profiling = false;
+    std::vector<std::pair<const char*, cudaEvent_t>> marks;
+    void mark(const char* stage) {
+        if (!profiling) return;
+        cudaEvent_t e = nullptr;
+        check(cudaEventCreate(&e), "profile event");
+        check(cudaEventRecord(e, stream), "profile event");
+        marks.push_back({stage, e});
+    }
+
+    // m: upload its weights; null: synthesize random weights of config c with `seed`.
+    Impl(const Model* m, const ModelConfig& c, uint64_t seed, const RunnerOptions& o, std::ostream* log);
+    ~Impl();
+
+    // One step's shapes.
+    struct Shape {
+        int64_t T = 0, C = 0, R = 0;
+    };
+    void enqueue(const Shape& s, const Probe* probe);
+    void linear(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y, bool bf16_out = false,
+                int64_t groups = 1) {
+        cuda::LinearOptions lo;
+        lo.groups = groups;
+        lo.out_bf16 = bf16_out;
+        cuda::linear(w, x, M, y, lo, &ws.gemm, stream);
+    }
+    cuda::BatchView batch(const Shape& s) const {
+        cuda::BatchView b;
+        b.T = static_cast<int32_t>(s.T);
+        b.C = static_cast<int32_t>(s.C);
+        b.pos = ws.pos;
+        b.slot = ws.slot;
+        b.chunk = ws.chunk;
+        b.chunk_first = ws.chunk_first;
+        b.chunk_len = ws.chunk_len;
+        return b;
+    }
+    void attention(int64_t l, const Shape& s, const Probe* probe);
+    void moe(int64_t l, const Shape& s, const Probe* probe);
+    // Probe plumbing: download a device tensor to host f32/i32, call the probe, upload if modified.
+    bool trace(const Probe* probe, const char* name, int64_t layer, const void* dev, bool bf16, bool i32, int64_t rows,
+               int64_t width);
+};
+
+Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const RunnerOptions& o, std::ostream* log)
+    : opt(o), cfg(cf) {
+    const ModelConfig& c = cfg;
+    MEGAMOE_CHECK(opt.max_seqs >= 1 && opt.max_batch_tokens >= 1, "gpu runner: max_seqs ", opt.max_seqs,
+                  ", max_batch_tokens ", opt.max_batch_tokens);
+    if (opt.max_model_len <= 0) opt.max_model_len = std::min<int64_t>(c.max_position_embeddings, 65536);
+    if (opt.max_model_len > c.max_position_embeddings)
+        fail("--max-model-len ", opt.max_model_len, " exceeds the model's max_position_embeddings ",
+             c.max_position_embeddings);
+    if (opt.max_logit_rows <= 0) opt.max_logit_rows = opt.max_seqs;
+    if (!cuda::gpu_available()) fail("gpu runner: no CUDA device is available");
+    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+
+    size_t free_b = 0, total_b = 0;
+    check(cudaMemGetInfo(&free_b, &total_b), "memory info");
+    const size_t budget = static_cast<size_t>(static_cast<double>(total_b) * opt.memory_fraction);
+    const size_t reserve_b = total_b - budget;   // left to other users of the GPU
+
+    // Weights.
+    plan.weights = m ? DeviceModel::plan_bytes(*m) : DeviceModel::plan_bytes(c);
+    {
+        CheckpointBytes cb;
+        Weights scratch;
+        visit_weights(c, scratch, cb, false);
+        plan.checkpoint = cb.bytes;
+    }
+    if (plan.weights + reserve_b > free_b)
+        fail("the model's weights need ", mib(plan.weights), " on the GPU; ", mib(free_b), " are free and ",
+             mib(reserve_b), " are kept back (--gpu-memory-fraction ", opt.memory_fraction, ")");
+    dm = m ? std::make_unique<DeviceModel>(*m) : std::make_unique<DeviceModel>(c, seed);
+
+    // Workspace.
+    ws.T = opt.max_batch_tokens;
+    ws.C = std::min(opt.max_seqs, ws.T);
+    ws.R = std::max(opt.max_logit_rows, ws.C);
+    ws.max_rows = c.index_topk > 0 ? (opt.max_model_len + 3) / 4 : 0;
+    const int64_t n_flat = c.hc_mult * c.hidden_size;
+    for (int64_t t = 1; t <= ws.T; ++t)
+        ws.part_floats = std::max(ws.part_floats, cuda::hc_mix_splits(t, n_flat) * t * (c.mix_width() + 1));
+    int64_t gemm_bytes = 0;
+    auto need = [&](const cuda::DeviceLinear& w, int64_t M, int64_t groups) {
+        if (!w.weight) return;
+        cuda::LinearOptions lo;
+        lo.groups = groups;
+        gemm_bytes = std::max<int64_t>(gemm_bytes, static_cast<int64_t>(cuda::linear_scratch_bytes(w, M, lo)));
+    };
+    for (const DeviceLayer& d : dm->layers) {
+        for (const cuda::DeviceLinear* w : {&d.wq_a, &d.wq_b, &d.wkv, &d.wo_b, &d.comp.wkv, &d.comp.wgate, &d.idx_comp.wkv,
+                                            &d.idx_comp.wgate, &d.idx_wq_b, &d.idx_weights_proj, &d.gate, &d.sh_w1,
+                                            &d.sh_w3, &d.sh_w2})
+            need(*w, ws.T, 1);
+        need(d.wo_a, ws.T, c.o_groups);
+    }
+    need(dm->head, ws.R, 1);
+    {
+        cuda::DeviceArena counter;
+        ws.carve(counter, c, gemm_bytes);
+        ws_arena = cuda::DeviceArena(counter.used(), "workspace");
+        ws.carve(ws_arena, c, gemm_bytes);
+    }
+    moe_ws = cuda::MoeLayerWorkspace(ws.T, c.num_experts_per_tok, dm->layers.at(0).experts);
+    plan.workspace = ws_arena.used() + moe_ws.bytes();
+    check(cudaMallocHost(reinterpret_cast<void**>(&pinned_in), static_cast<size_t>(ws.in_ints) * 4), "pinned inputs");
+    check(cudaMallocHost(reinterpret_cast<void**>(&pinned_logits), static_cast<size_t>(ws.R * c.vocab_size) * 4),
+          "pinned logits");
+    {
+        std::vector<int32_t> iota(static_cast<size_t>(ws.T));
+        for (size_t i = 0; i < iota.size(); ++i) iota[i] = static_cast<int32_t>(i);
+        check(cudaMemcpy(ws.iota, iota.data(), iota.size() * 4, cudaMemcpyHostToDevice), "iota");
+    }
+
+    // The state pool from what is left.
+    const StateLayout layout = StateLayout::make(c, opt.block_tokens);
+    plan.slots = static_cast<size_t>((opt.max_seqs + 1) * layout.slot_bytes);
+    const int64_t max_blocks = (opt.max_model_len + layout.block_tokens - 1) / layout.block_tokens;
+    check(cudaMemGetInfo(&free_b, &total_b), "memory info");
+    const size_t table_b = static_cast<size_t>((opt.max_seqs + 1) * max_blocks * 4);
+    const int64_t slack = 64ll << 20;   // kernels' module data, graphs
+    const int64_t left = static_cast<int64_t>(free_b) - static_cast<int64_t>(reserve_b) -
+                         static_cast<int64_t>(plan.slots) - static_cast<int64_t>(table_b) - slack;
+    int64_t n_blocks = 0;
+    if (layout.block_bytes > 0) {
+        n_blocks = std::min<int64_t>(left / layout.block_bytes - 1, opt.max_seqs * max_blocks);
+        if (n_blocks < max_blocks)
+            fail("the GPU has room for ", std::max<int64_t>(n_blocks, 0) * layout.block_tokens,
+                 " positions of sequence state after the weights and workspace, fewer than one sequence of ",
+                 opt.max_model_len, " (lower --max-model-len, --max-batch-tokens or --max-seqs)");
+    } else if (left < 0) {
+        fail("the GPU has no room for the per-sequence state of ", opt.max_seqs, " sequences");
+    }
+    pool = std::make_unique<StatePool>(c, layout, opt.max_seqs, n_blocks, opt.max_model_len);
+    plan.blocks = static_cast<size_t>((n_blocks + 1) * layout.block_bytes);
+    plan.block_count = n_blocks;
+    plan.block_tokens = layout.block_tokens;
+    plan.context_tokens = layout.block_bytes ? n_blocks * layout.block_tokens : opt.max_seqs * opt.max_model_len;
+    plan.max_model_len = opt.max_model_len;
+    if (log) *log << plan.describe();
+
+    // Decode buckets: powers of two up to the largest decode batch a step can hold (capped at 256).
+    const int64_t top = std::min<int64_t>(ws.C, 256);
+    for (int64_t b = 1; b <= top; b *= 2) buckets.push_back(b);
+    if (buckets.back() < top) buckets.push_back(top);
+}
+
+Runner::Impl::~Impl() {
+    for (auto& [b, g] : graphs) (void)cudaGraphExecDestroy(g);
+    if (pinned_in) (void)cudaFreeHost(pinned_in);
+    if (pinned_logits) (void)cudaFreeHost(pinned_logits);
+    if (stream) (void)cudaStreamDestroy(stream);
+}
+
+bool Runner::Impl::trace(const Probe* probe, const char* name, int64_t layer, const void* dev, bool bf16, bool i32,
+                         int64_t rows, int64_t width) {
+    if (!probe || !*probe) return false;
+    check(cudaStreamSynchronize(stream), "probe sync");
+    const size_t n = static_cast<size_t>(rows * width);
+    std::vector<float> f(i32 ? 0 : n);
+    std::vector<int32_t> iv(i32 ? n : 0);
+    if (i32) {
+        check(cudaMemcpy(iv.data(), dev, n * 4, cudaMemcpyDeviceToHost), "probe download");
+    } else if (bf16) {
+        std::vector<uint16_t> b(n);
+        check(cudaMemcpy(b.data(), dev, n * 2, cudaMemcpyDeviceToHost), "probe download");
+        for (size_t i = 0; i < n; ++i) f[i] = bf16_to_f32(b[i]);
+    } else {
+        check(cudaMemcpy(f.data(), dev, n * 4, cudaMemcpyDeviceToHost), "probe download");
+    }
+    TraceView v;
+    v.name = name, v.layer = layer, v.dtype = i32 ? DType::i32 : DType::f32;
+    v.data = i32 ? static_cast<void*>(iv.data()) : static_cast<void*>(f.data());
+    v.rows = rows, v.width = width;
+    (*probe)(v);
+    if (!v.modified) return false;
+    void* d = const_cast<void*>(dev);
+    if (i32) {
+        check(cudaMemcpy(d, iv.data(), n * 4, cudaMemcpyHostToDevice), "probe upload");
+    } else if (bf16) {
+        std::vector<uint16_t> b(n);
+        for (size_t i = 0; i < n; ++i) b[i] = f32_to_bf16(f[i]);
+        check(cudaMemcpy(d, b.data(), n * 2, cudaMemcpyHostToDevice), "probe upload");
+    } else {
+        check(cudaMemcpy(d, f.data(), n * 4, cudaMemcpyHostToDevice), "probe upload");
+    }
+    return true;
+}
+
+void Runner::Impl::attention(int64_t l, const Shape& s, const Probe* probe) {
+    const ModelConfig& c = cfg;
+    const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
+    const int64_t T = s.T, H = c.num_attention_heads, hd = c.head_dim;
+    const float eps = static_cast<float>(c.rms_norm_eps);
+    const cuda::RopeView& rope = dm->rope_for(l);
+    const cuda::BatchView b = batch(s);
+
+    // Inputs (ref: attention_inputs).
+    linear(d.wq_a, ws.xn, T, ws.qr_f);
+    cuda::rms_norm_rows(ws.qr_f, T, c.q_lora_rank, d.q_norm, eps, ws.qr, stream);
+    linear(d.wq_b, ws.qr, T, ws.q_f);
+    cuda::head_norm_rope(ws.q_f, T, H, hd, true, nullptr, eps, ws.pos, rope, ws.q, stream);
+    linear(d.wkv, ws.xn, T, ws.kv_f);
+    cuda::head_norm_rope(ws.kv_f, T, 1, hd, true, d.kv_norm, eps, ws.pos, rope, ws.kv, stream);
+    mark("attn.q_kv");
+
+    // Compressors first: a row that closes at a token is visible to it.
+    auto compress = [&](const DeviceCompressor& dc, float* kvp, float* gatep, const cuda::SlotArray& st,
+                        const cuda::PagedRows& rows) {
+        linear(dc.wkv, ws.xn, T, kvp);
+        linear(dc.wgate, ws.xn, T, gatep);
+        cuda::CompressorArgs a;
+        a.ratio = dc.ratio;
+        a.dim = dc.dim;
+        a.overlap = dc.overlap;
+        a.kv = kvp;
+        a.gate = gatep;
+        a.ape = dc.ape;
+        a.norm_w = dc.norm;
+        a.norm_eps = eps;
+        a.rope = dm->rope_compress;
+        a.state = st;
+        a.rows = rows;
+        cuda::compressor_emit(a, b, stream);
+        cuda::compressor_save(a, b, stream);
+    };
+    cuda::PagedRows comp_rows;
+    if (d.kind != AttnKind::sliding) {
+        comp_rows = pool->comp_rows(l, static_cast<int32_t>(hd));
+        compress(d.comp, ws.ckv, ws.cgate, pool->comp_state(l), comp_rows);
+        if (d.kind == AttnKind::hca) mark("attn.compressors");
+    }
+    if (d.kind == AttnKind::csa) {
+        const int64_t nI = c.index_n_heads, dI = c.index_head_dim;
+        const cuda::PagedRows keys = pool->idx_rows(l, static_cast<int32_t>(dI));
+        compress(d.idx_comp, ws.ikv, ws.igate, pool->idx_state(l), keys);
+        mark("attn.compressors");
+        linear(d.idx_wq_b, ws.qr, T, ws.iq_f);
+        cuda::head_norm_rope(ws.iq_f, T, nI, dI, false, nullptr, eps, ws.pos, dm->rope_compress, ws.iq, stream);
+        linear(d.idx_weights_proj, ws.xn, T, ws.iw);
+        cuda::IndexerArgs ia;
+        ia.heads = static_cast<int32_t>(nI);
+        ia.head_dim = static_cast<int32_t>(dI);
+        ia.q = ws.iq;
+        ia.w = ws.iw;
+        ia.w_scale = 1.0f / std::sqrt(static_cast<float>(nI));
+        ia.keys = keys;
+        ia.scores = ws.scores;
+        ia.max_rows = ws.max_rows;
+        ia.k = static_cast<int32_t>(c.index_topk);
+        ia.topk = ws.topk;
+        cuda::indexer_topk(ia, b, stream);
+        mark("attn.indexer");
+        trace(probe, trace_names::index_topk, l, ws.topk, false, true, T, c.index_topk);
+    }
+
+    cuda::AttentionArgs aa;
+    aa.heads = static_cast<int32_t>(H);
+    aa.head_dim = static_cast<int32_t>(hd);
+    aa.window = static_cast<int32_t>(c.sliding_window);
+    aa.q = ws.q;
+    aa.kv = ws.kv;
+    aa.ring = pool->ring(l);
+    aa.comp = comp_rows;   // ratio 0 for SWA
+    aa.topk = d.kind == AttnKind::csa ? ws.topk : nullptr;
+    aa.topk_k = d.kind == AttnKind::csa ? static_cast<int32_t>(c.index_topk) : 0;
+    aa.sink = d.attn_sink;
+    aa.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    aa.rope = rope;
+    aa.out = ws.o;
+    cuda::sparse_attention(aa, b, stream);
+    cuda::window_write(ws.kv, hd, c.sliding_window, pool->ring(l), b, stream);
+    mark("attn.sparse");
+
+    // o (inverse-rotated by the attention kernel) → grouped wo_a → wo_b.
+    linear(d.wo_a, ws.o, T, ws.z, true, c.o_groups);
+    linear(d.wo_b, ws.z, T, ws.y);
+    mark("attn.out");
+}
+
+void Runner::Impl::moe(int64_t l, const Shape& s, const Probe* probe) {
+    const ModelConfig& c = cfg;
+    const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
+    const int64_t T = s.T, E = c.n_routed_experts, k = c.num_experts_per_tok;
+    const float scale = static_cast<float>(c.routed_scaling_factor), limit = static_cast<float>(c.swiglu_limit);
+    linear(d.gate, ws.xn, T, ws.gate_logits);
+    cuda::route(ws.gate_logits, T, E, k, d.router == RouterKind::score ? d.gate_bias : nullptr,
+                d.router == RouterKind::hash ? d.tid2eid : nullptr, ws.tokens, scale, ws.ids, ws.wts, stream);
+    if (trace(probe, trace_names::expert_ids, l, ws.ids, false, true, T, k)) {
+        // The weights of the given experts: the hash path with a table of the forced ids.
+        check(cudaMemcpyAsync(ws.forced_ids, ws.ids, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToDevice, stream),
+              "forced ids");
+        cuda::route(ws.gate_logits, T, E, k, nullptr, ws.forced_ids, ws.iota, scale, ws.ids, ws.wts, stream);
+    }
+    mark("moe.router");
+    // Shared expert (fp8): w1, w3, clamped SwiGLU, w2; added last by the combine.
+    linear(d.sh_w1, ws.xn, T, ws.sh_g);
+    linear(d.sh_w3, ws.xn, T, ws.sh_u);
+    cuda::swiglu(ws.sh_g, ws.sh_u, T, d.sh_w1.out, limit, ws.sh_h, stream);
+    linear(d.sh_w2, ws.sh_h, T, ws.sh_out);
+    mark("moe.shared");
+    cuda::moe_layer(d.experts, limit, ws.xn, ws.ids, ws.wts, T, ws.sh_out, ws.y, moe_ws, stream);
+    mark("moe.experts");
+}
+
+void Runner::Impl::enqueue(const Shape& s, const Probe* probe) {
+    const ModelConfig& c = cfg;
+    const int64_t T = s.T, D = c.hidden_size, hc = c.hc_mult, L = c.num_hidden_layers;
+    const float hc_eps = static_cast<float>(c.hc_eps), eps = static_cast<float>(c.rms_norm_eps);
+    const int64_t splits = cuda::hc_mix_splits(T, hc * D);
+
+    mark("start");
+    cuda::embed_streams(dm->embed, ws.tokens, T, D, hc, ws.X, stream);
+    cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, dm->layers[0].hc_attn_fn, c.mix_width(), ws.part,
+                 splits, stream);
+    for (int64_t l = 0; l < L; ++l) {
+        const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
+        if (trace(probe, trace_names::streams, l, ws.X, false, false, T, hc * D))   // forced: mix the new streams
+            cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, d.hc_attn_fn, c.mix_width(), ws.part,
+                         splits, stream);
+
+        cuda::hc_pre_finish(ws.part, splits, ws.X, T, hc, D, d.hc_attn_base, d.hc_attn_scale, c.hc_sinkhorn_iters,
+                            hc_eps, eps, d.attn_norm, ws.xn, ws.post, ws.comb, stream);
+        mark("hc");
+        trace(probe, trace_names::attn_in, l, ws.xn, true, false, T, D);
+        attention(l, s, probe);
+        trace(probe, trace_names::attn_out, l, ws.y, false, false, T, D);
+        // hc_post of the attention fused with the mix of the ffn site.
+        cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, d.hc_ffn_fn, c.mix_width(), ws.part, splits,
+                     stream);
+        std::swap(ws.X, ws.X2);
+
+        cuda::hc_pre_finish(ws.part, splits, ws.X, T, hc, D, d.hc_ffn_base, d.hc_ffn_scale, c.hc_sinkhorn_iters,
+                            hc_eps, eps, d.ffn_norm, ws.xn, ws.post, ws.comb, stream);
+        mark("hc");
+        trace(probe, trace_names::ffn_in, l, ws.xn, true, false, T, D);
+        moe(l, s, probe);
+        trace(probe, trace_names::ffn_out, l, ws.y, false, false, T, D);
+        // hc_post of the ffn fused with the next site's mix (the next layer's attention, or the head).
+        const bool last = l + 1 == L;
+        cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D,
+                     last ? dm->hc_head_fn : dm->layers[static_cast<size_t>(l + 1)].hc_attn_fn,
+                     last ? hc : c.mix_width(), ws.part, splits, stream);
+        std::swap(ws.X, ws.X2);
+    }
+    cuda::hc_head_finish(ws.part, splits, ws.X, T, hc, D, dm->hc_head_base, dm->hc_head_scale, hc_eps, eps, dm->norm,
+                         ws.xn, stream);
+    trace(probe, trace_names::final_norm, L, ws.xn, true, false, T, D);
+    mark("hc");
+    cuda::gather_rows_bf16(ws.xn, ws.rows, s.R, D, ws.sel, stream);
+    linear(dm->head, ws.sel, s.R, ws.logits);
+    mark("head");
+}
+
+// ------------------------------------------------------------------------------------------------
+
+Runner::Runner(const Model& model, const RunnerOptions& opt, std::ostream* log)
+    : impl_(std::make_unique<Impl>(&model, model.cfg, 0, opt, log)) {}
+Runner::Runner(const ModelConfig& c, uint64_t synth_seed, const RunnerOptions& opt, std::ostream* log)
+    : impl_(std::make_unique<Impl>(nullptr, c, synth_seed, opt, log)) {}
+Runner::~Runner() = default;
+
+const ModelConfig& Runner::cfg() const { return impl_->cfg; }
+const MemoryPlan& Runner::plan() const { return impl_->plan; }
+const RunnerOptions& Runner::options() const { return impl_->opt; }
+int32_t Runner::open() { return impl_->pool->open(); }
+void Runner::close(int32_t slot) { impl_->pool->close(slot); }
+bool Runner::reserve(int32_t slot, int64_t n) { return impl_->pool->reserve(slot, n); }
+int64_t Runner::n_past(int32_t slot) const { return impl_->pool->n_past(slot); }
+double Runner::cache_usage() const { return impl_->pool->usage(); }
+int64_t Runner::graph_replays() const { return impl_->replays; }
+int64_t Runner::graphs_captured() const { return static_cast<int64_t>(impl_->graphs.size()); }
+CUstream_st* Runner::stream() const { return impl_->stream; }
+
+std::vector<std::pair<std::string, double>> Runner::profile_step(const std::vector<RunnerChunk>& chunks) {
+    Impl& I = *impl_;
+    const bool graphs = I.opt.graphs;
+    I.opt.graphs = false;
+    I.profiling = true;
+    std::vector<float> logits;
+    try {
+        step(chunks, false, logits);
+    } catch (...) {
+        I.opt.graphs = graphs;
+        I.profiling = false;
+        for (auto& [n, e] : I.marks) (void)cudaEventDestroy(e);
+        I.marks.clear();
+        throw;
+    }
+    I.opt.graphs = graphs;
+    I.profiling = false;
+    std::vector<std::pair<std::string, double>> out;
+    for (size_t i = 1; i < I.marks.size(); ++i) {
+        float ms = 0;
+        check(cudaEventElapsedTime(&ms, I.marks[i - 1].second, I.marks[i].second), "profile event");
+        auto it = std::find_if(out.begin(), out.end(), [&](const auto& p) { return p.first == I.marks[i].first; });
+        if (it == out.end())
+            out.push_back({I.marks[i].first, ms});
+        else
+            it->second += ms;
+    }
+    for (auto& [n, e] : I.marks) (void)cudaEventDestroy(e);
+    I.marks.clear();
+    return out;
+}
+void Runner::set_n_past_for_benchmark(int32_t slot, int64_t n) {
+    MEGAMOE_CHECK(n <= impl_->pool->reserved_tokens(slot), "set_n_past_for_benchmark: ", n, " positions, ",
+                  impl_->pool->reserved_tokens(slot), " reserved");
+    impl_->pool->advance(slot, n - impl_->pool->n_past(slot));
+}
+
+SequenceState Runner::download_state(int32_t slot) const {
+    check(cudaStreamSynchronize(impl_->stream), "sync");
+    return impl_->pool->download(impl_->cfg, slot);
+}
+
+void Runner::step(const std::vector<RunnerChunk>& chunks, bool all_logits, std::vector<float>& logits,
+                  const Probe& probe) {
+    Impl& I = *impl_;
+    const ModelConfig& c = I.cfg;
+    const Workspace& ws = I.ws;
+    if (chunks.empty()) fail("gpu runner: a step needs at least one chunk");
+    // Validate everything before anything changes.
+    int64_t T = 0, R = 0;
+    bool decode = true;   // every chunk one token
+    std::vector<bool> seen(static_cast<size_t>(I.pool->n_slots()), false);
+    for (size_t i = 0; i < chunks.size(); ++i) {
+        const RunnerChunk& ch = chunks[i];
+        if (!I.pool->is_open(ch.slot)) fail("gpu runner: chunk ", i, " names slot ", ch.slot, ", which is not open");
+        if (seen[static_cast<size_t>(ch.slot)]) fail("gpu runner: slot ", ch.slot, " appears twice in one step");
+        seen[static_cast<size_t>(ch.slot)] = true;
+        if (ch.tokens.empty()) fail("gpu runner: chunk ", i, " has no tokens");
+        const int64_t n = static_cast<int64_t>(ch.tokens.size());
+        const int64_t end = I.pool->n_past(ch.slot) + n;
+        if (end > I.pool->reserved_tokens(ch.slot))
+            fail("gpu runner: sequence in slot ", ch.slot, " would reach ", end, " positions, past the ",
+                 I.pool->reserved_tokens(ch.slot), " reserved for it");
+        for (size_t j = 0; j < ch.tokens.size(); ++j)
+            if (ch.tokens[j] < 0 || ch.tokens[j] >= c.vocab_size)
+                fail("gpu runner: token id ", ch.tokens[j], " (chunk ", i, ", index ", j,
+                     ") is outside the vocabulary [0, ", c.vocab_size, ")");
+        T += n;
+        R += all_logits ? n : 1;
+        decode = decode && n == 1;
+    }
+    if (T > ws.T) fail("gpu runner: ", T, " tokens in one step, more than --max-batch-tokens ", ws.T);
+    if (static_cast<int64_t>(chunks.size()) > ws.C) fail("gpu runner: ", chunks.size(), " chunks, more than ", ws.C);
+    if (R > ws.R) fail("gpu runner: ", R, " logit rows in one step, more than the ", ws.R, " planned");
+
+    // A decode step of B sequences replays the graph of the smallest bucket ≥ B (padding rows go to
+    // the padding slot at position 0).
+    int64_t bucket = 0;
+    if (decode && I.opt.graphs && !probe)
+        for (int64_t b : I.buckets)
+            if (b >= T) {
+                bucket = b;
+                break;
+            }
+    const int64_t Tp = bucket ? bucket : T;
+    const int64_t Rp = bucket ? bucket : R;
+
+    // Step inputs into pinned memory (layout of Workspace::in).
+    int32_t* tok = I.pinned_in;
+    int32_t* pos = tok + ws.T;
+    int32_t* slot = pos + ws.T;
+    int32_t* chunk = slot + ws.T;
+    int32_t* first = chunk + ws.T;
+    int32_t* len = first + ws.C;
+    int32_t* rows = len + ws.C;
+    int64_t t = 0, r = 0;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+        const RunnerChunk& ch = chunks[i];
+        const int64_t p0 = I.pool->n_past(ch.slot), n = static_cast<int64_t>(ch.tokens.size());
+        first[i] = static_cast<int32_t>(t);
+        len[i] = static_cast<int32_t>(n);
+        for (int64_t j = 0; j < n; ++j, ++t) {
+            tok[t] = ch.tokens[static_cast<size_t>(j)];
+            pos[t] = static_cast<int32_t>(p0 + j);
+            slot[t] = ch.slot;
+            chunk[t] = static_cast<int32_t>(i);
+            if (all_logits) rows[r++] = static_cast<int32_t>(t);
+        }
+        if (!all_logits) rows[r++] = static_cast<int32_t>(t - 1);
+    }
+    for (; t < Tp; ++t, ++r) {   // graph padding: one-token chunks of the padding slot
+        tok[t] = 0;
+        pos[t] = 0;
+        slot[t] = I.pool->pad_slot();
+        chunk[t] = static_cast<int32_t>(t);
+        first[t] = static_cast<int32_t>(t);
+        len[t] = 1;
+        rows[r] = static_cast<int32_t>(t);
+    }
+
+    I.pool->sync_tables(I.stream);
+    check(cudaMemcpyAsync(ws.in, I.pinned_in, static_cast<size_t>(ws.in_ints) * 4, cudaMemcpyHostToDevice, I.stream),
+          "step inputs");
+    const Impl::Shape shape{Tp, bucket ? bucket : static_cast<int64_t>(chunks.size()), Rp};
+    if (bucket) {
+        auto it = I.graphs.find(bucket);
+        if (it == I.graphs.end()) {
+            // Capture after one eager run of the same shape (first-use work such as kernel
+            // attributes happens outside the capture). The eager run computes this step.
+            I.enqueue(shape, nullptr);
+            check(cudaStreamSynchronize(I.stream), "warm-up step");
+            // The warm-up advanced this step's state; the capture must not run it again.
+            cudaGraph_t g = nullptr;
+            check(cudaStreamBeginCapture(I.stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+            I.enqueue(shape, nullptr);
+            check(cudaStreamEndCapture(I.stream, &g), "end capture");
+            cudaGraphExec_t exec = nullptr;
+            check(cudaGraphInstantiate(&exec, g, 0), "instantiate graph");
+            (void)cudaGraphDestroy(g);
+            I.graphs[bucket] = exec;
+        } else {
+            check(cudaGraphLaunch(it->second, I.stream), "graph launch");
+            ++I.replays;
+        }
+    } else {
+        I.enqueue(shape, probe ? &probe : nullptr);
+    }
+    check(cudaMemcpyAsync(I.pinned_logits, ws.logits, static_cast<size_t>(R * c.vocab_size) * 4,
+                          cudaMemcpyDeviceToHost, I.stream),
+          "logits");
+    check(cudaStreamSynchronize(I.stream), "step");
+    logits.assign(I.pinned_logits, I.pinned_logits + R * c.vocab_size);
+    for (const RunnerChunk& ch : chunks) I.pool->advance(ch.slot, static_cast<int64_t>(ch.tokens.size()));
+}
+
+}  // namespace megamoe::gpu

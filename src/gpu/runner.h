@@ -1,0 +1,109 @@
+// runner.h — the DeepSeek-V4 forward on one GPU: device weights, the state pool, the workspace,
+// step inputs and the decode graphs, owned by one object that allocates nothing after start-up.
+//
+// Runner::step mirrors ref::forward (ref/model.h) block by block, with the same names and the same
+// probe points (ref/trace.h): embed → per layer { mHC pre → attention → mHC post → mHC pre → MoE →
+// mHC post } → HC head → norm → head. What differs is storage, not math: activations between ops
+// are bf16 where a kernel reads them as GEMM input (the normalized sublayer inputs, q latent,
+// attention output, wo_a output, shared-expert hidden), the residual streams stay f32, and the
+// per-sequence state (window ring, compressed rows, indexer keys) is stored in bf16.
+//
+// A step: check the batch, fill pinned step inputs, one host-to-device copy, then either replay the
+// decode graph of the batch's bucket (every chunk one token, no probe) or enqueue the same code
+// eagerly, copy the logits back, one wait.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "ref/model.h"
+
+struct CUstream_st;
+
+namespace megamoe::gpu {
+
+struct RunnerOptions {
+    int64_t max_seqs = 16;             // sequences at once (state slots)
+    int64_t max_batch_tokens = 2048;   // tokens per step (callers split longer prefills)
+    int64_t max_logit_rows = 0;        // logit rows per step (0: max_seqs); all-logits steps need one per token
+    int64_t max_model_len = 0;         // positions per sequence (0: min(max_position_embeddings, 65536))
+    double  memory_fraction = 0.92;    // of the GPU's memory megamoe may hold in all
+    int64_t block_tokens = 256;        // positions per state block (a multiple of every compress ratio)
+    bool    graphs = true;             // decode steps through CUDA graphs, one per batch-size bucket
+};
+
+// Where the device memory goes; printed at start-up.
+struct MemoryPlan {
+    size_t  weights = 0;               // uploaded weights (packed as in the checkpoint)
+    size_t  checkpoint = 0;            // the same weights' bytes in the checkpoint
+    size_t  workspace = 0;             // activations and scratch for max_batch_tokens
+    size_t  slots = 0;                 // fixed per-sequence state (rings, open windows) for max_seqs
+    size_t  blocks = 0;                // the block pool (compressed rows, indexer keys)
+    int64_t block_count = 0, block_tokens = 0;
+    int64_t context_tokens = 0;        // positions the pool holds across all sequences
+    int64_t max_model_len = 0;
+    std::string describe() const;      // a few lines for the log
+};
+
+struct RunnerChunk {
+    int32_t slot = -1;                 // from Runner::open
+    std::vector<int32_t> tokens;       // new tokens at positions n_past(slot) ...
+};
+
+class Runner {
+public:
+    // Uploads the model and plans memory (throws Error when it does not fit). `log` receives the
+    // memory plan (nullptr: silent).
+    Runner(const Model& model, const RunnerOptions& opt, std::ostream* log = nullptr);
+    // A model of config `c` with random weights made on the GPU (benchmarks; gpu/device_model.h).
+    Runner(const ModelConfig& c, uint64_t synth_seed, const RunnerOptions& opt, std::ostream* log = nullptr);
+    ~Runner();
+    Runner(const Runner&) = delete;
+    Runner& operator=(const Runner&) = delete;
+
+    const ModelConfig& cfg() const;
+    const MemoryPlan& plan() const;
+    const RunnerOptions& options() const;
+
+    int32_t open();                                // a free slot, or -1
+    void    close(int32_t slot);
+    bool    reserve(int32_t slot, int64_t n_tokens);   // room for positions [0, n_tokens)
+    int64_t n_past(int32_t slot) const;
+    double  cache_usage() const;                   // state blocks in use / all
+
+    // Runs the chunks (each of a different open slot, within its reservation; at most
+    // max_batch_tokens tokens). logits: [rows, V] f32 — every token when all_logits, else each
+    // chunk's last. A probe (eager path only) sees every named intermediate and may overwrite it
+    // (teacher forcing: streams, index_topk, expert_ids). Throws Error on bad input, changing nothing.
+    void step(const std::vector<RunnerChunk>& chunks, bool all_logits, std::vector<float>& logits,
+              const Probe& probe = nullptr);
+
+    // The state of a slot in the CPU reference's form (tests; synchronous).
+    SequenceState download_state(int32_t slot) const;
+
+    // Graph statistics (tests and logs): decode steps replayed from a graph, graphs captured.
+    int64_t graph_replays() const;
+    int64_t graphs_captured() const;
+
+    // For benchmarks: set a slot's position without running its tokens (the state then holds
+    // whatever the pool held: timing only), and the stream the runner works on.
+    void    set_n_past_for_benchmark(int32_t slot, int64_t n);
+    CUstream_st* stream() const;
+    // One eager step (no graph) with CUDA events between the forward's stages; returns the GPU time
+    // of each stage summed over layers, in ms, in the order the stages first ran (attn.q_kv,
+    // attn.compressors, attn.indexer, attn.sparse, attn.out, hc, moe.router, moe.shared, ...).
+    std::vector<std::pair<std::string, double>> profile_step(const std::vector<RunnerChunk>& chunks);
+
+    struct Impl;
+
+private:
+    std::unique_ptr<Impl> impl_;
+};
+
+// Weight bytes a model takes on the GPU (the upload plan; no GPU needed).
+size_t device_weight_bytes(const Model& model);
+
+}  // namespace megamoe::gpu

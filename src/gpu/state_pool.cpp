@@ -1,0 +1,266 @@
+// state_pool.cpp — slot records, the block pool and its tables (see state_pool.h).
+#include "gpu/state_pool.h"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/common.h"
+#include "cuda/compressor.h"
+#include "io/formats.h"
+
+namespace megamoe::gpu {
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) fail("state pool: ", what, ": ", cudaGetErrorString(e));
+}
+
+int64_t round_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
+
+}  // namespace
+
+StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens) {
+    StateLayout L;
+    L.W = c.sliding_window;
+    L.hd = c.head_dim;
+    L.dI = c.index_head_dim;
+    L.block_tokens = block_tokens;
+    int64_t slot = 0, block = 0;
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        Layer ly;
+        const AttnKind kind = c.attn_kind(l);
+        ly.ratio = kind == AttnKind::sliding ? 0 : static_cast<int32_t>(c.ratio(l));
+        ly.csa = kind == AttnKind::csa;
+        ly.ring_off = slot;
+        slot += round_up(L.W * L.hd * 2, 256);
+        if (kind != AttnKind::sliding) {
+            if (block_tokens % ly.ratio)
+                fail("state pool: block of ", block_tokens, " positions is not a multiple of layer ", l, "'s ratio ",
+                     ly.ratio);
+            ly.comp_off = slot;
+            slot += round_up(cuda::compressor_state_bytes(ly.ratio, L.hd, kind == AttnKind::csa), 256);
+            ly.rows_off = block;
+            block += round_up(block_tokens / ly.ratio * L.hd * 2, 256);
+        }
+        if (kind == AttnKind::csa) {
+            ly.idx_off = slot;
+            slot += round_up(cuda::compressor_state_bytes(ly.ratio, L.dI, true), 256);
+            ly.idx_rows_off = block;
+            block += round_up(block_tokens / ly.ratio * L.dI * 2, 256);
+        }
+        L.layers.push_back(ly);
+    }
+    L.slot_bytes = std::max<int64_t>(slot, 256);
+    L.block_bytes = block;
+    return L;
+}
+
+StatePool::StatePool(const ModelConfig& c, const StateLayout& layout, int64_t n_slots, int64_t n_blocks,
+                     int64_t max_len)
+    : cfg_(c), L_(layout), n_slots_(n_slots), n_blocks_(L_.block_bytes ? n_blocks : 0), max_len_(max_len) {
+    MEGAMOE_CHECK(n_slots >= 1 && max_len >= 1, "state pool: ", n_slots, " slots, max length ", max_len);
+    max_blocks_ = (max_len + L_.block_tokens - 1) / L_.block_tokens;
+    slots_ = cuda::DeviceBuffer(static_cast<size_t>((n_slots + 1) * L_.slot_bytes), "sequence slots");
+    blocks_ = cuda::DeviceBuffer(static_cast<size_t>((n_blocks_ + 1) * std::max<int64_t>(L_.block_bytes, 1)),
+                                 "state block pool");
+    const size_t table_bytes = static_cast<size_t>((n_slots + 1) * max_blocks_) * sizeof(int32_t);
+    table_ = cuda::DeviceBuffer(table_bytes, "block tables");
+    check(cudaMallocHost(reinterpret_cast<void**>(&table_host_), std::max<size_t>(table_bytes, 4)), "pinned block table");
+    std::memset(table_host_, 0, table_bytes);   // every entry: the reserved block 0
+    table_.upload(table_host_, table_bytes);
+    // Slot records need no initialization (the compressor reads nothing it has not written), but
+    // zeros keep downloads of unused state deterministic.
+    slots_.fill(0);
+    blocks_.fill(0);   // rows never written read as zeros (benchmarks that skip prefill)
+    dirty_.assign(static_cast<size_t>(n_slots + 1), false);
+    for (int64_t b = n_blocks_; b >= 1; --b) free_.push_back(static_cast<int32_t>(b));
+    seqs_.resize(static_cast<size_t>(n_slots));
+}
+
+StatePool::~StatePool() {
+    if (table_host_) (void)cudaFreeHost(table_host_);
+}
+
+int32_t StatePool::open() {
+    for (size_t s = 0; s < seqs_.size(); ++s) {
+        if (!seqs_[s].open) {
+            seqs_[s] = Seq{};
+            seqs_[s].open = true;
+            return static_cast<int32_t>(s);
+        }
+    }
+    return -1;
+}
+
+bool StatePool::is_open(int32_t slot) const {
+    return slot >= 0 && slot < n_slots_ && seqs_[static_cast<size_t>(slot)].open;
+}
+
+void StatePool::close(int32_t slot) {
+    if (!is_open(slot)) return;
+    Seq& s = seqs_[static_cast<size_t>(slot)];
+    for (int32_t b : s.blocks) free_.push_back(b);
+    int32_t* row = table_host_ + static_cast<int64_t>(slot) * max_blocks_;
+    std::fill(row, row + max_blocks_, 0);
+    dirty_[static_cast<size_t>(slot)] = true;
+    s = Seq{};
+}
+
+bool StatePool::reserve(int32_t slot, int64_t n_tokens) {
+    MEGAMOE_CHECK(is_open(slot), "state pool: slot ", slot, " is not open");
+    if (n_tokens > max_len_) return false;
+    if (L_.block_bytes == 0) return true;
+    Seq& s = seqs_[static_cast<size_t>(slot)];
+    const int64_t need = (n_tokens + L_.block_tokens - 1) / L_.block_tokens;
+    const int64_t have = static_cast<int64_t>(s.blocks.size());
+    if (need <= have) return true;
+    if (need - have > static_cast<int64_t>(free_.size())) return false;
+    int32_t* row = table_host_ + static_cast<int64_t>(slot) * max_blocks_;
+    for (int64_t i = have; i < need; ++i) {
+        const int32_t b = free_.back();
+        free_.pop_back();
+        s.blocks.push_back(b);
+        row[i] = b;
+    }
+    dirty_[static_cast<size_t>(slot)] = true;
+    return true;
+}
+
+int64_t StatePool::reserved_tokens(int32_t slot) const {
+    MEGAMOE_CHECK(is_open(slot), "state pool: slot ", slot, " is not open");
+    if (L_.block_bytes == 0) return max_len_;
+    return std::min<int64_t>(max_len_, static_cast<int64_t>(seqs_[static_cast<size_t>(slot)].blocks.size()) *
+                                           L_.block_tokens);
+}
+
+int64_t StatePool::n_past(int32_t slot) const {
+    MEGAMOE_CHECK(is_open(slot), "state pool: slot ", slot, " is not open");
+    return seqs_[static_cast<size_t>(slot)].n_past;
+}
+
+void StatePool::advance(int32_t slot, int64_t n) {
+    MEGAMOE_CHECK(is_open(slot), "state pool: slot ", slot, " is not open");
+    seqs_[static_cast<size_t>(slot)].n_past += n;
+}
+
+double StatePool::usage() const {
+    if (n_blocks_ == 0) return 0;
+    return static_cast<double>(n_blocks_ - static_cast<int64_t>(free_.size())) / static_cast<double>(n_blocks_);
+}
+
+void StatePool::sync_tables(CUstream_st* stream) {
+    const size_t row_bytes = static_cast<size_t>(max_blocks_) * sizeof(int32_t);
+    for (size_t s = 0; s < dirty_.size(); ++s) {
+        if (!dirty_[s]) continue;
+        check(cudaMemcpyAsync(table_.as<char>() + s * row_bytes, reinterpret_cast<char*>(table_host_) + s * row_bytes,
+                              row_bytes, cudaMemcpyHostToDevice, stream),
+              "block table upload");
+        dirty_[s] = false;
+    }
+}
+
+cuda::SlotArray StatePool::ring(int64_t l) const {
+    return {slots_.as<char>() + L_.layers[static_cast<size_t>(l)].ring_off, L_.slot_bytes};
+}
+
+cuda::SlotArray StatePool::comp_state(int64_t l) const {
+    const auto& ly = L_.layers[static_cast<size_t>(l)];
+    MEGAMOE_CHECK(ly.comp_off >= 0, "state pool: layer ", l, " has no compressor");
+    return {slots_.as<char>() + ly.comp_off, L_.slot_bytes};
+}
+
+cuda::SlotArray StatePool::idx_state(int64_t l) const {
+    const auto& ly = L_.layers[static_cast<size_t>(l)];
+    MEGAMOE_CHECK(ly.idx_off >= 0, "state pool: layer ", l, " has no indexer");
+    return {slots_.as<char>() + ly.idx_off, L_.slot_bytes};
+}
+
+cuda::PagedRows StatePool::comp_rows(int64_t l, int32_t dim) const {
+    const auto& ly = L_.layers[static_cast<size_t>(l)];
+    MEGAMOE_CHECK(ly.rows_off >= 0, "state pool: layer ", l, " has no compressed rows");
+    cuda::PagedRows r;
+    r.pool = blocks_.get();
+    r.block_bytes = L_.block_bytes;
+    r.layer_offset = ly.rows_off;
+    r.block_table = table_.as<int32_t>();
+    r.max_blocks = static_cast<int32_t>(max_blocks_);
+    r.block_tokens = static_cast<int32_t>(L_.block_tokens);
+    r.ratio = ly.ratio;
+    r.dim = dim;
+    return r;
+}
+
+cuda::PagedRows StatePool::idx_rows(int64_t l, int32_t dim) const {
+    cuda::PagedRows r = comp_rows(l, dim);
+    const auto& ly = L_.layers[static_cast<size_t>(l)];
+    MEGAMOE_CHECK(ly.idx_rows_off >= 0, "state pool: layer ", l, " has no indexer keys");
+    r.layer_offset = ly.idx_rows_off;
+    return r;
+}
+
+namespace {
+
+std::vector<float> download_f32(const void* src, int64_t n) {
+    std::vector<float> v(static_cast<size_t>(n));
+    if (n) check(cudaMemcpy(v.data(), src, static_cast<size_t>(n) * 4, cudaMemcpyDeviceToHost), "download");
+    return v;
+}
+
+std::vector<float> download_bf16(const void* src, int64_t n) {
+    std::vector<uint16_t> b(static_cast<size_t>(n));
+    if (n) check(cudaMemcpy(b.data(), src, static_cast<size_t>(n) * 2, cudaMemcpyDeviceToHost), "download");
+    std::vector<float> v(b.size());
+    for (size_t i = 0; i < b.size(); ++i) v[i] = bf16_to_f32(b[i]);
+    return v;
+}
+
+}  // namespace
+
+SequenceState StatePool::download(const ModelConfig& c, int32_t slot) const {
+    MEGAMOE_CHECK(is_open(slot), "state pool: slot ", slot, " is not open");
+    SequenceState st(c);
+    const int64_t n = n_past(slot);
+    st.n_past = n;
+    const int64_t W = L_.W, hd = L_.hd;
+    const char* rec = slots_.as<char>() + static_cast<int64_t>(slot) * L_.slot_bytes;
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        const auto& ly = L_.layers[static_cast<size_t>(l)];
+        LayerState& ls = st.layers[static_cast<size_t>(l)];
+        // The CPU keeps the last min(W - 1, n) rows in position order.
+        ls.n_window = std::min(W - 1, n);
+        for (int64_t p = n - ls.n_window; p < n; ++p) {
+            const std::vector<float> row = download_bf16(rec + ly.ring_off + (p % W) * hd * 2, hd);
+            ls.window.insert(ls.window.end(), row.begin(), row.end());
+        }
+        auto comp = [&](int64_t off, int64_t rows_off, int64_t d, bool overlap, CompressorState& cs) {
+            const int64_t r = ly.ratio, width = (overlap ? 2 : 1) * d;
+            const char* base = rec + off;
+            cs.n_pending = n % r;
+            const std::vector<float> pk = download_f32(base, cs.n_pending * width);
+            const std::vector<float> pg = download_f32(base + r * width * 4, cs.n_pending * width);
+            cs.pending_kv = pk;
+            cs.pending_gate = pg;
+            if (overlap && n >= r) {
+                cs.prev_kv = download_f32(base + 2 * r * width * 4, r * d);
+                cs.prev_gate = download_f32(base + 2 * r * width * 4 + r * d * 4, r * d);
+            }
+            cs.n_rows = n / r;
+            const std::vector<int32_t>& blocks = seqs_[static_cast<size_t>(slot)].blocks;
+            const int64_t per_block = L_.block_tokens / r;
+            for (int64_t w = 0; w < cs.n_rows; ++w) {
+                const int64_t b = blocks[static_cast<size_t>(w * r / L_.block_tokens)];
+                const std::vector<float> row =
+                    download_bf16(blocks_.as<char>() + b * L_.block_bytes + rows_off + (w % per_block) * d * 2, d);
+                cs.rows.insert(cs.rows.end(), row.begin(), row.end());
+            }
+        };
+        if (ly.comp_off >= 0) comp(ly.comp_off, ly.rows_off, hd, ly.csa, ls.comp);
+        if (ly.idx_off >= 0) comp(ly.idx_off, ly.idx_rows_off, L_.dI, true, ls.index_comp);
+    }
+    return st;
+}
+
+}  // namespace megamoe::gpu

@@ -1,0 +1,106 @@
+// state_pool.h — per-sequence state on the GPU: fixed-size slot records and a pool of blocks
+// addressed through block tables. Nothing is allocated after construction.
+//
+//   slot record (one per sequence slot, fixed size, all layers):
+//       per layer: the sliding-window ring bf16 [W, hd] (position p in row p mod W);
+//                  CSA/HCA: the attention compressor's open window (cuda::compressor_state_bytes);
+//                  CSA: the indexer compressor's open window
+//   block (block_tokens positions of one sequence, all layers):
+//       per compressed layer: its rows bf16 [block_tokens / r, hd]; CSA also the indexer's keys
+//       bf16 [block_tokens / 4, dI]
+// A sequence holds one slot and the blocks its block-table row lists; `reserve` grows that list.
+// Block 0 is never given to a sequence: unused table entries and the padding slot (which takes
+// the padding rows of a graph-captured decode bucket) point to it, so stray writes land there.
+// What a CPU SequenceState holds (ref/state.h) can be read back with `download` (tests).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "cuda/buffer.h"
+#include "cuda/step.h"
+#include "ref/state.h"
+
+struct CUstream_st;
+
+namespace megamoe::gpu {
+
+// Where everything lives, from the config alone (no GPU needed; the memory plan uses it).
+struct StateLayout {
+    struct Layer {
+        int64_t ring_off = 0;                // bytes into the slot record
+        int64_t comp_off = -1, idx_off = -1; // compressor state records (-1: none)
+        int64_t rows_off = -1, idx_rows_off = -1;   // bytes into a block (-1: none)
+        int32_t ratio = 0;                   // 0 (SWA), 4 (CSA) or the HCA ratio
+        bool    csa = false;                 // overlapping compressor + indexer
+    };
+    int64_t W = 0, hd = 0, dI = 0;
+    int64_t block_tokens = 0;
+    int64_t slot_bytes = 0;                  // one slot record
+    int64_t block_bytes = 0;                 // one block (0: no compressed layer)
+    std::vector<Layer> layers;
+
+    static StateLayout make(const ModelConfig& c, int64_t block_tokens);
+};
+
+class StatePool {
+public:
+    // n_slots sequence slots (plus one padding slot), n_blocks blocks of layout.block_tokens
+    // positions (plus the reserved block 0), sequences up to max_len positions.
+    StatePool(const ModelConfig& c, const StateLayout& layout, int64_t n_slots, int64_t n_blocks, int64_t max_len);
+
+    const StateLayout& layout() const { return L_; }
+    int64_t n_slots() const { return n_slots_; }
+    int32_t pad_slot() const { return static_cast<int32_t>(n_slots_); }
+    int64_t max_len() const { return max_len_; }
+    size_t  bytes() const { return slots_.bytes() + blocks_.bytes() + table_.bytes(); }
+
+    int32_t open();                          // a free slot (n_past = 0, no blocks), or -1
+    void    close(int32_t slot);             // frees its blocks; unknown/closed slots: no-op
+    bool    is_open(int32_t slot) const;
+    // Blocks for positions [0, n_tokens): false (nothing changed) when the pool or max_len lacks room.
+    bool    reserve(int32_t slot, int64_t n_tokens);
+    int64_t reserved_tokens(int32_t slot) const;
+    int64_t n_past(int32_t slot) const;
+    void    advance(int32_t slot, int64_t n);   // after a step ran n tokens of it
+    double  usage() const;                   // blocks in use / blocks (0 without compressed layers)
+    int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
+    int64_t capacity_tokens() const { return n_blocks_ * L_.block_tokens; }
+
+    // Uploads the block-table rows changed since the last call (stream-ordered, from pinned memory).
+    void sync_tables(CUstream_st* stream);
+
+    // Kernel views of layer l's state.
+    cuda::SlotArray ring(int64_t l) const;
+    cuda::SlotArray comp_state(int64_t l) const;
+    cuda::SlotArray idx_state(int64_t l) const;
+    cuda::PagedRows comp_rows(int64_t l, int32_t dim) const;
+    cuda::PagedRows idx_rows(int64_t l, int32_t dim) const;
+
+    // The state of `slot` in the CPU reference's form (bf16 rows widened to f32). Synchronous.
+    SequenceState download(const ModelConfig& c, int32_t slot) const;
+
+private:
+    ModelConfig cfg_;
+    StateLayout L_;
+    int64_t n_slots_ = 0, n_blocks_ = 0, max_len_ = 0, max_blocks_ = 0;
+    cuda::DeviceBuffer slots_;               // [n_slots + 1] slot records
+    cuda::DeviceBuffer blocks_;              // [n_blocks + 1] blocks
+    cuda::DeviceBuffer table_;               // [n_slots + 1, max_blocks] int32
+    int32_t* table_host_ = nullptr;          // pinned mirror
+    std::vector<bool> dirty_;                // per slot row
+    std::vector<int32_t> free_;              // free block ids (stack)
+    struct Seq {
+        bool open = false;
+        int64_t n_past = 0;
+        std::vector<int32_t> blocks;
+    };
+    std::vector<Seq> seqs_;
+
+public:
+    ~StatePool();
+    StatePool(const StatePool&) = delete;
+    StatePool& operator=(const StatePool&) = delete;
+};
+
+}  // namespace megamoe::gpu

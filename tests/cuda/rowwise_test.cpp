@@ -1,0 +1,416 @@
+// rowwise_test.cpp — the GPU row ops (src/cuda/rowwise.h) against their CPU twins.
+//
+// Every test runs the twin (ops::embed, ops::rms_norm, ops::rope, ops::expert_ffn's SwiGLU, plain
+// copies, megamoe::f32_to_bf16) on the same values the GPU reads: bf16 inputs are generated as bf16
+// and widened for the CPU; f32 inputs are used as they are. Shapes: DeepSeek-V4-Flash (D = 4096,
+// H = 64, hd = 512, rope 64, q_lora 1024, I = 2048, vocab rows 1000 × 4096), V4-Pro (D = 7168,
+// H = 128, I = 3072), the tiny test model (D = 256, hd = 64, rope 16) and odd ones (T = 1, 3, 17,
+// 129; widths that are not a multiple of 8 or 4, which take the scalar paths).
+//
+// Tolerances, from the formats:
+//  * embed, gather, f32→bf16: pure data movement / the same rounding function: bit for bit.
+//  * bf16 outputs of f32 math (rms_norm, head_norm_rope, swiglu): the GPU computes the twin's f32
+//    expression with the same operations in the same order except for (a) the RMS sum of squares,
+//    f32 with a fixed tree instead of the twin's f64 (relative error ≤ ~(D/256 + 13)·2^-24 on the
+//    sum, half that on rsqrt: ≤ 2^-18 for D ≤ 8192) and (b) cosf / sinf / expf, within 2 ulp of
+//    glibc's. So the GPU's f32 value is c·(1 + δ) with |δ| ≤ 2^-17, and RNE to bf16 adds at most
+//    2^-9 relative: |bf16 − c| ≤ 2^-9·|c| + |δ c| < 2^-8·|c|. Rotations cancel (a·cos − b·sin can
+//    be much smaller than |a| + |b|), so head_norm_rope adds an absolute 2^-16·max|row| (a few
+//    f32 ulps of the inputs); rms_norm and swiglu have no cancellation and get no absolute term.
+#include <gtest/gtest.h>
+
+#include "cuda/rowwise.h"
+
+#ifdef MEGAMOE_HAVE_CUDA
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <iterator>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/common.h"
+#include "cuda/buffer.h"
+#include "cuda/linear.h"
+#include "io/formats.h"
+#include "ref/ops.h"
+#include "rowwise_test_util.h"
+#include "test_util.h"
+
+namespace megamoe {
+namespace {
+
+using cuda::DeviceArray;
+using test::rw::bf16_exact;
+using test::rw::expect_bf16_close;
+using test::rw::expect_bits_equal;
+using test::rw::fake_ptr;
+using test::rw::from_bf16;
+using test::rw::normal_rows;
+using test::rw::to_bf16;
+
+constexpr double kBf16Rel = 1.0 / 256;        // 2^-8, see the header comment
+constexpr double kRopeAbs = 1.0 / 65536;      // 2^-16 of the row's largest value
+
+std::string shape_name(const char* op, int64_t a, int64_t b, int64_t c = -1) {
+    return str(op, " [", a, ", ", b, c >= 0 ? str(", ", c) : std::string(), "]");
+}
+
+// ---------------------------------------------------------------------------- embed
+
+void check_embed(int64_t V, int64_t D, int64_t T, int64_t hc, uint32_t seed) {
+    SCOPED_TRACE(shape_name("embed", V, D, T));
+    const std::vector<uint16_t> table = to_bf16(normal_rows(V, D, seed, 1.0f, -6.0f, 6.0f));
+    std::mt19937 rng(seed + 1);
+    std::vector<int32_t> ids(static_cast<size_t>(T));
+    for (auto& i : ids) i = static_cast<int32_t>(rng() % V);
+    if (T > 1) ids[1] = static_cast<int32_t>(V - 1);
+
+    std::vector<uint16_t> tcopy = table;
+    const Tensor tt(tcopy.data(), DType::bf16, {V, D});
+    std::vector<float> ref1(static_cast<size_t>(T * D));
+    ops::embed(tt, ids.data(), T, ref1.data());
+    std::vector<float> ref(static_cast<size_t>(T * hc * D));
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < hc; ++j)
+            std::copy(ref1.begin() + t * D, ref1.begin() + (t + 1) * D, ref.begin() + (t * hc + j) * D);
+
+    DeviceArray<uint16_t> d_table(table);
+    DeviceArray<int32_t> d_ids(ids);
+    DeviceArray<float> d_X(ref.size());
+    d_X.fill(0xFF);
+    cuda::embed_streams(d_table.data(), d_ids.data(), T, D, hc, d_X.data(), nullptr);
+    expect_bits_equal(d_X.download(), ref, "embed_streams");
+}
+
+TEST(CudaRowwise, EmbedStreamsMatchesOpsEmbed) {
+    RW_SKIP_WITHOUT_GPU();
+    check_embed(1000, 4096, 1, 4, 1);     // V4-Flash vocab rows
+    check_embed(1000, 4096, 129, 4, 2);
+    check_embed(1000, 7168, 3, 4, 3);     // V4-Pro
+    check_embed(64, 256, 17, 4, 4);       // tiny model
+    check_embed(50, 4100, 3, 4, 5);       // D % 8 != 0: scalar path
+    check_embed(50, 257, 17, 2, 6);       // odd D, hc = 2
+}
+
+// ---------------------------------------------------------------------------- rms norm
+
+void check_rms_norm(int64_t rows, int64_t D, bool weighted, uint32_t seed, float eps = 1e-6f) {
+    SCOPED_TRACE(shape_name("rms_norm", rows, D));
+    const std::vector<float> x = normal_rows(rows, D, seed, 1.0f, -8.0f, 8.0f);   // f32 in: any values
+    std::vector<uint16_t> w = to_bf16(normal_rows(1, D, seed + 1, 1.0f));
+    const Tensor wt(w.data(), DType::bf16, {D});
+    std::vector<float> ref(x.size());
+    ops::rms_norm(x.data(), rows, D, weighted ? &wt : nullptr, eps, ref.data());
+
+    DeviceArray<float> d_x(x);
+    DeviceArray<uint16_t> d_w(w), d_y(x.size());
+    cuda::rms_norm_rows(d_x.data(), rows, D, weighted ? d_w.data() : nullptr, eps, d_y.data(), nullptr);
+    expect_bf16_close(d_y.download(), ref, D, kBf16Rel, 0.0, "rms_norm_rows");
+}
+
+TEST(CudaRowwise, RmsNormRowsMatchesOpsRmsNorm) {
+    RW_SKIP_WITHOUT_GPU();
+    check_rms_norm(1, 4096, true, 10);     // attn_norm / ffn_norm, decode
+    check_rms_norm(129, 4096, true, 11);
+    check_rms_norm(3, 7168, true, 12);     // V4-Pro
+    check_rms_norm(17, 1024, true, 13);    // q_norm (q_lora 1024)
+    check_rms_norm(1, 1536, true, 14);     // V4-Pro q_lora
+    check_rms_norm(5, 256, false, 15);     // tiny, unweighted
+    check_rms_norm(3, 257, true, 16);      // scalar path
+    check_rms_norm(2, 4098, true, 17);     // D % 4 != 0
+    check_rms_norm(4, 1, true, 18);        // one element per row
+    check_rms_norm(3, 64, true, 19, 1.0f); // eps that matters
+}
+
+// ---------------------------------------------------------------------------- head norm + rope
+
+struct RopeCase {
+    int64_t T, heads, hd, rope;
+    bool normalize, weighted, yarn;
+    int64_t max_pos;
+};
+
+void check_head(const RopeCase& c, uint32_t seed) {
+    SCOPED_TRACE(str("head_norm_rope T=", c.T, " heads=", c.heads, " hd=", c.hd, " rope=", c.rope,
+                     " normalize=", c.normalize, " weighted=", c.weighted));
+    const float eps = 1e-6f;
+    const std::vector<float> x = normal_rows(c.T * c.heads, c.hd, seed, 1.0f, -4.0f, 4.0f);
+    std::vector<uint16_t> w = to_bf16(normal_rows(1, c.hd, seed + 1, 1.0f));
+    std::mt19937 rng(seed + 2);
+    std::vector<int32_t> pos(static_cast<size_t>(c.T));
+    for (auto& p : pos) p = static_cast<int32_t>(rng() % static_cast<uint32_t>(c.max_pos));
+    pos[0] = 0;
+    if (c.T > 2) pos[2] = static_cast<int32_t>(c.max_pos - 1);
+    std::vector<int64_t> pos64(pos.begin(), pos.end());
+    YarnConfig yarn;
+    yarn.factor = 16;
+    yarn.original_max_position_embeddings = 65536;
+    const ops::RopeTable table = c.yarn ? ops::make_rope_table(160000, c.rope, &yarn) : ops::make_rope_table(10000, c.rope, nullptr);
+
+    // Twin: ops::rms_norm over each head (T·heads rows of hd), then ops::rope.
+    std::vector<float> ref = x;
+    const Tensor wt(w.data(), DType::bf16, {c.hd});
+    if (c.normalize) ops::rms_norm(x.data(), c.T * c.heads, c.hd, c.weighted ? &wt : nullptr, eps, ref.data());
+    if (c.rope > 0) ops::rope(ref.data(), c.T, c.heads, c.hd, pos64.data(), table, false);
+
+    DeviceArray<float> d_x(x), d_freq(table.inv_freq.empty() ? std::vector<float>{0.0f} : table.inv_freq);
+    DeviceArray<uint16_t> d_w(w), d_y(x.size());
+    DeviceArray<int32_t> d_pos(pos);
+    cuda::RopeView rv;
+    rv.inv_freq = d_freq.data();
+    rv.rope_dim = static_cast<int32_t>(c.rope);
+    cuda::head_norm_rope(d_x.data(), c.T, c.heads, c.hd, c.normalize, c.weighted ? d_w.data() : nullptr, eps,
+                         d_pos.data(), rv, d_y.data(), nullptr);
+    expect_bf16_close(d_y.download(), ref, c.hd, kBf16Rel, kRopeAbs, "head_norm_rope");
+}
+
+TEST(CudaRowwise, HeadNormRopeMatchesOpsRmsNormThenRope) {
+    RW_SKIP_WITHOUT_GPU();
+    const int64_t kMillion = 1 << 20;
+    //        T  heads  hd  rope  norm   weight yarn   max_pos
+    check_head({1, 64, 512, 64, true, false, true, kMillion}, 20);     // V4-Flash q, decode
+    check_head({3, 64, 512, 64, true, false, false, 4096}, 21);        // q on a ratio-0 layer
+    check_head({17, 1, 512, 64, true, true, true, kMillion}, 22);      // kv with kv_norm
+    check_head({3, 64, 128, 64, false, false, true, kMillion}, 23);    // indexer q: rope only
+    check_head({2, 128, 512, 64, true, false, true, kMillion}, 24);    // V4-Pro q
+    check_head({129, 4, 64, 16, true, true, false, 4096}, 25);         // tiny model
+    check_head({3, 5, 66, 16, true, true, true, 100000}, 26);          // hd % 4 != 0: scalar path
+    check_head({3, 3, 65, 16, true, false, false, 1000}, 27);          // odd hd (pairs at odd offsets)
+    check_head({17, 2, 64, 0, true, true, false, 1}, 28);              // no rope
+    check_head({1, 2, 16, 16, false, false, true, kMillion}, 29);      // all dims rotated
+}
+
+// ---------------------------------------------------------------------------- swiglu
+
+// The twin is ops::expert_ffn itself: with w1 = [1 | 0], w3 = [0 | 1] and w2 = 1 (bf16 identity
+// blocks, D = 2I), g = x[:, :I] and u = x[:, I:] exactly, and y = h exactly (each output is one
+// product by 1 plus zeros), so y is the twin's SwiGLU in f32.
+void check_swiglu(int64_t T, int64_t I, uint32_t seed) {
+    SCOPED_TRACE(shape_name("swiglu", T, I));
+    const float limit = 10.0f;
+    std::vector<float> x = normal_rows(T, 2 * I, seed, 8.0f);   // |v| up to ~30: both clamps active
+    x[0] = 25.0f;
+    if (I > 2) x[static_cast<size_t>(I + 1)] = -12.0f;
+    std::vector<uint16_t> w1(static_cast<size_t>(I * 2 * I), 0), w3(w1.size(), 0), w2(static_cast<size_t>(I * I), 0);
+    const uint16_t one = f32_to_bf16(1.0f);
+    for (int64_t i = 0; i < I; ++i) {
+        w1[static_cast<size_t>(i * 2 * I + i)] = one;
+        w3[static_cast<size_t>(i * 2 * I + I + i)] = one;
+        w2[static_cast<size_t>(i * I + i)] = one;
+    }
+    ExpertWeights e;
+    auto bind = [](Linear& l, std::vector<uint16_t>& w, int64_t out, int64_t in) {
+        l.format = LinearFormat::bf16;
+        l.out = out;
+        l.in = in;
+        l.weight = Tensor(w.data(), DType::bf16, {out, in});
+    };
+    bind(e.w1, w1, I, 2 * I);
+    bind(e.w3, w3, I, 2 * I);
+    bind(e.w2, w2, I, I);
+    std::vector<float> ref(static_cast<size_t>(T * I));
+    ops::expert_ffn(e, limit, x.data(), T, nullptr, ref.data());
+
+    std::vector<float> g(static_cast<size_t>(T * I)), u(g.size());
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < I; ++i) {
+            g[static_cast<size_t>(t * I + i)] = x[static_cast<size_t>(t * 2 * I + i)];
+            u[static_cast<size_t>(t * I + i)] = x[static_cast<size_t>(t * 2 * I + I + i)];
+        }
+    DeviceArray<float> d_g(g), d_u(u);
+    DeviceArray<uint16_t> d_h(g.size());
+    cuda::swiglu(d_g.data(), d_u.data(), T, I, limit, d_h.data(), nullptr);
+    expect_bf16_close(d_h.download(), ref, I, kBf16Rel, 0.0, "swiglu");
+}
+
+TEST(CudaRowwise, SwigluMatchesExpertFfn) {
+    RW_SKIP_WITHOUT_GPU();
+    check_swiglu(1, 2048, 30);    // V4-Flash shared expert, decode
+    check_swiglu(17, 2048, 31);
+    check_swiglu(3, 3072, 32);    // V4-Pro
+    check_swiglu(129, 64, 33);    // tiny
+    check_swiglu(3, 257, 34);     // T·I % 4 != 0: scalar tail
+    check_swiglu(1, 1, 35);
+}
+
+// ---------------------------------------------------------------------------- gather / cast
+
+void check_gather(int64_t V, int64_t width, int64_t n, uint32_t seed) {
+    SCOPED_TRACE(shape_name("gather", V, width, n));
+    const std::vector<uint16_t> src = to_bf16(normal_rows(V, width, seed, 1.0f, -4.0f, 4.0f));
+    std::mt19937 rng(seed + 1);
+    std::vector<int32_t> idx(static_cast<size_t>(n));
+    for (auto& i : idx) i = static_cast<int32_t>(rng() % V);
+    std::vector<uint16_t> ref(static_cast<size_t>(n * width));
+    for (int64_t i = 0; i < n; ++i)
+        std::copy(src.begin() + idx[static_cast<size_t>(i)] * width, src.begin() + (idx[static_cast<size_t>(i)] + 1) * width,
+                  ref.begin() + i * width);
+    DeviceArray<uint16_t> d_src(src), d_dst(ref.size());
+    DeviceArray<int32_t> d_idx(idx);
+    cuda::gather_rows_bf16(d_src.data(), d_idx.data(), n, width, d_dst.data(), nullptr);
+    expect_bits_equal(d_dst.download(), ref, "gather_rows_bf16");
+}
+
+TEST(CudaRowwise, GatherRowsCopiesBits) {
+    RW_SKIP_WITHOUT_GPU();
+    check_gather(1000, 4096, 1, 40);
+    check_gather(1000, 4096, 129, 41);
+    check_gather(300, 7168, 3, 42);
+    check_gather(100, 4097, 17, 43);   // scalar path
+    check_gather(10, 1, 3, 44);
+}
+
+void check_cast(int64_t n, int64_t width, uint32_t seed) {
+    SCOPED_TRACE(shape_name("f32_to_bf16", n, width));
+    std::vector<float> src = normal_rows(n, width, seed, 1.0f, -20.0f, 20.0f);
+    // Every special case of the rounding: ties to even both ways, carries into the exponent (up to
+    // inf), ±0, ±inf, NaNs (quiet and signalling), subnormals, the largest finite values.
+    const uint32_t specials[] = {0x3F808000u, 0x3F818000u, 0x3F80C000u, 0x3F807FFFu, 0x7F7FFFFFu, 0xFF7FFFFFu,
+                                 0x7F7F8000u, 0x00000000u, 0x80000000u, 0x7F800000u, 0xFF800000u, 0x7FC00000u,
+                                 0x7F800001u, 0xFF812345u, 0x00000001u, 0x807FFFFFu, 0x00408000u, 0x3FFFFFFFu};
+    for (size_t i = 0; i < std::size(specials) && i < src.size(); ++i) std::memcpy(&src[i], &specials[i], 4);
+    std::vector<uint16_t> ref(src.size());
+    for (size_t i = 0; i < src.size(); ++i) ref[i] = f32_to_bf16(src[i]);
+    DeviceArray<float> d_src(src);
+    DeviceArray<uint16_t> d_dst(src.size());
+    cuda::f32_to_bf16_rows(d_src.data(), n, width, d_dst.data(), nullptr);
+    expect_bits_equal(d_dst.download(), ref, "f32_to_bf16_rows");
+}
+
+TEST(CudaRowwise, F32ToBf16RowsMatchesF32ToBf16) {
+    RW_SKIP_WITHOUT_GPU();
+    check_cast(1, 4096, 50);
+    check_cast(129, 4096, 51);
+    check_cast(3, 4097, 52);   // count % 4 != 0: scalar tail
+    check_cast(17, 3, 53);
+}
+
+TEST(CudaRowwise, UnalignedPointersTakeScalarPaths) {
+    RW_SKIP_WITHOUT_GPU();
+    // Buffers offset by one element: the vector paths' alignment checks must route to scalars.
+    const int64_t rows = 3, D = 4096;
+    const std::vector<float> x = normal_rows(rows, D, 60, 1.0f, -2.0f, 2.0f);
+    std::vector<uint16_t> w = to_bf16(normal_rows(1, D, 61));
+    const Tensor wt(w.data(), DType::bf16, {D});
+    std::vector<float> ref(x.size());
+    ops::rms_norm(x.data(), rows, D, &wt, 1e-6f, ref.data());
+    DeviceArray<float> d_x(x.size() + 1);
+    CUDA_CHECK(cudaMemcpy(d_x.data() + 1, x.data(), x.size() * 4, cudaMemcpyHostToDevice));
+    DeviceArray<uint16_t> d_w(w), d_y(x.size() + 1);
+    cuda::rms_norm_rows(d_x.data() + 1, rows, D, d_w.data(), 1e-6f, d_y.data() + 1, nullptr);
+    std::vector<uint16_t> y = d_y.download();
+    y.erase(y.begin());
+    expect_bf16_close(y, ref, D, kBf16Rel, 0.0, "rms_norm_rows unaligned");
+
+    std::vector<uint16_t> cast_ref(x.size());
+    for (size_t i = 0; i < x.size(); ++i) cast_ref[i] = f32_to_bf16(x[i]);
+    cuda::f32_to_bf16_rows(d_x.data() + 1, rows, D, d_y.data() + 1, nullptr);
+    y = d_y.download();
+    y.erase(y.begin());
+    expect_bits_equal(y, cast_ref, "f32_to_bf16_rows unaligned");
+}
+
+// ---------------------------------------------------------------------------- determinism, graphs
+
+TEST(CudaRowwise, RepeatedRunsAreBitIdentical) {
+    RW_SKIP_WITHOUT_GPU();
+    const int64_t T = 17, H = 64, hd = 512;
+    const std::vector<float> x = normal_rows(T * H, hd, 70, 1.0f, -4.0f, 4.0f);
+    std::vector<int32_t> pos(static_cast<size_t>(T));
+    for (int64_t t = 0; t < T; ++t) pos[static_cast<size_t>(t)] = static_cast<int32_t>(1000 + 37 * t);
+    const ops::RopeTable table = ops::make_rope_table(10000, 64, nullptr);
+    DeviceArray<float> d_x(x), d_freq(table.inv_freq);
+    DeviceArray<int32_t> d_pos(pos);
+    DeviceArray<uint16_t> d_a(x.size()), d_b(x.size()), d_c(x.size()), d_d(x.size());
+    const cuda::RopeView rv{d_freq.data(), 64};
+    cuda::head_norm_rope(d_x.data(), T, H, hd, true, nullptr, 1e-6f, d_pos.data(), rv, d_a.data(), nullptr);
+    cuda::head_norm_rope(d_x.data(), T, H, hd, true, nullptr, 1e-6f, d_pos.data(), rv, d_b.data(), nullptr);
+    cuda::rms_norm_rows(d_x.data(), T * H, hd, nullptr, 1e-6f, d_c.data(), nullptr);
+    cuda::rms_norm_rows(d_x.data(), T * H, hd, nullptr, 1e-6f, d_d.data(), nullptr);
+    expect_bits_equal(d_a.download(), d_b.download(), "head_norm_rope twice");
+    expect_bits_equal(d_c.download(), d_d.download(), "rms_norm_rows twice");
+}
+
+TEST(CudaRowwise, GraphReplayEqualsEager) {
+    RW_SKIP_WITHOUT_GPU();
+    const int64_t rows = 5, D = 4096;
+    std::vector<float> x = normal_rows(rows, D, 80, 1.0f, -3.0f, 3.0f);
+    std::vector<uint16_t> w = to_bf16(normal_rows(1, D, 81));
+    DeviceArray<float> d_x(x);
+    DeviceArray<uint16_t> d_w(w), d_eager(x.size()), d_graph(x.size());
+    cudaStream_t s = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    CUDA_CHECK(cudaDeviceSynchronize());   // uploads ran on the legacy stream; s does not wait for them
+    CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    cuda::rms_norm_rows(d_x.data(), rows, D, d_w.data(), 1e-6f, d_graph.data(), s);
+    CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+    CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    for (uint32_t round = 0; round < 2; ++round) {
+        if (round == 1) {   // new contents, same buffers
+            x = normal_rows(rows, D, 82, 1.0f, -3.0f, 3.0f);
+            d_x.upload(x);
+        }
+        d_graph.fill(0);
+        CUDA_CHECK(cudaDeviceSynchronize());   // the fill runs on the legacy stream; s does not wait for it
+        CUDA_CHECK(cudaGraphLaunch(exec, s));
+        CUDA_CHECK(cudaStreamSynchronize(s));
+        cuda::rms_norm_rows(d_x.data(), rows, D, d_w.data(), 1e-6f, d_eager.data(), s);
+        CUDA_CHECK(cudaStreamSynchronize(s));
+        expect_bits_equal(d_graph.download(), d_eager.download(), str("graph replay round ", round));
+    }
+    CUDA_CHECK(cudaGraphExecDestroy(exec));
+    CUDA_CHECK(cudaGraphDestroy(graph));
+    CUDA_CHECK(cudaStreamDestroy(s));
+}
+
+// ---------------------------------------------------------------------------- arguments
+
+// The checks run before any CUDA call, so these run in every CUDA build, GPU or not.
+TEST(CudaRowwise, RejectsBadArguments) {
+    using test::expect_error;
+    float* f = fake_ptr<float>();
+    uint16_t* b = fake_ptr<uint16_t>();
+    int32_t* i = fake_ptr<int32_t>();
+    expect_error([&] { cuda::embed_streams(b, i, -1, 8, 4, f, nullptr); }, {"embed_streams", "T=-1"});
+    expect_error([&] { cuda::embed_streams(b, i, 2, 0, 4, f, nullptr); }, {"embed_streams", "D=0"});
+    expect_error([&] { cuda::embed_streams(b, i, 2, 8, 0, f, nullptr); }, {"embed_streams", "hc=0"});
+    expect_error([&] { cuda::embed_streams(nullptr, i, 2, 8, 4, f, nullptr); }, {"embed_streams", "null"});
+    expect_error([&] { cuda::rms_norm_rows(f, 2, 0, b, 1e-6f, b, nullptr); }, {"rms_norm_rows", "D=0"});
+    expect_error([&] { cuda::rms_norm_rows(nullptr, 2, 8, b, 1e-6f, b, nullptr); }, {"rms_norm_rows", "null"});
+    const cuda::RopeView odd{f, 63}, big{f, 66}, none{nullptr, 64};
+    expect_error([&] { cuda::head_norm_rope(f, 1, 4, 64, true, nullptr, 1e-6f, i, odd, b, nullptr); },
+                 {"head_norm_rope", "rope_dim=63"});
+    expect_error([&] { cuda::head_norm_rope(f, 1, 4, 64, true, nullptr, 1e-6f, i, big, b, nullptr); },
+                 {"head_norm_rope", "rope_dim=66"});
+    expect_error([&] { cuda::head_norm_rope(f, 1, 4, 64, true, nullptr, 1e-6f, i, none, b, nullptr); },
+                 {"head_norm_rope", "null pos/inv_freq"});
+    expect_error([&] { cuda::head_norm_rope(f, 1, 0, 64, true, nullptr, 1e-6f, i, odd, b, nullptr); },
+                 {"head_norm_rope", "heads=0"});
+    expect_error([&] { cuda::head_norm_rope(f, 1, 4, 64, false, b, 1e-6f, i, cuda::RopeView{f, 16}, b, nullptr); },
+                 {"head_norm_rope", "without normalize"});
+    expect_error([&] { cuda::swiglu(f, nullptr, 2, 8, 10.0f, b, nullptr); }, {"swiglu", "null"});
+    expect_error([&] { cuda::swiglu(f, f, 2, 0, 10.0f, b, nullptr); }, {"swiglu", "I=0"});
+    expect_error([&] { cuda::gather_rows_bf16(b, nullptr, 2, 8, b, nullptr); }, {"gather_rows_bf16", "null"});
+    expect_error([&] { cuda::gather_rows_bf16(b, i, -2, 8, b, nullptr); }, {"gather_rows_bf16", "n=-2"});
+    expect_error([&] { cuda::f32_to_bf16_rows(f, 2, 0, b, nullptr); }, {"f32_to_bf16_rows", "width=0"});
+    // Empty batches are fine and launch nothing (null pointers allowed then).
+    cuda::rms_norm_rows(nullptr, 0, 8, nullptr, 1e-6f, nullptr, nullptr);
+    cuda::swiglu(nullptr, nullptr, 0, 8, 10.0f, nullptr, nullptr);
+}
+
+}  // namespace
+}  // namespace megamoe
+
+#else
+
+TEST(CudaRowwise, SkippedWithoutCuda) { GTEST_SKIP() << "built without CUDA"; }
+
+#endif
