@@ -47,6 +47,10 @@ void DeviceBuffer::upload(const void* src, size_t bytes, size_t off) {
     if (bytes == 0) return;
     const cudaError_t e = cudaMemcpy(static_cast<char*>(p_) + off, src, bytes, cudaMemcpyHostToDevice);
     if (e != cudaSuccess) fail("DeviceBuffer::upload: ", cudaGetErrorString(e));
+    // From pageable memory, cudaMemcpy may return before the DMA into the buffer is done; work on
+    // another (non-blocking) stream could then read old bytes. Synchronous means done.
+    const cudaError_t s = cudaDeviceSynchronize();
+    if (s != cudaSuccess) fail("DeviceBuffer::upload: ", cudaGetErrorString(s));
 }
 
 void DeviceBuffer::download(void* dst, size_t bytes, size_t off) const {

@@ -112,11 +112,17 @@ void StatePool::close(int32_t slot) {
 bool StatePool::reserve(int32_t slot, int64_t n_tokens) {
     MEGAMOE_CHECK(is_open(slot), "state pool: slot ", slot, " is not open");
     if (n_tokens > max_len_) return false;
-    if (L_.block_bytes == 0) return true;
     Seq& s = seqs_[static_cast<size_t>(slot)];
+    if (L_.block_bytes == 0) {
+        s.reserved = std::max(s.reserved, n_tokens);
+        return true;
+    }
     const int64_t need = (n_tokens + L_.block_tokens - 1) / L_.block_tokens;
     const int64_t have = static_cast<int64_t>(s.blocks.size());
-    if (need <= have) return true;
+    if (need <= have) {
+        s.reserved = std::max(s.reserved, n_tokens);
+        return true;
+    }
     if (need - have > static_cast<int64_t>(free_.size())) return false;
     int32_t* row = table_host_ + static_cast<int64_t>(slot) * max_blocks_;
     for (int64_t i = have; i < need; ++i) {
@@ -126,14 +132,13 @@ bool StatePool::reserve(int32_t slot, int64_t n_tokens) {
         row[i] = b;
     }
     dirty_[static_cast<size_t>(slot)] = true;
+    s.reserved = std::max(s.reserved, n_tokens);
     return true;
 }
 
 int64_t StatePool::reserved_tokens(int32_t slot) const {
     MEGAMOE_CHECK(is_open(slot), "state pool: slot ", slot, " is not open");
-    if (L_.block_bytes == 0) return max_len_;
-    return std::min<int64_t>(max_len_, static_cast<int64_t>(seqs_[static_cast<size_t>(slot)].blocks.size()) *
-                                           L_.block_tokens);
+    return seqs_[static_cast<size_t>(slot)].reserved;
 }
 
 int64_t StatePool::n_past(int32_t slot) const {

@@ -60,7 +60,7 @@ public:
     bool    is_open(int32_t slot) const;
     // Blocks for positions [0, n_tokens): false (nothing changed) when the pool or max_len lacks room.
     bool    reserve(int32_t slot, int64_t n_tokens);
-    int64_t reserved_tokens(int32_t slot) const;
+    int64_t reserved_tokens(int32_t slot) const;   // as reserved (≤ what its blocks hold)
     int64_t n_past(int32_t slot) const;
     void    advance(int32_t slot, int64_t n);   // after a step ran n tokens of it
     double  usage() const;                   // blocks in use / blocks (0 without compressed layers)
@@ -93,6 +93,7 @@ private:
     struct Seq {
         bool open = false;
         int64_t n_past = 0;
+        int64_t reserved = 0;                // positions reserved (blocks hold at least these)
         std::vector<int32_t> blocks;
     };
     std::vector<Seq> seqs_;

@@ -377,8 +377,10 @@ int64_t first_bit_mismatch(const float* a, const float* b, int64_t n) {
         const float* pend_gate = f + r * width;
         EXPECT_EQ(first_bit_mismatch(pend_kv, st.pending_kv.data(), n_pending * width), -1)
             << "seq " << q << " pending_kv (" << n_pending << " slots)";
-        EXPECT_EQ(first_bit_mismatch(pend_gate, st.pending_gate.data(), n_pending * width), -1)
-            << "seq " << q << " pending_gate (" << n_pending << " slots)";
+        const int64_t gm = first_bit_mismatch(pend_gate, st.pending_gate.data(), n_pending * width);
+        EXPECT_EQ(gm, -1) << "seq " << q << " pending_gate (" << n_pending << " slots)"
+                          << (gm >= 0 ? str(": got ", pend_gate[gm], ", want ", st.pending_gate[static_cast<size_t>(gm)])
+                                      : std::string());
         if (s.overlap && n_past[q] >= r) {
             ASSERT_EQ(static_cast<int64_t>(st.prev_kv.size()), r * d);
             EXPECT_EQ(first_bit_mismatch(f + 2 * r * width, st.prev_kv.data(), r * d), -1) << "seq " << q << " prev_kv";
