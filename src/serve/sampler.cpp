@@ -1,16 +1,18 @@
 // sampler.cpp — token sampling, generation_config.json defaults and logprobs.
 //
-// Determinism: the RNG is explicit (xoshiro256**), every sum that feeds a decision is taken in an
-// order fixed by the logits alone (token id order, or rank order with ties broken by id), and the
-// draw walks the cumulative sum in id order. So nothing depends on how std::nth_element or
-// std::sort happen to permute equal-ranked elements; the only platform dependence left is the
-// last bit of libm's exp().
+// The sampling definition is written out in sampler.h; this file is its CPU implementation and
+// the GPU's twin. Determinism: the random bits come from (seed, index) through Philox, every
+// weight is a correctly rounded f32 computation, every sum is an exact integer, and the draw
+// walks the kept tokens in id order; so nothing depends on how std::nth_element or std::sort
+// happen to permute equal-ranked elements, on summation order, or on the platform's libm.
 #include "serve/sampler.h"
 
 #include <algorithm>
+#include <bit>
 #include <cfloat>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -19,6 +21,21 @@
 
 #include "core/common.h"
 
+// sampling_exp must round every f32 operation on its own, as the GPU does (__fmul_rn, __fadd_rn):
+// a compiler that fuses a * b + c into one FMA would change the last bit of some weights. GCC
+// fuses by default (-ffp-contract=fast) when the target has FMA instructions (then it defines
+// __FP_FAST_FMAF); the attribute turns that off for this function, at the price of a call.
+#if defined(__clang__)
+#define MEGAMOE_NO_CONTRACT_FN
+#define MEGAMOE_NO_CONTRACT_BODY _Pragma("clang fp contract(off)")
+#elif defined(__GNUC__) && defined(__FP_FAST_FMAF)
+#define MEGAMOE_NO_CONTRACT_FN __attribute__((optimize("fp-contract=off"), noinline))
+#define MEGAMOE_NO_CONTRACT_BODY
+#else
+#define MEGAMOE_NO_CONTRACT_FN
+#define MEGAMOE_NO_CONTRACT_BODY
+#endif
+
 namespace megamoe {
 
 using json = nlohmann::json;
@@ -26,6 +43,7 @@ using json = nlohmann::json;
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 // False for -inf and NaN: such tokens are never sampled.
 bool valid(float x) { return x > kNegInf; }
@@ -84,15 +102,6 @@ void keep_best(std::vector<T>& heap, size_t n, const T& item) {
 
 // Above this top_k, nth_element over a copy beats the O(V log k) worst case of the heap.
 constexpr size_t kHeapTopK = 1024;
-
-uint64_t splitmix64(uint64_t& x) {
-    uint64_t z = (x += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
 // log-softmax normalizer over the valid logits, in double. When some logits are +inf, the
 // distribution is uniform over them (the limit of softmax), so only their count matters.
@@ -191,81 +200,135 @@ SamplingParams load_generation_defaults(const std::string& model_dir) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// RNG
+// Definition building blocks
 
-Rng::Rng(uint64_t seed) {
-    // splitmix64 spreads any seed (0 included) over the state; it never yields four zero words.
-    uint64_t x = seed;
-    for (uint64_t& w : s_) w = splitmix64(x);
+std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> c, std::array<uint32_t, 2> k) {
+    constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;   // round multipliers
+    constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;   // key schedule (Weyl) increments
+    for (int round = 0; round < 10; ++round) {
+        if (round > 0) {
+            k[0] += kW0;
+            k[1] += kW1;
+        }
+        const uint64_t p0 = static_cast<uint64_t>(kM0) * c[0], p1 = static_cast<uint64_t>(kM1) * c[2];
+        const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+        const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+        c = {hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0};
+    }
+    return c;
 }
 
-uint64_t Rng::next() {
-    const uint64_t result = rotl(s_[1] * 5, 7) * 9;
-    const uint64_t t = s_[1] << 17;
-    s_[2] ^= s_[0];
-    s_[3] ^= s_[1];
-    s_[1] ^= s_[2];
-    s_[0] ^= s_[3];
-    s_[2] ^= t;
-    s_[3] = rotl(s_[3], 45);
-    return result;
+uint64_t sampling_bits(uint64_t seed, int64_t index) {
+    const uint64_t i = static_cast<uint64_t>(index);
+    const std::array<uint32_t, 4> o =
+        philox4x32_10({static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), 0u, 0u},
+                      {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)});
+    return ((static_cast<uint64_t>(o[0]) << 32) | o[1]) >> 11;
+}
+
+MEGAMOE_NO_CONTRACT_FN float sampling_exp(float x) {
+    MEGAMOE_NO_CONTRACT_BODY
+    if (!(x >= -80.0f)) return 0.0f;
+    // n = round-to-nearest-even(x · log2 e) by the 1.5 · 2^23 trick (|x · log2 e| < 2^22).
+    const float k = x * 1.44269504088896341f;
+    const float n = (k + 12582912.0f) - 12582912.0f;
+    // r = x - n ln2 in two steps (Cody-Waite): n · 0.693359375 is exact (9-bit constant, |n| <= 116).
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    const float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = (p * z + r) + 1.0f;
+    const uint32_t two_n = static_cast<uint32_t>(static_cast<int>(n) + 127) << 23;   // 2^n, n in [-116, 0]
+    return y * std::bit_cast<float>(two_n);
+}
+
+float sampling_weight(float x, float m, float r) {
+    const float d = x - m;
+    if (d == 0.0f) return 1.0f;   // also when r is +inf (T subnormal): 0 · inf would be NaN
+    return sampling_exp(d * r);
+}
+
+uint64_t ceil_mul(float p, uint64_t K) {
+    // p = mant · 2^-s exactly; p < 1 gives s >= 24 (p = 1 gives mant 2^23, s 23).
+    const uint32_t b = std::bit_cast<uint32_t>(p);
+    const uint32_t e = (b >> 23) & 0xFFu;
+    const uint64_t mant = e == 0 ? (b & 0x7FFFFFu) : ((b & 0x7FFFFFu) | 0x800000u);
+    const int s = e == 0 ? 149 : 150 - static_cast<int>(e);
+    const unsigned __int128 prod = static_cast<unsigned __int128>(mant) * K;   // < 2^87
+    if (s >= 127) return prod != 0 ? 1 : 0;
+    const unsigned __int128 q = prod >> s;
+    const bool rem = (prod & ((static_cast<unsigned __int128>(1) << s) - 1)) != 0;
+    return static_cast<uint64_t>(q) + (rem ? 1 : 0);
+}
+
+uint64_t draw_target(uint64_t x, uint64_t M) {
+    return static_cast<uint64_t>((static_cast<unsigned __int128>(x) * M) >> 53);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Sampler
 
 Sampler::Sampler(const SamplingParams& params, uint64_t fallback_seed)
-    : params_(params), seed_(params.seed.value_or(fallback_seed)), rng_(seed_) {
+    : params_(params), seed_(params.seed.value_or(fallback_seed)) {
     params_.validate();
 }
 
-int32_t Sampler::sample(const float* logits, int64_t vocab) {
+int32_t Sampler::sample(const float* logits, int64_t vocab, int64_t index) {
     check_vocab(vocab, "Sampler::sample");
     if (params_.greedy()) return argmax(logits, vocab);
 
-    const float m = max_logit(logits, vocab);
-    if (!valid(m)) fail_no_token("Sampler::sample", vocab);
-    const bool inf_max = std::isinf(m);
-    const double dm = m;
-    const double inv_t = 1.0 / static_cast<double>(params_.temperature);
-    // Probability relative to the best token (which weighs exactly 1), after temperature.
-    // Double keeps the sums exact enough that the top-p boundary is not decided by rounding.
-    auto weight = [&](float x) -> double {
-        if (!valid(x)) return 0.0;
-        if (inf_max) return x == m ? 1.0 : 0.0;
-        return std::exp((static_cast<double>(x) - dm) * inv_t);
-    };
-    // min-p compares with p_max; as ratios of weights this is w < min_p * 1, and renormalizing
-    // after top-k / top-p does not change it because both always keep the best token.
-    const double min_w = params_.min_p;
-    const bool use_top_k = params_.top_k > 1 && params_.top_k < vocab;
+    // Step 4's candidates: m, and how many there are (S depends on the count).
+    float m = kNegInf;
+    int64_t n_valid = 0, n_inf = 0;
+    for (int64_t i = 0; i < vocab; ++i) {
+        const float x = logits[i];
+        if (!valid(x)) continue;
+        ++n_valid;
+        n_inf += x == kPosInf;
+        if (x > m) m = x;
+    }
+    if (n_valid == 0) fail_no_token("Sampler::sample", vocab);
+    const bool inf_max = m == kPosInf;
+    const int64_t n_cand = inf_max ? n_inf : n_valid;
+    const int S = 63 - static_cast<int>(std::bit_width(static_cast<uint64_t>(n_cand)));
+    const float two_s = std::ldexp(1.0f, S);
+    const float r = 1.0f / params_.temperature;
+    auto is_cand = [&](float x) { return inf_max ? x == kPosInf : valid(x); };
+    auto weight = [&](float x) { return inf_max ? 1.0f : sampling_weight(x, m, r); };   // x a candidate
+    auto fixed = [&](float w) { return static_cast<uint64_t>(w * two_s); };             // exact scaling, truncation
+    const float min_p = params_.min_p;
+    const uint64_t bits = sampling_bits(seed_, index);
+    const bool use_top_k = params_.top_k > 0 && params_.top_k < n_cand;
     const bool use_top_p = params_.top_p < 1.0f;
 
     if (!use_top_k && !use_top_p) {
-        // No ranking needed: one pass computes the weights, a second walks the cumulative sum.
+        // No ranking needed: one pass computes the weights (min-p applied), a second walks them.
         weights_.resize(static_cast<size_t>(vocab));
-        double total = 0.0;
+        uint64_t total = 0;
         for (int64_t i = 0; i < vocab; ++i) {
-            double w = weight(logits[i]);
-            if (w < min_w) w = 0.0;
-            weights_[static_cast<size_t>(i)] = w;
-            total += w;
+            uint64_t W = 0;
+            if (is_cand(logits[i])) {
+                const float w = weight(logits[i]);
+                if (!(w < min_p)) W = fixed(w);
+            }
+            weights_[static_cast<size_t>(i)] = W;
+            total += W;
         }
-        const double target = rng_.uniform() * total;
-        double acc = 0.0;
-        int64_t last = 0;
+        const uint64_t t = draw_target(bits, total);
+        uint64_t acc = 0;
         for (int64_t i = 0; i < vocab; ++i) {
-            const double w = weights_[static_cast<size_t>(i)];
-            if (w <= 0.0) continue;
-            acc += w;
-            last = i;
-            if (target < acc) return static_cast<int32_t>(i);
+            acc += weights_[static_cast<size_t>(i)];
+            if (acc > t) return static_cast<int32_t>(i);
         }
-        return static_cast<int32_t>(last);  // u * total rounded up to total
+        fail("Sampler::sample: internal error: the draw ran past the kept mass");   // t < total: unreachable
     }
 
-    // Ranked path: the candidates (valid tokens; only the +inf ones when there are any).
-    auto is_cand = [&](float x) { return valid(x) && (!inf_max || x == m); };
+    // Ranked path: the candidates, with their weights.
     auto by_rank = [](const Cand& a, const Cand& b) { return better(a, b); };
     auto by_id = [](const Cand& a, const Cand& b) { return a.id < b.id; };
     cands_.clear();
@@ -273,39 +336,43 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
     if (use_top_k && k <= kHeapTopK) {
         // Small k (the usual case): one streaming pass, no vocabulary-sized copy.
         for (int64_t i = 0; i < vocab; ++i)
-            if (is_cand(logits[i])) keep_best(cands_, k, Cand{logits[i], static_cast<int32_t>(i), 0.0});
+            if (is_cand(logits[i])) keep_best(cands_, k, Cand{logits[i], static_cast<int32_t>(i), 0.0f, 0});
     } else {
         for (int64_t i = 0; i < vocab; ++i)
-            if (is_cand(logits[i])) cands_.push_back({logits[i], static_cast<int32_t>(i), 0.0});
+            if (is_cand(logits[i])) cands_.push_back({logits[i], static_cast<int32_t>(i), 0.0f, 0});
         // Large k: selection, not a sort.
         if (use_top_k && k < cands_.size()) {
             std::nth_element(cands_.begin(), cands_.begin() + static_cast<std::ptrdiff_t>(k), cands_.end(), by_rank);
             cands_.resize(k);
         }
     }
-    // Back to id order, so the total below is summed in an order that does not depend on how
-    // the selection permuted the candidates.
-    if (use_top_k) std::sort(cands_.begin(), cands_.end(), by_id);
-    double total = 0.0;
-    for (Cand& c : cands_) total += (c.w = weight(c.logit));
+    uint64_t total = 0;
+    for (Cand& c : cands_) {
+        c.w = weight(c.logit);
+        c.W = fixed(c.w);
+        total += c.W;
+    }
 
-    // top-p: the smallest set, in rank order, whose probability reaches top_p (the token that
-    // crosses the threshold is kept; so is the best token).
+    // top-p: the shortest rank-order prefix whose mass reaches thr.
     if (use_top_p && cands_.size() > 1) {
-        const double threshold = static_cast<double>(params_.top_p) * total;
-        // Exact pruning first: the tokens lighter than floor_w are a suffix of the ranking whose
-        // total is at most half of the (1 - top_p) tail, so the tokens above them already reach
-        // the threshold (with a margin far beyond rounding) and the nucleus cannot include them.
+        const uint64_t thr = ceil_mul(params_.top_p, total);
+        // Exact pruning first. With F = floor((total - thr) / n), every token below the lowest
+        // logit L of the tokens weighing >= F weighs < F, so together they weigh < n F <= total - thr;
+        // the tokens at or above L (a rank prefix) thus reach thr and the nucleus lies among them.
         // With real logits this drops nearly the whole vocabulary before any ranking.
-        const double floor_w =
-            0.5 * (1.0 - static_cast<double>(params_.top_p)) * total / static_cast<double>(cands_.size());
-        cands_.erase(std::remove_if(cands_.begin(), cands_.end(), [&](const Cand& c) { return c.w < floor_w; }),
-                     cands_.end());
+        const uint64_t F = (total - thr) / cands_.size();
+        if (F > 0) {
+            float L = kPosInf;
+            for (const Cand& c : cands_)
+                if (c.W >= F) L = std::min(L, c.logit);
+            cands_.erase(std::remove_if(cands_.begin(), cands_.end(), [&](const Cand& c) { return c.logit < L; }),
+                         cands_.end());
+        }
         // The nucleus is usually small, so rank in growing chunks (select with nth_element, then
         // sort the chunk) instead of sorting every candidate.
         const size_t n = cands_.size();
         size_t done = 0, keep = n, chunk = 64;
-        double cum = 0.0;
+        uint64_t cum = 0;
         while (done < n && keep == n) {
             const size_t hi = std::min(n, done + chunk);
             const auto lo_it = cands_.begin() + static_cast<std::ptrdiff_t>(done);
@@ -313,8 +380,8 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
             if (hi < n) std::nth_element(lo_it, hi_it, cands_.end(), by_rank);
             std::sort(lo_it, hi_it, by_rank);
             for (size_t j = done; j < hi; ++j) {
-                cum += cands_[j].w;
-                if (cum >= threshold) {
+                cum += cands_[j].W;
+                if (cum >= thr) {
                     keep = j + 1;
                     break;
                 }
@@ -322,27 +389,24 @@ int32_t Sampler::sample(const float* logits, int64_t vocab) {
             done = hi;
             chunk *= 4;
         }
-        cands_.resize(keep);  // keep == n only if rounding kept cum below threshold: keep all
-        std::sort(cands_.begin(), cands_.end(), by_id);
+        cands_.resize(keep);   // thr <= total, so the walk always stops; keep == n when it stops last
     }
 
-    if (min_w > 0.0)
-        cands_.erase(std::remove_if(cands_.begin(), cands_.end(), [&](const Cand& c) { return c.w < min_w; }),
+    if (min_p > 0.0f)
+        cands_.erase(std::remove_if(cands_.begin(), cands_.end(), [&](const Cand& c) { return c.w < min_p; }),
                      cands_.end());
 
-    // Renormalize implicitly (draw against the surviving total), walking in id order.
-    double kept = 0.0;
-    for (const Cand& c : cands_) kept += c.w;
-    const double target = rng_.uniform() * kept;
-    double acc = 0.0;
-    int32_t last = cands_.front().id;  // non-empty: the best token survives every filter
+    // The draw, in id order.
+    std::sort(cands_.begin(), cands_.end(), by_id);
+    uint64_t kept = 0;
+    for (const Cand& c : cands_) kept += c.W;
+    const uint64_t t = draw_target(bits, kept);
+    uint64_t acc = 0;
     for (const Cand& c : cands_) {
-        if (c.w <= 0.0) continue;
-        acc += c.w;
-        last = c.id;
-        if (target < acc) return c.id;
+        acc += c.W;
+        if (acc > t) return c.id;
     }
-    return last;
+    fail("Sampler::sample: internal error: the draw ran past the kept mass");   // the top token weighs 2^S > 0
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -361,7 +425,6 @@ std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t
     const size_t n = static_cast<size_t>(std::min<int64_t>(k, vocab));
     if (n == 0) return {};
 
-    // NaN ranks as -inf so the order stays total.
     struct Item {
         float logit;
         int32_t id;
@@ -369,11 +432,11 @@ std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t
     std::vector<Item> heap;
     heap.reserve(n);
     for (int64_t i = 0; i < vocab; ++i)
-        keep_best(heap, n, Item{valid(logits[i]) ? logits[i] : kNegInf, static_cast<int32_t>(i)});
+        if (valid(logits[i])) keep_best(heap, n, Item{logits[i], static_cast<int32_t>(i)});
     auto by_rank = [](const Item& a, const Item& b) { return better(a, b); };
     std::sort(heap.begin(), heap.end(), by_rank);
     std::vector<std::pair<int32_t, float>> out;
-    out.reserve(n);
+    out.reserve(heap.size());
     for (const Item& it : heap) out.emplace_back(it.id, static_cast<float>(norm.logprob(it.logit)));
     return out;
 }

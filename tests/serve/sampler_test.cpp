@@ -1,13 +1,17 @@
-// sampler_test.cpp — tests for src/sampler: the RNG against reference values, determinism per
-// seed, greedy ties, the sampled distribution under each filter (checked with a chi-square
-// bound over many draws), -inf/NaN handling, parameter validation, logprobs, and
-// generation_config.json defaults.
+// sampler_test.cpp — tests for src/serve/sampler: the definition's building blocks (Philox against
+// Random123's known answers, the 53-bit draw, sampling_exp against exp, the exact ceil and draw
+// products), the key (seed, index) fixing the token whatever else is sampled, the definition on
+// hand-made rows whose draws can be worked out by hand, the optimized sampler against a plain
+// full-sort implementation of the definition token for token, greedy ties, the sampled
+// distribution under each filter (checked with a chi-square bound over many keys), -inf/NaN
+// handling, parameter validation, logprobs, and generation_config.json defaults.
 #include "serve/sampler.h"
 
 #include <gtest/gtest.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -16,6 +20,7 @@
 #include <functional>
 #include <iterator>
 #include <limits>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -66,19 +71,19 @@ std::vector<float> logits_of(const std::vector<double>& probs) {
     return l;
 }
 
-// Draws kDraws tokens and checks them against `expected`: tokens with probability 0 must never
-// appear, and the Pearson statistic sum((O - E)^2 / E) over the support must stay below the
-// chi-square quantile for df = support - 1 at z = 5 (upper tail ~3e-7), from the Wilson-Hilferty
-// approximation df * (1 - 2/(9 df) + z sqrt(2/(9 df)))^3. With a correct sampler a fresh seed
-// fails this about once in three million runs; a real error is far outside it: shifting one
-// probability of 0.2 by just 0.01 adds N * 0.01^2 / 0.2 = 100 to the statistic at N = 200k,
-// while the bound is ~31-50 for the small supports used here.
+// Draws kDraws tokens (token indices 0, 1, ... of one seed) and checks them against `expected`:
+// tokens with probability 0 must never appear, and the Pearson statistic sum((O - E)^2 / E) over
+// the support must stay below the chi-square quantile for df = support - 1 at z = 5 (upper tail
+// ~3e-7), from the Wilson-Hilferty approximation df * (1 - 2/(9 df) + z sqrt(2/(9 df)))^3. With a
+// correct sampler a fresh seed fails this about once in three million runs; a real error is far
+// outside it: shifting one probability of 0.2 by just 0.01 adds N * 0.01^2 / 0.2 = 100 to the
+// statistic at N = 200k, while the bound is ~31-50 for the small supports used here.
 void expect_distribution(const SamplingParams& params, const std::vector<float>& logits,
                          const std::vector<double>& expected, uint64_t seed = 1) {
     Sampler s(params, seed);
     std::vector<int64_t> counts(logits.size(), 0);
     for (int d = 0; d < kDraws; ++d) {
-        const int32_t t = s.sample(logits.data(), static_cast<int64_t>(logits.size()));
+        const int32_t t = s.sample(logits.data(), static_cast<int64_t>(logits.size()), d);
         ASSERT_GE(t, 0);
         ASSERT_LT(t, static_cast<int32_t>(logits.size()));
         ++counts[static_cast<size_t>(t)];
@@ -132,11 +137,11 @@ std::vector<float> random_logits(int64_t vocab, uint64_t& state, float scale) {
     return l;
 }
 
-// The documented algorithm written the plain way (full sort, no heap, pruning or fast path),
-// for token-for-token comparison: it sums and walks in the same orders the sampler promises
-// (totals in id order, top-p cumulative in rank order, the draw in id order), so both must
-// agree bit for bit.
-int32_t reference_sample(const SamplingParams& p, Rng& rng, const std::vector<float>& l) {
+// The definition in sampler.h written the plain way (full sort of the candidates, no heap,
+// pruning, chunked ranking or fast path), for token-for-token comparison. It shares only the
+// building blocks (sampling_weight, ceil_mul, draw_target, sampling_bits), which are tested on
+// their own below; every sum is an exact integer, so both must agree exactly.
+int32_t reference_sample(const SamplingParams& p, uint64_t seed, int64_t index, const std::vector<float>& l) {
     const auto n = static_cast<int32_t>(l.size());
     auto valid = [](float x) { return x > -kInf; };
     if (p.greedy()) {
@@ -148,67 +153,152 @@ int32_t reference_sample(const SamplingParams& p, Rng& rng, const std::vector<fl
     float m = -kInf;
     for (float x : l)
         if (valid(x)) m = std::max(m, x);
-    const bool inf_max = std::isinf(m);
-    const double inv_t = 1.0 / static_cast<double>(p.temperature);
-    std::vector<double> w(l.size(), 0.0);
-    std::vector<int32_t> rank;
-    for (int32_t i = 0; i < n; ++i) {
-        if (!valid(l[i]) || (inf_max && l[i] != m)) continue;
-        w[i] = inf_max ? 1.0 : std::exp((static_cast<double>(l[i]) - m) * inv_t);
-        rank.push_back(i);
+    const bool inf_max = m == kInf;
+    std::vector<int32_t> rank;   // the candidates
+    for (int32_t i = 0; i < n; ++i)
+        if (inf_max ? l[i] == kInf : valid(l[i])) rank.push_back(i);
+    const int S = 63 - static_cast<int>(std::bit_width(rank.size()));
+    const float r = 1.0f / p.temperature;
+    std::vector<float> w(l.size(), 0.0f);
+    std::vector<uint64_t> W(l.size(), 0);
+    for (int32_t i : rank) {
+        w[i] = inf_max ? 1.0f : sampling_weight(l[i], m, r);
+        W[i] = static_cast<uint64_t>(std::ldexp(static_cast<double>(w[i]), S));
     }
     std::sort(rank.begin(), rank.end(), [&](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
     if (p.top_k > 0 && static_cast<size_t>(p.top_k) < rank.size()) rank.resize(static_cast<size_t>(p.top_k));
-    std::vector<bool> kept(l.size(), false);
-    for (int32_t i : rank) kept[i] = true;
-    if (p.top_p < 1.0f && rank.size() > 1) {
-        double total = 0.0, cum = 0.0;
-        for (int32_t i = 0; i < n; ++i)
-            if (kept[i]) total += w[i];
+    if (p.top_p < 1.0f) {
+        uint64_t K = 0, cum = 0;
+        for (int32_t i : rank) K += W[i];
+        const uint64_t thr = ceil_mul(p.top_p, K);
         size_t j = 0;
-        while (j < rank.size() && (cum += w[rank[j]]) < static_cast<double>(p.top_p) * total) ++j;
-        for (size_t r = j + 1; r < rank.size(); ++r) kept[rank[r]] = false;
+        while ((cum += W[rank[j]]) < thr) ++j;
+        rank.resize(j + 1);
     }
-    double sum = 0.0;
-    for (int32_t i = 0; i < n; ++i) {
-        if (kept[i] && w[i] < static_cast<double>(p.min_p)) kept[i] = false;
-        if (kept[i]) sum += w[i];
-    }
-    const double target = rng.uniform() * sum;
-    double acc = 0.0;
-    int32_t last = -1;
-    for (int32_t i = 0; i < n; ++i) {
-        if (!kept[i] || w[i] <= 0.0) continue;
-        acc += w[i];
-        last = i;
-        if (target < acc) return i;
-    }
-    return last;
+    std::vector<int32_t> kept;
+    for (int32_t i : rank)
+        if (!(w[i] < p.min_p)) kept.push_back(i);
+    std::sort(kept.begin(), kept.end());
+    uint64_t M = 0, acc = 0;
+    for (int32_t i : kept) M += W[i];
+    const uint64_t t = draw_target(sampling_bits(seed, index), M);
+    for (int32_t i : kept)
+        if ((acc += W[i]) > t) return i;
+    return -1;
 }
 
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// RNG and determinism
+// Building blocks of the definition
 
-TEST(Rng, MatchesReferenceImplementation) {
-    // Expected values from an independent Python implementation of splitmix64 seeding +
-    // xoshiro256**, itself checked against the published vectors (splitmix64 from 1234567:
-    // 6457827717110365317, ...; xoshiro256** from state {1,2,3,4}: 11520, 0, 1509978240, ...).
-    Rng a(0);
-    EXPECT_EQ(a.next(), 0x99ec5f36cb75f2b4ULL);
-    EXPECT_EQ(a.next(), 0xbf6e1f784956452aULL);
-    EXPECT_EQ(a.next(), 0x1a5f849d4933e6e0ULL);
-    EXPECT_EQ(a.next(), 0x6aa594f1262d2d2cULL);
-    Rng b(1234567);
-    EXPECT_EQ(b.next(), 0x30a3a1c363600467ULL);
-    EXPECT_EQ(b.next(), 0x19405f0f579929caULL);
-    EXPECT_EQ(b.next(), 0x115beaac046ddbd9ULL);
-    EXPECT_EQ(b.next(), 0xeb17caf48f27d7f6ULL);
-    for (int i = 0; i < 1000; ++i) {
-        const double u = b.uniform();
-        ASSERT_GE(u, 0.0);
-        ASSERT_LT(u, 1.0);
+TEST(Philox, MatchesRandom123KnownAnswers) {
+    // Random123's tests/kat_vectors, the three "philox4x32 10" lines: counter, key -> output.
+    EXPECT_EQ(philox4x32_10({0, 0, 0, 0}, {0, 0}),
+              (std::array<uint32_t, 4>{0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}));
+    EXPECT_EQ(philox4x32_10({0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}, {0xffffffffu, 0xffffffffu}),
+              (std::array<uint32_t, 4>{0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}));
+    EXPECT_EQ(philox4x32_10({0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}, {0xa4093822u, 0x299f31d0u}),
+              (std::array<uint32_t, 4>{0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}));
+}
+
+TEST(SamplingBits, FollowTheDefinitionAndLookUniform) {
+    const uint64_t seed = 0x0123456789abcdefULL;
+    const int64_t index = (int64_t{5} << 32) | 7;
+    const auto o = philox4x32_10({7u, 5u, 0u, 0u}, {0x89abcdefu, 0x01234567u});
+    EXPECT_EQ(sampling_bits(seed, index), ((static_cast<uint64_t>(o[0]) << 32) | o[1]) >> 11);
+    // 53 bits; neighbouring keys unrelated; mean and the top bit balanced (5 sigma bounds).
+    constexpr int kN = 100000;
+    double sum = 0.0;
+    int top = 0;
+    for (int i = 0; i < kN; ++i) {
+        const uint64_t b = sampling_bits(42, i);
+        ASSERT_LT(b, uint64_t{1} << 53);
+        ASSERT_NE(b, sampling_bits(43, i));
+        sum += static_cast<double>(b) * 0x1p-53;
+        top += static_cast<int>(b >> 52);
+    }
+    EXPECT_NEAR(sum / kN, 0.5, 5 * std::sqrt(1.0 / 12 / kN));
+    EXPECT_NEAR(top, kN / 2, 5 * std::sqrt(kN / 4.0));
+}
+
+TEST(SamplingExp, WithinAnUlpMonotoneAndExactAtZero) {
+    EXPECT_EQ(sampling_exp(0.0f), 1.0f);
+    EXPECT_EQ(sampling_exp(-0.0f), 1.0f);
+    EXPECT_EQ(sampling_exp(-80.0001f), 0.0f);
+    EXPECT_EQ(sampling_exp(-kInf), 0.0f);
+    EXPECT_GT(sampling_exp(-80.0f), 0.0f);
+    // Every 97th float in [-80, 0] (about 1.1e7 of them), ascending: within 1 ulp of exp, never
+    // decreasing, never above 1.
+    const uint32_t lo = std::bit_cast<uint32_t>(-80.0f), hi = std::bit_cast<uint32_t>(-0.0f);
+    float prev = 0.0f;
+    double worst = 0.0;
+    for (uint32_t u = lo; u >= hi && u <= lo; u -= 97) {
+        const float x = std::bit_cast<float>(u);
+        const float y = sampling_exp(x);
+        const double e = std::exp(static_cast<double>(x));
+        const float ef = static_cast<float>(e);
+        const double ulp = std::nextafter(ef, kInf) - ef;
+        worst = std::max(worst, std::fabs(y - e) / ulp);
+        ASSERT_GE(y, prev) << x;
+        ASSERT_LE(y, 1.0f) << x;
+        prev = y;
+    }
+    EXPECT_LE(worst, 1.0);
+    // The weight: 1 exactly at the max, whatever the temperature (r = +inf included).
+    EXPECT_EQ(sampling_weight(3.5f, 3.5f, kInf), 1.0f);
+    EXPECT_EQ(sampling_weight(3.0f, 3.5f, kInf), 0.0f);
+    EXPECT_EQ(sampling_weight(-kInf, 3.5f, 1.0f), 0.0f);
+    EXPECT_EQ(sampling_weight(2.5f, 3.5f, 2.0f), sampling_exp(-2.0f));
+}
+
+TEST(SamplingArithmetic, CeilMulAndDrawTargetAreExact) {
+    EXPECT_EQ(ceil_mul(0.5f, 4), 2u);
+    EXPECT_EQ(ceil_mul(0.75f, 4), 3u);
+    EXPECT_EQ(ceil_mul(0.5f, 5), 3u);
+    EXPECT_EQ(ceil_mul(0.6f, 5), 4u);   // 0.6f = 0.60000002384...: 3.0000001 rounds up
+    EXPECT_EQ(ceil_mul(0.4f, 5), 3u);   // 0.4f = 0.40000000596...
+    EXPECT_EQ(ceil_mul(1.0f, 12345), 12345u);
+    EXPECT_EQ(ceil_mul(1e-45f, 1), 1u);   // subnormal p
+    EXPECT_EQ(ceil_mul(0.5f, 0), 0u);
+    const uint64_t big = (uint64_t{1} << 63) - 1;
+    EXPECT_EQ(ceil_mul(1.0f, big), big);
+    EXPECT_EQ(ceil_mul(0.5f, big), uint64_t{1} << 62);
+    // Against long double (64-bit mantissa: exact for K < 2^40 times a 24-bit p).
+    uint64_t state = 3;
+    for (int i = 0; i < 100000; ++i) {
+        state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+        const uint64_t K = state >> 24;   // < 2^40
+        const float p = static_cast<float>((state >> 8) & 0xFFFFFF) * 0x1p-24f + 0x1p-25f;
+        ASSERT_EQ(ceil_mul(p, K), static_cast<uint64_t>(std::ceil(static_cast<long double>(p) * K))) << p << " " << K;
+    }
+    EXPECT_EQ(draw_target(0, 1000), 0u);
+    EXPECT_EQ(draw_target(uint64_t{1} << 52, 1001), 500u);
+    EXPECT_EQ(draw_target((uint64_t{1} << 53) - 1, 1000), 999u);
+    EXPECT_EQ(draw_target((uint64_t{1} << 53) - 1, big), big - 1024);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The key
+
+TEST(Sampler, SameKeySameTokenWhateverElseIsSampled) {
+    uint64_t state = 17;
+    const std::vector<float> l = random_logits(500, state, 6.0f);
+    for (const SamplingParams& p : {make(1.0f), make(0.8f, 40), make(0.7f, 0, 0.9f, 0.02f)}) {
+        Sampler a(p, 1234);
+        std::vector<int32_t> first;
+        for (int64_t i = 0; i < 200; ++i) first.push_back(a.sample(l.data(), 500, i));
+        // The same keys again, in reverse, interleaved with other requests' draws on other rows.
+        Sampler other(p, 99), again(p, 1234);
+        for (int64_t i = 199; i >= 0; --i) {
+            const std::vector<float> noise = random_logits(500, state, 3.0f);
+            other.sample(noise.data(), 500, i * 7 + 3);
+            ASSERT_EQ(again.sample(l.data(), 500, i), first[static_cast<size_t>(i)]) << i;
+            ASSERT_EQ(a.sample(l.data(), 500, i), first[static_cast<size_t>(i)]) << i;
+        }
+        // The index matters: 200 keys do not all give one token.
+        EXPECT_GT(std::count(first.begin(), first.end(), first[0]), 0);
+        EXPECT_LT(std::count(first.begin(), first.end(), first[0]), 200);
     }
 }
 
@@ -220,7 +310,8 @@ TEST(Sampler, SameSeedSameTokens) {
         bool differs = false;
         for (int step = 0; step < 500; ++step) {
             const std::vector<float> l = random_logits(1000, state, 8.0f);
-            const int32_t ta = a.sample(l.data(), 1000), tb = b.sample(l.data(), 1000), tc = c.sample(l.data(), 1000);
+            const int32_t ta = a.sample(l.data(), 1000, step), tb = b.sample(l.data(), 1000, step),
+                          tc = c.sample(l.data(), 1000, step);
             ASSERT_EQ(ta, tb) << "step " << step;
             differs |= ta != tc;
         }
@@ -237,39 +328,39 @@ TEST(Sampler, SeedFromParamsOverridesFallback) {
     uint64_t state = 3;
     for (int step = 0; step < 200; ++step) {
         const std::vector<float> l = random_logits(300, state, 6.0f);
-        const int32_t t = a.sample(l.data(), 300);
-        ASSERT_EQ(t, b.sample(l.data(), 300));
-        ASSERT_EQ(t, c.sample(l.data(), 300));
+        const int32_t t = a.sample(l.data(), 300, step);
+        ASSERT_EQ(t, b.sample(l.data(), 300, step));
+        ASSERT_EQ(t, c.sample(l.data(), 300, step));
     }
 }
 
 TEST(Sampler, PinnedSequence) {
     // Seeded outputs are part of the API (a request replayed with its seed gives the same text),
-    // so a change here must be deliberate. Recorded from this implementation: u = 53 random
-    // bits, cumulative walk in id order over softmax(sin(i) * 3).
+    // so a change here must be deliberate. Recorded from this implementation: Philox bits of
+    // (12345, index), cumulative walk in id order over softmax(sin(i) * 3).
     std::vector<float> l(50);
     for (size_t i = 0; i < l.size(); ++i) l[i] = 3.0f * static_cast<float>(std::sin(static_cast<double>(i)));
     Sampler s(make(1.0f), 12345);
     std::vector<int32_t> got;
-    for (int i = 0; i < 16; ++i) got.push_back(s.sample(l.data(), 50));
-    const std::vector<int32_t> want = {34, 7, 46, 1, 27, 1, 8, 14, 20, 45, 39, 26, 40, 46, 7, 40};
+    for (int i = 0; i < 16; ++i) got.push_back(s.sample(l.data(), 50, i));
+    const std::vector<int32_t> want = {39, 0, 20, 33, 27, 21, 1, 28, 20, 14, 46, 2, 14, 11, 1, 21};
     EXPECT_EQ(got, want);
 }
 
 TEST(Sampler, RankedPathMatchesFastPath) {
     // top_k = vocab - 1 with the last token at -inf keeps every valid token but goes through the
-    // ranked path; both paths sum and draw in id order, so the tokens must be identical.
+    // ranked path; both paths sum exactly and draw in id order, so the tokens must be identical.
     uint64_t state = 11;
     std::vector<float> l = random_logits(2000, state, 10.0f);
     l.back() = -kInf;
     Sampler fast(make(0.9f), 5), ranked(make(0.9f, 1999), 5);
-    for (int i = 0; i < 300; ++i) ASSERT_EQ(fast.sample(l.data(), 2000), ranked.sample(l.data(), 2000));
+    for (int i = 0; i < 300; ++i) ASSERT_EQ(fast.sample(l.data(), 2000, i), ranked.sample(l.data(), 2000, i));
 }
 
 TEST(Sampler, MatchesReferenceTokenForToken) {
     // Covers the fast path, the heap top-k (small k), nth_element top-k (k > 1024), top-p with
     // pruning and chunked ranking, min-p, and their combinations, on flat and peaked logits
-    // (quantized so that ties occur).
+    // (quantized so that ties occur), with masked ids and +inf rows.
     const SamplingParams settings[] = {
         make(1.0f),
         make(0.7f, 0, 1.0f, 0.02f),
@@ -281,18 +372,87 @@ TEST(Sampler, MatchesReferenceTokenForToken) {
         make(1.0f, 2500, 0.8f, 0.01f),
         make(0.5f, 7, 0.5f, 0.2f),
         make(1.0f, 0, 0.3f),
+        make(2.0f, 0, 0.97f, 0.001f),
     };
     uint64_t state = 21;
     for (size_t si = 0; si < std::size(settings); ++si) {
         Sampler s(settings[si], 1000 + si);
-        Rng ref(1000 + si);
         for (int step = 0; step < 40; ++step) {
             std::vector<float> l = random_logits(3000, state, step % 2 ? 40.0f : 6.0f);
             for (float& x : l) x = std::round(x * 4.0f) / 4.0f;
             if (step % 3 == 0) l[static_cast<size_t>(step)] = -kInf;
-            ASSERT_EQ(s.sample(l.data(), 3000), reference_sample(settings[si], ref, l))
+            if (step % 5 == 1) l[static_cast<size_t>(step) + 1] = kNaN;
+            if (step == 7) l[100] = l[2000] = kInf;
+            ASSERT_EQ(s.sample(l.data(), 3000, step), reference_sample(settings[si], 1000 + si, step, l))
                 << "setting " << si << " step " << step;
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The definition on hand-made rows
+
+// Rows whose kept tokens all weigh the same (equal logits or +inf): every W is 2^S, so the draw
+// picks kept[floor(x * n / 2^53)] for the n kept ids in id order and the key's bits x. The kept
+// sets below are worked out by hand from the definition.
+TEST(SamplerDefinition, EqualWeightRowsDrawByHand) {
+    struct Case {
+        const char* what;
+        std::vector<float> l;
+        SamplingParams p;
+        std::vector<int32_t> kept;
+    };
+    const float nan = kNaN;
+    const Case cases[] = {
+        {"all kept", {0, 0, 0, 0}, make(0.7f), {0, 1, 2, 3}},
+        {"top_p reached exactly stops there", {0, 0, 0, 0}, make(0.7f, 0, 0.5f), {0, 1}},
+        {"top_p 0.75 of 4", {0, 0, 0, 0}, make(1.0f, 0, 0.75f), {0, 1, 2}},
+        {"top_p 0.6f of 5 is just above 3 tokens", {1, 1, 1, 1, 1}, make(1.0f, 0, 0.6f), {0, 1, 2, 3}},
+        {"top_p 0.4f of 5", {1, 1, 1, 1, 1}, make(1.0f, 0, 0.4f), {0, 1, 2}},
+        {"top_p ties keep the lower ids", {-200, 2, 2, -200, 2, 2}, make(1.0f, 0, 0.5f), {1, 2}},
+        {"top_k ties keep the lower ids", {-1, 2, 2, 2, 2, -1}, make(1.0f, 3), {1, 2, 3}},
+        {"top_k then top_p", {3, 3, 3, 3, 3, 3}, make(1.0f, 4, 0.5f), {0, 1}},
+        {"masked and NaN ids", {-kInf, 0, nan, 0, -kInf, 0}, make(1.3f), {1, 3, 5}},
+        {"min_p drops below min_p * p_max", {0, 0, -1, -10}, make(1.0f, 0, 1.0f, 0.5f), {0, 1}},
+        {"min_p after temperature", {0, 0, -1, -10}, make(4.0f, 0, 1.0f, 0.5f), {0, 1, 2}},
+        {"+inf takes all the mass", {1, kInf, 0, kInf, -kInf}, make(1.0f), {1, 3}},
+        {"+inf with top_p", {1, kInf, 0, kInf, -kInf}, make(1.0f, 0, 0.5f), {1}},
+        {"-0 and +0 tie", {-0.0f, 0.0f, -0.0f, -3.0f}, make(1.0f, 2), {0, 1}},
+    };
+    for (const Case& c : cases) {
+        SCOPED_TRACE(c.what);
+        for (uint64_t seed : {0ull, 77ull}) {
+            Sampler s(c.p, seed);
+            for (int64_t index = 0; index < 300; ++index) {
+                const uint64_t x = sampling_bits(seed, index);
+                const uint64_t n = c.kept.size();
+                // min_p at temperature 4: w(-1) = exp(-0.25) = 0.78 stays, w(-10) = 0.08 goes; the
+                // two kept weights differ then, so that case checks membership only.
+                const int32_t got = s.sample(c.l.data(), static_cast<int64_t>(c.l.size()), index);
+                if (c.p.temperature == 4.0f) {
+                    ASSERT_NE(std::find(c.kept.begin(), c.kept.end(), got), c.kept.end()) << got;
+                    continue;
+                }
+                const size_t pick = static_cast<size_t>((static_cast<unsigned __int128>(x) * n) >> 53);
+                ASSERT_EQ(got, c.kept[pick]) << "index " << index;
+            }
+        }
+    }
+}
+
+TEST(SamplerDefinition, UnequalWeightsFollowTheFixedPointWalk) {
+    // Three tokens with logits 0, -1, -2 at T = 1: W = floor(w * 2^61) (|C| = 3, S = 61); the
+    // token is the first whose running sum exceeds floor(x * M / 2^53).
+    const std::vector<float> l = {-1.0f, 0.0f, -2.0f};
+    const uint64_t W[3] = {static_cast<uint64_t>(std::ldexp(static_cast<double>(sampling_exp(-1.0f)), 61)),
+                           uint64_t{1} << 61,
+                           static_cast<uint64_t>(std::ldexp(static_cast<double>(sampling_exp(-2.0f)), 61))};
+    const uint64_t M = W[0] + W[1] + W[2];
+    Sampler s(make(1.0f), 5);
+    for (int64_t index = 0; index < 1000; ++index) {
+        const uint64_t t = draw_target(sampling_bits(5, index), M);
+        const int32_t want = t < W[0] ? 0 : (t < W[0] + W[1] ? 1 : 2);
+        ASSERT_EQ(s.sample(l.data(), 3, index), want) << index;
     }
 }
 
@@ -304,23 +464,15 @@ TEST(Sampler, GreedyTiesToLowestId) {
     for (uint64_t seed : {0u, 1u, 2u}) {
         Sampler t0(make(0.0f), seed), k1(make(1.0f, 1), seed);
         for (int i = 0; i < 20; ++i) {
-            EXPECT_EQ(t0.sample(l.data(), 7), 3);
-            EXPECT_EQ(k1.sample(l.data(), 7), 3);
+            EXPECT_EQ(t0.sample(l.data(), 7, i), 3);
+            EXPECT_EQ(k1.sample(l.data(), 7, i), 3);
         }
     }
     const std::vector<float> all_equal(5, 0.25f);
     Sampler g(make(0.0f), 0);
-    EXPECT_EQ(g.sample(all_equal.data(), 5), 0);
-}
-
-TEST(Sampler, GreedyConsumesNoRandomness) {
-    // top_k = 1 at temperature 1 is greedy; a sampled request with the same seed afterwards
-    // starts from the same RNG state as a fresh one, which is what "no randomness" buys.
-    const std::vector<float> l = {0.0f, 1.0f, 0.5f};
-    Sampler g(make(1.0f, 1), 8);
-    for (int i = 0; i < 10; ++i) EXPECT_EQ(g.sample(l.data(), 3), 1);
-    Rng fresh(8), after(g.seed());
-    EXPECT_EQ(fresh.next(), after.next());
+    EXPECT_EQ(g.sample(all_equal.data(), 5, 0), 0);
+    const std::vector<float> inf = {1.0f, kInf, kInf};
+    EXPECT_EQ(g.sample(inf.data(), 3, 9), 1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -414,7 +566,7 @@ TEST(SamplerDistribution, NonFiniteLogits) {
     const std::vector<float> none = {-kInf, kNaN, -kInf};
     for (const SamplingParams& p : {make(1.0f), make(0.0f), make(1.0f, 2, 0.5f)}) {
         Sampler s(p, 0);
-        expect_error([&] { s.sample(none.data(), 3); }, {"-inf or NaN"});
+        expect_error([&] { s.sample(none.data(), 3, 0); }, {"-inf or NaN"});
     }
 }
 
@@ -450,7 +602,7 @@ TEST(SamplingParams, InvalidValuesNameTheField) {
 
     Sampler s(make(1.0f), 0);
     const float one = 0.0f;
-    expect_error([&] { s.sample(&one, 0); }, {"vocab"});
+    expect_error([&] { s.sample(&one, 0, 0); }, {"vocab"});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -469,10 +621,10 @@ TEST(Logprobs, MatchDirectComputationAndOrder) {
         else
             EXPECT_EQ(got, -kInf) << id;
     }
-    // Ordered by logprob, the tie between ids 1 and 3 by lower id, -inf/NaN last by id.
+    // Ordered by logprob, the tie between ids 1 and 3 by lower id; -inf and NaN never listed.
     const auto top = top_logprobs(l.data(), 8, 20);
-    const std::vector<int32_t> order = {5, 1, 3, 0, 2, 7, 4, 6};
-    ASSERT_EQ(top.size(), 8u);
+    const std::vector<int32_t> order = {5, 1, 3, 0, 2, 7};
+    ASSERT_EQ(top.size(), order.size());
     for (size_t i = 0; i < order.size(); ++i) {
         EXPECT_EQ(top[i].first, order[i]) << i;
         EXPECT_EQ(top[i].second, token_logprob(l.data(), 8, order[i])) << i;
@@ -483,6 +635,16 @@ TEST(Logprobs, MatchDirectComputationAndOrder) {
     EXPECT_EQ(top3[1].first, 1);
     EXPECT_EQ(top3[2].first, 3);
     EXPECT_TRUE(top_logprobs(l.data(), 8, 0).empty());
+    // +inf logits: uniform over them.
+    const std::vector<float> inf = {0.0f, kInf, kInf, kNaN};
+    EXPECT_FLOAT_EQ(token_logprob(inf.data(), 4, 2), -std::log(2.0f));
+    EXPECT_EQ(token_logprob(inf.data(), 4, 0), -kInf);
+    const auto tinf = top_logprobs(inf.data(), 4, 5);
+    ASSERT_EQ(tinf.size(), 3u);
+    EXPECT_EQ(tinf[0].first, 1);
+    EXPECT_EQ(tinf[1].first, 2);
+    EXPECT_EQ(tinf[2].first, 0);
+    EXPECT_EQ(tinf[2].second, -kInf);
 
     // Large vocabulary: against a direct double computation and a full sort.
     uint64_t state = 5;
@@ -577,7 +739,7 @@ TEST(Sampler, FullVocabularyIsFast) {
         constexpr int kCalls = 20;
         const auto t0 = std::chrono::steady_clock::now();
         for (int c = 0; c < kCalls; ++c) {
-            const int32_t t = s.sample(l.data(), kVocab);
+            const int32_t t = s.sample(l.data(), kVocab, c);
             ASSERT_GE(t, 0);
             ASSERT_LT(t, kVocab);
         }

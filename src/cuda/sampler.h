@@ -1,0 +1,62 @@
+// sampler.h — token sampling on the GPU, the twin of the CPU Sampler: the sampling definition
+// written out in serve/sampler.h (greedy, temperature, top-k, top-p, min-p with per-row
+// parameters; Philox-4x32-10 random bits keyed on (request seed, token index)), plus the
+// logprobs the OpenAI API reports. Host API; plain C++, compiles without the CUDA toolkit.
+//
+// Given the same logits row, parameters and key, sample_rows draws the same token as
+// megamoe::Sampler::sample (every weight is the same correctly rounded f32 computation and every
+// sum an exact integer; tests/cuda/sampler_test.cpp checks it), and its logprobs agree with
+// token_logprob / top_logprobs to a few f32 ulps (see sampler.cu).
+#pragma once
+
+#include <cstdint>
+
+struct CUstream_st;
+
+namespace megamoe::cuda {
+
+constexpr int     kMaxTopLogprobs = 20;       // the OpenAI API's limit
+constexpr int64_t kMaxSampleVocab = 262144;   // V limit of sample_rows (DeepSeek-V4: 129280)
+
+// Per-row sampling parameters: device arrays of R entries each, all required. Values are those
+// SamplingParams::validate accepts; others are read so that the kernel stays defined:
+// temperature <= 0 or NaN is greedy, top_k <= 0 is off (1 is greedy), top_p >= 1 or NaN is off
+// (top_p <= 0 keeps the top token), min_p <= 0 or NaN is off (> 1 acts as 1).
+struct SampleParams {
+    const float*    temperature = nullptr;   // f32 [R]
+    const int32_t*  top_k = nullptr;         // i32 [R]
+    const float*    top_p = nullptr;         // f32 [R]
+    const float*    min_p = nullptr;         // f32 [R]
+    const uint64_t* seed = nullptr;          // u64 [R]  the request's seed (Philox key)
+    const int64_t*  index = nullptr;         // i64 [R]  the sampled token's index in its request's output
+                                             //          (0 for the first generated token; Philox counter)
+};
+
+// Outputs (device). A row without a valid logit (every one -inf or NaN; the CPU Sampler throws)
+// gets id -1, logprob -inf and no top entries: the caller reports it as an error.
+struct SampleOutputs {
+    int32_t* ids = nullptr;            // i32 [R], required: the sampled token
+    float*   logprob = nullptr;        // f32 [R] or null: log-softmax at temperature 1 of ids[r] over the
+                                       //   valid ids (-inf and NaN logits excluded), as token_logprob
+    int      n_top = 0;                // 0..kMaxTopLogprobs alternatives per row
+    int32_t* top_ids = nullptr;        // i32 [R, n_top] (null when n_top == 0): the n_top most likely ids,
+                                       //   by logprob descending, ties to the lower id (top_logprobs);
+                                       //   -1 past the row's valid ids (invalid ids are never listed)
+    float*   top_logprobs = nullptr;   // f32 [R, n_top]: their logprobs; -inf past the valid ids
+};
+
+// Samples one token from each row of logits [R, V] f32 (device, row-major; -inf marks masked ids,
+// NaN counts as -inf) with row r's parameters and key (p.seed[r], p.index[r]), and writes the
+// outputs o. 1 <= V <= kMaxSampleVocab. One CTA per row: a fixed grid for given (R, V), no
+// allocation, no atomics whose order matters (integer sums only), so the results are
+// deterministic; asynchronous on `stream`, may be captured into a CUDA graph. The logits are
+// not modified. Launch errors and bad arguments throw megamoe::Error.
+void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& p, const SampleOutputs& o,
+                 CUstream_st* stream);
+
+// logits[r, ids[j]] = -inf for every row r < R and j < n (device; ids i32 [n], entries outside
+// [0, V) are skipped): the engine's masked_token_ids applied on the device before sample_rows.
+// Asynchronous, graph-capturable, fixed grid for given (R, n).
+void mask_logits(float* logits, int64_t R, int64_t V, const int32_t* ids, int64_t n, CUstream_st* stream);
+
+}  // namespace megamoe::cuda
