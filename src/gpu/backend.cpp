@@ -25,6 +25,14 @@ public:
         for (size_t i = 0; i < chunks.size(); ++i) rc[i] = {chunks[i].slot, chunks[i].tokens};
         r_.step(rc, all_logits, logits, probe);
     }
+    bool has_sampler() const override { return true; }
+    void set_masked_ids(const std::vector<int32_t>& ids) override { r_.set_masked_ids(ids); }
+    void step_sample(const std::vector<BackendChunk>& chunks, const std::vector<SampleSpec>& spec,
+                     std::vector<SampledToken>& out) override {
+        std::vector<RunnerChunk> rc(chunks.size());
+        for (size_t i = 0; i < chunks.size(); ++i) rc[i] = {chunks[i].slot, chunks[i].tokens};
+        r_.step_sample(rc, spec, out);
+    }
     double cache_usage() const override { return r_.cache_usage(); }
     SequenceState state(int32_t slot) const override { return r_.download_state(slot); }
 

@@ -17,6 +17,7 @@
 #include "cuda/hyper_conn.h"
 #include "cuda/linear.h"
 #include "cuda/router.h"
+#include "cuda/sampler.h"
 #include "cuda/rowwise.h"
 #include "cuda/step.h"
 #include "gpu/device_model.h"
@@ -108,6 +109,7 @@ struct Workspace {
     uint16_t* sel = nullptr;         // [R, D] bf16
     float* logits = nullptr;         // [R, V]
     cuda::GemmScratch gemm;          // the wgmma path's permuted x and split-K partials
+    cuda::GemmScratch gemm_side;     // the same for linears on the side stream
     // step inputs (device); their pinned mirror has the same layout
     int32_t* in = nullptr;           // [in_ints]
     int64_t in_ints = 0;
@@ -120,6 +122,12 @@ struct Workspace {
     int32_t* rows = nullptr;         // [R] batch index of each logit row
     int32_t* iota = nullptr;         // [T] 0, 1, ... (forced expert ids go through the hash path)
     int32_t* forced_ids = nullptr;   // [T, k] expert ids given by a probe
+    // sampling (per logit row): parameters in, draws out; each block one copy per step
+    void* samp_in = nullptr;         // seed u64 [R], index i64 [R], temperature, top_p, min_p f32 [R], top_k i32 [R]
+    size_t samp_in_bytes = 0;
+    void* samp_out = nullptr;        // ids i32 [R], logprob f32 [R], top ids i32 [R, 20], top logprobs f32 [R, 20]
+    size_t samp_out_bytes = 0;
+    int32_t* masked = nullptr;       // [V] ids never sampled (the first n_masked)
 
     // Carves every buffer from `a` (a counting arena first, then the real one).
     void carve(cuda::DeviceArena& a, const ModelConfig& c, int64_t gemm_bytes) {
@@ -161,6 +169,13 @@ struct Workspace {
         logits = a.take_n<float>(R * c.vocab_size);
         gemm.bytes = static_cast<size_t>(gemm_bytes);
         gemm.p = a.take(gemm.bytes);
+        gemm_side.bytes = static_cast<size_t>(gemm_bytes);
+        gemm_side.p = a.take(gemm_side.bytes);
+        samp_in_bytes = static_cast<size_t>(R) * 32;
+        samp_in = a.take(samp_in_bytes);
+        samp_out_bytes = static_cast<size_t>(R) * (8 + 8 * cuda::kMaxTopLogprobs);
+        samp_out = a.take(samp_out_bytes);
+        masked = a.take_n<int32_t>(c.vocab_size);
         in_ints = 6 * T + 2 * C + R;
         in = a.take_n<int32_t>(in_ints);
         iota = a.take_n<int32_t>(T);
@@ -187,9 +202,20 @@ struct Runner::Impl {
     cuda::DeviceArena ws_arena;
     cuda::MoeLayerWorkspace moe_ws;
     cudaStream_t stream = nullptr;
+    // A second stream for work that does not depend on the main chain (the compressors beside the
+    // q path, the shared expert beside the router): at small batches each of these kernels fills
+    // few SMs, and running the two chains side by side shortens the step. Captured graphs keep
+    // the fork and join as edges. Eager profiling (profile_step) runs everything on one stream.
+    cudaStream_t side = nullptr;
+    std::vector<cudaEvent_t> events;              // fork / join events, one pair per site
+    bool concurrent = true;
+    int next_event = 0;
     int32_t* pinned_in = nullptr;                 // [ws.in_ints]
+    void* pinned_samp_in = nullptr;               // [ws.samp_in_bytes]
+    void* pinned_samp_out = nullptr;              // [ws.samp_out_bytes]
+    int64_t n_masked = 0;
     float* pinned_logits = nullptr;               // [R, V]
-    std::map<int64_t, cudaGraphExec_t> graphs;    // decode bucket -> graph
+    std::map<int64_t, cudaGraphExec_t> graphs;    // (decode bucket, output mode) -> graph
     std::vector<int64_t> buckets;
     int64_t replays = 0;
     // Stage events of profile_step (eager steps only).
@@ -211,13 +237,42 @@ struct Runner::Impl {
     struct Shape {
         int64_t T = 0, C = 0, R = 0;
     };
-    void enqueue(const Shape& s, const Probe* probe);
+    // What a step hands back: the logits, or sampled ids, or sampled ids with logprobs.
+    enum Mode : int { kLogits = 0, kSample = 1, kSampleLogprobs = 2 };
+    void enqueue(const Shape& s, const Probe* probe, int mode = kLogits);
+    void run(const std::vector<RunnerChunk>& chunks, bool all_logits, const Probe& probe,
+             const std::vector<SampleSpec>* spec, std::vector<float>* logits, std::vector<SampledToken>* sampled);
     void linear(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y, bool bf16_out = false,
                 int64_t groups = 1) {
         cuda::LinearOptions lo;
         lo.groups = groups;
         lo.out_bf16 = bf16_out;
         cuda::linear(w, x, M, y, lo, &ws.gemm, stream);
+    }
+    // The same on the side stream, with its own scratch (concurrent linears must not share one).
+    void linear_side(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y) {
+        cuda::linear(w, x, M, y, cuda::LinearOptions{}, &ws.gemm_side, side_stream());
+    }
+    cudaStream_t side_stream() const { return concurrent ? side : stream; }
+    cudaEvent_t event() {
+        if (next_event == static_cast<int>(events.size())) {
+            cudaEvent_t e = nullptr;
+            check(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "event");
+            events.push_back(e);
+        }
+        return events[static_cast<size_t>(next_event++)];
+    }
+    void fork() {   // the side stream continues from here on the main stream
+        if (!concurrent) return;
+        cudaEvent_t e = event();
+        check(cudaEventRecord(e, stream), "fork");
+        check(cudaStreamWaitEvent(side, e, 0), "fork");
+    }
+    void join() {   // the main stream waits for what the side stream did
+        if (!concurrent) return;
+        cudaEvent_t e = event();
+        check(cudaEventRecord(e, side), "join");
+        check(cudaStreamWaitEvent(stream, e, 0), "join");
     }
     cuda::BatchView batch(const Shape& s) const {
         cuda::BatchView b;
@@ -249,6 +304,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     if (opt.max_logit_rows <= 0) opt.max_logit_rows = opt.max_seqs;
     if (!cuda::gpu_available()) fail("gpu runner: no CUDA device is available");
     check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+    check(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), "stream");
 
     size_t free_b = 0, total_b = 0;
     check(cudaMemGetInfo(&free_b, &total_b), "memory info");
@@ -302,6 +358,8 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     check(cudaMallocHost(reinterpret_cast<void**>(&pinned_in), static_cast<size_t>(ws.in_ints) * 4), "pinned inputs");
     check(cudaMallocHost(reinterpret_cast<void**>(&pinned_logits), static_cast<size_t>(ws.R * c.vocab_size) * 4),
           "pinned logits");
+    check(cudaMallocHost(&pinned_samp_in, ws.samp_in_bytes), "pinned sampling inputs");
+    check(cudaMallocHost(&pinned_samp_out, ws.samp_out_bytes), "pinned sampling outputs");
     {
         std::vector<int32_t> iota(static_cast<size_t>(ws.T));
         for (size_t i = 0; i < iota.size(); ++i) iota[i] = static_cast<int32_t>(i);
@@ -345,6 +403,10 @@ Runner::Impl::~Impl() {
     for (auto& [b, g] : graphs) (void)cudaGraphExecDestroy(g);
     if (pinned_in) (void)cudaFreeHost(pinned_in);
     if (pinned_logits) (void)cudaFreeHost(pinned_logits);
+    if (pinned_samp_in) (void)cudaFreeHost(pinned_samp_in);
+    if (pinned_samp_out) (void)cudaFreeHost(pinned_samp_out);
+    for (cudaEvent_t e : events) (void)cudaEventDestroy(e);
+    if (side) (void)cudaStreamDestroy(side);
     if (stream) (void)cudaStreamDestroy(stream);
 }
 
@@ -391,7 +453,9 @@ void Runner::Impl::attention(int64_t l, const Shape& s, const Probe* probe) {
     const cuda::RopeView& rope = dm->rope_for(l);
     const cuda::BatchView b = batch(s);
 
-    // Inputs (ref: attention_inputs).
+    // Inputs (ref: attention_inputs): the q path and the kv latent on the main stream; the
+    // compressors, which read only xn, beside them on the side stream.
+    fork();
     linear(d.wq_a, ws.xn, T, ws.qr_f);
     cuda::rms_norm_rows(ws.qr_f, T, c.q_lora_rank, d.q_norm, eps, ws.qr, stream);
     linear(d.wq_b, ws.qr, T, ws.q_f);
@@ -400,11 +464,12 @@ void Runner::Impl::attention(int64_t l, const Shape& s, const Probe* probe) {
     cuda::head_norm_rope(ws.kv_f, T, 1, hd, true, d.kv_norm, eps, ws.pos, rope, ws.kv, stream);
     mark("attn.q_kv");
 
-    // Compressors first: a row that closes at a token is visible to it.
+    // Compressors (ref: compressor_feed per chunk): a row that closes at a token is visible to it.
+    const cudaStream_t cs = side_stream();
     auto compress = [&](const DeviceCompressor& dc, float* kvp, float* gatep, const cuda::SlotArray& st,
                         const cuda::PagedRows& rows) {
-        linear(dc.wkv, ws.xn, T, kvp);
-        linear(dc.wgate, ws.xn, T, gatep);
+        linear_side(dc.wkv, ws.xn, T, kvp);
+        linear_side(dc.wgate, ws.xn, T, gatep);
         cuda::CompressorArgs a;
         a.ratio = dc.ratio;
         a.dim = dc.dim;
@@ -417,30 +482,34 @@ void Runner::Impl::attention(int64_t l, const Shape& s, const Probe* probe) {
         a.rope = dm->rope_compress;
         a.state = st;
         a.rows = rows;
-        cuda::compressor_emit(a, b, stream);
-        cuda::compressor_save(a, b, stream);
+        cuda::compressor_emit(a, b, cs);
+        cuda::compressor_save(a, b, cs);
     };
     cuda::PagedRows comp_rows;
     if (d.kind != AttnKind::sliding) {
         comp_rows = pool->comp_rows(l, static_cast<int32_t>(hd));
         compress(d.comp, ws.ckv, ws.cgate, pool->comp_state(l), comp_rows);
-        if (d.kind == AttnKind::hca) mark("attn.compressors");
     }
     if (d.kind == AttnKind::csa) {
-        const int64_t nI = c.index_n_heads, dI = c.index_head_dim;
-        const cuda::PagedRows keys = pool->idx_rows(l, static_cast<int32_t>(dI));
+        const cuda::PagedRows keys = pool->idx_rows(l, static_cast<int32_t>(c.index_head_dim));
         compress(d.idx_comp, ws.ikv, ws.igate, pool->idx_state(l), keys);
-        mark("attn.compressors");
+    }
+    if (d.kind != AttnKind::sliding) mark("attn.compressors");
+    if (d.kind == AttnKind::csa) {
+        // The indexer's queries and head weights (main stream), then its top-k over the keys the
+        // side stream just emitted.
+        const int64_t nI = c.index_n_heads, dI = c.index_head_dim;
         linear(d.idx_wq_b, ws.qr, T, ws.iq_f);
         cuda::head_norm_rope(ws.iq_f, T, nI, dI, false, nullptr, eps, ws.pos, dm->rope_compress, ws.iq, stream);
         linear(d.idx_weights_proj, ws.xn, T, ws.iw);
+        join();
         cuda::IndexerArgs ia;
         ia.heads = static_cast<int32_t>(nI);
         ia.head_dim = static_cast<int32_t>(dI);
         ia.q = ws.iq;
         ia.w = ws.iw;
         ia.w_scale = 1.0f / std::sqrt(static_cast<float>(nI));
-        ia.keys = keys;
+        ia.keys = pool->idx_rows(l, static_cast<int32_t>(dI));
         ia.scores = ws.scores;
         ia.max_rows = ws.max_rows;
         ia.k = static_cast<int32_t>(c.index_topk);
@@ -448,6 +517,8 @@ void Runner::Impl::attention(int64_t l, const Shape& s, const Probe* probe) {
         cuda::indexer_topk(ia, b, stream);
         mark("attn.indexer");
         trace(probe, trace_names::index_topk, l, ws.topk, false, true, T, c.index_topk);
+    } else {
+        join();
     }
 
     cuda::AttentionArgs aa;
@@ -479,6 +550,9 @@ void Runner::Impl::moe(int64_t l, const Shape& s, const Probe* probe) {
     const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
     const int64_t T = s.T, E = c.n_routed_experts, k = c.num_experts_per_tok;
     const float scale = static_cast<float>(c.routed_scaling_factor), limit = static_cast<float>(c.swiglu_limit);
+    // The router on the main stream; the shared expert (fp8 w1, w3, clamped SwiGLU, w2; added last
+    // by the combine) beside it on the side stream.
+    fork();
     linear(d.gate, ws.xn, T, ws.gate_logits);
     cuda::route(ws.gate_logits, T, E, k, d.router == RouterKind::score ? d.gate_bias : nullptr,
                 d.router == RouterKind::hash ? d.tid2eid : nullptr, ws.tokens, scale, ws.ids, ws.wts, stream);
@@ -489,17 +563,19 @@ void Runner::Impl::moe(int64_t l, const Shape& s, const Probe* probe) {
         cuda::route(ws.gate_logits, T, E, k, nullptr, ws.forced_ids, ws.iota, scale, ws.ids, ws.wts, stream);
     }
     mark("moe.router");
-    // Shared expert (fp8): w1, w3, clamped SwiGLU, w2; added last by the combine.
-    linear(d.sh_w1, ws.xn, T, ws.sh_g);
-    linear(d.sh_w3, ws.xn, T, ws.sh_u);
-    cuda::swiglu(ws.sh_g, ws.sh_u, T, d.sh_w1.out, limit, ws.sh_h, stream);
-    linear(d.sh_w2, ws.sh_h, T, ws.sh_out);
+    const cudaStream_t ss = side_stream();
+    linear_side(d.sh_w1, ws.xn, T, ws.sh_g);
+    linear_side(d.sh_w3, ws.xn, T, ws.sh_u);
+    cuda::swiglu(ws.sh_g, ws.sh_u, T, d.sh_w1.out, limit, ws.sh_h, ss);
+    linear_side(d.sh_w2, ws.sh_h, T, ws.sh_out);
+    join();
     mark("moe.shared");
     cuda::moe_layer(d.experts, limit, ws.xn, ws.ids, ws.wts, T, ws.sh_out, ws.y, moe_ws, stream);
     mark("moe.experts");
 }
 
-void Runner::Impl::enqueue(const Shape& s, const Probe* probe) {
+void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
+    next_event = 0;   // the fork / join events of this step, in order
     const ModelConfig& c = cfg;
     const int64_t T = s.T, D = c.hidden_size, hc = c.hc_mult, L = c.num_hidden_layers;
     const float hc_eps = static_cast<float>(c.hc_eps), eps = static_cast<float>(c.rms_norm_eps);
@@ -546,6 +622,30 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe) {
     cuda::gather_rows_bf16(ws.xn, ws.rows, s.R, D, ws.sel, stream);
     linear(dm->head, ws.sel, s.R, ws.logits);
     mark("head");
+    if (mode == kLogits) return;
+    // Sampling on the device (cuda/sampler.h): masked ids to -inf, then one draw per row.
+    const int64_t V = c.vocab_size, R = s.R;
+    if (n_masked > 0) cuda::mask_logits(ws.logits, R, V, ws.masked, n_masked, stream);
+    char* in = static_cast<char*>(ws.samp_in);
+    char* out = static_cast<char*>(ws.samp_out);
+    const int64_t Rw = ws.R;   // the blocks are laid out for ws.R rows
+    cuda::SampleParams sp;
+    sp.seed = reinterpret_cast<const uint64_t*>(in);
+    sp.index = reinterpret_cast<const int64_t*>(in + 8 * Rw);
+    sp.temperature = reinterpret_cast<const float*>(in + 16 * Rw);
+    sp.top_p = reinterpret_cast<const float*>(in + 20 * Rw);
+    sp.min_p = reinterpret_cast<const float*>(in + 24 * Rw);
+    sp.top_k = reinterpret_cast<const int32_t*>(in + 28 * Rw);
+    cuda::SampleOutputs so;
+    so.ids = reinterpret_cast<int32_t*>(out);
+    if (mode == kSampleLogprobs) {
+        so.logprob = reinterpret_cast<float*>(out + 4 * Rw);
+        so.n_top = cuda::kMaxTopLogprobs;
+        so.top_ids = reinterpret_cast<int32_t*>(out + 8 * Rw);
+        so.top_logprobs = reinterpret_cast<float*>(out + (8 + 4 * cuda::kMaxTopLogprobs) * Rw);
+    }
+    cuda::sample_rows(ws.logits, R, V, sp, so, stream);
+    mark("sample");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -573,18 +673,21 @@ std::vector<std::pair<std::string, double>> Runner::profile_step(const std::vect
     const bool graphs = I.opt.graphs;
     I.opt.graphs = false;
     I.profiling = true;
+    I.concurrent = false;   // stage times one after another
     std::vector<float> logits;
     try {
-        step(chunks, false, logits);
+        step(chunks, false, logits);   // the profile times the logits path (sampling is timed by its own tests)
     } catch (...) {
         I.opt.graphs = graphs;
         I.profiling = false;
+        I.concurrent = true;
         for (auto& [n, e] : I.marks) (void)cudaEventDestroy(e);
         I.marks.clear();
         throw;
     }
     I.opt.graphs = graphs;
     I.profiling = false;
+    I.concurrent = true;
     std::vector<std::pair<std::string, double>> out;
     for (size_t i = 1; i < I.marks.size(); ++i) {
         float ms = 0;
@@ -612,9 +715,33 @@ SequenceState Runner::download_state(int32_t slot) const {
 
 void Runner::step(const std::vector<RunnerChunk>& chunks, bool all_logits, std::vector<float>& logits,
                   const Probe& probe) {
+    impl_->run(chunks, all_logits, probe, nullptr, &logits, nullptr);
+}
+
+void Runner::step_sample(const std::vector<RunnerChunk>& chunks, const std::vector<SampleSpec>& spec,
+                         std::vector<SampledToken>& out) {
+    if (spec.size() != chunks.size()) fail("gpu runner: ", spec.size(), " sampling specs for ", chunks.size(), " chunks");
+    impl_->run(chunks, false, nullptr, &spec, nullptr, &out);
+}
+
+void Runner::set_masked_ids(const std::vector<int32_t>& ids) {
     Impl& I = *impl_;
+    const int64_t V = I.cfg.vocab_size;
+    for (int32_t id : ids)
+        if (id < 0 || id >= V) fail("masked ids: ", id, " is outside the vocabulary [0, ", V, ")");
+    if (static_cast<int64_t>(ids.size()) >= V) fail("masked ids: every one of the ", V, " ids is masked");
+    check(cudaStreamSynchronize(I.stream), "sync");
+    if (!ids.empty()) check(cudaMemcpy(I.ws.masked, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice), "masked ids");
+    I.n_masked = static_cast<int64_t>(ids.size());
+    for (auto& [k, g] : I.graphs) (void)cudaGraphExecDestroy(g);   // they hold the old count
+    I.graphs.clear();
+}
+
+void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, const Probe& probe,
+                       const std::vector<SampleSpec>* spec, std::vector<float>* logits_out,
+                       std::vector<SampledToken>* sampled) {
+    Impl& I = *this;
     const ModelConfig& c = I.cfg;
-    const Workspace& ws = I.ws;
     if (chunks.empty()) fail("gpu runner: a step needs at least one chunk");
     // Validate everything before anything changes.
     int64_t T = 0, R = 0;
@@ -642,6 +769,14 @@ void Runner::step(const std::vector<RunnerChunk>& chunks, bool all_logits, std::
     if (T > ws.T) fail("gpu runner: ", T, " tokens in one step, more than --max-batch-tokens ", ws.T);
     if (static_cast<int64_t>(chunks.size()) > ws.C) fail("gpu runner: ", chunks.size(), " chunks, more than ", ws.C);
     if (R > ws.R) fail("gpu runner: ", R, " logit rows in one step, more than the ", ws.R, " planned");
+    int mode = kLogits;
+    if (spec) {
+        mode = kSample;
+        for (const SampleSpec& sp : *spec) {
+            if (sp.n_top > cuda::kMaxTopLogprobs) fail("gpu runner: ", sp.n_top, " top logprobs, more than ", cuda::kMaxTopLogprobs);
+            if (sp.n_top >= 0) mode = kSampleLogprobs;
+        }
+    }
 
     // A decode step of B sequences replays the graph of the smallest bucket ≥ B (padding rows go to
     // the padding slot at position 0).
@@ -687,39 +822,74 @@ void Runner::step(const std::vector<RunnerChunk>& chunks, bool all_logits, std::
         len[t] = 1;
         rows[r] = static_cast<int32_t>(t);
     }
+    if (spec) {   // sampling parameters (layout of Workspace::samp_in); padding rows: greedy
+        char* in = static_cast<char*>(I.pinned_samp_in);
+        const int64_t Rw = ws.R;
+        for (int64_t i = 0; i < Rp; ++i) {
+            const SampleSpec sp = i < R ? (*spec)[static_cast<size_t>(i)] : SampleSpec{0.0f};
+            reinterpret_cast<uint64_t*>(in)[i] = sp.seed;
+            reinterpret_cast<int64_t*>(in + 8 * Rw)[i] = sp.index;
+            reinterpret_cast<float*>(in + 16 * Rw)[i] = sp.temperature;
+            reinterpret_cast<float*>(in + 20 * Rw)[i] = sp.top_p;
+            reinterpret_cast<float*>(in + 24 * Rw)[i] = sp.min_p;
+            reinterpret_cast<int32_t*>(in + 28 * Rw)[i] = sp.top_k;
+        }
+    }
 
     I.pool->sync_tables(I.stream);
     check(cudaMemcpyAsync(ws.in, I.pinned_in, static_cast<size_t>(ws.in_ints) * 4, cudaMemcpyHostToDevice, I.stream),
           "step inputs");
+    if (spec)
+        check(cudaMemcpyAsync(ws.samp_in, I.pinned_samp_in, ws.samp_in_bytes, cudaMemcpyHostToDevice, I.stream),
+              "sampling inputs");
     const Impl::Shape shape{Tp, bucket ? bucket : static_cast<int64_t>(chunks.size()), Rp};
     if (bucket) {
-        auto it = I.graphs.find(bucket);
+        const int64_t key = bucket * 4 + mode;
+        auto it = I.graphs.find(key);
         if (it == I.graphs.end()) {
             // Capture after one eager run of the same shape (first-use work such as kernel
-            // attributes happens outside the capture). The eager run computes this step.
-            I.enqueue(shape, nullptr);
+            // attributes happens outside the capture). The eager run computes this step; the
+            // capture records without running.
+            I.enqueue(shape, nullptr, mode);
             check(cudaStreamSynchronize(I.stream), "warm-up step");
-            // The warm-up advanced this step's state; the capture must not run it again.
             cudaGraph_t g = nullptr;
             check(cudaStreamBeginCapture(I.stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-            I.enqueue(shape, nullptr);
+            I.enqueue(shape, nullptr, mode);
             check(cudaStreamEndCapture(I.stream, &g), "end capture");
             cudaGraphExec_t exec = nullptr;
             check(cudaGraphInstantiate(&exec, g, 0), "instantiate graph");
             (void)cudaGraphDestroy(g);
-            I.graphs[bucket] = exec;
+            I.graphs[key] = exec;
         } else {
             check(cudaGraphLaunch(it->second, I.stream), "graph launch");
             ++I.replays;
         }
     } else {
-        I.enqueue(shape, probe ? &probe : nullptr);
+        I.enqueue(shape, probe ? &probe : nullptr, mode);
     }
-    check(cudaMemcpyAsync(I.pinned_logits, ws.logits, static_cast<size_t>(R * c.vocab_size) * 4,
-                          cudaMemcpyDeviceToHost, I.stream),
-          "logits");
+    if (logits_out)
+        check(cudaMemcpyAsync(I.pinned_logits, ws.logits, static_cast<size_t>(R * c.vocab_size) * 4,
+                              cudaMemcpyDeviceToHost, I.stream),
+              "logits");
+    if (sampled) check(cudaMemcpyAsync(I.pinned_samp_out, ws.samp_out, ws.samp_out_bytes, cudaMemcpyDeviceToHost, I.stream), "draws");
     check(cudaStreamSynchronize(I.stream), "step");
-    logits.assign(I.pinned_logits, I.pinned_logits + R * c.vocab_size);
+    if (logits_out) logits_out->assign(I.pinned_logits, I.pinned_logits + R * c.vocab_size);
+    if (sampled) {
+        const char* out = static_cast<const char*>(I.pinned_samp_out);
+        const int64_t Rw = ws.R, K = cuda::kMaxTopLogprobs;
+        sampled->assign(static_cast<size_t>(R), SampledToken{});
+        for (int64_t i = 0; i < R; ++i) {
+            SampledToken& st = (*sampled)[static_cast<size_t>(i)];
+            const SampleSpec& sp = (*spec)[static_cast<size_t>(i)];
+            st.id = reinterpret_cast<const int32_t*>(out)[i];
+            if (sp.n_top < 0) continue;
+            st.logprob = reinterpret_cast<const float*>(out + 4 * Rw)[i];
+            const int32_t* ti = reinterpret_cast<const int32_t*>(out + 8 * Rw) + i * K;
+            const float* tl = reinterpret_cast<const float*>(out + (8 + 4 * K) * Rw) + i * K;
+            for (int j = 0; j < sp.n_top; ++j)
+                if (ti[j] >= 0) st.top.push_back({ti[j], tl[j]});
+        }
+    }
     for (const RunnerChunk& ch : chunks) I.pool->advance(ch.slot, static_cast<int64_t>(ch.tokens.size()));
 }
 

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "ref/backend.h"
 #include "ref/model.h"
 
 struct CUstream_st;
@@ -80,6 +81,13 @@ public:
     // (teacher forcing: streams, index_topk, expert_ids). Throws Error on bad input, changing nothing.
     void step(const std::vector<RunnerChunk>& chunks, bool all_logits, std::vector<float>& logits,
               const Probe& probe = nullptr);
+
+    // The same step, drawing one token per chunk on the GPU from its last logits (mask_logits then
+    // sample_rows, cuda/sampler.h): only ids and logprobs come back. spec: one per chunk.
+    void step_sample(const std::vector<RunnerChunk>& chunks, const std::vector<SampleSpec>& spec,
+                     std::vector<SampledToken>& out);
+    // Ids never sampled nor listed in logprobs (their logits are set to -inf first).
+    void set_masked_ids(const std::vector<int32_t>& ids);
 
     // The state of a slot in the CPU reference's form (tests; synchronous).
     SequenceState download_state(int32_t slot) const;

@@ -18,6 +18,24 @@ struct BackendChunk {
     std::vector<int32_t> tokens;       // new tokens, at positions n_past(slot) ...
 };
 
+// How to draw the next token of one chunk (from its last token's logits): the parameters of
+// serve/sampler.h's definition and its counter-based key (the request's seed, the index of the
+// token in the request's output).
+struct SampleSpec {
+    float    temperature = 1.0f;       // 0: greedy
+    int32_t  top_k = 0;                // 0: off
+    float    top_p = 1.0f;             // 1: off
+    float    min_p = 0.0f;             // 0: off
+    uint64_t seed = 0;
+    int64_t  index = 0;
+    int      n_top = -1;               // -1: no logprobs; k in 0..20: the token's logprob and k alternatives
+};
+struct SampledToken {
+    int32_t id = -1;                   // -1: the row had no valid logit (an upstream error)
+    float   logprob = 0;               // when n_top >= 0
+    std::vector<std::pair<int32_t, float>> top;   // [≤ n_top] (id, logprob), most likely first
+};
+
 class Backend {
 public:
     virtual ~Backend() = default;
@@ -38,6 +56,18 @@ public:
     // (an id outside the vocabulary, an unreserved position), changing nothing.
     virtual void    step(const std::vector<BackendChunk>& chunks, bool all_logits, std::vector<float>& logits,
                          const Probe& probe = nullptr) = 0;
+    // Sampling where the logits are (the GPU backend: they never leave the device). A backend
+    // without it (the CPU reference) returns false and its caller samples step()'s logits with the
+    // CPU sampler (serve/sampler.h), the twin of the device one.
+    virtual bool    has_sampler() const { return false; }
+    // Ids that name no token: their logits are -inf before sampling and logprobs, so they are
+    // never drawn nor listed (set once, before the first step_sample).
+    virtual void    set_masked_ids(const std::vector<int32_t>& /*ids*/) { fail(name(), " backend: no sampler"); }
+    // Runs the chunks like step() and draws one token per chunk from its last logits, as spec[i] says.
+    virtual void    step_sample(const std::vector<BackendChunk>& /*chunks*/, const std::vector<SampleSpec>& /*spec*/,
+                                std::vector<SampledToken>& /*out*/) {
+        fail(name(), " backend: no sampler");
+    }
     virtual double  cache_usage() const = 0;       // fraction of the sequence state in use
     // The state of a slot in the reference's form (tests).
     virtual SequenceState state(int32_t slot) const = 0;

@@ -65,6 +65,7 @@ Engine::Engine(std::unique_ptr<Model> model, std::unique_ptr<Backend> backend, c
     if (opt_.max_seqs < 1) fail("max_seqs must be >= 1");
     opt_.max_batch_tokens = std::min(opt_.max_batch_tokens, backend_->max_batch_tokens());
     opt_.max_seqs = std::min({opt_.max_seqs, backend_->max_seqs(), backend_->max_logit_rows()});
+    if (backend_->has_sampler()) backend_->set_masked_ids(opt_.masked_token_ids);
     const int64_t V = model_->cfg.vocab_size;
     masked_.assign(static_cast<size_t>(V), 0);
     for (int32_t id : opt_.masked_token_ids) {
@@ -244,9 +245,31 @@ bool Engine::step() {
     for (Request* r : cancelled) finish(*r, FinishReason::cancelled);
     if (batch.empty()) return !cancelled.empty();
 
+    // The backend samples where the logits are when it can (the GPU: only ids come back);
+    // otherwise the CPU sampler draws from the logits here. Both follow serve/sampler.h's
+    // definition with the key (request seed, index of the token in the output).
+    const bool device = backend_->has_sampler();
     std::vector<float> logits;
+    std::vector<SampledToken> drawn;
     try {
-        backend_->step(batch, false, logits);
+        if (device) {
+            std::vector<SampleSpec> spec;
+            for (Request* r : chunk_of) {
+                const SamplingParams& p = r->sampler.params();
+                SampleSpec sp;
+                sp.temperature = p.greedy() ? 0.0f : p.temperature;
+                sp.top_k = p.top_k;
+                sp.top_p = p.top_p;
+                sp.min_p = p.min_p;
+                sp.seed = r->sampler.seed();
+                sp.index = r->n_generated;
+                sp.n_top = r->params.top_logprobs;
+                spec.push_back(sp);
+            }
+            backend_->step_sample(batch, spec, drawn);
+        } else {
+            backend_->step(batch, false, logits);
+        }
     } catch (const std::exception& e) {
         for (Request* r : chunk_of) finish(*r, FinishReason::error, e.what());
         return true;
@@ -263,7 +286,19 @@ bool Engine::step() {
         r.pending = -1;
         if (r.n_fed < static_cast<int64_t>(r.prompt.size())) continue;   // more prompt to prefill
         try {
-            emit(r, logits.data() + static_cast<int64_t>(i) * V);
+            if (device) {
+                const SampledToken& d = drawn[i];
+                if (d.id < 0) fail("the model produced no valid logit for this request");
+                TokenOut out;
+                out.id = d.id;
+                if (r.params.top_logprobs >= 0) {
+                    out.logprob = d.logprob;
+                    out.top = d.top;
+                }
+                deliver(r, out);
+            } else {
+                emit(r, logits.data() + static_cast<int64_t>(i) * V);
+            }
         } catch (const std::exception& e) {
             finish(r, FinishReason::error, e.what());
         }
@@ -275,12 +310,16 @@ void Engine::emit(Request& r, float* row) {
     const int64_t V = model_->cfg.vocab_size;
     for (int32_t id : opt_.masked_token_ids) row[id] = -std::numeric_limits<float>::infinity();
     TokenOut out;
-    out.id = r.sampler.sample(row, V);
+    out.id = r.sampler.sample(row, V, r.n_generated);   // the key: (seed, index of this token in the output)
     if (r.params.top_logprobs >= 0) {
         out.logprob = token_logprob(row, V, out.id);
         out.top = top_logprobs(row, V, r.params.top_logprobs);
         std::erase_if(out.top, [&](const auto& t) { return masked_[static_cast<size_t>(t.first)] != 0; });
     }
+    deliver(r, out);
+}
+
+void Engine::deliver(Request& r, const TokenOut& out) {
     ++r.n_generated;
     const auto now = Clock::now();
     {

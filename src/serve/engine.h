@@ -106,7 +106,8 @@ private:
     struct Request;
     void loop();
     bool step();                       // one forward over the current batch; false when idle
-    void emit(Request& r, float* row); // samples r's next token from its logits row and reports it
+    void emit(Request& r, float* row); // samples r's next token from its logits row (CPU) and delivers it
+    void deliver(Request& r, const TokenOut& out);   // reports a drawn token; stop, length, or feed it next
     void finish(Request& r, FinishReason why, const std::string& error = "");
     void fail_running(const std::string& error);   // ends every running request with an error
 

@@ -13,6 +13,7 @@
 #include <cstring>
 #include <iterator>
 #include <tuple>
+#include <limits>
 #include <map>
 #include <sys/wait.h>
 #include <fstream>
@@ -26,6 +27,7 @@
 #include "io/safetensors.h"
 #include "ref/generate.h"
 #include "ref/model.h"
+#include "serve/sampler.h"
 #include "test_util.h"
 
 namespace megamoe {
@@ -465,6 +467,73 @@ TEST_P(GpuRunner, BatchedSequencesAndBadInput) {
     EXPECT_EQ(b->n_past(sd), 45);
     b->step({{sa, {a[5]}}, {sd, {d[5]}}}, false, logits);   // both go on
     EXPECT_EQ(b->n_past(sa), before + 1);
+}
+
+// Sampling on the GPU inside the step: greedy draws are the logits' argmax, seeded draws equal
+// the CPU sampler's (its twin) on the same logits and key, logprobs match, masked ids never come.
+TEST_P(GpuRunner, StepSampleIsTheCpuSamplersTwin) {
+    gpu::Runner run(*c->model, small_options());
+    const std::vector<int32_t> prompt(c->input_ids.begin(), c->input_ids.begin() + 40);
+    std::vector<int32_t> masked;
+    for (int32_t id = 1000; id < V(); ++id) masked.push_back(id);   // the tail of the vocabulary
+    run.set_masked_ids(masked);
+    int64_t same = 0, total = 0;
+    for (int trial = 0; trial < 4; ++trial) {
+        // Two slots, the same prompt and shape: the same logits bit for bit (deterministic kernels).
+        const int32_t a = run.open(), b = run.open();
+        ASSERT_TRUE(run.reserve(a, 64));
+        ASSERT_TRUE(run.reserve(b, 64));
+        std::vector<float> logits;
+        run.step({{a, prompt}}, false, logits);
+        for (int32_t id : masked) logits[static_cast<size_t>(id)] = -std::numeric_limits<float>::infinity();
+        SamplingParams sp;
+        sp.temperature = trial == 0 ? 0.0f : 0.7f + 0.3f * static_cast<float>(trial);
+        sp.top_k = trial == 2 ? 50 : 0;
+        sp.top_p = trial == 3 ? 0.9f : 1.0f;
+        sp.min_p = trial == 1 ? 0.05f : 0.0f;
+        sp.seed = 1234 + static_cast<uint64_t>(trial);
+        SampleSpec spec{sp.temperature, sp.top_k, sp.top_p, sp.min_p, *sp.seed, 7, 5};
+        std::vector<SampledToken> got;
+        run.step_sample({{b, prompt}}, {spec}, got);
+        ASSERT_EQ(got.size(), 1u);
+        Sampler cpu(sp, 0);
+        const int32_t want = cpu.sample(logits.data(), V(), 7);
+        EXPECT_EQ(got[0].id, want) << "trial " << trial;
+        EXPECT_LT(got[0].id, 1000) << "a masked id was drawn";
+        EXPECT_NEAR(got[0].logprob, token_logprob(logits.data(), V(), got[0].id), 1e-4);
+        const auto top = top_logprobs(logits.data(), V(), 5);
+        ASSERT_EQ(got[0].top.size(), top.size());
+        for (size_t j = 0; j < top.size(); ++j) {
+            EXPECT_EQ(got[0].top[j].first, top[j].first);
+            EXPECT_NEAR(got[0].top[j].second, top[j].second, 1e-4);
+        }
+        run.close(a);
+        run.close(b);
+    }
+    // Decode steps through the graph: many keys against the CPU twin on the same logits.
+    const int32_t a = run.open(), b = run.open();
+    ASSERT_TRUE(run.reserve(a, 128));
+    ASSERT_TRUE(run.reserve(b, 128));
+    std::vector<float> la;
+    std::vector<SampledToken> sb;
+    run.step({{a, prompt}}, false, la);
+    run.step_sample({{b, prompt}}, {SampleSpec{}}, sb);
+    for (int i = 0; i < 40; ++i) {
+        const int32_t tok = c->input_ids[static_cast<size_t>(40 + i)];
+        run.step({{a, {tok}}}, false, la);
+        for (int32_t id : masked) la[static_cast<size_t>(id)] = -std::numeric_limits<float>::infinity();
+        SamplingParams sp;
+        sp.temperature = 1.0f;
+        sp.seed = 99;
+        const SampleSpec spec{1.0f, 0, 1.0f, 0.0f, 99, i, -1};
+        run.step_sample({{b, {tok}}}, {spec}, sb);
+        Sampler cpu(sp, 0);
+        same += sb[0].id == cpu.sample(la.data(), V(), i);
+        ++total;
+    }
+    std::printf("[ %s ] GPU draws equal to the CPU sampler's: %lld of %lld decode steps\n", GetParam().c_str(),
+                static_cast<long long>(same), static_cast<long long>(total));
+    EXPECT_EQ(same, total);
 }
 
 // The command line on the GPU: `logits --backend cuda` writes the CPU path's file format (tensor
