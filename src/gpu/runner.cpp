@@ -364,6 +364,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
         std::vector<int32_t> iota(static_cast<size_t>(ws.T));
         for (size_t i = 0; i < iota.size(); ++i) iota[i] = static_cast<int32_t>(i);
         check(cudaMemcpy(ws.iota, iota.data(), iota.size() * 4, cudaMemcpyHostToDevice), "iota");
+        check(cudaDeviceSynchronize(), "iota");   // pageable copies may still be in flight
     }
 
     // The state pool from what is left.
@@ -417,14 +418,19 @@ bool Runner::Impl::trace(const Probe* probe, const char* name, int64_t layer, co
     const size_t n = static_cast<size_t>(rows * width);
     std::vector<float> f(i32 ? 0 : n);
     std::vector<int32_t> iv(i32 ? n : 0);
+    // Copies on the runner's stream (the legacy stream does not order against it), each waited for.
+    auto copy = [&](void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, const char* what) {
+        check(cudaMemcpyAsync(dst, src, bytes, kind, stream), what);
+        check(cudaStreamSynchronize(stream), what);
+    };
     if (i32) {
-        check(cudaMemcpy(iv.data(), dev, n * 4, cudaMemcpyDeviceToHost), "probe download");
+        copy(iv.data(), dev, n * 4, cudaMemcpyDeviceToHost, "probe download");
     } else if (bf16) {
         std::vector<uint16_t> b(n);
-        check(cudaMemcpy(b.data(), dev, n * 2, cudaMemcpyDeviceToHost), "probe download");
+        copy(b.data(), dev, n * 2, cudaMemcpyDeviceToHost, "probe download");
         for (size_t i = 0; i < n; ++i) f[i] = bf16_to_f32(b[i]);
     } else {
-        check(cudaMemcpy(f.data(), dev, n * 4, cudaMemcpyDeviceToHost), "probe download");
+        copy(f.data(), dev, n * 4, cudaMemcpyDeviceToHost, "probe download");
     }
     TraceView v;
     v.name = name, v.layer = layer, v.dtype = i32 ? DType::i32 : DType::f32;
@@ -434,13 +440,13 @@ bool Runner::Impl::trace(const Probe* probe, const char* name, int64_t layer, co
     if (!v.modified) return false;
     void* d = const_cast<void*>(dev);
     if (i32) {
-        check(cudaMemcpy(d, iv.data(), n * 4, cudaMemcpyHostToDevice), "probe upload");
+        copy(d, iv.data(), n * 4, cudaMemcpyHostToDevice, "probe upload");
     } else if (bf16) {
         std::vector<uint16_t> b(n);
         for (size_t i = 0; i < n; ++i) b[i] = f32_to_bf16(f[i]);
-        check(cudaMemcpy(d, b.data(), n * 2, cudaMemcpyHostToDevice), "probe upload");
+        copy(d, b.data(), n * 2, cudaMemcpyHostToDevice, "probe upload");
     } else {
-        check(cudaMemcpy(d, f.data(), n * 4, cudaMemcpyHostToDevice), "probe upload");
+        copy(d, f.data(), n * 4, cudaMemcpyHostToDevice, "probe upload");
     }
     return true;
 }
@@ -730,8 +736,9 @@ void Runner::set_masked_ids(const std::vector<int32_t>& ids) {
     for (int32_t id : ids)
         if (id < 0 || id >= V) fail("masked ids: ", id, " is outside the vocabulary [0, ", V, ")");
     if (static_cast<int64_t>(ids.size()) >= V) fail("masked ids: every one of the ", V, " ids is masked");
-    check(cudaStreamSynchronize(I.stream), "sync");
-    if (!ids.empty()) check(cudaMemcpy(I.ws.masked, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice), "masked ids");
+    if (!ids.empty())
+        check(cudaMemcpyAsync(I.ws.masked, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice, I.stream), "masked ids");
+    check(cudaStreamSynchronize(I.stream), "masked ids");
     I.n_masked = static_cast<int64_t>(ids.size());
     for (auto& [k, g] : I.graphs) (void)cudaGraphExecDestroy(g);   // they hold the old count
     I.graphs.clear();
