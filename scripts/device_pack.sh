@@ -20,6 +20,7 @@ ldd "$stage"/bin/megamoe_tests "$stage"/bin/megamoe | awk '/=>/ {print $3}' | so
 # Compressed: the binaries' cubins shrink ~4x, which keeps a run under the 64 MiB that travels.
 tar -cf - -C "$stage" bin lib | xz -6 -T2 > .device/pack.tar.xz
 rm -rf "$stage"
+cp -r ../shared/golden/tokenizer .device/shared/golden/   # the server tests' tokenizer fixture
 for c in "${cases[@]}"; do
     mkdir -p .device/shared/golden/"$c"
     cp -r ../shared/golden/"$c"/model ../shared/golden/"$c"/golden.* .device/shared/golden/"$c"/
