@@ -209,7 +209,10 @@ int main(int argc, char** argv) {
 
     ServeOptions so;
     auto* srv = app.add_subcommand("serve", "OpenAI-compatible HTTP server");
-    srv->add_option("--model", so.model_dir, "checkpoint directory")->required();
+    srv->add_option("--model", so.model_dir, "checkpoint directory");
+    srv->add_option("--synthetic", so.synthetic,
+                    "instead of --model: random weights of a preset (tiny|flash|pro) made on the GPU, for benchmarks");
+    srv->add_option("--synthetic-layers", so.synthetic_layers, "layers of the --synthetic preset");
     srv->add_option("--tokenizer", so.tokenizer, "tokenizer.json (default: MODEL/tokenizer.json)");
     srv->add_option("--served-model-name", so.served_model_name, "model id in the API (default: directory name)");
     srv->add_option("--host", so.host, "address to listen on");

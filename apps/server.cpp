@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "connections.h"
+#include "io/synth.h"
 #include "serve/backends.h"
 #include "serve/chat.h"
 #include "serve/engine.h"
@@ -314,6 +315,7 @@ public:
 private:
     friend class Active;
     void load();
+    void load_synthetic(std::chrono::steady_clock::time_point t0);
     void routes();
     std::vector<int32_t> tokenize(const ChatPrompt& p) const;
     void parse_common(const json& body, Parsed& p, bool chat);
@@ -382,6 +384,10 @@ void Server::load() {
     std::string tok_path = opt_.tokenizer.empty() ? opt_.model_dir + "/tokenizer.json" : opt_.tokenizer;
     std::fprintf(stderr, "megamoe: loading %s\n", tok_path.c_str());
     tok_ = std::make_unique<Tokenizer>(Tokenizer::load(tok_path));
+    if (!opt_.synthetic.empty()) {
+        load_synthetic(t0);
+        return;
+    }
     const ModelConfig cfg = load_model_config(opt_.model_dir);
     if (tok_->vocab_size() > cfg.vocab_size)
         fail(tok_path, ": the tokenizer has ", tok_->vocab_size(), " ids but the model only ", cfg.vocab_size);
@@ -413,6 +419,44 @@ void Server::load() {
     auto backend = make_backend(*model, bo, &plan);
     if (!plan.str().empty()) std::fprintf(stderr, "%s", plan.str().c_str());
     std::fprintf(stderr, "megamoe: backend %s\n", backend->name().c_str());
+    engine_ = std::make_unique<Engine>(std::move(model), std::move(backend), eo);
+    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::fprintf(stderr, "megamoe: ready in %.1f s, serving '%s' (context %ld tokens)\n", sec, model_name_.c_str(),
+                 engine_->max_model_len());
+    ready_ = true;
+}
+
+// Random weights on the GPU for a preset's config (megamoe-serve-bench against a full-width model
+// that has no checkpoint on disk). The engine sees the config only; the GPU runner synthesizes.
+void Server::load_synthetic(std::chrono::steady_clock::time_point t0) {
+    SynthOptions so;
+    so.preset = opt_.synthetic;
+    so.layers = opt_.synthetic_layers;
+    so.seed = opt_.seed;
+    auto model = std::make_unique<Model>();
+    model->cfg = synth_config(so);
+    const ModelConfig& cfg = model->cfg;
+    if (tok_->vocab_size() > cfg.vocab_size)
+        fail("--tokenizer has ", tok_->vocab_size(), " ids but the synthetic model only ", cfg.vocab_size);
+    EngineOptions eo;
+    eo.max_batch_tokens = opt_.max_batch_tokens;
+    eo.max_seqs = opt_.max_seqs;
+    eo.max_model_len = opt_.max_model_len;
+    eo.seed = opt_.seed;
+    for (int64_t id = 0; id < cfg.vocab_size; ++id)
+        if (!tok_->has_token(static_cast<int32_t>(id))) eo.masked_token_ids.push_back(static_cast<int32_t>(id));
+    BackendOptions bo;
+    bo.name = opt_.backend;
+    bo.max_seqs = opt_.max_seqs;
+    bo.max_batch_tokens = opt_.max_batch_tokens;
+    bo.max_logit_rows = opt_.max_seqs;
+    bo.max_model_len = opt_.max_model_len;
+    bo.gpu_memory_fraction = opt_.gpu_memory_fraction;
+    std::ostringstream plan;
+    auto backend = make_synthetic_backend(cfg, opt_.seed, bo, &plan);
+    std::fprintf(stderr, "%s", plan.str().c_str());
+    std::fprintf(stderr, "megamoe: backend %s, synthetic %s weights (%ld layers, random: for benchmarks only)\n",
+                 backend->name().c_str(), opt_.synthetic.c_str(), cfg.num_hidden_layers);
     engine_ = std::make_unique<Engine>(std::move(model), std::move(backend), eo);
     const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::fprintf(stderr, "megamoe: ready in %.1f s, serving '%s' (context %ld tokens)\n", sec, model_name_.c_str(),
@@ -1093,9 +1137,9 @@ void Server::drain(int sig) {
 }
 
 int Server::run() {
-    model_name_ = opt_.served_model_name.empty()
-                      ? std::filesystem::path(opt_.model_dir).lexically_normal().filename().string()
-                      : opt_.served_model_name;
+    model_name_ = !opt_.served_model_name.empty() ? opt_.served_model_name
+                  : !opt_.synthetic.empty()         ? "synthetic-" + opt_.synthetic
+                                                    : std::filesystem::path(opt_.model_dir).lexically_normal().filename().string();
     if (model_name_.empty() || model_name_ == ".") model_name_ = "megamoe";
     routes();
     int port = opt_.port;
@@ -1138,7 +1182,14 @@ int Server::run() {
 }  // namespace
 
 void validate(const ServeOptions& o) {
-    if (o.model_dir.empty()) fail("--model: a checkpoint directory is required");
+    if (o.synthetic.empty() && o.model_dir.empty()) fail("--model: a checkpoint directory is required");
+    if (!o.synthetic.empty()) {
+        if (!o.model_dir.empty()) fail("--synthetic and --model exclude each other");
+        if (o.synthetic != "flash" && o.synthetic != "pro" && o.synthetic != "tiny")
+            fail("--synthetic must be tiny, flash or pro, got '", o.synthetic, "'");
+        if (o.tokenizer.empty()) fail("--synthetic needs --tokenizer (there is no checkpoint directory to find one in)");
+        if (o.synthetic_layers == 0 || o.synthetic_layers < -1) fail("--synthetic-layers must be >= 1, got ", o.synthetic_layers);
+    }
     if (o.port < 0 || o.port > 65535) fail("--port must be in 1..65535 (0: any free port), got ", o.port);
     if (o.max_model_len < 0) fail("--max-model-len must be >= 0 (0: the model's context), got ", o.max_model_len);
     if (o.max_batch_tokens < 1 || o.max_batch_tokens > (int64_t{1} << 20))
@@ -1165,7 +1216,7 @@ int serve(const ServeOptions& opt) {
     validate(opt);
     block_shutdown_signals();
     // What can be checked without reading: before the port is bound.
-    if (!std::filesystem::exists(opt.model_dir + "/config.json"))
+    if (opt.synthetic.empty() && !std::filesystem::exists(opt.model_dir + "/config.json"))
         fail(opt.model_dir, "/config.json: no such file (is --model a checkpoint directory?)");
     const std::string tok = opt.tokenizer.empty() ? opt.model_dir + "/tokenizer.json" : opt.tokenizer;
     if (!std::filesystem::exists(tok))

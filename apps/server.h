@@ -22,6 +22,10 @@ struct ServeOptions {
     double      drain_timeout = 30;        // s running requests may take to finish after SIGTERM / SIGINT
     int64_t     max_connections = 1024;    // connections served at once (one thread each); more wait
     std::string backend = "auto";          // cpu | cuda | auto (cuda when a GPU is usable)
+    // Benchmarks: instead of --model, random weights made on the GPU for a preset's config
+    // (flash | pro, `synthetic_layers` of its layers; --tokenizer required). No checkpoint is read.
+    std::string synthetic;
+    int64_t     synthetic_layers = -1;
     double      gpu_memory_fraction = 0.92;
 };
 

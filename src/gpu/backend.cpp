@@ -8,6 +8,7 @@ namespace {
 class GpuBackend final : public Backend {
 public:
     GpuBackend(const Model& m, const RunnerOptions& opt, std::ostream* log) : r_(m, opt, log) {}
+    GpuBackend(const ModelConfig& c, uint64_t seed, const RunnerOptions& opt, std::ostream* log) : r_(c, seed, opt, log) {}
 
     const ModelConfig& config() const override { return r_.cfg(); }
     std::string name() const override { return "cuda"; }
@@ -44,6 +45,11 @@ private:
 
 std::unique_ptr<Backend> make_gpu_backend(const Model& m, const RunnerOptions& opt, std::ostream* log) {
     return std::make_unique<GpuBackend>(m, opt, log);
+}
+
+std::unique_ptr<Backend> make_gpu_backend(const ModelConfig& c, uint64_t seed, const RunnerOptions& opt,
+                                          std::ostream* log) {
+    return std::make_unique<GpuBackend>(c, seed, opt, log);
 }
 
 }  // namespace megamoe::gpu

@@ -53,4 +53,22 @@ std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, s
 #endif
 }
 
+std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t seed, const BackendOptions& o,
+                                                std::ostream* log) {
+    if (resolve_backend(o.name) != "cuda") fail("synthetic weights are made on the GPU: they need --backend cuda");
+#ifdef MEGAMOE_HAVE_CUDA
+    gpu::RunnerOptions ro;
+    ro.max_seqs = o.max_seqs;
+    ro.max_batch_tokens = o.max_batch_tokens;
+    ro.max_logit_rows = o.max_logit_rows;
+    ro.max_model_len = o.max_model_len;
+    ro.memory_fraction = o.gpu_memory_fraction;
+    ro.graphs = o.graphs;
+    return gpu::make_gpu_backend(c, seed, ro, log);
+#else
+    (void)c, (void)seed, (void)log;
+    fail("unreachable: no CUDA backend in this build");
+#endif
+}
+
 }  // namespace megamoe

@@ -27,5 +27,9 @@ bool cuda_backend_available();
 std::string resolve_backend(const std::string& name);
 // The backend for `m` (which must outlive it). The GPU backend prints its memory plan to `log`.
 std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, std::ostream* log);
+// A GPU backend with random weights of config `c` made on the GPU (benchmarks of models with no
+// checkpoint on disk); throws Error for the CPU backend.
+std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t seed, const BackendOptions& o,
+                                                std::ostream* log);
 
 }  // namespace megamoe
