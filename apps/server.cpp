@@ -1204,7 +1204,9 @@ void validate(const ServeOptions& o) {
         if (!(v >= low && v <= 86400)) fail(flag, " must be in [", low, ", 86400] seconds, got ", v);
     if (!(o.gpu_memory_fraction > 0 && o.gpu_memory_fraction <= 1))
         fail("--gpu-memory-fraction must be in (0, 1], got ", o.gpu_memory_fraction);
-    (void)resolve_backend(o.backend);   // an unknown backend, or cuda without a GPU
+    const std::string backend = resolve_backend(o.backend);   // an unknown backend, or cuda without a GPU
+    if (!o.synthetic.empty() && backend != "cuda")
+        fail("--synthetic: random weights are made on the GPU; the ", backend, " backend has none (use --backend cuda)");
 }
 
 void block_shutdown_signals() {
