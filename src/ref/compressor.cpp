@@ -9,7 +9,8 @@ namespace megamoe {
 using Buf = std::vector<float>;
 
 void compressor_feed(const Compressor& w, const ModelConfig& c, const ops::RopeTable& rope, bool indexer_keys,
-                     const float* kv, const float* gate, const int64_t* pos, int64_t n, CompressorState& st) {
+                     const float* kv, const float* gate, const int64_t* pos, int64_t n, CompressorState& st,
+                     Numerics nm) {
     const int64_t r = w.ratio, d = w.dim, width = (w.overlap ? 2 : 1) * d;
     const float* ape = w.ape.as<float>();
     for (int64_t i = 0; i < n; ++i) {
@@ -40,13 +41,16 @@ void compressor_feed(const Compressor& w, const ModelConfig& c, const ops::RopeT
             }
         }
         ops::compress_pool(kv_slots.data(), gate_slots.data(), static_cast<int64_t>(kv_slots.size()), d, row.data());
+        ops::round_bf16(nm, row.data(), d);   // official: kv.to(x.dtype) before the norm
         ops::rms_norm(row.data(), 1, d, &w.norm, static_cast<float>(c.rms_norm_eps), row.data());
+        ops::round_bf16(nm, row.data(), d);
         const int64_t first_pos = st.n_rows * r;   // rows are rotated at their window's first token
         ops::rope(row.data(), 1, 1, d, &first_pos, rope, false);
+        ops::round_bf16(nm, row.data(), d);
         if (indexer_keys)
-            ops::round_indexer_qk(row.data(), 1, d);
+            ops::round_indexer_qk(nm, row.data(), 1, d);
         else
-            ops::round_kv_latent(row.data(), 1, d, rope.rope_dim);
+            ops::round_kv_latent(nm, row.data(), 1, d, rope.rope_dim);
         st.rows.insert(st.rows.end(), row.begin(), row.end());
         ++st.n_rows;
         if (w.overlap) {

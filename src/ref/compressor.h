@@ -12,7 +12,8 @@
 //   3. Pooling is a per-feature softmax over the slots' gates weighting the slots' kv (f32).
 //   4. The pooled row is RMS-normalized with the compressor's norm and rotated at position w·r,
 //      the window's first token (compressed-layer rope table); the official code then rounds it
-//      (FP8 for attention rows, FP4 + Hadamard for indexer keys: no-ops in exact mode).
+//      (FP8 for attention rows, FP4 + Hadamard for indexer keys: no-ops in exact numerics; in
+//      official numerics the pooled row, the norm and the rotation are also rounded to bf16).
 //   5. Rows are appended in order: row w is visible to a query at position p iff w < (p+1)/r.
 // Feeding a sequence's tokens in any chunking gives the same rows bit for bit (each row is
 // computed from the same values in the same order).
@@ -32,6 +33,7 @@ namespace megamoe {
 // kv, gate: [n, coff·d] f32 projections of the new tokens (gate without the position bias).
 // indexer_keys: the indexer's compressor (rounding site differs; see rule 4).
 void compressor_feed(const Compressor& w, const ModelConfig& c, const ops::RopeTable& rope, bool indexer_keys,
-                     const float* kv, const float* gate, const int64_t* pos, int64_t n, CompressorState& st);
+                     const float* kv, const float* gate, const int64_t* pos, int64_t n, CompressorState& st,
+                     Numerics nm = Numerics::exact);
 
 }  // namespace megamoe

@@ -52,6 +52,42 @@ std::vector<float> sequence_logits(const Model& m, const std::vector<int32_t>& t
     return sequence_logits(*b, tokens, s);
 }
 
+MtpLogits sequence_logits_mtp(const Model& m, const std::vector<int32_t>& tokens, const Schedule& s) {
+    const int64_t T = static_cast<int64_t>(tokens.size()), V = m.cfg.vocab_size;
+    if (T == 0) fail("mtp logits: no tokens");
+    if (s.chunk < 0) fail("chunk size must be >= 0, got ", s.chunk);
+    if (s.decode_from < -1) fail("decode-from must be >= 0 (or -1: no decode), got ", s.decode_from);
+    if (s.decode_from > T) fail("decode-from ", s.decode_from, " is past the ", T, " tokens");
+    if (!m.w.mtp) fail("mtp logits: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+    const int64_t prefill_end = s.decode_from < 0 ? T : s.decode_from;
+    const int64_t chunk = s.chunk > 0 ? s.chunk : std::max<int64_t>(prefill_end, 1);
+    SequenceState st(m.cfg);
+    MtpLogits out;
+    out.logits.reserve(static_cast<size_t>(T * V));
+    out.mtp_logits.reserve(static_cast<size_t>((T - 1) * V));
+    std::vector<float> part, streams;
+    ForwardOptions opt;
+    opt.all_logits = true;
+    opt.streams_out = &streams;
+    ForwardOptions mtp_opt;
+    mtp_opt.all_logits = true;
+    for (int64_t t = 0; t < T;) {
+        const int64_t n = t < prefill_end ? std::min(chunk, prefill_end - t) : 1;
+        std::vector<SequenceChunk> batch{{&st, std::vector<int32_t>(tokens.begin() + t, tokens.begin() + t + n)}};
+        forward(m, batch, opt, part);
+        out.logits.insert(out.logits.end(), part.begin(), part.end());
+        const int64_t n_mtp = std::min(t + n, T - 1) - t;   // positions whose next token is known
+        if (n_mtp > 0) {
+            std::vector<MtpChunk> mb{{&st, streams.data(),
+                                      std::vector<int32_t>(tokens.begin() + t + 1, tokens.begin() + t + 1 + n_mtp)}};
+            mtp_forward(m, mb, mtp_opt, part);
+            out.mtp_logits.insert(out.mtp_logits.end(), part.begin(), part.end());
+        }
+        t += n;
+    }
+    return out;
+}
+
 int32_t argmax(const float* logits, int64_t n) {
     int64_t best = 0;
     for (int64_t i = 1; i < n; ++i)

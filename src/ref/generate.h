@@ -22,6 +22,16 @@ struct Schedule {
 std::vector<float> sequence_logits(Backend& b, const std::vector<int32_t>& tokens, const Schedule& s);
 std::vector<float> sequence_logits(const Model& m, const std::vector<int32_t>& tokens, const Schedule& s);
 
+// The main model's logits [T, V] and the MTP block's mtp_logits [T-1, V] f32 of one fresh sequence
+// under `s`, on the CPU reference (row t of mtp_logits: the MTP block at position t with token
+// t+1, predicting token t+2, the layout of ../shared/golden/*/mtp.safetensors). The MTP block
+// runs over each chunk right after the main model, on the chunk's positions whose next token is known.
+struct MtpLogits {
+    std::vector<float> logits;       // [T, V]
+    std::vector<float> mtp_logits;   // [T-1, V]
+};
+MtpLogits sequence_logits_mtp(const Model& m, const std::vector<int32_t>& tokens, const Schedule& s);
+
 // Index of the largest logit; ties go to the lower id.
 int32_t argmax(const float* logits, int64_t n);
 

@@ -9,7 +9,7 @@
 namespace megamoe::ops {
 
 void attend_one(const float* q, int64_t H, int64_t hd, const float* const* keys, int64_t n_keys, const float* sink,
-                float scale, float* o) {
+                float scale, float* o, Numerics nm) {
     std::vector<float> logit(static_cast<size_t>(n_keys));
     std::vector<double> acc(static_cast<size_t>(hd));
     for (int64_t h = 0; h < H; ++h) {
@@ -26,9 +26,12 @@ void attend_one(const float* q, int64_t H, int64_t hd, const float* const* keys,
         for (int64_t j = 0; j < n_keys; ++j) {
             const double p = std::exp(static_cast<double>(logit[static_cast<size_t>(j)] - m));
             den += p;
-            for (int64_t d = 0; d < hd; ++d) acc[static_cast<size_t>(d)] += p * keys[j][d];
+            // official: P is cast to bf16 before the PV product (the normalizer keeps f32 P)
+            const double pv = nm == Numerics::official ? bf16_round(static_cast<float>(p)) : p;
+            for (int64_t d = 0; d < hd; ++d) acc[static_cast<size_t>(d)] += pv * keys[j][d];
         }
         for (int64_t d = 0; d < hd; ++d) o[h * hd + d] = static_cast<float>(acc[static_cast<size_t>(d)] / den);
+        round_bf16(nm, o + h * hd, hd);
     }
 }
 

@@ -57,11 +57,12 @@ void route_weights(const MoeWeights& m, const ModelConfig& c, const float* x, in
         normalize_weights(s.data() + t * E, ids + t * k, k, static_cast<float>(c.routed_scaling_factor), wts + t * k);
 }
 
-void expert_ffn(const ExpertWeights& e, float limit, const float* x, int64_t T, const float* scale, float* y) {
+void expert_ffn(const ExpertWeights& e, float limit, const float* x, int64_t T, const float* scale, float* y,
+                Numerics nm) {
     const int64_t I = e.w1.out;
     std::vector<float> g(static_cast<size_t>(T * I)), u(static_cast<size_t>(T * I));
-    linear(e.w1, x, T, g.data());
-    linear(e.w3, x, T, u.data());
+    linear_rounded(nm, e.w1, x, T, g.data());
+    linear_rounded(nm, e.w3, x, T, u.data());
     for (int64_t t = 0; t < T; ++t) {
         for (int64_t i = 0; i < I; ++i) {
             const float gv = std::min(g[static_cast<size_t>(t * I + i)], limit);            // gate: clamped above
@@ -71,11 +72,12 @@ void expert_ffn(const ExpertWeights& e, float limit, const float* x, int64_t T, 
             g[static_cast<size_t>(t * I + i)] = a;
         }
     }
-    linear(e.w2, g.data(), T, y);
+    round_bf16(nm, g.data(), T * I);   // official: x.to(bf16) before w2
+    linear_rounded(nm, e.w2, g.data(), T, y);
 }
 
 void moe(const MoeWeights& m, const ModelConfig& c, const float* x, int64_t T, const int32_t* ids, const float* wts,
-         float* y) {
+         float* y, Numerics nm) {
     const int64_t D = c.hidden_size, k = c.num_experts_per_tok, E = c.n_routed_experts;
     const float limit = static_cast<float>(c.swiglu_limit);
     // Gather each expert's (token, slot) pairs; experts without tokens cost nothing.
@@ -95,11 +97,11 @@ void moe(const MoeWeights& m, const ModelConfig& c, const float* x, int64_t T, c
                       xs.begin() + i * D);
             ws[static_cast<size_t>(i)] = wts[sl[static_cast<size_t>(i)]];
         }
-        expert_ffn(m.experts[static_cast<size_t>(e)], limit, xs.data(), n, ws.data(), ys.data());
+        expert_ffn(m.experts[static_cast<size_t>(e)], limit, xs.data(), n, ws.data(), ys.data(), nm);
         for (int64_t i = 0; i < n; ++i)
             std::copy(ys.begin() + i * D, ys.begin() + (i + 1) * D, out.begin() + sl[static_cast<size_t>(i)] * D);
     }
-    expert_ffn(m.shared, limit, x, T, nullptr, y);
+    expert_ffn(m.shared, limit, x, T, nullptr, y, nm);
     // Combine in slot order per token, so the sum does not depend on the batch.
     for (int64_t t = 0; t < T; ++t) {
         for (int64_t d = 0; d < D; ++d) {
@@ -108,6 +110,7 @@ void moe(const MoeWeights& m, const ModelConfig& c, const float* x, int64_t T, c
             y[t * D + d] += acc;
         }
     }
+    round_bf16(nm, y, T * D);   // official: y.type_as(x)
 }
 
 }  // namespace megamoe::ops

@@ -28,9 +28,17 @@ struct LayerState {
     CompressorState index_comp;                    // CSA: the indexer's keys
 };
 
+// The MTP block's own state of one sequence (a sliding-window layer): it lives next to the main
+// model's state and advances one position behind it or in step with it (ref/model.h mtp_forward).
+struct MtpState {
+    int64_t n_past = 0;                            // positions the MTP block has processed
+    LayerState layer;                              // its window (no compressor)
+};
+
 struct SequenceState {
     int64_t n_past = 0;                            // tokens already processed
     std::vector<LayerState> layers;
+    MtpState mtp;                                  // used only by mtp_forward
     explicit SequenceState(const ModelConfig& c) : layers(static_cast<size_t>(c.num_hidden_layers)) {}
 };
 

@@ -24,6 +24,11 @@ constexpr const char* ffn_in = "ffn_in";          // f32 [T, D]
 constexpr const char* expert_ids = "expert_ids";  // i32 [T, k] routed experts
 constexpr const char* ffn_out = "ffn_out";        // f32 [T, D]
 constexpr const char* final_norm = "final_norm";  // f32 [T, D] after the HC head and the final norm (layer = L)
+// The MTP block (mtp_forward): its layer index is L; the names above (streams, attn_in, attn_out,
+// index_topk, ffn_in, expert_ids, ffn_out) are traced for its block with layer = L too.
+constexpr const char* mtp_embed = "mtp_embed";    // f32 [T, D] enorm(embed[next token])
+constexpr const char* mtp_hidden = "mtp_hidden";  // f32 [T, hc·D] hnorm of the main model's pre-head streams
+constexpr const char* mtp_norm = "mtp_norm";      // f32 [T, D] after the MTP HC head and its norm (layer = L)
 }  // namespace trace_names
 
 // One traced tensor in host memory, row-major [rows, width] of `dtype` (f32 or i32).
