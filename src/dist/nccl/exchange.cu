@@ -1,0 +1,304 @@
+// exchange.cu — the MoE exchange over NCCL (see exchange.h). Kernels are plain and deterministic:
+// every output element is written by one thread from fixed inputs, sums run in a fixed order.
+#include "dist/nccl/exchange.h"
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <cub/block/block_scan.cuh>
+#include <string>
+#include <vector>
+
+#include "core/common.h"
+#include "cuda/linear.h"   // CUDA_CHECK
+
+namespace megamoe::dist {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+cudaStream_t cs(CUstream_st* s) { return reinterpret_cast<cudaStream_t>(s); }
+ncclComm_t nc(ncclComm* c) { return reinterpret_cast<ncclComm_t>(c); }
+
+int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+
+// local[i] = owned[ids[i]] when ≥ 0, else skip (other rank, padding or an id outside [0, E)).
+__global__ void map_local_kernel(const int32_t* ids, const int32_t* owned, int64_t n, int32_t E, int32_t skip,
+                                 int32_t* local) {
+    const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+    if (i >= n) return;
+    const int32_t e = ids[i];
+    const int32_t l = (e >= 0 && e < E) ? owned[e] : -1;
+    local[i] = l >= 0 ? l : skip;
+}
+
+// Per row g and column d: slot_rows writes k values, partial_sums one sum (slot order from 0).
+__global__ void place_kernel(const float* rows, const int32_t* inv, const int32_t* local, int64_t R, int32_t k,
+                             int64_t D, int32_t skip, bool slot_rows, float* out) {
+    const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+    if (i >= R * D) return;
+    const int64_t g = i / D, d = i % D;
+    float sum = 0.0f;
+    for (int32_t s = 0; s < k; ++s) {
+        const int64_t slot = g * k + s;
+        const bool here = local[slot] != skip;
+        const float v = here ? rows[static_cast<int64_t>(inv[slot]) * D + d] : 0.0f;
+        if (slot_rows)
+            out[slot * D + d] = v;
+        else if (here)
+            sum = __fadd_rn(sum, v);
+    }
+    if (!slot_rows) out[g * D + d] = sum;
+}
+
+// y[t, d] = shared + Σ_s home[t, s, d] (ids ≥ 0) or shared + home[t, d].
+__global__ void combine_gs_kernel(const float* home, const int32_t* ids, const float* shared, int64_t T, int32_t k,
+                                  int64_t D, bool slot_rows, float* y) {
+    const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+    if (i >= T * D) return;
+    const int64_t t = i / D, d = i % D;
+    float sum = 0.0f;
+    if (slot_rows) {
+        for (int32_t s = 0; s < k; ++s)
+            if (ids[t * k + s] >= 0) sum = __fadd_rn(sum, home[(t * k + s) * D + d]);
+    } else {
+        sum = __fadd_rn(sum, home[i]);
+    }
+    y[i] = shared ? __fadd_rn(shared[i], sum) : sum;
+}
+
+// One block per destination q: the tokens with ≥ 1 slot on q, ascending (a block-wide scan per
+// chunk of kThreads tokens), their metadata, the count, and row_of[t, q].
+__global__ void pack_meta_kernel(const int32_t* ids, const float* wts, const int32_t* owner, const int32_t* local_of,
+                                 int64_t T, int32_t k, int32_t E, int64_t cap, int32_t N, int32_t* send_token,
+                                 int32_t* send_local, float* send_wts, int32_t* send_count, int32_t* row_of) {
+    using Scan = cub::BlockScan<int, kThreads>;
+    __shared__ typename Scan::TempStorage tmp;
+    __shared__ int base;
+    const int32_t q = blockIdx.x;
+    if (threadIdx.x == 0) base = 0;
+    __syncthreads();
+    for (int64_t t0 = 0; t0 < T; t0 += kThreads) {
+        const int64_t t = t0 + threadIdx.x;
+        int flag = 0;
+        if (t < T)
+            for (int32_t s = 0; s < k; ++s) {
+                const int32_t e = ids[t * k + s];
+                flag |= (e >= 0 && e < E && owner[e] == q) ? 1 : 0;
+            }
+        int pos = 0, total = 0;
+        Scan(tmp).ExclusiveSum(flag, pos, total);
+        if (t < T) {
+            const int32_t row = flag ? base + pos : -1;
+            row_of[t * N + q] = row;
+            if (flag) {
+                const int64_t j = static_cast<int64_t>(q) * cap + row;
+                send_token[j] = static_cast<int32_t>(t);
+                for (int32_t s = 0; s < k; ++s) {
+                    const int32_t e = ids[t * k + s];
+                    send_local[j * k + s] = (e >= 0 && e < E && owner[e] == q) ? local_of[e] : -1;
+                    send_wts[j * k + s] = wts[t * k + s];
+                }
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) base += total;
+        __syncthreads();
+    }
+    // Rows past the count: no token, no slot (deterministic contents for the fixed-size send).
+    for (int64_t j = base + threadIdx.x; j < cap; j += kThreads) {
+        send_token[static_cast<int64_t>(q) * cap + j] = -1;
+        for (int32_t s = 0; s < k; ++s) {
+            send_local[(static_cast<int64_t>(q) * cap + j) * k + s] = -1;
+            send_wts[(static_cast<int64_t>(q) * cap + j) * k + s] = 0.0f;
+        }
+    }
+    if (threadIdx.x == 0) send_count[q] = base;
+}
+
+// send_x[q, j] = x[send_token[q, j]] (zeros past the count).
+__global__ void pack_rows_kernel(const uint16_t* x, const int32_t* send_token, int64_t rows, int64_t D, uint16_t* send_x) {
+    const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+    if (i >= rows * D) return;
+    const int64_t j = i / D, d = i % D;
+    const int32_t t = send_token[j];
+    send_x[i] = t >= 0 ? x[static_cast<int64_t>(t) * D + d] : uint16_t{0};
+}
+
+// recv_local = meta (−1 → skip), and skip for rows past their block's count.
+__global__ void mask_received_kernel(const int32_t* meta, const int32_t* count, int64_t cap, int32_t k, int32_t N,
+                                     int32_t skip, int32_t* local) {
+    const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+    if (i >= static_cast<int64_t>(N) * cap * k) return;
+    const int64_t j = i / k, r = j / cap, row = j % cap;
+    const int32_t l = row < count[r] ? meta[i] : -1;
+    local[i] = l >= 0 ? l : skip;
+}
+
+// y[t] = shared + Σ_q back[q, row_of[t, q]] (ascending q, from 0).
+__global__ void combine_a2a_kernel(const float* back, const int32_t* row_of, const float* shared, int64_t T, int32_t N,
+                                   int64_t cap, int64_t D, float* y) {
+    const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+    if (i >= T * D) return;
+    const int64_t t = i / D, d = i % D;
+    float sum = 0.0f;
+    for (int32_t q = 0; q < N; ++q) {
+        const int32_t j = row_of[t * N + q];
+        if (j >= 0) sum = __fadd_rn(sum, back[(static_cast<int64_t>(q) * cap + j) * D + d]);
+    }
+    y[i] = shared ? __fadd_rn(shared[i], sum) : sum;
+}
+
+void check_partition(const Communicator& comm, const ExpertPartition& p, int64_t k, int64_t D) {
+    if (!comm.get()) throw Error("MoE exchange: the communicator is empty");
+    if (p.world != comm.world())
+        throw Error("MoE exchange: the expert partition is for " + std::to_string(p.world) + " GPUs, the NCCL world has " +
+                    std::to_string(comm.world()));
+    if (k < 1 || D < 1)
+        throw Error("MoE exchange: num_experts_per_tok (" + std::to_string(k) + ") and hidden_size (" + std::to_string(D) +
+                    ") must be positive");
+}
+
+}  // namespace
+
+// ---- all-gather + reduce-scatter
+
+GatherScatterExchange::GatherScatterExchange(const Communicator& comm, const ExpertPartition& p, int64_t T_pad, int64_t k,
+                                             int64_t D, Combine combine)
+    : comm_(comm.get()), world_(comm.world()), rank_(comm.rank()), per_rank_(p.per_rank()), T_pad_(T_pad), k_(k), D_(D),
+      E_(p.experts), combine_(combine) {
+    check_partition(comm, p, k, D);
+    if (T_pad < 1) throw Error("MoE exchange: T_pad must be at least 1, got " + std::to_string(T_pad));
+    const int64_t R = rows();
+    x_all = cuda::DeviceArray<uint16_t>(static_cast<size_t>(R * D), "exchange x_all");
+    ids_all = cuda::DeviceArray<int32_t>(static_cast<size_t>(R * k), "exchange ids_all");
+    wts_all = cuda::DeviceArray<float>(static_cast<size_t>(R * k), "exchange wts_all");
+    local = cuda::DeviceArray<int32_t>(static_cast<size_t>(R * k), "exchange local");
+    std::vector<int32_t> own(static_cast<size_t>(E_), -1);
+    for (int32_t e = 0; e < p.experts; ++e)
+        if (p.owner[static_cast<size_t>(e)] == rank_) own[static_cast<size_t>(e)] = p.local[static_cast<size_t>(e)];
+    owned = cuda::DeviceArray<int32_t>(own, "exchange owned");
+    out = cuda::DeviceArray<float>(static_cast<size_t>(R * width()), "exchange out");
+    home = cuda::DeviceArray<float>(static_cast<size_t>(T_pad * width()), "exchange home");
+}
+
+void GatherScatterExchange::gather(const uint16_t* x, const int32_t* ids, const float* wts, CUstream_st* stream) {
+    nccl_check(ncclGroupStart(), "ncclGroupStart");
+    nccl_check(ncclAllGather(x, x_all.data(), static_cast<size_t>(T_pad_ * D_) * 2, ncclUint8, nc(comm_), cs(stream)),
+               "ncclAllGather x");
+    nccl_check(ncclAllGather(ids, ids_all.data(), static_cast<size_t>(T_pad_ * k_), ncclInt32, nc(comm_), cs(stream)),
+               "ncclAllGather ids");
+    nccl_check(ncclAllGather(wts, wts_all.data(), static_cast<size_t>(T_pad_ * k_), ncclFloat32, nc(comm_), cs(stream)),
+               "ncclAllGather weights");
+    nccl_check(ncclGroupEnd(), "ncclGroupEnd (all-gather)");
+    const int64_t n = rows() * k_;
+    map_local_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(ids_all.data(), owned.data(), n,
+                                                                 static_cast<int32_t>(E_), per_rank_, local.data());
+    CUDA_CHECK(cudaGetLastError());
+}
+
+void GatherScatterExchange::place(const float* expert_rows, const int32_t* inv, CUstream_st* stream) {
+    const int64_t n = rows() * D_;
+    place_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(expert_rows, inv, local.data(), this->rows(),
+                                                             static_cast<int32_t>(k_), D_, per_rank_,
+                                                             combine_ == Combine::slot_rows, out.data());
+    CUDA_CHECK(cudaGetLastError());
+}
+
+void GatherScatterExchange::scatter(CUstream_st* stream) {
+    nccl_check(ncclReduceScatter(out.data(), home.data(), static_cast<size_t>(T_pad_ * width()), ncclFloat32, ncclSum,
+                                 nc(comm_), cs(stream)),
+               "ncclReduceScatter");
+}
+
+void GatherScatterExchange::combine(const float* shared, const int32_t* ids, float* y, CUstream_st* stream) const {
+    const int64_t n = T_pad_ * D_;
+    combine_gs_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(home.data(), ids, shared, T_pad_,
+                                                                  static_cast<int32_t>(k_), D_,
+                                                                  combine_ == Combine::slot_rows, y);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- all-to-all
+
+AllToAllExchange::AllToAllExchange(const Communicator& comm, const ExpertPartition& p, int64_t cap, int64_t k, int64_t D)
+    : comm_(comm.get()), world_(comm.world()), rank_(comm.rank()), per_rank_(p.per_rank()), cap_(cap), k_(k), D_(D),
+      E_(p.experts) {
+    check_partition(comm, p, k, D);
+    if (cap < 1) throw Error("MoE exchange: the per-peer capacity must be at least 1, got " + std::to_string(cap));
+    const size_t N = static_cast<size_t>(world_), C = static_cast<size_t>(cap), K = static_cast<size_t>(k),
+                 Dz = static_cast<size_t>(D);
+    owner = cuda::DeviceArray<int32_t>(p.owner, "exchange owner");
+    local_of = cuda::DeviceArray<int32_t>(p.local, "exchange local_of");
+    send_x = cuda::DeviceArray<uint16_t>(N * C * Dz, "exchange send_x");
+    send_local = cuda::DeviceArray<int32_t>(N * C * K, "exchange send_local");
+    send_wts = cuda::DeviceArray<float>(N * C * K, "exchange send_wts");
+    send_token = cuda::DeviceArray<int32_t>(N * C, "exchange send_token");
+    send_count = cuda::DeviceArray<int32_t>(N, "exchange send_count");
+    row_of = cuda::DeviceArray<int32_t>(C * N, "exchange row_of");
+    recv_x = cuda::DeviceArray<uint16_t>(N * C * Dz, "exchange recv_x");
+    recv_meta = cuda::DeviceArray<int32_t>(N * C * K, "exchange recv_meta");
+    recv_wts = cuda::DeviceArray<float>(N * C * K, "exchange recv_wts");
+    recv_count = cuda::DeviceArray<int32_t>(N, "exchange recv_count");
+    recv_local = cuda::DeviceArray<int32_t>(N * C * K, "exchange recv_local");
+    ret = cuda::DeviceArray<float>(N * C * Dz, "exchange ret");
+    back = cuda::DeviceArray<float>(N * C * Dz, "exchange back");
+}
+
+void AllToAllExchange::dispatch(const uint16_t* x, const int32_t* ids, const float* wts, int64_t T, CUstream_st* stream) {
+    if (T < 0 || T > cap_)
+        throw Error("MoE exchange: " + std::to_string(T) + " tokens for a per-peer capacity of " + std::to_string(cap_));
+    pack_meta_kernel<<<world_, kThreads, 0, cs(stream)>>>(ids, wts, owner.data(), local_of.data(), T,
+                                                          static_cast<int32_t>(k_), static_cast<int32_t>(E_), cap_, world_,
+                                                          send_token.data(), send_local.data(), send_wts.data(),
+                                                          send_count.data(), row_of.data());
+    CUDA_CHECK(cudaGetLastError());
+    const int64_t rows = world_ * cap_;
+    pack_rows_kernel<<<blocks_for(rows * D_), kThreads, 0, cs(stream)>>>(x, send_token.data(), rows, D_, send_x.data());
+    CUDA_CHECK(cudaGetLastError());
+    const size_t xb = static_cast<size_t>(cap_ * D_) * 2, mb = static_cast<size_t>(cap_ * k_);
+    nccl_check(ncclGroupStart(), "ncclGroupStart");
+    for (int32_t q = 0; q < world_; ++q) {
+        const size_t ox = static_cast<size_t>(q) * static_cast<size_t>(cap_ * D_), om = static_cast<size_t>(q) * mb;
+        nccl_check(ncclSend(send_count.data() + q, 1, ncclInt32, q, nc(comm_), cs(stream)), "ncclSend count");
+        nccl_check(ncclRecv(recv_count.data() + q, 1, ncclInt32, q, nc(comm_), cs(stream)), "ncclRecv count");
+        nccl_check(ncclSend(send_x.data() + ox, xb, ncclUint8, q, nc(comm_), cs(stream)), "ncclSend x");
+        nccl_check(ncclRecv(recv_x.data() + ox, xb, ncclUint8, q, nc(comm_), cs(stream)), "ncclRecv x");
+        nccl_check(ncclSend(send_local.data() + om, mb, ncclInt32, q, nc(comm_), cs(stream)), "ncclSend slots");
+        nccl_check(ncclRecv(recv_meta.data() + om, mb, ncclInt32, q, nc(comm_), cs(stream)), "ncclRecv slots");
+        nccl_check(ncclSend(send_wts.data() + om, mb, ncclFloat32, q, nc(comm_), cs(stream)), "ncclSend weights");
+        nccl_check(ncclRecv(recv_wts.data() + om, mb, ncclFloat32, q, nc(comm_), cs(stream)), "ncclRecv weights");
+    }
+    nccl_check(ncclGroupEnd(), "ncclGroupEnd (dispatch)");
+    const int64_t n = rows * k_;
+    mask_received_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(recv_meta.data(), recv_count.data(), cap_,
+                                                                     static_cast<int32_t>(k_), world_, per_rank_,
+                                                                     recv_local.data());
+    CUDA_CHECK(cudaGetLastError());
+}
+
+void AllToAllExchange::give_back(const float* rows, const int32_t* inv, CUstream_st* stream) {
+    const int64_t R = recv_rows();
+    place_kernel<<<blocks_for(R * D_), kThreads, 0, cs(stream)>>>(rows, inv, recv_local.data(), R,
+                                                                  static_cast<int32_t>(k_), D_, per_rank_, false,
+                                                                  ret.data());
+    CUDA_CHECK(cudaGetLastError());
+    const size_t n = static_cast<size_t>(cap_ * D_);
+    nccl_check(ncclGroupStart(), "ncclGroupStart");
+    for (int32_t q = 0; q < world_; ++q) {
+        nccl_check(ncclSend(ret.data() + q * n, n, ncclFloat32, q, nc(comm_), cs(stream)), "ncclSend partial sums");
+        nccl_check(ncclRecv(back.data() + q * n, n, ncclFloat32, q, nc(comm_), cs(stream)), "ncclRecv partial sums");
+    }
+    nccl_check(ncclGroupEnd(), "ncclGroupEnd (combine)");
+}
+
+void AllToAllExchange::combine(const float* shared, float* y, int64_t T, CUstream_st* stream) const {
+    if (T < 0 || T > cap_)
+        throw Error("MoE exchange: " + std::to_string(T) + " tokens for a per-peer capacity of " + std::to_string(cap_));
+    combine_a2a_kernel<<<blocks_for(T * D_), kThreads, 0, cs(stream)>>>(back.data(), row_of.data(), shared, T, world_,
+                                                                        cap_, D_, y);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace megamoe::dist
