@@ -110,6 +110,8 @@ std::unique_ptr<Backend> one_sequence_backend(const Model& m, const std::string&
                                               int64_t positions) {
     BackendOptions bo;
     bo.name = resolve_backend(name);
+    if (m.numerics != Numerics::exact && bo.name != "cpu")
+        fail("--numerics ", numerics_name(m.numerics), " runs on the cpu backend only for now; pass --backend cpu");
     bo.max_seqs = 1;
     bo.max_batch_tokens = bo.name == "cuda" ? 512 : int64_t{1} << 40;
     bo.max_logit_rows = bo.name == "cuda" ? 512 : bo.max_batch_tokens;
@@ -121,22 +123,36 @@ std::unique_ptr<Backend> one_sequence_backend(const Model& m, const std::string&
 }
 
 void cmd_logits(const std::string& dir, const std::string& tokens_file, const std::string& out, const Schedule& s,
-                const std::string& backend, double mem_fraction) {
+                const std::string& backend, double mem_fraction, Numerics numerics, bool mtp) {
     if (s.chunk < 0) fail("--chunk must be >= 0 (0: one chunk), got ", s.chunk);
     const std::vector<int32_t> ids = parse_ids(read_file(tokens_file), tokens_file);
-    (void)resolve_backend(backend);   // a bad --backend fails before the weights load
+    const std::string be = resolve_backend(backend);   // a bad --backend fails before the weights load
+    if (mtp && be != "cpu") fail("--mtp runs on the cpu backend only for now; pass --backend cpu");
+    if (mtp && ids.size() < 2) fail(tokens_file, ": --mtp needs at least 2 tokens (row t predicts token t+2)");
     auto m = Model::load(dir);
-    auto b = one_sequence_backend(*m, backend, mem_fraction, static_cast<int64_t>(ids.size()));
+    m->numerics = numerics;
+    if (mtp && !m->w.mtp) fail(dir, ": --mtp: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+    const int64_t T = static_cast<int64_t>(ids.size()), V = m->cfg.vocab_size;
     auto t0 = std::chrono::steady_clock::now();
-    std::vector<float> logits = sequence_logits(*b, ids, s);
+    std::vector<float> logits, mtp_logits;
+    if (mtp) {   // the CPU reference directly: the MTP block runs beside the main model
+        MtpLogits r = sequence_logits_mtp(*m, ids, s);
+        logits.swap(r.logits);
+        mtp_logits.swap(r.mtp_logits);
+    } else {
+        auto b = one_sequence_backend(*m, backend, mem_fraction, T);
+        logits = sequence_logits(*b, ids, s);
+    }
     const double sec = seconds_since(t0);
-    write_safetensors(out, {{"logits", DType::f32, {static_cast<int64_t>(ids.size()), m->cfg.vocab_size}, logits.data()}});
+    std::vector<TensorToWrite> tensors{{"logits", DType::f32, {T, V}, logits.data()}};
+    if (mtp) tensors.push_back({"mtp_logits", DType::f32, {T - 1, V}, mtp_logits.data()});
+    write_safetensors(out, tensors);
     std::fprintf(stderr, "%zu tokens in %.2f s (%.1f tok/s), logits -> %s\n", ids.size(), sec,
                  static_cast<double>(ids.size()) / sec, out.c_str());
 }
 
 void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t max_new, int64_t chunk, bool ignore_eos,
-                  const std::string& backend, double mem_fraction) {
+                  const std::string& backend, double mem_fraction, Numerics numerics) {
     const std::vector<int32_t> prompt = parse_ids(ids_text, "--ids");
     if (max_new < 0) fail("--max-new must be >= 0, got ", max_new);
     if (chunk < 0) fail("--chunk must be >= 0 (0: the whole prompt at once), got ", chunk);
@@ -150,6 +166,7 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
     }
     (void)resolve_backend(backend);   // a bad --backend fails before the weights load
     auto m = Model::load(dir);
+    m->numerics = numerics;
     auto b = one_sequence_backend(*m, backend, mem_fraction, P + std::max<int64_t>(max_new - 1, 0));
     auto t0 = std::chrono::steady_clock::now();
     std::vector<int32_t> out = generate_greedy(*b, prompt, max_new, chunk, ignore_eos);
@@ -171,7 +188,10 @@ int main(int argc, char** argv) {
     Schedule sched;
     int64_t max_new = 16, chunk = 0, layers = -1, vocab = -1, routed = -1, shard_mb = 4096;
     uint64_t seed = 0;
-    bool ignore_eos = false, no_mtp = false;
+    bool ignore_eos = false, no_mtp = false, mtp = false;
+    std::string numerics = "exact";
+    const char* numerics_help = "exact (f32 activations, the default) | official (DeepSeek's roundings: bf16 "
+                                "activations, FP8 GEMM inputs and KV latent, Hadamard + FP4 indexer q/k)";
 
     auto* info = app.add_subcommand("info", "config summary, layer schedule, weight formats and sizes");
     info->add_option("--model", model, "checkpoint directory")->required();
@@ -186,6 +206,8 @@ int main(int argc, char** argv) {
     double mem_fraction = 0.92;
     lg->add_option("--backend", backend, "cpu | cuda | auto (cuda when a GPU is usable)");
     lg->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
+    lg->add_option("--numerics", numerics, numerics_help);
+    lg->add_flag("--mtp", mtp, "also write 'mtp_logits' F32 [T-1, vocab]: row t, the MTP block at t, predicts token t+2");
 
     auto* gen = app.add_subcommand("generate", "greedy continuation; prints the new ids");
     gen->add_option("--model", model, "checkpoint directory")->required();
@@ -195,6 +217,7 @@ int main(int argc, char** argv) {
     gen->add_flag("--ignore-eos", ignore_eos, "do not stop at the EOS token");
     gen->add_option("--backend", backend, "cpu | cuda | auto (cuda when a GPU is usable)");
     gen->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
+    gen->add_option("--numerics", numerics, numerics_help);
 
     auto* syn = app.add_subcommand("synth", "write a random checkpoint in the release layout");
     syn->add_option("--out", out, "output directory")->required();
@@ -241,8 +264,8 @@ int main(int argc, char** argv) {
         if (*info) cmd_info(model);
         if (mem_fraction <= 0 || mem_fraction > 1)
             fail("--gpu-memory-fraction must be in (0, 1], got ", mem_fraction);
-        if (*lg) cmd_logits(model, tokens, out, sched, backend, mem_fraction);
-        if (*gen) cmd_generate(model, ids, max_new, chunk, ignore_eos, backend, mem_fraction);
+        if (*lg) cmd_logits(model, tokens, out, sched, backend, mem_fraction, parse_numerics(numerics), mtp);
+        if (*gen) cmd_generate(model, ids, max_new, chunk, ignore_eos, backend, mem_fraction, parse_numerics(numerics));
         if (*srv) return serve(so);
         if (*syn) {
             SynthOptions o;
