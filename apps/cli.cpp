@@ -251,6 +251,7 @@ int main(int argc, char** argv) {
     srv->add_option("--max-connections", so.max_connections, "connections served at once (more wait)");
     srv->add_option("--backend", so.backend, "cpu | cuda | auto (cuda when a GPU is usable)");
     srv->add_option("--gpu-memory-fraction", so.gpu_memory_fraction, "share of the GPU's memory megamoe may hold");
+    srv->add_option("--numerics", so.numerics, numerics_help);
 
     CLI11_PARSE(app, argc, argv);
     // serve waits for SIGTERM/SIGINT on a thread of its own: block them before any thread starts.

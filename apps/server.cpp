@@ -408,6 +408,7 @@ void Server::load() {
         if (done == total) std::fprintf(stderr, "\n");
     });
     if (model->cfg.vocab_size != cfg.vocab_size) fail(opt_.model_dir, "/config.json changed while loading");
+    model->numerics = parse_numerics(opt_.numerics);
     BackendOptions bo;
     bo.name = opt_.backend;
     bo.max_seqs = opt_.max_seqs;
@@ -1182,6 +1183,9 @@ int Server::run() {
 }  // namespace
 
 void validate(const ServeOptions& o) {
+    const Numerics numerics = parse_numerics(o.numerics);   // names --numerics
+    if (numerics != Numerics::exact && o.backend != "cpu")
+        fail("--numerics ", o.numerics, " runs on the cpu backend only for now; pass --backend cpu");
     if (o.synthetic.empty() && o.model_dir.empty()) fail("--model: a checkpoint directory is required");
     if (!o.synthetic.empty()) {
         if (!o.model_dir.empty()) fail("--synthetic and --model exclude each other");

@@ -27,6 +27,7 @@ struct ServeOptions {
     std::string synthetic;
     int64_t     synthetic_layers = -1;
     double      gpu_memory_fraction = 0.92;
+    std::string numerics = "exact";        // exact | official (ref/ops.h Numerics; official: cpu backend only for now)
 };
 
 // Throws Error naming the flag (--port, --max-seqs, ...) for a value out of range. serve()
