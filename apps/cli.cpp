@@ -252,6 +252,9 @@ int main(int argc, char** argv) {
     srv->add_option("--backend", so.backend, "cpu | cuda | auto (cuda when a GPU is usable)");
     srv->add_option("--gpu-memory-fraction", so.gpu_memory_fraction, "share of the GPU's memory megamoe may hold");
     srv->add_option("--numerics", so.numerics, numerics_help);
+    srv->add_option("--max-state-tokens", so.max_state_tokens,
+                    "positions of sequence state in the pool, 0: what memory holds (past it: wait, preempt)");
+    srv->add_flag("--no-prefix-caching{false}", so.prefix_caching, "do not reuse the state of earlier prompts");
 
     CLI11_PARSE(app, argc, argv);
     // serve waits for SIGTERM/SIGINT on a thread of its own: block them before any thread starts.

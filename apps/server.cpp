@@ -397,6 +397,7 @@ void Server::load() {
     eo.max_seqs = opt_.max_seqs;
     eo.max_model_len = opt_.max_model_len;
     eo.seed = opt_.seed;
+    eo.prefix_caching = opt_.prefix_caching;
     for (int64_t id = 0; id < cfg.vocab_size; ++id)
         if (!tok_->has_token(static_cast<int32_t>(id))) eo.masked_token_ids.push_back(static_cast<int32_t>(id));
     if (!eo.masked_token_ids.empty())
@@ -416,6 +417,7 @@ void Server::load() {
     bo.max_logit_rows = opt_.max_seqs;
     bo.max_model_len = opt_.max_model_len;
     bo.gpu_memory_fraction = opt_.gpu_memory_fraction;
+    bo.max_state_tokens = opt_.max_state_tokens;
     std::ostringstream plan;
     auto backend = make_backend(*model, bo, &plan);
     if (!plan.str().empty()) std::fprintf(stderr, "%s", plan.str().c_str());
@@ -444,6 +446,7 @@ void Server::load_synthetic(std::chrono::steady_clock::time_point t0) {
     eo.max_seqs = opt_.max_seqs;
     eo.max_model_len = opt_.max_model_len;
     eo.seed = opt_.seed;
+    eo.prefix_caching = opt_.prefix_caching;
     for (int64_t id = 0; id < cfg.vocab_size; ++id)
         if (!tok_->has_token(static_cast<int32_t>(id))) eo.masked_token_ids.push_back(static_cast<int32_t>(id));
     BackendOptions bo;
@@ -453,6 +456,7 @@ void Server::load_synthetic(std::chrono::steady_clock::time_point t0) {
     bo.max_logit_rows = opt_.max_seqs;
     bo.max_model_len = opt_.max_model_len;
     bo.gpu_memory_fraction = opt_.gpu_memory_fraction;
+    bo.max_state_tokens = opt_.max_state_tokens;
     std::ostringstream plan;
     auto backend = make_synthetic_backend(cfg, opt_.seed, bo, &plan);
     std::fprintf(stderr, "%s", plan.str().c_str());
@@ -943,7 +947,16 @@ std::string Server::metrics_text() const {
     counter("megamoe_generation_tokens_total", "tokens generated", static_cast<double>(m.generation_tokens_total));
     gauge("megamoe_num_requests_running", "requests in the running batch", static_cast<double>(m.running));
     gauge("megamoe_num_requests_waiting", "requests waiting to run", static_cast<double>(m.waiting));
-    gauge("megamoe_cache_usage", "sequence tokens held / (max_seqs x max_model_len)", m.cache_usage);
+    gauge("megamoe_cache_usage", "state pool blocks held (running sequences and prefix snapshots) / all", m.cache_usage);
+    counter("megamoe_num_preemptions_total", "running requests whose state was dropped for room (recomputed later)",
+            static_cast<double>(m.preemptions_total));
+    counter("megamoe_prefix_cache_queries_total", "prompt tokens looked up in the prefix cache",
+            static_cast<double>(m.prefix_queries_tokens));
+    counter("megamoe_prefix_cache_hits_total", "prompt tokens found in the prefix cache (not computed again)",
+            static_cast<double>(m.prefix_hits_tokens));
+    counter("megamoe_prefix_cache_hit_requests_total", "requests that started from a prefix snapshot",
+            static_cast<double>(m.prefix_hit_requests));
+    gauge("megamoe_prefix_cache_entries", "prefix snapshots held", static_cast<double>(m.prefix_entries));
     histogram("megamoe_time_to_first_token_seconds", "time from arrival to the first token", m.ttft);
     histogram("megamoe_time_per_output_token_seconds", "time between consecutive tokens", m.tpot);
     return o.str();
@@ -1199,6 +1212,7 @@ void validate(const ServeOptions& o) {
     if (o.max_batch_tokens < 1 || o.max_batch_tokens > (int64_t{1} << 20))
         fail("--max-batch-tokens must be in 1..1048576, got ", o.max_batch_tokens);
     if (o.max_seqs < 1 || o.max_seqs > 65536) fail("--max-seqs must be in 1..65536, got ", o.max_seqs);
+    if (o.max_state_tokens < 0) fail("--max-state-tokens must be >= 0, got ", o.max_state_tokens);
     if (o.max_body_bytes < 1) fail("--max-body-bytes must be >= 1, got ", o.max_body_bytes);
     if (o.max_connections < 1 || o.max_connections > 65536)
         fail("--max-connections must be in 1..65536, got ", o.max_connections);

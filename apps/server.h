@@ -28,6 +28,10 @@ struct ServeOptions {
     int64_t     synthetic_layers = -1;
     double      gpu_memory_fraction = 0.92;
     std::string numerics = "exact";        // exact | official (ref/ops.h Numerics; official: cpu backend only for now)
+    // Sequence state: at most this many positions in the pool (0: as many as memory holds; the
+    // CPU backend: no limit). Past it, requests wait and running ones are preempted.
+    int64_t     max_state_tokens = 0;
+    bool        prefix_caching = true;     // --no-prefix-caching turns it off
 };
 
 // Throws Error naming the flag (--port, --max-seqs, ...) for a value out of range. serve()

@@ -35,6 +35,11 @@ public:
         r_.step_sample(rc, spec, out);
     }
     double cache_usage() const override { return r_.cache_usage(); }
+    int64_t capacity_tokens() const override { return r_.capacity_tokens(); }
+    int64_t prefix_block() const override { return r_.prefix_block(); }
+    int32_t snapshot(int32_t slot) override { return r_.snapshot(slot); }
+    void drop_snapshot(int32_t handle) override { r_.drop_snapshot(handle); }
+    int32_t open_from(int32_t handle) override { return r_.open_from(handle); }
     SequenceState state(int32_t slot) const override { return r_.download_state(slot); }
 
 private:

@@ -60,7 +60,9 @@ std::string MemoryPlan::describe() const {
        << "  slots      " << mib(slots) << " (per-sequence windows and open compressor windows)\n"
        << "  state pool " << mib(blocks) << " = " << block_count << " blocks of " << block_tokens
        << " positions: " << context_tokens << " tokens of context in all, up to " << max_model_len
-       << " per sequence\n";
+       << " per sequence\n"
+       << "  prefix     " << mib(snapshots) << " = " << snapshot_count
+       << " snapshot records (prefix caching; their rows stay in the pool's blocks)\n";
     return os.str();
 }
 
@@ -370,15 +372,25 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     // The state pool from what is left.
     const StateLayout layout = StateLayout::make(c, opt.block_tokens);
     plan.slots = static_cast<size_t>((opt.max_seqs + 1) * layout.slot_bytes);
+    const int64_t n_snaps = opt.prefix_snapshots >= 0 ? opt.prefix_snapshots : opt.max_seqs;
+    plan.snapshots = static_cast<size_t>(n_snaps * layout.slot_bytes);
+    plan.snapshot_count = n_snaps;
     const int64_t max_blocks = (opt.max_model_len + layout.block_tokens - 1) / layout.block_tokens;
     check(cudaMemGetInfo(&free_b, &total_b), "memory info");
     const size_t table_b = static_cast<size_t>((opt.max_seqs + 1) * max_blocks * 4);
     const int64_t slack = 64ll << 20;   // kernels' module data, graphs
     const int64_t left = static_cast<int64_t>(free_b) - static_cast<int64_t>(reserve_b) -
-                         static_cast<int64_t>(plan.slots) - static_cast<int64_t>(table_b) - slack;
+                         static_cast<int64_t>(plan.slots + plan.snapshots) - static_cast<int64_t>(table_b) - slack;
     int64_t n_blocks = 0;
     if (layout.block_bytes > 0) {
-        n_blocks = std::min<int64_t>(left / layout.block_bytes - 1, opt.max_seqs * max_blocks);
+        // Blocks beyond what max_seqs full sequences use keep prefix-cache snapshots' rows.
+        n_blocks = std::min<int64_t>(left / layout.block_bytes - 1, (opt.max_seqs + n_snaps) * max_blocks);
+        if (opt.max_state_tokens > 0) {
+            n_blocks = std::min(n_blocks, (opt.max_state_tokens + layout.block_tokens - 1) / layout.block_tokens);
+            if (n_blocks < max_blocks)
+                fail("--max-state-tokens ", opt.max_state_tokens, " holds fewer positions than one sequence of ",
+                     opt.max_model_len, " (raise it or lower --max-model-len)");
+        }
         if (n_blocks < max_blocks)
             fail("the GPU has room for ", std::max<int64_t>(n_blocks, 0) * layout.block_tokens,
                  " positions of sequence state after the weights and workspace, fewer than one sequence of ",
@@ -386,7 +398,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     } else if (left < 0) {
         fail("the GPU has no room for the per-sequence state of ", opt.max_seqs, " sequences");
     }
-    pool = std::make_unique<StatePool>(c, layout, opt.max_seqs, n_blocks, opt.max_model_len);
+    pool = std::make_unique<StatePool>(c, layout, opt.max_seqs, n_blocks, opt.max_model_len, n_snaps);
     plan.blocks = static_cast<size_t>((n_blocks + 1) * layout.block_bytes);
     plan.block_count = n_blocks;
     plan.block_tokens = layout.block_tokens;
@@ -670,6 +682,11 @@ void Runner::close(int32_t slot) { impl_->pool->close(slot); }
 bool Runner::reserve(int32_t slot, int64_t n) { return impl_->pool->reserve(slot, n); }
 int64_t Runner::n_past(int32_t slot) const { return impl_->pool->n_past(slot); }
 double Runner::cache_usage() const { return impl_->pool->usage(); }
+int64_t Runner::capacity_tokens() const { return impl_->pool->capacity_tokens(); }
+int64_t Runner::prefix_block() const { return impl_->pool->n_snapshots() > 0 ? impl_->pool->layout().block_tokens : 0; }
+int32_t Runner::snapshot(int32_t slot) { return impl_->pool->snapshot(slot, impl_->stream); }
+void Runner::drop_snapshot(int32_t handle) { impl_->pool->drop_snapshot(handle); }
+int32_t Runner::open_from(int32_t handle) { return impl_->pool->open_from(handle, impl_->stream); }
 int64_t Runner::graph_replays() const { return impl_->replays; }
 int64_t Runner::graphs_captured() const { return static_cast<int64_t>(impl_->graphs.size()); }
 CUstream_st* Runner::stream() const { return impl_->stream; }

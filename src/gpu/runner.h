@@ -33,6 +33,8 @@ struct RunnerOptions {
     int64_t max_model_len = 0;         // positions per sequence (0: min(max_position_embeddings, 65536))
     double  memory_fraction = 0.92;    // of the GPU's memory megamoe may hold in all
     int64_t block_tokens = 256;        // positions per state block (a multiple of every compress ratio)
+    int64_t max_state_tokens = 0;      // positions in the block pool at most (0: what memory holds)
+    int64_t prefix_snapshots = -1;     // prefix-cache snapshot records (-1: max_seqs; 0: no prefix caching)
     bool    graphs = true;             // decode steps through CUDA graphs, one per batch-size bucket
 };
 
@@ -45,6 +47,8 @@ struct MemoryPlan {
     size_t  blocks = 0;                // the block pool (compressed rows, indexer keys)
     int64_t block_count = 0, block_tokens = 0;
     int64_t context_tokens = 0;        // positions the pool holds across all sequences
+    size_t  snapshots = 0;             // prefix-cache snapshot records (copies of slot records)
+    int64_t snapshot_count = 0;
     int64_t max_model_len = 0;
     std::string describe() const;      // a few lines for the log
 };
@@ -74,6 +78,13 @@ public:
     bool    reserve(int32_t slot, int64_t n_tokens);   // room for positions [0, n_tokens)
     int64_t n_past(int32_t slot) const;
     double  cache_usage() const;                   // state blocks in use / all
+    int64_t capacity_tokens() const;               // positions the pool holds
+    // Prefix caching (gpu/state_pool.h; Backend's contract in ref/backend.h): copies on the
+    // runner's stream, ordered with the steps.
+    int64_t prefix_block() const;                  // block_tokens, or 0 without snapshot records
+    int32_t snapshot(int32_t slot);                // a handle, or -1 when all records are in use
+    void    drop_snapshot(int32_t handle);
+    int32_t open_from(int32_t handle);             // a slot at the snapshot's position, or -1
 
     // Runs the chunks (each of a different open slot, within its reservation; at most
     // max_batch_tokens tokens). logits: [rows, V] f32 — every token when all_logits, else each

@@ -59,7 +59,7 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens) {
 }
 
 StatePool::StatePool(const ModelConfig& c, const StateLayout& layout, int64_t n_slots, int64_t n_blocks,
-                     int64_t max_len)
+                     int64_t max_len, int64_t n_snapshots)
     : cfg_(c), L_(layout), n_slots_(n_slots), n_blocks_(L_.block_bytes ? n_blocks : 0), max_len_(max_len) {
     MEGAMOE_CHECK(n_slots >= 1 && max_len >= 1, "state pool: ", n_slots, " slots, max length ", max_len);
     max_blocks_ = (max_len + L_.block_tokens - 1) / L_.block_tokens;
@@ -78,6 +78,68 @@ StatePool::StatePool(const ModelConfig& c, const StateLayout& layout, int64_t n_
     dirty_.assign(static_cast<size_t>(n_slots + 1), false);
     for (int64_t b = n_blocks_; b >= 1; --b) free_.push_back(static_cast<int32_t>(b));
     seqs_.resize(static_cast<size_t>(n_slots));
+    refs_.assign(static_cast<size_t>(n_blocks_ + 1), 0);
+    MEGAMOE_CHECK(n_snapshots >= 0, "state pool: ", n_snapshots, " snapshots");
+    if (n_snapshots > 0) snaps_buf_ = cuda::DeviceBuffer(static_cast<size_t>(n_snapshots * L_.slot_bytes), "prefix snapshots");
+    snaps_.resize(static_cast<size_t>(n_snapshots));
+}
+
+void StatePool::release(const std::vector<int32_t>& blocks) {
+    for (int32_t b : blocks) {
+        MEGAMOE_CHECK(b >= 1 && b <= n_blocks_ && refs_[static_cast<size_t>(b)] > 0, "state pool: block ", b,
+                      " released twice");
+        if (--refs_[static_cast<size_t>(b)] == 0) free_.push_back(b);
+    }
+}
+
+int32_t StatePool::snapshot(int32_t slot, CUstream_st* stream) {
+    MEGAMOE_CHECK(is_open(slot), "state pool: slot ", slot, " is not open");
+    const Seq& s = seqs_[static_cast<size_t>(slot)];
+    MEGAMOE_CHECK(s.n_past > 0 && s.n_past % L_.block_tokens == 0, "state pool: a snapshot is taken at a multiple of ",
+                  L_.block_tokens, " positions; slot ", slot, " is at ", s.n_past);
+    for (size_t h = 0; h < snaps_.size(); ++h) {
+        if (snaps_[h].open) continue;
+        check(cudaMemcpyAsync(snaps_buf_.as<char>() + static_cast<int64_t>(h) * L_.slot_bytes,
+                              slots_.as<char>() + static_cast<int64_t>(slot) * L_.slot_bytes,
+                              static_cast<size_t>(L_.slot_bytes), cudaMemcpyDeviceToDevice, stream),
+              "snapshot copy");
+        Seq& snap = snaps_[h];
+        snap.open = true;
+        snap.n_past = snap.reserved = s.n_past;
+        const size_t nb = L_.block_bytes ? static_cast<size_t>(s.n_past / L_.block_tokens) : 0;
+        snap.blocks.assign(s.blocks.begin(), s.blocks.begin() + static_cast<long>(std::min(nb, s.blocks.size())));
+        for (int32_t b : snap.blocks) ++refs_[static_cast<size_t>(b)];
+        return static_cast<int32_t>(h);
+    }
+    return -1;
+}
+
+void StatePool::drop_snapshot(int32_t h) {
+    if (h < 0 || h >= static_cast<int32_t>(snaps_.size()) || !snaps_[static_cast<size_t>(h)].open) return;
+    release(snaps_[static_cast<size_t>(h)].blocks);
+    snaps_[static_cast<size_t>(h)] = Seq{};
+}
+
+int32_t StatePool::open_from(int32_t h, CUstream_st* stream) {
+    MEGAMOE_CHECK(h >= 0 && h < static_cast<int32_t>(snaps_.size()) && snaps_[static_cast<size_t>(h)].open,
+                  "state pool: no snapshot ", h);
+    const int32_t slot = open();
+    if (slot < 0) return -1;
+    const Seq& snap = snaps_[static_cast<size_t>(h)];
+    check(cudaMemcpyAsync(slots_.as<char>() + static_cast<int64_t>(slot) * L_.slot_bytes,
+                          snaps_buf_.as<char>() + static_cast<int64_t>(h) * L_.slot_bytes,
+                          static_cast<size_t>(L_.slot_bytes), cudaMemcpyDeviceToDevice, stream),
+          "snapshot restore");
+    Seq& s = seqs_[static_cast<size_t>(slot)];
+    s.n_past = s.reserved = snap.n_past;
+    s.blocks = snap.blocks;
+    int32_t* row = table_host_ + static_cast<int64_t>(slot) * max_blocks_;
+    for (size_t i = 0; i < s.blocks.size(); ++i) {
+        ++refs_[static_cast<size_t>(s.blocks[i])];
+        row[i] = s.blocks[i];
+    }
+    dirty_[static_cast<size_t>(slot)] = true;
+    return slot;
 }
 
 StatePool::~StatePool() {
@@ -102,7 +164,7 @@ bool StatePool::is_open(int32_t slot) const {
 void StatePool::close(int32_t slot) {
     if (!is_open(slot)) return;
     Seq& s = seqs_[static_cast<size_t>(slot)];
-    for (int32_t b : s.blocks) free_.push_back(b);
+    release(s.blocks);
     int32_t* row = table_host_ + static_cast<int64_t>(slot) * max_blocks_;
     std::fill(row, row + max_blocks_, 0);
     dirty_[static_cast<size_t>(slot)] = true;
@@ -128,6 +190,7 @@ bool StatePool::reserve(int32_t slot, int64_t n_tokens) {
     for (int64_t i = have; i < need; ++i) {
         const int32_t b = free_.back();
         free_.pop_back();
+        refs_[static_cast<size_t>(b)] = 1;
         s.blocks.push_back(b);
         row[i] = b;
     }

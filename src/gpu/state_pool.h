@@ -9,6 +9,10 @@
 //       per compressed layer: its rows bf16 [block_tokens / r, hd]; CSA also the indexer's keys
 //       bf16 [block_tokens / 4, dI]
 // A sequence holds one slot and the blocks its block-table row lists; `reserve` grows that list.
+// Prefix caching: a snapshot copies a slot record into one of n_snapshots spare records and holds
+// the sequence's full blocks before its position (shared, counted: a block is free when no
+// sequence and no snapshot holds it); a sequence opened from it gets the record back and shares
+// those blocks, writing only to blocks after them (the position is a multiple of block_tokens).
 // Block 0 is never given to a sequence: unused table entries and the padding slot (which takes
 // the padding rows of a graph-captured decode bucket) point to it, so stray writes land there.
 // What a CPU SequenceState holds (ref/state.h) can be read back with `download` (tests).
@@ -47,13 +51,14 @@ class StatePool {
 public:
     // n_slots sequence slots (plus one padding slot), n_blocks blocks of layout.block_tokens
     // positions (plus the reserved block 0), sequences up to max_len positions.
-    StatePool(const ModelConfig& c, const StateLayout& layout, int64_t n_slots, int64_t n_blocks, int64_t max_len);
+    StatePool(const ModelConfig& c, const StateLayout& layout, int64_t n_slots, int64_t n_blocks, int64_t max_len,
+              int64_t n_snapshots = 0);
 
     const StateLayout& layout() const { return L_; }
     int64_t n_slots() const { return n_slots_; }
     int32_t pad_slot() const { return static_cast<int32_t>(n_slots_); }
     int64_t max_len() const { return max_len_; }
-    size_t  bytes() const { return slots_.bytes() + blocks_.bytes() + table_.bytes(); }
+    size_t  bytes() const { return slots_.bytes() + snaps_buf_.bytes() + blocks_.bytes() + table_.bytes(); }
 
     int32_t open();                          // a free slot (n_past = 0, no blocks), or -1
     void    close(int32_t slot);             // frees its blocks; unknown/closed slots: no-op
@@ -65,7 +70,14 @@ public:
     void    advance(int32_t slot, int64_t n);   // after a step ran n tokens of it
     double  usage() const;                   // blocks in use / blocks (0 without compressed layers)
     int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
-    int64_t capacity_tokens() const { return n_blocks_ * L_.block_tokens; }
+    // Positions the pool holds for all sequences (without compressed layers: slots x max_len).
+    int64_t capacity_tokens() const { return L_.block_bytes ? n_blocks_ * L_.block_tokens : n_slots_ * max_len_; }
+
+    // Prefix snapshots (stream-ordered copies of slot records on `stream`).
+    int32_t snapshot(int32_t slot, CUstream_st* stream);          // a handle, or -1 when all are in use
+    void    drop_snapshot(int32_t handle);                        // unknown handles: no-op
+    int32_t open_from(int32_t handle, CUstream_st* stream);       // a slot at the snapshot's position, or -1
+    int64_t n_snapshots() const { return static_cast<int64_t>(snaps_.size()); }
 
     // Uploads the block-table rows changed since the last call (stream-ordered, from pinned memory).
     void sync_tables(CUstream_st* stream);
@@ -97,6 +109,10 @@ private:
         std::vector<int32_t> blocks;
     };
     std::vector<Seq> seqs_;
+    std::vector<int32_t> refs_;              // [n_blocks + 1] holders of each block (sequences, snapshots)
+    cuda::DeviceBuffer snaps_buf_;           // [n_snapshots] slot records
+    std::vector<Seq> snaps_;                 // open = in use; n_past = its position; blocks shared
+    void release(const std::vector<int32_t>& blocks);
 
 public:
     ~StatePool();

@@ -69,13 +69,39 @@ public:
         fail(name(), " backend: no sampler");
     }
     virtual double  cache_usage() const = 0;       // fraction of the sequence state in use
+    // Positions of state the backend holds for all sequences together (its pool), and how many of
+    // them are free now (prefix-cache snapshots hold some). A request longer than the capacity can
+    // never run; the engine refuses it at submission.
+    virtual int64_t capacity_tokens() const = 0;
+
+    // Prefix caching (vLLM's and SGLang's automatic prefix caching, for DeepSeek-V4's state).
+    // At a position that is a multiple of prefix_block() every layer's state is closed: the
+    // compressors' windows (ratio 4, 128 or the tiny configs' 16) all end there, so the compressed
+    // rows before it are final. A snapshot taken there keeps the compressed rows and indexer keys
+    // by sharing the sequence's blocks (no copy; blocks are freed when nothing holds them), and
+    // copies what is per sequence and not paged (the sliding-window ring and the compressors'
+    // overlap state). A later sequence opened from it continues from that position, and its own
+    // writes land only in blocks after it. 0: the backend has no prefix caching.
+    virtual int64_t prefix_block() const { return 0; }
+    // Snapshot of `slot` at its n_past (a positive multiple of prefix_block()); a handle >= 0, or
+    // -1 when there is no room for another (the caller drops one and retries).
+    virtual int32_t snapshot(int32_t /*slot*/) { return -1; }
+    virtual void    drop_snapshot(int32_t /*handle*/) {}
+    // A new slot whose state equals the snapshot's (n_past = its position, reserved up to it), or
+    // -1 when no slot is free.
+    virtual int32_t open_from(int32_t /*handle*/) { return -1; }
     // The state of a slot in the reference's form (tests).
     virtual SequenceState state(int32_t slot) const = 0;
 };
 
 // The CPU reference behind the interface: forward() over SequenceStates kept per slot.
 // max_model_len 0: the model's max_position_embeddings.
+// state_tokens > 0: the pool holds that many positions, in blocks of block_tokens, shared and
+// freed as the GPU pool's are (gpu/state_pool.h), so admission, preemption and prefix caching run
+// under the same limits as on the GPU; 0: no limit but max_seqs x max_model_len.
+// block_tokens: the prefix-cache granularity (a multiple of every compress ratio; 0: the GPU's, 256).
 std::unique_ptr<Backend> make_cpu_backend(const Model& m, int64_t max_seqs = 64, int64_t max_batch_tokens = 4096,
-                                          int64_t max_model_len = 0);
+                                          int64_t max_model_len = 0, int64_t state_tokens = 0,
+                                          int64_t block_tokens = 0);
 
 }  // namespace megamoe

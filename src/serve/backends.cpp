@@ -36,7 +36,7 @@ std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, s
     const std::string name = resolve_backend(o.name);
     if (name == "cpu") {
         const int64_t rows = std::max(o.max_logit_rows, o.max_batch_tokens);
-        return make_cpu_backend(m, o.max_seqs, std::max(o.max_batch_tokens, rows), o.max_model_len);
+        return make_cpu_backend(m, o.max_seqs, std::max(o.max_batch_tokens, rows), o.max_model_len, o.max_state_tokens);
     }
 #ifdef MEGAMOE_HAVE_CUDA
     gpu::RunnerOptions ro;
@@ -46,6 +46,7 @@ std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, s
     ro.max_model_len = o.max_model_len;
     ro.memory_fraction = o.gpu_memory_fraction;
     ro.graphs = o.graphs;
+    ro.max_state_tokens = o.max_state_tokens;
     return gpu::make_gpu_backend(m, ro, log);
 #else
     (void)log;
@@ -64,6 +65,7 @@ std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t s
     ro.max_model_len = o.max_model_len;
     ro.memory_fraction = o.gpu_memory_fraction;
     ro.graphs = o.graphs;
+    ro.max_state_tokens = o.max_state_tokens;
     return gpu::make_gpu_backend(c, seed, ro, log);
 #else
     (void)c, (void)seed, (void)log;

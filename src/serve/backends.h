@@ -18,6 +18,7 @@ struct BackendOptions {
     int64_t max_model_len = 0;         // positions per sequence (0: the model's, capped on the GPU by memory)
     double  gpu_memory_fraction = 0.92;
     bool    graphs = true;             // decode steps through CUDA graphs
+    int64_t max_state_tokens = 0;      // positions of sequence state (0: the GPU's memory; the CPU: unlimited)
 };
 
 // True when this build has the CUDA backend and a GPU is usable.

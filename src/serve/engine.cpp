@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdio>
 #include <limits>
+#include <map>
 
 namespace megamoe {
 
@@ -29,18 +30,25 @@ void Histogram::observe(double v) {
 
 struct Engine::Request {
     uint64_t id = 0;
-    std::vector<int32_t> prompt;
+    // The prompt, then each sampled token as it is drawn. The backend's state holds seq[0, n_fed);
+    // a running request feeds seq[n_fed, ...) each step: a prompt chunk, or while generating the
+    // one token drawn last. A preempted request keeps seq and starts again from n_fed = 0 (or from
+    // a prefix snapshot): recomputing prompt and output gives the state it lost, and its next
+    // token has the same sampling key (seed, n_generated), so the output is unchanged.
+    std::vector<int32_t> seq;
+    int64_t n_prompt = 0;
     GenerationParams params;
     RequestCallbacks cb;
     int32_t slot = -1;             // the backend's sequence slot once admitted
     Sampler sampler;
-    std::atomic<int64_t> n_fed{0}; // tokens the model has seen: prompt, then generated (metrics() reads it)
-    int32_t pending = -1;          // the last sampled token, fed at the next step
+    int64_t n_fed = 0;
     int64_t n_generated = 0;
+    int64_t snap_at = 0;           // a prefill chunk ends here for a prefix snapshot (0: none due)
     bool cancelled = false;
     Clock::time_point submitted, last_token;
 
     Request(const GenerationParams& p, uint64_t seed) : params(p), sampler(p.sampling, seed) {}
+    bool generating() const { return n_generated > 0 && n_fed == static_cast<int64_t>(seq.size()) - 1; }
 };
 
 namespace {
@@ -61,6 +69,8 @@ Engine::Engine(std::unique_ptr<Model> model, std::unique_ptr<Backend> backend, c
       max_model_len_(std::min(opt.max_model_len > 0 ? std::min(opt.max_model_len, model_->cfg.max_position_embeddings)
                                                     : model_->cfg.max_position_embeddings,
                               backend_->max_model_len())) {
+    // A sequence never holds more state than the whole pool.
+    max_model_len_ = std::min(max_model_len_, backend_->capacity_tokens());
     if (opt_.max_batch_tokens < 1) fail("max_batch_tokens must be >= 1");
     if (opt_.max_seqs < 1) fail("max_seqs must be >= 1");
     opt_.max_batch_tokens = std::min(opt_.max_batch_tokens, backend_->max_batch_tokens());
@@ -112,7 +122,9 @@ uint64_t Engine::submit(std::vector<int32_t> prompt, const GenerationParams& par
     const uint64_t id = next_id_++;
     auto r = std::make_unique<Request>(params, opt_.seed + id);   // validates the sampling params
     r->id = id;
-    r->prompt = std::move(prompt);
+    r->n_prompt = P;
+    r->seq = std::move(prompt);
+    r->seq.reserve(static_cast<size_t>(P + params.max_tokens));
     r->cb = std::move(cb);
     r->submitted = Clock::now();
     by_id_[id] = r.get();
@@ -193,8 +205,120 @@ void Engine::finish(Request& r, FinishReason why, const std::string& error) {
     }
 }
 
+namespace {
+
+// FNV-1a over the token ids: the prefix cache's key (entries also keep the tokens, compared on a hit).
+uint64_t prefix_hash(const int32_t* t, int64_t n) {
+    uint64_t h = 1469598103934665603ull;
+    for (int64_t i = 0; i < n; ++i) {
+        uint32_t v = static_cast<uint32_t>(t[i]);
+        for (int b = 0; b < 4; ++b, v >>= 8) h = (h ^ (v & 0xffu)) * 1099511628211ull;
+    }
+    return h;
+}
+
+}  // namespace
+
+bool Engine::evict_one_snapshot() {
+    if (prefix_.empty()) return false;
+    auto lru = prefix_.begin();
+    for (auto it = prefix_.begin(); it != prefix_.end(); ++it)
+        if (it->second.last_used < lru->second.last_used) lru = it;
+    backend_->drop_snapshot(lru->second.handle);
+    prefix_.erase(lru);
+    metrics_.prefix_entries = static_cast<int64_t>(prefix_.size());
+    return true;
+}
+
+bool Engine::reserve_or_evict(Request& r, int64_t n) {
+    while (!backend_->reserve(r.slot, n))
+        if (!evict_one_snapshot()) return false;
+    return true;
+}
+
+void Engine::preempt(Request& r) {
+    backend_->close(r.slot);
+    r.slot = -1;
+    r.n_fed = 0;
+    r.snap_at = 0;
+    ++metrics_.preemptions_total;
+    auto it = std::find_if(running_.begin(), running_.end(), [&](const auto& p) { return p.get() == &r; });
+    waiting_.push_front(std::move(*it));   // first in line when room comes back (vLLM's order)
+    running_.erase(it);
+}
+
+// Admission in arrival order (preempted requests first), while the backend has a slot and room
+// for the request's tokens so far plus the one it will draw next.
+void Engine::admit_locked() {
+    const int64_t B = opt_.prefix_caching ? backend_->prefix_block() : 0;
+    while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < opt_.max_seqs) {
+        Request& r = *waiting_.front();
+        const int64_t S = static_cast<int64_t>(r.seq.size());
+        // The longest cached prefix that leaves at least one token to run (its logits are needed).
+        int64_t start = 0;
+        int32_t slot = -1;
+        PrefixEntry* hit = nullptr;   // valid until reserve_or_evict (which may drop entries)
+        uint64_t hit_key = 0;
+        if (B > 0) {
+            for (int64_t p = ((S - 1) / B) * B; p > 0 && !hit; p -= B) {
+                const uint64_t key = prefix_hash(r.seq.data(), p);
+                auto it = prefix_.find(key);
+                if (it != prefix_.end() && static_cast<int64_t>(it->second.tokens.size()) == p &&
+                    std::equal(it->second.tokens.begin(), it->second.tokens.end(), r.seq.begin())) {
+                    hit = &it->second;
+                    hit_key = key;
+                    start = p;
+                }
+            }
+        }
+        slot = hit ? backend_->open_from(hit->handle) : backend_->open();
+        if (slot < 0) break;
+        r.slot = slot;
+        if (!reserve_or_evict(r, S + 1)) {   // may drop `hit`'s entry: the slot holds its own copy now
+            backend_->close(slot);
+            r.slot = -1;
+            break;   // it waits for running requests to finish (or be preempted for older ones)
+        }
+        if (B > 0 && r.n_generated == 0) {   // counted once per request, as vLLM counts queries
+            metrics_.prefix_queries_tokens += static_cast<uint64_t>(S);
+            metrics_.prefix_hits_tokens += static_cast<uint64_t>(start);
+            if (start > 0) ++metrics_.prefix_hit_requests;
+        }
+        if (hit) {   // still held unless reserve_or_evict dropped it
+            auto it = prefix_.find(hit_key);
+            if (it != prefix_.end()) it->second.last_used = ++prefix_clock_;
+        }
+        r.n_fed = start;
+        // The prompt's last whole block ends a prefill chunk, for a snapshot there.
+        r.snap_at = B > 0 && (S / B) * B > start ? (S / B) * B : 0;
+        running_.push_back(std::move(waiting_.front()));
+        waiting_.pop_front();
+    }
+}
+
+void Engine::maybe_snapshot(Request& r) {
+    const int64_t B = opt_.prefix_caching ? backend_->prefix_block() : 0;
+    if (B == 0 || r.n_fed == 0 || r.n_fed % B != 0) return;
+    // Where the prompt's last whole block ends, and at each boundary reached while generating.
+    const bool due = r.n_fed == r.snap_at || (r.n_fed > r.n_prompt && r.n_fed == static_cast<int64_t>(r.seq.size()));
+    if (r.n_fed == r.snap_at) r.snap_at = 0;
+    if (!due) return;
+    std::lock_guard<std::mutex> lk(m_);
+    const uint64_t key = prefix_hash(r.seq.data(), r.n_fed);
+    auto it = prefix_.find(key);
+    if (it != prefix_.end()) {   // already cached (or a collision: keep the older entry)
+        it->second.last_used = ++prefix_clock_;
+        return;
+    }
+    int32_t h = backend_->snapshot(r.slot);
+    if (h < 0 && evict_one_snapshot()) h = backend_->snapshot(r.slot);
+    if (h < 0) return;
+    prefix_[key] = PrefixEntry{h, std::vector<int32_t>(r.seq.begin(), r.seq.begin() + r.n_fed), ++prefix_clock_};
+    metrics_.prefix_entries = static_cast<int64_t>(prefix_.size());
+}
+
 bool Engine::step() {
-    std::vector<Request*> cancelled, chunk_of;
+    std::vector<Request*> cancelled, chunk_of, no_room;
     std::vector<BackendChunk> batch;
     {
         std::lock_guard<std::mutex> lk(m_);
@@ -208,42 +332,71 @@ bool Engine::step() {
                 ++it;
             }
         }
-        // Admission in arrival order, while the backend has a slot and state for the whole request.
-        while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < opt_.max_seqs) {
-            Request& r = *waiting_.front();
-            const int32_t slot = backend_->open();
-            if (slot < 0) break;
-            if (!backend_->reserve(slot, static_cast<int64_t>(r.prompt.size()) + r.params.max_tokens)) {
-                backend_->close(slot);
-                break;   // it waits for running requests to finish
-            }
-            r.slot = slot;
-            running_.push_back(std::move(waiting_.front()));
-            waiting_.pop_front();
-        }
-        // Decodes first (one token each), then prompt chunks in arrival order within the budget.
+        admit_locked();
+        // Tokens per request this step: decodes first (one token each), then prompt chunks (or a
+        // preempted request's recomputation) in admission order within the budget.
+        std::map<Request*, int64_t> want;
         int64_t budget = opt_.max_batch_tokens;
         for (auto& r : running_) {
             if (r->cancelled) {
                 if (std::find(cancelled.begin(), cancelled.end(), r.get()) == cancelled.end()) cancelled.push_back(r.get());
                 continue;
             }
-            if (r->pending < 0) continue;
-            batch.push_back({r->slot, {r->pending}});
-            chunk_of.push_back(r.get());
-            --budget;
+            if (r->slot >= 0 && r->generating()) {
+                want[r.get()] = 1;
+                --budget;
+            }
         }
         for (auto& r : running_) {
-            const int64_t left = static_cast<int64_t>(r->prompt.size()) - r->n_fed;
-            if (r->cancelled || left <= 0 || budget <= 0) continue;
-            const int64_t n = std::min(left, budget), fed = r->n_fed;
-            batch.push_back({r->slot, std::vector<int32_t>(r->prompt.begin() + fed, r->prompt.begin() + fed + n)});
-            chunk_of.push_back(r.get());
+            if (r->cancelled || r->slot < 0 || r->generating() || budget <= 0) continue;
+            int64_t n = std::min(static_cast<int64_t>(r->seq.size()) - r->n_fed, budget);
+            if (r->snap_at > r->n_fed) n = std::min(n, r->snap_at - r->n_fed);
+            if (n <= 0) continue;
+            want[r.get()] = n;
             budget -= n;
+        }
+        // Room for each, oldest first; when the pool is full, snapshots go first, then the
+        // newest running requests are preempted (their state dropped, recomputed when room comes
+        // back) rather than failed.
+        for (size_t i = 0; i < running_.size(); ++i) {
+            Request* r = running_[i].get();
+            auto w = want.find(r);
+            if (w == want.end()) continue;
+            bool ok = reserve_or_evict(*r, r->n_fed + w->second);
+            while (!ok) {
+                // The newest running request that is not cancelled (cancelled ones leave this step).
+                Request* victim = nullptr;
+                for (size_t j = running_.size(); j-- > i;)
+                    if (!running_[j]->cancelled) {
+                        victim = running_[j].get();
+                        break;
+                    }
+                if (victim == r && running_.size() == 1 + cancelled.size()) {
+                    // Alone and still no room: submit() checks the capacity, so this is a bug.
+                    no_room.push_back(r);
+                    want.erase(r);
+                    break;
+                }
+                want.erase(victim);
+                preempt(*victim);
+                if (victim == r) break;
+                ok = reserve_or_evict(*r, r->n_fed + w->second);
+            }
+            if (i < running_.size() && running_[i].get() != r) --i;   // r was preempted: the next moved here
+        }
+        for (auto& r : running_) {
+            auto w = want.find(r.get());
+            if (w == want.end() || r->cancelled) continue;
+            const int64_t fed = r->n_fed;
+            batch.push_back({r->slot, std::vector<int32_t>(r->seq.begin() + fed, r->seq.begin() + fed + w->second)});
+            chunk_of.push_back(r.get());
         }
     }
     for (Request* r : cancelled) finish(*r, FinishReason::cancelled);
-    if (batch.empty()) return !cancelled.empty();
+    for (Request* r : no_room)
+        finish(*r, FinishReason::error, str("engine error: the state pool (", backend_->capacity_tokens(),
+                                            " positions) has no room for this request"));
+    if (batch.empty()) return !cancelled.empty() || !no_room.empty();
 
     // The backend samples where the logits are when it can (the GPU: only ids come back);
     // otherwise the CPU sampler draws from the logits here. Both follow serve/sampler.h's
@@ -283,8 +436,8 @@ bool Engine::step() {
     for (size_t i = 0; i < chunk_of.size(); ++i) {
         Request& r = *chunk_of[i];
         r.n_fed += static_cast<int64_t>(batch[i].tokens.size());
-        r.pending = -1;
-        if (r.n_fed < static_cast<int64_t>(r.prompt.size())) continue;   // more prompt to prefill
+        maybe_snapshot(r);
+        if (r.n_fed < static_cast<int64_t>(r.seq.size())) continue;   // more prompt (or recomputation) to run
         try {
             if (device) {
                 const SampledToken& d = drawn[i];
@@ -341,7 +494,7 @@ void Engine::deliver(Request& r, const TokenOut& out) {
     else if (length)
         finish(r, FinishReason::length);
     else
-        r.pending = out.id;
+        r.seq.push_back(out.id);   // fed at the next step
 }
 
 }  // namespace megamoe

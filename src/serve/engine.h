@@ -18,6 +18,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <unordered_map>
 #include <vector>
 
 #include "ref/backend.h"
@@ -37,6 +38,13 @@ struct EngineOptions {
     // TokenOut::top (which may then hold fewer than k entries), and logprobs are normalized over
     // the ids that remain. Each must be in [0, vocab_size); at least one id must stay unmasked.
     std::vector<int32_t> masked_token_ids;
+    // Automatic prefix caching (vLLM's default): a request whose tokens begin with those of one
+    // already run starts from a snapshot of that state (Backend::snapshot) at the longest common
+    // multiple of the backend's prefix_block(). Snapshots are taken where a prompt's last whole
+    // block ends and at every block boundary while generating (so a chat's next turn, which
+    // repeats the previous turn's prompt and answer, finds them), and dropped least recently used
+    // first when the pool needs room.
+    bool prefix_caching = true;
 };
 
 struct GenerationParams {
@@ -79,6 +87,11 @@ struct EngineMetrics {
     uint64_t requests_total = 0, prompt_tokens_total = 0, generation_tokens_total = 0;
     int64_t  running = 0, waiting = 0;
     double   cache_usage = 0;                          // the backend's state in use (fraction)
+    uint64_t preemptions_total = 0;                    // running requests whose state was dropped for room
+    uint64_t prefix_queries_tokens = 0;                // prompt tokens looked up in the prefix cache (vLLM's)
+    uint64_t prefix_hits_tokens = 0;                   // ... of them found there (not computed again)
+    uint64_t prefix_hit_requests = 0;                  // admissions that started from a snapshot
+    int64_t  prefix_entries = 0;                       // snapshots held
     Histogram ttft{{0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
     Histogram tpot{{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}};
 };
@@ -110,6 +123,13 @@ private:
     void deliver(Request& r, const TokenOut& out);   // reports a drawn token; stop, length, or feed it next
     void finish(Request& r, FinishReason why, const std::string& error = "");
     void fail_running(const std::string& error);   // ends every running request with an error
+    // Pool room (called on the worker thread with m_ held): reserve() for positions [0, n) of r,
+    // dropping prefix-cache snapshots (least recently used first) while it fails.
+    bool reserve_or_evict(Request& r, int64_t n);
+    bool evict_one_snapshot();
+    void preempt(Request& r);                          // drops r's state; it waits at the front, recomputed later
+    void admit_locked();
+    void maybe_snapshot(Request& r);                   // after a step: a snapshot where r stands, if it is due
 
     std::unique_ptr<Model> model_;
     std::unique_ptr<Backend> backend_;   // after model_: destroyed first
@@ -125,6 +145,13 @@ private:
     bool stop_ = false;
     EngineMetrics metrics_;
     double cache_usage_ = 0;           // the backend's, after the last step
+    struct PrefixEntry {
+        int32_t handle = -1;             // Backend::snapshot
+        std::vector<int32_t> tokens;     // the tokens its state holds (checked on a hit: no hash collision aliases)
+        uint64_t last_used = 0;
+    };
+    std::unordered_map<uint64_t, PrefixEntry> prefix_;   // key: prefix_hash(tokens)
+    uint64_t prefix_clock_ = 0;
     std::thread worker_;
 };
 

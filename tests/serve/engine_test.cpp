@@ -10,6 +10,7 @@
 #include <set>
 
 #include "serve/engine.h"
+#include "ref/backend.h"
 #include "ref/generate.h"
 #include "io/safetensors.h"
 #include "test_util.h"
@@ -246,6 +247,132 @@ TEST_F(EngineTest, CallbackExceptionsEndOnlyThatRequest) {
     Result r = ok.wait();
     EXPECT_EQ(r.reason, FinishReason::length);
     EXPECT_EQ(r.tokens.size(), 3u);
+}
+
+// A pool of 6 blocks of 16 positions (the tiny config's ratios are 4 and 16) cannot hold four
+// 44-token requests at once: running requests are preempted (state dropped, recomputed later),
+// and every request still gets exactly the tokens it gets alone, greedy and seeded sampling alike
+// (the sampling key is (seed, index in the output), so recomputation draws the same numbers).
+TEST_F(EngineTest, PreemptionRecomputesAndKeepsEveryOutput) {
+    auto solo_model = load();
+    const std::vector<std::pair<size_t, size_t>> prompts = {{0, 20}, {30, 19}, {60, 21}, {90, 18}};
+    std::vector<std::vector<int32_t>> want;
+    for (auto [b, n] : prompts) want.push_back(generate_greedy(*solo_model, prompt(b, n), 24, 0, true));
+    GenerationParams sampled = greedy(24);
+    sampled.sampling.temperature = 0.8f;
+    sampled.sampling.seed = 7;
+    // The sampled outputs with room for everything, then with preemption.
+    auto run = [&](int64_t state_tokens, bool prefix, EngineMetrics* metrics) {
+        auto model = load();
+        auto backend = make_cpu_backend(*model, 4, 24, 0, state_tokens, 16);
+        EngineOptions eo;
+        eo.max_batch_tokens = 24;
+        eo.max_seqs = 4;
+        eo.prefix_caching = prefix;
+        Engine e(std::move(model), std::move(backend), eo);
+        std::vector<std::unique_ptr<Collector>> cols;
+        for (auto [b, n] : prompts) {
+            cols.push_back(std::make_unique<Collector>());
+            e.submit(prompt(b, n), greedy(24), cols.back()->callbacks());
+            cols.push_back(std::make_unique<Collector>());
+            e.submit(prompt(b, n), sampled, cols.back()->callbacks());
+        }
+        std::vector<Result> out;
+        for (auto& c : cols) out.push_back(c->wait());
+        if (metrics) *metrics = e.metrics();
+        return out;
+    };
+    const std::vector<Result> roomy = run(0, false, nullptr);
+    for (bool prefix : {false, true}) {
+        EngineMetrics m;
+        const std::vector<Result> tight = run(96, prefix, &m);
+        for (size_t i = 0; i < prompts.size(); ++i) {
+            EXPECT_EQ(tight[2 * i].reason, FinishReason::length) << i;
+            EXPECT_EQ(tight[2 * i].tokens, want[i]) << "greedy request " << i << ", prefix caching " << prefix;
+            EXPECT_EQ(tight[2 * i + 1].reason, FinishReason::length) << i;
+            EXPECT_EQ(tight[2 * i + 1].tokens, roomy[2 * i + 1].tokens) << "sampled request " << i;
+        }
+        EXPECT_GT(m.preemptions_total, 0u) << "the pool was meant to be too small for all at once";
+        EXPECT_EQ(m.running, 0);
+        EXPECT_EQ(m.waiting, 0);
+        EXPECT_EQ(m.generation_tokens_total, 24u * 2 * prompts.size());
+    }
+}
+
+// Automatic prefix caching: a prompt that begins with an earlier prompt starts from the snapshot
+// taken where that prompt's last whole block ended; the next turn of a chat (the earlier prompt,
+// its answer, a new message) starts from the snapshot taken while the answer was generated. The
+// outputs equal those computed from scratch, and the metrics count the reused tokens.
+TEST_F(EngineTest, PrefixCacheReusesEarlierPromptsAndAnswers) {
+    auto solo_model = load();
+    auto model = load();
+    auto backend = make_cpu_backend(*model, 4, 64, 0, 0, 16);
+    EngineOptions eo;
+    eo.max_batch_tokens = 64;
+    eo.max_seqs = 4;
+    Engine e(std::move(model), std::move(backend), eo);
+    auto run = [&](const std::vector<int32_t>& p, int64_t n) {
+        Collector c;
+        e.submit(p, greedy(n), c.callbacks());
+        Result r = c.wait();
+        EXPECT_EQ(r.reason, FinishReason::length);
+        EXPECT_EQ(r.tokens, generate_greedy(*solo_model, p, n, 0, true)) << "prompt of " << p.size();
+        return r.tokens;
+    };
+    // Turn 1: 40 prompt tokens (a snapshot at 32), 12 generated (one at 48).
+    const std::vector<int32_t> a = prompt(0, 40);
+    const std::vector<int32_t> answer = run(a, 12);
+    EngineMetrics m = e.metrics();
+    EXPECT_EQ(m.prefix_hits_tokens, 0u);
+    EXPECT_EQ(m.prefix_queries_tokens, 40u);
+    EXPECT_EQ(m.prefix_entries, 2);
+    // The same 40 tokens and 5 others: 32 reused.
+    std::vector<int32_t> b = a;
+    for (int32_t t : prompt(200, 5)) b.push_back(t);
+    run(b, 6);
+    m = e.metrics();
+    EXPECT_EQ(m.prefix_hits_tokens, 32u);
+    EXPECT_EQ(m.prefix_hit_requests, 1u);
+    // The next turn: prompt, answer and 3 new tokens (55): the snapshot at 48 holds 40 + 8 of them.
+    std::vector<int32_t> c = a;
+    c.insert(c.end(), answer.begin(), answer.end());
+    for (int32_t t : prompt(220, 3)) c.push_back(t);
+    run(c, 6);
+    m = e.metrics();
+    EXPECT_EQ(m.prefix_hits_tokens, 32u + 48u);
+    EXPECT_EQ(m.prefix_hit_requests, 2u);
+    // A prompt of exactly the cached 32 tokens is not taken whole from the cache (its last
+    // token's logits are needed), and no snapshot ends earlier: nothing is reused.
+    run(prompt(0, 32), 3);
+    m = e.metrics();
+    EXPECT_EQ(m.prefix_hits_tokens, 32u + 48u);
+    EXPECT_EQ(m.prefix_queries_tokens, 40u + 45u + 55u + 32u);
+    // Turned off: nothing is looked up.
+    auto model2 = load();
+    auto backend2 = make_cpu_backend(*model2, 4, 64, 0, 0, 16);
+    eo.prefix_caching = false;
+    Engine off(std::move(model2), std::move(backend2), eo);
+    for (int k = 0; k < 2; ++k) {
+        Collector col;
+        off.submit(a, greedy(3), col.callbacks());
+        col.wait();
+    }
+    EXPECT_EQ(off.metrics().prefix_queries_tokens, 0u);
+    EXPECT_EQ(off.metrics().prefix_entries, 0);
+}
+
+// A pool smaller than the model's context caps the context: a request that could never fit is
+// refused at submission, in vLLM's words, instead of waiting forever.
+TEST_F(EngineTest, RequestsLongerThanThePoolAreRefused) {
+    auto model = load();
+    auto backend = make_cpu_backend(*model, 2, 64, 0, 64, 16);
+    Engine e(std::move(model), std::move(backend), EngineOptions{});
+    EXPECT_EQ(e.max_model_len(), 64);
+    Collector c;
+    test::expect_error([&] { e.submit(prompt(0, 50), greedy(20), c.callbacks()); },
+                       {"maximum context length is 64 tokens", "you requested 70 tokens"});
+    e.submit(prompt(0, 50), greedy(14), c.callbacks());
+    EXPECT_EQ(c.wait().tokens.size(), 14u);
 }
 
 }  // namespace

@@ -1,0 +1,181 @@
+// openai_client_test.cpp — `megamoe serve` driven by the official OpenAI client library (the npm
+// package `openai`, pinned in tests/apps/node/package.json): models, chat and completions
+// (streamed with usage too), tools, logprobs, seeds, errors as the client's exception classes,
+// abort mid-stream, concurrent streams. The server runs as a real process on 127.0.0.1 (CPU
+// backend, a synthetic tiny model, the fixture tokenizer); each test runs one check of
+// tests/apps/node/openai_client.mjs with node.
+//
+// Skips, saying why, when node is not on PATH or the package is not installed (scripts/setup.sh
+// installs both; CI runs it, so there the tests run).
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <optional>
+#include <sstream>
+#include <thread>
+
+#include "io/synth.h"
+#include "test_util.h"
+
+extern char** environ;
+
+namespace megamoe {
+namespace {
+
+const std::string kNodeDir = std::string(MEGAMOE_SOURCE_DIR) + "/tests/apps/node";
+const std::string kModelName = "tiny-synth";
+
+std::string tokenizer_path() { return test::shared_dir() + "/golden/tokenizer/tokenizer.json"; }
+
+// The first executable `node` on PATH, or "".
+std::string find_node() {
+    const char* path = std::getenv("PATH");
+    std::istringstream dirs(path ? path : "");
+    for (std::string d; std::getline(dirs, d, ':');) {
+        const std::string p = (d.empty() ? "." : d) + "/node";
+        if (access(p.c_str(), X_OK) == 0 && std::filesystem::is_regular_file(p)) return p;
+    }
+    return "";
+}
+
+int free_port() {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    socklen_t len = sizeof a;
+    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    close(fd);
+    return ntohs(a.sin_port);
+}
+
+// Starts argv[0] with stdout and stderr into `log`; -1 if it cannot be started.
+pid_t spawn(std::vector<std::string> args, const std::string& log) {
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_adddup2(&fa, 1, 2);
+    pid_t pid = -1;
+    if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) pid = -1;
+    posix_spawn_file_actions_destroy(&fa);
+    return pid;
+}
+
+// The exit status of pid, waiting up to timeout_s; kills it and returns nullopt past that.
+std::optional<int> wait_exit(pid_t pid, double timeout_s) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    for (;;) {
+        int st = 0;
+        const pid_t r = waitpid(pid, &st, WNOHANG);
+        if (r == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+        if (r < 0) return std::nullopt;
+        if (std::chrono::steady_clock::now() > end) {
+            kill(pid, SIGKILL);
+            waitpid(pid, nullptr, 0);
+            return std::nullopt;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+}
+
+class OpenAIClient : public ::testing::Test {
+protected:
+    static inline std::unique_ptr<test::TempDir> dir;
+    static inline pid_t pid = -1;
+    static inline int port = 0;
+    static inline std::string node;
+    static inline std::string skip_reason;
+
+    static void SetUpTestSuite() {
+        node = find_node();
+        if (!std::filesystem::exists(tokenizer_path())) {
+            skip_reason = "no tokenizer fixture at " + tokenizer_path();
+        } else if (node.empty()) {
+            skip_reason = "node is not on PATH: install Node.js >= 18 and the client with scripts/setup.sh "
+                          "(or apt-get install nodejs npm && npm ci --prefix tests/apps/node)";
+        } else if (!std::filesystem::exists(kNodeDir + "/node_modules/openai/package.json")) {
+            skip_reason = "the npm package openai is not installed in " + kNodeDir +
+                          "/node_modules: run `npm ci --prefix tests/apps/node` (scripts/setup.sh does)";
+        }
+        if (!skip_reason.empty()) return;
+        dir = std::make_unique<test::TempDir>();
+        const std::string model_dir = dir->str() + "/" + kModelName;
+        SynthOptions o;
+        o.vocab = 6016;   // covers the fixture tokenizer's 6014 ids
+        o.layers = 4;
+        o.seed = 11;
+        write_synthetic_checkpoint(model_dir, o);
+        std::filesystem::copy_file(tokenizer_path(), model_dir + "/tokenizer.json");
+        port = free_port();
+        // The CPU backend: batched and solo greedy runs are then bit-identical (the concurrent check).
+        pid = spawn({MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1", "--port",
+                     std::to_string(port), "--backend", "cpu", "--max-model-len", "1024", "--max-body-bytes",
+                     std::to_string(64 * 1024), "--max-batch-tokens", "128"},
+                    dir->str() + "/server.log");
+        httplib::Client c("127.0.0.1", port);
+        for (int i = 0; i < 600 && pid > 0; ++i) {   // up to 60 s
+            auto r = c.Get("/health");
+            if (r && r->status == 200) return;
+            std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        }
+    }
+
+    static void TearDownTestSuite() {
+        if (pid > 0) {
+            kill(pid, SIGTERM);
+            if (!wait_exit(pid, 30)) ADD_FAILURE() << "the server did not stop on SIGTERM";
+            pid = -1;
+        }
+        dir.reset();
+    }
+
+    void SetUp() override {
+        if (!skip_reason.empty()) GTEST_SKIP() << skip_reason;
+        ASSERT_GT(pid, 0) << "could not start " << MEGAMOE_CLI_PATH;
+        httplib::Client c("127.0.0.1", port);
+        auto r = c.Get("/health");
+        ASSERT_TRUE(r && r->status == 200) << "the server did not come up:\n" << test::read_file(dir->str() + "/server.log");
+    }
+
+    // Runs one check of the Node script; it prints "ok CHECK" on success.
+    void run_check(const std::string& check) {
+        const std::string log = dir->str() + "/node-" + check + ".log";
+        const pid_t p = spawn({node, kNodeDir + "/openai_client.mjs", "http://127.0.0.1:" + std::to_string(port) + "/v1",
+                               kModelName, check},
+                              log);
+        ASSERT_GT(p, 0) << "could not start " << node;
+        const std::optional<int> rc = wait_exit(p, 120);
+        const std::string out = test::read_file(log);
+        ASSERT_TRUE(rc.has_value()) << check << ": the Node client took over 120 s and was killed\n" << out;
+        EXPECT_EQ(*rc, 0) << check << " failed:\n" << out;
+        EXPECT_NE(out.find("ok " + check), std::string::npos) << out;
+    }
+};
+
+TEST_F(OpenAIClient, ModelsList) { run_check("models"); }
+TEST_F(OpenAIClient, ChatWholeStreamedWithUsageAndStreamHelper) { run_check("chat"); }
+TEST_F(OpenAIClient, CompletionsWholeStreamedTokenIdsAndN) { run_check("completions"); }
+TEST_F(OpenAIClient, Tools) { run_check("tools"); }
+TEST_F(OpenAIClient, Logprobs) { run_check("logprobs"); }
+TEST_F(OpenAIClient, Seeds) { run_check("seeds"); }
+TEST_F(OpenAIClient, ErrorsAreTheClientsExceptionClasses) { run_check("errors"); }
+TEST_F(OpenAIClient, AbortMidStreamCancelsOnServer) { run_check("abort"); }
+TEST_F(OpenAIClient, ConcurrentStreamsEqualSoloRuns) { run_check("concurrent"); }
+
+}  // namespace
+}  // namespace megamoe
