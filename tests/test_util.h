@@ -21,6 +21,17 @@ inline std::string shared_dir() { return MEGAMOE_SHARED_DIR; }
 inline std::string golden_dir(const std::string& name) { return shared_dir() + "/golden/" + name; }
 inline bool have_golden(const std::string& name) { return std::filesystem::exists(golden_dir(name) + "/golden.safetensors"); }
 
+// Golden data (../shared/golden) that a test needs is missing: the test fails, unless the build
+// was configured with -DMEGAMOE_ALLOW_MISSING_GOLDEN=ON, where it skips. Most mutants of the CPU
+// code are caught only by the golden cases, so a silent skip would hide them. Returns from the
+// calling function (a test body or SetUp), as GTEST_SKIP and FAIL do.
+#ifdef MEGAMOE_ALLOW_MISSING_GOLDEN
+#define MEGAMOE_MISSING_GOLDEN() GTEST_SKIP() << "golden data missing (allowed: MEGAMOE_ALLOW_MISSING_GOLDEN): "
+#else
+#define MEGAMOE_MISSING_GOLDEN() \
+    FAIL() << "golden data missing (configure with -DMEGAMOE_ALLOW_MISSING_GOLDEN=ON to skip such tests): "
+#endif
+
 // The whole file as bytes ("" if it cannot be read; tests then fail on the content).
 inline std::string read_file(const std::string& path) {
     std::ifstream in(path, std::ios::binary);

@@ -42,23 +42,13 @@ constexpr size_t kMaxBody = 64 * 1024;
 
 std::string tokenizer_path() { return test::shared_dir() + "/golden/tokenizer/tokenizer.json"; }
 
-int free_port() {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = 0;
-    bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-    socklen_t len = sizeof a;
-    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    close(fd);
-    return ntohs(a.sin_port);
-}
-
-pid_t spawn_server(const std::string& model_dir, int port, const std::string& log,
+// Starts `megamoe serve` on a port it picks itself (--port 0) and sets *port to the one it
+// printed ("listening on http://HOST:PORT"; -1 if it printed none within 60 s). Picking a free
+// port first and passing it would race with anything else binding meanwhile.
+pid_t spawn_server(const std::string& model_dir, int* port, const std::string& log,
                    const std::vector<std::string>& extra = {}) {
     std::vector<std::string> args = {MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1",
-                                      "--port", std::to_string(port)};
+                                      "--port", "0"};
     // The CPU backend unless a test asks otherwise: these tests check the server's behaviour, some
     // of it timing (a disconnect seen before N tokens), which a GPU changes.
     for (const auto& [flag, value] : {std::pair<std::string, std::string>{"--max-model-len", std::to_string(kMaxModelLen)},
@@ -77,6 +67,15 @@ pid_t spawn_server(const std::string& model_dir, int port, const std::string& lo
     pid_t pid = -1;
     if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) pid = -1;
     posix_spawn_file_actions_destroy(&fa);
+    *port = -1;
+    const std::string marker = "listening on http://127.0.0.1:";
+    for (int i = 0; i < 1200 && pid > 0 && *port < 0; ++i) {
+        const std::string text = test::read_file(log);
+        if (const size_t at = text.find(marker); at != std::string::npos && text.find('\n', at) != std::string::npos)
+            *port = std::atoi(text.c_str() + at + marker.size());
+        else
+            std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
     return pid;
 }
 
@@ -97,8 +96,7 @@ protected:
         o.seed = 11;
         write_synthetic_checkpoint(model_dir, o);
         std::filesystem::copy_file(tokenizer_path(), model_dir + "/tokenizer.json");
-        port = free_port();
-        pid = spawn_server(model_dir, port, dir->str() + "/server.log");
+        pid = spawn_server(model_dir, &port, dir->str() + "/server.log");
         httplib::Client c("127.0.0.1", port);
         for (int i = 0; i < 600 && pid > 0; ++i) {   // up to 60 s
             auto r = c.Get("/health");
@@ -117,7 +115,7 @@ protected:
     }
 
     void SetUp() override {
-        if (!std::filesystem::exists(tokenizer_path())) GTEST_SKIP() << "no tokenizer fixture";
+        if (!std::filesystem::exists(tokenizer_path())) MEGAMOE_MISSING_GOLDEN() << "no tokenizer fixture";
         ASSERT_GT(pid, 0);
         auto r = client().Get("/health");
         ASSERT_TRUE(r && r->status == 200) << "server did not come up";
@@ -177,9 +175,10 @@ TEST_F(Server, HealthIs503WhileLoading) {
     for (const auto& e : std::filesystem::directory_iterator(model_dir))
         if (e.path().filename() != "tokenizer.json") std::filesystem::copy(e.path(), dir2 + "/" + e.path().filename().string());
     ASSERT_EQ(mkfifo((dir2 + "/tokenizer.json").c_str(), 0644), 0);
-    const int port2 = free_port();
-    const pid_t pid2 = spawn_server(dir2, port2, slow.str() + "/server.log");
+    int port2 = -1;
+    const pid_t pid2 = spawn_server(dir2, &port2, slow.str() + "/server.log");
     ASSERT_GT(pid2, 0);
+    ASSERT_GT(port2, 0) << test::read_file(slow.str() + "/server.log");
     httplib::Client c("127.0.0.1", port2);
     int health = -1;
     for (int i = 0; i < 200 && health != 503; ++i) {   // wait until it listens
@@ -831,8 +830,7 @@ protected:
         o.seed = 5;
         write_synthetic_checkpoint(model_dir, o);
         std::filesystem::copy_file(tokenizer_path(), model_dir + "/tokenizer.json");
-        port = free_port();
-        pid = spawn_server(model_dir, port, dir->str() + "/server.log", flags());
+        pid = spawn_server(model_dir, &port, dir->str() + "/server.log", flags());
         if (!wait_healthy(port, 60)) ADD_FAILURE() << "the server did not come up";
     }
     static void TearDownTestSuite() {
@@ -844,7 +842,7 @@ protected:
         dir.reset();
     }
     void SetUp() override {
-        if (!std::filesystem::exists(tokenizer_path())) GTEST_SKIP() << "no tokenizer fixture";
+        if (!std::filesystem::exists(tokenizer_path())) MEGAMOE_MISSING_GOLDEN() << "no tokenizer fixture";
         ASSERT_GT(pid, 0);
         auto r = client_at(port).Get("/health");
         ASSERT_TRUE(r && r->status == 200) << "server not healthy";
@@ -973,11 +971,12 @@ TEST_F(ServerLimits, EndlessHeaderLineIsCut) {
 // --drain-timeout, what still runs is cancelled: an error event, [DONE], exit 0.
 TEST_F(ServerLimits, SigtermDrainsThenExits) {
     for (const bool patient : {true, false}) {
-        const int port2 = free_port();
+        int port2 = -1;
         std::vector<std::string> f = flags();
         f.insert(f.end(), {"--drain-timeout", patient ? "30" : "0.3"});
-        const pid_t p2 = spawn_server(model_dir, port2, dir->str() + "/drain.log", f);
+        const pid_t p2 = spawn_server(model_dir, &port2, dir->str() + "/drain.log", f);
         ASSERT_GT(p2, 0);
+        ASSERT_GT(port2, 0);
         ASSERT_TRUE(wait_healthy(port2, 60));
         RawConn c(port2);
         ASSERT_TRUE(c.send(post_request("/v1/completions", json{{"prompt", "Hi"}, {"max_tokens", patient ? 100 : 3000},

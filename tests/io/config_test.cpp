@@ -46,7 +46,7 @@ class ConfigError : public ::testing::Test {
 protected:
     void SetUp() override {
         j_ = golden_json("tiny-flash-nvfp4");
-        if (j_.empty()) GTEST_SKIP() << kGolden << "/tiny-flash-nvfp4 not present";
+        if (j_.empty()) MEGAMOE_MISSING_GOLDEN() << kGolden << "/tiny-flash-nvfp4 not present";
         ASSERT_NO_THROW(parse(j_));   // the unmodified config is valid
     }
     // Parsing the mutated config must fail naming config.json, `field` and the extras.
@@ -63,7 +63,7 @@ protected:
 
 TEST(ConfigGolden, TinyFlashNvfp4) {
     const json j = golden_json("tiny-flash-nvfp4");
-    if (j.empty()) GTEST_SKIP() << "golden tiny-flash-nvfp4 not present";
+    if (j.empty()) MEGAMOE_MISSING_GOLDEN() << "golden tiny-flash-nvfp4 not present";
     const ModelConfig c = parse(j);
 
     EXPECT_EQ(c.vocab_size, 1024);
@@ -120,7 +120,7 @@ TEST(ConfigGolden, TinyFlashNvfp4) {
 
 TEST(ConfigGolden, TinyFlashMxfp4) {
     const json j = golden_json("tiny-flash-mxfp4");
-    if (j.empty()) GTEST_SKIP() << "golden tiny-flash-mxfp4 not present";
+    if (j.empty()) MEGAMOE_MISSING_GOLDEN() << "golden tiny-flash-mxfp4 not present";
     const ModelConfig c = parse(j);
     EXPECT_EQ(c.hidden_size, 256);
     EXPECT_EQ(c.num_hidden_layers, 6);
@@ -134,7 +134,7 @@ TEST(ConfigGolden, TinyFlashMxfp4) {
 
 TEST(ConfigGolden, LoadFromDirectory) {
     const std::string dir = kGolden + "/tiny-flash-nvfp4/model";
-    if (!fs::is_directory(dir)) GTEST_SKIP() << dir << " not present";
+    if (!fs::is_directory(dir)) MEGAMOE_MISSING_GOLDEN() << dir << " not present";
     const ModelConfig c = load_model_config(dir);
     EXPECT_EQ(c.hidden_size, 256);
     EXPECT_EQ(c.expert_format, ExpertFormat::nvfp4);
@@ -167,7 +167,7 @@ KindCounts count_kinds(const ModelConfig& c) {
 
 TEST(ConfigRelease, DeepSeekV4Flash) {
     const std::string dir = kReleases + "/deepseek-v4-flash";
-    if (!fs::exists(dir + "/config.json")) GTEST_SKIP() << dir << " not present";
+    if (!fs::exists(dir + "/config.json")) MEGAMOE_MISSING_GOLDEN() << dir << " not present";
     const ModelConfig c = load_model_config(dir);
     EXPECT_EQ(c.num_hidden_layers, 43);
     EXPECT_EQ(c.hidden_size, 4096);
@@ -185,7 +185,7 @@ TEST(ConfigRelease, DeepSeekV4Flash) {
 
 TEST(ConfigRelease, DeepSeekV4Pro) {
     const std::string dir = kReleases + "/deepseek-v4-pro";
-    if (!fs::exists(dir + "/config.json")) GTEST_SKIP() << dir << " not present";
+    if (!fs::exists(dir + "/config.json")) MEGAMOE_MISSING_GOLDEN() << dir << " not present";
     const ModelConfig c = load_model_config(dir);
     EXPECT_EQ(c.num_hidden_layers, 61);
     EXPECT_EQ(c.hidden_size, 7168);

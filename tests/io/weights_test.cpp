@@ -116,19 +116,19 @@ void check_golden_binding(const std::string& dir, LinearFormat main_format) {
 // ---- the golden checkpoints
 
 TEST(WeightsGolden, BindNvfp4) {
-    if (!fs::is_directory(kNvfp4Dir)) GTEST_SKIP() << kNvfp4Dir << " not present";
+    if (!fs::is_directory(kNvfp4Dir)) MEGAMOE_MISSING_GOLDEN() << kNvfp4Dir << " not present";
     check_golden_binding(kNvfp4Dir, LinearFormat::nvfp4);
 }
 
 TEST(WeightsGolden, BindMxfp4) {
-    if (!fs::is_directory(kMxfp4Dir)) GTEST_SKIP() << kMxfp4Dir << " not present";
+    if (!fs::is_directory(kMxfp4Dir)) MEGAMOE_MISSING_GOLDEN() << kMxfp4Dir << " not present";
     check_golden_binding(kMxfp4Dir, LinearFormat::mxfp4);
 }
 
 // Layer 3, expert 0, w1: row 3 columns 16..31 and row 5 columns 32..63 were quantized from
 // zeros / 1e-9, so their NVFP4 block scales are 0 and they must decode to exactly 0.
 TEST(WeightsGolden, Nvfp4ZeroScaleBlocksDecodeToZero) {
-    if (!fs::is_directory(kNvfp4Dir)) GTEST_SKIP() << kNvfp4Dir << " not present";
+    if (!fs::is_directory(kNvfp4Dir)) MEGAMOE_MISSING_GOLDEN() << kNvfp4Dir << " not present";
     const ModelConfig cfg = load_model_config(kNvfp4Dir);
     Checkpoint ck(kNvfp4Dir);
     const Weights w = bind_weights(cfg, ck);
@@ -159,7 +159,7 @@ TEST(WeightsGolden, Nvfp4ZeroScaleBlocksDecodeToZero) {
 }
 
 TEST(WeightsGolden, WeightStats) {
-    if (!fs::is_directory(kNvfp4Dir)) GTEST_SKIP() << kNvfp4Dir << " not present";
+    if (!fs::is_directory(kNvfp4Dir)) MEGAMOE_MISSING_GOLDEN() << kNvfp4Dir << " not present";
     const ModelConfig cfg = load_model_config(kNvfp4Dir);
     Weights w;
     const WeightStats st = weight_stats(cfg, w, true);
@@ -185,7 +185,7 @@ namespace {
 class WeightsMalformed : public ::testing::Test {
 protected:
     void SetUp() override {
-        if (!fs::is_directory(kNvfp4Dir)) GTEST_SKIP() << kNvfp4Dir << " not present";
+        if (!fs::is_directory(kNvfp4Dir)) MEGAMOE_MISSING_GOLDEN() << kNvfp4Dir << " not present";
         static std::atomic<int> counter{0};
         const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
         dir_ = fs::temp_directory_path() / ("megamoe_wt_" + std::string(info->name()) + "_" +

@@ -154,7 +154,7 @@ std::vector<Completion> well_formed() {
 // ---- golden vectors
 
 TEST(ChatGolden, VectorsByteExact) {
-    if (!have_vectors()) GTEST_SKIP() << kVectors << " not present";
+    if (!have_vectors()) MEGAMOE_MISSING_GOLDEN() << kVectors << " not present";
     const ojson all = cases();
     ASSERT_EQ(all["cases"].size(), 4u);
     for (const ojson& c : all["cases"]) {
@@ -168,7 +168,7 @@ TEST(ChatGolden, VectorsByteExact) {
 }
 
 TEST(ChatGolden, RequestLevelToolsMatchCase1) {
-    if (!have_vectors()) GTEST_SKIP() << kVectors << " not present";
+    if (!have_vectors()) MEGAMOE_MISSING_GOLDEN() << kVectors << " not present";
     const ojson in = ojson::parse(megamoe::test::read_file(kVectors + "/input_1.json"));
     ChatRequest req;
     req.messages = messages_from_json(in["messages"]);
@@ -181,7 +181,7 @@ TEST(ChatGolden, RequestLevelToolsMatchCase1) {
 }
 
 TEST(ChatGolden, ParseChecks) {
-    if (!have_vectors()) GTEST_SKIP() << kVectors << " not present";
+    if (!have_vectors()) MEGAMOE_MISSING_GOLDEN() << kVectors << " not present";
     int checks = 0;
     const ojson all = cases();
     for (const ojson& c : all["cases"]) {
@@ -210,7 +210,7 @@ TEST(ChatGolden, ParseChecks) {
 // piecewise tokenization equals the reference's whole-string tokenization.
 TEST(ChatGolden, SpecialPiecesAreAddedTokens) {
     const std::string tok_path = megamoe::test::golden_dir("tokenizer") + "/tokenizer.json";
-    if (!have_vectors() || !std::filesystem::exists(tok_path)) GTEST_SKIP() << "vectors or tokenizer absent";
+    if (!have_vectors() || !std::filesystem::exists(tok_path)) MEGAMOE_MISSING_GOLDEN() << "vectors or tokenizer absent";
     std::set<std::string> added;
     const ojson tokenizer = ojson::parse(megamoe::test::read_file(tok_path));
     for (const auto& t : tokenizer["added_tokens"]) added.insert(t["content"].get<std::string>());

@@ -48,7 +48,7 @@ protected:
         cases_ = nullptr;
     }
     void SetUp() override {
-        if (!tok_) GTEST_SKIP() << "tokenizer fixture not found in " << kTokDir;
+        if (!tok_) MEGAMOE_MISSING_GOLDEN() << "tokenizer fixture not found in " << kTokDir;
     }
     static Tokenizer* tok_;
     static json* cases_;
