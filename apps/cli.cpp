@@ -249,6 +249,15 @@ int main(int argc, char** argv) {
     srv->add_option("--body-timeout", so.body_timeout, "seconds a client has to send a request's body");
     srv->add_option("--drain-timeout", so.drain_timeout, "seconds running requests get to finish on SIGTERM/SIGINT");
     srv->add_option("--max-connections", so.max_connections, "connections served at once (more wait)");
+    srv->add_option("--max-header-bytes", so.max_header_bytes, "largest request line + headers (the connection is closed)");
+    srv->add_option("--max-prompt-tokens", so.max_prompt_tokens, "prompt tokens per request, 0: the context (413 above)");
+    srv->add_option("--max-completion-tokens", so.max_completion_tokens,
+                    "generated tokens per choice, 0: the context (400 for a larger max_tokens)");
+    srv->add_option("--max-requests", so.max_requests, "engine requests (one per choice) running or waiting (429 above)");
+    srv->add_option("--max-json-depth", so.max_json_depth, "nesting of arrays and objects in a body, at most 128 (400 above)");
+    srv->add_option("--api-key", so.api_keys, "require 'Authorization: Bearer KEY' (repeatable; /health stays open)");
+    srv->add_option("--api-key-file", so.api_key_file, "file of API keys, one per line");
+    srv->add_flag("--private-metrics", so.private_metrics, "/metrics needs an API key too");
     srv->add_option("--backend", so.backend, "cpu | cuda | auto (cuda when a GPU is usable)");
     srv->add_option("--gpu-memory-fraction", so.gpu_memory_fraction, "share of the GPU's memory megamoe may hold");
     srv->add_option("--numerics", so.numerics, numerics_help);

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "connections.h"
+#include "request.h"
 #include "io/synth.h"
 #include "serve/backends.h"
 #include "serve/chat.h"
@@ -45,33 +46,10 @@ namespace {
 
 using json = nlohmann::ordered_json;
 
-constexpr int kMaxChoices = 128;   // n
-
-// Serialized JSON; invalid UTF-8 (which the decoders never produce) is replaced, never thrown on.
-std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+std::string dump(const json& j) { return dump_json(j); }
 
 int64_t unix_now() {
     return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-}
-
-// ---- errors
-
-struct HttpError {
-    int status;
-    std::string message;
-    std::string type;    // OpenAI error type
-    std::string param;   // offending field, may be empty
-    std::string code;    // e.g. "model_not_found", may be empty
-};
-
-[[noreturn]] void bad_request(const std::string& msg, const std::string& param = "") {
-    throw HttpError{400, msg, "invalid_request_error", param, ""};
-}
-
-std::string error_body(const HttpError& e) {
-    json err = {{"message", e.message}, {"type", e.type}, {"param", e.param.empty() ? json(nullptr) : json(e.param)},
-                {"code", e.code.empty() ? json(nullptr) : json(e.code)}};
-    return dump(json{{"error", err}});
 }
 
 void send_error(httplib::Response& res, const HttpError& e) {
@@ -79,43 +57,14 @@ void send_error(httplib::Response& res, const HttpError& e) {
     res.set_content(error_body(e), "application/json");
 }
 
-HttpError shutting_down() { return {503, "the server is shutting down", "service_unavailable", "", ""}; }
+// Set by the pre-routing handler for the request its thread is serving: it needs a key and has
+// none that is valid. Requests without a body are answered 401 there; routes check it after
+// reading the body.
+thread_local bool t_unauthorized = false;
 
-// ---- request field access with type checks (each error names the field)
-
-const json* field(const json& body, const char* name) {
-    auto it = body.find(name);
-    return it == body.end() || it->is_null() ? nullptr : &*it;
-}
-
-template <typename T>
-std::optional<T> get_number(const json& body, const char* name) {
-    const json* v = field(body, name);
-    if (!v) return std::nullopt;
-    if constexpr (std::is_integral_v<T>) {
-        if (!v->is_number_integer() && !(v->is_number_float() && v->get<double>() == std::floor(v->get<double>())))
-            bad_request(str("'", name, "' must be an integer"), name);
-        const double d = v->get<double>();
-        if (d < -9e18 || d > 9e18) bad_request(str("'", name, "' is out of range"), name);
-        return static_cast<T>(v->get<int64_t>());
-    } else {
-        if (!v->is_number()) bad_request(str("'", name, "' must be a number"), name);
-        return v->get<T>();
-    }
-}
-
-std::optional<bool> get_bool(const json& body, const char* name) {
-    const json* v = field(body, name);
-    if (!v) return std::nullopt;
-    if (!v->is_boolean()) bad_request(str("'", name, "' must be a boolean"), name);
-    return v->get<bool>();
-}
-
-std::optional<std::string> get_string(const json& body, const char* name) {
-    const json* v = field(body, name);
-    if (!v) return std::nullopt;
-    if (!v->is_string()) bad_request(str("'", name, "' must be a string"), name);
-    return v->get<std::string>();
+void deny(httplib::Response& res) {
+    res.set_header("WWW-Authenticate", "Bearer");
+    send_error(res, unauthorized());
 }
 
 // ---- request bodies
@@ -253,28 +202,21 @@ private:
 
 // ---- the server
 
-struct Parsed {                     // what both endpoints need after validation
-    std::vector<int32_t> prompt;
-    GenerationParams gen;
-    std::vector<std::string> stops;
-    bool stream = false, include_usage = false;
-    int logprobs = -1;              // -1 none; else top-k alternatives
-    int n = 1;                      // choices, each its own engine request
-    bool chat = false, thinking = false;
-};
-
 class Server;
 
 // A request being answered, from its submission until its response is written: counted, so
 // that a shutdown lets it finish, and cancellable as a whole.
 class Active {
 public:
-    explicit Active(Server& s);   // throws the 503 once the server is draining
+    // Counts `n` engine requests (the choices) in flight; throws the 503 once the server is
+    // draining, and a 429 when they would pass --max-requests.
+    Active(Server& s, int64_t n);
     ~Active();
     void add(uint64_t engine_id);
 
 private:
     Server& s_;
+    int64_t n_;
     std::vector<uint64_t> ids_;
 };
 
@@ -317,10 +259,7 @@ private:
     void load();
     void load_synthetic(std::chrono::steady_clock::time_point t0);
     void routes();
-    std::vector<int32_t> tokenize(const ChatPrompt& p) const;
-    void parse_common(const json& body, Parsed& p, bool chat);
-    Parsed parse_chat(const json& body);
-    Parsed parse_completion(const json& body);
+    RequestContext request_context() const;
     void handle(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader, bool chat);
     void respond_full(httplib::Response& res, const Parsed& p, std::shared_ptr<Reply> r);
     void respond_stream(httplib::Response& res, const Parsed& p, std::shared_ptr<Reply> r);
@@ -331,6 +270,7 @@ private:
 
     ServeOptions opt_;
     Connections conns_;
+    const std::vector<std::string> api_keys_;   // --api-key, --api-key-file; empty: no key needed
     std::atomic<bool> ready_{false};
     std::string model_name_;
     std::unique_ptr<Tokenizer> tok_;
@@ -343,6 +283,7 @@ private:
     std::mutex active_m_;
     std::condition_variable active_cv_;
     int64_t active_ = 0;                   // requests being answered
+    int64_t active_choices_ = 0;           // their engine requests (one per choice), for --max-requests
     std::multiset<uint64_t> active_ids_;   // their engine ids
     bool draining_ = false;                // new requests get 503
     std::atomic<bool> cancelled_all_{false};   // the drain timed out: what runs was cancelled
@@ -350,16 +291,23 @@ private:
     std::once_flag stop_once_;             // httplib's stop() must run once
 };
 
-Active::Active(Server& s) : s_(s) {
+Active::Active(Server& s, int64_t n) : s_(s), n_(n) {
     std::lock_guard<std::mutex> lk(s_.active_m_);
     if (s_.draining_) throw shutting_down();
+    if (s_.active_choices_ + n > s_.opt_.max_requests)
+        throw HttpError{429,
+                        str("too many requests: ", s_.active_choices_, " running or waiting, and this one adds ", n,
+                            " (choices); the server's limit is ", s_.opt_.max_requests, " (--max-requests)"),
+                        "rate_limit_exceeded", "", "rate_limit_exceeded"};
     ++s_.active_;
+    s_.active_choices_ += n;
 }
 
 Active::~Active() {
     std::lock_guard<std::mutex> lk(s_.active_m_);
     for (uint64_t id : ids_) s_.active_ids_.erase(s_.active_ids_.find(id));
     --s_.active_;
+    s_.active_choices_ -= n_;
     s_.active_cv_.notify_all();
 }
 
@@ -376,7 +324,8 @@ Server::Server(const ServeOptions& o)
     : opt_(o),
       conns_(ConnectionLimits{std::chrono::milliseconds(static_cast<int64_t>(o.header_timeout * 1000)),
                               std::chrono::milliseconds(static_cast<int64_t>(o.body_timeout * 1000)),
-                              static_cast<size_t>(o.max_connections)}) {}
+                              static_cast<size_t>(o.max_connections), o.max_header_bytes}),
+      api_keys_(load_api_keys(o.api_keys, o.api_key_file)) {}
 
 void Server::load() {
     auto t0 = std::chrono::steady_clock::now();
@@ -469,157 +418,6 @@ void Server::load_synthetic(std::chrono::steady_clock::time_point t0) {
     ready_ = true;
 }
 
-std::vector<int32_t> Server::tokenize(const ChatPrompt& p) const {
-    std::vector<int32_t> ids;
-    for (const auto& piece : p.pieces) {
-        if (piece.special) {
-            auto id = tok_->token_id(piece.text);
-            if (!id) throw HttpError{500, str("the tokenizer has no special token ", piece.text), "server_error", "", ""};
-            ids.push_back(*id);
-        } else {
-            auto part = tok_->encode_ordinary(piece.text);   // user text never becomes special tokens
-            ids.insert(ids.end(), part.begin(), part.end());
-        }
-    }
-    return ids;
-}
-
-void Server::parse_common(const json& body, Parsed& p, bool chat) {
-    if (auto m = get_string(body, "model"); m && *m != model_name_)
-        throw HttpError{404, str("The model `", *m, "` does not exist."), "NotFoundError", "model", "model_not_found"};
-    if (auto n = get_number<int64_t>(body, "n")) {
-        if (*n < 1 || *n > kMaxChoices) bad_request(str("'n' must be in [1, ", kMaxChoices, "]"), "n");
-        p.n = static_cast<int>(*n);
-    }
-    p.stream = get_bool(body, "stream").value_or(false);
-    if (const json* so = field(body, "stream_options")) {
-        if (!so->is_object()) bad_request("'stream_options' must be an object", "stream_options");
-        p.include_usage = get_bool(*so, "include_usage").value_or(false);
-    }
-    SamplingParams& s = p.gen.sampling;
-    s = defaults_;
-    if (auto v = get_number<float>(body, "temperature")) s.temperature = *v;
-    if (auto v = get_number<float>(body, "top_p")) s.top_p = *v;
-    if (auto v = get_number<int32_t>(body, "top_k")) s.top_k = *v;
-    if (auto v = get_number<float>(body, "min_p")) s.min_p = *v;
-    if (auto v = get_number<int64_t>(body, "seed")) s.seed = static_cast<uint64_t>(*v);
-    try {
-        s.validate();
-    } catch (const Error& e) {
-        bad_request(e.what());
-    }
-    std::optional<int64_t> max_tokens = get_number<int64_t>(body, "max_tokens");
-    if (auto v = get_number<int64_t>(body, "max_completion_tokens")) max_tokens = v;
-    if (max_tokens && *max_tokens < 1) bad_request("max_tokens must be at least 1", "max_tokens");
-    p.gen.max_tokens = max_tokens.value_or(0);   // 0: fill the context, decided once the prompt is known
-    p.gen.ignore_eos = get_bool(body, "ignore_eos").value_or(false);
-    if (const json* st = field(body, "stop")) {
-        if (st->is_string()) {
-            p.stops.push_back(st->get<std::string>());
-        } else if (st->is_array()) {
-            for (const auto& v : *st) {
-                if (!v.is_string()) bad_request("'stop' must be a string or an array of strings", "stop");
-                p.stops.push_back(v.get<std::string>());
-            }
-        } else {
-            bad_request("'stop' must be a string or an array of strings", "stop");
-        }
-        if (p.stops.size() > 16) bad_request("at most 16 stop strings", "stop");
-        for (const auto& s2 : p.stops)
-            if (s2.empty()) bad_request("stop strings must not be empty", "stop");
-    }
-    if (chat) {
-        const bool lp = get_bool(body, "logprobs").value_or(false);
-        auto top = get_number<int64_t>(body, "top_logprobs");
-        if (top && (*top < 0 || *top > 20)) bad_request("'top_logprobs' must be in [0, 20]", "top_logprobs");
-        if (top && !lp) bad_request("'top_logprobs' requires 'logprobs': true", "top_logprobs");
-        p.logprobs = lp ? static_cast<int>(top.value_or(0)) : -1;
-    } else if (auto lp = get_number<int64_t>(body, "logprobs")) {
-        if (*lp < 0 || *lp > 20) bad_request("'logprobs' must be in [0, 20]", "logprobs");
-        p.logprobs = static_cast<int>(*lp);
-    }
-    p.gen.top_logprobs = p.logprobs;
-}
-
-Parsed Server::parse_chat(const json& body) {
-    Parsed p;
-    p.chat = true;
-    parse_common(body, p, true);
-    const json* msgs = field(body, "messages");
-    if (!msgs) bad_request("'messages' is required", "messages");
-    if (!msgs->is_array() || msgs->empty()) bad_request("'messages' must be a non-empty array", "messages");
-    ChatRequest cr;
-    try {
-        cr.messages = messages_from_json(*msgs);
-    } catch (const Error& e) {
-        bad_request(e.what(), "messages");
-    }
-    bool thinking = true;
-    if (const json* k = field(body, "chat_template_kwargs")) {
-        if (!k->is_object()) bad_request("'chat_template_kwargs' must be an object", "chat_template_kwargs");
-        if (auto t = get_bool(*k, "thinking")) thinking = *t;
-        if (auto t = get_bool(*k, "enable_thinking")) thinking = *t;
-    }
-    cr.thinking = thinking;
-    if (auto e = get_string(body, "reasoning_effort")) cr.reasoning_effort = *e;
-    std::string tool_choice = "auto";
-    if (const json* tc = field(body, "tool_choice")) {
-        // "required" and a named function need constrained decoding, which this engine lacks.
-        if (!tc->is_string()) bad_request("only the tool_choice values \"none\" and \"auto\" are supported", "tool_choice");
-        tool_choice = tc->get<std::string>();
-        if (tool_choice != "none" && tool_choice != "auto")
-            bad_request(str("tool_choice '", tool_choice, "' is not supported (\"none\" or \"auto\")"), "tool_choice");
-    }
-    if (const json* tools = field(body, "tools"); tools && tool_choice != "none") {
-        if (!tools->is_array()) bad_request("'tools' must be an array", "tools");
-        for (size_t i = 0; i < tools->size(); ++i) {
-            const json& t = (*tools)[i];
-            if (!t.is_object() || !t.contains("function") || !t["function"].is_object() ||
-                !t["function"].contains("name") || !t["function"]["name"].is_string())
-                bad_request(str("tools[", i, "] must be {\"type\": \"function\", \"function\": {\"name\": ...}}"), "tools");
-        }
-        if (!tools->empty()) cr.tools = *tools;
-    }
-    if (const json* rf = field(body, "response_format")) {
-        if (!rf->is_object()) bad_request("'response_format' must be an object", "response_format");
-        if (rf->value("type", "text") != "text") cr.response_format = *rf;
-    }
-    ChatPrompt prompt;
-    try {
-        prompt = encode_chat(cr);
-    } catch (const Error& e) {
-        bad_request(e.what(), "messages");
-    }
-    p.thinking = !prompt.pieces.empty() && prompt.pieces.back().special && prompt.pieces.back().text == "<think>";
-    p.prompt = tokenize(prompt);
-    return p;
-}
-
-Parsed Server::parse_completion(const json& body) {
-    Parsed p;
-    parse_common(body, p, false);
-    const json* pr = field(body, "prompt");
-    if (!pr) bad_request("'prompt' is required", "prompt");
-    if (pr->is_string()) {
-        p.prompt = tok_->encode_ordinary(pr->get<std::string>());
-    } else if (pr->is_array() && !pr->empty() && (*pr)[0].is_number_integer()) {
-        for (const auto& v : *pr) {
-            if (!v.is_number_integer()) bad_request("'prompt' token arrays must hold integers", "prompt");
-            const int64_t id = v.get<int64_t>();
-            if (id < 0 || id >= engine_->config().vocab_size)
-                bad_request(str("token id ", id, " is outside the vocabulary"), "prompt");
-            p.prompt.push_back(static_cast<int32_t>(id));
-        }
-    } else if (pr->is_array() && pr->size() == 1 && (*pr)[0].is_string()) {
-        p.prompt = tok_->encode_ordinary((*pr)[0].get<std::string>());
-    } else {
-        bad_request("'prompt' must be a string or an array of token ids (one prompt per request)", "prompt");
-    }
-    if (auto echo = get_bool(body, "echo"); echo && *echo) bad_request("'echo' is not supported", "echo");
-    if (p.prompt.empty()) bad_request("the prompt is empty", "prompt");
-    return p;
-}
-
 json usage_json(int64_t prompt, int64_t completion) {
     return {{"prompt_tokens", prompt}, {"completion_tokens", completion}, {"total_tokens", prompt + completion}};
 }
@@ -674,31 +472,33 @@ std::optional<HttpError> choice_error(const Session& s) {
     return std::nullopt;
 }
 
+RequestContext Server::request_context() const {
+    RequestContext c;
+    c.tok = tok_.get();
+    c.model_name = model_name_;
+    c.defaults = defaults_;
+    c.vocab_size = engine_->config().vocab_size;
+    c.max_model_len = engine_->max_model_len();
+    c.limits.max_prompt_tokens = opt_.max_prompt_tokens;
+    c.limits.max_completion_tokens = opt_.max_completion_tokens;
+    c.limits.max_json_depth = opt_.max_json_depth;
+    return c;
+}
+
 void Server::handle(const httplib::Request&, httplib::Response& res, const httplib::ContentReader& reader, bool chat) {
     try {
         const std::string text = read_body(res, reader, static_cast<size_t>(opt_.max_body_bytes));
         Connections::body_read();
+        if (t_unauthorized) throw unauthorized();
         {
             std::lock_guard<std::mutex> lk(active_m_);
             if (draining_) throw shutting_down();
         }
         if (!ready_) throw HttpError{503, "the model is still loading", "service_unavailable", "", ""};
-        // Copying and serializing JSON recurse once per level: bound the nesting before parsing.
-        if (json_nesting_depth(text) > kMaxJsonDepth)
-            bad_request(str("the request body nests arrays and objects deeper than ", kMaxJsonDepth, " levels"));
-        json body;
-        try {
-            body = json::parse(text);
-        } catch (const json::exception& e) {
-            bad_request(str("the request body is not valid JSON: ", e.what()));
-        }
-        if (!body.is_object()) bad_request("the request body must be a JSON object");
-        Parsed p = chat ? parse_chat(body) : parse_completion(body);
-        const int64_t P = static_cast<int64_t>(p.prompt.size());
-        if (p.gen.max_tokens == 0) p.gen.max_tokens = std::max<int64_t>(1, engine_->max_model_len() - P);
+        Parsed p = parse_request(request_context(), text, chat);
         auto r = std::make_shared<Reply>();
         r->created = unix_now();
-        r->active = std::make_shared<Active>(*this);
+        r->active = std::make_shared<Active>(*this, p.n);
         // n choices: each its own sequence over the same prompt; with a seed, choice i uses seed + i.
         for (int i = 0; i < p.n; ++i) {
             auto session = std::make_shared<Session>(*tok_, r->ch, p.stops, p.logprobs >= 0);
@@ -971,13 +771,24 @@ void Server::routes() {
     http_.set_read_timeout(read_us / 1000000, read_us % 1000000);
     http_.set_write_timeout(30, 0);
     http_.set_keep_alive_timeout(std::max<time_t>(1, static_cast<time_t>(std::ceil(opt_.header_timeout))));
-    http_.set_pre_routing_handler([](const httplib::Request& req, httplib::Response& res) {
+    http_.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
         Connections::headers_read();
-        // PRI (whose body httplib would read without a limit), TRACE and CONNECT: not served.
-        static const std::set<std::string> served = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"};
-        if (served.count(req.method)) return httplib::Server::HandlerResponse::Unhandled;
-        send_error(res, HttpError{405, str("method ", req.method, " is not allowed"), "invalid_request_error", "",
-                                  "method_not_allowed"});
+        // Who may ask, and which methods are served: decided before any body is read.
+        const auto refused = check_request_head(req.method, req.path, req.get_header_value("Authorization"), api_keys_,
+                                                opt_.private_metrics);
+        t_unauthorized = refused && refused->status == 401;
+        if (!refused) return httplib::Server::HandlerResponse::Unhandled;
+        const bool body = req.has_header("Transfer-Encoding") ||
+                          (req.has_header("Content-Length") && req.get_header_value("Content-Length") != "0");
+        if (t_unauthorized && body && req.method != "PRI") {
+            // The route reads the body (within --max-body-bytes and --body-timeout), so that the
+            // connection stays in step, then answers 401.
+            return httplib::Server::HandlerResponse::Unhandled;
+        }
+        if (t_unauthorized)
+            deny(res);
+        else
+            send_error(res, *refused);
         return httplib::Server::HandlerResponse::Handled;
     });
     http_.set_post_routing_handler([](const httplib::Request&, httplib::Response& res) {
@@ -1003,9 +814,11 @@ void Server::routes() {
                         "application/json");
     });
     http_.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+        if (t_unauthorized) return deny(res);
         res.set_content(metrics_text(), "text/plain; version=0.0.4");
     });
     http_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+        if (t_unauthorized) return deny(res);
         json data = json::array();
         if (ready_)
             data.push_back({{"id", model_name_}, {"object", "model"}, {"created", started_}, {"owned_by", "megamoe"},
@@ -1021,6 +834,7 @@ void Server::routes() {
     // Everything else: 405 on a known path with the wrong method (as vLLM), else 404. A body is
     // read first (within --max-body-bytes) so that the connection stays in step.
     auto not_routed = [](const httplib::Request& req, httplib::Response& res) {
+        if (t_unauthorized) return deny(res);
         static const std::set<std::string> post = {"/v1/chat/completions", "/v1/completions"},
                                            get = {"/health", "/metrics", "/v1/models"};
         if (post.count(req.path) || get.count(req.path)) {
@@ -1039,6 +853,7 @@ void Server::routes() {
             send_error(res, e);
             return;
         }
+        if (t_unauthorized) return deny(res);
         not_routed(req, res);
     };
     for (const char* path : {"/v1/chat/completions", "/v1/completions"}) http_.Get(path, not_routed);
@@ -1077,6 +892,11 @@ void raise_fd_limit() {
         r.rlim_cur = want;
         setrlimit(RLIMIT_NOFILE, &r);
     }
+}
+
+// 127.0.0.0/8, ::1 and "localhost": only this machine can connect.
+bool is_loopback(const std::string& host) {
+    return host == "localhost" || host == "::1" || host == "[::1]" || host.rfind("127.", 0) == 0;
 }
 
 sigset_t shutdown_signals() {
@@ -1165,6 +985,10 @@ int Server::run() {
     conns_.set_port(port);
     raise_listen_backlog(port);
     std::fprintf(stderr, "megamoe: listening on http://%s:%d (health 503 until loaded)\n", opt_.host.c_str(), port);
+    if (api_keys_.empty() && !is_loopback(opt_.host))
+        std::fprintf(stderr, "megamoe: WARNING: listening on %s, not a loopback address, without an API key: anyone who "
+                             "can reach this port can use the model (pass --api-key KEY or --api-key-file FILE)\n",
+                     opt_.host.c_str());
     std::thread signals([this] { watch_signals(); });
     // Load in the background so /health answers 503 meanwhile.
     std::string load_error;
@@ -1216,6 +1040,16 @@ void validate(const ServeOptions& o) {
     if (o.max_body_bytes < 1) fail("--max-body-bytes must be >= 1, got ", o.max_body_bytes);
     if (o.max_connections < 1 || o.max_connections > 65536)
         fail("--max-connections must be in 1..65536, got ", o.max_connections);
+    if (o.max_header_bytes < 1024 || o.max_header_bytes > (int64_t{1} << 30))
+        fail("--max-header-bytes must be in 1024..1073741824, got ", o.max_header_bytes);
+    if (o.max_prompt_tokens < 0) fail("--max-prompt-tokens must be >= 0 (0: the context length), got ", o.max_prompt_tokens);
+    if (o.max_completion_tokens < 0)
+        fail("--max-completion-tokens must be >= 0 (0: the context length), got ", o.max_completion_tokens);
+    if (o.max_requests < 1 || o.max_requests > (int64_t{1} << 20))
+        fail("--max-requests must be in 1..1048576, got ", o.max_requests);
+    if (o.max_json_depth < 1 || o.max_json_depth > static_cast<int64_t>(kMaxJsonDepth))
+        fail("--max-json-depth must be in 1..", kMaxJsonDepth, ", got ", o.max_json_depth);
+    load_api_keys(o.api_keys, o.api_key_file);   // an unreadable or empty key file, before anything else
     for (const auto& [flag, v, low] : {std::tuple{"--header-timeout", o.header_timeout, 0.1},
                                        std::tuple{"--body-timeout", o.body_timeout, 0.1},
                                        std::tuple{"--drain-timeout", o.drain_timeout, 0.0}})

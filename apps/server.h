@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace megamoe {
 
@@ -21,6 +22,17 @@ struct ServeOptions {
     double      body_timeout = 60;         // s to send a request's body (from the end of its headers)
     double      drain_timeout = 30;        // s running requests may take to finish after SIGTERM / SIGINT
     int64_t     max_connections = 1024;    // connections served at once (one thread each); more wait
+    int64_t     max_header_bytes = 256 << 10;   // request line + headers; more: the connection is closed
+    // Limits per request (over one: 400 or 413 naming the flag) and in total (429).
+    int64_t     max_prompt_tokens = 0;     // 0: the context length
+    int64_t     max_completion_tokens = 0; // per choice; 0: the context length
+    int64_t     max_requests = 256;        // engine requests (one per choice) running or waiting, in all
+    int64_t     max_json_depth = 128;      // nesting of arrays and objects in a body (at most 128)
+    // Who may use the server: with keys, every request but GET /health (and GET /metrics unless
+    // private_metrics) needs "Authorization: Bearer KEY" with one of them, else 401.
+    std::vector<std::string> api_keys;     // --api-key (repeatable)
+    std::string api_key_file;              // --api-key-file: one key per line
+    bool        private_metrics = false;   // --private-metrics: /metrics needs a key too
     std::string backend = "auto";          // cpu | cuda | auto (cuda when a GPU is usable)
     // Benchmarks: instead of --model, random weights made on the GPU for a preset's config
     // (flash | pro, `synthetic_layers` of its layers; --tokenizer required). No checkpoint is read.
