@@ -9,3 +9,9 @@ mkdir -p /work/main/build && ln -sf /tmp/megamoe/bin/megamoe /work/main/build/me
     ln -sf /tmp/megamoe/bin/megamoe-serve-bench /work/main/build/megamoe-serve-bench
 export LD_LIBRARY_PATH="/tmp/megamoe/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PATH="/tmp/megamoe/bin:$PATH"
+# NCCL (the multi-GPU tests link it): the machine's own, or the copy PyTorch's wheels bring.
+if ! ldconfig -p 2>/dev/null | grep -q libnccl.so.2; then
+    nccl_dir=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null || true)
+    [ -z "$nccl_dir" ] && nccl_dir=$(dirname "$(find / -name 'libnccl.so.2*' -not -path '*/proc/*' 2>/dev/null | head -1)" 2>/dev/null || true)
+    [ -n "$nccl_dir" ] && export LD_LIBRARY_PATH="$nccl_dir:$LD_LIBRARY_PATH"
+fi
