@@ -12,6 +12,7 @@
 
 #include "ref/generate.h"
 #include "ref/model.h"
+#include "ref/speculative.h"
 #include "core/parallel.h"
 #include "io/config.h"
 #include "io/safetensors.h"
@@ -152,9 +153,13 @@ void cmd_logits(const std::string& dir, const std::string& tokens_file, const st
 }
 
 void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t max_new, int64_t chunk, bool ignore_eos,
-                  const std::string& backend, double mem_fraction, Numerics numerics) {
+                  const std::string& backend, double mem_fraction, Numerics numerics, int64_t spec_tokens) {
     const std::vector<int32_t> prompt = parse_ids(ids_text, "--ids");
     if (max_new < 0) fail("--max-new must be >= 0, got ", max_new);
+    if (spec_tokens < 0 || spec_tokens > kMaxSpeculativeTokens)
+        fail("--speculative-tokens must be in 1..", kMaxSpeculativeTokens, " (0: off), got ", spec_tokens);
+    if (spec_tokens > 0 && resolve_backend(backend) != "cpu")
+        fail("--speculative-tokens runs on the cpu backend only for now; pass --backend cpu");
     if (chunk < 0) fail("--chunk must be >= 0 (0: the whole prompt at once), got ", chunk);
     // The context holds the prompt and every new token but the last (which is never fed back).
     const int64_t P = static_cast<int64_t>(prompt.size()), context = load_model_config(dir).max_position_embeddings;
@@ -167,9 +172,24 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
     (void)resolve_backend(backend);   // a bad --backend fails before the weights load
     auto m = Model::load(dir);
     m->numerics = numerics;
-    auto b = one_sequence_backend(*m, backend, mem_fraction, P + std::max<int64_t>(max_new - 1, 0));
+    std::vector<int32_t> out;
     auto t0 = std::chrono::steady_clock::now();
-    std::vector<int32_t> out = generate_greedy(*b, prompt, max_new, chunk, ignore_eos);
+    if (spec_tokens > 0) {   // the CPU reference directly, the MTP block drafting (ref/speculative.h)
+        if (!m->w.mtp)
+            fail(dir, ": --speculative-tokens needs the multi-token-prediction block (mtp.0.* tensors); the checkpoint has none");
+        SpeculativeOptions so;
+        so.draft_tokens = spec_tokens, so.chunk = chunk, so.ignore_eos = ignore_eos;
+        t0 = std::chrono::steady_clock::now();
+        SpeculativeResult r = generate_speculative(*m, prompt, max_new, so);
+        out.swap(r.tokens);
+        std::fprintf(stderr, "speculative: %ld drafts, %ld accepted (%.1f%%), %ld verification steps, %.2f tokens per step\n",
+                     r.stats.drafted, r.stats.accepted, 100.0 * r.stats.acceptance_rate(), r.stats.rounds,
+                     r.stats.tokens_per_round());
+    } else {
+        auto b = one_sequence_backend(*m, backend, mem_fraction, P + std::max<int64_t>(max_new - 1, 0));
+        t0 = std::chrono::steady_clock::now();
+        out = generate_greedy(*b, prompt, max_new, chunk, ignore_eos);
+    }
     const double sec = seconds_since(t0);
     for (size_t i = 0; i < out.size(); ++i) std::printf("%s%d", i ? " " : "", out[i]);
     std::printf("\n");
@@ -188,6 +208,7 @@ int main(int argc, char** argv) {
     Schedule sched;
     int64_t max_new = 16, chunk = 0, layers = -1, vocab = -1, routed = -1, shard_mb = 4096;
     uint64_t seed = 0;
+    int64_t spec_tokens = 0;
     bool ignore_eos = false, no_mtp = false, mtp = false;
     std::string numerics = "exact";
     const char* numerics_help = "exact (f32 activations, the default) | official (DeepSeek's roundings: bf16 "
@@ -218,6 +239,8 @@ int main(int argc, char** argv) {
     gen->add_option("--backend", backend, "cpu | cuda | auto (cuda when a GPU is usable)");
     gen->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
     gen->add_option("--numerics", numerics, numerics_help);
+    gen->add_option("--speculative-tokens", spec_tokens,
+                    "draft K tokens a step with the MTP block, verified by the main model (1..3; 0: off; cpu backend)");
 
     auto* syn = app.add_subcommand("synth", "write a random checkpoint in the release layout");
     syn->add_option("--out", out, "output directory")->required();
@@ -278,7 +301,8 @@ int main(int argc, char** argv) {
         if (mem_fraction <= 0 || mem_fraction > 1)
             fail("--gpu-memory-fraction must be in (0, 1], got ", mem_fraction);
         if (*lg) cmd_logits(model, tokens, out, sched, backend, mem_fraction, parse_numerics(numerics), mtp);
-        if (*gen) cmd_generate(model, ids, max_new, chunk, ignore_eos, backend, mem_fraction, parse_numerics(numerics));
+        if (*gen) cmd_generate(model, ids, max_new, chunk, ignore_eos, backend, mem_fraction, parse_numerics(numerics),
+                              spec_tokens);
         if (*srv) return serve(so);
         if (*syn) {
             SynthOptions o;

@@ -405,6 +405,7 @@ void mtp_forward(const Model& m, std::vector<MtpChunk>& batch, const ForwardOpti
     std::vector<LayerState*> states(batch.size());
     for (size_t s = 0; s < batch.size(); ++s) states[s] = &batch[s].state->mtp.layer;
     block_forward(m, w.block, L, B, states, opt, X);
+    if (opt.streams_out) *opt.streams_out = X;   // the block's own pre-head streams (chained drafts)
     head_logits(m, w.hc_head, w.norm, trace_names::mtp_norm, B, opt, X, logits);
 
     for (auto& ch : batch) ch.state->mtp.n_past += static_cast<int64_t>(ch.next_tokens.size());

@@ -65,8 +65,9 @@ struct MtpChunk {
     const float* streams = nullptr;                // f32 [n, hc·D] main pre-head streams at those positions
     std::vector<int32_t> next_tokens;              // [n] the token at each position + 1
 };
-// logits: f32 [Σ n, V] (opt.all_logits) or [n_chunks, V] (each chunk's last); opt.streams_out is
-// ignored. Throws Error (no state changes) without an MTP block, on a token outside the vocabulary,
+// logits: f32 [Σ n, V] (opt.all_logits) or [n_chunks, V] (each chunk's last); opt.streams_out, if
+// set, receives f32 [Σ n, hc·D] the block's own streams before its HC head, which speculative
+// decoding feeds back as the next draft's `streams` (ref/speculative.h). Throws Error (no state changes) without an MTP block, on a token outside the vocabulary,
 // or for a position the main model has not processed.
 void mtp_forward(const Model& m, std::vector<MtpChunk>& batch, const ForwardOptions& opt, std::vector<float>& logits);
 

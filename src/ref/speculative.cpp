@@ -1,0 +1,254 @@
+// speculative.cpp — speculative decoding with the MTP block as the draft model (ref/speculative.h).
+#include "ref/speculative.h"
+
+#include <algorithm>
+
+#include "ref/generate.h"
+
+namespace megamoe {
+
+namespace {
+
+CompressorCheckpoint checkpoint_comp(const CompressorState& c) {
+    CompressorCheckpoint cp;
+    cp.pending_kv = c.pending_kv, cp.pending_gate = c.pending_gate;
+    cp.prev_kv = c.prev_kv, cp.prev_gate = c.prev_gate;
+    cp.n_pending = c.n_pending, cp.n_rows = c.n_rows;
+    cp.rows_size = c.rows.size();
+    return cp;
+}
+
+void restore_comp(CompressorState& c, const CompressorCheckpoint& cp) {
+    if (c.n_rows < cp.n_rows || c.rows.size() < cp.rows_size)
+        fail("restore_state: a compressor has ", c.n_rows, " rows, fewer than the checkpoint's ", cp.n_rows);
+    c.pending_kv = cp.pending_kv, c.pending_gate = cp.pending_gate;
+    c.prev_kv = cp.prev_kv, c.prev_gate = cp.prev_gate;
+    c.n_pending = cp.n_pending, c.n_rows = cp.n_rows;
+    c.rows.resize(cp.rows_size);   // rows emitted after the checkpoint go; earlier ones never changed
+}
+
+// The uniform draw of a token from probabilities p [V]: the first id, in ascending order, whose
+// running sum exceeds u · Σp (so an id with p = 0 is never drawn).
+int32_t draw(const std::vector<double>& p, double u) {
+    double total = 0.0;
+    for (double x : p) total += x;
+    if (!(total > 0.0)) fail("speculative: a distribution without mass");
+    const double target = u * total;
+    double acc = 0.0;
+    int32_t last = -1;
+    for (size_t i = 0; i < p.size(); ++i) {
+        if (p[i] <= 0.0) continue;
+        acc += p[i];
+        last = static_cast<int32_t>(i);
+        if (acc > target) return last;
+    }
+    return last;   // rounding left target at the very top: the last id with mass
+}
+
+}  // namespace
+
+StateCheckpoint checkpoint_state(const SequenceState& st) {
+    StateCheckpoint cp;
+    cp.n_past = st.n_past;
+    cp.layers.reserve(st.layers.size());
+    for (const LayerState& l : st.layers)
+        cp.layers.push_back({l.window, l.n_window, checkpoint_comp(l.comp), checkpoint_comp(l.index_comp)});
+    cp.mtp = st.mtp;
+    return cp;
+}
+
+void restore_state(SequenceState& st, const StateCheckpoint& cp) {
+    if (st.layers.size() != cp.layers.size())
+        fail("restore_state: the checkpoint has ", cp.layers.size(), " layers, the state ", st.layers.size());
+    if (st.n_past < cp.n_past)
+        fail("restore_state: the state has ", st.n_past, " positions, fewer than the checkpoint's ", cp.n_past);
+    for (size_t l = 0; l < st.layers.size(); ++l) {
+        LayerState& s = st.layers[l];
+        const LayerCheckpoint& c = cp.layers[l];
+        restore_comp(s.comp, c.comp);
+        restore_comp(s.index_comp, c.index_comp);
+        s.window = c.window;
+        s.n_window = c.n_window;
+    }
+    st.mtp = cp.mtp;
+    st.n_past = cp.n_past;
+}
+
+SpeculativeResult generate_speculative(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
+                                       const SpeculativeOptions& o) {
+    const ModelConfig& c = m.cfg;
+    const int64_t V = c.vocab_size, HD = c.hc_mult * c.hidden_size;   // HD: one position's streams [hc·D]
+    const int64_t K = o.draft_tokens;
+    if (K < 0 || K > kMaxSpeculativeTokens)
+        fail("--speculative-tokens must be in 1..", kMaxSpeculativeTokens, " (0: off), got ", K);
+    if (K > 0 && !m.w.mtp)
+        fail("--speculative-tokens needs the checkpoint's multi-token-prediction block (mtp.0.* tensors); "
+             "this checkpoint has none");
+    if (K + 1 > c.sliding_window - 1)
+        fail("--speculative-tokens ", K, ": a verification step of ", K + 1, " tokens must fit the sliding window (",
+             c.sliding_window, ")");
+    if (prompt.empty()) fail("generate: the prompt is empty");
+    if (max_new < 0) fail("generate: max_new must be >= 0, got ", max_new);
+    if (o.chunk < 0) fail("generate: chunk size must be >= 0, got ", o.chunk);
+    if (o.sampling && (!o.sampling->distribution || !o.sampling->uniform))
+        fail("generate: sampling needs both a distribution and a uniform source");
+    const int64_t P = static_cast<int64_t>(prompt.size()), limit = c.max_position_embeddings;
+    if (P > limit) fail("generate: the prompt has ", P, " tokens, more than the context limit ", limit);
+
+    SpeculativeResult res;
+    std::vector<int32_t>& out = res.tokens;
+    SpeculativeStats& stats = res.stats;
+    if (max_new == 0) return res;
+    const bool greedy = o.sampling == nullptr;
+    auto is_eos = [&](int32_t id) { return !o.ignore_eos && id == c.eos_token_id; };
+
+    std::vector<double> p, q;   // [V] probabilities (sampling only)
+    // The main model's token from a logits row [V]: argmax, or a draw from p with `stream`.
+    auto main_token = [&](const float* logits, SpecStream stream, int64_t index) {
+        if (greedy) return argmax(logits, V);
+        o.sampling->distribution(logits, V, p);
+        return draw(p, o.sampling->uniform(stream, index));
+    };
+
+    SequenceState st(c);
+    // Main pre-head streams f32 [n, hc·D] of positions st.mtp.n_past .. st.n_past - 1: processed by the
+    // main model, not yet by the MTP block (their next tokens are S[mtp.n_past + 1 .. n_past]).
+    std::vector<float> pending;
+    std::vector<int32_t> seq(prompt);   // S: every accepted token
+    std::vector<float> logits, streams, mtp_logits, mtp_streams;
+    ForwardOptions with_streams;
+    with_streams.streams_out = &streams;
+
+    // Prefill; the MTP block is fed each chunk's positions whose next token is known (all but the
+    // last position of the prompt, which waits for the first new token).
+    const int64_t step = o.chunk > 0 ? o.chunk : P;
+    for (int64_t t = 0; t < P; t += step) {
+        const int64_t n = std::min(step, P - t);
+        std::vector<SequenceChunk> b{{&st, std::vector<int32_t>(prompt.begin() + t, prompt.begin() + t + n)}};
+        forward(m, b, with_streams, logits);
+        if (K == 0) continue;   // no MTP block to feed
+        pending.insert(pending.end(), streams.begin(), streams.end());
+        const int64_t known = std::min(t + n, P - 1) - st.mtp.n_past;   // positions with their next token
+        if (known > 0) {
+            std::vector<MtpChunk> mb{{&st, pending.data(), std::vector<int32_t>(seq.begin() + st.mtp.n_past + 1,
+                                                                                seq.begin() + st.mtp.n_past + 1 + known)}};
+            mtp_forward(m, mb, ForwardOptions{}, mtp_logits);
+            pending.erase(pending.begin(), pending.begin() + known * HD);
+        }
+    }
+    out.push_back(main_token(logits.data(), SpecStream::sample, 0));
+    seq.push_back(out.back());
+
+    ForwardOptions verify_opt;
+    verify_opt.all_logits = true;
+    verify_opt.streams_out = &streams;
+    ForwardOptions mtp_opt;
+    mtp_opt.streams_out = &mtp_streams;
+    while (static_cast<int64_t>(out.size()) < max_new && !is_eos(out.back())) {
+        const int64_t L = static_cast<int64_t>(seq.size());   // the main model has processed L - 1 positions
+        if (L > limit) break;                                  // feeding S[L-1] would pass the context
+        const int64_t k = std::min(K, limit - L);              // this round's drafts: positions up to L-1+k
+        const int64_t index = static_cast<int64_t>(out.size());   // output index of the round's first new token
+
+        // 1. Draft: catch the MTP block up to position L-2 (real streams, accepted tokens), then chain.
+        std::vector<int32_t> drafts;       // [k]
+        std::vector<std::vector<double>> qs;   // [k][V] draft distributions (sampling)
+        if (k > 0) {
+            const int64_t n_catch = st.n_past - st.mtp.n_past;   // >= 1: position L-2 at least
+            std::vector<MtpChunk> mb{{&st, pending.data(), std::vector<int32_t>(seq.begin() + st.mtp.n_past + 1,
+                                                                                seq.begin() + st.mtp.n_past + 1 + n_catch)}};
+            mtp_forward(m, mb, mtp_opt, mtp_logits);   // the last row: position L-2, token S[L-1]
+            pending.clear();
+            // Chained drafts run on a scratch state: the MTP state copied, the main model's part unused
+            // (n_past only tells mtp_forward which positions have streams: here the block's own).
+            SequenceState scratch(c);
+            scratch.mtp = st.mtp;
+            std::vector<float> h(mtp_streams.end() - HD, mtp_streams.end());   // f32 [hc·D] of the last row
+            for (int64_t i = 0; i < k; ++i) {
+                if (i > 0) {
+                    scratch.n_past = scratch.mtp.n_past + 1;
+                    std::vector<MtpChunk> cb{{&scratch, h.data(), {drafts.back()}}};
+                    mtp_forward(m, cb, mtp_opt, mtp_logits);
+                    h = mtp_streams;
+                }
+                if (greedy) {
+                    drafts.push_back(argmax(mtp_logits.data(), V));
+                } else {
+                    qs.emplace_back();
+                    o.sampling->distribution(mtp_logits.data(), V, qs.back());
+                    drafts.push_back(draw(qs.back(), o.sampling->uniform(SpecStream::draft, index + i)));
+                }
+            }
+        }
+
+        // 2. Verify x = S[L-1] and the drafts in one forward: logits row i is p_i.
+        const StateCheckpoint before = checkpoint_state(st);
+        std::vector<int32_t> fed{seq.back()};
+        fed.insert(fed.end(), drafts.begin(), drafts.end());
+        std::vector<SequenceChunk> vb{{&st, fed}};
+        forward(m, vb, verify_opt, logits);   // logits f32 [k+1, V], streams f32 [k+1, hc·D]
+        ++stats.rounds;
+        stats.drafted += k;
+
+        // 3. Accept.
+        std::vector<int32_t> got;   // this round's new tokens
+        int64_t j = 0;              // accepted drafts
+        while (j < k) {
+            const float* row = logits.data() + j * V;
+            const int32_t d = drafts[static_cast<size_t>(j)];
+            bool ok = o.rule == AcceptRule::always_accept;
+            if (!ok && greedy) {
+                ok = d == argmax(row, V);
+            } else if (!ok) {
+                o.sampling->distribution(row, V, p);
+                const std::vector<double>& qj = qs[static_cast<size_t>(j)];
+                const double ratio = p[static_cast<size_t>(d)] / qj[static_cast<size_t>(d)];   // q(d) > 0: d was drawn
+                ok = o.sampling->uniform(SpecStream::accept, index + j) < ratio;
+            }
+            if (!ok) break;
+            got.push_back(d);
+            ++j;
+            if (is_eos(d)) break;
+        }
+        const bool stopped_on_eos = !got.empty() && is_eos(got.back());
+        if (!stopped_on_eos) {
+            const float* row = logits.data() + j * V;
+            if (j == k) {
+                got.push_back(main_token(row, SpecStream::sample, index + j));   // every draft accepted: bonus
+            } else if (greedy) {
+                got.push_back(argmax(row, V));                                   // the main model's token
+            } else {
+                o.sampling->distribution(row, V, p);   // p_j; draw from normalize(max(0, p - q))
+                const std::vector<double>& qj = qs[static_cast<size_t>(j)];
+                std::vector<double> r(static_cast<size_t>(V));
+                for (int64_t v = 0; v < V; ++v) r[static_cast<size_t>(v)] = std::max(0.0, p[static_cast<size_t>(v)] - qj[static_cast<size_t>(v)]);
+                got.push_back(draw(r, o.sampling->uniform(SpecStream::residual, index + j)));
+            }
+        }
+        stats.accepted += j;
+        stats.round_tokens += static_cast<int64_t>(got.size());
+
+        // 4. Keep x and the j accepted drafts in the main state; their streams go to the MTP block.
+        const int64_t keep = j + 1;
+        if (keep < k + 1) {
+            restore_state(st, before);
+            std::vector<SequenceChunk> rb{{&st, std::vector<int32_t>(fed.begin(), fed.begin() + keep)}};
+            std::vector<float> unused;
+            forward(m, rb, ForwardOptions{}, unused);
+            ++stats.rerun_steps;
+        }
+        if (K > 0) pending.insert(pending.end(), streams.begin(), streams.begin() + keep * HD);
+        for (int32_t id : got) {
+            if (static_cast<int64_t>(out.size()) == max_new) break;
+            out.push_back(id);
+            seq.push_back(id);
+            if (is_eos(id)) break;
+        }
+        if (static_cast<int64_t>(out.size()) < max_new && !is_eos(out.back()) &&
+            static_cast<int64_t>(seq.size()) != st.n_past + 1)
+            fail("speculative: internal error: ", seq.size(), " tokens accepted, the main model at ", st.n_past);
+    }
+    return res;
+}
+
+}  // namespace megamoe
