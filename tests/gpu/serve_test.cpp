@@ -195,6 +195,36 @@ TEST_F(GpuServe, SeededSamplingIsReproducibleAndConcurrentRequestsAllFinish) {
     EXPECT_NE(m->body.find("megamoe_generation_tokens_total"), std::string::npos);
 }
 
+// Prefix caching on the GPU through the server: a prompt of 300 ids leaves a snapshot where its
+// last whole 256-position block ends; the same prompt again starts from it (256 tokens reused,
+// counted in /metrics) and, computing the same last chunk from the same state, gives the same
+// greedy completion.
+TEST_F(GpuServe, RepeatedPromptStartsFromItsPrefixSnapshot) {
+    auto metric = [](const std::string& name) {
+        auto m = client().Get("/metrics");
+        if (!m) return -1.0;
+        std::istringstream in(m->body);
+        for (std::string line; std::getline(in, line);)
+            if (line.rfind(name + " ", 0) == 0) return std::stod(line.substr(name.size() + 1));
+        return -1.0;
+    };
+    std::vector<int32_t> prompt;
+    for (int i = 0; i < 300; ++i) prompt.push_back(100 + (i * 37) % 3000);
+    const json body = {{"model", "tiny-synth"}, {"prompt", prompt}, {"max_tokens", 10}, {"temperature", 0},
+                       {"ignore_eos", true}};
+    const double hits0 = metric("megamoe_prefix_cache_hits_total");
+    ASSERT_GE(hits0, 0) << "no prefix-cache metric";
+    int status = 0;
+    const json a = post("/v1/completions", body, &status);
+    ASSERT_EQ(status, 200) << a.dump();
+    EXPECT_EQ(metric("megamoe_prefix_cache_hits_total"), hits0);
+    const json b = post("/v1/completions", body, &status);
+    ASSERT_EQ(status, 200) << b.dump();
+    EXPECT_EQ(metric("megamoe_prefix_cache_hits_total"), hits0 + 256);
+    EXPECT_EQ(b["choices"][0]["text"], a["choices"][0]["text"]);
+    EXPECT_GE(metric("megamoe_prefix_cache_entries"), 1);
+}
+
 }  // namespace
 }  // namespace megamoe
 
