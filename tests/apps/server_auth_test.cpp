@@ -14,7 +14,6 @@
 #include <fcntl.h>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <regex>
 #include <thread>
 
 #include "../../apps/request.h"
@@ -46,13 +45,17 @@ pid_t spawn(const std::vector<std::string>& extra, const std::string& log) {
     return pid;
 }
 
-// The port the server printed ("listening on http://HOST:PORT"), waiting up to `seconds`.
+// The port the server printed ("listening on http://HOST:PORT (..."), waiting up to `seconds`.
 int bound_port(const std::string& log, double seconds) {
-    const std::regex re("listening on http://[^ ]*:([0-9]+)");
+    const std::string marker = "listening on http://";
     for (int i = 0; i < seconds * 20; ++i) {
-        std::smatch m;
         const std::string text = test::read_file(log);
-        if (std::regex_search(text, m, re)) return std::stoi(m[1]);
+        const size_t at = text.find(marker);
+        const size_t end = at == std::string::npos ? at : text.find(' ', at + marker.size());
+        if (end != std::string::npos) {
+            const size_t colon = text.rfind(':', end);
+            if (colon != std::string::npos && colon > at) return std::atoi(text.c_str() + colon + 1);
+        }
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
     return -1;
