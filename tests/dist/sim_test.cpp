@@ -105,7 +105,8 @@ TEST(DistMoe, SlotRowsCombineIsBitIdenticalToOneRank) {
                     for (int64_t r = 0; r < N; ++r) {
                         const std::vector<float> want = reference(m, layer, data[static_cast<size_t>(r)]);
                         ASSERT_EQ(y[static_cast<size_t>(r)].size(), want.size());
-                        EXPECT_EQ(0, std::memcmp(y[static_cast<size_t>(r)].data(), want.data(), want.size() * sizeof(float)))
+                        // memcmp of empty rows would pass null pointers (undefined: UBSan stops the test).
+                        EXPECT_EQ(0, want.empty() ? 0 : std::memcmp(y[static_cast<size_t>(r)].data(), want.data(), want.size() * sizeof(float)))
                             << "layer " << layer << " N=" << N << " rank " << r << " " << scheme_name(s);
                     }
                 }

@@ -3,6 +3,7 @@
 // size, decode after a partial prefill, several sequences side by side.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <map>
 #include <memory>
 
@@ -109,16 +110,27 @@ TEST_P(GoldenCase, GreedyIds) {
 }
 
 // The tolerance is tight enough to see a wrong Sinkhorn iteration count in the mHC comb (the
-// count comes from config.json, so changing it on a loaded model is the mutant).
-TEST_P(GoldenCase, ToleranceSeesSinkhornIterationCount) {
-    auto m = Model::load(test::golden_dir(GetParam()) + "/model");
-    ASSERT_EQ(m->cfg.hc_sinkhorn_iters, 20);
-    const size_t n = g->input_ids.size() * static_cast<size_t>(V());
+// count comes from config.json, so changing it on a loaded model is the mutant): the golden
+// comparison fails for at least one case. Per case the margin is thin where the change happens
+// to move the logits little (NVFP4, 19 iterations: 4.8e-6 to 1.2e-5 depending on the build's
+// instruction scheduling), so the check is over both cases, as the suite's is.
+TEST(GoldenTolerance, SeesSinkhornIterationCount) {
     for (const int64_t iters : {19, 17}) {
-        m->cfg.hc_sinkhorn_iters = iters;
-        const std::vector<float> logits = sequence_logits(*m, g->input_ids, Schedule{});
-        ASSERT_EQ(logits.size(), n);
-        EXPECT_GT(test::max_abs_diff(logits.data(), g->logits(), n), kLogitTol) << iters << " iterations";
+        double worst = 0;
+        for (const std::string name : {"tiny-flash-nvfp4", "tiny-flash-mxfp4"}) {
+            const Golden* g = golden(name);
+            if (!g) MEGAMOE_MISSING_GOLDEN() << name;
+            auto m = Model::load(test::golden_dir(name) + "/model");
+            ASSERT_EQ(m->cfg.hc_sinkhorn_iters, 20);
+            m->cfg.hc_sinkhorn_iters = iters;
+            const size_t n = g->input_ids.size() * static_cast<size_t>(m->cfg.vocab_size);
+            const std::vector<float> logits = sequence_logits(*m, g->input_ids, Schedule{});
+            ASSERT_EQ(logits.size(), n);
+            worst = std::max(worst, test::max_abs_diff(logits.data(), g->logits(), n));
+        }
+        std::printf("    %ld Sinkhorn iterations: max |logits - golden| over both cases %.3g (tolerance %.3g)\n",
+                    static_cast<long>(iters), worst, kLogitTol);
+        EXPECT_GT(worst, kLogitTol) << iters << " iterations pass the golden comparison";
     }
 }
 
