@@ -258,6 +258,29 @@ private:
     friend class Active;
     void load();
     void load_synthetic(std::chrono::steady_clock::time_point t0);
+    // The engine's and the backend's options from the flags (one place for both loaders).
+    EngineOptions engine_options(const ModelConfig& cfg) const {
+        EngineOptions eo;
+        eo.max_batch_tokens = opt_.max_batch_tokens;
+        eo.max_seqs = opt_.max_seqs;
+        eo.max_model_len = opt_.max_model_len;
+        eo.seed = opt_.seed;
+        eo.prefix_caching = opt_.prefix_caching;
+        for (int64_t id = 0; id < cfg.vocab_size; ++id)
+            if (!tok_->has_token(static_cast<int32_t>(id))) eo.masked_token_ids.push_back(static_cast<int32_t>(id));
+        return eo;
+    }
+    BackendOptions backend_options() const {
+        BackendOptions bo;
+        bo.name = opt_.backend;
+        bo.max_seqs = opt_.max_seqs;
+        bo.max_batch_tokens = opt_.max_batch_tokens;
+        bo.max_logit_rows = opt_.max_seqs;
+        bo.max_model_len = opt_.max_model_len;
+        bo.gpu_memory_fraction = opt_.gpu_memory_fraction;
+        bo.max_state_tokens = opt_.max_state_tokens;
+        return bo;
+    }
     void routes();
     RequestContext request_context() const;
     void handle(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader, bool chat);
@@ -341,14 +364,7 @@ void Server::load() {
     if (tok_->vocab_size() > cfg.vocab_size)
         fail(tok_path, ": the tokenizer has ", tok_->vocab_size(), " ids but the model only ", cfg.vocab_size);
     defaults_ = load_generation_defaults(opt_.model_dir);
-    EngineOptions eo;
-    eo.max_batch_tokens = opt_.max_batch_tokens;
-    eo.max_seqs = opt_.max_seqs;
-    eo.max_model_len = opt_.max_model_len;
-    eo.seed = opt_.seed;
-    eo.prefix_caching = opt_.prefix_caching;
-    for (int64_t id = 0; id < cfg.vocab_size; ++id)
-        if (!tok_->has_token(static_cast<int32_t>(id))) eo.masked_token_ids.push_back(static_cast<int32_t>(id));
+    EngineOptions eo = engine_options(cfg);
     if (!eo.masked_token_ids.empty())
         std::fprintf(stderr, "megamoe: %zu of the model's %ld token ids name no token in the tokenizer: never sampled\n",
                      eo.masked_token_ids.size(), cfg.vocab_size);
@@ -359,14 +375,7 @@ void Server::load() {
     });
     if (model->cfg.vocab_size != cfg.vocab_size) fail(opt_.model_dir, "/config.json changed while loading");
     model->numerics = parse_numerics(opt_.numerics);
-    BackendOptions bo;
-    bo.name = opt_.backend;
-    bo.max_seqs = opt_.max_seqs;
-    bo.max_batch_tokens = opt_.max_batch_tokens;
-    bo.max_logit_rows = opt_.max_seqs;
-    bo.max_model_len = opt_.max_model_len;
-    bo.gpu_memory_fraction = opt_.gpu_memory_fraction;
-    bo.max_state_tokens = opt_.max_state_tokens;
+    const BackendOptions bo = backend_options();
     std::ostringstream plan;
     auto backend = make_backend(*model, bo, &plan);
     if (!plan.str().empty()) std::fprintf(stderr, "%s", plan.str().c_str());
@@ -390,22 +399,8 @@ void Server::load_synthetic(std::chrono::steady_clock::time_point t0) {
     const ModelConfig& cfg = model->cfg;
     if (tok_->vocab_size() > cfg.vocab_size)
         fail("--tokenizer has ", tok_->vocab_size(), " ids but the synthetic model only ", cfg.vocab_size);
-    EngineOptions eo;
-    eo.max_batch_tokens = opt_.max_batch_tokens;
-    eo.max_seqs = opt_.max_seqs;
-    eo.max_model_len = opt_.max_model_len;
-    eo.seed = opt_.seed;
-    eo.prefix_caching = opt_.prefix_caching;
-    for (int64_t id = 0; id < cfg.vocab_size; ++id)
-        if (!tok_->has_token(static_cast<int32_t>(id))) eo.masked_token_ids.push_back(static_cast<int32_t>(id));
-    BackendOptions bo;
-    bo.name = opt_.backend;
-    bo.max_seqs = opt_.max_seqs;
-    bo.max_batch_tokens = opt_.max_batch_tokens;
-    bo.max_logit_rows = opt_.max_seqs;
-    bo.max_model_len = opt_.max_model_len;
-    bo.gpu_memory_fraction = opt_.gpu_memory_fraction;
-    bo.max_state_tokens = opt_.max_state_tokens;
+    EngineOptions eo = engine_options(cfg);
+    const BackendOptions bo = backend_options();
     std::ostringstream plan;
     auto backend = make_synthetic_backend(cfg, opt_.seed, bo, &plan);
     std::fprintf(stderr, "%s", plan.str().c_str());
