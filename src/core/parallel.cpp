@@ -21,11 +21,15 @@ public:
 
     int size() const { return static_cast<int>(workers_.size()) + 1; }
 
+    // Not concurrent with run(). New workers start from the current generation: a worker that
+    // started from 0 after earlier runs took the last run's (finished) job for a new one and
+    // called a null job_ (set_num_threads after any parallel work crashed).
     void resize(int n) {
         stop();
         n = std::max(n, 1);
         done_ = false;
-        for (int i = 1; i < n; ++i) workers_.emplace_back([this, i] { loop(i); });
+        const uint64_t gen = generation_;
+        for (int i = 1; i < n; ++i) workers_.emplace_back([this, i, gen] { loop(i, gen); });
     }
 
     // Runs job(worker) on `n` workers (the caller is worker 0) and waits for all of them.
@@ -44,8 +48,7 @@ public:
     }
 
 private:
-    void loop(int id) {
-        uint64_t seen = 0;
+    void loop(int id, uint64_t seen) {
         std::unique_lock<std::mutex> lk(m_);
         for (;;) {
             cv_.wait(lk, [&] { return done_ || generation_ != seen; });

@@ -4,12 +4,15 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <memory>
 
 #include "ref/generate.h"
 #include "ref/model.h"
+#include "core/parallel.h"
 #include "io/safetensors.h"
+#include "io/synth.h"
 #include "test_util.h"
 
 namespace megamoe {
@@ -208,6 +211,67 @@ TEST_P(GoldenCase, BadTokensLeaveStateUntouched) {
     st.n_past = m.cfg.max_position_embeddings;   // a full context: one more token is refused
     std::vector<SequenceChunk> over{{&st, {5}}};
     test::expect_error([&] { forward(m, over, ForwardOptions{}, logits); }, {"max_position_embeddings"});
+}
+
+// The schedules give bit-identical logits whatever the thread count: the pool splits loops into
+// contiguous ranges, so which thread computes an element never changes its arithmetic
+// (core/parallel.h). On a synthetic checkpoint of the golden size (no ../shared/golden needed),
+// 1, 2 and 3 threads, the full pass, the schedules that cross the compressors' and the window's
+// boundaries, and two sequences side by side, main model and MTP block: every result equals the
+// one-thread full pass bit for bit.
+bool same_bits(const std::vector<float>& x, const std::vector<float>& y) {
+    return x.size() == y.size() && (x.empty() || std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0);
+}
+
+TEST(Schedules, BitIdenticalAtOneTwoAndThreeThreads) {
+    test::TempDir dir;
+    SynthOptions o;
+    o.seed = 23;
+    write_synthetic_checkpoint(dir.str(), o);
+    auto m = Model::load(dir.str());
+    const int64_t V = m->cfg.vocab_size;
+    std::vector<int32_t> a, b;
+    for (int i = 0; i < 70; ++i) a.push_back(static_cast<int32_t>((i * 389 + 7) % V));
+    for (int i = 0; i < 41; ++i) b.push_back(static_cast<int32_t>((i * 211 + 3) % V));
+    const int restore = num_threads();
+    set_num_threads(1);
+    const MtpLogits ref_a = sequence_logits_mtp(*m, a, Schedule{});
+    const std::vector<float> ref_b = sequence_logits(*m, b, Schedule{});
+    int checked = 0;
+    for (int threads : {1, 2, 3}) {
+        set_num_threads(threads);
+        ASSERT_EQ(num_threads(), threads);
+        for (Schedule s : {Schedule{}, Schedule{40, 0}, Schedule{-1, 5}, Schedule{-1, 17}, Schedule{30, 7}}) {
+            const MtpLogits got = sequence_logits_mtp(*m, a, s);
+            EXPECT_TRUE(same_bits(got.logits, ref_a.logits)) << threads << " threads, decode_from " << s.decode_from << " chunk " << s.chunk;
+            EXPECT_TRUE(same_bits(got.mtp_logits, ref_a.mtp_logits))
+                << threads << " threads, decode_from " << s.decode_from << " chunk " << s.chunk << " (MTP)";
+            ++checked;
+        }
+        // a and b side by side in one batch, with changing chunk sizes.
+        SequenceState sa(m->cfg), sb(m->cfg);
+        std::vector<float> got_a, got_b, logits;
+        ForwardOptions opt;
+        opt.all_logits = true;
+        size_t ia = 0, ib = 0;
+        for (const auto& [na0, nb0] : {std::pair<size_t, size_t>{13, 5}, {1, 30}, {40, 1}, {16, 5}}) {
+            const size_t na = std::min(na0, a.size() - ia), nb = std::min(nb0, b.size() - ib);
+            std::vector<SequenceChunk> batch;
+            if (na) batch.push_back({&sa, std::vector<int32_t>(a.begin() + ia, a.begin() + ia + na)});
+            if (nb) batch.push_back({&sb, std::vector<int32_t>(b.begin() + ib, b.begin() + ib + nb)});
+            forward(*m, batch, opt, logits);
+            got_a.insert(got_a.end(), logits.begin(), logits.begin() + static_cast<int64_t>(na) * V);
+            got_b.insert(got_b.end(), logits.begin() + static_cast<int64_t>(na) * V, logits.end());
+            ia += na, ib += nb;
+        }
+        ASSERT_EQ(ia, a.size());
+        ASSERT_EQ(ib, b.size());
+        EXPECT_TRUE(same_bits(got_a, ref_a.logits)) << threads << " threads, two sequences";
+        EXPECT_TRUE(same_bits(got_b, ref_b)) << threads << " threads, two sequences";
+        ++checked;
+    }
+    set_num_threads(restore);
+    EXPECT_EQ(checked, 18);
 }
 
 INSTANTIATE_TEST_SUITE_P(Golden, GoldenStreams, ::testing::Values("tiny-flash-nvfp4"), [](const auto& info) {
