@@ -163,7 +163,9 @@ texts = [(1, "Let me think.</think>The answer is 4.<｜end▁of▁sentence｜>")
          (0, "Plain answer with a tool call:" + call),
          (1, "cut in the middle </thi"),
          (0, "two calls" + call.replace("</" + D + "tool_calls>", "") + f"\n<{D}invoke name=\"f\">\n</{D}invoke>\n</{D}tool_calls>"),
-         (1, "中文推理</think>答案😀<｜end▁of▁sentence｜>trailing")]
+         (1, "中文推理</think>答案😀<｜end▁of▁sentence｜>trailing"),
+         # found by completion_fuzz (an invoke with an empty name became a call without a name)
+         (0, "unnamed" + call.replace("</" + D + "tool_calls>", "") + f"\n<{D}invoke name=\"\">\n</{D}invoke>\n</{D}tool_calls>")]
 for i, (th, t) in enumerate(texts):
     put("completion_fuzz", f"text{i}", bytes([th, 1, 3, 7, 2, 5, 11, 1, 4]) + t.encode())
 

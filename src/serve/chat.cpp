@@ -785,8 +785,9 @@ ChatPrompt encode_chat(const ChatRequest& request) {
 //    U+FFFD in their place where the text around them would otherwise join into markup);
 //  - tool calls: whitespace between tags is free; an invoke is reported only when its
 //    </｜DSML｜invoke> arrived (the reference accepts a block cut after a header, §10 says not
-//    to); a malformed header or parameter or a duplicate key drops that invoke; a
-//    string="false" value that is not JSON becomes a JSON string so arguments stay valid JSON;
+//    to); a malformed header (an empty name included) or parameter or a duplicate key drops
+//    that invoke; a string="false" value that is not JSON becomes a JSON string so arguments
+//    stay valid JSON;
 //    a parameter must end with "</｜DSML｜parameter>" (the reference's regex also takes
 //    "<\n/｜DSML｜parameter>");
 //  - at the end of generation, a tail that is an incomplete marker (e.g. "</thi", "\n\n<｜DS")
@@ -871,11 +872,12 @@ std::string_view trim(std::string_view s) {
     return s;
 }
 
-// Invoke header: ws name="NAME"> ws. False if malformed.
+// Invoke header: ws name="NAME"> ws, NAME not empty (a call must name its function). False if
+// malformed.
 bool parse_invoke_header(std::string_view header, std::string& name) {
     header = trim(header);
     constexpr std::string_view pre = "name=\"", post = "\">";
-    if (header.size() < pre.size() + post.size() || !header.starts_with(pre) || !header.ends_with(post))
+    if (header.size() <= pre.size() + post.size() || !header.starts_with(pre) || !header.ends_with(post))
         return false;
     name = header.substr(pre.size(), header.size() - pre.size() - post.size());
     return true;

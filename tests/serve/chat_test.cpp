@@ -571,6 +571,21 @@ TEST(ChatParse, Tolerance) {
                             "<｜DSML｜parameter name=\"x\" string=\"true\">2</｜DSML｜parameter>\n</｜DSML｜invoke>\n";
     EXPECT_EQ(calls(p("\n\n<｜DSML｜tool_calls>\n" + bad + dup + inv + "</｜DSML｜tool_calls>" + E, false)),
               "f{\"x\": \"1\"};");
+    // So does an invoke without a function name (found by completion_fuzz: name="" became a call
+    // with an empty name), in the one-shot and the streaming parser alike.
+    const std::string unnamed = "<｜DSML｜invoke name=\"\">\n</｜DSML｜invoke>\n";
+    const std::string two = "\n\n<｜DSML｜tool_calls>\n" + unnamed + inv + unnamed + "</｜DSML｜tool_calls>" + E;
+    EXPECT_EQ(calls(p(two, false)), "f{\"x\": \"1\"};");
+    ChatStreamParser sp(false);
+    std::vector<ToolCall> streamed;
+    for (size_t i = 0; i < two.size(); i += 3) {
+        const ChatDelta d = sp.push(two.substr(i, 3));
+        streamed.insert(streamed.end(), d.tool_calls.begin(), d.tool_calls.end());
+    }
+    const ChatDelta last = sp.finish();
+    streamed.insert(streamed.end(), last.tool_calls.begin(), last.tool_calls.end());
+    ASSERT_EQ(streamed.size(), 1u);
+    EXPECT_EQ(streamed[0].name, "f");
     // Truncated tails: an incomplete marker is dropped, bare newlines are text.
     EXPECT_EQ(p("abc</thi", true).reasoning_content, "abc");
     EXPECT_EQ(p("abc\n\n", false).content, "abc\n\n");
