@@ -106,6 +106,13 @@ public:
         return ::recv(c->guard, &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
     }
 
+    // Connections the watchdog cut, by the limit they passed (those closed because the server
+    // stops are not counted).
+    struct Cuts {
+        std::atomic<uint64_t> header_timeout{0}, header_bytes{0}, body_timeout{0};
+    };
+    const Cuts& cuts() const { return cuts_; }
+
 private:
     enum class Phase { headers, body, busy };
 
@@ -277,27 +284,33 @@ private:
                 if (c->cut || c->guard < 0) continue;
                 const auto age = now - c->since;
                 bool late = false;
+                std::atomic<uint64_t>* why = nullptr;
                 switch (c->phase) {
                     // While stopping, a connection waiting for its next request is closed; the
                     // 100 ms let a response that was just finished be written first.
                     case Phase::headers:
-                        late = age > lim_.header_timeout || (stopping_ && age > std::chrono::milliseconds(100));
-                        if (!late && lim_.max_header_bytes > 0) {
-                            const int64_t read = bytes_read(c->guard);
-                            late = read >= 0 && read - c->read_at > lim_.max_header_bytes;
+                        if (age > lim_.header_timeout) {
+                            late = true, why = &cuts_.header_timeout;
+                        } else if (const int64_t read = lim_.max_header_bytes > 0 ? bytes_read(c->guard) : -1;
+                                   read >= 0 && read - c->read_at > lim_.max_header_bytes) {
+                            late = true, why = &cuts_.header_bytes;
+                        } else {
+                            late = stopping_ && age > std::chrono::milliseconds(100);
                         }
                         break;
-                    case Phase::body: late = age > lim_.body_timeout; break;
+                    case Phase::body: late = age > lim_.body_timeout, why = &cuts_.body_timeout; break;
                     case Phase::busy: break;
                 }
                 if (late) {
                     ::shutdown(c->guard, SHUT_RDWR);   // httplib's reads and writes fail; it closes
                     c->cut = true;
+                    if (why) ++*why;
                 }
             }
         }
     }
 
+    Cuts cuts_;
     ConnectionLimits lim_;
     std::atomic<int> port_{0};
     std::mutex m_;

@@ -752,6 +752,17 @@ std::string Server::metrics_text() const {
     counter("megamoe_prefix_cache_hit_requests_total", "requests that started from a prefix snapshot",
             static_cast<double>(m.prefix_hit_requests));
     gauge("megamoe_prefix_cache_entries", "prefix snapshots held", static_cast<double>(m.prefix_entries));
+    const Connections::Cuts& cuts = conns_.cuts();
+    o << "# HELP megamoe_connections_cut_total connections closed by the server for passing a limit, by limit\n"
+         "# TYPE megamoe_connections_cut_total counter\n"
+         "megamoe_connections_cut_total{limit=\"header_timeout\"} " << cuts.header_timeout.load() << "\n"
+         "megamoe_connections_cut_total{limit=\"header_bytes\"} " << cuts.header_bytes.load() << "\n"
+         "megamoe_connections_cut_total{limit=\"body_timeout\"} " << cuts.body_timeout.load() << "\n";
+    o << "# HELP megamoe_requests_finished_total engine requests finished (one per choice), by reason\n"
+         "# TYPE megamoe_requests_finished_total counter\n";
+    for (FinishReason r : {FinishReason::stop, FinishReason::length, FinishReason::cancelled, FinishReason::error})
+        o << "megamoe_requests_finished_total{reason=\"" << finish_reason_name(r) << "\"} "
+          << static_cast<double>(m.finished_total[static_cast<size_t>(r)]) << "\n";
     histogram("megamoe_time_to_first_token_seconds", "time from arrival to the first token", m.ttft);
     histogram("megamoe_time_per_output_token_seconds", "time between consecutive tokens", m.tpot);
     return o.str();

@@ -39,16 +39,20 @@ RouterKind ModelConfig::router_kind(int64_t layer) const {
     return layer < num_hash_layers && layer < num_hidden_layers ? RouterKind::hash : RouterKind::score;
 }
 
-namespace {
-
 // Glob match with '*' only, as used in quantization_config.ignore ("*.attn.*", "mtp.*").
 // The classic two-pointer wildcard match: on a mismatch only the last '*' is retried, one
 // character further on, so the cost is O(|pattern| * |s|) whatever the pattern (a recursive
 // matcher is exponential in the number of stars: "**************Q" hung the loader).
-bool glob_match(std::string_view pat, std::string_view s) {
+// The bound on the steps: a backtrack moves star_i one character on, and star_i never moves back
+// (a later star sets it to i >= star_i), so there are at most |s| backtracks; between two of them
+// every step but the backtrack itself moves p on, so a run has at most |pattern| + 1 steps. With
+// the final loop over trailing stars (<= |pattern|), steps <= (|pattern| + 1) (|s| + 1) + |pattern|.
+bool glob_match(std::string_view pat, std::string_view s, int64_t* steps) {
     constexpr size_t none = std::string_view::npos;
     size_t p = 0, i = 0, star = none, star_i = 0;
+    int64_t n = 0;
     while (i < s.size()) {
+        ++n;
         if (p < pat.size() && pat[p] == '*') {
             star = p++;        // let the star match nothing for now
             star_i = i;
@@ -59,14 +63,14 @@ bool glob_match(std::string_view pat, std::string_view s) {
             p = star + 1;      // the last star takes one more character
             i = ++star_i;
         } else {
+            if (steps) *steps = n;
             return false;
         }
     }
-    while (p < pat.size() && pat[p] == '*') ++p;
+    while (p < pat.size() && pat[p] == '*') ++p, ++n;
+    if (steps) *steps = n;
     return p == pat.size();
 }
-
-}  // namespace
 
 ExpertFormat ModelConfig::expert_format_for(const std::string& module) const {
     if (expert_format == ExpertFormat::mxfp4) return ExpertFormat::mxfp4;

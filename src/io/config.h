@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace megamoe {
@@ -74,6 +75,11 @@ struct ModelConfig {
     int64_t    heads_per_group() const { return num_attention_heads / o_groups; }
     int64_t    mix_width() const { return (2 + hc_mult) * hc_mult; }   // mHC pre|post|comb
 };
+
+// Glob match with '*' only, as quantization_config.ignore uses ("*.attn.*", "mtp.*"). Its cost is
+// O(|pattern| · |s|) whatever the pattern: when `steps` is given it receives the number of steps
+// taken, at most (|pattern| + 1) · (|s| + 2) (the argument is at the definition).
+bool glob_match(std::string_view pattern, std::string_view s, int64_t* steps = nullptr);
 
 // Parse config.json text; `file` names the source in errors. Validates every used field.
 ModelConfig parse_model_config(const std::string& json_text, const std::string& file);

@@ -188,6 +188,7 @@ void Engine::finish(Request& r, FinishReason why, const std::string& error) {
     }
     {
         std::lock_guard<std::mutex> lk(m_);
+        ++metrics_.finished_total[static_cast<size_t>(why)];
         by_id_.erase(r.id);
         auto it = std::find_if(running_.begin(), running_.end(), [&](const auto& p) { return p.get() == &r; });
         if (it != running_.end()) {

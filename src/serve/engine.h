@@ -9,6 +9,7 @@
 // so they may call cancel().
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -92,6 +93,7 @@ struct EngineMetrics {
     uint64_t prefix_hits_tokens = 0;                   // ... of them found there (not computed again)
     uint64_t prefix_hit_requests = 0;                  // admissions that started from a snapshot
     int64_t  prefix_entries = 0;                       // snapshots held
+    std::array<uint64_t, 4> finished_total{};          // requests finished, by FinishReason (stop, length, cancelled, error)
     Histogram ttft{{0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
     Histogram tpot{{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5}};
 };

@@ -87,13 +87,14 @@ bool better(const T& a, const T& b) {
 
 // Keeps the n best elements of a stream in `heap`, a heap whose front is the worst kept: most
 // elements cost one comparison, so picking a small k from a large vocabulary is one cheap pass.
+// `compared` counts the comparisons (Sampler::comparisons()).
 template <typename T>
-void keep_best(std::vector<T>& heap, size_t n, const T& item) {
-    auto by_rank = [](const T& a, const T& b) { return better(a, b); };
+void keep_best(std::vector<T>& heap, size_t n, const T& item, int64_t& compared) {
+    auto by_rank = [&compared](const T& a, const T& b) { return ++compared, better(a, b); };
     if (heap.size() < n) {
         heap.push_back(item);
         std::push_heap(heap.begin(), heap.end(), by_rank);
-    } else if (better(item, heap.front())) {
+    } else if (by_rank(item, heap.front())) {
         std::pop_heap(heap.begin(), heap.end(), by_rank);
         heap.back() = item;
         std::push_heap(heap.begin(), heap.end(), by_rank);
@@ -280,6 +281,7 @@ Sampler::Sampler(const SamplingParams& params, uint64_t fallback_seed)
 
 int32_t Sampler::sample(const float* logits, int64_t vocab, int64_t index) {
     check_vocab(vocab, "Sampler::sample");
+    comparisons_ = 0;
     if (params_.greedy()) return argmax(logits, vocab);
 
     // Step 4's candidates: m, and how many there are (S depends on the count).
@@ -329,14 +331,15 @@ int32_t Sampler::sample(const float* logits, int64_t vocab, int64_t index) {
     }
 
     // Ranked path: the candidates, with their weights.
-    auto by_rank = [](const Cand& a, const Cand& b) { return better(a, b); };
-    auto by_id = [](const Cand& a, const Cand& b) { return a.id < b.id; };
+    int64_t& compared = comparisons_;
+    auto by_rank = [&compared](const Cand& a, const Cand& b) { return ++compared, better(a, b); };
+    auto by_id = [&compared](const Cand& a, const Cand& b) { return ++compared, a.id < b.id; };
     cands_.clear();
     const size_t k = use_top_k ? static_cast<size_t>(params_.top_k) : 0;
     if (use_top_k && k <= kHeapTopK) {
         // Small k (the usual case): one streaming pass, no vocabulary-sized copy.
         for (int64_t i = 0; i < vocab; ++i)
-            if (is_cand(logits[i])) keep_best(cands_, k, Cand{logits[i], static_cast<int32_t>(i), 0.0f, 0});
+            if (is_cand(logits[i])) keep_best(cands_, k, Cand{logits[i], static_cast<int32_t>(i), 0.0f, 0}, compared);
     } else {
         for (int64_t i = 0; i < vocab; ++i)
             if (is_cand(logits[i])) cands_.push_back({logits[i], static_cast<int32_t>(i), 0.0f, 0});
@@ -431,8 +434,9 @@ std::vector<std::pair<int32_t, float>> top_logprobs(const float* logits, int64_t
     };
     std::vector<Item> heap;
     heap.reserve(n);
+    int64_t compared = 0;
     for (int64_t i = 0; i < vocab; ++i)
-        if (valid(logits[i])) keep_best(heap, n, Item{logits[i], static_cast<int32_t>(i)});
+        if (valid(logits[i])) keep_best(heap, n, Item{logits[i], static_cast<int32_t>(i)}, compared);
     auto by_rank = [](const Item& a, const Item& b) { return better(a, b); };
     std::sort(heap.begin(), heap.end(), by_rank);
     std::vector<std::pair<int32_t, float>> out;

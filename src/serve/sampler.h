@@ -108,6 +108,12 @@ public:
 
     const SamplingParams& params() const { return params_; }
     uint64_t seed() const { return seed_; }
+    // The rank and id comparisons the last sample() made: the measure of its work that can grow
+    // faster than the vocabulary (every other step is one or two passes over it). Without top-k
+    // and top-p none; with a small top-k about one per candidate plus O(k log k log V); with top-p
+    // alone, the ranking of what its pruning keeps; a sort of all candidates would be about
+    // V log2 V. Tests bound it instead of timing calls.
+    int64_t comparisons() const { return comparisons_; }
 
 private:
     struct Cand {
@@ -122,6 +128,7 @@ private:
     // Scratch reused across calls so a step allocates nothing once warm.
     std::vector<uint64_t> weights_;
     std::vector<Cand> cands_;
+    int64_t comparisons_ = 0;
 };
 
 // Log-softmax of the raw logits (temperature 1, as OpenAI logprobs report), over the valid ids;

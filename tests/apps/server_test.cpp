@@ -395,9 +395,19 @@ double metric(const std::string& text, const std::string& name) {
     return at == std::string::npos ? -1 : std::stod(text.substr(at + name.size() + 2));
 }
 
+// Requests that ended for `reason` so far (megamoe_requests_finished_total).
+double finished(const std::string& metrics_text, const std::string& reason) {
+    return metric(metrics_text, "megamoe_requests_finished_total{reason=\"" + reason + "\"}");
+}
+
+// Whether a request was cancelled is counted, not inferred from how few tokens it produced in
+// some time: the dropped request must end as "cancelled" (a server that missed the disconnect
+// would run it to its length limit, 900 tokens, and count it under "length").
 TEST_F(Server, DisconnectCancelsOnlyThatRequest) {
     auto metrics = [] { return client().Get("/metrics")->body; };
-    const double gen_before = metric(metrics(), "megamoe_generation_tokens_total");
+    const std::string before = metrics();
+    const double cancelled_before = finished(before, "cancelled"), length_before = finished(before, "length");
+    ASSERT_GE(cancelled_before, 0);
     // A long streaming request over a raw socket, dropped after its first events.
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a{};
@@ -405,7 +415,7 @@ TEST_F(Server, DisconnectCancelsOnlyThatRequest) {
     a.sin_port = htons(static_cast<uint16_t>(port));
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-    const std::string body = json{{"model", model_name()}, {"prompt", "Tell me a long story"}, {"max_tokens", 200},
+    const std::string body = json{{"model", model_name()}, {"prompt", "Tell me a long story"}, {"max_tokens", 900},
                                   {"ignore_eos", true}, {"stream", true}}.dump();
     const std::string req = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                             "Content-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
@@ -425,16 +435,16 @@ TEST_F(Server, DisconnectCancelsOnlyThatRequest) {
     }
     close(fd);
     other.join();
-    // The dropped request stops: nothing runs, and far fewer than 200 + 30 tokens were generated.
-    double running = 1;
-    for (int i = 0; i < 100 && running != 0; ++i) {
+    // The dropped request ends as cancelled, the other one by its length; nothing runs after.
+    std::string after;
+    for (int i = 0; i < 600; ++i) {
+        after = metrics();
+        if (finished(after, "cancelled") + finished(after, "length") >= cancelled_before + length_before + 2) break;
         std::this_thread::sleep_for(std::chrono::milliseconds(50));
-        running = metric(metrics(), "megamoe_num_requests_running");
     }
-    EXPECT_EQ(running, 0);
-    const double generated = metric(metrics(), "megamoe_generation_tokens_total") - gen_before;
-    EXPECT_LT(generated, 200);
-    EXPECT_GE(generated, 30);
+    EXPECT_EQ(finished(after, "cancelled") - cancelled_before, 1);
+    EXPECT_EQ(finished(after, "length") - length_before, 1);
+    EXPECT_EQ(metric(after, "megamoe_num_requests_running"), 0);
 }
 
 TEST_F(Server, BadRequestsGetErrorsAndTheServerGoesOn) {
@@ -786,7 +796,8 @@ TEST_F(Server, NonStreamingClientThatLeavesIsCancelled) {
         auto r = client().Get("/metrics");
         return r ? metric(r->body, name) : -1;
     };
-    const double gen_before = value("megamoe_generation_tokens_total");
+    const std::string before = client().Get("/metrics")->body;
+    const double cancelled_before = finished(before, "cancelled"), length_before = finished(before, "length");
     RawConn c(port);
     ASSERT_TRUE(c.send(post_request("/v1/completions", json{{"model", model_name()}, {"prompt", "Tell me a long story"},
                                                             {"max_tokens", 1000}, {"ignore_eos", true},
@@ -799,12 +810,17 @@ TEST_F(Server, NonStreamingClientThatLeavesIsCancelled) {
     ASSERT_EQ(running, 1);
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     c.close_now();
-    for (int i = 0; i < 100 && running != 0; ++i) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-        running = value("megamoe_num_requests_running");
+    // Counted, not timed: the request ends as cancelled (had the hang-up gone unseen, it would run
+    // to its 1000 tokens and end as "length").
+    std::string after;
+    for (int i = 0; i < 600; ++i) {
+        after = client().Get("/metrics")->body;
+        if (finished(after, "cancelled") + finished(after, "length") > cancelled_before + length_before) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
-    EXPECT_EQ(running, 0);
-    EXPECT_LT(value("megamoe_generation_tokens_total") - gen_before, 500);
+    EXPECT_EQ(finished(after, "cancelled") - cancelled_before, 1);
+    EXPECT_EQ(finished(after, "length") - length_before, 0);
+    EXPECT_EQ(metric(after, "megamoe_num_requests_running"), 0);
 }
 
 // A second server whose model has more logits (8192) than the tokenizer has ids (6014), with
@@ -911,9 +927,20 @@ TEST_F(ServerLimits, ChunkedBodyOverTheLimitIs413) {
     EXPECT_NE(got.find("HTTP/1.1 200", before), std::string::npos) << got.substr(before);
 }
 
+// Connections the server cut for passing `limit` so far (megamoe_connections_cut_total).
+double cuts(const std::string& metrics_text, const std::string& limit) {
+    return metric(metrics_text, "megamoe_connections_cut_total{limit=\"" + limit + "\"}");
+}
+
 // A hundred clients trickling their headers a byte at a time neither starve /health and
-// /metrics nor hold their connections past the header deadline (1 s here).
+// /metrics nor hold their connections past the header deadline (1 s here). Counted, not timed:
+// /metrics, asked after /health, reports that no connection has been cut yet, so both were
+// answered while all hundred slow clients held their connections; then the deadline cuts the
+// hundred, each counted under header_timeout.
 TEST_F(ServerLimits, SlowClientsDoNotStarveHealth) {
+    const std::string before = client_at(port).Get("/metrics")->body;
+    const double timeouts_before = cuts(before, "header_timeout");
+    ASSERT_GE(timeouts_before, 0);
     std::vector<std::unique_ptr<RawConn>> slow;
     for (int i = 0; i < 100; ++i) {
         slow.push_back(std::make_unique<RawConn>(port));
@@ -930,39 +957,44 @@ TEST_F(ServerLimits, SlowClientsDoNotStarveHealth) {
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
     httplib::Client c("127.0.0.1", port);
     c.set_read_timeout(5, 0);
-    const auto t0 = std::chrono::steady_clock::now();
     auto h = c.Get("/health");
     auto m = c.Get("/metrics");
-    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     EXPECT_TRUE(h && h->status == 200);
-    EXPECT_TRUE(m && m->status == 200);
-    EXPECT_LT(sec, 1.0);
-    // Past the deadline, every slow client has been disconnected.
-    std::this_thread::sleep_for(std::chrono::milliseconds(1700));
+    ASSERT_TRUE(m && m->status == 200);
+    EXPECT_EQ(cuts(m->body, "header_timeout"), timeouts_before) << "answered only once slow clients were cut";
+    // Then the deadline disconnects every slow client, and the server counts each.
     int closed = 0;
-    for (auto& s : slow) closed += s->closed_by_server();
+    for (int i = 0; i < 300 && closed < 100; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        closed = 0;
+        for (auto& s : slow) closed += s->closed_by_server();
+    }
     stop = true;
     trickle.join();
     EXPECT_EQ(closed, 100);
+    EXPECT_EQ(cuts(client_at(port).Get("/metrics")->body, "header_timeout") - timeouts_before, 100);
 }
 
 // A header line without end is cut once the headers pass 256 KiB (httplib 0.11 would gather it
-// all in memory), well before the header deadline.
+// all in memory), not by the header deadline: the server counts the cut under header_bytes.
 TEST_F(ServerLimits, EndlessHeaderLineIsCut) {
+    const std::string before = client_at(port).Get("/metrics")->body;
+    const double bytes_before = cuts(before, "header_bytes"), timeouts_before = cuts(before, "header_timeout");
+    ASSERT_GE(bytes_before, 0);
     RawConn c(port);
     ASSERT_TRUE(c.send("GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "));
-    const auto t0 = std::chrono::steady_clock::now();
-    auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
     const std::string piece(64 << 10, 'a');
-    for (int i = 0; i < 64 && elapsed() < 0.5; ++i)   // up to 4 MiB, no newline; stops once the server hangs up
+    for (int i = 0; i < 64; ++i)   // up to 4 MiB, no newline; stops once the server hangs up
         if (!c.send(piece)) break;
     bool closed = false;
-    while (!closed && elapsed() < 0.8) {
+    for (int i = 0; i < 500 && !closed; ++i) {
         closed = c.closed_by_server();
         if (!closed) std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
     EXPECT_TRUE(closed);
-    EXPECT_LT(elapsed(), 0.8);   // the header deadline is 1 s: the size cut it
+    const std::string after = client_at(port).Get("/metrics")->body;
+    EXPECT_EQ(cuts(after, "header_bytes") - bytes_before, 1);
+    EXPECT_EQ(cuts(after, "header_timeout") - timeouts_before, 0);
     auto h = client_at(port).Get("/health");
     EXPECT_TRUE(h && h->status == 200);
 }
