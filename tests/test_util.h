@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -71,6 +72,21 @@ inline void expect_error(const std::function<void()>& fn, const std::vector<std:
         return;
     }
     ADD_FAILURE() << "expected megamoe::Error";
+}
+
+// The port a `megamoe serve --port 0` started with stdout/stderr into `log` listens on: the one it
+// prints ("listening on http://127.0.0.1:PORT"), read from the log within timeout_s; -1 if none.
+// Binding port 0 leaves the choice to the kernel (no race with another process for a port picked
+// in advance).
+inline int served_port(const std::string& log, double timeout_s = 60) {
+    const std::string marker = "listening on http://127.0.0.1:";
+    for (int i = 0; i < static_cast<int>(timeout_s * 20); ++i) {
+        const std::string text = read_file(log);
+        if (const size_t at = text.find(marker); at != std::string::npos && text.find('\n', at) != std::string::npos)
+            return std::atoi(text.c_str() + at + marker.size());
+        ::usleep(50000);
+    }
+    return -1;
 }
 
 inline double max_abs_diff(const float* a, const float* b, size_t n) {

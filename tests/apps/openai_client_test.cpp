@@ -7,14 +7,11 @@
 //
 // Skips, saying why, when node is not on PATH or the package is not installed (scripts/setup.sh
 // installs both; CI runs it, so there the tests run).
-#include <arpa/inet.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -47,18 +44,6 @@ std::string find_node() {
         if (access(p.c_str(), X_OK) == 0 && std::filesystem::is_regular_file(p)) return p;
     }
     return "";
-}
-
-int free_port() {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-    socklen_t len = sizeof a;
-    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    close(fd);
-    return ntohs(a.sin_port);
 }
 
 // Starts argv[0] with stdout and stderr into `log`; -1 if it cannot be started.
@@ -121,12 +106,13 @@ protected:
         o.seed = 11;
         write_synthetic_checkpoint(model_dir, o);
         std::filesystem::copy_file(tokenizer_path(), model_dir + "/tokenizer.json");
-        port = free_port();
         // The CPU backend: batched and solo greedy runs are then bit-identical (the concurrent check).
-        pid = spawn({MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1", "--port",
-                     std::to_string(port), "--backend", "cpu", "--max-model-len", "1024", "--max-body-bytes",
-                     std::to_string(64 * 1024), "--max-batch-tokens", "128"},
+        pid = spawn({MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1", "--port", "0",
+                     "--backend", "cpu", "--max-model-len", "1024", "--max-body-bytes", std::to_string(64 * 1024),
+                     "--max-batch-tokens", "128"},
                     dir->str() + "/server.log");
+        if (pid > 0) port = test::served_port(dir->str() + "/server.log");
+        if (port <= 0) return;
         httplib::Client c("127.0.0.1", port);
         for (int i = 0; i < 600 && pid > 0; ++i) {   // up to 60 s
             auto r = c.Get("/health");
@@ -145,8 +131,10 @@ protected:
     }
 
     void SetUp() override {
+        if (!std::filesystem::exists(tokenizer_path())) MEGAMOE_MISSING_GOLDEN() << skip_reason;
         if (!skip_reason.empty()) GTEST_SKIP() << skip_reason;
         ASSERT_GT(pid, 0) << "could not start " << MEGAMOE_CLI_PATH;
+        ASSERT_GT(port, 0) << "the server printed no port:\n" << test::read_file(dir->str() + "/server.log");
         httplib::Client c("127.0.0.1", port);
         auto r = c.Get("/health");
         ASSERT_TRUE(r && r->status == 200) << "the server did not come up:\n" << test::read_file(dir->str() + "/server.log");

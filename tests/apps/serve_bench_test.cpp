@@ -3,14 +3,11 @@
 // JSONL prompts, its JSON (every level, consistent numbers) and its PNG (a valid file: signature,
 // IHDR, chunk CRCs, the image data inflating to the scanlines); and bad flags, each refused with
 // a message naming the flag.
-#include <arpa/inet.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -32,18 +29,6 @@ namespace {
 using json = nlohmann::json;
 
 std::string tokenizer_path() { return test::shared_dir() + "/golden/tokenizer/tokenizer.json"; }
-
-int free_port() {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-    socklen_t len = sizeof a;
-    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    close(fd);
-    return ntohs(a.sin_port);
-}
 
 pid_t spawn(std::vector<std::string> args, const std::string& log) {
     std::vector<char*> argv;
@@ -146,10 +131,11 @@ protected:
         o.seed = 3;
         write_synthetic_checkpoint(model_dir, o);
         std::filesystem::copy_file(tokenizer_path(), model_dir + "/tokenizer.json");
-        port = free_port();
-        pid = spawn({MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1", "--port", std::to_string(port),
+        pid = spawn({MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1", "--port", "0",
                      "--backend", "cpu", "--max-model-len", "512"},
                     dir->str() + "/server.log");
+        if (pid > 0) port = test::served_port(dir->str() + "/server.log");
+        if (port <= 0) return;
         httplib::Client c("127.0.0.1", port);
         for (int i = 0; i < 600 && pid > 0; ++i) {
             auto r = c.Get("/health");
@@ -168,8 +154,9 @@ protected:
     }
 
     void SetUp() override {
-        if (!std::filesystem::exists(tokenizer_path())) GTEST_SKIP() << "no tokenizer fixture";
+        if (!std::filesystem::exists(tokenizer_path())) MEGAMOE_MISSING_GOLDEN() << "no tokenizer fixture";
         ASSERT_GT(pid, 0);
+        ASSERT_GT(port, 0) << "the server printed no port:\n" << test::read_file(dir->str() + "/server.log");
         httplib::Client c("127.0.0.1", port);
         auto r = c.Get("/health");
         ASSERT_TRUE(r && r->status == 200) << "the server did not come up";

@@ -1,6 +1,7 @@
-// engine_test.cpp — continuous batching on the golden checkpoint: requests that share steps,
-// chunked prefills under a small token budget and a cap on running requests give exactly the
-// tokens each gets alone; cancellation, stop ids, length limits and the context check.
+// engine_test.cpp — continuous batching on a synthetic checkpoint of the golden size (the tiny
+// preset, its config embedded in io/synth, so no ../shared/golden is needed): requests that share
+// steps, chunked prefills under a small token budget and a cap on running requests give exactly
+// the tokens each gets alone; cancellation, stop ids, length limits and the context check.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -12,7 +13,7 @@
 #include "serve/engine.h"
 #include "ref/backend.h"
 #include "ref/generate.h"
-#include "io/safetensors.h"
+#include "io/synth.h"
 #include "test_util.h"
 
 namespace megamoe {
@@ -53,14 +54,26 @@ struct Collector {
 
 class EngineTest : public ::testing::Test {
 protected:
-    std::vector<int32_t> ids;
-    void SetUp() override {
-        if (!test::have_golden("tiny-flash-nvfp4")) GTEST_SKIP() << "no golden checkpoint";
-        SafetensorsFile g(test::golden_dir("tiny-flash-nvfp4") + "/golden.safetensors");
-        Tensor t = g.view(*g.find("input_ids"));
-        for (int64_t i = 0; i < t.numel(); ++i) ids.push_back(static_cast<int32_t>(t.as<int64_t>()[i]));
+    // The tiny preset (D 256, 6 layers with ratios 0, 0, 4, 16, 4, 16, vocab 1024, an MTP block),
+    // written once per process.
+    static inline std::unique_ptr<test::TempDir> dir;
+    static void SetUpTestSuite() {
+        dir = std::make_unique<test::TempDir>();
+        SynthOptions o;
+        o.seed = 17;
+        write_synthetic_checkpoint(dir->str(), o);
     }
-    std::unique_ptr<Model> load() { return Model::load(test::golden_dir("tiny-flash-nvfp4") + "/model"); }
+    static void TearDownTestSuite() { dir.reset(); }
+
+    std::vector<int32_t> ids;   // 256 prompt ids in [2, 1024)
+    void SetUp() override {
+        uint64_t x = 12345;
+        for (int i = 0; i < 256; ++i) {
+            x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+            ids.push_back(2 + static_cast<int32_t>((x >> 33) % 1022));
+        }
+    }
+    std::unique_ptr<Model> load() { return Model::load(dir->str()); }
     std::vector<int32_t> prompt(size_t begin, size_t n) { return {ids.begin() + begin, ids.begin() + begin + n}; }
 };
 
