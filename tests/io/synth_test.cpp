@@ -119,6 +119,11 @@ SynthOptions preset(const char* name, int64_t layers, ExpertFormat f, bool mtp) 
     return o;
 }
 
+// The parameter as gtest prints it into the test's ctest name ("... # GetParam() = NAME"); by
+// default a struct prints as its raw bytes, pointers included, so the ctest names changed from
+// run to run (and ctest's timing data, keyed on them, never matched).
+void PrintTo(const PresetCase& c, std::ostream* os) { *os << c.name; }
+
 class SynthPreset : public ::testing::TestWithParam<PresetCase> {};
 
 TEST_P(SynthPreset, LoadsAndRunsEverySchedule) {
