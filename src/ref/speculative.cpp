@@ -74,10 +74,10 @@ void restore_state(SequenceState& st, const StateCheckpoint& cp) {
     st.n_past = cp.n_past;
 }
 
-SpeculativeResult generate_speculative(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
-                                       const SpeculativeOptions& o) {
+namespace {
+
+void check_options(const Model& m, const SpeculativeOptions& o) {
     const ModelConfig& c = m.cfg;
-    const int64_t V = c.vocab_size, HD = c.hc_mult * c.hidden_size;   // HD: one position's streams [hc·D]
     const int64_t K = o.draft_tokens;
     if (K < 0 || K > kMaxSpeculativeTokens)
         fail("--speculative-tokens must be in 1..", kMaxSpeculativeTokens, " (0: off), got ", K);
@@ -87,13 +87,73 @@ SpeculativeResult generate_speculative(const Model& m, const std::vector<int32_t
     if (K + 1 > c.sliding_window - 1)
         fail("--speculative-tokens ", K, ": a verification step of ", K + 1, " tokens must fit the sliding window (",
              c.sliding_window, ")");
-    if (prompt.empty()) fail("generate: the prompt is empty");
-    if (max_new < 0) fail("generate: max_new must be >= 0, got ", max_new);
     if (o.chunk < 0) fail("generate: chunk size must be >= 0, got ", o.chunk);
     if (o.sampling && (!o.sampling->distribution || !o.sampling->uniform))
         fail("generate: sampling needs both a distribution and a uniform source");
+}
+
+}  // namespace
+
+SpeculativeResult generate_speculative(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
+                                       const SpeculativeOptions& o) {
+    check_options(m, o);
+    if (prompt.empty()) fail("generate: the prompt is empty");
+    if (max_new < 0) fail("generate: max_new must be >= 0, got ", max_new);
+    const int64_t P = static_cast<int64_t>(prompt.size()), limit = m.cfg.max_position_embeddings;
+    if (P > limit) fail("generate: the prompt has ", P, " tokens, more than the context limit ", limit);
+    if (max_new == 0) return {};
+    return generate_speculative(m, prefill_speculative(m, prompt, o), max_new, o);
+}
+
+SpeculativePrefill prefill_speculative(const Model& m, const std::vector<int32_t>& prompt, const SpeculativeOptions& o) {
+    check_options(m, o);
+    const ModelConfig& c = m.cfg;
+    const int64_t HD = c.hc_mult * c.hidden_size, K = o.draft_tokens;
+    if (prompt.empty()) fail("generate: the prompt is empty");
     const int64_t P = static_cast<int64_t>(prompt.size()), limit = c.max_position_embeddings;
     if (P > limit) fail("generate: the prompt has ", P, " tokens, more than the context limit ", limit);
+
+    SpeculativePrefill pre{SequenceState(c), prompt, {}, {}, K > 0};
+    SequenceState& st = pre.state;
+    // Main pre-head streams f32 [n, hc·D] of positions st.mtp.n_past .. st.n_past - 1: processed by the
+    // main model, not yet by the MTP block (their next tokens are S[mtp.n_past + 1 .. n_past]).
+    std::vector<float>& pending = pre.pending;
+    const std::vector<int32_t>& seq = prompt;
+    std::vector<float> streams, mtp_logits;
+    ForwardOptions with_streams;
+    with_streams.streams_out = &streams;
+
+    // Prefill; the MTP block is fed each chunk's positions whose next token is known (all but the
+    // last position of the prompt, which waits for the first new token).
+    const int64_t step = o.chunk > 0 ? o.chunk : P;
+    for (int64_t t = 0; t < P; t += step) {
+        const int64_t n = std::min(step, P - t);
+        std::vector<SequenceChunk> b{{&st, std::vector<int32_t>(prompt.begin() + t, prompt.begin() + t + n)}};
+        forward(m, b, with_streams, pre.logits);
+        if (K == 0) continue;   // no MTP block to feed
+        pending.insert(pending.end(), streams.begin(), streams.end());
+        const int64_t known = std::min(t + n, P - 1) - st.mtp.n_past;   // positions with their next token
+        if (known > 0) {
+            std::vector<MtpChunk> mb{{&st, pending.data(), std::vector<int32_t>(seq.begin() + st.mtp.n_past + 1,
+                                                                                seq.begin() + st.mtp.n_past + 1 + known)}};
+            mtp_forward(m, mb, ForwardOptions{}, mtp_logits);
+            pending.erase(pending.begin(), pending.begin() + known * HD);
+        }
+    }
+    return pre;
+}
+
+SpeculativeResult generate_speculative(const Model& m, const SpeculativePrefill& from, int64_t max_new,
+                                       const SpeculativeOptions& o) {
+    check_options(m, o);
+    const ModelConfig& c = m.cfg;
+    const int64_t V = c.vocab_size, HD = c.hc_mult * c.hidden_size;   // HD: one position's streams [hc·D]
+    const int64_t K = o.draft_tokens;
+    if (from.mtp_fed != (K > 0))
+        fail("generate_speculative: the prefill was made for ", from.mtp_fed ? "drafts" : "no drafts",
+             ", the options ask for ", K, " draft tokens");
+    if (max_new < 0) fail("generate: max_new must be >= 0, got ", max_new);
+    const int64_t limit = c.max_position_embeddings;
 
     SpeculativeResult res;
     std::vector<int32_t>& out = res.tokens;
@@ -110,33 +170,11 @@ SpeculativeResult generate_speculative(const Model& m, const std::vector<int32_t
         return draw(p, o.sampling->uniform(stream, index));
     };
 
-    SequenceState st(c);
-    // Main pre-head streams f32 [n, hc·D] of positions st.mtp.n_past .. st.n_past - 1: processed by the
-    // main model, not yet by the MTP block (their next tokens are S[mtp.n_past + 1 .. n_past]).
-    std::vector<float> pending;
-    std::vector<int32_t> seq(prompt);   // S: every accepted token
+    SequenceState st = from.state;
+    std::vector<float> pending = from.pending;   // see prefill_speculative
+    std::vector<int32_t> seq(from.prompt);      // S: every accepted token
     std::vector<float> logits, streams, mtp_logits, mtp_streams;
-    ForwardOptions with_streams;
-    with_streams.streams_out = &streams;
-
-    // Prefill; the MTP block is fed each chunk's positions whose next token is known (all but the
-    // last position of the prompt, which waits for the first new token).
-    const int64_t step = o.chunk > 0 ? o.chunk : P;
-    for (int64_t t = 0; t < P; t += step) {
-        const int64_t n = std::min(step, P - t);
-        std::vector<SequenceChunk> b{{&st, std::vector<int32_t>(prompt.begin() + t, prompt.begin() + t + n)}};
-        forward(m, b, with_streams, logits);
-        if (K == 0) continue;   // no MTP block to feed
-        pending.insert(pending.end(), streams.begin(), streams.end());
-        const int64_t known = std::min(t + n, P - 1) - st.mtp.n_past;   // positions with their next token
-        if (known > 0) {
-            std::vector<MtpChunk> mb{{&st, pending.data(), std::vector<int32_t>(seq.begin() + st.mtp.n_past + 1,
-                                                                                seq.begin() + st.mtp.n_past + 1 + known)}};
-            mtp_forward(m, mb, ForwardOptions{}, mtp_logits);
-            pending.erase(pending.begin(), pending.begin() + known * HD);
-        }
-    }
-    out.push_back(main_token(logits.data(), SpecStream::sample, 0));
+    out.push_back(main_token(from.logits.data(), SpecStream::sample, 0));
     seq.push_back(out.back());
 
     ForwardOptions verify_opt;

@@ -122,4 +122,23 @@ struct SpeculativeResult {
 SpeculativeResult generate_speculative(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
                                        const SpeculativeOptions& o);
 
+// The prefill alone: the state the rounds start from (the prompt run in chunks of o.chunk and, for
+// K > 0, the MTP block fed every prompt position whose next token is known) and the last prompt
+// position's logits. It depends on the prompt, the chunking and whether K > 0, not on the
+// sampling, so many continuations of one prompt (other seeds) can start from one prefill:
+// generate_speculative(m, prefill_speculative(m, prompt, o), max_new, o) is
+// generate_speculative(m, prompt, max_new, o), token for token.
+struct SpeculativePrefill {
+    SequenceState state;
+    std::vector<int32_t> prompt;
+    std::vector<float> pending;   // main pre-head streams [n, hc·D] of positions the MTP block has not seen
+    std::vector<float> logits;    // [V] of the last prompt position
+    bool mtp_fed = false;         // prepared for K > 0
+};
+SpeculativePrefill prefill_speculative(const Model& m, const std::vector<int32_t>& prompt, const SpeculativeOptions& o);
+// Continues from a copy of `from` (which is left as it is). Throws Error when `from` was prepared
+// for K = 0 and o asks for drafts, or the other way round.
+SpeculativeResult generate_speculative(const Model& m, const SpeculativePrefill& from, int64_t max_new,
+                                       const SpeculativeOptions& o);
+
 }  // namespace megamoe
