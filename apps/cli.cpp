@@ -202,7 +202,7 @@ int main(int argc, char** argv) {
     CLI::App app{"megamoe: DeepSeek-V4 inference with 4-bit experts (CUDA on Hopper, or the CPU reference)"};
     app.require_subcommand(1);
     int threads = 0;
-    app.add_option("--threads", threads, "CPU threads (default: all cores)");
+    app.add_option("--threads", threads, "CPU threads (default: MEGAMOE_THREADS, else all cores)");
 
     std::string model, tokens, out, ids, preset = "tiny", experts = "nvfp4";
     Schedule sched;
@@ -293,7 +293,7 @@ int main(int argc, char** argv) {
     if (*srv) block_shutdown_signals();
     try {
         if (threads < 0 || threads > kMaxThreads)
-            fail("--threads must be in 1..", kMaxThreads, " (default: all cores), got ", threads);
+            fail("--threads must be in 1..", kMaxThreads, " (default: MEGAMOE_THREADS, else all cores), got ", threads);
         if (threads > 0) set_num_threads(threads);
         if (decode_from->count() && sched.decode_from < 0)
             fail("--decode-from must be >= 0 (the number of tokens to prefill), got ", sched.decode_from);

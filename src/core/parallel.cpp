@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <condition_variable>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -82,7 +83,15 @@ private:
     bool done_ = false;
 };
 
-int default_threads() { return std::max(1u, std::thread::hardware_concurrency()); }
+// MEGAMOE_THREADS when it is a positive number (up to 1024), else every core.
+int default_threads() {
+    if (const char* env = std::getenv("MEGAMOE_THREADS")) {
+        char* end = nullptr;
+        const long n = std::strtol(env, &end, 10);
+        if (end != env && *end == '\0' && n > 0 && n <= 1024) return static_cast<int>(n);
+    }
+    return std::max(1u, std::thread::hardware_concurrency());
+}
 
 Pool& pool() {
     static Pool p(default_threads());

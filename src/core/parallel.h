@@ -12,7 +12,9 @@
 
 namespace megamoe {
 
-void set_num_threads(int n);   // 0 = hardware concurrency
+// 0 = the default: the environment's MEGAMOE_THREADS when it is a positive number, else the
+// hardware concurrency (ctest sets MEGAMOE_THREADS=1: it runs test processes side by side).
+void set_num_threads(int n);
 int  num_threads();
 
 // Calls fn(i) for i in [0, n), split across the pool when n·cost_per_item is worth it.

@@ -36,12 +36,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr int kDraws = 200000;
 
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define MEGAMOE_SANITIZED 1
-#endif
-#endif
-
 SamplingParams make(float temperature, int32_t top_k = 0, float top_p = 1.0f, float min_p = 0.0f) {
     SamplingParams p;
     p.temperature = temperature;
