@@ -274,6 +274,52 @@ TEST(Schedules, BitIdenticalAtOneTwoAndThreeThreads) {
     EXPECT_EQ(checked, 18);
 }
 
+// The position where a compressed row becomes visible to attention: the query at the last
+// position of a window already sees that window's row (it is emitted in the same step, before
+// attention), the query one position earlier does not. Checked without reference values by
+// changing what the open window holds (the compressor's pending kv, which only the row to come is
+// made of) just before the step: the logits of that step change exactly when the row is visible.
+// Layer 2 of the tiny preset is CSA (ratio 4: the row reaches attention through the indexer, which
+// picks every visible row while there are fewer than index_topk), layer 3 is HCA (ratio 16).
+TEST(Visibility, CompressedRowSeenFromTheLastPositionOfItsWindow) {
+    test::TempDir dir;
+    SynthOptions o;
+    o.seed = 29;
+    o.mtp = false;
+    write_synthetic_checkpoint(dir.str(), o);
+    auto m = Model::load(dir.str());
+    std::vector<int32_t> ids;
+    for (int i = 0; i < 16; ++i) ids.push_back(static_cast<int32_t>((i * 389 + 7) % m->cfg.vocab_size));
+    int checked = 0;
+    for (const int64_t layer : {2, 3}) {
+        const int64_t ratio = m->cfg.ratio(layer);
+        ASSERT_EQ(ratio, layer == 2 ? 4 : 16);
+        for (const int64_t p : {ratio - 2, ratio - 1}) {   // the step at position p
+            SequenceState a(m->cfg);
+            std::vector<float> logits_a, logits_b;
+            std::vector<SequenceChunk> pre{{&a, std::vector<int32_t>(ids.begin(), ids.begin() + p)}};
+            forward(*m, pre, ForwardOptions{}, logits_a);
+            SequenceState b = a;
+            CompressorState& cs = b.layers[static_cast<size_t>(layer)].comp;
+            ASSERT_EQ(cs.n_rows, 0);
+            ASSERT_EQ(cs.n_pending, p) << "layer " << layer;
+            for (float& v : cs.pending_kv) v += 0.5f;
+            std::vector<SequenceChunk> sa{{&a, {ids[static_cast<size_t>(p)]}}}, sb{{&b, {ids[static_cast<size_t>(p)]}}};
+            forward(*m, sa, ForwardOptions{}, logits_a);
+            forward(*m, sb, ForwardOptions{}, logits_b);
+            ASSERT_EQ(b.layers[static_cast<size_t>(layer)].comp.n_rows, p == ratio - 1 ? 1 : 0);
+            const double d = test::max_abs_diff(logits_a.data(), logits_b.data(), logits_a.size());
+            if (p == ratio - 1) {
+                EXPECT_GT(d, 1e-4) << "layer " << layer << ": the row of positions 0.." << p << " is not seen at " << p;
+            } else {
+                EXPECT_EQ(d, 0.0) << "layer " << layer << ": position " << p << " sees a row before its window closed";
+            }
+            ++checked;
+        }
+    }
+    EXPECT_EQ(checked, 4);
+}
+
 INSTANTIATE_TEST_SUITE_P(Golden, GoldenStreams, ::testing::Values("tiny-flash-nvfp4"), [](const auto& info) {
     std::string s = info.param;
     std::replace(s.begin(), s.end(), '-', '_');

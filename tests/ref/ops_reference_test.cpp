@@ -204,5 +204,97 @@ TEST(OpsReference, SwigluClampsGateAboveAndUpOnBothSides) {
     EXPECT_GT(max_diff(reference(true, true), ref), 100 * kTol);     // gate clamped below too
 }
 
+// The comb's row softmax depends only on differences of its logits, and is computed so that
+// logits far from 0 neither overflow nor underflow f32's exp (the row maximum is subtracted first):
+// rows of comb logits around +100 (exp overflows past 88.7) and around -120 (exp underflows below
+// -103.3) give the comb of the same rows shifted to 0, and match the double reference. The comb
+// logits are exact here (their fn rows are 0, so mix·scale adds nothing; offsets in quarters).
+TEST(OpsReference, SinkhornCombOfLargeLogitsIsShiftInvariant) {
+    ModelConfig c;
+    c.hc_mult = 4, c.hidden_size = 8, c.hc_sinkhorn_iters = 20, c.hc_eps = 1e-6, c.rms_norm_eps = 1e-6;
+    const int64_t hc = c.hc_mult, D = c.hidden_size, n = hc * D, mix = c.mix_width();
+    std::vector<float> fn(static_cast<size_t>(mix * n), 0.0f), scale = {1.0f, 1.0f, 1.0f};
+    for (int64_t o = 0; o < 2 * hc; ++o)
+        for (int64_t i = 0; i < n; ++i) fn[size_t(o * n + i)] = std::cos(float(o * n + i)) * 0.1f;
+    const float offsets[4][4] = {{0.0f, 0.5f, 1.25f, 2.0f}, {1.0f, 0.0f, 0.75f, 0.25f}, {2.5f, 1.5f, 0.0f, 0.5f},
+                                 {0.25f, 2.0f, 1.0f, 0.0f}};
+    const float shifts[4] = {100.0f, -120.0f, 0.0f, 90.0f};
+    auto bases = [&](bool shifted) {
+        std::vector<float> base(static_cast<size_t>(mix), 0.0f);
+        for (int64_t j = 0; j < hc; ++j)
+            for (int64_t k = 0; k < hc; ++k) base[size_t(2 * hc + j * hc + k)] = offsets[j][k] + (shifted ? shifts[j] : 0.0f);
+        return base;
+    };
+    std::vector<float> base = bases(true), base0 = bases(false);
+    HyperConnWeights w;
+    w.fn = Tensor(fn.data(), DType::f32, {mix, n});
+    w.base = Tensor(base.data(), DType::f32, {mix});
+    w.scale = Tensor(scale.data(), DType::f32, {3});
+    std::vector<float> x(static_cast<size_t>(n)), u(static_cast<size_t>(D)), post(static_cast<size_t>(hc)),
+        comb(static_cast<size_t>(hc * hc));
+    for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(float(i) * 0.37f);
+    ops::hc_pre(w, c, x.data(), 1, u.data(), post.data(), comb.data());
+    for (float v : comb) ASSERT_TRUE(std::isfinite(v));
+    const HcRef ref = hc_pre_double(fn, base, scale, x.data(), hc, D, c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters);
+    const HcRef ref0 = hc_pre_double(fn, base0, scale, x.data(), hc, D, c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters);
+    EXPECT_LE(max_diff(ref.comb, ref0.comb), 1e-12);   // the definition: shifting a row changes nothing
+    EXPECT_LE(max_diff(comb.data(), ref.comb), 2e-6);   // kCombTol of the test above
+}
+
+// The pre weights have an eps floor: pre_j = sigmoid(mix_j s0 + b_j) + eps, so a stream the gate
+// closes (a very negative logit) still enters u with weight eps. With every pre logit at -40
+// (sigmoid 4e-18), u = eps · Σ_j x_j: the floor is the whole value, where the comb test above sees
+// it only as a 1e-6 part of an O(1) weight.
+TEST(OpsReference, HcPreWeightsHaveTheEpsFloor) {
+    ModelConfig c;
+    c.hc_mult = 4, c.hidden_size = 8, c.hc_sinkhorn_iters = 20, c.hc_eps = 1e-6, c.rms_norm_eps = 1e-6;
+    const int64_t hc = c.hc_mult, D = c.hidden_size, n = hc * D, mix = c.mix_width(), T = 2;
+    std::vector<float> fn(static_cast<size_t>(mix * n)), base(static_cast<size_t>(mix)), scale = {0.5f, 1.0f, 1.0f};
+    for (size_t i = 0; i < fn.size(); ++i) fn[i] = std::cos(float(i) * 0.7f) * 0.1f;
+    for (int64_t j = 0; j < mix; ++j) base[size_t(j)] = j < hc ? -40.0f : std::sin(float(j));
+    HyperConnWeights w;
+    w.fn = Tensor(fn.data(), DType::f32, {mix, n});
+    w.base = Tensor(base.data(), DType::f32, {mix});
+    w.scale = Tensor(scale.data(), DType::f32, {3});
+    std::vector<float> X(static_cast<size_t>(T * n)), u(static_cast<size_t>(T * D)), post(static_cast<size_t>(T * hc)),
+        comb(static_cast<size_t>(T * hc * hc));
+    for (size_t i = 0; i < X.size(); ++i) X[i] = 1.0f + std::sin(float(i) * 0.37f);   // in [0, 2]: Σ_j x_j > 0
+    ops::hc_pre(w, c, X.data(), T, u.data(), post.data(), comb.data());
+    for (int64_t t = 0; t < T; ++t) {
+        const float* x = X.data() + t * n;
+        const HcRef ref = hc_pre_double(fn, base, scale, x, hc, D, c.rms_norm_eps, c.hc_eps, c.hc_sinkhorn_iters);
+        for (int64_t j = 0; j < hc; ++j) EXPECT_NEAR(ref.pre[size_t(j)], c.hc_eps, 1e-12) << "the reference's own pre";
+        for (int64_t d = 0; d < D; ++d) {
+            double want = 0;
+            for (int64_t j = 0; j < hc; ++j) want += ref.pre[size_t(j)] * x[j * D + d];
+            // fp32: sigmoid(-40) underflows to ~0 either way; u is then eps · Σ x up to a few ulps.
+            EXPECT_NEAR(u[size_t(t * D + d)], want, 1e-6 * want) << "token " << t << " dim " << d;
+        }
+    }
+}
+
+// The lightning indexer's score of a compressed row: Σ_h w_h · ReLU(q_h · k) / sqrt(hd), the ReLU
+// before the per-head weight, and the weights may be negative. Two heads of dim 4, three rows,
+// chosen so each row has one head with a negative dot product: by hand, with the ReLU, and the
+// scores without it (a plausible bug) differ from these by far more than rounding.
+TEST(OpsReference, IndexerScoresReluBeforeTheHeadWeights) {
+    const int64_t nh = 2, hd = 4, n = 3;
+    const float q[] = {1.0f, 0.5f, -1.0f, 2.0f,    // head 0
+                       -2.0f, 1.0f, 0.0f, 0.5f};   // head 1
+    const float w[] = {0.75f, -1.5f};
+    const float K[] = {1.0f, 2.0f, 0.0f, 1.0f,     // q0·k = 4,    q1·k = 0.5
+                       -1.0f, 0.0f, 1.0f, -1.0f,   // q0·k = -4,   q1·k = 1.5
+                       2.0f, -2.0f, 1.0f, 0.0f};   // q0·k = -0.0, q1·k = -6
+    float score[n];
+    ops::indexer_scores(q, w, nh, hd, K, n, score);
+    // scale 1/sqrt(4) = 0.5: row 0: 0.75·4·0.5 - 1.5·0.5·0.5 = 1.125; row 1: -1.5·1.5·0.5 = -1.125;
+    // row 2: ReLU takes both heads to 0.
+    const double want[] = {1.125, -1.125, 0.0};
+    const double no_relu[] = {1.125, 0.75 * -4 * 0.5 - 1.125, 0.75 * 0.0 * 0.5 + -1.5 * -6 * 0.5};
+    for (int64_t s = 0; s < n; ++s) EXPECT_NEAR(score[s], want[s], 1e-6) << "row " << s;
+    EXPECT_GT(std::fabs(no_relu[1] - want[1]), 1.0);
+    EXPECT_GT(std::fabs(no_relu[2] - want[2]), 1.0);
+}
+
 }  // namespace
 }  // namespace megamoe
