@@ -7,6 +7,8 @@
 #
 #   scripts/leak_check.sh BUILD_DIR [REQUESTS [GROWTH_PCT]]
 #
+# Requests go two at a time (two clients, so the engine batches them and a request meets others
+# in flight); LEAK_CLIENTS sets how many.
 # BUILD_DIR holds a built `megamoe` (a Release build measures memory; an ASan build, whose
 # quarantine holds freed memory, checks for leaks at exit; a TSan build checks the server's
 # threads under this load). Needs curl and ../shared/golden's tokenizer.
@@ -50,9 +52,11 @@ request() {
                -d "{\"messages\":[{\"role\":\"user\",\"content\":\"stream $i\"}],\"max_tokens\":8,\"stream\":true,\"stream_options\":{\"include_usage\":true},\"logprobs\":true,\"top_logprobs\":2}" ;;
         2) curl -s -o /dev/null "$url/v1/completions" -H 'Content-Type: application/json' \
                -d "{\"prompt\":\"once upon $i\",\"max_tokens\":6,\"n\":3,\"logprobs\":3,\"stop\":[\"e\"]}" ;;
-        3) # a stream the client abandons: long generation, cut after 0.2 s
-           curl -s -N -o /dev/null --max-time 0.2 "$url/v1/completions" -H 'Content-Type: application/json' \
-               -d "{\"prompt\":\"abort $i\",\"max_tokens\":400,\"ignore_eos\":true,\"stream\":true}" || true ;;
+        3) # a stream the client abandons: long generation, cut once its first events have arrived
+           # (head closes the pipe after 300 bytes; curl stops on its next write)
+           curl -s -N --max-time 10 "$url/v1/completions" -H 'Content-Type: application/json' \
+               -d "{\"prompt\":\"abort $i\",\"max_tokens\":400,\"ignore_eos\":true,\"stream\":true}" |
+               head -c 300 >/dev/null || true ;;
         4) curl -s -o /dev/null "$url/v1/chat/completions" -H 'Content-Type: application/json' -d '{"messages": [' ;;
         5) curl -s -o /dev/null "$url/v1/chat/completions" -H 'Content-Type: application/json' \
                -d "{\"messages\":[{\"role\":\"robot\",\"content\":\"x\"}],\"tools\":[{\"type\":\"function\",\"function\":{\"name\":\"f\",\"parameters\":{}}}]}" ;;
@@ -68,13 +72,18 @@ printf 'leak_check: %d requests; VmRSS (KiB) after each tenth:\n' "$total"
 printf '  %6s %10s\n' requests rss_kib
 printf '  %6s %10s\n' 0 "$start"
 step=$(( total / 10 > 0 ? total / 10 : 1 ))
+clients=${LEAK_CLIENTS:-2}
 t0=$(date +%s)
-for i in $(seq 1 "$total"); do
-    request "$i"
-    if (( i % step == 0 )); then
+next_sample=$step
+for (( i = 1; i <= total; i += clients )); do
+    pids=()
+    for (( j = i; j < i + clients && j <= total; ++j )); do request "$j" & pids+=($!); done
+    for p in "${pids[@]}"; do wait "$p"; done   # the requests only (the server is a background job too)
+    if (( i + clients - 1 >= next_sample || i + clients > total )); then
         r=$(rss)
-        printf '  %6d %10d\n' "$i" "$r"
+        printf '  %6d %10d\n' "$(( i + clients - 1 < total ? i + clients - 1 : total ))" "$r"
         [ -z "$warm" ] && warm=$r
+        next_sample=$(( next_sample + step ))
     fi
 done
 last=$(rss)
