@@ -450,6 +450,7 @@ cuda::Tile parse_tile(const std::string& s) {
 struct Options {
     bool quick = false, check = true, y_f32 = false;
     cuda::Tile tile = cuda::Tile::automatic;   // --config: force this kernel shape (linears M > 16, expert layer)
+    bool moe_small = false;                    // --moe-small: the expert layer through cuda::moe_layer_small
     std::string part = "all", models, shapes, formats;
     std::vector<int64_t> Ms, Ts;
 };
@@ -706,14 +707,17 @@ uint64_t routing_seed(int64_t T, int r) { return uint64_t(T) * 1000 + uint64_t(r
 // Bound per output element: Σ over slots and i of |w2[d,i]|·a_i + 1e-5·Σ|w2·hb| + fp32 combine rounding.
 double check_moe(const std::vector<HostExpert>& hosts, const cuda::DeviceExperts& ex, cuda::MoeLayerWorkspace& ws,
                  int64_t k, float limit, const uint16_t* dx, const float* dshared, float* dy, int64_t T,
-                 const Routing& rt, const std::vector<int64_t>& tokens, cudaStream_t stream) {
+                 const Routing& rt, const std::vector<int64_t>& tokens, cudaStream_t stream, bool small = false) {
     const int64_t D = ex.D, I = ex.I;
     DeviceArray<int32_t> dids(rt.ids.size());
     DeviceArray<float> dw(rt.wts.size());
     CUDA_CHECK(cudaMemcpyAsync(dids.data(), rt.ids.data(), rt.ids.size() * 4, cudaMemcpyHostToDevice, stream));
     CUDA_CHECK(cudaMemcpyAsync(dw.data(), rt.wts.data(), rt.wts.size() * 4, cudaMemcpyHostToDevice, stream));
     CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(T * D) * 4, stream));
-    cuda::moe_layer(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream);
+    if (small)
+        cuda::moe_layer_small(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream);
+    else
+        cuda::moe_layer(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream);
     CUDA_CHECK(cudaStreamSynchronize(stream));
     double worst = 0;
     std::vector<float> x, y(static_cast<size_t>(D)), sh(static_cast<size_t>(D));
@@ -880,7 +884,7 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
         double worst = 0;
         if (opt.check) {
             std::vector<int64_t> all5 = {0, 1, 2, 3, 4};
-            worst = check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), 5, make_routing(5, k, E, 77), all5, stream);
+            worst = check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), 5, make_routing(5, k, E, 77), all5, stream, opt.moe_small);
             if (worst > 1.0) progress("  %s: T=5 out of bound (%.3g)\n", what.c_str(), worst);
         }
         for (size_t ti = 0; ti < opt.Ts.size(); ++ti) {
@@ -889,7 +893,7 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
             const int R = int(rts.size());
             if (opt.check) {   // the timed call (routing 0) on a few tokens
                 const auto toks = sample_indices(T, opt.quick ? 2 : 3, 31 + uint64_t(T));
-                const double w = check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), T, rts[0], toks, stream);
+                const double w = check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), T, rts[0], toks, stream, opt.moe_small);
                 if (w > 1.0) progress("  %s: T=%lld out of bound (%.3g)\n", what.c_str(), (long long)T, w);
                 worst = std::max(worst, w);
             }
@@ -906,8 +910,12 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
             CUDA_CHECK(cudaDeviceSynchronize());   // the copies above ran on the legacy stream
             auto launch = [&](int i) {
                 const int r = i % R;
-                cuda::moe_layer(ex, limit, dx.data(), dids.data() + r * T * k, dw.data() + r * T * k, T, dshared.data(), dy.data(), ws, stream,
-                                opt.tile);
+                if (opt.moe_small)
+                    cuda::moe_layer_small(ex, limit, dx.data(), dids.data() + r * T * k, dw.data() + r * T * k, T,
+                                          dshared.data(), dy.data(), ws, stream);
+                else
+                    cuda::moe_layer(ex, limit, dx.data(), dids.data() + r * T * k, dw.data() + r * T * k, T, dshared.data(), dy.data(), ws, stream,
+                                    opt.tile);
             };
             const double est = estimate_us(stream, launch, R);
             const int L = launches_for(est, R, R);
@@ -946,6 +954,7 @@ int main(int argc, char** argv) {
             else if (a == "--no-check") opt.check = false;
             else if (a == "--f32-out") opt.y_f32 = true;
             else if (a == "--config") opt.tile = parse_tile(next());
+            else if (a == "--moe-small") opt.moe_small = true;
             else if (a == "--part") opt.part = next();
             else if (a == "--model") opt.models = next();
             else if (a == "--shape") opt.shapes = next();
@@ -958,6 +967,7 @@ int main(int argc, char** argv) {
                     "usage: megamoe-gemm-bench [--quick] [--part linears|experts|all] [--model flash|pro|all]\n"
                     "       [--M 1,16,64,1024,8192] [--T 1,4,16,64,256,1024,4096,16384] [--shape NAMES]\n"
                     "       [--format fp8,nvfp4,mxfp4] [--f32-out] [--replays N] [--no-check] [--config TILE]\n"
+                    "       [--moe-small]  (expert layer: the two-launch small-T path, T <= 8)\n"
                     "shapes: wq_a wq_b wkv wo_a wo_b sh.w1 sh.w2 idx.wq_b\n"
                     "tiles (--config: a name or its index):");
                 for (size_t i = 0; i < cuda::tiled_configs().size(); ++i)

@@ -50,6 +50,7 @@
 
 #include "core/common.h"
 #include "cuda/device.cuh"
+#include "cuda/gemm_group.cuh"
 #include "io/formats.h"
 
 namespace megamoe::cuda {
@@ -62,13 +63,6 @@ enum Epi : int { kEpiF32 = 0, kEpiBf16 = 1, kEpiSwiglu = 2 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// One weight (or a SwiGLU pair: [0] gate, [1] up) as the kernel reads it.
-struct GemmGroup {
-    const uint8_t* w[2];
-    const uint8_t* s[2];
-    float out_scale[2];
-    int   bias[2];
-};
 
 struct TiledParams {
     GemmGroup        base;        // uniform groups: the one weight

@@ -621,8 +621,11 @@ std::vector<cuda::Tile> all_tiles() {
 
 // The layer's outputs (routing r, h [N, I] bf16, rows [N, D], y [T, D]) on the host: h and rows
 // against the twins, and y three ways (see the file comment).
+// rows_gpu: the layer's L2 output in the routing's order, or null for the small-T path (moe_small.cu),
+// which combines inside its L2 kernel: then (a) is not available, and the bounds below that need
+// the GPU's slot rows use |CPU row| + its tolerance (the GPU row lies within it, by (b)'s bound).
 void verify_layer_outputs(const HostExperts& hx, const MoeCase& c, float limit, const Route& r,
-                          const std::vector<uint16_t>& h, const std::vector<float>& rows,
+                          const std::vector<uint16_t>& h, const std::vector<float>* rows_gpu,
                           const std::vector<float>& y_gpu, const std::string& what, ClampStats* stats) {
     const int64_t N = c.T * c.k, D = hx.D, I = hx.I, k = c.k;
 
@@ -630,12 +633,19 @@ void verify_layer_outputs(const HostExperts& hx, const MoeCase& c, float limit, 
     const L1Ref l1 = l1_twin(hx, limit, c, r, stats);
     check_h(h, l1, I, what);
     const RowsRef l2 = l2_twin(hx, widen(h), r);
-    check_rows(rows, l2, D, what);
-
-    // (a) the combine of its own rows, bit for bit (moe_dispatch.h: same f32 adds, same order).
-    const std::vector<float> y_a = combine(rows, r.inv, c, D);
-    const int64_t bad = first_mismatch(y_gpu, y_a);
-    EXPECT_EQ(bad, -1) << what << ": y[" << bad << "] is not the slot-order combine of ws.rows";
+    std::vector<float> rows_ub;
+    if (rows_gpu) {
+        check_rows(*rows_gpu, l2, D, what);
+        // (a) the combine of its own rows, bit for bit (moe_dispatch.h: same f32 adds, same order).
+        const std::vector<float> y_a = combine(*rows_gpu, r.inv, c, D);
+        const int64_t bad = first_mismatch(y_gpu, y_a);
+        EXPECT_EQ(bad, -1) << what << ": y[" << bad << "] is not the slot-order combine of ws.rows";
+    } else {
+        rows_ub.resize(l2.rows.size());
+        for (size_t j = 0; j < rows_ub.size(); ++j)
+            rows_ub[j] = static_cast<float>(std::fabs(l2.rows[j]) + kRelTol * l2.bound[j] + kAbsTol);
+    }
+    const std::vector<float>& rows = rows_gpu ? *rows_gpu : rows_ub;
 
     // Summation of the k slot rows and the shared term, on either side: k + 1 f32 additions of
     // partial sums bounded by Σ_s|row_s| + |shared|, each rounding ≤ 2^-24 of it (γ_{k+1} ≈
@@ -693,21 +703,31 @@ void verify_layer_outputs(const HostExperts& hx, const MoeCase& c, float limit, 
     }, what + " y vs fp32 ops::expert_ffn composition");
 }
 
-// After a moe_layer on c (y_gpu its output, ws as it left it: moe_layer leaves the routing, h and
-// rows in the workspace).
+// After a moe_layer on c (y_gpu its output, ws as it left it). The general path leaves the routing,
+// h and rows in the workspace; the small-T path (small = true: moe_small_fits held) leaves only h,
+// at each slot's own row, which is put into the stable sort's order for the twins.
 void verify_layer(const HostExperts& hx, const cuda::MoeLayerWorkspace& ws, const MoeCase& c, float limit,
-                  const std::vector<float>& y_gpu, const std::string& what, ClampStats* stats) {
+                  const std::vector<float>& y_gpu, const std::string& what, ClampStats* stats, bool small) {
     SCOPED_TRACE(what);
-    const int64_t N = c.T * c.k;
+    const int64_t N = c.T * c.k, I = hx.I;
+    if (small) {
+        const Route r = cpu_route(c, hx.E);
+        const auto hs = to_host(ws.h.data(), static_cast<size_t>(N * I));
+        std::vector<uint16_t> h(hs.size());
+        for (int64_t j = 0; j < N; ++j)
+            std::copy_n(hs.begin() + r.perm[static_cast<size_t>(j)] * I, I, h.begin() + j * I);
+        verify_layer_outputs(hx, c, limit, r, h, nullptr, y_gpu, what + " (small-T path)", stats);
+        return;
+    }
     const Route r = get_route(ws, c, hx.E);
-    const auto h = to_host(ws.h.data(), static_cast<size_t>(N * hx.I));
+    const auto h = to_host(ws.h.data(), static_cast<size_t>(N * I));
     const auto rows = to_host(ws.rows.data(), static_cast<size_t>(N * hx.D));
-    verify_layer_outputs(hx, c, limit, r, h, rows, y_gpu, what, stats);
+    verify_layer_outputs(hx, c, limit, r, h, &rows, y_gpu, what, stats);
 }
 
-// moe_layer on c (default stream), then verify_layer.
+// moe_layer on c (default stream), or moe_layer_small when `small`, then verify_layer.
 void check_layer(const HostExperts& hx, const cuda::DeviceExperts& dex, cuda::MoeLayerWorkspace& ws, const MoeCase& c,
-                 float limit, const std::string& what, ClampStats* stats) {
+                 float limit, const std::string& what, ClampStats* stats, bool small = false) {
     const int64_t D = hx.D;
     DeviceInputs in(c.T, c.k, D);
     in.upload(c);
@@ -715,9 +735,14 @@ void check_layer(const HostExperts& hx, const cuda::DeviceExperts& dex, cuda::Mo
     poison(y.data(), y.size());
     poison(ws.h.data(), static_cast<size_t>(c.T * c.k * hx.I));
     poison(ws.rows.data(), static_cast<size_t>(c.T * c.k * D));
-    cuda::moe_layer(dex, limit, in.x.data(), in.ids.data(), in.wts.data(), c.T, in.shared_or_null(c), y.data(), ws, nullptr);
+    if (small)
+        cuda::moe_layer_small(dex, limit, in.x.data(), in.ids.data(), in.wts.data(), c.T, in.shared_or_null(c), y.data(),
+                              ws, nullptr);
+    else
+        cuda::moe_layer(dex, limit, in.x.data(), in.ids.data(), in.wts.data(), c.T, in.shared_or_null(c), y.data(), ws,
+                        nullptr);
     CUDA_CHECK(cudaDeviceSynchronize());
-    verify_layer(hx, ws, c, limit, to_host(y.data(), y.size()), what, stats);
+    verify_layer(hx, ws, c, limit, to_host(y.data(), y.size()), what, stats, small);
 }
 
 void expect_clamps_exercised(const ClampStats& s) {
@@ -994,7 +1019,7 @@ TEST(CudaMoeLayer, ExpertsPlanAndPlaceInAnArena) {
         cuda::moe_layer(placed, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, in.shared.data(), ya.data(), ws,
                         nullptr);
         const auto a = to_host(ya.data(), ya.size());
-        verify_layer(hx, ws, c, kLimit, a, str("arena T=", T), nullptr);
+        verify_layer(hx, ws, c, kLimit, a, str("arena T=", T), nullptr, false);
         cuda::moe_layer(own, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, in.shared.data(), yb.data(), ws,
                         nullptr);
         const int64_t bad = first_mismatch(a, to_host(yb.data(), yb.size()));
@@ -1046,6 +1071,109 @@ TEST(CudaMoeLayer, LayerMatchesCpuCompositionFlashDims) {
     }
 }
 
+// The small-T path (moe_small.cu, what moe_layer runs at T ≤ 8) on real DeepSeek-V4 widths
+// (V4-Flash D = 4096, I = 2048; V4-Pro D = 7168, I = 3072; k = 6; fewer experts than the release
+// so the CPU twin stays quick, all of them hit), both formats, with and without the shared term.
+TEST(CudaMoeLayer, SmallPathMatchesCpuCompositionRealWidths) {
+    SKIP_WITHOUT_GPU();
+    const int64_t k = 6;
+    struct Shape {
+        const char* name;
+        int64_t D, I, E;
+        std::vector<int64_t> Ts;
+    };
+    // T = 12 on Flash: past the small path (T ≤ 8): the general path on the same experts, for contrast.
+    const Shape shapes[] = {{"Flash", 4096, 2048, 8, {1, 2, 5, 8, 12}}, {"Pro", 7168, 3072, 7, {1, 4}}};
+    ClampStats stats;
+    uint32_t seed = 80000;
+    for (const Shape& sh : shapes) {
+        for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+            const HostExperts hx = make_experts(f, sh.E, sh.D, sh.I, seed += 1000);
+            cuda::DeviceExperts dex(hx.experts);
+            cuda::MoeLayerWorkspace ws(16, k, dex);
+            for (int64_t T : sh.Ts) {
+                DeviceInputs probe(T, k, sh.D);
+                if (T <= 8) {
+                    ASSERT_TRUE(cuda::moe_small_fits(dex, T, k, probe.x.data())) << sh.name << " T=" << T;
+                }
+                const MoeCase c = make_case(T % 2 ? Routing::uniform : Routing::hot, T, k, sh.E, sh.D, T != 2, ++seed);
+                check_layer(hx, dex, ws, c, kLimit, str(fmt_name(f), " ", sh.name, " T=", T), &stats, T <= 8);
+                if (HasFailure()) return;
+            }
+        }
+    }
+    expect_clamps_exercised(stats);
+}
+
+// Odd widths (K not a whole number of 128-column steps, rows not a whole CTA tile), 256 experts,
+// the largest slot count (T·k = 64), and ids that repeat an expert within a token (a malformed
+// hash table could): an expert with more slots than the MMA's token columns takes several entries.
+TEST(CudaMoeLayer, SmallPathOddShapesManyExpertsRepeatedIds) {
+    SKIP_WITHOUT_GPU();
+    uint32_t seed = 90000;
+    for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        {
+            const int64_t D = 224, I = 96, E = 256;
+            const HostExperts hx = make_experts(f, E, D, I, seed += 1000);
+            cuda::DeviceExperts dex(hx.experts);
+            for (int64_t k : {6, 8}) {
+                cuda::MoeLayerWorkspace ws(16, k, dex);
+                for (int64_t T : {1, 3, 8}) {
+                    const MoeCase c = make_case(Routing::uniform, T, k, E, D, true, ++seed);
+                    check_layer(hx, dex, ws, c, kLimit, str(fmt_name(f), " D=224 I=96 E=256 k=", k, " T=", T), nullptr, true);
+                    if (HasFailure()) return;
+                }
+            }
+        }
+        {
+            const int64_t D = 256, I = 160, E = 5, k = 6;
+            const HostExperts hx = make_experts(f, E, D, I, seed += 1000);
+            cuda::DeviceExperts dex(hx.experts);
+            cuda::MoeLayerWorkspace ws(16, k, dex);
+            for (int64_t T : {1, 3, 8}) {
+                MoeCase c = make_case(Routing::uniform, T, k, E, D, T != 3, ++seed);
+                for (int64_t t = 0; t < T; ++t)
+                    for (int64_t s = 0; s < k; ++s)   // token 0: one expert 6 times; others: 2 experts
+                        c.ids[static_cast<size_t>(t * k + s)] =
+                            static_cast<int32_t>(t == 0 ? 2 : (s % 2 ? (t + s) % E : 4));
+                check_layer(hx, dex, ws, c, kLimit, str(fmt_name(f), " repeated ids T=", T), nullptr, true);
+                if (HasFailure()) return;
+            }
+        }
+    }
+}
+
+// Where the small path applies, and its own argument checks.
+TEST(CudaMoeLayer, SmallPathBounds) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 256, I = 128, E = 8;
+    const HostExperts hx = make_experts(LinearFormat::nvfp4, E, D, I, 95000);
+    cuda::DeviceExperts dex(hx.experts);
+    DeviceInputs in(20, 8, D);
+    const uint16_t* x = in.x.data();
+    EXPECT_TRUE(cuda::moe_small_fits(dex, 1, 6, x));
+    EXPECT_TRUE(cuda::moe_small_fits(dex, 8, 8, x));    // T·k = 64
+    EXPECT_FALSE(cuda::moe_small_fits(dex, 9, 6, x));   // T > 8
+    EXPECT_FALSE(cuda::moe_small_fits(dex, 8, 9, x));   // T·k > 64
+    EXPECT_FALSE(cuda::moe_small_fits(dex, 0, 6, x));
+    EXPECT_FALSE(cuda::moe_small_fits(dex, 2, 6, x + 1));   // x not 16-byte aligned: the general path
+    cuda::MoeLayerWorkspace ws(20, 6, dex);
+    DeviceArray<float> y(static_cast<size_t>(20 * D));
+    test::expect_error([&] { cuda::moe_layer_small(dex, kLimit, x, in.ids.data(), in.wts.data(), 9, nullptr, y.data(), ws, nullptr); },
+                       {"moe_layer_small", "T = 9"});
+    test::expect_error([&] { cuda::moe_layer_small(dex, kLimit, x, in.ids.data(), in.wts.data(), 21, nullptr, y.data(), ws, nullptr); },
+                       {"moe_layer_small", "T_max"});
+    // An unaligned x: moe_small_fits says no, and moe_layer (the general path) still matches.
+    const MoeCase c = make_case(Routing::uniform, 2, 6, E, D, true, 95001);
+    DeviceArray<uint16_t> xa(static_cast<size_t>(2 * D + 8));
+    to_device(xa.data() + 1, c.x);
+    in.upload(c);
+    poison(y.data(), y.size());
+    cuda::moe_layer(dex, kLimit, xa.data() + 1, in.ids.data(), in.wts.data(), 2, in.shared.data(), y.data(), ws, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    verify_layer(hx, ws, c, kLimit, to_host(y.data(), static_cast<size_t>(2 * D)), "unaligned x", nullptr, false);
+}
+
 // moe_layer captured once per T (global capture mode: any host synchronization or allocation inside
 // would fail the capture) on a non-blocking stream with T < T_max, replayed with new x / ids /
 // weights / shared each time; each replay is checked against the twins and must equal a plain
@@ -1058,15 +1186,23 @@ TEST(CudaMoeLayer, GraphReplayEqualsPlainCalls) {
     cuda::MoeLayerWorkspace ws(300, k, dex);
     cudaStream_t stream = nullptr;
     CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-    for (int64_t T : {17, 256}) {
+    for (int64_t T : {3, 17, 256}) {
+        const bool small = T == 3;   // T = 3 through moe_layer_small (the small-T path)
         DeviceInputs in(T, k, D);
         DeviceArray<float> y_graph(static_cast<size_t>(T * D)), y_plain(static_cast<size_t>(T * D));
+        auto layer = [&](float* y) {
+            if (small)
+                cuda::moe_layer_small(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, in.shared.data(), y, ws,
+                                      stream);
+            else
+                cuda::moe_layer(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, in.shared.data(), y, ws, stream);
+        };
         cudaGraph_t graph = nullptr;
         cudaGraphExec_t exec = nullptr;
         CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
         bool threw = false;
         try {
-            cuda::moe_layer(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, in.shared.data(), y_graph.data(), ws, stream);
+            layer(y_graph.data());
         } catch (const std::exception& e) {
             threw = true;
             ADD_FAILURE() << "moe_layer during capture: " << e.what();
@@ -1089,11 +1225,11 @@ TEST(CudaMoeLayer, GraphReplayEqualsPlainCalls) {
             CUDA_CHECK(cudaStreamSynchronize(stream));
             const auto yg = to_host(y_graph.data(), y_graph.size(), stream);
             const auto hg = to_host(ws.h.data(), static_cast<size_t>(T * k * I), stream);
-            verify_layer(hx, ws, c, kLimit, yg, what + " (graph)", nullptr);
+            verify_layer(hx, ws, c, kLimit, yg, what + " (graph)", nullptr, small);
 
             poison(y_plain.data(), y_plain.size(), stream);
             poison(ws.h.data(), static_cast<size_t>(T * k * I), stream);
-            cuda::moe_layer(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, in.shared.data(), y_plain.data(), ws, stream);
+            layer(y_plain.data());
             CUDA_CHECK(cudaStreamSynchronize(stream));
             const auto yp = to_host(y_plain.data(), y_plain.size(), stream);
             const auto hp = to_host(ws.h.data(), static_cast<size_t>(T * k * I), stream);
