@@ -25,6 +25,7 @@
 #include <limits>
 
 #include "core/common.h"
+#include "core/sanitize.h"
 
 namespace megamoe {
 
@@ -152,43 +153,86 @@ uint8_t e8m0_ceil(float v) {
 
 // ---- row decoders
 
-void decode_fp8_block_row(const uint8_t* w_row, const uint8_t* s_row, int64_t in, float* out) {
+// The row decoders are the CPU forward's innermost loops after the dot product; under ASan and
+// TSan their ranges are checked whole and the loops run uninstrumented (core/sanitize.h). The
+// loops get the tables as plain pointers and use no helper: an uninstrumented function cannot
+// inline an instrumented one (std::array::operator[], bits_to_f32), which then cost a call per
+// element.
+namespace {
+
+MEGAMOE_UNINSTRUMENTED void bf16_row(const uint16_t* w, int64_t in, float* out) {
+    for (int64_t i = 0; i < in; ++i) out[i] = std::bit_cast<float>(static_cast<uint32_t>(w[i]) << 16);
+}
+
+MEGAMOE_UNINSTRUMENTED void fp8_block_row(const uint8_t* w_row, const uint8_t* s_row, int64_t in, float* out,
+                                          const float* e4m3, const float* e8m0) {
     for (int64_t j0 = 0, b = 0; j0 < in; j0 += kFp8Block, ++b) {
-        const float s = kE8m0Table[s_row[b]];
+        const float s = e8m0[s_row[b]];
         const int64_t j1 = j0 + kFp8Block < in ? j0 + kFp8Block : in;  // last block may be partial
-        for (int64_t j = j0; j < j1; ++j) out[j] = kE4m3Table[w_row[j]] * s;
+        for (int64_t j = j0; j < j1; ++j) out[j] = e4m3[w_row[j]] * s;
     }
 }
 
-void decode_mxfp4_row(const uint8_t* q_row, const uint8_t* s_row, int64_t in, float* out) {
-    MEGAMOE_CHECK(in % kMxfp4Group == 0, "MXFP4 row length ", in, " is not a multiple of ", kMxfp4Group);
+MEGAMOE_UNINSTRUMENTED void mxfp4_row(const uint8_t* q_row, const uint8_t* s_row, int64_t in, float* out,
+                                      const float* e2m1, const float* e8m0) {
     for (int64_t g = 0; g < in / kMxfp4Group; ++g) {
-        const float s = kE8m0Table[s_row[g]];
+        const float s = e8m0[s_row[g]];
         const uint8_t* q = q_row + g * (kMxfp4Group / 2);
         float* o = out + g * kMxfp4Group;
         for (int i = 0; i < kMxfp4Group / 2; ++i) {
-            o[2 * i] = kE2m1Table[q[i] & 0xF] * s;     // low nibble = even element
-            o[2 * i + 1] = kE2m1Table[q[i] >> 4] * s;
+            o[2 * i] = e2m1[q[i] & 0xF] * s;     // low nibble = even element
+            o[2 * i + 1] = e2m1[q[i] >> 4] * s;
         }
     }
 }
 
-void decode_nvfp4_row(const uint8_t* q_row, const uint8_t* s_row, float scale_2, int64_t in, float* out) {
-    MEGAMOE_CHECK(in % kNvfp4Group == 0, "NVFP4 row length ", in, " is not a multiple of ", kNvfp4Group);
+MEGAMOE_UNINSTRUMENTED void nvfp4_row(const uint8_t* q_row, const uint8_t* s_row, float scale_2, int64_t in, float* out,
+                                      const float* e2m1, const float* e4m3) {
     for (int64_t g = 0; g < in / kNvfp4Group; ++g) {
-        const float s = kE4m3Table[s_row[g]];
+        const float s = e4m3[s_row[g]];
         const uint8_t* q = q_row + g * (kNvfp4Group / 2);
         float* o = out + g * kNvfp4Group;
         if (s == 0.0f) {  // exactly 0 even if scale_2 is inf/NaN (0 · inf would be NaN)
-            std::memset(o, 0, sizeof(float) * kNvfp4Group);
+            for (int i = 0; i < kNvfp4Group; ++i) o[i] = 0.0f;
             continue;
         }
         // (code · scale) · scale_2, in this order: the product the reference computes.
         for (int i = 0; i < kNvfp4Group / 2; ++i) {
-            o[2 * i] = kE2m1Table[q[i] & 0xF] * s * scale_2;
-            o[2 * i + 1] = kE2m1Table[q[i] >> 4] * s * scale_2;
+            o[2 * i] = e2m1[q[i] & 0xF] * s * scale_2;
+            o[2 * i + 1] = e2m1[q[i] >> 4] * s * scale_2;
         }
     }
+}
+
+}  // namespace
+
+void decode_bf16_row(const uint16_t* w, int64_t in, float* out) {
+    sanitize_read(w, in);
+    sanitize_write(out, in);
+    bf16_row(w, in, out);
+}
+
+void decode_fp8_block_row(const uint8_t* w_row, const uint8_t* s_row, int64_t in, float* out) {
+    sanitize_read(w_row, in);
+    sanitize_read(s_row, (in + kFp8Block - 1) / kFp8Block);
+    sanitize_write(out, in);
+    fp8_block_row(w_row, s_row, in, out, kE4m3Table.data(), kE8m0Table.data());
+}
+
+void decode_mxfp4_row(const uint8_t* q_row, const uint8_t* s_row, int64_t in, float* out) {
+    MEGAMOE_CHECK(in % kMxfp4Group == 0, "MXFP4 row length ", in, " is not a multiple of ", kMxfp4Group);
+    sanitize_read(q_row, in / 2);
+    sanitize_read(s_row, in / kMxfp4Group);
+    sanitize_write(out, in);
+    mxfp4_row(q_row, s_row, in, out, kE2m1Table.data(), kE8m0Table.data());
+}
+
+void decode_nvfp4_row(const uint8_t* q_row, const uint8_t* s_row, float scale_2, int64_t in, float* out) {
+    MEGAMOE_CHECK(in % kNvfp4Group == 0, "NVFP4 row length ", in, " is not a multiple of ", kNvfp4Group);
+    sanitize_read(q_row, in / 2);
+    sanitize_read(s_row, in / kNvfp4Group);
+    sanitize_write(out, in);
+    nvfp4_row(q_row, s_row, scale_2, in, out, kE2m1Table.data(), kE4m3Table.data());
 }
 
 // ---- quantizers

@@ -69,6 +69,8 @@ const FormatInfo& format_info(LinearFormat f);
 inline const char* linear_format_name(LinearFormat f) { return format_info(f).name; }
 
 // ---- row decoders: expand one weight row n into `in` floats.
+// bf16: w -> &weight[n*in]
+void decode_bf16_row(const uint16_t* w, int64_t in, float* out);
 // fp8: w_row -> &weight[n*in], s_row -> &scale[(n/128) * ceil(in/128)]
 void decode_fp8_block_row(const uint8_t* w_row, const uint8_t* s_row, int64_t in, float* out);
 // mxfp4: q_row -> &weight[n*in/2], s_row -> &scale[n*in/32]

@@ -13,11 +13,9 @@ void Linear::decode_row(int64_t n, float* dst) const {
         case LinearFormat::f32:
             std::memcpy(dst, weight.as<float>() + n * in, static_cast<size_t>(in) * sizeof(float));
             return;
-        case LinearFormat::bf16: {
-            const uint16_t* w = weight.as<uint16_t>() + n * in;
-            for (int64_t i = 0; i < in; ++i) dst[i] = bf16_to_f32(w[i]);
+        case LinearFormat::bf16:
+            decode_bf16_row(weight.as<uint16_t>() + n * in, in, dst);
             return;
-        }
         case LinearFormat::fp8_block: {
             const int64_t scale_cols = (in + kFp8Block - 1) / kFp8Block;
             decode_fp8_block_row(weight.as<uint8_t>() + n * in, scale.as<uint8_t>() + (n / kFp8Block) * scale_cols,

@@ -5,12 +5,14 @@
 #include "io/formats.h"
 #include "ref/ops.h"
 #include "core/parallel.h"
+#include "core/sanitize.h"
 
 namespace megamoe::ops {
 
 // Dot product in a fixed order (8 running lanes, then a fixed reduction tree): the same inputs
-// give the same bits whatever the batch, and the lanes let the compiler vectorize.
-static float dot(const float* a, const float* b, int64_t n) {
+// give the same bits whatever the batch, and the lanes let the compiler vectorize. It reads
+// exactly a[0, n) and b[0, n): under ASan and TSan those are checked whole (core/sanitize.h).
+MEGAMOE_UNINSTRUMENTED static float dot_loop(const float* a, const float* b, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -18,6 +20,12 @@ static float dot(const float* a, const float* b, int64_t n) {
     float tail = 0;
     for (; i < n; ++i) tail += a[i] * b[i];
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+static float dot(const float* a, const float* b, int64_t n) {
+    sanitize_read(a, n);
+    sanitize_read(b, n);
+    return dot_loop(a, b, n);
 }
 
 void embed(const Tensor& table, const int32_t* ids, int64_t T, float* out) {

@@ -4,13 +4,16 @@
 
 #include "ref/ops.h"
 #include "core/parallel.h"
+#include "core/sanitize.h"
 
 namespace megamoe::ops {
 
 static float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
 // mixes[o] = (x · rsqrt(mean(x²) + eps)) · fn[o]   over the hc·D flattened streams (stream-major).
-static void hc_mixes(const float* fn, int64_t n_out, const float* x, int64_t n, float eps, float* mixes) {
+// Its ranges are checked whole under ASan and TSan, the loops left uninstrumented (core/sanitize.h).
+MEGAMOE_UNINSTRUMENTED static void hc_mixes_loop(const float* fn, int64_t n_out, const float* x, int64_t n, float eps,
+                                                 float* mixes) {
     double ss = 0;
     for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
     const float inv = 1.0f / std::sqrt(static_cast<float>(ss / static_cast<double>(n)) + eps);
@@ -20,6 +23,13 @@ static void hc_mixes(const float* fn, int64_t n_out, const float* x, int64_t n, 
         for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(w[i]) * (x[i] * inv);
         mixes[o] = static_cast<float>(acc);
     }
+}
+
+static void hc_mixes(const float* fn, int64_t n_out, const float* x, int64_t n, float eps, float* mixes) {
+    sanitize_read(fn, n_out * n);
+    sanitize_read(x, n);
+    sanitize_write(mixes, n_out);
+    hc_mixes_loop(fn, n_out, x, n, eps, mixes);
 }
 
 void hc_pre(const HyperConnWeights& w, const ModelConfig& c, const float* X, int64_t T, float* u, float* post,
