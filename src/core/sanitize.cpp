@@ -6,10 +6,7 @@
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
 #endif
-#if defined(__SANITIZE_THREAD__)
-extern "C" void __tsan_read_range(void* addr, unsigned long size);    // exported by libtsan
-extern "C" void __tsan_write_range(void* addr, unsigned long size);
-#endif
+// Under -fsanitize=thread GCC declares __tsan_read_range / __tsan_write_range (void*, long) itself.
 
 namespace megamoe {
 
@@ -36,9 +33,9 @@ void sanitize_range([[maybe_unused]] const void* p, [[maybe_unused]] size_t byte
 #endif
 #if defined(__SANITIZE_THREAD__)
     if (write)
-        __tsan_write_range(const_cast<void*>(p), bytes);
+        __tsan_write_range(const_cast<void*>(p), static_cast<long>(bytes));
     else
-        __tsan_read_range(const_cast<void*>(p), bytes);
+        __tsan_read_range(const_cast<void*>(p), static_cast<long>(bytes));
 #endif
 }
 
