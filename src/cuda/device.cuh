@@ -117,6 +117,14 @@ __device__ __forceinline__ void nvfp4_mults(uint32_t sc, uint32_t& m_lo, uint32_
     m_hi = __byte_perm(u, 0, 0x3232);
 }
 
+// The routed experts' clamped SwiGLU, as ops::expert_ffn: silu(min(g, L)) · clamp(u, -L, L), f32
+// (gemm.cu's grouped L1 epilogue and moe_small.cu's; the caller multiplies by the routing weight).
+__device__ __forceinline__ float silu_swiglu(float g, float u, float limit) {
+    g = fminf(g, limit);
+    u = fminf(fmaxf(u, -limit), limit);
+    return g / (1.0f + expf(-g)) * u;
+}
+
 // ---------------------------------------------------------------------------- format traits
 
 // kElems: weights per 16-byte load; one warp step covers kStepK = 4·kElems columns (64 B/row).

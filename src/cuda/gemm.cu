@@ -63,7 +63,6 @@ enum Epi : int { kEpiF32 = 0, kEpiBf16 = 1, kEpiSwiglu = 2 };
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-
 struct TiledParams {
     GemmGroup        base;        // uniform groups: the one weight
     const GemmGroup* table;       // listed groups: [G] (device), else nullptr
@@ -109,12 +108,6 @@ template <LinearFormat F, int MT, int NT, int WR, int WT, int ST> struct TileLay
 
 __device__ __forceinline__ void cp_async8(uint32_t dst, const void* src, bool pred) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(pred ? 8 : 0) : "memory");
-}
-
-__device__ __forceinline__ float silu_swiglu(float g, float u, float limit) {
-    g = fminf(g, limit);
-    u = fminf(fmaxf(u, -limit), limit);
-    return g / (1.0f + expf(-g)) * u;
 }
 
 // The CTA's work item (blockIdx.y): group gi, its first x row row0, rows (≤ BT) and the group's

@@ -350,9 +350,7 @@ __global__ void __launch_bounds__(kThreads, 3) moe_small_l1_kernel(const SmallPa
                 us += red[((w * 2 + 1) * kL1Rows + rl) * C + t];
             }
             const int sl = rt.order[start + t];
-            const float gv = fminf(gs * G.out_scale[0], p.limit);
-            const float uv = fminf(fmaxf(us * G.out_scale[1], -p.limit), p.limit);
-            const float hv = gv / (1.0f + expf(-gv)) * uv * p.wts[sl];
+            const float hv = silu_swiglu(gs * G.out_scale[0], us * G.out_scale[1], p.limit) * p.wts[sl];
             p.h[static_cast<int64_t>(sl) * p.N + row] = __bfloat16_as_ushort(__float2bfloat16_rn(hv));
         }
         __syncthreads();   // red is rewritten by the next row block
