@@ -13,6 +13,9 @@
 //
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
+//                         [--trace N]
+// --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
+// records (span, kernel time, idle time, a table by kernel, and its first N kernels).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -26,6 +29,7 @@
 #include <vector>
 
 #include "bench_util.h"
+#include "kernel_trace.h"
 #include "core/common.h"
 #include "gpu/runner.h"
 #include "io/formats.h"
@@ -77,7 +81,7 @@ struct Row {
 int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
-        int64_t layers = -1, prefill = 8192, steps = 20;
+        int64_t layers = -1, prefill = 8192, steps = 20, trace = -1;
         std::vector<int64_t> batches{1, 8, 64, 256}, contexts{1024, 32768};
         for (int i = 1; i < argc; ++i) {
             const std::string a = argv[i];
@@ -92,6 +96,7 @@ int main(int argc, char** argv) {
             else if (a == "--prefill") prefill = std::stoll(next());
             else if (a == "--steps") steps = std::stoll(next());
             else if (a == "--experts") experts = next();
+            else if (a == "--trace") trace = std::stoll(next());
             else fail("unknown option ", a);
         }
         if (layers < 0) layers = preset == "pro" ? 4 : 20;
@@ -144,7 +149,7 @@ int main(int argc, char** argv) {
                 std::vector<int32_t> slots;
                 for (int64_t i = 0; i < B; ++i) {
                     slots.push_back(run.open());
-                    if (slots.back() < 0 || !run.reserve(slots.back(), ctx + steps + 4))
+                    if (slots.back() < 0 || !run.reserve(slots.back(), ctx + steps + 8))
                         fail("no room for ", B, " sequences of ", ctx, " positions");
                     run.set_n_past_for_benchmark(slots.back(), ctx);
                 }
@@ -182,7 +187,15 @@ int main(int argc, char** argv) {
                 rows.push_back(r);
                 std::printf("%-24s %9.1f us/step %8.1f us/layer %10.0f tok/s  floor %8.1f us (%.2fx)\n", r.what.c_str(),
                             r.us_step, r.us_layer, r.tok_s, r.floor_us, r.us_step / r.floor_us);
-                const auto prof = run.profile_step(decode(steps + 2));
+                if (trace >= 0) {
+                    bench::KernelTrace tr;
+                    tr.start();
+                    run.step(decode(steps + 2), false, logits);
+                    run.step(decode(steps + 3), false, logits);
+                    CUDA_CHECK(cudaDeviceSynchronize());
+                    bench::KernelTrace::print(stdout, tr.stop(), "embed_streams", static_cast<size_t>(trace));
+                }
+                const auto prof = run.profile_step(decode(steps + 4));
                 double tot = 0;
                 for (const auto& [n, ms] : prof) tot += ms;
                 std::printf("    eager step %.1f us:", tot * 1000);

@@ -16,7 +16,7 @@ cp "$build"/tests/megamoe_tests "$build"/megamoe "$build"/megamoe-forward-bench 
     "$build"/megamoe-serve-bench "$stage"/bin/
 strip --strip-debug "$stage"/bin/* 2>/dev/null || true
 # Libraries outside glibc/libstdc++ (Debian 12 builds; the CUDA image may not have them).
-ldd "$stage"/bin/megamoe_tests "$stage"/bin/megamoe | awk '/=>/ {print $3}' | sort -u |
+ldd "$stage"/bin/megamoe_tests "$stage"/bin/megamoe "$stage"/bin/megamoe-forward-bench | awk '/=>/ {print $3}' | sort -u |
     grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so' |
     grep -v -E '/libnccl\.so' | xargs -r -I{} cp -L {} "$stage"/lib/
 # libnccl (218 MB) does not travel: scripts/device_env.sh finds the GPU machine's own (PyTorch's).

@@ -1334,19 +1334,37 @@ void moe_l2(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, CUstream_
     grouped(ex, ws, N, false, 0.0f, tile, true, stream);
 }
 
-void moe_layer(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
-               int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Tile tile) {
+void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids,
+                      const float* weights, int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream, Tile tile) {
     check_tile(tile);
     MEGAMOE_CHECK(T >= 0 && T <= ws.dispatch.T_max, "moe_layer: T = ", T, " exceeds the workspace's T_max = ",
                   ws.dispatch.T_max);
     if (T == 0) return;
     const int64_t N = T * ws.dispatch.k;
-    ws.dispatch.route(ids, T, stream);
-    ws.dispatch.gather(x, weights, T, stream);
     const Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
-    grouped(ex, ws, N, true, limit, c, true, stream);
+    if (N <= kMoeDispatchSmallMaxRows && !is_wg(c)) {
+        // Few rows: route, gather and L1's work list in one launch instead of five.
+        ws.dispatch.route_gather_small(ids, x, weights, T, cfg(c).tokens, ws.items.data(), ws.n_items.data(), stream);
+        grouped(ex, ws, N, true, limit, c, false, stream);
+    } else {
+        ws.dispatch.route(ids, T, stream);
+        ws.dispatch.gather(x, weights, T, stream);
+        grouped(ex, ws, N, true, limit, c, true, stream);
+    }
     grouped(ex, ws, N, false, 0.0f, c, false, stream);   // same tile size: L1's work list serves
+}
+
+void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, float* y, CUstream_st* stream) {
+    MEGAMOE_CHECK(T >= 0 && T <= ws.dispatch.T_max, "moe_layer: T = ", T, " exceeds the workspace's T_max = ",
+                  ws.dispatch.T_max);
+    if (T == 0) return;
     ws.dispatch.combine(ws.rows.data(), shared, T, y, stream);
+}
+
+void moe_layer(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
+               int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Tile tile) {
+    moe_layer_routed(ex, limit, x, ids, weights, T, ws, stream, tile);
+    moe_layer_combine(ws, T, shared, y, stream);
 }
 
 Tile moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return choose_grouped(T * k, ex.E); }

@@ -169,6 +169,14 @@ void moe_layer(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf
                const float* weights, int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws,
                CUstream_st* stream, Tile tile = Tile::automatic);
 
+// moe_layer in two calls, for a caller that overlaps other work with the experts (the runner: the
+// shared expert on a side stream, joined before the combine that adds it). moe_layer_routed leaves
+// each slot's expert output in ws.rows; moe_layer_combine reads ws.rows and shared (the same T).
+void moe_layer_routed(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,
+                      const float* weights, int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream,
+                      Tile tile = Tile::automatic);
+void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, float* y, CUstream_st* stream);
+
 // The small-T path (moe_small.cu): two launches that read their routing straight from ids (no
 // route / gather / work list / combine kernels), L1 writing h at each slot's own row (ws.h row
 // t·k + s) and L2 combining in slot order itself (ws.rows and the dispatch buffers are not used).

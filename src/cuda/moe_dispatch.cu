@@ -156,6 +156,75 @@ moe_route_scatter_kernel(const int32_t* __restrict__ ids, int N, int E, const in
     }
 }
 
+// Route + gather + work list for N ≤ kMoeDispatchSmallMaxRows rows in one CTA of 1024 threads
+// (thread e owns expert e for the counts and the two scans). V: uint4 (8 bf16) or uint16_t.
+constexpr int kSmallThreads = 1024;
+static_assert(kSmallThreads == kMoeMaxExperts, "the small dispatch gives each expert one thread");
+
+template <typename V>
+static __global__ void __launch_bounds__(kSmallThreads)
+moe_dispatch_small_kernel(const int32_t* __restrict__ ids, const V* __restrict__ x, const float* __restrict__ weights,
+                          int N, int k, int E, int64_t vecs, int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                          int32_t* __restrict__ perm, int32_t* __restrict__ inv, V* __restrict__ xs,
+                          float* __restrict__ ws, int BT, int4* __restrict__ items, int32_t* __restrict__ n_items) {
+    pdl_begin();
+    __shared__ int32_t s_ids[kMoeDispatchSmallMaxRows];
+    __shared__ int32_t s_pos[kMoeDispatchSmallMaxRows];
+    __shared__ int32_t s_rows[kSmallThreads];    // inclusive scan of the counts
+    __shared__ int32_t s_tiles[kSmallThreads];   // inclusive scan of the tiles
+    const int e = static_cast<int>(threadIdx.x);
+    if (e < N) s_ids[e] = clamp_expert(ids[e], E);
+    __syncthreads();
+    int c = 0;
+    if (e < E)
+        for (int i = 0; i < N; ++i) c += s_ids[i] == e;
+    const int tiles = (c + BT - 1) / BT;
+    s_rows[e] = c;
+    s_tiles[e] = tiles;
+    __syncthreads();
+    for (int o = 1; o < kSmallThreads; o <<= 1) {   // inclusive Hillis-Steele scans
+        const int32_t r = e >= o ? s_rows[e - o] : 0;
+        const int32_t t = e >= o ? s_tiles[e - o] : 0;
+        __syncthreads();
+        s_rows[e] += r;
+        s_tiles[e] += t;
+        __syncthreads();
+    }
+    const int32_t first = s_rows[e] - c;   // offsets[e]
+    if (e < E) {
+        counts[e] = c;
+        offsets[e] = first;
+        if (items != nullptr) {
+            const int32_t base = s_tiles[e] - tiles;
+            for (int32_t j = 0; j < tiles; ++j) items[base + j] = make_int4(e, first + j * BT, min(BT, c - j * BT), 0);
+        }
+    }
+    if (e == 0) offsets[E] = N;
+    if (items != nullptr && e == kSmallThreads - 1) *n_items = s_tiles[e];
+    if (e < N) {
+        const int ex = s_ids[e];
+        int cnt = 0, rank = 0;   // rows of expert ex, and those of them below row e
+        for (int i = 0; i < N; ++i) {
+            const bool same = s_ids[i] == ex;
+            cnt += same;
+            rank += same && i < e;
+        }
+        const int pos = (s_rows[ex] - cnt) + rank;   // offsets[ex] + rank (s_rows is inclusive)
+        perm[pos] = e;
+        inv[e] = pos;
+        if (ws != nullptr) ws[pos] = weights[e];
+        s_pos[e] = pos;
+    }
+    __syncthreads();
+    // xs[pos(i)] = x[i / k]: warp w copies rows w, w + 32, ..., its lanes along the row.
+    const int lane = e & 31, warp = e >> 5;
+    for (int i = warp; i < N; i += kSmallThreads / 32) {
+        const V* in = x + static_cast<int64_t>(i / k) * vecs;
+        V* out = xs + static_cast<int64_t>(s_pos[i]) * vecs;
+        for (int64_t col = lane; col < vecs; col += 32) out[col] = in[col];
+    }
+}
+
 // Row-parallel copy geometry: a row of `vecs` vectors is served by 2^tpr_shift threads.
 struct RowGeometry {
     int tpr_shift = 0;   // log2(threads per row), ≤ log2(kCopyThreads)
@@ -350,6 +419,37 @@ void moe_gather(const uint16_t* x_bf16, const float* weights, const int32_t* per
     CUDA_CHECK(cudaGetLastError());
 }
 
+void moe_dispatch_small(const int32_t* ids, const uint16_t* x_bf16, const float* weights, int64_t T, int64_t k,
+                        int64_t E, int64_t D, int32_t* counts, int32_t* offsets, int32_t* perm, int32_t* inv,
+                        uint16_t* xs_bf16, float* ws, int32_t BT, int32_t* items, int32_t* n_items,
+                        CUstream_st* stream) {
+    check_shape(T, k, "moe_dispatch_small");
+    const int64_t N = T * k;
+    if (N < 1 || N > kMoeDispatchSmallMaxRows)
+        fail("moe_dispatch_small: T·k = ", N, " outside [1, ", kMoeDispatchSmallMaxRows, "]");
+    if (E < 1 || E > kMoeMaxExperts) fail("moe_dispatch_small: E=", E, " outside [1, ", kMoeMaxExperts, "]");
+    if (D < 1) fail("moe_dispatch_small: bad D=", D);
+    if (BT < 1) fail("moe_dispatch_small: bad tile height ", BT);
+    if (!ids || !x_bf16 || !counts || !offsets || !perm || !inv || !xs_bf16)
+        fail("moe_dispatch_small: null ids/x/counts/offsets/perm/inv/xs");
+    if (items != nullptr && n_items == nullptr) fail("moe_dispatch_small: items without n_items");
+    if (weights == nullptr) ws = nullptr;   // ws is written only when both are given
+    const bool vec = D % 8 == 0 && aligned(x_bf16, 16) && aligned(xs_bf16, 16);
+    const int64_t vecs = vec ? D / 8 : D;
+    const cudaStream_t s = as_stream(stream);
+    int4* it = reinterpret_cast<int4*>(items);
+    if (vec)
+        launch_pdl(moe_dispatch_small_kernel<uint4>, dim3(1), dim3(kSmallThreads), 0, s, ids,
+                   reinterpret_cast<const uint4*>(x_bf16), weights, static_cast<int>(N), static_cast<int>(k),
+                   static_cast<int>(E), vecs, counts, offsets, perm, inv, reinterpret_cast<uint4*>(xs_bf16), ws,
+                   static_cast<int>(BT), it, n_items);
+    else
+        launch_pdl(moe_dispatch_small_kernel<uint16_t>, dim3(1), dim3(kSmallThreads), 0, s, ids, x_bf16, weights,
+                   static_cast<int>(N), static_cast<int>(k), static_cast<int>(E), vecs, counts, offsets, perm, inv,
+                   xs_bf16, ws, static_cast<int>(BT), it, n_items);
+    CUDA_CHECK(cudaGetLastError());
+}
+
 void moe_combine(const float* rows, const int32_t* inv, const float* shared, int64_t T, int64_t k, int64_t D,
                  float* y, CUstream_st* stream) {
     combine_impl<float>(rows, inv, shared, T, k, D, y, stream, "moe_combine");
@@ -400,6 +500,14 @@ void MoeDispatchWorkspace::route(const int32_t* ids, int64_t T, CUstream_st* str
 void MoeDispatchWorkspace::gather(const uint16_t* x_bf16, const float* weights, int64_t T, CUstream_st* stream) {
     check_workspace(*this, T, "MoeDispatchWorkspace::gather");
     moe_gather(x_bf16, weights, perm.data(), T, k, D, xs.data(), ws.data(), stream);
+}
+
+void MoeDispatchWorkspace::route_gather_small(const int32_t* ids, const uint16_t* x_bf16, const float* weights,
+                                              int64_t T, int32_t BT, int32_t* items, int32_t* n_items,
+                                              CUstream_st* stream) {
+    check_workspace(*this, T, "MoeDispatchWorkspace::route_gather_small");
+    moe_dispatch_small(ids, x_bf16, weights, T, k, E, D, counts.data(), offsets.data(), perm.data(), inv.data(),
+                       xs.data(), ws.data(), BT, items, n_items, stream);
 }
 
 void MoeDispatchWorkspace::combine(const float* rows, const float* shared, int64_t T, float* y,

@@ -54,6 +54,20 @@ int64_t moe_route_scratch_ints(int64_t N, int64_t E);
 void moe_route_counts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32_t* counts, int32_t* offsets,
                       int32_t* perm, int32_t* inv, int32_t* scratch, CUstream_st* stream);
 
+// Route + gather (+ the grouped GEMM's work list) in one launch, for small batches where the three
+// route kernels and the gather are each a launch of a few microseconds around a few KB of work:
+// the same counts, offsets, perm, inv, xs and ws as moe_route_counts then moe_gather, bit for bit
+// (one CTA; a row's rank among the rows of its expert is the number of lower rows with that
+// expert). When items is not null it also writes the work list of the grouped expert GEMM for
+// tiles of BT rows: expert e with c rows gets ceil(c / BT) int32 quads {e, offsets[e] + j·BT,
+// min(BT, c - j·BT), 0}, in expert order, and *n_items = their number. Requires 1 ≤ T·k ≤
+// kMoeDispatchSmallMaxRows, 1 ≤ E ≤ kMoeMaxExperts, BT ≥ 1; weights / ws may both be null.
+constexpr int64_t kMoeDispatchSmallMaxRows = 64;
+void moe_dispatch_small(const int32_t* ids, const uint16_t* x_bf16, const float* weights, int64_t T, int64_t k,
+                        int64_t E, int64_t D, int32_t* counts, int32_t* offsets, int32_t* perm, int32_t* inv,
+                        uint16_t* xs_bf16, float* ws, int32_t BT, int32_t* items, int32_t* n_items,
+                        CUstream_st* stream);
+
 // Gather: xs[j, :] = x[perm[j] / k, :] (bf16 bits, copied unchanged) and, when weights and ws are
 // both non-null, ws[j] = weights[perm[j]]. x: [T, D] row-major bf16 (16-byte aligned with
 // D % 8 == 0 is the vectorized path; anything else works). One kernel.
@@ -91,6 +105,10 @@ public:
     // The three steps on this workspace's buffers (T ≤ T_max; throws otherwise).
     void route(const int32_t* ids, int64_t T, CUstream_st* stream);
     void gather(const uint16_t* x_bf16, const float* weights, int64_t T, CUstream_st* stream);
+    // route + gather in one launch (moe_dispatch_small; T·k ≤ kMoeDispatchSmallMaxRows), with the
+    // work list for tiles of BT rows when items is not null.
+    void route_gather_small(const int32_t* ids, const uint16_t* x_bf16, const float* weights, int64_t T, int32_t BT,
+                            int32_t* items, int32_t* n_items, CUstream_st* stream);
     void combine(const float* rows, const float* shared, int64_t T, float* y, CUstream_st* stream) const;
 };
 

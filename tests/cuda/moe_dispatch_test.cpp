@@ -89,6 +89,18 @@ void cpu_combine(const std::vector<float>& rows, const std::vector<int32_t>& inv
     }
 }
 
+// The grouped expert GEMM's work list (gemm.cu's build_items): expert e with c rows gets
+// ceil(c / BT) quads {e, offsets[e] + j·BT, min(BT, c - j·BT), 0}, in expert order.
+std::vector<int32_t> cpu_items(const Route& r, int64_t E, int32_t BT) {
+    std::vector<int32_t> q;
+    for (int64_t e = 0; e < E; ++e) {
+        const int32_t c = r.counts[static_cast<size_t>(e)], first = r.offsets[static_cast<size_t>(e)];
+        for (int32_t j = 0; j * BT < c; ++j)
+            q.insert(q.end(), {static_cast<int32_t>(e), first + j * BT, std::min(BT, c - j * BT), 0});
+    }
+    return q;
+}
+
 // ---- inputs
 
 enum class Pattern { uniform, skewed, one_expert };
@@ -345,6 +357,78 @@ TEST(MoeDispatch, ScalarPathsMatchCpu) {
             }
         }
     }
+}
+
+// The one-launch dispatch of small batches (route + gather + work list) against the twins: every
+// T with T·k ≤ kMoeDispatchSmallMaxRows at k = 6, and k = 1 / k = 8 at the limit; the V4 widths,
+// odd ones (the scalar copy), an unaligned x; E up to kMoeMaxExperts; tile heights 1, 3, 8, 16.
+TEST(MoeDispatch, SmallDispatchMatchesRouteGatherAndWorkList) {
+    SKIP_WITHOUT_GPU();
+    struct Case {
+        int64_t T, k, E, D;
+        int off;
+    };
+    std::vector<Case> cases;
+    for (int64_t T = 1; T * 6 <= cuda::kMoeDispatchSmallMaxRows; ++T)
+        for (int64_t E : {16, 256, 384}) cases.push_back({T, 6, E, T % 2 ? 4096 : 7168, 0});
+    cases.push_back({64, 1, 256, 4096, 0});
+    cases.push_back({8, 8, cuda::kMoeMaxExperts, 64, 0});
+    cases.push_back({3, 6, 256, 67, 0});    // D % 8 != 0: scalar copy
+    cases.push_back({5, 6, 256, 4096, 1});  // x off 16-byte alignment: scalar copy
+    for (const Case& c : cases) {
+        for (Pattern p : {Pattern::uniform, Pattern::skewed, Pattern::one_expert}) {
+            for (int32_t BT : {1, 3, 8, 16}) {
+                SCOPED_TRACE(str("T=", c.T, " k=", c.k, " E=", c.E, " D=", c.D, " off=", c.off, " ",
+                                 pattern_name(p), " BT=", BT));
+                const int64_t N = c.T * c.k;
+                const auto ids = make_ids(p, c.T, c.k, c.E, static_cast<uint32_t>(N * 31 + c.E + BT));
+                const auto x = random_bf16(static_cast<size_t>(c.T * c.D), static_cast<uint64_t>(N + c.D));
+                const auto w = random_f32(static_cast<size_t>(N), static_cast<uint64_t>(N + 5));
+                const Route r = cpu_route(ids, c.T, c.k, c.E);
+                std::vector<uint16_t> xs_ref;
+                std::vector<float> ws_ref;
+                cpu_gather(x, w, r.perm, c.k, c.D, xs_ref, ws_ref);
+                const std::vector<int32_t> items_ref = cpu_items(r, c.E, BT);
+
+                cuda::MoeDispatchWorkspace work(c.T, c.k, c.E, c.D);
+                DeviceArray<int32_t> d_ids(ids.size()), items(static_cast<size_t>(4 * (N + c.E))), n_items(1);
+                DeviceArray<uint16_t> d_x(x.size() + static_cast<size_t>(c.off));
+                DeviceArray<float> d_w(w.size());
+                to_device(d_ids.data(), ids);
+                CUDA_CHECK(cudaMemcpy(d_x.data() + c.off, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+                to_device(d_w.data(), w);
+                // Outputs start as 0xFF bytes so that anything left unwritten fails.
+                for (auto* a : {&work.counts, &work.offsets, &work.perm, &work.inv})
+                    CUDA_CHECK(cudaMemset(a->data(), 0xFF, a->size() * 4));
+                CUDA_CHECK(cudaMemset(work.xs.data(), 0xFF, work.xs.size() * 2));
+                CUDA_CHECK(cudaMemset(work.ws.data(), 0xFF, work.ws.size() * 4));
+                CUDA_CHECK(cudaMemset(items.data(), 0xFF, items.size() * 4));
+                CUDA_CHECK(cudaMemset(n_items.data(), 0xFF, 4));
+                work.route_gather_small(d_ids.data(), d_x.data() + c.off, d_w.data(), c.T, BT, items.data(),
+                                        n_items.data(), nullptr);
+                CUDA_CHECK(cudaDeviceSynchronize());
+                EXPECT_EQ(first_mismatch(to_host(work.counts.data(), static_cast<size_t>(c.E)), r.counts), -1) << "counts";
+                EXPECT_EQ(first_mismatch(to_host(work.offsets.data(), static_cast<size_t>(c.E + 1)), r.offsets), -1)
+                    << "offsets";
+                EXPECT_EQ(first_mismatch(to_host(work.perm.data(), static_cast<size_t>(N)), r.perm), -1) << "perm";
+                EXPECT_EQ(first_mismatch(to_host(work.inv.data(), static_cast<size_t>(N)), r.inv), -1) << "inv";
+                EXPECT_EQ(first_mismatch(to_host(work.xs.data(), xs_ref.size()), xs_ref), -1) << "xs";
+                EXPECT_EQ(first_mismatch(to_host(work.ws.data(), static_cast<size_t>(N)), ws_ref), -1) << "ws";
+                const int32_t n = to_host(n_items.data(), 1)[0];
+                ASSERT_EQ(static_cast<size_t>(n) * 4, items_ref.size());
+                EXPECT_EQ(first_mismatch(to_host(items.data(), items_ref.size()), items_ref), -1) << "items";
+                if (HasFatalFailure()) return;
+            }
+        }
+    }
+    // Outside its range it refuses, naming the limit.
+    cuda::MoeDispatchWorkspace big(11, 6, 16, 64);
+    DeviceArray<int32_t> ids(66), items(4 * 82), n_items(1);
+    DeviceArray<uint16_t> x(11 * 64);
+    EXPECT_THROW(big.route_gather_small(ids.data(), x.data(), nullptr, 11, 8, items.data(), n_items.data(), nullptr),
+                 Error);
+    EXPECT_THROW(big.route_gather_small(ids.data(), x.data(), nullptr, 1, 0, items.data(), n_items.data(), nullptr),
+                 Error);
 }
 
 // Largest sizes the route is designed for (T·k = 98304, several chunks) and the largest E.
