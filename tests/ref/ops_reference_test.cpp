@@ -296,5 +296,34 @@ TEST(OpsReference, IndexerScoresReluBeforeTheHeadWeights) {
     EXPECT_GT(std::fabs(no_relu[2] - want[2]), 1.0);
 }
 
+// Sink attention is a softmax over [logits, sink], evaluated shifted by the largest of them (the
+// sink as it enters the softmax, unscaled), so logits of any size neither overflow nor underflow
+// to 0/0. Head 0: logits near -1200 with the sink at -2000, far below them; the keys take all the
+// weight. A shift by anything else above every logit by more than ~745 (e.g. the sink times the
+// softmax scale, -250 here) underflows every exp in double and gives 0/0. Head 1: logits near
+// +1200 with the sink at 0.5. One head dim of 2, scale 1/8; the logits are exact (quarters).
+TEST(OpsReference, SinkAttentionOfLargeLogitsIsShiftInvariant) {
+    const int64_t H = 2, hd = 2, n = 3;
+    const float q[] = {40.0f, 0.0f, -40.0f, 0.0f};
+    const float k0[] = {-240.0f, 0.0f}, k1[] = {-239.75f, 8.0f}, k2[] = {-239.5f, -4.0f};
+    const float* keys[] = {k0, k1, k2};
+    const float sink[] = {-2000.0f, 0.5f};
+    const float scale = 0.125f;
+    float o[H * hd];
+    ops::attend_one(q, H, hd, keys, n, sink, scale, o);
+    // By hand: head 0's logits are -1200, -1198.75, -1197.5 (weights ∝ e^-2.5, e^-1.25, 1; the
+    // sink's e^-802.5 is 0 in double), head 1's +1200, +1198.75, +1197.5 (∝ 1, e^-1.25, e^-2.5).
+    const double e[] = {std::exp(-2.5), std::exp(-1.25), 1.0};
+    const double den = e[0] + e[1] + e[2];
+    std::vector<double> want(size_t(H * hd), 0.0);
+    for (int64_t j = 0; j < n; ++j)
+        for (int64_t d = 0; d < hd; ++d) {
+            want[size_t(d)] += e[j] / den * keys[j][d];
+            want[size_t(hd + d)] += e[n - 1 - j] / den * keys[j][d];
+        }
+    for (float v : o) ASSERT_TRUE(std::isfinite(v));
+    EXPECT_LE(max_diff(o, want), 1e-4);   // |out| <= 240: a few f32 ulps (6e-5 at 240 is 4 ulps)
+}
+
 }  // namespace
 }  // namespace megamoe
