@@ -91,7 +91,7 @@ void cpu_combine(const std::vector<float>& rows, const std::vector<int32_t>& inv
 
 // The grouped expert GEMM's work list (gemm.cu's build_items): expert e with c rows gets
 // ceil(c / BT) quads {e, offsets[e] + j·BT, min(BT, c - j·BT), 0}, in expert order.
-std::vector<int32_t> cpu_items(const Route& r, int64_t E, int32_t BT) {
+[[maybe_unused]] std::vector<int32_t> cpu_items(const Route& r, int64_t E, int32_t BT) {   // used by the CUDA tests only
     std::vector<int32_t> q;
     for (int64_t e = 0; e < E; ++e) {
         const int32_t c = r.counts[static_cast<size_t>(e)], first = r.offsets[static_cast<size_t>(e)];
