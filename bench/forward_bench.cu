@@ -13,7 +13,8 @@
 //
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
-//                         [--trace N]
+//                         [--trace N] [--serial]
+// --serial: everything on one stream (RunnerOptions::side_stream off), to compare.
 // --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
 // records (span, kernel time, idle time, a table by kernel, and its first N kernels).
 #include <cuda_runtime.h>
@@ -81,6 +82,7 @@ struct Row {
 int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
+        bool serial = false;
         int64_t layers = -1, prefill = 8192, steps = 20, trace = -1;
         std::vector<int64_t> batches{1, 8, 64, 256}, contexts{1024, 32768};
         for (int i = 1; i < argc; ++i) {
@@ -97,6 +99,7 @@ int main(int argc, char** argv) {
             else if (a == "--steps") steps = std::stoll(next());
             else if (a == "--experts") experts = next();
             else if (a == "--trace") trace = std::stoll(next());
+            else if (a == "--serial") serial = true;
             else fail("unknown option ", a);
         }
         if (layers < 0) layers = preset == "pro" ? 4 : 20;
@@ -123,6 +126,7 @@ int main(int argc, char** argv) {
         ro.max_logit_rows = max_batch;
         ro.max_model_len = std::max(max_ctx, prefill) + steps + 8;
         ro.memory_fraction = 0.95;
+        ro.side_stream = !serial;
         const auto t0 = std::chrono::steady_clock::now();
         gpu::Runner run(cfg, 1234, ro, &std::cout);
         std::printf("# synthetic weights made in %.1f s\n",

@@ -27,5 +27,6 @@ cp -r ../shared/golden/tokenizer .device/shared/golden/   # the server tests' to
 for c in "${cases[@]}"; do
     mkdir -p .device/shared/golden/"$c"
     cp -r ../shared/golden/"$c"/model ../shared/golden/"$c"/golden.* .device/shared/golden/"$c"/
+    cp ../shared/golden/"$c"/mtp.* .device/shared/golden/"$c"/ 2>/dev/null || true
 done
 du -sh .device .device/*

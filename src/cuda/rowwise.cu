@@ -251,6 +251,27 @@ f32_to_bf16_kernel(const float* __restrict__ src, int64_t n, uint16_t* __restric
     }
 }
 
+// X[t, j, :] = a[t, j, :] + b[t, :]: thread i takes elements [VEC·i, VEC·i + VEC) of the flattened
+// [T, hc, D] (VEC = 4 when D % 4 == 0 and the pointers are 16-byte aligned, so a vector never
+// crosses a row).
+template <int VEC>
+__global__ void __launch_bounds__(kFlatThreads)
+add_broadcast_kernel(const float* __restrict__ a, const float* __restrict__ b, int64_t n, int64_t D, int64_t hc,
+                     float* X) {
+    pdl_begin();
+    const int64_t e = (static_cast<int64_t>(blockIdx.x) * kFlatThreads + threadIdx.x) * VEC;
+    if (e >= n) return;
+    const int64_t row = e / D, d = e - row * D, t = row / hc;
+    if constexpr (VEC == 4) {
+        const float4 x = *reinterpret_cast<const float4*>(a + e);
+        const float4 y = *reinterpret_cast<const float4*>(b + t * D + d);
+        *reinterpret_cast<float4*>(X + e) = make_float4(__fadd_rn(x.x, y.x), __fadd_rn(x.y, y.y), __fadd_rn(x.z, y.z),
+                                                        __fadd_rn(x.w, y.w));
+    } else {
+        X[e] = __fadd_rn(a[e], b[t * D + d]);
+    }
+}
+
 // ---------------------------------------------------------------------------- gather
 
 // dst[i] = src[idx[i]], V = uint4 (8 bf16) or uint16_t.
@@ -332,6 +353,23 @@ void swiglu(const float* g, const float* u, int64_t T, int64_t I, float limit, u
     const bool vec = aligned(g, 16) && aligned(u, 16) && aligned(h, 8);
     if (vec) rk::launch(swiglu_kernel<4>, dim3(flat_grid(n, 4, "swiglu")), dim3(kFlatThreads), 0, stream, g, u, n, limit, h);
     else rk::launch(swiglu_kernel<1>, dim3(flat_grid(n, 1, "swiglu")), dim3(kFlatThreads), 0, stream, g, u, n, limit, h);
+}
+
+void add_rows_broadcast(const float* a, const float* b, int64_t T, int64_t hc, int64_t D, float* X,
+                        CUstream_st* stream) {
+    check_rows("add_rows_broadcast", T, D, "T", "D");
+    if (hc < 1) fail("add_rows_broadcast: hc=", hc, " must be ≥ 1");
+    if (T == 0) return;
+    if (!a || !b || !X) fail("add_rows_broadcast: null a/b/X");
+    if (X < b + T * D && b < X + T * hc * D) fail("add_rows_broadcast: X overlaps b");
+    const int64_t n = T * hc * D;
+    const bool vec = D % 4 == 0 && aligned(a, 16) && aligned(b, 16) && aligned(X, 16);
+    if (vec)
+        rk::launch(add_broadcast_kernel<4>, dim3(flat_grid(n, 4, "add_rows_broadcast")), dim3(kFlatThreads), 0, stream,
+                   a, b, n, D, hc, X);
+    else
+        rk::launch(add_broadcast_kernel<1>, dim3(flat_grid(n, 1, "add_rows_broadcast")), dim3(kFlatThreads), 0, stream,
+                   a, b, n, D, hc, X);
 }
 
 void gather_rows_bf16(const uint16_t* src, const int32_t* idx, int64_t n, int64_t width, uint16_t* dst,

@@ -39,6 +39,12 @@ void head_norm_rope(const float* x, int64_t T, int64_t heads, int64_t hd, bool n
 // with scale = nullptr (the shared expert). g, u f32 [T, I] (the w1 and w3 outputs); h bf16 [T, I].
 void swiglu(const float* g, const float* u, int64_t T, int64_t I, float limit, uint16_t* h, CUstream_st* stream);
 
+// X[t, j, :] = a[t, j, :] + b[t, :] for every stream j < hc (f32 adds).  twin: the MTP block's
+// input sum in ref mtp_forward (h_proj of each stream plus e_proj of the token).
+// a f32 [T, hc, D], b f32 [T, D], X f32 [T, hc, D] (may alias a, not b).
+void add_rows_broadcast(const float* a, const float* b, int64_t T, int64_t hc, int64_t D, float* X,
+                        CUstream_st* stream);
+
 // dst[i, :] = src[idx[i], :] for i < n (bf16 rows of `width`; idx in range: checked by the caller).
 //                                                                           (the head's row selection)
 void gather_rows_bf16(const uint16_t* src, const int32_t* idx, int64_t n, int64_t width, uint16_t* dst,

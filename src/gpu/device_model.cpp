@@ -74,6 +74,61 @@ struct Placer {
         }
         return cuda::DeviceExperts(std::move(w1), std::move(w3), std::move(w2), arena);
     }
+    // One V4 block (a main layer or the MTP block): norms, mHC, attention, MoE.
+    DeviceLayer block(const BlockWeights& b, const ModelConfig& c) {
+        using F = cuda::SynthFill;
+        DeviceLayer d;
+        d.kind = b.attn.kind;
+        d.router = b.ffn.router;
+        d.attn_norm = put<uint16_t>(b.attn_norm, "attn_norm", F::bf16_one);
+        d.ffn_norm = put<uint16_t>(b.ffn_norm, "ffn_norm", F::bf16_one);
+        d.hc_attn_fn = put<float>(b.hc_attn.fn, "hc_attn_fn", F::f32_small);
+        d.hc_attn_base = put<float>(b.hc_attn.base, "hc_attn_base", F::f32_small);
+        d.hc_attn_scale = put<float>(b.hc_attn.scale, "hc_attn_scale", F::f32_small);
+        d.hc_ffn_fn = put<float>(b.hc_ffn.fn, "hc_ffn_fn", F::f32_small);
+        d.hc_ffn_base = put<float>(b.hc_ffn.base, "hc_ffn_base", F::f32_small);
+        d.hc_ffn_scale = put<float>(b.hc_ffn.scale, "hc_ffn_scale", F::f32_small);
+
+        const AttentionWeights& a = b.attn;
+        d.wq_a = linear(a.wq_a);
+        d.wq_b = linear(a.wq_b);
+        d.wkv = linear(a.wkv);
+        d.wo_a = linear(a.wo_a);
+        d.wo_b = linear(a.wo_b);
+        d.q_norm = put<uint16_t>(a.q_norm, "q_norm", F::bf16_one);
+        d.kv_norm = put<uint16_t>(a.kv_norm, "kv_norm", F::bf16_one);
+        d.attn_sink = put<float>(a.attn_sink, "attn_sink", F::f32_zero);
+        if (a.kind != AttnKind::sliding) d.comp = compressor(a.compressor);
+        if (a.kind == AttnKind::csa) {
+            d.idx_comp = compressor(a.indexer.compressor);
+            d.idx_wq_b = linear(a.indexer.wq_b);
+            d.idx_weights_proj = linear(a.indexer.weights_proj);
+        }
+
+        const MoeWeights& f = b.ffn;
+        d.gate = linear(f.gate);
+        if (f.router == RouterKind::score) {
+            d.gate_bias = put<float>(f.bias, "gate.bias", F::f32_zero);
+        } else if (src.synth) {
+            Tensor t32 = f.tid2eid;   // the same shape as int32
+            t32.dtype = DType::i32;
+            d.tid2eid = put<int32_t>(t32, "gate.tid2eid", F::i32_below, c.n_routed_experts);
+        } else {
+            // ids < E (checked by the binder): i32 holds them exactly.
+            std::vector<int32_t> t32(static_cast<size_t>(f.tid2eid.numel()));
+            if (!arena.counting()) {
+                const int64_t* t64 = f.tid2eid.as<int64_t>();
+                for (size_t i = 0; i < t32.size(); ++i) t32[i] = static_cast<int32_t>(t64[i]);
+            }
+            d.tid2eid = put_vec(t32, "gate.tid2eid");
+        }
+        d.experts = experts(f.experts);
+        d.sh_w1 = linear(f.shared.w1);
+        d.sh_w3 = linear(f.shared.w3);
+        d.sh_w2 = linear(f.shared.w2);
+
+        return d;
+    }
 };
 
 // A Weights of shapes only (no data): what visit_weights says each tensor is.
@@ -110,57 +165,20 @@ void DeviceModel::place(const ModelConfig& c, const Weights& w, const ops::RopeT
 
     layers.clear();
     layers.resize(w.layers.size());
-    for (size_t l = 0; l < w.layers.size(); ++l) {
-        const BlockWeights& b = w.layers[l];
-        DeviceLayer& d = layers[l];
-        d.kind = b.attn.kind;
-        d.router = b.ffn.router;
-        d.attn_norm = P.put<uint16_t>(b.attn_norm, "attn_norm", F::bf16_one);
-        d.ffn_norm = P.put<uint16_t>(b.ffn_norm, "ffn_norm", F::bf16_one);
-        d.hc_attn_fn = P.put<float>(b.hc_attn.fn, "hc_attn_fn", F::f32_small);
-        d.hc_attn_base = P.put<float>(b.hc_attn.base, "hc_attn_base", F::f32_small);
-        d.hc_attn_scale = P.put<float>(b.hc_attn.scale, "hc_attn_scale", F::f32_small);
-        d.hc_ffn_fn = P.put<float>(b.hc_ffn.fn, "hc_ffn_fn", F::f32_small);
-        d.hc_ffn_base = P.put<float>(b.hc_ffn.base, "hc_ffn_base", F::f32_small);
-        d.hc_ffn_scale = P.put<float>(b.hc_ffn.scale, "hc_ffn_scale", F::f32_small);
-
-        const AttentionWeights& a = b.attn;
-        d.wq_a = P.linear(a.wq_a);
-        d.wq_b = P.linear(a.wq_b);
-        d.wkv = P.linear(a.wkv);
-        d.wo_a = P.linear(a.wo_a);
-        d.wo_b = P.linear(a.wo_b);
-        d.q_norm = P.put<uint16_t>(a.q_norm, "q_norm", F::bf16_one);
-        d.kv_norm = P.put<uint16_t>(a.kv_norm, "kv_norm", F::bf16_one);
-        d.attn_sink = P.put<float>(a.attn_sink, "attn_sink", F::f32_zero);
-        if (a.kind != AttnKind::sliding) d.comp = P.compressor(a.compressor);
-        if (a.kind == AttnKind::csa) {
-            d.idx_comp = P.compressor(a.indexer.compressor);
-            d.idx_wq_b = P.linear(a.indexer.wq_b);
-            d.idx_weights_proj = P.linear(a.indexer.weights_proj);
-        }
-
-        const MoeWeights& f = b.ffn;
-        d.gate = P.linear(f.gate);
-        if (f.router == RouterKind::score) {
-            d.gate_bias = P.put<float>(f.bias, "gate.bias", F::f32_zero);
-        } else if (src.synth) {
-            Tensor t32 = f.tid2eid;   // the same shape as int32
-            t32.dtype = DType::i32;
-            d.tid2eid = P.put<int32_t>(t32, "gate.tid2eid", F::i32_below, c.n_routed_experts);
-        } else {
-            // ids < E (checked by the binder): i32 holds them exactly.
-            std::vector<int32_t> t32(static_cast<size_t>(f.tid2eid.numel()));
-            if (!arena.counting()) {
-                const int64_t* t64 = f.tid2eid.as<int64_t>();
-                for (size_t i = 0; i < t32.size(); ++i) t32[i] = static_cast<int32_t>(t64[i]);
-            }
-            d.tid2eid = P.put_vec(t32, "gate.tid2eid");
-        }
-        d.experts = P.experts(f.experts);
-        d.sh_w1 = P.linear(f.shared.w1);
-        d.sh_w3 = P.linear(f.shared.w3);
-        d.sh_w2 = P.linear(f.shared.w2);
+    for (size_t l = 0; l < w.layers.size(); ++l) layers[l] = P.block(w.layers[l], c);
+    mtp.reset();
+    if (w.mtp) {
+        const MtpWeights& m = *w.mtp;
+        DeviceMtp& d = mtp.emplace();
+        d.block = P.block(m.block, c);
+        d.e_proj = P.linear(m.e_proj);
+        d.h_proj = P.linear(m.h_proj);
+        d.enorm = P.put<uint16_t>(m.enorm, "mtp.enorm", F::bf16_one);
+        d.hnorm = P.put<uint16_t>(m.hnorm, "mtp.hnorm", F::bf16_one);
+        d.norm = P.put<uint16_t>(m.norm, "mtp.norm", F::bf16_one);
+        d.hc_head_fn = P.put<float>(m.hc_head.fn, "mtp.hc_head_fn", F::f32_small);
+        d.hc_head_base = P.put<float>(m.hc_head.base, "mtp.hc_head_base", F::f32_small);
+        d.hc_head_scale = P.put<float>(m.hc_head.scale, "mtp.hc_head_scale", F::f32_small);
     }
 }
 

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "cuda/buffer.h"
@@ -52,9 +53,23 @@ struct DeviceLayer {
     cuda::DeviceLinear sh_w1, sh_w3, sh_w2;  // shared expert, fp8
 };
 
+// The multi-token-prediction block (mtp.0.*; ref/model.h mtp_forward): its own V4 block (sliding
+// window, score router), the projections of the next token's embedding and the main model's
+// streams, its HC head and norm; the embedding and the head are the main model's.
+struct DeviceMtp {
+    DeviceLayer        block;
+    cuda::DeviceLinear e_proj, h_proj;       // [D, D] (fp8 in the releases)
+    const uint16_t*    enorm = nullptr;      // [D] bf16
+    const uint16_t*    hnorm = nullptr;      // [D] bf16
+    const uint16_t*    norm = nullptr;       // [D] bf16
+    const float* hc_head_fn = nullptr;       // [hc, hc·D] f32
+    const float* hc_head_base = nullptr;     // [hc]
+    const float* hc_head_scale = nullptr;    // [1]
+};
+
 class DeviceModel {
 public:
-    // Uploads every weight of `m` (the MTP block is not uploaded yet). Synchronous.
+    // Uploads every weight of `m`, the MTP block included when the checkpoint has one. Synchronous.
     explicit DeviceModel(const Model& m);
     // A model of config `c` with random weights made on the GPU (cuda/synth.h), in the same layout
     // (benchmarks of models too large for a checkpoint on disk).
@@ -73,6 +88,7 @@ public:
     const float* hc_head_base = nullptr;     // [hc]
     const float* hc_head_scale = nullptr;    // [1]
     std::vector<DeviceLayer> layers;
+    std::optional<DeviceMtp> mtp;            // when the checkpoint has mtp.0.* (not in synthetic models)
     cuda::RopeView rope_main, rope_compress; // device rope tables
     const cuda::RopeView& rope_for(int64_t layer) const {
         return cfg_.attn_kind(layer) == AttnKind::sliding ? rope_main : rope_compress;

@@ -124,6 +124,10 @@ struct Workspace {
     int32_t* rows = nullptr;         // [R] batch index of each logit row
     int32_t* iota = nullptr;         // [T] 0, 1, ... (forced expert ids go through the hash path)
     int32_t* forced_ids = nullptr;   // [T, k] expert ids given by a probe
+    int32_t* mtp_next = nullptr;     // [T] the token after each position (MTP pass; in the step inputs)
+    bool with_mtp = false;           // carve the MTP pass's buffers
+    uint16_t* mtp_h = nullptr;       // [T, hc, D] bf16 hnorm of the main streams
+    float* mtp_pe = nullptr;         // [T, D] e_proj of the next tokens' embedding
     // sampling (per logit row): parameters in, draws out; each block one copy per step
     void* samp_in = nullptr;         // seed u64 [R], index i64 [R], temperature, top_p, min_p f32 [R], top_k i32 [R]
     size_t samp_in_bytes = 0;
@@ -178,8 +182,12 @@ struct Workspace {
         samp_out_bytes = static_cast<size_t>(R) * (8 + 8 * cuda::kMaxTopLogprobs);
         samp_out = a.take(samp_out_bytes);
         masked = a.take_n<int32_t>(c.vocab_size);
-        in_ints = 6 * T + 2 * C + R;
+        in_ints = 7 * T + 2 * C + R;
         in = a.take_n<int32_t>(in_ints);
+        if (with_mtp) {
+            mtp_h = a.take_n<uint16_t>(T * c.hc_mult * D);
+            mtp_pe = a.take_n<float>(T * D);
+        }
         iota = a.take_n<int32_t>(T);
         forced_ids = a.take_n<int32_t>(T * k);
         tokens = in;
@@ -189,6 +197,7 @@ struct Workspace {
         chunk_first = chunk + T;
         chunk_len = chunk_first + C;
         rows = chunk_len + C;
+        mtp_next = rows + R;
     }
 };
 
@@ -239,6 +248,8 @@ struct Runner::Impl {
     struct Shape {
         int64_t T = 0, C = 0, R = 0;
     };
+    Shape last_shape;                             // of the last step run (step_mtp's MTP pass)
+    int64_t last_rows = 0;                        // its logit rows without graph padding
     // What a step hands back: the logits, or sampled ids, or sampled ids with logprobs.
     enum Mode : int { kLogits = 0, kSample = 1, kSampleLogprobs = 2 };
     void enqueue(const Shape& s, const Probe* probe, int mode = kLogits);
@@ -287,8 +298,22 @@ struct Runner::Impl {
         b.chunk_len = ws.chunk_len;
         return b;
     }
-    void attention(int64_t l, const Shape& s, const Probe* probe);
-    void moe(int64_t l, const Shape& s, const Probe* probe);
+    // A pre site's finish after its hc_mix (ref: hc_pre, then the sublayer's rms_norm): xn, post
+    // and the Sinkhorn comb. (Computing comb on the side stream, off the sublayer's path, measured
+    // no faster at batch 1 on an H200: the finish's split reduction and norm are its latency.)
+    void pre_site(int64_t splits, int64_t T, const float* base, const float* scale, const uint16_t* norm_w) {
+        const ModelConfig& c = cfg;
+        const float hc_eps = static_cast<float>(c.hc_eps), eps = static_cast<float>(c.rms_norm_eps);
+        cuda::hc_pre_finish(ws.part, splits, ws.X, T, c.hc_mult, c.hidden_size, base, scale, c.hc_sinkhorn_iters,
+                            hc_eps, eps, norm_w, ws.xn, ws.post, ws.comb, stream);
+    }
+    // One block's sublayers: d its weights, l its layer index (state and trace names; L for the
+    // MTP block).
+    void attention(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe);
+    void moe(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe);
+    // The MTP block over the step's tokens (after a main pass left its pre-head streams in ws.X),
+    // with the next tokens in ws.mtp_next: logits into ws.logits rows ws.rows.
+    void enqueue_mtp(const Shape& s);
     // Probe plumbing: download a device tensor to host f32/i32, call the probe, upload if modified.
     bool trace(const Probe* probe, const char* name, int64_t layer, const void* dev, bool bf16, bool i32, int64_t rows,
                int64_t width);
@@ -297,6 +322,7 @@ struct Runner::Impl {
 Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const RunnerOptions& o, std::ostream* log)
     : opt(o), cfg(cf) {
     const ModelConfig& c = cfg;
+    concurrent = opt.side_stream;
     MEGAMOE_CHECK(opt.max_seqs >= 1 && opt.max_batch_tokens >= 1, "gpu runner: max_seqs ", opt.max_seqs,
                   ", max_batch_tokens ", opt.max_batch_tokens);
     if (opt.max_model_len <= 0) opt.max_model_len = std::min<int64_t>(c.max_position_embeddings, 65536);
@@ -318,7 +344,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     {
         CheckpointBytes cb;
         Weights scratch;
-        visit_weights(c, scratch, cb, false);
+        visit_weights(c, scratch, cb, m != nullptr && m->w.mtp.has_value());
         plan.checkpoint = cb.bytes;
     }
     if (plan.weights + reserve_b > free_b)
@@ -349,6 +375,16 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
         need(d.wo_a, ws.T, c.o_groups);
     }
     need(dm->head, ws.R, 1);
+    if (dm->mtp) {
+        const DeviceLayer& d = dm->mtp->block;
+        const cuda::DeviceLinear& e_proj = dm->mtp->e_proj;
+        for (const cuda::DeviceLinear* w : {&d.wq_a, &d.wq_b, &d.wkv, &d.wo_b, &d.gate, &d.sh_w1, &d.sh_w3, &d.sh_w2,
+                                            &e_proj})
+            need(*w, ws.T, 1);
+        need(d.wo_a, ws.T, c.o_groups);
+        need(dm->mtp->h_proj, ws.T * c.hc_mult, 1);
+        ws.with_mtp = true;
+    }
     {
         cuda::DeviceArena counter;
         ws.carve(counter, c, gemm_bytes);
@@ -370,7 +406,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     }
 
     // The state pool from what is left.
-    const StateLayout layout = StateLayout::make(c, opt.block_tokens);
+    const StateLayout layout = StateLayout::make(c, opt.block_tokens, dm->mtp.has_value());
     plan.slots = static_cast<size_t>((opt.max_seqs + 1) * layout.slot_bytes);
     const int64_t n_snaps = opt.prefix_snapshots >= 0 ? opt.prefix_snapshots : opt.max_seqs;
     plan.snapshots = static_cast<size_t>(n_snaps * layout.slot_bytes);
@@ -463,12 +499,11 @@ bool Runner::Impl::trace(const Probe* probe, const char* name, int64_t layer, co
     return true;
 }
 
-void Runner::Impl::attention(int64_t l, const Shape& s, const Probe* probe) {
+void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe) {
     const ModelConfig& c = cfg;
-    const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
     const int64_t T = s.T, H = c.num_attention_heads, hd = c.head_dim;
     const float eps = static_cast<float>(c.rms_norm_eps);
-    const cuda::RopeView& rope = dm->rope_for(l);
+    const cuda::RopeView& rope = d.kind == AttnKind::sliding ? dm->rope_main : dm->rope_compress;
     const cuda::BatchView b = batch(s);
 
     // Inputs (ref: attention_inputs): the q path and the kv latent on the main stream; the
@@ -566,14 +601,14 @@ void Runner::Impl::attention(int64_t l, const Shape& s, const Probe* probe) {
     mark("attn.out");
 }
 
-void Runner::Impl::moe(int64_t l, const Shape& s, const Probe* probe) {
+void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe) {
     const ModelConfig& c = cfg;
-    const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
     const int64_t T = s.T, E = c.n_routed_experts, k = c.num_experts_per_tok;
     const float scale = static_cast<float>(c.routed_scaling_factor), limit = static_cast<float>(c.swiglu_limit);
     // The router and the routed experts on the main stream; the shared expert (fp8 w1, w3, clamped
-    // SwiGLU, w2) beside them on the side stream, joined only before the combine that adds it last
-    // (at batch 1 the shared expert's ~33 µs hides behind the routed experts' ~75 µs).
+    // SwiGLU, w2) beside them on the side stream, joined only before the combine that adds it last.
+    // (Forking after the router instead measured the same at batch 1 on an H200: the router got
+    // ~2.5 µs faster, the dispatch as much slower.)
     fork();
     linear(d.gate, ws.xn, T, ws.gate_logits);
     cuda::route(ws.gate_logits, T, E, k, d.router == RouterKind::score ? d.gate_bias : nullptr,
@@ -614,22 +649,20 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
             cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, d.hc_attn_fn, c.mix_width(), ws.part,
                          splits, stream);
 
-        cuda::hc_pre_finish(ws.part, splits, ws.X, T, hc, D, d.hc_attn_base, d.hc_attn_scale, c.hc_sinkhorn_iters,
-                            hc_eps, eps, d.attn_norm, ws.xn, ws.post, ws.comb, stream);
+        pre_site(splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
         mark("hc");
         trace(probe, trace_names::attn_in, l, ws.xn, true, false, T, D);
-        attention(l, s, probe);
+        attention(d, l, s, probe);
         trace(probe, trace_names::attn_out, l, ws.y, false, false, T, D);
         // hc_post of the attention fused with the mix of the ffn site.
         cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, d.hc_ffn_fn, c.mix_width(), ws.part, splits,
                      stream);
         std::swap(ws.X, ws.X2);
 
-        cuda::hc_pre_finish(ws.part, splits, ws.X, T, hc, D, d.hc_ffn_base, d.hc_ffn_scale, c.hc_sinkhorn_iters,
-                            hc_eps, eps, d.ffn_norm, ws.xn, ws.post, ws.comb, stream);
+        pre_site(splits, T, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
         mark("hc");
         trace(probe, trace_names::ffn_in, l, ws.xn, true, false, T, D);
-        moe(l, s, probe);
+        moe(d, l, s, probe);
         trace(probe, trace_names::ffn_out, l, ws.y, false, false, T, D);
         // hc_post of the ffn fused with the next site's mix (the next layer's attention, or the head).
         const bool last = l + 1 == L;
@@ -671,6 +704,42 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     mark("sample");
 }
 
+// The MTP block (ref: mtp_forward) over the positions of the step just run, in lockstep with the
+// main model: e = enorm(embed[next]), h = hnorm(main pre-head streams), X = h_proj(h) + e_proj(e)
+// per stream, one V4 block with its own window ring (state layer L), its HC head and norm, the
+// shared head. Like the main forward, GEMM inputs are bf16.
+void Runner::Impl::enqueue_mtp(const Shape& s) {
+    next_event = 0;
+    const ModelConfig& c = cfg;
+    const DeviceMtp& mt = *dm->mtp;
+    const DeviceLayer& d = mt.block;
+    const int64_t T = s.T, D = c.hidden_size, hc = c.hc_mult, L = c.num_hidden_layers;
+    const float hc_eps = static_cast<float>(c.hc_eps), eps = static_cast<float>(c.rms_norm_eps);
+    const int64_t splits = cuda::hc_mix_splits(T, hc * D);
+
+    cuda::rms_norm_rows(ws.X, T * hc, D, mt.hnorm, eps, ws.mtp_h, stream);   // before ws.X is rewritten
+    cuda::embed_streams(dm->embed, ws.mtp_next, T, D, 1, ws.y, stream);
+    cuda::rms_norm_rows(ws.y, T, D, mt.enorm, eps, ws.xn, stream);
+    linear(mt.e_proj, ws.xn, T, ws.mtp_pe);
+    linear(mt.h_proj, ws.mtp_h, T * hc, ws.X2);
+    cuda::add_rows_broadcast(ws.X2, ws.mtp_pe, T, hc, D, ws.X, stream);
+
+    cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, d.hc_attn_fn, c.mix_width(), ws.part, splits,
+                 stream);
+    pre_site(splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
+    attention(d, L, s, nullptr);
+    cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, d.hc_ffn_fn, c.mix_width(), ws.part, splits, stream);
+    std::swap(ws.X, ws.X2);
+    pre_site(splits, T, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
+    moe(d, L, s, nullptr);
+    cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, mt.hc_head_fn, hc, ws.part, splits, stream);
+    std::swap(ws.X, ws.X2);
+    cuda::hc_head_finish(ws.part, splits, ws.X, T, hc, D, mt.hc_head_base, mt.hc_head_scale, hc_eps, eps, mt.norm,
+                         ws.xn, stream);
+    cuda::gather_rows_bf16(ws.xn, ws.rows, s.R, D, ws.sel, stream);
+    linear(dm->head, ws.sel, s.R, ws.logits);
+}
+
 // ------------------------------------------------------------------------------------------------
 
 Runner::Runner(const Model& model, const RunnerOptions& opt, std::ostream* log)
@@ -708,14 +777,14 @@ std::vector<std::pair<std::string, double>> Runner::profile_step(const std::vect
     } catch (...) {
         I.opt.graphs = graphs;
         I.profiling = false;
-        I.concurrent = true;
+        I.concurrent = I.opt.side_stream;
         for (auto& [n, e] : I.marks) (void)cudaEventDestroy(e);
         I.marks.clear();
         throw;
     }
     I.opt.graphs = graphs;
     I.profiling = false;
-    I.concurrent = true;
+    I.concurrent = I.opt.side_stream;
     std::vector<std::pair<std::string, double>> out;
     for (size_t i = 1; i < I.marks.size(); ++i) {
         float ms = 0;
@@ -744,6 +813,38 @@ SequenceState Runner::download_state(int32_t slot) const {
 void Runner::step(const std::vector<RunnerChunk>& chunks, bool all_logits, std::vector<float>& logits,
                   const Probe& probe) {
     impl_->run(chunks, all_logits, probe, nullptr, &logits, nullptr);
+}
+
+void Runner::step_mtp(const std::vector<RunnerChunk>& chunks, const std::vector<std::vector<int32_t>>& next,
+                      std::vector<float>& logits, std::vector<float>& mtp_logits) {
+    Impl& I = *impl_;
+    const ModelConfig& c = I.cfg;
+    if (!I.dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+    if (next.size() != chunks.size()) fail("gpu runner: ", next.size(), " next-token lists for ", chunks.size(), " chunks");
+    // The next tokens go with the step inputs (Workspace::mtp_next, one per token; 0 on padding rows).
+    int32_t* dst = I.pinned_in + (I.ws.mtp_next - I.ws.in);
+    std::fill(dst, dst + I.ws.T, 0);
+    int64_t t = 0;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+        if (next[i].size() != chunks[i].tokens.size())
+            fail("gpu runner: chunk ", i, " has ", chunks[i].tokens.size(), " tokens but ", next[i].size(), " next tokens");
+        for (size_t j = 0; j < next[i].size(); ++j) {
+            if (next[i][j] < 0 || next[i][j] >= c.vocab_size)
+                fail("gpu runner: next token id ", next[i][j], " (chunk ", i, ", index ", j,
+                     ") is outside the vocabulary [0, ", c.vocab_size, ")");
+            if (t < I.ws.T) dst[t++] = next[i][j];
+        }
+    }
+    // The main step (it checks the chunks and uploads the inputs, next tokens included), then the
+    // MTP block over the same positions, reading the streams the main pass left in the workspace.
+    I.run(chunks, true, nullptr, nullptr, &logits, nullptr);
+    I.enqueue_mtp(I.last_shape);
+    const int64_t R = I.last_rows;
+    check(cudaMemcpyAsync(I.pinned_logits, I.ws.logits, static_cast<size_t>(R * c.vocab_size) * 4,
+                          cudaMemcpyDeviceToHost, I.stream),
+          "mtp logits");
+    check(cudaStreamSynchronize(I.stream), "mtp step");
+    mtp_logits.assign(I.pinned_logits, I.pinned_logits + R * c.vocab_size);
 }
 
 void Runner::step_sample(const std::vector<RunnerChunk>& chunks, const std::vector<SampleSpec>& spec,
@@ -872,6 +973,8 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
         check(cudaMemcpyAsync(ws.samp_in, I.pinned_samp_in, ws.samp_in_bytes, cudaMemcpyHostToDevice, I.stream),
               "sampling inputs");
     const Impl::Shape shape{Tp, bucket ? bucket : static_cast<int64_t>(chunks.size()), Rp};
+    I.last_shape = shape;
+    I.last_rows = R;
     if (bucket) {
         const int64_t key = bucket * 4 + mode;
         auto it = I.graphs.find(key);

@@ -36,6 +36,8 @@ struct RunnerOptions {
     int64_t max_state_tokens = 0;      // positions in the block pool at most (0: what memory holds)
     int64_t prefix_snapshots = -1;     // prefix-cache snapshot records (-1: max_seqs; 0: no prefix caching)
     bool    graphs = true;             // decode steps through CUDA graphs, one per batch-size bucket
+    bool    side_stream = true;        // independent work (the kv latent, the compressors, the shared
+                                       // expert) on a second stream beside the main chain
 };
 
 // Where the device memory goes; printed at start-up.
@@ -92,6 +94,16 @@ public:
     // (teacher forcing: streams, index_topk, expert_ids). Throws Error on bad input, changing nothing.
     void step(const std::vector<RunnerChunk>& chunks, bool all_logits, std::vector<float>& logits,
               const Probe& probe = nullptr);
+
+    // Multi-token prediction, teacher-forced (tests, `logits --mtp`): the step as step() with every
+    // token's logits, then the MTP block (ref/model.h mtp_forward) at every position of the chunks,
+    // given the token after each position (next: one list per chunk, as long as its tokens).
+    // mtp_logits: [Σ tokens, V] f32, row i the MTP block at token i's position predicting the token
+    // after next[i]. The MTP block's window advances in lockstep with the main model, so every
+    // earlier step of these slots must have gone through step_mtp too. Throws Error without an MTP
+    // block or on bad input (nothing changes then).
+    void step_mtp(const std::vector<RunnerChunk>& chunks, const std::vector<std::vector<int32_t>>& next,
+                  std::vector<float>& logits, std::vector<float>& mtp_logits);
 
     // The same step, drawing one token per chunk on the GPU from its last logits (mask_logits then
     // sample_rows, cuda/sampler.h): only ids and logprobs come back. spec: one per chunk.

@@ -22,7 +22,7 @@ int64_t round_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
 
 }  // namespace
 
-StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens) {
+StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool with_mtp) {
     StateLayout L;
     L.W = c.sliding_window;
     L.hd = c.head_dim;
@@ -51,6 +51,12 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens) {
             ly.idx_rows_off = block;
             block += round_up(block_tokens / ly.ratio * L.dI * 2, 256);
         }
+        L.layers.push_back(ly);
+    }
+    if (with_mtp) {   // the MTP block: a sliding-window layer
+        Layer ly;
+        ly.ring_off = slot;
+        slot += round_up(L.W * L.hd * 2, 256);
         L.layers.push_back(ly);
     }
     L.slot_bytes = std::max<int64_t>(slot, 256);

@@ -2,7 +2,8 @@
 // addressed through block tables. Nothing is allocated after construction.
 //
 //   slot record (one per sequence slot, fixed size, all layers):
-//       per layer: the sliding-window ring bf16 [W, hd] (position p in row p mod W);
+//       per layer: the sliding-window ring bf16 [W, hd] (position p in row p mod W); with an MTP
+//                  block, one more ring after the main layers (its sliding window);
 //                  CSA/HCA: the attention compressor's open window (cuda::compressor_state_bytes);
 //                  CSA: the indexer compressor's open window
 //   block (block_tokens positions of one sequence, all layers):
@@ -44,7 +45,8 @@ struct StateLayout {
     int64_t block_bytes = 0;                 // one block (0: no compressed layer)
     std::vector<Layer> layers;
 
-    static StateLayout make(const ModelConfig& c, int64_t block_tokens);
+    // with_mtp: one more sliding-window ring after the main layers (layer index L, the MTP block's).
+    static StateLayout make(const ModelConfig& c, int64_t block_tokens, bool with_mtp = false);
 };
 
 class StatePool {

@@ -397,9 +397,7 @@ void mtp_forward(const Model& m, std::vector<MtpChunk>& batch, const ForwardOpti
     Buf pe(static_cast<size_t>(T * D)), X(static_cast<size_t>(T * hc * D));
     ops::linear_rounded(nm, w.e_proj, e.data(), T, pe.data());
     ops::linear_rounded(nm, w.h_proj, Xh.data(), T * hc, X.data());
-    for (int64_t t = 0; t < T; ++t)
-        for (int64_t j = 0; j < hc; ++j)
-            for (int64_t d = 0; d < D; ++d) X[static_cast<size_t>((t * hc + j) * D + d)] += pe[static_cast<size_t>(t * D + d)];
+    ops::add_to_streams(pe.data(), T, hc, D, X.data());
     ops::round_bf16(nm, X.data(), T * hc * D);
 
     std::vector<LayerState*> states(batch.size());

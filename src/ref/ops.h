@@ -30,6 +30,9 @@ namespace megamoe::ops {
 // ---- basic
 // out[T, D] = embed[ids[t], :]                              embed: bf16 [V, D]
 void embed(const Tensor& table, const int32_t* ids, int64_t T, float* out);
+// X[t, j, :] += b[t, :] for every stream j < hc. X f32 [T, hc, D], b f32 [T, D].
+// (The MTP block's input: h_proj of each stream plus e_proj of the next token.)
+void add_to_streams(const float* b, int64_t T, int64_t hc, int64_t D, float* X);
 // y[T, D] = x * rsqrt(mean(x²) + eps) (* w)                 w: bf16 [D] or nullptr (unweighted)
 void rms_norm(const float* x, int64_t T, int64_t D, const Tensor* w, float eps, float* y);
 // y[T, N] = x[T, K] · Wᵀ                                    W: [N, K] any LinearFormat

@@ -35,6 +35,12 @@ void embed(const Tensor& table, const int32_t* ids, int64_t T, float* out) {
         for (int64_t d = 0; d < D; ++d) out[t * D + d] = bf16_to_f32(w[ids[t] * D + d]);
 }
 
+void add_to_streams(const float* b, int64_t T, int64_t hc, int64_t D, float* X) {
+    for (int64_t t = 0; t < T; ++t)
+        for (int64_t j = 0; j < hc; ++j)
+            for (int64_t d = 0; d < D; ++d) X[(t * hc + j) * D + d] += b[t * D + d];
+}
+
 void rms_norm(const float* x, int64_t T, int64_t D, const Tensor* w, float eps, float* y) {
     const uint16_t* wb = w ? w->as<uint16_t>() : nullptr;
     parallel_for(T, [&](int64_t t) {

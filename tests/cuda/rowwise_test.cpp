@@ -266,6 +266,40 @@ TEST(CudaRowwise, GatherRowsCopiesBits) {
     check_gather(10, 1, 3, 44);
 }
 
+// The MTP block's input sum against ops::add_to_streams (bit for bit: one f32 add per element), and
+// in place (X = a), as the runner calls it.
+void check_add_streams(int64_t T, int64_t hc, int64_t D, uint32_t seed, int off = 0) {
+    SCOPED_TRACE(shape_name("add_rows_broadcast", T, hc, D) + str(" off=", off));
+    const std::vector<float> a = normal_rows(T * hc, D, seed, 1.0f, -20.0f, 20.0f);
+    const std::vector<float> b = normal_rows(T, D, seed + 1, 1.0f, -20.0f, 20.0f);
+    std::vector<float> ref = a;
+    ops::add_to_streams(b.data(), T, hc, D, ref.data());
+    std::vector<float> a_off(a.size() + static_cast<size_t>(off)), b_off(b.size() + static_cast<size_t>(off));
+    std::copy(a.begin(), a.end(), a_off.begin() + off);
+    std::copy(b.begin(), b.end(), b_off.begin() + off);
+    DeviceArray<float> d_a(a_off), d_b(b_off), d_X(a_off.size());
+    d_X.fill(0xFF);
+    cuda::add_rows_broadcast(d_a.data() + off, d_b.data() + off, T, hc, D, d_X.data() + off, nullptr);
+    std::vector<float> got = d_X.download();
+    expect_bits_equal(std::vector<float>(got.begin() + off, got.end()), ref, "add_rows_broadcast");
+    cuda::add_rows_broadcast(d_a.data() + off, d_b.data() + off, T, hc, D, d_a.data() + off, nullptr);   // in place
+    got = d_a.download();
+    expect_bits_equal(std::vector<float>(got.begin() + off, got.end()), ref, "add_rows_broadcast in place");
+}
+
+TEST(CudaRowwise, AddRowsBroadcastMatchesAddToStreams) {
+    RW_SKIP_WITHOUT_GPU();
+    check_add_streams(1, 4, 4096, 70);     // V4-Flash decode
+    check_add_streams(129, 4, 4096, 71);
+    check_add_streams(3, 4, 7168, 72);     // V4-Pro
+    check_add_streams(5, 4, 256, 73);      // tiny
+    check_add_streams(7, 2, 257, 74);      // D % 4 != 0: scalar path
+    check_add_streams(3, 4, 4096, 75, 1);  // unaligned: scalar path
+    // b and X may not overlap.
+    DeviceArray<float> buf(64);
+    EXPECT_THROW(cuda::add_rows_broadcast(buf.data(), buf.data(), 1, 4, 8, buf.data(), nullptr), Error);
+}
+
 void check_cast(int64_t n, int64_t width, uint32_t seed) {
     SCOPED_TRACE(shape_name("f32_to_bf16", n, width));
     std::vector<float> src = normal_rows(n, width, seed, 1.0f, -20.0f, 20.0f);

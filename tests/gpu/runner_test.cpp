@@ -23,10 +23,12 @@
 
 #include "cuda/linear.h"
 #include "gpu/backend.h"
+#include "gpu/runner.h"
 #include "io/formats.h"
 #include "io/safetensors.h"
 #include "ref/generate.h"
 #include "ref/model.h"
+#include "ref/trace.h"
 #include "serve/sampler.h"
 #include "test_util.h"
 
@@ -185,6 +187,95 @@ TEST_P(GpuRunner, GoldenLogitsStatistics) {
         EXPECT_GE(st.mean_cos, bar_cos) << sc.name;
         EXPECT_GE(st.top1, bar_top1) << sc.name;
     }
+}
+
+// The MTP block on the GPU (Runner::step_mtp, teacher-forced) over tokens under a schedule, in
+// the layout of mtp.safetensors: row t is the MTP block at position t with token t+1 ([T-1, V]).
+std::vector<float> gpu_mtp_logits(gpu::Runner& run, const std::vector<int32_t>& tokens, const Schedule& s) {
+    const int64_t T = static_cast<int64_t>(tokens.size()), V = run.cfg().vocab_size;
+    const int32_t slot = run.open();
+    MEGAMOE_CHECK(slot >= 0 && run.reserve(slot, T), "no room for ", T, " positions");
+    const int64_t prefill_end = s.decode_from < 0 ? T : s.decode_from;
+    const int64_t chunk = s.chunk > 0 ? s.chunk : std::max<int64_t>(prefill_end, 1);
+    std::vector<float> out, logits, mtp;
+    for (int64_t t = 0; t < T;) {
+        const int64_t n = t < prefill_end ? std::min(chunk, prefill_end - t) : 1;
+        std::vector<int32_t> next;
+        for (int64_t i = t + 1; i <= t + n; ++i) next.push_back(i < T ? tokens[static_cast<size_t>(i)] : 0);
+        run.step_mtp({{slot, std::vector<int32_t>(tokens.begin() + t, tokens.begin() + t + n)}}, {next}, logits, mtp);
+        const int64_t known = std::min(t + n, T - 1) - t;   // rows whose next token is real
+        out.insert(out.end(), mtp.begin(), mtp.begin() + known * V);
+        t += n;
+    }
+    run.close(slot);
+    return out;
+}
+
+// The CPU specification of the MTP logits with bf16 activations at the official code's rounding
+// sites (the same probe as bf16_specification, on the main pass and the MTP block).
+LogitStats bf16_mtp_specification(const Model& m, const std::vector<int32_t>& tokens, const float* golden) {
+    const int64_t T = static_cast<int64_t>(tokens.size());
+    Probe round = [](TraceView& v) {
+        const std::string n = v.name;
+        if (v.dtype != DType::f32 || n == trace_names::final_norm || n == trace_names::mtp_norm) return;
+        for (int64_t i = 0; i < v.rows * v.width; ++i) v.f32()[i] = bf16_to_f32(f32_to_bf16(v.f32()[i]));
+        v.modified = true;
+    };
+    SequenceState st(m.cfg);
+    std::vector<SequenceChunk> batch{{&st, tokens}};
+    std::vector<float> streams, logits, mtp;
+    ForwardOptions opt;
+    opt.all_logits = true;
+    opt.probe = round;
+    opt.streams_out = &streams;
+    forward(m, batch, opt, logits);
+    std::vector<MtpChunk> mb{{&st, streams.data(), std::vector<int32_t>(tokens.begin() + 1, tokens.end())}};
+    ForwardOptions mopt;
+    mopt.all_logits = true;
+    mopt.probe = round;
+    mtp_forward(m, mb, mopt, mtp);
+    return compare_logits(mtp, golden, T - 1, m.cfg.vocab_size);
+}
+
+// The MTP block's logits against DeepSeek's official code (mtp.safetensors), for the full pass and
+// cached schedules, with the bar of GoldenLogitsStatistics: the targets, or within 0.0005
+// cosine and 2 points of top-1 of the CPU specification with bf16 activations on this case.
+TEST_P(GpuRunner, MtpLogitsMatchGolden) {
+    const std::string path = test::golden_dir(GetParam()) + "/mtp.safetensors";
+    if (!std::filesystem::exists(path)) MEGAMOE_MISSING_GOLDEN() << "no " << path;
+    ASSERT_TRUE(c->model->w.mtp.has_value());
+    SafetensorsFile f(path);
+    const std::vector<int32_t> ids = ids_of(f, "input_ids");
+    const float* golden = f.view(*f.find("mtp_logits")).as<float>();
+    const int64_t Tm = static_cast<int64_t>(ids.size()) - 1;
+    const LogitStats emu = bf16_mtp_specification(*c->model, ids, golden);
+    const bool targets = emu.mean_cos >= 0.999 && emu.top1 >= 0.98;
+    const double bar_cos = targets ? 0.999 : emu.mean_cos - 0.0005, bar_top1 = targets ? 0.98 : emu.top1 - 0.02;
+    std::printf("[ %s | mtp ] CPU specification with bf16 activations: mean cosine %.6f, top-1 %.2f%% -> bar: cosine "
+                ">= %.6f, top-1 >= %.2f%%\n",
+                GetParam().c_str(), emu.mean_cos, 100 * emu.top1, bar_cos, 100 * bar_top1);
+    gpu::Runner run(*c->model, small_options());
+    const struct {
+        const char* name;
+        Schedule s;
+    } schedules[] = {{"full pass", {-1, 0}}, {"decode after prefill 127", {127, 0}}, {"chunks of 37", {-1, 37}}};
+    for (const auto& sc : schedules) {
+        const std::vector<float> got = gpu_mtp_logits(run, ids, sc.s);
+        ASSERT_EQ(got.size(), static_cast<size_t>(Tm * V())) << sc.name;
+        const LogitStats st = compare_logits(got, golden, Tm, V());
+        std::printf("[ %s | mtp | %s ] mtp_logits vs official: mean cosine %.6f, min %.6f, top-1 %.2f%%, max |diff| %.4f\n",
+                    GetParam().c_str(), sc.name, st.mean_cos, st.min_cos, 100 * st.top1, st.max_abs);
+        EXPECT_GE(st.mean_cos, bar_cos) << sc.name;
+        EXPECT_GE(st.top1, bar_top1) << sc.name;
+    }
+    // Bad input changes nothing: next lists of the wrong length, ids outside the vocabulary.
+    const int32_t slot = run.open();
+    ASSERT_TRUE(run.reserve(slot, 8));
+    std::vector<float> l, m;
+    test::expect_error([&] { run.step_mtp({{slot, {1, 2}}}, {{3}}, l, m); }, {"next tokens"});
+    test::expect_error([&] { run.step_mtp({{slot, {1}}}, {{static_cast<int32_t>(V())}}, l, m); },
+                       {"next token id", "vocabulary"});
+    EXPECT_EQ(run.n_past(slot), 0);
 }
 
 // Greedy ids equal the golden up to the first position where the golden's own margin (top-1 minus
@@ -669,7 +760,7 @@ INSTANTIATE_TEST_SUITE_P(Golden, GpuRunner, ::testing::Values("tiny-flash-nvfp4"
 
 TEST(GpuRunnerPlan, WeightBytesMatchCheckpoint) {
     if (!test::have_golden("tiny-flash-nvfp4")) GTEST_SKIP() << "no golden case";
-    // The upload plan needs no GPU: packed bytes within 2% of the checkpoint's (MTP excluded).
+    // The upload plan needs no GPU: packed bytes within 2% of the checkpoint's (the MTP block included).
     auto m = Model::load(test::golden_dir("tiny-flash-nvfp4") + "/model");
     const size_t dev = gpu::device_weight_bytes(*m);
     size_t ck = 0;
@@ -686,7 +777,7 @@ TEST(GpuRunnerPlan, WeightBytesMatchCheckpoint) {
     } cnt;
     cnt.b = &ck;
     Weights w;
-    visit_weights(m->cfg, w, cnt, false);
+    visit_weights(m->cfg, w, cnt, m->w.mtp.has_value());
     std::printf("device weight bytes %zu, checkpoint %zu (%.2f%%)\n", dev, ck, 100.0 * static_cast<double>(dev) / ck);
     // The tiny model's rows are short, so per-tensor alignment (256 B) and row padding weigh more
     // than on the real models; the 2% bound is checked on V4-Flash shapes by the benchmark.
