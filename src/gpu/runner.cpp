@@ -506,11 +506,10 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     const cuda::RopeView& rope = d.kind == AttnKind::sliding ? dm->rope_main : dm->rope_compress;
     const cuda::BatchView b = batch(s);
 
-    // Inputs (ref: attention_inputs): the q path and the kv latent on the main stream; the
-    // compressors, which read only xn, beside them on the side stream.
-    // The kv latent goes first on the side stream: beside the q path's four launches it is off
-    // the critical path at batch 1 (measured: a sliding layer's q path is ~33 µs, wkv and its norm
-    // ~12 µs).
+    // Inputs (ref: attention_inputs): the q path on the main stream; the kv latent and then the
+    // compressors, which read only xn, beside it on the side stream. Beside the q path's four
+    // launches the kv latent is off the critical path at batch 1 (measured on an H200: a sliding
+    // layer's q path ~33 µs, wkv and its norm ~12 µs).
     fork();
     const cudaStream_t cs = side_stream();
     linear_side(d.wkv, ws.xn, T, ws.kv_f);
