@@ -23,9 +23,9 @@
 #include <thread>
 
 #include "io/synth.h"
+#include "serve_util.h"
 #include "test_util.h"
 
-extern char** environ;
 
 namespace megamoe {
 namespace {
@@ -44,38 +44,6 @@ std::string find_node() {
         if (access(p.c_str(), X_OK) == 0 && std::filesystem::is_regular_file(p)) return p;
     }
     return "";
-}
-
-// Starts argv[0] with stdout and stderr into `log`; -1 if it cannot be started.
-pid_t spawn(std::vector<std::string> args, const std::string& log) {
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_adddup2(&fa, 1, 2);
-    pid_t pid = -1;
-    if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) pid = -1;
-    posix_spawn_file_actions_destroy(&fa);
-    return pid;
-}
-
-// The exit status of pid, waiting up to timeout_s; kills it and returns nullopt past that.
-std::optional<int> wait_exit(pid_t pid, double timeout_s) {
-    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
-    for (;;) {
-        int st = 0;
-        const pid_t r = waitpid(pid, &st, WNOHANG);
-        if (r == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        if (r < 0) return std::nullopt;
-        if (std::chrono::steady_clock::now() > end) {
-            kill(pid, SIGKILL);
-            waitpid(pid, nullptr, 0);
-            return std::nullopt;
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
 }
 
 class OpenAIClient : public ::testing::Test {
@@ -107,24 +75,18 @@ protected:
         write_synthetic_checkpoint(model_dir, o);
         std::filesystem::copy_file(tokenizer_path(), model_dir + "/tokenizer.json");
         // The CPU backend: batched and solo greedy runs are then bit-identical (the concurrent check).
-        pid = spawn({MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1", "--port", "0",
+        pid = test::spawn_logged({MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1", "--port", "0",
                      "--backend", "cpu", "--max-model-len", "1024", "--max-body-bytes", std::to_string(64 * 1024),
                      "--max-batch-tokens", "128"},
                     dir->str() + "/server.log");
         if (pid > 0) port = test::served_port(dir->str() + "/server.log");
-        if (port <= 0) return;
-        httplib::Client c("127.0.0.1", port);
-        for (int i = 0; i < 600 && pid > 0; ++i) {   // up to 60 s
-            auto r = c.Get("/health");
-            if (r && r->status == 200) return;
-            std::this_thread::sleep_for(std::chrono::milliseconds(100));
-        }
+        (void)test::wait_healthy(port);
     }
 
     static void TearDownTestSuite() {
         if (pid > 0) {
             kill(pid, SIGTERM);
-            if (!wait_exit(pid, 30)) ADD_FAILURE() << "the server did not stop on SIGTERM";
+            if (!test::wait_exit(pid, 30)) ADD_FAILURE() << "the server did not stop on SIGTERM";
             pid = -1;
         }
         dir.reset();
@@ -143,11 +105,11 @@ protected:
     // Runs one check of the Node script; it prints "ok CHECK" on success.
     void run_check(const std::string& check) {
         const std::string log = dir->str() + "/node-" + check + ".log";
-        const pid_t p = spawn({node, kNodeDir + "/openai_client.mjs", "http://127.0.0.1:" + std::to_string(port) + "/v1",
+        const pid_t p = test::spawn_logged({node, kNodeDir + "/openai_client.mjs", "http://127.0.0.1:" + std::to_string(port) + "/v1",
                                kModelName, check},
                               log);
         ASSERT_GT(p, 0) << "could not start " << node;
-        const std::optional<int> rc = wait_exit(p, 120);
+        const std::optional<int> rc = test::wait_exit(p, 120);
         const std::string out = test::read_file(log);
         ASSERT_TRUE(rc.has_value()) << check << ": the Node client took over 120 s and was killed\n" << out;
         EXPECT_EQ(*rc, 0) << check << " failed:\n" << out;

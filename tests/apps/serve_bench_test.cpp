@@ -19,9 +19,9 @@
 #include <thread>
 
 #include "io/synth.h"
+#include "serve_util.h"
 #include "test_util.h"
 
-extern char** environ;
 
 namespace megamoe {
 namespace {
@@ -29,37 +29,6 @@ namespace {
 using json = nlohmann::json;
 
 std::string tokenizer_path() { return test::shared_dir() + "/golden/tokenizer/tokenizer.json"; }
-
-pid_t spawn(std::vector<std::string> args, const std::string& log) {
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_adddup2(&fa, 1, 2);
-    pid_t pid = -1;
-    if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) pid = -1;
-    posix_spawn_file_actions_destroy(&fa);
-    return pid;
-}
-
-// Exit status, or nullopt (and the process killed) after timeout_s.
-std::optional<int> wait_exit(pid_t pid, double timeout_s) {
-    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
-    for (;;) {
-        int st = 0;
-        const pid_t r = waitpid(pid, &st, WNOHANG);
-        if (r == pid) return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-        if (r < 0) return std::nullopt;
-        if (std::chrono::steady_clock::now() > end) {
-            kill(pid, SIGKILL);
-            waitpid(pid, nullptr, 0);
-            return std::nullopt;
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-}
 
 struct BenchRun {
     int rc = -1;
@@ -69,9 +38,9 @@ struct BenchRun {
 BenchRun bench(const std::string& log, std::vector<std::string> args) {
     args.insert(args.begin(), MEGAMOE_SERVE_BENCH_PATH);
     BenchRun r;
-    const pid_t p = spawn(args, log);
+    const pid_t p = test::spawn_logged(args, log);
     if (p <= 0) return r;
-    r.rc = wait_exit(p, 120).value_or(-1);
+    r.rc = test::wait_exit(p, 120).value_or(-1);
     r.out = test::read_file(log);
     return r;
 }
@@ -131,23 +100,17 @@ protected:
         o.seed = 3;
         write_synthetic_checkpoint(model_dir, o);
         std::filesystem::copy_file(tokenizer_path(), model_dir + "/tokenizer.json");
-        pid = spawn({MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1", "--port", "0",
+        pid = test::spawn_logged({MEGAMOE_CLI_PATH, "serve", "--model", model_dir, "--host", "127.0.0.1", "--port", "0",
                      "--backend", "cpu", "--max-model-len", "512"},
                     dir->str() + "/server.log");
         if (pid > 0) port = test::served_port(dir->str() + "/server.log");
-        if (port <= 0) return;
-        httplib::Client c("127.0.0.1", port);
-        for (int i = 0; i < 600 && pid > 0; ++i) {
-            auto r = c.Get("/health");
-            if (r && r->status == 200) return;
-            std::this_thread::sleep_for(std::chrono::milliseconds(100));
-        }
+        (void)test::wait_healthy(port);
     }
 
     static void TearDownTestSuite() {
         if (pid > 0) {
             kill(pid, SIGTERM);
-            wait_exit(pid, 30);
+            (void)test::wait_exit(pid, 30);
             pid = -1;
         }
         dir.reset();

@@ -18,9 +18,9 @@
 
 #include "../../apps/request.h"
 #include "io/synth.h"
+#include "serve_util.h"
 #include "test_util.h"
 
-extern char** environ;
 
 namespace megamoe {
 namespace {
@@ -32,17 +32,7 @@ std::string tokenizer_path() { return test::shared_dir() + "/golden/tokenizer/to
 pid_t spawn(const std::vector<std::string>& extra, const std::string& log) {
     std::vector<std::string> args = {MEGAMOE_CLI_PATH, "serve", "--port", "0", "--backend", "cpu"};
     args.insert(args.end(), extra.begin(), extra.end());
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_adddup2(&fa, 1, 2);
-    pid_t pid = -1;
-    if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) pid = -1;
-    posix_spawn_file_actions_destroy(&fa);
-    return pid;
+    return test::spawn_logged(args, log);
 }
 
 // The port the server printed ("listening on http://HOST:PORT (..."), waiting up to `seconds`.
@@ -61,20 +51,7 @@ int bound_port(const std::string& log, double seconds) {
     return -1;
 }
 
-void stop(pid_t& pid) {
-    if (pid <= 0) return;
-    kill(pid, SIGTERM);
-    for (int i = 0; i < 300; ++i) {
-        if (waitpid(pid, nullptr, WNOHANG) == pid) {
-            pid = -1;
-            return;
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    kill(pid, SIGKILL);
-    waitpid(pid, nullptr, 0);
-    pid = -1;
-}
+void stop(pid_t& pid) { test::stop_process(pid, 30); }
 
 constexpr const char* kKey1 = "sk-first-0123456789";
 constexpr const char* kKey2 = "sk-from-the-file";

@@ -28,10 +28,10 @@
 #include <thread>
 
 #include "io/synth.h"
+#include "serve_util.h"
 #include "test_util.h"
 #include "serve/tokenizer.h"
 
-extern char** environ;
 
 namespace megamoe {
 namespace {
@@ -58,25 +58,8 @@ pid_t spawn_server(const std::string& model_dir, int* port, const std::string& l
                                       {"--backend", "cpu"}})
         if (std::find(extra.begin(), extra.end(), flag) == extra.end()) args.insert(args.end(), {flag, value});
     args.insert(args.end(), extra.begin(), extra.end());
-    std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    posix_spawn_file_actions_adddup2(&fa, 1, 2);
-    pid_t pid = -1;
-    if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) pid = -1;
-    posix_spawn_file_actions_destroy(&fa);
-    *port = -1;
-    const std::string marker = "listening on http://127.0.0.1:";
-    for (int i = 0; i < 1200 && pid > 0 && *port < 0; ++i) {
-        const std::string text = test::read_file(log);
-        if (const size_t at = text.find(marker); at != std::string::npos && text.find('\n', at) != std::string::npos)
-            *port = std::atoi(text.c_str() + at + marker.size());
-        else
-            std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
+    const pid_t pid = test::spawn_logged(args, log);
+    *port = pid > 0 ? test::served_port(log) : -1;
     return pid;
 }
 
@@ -98,20 +81,11 @@ protected:
         write_synthetic_checkpoint(model_dir, o);
         std::filesystem::copy_file(tokenizer_path(), model_dir + "/tokenizer.json");
         pid = spawn_server(model_dir, &port, dir->str() + "/server.log");
-        httplib::Client c("127.0.0.1", port);
-        for (int i = 0; i < 600 && pid > 0; ++i) {   // up to 60 s
-            auto r = c.Get("/health");
-            if (r && r->status == 200) return;
-            std::this_thread::sleep_for(std::chrono::milliseconds(100));
-        }
+        if (pid > 0) (void)test::wait_healthy(port);
     }
 
     static void TearDownTestSuite() {
-        if (pid > 0) {
-            kill(pid, SIGTERM);
-            waitpid(pid, nullptr, 0);
-            pid = -1;
-        }
+        test::stop_process(pid);
         dir.reset();
     }
 
@@ -201,8 +175,8 @@ TEST_F(Server, HealthIs503WhileLoading) {
         if (auto r = c.Get("/health")) health = r->status;
     }
     EXPECT_EQ(health, 200);
-    kill(pid2, SIGTERM);
-    waitpid(pid2, nullptr, 0);
+    pid_t p = pid2;
+    test::stop_process(p);
 }
 
 TEST_F(Server, ModelsHealthMetrics) {
@@ -650,17 +624,6 @@ int wait_exit(pid_t pid, double timeout_s) {
     return -1;
 }
 
-bool wait_healthy(int port, double timeout_s) {
-    httplib::Client c("127.0.0.1", port);
-    const auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
-    while (std::chrono::steady_clock::now() < end) {
-        auto r = c.Get("/health");
-        if (r && r->status == 200) return true;
-        std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
-    return false;
-}
-
 // vLLM answers a wrong method with 405 and Allow; an unknown path is 404 without the
 // model_not_found code, which belongs to an unknown model.
 TEST_F(Server, WrongMethodIs405AndUnknownPathIs404) {
@@ -848,7 +811,7 @@ protected:
         write_synthetic_checkpoint(model_dir, o);
         std::filesystem::copy_file(tokenizer_path(), model_dir + "/tokenizer.json");
         pid = spawn_server(model_dir, &port, dir->str() + "/server.log", flags());
-        if (!wait_healthy(port, 60)) ADD_FAILURE() << "the server did not come up";
+        if (!test::wait_healthy(port, 60)) ADD_FAILURE() << "the server did not come up";
     }
     static void TearDownTestSuite() {
         if (pid > 0) {
@@ -1012,7 +975,7 @@ TEST_F(ServerLimits, SigtermDrainsThenExits) {
         const pid_t p2 = spawn_server(model_dir, &port2, dir->str() + "/drain.log", f);
         ASSERT_GT(p2, 0);
         ASSERT_GT(port2, 0);
-        ASSERT_TRUE(wait_healthy(port2, 60));
+        ASSERT_TRUE(test::wait_healthy(port2, 60));
         RawConn c(port2);
         ASSERT_TRUE(c.send(post_request("/v1/completions", json{{"prompt", "Hi"}, {"max_tokens", patient ? 100 : 3000},
                                                                  {"ignore_eos", true}, {"stream", true}}.dump())));

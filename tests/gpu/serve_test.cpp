@@ -9,8 +9,6 @@
 #ifdef MEGAMOE_HAVE_CUDA
 
 #include <fcntl.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
 #include <unistd.h>
 #include <httplib.h>
 #include <signal.h>
@@ -27,9 +25,9 @@
 #include "cuda/linear.h"
 #include "io/synth.h"
 #include "serve/tokenizer.h"
+#include "serve_util.h"
 #include "test_util.h"
 
-extern char** environ;
 
 namespace megamoe {
 namespace {
@@ -40,18 +38,6 @@ std::string cli() {
     if (std::filesystem::exists(MEGAMOE_CLI_PATH)) return MEGAMOE_CLI_PATH;
     const auto here = std::filesystem::read_symlink("/proc/self/exe").parent_path() / "megamoe";
     return here.string();
-}
-
-int free_port() {
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-    socklen_t len = sizeof a;
-    getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-    close(fd);
-    return ntohs(a.sin_port);
 }
 
 class GpuServe : public ::testing::Test {
@@ -73,33 +59,17 @@ protected:
         o.seed = 5;
         write_synthetic_checkpoint(model_dir, o);
         std::filesystem::copy_file(tokenizer(), model_dir + "/tokenizer.json");
-        port = free_port();
-        std::vector<std::string> args = {cli(), "serve", "--backend", "cuda", "--model", model_dir, "--host",
-                                          "127.0.0.1", "--port", std::to_string(port), "--max-model-len", "1024",
-                                          "--max-seqs", "16", "--max-batch-tokens", "256"};
-        std::vector<char*> argv;
-        for (auto& a : args) argv.push_back(a.data());
-        argv.push_back(nullptr);
-        posix_spawn_file_actions_t fa;
-        posix_spawn_file_actions_init(&fa);
+        // --port 0: the kernel picks the port and the server prints it (no race for a port picked first).
         const std::string log = dir->str() + "/server.log";
-        posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        posix_spawn_file_actions_adddup2(&fa, 1, 2);
-        if (posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ) != 0) pid = -1;
-        posix_spawn_file_actions_destroy(&fa);
-        httplib::Client c("127.0.0.1", port);
-        for (int i = 0; i < 600 && pid > 0; ++i) {
-            auto r = c.Get("/health");
-            if (r && r->status == 200) return;
-            std::this_thread::sleep_for(std::chrono::milliseconds(100));
-        }
+        pid = test::spawn_logged({cli(), "serve", "--backend", "cuda", "--model", model_dir, "--host", "127.0.0.1",
+                                  "--port", "0", "--max-model-len", "1024", "--max-seqs", "16", "--max-batch-tokens",
+                                  "256"},
+                                 log);
+        port = pid > 0 ? test::served_port(log) : -1;
+        if (port > 0) (void)test::wait_healthy(port);
     }
     static void TearDownTestSuite() {
-        if (pid > 0) {
-            kill(pid, SIGTERM);
-            waitpid(pid, nullptr, 0);
-            pid = -1;
-        }
+        test::stop_process(pid);
         dir.reset();
     }
     void SetUp() override {
