@@ -30,7 +30,9 @@
 #include <vector>
 
 #include "bench_util.h"
+#ifdef MEGAMOE_HAVE_CUPTI
 #include "kernel_trace.h"
+#endif
 #include "core/common.h"
 #include "gpu/runner.h"
 #include "io/formats.h"
@@ -192,12 +194,16 @@ int main(int argc, char** argv) {
                 std::printf("%-24s %9.1f us/step %8.1f us/layer %10.0f tok/s  floor %8.1f us (%.2fx)\n", r.what.c_str(),
                             r.us_step, r.us_layer, r.tok_s, r.floor_us, r.us_step / r.floor_us);
                 if (trace >= 0) {
+#ifdef MEGAMOE_HAVE_CUPTI
                     bench::KernelTrace tr;
                     tr.start();
                     run.step(decode(steps + 2), false, logits);
                     run.step(decode(steps + 3), false, logits);
                     CUDA_CHECK(cudaDeviceSynchronize());
                     bench::KernelTrace::print(stdout, tr.stop(), "embed_streams", static_cast<size_t>(trace));
+#else
+                    fail("--trace: this megamoe-forward-bench was built without CUPTI");
+#endif
                 }
                 const auto prof = run.profile_step(decode(steps + 4));
                 double tot = 0;
