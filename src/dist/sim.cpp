@@ -43,6 +43,18 @@ void run_experts(const MoeWeights& m, const ExpertPartition& p, int32_t q, float
     }
 }
 
+// out[0 .. D) = Σ rows[idx[i]] over i < n in list order, skipping negative entries: f32 adds from
+// +0, the order ops::moe's combine adds a token's slots in. Every combine below is this sum over
+// the rows its plan lists (a token's pair rows, its slots, its ranks' partial rows).
+void sum_rows(const float* rows, const std::vector<int64_t>& idx, int64_t D, float* out) {
+    for (int64_t d = 0; d < D; ++d) {
+        float sum = 0;
+        for (const int64_t i : idx)
+            if (i >= 0) sum += rows[i * D + d];
+        out[d] = sum;
+    }
+}
+
 // dst rows [dst_row, dst_row + n) = src rows [src_row, src_row + n), rows of `width` elements.
 template <typename T>
 void copy_rows(const std::vector<T>& src, int64_t src_row, std::vector<T>& dst, int64_t dst_row, int64_t n,
@@ -119,13 +131,13 @@ void moe_all_to_all(const MoeWeights& m, const ModelConfig& c, const ExpertParti
         } else {
             auto& part = ret[static_cast<size_t>(q)];
             part.assign(static_cast<size_t>(rows * D), 0.0f);
-            for (int64_t j = 0; j < rows; ++j)
-                for (int64_t d = 0; d < D; ++d) {
-                    float sum = 0;
-                    for (int64_t i = first_pair[static_cast<size_t>(j)]; i < first_pair[static_cast<size_t>(j) + 1]; ++i)
-                        sum += pair_out[static_cast<size_t>(i * D + d)];
-                    part[static_cast<size_t>(j * D + d)] = sum;
-                }
+            std::vector<int64_t> idx;
+            for (int64_t j = 0; j < rows; ++j) {   // a received row's pairs, in order
+                idx.clear();
+                for (int64_t i = first_pair[static_cast<size_t>(j)]; i < first_pair[static_cast<size_t>(j) + 1]; ++i)
+                    idx.push_back(i);
+                sum_rows(pair_out.data(), idx, D, part.data() + j * D);
+            }
         }
     }
     // Combine exchange and the home rank's sums.
@@ -138,15 +150,11 @@ void moe_all_to_all(const MoeWeights& m, const ModelConfig& c, const ExpertParti
                 copy_rows(ret[static_cast<size_t>(q)], a.pair_send_offset[at(q, r)], home, a.pair_offset[at(r, q)],
                           a.pair_count[at(r, q)], D);
             const auto& prow = a.pair_row[static_cast<size_t>(r)];
-            for (int64_t t = 0; t < T; ++t)
-                for (int64_t d = 0; d < D; ++d) {
-                    float sum = 0;
-                    for (int64_t s = 0; s < k; ++s) {
-                        const int32_t i = prow[static_cast<size_t>(t * k + s)];
-                        if (i >= 0) sum += home[static_cast<size_t>(i * D + d)];
-                    }
-                    ac[static_cast<size_t>(t * D + d)] = sum;
-                }
+            std::vector<int64_t> idx(static_cast<size_t>(k));
+            for (int64_t t = 0; t < T; ++t) {   // a token's slots, in slot order
+                for (int64_t s = 0; s < k; ++s) idx[static_cast<size_t>(s)] = prow[static_cast<size_t>(t * k + s)];
+                sum_rows(home.data(), idx, D, ac.data() + t * D);
+            }
         } else {
             std::vector<float> home(static_cast<size_t>(a.send_rows(r) * D));
             std::vector<int64_t> row_of(static_cast<size_t>(T * N), -1);   // [T, N] send row of (t, q)
@@ -156,15 +164,11 @@ void moe_all_to_all(const MoeWeights& m, const ModelConfig& c, const ExpertParti
                 for (int64_t j = a.send_offset[at(r, q)]; j < a.send_offset[at(r, q)] + a.send_count[at(r, q)]; ++j)
                     row_of[static_cast<size_t>(a.send_token[static_cast<size_t>(r)][static_cast<size_t>(j)] * N + q)] = j;
             }
-            for (int64_t t = 0; t < T; ++t)
-                for (int64_t d = 0; d < D; ++d) {
-                    float sum = 0;
-                    for (int32_t q = 0; q < N; ++q) {
-                        const int64_t j = row_of[static_cast<size_t>(t * N + q)];
-                        if (j >= 0) sum += home[static_cast<size_t>(j * D + d)];
-                    }
-                    ac[static_cast<size_t>(t * D + d)] = sum;
-                }
+            std::vector<int64_t> idx(static_cast<size_t>(N));
+            for (int64_t t = 0; t < T; ++t) {   // a token's partial rows, in rank order
+                for (int32_t q = 0; q < N; ++q) idx[static_cast<size_t>(q)] = row_of[static_cast<size_t>(t * N + q)];
+                sum_rows(home.data(), idx, D, ac.data() + t * D);
+            }
         }
     }
     if (bytes) {
@@ -218,13 +222,12 @@ void moe_gather_scatter(const MoeWeights& m, const ModelConfig& c, const ExpertP
         } else {
             auto& part = out[static_cast<size_t>(q)];
             part.assign(static_cast<size_t>(rows * D), 0.0f);
-            for (int64_t row = 0; row < rows; ++row)
-                for (int64_t d = 0; d < D; ++d) {
-                    float sum = 0;
-                    for (int64_t s = 0; s < k; ++s)
-                        if (loc[static_cast<size_t>(row * k + s)] >= 0) sum += slot_out[static_cast<size_t>((row * k + s) * D + d)];
-                    part[static_cast<size_t>(row * D + d)] = sum;
-                }
+            std::vector<int64_t> idx(static_cast<size_t>(k));
+            for (int64_t row = 0; row < rows; ++row) {   // the row's slots held here, in slot order
+                for (int64_t s = 0; s < k; ++s)
+                    idx[static_cast<size_t>(s)] = loc[static_cast<size_t>(row * k + s)] >= 0 ? row * k + s : -1;
+                sum_rows(slot_out.data(), idx, D, part.data() + row * D);
+            }
         }
     }
     // Reduce-scatter: rank r gets Σ_q out[q] over its T_pad rows, added in rank order.
@@ -237,17 +240,16 @@ void moe_gather_scatter(const MoeWeights& m, const ModelConfig& c, const ExpertP
         }
         const int64_t T = in[static_cast<size_t>(r)].T;
         auto& ac = acc[static_cast<size_t>(r)];
-        for (int64_t t = 0; t < T; ++t)
-            for (int64_t d = 0; d < D; ++d) {
-                if (combine == Combine::partial_sums) {
-                    ac[static_cast<size_t>(t * D + d)] = red[static_cast<size_t>(t * D + d)];
-                    continue;
-                }
-                float sum = 0;
-                for (int64_t s = 0; s < k; ++s)
-                    if (in[static_cast<size_t>(r)].ids[t * k + s] >= 0) sum += red[static_cast<size_t>((t * k + s) * D + d)];
-                ac[static_cast<size_t>(t * D + d)] = sum;
-            }
+        if (combine == Combine::partial_sums) {
+            std::copy(red.begin(), red.begin() + T * D, ac.begin());
+            continue;
+        }
+        std::vector<int64_t> idx(static_cast<size_t>(k));
+        for (int64_t t = 0; t < T; ++t) {   // a token's slots, in slot order
+            for (int64_t s = 0; s < k; ++s)
+                idx[static_cast<size_t>(s)] = in[static_cast<size_t>(r)].ids[t * k + s] >= 0 ? t * k + s : -1;
+            sum_rows(red.data(), idx, D, ac.data() + t * D);
+        }
     }
     if (bytes) {
         // Ring collectives: each rank sends (N−1) chunks of its share in each.
