@@ -128,7 +128,6 @@ void cmd_logits(const std::string& dir, const std::string& tokens_file, const st
     if (s.chunk < 0) fail("--chunk must be >= 0 (0: one chunk), got ", s.chunk);
     const std::vector<int32_t> ids = parse_ids(read_file(tokens_file), tokens_file);
     const std::string be = resolve_backend(backend);   // a bad --backend fails before the weights load
-    if (mtp && be != "cpu") fail("--mtp runs on the cpu backend only for now; pass --backend cpu");
     if (mtp && ids.size() < 2) fail(tokens_file, ": --mtp needs at least 2 tokens (row t predicts token t+2)");
     auto m = Model::load(dir);
     m->numerics = numerics;
@@ -136,8 +135,17 @@ void cmd_logits(const std::string& dir, const std::string& tokens_file, const st
     const int64_t T = static_cast<int64_t>(ids.size()), V = m->cfg.vocab_size;
     auto t0 = std::chrono::steady_clock::now();
     std::vector<float> logits, mtp_logits;
-    if (mtp) {   // the CPU reference directly: the MTP block runs beside the main model
-        MtpLogits r = sequence_logits_mtp(*m, ids, s);
+    if (mtp) {   // the MTP block beside the main model, teacher-forced with the next tokens
+        if (numerics != Numerics::exact && be != "cpu")
+            fail("--numerics ", numerics_name(numerics), " runs on the cpu backend only for now; pass --backend cpu");
+        BackendOptions bo;
+        bo.name = be;
+        bo.max_batch_tokens = 512;
+        bo.max_logit_rows = 512;
+        bo.max_model_len = T;
+        bo.gpu_memory_fraction = mem_fraction;
+        MtpLogits r = sequence_logits_mtp_on(*m, ids, s, bo, &std::cerr);
+        std::fprintf(stderr, "megamoe: backend %s\n", be.c_str());
         logits.swap(r.logits);
         mtp_logits.swap(r.mtp_logits);
     } else {
@@ -158,8 +166,8 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
     if (max_new < 0) fail("--max-new must be >= 0, got ", max_new);
     if (spec_tokens < 0 || spec_tokens > kMaxSpeculativeTokens)
         fail("--speculative-tokens must be in 1..", kMaxSpeculativeTokens, " (0: off), got ", spec_tokens);
-    if (spec_tokens > 0 && resolve_backend(backend) != "cpu")
-        fail("--speculative-tokens runs on the cpu backend only for now; pass --backend cpu");
+    if (spec_tokens > 1 && resolve_backend(backend) != "cpu")
+        fail("--speculative-tokens ", spec_tokens, ": the GPU drafts one token per round for now (1), or pass --backend cpu");
     if (chunk < 0) fail("--chunk must be >= 0 (0: the whole prompt at once), got ", chunk);
     // The context holds the prompt and every new token but the last (which is never fed back).
     const int64_t P = static_cast<int64_t>(prompt.size()), context = load_model_config(dir).max_position_embeddings;
@@ -174,13 +182,23 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
     m->numerics = numerics;
     std::vector<int32_t> out;
     auto t0 = std::chrono::steady_clock::now();
-    if (spec_tokens > 0) {   // the CPU reference directly, the MTP block drafting (ref/speculative.h)
+    if (spec_tokens > 0) {   // the MTP block drafting (ref/speculative.h; gpu/backend.h)
         if (!m->w.mtp)
             fail(dir, ": --speculative-tokens needs the multi-token-prediction block (mtp.0.* tensors); the checkpoint has none");
+        const std::string be = resolve_backend(backend);
+        if (numerics != Numerics::exact && be != "cpu")
+            fail("--numerics ", numerics_name(numerics), " runs on the cpu backend only for now; pass --backend cpu");
         SpeculativeOptions so;
         so.draft_tokens = spec_tokens, so.chunk = chunk, so.ignore_eos = ignore_eos;
+        BackendOptions bo;
+        bo.name = be;
+        bo.max_batch_tokens = 512;
+        bo.max_logit_rows = 512;
+        bo.max_model_len = std::min(P + max_new + spec_tokens, context);
+        bo.gpu_memory_fraction = mem_fraction;
         t0 = std::chrono::steady_clock::now();
-        SpeculativeResult r = generate_speculative(*m, prompt, max_new, so);
+        SpeculativeResult r = generate_speculative_on(*m, prompt, max_new, so, bo, &std::cerr);
+        std::fprintf(stderr, "megamoe: backend %s\n", be.c_str());
         out.swap(r.tokens);
         std::fprintf(stderr, "speculative: %ld drafts, %ld accepted (%.1f%%), %ld verification steps, %.2f tokens per step\n",
                      r.stats.drafted, r.stats.accepted, 100.0 * r.stats.acceptance_rate(), r.stats.rounds,
@@ -240,7 +258,7 @@ int main(int argc, char** argv) {
     gen->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
     gen->add_option("--numerics", numerics, numerics_help);
     gen->add_option("--speculative-tokens", spec_tokens,
-                    "draft K tokens a step with the MTP block, verified by the main model (1..3; 0: off; cpu backend)");
+                    "draft K tokens a step with the MTP block, verified by the main model (1..3 on the cpu backend, 1 on cuda; 0: off)");
 
     auto* syn = app.add_subcommand("synth", "write a random checkpoint in the release layout");
     syn->add_option("--out", out, "output directory")->required();

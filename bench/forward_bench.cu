@@ -13,7 +13,11 @@
 //
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
-//                         [--trace N] [--serial]
+//                         [--trace N] [--serial] [--spec]
+// --spec: at batch 1, the step times of speculative decoding with the MTP block drafting one token
+// (gpu::generate_speculative's rounds): an accepted round (a two-token verify step and the MTP
+// block over both positions) and a rejected one (the verify step, a rollback, the last token again
+// and the MTP block over it), and from them tokens/s at acceptance rates 0.5 / 0.8 / 1.
 // --serial: everything on one stream (RunnerOptions::side_stream off), to compare.
 // --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
 // records (span, kernel time, idle time, a table by kernel, and its first N kernels).
@@ -84,7 +88,7 @@ struct Row {
 int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
-        bool serial = false;
+        bool serial = false, spec = false;
         int64_t layers = -1, prefill = 8192, steps = 20, trace = -1;
         std::vector<int64_t> batches{1, 8, 64, 256}, contexts{1024, 32768};
         for (int i = 1; i < argc; ++i) {
@@ -102,6 +106,7 @@ int main(int argc, char** argv) {
             else if (a == "--experts") experts = next();
             else if (a == "--trace") trace = std::stoll(next());
             else if (a == "--serial") serial = true;
+            else if (a == "--spec") spec = true;
             else fail("unknown option ", a);
         }
         if (layers < 0) layers = preset == "pro" ? 4 : 20;
@@ -124,11 +129,13 @@ int main(int argc, char** argv) {
         const int64_t max_ctx = *std::max_element(contexts.begin(), contexts.end());
         gpu::RunnerOptions ro;
         ro.max_seqs = max_batch;
-        ro.max_batch_tokens = std::max(prefill, max_batch);
-        ro.max_logit_rows = max_batch;
-        ro.max_model_len = std::max(max_ctx, prefill) + steps + 8;
+        // --spec verifies two tokens of one sequence in a step (all rows' logits).
+        ro.max_batch_tokens = std::max({prefill, max_batch, spec ? int64_t{2} : int64_t{1}});
+        ro.max_logit_rows = std::max(max_batch, spec ? int64_t{2} : int64_t{1});
+        ro.max_model_len = std::max(max_ctx, prefill) + 8 * steps + 16;
         ro.memory_fraction = 0.95;
         ro.side_stream = !serial;
+        ro.rollback = spec;
         const auto t0 = std::chrono::steady_clock::now();
         gpu::Runner run(cfg, 1234, ro, &std::cout);
         std::printf("# synthetic weights made in %.1f s\n",
@@ -155,7 +162,7 @@ int main(int argc, char** argv) {
                 std::vector<int32_t> slots;
                 for (int64_t i = 0; i < B; ++i) {
                     slots.push_back(run.open());
-                    if (slots.back() < 0 || !run.reserve(slots.back(), ctx + steps + 8))
+                    if (slots.back() < 0 || !run.reserve(slots.back(), ctx + 8 * steps + 16))
                         fail("no room for ", B, " sequences of ", ctx, " positions");
                     run.set_n_past_for_benchmark(slots.back(), ctx);
                 }
@@ -211,6 +218,44 @@ int main(int argc, char** argv) {
                 std::printf("    eager step %.1f us:", tot * 1000);
                 for (const auto& [n, ms] : prof) std::printf(" %s %.0f%%", n.c_str(), 100 * ms / tot);
                 std::printf("\n");
+                if (spec && B == 1) {
+                    // One sequence's rounds, timed over `steps` rounds each (synthetic weights: the
+                    // draft's acceptance is forced by which round is timed, not by the tokens).
+                    const int32_t sl = slots[0];
+                    std::vector<float> mtp;
+                    run.step(decode(steps + 5), false, logits);   // a step for mtp_step to follow
+                    run.mtp_step({{7}}, mtp);
+                    CUDA_CHECK(cudaDeviceSynchronize());
+                    auto t_acc = std::chrono::steady_clock::now();
+                    for (int64_t s = 0; s < steps; ++s) {
+                        run.step({{sl, {11, 12}}}, true, logits);
+                        run.mtp_step({{12, 13}}, mtp);
+                    }
+                    const double us_acc = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_acc).count() / static_cast<double>(steps);
+                    auto t_rej = std::chrono::steady_clock::now();
+                    for (int64_t s = 0; s < steps; ++s) {
+                        const int64_t at = run.n_past(sl);
+                        run.save_state(sl);
+                        run.step({{sl, {11, 12}}}, true, logits);
+                        run.restore_state(sl, at);
+                        run.step({{sl, {11}}}, false, logits);
+                        run.mtp_step({{14}}, mtp);
+                    }
+                    const double us_rej = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_rej).count() / static_cast<double>(steps);
+                    // The parts: a two-token verify step alone, the MTP block's step alone.
+                    auto t_ver = std::chrono::steady_clock::now();
+                    for (int64_t s = 0; s < steps; ++s) run.step({{sl, {11, 12}}}, true, logits);
+                    const double us_ver = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_ver).count() / static_cast<double>(steps);
+                    std::printf("    parts: two-token verify step %.1f us, so the MTP block's step (2 positions) %.1f us\n", us_ver,
+                                us_acc - us_ver);
+                    std::printf("    speculative K=1: accepted round %.1f us (2 tokens), rejected round %.1f us (1 token); plain decode %.1f us/token\n",
+                                us_acc, us_rej, us);
+                    for (double alpha : {0.5, 0.8, 1.0}) {
+                        const double per_tok = (alpha * us_acc + (1 - alpha) * us_rej) / (1 + alpha);
+                        std::printf("    acceptance %.1f: %.1f us/token, %.0f tok/s, %.2fx plain decode\n", alpha, per_tok,
+                                    1e6 / per_tok, us / per_tok);
+                    }
+                }
                 for (int32_t s : slots) run.close(s);
             }
         }

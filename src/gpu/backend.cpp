@@ -1,6 +1,8 @@
 // backend.cpp — GpuBackend: the Backend interface over a Runner.
 #include "gpu/backend.h"
 
+#include <algorithm>
+
 namespace megamoe::gpu {
 
 namespace {
@@ -55,6 +57,136 @@ std::unique_ptr<Backend> make_gpu_backend(const Model& m, const RunnerOptions& o
 std::unique_ptr<Backend> make_gpu_backend(const ModelConfig& c, uint64_t seed, const RunnerOptions& opt,
                                           std::ostream* log) {
     return std::make_unique<GpuBackend>(c, seed, opt, log);
+}
+
+MtpLogits sequence_logits_mtp(Runner& run, const std::vector<int32_t>& tokens, const Schedule& s) {
+    const int64_t T = static_cast<int64_t>(tokens.size()), V = run.cfg().vocab_size;
+    if (T < 2) fail("mtp logits: ", T, " tokens; the MTP block needs at least 2 (row t predicts token t+2)");
+    if (s.chunk < 0) fail("chunk size must be >= 0, got ", s.chunk);
+    if (s.decode_from < -1 || s.decode_from > T) fail("decode-from ", s.decode_from, " is outside [0, ", T, "]");
+    const int64_t prefill_end = s.decode_from < 0 ? T : s.decode_from;
+    const int64_t step_max = std::max<int64_t>(1, std::min(run.options().max_batch_tokens, run.options().max_logit_rows));
+    const int64_t chunk = std::min(s.chunk > 0 ? s.chunk : std::max<int64_t>(prefill_end, 1), step_max);
+    const int32_t slot = run.open();
+    if (slot < 0) fail("mtp logits: no free sequence slot");
+    MtpLogits out;
+    try {
+        if (!run.reserve(slot, T)) fail("mtp logits: no room for ", T, " positions");
+        out.logits.reserve(static_cast<size_t>(T * V));
+        out.mtp_logits.reserve(static_cast<size_t>((T - 1) * V));
+        std::vector<float> logits, mtp;
+        for (int64_t t = 0; t < T;) {
+            const int64_t n = t < prefill_end ? std::min(chunk, prefill_end - t) : 1;
+            // The token after each position; the sequence's last has none (its row is dropped).
+            std::vector<int32_t> next;
+            for (int64_t i = t + 1; i <= t + n; ++i) next.push_back(i < T ? tokens[static_cast<size_t>(i)] : 0);
+            run.step_mtp({{slot, std::vector<int32_t>(tokens.begin() + t, tokens.begin() + t + n)}}, {next}, logits, mtp);
+            out.logits.insert(out.logits.end(), logits.begin(), logits.end());
+            const int64_t known = std::min(t + n, T - 1) - t;
+            out.mtp_logits.insert(out.mtp_logits.end(), mtp.begin(), mtp.begin() + known * V);
+            t += n;
+        }
+    } catch (...) {
+        run.close(slot);
+        throw;
+    }
+    run.close(slot);
+    return out;
+}
+
+namespace {
+
+int32_t argmax_row(const float* x, int64_t n) {
+    int64_t b = 0;
+    for (int64_t i = 1; i < n; ++i)
+        if (x[i] > x[b]) b = i;
+    return static_cast<int32_t>(b);
+}
+
+}  // namespace
+
+SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& prompt, int64_t max_new, int64_t K,
+                                       int64_t chunk, bool ignore_eos) {
+    const ModelConfig& c = run.cfg();
+    const int64_t P = static_cast<int64_t>(prompt.size()), V = c.vocab_size;
+    if (K != 1) fail("--speculative-tokens ", K, ": the GPU drafts one token per round for now (use 1)");
+    if (!run.options().rollback) fail("generate_speculative: the runner was made without RunnerOptions::rollback");
+    if (prompt.empty()) fail("generate: the prompt is empty");
+    if (max_new < 0) fail("generate: max_new must be >= 0, got ", max_new);
+    if (chunk < 0) fail("--chunk must be >= 0, got ", chunk);
+    const int64_t limit = run.options().max_model_len;
+    if (P > limit) fail("generate: the prompt has ", P, " tokens, more than the context limit ", limit);
+    SpeculativeResult res;
+    if (max_new == 0) return res;
+    auto is_eos = [&](int32_t id) { return !ignore_eos && id == c.eos_token_id; };
+    const int64_t step_max = std::max<int64_t>(1, std::min(run.options().max_batch_tokens, run.options().max_logit_rows));
+    const int64_t step = std::min(chunk > 0 ? chunk : P, step_max);
+    const int32_t slot = run.open();
+    if (slot < 0) fail("generate: no free sequence slot");
+    std::vector<int32_t>& out = res.tokens;
+    SpeculativeStats& st = res.stats;
+    try {
+        if (!run.reserve(slot, std::min(P + max_new + K, limit))) fail("generate: no room for the sequence's state");
+        std::vector<float> logits, mtp;
+        // Prefill. The MTP block follows every prompt position; the last one's next token is the
+        // main model's first output, so the last chunk runs as a plain step and then its MTP half.
+        int32_t draft = 0;
+        for (int64_t t = 0; t < P; t += step) {
+            const int64_t n = std::min(step, P - t);
+            const std::vector<int32_t> toks(prompt.begin() + t, prompt.begin() + t + n);
+            if (t + n < P) {
+                run.step_mtp({{slot, toks}}, {std::vector<int32_t>(prompt.begin() + t + 1, prompt.begin() + t + n + 1)},
+                             logits, mtp);
+                continue;
+            }
+            run.step({{slot, toks}}, false, logits);
+            out.push_back(argmax_row(logits.data(), V));
+            std::vector<int32_t> next(prompt.begin() + t + 1, prompt.end());
+            next.push_back(out.back());
+            run.mtp_step({next}, mtp);
+            draft = argmax_row(mtp.data() + (n - 1) * V, V);
+        }
+        // Rounds: verify [x, draft]; keep the draft and a bonus token, or replace it and roll back.
+        while (static_cast<int64_t>(out.size()) < max_new && !is_eos(out.back())) {
+            const int64_t L = P + static_cast<int64_t>(out.size());   // the main model has run L - 1 positions
+            const int32_t x = out.back();
+            if (L > limit) break;                                     // feeding x would pass the context
+            if (L + 1 > limit) {                                      // room for x only: a plain step
+                run.step({{slot, {x}}}, false, logits);
+                out.push_back(argmax_row(logits.data(), V));
+                break;
+            }
+            run.save_state(slot);
+            run.step({{slot, {x, draft}}}, true, logits);
+            ++st.rounds;
+            ++st.drafted;
+            const int32_t a0 = argmax_row(logits.data(), V);
+            std::vector<int32_t> fresh;
+            if (a0 == draft) {
+                ++st.accepted;
+                fresh = {draft, argmax_row(logits.data() + V, V)};
+                run.mtp_step({fresh}, mtp);
+                draft = argmax_row(mtp.data() + V, V);
+            } else {
+                ++st.rerun_steps;
+                fresh = {a0};
+                run.restore_state(slot, L - 1);
+                run.step({{slot, {x}}}, false, logits);
+                run.mtp_step({fresh}, mtp);
+                draft = argmax_row(mtp.data(), V);
+            }
+            st.round_tokens += static_cast<int64_t>(fresh.size());
+            for (int32_t id : fresh) {
+                out.push_back(id);
+                if (is_eos(id) || static_cast<int64_t>(out.size()) == max_new) break;
+            }
+        }
+    } catch (...) {
+        run.close(slot);
+        throw;
+    }
+    run.close(slot);
+    return res;
 }
 
 }  // namespace megamoe::gpu

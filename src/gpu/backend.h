@@ -6,6 +6,8 @@
 
 #include "gpu/runner.h"
 #include "ref/backend.h"
+#include "ref/generate.h"
+#include "ref/speculative.h"
 
 namespace megamoe::gpu {
 
@@ -15,5 +17,20 @@ std::unique_ptr<Backend> make_gpu_backend(const Model& m, const RunnerOptions& o
 // Random weights of config `c` made on the GPU (gpu/device_model.h): benchmarks only.
 std::unique_ptr<Backend> make_gpu_backend(const ModelConfig& c, uint64_t seed, const RunnerOptions& opt,
                                           std::ostream* log = nullptr);
+
+// The main model's logits [T, V] and the MTP block's mtp_logits [T-1, V] of one fresh sequence
+// under `s` on the GPU (the contract of ref/generate.h sequence_logits_mtp): teacher-forced
+// Runner::step_mtp steps, each at most the runner's max_batch_tokens (longer prefill chunks run
+// as several steps). Throws Error without an MTP block or with fewer than 2 tokens.
+MtpLogits sequence_logits_mtp(Runner& run, const std::vector<int32_t>& tokens, const Schedule& s);
+
+// Greedy speculative decoding on the GPU with the MTP block drafting K = 1 token per round (the
+// round of ref/speculative.h): the main model verifies [last token, draft] in one step; a rejected
+// draft is undone with restore_state and the last token run again. The runner needs
+// RunnerOptions::rollback and an MTP block; prompt chunks of `chunk` tokens (0: one, capped at the
+// runner's step size). The output is the runner's own greedy decoding, except where a near tie
+// resolves differently in a two-token step than in a one-token step (bf16 activations).
+SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& prompt, int64_t max_new, int64_t K,
+                                       int64_t chunk, bool ignore_eos);
 
 }  // namespace megamoe::gpu

@@ -192,7 +192,7 @@ size_t DeviceModel::plan_bytes(const Model& m) {
 size_t DeviceModel::plan_bytes(const ModelConfig& c) {
     Weights shapes;
     ShapeOnly so;
-    visit_weights(c, shapes, so, false);
+    visit_weights(c, shapes, so, c.num_nextn_predict_layers > 0);   // synthetic: with the MTP block when the config has one
     const ops::RopeTable rm = ops::make_rope_table(c.rope_theta, c.qk_rope_head_dim, nullptr);
     const ops::RopeTable rc = ops::make_rope_table(c.compress_rope_theta, c.qk_rope_head_dim, &c.yarn);
     DeviceModel counting;
@@ -212,7 +212,7 @@ DeviceModel::DeviceModel(const Model& m) : cfg_(m.cfg), arena_(plan_bytes(m), "m
 DeviceModel::DeviceModel(const ModelConfig& c, uint64_t seed) : cfg_(c), arena_(plan_bytes(c), "synthetic weights") {
     Weights shapes;
     ShapeOnly so;
-    visit_weights(c, shapes, so, false);
+    visit_weights(c, shapes, so, c.num_nextn_predict_layers > 0);   // synthetic: with the MTP block when the config has one
     const ops::RopeTable rm = ops::make_rope_table(c.rope_theta, c.qk_rope_head_dim, nullptr);
     const ops::RopeTable rc = ops::make_rope_table(c.compress_rope_theta, c.qk_rope_head_dim, &c.yarn);
     Source s;

@@ -88,7 +88,7 @@ public:
     const float* hc_head_base = nullptr;     // [hc]
     const float* hc_head_scale = nullptr;    // [1]
     std::vector<DeviceLayer> layers;
-    std::optional<DeviceMtp> mtp;            // when the checkpoint has mtp.0.* (not in synthetic models)
+    std::optional<DeviceMtp> mtp;            // when the checkpoint (or a synthetic config) has mtp.0.*
     cuda::RopeView rope_main, rope_compress; // device rope tables
     const cuda::RopeView& rope_for(int64_t layer) const {
         return cfg_.attn_kind(layer) == AttnKind::sliding ? rope_main : rope_compress;

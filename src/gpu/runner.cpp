@@ -28,6 +28,8 @@ namespace megamoe::gpu {
 
 namespace {
 
+constexpr int64_t kGraphChunkMax = 4;   // tokens per chunk of graph-replayed steps (1 + the most drafts)
+
 void check(cudaError_t e, const char* what) {
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
@@ -248,8 +250,13 @@ struct Runner::Impl {
     struct Shape {
         int64_t T = 0, C = 0, R = 0;
     };
-    Shape last_shape;                             // of the last step run (step_mtp's MTP pass)
+    Shape last_shape;                             // of the last step run (the MTP pass's shape)
     int64_t last_rows = 0;                        // its logit rows without graph padding
+    int64_t last_rows_all = 0;                    // its logit rows with padding (== last_shape.T: every token)
+    std::vector<int64_t> last_chunk_lens;         // its chunks' token counts (empty: no step to follow)
+    // The MTP pass over the last step's positions (next tokens already in ws.mtp_next): `rows` logit
+    // rows back (the step's real tokens, in order).
+    void mtp_pass(int64_t rows, std::vector<float>& mtp_logits);
     // What a step hands back: the logits, or sampled ids, or sampled ids with logprobs.
     enum Mode : int { kLogits = 0, kSample = 1, kSampleLogprobs = 2 };
     void enqueue(const Shape& s, const Probe* probe, int mode = kLogits);
@@ -344,7 +351,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     {
         CheckpointBytes cb;
         Weights scratch;
-        visit_weights(c, scratch, cb, m != nullptr && m->w.mtp.has_value());
+        visit_weights(c, scratch, cb, m ? m->w.mtp.has_value() : c.num_nextn_predict_layers > 0);
         plan.checkpoint = cb.bytes;
     }
     if (plan.weights + reserve_b > free_b)
@@ -407,7 +414,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
 
     // The state pool from what is left.
     const StateLayout layout = StateLayout::make(c, opt.block_tokens, dm->mtp.has_value());
-    plan.slots = static_cast<size_t>((opt.max_seqs + 1) * layout.slot_bytes);
+    plan.slots = static_cast<size_t>((opt.max_seqs + 1 + (opt.rollback ? opt.max_seqs : 0)) * layout.slot_bytes);
     const int64_t n_snaps = opt.prefix_snapshots >= 0 ? opt.prefix_snapshots : opt.max_seqs;
     plan.snapshots = static_cast<size_t>(n_snaps * layout.slot_bytes);
     plan.snapshot_count = n_snaps;
@@ -434,7 +441,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     } else if (left < 0) {
         fail("the GPU has no room for the per-sequence state of ", opt.max_seqs, " sequences");
     }
-    pool = std::make_unique<StatePool>(c, layout, opt.max_seqs, n_blocks, opt.max_model_len, n_snaps);
+    pool = std::make_unique<StatePool>(c, layout, opt.max_seqs, n_blocks, opt.max_model_len, n_snaps, opt.rollback);
     plan.blocks = static_cast<size_t>((n_blocks + 1) * layout.block_bytes);
     plan.block_count = n_blocks;
     plan.block_tokens = layout.block_tokens;
@@ -837,13 +844,65 @@ void Runner::step_mtp(const std::vector<RunnerChunk>& chunks, const std::vector<
     // The main step (it checks the chunks and uploads the inputs, next tokens included), then the
     // MTP block over the same positions, reading the streams the main pass left in the workspace.
     I.run(chunks, true, nullptr, nullptr, &logits, nullptr);
-    I.enqueue_mtp(I.last_shape);
-    const int64_t R = I.last_rows;
-    check(cudaMemcpyAsync(I.pinned_logits, I.ws.logits, static_cast<size_t>(R * c.vocab_size) * 4,
-                          cudaMemcpyDeviceToHost, I.stream),
+    I.mtp_pass(I.last_rows, mtp_logits);
+}
+
+void Runner::Impl::mtp_pass(int64_t rows, std::vector<float>& mtp_logits) {
+    const ModelConfig& c = cfg;
+    // Every position of the step gets a logit row (the rows of an all-logits step are its tokens).
+    const Shape s{last_shape.T, last_shape.C, last_shape.T};
+    if (last_rows_all != last_shape.T) {
+        // The step's logit rows were its chunks' last tokens: point them at every token instead.
+        for (int64_t t = 0; t < last_shape.T; ++t) pinned_in[(ws.rows - ws.in) + t] = static_cast<int32_t>(t);
+        check(cudaMemcpyAsync(ws.rows, pinned_in + (ws.rows - ws.in), static_cast<size_t>(last_shape.T) * 4,
+                              cudaMemcpyHostToDevice, stream),
+              "mtp rows");
+    }
+    if (s.R > ws.R) fail("gpu runner: the MTP pass needs ", s.R, " logit rows, more than the ", ws.R, " planned");
+    enqueue_mtp(s);
+    check(cudaMemcpyAsync(pinned_logits, ws.logits, static_cast<size_t>(rows * c.vocab_size) * 4,
+                          cudaMemcpyDeviceToHost, stream),
           "mtp logits");
-    check(cudaStreamSynchronize(I.stream), "mtp step");
-    mtp_logits.assign(I.pinned_logits, I.pinned_logits + R * c.vocab_size);
+    check(cudaStreamSynchronize(stream), "mtp step");
+    mtp_logits.assign(pinned_logits, pinned_logits + rows * c.vocab_size);
+}
+
+void Runner::mtp_step(const std::vector<std::vector<int32_t>>& next, std::vector<float>& mtp_logits) {
+    Impl& I = *impl_;
+    const ModelConfig& c = I.cfg;
+    if (!I.dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+    if (I.last_chunk_lens.empty()) fail("gpu runner: mtp_step needs a step run just before it");
+    if (next.size() != I.last_chunk_lens.size())
+        fail("gpu runner: ", next.size(), " next-token lists for the last step's ", I.last_chunk_lens.size(), " chunks");
+    std::vector<int32_t> ids(static_cast<size_t>(I.last_shape.T), 0);   // padding rows: token 0
+    int64_t t = 0;
+    for (size_t i = 0; i < next.size(); ++i) {
+        if (static_cast<int64_t>(next[i].size()) != I.last_chunk_lens[i])
+            fail("gpu runner: chunk ", i, " of the last step has ", I.last_chunk_lens[i], " tokens but ", next[i].size(),
+                 " next tokens");
+        for (size_t j = 0; j < next[i].size(); ++j) {
+            if (next[i][j] < 0 || next[i][j] >= c.vocab_size)
+                fail("gpu runner: next token id ", next[i][j], " (chunk ", i, ", index ", j,
+                     ") is outside the vocabulary [0, ", c.vocab_size, ")");
+            ids[static_cast<size_t>(t++)] = next[i][j];
+        }
+    }
+    int32_t* pin = I.pinned_in + (I.ws.mtp_next - I.ws.in);
+    std::copy(ids.begin(), ids.end(), pin);
+    check(cudaMemcpyAsync(I.ws.mtp_next, pin, ids.size() * 4, cudaMemcpyHostToDevice, I.stream), "mtp next tokens");
+    I.mtp_pass(t, mtp_logits);
+    I.last_chunk_lens.clear();   // the workspace no longer holds that step's streams
+}
+
+void Runner::save_state(int32_t slot) {
+    if (!impl_->opt.rollback) fail("gpu runner: save_state needs RunnerOptions::rollback");
+    impl_->pool->save(slot, impl_->stream);
+}
+
+void Runner::restore_state(int32_t slot, int64_t n_past) {
+    if (!impl_->opt.rollback) fail("gpu runner: restore_state needs RunnerOptions::rollback");
+    impl_->pool->restore(slot, n_past, impl_->stream);
+    impl_->last_chunk_lens.clear();
 }
 
 void Runner::step_sample(const std::vector<RunnerChunk>& chunks, const std::vector<SampleSpec>& spec,
@@ -874,7 +933,10 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
     if (chunks.empty()) fail("gpu runner: a step needs at least one chunk");
     // Validate everything before anything changes.
     int64_t T = 0, R = 0;
-    bool decode = true;   // every chunk one token
+    // Steps whose chunks all have the same n ≤ kGraphChunkMax tokens (decode: n = 1; speculative
+    // verification: n = 1 + drafts) replay a CUDA graph: enqueue depends only on the step's shape.
+    const int64_t n0 = static_cast<int64_t>(chunks.front().tokens.size());
+    bool uniform = true;
     std::vector<bool> seen(static_cast<size_t>(I.pool->n_slots()), false);
     for (size_t i = 0; i < chunks.size(); ++i) {
         const RunnerChunk& ch = chunks[i];
@@ -893,7 +955,7 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
                      ") is outside the vocabulary [0, ", c.vocab_size, ")");
         T += n;
         R += all_logits ? n : 1;
-        decode = decode && n == 1;
+        uniform = uniform && n == n0;
     }
     if (T > ws.T) fail("gpu runner: ", T, " tokens in one step, more than --max-batch-tokens ", ws.T);
     if (static_cast<int64_t>(chunks.size()) > ws.C) fail("gpu runner: ", chunks.size(), " chunks, more than ", ws.C);
@@ -907,17 +969,18 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
         }
     }
 
-    // A decode step of B sequences replays the graph of the smallest bucket ≥ B (padding rows go to
-    // the padding slot at position 0).
+    // A step of B chunks of n tokens replays the graph of the smallest bucket ≥ B (padding chunks: n
+    // tokens of the padding slot at positions 0 .. n-1).
     int64_t bucket = 0;
-    if (decode && I.opt.graphs && !probe)
+    const int64_t B = static_cast<int64_t>(chunks.size());
+    if (uniform && n0 <= kGraphChunkMax && I.opt.graphs && !probe)
         for (int64_t b : I.buckets)
-            if (b >= T) {
+            if (b >= B && b * n0 <= ws.T && (all_logits ? b * n0 : b) <= ws.R) {
                 bucket = b;
                 break;
             }
-    const int64_t Tp = bucket ? bucket : T;
-    const int64_t Rp = bucket ? bucket : R;
+    const int64_t Tp = bucket ? bucket * n0 : T;
+    const int64_t Rp = bucket ? (all_logits ? bucket * n0 : bucket) : R;
 
     // Step inputs into pinned memory (layout of Workspace::in).
     int32_t* tok = I.pinned_in;
@@ -942,14 +1005,17 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
         }
         if (!all_logits) rows[r++] = static_cast<int32_t>(t - 1);
     }
-    for (; t < Tp; ++t, ++r) {   // graph padding: one-token chunks of the padding slot
-        tok[t] = 0;
-        pos[t] = 0;
-        slot[t] = I.pool->pad_slot();
-        chunk[t] = static_cast<int32_t>(t);
-        first[t] = static_cast<int32_t>(t);
-        len[t] = 1;
-        rows[r] = static_cast<int32_t>(t);
+    for (int64_t i = B; bucket && i < bucket; ++i) {   // graph padding: chunks of the padding slot
+        first[i] = static_cast<int32_t>(t);
+        len[i] = static_cast<int32_t>(n0);
+        for (int64_t j = 0; j < n0; ++j, ++t) {
+            tok[t] = 0;
+            pos[t] = static_cast<int32_t>(j);
+            slot[t] = I.pool->pad_slot();
+            chunk[t] = static_cast<int32_t>(i);
+            if (all_logits) rows[r++] = static_cast<int32_t>(t);
+        }
+        if (!all_logits) rows[r++] = static_cast<int32_t>(t - 1);
     }
     if (spec) {   // sampling parameters (layout of Workspace::samp_in); padding rows: greedy
         char* in = static_cast<char*>(I.pinned_samp_in);
@@ -971,11 +1037,14 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
     if (spec)
         check(cudaMemcpyAsync(ws.samp_in, I.pinned_samp_in, ws.samp_in_bytes, cudaMemcpyHostToDevice, I.stream),
               "sampling inputs");
-    const Impl::Shape shape{Tp, bucket ? bucket : static_cast<int64_t>(chunks.size()), Rp};
+    const Impl::Shape shape{Tp, bucket ? bucket : B, Rp};
     I.last_shape = shape;
     I.last_rows = R;
+    I.last_rows_all = all_logits ? Rp : -1;
+    I.last_chunk_lens.clear();
+    for (const RunnerChunk& ch : chunks) I.last_chunk_lens.push_back(static_cast<int64_t>(ch.tokens.size()));
     if (bucket) {
-        const int64_t key = bucket * 4 + mode;
+        const int64_t key = ((bucket * (kGraphChunkMax + 1) + n0) * 2 + (all_logits ? 1 : 0)) * 4 + mode;
         auto it = I.graphs.find(key);
         if (it == I.graphs.end()) {
             // Capture after one eager run of the same shape (first-use work such as kernel

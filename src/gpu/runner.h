@@ -9,8 +9,8 @@
 // per-sequence state (window ring, compressed rows, indexer keys) is stored in bf16.
 //
 // A step: check the batch, fill pinned step inputs, one host-to-device copy, then either replay the
-// decode graph of the batch's bucket (every chunk one token, no probe) or enqueue the same code
-// eagerly, copy the logits back, one wait.
+// graph of the batch's bucket (every chunk the same n ≤ 4 tokens, no probe: decode, or speculative
+// verification) or enqueue the same code eagerly, copy the logits back, one wait.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +36,7 @@ struct RunnerOptions {
     int64_t max_state_tokens = 0;      // positions in the block pool at most (0: what memory holds)
     int64_t prefix_snapshots = -1;     // prefix-cache snapshot records (-1: max_seqs; 0: no prefix caching)
     bool    graphs = true;             // decode steps through CUDA graphs, one per batch-size bucket
+    bool    rollback = false;          // a backup record per slot: save_state / restore_state
     bool    side_stream = true;        // independent work (the kv latent, the compressors, the shared
                                        // expert) on a second stream beside the main chain
 };
@@ -104,6 +105,17 @@ public:
     // block or on bad input (nothing changes then).
     void step_mtp(const std::vector<RunnerChunk>& chunks, const std::vector<std::vector<int32_t>>& next,
                   std::vector<float>& logits, std::vector<float>& mtp_logits);
+    // The MTP half of step_mtp alone: the MTP block over the positions of the step just run (step,
+    // step_sample or step_mtp; nothing else may run in between), given the token after each of them
+    // (one list per chunk of that step, as long as its tokens). For speculative decoding, where the
+    // token after a step's last position is known only from that step's logits.
+    void mtp_step(const std::vector<std::vector<int32_t>>& next, std::vector<float>& mtp_logits);
+
+    // Rollback (needs RunnerOptions::rollback): save_state keeps a copy of the slot's per-sequence
+    // record; restore_state puts it back and sets the slot's position to the saved one (n_past must
+    // be it), undoing the steps run since. Used by speculative decoding to drop rejected drafts.
+    void save_state(int32_t slot);
+    void restore_state(int32_t slot, int64_t n_past);
 
     // The same step, drawing one token per chunk on the GPU from its last logits (mask_logits then
     // sample_rows, cuda/sampler.h): only ids and logprobs come back. spec: one per chunk.

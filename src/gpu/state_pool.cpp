@@ -65,7 +65,7 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool w
 }
 
 StatePool::StatePool(const ModelConfig& c, const StateLayout& layout, int64_t n_slots, int64_t n_blocks,
-                     int64_t max_len, int64_t n_snapshots)
+                     int64_t max_len, int64_t n_snapshots, bool rollback)
     : cfg_(c), L_(layout), n_slots_(n_slots), n_blocks_(L_.block_bytes ? n_blocks : 0), max_len_(max_len) {
     MEGAMOE_CHECK(n_slots >= 1 && max_len >= 1, "state pool: ", n_slots, " slots, max length ", max_len);
     max_blocks_ = (max_len + L_.block_tokens - 1) / L_.block_tokens;
@@ -88,6 +88,33 @@ StatePool::StatePool(const ModelConfig& c, const StateLayout& layout, int64_t n_
     MEGAMOE_CHECK(n_snapshots >= 0, "state pool: ", n_snapshots, " snapshots");
     if (n_snapshots > 0) snaps_buf_ = cuda::DeviceBuffer(static_cast<size_t>(n_snapshots * L_.slot_bytes), "prefix snapshots");
     snaps_.resize(static_cast<size_t>(n_snapshots));
+    if (rollback) backup_ = cuda::DeviceBuffer(static_cast<size_t>(n_slots * L_.slot_bytes), "rollback records");
+    saved_at_.assign(static_cast<size_t>(n_slots), -1);
+}
+
+void StatePool::save(int32_t slot, CUstream_st* stream) {
+    MEGAMOE_CHECK(is_open(slot), "state pool: slot ", slot, " is not open");
+    MEGAMOE_CHECK(backup_.bytes() > 0, "state pool: rollback was not enabled (RunnerOptions::rollback)");
+    check(cudaMemcpyAsync(backup_.as<char>() + static_cast<int64_t>(slot) * L_.slot_bytes,
+                          slots_.as<char>() + static_cast<int64_t>(slot) * L_.slot_bytes,
+                          static_cast<size_t>(L_.slot_bytes), cudaMemcpyDeviceToDevice, stream),
+          "rollback save");
+    saved_at_[static_cast<size_t>(slot)] = seqs_[static_cast<size_t>(slot)].n_past;
+}
+
+void StatePool::restore(int32_t slot, int64_t n_past, CUstream_st* stream) {
+    MEGAMOE_CHECK(is_open(slot), "state pool: slot ", slot, " is not open");
+    const int64_t at = saved_at_[static_cast<size_t>(slot)];
+    Seq& s = seqs_[static_cast<size_t>(slot)];
+    MEGAMOE_CHECK(at >= 0, "state pool: slot ", slot, " has no saved state");
+    MEGAMOE_CHECK(n_past == at, "state pool: slot ", slot, " was saved at position ", at, ", not ", n_past,
+                  " (a restore goes back to the saved position)");
+    MEGAMOE_CHECK(n_past <= s.n_past, "state pool: slot ", slot, " is at ", s.n_past, ", before ", n_past);
+    check(cudaMemcpyAsync(slots_.as<char>() + static_cast<int64_t>(slot) * L_.slot_bytes,
+                          backup_.as<char>() + static_cast<int64_t>(slot) * L_.slot_bytes,
+                          static_cast<size_t>(L_.slot_bytes), cudaMemcpyDeviceToDevice, stream),
+          "rollback restore");
+    s.n_past = n_past;
 }
 
 void StatePool::release(const std::vector<int32_t>& blocks) {
@@ -157,6 +184,7 @@ int32_t StatePool::open() {
         if (!seqs_[s].open) {
             seqs_[s] = Seq{};
             seqs_[s].open = true;
+            saved_at_[s] = -1;
             return static_cast<int32_t>(s);
         }
     }
@@ -175,6 +203,7 @@ void StatePool::close(int32_t slot) {
     std::fill(row, row + max_blocks_, 0);
     dirty_[static_cast<size_t>(slot)] = true;
     s = Seq{};
+    saved_at_[static_cast<size_t>(slot)] = -1;
 }
 
 bool StatePool::reserve(int32_t slot, int64_t n_tokens) {

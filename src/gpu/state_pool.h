@@ -53,8 +53,9 @@ class StatePool {
 public:
     // n_slots sequence slots (plus one padding slot), n_blocks blocks of layout.block_tokens
     // positions (plus the reserved block 0), sequences up to max_len positions.
+    // rollback: one backup record per slot for save / restore (speculative decoding).
     StatePool(const ModelConfig& c, const StateLayout& layout, int64_t n_slots, int64_t n_blocks, int64_t max_len,
-              int64_t n_snapshots = 0);
+              int64_t n_snapshots = 0, bool rollback = false);
 
     const StateLayout& layout() const { return L_; }
     int64_t n_slots() const { return n_slots_; }
@@ -80,6 +81,15 @@ public:
     void    drop_snapshot(int32_t handle);                        // unknown handles: no-op
     int32_t open_from(int32_t handle, CUstream_st* stream);       // a slot at the snapshot's position, or -1
     int64_t n_snapshots() const { return static_cast<int64_t>(snaps_.size()); }
+
+    // Rollback (speculative decoding; needs rollback at construction): save copies the slot's record
+    // (window rings, open compressor windows, the MTP ring) to its backup; restore copies it back
+    // and sets the position to n_past (at most the current one, at least the saved one). Rows that
+    // steps after the save wrote into blocks past n_past are never read before later steps rewrite
+    // them (rows and keys are read by position), so the slot is then exactly as it was at n_past.
+    // Stream-ordered copies on `stream`.
+    void save(int32_t slot, CUstream_st* stream);
+    void restore(int32_t slot, int64_t n_past, CUstream_st* stream);
 
     // Uploads the block-table rows changed since the last call (stream-ordered, from pinned memory).
     void sync_tables(CUstream_st* stream);
@@ -113,6 +123,8 @@ private:
     std::vector<Seq> seqs_;
     std::vector<int32_t> refs_;              // [n_blocks + 1] holders of each block (sequences, snapshots)
     cuda::DeviceBuffer snaps_buf_;           // [n_snapshots] slot records
+    cuda::DeviceBuffer backup_;              // [n_slots] slot records (rollback), or empty
+    std::vector<int64_t> saved_at_;          // [n_slots] position of the backup (-1: none)
     std::vector<Seq> snaps_;                 // open = in use; n_past = its position; blocks shared
     void release(const std::vector<int32_t>& blocks);
 

@@ -54,6 +54,48 @@ std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, s
 #endif
 }
 
+MtpLogits sequence_logits_mtp_on(const Model& m, const std::vector<int32_t>& tokens, const Schedule& s,
+                                 const BackendOptions& o, std::ostream* log) {
+    if (resolve_backend(o.name) == "cpu") return sequence_logits_mtp(m, tokens, s);
+#ifdef MEGAMOE_HAVE_CUDA
+    gpu::RunnerOptions ro;
+    ro.max_seqs = 1;
+    ro.max_batch_tokens = o.max_batch_tokens;
+    ro.max_logit_rows = std::max(o.max_logit_rows, o.max_batch_tokens);
+    ro.max_model_len = o.max_model_len;
+    ro.memory_fraction = o.gpu_memory_fraction;
+    ro.graphs = o.graphs;
+    ro.max_state_tokens = o.max_state_tokens;
+    gpu::Runner run(m, ro, log);
+    return gpu::sequence_logits_mtp(run, tokens, s);
+#else
+    (void)log;
+    fail("unreachable: no CUDA backend in this build");
+#endif
+}
+
+SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
+                                          const SpeculativeOptions& so, const BackendOptions& o, std::ostream* log) {
+    if (resolve_backend(o.name) == "cpu") return generate_speculative(m, prompt, max_new, so);
+#ifdef MEGAMOE_HAVE_CUDA
+    if (so.sampling) fail("speculative sampling runs on the cpu backend only for now");
+    gpu::RunnerOptions ro;
+    ro.max_seqs = 1;
+    ro.max_batch_tokens = o.max_batch_tokens;
+    ro.max_logit_rows = std::max<int64_t>(o.max_logit_rows, 2);
+    ro.max_model_len = o.max_model_len;
+    ro.memory_fraction = o.gpu_memory_fraction;
+    ro.graphs = o.graphs;
+    ro.max_state_tokens = o.max_state_tokens;
+    ro.rollback = true;
+    gpu::Runner run(m, ro, log);
+    return gpu::generate_speculative(run, prompt, max_new, so.draft_tokens, so.chunk, so.ignore_eos);
+#else
+    (void)log;
+    fail("unreachable: no CUDA backend in this build");
+#endif
+}
+
 std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t seed, const BackendOptions& o,
                                                 std::ostream* log) {
     if (resolve_backend(o.name) != "cuda") fail("synthetic weights are made on the GPU: they need --backend cuda");

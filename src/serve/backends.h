@@ -7,6 +7,8 @@
 #include <string>
 
 #include "ref/backend.h"
+#include "ref/generate.h"
+#include "ref/speculative.h"
 
 namespace megamoe {
 
@@ -32,5 +34,16 @@ std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, s
 // checkpoint on disk); throws Error for the CPU backend.
 std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t seed, const BackendOptions& o,
                                                 std::ostream* log);
+
+// The main model's and the MTP block's logits of one fresh sequence under `s` (ref/generate.h
+// sequence_logits_mtp) on the backend o.name names: the CPU reference, or the GPU runner's
+// teacher-forced MTP steps (one sequence; o's step and length limits apply).
+MtpLogits sequence_logits_mtp_on(const Model& m, const std::vector<int32_t>& tokens, const Schedule& s,
+                                 const BackendOptions& o, std::ostream* log);
+
+// Greedy speculative generation of one sequence (the MTP block drafting) on the backend o.name
+// names: the CPU reference (ref/speculative.h, K = 1..3) or the GPU runner (gpu/backend.h, K = 1).
+SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
+                                          const SpeculativeOptions& so, const BackendOptions& o, std::ostream* log);
 
 }  // namespace megamoe

@@ -189,28 +189,6 @@ TEST_P(GpuRunner, GoldenLogitsStatistics) {
     }
 }
 
-// The MTP block on the GPU (Runner::step_mtp, teacher-forced) over tokens under a schedule, in
-// the layout of mtp.safetensors: row t is the MTP block at position t with token t+1 ([T-1, V]).
-std::vector<float> gpu_mtp_logits(gpu::Runner& run, const std::vector<int32_t>& tokens, const Schedule& s) {
-    const int64_t T = static_cast<int64_t>(tokens.size()), V = run.cfg().vocab_size;
-    const int32_t slot = run.open();
-    MEGAMOE_CHECK(slot >= 0 && run.reserve(slot, T), "no room for ", T, " positions");
-    const int64_t prefill_end = s.decode_from < 0 ? T : s.decode_from;
-    const int64_t chunk = s.chunk > 0 ? s.chunk : std::max<int64_t>(prefill_end, 1);
-    std::vector<float> out, logits, mtp;
-    for (int64_t t = 0; t < T;) {
-        const int64_t n = t < prefill_end ? std::min(chunk, prefill_end - t) : 1;
-        std::vector<int32_t> next;
-        for (int64_t i = t + 1; i <= t + n; ++i) next.push_back(i < T ? tokens[static_cast<size_t>(i)] : 0);
-        run.step_mtp({{slot, std::vector<int32_t>(tokens.begin() + t, tokens.begin() + t + n)}}, {next}, logits, mtp);
-        const int64_t known = std::min(t + n, T - 1) - t;   // rows whose next token is real
-        out.insert(out.end(), mtp.begin(), mtp.begin() + known * V);
-        t += n;
-    }
-    run.close(slot);
-    return out;
-}
-
 // The CPU specification of the MTP logits with bf16 activations at the official code's rounding
 // sites (the same probe as bf16_specification, on the main pass and the MTP block).
 LogitStats bf16_mtp_specification(const Model& m, const std::vector<int32_t>& tokens, const float* golden) {
@@ -260,7 +238,7 @@ TEST_P(GpuRunner, MtpLogitsMatchGolden) {
         Schedule s;
     } schedules[] = {{"full pass", {-1, 0}}, {"decode after prefill 127", {127, 0}}, {"chunks of 37", {-1, 37}}};
     for (const auto& sc : schedules) {
-        const std::vector<float> got = gpu_mtp_logits(run, ids, sc.s);
+        const std::vector<float> got = gpu::sequence_logits_mtp(run, ids, sc.s).mtp_logits;
         ASSERT_EQ(got.size(), static_cast<size_t>(Tm * V())) << sc.name;
         const LogitStats st = compare_logits(got, golden, Tm, V());
         std::printf("[ %s | mtp | %s ] mtp_logits vs official: mean cosine %.6f, min %.6f, top-1 %.2f%%, max |diff| %.4f\n",
@@ -276,6 +254,65 @@ TEST_P(GpuRunner, MtpLogitsMatchGolden) {
     test::expect_error([&] { run.step_mtp({{slot, {1}}}, {{static_cast<int32_t>(V())}}, l, m); },
                        {"next token id", "vocabulary"});
     EXPECT_EQ(run.n_past(slot), 0);
+}
+
+// Rollback: save, a two-token step, restore, then the first token alone leaves the slot's state as
+// running that token alone does, bit for bit; restore_state checks its position.
+TEST_P(GpuRunner, RestoreStateUndoesSteps) {
+    gpu::RunnerOptions o = small_options();
+    o.rollback = true;
+    gpu::Runner run(*c->model, o);
+    const int32_t a = run.open(), b = run.open();
+    ASSERT_TRUE(run.reserve(a, 64) && run.reserve(b, 64));
+    const std::vector<int32_t> prompt(c->input_ids.begin(), c->input_ids.begin() + 37);
+    std::vector<float> la, lb;
+    run.step({{a, prompt}, {b, prompt}}, false, la);
+    run.save_state(a);
+    run.step({{a, {c->input_ids[37], c->input_ids[38]}}}, false, la);
+    EXPECT_EQ(run.n_past(a), 39);
+    test::expect_error([&] { run.restore_state(a, 38); }, {"saved at position 37"});
+    run.restore_state(a, 37);
+    EXPECT_EQ(run.n_past(a), 37);
+    run.step({{a, {c->input_ids[37]}}}, false, la);
+    run.step({{b, {c->input_ids[37]}}}, false, lb);
+    EXPECT_EQ(la, lb);
+    const SequenceState sa = run.download_state(a), sb = run.download_state(b);
+    ASSERT_EQ(sa.layers.size(), sb.layers.size());
+    for (size_t l = 0; l < sa.layers.size(); ++l) {
+        EXPECT_EQ(sa.layers[l].window, sb.layers[l].window) << "layer " << l;
+        EXPECT_EQ(sa.layers[l].comp.pending_kv, sb.layers[l].comp.pending_kv) << "layer " << l;
+        EXPECT_EQ(sa.layers[l].comp.rows, sb.layers[l].comp.rows) << "layer " << l;
+        EXPECT_EQ(sa.layers[l].index_comp.rows, sb.layers[l].index_comp.rows) << "layer " << l;
+    }
+    gpu::Runner plain(*c->model, small_options());
+    const int32_t p = plain.open();
+    ASSERT_TRUE(plain.reserve(p, 8));
+    test::expect_error([&] { plain.save_state(p); }, {"rollback"});
+}
+
+// Speculative decoding on the GPU (K = 1, greedy): the same ids as the runner's own greedy
+// decoding, and every round accounted for.
+TEST_P(GpuRunner, SpeculativeGreedyEqualsGreedy) {
+    const size_t P = 16;
+    const int64_t N = 40;
+    const std::vector<int32_t> prompt(c->input_ids.begin(), c->input_ids.begin() + P);
+    auto b = gpu::make_gpu_backend(*c->model, small_options());
+    const std::vector<int32_t> plain = generate_greedy(*b, prompt, N, 0, true);
+    gpu::RunnerOptions o = small_options();
+    o.rollback = true;
+    gpu::Runner run(*c->model, o);
+    for (int64_t chunk : {int64_t{0}, int64_t{5}}) {
+        const SpeculativeResult r = gpu::generate_speculative(run, prompt, N, 1, chunk, true);
+        std::printf("[ %s ] GPU speculative K=1 (chunk %ld): %ld rounds, %ld of %ld drafts accepted, %ld rollbacks\n",
+                    GetParam().c_str(), static_cast<long>(chunk), static_cast<long>(r.stats.rounds),
+                    static_cast<long>(r.stats.accepted), static_cast<long>(r.stats.drafted),
+                    static_cast<long>(r.stats.rerun_steps));
+        EXPECT_EQ(r.tokens, plain) << "chunk " << chunk;
+        EXPECT_EQ(r.stats.drafted, r.stats.rounds);
+        EXPECT_EQ(r.stats.rerun_steps, r.stats.drafted - r.stats.accepted);
+        EXPECT_EQ(r.stats.round_tokens, r.stats.rounds + r.stats.accepted);
+    }
+    test::expect_error([&] { gpu::generate_speculative(run, prompt, N, 2, 0, true); }, {"one token per round"});
 }
 
 // Greedy ids equal the golden up to the first position where the golden's own margin (top-1 minus
@@ -509,6 +546,23 @@ TEST_P(GpuRunner, GraphReplayEqualsEager) {
     }
     EXPECT_EQ(rg.graphs_captured(), 1);
     EXPECT_EQ(rg.graph_replays(), 23);
+    // Chunks of 3 tokens each (speculative verification's shape), every logit row, 3 of the 4
+    // sequences: the bucket of 4 with a padding chunk, replayed from its own graph.
+    for (int step = 0; step < 6; ++step) {
+        std::vector<gpu::RunnerChunk> dg, de;
+        for (int i = 0; i < 3; ++i) {
+            const auto at = c->input_ids.begin() + 100 + 11 * i + 3 * step;
+            dg.push_back({sg[static_cast<size_t>(i)], std::vector<int32_t>(at, at + 3)});
+            de.push_back({se[static_cast<size_t>(i)], std::vector<int32_t>(at, at + 3)});
+        }
+        rg.step(dg, true, lg);
+        re.step(de, true, le);
+        ASSERT_EQ(lg.size(), static_cast<size_t>(9 * V()));
+        ASSERT_EQ(lg.size(), le.size());
+        ASSERT_EQ(std::memcmp(lg.data(), le.data(), lg.size() * 4), 0) << "3-token step " << step;
+    }
+    EXPECT_EQ(rg.graphs_captured(), 2);
+    EXPECT_EQ(rg.graph_replays(), 23 + 5);
     EXPECT_EQ(re.graph_replays(), 0);
 }
 // Prefix snapshots on the GPU: a sequence opened from a snapshot continues exactly as the one it
@@ -738,6 +792,27 @@ TEST_P(GpuRunner, CommandLineBackendCuda) {
     std::vector<float> got(t.as<float>(), t.as<float>() + T() * V());
     const LogitStats s = compare_logits(got, c->cpu_logits.data(), T(), V());
     EXPECT_GE(s.mean_cos, 0.998);
+
+    // --mtp on the GPU: mtp_logits [T-1, V] next to the logits, close to the CPU reference's.
+    const std::string om = run_cli("logits --backend cuda --mtp --model " + model + " --tokens " + dir.str() +
+                                       "/t.txt --out " + dir.str() + "/m.safetensors",
+                                   &st);
+    ASSERT_EQ(st, 0) << om;
+    {
+        SafetensorsFile fm(dir.str() + "/m.safetensors");
+        const TensorInfo* mi = fm.find("mtp_logits");
+        ASSERT_NE(mi, nullptr);
+        Tensor mt = fm.view(*mi);
+        ASSERT_EQ(mt.ndim, 2);
+        ASSERT_EQ(mt.dim(0), T() - 1);
+        ASSERT_EQ(mt.dim(1), V());
+        const MtpLogits cpu = sequence_logits_mtp(*c->model, c->input_ids, Schedule{});
+        const std::vector<float> gm(mt.as<float>(), mt.as<float>() + (T() - 1) * V());
+        const LogitStats sm = compare_logits(gm, cpu.mtp_logits.data(), T() - 1, V());
+        std::printf("[ %s ] logits --backend cuda --mtp: mtp_logits vs the CPU reference: mean cosine %.6f\n",
+                    GetParam().c_str(), sm.mean_cos);
+        EXPECT_GE(sm.mean_cos, 0.998);
+    }
 
     const std::string g = run_cli("generate --backend cuda --model " + model + " --ids \"" +
                                       ids.substr(0, ids.find(' ', 40)) + "\" --max-new 8 --ignore-eos",
