@@ -14,10 +14,13 @@
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec]
-// --spec: at batch 1, the step times of speculative decoding with the MTP block drafting one token
-// (gpu::generate_speculative's rounds): an accepted round (a two-token verify step and the MTP
-// block over both positions) and a rejected one (the verify step, a rollback, the last token again
-// and the MTP block over it), and from them tokens/s at acceptance rates 0.5 / 0.8 / 1.
+// --spec: after each decode row, speculative decoding with the MTP block drafting one token per
+// sequence (gpu::generate_speculative's rounds, batched): per round, save_state where the draft's
+// position closes a compressor window, one Runner::step_verify over [x, draft] of every sequence,
+// then for each rejected draft a rewind, or a restore and one step re-running those sequences' x.
+// Synthetic weights accept nothing meaningful, so each draft is accepted with probability α
+// (0.5 / 0.8 / 1, a fixed random sequence) whatever the ids: measured rounds at those rates, and
+// tokens/s against the plain decode row.
 // --serial: everything on one stream (RunnerOptions::side_stream off), to compare.
 // --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
 // records (span, kernel time, idle time, a table by kernel, and its first N kernels).
@@ -129,9 +132,9 @@ int main(int argc, char** argv) {
         const int64_t max_ctx = *std::max_element(contexts.begin(), contexts.end());
         gpu::RunnerOptions ro;
         ro.max_seqs = max_batch;
-        // --spec verifies two tokens of one sequence in a step (all rows' logits).
-        ro.max_batch_tokens = std::max({prefill, max_batch, spec ? int64_t{2} : int64_t{1}});
-        ro.max_logit_rows = std::max(max_batch, spec ? int64_t{2} : int64_t{1});
+        // --spec verifies two tokens of every sequence in a step (every token a logit row).
+        ro.max_batch_tokens = std::max(prefill, (spec ? 2 : 1) * max_batch);
+        ro.max_logit_rows = (spec ? 2 : 1) * max_batch;
         ro.max_model_len = std::max(max_ctx, prefill) + 8 * steps + 16;
         ro.memory_fraction = 0.95;
         ro.side_stream = !serial;
@@ -218,42 +221,67 @@ int main(int argc, char** argv) {
                 std::printf("    eager step %.1f us:", tot * 1000);
                 for (const auto& [n, ms] : prof) std::printf(" %s %.0f%%", n.c_str(), 100 * ms / tot);
                 std::printf("\n");
-                if (spec && B == 1) {
-                    // One sequence's rounds, timed over `steps` rounds each (synthetic weights: the
-                    // draft's acceptance is forced by which round is timed, not by the tokens).
-                    const int32_t sl = slots[0];
-                    std::vector<float> mtp;
-                    run.step(decode(steps + 5), false, logits);   // a step for mtp_step to follow
-                    run.mtp_step({{7}}, mtp);
-                    CUDA_CHECK(cudaDeviceSynchronize());
-                    auto t_acc = std::chrono::steady_clock::now();
-                    for (int64_t s = 0; s < steps; ++s) {
-                        run.step({{sl, {11, 12}}}, true, logits);
-                        run.mtp_step({{12, 13}}, mtp);
-                    }
-                    const double us_acc = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_acc).count() / static_cast<double>(steps);
-                    auto t_rej = std::chrono::steady_clock::now();
-                    for (int64_t s = 0; s < steps; ++s) {
-                        const int64_t at = run.n_past(sl);
-                        run.save_state(sl);
-                        run.step({{sl, {11, 12}}}, true, logits);
-                        run.restore_state(sl, at);
-                        run.step({{sl, {11}}}, false, logits);
-                        run.mtp_step({{14}}, mtp);
-                    }
-                    const double us_rej = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_rej).count() / static_cast<double>(steps);
-                    // The parts: a two-token verify step alone, the MTP block's step alone.
-                    auto t_ver = std::chrono::steady_clock::now();
-                    for (int64_t s = 0; s < steps; ++s) run.step({{sl, {11, 12}}}, true, logits);
-                    const double us_ver = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_ver).count() / static_cast<double>(steps);
-                    std::printf("    parts: two-token verify step %.1f us, so the MTP block's step (2 positions) %.1f us\n", us_ver,
-                                us_acc - us_ver);
-                    std::printf("    speculative K=1: accepted round %.1f us (2 tokens), rejected round %.1f us (1 token); plain decode %.1f us/token\n",
-                                us_acc, us_rej, us);
+                if (spec) {
+                    uint64_t rng = 0x9E3779B97F4A7C15ull;
+                    auto uniform = [&rng] {   // splitmix64 → [0, 1)
+                        uint64_t z = (rng += 0x9E3779B97F4A7C15ull);
+                        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+                        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+                        return static_cast<double>((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
+                    };
+                    std::vector<std::vector<int32_t>> mi, di;
                     for (double alpha : {0.5, 0.8, 1.0}) {
-                        const double per_tok = (alpha * us_acc + (1 - alpha) * us_rej) / (1 + alpha);
-                        std::printf("    acceptance %.1f: %.1f us/token, %.0f tok/s, %.2fx plain decode\n", alpha, per_tok,
-                                    1e6 / per_tok, us / per_tok);
+                        int64_t tokens = 0, reruns = 0, rounds = 0;
+                        double us_total = 0;
+                        for (int64_t r = -2; r < steps; ++r) {   // two rounds of warm-up (graph capture)
+                            // Keep every sequence within its reservation: back to the context length.
+                            for (int32_t sl : slots)
+                                if (run.n_past(sl) > ctx + 6 * steps) run.set_n_past_for_benchmark(sl, ctx);
+                            CUDA_CHECK(cudaDeviceSynchronize());
+                            const auto t0 = std::chrono::steady_clock::now();
+                            std::vector<gpu::RunnerChunk> ch;
+                            std::vector<bool> saved;
+                            for (int64_t i = 0; i < B; ++i) {
+                                const int32_t sl = slots[static_cast<size_t>(i)];
+                                saved.push_back(run.rewind_needs_save(run.n_past(sl) + 1, 1));
+                                if (saved.back()) run.save_state(sl);
+                                ch.push_back({sl, {static_cast<int32_t>((7 * i + 13 * (r + 2)) % 1000 + 2),
+                                                   static_cast<int32_t>((5 * i + 11 * (r + 2)) % 1000 + 2)}});
+                            }
+                            run.step_verify(ch, mi, di);
+                            std::vector<gpu::RunnerChunk> again;
+                            int64_t got = 0;
+                            for (int64_t i = 0; i < B; ++i) {
+                                const int32_t sl = slots[static_cast<size_t>(i)];
+                                if (uniform() < alpha) {
+                                    got += 2;
+                                    continue;
+                                }
+                                got += 1;
+                                const int64_t L = run.n_past(sl) - 1;
+                                if (saved[static_cast<size_t>(i)]) {
+                                    run.restore_state(sl, L - 1);
+                                    again.push_back({sl, {ch[static_cast<size_t>(i)].tokens[0]}});
+                                } else {
+                                    run.rewind(sl, L);
+                                }
+                            }
+                            if (!again.empty()) run.step(again, false, logits);
+                            CUDA_CHECK(cudaDeviceSynchronize());
+                            if (r < 0) continue;
+                            us_total += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+                            tokens += got;
+                            reruns += again.empty() ? 0 : 1;
+                            ++rounds;
+                        }
+                        const double per_tok = us_total / static_cast<double>(tokens) * static_cast<double>(B);
+                        std::printf("    speculative K=1, acceptance %.1f: %.1f us/round, %.2f tokens/round per sequence, "
+                                    "%ld re-run steps in %ld rounds: %.1f us per token per sequence, %.0f tok/s, "
+                                    "%.2fx plain decode\n",
+                                    alpha, us_total / static_cast<double>(rounds),
+                                    static_cast<double>(tokens) / static_cast<double>(rounds * B),
+                                    static_cast<long>(reruns), static_cast<long>(rounds), per_tok,
+                                    static_cast<double>(tokens) * 1e6 / us_total, us / per_tok);
                     }
                 }
                 for (int32_t s : slots) run.close(s);

@@ -146,7 +146,12 @@ SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& 
             run.mtp_step({next}, mtp);
             draft = argmax_row(mtp.data() + (n - 1) * V, V);
         }
-        // Rounds: verify [x, draft]; keep the draft and a bonus token, or replace it and roll back.
+        // Rounds: verify [x, draft] in one step_verify (the main model's greedy tokens after x and
+        // after the draft, and the MTP block's next draft after each); keep the draft and the bonus
+        // token, or the correction alone and drop the draft's position: a rewind, or (when the
+        // draft's position closes a compressor window) the record saved before the round restored
+        // and x run again.
+        std::vector<std::vector<int32_t>> main_ids, draft_ids;
         while (static_cast<int64_t>(out.size()) < max_new && !is_eos(out.back())) {
             const int64_t L = P + static_cast<int64_t>(out.size());   // the main model has run L - 1 positions
             const int32_t x = out.back();
@@ -156,24 +161,26 @@ SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& 
                 out.push_back(argmax_row(logits.data(), V));
                 break;
             }
-            run.save_state(slot);
-            run.step({{slot, {x, draft}}}, true, logits);
+            const bool saved = run.rewind_needs_save(L, 1);          // the draft's position
+            if (saved) run.save_state(slot);
+            run.step_verify({{slot, {x, draft}}}, main_ids, draft_ids);
             ++st.rounds;
             ++st.drafted;
-            const int32_t a0 = argmax_row(logits.data(), V);
             std::vector<int32_t> fresh;
-            if (a0 == draft) {
+            if (main_ids[0][0] == draft) {
                 ++st.accepted;
-                fresh = {draft, argmax_row(logits.data() + V, V)};
-                run.mtp_step({fresh}, mtp);
-                draft = argmax_row(mtp.data() + V, V);
+                fresh = {draft, main_ids[0][1]};
+                draft = draft_ids[0][1];
             } else {
-                ++st.rerun_steps;
-                fresh = {a0};
-                run.restore_state(slot, L - 1);
-                run.step({{slot, {x}}}, false, logits);
-                run.mtp_step({fresh}, mtp);
-                draft = argmax_row(mtp.data(), V);
+                fresh = {main_ids[0][0]};
+                draft = draft_ids[0][0];
+                if (saved) {
+                    ++st.rerun_steps;
+                    run.restore_state(slot, L - 1);
+                    run.step({{slot, {x}}}, false, logits);
+                } else {
+                    run.rewind(slot, L);
+                }
             }
             st.round_tokens += static_cast<int64_t>(fresh.size());
             for (int32_t id : fresh) {

@@ -25,8 +25,10 @@ std::unique_ptr<Backend> make_gpu_backend(const ModelConfig& c, uint64_t seed, c
 MtpLogits sequence_logits_mtp(Runner& run, const std::vector<int32_t>& tokens, const Schedule& s);
 
 // Greedy speculative decoding on the GPU with the MTP block drafting K = 1 token per round (the
-// round of ref/speculative.h): the main model verifies [last token, draft] in one step; a rejected
-// draft is undone with restore_state and the last token run again. The runner needs
+// round of ref/speculative.h): Runner::step_verify checks [last token, draft] and drafts the next
+// token in one step; a rejected draft's position is dropped with Runner::rewind, or, when that
+// position closes a compressor window, with restore_state and the last token run again
+// (SpeculativeStats::rerun_steps counts those). The runner needs
 // RunnerOptions::rollback and an MTP block; prompt chunks of `chunk` tokens (0: one, capped at the
 // runner's step size). The output is the runner's own greedy decoding, except where a near tie
 // resolves differently in a two-token step than in a one-token step (bf16 activations).

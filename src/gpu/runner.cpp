@@ -130,6 +130,7 @@ struct Workspace {
     bool with_mtp = false;           // carve the MTP pass's buffers
     uint16_t* mtp_h = nullptr;       // [T, hc, D] bf16 hnorm of the main streams
     float* mtp_pe = nullptr;         // [T, D] e_proj of the next tokens' embedding
+    int32_t* mtp_ids = nullptr;      // [R] the MTP block's greedy token per row (verification steps)
     // sampling (per logit row): parameters in, draws out; each block one copy per step
     void* samp_in = nullptr;         // seed u64 [R], index i64 [R], temperature, top_p, min_p f32 [R], top_k i32 [R]
     size_t samp_in_bytes = 0;
@@ -189,6 +190,7 @@ struct Workspace {
         if (with_mtp) {
             mtp_h = a.take_n<uint16_t>(T * c.hc_mult * D);
             mtp_pe = a.take_n<float>(T * D);
+            mtp_ids = a.take_n<int32_t>(R);
         }
         iota = a.take_n<int32_t>(T);
         forced_ids = a.take_n<int32_t>(T * k);
@@ -258,10 +260,16 @@ struct Runner::Impl {
     // rows back (the step's real tokens, in order).
     void mtp_pass(int64_t rows, std::vector<float>& mtp_logits);
     // What a step hands back: the logits, or sampled ids, or sampled ids with logprobs.
-    enum Mode : int { kLogits = 0, kSample = 1, kSampleLogprobs = 2 };
+    // kVerify: speculative verification (every token a logit row): the main model's greedy token
+    // per row, then the MTP block with those as the next tokens, and its greedy token per row.
+    enum Mode : int { kLogits = 0, kSample = 1, kSampleLogprobs = 2, kVerify = 3 };
     void enqueue(const Shape& s, const Probe* probe, int mode = kLogits);
     void run(const std::vector<RunnerChunk>& chunks, bool all_logits, const Probe& probe,
-             const std::vector<SampleSpec>* spec, std::vector<float>* logits, std::vector<SampledToken>* sampled);
+             const std::vector<SampleSpec>* spec, std::vector<float>* logits, std::vector<SampledToken>* sampled,
+             std::vector<int32_t>* verify_ids = nullptr);
+    // Greedy draws of rows [0, R) of ws.logits into ids (masked ids excluded), with the sampling
+    // parameters already in ws.samp_in (all greedy for verification steps).
+    void sample_greedy(int64_t R, int32_t* ids);
     void linear(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y, bool bf16_out = false,
                 int64_t groups = 1) {
         cuda::LinearOptions lo;
@@ -708,6 +716,32 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     }
     cuda::sample_rows(ws.logits, R, V, sp, so, stream);
     mark("sample");
+    if (mode != kVerify) return;
+    // Verification: the main model's greedy token after each position is the MTP block's next
+    // token there (for the accepted drafts it is the draft itself, at the first rejection the
+    // correction, after the last draft the bonus token); rows are the step's tokens one to one.
+    check(cudaMemcpyAsync(ws.mtp_next, so.ids, static_cast<size_t>(s.T) * 4, cudaMemcpyDeviceToDevice, stream),
+          "verify: next tokens");
+    enqueue_mtp(s);
+    sample_greedy(R, ws.mtp_ids);
+    mark("mtp");
+}
+
+void Runner::Impl::sample_greedy(int64_t R, int32_t* ids) {
+    const int64_t V = cfg.vocab_size;
+    if (n_masked > 0) cuda::mask_logits(ws.logits, R, V, ws.masked, n_masked, stream);
+    char* in = static_cast<char*>(ws.samp_in);
+    const int64_t Rw = ws.R;
+    cuda::SampleParams sp;
+    sp.seed = reinterpret_cast<const uint64_t*>(in);
+    sp.index = reinterpret_cast<const int64_t*>(in + 8 * Rw);
+    sp.temperature = reinterpret_cast<const float*>(in + 16 * Rw);
+    sp.top_p = reinterpret_cast<const float*>(in + 20 * Rw);
+    sp.min_p = reinterpret_cast<const float*>(in + 24 * Rw);
+    sp.top_k = reinterpret_cast<const int32_t*>(in + 28 * Rw);
+    cuda::SampleOutputs so;
+    so.ids = ids;
+    cuda::sample_rows(ws.logits, R, V, sp, so, stream);
 }
 
 // The MTP block (ref: mtp_forward) over the positions of the step just run, in lockstep with the
@@ -905,6 +939,42 @@ void Runner::restore_state(int32_t slot, int64_t n_past) {
     impl_->last_chunk_lens.clear();
 }
 
+void Runner::step_verify(const std::vector<RunnerChunk>& chunks, std::vector<std::vector<int32_t>>& main_ids,
+                         std::vector<std::vector<int32_t>>& draft_ids) {
+    Impl& I = *impl_;
+    if (!I.dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+    size_t T = 0;
+    for (const RunnerChunk& ch : chunks) T += ch.tokens.size();
+    const std::vector<SampleSpec> greedy(T, SampleSpec{0.0f});   // temperature 0: argmax
+    std::vector<int32_t> ids;
+    I.run(chunks, true, nullptr, &greedy, nullptr, nullptr, &ids);
+    I.last_chunk_lens.clear();   // the MTP pass rewrote the main streams: no mtp_step may follow
+    main_ids.assign(chunks.size(), {});
+    draft_ids.assign(chunks.size(), {});
+    size_t t = 0;
+    for (size_t i = 0; i < chunks.size(); ++i)
+        for (size_t j = 0; j < chunks[i].tokens.size(); ++j, ++t) {
+            main_ids[i].push_back(ids[t]);
+            draft_ids[i].push_back(ids[T + t]);
+        }
+}
+
+bool Runner::rewind_needs_save(int64_t first, int64_t n) const {
+    return impl_->pool->layout().closes_window(first, n);
+}
+
+void Runner::rewind(int32_t slot, int64_t n_past) {
+    Impl& I = *impl_;
+    if (!I.pool->is_open(slot)) fail("gpu runner: slot ", slot, " is not open");
+    const int64_t now = I.pool->n_past(slot);
+    if (n_past < 0 || n_past > now) fail("gpu runner: cannot rewind slot ", slot, " from ", now, " to ", n_past);
+    if (I.pool->layout().closes_window(n_past, now - n_past))
+        fail("gpu runner: positions ", n_past, "..", now - 1, " of slot ", slot,
+             " closed a compressor window; rewind cannot drop them (restore_state instead)");
+    I.pool->rewind(slot, n_past);
+    I.last_chunk_lens.clear();
+}
+
 void Runner::step_sample(const std::vector<RunnerChunk>& chunks, const std::vector<SampleSpec>& spec,
                          std::vector<SampledToken>& out) {
     if (spec.size() != chunks.size()) fail("gpu runner: ", spec.size(), " sampling specs for ", chunks.size(), " chunks");
@@ -927,7 +997,7 @@ void Runner::set_masked_ids(const std::vector<int32_t>& ids) {
 
 void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, const Probe& probe,
                        const std::vector<SampleSpec>* spec, std::vector<float>* logits_out,
-                       std::vector<SampledToken>* sampled) {
+                       std::vector<SampledToken>* sampled, std::vector<int32_t>* verify_ids) {
     Impl& I = *this;
     const ModelConfig& c = I.cfg;
     if (chunks.empty()) fail("gpu runner: a step needs at least one chunk");
@@ -968,6 +1038,7 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
             if (sp.n_top >= 0) mode = kSampleLogprobs;
         }
     }
+    if (verify_ids) mode = kVerify;   // step_verify: greedy specs for every token row
 
     // A step of B chunks of n tokens replays the graph of the smallest bucket ≥ B (padding chunks: n
     // tokens of the padding slot at positions 0 .. n-1).
@@ -1072,7 +1143,17 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
                               cudaMemcpyDeviceToHost, I.stream),
               "logits");
     if (sampled) check(cudaMemcpyAsync(I.pinned_samp_out, ws.samp_out, ws.samp_out_bytes, cudaMemcpyDeviceToHost, I.stream), "draws");
+    if (verify_ids) {   // the main model's ids [R] into the pinned draws, the MTP block's after them
+        int32_t* pin = static_cast<int32_t*>(I.pinned_samp_out);
+        check(cudaMemcpyAsync(pin, ws.samp_out, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, I.stream), "verify ids");
+        check(cudaMemcpyAsync(pin + R, ws.mtp_ids, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, I.stream),
+              "verify draft ids");
+    }
     check(cudaStreamSynchronize(I.stream), "step");
+    if (verify_ids) {
+        const int32_t* pin = static_cast<const int32_t*>(I.pinned_samp_out);
+        verify_ids->assign(pin, pin + 2 * R);
+    }
     if (logits_out) logits_out->assign(I.pinned_logits, I.pinned_logits + R * c.vocab_size);
     if (sampled) {
         const char* out = static_cast<const char*>(I.pinned_samp_out);

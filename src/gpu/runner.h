@@ -117,6 +117,28 @@ public:
     void save_state(int32_t slot);
     void restore_state(int32_t slot, int64_t n_past);
 
+    // Speculative verification with greedy acceptance, in one graph-replayed step and one wait
+    // (needs the MTP block): each chunk is a sequence's last accepted token followed by its
+    // drafts. Runs the step with every token's logits, the main model's greedy token after each
+    // position (main_ids[i][j]: after chunk i's token j), then the MTP block over the same
+    // positions given those tokens as the next ones, and its greedy token (draft_ids[i][j]: the
+    // draft for the position after main_ids[i][j]). The drafts j < a accepted (draft j+1 equals
+    // main_ids[i][j]) make main_ids[i][0..a] the tokens, and draft_ids[i][a] the next draft; the
+    // MTP rows of the kept positions are exact (the rest are overwritten by later steps). Only ids
+    // come back. Masked ids (set_masked_ids) are never chosen. Then drop the rejected positions
+    // with rewind. Throws Error on bad input, changing nothing.
+    void step_verify(const std::vector<RunnerChunk>& chunks, std::vector<std::vector<int32_t>>& main_ids,
+                     std::vector<std::vector<int32_t>>& draft_ids);
+    // Whether a step over positions [first, first + n) would leave a slot record that rewind
+    // cannot take back to a position inside that range: true when one of them closes a
+    // compressor window. Then save_state before the step, and after it restore_state plus running
+    // the kept tokens again; otherwise rewind alone is exact.
+    bool rewind_needs_save(int64_t first, int64_t n) const;
+    // Drops the positions [n_past, n_past(slot)) of the last step (the rejected drafts), without
+    // copying state; exact when rewind_needs_save was false for those positions (checked: throws
+    // Error otherwise, changing nothing).
+    void rewind(int32_t slot, int64_t n_past);
+
     // The same step, drawing one token per chunk on the GPU from its last logits (mask_logits then
     // sample_rows, cuda/sampler.h): only ids and logprobs come back. spec: one per chunk.
     void step_sample(const std::vector<RunnerChunk>& chunks, const std::vector<SampleSpec>& spec,

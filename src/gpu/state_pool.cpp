@@ -53,6 +53,7 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool w
         }
         L.layers.push_back(ly);
     }
+    L.main_bytes = slot;
     if (with_mtp) {   // the MTP block: a sliding-window layer
         Layer ly;
         ly.ring_off = slot;
@@ -62,6 +63,15 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool w
     L.slot_bytes = std::max<int64_t>(slot, 256);
     L.block_bytes = block;
     return L;
+}
+
+bool StateLayout::closes_window(int64_t first, int64_t n) const {
+    for (const Layer& ly : layers) {
+        if (ly.ratio <= 0) continue;
+        for (int64_t p = first; p < first + n; ++p)
+            if ((p + 1) % ly.ratio == 0) return true;
+    }
+    return false;
 }
 
 StatePool::StatePool(const ModelConfig& c, const StateLayout& layout, int64_t n_slots, int64_t n_blocks,
@@ -97,7 +107,7 @@ void StatePool::save(int32_t slot, CUstream_st* stream) {
     MEGAMOE_CHECK(backup_.bytes() > 0, "state pool: rollback was not enabled (RunnerOptions::rollback)");
     check(cudaMemcpyAsync(backup_.as<char>() + static_cast<int64_t>(slot) * L_.slot_bytes,
                           slots_.as<char>() + static_cast<int64_t>(slot) * L_.slot_bytes,
-                          static_cast<size_t>(L_.slot_bytes), cudaMemcpyDeviceToDevice, stream),
+                          static_cast<size_t>(L_.main_bytes), cudaMemcpyDeviceToDevice, stream),
           "rollback save");
     saved_at_[static_cast<size_t>(slot)] = seqs_[static_cast<size_t>(slot)].n_past;
 }
@@ -112,8 +122,16 @@ void StatePool::restore(int32_t slot, int64_t n_past, CUstream_st* stream) {
     MEGAMOE_CHECK(n_past <= s.n_past, "state pool: slot ", slot, " is at ", s.n_past, ", before ", n_past);
     check(cudaMemcpyAsync(slots_.as<char>() + static_cast<int64_t>(slot) * L_.slot_bytes,
                           backup_.as<char>() + static_cast<int64_t>(slot) * L_.slot_bytes,
-                          static_cast<size_t>(L_.slot_bytes), cudaMemcpyDeviceToDevice, stream),
+                          static_cast<size_t>(L_.main_bytes), cudaMemcpyDeviceToDevice, stream),
           "rollback restore");
+    s.n_past = n_past;
+}
+
+void StatePool::rewind(int32_t slot, int64_t n_past) {
+    MEGAMOE_CHECK(is_open(slot), "state pool: slot ", slot, " is not open");
+    Seq& s = seqs_[static_cast<size_t>(slot)];
+    MEGAMOE_CHECK(n_past >= 0 && n_past <= s.n_past, "state pool: slot ", slot, " is at ", s.n_past,
+                  ", cannot rewind to ", n_past);
     s.n_past = n_past;
 }
 

@@ -42,11 +42,17 @@ struct StateLayout {
     int64_t W = 0, hd = 0, dI = 0;
     int64_t block_tokens = 0;
     int64_t slot_bytes = 0;                  // one slot record
+    int64_t main_bytes = 0;                  // its main-model part (all of it but the MTP block's ring,
+                                             // which comes last): what a rollback saves and restores
     int64_t block_bytes = 0;                 // one block (0: no compressed layer)
     std::vector<Layer> layers;
 
     // with_mtp: one more sliding-window ring after the main layers (layer index L, the MTP block's).
     static StateLayout make(const ModelConfig& c, int64_t block_tokens, bool with_mtp = false);
+
+    // Whether a position in [first, first + n) closes a window of some compressor ((p + 1) mod r
+    // == 0): only then does running it change a slot record beyond rows keyed by position.
+    bool closes_window(int64_t first, int64_t n) const;
 };
 
 class StatePool {
@@ -82,14 +88,24 @@ public:
     int32_t open_from(int32_t handle, CUstream_st* stream);       // a slot at the snapshot's position, or -1
     int64_t n_snapshots() const { return static_cast<int64_t>(snaps_.size()); }
 
-    // Rollback (speculative decoding; needs rollback at construction): save copies the slot's record
-    // (window rings, open compressor windows, the MTP ring) to its backup; restore copies it back
+    // Rollback (speculative decoding; needs rollback at construction): save copies the main-model
+    // part of the slot's record (window rings, open compressor windows; not the MTP block's ring,
+    // whose rows are keyed by position and stay valid: a verification step's MTP pass wrote the
+    // rows of the kept positions, which re-running them through the main model does not redo)
+    // to its backup; restore copies it back
     // and sets the position to n_past (at most the current one, at least the saved one). Rows that
     // steps after the save wrote into blocks past n_past are never read before later steps rewrite
     // them (rows and keys are read by position), so the slot is then exactly as it was at n_past.
     // Stream-ordered copies on `stream`.
     void save(int32_t slot, CUstream_st* stream);
     void restore(int32_t slot, int64_t n_past, CUstream_st* stream);
+    // Sets the position back to n_past (≤ the current one) without touching device memory. Exact
+    // when no dropped position closed a compressor window (StateLayout::closes_window): the
+    // window rings (row p mod W), the compressors' pending slots of the window still open and the
+    // compressed rows are keyed by position, so the dropped positions' writes are never read
+    // before later steps rewrite them; a closed window also rewrites the overlap series `prev`
+    // and skips the open window's pending slots, which a rewind cannot undo. The caller checks.
+    void rewind(int32_t slot, int64_t n_past);
 
     // Uploads the block-table rows changed since the last call (stream-ordered, from pinned memory).
     void sync_tables(CUstream_st* stream);
