@@ -305,6 +305,8 @@ int main(int argc, char** argv) {
     srv->add_option("--max-state-tokens", so.max_state_tokens,
                     "positions of sequence state in the pool, 0: what memory holds (past it: wait, preempt)");
     srv->add_flag("--no-prefix-caching{false}", so.prefix_caching, "do not reuse the state of earlier prompts");
+    srv->add_option("--speculative-tokens", so.speculative_tokens,
+                    "draft tokens per step from the checkpoint's MTP block (0: off; 1, the cuda backend)");
 
     CLI11_PARSE(app, argc, argv);
     // serve waits for SIGTERM/SIGINT on a thread of its own: block them before any thread starts.

@@ -266,6 +266,7 @@ private:
         eo.max_model_len = opt_.max_model_len;
         eo.seed = opt_.seed;
         eo.prefix_caching = opt_.prefix_caching;
+        eo.speculative_tokens = opt_.speculative_tokens;
         for (int64_t id = 0; id < cfg.vocab_size; ++id)
             if (!tok_->has_token(static_cast<int32_t>(id))) eo.masked_token_ids.push_back(static_cast<int32_t>(id));
         return eo;
@@ -275,7 +276,8 @@ private:
         bo.name = opt_.backend;
         bo.max_seqs = opt_.max_seqs;
         bo.max_batch_tokens = opt_.max_batch_tokens;
-        bo.max_logit_rows = opt_.max_seqs;
+        bo.max_logit_rows = opt_.max_seqs * (1 + opt_.speculative_tokens);   // a verified sequence: 1 + drafts rows
+        bo.speculative = opt_.speculative_tokens > 0;
         bo.max_model_len = opt_.max_model_len;
         bo.gpu_memory_fraction = opt_.gpu_memory_fraction;
         bo.max_state_tokens = opt_.max_state_tokens;
@@ -752,6 +754,10 @@ std::string Server::metrics_text() const {
     counter("megamoe_prefix_cache_hit_requests_total", "requests that started from a prefix snapshot",
             static_cast<double>(m.prefix_hit_requests));
     gauge("megamoe_prefix_cache_entries", "prefix snapshots held", static_cast<double>(m.prefix_entries));
+    counter("megamoe_spec_decode_num_drafts_total", "speculative decoding: drafts verified",
+            static_cast<double>(m.spec_drafts_total));
+    counter("megamoe_spec_decode_num_accepted_tokens_total", "speculative decoding: drafts accepted",
+            static_cast<double>(m.spec_accepted_total));
     const Connections::Cuts& cuts = conns_.cuts();
     o << "# HELP megamoe_connections_cut_total connections closed by the server for passing a limit, by limit\n"
          "# TYPE megamoe_connections_cut_total counter\n"
@@ -1043,6 +1049,8 @@ void validate(const ServeOptions& o) {
         fail("--max-batch-tokens must be in 1..1048576, got ", o.max_batch_tokens);
     if (o.max_seqs < 1 || o.max_seqs > 65536) fail("--max-seqs must be in 1..65536, got ", o.max_seqs);
     if (o.max_state_tokens < 0) fail("--max-state-tokens must be >= 0, got ", o.max_state_tokens);
+    if (o.speculative_tokens < 0 || o.speculative_tokens > 1)
+        fail("--speculative-tokens must be 0 or 1 in the server for now, got ", o.speculative_tokens);
     if (o.max_body_bytes < 1) fail("--max-body-bytes must be >= 1, got ", o.max_body_bytes);
     if (o.max_connections < 1 || o.max_connections > 65536)
         fail("--max-connections must be in 1..65536, got ", o.max_connections);

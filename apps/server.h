@@ -44,6 +44,9 @@ struct ServeOptions {
     // CPU backend: no limit). Past it, requests wait and running ones are preempted.
     int64_t     max_state_tokens = 0;
     bool        prefix_caching = true;     // --no-prefix-caching turns it off
+    // Speculative decoding with the checkpoint's MTP block (EngineOptions::speculative_tokens):
+    // 0 off, 1 draft per step and sequence (the cuda backend).
+    int64_t     speculative_tokens = 0;
 };
 
 // Throws Error naming the flag (--port, --max-seqs, ...) for a value out of range. serve()

@@ -688,6 +688,16 @@ __global__ void __launch_bounds__(256) mask_kernel(float* logits, int64_t R, int
     }
 }
 
+// out[t] = given[t] >= 0 ? given[t] : drawn[-1 - given[t]] (see resolve_next_tokens).
+__global__ void __launch_bounds__(256) resolve_next_kernel(const int32_t* given, const int32_t* drawn, int64_t T,
+                                                           int32_t* out) {
+    rk::pdl_begin();
+    for (int64_t t = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; t < T; t += static_cast<int64_t>(gridDim.x) * 256) {
+        const int32_t g = given[t];
+        out[t] = g >= 0 ? g : drawn[-1 - static_cast<int64_t>(g)];
+    }
+}
+
 }  // namespace
 
 void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& p, const SampleOutputs& o,
@@ -714,6 +724,15 @@ void mask_logits(float* logits, int64_t R, int64_t V, const int32_t* ids, int64_
     if (!logits || !ids) fail(op, ": logits and ids must not be null");
     const int64_t blocks = std::min<int64_t>((R * n + 255) / 256, 1024);
     rk::launch(mask_kernel, dim3(static_cast<unsigned>(blocks)), dim3(256), 0, stream, logits, R, V, ids, n);
+}
+
+void resolve_next_tokens(const int32_t* given, const int32_t* drawn, int64_t T, int32_t* out, CUstream_st* stream) {
+    constexpr const char* op = "resolve_next_tokens";
+    if (T < 0) fail(op, ": bad length T=", T);
+    if (T == 0) return;
+    if (!given || !drawn || !out) fail(op, ": given, drawn and out must not be null");
+    const int64_t blocks = std::min<int64_t>((T + 255) / 256, 1024);
+    rk::launch(resolve_next_kernel, dim3(static_cast<unsigned>(blocks)), dim3(256), 0, stream, given, drawn, T, out);
 }
 
 }  // namespace megamoe::cuda

@@ -59,4 +59,10 @@ void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& 
 // Asynchronous, graph-capturable, fixed grid for given (R, n).
 void mask_logits(float* logits, int64_t R, int64_t V, const int32_t* ids, int64_t n, CUstream_st* stream);
 
+// Speculative steps: the token after each of T positions, given or drawn. out[t] = given[t] when
+// given[t] >= 0, else drawn[-1 - given[t]] (the token sampled at logit row -1 - given[t]). given,
+// drawn (i32, the rows the encoding names) and out: device. Asynchronous, graph-capturable.
+// twin: megamoe::resolve_next_tokens (ref/speculative.h).
+void resolve_next_tokens(const int32_t* given, const int32_t* drawn, int64_t T, int32_t* out, CUstream_st* stream);
+
 }  // namespace megamoe::cuda

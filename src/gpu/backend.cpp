@@ -36,6 +36,55 @@ public:
         for (size_t i = 0; i < chunks.size(); ++i) rc[i] = {chunks[i].slot, chunks[i].tokens};
         r_.step_sample(rc, spec, out);
     }
+    bool has_speculative() const override { return r_.options().rollback && r_.has_mtp(); }
+    void step_speculative(const std::vector<SpecChunk>& chunks, const std::vector<SampleSpec>& spec,
+                          std::vector<SpecOut>& out) override {
+        std::vector<Runner::SpecChunk> sc;
+        std::vector<bool> saved;
+        for (size_t i = 0; i < chunks.size(); ++i) {
+            const SpecChunk& ch = chunks[i];
+            if (ch.draft >= 0) {
+                if (ch.tokens.size() != 1)
+                    fail("gpu backend: chunk ", i, " has a draft and ", ch.tokens.size(), " tokens (one: the last accepted)");
+                if (!r_.options().rollback) fail("gpu backend: speculative steps need RunnerOptions::rollback");
+                sc.push_back({ch.slot, {ch.tokens[0], ch.draft}, true, -1});
+                // A draft whose position closes a compressor window cannot be rewound: save first.
+                saved.push_back(r_.is_open(ch.slot) && r_.rewind_needs_save(r_.n_past(ch.slot) + 1, 1));
+            } else {
+                sc.push_back({ch.slot, ch.tokens, false, ch.next});
+                saved.push_back(false);
+            }
+        }
+        for (size_t i = 0; i < chunks.size(); ++i)
+            if (saved[i]) r_.save_state(chunks[i].slot);
+        std::vector<std::vector<SampledToken>> drawn;
+        std::vector<std::vector<int32_t>> drafts;
+        r_.step_spec(sc, spec, drawn, drafts);
+        out.assign(chunks.size(), SpecOut{});
+        std::vector<RunnerChunk> again;   // rejected drafts after a save: their last token once more
+        for (size_t i = 0; i < chunks.size(); ++i) {
+            const SpecChunk& ch = chunks[i];
+            if (ch.draft < 0 || drawn[i][0].id == ch.draft) {
+                const size_t n = ch.draft < 0 ? 1 : 2;
+                for (size_t j = 0; j < n; ++j) out[i].tokens.push_back(std::move(drawn[i][j]));
+                out[i].draft = drafts[i][n - 1];
+                continue;
+            }
+            out[i].tokens.push_back(std::move(drawn[i][0]));
+            out[i].draft = drafts[i][0];
+            const int64_t kept = r_.n_past(ch.slot) - 1;   // drop the draft's position
+            if (saved[i]) {
+                r_.restore_state(ch.slot, kept - 1);
+                again.push_back({ch.slot, ch.tokens});
+            } else {
+                r_.rewind(ch.slot, kept);
+            }
+        }
+        if (!again.empty()) {
+            std::vector<float> unused;
+            r_.step(again, false, unused);
+        }
+    }
     double cache_usage() const override { return r_.cache_usage(); }
     int64_t capacity_tokens() const override { return r_.capacity_tokens(); }
     int64_t prefix_block() const override { return r_.prefix_block(); }

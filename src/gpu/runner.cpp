@@ -127,6 +127,7 @@ struct Workspace {
     int32_t* iota = nullptr;         // [T] 0, 1, ... (forced expert ids go through the hash path)
     int32_t* forced_ids = nullptr;   // [T, k] expert ids given by a probe
     int32_t* mtp_next = nullptr;     // [T] the token after each position (MTP pass; in the step inputs)
+    int32_t* next_given = nullptr;   // [T] speculative steps: resolve_next_tokens' `given` (step inputs)
     bool with_mtp = false;           // carve the MTP pass's buffers
     uint16_t* mtp_h = nullptr;       // [T, hc, D] bf16 hnorm of the main streams
     float* mtp_pe = nullptr;         // [T, D] e_proj of the next tokens' embedding
@@ -202,6 +203,7 @@ struct Workspace {
         chunk_len = chunk_first + C;
         rows = chunk_len + C;
         mtp_next = rows + R;
+        next_given = mtp_next + T;
     }
 };
 
@@ -228,6 +230,7 @@ struct Runner::Impl {
     int32_t* pinned_in = nullptr;                 // [ws.in_ints]
     void* pinned_samp_in = nullptr;               // [ws.samp_in_bytes]
     void* pinned_samp_out = nullptr;              // [ws.samp_out_bytes]
+    int32_t* pinned_drafts = nullptr;             // [ws.R] the MTP block's drafts of a speculative step
     int64_t n_masked = 0;
     float* pinned_logits = nullptr;               // [R, V]
     std::map<int64_t, cudaGraphExec_t> graphs;    // (decode bucket, output mode) -> graph
@@ -260,13 +263,22 @@ struct Runner::Impl {
     // rows back (the step's real tokens, in order).
     void mtp_pass(int64_t rows, std::vector<float>& mtp_logits);
     // What a step hands back: the logits, or sampled ids, or sampled ids with logprobs.
-    // kVerify: speculative verification (every token a logit row): the main model's greedy token
-    // per row, then the MTP block with those as the next tokens, and its greedy token per row.
-    enum Mode : int { kLogits = 0, kSample = 1, kSampleLogprobs = 2, kVerify = 3 };
+    // kSpec / kSpecLogprobs: a speculative step (step_spec): the draws (with logprobs), then the
+    // MTP block over the same positions fed the resolved next tokens, and its greedy token per row.
+    enum Mode : int { kLogits = 0, kSample = 1, kSampleLogprobs = 2, kSpec = 3, kSpecLogprobs = 4 };
+    // A speculative step's extra inputs and output (run()): per chunk whether every token is a
+    // logit row, per token the next-token encoding of resolve_next_tokens, and the MTP block's
+    // greedy draft per logit row.
+    struct SpecIo {
+        const std::vector<uint8_t>* every_row = nullptr;   // [chunks]
+        std::vector<int32_t> given;                        // [tokens] filled by run (row numbers resolved)
+        const std::vector<int32_t>* next = nullptr;        // [tokens] >= 0 a token, -1: the draw at its row
+        std::vector<int32_t> drafts;                       // [rows] out
+    };
     void enqueue(const Shape& s, const Probe* probe, int mode = kLogits);
     void run(const std::vector<RunnerChunk>& chunks, bool all_logits, const Probe& probe,
              const std::vector<SampleSpec>* spec, std::vector<float>* logits, std::vector<SampledToken>* sampled,
-             std::vector<int32_t>* verify_ids = nullptr);
+             SpecIo* sio = nullptr);
     // Greedy draws of rows [0, R) of ws.logits into ids (masked ids excluded), with the sampling
     // parameters already in ws.samp_in (all greedy for verification steps).
     void sample_greedy(int64_t R, int32_t* ids);
@@ -413,6 +425,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
           "pinned logits");
     check(cudaMallocHost(&pinned_samp_in, ws.samp_in_bytes), "pinned sampling inputs");
     check(cudaMallocHost(&pinned_samp_out, ws.samp_out_bytes), "pinned sampling outputs");
+    check(cudaMallocHost(reinterpret_cast<void**>(&pinned_drafts), static_cast<size_t>(ws.R) * 4), "pinned drafts");
     {
         std::vector<int32_t> iota(static_cast<size_t>(ws.T));
         for (size_t i = 0; i < iota.size(); ++i) iota[i] = static_cast<int32_t>(i);
@@ -469,6 +482,7 @@ Runner::Impl::~Impl() {
     if (pinned_logits) (void)cudaFreeHost(pinned_logits);
     if (pinned_samp_in) (void)cudaFreeHost(pinned_samp_in);
     if (pinned_samp_out) (void)cudaFreeHost(pinned_samp_out);
+    if (pinned_drafts) (void)cudaFreeHost(pinned_drafts);
     for (cudaEvent_t e : events) (void)cudaEventDestroy(e);
     if (side) (void)cudaStreamDestroy(side);
     if (stream) (void)cudaStreamDestroy(stream);
@@ -708,7 +722,7 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     sp.top_k = reinterpret_cast<const int32_t*>(in + 28 * Rw);
     cuda::SampleOutputs so;
     so.ids = reinterpret_cast<int32_t*>(out);
-    if (mode == kSampleLogprobs) {
+    if (mode == kSampleLogprobs || mode == kSpecLogprobs) {
         so.logprob = reinterpret_cast<float*>(out + 4 * Rw);
         so.n_top = cuda::kMaxTopLogprobs;
         so.top_ids = reinterpret_cast<int32_t*>(out + 8 * Rw);
@@ -716,12 +730,11 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     }
     cuda::sample_rows(ws.logits, R, V, sp, so, stream);
     mark("sample");
-    if (mode != kVerify) return;
-    // Verification: the main model's greedy token after each position is the MTP block's next
-    // token there (for the accepted drafts it is the draft itself, at the first rejection the
-    // correction, after the last draft the bonus token); rows are the step's tokens one to one.
-    check(cudaMemcpyAsync(ws.mtp_next, so.ids, static_cast<size_t>(s.T) * 4, cudaMemcpyDeviceToDevice, stream),
-          "verify: next tokens");
+    if (mode != kSpec && mode != kSpecLogprobs) return;
+    // A speculative step: the MTP block's next token at each position is a prompt's next token or
+    // the token drawn at that position's row (for a verified token: the accepted draft itself,
+    // the correction at the first rejection, the bonus token after the last draft).
+    cuda::resolve_next_tokens(ws.next_given, so.ids, s.T, ws.mtp_next, stream);
     enqueue_mtp(s);
     sample_greedy(R, ws.mtp_ids);
     mark("mtp");
@@ -791,6 +804,8 @@ Runner::~Runner() = default;
 const ModelConfig& Runner::cfg() const { return impl_->cfg; }
 const MemoryPlan& Runner::plan() const { return impl_->plan; }
 const RunnerOptions& Runner::options() const { return impl_->opt; }
+bool Runner::has_mtp() const { return impl_->dm->mtp.has_value(); }
+bool Runner::is_open(int32_t slot) const { return impl_->pool->is_open(slot); }
 int32_t Runner::open() { return impl_->pool->open(); }
 void Runner::close(int32_t slot) { impl_->pool->close(slot); }
 bool Runner::reserve(int32_t slot, int64_t n) { return impl_->pool->reserve(slot, n); }
@@ -939,24 +954,60 @@ void Runner::restore_state(int32_t slot, int64_t n_past) {
     impl_->last_chunk_lens.clear();
 }
 
+void Runner::step_spec(const std::vector<SpecChunk>& chunks, const std::vector<SampleSpec>& spec,
+                       std::vector<std::vector<SampledToken>>& drawn, std::vector<std::vector<int32_t>>& drafts) {
+    Impl& I = *impl_;
+    if (spec.size() != chunks.size()) fail("gpu runner: ", spec.size(), " sampling specs for ", chunks.size(), " chunks");
+    std::vector<RunnerChunk> rc;
+    std::vector<uint8_t> every;
+    std::vector<int32_t> next;
+    std::vector<SampleSpec> row_spec;   // one per logit row: the chunk's, its index counting rows
+    for (size_t i = 0; i < chunks.size(); ++i) {
+        const SpecChunk& ch = chunks[i];
+        const int64_t n = static_cast<int64_t>(ch.tokens.size());
+        if (ch.next < -1 || ch.next >= I.cfg.vocab_size)
+            fail("gpu runner: chunk ", i, "'s next token ", ch.next, " is outside the vocabulary [0, ", I.cfg.vocab_size, ")");
+        if (ch.verify && ch.next != -1) fail("gpu runner: chunk ", i, " is verified; its next tokens are the draws");
+        rc.push_back({ch.slot, ch.tokens});
+        every.push_back(ch.verify ? 1 : 0);
+        for (int64_t j = 0; j < n; ++j) {
+            if (ch.verify) next.push_back(-1);
+            else next.push_back(j + 1 < n ? ch.tokens[static_cast<size_t>(j + 1)] : ch.next);
+        }
+        for (int64_t j = ch.verify ? 0 : n - 1; j < n; ++j) {
+            SampleSpec sp = spec[i];
+            sp.index += ch.verify ? j : 0;
+            row_spec.push_back(sp);
+        }
+    }
+    Impl::SpecIo sio;
+    sio.every_row = &every;
+    sio.next = &next;
+    std::vector<SampledToken> rows;
+    I.run(rc, false, nullptr, &row_spec, nullptr, &rows, &sio);
+    I.last_chunk_lens.clear();   // the MTP pass rewrote the main streams: no mtp_step may follow
+    drawn.assign(chunks.size(), {});
+    drafts.assign(chunks.size(), {});
+    size_t r = 0;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+        const size_t n = chunks[i].verify ? chunks[i].tokens.size() : 1;
+        for (size_t j = 0; j < n; ++j, ++r) {
+            drawn[i].push_back(std::move(rows[r]));
+            drafts[i].push_back(sio.drafts[r]);
+        }
+    }
+}
+
 void Runner::step_verify(const std::vector<RunnerChunk>& chunks, std::vector<std::vector<int32_t>>& main_ids,
                          std::vector<std::vector<int32_t>>& draft_ids) {
-    Impl& I = *impl_;
-    if (!I.dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
-    size_t T = 0;
-    for (const RunnerChunk& ch : chunks) T += ch.tokens.size();
-    const std::vector<SampleSpec> greedy(T, SampleSpec{0.0f});   // temperature 0: argmax
-    std::vector<int32_t> ids;
-    I.run(chunks, true, nullptr, &greedy, nullptr, nullptr, &ids);
-    I.last_chunk_lens.clear();   // the MTP pass rewrote the main streams: no mtp_step may follow
+    std::vector<SpecChunk> sc;
+    for (const RunnerChunk& ch : chunks) sc.push_back({ch.slot, ch.tokens, true, -1});
+    const std::vector<SampleSpec> greedy(chunks.size(), SampleSpec{0.0f});   // temperature 0: argmax
+    std::vector<std::vector<SampledToken>> drawn;
+    step_spec(sc, greedy, drawn, draft_ids);
     main_ids.assign(chunks.size(), {});
-    draft_ids.assign(chunks.size(), {});
-    size_t t = 0;
     for (size_t i = 0; i < chunks.size(); ++i)
-        for (size_t j = 0; j < chunks[i].tokens.size(); ++j, ++t) {
-            main_ids[i].push_back(ids[t]);
-            draft_ids[i].push_back(ids[T + t]);
-        }
+        for (const SampledToken& d : drawn[i]) main_ids[i].push_back(d.id);
 }
 
 bool Runner::rewind_needs_save(int64_t first, int64_t n) const {
@@ -997,7 +1048,7 @@ void Runner::set_masked_ids(const std::vector<int32_t>& ids) {
 
 void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, const Probe& probe,
                        const std::vector<SampleSpec>* spec, std::vector<float>* logits_out,
-                       std::vector<SampledToken>* sampled, std::vector<int32_t>* verify_ids) {
+                       std::vector<SampledToken>* sampled, SpecIo* sio) {
     Impl& I = *this;
     const ModelConfig& c = I.cfg;
     if (chunks.empty()) fail("gpu runner: a step needs at least one chunk");
@@ -1023,10 +1074,12 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
             if (ch.tokens[j] < 0 || ch.tokens[j] >= c.vocab_size)
                 fail("gpu runner: token id ", ch.tokens[j], " (chunk ", i, ", index ", j,
                      ") is outside the vocabulary [0, ", c.vocab_size, ")");
+        const bool every = sio ? (*sio->every_row)[i] != 0 : all_logits;
         T += n;
-        R += all_logits ? n : 1;
-        uniform = uniform && n == n0;
+        R += every ? n : 1;
+        uniform = uniform && n == n0 && every == (sio ? (*sio->every_row)[0] != 0 : all_logits);
     }
+    if (sio) all_logits = (*sio->every_row)[0] != 0;   // for a uniform step: the graph's row layout
     if (T > ws.T) fail("gpu runner: ", T, " tokens in one step, more than --max-batch-tokens ", ws.T);
     if (static_cast<int64_t>(chunks.size()) > ws.C) fail("gpu runner: ", chunks.size(), " chunks, more than ", ws.C);
     if (R > ws.R) fail("gpu runner: ", R, " logit rows in one step, more than the ", ws.R, " planned");
@@ -1038,7 +1091,10 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
             if (sp.n_top >= 0) mode = kSampleLogprobs;
         }
     }
-    if (verify_ids) mode = kVerify;   // step_verify: greedy specs for every token row
+    if (sio) {
+        if (!I.dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+        mode = mode == kSampleLogprobs ? kSpecLogprobs : kSpec;
+    }
 
     // A step of B chunks of n tokens replays the graph of the smallest bucket ≥ B (padding chunks: n
     // tokens of the padding slot at positions 0 .. n-1).
@@ -1061,10 +1117,12 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
     int32_t* first = chunk + ws.T;
     int32_t* len = first + ws.C;
     int32_t* rows = len + ws.C;
+    int32_t* given = I.pinned_in + (ws.next_given - ws.in);
     int64_t t = 0, r = 0;
     for (size_t i = 0; i < chunks.size(); ++i) {
         const RunnerChunk& ch = chunks[i];
         const int64_t p0 = I.pool->n_past(ch.slot), n = static_cast<int64_t>(ch.tokens.size());
+        const bool every = sio ? (*sio->every_row)[i] != 0 : all_logits;
         first[i] = static_cast<int32_t>(t);
         len[i] = static_cast<int32_t>(n);
         for (int64_t j = 0; j < n; ++j, ++t) {
@@ -1072,9 +1130,10 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
             pos[t] = static_cast<int32_t>(p0 + j);
             slot[t] = ch.slot;
             chunk[t] = static_cast<int32_t>(i);
-            if (all_logits) rows[r++] = static_cast<int32_t>(t);
+            if (every || j == n - 1) rows[r++] = static_cast<int32_t>(t);
+            if (sio) given[t] = (*sio->next)[static_cast<size_t>(t)] >= 0 ? (*sio->next)[static_cast<size_t>(t)]
+                                                                          : static_cast<int32_t>(-r);   // -1 - (r - 1)
         }
-        if (!all_logits) rows[r++] = static_cast<int32_t>(t - 1);
     }
     for (int64_t i = B; bucket && i < bucket; ++i) {   // graph padding: chunks of the padding slot
         first[i] = static_cast<int32_t>(t);
@@ -1084,9 +1143,9 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
             pos[t] = static_cast<int32_t>(j);
             slot[t] = I.pool->pad_slot();
             chunk[t] = static_cast<int32_t>(i);
-            if (all_logits) rows[r++] = static_cast<int32_t>(t);
+            if (all_logits || j == n0 - 1) rows[r++] = static_cast<int32_t>(t);
+            if (sio) given[t] = 0;   // padding positions: any token
         }
-        if (!all_logits) rows[r++] = static_cast<int32_t>(t - 1);
     }
     if (spec) {   // sampling parameters (layout of Workspace::samp_in); padding rows: greedy
         char* in = static_cast<char*>(I.pinned_samp_in);
@@ -1115,7 +1174,7 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
     I.last_chunk_lens.clear();
     for (const RunnerChunk& ch : chunks) I.last_chunk_lens.push_back(static_cast<int64_t>(ch.tokens.size()));
     if (bucket) {
-        const int64_t key = ((bucket * (kGraphChunkMax + 1) + n0) * 2 + (all_logits ? 1 : 0)) * 4 + mode;
+        const int64_t key = ((bucket * (kGraphChunkMax + 1) + n0) * 2 + (all_logits ? 1 : 0)) * 8 + mode;
         auto it = I.graphs.find(key);
         if (it == I.graphs.end()) {
             // Capture after one eager run of the same shape (first-use work such as kernel
@@ -1143,17 +1202,11 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
                               cudaMemcpyDeviceToHost, I.stream),
               "logits");
     if (sampled) check(cudaMemcpyAsync(I.pinned_samp_out, ws.samp_out, ws.samp_out_bytes, cudaMemcpyDeviceToHost, I.stream), "draws");
-    if (verify_ids) {   // the main model's ids [R] into the pinned draws, the MTP block's after them
-        int32_t* pin = static_cast<int32_t*>(I.pinned_samp_out);
-        check(cudaMemcpyAsync(pin, ws.samp_out, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, I.stream), "verify ids");
-        check(cudaMemcpyAsync(pin + R, ws.mtp_ids, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, I.stream),
-              "verify draft ids");
-    }
+    if (sio)
+        check(cudaMemcpyAsync(I.pinned_drafts, ws.mtp_ids, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, I.stream),
+              "drafts");
     check(cudaStreamSynchronize(I.stream), "step");
-    if (verify_ids) {
-        const int32_t* pin = static_cast<const int32_t*>(I.pinned_samp_out);
-        verify_ids->assign(pin, pin + 2 * R);
-    }
+    if (sio) sio->drafts.assign(I.pinned_drafts, I.pinned_drafts + R);
     if (logits_out) logits_out->assign(I.pinned_logits, I.pinned_logits + R * c.vocab_size);
     if (sampled) {
         const char* out = static_cast<const char*>(I.pinned_samp_out);

@@ -76,6 +76,8 @@ public:
     const MemoryPlan& plan() const;
     const RunnerOptions& options() const;
 
+    bool    has_mtp() const;                       // the checkpoint's MTP block is on the device
+    bool    is_open(int32_t slot) const;
     int32_t open();                                // a free slot, or -1
     void    close(int32_t slot);
     bool    reserve(int32_t slot, int64_t n_tokens);   // room for positions [0, n_tokens)
@@ -117,6 +119,27 @@ public:
     void save_state(int32_t slot);
     void restore_state(int32_t slot, int64_t n_past);
 
+    // A speculative decoding step (the serving engine's; ref/speculative.h states its rule), in one
+    // wait and, when every chunk has the same n <= 4 tokens and kind, one graph replay (needs the
+    // MTP block). A verify chunk is a sequence's last accepted token followed by its drafts: each
+    // of its tokens is a logit row, drawn with spec[i] at key index spec[i].index + j. Another
+    // chunk (a prompt, or a decode without a draft) has its last token as its row, drawn with
+    // spec[i]. Then the MTP block runs over every position of the step, given the token after it:
+    // the next prompt token (a chunk's own, then SpecChunk::next), or where that is -1 and for
+    // verified tokens the token drawn there; and drafts greedily at every row.
+    // drawn[i][j] / drafts[i][j]: chunk i's row j (verify: after token j; else after its last).
+    // The caller accepts draft j+1 of a verify chunk while it equals drawn[i][j], then drops the
+    // rejected positions (rewind, or restore_state and the kept tokens again: rewind_needs_save).
+    // Throws Error on bad input, changing nothing.
+    struct SpecChunk {
+        int32_t slot = -1;
+        std::vector<int32_t> tokens;   // new tokens at positions n_past(slot) ...
+        bool    verify = false;        // tokens = [last accepted token, drafts...]
+        int32_t next = -1;             // not verify: the token after the last one when known, else -1
+    };
+    void step_spec(const std::vector<SpecChunk>& chunks, const std::vector<SampleSpec>& spec,
+                   std::vector<std::vector<SampledToken>>& drawn, std::vector<std::vector<int32_t>>& drafts);
+
     // Speculative verification with greedy acceptance, in one graph-replayed step and one wait
     // (needs the MTP block): each chunk is a sequence's last accepted token followed by its
     // drafts. Runs the step with every token's logits, the main model's greedy token after each
@@ -126,7 +149,8 @@ public:
     // main_ids[i][j]) make main_ids[i][0..a] the tokens, and draft_ids[i][a] the next draft; the
     // MTP rows of the kept positions are exact (the rest are overwritten by later steps). Only ids
     // come back. Masked ids (set_masked_ids) are never chosen. Then drop the rejected positions
-    // with rewind. Throws Error on bad input, changing nothing.
+    // with rewind. Throws Error on bad input, changing nothing. (step_spec, greedy, every chunk
+    // verified.)
     void step_verify(const std::vector<RunnerChunk>& chunks, std::vector<std::vector<int32_t>>& main_ids,
                      std::vector<std::vector<int32_t>>& draft_ids);
     // Whether a step over positions [first, first + n) would leave a slot record that rewind

@@ -68,6 +68,32 @@ public:
                                 std::vector<SampledToken>& /*out*/) {
         fail(name(), " backend: no sampler");
     }
+    // Speculative decoding (the serving engine's rule, ref/speculative.h "the serving engine's
+    // rule"): a backend with the MTP block that can drop rejected positions (the GPU runner).
+    // A chunk with a draft is a generating sequence's last accepted token (tokens, one) and the
+    // draft: the backend verifies both in one step, keeps the draft when the token it draws after
+    // the last one (spec[i], key index spec[i].index) equals it, drops it otherwise, and returns
+    // the draws (the accepted draft's and the one after it at index + 1, or the one draw). A chunk
+    // without a draft (a prompt chunk, or a decode) returns the draw after its last token; `next`
+    // is the token after its last when the sequence continues with known tokens (a prompt chunk
+    // followed by more prompt), else -1. Every chunk returns the MTP block's greedy draft for the
+    // position after its last returned token. All the slot's steps must go through this call
+    // (the MTP block follows every position). Throws Error on bad input, changing nothing.
+    struct SpecChunk {
+        int32_t slot = -1;
+        std::vector<int32_t> tokens;   // new tokens (with a draft: exactly one, the last accepted)
+        int32_t draft = -1;            // -1: none
+        int32_t next = -1;
+    };
+    struct SpecOut {
+        std::vector<SampledToken> tokens;   // 1 or 2 draws, in output order
+        int32_t draft = -1;                 // the next draft
+    };
+    virtual bool    has_speculative() const { return false; }
+    virtual void    step_speculative(const std::vector<SpecChunk>& /*chunks*/, const std::vector<SampleSpec>& /*spec*/,
+                                     std::vector<SpecOut>& /*out*/) {
+        fail(name(), " backend: no speculative decoding");
+    }
     virtual double  cache_usage() const = 0;       // fraction of the sequence state in use
     // Positions of state the backend holds for all sequences together (its pool), and how many of
     // them are free now (prefix-cache snapshots hold some). A request longer than the capacity can

@@ -289,4 +289,8 @@ SpeculativeResult generate_speculative(const Model& m, const SpeculativePrefill&
     return res;
 }
 
+void resolve_next_tokens(const int32_t* given, const int32_t* drawn, int64_t T, int32_t* out) {
+    for (int64_t t = 0; t < T; ++t) out[t] = given[t] >= 0 ? given[t] : drawn[-1 - static_cast<int64_t>(given[t])];
+}
+
 }  // namespace megamoe

@@ -47,6 +47,7 @@ std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, s
     ro.memory_fraction = o.gpu_memory_fraction;
     ro.graphs = o.graphs;
     ro.max_state_tokens = o.max_state_tokens;
+    ro.rollback = o.speculative;
     return gpu::make_gpu_backend(m, ro, log);
 #else
     (void)log;
@@ -108,6 +109,7 @@ std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t s
     ro.memory_fraction = o.gpu_memory_fraction;
     ro.graphs = o.graphs;
     ro.max_state_tokens = o.max_state_tokens;
+    ro.rollback = o.speculative;
     return gpu::make_gpu_backend(c, seed, ro, log);
 #else
     (void)c, (void)seed, (void)log;

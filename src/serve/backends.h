@@ -21,6 +21,7 @@ struct BackendOptions {
     double  gpu_memory_fraction = 0.92;
     bool    graphs = true;             // decode steps through CUDA graphs
     int64_t max_state_tokens = 0;      // positions of sequence state (0: the GPU's memory; the CPU: unlimited)
+    bool    speculative = false;       // the GPU runner keeps rollback records (Backend::step_speculative)
 };
 
 // True when this build has the CUDA backend and a GPU is usable.

@@ -44,6 +44,7 @@ struct Engine::Request {
     int64_t n_fed = 0;
     int64_t n_generated = 0;
     int64_t snap_at = 0;           // a prefill chunk ends here for a prefix snapshot (0: none due)
+    int32_t draft = -1;            // speculative decoding: the MTP block's guess of the token after seq's last
     bool cancelled = false;
     Clock::time_point submitted, last_token;
 
@@ -75,6 +76,18 @@ Engine::Engine(std::unique_ptr<Model> model, std::unique_ptr<Backend> backend, c
     if (opt_.max_seqs < 1) fail("max_seqs must be >= 1");
     opt_.max_batch_tokens = std::min(opt_.max_batch_tokens, backend_->max_batch_tokens());
     opt_.max_seqs = std::min({opt_.max_seqs, backend_->max_seqs(), backend_->max_logit_rows()});
+    if (opt_.speculative_tokens < 0 || opt_.speculative_tokens > 1)
+        fail("--speculative-tokens ", opt_.speculative_tokens, ": the engine drafts 0 or 1 token per step for now");
+    if (opt_.speculative_tokens > 0) {
+        if (!backend_->has_speculative())
+            fail("--speculative-tokens: the ", backend_->name(),
+                 " backend cannot run speculative steps (the cuda backend with the checkpoint's MTP block can)");
+        // A verified sequence takes 1 + drafts tokens and logit rows of a step.
+        opt_.max_seqs = std::min(opt_.max_seqs, backend_->max_logit_rows() / (1 + opt_.speculative_tokens));
+        if (opt_.max_seqs < 1 || opt_.max_batch_tokens < 1 + opt_.speculative_tokens)
+            fail("--speculative-tokens ", opt_.speculative_tokens, ": a step must hold ", 1 + opt_.speculative_tokens,
+                 " tokens and logit rows of one sequence");
+    }
     if (backend_->has_sampler()) backend_->set_masked_ids(opt_.masked_token_ids);
     const int64_t V = model_->cfg.vocab_size;
     masked_.assign(static_cast<size_t>(V), 0);
@@ -242,6 +255,7 @@ void Engine::preempt(Request& r) {
     r.slot = -1;
     r.n_fed = 0;
     r.snap_at = 0;
+    r.draft = -1;
     ++metrics_.preemptions_total;
     auto it = std::find_if(running_.begin(), running_.end(), [&](const auto& p) { return p.get() == &r; });
     waiting_.push_front(std::move(*it));   // first in line when room comes back (vLLM's order)
@@ -321,6 +335,7 @@ void Engine::maybe_snapshot(Request& r) {
 bool Engine::step() {
     std::vector<Request*> cancelled, chunk_of, no_room;
     std::vector<BackendChunk> batch;
+    std::vector<int32_t> drafts;   // per chunk: the draft it verifies (speculation), or -1
     {
         std::lock_guard<std::mutex> lk(m_);
         // Waiting requests cancelled before they ran leave at once.
@@ -344,8 +359,10 @@ bool Engine::step() {
                 continue;
             }
             if (r->slot >= 0 && r->generating()) {
-                want[r.get()] = 1;
-                --budget;
+                // With a draft (speculation): the last token and the draft, within the context.
+                const int64_t n = r->draft >= 0 && r->n_fed + 2 <= max_model_len_ && budget >= 2 ? 2 : 1;
+                want[r.get()] = n;
+                budget -= n;
             }
         }
         for (auto& r : running_) {
@@ -389,8 +406,10 @@ bool Engine::step() {
             auto w = want.find(r.get());
             if (w == want.end() || r->cancelled) continue;
             const int64_t fed = r->n_fed;
-            batch.push_back({r->slot, std::vector<int32_t>(r->seq.begin() + fed, r->seq.begin() + fed + w->second)});
+            const int64_t n = r->generating() ? 1 : w->second;   // a verified chunk: its last token, then the draft
+            batch.push_back({r->slot, std::vector<int32_t>(r->seq.begin() + fed, r->seq.begin() + fed + n)});
             chunk_of.push_back(r.get());
+            drafts.push_back(r->generating() && w->second == 2 ? r->draft : -1);
         }
     }
     for (Request* r : cancelled) finish(*r, FinishReason::cancelled);
@@ -403,8 +422,10 @@ bool Engine::step() {
     // otherwise the CPU sampler draws from the logits here. Both follow serve/sampler.h's
     // definition with the key (request seed, index of the token in the output).
     const bool device = backend_->has_sampler();
+    const bool speculative = opt_.speculative_tokens > 0;
     std::vector<float> logits;
     std::vector<SampledToken> drawn;
+    std::vector<Backend::SpecOut> spec_out;
     try {
         if (device) {
             std::vector<SampleSpec> spec;
@@ -420,7 +441,21 @@ bool Engine::step() {
                 sp.n_top = r->params.top_logprobs;
                 spec.push_back(sp);
             }
-            backend_->step_sample(batch, spec, drawn);
+            if (speculative) {
+                std::vector<Backend::SpecChunk> sc;
+                for (size_t i = 0; i < batch.size(); ++i) {
+                    const Request& r = *chunk_of[i];
+                    const int64_t end = r.n_fed + static_cast<int64_t>(batch[i].tokens.size());
+                    // A prompt (or recomputation) chunk followed by more of it knows its next token.
+                    const int32_t next = drafts[i] < 0 && end < static_cast<int64_t>(r.seq.size())
+                                             ? r.seq[static_cast<size_t>(end)]
+                                             : -1;
+                    sc.push_back({batch[i].slot, batch[i].tokens, drafts[i], next});
+                }
+                backend_->step_speculative(sc, spec, spec_out);
+            } else {
+                backend_->step_sample(batch, spec, drawn);
+            }
         } else {
             backend_->step(batch, false, logits);
         }
@@ -437,6 +472,37 @@ bool Engine::step() {
     for (size_t i = 0; i < chunk_of.size(); ++i) {
         Request& r = *chunk_of[i];
         r.n_fed += static_cast<int64_t>(batch[i].tokens.size());
+        if (speculative) {
+            // Snapshots are taken where the state stands after a chunk; a verified step that keeps
+            // two tokens can step over a block boundary, and then no snapshot is taken there.
+            maybe_snapshot(r);
+            if (r.n_fed < static_cast<int64_t>(r.seq.size())) continue;   // more prompt to run
+            const Backend::SpecOut& so = spec_out[i];
+            if (drafts[i] >= 0) {
+                std::lock_guard<std::mutex> lk(m_);
+                ++metrics_.spec_drafts_total;
+                metrics_.spec_accepted_total += so.tokens.size() == 2 ? 1 : 0;
+            }
+            try {
+                bool alive = true;
+                for (size_t j = 0; j < so.tokens.size() && alive; ++j) {
+                    const SampledToken& d = so.tokens[j];
+                    if (d.id < 0) fail("the model produced no valid logit for this request");
+                    if (j > 0) ++r.n_fed;   // the accepted draft is in the state too
+                    TokenOut out;
+                    out.id = d.id;
+                    if (r.params.top_logprobs >= 0) {
+                        out.logprob = d.logprob;
+                        out.top = d.top;
+                    }
+                    alive = deliver(r, out);
+                }
+                if (alive) r.draft = so.draft;
+            } catch (const std::exception& e) {
+                finish(r, FinishReason::error, e.what());
+            }
+            continue;
+        }
         maybe_snapshot(r);
         if (r.n_fed < static_cast<int64_t>(r.seq.size())) continue;   // more prompt (or recomputation) to run
         try {
@@ -473,7 +539,7 @@ void Engine::emit(Request& r, float* row) {
     deliver(r, out);
 }
 
-void Engine::deliver(Request& r, const TokenOut& out) {
+bool Engine::deliver(Request& r, const TokenOut& out) {
     ++r.n_generated;
     const auto now = Clock::now();
     {
@@ -490,12 +556,16 @@ void Engine::deliver(Request& r, const TokenOut& out) {
                       std::find(stops.begin(), stops.end(), out.id) != stops.end();
     const bool length = r.n_generated >= r.params.max_tokens || r.n_fed + 1 > max_model_len_;
     const bool keep = !r.cb.on_token || r.cb.on_token(out);
-    if (!keep || stop)
+    if (!keep || stop) {
         finish(r, FinishReason::stop);
-    else if (length)
+        return false;
+    }
+    if (length) {
         finish(r, FinishReason::length);
-    else
-        r.seq.push_back(out.id);   // fed at the next step
+        return false;
+    }
+    r.seq.push_back(out.id);   // fed at the next step
+    return true;
 }
 
 }  // namespace megamoe

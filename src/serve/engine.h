@@ -46,6 +46,12 @@ struct EngineOptions {
     // repeats the previous turn's prompt and answer, finds them), and dropped least recently used
     // first when the pool needs room.
     bool prefix_caching = true;
+    // Speculative decoding with the checkpoint's MTP block drafting this many tokens per step and
+    // sequence (0: off; 1 on the GPU backend for now): ref/speculative.h, "the serving engine's
+    // rule". Each generating request verifies [last token, draft] in one step and keeps 1 or 2
+    // tokens; its output is the same as without speculation (same sampling keys). Needs a backend
+    // with has_speculative() (Engine's constructor throws otherwise).
+    int64_t speculative_tokens = 0;
 };
 
 struct GenerationParams {
@@ -89,6 +95,8 @@ struct EngineMetrics {
     int64_t  running = 0, waiting = 0;
     double   cache_usage = 0;                          // the backend's state in use (fraction)
     uint64_t preemptions_total = 0;                    // running requests whose state was dropped for room
+    uint64_t spec_drafts_total = 0;                    // speculative decoding: drafts verified (vLLM's num_drafts)
+    uint64_t spec_accepted_total = 0;                  // ... of them accepted (vLLM's num_accepted_tokens)
     uint64_t prefix_queries_tokens = 0;                // prompt tokens looked up in the prefix cache (vLLM's)
     uint64_t prefix_hits_tokens = 0;                   // ... of them found there (not computed again)
     uint64_t prefix_hit_requests = 0;                  // admissions that started from a snapshot
@@ -122,7 +130,8 @@ private:
     void loop();
     bool step();                       // one forward over the current batch; false when idle
     void emit(Request& r, float* row); // samples r's next token from its logits row (CPU) and delivers it
-    void deliver(Request& r, const TokenOut& out);   // reports a drawn token; stop, length, or feed it next
+    // Reports a drawn token; stop, length, or feed it next. False when r finished (r is gone then).
+    bool deliver(Request& r, const TokenOut& out);
     void finish(Request& r, FinishReason why, const std::string& error = "");
     void fail_running(const std::string& error);   // ends every running request with an error
     // Pool room (called on the worker thread with m_ held): reserve() for positions [0, n) of r,

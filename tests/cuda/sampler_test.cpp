@@ -44,6 +44,7 @@
 #include "core/common.h"
 #include "cuda/buffer.h"
 #include "cuda/linear.h"   // gpu_available, CUDA_CHECK
+#include "ref/speculative.h"
 #include "serve/sampler.h"
 #include "test_util.h"
 
@@ -653,6 +654,28 @@ TEST(CudaSampler, RejectsBadArguments) {
     cuda::sample_rows(nullptr, 0, 100, cuda::SampleParams{}, cuda::SampleOutputs{}, nullptr);   // R = 0: nothing
     expect_error([&] { cuda::mask_logits(f, -1, 100, i, 1, nullptr); }, {"mask_logits"});
     cuda::mask_logits(nullptr, 3, 100, nullptr, 0, nullptr);   // nothing to mask
+}
+
+// resolve_next_tokens against its twin: a speculative step's next tokens, given ones mixed with
+// references to drawn rows, at the shapes a step has (a few tokens, a long prompt chunk, one).
+TEST(CudaSampler, ResolveNextTokensMatchesTwin) {
+    SAMPLER_SKIP_WITHOUT_GPU();
+    std::mt19937 rng(7);
+    for (int64_t T : {int64_t{1}, int64_t{2}, int64_t{37}, int64_t{300}, int64_t{8192}}) {
+        const int64_t R = std::max<int64_t>(1, T / 3);
+        std::vector<int32_t> given(static_cast<size_t>(T)), drawn(static_cast<size_t>(R));
+        for (int32_t& d : drawn) d = static_cast<int32_t>(rng() % 129280);
+        for (int64_t t = 0; t < T; ++t)
+            given[static_cast<size_t>(t)] = rng() % 2 ? static_cast<int32_t>(rng() % 129280)
+                                                      : -1 - static_cast<int32_t>(rng() % static_cast<uint32_t>(R));
+        std::vector<int32_t> want(static_cast<size_t>(T));
+        resolve_next_tokens(given.data(), drawn.data(), T, want.data());
+        DeviceArray<int32_t> g(given), d(drawn), out(static_cast<size_t>(T));
+        cuda::resolve_next_tokens(g.data(), d.data(), T, out.data(), nullptr);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        EXPECT_EQ(out.download(), want) << "T " << T;
+    }
+    test::expect_error([] { cuda::resolve_next_tokens(nullptr, nullptr, 4, nullptr, nullptr); }, {"must not be null"});
 }
 
 }  // namespace

@@ -8,6 +8,8 @@
 #ifdef MEGAMOE_HAVE_CUDA
 
 #include <algorithm>
+#include <condition_variable>
+#include <mutex>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -29,6 +31,7 @@
 #include "ref/generate.h"
 #include "ref/model.h"
 #include "ref/trace.h"
+#include "serve/engine.h"
 #include "serve/sampler.h"
 #include "test_util.h"
 
@@ -403,6 +406,233 @@ TEST_P(GpuRunner, VerifyStepWithOracleDrafts) {
     // The same positions, tokens and weights; only a two-token step's bf16 roundings differ from
     // the one-token chunks of the reference, which a near tie could flip.
     EXPECT_GE(same, static_cast<int64_t>(drafted_at.size()) - 1);
+}
+
+// ---- the serving engine with speculative decoding on the GPU
+
+// One request's tokens (and logprob counts); wait() blocks until it finishes.
+struct Collected {
+    std::mutex m;
+    std::condition_variable cv;
+    std::vector<int32_t> tokens;
+    std::vector<size_t> n_top;
+    FinishReason reason = FinishReason::error;
+    bool done = false;
+    RequestCallbacks callbacks() {
+        RequestCallbacks cb;
+        cb.on_token = [this](const TokenOut& t) {
+            std::lock_guard<std::mutex> lk(m);
+            tokens.push_back(t.id);
+            n_top.push_back(std::isfinite(t.logprob) ? t.top.size() : 1000);
+            return true;
+        };
+        cb.on_finish = [this](FinishReason why, const std::string&) {
+            std::lock_guard<std::mutex> lk(m);
+            reason = why;
+            done = true;
+            cv.notify_all();
+        };
+        return cb;
+    }
+    void wait() {
+        std::unique_lock<std::mutex> lk(m);
+        cv.wait(lk, [&] { return done; });
+    }
+};
+
+// A backend that forwards to a GPU backend and replaces the drafts its speculative steps return
+// with the known continuation of the sequence on two of every three, so that the engine's
+// accepted rounds run (the golden models' MTP drafts are almost never accepted). The slot's
+// sequence is tracked from the chunks and draws; the continuation is the plain engine's output
+// for the request whose prompt it starts with.
+class OracleDrafts final : public Backend {
+public:
+    OracleDrafts(std::unique_ptr<Backend> b, std::vector<std::vector<int32_t>> full) : b_(std::move(b)), full_(std::move(full)) {}
+    const ModelConfig& config() const override { return b_->config(); }
+    std::string name() const override { return b_->name(); }
+    int64_t max_seqs() const override { return b_->max_seqs(); }
+    int64_t max_batch_tokens() const override { return b_->max_batch_tokens(); }
+    int64_t max_logit_rows() const override { return b_->max_logit_rows(); }
+    int64_t max_model_len() const override { return b_->max_model_len(); }
+    int32_t open() override { return b_->open(); }
+    void close(int32_t slot) override {
+        seq_.erase(slot);
+        b_->close(slot);
+    }
+    bool reserve(int32_t slot, int64_t n) override { return b_->reserve(slot, n); }
+    int64_t n_past(int32_t slot) const override { return b_->n_past(slot); }
+    void step(const std::vector<BackendChunk>& chunks, bool all_logits, std::vector<float>& logits, const Probe& probe) override {
+        b_->step(chunks, all_logits, logits, probe);
+    }
+    bool has_sampler() const override { return true; }
+    void set_masked_ids(const std::vector<int32_t>& ids) override { b_->set_masked_ids(ids); }
+    bool has_speculative() const override { return b_->has_speculative(); }
+    void step_speculative(const std::vector<SpecChunk>& chunks, const std::vector<SampleSpec>& spec,
+                          std::vector<SpecOut>& out) override {
+        b_->step_speculative(chunks, spec, out);
+        for (size_t i = 0; i < chunks.size(); ++i) {
+            std::vector<int32_t>& s = seq_[chunks[i].slot];
+            s.insert(s.end(), chunks[i].tokens.begin(), chunks[i].tokens.end());
+            if (chunks[i].draft >= 0 && out[i].tokens.size() == 2) s.push_back(chunks[i].draft);   // accepted: in the state
+            // The last draw is token s.size() of the sequence; the draft guesses the one after it.
+            for (const std::vector<int32_t>& f : full_)
+                if (f.size() > s.size() + 1 && std::equal(s.begin(), s.end(), f.begin()) && ++rounds_ % 3 != 0)
+                    out[i].draft = f[s.size() + 1];
+        }
+    }
+    double cache_usage() const override { return b_->cache_usage(); }
+    int64_t capacity_tokens() const override { return b_->capacity_tokens(); }
+    SequenceState state(int32_t slot) const override { return b_->state(slot); }
+
+private:
+    std::unique_ptr<Backend> b_;
+    std::vector<std::vector<int32_t>> full_;   // prompt + plain output of each request
+    std::map<int32_t, std::vector<int32_t>> seq_;
+    int64_t rounds_ = 0;
+};
+
+// Requests through the engine on the GPU: without speculation, with the MTP block's drafts, and
+// with oracle drafts (accepted rounds). The engine's rule draws every token with the key it has
+// without speculation, so outputs are the same token for token, up to the GPU's rounding: a
+// two-token verify step and a different batch composition change the logits in the last bits
+// (the small-M linears' split and the mHC reductions depend on the step's token count), which
+// flips a draw only where two tokens are nearly tied. So at a request's first divergence, the
+// two tokens must be a near tie: a fresh runner's logits for that position (teacher-forced on the
+// plain output), with the two tokens' logits moved apart by at most 2x the GPU-vs-CPU logit noise
+// either way, make the CPU sampler (the GPU sampler's twin) draw each of them with the key.
+// Run once with one request at a time, once with several sharing steps (prompt chunks beside
+// verify chunks: eager steps).
+TEST_P(GpuRunner, EngineSpeculativeOutputEqualsPlain) {
+    struct Req {
+        size_t begin, n;
+        float temperature;
+        int top_logprobs;
+    };
+    const std::vector<Req> reqs = {{0, 40, 0.0f, -1}, {7, 13, 0.8f, -1}, {50, 77, 0.0f, 2}, {3, 5, 1.0f, 3}, {90, 30, 0.6f, -1}};
+    const int64_t N = 20;
+    // The bf16 noise: the largest GPU-vs-CPU logit difference on the golden sequence.
+    double tie = 0;
+    {
+        auto nb = gpu::make_gpu_backend(*c->model, small_options());
+        const std::vector<float> gl = sequence_logits(*nb, c->input_ids, Schedule{});
+        tie = 2 * test::max_abs_diff(gl.data(), c->cpu_logits.data(), gl.size());
+    }
+    auto near_tie = [&](const std::vector<int32_t>& prompt, const std::vector<int32_t>& want, size_t k, int32_t b,
+                        const GenerationParams& p) {
+        std::vector<int32_t> seq(prompt);
+        seq.insert(seq.end(), want.begin(), want.begin() + static_cast<std::ptrdiff_t>(k));
+        gpu::Runner run(*c->model, small_options());
+        const int32_t slot = run.open();
+        if (slot < 0 || !run.reserve(slot, static_cast<int64_t>(seq.size()))) return false;
+        std::vector<float> logits;
+        run.step({{slot, seq}}, false, logits);
+        const int32_t a = want[k];
+        Sampler sampler(p.sampling, 0);
+        std::vector<float> row = logits;
+        row[static_cast<size_t>(a)] += static_cast<float>(tie / 2);
+        row[static_cast<size_t>(b)] -= static_cast<float>(tie / 2);
+        const bool draws_a = sampler.sample(row.data(), V(), static_cast<int64_t>(k)) == a;
+        row = logits;
+        row[static_cast<size_t>(a)] -= static_cast<float>(tie / 2);
+        row[static_cast<size_t>(b)] += static_cast<float>(tie / 2);
+        const bool draws_b = sampler.sample(row.data(), V(), static_cast<int64_t>(k)) == b;
+        return draws_a && draws_b;
+    };
+    auto params = [&](const Req& q) {
+        GenerationParams p;
+        p.sampling.temperature = q.temperature;
+        p.sampling.top_p = q.temperature > 0 ? 0.95f : 1.0f;
+        p.sampling.seed = 1000 + q.begin;
+        p.max_tokens = N;
+        p.ignore_eos = true;
+        p.top_logprobs = q.top_logprobs;
+        return p;
+    };
+    auto prompt = [&](const Req& q) {
+        return std::vector<int32_t>(c->input_ids.begin() + static_cast<std::ptrdiff_t>(q.begin),
+                                    c->input_ids.begin() + static_cast<std::ptrdiff_t>(q.begin + q.n));
+    };
+    for (int64_t max_seqs : {int64_t{1}, int64_t{3}}) {
+        // kind 0: plain; 1: the MTP block's drafts; 2: oracle drafts.
+        std::vector<std::vector<std::vector<int32_t>>> out(3);
+        std::vector<EngineMetrics> metrics(3);
+        for (int kind = 0; kind < 3; ++kind) {
+            auto m = Model::load(test::golden_dir(GetParam()) + "/model");
+            gpu::RunnerOptions o = small_options();
+            o.max_seqs = max_seqs;
+            o.max_logit_rows = 2 * max_seqs + 8;
+            o.rollback = kind > 0;
+            std::unique_ptr<Backend> b = gpu::make_gpu_backend(*m, o);
+            if (kind == 2) {
+                std::vector<std::vector<int32_t>> full;
+                for (size_t i = 0; i < reqs.size(); ++i) {
+                    full.push_back(prompt(reqs[i]));
+                    full.back().insert(full.back().end(), out[0][i].begin(), out[0][i].end());
+                }
+                b = std::make_unique<OracleDrafts>(std::move(b), std::move(full));
+            }
+            EngineOptions eo;
+            eo.max_seqs = max_seqs;
+            eo.max_batch_tokens = max_seqs == 1 ? 256 : 24;   // several: prompt chunks beside verify chunks
+            eo.prefix_caching = false;
+            eo.speculative_tokens = kind > 0 ? 1 : 0;
+            Engine e(std::move(m), std::move(b), eo);
+            std::vector<std::unique_ptr<Collected>> cols;
+            for (const Req& q : reqs) {
+                cols.push_back(std::make_unique<Collected>());
+                e.submit(prompt(q), params(q), cols.back()->callbacks());
+            }
+            for (size_t i = 0; i < reqs.size(); ++i) {
+                cols[i]->wait();
+                EXPECT_EQ(cols[i]->reason, FinishReason::length) << "kind " << kind << ", request " << i;
+                EXPECT_EQ(cols[i]->tokens.size(), static_cast<size_t>(N)) << "kind " << kind << ", request " << i;
+                for (size_t n_top : cols[i]->n_top) {   // logprobs finite, with the alternatives asked for
+                    if (reqs[i].top_logprobs >= 0) {
+                        EXPECT_EQ(n_top, static_cast<size_t>(reqs[i].top_logprobs));
+                    } else {
+                        EXPECT_NE(n_top, 1000u);
+                    }
+                }
+                out[static_cast<size_t>(kind)].push_back(cols[i]->tokens);
+            }
+            metrics[static_cast<size_t>(kind)] = e.metrics();
+        }
+        size_t same = 0, total = 0, ties = 0;
+        for (int kind = 1; kind < 3; ++kind)
+            for (size_t i = 0; i < reqs.size(); ++i) {
+                const std::vector<int32_t>& got = out[static_cast<size_t>(kind)][i];
+                const std::vector<int32_t>& want = out[0][i];
+                size_t k = 0;
+                while (k < got.size() && k < want.size() && got[k] == want[k]) ++k;
+                same += k;
+                total += want.size();
+                if (k == want.size()) continue;
+                ++ties;
+                EXPECT_TRUE(near_tie(prompt(reqs[i]), want, k, got[k], params(reqs[i])))
+                    << "max_seqs " << max_seqs << ", " << (kind == 1 ? "MTP" : "oracle") << " drafts, request " << i
+                    << ": token " << k << " is " << got[k] << ", without speculation " << want[k];
+            }
+        std::printf("[ %s | max_seqs %ld ] speculative outputs: %zu of %zu tokens before a divergence, %zu divergences "
+                    "(each at a near tie)\n",
+                    GetParam().c_str(), static_cast<long>(max_seqs), same, total, ties);
+        std::printf("[ %s | max_seqs %ld ] drafts accepted: MTP %lu of %lu, oracle %lu of %lu\n", GetParam().c_str(),
+                    static_cast<long>(max_seqs), static_cast<unsigned long>(metrics[1].spec_accepted_total),
+                    static_cast<unsigned long>(metrics[1].spec_drafts_total),
+                    static_cast<unsigned long>(metrics[2].spec_accepted_total),
+                    static_cast<unsigned long>(metrics[2].spec_drafts_total));
+        EXPECT_EQ(metrics[0].spec_drafts_total, 0u);
+        EXPECT_GT(metrics[1].spec_drafts_total, 0u);
+        EXPECT_GT(metrics[2].spec_accepted_total, 0u);
+        EXPECT_LT(metrics[2].spec_accepted_total, metrics[2].spec_drafts_total);
+        for (int kind = 0; kind < 3; ++kind)
+            EXPECT_EQ(metrics[static_cast<size_t>(kind)].generation_tokens_total, reqs.size() * static_cast<size_t>(N));
+    }
+    // A backend without speculative steps is refused.
+    auto m = Model::load(test::golden_dir(GetParam()) + "/model");
+    auto plain = gpu::make_gpu_backend(*m, small_options());
+    EngineOptions eo;
+    eo.speculative_tokens = 1;
+    test::expect_error([&] { Engine e(std::move(m), std::move(plain), eo); }, {"cannot run speculative steps"});
 }
 
 // Greedy ids equal the golden up to the first position where the golden's own margin (top-1 minus

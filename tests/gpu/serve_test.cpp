@@ -195,6 +195,63 @@ TEST_F(GpuServe, RepeatedPromptStartsFromItsPrefixSnapshot) {
     EXPECT_GE(metric("megamoe_prefix_cache_entries"), 1);
 }
 
+// `serve --speculative-tokens 1`: a second server on the same checkpoint, with the MTP block
+// drafting. Completions (greedy with logprobs, seeded sampling, a repeated prompt that starts
+// from its prefix snapshot) are the same text as the plain server's, and /metrics counts the
+// drafts.
+TEST_F(GpuServe, SpeculativeServerAnswersAsThePlainOne) {
+    const std::string log = dir->str() + "/server-spec.log";
+    pid_t spid = test::spawn_logged({cli(), "serve", "--backend", "cuda", "--model", model_dir, "--host", "127.0.0.1",
+                                     "--port", "0", "--max-model-len", "1024", "--max-seqs", "16",
+                                     "--max-batch-tokens", "256", "--speculative-tokens", "1"},
+                                    log);
+    const int sport = spid > 0 ? test::served_port(log) : -1;
+    ASSERT_GT(sport, 0) << test::read_file(log);
+    ASSERT_TRUE(test::wait_healthy(sport)) << test::read_file(log);
+    httplib::Client sc("127.0.0.1", sport);
+    sc.set_read_timeout(60, 0);
+    std::vector<int32_t> longp;
+    for (int i = 0; i < 300; ++i) longp.push_back(100 + (i * 41) % 3000);
+    const std::vector<json> bodies = {
+        {{"model", "tiny-synth"}, {"prompt", std::vector<int32_t>{300, 1200, 45, 4000, 17, 990, 5}}, {"max_tokens", 16},
+         {"temperature", 0}, {"ignore_eos", true}, {"logprobs", 2}},
+        {{"model", "tiny-synth"}, {"prompt", std::vector<int32_t>{11, 22, 33, 44}}, {"max_tokens", 16}, {"temperature", 0.9},
+         {"top_p", 0.9}, {"seed", 1234}, {"ignore_eos", true}},
+        {{"model", "tiny-synth"}, {"prompt", longp}, {"max_tokens", 12}, {"temperature", 0}, {"ignore_eos", true}},
+        {{"model", "tiny-synth"}, {"prompt", longp}, {"max_tokens", 12}, {"temperature", 0}, {"ignore_eos", true}},
+    };
+    for (size_t i = 0; i < bodies.size(); ++i) {
+        int status = 0;
+        const json want = post("/v1/completions", bodies[i], &status);
+        ASSERT_EQ(status, 200) << want.dump();
+        auto r = sc.Post("/v1/completions", bodies[i].dump(), "application/json");
+        ASSERT_TRUE(r && r->status == 200) << (r ? r->body : std::string("no response")) << test::read_file(log);
+        const json got = json::parse(r->body);
+        EXPECT_EQ(got["choices"][0]["text"], want["choices"][0]["text"]) << "request " << i;
+        if (i == 0) {
+            EXPECT_EQ(got["choices"][0]["logprobs"]["tokens"], want["choices"][0]["logprobs"]["tokens"]);
+        }
+    }
+    auto m = sc.Get("/metrics");
+    ASSERT_TRUE(m && m->status == 200);
+    double drafts = -1;
+    std::istringstream in(m->body);
+    for (std::string line; std::getline(in, line);)
+        if (line.rfind("megamoe_spec_decode_num_drafts_total ", 0) == 0) drafts = std::stod(line.substr(line.find(' ') + 1));
+    EXPECT_GT(drafts, 0) << m->body;
+    test::stop_process(spid);
+    // The CPU backend has no speculative steps: a clear error at start-up.
+    const std::string cpu_log = dir->str() + "/server-spec-cpu.log";
+    pid_t cpid = test::spawn_logged({cli(), "serve", "--backend", "cpu", "--model", model_dir, "--host", "127.0.0.1",
+                                     "--port", "0", "--speculative-tokens", "1"},
+                                    cpu_log);
+    ASSERT_GT(cpid, 0);
+    const std::optional<int> rc = test::wait_exit(cpid, 60);
+    ASSERT_TRUE(rc.has_value()) << "the server did not exit";
+    EXPECT_NE(*rc, 0);
+    EXPECT_NE(test::read_file(cpu_log).find("cannot run speculative steps"), std::string::npos) << test::read_file(cpu_log);
+}
+
 }  // namespace
 }  // namespace megamoe
 
