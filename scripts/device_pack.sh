@@ -12,7 +12,7 @@ cases=("$@")
 rm -rf .device
 stage=$(mktemp -d)
 mkdir -p "$stage"/bin "$stage"/lib .device/shared/golden
-cp "$build"/tests/megamoe_tests "$build"/megamoe "$build"/megamoe-forward-bench "$build"/megamoe-gemm-bench \
+cp "$build"/tests/megamoe_tests "$build"/megamoe "$build"/megamoe-forward-bench "$build"/megamoe-gemm-bench "$build"/megamoe-linear-bench \
     "$build"/megamoe-serve-bench "$stage"/bin/
 strip --strip-debug "$stage"/bin/* 2>/dev/null || true
 # Libraries outside glibc/libstdc++ (Debian 12 builds; the CUDA image may not have them).
