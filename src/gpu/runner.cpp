@@ -271,7 +271,6 @@ struct Runner::Impl {
     // greedy draft per logit row.
     struct SpecIo {
         const std::vector<uint8_t>* every_row = nullptr;   // [chunks]
-        std::vector<int32_t> given;                        // [tokens] filled by run (row numbers resolved)
         const std::vector<int32_t>* next = nullptr;        // [tokens] >= 0 a token, -1: the draw at its row
         std::vector<int32_t> drafts;                       // [rows] out
     };
