@@ -131,7 +131,7 @@ struct Workspace {
     bool with_mtp = false;           // carve the MTP pass's buffers
     uint16_t* mtp_h = nullptr;       // [T, hc, D] bf16 hnorm of the main streams
     float* mtp_pe = nullptr;         // [T, D] e_proj of the next tokens' embedding
-    int32_t* mtp_ids = nullptr;      // [R] the MTP block's greedy token per row (verification steps)
+    int32_t* mtp_ids = nullptr;      // [R] the MTP block's draft per row (speculative steps)
     // sampling (per logit row): parameters in, draws out; each block one copy per step
     void* samp_in = nullptr;         // seed u64 [R], index i64 [R], temperature, top_p, min_p f32 [R], top_k i32 [R]
     size_t samp_in_bytes = 0;
@@ -264,11 +264,11 @@ struct Runner::Impl {
     void mtp_pass(int64_t rows, std::vector<float>& mtp_logits);
     // What a step hands back: the logits, or sampled ids, or sampled ids with logprobs.
     // kSpec / kSpecLogprobs: a speculative step (step_spec): the draws (with logprobs), then the
-    // MTP block over the same positions fed the resolved next tokens, and its greedy token per row.
+    // MTP block over the same positions fed the resolved next tokens, and its draft per row.
     enum Mode : int { kLogits = 0, kSample = 1, kSampleLogprobs = 2, kSpec = 3, kSpecLogprobs = 4 };
     // A speculative step's extra inputs and output (run()): per chunk whether every token is a
     // logit row, per token the next-token encoding of resolve_next_tokens, and the MTP block's
-    // greedy draft per logit row.
+    // draft per logit row.
     struct SpecIo {
         const std::vector<uint8_t>* every_row = nullptr;   // [chunks]
         const std::vector<int32_t>* next = nullptr;        // [tokens] >= 0 a token, -1: the draw at its row
@@ -278,9 +278,12 @@ struct Runner::Impl {
     void run(const std::vector<RunnerChunk>& chunks, bool all_logits, const Probe& probe,
              const std::vector<SampleSpec>* spec, std::vector<float>* logits, std::vector<SampledToken>* sampled,
              SpecIo* sio = nullptr);
-    // Greedy draws of rows [0, R) of ws.logits into ids (masked ids excluded), with the sampling
-    // parameters already in ws.samp_in (all greedy for verification steps).
-    void sample_greedy(int64_t R, int32_t* ids);
+    // The per-row sampling parameters in ws.samp_in (laid out for ws.R rows) as sample_rows reads them.
+    cuda::SampleParams sample_params() const;
+    // Draws of rows [0, R) of ws.logits into ids (masked ids excluded) with the step's parameters:
+    // the MTP block's drafts (argmax on greedy rows; on sampled rows a draw keyed on the row's own
+    // index, independent of the draw the draft is later checked against, which has the next one).
+    void sample_drafts(int64_t R, int32_t* ids);
     void linear(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y, bool bf16_out = false,
                 int64_t groups = 1) {
         cuda::LinearOptions lo;
@@ -709,16 +712,9 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     // Sampling on the device (cuda/sampler.h): masked ids to -inf, then one draw per row.
     const int64_t V = c.vocab_size, R = s.R;
     if (n_masked > 0) cuda::mask_logits(ws.logits, R, V, ws.masked, n_masked, stream);
-    char* in = static_cast<char*>(ws.samp_in);
     char* out = static_cast<char*>(ws.samp_out);
     const int64_t Rw = ws.R;   // the blocks are laid out for ws.R rows
-    cuda::SampleParams sp;
-    sp.seed = reinterpret_cast<const uint64_t*>(in);
-    sp.index = reinterpret_cast<const int64_t*>(in + 8 * Rw);
-    sp.temperature = reinterpret_cast<const float*>(in + 16 * Rw);
-    sp.top_p = reinterpret_cast<const float*>(in + 20 * Rw);
-    sp.min_p = reinterpret_cast<const float*>(in + 24 * Rw);
-    sp.top_k = reinterpret_cast<const int32_t*>(in + 28 * Rw);
+    const cuda::SampleParams sp = sample_params();
     cuda::SampleOutputs so;
     so.ids = reinterpret_cast<int32_t*>(out);
     if (mode == kSampleLogprobs || mode == kSpecLogprobs) {
@@ -735,14 +731,12 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     // the correction at the first rejection, the bonus token after the last draft).
     cuda::resolve_next_tokens(ws.next_given, so.ids, s.T, ws.mtp_next, stream);
     enqueue_mtp(s);
-    sample_greedy(R, ws.mtp_ids);
+    sample_drafts(R, ws.mtp_ids);
     mark("mtp");
 }
 
-void Runner::Impl::sample_greedy(int64_t R, int32_t* ids) {
-    const int64_t V = cfg.vocab_size;
-    if (n_masked > 0) cuda::mask_logits(ws.logits, R, V, ws.masked, n_masked, stream);
-    char* in = static_cast<char*>(ws.samp_in);
+cuda::SampleParams Runner::Impl::sample_params() const {
+    const char* in = static_cast<const char*>(ws.samp_in);
     const int64_t Rw = ws.R;
     cuda::SampleParams sp;
     sp.seed = reinterpret_cast<const uint64_t*>(in);
@@ -751,9 +745,15 @@ void Runner::Impl::sample_greedy(int64_t R, int32_t* ids) {
     sp.top_p = reinterpret_cast<const float*>(in + 20 * Rw);
     sp.min_p = reinterpret_cast<const float*>(in + 24 * Rw);
     sp.top_k = reinterpret_cast<const int32_t*>(in + 28 * Rw);
+    return sp;
+}
+
+void Runner::Impl::sample_drafts(int64_t R, int32_t* ids) {
+    const int64_t V = cfg.vocab_size;
+    if (n_masked > 0) cuda::mask_logits(ws.logits, R, V, ws.masked, n_masked, stream);
     cuda::SampleOutputs so;
     so.ids = ids;
-    cuda::sample_rows(ws.logits, R, V, sp, so, stream);
+    cuda::sample_rows(ws.logits, R, V, sample_params(), so, stream);
 }
 
 // The MTP block (ref: mtp_forward) over the positions of the step just run, in lockstep with the

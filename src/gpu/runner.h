@@ -126,7 +126,9 @@ public:
     // chunk (a prompt, or a decode without a draft) has its last token as its row, drawn with
     // spec[i]. Then the MTP block runs over every position of the step, given the token after it:
     // the next prompt token (a chunk's own, then SpecChunk::next), or where that is -1 and for
-    // verified tokens the token drawn there; and drafts greedily at every row.
+    // verified tokens the token drawn there; and draws a draft at every row with that row's
+    // parameters (greedy requests: the argmax; sampled ones: a draw from the MTP distribution
+    // keyed on the row's index, while the token it is checked against is keyed on the next).
     // drawn[i][j] / drafts[i][j]: chunk i's row j (verify: after token j; else after its last).
     // The caller accepts draft j+1 of a verify chunk while it equals drawn[i][j], then drops the
     // rejected positions (rewind, or restore_state and the kept tokens again: rewind_needs_save).

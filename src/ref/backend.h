@@ -76,7 +76,8 @@ public:
     // the draws (the accepted draft's and the one after it at index + 1, or the one draw). A chunk
     // without a draft (a prompt chunk, or a decode) returns the draw after its last token; `next`
     // is the token after its last when the sequence continues with known tokens (a prompt chunk
-    // followed by more prompt), else -1. Every chunk returns the MTP block's greedy draft for the
+    // followed by more prompt), else -1. Every chunk returns the MTP block's draft (drawn with
+    // spec[i]'s parameters: greedy requests get the argmax) for the
     // position after its last returned token. All the slot's steps must go through this call
     // (the MTP block follows every position). Throws Error on bad input, changing nothing.
     struct SpecChunk {

@@ -143,14 +143,17 @@ SpeculativeResult generate_speculative(const Model& m, const SpeculativePrefill&
 
 // ---- the serving engine's rule (GPU backend: gpu/runner.h step_spec)
 //
-// The engine drafts greedily (d = argmax q, so q is one-hot) and accepts d where the token the
-// main model draws at that row, with the plain sampler's key (seed, index of the token in the
-// output), equals d; the round then continues, else it ends with the drawn token. This is the
-// standard rule above for a one-hot q: P(accept) = p(d) = min(1, p(d)/q(d)), and a rejected
-// round's token is a draw from p conditioned on != d, which is normalize(max(0, p - q)). So every
-// token has the main model's distribution, and since each row is drawn with the key the token
-// would have without speculation, a request's output is the same with and without it, token for
-// token (up to the activations' rounding in a multi-token step). Greedy is the case temperature 0.
+// The engine draws the draft d from the MTP block with the request's sampling parameters
+// (greedy requests: d = argmax q) and a key independent of the main model's draw it is checked
+// against, and accepts d where the token the main model draws at that row, with the plain
+// sampler's key (seed, index of the token in the output), equals d; the round then continues,
+// else it ends with the drawn token. Every emitted token is the main model's keyed draw, so it has
+// the main model's distribution whatever the draft; the draft only decides whether the next row
+// is used. For a greedy (one-hot) draft this is the standard rule above: P(accept) = p(d), and a
+// rejected round's token is a draw from p conditioned on != d = normalize(max(0, p - q)). Since
+// each row is drawn with the key the token would have without speculation, a request's output is
+// the same with and without it, token for token (up to the activations' rounding in a
+// multi-token step).
 //
 // The token after each position of such a step, for the MTP block: out[t] = given[t] where
 // given[t] >= 0 (a prompt's next token), else drawn[-1 - given[t]] (the token drawn at that logit

