@@ -15,9 +15,9 @@
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec]
 // --spec: after each decode row, speculative decoding with the MTP block drafting one token per
-// sequence (gpu::generate_speculative's rounds, batched): per round, save_state where the draft's
-// position closes a compressor window, one Runner::step_verify over [x, draft] of every sequence,
-// then for each rejected draft a rewind, or a restore and one step re-running those sequences' x.
+// sequence (gpu::generate_speculative's rounds, batched): per round one Runner::step_verify over
+// [x, draft] of every sequence, then a rewind for each rejected draft (the save / restore / re-run
+// branch is for drafts crossing into a new compressor window, which one draft never does).
 // Synthetic weights accept nothing meaningful, so each draft is accepted with probability α
 // (0.5 / 0.8 / 1, a fixed random sequence) whatever the ids: measured rounds at those rates, and
 // tokens/s against the plain decode row.

@@ -9,7 +9,8 @@
 // q < p0 belongs to a window that was already seen before this step:
 //   - the window open at the chunk's start (v = p0 / r): its slot q mod r of pending_* (both
 //     series, gate already + ape);
-//   - the window before it (v = p0 / r − 1, only ever read as overlap series A): prev_*.
+//   - the window before it (v = p0 / r − 1, only ever read as overlap series A): prev_* of v's
+//     parity (v mod 2).
 // Nothing older is ever needed: a row pools at most windows w−1 and w, and w ≥ p0 / r because the
 // closing token is in the chunk. A position q < p0 exists in the sequence, so its state was
 // written by an earlier step: a fresh slot needs no reset.
@@ -29,10 +30,12 @@
 //
 // compressor_save: grid (C, G), G = min(r, 8) slot groups; CTA (c, g) handles slots s ≡ g mod G of
 // chunk c, its threads own feature columns. For slot s and column col the thread first writes
-// prev[s][col] (overlap, col < d, when the chunk closed a window: the last one, v_last =
-// end / r − 1; its position v_last·r + s is either in this step's buffers or, when v_last was the
-// window open at the chunk's start, in pending[s][col]) and only then pending[s][col] (the open
-// window u = end / r at slots s < end mod r, positions ≥ p0 only: older ones are there already).
+// prev[v mod 2][s][col] (overlap, col < d) for the last two windows v the chunk closed (position
+// v·r + s is either in this step's buffers or, when v was the window open at the chunk's start,
+// in pending[s][col]) and only then pending[s][col]: the chunk's latest position with slot s (the
+// open window u = end / r when s < end mod r, else window u − 1), if it is ≥ p0 (older ones are
+// there already). Writing the closed window's slots and keeping series A per parity is what makes
+// a rewind exact (compressor.h).
 // The one element of pending a thread reads is the one it later writes itself, so there is no
 // hazard between threads or CTAs (a slot appears in at most one chunk of a step, as a sequence
 // does). The emit of the same step has finished reading the pending
@@ -72,14 +75,18 @@ __device__ __forceinline__ void pdl_begin() {
 
 cudaStream_t as_stream(CUstream_st* s) { return reinterpret_cast<cudaStream_t>(s); }
 
-// The four f32 arrays of one state record (compressor.h): pending [r, width], prev [r, d].
+// The f32 arrays of one state record (compressor.h): pending [r, width], then prev [2][r, d] per
+// parity of the closed window (kv, gate).
 struct StateRecord {
-    float *pend_kv, *pend_gate, *prev_kv, *prev_gate;
+    float *pend_kv, *pend_gate, *prev;
+    int64_t rd;   // r·d
+    __device__ float* prev_kv(int64_t v) const { return prev + (v & 1) * 2 * rd; }
+    __device__ float* prev_gate(int64_t v) const { return prev + (v & 1) * 2 * rd + rd; }
 };
 __device__ __forceinline__ StateRecord state_record(const CompressorArgs& a, int32_t slot, int64_t width) {
     float* base = a.state.at<float>(slot);
     const int64_t rw = static_cast<int64_t>(a.ratio) * width, rd = static_cast<int64_t>(a.ratio) * a.dim;
-    return {base, base + rw, base + 2 * rw, base + 2 * rw + rd};
+    return {base, base + rw, base + 2 * rw, rd};
 }
 
 // Dynamic shared memory: slot_kv[n_max], slot_gate[n_max], slot_ape[n_max] (pointers), row[d],
@@ -126,8 +133,8 @@ __global__ void __launch_bounds__(kEmitMaxThreads) compressor_emit_kernel(Compre
             slot_gate[i] = st.pend_gate + s * width + col;
             slot_ape[i] = nullptr;
         } else {   // v == open0 - 1, series A: the last window closed before this step
-            slot_kv[i] = st.prev_kv + static_cast<int64_t>(s) * d;
-            slot_gate[i] = st.prev_gate + static_cast<int64_t>(s) * d;
+            slot_kv[i] = st.prev_kv(v) + static_cast<int64_t>(s) * d;
+            slot_gate[i] = st.prev_gate(v) + static_cast<int64_t>(s) * d;
             slot_ape[i] = nullptr;
         }
     }
@@ -209,32 +216,36 @@ __global__ void __launch_bounds__(kSaveThreads) compressor_save_kernel(Compresso
     const int64_t end = p0 + b.chunk_len[c];              // n_past after this step
     const int64_t open1 = end / r;                        // window open at the chunk's end
     const int n_open = static_cast<int>(end % r);         // its valid slots
-    const int64_t last = open1 - 1;                       // last closed window (if open1 > 0)
-    const bool write_prev = a.overlap && open1 > 0 && (open1 * r - 1 >= p0);   // closed by this chunk
+    // Windows closed by this chunk: v_lo .. open1 - 1 (window v closes at v·r + r - 1 >= p0).
+    const int64_t v_lo = p0 / r, v_hi = open1 - 1;
     const StateRecord st = state_record(a, b.slot[t0], width);
 
     for (int s = g; s < r; s += groups) {
-        const int64_t q_prev = last * r + s;              // slot s of the last closed window
-        const int64_t q_open = open1 * r + s;             // slot s of the open window
-        const bool prev_here = write_prev;
-        const bool open_here = s < n_open && q_open >= p0;
-        if (!prev_here && !open_here) continue;           // uniform over the CTA
+        // The chunk's latest position with slot s: in the open window, else in the last closed one.
+        const int64_t q_pend = open1 * r + s - (s < n_open ? 0 : r);
+        const bool pend_here = q_pend >= p0;
+        const bool prev_here = a.overlap && v_hi >= v_lo;
+        if (!prev_here && !pend_here) continue;           // uniform over the CTA
         for (int64_t col = threadIdx.x; col < width; col += blockDim.x) {
             if (prev_here && col < d) {
-                float kv, gt;
-                if (q_prev >= p0) {
-                    const int64_t src = static_cast<int64_t>(t0) + (q_prev - p0);
-                    kv = a.kv[src * width + col];
-                    gt = __fadd_rn(a.gate[src * width + col], a.ape[s * width + col]);
-                } else {   // the window was open at the chunk's start: pending (read before written below)
-                    kv = st.pend_kv[s * width + col];
-                    gt = st.pend_gate[s * width + col];
+                // Series A of the last two windows closed here, each into its parity's buffer.
+                for (int64_t v = v_hi - 1 > v_lo ? v_hi - 1 : v_lo; v <= v_hi; ++v) {
+                    const int64_t q = v * r + s;
+                    float kv, gt;
+                    if (q >= p0) {
+                        const int64_t src = static_cast<int64_t>(t0) + (q - p0);
+                        kv = a.kv[src * width + col];
+                        gt = __fadd_rn(a.gate[src * width + col], a.ape[s * width + col]);
+                    } else {   // v was open at the chunk's start: pending (read before written below)
+                        kv = st.pend_kv[s * width + col];
+                        gt = st.pend_gate[s * width + col];
+                    }
+                    st.prev_kv(v)[static_cast<int64_t>(s) * d + col] = kv;
+                    st.prev_gate(v)[static_cast<int64_t>(s) * d + col] = gt;
                 }
-                st.prev_kv[static_cast<int64_t>(s) * d + col] = kv;
-                st.prev_gate[static_cast<int64_t>(s) * d + col] = gt;
             }
-            if (open_here) {
-                const int64_t src = static_cast<int64_t>(t0) + (q_open - p0);
+            if (pend_here) {
+                const int64_t src = static_cast<int64_t>(t0) + (q_pend - p0);
                 st.pend_kv[s * width + col] = a.kv[src * width + col];
                 st.pend_gate[s * width + col] = __fadd_rn(a.gate[src * width + col], a.ape[s * width + col]);
             }
@@ -283,7 +294,7 @@ void check_args(const CompressorArgs& a, const BatchView& b, const char* what) {
 
 int64_t compressor_state_bytes(int64_t r, int64_t d, bool overlap) {
     const int64_t width = (overlap ? 2 : 1) * d;
-    return static_cast<int64_t>(sizeof(float)) * (2 * r * width + (overlap ? 2 * r * d : 0));
+    return static_cast<int64_t>(sizeof(float)) * (2 * r * width + (overlap ? 4 * r * d : 0));
 }
 
 void compressor_emit(const CompressorArgs& a, const BatchView& b, CUstream_st* stream) {

@@ -16,8 +16,16 @@
 // State per (sequence, compressor), fixed size, f32 (SlotArray records, layout below):
 //   pending_kv, pending_gate  [r, width]   slot s holds the token at position w·r + s of the open
 //                                          window (gate already + ape), valid for s < n_past mod r
-//   prev_kv, prev_gate        [r, d]       series A of the last closed window (overlap only),
-//                                          valid once n_past ≥ r
+//   prev_kv, prev_gate        [2][r, d]    series A of closed window v in buffer v mod 2 (overlap
+//                                          only); the last closed window's is valid once n_past ≥ r
+// Rewind (speculative decoding drops the last positions of a step): a step writes, for every slot
+// s, the chunk's latest position with that slot, whether its window is still open or was closed by
+// the chunk, and series A of a closed window goes to its own parity's buffer. So when a chunk of
+// at most r tokens is cut back to a position n whose window holds every dropped position, the
+// record is exact for n without a copy: the kept positions' pending slots were written (no later
+// position of the chunk shares their slot), and the series A an emit of n's window will read
+// (window n/r − 1, the other parity) was not touched. Slots past n_past mod r hold stale values
+// that nothing reads.
 // width = 2d with overlap, else d. A fresh sequence needs no reset: nothing is read before it is
 // written (positions before the chunk's first come from state only if the sequence had them).
 //
@@ -37,7 +45,7 @@ namespace megamoe::cuda {
 
 // Bytes of one compressor's state record (pending + prev) for ratio r, feature dim d.
 // Layout inside the record: pending_kv [r, width] f32, pending_gate [r, width] f32,
-// then (overlap) prev_kv [r, d] f32, prev_gate [r, d] f32.
+// then (overlap) prev_kv [r, d] f32, prev_gate [r, d] f32 for even windows, the same for odd ones.
 int64_t compressor_state_bytes(int64_t r, int64_t d, bool overlap);
 
 struct CompressorArgs {
@@ -60,8 +68,9 @@ struct CompressorArgs {
 // twin: ops::compress_pool, ops::rms_norm, ops::rope (what compressor_feed does per row).
 void compressor_emit(const CompressorArgs& a, const BatchView& b, CUstream_st* stream);
 
-// For every chunk: writes prev (overlap: series A of the last window closed by this chunk, if it
-// closed any) and the pending slots of the window left open at the chunk's end.
+// For every chunk: writes prev (overlap: series A of each of the last two windows closed by this
+// chunk, into their parity's buffer) and, for every slot, the chunk's latest position with it
+// (the window left open at the chunk's end, else the last window it closed).
 void compressor_save(const CompressorArgs& a, const BatchView& b, CUstream_st* stream);
 
 // The sliding-window ring: window bf16 records [W, hd] per slot; position p lives in row p mod W.

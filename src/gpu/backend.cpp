@@ -48,7 +48,7 @@ public:
                     fail("gpu backend: chunk ", i, " has a draft and ", ch.tokens.size(), " tokens (one: the last accepted)");
                 if (!r_.options().rollback) fail("gpu backend: speculative steps need RunnerOptions::rollback");
                 sc.push_back({ch.slot, {ch.tokens[0], ch.draft}, true, -1});
-                // A draft whose position closes a compressor window cannot be rewound: save first.
+                // Drafts that cross into the next compressor window cannot be rewound (one never does): save first.
                 saved.push_back(r_.is_open(ch.slot) && r_.rewind_needs_save(r_.n_past(ch.slot) + 1, 1));
             } else {
                 sc.push_back({ch.slot, ch.tokens, false, ch.next});
@@ -197,9 +197,9 @@ SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& 
         }
         // Rounds: verify [x, draft] in one step_verify (the main model's greedy tokens after x and
         // after the draft, and the MTP block's next draft after each); keep the draft and the bonus
-        // token, or the correction alone and drop the draft's position: a rewind, or (when the
-        // draft's position closes a compressor window) the record saved before the round restored
-        // and x run again.
+        // token, or the correction alone and drop the draft's position with a rewind (the save /
+        // restore branch is for drafts that would cross into a new compressor window, which one
+        // draft never does).
         std::vector<std::vector<int32_t>> main_ids, draft_ids;
         while (static_cast<int64_t>(out.size()) < max_new && !is_eos(out.back())) {
             const int64_t L = P + static_cast<int64_t>(out.size());   // the main model has run L - 1 positions

@@ -26,9 +26,9 @@ MtpLogits sequence_logits_mtp(Runner& run, const std::vector<int32_t>& tokens, c
 
 // Greedy speculative decoding on the GPU with the MTP block drafting K = 1 token per round (the
 // round of ref/speculative.h): Runner::step_verify checks [last token, draft] and drafts the next
-// token in one step; a rejected draft's position is dropped with Runner::rewind, or, when that
-// position closes a compressor window, with restore_state and the last token run again
-// (SpeculativeStats::rerun_steps counts those). The runner needs
+// token in one step; a rejected draft's position is dropped with Runner::rewind (no copy; the
+// restore_state path, counted in SpeculativeStats::rerun_steps, is for drafts that cross into a
+// new compressor window, which one draft never does). The runner needs
 // RunnerOptions::rollback and an MTP block; prompt chunks of `chunk` tokens (0: one, capped at the
 // runner's step size). The output is the runner's own greedy decoding, except where a near tie
 // resolves differently in a two-token step than in a one-token step (bf16 activations).

@@ -1010,7 +1010,7 @@ void Runner::step_verify(const std::vector<RunnerChunk>& chunks, std::vector<std
 }
 
 bool Runner::rewind_needs_save(int64_t first, int64_t n) const {
-    return impl_->pool->layout().closes_window(first, n);
+    return !impl_->pool->layout().rewind_exact(first, n);
 }
 
 void Runner::rewind(int32_t slot, int64_t n_past) {
@@ -1018,9 +1018,9 @@ void Runner::rewind(int32_t slot, int64_t n_past) {
     if (!I.pool->is_open(slot)) fail("gpu runner: slot ", slot, " is not open");
     const int64_t now = I.pool->n_past(slot);
     if (n_past < 0 || n_past > now) fail("gpu runner: cannot rewind slot ", slot, " from ", now, " to ", n_past);
-    if (I.pool->layout().closes_window(n_past, now - n_past))
+    if (!I.pool->layout().rewind_exact(n_past, now - n_past))
         fail("gpu runner: positions ", n_past, "..", now - 1, " of slot ", slot,
-             " closed a compressor window; rewind cannot drop them (restore_state instead)");
+             " cross into a new compressor window; rewind cannot drop them (restore_state instead)");
     I.pool->rewind(slot, n_past);
     I.last_chunk_lens.clear();
 }

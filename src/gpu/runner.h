@@ -155,10 +155,10 @@ public:
     // verified.)
     void step_verify(const std::vector<RunnerChunk>& chunks, std::vector<std::vector<int32_t>>& main_ids,
                      std::vector<std::vector<int32_t>>& draft_ids);
-    // Whether a step over positions [first, first + n) would leave a slot record that rewind
-    // cannot take back to a position inside that range: true when one of them closes a
-    // compressor window. Then save_state before the step, and after it restore_state plus running
-    // the kept tokens again; otherwise rewind alone is exact.
+    // Whether dropping positions [first, first + n) of a step (drafts that may be rejected) needs
+    // a saved record: true when they cross from first's compressor window into the next
+    // (StateLayout::rewind_exact). Then save_state before the step, and after it restore_state
+    // plus running the kept tokens again; otherwise rewind alone is exact. One draft never needs it.
     bool rewind_needs_save(int64_t first, int64_t n) const;
     // Drops the positions [n_past, n_past(slot)) of the last step (the rejected drafts), without
     // copying state; exact when rewind_needs_save was false for those positions (checked: throws

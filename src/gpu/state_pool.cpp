@@ -65,13 +65,11 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool w
     return L;
 }
 
-bool StateLayout::closes_window(int64_t first, int64_t n) const {
-    for (const Layer& ly : layers) {
-        if (ly.ratio <= 0) continue;
-        for (int64_t p = first; p < first + n; ++p)
-            if ((p + 1) % ly.ratio == 0) return true;
-    }
-    return false;
+bool StateLayout::rewind_exact(int64_t first, int64_t n) const {
+    if (n <= 0) return true;
+    for (const Layer& ly : layers)
+        if (ly.ratio > 0 && (first + n - 1) / ly.ratio != first / ly.ratio) return false;
+    return true;
 }
 
 StatePool::StatePool(const ModelConfig& c, const StateLayout& layout, int64_t n_slots, int64_t n_blocks,
@@ -364,9 +362,10 @@ SequenceState StatePool::download(const ModelConfig& c, int32_t slot) const {
             const std::vector<float> pg = download_f32(base + r * width * 4, cs.n_pending * width);
             cs.pending_kv = pk;
             cs.pending_gate = pg;
-            if (overlap && n >= r) {
-                cs.prev_kv = download_f32(base + 2 * r * width * 4, r * d);
-                cs.prev_gate = download_f32(base + 2 * r * width * 4 + r * d * 4, r * d);
+            if (overlap && n >= r) {   // series A of the last closed window, in its parity's buffer
+                const char* prev = base + 2 * r * width * 4 + ((n / r - 1) & 1) * 2 * r * d * 4;
+                cs.prev_kv = download_f32(prev, r * d);
+                cs.prev_gate = download_f32(prev + r * d * 4, r * d);
             }
             cs.n_rows = n / r;
             const std::vector<int32_t>& blocks = seqs_[static_cast<size_t>(slot)].blocks;

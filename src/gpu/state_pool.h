@@ -50,9 +50,11 @@ struct StateLayout {
     // with_mtp: one more sliding-window ring after the main layers (layer index L, the MTP block's).
     static StateLayout make(const ModelConfig& c, int64_t block_tokens, bool with_mtp = false);
 
-    // Whether a position in [first, first + n) closes a window of some compressor ((p + 1) mod r
-    // == 0): only then does running it change a slot record beyond rows keyed by position.
-    bool closes_window(int64_t first, int64_t n) const;
+    // Whether dropping positions [first, first + n) of a step (keeping those before first) can be
+    // done by a rewind (StatePool::rewind): every dropped position lies in the window of `first`
+    // for every compressor ratio (cuda/compressor.h, "Rewind"). A single dropped position always
+    // does (one speculative draft).
+    bool rewind_exact(int64_t first, int64_t n) const;
 };
 
 class StatePool {
@@ -100,11 +102,11 @@ public:
     void save(int32_t slot, CUstream_st* stream);
     void restore(int32_t slot, int64_t n_past, CUstream_st* stream);
     // Sets the position back to n_past (≤ the current one) without touching device memory. Exact
-    // when no dropped position closed a compressor window (StateLayout::closes_window): the
-    // window rings (row p mod W), the compressors' pending slots of the window still open and the
-    // compressed rows are keyed by position, so the dropped positions' writes are never read
-    // before later steps rewrite them; a closed window also rewrites the overlap series `prev`
-    // and skips the open window's pending slots, which a rewind cannot undo. The caller checks.
+    // when StateLayout::rewind_exact holds for the dropped positions and the step that wrote them
+    // had at most min(ratio) tokens: the window rings (row p mod W), the compressed rows and the
+    // indexer keys are keyed by position, so the dropped positions' writes are never read before
+    // later steps rewrite them, and the compressors' records are kept exact for such a cut
+    // (cuda/compressor.h, "Rewind"). The caller checks.
     void rewind(int32_t slot, int64_t n_past);
 
     // Uploads the block-table rows changed since the last call (stream-ordered, from pinned memory).

@@ -287,7 +287,7 @@ PoolLayout make_layout(const Spec& s, int64_t max_len, uint64_t seed) {
 #ifdef MEGAMOE_HAVE_CUDA
     L.state_bytes = cuda::compressor_state_bytes(s.r, s.d, s.overlap);
 #else
-    L.state_bytes = 4 * (2 * int64_t{s.r} * width_of(s) + (s.overlap ? 2 * int64_t{s.r} * s.d : 0));
+    L.state_bytes = 4 * (2 * int64_t{s.r} * width_of(s) + (s.overlap ? 4 * int64_t{s.r} * s.d : 0));
 #endif
     L.state_stride = (L.state_bytes + 7) / 8 * 8 + 64;   // 64 guard bytes
     return L;
@@ -381,11 +381,11 @@ int64_t first_bit_mismatch(const float* a, const float* b, int64_t n) {
         EXPECT_EQ(gm, -1) << "seq " << q << " pending_gate (" << n_pending << " slots)"
                           << (gm >= 0 ? str(": got ", pend_gate[gm], ", want ", st.pending_gate[static_cast<size_t>(gm)])
                                       : std::string());
-        if (s.overlap && n_past[q] >= r) {
+        if (s.overlap && n_past[q] >= r) {   // the last closed window's series A, in its parity's buffer
             ASSERT_EQ(static_cast<int64_t>(st.prev_kv.size()), r * d);
-            EXPECT_EQ(first_bit_mismatch(f + 2 * r * width, st.prev_kv.data(), r * d), -1) << "seq " << q << " prev_kv";
-            EXPECT_EQ(first_bit_mismatch(f + 2 * r * width + r * d, st.prev_gate.data(), r * d), -1)
-                << "seq " << q << " prev_gate";
+            const float* prev = f + 2 * r * width + ((n_past[q] / r - 1) & 1) * 2 * r * d;
+            EXPECT_EQ(first_bit_mismatch(prev, st.prev_kv.data(), r * d), -1) << "seq " << q << " prev_kv";
+            EXPECT_EQ(first_bit_mismatch(prev + r * d, st.prev_gate.data(), r * d), -1) << "seq " << q << " prev_gate";
         }
     }
 }
@@ -529,10 +529,10 @@ TEST(CompressorCpu, FeedIsChunkingInvariant) {
 #ifdef MEGAMOE_HAVE_CUDA
 
 TEST(CompressorCpu, StateRecordBytes) {
-    // pending kv + gate [r, width], then prev kv + gate [r, d] with overlap; f32.
-    EXPECT_EQ(cuda::compressor_state_bytes(4, 512, true), 4 * (2 * 4 * 1024 + 2 * 4 * 512));     // 48 KiB (CSA)
+    // pending kv + gate [r, width], then prev kv + gate [r, d] per window parity with overlap; f32.
+    EXPECT_EQ(cuda::compressor_state_bytes(4, 512, true), 4 * (2 * 4 * 1024 + 4 * 4 * 512));     // 64 KiB (CSA)
     EXPECT_EQ(cuda::compressor_state_bytes(128, 512, false), 4 * (2 * 128 * 512));               // 512 KiB (HCA)
-    EXPECT_EQ(cuda::compressor_state_bytes(4, 128, true), 4 * (2 * 4 * 256 + 2 * 4 * 128));     // indexer
+    EXPECT_EQ(cuda::compressor_state_bytes(4, 128, true), 4 * (2 * 4 * 256 + 4 * 4 * 128));     // indexer
     EXPECT_EQ(cuda::compressor_state_bytes(16, 64, false), 4 * (2 * 16 * 64));
 }
 
@@ -728,6 +728,69 @@ TEST(CudaCompressor, WindowRingKeepsLastW) {
             run_ring_case<GpuRing>(rs, sc, 400);
             if (HasFailure()) return;
         }
+}
+
+// Rewind (speculative decoding, compressor.h): each step feeds a sequence's next real token and
+// a rejected draft after it (values from another stream), then the host drops the draft's
+// position (n_past back by one, no device copy). Over 3r + 2 such rounds the draft falls on every
+// slot of the window, closes windows, and the real token closes them too; after every round the
+// state equals compressor_feed's over the real tokens alone, bit for bit, and at the end (one
+// last real token, so that every window a draft closed was closed again for real) every row.
+TEST(CudaCompressor, RewindOfARejectedDraftIsExact) {
+    SKIP_WITHOUT_GPU();
+    for (const Spec& spec : {kFlash[0], kFlash[1], kFlash[2], kTiny[1], kOdd[1], kOdd[4]}) {
+        SCOPED_TRACE(spec.name);
+        const HostComp hc(spec, 7);
+        const int64_t prefill = spec.r + 1, rounds = 3 * int64_t{spec.r} + 2;
+        const int64_t total = prefill + rounds + 1;
+        const PoolLayout L = make_layout(spec, total + 1, 7);
+        GpuCompressor gpu(hc, L, static_cast<int>(prefill), 1);
+        std::vector<CompressorState> cpu(kSeqs);
+        int64_t n_past[kSeqs] = {0, 0, 0};
+        // One chunk of sequence 0 at positions p0 .. p0 + n - 1; positions >= fake_from get the
+        // values of another stream (a draft that will be rejected).
+        auto chunk = [&](int64_t p0, int n, int64_t fake_from) {
+            StepInput in;
+            in.C = 1;
+            in.chunk_first.push_back(0);
+            in.chunk_len.push_back(n);
+            in.seq_of_chunk.push_back(0);
+            for (int i = 0; i < n; ++i) {
+                const int64_t p = p0 + i;
+                in.pos.push_back(static_cast<int32_t>(p));
+                in.pos64.push_back(p);
+                in.slot.push_back(kSlotOf[0]);
+                in.chunk.push_back(0);
+                TokenRng rng(p >= fake_from ? 1000 : 7, 0, p);
+                for (int f = 0; f < hc.width; ++f) in.kv.push_back(rng.uniform());
+                for (int f = 0; f < hc.width; ++f) in.gate.push_back(2.0f * rng.normal());
+                ++in.T;
+            }
+            return in;
+        };
+        const StepInput first = chunk(0, static_cast<int>(prefill), total);
+        gpu.step(first);
+        cpu_step(hc, first, cpu);
+        n_past[0] = prefill;
+        for (int64_t k = 0; k < rounds; ++k) {
+            SCOPED_TRACE(str("round ", k, " at position ", n_past[0]));
+            const StepInput both = chunk(n_past[0], 2, n_past[0] + 1);   // the real token, then a draft
+            gpu.step(both);
+            const StepInput real = chunk(n_past[0], 1, total);
+            cpu_step(hc, real, cpu);
+            n_past[0] += 1;                                               // the draft's position dropped
+            check_state(hc, L, gpu.state_bytes(), cpu, n_past);
+            if (HasFailure()) return;
+        }
+        const StepInput last = chunk(n_past[0], 1, total);
+        gpu.step(last);
+        cpu_step(hc, last, cpu);
+        n_past[0] += 1;
+        check_state(hc, L, gpu.state_bytes(), cpu, n_past);
+        std::vector<uint8_t> pool = gpu.pool_bytes();
+        check_pool(hc, L, pool, cpu);
+        if (HasFailure()) return;
+    }
 }
 
 // Two runs of the same schedules give the same bytes (pool and state) after every step.
