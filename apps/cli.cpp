@@ -111,8 +111,6 @@ std::unique_ptr<Backend> one_sequence_backend(const Model& m, const std::string&
                                               int64_t positions) {
     BackendOptions bo;
     bo.name = resolve_backend(name);
-    if (m.numerics != Numerics::exact && bo.name != "cpu")
-        fail("--numerics ", numerics_name(m.numerics), " runs on the cpu backend only for now; pass --backend cpu");
     bo.max_seqs = 1;
     bo.max_batch_tokens = bo.name == "cuda" ? 512 : int64_t{1} << 40;
     bo.max_logit_rows = bo.name == "cuda" ? 512 : bo.max_batch_tokens;
@@ -136,8 +134,6 @@ void cmd_logits(const std::string& dir, const std::string& tokens_file, const st
     auto t0 = std::chrono::steady_clock::now();
     std::vector<float> logits, mtp_logits;
     if (mtp) {   // the MTP block beside the main model, teacher-forced with the next tokens
-        if (numerics != Numerics::exact && be != "cpu")
-            fail("--numerics ", numerics_name(numerics), " runs on the cpu backend only for now; pass --backend cpu");
         BackendOptions bo;
         bo.name = be;
         bo.max_batch_tokens = 512;
@@ -186,8 +182,6 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
         if (!m->w.mtp)
             fail(dir, ": --speculative-tokens needs the multi-token-prediction block (mtp.0.* tensors); the checkpoint has none");
         const std::string be = resolve_backend(backend);
-        if (numerics != Numerics::exact && be != "cpu")
-            fail("--numerics ", numerics_name(numerics), " runs on the cpu backend only for now; pass --backend cpu");
         SpeculativeOptions so;
         so.draft_tokens = spec_tokens, so.chunk = chunk, so.ignore_eos = ignore_eos;
         BackendOptions bo;
@@ -228,8 +222,8 @@ int main(int argc, char** argv) {
     uint64_t seed = 0;
     int64_t spec_tokens = 0;
     bool ignore_eos = false, no_mtp = false, mtp = false;
-    std::string numerics = "exact";
-    const char* numerics_help = "exact (f32 activations, the default) | official (DeepSeek's roundings: bf16 "
+    std::string numerics = "auto";
+    const char* numerics_help = "auto (the default: official on cuda, exact on cpu) | exact (f32 activations) | official (DeepSeek's roundings: bf16 "
                                 "activations, FP8 GEMM inputs and KV latent, Hadamard + FP4 indexer q/k)";
 
     auto* info = app.add_subcommand("info", "config summary, layer schedule, weight formats and sizes");
@@ -320,8 +314,10 @@ int main(int argc, char** argv) {
         if (*info) cmd_info(model);
         if (mem_fraction <= 0 || mem_fraction > 1)
             fail("--gpu-memory-fraction must be in (0, 1], got ", mem_fraction);
-        if (*lg) cmd_logits(model, tokens, out, sched, backend, mem_fraction, parse_numerics(numerics), mtp);
-        if (*gen) cmd_generate(model, ids, max_new, chunk, ignore_eos, backend, mem_fraction, parse_numerics(numerics),
+        if (*lg) cmd_logits(model, tokens, out, sched, backend, mem_fraction,
+                              resolve_numerics(numerics, resolve_backend(backend)), mtp);
+        if (*gen) cmd_generate(model, ids, max_new, chunk, ignore_eos, backend, mem_fraction,
+                               resolve_numerics(numerics, resolve_backend(backend)),
                               spec_tokens);
         if (*srv) return serve(so);
         if (*syn) {

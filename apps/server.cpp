@@ -281,6 +281,7 @@ private:
         bo.max_model_len = opt_.max_model_len;
         bo.gpu_memory_fraction = opt_.gpu_memory_fraction;
         bo.max_state_tokens = opt_.max_state_tokens;
+        bo.numerics = resolve_numerics(opt_.numerics, resolve_backend(opt_.backend));
         return bo;
     }
     void routes();
@@ -376,7 +377,7 @@ void Server::load() {
         if (done == total) std::fprintf(stderr, "\n");
     });
     if (model->cfg.vocab_size != cfg.vocab_size) fail(opt_.model_dir, "/config.json changed while loading");
-    model->numerics = parse_numerics(opt_.numerics);
+    model->numerics = resolve_numerics(opt_.numerics, resolve_backend(opt_.backend));
     const BackendOptions bo = backend_options();
     std::ostringstream plan;
     auto backend = make_backend(*model, bo, &plan);
@@ -1032,9 +1033,8 @@ int Server::run() {
 }  // namespace
 
 void validate(const ServeOptions& o) {
-    const Numerics numerics = parse_numerics(o.numerics);   // names --numerics
-    if (numerics != Numerics::exact && o.backend != "cpu")
-        fail("--numerics ", o.numerics, " runs on the cpu backend only for now; pass --backend cpu");
+    if (o.numerics != "auto" && o.numerics != "exact" && o.numerics != "official")
+        fail("--numerics must be exact, official or auto, got '", o.numerics, "'");
     if (o.synthetic.empty() && o.model_dir.empty()) fail("--model: a checkpoint directory is required");
     if (!o.synthetic.empty()) {
         if (!o.model_dir.empty()) fail("--synthetic and --model exclude each other");

@@ -13,7 +13,7 @@
 //
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
-//                         [--trace N] [--serial] [--spec]
+//                         [--trace N] [--serial] [--spec] [--numerics exact|official]
 // --spec: after each decode row, speculative decoding with the MTP block drafting one token per
 // sequence (gpu::generate_speculative's rounds, batched): per round one Runner::step_verify over
 // [x, draft] of every sequence, then a rewind for each rejected draft (the save / restore / re-run
@@ -22,6 +22,7 @@
 // (0.5 / 0.8 / 1, a fixed random sequence) whatever the ids: measured rounds at those rates, and
 // tokens/s against the plain decode row.
 // --serial: everything on one stream (RunnerOptions::side_stream off), to compare.
+// --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
 // --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
 // records (span, kernel time, idle time, a table by kernel, and its first N kernels).
 #include <cuda_runtime.h>
@@ -92,6 +93,7 @@ int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
         bool serial = false, spec = false;
+        Numerics numerics = Numerics::exact;
         int64_t layers = -1, prefill = 8192, steps = 20, trace = -1;
         std::vector<int64_t> batches{1, 8, 64, 256}, contexts{1024, 32768};
         for (int i = 1; i < argc; ++i) {
@@ -110,6 +112,7 @@ int main(int argc, char** argv) {
             else if (a == "--trace") trace = std::stoll(next());
             else if (a == "--serial") serial = true;
             else if (a == "--spec") spec = true;
+            else if (a == "--numerics") numerics = parse_numerics(next());
             else fail("unknown option ", a);
         }
         if (layers < 0) layers = preset == "pro" ? 4 : 20;
@@ -127,6 +130,7 @@ int main(int argc, char** argv) {
         std::printf("# megamoe-forward-bench: %s, V4-%s at full width, %ld of the release's layers, %s experts\n",
                     prop.name, preset.c_str(), static_cast<long>(layers), experts.c_str());
         std::printf("# copy bandwidth (read + write) measured in this run: %.0f GB/s\n", bw);
+        std::printf("# numerics: %s\n", numerics_name(numerics));
 
         const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
         const int64_t max_ctx = *std::max_element(contexts.begin(), contexts.end());
@@ -139,6 +143,7 @@ int main(int argc, char** argv) {
         ro.memory_fraction = 0.95;
         ro.side_stream = !serial;
         ro.rollback = spec;
+        ro.numerics = numerics;
         const auto t0 = std::chrono::steady_clock::now();
         gpu::Runner run(cfg, 1234, ro, &std::cout);
         std::printf("# synthetic weights made in %.1f s\n",

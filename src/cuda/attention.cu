@@ -30,9 +30,13 @@
 //   straight from the paged pool into A-fragment registers with 16-byte loads (the contraction
 //   order over the head dim is permuted identically in A and B, see indexer_scores_kernel), Q comes
 //   from shared memory. relu, · dI^-0.5, · w·w_scale per head, summed in a fixed order (per thread
-//   over its heads, then a quad butterfly). (2) top-k: one CTA of 1024 threads per token, radix
-//   select + ordered compaction (topk_kernel below); rows of ≤ 52 Ki scores are staged in shared
-//   memory first, longer ones are read from global memory by every pass.
+//   over its heads, then a quad butterfly). Numerics::official: each (row, head) term is rounded as
+//   ops::indexer_scores_bf16 rounds it, and the heads are added in head order by the lane that
+//   stores the row: per n-tile, a quad transposes its terms (packed bf16 pairs, 4 shuffles) so
+//   lane tig holds row tig's terms of all 8 heads of the tile, which it adds in order.
+//   (2) top-k: one CTA of 1024 threads per token, radix select + ordered compaction (topk_kernel
+//   below); rows of ≤ 52 Ki scores are staged in shared memory first, longer ones are read from
+//   global memory by every pass.
 //
 // A top-k entry outside [0, n_vis) is treated like −1 (no row is read), so a bad index cannot
 // fault. Every kernel starts with griddepcontrol.wait (launched with programmatic dependent launch), uses
@@ -53,6 +57,7 @@
 #include "cuda/attention_keys.h"
 #include "cuda/device.cuh"
 #include "cuda/linear.h"
+#include "cuda/numerics.cuh"
 
 namespace megamoe::cuda {
 
@@ -429,7 +434,16 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
 // (elements 0..3) and 2P + 1 (elements 4..7) as the k pairs {2tig, 2tig+1} and {2tig+8, 2tig+9}:
 // a bijection of the DI dims, the same for A (key rows) and B (query heads), so every dot product
 // is complete (in another order of its f32 sums).
-template <int NH, int DI>
+//
+// kOfficial (Numerics::official, ops::indexer_scores_bf16): w_h = bf16(bf16(w)·w_scale); the term
+// of (row, head) is bf16(max(bf16(dot), 0)·w_h) (std::max's order: −0 stays −0), a bf16 value, so
+// two of them pack into one 32-bit word exactly. The accumulator fragment gives lane (g, tig) rows
+// g + 8·rr (rr = 0..3) × heads nt·8 + 2·tig, +1; the twin adds the heads of a row in order. Per
+// n-tile the quad transposes: in step k lane tig reads quad lane (tig + k) mod 4, which offers the
+// packed pair of the row its reader stores (rr = reader's tig); then lane tig adds the 8 terms of
+// row tig in head order to its f32 accumulator (which starts at +0, as the twin's). The score is
+// bf16(acc). `scale` is unused (dI^-0.5 is inside w_scale).
+template <int NH, int DI, bool kOfficial>
 __global__ void __launch_bounds__(kIdxThreads)
 indexer_scores_kernel(const IndexerArgs a, const BatchView b, const float scale) {
     constexpr int kChunks = DI / 8, kPairs = DI / 32, kNT = NH / 8;
@@ -451,8 +465,12 @@ indexer_scores_kernel(const IndexerArgs a, const BatchView b, const float scale)
     float wr[kNT][2];
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
-        wr[nt][0] = a.w[static_cast<int64_t>(t) * NH + nt * 8 + 2 * tig] * a.w_scale;
-        wr[nt][1] = a.w[static_cast<int64_t>(t) * NH + nt * 8 + 2 * tig + 1] * a.w_scale;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const float wv = a.w[static_cast<int64_t>(t) * NH + nt * 8 + 2 * tig + i];
+            if constexpr (kOfficial) wr[nt][i] = nm::bf16_round(__fmul_rn(nm::bf16_round(wv), a.w_scale));
+            else wr[nt][i] = wv * a.w_scale;
+        }
     }
     __syncthreads();
 
@@ -474,6 +492,7 @@ indexer_scores_kernel(const IndexerArgs a, const BatchView b, const float scale)
             }
         }
         float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        float acc = 0.0f;   // official: the score sum of row r0 + g + 8·tig
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
             float c[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -488,24 +507,60 @@ indexer_scores_kernel(const IndexerArgs a, const BatchView b, const float scale)
                     mma_bf16(c[mt], lo.z, hi.z, lo.w, hi.w, bq.z, bq.w);
                 }
             }
+            if constexpr (kOfficial) {
+                // bf16 bits of one term: bf16(max(bf16(dot), 0) · w).
+                auto term = [](float dot, float wv) {
+                    const float d = nm::bf16_round(dot);
+                    const float l = d < 0.0f ? 0.0f : d;
+                    return __float_as_uint(nm::bf16_round(__fmul_rn(l, wv))) >> 16;
+                };
+                uint32_t pk[4];   // row rr: heads 2·tig (low half), 2·tig + 1 (high half) of the tile
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-                part[2 * mt] = fmaf(fmaxf(c[mt][0], 0.0f) * scale, wr[nt][0], part[2 * mt]);
-                part[2 * mt] = fmaf(fmaxf(c[mt][1], 0.0f) * scale, wr[nt][1], part[2 * mt]);
-                part[2 * mt + 1] = fmaf(fmaxf(c[mt][2], 0.0f) * scale, wr[nt][0], part[2 * mt + 1]);
-                part[2 * mt + 1] = fmaf(fmaxf(c[mt][3], 0.0f) * scale, wr[nt][1], part[2 * mt + 1]);
+                for (int mt = 0; mt < 2; ++mt) {
+                    pk[2 * mt] = term(c[mt][0], wr[nt][0]) | (term(c[mt][1], wr[nt][1]) << 16);
+                    pk[2 * mt + 1] = term(c[mt][2], wr[nt][0]) | (term(c[mt][3], wr[nt][1]) << 16);
+                }
+                uint32_t from[4] = {0u, 0u, 0u, 0u};   // from[s]: quad lane s's pair for row tig
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int want = (tig - k) & 3, src = (tig + k) & 3;
+                    uint32_t give = pk[0];
+#pragma unroll
+                    for (int rr = 1; rr < 4; ++rr) give = want == rr ? pk[rr] : give;
+                    const uint32_t got = __shfl_sync(0xFFFFFFFFu, give, (lane & ~3) | src);
+#pragma unroll
+                    for (int s2 = 0; s2 < 4; ++s2) from[s2] = src == s2 ? got : from[s2];
+                }
+#pragma unroll
+                for (int s2 = 0; s2 < 4; ++s2) {
+                    acc = __fadd_rn(acc, __uint_as_float(from[s2] << 16));
+                    acc = __fadd_rn(acc, __uint_as_float(from[s2] & 0xFFFF0000u));
+                }
+            } else {
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    part[2 * mt] = fmaf(fmaxf(c[mt][0], 0.0f) * scale, wr[nt][0], part[2 * mt]);
+                    part[2 * mt] = fmaf(fmaxf(c[mt][1], 0.0f) * scale, wr[nt][1], part[2 * mt]);
+                    part[2 * mt + 1] = fmaf(fmaxf(c[mt][2], 0.0f) * scale, wr[nt][0], part[2 * mt + 1]);
+                    part[2 * mt + 1] = fmaf(fmaxf(c[mt][3], 0.0f) * scale, wr[nt][1], part[2 * mt + 1]);
+                }
             }
         }
+        float mine;
+        if constexpr (kOfficial) {
+            mine = nm::bf16_round(acc);
+        } else {
 #pragma unroll
-        for (int rr = 0; rr < 4; ++rr) {
-            part[rr] += __shfl_xor_sync(0xFFFFFFFFu, part[rr], 1);
-            part[rr] += __shfl_xor_sync(0xFFFFFFFFu, part[rr], 2);
+            for (int rr = 0; rr < 4; ++rr) {
+                part[rr] += __shfl_xor_sync(0xFFFFFFFFu, part[rr], 1);
+                part[rr] += __shfl_xor_sync(0xFFFFFFFFu, part[rr], 2);
+            }
+            // part[rr] is row r0 + g + 8·rr in every lane of the quad; lane tig stores rr = tig.
+            mine = part[0];
+#pragma unroll
+            for (int rr = 1; rr < 4; ++rr)
+                if (tig == rr) mine = part[rr];
         }
-        // part[rr] is row r0 + g + 8·rr in every lane of the quad; lane tig stores rr = tig.
-        float mine = part[0];
-#pragma unroll
-        for (int rr = 1; rr < 4; ++rr)
-            if (tig == rr) mine = part[rr];
         const int64_t row = r0 + g + 8 * tig;
         if (row < n_vis) out[row] = mine;
     }
@@ -795,8 +850,11 @@ template <int NH, int DI> void launch_indexer(const IndexerArgs& a, const BatchV
     const int64_t blocks = (a.max_rows + kIdxRowsPerCta - 1) / kIdxRowsPerCta;
     const int64_t want = (4LL * sm_count() + b.T - 1) / b.T;   // ~4 CTAs per SM at small T
     const int64_t gy = std::max<int64_t>(1, std::min<int64_t>({blocks, want, 65535}));
-    launch("indexer scores", indexer_scores_kernel<NH, DI>, dim3(static_cast<unsigned>(b.T), static_cast<unsigned>(gy)),
-           dim3(kIdxThreads), 0, 0, stream, a, b, scale);
+    const dim3 grid(static_cast<unsigned>(b.T), static_cast<unsigned>(gy));
+    if (a.numerics == Numerics::official)
+        launch("indexer scores", indexer_scores_kernel<NH, DI, true>, grid, dim3(kIdxThreads), 0, 0, stream, a, b, scale);
+    else
+        launch("indexer scores", indexer_scores_kernel<NH, DI, false>, grid, dim3(kIdxThreads), 0, 0, stream, a, b, scale);
 }
 
 }  // namespace

@@ -11,9 +11,11 @@
 // head's sink over all of them (ops::attend_one's order).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "cuda/step.h"
+#include "ref/ops.h"   // Numerics (the enum only; nothing of the CPU ops is called)
 
 struct CUstream_st;
 
@@ -45,19 +47,35 @@ void sparse_attention(const AttentionArgs& a, const BatchView& b, CUstream_st* s
 struct IndexerArgs {
     int32_t         heads = 0;               // nI (64 in the releases)
     int32_t         head_dim = 0;            // dI (128)
-    const uint16_t* q = nullptr;             // [T, nI, dI] bf16, rotated
-    const float*    w = nullptr;             // [T, nI] f32 head weights (weights_proj · x)
-    float           w_scale = 0;             // applied to w: nI^-0.5
+    const uint16_t* q = nullptr;             // [T, nI, dI] bf16, rotated (official: and rounded by
+                                             //   round_indexer_qk, cuda/numerics.h)
+    const float*    w = nullptr;             // [T, nI] f32 head weights: weights_proj · x, unscaled
+    float           w_scale = 0;             // applied to w: indexer_w_scale(nI, dI, numerics)
     PagedRows       keys;                    // the indexer compressor's rows (keys.dim = dI, ratio 4)
     float*          scores = nullptr;        // [T, max_rows] f32 scratch
     int64_t         max_rows = 0;            // row stride of `scores` (≥ every token's n_vis)
     int32_t         k = 0;                   // index_topk
     int32_t*        topk = nullptr;          // [T, k] out: ascending row ids, −1 past min(k, n_vis)
+    Numerics        numerics = Numerics::exact;
 };
 
-// score[t, s] = Σ_h w[t, h]·w_scale · relu(q[t, h] · K[s] · dI^-0.5) for s < n_vis(t), then the
-// k largest (ties to the lower row) in ascending order.
-// twin: ops::indexer_scores (with w · w_scale), ops::topk_indices
+// w_scale as the CPU forward computes it (ref attention_inputs): exact nI^-0.5 (the kernel scales
+// the dots by dI^-0.5); official dI^-0.5 · nI^-0.5, in that order of f32 roundings (the official
+// code folds dI^-0.5 into the bf16 weights and does not scale the dots).
+inline float indexer_w_scale(int32_t heads, int32_t head_dim, Numerics nm) {
+    if (nm == Numerics::official)
+        return 1.0f / std::sqrt(static_cast<float>(head_dim)) / std::sqrt(static_cast<float>(heads));
+    return 1.0f / std::sqrt(static_cast<float>(heads));
+}
+
+// For s < n_vis(t), then the k largest (ties to the lower row) in ascending order:
+// exact:    score[t, s] = Σ_h w[t, h]·w_scale · relu(q[t, h] · K[s] · dI^-0.5)
+//           twin: ops::indexer_scores (with w · w_scale), ops::topk_indices
+// official: w_h = bf16(bf16(w[t, h]) · w_scale) (the linear's bf16 output, scaled in bf16), and
+//           score[t, s] = bf16(Σ_h bf16(max(bf16(q[t, h] · K[s]), 0) · w_h)), the heads added in
+//           f32 in order h = 0 .. nI − 1 as the twin does (so the scores are the twin's bits
+//           whenever the f32 dots are: for FP4-rounded q and K they are exact sums).
+//           twin: ops::indexer_scores_bf16 with the forward's idx_w, ops::topk_indices
 void indexer_topk(const IndexerArgs& a, const BatchView& b, CUstream_st* stream);
 
 // The top-k alone (exposed for its tests): for each row t of scores [T, stride], the k largest of

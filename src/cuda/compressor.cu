@@ -26,6 +26,15 @@
 // (x · inv, then · w as ops::rms_norm rounds), rotates its pairs that fall in the last rope_dim
 // features at position w·r (angle = float(w·r) · inv_freq[i] in f32, cosf / sinf, the four
 // products and two sums rounded one by one as ops::rope does) and stores bf16x2 (RNE).
+// Numerics::official adds compressor_feed's roundings: the pooled values are rounded to bf16 as
+// they go to shared memory, and the sum of squares is taken in f64 as the twin's (the squares of
+// bf16 values are exact, and so is their sum unless the row spans ~2^28 in squares, so the f32
+// mean has the twin's bits whatever the order); the normalized and the rotated values are
+// rounded to bf16 and put back into the shared row; after a barrier, either warp 0 applies the
+// indexer's Hadamard + FP4 to the whole row (d ≤ 128; numerics.cuh indexer_qk_warp, the twin's
+// butterfly order), or each warp takes 64-feature blocks of the FP8 KV latent rounding (lane =
+// one feature pair; block amax by a warp butterfly over the features below d − rope_dim), and the
+// row is stored.
 // Everything is a function of the inputs and the launch shape: deterministic, no atomics.
 //
 // compressor_save: grid (C, G), G = min(r, 8) slot groups; CTA (c, g) handles slots s ≡ g mod G of
@@ -58,6 +67,7 @@
 #include "core/common.h"
 #include "cuda/device.cuh"
 #include "cuda/linear.h"   // CUDA_CHECK
+#include "cuda/numerics.cuh"
 
 namespace megamoe::cuda {
 namespace {
@@ -89,8 +99,48 @@ __device__ __forceinline__ StateRecord state_record(const CompressorArgs& a, int
     return {base, base + rw, base + 2 * rw, rd};
 }
 
+// Official numerics, after the rows are normalized, rotated and rounded to bf16 in row[d] (f32):
+// the indexer keys' Hadamard + FP4 by warp 0 (E values per lane, d = 32·E or d < 32 with E = 1)
+// or the KV latent's FP8 blocks; the row stored as bf16.
+template <int E>
+__device__ __forceinline__ void emit_indexer_row(const float* row, int d, uint16_t* out) {
+    const int lane = static_cast<int>(threadIdx.x) & 31;
+    const bool live = lane * E < d;
+    float v[E];
+#pragma unroll
+    for (int j = 0; j < E; ++j) v[j] = live ? row[lane * E + j] : 0.0f;
+    const float scale = __fdiv_rn(1.0f, __fsqrt_rn(static_cast<float>(d)));   // as ops::hadamard
+    nm::indexer_qk_warp<E>(v, lane, d, scale);
+    if (live) {
+#pragma unroll
+        for (int j = 0; j < E; ++j) out[lane * E + j] = __bfloat16_as_ushort(__float2bfloat16_rn(v[j]));
+    }
+}
+
+__device__ __forceinline__ void emit_kv_latent_row(const float* row, int d, int q_end, __nv_bfloat162* out) {
+    const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
+    const int warps = static_cast<int>(blockDim.x) >> 5;
+    for (int c = warp; c * 64 < d; c += warps) {   // 64-feature block c, one pair per lane
+        const int f = c * 64 + 2 * lane;
+        const bool live = f < d, quant = f < q_end;   // q_end even: a pair is in or out whole
+        float v0 = live ? row[f] : 0.0f, v1 = live ? row[f + 1] : 0.0f;
+        float amax = quant ? fmaxf(fabsf(v0), fabsf(v1)) : 0.0f;
+#pragma unroll
+        for (int o = 16; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        if (quant) {
+            const float s = nm::fp8_scale(amax);
+            v0 = nm::fp8_qdq(v0, s);
+            v1 = nm::fp8_qdq(v1, s);
+        }
+        if (live) out[f / 2] = __floats2bfloat162_rn(v0, v1);
+    }
+}
+
 // Dynamic shared memory: slot_kv[n_max], slot_gate[n_max], slot_ape[n_max] (pointers), row[d],
-// red[32] (f32).
+// red[32] (f64 / f32).
+// kOfficial: a.numerics == Numerics::official (a template parameter, so that the exact kernel is
+// compiled as it was without the official steps).
+template <bool kOfficial>
 __global__ void __launch_bounds__(kEmitMaxThreads) compressor_emit_kernel(CompressorArgs a, BatchView b) {
     pdl_begin();
     const int t = static_cast<int>(blockIdx.x);
@@ -105,6 +155,8 @@ __global__ void __launch_bounds__(kEmitMaxThreads) compressor_emit_kernel(Compre
     const float** slot_ape = slot_gate + n_max;
     float* row = reinterpret_cast<float*>(slot_ape + n_max);
     float* red = row + d;
+    double* red_d = reinterpret_cast<double*>(red);   // the same 256 bytes (8-aligned: d is even)
+    constexpr bool official = kOfficial;
 
     const int64_t width = a.overlap ? 2 * static_cast<int64_t>(d) : d;
     const int64_t w = (p + 1) / r - 1;                    // the row this token closes
@@ -142,6 +194,7 @@ __global__ void __launch_bounds__(kEmitMaxThreads) compressor_emit_kernel(Compre
 
     // Pool: per feature, softmax over the n slots in slot order (f32).
     float ss = 0.0f;
+    double ss_d = 0.0;   // official
     for (int j = static_cast<int>(threadIdx.x); j < d / 2; j += static_cast<int>(blockDim.x)) {
         const int f = 2 * j;
         float2 m = make_float2(-INFINITY, -INFINITY);
@@ -170,7 +223,13 @@ __global__ void __launch_bounds__(kEmitMaxThreads) compressor_emit_kernel(Compre
             num.x = fmaf(ex, kv.x, num.x);
             num.y = fmaf(ey, kv.y, num.y);
         }
-        const float x0 = num.x / den.x, x1 = num.y / den.y;
+        float x0 = num.x / den.x, x1 = num.y / den.y;
+        if constexpr (official) {   // kv.to(x.dtype) before the norm; its squares are exact in f64
+            x0 = nm::bf16_round(x0);
+            x1 = nm::bf16_round(x1);
+            ss_d = __dadd_rn(ss_d, __dmul_rn(x0, x0));
+            ss_d = __dadd_rn(ss_d, __dmul_rn(x1, x1));
+        }
         row[f] = x0;
         row[f + 1] = x1;
         ss = fmaf(x0, x0, ss);
@@ -178,15 +237,27 @@ __global__ void __launch_bounds__(kEmitMaxThreads) compressor_emit_kernel(Compre
     }
 
     // Block sum of squares: warp tree, then the warps in order (fixed for a given d).
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
-    if (lane == 0) red[warp] = ss;
-    __syncthreads();
-    float total = 0.0f;
-    for (int i = 0; i < static_cast<int>(blockDim.x) / 32; ++i) total += red[i];
-    const float inv = 1.0f / sqrtf(total / static_cast<float>(d) + a.norm_eps);
+    float inv;
+    if constexpr (official) {   // ops::rms_norm: 1 / sqrt(f32(Σx² / d) + eps), the sum in f64
+        for (int o = 16; o > 0; o >>= 1) ss_d = __dadd_rn(ss_d, __shfl_xor_sync(0xffffffffu, ss_d, o));
+        if (lane == 0) red_d[warp] = ss_d;
+        __syncthreads();
+        double total = 0.0;
+        for (int i = 0; i < static_cast<int>(blockDim.x) / 32; ++i) total = __dadd_rn(total, red_d[i]);
+        const float mean = __double2float_rn(__ddiv_rn(total, static_cast<double>(d)));
+        inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, a.norm_eps)));
+    } else {
+        for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (lane == 0) red[warp] = ss;
+        __syncthreads();
+        float total = 0.0f;
+        for (int i = 0; i < static_cast<int>(blockDim.x) / 32; ++i) total += red[i];
+        inv = 1.0f / sqrtf(total / static_cast<float>(d) + a.norm_eps);
+    }
 
-    // Normalize, rotate the last rope_dim features at position w·r, store bf16.
+    // Normalize, rotate the last rope_dim features at position w·r, store bf16 (official: each
+    // step rounded to bf16, then the row's FP8 or Hadamard + FP4 rounding, then the store).
     __nv_bfloat162* out = a.rows.row<__nv_bfloat162>(slot, w);
     const int off = d - a.rope.rope_dim;
     const float first_pos = static_cast<float>(w * r);
@@ -194,6 +265,10 @@ __global__ void __launch_bounds__(kEmitMaxThreads) compressor_emit_kernel(Compre
         const int f = 2 * j;
         float y0 = __fmul_rn(__bfloat162float(__ushort_as_bfloat16(a.norm_w[f])), __fmul_rn(row[f], inv));
         float y1 = __fmul_rn(__bfloat162float(__ushort_as_bfloat16(a.norm_w[f + 1])), __fmul_rn(row[f + 1], inv));
+        if constexpr (official) {
+            y0 = nm::bf16_round(y0);
+            y1 = nm::bf16_round(y1);
+        }
         if (f >= off) {
             const float angle = __fmul_rn(first_pos, a.rope.inv_freq[(f - off) / 2]);
             const float cs = cosf(angle), sn = sinf(angle);
@@ -202,7 +277,23 @@ __global__ void __launch_bounds__(kEmitMaxThreads) compressor_emit_kernel(Compre
             y0 = r0;
             y1 = r1;
         }
-        out[j] = __floats2bfloat162_rn(y0, y1);
+        if constexpr (official) {   // back into the row (each thread its own pairs), rounded
+            row[f] = nm::bf16_round(y0);
+            row[f + 1] = nm::bf16_round(y1);
+        } else {
+            out[j] = __floats2bfloat162_rn(y0, y1);
+        }
+    }
+    if constexpr (official) {   // the row's last rounding, once all of it is in shared memory
+        __syncthreads();
+        if (!a.indexer_keys) {
+            emit_kv_latent_row(row, d, off, out);
+        } else if (warp == 0) {
+            uint16_t* o16 = reinterpret_cast<uint16_t*>(out);
+            if (d == 128) emit_indexer_row<4>(row, d, o16);
+            else if (d == 64) emit_indexer_row<2>(row, d, o16);
+            else emit_indexer_row<1>(row, d, o16);
+        }
     }
 }
 
@@ -311,13 +402,17 @@ void compressor_emit(const CompressorArgs& a, const BatchView& b, CUstream_st* s
     MEGAMOE_CHECK(aligned(a.rows.pool, 4) && a.rows.block_bytes % 4 == 0 && a.rows.layer_offset % 4 == 0,
                   "compressor_emit: rows must be 4-byte aligned (block_bytes ", a.rows.block_bytes,
                   ", layer_offset ", a.rows.layer_offset, ")");
+    if (a.numerics == Numerics::official && a.indexer_keys)
+        MEGAMOE_CHECK(a.dim <= 128 && (a.dim & (a.dim - 1)) == 0, "compressor_emit: indexer keys of dim ", a.dim,
+                      " (official numerics: a power of two ≤ 128, the Hadamard of round_indexer_qk)");
     const int n_max = a.overlap ? 2 * a.ratio : a.ratio;
-    const size_t smem = static_cast<size_t>(n_max) * 3 * sizeof(const float*) + static_cast<size_t>(a.dim) * 4 + 32 * 4;
+    const size_t smem = static_cast<size_t>(n_max) * 3 * sizeof(const float*) + static_cast<size_t>(a.dim) * 4 +
+                        32 * sizeof(double);
     MEGAMOE_CHECK(smem <= 48 * 1024, "compressor_emit: ratio ", a.ratio, " and dim ", a.dim,
                   " need ", smem, " bytes of shared memory (limit 48 KiB)");
     const int threads = std::min(kEmitMaxThreads, (a.dim / 2 + 31) / 32 * 32);
-    CUDA_CHECK(dev::launch_pdl(compressor_emit_kernel, dim3(static_cast<unsigned>(b.T)), dim3(threads), smem,
-                               as_stream(stream), a, b));
+    auto kernel = a.numerics == Numerics::official ? compressor_emit_kernel<true> : compressor_emit_kernel<false>;
+    CUDA_CHECK(dev::launch_pdl(kernel, dim3(static_cast<unsigned>(b.T)), dim3(threads), smem, as_stream(stream), a, b));
 }
 
 void compressor_save(const CompressorArgs& a, const BatchView& b, CUstream_st* stream) {

@@ -38,6 +38,7 @@
 #include <cstdint>
 
 #include "cuda/step.h"
+#include "ref/ops.h"   // Numerics (the enum only; nothing of the CPU ops is called)
 
 struct CUstream_st;
 
@@ -60,12 +61,19 @@ struct CompressorArgs {
     RopeView     rope;                       // the compressed-layer table
     SlotArray    state;                      // compressor_state_bytes per slot
     PagedRows    rows;                       // where emitted rows go (rows.dim = d, rows.ratio = r)
+    Numerics     numerics = Numerics::exact; // official: the emitted rows' roundings (compressor_emit)
+    bool         indexer_keys = false;       // the indexer's compressor (official: Hadamard + FP4
+                                             // rows; else the attention's: FP8 KV latent rows)
 };
 
 // For every token t whose position closes a window ((pos + 1) mod r == 0): pools row
 // w = (pos + 1)/r − 1 from this step's kv/gate (positions ≥ the chunk's first) and the pending /
 // prev state (older positions), normalizes, rotates and stores it (bf16) in a.rows.
 // twin: ops::compress_pool, ops::rms_norm, ops::rope (what compressor_feed does per row).
+// Numerics::official (compressor_feed with nm = official): the pooled row is rounded to bf16
+// before the norm (whose f64 sum of squares then has the twin's bits), after it and after the
+// rotation; then indexer_keys: ops::round_indexer_qk of the row (d a power of two ≤ 128), else
+// ops::round_kv_latent (FP8 e4m3 in 64-blocks over features [0, d − rope_dim)). Stored bf16.
 void compressor_emit(const CompressorArgs& a, const BatchView& b, CUstream_st* stream);
 
 // For every chunk: writes prev (overlap: series A of each of the last two windows closed by this

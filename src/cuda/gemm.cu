@@ -51,6 +51,8 @@
 #include "core/common.h"
 #include "cuda/device.cuh"
 #include "cuda/gemm_group.cuh"
+#include "cuda/numerics.cuh"
+#include "cuda/numerics.h"
 #include "io/formats.h"
 
 namespace megamoe::cuda {
@@ -80,6 +82,7 @@ struct TiledParams {
     float limit;                  // SwiGLU clamp
     int   spz;                    // wgmma split-K: steps per blockIdx.z (= steps when not split)
     float* part;                  // wgmma split-K: f32 partial sums [gridDim.z][M][y_ld], or nullptr
+    bool  official;               // SwiGLU: gate and up rounded to bf16 first (Numerics::official)
 };
 
 template <LinearFormat F> struct TileX;   // x row stride in shared memory per step (conflict-free LDS.128)
@@ -175,6 +178,10 @@ __device__ __forceinline__ void store_y(const TiledParams& p, int64_t o, float v
     else static_cast<float*>(p.y)[o] = v;
 }
 __device__ __forceinline__ void store_h(const TiledParams& p, int xrow, int row, float gate, float up) {
+    if (p.official) {   // the official w1 / w3 outputs are bf16 (ops::expert_ffn with linear_rounded)
+        gate = nm::bf16_round(gate);
+        up = nm::bf16_round(up);
+    }
     const float h = silu_swiglu(gate, up, p.limit) * p.row_scale[xrow];
     static_cast<__nv_bfloat16*>(p.y)[static_cast<int64_t>(xrow) * p.y_ld + row] = __float2bfloat16_rn(h);
 }
@@ -1271,7 +1278,7 @@ void launch_build_items(const MoeLayerWorkspace& ws, int64_t E, int BT, cudaStre
 }
 
 void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1, float limit, Tile tile, bool build,
-             cudaStream_t stream) {
+             cudaStream_t stream, bool official = false) {
     check_tile(tile);
     MEGAMOE_CHECK(ex.E > 0 && static_cast<int64_t>(ex.w1.size()) == ex.E, "moe_l", l1 ? 1 : 2,
                   ": experts not uploaded");
@@ -1317,6 +1324,7 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     p.limit = limit;
     p.spz = p.steps;
     p.part = nullptr;
+    p.official = official;
     const int64_t items = ceil_div(N, t.tokens) + std::min(N, ex.E);
     MEGAMOE_CHECK(items <= 65535, "moe_l", l1 ? 1 : 2, ": ", items, " work items exceed one launch");
     const int64_t rows_per_cta = l1 ? t.rows / 2 : t.rows;
@@ -1335,7 +1343,9 @@ void moe_l2(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, CUstream_
 }
 
 void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids,
-                      const float* weights, int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream, Tile tile) {
+                      const float* weights, int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream, Tile tile,
+                      Numerics nm) {
+    const bool official = nm == Numerics::official;
     check_tile(tile);
     MEGAMOE_CHECK(T >= 0 && T <= ws.dispatch.T_max, "moe_layer: T = ", T, " exceeds the workspace's T_max = ",
                   ws.dispatch.T_max);
@@ -1345,20 +1355,23 @@ void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, c
     if (N <= kMoeDispatchSmallMaxRows && !is_wg(c)) {
         // Few rows: route, gather and L1's work list in one launch instead of five.
         ws.dispatch.route_gather_small(ids, x, weights, T, cfg(c).tokens, ws.items.data(), ws.n_items.data(), stream);
-        grouped(ex, ws, N, true, limit, c, false, stream);
+        grouped(ex, ws, N, true, limit, c, false, stream, official);
     } else {
         ws.dispatch.route(ids, T, stream);
         ws.dispatch.gather(x, weights, T, stream);
-        grouped(ex, ws, N, true, limit, c, true, stream);
+        grouped(ex, ws, N, true, limit, c, true, stream, official);
     }
+    // official: w2's input is FP8-rounded in 128-blocks (ops::expert_ffn's linear_rounded).
+    if (official) fp8_block_round(ws.h.data(), N, ex.I, ex.I, 128, stream);
     grouped(ex, ws, N, false, 0.0f, c, false, stream);   // same tile size: L1's work list serves
 }
 
-void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, float* y, CUstream_st* stream) {
+void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, float* y, CUstream_st* stream,
+                       Numerics nm) {
     MEGAMOE_CHECK(T >= 0 && T <= ws.dispatch.T_max, "moe_layer: T = ", T, " exceeds the workspace's T_max = ",
                   ws.dispatch.T_max);
     if (T == 0) return;
-    ws.dispatch.combine(ws.rows.data(), shared, T, y, stream);
+    ws.dispatch.combine(ws.rows.data(), shared, T, y, stream, nm == Numerics::official);
 }
 
 void moe_layer(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,

@@ -26,6 +26,7 @@
 #include "cuda/linear.h"
 #include "cuda/moe_dispatch.h"
 #include "io/weights.h"
+#include "ref/ops.h"   // Numerics (the enum only)
 
 struct CUstream_st;
 
@@ -172,10 +173,14 @@ void moe_layer(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf
 // moe_layer in two calls, for a caller that overlaps other work with the experts (the runner: the
 // shared expert on a side stream, joined before the combine that adds it). moe_layer_routed leaves
 // each slot's expert output in ws.rows; moe_layer_combine reads ws.rows and shared (the same T).
+// Numerics::official (ops::moe's official numerics; x is then the FP8-rounded input): the w1 / w3
+// outputs rounded to bf16 before the SwiGLU, h FP8-rounded in 128-blocks before w2, and in the
+// combine each slot's row and the shared output rounded to bf16 before the sum, and y after it.
 void moe_layer_routed(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,
                       const float* weights, int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream,
-                      Tile tile = Tile::automatic);
-void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, float* y, CUstream_st* stream);
+                      Tile tile = Tile::automatic, Numerics nm = Numerics::exact);
+void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, float* y, CUstream_st* stream,
+                       Numerics nm = Numerics::exact);
 
 // The small-T path (moe_small.cu): two launches that read their routing straight from ids (no
 // route / gather / work list / combine kernels), L1 writing h at each slot's own row (ws.h row

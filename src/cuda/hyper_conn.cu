@@ -38,6 +38,8 @@
 #include <cstdint>
 
 #include "core/common.h"
+#include "cuda/numerics.cuh"
+#include "cuda/numerics.h"
 #include "cuda/row_kernels.cuh"
 
 namespace megamoe::cuda {
@@ -80,6 +82,7 @@ struct MixArgs {
     int64_t T, D;
     const float* fn;       // [n_mix, hc·D]
     float* part;           // [splits, T, n_mix + 1]
+    bool official;         // fused: y and X_out rounded to bf16 (Numerics::official)
 };
 
 template <int VEC> __device__ __forceinline__ void load_vec(const float* p, float (&v)[VEC]) {
@@ -163,6 +166,10 @@ __global__ void __launch_bounds__(kMixWarpsMax * 32) hc_mix_kernel(MixArgs a, in
                 // X_out[t, k, c] = post_k · y[c] + Σ_j comb[j][k] · X_in[t, j, c]   (ops::hc_post's order)
                 float yv[VEC], xin[HC][VEC];
                 load_vec<VEC>(a.y + t * D + c, yv);
+                if (a.official) {   // the sublayer's output is bf16 in the official code
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) yv[e] = nm::bf16_round(yv[e]);
+                }
 #pragma unroll
                 for (int j = 0; j < HC; ++j) load_vec<VEC>(xt + j * D + c, xin[j]);
 #pragma unroll
@@ -173,7 +180,7 @@ __global__ void __launch_bounds__(kMixWarpsMax * 32) hc_mix_kernel(MixArgs a, in
                             float o = __fmul_rn(pk[q], yv[e]);
 #pragma unroll
                             for (int j = 0; j < HC; ++j) o = __fadd_rn(o, __fmul_rn(cm[q][j], xin[j][e]));
-                            xv[q][e] = o;
+                            xv[q][e] = a.official ? nm::bf16_round(o) : o;   // official: bf16 streams
                         }
                         store_vec<VEC>(a.X_out + t * n + (kset + KG * q) * D + c, xv[q]);
                     }
@@ -243,6 +250,8 @@ struct FinishArgs {
     uint16_t* xn;            // [T, D]
     float* post;             // [T, hc]      (pre)
     float* comb;             // [T, hc, hc]  (pre)
+    bool official;           // u rounded to bf16 before its norm (Numerics::official)
+    uint16_t* xq;            // [T, D] or null: xn with its 128-blocks FP8-rounded (fused: VEC 4, D % 128 == 0)
 };
 
 __device__ __forceinline__ float sigmoid_rn(float v) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-v))); }
@@ -428,6 +437,7 @@ __global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs
         }
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
+            if (a.official) u[e] = nm::bf16_round(u[e]);   // hc_pre's output is bf16 in the official code
             u_s[v * VEC + e] = u[e];
             ss = fmaf(u[e], u[e], ss);
         }
@@ -452,6 +462,23 @@ __global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs
                 o[3] = __fmul_rn(rk::bf16_hi(wb.y), o[3]);
             }
             *reinterpret_cast<uint2*>(out + v * 4) = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
+            if (a.xq != nullptr) {
+                // round_gemm_input fused: with D % 128 == 0 every lane of the warp is here, and the
+                // warp's 32 vectors v = 32·warp + 256·i + lane are one aligned 128-block of the row.
+                float b[4], amax = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    b[e] = nm::bf16_round(o[e]);
+                    amax = fmaxf(amax, fabsf(b[e]));
+                }
+#pragma unroll
+                for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+                const float sc = nm::fp8_scale(amax);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) b[e] = nm::fp8_qdq(b[e], sc);
+                *reinterpret_cast<uint2*>(a.xq + t * D + v * 4) =
+                    make_uint2(rk::pack_bf16x2(b[0], b[1]), rk::pack_bf16x2(b[2], b[3]));
+            }
         } else {
             if (a.norm_w != nullptr) o[0] = __fmul_rn(rk::bf16_to_f32(a.norm_w[v]), o[0]);
             out[v] = static_cast<uint16_t>(rk::f32_to_bf16(o[0]));
@@ -482,9 +509,11 @@ void launch_mix_hc(bool head, bool fused, bool vec, dim3 grid, dim3 block, const
 bool overlaps(const float* a, const float* b, int64_t n) { return a < b + n && b < a + n; }
 
 template <bool PRE>
-void launch_finish(const FinishArgs& a, CUstream_st* stream, const char* op) {
+void launch_finish(FinishArgs a, CUstream_st* stream, const char* op) {
     if (a.T == 0) return;
     const bool vec = a.D % 4 == 0 && aligned(a.X, 16) && aligned(a.xn, 8) && (a.norm_w == nullptr || aligned(a.norm_w, 8));
+    uint16_t* const xq_after = a.xq != nullptr && !(vec && a.D % 128 == 0 && aligned(a.xq, 8)) ? a.xq : nullptr;
+    if (xq_after != nullptr) a.xq = nullptr;   // not fusable: a copy of xn, rounded after the kernel
     const size_t smem = static_cast<size_t>(a.D) * sizeof(float);
     constexpr size_t kDefaultSmem = 48 * 1024, kMaxSmem = 227 * 1024;
     if (smem > kMaxSmem) fail(op, ": D=", a.D, " needs ", smem, " bytes of shared memory (max ", kMaxSmem, ")");
@@ -493,6 +522,10 @@ void launch_finish(const FinishArgs& a, CUstream_st* stream, const char* op) {
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const dim3 grid(rk::grid_dim(a.T, 0x7fffffff, op)), block(kNormThreads + (PRE ? 32 : 0));
     rk::launch(kernel, grid, block, smem, stream, a);
+    if (xq_after != nullptr) {
+        CUDA_CHECK(cudaMemcpyAsync(xq_after, a.xn, static_cast<size_t>(a.T * a.D) * 2, cudaMemcpyDeviceToDevice, stream));
+        fp8_block_round(xq_after, a.T, a.D, a.D, 128, stream);
+    }
 }
 
 void check_finish(const char* op, const float* part, int64_t splits, const float* X, int64_t T, int64_t hc, int64_t D,
@@ -517,7 +550,8 @@ int64_t hc_mix_splits(int64_t T, int64_t n) {
 }
 
 void hc_mix(const float* X_in, const float* y, const float* post, const float* comb, float* X_out, int64_t T,
-            int64_t hc, int64_t D, const float* fn, int64_t n_mix, float* part, int64_t splits, CUstream_st* stream) {
+            int64_t hc, int64_t D, const float* fn, int64_t n_mix, float* part, int64_t splits, CUstream_st* stream,
+            Numerics nm) {
     if (T < 0) fail("hc_mix: T=", T, " is negative");
     if (hc != 1 && hc != 2 && hc != 4 && hc != 8) fail("hc_mix: hc=", hc, " must be 1, 2, 4 or 8");
     if (D < 1) fail("hc_mix: D=", D, " must be ≥ 1");
@@ -535,7 +569,7 @@ void hc_mix(const float* X_in, const float* y, const float* post, const float* c
     const MixGeometry g = mix_geometry(T);
     if (g.tiles > 65535) fail("hc_mix: T=", T, " needs ", g.tiles, " token tiles (max 65535)");
     const bool vec = D % 4 == 0 && aligned(X_in, 16) && aligned(fn, 16) && (!fused || (aligned(y, 16) && aligned(X_out, 16)));
-    const MixArgs a{X_in, y, post, comb, X_out, T, D, fn, part};
+    const MixArgs a{X_in, y, post, comb, X_out, T, D, fn, part, nm == Numerics::official};
     const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(g.tiles)), block(g.warps * 32);
     switch (hc) {
         case 1: launch_mix_hc<1>(head, fused, vec, grid, block, a, g.tb_shift, stream); break;
@@ -547,21 +581,22 @@ void hc_mix(const float* X_in, const float* y, const float* post, const float* c
 
 void hc_pre_finish(const float* part, int64_t splits, const float* X, int64_t T, int64_t hc, int64_t D,
                    const float* base, const float* scale, int64_t sinkhorn_iters, float hc_eps, float norm_eps,
-                   const uint16_t* norm_w, uint16_t* xn, float* post, float* comb, CUstream_st* stream) {
+                   const uint16_t* norm_w, uint16_t* xn, float* post, float* comb, CUstream_st* stream,
+                   Numerics nm, uint16_t* xq) {
     check_finish("hc_pre_finish", part, splits, X, T, hc, D, base, scale, xn);
     if (sinkhorn_iters < 0 || sinkhorn_iters > 1000000) fail("hc_pre_finish: sinkhorn_iters=", sinkhorn_iters);
     if (T > 0 && (!post || !comb)) fail("hc_pre_finish: null post/comb");
     const FinishArgs a{part, splits, X, T, static_cast<int>(hc), D, base, scale, static_cast<int>(sinkhorn_iters),
-                       hc_eps, norm_eps, norm_w, xn, post, comb};
+                       hc_eps, norm_eps, norm_w, xn, post, comb, nm == Numerics::official, xq};
     launch_finish<true>(a, stream, "hc_pre_finish");
 }
 
 void hc_head_finish(const float* part, int64_t splits, const float* X, int64_t T, int64_t hc, int64_t D,
                     const float* base, const float* scale, float hc_eps, float norm_eps, const uint16_t* norm_w,
-                    uint16_t* xn, CUstream_st* stream) {
+                    uint16_t* xn, CUstream_st* stream, Numerics nm, uint16_t* xq) {
     check_finish("hc_head_finish", part, splits, X, T, hc, D, base, scale, xn);
     const FinishArgs a{part, splits, X, T, static_cast<int>(hc), D, base, scale, 0, hc_eps, norm_eps, norm_w, xn,
-                       nullptr, nullptr};
+                       nullptr, nullptr, nm == Numerics::official, xq};
     launch_finish<false>(a, stream, "hc_head_finish");
 }
 

@@ -15,11 +15,16 @@
 //               the pre / post weights and the Sinkhorn comb (ops::hc_pre) or the head's weights
 //               (ops::hc_head), u = Σ_j pre_j X[t, j, :], and the RMS norm of u with the sublayer's
 //               weight (ops::rms_norm) into bf16.
+// Numerics::official adds the official code's bf16 roundings (ref block_forward / head_logits): the
+// sublayer output y and the new streams X_out of the fused post, and u before its norm; and the
+// finishes can also write xq, xn with round_gemm_input applied (the FP8 GEMMs' input).
 // Twin: ops::hc_post, ops::hc_pre / ops::hc_head, ops::rms_norm composed. The splits exist so that a
 // decode step (T = 1) reads fn (24 × hc·D f32: 1.5 MB on V4-Flash) with many CTAs.
 #pragma once
 
 #include <cstdint>
+
+#include "ref/ops.h"   // Numerics (the enum only; nothing of the CPU ops is called)
 
 struct CUstream_st;
 
@@ -36,20 +41,23 @@ int64_t hc_mix_splits(int64_t T, int64_t n);
 // Fused post (all four non-null, else all null): y f32 [T, D], post f32 [T, hc], comb f32 [T, hc, hc]
 // (comb[t, j, k] as ops::hc_post reads it), X_out f32 [T, hc, D] (may not alias X_in).
 void hc_mix(const float* X_in, const float* y, const float* post, const float* comb, float* X_out, int64_t T,
-            int64_t hc, int64_t D, const float* fn, int64_t n_mix, float* part, int64_t splits, CUstream_st* stream);
+            int64_t hc, int64_t D, const float* fn, int64_t n_mix, float* part, int64_t splits, CUstream_st* stream,
+            Numerics nm = Numerics::exact);
 
 // The pre-site finish. X f32 [T, hc, D] (the streams hc_mix mixed: its X_out when fused, else X_in);
 // base f32 [(2 + hc)·hc]; scale f32 [3]; norm_w bf16 [D]; outputs xn bf16 [T, D] (the normalized
 // sublayer input), post f32 [T, hc], comb f32 [T, hc, hc]. hc ≤ 8. norm_w may be null (unweighted).
+// xq bf16 [T, D] or null: xn FP8-rounded in 128-blocks per row (twin ops::round_gemm_input).
 // Shared memory D·4 bytes (D ≤ 58112).
 void hc_pre_finish(const float* part, int64_t splits, const float* X, int64_t T, int64_t hc, int64_t D,
                    const float* base, const float* scale, int64_t sinkhorn_iters, float hc_eps, float norm_eps,
-                   const uint16_t* norm_w, uint16_t* xn, float* post, float* comb, CUstream_st* stream);
+                   const uint16_t* norm_w, uint16_t* xn, float* post, float* comb, CUstream_st* stream,
+                   Numerics nm = Numerics::exact, uint16_t* xq = nullptr);
 
 // The head finish (n_mix = hc, no Sinkhorn): pre_j = sigmoid(mix_j · scale[0] + base[j]) + hc_eps,
 // u = Σ_j pre_j X[j], xn = rms_norm(u, norm_w) bf16 [T, D].
 void hc_head_finish(const float* part, int64_t splits, const float* X, int64_t T, int64_t hc, int64_t D,
                     const float* base, const float* scale, float hc_eps, float norm_eps, const uint16_t* norm_w,
-                    uint16_t* xn, CUstream_st* stream);
+                    uint16_t* xn, CUstream_st* stream, Numerics nm = Numerics::exact, uint16_t* xq = nullptr);
 
 }  // namespace megamoe::cuda

@@ -39,6 +39,7 @@
 
 #include "core/common.h"
 #include "cuda/device.cuh"
+#include "cuda/numerics.cuh"
 #include "cuda/linear.h"   // CUDA_CHECK
 
 namespace megamoe::cuda {
@@ -283,10 +284,11 @@ __device__ __forceinline__ void load_vec(const float* p, float (&v)[VEC]) {
 }
 
 // y[t] = (shared[t] +) Σ_s rows[inv[t·k + s]], slot order, fp32 adds without contraction.
+// official: every row and shared rounded to bf16 as loaded, and the sum rounded to bf16.
 template <typename OutT, int VEC>
 static __global__ void __launch_bounds__(kCopyThreads)
 moe_combine_kernel(const float* __restrict__ rows, const int32_t* __restrict__ inv, const float* __restrict__ shared,
-                   int T, int k, int64_t D, int tpr_shift, OutT* __restrict__ y) {
+                   int T, int k, int64_t D, int tpr_shift, OutT* __restrict__ y, bool official) {
     pdl_begin();
     const int tpr = 1 << tpr_shift;
     const int64_t t = static_cast<int64_t>(blockIdx.x) * (kCopyThreads >> tpr_shift) + (threadIdx.x >> tpr_shift);
@@ -301,13 +303,19 @@ moe_combine_kernel(const float* __restrict__ rows, const int32_t* __restrict__ i
         for (int s = 0; s < k; ++s) {
             float v[VEC];
             load_vec<VEC>(rows + static_cast<int64_t>(my_inv[s]) * D + c * VEC, v);
+            if (official)
+                for (int j = 0; j < VEC; ++j) v[j] = nm::bf16_round(v[j]);
             for (int j = 0; j < VEC; ++j) acc[j] = __fadd_rn(acc[j], v[j]);
         }
         if (shared != nullptr) {
             float sh[VEC];
             load_vec<VEC>(shared + t * D + c * VEC, sh);
+            if (official)
+                for (int j = 0; j < VEC; ++j) sh[j] = nm::bf16_round(sh[j]);
             for (int j = 0; j < VEC; ++j) acc[j] = __fadd_rn(sh[j], acc[j]);
         }
+        if (official)
+            for (int j = 0; j < VEC; ++j) acc[j] = nm::bf16_round(acc[j]);
         store_vec<VEC>(y + t * D + c * VEC, acc);
     }
 }
@@ -335,7 +343,7 @@ void check_shape(int64_t T, int64_t k, const char* op) {
 
 template <typename OutT>
 void combine_impl(const float* rows, const int32_t* inv, const float* shared, int64_t T, int64_t k, int64_t D,
-                  OutT* y, CUstream_st* stream, const char* op) {
+                  OutT* y, CUstream_st* stream, const char* op, bool official = false) {
     check_shape(T, k, op);
     if (D < 1) fail(op, ": bad D=", D);
     if (T == 0) return;
@@ -353,10 +361,10 @@ void combine_impl(const float* rows, const int32_t* inv, const float* shared, in
                       static_cast<unsigned>(std::clamp<int64_t>(264 / std::max(grid, 1), 1, std::min<int64_t>(iters, 65535))));
     if (vec)
         launch_pdl(moe_combine_kernel<OutT, 4>, blocks, dim3(kCopyThreads), 0, as_stream(stream), rows, inv, shared,
-                   static_cast<int>(T), static_cast<int>(k), D, g.tpr_shift, y);
+                   static_cast<int>(T), static_cast<int>(k), D, g.tpr_shift, y, official);
     else
         launch_pdl(moe_combine_kernel<OutT, 1>, blocks, dim3(kCopyThreads), 0, as_stream(stream), rows, inv, shared,
-                   static_cast<int>(T), static_cast<int>(k), D, g.tpr_shift, y);
+                   static_cast<int>(T), static_cast<int>(k), D, g.tpr_shift, y, official);
     CUDA_CHECK(cudaGetLastError());
 }
 
@@ -451,8 +459,8 @@ void moe_dispatch_small(const int32_t* ids, const uint16_t* x_bf16, const float*
 }
 
 void moe_combine(const float* rows, const int32_t* inv, const float* shared, int64_t T, int64_t k, int64_t D,
-                 float* y, CUstream_st* stream) {
-    combine_impl<float>(rows, inv, shared, T, k, D, y, stream, "moe_combine");
+                 float* y, CUstream_st* stream, bool official) {
+    combine_impl<float>(rows, inv, shared, T, k, D, y, stream, "moe_combine", official);
 }
 
 void moe_combine_bf16(const float* rows, const int32_t* inv, const float* shared, int64_t T, int64_t k, int64_t D,
@@ -511,9 +519,9 @@ void MoeDispatchWorkspace::route_gather_small(const int32_t* ids, const uint16_t
 }
 
 void MoeDispatchWorkspace::combine(const float* rows, const float* shared, int64_t T, float* y,
-                                   CUstream_st* stream) const {
+                                   CUstream_st* stream, bool official) const {
     check_workspace(*this, T, "MoeDispatchWorkspace::combine");
-    moe_combine(rows, inv.data(), shared, T, k, D, y, stream);
+    moe_combine(rows, inv.data(), shared, T, k, D, y, stream, official);
 }
 
 }  // namespace megamoe::cuda

@@ -78,8 +78,9 @@ void moe_gather(const uint16_t* x_bf16, const float* weights, const int32_t* per
 // contraction), then y[t] = shared[t] + sum when shared != nullptr. y is overwritten, not
 // accumulated into. rows / shared / y: row-major with row length D (y may not alias rows).
 // The bf16 variant rounds the same f32 result to nearest-even (NaN stays NaN).
+// official: each row and shared rounded to bf16 before the sum, y rounded to bf16 (ops::moe official).
 void moe_combine(const float* rows, const int32_t* inv, const float* shared, int64_t T, int64_t k, int64_t D,
-                 float* y, CUstream_st* stream);
+                 float* y, CUstream_st* stream, bool official = false);
 void moe_combine_bf16(const float* rows, const int32_t* inv, const float* shared, int64_t T, int64_t k, int64_t D,
                       uint16_t* y_bf16, CUstream_st* stream);
 
@@ -109,7 +110,8 @@ public:
     // work list for tiles of BT rows when items is not null.
     void route_gather_small(const int32_t* ids, const uint16_t* x_bf16, const float* weights, int64_t T, int32_t BT,
                             int32_t* items, int32_t* n_items, CUstream_st* stream);
-    void combine(const float* rows, const float* shared, int64_t T, float* y, CUstream_st* stream) const;
+    void combine(const float* rows, const float* shared, int64_t T, float* y, CUstream_st* stream,
+                 bool official = false) const;
 };
 
 }  // namespace megamoe::cuda

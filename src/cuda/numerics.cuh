@@ -8,6 +8,7 @@
 //   fp8_qdq(x, s)            bf16(e4m3(clamp(x / s, ±448)) · s)       (fp8_block_qdq's element step)
 //   fp4_scale(amax)          the FP4 block scale: pow2_ceil(max(amax, 6·2^-126) / 6)
 //   fp4_qdq(x, s)            bf16(e2m1(clamp(x / s, ±6)) · s)          (fp4_block_qdq's element step)
+//   indexer_qk_warp(v, ...)  round_indexer_qk of one row of ≤ 128 values spread over a warp
 //
 // The block amax (128 elements for GEMM inputs, 64 for the KV latent, 32 for FP4) is the calling
 // kernel's reduction. s is a power of two, so x / s and q · s are exact, and so is the bf16 rounding
@@ -64,6 +65,47 @@ __device__ __forceinline__ float e2m1_round(float v) {
 __device__ __forceinline__ float fp4_qdq(float x, float s) {
     const float v = fminf(fmaxf(x / s, -6.0f), 6.0f);
     return bf16_round(e2m1_round(v) * s);
+}
+
+// ops::round_indexer_qk of one row held by a warp: lane i holds v[0..E) = elements [i·E, i·E + E)
+// of a row of hd values (hd = 32·E; or hd < 32 with E = 1, and lanes ≥ hd hold 0 and stay 0).
+// The Walsh-Hadamard butterflies h = 1, 2, 4, ... compute at every stage exactly the twin's
+// a + b (lower element) and a − b (upper element) of the previous stage's values: widths h < E
+// in registers, wider ones with the partner lane at distance h / E. Then · scale (the caller's
+// 1/sqrt(hd), computed as ops::hadamard does), bf16, and FP4 in 32-blocks (32/E lanes per block;
+// the whole row when hd < 32). Every lane of the warp must call it (full-mask shuffles).
+template <int E>
+__device__ __forceinline__ void indexer_qk_warp(float (&v)[E], int lane, int hd, float scale) {
+#pragma unroll
+    for (int h = 1; h < E; h *= 2) {
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+            if ((j & h) == 0) {
+                const float a = v[j], b = v[j + h];
+                v[j] = __fadd_rn(a, b);
+                v[j + h] = __fsub_rn(a, b);
+            }
+        }
+    }
+    for (int m = 1; m * E < hd; m *= 2) {
+        const bool upper = (lane & m) != 0;   // this lane's elements are the pairs' x[j + h]
+#pragma unroll
+        for (int j = 0; j < E; ++j) {
+            const float o = __shfl_xor_sync(0xffffffffu, v[j], m);
+            v[j] = upper ? __fsub_rn(o, v[j]) : __fadd_rn(v[j], o);
+        }
+    }
+    float amax = 0.0f;
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+        v[j] = bf16_round(__fmul_rn(v[j], scale));   // rotate_activation returns bf16
+        amax = fmaxf(amax, fabsf(v[j]));
+    }
+    const int lanes = hd >= 32 ? 32 / E : 32;
+    for (int o = lanes / 2; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float s = fp4_scale(amax);
+#pragma unroll
+    for (int j = 0; j < E; ++j) v[j] = fp4_qdq(v[j], s);
 }
 
 }  // namespace megamoe::cuda::nm

@@ -16,6 +16,7 @@
 #include "cuda/gemm.h"
 #include "cuda/hyper_conn.h"
 #include "cuda/linear.h"
+#include "cuda/numerics.h"
 #include "cuda/router.h"
 #include "cuda/sampler.h"
 #include "cuda/rowwise.h"
@@ -82,10 +83,12 @@ struct Workspace {
     float* post = nullptr;           // [T, hc]
     float* comb = nullptr;           // [T, hc, hc]
     uint16_t* xn = nullptr;          // [T, D] bf16 normalized sublayer input
+    uint16_t* xq = nullptr;          // [T, D] bf16 official numerics: xn FP8-rounded (the quantized linears' input)
     float* y = nullptr;              // [T, D] sublayer output
     // attention
     float* qr_f = nullptr;           // [T, q_lora]
     uint16_t* qr = nullptr;          // [T, q_lora] bf16
+    uint16_t* qr_q = nullptr;        // [T, q_lora] bf16 official numerics: qr FP8-rounded
     float* q_f = nullptr;            // [T, H·hd]
     uint16_t* q = nullptr;           // [T, H, hd] bf16
     float* kv_f = nullptr;           // [T, hd]
@@ -150,9 +153,11 @@ struct Workspace {
         post = a.take_n<float>(T * hc);
         comb = a.take_n<float>(T * hc * hc);
         xn = a.take_n<uint16_t>(T * D);
+        xq = a.take_n<uint16_t>(T * D);
         y = a.take_n<float>(T * D);
         qr_f = a.take_n<float>(T * c.q_lora_rank);
         qr = a.take_n<uint16_t>(T * c.q_lora_rank);
+        qr_q = a.take_n<uint16_t>(T * c.q_lora_rank);
         q_f = a.take_n<float>(T * H * hd);
         q = a.take_n<uint16_t>(T * H * hd);
         kv_f = a.take_n<float>(T * hd);
@@ -211,6 +216,7 @@ struct Workspace {
 
 struct Runner::Impl {
     RunnerOptions opt;
+    Numerics nm = Numerics::exact;   // opt.numerics resolved
     ModelConfig cfg;
     MemoryPlan plan;
     std::unique_ptr<DeviceModel> dm;
@@ -296,6 +302,16 @@ struct Runner::Impl {
         cuda::linear(w, x, M, y, cuda::LinearOptions{}, &ws.gemm_side, side_stream());
     }
     cudaStream_t side_stream() const { return concurrent ? side : stream; }
+    bool official() const { return nm == Numerics::official; }
+    // The input of w for the activation x: in official numerics a quantized (FP8 / FP4) linear
+    // takes x FP8-rounded in 128-blocks (ops::linear_rounded), xq; every other one x itself.
+    bool rounds_input(const cuda::DeviceLinear& w) const {
+        return official() && (w.format == LinearFormat::fp8_block || w.format == LinearFormat::mxfp4 ||
+                              w.format == LinearFormat::nvfp4);
+    }
+    const uint16_t* input(const cuda::DeviceLinear& w, const uint16_t* x, const uint16_t* xq) const {
+        return rounds_input(w) ? xq : x;
+    }
     cudaEvent_t event() {
         if (next_event == static_cast<int>(events.size())) {
             cudaEvent_t e = nullptr;
@@ -334,7 +350,7 @@ struct Runner::Impl {
         const ModelConfig& c = cfg;
         const float hc_eps = static_cast<float>(c.hc_eps), eps = static_cast<float>(c.rms_norm_eps);
         cuda::hc_pre_finish(ws.part, splits, ws.X, T, c.hc_mult, c.hidden_size, base, scale, c.hc_sinkhorn_iters,
-                            hc_eps, eps, norm_w, ws.xn, ws.post, ws.comb, stream);
+                            hc_eps, eps, norm_w, ws.xn, ws.post, ws.comb, stream, nm, official() ? ws.xq : nullptr);
     }
     // One block's sublayers: d its weights, l its layer index (state and trace names; L for the
     // MTP block).
@@ -351,6 +367,8 @@ struct Runner::Impl {
 Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const RunnerOptions& o, std::ostream* log)
     : opt(o), cfg(cf) {
     const ModelConfig& c = cfg;
+    nm = opt.numerics.value_or(m ? m->numerics : Numerics::exact);
+    opt.numerics = nm;
     concurrent = opt.side_stream;
     MEGAMOE_CHECK(opt.max_seqs >= 1 && opt.max_batch_tokens >= 1, "gpu runner: max_seqs ", opt.max_seqs,
                   ", max_batch_tokens ", opt.max_batch_tokens);
@@ -541,14 +559,19 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     // compressors, which read only xn, beside it on the side stream. Beside the q path's four
     // launches the kv latent is off the critical path at batch 1 (measured on an H200: a sliding
     // layer's q path ~33 µs, wkv and its norm ~12 µs).
+    // Official numerics (ref attention_inputs): the quantized linears take FP8-rounded inputs (xq,
+    // qr_q), their outputs are rounded to bf16 where they are read (head_norm_rope, rms_norm_rows),
+    // and the kv latent's non-rope dims are FP8-rounded in 64-blocks.
     fork();
     const cudaStream_t cs = side_stream();
-    linear_side(d.wkv, ws.xn, T, ws.kv_f);
-    cuda::head_norm_rope(ws.kv_f, T, 1, hd, true, d.kv_norm, eps, ws.pos, rope, ws.kv, cs);
-    linear(d.wq_a, ws.xn, T, ws.qr_f);
-    cuda::rms_norm_rows(ws.qr_f, T, c.q_lora_rank, d.q_norm, eps, ws.qr, stream);
-    linear(d.wq_b, ws.qr, T, ws.q_f);
-    cuda::head_norm_rope(ws.q_f, T, H, hd, true, nullptr, eps, ws.pos, rope, ws.q, stream);
+    linear_side(d.wkv, input(d.wkv, ws.xn, ws.xq), T, ws.kv_f);
+    cuda::head_norm_rope(ws.kv_f, T, 1, hd, true, d.kv_norm, eps, ws.pos, rope, ws.kv, cs, nm);
+    if (official()) cuda::fp8_block_round(ws.kv, T, hd, hd - c.qk_rope_head_dim, 64, cs);   // round_kv_latent
+    linear(d.wq_a, input(d.wq_a, ws.xn, ws.xq), T, ws.qr_f);
+    cuda::rms_norm_rows(ws.qr_f, T, c.q_lora_rank, d.q_norm, eps, ws.qr, stream, nm,
+                        rounds_input(d.wq_b) || rounds_input(d.idx_wq_b) ? ws.qr_q : nullptr);
+    linear(d.wq_b, input(d.wq_b, ws.qr, ws.qr_q), T, ws.q_f);
+    cuda::head_norm_rope(ws.q_f, T, H, hd, true, nullptr, eps, ws.pos, rope, ws.q, stream, nm);
     mark("attn.q_kv");
 
     // Compressors (ref: compressor_feed per chunk): a row that closes at a token is visible to it.
@@ -568,6 +591,8 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
         a.rope = dm->rope_compress;
         a.state = st;
         a.rows = rows;
+        a.numerics = nm;
+        a.indexer_keys = &dc == &d.idx_comp;
         cuda::compressor_emit(a, b, cs);
         cuda::compressor_save(a, b, cs);
     };
@@ -585,21 +610,23 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
         // The indexer's queries and head weights (main stream), then its top-k over the keys the
         // side stream just emitted.
         const int64_t nI = c.index_n_heads, dI = c.index_head_dim;
-        linear(d.idx_wq_b, ws.qr, T, ws.iq_f);
-        cuda::head_norm_rope(ws.iq_f, T, nI, dI, false, nullptr, eps, ws.pos, dm->rope_compress, ws.iq, stream);
-        linear(d.idx_weights_proj, ws.xn, T, ws.iw);
+        linear(d.idx_wq_b, input(d.idx_wq_b, ws.qr, ws.qr_q), T, ws.iq_f);
+        cuda::head_norm_rope(ws.iq_f, T, nI, dI, false, nullptr, eps, ws.pos, dm->rope_compress, ws.iq, stream, nm);
+        if (official()) cuda::round_indexer_qk(ws.iq, T * nI, dI, stream);
+        linear(d.idx_weights_proj, input(d.idx_weights_proj, ws.xn, ws.xq), T, ws.iw);
         join();
         cuda::IndexerArgs ia;
         ia.heads = static_cast<int32_t>(nI);
         ia.head_dim = static_cast<int32_t>(dI);
         ia.q = ws.iq;
         ia.w = ws.iw;
-        ia.w_scale = 1.0f / std::sqrt(static_cast<float>(nI));
+        ia.w_scale = cuda::indexer_w_scale(static_cast<int32_t>(nI), static_cast<int32_t>(dI), nm);
         ia.keys = pool->idx_rows(l, static_cast<int32_t>(dI));
         ia.scores = ws.scores;
         ia.max_rows = ws.max_rows;
         ia.k = static_cast<int32_t>(c.index_topk);
         ia.topk = ws.topk;
+        ia.numerics = nm;
         cuda::indexer_topk(ia, b, stream);
         mark("attn.indexer");
         trace(probe, trace_names::index_topk, l, ws.topk, false, true, T, c.index_topk);
@@ -626,8 +653,9 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     mark("attn.sparse");
 
     // o (inverse-rotated by the attention kernel) → grouped wo_a → wo_b.
-    linear(d.wo_a, ws.o, T, ws.z, true, c.o_groups);
-    linear(d.wo_b, ws.z, T, ws.y);
+    linear(d.wo_a, ws.o, T, ws.z, true, c.o_groups);   // official: a bf16 einsum (no FP8 input), z bf16
+    if (rounds_input(d.wo_b)) cuda::fp8_block_round(ws.z, T, d.wo_b.in, d.wo_b.in, 128, stream);   // z is wo_b's alone
+    linear(d.wo_b, ws.z, T, ws.y);   // official: rounded to bf16 where hc_mix reads it
     mark("attn.out");
 }
 
@@ -640,7 +668,7 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     // (Forking after the router instead measured the same at batch 1 on an H200: the router got
     // ~2.5 µs faster, the dispatch as much slower.)
     fork();
-    linear(d.gate, ws.xn, T, ws.gate_logits);
+    linear(d.gate, input(d.gate, ws.xn, ws.xq), T, ws.gate_logits);
     cuda::route(ws.gate_logits, T, E, k, d.router == RouterKind::score ? d.gate_bias : nullptr,
                 d.router == RouterKind::hash ? d.tid2eid : nullptr, ws.tokens, scale, ws.ids, ws.wts, stream);
     if (trace(probe, trace_names::expert_ids, l, ws.ids, false, true, T, k)) {
@@ -651,14 +679,17 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     }
     mark("moe.router");
     const cudaStream_t ss = side_stream();
-    linear_side(d.sh_w1, ws.xn, T, ws.sh_g);
-    linear_side(d.sh_w3, ws.xn, T, ws.sh_u);
-    cuda::swiglu(ws.sh_g, ws.sh_u, T, d.sh_w1.out, limit, ws.sh_h, ss);
+    linear_side(d.sh_w1, input(d.sh_w1, ws.xn, ws.xq), T, ws.sh_g);
+    linear_side(d.sh_w3, input(d.sh_w3, ws.xn, ws.xq), T, ws.sh_u);
+    cuda::swiglu(ws.sh_g, ws.sh_u, T, d.sh_w1.out, limit, ws.sh_h, ss, nm);
+    if (rounds_input(d.sh_w2)) cuda::fp8_block_round(ws.sh_h, T, d.sh_w2.in, d.sh_w2.in, 128, ss);   // sh_h is w2's alone
     linear_side(d.sh_w2, ws.sh_h, T, ws.sh_out);
     mark("moe.shared");
-    cuda::moe_layer_routed(d.experts, limit, ws.xn, ws.ids, ws.wts, T, moe_ws, stream);
+    // official: the experts are quantized, so they take xq; see moe_layer_routed for the rest.
+    cuda::moe_layer_routed(d.experts, limit, official() ? ws.xq : ws.xn, ws.ids, ws.wts, T, moe_ws, stream,
+                           cuda::Tile::automatic, nm);
     join();
-    cuda::moe_layer_combine(moe_ws, T, ws.sh_out, ws.y, stream);
+    cuda::moe_layer_combine(moe_ws, T, ws.sh_out, ws.y, stream, nm);
     mark("moe.experts");
 }
 
@@ -672,12 +703,12 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     mark("start");
     cuda::embed_streams(dm->embed, ws.tokens, T, D, hc, ws.X, stream);
     cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, dm->layers[0].hc_attn_fn, c.mix_width(), ws.part,
-                 splits, stream);
+                 splits, stream, nm);
     for (int64_t l = 0; l < L; ++l) {
         const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
         if (trace(probe, trace_names::streams, l, ws.X, false, false, T, hc * D))   // forced: mix the new streams
             cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, d.hc_attn_fn, c.mix_width(), ws.part,
-                         splits, stream);
+                         splits, stream, nm);
 
         pre_site(splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
         mark("hc");
@@ -686,7 +717,7 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
         trace(probe, trace_names::attn_out, l, ws.y, false, false, T, D);
         // hc_post of the attention fused with the mix of the ffn site.
         cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, d.hc_ffn_fn, c.mix_width(), ws.part, splits,
-                     stream);
+                     stream, nm);
         std::swap(ws.X, ws.X2);
 
         pre_site(splits, T, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
@@ -698,11 +729,11 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
         const bool last = l + 1 == L;
         cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D,
                      last ? dm->hc_head_fn : dm->layers[static_cast<size_t>(l + 1)].hc_attn_fn,
-                     last ? hc : c.mix_width(), ws.part, splits, stream);
+                     last ? hc : c.mix_width(), ws.part, splits, stream, nm);
         std::swap(ws.X, ws.X2);
     }
     cuda::hc_head_finish(ws.part, splits, ws.X, T, hc, D, dm->hc_head_base, dm->hc_head_scale, hc_eps, eps, dm->norm,
-                         ws.xn, stream);
+                         ws.xn, stream, nm);
     trace(probe, trace_names::final_norm, L, ws.xn, true, false, T, D);
     mark("hc");
     cuda::gather_rows_bf16(ws.xn, ws.rows, s.R, D, ws.sel, stream);
@@ -769,25 +800,28 @@ void Runner::Impl::enqueue_mtp(const Shape& s) {
     const float hc_eps = static_cast<float>(c.hc_eps), eps = static_cast<float>(c.rms_norm_eps);
     const int64_t splits = cuda::hc_mix_splits(T, hc * D);
 
-    cuda::rms_norm_rows(ws.X, T * hc, D, mt.hnorm, eps, ws.mtp_h, stream);   // before ws.X is rewritten
+    // Official numerics (ref mtp_forward): e and h in bf16, FP8-rounded for e_proj / h_proj (mtp_h is
+    // h_proj's alone, so it is rounded in place), and their sum in bf16.
+    cuda::rms_norm_rows(ws.X, T * hc, D, mt.hnorm, eps, ws.mtp_h, stream, nm,   // before ws.X is rewritten
+                        rounds_input(mt.h_proj) ? ws.mtp_h : nullptr);
     cuda::embed_streams(dm->embed, ws.mtp_next, T, D, 1, ws.y, stream);
-    cuda::rms_norm_rows(ws.y, T, D, mt.enorm, eps, ws.xn, stream);
-    linear(mt.e_proj, ws.xn, T, ws.mtp_pe);
+    cuda::rms_norm_rows(ws.y, T, D, mt.enorm, eps, ws.xn, stream, nm, rounds_input(mt.e_proj) ? ws.xq : nullptr);
+    linear(mt.e_proj, input(mt.e_proj, ws.xn, ws.xq), T, ws.mtp_pe);
     linear(mt.h_proj, ws.mtp_h, T * hc, ws.X2);
-    cuda::add_rows_broadcast(ws.X2, ws.mtp_pe, T, hc, D, ws.X, stream);
+    cuda::add_rows_broadcast(ws.X2, ws.mtp_pe, T, hc, D, ws.X, stream, nm);   // official: bf16 inputs and sum
 
     cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, d.hc_attn_fn, c.mix_width(), ws.part, splits,
-                 stream);
+                 stream, nm);
     pre_site(splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
     attention(d, L, s, nullptr);
-    cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, d.hc_ffn_fn, c.mix_width(), ws.part, splits, stream);
+    cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, d.hc_ffn_fn, c.mix_width(), ws.part, splits, stream, nm);
     std::swap(ws.X, ws.X2);
     pre_site(splits, T, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
     moe(d, L, s, nullptr);
-    cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, mt.hc_head_fn, hc, ws.part, splits, stream);
+    cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, mt.hc_head_fn, hc, ws.part, splits, stream, nm);
     std::swap(ws.X, ws.X2);
     cuda::hc_head_finish(ws.part, splits, ws.X, T, hc, D, mt.hc_head_base, mt.hc_head_scale, hc_eps, eps, mt.norm,
-                         ws.xn, stream);
+                         ws.xn, stream, nm);
     cuda::gather_rows_bf16(ws.xn, ws.rows, s.R, D, ws.sel, stream);
     linear(dm->head, ws.sel, s.R, ws.logits);
 }

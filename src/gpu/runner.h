@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <iosfwd>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,10 @@ struct RunnerOptions {
     bool    rollback = false;          // a backup record per slot: save_state / restore_state
     bool    side_stream = true;        // independent work (the kv latent, the compressors, the shared
                                        // expert) on a second stream beside the main chain
+    // How activations are rounded (ref/ops.h Numerics); unset: the model's own (Model::numerics, as
+    // the CPU forward reads it), exact for synthetic weights. official: the bf16 activations, FP8
+    // GEMM inputs, FP8-rounded KV latent and the indexer's Hadamard + FP4 q / k of DeepSeek's code.
+    std::optional<Numerics> numerics;
 };
 
 // Where the device memory goes; printed at start-up.

@@ -18,6 +18,12 @@ bool cuda_backend_available() {
 #endif
 }
 
+Numerics resolve_numerics(const std::string& name, const std::string& backend) {
+    if (name == "auto" || name.empty()) return backend == "cuda" ? Numerics::official : Numerics::exact;
+    if (name != "exact" && name != "official") fail("--numerics must be exact, official or auto, got '", name, "'");
+    return parse_numerics(name);
+}
+
 std::string resolve_backend(const std::string& name) {
     if (name.empty() || name == "auto") return cuda_backend_available() ? "cuda" : "cpu";
     if (name == "cpu") return name;
@@ -110,6 +116,7 @@ std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t s
     ro.graphs = o.graphs;
     ro.max_state_tokens = o.max_state_tokens;
     ro.rollback = o.speculative;
+    ro.numerics = o.numerics;
     return gpu::make_gpu_backend(c, seed, ro, log);
 #else
     (void)c, (void)seed, (void)log;

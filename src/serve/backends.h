@@ -22,10 +22,15 @@ struct BackendOptions {
     bool    graphs = true;             // decode steps through CUDA graphs
     int64_t max_state_tokens = 0;      // positions of sequence state (0: the GPU's memory; the CPU: unlimited)
     bool    speculative = false;       // the GPU runner keeps rollback records (Backend::step_speculative)
+    Numerics numerics = Numerics::exact;   // synthetic weights only (a loaded model carries its own, Model::numerics)
 };
 
 // True when this build has the CUDA backend and a GPU is usable.
 bool cuda_backend_available();
+// --numerics: exact | official | auto (official on the cuda backend, exact on the cpu one: the GPU
+// runs what DeepSeek's code computes, the CPU the specification the goldens match). `backend` is
+// a resolved name (resolve_backend). Throws Error naming a bad value.
+Numerics resolve_numerics(const std::string& name, const std::string& backend);
 // "cpu" or "cuda" for a requested name (auto: cuda when available); throws Error for an unknown
 // name, or for "cuda" in a build without CUDA or on a machine without a GPU.
 std::string resolve_backend(const std::string& name);

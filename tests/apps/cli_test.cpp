@@ -126,6 +126,8 @@ TEST_F(Cli, BadInputsGiveOneClearError) {
                 {"missing.txt", "cannot open"});
     expect_fail("info --model " + dir.str() + "/nowhere", {"nowhere", "config.json"});
     expect_fail("generate --model " + model() + " --ids \"1 2 x\"", {"--ids", "'x'"});
+    expect_fail("logits --model " + model() + " --tokens " + toks + " --out " + out + " --numerics fast",
+                {"--numerics", "'fast'"});
     // serve listens, then fails to load: one clear line and status 1, not a hang or a crash
     expect_fail("serve --model " + dir.str() + "/nowhere --port 0", {"nowhere", "config.json"});
     expect_fail("serve --model " + model() + " --port 0", {"tokenizer.json"});   // the golden dir has none
@@ -161,6 +163,7 @@ TEST(CliChecks, ServeFlagsOutOfRange) {
     expect_fails("serve --model " + ck + " --max-body-bytes 0", {"--max-body-bytes"}, never);
     expect_fails("serve --model " + ck + " --header-timeout 0", {"--header-timeout"}, never);
     expect_fails("serve --model " + ck + " --drain-timeout -1", {"--drain-timeout"}, never);
+    expect_fails("serve --model " + ck + " --numerics bf16", {"--numerics", "exact, official or auto", "'bf16'"}, never);
     // No tokenizer.json: found before the weights are loaded (and before listening).
     expect_fails("serve --model " + ck + " --port 0", {"tokenizer.json"}, never);
 }

@@ -28,6 +28,10 @@
 // alignment of every f32 error above; the typical f32 error is ~100× smaller). A wrong slot, a
 // missing ape, a wrong rotation position or a stale state value all move elements by O(0.1·wmax).
 //
+// Official numerics (Numerics::official, compressor_feed's roundings): see the comment above
+// OfficialSpec — bit for bit where the pool is exact, counted and bounded where cosf / sinf or the
+// f32 pool move a bf16 rounding.
+//
 // Also: window_write against the last W positions (bit for bit, rows not yet reached still
 // poison), determinism (two runs, same bytes), and a CUDA graph of one decode step (emit, save,
 // window) replayed with new inputs equal to eager runs. CPU tests (run everywhere): the chunking
@@ -174,6 +178,10 @@ struct TokenRng {
 
 // kv ~ U(-1, 1)·scale (scales differ per sequence), gate ~ N(0, 2).
 constexpr float kSeqScale[kSeqs] = {1.0f, 8.0f, 0.05f};
+// Grid inputs (make_inputs' `grid`): kv = a multiple of 2^-10 in [-1, 1] times a power of two per
+// sequence, gate = 0 (with ape = 0 every slot weighs e^0 = 1 on both sides, so the pool is the mean
+// Σkv / n, an exact f32 sum; see the official numerics tests).
+constexpr float kGridScale[kSeqs] = {1.0f, 8.0f, 0.0625f};
 
 // One step's batch on the host.
 struct StepInput {
@@ -186,7 +194,8 @@ struct StepInput {
 };
 
 // The batches of a schedule: width f32 features (compressor) or hd bf16 (ring; width 0).
-std::vector<StepInput> make_inputs(const Schedule& sched, int width, int hd, uint64_t seed, int64_t* max_len) {
+std::vector<StepInput> make_inputs(const Schedule& sched, int width, int hd, uint64_t seed, int64_t* max_len,
+                                   bool grid = false) {
     std::vector<StepInput> out;
     int64_t n_past[kSeqs] = {0, 0, 0};
     for (const Step& step : sched) {
@@ -203,8 +212,10 @@ std::vector<StepInput> make_inputs(const Schedule& sched, int width, int hd, uin
                 in.slot.push_back(kSlotOf[ch.seq]);
                 in.chunk.push_back(c);
                 TokenRng rng(seed, ch.seq, p);
-                for (int f = 0; f < width; ++f) in.kv.push_back(rng.uniform() * kSeqScale[ch.seq]);
-                for (int f = 0; f < width; ++f) in.gate.push_back(2.0f * rng.normal());
+                for (int f = 0; f < width; ++f)
+                    in.kv.push_back(grid ? std::round(rng.uniform() * 1024.0f) * 0x1p-10f * kGridScale[ch.seq]
+                                         : rng.uniform() * kSeqScale[ch.seq]);
+                for (int f = 0; f < width; ++f) in.gate.push_back(grid ? 0.0f : 2.0f * rng.normal());
                 for (int f = 0; f < hd; ++f) in.kv_bf16.push_back(f32_to_bf16(rng.normal()));
                 ++in.T;
             }
@@ -226,6 +237,8 @@ struct HostComp {
     ModelConfig cfg;
     ops::RopeTable rope;
     float wmax = 0;                               // max |norm weight|
+    Numerics nm = Numerics::exact;                // the rows' numerics (both sides)
+    bool indexer_keys = false;                    // the indexer's compressor (official rounding)
 
     HostComp(const Spec& s, uint64_t seed) : spec(s), width(width_of(s)) {
         TokenRng rng(seed, 99, -1);
@@ -256,8 +269,9 @@ void cpu_step(const HostComp& hc, const StepInput& in, std::vector<CompressorSta
     for (int c = 0; c < in.C; ++c) {
         const size_t t0 = static_cast<size_t>(in.chunk_first[static_cast<size_t>(c)]);
         const size_t off = t0 * static_cast<size_t>(hc.width);
-        compressor_feed(hc.w, hc.cfg, hc.rope, false, in.kv.data() + off, in.gate.data() + off, in.pos64.data() + t0,
-                        in.chunk_len[static_cast<size_t>(c)], cpu[static_cast<size_t>(in.seq_of_chunk[static_cast<size_t>(c)])]);
+        compressor_feed(hc.w, hc.cfg, hc.rope, hc.indexer_keys, in.kv.data() + off, in.gate.data() + off,
+                        in.pos64.data() + t0, in.chunk_len[static_cast<size_t>(c)],
+                        cpu[static_cast<size_t>(in.seq_of_chunk[static_cast<size_t>(c)])], hc.nm);
     }
 }
 
@@ -629,6 +643,8 @@ struct GpuCompressor {
         a.state.slot_stride = D.state_stride;
         a.rows = host_rows(hc.spec, D, pool.data());
         a.rows.block_table = table.data();
+        a.numerics = hc.nm;
+        a.indexer_keys = hc.indexer_keys;
         return a;
     }
     void upload(const StepInput& in) {
@@ -696,6 +712,181 @@ struct GpuRing {
     std::vector<uint8_t> ring_bytes() const { return ring.download(); }
 };
 
+// ---------------------------------------------------------------- official numerics
+
+// compressor_emit with Numerics::official against compressor_feed(nm = official): each row is
+// rounded to bf16 before the norm, after it and after the rotation, then FP8 in 64-blocks over
+// features [0, d − rope) (KV latent) or Hadamard + FP4 in 32-blocks (indexer keys). Two inputs:
+//  * grid (exact pooling, make_inputs' grid and ape = 0): every slot's softmax weight is
+//    expf(0) = exp(0) = 1 on both sides, so both pool the exact mean Σkv / n (an exact f32 sum of
+//    2^-10-grid values; the division is correctly rounded on both: n is a power of two in the V4
+//    and tiny shapes, and for n = 5, 6, 12 the quotient's binary expansion repeats, so the CPU's
+//    f64-then-f32 rounding gives the f32 quotient). The norm then has the twin's bits (f64 sum of
+//    exact squares of bf16 values, the same f32 steps), and so has everything before the
+//    rotation. Required:
+//      - rope_dim = 0: every row bit for bit;
+//      - KV latent rows: features [0, d − rope) bit for bit (their FP8 blocks hold no rope
+//        feature); the rope features bit for bit but for cosf / sinf-induced bf16 flips (see
+//        rowwise_test's head_norm_rope official test): at most max(4, n_rope / 1024) elements of a
+//        shape's rows, each within one bf16 ulp (2^-7·max(|g|, |c|)) + 2^-11·wmax;
+//      - indexer rows: the Hadamard mixes every rope feature into every output, so a row with a
+//        flip may differ in a few FP4 elements: at most max(2, rows / 16) rows of a shape, each
+//        element within half its magnitude plus a quarter of its 32-block's max (an e2m1 step).
+//  * random (the exact-mode tests' inputs): the GPU pools in f32 where the CPU pools in f64, so a
+//    pooled value's bf16 rounding flips now and then (about 10^-3 of them), and the flip travels
+//    through the norm into the FP8 / FP4 roundings. Required: every element within one
+//    quantization step of the twin plus the exact-mode error — FP8 features 2^-3·max(|g|, |c|)
+//    (an e4m3 step; a doubled block scale leaves the normal e4m3·s grid as it is) + 2^-7·|c| +
+//    2^-11·wmax + 2^-14·(block max) (the subnormal step); rope features 2^-7·(|c| + row max) (a
+//    flipped bf16 input mixed by the rotation); indexer as above — and at most 1/64 of the
+//    elements (KV latent) or 1/4 of the rows (indexer) differing in bits (~10^-3 expected). The
+//    grid cases are the ones that pin each rounding step.
+struct OfficialSpec {
+    Spec spec;
+    bool indexer;   // the indexer's compressor
+};
+const OfficialSpec kOfficialSpecs[] = {
+    {kFlash[0], false}, {kFlash[1], false}, {kFlash[2], true},
+    {kTiny[0], false},  {kTiny[1], false},  {kTiny[2], true},
+    {{"flash_csa_no_rope", 4, 512, true, 0, 256}, false},
+    {{"flash_indexer_no_rope", 4, 128, true, 0, 64}, true},
+    {kOdd[0], false},   {kOdd[1], false},   {kOdd[2], false}, {kOdd[3], false}, {kOdd[4], false},
+};
+
+struct OfficialCount {
+    int64_t elems = 0, differ = 0, nope_differ = 0, rope_elems = 0, rope_differ = 0, rows = 0, rows_differ = 0;
+    int bad = 0;
+};
+
+// Rows against the CPU's in official numerics: tolerances as above, counts into n when `count`
+// (the last step of a schedule, so each row counts once); unwritten pool bytes still poison.
+void check_pool_official(const HostComp& hc, const PoolLayout& L, std::vector<uint8_t>& pool,
+                         const std::vector<CompressorState>& cpu, bool grid, bool count, OfficialCount& n) {
+    const Spec& s = hc.spec;
+    ASSERT_EQ(pool.size(), L.pool_size());
+    const cuda::PagedRows rows = host_rows(s, L, pool.data());
+    std::vector<char> written(pool.size(), 0);
+    const int q_end = s.d - s.rope;
+    for (int q = 0; q < kSeqs; ++q) {
+        const CompressorState& st = cpu[static_cast<size_t>(q)];
+        ASSERT_EQ(static_cast<int64_t>(st.rows.size()), st.n_rows * s.d);
+        for (int64_t w = 0; w < st.n_rows; ++w) {
+            const uint16_t* g = rows.row<uint16_t>(kSlotOf[q], w);
+            const float* c = st.rows.data() + w * s.d;
+            const size_t at = static_cast<size_t>(reinterpret_cast<const uint8_t*>(g) - pool.data());
+            std::fill_n(written.begin() + static_cast<std::ptrdiff_t>(at), 2 * s.d, 1);
+            double row_max = 0;
+            for (int f = 0; f < s.d; ++f) row_max = std::max(row_max, std::fabs(static_cast<double>(c[f])));
+            bool row_differs = false;
+            for (int f = 0; f < s.d; ++f) {
+                const bool rope_dim = !hc.indexer_keys && f >= q_end;
+                if (count) {
+                    ++n.elems;
+                    n.rope_elems += rope_dim ? 1 : 0;
+                }
+                if (g[f] == f32_to_bf16(c[f])) continue;   // the CPU's rows are bf16 values
+                row_differs = true;
+                if (count) {
+                    ++n.differ;
+                    if (rope_dim) ++n.rope_differ;
+                    else if (!hc.indexer_keys) ++n.nope_differ;
+                }
+                const double gv = bf16_to_f32(g[f]), cv = c[f];
+                const int bsz = hc.indexer_keys ? 32 : 64, b0 = f / bsz * bsz;
+                const int b1 = std::min(hc.indexer_keys ? s.d : q_end, b0 + bsz);
+                double block_max = 0;
+                for (int i = b0; i < b1; ++i) block_max = std::max(block_max, std::fabs(static_cast<double>(c[i])));
+                double tol;
+                if (hc.indexer_keys)
+                    tol = 0.5 * std::max(std::fabs(gv), std::fabs(cv)) + 0.25 * block_max;
+                else if (rope_dim)
+                    tol = grid ? std::ldexp(std::max(std::fabs(gv), std::fabs(cv)), -7) +
+                                     std::ldexp(static_cast<double>(hc.wmax), -11)
+                               : std::ldexp(std::fabs(cv) + row_max, -7);
+                else
+                    tol = std::ldexp(std::max(std::fabs(gv), std::fabs(cv)), -3) + std::ldexp(std::fabs(cv), -7) +
+                          std::ldexp(static_cast<double>(hc.wmax), -11) + std::ldexp(block_max, -14);
+                if (!(std::fabs(gv - cv) <= tol) && n.bad++ < kMaxReports)
+                    ADD_FAILURE() << "seq " << q << " row " << w << " feature " << f << ": gpu " << gv << ", cpu " << cv
+                                  << ", tol " << tol;
+            }
+            if (count) {
+                ++n.rows;
+                n.rows_differ += row_differs ? 1 : 0;
+            }
+        }
+    }
+    for (size_t i = 0; i < pool.size(); ++i)
+        if (!written[i] && pool[i] != 0xFF && n.bad++ < kMaxReports)
+            ADD_FAILURE() << "pool byte " << i << " written but no emitted row lives there";
+}
+
+void run_official_case(const OfficialSpec& os, const SchedCase& sc, uint64_t seed, bool grid, OfficialCount& n) {
+    SCOPED_TRACE(str(os.spec.name, " / ", sc.name, grid ? " (grid)" : " (random)"));
+    HostComp hc(os.spec, seed);
+    hc.nm = Numerics::official;
+    hc.indexer_keys = os.indexer;
+    if (grid) std::fill(hc.ape.begin(), hc.ape.end(), 0.0f);   // before the GPU copy is made
+    int64_t max_len = 0;
+    const std::vector<StepInput> inputs = make_inputs(sc.steps, hc.width, 0, seed, &max_len, grid);
+    const PoolLayout L = make_layout(os.spec, max_len, seed);
+    int max_T = 0, max_C = 0;
+    for (const StepInput& in : inputs) max_T = std::max(max_T, in.T), max_C = std::max(max_C, in.C);
+    GpuCompressor gpu(hc, L, max_T, max_C);
+    std::vector<CompressorState> cpu(kSeqs);
+    int64_t n_past[kSeqs] = {0, 0, 0};
+    for (size_t k = 0; k < inputs.size(); ++k) {
+        SCOPED_TRACE(str("step ", k));
+        const StepInput& in = inputs[k];
+        cpu_step(hc, in, cpu);
+        for (int c = 0; c < in.C; ++c) n_past[in.seq_of_chunk[static_cast<size_t>(c)]] += in.chunk_len[static_cast<size_t>(c)];
+        gpu.step(in);
+        std::vector<uint8_t> pool = gpu.pool_bytes();
+        check_pool_official(hc, L, pool, cpu, grid, k + 1 == inputs.size(), n);
+        check_state(hc, L, gpu.state_bytes(), cpu, n_past);   // the state is numerics-independent: bits
+        if (::testing::Test::HasFailure()) return;
+    }
+}
+
+// Every schedule of every official shape; the counts of a shape against the bounds above.
+void run_official(bool grid, uint64_t seed) {
+    for (const OfficialSpec& os : kOfficialSpecs) {
+        const Spec& spec = os.spec;
+        OfficialCount n;
+        for (const SchedCase& sc : schedules(spec.r)) {
+            run_official_case(os, sc, seed++, grid, n);
+            if (::testing::Test::HasFailure()) return;
+        }
+        SCOPED_TRACE(str(spec.name, grid ? " (grid)" : " (random)"));
+        EXPECT_EQ(n.bad, 0);
+        if (grid) {
+            EXPECT_EQ(n.nope_differ, 0) << "FP8 features must be bit-identical with exact pooling";
+            EXPECT_LE(n.rope_differ, std::max<int64_t>(4, n.rope_elems / 1024)) << "rope features differing";
+            if (os.indexer) {
+                EXPECT_LE(n.rows_differ, spec.rope == 0 ? 0 : std::max<int64_t>(2, n.rows / 16)) << "indexer rows differing";
+            }
+        } else if (os.indexer) {
+            EXPECT_LE(n.rows_differ, std::max<int64_t>(2, n.rows / 4)) << "indexer rows differing";
+        } else {
+            EXPECT_LE(n.differ, std::max<int64_t>(8, n.elems / 64)) << "elements differing";
+        }
+        std::printf("[     INFO ] %s official %s: %lld of %lld elements differ (%lld rope of %lld), %lld of %lld rows\n",
+                    spec.name, grid ? "grid" : "random", static_cast<long long>(n.differ),
+                    static_cast<long long>(n.elems), static_cast<long long>(n.rope_differ),
+                    static_cast<long long>(n.rope_elems), static_cast<long long>(n.rows_differ),
+                    static_cast<long long>(n.rows));
+    }
+}
+
+TEST(CudaCompressor, OfficialNumericsExactPoolingMatchesCpu) {
+    SKIP_WITHOUT_GPU();
+    run_official(true, 600);
+}
+
+TEST(CudaCompressor, OfficialNumericsMatchesCpu) {
+    SKIP_WITHOUT_GPU();
+    run_official(false, 700);
+}
 
 TEST(CudaCompressor, FlashShapesMatchCpu) {
     SKIP_WITHOUT_GPU();
@@ -933,6 +1124,12 @@ TEST(CompressorCpu, LaunchersRejectBadArguments) {
     a = good();
     a.rows.layer_offset = 2;
     rejects(a, "misaligned rows");
+    a = good();
+    a.numerics = Numerics::official;
+    a.indexer_keys = true;
+    a.dim = a.rows.dim = 96;
+    a.state.slot_stride = cuda::compressor_state_bytes(4, 96, true);
+    rejects(a, "official indexer keys of a dim that is not a power of two");
     a = good();
     a.ratio = 128, a.rows.ratio = 128, a.rows.block_tokens = 128, a.dim = a.rows.dim = 20000;
     a.state.slot_stride = cuda::compressor_state_bytes(128, 20000, true);

@@ -1071,6 +1071,90 @@ TEST(CudaMoeLayer, LayerMatchesCpuCompositionFlashDims) {
     }
 }
 
+// Official numerics (moe_layer_routed / moe_layer_combine with Numerics::official; ops::moe's
+// official numerics): x given FP8-rounded, as the runner passes xq. Checked three ways:
+//  (a) h is FP8-rounded in 128-blocks: ops::round_gemm_input leaves the GPU's h unchanged (it is
+//      idempotent: a block's amax element maps to itself, so the scale and every value stay);
+//  (b) y is bf16(bf16(shared) + Σ_s bf16(row_s)) of the GPU's own rows, bit for bit;
+//  (c) against ops::expert_ffn in official numerics per expert, combined as ops::moe does: per-token
+//      cosine >= 0.999. Not bit for bit: the GPU's g and u come from other f32 summation orders,
+//      and a one-ulp difference that crosses a bf16 or FP8 rounding boundary becomes a whole step
+//      of h (2^-3 relative for FP8); the worst cosine and largest difference are printed.
+TEST(CudaMoeLayer, OfficialNumericsMatchCpuOfficial) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 256, I = 256, k = 6, E = 16;
+    uint32_t seed = 50000;
+    for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        const HostExperts hx = make_experts(f, E, D, I, seed += 1000);
+        cuda::DeviceExperts dex(hx.experts);
+        cuda::MoeLayerWorkspace ws(129, k, dex);
+        for (int64_t T : {1, 17, 129}) {
+            SCOPED_TRACE(str(fmt_name(f), " T=", T));
+            MoeCase c = make_case(Routing::uniform, T, k, E, D, true, ++seed);
+            std::vector<float> xf = widen(c.x);
+            ops::round_gemm_input(Numerics::official, xf.data(), T, D);
+            for (size_t i = 0; i < xf.size(); ++i) c.x[i] = f32_to_bf16(xf[i]);
+            DeviceInputs in(T, k, D);
+            in.upload(c);
+            DeviceArray<float> y(static_cast<size_t>(T * D));
+            poison(y.data(), y.size());
+            cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr,
+                                   cuda::Tile::automatic, Numerics::official);
+            cuda::moe_layer_combine(ws, T, in.shared.data(), y.data(), nullptr, Numerics::official);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            const int64_t N = T * k;
+            const Route r = get_route(ws, c, E);
+            const std::vector<float> y_gpu = to_host(y.data(), y.size());
+
+            // (a)
+            const std::vector<float> h = widen(to_host(ws.h.data(), static_cast<size_t>(N * I)));
+            std::vector<float> h_again = h;
+            ops::round_gemm_input(Numerics::official, h_again.data(), N, I);
+            EXPECT_EQ(first_mismatch(h, h_again), -1) << "h is not FP8-rounded in 128-blocks";
+
+            // (b)
+            std::vector<float> rows = to_host(ws.rows.data(), static_cast<size_t>(N * D));
+            ops::round_bf16(Numerics::official, rows.data(), N * D);
+            MoeCase cb = c;
+            ops::round_bf16(Numerics::official, cb.shared.data(), T * D);
+            std::vector<float> y_b = combine(rows, r.inv, cb, D);
+            ops::round_bf16(Numerics::official, y_b.data(), T * D);
+            EXPECT_EQ(first_mismatch(y_gpu, y_b), -1) << "y is not the official combine of the GPU's rows";
+
+            // (c)
+            std::vector<float> rows_c(static_cast<size_t>(N * D));
+            for (int64_t e = 0; e < E; ++e) {
+                const int64_t o = r.offsets[static_cast<size_t>(e)], n = r.offsets[static_cast<size_t>(e + 1)] - o;
+                if (n == 0) continue;
+                std::vector<float> xs(static_cast<size_t>(n * D)), we(static_cast<size_t>(n));
+                for (int64_t j = 0; j < n; ++j) {
+                    const int32_t slot = r.perm[static_cast<size_t>(o + j)];
+                    std::copy_n(xf.begin() + (slot / k) * D, D, xs.begin() + j * D);
+                    we[static_cast<size_t>(j)] = c.wts[static_cast<size_t>(slot)];
+                }
+                ops::expert_ffn(hx.experts[static_cast<size_t>(e)], kLimit, xs.data(), n, we.data(),
+                                rows_c.data() + o * D, Numerics::official);
+            }
+            std::vector<float> y_c = combine(rows_c, r.inv, cb, D);
+            ops::round_bf16(Numerics::official, y_c.data(), T * D);
+            double worst = 1, max_d = 0;
+            for (int64_t t = 0; t < T; ++t) {
+                double ab = 0, aa = 0, bb = 0;
+                for (int64_t d = 0; d < D; ++d) {
+                    const double a = y_gpu[static_cast<size_t>(t * D + d)], b = y_c[static_cast<size_t>(t * D + d)];
+                    ab += a * b, aa += a * a, bb += b * b;
+                    max_d = std::max(max_d, std::fabs(a - b));
+                }
+                worst = std::min(worst, ab / std::sqrt(aa * bb));
+            }
+            std::printf("  official %s T=%ld: y vs CPU official, worst per-token cosine %.7f, max |d| %.4g\n",
+                        fmt_name(f), static_cast<long>(T), worst, max_d);
+            EXPECT_GE(worst, 0.999);
+            if (HasFailure()) return;
+        }
+    }
+}
+
 // The small-T path (moe_small.cu, what moe_layer runs at T ≤ 8) on real DeepSeek-V4 widths
 // (V4-Flash D = 4096, I = 2048; V4-Pro D = 7168, I = 3072; k = 6; fewer experts than the release
 // so the CPU twin stays quick, all of them hit), both formats, with and without the shared term.

@@ -17,6 +17,9 @@
 //    2^-9 relative: |bf16 − c| ≤ 2^-9·|c| + |δ c| < 2^-8·|c|. Rotations cancel (a·cos − b·sin can
 //    be much smaller than |a| + |b|), so head_norm_rope adds an absolute 2^-16·max|row| (a few
 //    f32 ulps of the inputs); rms_norm and swiglu have no cancellation and get no absolute term.
+//  * head_norm_rope in official numerics (the bf16 roundings of ref attention_inputs): bit for bit
+//    before the rope dims; the rope dims bit for bit but for a bounded count of cosf / sinf-induced
+//    bf16 rounding flips (see check_head_official).
 #include <gtest/gtest.h>
 
 #include "cuda/rowwise.h"
@@ -27,10 +30,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <iterator>
 #include <limits>
 #include <random>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -128,6 +133,49 @@ TEST(CudaRowwise, RmsNormRowsMatchesOpsRmsNorm) {
     check_rms_norm(3, 64, true, 19, 1.0f); // eps that matters
 }
 
+// Official numerics: x rounded to bf16 first (twin: round_bf16, then ops::rms_norm; the same
+// tolerance), and yq is ops::round_gemm_input of the kernel's own y, bit for bit (fused for
+// D % 128 == 0 on the vector path, else copied and rounded by fp8_block_round; in place when
+// yq == y).
+void check_rms_norm_official(int64_t rows, int64_t D, uint32_t seed, bool in_place = false) {
+    SCOPED_TRACE(shape_name("rms_norm official", rows, D) + (in_place ? " in place" : ""));
+    const float eps = 1e-6f;
+    const std::vector<float> x = normal_rows(rows, D, seed, 1.0f, -8.0f, 8.0f);
+    std::vector<uint16_t> w = to_bf16(normal_rows(1, D, seed + 1, 1.0f));
+    const Tensor wt(w.data(), DType::bf16, {D});
+    std::vector<float> xr = x, ref(x.size());
+    ops::round_bf16(Numerics::official, xr.data(), rows * D);
+    ops::rms_norm(xr.data(), rows, D, &wt, eps, ref.data());
+    DeviceArray<float> d_x(x);
+    DeviceArray<uint16_t> d_w(w), d_y(x.size()), d_q(x.size());
+    d_q.fill(0xFF);
+    cuda::rms_norm_rows(d_x.data(), rows, D, d_w.data(), eps, d_y.data(), nullptr, Numerics::official,
+                        in_place ? d_y.data() : d_q.data());
+    if (in_place) {   // only the rounded copy remains: compare it with the rounding of an exact-output run
+        DeviceArray<uint16_t> d_y2(x.size());
+        cuda::rms_norm_rows(d_x.data(), rows, D, d_w.data(), eps, d_y2.data(), nullptr, Numerics::official);
+        std::vector<float> q = from_bf16(d_y2.download());
+        ops::round_gemm_input(Numerics::official, q.data(), rows, D);
+        expect_bits_equal(d_y.download(), to_bf16(q), "yq == y: round_gemm_input(y)");
+        return;
+    }
+    const std::vector<uint16_t> y = d_y.download();
+    expect_bf16_close(y, ref, D, kBf16Rel, 0.0, "rms_norm_rows official");
+    std::vector<float> q = from_bf16(y);
+    ops::round_gemm_input(Numerics::official, q.data(), rows, D);
+    expect_bits_equal(d_q.download(), to_bf16(q), "yq: round_gemm_input(y)");
+}
+
+TEST(CudaRowwise, RmsNormRowsOfficialNumerics) {
+    RW_SKIP_WITHOUT_GPU();
+    check_rms_norm_official(1, 1024, 80);      // q_norm of V4-Flash, decode: fused
+    check_rms_norm_official(17, 1536, 81);     // V4-Pro q_lora
+    check_rms_norm_official(4, 4096, 82, true);   // the MTP block's hnorm of 4 streams, rounded in place
+    check_rms_norm_official(3, 300, 83);       // D % 128 != 0: rounded after the kernel
+    check_rms_norm_official(2, 257, 84);       // scalar path
+    check_rms_norm_official(2, 257, 85, true);
+}
+
 // ---------------------------------------------------------------------------- head norm + rope
 
 struct RopeCase {
@@ -186,6 +234,115 @@ TEST(CudaRowwise, HeadNormRopeMatchesOpsRmsNormThenRope) {
     check_head({1, 2, 16, 16, false, false, true, kMillion}, 29);      // all dims rotated
 }
 
+// ---------------------------------------------------------------------------- head norm + rope, official
+
+// Numerics::official. The twin is the sequence of ref attention_inputs: the linear's f32 output
+// rounded to bf16 (linear_rounded), then
+//   kv (normalize, weighted):   ops::rms_norm, round_bf16, ops::rope, round_bf16
+//   q (normalize, unweighted):  ops::head_rms_norm_bf16, ops::rope, round_bf16
+//   indexer q (rope only):      ops::rope, round_bf16
+// Agreement. Up to the rotation the GPU performs the twin's operations with the same roundings:
+// the bf16 input; the sum of squares in f64 (the twin's: the squares of bf16 values are exact in
+// f64, and so is their sum unless the row spans more than ~2^28 in squares; even then the f64
+// roundings of two summation orders sit ~2^29 below the f32 mean's, so the mean has the twin's
+// bits) or, for q, the bf16 squares added in f32 in the twin's element order; the norm
+// multiplies; the bf16 roundings. So the dims [0, hd − rope) must agree bit for bit. The rope dims go through cosf /
+// sinf, which may differ from glibc's by an ulp or two; the rotated f32 value then moves by a few
+// f32 ulps and its bf16 rounding changes only when it lies that close to a rounding boundary (a
+// few in 2^16 of the elements, more where the rotation cancels). So a rope dim may differ, by one
+// bf16 ulp (≤ 2^-7 of the value) plus kRopeAbs of the row's max, in at most max(4, n_rope / 1024)
+// elements of a case; the rest must agree bit for bit.
+void check_head_official(const RopeCase& c, uint32_t seed, float eps = 1e-6f) {
+    SCOPED_TRACE(str("head_norm_rope official T=", c.T, " heads=", c.heads, " hd=", c.hd, " rope=", c.rope,
+                     " normalize=", c.normalize, " weighted=", c.weighted, " eps=", eps));
+    const int64_t rows = c.T * c.heads;
+    const std::vector<float> x = normal_rows(rows, c.hd, seed, 1.0f, -4.0f, 4.0f);   // f32: a linear's output
+    std::vector<uint16_t> w = to_bf16(normal_rows(1, c.hd, seed + 1, 1.0f));
+    std::mt19937 rng(seed + 2);
+    std::vector<int32_t> pos(static_cast<size_t>(c.T));
+    for (auto& p : pos) p = static_cast<int32_t>(rng() % static_cast<uint32_t>(c.max_pos));
+    pos[0] = 0;
+    if (c.T > 2) pos[2] = static_cast<int32_t>(c.max_pos - 1);
+    std::vector<int64_t> pos64(pos.begin(), pos.end());
+    YarnConfig yarn;
+    yarn.factor = 16;
+    yarn.original_max_position_embeddings = 65536;
+    const ops::RopeTable table = c.yarn ? ops::make_rope_table(160000, c.rope, &yarn) : ops::make_rope_table(10000, c.rope, nullptr);
+
+    const Numerics nm = Numerics::official;
+    std::vector<float> ref = x;
+    const int64_t n = static_cast<int64_t>(ref.size());
+    ops::round_bf16(nm, ref.data(), n);
+    const Tensor wt(w.data(), DType::bf16, {c.hd});
+    if (c.normalize && c.weighted) {
+        ops::rms_norm(ref.data(), rows, c.hd, &wt, eps, ref.data());
+        ops::round_bf16(nm, ref.data(), n);
+    } else if (c.normalize) {
+        ops::head_rms_norm_bf16(ref.data(), rows, c.hd, eps);
+    }
+    if (c.rope > 0) ops::rope(ref.data(), c.T, c.heads, c.hd, pos64.data(), table, false);
+    ops::round_bf16(nm, ref.data(), n);
+
+    DeviceArray<float> d_x(x), d_freq(table.inv_freq.empty() ? std::vector<float>{0.0f} : table.inv_freq);
+    DeviceArray<uint16_t> d_w(w), d_y(x.size());
+    DeviceArray<int32_t> d_pos(pos);
+    d_y.fill(0xFF);
+    const cuda::RopeView rv{d_freq.data(), static_cast<int32_t>(c.rope)};
+    cuda::head_norm_rope(d_x.data(), c.T, c.heads, c.hd, c.normalize, c.weighted ? d_w.data() : nullptr, eps,
+                         d_pos.data(), rv, d_y.data(), nullptr, nm);
+    const std::vector<uint16_t> got = d_y.download();
+
+    size_t nope_bad = 0, rope_diff = 0, rope_bad = 0, n_rope = 0;
+    std::ostringstream first;
+    for (int64_t r = 0; r < rows; ++r) {
+        double mx = 0;
+        for (int64_t e = 0; e < c.hd; ++e) mx = std::max(mx, std::fabs(static_cast<double>(ref[static_cast<size_t>(r * c.hd + e)])));
+        for (int64_t e = 0; e < c.hd; ++e) {
+            const size_t i = static_cast<size_t>(r * c.hd + e);
+            const bool rope_dim = e >= c.hd - c.rope;
+            n_rope += rope_dim ? 1 : 0;
+            if (got[i] == f32_to_bf16(ref[i])) continue;
+            const double g = bf16_to_f32(got[i]), want = ref[i];
+            if (first.tellp() < 600)
+                first << "  [row " << r << ", " << e << (rope_dim ? " rope" : "") << "] got " << g << " want " << want << "\n";
+            if (!rope_dim) {
+                ++nope_bad;
+            } else {
+                ++rope_diff;
+                // One bf16 ulp (≤ 2^-7 of the value), or the f32 difference itself where the rotation cancels.
+                if (!(std::fabs(g - want) <= 2 * kBf16Rel * std::max(std::fabs(g), std::fabs(want)) + kRopeAbs * mx))
+                    ++rope_bad;
+            }
+        }
+    }
+    EXPECT_EQ(nope_bad, 0u) << "dims before the rope dims must be bit-identical\n" << first.str();
+    EXPECT_EQ(rope_bad, 0u) << "rope dims outside the tolerance\n" << first.str();
+    EXPECT_LE(rope_diff, std::max<size_t>(4, n_rope / 1024)) << "rope dims differing in bits\n" << first.str();
+    if (rope_diff > 0) std::printf("[     INFO ] %zu of %zu rope elements differ by a bf16 rounding\n", rope_diff, n_rope);
+}
+
+TEST(CudaRowwise, HeadNormRopeOfficialMatchesAttentionInputs) {
+    RW_SKIP_WITHOUT_GPU();
+    const int64_t kMillion = 1 << 20;
+    //                  T  heads  hd  rope  norm   weight yarn   max_pos
+    check_head_official({1, 64, 512, 64, true, false, true, kMillion}, 120);    // V4-Flash q, decode
+    check_head_official({3, 64, 512, 64, true, false, false, 4096}, 121);       // q on a ratio-0 layer
+    check_head_official({1, 1, 512, 64, true, true, true, kMillion}, 122);      // kv with kv_norm, decode
+    check_head_official({17, 1, 512, 64, true, true, true, kMillion}, 123);     // kv, prefill
+    check_head_official({3, 64, 128, 64, false, false, true, kMillion}, 124);   // indexer q: rope only
+    check_head_official({2, 128, 512, 64, true, false, true, kMillion}, 125);   // V4-Pro q
+    check_head_official({129, 4, 64, 16, true, true, false, 4096}, 126);        // tiny model kv
+    check_head_official({129, 4, 64, 16, true, false, false, 4096}, 127);       // tiny model q
+    check_head_official({3, 5, 66, 16, true, true, true, 100000}, 128);         // hd % 4 != 0: scalar path
+    check_head_official({3, 3, 65, 16, true, false, false, 1000}, 129);         // odd hd, q norm, scalar path
+    check_head_official({3, 3, 65, 16, false, false, true, 1000}, 130);         // odd hd, rope only
+    check_head_official({17, 2, 64, 0, true, true, false, 1}, 131);             // no rope: all bit for bit
+    check_head_official({17, 2, 64, 0, true, false, false, 1}, 132);
+    check_head_official({1, 2, 16, 16, false, false, true, kMillion}, 133);     // all dims rotated
+    check_head_official({5, 4, 64, 16, true, false, false, 4096}, 134, 1.0f);   // an eps that matters
+    check_head_official({5, 4, 64, 16, true, true, false, 4096}, 135, 1.0f);
+}
+
 // ---------------------------------------------------------------------------- swiglu
 
 // The twin is ops::expert_ffn itself: with w1 = [1 | 0], w3 = [0 | 1] and w2 = 1 (bf16 identity
@@ -227,6 +384,27 @@ void check_swiglu(int64_t T, int64_t I, uint32_t seed) {
     DeviceArray<uint16_t> d_h(g.size());
     cuda::swiglu(d_g.data(), d_u.data(), T, I, limit, d_h.data(), nullptr);
     expect_bf16_close(d_h.download(), ref, I, kBf16Rel, 0.0, "swiglu");
+}
+
+// Official numerics: g and u rounded to bf16 before the SwiGLU; the twin is ops::expert_ffn's
+// expression on the rounded values, with the exact-mode test's tolerance (expf vs std::exp).
+TEST(CudaRowwise, SwigluOfficialRoundsItsInputs) {
+    RW_SKIP_WITHOUT_GPU();
+    for (const auto& [T, I] : {std::pair<int64_t, int64_t>{1, 2048}, {17, 3072}, {3, 257}}) {
+        SCOPED_TRACE(shape_name("swiglu official", T, I));
+        const float limit = 10.0f;
+        const std::vector<float> g = normal_rows(T, I, 90, 8.0f), u = normal_rows(T, I, 91, 8.0f);
+        std::vector<float> ref(g.size());
+        for (size_t i = 0; i < g.size(); ++i) {
+            const float gv = std::min(ops::bf16_round(g[i]), limit);
+            const float uv = std::clamp(ops::bf16_round(u[i]), -limit, limit);
+            ref[i] = gv / (1.0f + std::exp(-gv)) * uv;
+        }
+        DeviceArray<float> d_g(g), d_u(u);
+        DeviceArray<uint16_t> d_h(g.size());
+        cuda::swiglu(d_g.data(), d_u.data(), T, I, limit, d_h.data(), nullptr, Numerics::official);
+        expect_bf16_close(d_h.download(), ref, I, kBf16Rel, 0.0, "swiglu official");
+    }
 }
 
 TEST(CudaRowwise, SwigluMatchesExpertFfn) {
@@ -285,6 +463,24 @@ void check_add_streams(int64_t T, int64_t hc, int64_t D, uint32_t seed, int off 
     cuda::add_rows_broadcast(d_a.data() + off, d_b.data() + off, T, hc, D, d_a.data() + off, nullptr);   // in place
     got = d_a.download();
     expect_bits_equal(std::vector<float>(got.begin() + off, got.end()), ref, "add_rows_broadcast in place");
+}
+
+// Official numerics: bf16(bf16(a) + bf16(b)), bit for bit (ref mtp_forward's rounded inputs and sum).
+TEST(CudaRowwise, AddRowsBroadcastOfficialNumerics) {
+    RW_SKIP_WITHOUT_GPU();
+    for (const auto& [T, D] : {std::pair<int64_t, int64_t>{1, 4096}, {5, 257}}) {
+        SCOPED_TRACE(shape_name("add_rows_broadcast official", T, 4, D));
+        const std::vector<float> a = normal_rows(T * 4, D, 95, 1.0f, -20.0f, 20.0f);
+        const std::vector<float> b = normal_rows(T, D, 96, 1.0f, -20.0f, 20.0f);
+        std::vector<float> ar = a, br = b;
+        ops::round_bf16(Numerics::official, ar.data(), static_cast<int64_t>(ar.size()));
+        ops::round_bf16(Numerics::official, br.data(), static_cast<int64_t>(br.size()));
+        ops::add_to_streams(br.data(), T, 4, D, ar.data());
+        ops::round_bf16(Numerics::official, ar.data(), static_cast<int64_t>(ar.size()));
+        DeviceArray<float> d_a(a), d_b(b), d_X(a.size());
+        cuda::add_rows_broadcast(d_a.data(), d_b.data(), T, 4, D, d_X.data(), nullptr, Numerics::official);
+        expect_bits_equal(d_X.download(), ar, "add_rows_broadcast official");
+    }
 }
 
 TEST(CudaRowwise, AddRowsBroadcastMatchesAddToStreams) {
