@@ -1200,75 +1200,103 @@ OfficialTraces cpu_official(Model& m, const std::vector<int32_t>& ids) {
 }
 
 // Teacher forced, as TeacherForcedLayersMatchCpu, in official numerics on both sides: the GPU
-// layer gets the CPU's input streams and discrete choices; returns the worst per-token cosine of
-// the other intermediates and where it is.
-std::pair<double, std::string> official_teacher_forced(const Model& m, const std::vector<int32_t>& ids,
-                                                       const OfficialTraces& ref, int* checked) {
+// layer gets the CPU's input streams and discrete choices. Per (token, intermediate): the cosine
+// with the CPU's; for the sublayer inputs (attn_in, ffn_in) also how many elements round to a
+// different FP8 value under round_gemm_input on the two sides (a one-ulp bf16 difference that
+// crosses an FP8 rounding boundary, or moves a block's power-of-two scale).
+struct OfficialForced {
+    int checked = 0;              // intermediates compared
+    int64_t pairs = 0, below = 0; // (token, intermediate) pairs, those with cosine < 0.9999
+    double worst = 1;
+    std::string where;            // the worst pair: intermediate, layer, token
+    int64_t worst_flips = -1;     // FP8 flips in that token's sublayer input (-1: not a sublayer output)
+};
+OfficialForced official_teacher_forced(const Model& m, const std::vector<int32_t>& ids, const OfficialTraces& ref) {
     gpu::RunnerOptions o = small_options();
     o.numerics = Numerics::official;
     auto b = gpu::make_gpu_backend(m, o);
     const int32_t slot = b->open();
     EXPECT_TRUE(b->reserve(slot, static_cast<int64_t>(ids.size())));
-    double worst = 1;
-    std::string where;
-    *checked = 0;
+    OfficialForced r;
+    std::map<std::tuple<std::string, int64_t, int64_t>, int64_t> flips;   // (input name, layer, token)
+    std::tuple<std::string, int64_t, int64_t> worst_key;
     Probe forced = [&](TraceView& v) {
         const auto key = std::make_pair(std::string(v.name), v.layer);
         const size_t n = static_cast<size_t>(v.rows * v.width);
         if (v.dtype == DType::i32) {
-            const auto& r = ref.i32.at(key);
-            std::copy(r.begin(), r.begin() + static_cast<ptrdiff_t>(n), v.i32());
+            const auto& c = ref.i32.at(key);
+            std::copy(c.begin(), c.begin() + static_cast<ptrdiff_t>(n), v.i32());
             v.modified = true;
             return;
         }
-        const auto& r = ref.f32.at(key);
+        const auto& c = ref.f32.at(key);
         if (key.first == trace_names::streams) {
-            std::copy(r.begin(), r.begin() + static_cast<ptrdiff_t>(n), v.f32());
+            std::copy(c.begin(), c.begin() + static_cast<ptrdiff_t>(n), v.f32());
             v.modified = true;
             return;
         }
+        const bool input = key.first == trace_names::attn_in || key.first == trace_names::ffn_in;
         for (int64_t t = 0; t < v.rows; ++t) {
-            const double cs = cosine(v.f32() + t * v.width, r.data() + t * v.width, v.width);
-            if (cs < worst) worst = cs, where = key.first + " layer " + std::to_string(key.second);
+            const float* g = v.f32() + t * v.width;
+            const float* cr = c.data() + t * v.width;
+            const double cs = cosine(g, cr, v.width);
+            ++r.pairs;
+            r.below += cs < 0.9999;
+            if (cs < r.worst) {
+                r.worst = cs;
+                r.where = str(key.first, " layer ", key.second, " token ", t);
+                worst_key = {key.first, key.second, t};
+            }
+            if (input) {
+                std::vector<float> gq(g, g + v.width), cq(cr, cr + v.width);
+                ops::round_gemm_input(Numerics::official, gq.data(), 1, v.width);
+                ops::round_gemm_input(Numerics::official, cq.data(), 1, v.width);
+                int64_t f = 0;
+                for (int64_t i = 0; i < v.width; ++i) f += gq[static_cast<size_t>(i)] != cq[static_cast<size_t>(i)];
+                flips[{key.first, key.second, t}] = f;
+            }
         }
-        ++*checked;
+        ++r.checked;
     };
     std::vector<float> logits;
     b->step({{slot, ids}}, true, logits, forced);
-    return {worst, where};
+    const auto& [wn, wl, wt] = worst_key;
+    const std::string in = wn == trace_names::attn_out ? trace_names::attn_in
+                           : wn == trace_names::ffn_out ? trace_names::ffn_in : "";
+    if (!in.empty() && flips.count({in, wl, wt})) r.worst_flips = flips.at({in, wl, wt});
+    return r;
 }
 
 // Official numerics on the GPU against the CPU's official numerics, layer by layer, on every
-// golden model: teacher forced, every intermediate within cosine 0.999 of the CPU's. (The bar is
-// below exact numerics' 0.9999: an FP8 rounding turns a one-ulp f32 difference of the two sides'
-// summation orders into a whole FP8 step of 2^-3 relative on the element it falls on; the
-// measured worst values are printed.)
+// golden model, teacher forced. The bar has two parts. (a) At least 99% of the (token,
+// intermediate) pairs within cosine 0.9999 of the CPU's, the bar of exact numerics. (b) Every pair
+// within 0.99: official numerics are discrete, and where the two sides' f32 sums (other orders)
+// put a value on two sides of a bf16 or FP8 rounding boundary, one element moves by a whole FP8
+// step (2^-3 relative), or a block's power-of-two scale doubles and all 128 elements of the block
+// round coarser; that perturbs one token's sublayer output at the 0.1-1% level. The test prints
+// the share below 0.9999, the worst pair, and how many elements of that token's sublayer input
+// round to a different FP8 value on the two sides (measured on an H200: see the note of the
+// commit that added this test).
 class GpuOfficialNumerics : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GpuOfficialNumerics, TeacherForcedLayersMatchCpuOfficial) {
     if (!cuda::gpu_available()) GTEST_SKIP() << "no GPU";
-    {
-        const std::string& name = GetParam();
-        if (!test::have_golden(name)) MEGAMOE_MISSING_GOLDEN() << "no golden case " << name;
-        auto m = Model::load(test::golden_dir(name) + "/model");
-        SafetensorsFile f(test::golden_dir(name) + "/golden.safetensors");
-        const std::vector<int32_t> ids = ids_of(f, "input_ids");
-        const OfficialTraces ref = cpu_official(*m, ids);
-        int checked = 0;
-        const auto [worst, where] = official_teacher_forced(*m, ids, ref, &checked);
-        std::printf("[ %s | official ] teacher forced: %d intermediates, worst per-token cosine %.7f (%s)\n",
-                    name.c_str(), checked, worst, where.c_str());
-        EXPECT_EQ(checked, 4 * m->cfg.num_hidden_layers + 1) << name;
-        EXPECT_GE(worst, 0.999) << name << ": " << where;
-    }
+    const std::string& name = GetParam();
+    if (!test::have_golden(name)) MEGAMOE_MISSING_GOLDEN() << "no golden case " << name;
+    auto m = Model::load(test::golden_dir(name) + "/model");
+    SafetensorsFile f(test::golden_dir(name) + "/golden.safetensors");
+    const std::vector<int32_t> ids = ids_of(f, "input_ids");
+    const OfficialTraces ref = cpu_official(*m, ids);
+    const OfficialForced r = official_teacher_forced(*m, ids, ref);
+    std::printf("[ %s | official ] teacher forced: %d intermediates, %lld of %lld (token, intermediate) pairs below "
+                "cosine 0.9999; worst %.7f (%s; FP8 flips in its sublayer input: %lld)\n",
+                name.c_str(), r.checked, static_cast<long long>(r.below), static_cast<long long>(r.pairs), r.worst,
+                r.where.c_str(), static_cast<long long>(r.worst_flips));
+    EXPECT_EQ(r.checked, 4 * m->cfg.num_hidden_layers + 1) << name;
+    EXPECT_LE(r.below * 100, r.pairs) << name;
+    EXPECT_GE(r.worst, 0.99) << name << ": " << r.where;
 }
 
-// The whole model in official numerics on the GPU against DeepSeek's own code (official-tiny-mxfp4),
-// with the bar of the CPU's test (tests/ref/numerics_test.cpp, OfficialNumerics.AgreesWithTheOfficialCode:
-// the official code agrees with itself across schedules only to cosine 0.9906 / top-1 0.789, so a
-// second implementation is asked for cosine >= 0.98 and top-1 >= 0.65): the full pass, the decode
-// schedule of the golden (prefill 100) and the MTP block. Also printed: the CPU's official numerics
-// against the same, and the GPU's official against its exact numerics (which must differ).
 INSTANTIATE_TEST_SUITE_P(Golden, GpuOfficialNumerics,
                          ::testing::Values("official-tiny-mxfp4", "tiny-flash-nvfp4", "tiny-flash-mxfp4"),
                          [](const ::testing::TestParamInfo<std::string>& i) {
@@ -1277,6 +1305,12 @@ INSTANTIATE_TEST_SUITE_P(Golden, GpuOfficialNumerics,
                              return n;
                          });
 
+// The whole model in official numerics on the GPU against DeepSeek's own code (official-tiny-mxfp4),
+// with the bar of the CPU's test (tests/ref/numerics_test.cpp, OfficialNumerics.AgreesWithTheOfficialCode:
+// the official code agrees with itself across schedules only to cosine 0.9906 / top-1 0.789, so a
+// second implementation is asked for cosine >= 0.98 and top-1 >= 0.65): the full pass, the decode
+// schedule of the golden (prefill 100) and the MTP block. Also printed: the CPU's official numerics
+// against the same, and the GPU's official against its exact numerics (which must differ).
 TEST(GpuOfficialCode, AgreesWithTheOfficialCode) {
     if (!cuda::gpu_available()) GTEST_SKIP() << "no GPU";
     const std::string name = "official-tiny-mxfp4";
