@@ -352,6 +352,13 @@ struct Runner::Impl {
         cuda::hc_pre_finish(ws.part, splits, ws.X, T, c.hc_mult, c.hidden_size, base, scale, c.hc_sinkhorn_iters,
                             hc_eps, eps, norm_w, ws.xn, ws.post, ws.comb, stream, nm, official() ? ws.xq : nullptr);
     }
+    // A probe replaced xn: in official numerics the quantized linears read xq, which must follow.
+    void forced_xn(int64_t T) {
+        if (!official()) return;
+        const int64_t D = cfg.hidden_size;
+        check(cudaMemcpyAsync(ws.xq, ws.xn, static_cast<size_t>(T * D) * 2, cudaMemcpyDeviceToDevice, stream), "xq");
+        cuda::fp8_block_round(ws.xq, T, D, D, 128, stream);
+    }
     // One block's sublayers: d its weights, l its layer index (state and trace names; L for the
     // MTP block).
     void attention(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe);
@@ -712,7 +719,7 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
 
         pre_site(splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
         mark("hc");
-        trace(probe, trace_names::attn_in, l, ws.xn, true, false, T, D);
+        if (trace(probe, trace_names::attn_in, l, ws.xn, true, false, T, D)) forced_xn(T);
         attention(d, l, s, probe);
         trace(probe, trace_names::attn_out, l, ws.y, false, false, T, D);
         // hc_post of the attention fused with the mix of the ffn site.
@@ -722,7 +729,7 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
 
         pre_site(splits, T, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
         mark("hc");
-        trace(probe, trace_names::ffn_in, l, ws.xn, true, false, T, D);
+        if (trace(probe, trace_names::ffn_in, l, ws.xn, true, false, T, D)) forced_xn(T);
         moe(d, l, s, probe);
         trace(probe, trace_names::ffn_out, l, ws.y, false, false, T, D);
         // hc_post of the ffn fused with the next site's mix (the next layer's attention, or the head).
