@@ -38,7 +38,7 @@
 #include <cstdint>
 
 #include "cuda/step.h"
-#include "ref/ops.h"   // Numerics (the enum only; nothing of the CPU ops is called)
+#include "core/numerics.h"
 
 struct CUstream_st;
 

@@ -26,7 +26,7 @@
 #include "cuda/linear.h"
 #include "cuda/moe_dispatch.h"
 #include "io/weights.h"
-#include "ref/ops.h"   // Numerics (the enum only)
+#include "core/numerics.h"
 
 struct CUstream_st;
 

@@ -465,17 +465,8 @@ __global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs
             if (a.xq != nullptr) {
                 // round_gemm_input fused: with D % 128 == 0 every lane of the warp is here, and the
                 // warp's 32 vectors v = 32·warp + 256·i + lane are one aligned 128-block of the row.
-                float b[4], amax = 0.0f;
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    b[e] = nm::bf16_round(o[e]);
-                    amax = fmaxf(amax, fabsf(b[e]));
-                }
-#pragma unroll
-                for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
-                const float sc = nm::fp8_scale(amax);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) b[e] = nm::fp8_qdq(b[e], sc);
+                float b[4] = {o[0], o[1], o[2], o[3]};
+                nm::fp8_round_warp_block4(b);
                 *reinterpret_cast<uint2*>(a.xq + t * D + v * 4) =
                     make_uint2(rk::pack_bf16x2(b[0], b[1]), rk::pack_bf16x2(b[2], b[3]));
             }

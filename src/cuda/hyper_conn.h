@@ -24,7 +24,7 @@
 
 #include <cstdint>
 
-#include "ref/ops.h"   // Numerics (the enum only; nothing of the CPU ops is called)
+#include "core/numerics.h"
 
 struct CUstream_st;
 

@@ -108,4 +108,21 @@ __device__ __forceinline__ void indexer_qk_warp(float (&v)[E], int lane, int hd,
     for (int j = 0; j < E; ++j) v[j] = fp4_qdq(v[j], s);
 }
 
+// round_gemm_input of one 128-block held by a whole warp, 4 consecutive values per lane (lane i:
+// elements 4i .. 4i + 3): v rounded to bf16, then FP8-rounded with the block's scale. Every lane of
+// the warp must call it.
+__device__ __forceinline__ void fp8_round_warp_block4(float (&v)[4]) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        v[e] = bf16_round(v[e]);
+        amax = fmaxf(amax, fabsf(v[e]));
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+    const float s = fp8_scale(amax);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = fp8_qdq(v[e], s);
+}
+
 }  // namespace megamoe::cuda::nm

@@ -124,17 +124,7 @@ rms_norm_kernel(const float* __restrict__ x, int64_t D, const uint16_t* __restri
             }
             reinterpret_cast<uint2*>(yr)[v] = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
             if (yq != nullptr) {   // round_gemm_input of this 128-block (see above)
-                float amax = 0.0f;
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    o[e] = nm::bf16_round(o[e]);
-                    amax = fmaxf(amax, fabsf(o[e]));
-                }
-#pragma unroll
-                for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
-                const float sc = nm::fp8_scale(amax);
-#pragma unroll
-                for (int e = 0; e < 4; ++e) o[e] = nm::fp8_qdq(o[e], sc);
+                nm::fp8_round_warp_block4(o);
                 reinterpret_cast<uint2*>(yq + r * D)[v] = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
             }
         } else {

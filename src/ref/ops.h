@@ -11,15 +11,12 @@
 #include <string>
 #include <vector>
 
+#include "core/numerics.h"
 #include "io/config.h"
 #include "io/weights.h"
 
 namespace megamoe {
 
-// How activations are rounded: exact = f32 on the weights the checkpoint encodes (the CPU
-// specification, matched by the goldens); official = what DeepSeek's inference code computes
-// (bf16 activations, FP8 GEMM inputs, FP8 KV latent, Hadamard + FP4 indexer q/k; §2.3-2.5).
-enum class Numerics : uint8_t { exact, official };
 const char* numerics_name(Numerics nm);            // "exact" | "official"
 Numerics parse_numerics(const std::string& name);  // throws Error naming the value
 
