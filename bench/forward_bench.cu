@@ -153,7 +153,7 @@ int main(int argc, char** argv) {
         Weights shapes;
         visit_weights(cfg, shapes, wb, false);
         const double L = static_cast<double>(cfg.num_hidden_layers), E = static_cast<double>(cfg.n_routed_experts);
-        const double k = static_cast<double>(cfg.num_experts_per_tok), hd = static_cast<double>(cfg.head_dim);
+        const double k = static_cast<double>(cfg.num_experts_per_tok);
         int64_t n_csa = 0, n_hca = 0;
         for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
             n_csa += cfg.attn_kind(l) == AttnKind::csa;
@@ -193,11 +193,12 @@ int main(int argc, char** argv) {
                 // + the head + per token its keys (window + top-k or all HCA rows + indexer keys).
                 const double hit = E * (1.0 - std::pow(1.0 - k / E, static_cast<double>(B)));
                 const double c = static_cast<double>(ctx);
+                const double kv_row = static_cast<double>(run.plan().kv_row_bytes);   // bf16, or fp8 (official)
                 const double kv_tok =
-                    L * static_cast<double>(cfg.sliding_window) * hd * 2 +
-                    static_cast<double>(n_csa) * (std::min<double>(static_cast<double>(cfg.index_topk), c / 4) * hd * 2 +
+                    L * static_cast<double>(cfg.sliding_window) * kv_row +
+                    static_cast<double>(n_csa) * (std::min<double>(static_cast<double>(cfg.index_topk), c / 4) * kv_row +
                                                   c / 4 * static_cast<double>(cfg.index_head_dim) * 2) +
-                    static_cast<double>(n_hca) * (c / static_cast<double>(hca_ratio)) * hd * 2;
+                    static_cast<double>(n_hca) * (c / static_cast<double>(hca_ratio)) * kv_row;
                 const double bytes = wb.dense + L * hit * wb.expert + wb.head + static_cast<double>(B) * kv_tok;
                 Row r;
                 r.what = str("decode B=", B, " ctx=", ctx);

@@ -55,6 +55,7 @@
 
 #include "core/common.h"
 #include "cuda/attention_keys.h"
+#include "cuda/kv_row.h"
 #include "cuda/device.cuh"
 #include "cuda/linear.h"
 #include "cuda/numerics.cuh"
@@ -204,25 +205,76 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
         for (int i = tid; i < a.topk_k; i += kAttnThreads) topk_s[i] = a.topk[static_cast<int64_t>(t) * a.topk_k + i];
     __syncthreads();
 
-    // Key addresses of local tile lt (nullptr: no row). Threads 0..63, one key each.
+    // Key addresses of local tile lt (nullptr: no row). Threads 0..63, one key each. An fp8 row
+    // (a.kv_fp8 and a stored row) is tagged by bit 0 of its address (rows are 16-byte aligned).
     auto fill_ptrs = [&](int lt) {
         if (tid < kTileKeys) {
             const uint16_t* p = nullptr;
             if (lt < my_tiles) {
                 const int32_t j = (tile_begin + lt) * kTileKeys + tid;
-                if (j < n_keys) p = key_row(a, qk, j, csa ? topk_s : nullptr);
+                bool stored = false;
+                if (j < n_keys) p = key_row(a, qk, j, csa ? topk_s : nullptr, &stored);
+                if (p && stored && a.kv_fp8)
+                    p = reinterpret_cast<const uint16_t*>(reinterpret_cast<uintptr_t>(p) | uintptr_t{1});
             }
             ptr_s[(lt % kPtrBufs) * kTileKeys + tid] = p;
         }
     };
     // Gathers local tile lt into its stage (chunk-major over threads: a row's chunks are adjacent).
+    // An fp8 row's raw bytes go unswizzled to the start of its row; decode_tile expands them.
+    const KvRow fmt{D, a.rope.rope_dim, true};
+    const int raw_chunks = a.kv_fp8 ? fmt.bytes() / 16 : 0;
     auto load_tile = [&](int lt) {
         const uint16_t* const* ptrs = ptr_s + (lt % kPtrBufs) * kTileKeys;
         uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
         for (int i = tid; i < kTileKeys * L::kChunks; i += kAttnThreads) {
             const int r = i / L::kChunks, c = i % L::kChunks;
-            const uint16_t* src = ptrs[r];
-            cp_async16(smem_addr(stage + swz(r, c, L::kRowBytes)), src ? src + c * 8 : a.q, src != nullptr);
+            const uintptr_t u = reinterpret_cast<uintptr_t>(ptrs[r]);
+            if (u & 1u) {
+                if (c < raw_chunks)
+                    cp_async16(smem_addr(stage + r * L::kRowBytes + c * 16), reinterpret_cast<const uint8_t*>(u - 1u) + c * 16,
+                               true);
+            } else {
+                const uint16_t* src = ptrs[r];
+                cp_async16(smem_addr(stage + swz(r, c, L::kRowBytes)), src ? src + c * 8 : a.q, src != nullptr);
+            }
+        }
+    };
+    // Expands the fp8 rows of the landed tile lt in place into swizzled bf16 rows (kv_row.h:
+    // e4m3 · 2^(e − 127), exact in bf16). Warp w takes rows 8w .. 8w + 7; its lanes read all of a
+    // row's raw bytes before any writes it.
+    auto decode_tile = [&](int lt) {
+        const uint16_t* const* ptrs = ptr_s + (lt % kPtrBufs) * kTileKeys;
+        uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
+        constexpr int kPer = (L::kChunks + 31) / 32;
+        for (int rr = 0; rr < kTileKeys / kAttnWarps; ++rr) {
+            const int r = warp * (kTileKeys / kAttnWarps) + rr;
+            if (!(reinterpret_cast<uintptr_t>(ptrs[r]) & 1u)) continue;   // warp-uniform
+            uint8_t* const row = stage + r * L::kRowBytes;
+            uint4 v[kPer];
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {
+                const int c = lane + 32 * i, d0 = 8 * c;   // bf16 chunk c: dims d0 .. d0 + 7
+                if (c >= L::kChunks) break;
+                if (d0 < fmt.nope()) {
+                    const uint2 q = *reinterpret_cast<const uint2*>(row + d0);
+                    const float sc = __uint_as_float(static_cast<uint32_t>(row[fmt.scale_offset() + d0 / KvRow::kBlock]) << 23);
+                    v[i].x = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.x & 0xFFFFu), sc);
+                    v[i].y = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.x >> 16), sc);
+                    v[i].z = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.y & 0xFFFFu), sc);
+                    v[i].w = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.y >> 16), sc);
+                } else {
+                    v[i] = *reinterpret_cast<const uint4*>(row + fmt.rope_offset() + 2 * (d0 - fmt.nope()));
+                }
+            }
+            __syncwarp();
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {
+                const int c = lane + 32 * i;
+                if (c >= L::kChunks) break;
+                *reinterpret_cast<uint4*>(stage + swz(r, c, L::kRowBytes)) = v[i];
+            }
+            __syncwarp();
         }
     };
 
@@ -260,6 +312,10 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
             if (nl < my_tiles) load_tile(nl);
             cp_async_commit();
             fill_ptrs(lt + kStages);    // its buffer last held tile lt − 1's table
+        }
+        if (a.kv_fp8) {
+            decode_tile(lt);
+            __syncthreads();
         }
         const uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
         const uint16_t* const* ptrs = ptr_s + (lt % kPtrBufs) * kTileKeys;
@@ -802,9 +858,11 @@ void check_paged(const PagedRows& r, const char* op, const char* name) {
                   op, ": ", name, " paged rows (pool ", r.pool, ", table ", r.block_table, ", max_blocks ",
                   r.max_blocks, ", block_tokens ", r.block_tokens, ", ratio ", r.ratio, ")");
     MEGAMOE_CHECK(aligned16(r.pool) && r.block_bytes % 16 == 0 && r.layer_offset % 16 == 0 && r.layer_offset >= 0 &&
-                      r.block_bytes >= r.layer_offset + static_cast<int64_t>(r.rows_per_block()) * r.dim * 2,
+                          r.stride() % 16 == 0 &&
+                      r.block_bytes >= r.layer_offset + static_cast<int64_t>(r.rows_per_block()) * r.stride(),
                   op, ": ", name, " paged rows: pool, block_bytes (", r.block_bytes, ") and layer_offset (",
-                  r.layer_offset, ") must be 16-byte aligned and hold ", r.rows_per_block(), " rows of ", r.dim);
+                  r.layer_offset, ") and rows (", r.stride(), " bytes) must be 16-byte aligned and hold ",
+                  r.rows_per_block(), " rows of ", r.dim);
 }
 
 template <int D> void launch_attention(const AttentionArgs& a, const BatchView& b, cudaStream_t stream) {
@@ -871,10 +929,17 @@ void sparse_attention(const AttentionArgs& a, const BatchView& b, CUstream_st* s
                       (a.rope.rope_dim == 0 || a.rope.inv_freq),
                   "sparse_attention: rope_dim ", a.rope.rope_dim, " (even, ≤ head_dim ", a.head_dim, ", with a table)");
     MEGAMOE_CHECK(a.comp.ratio >= 0, "sparse_attention: comp.ratio = ", a.comp.ratio);
+    if (a.kv_fp8)
+        MEGAMOE_CHECK(KvRow::fp8_fits(a.head_dim, a.rope.rope_dim), "sparse_attention: fp8 KV rows of head_dim ",
+                      a.head_dim, " with rope_dim ", a.rope.rope_dim,
+                      " (needs head_dim - rope_dim a multiple of 16, rope_dim of 8)");
     if (a.comp.ratio > 0) {
         MEGAMOE_CHECK(a.comp.dim == a.head_dim, "sparse_attention: compressed rows of ", a.comp.dim,
                       " elements, head_dim ", a.head_dim);
         check_paged(a.comp, "sparse_attention", "comp");
+        const KvRow f{a.head_dim, a.rope.rope_dim, a.kv_fp8};
+        MEGAMOE_CHECK(a.comp.stride() == f.bytes(), "sparse_attention: compressed rows of ", a.comp.stride(),
+                      " bytes, a ", a.kv_fp8 ? "fp8" : "bf16", " KV row is ", f.bytes());
         if (a.topk)
             MEGAMOE_CHECK(a.topk_k > 0 && a.topk_k <= kMaxTopk, "sparse_attention: topk_k = ", a.topk_k, " (1 .. ",
                           kMaxTopk, ")");

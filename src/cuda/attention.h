@@ -27,8 +27,10 @@ struct AttentionArgs {
     int32_t         window = 0;              // W keys per query, the query included
     const uint16_t* q = nullptr;             // [T, H, hd] bf16, normalized and rotated
     const uint16_t* kv = nullptr;            // [T, hd] bf16 this step's latents, normalized and rotated
-    SlotArray       ring;                    // bf16 [W, hd] per slot (window_write's layout)
+    SlotArray       ring;                    // [W] KvRow rows per slot (window_write's layout)
     PagedRows       comp;                    // compressed rows (comp.ratio = 0: none)
+    bool            kv_fp8 = false;          // ring and comp rows are KvRow{hd, rope.rope_dim, fp8}
+                                             //   rows (cuda/kv_row.h; comp.row_bytes its bytes); kv is bf16
     const int32_t*  topk = nullptr;          // [T, topk_k] ascending rows, −1 = none (CSA); null: all
     int32_t         topk_k = 0;              //   visible rows (HCA)
     const float*    sink = nullptr;          // [H] f32, a raw logit per head
@@ -41,6 +43,8 @@ struct AttentionArgs {
 // out[t, h] = Σ_j softmax([q·k_j·scale ..., sink_h])_j · k_j (sink column dropped), keys as above,
 // then the inverse rotation of its rope dims.      twin: ops::attend_one, then ops::rope(inverse)
 // bf16 products, f32 accumulation; the softmax weights are rounded to bf16 before the P·V product.
+// kv_fp8: stored rows are decoded to bf16 (e4m3 · scale, exact) in shared memory, so the result is
+// that of bf16 storage holding the decoded values, bit for bit.
 void sparse_attention(const AttentionArgs& a, const BatchView& b, CUstream_st* stream);
 
 // The lightning indexer of a CSA layer.

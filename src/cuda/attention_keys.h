@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "cuda/attention.h"
+#include "cuda/kv_row.h"
 #include "cuda/step.h"
 
 namespace megamoe::cuda {
@@ -40,14 +41,23 @@ MEGAMOE_HD QueryKeys query_keys(const AttentionArgs& a, const BatchView& b, int3
     return k;
 }
 
-// Row (hd bf16) of key j, 0 ≤ j < k.n_keys(), or nullptr for a compressed slot that holds no row
-// (a −1 top-k entry; entries outside [0, n_vis) are treated the same, so a bad index reads nothing).
+// Row of key j, 0 ≤ j < k.n_keys(), or nullptr for a compressed slot that holds no row (a −1
+// top-k entry; entries outside [0, n_vis) are treated the same, so a bad index reads nothing).
 // topk_row: the token's top-k row [topk_k] (CSA) or nullptr (HCA: slot i is row i).
-MEGAMOE_HD const uint16_t* key_row(const AttentionArgs& a, const QueryKeys& k, int32_t j, const int32_t* topk_row) {
+// *stored (when given): whether the row is in the state (ring or compressed rows: a KvRow row,
+// fp8 when a.kv_fp8) rather than this step's kv (hd bf16).
+MEGAMOE_HD const uint16_t* key_row(const AttentionArgs& a, const QueryKeys& k, int32_t j, const int32_t* topk_row,
+                                   bool* stored = nullptr) {
+    if (stored) *stored = true;
     if (j < k.n_window) {
         const int32_t q = k.lo + j;
-        if (q >= k.p0) return a.kv + static_cast<int64_t>(k.t0 + (q - k.p0)) * a.head_dim;
-        return a.ring.at<const uint16_t>(k.slot) + static_cast<int64_t>(q % a.window) * a.head_dim;
+        if (q >= k.p0) {
+            if (stored) *stored = false;
+            return a.kv + static_cast<int64_t>(k.t0 + (q - k.p0)) * a.head_dim;
+        }
+        const KvRow f{a.head_dim, a.rope.rope_dim, a.kv_fp8};
+        return reinterpret_cast<const uint16_t*>(a.ring.at<const uint8_t>(k.slot) +
+                                                 static_cast<int64_t>(q % a.window) * f.bytes());
     }
     const int32_t i = j - k.n_window;
     const int32_t w = topk_row ? topk_row[i] : i;

@@ -57,6 +57,7 @@
 // All three kernels are launched with programmatic dependent launch and start with
 // griddepcontrol.wait, so they touch memory only after the previous kernel of the stream ended.
 #include "cuda/compressor.h"
+#include "cuda/kv_row.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -117,9 +118,14 @@ __device__ __forceinline__ void emit_indexer_row(const float* row, int d, uint16
     }
 }
 
-__device__ __forceinline__ void emit_kv_latent_row(const float* row, int d, int q_end, __nv_bfloat162* out) {
+// The KV latent's FP8 rounding of row[d] (features [0, q_end) in 64-blocks), stored as bf16 pairs
+// at out, or (fp8 != nullptr) as a kv_row.h fp8 row: the codes, the rope features bf16 at byte
+// q_end, the blocks' scale bytes at q_end + 2·(d − q_end).
+__device__ __forceinline__ void emit_kv_latent_row(const float* row, int d, int q_end, __nv_bfloat162* out,
+                                                   uint8_t* fp8) {
     const int lane = static_cast<int>(threadIdx.x) & 31, warp = static_cast<int>(threadIdx.x) >> 5;
     const int warps = static_cast<int>(blockDim.x) >> 5;
+    const int scale_off = q_end + 2 * (d - q_end);
     for (int c = warp; c * 64 < d; c += warps) {   // 64-feature block c, one pair per lane
         const int f = c * 64 + 2 * lane;
         const bool live = f < d, quant = f < q_end;   // q_end even: a pair is in or out whole
@@ -127,12 +133,26 @@ __device__ __forceinline__ void emit_kv_latent_row(const float* row, int d, int 
         float amax = quant ? fmaxf(fabsf(v0), fabsf(v1)) : 0.0f;
 #pragma unroll
         for (int o = 16; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const float s = nm::fp8_scale(amax);
+        if (fp8) {
+            if (quant) {
+                const uint16_t codes = static_cast<uint16_t>(nm::e4m3_code(v0, s) | (nm::e4m3_code(v1, s) << 8));
+                *reinterpret_cast<uint16_t*>(fp8 + f) = codes;
+            } else if (live) {
+                *reinterpret_cast<__nv_bfloat162*>(fp8 + q_end + 2 * (f - q_end)) = __floats2bfloat162_rn(v0, v1);
+            }
+            if (lane == 0 && c * 64 < q_end) fp8[scale_off + c] = nm::scale_byte(s);
+            continue;
+        }
         if (quant) {
-            const float s = nm::fp8_scale(amax);
             v0 = nm::fp8_qdq(v0, s);
             v1 = nm::fp8_qdq(v1, s);
         }
         if (live) out[f / 2] = __floats2bfloat162_rn(v0, v1);
+    }
+    if (fp8 && threadIdx.x < KvRow::kScaleBytes) {   // the unused scale bytes
+        const int i = static_cast<int>(threadIdx.x);
+        if (i * 64 >= q_end) fp8[scale_off + i] = 0;
     }
 }
 
@@ -287,7 +307,7 @@ __global__ void __launch_bounds__(kEmitMaxThreads) compressor_emit_kernel(Compre
     if constexpr (official) {   // the row's last rounding, once all of it is in shared memory
         __syncthreads();
         if (!a.indexer_keys) {
-            emit_kv_latent_row(row, d, off, out);
+            emit_kv_latent_row(row, d, off, out, a.kv_fp8 ? reinterpret_cast<uint8_t*>(out) : nullptr);
         } else if (warp == 0) {
             uint16_t* o16 = reinterpret_cast<uint16_t*>(out);
             if (d == 128) emit_indexer_row<4>(row, d, o16);
@@ -360,6 +380,39 @@ __global__ void __launch_bounds__(kWindowThreads) window_write_kernel(const V* k
     for (int64_t k = lane; k < row_vecs; k += 32) dst[k] = src[k];
 }
 
+// The same rows as window_write_kernel, stored as kv_row.h fp8 rows (one warp per token): the
+// encoding of fp8_block_qdq's rule, which leaves a row round_kv_latent already rounded unchanged.
+__global__ void __launch_bounds__(kWindowThreads) window_write_fp8_kernel(const uint16_t* kv, KvRow f, int64_t W,
+                                                                        SlotArray window, BatchView b) {
+    pdl_begin();
+    const int lane = static_cast<int>(threadIdx.x) & 31;
+    const int64_t t = static_cast<int64_t>(blockIdx.x) * kWindowWarps + (threadIdx.x >> 5);
+    if (t >= b.T) return;
+    const int32_t c = b.chunk[t];
+    const int64_t i = t - b.chunk_first[c];
+    if (b.chunk_len[c] - i > W) return;
+    const int64_t p = b.pos[t];
+    uint8_t* dst = window.at<uint8_t>(b.slot[t]) + (p % W) * f.bytes();
+    const uint16_t* src = kv + t * f.hd;
+    const int nope = f.nope();
+    for (int blk = 0; blk < f.blocks(); ++blk) {   // one pair of the 64-block per lane
+        const int e = blk * KvRow::kBlock + 2 * lane;
+        const bool live = e < nope;   // nope is a multiple of 16: pairs are whole
+        const __nv_bfloat162 pr = live ? *reinterpret_cast<const __nv_bfloat162*>(src + e) : __floats2bfloat162_rn(0.0f, 0.0f);
+        const float v0 = __low2float(pr), v1 = __high2float(pr);
+        float amax = fmaxf(fabsf(v0), fabsf(v1));
+#pragma unroll
+        for (int o = 16; o >= 1; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const float s = nm::fp8_scale(amax);
+        if (live) *reinterpret_cast<uint16_t*>(dst + e) = static_cast<uint16_t>(nm::e4m3_code(v0, s) | (nm::e4m3_code(v1, s) << 8));
+        if (lane == 0) dst[f.scale_offset() + blk] = nm::scale_byte(s);
+    }
+    if (lane < KvRow::kScaleBytes && lane >= f.blocks()) dst[f.scale_offset() + lane] = 0;
+    const uint32_t* rope_src = reinterpret_cast<const uint32_t*>(src + nope);
+    uint32_t* rope_dst = reinterpret_cast<uint32_t*>(dst + f.rope_offset());
+    for (int k = lane; k < f.rope / 2; k += 32) rope_dst[k] = rope_src[k];
+}
+
 bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
 
 void check_args(const CompressorArgs& a, const BatchView& b, const char* what) {
@@ -395,6 +448,17 @@ void compressor_emit(const CompressorArgs& a, const BatchView& b, CUstream_st* s
                   "compressor_emit: null pointer");
     MEGAMOE_CHECK(a.rows.dim == a.dim && a.rows.ratio == a.ratio, "compressor_emit: rows are ", a.rows.dim,
                   " wide at ratio ", a.rows.ratio, ", the compressor's ", a.dim, " at ratio ", a.ratio);
+    if (a.kv_fp8) {
+        const KvRow f{a.dim, a.rope.rope_dim, true};
+        MEGAMOE_CHECK(a.numerics == Numerics::official && !a.indexer_keys && KvRow::fp8_fits(a.dim, a.rope.rope_dim),
+                      "compressor_emit: fp8 rows are the attention compressor's under official numerics, with dim − "
+                      "rope_dim a multiple of 16 and rope_dim of 8 (dim ", a.dim, ", rope_dim ", a.rope.rope_dim, ")");
+        MEGAMOE_CHECK(a.rows.stride() == f.bytes(), "compressor_emit: rows of ", a.rows.stride(), " bytes, an fp8 row is ",
+                      f.bytes());
+    } else {
+        MEGAMOE_CHECK(a.rows.stride() == 2 * static_cast<int64_t>(a.dim), "compressor_emit: rows of ", a.rows.stride(),
+                      " bytes, a bf16 row is ", 2 * a.dim);
+    }
     MEGAMOE_CHECK(a.rows.block_tokens > 0 && a.rows.block_tokens % a.ratio == 0 && a.rows.max_blocks > 0,
                   "compressor_emit: block_tokens ", a.rows.block_tokens, " is not a positive multiple of ratio ",
                   a.ratio);
@@ -424,15 +488,27 @@ void compressor_save(const CompressorArgs& a, const BatchView& b, CUstream_st* s
 }
 
 void window_write(const uint16_t* kv, int64_t hd, int64_t W, const SlotArray& window, const BatchView& b,
-                  CUstream_st* stream) {
+                  CUstream_st* stream, const KvRow& fmt) {
     MEGAMOE_CHECK(hd > 0 && W > 0, "window_write: hd ", hd, ", W ", W);
     MEGAMOE_CHECK(b.T >= 0, "window_write: T ", b.T);
     if (b.T == 0) return;
     MEGAMOE_CHECK(kv && window.base && b.pos && b.slot && b.chunk && b.chunk_first && b.chunk_len,
                   "window_write: null pointer");
-    MEGAMOE_CHECK(window.slot_stride >= W * hd * 2, "window_write: slot stride ", window.slot_stride, " < ",
-                  W * hd * 2, " bytes of ring");
+    if (fmt.fp8)
+        MEGAMOE_CHECK(fmt.hd == hd && KvRow::fp8_fits(fmt.hd, fmt.rope), "window_write: fp8 rows of ", fmt.hd,
+                      " values with ", fmt.rope, " rope dims for kv rows of ", hd,
+                      " (needs hd − rope a multiple of 16, rope of 8)");
+    const int64_t row_bytes = fmt.fp8 ? fmt.bytes() : hd * 2;
+    MEGAMOE_CHECK(window.slot_stride >= W * row_bytes, "window_write: slot stride ", window.slot_stride, " < ",
+                  W * row_bytes, " bytes of ring");
     const dim3 grid(static_cast<unsigned>((static_cast<int64_t>(b.T) + kWindowWarps - 1) / kWindowWarps));
+    if (fmt.fp8) {
+        MEGAMOE_CHECK(aligned(kv, 4) && aligned(window.base, 4) && window.slot_stride % 4 == 0,
+                      "window_write: kv and the ring must be 4-byte aligned");
+        CUDA_CHECK(dev::launch_pdl(window_write_fp8_kernel, grid, dim3(kWindowThreads), 0, as_stream(stream), kv, fmt,
+                                   W, window, b));
+        return;
+    }
     const bool vec = hd % 8 == 0 && aligned(kv, 16) && aligned(window.base, 16) && window.slot_stride % 16 == 0;
     if (vec)
         CUDA_CHECK(dev::launch_pdl(window_write_kernel<uint4>, grid, dim3(kWindowThreads), 0, as_stream(stream),

@@ -37,6 +37,7 @@
 
 #include <cstdint>
 
+#include "cuda/kv_row.h"
 #include "cuda/step.h"
 #include "core/numerics.h"
 
@@ -64,6 +65,8 @@ struct CompressorArgs {
     Numerics     numerics = Numerics::exact; // official: the emitted rows' roundings (compressor_emit)
     bool         indexer_keys = false;       // the indexer's compressor (official: Hadamard + FP4
                                              // rows; else the attention's: FP8 KV latent rows)
+    bool         kv_fp8 = false;             // official, the attention's: rows stored as kv_row.h fp8
+                                             // rows (rows.row_bytes = KvRow{dim, rope_dim, true}.bytes())
 };
 
 // For every token t whose position closes a window ((pos + 1) mod r == 0): pools row
@@ -73,7 +76,8 @@ struct CompressorArgs {
 // Numerics::official (compressor_feed with nm = official): the pooled row is rounded to bf16
 // before the norm (whose f64 sum of squares then has the twin's bits), after it and after the
 // rotation; then indexer_keys: ops::round_indexer_qk of the row (d a power of two ≤ 128), else
-// ops::round_kv_latent (FP8 e4m3 in 64-blocks over features [0, d − rope_dim)). Stored bf16.
+// ops::round_kv_latent (FP8 e4m3 in 64-blocks over features [0, d − rope_dim)). Stored bf16, or
+// with kv_fp8 as its fp8 row (kv_row.h: the same values).
 void compressor_emit(const CompressorArgs& a, const BatchView& b, CUstream_st* stream);
 
 // For every chunk: writes prev (overlap: series A of each of the last two windows closed by this
@@ -81,10 +85,12 @@ void compressor_emit(const CompressorArgs& a, const BatchView& b, CUstream_st* s
 // (the window left open at the chunk's end, else the last window it closed).
 void compressor_save(const CompressorArgs& a, const BatchView& b, CUstream_st* stream);
 
-// The sliding-window ring: window bf16 records [W, hd] per slot; position p lives in row p mod W.
-// For every chunk, copies its last min(W, n) rows of kv bf16 [T, hd] into the ring. Run after the
-// layer's attention (which reads the older rows the copy may overwrite).
+// The sliding-window ring: records [W] rows of `fmt` per slot (bf16 [W, hd] by default); position
+// p lives in row p mod W. For every chunk, copies its last min(W, n) rows of kv bf16 [T, hd] into
+// the ring: as they are, or (fmt.fp8, fmt.hd = hd) encoded as kv_row.h fp8 rows, exact for rows
+// round_kv_latent rounded (twin: kv_row_encode). Run after the layer's attention (which reads the
+// older rows the copy may overwrite).
 void window_write(const uint16_t* kv, int64_t hd, int64_t W, const SlotArray& window, const BatchView& b,
-                  CUstream_st* stream);
+                  CUstream_st* stream, const KvRow& fmt = KvRow{});
 
 }  // namespace megamoe::cuda

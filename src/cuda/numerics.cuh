@@ -41,6 +41,23 @@ __device__ __forceinline__ float e4m3_round(float v) {
     return __half2float(__half(__nv_cvt_fp8_to_halfraw(q, __NV_E4M3)));
 }
 
+// The e4m3 code of x at scale s (fp8_qdq's code; the KV rows' fp8 storage, cuda/kv_row.h).
+__device__ __forceinline__ uint8_t e4m3_code(float x, float s) {
+    return static_cast<uint8_t>(__nv_cvt_float_to_fp8(fminf(fmaxf(x / s, -448.0f), 448.0f), __NV_SATFINITE, __NV_E4M3));
+}
+
+// Two e4m3 codes (low byte first) times a power of two s, as a packed bf16 pair (low half first):
+// exact (an e4m3 times 2^k is a bf16 while it stays normal in f32; s ≥ 2^-22 for the KV rows).
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint16_t codes, float s) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(codes), __NV_E4M3);
+    const float2 f = __half22float2(__half2(h));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * s, f.y * s);
+    return *reinterpret_cast<const uint32_t*>(&b);
+}
+
+// The E8M0 byte of a power-of-two scale s (its biased exponent).
+__device__ __forceinline__ uint8_t scale_byte(float s) { return static_cast<uint8_t>(__float_as_uint(s) >> 23); }
+
 __device__ __forceinline__ float fp8_qdq(float x, float s) {
     const float v = fminf(fmaxf(x / s, -448.0f), 448.0f);
     return bf16_round(e4m3_round(v) * s);

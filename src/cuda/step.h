@@ -42,10 +42,11 @@ struct SlotArray {
     }
 };
 
-// The compressed rows (bf16, `dim` wide) of one layer, paged. Row w of the sequence in `slot`
-// covers positions [w·ratio, (w+1)·ratio); it lives in the block that holds position w·ratio:
+// The compressed rows (`dim` values, bf16 or kv_row.h's fp8 rows) of one layer, paged. Row w of
+// the sequence in `slot` covers positions [w·ratio, (w+1)·ratio); it lives in the block that
+// holds position w·ratio:
 //   block = block_table[slot · max_blocks + (w · ratio) / block_tokens]
-//   addr  = pool + block · block_bytes + layer_offset + (w mod rows_per_block) · dim · 2
+//   addr  = pool + block · block_bytes + layer_offset + (w mod rows_per_block) · stride()
 // All offsets are 64-bit: pool sizes pass 2^31 bytes (an int32 block·stride overflow corrupted a
 // paged indexer in another engine at long context).
 struct PagedRows {
@@ -56,14 +57,16 @@ struct PagedRows {
     int32_t        max_blocks = 0;           // block-table row length
     int32_t        block_tokens = 0;         // positions per block (a multiple of ratio)
     int32_t        ratio = 0;                // positions per row (4 or 128 in the releases)
-    int32_t        dim = 0;                  // bf16 elements per row
+    int32_t        dim = 0;                  // values per row
+    int32_t        row_bytes = 0;            // bytes per row; 0: dim · 2 (bf16)
 
     MEGAMOE_HD int32_t rows_per_block() const { return block_tokens / ratio; }
+    MEGAMOE_HD int64_t stride() const { return row_bytes ? row_bytes : static_cast<int64_t>(dim) * 2; }
     template <typename T> MEGAMOE_HD T* row(int32_t slot, int64_t w) const {
         const int64_t p = w * ratio;
         const int64_t block = block_table[static_cast<int64_t>(slot) * max_blocks + p / block_tokens];
         return reinterpret_cast<T*>(static_cast<char*>(pool) + block * block_bytes + layer_offset +
-                                    (w % rows_per_block()) * static_cast<int64_t>(dim) * 2);
+                                    (w % rows_per_block()) * stride());
     }
 };
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <iomanip>
 #include <map>
 #include <ostream>
 #include <sstream>
@@ -66,6 +67,15 @@ std::string MemoryPlan::describe() const {
        << " per sequence\n"
        << "  prefix     " << mib(snapshots) << " = " << snapshot_count
        << " snapshot records (prefix caching; their rows stay in the pool's blocks)\n";
+    os << "  KV rows    " << (kv_fp8 ? "fp8 (e4m3 latent, bf16 rope dims), " : "bf16, ") << kv_row_bytes << " bytes";
+    if (kv_fp8) os << " (bf16 rows: " << kv_row_bytes_bf16 << ")";
+    if (fit_tokens > 0) {
+        os << "; the memory left holds " << fit_tokens << " positions of compressed state";
+        if (kv_fp8 && fit_tokens_bf16 > 0)
+            os << ", " << fit_tokens_bf16 << " with bf16 rows (x" << std::fixed << std::setprecision(2)
+               << static_cast<double>(fit_tokens) / static_cast<double>(fit_tokens_bf16) << ")";
+    }
+    os << "\n";
     return os.str();
 }
 
@@ -460,9 +470,12 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
         check(cudaDeviceSynchronize(), "iota");   // pageable copies may still be in flight
     }
 
-    // The state pool from what is left.
-    const StateLayout layout = StateLayout::make(c, opt.block_tokens, dm->mtp.has_value());
-    plan.slots = static_cast<size_t>((opt.max_seqs + 1 + (opt.rollback ? opt.max_seqs : 0)) * layout.slot_bytes);
+    // The state pool from what is left. Official numerics store the KV rows in FP8 (the official
+    // code's KV cache; cuda/kv_row.h) where the head's shape allows it.
+    const bool kv_fp8 = official() && cuda::KvRow::fp8_fits(c.head_dim, c.qk_rope_head_dim);
+    const StateLayout layout = StateLayout::make(c, opt.block_tokens, dm->mtp.has_value(), kv_fp8);
+    const int64_t slot_records = opt.max_seqs + 1 + (opt.rollback ? opt.max_seqs : 0);
+    plan.slots = static_cast<size_t>(slot_records * layout.slot_bytes);
     const int64_t n_snaps = opt.prefix_snapshots >= 0 ? opt.prefix_snapshots : opt.max_seqs;
     plan.snapshots = static_cast<size_t>(n_snaps * layout.slot_bytes);
     plan.snapshot_count = n_snaps;
@@ -470,8 +483,20 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     check(cudaMemGetInfo(&free_b, &total_b), "memory info");
     const size_t table_b = static_cast<size_t>((opt.max_seqs + 1) * max_blocks * 4);
     const int64_t slack = 64ll << 20;   // kernels' module data, graphs
-    const int64_t left = static_cast<int64_t>(free_b) - static_cast<int64_t>(reserve_b) -
-                         static_cast<int64_t>(plan.slots + plan.snapshots) - static_cast<int64_t>(table_b) - slack;
+    // Bytes left for blocks after the slot and snapshot records of a layout.
+    auto left_for = [&](const StateLayout& L) {
+        return static_cast<int64_t>(free_b) - static_cast<int64_t>(reserve_b) -
+               (slot_records + n_snaps) * L.slot_bytes - static_cast<int64_t>(table_b) - slack;
+    };
+    const int64_t left = left_for(layout);
+    {   // What the same memory holds with bf16 KV rows (the plan's comparison).
+        const StateLayout bf16 = StateLayout::make(c, opt.block_tokens, dm->mtp.has_value(), false);
+        plan.kv_fp8 = kv_fp8;
+        plan.kv_row_bytes = layout.kv.bytes();
+        plan.kv_row_bytes_bf16 = bf16.kv.bytes();
+        plan.fit_tokens = layout.block_bytes ? std::max<int64_t>(left / layout.block_bytes - 1, 0) * layout.block_tokens : 0;
+        plan.fit_tokens_bf16 = bf16.block_bytes ? std::max<int64_t>(left_for(bf16) / bf16.block_bytes - 1, 0) * bf16.block_tokens : 0;
+    }
     int64_t n_blocks = 0;
     if (layout.block_bytes > 0) {
         // Blocks beyond what max_seqs full sequences use keep prefix-cache snapshots' rows.
@@ -600,6 +625,7 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
         a.rows = rows;
         a.numerics = nm;
         a.indexer_keys = &dc == &d.idx_comp;
+        a.kv_fp8 = !a.indexer_keys && pool->layout().kv.fp8;
         cuda::compressor_emit(a, b, cs);
         cuda::compressor_save(a, b, cs);
     };
@@ -655,8 +681,9 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     aa.scale = 1.0f / std::sqrt(static_cast<float>(hd));
     aa.rope = rope;
     aa.out = ws.o;
+    aa.kv_fp8 = pool->layout().kv.fp8;
     cuda::sparse_attention(aa, b, stream);
-    cuda::window_write(ws.kv, hd, c.sliding_window, pool->ring(l), b, stream);
+    cuda::window_write(ws.kv, hd, c.sliding_window, pool->ring(l), b, stream, pool->layout().kv);
     mark("attn.sparse");
 
     // o (inverse-rotated by the attention kernel) → grouped wo_a → wo_b.

@@ -58,6 +58,11 @@ struct MemoryPlan {
     size_t  snapshots = 0;             // prefix-cache snapshot records (copies of slot records)
     int64_t snapshot_count = 0;
     int64_t max_model_len = 0;
+    bool    kv_fp8 = false;            // KV rows stored in FP8 (official numerics; cuda/kv_row.h)
+    int64_t kv_row_bytes = 0;          // bytes of one KV row (ring and compressed rows)
+    int64_t kv_row_bytes_bf16 = 0;     // ... with bf16 storage
+    int64_t fit_tokens = 0;            // positions of compressed state the memory left would hold
+    int64_t fit_tokens_bf16 = 0;       // ... with bf16 KV rows (the gain of fp8 storage)
     std::string describe() const;      // a few lines for the log
 };
 

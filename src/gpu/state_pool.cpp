@@ -22,11 +22,16 @@ int64_t round_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
 
 }  // namespace
 
-StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool with_mtp) {
+StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool with_mtp, bool kv_fp8) {
     StateLayout L;
     L.W = c.sliding_window;
     L.hd = c.head_dim;
     L.dI = c.index_head_dim;
+    if (kv_fp8 && !cuda::KvRow::fp8_fits(c.head_dim, c.qk_rope_head_dim))
+        fail("state pool: an fp8 KV row needs head_dim - qk_rope_head_dim a multiple of 16 and qk_rope_head_dim of 8 "
+             "(head_dim ", c.head_dim, ", qk_rope_head_dim ", c.qk_rope_head_dim, ")");
+    L.kv = cuda::KvRow{static_cast<int32_t>(c.head_dim), static_cast<int32_t>(c.qk_rope_head_dim), kv_fp8};
+    const int64_t kv_bytes = L.kv.bytes();
     L.block_tokens = block_tokens;
     int64_t slot = 0, block = 0;
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
@@ -35,7 +40,7 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool w
         ly.ratio = kind == AttnKind::sliding ? 0 : static_cast<int32_t>(c.ratio(l));
         ly.csa = kind == AttnKind::csa;
         ly.ring_off = slot;
-        slot += round_up(L.W * L.hd * 2, 256);
+        slot += round_up(L.W * kv_bytes, 256);
         if (kind != AttnKind::sliding) {
             if (block_tokens % ly.ratio)
                 fail("state pool: block of ", block_tokens, " positions is not a multiple of layer ", l, "'s ratio ",
@@ -43,7 +48,7 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool w
             ly.comp_off = slot;
             slot += round_up(cuda::compressor_state_bytes(ly.ratio, L.hd, kind == AttnKind::csa), 256);
             ly.rows_off = block;
-            block += round_up(block_tokens / ly.ratio * L.hd * 2, 256);
+            block += round_up(block_tokens / ly.ratio * kv_bytes, 256);
         }
         if (kind == AttnKind::csa) {
             ly.idx_off = slot;
@@ -57,7 +62,7 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool w
     if (with_mtp) {   // the MTP block: a sliding-window layer
         Layer ly;
         ly.ring_off = slot;
-        slot += round_up(L.W * L.hd * 2, 256);
+        slot += round_up(L.W * kv_bytes, 256);
         L.layers.push_back(ly);
     }
     L.slot_bytes = std::max<int64_t>(slot, 256);
@@ -309,14 +314,18 @@ cuda::PagedRows StatePool::comp_rows(int64_t l, int32_t dim) const {
     r.block_tokens = static_cast<int32_t>(L_.block_tokens);
     r.ratio = ly.ratio;
     r.dim = dim;
+    MEGAMOE_CHECK(dim == L_.kv.hd, "state pool: compressed rows of ", dim, " values, head_dim ", L_.kv.hd);
+    r.row_bytes = L_.kv.bytes();
     return r;
 }
 
 cuda::PagedRows StatePool::idx_rows(int64_t l, int32_t dim) const {
-    cuda::PagedRows r = comp_rows(l, dim);
+    cuda::PagedRows r = comp_rows(l, static_cast<int32_t>(L_.kv.hd));
     const auto& ly = L_.layers[static_cast<size_t>(l)];
     MEGAMOE_CHECK(ly.idx_rows_off >= 0, "state pool: layer ", l, " has no indexer keys");
     r.layer_offset = ly.idx_rows_off;
+    r.dim = dim;
+    r.row_bytes = 0;   // bf16
     return r;
 }
 
@@ -325,6 +334,14 @@ namespace {
 std::vector<float> download_f32(const void* src, int64_t n) {
     std::vector<float> v(static_cast<size_t>(n));
     if (n) check(cudaMemcpy(v.data(), src, static_cast<size_t>(n) * 4, cudaMemcpyDeviceToHost), "download");
+    return v;
+}
+
+std::vector<float> download_kv_row(const void* src, const cuda::KvRow& f) {
+    std::vector<uint8_t> b(static_cast<size_t>(f.bytes()));
+    check(cudaMemcpy(b.data(), src, b.size(), cudaMemcpyDeviceToHost), "download");
+    std::vector<float> v(static_cast<size_t>(f.hd));
+    cuda::kv_row_decode(f, b.data(), v.data());
     return v;
 }
 
@@ -351,10 +368,10 @@ SequenceState StatePool::download(const ModelConfig& c, int32_t slot) const {
         // The CPU keeps the last min(W - 1, n) rows in position order.
         ls.n_window = std::min(W - 1, n);
         for (int64_t p = n - ls.n_window; p < n; ++p) {
-            const std::vector<float> row = download_bf16(rec + ly.ring_off + (p % W) * hd * 2, hd);
+            const std::vector<float> row = download_kv_row(rec + ly.ring_off + (p % W) * L_.kv.bytes(), L_.kv);
             ls.window.insert(ls.window.end(), row.begin(), row.end());
         }
-        auto comp = [&](int64_t off, int64_t rows_off, int64_t d, bool overlap, CompressorState& cs) {
+        auto comp = [&](int64_t off, int64_t rows_off, int64_t d, bool overlap, bool kv_rows, CompressorState& cs) {
             const int64_t r = ly.ratio, width = (overlap ? 2 : 1) * d;
             const char* base = rec + off;
             cs.n_pending = n % r;
@@ -372,13 +389,14 @@ SequenceState StatePool::download(const ModelConfig& c, int32_t slot) const {
             const int64_t per_block = L_.block_tokens / r;
             for (int64_t w = 0; w < cs.n_rows; ++w) {
                 const int64_t b = blocks[static_cast<size_t>(w * r / L_.block_tokens)];
-                const std::vector<float> row =
-                    download_bf16(blocks_.as<char>() + b * L_.block_bytes + rows_off + (w % per_block) * d * 2, d);
+                const char* at = blocks_.as<char>() + b * L_.block_bytes + rows_off;
+                const std::vector<float> row = kv_rows ? download_kv_row(at + (w % per_block) * L_.kv.bytes(), L_.kv)
+                                                       : download_bf16(at + (w % per_block) * d * 2, d);
                 cs.rows.insert(cs.rows.end(), row.begin(), row.end());
             }
         };
-        if (ly.comp_off >= 0) comp(ly.comp_off, ly.rows_off, hd, ly.csa, ls.comp);
-        if (ly.idx_off >= 0) comp(ly.idx_off, ly.idx_rows_off, L_.dI, true, ls.index_comp);
+        if (ly.comp_off >= 0) comp(ly.comp_off, ly.rows_off, hd, ly.csa, true, ls.comp);
+        if (ly.idx_off >= 0) comp(ly.idx_off, ly.idx_rows_off, L_.dI, true, false, ls.index_comp);
     }
     return st;
 }

@@ -2,13 +2,16 @@
 // addressed through block tables. Nothing is allocated after construction.
 //
 //   slot record (one per sequence slot, fixed size, all layers):
-//       per layer: the sliding-window ring bf16 [W, hd] (position p in row p mod W); with an MTP
+//       per layer: the sliding-window ring [W] KV rows (position p in row p mod W); with an MTP
 //                  block, one more ring after the main layers (its sliding window);
 //                  CSA/HCA: the attention compressor's open window (cuda::compressor_state_bytes);
 //                  CSA: the indexer compressor's open window
 //   block (block_tokens positions of one sequence, all layers):
-//       per compressed layer: its rows bf16 [block_tokens / r, hd]; CSA also the indexer's keys
+//       per compressed layer: its rows [block_tokens / r] KV rows; CSA also the indexer's keys
 //       bf16 [block_tokens / 4, dI]
+// A KV row (cuda/kv_row.h) is hd bf16 values, or under official numerics the FP8 row that holds
+// the same values (e4m3 nope dims with a scale byte per 64, bf16 rope dims: 592 bytes for V4's
+// hd 512 instead of 1024), so the state pool holds more positions in the same memory.
 // A sequence holds one slot and the blocks its block-table row lists; `reserve` grows that list.
 // Prefix caching: a snapshot copies a slot record into one of n_snapshots spare records and holds
 // the sequence's full blocks before its position (shared, counted: a block is free when no
@@ -23,6 +26,7 @@
 #include <vector>
 
 #include "cuda/buffer.h"
+#include "cuda/kv_row.h"
 #include "cuda/step.h"
 #include "ref/state.h"
 
@@ -40,6 +44,7 @@ struct StateLayout {
         bool    csa = false;                 // overlapping compressor + indexer
     };
     int64_t W = 0, hd = 0, dI = 0;
+    cuda::KvRow kv;                          // how ring rows and compressed rows are stored
     int64_t block_tokens = 0;
     int64_t slot_bytes = 0;                  // one slot record
     int64_t main_bytes = 0;                  // its main-model part (all of it but the MTP block's ring,
@@ -48,7 +53,8 @@ struct StateLayout {
     std::vector<Layer> layers;
 
     // with_mtp: one more sliding-window ring after the main layers (layer index L, the MTP block's).
-    static StateLayout make(const ModelConfig& c, int64_t block_tokens, bool with_mtp = false);
+    // kv_fp8: KV rows stored as fp8 (official numerics; needs KvRow::fp8_fits(hd, qk_rope_head_dim)).
+    static StateLayout make(const ModelConfig& c, int64_t block_tokens, bool with_mtp = false, bool kv_fp8 = false);
 
     // Whether dropping positions [first, first + n) of a step (keeping those before first) can be
     // done by a rewind (StatePool::rewind): every dropped position lies in the window of `first`

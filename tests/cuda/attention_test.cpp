@@ -77,6 +77,7 @@
 #include "core/parallel.h"
 #include "cuda/attention.h"
 #include "cuda/attention_keys.h"
+#include "cuda/kv_row.h"
 #include "io/formats.h"
 #include "ref/ops.h"
 #include "test_util.h"
@@ -895,6 +896,123 @@ TEST(AttentionDeterminism, TwoRunsBitIdentical) {
         d.run();
         EXPECT_TRUE(first == d.out.download()) << cfg.name << ": two runs differ";
     }
+}
+
+// ---------------------------------------------------------------------------- FP8 KV rows
+
+// The case's KV rows rounded as official numerics leave them (ops::round_kv_latent), in place:
+// the step's kv, the ring's written rows, the compressed rows (truth and pool).
+void round_kv_rows(AttnCase& c) {
+    const int64_t hd = c.cfg.hd;
+    std::vector<float> f(static_cast<size_t>(hd));
+    auto round_row = [&](uint16_t* r) {
+        for (int64_t i = 0; i < hd; ++i) f[static_cast<size_t>(i)] = bf(r[i]);
+        ops::round_kv_latent(Numerics::official, f.data(), 1, hd, c.cfg.rope_dim);
+        for (int64_t i = 0; i < hd; ++i) r[i] = f32_to_bf16(f[static_cast<size_t>(i)]);
+    };
+    for (int32_t t = 0; t < c.batch.T; ++t) round_row(c.kv.data() + int64_t{t} * hd);
+    for (int32_t s = 0; s < c.slots; ++s)
+        for (int32_t w = 0; w < c.cfg.W; ++w) {
+            uint16_t* r = c.ring.data() + s * c.ring_stride + int64_t{w} * hd;
+            if (r[0] != kPoison) round_row(r);   // a written row (random normals are never NaN)
+        }
+    if (c.cfg.ratio == 0) return;
+    const PagedRows v = c.comp.view(c.comp.pool.data(), c.comp.table.data());
+    for (size_t s = 0; s < c.comp.rows.size(); ++s)
+        for (int64_t w = 0; w < static_cast<int64_t>(c.comp.rows[s].size()) / hd; ++w) {
+            uint16_t* truth = c.comp.rows[s].data() + w * hd;
+            round_row(truth);
+            std::memcpy(v.row<uint16_t>(static_cast<int32_t>(s), w), truth, static_cast<size_t>(hd) * 2);
+        }
+}
+
+// The same rows stored as kv_row.h fp8 rows (host encoder): the ring with W rows of f.bytes() per
+// slot, the pool re-laid with fp8 rows at the same blocks; everything unwritten 0xFF (e4m3 NaN
+// with a NaN scale: a read of it poisons the output).
+struct Fp8Store {
+    cuda::KvRow f;
+    int64_t ring_stride = 0;                      // bytes
+    int64_t layer_offset = 0, block_bytes = 0;
+    std::vector<uint8_t> ring, pool;
+};
+Fp8Store fp8_store(const AttnCase& c) {
+    Fp8Store st;
+    st.f = cuda::KvRow{c.cfg.hd, c.cfg.rope_dim, true};
+    const int64_t B = st.f.bytes(), hd = c.cfg.hd;
+    std::vector<float> f(static_cast<size_t>(hd));
+    auto encode = [&](const uint16_t* r, uint8_t* out) {
+        for (int64_t i = 0; i < hd; ++i) f[static_cast<size_t>(i)] = bf(r[i]);
+        cuda::kv_row_encode(st.f, f.data(), out);
+    };
+    st.ring_stride = int64_t{c.cfg.W} * B + 32;
+    st.ring.assign(static_cast<size_t>(c.slots * st.ring_stride), 0xFF);
+    for (int32_t s = 0; s < c.slots; ++s)
+        for (int32_t w = 0; w < c.cfg.W; ++w) {
+            const uint16_t* r = c.ring.data() + s * c.ring_stride + int64_t{w} * hd;
+            if (r[0] != kPoison) encode(r, st.ring.data() + s * st.ring_stride + int64_t{w} * B);
+        }
+    if (c.cfg.ratio == 0) return st;
+    const int64_t rpb = c.cfg.block_tokens / c.cfg.ratio;
+    st.layer_offset = rpb * B + 16;
+    st.block_bytes = st.layer_offset + rpb * B + 32;
+    const int64_t n_blocks = static_cast<int64_t>(c.comp.pool.size()) / c.comp.block_bytes;
+    st.pool.assign(static_cast<size_t>(n_blocks * st.block_bytes), 0xFF);
+    PagedRows v = c.comp.view(st.pool.data(), c.comp.table.data());
+    v.layer_offset = st.layer_offset;
+    v.block_bytes = st.block_bytes;
+    v.row_bytes = static_cast<int32_t>(B);
+    for (size_t s = 0; s < c.comp.rows.size(); ++s)
+        for (int64_t w = 0; w < static_cast<int64_t>(c.comp.rows[s].size()) / hd; ++w)
+            encode(c.comp.rows[s].data() + w * hd, v.row<uint8_t>(static_cast<int32_t>(s), w));
+    return st;
+}
+
+// Official numerics store the KV rows in FP8 (kv_row.h); the kernel decodes them into the bf16 tile
+// it would have loaded, so on rows round_kv_latent rounded the output is bit for bit that of bf16
+// storage (window keys mix this step's bf16 kv rows and stored fp8 ones; CSA, HCA, splits).
+TEST(SparseAttention, Fp8KvRowsEqualBf16Storage) {
+    SKIP_WITHOUT_GPU();
+    AttnConfig tiny_dec = tiny(4, 5);
+    tiny_dec.chunks = {{1, 3000, 1}, {5, 7, 1}, {2, 257, 1}};
+    tiny_dec.name += " decode";
+    AttnConfig csa_dec = flash(4, 512, {{0, 3000, 1}, {1, 2047, 1}, {2, 9, 1}});
+    csa_dec.name += " decode";
+    for (const AttnConfig& cfg :
+         {tiny(0, 0), tiny(4, 5), tiny(16, 0), tiny_dec, hd128(4, 8), hd128(128, 0), flash(4, 512, flash_csa_chunks()),
+          flash(128, 0, flash_hca_chunks()), flash(0, 0, {{0, 0, 140}, {1, 5000, 3}}), csa_dec}) {
+        AttnCase c = make_attn_case(cfg);
+        round_kv_rows(c);
+        DeviceAttn d(c);
+        d.run();
+        const std::vector<uint16_t> want = d.out.download();
+        const Fp8Store st = fp8_store(c);
+        DeviceArray<uint8_t> ring8(st.ring), pool8(st.pool);
+        AttentionArgs a = d.args;
+        a.kv_fp8 = true;
+        a.ring.base = ring8.data();
+        a.ring.slot_stride = st.ring_stride;
+        if (cfg.ratio > 0) {
+            a.comp.pool = pool8.data();
+            a.comp.layer_offset = st.layer_offset;
+            a.comp.block_bytes = st.block_bytes;
+            a.comp.row_bytes = static_cast<int32_t>(st.f.bytes());
+        }
+        d.out.fill(0xFF);
+        cuda::sparse_attention(a, d.batch.view, nullptr);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        const std::vector<uint16_t> got = d.out.download();
+        int64_t differ = 0;
+        for (size_t i = 0; i < want.size(); ++i) differ += got[i] != want[i] ? 1 : 0;
+        EXPECT_EQ(differ, 0) << cfg.name << ": " << differ << " of " << want.size() << " outputs differ";
+        std::printf("  %-20s T %d: fp8 rows %d bytes (bf16 %d), %lld of %zu outputs differ\n", cfg.name.c_str(),
+                    c.batch.T, st.f.bytes(), 2 * cfg.hd, static_cast<long long>(differ), want.size());
+    }
+    // A bf16 row stride where fp8 rows are promised is refused.
+    AttnCase c = make_attn_case(tiny(4, 5));
+    DeviceAttn d(c);
+    AttentionArgs a = d.args;
+    a.kv_fp8 = true;
+    test::expect_error([&] { cuda::sparse_attention(a, d.batch.view, nullptr); }, {"compressed rows of 128 bytes"});
 }
 
 // ---------------------------------------------------------------------------- indexer

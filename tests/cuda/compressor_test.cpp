@@ -46,12 +46,14 @@
 #include <cstring>
 #include <iterator>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "core/common.h"
 #include "cuda/compressor.h"
+#include "cuda/kv_row.h"
 #include "cuda/step.h"
 #include "io/formats.h"   // bf16_to_f32, f32_to_bf16
 #include "ref/compressor.h"
@@ -280,19 +282,22 @@ void cpu_step(const HostComp& hc, const StepInput& in, std::vector<CompressorSta
 struct PoolLayout {
     int max_blocks = 0, block_tokens = 0, n_blocks = 0;
     int64_t block_bytes = 0, layer_offset = 0;
+    int32_t row_bytes = 0;                        // bytes per row; 0: bf16 (d · 2)
     std::vector<int32_t> table;                   // [kSlots, max_blocks], a shuffled permutation
     int64_t state_bytes = 0, state_stride = 0;    // record bytes, record stride (guard bytes after)
     size_t pool_size() const { return static_cast<size_t>(n_blocks) * static_cast<size_t>(block_bytes); }
     size_t state_size() const { return static_cast<size_t>(kSlots) * static_cast<size_t>(state_stride); }
 };
 
-PoolLayout make_layout(const Spec& s, int64_t max_len, uint64_t seed) {
+PoolLayout make_layout(const Spec& s, int64_t max_len, uint64_t seed, int32_t row_bytes = 0) {
     PoolLayout L;
     L.block_tokens = s.block_tokens;
     L.max_blocks = static_cast<int>((max_len + s.block_tokens - 1) / s.block_tokens) + 1;
     L.n_blocks = kSlots * L.max_blocks + 3;       // 3 spare blocks nobody owns
     L.layer_offset = 512;                         // another layer's rows before this one's ...
-    L.block_bytes = L.layer_offset + static_cast<int64_t>(s.block_tokens / s.r) * s.d * 2 + 256;   // ... and after
+    L.row_bytes = row_bytes;
+    L.block_bytes = L.layer_offset + static_cast<int64_t>(s.block_tokens / s.r) * (row_bytes ? row_bytes : s.d * 2) +
+                    256;   // ... and after
     std::vector<int32_t> perm(static_cast<size_t>(L.n_blocks));
     std::iota(perm.begin(), perm.end(), 0);
     std::mt19937 rng(static_cast<uint32_t>(seed));
@@ -318,6 +323,7 @@ cuda::PagedRows host_rows(const Spec& s, const PoolLayout& L, uint8_t* pool) {
     rows.block_tokens = L.block_tokens;
     rows.ratio = s.r;
     rows.dim = s.d;
+    rows.row_bytes = L.row_bytes;
     return rows;
 }
 
@@ -432,30 +438,41 @@ void run_case(const Spec& spec, const SchedCase& sc, uint64_t seed, bool past_2g
 }
 
 // The ring: the last min(W, n_past) positions bit for bit, rows not reached yet and the guard
-// bytes still poison.
+// bytes still poison. With rope ≥ 0 the rows are kv_row.h fp8 rows, byte for byte the host
+// encoder's (kv_row_encode) of the random bf16 rows.
 struct RingSpec {
     const char* name;
     int hd, W;
+    int rope = -1;   // ≥ 0: fp8 rows with this many rope dims
 };
 const RingSpec kRings[] = {{"flash", 512, 128}, {"tiny", 64, 8}, {"odd_hd13", 13, 5}, {"W1", 8, 1}};
+const RingSpec kFp8Rings[] = {
+    {"flash_fp8", 512, 128, 64}, {"tiny_fp8", 64, 8, 16}, {"hd128_fp8", 128, 5, 64}, {"no_rope_fp8", 80, 3, 0}};
 
-int64_t ring_stride(const RingSpec& s) { return (int64_t{s.W} * s.hd * 2 + 15) / 16 * 16 + 16; }
+cuda::KvRow ring_format(const RingSpec& s) { return cuda::KvRow{s.hd, std::max(s.rope, 0), s.rope >= 0}; }
+int64_t ring_row_bytes(const RingSpec& s) { return ring_format(s).bytes(); }
+int64_t ring_stride(const RingSpec& s) { return (int64_t{s.W} * ring_row_bytes(s) + 15) / 16 * 16 + 16; }
 
 [[maybe_unused]] void check_ring(const RingSpec& rs, const std::vector<uint8_t>& ring, const std::vector<std::vector<uint16_t>>& hist,
                 const int64_t* n_past) {
-    const int64_t stride = ring_stride(rs), hd = rs.hd, W = rs.W;
+    const int64_t stride = ring_stride(rs), hd = rs.hd, W = rs.W, rb = ring_row_bytes(rs);
+    const cuda::KvRow fmt = ring_format(rs);
     ASSERT_EQ(ring.size(), static_cast<size_t>(kSlots * stride));
     int bad = 0;
+    std::vector<float> vals(static_cast<size_t>(hd));
+    std::vector<uint8_t> want(static_cast<size_t>(rb));
     for (int slot = 0; slot < kSlots; ++slot) {
         const uint8_t* rec = ring.data() + slot * stride;
         const int q = static_cast<int>(std::find(kSlotOf, kSlotOf + kSeqs, slot) - kSlotOf);
         const int64_t n = q < kSeqs ? n_past[q] : 0;
         std::vector<char> written(static_cast<size_t>(stride), 0);
         for (int64_t p = std::max<int64_t>(0, n - W); p < n; ++p) {
-            const int64_t at = (p % W) * hd * 2;
-            std::fill_n(written.begin() + at, hd * 2, 1);
-            if (std::memcmp(rec + at, hist[static_cast<size_t>(q)].data() + p * hd, static_cast<size_t>(hd * 2)) != 0 &&
-                bad++ < kMaxReports)
+            const int64_t at = (p % W) * rb;
+            std::fill_n(written.begin() + at, rb, 1);
+            const uint16_t* row = hist[static_cast<size_t>(q)].data() + p * hd;
+            for (int64_t i = 0; i < hd; ++i) vals[static_cast<size_t>(i)] = bf16_to_f32(row[i]);
+            cuda::kv_row_encode(fmt, vals.data(), want.data());
+            if (std::memcmp(rec + at, want.data(), static_cast<size_t>(rb)) != 0 && bad++ < kMaxReports)
                 ADD_FAILURE() << "seq " << q << " position " << p << " (ring row " << p % W << ") differs";
         }
         for (int64_t i = 0; i < stride; ++i)
@@ -473,6 +490,7 @@ void run_ring_case(const RingSpec& rs, const SchedCase& sc, uint64_t seed) {
     int max_T = 0;
     for (const StepInput& in : inputs) max_T = std::max(max_T, in.T);
     RingBackend gpu(rs.hd, rs.W, ring_stride(rs), max_T);
+    gpu.fmt = ring_format(rs);
     std::vector<std::vector<uint16_t>> hist(kSeqs);
     int64_t n_past[kSeqs] = {0, 0, 0};
     for (size_t k = 0; k < inputs.size(); ++k) {
@@ -645,6 +663,7 @@ struct GpuCompressor {
         a.rows.block_table = table.data();
         a.numerics = hc.nm;
         a.indexer_keys = hc.indexer_keys;
+        a.kv_fp8 = L.row_bytes != 0;   // the layout's rows are kv_row.h fp8 rows
         return a;
     }
     void upload(const StepInput& in) {
@@ -684,6 +703,7 @@ struct GpuCompressor {
 
 struct GpuRing {
     int64_t hd, W, stride;
+    cuda::KvRow fmt{};   // the rows' format (bf16 unless set)
     DeviceBatch batch;
     DeviceArray<uint16_t> kv;
     DeviceArray<uint8_t> ring;
@@ -702,7 +722,7 @@ struct GpuRing {
         cuda::SlotArray window;
         window.base = ring.data();
         window.slot_stride = stride;
-        cuda::window_write(kv.data(), hd, W, window, batch.view(), s);
+        cuda::window_write(kv.data(), hd, W, window, batch.view(), s, fmt);
     }
     void step(const StepInput& in) {
         upload(in);
@@ -755,6 +775,7 @@ const OfficialSpec kOfficialSpecs[] = {
 
 struct OfficialCount {
     int64_t elems = 0, differ = 0, nope_differ = 0, rope_elems = 0, rope_differ = 0, rows = 0, rows_differ = 0;
+    int64_t fp8_rows = 0;   // fp8 rows checked against the bf16 ones (each step's visible rows)
     int bad = 0;
 };
 
@@ -833,6 +854,13 @@ void run_official_case(const OfficialSpec& os, const SchedCase& sc, uint64_t see
     int max_T = 0, max_C = 0;
     for (const StepInput& in : inputs) max_T = std::max(max_T, in.T), max_C = std::max(max_C, in.C);
     GpuCompressor gpu(hc, L, max_T, max_C);
+    // The attention's rows also as fp8 rows (kv_row.h, what the GPU state stores under official
+    // numerics) where the shape allows: they must decode to the bf16 rows' values, bit for bit.
+    const cuda::KvRow f8{os.spec.d, os.spec.rope, true};
+    const bool fp8 = !os.indexer && cuda::KvRow::fp8_fits(os.spec.d, os.spec.rope);
+    const PoolLayout L8 = make_layout(os.spec, max_len, seed, f8.bytes());
+    std::optional<GpuCompressor> gpu8;
+    if (fp8) gpu8.emplace(hc, L8, max_T, max_C);
     std::vector<CompressorState> cpu(kSeqs);
     int64_t n_past[kSeqs] = {0, 0, 0};
     for (size_t k = 0; k < inputs.size(); ++k) {
@@ -844,6 +872,25 @@ void run_official_case(const OfficialSpec& os, const SchedCase& sc, uint64_t see
         std::vector<uint8_t> pool = gpu.pool_bytes();
         check_pool_official(hc, L, pool, cpu, grid, k + 1 == inputs.size(), n);
         check_state(hc, L, gpu.state_bytes(), cpu, n_past);   // the state is numerics-independent: bits
+        if (gpu8) {
+            gpu8->step(in);
+            std::vector<uint8_t> pool8 = gpu8->pool_bytes();
+            const cuda::PagedRows r16 = host_rows(os.spec, L, pool.data()), r8 = host_rows(os.spec, L8, pool8.data());
+            std::vector<float> dec(static_cast<size_t>(os.spec.d));
+            for (int q = 0; q < kSeqs; ++q)
+                for (int64_t w = 0; w < cpu[static_cast<size_t>(q)].n_rows; ++w) {
+                    cuda::kv_row_decode(f8, r8.row<uint8_t>(kSlotOf[q], w), dec.data());
+                    const uint16_t* g = r16.row<uint16_t>(kSlotOf[q], w);
+                    for (int e = 0; e < os.spec.d; ++e)
+                        if (f32_to_bf16(dec[static_cast<size_t>(e)]) != g[e] || bf16_to_f32(g[e]) != dec[static_cast<size_t>(e)]) {
+                            ADD_FAILURE() << "fp8 row of seq " << q << " row " << w << " feature " << e << ": " << dec[static_cast<size_t>(e)]
+                                          << ", the bf16 row's " << bf16_to_f32(g[e]);
+                            return;
+                        }
+                    ++n.fp8_rows;
+                }
+            EXPECT_TRUE(gpu8->state_bytes() == gpu.state_bytes()) << "the compressor state depends on the row format";
+        }
         if (::testing::Test::HasFailure()) return;
     }
 }
@@ -870,11 +917,15 @@ void run_official(bool grid, uint64_t seed) {
         } else {
             EXPECT_LE(n.differ, std::max<int64_t>(8, n.elems / 64)) << "elements differing";
         }
-        std::printf("[     INFO ] %s official %s: %lld of %lld elements differ (%lld rope of %lld), %lld of %lld rows\n",
+        if (!os.indexer && cuda::KvRow::fp8_fits(spec.d, spec.rope)) {
+            EXPECT_GT(n.fp8_rows, 0);
+        }
+        std::printf("[     INFO ] %s official %s: %lld of %lld elements differ (%lld rope of %lld), %lld of %lld rows; "
+                    "%lld fp8 row checks\n",
                     spec.name, grid ? "grid" : "random", static_cast<long long>(n.differ),
                     static_cast<long long>(n.elems), static_cast<long long>(n.rope_differ),
                     static_cast<long long>(n.rope_elems), static_cast<long long>(n.rows_differ),
-                    static_cast<long long>(n.rows));
+                    static_cast<long long>(n.rows), static_cast<long long>(n.fp8_rows));
     }
 }
 
@@ -917,6 +968,16 @@ TEST(CudaCompressor, WindowRingKeepsLastW) {
     for (const RingSpec& rs : kRings)
         for (const SchedCase& sc : schedules(rs.W)) {
             run_ring_case<GpuRing>(rs, sc, 400);
+            if (HasFailure()) return;
+        }
+}
+
+// The same with fp8 rows (official numerics' KV storage): each row the host encoder's bytes.
+TEST(CudaCompressor, WindowRingFp8RowsAreTheEncodersBytes) {
+    SKIP_WITHOUT_GPU();
+    for (const RingSpec& rs : kFp8Rings)
+        for (const SchedCase& sc : schedules(rs.W)) {
+            run_ring_case<GpuRing>(rs, sc, 450);
             if (HasFailure()) return;
         }
 }

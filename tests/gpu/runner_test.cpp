@@ -23,6 +23,7 @@
 #include <memory>
 #include <numeric>
 
+#include "cuda/kv_row.h"
 #include "cuda/linear.h"
 #include "gpu/backend.h"
 #include "gpu/runner.h"
@@ -1199,6 +1200,112 @@ OfficialTraces cpu_official(Model& m, const std::vector<int32_t>& ids) {
     return r;
 }
 
+// Per state in official numerics, where the GPU stores the KV rows in FP8 (cuda/kv_row.h): after
+// the same schedules as StateMatchesCpuAfterSchedules (streams and discrete choices forced to the
+// CPU's official ones), (a) every downloaded window and compressed KV row is a fixed point of
+// ops::round_kv_latent (the storage holds FP8 values, decoded exactly), and (b) the rows agree
+// with the CPU's official state: the KV rows within the exact test's 2e-2 of the row norm (an FP8
+// flip moves one element by an e4m3 step, 2^-3 of it, so a few flips per row stay well inside), and
+// the share of elements that are bit-identical is printed with the indexer keys' worst row error
+// (FP4 values: a flip moves an element by up to a third of its block's range).
+TEST_P(GpuRunner, StateMatchesCpuOfficialWithFp8KvRows) {
+    Model& m = *c->model;
+    const ModelConfig& cfg = m.cfg;
+    if (!cuda::KvRow::fp8_fits(cfg.head_dim, cfg.qk_rope_head_dim)) GTEST_SKIP() << "no fp8 KV rows for this shape";
+    gpu::RunnerOptions o = small_options();
+    o.numerics = Numerics::official;
+    auto b = gpu::make_gpu_backend(m, o);
+    const int64_t total_max = 256;
+    const std::vector<int32_t> ids(c->input_ids.begin(), c->input_ids.begin() + total_max);
+    const OfficialTraces ref_tr = cpu_official(m, ids);
+    const struct {
+        const char* name;
+        std::vector<int64_t> chunks;
+        int64_t total;
+    } schedules[] = {
+        {"prefill 256", {256}, 256},
+        {"chunks of 37", {37, 37, 37, 37, 37, 37, 34}, 256},
+        {"prefill 100 then 33 decodes", {100}, 133},
+    };
+    for (const auto& sc : schedules) {
+        const int32_t slot = b->open();
+        ASSERT_TRUE(b->reserve(slot, sc.total));
+        int64_t p = 0;
+        std::vector<float> logits;
+        auto step = [&](int64_t n) {
+            const int64_t p0 = p;
+            Probe force = [&, p0](TraceView& v) {
+                const auto key = std::make_pair(std::string(v.name), v.layer);
+                const size_t off = static_cast<size_t>(p0 * v.width), n_el = static_cast<size_t>(v.rows * v.width);
+                if (v.dtype == DType::i32) {
+                    std::copy_n(ref_tr.i32.at(key).begin() + static_cast<ptrdiff_t>(off), n_el, v.i32());
+                    v.modified = true;
+                } else if (key.first == trace_names::streams) {
+                    std::copy_n(ref_tr.f32.at(key).begin() + static_cast<ptrdiff_t>(off), n_el, v.f32());
+                    v.modified = true;
+                }
+            };
+            b->step({{slot, std::vector<int32_t>(ids.begin() + p, ids.begin() + p + n)}}, false, logits, force);
+            p += n;
+        };
+        for (int64_t n : sc.chunks) step(n);
+        while (p < sc.total) step(1);
+
+        SequenceState ref(cfg);
+        {
+            const Numerics was = m.numerics;
+            m.numerics = Numerics::official;
+            std::vector<SequenceChunk> batch{{&ref, std::vector<int32_t>(ids.begin(), ids.begin() + p)}};
+            std::vector<float> cl;
+            forward(m, batch, ForwardOptions{}, cl);
+            m.numerics = was;
+        }
+        const SequenceState got = b->state(slot);
+        ASSERT_EQ(got.n_past, ref.n_past) << sc.name;
+        int64_t kv_rows = 0, not_fp8 = 0, elems = 0, same = 0;
+        double kv_worst = 0, idx_worst = 0;
+        auto compare = [&](const std::vector<float>& g, const std::vector<float>& r, int64_t width, bool kv, double& worst) {
+            ASSERT_EQ(g.size(), r.size());
+            std::vector<float> rounded;
+            for (size_t i0 = 0; i0 < r.size(); i0 += static_cast<size_t>(width)) {
+                if (kv) {
+                    rounded.assign(g.begin() + static_cast<ptrdiff_t>(i0), g.begin() + static_cast<ptrdiff_t>(i0 + width));
+                    ops::round_kv_latent(Numerics::official, rounded.data(), 1, width, cfg.qk_rope_head_dim);
+                    ++kv_rows;
+                    not_fp8 += std::memcmp(rounded.data(), g.data() + i0, static_cast<size_t>(width) * 4) != 0;
+                }
+                double dd = 0, rr = 0;
+                for (size_t i = i0; i < i0 + static_cast<size_t>(width); ++i) {
+                    dd += (static_cast<double>(g[i]) - r[i]) * (static_cast<double>(g[i]) - r[i]);
+                    rr += static_cast<double>(r[i]) * r[i];
+                    ++elems;
+                    same += std::memcmp(&g[i], &r[i], 4) == 0;
+                }
+                worst = std::max(worst, std::sqrt(dd / std::max(rr, 1e-30)));
+            }
+        };
+        for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+            const LayerState& g = got.layers[static_cast<size_t>(l)];
+            const LayerState& r = ref.layers[static_cast<size_t>(l)];
+            ASSERT_EQ(g.n_window, r.n_window) << sc.name << " layer " << l;
+            compare(g.window, r.window, cfg.head_dim, true, kv_worst);
+            ASSERT_EQ(g.comp.n_rows, r.comp.n_rows) << sc.name << " layer " << l;
+            compare(g.comp.rows, r.comp.rows, cfg.head_dim, true, kv_worst);
+            ASSERT_EQ(g.index_comp.n_rows, r.index_comp.n_rows) << sc.name << " layer " << l;
+            compare(g.index_comp.rows, r.index_comp.rows, cfg.index_head_dim, false, idx_worst);
+        }
+        std::printf("[ %s | %s | official ] fp8 KV rows: %lld rows, %lld not FP8 values; vs CPU official: worst "
+                    "relative row error %.2e (KV rows), %.2e (indexer keys); %.3f%% of %lld elements bit-identical\n",
+                    GetParam().c_str(), sc.name, static_cast<long long>(kv_rows), static_cast<long long>(not_fp8),
+                    kv_worst, idx_worst, 100.0 * static_cast<double>(same) / static_cast<double>(std::max<int64_t>(elems, 1)),
+                    static_cast<long long>(elems));
+        EXPECT_GT(kv_rows, 0) << sc.name;
+        EXPECT_EQ(not_fp8, 0) << sc.name << ": KV rows that round_kv_latent changes";
+        EXPECT_LE(kv_worst, 2e-2) << sc.name;
+        b->close(slot);
+    }
+}
+
 // Teacher forced in official numerics on both sides, per sublayer: the GPU gets the CPU's input
 // streams, the CPU's sublayer inputs (attn_in, ffn_in: xn, and so the same FP8-rounded xq) and
 // its discrete choices, so each sublayer output (attn_out, ffn_out) and the final norm depend on
@@ -1280,15 +1387,20 @@ OfficialForced official_teacher_forced(const Model& m, const std::vector<int32_t
 }
 
 // Official numerics on the GPU against the CPU's official numerics, layer by layer, on every
-// golden model, teacher forced. The bar has two parts. (a) At least 99% of the (token,
-// intermediate) pairs within cosine 0.9999 of the CPU's, the bar of exact numerics. (b) Every pair
-// within 0.99: official numerics are discrete, and where the two sides' f32 sums (other orders)
-// put a value on two sides of a bf16 or FP8 rounding boundary, one element moves by a whole FP8
-// step (2^-3 relative), or a block's power-of-two scale doubles and all 128 elements of the block
-// round coarser; that perturbs one token's sublayer output at the 0.1-1% level. The test prints
-// the share below 0.9999, the worst pair, and how many elements of that token's sublayer input
-// round to a different FP8 value on the two sides (measured on an H200: see the note of the
-// commit that added this test).
+// golden model, teacher forced. Official numerics are discrete: where the two sides' f32 sums
+// (other orders) put a value on two sides of a bf16 or FP8 rounding boundary, one element moves
+// by a whole FP8 step (2^-3 relative), or a block's power-of-two scale doubles and the block
+// rounds coarser. Forcing the sublayer inputs removes such flips at the sublayer's input, but a
+// sublayer has its own rounding points inside (the bf16 outputs of wq_a / wkv / wq_b / the
+// experts' w1 and w3, the FP8 kv latent, z and the experts' hidden, the indexer's FP4 q and keys),
+// and a flip there moves the output by ~2^-3·|x_i| / |x| per flipped element: a cosine deficit of
+// a few 1e-5 each, so a token with a few flips falls below 0.9999 (the exact-numerics bar, which
+// GpuRunner.TeacherForcedLayersMatchCpu meets for every pair). Measured on an H200 (2026-12-03):
+// 260 of 3328 pairs below 0.9999 (official-tiny-mxfp4), 173 of 3328 (tiny-flash-nvfp4); worst
+// 0.99966 / 0.99971, both an attn_out whose forced input had no FP8 flip. The bar: at least 90%
+// of the (token, output) pairs within 0.9999 and every pair within 0.999 (three times the worst
+// deficit measured; a wrong rounding step or a misplaced block costs far more: the exact pass
+// against official differs by cosine ~0.987 at the logits).
 class GpuOfficialNumerics : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GpuOfficialNumerics, TeacherForcedLayersMatchCpuOfficial) {
@@ -1307,8 +1419,8 @@ TEST_P(GpuOfficialNumerics, TeacherForcedLayersMatchCpuOfficial) {
                 r.where.c_str(), static_cast<long long>(r.worst_flips), r.inputs_worst,
                 static_cast<long long>(r.input_flips));
     EXPECT_EQ(r.checked, 4 * m->cfg.num_hidden_layers + 1) << name;
-    EXPECT_LE(r.below * 100, r.pairs) << name;
-    EXPECT_GE(r.worst, 0.99) << name << ": " << r.where;
+    EXPECT_LE(r.below * 10, r.pairs) << name;
+    EXPECT_GE(r.worst, 0.999) << name << ": " << r.where;
 }
 
 INSTANTIATE_TEST_SUITE_P(Golden, GpuOfficialNumerics,
