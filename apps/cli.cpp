@@ -162,8 +162,6 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
     if (max_new < 0) fail("--max-new must be >= 0, got ", max_new);
     if (spec_tokens < 0 || spec_tokens > kMaxSpeculativeTokens)
         fail("--speculative-tokens must be in 1..", kMaxSpeculativeTokens, " (0: off), got ", spec_tokens);
-    if (spec_tokens > 1 && resolve_backend(backend) != "cpu")
-        fail("--speculative-tokens ", spec_tokens, ": the GPU drafts one token per round for now (1), or pass --backend cpu");
     if (chunk < 0) fail("--chunk must be >= 0 (0: the whole prompt at once), got ", chunk);
     // The context holds the prompt and every new token but the last (which is never fed back).
     const int64_t P = static_cast<int64_t>(prompt.size()), context = load_model_config(dir).max_position_embeddings;

@@ -925,6 +925,8 @@ void sparse_attention(const AttentionArgs& a, const BatchView& b, CUstream_st* s
     MEGAMOE_CHECK(a.head_dim == 64 || a.head_dim == 128 || a.head_dim == 256 || a.head_dim == 512,
                   "sparse_attention: head_dim ", a.head_dim, " (supported: 64, 128, 256, 512)");
     MEGAMOE_CHECK(a.window > 0, "sparse_attention: window = ", a.window);
+    MEGAMOE_CHECK(a.ring_rows == 0 || a.ring_rows >= a.window, "sparse_attention: a ring of ", a.ring_rows,
+                  " rows for a window of ", a.window);
     MEGAMOE_CHECK(a.rope.rope_dim >= 0 && a.rope.rope_dim % 2 == 0 && a.rope.rope_dim <= a.head_dim &&
                       (a.rope.rope_dim == 0 || a.rope.inv_freq),
                   "sparse_attention: rope_dim ", a.rope.rope_dim, " (even, ≤ head_dim ", a.head_dim, ", with a table)");

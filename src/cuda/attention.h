@@ -27,7 +27,8 @@ struct AttentionArgs {
     int32_t         window = 0;              // W keys per query, the query included
     const uint16_t* q = nullptr;             // [T, H, hd] bf16, normalized and rotated
     const uint16_t* kv = nullptr;            // [T, hd] bf16 this step's latents, normalized and rotated
-    SlotArray       ring;                    // [W] KvRow rows per slot (window_write's layout)
+    SlotArray       ring;                    // [ring_rows] KvRow rows per slot (window_write's layout)
+    int32_t         ring_rows = 0;           // rows of the ring (≥ window; 0: window): position q in row q mod ring_rows
     PagedRows       comp;                    // compressed rows (comp.ratio = 0: none)
     bool            kv_fp8 = false;          // ring and comp rows are KvRow{hd, rope.rope_dim, fp8}
                                              //   rows (cuda/kv_row.h; comp.row_bytes its bytes); kv is bf16

@@ -57,7 +57,8 @@ MEGAMOE_HD const uint16_t* key_row(const AttentionArgs& a, const QueryKeys& k, i
         }
         const KvRow f{a.head_dim, a.rope.rope_dim, a.kv_fp8};
         return reinterpret_cast<const uint16_t*>(a.ring.at<const uint8_t>(k.slot) +
-                                                 static_cast<int64_t>(q % a.window) * f.bytes());
+                                                 static_cast<int64_t>(q % (a.ring_rows > 0 ? a.ring_rows : a.window)) *
+                                                     f.bytes());
     }
     const int32_t i = j - k.n_window;
     const int32_t w = topk_row ? topk_row[i] : i;

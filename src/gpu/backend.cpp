@@ -39,20 +39,35 @@ public:
     bool has_speculative() const override { return r_.options().rollback && r_.has_mtp(); }
     void step_speculative(const std::vector<SpecChunk>& chunks, const std::vector<SampleSpec>& spec,
                           std::vector<SpecOut>& out) override {
+        if (spec.size() != chunks.size()) fail("gpu backend: ", spec.size(), " sampling specs for ", chunks.size(), " chunks");
         std::vector<Runner::SpecChunk> sc;
         std::vector<bool> saved;
+        std::vector<int64_t> past, first_row;   // per chunk: n_past before the step, its first token's index
+        int64_t rows = 0;
+        int64_t K = 1;
         for (size_t i = 0; i < chunks.size(); ++i) {
             const SpecChunk& ch = chunks[i];
-            if (ch.draft >= 0) {
+            const int64_t k = static_cast<int64_t>(ch.drafts.size());
+            if (ch.n_drafts < 1 || ch.n_drafts > kMaxSpeculativeTokens)
+                fail("gpu backend: chunk ", i, " asks for ", ch.n_drafts, " drafts (1 to ", kMaxSpeculativeTokens, ")");
+            if (k > kMaxSpeculativeTokens) fail("gpu backend: chunk ", i, " has ", k, " drafts (at most ", kMaxSpeculativeTokens, ")");
+            K = std::max<int64_t>(K, ch.n_drafts);
+            past.push_back(r_.is_open(ch.slot) ? r_.n_past(ch.slot) : 0);
+            first_row.push_back(rows);
+            if (k > 0) {
                 if (ch.tokens.size() != 1)
-                    fail("gpu backend: chunk ", i, " has a draft and ", ch.tokens.size(), " tokens (one: the last accepted)");
+                    fail("gpu backend: chunk ", i, " has drafts and ", ch.tokens.size(), " tokens (one: the last accepted)");
                 if (!r_.options().rollback) fail("gpu backend: speculative steps need RunnerOptions::rollback");
-                sc.push_back({ch.slot, {ch.tokens[0], ch.draft}, true, -1});
+                std::vector<int32_t> fed{ch.tokens[0]};
+                fed.insert(fed.end(), ch.drafts.begin(), ch.drafts.end());
+                sc.push_back({ch.slot, fed, true, -1});
                 // Drafts that cross into the next compressor window cannot be rewound (one never does): save first.
-                saved.push_back(r_.is_open(ch.slot) && r_.rewind_needs_save(r_.n_past(ch.slot) + 1, 1));
+                saved.push_back(r_.is_open(ch.slot) && r_.rewind_needs_save(past.back() + 1, k));
+                rows += 1 + k;
             } else {
                 sc.push_back({ch.slot, ch.tokens, false, ch.next});
                 saved.push_back(false);
+                rows += static_cast<int64_t>(ch.tokens.size());
             }
         }
         for (size_t i = 0; i < chunks.size(); ++i)
@@ -61,23 +76,48 @@ public:
         std::vector<std::vector<int32_t>> drafts;
         r_.step_spec(sc, spec, drawn, drafts);
         out.assign(chunks.size(), SpecOut{});
-        std::vector<RunnerChunk> again;   // rejected drafts after a save: their last token once more
+        std::vector<int64_t> kept(chunks.size());   // accepted drafts per verified chunk
+        std::vector<Runner::ChainStart> starts;
+        std::vector<size_t> start_of;
+        int64_t room = K - 1;                        // chained drafts: as many as every chunk has room for
+        const int64_t limit = r_.options().max_model_len;
         for (size_t i = 0; i < chunks.size(); ++i) {
             const SpecChunk& ch = chunks[i];
-            if (ch.draft < 0 || drawn[i][0].id == ch.draft) {
-                const size_t n = ch.draft < 0 ? 1 : 2;
-                for (size_t j = 0; j < n; ++j) out[i].tokens.push_back(std::move(drawn[i][j]));
-                out[i].draft = drafts[i][n - 1];
-                continue;
+            const int64_t k = static_cast<int64_t>(ch.drafts.size());
+            int64_t a = 0;
+            while (a < k && drawn[i][static_cast<size_t>(a)].id == ch.drafts[static_cast<size_t>(a)]) ++a;
+            kept[i] = a;
+            const size_t n_out = k > 0 ? static_cast<size_t>(a + 1) : 1;
+            for (size_t j = 0; j < n_out; ++j) out[i].tokens.push_back(std::move(drawn[i][j]));
+            out[i].drafts = {drafts[i][n_out - 1]};
+            // Chain from the token whose MTP row gave that draft (not for a prompt chunk followed by more prompt).
+            if (ch.n_drafts > 1 && (k > 0 || ch.next < 0)) {
+                const int64_t row = k > 0 ? first_row[i] + a : first_row[i] + static_cast<int64_t>(ch.tokens.size()) - 1;
+                const int64_t pos = past[i] + (row - first_row[i]);
+                room = std::min(room, limit - 1 - pos);
+                SampleSpec sp = spec[i];
+                sp.index += k > 0 ? a : 0;
+                starts.push_back({ch.slot, row, out[i].drafts[0], sp});
+                start_of.push_back(i);
             }
-            out[i].tokens.push_back(std::move(drawn[i][0]));
-            out[i].draft = drafts[i][0];
-            const int64_t kept = r_.n_past(ch.slot) - 1;   // drop the draft's position
+        }
+        if (!starts.empty() && room > 0) {
+            std::vector<std::vector<int32_t>> chained;
+            r_.draft_chain(starts, room, chained);
+            for (size_t s = 0; s < starts.size(); ++s)
+                out[start_of[s]].drafts.insert(out[start_of[s]].drafts.end(), chained[s].begin(), chained[s].end());
+        }
+        // Drop the rejected positions: a rewind, or the saved record back and the kept tokens again.
+        std::vector<RunnerChunk> again;
+        for (size_t i = 0; i < chunks.size(); ++i) {
+            const SpecChunk& ch = chunks[i];
+            const int64_t k = static_cast<int64_t>(ch.drafts.size());
+            if (k == 0 || kept[i] == k) continue;
             if (saved[i]) {
-                r_.restore_state(ch.slot, kept - 1);
-                again.push_back({ch.slot, ch.tokens});
+                r_.restore_state(ch.slot, past[i]);
+                again.push_back({ch.slot, std::vector<int32_t>(sc[i].tokens.begin(), sc[i].tokens.begin() + kept[i] + 1)});
             } else {
-                r_.rewind(ch.slot, kept);
+                r_.rewind(ch.slot, past[i] + 1 + kept[i]);
             }
         }
         if (!again.empty()) {
@@ -158,7 +198,8 @@ SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& 
                                        int64_t chunk, bool ignore_eos) {
     const ModelConfig& c = run.cfg();
     const int64_t P = static_cast<int64_t>(prompt.size()), V = c.vocab_size;
-    if (K != 1) fail("--speculative-tokens ", K, ": the GPU drafts one token per round for now (use 1)");
+    if (K < 1 || K > kMaxSpeculativeTokens)
+        fail("--speculative-tokens ", K, ": the GPU drafts 1 to ", kMaxSpeculativeTokens, " tokens per round");
     if (!run.options().rollback) fail("generate_speculative: the runner was made without RunnerOptions::rollback");
     if (prompt.empty()) fail("generate: the prompt is empty");
     if (max_new < 0) fail("generate: max_new must be >= 0, got ", max_new);
@@ -169,6 +210,7 @@ SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& 
     if (max_new == 0) return res;
     auto is_eos = [&](int32_t id) { return !ignore_eos && id == c.eos_token_id; };
     const int64_t step_max = std::max<int64_t>(1, std::min(run.options().max_batch_tokens, run.options().max_logit_rows));
+    if (K + 1 > step_max) fail("--speculative-tokens ", K, ": a step must hold ", K + 1, " tokens (max ", step_max, ")");
     const int64_t step = std::min(chunk > 0 ? chunk : P, step_max);
     const int32_t slot = run.open();
     if (slot < 0) fail("generate: no free sequence slot");
@@ -179,7 +221,7 @@ SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& 
         std::vector<float> logits, mtp;
         // Prefill. The MTP block follows every prompt position; the last one's next token is the
         // main model's first output, so the last chunk runs as a plain step and then its MTP half.
-        int32_t draft = 0;
+        std::vector<int32_t> drafts;   // this round's d_1 .. d_K
         for (int64_t t = 0; t < P; t += step) {
             const int64_t n = std::min(step, P - t);
             const std::vector<int32_t> toks(prompt.begin() + t, prompt.begin() + t + n);
@@ -188,47 +230,68 @@ SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& 
                              logits, mtp);
                 continue;
             }
-            run.step({{slot, toks}}, false, logits);
-            out.push_back(argmax_row(logits.data(), V));
-            std::vector<int32_t> next(prompt.begin() + t + 1, prompt.end());
-            next.push_back(out.back());
-            run.mtp_step({next}, mtp);
-            draft = argmax_row(mtp.data() + (n - 1) * V, V);
+            // The last chunk: its greedy token, the MTP block over its positions (fed the prompt's
+            // next tokens and that token) and d_1 at the last one, then d_2 .. d_K chained.
+            std::vector<std::vector<SampledToken>> drawn;
+            std::vector<std::vector<int32_t>> first;
+            run.step_spec({{slot, toks, false, -1}}, {SampleSpec{0.0f}}, drawn, first);
+            out.push_back(drawn[0][0].id);
+            drafts = {first[0][0]};
+            const int64_t chain = std::min<int64_t>(K - 1, std::max<int64_t>(limit - (P + 1) - 1, 0));
+            if (chain > 0) {
+                std::vector<std::vector<int32_t>> chained;
+                run.draft_chain({{slot, n - 1, drafts[0], SampleSpec{0.0f}}}, chain, chained);
+                drafts.insert(drafts.end(), chained[0].begin(), chained[0].end());
+            }
         }
-        // Rounds: verify [x, draft] in one step_verify (the main model's greedy tokens after x and
-        // after the draft, and the MTP block's next draft after each); keep the draft and the bonus
-        // token, or the correction alone and drop the draft's position with a rewind (the save /
-        // restore branch is for drafts that would cross into a new compressor window, which one
-        // draft never does).
-        std::vector<std::vector<int32_t>> main_ids, draft_ids;
+        // Rounds: verify [x, d_1 .. d_k] in one step_verify (the main model's greedy token after
+        // each, and the MTP block's draft after each); keep the leading drafts equal to the main
+        // model's tokens and the token after them; chain the next round's drafts from the MTP row
+        // of the last kept position (draft_chain); drop the rejected positions with a rewind, or,
+        // where they cross into a new compressor window, restore the record saved before the step
+        // and run the kept tokens again (ref/speculative.h does the latter every time).
+        std::vector<std::vector<int32_t>> main_ids, draft_ids, chained;
         while (static_cast<int64_t>(out.size()) < max_new && !is_eos(out.back())) {
             const int64_t L = P + static_cast<int64_t>(out.size());   // the main model has run L - 1 positions
             const int32_t x = out.back();
             if (L > limit) break;                                     // feeding x would pass the context
-            if (L + 1 > limit) {                                      // room for x only: a plain step
+            const int64_t k = std::min<int64_t>(static_cast<int64_t>(drafts.size()), limit - L);   // drafts at L .. L + k - 1
+            if (k == 0) {                                             // room for x only: a plain step
                 run.step({{slot, {x}}}, false, logits);
                 out.push_back(argmax_row(logits.data(), V));
                 break;
             }
-            const bool saved = run.rewind_needs_save(L, 1);          // the draft's position
+            const bool saved = run.rewind_needs_save(L, k);          // the drafts' positions
             if (saved) run.save_state(slot);
-            run.step_verify({{slot, {x, draft}}}, main_ids, draft_ids);
+            std::vector<int32_t> fed{x};
+            fed.insert(fed.end(), drafts.begin(), drafts.begin() + k);
+            run.step_verify({{slot, fed}}, main_ids, draft_ids);
             ++st.rounds;
-            ++st.drafted;
+            st.drafted += k;
+            int64_t a = 0;   // accepted drafts (ref/speculative.h's rule: an accepted eos ends the round)
             std::vector<int32_t> fresh;
-            if (main_ids[0][0] == draft) {
-                ++st.accepted;
-                fresh = {draft, main_ids[0][1]};
-                draft = draft_ids[0][1];
-            } else {
-                fresh = {main_ids[0][0]};
-                draft = draft_ids[0][0];
+            while (a < k && drafts[static_cast<size_t>(a)] == main_ids[0][static_cast<size_t>(a)]) {
+                fresh.push_back(drafts[static_cast<size_t>(a++)]);
+                if (is_eos(fresh.back())) break;
+            }
+            st.accepted += a;
+            if (fresh.empty() || !is_eos(fresh.back())) fresh.push_back(main_ids[0][static_cast<size_t>(a)]);
+            // The next round's drafts: d_1 from the MTP row of the last kept position (token a of
+            // the step), then chained.
+            drafts = {draft_ids[0][static_cast<size_t>(a)]};
+            const int64_t room = limit - (L + a + 1);                 // positions after the next x
+            const int64_t chain = std::min<int64_t>(K - 1, std::max<int64_t>(room - 1, 0));
+            if (chain > 0) {
+                run.draft_chain({{slot, a, drafts[0], SampleSpec{0.0f}}}, chain, chained);
+                drafts.insert(drafts.end(), chained[0].begin(), chained[0].end());
+            }
+            if (a < k) {
                 if (saved) {
                     ++st.rerun_steps;
                     run.restore_state(slot, L - 1);
-                    run.step({{slot, {x}}}, false, logits);
+                    run.step({{slot, std::vector<int32_t>(fed.begin(), fed.begin() + a + 1)}}, false, logits);
                 } else {
-                    run.rewind(slot, L);
+                    run.rewind(slot, L + a);
                 }
             }
             st.round_tokens += static_cast<int64_t>(fresh.size());

@@ -275,6 +275,8 @@ struct Runner::Impl {
     int64_t last_rows = 0;                        // its logit rows without graph padding
     int64_t last_rows_all = 0;                    // its logit rows with padding (== last_shape.T: every token)
     std::vector<int64_t> last_chunk_lens;         // its chunks' token counts (empty: no step to follow)
+    std::vector<int32_t> last_pos, last_slot;     // its tokens' positions and slots (host copies)
+    bool chain_ready = false;                     // ws.X holds the MTP pass's streams of the last step_spec
     // The MTP pass over the last step's positions (next tokens already in ws.mtp_next): `rows` logit
     // rows back (the step's real tokens, in order).
     void mtp_pass(int64_t rows, std::vector<float>& mtp_logits);
@@ -674,6 +676,7 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     aa.q = ws.q;
     aa.kv = ws.kv;
     aa.ring = pool->ring(l);
+    aa.ring_rows = static_cast<int32_t>(pool->layout().ring_rows);
     aa.comp = comp_rows;   // ratio 0 for SWA
     aa.topk = d.kind == AttnKind::csa ? ws.topk : nullptr;
     aa.topk_k = d.kind == AttnKind::csa ? static_cast<int32_t>(c.index_topk) : 0;
@@ -683,7 +686,7 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     aa.out = ws.o;
     aa.kv_fp8 = pool->layout().kv.fp8;
     cuda::sparse_attention(aa, b, stream);
-    cuda::window_write(ws.kv, hd, c.sliding_window, pool->ring(l), b, stream, pool->layout().kv);
+    cuda::window_write(ws.kv, hd, pool->layout().ring_rows, pool->ring(l), b, stream, pool->layout().kv);
     mark("attn.sparse");
 
     // o (inverse-rotated by the attention kernel) → grouped wo_a → wo_b.
@@ -965,6 +968,7 @@ void Runner::step_mtp(const std::vector<RunnerChunk>& chunks, const std::vector<
 
 void Runner::Impl::mtp_pass(int64_t rows, std::vector<float>& mtp_logits) {
     const ModelConfig& c = cfg;
+    chain_ready = false;
     // Every position of the step gets a logit row (the rows of an all-logits step are its tokens).
     const Shape s{last_shape.T, last_shape.C, last_shape.T};
     if (last_rows_all != last_shape.T) {
@@ -1053,6 +1057,7 @@ void Runner::step_spec(const std::vector<SpecChunk>& chunks, const std::vector<S
     std::vector<SampledToken> rows;
     I.run(rc, false, nullptr, &row_spec, nullptr, &rows, &sio);
     I.last_chunk_lens.clear();   // the MTP pass rewrote the main streams: no mtp_step may follow
+    I.chain_ready = true;        // ... and left its own: draft_chain may follow
     drawn.assign(chunks.size(), {});
     drafts.assign(chunks.size(), {});
     size_t r = 0;
@@ -1075,6 +1080,102 @@ void Runner::step_verify(const std::vector<RunnerChunk>& chunks, std::vector<std
     main_ids.assign(chunks.size(), {});
     for (size_t i = 0; i < chunks.size(); ++i)
         for (const SampledToken& d : drawn[i]) main_ids[i].push_back(d.id);
+}
+
+void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, std::vector<std::vector<int32_t>>& drafts,
+                         std::vector<float>* logits) {
+    Impl& I = *impl_;
+    Workspace& ws = I.ws;
+    const ModelConfig& c = I.cfg;
+    drafts.assign(starts.size(), {});
+    if (logits) logits->clear();
+    if (steps <= 0 || starts.empty()) return;
+    if (!I.dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+    if (!I.chain_ready) fail("gpu runner: draft_chain needs a step_spec or step_verify just before it");
+    if (steps > kGraphChunkMax - 1) fail("gpu runner: ", steps, " chained drafts, at most ", kGraphChunkMax - 1);
+    const int64_t n = static_cast<int64_t>(starts.size());
+    if (n > ws.C || n > ws.R) fail("gpu runner: ", n, " chained drafts per step, more than ", std::min(ws.C, ws.R));
+    std::vector<bool> seen(static_cast<size_t>(I.pool->n_slots()), false);
+    for (size_t i = 0; i < starts.size(); ++i) {
+        const ChainStart& st = starts[i];
+        if (st.row < 0 || st.row >= static_cast<int64_t>(I.last_pos.size()))
+            fail("gpu runner: chain start ", i, ": row ", st.row, " is not a token of the last step (", I.last_pos.size(), ")");
+        if (I.last_slot[static_cast<size_t>(st.row)] != st.slot)
+            fail("gpu runner: chain start ", i, ": row ", st.row, " is slot ", I.last_slot[static_cast<size_t>(st.row)],
+                 "'s, not ", st.slot, "'s");
+        if (seen[static_cast<size_t>(st.slot)]) fail("gpu runner: slot ", st.slot, " is chained twice");
+        seen[static_cast<size_t>(st.slot)] = true;
+        if (st.draft < 0 || st.draft >= c.vocab_size)
+            fail("gpu runner: chain start ", i, ": draft ", st.draft, " is outside the vocabulary [0, ", c.vocab_size, ")");
+        if (I.last_pos[static_cast<size_t>(st.row)] + steps >= I.opt.max_model_len)
+            fail("gpu runner: chain start ", i, ": positions past --max-model-len ", I.opt.max_model_len);
+        if (st.spec.n_top > cuda::kMaxTopLogprobs) fail("gpu runner: ", st.spec.n_top, " top logprobs");
+    }
+    const cudaStream_t stream = I.stream;
+    const int64_t hcD = c.hc_mult * c.hidden_size;
+    // The chained positions p + 1 .. p + steps write rows of the MTP block's ring; with its
+    // StateLayout::kRingSpare spare rows they overwrite none that a later query reads (the next
+    // real query, at p + 1, reads positions from p + 2 − W), and the next real pass rewrites them.
+    // The starting rows' MTP streams to rows 0 .. n − 1.
+    for (int64_t i = 0; i < n; ++i)
+        check(cudaMemcpyAsync(ws.X2 + i * hcD, ws.X + starts[static_cast<size_t>(i)].row * hcD, static_cast<size_t>(hcD) * 4,
+                              cudaMemcpyDeviceToDevice, stream),
+              "chained draft streams");
+    std::swap(ws.X, ws.X2);
+    std::vector<int32_t> prev(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) prev[static_cast<size_t>(i)] = starts[static_cast<size_t>(i)].draft;
+    for (int64_t k = 1; k <= steps; ++k) {
+        // One token per start at position p + k (a chunk of its own), next token d_k.
+        int32_t* tok = I.pinned_in;
+        int32_t* pos = tok + ws.T;
+        int32_t* slot = pos + ws.T;
+        int32_t* chunk = slot + ws.T;
+        int32_t* first = chunk + ws.T;
+        int32_t* len = first + ws.C;
+        int32_t* rows = len + ws.C;
+        int32_t* next = I.pinned_in + (ws.mtp_next - ws.in);
+        char* samp = static_cast<char*>(I.pinned_samp_in);
+        for (int64_t i = 0; i < n; ++i) {
+            const ChainStart& st = starts[static_cast<size_t>(i)];
+            tok[i] = 0;
+            pos[i] = static_cast<int32_t>(I.last_pos[static_cast<size_t>(st.row)] + k);
+            slot[i] = st.slot;
+            chunk[i] = first[i] = rows[i] = static_cast<int32_t>(i);
+            len[i] = 1;
+            next[i] = prev[static_cast<size_t>(i)];
+            reinterpret_cast<uint64_t*>(samp)[i] = st.spec.seed;
+            reinterpret_cast<int64_t*>(samp + 8 * ws.R)[i] = st.spec.index + k;
+            reinterpret_cast<float*>(samp + 16 * ws.R)[i] = st.spec.temperature;
+            reinterpret_cast<float*>(samp + 20 * ws.R)[i] = st.spec.top_p;
+            reinterpret_cast<float*>(samp + 24 * ws.R)[i] = st.spec.min_p;
+            reinterpret_cast<int32_t*>(samp + 28 * ws.R)[i] = st.spec.top_k;
+        }
+        check(cudaMemcpyAsync(ws.in, I.pinned_in, static_cast<size_t>(ws.in_ints) * 4, cudaMemcpyHostToDevice, stream),
+              "chained draft inputs");
+        check(cudaMemcpyAsync(ws.samp_in, I.pinned_samp_in, ws.samp_in_bytes, cudaMemcpyHostToDevice, stream),
+              "chained draft sampling inputs");
+        I.enqueue_mtp(Impl::Shape{n, n, n});   // leaves the block's streams of these rows in ws.X
+        if (logits) {
+            check(cudaMemcpyAsync(I.pinned_logits, ws.logits, static_cast<size_t>(n * c.vocab_size) * 4,
+                                  cudaMemcpyDeviceToHost, stream),
+                  "chained draft logits");
+            check(cudaStreamSynchronize(stream), "chained draft logits");
+            logits->insert(logits->end(), I.pinned_logits, I.pinned_logits + n * c.vocab_size);
+        }
+        I.sample_drafts(n, ws.mtp_ids);
+        check(cudaMemcpyAsync(I.pinned_drafts, ws.mtp_ids, static_cast<size_t>(n) * 4, cudaMemcpyDeviceToHost, stream),
+              "chained drafts");
+        check(cudaStreamSynchronize(stream), "chained drafts");
+        for (int64_t i = 0; i < n; ++i) {
+            prev[static_cast<size_t>(i)] = I.pinned_drafts[i];
+            drafts[static_cast<size_t>(i)].push_back(I.pinned_drafts[i]);
+        }
+    }
+    // Back to the buffer parity the captured graphs were recorded with (enqueue_mtp swaps an even
+    // number of times; the gather above swapped once).
+    std::swap(ws.X, ws.X2);
+    I.chain_ready = false;
+    I.last_chunk_lens.clear();
 }
 
 bool Runner::rewind_needs_save(int64_t first, int64_t n) const {
@@ -1235,6 +1336,9 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
         check(cudaMemcpyAsync(ws.samp_in, I.pinned_samp_in, ws.samp_in_bytes, cudaMemcpyHostToDevice, I.stream),
               "sampling inputs");
     const Impl::Shape shape{Tp, bucket ? bucket : B, Rp};
+    I.chain_ready = false;
+    I.last_pos.assign(pos, pos + T);
+    I.last_slot.assign(slot, slot + T);
     I.last_shape = shape;
     I.last_rows = R;
     I.last_rows_all = all_logits ? Rp : -1;

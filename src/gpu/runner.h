@@ -165,6 +165,25 @@ public:
     // verified.)
     void step_verify(const std::vector<RunnerChunk>& chunks, std::vector<std::vector<int32_t>>& main_ids,
                      std::vector<std::vector<int32_t>>& draft_ids);
+    // Chained drafting (K > 1 drafts per round; ref/speculative.h step 1: the checkpoint's one MTP
+    // block run again, as DeepSeek chains its sequential MTP modules). Right after step_spec or
+    // step_verify (nothing may run in between; rewind and restore_state may): for each start, the
+    // MTP block at positions p + 1 .. p + steps (p: the position of the step's token `row`, whose
+    // MTP draft is d_1), fed at p + k its own pre-head streams from p + k − 1 and the token d_k,
+    // giving d_{k+1}: drafts[i] = {d_2 .. d_{steps+1}}, drawn as step_spec draws drafts (argmax for
+    // a greedy spec, else a draw keyed on spec.index + k). The chained positions' rows of the MTP
+    // block's window ring are scratch (the ring's spare rows: they overwrite no row a later query
+    // reads, and the next real pass rewrites them). Throws Error on bad input.
+    struct ChainStart {
+        int32_t slot = -1;
+        int64_t row = 0;            // token index in the last step (chunk i's token j: Σ earlier chunks' tokens + j)
+        int32_t draft = -1;         // d_1
+        SampleSpec spec;            // how d_2 .. are drawn (index: d_1's)
+    };
+    // logits (tests): if set, f32 [steps, starts, V] the MTP block's logits of each chained step.
+    void draft_chain(const std::vector<ChainStart>& starts, int64_t steps, std::vector<std::vector<int32_t>>& drafts,
+                     std::vector<float>* logits = nullptr);
+
     // Whether dropping positions [first, first + n) of a step (drafts that may be rejected) needs
     // a saved record: true when they cross from first's compressor window into the next
     // (StateLayout::rewind_exact). Then save_state before the step, and after it restore_state

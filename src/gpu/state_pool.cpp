@@ -9,6 +9,7 @@
 #include "core/common.h"
 #include "cuda/compressor.h"
 #include "io/formats.h"
+#include "ref/speculative.h"
 
 namespace megamoe::gpu {
 
@@ -20,11 +21,16 @@ void check(cudaError_t e, const char* what) {
 
 int64_t round_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
 
+// A verification step writes its drafts' positions into the rings; a rewind drops up to
+// kMaxSpeculativeTokens of them without a copy (state_pool.h).
+static_assert(StateLayout::kRingSpare >= kMaxSpeculativeTokens, "ring rows for the drafts a rewind drops");
+
 }  // namespace
 
 StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool with_mtp, bool kv_fp8) {
     StateLayout L;
     L.W = c.sliding_window;
+    L.ring_rows = L.W + kRingSpare;
     L.hd = c.head_dim;
     L.dI = c.index_head_dim;
     if (kv_fp8 && !cuda::KvRow::fp8_fits(c.head_dim, c.qk_rope_head_dim))
@@ -40,7 +46,7 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool w
         ly.ratio = kind == AttnKind::sliding ? 0 : static_cast<int32_t>(c.ratio(l));
         ly.csa = kind == AttnKind::csa;
         ly.ring_off = slot;
-        slot += round_up(L.W * kv_bytes, 256);
+        slot += round_up(L.ring_rows * kv_bytes, 256);
         if (kind != AttnKind::sliding) {
             if (block_tokens % ly.ratio)
                 fail("state pool: block of ", block_tokens, " positions is not a multiple of layer ", l, "'s ratio ",
@@ -62,7 +68,7 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool w
     if (with_mtp) {   // the MTP block: a sliding-window layer
         Layer ly;
         ly.ring_off = slot;
-        slot += round_up(L.W * kv_bytes, 256);
+        slot += round_up(L.ring_rows * kv_bytes, 256);
         L.layers.push_back(ly);
     }
     L.slot_bytes = std::max<int64_t>(slot, 256);
@@ -72,6 +78,7 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool w
 
 bool StateLayout::rewind_exact(int64_t first, int64_t n) const {
     if (n <= 0) return true;
+    if (n > kRingSpare) return false;   // the later ones' ring rows would overwrite rows the window reads
     for (const Layer& ly : layers)
         if (ly.ratio > 0 && (first + n - 1) / ly.ratio != first / ly.ratio) return false;
     return true;
@@ -368,7 +375,7 @@ SequenceState StatePool::download(const ModelConfig& c, int32_t slot) const {
         // The CPU keeps the last min(W - 1, n) rows in position order.
         ls.n_window = std::min(W - 1, n);
         for (int64_t p = n - ls.n_window; p < n; ++p) {
-            const std::vector<float> row = download_kv_row(rec + ly.ring_off + (p % W) * L_.kv.bytes(), L_.kv);
+            const std::vector<float> row = download_kv_row(rec + ly.ring_off + (p % L_.ring_rows) * L_.kv.bytes(), L_.kv);
             ls.window.insert(ls.window.end(), row.begin(), row.end());
         }
         auto comp = [&](int64_t off, int64_t rows_off, int64_t d, bool overlap, bool kv_rows, CompressorState& cs) {

@@ -2,7 +2,10 @@
 // addressed through block tables. Nothing is allocated after construction.
 //
 //   slot record (one per sequence slot, fixed size, all layers):
-//       per layer: the sliding-window ring [W] KV rows (position p in row p mod W); with an MTP
+//       per layer: the sliding-window ring [R] KV rows, R = W + kRingSpare (position p in row
+//                  p mod R: a speculative step writes up to kRingSpare positions past the one
+//                  a rewind keeps, and with the spare rows they never overwrite a row that a later
+//                  query reads, so dropping them needs no copy); with an MTP
 //                  block, one more ring after the main layers (its sliding window);
 //                  CSA/HCA: the attention compressor's open window (cuda::compressor_state_bytes);
 //                  CSA: the indexer compressor's open window
@@ -43,7 +46,9 @@ struct StateLayout {
         int32_t ratio = 0;                   // 0 (SWA), 4 (CSA) or the HCA ratio
         bool    csa = false;                 // overlapping compressor + indexer
     };
+    static constexpr int64_t kRingSpare = 3;   // kMaxSpeculativeTokens (ref/speculative.h)
     int64_t W = 0, hd = 0, dI = 0;
+    int64_t ring_rows = 0;                   // W + kRingSpare
     cuda::KvRow kv;                          // how ring rows and compressed rows are stored
     int64_t block_tokens = 0;
     int64_t slot_bytes = 0;                  // one slot record
@@ -108,11 +113,12 @@ public:
     void save(int32_t slot, CUstream_st* stream);
     void restore(int32_t slot, int64_t n_past, CUstream_st* stream);
     // Sets the position back to n_past (≤ the current one) without touching device memory. Exact
-    // when StateLayout::rewind_exact holds for the dropped positions and the step that wrote them
-    // had at most min(ratio) tokens: the window rings (row p mod W), the compressed rows and the
-    // indexer keys are keyed by position, so the dropped positions' writes are never read before
-    // later steps rewrite them, and the compressors' records are kept exact for such a cut
-    // (cuda/compressor.h, "Rewind"). The caller checks.
+    // when StateLayout::rewind_exact holds for the dropped positions, the step that wrote them
+    // had at most min(ratio) tokens and at most kRingSpare of them are dropped: the window rings
+    // (row p mod ring_rows), the compressed rows and the indexer keys are keyed by position, so the
+    // dropped positions' writes are never read before later steps rewrite them (the rings' spare
+    // rows keep them off the rows the window still reads), and the compressors' records are kept
+    // exact for such a cut (cuda/compressor.h, "Rewind"). The caller checks.
     void rewind(int32_t slot, int64_t n_past);
 
     // Uploads the block-table rows changed since the last call (stream-ordered, from pinned memory).

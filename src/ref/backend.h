@@ -70,25 +70,27 @@ public:
     }
     // Speculative decoding (the serving engine's rule, ref/speculative.h "the serving engine's
     // rule"): a backend with the MTP block that can drop rejected positions (the GPU runner).
-    // A chunk with a draft is a generating sequence's last accepted token (tokens, one) and the
-    // draft: the backend verifies both in one step, keeps the draft when the token it draws after
-    // the last one (spec[i], key index spec[i].index) equals it, drops it otherwise, and returns
-    // the draws (the accepted draft's and the one after it at index + 1, or the one draw). A chunk
-    // without a draft (a prompt chunk, or a decode) returns the draw after its last token; `next`
-    // is the token after its last when the sequence continues with known tokens (a prompt chunk
-    // followed by more prompt), else -1. Every chunk returns the MTP block's draft (drawn with
-    // spec[i]'s parameters: greedy requests get the argmax) for the
-    // position after its last returned token. All the slot's steps must go through this call
+    // A chunk with drafts is a generating sequence's last accepted token (tokens, one) and its
+    // drafts d_1 .. d_k: the backend verifies them in one step, keeps the leading drafts that equal
+    // the tokens it draws after the position before each (spec[i], key index spec[i].index + j for
+    // the token after j kept ones), drops the rest, and returns the draws (those of the kept drafts
+    // and the one after them: 1 .. k + 1 tokens). A chunk without drafts (a prompt chunk, or a
+    // decode) returns the draw after its last token; `next` is the token after its last when the
+    // sequence continues with known tokens (a prompt chunk followed by more prompt), else -1.
+    // Every chunk returns up to n_drafts drafts for the positions after its last returned token,
+    // from the MTP block (drawn with spec[i]'s parameters: greedy requests get the argmax), chained
+    // past the first (ref/speculative.h step 1). All the slot's steps must go through this call
     // (the MTP block follows every position). Throws Error on bad input, changing nothing.
     struct SpecChunk {
         int32_t slot = -1;
-        std::vector<int32_t> tokens;   // new tokens (with a draft: exactly one, the last accepted)
-        int32_t draft = -1;            // -1: none
+        std::vector<int32_t> tokens;   // new tokens (with drafts: exactly one, the last accepted)
+        std::vector<int32_t> drafts;   // empty: none
         int32_t next = -1;
+        int32_t n_drafts = 1;          // drafts wanted for the next round (the engine's K)
     };
     struct SpecOut {
-        std::vector<SampledToken> tokens;   // 1 or 2 draws, in output order
-        int32_t draft = -1;                 // the next draft
+        std::vector<SampledToken> tokens;   // 1 .. k + 1 draws, in output order
+        std::vector<int32_t> drafts;        // the next drafts (1 .. n_drafts)
     };
     virtual bool    has_speculative() const { return false; }
     virtual void    step_speculative(const std::vector<SpecChunk>& /*chunks*/, const std::vector<SampleSpec>& /*spec*/,

@@ -89,7 +89,7 @@ SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int3
     gpu::RunnerOptions ro;
     ro.max_seqs = 1;
     ro.max_batch_tokens = o.max_batch_tokens;
-    ro.max_logit_rows = std::max<int64_t>(o.max_logit_rows, 2);
+    ro.max_logit_rows = std::max<int64_t>(o.max_logit_rows, 1 + so.draft_tokens);
     ro.max_model_len = o.max_model_len;
     ro.memory_fraction = o.gpu_memory_fraction;
     ro.graphs = o.graphs;

@@ -48,7 +48,7 @@ MtpLogits sequence_logits_mtp_on(const Model& m, const std::vector<int32_t>& tok
                                  const BackendOptions& o, std::ostream* log);
 
 // Greedy speculative generation of one sequence (the MTP block drafting) on the backend o.name
-// names: the CPU reference (ref/speculative.h, K = 1..3) or the GPU runner (gpu/backend.h, K = 1).
+// names: the CPU reference (ref/speculative.h, K = 1..3) or the GPU runner (gpu/backend.h, K = 1..3, greedy).
 SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
                                           const SpeculativeOptions& so, const BackendOptions& o, std::ostream* log);
 

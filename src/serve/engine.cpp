@@ -1,5 +1,6 @@
 // engine.cpp — the scheduler loop: admit, build a mixed prefill/decode batch, forward, sample.
 #include "serve/engine.h"
+#include "ref/speculative.h"
 
 #include <algorithm>
 #include <chrono>
@@ -44,7 +45,7 @@ struct Engine::Request {
     int64_t n_fed = 0;
     int64_t n_generated = 0;
     int64_t snap_at = 0;           // a prefill chunk ends here for a prefix snapshot (0: none due)
-    int32_t draft = -1;            // speculative decoding: the MTP block's guess of the token after seq's last
+    std::vector<int32_t> drafts;   // speculative decoding: the MTP block's guesses of the tokens after seq's last
     bool cancelled = false;
     Clock::time_point submitted, last_token;
 
@@ -76,8 +77,9 @@ Engine::Engine(std::unique_ptr<Model> model, std::unique_ptr<Backend> backend, c
     if (opt_.max_seqs < 1) fail("max_seqs must be >= 1");
     opt_.max_batch_tokens = std::min(opt_.max_batch_tokens, backend_->max_batch_tokens());
     opt_.max_seqs = std::min({opt_.max_seqs, backend_->max_seqs(), backend_->max_logit_rows()});
-    if (opt_.speculative_tokens < 0 || opt_.speculative_tokens > 1)
-        fail("--speculative-tokens ", opt_.speculative_tokens, ": the engine drafts 0 or 1 token per step for now");
+    if (opt_.speculative_tokens < 0 || opt_.speculative_tokens > kMaxSpeculativeTokens)
+        fail("--speculative-tokens ", opt_.speculative_tokens, ": the engine drafts 0 to ", kMaxSpeculativeTokens,
+             " tokens per step");
     if (opt_.speculative_tokens > 0) {
         if (!backend_->has_speculative())
             fail("--speculative-tokens: the ", backend_->name(),
@@ -255,7 +257,7 @@ void Engine::preempt(Request& r) {
     r.slot = -1;
     r.n_fed = 0;
     r.snap_at = 0;
-    r.draft = -1;
+    r.drafts.clear();
     ++metrics_.preemptions_total;
     auto it = std::find_if(running_.begin(), running_.end(), [&](const auto& p) { return p.get() == &r; });
     waiting_.push_front(std::move(*it));   // first in line when room comes back (vLLM's order)
@@ -335,7 +337,7 @@ void Engine::maybe_snapshot(Request& r) {
 bool Engine::step() {
     std::vector<Request*> cancelled, chunk_of, no_room;
     std::vector<BackendChunk> batch;
-    std::vector<int32_t> drafts;   // per chunk: the draft it verifies (speculation), or -1
+    std::vector<std::vector<int32_t>> drafts;   // per chunk: the drafts it verifies (speculation)
     {
         std::lock_guard<std::mutex> lk(m_);
         // Waiting requests cancelled before they ran leave at once.
@@ -359,8 +361,10 @@ bool Engine::step() {
                 continue;
             }
             if (r->slot >= 0 && r->generating()) {
-                // With a draft (speculation): the last token and the draft, within the context.
-                const int64_t n = r->draft >= 0 && r->n_fed + 2 <= max_model_len_ && budget >= 2 ? 2 : 1;
+                // With drafts (speculation): the last token and the drafts, within the context.
+                const int64_t k = std::min({static_cast<int64_t>(r->drafts.size()), max_model_len_ - r->n_fed - 1,
+                                            budget - 1});
+                const int64_t n = 1 + std::max<int64_t>(k, 0);
                 want[r.get()] = n;
                 budget -= n;
             }
@@ -406,10 +410,11 @@ bool Engine::step() {
             auto w = want.find(r.get());
             if (w == want.end() || r->cancelled) continue;
             const int64_t fed = r->n_fed;
-            const int64_t n = r->generating() ? 1 : w->second;   // a verified chunk: its last token, then the draft
+            const int64_t n = r->generating() ? 1 : w->second;   // a verified chunk: its last token, then the drafts
             batch.push_back({r->slot, std::vector<int32_t>(r->seq.begin() + fed, r->seq.begin() + fed + n)});
             chunk_of.push_back(r.get());
-            drafts.push_back(r->generating() && w->second == 2 ? r->draft : -1);
+            drafts.push_back(r->generating() ? std::vector<int32_t>(r->drafts.begin(), r->drafts.begin() + (w->second - 1))
+                                             : std::vector<int32_t>{});
         }
     }
     for (Request* r : cancelled) finish(*r, FinishReason::cancelled);
@@ -447,10 +452,11 @@ bool Engine::step() {
                     const Request& r = *chunk_of[i];
                     const int64_t end = r.n_fed + static_cast<int64_t>(batch[i].tokens.size());
                     // A prompt (or recomputation) chunk followed by more of it knows its next token.
-                    const int32_t next = drafts[i] < 0 && end < static_cast<int64_t>(r.seq.size())
+                    const int32_t next = drafts[i].empty() && end < static_cast<int64_t>(r.seq.size())
                                              ? r.seq[static_cast<size_t>(end)]
                                              : -1;
-                    sc.push_back({batch[i].slot, batch[i].tokens, drafts[i], next});
+                    sc.push_back({batch[i].slot, batch[i].tokens, drafts[i], next,
+                                  static_cast<int32_t>(opt_.speculative_tokens)});
                 }
                 backend_->step_speculative(sc, spec, spec_out);
             } else {
@@ -474,14 +480,14 @@ bool Engine::step() {
         r.n_fed += static_cast<int64_t>(batch[i].tokens.size());
         if (speculative) {
             // Snapshots are taken where the state stands after a chunk; a verified step that keeps
-            // two tokens can step over a block boundary, and then no snapshot is taken there.
+            // several tokens can step over a block boundary, and then no snapshot is taken there.
             maybe_snapshot(r);
             if (r.n_fed < static_cast<int64_t>(r.seq.size())) continue;   // more prompt to run
             const Backend::SpecOut& so = spec_out[i];
-            if (drafts[i] >= 0) {
+            if (!drafts[i].empty()) {
                 std::lock_guard<std::mutex> lk(m_);
-                ++metrics_.spec_drafts_total;
-                metrics_.spec_accepted_total += so.tokens.size() == 2 ? 1 : 0;
+                metrics_.spec_drafts_total += drafts[i].size();
+                metrics_.spec_accepted_total += so.tokens.size() - 1;
             }
             try {
                 bool alive = true;
@@ -497,7 +503,7 @@ bool Engine::step() {
                     }
                     alive = deliver(r, out);
                 }
-                if (alive) r.draft = so.draft;
+                if (alive) r.drafts = so.drafts;
             } catch (const std::exception& e) {
                 finish(r, FinishReason::error, e.what());
             }

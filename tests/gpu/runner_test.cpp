@@ -305,19 +305,111 @@ TEST_P(GpuRunner, SpeculativeGreedyEqualsGreedy) {
     gpu::RunnerOptions o = small_options();
     o.rollback = true;
     gpu::Runner run(*c->model, o);
-    for (int64_t chunk : {int64_t{0}, int64_t{5}}) {
-        const SpeculativeResult r = gpu::generate_speculative(run, prompt, N, 1, chunk, true);
-        std::printf("[ %s ] GPU speculative K=1 (chunk %ld): %ld rounds, %ld of %ld drafts accepted, %ld rollbacks\n",
-                    GetParam().c_str(), static_cast<long>(chunk), static_cast<long>(r.stats.rounds),
-                    static_cast<long>(r.stats.accepted), static_cast<long>(r.stats.drafted),
-                    static_cast<long>(r.stats.rerun_steps));
-        EXPECT_EQ(r.tokens, plain) << "chunk " << chunk;
-        EXPECT_EQ(r.stats.drafted, r.stats.rounds);
-        // One draft is always rewound: no re-run.
-        EXPECT_EQ(r.stats.rerun_steps, 0);
-        EXPECT_EQ(r.stats.round_tokens, r.stats.rounds + r.stats.accepted);
+    for (int64_t K = 1; K <= kMaxSpeculativeTokens; ++K)
+        for (int64_t chunk : {int64_t{0}, int64_t{5}}) {
+            const SpeculativeResult r = gpu::generate_speculative(run, prompt, N, K, chunk, true);
+            std::printf("[ %s ] GPU speculative K=%ld (chunk %ld): %ld rounds, %ld of %ld drafts accepted, %ld re-run "
+                        "steps\n",
+                        GetParam().c_str(), static_cast<long>(K), static_cast<long>(chunk), static_cast<long>(r.stats.rounds),
+                        static_cast<long>(r.stats.accepted), static_cast<long>(r.stats.drafted),
+                        static_cast<long>(r.stats.rerun_steps));
+            EXPECT_EQ(r.tokens, plain) << "K " << K << " chunk " << chunk;
+            EXPECT_LE(r.stats.drafted, K * r.stats.rounds);
+            EXPECT_GE(r.stats.drafted, r.stats.rounds);
+            if (K == 1) {
+                EXPECT_EQ(r.stats.rerun_steps, 0) << "one draft is always rewound: no re-run";
+            }
+            EXPECT_EQ(r.stats.round_tokens, r.stats.rounds + r.stats.accepted);
+        }
+    test::expect_error([&] { gpu::generate_speculative(run, prompt, N, 4, 0, true); }, {"1 to 3"});
+}
+
+// Chained drafts (K > 1): Runner::draft_chain against the CPU's chain (ref/speculative.cpp: the MTP
+// block fed its own pre-head streams and the previous draft, on a scratch copy of its state), and
+// the state it leaves: a runner that chained and one that did not give the same MTP logits, bit
+// for bit, over the next positions (the rows chained positions overwrite are put back; with
+// W = 16 and the prompt lengths below, the next query reads the row chained step 2 overwrote).
+TEST_P(GpuRunner, ChainedDraftsMatchCpuAndLeaveTheState) {
+    Model& m = *c->model;
+    const ModelConfig& cfg = m.cfg;
+    ASSERT_TRUE(m.w.mtp.has_value());
+    const int64_t Vn = V(), HD = cfg.hc_mult * cfg.hidden_size, steps = 2;
+    gpu::RunnerOptions o = small_options();
+    o.rollback = true;
+    gpu::Runner a(m, o), b(m, o);
+    const SampleSpec greedy{0.0f};
+    std::vector<std::vector<int32_t>> chained;
+    test::expect_error([&] { a.draft_chain({{0, 0, 1, greedy}}, 1, chained); }, {"step_spec"});
+    double cos_sum = 0;
+    int cos_n = 0;
+    for (size_t P : {size_t{15}, size_t{16}, size_t{37}}) {
+        SCOPED_TRACE(testing::Message() << "prompt " << P);
+        const std::vector<int32_t> prompt(c->input_ids.begin(), c->input_ids.begin() + static_cast<ptrdiff_t>(P));
+        // GPU: step_spec (the greedy token x after the prompt, the MTP block over every prompt
+        // position, the last fed x, giving d_1), then draft_chain (runner a); runner b skips the chain.
+        std::vector<std::vector<SampledToken>> drawn_a, drawn_b;
+        std::vector<std::vector<int32_t>> first_a, first_b;
+        const int32_t sa = a.open(), sb = b.open();
+        ASSERT_TRUE(a.reserve(sa, static_cast<int64_t>(P) + 8) && b.reserve(sb, static_cast<int64_t>(P) + 8));
+        a.step_spec({{sa, prompt, false, -1}}, {greedy}, drawn_a, first_a);
+        b.step_spec({{sb, prompt, false, -1}}, {greedy}, drawn_b, first_b);
+        const int32_t x = drawn_a[0][0].id;
+        ASSERT_EQ(drawn_b[0][0].id, x);
+        std::vector<float> gl;
+        test::expect_error([&] { a.draft_chain({{sa, static_cast<int64_t>(P), first_a[0][0], greedy}}, steps, chained); },
+                           {"not a token of the last step"});
+        a.draft_chain({{sa, static_cast<int64_t>(P) - 1, first_a[0][0], greedy}}, steps, chained, &gl);
+        ASSERT_EQ(chained.size(), 1u);
+        ASSERT_EQ(static_cast<int64_t>(chained[0].size()), steps);
+        ASSERT_EQ(static_cast<int64_t>(gl.size()), steps * Vn);
+        // CPU: the same positions fed the GPU's tokens (x, d_1, d_2: a near tie may pick another id
+        // on the two sides), the chain on a scratch state as ref/speculative.cpp runs it.
+        SequenceState st(cfg);
+        std::vector<float> logits, streams, ml, ms;
+        ForwardOptions fo;
+        fo.streams_out = &streams;
+        std::vector<SequenceChunk> fb{{&st, prompt}};
+        forward(m, fb, fo, logits);
+        std::vector<int32_t> next(prompt.begin() + 1, prompt.end());
+        next.push_back(x);
+        ForwardOptions mo;
+        mo.streams_out = &ms;
+        std::vector<MtpChunk> mb{{&st, streams.data(), next}};
+        mtp_forward(m, mb, mo, ml);
+        std::printf("[ %s | prompt %zu ] x %d (CPU %d), d_1 %d (CPU %d)\n", GetParam().c_str(), P, x, argmax(logits.data(), Vn),
+                    first_a[0][0], argmax(ml.data(), Vn));
+        SequenceState scratch(cfg);
+        scratch.mtp = st.mtp;
+        std::vector<float> h(ms.end() - HD, ms.end());
+        for (int64_t k = 1; k <= steps; ++k) {
+            const int32_t fed = k == 1 ? first_a[0][0] : chained[0][static_cast<size_t>(k - 2)];
+            scratch.n_past = scratch.mtp.n_past + 1;
+            std::vector<MtpChunk> cb{{&scratch, h.data(), {fed}}};
+            mtp_forward(m, cb, mo, ml);
+            h = ms;
+            const double cs = cosine(gl.data() + (k - 1) * Vn, ml.data(), Vn);
+            std::printf("[ %s | prompt %zu ] chained draft %ld: GPU %d, CPU %d, logits cosine %.6f\n", GetParam().c_str(), P,
+                        static_cast<long>(k + 1), chained[0][static_cast<size_t>(k - 1)], argmax(ml.data(), Vn), cs);
+            // Measured on an H200: 0.99996-0.99997 on prompts 15 and 16, 0.99900 / 0.99929 on prompt 37,
+            // whose main-model token is itself a near tie (GPU and CPU pick different ids: its
+            // streams carry this tiny model's bf16 noise, 0.58 logits between schedules). Bar: every
+            // row within twice the worst deficit, and the mean within 0.9995.
+            EXPECT_GE(cs, 0.998) << "chained step " << k;
+            cos_sum += cs;
+            ++cos_n;
+        }
+        // The next positions' MTP logits: runner a (chained) = runner b (not), bit for bit.
+        const std::vector<int32_t> fed{x, first_a[0][0], chained[0][0], chained[0][1]};
+        const std::vector<int32_t> nx{fed[1], fed[2], fed[3], 0};
+        std::vector<float> la, ma, lb, mb2;
+        a.step_mtp({{sa, fed}}, {nx}, la, ma);
+        b.step_mtp({{sb, fed}}, {nx}, lb, mb2);
+        EXPECT_TRUE(la == lb) << "main logits after the chain";
+        EXPECT_TRUE(ma == mb2) << "MTP logits after the chain (a ring row it overwrote was not put back)";
+        a.close(sa);
+        b.close(sb);
     }
-    test::expect_error([&] { gpu::generate_speculative(run, prompt, N, 2, 0, true); }, {"one token per round"});
+    EXPECT_GE(cos_sum / std::max(cos_n, 1), 0.9995) << "mean cosine of the chained drafts' logits";
 }
 
 // step_verify and rewind with drafts from an oracle (the golden models' own MTP drafts are never
@@ -449,10 +541,11 @@ struct Collected {
 };
 
 // A backend that forwards to a GPU backend and replaces the drafts its speculative steps return
-// with the known continuation of the sequence on two of every three, so that the engine's
-// accepted rounds run (the golden models' MTP drafts are almost never accepted). The slot's
-// sequence is tracked from the chunks and draws; the continuation is the plain engine's output
-// for the request whose prompt it starts with.
+// with the known continuation of the sequence on two of every three rounds (on one of them the
+// last of several drafts stays the MTP block's, so that rounds accept some drafts and not all),
+// so that the engine's accepted rounds run (the golden models' MTP drafts are almost never
+// accepted). The slot's sequence is tracked from the chunks and draws; the continuation is the
+// plain engine's output for the request whose prompt it starts with.
 class OracleDrafts final : public Backend {
 public:
     OracleDrafts(std::unique_ptr<Backend> b, std::vector<std::vector<int32_t>> full) : b_(std::move(b)), full_(std::move(full)) {}
@@ -481,11 +574,20 @@ public:
         for (size_t i = 0; i < chunks.size(); ++i) {
             std::vector<int32_t>& s = seq_[chunks[i].slot];
             s.insert(s.end(), chunks[i].tokens.begin(), chunks[i].tokens.end());
-            if (chunks[i].draft >= 0 && out[i].tokens.size() == 2) s.push_back(chunks[i].draft);   // accepted: in the state
-            // The last draw is token s.size() of the sequence; the draft guesses the one after it.
-            for (const std::vector<int32_t>& f : full_)
-                if (f.size() > s.size() + 1 && std::equal(s.begin(), s.end(), f.begin()) && ++rounds_ % 3 != 0)
-                    out[i].draft = f[s.size() + 1];
+            // Accepted drafts are in the state too.
+            s.insert(s.end(), chunks[i].drafts.begin(), chunks[i].drafts.begin() + static_cast<std::ptrdiff_t>(out[i].tokens.size() - 1));
+            // The last draw is token s.size() of the sequence; the drafts guess the ones after it.
+            for (const std::vector<int32_t>& f : full_) {
+                if (f.size() <= s.size() + 1 || !std::equal(s.begin(), s.end(), f.begin())) continue;
+                const int64_t r = ++rounds_ % 3;
+                if (r == 0) break;
+                const size_t n = std::min(out[i].drafts.size(), f.size() - s.size() - 1);
+                std::vector<int32_t> oracle(f.begin() + static_cast<std::ptrdiff_t>(s.size() + 1),
+                                            f.begin() + static_cast<std::ptrdiff_t>(s.size() + 1 + n));
+                if (r == 2 && oracle.size() > 1) oracle.back() = out[i].drafts.back();
+                out[i].drafts = oracle;
+                break;
+            }
         }
     }
     double cache_usage() const override { return b_->cache_usage(); }
@@ -567,17 +669,19 @@ TEST_P(GpuRunner, EngineSpeculativeOutputEqualsPlain) {
                                     c->input_ids.begin() + static_cast<std::ptrdiff_t>(q.begin + q.n));
     };
     for (int64_t max_seqs : {int64_t{1}, int64_t{3}}) {
-        // kind 0: plain; 1: the MTP block's drafts; 2: oracle drafts.
-        std::vector<std::vector<std::vector<int32_t>>> out(3);
-        std::vector<EngineMetrics> metrics(3);
-        for (int kind = 0; kind < 3; ++kind) {
+        // kind 0: plain; 1: the MTP block's drafts, K = 1; 2: oracle drafts, K = 1; 3, 4: the same with K = 3.
+        constexpr int kKinds = 5;
+        auto drafts_of = [](int kind) { return kind == 0 ? 0 : kind <= 2 ? 1 : 3; };
+        std::vector<std::vector<std::vector<int32_t>>> out(kKinds);
+        std::vector<EngineMetrics> metrics(kKinds);
+        for (int kind = 0; kind < kKinds; ++kind) {
             auto m = Model::load(test::golden_dir(GetParam()) + "/model");
             gpu::RunnerOptions o = small_options();
             o.max_seqs = max_seqs;
-            o.max_logit_rows = 2 * max_seqs + 8;
+            o.max_logit_rows = (1 + drafts_of(kind)) * max_seqs + 8;
             o.rollback = kind > 0;
             std::unique_ptr<Backend> b = gpu::make_gpu_backend(*m, o);
-            if (kind == 2) {
+            if (kind == 2 || kind == 4) {
                 std::vector<std::vector<int32_t>> full;
                 for (size_t i = 0; i < reqs.size(); ++i) {
                     full.push_back(prompt(reqs[i]));
@@ -589,7 +693,7 @@ TEST_P(GpuRunner, EngineSpeculativeOutputEqualsPlain) {
             eo.max_seqs = max_seqs;
             eo.max_batch_tokens = max_seqs == 1 ? 256 : 24;   // several: prompt chunks beside verify chunks
             eo.prefix_caching = false;
-            eo.speculative_tokens = kind > 0 ? 1 : 0;
+            eo.speculative_tokens = drafts_of(kind);
             Engine e(std::move(m), std::move(b), eo);
             std::vector<std::unique_ptr<Collected>> cols;
             for (const Req& q : reqs) {
@@ -610,7 +714,7 @@ TEST_P(GpuRunner, EngineSpeculativeOutputEqualsPlain) {
             metrics[static_cast<size_t>(kind)] = e.metrics();
         }
         size_t same = 0, total = 0, ties = 0;
-        for (int kind = 1; kind < 3; ++kind)
+        for (int kind = 1; kind < kKinds; ++kind)
             for (size_t i = 0; i < reqs.size(); ++i) {
                 const std::vector<int32_t>& got = out[static_cast<size_t>(kind)][i];
                 const std::vector<int32_t>& want = out[0][i];
@@ -621,22 +725,27 @@ TEST_P(GpuRunner, EngineSpeculativeOutputEqualsPlain) {
                 if (k == want.size()) continue;
                 ++ties;
                 EXPECT_TRUE(near_tie(prompt(reqs[i]), want, k, got[k], params(reqs[i])))
-                    << "max_seqs " << max_seqs << ", " << (kind == 1 ? "MTP" : "oracle") << " drafts, request " << i
+                    << "max_seqs " << max_seqs << ", " << (kind % 2 == 1 ? "MTP" : "oracle") << " drafts, K "
+                    << drafts_of(kind) << ", request " << i
                     << ": token " << k << " is " << got[k] << ", without speculation " << want[k];
             }
         std::printf("[ %s | max_seqs %ld ] speculative outputs: %zu of %zu tokens before a divergence, %zu divergences "
                     "(each must be a near tie; schedule noise %.4f)\n",
                     GetParam().c_str(), static_cast<long>(max_seqs), same, total, ties, noise);
-        std::printf("[ %s | max_seqs %ld ] drafts accepted: MTP %lu of %lu, oracle %lu of %lu\n", GetParam().c_str(),
-                    static_cast<long>(max_seqs), static_cast<unsigned long>(metrics[1].spec_accepted_total),
-                    static_cast<unsigned long>(metrics[1].spec_drafts_total),
-                    static_cast<unsigned long>(metrics[2].spec_accepted_total),
-                    static_cast<unsigned long>(metrics[2].spec_drafts_total));
+        for (int kind = 1; kind < kKinds; ++kind)
+            std::printf("[ %s | max_seqs %ld ] K=%d %s drafts accepted: %lu of %lu\n", GetParam().c_str(),
+                        static_cast<long>(max_seqs), drafts_of(kind), kind % 2 == 1 ? "MTP" : "oracle",
+                        static_cast<unsigned long>(metrics[static_cast<size_t>(kind)].spec_accepted_total),
+                        static_cast<unsigned long>(metrics[static_cast<size_t>(kind)].spec_drafts_total));
         EXPECT_EQ(metrics[0].spec_drafts_total, 0u);
-        EXPECT_GT(metrics[1].spec_drafts_total, 0u);
-        EXPECT_GT(metrics[2].spec_accepted_total, 0u);
-        EXPECT_LT(metrics[2].spec_accepted_total, metrics[2].spec_drafts_total);
-        for (int kind = 0; kind < 3; ++kind)
+        for (int kind : {1, 3}) EXPECT_GT(metrics[static_cast<size_t>(kind)].spec_drafts_total, 0u);
+        for (int kind : {2, 4}) {
+            EXPECT_GT(metrics[static_cast<size_t>(kind)].spec_accepted_total, 0u);
+            EXPECT_LT(metrics[static_cast<size_t>(kind)].spec_accepted_total, metrics[static_cast<size_t>(kind)].spec_drafts_total);
+        }
+        // K = 3 with oracle drafts: rounds that keep more than two tokens.
+        EXPECT_GT(metrics[4].spec_accepted_total, metrics[2].spec_accepted_total);
+        for (int kind = 0; kind < kKinds; ++kind)
             EXPECT_EQ(metrics[static_cast<size_t>(kind)].generation_tokens_total, reqs.size() * static_cast<size_t>(N));
     }
     // A backend without speculative steps is refused.
