@@ -250,7 +250,7 @@ int main(int argc, char** argv) {
     gen->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
     gen->add_option("--numerics", numerics, numerics_help);
     gen->add_option("--speculative-tokens", spec_tokens,
-                    "draft K tokens a step with the MTP block, verified by the main model (1..3 on the cpu backend, 1 on cuda; 0: off)");
+                    "draft K tokens a step with the MTP block, verified by the main model (1..3; 0: off)");
 
     auto* syn = app.add_subcommand("synth", "write a random checkpoint in the release layout");
     syn->add_option("--out", out, "output directory")->required();
@@ -298,7 +298,7 @@ int main(int argc, char** argv) {
                     "positions of sequence state in the pool, 0: what memory holds (past it: wait, preempt)");
     srv->add_flag("--no-prefix-caching{false}", so.prefix_caching, "do not reuse the state of earlier prompts");
     srv->add_option("--speculative-tokens", so.speculative_tokens,
-                    "draft tokens per step from the checkpoint's MTP block (0: off; 1, the cuda backend)");
+                    "draft tokens per step from the checkpoint's MTP block (0: off; 1..3, the cuda backend)");
 
     CLI11_PARSE(app, argc, argv);
     // serve waits for SIGTERM/SIGINT on a thread of its own: block them before any thread starts.

@@ -40,6 +40,7 @@
 #include "serve/chat.h"
 #include "serve/engine.h"
 #include "serve/tokenizer.h"
+#include "ref/speculative.h"
 
 namespace megamoe {
 namespace {
@@ -1049,8 +1050,8 @@ void validate(const ServeOptions& o) {
         fail("--max-batch-tokens must be in 1..1048576, got ", o.max_batch_tokens);
     if (o.max_seqs < 1 || o.max_seqs > 65536) fail("--max-seqs must be in 1..65536, got ", o.max_seqs);
     if (o.max_state_tokens < 0) fail("--max-state-tokens must be >= 0, got ", o.max_state_tokens);
-    if (o.speculative_tokens < 0 || o.speculative_tokens > 1)
-        fail("--speculative-tokens must be 0 or 1 in the server for now, got ", o.speculative_tokens);
+    if (o.speculative_tokens < 0 || o.speculative_tokens > kMaxSpeculativeTokens)
+        fail("--speculative-tokens must be in 0..", kMaxSpeculativeTokens, ", got ", o.speculative_tokens);
     if (o.max_body_bytes < 1) fail("--max-body-bytes must be >= 1, got ", o.max_body_bytes);
     if (o.max_connections < 1 || o.max_connections > 65536)
         fail("--max-connections must be in 1..65536, got ", o.max_connections);

@@ -13,14 +13,16 @@
 //
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
-//                         [--trace N] [--serial] [--spec] [--numerics exact|official]
-// --spec: after each decode row, speculative decoding with the MTP block drafting one token per
-// sequence (gpu::generate_speculative's rounds, batched): per round one Runner::step_verify over
-// [x, draft] of every sequence, then a rewind for each rejected draft (the save / restore / re-run
-// branch is for drafts crossing into a new compressor window, which one draft never does).
-// Synthetic weights accept nothing meaningful, so each draft is accepted with probability α
-// (0.5 / 0.8 / 1, a fixed random sequence) whatever the ids: measured rounds at those rates, and
-// tokens/s against the plain decode row.
+//                         [--trace N] [--serial] [--spec | --spec-tokens K] [--numerics exact|official]
+// --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
+// with the MTP block drafting K tokens per sequence (gpu::generate_speculative's rounds, batched):
+// per round one Runner::step_verify over [x, d_1 .. d_K] of every sequence, Runner::draft_chain
+// for the next round's d_2 .. d_K (K > 1), then a rewind of each sequence's rejected drafts, or
+// where they cross into a new compressor window the record saved before the step and the kept
+// tokens again (one re-run step for all such sequences). Synthetic weights accept nothing
+// meaningful, so each draft is accepted with probability α while the ones before it were (0.5 /
+// 0.8 / 1, a fixed random sequence) whatever the ids: measured rounds at those rates, and tokens/s
+// against the plain decode row.
 // --serial: everything on one stream (RunnerOptions::side_stream off), to compare.
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
 // --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
@@ -46,6 +48,7 @@
 #include "io/formats.h"
 #include "io/synth.h"
 #include "io/weights.h"
+#include "ref/speculative.h"
 
 using namespace megamoe;
 
@@ -93,6 +96,7 @@ int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
         bool serial = false, spec = false;
+        int64_t spec_k = 1;
         Numerics numerics = Numerics::exact;
         int64_t layers = -1, prefill = 8192, steps = 20, trace = -1;
         std::vector<int64_t> batches{1, 8, 64, 256}, contexts{1024, 32768};
@@ -112,6 +116,11 @@ int main(int argc, char** argv) {
             else if (a == "--trace") trace = std::stoll(next());
             else if (a == "--serial") serial = true;
             else if (a == "--spec") spec = true;
+            else if (a == "--spec-tokens") {
+                spec = true;
+                spec_k = std::stoll(next());
+                if (spec_k < 1 || spec_k > kMaxSpeculativeTokens) fail("--spec-tokens must be in 1..", kMaxSpeculativeTokens);
+            }
             else if (a == "--numerics") numerics = parse_numerics(next());
             else fail("unknown option ", a);
         }
@@ -136,9 +145,9 @@ int main(int argc, char** argv) {
         const int64_t max_ctx = *std::max_element(contexts.begin(), contexts.end());
         gpu::RunnerOptions ro;
         ro.max_seqs = max_batch;
-        // --spec verifies two tokens of every sequence in a step (every token a logit row).
-        ro.max_batch_tokens = std::max(prefill, (spec ? 2 : 1) * max_batch);
-        ro.max_logit_rows = (spec ? 2 : 1) * max_batch;
+        // --spec verifies 1 + K tokens of every sequence in a step (every token a logit row).
+        ro.max_batch_tokens = std::max(prefill, (spec ? 1 + spec_k : 1) * max_batch);
+        ro.max_logit_rows = (spec ? 1 + spec_k : 1) * max_batch;
         ro.max_model_len = std::max(max_ctx, prefill) + 8 * steps + 16;
         ro.memory_fraction = 0.95;
         ro.side_stream = !serial;
@@ -235,7 +244,8 @@ int main(int argc, char** argv) {
                         z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
                         return static_cast<double>((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
                     };
-                    std::vector<std::vector<int32_t>> mi, di;
+                    std::vector<std::vector<int32_t>> mi, di, chained;
+                    const int64_t K = spec_k;
                     for (double alpha : {0.5, 0.8, 1.0}) {
                         int64_t tokens = 0, reruns = 0, rounds = 0;
                         double us_total = 0;
@@ -247,29 +257,41 @@ int main(int argc, char** argv) {
                             const auto t0 = std::chrono::steady_clock::now();
                             std::vector<gpu::RunnerChunk> ch;
                             std::vector<bool> saved;
+                            std::vector<int64_t> past;
                             for (int64_t i = 0; i < B; ++i) {
                                 const int32_t sl = slots[static_cast<size_t>(i)];
-                                saved.push_back(run.rewind_needs_save(run.n_past(sl) + 1, 1));
+                                past.push_back(run.n_past(sl));
+                                saved.push_back(run.rewind_needs_save(past.back() + 1, K));
                                 if (saved.back()) run.save_state(sl);
-                                ch.push_back({sl, {static_cast<int32_t>((7 * i + 13 * (r + 2)) % 1000 + 2),
-                                                   static_cast<int32_t>((5 * i + 11 * (r + 2)) % 1000 + 2)}});
+                                std::vector<int32_t> toks;
+                                for (int64_t j = 0; j <= K; ++j)
+                                    toks.push_back(static_cast<int32_t>(((5 + 2 * j) * i + (11 + 2 * j) * (r + 2)) % 1000 + 2));
+                                ch.push_back({sl, toks});
                             }
                             run.step_verify(ch, mi, di);
-                            std::vector<gpu::RunnerChunk> again;
+                            std::vector<int64_t> kept(static_cast<size_t>(B));
+                            std::vector<gpu::Runner::ChainStart> starts;
                             int64_t got = 0;
                             for (int64_t i = 0; i < B; ++i) {
+                                int64_t a = 0;
+                                while (a < K && uniform() < alpha) ++a;
+                                kept[static_cast<size_t>(i)] = a;
+                                got += a + 1;
+                                starts.push_back({slots[static_cast<size_t>(i)], i * (K + 1) + a,
+                                                  di[static_cast<size_t>(i)][static_cast<size_t>(a)], SampleSpec{0.0f}});
+                            }
+                            if (K > 1) run.draft_chain(starts, K - 1, chained);
+                            std::vector<gpu::RunnerChunk> again;
+                            for (int64_t i = 0; i < B; ++i) {
                                 const int32_t sl = slots[static_cast<size_t>(i)];
-                                if (uniform() < alpha) {
-                                    got += 2;
-                                    continue;
-                                }
-                                got += 1;
-                                const int64_t L = run.n_past(sl) - 1;
+                                const int64_t a = kept[static_cast<size_t>(i)];
+                                if (a == K) continue;
                                 if (saved[static_cast<size_t>(i)]) {
-                                    run.restore_state(sl, L - 1);
-                                    again.push_back({sl, {ch[static_cast<size_t>(i)].tokens[0]}});
+                                    run.restore_state(sl, past[static_cast<size_t>(i)]);
+                                    const auto& t = ch[static_cast<size_t>(i)].tokens;
+                                    again.push_back({sl, std::vector<int32_t>(t.begin(), t.begin() + a + 1)});
                                 } else {
-                                    run.rewind(sl, L);
+                                    run.rewind(sl, past[static_cast<size_t>(i)] + 1 + a);
                                 }
                             }
                             if (!again.empty()) run.step(again, false, logits);
@@ -281,10 +303,10 @@ int main(int argc, char** argv) {
                             ++rounds;
                         }
                         const double per_tok = us_total / static_cast<double>(tokens) * static_cast<double>(B);
-                        std::printf("    speculative K=1, acceptance %.1f: %.1f us/round, %.2f tokens/round per sequence, "
+                        std::printf("    speculative K=%ld, acceptance %.1f: %.1f us/round, %.2f tokens/round per sequence, "
                                     "%ld re-run steps in %ld rounds: %.1f us per token per sequence, %.0f tok/s, "
                                     "%.2fx plain decode\n",
-                                    alpha, us_total / static_cast<double>(rounds),
+                                    static_cast<long>(K), alpha, us_total / static_cast<double>(rounds),
                                     static_cast<double>(tokens) / static_cast<double>(rounds * B),
                                     static_cast<long>(reruns), static_cast<long>(rounds), per_tok,
                                     static_cast<double>(tokens) * 1e6 / us_total, us / per_tok);
