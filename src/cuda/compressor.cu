@@ -41,12 +41,12 @@
 // chunk c, its threads own feature columns. For slot s and column col the thread first writes
 // prev[v mod 2][s][col] (overlap, col < d) for the last two windows v the chunk closed (position
 // v·r + s is either in this step's buffers or, when v was the window open at the chunk's start,
-// in pending[s][col]) and only then pending[s][col]: the chunk's latest position with slot s (the
-// open window u = end / r when s < end mod r, else window u − 1), if it is ≥ p0 (older ones are
-// there already). Writing the closed window's slots and keeping series A per parity is what makes
-// a rewind exact (compressor.h).
-// The one element of pending a thread reads is the one it later writes itself, so there is no
-// hazard between threads or CTAs (a slot appears in at most one chunk of a step, as a sequence
+// in pending(v)[s][col]) and only then pending(u)[s][col]: the chunk's latest position with slot
+// s, in window u (the open window end / r when s < end mod r, else the one before), if it is ≥ p0
+// (older ones are there already). Writing the closed window's slots, and keeping series A and
+// (overlap) the pending slots per window parity, is what makes a rewind exact (compressor.h).
+// The elements of pending a thread reads and writes are its own (slot s, column col), so there is
+// no hazard between threads or CTAs (a slot appears in at most one chunk of a step, as a sequence
 // does). The emit of the same step has finished reading the pending
 // state by then (stream order).
 //
@@ -86,18 +86,22 @@ __device__ __forceinline__ void pdl_begin() {
 
 cudaStream_t as_stream(CUstream_st* s) { return reinterpret_cast<cudaStream_t>(s); }
 
-// The f32 arrays of one state record (compressor.h): pending [r, width], then prev [2][r, d] per
-// parity of the closed window (kv, gate).
+// The f32 arrays of one state record (compressor.h): pending (kv, gate) [r, width] of window v,
+// one set (no overlap) or one per parity of v (overlap), then prev (kv, gate) [r, d] per parity of
+// the closed window (overlap).
 struct StateRecord {
-    float *pend_kv, *pend_gate, *prev;
-    int64_t rd;   // r·d
+    float *pend, *prev;
+    int64_t rw, rd;   // r·width, r·d
+    bool parity;      // pending per window parity (overlap)
+    __device__ float* pend_kv(int64_t v) const { return pend + (parity ? (v & 1) * 2 * rw : 0); }
+    __device__ float* pend_gate(int64_t v) const { return pend_kv(v) + rw; }
     __device__ float* prev_kv(int64_t v) const { return prev + (v & 1) * 2 * rd; }
     __device__ float* prev_gate(int64_t v) const { return prev + (v & 1) * 2 * rd + rd; }
 };
 __device__ __forceinline__ StateRecord state_record(const CompressorArgs& a, int32_t slot, int64_t width) {
     float* base = a.state.at<float>(slot);
     const int64_t rw = static_cast<int64_t>(a.ratio) * width, rd = static_cast<int64_t>(a.ratio) * a.dim;
-    return {base, base + rw, base + 2 * rw, rd};
+    return {base, base + (a.overlap ? 4 : 2) * rw, rw, rd, a.overlap};
 }
 
 // Official numerics, after the rows are normalized, rotated and rounded to bf16 in row[d] (f32):
@@ -201,8 +205,8 @@ __global__ void __launch_bounds__(kEmitMaxThreads) compressor_emit_kernel(Compre
             slot_gate[i] = a.gate + src * width + col;
             slot_ape[i] = a.ape + s * width + col;
         } else if (v == open0) {
-            slot_kv[i] = st.pend_kv + s * width + col;
-            slot_gate[i] = st.pend_gate + s * width + col;
+            slot_kv[i] = st.pend_kv(v) + s * width + col;
+            slot_gate[i] = st.pend_gate(v) + s * width + col;
             slot_ape[i] = nullptr;
         } else {   // v == open0 - 1, series A: the last window closed before this step
             slot_kv[i] = st.prev_kv(v) + static_cast<int64_t>(s) * d;
@@ -348,8 +352,8 @@ __global__ void __launch_bounds__(kSaveThreads) compressor_save_kernel(Compresso
                         kv = a.kv[src * width + col];
                         gt = __fadd_rn(a.gate[src * width + col], a.ape[s * width + col]);
                     } else {   // v was open at the chunk's start: pending (read before written below)
-                        kv = st.pend_kv[s * width + col];
-                        gt = st.pend_gate[s * width + col];
+                        kv = st.pend_kv(v)[s * width + col];
+                        gt = st.pend_gate(v)[s * width + col];
                     }
                     st.prev_kv(v)[static_cast<int64_t>(s) * d + col] = kv;
                     st.prev_gate(v)[static_cast<int64_t>(s) * d + col] = gt;
@@ -357,8 +361,9 @@ __global__ void __launch_bounds__(kSaveThreads) compressor_save_kernel(Compresso
             }
             if (pend_here) {
                 const int64_t src = static_cast<int64_t>(t0) + (q_pend - p0);
-                st.pend_kv[s * width + col] = a.kv[src * width + col];
-                st.pend_gate[s * width + col] = __fadd_rn(a.gate[src * width + col], a.ape[s * width + col]);
+                const int64_t u = q_pend / r;   // its window (overlap: the pending set of u's parity)
+                st.pend_kv(u)[s * width + col] = a.kv[src * width + col];
+                st.pend_gate(u)[s * width + col] = __fadd_rn(a.gate[src * width + col], a.ape[s * width + col]);
             }
         }
     }
@@ -438,7 +443,7 @@ void check_args(const CompressorArgs& a, const BatchView& b, const char* what) {
 
 int64_t compressor_state_bytes(int64_t r, int64_t d, bool overlap) {
     const int64_t width = (overlap ? 2 : 1) * d;
-    return static_cast<int64_t>(sizeof(float)) * (2 * r * width + (overlap ? 4 * r * d : 0));
+    return static_cast<int64_t>(sizeof(float)) * ((overlap ? 4 : 2) * r * width + (overlap ? 4 * r * d : 0));
 }
 
 void compressor_emit(const CompressorArgs& a, const BatchView& b, CUstream_st* stream) {

@@ -15,17 +15,19 @@
 //     window's first token, with the compressed-layer rope table), and stored as row w.
 // State per (sequence, compressor), fixed size, f32 (SlotArray records, layout below):
 //   pending_kv, pending_gate  [r, width]   slot s holds the token at position w·r + s of the open
-//                                          window (gate already + ape), valid for s < n_past mod r
+//                                          window w (gate already + ape), valid for s < n_past mod r;
+//                                          with overlap one set per parity of w ([2] of both)
 //   prev_kv, prev_gate        [2][r, d]    series A of closed window v in buffer v mod 2 (overlap
 //                                          only); the last closed window's is valid once n_past ≥ r
 // Rewind (speculative decoding drops the last positions of a step): a step writes, for every slot
 // s, the chunk's latest position with that slot, whether its window is still open or was closed by
-// the chunk, and series A of a closed window goes to its own parity's buffer. So when a chunk of
-// at most r tokens is cut back to a position n whose window holds every dropped position, the
-// record is exact for n without a copy: the kept positions' pending slots were written (no later
-// position of the chunk shares their slot), and the series A an emit of n's window will read
-// (window n/r − 1, the other parity) was not touched. Slots past n_past mod r hold stale values
-// that nothing reads.
+// the chunk (into the pending set of that window's parity, with overlap), and series A of a closed
+// window goes to its own parity's buffer. So when a chunk of at most r tokens is cut back to a
+// position n, the record is exact for n without a copy when every dropped position lies in n's
+// window, or (overlap) in it and the next one: the kept positions' pending slots were written (no
+// later position of the chunk shares their slot and window parity), and the series A an emit of
+// n's window will read (window n/r − 1, the other parity) was not touched. Slots past n_past mod r
+// hold stale values that nothing reads.
 // width = 2d with overlap, else d. A fresh sequence needs no reset: nothing is read before it is
 // written (positions before the chunk's first come from state only if the sequence had them).
 //
@@ -46,8 +48,9 @@ struct CUstream_st;
 namespace megamoe::cuda {
 
 // Bytes of one compressor's state record (pending + prev) for ratio r, feature dim d.
-// Layout inside the record: pending_kv [r, width] f32, pending_gate [r, width] f32,
-// then (overlap) prev_kv [r, d] f32, prev_gate [r, d] f32 for even windows, the same for odd ones.
+// Layout inside the record: pending_kv [r, width] f32, pending_gate [r, width] f32 (with overlap:
+// for even windows, then the same for odd ones), then (overlap) prev_kv [r, d] f32, prev_gate
+// [r, d] f32 for even windows, the same for odd ones.
 int64_t compressor_state_bytes(int64_t r, int64_t d, bool overlap);
 
 struct CompressorArgs {

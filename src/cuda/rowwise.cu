@@ -489,6 +489,19 @@ void gather_rows_bf16(const uint16_t* src, const int32_t* idx, int64_t n, int64_
     else rk::launch(gather_rows_kernel<uint16_t>, grid, block, 0, stream, src, idx, vecs, dst);
 }
 
+void gather_rows_f32(const float* src, const int32_t* idx, int64_t n, int64_t width, float* dst, CUstream_st* stream) {
+    check_rows("gather_rows_f32", n, width, "n", "width");
+    if (n == 0) return;
+    if (!src || !idx || !dst) fail("gather_rows_f32: null src/idx/dst");
+    const bool vec = width % 4 == 0 && aligned(src, 16) && aligned(dst, 16);
+    const int64_t vecs = vec ? width / 4 : width;
+    const dim3 grid(row_grid(n, "gather_rows_f32")), block(row_threads(vecs));
+    if (vec)
+        rk::launch(gather_rows_kernel<uint4>, grid, block, 0, stream, reinterpret_cast<const uint4*>(src), idx, vecs,
+                   reinterpret_cast<uint4*>(dst));
+    else rk::launch(gather_rows_kernel<float>, grid, block, 0, stream, src, idx, vecs, dst);
+}
+
 void f32_to_bf16_rows(const float* src, int64_t n, int64_t width, uint16_t* dst, CUstream_st* stream) {
     check_rows("f32_to_bf16_rows", n, width, "n", "width");
     if (n == 0) return;

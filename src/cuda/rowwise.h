@@ -66,6 +66,10 @@ void add_rows_broadcast(const float* a, const float* b, int64_t T, int64_t hc, i
 void gather_rows_bf16(const uint16_t* src, const int32_t* idx, int64_t n, int64_t width, uint16_t* dst,
                       CUstream_st* stream);
 
+// dst[i, :] = src[idx[i], :] for i < n, f32 rows of `width` (the MTP block's streams of chosen
+// rows, Runner::draft_chain). Bit copies.
+void gather_rows_f32(const float* src, const int32_t* idx, int64_t n, int64_t width, float* dst, CUstream_st* stream);
+
 // Copies the f32 rows [n, width] into bf16 (round to nearest even; the same bits as
 // megamoe::f32_to_bf16, NaN included).
 void f32_to_bf16_rows(const float* src, int64_t n, int64_t width, uint16_t* dst, CUstream_st* stream);

@@ -698,6 +698,19 @@ __global__ void __launch_bounds__(256) resolve_next_kernel(const int32_t* given,
     }
 }
 
+__global__ void __launch_bounds__(256) chain_inputs_kernel(ChainStepInputs a, int64_t n, int32_t k) {
+    rk::pdl_begin();
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * 256) {
+        const int32_t r = static_cast<int32_t>(i);
+        a.tok[i] = 0;
+        a.pos[i] = a.start_pos[i] + k;
+        a.slot_out[i] = a.slot[i];
+        a.chunk[i] = a.first[i] = a.rows[i] = r;
+        a.len[i] = 1;
+        a.next[i] = a.prev[i];
+    }
+}
+
 }  // namespace
 
 void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& p, const SampleOutputs& o,
@@ -733,6 +746,17 @@ void resolve_next_tokens(const int32_t* given, const int32_t* drawn, int64_t T, 
     if (!given || !drawn || !out) fail(op, ": given, drawn and out must not be null");
     const int64_t blocks = std::min<int64_t>((T + 255) / 256, 1024);
     rk::launch(resolve_next_kernel, dim3(static_cast<unsigned>(blocks)), dim3(256), 0, stream, given, drawn, T, out);
+}
+
+void chain_step_inputs(const ChainStepInputs& a, int64_t n, int32_t k, CUstream_st* stream) {
+    constexpr const char* op = "chain_step_inputs";
+    if (n < 0 || k < 1) fail(op, ": n=", n, ", k=", k);
+    if (n == 0) return;
+    if (!a.start_pos || !a.slot || !a.prev || !a.tok || !a.pos || !a.slot_out || !a.chunk || !a.first || !a.len || !a.rows ||
+        !a.next)
+        fail(op, ": null array");
+    const int64_t blocks = std::min<int64_t>((n + 255) / 256, 1024);
+    rk::launch(chain_inputs_kernel, dim3(static_cast<unsigned>(blocks)), dim3(256), 0, stream, a, n, k);
 }
 
 }  // namespace megamoe::cuda

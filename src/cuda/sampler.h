@@ -65,4 +65,17 @@ void mask_logits(float* logits, int64_t R, int64_t V, const int32_t* ids, int64_
 // twin: megamoe::resolve_next_tokens (ref/speculative.h).
 void resolve_next_tokens(const int32_t* given, const int32_t* drawn, int64_t T, int32_t* out, CUstream_st* stream);
 
+// Chained drafting (Runner::draft_chain), step k ≥ 1 of n one-token chunks: the step inputs of
+// chunk i, token i at position start_pos[i] + k of slot[i] (chunk i, first token i, length 1,
+// logit row i, token id 0), and its next token prev[i] (the draft before it). Device arrays;
+// tok, pos, slot_out, chunk, first, len, rows, next: [n] outputs. Asynchronous, graph-capturable.
+struct ChainStepInputs {
+    const int32_t* start_pos = nullptr;
+    const int32_t* slot = nullptr;
+    const int32_t* prev = nullptr;
+    int32_t *tok = nullptr, *pos = nullptr, *slot_out = nullptr, *chunk = nullptr, *first = nullptr, *len = nullptr,
+            *rows = nullptr, *next = nullptr;
+};
+void chain_step_inputs(const ChainStepInputs& a, int64_t n, int32_t k, CUstream_st* stream);
+
 }  // namespace megamoe::cuda

@@ -145,6 +145,8 @@ struct Workspace {
     uint16_t* mtp_h = nullptr;       // [T, hc, D] bf16 hnorm of the main streams
     float* mtp_pe = nullptr;         // [T, D] e_proj of the next tokens' embedding
     int32_t* mtp_ids = nullptr;      // [R] the MTP block's draft per row (speculative steps)
+    int32_t* chain_in = nullptr;     // [4, C] chained drafting: gathered rows, start positions, slots, d_1
+    int32_t* chain_out = nullptr;    // [kGraphChunkMax - 1, C] chained drafts, one block per step
     // sampling (per logit row): parameters in, draws out; each block one copy per step
     void* samp_in = nullptr;         // seed u64 [R], index i64 [R], temperature, top_p, min_p f32 [R], top_k i32 [R]
     size_t samp_in_bytes = 0;
@@ -207,6 +209,8 @@ struct Workspace {
             mtp_h = a.take_n<uint16_t>(T * c.hc_mult * D);
             mtp_pe = a.take_n<float>(T * D);
             mtp_ids = a.take_n<int32_t>(R);
+            chain_in = a.take_n<int32_t>(4 * C);
+            chain_out = a.take_n<int32_t>((kGraphChunkMax - 1) * C);
         }
         iota = a.take_n<int32_t>(T);
         forced_ids = a.take_n<int32_t>(T * k);
@@ -247,6 +251,7 @@ struct Runner::Impl {
     void* pinned_samp_in = nullptr;               // [ws.samp_in_bytes]
     void* pinned_samp_out = nullptr;              // [ws.samp_out_bytes]
     int32_t* pinned_drafts = nullptr;             // [ws.R] the MTP block's drafts of a speculative step
+    int32_t* pinned_chain = nullptr;              // [4 C + (kGraphChunkMax - 1) C] draft_chain's inputs and drafts
     int64_t n_masked = 0;
     float* pinned_logits = nullptr;               // [R, V]
     std::map<int64_t, cudaGraphExec_t> graphs;    // (decode bucket, output mode) -> graph
@@ -293,6 +298,11 @@ struct Runner::Impl {
         std::vector<int32_t> drafts;                       // [rows] out
     };
     void enqueue(const Shape& s, const Probe* probe, int mode = kLogits);
+    // Runner::draft_chain's device work for n (padded) starts and `steps` chained drafts, from
+    // ws.chain_in and the sampling parameters at rows (k - 1)·n .. of ws.samp_in; the drafts into
+    // ws.chain_out. Graph-capturable (it leaves the ws.X / ws.X2 parity as it found it).
+    // logits (eager only): each step's [n, V] logits appended (a synchronous copy per step).
+    void enqueue_chain(int64_t n, int64_t steps, std::vector<float>* logits = nullptr);
     void run(const std::vector<RunnerChunk>& chunks, bool all_logits, const Probe& probe,
              const std::vector<SampleSpec>* spec, std::vector<float>* logits, std::vector<SampledToken>* sampled,
              SpecIo* sio = nullptr);
@@ -465,6 +475,8 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     check(cudaMallocHost(&pinned_samp_in, ws.samp_in_bytes), "pinned sampling inputs");
     check(cudaMallocHost(&pinned_samp_out, ws.samp_out_bytes), "pinned sampling outputs");
     check(cudaMallocHost(reinterpret_cast<void**>(&pinned_drafts), static_cast<size_t>(ws.R) * 4), "pinned drafts");
+    check(cudaMallocHost(reinterpret_cast<void**>(&pinned_chain), static_cast<size_t>((4 + kGraphChunkMax - 1) * ws.C) * 4),
+          "pinned chained drafts");
     {
         std::vector<int32_t> iota(static_cast<size_t>(ws.T));
         for (size_t i = 0; i < iota.size(); ++i) iota[i] = static_cast<int32_t>(i);
@@ -537,6 +549,7 @@ Runner::Impl::~Impl() {
     if (pinned_samp_in) (void)cudaFreeHost(pinned_samp_in);
     if (pinned_samp_out) (void)cudaFreeHost(pinned_samp_out);
     if (pinned_drafts) (void)cudaFreeHost(pinned_drafts);
+    if (pinned_chain) (void)cudaFreeHost(pinned_chain);
     for (cudaEvent_t e : events) (void)cudaEventDestroy(e);
     if (side) (void)cudaStreamDestroy(side);
     if (stream) (void)cudaStreamDestroy(stream);
@@ -1082,6 +1095,55 @@ void Runner::step_verify(const std::vector<RunnerChunk>& chunks, std::vector<std
         for (const SampledToken& d : drawn[i]) main_ids[i].push_back(d.id);
 }
 
+void Runner::Impl::enqueue_chain(int64_t n, int64_t steps, std::vector<float>* logits) {
+    const ModelConfig& c = cfg;
+    const int64_t hcD = c.hc_mult * c.hidden_size, V = c.vocab_size;
+    const int32_t* rows = ws.chain_in;
+    const int32_t* start_pos = ws.chain_in + ws.C;
+    const int32_t* slots = ws.chain_in + 2 * ws.C;
+    const int32_t* d1 = ws.chain_in + 3 * ws.C;
+    // The starting rows' streams (the last MTP pass's, in ws.X) to rows 0 .. n - 1.
+    cuda::gather_rows_f32(ws.X, rows, n, hcD, ws.X2, stream);
+    std::swap(ws.X, ws.X2);
+    for (int64_t k = 1; k <= steps; ++k) {
+        cuda::ChainStepInputs in;
+        in.start_pos = start_pos;
+        in.slot = slots;
+        in.prev = k == 1 ? d1 : ws.chain_out + (k - 2) * ws.C;
+        in.tok = ws.tokens;
+        in.pos = ws.pos;
+        in.slot_out = ws.slot;
+        in.chunk = ws.chunk;
+        in.first = ws.chunk_first;
+        in.len = ws.chunk_len;
+        in.rows = ws.rows;
+        in.next = ws.mtp_next;
+        cuda::chain_step_inputs(in, n, static_cast<int32_t>(k), stream);
+        enqueue_mtp(Shape{n, n, n});   // leaves the block's streams of these rows in ws.X
+        if (logits) {
+            check(cudaMemcpyAsync(pinned_logits, ws.logits, static_cast<size_t>(n * V) * 4, cudaMemcpyDeviceToHost, stream),
+                  "chained draft logits");
+            check(cudaStreamSynchronize(stream), "chained draft logits");
+            logits->insert(logits->end(), pinned_logits, pinned_logits + n * V);
+        }
+        if (n_masked > 0) cuda::mask_logits(ws.logits, n, V, ws.masked, n_masked, stream);
+        cuda::SampleParams sp = sample_params();
+        const int64_t r0 = (k - 1) * n;   // this step's parameter rows
+        sp.seed += r0;
+        sp.index += r0;
+        sp.temperature += r0;
+        sp.top_p += r0;
+        sp.min_p += r0;
+        sp.top_k += r0;
+        cuda::SampleOutputs so;
+        so.ids = ws.chain_out + (k - 1) * ws.C;
+        cuda::sample_rows(ws.logits, n, V, sp, so, stream);
+    }
+    // Back to the buffer parity the captured graphs were recorded with (enqueue_mtp swaps an even
+    // number of times; the gather swapped once).
+    std::swap(ws.X, ws.X2);
+}
+
 void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, std::vector<std::vector<int32_t>>& drafts,
                          std::vector<float>* logits) {
     Impl& I = *impl_;
@@ -1094,7 +1156,6 @@ void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, s
     if (!I.chain_ready) fail("gpu runner: draft_chain needs a step_spec or step_verify just before it");
     if (steps > kGraphChunkMax - 1) fail("gpu runner: ", steps, " chained drafts, at most ", kGraphChunkMax - 1);
     const int64_t n = static_cast<int64_t>(starts.size());
-    if (n > ws.C || n > ws.R) fail("gpu runner: ", n, " chained drafts per step, more than ", std::min(ws.C, ws.R));
     std::vector<bool> seen(static_cast<size_t>(I.pool->n_slots()), false);
     for (size_t i = 0; i < starts.size(); ++i) {
         const ChainStart& st = starts[i];
@@ -1109,71 +1170,75 @@ void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, s
             fail("gpu runner: chain start ", i, ": draft ", st.draft, " is outside the vocabulary [0, ", c.vocab_size, ")");
         if (I.last_pos[static_cast<size_t>(st.row)] + steps >= I.opt.max_model_len)
             fail("gpu runner: chain start ", i, ": positions past --max-model-len ", I.opt.max_model_len);
-        if (st.spec.n_top > cuda::kMaxTopLogprobs) fail("gpu runner: ", st.spec.n_top, " top logprobs");
     }
-    const cudaStream_t stream = I.stream;
-    const int64_t hcD = c.hc_mult * c.hidden_size;
+    // Pad to a decode bucket (the padding slot at position 0, row 0, token 0) so that the chain
+    // replays a graph per (bucket, steps); logits for tests run eagerly.
+    int64_t nb = n;
+    if (I.opt.graphs && !logits)
+        for (int64_t b : I.buckets)
+            if (b >= n && b * steps <= ws.R) {
+                nb = b;
+                break;
+            }
+    if (nb * steps > ws.R || nb > ws.C)
+        fail("gpu runner: ", n, " chained starts of ", steps, " drafts need ", n * steps, " sampling rows, more than ", ws.R);
     // The chained positions p + 1 .. p + steps write rows of the MTP block's ring; with its
     // StateLayout::kRingSpare spare rows they overwrite none that a later query reads (the next
-    // real query, at p + 1, reads positions from p + 2 − W), and the next real pass rewrites them.
-    // The starting rows' MTP streams to rows 0 .. n − 1.
-    for (int64_t i = 0; i < n; ++i)
-        check(cudaMemcpyAsync(ws.X2 + i * hcD, ws.X + starts[static_cast<size_t>(i)].row * hcD, static_cast<size_t>(hcD) * 4,
-                              cudaMemcpyDeviceToDevice, stream),
-              "chained draft streams");
-    std::swap(ws.X, ws.X2);
-    std::vector<int32_t> prev(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) prev[static_cast<size_t>(i)] = starts[static_cast<size_t>(i)].draft;
-    for (int64_t k = 1; k <= steps; ++k) {
-        // One token per start at position p + k (a chunk of its own), next token d_k.
-        int32_t* tok = I.pinned_in;
-        int32_t* pos = tok + ws.T;
-        int32_t* slot = pos + ws.T;
-        int32_t* chunk = slot + ws.T;
-        int32_t* first = chunk + ws.T;
-        int32_t* len = first + ws.C;
-        int32_t* rows = len + ws.C;
-        int32_t* next = I.pinned_in + (ws.mtp_next - ws.in);
-        char* samp = static_cast<char*>(I.pinned_samp_in);
-        for (int64_t i = 0; i < n; ++i) {
-            const ChainStart& st = starts[static_cast<size_t>(i)];
-            tok[i] = 0;
-            pos[i] = static_cast<int32_t>(I.last_pos[static_cast<size_t>(st.row)] + k);
-            slot[i] = st.slot;
-            chunk[i] = first[i] = rows[i] = static_cast<int32_t>(i);
-            len[i] = 1;
-            next[i] = prev[static_cast<size_t>(i)];
-            reinterpret_cast<uint64_t*>(samp)[i] = st.spec.seed;
-            reinterpret_cast<int64_t*>(samp + 8 * ws.R)[i] = st.spec.index + k;
-            reinterpret_cast<float*>(samp + 16 * ws.R)[i] = st.spec.temperature;
-            reinterpret_cast<float*>(samp + 20 * ws.R)[i] = st.spec.top_p;
-            reinterpret_cast<float*>(samp + 24 * ws.R)[i] = st.spec.min_p;
-            reinterpret_cast<int32_t*>(samp + 28 * ws.R)[i] = st.spec.top_k;
-        }
-        check(cudaMemcpyAsync(ws.in, I.pinned_in, static_cast<size_t>(ws.in_ints) * 4, cudaMemcpyHostToDevice, stream),
-              "chained draft inputs");
-        check(cudaMemcpyAsync(ws.samp_in, I.pinned_samp_in, ws.samp_in_bytes, cudaMemcpyHostToDevice, stream),
-              "chained draft sampling inputs");
-        I.enqueue_mtp(Impl::Shape{n, n, n});   // leaves the block's streams of these rows in ws.X
-        if (logits) {
-            check(cudaMemcpyAsync(I.pinned_logits, ws.logits, static_cast<size_t>(n * c.vocab_size) * 4,
-                                  cudaMemcpyDeviceToHost, stream),
-                  "chained draft logits");
-            check(cudaStreamSynchronize(stream), "chained draft logits");
-            logits->insert(logits->end(), I.pinned_logits, I.pinned_logits + n * c.vocab_size);
-        }
-        I.sample_drafts(n, ws.mtp_ids);
-        check(cudaMemcpyAsync(I.pinned_drafts, ws.mtp_ids, static_cast<size_t>(n) * 4, cudaMemcpyDeviceToHost, stream),
-              "chained drafts");
-        check(cudaStreamSynchronize(stream), "chained drafts");
-        for (int64_t i = 0; i < n; ++i) {
-            prev[static_cast<size_t>(i)] = I.pinned_drafts[i];
-            drafts[static_cast<size_t>(i)].push_back(I.pinned_drafts[i]);
+    // real query, at p + 1, reads positions from p + 2 - W), and the next real pass rewrites them.
+    int32_t* pin = I.pinned_chain;
+    char* samp = static_cast<char*>(I.pinned_samp_in);
+    for (int64_t i = 0; i < nb; ++i) {
+        const bool real = i < n;
+        const ChainStart* st = real ? &starts[static_cast<size_t>(i)] : nullptr;
+        pin[i] = real ? static_cast<int32_t>(st->row) : 0;
+        pin[ws.C + i] = real ? I.last_pos[static_cast<size_t>(st->row)] : 0;
+        pin[2 * ws.C + i] = real ? st->slot : I.pool->pad_slot();
+        pin[3 * ws.C + i] = real ? st->draft : 0;
+        const SampleSpec sp = real ? st->spec : SampleSpec{0.0f};
+        for (int64_t k = 1; k <= steps; ++k) {
+            const int64_t r = (k - 1) * nb + i;
+            reinterpret_cast<uint64_t*>(samp)[r] = sp.seed;
+            reinterpret_cast<int64_t*>(samp + 8 * ws.R)[r] = sp.index + k;
+            reinterpret_cast<float*>(samp + 16 * ws.R)[r] = sp.temperature;
+            reinterpret_cast<float*>(samp + 20 * ws.R)[r] = sp.top_p;
+            reinterpret_cast<float*>(samp + 24 * ws.R)[r] = sp.min_p;
+            reinterpret_cast<int32_t*>(samp + 28 * ws.R)[r] = sp.top_k;
         }
     }
-    // Back to the buffer parity the captured graphs were recorded with (enqueue_mtp swaps an even
-    // number of times; the gather above swapped once).
-    std::swap(ws.X, ws.X2);
+    const cudaStream_t stream = I.stream;
+    check(cudaMemcpyAsync(ws.chain_in, pin, static_cast<size_t>(4 * ws.C) * 4, cudaMemcpyHostToDevice, stream),
+          "chained draft inputs");
+    check(cudaMemcpyAsync(ws.samp_in, I.pinned_samp_in, ws.samp_in_bytes, cudaMemcpyHostToDevice, stream),
+          "chained draft sampling inputs");
+    if (logits) {   // eager, with each step's logits
+        I.enqueue_chain(nb, steps, logits);
+    } else {
+        const int64_t key = -1 - (nb * kGraphChunkMax + steps);   // chain graphs: negative keys
+        auto it = I.graphs.find(key);
+        if (!I.opt.graphs) {
+            I.enqueue_chain(nb, steps);
+        } else if (it == I.graphs.end()) {
+            I.enqueue_chain(nb, steps);   // this call's drafts; the capture records without running
+            check(cudaStreamSynchronize(stream), "chained drafts");
+            cudaGraph_t g = nullptr;
+            check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+            I.enqueue_chain(nb, steps);
+            check(cudaStreamEndCapture(stream, &g), "end capture");
+            cudaGraphExec_t exec = nullptr;
+            check(cudaGraphInstantiate(&exec, g, 0), "instantiate graph");
+            (void)cudaGraphDestroy(g);
+            I.graphs[key] = exec;
+        } else {
+            check(cudaGraphLaunch(it->second, stream), "graph launch");
+            ++I.replays;
+        }
+    }
+    int32_t* out = pin + 4 * ws.C;
+    check(cudaMemcpyAsync(out, ws.chain_out, static_cast<size_t>(steps * ws.C) * 4, cudaMemcpyDeviceToHost, stream),
+          "chained drafts");
+    check(cudaStreamSynchronize(stream), "chained drafts");
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t k = 0; k < steps; ++k) drafts[static_cast<size_t>(i)].push_back(out[k * ws.C + i]);
     I.chain_ready = false;
     I.last_chunk_lens.clear();
 }

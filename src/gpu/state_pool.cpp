@@ -79,8 +79,13 @@ StateLayout StateLayout::make(const ModelConfig& c, int64_t block_tokens, bool w
 bool StateLayout::rewind_exact(int64_t first, int64_t n) const {
     if (n <= 0) return true;
     if (n > kRingSpare) return false;   // the later ones' ring rows would overwrite rows the window reads
-    for (const Layer& ly : layers)
-        if (ly.ratio > 0 && (first + n - 1) / ly.ratio != first / ly.ratio) return false;
+    for (const Layer& ly : layers) {
+        if (ly.ratio == 0) continue;
+        const int64_t w0 = first / ly.ratio, w1 = (first + n - 1) / ly.ratio;
+        // Within first's window; or, for CSA's overlapping compressors (pending slots per window
+        // parity, cuda/compressor.h), into the next one.
+        if (w1 != w0 && !(ly.csa && w1 == w0 + 1)) return false;
+    }
     return true;
 }
 
@@ -382,12 +387,14 @@ SequenceState StatePool::download(const ModelConfig& c, int32_t slot) const {
             const int64_t r = ly.ratio, width = (overlap ? 2 : 1) * d;
             const char* base = rec + off;
             cs.n_pending = n % r;
-            const std::vector<float> pk = download_f32(base, cs.n_pending * width);
-            const std::vector<float> pg = download_f32(base + r * width * 4, cs.n_pending * width);
+            // The open window's pending set (with overlap: the one of its parity; cuda/compressor.h).
+            const char* pend = base + (overlap ? ((n / r) & 1) * 2 * r * width * 4 : 0);
+            const std::vector<float> pk = download_f32(pend, cs.n_pending * width);
+            const std::vector<float> pg = download_f32(pend + r * width * 4, cs.n_pending * width);
             cs.pending_kv = pk;
             cs.pending_gate = pg;
             if (overlap && n >= r) {   // series A of the last closed window, in its parity's buffer
-                const char* prev = base + 2 * r * width * 4 + ((n / r - 1) & 1) * 2 * r * d * 4;
+                const char* prev = base + 4 * r * width * 4 + ((n / r - 1) & 1) * 2 * r * d * 4;
                 cs.prev_kv = download_f32(prev, r * d);
                 cs.prev_gate = download_f32(prev + r * d * 4, r * d);
             }

@@ -62,9 +62,10 @@ struct StateLayout {
     static StateLayout make(const ModelConfig& c, int64_t block_tokens, bool with_mtp = false, bool kv_fp8 = false);
 
     // Whether dropping positions [first, first + n) of a step (keeping those before first) can be
-    // done by a rewind (StatePool::rewind): every dropped position lies in the window of `first`
-    // for every compressor ratio (cuda/compressor.h, "Rewind"). A single dropped position always
-    // does (one speculative draft).
+    // done by a rewind (StatePool::rewind): n ≤ kRingSpare, and every dropped position lies in the
+    // window of `first`, or for a CSA layer (overlapping compressors) in it and the next one
+    // (cuda/compressor.h, "Rewind"). A single dropped position always does (one speculative draft);
+    // so do up to 3 unless they cross an HCA window boundary.
     bool rewind_exact(int64_t first, int64_t n) const;
 };
 

@@ -306,7 +306,7 @@ PoolLayout make_layout(const Spec& s, int64_t max_len, uint64_t seed, int32_t ro
 #ifdef MEGAMOE_HAVE_CUDA
     L.state_bytes = cuda::compressor_state_bytes(s.r, s.d, s.overlap);
 #else
-    L.state_bytes = 4 * (2 * int64_t{s.r} * width_of(s) + (s.overlap ? 4 * int64_t{s.r} * s.d : 0));
+    L.state_bytes = 4 * ((s.overlap ? 4 : 2) * int64_t{s.r} * width_of(s) + (s.overlap ? 4 * int64_t{s.r} * s.d : 0));
 #endif
     L.state_stride = (L.state_bytes + 7) / 8 * 8 + 64;   // 64 guard bytes
     return L;
@@ -393,8 +393,9 @@ int64_t first_bit_mismatch(const float* a, const float* b, int64_t n) {
         const int64_t n_pending = n_past[q] % r;
         ASSERT_EQ(st.n_pending, n_pending);
         const float* f = reinterpret_cast<const float*>(rec);
-        const float* pend_kv = f;
-        const float* pend_gate = f + r * width;
+        // The open window's pending set: with overlap, the one of its parity (compressor.h).
+        const float* pend_kv = f + (s.overlap ? ((n_past[q] / r) & 1) * 2 * r * width : 0);
+        const float* pend_gate = pend_kv + r * width;
         EXPECT_EQ(first_bit_mismatch(pend_kv, st.pending_kv.data(), n_pending * width), -1)
             << "seq " << q << " pending_kv (" << n_pending << " slots)";
         const int64_t gm = first_bit_mismatch(pend_gate, st.pending_gate.data(), n_pending * width);
@@ -403,7 +404,7 @@ int64_t first_bit_mismatch(const float* a, const float* b, int64_t n) {
                                       : std::string());
         if (s.overlap && n_past[q] >= r) {   // the last closed window's series A, in its parity's buffer
             ASSERT_EQ(static_cast<int64_t>(st.prev_kv.size()), r * d);
-            const float* prev = f + 2 * r * width + ((n_past[q] / r - 1) & 1) * 2 * r * d;
+            const float* prev = f + 4 * r * width + ((n_past[q] / r - 1) & 1) * 2 * r * d;
             EXPECT_EQ(first_bit_mismatch(prev, st.prev_kv.data(), r * d), -1) << "seq " << q << " prev_kv";
             EXPECT_EQ(first_bit_mismatch(prev + r * d, st.prev_gate.data(), r * d), -1) << "seq " << q << " prev_gate";
         }
@@ -561,10 +562,11 @@ TEST(CompressorCpu, FeedIsChunkingInvariant) {
 #ifdef MEGAMOE_HAVE_CUDA
 
 TEST(CompressorCpu, StateRecordBytes) {
-    // pending kv + gate [r, width], then prev kv + gate [r, d] per window parity with overlap; f32.
-    EXPECT_EQ(cuda::compressor_state_bytes(4, 512, true), 4 * (2 * 4 * 1024 + 4 * 4 * 512));     // 64 KiB (CSA)
+    // pending kv + gate [r, width] (with overlap one set per window parity), then prev kv + gate
+    // [r, d] per window parity with overlap; f32.
+    EXPECT_EQ(cuda::compressor_state_bytes(4, 512, true), 4 * (4 * 4 * 1024 + 4 * 4 * 512));     // 96 KiB (CSA)
     EXPECT_EQ(cuda::compressor_state_bytes(128, 512, false), 4 * (2 * 128 * 512));               // 512 KiB (HCA)
-    EXPECT_EQ(cuda::compressor_state_bytes(4, 128, true), 4 * (2 * 4 * 256 + 4 * 4 * 128));     // indexer
+    EXPECT_EQ(cuda::compressor_state_bytes(4, 128, true), 4 * (4 * 4 * 256 + 4 * 4 * 128));     // indexer
     EXPECT_EQ(cuda::compressor_state_bytes(16, 64, false), 4 * (2 * 16 * 64));
 }
 
@@ -1038,6 +1040,74 @@ TEST(CudaCompressor, RewindOfARejectedDraftIsExact) {
         gpu.step(last);
         cpu_step(hc, last, cpu);
         n_past[0] += 1;
+        check_state(hc, L, gpu.state_bytes(), cpu, n_past);
+        std::vector<uint8_t> pool = gpu.pool_bytes();
+        check_pool(hc, L, pool, cpu);
+        if (HasFailure()) return;
+    }
+}
+
+// Rewind of up to three rejected drafts (K = 3 speculation) with the overlapping compressors:
+// each round feeds the real token and three drafts (a chunk of 4), keeps the real token and the
+// first j drafts (j = 0, 1, 2, 3 in turn; the kept drafts carry the real values, the dropped ones
+// another stream's) and drops the rest, so the dropped positions fall on every slot and cross into
+// the next window. With the pending slots kept per window parity the state equals compressor_feed's
+// over the kept tokens alone, bit for bit, after every round, and every row at the end.
+TEST(CudaCompressor, RewindOfThreeDraftsAcrossAWindowIsExact) {
+    SKIP_WITHOUT_GPU();
+    for (const Spec& spec : {kFlash[0], kFlash[2], kTiny[0], kOdd[1]}) {
+        SCOPED_TRACE(spec.name);
+        ASSERT_TRUE(spec.overlap && spec.r >= 4);
+        const HostComp hc(spec, 8);
+        const int64_t prefill = spec.r + 1, rounds = 4 * int64_t{spec.r} + 3;
+        const int64_t total = prefill + 4 * rounds + 1;
+        const PoolLayout L = make_layout(spec, total + 4, 8);
+        GpuCompressor gpu(hc, L, static_cast<int>(std::max<int64_t>(prefill, 4)), 1);
+        std::vector<CompressorState> cpu(kSeqs);
+        int64_t n_past[kSeqs] = {0, 0, 0};
+        auto chunk = [&](int64_t p0, int n, int64_t fake_from) {
+            StepInput in;
+            in.C = 1;
+            in.chunk_first.push_back(0);
+            in.chunk_len.push_back(n);
+            in.seq_of_chunk.push_back(0);
+            for (int i = 0; i < n; ++i) {
+                const int64_t p = p0 + i;
+                in.pos.push_back(static_cast<int32_t>(p));
+                in.pos64.push_back(p);
+                in.slot.push_back(kSlotOf[0]);
+                in.chunk.push_back(0);
+                TokenRng rng(p >= fake_from ? 1000 : 8, 0, p);
+                for (int f = 0; f < hc.width; ++f) in.kv.push_back(rng.uniform());
+                for (int f = 0; f < hc.width; ++f) in.gate.push_back(2.0f * rng.normal());
+                ++in.T;
+            }
+            return in;
+        };
+        const StepInput first = chunk(0, static_cast<int>(prefill), total);
+        gpu.step(first);
+        cpu_step(hc, first, cpu);
+        n_past[0] = prefill;
+        int64_t crossed = 0;
+        for (int64_t k = 0; k < rounds; ++k) {
+            const int keep = 1 + static_cast<int>(k % 4);
+            SCOPED_TRACE(str("round ", k, " at position ", n_past[0], ", keeping ", keep, " of 4"));
+            gpu.step(chunk(n_past[0], 4, n_past[0] + keep));
+            const StepInput real = chunk(n_past[0], keep, total);
+            cpu_step(hc, real, cpu);
+            if (keep < 4 && (n_past[0] + keep) / spec.r != (n_past[0] + 3) / spec.r) ++crossed;
+            n_past[0] += keep;   // the dropped drafts' positions: a rewind, no copy
+            check_state(hc, L, gpu.state_bytes(), cpu, n_past);
+            if (HasFailure()) return;
+        }
+        EXPECT_GT(crossed, 0) << "some drops must cross into the next window";
+        // Real tokens past every position a draft wrote, so that every window a draft closed was
+        // closed again for real (its row rewritten).
+        const int64_t written_end = n_past[0] - 1 + 4;   // the last round's chunk ended at most here
+        const StepInput last = chunk(n_past[0], static_cast<int>(written_end + 1 - n_past[0]), total);
+        gpu.step(last);
+        cpu_step(hc, last, cpu);
+        n_past[0] = written_end + 1;
         check_state(hc, L, gpu.state_bytes(), cpu, n_past);
         std::vector<uint8_t> pool = gpu.pool_bytes();
         check_pool(hc, L, pool, cpu);

@@ -444,6 +444,31 @@ TEST(CudaRowwise, GatherRowsCopiesBits) {
     check_gather(10, 1, 3, 44);
 }
 
+// The f32 gather (the MTP block's streams of chosen rows, Runner::draft_chain): rows of hc·D.
+void check_gather_f32(int64_t V, int64_t width, int64_t n, uint32_t seed) {
+    SCOPED_TRACE(shape_name("gather_f32", V, width, n));
+    const std::vector<float> src = normal_rows(V, width, seed, 1.0f, -4.0f, 4.0f);
+    std::mt19937 rng(seed + 1);
+    std::vector<int32_t> idx(static_cast<size_t>(n));
+    for (auto& i : idx) i = static_cast<int32_t>(rng() % V);
+    std::vector<float> ref(static_cast<size_t>(n * width));
+    for (int64_t i = 0; i < n; ++i)
+        std::copy(src.begin() + idx[static_cast<size_t>(i)] * width, src.begin() + (idx[static_cast<size_t>(i)] + 1) * width,
+                  ref.begin() + i * width);
+    DeviceArray<float> d_src(src), d_dst(ref.size());
+    DeviceArray<int32_t> d_idx(idx);
+    cuda::gather_rows_f32(d_src.data(), d_idx.data(), n, width, d_dst.data(), nullptr);
+    expect_bits_equal(d_dst.download(), ref, "gather_rows_f32");
+}
+
+TEST(CudaRowwise, GatherRowsF32CopiesBits) {
+    RW_SKIP_WITHOUT_GPU();
+    check_gather_f32(8, 4 * 4096, 1, 50);   // V4-Flash streams: hc = 4, D = 4096
+    check_gather_f32(40, 4 * 4096, 16, 51);
+    check_gather_f32(12, 4 * 7168, 5, 52);  // V4-Pro
+    check_gather_f32(9, 4 * 256 + 1, 4, 53);   // scalar path
+}
+
 // The MTP block's input sum against ops::add_to_streams (bit for bit: one f32 add per element), and
 // in place (X = a), as the runner calls it.
 void check_add_streams(int64_t T, int64_t hc, int64_t D, uint32_t seed, int off = 0) {
