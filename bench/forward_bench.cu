@@ -18,7 +18,7 @@
 // with the MTP block drafting K tokens per sequence (gpu::generate_speculative's rounds, batched):
 // per round one Runner::step_verify over [x, d_1 .. d_K] of every sequence, Runner::draft_chain
 // for the next round's d_2 .. d_K (K > 1), then a rewind of each sequence's rejected drafts, or
-// where they cross into a new compressor window the record saved before the step and the kept
+// where they cannot be rewound (across an HCA window) the record saved before the step and the kept
 // tokens again (one re-run step for all such sequences). Synthetic weights accept nothing
 // meaningful, so each draft is accepted with probability α while the ones before it were (0.5 /
 // 0.8 / 1, a fixed random sequence) whatever the ids: measured rounds at those rates, and tokens/s

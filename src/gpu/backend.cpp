@@ -61,7 +61,7 @@ public:
                 std::vector<int32_t> fed{ch.tokens[0]};
                 fed.insert(fed.end(), ch.drafts.begin(), ch.drafts.end());
                 sc.push_back({ch.slot, fed, true, -1});
-                // Drafts that cross into the next compressor window cannot be rewound (one never does): save first.
+                // Drafts that cannot be rewound (StateLayout::rewind_exact: across an HCA window): save first.
                 saved.push_back(r_.is_open(ch.slot) && r_.rewind_needs_save(past.back() + 1, k));
                 rows += 1 + k;
             } else {
@@ -248,7 +248,7 @@ SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& 
         // each, and the MTP block's draft after each); keep the leading drafts equal to the main
         // model's tokens and the token after them; chain the next round's drafts from the MTP row
         // of the last kept position (draft_chain); drop the rejected positions with a rewind, or,
-        // where they cross into a new compressor window, restore the record saved before the step
+        // where they cross an HCA window boundary (rewind_needs_save), restore the record saved before the step
         // and run the kept tokens again (ref/speculative.h does the latter every time).
         std::vector<std::vector<int32_t>> main_ids, draft_ids, chained;
         while (static_cast<int64_t>(out.size()) < max_new && !is_eos(out.back())) {

@@ -1254,7 +1254,7 @@ void Runner::rewind(int32_t slot, int64_t n_past) {
     if (n_past < 0 || n_past > now) fail("gpu runner: cannot rewind slot ", slot, " from ", now, " to ", n_past);
     if (!I.pool->layout().rewind_exact(n_past, now - n_past))
         fail("gpu runner: positions ", n_past, "..", now - 1, " of slot ", slot,
-             " cross into a new compressor window; rewind cannot drop them (restore_state instead)");
+             " cannot be dropped by a rewind (StateLayout::rewind_exact; restore_state instead)");
     I.pool->rewind(slot, n_past);
     I.last_chunk_lens.clear();
 }

@@ -27,6 +27,7 @@
 #include "cuda/linear.h"
 #include "gpu/backend.h"
 #include "gpu/runner.h"
+#include "gpu/state_pool.h"
 #include "io/formats.h"
 #include "io/safetensors.h"
 #include "ref/generate.h"
@@ -500,11 +501,12 @@ TEST_P(GpuRunner, VerifyStepWithOracleDrafts) {
     // the one-token chunks of the reference, which a near tie could flip.
     EXPECT_GE(same, static_cast<int64_t>(drafted_at.size()) - 1);
 
-    // Five positions always span two windows of ratio 4: rewind cannot drop them.
+    // Five positions are more than the rings' spare rows (and span two windows of ratio 4, three
+    // of ratio 16 at most): rewind cannot drop them.
     const int64_t at = run.n_past(slot);
     run.step({{slot, {5, 6, 7, 8, 9}}}, false, logits);
     EXPECT_TRUE(run.rewind_needs_save(at, 5));
-    test::expect_error([&] { run.rewind(slot, at); }, {"cross into a new compressor window"});
+    test::expect_error([&] { run.rewind(slot, at); }, {"cannot be dropped by a rewind"});
     EXPECT_EQ(run.n_past(slot), at + 5);
 }
 
@@ -1598,6 +1600,22 @@ INSTANTIATE_TEST_SUITE_P(Golden, GpuRunner, ::testing::Values("tiny-flash-nvfp4"
                              std::replace(s.begin(), s.end(), '-', '_');
                              return s;
                          });
+
+// Which drops of drafted positions a rewind takes without a copy (no GPU needed): the tiny
+// goldens' layers are SWA, CSA (ratio 4, overlapping compressors: pending slots per window
+// parity) and HCA (ratio 16); the rings hold W + 3 rows.
+TEST(GpuRunnerPlan, RewindExactRules) {
+    if (!test::have_golden("tiny-flash-nvfp4")) GTEST_SKIP() << "no golden case";
+    const ModelConfig c = Model::load(test::golden_dir("tiny-flash-nvfp4") + "/model")->cfg;
+    const gpu::StateLayout L = gpu::StateLayout::make(c, 64, true, false);
+    EXPECT_EQ(L.ring_rows, c.sliding_window + 3);
+    EXPECT_TRUE(L.rewind_exact(16, 1));
+    EXPECT_TRUE(L.rewind_exact(16, 3)) << "one window of every ratio";
+    EXPECT_TRUE(L.rewind_exact(18, 3)) << "18..20 crosses a ratio-4 window (parity pending), not a ratio-16 one";
+    EXPECT_FALSE(L.rewind_exact(30, 3)) << "30..32 crosses a ratio-16 (HCA) window";
+    EXPECT_FALSE(L.rewind_exact(17, 4)) << "more positions than the rings' spare rows";
+    EXPECT_TRUE(L.rewind_exact(5, 0));
+}
 
 TEST(GpuRunnerPlan, WeightBytesMatchCheckpoint) {
     if (!test::have_golden("tiny-flash-nvfp4")) GTEST_SKIP() << "no golden case";
