@@ -7,7 +7,11 @@
 //     then the compressed rows: all visible ones or the top-k's), 64 per tile. For each tile the
 //     64 row addresses are computed by 64 threads two tiles ahead into a shared table (nullptr =
 //     no row: masked, zero-filled); the tile itself is gathered by cp.async (16-byte chunks, XOR
-//     swizzled so ldmatrix is conflict-free) into a 3-stage ring of shared buffers.
+//     swizzled so ldmatrix is conflict-free) into a 3-stage ring of shared buffers. With FP8 KV
+//     rows (a.kv_fp8, official numerics; kv_row.h) a stored row's raw bytes (592 for hd 512) land
+//     unswizzled at the start of its slot, and once the tile has landed each warp expands its 8
+//     rows in place to swizzled bf16 (e4m3 · 2^k, exact), one more barrier per tile: everything
+//     after reads the same bf16 tile as with bf16 storage.
 //   - S = Q·Kᵀ: Q's A fragments live in registers for the whole loop; warp w takes keys 8w..8w+7
 //     of the tile over the full head dim. Online softmax in f32 in base 2 (logits · scale · log2 e):
 //     the tile's row max crosses warps through shared memory; every thread applies the same
@@ -858,7 +862,7 @@ void check_paged(const PagedRows& r, const char* op, const char* name) {
                   op, ": ", name, " paged rows (pool ", r.pool, ", table ", r.block_table, ", max_blocks ",
                   r.max_blocks, ", block_tokens ", r.block_tokens, ", ratio ", r.ratio, ")");
     MEGAMOE_CHECK(aligned16(r.pool) && r.block_bytes % 16 == 0 && r.layer_offset % 16 == 0 && r.layer_offset >= 0 &&
-                          r.stride() % 16 == 0 &&
+                      r.stride() % 16 == 0 &&
                       r.block_bytes >= r.layer_offset + static_cast<int64_t>(r.rows_per_block()) * r.stride(),
                   op, ": ", name, " paged rows: pool, block_bytes (", r.block_bytes, ") and layer_offset (",
                   r.layer_offset, ") and rows (", r.stride(), " bytes) must be 16-byte aligned and hold ",
