@@ -308,6 +308,17 @@ struct Runner::Impl {
              SpecIo* sio = nullptr);
     // The per-row sampling parameters in ws.samp_in (laid out for ws.R rows) as sample_rows reads them.
     cuda::SampleParams sample_params() const;
+    // Row `row` of that layout, in its pinned mirror (uploaded with the step's inputs).
+    void put_sample_spec(int64_t row, const SampleSpec& sp) {
+        char* in = static_cast<char*>(pinned_samp_in);
+        const int64_t Rw = ws.R;
+        reinterpret_cast<uint64_t*>(in)[row] = sp.seed;
+        reinterpret_cast<int64_t*>(in + 8 * Rw)[row] = sp.index;
+        reinterpret_cast<float*>(in + 16 * Rw)[row] = sp.temperature;
+        reinterpret_cast<float*>(in + 20 * Rw)[row] = sp.top_p;
+        reinterpret_cast<float*>(in + 24 * Rw)[row] = sp.min_p;
+        reinterpret_cast<int32_t*>(in + 28 * Rw)[row] = sp.top_k;
+    }
     // Draws of rows [0, R) of ws.logits into ids (masked ids excluded) with the step's parameters:
     // the MTP block's drafts (argmax on greedy rows; on sampled rows a draw keyed on the row's own
     // index, independent of the draw the draft is later checked against, which has the next one).
@@ -1186,7 +1197,6 @@ void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, s
     // StateLayout::kRingSpare spare rows they overwrite none that a later query reads (the next
     // real query, at p + 1, reads positions from p + 2 - W), and the next real pass rewrites them.
     int32_t* pin = I.pinned_chain;
-    char* samp = static_cast<char*>(I.pinned_samp_in);
     for (int64_t i = 0; i < nb; ++i) {
         const bool real = i < n;
         const ChainStart* st = real ? &starts[static_cast<size_t>(i)] : nullptr;
@@ -1194,15 +1204,11 @@ void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, s
         pin[ws.C + i] = real ? I.last_pos[static_cast<size_t>(st->row)] : 0;
         pin[2 * ws.C + i] = real ? st->slot : I.pool->pad_slot();
         pin[3 * ws.C + i] = real ? st->draft : 0;
-        const SampleSpec sp = real ? st->spec : SampleSpec{0.0f};
-        for (int64_t k = 1; k <= steps; ++k) {
-            const int64_t r = (k - 1) * nb + i;
-            reinterpret_cast<uint64_t*>(samp)[r] = sp.seed;
-            reinterpret_cast<int64_t*>(samp + 8 * ws.R)[r] = sp.index + k;
-            reinterpret_cast<float*>(samp + 16 * ws.R)[r] = sp.temperature;
-            reinterpret_cast<float*>(samp + 20 * ws.R)[r] = sp.top_p;
-            reinterpret_cast<float*>(samp + 24 * ws.R)[r] = sp.min_p;
-            reinterpret_cast<int32_t*>(samp + 28 * ws.R)[r] = sp.top_k;
+        SampleSpec sp = real ? st->spec : SampleSpec{0.0f};
+        const int64_t index = sp.index;
+        for (int64_t k = 1; k <= steps; ++k) {   // step k's row (k - 1)·nb + i, keyed on index + k
+            sp.index = index + k;
+            I.put_sample_spec((k - 1) * nb + i, sp);
         }
     }
     const cudaStream_t stream = I.stream;
@@ -1380,19 +1386,8 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
             if (sio) given[t] = 0;   // padding positions: any token
         }
     }
-    if (spec) {   // sampling parameters (layout of Workspace::samp_in); padding rows: greedy
-        char* in = static_cast<char*>(I.pinned_samp_in);
-        const int64_t Rw = ws.R;
-        for (int64_t i = 0; i < Rp; ++i) {
-            const SampleSpec sp = i < R ? (*spec)[static_cast<size_t>(i)] : SampleSpec{0.0f};
-            reinterpret_cast<uint64_t*>(in)[i] = sp.seed;
-            reinterpret_cast<int64_t*>(in + 8 * Rw)[i] = sp.index;
-            reinterpret_cast<float*>(in + 16 * Rw)[i] = sp.temperature;
-            reinterpret_cast<float*>(in + 20 * Rw)[i] = sp.top_p;
-            reinterpret_cast<float*>(in + 24 * Rw)[i] = sp.min_p;
-            reinterpret_cast<int32_t*>(in + 28 * Rw)[i] = sp.top_k;
-        }
-    }
+    if (spec)   // sampling parameters; padding rows: greedy
+        for (int64_t i = 0; i < Rp; ++i) I.put_sample_spec(i, i < R ? (*spec)[static_cast<size_t>(i)] : SampleSpec{0.0f});
 
     I.pool->sync_tables(I.stream);
     check(cudaMemcpyAsync(ws.in, I.pinned_in, static_cast<size_t>(ws.in_ints) * 4, cudaMemcpyHostToDevice, I.stream),

@@ -984,6 +984,28 @@ TEST(CudaCompressor, WindowRingFp8RowsAreTheEncodersBytes) {
         }
 }
 
+// One chunk of sequence 0 at positions p0 .. p0 + n - 1 for the rewind tests (stream `seed`);
+// positions >= fake_from get the values of another stream (drafts that will be rejected).
+StepInput draft_chunk(const HostComp& hc, uint32_t seed, int64_t p0, int n, int64_t fake_from) {
+    StepInput in;
+    in.C = 1;
+    in.chunk_first.push_back(0);
+    in.chunk_len.push_back(n);
+    in.seq_of_chunk.push_back(0);
+    for (int i = 0; i < n; ++i) {
+        const int64_t p = p0 + i;
+        in.pos.push_back(static_cast<int32_t>(p));
+        in.pos64.push_back(p);
+        in.slot.push_back(kSlotOf[0]);
+        in.chunk.push_back(0);
+        TokenRng rng(p >= fake_from ? 1000 : seed, 0, p);
+        for (int f = 0; f < hc.width; ++f) in.kv.push_back(rng.uniform());
+        for (int f = 0; f < hc.width; ++f) in.gate.push_back(2.0f * rng.normal());
+        ++in.T;
+    }
+    return in;
+}
+
 // Rewind (speculative decoding, compressor.h): each step feeds a sequence's next real token and
 // a rejected draft after it (values from another stream), then the host drops the draft's
 // position (n_past back by one, no device copy). Over 3r + 2 such rounds the draft falls on every
@@ -1001,27 +1023,7 @@ TEST(CudaCompressor, RewindOfARejectedDraftIsExact) {
         GpuCompressor gpu(hc, L, static_cast<int>(prefill), 1);
         std::vector<CompressorState> cpu(kSeqs);
         int64_t n_past[kSeqs] = {0, 0, 0};
-        // One chunk of sequence 0 at positions p0 .. p0 + n - 1; positions >= fake_from get the
-        // values of another stream (a draft that will be rejected).
-        auto chunk = [&](int64_t p0, int n, int64_t fake_from) {
-            StepInput in;
-            in.C = 1;
-            in.chunk_first.push_back(0);
-            in.chunk_len.push_back(n);
-            in.seq_of_chunk.push_back(0);
-            for (int i = 0; i < n; ++i) {
-                const int64_t p = p0 + i;
-                in.pos.push_back(static_cast<int32_t>(p));
-                in.pos64.push_back(p);
-                in.slot.push_back(kSlotOf[0]);
-                in.chunk.push_back(0);
-                TokenRng rng(p >= fake_from ? 1000 : 7, 0, p);
-                for (int f = 0; f < hc.width; ++f) in.kv.push_back(rng.uniform());
-                for (int f = 0; f < hc.width; ++f) in.gate.push_back(2.0f * rng.normal());
-                ++in.T;
-            }
-            return in;
-        };
+        auto chunk = [&](int64_t p0, int n, int64_t fake_from) { return draft_chunk(hc, 7, p0, n, fake_from); };
         const StepInput first = chunk(0, static_cast<int>(prefill), total);
         gpu.step(first);
         cpu_step(hc, first, cpu);
@@ -1065,25 +1067,7 @@ TEST(CudaCompressor, RewindOfThreeDraftsAcrossAWindowIsExact) {
         GpuCompressor gpu(hc, L, static_cast<int>(std::max<int64_t>(prefill, 4)), 1);
         std::vector<CompressorState> cpu(kSeqs);
         int64_t n_past[kSeqs] = {0, 0, 0};
-        auto chunk = [&](int64_t p0, int n, int64_t fake_from) {
-            StepInput in;
-            in.C = 1;
-            in.chunk_first.push_back(0);
-            in.chunk_len.push_back(n);
-            in.seq_of_chunk.push_back(0);
-            for (int i = 0; i < n; ++i) {
-                const int64_t p = p0 + i;
-                in.pos.push_back(static_cast<int32_t>(p));
-                in.pos64.push_back(p);
-                in.slot.push_back(kSlotOf[0]);
-                in.chunk.push_back(0);
-                TokenRng rng(p >= fake_from ? 1000 : 8, 0, p);
-                for (int f = 0; f < hc.width; ++f) in.kv.push_back(rng.uniform());
-                for (int f = 0; f < hc.width; ++f) in.gate.push_back(2.0f * rng.normal());
-                ++in.T;
-            }
-            return in;
-        };
+        auto chunk = [&](int64_t p0, int n, int64_t fake_from) { return draft_chunk(hc, 8, p0, n, fake_from); };
         const StepInput first = chunk(0, static_cast<int>(prefill), total);
         gpu.step(first);
         cpu_step(hc, first, cpu);

@@ -37,6 +37,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/common.h"
@@ -419,54 +420,45 @@ TEST(CudaRowwise, SwigluMatchesExpertFfn) {
 
 // ---------------------------------------------------------------------------- gather / cast
 
+// dst[i] = src[idx[i]] for random idx, bit for bit: bf16 rows (gather_rows_bf16, the head's row
+// selection) or f32 rows (gather_rows_f32, the MTP block's streams of chosen rows).
+template <typename T>
 void check_gather(int64_t V, int64_t width, int64_t n, uint32_t seed) {
-    SCOPED_TRACE(shape_name("gather", V, width, n));
-    const std::vector<uint16_t> src = to_bf16(normal_rows(V, width, seed, 1.0f, -4.0f, 4.0f));
+    constexpr bool f32 = std::is_same_v<T, float>;
+    SCOPED_TRACE(shape_name(f32 ? "gather_f32" : "gather", V, width, n));
+    const std::vector<float> rows = normal_rows(V, width, seed, 1.0f, -4.0f, 4.0f);
+    std::vector<T> src;
+    if constexpr (f32) src = rows;
+    else src = to_bf16(rows);
     std::mt19937 rng(seed + 1);
     std::vector<int32_t> idx(static_cast<size_t>(n));
     for (auto& i : idx) i = static_cast<int32_t>(rng() % V);
-    std::vector<uint16_t> ref(static_cast<size_t>(n * width));
+    std::vector<T> ref(static_cast<size_t>(n * width));
     for (int64_t i = 0; i < n; ++i)
         std::copy(src.begin() + idx[static_cast<size_t>(i)] * width, src.begin() + (idx[static_cast<size_t>(i)] + 1) * width,
                   ref.begin() + i * width);
-    DeviceArray<uint16_t> d_src(src), d_dst(ref.size());
+    DeviceArray<T> d_src(src), d_dst(ref.size());
     DeviceArray<int32_t> d_idx(idx);
-    cuda::gather_rows_bf16(d_src.data(), d_idx.data(), n, width, d_dst.data(), nullptr);
-    expect_bits_equal(d_dst.download(), ref, "gather_rows_bf16");
+    if constexpr (f32) cuda::gather_rows_f32(d_src.data(), d_idx.data(), n, width, d_dst.data(), nullptr);
+    else cuda::gather_rows_bf16(d_src.data(), d_idx.data(), n, width, d_dst.data(), nullptr);
+    expect_bits_equal(d_dst.download(), ref, f32 ? "gather_rows_f32" : "gather_rows_bf16");
 }
 
 TEST(CudaRowwise, GatherRowsCopiesBits) {
     RW_SKIP_WITHOUT_GPU();
-    check_gather(1000, 4096, 1, 40);
-    check_gather(1000, 4096, 129, 41);
-    check_gather(300, 7168, 3, 42);
-    check_gather(100, 4097, 17, 43);   // scalar path
-    check_gather(10, 1, 3, 44);
-}
-
-// The f32 gather (the MTP block's streams of chosen rows, Runner::draft_chain): rows of hc·D.
-void check_gather_f32(int64_t V, int64_t width, int64_t n, uint32_t seed) {
-    SCOPED_TRACE(shape_name("gather_f32", V, width, n));
-    const std::vector<float> src = normal_rows(V, width, seed, 1.0f, -4.0f, 4.0f);
-    std::mt19937 rng(seed + 1);
-    std::vector<int32_t> idx(static_cast<size_t>(n));
-    for (auto& i : idx) i = static_cast<int32_t>(rng() % V);
-    std::vector<float> ref(static_cast<size_t>(n * width));
-    for (int64_t i = 0; i < n; ++i)
-        std::copy(src.begin() + idx[static_cast<size_t>(i)] * width, src.begin() + (idx[static_cast<size_t>(i)] + 1) * width,
-                  ref.begin() + i * width);
-    DeviceArray<float> d_src(src), d_dst(ref.size());
-    DeviceArray<int32_t> d_idx(idx);
-    cuda::gather_rows_f32(d_src.data(), d_idx.data(), n, width, d_dst.data(), nullptr);
-    expect_bits_equal(d_dst.download(), ref, "gather_rows_f32");
+    check_gather<uint16_t>(1000, 4096, 1, 40);
+    check_gather<uint16_t>(1000, 4096, 129, 41);
+    check_gather<uint16_t>(300, 7168, 3, 42);
+    check_gather<uint16_t>(100, 4097, 17, 43);   // scalar path
+    check_gather<uint16_t>(10, 1, 3, 44);
 }
 
 TEST(CudaRowwise, GatherRowsF32CopiesBits) {
     RW_SKIP_WITHOUT_GPU();
-    check_gather_f32(8, 4 * 4096, 1, 50);   // V4-Flash streams: hc = 4, D = 4096
-    check_gather_f32(40, 4 * 4096, 16, 51);
-    check_gather_f32(12, 4 * 7168, 5, 52);  // V4-Pro
-    check_gather_f32(9, 4 * 256 + 1, 4, 53);   // scalar path
+    check_gather<float>(8, 4 * 4096, 1, 50);   // V4-Flash streams: hc = 4, D = 4096
+    check_gather<float>(40, 4 * 4096, 16, 51);
+    check_gather<float>(12, 4 * 7168, 5, 52);  // V4-Pro
+    check_gather<float>(9, 4 * 256 + 1, 4, 53);   // scalar path
 }
 
 // The MTP block's input sum against ops::add_to_streams (bit for bit: one f32 add per element), and

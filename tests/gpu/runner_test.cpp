@@ -857,6 +857,35 @@ TEST_P(GpuRunner, TeacherForcedLayersMatchCpu) {
     EXPECT_GT(ids_same, ids_all / 2);   // a sanity floor; the numbers above are the report
 }
 
+// Runs ids[0 .. total) through `slot` in chunks of the given sizes, then one token at a time,
+// each step teacher-forced by position on the traces (f32: the residual streams; i32: the discrete
+// choices, index_topk and expert ids). Returns the positions run (total).
+int64_t run_forced(Backend& b, int32_t slot, const std::vector<int32_t>& ids, const std::vector<int64_t>& chunks,
+                   int64_t total, const std::map<std::pair<std::string, int64_t>, std::vector<float>>& f32,
+                   const std::map<std::pair<std::string, int64_t>, std::vector<int32_t>>& i32) {
+    int64_t p = 0;
+    std::vector<float> logits;
+    auto step = [&](int64_t n) {
+        const int64_t p0 = p;
+        Probe force = [&, p0](TraceView& v) {
+            const auto key = std::make_pair(std::string(v.name), v.layer);
+            const size_t off = static_cast<size_t>(p0 * v.width), n_el = static_cast<size_t>(v.rows * v.width);
+            if (v.dtype == DType::i32) {
+                std::copy_n(i32.at(key).begin() + static_cast<ptrdiff_t>(off), n_el, v.i32());
+                v.modified = true;
+            } else if (key.first == trace_names::streams) {
+                std::copy_n(f32.at(key).begin() + static_cast<ptrdiff_t>(off), n_el, v.f32());
+                v.modified = true;
+            }
+        };
+        b.step({{slot, std::vector<int32_t>(ids.begin() + p, ids.begin() + p + n)}}, false, logits, force);
+        p += n;
+    };
+    for (int64_t n : chunks) step(n);
+    while (p < total) step(1);
+    return p;
+}
+
 // Level 2: after prefill, chunked prefill and decode schedules (teacher forced, so the state
 // differs from the CPU's only by the bf16 rounding of the GPU's activations and storage), the
 // slot's state equals the CPU reference's: window rows, open compressor windows, compressed rows,
@@ -877,27 +906,7 @@ TEST_P(GpuRunner, StateMatchesCpuAfterSchedules) {
     for (const auto& sc : schedules) {
         const int32_t slot = b->open();
         ASSERT_TRUE(b->reserve(slot, sc.total));
-        int64_t p = 0;
-        std::vector<float> logits;
-        auto step = [&](int64_t n) {
-            const int64_t p0 = p;
-            Probe force = [&, p0](TraceView& v) {
-                const auto key = std::make_pair(std::string(v.name), v.layer);
-                const size_t off = static_cast<size_t>(p0 * v.width), n_el = static_cast<size_t>(v.rows * v.width);
-                if (v.dtype == DType::i32) {
-                    std::copy_n(c->i32.at(key).begin() + static_cast<ptrdiff_t>(off), n_el, v.i32());
-                    v.modified = true;
-                } else if (key.first == trace_names::streams) {
-                    std::copy_n(c->f32.at(key).begin() + static_cast<ptrdiff_t>(off), n_el, v.f32());
-                    v.modified = true;
-                }
-            };
-            b->step({{slot, std::vector<int32_t>(c->input_ids.begin() + p, c->input_ids.begin() + p + n)}}, false,
-                    logits, force);
-            p += n;
-        };
-        for (int64_t n : sc.chunks) step(n);
-        while (p < sc.total) step(1);
+        const int64_t p = run_forced(*b, slot, c->input_ids, sc.chunks, sc.total, c->f32, c->i32);
 
         // The CPU's state for the same tokens (its state does not depend on the schedule).
         SequenceState ref(cfg);
@@ -1341,26 +1350,7 @@ TEST_P(GpuRunner, StateMatchesCpuOfficialWithFp8KvRows) {
     for (const auto& sc : schedules) {
         const int32_t slot = b->open();
         ASSERT_TRUE(b->reserve(slot, sc.total));
-        int64_t p = 0;
-        std::vector<float> logits;
-        auto step = [&](int64_t n) {
-            const int64_t p0 = p;
-            Probe force = [&, p0](TraceView& v) {
-                const auto key = std::make_pair(std::string(v.name), v.layer);
-                const size_t off = static_cast<size_t>(p0 * v.width), n_el = static_cast<size_t>(v.rows * v.width);
-                if (v.dtype == DType::i32) {
-                    std::copy_n(ref_tr.i32.at(key).begin() + static_cast<ptrdiff_t>(off), n_el, v.i32());
-                    v.modified = true;
-                } else if (key.first == trace_names::streams) {
-                    std::copy_n(ref_tr.f32.at(key).begin() + static_cast<ptrdiff_t>(off), n_el, v.f32());
-                    v.modified = true;
-                }
-            };
-            b->step({{slot, std::vector<int32_t>(ids.begin() + p, ids.begin() + p + n)}}, false, logits, force);
-            p += n;
-        };
-        for (int64_t n : sc.chunks) step(n);
-        while (p < sc.total) step(1);
+        const int64_t p = run_forced(*b, slot, ids, sc.chunks, sc.total, ref_tr.f32, ref_tr.i32);
 
         SequenceState ref(cfg);
         {
