@@ -13,11 +13,14 @@
 //
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
-//                         [--trace N] [--serial] [--spec | --spec-tokens K] [--numerics exact|official]
+//                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
+//                         [--numerics exact|official]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
 // with the MTP block drafting K tokens per sequence (gpu::generate_speculative's rounds, batched):
-// per round one Runner::step_verify over [x, d_1 .. d_K] of every sequence, Runner::draft_chain
-// for the next round's d_2 .. d_K (K > 1), then a rewind of each sequence's rejected drafts, or
+// per round one Runner::step_spec over [x, d_1 .. d_K] of every sequence (greedy, or sampled at
+// --spec-temperature T > 0: then the standard rule's kernel runs at every verified row),
+// Runner::draft_chain for the next round's d_2 .. d_K (and d_1's kept logits), then a rewind of
+// each sequence's rejected drafts, or
 // where they cannot be rewound (across an HCA window) the record saved before the step and the kept
 // tokens again (one re-run step for all such sequences). Synthetic weights accept nothing
 // meaningful, so each draft is accepted with probability α while the ones before it were (0.5 /
@@ -97,6 +100,7 @@ int main(int argc, char** argv) {
         std::string preset = "flash", experts = "nvfp4";
         bool serial = false, spec = false;
         int64_t spec_k = 1;
+        float spec_temperature = 0.0f;
         Numerics numerics = Numerics::exact;
         int64_t layers = -1, prefill = 8192, steps = 20, trace = -1;
         std::vector<int64_t> batches{1, 8, 64, 256}, contexts{1024, 32768};
@@ -121,6 +125,7 @@ int main(int argc, char** argv) {
                 spec_k = std::stoll(next());
                 if (spec_k < 1 || spec_k > kMaxSpeculativeTokens) fail("--spec-tokens must be in 1..", kMaxSpeculativeTokens);
             }
+            else if (a == "--spec-temperature") spec_temperature = std::stof(next());
             else if (a == "--numerics") numerics = parse_numerics(next());
             else fail("unknown option ", a);
         }
@@ -244,7 +249,11 @@ int main(int argc, char** argv) {
                         z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
                         return static_cast<double>((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
                     };
-                    std::vector<std::vector<int32_t>> mi, di, chained;
+                    std::vector<std::vector<int32_t>> di, chained;
+                    std::vector<std::vector<SampledToken>> drawn;
+                    std::vector<int64_t> acc;
+                    SampleSpec draw{spec_temperature};
+                    draw.seed = 7;
                     const int64_t K = spec_k;
                     for (double alpha : {0.5, 0.8, 1.0}) {
                         int64_t tokens = 0, reruns = 0, rounds = 0;
@@ -268,7 +277,11 @@ int main(int argc, char** argv) {
                                     toks.push_back(static_cast<int32_t>(((5 + 2 * j) * i + (11 + 2 * j) * (r + 2)) % 1000 + 2));
                                 ch.push_back({sl, toks});
                             }
-                            run.step_verify(ch, mi, di);
+                            std::vector<gpu::Runner::SpecChunk> sc;
+                            for (const gpu::RunnerChunk& c : ch) sc.push_back({c.slot, c.tokens, true, -1});
+                            std::vector<SampleSpec> ss(static_cast<size_t>(B), draw);
+                            for (int64_t i = 0; i < B; ++i) ss[static_cast<size_t>(i)].index = r * (K + 1) + 1000;
+                            run.step_spec(sc, ss, drawn, di, acc);
                             std::vector<int64_t> kept(static_cast<size_t>(B));
                             std::vector<gpu::Runner::ChainStart> starts;
                             int64_t got = 0;
@@ -278,9 +291,9 @@ int main(int argc, char** argv) {
                                 kept[static_cast<size_t>(i)] = a;
                                 got += a + 1;
                                 starts.push_back({slots[static_cast<size_t>(i)], i * (K + 1) + a,
-                                                  di[static_cast<size_t>(i)][static_cast<size_t>(a)], SampleSpec{0.0f}});
+                                                  di[static_cast<size_t>(i)][static_cast<size_t>(a)], draw});
                             }
-                            if (K > 1) run.draft_chain(starts, K - 1, chained);
+                            run.draft_chain(starts, K - 1, chained);
                             std::vector<gpu::RunnerChunk> again;
                             for (int64_t i = 0; i < B; ++i) {
                                 const int32_t sl = slots[static_cast<size_t>(i)];
@@ -303,10 +316,10 @@ int main(int argc, char** argv) {
                             ++rounds;
                         }
                         const double per_tok = us_total / static_cast<double>(tokens) * static_cast<double>(B);
-                        std::printf("    speculative K=%ld, acceptance %.1f: %.1f us/round, %.2f tokens/round per sequence, "
+                        std::printf("    speculative K=%ld %s, acceptance %.1f: %.1f us/round, %.2f tokens/round per sequence, "
                                     "%ld re-run steps in %ld rounds: %.1f us per token per sequence, %.0f tok/s, "
                                     "%.2fx plain decode\n",
-                                    static_cast<long>(K), alpha, us_total / static_cast<double>(rounds),
+                                    static_cast<long>(K), spec_temperature > 0 ? "sampled" : "greedy", alpha, us_total / static_cast<double>(rounds),
                                     static_cast<double>(tokens) / static_cast<double>(rounds * B),
                                     static_cast<long>(reruns), static_cast<long>(rounds), per_tok,
                                     static_cast<double>(tokens) * 1e6 / us_total, us / per_tok);

@@ -98,4 +98,23 @@ inline double max_abs_diff(const float* a, const float* b, size_t n) {
     return m;
 }
 
+// Rank bucket of every id under a distribution p [V] (rank order: larger p first, ties to the lower
+// id): 0 for the top id, then ranks 1-3, 4-15, 16-63, 64-255, 256 and beyond. The statistic of the
+// speculative decoders' distribution tests.
+constexpr int kRankBuckets = 6;
+inline std::vector<int> rank_buckets(const std::vector<double>& p) {
+    std::vector<int32_t> order(p.size());
+    for (size_t i = 0; i < p.size(); ++i) order[i] = static_cast<int32_t>(i);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return p[static_cast<size_t>(a)] > p[static_cast<size_t>(b)]; });
+    std::vector<int> bucket(p.size());
+    for (size_t r = 0; r < order.size(); ++r)
+        bucket[static_cast<size_t>(order[r])] = r == 0 ? 0 : r < 4 ? 1 : r < 16 ? 2 : r < 64 ? 3 : r < 256 ? 4 : 5;
+    return bucket;
+}
+// The L1 distance D = Σ |freq - P| over k buckets from n samples obeys P(D >= λ) <= 2^k exp(-n λ² / 2)
+// (Bretagnolle-Huber-Carol): λ for a false-alarm probability delta.
+inline double l1_bound(int k, int64_t n, double delta) {
+    return std::sqrt(2.0 * (k * std::log(2.0) + std::log(1.0 / delta)) / static_cast<double>(n));
+}
+
 }  // namespace megamoe::test

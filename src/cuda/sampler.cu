@@ -38,6 +38,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 
 #include "core/common.h"
@@ -63,9 +64,13 @@ struct SampleArgs {
     SampleOutputs o;
 };
 
-struct Smem {
+using u128 = unsigned __int128;
+
+struct alignas(16) Smem {
     uint64_t mass[kBuckets];          // bucket / digit masses; per-chunk sums in id-order searches
     uint64_t cand[kCap];              // crossing-bucket candidates as rank keys, sorted
+                                      // (mass and cand together: u128 per-chunk sums, wide())
+    u128 wscan[kWarps];               // u128 block scan / sum scratch
     uint32_t cnt[kBuckets];           // bucket / digit counts
     uint64_t scan[kWarps];            // block scan / sum scratch
     double dsum[kWarps];
@@ -74,7 +79,11 @@ struct Smem {
     uint64_t top[kMaxTopLogprobs];    // top-n rank keys
     int n_cand, n_top, found, pick;
     uint64_t found_before;
+    u128 wfound_before;
+    // kBuckets u128 entries over mass and cand (free once the cuts are found).
+    __device__ u128* wide() { return reinterpret_cast<u128*>(mass); }
 };
+static_assert(kCap == kBuckets && offsetof(Smem, cand) == sizeof(uint64_t) * kBuckets, "wide() spans mass and cand");
 
 // The row as every pass reads it, and the per-row constants of the definition.
 struct Row {
@@ -91,10 +100,10 @@ struct Row {
 // ------------------------------------------------------------------------------------------------
 // The definition's arithmetic (twins of serve/sampler.cpp)
 
-__device__ __forceinline__ uint64_t sampling_bits(uint64_t seed, int64_t index) {
+__device__ __forceinline__ uint64_t sampling_bits(uint64_t seed, int64_t index, uint32_t stream) {
     constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u, kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
     const uint64_t i = static_cast<uint64_t>(index);
-    uint32_t c0 = static_cast<uint32_t>(i), c1 = static_cast<uint32_t>(i >> 32), c2 = 0, c3 = 0;
+    uint32_t c0 = static_cast<uint32_t>(i), c1 = static_cast<uint32_t>(i >> 32), c2 = stream, c3 = 0;
     uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma unroll
     for (int round = 0; round < 10; ++round) {
@@ -155,6 +164,12 @@ __device__ __forceinline__ uint64_t ceil_mul(float p, uint64_t K) {
 
 __device__ __forceinline__ uint64_t draw_target(uint64_t x, uint64_t M) {
     return static_cast<uint64_t>((static_cast<unsigned __int128>(x) * M) >> 53);
+}
+
+// floor(x · b / 2^53) for x < 2^53, b < 2^126 (ref/speculative.cpp mul_shift53).
+__device__ __forceinline__ u128 mul_shift53(uint64_t x, u128 b) {
+    const uint64_t hi = static_cast<uint64_t>(b >> 64), lo = static_cast<uint64_t>(b);
+    return ((static_cast<u128>(x) * hi) << 11) + ((static_cast<u128>(x) * lo) >> 53);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -319,6 +334,47 @@ __device__ void block_sort(uint64_t* a, int n) {
             __syncthreads();
         }
     }
+}
+
+// u128 versions for the residual's sums (ref/speculative.h spec_residual: Σ R < 2^126).
+__device__ __forceinline__ u128 shfl_xor_u128(u128 v, int o) {
+    const uint64_t lo = __shfl_xor_sync(kFull, static_cast<uint64_t>(v), o);
+    const uint64_t hi = __shfl_xor_sync(kFull, static_cast<uint64_t>(v >> 64), o);
+    return (static_cast<u128>(hi) << 64) | lo;
+}
+__device__ __forceinline__ u128 shfl_up_u128(u128 v, int o) {
+    const uint64_t lo = __shfl_up_sync(kFull, static_cast<uint64_t>(v), o);
+    const uint64_t hi = __shfl_up_sync(kFull, static_cast<uint64_t>(v >> 64), o);
+    return (static_cast<u128>(hi) << 64) | lo;
+}
+__device__ __forceinline__ u128 warp_sum_u128(u128 v) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) v += shfl_xor_u128(v, o);
+    return v;
+}
+__device__ u128 block_sum_u128(u128 v, Smem& s) {
+    v = warp_sum_u128(v);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) s.wscan[threadIdx.x >> 5] = v;
+    __syncthreads();
+    u128 t = 0;
+    for (int i = 0; i < kWarps; ++i) t += s.wscan[i];
+    return t;
+}
+__device__ u128 block_excl_scan_u128(u128 v, Smem& s) {
+    const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
+    u128 incl = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const u128 t = shfl_up_u128(incl, o);
+        if (lane >= o) incl += t;
+    }
+    __syncthreads();
+    if (lane == 31) s.wscan[warp] = incl;
+    __syncthreads();
+    u128 before = 0;
+    for (int i = 0; i < warp; ++i) before += s.wscan[i];
+    return before + incl - v;
 }
 
 // The first id whose running sum (in id order) of val(x, id) exceeds t, given the per-chunk sums
@@ -494,31 +550,48 @@ __device__ uint64_t select_cut(Smem& s, const Row& w, P&& pred, bool by_mass, ui
 
 // ------------------------------------------------------------------------------------------------
 
-__global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
-    rk::pdl_begin();
-    __shared__ Smem s;
+// A row's kept set under its parameters (steps 1-7 of the definition) and the row statistics
+// every kernel here starts from.
+struct Kept {
+    Row w;
+    float mn = INFINITY;    // smallest valid logit
+    int best = INT_MAX;     // the largest valid logit's lowest id (the greedy token)
+    int nv = 0, ni = 0;     // valid ids, +inf ids
+    bool greedy = false;
+    uint64_t cut = kNoCut;  // rank key of the last id top-k / top-p keep
+    float min_p = 0.0f;
+    __device__ bool is_cand(float x) const { return w.inf_max ? x == INFINITY : valid(x); }
+    // W of a non-greedy row's id (0 when not kept).
+    __device__ uint64_t kept_w(float x, int id) const {
+        if (!is_cand(x) || (cut != kNoCut && rank_of(x, id) > cut)) return 0;
+        const float wt = weight(w, x);
+        return wt < min_p ? 0 : fixed_point(w, wt);
+    }
+};
+
+// Pass A (max with its lowest id, min, counts) and the cuts of steps 5-6 of row x [V] with the
+// parameters (T, top_k, top_p, min_p). nv == 0: no valid id (nothing else is set).
+__device__ Kept kept_set(Smem& s, const float* x, int V, float T, int top_k, float top_p, float min_p_in) {
     const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-    const int64_t r = blockIdx.x;
-    const int V = a.V;
-    Row w{};
-    w.x = a.logits + r * V;
+    Kept K;
+    Row& w = K.w;
+    w.x = x;
     w.V = V;
     w.vec = (reinterpret_cast<uintptr_t>(w.x) & 15u) == 0;
 
-    // A. max (lowest id among equals), min, counts.
     float m = -INFINITY, mn = INFINITY;
     int best = INT_MAX, nv = 0, ni = 0;
-    for_each_chunk(w, [&](int, int i0, const float (&x)[4]) {
+    for_each_chunk(w, [&](int, int i0, const float (&v)[4]) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-            if (!valid(x[k])) continue;   // also ids past V
+            if (!valid(v[k])) continue;   // also ids past V
             ++nv;
-            ni += x[k] == INFINITY;
-            if (x[k] > m || (x[k] == m && i0 + k < best)) {
-                m = x[k];
+            ni += v[k] == INFINITY;
+            if (v[k] > m || (v[k] == m && i0 + k < best)) {
+                m = v[k];
                 best = i0 + k;
             }
-            mn = fminf(mn, x[k]);
+            mn = fminf(mn, v[k]);
         }
     });
 #pragma unroll
@@ -533,6 +606,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
         nv += __shfl_xor_sync(kFull, nv, o);
         ni += __shfl_xor_sync(kFull, ni, o);
     }
+    __syncthreads();   // the previous user of the scratch is done
     if (lane == 0) {
         s.red_m[warp] = m;
         s.red_mn[warp] = mn;
@@ -554,6 +628,50 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
         nv += s.red_nv[i];
         ni += s.red_ni[i];
     }
+    K.mn = mn;
+    K.best = best;
+    K.nv = nv;
+    K.ni = ni;
+    if (nv == 0) return K;
+
+    K.greedy = !(T > 0.0f) || top_k == 1;
+    w.m = m;
+    w.inf_max = m == INFINITY;
+    const int n_cand = w.inf_max ? ni : nv;
+    const int S = __clzll(static_cast<long long>(n_cand)) - 1;   // 63 - bit_width(n_cand)
+    w.two_s = __uint_as_float(static_cast<uint32_t>(127 + S) << 23);
+    w.r = K.greedy ? 1.0f : __fdiv_rn(1.0f, T);
+    w.scale = 0.0f;   // buckets cover [m - min(m - mn, kBucketWindow), m]; lower logits share the last one
+    if (!w.inf_max && mn < m) {
+        const float range = fminf(__fsub_rn(m, mn), kBucketWindow);
+        const float sc = __fdiv_rn(static_cast<float>(kBuckets), range);
+        if (isfinite(sc)) w.scale = sc;
+    }
+    if (!K.greedy) {
+        const Kept& C = K;
+        if (top_k > 0 && top_k < n_cand)
+            K.cut = select_cut(s, w, [&](float v, int) { return C.is_cand(v); }, false, static_cast<uint64_t>(top_k), 0.0f);
+        if (top_p < 1.0f) {
+            const uint64_t ck = K.cut;
+            K.cut = select_cut(
+                s, w, [&](float v, int id) { return C.is_cand(v) && (ck == kNoCut || rank_of(v, id) <= ck); }, true, 0,
+                top_p);
+        }
+    }
+    K.min_p = min_p_in > 0.0f ? fminf(min_p_in, 1.0f) : 0.0f;
+    return K;
+}
+
+__global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
+    rk::pdl_begin();
+    __shared__ Smem s;
+    const int tid = static_cast<int>(threadIdx.x), lane = tid & 31;
+    const int64_t r = blockIdx.x;
+    const int V = a.V;
+    const Kept K = kept_set(s, a.logits + r * V, V, a.p.temperature[r], a.p.top_k[r], a.p.top_p[r], a.p.min_p[r]);
+    const Row& w = K.w;
+    const int best = K.best, nv = K.nv, ni = K.ni;
+    const float m = w.m;
 
     const int n_top = a.o.n_top;
     if (nv == 0) {   // nothing to sample: the caller reports the error
@@ -567,51 +685,20 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
         }
         return;
     }
+    const int32_t given = a.p.given ? a.p.given[r] : -1;
+    const bool greedy = K.greedy, inf_max = w.inf_max;
+    const bool draw = !greedy && given < 0;
 
-    const float T = a.p.temperature[r], top_p = a.p.top_p[r], min_p_in = a.p.min_p[r];
-    const int top_k = a.p.top_k[r];
-    const bool greedy = !(T > 0.0f) || top_k == 1;
-    w.m = m;
-    w.inf_max = m == INFINITY;
-    const int n_cand = w.inf_max ? ni : nv;
-    const int S = __clzll(static_cast<long long>(n_cand)) - 1;   // 63 - bit_width(n_cand)
-    w.two_s = __uint_as_float(static_cast<uint32_t>(127 + S) << 23);
-    w.r = greedy ? 1.0f : __fdiv_rn(1.0f, T);
-    w.scale = 0.0f;   // buckets cover [m - min(m - mn, kBucketWindow), m]; lower logits share the last one
-    if (!w.inf_max && mn < m) {
-        const float range = fminf(__fsub_rn(m, mn), kBucketWindow);
-        const float sc = __fdiv_rn(static_cast<float>(kBuckets), range);
-        if (isfinite(sc)) w.scale = sc;
-    }
-    const bool inf_max = w.inf_max;
-    auto is_cand = [&](float x) { return inf_max ? x == INFINITY : valid(x); };
-
-    // B. Cuts: top-n logprobs (over every valid id), top-k, top-p.
+    // B. The top-n logprobs' cut (over every valid id).
     const bool want_lse = a.o.logprob != nullptr || n_top > 0;
     uint64_t cut_n = kNoCut;
     if (n_top > 0 && nv > n_top)
         cut_n = select_cut(s, w, [&](float x, int) { return valid(x); }, false, static_cast<uint64_t>(n_top), 0.0f);
-    uint64_t cut = kNoCut;
-    if (!greedy) {
-        if (top_k > 0 && top_k < n_cand)
-            cut = select_cut(s, w, [&](float x, int) { return is_cand(x); }, false, static_cast<uint64_t>(top_k), 0.0f);
-        if (top_p < 1.0f) {
-            const uint64_t ck = cut;
-            cut = select_cut(
-                s, w, [&](float x, int id) { return is_cand(x) && (ck == kNoCut || rank_of(x, id) <= ck); }, true, 0,
-                top_p);
-        }
-    }
-    const float min_p = min_p_in > 0.0f ? fminf(min_p_in, 1.0f) : 0.0f;
-    auto kept_w = [&](float x, int id) -> uint64_t {
-        if (!is_cand(x) || (cut != kNoCut && rank_of(x, id) > cut)) return 0;
-        const float wt = weight(w, x);
-        return wt < min_p ? 0 : fixed_point(w, wt);
-    };
+    auto kept_w = [&](float x, int id) -> uint64_t { return K.kept_w(x, id); };
 
     // D. The draw's chunk sums, the logprob normalizer and the top-n, in one pass.
-    if (greedy && !want_lse) {
-        if (tid == 0) a.o.ids[r] = best;
+    if (!draw && !want_lse) {
+        if (tid == 0) a.o.ids[r] = given >= 0 ? given : best;
         return;
     }
     __syncthreads();
@@ -629,22 +716,22 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
                 const int slot = atomicAdd(&s.n_top, 1);
                 if (slot < kMaxTopLogprobs) s.top[slot] = rank_of(x[k], id);
             }
-            if (!greedy) sum += kept_w(x[k], id);
+            if (draw) sum += kept_w(x[k], id);
         }
-        if (!greedy) {
+        if (draw) {
             sum = warp_sum_u64(sum);
             if (lane == 0) s.mass[c] = sum;
         }
     });
     const double lse = want_lse && !inf_max ? static_cast<double>(m) + log(block_sum_f64(lsum, s)) : 0.0;
-    int id = best;
-    if (!greedy) {
+    int id = given >= 0 ? given : best;
+    if (draw) {
         __syncthreads();
         const int nchunks = (V + kChunkIds - 1) / kChunkIds;
         uint64_t part = 0;
         for (int c = tid; c < nchunks; c += kThreads) part += s.mass[c];
         const uint64_t M = block_sum_u64(part, s);
-        const uint64_t t = draw_target(sampling_bits(a.p.seed[r], a.p.index[r]), M);
+        const uint64_t t = draw_target(sampling_bits(a.p.seed[r], a.p.index[r] + a.p.index_offset, a.p.stream), M);
         id = find_in_id_order(s, w, kept_w, t);
     }
 
@@ -675,6 +762,144 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
             }
         }
     }
+}
+
+// The standard acceptance rule at one row (spec_accept_rows; twins in ref/speculative.cpp).
+__global__ void __launch_bounds__(kThreads) spec_accept_kernel(SpecAcceptArgs a, int V) {
+    rk::pdl_begin();
+    __shared__ Smem s;
+    const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+    const int64_t r = blockIdx.x;
+    const int64_t qr = a.q_row[r];
+    const int d = a.draft[r];
+    auto out = [&](int32_t id, int32_t acc) {
+        if (tid == 0) {
+            a.given[r] = id;
+            a.accepted[r] = acc;
+        }
+    };
+    if (qr < 0 || d < 0 || d >= V) return out(-1, 0);
+    const SampleParams& sp = a.params;
+    const float T = sp.temperature[r], top_p = sp.top_p[r], min_p = sp.min_p[r];
+    const int top_k = sp.top_k[r];
+    const Kept P = kept_set(s, a.p + r * V, V, T, top_k, top_p, min_p);
+    if (P.nv == 0) return out(-1, 0);   // sample_rows reports the row
+    if (P.greedy) {                       // q is one-hot at the draft: accept its argmax, else take it
+        const bool acc = d == P.best;
+        return out(acc ? d : P.best, acc ? 1 : 0);
+    }
+    const Kept Q = kept_set(s, a.q + qr * V, V, T, top_k, top_p, min_p);
+    if (Q.nv == 0) return out(-1, 0);
+
+    // Mp, Mq, and the test x · 2^-53 < (wp / Mp) / (wq / Mq).
+    uint64_t part_p = 0, part_q = 0;
+    for_each_chunk(P.w, [&](int, int i0, const float (&x)[4]) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) part_p += P.kept_w(x[k], i0 + k);   // ids past V load as -inf: 0
+    });
+    const uint64_t Mp = block_sum_u64(part_p, s);
+    for_each_chunk(Q.w, [&](int, int i0, const float (&x)[4]) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) part_q += Q.kept_w(x[k], i0 + k);
+    });
+    const uint64_t Mq = block_sum_u64(part_q, s);
+    const uint64_t wp = P.kept_w(P.w.x[d], d), wq = Q.kept_w(Q.w.x[d], d);
+    const int64_t index = sp.index[r];
+    if (mul_shift53(sampling_bits(sp.seed[r], index, kStreamAccept), static_cast<u128>(Mp) * wq) <
+        static_cast<u128>(wp) * Mq)
+        return out(d, 1);
+
+    // Rejected: a draw from R_v = max(0, Wp_v · Mq − Wq_v · Mp), in id order, with u128 sums.
+    auto resid = [&](float xp, float xq, int id) -> u128 {
+        const u128 pv = static_cast<u128>(P.kept_w(xp, id)) * Mq, qv = static_cast<u128>(Q.kept_w(xq, id)) * Mp;
+        return pv > qv ? pv - qv : 0;
+    };
+    u128* cs = s.wide();   // per-chunk sums
+    const int nchunks = (V + kChunkIds - 1) / kChunkIds;
+    __syncthreads();       // every reader of mass / cand is done
+    for (int c = warp; c < nchunks; c += kWarps) {
+        float xp[4], xq[4];
+        const int qd = c * 32 + lane;
+        load_quad(P.w, qd, xp);
+        load_quad(Q.w, qd, xq);
+        u128 sum = 0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) sum += resid(xp[k], xq[k], qd * 4 + k);
+        sum = warp_sum_u128(sum);
+        if (lane == 0) cs[c] = sum;
+    }
+    __syncthreads();
+    u128 part = 0;
+    for (int c = tid; c < nchunks; c += kThreads) part += cs[c];
+    const u128 Mr = block_sum_u128(part, s);
+    if (Mr == 0) return out(-1, 0);   // unreachable: p(d) < q(d) leaves p > q somewhere
+    const u128 t = mul_shift53(sampling_bits(sp.seed[r], index, kStreamResidual), Mr);
+    // The chunk where the running sum first exceeds t (each thread scans consecutive chunks) ...
+    const int per = (nchunks + kThreads - 1) / kThreads;
+    const int lo = min(nchunks, tid * per), hi = min(nchunks, lo + per);
+    u128 mine = 0;
+    for (int e = lo; e < hi; ++e) mine += cs[e];
+    if (tid == 0) s.found = -1;
+    u128 acc = block_excl_scan_u128(mine, s);   // its barriers order the reset before the writes below
+    for (int e = lo; e < hi; ++e) {
+        const u128 v = cs[e];
+        if (acc <= t && acc + v > t) {   // exactly one chunk
+            s.found = e;
+            s.wfound_before = acc;
+        }
+        acc += v;
+    }
+    __syncthreads();
+    const int c = s.found;
+    const u128 before = s.wfound_before;
+    // ... and warp 0 walks it.
+    if (warp == 0) {
+        if (lane == 0) s.pick = -1;
+        __syncwarp();
+        if (c >= 0) {
+            float xp[4], xq[4];
+            const int qd = c * 32 + lane;
+            load_quad(P.w, qd, xp);
+            load_quad(Q.w, qd, xq);
+            u128 v[4], sum = 0;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                v[k] = resid(xp[k], xq[k], qd * 4 + k);
+                sum += v[k];
+            }
+            u128 incl = sum;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u128 up = shfl_up_u128(incl, o);
+                if (lane >= o) incl += up;
+            }
+            u128 run = before + incl - sum;
+            if (run <= t && run + sum > t) {   // exactly one lane
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    run += v[k];
+                    if (run > t) {
+                        s.pick = qd * 4 + k;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    out(s.pick, 0);
+}
+
+__global__ void __launch_bounds__(256) keep_rows_kernel(const float* src, const int32_t* rows, const int32_t* slot,
+                                                        int64_t V, int32_t k, int32_t per_slot, float* dst) {
+    rk::pdl_begin();
+    const int64_t i = blockIdx.y;
+    const int32_t sl = slot[i];
+    if (sl < 0) return;
+    const float* from = src + static_cast<int64_t>(rows ? rows[i] : i) * V;
+    float* to = dst + (static_cast<int64_t>(sl) * per_slot + k) * V;
+    for (int64_t v = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; v < V; v += static_cast<int64_t>(gridDim.x) * 256)
+        to[v] = from[v];
 }
 
 __global__ void __launch_bounds__(256) mask_kernel(float* logits, int64_t R, int64_t V, const int32_t* ids, int64_t n) {
@@ -728,6 +953,33 @@ void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& 
         fail(op, ": n_top=", o.n_top, " needs top_ids and top_logprobs");
     const SampleArgs args{logits, static_cast<int>(V), p, o};
     rk::launch(sample_kernel, dim3(rk::grid_dim(R, 0x7fffffff, op)), dim3(kThreads), 0, stream, args);
+}
+
+void spec_accept_rows(const SpecAcceptArgs& a, int64_t R, int64_t V, CUstream_st* stream) {
+    constexpr const char* op = "spec_accept_rows";
+    if (R < 0) fail(op, ": R=", R, " is negative");
+    if (V < 1 || V > kMaxSampleVocab) fail(op, ": V=", V, " is outside [1, ", kMaxSampleVocab, "]");
+    if (R == 0) return;
+    if (!a.p || !a.q || !a.q_row || !a.draft || !a.given || !a.accepted)
+        fail(op, ": p, q, q_row, draft, given and accepted must not be null");
+    const SampleParams& p = a.params;
+    if (!p.temperature || !p.top_k || !p.top_p || !p.min_p || !p.seed || !p.index)
+        fail(op, ": every parameter array (temperature, top_k, top_p, min_p, seed, index) is required");
+    rk::launch(spec_accept_kernel, dim3(rk::grid_dim(R, 0x7fffffff, op)), dim3(kThreads), 0, stream, a,
+               static_cast<int>(V));
+}
+
+void keep_draft_rows(const float* src, const int32_t* rows, const int32_t* slot, int64_t n, int64_t V, int32_t k,
+                     int32_t per_slot, float* dst, CUstream_st* stream) {
+    constexpr const char* op = "keep_draft_rows";
+    if (n < 0 || V < 1 || k < 0 || per_slot < 1 || k >= per_slot)
+        fail(op, ": bad shape n=", n, " V=", V, " k=", k, " per_slot=", per_slot);
+    if (n == 0) return;
+    if (n > 65535) fail(op, ": ", n, " rows, more than 65535");
+    if (!src || !slot || !dst) fail(op, ": src, slot and dst must not be null");
+    const int64_t bx = std::min<int64_t>((V + 255) / 256, 64);
+    rk::launch(keep_rows_kernel, dim3(static_cast<unsigned>(bx), static_cast<unsigned>(n)), dim3(256), 0, stream, src,
+               rows, slot, V, k, per_slot, dst);
 }
 
 void mask_logits(float* logits, int64_t R, int64_t V, const int32_t* ids, int64_t n, CUstream_st* stream) {

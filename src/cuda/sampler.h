@@ -30,7 +30,15 @@ struct SampleParams {
     const uint64_t* seed = nullptr;          // u64 [R]  the request's seed (Philox key)
     const int64_t*  index = nullptr;         // i64 [R]  the sampled token's index in its request's output
                                              //          (0 for the first generated token; Philox counter)
+    uint32_t        stream = 0;              // Philox counter word 2 (serve/sampler.h sampling_bits): 0 for
+                                             //   the plain draw; speculative drafts use kStreamDraft
+    int64_t         index_offset = 0;        // added to index[r] (drafts guess the token after the row's)
+    const int32_t*  given = nullptr;         // i32 [R] or null: where given[r] >= 0 the row's token is
+                                             //   given[r], not drawn (its logprob and top-n are reported)
 };
+
+// Speculative decoding's random-number streams (ref/speculative.h SpecStream).
+constexpr uint32_t kStreamDraft = 1, kStreamAccept = 2, kStreamResidual = 3;
 
 // Outputs (device). A row without a valid logit (every one -inf or NaN; the CPU Sampler throws)
 // gets id -1, logprob -inf and no top entries: the caller reports it as an error.
@@ -58,6 +66,32 @@ void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& 
 // [0, V) are skipped): the engine's masked_token_ids applied on the device before sample_rows.
 // Asynchronous, graph-capturable, fixed grid for given (R, n).
 void mask_logits(float* logits, int64_t R, int64_t V, const int32_t* ids, int64_t n, CUstream_st* stream);
+
+// Speculative acceptance, the standard rule (ref/speculative.h; twins: spec_accepts, spec_residual
+// over serve/sampler.h sampling_weights). Row r with a draft (q_row[r] >= 0) checks the draft
+// d = draft[r] against the main model's logits p (row r) and the draft's logits q (row q_row[r] of
+// q, the MTP block's logits d was drawn from), both turned into the sampler's integer weights with
+// row r's parameters: accepted when spec_accepts with the bits (seed, index, kStreamAccept); else
+// the row's token is spec_residual's draw with (seed, index, kStreamResidual). Greedy rows accept
+// d when it is p's argmax, else take the argmax (q is not read). given[r] = d when accepted, else
+// the residual token; -1 for rows without a draft or without a valid logit. accepted[r] = 1 or 0.
+// One CTA per row, a fixed grid, integer sums only: deterministic, graph-capturable.
+struct SpecAcceptArgs {
+    const float*   p = nullptr;        // f32 [R, V] the main model's logits (masked ids at -inf)
+    const float*   q = nullptr;        // f32 [*, V] draft logits rows
+    const int64_t* q_row = nullptr;    // i64 [R] q's row for row r; -1: row r checks no draft
+    const int32_t* draft = nullptr;    // i32 [R] the draft checked at row r
+    SampleParams   params;             // row r's parameters and key (stream and given are not used)
+    int32_t*       given = nullptr;    // i32 [R] out
+    int32_t*       accepted = nullptr; // i32 [R] out
+};
+void spec_accept_rows(const SpecAcceptArgs& a, int64_t R, int64_t V, CUstream_st* stream);
+
+// Keeps draft logits rows for the next step's acceptance: dst[(slot[i] · per_slot + k) · V + v] =
+// src[(rows ? rows[i] : i) · V + v] for i < n (rows, slot: device i32 [n]; entries with slot < 0
+// are skipped). Asynchronous, graph-capturable.
+void keep_draft_rows(const float* src, const int32_t* rows, const int32_t* slot, int64_t n, int64_t V, int32_t k,
+                     int32_t per_slot, float* dst, CUstream_st* stream);
 
 // Speculative steps: the token after each of T positions, given or drawn. out[t] = given[t] when
 // given[t] >= 0, else drawn[-1 - given[t]] (the token sampled at logit row -1 - given[t]). given,

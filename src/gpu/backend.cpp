@@ -74,9 +74,9 @@ public:
             if (saved[i]) r_.save_state(chunks[i].slot);
         std::vector<std::vector<SampledToken>> drawn;
         std::vector<std::vector<int32_t>> drafts;
-        r_.step_spec(sc, spec, drawn, drafts);
+        std::vector<int64_t> kept;                   // accepted drafts per verified chunk (the standard rule)
+        r_.step_spec(sc, spec, drawn, drafts, kept);
         out.assign(chunks.size(), SpecOut{});
-        std::vector<int64_t> kept(chunks.size());   // accepted drafts per verified chunk
         std::vector<Runner::ChainStart> starts;
         std::vector<size_t> start_of;
         int64_t room = K - 1;                        // chained drafts: as many as every chunk has room for
@@ -84,14 +84,13 @@ public:
         for (size_t i = 0; i < chunks.size(); ++i) {
             const SpecChunk& ch = chunks[i];
             const int64_t k = static_cast<int64_t>(ch.drafts.size());
-            int64_t a = 0;
-            while (a < k && drawn[i][static_cast<size_t>(a)].id == ch.drafts[static_cast<size_t>(a)]) ++a;
-            kept[i] = a;
+            const int64_t a = kept[i];
             const size_t n_out = k > 0 ? static_cast<size_t>(a + 1) : 1;
             for (size_t j = 0; j < n_out; ++j) out[i].tokens.push_back(std::move(drawn[i][j]));
             out[i].drafts = {drafts[i][n_out - 1]};
-            // Chain from the token whose MTP row gave that draft (not for a prompt chunk followed by more prompt).
-            if (ch.n_drafts > 1 && (k > 0 || ch.next < 0)) {
+            // Chain from the token whose MTP row gave that draft (not for a prompt chunk followed by
+            // more prompt); draft_chain also keeps d_1's logits for the next step's rule.
+            if (k > 0 || ch.next < 0) {
                 const int64_t row = k > 0 ? first_row[i] + a : first_row[i] + static_cast<int64_t>(ch.tokens.size()) - 1;
                 const int64_t pos = past[i] + (row - first_row[i]);
                 room = std::min(room, limit - 1 - pos);
@@ -101,11 +100,14 @@ public:
                 start_of.push_back(i);
             }
         }
-        if (!starts.empty() && room > 0) {
+        if (!starts.empty()) {
             std::vector<std::vector<int32_t>> chained;
-            r_.draft_chain(starts, room, chained);
-            for (size_t s = 0; s < starts.size(); ++s)
-                out[start_of[s]].drafts.insert(out[start_of[s]].drafts.end(), chained[s].begin(), chained[s].end());
+            r_.draft_chain(starts, std::max<int64_t>(room, 0), chained);
+            for (size_t s = 0; s < starts.size(); ++s) {
+                const size_t want = static_cast<size_t>(chunks[start_of[s]].n_drafts - 1);
+                std::vector<int32_t>& d = out[start_of[s]].drafts;
+                d.insert(d.end(), chained[s].begin(), chained[s].begin() + static_cast<std::ptrdiff_t>(std::min(want, chained[s].size())));
+            }
         }
         // Drop the rejected positions: a rewind, or the saved record back and the kept tokens again.
         std::vector<RunnerChunk> again;
@@ -183,21 +185,11 @@ MtpLogits sequence_logits_mtp(Runner& run, const std::vector<int32_t>& tokens, c
     return out;
 }
 
-namespace {
-
-int32_t argmax_row(const float* x, int64_t n) {
-    int64_t b = 0;
-    for (int64_t i = 1; i < n; ++i)
-        if (x[i] > x[b]) b = i;
-    return static_cast<int32_t>(b);
-}
-
-}  // namespace
 
 SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& prompt, int64_t max_new, int64_t K,
-                                       int64_t chunk, bool ignore_eos) {
+                                       int64_t chunk, bool ignore_eos, const SampleSpec* sampling) {
     const ModelConfig& c = run.cfg();
-    const int64_t P = static_cast<int64_t>(prompt.size()), V = c.vocab_size;
+    const int64_t P = static_cast<int64_t>(prompt.size());
     if (K < 1 || K > kMaxSpeculativeTokens)
         fail("--speculative-tokens ", K, ": the GPU drafts 1 to ", kMaxSpeculativeTokens, " tokens per round");
     if (!run.options().rollback) fail("generate_speculative: the runner was made without RunnerOptions::rollback");
@@ -212,6 +204,14 @@ SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& 
     const int64_t step_max = std::max<int64_t>(1, std::min(run.options().max_batch_tokens, run.options().max_logit_rows));
     if (K + 1 > step_max) fail("--speculative-tokens ", K, ": a step must hold ", K + 1, " tokens (max ", step_max, ")");
     const int64_t step = std::min(chunk > 0 ? chunk : P, step_max);
+    // The draws' parameters and key (greedy: temperature 0), at output index `index`.
+    SampleSpec base = sampling ? *sampling : SampleSpec{0.0f};
+    base.n_top = -1;
+    auto spec_at = [&](int64_t index) {
+        SampleSpec sp = base;
+        sp.index = index;
+        return sp;
+    };
     const int32_t slot = run.open();
     if (slot < 0) fail("generate: no free sequence slot");
     std::vector<int32_t>& out = res.tokens;
@@ -219,9 +219,18 @@ SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& 
     try {
         if (!run.reserve(slot, std::min(P + max_new + K, limit))) fail("generate: no room for the sequence's state");
         std::vector<float> logits, mtp;
+        std::vector<std::vector<SampledToken>> drawn;
+        std::vector<std::vector<int32_t>> draft_ids, chained;
+        std::vector<int64_t> accepted;
+        // d_2 .. d_{chain+1} after d_1, drawn at the MTP row of the last step's token `row` (whose
+        // own token has output index `index`); draft_chain also keeps their logits for the rule.
+        std::vector<int32_t> drafts;   // this round's d_1 .. d_K
+        auto chain_from = [&](int64_t row, int64_t index, int64_t chain) {
+            run.draft_chain({{slot, row, drafts[0], spec_at(index)}}, chain, chained);
+            drafts.insert(drafts.end(), chained[0].begin(), chained[0].end());
+        };
         // Prefill. The MTP block follows every prompt position; the last one's next token is the
         // main model's first output, so the last chunk runs as a plain step and then its MTP half.
-        std::vector<int32_t> drafts;   // this round's d_1 .. d_K
         for (int64_t t = 0; t < P; t += step) {
             const int64_t n = std::min(step, P - t);
             const std::vector<int32_t> toks(prompt.begin() + t, prompt.begin() + t + n);
@@ -230,61 +239,51 @@ SpeculativeResult generate_speculative(Runner& run, const std::vector<int32_t>& 
                              logits, mtp);
                 continue;
             }
-            // The last chunk: its greedy token, the MTP block over its positions (fed the prompt's
+            // The last chunk: the first token, the MTP block over its positions (fed the prompt's
             // next tokens and that token) and d_1 at the last one, then d_2 .. d_K chained.
-            std::vector<std::vector<SampledToken>> drawn;
-            std::vector<std::vector<int32_t>> first;
-            run.step_spec({{slot, toks, false, -1}}, {SampleSpec{0.0f}}, drawn, first);
+            run.step_spec({{slot, toks, false, -1}}, {spec_at(0)}, drawn, draft_ids, accepted);
             out.push_back(drawn[0][0].id);
-            drafts = {first[0][0]};
-            const int64_t chain = std::min<int64_t>(K - 1, std::max<int64_t>(limit - (P + 1) - 1, 0));
-            if (chain > 0) {
-                std::vector<std::vector<int32_t>> chained;
-                run.draft_chain({{slot, n - 1, drafts[0], SampleSpec{0.0f}}}, chain, chained);
-                drafts.insert(drafts.end(), chained[0].begin(), chained[0].end());
-            }
+            drafts = {draft_ids[0][0]};
+            chain_from(n - 1, 0, std::min<int64_t>(K - 1, std::max<int64_t>(limit - (P + 1) - 1, 0)));
         }
-        // Rounds: verify [x, d_1 .. d_k] in one step_verify (the main model's greedy token after
-        // each, and the MTP block's draft after each); keep the leading drafts equal to the main
-        // model's tokens and the token after them; chain the next round's drafts from the MTP row
-        // of the last kept position (draft_chain); drop the rejected positions with a rewind, or,
-        // where they cross an HCA window boundary (rewind_needs_save), restore the record saved before the step
-        // and run the kept tokens again (ref/speculative.h does the latter every time).
-        std::vector<std::vector<int32_t>> main_ids, draft_ids, chained;
+        // Rounds (ref/speculative.h): verify [x, d_1 .. d_k] in one step_spec, which decides by the
+        // standard rule and gives the MTP block's draft after each position; keep the accepted
+        // drafts and the token after them; chain the next round's drafts from the MTP row of the
+        // last kept position (draft_chain); drop the rejected positions with a rewind, or, where
+        // they cross an HCA window boundary (rewind_needs_save), restore the record saved before
+        // the step and run the kept tokens again (ref/speculative.h does the latter every time).
         while (static_cast<int64_t>(out.size()) < max_new && !is_eos(out.back())) {
             const int64_t L = P + static_cast<int64_t>(out.size());   // the main model has run L - 1 positions
+            const int64_t index = static_cast<int64_t>(out.size());   // output index of the token after x
             const int32_t x = out.back();
             if (L > limit) break;                                     // feeding x would pass the context
             const int64_t k = std::min<int64_t>(static_cast<int64_t>(drafts.size()), limit - L);   // drafts at L .. L + k - 1
             if (k == 0) {                                             // room for x only: a plain step
-                run.step({{slot, {x}}}, false, logits);
-                out.push_back(argmax_row(logits.data(), V));
+                std::vector<SampledToken> one;
+                run.step_sample({{slot, {x}}}, {spec_at(index)}, one);
+                out.push_back(one[0].id);
                 break;
             }
             const bool saved = run.rewind_needs_save(L, k);          // the drafts' positions
             if (saved) run.save_state(slot);
             std::vector<int32_t> fed{x};
             fed.insert(fed.end(), drafts.begin(), drafts.begin() + k);
-            run.step_verify({{slot, fed}}, main_ids, draft_ids);
+            run.step_spec({{slot, fed, true, -1}}, {spec_at(index)}, drawn, draft_ids, accepted);
             ++st.rounds;
             st.drafted += k;
             int64_t a = 0;   // accepted drafts (ref/speculative.h's rule: an accepted eos ends the round)
             std::vector<int32_t> fresh;
-            while (a < k && drafts[static_cast<size_t>(a)] == main_ids[0][static_cast<size_t>(a)]) {
+            while (a < accepted[0]) {
                 fresh.push_back(drafts[static_cast<size_t>(a++)]);
                 if (is_eos(fresh.back())) break;
             }
             st.accepted += a;
-            if (fresh.empty() || !is_eos(fresh.back())) fresh.push_back(main_ids[0][static_cast<size_t>(a)]);
+            if (fresh.empty() || !is_eos(fresh.back())) fresh.push_back(drawn[0][static_cast<size_t>(a)].id);
             // The next round's drafts: d_1 from the MTP row of the last kept position (token a of
             // the step), then chained.
             drafts = {draft_ids[0][static_cast<size_t>(a)]};
             const int64_t room = limit - (L + a + 1);                 // positions after the next x
-            const int64_t chain = std::min<int64_t>(K - 1, std::max<int64_t>(room - 1, 0));
-            if (chain > 0) {
-                run.draft_chain({{slot, a, drafts[0], SampleSpec{0.0f}}}, chain, chained);
-                drafts.insert(drafts.end(), chained[0].begin(), chained[0].end());
-            }
+            chain_from(a, index + a, std::min<int64_t>(K - 1, std::max<int64_t>(room - 1, 0)));
             if (a < k) {
                 if (saved) {
                     ++st.rerun_steps;

@@ -25,6 +25,7 @@
 #include "gpu/device_model.h"
 #include "gpu/state_pool.h"
 #include "io/formats.h"
+#include "ref/speculative.h"
 
 namespace megamoe::gpu {
 
@@ -67,6 +68,7 @@ std::string MemoryPlan::describe() const {
        << " per sequence\n"
        << "  prefix     " << mib(snapshots) << " = " << snapshot_count
        << " snapshot records (prefix caching; their rows stay in the pool's blocks)\n";
+    if (draft_logits > 0) os << "  drafts     " << mib(draft_logits) << " (each slot's draft logits: speculative sampling)\n";
     os << "  KV rows    " << (kv_fp8 ? "fp8 (e4m3 latent, bf16 rope dims), " : "bf16, ") << kv_row_bytes << " bytes";
     if (kv_fp8) os << " (bf16 rows: " << kv_row_bytes_bf16 << ")";
     if (fit_tokens > 0) {
@@ -80,6 +82,11 @@ std::string MemoryPlan::describe() const {
 }
 
 size_t device_weight_bytes(const Model& model) { return DeviceModel::plan_bytes(model); }
+
+static_assert(cuda::kStreamDraft == static_cast<uint32_t>(SpecStream::draft) &&
+                  cuda::kStreamAccept == static_cast<uint32_t>(SpecStream::accept) &&
+                  cuda::kStreamResidual == static_cast<uint32_t>(SpecStream::residual),
+              "the device's random-number streams are ref/speculative.h's");
 
 // ------------------------------------------------------------------------------------------------
 // The workspace: activations and scratch for up to T tokens, C chunks and R logit rows, carved
@@ -145,12 +152,16 @@ struct Workspace {
     uint16_t* mtp_h = nullptr;       // [T, hc, D] bf16 hnorm of the main streams
     float* mtp_pe = nullptr;         // [T, D] e_proj of the next tokens' embedding
     int32_t* mtp_ids = nullptr;      // [R] the MTP block's draft per row (speculative steps)
-    int32_t* chain_in = nullptr;     // [4, C] chained drafting: gathered rows, start positions, slots, d_1
+    int32_t* spec_given = nullptr;   // [R] the acceptance rule's token per verified row (-1: draw it)
+    int32_t* chain_in = nullptr;     // [5, C] chained drafting: gathered token rows, start positions, slots, d_1,
+                                     // and the start tokens' logit rows (d_1's logits, kept for the rule)
     int32_t* chain_out = nullptr;    // [kGraphChunkMax - 1, C] chained drafts, one block per step
     // sampling (per logit row): parameters in, draws out; each block one copy per step
-    void* samp_in = nullptr;         // seed u64 [R], index i64 [R], temperature, top_p, min_p f32 [R], top_k i32 [R]
+    void* samp_in = nullptr;         // seed u64 [R], index i64 [R], temperature, top_p, min_p f32 [R], top_k i32 [R],
+                                     // then for speculative steps q_row i64 [R], draft i32 [R] (spec_accept_rows)
     size_t samp_in_bytes = 0;
-    void* samp_out = nullptr;        // ids i32 [R], logprob f32 [R], top ids i32 [R, 20], top logprobs f32 [R, 20]
+    void* samp_out = nullptr;        // ids i32 [R], logprob f32 [R], top ids i32 [R, 20], top logprobs f32 [R, 20],
+                                     // accepted i32 [R] (speculative steps)
     size_t samp_out_bytes = 0;
     int32_t* masked = nullptr;       // [V] ids never sampled (the first n_masked)
 
@@ -198,9 +209,9 @@ struct Workspace {
         gemm.p = a.take(gemm.bytes);
         gemm_side.bytes = static_cast<size_t>(gemm_bytes);
         gemm_side.p = a.take(gemm_side.bytes);
-        samp_in_bytes = static_cast<size_t>(R) * 32;
+        samp_in_bytes = static_cast<size_t>(R) * 48;
         samp_in = a.take(samp_in_bytes);
-        samp_out_bytes = static_cast<size_t>(R) * (8 + 8 * cuda::kMaxTopLogprobs);
+        samp_out_bytes = static_cast<size_t>(R) * (12 + 8 * cuda::kMaxTopLogprobs);
         samp_out = a.take(samp_out_bytes);
         masked = a.take_n<int32_t>(c.vocab_size);
         in_ints = 7 * T + 2 * C + R;
@@ -209,7 +220,8 @@ struct Workspace {
             mtp_h = a.take_n<uint16_t>(T * c.hc_mult * D);
             mtp_pe = a.take_n<float>(T * D);
             mtp_ids = a.take_n<int32_t>(R);
-            chain_in = a.take_n<int32_t>(4 * C);
+            spec_given = a.take_n<int32_t>(R);
+            chain_in = a.take_n<int32_t>(5 * C);
             chain_out = a.take_n<int32_t>((kGraphChunkMax - 1) * C);
         }
         iota = a.take_n<int32_t>(T);
@@ -251,7 +263,11 @@ struct Runner::Impl {
     void* pinned_samp_in = nullptr;               // [ws.samp_in_bytes]
     void* pinned_samp_out = nullptr;              // [ws.samp_out_bytes]
     int32_t* pinned_drafts = nullptr;             // [ws.R] the MTP block's drafts of a speculative step
-    int32_t* pinned_chain = nullptr;              // [4 C + (kGraphChunkMax - 1) C] draft_chain's inputs and drafts
+    int32_t* pinned_chain = nullptr;              // [5 C + (kGraphChunkMax - 1) C] draft_chain's inputs and drafts
+    // Speculative sampling (RunnerOptions::rollback with an MTP block): per slot the logits its
+    // drafts d_1 .. d_K were drawn from, f32 [n_slots + 1, kMaxSpeculativeTokens, V] (the padding
+    // slot's rows are scratch), written by draft_chain and read by the next step_spec's rule.
+    cuda::DeviceBuffer draft_q;
     int64_t n_masked = 0;
     float* pinned_logits = nullptr;               // [R, V]
     std::map<int64_t, cudaGraphExec_t> graphs;    // (decode bucket, output mode) -> graph
@@ -281,6 +297,7 @@ struct Runner::Impl {
     int64_t last_rows_all = 0;                    // its logit rows with padding (== last_shape.T: every token)
     std::vector<int64_t> last_chunk_lens;         // its chunks' token counts (empty: no step to follow)
     std::vector<int32_t> last_pos, last_slot;     // its tokens' positions and slots (host copies)
+    std::vector<int32_t> last_logit_row;          // its tokens' logit rows (-1: none)
     bool chain_ready = false;                     // ws.X holds the MTP pass's streams of the last step_spec
     // The MTP pass over the last step's positions (next tokens already in ws.mtp_next): `rows` logit
     // rows back (the step's real tokens, in order).
@@ -295,7 +312,10 @@ struct Runner::Impl {
     struct SpecIo {
         const std::vector<uint8_t>* every_row = nullptr;   // [chunks]
         const std::vector<int32_t>* next = nullptr;        // [tokens] >= 0 a token, -1: the draw at its row
+        std::vector<int64_t> q_row;                        // [rows] the draft check (put_sample_spec)
+        std::vector<int32_t> check;                        // [rows]
         std::vector<int32_t> drafts;                       // [rows] out
+        std::vector<int32_t> accepted;                     // [rows] out
     };
     void enqueue(const Shape& s, const Probe* probe, int mode = kLogits);
     // Runner::draft_chain's device work for n (padded) starts and `steps` chained drafts, from
@@ -309,7 +329,8 @@ struct Runner::Impl {
     // The per-row sampling parameters in ws.samp_in (laid out for ws.R rows) as sample_rows reads them.
     cuda::SampleParams sample_params() const;
     // Row `row` of that layout, in its pinned mirror (uploaded with the step's inputs).
-    void put_sample_spec(int64_t row, const SampleSpec& sp) {
+    // q_row / draft: the row's draft check (spec_accept_rows; -1: none).
+    void put_sample_spec(int64_t row, const SampleSpec& sp, int64_t q_row = -1, int32_t draft = -1) {
         char* in = static_cast<char*>(pinned_samp_in);
         const int64_t Rw = ws.R;
         reinterpret_cast<uint64_t*>(in)[row] = sp.seed;
@@ -318,10 +339,12 @@ struct Runner::Impl {
         reinterpret_cast<float*>(in + 20 * Rw)[row] = sp.top_p;
         reinterpret_cast<float*>(in + 24 * Rw)[row] = sp.min_p;
         reinterpret_cast<int32_t*>(in + 28 * Rw)[row] = sp.top_k;
+        reinterpret_cast<int64_t*>(in + 32 * Rw)[row] = q_row;
+        reinterpret_cast<int32_t*>(in + 40 * Rw)[row] = draft;
     }
     // Draws of rows [0, R) of ws.logits into ids (masked ids excluded) with the step's parameters:
-    // the MTP block's drafts (argmax on greedy rows; on sampled rows a draw keyed on the row's own
-    // index, independent of the draw the draft is later checked against, which has the next one).
+    // the MTP block's drafts (argmax on greedy rows; on sampled rows a draw keyed on
+    // (kStreamDraft, the row's index + 1): the index of the token the draft guesses).
     void sample_drafts(int64_t R, int32_t* ids);
     void linear(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y, bool bf16_out = false,
                 int64_t groups = 1) {
@@ -480,13 +503,19 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     }
     moe_ws = cuda::MoeLayerWorkspace(ws.T, c.num_experts_per_tok, dm->layers.at(0).experts);
     plan.workspace = ws_arena.used() + moe_ws.bytes();
+    if (opt.rollback && dm->mtp) {
+        draft_q = cuda::DeviceBuffer(
+            static_cast<size_t>((opt.max_seqs + 1) * kMaxSpeculativeTokens * c.vocab_size) * sizeof(float), "draft logits");
+        draft_q.fill(0);   // a slot's rows before its first drafts: uniform logits, a valid distribution
+        plan.draft_logits = draft_q.bytes();
+    }
     check(cudaMallocHost(reinterpret_cast<void**>(&pinned_in), static_cast<size_t>(ws.in_ints) * 4), "pinned inputs");
     check(cudaMallocHost(reinterpret_cast<void**>(&pinned_logits), static_cast<size_t>(ws.R * c.vocab_size) * 4),
           "pinned logits");
     check(cudaMallocHost(&pinned_samp_in, ws.samp_in_bytes), "pinned sampling inputs");
     check(cudaMallocHost(&pinned_samp_out, ws.samp_out_bytes), "pinned sampling outputs");
     check(cudaMallocHost(reinterpret_cast<void**>(&pinned_drafts), static_cast<size_t>(ws.R) * 4), "pinned drafts");
-    check(cudaMallocHost(reinterpret_cast<void**>(&pinned_chain), static_cast<size_t>((4 + kGraphChunkMax - 1) * ws.C) * 4),
+    check(cudaMallocHost(reinterpret_cast<void**>(&pinned_chain), static_cast<size_t>((5 + kGraphChunkMax - 1) * ws.C) * 4),
           "pinned chained drafts");
     {
         std::vector<int32_t> iota(static_cast<size_t>(ws.T));
@@ -815,7 +844,22 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
         so.top_ids = reinterpret_cast<int32_t*>(out + 8 * Rw);
         so.top_logprobs = reinterpret_cast<float*>(out + (8 + 4 * cuda::kMaxTopLogprobs) * Rw);
     }
-    cuda::sample_rows(ws.logits, R, V, sp, so, stream);
+    cuda::SampleParams spg = sp;
+    if (mode == kSpec || mode == kSpecLogprobs) {
+        // The standard rule at the verified rows (their drafts' logits kept per slot by
+        // draft_chain); sample_rows then reports those tokens and draws the others.
+        cuda::SpecAcceptArgs acc;
+        acc.p = ws.logits;
+        acc.q = draft_q.empty() ? ws.logits : draft_q.as<float>();   // greedy rows read no q
+        acc.q_row = reinterpret_cast<const int64_t*>(static_cast<const char*>(ws.samp_in) + 32 * Rw);
+        acc.draft = reinterpret_cast<const int32_t*>(static_cast<const char*>(ws.samp_in) + 40 * Rw);
+        acc.params = sp;
+        acc.given = ws.spec_given;
+        acc.accepted = reinterpret_cast<int32_t*>(out + (8 + 8 * cuda::kMaxTopLogprobs) * Rw);
+        cuda::spec_accept_rows(acc, R, V, stream);
+        spg.given = ws.spec_given;
+    }
+    cuda::sample_rows(ws.logits, R, V, spg, so, stream);
     mark("sample");
     if (mode != kSpec && mode != kSpecLogprobs) return;
     // A speculative step: the MTP block's next token at each position is a prompt's next token or
@@ -845,7 +889,10 @@ void Runner::Impl::sample_drafts(int64_t R, int32_t* ids) {
     if (n_masked > 0) cuda::mask_logits(ws.logits, R, V, ws.masked, n_masked, stream);
     cuda::SampleOutputs so;
     so.ids = ids;
-    cuda::sample_rows(ws.logits, R, V, sample_params(), so, stream);
+    cuda::SampleParams sp = sample_params();
+    sp.stream = cuda::kStreamDraft;
+    sp.index_offset = 1;
+    cuda::sample_rows(ws.logits, R, V, sp, so, stream);
 }
 
 // The MTP block (ref: mtp_forward) over the positions of the step just run, in lockstep with the
@@ -1050,9 +1097,11 @@ void Runner::restore_state(int32_t slot, int64_t n_past) {
 }
 
 void Runner::step_spec(const std::vector<SpecChunk>& chunks, const std::vector<SampleSpec>& spec,
-                       std::vector<std::vector<SampledToken>>& drawn, std::vector<std::vector<int32_t>>& drafts) {
+                       std::vector<std::vector<SampledToken>>& drawn, std::vector<std::vector<int32_t>>& drafts,
+                       std::vector<int64_t>& accepted) {
     Impl& I = *impl_;
     if (spec.size() != chunks.size()) fail("gpu runner: ", spec.size(), " sampling specs for ", chunks.size(), " chunks");
+    Impl::SpecIo sio;
     std::vector<RunnerChunk> rc;
     std::vector<uint8_t> every;
     std::vector<int32_t> next;
@@ -1063,6 +1112,11 @@ void Runner::step_spec(const std::vector<SpecChunk>& chunks, const std::vector<S
         if (ch.next < -1 || ch.next >= I.cfg.vocab_size)
             fail("gpu runner: chunk ", i, "'s next token ", ch.next, " is outside the vocabulary [0, ", I.cfg.vocab_size, ")");
         if (ch.verify && ch.next != -1) fail("gpu runner: chunk ", i, " is verified; its next tokens are the draws");
+        if (ch.verify && n - 1 > kMaxSpeculativeTokens)
+            fail("gpu runner: chunk ", i, " verifies ", n - 1, " drafts, at most ", kMaxSpeculativeTokens);
+        const bool greedy = spec[i].temperature <= 0.0f || spec[i].top_k == 1;
+        if (ch.verify && n > 1 && !greedy && I.draft_q.empty())
+            fail("gpu runner: verifying sampled drafts needs RunnerOptions::rollback (the slots' draft logits)");
         rc.push_back({ch.slot, ch.tokens});
         every.push_back(ch.verify ? 1 : 0);
         for (int64_t j = 0; j < n; ++j) {
@@ -1073,9 +1127,12 @@ void Runner::step_spec(const std::vector<SpecChunk>& chunks, const std::vector<S
             SampleSpec sp = spec[i];
             sp.index += ch.verify ? j : 0;
             row_spec.push_back(sp);
+            // Row j < n - 1 of a verified chunk checks d_{j+1} against the slot's kept q row j.
+            const bool check = ch.verify && j + 1 < n;
+            sio.q_row.push_back(check ? static_cast<int64_t>(ch.slot) * kMaxSpeculativeTokens + j : -1);
+            sio.check.push_back(check ? ch.tokens[static_cast<size_t>(j + 1)] : -1);
         }
     }
-    Impl::SpecIo sio;
     sio.every_row = &every;
     sio.next = &next;
     std::vector<SampledToken> rows;
@@ -1084,12 +1141,16 @@ void Runner::step_spec(const std::vector<SpecChunk>& chunks, const std::vector<S
     I.chain_ready = true;        // ... and left its own: draft_chain may follow
     drawn.assign(chunks.size(), {});
     drafts.assign(chunks.size(), {});
+    accepted.assign(chunks.size(), 0);
     size_t r = 0;
     for (size_t i = 0; i < chunks.size(); ++i) {
         const size_t n = chunks[i].verify ? chunks[i].tokens.size() : 1;
+        bool leading = chunks[i].verify;
         for (size_t j = 0; j < n; ++j, ++r) {
             drawn[i].push_back(std::move(rows[r]));
             drafts[i].push_back(sio.drafts[r]);
+            leading = leading && j + 1 < n && sio.accepted[r] != 0;
+            if (leading) ++accepted[i];
         }
     }
 }
@@ -1100,7 +1161,8 @@ void Runner::step_verify(const std::vector<RunnerChunk>& chunks, std::vector<std
     for (const RunnerChunk& ch : chunks) sc.push_back({ch.slot, ch.tokens, true, -1});
     const std::vector<SampleSpec> greedy(chunks.size(), SampleSpec{0.0f});   // temperature 0: argmax
     std::vector<std::vector<SampledToken>> drawn;
-    step_spec(sc, greedy, drawn, draft_ids);
+    std::vector<int64_t> accepted;
+    step_spec(sc, greedy, drawn, draft_ids, accepted);
     main_ids.assign(chunks.size(), {});
     for (size_t i = 0; i < chunks.size(); ++i)
         for (const SampledToken& d : drawn[i]) main_ids[i].push_back(d.id);
@@ -1113,6 +1175,12 @@ void Runner::Impl::enqueue_chain(int64_t n, int64_t steps, std::vector<float>* l
     const int32_t* start_pos = ws.chain_in + ws.C;
     const int32_t* slots = ws.chain_in + 2 * ws.C;
     const int32_t* d1 = ws.chain_in + 3 * ws.C;
+    const int32_t* logit_rows = ws.chain_in + 4 * ws.C;
+    float* q = draft_q.as<float>();
+    const int32_t Kq = static_cast<int32_t>(kMaxSpeculativeTokens);
+    // d_1's logits (the last MTP pass's, masked, at the starting rows) kept as the slots' q row 0.
+    if (q) cuda::keep_draft_rows(ws.logits, logit_rows, slots, n, V, 0, Kq, q, stream);
+    if (steps == 0) return;
     // The starting rows' streams (the last MTP pass's, in ws.X) to rows 0 .. n - 1.
     cuda::gather_rows_f32(ws.X, rows, n, hcD, ws.X2, stream);
     std::swap(ws.X, ws.X2);
@@ -1138,7 +1206,10 @@ void Runner::Impl::enqueue_chain(int64_t n, int64_t steps, std::vector<float>* l
             logits->insert(logits->end(), pinned_logits, pinned_logits + n * V);
         }
         if (n_masked > 0) cuda::mask_logits(ws.logits, n, V, ws.masked, n_masked, stream);
+        if (q) cuda::keep_draft_rows(ws.logits, nullptr, slots, n, V, static_cast<int32_t>(k), Kq, q, stream);
         cuda::SampleParams sp = sample_params();
+        sp.stream = cuda::kStreamDraft;   // d_{k+1} guesses the token at index + k + 1
+        sp.index_offset = 1;
         const int64_t r0 = (k - 1) * n;   // this step's parameter rows
         sp.seed += r0;
         sp.index += r0;
@@ -1162,7 +1233,7 @@ void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, s
     const ModelConfig& c = I.cfg;
     drafts.assign(starts.size(), {});
     if (logits) logits->clear();
-    if (steps <= 0 || starts.empty()) return;
+    if (starts.empty() || steps < 0 || (steps == 0 && I.draft_q.empty())) return;   // nothing to chain or keep
     if (!I.dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
     if (!I.chain_ready) fail("gpu runner: draft_chain needs a step_spec or step_verify just before it");
     if (steps > kGraphChunkMax - 1) fail("gpu runner: ", steps, " chained drafts, at most ", kGraphChunkMax - 1);
@@ -1179,6 +1250,8 @@ void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, s
         seen[static_cast<size_t>(st.slot)] = true;
         if (st.draft < 0 || st.draft >= c.vocab_size)
             fail("gpu runner: chain start ", i, ": draft ", st.draft, " is outside the vocabulary [0, ", c.vocab_size, ")");
+        if (I.last_logit_row[static_cast<size_t>(st.row)] < 0)
+            fail("gpu runner: chain start ", i, ": token ", st.row, " of the last step had no logit row (no d_1 drawn there)");
         if (I.last_pos[static_cast<size_t>(st.row)] + steps >= I.opt.max_model_len)
             fail("gpu runner: chain start ", i, ": positions past --max-model-len ", I.opt.max_model_len);
     }
@@ -1204,6 +1277,7 @@ void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, s
         pin[ws.C + i] = real ? I.last_pos[static_cast<size_t>(st->row)] : 0;
         pin[2 * ws.C + i] = real ? st->slot : I.pool->pad_slot();
         pin[3 * ws.C + i] = real ? st->draft : 0;
+        pin[4 * ws.C + i] = real ? I.last_logit_row[static_cast<size_t>(st->row)] : 0;
         SampleSpec sp = real ? st->spec : SampleSpec{0.0f};
         const int64_t index = sp.index;
         for (int64_t k = 1; k <= steps; ++k) {   // step k's row (k - 1)·nb + i, keyed on index + k
@@ -1212,7 +1286,7 @@ void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, s
         }
     }
     const cudaStream_t stream = I.stream;
-    check(cudaMemcpyAsync(ws.chain_in, pin, static_cast<size_t>(4 * ws.C) * 4, cudaMemcpyHostToDevice, stream),
+    check(cudaMemcpyAsync(ws.chain_in, pin, static_cast<size_t>(5 * ws.C) * 4, cudaMemcpyHostToDevice, stream),
           "chained draft inputs");
     check(cudaMemcpyAsync(ws.samp_in, I.pinned_samp_in, ws.samp_in_bytes, cudaMemcpyHostToDevice, stream),
           "chained draft sampling inputs");
@@ -1239,7 +1313,7 @@ void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, s
             ++I.replays;
         }
     }
-    int32_t* out = pin + 4 * ws.C;
+    int32_t* out = pin + 5 * ws.C;
     check(cudaMemcpyAsync(out, ws.chain_out, static_cast<size_t>(steps * ws.C) * 4, cudaMemcpyDeviceToHost, stream),
           "chained drafts");
     check(cudaStreamSynchronize(stream), "chained drafts");
@@ -1386,8 +1460,13 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
             if (sio) given[t] = 0;   // padding positions: any token
         }
     }
-    if (spec)   // sampling parameters; padding rows: greedy
-        for (int64_t i = 0; i < Rp; ++i) I.put_sample_spec(i, i < R ? (*spec)[static_cast<size_t>(i)] : SampleSpec{0.0f});
+    if (spec)   // sampling parameters and draft checks; padding rows: greedy, no check
+        for (int64_t i = 0; i < Rp; ++i) {
+            const bool real = i < R;
+            I.put_sample_spec(i, real ? (*spec)[static_cast<size_t>(i)] : SampleSpec{0.0f},
+                              sio && real ? sio->q_row[static_cast<size_t>(i)] : -1,
+                              sio && real ? sio->check[static_cast<size_t>(i)] : -1);
+        }
 
     I.pool->sync_tables(I.stream);
     check(cudaMemcpyAsync(ws.in, I.pinned_in, static_cast<size_t>(ws.in_ints) * 4, cudaMemcpyHostToDevice, I.stream),
@@ -1399,6 +1478,8 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
     I.chain_ready = false;
     I.last_pos.assign(pos, pos + T);
     I.last_slot.assign(slot, slot + T);
+    I.last_logit_row.assign(static_cast<size_t>(T), -1);
+    for (int64_t i = 0; i < R; ++i) I.last_logit_row[static_cast<size_t>(rows[i])] = static_cast<int32_t>(i);
     I.last_shape = shape;
     I.last_rows = R;
     I.last_rows_all = all_logits ? Rp : -1;
@@ -1437,7 +1518,12 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
         check(cudaMemcpyAsync(I.pinned_drafts, ws.mtp_ids, static_cast<size_t>(R) * 4, cudaMemcpyDeviceToHost, I.stream),
               "drafts");
     check(cudaStreamSynchronize(I.stream), "step");
-    if (sio) sio->drafts.assign(I.pinned_drafts, I.pinned_drafts + R);
+    if (sio) {
+        sio->drafts.assign(I.pinned_drafts, I.pinned_drafts + R);
+        const int32_t* acc = reinterpret_cast<const int32_t*>(static_cast<const char*>(I.pinned_samp_out) +
+                                                              (8 + 8 * cuda::kMaxTopLogprobs) * ws.R);
+        sio->accepted.assign(acc, acc + R);
+    }
     if (logits_out) logits_out->assign(I.pinned_logits, I.pinned_logits + R * c.vocab_size);
     if (sampled) {
         const char* out = static_cast<const char*>(I.pinned_samp_out);

@@ -37,7 +37,8 @@ struct RunnerOptions {
     int64_t max_state_tokens = 0;      // positions in the block pool at most (0: what memory holds)
     int64_t prefix_snapshots = -1;     // prefix-cache snapshot records (-1: max_seqs; 0: no prefix caching)
     bool    graphs = true;             // decode steps through CUDA graphs, one per batch-size bucket
-    bool    rollback = false;          // a backup record per slot: save_state / restore_state
+    bool    rollback = false;          // a backup record per slot: save_state / restore_state; with an MTP
+                                       // block also each slot's draft logits (speculative sampling)
     bool    side_stream = true;        // independent work (the kv latent, the compressors, the shared
                                        // expert) on a second stream beside the main chain
     // How activations are rounded (ref/ops.h Numerics); unset: the model's own (Model::numerics, as
@@ -63,6 +64,7 @@ struct MemoryPlan {
     int64_t kv_row_bytes_bf16 = 0;     // ... with bf16 storage
     int64_t fit_tokens = 0;            // positions of compressed state the memory left would hold
     int64_t fit_tokens_bf16 = 0;       // ... with bf16 KV rows (the gain of fp8 storage)
+    size_t  draft_logits = 0;          // speculative decoding: each slot's draft logits (q of the rule)
     std::string describe() const;      // a few lines for the log
 };
 
@@ -129,20 +131,24 @@ public:
     void save_state(int32_t slot);
     void restore_state(int32_t slot, int64_t n_past);
 
-    // A speculative decoding step (the serving engine's; ref/speculative.h states its rule), in one
+    // A speculative decoding step (the serving engine's; ref/speculative.h states the rule), in one
     // wait and, when every chunk has the same n <= 4 tokens and kind, one graph replay (needs the
-    // MTP block). A verify chunk is a sequence's last accepted token followed by its drafts: each
-    // of its tokens is a logit row, drawn with spec[i] at key index spec[i].index + j. Another
+    // MTP block and RunnerOptions::rollback). A verify chunk is a sequence's last accepted token
+    // followed by its drafts d_1 .. d_k: each of its tokens is a logit row, row j keyed on index
+    // spec[i].index + j; row j < k checks d_{j+1} by the standard rule (cuda::spec_accept_rows)
+    // against the draft logits draft_chain kept for the slot, and its token is d_{j+1} when
+    // accepted, else the residual draw; row k's token is a plain draw (the bonus token). Another
     // chunk (a prompt, or a decode without a draft) has its last token as its row, drawn with
     // spec[i]. Then the MTP block runs over every position of the step, given the token after it:
     // the next prompt token (a chunk's own, then SpecChunk::next), or where that is -1 and for
-    // verified tokens the token drawn there; and draws a draft at every row with that row's
-    // parameters (greedy requests: the argmax; sampled ones: a draw from the MTP distribution
-    // keyed on the row's index, while the token it is checked against is keyed on the next).
-    // drawn[i][j] / drafts[i][j]: chunk i's row j (verify: after token j; else after its last).
-    // The caller accepts draft j+1 of a verify chunk while it equals drawn[i][j], then drops the
-    // rejected positions (rewind, or restore_state and the kept tokens again: rewind_needs_save).
-    // Throws Error on bad input, changing nothing.
+    // verified tokens the row's token; and draws a draft at every row with that row's parameters
+    // (greedy requests: the argmax; sampled ones: a draw keyed on (kStreamDraft, index + 1), the
+    // index of the token it guesses). drawn[i][j] / drafts[i][j]: chunk i's row j (verify: after
+    // token j; else after its last); accepted[i]: the leading drafts of chunk i accepted (0 for
+    // other chunks), so drawn[i][0 .. accepted[i]] are its new tokens and drafts[i][accepted[i]]
+    // the next d_1. Then draft_chain (every chunk that goes on drafting, steps >= 0: it also keeps
+    // d_1's logits), and the rejected positions dropped (rewind, or restore_state and the kept
+    // tokens again: rewind_needs_save). Throws Error on bad input, changing nothing.
     struct SpecChunk {
         int32_t slot = -1;
         std::vector<int32_t> tokens;   // new tokens at positions n_past(slot) ...
@@ -150,7 +156,8 @@ public:
         int32_t next = -1;             // not verify: the token after the last one when known, else -1
     };
     void step_spec(const std::vector<SpecChunk>& chunks, const std::vector<SampleSpec>& spec,
-                   std::vector<std::vector<SampledToken>>& drawn, std::vector<std::vector<int32_t>>& drafts);
+                   std::vector<std::vector<SampledToken>>& drawn, std::vector<std::vector<int32_t>>& drafts,
+                   std::vector<int64_t>& accepted);
 
     // Speculative verification with greedy acceptance, in one graph-replayed step and one wait
     // (needs the MTP block): each chunk is a sequence's last accepted token followed by its
@@ -171,14 +178,16 @@ public:
     // MTP block at positions p + 1 .. p + steps (p: the position of the step's token `row`, whose
     // MTP draft is d_1), fed at p + k its own pre-head streams from p + k − 1 and the token d_k,
     // giving d_{k+1}: drafts[i] = {d_2 .. d_{steps+1}}, drawn as step_spec draws drafts (argmax for
-    // a greedy spec, else a draw keyed on spec.index + k). The chained positions' rows of the MTP
-    // block's window ring are scratch (the ring's spare rows: they overwrite no row a later query
-    // reads, and the next real pass rewrites them). Throws Error on bad input.
+    // a greedy spec, else a draw keyed on (kStreamDraft, spec.index + k + 1)). With
+    // RunnerOptions::rollback it keeps, per slot, the logits d_1 .. d_{steps+1} were drawn from
+    // (the next step_spec's q); steps may be 0 for that alone. The chained positions' rows of the
+    // MTP block's window ring are scratch (the ring's spare rows: they overwrite no row a later
+    // query reads, and the next real pass rewrites them). Throws Error on bad input.
     struct ChainStart {
         int32_t slot = -1;
         int64_t row = 0;            // token index in the last step (chunk i's token j: Σ earlier chunks' tokens + j)
         int32_t draft = -1;         // d_1
-        SampleSpec spec;            // how d_2 .. are drawn (index: d_1's)
+        SampleSpec spec;            // how d_2 .. are drawn (index: that of the token drawn at `row`)
     };
     // logits (tests): if set, f32 [steps, starts, V] the MTP block's logits of each chained step.
     void draft_chain(const std::vector<ChainStart>& starts, int64_t steps, std::vector<std::vector<int32_t>>& drafts,

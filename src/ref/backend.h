@@ -68,19 +68,20 @@ public:
                                 std::vector<SampledToken>& /*out*/) {
         fail(name(), " backend: no sampler");
     }
-    // Speculative decoding (the serving engine's rule, ref/speculative.h "the serving engine's
-    // rule"): a backend with the MTP block that can drop rejected positions (the GPU runner).
-    // A chunk with drafts is a generating sequence's last accepted token (tokens, one) and its
-    // drafts d_1 .. d_k: the backend verifies them in one step, keeps the leading drafts that equal
-    // the tokens it draws after the position before each (spec[i], key index spec[i].index + j for
-    // the token after j kept ones), drops the rest, and returns the draws (those of the kept drafts
-    // and the one after them: 1 .. k + 1 tokens). A chunk without drafts (a prompt chunk, or a
-    // decode) returns the draw after its last token; `next` is the token after its last when the
-    // sequence continues with known tokens (a prompt chunk followed by more prompt), else -1.
-    // Every chunk returns up to n_drafts drafts for the positions after its last returned token,
-    // from the MTP block (drawn with spec[i]'s parameters: greedy requests get the argmax), chained
-    // past the first (ref/speculative.h step 1). All the slot's steps must go through this call
-    // (the MTP block follows every position). Throws Error on bad input, changing nothing.
+    // Speculative decoding (ref/speculative.h, "the serving engine"): a backend with the MTP block
+    // that can drop rejected positions (the GPU runner). A chunk with drafts is a generating
+    // sequence's last accepted token (tokens, one) and its drafts d_1 .. d_k: the backend verifies
+    // them in one step by the standard rule (spec[i], key index spec[i].index + j for the token
+    // after j kept ones: greedy requests keep the drafts equal to the argmaxes, sampled ones
+    // rejection-sample against the draft distributions the backend kept), drops the rest, and
+    // returns the tokens (the kept drafts and the one after them: 1 .. k + 1). A chunk without
+    // drafts (a prompt chunk, or a decode) returns the draw after its last token; `next` is the
+    // token after its last when the sequence continues with known tokens (a prompt chunk followed
+    // by more prompt), else -1. Every chunk returns up to n_drafts drafts for the positions after
+    // its last returned token, from the MTP block (drawn with spec[i]'s parameters: greedy
+    // requests get the argmax), chained past the first (ref/speculative.h step 1). All the slot's
+    // steps must go through this call (the MTP block follows every position). Throws Error on bad
+    // input, changing nothing.
     struct SpecChunk {
         int32_t slot = -1;
         std::vector<int32_t> tokens;   // new tokens (with drafts: exactly one, the last accepted)

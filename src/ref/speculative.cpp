@@ -27,25 +27,60 @@ void restore_comp(CompressorState& c, const CompressorCheckpoint& cp) {
     c.rows.resize(cp.rows_size);   // rows emitted after the checkpoint go; earlier ones never changed
 }
 
-// The uniform draw of a token from probabilities p [V]: the first id, in ascending order, whose
-// running sum exceeds u · Σp (so an id with p = 0 is never drawn).
-int32_t draw(const std::vector<double>& p, double u) {
-    double total = 0.0;
-    for (double x : p) total += x;
-    if (!(total > 0.0)) fail("speculative: a distribution without mass");
-    const double target = u * total;
-    double acc = 0.0;
-    int32_t last = -1;
-    for (size_t i = 0; i < p.size(); ++i) {
-        if (p[i] <= 0.0) continue;
-        acc += p[i];
-        last = static_cast<int32_t>(i);
-        if (acc > target) return last;
+}  // namespace
+
+unsigned __int128 mul_shift53(uint64_t x, unsigned __int128 b) {
+    // x · b = x · hi · 2^64 + x · lo, each product < 2^128 (x < 2^53, hi < 2^62); 2^64 is a multiple
+    // of 2^53, so floor(x · b / 2^53) = x · hi · 2^11 + floor(x · lo / 2^53).
+    using u128 = unsigned __int128;
+    const uint64_t hi = static_cast<uint64_t>(b >> 64), lo = static_cast<uint64_t>(b);
+    return ((static_cast<u128>(x) * hi) << 11) + ((static_cast<u128>(x) * lo) >> 53);
+}
+
+namespace {
+
+// The first id whose running sum of w(i) exceeds floor(x · total / 2^53); -1 when total is 0.
+template <class F>
+int32_t walk(int64_t V, unsigned __int128 total, uint64_t x, F&& w) {
+    if (total == 0) return -1;
+    const unsigned __int128 t = mul_shift53(x, total);
+    unsigned __int128 acc = 0;
+    for (int64_t i = 0; i < V; ++i)
+        if ((acc += w(i)) > t) return static_cast<int32_t>(i);
+    return -1;   // unreachable: t < total
+}
+
+uint64_t mass(const uint64_t* W, int64_t V) {
+    uint64_t M = 0;
+    for (int64_t i = 0; i < V; ++i) {
+        if (W[i] >= (uint64_t{1} << 63) - M) fail("speculative: a distribution's weights reach 2^63");
+        M += W[i];
     }
-    return last;   // rounding left target at the very top: the last id with mass
+    return M;
 }
 
 }  // namespace
+
+int32_t spec_draw(const uint64_t* W, int64_t V, uint64_t x) {
+    return walk(V, mass(W, V), x, [&](int64_t i) { return static_cast<unsigned __int128>(W[i]); });
+}
+
+bool spec_accepts(uint64_t wp, uint64_t Mp, uint64_t wq, uint64_t Mq, uint64_t x) {
+    using u128 = unsigned __int128;
+    return mul_shift53(x, static_cast<u128>(Mp) * wq) < static_cast<u128>(wp) * Mq;
+}
+
+int32_t spec_residual(const uint64_t* Wp, const uint64_t* Wq, int64_t V, uint64_t x) {
+    using u128 = unsigned __int128;
+    const uint64_t Mp = mass(Wp, V), Mq = mass(Wq, V);
+    auto r = [&](int64_t i) -> u128 {
+        const u128 a = static_cast<u128>(Wp[i]) * Mq, b = static_cast<u128>(Wq[i]) * Mp;
+        return a > b ? a - b : 0;
+    };
+    u128 total = 0;
+    for (int64_t i = 0; i < V; ++i) total += r(i);
+    return walk(V, total, x, r);
+}
 
 StateCheckpoint checkpoint_state(const SequenceState& st) {
     StateCheckpoint cp;
@@ -88,8 +123,8 @@ void check_options(const Model& m, const SpeculativeOptions& o) {
         fail("--speculative-tokens ", K, ": a verification step of ", K + 1, " tokens must fit the sliding window (",
              c.sliding_window, ")");
     if (o.chunk < 0) fail("generate: chunk size must be >= 0, got ", o.chunk);
-    if (o.sampling && (!o.sampling->distribution || !o.sampling->uniform))
-        fail("generate: sampling needs both a distribution and a uniform source");
+    if (o.sampling && (!o.sampling->weights || !o.sampling->bits))
+        fail("generate: sampling needs both weights and random bits");
 }
 
 }  // namespace
@@ -162,12 +197,17 @@ SpeculativeResult generate_speculative(const Model& m, const SpeculativePrefill&
     const bool greedy = o.sampling == nullptr;
     auto is_eos = [&](int32_t id) { return !o.ignore_eos && id == c.eos_token_id; };
 
-    std::vector<double> p, q;   // [V] probabilities (sampling only)
+    std::vector<uint64_t> p;   // [V] the main model's weights (sampling only)
     // The main model's token from a logits row [V]: argmax, or a draw from p with `stream`.
     auto main_token = [&](const float* logits, SpecStream stream, int64_t index) {
         if (greedy) return argmax(logits, V);
-        o.sampling->distribution(logits, V, p);
-        return draw(p, o.sampling->uniform(stream, index));
+        o.sampling->weights(logits, V, p);
+        return spec_draw(p.data(), V, o.sampling->bits(stream, index));
+    };
+    auto total_of = [&](const std::vector<uint64_t>& W) {
+        uint64_t M = 0;
+        for (uint64_t w : W) M += w;   // < 2^63 (spec_draw checked it)
+        return M;
     };
 
     SequenceState st = from.state;
@@ -190,7 +230,7 @@ SpeculativeResult generate_speculative(const Model& m, const SpeculativePrefill&
 
         // 1. Draft: catch the MTP block up to position L-2 (real streams, accepted tokens), then chain.
         std::vector<int32_t> drafts;       // [k]
-        std::vector<std::vector<double>> qs;   // [k][V] draft distributions (sampling)
+        std::vector<std::vector<uint64_t>> qs;   // [k][V] draft weights (sampling)
         if (k > 0) {
             const int64_t n_catch = st.n_past - st.mtp.n_past;   // >= 1: position L-2 at least
             std::vector<MtpChunk> mb{{&st, pending.data(), std::vector<int32_t>(seq.begin() + st.mtp.n_past + 1,
@@ -213,8 +253,8 @@ SpeculativeResult generate_speculative(const Model& m, const SpeculativePrefill&
                     drafts.push_back(argmax(mtp_logits.data(), V));
                 } else {
                     qs.emplace_back();
-                    o.sampling->distribution(mtp_logits.data(), V, qs.back());
-                    drafts.push_back(draw(qs.back(), o.sampling->uniform(SpecStream::draft, index + i)));
+                    o.sampling->weights(mtp_logits.data(), V, qs.back());
+                    drafts.push_back(spec_draw(qs.back().data(), V, o.sampling->bits(SpecStream::draft, index + i)));
                 }
             }
         }
@@ -238,10 +278,10 @@ SpeculativeResult generate_speculative(const Model& m, const SpeculativePrefill&
             if (!ok && greedy) {
                 ok = d == argmax(row, V);
             } else if (!ok) {
-                o.sampling->distribution(row, V, p);
-                const std::vector<double>& qj = qs[static_cast<size_t>(j)];
-                const double ratio = p[static_cast<size_t>(d)] / qj[static_cast<size_t>(d)];   // q(d) > 0: d was drawn
-                ok = o.sampling->uniform(SpecStream::accept, index + j) < ratio;
+                o.sampling->weights(row, V, p);
+                const std::vector<uint64_t>& qj = qs[static_cast<size_t>(j)];
+                ok = spec_accepts(p[static_cast<size_t>(d)], total_of(p), qj[static_cast<size_t>(d)], total_of(qj),
+                                  o.sampling->bits(SpecStream::accept, index + j));
             }
             if (!ok) break;
             got.push_back(d);
@@ -256,11 +296,11 @@ SpeculativeResult generate_speculative(const Model& m, const SpeculativePrefill&
             } else if (greedy) {
                 got.push_back(argmax(row, V));                                   // the main model's token
             } else {
-                o.sampling->distribution(row, V, p);   // p_j; draw from normalize(max(0, p - q))
-                const std::vector<double>& qj = qs[static_cast<size_t>(j)];
-                std::vector<double> r(static_cast<size_t>(V));
-                for (int64_t v = 0; v < V; ++v) r[static_cast<size_t>(v)] = std::max(0.0, p[static_cast<size_t>(v)] - qj[static_cast<size_t>(v)]);
-                got.push_back(draw(r, o.sampling->uniform(SpecStream::residual, index + j)));
+                o.sampling->weights(row, V, p);   // p_j; draw from normalize(max(0, p - q))
+                const int32_t id = spec_residual(p.data(), qs[static_cast<size_t>(j)].data(), V,
+                                                 o.sampling->bits(SpecStream::residual, index + j));
+                if (id < 0) fail("speculative: internal error: a rejected draft with p == q");
+                got.push_back(id);
             }
         }
         stats.accepted += j;

@@ -75,15 +75,33 @@ void restore_state(SequenceState& st, const StateCheckpoint& cp);
 
 // ---- speculative generation
 
-// How tokens are drawn when sampling (ref/ does not depend on serve/; tests and callers supply
-// serve::Sampler's definition). distribution: the probabilities p [V] (summing to 1) the sampler
-// draws from for a logits row [V]; the same definition turns the MTP logits into the draft
-// distribution q. uniform: a number in [0, 1) keyed on (stream, token index) and the caller's seed.
+// How tokens are drawn when sampling (ref/ does not depend on serve/; serve/sampler.h's
+// sampling_weights and sampling_bits are the definition callers supply). weights: the integer
+// weights W [V] (id i drawn with probability W_i / Σ W, Σ W < 2^63) the sampler draws from for a
+// logits row [V]; the same definition turns the MTP logits into the draft distribution q. bits: 53
+// random bits keyed on (stream, token index) and the caller's seed (the uniform is bits · 2^-53).
 enum class SpecStream : uint32_t { sample = 0, draft = 1, accept = 2, residual = 3 };
 struct SpeculativeSampling {
-    std::function<void(const float* logits, int64_t vocab, std::vector<double>& p)> distribution;
-    std::function<double(SpecStream stream, int64_t index)> uniform;
+    std::function<void(const float* logits, int64_t vocab, std::vector<uint64_t>& W)> weights;
+    std::function<uint64_t(SpecStream stream, int64_t index)> bits;
 };
+
+// The rule's arithmetic, exact in integers so that the GPU (cuda::spec_accept_rows) decides the
+// same from the same weights and bits. p = Wp / Mp (the main model's), q = Wq / Mq (the draft's),
+// Mp = Σ Wp, Mq = Σ Wq, both in (0, 2^63); x: 53 random bits.
+//   spec_draw: the first id, in ascending order, whose running Σ W exceeds floor(x · Σ W / 2^53)
+//     (serve/sampler.h step 8); -1 when Σ W == 0.
+//   spec_accepts: x · 2^-53 < p(d) / q(d), i.e. floor(x · Mp · wq / 2^53) < wp · Mq with
+//     wp = Wp[d], wq = Wq[d] (products of up to 179 bits, taken exactly). q(d) = 0 (d cannot have
+//     been drawn from q) accepts when p(d) > 0.
+//   spec_residual: a draw (as spec_draw) from R_v = max(0, Wp_v · Mq − Wq_v · Mp), which is
+//     max(0, p − q) scaled by Mp · Mq (Σ R <= Mp · Mq < 2^126: exact in 128 bits); -1 when R is 0
+//     everywhere (p == q, where every draft is accepted).
+int32_t spec_draw(const uint64_t* W, int64_t V, uint64_t x);
+bool    spec_accepts(uint64_t wp, uint64_t Mp, uint64_t wq, uint64_t Mq, uint64_t x);
+int32_t spec_residual(const uint64_t* Wp, const uint64_t* Wq, int64_t V, uint64_t x);
+// floor(x · b / 2^53) for x < 2^53 and b < 2^126 (the result < 2^126).
+unsigned __int128 mul_shift53(uint64_t x, unsigned __int128 b);
 
 // The acceptance rule. always_accept is wrong on purpose (every draft is kept): the distribution
 // test runs it to show that it detects a broken rule.
@@ -141,19 +159,16 @@ SpeculativePrefill prefill_speculative(const Model& m, const std::vector<int32_t
 SpeculativeResult generate_speculative(const Model& m, const SpeculativePrefill& from, int64_t max_new,
                                        const SpeculativeOptions& o);
 
-// ---- the serving engine's rule (GPU backend: gpu/runner.h step_spec)
+// ---- the serving engine (GPU backend: gpu/runner.h step_spec)
 //
-// The engine draws the draft d from the MTP block with the request's sampling parameters
-// (greedy requests: d = argmax q) and a key independent of the main model's draw it is checked
-// against, and accepts d where the token the main model draws at that row, with the plain
-// sampler's key (seed, index of the token in the output), equals d; the round then continues,
-// else it ends with the drawn token. Every emitted token is the main model's keyed draw, so it has
-// the main model's distribution whatever the draft; the draft only decides whether the next row
-// is used. For a greedy (one-hot) draft this is the standard rule above: P(accept) = p(d), and a
-// rejected round's token is a draw from p conditioned on != d = normalize(max(0, p - q)). Since
-// each row is drawn with the key the token would have without speculation, a request's output is
-// the same with and without it, token for token (up to the activations' rounding in a
-// multi-token step).
+// The engine runs the rounds above with the same rule and the same keys: drafts drawn from q with
+// (draft, index), accepted by spec_accepts with (accept, index), a rejection's token drawn by
+// spec_residual with (residual, index), the bonus token and every token of a round without drafts
+// drawn from p with the plain sampler's key (sample, index); greedy requests take argmaxes. So a
+// request's output has the main model's distribution, and given the same logits it is the tokens
+// generate_speculative gives. Its rounds differ from the ones above in scheduling only: the MTP
+// block runs in the verification step itself over every verified position (given the token drawn
+// there), and rejected positions are dropped by a rewind where that is exact.
 //
 // The token after each position of such a step, for the MTP block: out[t] = given[t] where
 // given[t] >= 0 (a prompt's next token), else drawn[-1 - given[t]] (the token drawn at that logit

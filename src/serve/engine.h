@@ -47,10 +47,11 @@ struct EngineOptions {
     // first when the pool needs room.
     bool prefix_caching = true;
     // Speculative decoding with the checkpoint's MTP block drafting this many tokens per step and
-    // sequence (0: off; 1 to 3): ref/speculative.h, "the serving engine's rule". Each generating
-    // request verifies [last token, d_1 .. d_K] in one step and keeps 1 to K + 1 tokens; its output
-    // is the same as without speculation (same sampling keys). Needs a backend with
-    // has_speculative() (Engine's constructor throws otherwise).
+    // sequence (0: off; 1 to 3): ref/speculative.h, "the serving engine". Each generating request
+    // verifies [last token, d_1 .. d_K] in one step and keeps 1 to K + 1 tokens by the standard
+    // rule (greedy: the drafts equal to the argmaxes; sampled: rejection sampling), so a greedy
+    // output is the one without speculation and a sampled one has the same distribution. Needs a
+    // backend with has_speculative() (Engine's constructor throws otherwise).
     int64_t speculative_tokens = 0;
 };
 

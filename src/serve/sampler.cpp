@@ -219,10 +219,10 @@ std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> c, std::array<uint
     return c;
 }
 
-uint64_t sampling_bits(uint64_t seed, int64_t index) {
+uint64_t sampling_bits(uint64_t seed, int64_t index, uint32_t stream) {
     const uint64_t i = static_cast<uint64_t>(index);
     const std::array<uint32_t, 4> o =
-        philox4x32_10({static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), 0u, 0u},
+        philox4x32_10({static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), stream, 0u},
                       {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)});
     return ((static_cast<uint64_t>(o[0]) << 32) | o[1]) >> 11;
 }
@@ -269,6 +269,58 @@ uint64_t ceil_mul(float p, uint64_t K) {
 
 uint64_t draw_target(uint64_t x, uint64_t M) {
     return static_cast<uint64_t>((static_cast<unsigned __int128>(x) * M) >> 53);
+}
+
+std::vector<uint64_t> sampling_weights(const SamplingParams& sp, const float* logits, int64_t V) {
+    sp.validate();
+    std::vector<uint64_t> W(static_cast<size_t>(V), 0);
+    const float inf = INFINITY;
+    auto valid = [&](float x) { return x > -inf; };   // step 1; NaN: false
+    float m = -inf;
+    int64_t best = -1;
+    for (int64_t i = 0; i < V; ++i)
+        if (valid(logits[i]) && (best < 0 || logits[i] > m)) m = logits[i], best = i;
+    if (best < 0) fail("sampler: no valid logit among ", V, " (all -inf or NaN)");
+    if (sp.greedy()) {   // step 2
+        W[static_cast<size_t>(best)] = 1;
+        return W;
+    }
+    const bool inf_max = m == inf;
+    std::vector<int32_t> cands;   // step 4
+    for (int64_t i = 0; i < V; ++i)
+        if (inf_max ? logits[i] == inf : valid(logits[i])) cands.push_back(static_cast<int32_t>(i));
+    const int S = 63 - static_cast<int>(std::bit_width(cands.size()));
+    const float r = 1.0f / sp.temperature;
+    std::vector<float> w(static_cast<size_t>(V), 0.0f);
+    for (int32_t i : cands) {
+        w[static_cast<size_t>(i)] = inf_max ? 1.0f : sampling_weight(logits[i], m, r);
+        W[static_cast<size_t>(i)] = static_cast<uint64_t>(w[static_cast<size_t>(i)] * std::ldexp(1.0f, S));
+    }
+    std::sort(cands.begin(), cands.end(), [&](int32_t a, int32_t b) {   // step 3: rank order
+        return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    std::vector<int32_t> kept = cands;
+    if (sp.top_k > 0 && static_cast<size_t>(sp.top_k) < kept.size()) kept.resize(static_cast<size_t>(sp.top_k));   // 5
+    if (sp.top_p < 1.0f) {   // 6
+        uint64_t total = 0, cum = 0;
+        for (int32_t i : kept) total += W[static_cast<size_t>(i)];
+        const uint64_t thr = ceil_mul(sp.top_p, total);
+        size_t keep = kept.size();
+        for (size_t j = 0; j < kept.size(); ++j) {
+            cum += W[static_cast<size_t>(kept[j])];
+            if (cum >= thr) {
+                keep = j + 1;
+                break;
+            }
+        }
+        kept.resize(keep);
+    }
+    if (sp.min_p > 0.0f)   // 7
+        kept.erase(std::remove_if(kept.begin(), kept.end(), [&](int32_t i) { return w[static_cast<size_t>(i)] < sp.min_p; }),
+                   kept.end());
+    std::vector<uint64_t> out(static_cast<size_t>(V), 0);
+    for (int32_t i : kept) out[static_cast<size_t>(i)] = W[static_cast<size_t>(i)];
+    return out;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -75,9 +75,11 @@ SamplingParams load_generation_defaults(const std::string& model_dir);
 std::array<uint32_t, 4> philox4x32_10(std::array<uint32_t, 4> counter, std::array<uint32_t, 2> key);
 
 // The 53 random bits of the draw for (seed, index): Philox-4x32-10 with key {seed low 32 bits,
-// seed high 32 bits} and counter {index low, index high, 0, 0}; with o the output,
-// ((o[0] << 32) | o[1]) >> 11. The uniform is sampling_bits * 2^-53.
-uint64_t sampling_bits(uint64_t seed, int64_t index);
+// seed high 32 bits} and counter {index low, index high, stream, 0}; with o the output,
+// ((o[0] << 32) | o[1]) >> 11. The uniform is sampling_bits * 2^-53. Stream 0 is the draw of
+// step 8; speculative decoding keys its other random numbers on streams 1-3 (ref/speculative.h
+// SpecStream), so they are independent of it and of each other.
+uint64_t sampling_bits(uint64_t seed, int64_t index, uint32_t stream = 0);
 
 // exp(x) for x <= 0, from correctly rounded f32 + - * only (so the GPU computes the same bits):
 // Cody-Waite reduction x = n ln2 + r and Cephes' degree-7 polynomial for exp(r), scaled by 2^n.
@@ -92,6 +94,14 @@ uint64_t ceil_mul(float p, uint64_t K);
 
 // floor(x * M / 2^53) for x < 2^53: the draw's target in the kept mass M.
 uint64_t draw_target(uint64_t x, uint64_t M);
+
+// The definition's distribution written out: W [V] with W_i = the fixed-point weight of step 4 for
+// the ids steps 5-7 keep, 0 for the others (greedy: 1 at the argmax, 0 elsewhere); step 8 draws id i
+// with probability W_i / Σ W (Σ W < 2^63). Sorts the candidates: the plain statement of the
+// definition, for speculative decoding's acceptance rule (ref/speculative.h) and tests; Sampler::
+// sample draws from the same W without sorting the vocabulary. Throws Error for a row without a
+// valid id, or invalid params.
+std::vector<uint64_t> sampling_weights(const SamplingParams& params, const float* logits, int64_t vocab);
 
 // One per request: holds the request's parameters and seed; each token's randomness comes from
 // (seed, index) alone, so a request's tokens depend only on its seed and its logits, not on what

@@ -678,6 +678,188 @@ TEST(CudaSampler, ResolveNextTokensMatchesTwin) {
     test::expect_error([] { cuda::resolve_next_tokens(nullptr, nullptr, 4, nullptr, nullptr); }, {"must not be null"});
 }
 
+// ---- speculative acceptance: spec_accept_rows against ref/speculative.cpp's rule (spec_accepts,
+// spec_residual) over serve/sampler.h's sampling_weights, and sample_rows' given / stream /
+// index_offset inputs and keep_draft_rows, which the runner's speculative steps use.
+//
+// Rows p of every kind under the parameter mix (make_batch), each with a draft row q: p plus noise
+// of 0.3 (drafts accepted often, and rejected with residual draws), an unrelated row, or p itself
+// (every draft accepted). Drafts: draws from q's weights with the draft stream, and on every fourth
+// round arbitrary ids (q(d) = 0 among them). Decisions and tokens must be the twin's: the weights
+// are the same correctly rounded f32 operations and every sum and comparison is an exact integer
+// (up to 0.1% allowed and printed, as for sample_rows above).
+void check_spec_accept(int64_t R, int64_t V, int rounds, uint32_t seed) {
+    Batch b = make_batch(R, V, seed);
+    std::mt19937 rng(seed + 1);
+    std::normal_distribution<float> nd(0.0f, 0.3f);
+    std::vector<float> q(b.logits.size());
+    for (int64_t r = 0; r < R; ++r) {
+        float* qr = q.data() + r * V;
+        const float* pr = b.row(r);
+        if (r % 3 == 1) {
+            const std::vector<float> other = make_row(static_cast<int>((r + 5) % kKinds), V, rng);
+            std::copy(other.begin(), other.end(), qr);
+        } else {
+            for (int64_t v = 0; v < V; ++v) qr[v] = r % 3 == 0 && std::isfinite(pr[v]) ? pr[v] + nd(rng) : pr[v];
+        }
+    }
+    std::vector<std::vector<uint64_t>> Wp, Wq;
+    for (int64_t r = 0; r < R; ++r) {
+        Wp.push_back(sampling_weights(b.params[static_cast<size_t>(r)], b.row(r), V));
+        Wq.push_back(sampling_weights(b.params[static_cast<size_t>(r)], q.data() + r * V, V));
+    }
+    DeviceBatch db(b, 0);
+    DeviceArray<float> dq(q);
+    std::vector<int64_t> rows(static_cast<size_t>(R));
+    for (int64_t r = 0; r < R; ++r) rows[static_cast<size_t>(r)] = (r * 7) % R;   // q rows in another order
+    std::vector<float> q_perm(q.size());
+    for (int64_t r = 0; r < R; ++r)
+        std::copy(q.begin() + r * V, q.begin() + (r + 1) * V, q_perm.begin() + rows[static_cast<size_t>(r)] * V);
+    dq.upload(q_perm);
+    DeviceArray<int64_t> q_row(rows);
+    DeviceArray<int32_t> draft(static_cast<size_t>(R)), given(static_cast<size_t>(R)), accepted(static_cast<size_t>(R));
+    int64_t n = 0, n_acc = 0, n_rej = 0, diff = 0;
+    for (int round = 0; round < rounds; ++round) {
+        std::vector<uint64_t> seeds(static_cast<size_t>(R));
+        std::vector<int64_t> index(static_cast<size_t>(R));
+        std::vector<int32_t> d(static_cast<size_t>(R));
+        for (int64_t r = 0; r < R; ++r) {
+            seeds[static_cast<size_t>(r)] = (static_cast<uint64_t>(rng()) << 32) | rng();
+            index[static_cast<size_t>(r)] = static_cast<int64_t>(rng() % 100000);
+            const std::vector<uint64_t>& w = Wq[static_cast<size_t>(r)];
+            d[static_cast<size_t>(r)] = round % 4 == 3 ? static_cast<int32_t>(rng() % static_cast<uint32_t>(V))
+                                                       : spec_draw(w.data(), V, sampling_bits(seeds[static_cast<size_t>(r)], index[static_cast<size_t>(r)], cuda::kStreamDraft));
+        }
+        db.set_keys(seeds, index);
+        draft.upload(d);
+        cuda::SpecAcceptArgs a;
+        a.p = db.logits.data();
+        a.q = dq.data();
+        a.q_row = q_row.data();
+        a.draft = draft.data();
+        a.params.temperature = db.temperature.data();
+        a.params.top_k = db.top_k.data();
+        a.params.top_p = db.top_p.data();
+        a.params.min_p = db.min_p.data();
+        a.params.seed = db.seed.data();
+        a.params.index = db.index.data();
+        a.given = given.data();
+        a.accepted = accepted.data();
+        CUDA_CHECK(cudaDeviceSynchronize());
+        cuda::spec_accept_rows(a, R, V, nullptr);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        const std::vector<int32_t> g = given.download(), acc = accepted.download();
+        for (int64_t r = 0; r < R; ++r) {
+            const size_t i = static_cast<size_t>(r);
+            const std::vector<uint64_t>& wp = Wp[i];
+            const std::vector<uint64_t>& wq = Wq[i];
+            const int32_t dr = d[i];
+            bool ok;
+            int32_t want;
+            if (b.params[i].greedy()) {
+                const int32_t best = static_cast<int32_t>(std::max_element(wp.begin(), wp.end()) - wp.begin());
+                ok = dr == best;
+                want = ok ? dr : best;
+            } else {
+                uint64_t Mp = 0, Mq = 0;
+                for (uint64_t x : wp) Mp += x;
+                for (uint64_t x : wq) Mq += x;
+                ok = spec_accepts(wp[static_cast<size_t>(dr)], Mp, wq[static_cast<size_t>(dr)], Mq,
+                                  sampling_bits(seeds[i], index[i], cuda::kStreamAccept));
+                want = ok ? dr : spec_residual(wp.data(), wq.data(), V, sampling_bits(seeds[i], index[i], cuda::kStreamResidual));
+            }
+            ++n;
+            n_acc += ok, n_rej += !ok;
+            if (g[i] != want || (acc[i] != 0) != ok) {
+                if (++diff <= 10)
+                    std::printf("  row %ld (%s, T %.2f k %d p %.3f min_p %.3f) draft %d: GPU %d (accepted %d), CPU %d (accepted %d)\n",
+                                static_cast<long>(r), kind_name(b.kind[i]), b.params[i].temperature, b.params[i].top_k,
+                                b.params[i].top_p, b.params[i].min_p, dr, g[i], acc[i], want, ok ? 1 : 0);
+            }
+        }
+    }
+    std::printf("[ spec accept | V %ld ] %ld checks: %ld accepted, %ld rejected (residual draws); %ld differ from the twin\n",
+                static_cast<long>(V), static_cast<long>(n), static_cast<long>(n_acc), static_cast<long>(n_rej),
+                static_cast<long>(diff));
+    EXPECT_LE(diff * 1000, n);
+    EXPECT_GT(n_acc, n / 10);
+    EXPECT_GT(n_rej, n / 10);
+}
+
+TEST(CudaSampler, SpecAcceptMatchesCpuRuleAtFullVocabulary) {
+    SAMPLER_SKIP_WITHOUT_GPU();
+    check_spec_accept(48, 129280, 8, 31);
+}
+
+TEST(CudaSampler, SpecAcceptMatchesCpuRuleAtOddVocabularies) {
+    SAMPLER_SKIP_WITHOUT_GPU();
+    check_spec_accept(60, 1000, 20, 32);
+    check_spec_accept(36, 7, 40, 33);
+}
+
+// sample_rows with given ids (reported with their logprobs, not drawn), and with the draft stream
+// and an index offset (the draw of spec_draw over sampling_weights with sampling_bits(seed,
+// index + offset, stream)); keep_draft_rows copies rows to (slot, k) places.
+TEST(CudaSampler, GivenIdsStreamsAndKeptRows) {
+    SAMPLER_SKIP_WITHOUT_GPU();
+    const int64_t R = 36, V = 1000;
+    const Batch b = make_batch(R, V, 41);
+    DeviceBatch db(b, 2);
+    std::vector<int32_t> given(static_cast<size_t>(R), -1);
+    for (int64_t r = 0; r < R; r += 2) given[static_cast<size_t>(r)] = static_cast<int32_t>((r * 37) % V);
+    DeviceArray<int32_t> dg(given);
+    cuda::SampleParams p;
+    p.temperature = db.temperature.data();
+    p.top_k = db.top_k.data();
+    p.top_p = db.top_p.data();
+    p.min_p = db.min_p.data();
+    p.seed = db.seed.data();
+    p.index = db.index.data();
+    p.given = dg.data();
+    p.stream = cuda::kStreamDraft;
+    p.index_offset = 1;
+    cuda::SampleOutputs o;
+    o.ids = db.ids.data();
+    o.logprob = db.logprob.data();
+    o.n_top = 2;
+    o.top_ids = db.top_ids.data();
+    o.top_logprobs = db.top_logprobs.data();
+    CUDA_CHECK(cudaDeviceSynchronize());
+    cuda::sample_rows(db.logits.data(), R, V, p, o, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const Result g = db.download();
+    for (int64_t r = 0; r < R; ++r) {
+        const size_t i = static_cast<size_t>(r);
+        int32_t want = given[i];
+        if (want < 0) {
+            const std::vector<uint64_t> w = sampling_weights(b.params[i], b.row(r), V);
+            want = spec_draw(w.data(), V, sampling_bits(b.seed[i], b.index[i] + 1, cuda::kStreamDraft));
+        }
+        EXPECT_EQ(g.ids[i], want) << "row " << r;
+        const float lp = token_logprob(b.row(r), V, g.ids[i]);
+        EXPECT_TRUE(std::isinf(lp) ? g.logprob[i] == lp : logprob_close(g.logprob[i], lp)) << "row " << r;
+    }
+    // keep_draft_rows: rows 2, 0 to slots 3 and 1 at k = 2 of 3 per slot; slot -1 skipped.
+    DeviceArray<float> dst(static_cast<size_t>(5 * 3 * V));
+    dst.upload(std::vector<float>(static_cast<size_t>(5 * 3 * V), 0.0f));
+    DeviceArray<int32_t> rows(std::vector<int32_t>{2, 0, 1}), slots(std::vector<int32_t>{3, 1, -1});
+    cuda::keep_draft_rows(db.logits.data(), rows.data(), slots.data(), 3, V, 2, 3, dst.data(), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<float> kept = dst.download();
+    for (int64_t v = 0; v < V; ++v) {
+        const float a = kept[static_cast<size_t>((3 * 3 + 2) * V + v)], want_a = b.row(2)[v];
+        const float c = kept[static_cast<size_t>((1 * 3 + 2) * V + v)], want_c = b.row(0)[v];
+        ASSERT_TRUE(std::memcmp(&a, &want_a, 4) == 0 && std::memcmp(&c, &want_c, 4) == 0) << "id " << v;
+    }
+    int64_t nonzero = 0;
+    for (float x : kept) nonzero += x != 0.0f;
+    int64_t want_nonzero = 0;
+    for (int64_t v = 0; v < V; ++v) want_nonzero += (b.row(2)[v] != 0.0f) + (b.row(0)[v] != 0.0f);
+    EXPECT_EQ(nonzero, want_nonzero) << "writes outside the two kept rows";
+    test::expect_error([] { cuda::keep_draft_rows(nullptr, nullptr, nullptr, 1, 10, 3, 3, nullptr, nullptr); }, {"bad shape"});
+    test::expect_error([] { cuda::spec_accept_rows(cuda::SpecAcceptArgs{}, 2, 10, nullptr); }, {"must not be null"});
+}
+
 }  // namespace
 }  // namespace megamoe
 

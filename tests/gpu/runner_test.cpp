@@ -325,6 +325,119 @@ TEST_P(GpuRunner, SpeculativeGreedyEqualsGreedy) {
     test::expect_error([&] { gpu::generate_speculative(run, prompt, N, 4, 0, true); }, {"1 to 3"});
 }
 
+// Sampled speculative decoding on the GPU keeps the main model's distribution (the CPU test
+// Golden/SpecCase.SampledDistributionIsTheMainModels, here through gpu::generate_speculative and the
+// device's rule, cuda::spec_accept_rows): the rank bucket of the second sampled token b under the
+// main model's p(. | prompt, a), a the first, over n seeded runs at temperature 1, against its exact
+// distribution from the CPU reference, within the Bretagnolle-Huber-Carol bound at δ = 1e-6 per
+// check. (The GPU's own logits differ from the CPU's by the bf16 noise; the bucket probabilities
+// move by far less than the bound.) The rule's acceptance rate must be its exact probability,
+// α = Σ_a p(a) Σ_v min(p(v | a), q(v | a)) with q the MTP block's distribution after a (CPU), within
+// Hoeffding's bound at δ = 1e-6 plus 0.02 for the GPU's bf16 logits: a rule checking the draft
+// against another q (wrong kept rows) accepts at another rate, and the bucket statistic alone would
+// not see it. Runs with the same seed are the same.
+TEST_P(GpuRunner, SpeculativeSampledDistributionIsTheMainModels) {
+    const Model& m = *c->model;
+    const int64_t Vn = V();
+    const std::vector<int32_t> prompt(c->input_ids.begin(), c->input_ids.begin() + 6);
+    SamplingParams sp;
+    sp.temperature = 1.0f;
+    // Exact bucket probabilities: Σ_a p(a) Σ_{b in bucket} p(b | a), from a batched CPU forward over
+    // copies of the prompt's state.
+    SequenceState st0(m.cfg);
+    std::vector<float> logits;
+    std::vector<SequenceChunk> pre{{&st0, prompt}};
+    forward(m, pre, ForwardOptions{}, logits);
+    auto probs = [&](const float* row) {
+        const std::vector<uint64_t> W = sampling_weights(sp, row, Vn);
+        double total = 0.0;
+        for (uint64_t x : W) total += static_cast<double>(x);
+        std::vector<double> p(W.size());
+        for (size_t i = 0; i < W.size(); ++i) p[i] = static_cast<double>(W[i]) / total;
+        return p;
+    };
+    const std::vector<double> p0 = probs(logits.data());
+    std::vector<std::vector<int>> bucket_of(static_cast<size_t>(Vn));
+    std::vector<double> exact(test::kRankBuckets, 0.0);
+    double alpha = 0.0;   // P(d_1 accepted)
+    SpeculativeOptions po;
+    po.draft_tokens = 1;
+    const SpeculativePrefill sp_pre = prefill_speculative(m, prompt, po);   // the MTP block fed all but the last position
+    std::vector<float> mtp_logits;
+    for (int64_t a0 = 0; a0 < Vn; a0 += 64) {
+        const size_t nb = static_cast<size_t>(std::min<int64_t>(64, Vn - a0));
+        std::vector<SequenceState> states(nb, st0), mstates(nb, sp_pre.state);
+        std::vector<SequenceChunk> b;
+        std::vector<MtpChunk> mb;
+        for (size_t i = 0; i < nb; ++i) {
+            const int32_t a = static_cast<int32_t>(a0 + static_cast<int64_t>(i));
+            b.push_back({&states[i], {a}});
+            mb.push_back({&mstates[i], sp_pre.pending.data(), {a}});
+        }
+        forward(m, b, ForwardOptions{}, logits);
+        mtp_forward(m, mb, ForwardOptions{}, mtp_logits);   // q(. | prompt, a): the draft of the first round
+        for (size_t i = 0; i < nb; ++i) {
+            const size_t a = static_cast<size_t>(a0) + i;
+            const std::vector<double> pb = probs(logits.data() + static_cast<int64_t>(i) * Vn);
+            const std::vector<double> qb = probs(mtp_logits.data() + static_cast<int64_t>(i) * Vn);
+            bucket_of[a] = test::rank_buckets(pb);
+            double overlap = 0.0;
+            for (int64_t t = 0; t < Vn; ++t) {
+                exact[static_cast<size_t>(bucket_of[a][static_cast<size_t>(t)])] += p0[a] * pb[static_cast<size_t>(t)];
+                overlap += std::min(pb[static_cast<size_t>(t)], qb[static_cast<size_t>(t)]);
+            }
+            alpha += p0[a] * overlap;
+        }
+    }
+    gpu::RunnerOptions o = small_options();
+    o.rollback = true;
+    gpu::Runner run(m, o);
+    const int64_t n = 2400;
+    const double lambda = test::l1_bound(test::kRankBuckets, n, 1e-6);
+    for (int64_t K : {int64_t{1}, int64_t{3}}) {
+        std::vector<int64_t> count(test::kRankBuckets, 0);
+        SpeculativeStats total;
+        int64_t first_accepted = 0;
+        for (int64_t i = 0; i < n; ++i) {
+            SampleSpec s{1.0f};
+            s.seed = 5000 + static_cast<uint64_t>(i);
+            const SpeculativeResult r = gpu::generate_speculative(run, prompt, 2, K, 0, true, &s);
+            ASSERT_EQ(r.tokens.size(), 2u);
+            ++count[static_cast<size_t>(bucket_of[static_cast<size_t>(r.tokens[0])][static_cast<size_t>(r.tokens[1])])];
+            first_accepted += r.stats.accepted > 0;
+            total.drafted += r.stats.drafted, total.accepted += r.stats.accepted, total.rounds += r.stats.rounds;
+        }
+        double d = 0.0;
+        for (int b = 0; b < test::kRankBuckets; ++b)
+            d += std::abs(static_cast<double>(count[static_cast<size_t>(b)]) / static_cast<double>(n) - exact[static_cast<size_t>(b)]);
+        // The first round's d_1 decision: accepted when the round kept a draft (K = 1: every draft).
+        const double first_rate = static_cast<double>(first_accepted) / static_cast<double>(n);
+        const double hoeffding = std::sqrt(std::log(2.0 / 1e-6) / (2.0 * static_cast<double>(n)));
+        std::printf("[ %s ] GPU sampled speculative K=%ld: L1 to the exact distribution %.4f (bound %.4f, n %ld); "
+                    "acceptance %ld/%ld = %.3f; d_1 accepted in %.4f of the runs, exact probability %.4f (bound %.4f)\n",
+                    GetParam().c_str(), static_cast<long>(K), d, lambda, static_cast<long>(n),
+                    static_cast<long>(total.accepted), static_cast<long>(total.drafted), total.acceptance_rate(),
+                    first_rate, alpha, hoeffding + 0.02);
+        EXPECT_LT(d, lambda) << "K " << K;
+        EXPECT_LT(std::abs(first_rate - alpha), hoeffding + 0.02) << "K " << K;
+        EXPECT_GT(total.accepted, 0) << "K " << K;
+        EXPECT_LT(total.accepted, total.drafted) << "K " << K;
+    }
+    // Reproducible: a longer run twice with one seed, once with another.
+    SampleSpec s{1.0f};
+    s.seed = 77;
+    const SpeculativeResult a = gpu::generate_speculative(run, prompt, 32, 3, 0, true, &s);
+    const SpeculativeResult a2 = gpu::generate_speculative(run, prompt, 32, 3, 0, true, &s);
+    s.seed = 78;
+    const SpeculativeResult other = gpu::generate_speculative(run, prompt, 32, 3, 0, true, &s);
+    EXPECT_EQ(a.tokens, a2.tokens);
+    EXPECT_NE(a.tokens, other.tokens);
+    EXPECT_GT(a.stats.accepted, 0);
+    std::printf("[ %s ] GPU sampled speculative K=3, 32 tokens: acceptance %ld/%ld, %.2f tokens per verification step\n",
+                GetParam().c_str(), static_cast<long>(a.stats.accepted), static_cast<long>(a.stats.drafted),
+                a.stats.tokens_per_round());
+}
+
 // Chained drafts (K > 1): Runner::draft_chain against the CPU's chain (ref/speculative.cpp: the MTP
 // block fed its own pre-head streams and the previous draft, on a scratch copy of its state), and
 // the state it leaves: a runner that chained and one that did not give the same MTP logits, bit
@@ -352,8 +465,9 @@ TEST_P(GpuRunner, ChainedDraftsMatchCpuAndLeaveTheState) {
         std::vector<std::vector<int32_t>> first_a, first_b;
         const int32_t sa = a.open(), sb = b.open();
         ASSERT_TRUE(a.reserve(sa, static_cast<int64_t>(P) + 8) && b.reserve(sb, static_cast<int64_t>(P) + 8));
-        a.step_spec({{sa, prompt, false, -1}}, {greedy}, drawn_a, first_a);
-        b.step_spec({{sb, prompt, false, -1}}, {greedy}, drawn_b, first_b);
+        std::vector<int64_t> acc_a, acc_b;
+        a.step_spec({{sa, prompt, false, -1}}, {greedy}, drawn_a, first_a, acc_a);
+        b.step_spec({{sb, prompt, false, -1}}, {greedy}, drawn_b, first_b, acc_b);
         const int32_t x = drawn_a[0][0].id;
         ASSERT_EQ(drawn_b[0][0].id, x);
         std::vector<float> gl;
@@ -604,19 +718,21 @@ private:
 };
 
 // Requests through the engine on the GPU: without speculation, with the MTP block's drafts, and
-// with oracle drafts (accepted rounds). The engine's rule draws every token with the key it has
-// without speculation, so outputs are the same token for token, up to the GPU's rounding: a
-// two-token verify step and a different batch composition change the logits in the last bits
-// (the small-M linears' split and the mHC reductions depend on the step's token count), which
-// flips a draw only near a boundary. So at a request's first divergence the two tokens a, b must
-// be a near tie under the sampling definition (serve/sampler.h: greedy takes the largest logit;
-// a draw walks the kept ids in ascending id order): on a fresh runner's logits for that position
-// (teacher-forced on the plain output), moving the logits of the ids below max(a, b) against the
-// others by the GPU's own schedule noise, one way and the other, must move the draw across that
-// id. (The tiny golden models' noise is large, ~0.6 logits, so this bound is loose for them.)
-// The noise is the largest logit difference between a full pass and a prefill-then-decode pass
-// of the golden sequence on the GPU. Run once with one request at a time, once with several
-// sharing steps (prompt chunks beside verify chunks: eager steps).
+// with oracle drafts (accepted rounds), greedy and sampled, with and without logprobs. Every
+// request gets its max_tokens (and its logprobs) in every mode. Greedy requests' outputs are the
+// same token for token, up to the GPU's rounding: a multi-token verify step and a different batch
+// composition change the logits in the last bits (the small-M linears' split and the mHC
+// reductions depend on the step's token count), which flips an argmax only near a tie. So at a
+// greedy request's first divergence the two tokens a, b must be a near tie: on a fresh runner's
+// logits for that position (teacher-forced on the plain output), moving the logits of the ids
+// below max(a, b) against the others by the GPU's own schedule noise, one way and the other, must
+// move the choice across that id. (The tiny golden models' noise is large, ~0.6 logits, so this
+// bound is loose for them.) The noise is the largest logit difference between a full pass and a
+// prefill-then-decode pass of the golden sequence on the GPU. Sampled requests follow the standard
+// rule (ref/speculative.h), whose output has the main model's distribution but not the plain run's
+// tokens (SpeculativeSampledDistributionIsTheMainModels tests the distribution): here they must
+// give the same tokens in two runs with the same seeds. Run once with one request at a time, once
+// with several sharing steps (prompt chunks beside verify chunks: eager steps).
 TEST_P(GpuRunner, EngineSpeculativeOutputEqualsPlain) {
     struct Req {
         size_t begin, n;
@@ -671,8 +787,9 @@ TEST_P(GpuRunner, EngineSpeculativeOutputEqualsPlain) {
                                     c->input_ids.begin() + static_cast<std::ptrdiff_t>(q.begin + q.n));
     };
     for (int64_t max_seqs : {int64_t{1}, int64_t{3}}) {
-        // kind 0: plain; 1: the MTP block's drafts, K = 1; 2: oracle drafts, K = 1; 3, 4: the same with K = 3.
-        constexpr int kKinds = 5;
+        // kind 0: plain; 1: the MTP block's drafts, K = 1; 2: oracle drafts, K = 1; 3, 4: the same with
+        // K = 3; 5: kind 3 again (sampled requests: the same tokens from the same seeds).
+        constexpr int kKinds = 6;
         auto drafts_of = [](int kind) { return kind == 0 ? 0 : kind <= 2 ? 1 : 3; };
         std::vector<std::vector<std::vector<int32_t>>> out(kKinds);
         std::vector<EngineMetrics> metrics(kKinds);
@@ -718,6 +835,13 @@ TEST_P(GpuRunner, EngineSpeculativeOutputEqualsPlain) {
         size_t same = 0, total = 0, ties = 0;
         for (int kind = 1; kind < kKinds; ++kind)
             for (size_t i = 0; i < reqs.size(); ++i) {
+                if (reqs[i].temperature > 0) {   // sampled: the main model's distribution, not its plain tokens
+                    if (kind == 5) {
+                        EXPECT_EQ(out[5][i], out[3][i]) << "max_seqs " << max_seqs << ", request " << i
+                                                        << ": a sampled request's tokens differ between two runs";
+                    }
+                    continue;
+                }
                 const std::vector<int32_t>& got = out[static_cast<size_t>(kind)][i];
                 const std::vector<int32_t>& want = out[0][i];
                 size_t k = 0;

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <random>
 
 #include "io/safetensors.h"
 #include "ref/generate.h"
@@ -22,78 +23,117 @@ namespace {
 
 // ---- serve::Sampler's definition as the speculative decoder's SpeculativeSampling
 
-// Integer weights W [V] of the kept ids, by the definition in serve/sampler.h (steps 1-7); the
-// sampler draws id i with probability W_i / Σ W.
-std::vector<uint64_t> sampler_weights(const SamplingParams& sp, const float* logits, int64_t V) {
-    std::vector<uint64_t> W(static_cast<size_t>(V), 0);
-    if (sp.greedy()) {
-        W[static_cast<size_t>(argmax(logits, V))] = 1;
-        return W;
-    }
-    const float inf = INFINITY;
-    auto valid = [&](float x) { return x > -inf; };   // NaN: false
-    float m = -inf;
-    for (int64_t i = 0; i < V; ++i)
-        if (valid(logits[i])) m = std::max(m, logits[i]);
-    if (m == -inf) ADD_FAILURE() << "a row without a valid id";
-    const bool inf_max = m == inf;
-    std::vector<int32_t> cands;   // step 4
-    for (int64_t i = 0; i < V; ++i)
-        if (inf_max ? logits[i] == inf : valid(logits[i])) cands.push_back(static_cast<int32_t>(i));
-    const int S = 63 - static_cast<int>(std::bit_width(cands.size()));
-    const float r = 1.0f / sp.temperature;
-    std::vector<float> w(static_cast<size_t>(V), 0.0f);
-    for (int32_t i : cands) {
-        w[static_cast<size_t>(i)] = inf_max ? 1.0f : sampling_weight(logits[i], m, r);
-        W[static_cast<size_t>(i)] = static_cast<uint64_t>(w[static_cast<size_t>(i)] * std::ldexp(1.0f, S));
-    }
-    std::sort(cands.begin(), cands.end(), [&](int32_t a, int32_t b) {   // step 3: rank order
-        return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-    });
-    std::vector<int32_t> kept = cands;
-    if (sp.top_k > 0 && static_cast<size_t>(sp.top_k) < kept.size()) kept.resize(static_cast<size_t>(sp.top_k));   // 5
-    if (sp.top_p < 1.0f) {   // 6
-        uint64_t total = 0, cum = 0;
-        for (int32_t i : kept) total += W[static_cast<size_t>(i)];
-        const uint64_t thr = ceil_mul(sp.top_p, total);
-        size_t keep = kept.size();
-        for (size_t j = 0; j < kept.size(); ++j) {
-            cum += W[static_cast<size_t>(kept[j])];
-            if (cum >= thr) {
-                keep = j + 1;
-                break;
-            }
-        }
-        kept.resize(keep);
-    }
-    if (sp.min_p > 0.0f)   // 7
-        kept.erase(std::remove_if(kept.begin(), kept.end(), [&](int32_t i) { return w[static_cast<size_t>(i)] < sp.min_p; }),
-                   kept.end());
-    std::vector<uint64_t> out(static_cast<size_t>(V), 0);
-    for (int32_t i : kept) out[static_cast<size_t>(i)] = W[static_cast<size_t>(i)];
-    return out;
-}
-
-// 53 random bits for (seed, stream, index): Philox-4x32-10 with key {seed lo, seed hi} and counter
-// {index lo, index hi, stream, 0}. Stream 0 is serve::sampling_bits.
-uint64_t stream_bits(uint64_t seed, SpecStream stream, int64_t index) {
-    const auto i = static_cast<uint64_t>(index);
-    const auto o = philox4x32_10({static_cast<uint32_t>(i), static_cast<uint32_t>(i >> 32), static_cast<uint32_t>(stream), 0},
-                                 {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32)});
-    return ((static_cast<uint64_t>(o[0]) << 32) | o[1]) >> 11;
-}
-
 SpeculativeSampling sampler_sampling(const SamplingParams& sp, uint64_t seed) {
     SpeculativeSampling s;
-    s.distribution = [sp](const float* logits, int64_t V, std::vector<double>& p) {
-        const std::vector<uint64_t> W = sampler_weights(sp, logits, V);
-        double total = 0.0;
-        for (uint64_t x : W) total += static_cast<double>(x);
-        p.resize(W.size());
-        for (size_t i = 0; i < W.size(); ++i) p[i] = static_cast<double>(W[i]) / total;
-    };
-    s.uniform = [seed](SpecStream stream, int64_t index) { return std::ldexp(static_cast<double>(stream_bits(seed, stream, index)), -53); };
+    s.weights = [sp](const float* logits, int64_t V, std::vector<uint64_t>& W) { W = sampling_weights(sp, logits, V); };
+    s.bits = [seed](SpecStream stream, int64_t index) { return sampling_bits(seed, index, static_cast<uint32_t>(stream)); };
     return s;
+}
+
+// The probabilities W / Σ W (for exact expectations).
+std::vector<double> probabilities(const std::vector<uint64_t>& W) {
+    double total = 0.0;
+    for (uint64_t x : W) total += static_cast<double>(x);
+    std::vector<double> p(W.size());
+    for (size_t i = 0; i < W.size(); ++i) p[i] = static_cast<double>(W[i]) / total;
+    return p;
+}
+
+// ---- the rule's arithmetic
+
+// spec_accepts against the rational comparison x / 2^53 < (wp / Mp) / (wq / Mq), taken in long
+// double where that is exact enough, and at the exact boundary.
+TEST(SpecRule, AcceptIsTheExactRatioTest) {
+    const uint64_t two53 = uint64_t{1} << 53;
+    // Ratio >= 1: always accepted, even at the largest x.
+    EXPECT_TRUE(spec_accepts(3, 10, 2, 10, two53 - 1));
+    EXPECT_TRUE(spec_accepts(5, 10, 5, 10, two53 - 1));
+    // p(d) = 0: never accepted, even at x = 0.
+    EXPECT_FALSE(spec_accepts(0, 10, 5, 10, 0));
+    // q(d) = 0 (not drawn from q): accepted when p(d) > 0.
+    EXPECT_TRUE(spec_accepts(1, 10, 0, 10, two53 - 1));
+    // Ratio 1/2 exactly: x = 2^52 - 1 accepted, 2^52 not (u < 1/2 strictly).
+    EXPECT_TRUE(spec_accepts(1, 4, 2, 4, (uint64_t{1} << 52) - 1));
+    EXPECT_FALSE(spec_accepts(1, 4, 2, 4, uint64_t{1} << 52));
+    // Products past 2^64 (weights near 2^62, as the sampler's fixed point gives): ratio = wp / wq with
+    // Mp = Mq, compared against a long-double evaluation away from the boundary.
+    std::mt19937_64 rng(7);
+    int checked = 0;
+    for (int i = 0; i < 20000; ++i) {
+        const uint64_t M = (uint64_t{1} << 62) + (rng() >> 3);
+        const uint64_t wp = rng() % M, wq = 1 + rng() % (M - 1), Mq = M - (rng() >> 40);
+        const uint64_t x = rng() >> 11;
+        const long double ratio = (static_cast<long double>(wp) / M) / (static_cast<long double>(wq) / Mq);
+        const long double u = std::ldexp(static_cast<long double>(x), -53);
+        if (std::fabs(u - ratio) < 1e-15L) continue;
+        ASSERT_EQ(spec_accepts(wp, M, wq, Mq, x), u < ratio) << i;
+        ++checked;
+    }
+    EXPECT_GT(checked, 19000);
+}
+
+// mul_shift53 is floor(x · b / 2^53) for 179-bit products: checked with a long multiplication
+// in 32-bit limbs.
+TEST(SpecRule, MulShift53IsExact) {
+    using u128 = unsigned __int128;
+    std::mt19937_64 rng(11);
+    for (int i = 0; i < 20000; ++i) {
+        const uint64_t x = rng() >> 11;
+        const u128 b = ((static_cast<u128>(rng()) << 64) | rng()) >> (2 + rng() % 100);
+        uint32_t xl[2] = {static_cast<uint32_t>(x), static_cast<uint32_t>(x >> 32)};
+        uint32_t bl[4];
+        for (int k = 0; k < 4; ++k) bl[k] = static_cast<uint32_t>(b >> (32 * k));
+        uint64_t prod[7] = {};
+        for (int a = 0; a < 2; ++a)
+            for (int c = 0; c < 4; ++c) {
+                uint64_t carry = static_cast<uint64_t>(xl[a]) * bl[c];
+                for (int k = a + c; carry; ++k) {
+                    const uint64_t s = prod[k] + (carry & 0xffffffffu);
+                    prod[k] = s & 0xffffffffu;
+                    carry = (carry >> 32) + (s >> 32);
+                }
+            }
+        // The 6-limb product (< 2^179) shifted right by 53 bits: limb k at bit 32 k - 53.
+        u128 want = prod[1] >> 21;
+        for (int k = 2; k <= 5; ++k) want += static_cast<u128>(prod[k]) << (32 * k - 53);
+        ASSERT_TRUE(mul_shift53(x, b) == want) << i;
+    }
+}
+
+// spec_residual draws from max(0, p - q): its frequencies over many keys against the exact
+// residual distribution, and the id it picks at a boundary of the cumulative sums.
+TEST(SpecRule, ResidualDrawsFromPositivePartOfPMinusQ) {
+    const std::vector<uint64_t> Wp = {10, 0, 30, 40, 20}, Wq = {40, 10, 10, 40, 0};   // Mp = Mq = 100
+    // max(0, p - q) = {0, 0, 0.2, 0, 0.2}: ids 2 and 4, half each.
+    const uint64_t two53 = uint64_t{1} << 53;
+    EXPECT_EQ(spec_residual(Wp.data(), Wq.data(), 5, 0), 2);
+    EXPECT_EQ(spec_residual(Wp.data(), Wq.data(), 5, two53 / 2 - 1), 2);
+    EXPECT_EQ(spec_residual(Wp.data(), Wq.data(), 5, two53 / 2), 4);
+    EXPECT_EQ(spec_residual(Wp.data(), Wq.data(), 5, two53 - 1), 4);
+    // p == q: no residual mass.
+    EXPECT_EQ(spec_residual(Wp.data(), Wp.data(), 5, 123), -1);
+    // Different totals (Mp = 7, Mq = 13): R_v = max(0, Wp_v · 13 - Wq_v · 7) = {0, 13, 0, 11}.
+    const std::vector<uint64_t> a = {1, 1, 2, 3}, b = {5, 0, 4, 4};
+    int n1 = 0, n3 = 0;
+    for (uint64_t k = 0; k < 24; ++k) {   // x = ceil(k 2^53 / 24): the draw's target is k
+        const int32_t id = spec_residual(a.data(), b.data(), 4, (k * two53 + 23) / 24);
+        n1 += id == 1, n3 += id == 3;
+    }
+    EXPECT_EQ(n1, 13);
+    EXPECT_EQ(n3, 11);
+    // spec_draw is the sampler's step 8.
+    for (uint64_t x : {uint64_t{0}, two53 / 3, two53 - 1})
+        EXPECT_EQ(spec_draw(Wp.data(), 5, x), [&] {
+            const uint64_t t = draw_target(x, 100);
+            uint64_t acc = 0;
+            for (int i = 0; i < 5; ++i)
+                if ((acc += Wp[static_cast<size_t>(i)]) > t) return i;
+            return -1;
+        }());
+    const std::vector<uint64_t> zero(4, 0);
+    EXPECT_EQ(spec_draw(zero.data(), 4, 0), -1);
+    const std::vector<uint64_t> huge = {uint64_t{1} << 62, uint64_t{1} << 62};
+    test::expect_error([&] { spec_draw(huge.data(), 2, 0); }, {"2^63"});
 }
 
 // ---- goldens
@@ -294,8 +334,8 @@ TEST_P(SpecCase, BadInput) {
 
 // ---- sampling
 
-// The sampling definition used here is serve::Sampler's: drawing from sampler_weights with
-// sampling_bits (step 8) gives Sampler::sample's token, and stream 0 is sampling_bits.
+// The sampling definition used here is serve::Sampler's: drawing from sampling_weights with
+// sampling_bits (step 8) gives Sampler::sample's token, and stream 0 is the plain key.
 TEST_P(SpecCase, SamplerWeightsAreTheSamplersDefinition) {
     const Model& m = *g->model;
     const int64_t V = m.cfg.vocab_size;
@@ -310,11 +350,11 @@ TEST_P(SpecCase, SamplerWeightsAreTheSamplersDefinition) {
         Sampler s(sp, 77);
         for (int64_t row = 0; row < 6; ++row) {
             const float* l = logits.data() + row * V;
-            const std::vector<uint64_t> W = sampler_weights(sp, l, V);
+            const std::vector<uint64_t> W = sampling_weights(sp, l, V);
             uint64_t M = 0;
             for (uint64_t x : W) M += x;
             for (int64_t index = 0; index < 50; ++index) {
-                ASSERT_EQ(stream_bits(77, SpecStream::sample, index), sampling_bits(77, index));
+                ASSERT_EQ(sampling_bits(77, index, static_cast<uint32_t>(SpecStream::sample)), sampling_bits(77, index));
                 const uint64_t t = draw_target(sampling_bits(77, index), M);
                 uint64_t acc = 0;
                 int32_t ours = -1;
@@ -328,18 +368,8 @@ TEST_P(SpecCase, SamplerWeightsAreTheSamplersDefinition) {
     EXPECT_EQ(n, 1500);
 }
 
-// Rank bucket of an id under a distribution p [V] (rank order: larger p first, ties to the lower id):
-// 0 for the top id, then ranks 1-3, 4-15, 16-63, 64-255, 256 and beyond.
-constexpr int kBuckets = 6;
-std::vector<int> rank_buckets(const std::vector<double>& p) {
-    std::vector<int32_t> order(p.size());
-    for (size_t i = 0; i < p.size(); ++i) order[i] = static_cast<int32_t>(i);
-    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return p[static_cast<size_t>(a)] > p[static_cast<size_t>(b)]; });
-    std::vector<int> bucket(p.size());
-    for (size_t r = 0; r < order.size(); ++r)
-        bucket[static_cast<size_t>(order[r])] = r == 0 ? 0 : r < 4 ? 1 : r < 16 ? 2 : r < 64 ? 3 : r < 256 ? 4 : 5;
-    return bucket;
-}
+using test::rank_buckets;
+constexpr int kBuckets = test::kRankBuckets;
 
 // The first 2 sampled tokens: a (index 0, from the prefill) and b (index 1, the first token a
 // speculative round decides: an accepted draft or a residual draw). The statistic is b's rank bucket
@@ -366,8 +396,10 @@ TEST_P(SpecCase, SampledDistributionIsTheMainModels) {
     std::vector<float> logits;
     std::vector<SequenceChunk> pre{{&st0, prompt}};
     forward(m, pre, ForwardOptions{}, logits);
-    std::vector<double> p0, pb;
-    dist.distribution(logits.data(), V, p0);
+    std::vector<uint64_t> W;
+    dist.weights(logits.data(), V, W);
+    const std::vector<double> p0 = probabilities(W);
+    std::vector<double> pb;
     std::vector<std::vector<int>> bucket_of(static_cast<size_t>(V));   // [a][b]
     std::vector<double> exact(kBuckets, 0.0);
     const int64_t batch = 64;
@@ -378,7 +410,8 @@ TEST_P(SpecCase, SampledDistributionIsTheMainModels) {
         forward(m, b, ForwardOptions{}, logits);   // [batch, V]
         for (size_t i = 0; i < states.size(); ++i) {
             const size_t a = static_cast<size_t>(a0) + i;
-            dist.distribution(logits.data() + static_cast<int64_t>(i) * V, V, pb);
+            dist.weights(logits.data() + static_cast<int64_t>(i) * V, V, W);
+            pb = probabilities(W);
             bucket_of[a] = rank_buckets(pb);
             for (int64_t t = 0; t < V; ++t) exact[static_cast<size_t>(bucket_of[a][static_cast<size_t>(t)])] += p0[a] * pb[static_cast<size_t>(t)];
         }
@@ -386,7 +419,7 @@ TEST_P(SpecCase, SampledDistributionIsTheMainModels) {
 
     const int64_t n = 1200;
     const double delta = 1e-6;
-    const double lambda = std::sqrt(2.0 * (kBuckets * std::log(2.0) + std::log(1.0 / delta)) / static_cast<double>(n));
+    const double lambda = test::l1_bound(kBuckets, n, delta);
     // Each run starts from the one prefill of the prompt (it does not depend on the seed:
     // prefill_speculative; SampledRunsAreReproducible checks that this gives generate_speculative's
     // tokens): the same n runs and the same statistic as prefilling every run, at about 60% of the
