@@ -382,7 +382,9 @@ constexpr int kBuckets = test::kRankBuckets;
 // P(D >= λ) <= 2^k exp(-n λ² / 2) (Bretagnolle-Huber-Carol); with λ = sqrt(2 (k ln 2 + ln(1/δ)) / n)
 // and δ = 1e-6 a correct sampler fails a check with probability < 1e-6 (3 checks: < 3e-6). Runs
 // without speculation (K = 0) and with K = 1 and 3 must pass; the broken always-accept rule (b is
-// then the draft, distributed as the MTP block's q) must fail the same bound.
+// then the draft, distributed as the MTP block's q) must fail the same bound. The rate at which
+// the first draft is accepted must be the rule's exact probability α = Σ_a p(a) Σ_v min(p(v | a),
+// q(v | a)) (q: the MTP block's distribution after a), within Hoeffding's bound at δ = 1e-6.
 TEST_P(SpecCase, SampledDistributionIsTheMainModels) {
     const Model& m = *g->model;
     const int64_t V = m.cfg.vocab_size;
@@ -402,18 +404,37 @@ TEST_P(SpecCase, SampledDistributionIsTheMainModels) {
     std::vector<double> pb;
     std::vector<std::vector<int>> bucket_of(static_cast<size_t>(V));   // [a][b]
     std::vector<double> exact(kBuckets, 0.0);
+    double alpha = 0.0;   // P(the first draft is accepted)
+    SpeculativeOptions po1;
+    po1.draft_tokens = 1;
+    const SpeculativePrefill pre1 = prefill_speculative(m, prompt, po1);   // the MTP block fed all but the last position
+    std::vector<float> mtp_logits;
     const int64_t batch = 64;
     for (int64_t a0 = 0; a0 < V; a0 += batch) {
-        std::vector<SequenceState> states(static_cast<size_t>(std::min(batch, V - a0)), st0);
+        const size_t nb = static_cast<size_t>(std::min(batch, V - a0));
+        std::vector<SequenceState> states(nb, st0), mstates(nb, pre1.state);
         std::vector<SequenceChunk> b;
-        for (size_t i = 0; i < states.size(); ++i) b.push_back({&states[i], {static_cast<int32_t>(a0 + static_cast<int64_t>(i))}});
+        std::vector<MtpChunk> mb;
+        for (size_t i = 0; i < nb; ++i) {
+            const int32_t a = static_cast<int32_t>(a0 + static_cast<int64_t>(i));
+            b.push_back({&states[i], {a}});
+            mb.push_back({&mstates[i], pre1.pending.data(), {a}});
+        }
         forward(m, b, ForwardOptions{}, logits);   // [batch, V]
-        for (size_t i = 0; i < states.size(); ++i) {
+        mtp_forward(m, mb, ForwardOptions{}, mtp_logits);   // q(. | prompt, a): the first round's d_1
+        for (size_t i = 0; i < nb; ++i) {
             const size_t a = static_cast<size_t>(a0) + i;
             dist.weights(logits.data() + static_cast<int64_t>(i) * V, V, W);
             pb = probabilities(W);
+            dist.weights(mtp_logits.data() + static_cast<int64_t>(i) * V, V, W);
+            const std::vector<double> qb = probabilities(W);
             bucket_of[a] = rank_buckets(pb);
-            for (int64_t t = 0; t < V; ++t) exact[static_cast<size_t>(bucket_of[a][static_cast<size_t>(t)])] += p0[a] * pb[static_cast<size_t>(t)];
+            double overlap = 0.0;
+            for (int64_t t = 0; t < V; ++t) {
+                exact[static_cast<size_t>(bucket_of[a][static_cast<size_t>(t)])] += p0[a] * pb[static_cast<size_t>(t)];
+                overlap += std::min(pb[static_cast<size_t>(t)], qb[static_cast<size_t>(t)]);
+            }
+            alpha += p0[a] * overlap;
         }
     }
 
@@ -424,7 +445,9 @@ TEST_P(SpecCase, SampledDistributionIsTheMainModels) {
     // prefill_speculative; SampledRunsAreReproducible checks that this gives generate_speculative's
     // tokens): the same n runs and the same statistic as prefilling every run, at about 60% of the
     // cost, as the prefill is about 40% of a two-token run.
+    int64_t first_accepted = 0;   // runs whose first draft was accepted (the last l1 call)
     auto l1 = [&](int64_t K, AcceptRule rule, SpeculativeStats& total) {
+        first_accepted = 0;
         std::vector<int64_t> count(kBuckets, 0);
         SpeculativeOptions po;
         po.draft_tokens = K;
@@ -437,6 +460,7 @@ TEST_P(SpecCase, SampledDistributionIsTheMainModels) {
             ++count[static_cast<size_t>(bucket_of[static_cast<size_t>(r.tokens[0])][static_cast<size_t>(r.tokens[1])])];
             total.rounds += r.stats.rounds, total.drafted += r.stats.drafted, total.accepted += r.stats.accepted;
             total.round_tokens += r.stats.round_tokens;
+            first_accepted += r.stats.accepted > 0;
         }
         double d = 0.0;
         for (int b = 0; b < kBuckets; ++b) d += std::abs(static_cast<double>(count[static_cast<size_t>(b)]) / static_cast<double>(n) - exact[static_cast<size_t>(b)]);
@@ -454,6 +478,11 @@ TEST_P(SpecCase, SampledDistributionIsTheMainModels) {
         EXPECT_LT(d, lambda) << "K " << K;
         if (K > 0) {
             EXPECT_GT(s.accepted, 0) << "no draft accepted: the test would not exercise acceptance";
+            const double rate = static_cast<double>(first_accepted) / static_cast<double>(n);
+            const double bound = std::sqrt(std::log(2.0 / delta) / (2.0 * static_cast<double>(n)));
+            std::printf("[ spec ] %s K=%ld: first draft accepted in %.4f of the runs, exact probability %.4f (bound %.4f)\n",
+                        GetParam().c_str(), K, rate, alpha, bound);
+            EXPECT_LT(std::abs(rate - alpha), bound) << "K " << K;
         }
     }
     SpeculativeStats s;
