@@ -62,6 +62,7 @@ struct SampleArgs {
     int V;
     SampleParams p;
     SampleOutputs o;
+    SpecCheck check;       // q_row null: no checks
 };
 
 using u128 = unsigned __int128;
@@ -662,6 +663,144 @@ __device__ Kept kept_set(Smem& s, const float* x, int V, float T, int top_k, flo
     return K;
 }
 
+// The standard acceptance rule at row r (spec_accept_rows; twins in ref/speculative.cpp), given
+// the row's kept set P (nv > 0): the row's token (the draft when accepted, else the residual
+// draw; -1 for a row without a check) and in `acc` 1 when accepted. All threads call it; they all
+// return the same.
+__device__ int32_t spec_decide(Smem& s, const Kept& P, const SpecCheck& ck, const SampleParams& sp, int64_t r, int V,
+                               int32_t& acc) {
+    const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+    const int64_t qr = ck.q_row[r];
+    const int d = ck.draft[r];
+    acc = 0;
+    if (qr < 0 || d < 0 || d >= V) return -1;
+    if (P.greedy) {   // q is one-hot at the draft: accept the argmax, else take it
+        acc = d == P.best ? 1 : 0;
+        return P.best;
+    }
+    const float T = sp.temperature[r], top_p = sp.top_p[r], min_p = sp.min_p[r];
+    const int top_k = sp.top_k[r];
+    const Kept Q = kept_set(s, ck.q + qr * V, V, T, top_k, top_p, min_p);
+    if (Q.nv == 0) return -1;
+
+    // Mp, Mq, and the test x · 2^-53 < (wp / Mp) / (wq / Mq).
+    uint64_t part_p = 0, part_q = 0;
+    for_each_chunk(P.w, [&](int, int i0, const float (&x)[4]) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) part_p += P.kept_w(x[k], i0 + k);   // ids past V load as -inf: 0
+    });
+    const uint64_t Mp = block_sum_u64(part_p, s);
+    for_each_chunk(Q.w, [&](int, int i0, const float (&x)[4]) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) part_q += Q.kept_w(x[k], i0 + k);
+    });
+    const uint64_t Mq = block_sum_u64(part_q, s);
+    const uint64_t wp = P.kept_w(P.w.x[d], d), wq = Q.kept_w(Q.w.x[d], d);
+    const int64_t index = sp.index[r];
+    if (mul_shift53(sampling_bits(sp.seed[r], index, kStreamAccept), static_cast<u128>(Mp) * wq) <
+        static_cast<u128>(wp) * Mq) {
+        acc = 1;
+        return d;
+    }
+
+    // Rejected: a draw from R_v = max(0, Wp_v · Mq − Wq_v · Mp), in id order, with u128 sums.
+    auto resid = [&](float xp, float xq, int id) -> u128 {
+        const u128 pv = static_cast<u128>(P.kept_w(xp, id)) * Mq, qv = static_cast<u128>(Q.kept_w(xq, id)) * Mp;
+        return pv > qv ? pv - qv : 0;
+    };
+    u128* cs = s.wide();   // per-chunk sums
+    const int nchunks = (V + kChunkIds - 1) / kChunkIds;
+    __syncthreads();       // every reader of mass / cand is done
+    for (int c = warp; c < nchunks; c += kWarps) {
+        float xp[4], xq[4];
+        const int qd = c * 32 + lane;
+        load_quad(P.w, qd, xp);
+        load_quad(Q.w, qd, xq);
+        u128 sum = 0;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) sum += resid(xp[k], xq[k], qd * 4 + k);
+        sum = warp_sum_u128(sum);
+        if (lane == 0) cs[c] = sum;
+    }
+    __syncthreads();
+    u128 part = 0;
+    for (int c = tid; c < nchunks; c += kThreads) part += cs[c];
+    const u128 Mr = block_sum_u128(part, s);
+    if (Mr == 0) return -1;   // unreachable: p(d) < q(d) leaves p > q somewhere
+    const u128 t = mul_shift53(sampling_bits(sp.seed[r], index, kStreamResidual), Mr);
+    // The chunk where the running sum first exceeds t (each thread scans consecutive chunks) ...
+    const int per = (nchunks + kThreads - 1) / kThreads;
+    const int lo = min(nchunks, tid * per), hi = min(nchunks, lo + per);
+    u128 mine = 0;
+    for (int e = lo; e < hi; ++e) mine += cs[e];
+    if (tid == 0) s.found = -1;
+    u128 run_sum = block_excl_scan_u128(mine, s);   // its barriers order the reset before the writes below
+    for (int e = lo; e < hi; ++e) {
+        const u128 v = cs[e];
+        if (run_sum <= t && run_sum + v > t) {   // exactly one chunk
+            s.found = e;
+            s.wfound_before = run_sum;
+        }
+        run_sum += v;
+    }
+    __syncthreads();
+    const int found = s.found;
+    const u128 before = s.wfound_before;
+    // ... and warp 0 walks it.
+    if (warp == 0) {
+        if (lane == 0) s.pick = -1;
+        __syncwarp();
+        if (found >= 0) {
+            float xp[4], xq[4];
+            const int qd = found * 32 + lane;
+            load_quad(P.w, qd, xp);
+            load_quad(Q.w, qd, xq);
+            u128 v[4], sum = 0;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                v[k] = resid(xp[k], xq[k], qd * 4 + k);
+                sum += v[k];
+            }
+            u128 incl = sum;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u128 up = shfl_up_u128(incl, o);
+                if (lane >= o) incl += up;
+            }
+            u128 run = before + incl - sum;
+            if (run <= t && run + sum > t) {   // exactly one lane
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    run += v[k];
+                    if (run > t) {
+                        s.pick = qd * 4 + k;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    return s.pick;
+}
+
+__global__ void __launch_bounds__(kThreads) spec_accept_kernel(SpecAcceptArgs a, int V) {
+    rk::pdl_begin();
+    __shared__ Smem s;
+    const int64_t r = blockIdx.x;
+    const SampleParams& sp = a.params;
+    int32_t id = -1, acc = 0;
+    if (a.check.q_row[r] >= 0) {
+        const Kept P = kept_set(s, a.p + r * V, V, sp.temperature[r], sp.top_k[r], sp.top_p[r], sp.min_p[r]);
+        if (P.nv > 0) id = spec_decide(s, P, a.check, sp, r, V, acc);   // else sample_rows reports the row
+    }
+    if (threadIdx.x == 0) {
+        a.given[r] = id;
+        a.check.accepted[r] = acc;
+    }
+}
+
+
 __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
     rk::pdl_begin();
     __shared__ Smem s;
@@ -678,6 +817,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
         if (tid == 0) {
             a.o.ids[r] = -1;
             if (a.o.logprob) a.o.logprob[r] = -INFINITY;
+            if (a.check.q_row) a.check.accepted[r] = 0;
         }
         if (tid < n_top) {
             a.o.top_ids[r * n_top + tid] = -1;
@@ -685,7 +825,13 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
         }
         return;
     }
-    const int32_t given = a.p.given ? a.p.given[r] : -1;
+    int32_t given = a.p.given ? a.p.given[r] : -1;
+    if (a.check.q_row) {   // the standard rule first: the checked row's token is its decision
+        int32_t acc = 0;
+        const int32_t id = spec_decide(s, K, a.check, a.p, r, V, acc);
+        if (id >= 0) given = id;
+        if (tid == 0) a.check.accepted[r] = acc;
+    }
     const bool greedy = K.greedy, inf_max = w.inf_max;
     const bool draw = !greedy && given < 0;
 
@@ -764,132 +910,6 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
     }
 }
 
-// The standard acceptance rule at one row (spec_accept_rows; twins in ref/speculative.cpp).
-__global__ void __launch_bounds__(kThreads) spec_accept_kernel(SpecAcceptArgs a, int V) {
-    rk::pdl_begin();
-    __shared__ Smem s;
-    const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-    const int64_t r = blockIdx.x;
-    const int64_t qr = a.q_row[r];
-    const int d = a.draft[r];
-    auto out = [&](int32_t id, int32_t acc) {
-        if (tid == 0) {
-            a.given[r] = id;
-            a.accepted[r] = acc;
-        }
-    };
-    if (qr < 0 || d < 0 || d >= V) return out(-1, 0);
-    const SampleParams& sp = a.params;
-    const float T = sp.temperature[r], top_p = sp.top_p[r], min_p = sp.min_p[r];
-    const int top_k = sp.top_k[r];
-    const Kept P = kept_set(s, a.p + r * V, V, T, top_k, top_p, min_p);
-    if (P.nv == 0) return out(-1, 0);   // sample_rows reports the row
-    if (P.greedy) {                       // q is one-hot at the draft: accept its argmax, else take it
-        const bool acc = d == P.best;
-        return out(acc ? d : P.best, acc ? 1 : 0);
-    }
-    const Kept Q = kept_set(s, a.q + qr * V, V, T, top_k, top_p, min_p);
-    if (Q.nv == 0) return out(-1, 0);
-
-    // Mp, Mq, and the test x · 2^-53 < (wp / Mp) / (wq / Mq).
-    uint64_t part_p = 0, part_q = 0;
-    for_each_chunk(P.w, [&](int, int i0, const float (&x)[4]) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) part_p += P.kept_w(x[k], i0 + k);   // ids past V load as -inf: 0
-    });
-    const uint64_t Mp = block_sum_u64(part_p, s);
-    for_each_chunk(Q.w, [&](int, int i0, const float (&x)[4]) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) part_q += Q.kept_w(x[k], i0 + k);
-    });
-    const uint64_t Mq = block_sum_u64(part_q, s);
-    const uint64_t wp = P.kept_w(P.w.x[d], d), wq = Q.kept_w(Q.w.x[d], d);
-    const int64_t index = sp.index[r];
-    if (mul_shift53(sampling_bits(sp.seed[r], index, kStreamAccept), static_cast<u128>(Mp) * wq) <
-        static_cast<u128>(wp) * Mq)
-        return out(d, 1);
-
-    // Rejected: a draw from R_v = max(0, Wp_v · Mq − Wq_v · Mp), in id order, with u128 sums.
-    auto resid = [&](float xp, float xq, int id) -> u128 {
-        const u128 pv = static_cast<u128>(P.kept_w(xp, id)) * Mq, qv = static_cast<u128>(Q.kept_w(xq, id)) * Mp;
-        return pv > qv ? pv - qv : 0;
-    };
-    u128* cs = s.wide();   // per-chunk sums
-    const int nchunks = (V + kChunkIds - 1) / kChunkIds;
-    __syncthreads();       // every reader of mass / cand is done
-    for (int c = warp; c < nchunks; c += kWarps) {
-        float xp[4], xq[4];
-        const int qd = c * 32 + lane;
-        load_quad(P.w, qd, xp);
-        load_quad(Q.w, qd, xq);
-        u128 sum = 0;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) sum += resid(xp[k], xq[k], qd * 4 + k);
-        sum = warp_sum_u128(sum);
-        if (lane == 0) cs[c] = sum;
-    }
-    __syncthreads();
-    u128 part = 0;
-    for (int c = tid; c < nchunks; c += kThreads) part += cs[c];
-    const u128 Mr = block_sum_u128(part, s);
-    if (Mr == 0) return out(-1, 0);   // unreachable: p(d) < q(d) leaves p > q somewhere
-    const u128 t = mul_shift53(sampling_bits(sp.seed[r], index, kStreamResidual), Mr);
-    // The chunk where the running sum first exceeds t (each thread scans consecutive chunks) ...
-    const int per = (nchunks + kThreads - 1) / kThreads;
-    const int lo = min(nchunks, tid * per), hi = min(nchunks, lo + per);
-    u128 mine = 0;
-    for (int e = lo; e < hi; ++e) mine += cs[e];
-    if (tid == 0) s.found = -1;
-    u128 acc = block_excl_scan_u128(mine, s);   // its barriers order the reset before the writes below
-    for (int e = lo; e < hi; ++e) {
-        const u128 v = cs[e];
-        if (acc <= t && acc + v > t) {   // exactly one chunk
-            s.found = e;
-            s.wfound_before = acc;
-        }
-        acc += v;
-    }
-    __syncthreads();
-    const int c = s.found;
-    const u128 before = s.wfound_before;
-    // ... and warp 0 walks it.
-    if (warp == 0) {
-        if (lane == 0) s.pick = -1;
-        __syncwarp();
-        if (c >= 0) {
-            float xp[4], xq[4];
-            const int qd = c * 32 + lane;
-            load_quad(P.w, qd, xp);
-            load_quad(Q.w, qd, xq);
-            u128 v[4], sum = 0;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                v[k] = resid(xp[k], xq[k], qd * 4 + k);
-                sum += v[k];
-            }
-            u128 incl = sum;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                const u128 up = shfl_up_u128(incl, o);
-                if (lane >= o) incl += up;
-            }
-            u128 run = before + incl - sum;
-            if (run <= t && run + sum > t) {   // exactly one lane
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    run += v[k];
-                    if (run > t) {
-                        s.pick = qd * 4 + k;
-                        break;
-                    }
-                }
-            }
-        }
-    }
-    __syncthreads();
-    out(s.pick, 0);
-}
-
 __global__ void __launch_bounds__(256) keep_rows_kernel(const float* src, const int32_t* rows, const int32_t* slot,
                                                         int64_t V, int32_t k, int32_t per_slot, float* dst) {
     rk::pdl_begin();
@@ -939,7 +959,7 @@ __global__ void __launch_bounds__(256) chain_inputs_kernel(ChainStepInputs a, in
 }  // namespace
 
 void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& p, const SampleOutputs& o,
-                 CUstream_st* stream) {
+                 CUstream_st* stream, const SpecCheck* check) {
     constexpr const char* op = "sample_rows";
     if (R < 0) fail(op, ": R=", R, " is negative");
     if (V < 1 || V > kMaxSampleVocab) fail(op, ": V=", V, " is outside [1, ", kMaxSampleVocab, "]");
@@ -951,7 +971,9 @@ void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& 
         fail(op, ": every parameter array (temperature, top_k, top_p, min_p, seed, index) is required");
     if (o.n_top > 0 && (!o.top_ids || !o.top_logprobs))
         fail(op, ": n_top=", o.n_top, " needs top_ids and top_logprobs");
-    const SampleArgs args{logits, static_cast<int>(V), p, o};
+    if (check && (!check->q || !check->q_row || !check->draft || !check->accepted))
+        fail(op, ": a draft check needs q, q_row, draft and accepted");
+    const SampleArgs args{logits, static_cast<int>(V), p, o, check ? *check : SpecCheck{}};
     rk::launch(sample_kernel, dim3(rk::grid_dim(R, 0x7fffffff, op)), dim3(kThreads), 0, stream, args);
 }
 
@@ -960,7 +982,7 @@ void spec_accept_rows(const SpecAcceptArgs& a, int64_t R, int64_t V, CUstream_st
     if (R < 0) fail(op, ": R=", R, " is negative");
     if (V < 1 || V > kMaxSampleVocab) fail(op, ": V=", V, " is outside [1, ", kMaxSampleVocab, "]");
     if (R == 0) return;
-    if (!a.p || !a.q || !a.q_row || !a.draft || !a.given || !a.accepted)
+    if (!a.p || !a.check.q || !a.check.q_row || !a.check.draft || !a.given || !a.check.accepted)
         fail(op, ": p, q, q_row, draft, given and accepted must not be null");
     const SampleParams& p = a.params;
     if (!p.temperature || !p.top_k || !p.top_p || !p.min_p || !p.seed || !p.index)

@@ -53,14 +53,26 @@ struct SampleOutputs {
     float*   top_logprobs = nullptr;   // f32 [R, n_top]: their logprobs; -inf past the valid ids
 };
 
+// Speculative decoding's draft checks (spec_accept_rows below): row r checks the draft draft[r]
+// against q's row q_row[r] (-1: no check); accepted[r] out.
+struct SpecCheck {
+    const float*   q = nullptr;        // f32 [*, V] draft logits rows (masked ids at -inf)
+    const int64_t* q_row = nullptr;    // i64 [R] q's row for row r; -1: row r checks no draft
+    const int32_t* draft = nullptr;    // i32 [R] the draft checked at row r
+    int32_t*       accepted = nullptr; // i32 [R] out: 1 accepted, 0 not (or no check)
+};
+
 // Samples one token from each row of logits [R, V] f32 (device, row-major; -inf marks masked ids,
 // NaN counts as -inf) with row r's parameters and key (p.seed[r], p.index[r]), and writes the
 // outputs o. 1 <= V <= kMaxSampleVocab. One CTA per row: a fixed grid for given (R, V), no
 // allocation, no atomics whose order matters (integer sums only), so the results are
 // deterministic; asynchronous on `stream`, may be captured into a CUDA graph. The logits are
 // not modified. Launch errors and bad arguments throw megamoe::Error.
+// check (optional; the runner's verify steps): the standard rule fused in, each checked row's
+// token is spec_accept_rows' decision, reported as a given id would be (so the rows' checks and
+// draws run side by side, one CTA each); twin: spec_accept_rows, then sample_rows with given.
 void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& p, const SampleOutputs& o,
-                 CUstream_st* stream);
+                 CUstream_st* stream, const SpecCheck* check = nullptr);
 
 // logits[r, ids[j]] = -inf for every row r < R and j < n (device; ids i32 [n], entries outside
 // [0, V) are skipped): the engine's masked_token_ids applied on the device before sample_rows.
@@ -78,12 +90,9 @@ void mask_logits(float* logits, int64_t R, int64_t V, const int32_t* ids, int64_
 // One CTA per row, a fixed grid, integer sums only: deterministic, graph-capturable.
 struct SpecAcceptArgs {
     const float*   p = nullptr;        // f32 [R, V] the main model's logits (masked ids at -inf)
-    const float*   q = nullptr;        // f32 [*, V] draft logits rows
-    const int64_t* q_row = nullptr;    // i64 [R] q's row for row r; -1: row r checks no draft
-    const int32_t* draft = nullptr;    // i32 [R] the draft checked at row r
+    SpecCheck      check;              // the drafts, their q rows, accepted out
     SampleParams   params;             // row r's parameters and key (stream and given are not used)
     int32_t*       given = nullptr;    // i32 [R] out
-    int32_t*       accepted = nullptr; // i32 [R] out
 };
 void spec_accept_rows(const SpecAcceptArgs& a, int64_t R, int64_t V, CUstream_st* stream);
 

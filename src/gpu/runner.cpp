@@ -152,7 +152,6 @@ struct Workspace {
     uint16_t* mtp_h = nullptr;       // [T, hc, D] bf16 hnorm of the main streams
     float* mtp_pe = nullptr;         // [T, D] e_proj of the next tokens' embedding
     int32_t* mtp_ids = nullptr;      // [R] the MTP block's draft per row (speculative steps)
-    int32_t* spec_given = nullptr;   // [R] the acceptance rule's token per verified row (-1: draw it)
     int32_t* chain_in = nullptr;     // [5, C] chained drafting: gathered token rows, start positions, slots, d_1,
                                      // and the start tokens' logit rows (d_1's logits, kept for the rule)
     int32_t* chain_out = nullptr;    // [kGraphChunkMax - 1, C] chained drafts, one block per step
@@ -220,7 +219,6 @@ struct Workspace {
             mtp_h = a.take_n<uint16_t>(T * c.hc_mult * D);
             mtp_pe = a.take_n<float>(T * D);
             mtp_ids = a.take_n<int32_t>(R);
-            spec_given = a.take_n<int32_t>(R);
             chain_in = a.take_n<int32_t>(5 * C);
             chain_out = a.take_n<int32_t>((kGraphChunkMax - 1) * C);
         }
@@ -844,22 +842,19 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
         so.top_ids = reinterpret_cast<int32_t*>(out + 8 * Rw);
         so.top_logprobs = reinterpret_cast<float*>(out + (8 + 4 * cuda::kMaxTopLogprobs) * Rw);
     }
-    cuda::SampleParams spg = sp;
     if (mode == kSpec || mode == kSpecLogprobs) {
         // The standard rule at the verified rows (their drafts' logits kept per slot by
-        // draft_chain); sample_rows then reports those tokens and draws the others.
-        cuda::SpecAcceptArgs acc;
-        acc.p = ws.logits;
-        acc.q = draft_q.empty() ? ws.logits : draft_q.as<float>();   // greedy rows read no q
-        acc.q_row = reinterpret_cast<const int64_t*>(static_cast<const char*>(ws.samp_in) + 32 * Rw);
-        acc.draft = reinterpret_cast<const int32_t*>(static_cast<const char*>(ws.samp_in) + 40 * Rw);
-        acc.params = sp;
-        acc.given = ws.spec_given;
-        acc.accepted = reinterpret_cast<int32_t*>(out + (8 + 8 * cuda::kMaxTopLogprobs) * Rw);
-        cuda::spec_accept_rows(acc, R, V, stream);
-        spg.given = ws.spec_given;
+        // draft_chain), fused into the draws: checked rows report their decision, the others
+        // draw, one CTA per row side by side (twin: spec_accept_rows, then sample_rows).
+        cuda::SpecCheck check;
+        check.q = draft_q.empty() ? ws.logits : draft_q.as<float>();   // greedy rows read no q
+        check.q_row = reinterpret_cast<const int64_t*>(static_cast<const char*>(ws.samp_in) + 32 * Rw);
+        check.draft = reinterpret_cast<const int32_t*>(static_cast<const char*>(ws.samp_in) + 40 * Rw);
+        check.accepted = reinterpret_cast<int32_t*>(out + (8 + 8 * cuda::kMaxTopLogprobs) * Rw);
+        cuda::sample_rows(ws.logits, R, V, sp, so, stream, &check);
+    } else {
+        cuda::sample_rows(ws.logits, R, V, sp, so, stream);
     }
-    cuda::sample_rows(ws.logits, R, V, spg, so, stream);
     mark("sample");
     if (mode != kSpec && mode != kSpecLogprobs) return;
     // A speculative step: the MTP block's next token at each position is a prompt's next token or

@@ -734,9 +734,9 @@ void check_spec_accept(int64_t R, int64_t V, int rounds, uint32_t seed) {
         draft.upload(d);
         cuda::SpecAcceptArgs a;
         a.p = db.logits.data();
-        a.q = dq.data();
-        a.q_row = q_row.data();
-        a.draft = draft.data();
+        a.check.q = dq.data();
+        a.check.q_row = q_row.data();
+        a.check.draft = draft.data();
         a.params.temperature = db.temperature.data();
         a.params.top_k = db.top_k.data();
         a.params.top_p = db.top_p.data();
@@ -744,11 +744,58 @@ void check_spec_accept(int64_t R, int64_t V, int rounds, uint32_t seed) {
         a.params.seed = db.seed.data();
         a.params.index = db.index.data();
         a.given = given.data();
-        a.accepted = accepted.data();
+        a.check.accepted = accepted.data();
         CUDA_CHECK(cudaDeviceSynchronize());
         cuda::spec_accept_rows(a, R, V, nullptr);
         CUDA_CHECK(cudaDeviceSynchronize());
         const std::vector<int32_t> g = given.download(), acc = accepted.download();
+        // The fused form (sample_rows with the check; its twin is the composition): the same
+        // tokens, with logprobs of them, and the same flags; unchecked rows (q_row -1 on every
+        // fifth round) draw as sample_rows does.
+        {
+            std::vector<int64_t> qr2 = rows;
+            if (round % 5 == 4)
+                for (int64_t r = 0; r < R; r += 3) qr2[static_cast<size_t>(r)] = -1;
+            DeviceArray<int64_t> q_row2(qr2);
+            DeviceArray<int32_t> given2(static_cast<size_t>(R)), acc2(static_cast<size_t>(R)), ids2(static_cast<size_t>(R));
+            DeviceArray<float> lp2(static_cast<size_t>(R));
+            a.check.q_row = q_row2.data();
+            a.given = given2.data();
+            a.check.accepted = acc2.data();
+            cuda::spec_accept_rows(a, R, V, nullptr);   // the unfused composition: decisions as given ids ...
+            cuda::SampleParams sp = a.params;
+            sp.given = given2.data();
+            cuda::SampleOutputs so;
+            so.ids = ids2.data();
+            so.logprob = lp2.data();
+            cuda::sample_rows(db.logits.data(), R, V, sp, so, nullptr);   // ... then the draws
+            CUDA_CHECK(cudaDeviceSynchronize());
+            const std::vector<int32_t> want_ids = ids2.download(), want_acc = acc2.download();
+            const std::vector<float> want_lp = lp2.download();
+            DeviceArray<int32_t> ids3(static_cast<size_t>(R)), acc3(static_cast<size_t>(R));
+            DeviceArray<float> lp3(static_cast<size_t>(R));
+            cuda::SpecCheck check = a.check;
+            check.accepted = acc3.data();
+            so.ids = ids3.data();
+            so.logprob = lp3.data();
+            cuda::sample_rows(db.logits.data(), R, V, a.params, so, nullptr, &check);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            const std::vector<float> got_lp = lp3.download();
+            EXPECT_EQ(ids3.download(), want_ids) << "round " << round;
+            EXPECT_EQ(acc3.download(), want_acc) << "round " << round;
+            for (int64_t r = 0; r < R; ++r)
+                EXPECT_TRUE(std::memcmp(&got_lp[static_cast<size_t>(r)], &want_lp[static_cast<size_t>(r)], 4) == 0)
+                    << "round " << round << " row " << r;
+            if (round % 5 != 4) {
+                for (int64_t r = 0; r < R; ++r)
+                    if (g[static_cast<size_t>(r)] >= 0) {
+                        EXPECT_EQ(want_ids[static_cast<size_t>(r)], g[static_cast<size_t>(r)]) << "round " << round << " row " << r;
+                    }
+            }
+            a.check.q_row = q_row.data();
+            a.given = given.data();
+            a.check.accepted = accepted.data();
+        }
         for (int64_t r = 0; r < R; ++r) {
             const size_t i = static_cast<size_t>(r);
             const std::vector<uint64_t>& wp = Wp[i];
@@ -858,6 +905,9 @@ TEST(CudaSampler, GivenIdsStreamsAndKeptRows) {
     EXPECT_EQ(nonzero, want_nonzero) << "writes outside the two kept rows";
     test::expect_error([] { cuda::keep_draft_rows(nullptr, nullptr, nullptr, 1, 10, 3, 3, nullptr, nullptr); }, {"bad shape"});
     test::expect_error([] { cuda::spec_accept_rows(cuda::SpecAcceptArgs{}, 2, 10, nullptr); }, {"must not be null"});
+    cuda::SpecCheck partial;
+    partial.q_row = reinterpret_cast<const int64_t*>(db.index.data());
+    test::expect_error([&] { cuda::sample_rows(db.logits.data(), R, V, p, o, nullptr, &partial); }, {"draft check"});
 }
 
 }  // namespace
