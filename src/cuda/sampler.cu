@@ -651,7 +651,8 @@ __device__ Kept kept_set(Smem& s, const float* x, int V, float T, int top_k, flo
     if (!K.greedy) {
         const Kept& C = K;
         if (top_k > 0 && top_k < n_cand)
-            K.cut = select_cut(s, w, [&](float v, int) { return C.is_cand(v); }, false, static_cast<uint64_t>(top_k), 0.0f);
+            K.cut = select_cut(
+                s, w, [&](float v, int) { return C.is_cand(v); }, false, static_cast<uint64_t>(top_k), 0.0f);
         if (top_p < 1.0f) {
             const uint64_t ck = K.cut;
             K.cut = select_cut(
@@ -918,8 +919,8 @@ __global__ void __launch_bounds__(256) keep_rows_kernel(const float* src, const 
     if (sl < 0) return;
     const float* from = src + static_cast<int64_t>(rows ? rows[i] : i) * V;
     float* to = dst + (static_cast<int64_t>(sl) * per_slot + k) * V;
-    for (int64_t v = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; v < V; v += static_cast<int64_t>(gridDim.x) * 256)
-        to[v] = from[v];
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * 256;
+    for (int64_t v = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x; v < V; v += stride) to[v] = from[v];
 }
 
 __global__ void __launch_bounds__(256) mask_kernel(float* logits, int64_t R, int64_t V, const int32_t* ids, int64_t n) {

@@ -68,7 +68,8 @@ std::string MemoryPlan::describe() const {
        << " per sequence\n"
        << "  prefix     " << mib(snapshots) << " = " << snapshot_count
        << " snapshot records (prefix caching; their rows stay in the pool's blocks)\n";
-    if (draft_logits > 0) os << "  drafts     " << mib(draft_logits) << " (each slot's draft logits: speculative sampling)\n";
+    if (draft_logits > 0)
+        os << "  drafts     " << mib(draft_logits) << " (each slot's draft logits: speculative sampling)\n";
     os << "  KV rows    " << (kv_fp8 ? "fp8 (e4m3 latent, bf16 rope dims), " : "bf16, ") << kv_row_bytes << " bytes";
     if (kv_fp8) os << " (bf16 rows: " << kv_row_bytes_bf16 << ")";
     if (fit_tokens > 0) {

@@ -21,8 +21,8 @@
 //   4. Roll back. The main state has advanced K+1 positions but only j+1 (x and the j accepted
 //      drafts) belong to the sequence. See checkpoint_state below for how it is put back.
 //
-// Random numbers: uniforms keyed on (seed, stream, index of the token in the output), from the
-// caller's SpeculativeSampling::uniform. Stream 0 is the plain sampler's draw (serve/sampler.h:
+// Random numbers: 53 random bits keyed on (seed, stream, index of the token in the output), from
+// the caller's SpeculativeSampling::bits. Stream 0 is the plain sampler's draw (serve/sampler.h:
 // a token drawn from p alone), the others are this file's: the draft's draw, the acceptance test
 // and the residual draw. So a run is reproducible from its seed and does not depend on how many
 // random numbers earlier rounds used.
