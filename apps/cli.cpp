@@ -157,7 +157,9 @@ void cmd_logits(const std::string& dir, const std::string& tokens_file, const st
 }
 
 void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t max_new, int64_t chunk, bool ignore_eos,
-                  const std::string& backend, double mem_fraction, Numerics numerics, int64_t spec_tokens) {
+                  const std::string& backend, double mem_fraction, Numerics numerics, int64_t spec_tokens,
+                  const SamplingParams& sampling) {
+    sampling.validate();   // a bad --temperature / --top-p / ... fails before the weights load
     const std::vector<int32_t> prompt = parse_ids(ids_text, "--ids");
     if (max_new < 0) fail("--max-new must be >= 0, got ", max_new);
     if (spec_tokens < 0 || spec_tokens > kMaxSpeculativeTokens)
@@ -189,7 +191,7 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
         bo.max_model_len = std::min(P + max_new + spec_tokens, context);
         bo.gpu_memory_fraction = mem_fraction;
         t0 = std::chrono::steady_clock::now();
-        SpeculativeResult r = generate_speculative_on(*m, prompt, max_new, so, bo, &std::cerr);
+        SpeculativeResult r = generate_speculative_on(*m, prompt, max_new, so, bo, &std::cerr, &sampling);
         std::fprintf(stderr, "megamoe: backend %s\n", be.c_str());
         out.swap(r.tokens);
         std::fprintf(stderr, "speculative: %ld drafts, %ld accepted (%.1f%%), %ld verification steps, %.2f tokens per step\n",
@@ -198,7 +200,13 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
     } else {
         auto b = one_sequence_backend(*m, backend, mem_fraction, P + std::max<int64_t>(max_new - 1, 0));
         t0 = std::chrono::steady_clock::now();
-        out = generate_greedy(*b, prompt, max_new, chunk, ignore_eos);
+        if (sampling.greedy()) {
+            out = generate_greedy(*b, prompt, max_new, chunk, ignore_eos);
+        } else {   // drawn on the host from each step's logits (serve/sampler.h), keyed on (--seed, index)
+            Sampler sampler(sampling, 0);
+            out = generate_with(*b, prompt, max_new, chunk, ignore_eos,
+                                [&](const float* logits, int64_t V, int64_t index) { return sampler.sample(logits, V, index); });
+        }
     }
     const double sec = seconds_since(t0);
     for (size_t i = 0; i < out.size(); ++i) std::printf("%s%d", i ? " " : "", out[i]);
@@ -240,7 +248,7 @@ int main(int argc, char** argv) {
     lg->add_option("--numerics", numerics, numerics_help);
     lg->add_flag("--mtp", mtp, "also write 'mtp_logits' F32 [T-1, vocab]: row t, the MTP block at t, predicts token t+2");
 
-    auto* gen = app.add_subcommand("generate", "greedy continuation; prints the new ids");
+    auto* gen = app.add_subcommand("generate", "continuation (greedy, or sampled with --temperature); prints the new ids");
     gen->add_option("--model", model, "checkpoint directory")->required();
     gen->add_option("--ids", ids, "prompt token ids, e.g. \"1 2 3\"")->required();
     gen->add_option("--max-new", max_new, "tokens to generate");
@@ -251,6 +259,14 @@ int main(int argc, char** argv) {
     gen->add_option("--numerics", numerics, numerics_help);
     gen->add_option("--speculative-tokens", spec_tokens,
                     "draft K tokens a step with the MTP block, verified by the main model (1..3; 0: off)");
+    SamplingParams gen_sampling;
+    gen_sampling.temperature = 0.0f;   // greedy unless asked
+    uint64_t gen_seed = 0;
+    gen->add_option("--temperature", gen_sampling.temperature, "sampling temperature (0: greedy, the default)");
+    gen->add_option("--top-k", gen_sampling.top_k, "keep the k most likely tokens (0: off)");
+    gen->add_option("--top-p", gen_sampling.top_p, "keep the smallest set with this much probability (1: off)");
+    gen->add_option("--min-p", gen_sampling.min_p, "drop tokens below min_p times the top one's probability (0: off)");
+    gen->add_option("--seed", gen_seed, "sampling seed: the draws are keyed on (seed, token index)");
 
     auto* syn = app.add_subcommand("synth", "write a random checkpoint in the release layout");
     syn->add_option("--out", out, "output directory")->required();
@@ -314,9 +330,11 @@ int main(int argc, char** argv) {
             fail("--gpu-memory-fraction must be in (0, 1], got ", mem_fraction);
         if (*lg) cmd_logits(model, tokens, out, sched, backend, mem_fraction,
                               resolve_numerics(numerics, resolve_backend(backend)), mtp);
-        if (*gen) cmd_generate(model, ids, max_new, chunk, ignore_eos, backend, mem_fraction,
-                               resolve_numerics(numerics, resolve_backend(backend)),
-                              spec_tokens);
+        if (*gen) {
+            gen_sampling.seed = gen_seed;
+            cmd_generate(model, ids, max_new, chunk, ignore_eos, backend, mem_fraction,
+                         resolve_numerics(numerics, resolve_backend(backend)), spec_tokens, gen_sampling);
+        }
         if (*srv) return serve(so);
         if (*syn) {
             SynthOptions o;

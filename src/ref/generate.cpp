@@ -97,6 +97,12 @@ int32_t argmax(const float* logits, int64_t n) {
 
 std::vector<int32_t> generate_greedy(Backend& b, const std::vector<int32_t>& prompt, int64_t max_new,
                                      int64_t chunk, bool ignore_eos) {
+    return generate_with(b, prompt, max_new, chunk, ignore_eos,
+                         [](const float* logits, int64_t V, int64_t) { return argmax(logits, V); });
+}
+
+std::vector<int32_t> generate_with(Backend& b, const std::vector<int32_t>& prompt, int64_t max_new, int64_t chunk,
+                                   bool ignore_eos, const TokenChoice& choose) {
     if (prompt.empty()) fail("generate: the prompt is empty");
     const int64_t P = static_cast<int64_t>(prompt.size()), V = b.config().vocab_size;
     const int64_t step = std::min(chunk > 0 ? chunk : P, b.max_batch_tokens());
@@ -109,7 +115,7 @@ std::vector<int32_t> generate_greedy(Backend& b, const std::vector<int32_t>& pro
         b.step({{g.slot, std::vector<int32_t>(prompt.begin() + t, prompt.begin() + std::min(P, t + step))}}, false,
                logits);
     for (int64_t i = 0; i < max_new; ++i) {
-        const int32_t next = argmax(logits.data(), V);
+        const int32_t next = choose(logits.data(), V, i);
         out.push_back(next);
         if ((!ignore_eos && next == b.config().eos_token_id) || i + 1 == max_new) break;
         if (P + i + 1 > limit) break;   // feeding `next` would pass the context limit

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "ref/backend.h"
@@ -42,5 +43,12 @@ std::vector<int32_t> generate_greedy(Backend& b, const std::vector<int32_t>& pro
                                      int64_t chunk = 0, bool ignore_eos = false);
 std::vector<int32_t> generate_greedy(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
                                      int64_t chunk = 0, bool ignore_eos = false);
+
+// The same continuation with each token chosen by `choose` from the logits [V] of the last
+// position and the token's index in the output (0 for the first new token): generate_greedy is
+// this with argmax; a sampler (serve/sampler.h) gives sampled generation.
+using TokenChoice = std::function<int32_t(const float* logits, int64_t vocab, int64_t index)>;
+std::vector<int32_t> generate_with(Backend& b, const std::vector<int32_t>& prompt, int64_t max_new, int64_t chunk,
+                                   bool ignore_eos, const TokenChoice& choose);
 
 }  // namespace megamoe

@@ -81,11 +81,27 @@ MtpLogits sequence_logits_mtp_on(const Model& m, const std::vector<int32_t>& tok
 #endif
 }
 
+SpeculativeSampling speculative_sampling(const SamplingParams& sp, uint64_t seed) {
+    sp.validate();
+    SpeculativeSampling s;
+    s.weights = [sp](const float* logits, int64_t V, std::vector<uint64_t>& W) { W = sampling_weights(sp, logits, V); };
+    s.bits = [seed](SpecStream stream, int64_t index) { return sampling_bits(seed, index, static_cast<uint32_t>(stream)); };
+    return s;
+}
+
 SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
-                                          const SpeculativeOptions& so, const BackendOptions& o, std::ostream* log) {
-    if (resolve_backend(o.name) == "cpu") return generate_speculative(m, prompt, max_new, so);
+                                          const SpeculativeOptions& so, const BackendOptions& o, std::ostream* log,
+                                          const SamplingParams* sampling) {
+    const bool sampled = sampling && !sampling->greedy();
+    if (sampling) sampling->validate();
+    if (resolve_backend(o.name) == "cpu") {
+        SpeculativeOptions cpu = so;
+        SpeculativeSampling s;
+        if (sampled) s = speculative_sampling(*sampling, sampling->seed.value_or(0));
+        cpu.sampling = sampled ? &s : nullptr;
+        return generate_speculative(m, prompt, max_new, cpu);
+    }
 #ifdef MEGAMOE_HAVE_CUDA
-    if (so.sampling) fail("speculative sampling runs on the cpu backend only for now");
     gpu::RunnerOptions ro;
     ro.max_seqs = 1;
     ro.max_batch_tokens = o.max_batch_tokens;
@@ -96,7 +112,16 @@ SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int3
     ro.max_state_tokens = o.max_state_tokens;
     ro.rollback = true;
     gpu::Runner run(m, ro, log);
-    return gpu::generate_speculative(run, prompt, max_new, so.draft_tokens, so.chunk, so.ignore_eos);
+    SampleSpec spec{0.0f};
+    if (sampled) {
+        spec.temperature = sampling->temperature;
+        spec.top_k = sampling->top_k;
+        spec.top_p = sampling->top_p;
+        spec.min_p = sampling->min_p;
+        spec.seed = sampling->seed.value_or(0);
+    }
+    return gpu::generate_speculative(run, prompt, max_new, so.draft_tokens, so.chunk, so.ignore_eos,
+                                     sampled ? &spec : nullptr);
 #else
     (void)log;
     fail("unreachable: no CUDA backend in this build");

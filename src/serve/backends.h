@@ -9,6 +9,7 @@
 #include "ref/backend.h"
 #include "ref/generate.h"
 #include "ref/speculative.h"
+#include "serve/sampler.h"
 
 namespace megamoe {
 
@@ -47,9 +48,16 @@ std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t s
 MtpLogits sequence_logits_mtp_on(const Model& m, const std::vector<int32_t>& tokens, const Schedule& s,
                                  const BackendOptions& o, std::ostream* log);
 
-// Greedy speculative generation of one sequence (the MTP block drafting) on the backend o.name
-// names: the CPU reference (ref/speculative.h, K = 1..3) or the GPU runner (gpu/backend.h, K = 1..3, greedy).
+// Speculative generation of one sequence (the MTP block drafting, K = 1..3) on the backend o.name
+// names: the CPU reference (ref/speculative.h) or the GPU runner (gpu/backend.h). sampling: null
+// for greedy, else the parameters and seed (SamplingParams::seed, 0 when unset) of a sampled run
+// under the standard rule; so.sampling is ignored (it is made from these for the CPU).
 SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int32_t>& prompt, int64_t max_new,
-                                          const SpeculativeOptions& so, const BackendOptions& o, std::ostream* log);
+                                          const SpeculativeOptions& so, const BackendOptions& o, std::ostream* log,
+                                          const SamplingParams* sampling = nullptr);
+
+// serve/sampler.h's definition as ref/speculative.h's SpeculativeSampling: sampling_weights and
+// sampling_bits(seed, index, stream).
+SpeculativeSampling speculative_sampling(const SamplingParams& sp, uint64_t seed);
 
 }  // namespace megamoe

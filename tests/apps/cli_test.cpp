@@ -10,6 +10,10 @@
 #include <sys/wait.h>
 
 #include "io/safetensors.h"
+#include "ref/backend.h"
+#include "ref/generate.h"
+#include "ref/model.h"
+#include "serve/sampler.h"
 #include "test_util.h"
 
 namespace megamoe {
@@ -89,10 +93,54 @@ TEST_F(Cli, GenerateIsGreedy) {
     Tensor ids = g.view(*g.find("greedy_ids"));
     std::string prompt, want;
     for (int64_t i = 0; i < ids.numel(); ++i) (i < 16 ? prompt : want) += std::to_string(ids.as<int64_t>()[i]) + " ";
-    CliRun r = run("generate --model " + model() + " --ids \"" + prompt + "\" --max-new 48 --chunk 5", false);
+    // The CPU reference (auto picks cuda on a GPU machine, in official numerics: other logits).
+    CliRun r = run("generate --model " + model() + " --ids \"" + prompt + "\" --max-new 48 --chunk 5 --backend cpu", false);
     ASSERT_EQ(r.status, 0) << r.output;
     want.pop_back();
     EXPECT_EQ(r.output.substr(0, r.output.find('\n')), want);
+}
+
+// generate --temperature: each token drawn on the host from the step's logits with the key
+// (--seed, index), so the ids are a Sampler's draws over the CPU reference's logits (generate_with
+// in this process), the same for the same seed and others for another; with --speculative-tokens
+// the standard rule (the same ids for the same seed, max_new of them). Bad sampling flags fail with
+// the parameter's name.
+TEST_F(Cli, GenerateSamples) {
+    const std::string prompt = "5 17 99 3 250 7";
+    const std::string args = "generate --model " + model() + " --ids \"" + prompt +
+                             "\" --max-new 12 --ignore-eos --backend cpu --temperature 0.9 --top-p 0.95";
+    auto first_line = [](const std::string& s) { return s.substr(0, s.find('\n')); };
+    CliRun a = run(args + " --seed 7", false), b = run(args + " --seed 7", false), c = run(args + " --seed 8", false);
+    ASSERT_EQ(a.status, 0) << a.output;
+    EXPECT_EQ(first_line(a.output), first_line(b.output));
+    EXPECT_NE(first_line(a.output), first_line(c.output));
+    auto m = Model::load(model());
+    auto cpu = make_cpu_backend(*m);
+    SamplingParams sp;
+    sp.temperature = 0.9f;
+    sp.top_p = 0.95f;
+    sp.seed = 7;
+    Sampler sampler(sp, 0);
+    const std::vector<int32_t> ids = generate_with(*cpu, {5, 17, 99, 3, 250, 7}, 12, 0, true,
+                                                   [&](const float* l, int64_t V, int64_t i) { return sampler.sample(l, V, i); });
+    std::string want;
+    for (size_t i = 0; i < ids.size(); ++i) want += (i ? " " : "") + std::to_string(ids[i]);
+    EXPECT_EQ(first_line(a.output), want);
+    CliRun sa = run(args + " --seed 7 --speculative-tokens 2", false), sb = run(args + " --seed 7 --speculative-tokens 2", false);
+    ASSERT_EQ(sa.status, 0) << sa.output;
+    EXPECT_EQ(first_line(sa.output), first_line(sb.output));
+    std::istringstream toks(first_line(sb.output));
+    int n = 0;
+    for (std::string t; toks >> t;) ++n;
+    EXPECT_EQ(n, 12);
+    CliRun log = run(args + " --seed 7 --speculative-tokens 2");
+    EXPECT_NE(log.output.find("speculative:"), std::string::npos) << log.output;
+    for (const auto& [flag, name] : std::vector<std::pair<std::string, std::string>>{
+             {"--temperature -1", "temperature"}, {"--top-p 0", "top_p"}, {"--min-p 2", "min_p"}}) {
+        CliRun r = run("generate --model " + model() + " --ids \"1 2\" " + flag);
+        EXPECT_EQ(r.status, 1) << flag << "\n" << r.output;
+        EXPECT_NE(r.output.find(name), std::string::npos) << flag << "\n" << r.output;
+    }
 }
 
 TEST_F(Cli, SynthThenLogits) {
