@@ -213,7 +213,8 @@ struct DeviceBatch {
         seed.upload(s);
         index.upload(i);
     }
-    void launch(cudaStream_t stream) {
+    // The rows' parameters and keys as the kernels read them.
+    cuda::SampleParams params() const {
         cuda::SampleParams p;
         p.temperature = temperature.data();
         p.top_k = top_k.data();
@@ -221,6 +222,10 @@ struct DeviceBatch {
         p.min_p = min_p.data();
         p.seed = seed.data();
         p.index = index.data();
+        return p;
+    }
+    void launch(cudaStream_t stream) {
+        const cuda::SampleParams p = params();
         cuda::SampleOutputs o;
         o.ids = ids.data();
         o.logprob = logprob.data();
@@ -350,13 +355,7 @@ TEST(CudaSampler, WithoutLogprobOutputs) {
     SAMPLER_SKIP_WITHOUT_GPU();
     Batch b = make_batch(48, 4096, 5);
     DeviceBatch d(b, 0);
-    cuda::SampleParams p;
-    p.temperature = d.temperature.data();
-    p.top_k = d.top_k.data();
-    p.top_p = d.top_p.data();
-    p.min_p = d.min_p.data();
-    p.seed = d.seed.data();
-    p.index = d.index.data();
+    const cuda::SampleParams p = d.params();
     cuda::SampleOutputs o;
     o.ids = d.ids.data();   // no logprob, no top
     CUDA_CHECK(cudaDeviceSynchronize());
@@ -737,12 +736,7 @@ void check_spec_accept(int64_t R, int64_t V, int rounds, uint32_t seed) {
         a.check.q = dq.data();
         a.check.q_row = q_row.data();
         a.check.draft = draft.data();
-        a.params.temperature = db.temperature.data();
-        a.params.top_k = db.top_k.data();
-        a.params.top_p = db.top_p.data();
-        a.params.min_p = db.min_p.data();
-        a.params.seed = db.seed.data();
-        a.params.index = db.index.data();
+        a.params = db.params();
         a.given = given.data();
         a.check.accepted = accepted.data();
         CUDA_CHECK(cudaDeviceSynchronize());
@@ -855,13 +849,7 @@ TEST(CudaSampler, GivenIdsStreamsAndKeptRows) {
     std::vector<int32_t> given(static_cast<size_t>(R), -1);
     for (int64_t r = 0; r < R; r += 2) given[static_cast<size_t>(r)] = static_cast<int32_t>((r * 37) % V);
     DeviceArray<int32_t> dg(given);
-    cuda::SampleParams p;
-    p.temperature = db.temperature.data();
-    p.top_k = db.top_k.data();
-    p.top_p = db.top_p.data();
-    p.min_p = db.min_p.data();
-    p.seed = db.seed.data();
-    p.index = db.index.data();
+    cuda::SampleParams p = db.params();
     p.given = dg.data();
     p.stream = cuda::kStreamDraft;
     p.index_offset = 1;

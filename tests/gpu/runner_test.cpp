@@ -35,6 +35,7 @@
 #include "ref/trace.h"
 #include "serve/engine.h"
 #include "serve/sampler.h"
+#include "ref/spec_exact.h"
 #include "test_util.h"
 
 namespace megamoe {
@@ -338,57 +339,15 @@ TEST_P(GpuRunner, SpeculativeGreedyEqualsGreedy) {
 // not see it. Runs with the same seed are the same.
 TEST_P(GpuRunner, SpeculativeSampledDistributionIsTheMainModels) {
     const Model& m = *c->model;
-    const int64_t Vn = V();
     const std::vector<int32_t> prompt(c->input_ids.begin(), c->input_ids.begin() + 6);
     SamplingParams sp;
     sp.temperature = 1.0f;
-    // Exact bucket probabilities: Σ_a p(a) Σ_{b in bucket} p(b | a), from a batched CPU forward over
-    // copies of the prompt's state.
-    SequenceState st0(m.cfg);
-    std::vector<float> logits;
-    std::vector<SequenceChunk> pre{{&st0, prompt}};
-    forward(m, pre, ForwardOptions{}, logits);
-    auto probs = [&](const float* row) {
-        const std::vector<uint64_t> W = sampling_weights(sp, row, Vn);
-        double total = 0.0;
-        for (uint64_t x : W) total += static_cast<double>(x);
-        std::vector<double> p(W.size());
-        for (size_t i = 0; i < W.size(); ++i) p[i] = static_cast<double>(W[i]) / total;
-        return p;
-    };
-    const std::vector<double> p0 = probs(logits.data());
-    std::vector<std::vector<int>> bucket_of(static_cast<size_t>(Vn));
-    std::vector<double> exact(test::kRankBuckets, 0.0);
-    double alpha = 0.0;   // P(d_1 accepted)
-    SpeculativeOptions po;
-    po.draft_tokens = 1;
-    const SpeculativePrefill sp_pre = prefill_speculative(m, prompt, po);   // the MTP block fed all but the last position
-    std::vector<float> mtp_logits;
-    for (int64_t a0 = 0; a0 < Vn; a0 += 64) {
-        const size_t nb = static_cast<size_t>(std::min<int64_t>(64, Vn - a0));
-        std::vector<SequenceState> states(nb, st0), mstates(nb, sp_pre.state);
-        std::vector<SequenceChunk> b;
-        std::vector<MtpChunk> mb;
-        for (size_t i = 0; i < nb; ++i) {
-            const int32_t a = static_cast<int32_t>(a0 + static_cast<int64_t>(i));
-            b.push_back({&states[i], {a}});
-            mb.push_back({&mstates[i], sp_pre.pending.data(), {a}});
-        }
-        forward(m, b, ForwardOptions{}, logits);
-        mtp_forward(m, mb, ForwardOptions{}, mtp_logits);   // q(. | prompt, a): the draft of the first round
-        for (size_t i = 0; i < nb; ++i) {
-            const size_t a = static_cast<size_t>(a0) + i;
-            const std::vector<double> pb = probs(logits.data() + static_cast<int64_t>(i) * Vn);
-            const std::vector<double> qb = probs(mtp_logits.data() + static_cast<int64_t>(i) * Vn);
-            bucket_of[a] = test::rank_buckets(pb);
-            double overlap = 0.0;
-            for (int64_t t = 0; t < Vn; ++t) {
-                exact[static_cast<size_t>(bucket_of[a][static_cast<size_t>(t)])] += p0[a] * pb[static_cast<size_t>(t)];
-                overlap += std::min(pb[static_cast<size_t>(t)], qb[static_cast<size_t>(t)]);
-            }
-            alpha += p0[a] * overlap;
-        }
-    }
+    // Exact bucket probabilities, each a's bucket map, and the first draft's acceptance probability
+    // (the CPU reference).
+    const test::SpecExact ex = test::spec_exact(m, prompt, sp);
+    const std::vector<std::vector<int>>& bucket_of = ex.bucket_of;
+    const std::vector<double>& exact = ex.exact;
+    const double alpha = ex.alpha;
     gpu::RunnerOptions o = small_options();
     o.rollback = true;
     gpu::Runner run(m, o);

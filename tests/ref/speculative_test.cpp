@@ -16,6 +16,7 @@
 #include "ref/generate.h"
 #include "ref/speculative.h"
 #include "serve/sampler.h"
+#include "ref/spec_exact.h"
 #include "test_util.h"
 
 namespace megamoe {
@@ -30,14 +31,6 @@ SpeculativeSampling sampler_sampling(const SamplingParams& sp, uint64_t seed) {
     return s;
 }
 
-// The probabilities W / Σ W (for exact expectations).
-std::vector<double> probabilities(const std::vector<uint64_t>& W) {
-    double total = 0.0;
-    for (uint64_t x : W) total += static_cast<double>(x);
-    std::vector<double> p(W.size());
-    for (size_t i = 0; i < W.size(); ++i) p[i] = static_cast<double>(W[i]) / total;
-    return p;
-}
 
 // ---- the rule's arithmetic
 
@@ -387,56 +380,15 @@ constexpr int kBuckets = test::kRankBuckets;
 // q(v | a)) (q: the MTP block's distribution after a), within Hoeffding's bound at δ = 1e-6.
 TEST_P(SpecCase, SampledDistributionIsTheMainModels) {
     const Model& m = *g->model;
-    const int64_t V = m.cfg.vocab_size;
     SamplingParams sp;
     sp.temperature = 1.0f;
     const std::vector<int32_t> prompt = ids(0, 6);
-    const SpeculativeSampling dist = sampler_sampling(sp, 0);
 
-    // Exact bucket probabilities, and each a's bucket map.
-    SequenceState st0(m.cfg);
-    std::vector<float> logits;
-    std::vector<SequenceChunk> pre{{&st0, prompt}};
-    forward(m, pre, ForwardOptions{}, logits);
-    std::vector<uint64_t> W;
-    dist.weights(logits.data(), V, W);
-    const std::vector<double> p0 = probabilities(W);
-    std::vector<double> pb;
-    std::vector<std::vector<int>> bucket_of(static_cast<size_t>(V));   // [a][b]
-    std::vector<double> exact(kBuckets, 0.0);
-    double alpha = 0.0;   // P(the first draft is accepted)
-    SpeculativeOptions po1;
-    po1.draft_tokens = 1;
-    const SpeculativePrefill pre1 = prefill_speculative(m, prompt, po1);   // the MTP block fed all but the last position
-    std::vector<float> mtp_logits;
-    const int64_t batch = 64;
-    for (int64_t a0 = 0; a0 < V; a0 += batch) {
-        const size_t nb = static_cast<size_t>(std::min(batch, V - a0));
-        std::vector<SequenceState> states(nb, st0), mstates(nb, pre1.state);
-        std::vector<SequenceChunk> b;
-        std::vector<MtpChunk> mb;
-        for (size_t i = 0; i < nb; ++i) {
-            const int32_t a = static_cast<int32_t>(a0 + static_cast<int64_t>(i));
-            b.push_back({&states[i], {a}});
-            mb.push_back({&mstates[i], pre1.pending.data(), {a}});
-        }
-        forward(m, b, ForwardOptions{}, logits);   // [batch, V]
-        mtp_forward(m, mb, ForwardOptions{}, mtp_logits);   // q(. | prompt, a): the first round's d_1
-        for (size_t i = 0; i < nb; ++i) {
-            const size_t a = static_cast<size_t>(a0) + i;
-            dist.weights(logits.data() + static_cast<int64_t>(i) * V, V, W);
-            pb = probabilities(W);
-            dist.weights(mtp_logits.data() + static_cast<int64_t>(i) * V, V, W);
-            const std::vector<double> qb = probabilities(W);
-            bucket_of[a] = rank_buckets(pb);
-            double overlap = 0.0;
-            for (int64_t t = 0; t < V; ++t) {
-                exact[static_cast<size_t>(bucket_of[a][static_cast<size_t>(t)])] += p0[a] * pb[static_cast<size_t>(t)];
-                overlap += std::min(pb[static_cast<size_t>(t)], qb[static_cast<size_t>(t)]);
-            }
-            alpha += p0[a] * overlap;
-        }
-    }
+    // Exact bucket probabilities, each a's bucket map, and the first draft's acceptance probability.
+    const test::SpecExact ex = test::spec_exact(m, prompt, sp);
+    const std::vector<std::vector<int>>& bucket_of = ex.bucket_of;   // [a][b]
+    const std::vector<double>& exact = ex.exact;
+    const double alpha = ex.alpha;
 
     const int64_t n = 1200;
     const double delta = 1e-6;
