@@ -34,6 +34,7 @@
 #include "core/common.h"
 #include "cuda/buffer.h"
 #include "cuda/linear.h"
+#include "cuda/numerics.h"
 #include "io/formats.h"
 #include "ref/ops.h"
 #include "core/parallel.h"
@@ -151,6 +152,43 @@ double validate(const HostLinear& h, const cuda::DeviceLinear& d, int64_t M, cud
     cuda::linear_small_m(d, dx.data(), M, dy.data(), stream);
     CUDA_CHECK(cudaStreamSynchronize(stream));
     got = dy.download();
+    std::vector<double> worst(static_cast<size_t>(num_threads()), 0.0);
+    parallel_ranges(N, [&](int64_t b, int64_t e, int wkr) {
+        std::vector<float> row(static_cast<size_t>(K));
+        for (int64_t n = b; n < e; ++n) {
+            h.lin.decode_row(n, row.data());
+            for (int64_t t = 0; t < M; ++t) {
+                double bound = 0;
+                for (int64_t k = 0; k < K; ++k) bound += std::fabs(double(row[size_t(k)]) * xf[size_t(t * K + k)]);
+                const size_t i = static_cast<size_t>(t * N + n);
+                const double diff = std::fabs(double(got[i]) - double(ref[i]));
+                double r = bound > 0 ? diff / bound : (diff == 0 ? 0 : INFINITY);
+                if (!(diff <= kRelTol * bound)) r = INFINITY;
+                worst[size_t(wkr)] = std::max(worst[size_t(wkr)], r);
+            }
+        }
+    }, K * M);
+    return *std::max_element(worst.begin(), worst.end());
+}
+
+// The FP8 × FP8 path (official numerics): x rounded by round_gemm_input on the CPU side, quantized
+// by quantize_gemm_input on the GPU; same per-element bound. Returns the worst ratio, inf on failure.
+double validate_fp8_act(const HostLinear& h, const cuda::DeviceLinear& d, int64_t M, cudaStream_t stream) {
+    const int64_t N = h.lin.out, K = h.lin.in;
+    const auto x = random_x(M, K, 77 + static_cast<uint64_t>(M));
+    std::vector<float> xf(x.size());
+    for (size_t i = 0; i < x.size(); ++i) xf[i] = bf16_to_f32(x[i]);
+    ops::round_gemm_input(Numerics::official, xf.data(), M, K);
+    std::vector<float> ref(static_cast<size_t>(M * N));
+    ops::linear(h.lin, xf.data(), M, ref.data());
+    const cuda::DeviceArray<uint16_t> dx(x);
+    cuda::DeviceArray<uint8_t> dq(static_cast<size_t>(M * K));
+    cuda::DeviceArray<float> ds(static_cast<size_t>(M * K / 128)), dy(ref.size());
+    dy.fill(0xFF);
+    cuda::quantize_gemm_input(dx.data(), M, K, dq.data(), ds.data(), stream);
+    cuda::linear_fp8_act(d, cuda::ActFp8{dq.data(), ds.data()}, M, dy.data(), cuda::LinearOptions{}, stream);
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<float> got = dy.download();
     std::vector<double> worst(static_cast<size_t>(num_threads()), 0.0);
     parallel_ranges(N, [&](int64_t b, int64_t e, int wkr) {
         std::vector<float> row(static_cast<size_t>(K));
@@ -293,6 +331,25 @@ int main(int argc, char** argv) {
                                 blas_us[mi], blas_us[mi] / us, ok ? "" : "  VALIDATION FAILED",
                                 verbose ? "  " : "", verbose ? cuda::linear_small_m_plan(dl[0], M).c_str() : "");
                     std::fflush(stdout);
+                    if (f == LinearFormat::fp8_block && cuda::fp8_act_fits(dl[0], cuda::LinearOptions{})) {
+                        // The same weights FP8 × FP8 (official numerics: x as codes + scales, made once).
+                        const double e8 = (quick && sh.N * sh.K > (8ll << 20)) ? 0.0 : validate_fp8_act(h, dl[0], M, stream);
+                        all_ok &= std::isfinite(e8);
+                        cuda::DeviceArray<uint8_t> dq(static_cast<size_t>(M * K));
+                        cuda::DeviceArray<float> ds(static_cast<size_t>(M * K / 128));
+                        cuda::quantize_gemm_input(dx.data(), M, K, dq.data(), ds.data(), stream);
+                        const double us8 = bench::time_graph(std::max(copies, 20), stream, [&](int i) {
+                            cuda::linear_fp8_act(dl[size_t(i % copies)], cuda::ActFp8{dq.data(), ds.data()}, M, dy.data(),
+                                                 cuda::LinearOptions{}, stream);
+                        }, kTiming);
+                        const double bytes8 = static_cast<double>(packed) + double(M * K) + double(M * N * 4);
+                        const double gbs8 = bytes8 / (us8 * 1e-6) / 1e9;
+                        std::printf("%-5s %-11s %-6s %3lld %9.2f %10.0f %8.0f %5.1f%% %9.1e %8.2f %8.2fx  x%.2f vs fp8%s%s%s\n", sh.name,
+                                    nk, "fp8x8", static_cast<long long>(M), us8, bytes8, gbs8, 100.0 * gbs8 / d2d, e8,
+                                    blas_us[mi], blas_us[mi] / us8, us / us8, std::isfinite(e8) ? "" : "  VALIDATION FAILED",
+                                    verbose ? "  " : "", verbose ? cuda::linear_fp8_act_plan(dl[0], M).c_str() : "");
+                        std::fflush(stdout);
+                    }
                 }
             }
         }

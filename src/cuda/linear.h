@@ -153,6 +153,32 @@ void linear_small_m(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, vo
 std::string linear_small_m_plan(const DeviceLinear& w, int64_t M);
 std::string linear_small_m_plan(const DeviceLinear& w, int64_t M, const LinearOptions& o);
 
+// ---- FP8 × FP8 small-M linear (linear_fp8.cu): official numerics' quantized GEMM input.
+//
+// An activation in the form the official code gives a FP8 GEMM (act_quant, deepseek-v4.md §2.3):
+// per row and 128-column block a power-of-two scale s and the e4m3 codes of x / s. Made by
+// cuda::quantize_gemm_input / fp8_block_round_q (numerics.h) from x; q · s is exactly
+// round_gemm_input(x) (ops::round_gemm_input), the bf16 input the other linears take.
+//   q: e4m3 codes [M, K], each 4-byte word in kernel order (bytes k0 k2 k1 k3, as the weights)
+//   s: f32 [M, K / 128]
+struct ActFp8 {
+    const uint8_t* q = nullptr;
+    const float*   s = nullptr;
+};
+// Whether linear_fp8_act can run w: fp8_block weights without NaN codes, K % 128 == 0, one group.
+bool fp8_act_fits(const DeviceLinear& w, const LinearOptions& o);
+// y[M, N] (f32, or bf16 with o.out_bf16) = (q · s)[M, K] · Wᵀ with the weights' e4m3 codes and the
+// activation's codes multiplied on the tensor core (mma.sync m16n8k32 e4m3, no weight decode), each
+// 128-column block's f32 partial scaled by (weight block scale · activation block scale) and
+// accumulated in f32. Every product is exact (e4m3 × e4m3 fits f32); y differs from the CPU twin
+// ops::linear(w, round_gemm_input(x)) by the order of f32 summation only. M ≤ 16 per launch (slices
+// of 16 beyond). Same launch contract as linear_small_m (asynchronous, capturable, deterministic,
+// programmatic dependent launch: weights are prefetched before the wait for the previous kernel).
+// Throws unless fp8_act_fits(w, o).
+void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, const LinearOptions& o,
+                    CUstream_st* stream);
+std::string linear_fp8_act_plan(const DeviceLinear& w, int64_t M);
+
 // The plain exact kernel that linear_small_m falls back to for f32 weights and fp8 NaN codes:
 // one warp per output row, decode exactly as Linear::decode_row, fp32 FMA. Exposed for tests.
 void linear_reference(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, float* y, CUstream_st* stream);

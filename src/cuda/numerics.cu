@@ -145,6 +145,36 @@ fp8_block_round_kernel(uint16_t* __restrict__ x, int64_t n_units, int64_t nblk, 
     }
 }
 
+// The act_quant form of a GEMM input (ActFp8): one warp per (row, 128-block), lane i the 4
+// elements 4i .. 4i + 3 (one 8-byte load). s = fp8_scale(amax) as fp8_block_round's; the codes are
+// fp8_qdq's (nm::e4m3_code), written as one word in kernel order (bytes k0 k2 k1 k3). kRound:
+// also store the rounded values back into x (fp8_block_round's result).
+template <bool kRound>
+__global__ void __launch_bounds__(kThreads)
+quantize_gemm_input_kernel(uint16_t* __restrict__ x, int64_t n_units, int64_t nblk, uint8_t* __restrict__ q,
+                           float* __restrict__ s) {
+    pdl_begin();
+    const int lane = static_cast<int>(threadIdx.x & 31);
+    const int64_t unit = static_cast<int64_t>(blockIdx.x) * kWarpsPerCta + (threadIdx.x >> 5);
+    if (unit >= n_units) return;   // whole warps
+    const int64_t off = unit * 128 + lane * 4;   // rows are nblk·128 long, so unit·128 is the block start
+    float v[4];
+    load_bf16<4>(x + off, v);
+    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+    const float sc = nm::fp8_scale(warp_max(amax, 32));
+    uint32_t c[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) c[j] = nm::e4m3_code(v[j], sc);
+    *reinterpret_cast<uint32_t*>(q + off) = c[0] | (c[2] << 8) | (c[1] << 16) | (c[3] << 24);
+    if (lane == 0) s[unit] = sc;
+    if constexpr (kRound) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = nm::fp8_qdq(v[j], sc);
+        store_bf16<4>(x + off, v);
+    }
+    (void)nblk;
+}
+
 // ---------------------------------------------------------------------------- indexer q / k
 
 // E elements per lane (1, 2 or 4); hd = 32·E, or hd < 32 with E = 1.
@@ -237,6 +267,28 @@ void fp8_block_round(uint16_t* x, int64_t rows, int64_t ld, int64_t width, int64
     MEGAMOE_FP8_CASE(2)
     MEGAMOE_FP8_CASE(1)
 #undef MEGAMOE_FP8_CASE
+}
+
+namespace {
+template <bool kRound>
+void quantize_launch(const char* name, uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream) {
+    if (rows < 0) fail(name, ": rows=", rows, " is negative");
+    if (K < 128 || K % 128 != 0) fail(name, ": K=", K, " must be a positive multiple of 128");
+    if (rows == 0) return;
+    if (!x || !q || !s) fail(name, ": null pointer");
+    if (!aligned(x, 8) || !aligned(q, 4) || !aligned(s, 4)) fail(name, ": x must be 8-byte aligned, q and s 4-byte");
+    const int64_t nblk = K / 128, units = rows * nblk;
+    const dim3 grid(grid_of(units, kWarpsPerCta, name)), threads(kThreads);
+    rk::launch(quantize_gemm_input_kernel<kRound>, grid, threads, 0, stream, x, units, nblk, q, s);
+}
+}  // namespace
+
+void quantize_gemm_input(const uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream) {
+    quantize_launch<false>("quantize_gemm_input", const_cast<uint16_t*>(x), rows, K, q, s, stream);
+}
+
+void fp8_block_round_q(uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream) {
+    quantize_launch<true>("fp8_block_round_q", x, rows, K, q, s, stream);
 }
 
 void round_indexer_qk(uint16_t* x, int64_t rows, int64_t hd, CUstream_st* stream) {

@@ -142,4 +142,25 @@ __device__ __forceinline__ void fp8_round_warp_block4(float (&v)[4]) {
     for (int e = 0; e < 4; ++e) v[e] = fp8_qdq(v[e], s);
 }
 
+// The same, also giving this lane's four e4m3 codes as one word in kernel order (bytes k0 k2 k1
+// k3; the FP8 × FP8 linear's activation, linear.h ActFp8) and the block's scale s.
+__device__ __forceinline__ void fp8_round_warp_block4(float (&v)[4], uint32_t& codes, float& s) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        v[e] = bf16_round(v[e]);
+        amax = fmaxf(amax, fabsf(v[e]));
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+    s = fp8_scale(amax);
+    uint32_t c[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        c[e] = e4m3_code(v[e], s);
+        v[e] = fp8_qdq(v[e], s);
+    }
+    codes = c[0] | (c[2] << 8) | (c[1] << 16) | (c[3] << 24);
+}
+
 }  // namespace megamoe::cuda::nm

@@ -26,6 +26,17 @@ namespace megamoe::cuda {
 // Requires 1 ≤ width ≤ ld, block ≥ 1, rows ≥ 0.
 void fp8_block_round(uint16_t* x, int64_t rows, int64_t ld, int64_t width, int64_t block, CUstream_st* stream);
 
+// The official GEMM input in the form the FP8 × FP8 linear takes (ActFp8, linear.h): for each row of
+// x bf16 [rows, K] and 128-block, s = 2^ceil(log2(max(amax, 1e-4) / 448)) (f32 [rows, K/128]) and the
+// e4m3 codes of clamp(x / s, ±448) (q [rows, K], each 4-byte word in kernel order: bytes k0 k2 k1
+// k3). q · s is round_gemm_input(x) bit for bit (and x itself when x is already rounded: a rounded
+// block requantizes exactly).                    twin: ops::round_gemm_input (of which q · s is the value)
+// K % 128 == 0, x 8-byte aligned, q and s 4-byte aligned. One warp per block, 8 per CTA.
+void quantize_gemm_input(const uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream);
+// fp8_block_round(x, rows, K, K, 128) and quantize_gemm_input in one pass: x is rounded in place and
+// q, s are written (same requirements as quantize_gemm_input).
+void fp8_block_round_q(uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream);
+
 // The indexer's query / key rounding in place: each row of x bf16 [rows, hd] is rotated by the
 // hd-point Walsh-Hadamard transform (f32 butterflies h = 1, 2, 4, ..., then · 1/sqrt(hd)), rounded
 // to bf16, then FP4 e2m1 fake-quant in 32-blocks (s = 2^ceil(log2(max(amax, 6·2^-126) / 6))).

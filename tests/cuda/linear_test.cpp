@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cuda/linear.h"
+#include "cuda/numerics.h"
 #include "cuda_test_util.h"
 #include "io/formats.h"
 #include "ref/ops.h"
@@ -424,6 +425,100 @@ TEST(CudaLinear, ZeroTokensIsANoOp) {
 // the low and high half-words, with random other halves: from_kernel_order undoes
 // to_kernel_order, fp8 byte b of the kernel word holds element [0 2 1 3][b], fp4 nibble j holds
 // element kFp4KernelOrder[j]; bf16 and f32 rows are left unchanged.
+// ---------------------------------------------------------------------------- FP8 × FP8 (linear_fp8.cu)
+
+// The official numerics' FP8 linear: x rounded by round_gemm_input (the CPU twin's input), the GPU
+// given the same activation as codes + scales by quantize_gemm_input. Both sides then sum exact
+// products (e4m3 × e4m3 in f32 on the GPU, the decoded weight times the rounded x on the CPU), so
+// the bound is the same kRelTol of Σ|w||x_rounded| as for the BF16 path.
+void check_fp8_act(const std::vector<Shape>& shapes, bool random_codes, uint32_t seed) {
+    for (const Shape& s : shapes) {
+        HostLinear h;
+        if (random_codes) make_random_codes(h, LinearFormat::fp8_block, s.N, s.K, seed);
+        else make_quantized(h, LinearFormat::fp8_block, s.N, s.K, seed);
+        cuda::OwnedLinear d(h.lin);
+        ASSERT_TRUE(cuda::fp8_act_fits(d.view(), cuda::LinearOptions{}));
+        for (int64_t M : {1, 3, 8, 9, 16, 21}) {
+            const auto x = random_x(M, s.K, seed + static_cast<uint32_t>(M));
+            std::vector<float> xf(x.size());
+            for (size_t i = 0; i < x.size(); ++i) xf[i] = bf16_to_f32(x[i]);
+            ops::round_gemm_input(Numerics::official, xf.data(), M, s.K);
+            std::vector<uint16_t> xr(x.size());
+            for (size_t i = 0; i < x.size(); ++i) {
+                xr[i] = f32_to_bf16(xf[i]);
+                ASSERT_EQ(bf16_to_f32(xr[i]), xf[i]) << "a rounded GEMM input is a bf16";
+            }
+            const Reference ref = cpu_twin(h.lin, xr, M);
+            DeviceArray<uint16_t> dx(x);
+            DeviceArray<uint8_t> dq(static_cast<size_t>(M * s.K));
+            DeviceArray<float> ds(static_cast<size_t>(M * s.K / 128));
+            DeviceArray<float> dy(static_cast<size_t>(M * s.N));
+            dy.fill(0xFF);
+            cuda::quantize_gemm_input(dx.data(), M, s.K, dq.data(), ds.data(), nullptr);
+            cuda::linear_fp8_act(d.view(), cuda::ActFp8{dq.data(), ds.data()}, M, dy.data(), cuda::LinearOptions{},
+                                 nullptr);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            const std::string what = str("fp8 x fp8", random_codes ? " codes " : " ", s.N, "x", s.K, " M=", M);
+            const double worst = compare(dy.download(), ref, M, s.N, what);
+            std::printf("  %-36s max |gpu-cpu| / sum|w||x| = %.2e  (%s)\n", what.c_str(), worst,
+                        cuda::linear_fp8_act_plan(d.view(), M).c_str());
+            if (M == 3) {   // bf16 output: the f32 result rounded to nearest even
+                const std::vector<float> y32 = dy.download();
+                DeviceArray<uint16_t> dyb(static_cast<size_t>(M * s.N));
+                cuda::LinearOptions o;
+                o.out_bf16 = true;
+                cuda::linear_fp8_act(d.view(), cuda::ActFp8{dq.data(), ds.data()}, M, dyb.data(), o, nullptr);
+                CUDA_CHECK(cudaDeviceSynchronize());
+                const std::vector<uint16_t> yb = dyb.download();
+                for (size_t i = 0; i < yb.size(); ++i)
+                    ASSERT_EQ(yb[i], f32_to_bf16(y32[i])) << what << ": bf16 output " << i;
+            }
+            ++seed;
+        }
+    }
+}
+
+TEST(CudaLinear, Fp8ActFitsAndRejects) {
+    // Host checks only (no launch), so this runs in every CUDA build.
+    DeviceLinear w;
+    w.format = LinearFormat::fp8_block;
+    w.out = 256;
+    w.in = 1024;
+    w.weight = reinterpret_cast<void*>(0x1000);
+    w.scale = reinterpret_cast<void*>(0x2000);
+    cuda::LinearOptions o;
+    EXPECT_TRUE(cuda::fp8_act_fits(w, o));
+    w.in = 1000;
+    EXPECT_FALSE(cuda::fp8_act_fits(w, o)) << "K % 128 != 0";
+    w.in = 1024;
+    w.nan_codes = true;
+    EXPECT_FALSE(cuda::fp8_act_fits(w, o)) << "NaN codes take the exact path";
+    w.nan_codes = false;
+    o.groups = 2;
+    EXPECT_FALSE(cuda::fp8_act_fits(w, o)) << "grouped";
+    o.groups = 1;
+    w.format = LinearFormat::nvfp4;
+    EXPECT_FALSE(cuda::fp8_act_fits(w, o));
+    try {
+        float y = 0;
+        cuda::linear_fp8_act(w, cuda::ActFp8{}, 1, &y, o, nullptr);
+        FAIL() << "nvfp4 weights accepted";
+    } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("linear_fp8_act"), std::string::npos) << e.what();
+    }
+}
+
+TEST(CudaLinear, Fp8ActMatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    // V4-Flash wq_a, wq_b, wkv, wo_b, shared w1 / w2, V4-Pro wq_a; odd row counts (partial 16-row
+    // tiles and 128-row scale blocks), one and three 128-blocks of K.
+    check_fp8_act({{3, 128}, {17, 384}, {130, 256}, {1024, 4096}, {32768, 1024}, {512, 4096}, {4096, 8192},
+                   {2048, 4096}, {4096, 2048}, {1536, 7168}},
+                  false, 800);
+    // Every code but NaN in weights and wide block scales.
+    check_fp8_act({{17, 256}, {256, 1024}}, true, 900);
+}
+
 TEST(CudaLinear, KernelOrderIsALosslessWordPermutation) {
     std::mt19937 rng(77);
     std::vector<uint8_t> orig(4 * 2 * 65536);

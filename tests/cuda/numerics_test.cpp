@@ -428,6 +428,92 @@ TEST(CudaNumerics, Fp8BlockRoundHardValues) {
     }
 }
 
+// quantize_gemm_input / fp8_block_round_q against ops::round_gemm_input: the codes (kernel order)
+// times the scales are the twin's rounded values bit for bit, every scale is the block's power of
+// two, and fp8_block_round_q also leaves fp8_block_round's result in x. A rounded input requantizes
+// to the same values (what the runner relies on when it quantizes an already rounded buffer).
+void check_quantize(const std::vector<uint16_t>& x, int64_t rows, int64_t K, const std::string& what) {
+    SCOPED_TRACE(str(what, ": rows ", rows, " K ", K));
+    V f(x.size());
+    for (size_t i = 0; i < x.size(); ++i) f[i] = bf16_to_f32(x[i]);
+    V want = f;
+    ops::round_gemm_input(Numerics::official, want.data(), rows, K);
+    const int64_t nblk = K / 128;
+    auto check = [&](const std::vector<uint8_t>& q, const std::vector<float>& s, const V& input, const char* how) {
+        size_t bad = 0;
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t b = 0; b < nblk; ++b) {
+                const float sc = s[static_cast<size_t>(r * nblk + b)];
+                int e = 0;
+                ASSERT_EQ(std::frexp(sc, &e), 0.5f) << how << ": scale " << sc << " is not a power of two";
+                float amax = 0;
+                for (int64_t k = 0; k < 128; ++k) amax = std::max(amax, std::fabs(input[size_t(r * K + b * 128 + k)]));
+                ASSERT_EQ(sc, std::ldexp(1.0f, static_cast<int>(e8m0_ceil(std::max(amax, 1e-4f) / 448.0f)) - 127))
+                    << how << ": block (" << r << ", " << b << ") amax " << amax;
+                for (int64_t k = 0; k < 128; ++k) {
+                    const int64_t i = r * K + b * 128 + k;
+                    // kernel order: element k of a word sits at byte {0, 2, 1, 3}[k % 4]
+                    const int64_t at = (i & ~int64_t{3}) + (k % 4 == 1 ? 2 : k % 4 == 2 ? 1 : k % 4);
+                    const float v = e4m3_to_f32(q[static_cast<size_t>(at)]) * sc;
+                    if (std::memcmp(&v, &want[static_cast<size_t>(i)], 4) != 0 && bad++ < 6)
+                        ADD_FAILURE() << how << ": [" << r << ", " << b * 128 + k << "] q·s " << v << " want "
+                                      << want[static_cast<size_t>(i)];
+                }
+            }
+        EXPECT_EQ(bad, 0u) << how;
+    };
+    DeviceArray<uint16_t> d(x);
+    DeviceArray<uint8_t> q(x.size());
+    DeviceArray<float> s(static_cast<size_t>(rows * nblk));
+    cuda::quantize_gemm_input(d.data(), rows, K, q.data(), s.data(), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    check(q.download(), s.download(), f, "quantize_gemm_input");
+    ASSERT_EQ(d.download(), x) << "quantize_gemm_input wrote x";
+    q.fill(0);
+    cuda::fp8_block_round_q(d.data(), rows, K, q.data(), s.data(), nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    check(q.download(), s.download(), f, "fp8_block_round_q");
+    const std::vector<uint16_t> rounded = d.download();
+    for (size_t i = 0; i < x.size(); ++i)
+        ASSERT_EQ(rounded[i], f32_to_bf16(want[i])) << "fp8_block_round_q's x at " << i;
+    V fr(x.size());
+    for (size_t i = 0; i < x.size(); ++i) fr[i] = bf16_to_f32(rounded[i]);
+    cuda::quantize_gemm_input(d.data(), rows, K, q.data(), s.data(), nullptr);   // requantize the rounded x
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<uint8_t> q2 = q.download();
+    const std::vector<float> s2 = s.download();
+    size_t bad = 0;
+    for (int64_t i = 0; i < rows * K; ++i) {
+        const int64_t k = i % 4;
+        const int64_t at = (i & ~int64_t{3}) + (k == 1 ? 2 : k == 2 ? 1 : k);
+        const float v = e4m3_to_f32(q2[static_cast<size_t>(at)]) * s2[static_cast<size_t>(i / 128)];
+        bad += std::memcmp(&v, &want[static_cast<size_t>(i)], 4) != 0;
+    }
+    EXPECT_EQ(bad, 0u) << "a rounded input requantizes to itself";
+}
+
+TEST(CudaNumerics, QuantizeGemmInputIsTheRounding) {
+    NM_SKIP_WITHOUT_GPU();
+    std::mt19937 rng(9);
+    for (int64_t K : {4096, 7168, 1024, 128})
+        for (int64_t rows : {1, 3, 16}) check_quantize(random_blocks(rng, rows, K, 128), rows, K, "random blocks");
+    // Hard blocks: e4m3 ties, zeros with −0, amax at and below the 1e-4 clamp, just past 448·2^k.
+    const float m10 = std::ldexp(1.0f, -10);
+    const std::vector<V> blocks = {{448.0f, 1.0625f, 1.1875f, 17.0f, -19.0f, -304.0f, m10, 3 * m10, -0.0f},
+                                   {450.0f, -450.0f, 1.0f, 3.0f, 0.5f},
+                                   {0.0f, -0.0f},
+                                   {bf16r(1e-5f), bf16r(-2.5e-6f)},
+                                   {bf16r(1e-4f), bf16r(3e-5f)},
+                                   {56.25f, 1.0f, 0.0625f, -3.5f},
+                                   {std::ldexp(1.0f, -130), -std::ldexp(1.0f, -133)}};
+    const int64_t K = 128 * static_cast<int64_t>(blocks.size());
+    std::vector<uint16_t> x(static_cast<size_t>(K), 0);
+    for (size_t b = 0; b < blocks.size(); ++b)
+        for (size_t i = 0; i < blocks[b].size(); ++i) x[b * 128 + i * 5] = f32_to_bf16(blocks[b][i]);
+    check_quantize(x, 1, K, "hard values");
+    EXPECT_THROW(cuda::quantize_gemm_input(nullptr, 1, 100, nullptr, nullptr, nullptr), Error);   // K % 128
+}
+
 // ---------------------------------------------------------------------------- indexer q / k
 
 void check_indexer(const std::vector<uint16_t>& x, int64_t rows, int64_t hd, const std::string& what) {

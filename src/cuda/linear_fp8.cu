@@ -1,0 +1,301 @@
+// linear_fp8.cu — FP8 weights × FP8 activations for decode / small M (≤ 16 tokens per launch):
+// y[M, N] = (q · s)[M, K] · Wᵀ with W in the checkpoint's FP8 128×128-block format and the
+// activation in act_quant form (ActFp8, linear.h), on sm_90a.
+//
+// Why a second small-M kernel. linear_small_m (linear.cu) gives the tensor core BF16 weights, so
+// every FP8 byte is decoded in registers (6 integer ops per 4 weights plus a scale multiply per
+// pair): measured with Nsight Compute on an H200 (wq_b 32768×1024 at M = 1), 153 instructions per
+// 1 KB warp step, 4 of them MMAs, the schedulers issuing every other cycle; the kernel took 14 µs
+// with its 32 MB already in L2 (a plain read of them: 5.4 µs), i.e. it is bound by instruction
+// issue, not by HBM. Under the official numerics the activation a FP8 linear takes is itself FP8
+// (round_gemm_input), so both operands can go to the tensor core as they are stored:
+// mma.sync m16n8k32 e4m3 × e4m3 → f32 needs no decode at all, about 12 instructions per 1 KB step.
+//
+// Layout. A warp owns 16 weight rows (the MMA's M, "swap AB": tokens are the MMA's N = 8 columns,
+// two n-tiles for 9..16 tokens) and a range of 64-byte steps along K; lane (g, tig) loads 16 bytes
+// of rows g and g + 8 per step (ld.global.nc, no L1 allocation, 256-byte L2 prefetch) and, for
+// token g (+ 8), the same 16 columns of q. The MMA's k order inside a step is free as long as A
+// and B agree: the lane's words 0, 1 feed one MMA (as its k 4·tig.. and 16 + 4·tig..), words 2, 3
+// the next, for weights and activation alike, and both are stored in kernel order (bytes k0 k2 k1
+// k3 of every word), so no byte is moved. The weights stream through registers in batches of
+// kU = 4 steps, double-buffered (the next batch is in flight while this one is multiplied), with
+// no shared memory and no barrier on the way.
+//
+// Numerics. Each 128-column block (two steps) is multiplied into a fresh f32 fragment, which is
+// then scaled by the weight block's e8m0 scale times the activation block's scale (both powers
+// of two, so the product is exact unless it leaves the f32 range) and added to the accumulator.
+// The products of e4m3 codes are exact in f32 and the block sums of at most 128 of them are
+// within 2^-24 relative: y differs from ops::linear on round_gemm_input(x) by summation order
+// only (tests/cuda/linear_test.cpp: ≤ 3e-8 of Σ|w·x| on the V4 shapes, ≤ 2e-7 on random codes).
+// The per-block promotion is also how the official code's FP8 GEMM accumulates.
+//
+// Work split (planned per shape, see plan_fp8): a CTA is 8 warps = wr row tiles × wk K-ranges
+// (wk = 8 / wr); K-range partials are summed in shared memory in a fixed order (deterministic, no
+// atomics). wk is chosen per shape (plan_fp8).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <string>
+
+#include "core/common.h"
+#include "cuda/device.cuh"
+#include "cuda/linear.h"
+#include "io/formats.h"
+
+namespace megamoe::cuda {
+
+namespace {
+
+using namespace dev;
+
+constexpr int kThreads = 256;               // 8 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kU = 4;                       // steps per register batch (two 128-column blocks)
+constexpr int kMaxTokens = 16;              // two n8 tiles
+constexpr int kRedFloats = kWarps * 16 * kMaxTokens;   // partials: (wk · wr · 16 rows) × tokens
+
+struct Fp8Params {
+    const uint8_t* w;       // [N] rows of w_row_bytes (kernel order)
+    const uint8_t* scale;   // e8m0 [ceil(N/128), s_row_bytes]
+    const uint8_t* q;       // e4m3 [M, K] (kernel order)
+    const float*   s;       // f32 [M, K/128]
+    void*          y;       // [M, N] f32 or bf16
+    int64_t w_row_bytes, s_row_bytes;
+    int N, K, M;
+    int steps;              // K / 64
+    int spw;                // steps per warp (even)
+    int wr;                 // row tiles per CTA (wk = 8 / wr)
+    bool out_bf16;
+};
+
+__device__ __forceinline__ uint4 ld_weights(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+// c += A·B, m16n8k32, A row-major e4m3 (4 regs of 4 codes), B col-major e4m3 (2 regs), f32.
+__device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 2^(e-127) for an e8m0 byte, exact (e = 0: the f32 subnormal 2^-127; 255: NaN).
+__device__ __forceinline__ float e8m0_value(uint32_t e) {
+    return e == 0 ? __uint_as_float(0x00400000u) : (e == 255 ? __uint_as_float(0x7FC00000u) : __uint_as_float(e << 23));
+}
+
+struct Batch {
+    uint4 r0[kU], r1[kU];   // rows g and g + 8, kU steps
+};
+
+// Grid (1, ceil(N / (16·wr))), 256 threads. Warp w: row tile w % wr of the CTA's wr, K-range w / wr.
+template <int NT>
+__global__ void __launch_bounds__(kThreads, 2) linear_fp8_act_kernel(const Fp8Params p) {
+    __shared__ float red[kRedFloats];
+    const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
+    const int g = lane >> 2, tig = lane & 3;
+    const int wk_count = kWarps / p.wr;
+    const int wrow = warp % p.wr, wk = warp / p.wr;
+    const int R = p.wr * 16;
+    const int row0 = static_cast<int>(blockIdx.y) * R + wrow * 16;
+    const int s0 = wk * p.spw;
+    const int n = max(0, min(s0 + p.spw, p.steps) - s0);   // even: K % 128 == 0, spw even
+    // Rows past N read row N - 1 (valid memory) and are never written.
+    const int ra = min(row0 + g, p.N - 1), rb = min(row0 + 8 + g, p.N - 1);
+    const uint8_t* wa = p.w + static_cast<int64_t>(ra) * p.w_row_bytes + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
+    const uint8_t* wb = p.w + static_cast<int64_t>(rb) * p.w_row_bytes + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
+    const uint8_t* sc = p.scale + static_cast<int64_t>(min(row0, p.N - 1) / 128) * p.s_row_bytes + s0 / 2;
+    const int nblk = p.K / 128;
+    const uint8_t* qx[NT];
+    const float* sx[NT][2];
+    bool on[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int t = nt * 8 + g;
+        on[nt] = t < p.M;
+        qx[nt] = p.q + static_cast<int64_t>(on[nt] ? t : 0) * p.K + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
+        // The C fragment's columns: tokens nt·8 + 2·tig and + 1 (clamped; unused ones are not written).
+        sx[nt][0] = p.s + static_cast<int64_t>(min(nt * 8 + 2 * tig, p.M - 1)) * nblk + s0 / 2;
+        sx[nt][1] = p.s + static_cast<int64_t>(min(nt * 8 + 2 * tig + 1, p.M - 1)) * nblk + s0 / 2;
+    }
+
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+
+    const int nb = (n + kU - 1) / kU;
+    auto load = [&](Batch& B, int b) {
+#pragma unroll
+        for (int u = 0; u < kU; ++u) {
+            const int i = min(b * kU + u, n - 1);   // past the range: reload the last step (not used)
+            B.r0[u] = ld_weights(wa + static_cast<int64_t>(i) * kStepBytes);
+            B.r1[u] = ld_weights(wb + static_cast<int64_t>(i) * kStepBytes);
+        }
+    };
+    auto multiply = [&](const Batch& B, int b) {
+#pragma unroll
+        for (int u = 0; u < kU; u += 2) {   // one 128-column block: steps i, i + 1
+            const int i = b * kU + u;
+            if (i >= n) break;
+            float c[NT][4];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) c[nt][j] = 0.0f;
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const uint4& a = B.r0[u + h];
+                const uint4& bb = B.r1[u + h];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const uint4 x = on[nt] ? __ldg(reinterpret_cast<const uint4*>(qx[nt] + (i + h) * kStepBytes))
+                                           : make_uint4(0, 0, 0, 0);
+                    mma_e4m3(c[nt], a.x, bb.x, a.y, bb.y, x.x, x.y);
+                    mma_e4m3(c[nt], a.z, bb.z, a.w, bb.w, x.z, x.w);
+                }
+            }
+            const float sw = e8m0_value(__ldg(sc + i / 2));
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const float f0 = sw * __ldg(sx[nt][0] + i / 2), f1 = sw * __ldg(sx[nt][1] + i / 2);
+                acc[nt][0] = fmaf(c[nt][0], f0, acc[nt][0]);
+                acc[nt][1] = fmaf(c[nt][1], f1, acc[nt][1]);
+                acc[nt][2] = fmaf(c[nt][2], f0, acc[nt][2]);
+                acc[nt][3] = fmaf(c[nt][3], f1, acc[nt][3]);
+            }
+        }
+    };
+
+    // Weights are constant: the first batch is requested before waiting for the previous kernel
+    // (programmatic dependent launch), whose output q / s is read only after the wait.
+    Batch A, B;
+    if (n > 0) load(A, 0);
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    for (int b = 0; b < nb; b += 2) {
+        if (b + 1 < nb) load(B, b + 1);
+        multiply(A, b);
+        if (b + 1 >= nb) break;
+        if (b + 2 < nb) load(A, b + 2);
+        multiply(B, b + 1);
+    }
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+
+    auto store = [&](int t, int row, float v) {
+        const int64_t i = static_cast<int64_t>(t) * p.N + row;
+        if (p.out_bf16) static_cast<__nv_bfloat16*>(p.y)[i] = __float2bfloat16_rn(v);
+        else static_cast<float*>(p.y)[i] = v;
+    };
+    const int M = p.M;
+    if (wk_count == 1) {   // the warp has whole rows: write from the fragments
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int t = nt * 8 + 2 * tig + (i & 1);
+                const int row = row0 + g + (i >= 2 ? 8 : 0);
+                if (t < M && row < p.N) store(t, row, acc[nt][i]);
+            }
+        return;
+    }
+    // Partials red[wk][t][row in CTA], then each (t, row) summed over wk in order.
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int t = nt * 8 + 2 * tig + (i & 1);
+            const int rl = wrow * 16 + g + (i >= 2 ? 8 : 0);
+            if (t < M) red[(wk * M + t) * R + rl] = acc[nt][i];
+        }
+    __syncthreads();
+    for (int i = static_cast<int>(threadIdx.x); i < M * R; i += kThreads) {
+        const int t = i / R, rl = i - t * R;
+        float sum = 0.0f;
+        for (int k = 0; k < wk_count; ++k) sum += red[(k * M + t) * R + rl];
+        const int row = static_cast<int>(blockIdx.y) * R + rl;
+        if (row < p.N) store(t, row, sum);
+    }
+}
+
+struct Fp8Plan {
+    int wr = 1, wk = 8, spw = 0, row_blocks = 0;
+};
+
+// wk: the largest power of two ≤ 8 that leaves each warp at least one batch (kU steps) and keeps
+// the launch within about two waves of warps (kMaxWarps: 132 SMs × 16 resident warps × 2); rows
+// alone fill the GPU for the tall matrices. Measured on an H200 (M = 1, FP8): wq_b 32768×1024
+// (16 steps) 12.7 µs at wk = 2 against 18.7 at wk = 8; wo_b 4096×8192 11.2 µs at wk = 8 against
+// 21.6 at wk = 2; shared w2 4096×2048 (32 steps) 4.2 µs at wk = 8 against 5.1 at wk = 4.
+constexpr int64_t kMaxWarps = 4224;
+Fp8Plan plan_fp8(int64_t N, int64_t steps) {
+    Fp8Plan pl;
+    const int64_t tiles = (N + 15) / 16;
+    int wk = 8;
+    while (wk > 1 && (steps / wk < kU || tiles * wk > kMaxWarps)) wk /= 2;
+    pl.wk = wk;
+    pl.wr = kWarps / wk;
+    int64_t spw = (steps + wk - 1) / wk;
+    spw += spw & 1;
+    pl.spw = static_cast<int>(spw);
+    pl.row_blocks = static_cast<int>((N + 16 * pl.wr - 1) / (16 * pl.wr));
+    return pl;
+}
+
+}  // namespace
+
+bool fp8_act_fits(const DeviceLinear& w, const LinearOptions& o) {
+    return w.format == LinearFormat::fp8_block && !w.nan_codes && w.in % 128 == 0 && w.in > 0 && w.out > 0 &&
+           o.groups == 1 && w.weight && w.scale;
+}
+
+std::string linear_fp8_act_plan(const DeviceLinear& w, int64_t M) {
+    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
+    return "fp8xfp8 NT=" + std::to_string(std::min<int64_t>(M, kMaxTokens) > 8 ? 2 : 1) + " Wr=" + std::to_string(pl.wr) +
+           " Wk=" + std::to_string(pl.wk) + " grid=1x" + std::to_string(pl.row_blocks) +
+           " steps/warp=" + std::to_string(pl.spw);
+}
+
+void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, const LinearOptions& o,
+                    CUstream_st* stream) {
+    if (!fp8_act_fits(w, o))
+        fail("linear_fp8_act: needs fp8_block weights without NaN codes, K % 128 == 0 and one group (got ",
+             linear_format_name(w.format), ", K = ", w.in, ", groups = ", o.groups, w.nan_codes ? ", NaN codes" : "", ")");
+    if (M < 0) fail("linear_fp8_act: M = ", M, " is negative");
+    if (M == 0) return;
+    if (!x.q || !x.s || !y) fail("linear_fp8_act: null activation or output");
+    if (w.out > (int64_t{1} << 30) || w.in > (int64_t{1} << 30)) fail("linear_fp8_act: shape too large");
+    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
+    const int64_t y_row = w.out * (o.out_bf16 ? 2 : 4);
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens) {
+        const int m = static_cast<int>(std::min<int64_t>(kMaxTokens, M - m0));
+        Fp8Params p{};
+        p.w = static_cast<const uint8_t*>(w.weight);
+        p.scale = static_cast<const uint8_t*>(w.scale);
+        p.q = x.q + m0 * w.in;
+        p.s = x.s + m0 * (w.in / 128);
+        p.y = static_cast<uint8_t*>(y) + m0 * y_row;
+        p.w_row_bytes = w.weight_row_bytes;
+        p.s_row_bytes = w.scale_row_bytes;
+        p.N = static_cast<int>(w.out);
+        p.K = static_cast<int>(w.in);
+        p.M = m;
+        p.steps = static_cast<int>(w.weight_row_bytes / kStepBytes);
+        p.spw = pl.spw;
+        p.wr = pl.wr;
+        p.out_bf16 = o.out_bf16;
+        const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
+        const cudaError_t e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2>, grid, block, 0, stream, p)
+                                    : launch_pdl(linear_fp8_act_kernel<1>, grid, block, 0, stream, p);
+        if (e != cudaSuccess) fail("linear_fp8_act: launch: ", cudaGetErrorString(e));
+    }
+}
+
+}  // namespace megamoe::cuda
