@@ -14,7 +14,7 @@
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
-//                         [--numerics exact|official]
+//                         [--numerics exact|official] [--bf16-linears]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
 // with the MTP block drafting K tokens per sequence (gpu::generate_speculative's rounds, batched):
 // per round one Runner::step_spec over [x, d_1 .. d_K] of every sequence (greedy, or sampled at
@@ -27,6 +27,8 @@
 // 0.8 / 1, a fixed random sequence) whatever the ids: measured rounds at those rates, and tokens/s
 // against the plain decode row.
 // --serial: everything on one stream (RunnerOptions::side_stream off), to compare.
+// --bf16-linears: official numerics without the FP8 × FP8 linears (RunnerOptions::fp8_activations
+//   off: the BF16 path on the same rounded inputs), to compare.
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
 // --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
 // records (span, kernel time, idle time, a table by kernel, and its first N kernels).
@@ -98,7 +100,7 @@ struct Row {
 int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
-        bool serial = false, spec = false;
+        bool serial = false, spec = false, bf16_linears = false;
         int64_t spec_k = 1;
         float spec_temperature = 0.0f;
         Numerics numerics = Numerics::exact;
@@ -119,6 +121,7 @@ int main(int argc, char** argv) {
             else if (a == "--experts") experts = next();
             else if (a == "--trace") trace = std::stoll(next());
             else if (a == "--serial") serial = true;
+            else if (a == "--bf16-linears") bf16_linears = true;
             else if (a == "--spec") spec = true;
             else if (a == "--spec-tokens") {
                 spec = true;
@@ -156,6 +159,7 @@ int main(int argc, char** argv) {
         ro.max_model_len = std::max(max_ctx, prefill) + 8 * steps + 16;
         ro.memory_fraction = 0.95;
         ro.side_stream = !serial;
+        ro.fp8_activations = !bf16_linears;
         ro.rollback = spec;
         ro.numerics = numerics;
         const auto t0 = std::chrono::steady_clock::now();

@@ -252,6 +252,8 @@ struct FinishArgs {
     float* comb;             // [T, hc, hc]  (pre)
     bool official;           // u rounded to bf16 before its norm (Numerics::official)
     uint16_t* xq;            // [T, D] or null: xn with its 128-blocks FP8-rounded (fused: VEC 4, D % 128 == 0)
+    uint8_t* xq8 = nullptr;  // [T, D] or null: xq as e4m3 codes in kernel order (linear_fp8_act's input)
+    float* xs8 = nullptr;    // [T, D / 128]: their block scales
 };
 
 __device__ __forceinline__ float sigmoid_rn(float v) { return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-v))); }
@@ -466,7 +468,15 @@ __global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs
                 // round_gemm_input fused: with D % 128 == 0 every lane of the warp is here, and the
                 // warp's 32 vectors v = 32·warp + 256·i + lane are one aligned 128-block of the row.
                 float b[4] = {o[0], o[1], o[2], o[3]};
-                nm::fp8_round_warp_block4(b);
+                if (a.xq8 != nullptr) {
+                    uint32_t codes;
+                    float sc;
+                    nm::fp8_round_warp_block4(b, codes, sc);
+                    reinterpret_cast<uint32_t*>(a.xq8 + t * D)[v] = codes;
+                    if ((v & 31) == 0) a.xs8[(t * D + v * 4) / 128] = sc;
+                } else {
+                    nm::fp8_round_warp_block4(b);
+                }
                 *reinterpret_cast<uint2*>(a.xq + t * D + v * 4) =
                     make_uint2(rk::pack_bf16x2(b[0], b[1]), rk::pack_bf16x2(b[2], b[3]));
             }
@@ -505,6 +515,11 @@ void launch_finish(FinishArgs a, CUstream_st* stream, const char* op) {
     const bool vec = a.D % 4 == 0 && aligned(a.X, 16) && aligned(a.xn, 8) && (a.norm_w == nullptr || aligned(a.norm_w, 8));
     uint16_t* const xq_after = a.xq != nullptr && !(vec && a.D % 128 == 0 && aligned(a.xq, 8)) ? a.xq : nullptr;
     if (xq_after != nullptr) a.xq = nullptr;   // not fusable: a copy of xn, rounded after the kernel
+    if ((a.xq8 == nullptr) != (a.xs8 == nullptr) || (a.xq8 != nullptr && a.xq == nullptr && xq_after == nullptr))
+        fail(op, ": codes need both xq8 and xs8, and xq");
+    uint8_t* const xq8_after = a.xq8 != nullptr && (xq_after != nullptr || !aligned(a.xq8, 4)) ? a.xq8 : nullptr;
+    float* const xs8_after = xq8_after != nullptr ? a.xs8 : nullptr;
+    if (xq8_after != nullptr) a.xq8 = nullptr, a.xs8 = nullptr;   // not fusable: quantized after the rounding
     const size_t smem = static_cast<size_t>(a.D) * sizeof(float);
     constexpr size_t kDefaultSmem = 48 * 1024, kMaxSmem = 227 * 1024;
     if (smem > kMaxSmem) fail(op, ": D=", a.D, " needs ", smem, " bytes of shared memory (max ", kMaxSmem, ")");
@@ -517,6 +532,7 @@ void launch_finish(FinishArgs a, CUstream_st* stream, const char* op) {
         CUDA_CHECK(cudaMemcpyAsync(xq_after, a.xn, static_cast<size_t>(a.T * a.D) * 2, cudaMemcpyDeviceToDevice, stream));
         fp8_block_round(xq_after, a.T, a.D, a.D, 128, stream);
     }
+    if (xq8_after != nullptr) quantize_gemm_input(xq_after ? xq_after : a.xq, a.T, a.D, xq8_after, xs8_after, stream);
 }
 
 void check_finish(const char* op, const float* part, int64_t splits, const float* X, int64_t T, int64_t hc, int64_t D,
@@ -573,12 +589,14 @@ void hc_mix(const float* X_in, const float* y, const float* post, const float* c
 void hc_pre_finish(const float* part, int64_t splits, const float* X, int64_t T, int64_t hc, int64_t D,
                    const float* base, const float* scale, int64_t sinkhorn_iters, float hc_eps, float norm_eps,
                    const uint16_t* norm_w, uint16_t* xn, float* post, float* comb, CUstream_st* stream,
-                   Numerics nm, uint16_t* xq) {
+                   Numerics nm, uint16_t* xq, uint8_t* xq8, float* xs8) {
     check_finish("hc_pre_finish", part, splits, X, T, hc, D, base, scale, xn);
     if (sinkhorn_iters < 0 || sinkhorn_iters > 1000000) fail("hc_pre_finish: sinkhorn_iters=", sinkhorn_iters);
     if (T > 0 && (!post || !comb)) fail("hc_pre_finish: null post/comb");
-    const FinishArgs a{part, splits, X, T, static_cast<int>(hc), D, base, scale, static_cast<int>(sinkhorn_iters),
-                       hc_eps, norm_eps, norm_w, xn, post, comb, nm == Numerics::official, xq};
+    FinishArgs a{part, splits, X, T, static_cast<int>(hc), D, base, scale, static_cast<int>(sinkhorn_iters),
+                 hc_eps, norm_eps, norm_w, xn, post, comb, nm == Numerics::official, xq};
+    a.xq8 = xq8;
+    a.xs8 = xs8;
     launch_finish<true>(a, stream, "hc_pre_finish");
 }
 

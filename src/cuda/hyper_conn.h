@@ -48,11 +48,14 @@ void hc_mix(const float* X_in, const float* y, const float* post, const float* c
 // base f32 [(2 + hc)·hc]; scale f32 [3]; norm_w bf16 [D]; outputs xn bf16 [T, D] (the normalized
 // sublayer input), post f32 [T, hc], comb f32 [T, hc, hc]. hc ≤ 8. norm_w may be null (unweighted).
 // xq bf16 [T, D] or null: xn FP8-rounded in 128-blocks per row (twin ops::round_gemm_input).
+// xq8 u8 [T, D] and xs8 f32 [T, D/128] (both or neither, and then xq too): xq as codes and scales
+// (quantize_gemm_input's layout, linear_fp8_act's input), fused when xq is.
 // Shared memory D·4 bytes (D ≤ 58112).
 void hc_pre_finish(const float* part, int64_t splits, const float* X, int64_t T, int64_t hc, int64_t D,
                    const float* base, const float* scale, int64_t sinkhorn_iters, float hc_eps, float norm_eps,
                    const uint16_t* norm_w, uint16_t* xn, float* post, float* comb, CUstream_st* stream,
-                   Numerics nm = Numerics::exact, uint16_t* xq = nullptr);
+                   Numerics nm = Numerics::exact, uint16_t* xq = nullptr, uint8_t* xq8 = nullptr,
+                   float* xs8 = nullptr);
 
 // The head finish (n_mix = hc, no Sinkhorn): pre_j = sigmoid(mix_j · scale[0] + base[j]) + hc_eps,
 // u = Σ_j pre_j X[j], xn = rms_norm(u, norm_w) bf16 [T, D].

@@ -85,7 +85,7 @@ embed_streams_kernel(const uint16_t* __restrict__ table, const int32_t* __restri
 template <int VEC>
 __global__ void __launch_bounds__(kMaxRowThreads)
 rms_norm_kernel(const float* __restrict__ x, int64_t D, const uint16_t* __restrict__ w, float eps,
-                uint16_t* y, bool official, uint16_t* yq) {
+                uint16_t* y, bool official, uint16_t* yq, uint8_t* yq8, float* ys8) {
     pdl_begin();
     __shared__ float red[32];
     const int64_t r = blockIdx.x;
@@ -123,7 +123,14 @@ rms_norm_kernel(const float* __restrict__ x, int64_t D, const uint16_t* __restri
                 o[3] = __fmul_rn(rk::bf16_hi(wb.y), o[3]);
             }
             reinterpret_cast<uint2*>(yr)[v] = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
-            if (yq != nullptr) {   // round_gemm_input of this 128-block (see above)
+            if (yq8 != nullptr) {   // ... and its codes and scale (linear_fp8_act's input)
+                uint32_t codes;
+                float sc;
+                nm::fp8_round_warp_block4(o, codes, sc);
+                reinterpret_cast<uint32_t*>(yq8 + r * D)[v] = codes;
+                if ((v & 31) == 0) ys8[(r * D + v * 4) / 128] = sc;
+                reinterpret_cast<uint2*>(yq + r * D)[v] = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
+            } else if (yq != nullptr) {   // round_gemm_input of this 128-block (see above)
                 nm::fp8_round_warp_block4(o);
                 reinterpret_cast<uint2*>(yq + r * D)[v] = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
             }
@@ -407,8 +414,10 @@ void embed_streams(const uint16_t* table, const int32_t* ids, int64_t T, int64_t
 }
 
 void rms_norm_rows(const float* x, int64_t rows, int64_t D, const uint16_t* w, float eps, uint16_t* y,
-                   CUstream_st* stream, Numerics nm, uint16_t* yq) {
+                   CUstream_st* stream, Numerics nm, uint16_t* yq, uint8_t* yq8, float* ys8) {
     check_rows("rms_norm_rows", rows, D, "rows", "D");
+    if ((yq8 == nullptr) != (ys8 == nullptr) || (yq8 != nullptr && yq == nullptr))
+        fail("rms_norm_rows: codes need both yq8 and ys8, and yq");
     if (rows == 0) return;
     if (!x || !y) fail("rms_norm_rows: null x/y");
     const bool official = nm == Numerics::official;
@@ -417,13 +426,19 @@ void rms_norm_rows(const float* x, int64_t rows, int64_t D, const uint16_t* w, f
     // The rounded copy is fused when a warp's 32 vectors are one 128-block of the row.
     const bool fuse_q = yq != nullptr && vec && D % 128 == 0 && aligned(yq, 8);
     const dim3 grid(row_grid(rows, "rms_norm_rows")), block(row_threads(vecs));
-    if (vec) rk::launch(rms_norm_kernel<4>, grid, block, 0, stream, x, D, w, eps, y, official, fuse_q ? yq : nullptr);
-    else rk::launch(rms_norm_kernel<1>, grid, block, 0, stream, x, D, w, eps, y, official, static_cast<uint16_t*>(nullptr));
+    const bool fuse_q8 = fuse_q && yq8 != nullptr && aligned(yq8, 4);
+    if (vec)
+        rk::launch(rms_norm_kernel<4>, grid, block, 0, stream, x, D, w, eps, y, official, fuse_q ? yq : nullptr,
+                   fuse_q8 ? yq8 : nullptr, fuse_q8 ? ys8 : nullptr);
+    else
+        rk::launch(rms_norm_kernel<1>, grid, block, 0, stream, x, D, w, eps, y, official, static_cast<uint16_t*>(nullptr),
+                   static_cast<uint8_t*>(nullptr), static_cast<float*>(nullptr));
     if (yq != nullptr && !fuse_q) {
         if (yq != y)
             CUDA_CHECK(cudaMemcpyAsync(yq, y, static_cast<size_t>(rows * D) * 2, cudaMemcpyDeviceToDevice, stream));
         fp8_block_round(yq, rows, D, D, 128, stream);
     }
+    if (yq8 != nullptr && !fuse_q8) quantize_gemm_input(yq, rows, D, yq8, ys8, stream);
 }
 
 void head_norm_rope(const float* x, int64_t T, int64_t heads, int64_t hd, bool normalize, const uint16_t* w,

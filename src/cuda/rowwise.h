@@ -27,8 +27,11 @@ void embed_streams(const uint16_t* table, const int32_t* ids, int64_t T, int64_t
 // Numerics::official: x (a linear's f32 output, bf16 in the official code) is rounded to bf16 first.
 // yq bf16 [rows, D] or null: y FP8-rounded in 128-blocks (ops::round_gemm_input), the input of the
 // quantized linears that read it; may equal y (the row is then only kept rounded).
+// yq8 u8 [rows, D] and ys8 f32 [rows, D/128], both or neither (and then yq too): yq as codes and
+// scales (quantize_gemm_input's layout, the input of linear_fp8_act), fused into the same pass.
 void rms_norm_rows(const float* x, int64_t rows, int64_t D, const uint16_t* w, float eps, uint16_t* y,
-                   CUstream_st* stream, Numerics nm = Numerics::exact, uint16_t* yq = nullptr);
+                   CUstream_st* stream, Numerics nm = Numerics::exact, uint16_t* yq = nullptr,
+                   uint8_t* yq8 = nullptr, float* ys8 = nullptr);
 
 // Per head of x f32 [T, heads, hd]: optional RMS norm over the head's hd values (weight w bf16 [hd]
 // or null), then RoPE on the last rope.rope_dim dims at position pos[t]; y bf16 [T, heads, hd].

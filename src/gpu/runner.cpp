@@ -93,6 +93,11 @@ static_assert(cuda::kStreamDraft == static_cast<uint32_t>(SpecStream::draft) &&
 // The workspace: activations and scratch for up to T tokens, C chunks and R logit rows, carved
 // from one allocation.
 
+// Official numerics at up to this many tokens per step: the FP8 linears run FP8 × FP8
+// (cuda::linear_fp8_act, the small-M regime it is built for) on codes made where their rounded
+// input is made.
+constexpr int64_t kFp8ActMaxT = 16;
+
 struct Workspace {
     int64_t T = 0, C = 0, R = 0, max_rows = 0, part_floats = 0;
     float* X = nullptr;              // [T, hc, D] residual streams
@@ -130,6 +135,18 @@ struct Workspace {
     float* sh_u = nullptr;           // [T, I]
     uint16_t* sh_h = nullptr;        // [T, I] bf16
     float* sh_out = nullptr;         // [T, D]
+    // Official numerics at T ≤ kFp8ActMaxT tokens: the FP8 linears' inputs as e4m3 codes + block
+    // scales (linear_fp8_act; made in the same pass as the rounded bf16 copy). [T8, K] u8 and
+    // [T8, K / 128] f32 each, T8 = min(T, kFp8ActMaxT).
+    int64_t T8 = 0;
+    uint8_t* xq8 = nullptr;          // of xq: K = D
+    float* xs8 = nullptr;
+    uint8_t* qr8 = nullptr;          // of qr_q: K = q_lora
+    float* qrs8 = nullptr;
+    uint8_t* z8 = nullptr;           // of z: K = G·R
+    float* zs8 = nullptr;
+    uint8_t* sh8 = nullptr;          // of sh_h: K = I
+    float* shs8 = nullptr;
     // head
     uint16_t* sel = nullptr;         // [R, D] bf16
     float* logits = nullptr;         // [R, V]
@@ -203,6 +220,16 @@ struct Workspace {
         sh_u = a.take_n<float>(T * I);
         sh_h = a.take_n<uint16_t>(T * I);
         sh_out = a.take_n<float>(T * D);
+        T8 = std::min<int64_t>(T, kFp8ActMaxT);
+        const int64_t GR = c.o_groups * c.o_lora_rank;
+        xq8 = a.take_n<uint8_t>(T8 * D);
+        xs8 = a.take_n<float>(T8 * (D / 128 + 1));
+        qr8 = a.take_n<uint8_t>(T8 * c.q_lora_rank);
+        qrs8 = a.take_n<float>(T8 * (c.q_lora_rank / 128 + 1));
+        z8 = a.take_n<uint8_t>(T8 * GR);
+        zs8 = a.take_n<float>(T8 * (GR / 128 + 1));
+        sh8 = a.take_n<uint8_t>(T8 * I);
+        shs8 = a.take_n<float>(T8 * (I / 128 + 1));
         sel = a.take_n<uint16_t>(R * D);
         logits = a.take_n<float>(R * c.vocab_size);
         gemm.bytes = static_cast<size_t>(gemm_bytes);
@@ -257,6 +284,8 @@ struct Runner::Impl {
     cudaStream_t side = nullptr;
     std::vector<cudaEvent_t> events;              // fork / join events, one pair per site
     bool concurrent = true;
+    bool fp8_act_on = true;   // RunnerOptions::fp8_activations
+    int64_t fp8_launches = 0; // linear_fp8_act calls enqueued
     int next_event = 0;
     int32_t* pinned_in = nullptr;                 // [ws.in_ints]
     void* pinned_samp_in = nullptr;               // [ws.samp_in_bytes]
@@ -345,17 +374,34 @@ struct Runner::Impl {
     // the MTP block's drafts (argmax on greedy rows; on sampled rows a draw keyed on
     // (kStreamDraft, the row's index + 1): the index of the token the draft guesses).
     void sample_drafts(int64_t R, int32_t* ids);
+    // a8: x's codes and scales when the step made them (act8), else null. A FP8 linear given them
+    // runs FP8 × FP8 (linear_fp8_act: the same values, no weight decode); every other call the
+    // bf16 path.
     void linear(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y, bool bf16_out = false,
-                int64_t groups = 1) {
+                int64_t groups = 1, const cuda::ActFp8* a8 = nullptr) {
         cuda::LinearOptions lo;
         lo.groups = groups;
         lo.out_bf16 = bf16_out;
-        cuda::linear(w, x, M, y, lo, &ws.gemm, stream);
+        if (a8 && rounds_input(w) && M <= ws.T8 && cuda::fp8_act_fits(w, lo)) {
+            cuda::linear_fp8_act(w, *a8, M, y, lo, stream);
+            ++fp8_launches;
+        } else {
+            cuda::linear(w, x, M, y, lo, &ws.gemm, stream);
+        }
     }
     // The same on the side stream, with its own scratch (concurrent linears must not share one).
-    void linear_side(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y) {
-        cuda::linear(w, x, M, y, cuda::LinearOptions{}, &ws.gemm_side, side_stream());
+    void linear_side(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y,
+                     const cuda::ActFp8* a8 = nullptr) {
+        const cuda::LinearOptions lo;
+        if (a8 && rounds_input(w) && M <= ws.T8 && cuda::fp8_act_fits(w, lo)) {
+            cuda::linear_fp8_act(w, *a8, M, y, lo, side_stream());
+            ++fp8_launches;
+        } else {
+            cuda::linear(w, x, M, y, lo, &ws.gemm_side, side_stream());
+        }
     }
+    // Whether this step makes the codes of an official FP8-linear input of width K (see kFp8ActMaxT).
+    bool act8(int64_t T, int64_t K) const { return fp8_act_on && official() && T <= ws.T8 && K % 128 == 0; }
     cudaStream_t side_stream() const { return concurrent ? side : stream; }
     bool official() const { return nm == Numerics::official; }
     // The input of w for the activation x: in official numerics a quantized (FP8 / FP4) linear
@@ -404,8 +450,17 @@ struct Runner::Impl {
     void pre_site(int64_t splits, int64_t T, const float* base, const float* scale, const uint16_t* norm_w) {
         const ModelConfig& c = cfg;
         const float hc_eps = static_cast<float>(c.hc_eps), eps = static_cast<float>(c.rms_norm_eps);
+        const bool q8 = act8(T, c.hidden_size);
         cuda::hc_pre_finish(ws.part, splits, ws.X, T, c.hc_mult, c.hidden_size, base, scale, c.hc_sinkhorn_iters,
-                            hc_eps, eps, norm_w, ws.xn, ws.post, ws.comb, stream, nm, official() ? ws.xq : nullptr);
+                            hc_eps, eps, norm_w, ws.xn, ws.post, ws.comb, stream, nm, official() ? ws.xq : nullptr,
+                            q8 ? ws.xq8 : nullptr, q8 ? ws.xs8 : nullptr);
+    }
+    // The codes of xq (made by pre_site / forced_xn) for T tokens, or null when the step has none.
+    cuda::ActFp8 x8_{};
+    const cuda::ActFp8* x8(int64_t T) {
+        if (!act8(T, cfg.hidden_size)) return nullptr;
+        x8_ = cuda::ActFp8{ws.xq8, ws.xs8};
+        return &x8_;
     }
     // A probe replaced xn: in official numerics the quantized linears read xq, which must follow.
     void forced_xn(int64_t T) {
@@ -413,6 +468,7 @@ struct Runner::Impl {
         const int64_t D = cfg.hidden_size;
         check(cudaMemcpyAsync(ws.xq, ws.xn, static_cast<size_t>(T * D) * 2, cudaMemcpyDeviceToDevice, stream), "xq");
         cuda::fp8_block_round(ws.xq, T, D, D, 128, stream);
+        if (act8(T, D)) cuda::quantize_gemm_input(ws.xq, T, D, ws.xq8, ws.xs8, stream);
     }
     // One block's sublayers: d its weights, l its layer index (state and trace names; L for the
     // MTP block).
@@ -432,6 +488,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     nm = opt.numerics.value_or(m ? m->numerics : Numerics::exact);
     opt.numerics = nm;
     concurrent = opt.side_stream;
+    fp8_act_on = opt.fp8_activations;
     MEGAMOE_CHECK(opt.max_seqs >= 1 && opt.max_batch_tokens >= 1, "gpu runner: max_seqs ", opt.max_seqs,
                   ", max_batch_tokens ", opt.max_batch_tokens);
     if (opt.max_model_len <= 0) opt.max_model_len = std::min<int64_t>(c.max_position_embeddings, 65536);
@@ -650,13 +707,17 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     // and the kv latent's non-rope dims are FP8-rounded in 64-blocks.
     fork();
     const cudaStream_t cs = side_stream();
-    linear_side(d.wkv, input(d.wkv, ws.xn, ws.xq), T, ws.kv_f);
+    const cuda::ActFp8* xa8 = x8(T);
+    const bool q8 = act8(T, c.q_lora_rank) && (rounds_input(d.wq_b) || rounds_input(d.idx_wq_b));
+    const cuda::ActFp8 qa8{ws.qr8, ws.qrs8};
+    linear_side(d.wkv, input(d.wkv, ws.xn, ws.xq), T, ws.kv_f, xa8);
     cuda::head_norm_rope(ws.kv_f, T, 1, hd, true, d.kv_norm, eps, ws.pos, rope, ws.kv, cs, nm);
     if (official()) cuda::fp8_block_round(ws.kv, T, hd, hd - c.qk_rope_head_dim, 64, cs);   // round_kv_latent
-    linear(d.wq_a, input(d.wq_a, ws.xn, ws.xq), T, ws.qr_f);
+    linear(d.wq_a, input(d.wq_a, ws.xn, ws.xq), T, ws.qr_f, false, 1, xa8);
     cuda::rms_norm_rows(ws.qr_f, T, c.q_lora_rank, d.q_norm, eps, ws.qr, stream, nm,
-                        rounds_input(d.wq_b) || rounds_input(d.idx_wq_b) ? ws.qr_q : nullptr);
-    linear(d.wq_b, input(d.wq_b, ws.qr, ws.qr_q), T, ws.q_f);
+                        rounds_input(d.wq_b) || rounds_input(d.idx_wq_b) ? ws.qr_q : nullptr, q8 ? ws.qr8 : nullptr,
+                        q8 ? ws.qrs8 : nullptr);
+    linear(d.wq_b, input(d.wq_b, ws.qr, ws.qr_q), T, ws.q_f, false, 1, q8 ? &qa8 : nullptr);
     cuda::head_norm_rope(ws.q_f, T, H, hd, true, nullptr, eps, ws.pos, rope, ws.q, stream, nm);
     mark("attn.q_kv");
 
@@ -697,10 +758,10 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
         // The indexer's queries and head weights (main stream), then its top-k over the keys the
         // side stream just emitted.
         const int64_t nI = c.index_n_heads, dI = c.index_head_dim;
-        linear(d.idx_wq_b, input(d.idx_wq_b, ws.qr, ws.qr_q), T, ws.iq_f);
+        linear(d.idx_wq_b, input(d.idx_wq_b, ws.qr, ws.qr_q), T, ws.iq_f, false, 1, q8 ? &qa8 : nullptr);
         cuda::head_norm_rope(ws.iq_f, T, nI, dI, false, nullptr, eps, ws.pos, dm->rope_compress, ws.iq, stream, nm);
         if (official()) cuda::round_indexer_qk(ws.iq, T * nI, dI, stream);
-        linear(d.idx_weights_proj, input(d.idx_weights_proj, ws.xn, ws.xq), T, ws.iw);
+        linear(d.idx_weights_proj, input(d.idx_weights_proj, ws.xn, ws.xq), T, ws.iw, false, 1, xa8);
         join();
         cuda::IndexerArgs ia;
         ia.heads = static_cast<int32_t>(nI);
@@ -743,8 +804,11 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
 
     // o (inverse-rotated by the attention kernel) → grouped wo_a → wo_b.
     linear(d.wo_a, ws.o, T, ws.z, true, c.o_groups);   // official: a bf16 einsum (no FP8 input), z bf16
-    if (rounds_input(d.wo_b)) cuda::fp8_block_round(ws.z, T, d.wo_b.in, d.wo_b.in, 128, stream);   // z is wo_b's alone
-    linear(d.wo_b, ws.z, T, ws.y);   // official: rounded to bf16 where hc_mix reads it
+    const bool z8 = rounds_input(d.wo_b) && act8(T, d.wo_b.in);
+    const cuda::ActFp8 za8{ws.z8, ws.zs8};
+    if (z8) cuda::fp8_block_round_q(ws.z, T, d.wo_b.in, ws.z8, ws.zs8, stream);   // z is wo_b's alone
+    else if (rounds_input(d.wo_b)) cuda::fp8_block_round(ws.z, T, d.wo_b.in, d.wo_b.in, 128, stream);
+    linear(d.wo_b, ws.z, T, ws.y, false, 1, z8 ? &za8 : nullptr);   // official: rounded to bf16 where hc_mix reads it
     mark("attn.out");
 }
 
@@ -757,7 +821,7 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     // (Forking after the router instead measured the same at batch 1 on an H200: the router got
     // ~2.5 µs faster, the dispatch as much slower.)
     fork();
-    linear(d.gate, input(d.gate, ws.xn, ws.xq), T, ws.gate_logits);
+    linear(d.gate, input(d.gate, ws.xn, ws.xq), T, ws.gate_logits, false, 1, x8(T));
     cuda::route(ws.gate_logits, T, E, k, d.router == RouterKind::score ? d.gate_bias : nullptr,
                 d.router == RouterKind::hash ? d.tid2eid : nullptr, ws.tokens, scale, ws.ids, ws.wts, stream);
     if (trace(probe, trace_names::expert_ids, l, ws.ids, false, true, T, k)) {
@@ -768,11 +832,15 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     }
     mark("moe.router");
     const cudaStream_t ss = side_stream();
-    linear_side(d.sh_w1, input(d.sh_w1, ws.xn, ws.xq), T, ws.sh_g);
-    linear_side(d.sh_w3, input(d.sh_w3, ws.xn, ws.xq), T, ws.sh_u);
+    const cuda::ActFp8* xa8 = x8(T);
+    linear_side(d.sh_w1, input(d.sh_w1, ws.xn, ws.xq), T, ws.sh_g, xa8);
+    linear_side(d.sh_w3, input(d.sh_w3, ws.xn, ws.xq), T, ws.sh_u, xa8);
     cuda::swiglu(ws.sh_g, ws.sh_u, T, d.sh_w1.out, limit, ws.sh_h, ss, nm);
-    if (rounds_input(d.sh_w2)) cuda::fp8_block_round(ws.sh_h, T, d.sh_w2.in, d.sh_w2.in, 128, ss);   // sh_h is w2's alone
-    linear_side(d.sh_w2, ws.sh_h, T, ws.sh_out);
+    const bool h8 = rounds_input(d.sh_w2) && act8(T, d.sh_w2.in);
+    const cuda::ActFp8 ha8{ws.sh8, ws.shs8};
+    if (h8) cuda::fp8_block_round_q(ws.sh_h, T, d.sh_w2.in, ws.sh8, ws.shs8, ss);   // sh_h is w2's alone
+    else if (rounds_input(d.sh_w2)) cuda::fp8_block_round(ws.sh_h, T, d.sh_w2.in, d.sh_w2.in, 128, ss);
+    linear_side(d.sh_w2, ws.sh_h, T, ws.sh_out, h8 ? &ha8 : nullptr);
     mark("moe.shared");
     // official: the experts are quantized, so they take xq; see moe_layer_routed for the rest.
     cuda::moe_layer_routed(d.experts, limit, official() ? ws.xq : ws.xn, ws.ids, ws.wts, T, moe_ws, stream,
@@ -955,6 +1023,7 @@ void Runner::drop_snapshot(int32_t handle) { impl_->pool->drop_snapshot(handle);
 int32_t Runner::open_from(int32_t handle) { return impl_->pool->open_from(handle, impl_->stream); }
 int64_t Runner::graph_replays() const { return impl_->replays; }
 int64_t Runner::graphs_captured() const { return static_cast<int64_t>(impl_->graphs.size()); }
+int64_t Runner::fp8_linear_launches() const { return impl_->fp8_launches; }
 CUstream_st* Runner::stream() const { return impl_->stream; }
 
 std::vector<std::pair<std::string, double>> Runner::profile_step(const std::vector<RunnerChunk>& chunks) {

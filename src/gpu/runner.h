@@ -41,6 +41,9 @@ struct RunnerOptions {
                                        // block also each slot's draft logits (speculative sampling)
     bool    side_stream = true;        // independent work (the kv latent, the compressors, the shared
                                        // expert) on a second stream beside the main chain
+    bool    fp8_activations = true;    // official numerics, ≤ 16 tokens: FP8 linears run FP8 × FP8
+                                       // (cuda::linear_fp8_act) on their input's codes; off: the BF16
+                                       // path on the same rounded values (for comparison)
     // How activations are rounded (ref/ops.h Numerics); unset: the model's own (Model::numerics, as
     // the CPU forward reads it), exact for synthetic weights. official: the bf16 activations, FP8
     // GEMM inputs, FP8-rounded KV latent and the indexer's Hadamard + FP4 q / k of DeepSeek's code.
@@ -216,6 +219,9 @@ public:
     // Graph statistics (tests and logs): decode steps replayed from a graph, graphs captured.
     int64_t graph_replays() const;
     int64_t graphs_captured() const;
+    // FP8 × FP8 linear launches enqueued so far (RunnerOptions::fp8_activations; a captured graph's
+    // count once, at its capture).
+    int64_t fp8_linear_launches() const;
 
     // For benchmarks: set a slot's position without running its tokens (the state then holds
     // whatever the pool held: timing only), and the stream the runner works on.

@@ -158,13 +158,14 @@ struct Dev {
         finish(s, X.data(), stream);
     }
     void finish(const Site& s, const float* streams, cudaStream_t stream = nullptr, Numerics nm = Numerics::exact,
-                uint16_t* xq = nullptr) {
+                uint16_t* xq = nullptr, uint8_t* xq8 = nullptr, float* xs8 = nullptr) {
         if (s.head)
             cuda::hc_head_finish(part.data(), splits, streams, s.T, s.hc, s.D, base.data(), scale.data(), kHcEps,
                                  kNormEps, norm_w.data(), xn.data(), stream, nm, xq);
         else
             cuda::hc_pre_finish(part.data(), splits, streams, s.T, s.hc, s.D, base.data(), scale.data(), kIters,
-                                kHcEps, kNormEps, norm_w.data(), xn.data(), post.data(), comb.data(), stream, nm, xq);
+                                kHcEps, kNormEps, norm_w.data(), xn.data(), post.data(), comb.data(), stream, nm, xq,
+                                xq8, xs8);
     }
 };
 
@@ -341,6 +342,15 @@ void check_official(const Site& s, uint32_t seed) {
     std::vector<float> xq_ref = test::rw::from_bf16(d.xn.download());
     ops::round_gemm_input(Numerics::official, xq_ref.data(), s.T, s.D);
     expect_bits_equal(d_xq.download(), to_bf16(xq_ref), "xq vs round_gemm_input(xn)");
+    if (!s.head && s.D % 128 == 0) {   // with codes (linear_fp8_act's input): codes · scales == xq
+        DeviceArray<uint16_t> d_xq2(static_cast<size_t>(s.T * s.D));
+        DeviceArray<uint8_t> d_c(static_cast<size_t>(s.T * s.D));
+        DeviceArray<float> d_s(static_cast<size_t>(s.T * s.D / 128));
+        d.finish(s, d_out.data(), nullptr, Numerics::official, d_xq2.data(), d_c.data(), d_s.data());
+        expect_bits_equal(d_xq2.download(), to_bf16(xq_ref), "xq with codes");
+        expect_bits_equal(test::rw::act_fp8_values(d_c.download(), d_s.download(), s.T, s.D), to_bf16(xq_ref),
+                          "codes · scales == xq");
+    }
 }
 
 TEST(CudaHyperConn, OfficialNumericsRoundAsTheTwin) {

@@ -165,6 +165,16 @@ void check_rms_norm_official(int64_t rows, int64_t D, uint32_t seed, bool in_pla
     std::vector<float> q = from_bf16(y);
     ops::round_gemm_input(Numerics::official, q.data(), rows, D);
     expect_bits_equal(d_q.download(), to_bf16(q), "yq: round_gemm_input(y)");
+    if (D % 128 == 0) {   // with codes (linear_fp8_act's input): yq unchanged, codes · scales == yq
+        DeviceArray<uint16_t> d_q2(x.size());
+        DeviceArray<uint8_t> d_c(x.size());
+        DeviceArray<float> d_s(static_cast<size_t>(rows * D / 128));
+        cuda::rms_norm_rows(d_x.data(), rows, D, d_w.data(), eps, d_y.data(), nullptr, Numerics::official, d_q2.data(),
+                            d_c.data(), d_s.data());
+        expect_bits_equal(d_q2.download(), to_bf16(q), "yq with codes");
+        expect_bits_equal(test::rw::act_fp8_values(d_c.download(), d_s.download(), rows, D), to_bf16(q),
+                          "codes · scales == yq");
+    }
 }
 
 TEST(CudaRowwise, RmsNormRowsOfficialNumerics) {

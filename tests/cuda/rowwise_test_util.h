@@ -111,4 +111,17 @@ inline void expect_bits_equal(const std::vector<T>& got, const std::vector<T>& r
     EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << ref.size() << " elements differ\n" << first.str();
 }
 
+// The values of an ActFp8 activation (linear.h): codes q [rows, K] in kernel order (element k of a
+// word at byte {0, 2, 1, 3}[k % 4]) times the block scales s [rows, K / 128], as bf16 bits.
+inline std::vector<uint16_t> act_fp8_values(const std::vector<uint8_t>& q, const std::vector<float>& s, int64_t rows,
+                                            int64_t K) {
+    std::vector<uint16_t> v(static_cast<size_t>(rows * K));
+    for (int64_t i = 0; i < rows * K; ++i) {
+        const int64_t k = i % 4;
+        const int64_t at = (i & ~int64_t{3}) + (k == 1 ? 2 : k == 2 ? 1 : k);
+        v[static_cast<size_t>(i)] = f32_to_bf16(e4m3_to_f32(q[static_cast<size_t>(at)]) * s[static_cast<size_t>(i / 128)]);
+    }
+    return v;
+}
+
 }  // namespace megamoe::test::rw

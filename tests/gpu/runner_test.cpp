@@ -1100,6 +1100,73 @@ TEST_P(GpuRunner, GraphReplayEqualsEager) {
     EXPECT_EQ(rg.graph_replays(), 23 + 5);
     EXPECT_EQ(re.graph_replays(), 0);
 }
+// Official numerics at ≤ 16 tokens per step: the FP8 linears run FP8 × FP8 (linear_fp8_act on the
+// codes made beside each rounded input) instead of the BF16 path on the same rounded values. The
+// two differ only in f32 summation order, so decode logits agree to cosine ≥ 0.99999 per row, with
+// the same argmax except at near ties, and a graph replay of the FP8 path equals its eager run bit
+// for bit. (On the tiny models the two are even bit-identical: their products span few enough
+// binades that every f32 sum is exact, whatever the order; the launch count shows which ran.)
+TEST_P(GpuRunner, Fp8LinearsMatchBf16LinearsInOfficialDecode) {
+    gpu::RunnerOptions fp8 = small_options(), eager = small_options(), bf16 = small_options();
+    fp8.numerics = eager.numerics = bf16.numerics = Numerics::official;
+    eager.graphs = false;
+    bf16.fp8_activations = false;
+    gpu::Runner ra(*c->model, fp8), re(*c->model, eager), rb(*c->model, bf16);
+    std::vector<int32_t> sa, se, sb;
+    for (int i = 0; i < 4; ++i) {
+        sa.push_back(ra.open());
+        se.push_back(re.open());
+        sb.push_back(rb.open());
+        ASSERT_TRUE(ra.reserve(sa.back(), 128) && re.reserve(se.back(), 128) && rb.reserve(sb.back(), 128));
+    }
+    std::vector<float> la, le, lb;
+    std::vector<gpu::RunnerChunk> pa, pe, pb;   // prefill: > 16 tokens, the BF16 path in all three
+    for (int i = 0; i < 4; ++i) {
+        std::vector<int32_t> toks(c->input_ids.begin() + i, c->input_ids.begin() + i + 20 + 7 * i);
+        pa.push_back({sa[static_cast<size_t>(i)], toks});
+        pe.push_back({se[static_cast<size_t>(i)], toks});
+        pb.push_back({sb[static_cast<size_t>(i)], toks});
+    }
+    ra.step(pa, false, la);
+    re.step(pe, false, le);
+    rb.step(pb, false, lb);
+    ASSERT_EQ(std::memcmp(la.data(), lb.data(), la.size() * 4), 0) << "prefill takes the same path";
+    double worst = 1.0, max_diff = 0.0;
+    int64_t rows = 0, same_top = 0, differing = 0;
+    for (int step = 0; step < 24; ++step) {
+        std::vector<gpu::RunnerChunk> da, de, db;
+        for (int i = 0; i < 4; ++i) {
+            const int32_t tok = c->input_ids[static_cast<size_t>(40 + 7 * i + step)];
+            da.push_back({sa[static_cast<size_t>(i)], {tok}});
+            de.push_back({se[static_cast<size_t>(i)], {tok}});
+            db.push_back({sb[static_cast<size_t>(i)], {tok}});
+        }
+        ra.step(da, false, la);
+        re.step(de, false, le);
+        rb.step(db, false, lb);
+        ASSERT_EQ(la.size(), le.size());
+        ASSERT_EQ(std::memcmp(la.data(), le.data(), la.size() * 4), 0) << "graph replay vs eager, decode step " << step;
+        for (int64_t r = 0; r < 4; ++r) {
+            const float* a = la.data() + r * V();
+            const float* b = lb.data() + r * V();
+            worst = std::min(worst, cosine(a, b, V()));
+            for (int64_t v = 0; v < V(); ++v) max_diff = std::max(max_diff, double(std::fabs(a[v] - b[v])));
+            differing += std::memcmp(a, b, static_cast<size_t>(V()) * 4) != 0;
+            same_top += std::max_element(a, a + V()) - a == std::max_element(b, b + V()) - b;
+            ++rows;
+        }
+    }
+    std::printf("[ %s | official decode ] FP8 x FP8 linears vs BF16 linears: %lld rows, worst cosine %.8f, max |diff| "
+                "%.3e, same argmax %lld, rows not bit-identical %lld; FP8 x FP8 launches %lld\n",
+                GetParam().c_str(), static_cast<long long>(rows), worst, max_diff, static_cast<long long>(same_top),
+                static_cast<long long>(differing), static_cast<long long>(ra.fp8_linear_launches()));
+    EXPECT_GE(worst, 0.99999);
+    EXPECT_GE(same_top, rows - 2) << "argmax differs beyond near ties";
+    EXPECT_GT(ra.fp8_linear_launches(), 0) << "the FP8 x FP8 path did not run";
+    EXPECT_GT(re.fp8_linear_launches(), 0);
+    EXPECT_EQ(rb.fp8_linear_launches(), 0) << "fp8_activations off";
+    EXPECT_EQ(ra.graph_replays(), 23);
+}
 // Prefix snapshots on the GPU: a sequence opened from a snapshot continues exactly as the one it
 // was taken from (bit for bit: the same state and the same step shapes), keeps working after that
 // one is closed (the shared blocks stay held), and every block comes back when all let go.
