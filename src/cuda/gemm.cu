@@ -38,6 +38,7 @@
 // bf16 rounding where the output is bf16).
 #include "cuda/gemm.h"
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -56,6 +57,8 @@
 #include "io/formats.h"
 
 namespace megamoe::cuda {
+
+namespace cg = cooperative_groups;
 
 namespace {
 
@@ -80,8 +83,10 @@ struct TiledParams {
     int N, K, steps;              // rows per group (per matrix), columns, 64-byte row steps
     int64_t w_row_bytes, s_row_bytes;
     float limit;                  // SwiGLU clamp
-    int   spz;                    // wgmma split-K: steps per blockIdx.z (= steps when not split)
-    float* part;                  // wgmma split-K: f32 partial sums [gridDim.z][M][y_ld], or nullptr
+    int   spz;                    // split-K: steps per blockIdx.z (= steps when not split)
+    float* part;                  // wgmma split-K: f32 partial sums [gridDim.z][M][y_ld], or nullptr; the
+                                  // mma.sync tiles split K over a cluster of gridDim.z CTAs instead
+                                  // (partials summed through distributed shared memory, part unused)
     bool  official;               // SwiGLU: gate and up rounded to bf16 first (Numerics::official)
 };
 
@@ -299,9 +304,12 @@ static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const Til
         }
     }
 
+    // Split-K over a cluster (gridDim.z > 1): this CTA's steps [s_begin, s_begin + n_steps).
+    const int s_begin = static_cast<int>(blockIdx.z) * p.spz;
+    const int n_steps = max(0, min(p.spz, p.steps - s_begin));
 #pragma unroll
     for (int i = 0; i < kTStages - 1; ++i) {
-        if (i < p.steps) issue(i, i);
+        if (i < n_steps) issue(s_begin + i, i);
         cp_async_commit();
     }
 
@@ -314,15 +322,16 @@ static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const Til
             for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
 
     const int tb = wt_i * NT * 8;
-    for (int s = 0; s < p.steps; ++s) {
+    for (int i = 0; i < n_steps; ++i) {
+        const int s = s_begin + i;
         cp_async_wait<kTStages - 2>();
-        __syncthreads();   // step s has landed for every thread; slot (s-1) % kTStages is free
+        __syncthreads();   // step s has landed for every thread; slot (i-1) % kTStages is free
         {
-            const int nx = s + kTStages - 1;
-            if (nx < p.steps) issue(nx, nx % kTStages);
+            const int nx = i + kTStages - 1;
+            if (nx < n_steps) issue(s_begin + nx, nx % kTStages);
             cp_async_commit();
         }
-        const uint8_t* st = smem + (s % kTStages) * L::kStage;
+        const uint8_t* st = smem + (i % kTStages) * L::kStage;
 
         uint4 wv[MT][2];
         uint32_t mlo[MT][2], mhi[MT][2];
@@ -349,6 +358,38 @@ static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const Til
     }
     cp_async_wait<0>();
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+
+    // ---- split-K: each thread's fragments go to shared memory (the ring is idle now); rank 0 of
+    // the cluster adds the other ranks' in rank order (deterministic) and runs the epilogue alone.
+    constexpr int kNv = MT * NT * 4;
+    if constexpr (kNv * kThreads * 4 > L::kSmem) {
+        if (gridDim.z > 1) __trap();   // the host splits only tiles whose partials fit the ring (mma_128x8)
+    } else if (gridDim.z > 1) {
+        float* red = reinterpret_cast<float*>(smem);
+        __syncthreads();   // every warp is done reading the ring
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) red[((mt * NT + nt) * 4 + j) * kThreads + tid] = acc[mt][nt][j];
+        cg::cluster_group cluster = cg::this_cluster();
+        cluster.sync();
+        const unsigned rank = cluster.block_rank();
+        if (rank == 0) {
+            for (unsigned r = 1; r < gridDim.z; ++r) {
+                const float* src = cluster.map_shared_rank(red, r);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int j = 0; j < 4; ++j) acc[mt][nt][j] += src[((mt * NT + nt) * 4 + j) * kThreads + tid];
+            }
+        }
+        cluster.sync();   // keep every rank's partials alive until rank 0 has read them
+        if (rank != 0) return;
+    }
 
     // ---- epilogue. C fragment: c0, c1 = (row g, tokens 2·tig, 2·tig + 1), c2, c3 = (row g + 8, same).
     if constexpr (kPair) {
@@ -914,14 +955,46 @@ int sm_count() {
     return sms;
 }
 
+// Split-K of a grouped decode launch (mma_128x8) over a cluster of 2 CTAs: at one token per expert
+// the layer is a few hundred 4-warp CTAs each streaming a 128-row tile over the whole K, so most
+// SMs hold one or two of them and wait on memory. Measured on an H200 (megamoe-gemm-bench --part
+// experts --model flash, whole layer): T = 1 NVFP4 54.4 µs with two halves of K against 59.9
+// unsplit, MXFP4 53.8 against 62.2; three or four parts 58-59 µs; at T = 2 (twice the CTAs) two
+// parts were slower (83.9 against 81.6). So: two parts when the launch has at most 2 CTAs per SM
+// and at least 16 steps.
+int64_t decode_split(Tile c, int64_t ctas, int64_t steps) {
+    if (c != Tile::mma_128x8 || steps < 16) return 1;
+    return ctas <= 2 * sm_count() ? 2 : 1;
+}
+
 void launch_tiled(LinearFormat f, int epi, Tile c, const TiledParams& p, unsigned grid_x, unsigned grid_y,
                   cudaStream_t stream, unsigned grid_z = 1) {
     int smem = 0;
     const TiledKernel k = tiled_kernel_for(f, epi, c, smem);
     raise_smem(k, smem);
     const TiledConfig& t = cfg(c);
-    const cudaError_t err = launch_pdl(k, dim3(grid_x, grid_y, grid_z), dim3(static_cast<unsigned>(t.wr * t.wt * 32)),
-                                       static_cast<size_t>(smem), stream, p);
+    cudaError_t err;
+    if (grid_z > 1 && !is_wg(c)) {
+        // The mma.sync tiles split K over a cluster of grid_z CTAs (partials reduced in its shared memory).
+        cudaLaunchConfig_t lc = {};
+        lc.gridDim = dim3(grid_x, grid_y, grid_z);
+        lc.blockDim = dim3(static_cast<unsigned>(t.wr * t.wt * 32));
+        lc.dynamicSmemBytes = static_cast<size_t>(smem);
+        lc.stream = stream;
+        cudaLaunchAttribute attr[2];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        attr[1].id = cudaLaunchAttributeClusterDimension;
+        attr[1].val.clusterDim.x = 1;
+        attr[1].val.clusterDim.y = 1;
+        attr[1].val.clusterDim.z = grid_z;
+        lc.attrs = attr;
+        lc.numAttrs = 2;
+        err = cudaLaunchKernelEx(&lc, k, p);
+    } else {
+        err = launch_pdl(k, dim3(grid_x, grid_y, grid_z), dim3(static_cast<unsigned>(t.wr * t.wt * 32)),
+                         static_cast<size_t>(smem), stream, p);
+    }
     if (err != cudaSuccess) {
         (void)cudaGetLastError();
         fail(__FILE__, ":", __LINE__, ": tiled linear launch (", t.name, ", grid ", grid_x, "x", grid_y, ", smem ", smem,
@@ -1328,8 +1401,11 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     const int64_t items = ceil_div(N, t.tokens) + std::min(N, ex.E);
     MEGAMOE_CHECK(items <= 65535, "moe_l", l1 ? 1 : 2, ": ", items, " work items exceed one launch");
     const int64_t rows_per_cta = l1 ? t.rows / 2 : t.rows;
-    launch_tiled(ex.format, l1 ? kEpiSwiglu : kEpiF32, c, p, static_cast<unsigned>(ceil_div(w.out, rows_per_cta)),
-                 static_cast<unsigned>(items), stream);
+    const int64_t gx = ceil_div(w.out, rows_per_cta);
+    const int64_t S = decode_split(c, gx * items, p.steps);
+    p.spz = static_cast<int>(ceil_div(p.steps, S));
+    launch_tiled(ex.format, l1 ? kEpiSwiglu : kEpiF32, c, p, static_cast<unsigned>(gx), static_cast<unsigned>(items),
+                 stream, static_cast<unsigned>(S));
 }
 
 }  // namespace
