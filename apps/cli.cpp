@@ -10,6 +10,8 @@
 #include <iostream>
 #include <sstream>
 
+#include "dist/load.h"
+#include "dist/partition.h"
 #include "ref/generate.h"
 #include "ref/model.h"
 #include "ref/speculative.h"
@@ -68,8 +70,40 @@ std::string human_bytes(int64_t b) {
     return buf;
 }
 
-void cmd_info(const std::string& dir) {
+// Expert parallelism over `gpus` ranks: what each would read of the checkpoint (dist/load.h).
+struct RankLoadTable {
+    dist::PartitionKind kind = dist::PartitionKind::contiguous;
+    dist::ModelPartition partition;
+    std::vector<dist::RankLoad> loads;
+};
+RankLoadTable rank_loads(const Model& m, int64_t gpus, const std::string& partition) {
+    RankLoadTable t;
+    if (partition == "balanced") t.kind = dist::PartitionKind::balanced;
+    else if (partition != "contiguous") fail("--partition: '", partition, "' is not contiguous or balanced");
+    t.partition = dist::partition_model(m.cfg, &m.w, gpus, t.kind);
+    t.loads = dist::plan_rank_loads(m.cfg, t.partition, m.w.mtp.has_value());
+    return t;
+}
+void print_rank_loads(const RankLoadTable& t) {
+    std::printf("\nexpert parallelism over %d GPUs (%s partition; attention, shared expert, embedding and MTP "
+                "block replicated, head split by vocabulary)\n",
+                t.partition.world, dist::partition_kind_name(t.kind));
+    std::printf("%-5s %9s %-20s %12s %12s %12s %12s\n", "rank", "experts", "head rows", "replicated", "experts",
+                "head", "total");
+    const int per_rank = t.partition.layers.empty() ? 0 : t.partition.layers[0].per_rank();
+    for (const auto& rl : t.loads) {
+        char rows[48];
+        std::snprintf(rows, sizeof rows, "[%ld, %ld)", rl.head_begin, rl.head_end);
+        std::printf("%-5d %9d %-20s %12s %12s %12s %12s\n", rl.rank, per_rank, rows, human_bytes(rl.dense_bytes).c_str(),
+                    human_bytes(rl.expert_bytes).c_str(), human_bytes(rl.head_bytes).c_str(),
+                    human_bytes(rl.bytes()).c_str());
+    }
+}
+
+void cmd_info(const std::string& dir, int64_t gpus, const std::string& partition) {
     auto m = Model::load(dir);
+    RankLoadTable ranks;
+    if (gpus > 1) ranks = rank_loads(*m, gpus, partition);   // bad --gpus / --partition fail before any output
     const ModelConfig& c = m->cfg;
     std::printf("model        %s\n", dir.c_str());
     std::printf("hidden       %ld, %ld layers (+%s MTP block), vocab %ld\n", c.hidden_size, c.num_hidden_layers,
@@ -102,6 +136,7 @@ void cmd_info(const std::string& dir) {
     std::printf("%-16s %16ld %12s\n\nformat                                    bytes\n", "total", params,
                 human_bytes(bytes).c_str());
     for (const auto& [name, b] : s.formats) std::printf("%-40s %12s\n", name.c_str(), human_bytes(b).c_str());
+    if (gpus > 1) print_rank_loads(ranks);
 }
 
 // The backend of `logits` / `generate`: one sequence of up to `positions` positions. The GPU runs
@@ -234,6 +269,11 @@ int main(int argc, char** argv) {
 
     auto* info = app.add_subcommand("info", "config summary, layer schedule, weight formats and sizes");
     info->add_option("--model", model, "checkpoint directory")->required();
+    int64_t info_gpus = 1;
+    std::string info_partition = "contiguous";
+    info->add_option("--gpus", info_gpus, "also print what each of N GPUs would hold under expert parallelism")
+        ->check(CLI::Range(int64_t{1}, int64_t{1024}));
+    info->add_option("--partition", info_partition, "expert partition for --gpus: contiguous | balanced");
 
     auto* lg = app.add_subcommand("logits", "logits of every position of one token sequence");
     lg->add_option("--model", model, "checkpoint directory")->required();
@@ -325,7 +365,7 @@ int main(int argc, char** argv) {
         if (threads > 0) set_num_threads(threads);
         if (decode_from->count() && sched.decode_from < 0)
             fail("--decode-from must be >= 0 (the number of tokens to prefill), got ", sched.decode_from);
-        if (*info) cmd_info(model);
+        if (*info) cmd_info(model, info_gpus, info_partition);
         if (mem_fraction <= 0 || mem_fraction > 1)
             fail("--gpu-memory-fraction must be in (0, 1], got ", mem_fraction);
         if (*lg) cmd_logits(model, tokens, out, sched, backend, mem_fraction,

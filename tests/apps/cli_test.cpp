@@ -64,6 +64,24 @@ TEST_F(Cli, Info) {
         EXPECT_NE(r.output.find(s), std::string::npos) << s << "\n" << r.output;
 }
 
+// `info --gpus N`: the per-GPU table of expert parallelism (dist/load.h), and the refusals.
+TEST_F(Cli, InfoPerGpu) {
+    CliRun r = run("info --model " + model() + " --gpus 2");
+    ASSERT_EQ(r.status, 0) << r.output;
+    for (const char* s : {"expert parallelism over 2 GPUs (contiguous partition", "[0, 512)", "[512, 1024)"})
+        EXPECT_NE(r.output.find(s), std::string::npos) << s << "\n" << r.output;
+    r = run("info --model " + model() + " --gpus 4 --partition balanced");
+    ASSERT_EQ(r.status, 0) << r.output;
+    EXPECT_NE(r.output.find("over 4 GPUs (balanced partition"), std::string::npos) << r.output;
+    r = run("info --model " + model() + " --gpus 3", true);   // 16 experts
+    EXPECT_EQ(r.status, 1) << r.output;
+    EXPECT_NE(r.output.find("n_routed_experts = 16 does not split evenly over 3"), std::string::npos) << r.output;
+    EXPECT_EQ(r.output.find("group "), std::string::npos) << "failed before printing anything: " << r.output;
+    r = run("info --model " + model() + " --gpus 2 --partition striped", true);
+    EXPECT_EQ(r.status, 1) << r.output;
+    EXPECT_NE(r.output.find("--partition: 'striped'"), std::string::npos) << r.output;
+}
+
 TEST_F(Cli, LogitsUnderEverySchedule) {
     test::TempDir dir;
     for (const char* name : {"tiny-flash-nvfp4", "tiny-flash-mxfp4"}) {
