@@ -904,7 +904,9 @@ std::optional<std::pair<std::string, std::string>> parse_param(std::string_view 
     } else {
         return std::nullopt;
     }
-    if (is_string || !ojson::accept(p)) return std::pair{std::move(key), json_string(p)};
+    // JSON text never holds a raw NUL, and nlohmann's lexer stops at one (it would accept "0\0x" as
+    // "0" and the verbatim text would then not parse): such a value is a string.
+    if (is_string || p.find('\0') != npos || !ojson::accept(p)) return std::pair{std::move(key), json_string(p)};
     return std::pair{std::move(key), std::string(p)};  // JSON text, verbatim as the reference
 }
 

@@ -565,6 +565,13 @@ TEST(ChatParse, Tolerance) {
     EXPECT_EQ(calls(p("\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"g\">\n<｜DSML｜parameter name=\"v\" "
                       "string=\"false\">hello</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>" + E, false)),
               "g{\"v\": \"hello\"};");
+    // So does one with a raw NUL (found by completion_fuzz: the JSON lexer stops at a NUL, so
+    // "0\0\0\03" passed as the number 0 and the arguments were not JSON).
+    const std::string nul("0\0\0\0" "3", 5);
+    EXPECT_EQ(calls(p("\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"g\">\n<｜DSML｜parameter name=\"v\" "
+                      "string=\"false\">" + nul + "</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>" + E,
+                      false)),
+              "g{\"v\": \"0\\u0000\\u0000\\u00003\"};");
     // A malformed parameter or a duplicate key drops that invoke only.
     const std::string bad = "<｜DSML｜invoke name=\"b\">\n<｜DSML｜parameter name=\"x\">1</｜DSML｜parameter>\n</｜DSML｜invoke>\n";
     const std::string dup = "<｜DSML｜invoke name=\"d\">\n<｜DSML｜parameter name=\"x\" string=\"true\">1</｜DSML｜parameter>\n"
