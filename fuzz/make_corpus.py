@@ -168,6 +168,11 @@ texts = [(1, "Let me think.</think>The answer is 4.<｜end▁of▁sentence｜>")
          (0, "unnamed" + call.replace("</" + D + "tool_calls>", "") + f"\n<{D}invoke name=\"\">\n</{D}invoke>\n</{D}tool_calls>")]
 for i, (th, t) in enumerate(texts):
     put("completion_fuzz", f"text{i}", bytes([th, 1, 3, 7, 2, 5, 11, 1, 4]) + t.encode())
+# Regression (found by completion_fuzz): a string="false" parameter value with raw NULs.
+put("completion_fuzz", "regress-nul-in-json-param",
+    bytes([0, 1, 3, 7, 2, 5, 11, 1, 4]) + ("\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n"
+    "<｜DSML｜parameter name=\"days\" string=\"false\">0\0\0\03</｜DSML｜parameter>\n</｜DSML｜invoke>\n"
+    "</｜DSML｜tool_calls>").encode())
 
 # ---- raw HTTP requests for the server's request path
 auth = "Authorization: Bearer sk-test-key\r\n"
