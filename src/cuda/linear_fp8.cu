@@ -9,7 +9,9 @@
 // with its 32 MB already in L2 (a plain read of them: 5.4 µs), i.e. it is bound by instruction
 // issue, not by HBM. Under the official numerics the activation a FP8 linear takes is itself FP8
 // (round_gemm_input), so both operands can go to the tensor core as they are stored:
-// mma.sync m16n8k32 e4m3 × e4m3 → f32 needs no decode at all, about 12 instructions per 1 KB step.
+// mma.sync m16n8k32 e4m3 × e4m3 → f32 needs no decode at all: per 1 KB warp step the source has
+// two 16-byte weight loads, one activation load and two MMAs per token tile, and every other step
+// the block scaling (4 FMAs and three loads of scales).
 //
 // Layout. A warp owns 16 weight rows (the MMA's M, "swap AB": tokens are the MMA's N = 8 columns,
 // two n-tiles for 9..16 tokens) and a range of 64-byte steps along K; lane (g, tig) loads 16 bytes
