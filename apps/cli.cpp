@@ -284,6 +284,9 @@ int main(int argc, char** argv) {
     std::string backend = "auto";
     double mem_fraction = 0.92;
     lg->add_option("--backend", backend, "cpu | cuda | auto (cuda when a GPU is usable)");
+    int64_t run_gpus = 1;
+    const char* gpus_help = "GPUs to split the model over (expert parallelism); only 1 runs yet";
+    lg->add_option("--gpus", run_gpus, gpus_help)->check(CLI::Range(int64_t{1}, int64_t{1024}));
     lg->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
     lg->add_option("--numerics", numerics, numerics_help);
     lg->add_flag("--mtp", mtp, "also write 'mtp_logits' F32 [T-1, vocab]: row t, the MTP block at t, predicts token t+2");
@@ -295,6 +298,7 @@ int main(int argc, char** argv) {
     gen->add_option("--chunk", chunk, "prefill the prompt in chunks of C tokens");
     gen->add_flag("--ignore-eos", ignore_eos, "do not stop at the EOS token");
     gen->add_option("--backend", backend, "cpu | cuda | auto (cuda when a GPU is usable)");
+    gen->add_option("--gpus", run_gpus, gpus_help)->check(CLI::Range(int64_t{1}, int64_t{1024}));
     gen->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
     gen->add_option("--numerics", numerics, numerics_help);
     gen->add_option("--speculative-tokens", spec_tokens,
@@ -353,6 +357,7 @@ int main(int argc, char** argv) {
     srv->add_option("--max-state-tokens", so.max_state_tokens,
                     "positions of sequence state in the pool, 0: what memory holds (past it: wait, preempt)");
     srv->add_flag("--no-prefix-caching{false}", so.prefix_caching, "do not reuse the state of earlier prompts");
+    srv->add_option("--gpus", run_gpus, gpus_help)->check(CLI::Range(int64_t{1}, int64_t{1024}));
     srv->add_option("--speculative-tokens", so.speculative_tokens,
                     "draft tokens per step from the checkpoint's MTP block (0: off; 1..3, the cuda backend)");
 
@@ -366,6 +371,10 @@ int main(int argc, char** argv) {
         if (decode_from->count() && sched.decode_from < 0)
             fail("--decode-from must be >= 0 (the number of tokens to prefill), got ", sched.decode_from);
         if (*info) cmd_info(model, info_gpus, info_partition);
+        if (run_gpus > 1 && (*lg || *gen || *srv))
+            fail("--gpus ", run_gpus, ": running on several GPUs is not built yet (the runner's expert-parallel "
+                 "exchange, the per-GPU upload and attention tensor parallelism are missing; docs/multi-gpu.md). "
+                 "`megamoe info --model DIR --gpus ", run_gpus, "` shows the planned split");
         if (mem_fraction <= 0 || mem_fraction > 1)
             fail("--gpu-memory-fraction must be in (0, 1], got ", mem_fraction);
         if (*lg) cmd_logits(model, tokens, out, sched, backend, mem_fraction,

@@ -82,6 +82,19 @@ TEST_F(Cli, InfoPerGpu) {
     EXPECT_NE(r.output.find("--partition: 'striped'"), std::string::npos) << r.output;
 }
 
+// --gpus on the commands that run the model: 1 runs; more is refused with what is missing, before
+// anything is loaded.
+TEST_F(Cli, RunsOnOneGpuOnly) {
+    for (const std::string cmd : {"logits --tokens /nonexistent --out /nonexistent", "generate --ids 1", "serve"}) {
+        const CliRun r = run(cmd + " --model " + model() + " --gpus 2", true);
+        EXPECT_EQ(r.status, 1) << cmd << ": " << r.output;
+        EXPECT_NE(r.output.find("--gpus 2: running on several GPUs is not built yet"), std::string::npos)
+            << cmd << ": " << r.output;
+    }
+    const CliRun r = run("generate --model " + model() + " --ids 1 --max-new 1 --backend cpu --gpus 1");
+    EXPECT_EQ(r.status, 0) << r.output;
+}
+
 TEST_F(Cli, LogitsUnderEverySchedule) {
     test::TempDir dir;
     for (const char* name : {"tiny-flash-nvfp4", "tiny-flash-mxfp4"}) {
