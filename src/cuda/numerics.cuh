@@ -128,7 +128,8 @@ __device__ __forceinline__ void indexer_qk_warp(float (&v)[E], int lane, int hd,
 // round_gemm_input of one 128-block held by a whole warp, 4 consecutive values per lane (lane i:
 // elements 4i .. 4i + 3): v rounded to bf16, then FP8-rounded with the block's scale. Every lane of
 // the warp must call it.
-__device__ __forceinline__ void fp8_round_warp_block4(float (&v)[4]) {
+// v rounded to bf16; returns the FP8 scale of the 128-block the warp holds (every lane must call it).
+__device__ __forceinline__ float fp8_warp_block4_scale(float (&v)[4]) {
     float amax = 0.0f;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -137,7 +138,11 @@ __device__ __forceinline__ void fp8_round_warp_block4(float (&v)[4]) {
     }
 #pragma unroll
     for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
-    const float s = fp8_scale(amax);
+    return fp8_scale(amax);
+}
+
+__device__ __forceinline__ void fp8_round_warp_block4(float (&v)[4]) {
+    const float s = fp8_warp_block4_scale(v);
 #pragma unroll
     for (int e = 0; e < 4; ++e) v[e] = fp8_qdq(v[e], s);
 }
@@ -145,15 +150,7 @@ __device__ __forceinline__ void fp8_round_warp_block4(float (&v)[4]) {
 // The same, also giving this lane's four e4m3 codes as one word in kernel order (bytes k0 k2 k1
 // k3; the FP8 × FP8 linear's activation, linear.h ActFp8) and the block's scale s.
 __device__ __forceinline__ void fp8_round_warp_block4(float (&v)[4], uint32_t& codes, float& s) {
-    float amax = 0.0f;
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        v[e] = bf16_round(v[e]);
-        amax = fmaxf(amax, fabsf(v[e]));
-    }
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
-    s = fp8_scale(amax);
+    s = fp8_warp_block4_scale(v);
     uint32_t c[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
