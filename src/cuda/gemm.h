@@ -185,25 +185,28 @@ void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, fl
 // The small-T path (moe_small.cu): two launches that read their routing straight from ids (no
 // route / gather / work list / combine kernels), L1 writing h at each slot's own row (ws.h row
 // t·k + s) and L2 combining in slot order itself (ws.rows and the dispatch buffers are not used).
-// Same contract as moe_layer. Applies when moe_small_fits: 1 ≤ T ≤ kMoeSmallMaxT, T·k ≤
-// kMoeSmallMaxSlots, NVFP4 or MXFP4 experts, x 16-byte aligned, and its shared memory fits;
-// moe_layer_small throws otherwise. Neither moe_layer nor the runner chooses it yet: measured on an
-// H200 it is 7-11% faster than moe_layer at T = 1 on V4-Flash widths, slower at T ≥ 2 and at V4-Pro
-// widths, and a 20-layer batch-1 step was no faster with it (docs/bench-gemm.md, "small-T path").
+// Same contract as moe_layer (nm: as moe_layer_routed + moe_layer_combine). Applies when
+// moe_small_fits: 1 ≤ T ≤ kMoeSmallMaxT, T·k ≤ kMoeSmallMaxSlots, NVFP4 or MXFP4 experts, x and
+// every expert tensor 16-byte aligned, w2's rows at most 32 steps of 64 bytes (I ≤ 4096), and at
+// least two ring stages of each half fit its shared memory beside x (V4-Pro: T ≤ 4);
+// moe_layer_small throws otherwise. Measured against moe_layer on an H200 (docs/bench-gemm.md,
+// "small-T path"): faster at T = 1 (V4-Flash NVFP4 46.2 against 54.0 µs), even at T = 2-4, slower
+// at T = 8; the runner takes it at 1-2 tokens under exact numerics (runner.cpp says why).
 constexpr int64_t kMoeSmallMaxT = 8;       // one n8 MMA token tile
 constexpr int64_t kMoeSmallMaxSlots = 64;
 bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_t* x_bf16);
 void moe_layer_small(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,
                      const float* weights, int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws,
-                     CUstream_st* stream);
+                     CUstream_st* stream, Numerics nm = Numerics::exact);
 // Its two launches, for a caller that overlaps other work with L1 (the runner: the shared expert on
 // a side stream, joined before L2). moe_small_l1 writes ws.h; moe_small_l2 reads ws.h, ids (the same
 // as L1's) and shared, and writes y. x is L1's input (moe_small_l2 takes it only for the same
 // moe_small_fits check). moe_layer_small = moe_small_l1, then moe_small_l2 on the same stream.
 void moe_small_l1(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,
-                  const float* weights, int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream);
+                  const float* weights, int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream,
+                  Numerics nm = Numerics::exact);
 void moe_small_l2(const DeviceExperts& ex, const uint16_t* x_bf16, const int32_t* ids, int64_t T, const float* shared,
-                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream);
+                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm = Numerics::exact);
 
 // The kernel shape Tile::automatic picks: moe_layer for T tokens, linear_tiled for M rows (with
 // enough scratch; without, a wgmma choice runs as mma_256x128).

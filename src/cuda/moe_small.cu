@@ -1,49 +1,58 @@
 // moe_small.cu — the routed-expert layer for a few tokens (decode): two kernels, no dispatch.
 //
 // At T ≤ kMoeSmallMaxT tokens the layer is bound by reading the weights of the experts the tokens
-// hit (V4-Flash at T = 1: 6 experts, ~80 MB), and the general path's eight dependent launches
-// (route: rank, scan, scatter; gather; work list; L1; L2; combine) cost more than those bytes.
-// Here the layer is two launches, each reading its routing straight from ids.
+// hit (V4-Flash at T = 1: 6 experts, ~80 MB), and the general path's dependent launches (route,
+// gather, work list, L1, L2, combine) cost latency beside those bytes. Here the layer is two
+// launches, each reading its routing straight from ids and streaming its weights through a
+// warp-specialized ring: one producer thread moves whole weight blocks from HBM into shared memory
+// with bulk asynchronous copies (cp.async.bulk, completion counted on an mbarrier), and the
+// consumer warps decode (device.cuh, as linear.cu) and multiply them (mma.sync m16n8k16, weights
+// as A, tokens as B).
 //
-// Status (H200, docs/bench-gemm.md): correct (tests/cuda/gemm_test.cpp), 7-11% faster than
-// moe_layer at T = 1 on V4-Flash widths, slower elsewhere, so nothing chooses it yet. Nsight
-// Compute on the T = 1 Flash layer: both kernels are latency-bound on instruction issue, not on
-// HBM (DRAM 30% / 15% of peak; 0.9-1.2 eligible warps per scheduler, ~8 cycles per issued
-// instruction): a warp streams only 8 (L1) or 12 (L2) 64-byte steps, so the ring never fills and
-// the per-step decode (fp4x8_bits + scale multiplies, ~1.75 ALU ops per weight) runs serially with
-// the MMAs. What should close it: more bytes per warp step (L2 with 32 rows per warp), decoding the
-// next step's words before the current MMAs (software pipelining in registers), and L1's K-split
-// replaced by longer per-warp row streams.
+//   moe_small_l1  grid: one CTA per SM (at most one per (entry, row block) pair); 8 consumer warps
+//                 + 1. Every CTA derives the layer's routing from ids in shared memory (route_slots:
+//                 the stable sort of the T·k slots by expert, the order ops::moe uses, and the
+//                 "entries": each expert's slots in runs of at most C = min(T, 8), the MMA's token
+//                 columns). The work is the list of (entry q, 16-row block rb) pairs, q-major; CTA c
+//                 takes a contiguous share of it. A pair is two ring stages, the block's 16 w1 rows
+//                 and then the same 16 w3 rows, each with its scale rows. Consumer warp w multiplies
+//                 its K-range (steps [w·spw, (w+1)·spw) of 64 weight bytes) of every stage with the
+//                 entry's tokens' x (staged once in shared memory for all T tokens, as linear.cu's
+//                 x stage; at ≤ 4 steps per warp, V4-Flash, the warp's fragments are held in
+//                 registers per entry); after the w3 stage the eight K-range partials are summed in
+//                 shared memory in warp order and h[slot, row] = silu(min(g, L))·clamp(u, ±L)·
+//                 weight[slot] is written in bf16 at the slot's own row of h (slot = t·k + s).
+//   moe_small_l2  grid: one CTA per SM (at most one per 16-row block of y); 16 consumer warps + 1.
+//                 CTA c owns a contiguous range of row blocks of y and streams, entry by entry, the
+//                 w2 rows of those blocks (up to 2 blocks per stage); consumer warp w holds the
+//                 entry's h columns of its K-range (1-2 steps) in registers, loaded one entry
+//                 ahead (under official numerics FP8-rounded there in their 128-column blocks,
+//                 which are exactly a step's columns). Each (slot, row) partial goes to shared
+//                 memory per warp, and at the end y[t, row] = shared[t] + Σ_s (Σ_w partial) in slot
+//                 order from 0: the combine of moe_dispatch.h, so no rows buffer and no third launch.
 //
-//   The two kernels:
+// The ring: a stage holds a block of weight rows and its scale rows as they lie in global memory
+// (each one bulk copy). full[s] completes when the producer has arrived with the stage's byte count
+// and the copies have landed; empty[s] when every consumer warp is done with it. Rows past N are
+// not copied (their stale bytes feed MMA rows whose results are never stored); a partial block's
+// scale bytes past a multiple of 16 (odd widths only) are copied by the producer thread itself.
 //
-//   moe_small_l1   grid (I / (32·rpc) CTAs of rpc row blocks, n = T·k entries upper bound), 8 warps.
-//                  Every CTA derives the layer's routing from ids in shared memory (n ≤ 64
-//                  slots, O(n²) comparisons spread over the threads): the stable sort of the slots
-//                  by expert (the order ops::moe uses) and the "entries": each expert's slots in
-//                  runs of at most C (C = T ≤ 8, the MMA's token columns, so an expert hit
-//                  by distinct tokens is one entry). CTA (b, q) takes entry q (CTAs past the last
-//                  entry exit), stages its tokens' x rows in shared memory, and computes rpc blocks
-//                  of 32 rows of g = x·w1ᵀ and u = x·w3ᵀ (rpc: about one wave of CTAs in all; the
-//                  ring streams on across the blocks): 2 row groups × 4 K-ranges of warps, each warp
-//                  streaming its 16 w1 rows and the same 16 w3 rows through a cp.async ring and
-//                  decoding them in registers (device.cuh, as linear.cu), mma.sync m16n8k16 with
-//                  the weights as A. K-range partials are summed in shared memory in a fixed
-//                  order, then h[slot, row] = silu(min(g, L))·clamp(u, ±L)·weight[slot] in bf16,
-//                  at the slot's own row of h (slot = t·k + s: no permutation).
-//   moe_small_l2   grid (D / 16 row blocks), 8 warps. Each CTA takes 16 rows of every hit
-//                  expert's w2; warp w the K-range w of each entry in turn (one ring across the
-//                  entries), with the entry's h rows copied into the same ring stage by the lanes
-//                  that read them. Per (slot, row) the CTA then has its 8 K-range partials, and
-//                  writes y[t, row] = Σ_s (slot s of token t) in slot order from 0, then
-//                  shared[t] + that sum: the combine of moe_dispatch.h, so no rows buffer and no
-//                  third launch.
+// Measured (H200, megamoe-gemm-bench --part experts [--moe-small], docs/bench-gemm.md "small-T
+// path"): V4-Flash NVFP4 T = 1 46.2 µs against moe_layer's 54.0, T = 2-4 even, T = 8 slower (265
+// against 242 µs). What bounds it, by taking halves away in a temporary build (consumers that skip
+// the math: the stream alone; a producer that copies nothing: the math alone): at T = 1 the stream
+// alone took 30.5 µs (at T = 8, 85% of copy bandwidth) and the math alone 43.5 µs. The math is
+// bound by the integer pipe: the FP4 → BF16 decode is ~1.25 LOP3/SHF per weight (fp4x8_bits), an
+// SM sub-partition issues integer ops at half rate, and the consumers reach ~0.45 issued
+// instructions per cycle per scheduler (Nsight Compute: math-pipe throttle, then wait and
+// not-selected stalls). 16 L1 consumer warps measured no faster. One bulk copy per weight row
+// (rows padded apart in shared memory against the 2-way bank conflict of rows g, g + 1 in a
+// quarter-warp's LDS.128) held the stream to 1.9-2.2 TB/s: 32 copies per stage instead of 2.
 //
 // Overlap. L1 waits for the router (griddepcontrol.wait) before anything, since ids say which
-// weights to read, and then lets L2 launch at once (launch_dependents). L2 is therefore scheduled
-// only once every L1 CTA has passed its wait, i.e. once the router has completed; it reads ids and
-// the experts' descriptors, and only then waits for L1 (its h). (An L2-cache prefetch of all its w2
-// rows before that wait cost more issue slots than it saved: removed.)
+// weights to read, and then lets L2 launch at once (launch_dependents). L2 reads ids and the
+// experts' descriptors and starts streaming w2 as soon as its CTAs are resident, and waits for
+// L1 (its h) only before the first h load.
 //
 // Exactness: as linear.cu / gemm.cu (exact weights on the tensor core, fp32 accumulation), so h
 // and y differ from the CPU twins (ops::expert_ffn, ops::moe) only by fp32 summation order and the
@@ -62,6 +71,7 @@
 #include "cuda/device.cuh"
 #include "cuda/gemm.h"
 #include "cuda/gemm_group.cuh"
+#include "cuda/numerics.cuh"
 #include "io/formats.h"
 
 namespace megamoe::cuda {
@@ -70,17 +80,27 @@ namespace {
 
 using namespace dev;
 
-constexpr int kThreads = 256;   // 8 warps
-constexpr int kWarps = kThreads / 32;
+// Consumer warps (decode + MMA) per CTA; one more warp holds the producer thread (bulk copies).
+// L1: 8 (2 per scheduler; 16 measured no faster), each holding its K-range's x fragments in
+// registers where that is at most 4 steps (V4-Flash); L2: 16, so that a warp's K-range of w2 is
+// 1-2 steps (V4-Flash, V4-Pro) and the entry's h fragments fit in registers twice (prefetch).
+constexpr int kL1Warps = 8;
+constexpr int kL2Warps = 16;
+constexpr int kL1XRegSteps = 4;   // L1: x fragments in registers up to this many steps per warp
+constexpr int kL2MaxChunk = 2;    // L2: 16-row blocks per stage at most (fewer, larger stages: less sync per byte)
 constexpr int kMaxSlots = static_cast<int>(kMoeSmallMaxSlots);
-constexpr int kL1Wr = 2;                      // L1: warps along rows (16 h rows each) ...
-constexpr int kL1Wk = kWarps / kL1Wr;         // ... and along K
-constexpr int kL1Rows = kL1Wr * 16;           // h rows per L1 CTA
-constexpr int kL2Rows = 16;                   // y rows per L2 CTA
-constexpr int kL1Stages = 3;                  // per-warp ring depth (kStages - 1 steps in flight)
-constexpr int kL2Stages = 6;
+constexpr int kRows = 16;                           // weight rows per stage: the MMA's M
+constexpr int kMaxStages = 8;
+constexpr int kMinStages = 2;
+constexpr int kL2MaxSpw = 2;                        // L2: steps per consumer warp held in registers
+constexpr int kSmemBudget = 220 * 1024;             // dynamic shared memory per CTA (227 KB on sm_90)
+// Ring depths (H200, V4-Flash, T = 1..8: 2-4 L1 stages and 3-6 L2 stages measured within 2% of each
+// other standalone; 3 L1 stages leaves the shared expert's linears room beside L1 in the runner).
+constexpr int kL1StagesWanted = 3;
+constexpr int kL2StagesWanted = 4;
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 struct SmallParams {
     const GemmGroup* table;    // [E] (device): L1 (w1, w3) or L2 (w2) descriptors
@@ -95,10 +115,93 @@ struct SmallParams {
     int N, K, steps;           // one matrix: rows, columns, 64-byte row steps
     int64_t w_row_bytes, s_row_bytes;
     float limit;               // SwiGLU clamp (L1)
-    int spw;                   // steps per warp K-range
-    int rpc;                   // L1: row blocks per CTA
+    int spw;                   // steps per consumer warp
+    int stages;                // ring depth
+    int stage_rows;            // weight rows per stage: 16 (L1), 16 · rb_chunk (L2)
+    int stage_bytes;           // one stage: stage_rows weight rows, then as many scale rows (as in global memory)
+    int rb_chunk;              // L2: row blocks per stage
     int x_rs;                  // L1: x row stride in shared memory (bytes)
+    int rb_max;                // L2: row blocks per CTA at most
+    bool official;             // Numerics::official (gate / up rounded to bf16; h FP8-rounded; combine)
 };
+
+// ---------------------------------------------------------------------------- mbarrier + bulk copy
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_arrive(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done = 0;
+    do {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+// bytes (a multiple of 16; both addresses 16-byte aligned) global → shared, completion on bar.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+template <int W> __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(W * 32) : "memory"); }
+
+// The ring's barriers: full[s] (count 1: the producer's arrive, plus the stage's bytes) and
+// empty[s] (count: the consumer warps). Thread 0 initializes; the caller's next __syncthreads publishes.
+struct Ring {
+    uint64_t full[kMaxStages];
+    uint64_t empty[kMaxStages];
+};
+__device__ __forceinline__ void ring_init(Ring& r, int stages, int warps) {
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < stages; ++s) {
+            mbar_init(smem_addr(&r.full[s]), 1);
+            mbar_init(smem_addr(&r.empty[s]), static_cast<uint32_t>(warps));
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+}
+
+// Producer (one thread): stage `slot` ← rows [row0, row0 + rows) ∩ [0, N) of one weight (rows of
+// w_row_bytes at w, scale rows of s_row_bytes at s; rows ≤ stage_rows), each block in one bulk
+// copy: the weight rows are contiguous, and so are the scale rows (one copy per row measured
+// slower, see the top). Item i of the CTA's sequence; waits for the slot to be free.
+__device__ __forceinline__ void produce(const SmallParams& p, Ring& r, uint8_t* ring, int i, const uint8_t* w,
+                                        const uint8_t* s, int row0, int rows) {
+    const int slot = i % p.stages;
+    if (i >= p.stages) mbar_wait(smem_addr(&r.empty[slot]), static_cast<uint32_t>((i / p.stages - 1) & 1));
+    uint8_t* st = ring + static_cast<size_t>(slot) * p.stage_bytes;
+    rows = min(rows, p.N - row0);
+    const uint32_t wbytes = static_cast<uint32_t>(rows * p.w_row_bytes);
+    const int64_t sbytes = static_cast<int64_t>(rows) * p.s_row_bytes;
+    const uint32_t sbulk = static_cast<uint32_t>(sbytes & ~int64_t(15));
+    uint8_t* sc = st + p.stage_rows * p.w_row_bytes;
+    const uint8_t* ssrc = s + static_cast<int64_t>(row0) * p.s_row_bytes;
+    const uint32_t full = smem_addr(&r.full[slot]);
+    if (sbulk < sbytes) {   // a partial block of odd widths: the last (≤ 12) scale bytes by hand
+        for (int64_t b = sbulk; b < sbytes; b += 4)   // s_row_bytes % 4 == 0: whole words
+            *reinterpret_cast<uint32_t*>(sc + b) = __ldg(reinterpret_cast<const uint32_t*>(ssrc + b));
+        // These generic writes come before any later bulk copy into the same bytes.
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    mbar_expect_arrive(full, wbytes + sbulk);
+    bulk_copy(smem_addr(st), w + static_cast<int64_t>(row0) * p.w_row_bytes, wbytes, full);
+    if (sbulk > 0) bulk_copy(smem_addr(sc), ssrc, sbulk, full);
+}
+
+// ---------------------------------------------------------------------------- routing
 
 // The layer's routing, derived from ids by every CTA (shared memory).
 //   order[j]      the j-th slot in the stable sort by expert (ops::moe's order: expert, then slot)
@@ -118,10 +221,10 @@ struct Routing {
 // All threads call it; ends with a barrier. ids are clamped into [0, E) (as moe_route_counts does).
 __device__ void route_slots(const SmallParams& p, Routing& r) {
     const int n = p.T * p.k, C = p.C;
-    const int i = static_cast<int>(threadIdx.x);
-    for (int j = i; j < n; j += kThreads) r.id[j] = min(max(p.ids[j], 0), p.E - 1);
+    const int i = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
+    for (int j = i; j < n; j += nt) r.id[j] = min(max(p.ids[j], 0), p.E - 1);
     __syncthreads();
-    for (int j = i; j < n; j += kThreads) {
+    for (int j = i; j < n; j += nt) {
         const int e = r.id[j];
         int pos = 0, less = 0, cnt = 0;
         for (int o = 0; o < n; ++o) {
@@ -135,7 +238,7 @@ __device__ void route_slots(const SmallParams& p, Routing& r) {
         r.order[less + pos] = j;
     }
     __syncthreads();
-    for (int j = i; j < n; j += kThreads) {
+    for (int j = i; j < n; j += nt) {
         const int pos = r.pos[j];
         if (pos % C != 0) continue;
         const int e = r.id[j];
@@ -158,7 +261,9 @@ __device__ void route_slots(const SmallParams& p, Routing& r) {
     __syncthreads();
 }
 
-// A lane's block-scale multipliers (decode_a's lo, hi) from the scale word it copied.
+// ---------------------------------------------------------------------------- consumers
+
+// A lane's block-scale multipliers (decode_a's lo, hi) from the scale word of its row.
 template <LinearFormat F>
 __device__ __forceinline__ void scale_mults(uint32_t word, int tig, int bias, uint32_t& lo, uint32_t& hi) {
     if constexpr (F == LinearFormat::nvfp4) {
@@ -167,418 +272,366 @@ __device__ __forceinline__ void scale_mults(uint32_t word, int tig, int bias, ui
         lo = hi = pow2_bf16x2((word >> (8 * tig)) & 0xFFu, bias);
     }
 }
-// Scale bytes per weight row per step, and where a lane's word starts within them.
+// Scale bytes per weight row per step, and the offset of a lane's word within them.
 template <LinearFormat F> __device__ __forceinline__ int scale_step_bytes() { return F == LinearFormat::nvfp4 ? 8 : 4; }
 template <LinearFormat F> __device__ __forceinline__ int scale_lane_off(int tig) {
     return F == LinearFormat::nvfp4 ? (tig >> 1) * 4 : 0;
 }
 
+// One step of a consumer warp: acc[2][4] (two chains, summed by the caller) += the stage's 16 rows ×
+// step s times B, where bfrag(l) gives the lane's x / h fragment of chunk l (the 8 columns of word l
+// of its 16 weight bytes).
+template <LinearFormat F, typename BFrag>
+__device__ __forceinline__ void consume_step(const uint8_t* w0, const uint8_t* w1, const uint8_t* sc0,
+                                             const uint8_t* sc1, int s, int tig, int bias, float (&acc)[2][4],
+                                             BFrag&& bfrag) {
+    const uint4 wv0 = *reinterpret_cast<const uint4*>(w0 + s * kStepBytes);
+    const uint4 wv1 = *reinterpret_cast<const uint4*>(w1 + s * kStepBytes);
+    uint32_t lo0, hi0, lo1, hi1;
+    scale_mults<F>(*reinterpret_cast<const uint32_t*>(sc0 + s * scale_step_bytes<F>()), tig, bias, lo0, hi0);
+    scale_mults<F>(*reinterpret_cast<const uint32_t*>(sc1 + s * scale_step_bytes<F>()), tig, bias, lo1, hi1);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) {
+        const uint4 b = bfrag(l);
+        uint32_t a[2][4];
+        decode_a<F>(wv0, wv1, l, lo0, hi0, lo1, hi1, a);
+        mma_bf16(acc[l & 1], a[0][0], a[0][1], a[0][2], a[0][3], b.x, b.y);
+        mma_bf16(acc[l & 1], a[1][0], a[1][1], a[1][2], a[1][3], b.z, b.w);
+    }
+}
+
+// One consumer warp's K-range of 16 rows of a stage (weight rows at wst, scale rows at sst): steps
+// [s0, s0 + ns); bfrag(j, l) for
+// step j of the range. kUnroll > 0: the loop fully unrolled to at most kUnroll steps (so that a
+// caller's per-step register arrays stay in registers); 0: a plain loop.
+template <LinearFormat F, int kUnroll, typename BFrag>
+__device__ __forceinline__ void consume(const SmallParams& p, const uint8_t* wst, const uint8_t* sst, int s0, int ns,
+                                        int bias, float (&acc)[2][4], BFrag&& bfrag) {
+    const int lane = static_cast<int>(threadIdx.x) & 31, g = lane >> 2, tig = lane & 3;
+    const uint8_t* w0 = wst + g * p.w_row_bytes + tig * 16;
+    const uint8_t* w1 = w0 + 8 * p.w_row_bytes;
+    const uint8_t* sc0 = sst + scale_lane_off<F>(tig) + g * p.s_row_bytes;
+    const uint8_t* sc1 = sc0 + 8 * p.s_row_bytes;
+    if constexpr (kUnroll > 0) {
+#pragma unroll
+        for (int j = 0; j < kUnroll; ++j)
+            if (j < ns) consume_step<F>(w0, w1, sc0, sc1, s0 + j, tig, bias, acc, [&](int l) { return bfrag(j, l); });
+    } else {
+#pragma unroll 2
+        for (int j = 0; j < ns; ++j)
+            consume_step<F>(w0, w1, sc0, sc1, s0 + j, tig, bias, acc, [&](int l) { return bfrag(j, l); });
+    }
+}
+
+__device__ __forceinline__ void zero(float (&acc)[2][4]) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[c][v] = 0.0f;
+}
+
 // ---------------------------------------------------------------------------- L1
 
-// Ring stage of an L1 warp: per (matrix mt ∈ {w1, w3}, row half h, lane) 16 weight bytes, then a
-// 4-byte scale word each; lane-contiguous (conflict-free), each lane reads only what it copied.
-struct L1Stage {
-    static constexpr int kWeight = 2 * 2 * 32 * 16;
-    static constexpr int kBytes = kWeight + 2 * 2 * 32 * 4;
-};
-
-// __launch_bounds__(, 3): 3 CTAs per SM at T = 1 (≤ 85 registers; shared memory allows it there).
-template <LinearFormat F, int NT>
-__global__ void __launch_bounds__(kThreads, 3) moe_small_l1_kernel(const SmallParams p) {
-    constexpr int kE = Traits<F>::kElems;
-    constexpr int kStepK = 4 * kE;               // columns per step
-    constexpr int kChunksPerStep = kStepK / 8;   // 16-byte x chunks per step
-    constexpr int kLds = kE / 8;                 // x chunks per lane per step
-    extern __shared__ __align__(16) uint8_t smem[];
+// kXs > 0: each warp's x fragments (at most kXs steps) held in registers per entry; 0: read from
+// the x stage in shared memory at every step.
+template <LinearFormat F, int kXs>
+__global__ void __launch_bounds__((kL1Warps + 1) * 32, 1) moe_small_l1_kernel(const SmallParams p) {
+    constexpr int kStepK = 4 * Traits<F>::kElems;   // columns per step (128)
+    constexpr int kChunksPerStep = kStepK / 8;      // 16-byte x chunks per step
+    extern __shared__ __align__(128) uint8_t smem[];
     __shared__ Routing rt;
+    __shared__ Ring ring_bars;
 
+    ring_init(ring_bars, p.stages, kL1Warps);
     // ids, weights and x come from the kernels before: wait, then let L2 be scheduled (see top).
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    route_slots(p, rt);
-    const int q = static_cast<int>(blockIdx.y);
-    if (q >= rt.n_entries) return;
-    const int e = rt.entry_exp[q], start = rt.entry_start[q], m = rt.entry_cnt[q];
-    const GemmGroup G = p.table[e];
+    route_slots(p, rt);   // its barriers also publish the ring's barriers
 
+    const int RB = static_cast<int>(ceil_div(p.N, kRows));
+    const int64_t pairs = static_cast<int64_t>(rt.n_entries) * RB;
+    const int pa = static_cast<int>(pairs * blockIdx.x / gridDim.x);
+    const int pb = static_cast<int>(pairs * (blockIdx.x + 1) / gridDim.x);
+    const int items = 2 * (pb - pa);   // (pair, w1) then (pair, w3)
+    uint8_t* ring = smem;
+    uint8_t* xs = smem + static_cast<size_t>(p.stages) * p.stage_bytes;                  // [T][x_rs]
+    float* red = reinterpret_cast<float*>(xs + static_cast<size_t>(p.T) * p.x_rs);        // [2][kL1Warps][2][16][C]
     const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
-    const int g = lane >> 2, tig = lane & 3;
-    const int wrow = warp % kL1Wr, wk = warp / kL1Wr;
-    const int ws0 = wk * p.spw;
-    const int nsw = max(0, min(p.spw, p.steps - ws0));   // this warp's steps per row block
-    // This CTA's row blocks: rb0 .. rb0 + nrb - 1 (of kL1Rows h rows each), all of entry q.
-    const int rb0 = static_cast<int>(blockIdx.x) * p.rpc;
-    const int nrb = max(0, min(p.rpc, static_cast<int>(ceil_div(p.N, kL1Rows)) - rb0));
 
-    uint8_t* xs = smem;                                                        // [C][x_rs]
-    uint8_t* ring = smem + static_cast<size_t>(p.C) * p.x_rs;                  // [warp][stage]
-    float* red = reinterpret_cast<float*>(ring + kWarps * kL1Stages * L1Stage::kBytes);   // [wk][2][rows][C]
-    const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring)) +
-                            static_cast<uint32_t>(warp * kL1Stages * L1Stage::kBytes);
-
-    // The copy cursor: row block rb0 + irb, step ws0 + is; the lane's byte offsets of its two rows
-    // at step ws0 of that row block (rows past N copy nothing).
-    int irb = 0, is = 0;
-    int64_t woff[2], soff[2];
-    bool ok[2];
-    auto block_rows = [&](int rbi) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int64_t row = static_cast<int64_t>(rb0 + rbi) * kL1Rows + wrow * 16 + h * 8 + g;
-            ok[h] = row < p.N;
-            woff[h] = ok[h] ? row * p.w_row_bytes + ws0 * kStepBytes + tig * 16 : 0;
-            soff[h] = ok[h] ? row * p.s_row_bytes + ws0 * scale_step_bytes<F>() + scale_lane_off<F>(tig) : 0;
-        }
-    };
-    block_rows(0);
-    auto issue = [&](int slot) {
-        if (irb >= nrb || nsw == 0) return;
-        const uint32_t base = ring_s + static_cast<uint32_t>(slot * L1Stage::kBytes);
-        const int wst = is * kStepBytes, sst = is * scale_step_bytes<F>();
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt) {
-                const int idx = (mt * 2 + h) * 32 + lane;
-                cp_async16(base + idx * 16, G.w[mt] + woff[h] + wst, ok[h]);
-                cp_async4(base + L1Stage::kWeight + idx * 4, G.s[mt] + soff[h] + sst, ok[h]);
+    if (warp == kL1Warps) {   // ---- producer: one thread
+        if (lane != 0) return;
+        int gq = -1;
+        GemmGroup G{};
+        for (int i = 0; i < items; ++i) {
+            const int pr = pa + i / 2, q = pr / RB, rb = pr - q * RB, m = i & 1;
+            if (q != gq) {
+                G = p.table[rt.entry_exp[q]];
+                gq = q;
             }
-        if (++is == nsw) {
-            is = 0;
-            if (++irb < nrb) block_rows(irb);
+            produce(p, ring_bars, ring, i, G.w[m], G.s[m], rb * kRows, kRows);
         }
-    };
-#pragma unroll
-    for (int i = 0; i < kL1Stages - 1; ++i) {
-        issue(i);
-        cp_async_commit();
+        return;
     }
 
-    // Stage the entry's x rows (token of slot order[start + r]), chunk-swizzled as linear.cu.
+    // ---- consumers: stage all T tokens' x, chunk-swizzled as linear.cu (columns past K: zeros).
     {
         const int chunks = p.K / 8;   // K % 8 == 0 (DeviceExperts checks D % 8)
-        for (int i = static_cast<int>(threadIdx.x); i < m * chunks; i += kThreads) {
-            const int r = i / chunks, c = i - r * chunks;
-            const int t = rt.order[start + r] / p.k;
-            const uint4 v = __ldg(reinterpret_cast<const uint4*>(p.x + static_cast<int64_t>(t) * p.K) + c);
-            *reinterpret_cast<uint4*>(xs + r * p.x_rs + x_chunk_pos<F>(c) * 16) = v;
-        }
-        // Columns of the last step past K: zeros (the weights there are zero codes; x must be finite).
-        const int tail = p.steps * kChunksPerStep - chunks;
-        for (int i = static_cast<int>(threadIdx.x); i < m * tail; i += kThreads) {
-            const int r = i / tail, c = chunks + (i - r * tail);
-            *reinterpret_cast<uint4*>(xs + r * p.x_rs + x_chunk_pos<F>(c) * 16) = make_uint4(0, 0, 0, 0);
+        const int per_row = p.steps * kChunksPerStep;
+        for (int i = static_cast<int>(threadIdx.x); i < p.T * per_row; i += kL1Warps * 32) {
+            const int t = i / per_row, c = i - t * per_row;
+            const uint4 v = c < chunks ? __ldg(reinterpret_cast<const uint4*>(p.x + static_cast<int64_t>(t) * p.K) + c)
+                                       : make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4*>(xs + t * p.x_rs + x_chunk_pos<F>(c) * 16) = v;
         }
     }
-    __syncthreads();
+    consumers_sync<kL1Warps>();
 
+    const int g = lane >> 2, tig = lane & 3;
+    const int s0 = warp * p.spw, ns = max(0, min(p.spw, p.steps - s0));
     const int C = p.C;
-    const int nw = static_cast<int>(ceil_div(p.steps, p.spw));   // K-ranges with steps
-    int slot = 0, issue_slot = kL1Stages - 1;
-    for (int rbi = 0; rbi < nrb; ++rbi) {
-        float acc[2][NT][4];
+    float acc[2][2][4];   // [w1 | w3][chain][fragment]
+    int cur_q = -1, xoff = -1, m_cnt = 0, start = 0;
+    GemmGroup G{};
+    auto xfrag = [&](int j, int l) {   // from the x stage
+        return xoff >= 0 ? *reinterpret_cast<const uint4*>(xs + xoff + x_chunk_pos<F>((s0 + j) * kChunksPerStep + tig * 4 + l) * 16)
+                         : make_uint4(0, 0, 0, 0);
+    };
+    uint4 xb[kXs > 0 ? kXs : 1][4];   // kXs > 0: the entry's fragments
+    for (int i = 0; i < items; ++i) {
+        const int pr = pa + i / 2, q = pr / RB, rb = pr - q * RB, m = i & 1;
+        if (q != cur_q) {
+            cur_q = q;
+            m_cnt = rt.entry_cnt[q];
+            start = rt.entry_start[q];
+            G = p.table[rt.entry_exp[q]];
+            xoff = g < m_cnt ? (rt.order[start + g] / p.k) * p.x_rs : -1;   // this lane's B token row
+            if constexpr (kXs > 0) {
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+                for (int j = 0; j < kXs; ++j)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
-
-        for (int js = 0; js < nsw; ++js) {
-            const int s = ws0 + js;
-            issue(issue_slot);
-            issue_slot = issue_slot == kL1Stages - 1 ? 0 : issue_slot + 1;
-            cp_async_commit();
-            cp_async_wait<kL1Stages - 1>();
-            const uint8_t* st = ring + (warp * kL1Stages + slot) * L1Stage::kBytes;
-            uint4 wv[2][2];
-            uint32_t mlo[2][2], mhi[2][2];
-#pragma unroll
-            for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const int idx = (mt * 2 + h) * 32 + lane;
-                    wv[mt][h] = *reinterpret_cast<const uint4*>(st + idx * 16);
-                    const uint32_t word = *reinterpret_cast<const uint32_t*>(st + L1Stage::kWeight + idx * 4);
-                    scale_mults<F>(word, tig, G.bias[mt], mlo[mt][h], mhi[mt][h]);
-                }
-            slot = slot == kL1Stages - 1 ? 0 : slot + 1;
-
-            const int q0 = s * kChunksPerStep + tig * kLds;
-#pragma unroll
-            for (int l = 0; l < kLds; ++l) {
-                uint4 b[NT];
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    const int t = nt * 8 + g;
-                    b[nt] = t < m ? *reinterpret_cast<const uint4*>(xs + t * p.x_rs + x_chunk_pos<F>(q0 + l) * 16)
-                                  : make_uint4(0, 0, 0, 0);
-                }
-#pragma unroll
-                for (int mt = 0; mt < 2; ++mt) {
-                    uint32_t a[2][4];
-                    decode_a<F>(wv[mt][0], wv[mt][1], l, mlo[mt][0], mhi[mt][0], mlo[mt][1], mhi[mt][1], a);
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt) {
-                        mma_bf16(acc[mt][nt], a[0][0], a[0][1], a[0][2], a[0][3], b[nt].x, b[nt].y);
-                        mma_bf16(acc[mt][nt], a[1][0], a[1][1], a[1][2], a[1][3], b[nt].z, b[nt].w);
-                    }
-                }
+                    for (int l = 0; l < 4; ++l) xb[j][l] = j < ns ? xfrag(j, l) : make_uint4(0, 0, 0, 0);
             }
         }
+        const int slot = i % p.stages;
+        mbar_wait(smem_addr(&ring_bars.full[slot]), static_cast<uint32_t>((i / p.stages) & 1));
+        const uint8_t* st = ring + static_cast<size_t>(slot) * p.stage_bytes;
+        // m is warp-uniform but not a compile-time index: each branch names its matrix's accumulators
+        // (a runtime index would put acc in local memory).
+        auto run = [&](float (&a)[2][4], int bias) {
+            zero(a);
+            const uint8_t* sst = st + kRows * p.w_row_bytes;
+            if constexpr (kXs > 0) consume<F, kXs>(p, st, sst, s0, ns, bias, a, [&](int j, int l) { return xb[j][l]; });
+            else consume<F, 0>(p, st, sst, s0, ns, bias, a, xfrag);
+        };
+        if (m == 0) run(acc[0], G.bias[0]);
+        else run(acc[1], G.bias[1]);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(smem_addr(&ring_bars.empty[slot]));
+        if (m == 0) continue;
 
-        // Partials red[wk][mt][row in CTA][token column < C], then the fixed-order sum over wk. The
-        // ring keeps streaming the next row block meanwhile (its copies were issued above).
+        // Pair done: partials red[buf][warp][matrix][row][token], then the fixed-order sum over warps.
+        float* rd = red + static_cast<size_t>((i / 2) & 1) * kL1Warps * 2 * kRows * C;
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt)
+        for (int mm = 0; mm < 2; ++mm)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int t = nt * 8 + 2 * tig + (i & 1);
-                    const int rl = wrow * 16 + g + (i >= 2 ? 8 : 0);
-                    if (t < C) red[((wk * 2 + mt) * kL1Rows + rl) * C + t] = acc[mt][nt][i];
-                }
-        __syncthreads();
-        for (int i = static_cast<int>(threadIdx.x); i < kL1Rows * m; i += kThreads) {
-            const int rl = i % kL1Rows, t = i / kL1Rows;
-            const int row = (rb0 + rbi) * kL1Rows + rl;
+            for (int v = 0; v < 4; ++v) {
+                const int t = 2 * tig + (v & 1), rl = g + (v >= 2 ? 8 : 0);
+                if (t < C) rd[((warp * 2 + mm) * kRows + rl) * C + t] = acc[mm][0][v] + acc[mm][1][v];
+            }
+        consumers_sync<kL1Warps>();   // (double-buffered: buffer b is rewritten two pairs later, after the next sync)
+        for (int o = static_cast<int>(threadIdx.x); o < kRows * m_cnt; o += kL1Warps * 32) {
+            const int rl = o % kRows, t = o / kRows;
+            const int row = rb * kRows + rl;
             if (row >= p.N) continue;
             float gs = 0.0f, us = 0.0f;
-            for (int w = 0; w < nw; ++w) {
-                gs += red[((w * 2 + 0) * kL1Rows + rl) * C + t];
-                us += red[((w * 2 + 1) * kL1Rows + rl) * C + t];
+            for (int w = 0; w < kL1Warps; ++w) {
+                gs += rd[((w * 2 + 0) * kRows + rl) * C + t];
+                us += rd[((w * 2 + 1) * kRows + rl) * C + t];
+            }
+            gs *= G.out_scale[0];
+            us *= G.out_scale[1];
+            if (p.official) {   // the official w1 / w3 outputs are bf16 (ops::expert_ffn with linear_rounded)
+                gs = nm::bf16_round(gs);
+                us = nm::bf16_round(us);
             }
             const int sl = rt.order[start + t];
-            const float hv = silu_swiglu(gs * G.out_scale[0], us * G.out_scale[1], p.limit) * p.wts[sl];
+            const float hv = silu_swiglu(gs, us, p.limit) * p.wts[sl];
             p.h[static_cast<int64_t>(sl) * p.N + row] = __bfloat16_as_ushort(__float2bfloat16_rn(hv));
         }
-        __syncthreads();   // red is rewritten by the next row block
     }
-    cp_async_wait<0>();
 }
 
 // ---------------------------------------------------------------------------- L2
 
-// Ring stage of an L2 warp: 16 weight bytes per (row half, lane), a scale word each, then the B
-// operand of the lanes whose token column g < BR = min(8, C) (the others read zeros without a copy):
-// per (token tile nt, chunk l, g, tig) 16 bytes (8 h columns). Its size depends on C: l2_stage_bytes.
-struct L2Stage {
-    static constexpr int kWeight = 2 * 32 * 16;
-    static constexpr int kScale = kWeight;
-    static constexpr int kB = kScale + 2 * 32 * 4;
-};
-__host__ __device__ constexpr int l2_b_rows(int C) { return C < 8 ? C : 8; }
-__host__ __device__ constexpr int l2_stage_bytes(int nt, int C) { return L2Stage::kB + nt * 4 * l2_b_rows(C) * 4 * 16; }
-
-template <LinearFormat F, int NT>
-__global__ void __launch_bounds__(kThreads) moe_small_l2_kernel(const SmallParams p) {
-    constexpr int kE = Traits<F>::kElems;
-    constexpr int kStepK = 4 * kE;
-    constexpr int kLds = kE / 8;   // = 4 for fp4: the chunks of a lane's 16 weight bytes
-    using SL = L2Stage;
-    const int stage_bytes = l2_stage_bytes(NT, p.C), BR = l2_b_rows(p.C);
-    extern __shared__ __align__(16) uint8_t smem[];
+template <LinearFormat F, int kSpw>
+__global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(const SmallParams p) {
+    constexpr int kStepK = 4 * Traits<F>::kElems;
+    extern __shared__ __align__(128) uint8_t smem[];
     __shared__ Routing rt;
-    __shared__ const uint8_t* ent_w[kMaxSlots];
-    __shared__ const uint8_t* ent_s[kMaxSlots];
-    __shared__ int ent_bias[kMaxSlots];
-    __shared__ float ent_os[kMaxSlots];
+    __shared__ Ring ring_bars;
 
+    ring_init(ring_bars, p.stages, kL2Warps);
     // ids were written before L1 ran, and this grid starts only after every L1 CTA passed its own
     // griddepcontrol.wait (see top): they are complete. h is read only after the wait below.
     route_slots(p, rt);
     const int Q = rt.n_entries;
-    for (int u = static_cast<int>(threadIdx.x); u < Q; u += kThreads) {
-        const GemmGroup G = p.table[rt.entry_exp[u]];
-        ent_w[u] = G.w[0];
-        ent_s[u] = G.s[0];
-        ent_bias[u] = G.bias[0];
-        ent_os[u] = G.out_scale[0];
-    }
-    __syncthreads();
-
-    const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
-    const int g = lane >> 2, tig = lane & 3;
-    const int row0 = static_cast<int>(blockIdx.x) * kL2Rows;
-    const int ws0 = warp * p.spw, ws1 = min(ws0 + p.spw, p.steps);
-    const int nsw = max(0, ws1 - ws0);   // this warp's steps per entry
-    // Lane constants: byte offsets of its rows' weight and scale bytes at step ws0 (rows past N
-    // copy nothing), and of its B chunk in a stage.
-    int64_t woff[2], soff[2];
-    bool ok[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const int64_t row = row0 + h * 8 + g;
-        ok[h] = row < p.N;
-        woff[h] = ok[h] ? row * p.w_row_bytes + ws0 * kStepBytes + tig * 16 : 0;
-        soff[h] = ok[h] ? row * p.s_row_bytes + ws0 * scale_step_bytes<F>() + scale_lane_off<F>(tig) : 0;
-    }
-    const int col0 = ws0 * kStepK + tig * kE;   // first h column of this lane's chunks
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-
-    uint8_t* ring = smem;   // [warp][stage]
-    const uint32_t ring_s = static_cast<uint32_t>(__cvta_generic_to_shared(ring)) +
-                            static_cast<uint32_t>(warp * kL2Stages * stage_bytes);
-    // The copy cursor: entry iu, step is (relative to ws0); hrow: this lane's h rows of entry iu.
-    int iu = 0, is = 0;
-    const uint16_t* hrow[NT];
-    auto entry_rows = [&](int u) {
-        const int m = rt.entry_cnt[u], st0 = rt.entry_start[u];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const int t = nt * 8 + g;
-            hrow[nt] = t < m && g < BR ? p.h + static_cast<int64_t>(rt.order[st0 + t]) * p.K + col0 : nullptr;
-        }
-    };
-    if (nsw > 0 && Q > 0) entry_rows(0);
-    auto issue = [&](int slot) {
-        if (iu >= Q || nsw == 0) return;
-        const uint32_t base = ring_s + static_cast<uint32_t>(slot * stage_bytes);
-        const uint8_t* w = ent_w[iu] + is * kStepBytes;
-        const uint8_t* sc = ent_s[iu] + is * scale_step_bytes<F>();
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            cp_async16(base + (h * 32 + lane) * 16, w + woff[h], ok[h]);
-            cp_async4(base + SL::kScale + (h * 32 + lane) * 4, sc + soff[h], ok[h]);
-        }
-        if (g < BR) {
-            const int cb = is * kStepK;   // column offset of this step from col0
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-                for (int l = 0; l < kLds; ++l) {
-                    // K % 8 == 0: a chunk is wholly in or out; rows past the entry's slots read zeros.
-                    const bool in = hrow[nt] != nullptr && col0 + cb + l * 8 < p.K;
-                    cp_async16(base + SL::kB + (((nt * kLds + l) * BR + g) * 4 + tig) * 16,
-                               in ? hrow[nt] + cb + l * 8 : p.h, in);
-                }
-            }
-        }
-        if (++is == nsw) {
-            is = 0;
-            if (++iu < Q) entry_rows(iu);
-        }
-    };
-#pragma unroll
-    for (int i = 0; i < kL2Stages - 1; ++i) {
-        issue(i);
-        cp_async_commit();
-    }
-
-    float acc[NT][4];
-    // Each finished entry's partials go to shared memory after the rings, per (warp, slot, row).
-    float* fin = reinterpret_cast<float*>(ring + kWarps * kL2Stages * stage_bytes);   // [warp][slot][16]
+    const int RB = static_cast<int>(ceil_div(p.N, kRows));
+    const int ra = static_cast<int>(static_cast<int64_t>(RB) * blockIdx.x / gridDim.x);
+    const int nrb = static_cast<int>(static_cast<int64_t>(RB) * (blockIdx.x + 1) / gridDim.x) - ra;
+    const int nch = static_cast<int>(ceil_div(nrb, p.rb_chunk));   // stages per entry
+    const int items = Q * nch;   // entry-major: (q, c) = (i / nch, i % nch); chunk c: row blocks c·rb_chunk ..
     const int n = p.T * p.k;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+    uint8_t* ring = smem;
+    float* fin = reinterpret_cast<float*>(smem + static_cast<size_t>(p.stages) * p.stage_bytes);   // [kL2Warps][n][rb_max][16]
+    const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
 
-    int slot = 0, issue_slot = kL2Stages - 1;
-    const int total = Q * nsw;
-    int cu = 0, cs = 0;   // the compute cursor: entry, step
-    for (int j = 0; j < total; ++j) {
-        issue(issue_slot);
-        issue_slot = issue_slot == kL2Stages - 1 ? 0 : issue_slot + 1;
-        cp_async_commit();
-        cp_async_wait<kL2Stages - 1>();
-        const uint8_t* st = ring + (warp * kL2Stages + slot) * stage_bytes;
-        uint4 wv[2];
-        uint32_t mlo[2], mhi[2];
-        const int bias = ent_bias[cu];
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int idx = h * 32 + lane;
-            wv[h] = *reinterpret_cast<const uint4*>(st + idx * 16);
-            const uint32_t word = *reinterpret_cast<const uint32_t*>(st + SL::kScale + idx * 4);
-            scale_mults<F>(word, tig, bias, mlo[h], mhi[h]);
+    if (warp == kL2Warps) {   // ---- producer: one thread (w2 does not depend on L1: no wait)
+        if (lane != 0) return;
+        int gq = -1;
+        GemmGroup G{};
+        for (int i = 0; i < items; ++i) {
+            const int q = i / nch, c = i - q * nch;
+            if (q != gq) {
+                G = p.table[rt.entry_exp[q]];
+                gq = q;
+            }
+            const int j0 = c * p.rb_chunk;
+            produce(p, ring_bars, ring, i, G.w[0], G.s[0], (ra + j0) * kRows, min(p.rb_chunk, nrb - j0) * kRows);
         }
-        uint4 bv[NT][kLds];
+        return;
+    }
+
+    asm volatile("griddepcontrol.wait;" ::: "memory");   // L1's h
+    const int g = lane >> 2, tig = lane & 3;
+    const int s0 = warp * p.spw, ns = max(0, min(p.spw, p.steps - s0));
+    // This lane's h fragments for entry q: slot g's columns (s0 + j)·128 + (4·tig + l)·8 .. + 8.
+    // Loaded one entry ahead (two register sets), so the loads' latency hides behind an entry's MMAs.
+    auto load_h = [&](int q, uint4 (&hb)[kSpw][4]) {
+        const uint16_t* hrow = q < Q && g < rt.entry_cnt[q]
+                                   ? p.h + static_cast<int64_t>(rt.order[rt.entry_start[q] + g]) * p.K
+                                   : nullptr;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+        for (int j = 0; j < kSpw; ++j)
 #pragma unroll
-            for (int l = 0; l < kLds; ++l)
-                bv[nt][l] = g < BR ? *reinterpret_cast<const uint4*>(st + SL::kB + (((nt * kLds + l) * BR + g) * 4 + tig) * 16)
-                                   : make_uint4(0, 0, 0, 0);
+            for (int l = 0; l < 4; ++l) {
+                const int col = (s0 + j) * kStepK + (4 * tig + l) * 8;
+                hb[j][l] = hrow != nullptr && j < ns && col < p.K   // K % 8 == 0: a chunk is wholly in or out
+                               ? *reinterpret_cast<const uint4*>(hrow + col)
+                               : make_uint4(0, 0, 0, 0);
+            }
+    };
+    // w2's input is FP8-rounded in 128-column blocks under official numerics (ops::expert_ffn's
+    // linear_rounded): a step's 128 columns are one block, held by the 4 lanes of token row g.
+    auto round_h = [&](uint4 (&hb)[kSpw][4]) {
 #pragma unroll
-        for (int l = 0; l < kLds; ++l) {
-            uint32_t a[2][4];
-            decode_a<F>(wv[0], wv[1], l, mlo[0], mhi[0], mlo[1], mhi[1], a);
+        for (int j = 0; j < kSpw; ++j) {
+            if (j >= ns) continue;   // warp-uniform
+            float amax = 0.0f;
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                mma_bf16(acc[nt], a[0][0], a[0][1], a[0][2], a[0][3], bv[nt][l].x, bv[nt][l].y);
-                mma_bf16(acc[nt], a[1][0], a[1][1], a[1][2], a[1][3], bv[nt][l].z, bv[nt][l].w);
+            for (int l = 0; l < 4; ++l) {
+                const uint32_t* u = reinterpret_cast<const uint32_t*>(&hb[j][l]);
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    amax = fmaxf(amax, fmaxf(fabsf(__uint_as_float(u[e] << 16)), fabsf(__uint_as_float(u[e] & 0xFFFF0000u))));
+            }
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+            const float sc = nm::fp8_scale(amax);
+#pragma unroll
+            for (int l = 0; l < 4; ++l) {
+                uint32_t* u = reinterpret_cast<uint32_t*>(&hb[j][l]);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float lo = nm::fp8_qdq(__uint_as_float(u[e] << 16), sc);
+                    const float hi = nm::fp8_qdq(__uint_as_float(u[e] & 0xFFFF0000u), sc);
+                    u[e] = (__float_as_uint(hi) & 0xFFFF0000u) | (__float_as_uint(lo) >> 16);   // exact: bf16 values
+                }
             }
         }
-        slot = slot == kL2Stages - 1 ? 0 : slot + 1;
-        if (++cs == nsw) {
-            // Entry cu done: its (slot, row) partials of this K-range, scaled by the expert's factor.
-            const float os = ent_os[cu];
-            const int m = rt.entry_cnt[cu], st0 = rt.entry_start[cu];
+    };
+    auto entry = [&](int q, uint4 (&hb)[kSpw][4], uint4 (&next)[kSpw][4]) {
+        const int m_cnt = rt.entry_cnt[q], start = rt.entry_start[q];
+        const GemmGroup G = p.table[rt.entry_exp[q]];
+        if (p.official) round_h(hb);
+        load_h(q + 1, next);
+        for (int c = 0; c < nch; ++c) {
+            const int i = q * nch + c, slot = i % p.stages;
+            mbar_wait(smem_addr(&ring_bars.full[slot]), static_cast<uint32_t>((i / p.stages) & 1));
+            const uint8_t* st = ring + static_cast<size_t>(slot) * p.stage_bytes;
+            const int nj = min(p.rb_chunk, nrb - c * p.rb_chunk);
+            float acc[kL2MaxChunk][2][4];
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+            for (int jj = 0; jj < kL2MaxChunk; ++jj) {
+                zero(acc[jj]);
+                if (jj < nj)
+                    consume<F, kSpw>(p, st + jj * kRows * p.w_row_bytes,
+                                     st + p.stage_rows * p.w_row_bytes + jj * kRows * p.s_row_bytes, s0, ns, G.bias[0],
+                                     acc[jj], [&](int j2, int l) { return hb[j2][l]; });
+            }
+            __syncwarp();
+            if (lane == 0) mbar_arrive(smem_addr(&ring_bars.empty[slot]));
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int t = nt * 8 + 2 * tig + (i & 1);
-                    if (t < m) {
-                        const int rl = g + (i >= 2 ? 8 : 0);
-                        fin[(warp * n + rt.order[st0 + t]) * kL2Rows + rl] = acc[nt][i] * os;
+            for (int jj = 0; jj < kL2MaxChunk; ++jj) {
+                if (jj >= nj) continue;
+                const int j = c * p.rb_chunk + jj;
+#pragma unroll
+                for (int v = 0; v < 4; ++v) {
+                    const int t = 2 * tig + (v & 1);
+                    if (t < m_cnt) {
+                        const int rl = g + (v >= 2 ? 8 : 0);
+                        fin[((warp * n + rt.order[start + t]) * p.rb_max + j) * kRows + rl] =
+                            (acc[jj][0][v] + acc[jj][1][v]) * G.out_scale[0];
                     }
-                    acc[nt][i] = 0.0f;
                 }
-            cs = 0;
-            ++cu;
+            }
         }
+    };
+    uint4 ha[kSpw][4], hb[kSpw][4];
+    load_h(0, ha);
+    for (int q = 0; q < Q; q += 2) {
+        entry(q, ha, hb);
+        if (q + 1 < Q) entry(q + 1, hb, ha);
     }
-    cp_async_wait<0>();
-    __syncthreads();
+    consumers_sync<kL2Warps>();
 
     // y[t, row] = shared[t, row] + Σ_s (Σ_w fin[w][t·k + s][row]), sums in fixed order from 0.
-    const int nw = static_cast<int>(ceil_div(p.steps, p.spw));
-    for (int i = static_cast<int>(threadIdx.x); i < p.T * kL2Rows; i += kThreads) {
-        const int rl = i % kL2Rows, t = i / kL2Rows;
-        const int row = row0 + rl;
+    // official: each slot's row and shared rounded to bf16 first, and y after (moe_combine's rule).
+    for (int o = static_cast<int>(threadIdx.x); o < p.T * nrb * kRows; o += kL2Warps * 32) {
+        const int rl = o % kRows, j = (o / kRows) % nrb, t = o / (kRows * nrb);
+        const int row = (ra + j) * kRows + rl;
         if (row >= p.N) continue;
         float sum = 0.0f;
         for (int s = 0; s < p.k; ++s) {
             const int sl = t * p.k + s;
             float v = 0.0f;
-            for (int w = 0; w < nw; ++w) v = __fadd_rn(v, fin[(w * n + sl) * kL2Rows + rl]);
+            for (int w = 0; w < kL2Warps; ++w) v = __fadd_rn(v, fin[((w * n + sl) * p.rb_max + j) * kRows + rl]);
+            if (p.official) v = nm::bf16_round(v);
             sum = __fadd_rn(sum, v);
         }
-        const int64_t o = static_cast<int64_t>(t) * p.N + row;
-        p.y[o] = p.shared ? __fadd_rn(p.shared[o], sum) : sum;
+        const int64_t o2 = static_cast<int64_t>(t) * p.N + row;
+        if (p.shared) sum = __fadd_rn(p.official ? nm::bf16_round(p.shared[o2]) : p.shared[o2], sum);
+        p.y[o2] = p.official ? nm::bf16_round(sum) : sum;
     }
 }
 
 // ---------------------------------------------------------------------------- host
 
-// Dynamic shared memory: L1 x [C][x_rs], the rings, the partials [wk][2][rows][C]; L2 the rings and
-// the finished partials [warp][n][rows].
-size_t l1_smem(int C, int x_rs) {
-    return static_cast<size_t>(C) * x_rs + static_cast<size_t>(kWarps) * kL1Stages * L1Stage::kBytes +
-           static_cast<size_t>(kL1Wk) * 2 * kL1Rows * C * sizeof(float);
-}
-size_t l2_smem(int nt, int C, int n) {
-    return static_cast<size_t>(kWarps) * kL2Stages * l2_stage_bytes(nt, C) +
-           static_cast<size_t>(kWarps) * n * kL2Rows * sizeof(float);
+// One stage: the 16 weight rows, then the 16 scale rows (16-byte aligned), 128-byte aligned.
+int64_t stage_bytes(const DeviceLinear& w) {
+    return round_up(kRows * w.weight_row_bytes + round_up(kRows * w.scale_row_bytes, 16), 128);
 }
 
-// CTAs of `kernel` resident on the whole GPU at `smem` bytes (cached per kernel, device, size).
-template <typename K> int64_t resident_ctas(K kernel, size_t smem) {
+int sm_count() {
     static std::mutex m;
-    static std::map<std::tuple<const void*, int, size_t>, int64_t> cache;
+    static std::map<int, int> cache;
     int dev = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
     std::lock_guard<std::mutex> lk(m);
-    const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), dev, smem);
-    auto it = cache.find(key);
+    auto it = cache.find(dev);
     if (it != cache.end()) return it->second;
-    int per_sm = 0, sms = 0;
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    int sms = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    return cache[key] = static_cast<int64_t>(per_sm) * sms;
+    return cache[dev] = sms;
 }
 
 template <typename K> void raise_smem(K kernel) {
@@ -588,70 +641,63 @@ template <typename K> void raise_smem(K kernel) {
     CUDA_CHECK(cudaGetDevice(&dev));
     std::lock_guard<std::mutex> lk(m);
     if (done.insert({reinterpret_cast<const void*>(kernel), dev}).second)
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBudget));
 }
 
-SmallParams base_params(const DeviceExperts& ex, int64_t T, int64_t k, int nt) {
-    SmallParams p{};
-    p.T = static_cast<int>(T);
-    p.k = static_cast<int>(k);
-    p.E = static_cast<int>(ex.E);
-    p.C = static_cast<int>(std::min<int64_t>(8 * nt, T));
-    return p;
+// The launch shape of both halves, from the experts' geometry and T alone (no device queries but
+// the SM count), so that moe_small_fits and the launches agree.
+struct Plan {
+    SmallParams l1{}, l2{};
+    size_t smem1 = 0, smem2 = 0;
+    int grid1 = 0, grid2 = 0;
+    bool ok = false;
+};
+
+Plan make_plan(const DeviceExperts& ex, int64_t T, int64_t k, int sms) {
+    Plan pl;
+    constexpr int kStepK = 128;   // fp4 columns per 64-byte step
+    const int C = static_cast<int>(std::min<int64_t>(8, T));
+    const int64_t n = T * k;
+    auto common = [&](SmallParams& p, const DeviceLinear& w, int64_t N, int64_t K, int warps) {
+        p.T = static_cast<int>(T);
+        p.k = static_cast<int>(k);
+        p.E = static_cast<int>(ex.E);
+        p.C = C;
+        p.N = static_cast<int>(N);
+        p.K = static_cast<int>(K);
+        p.steps = static_cast<int>(w.weight_row_bytes / kStepBytes);
+        p.w_row_bytes = w.weight_row_bytes;
+        p.s_row_bytes = w.scale_row_bytes;
+        p.spw = static_cast<int>(ceil_div(p.steps, warps));
+        p.stage_rows = kRows;
+        p.stage_bytes = static_cast<int>(stage_bytes(w));
+    };
+    // L1: the ring, x of all T tokens, the double-buffered partials [2][kL1Warps][2][16][C].
+    SmallParams& a = pl.l1;
+    common(a, ex.w1[0], ex.I, ex.D, kL1Warps);
+    a.x_rs = static_cast<int>(round_up(static_cast<int64_t>(a.steps) * kStepK * 2, 128) + Traits<LinearFormat::nvfp4>::kRowMod);
+    const int64_t fixed1 = T * a.x_rs + 2 * kL1Warps * 2 * kRows * C * 4;
+    a.stages = static_cast<int>(std::min<int64_t>(kL1StagesWanted, (kSmemBudget - fixed1) / a.stage_bytes));
+    pl.smem1 = static_cast<size_t>(a.stages * a.stage_bytes + fixed1);
+    pl.grid1 = static_cast<int>(std::min<int64_t>(sms, n * ceil_div(ex.I, kRows)));
+    // L2: the ring and the per-warp partials [kL2Warps][n][rb_max][16].
+    SmallParams& b = pl.l2;
+    common(b, ex.w2[0], ex.D, ex.I, kL2Warps);
+    const int64_t RB2 = ceil_div(ex.D, kRows);
+    pl.grid2 = static_cast<int>(std::min<int64_t>(sms, RB2));
+    b.rb_max = static_cast<int>(ceil_div(RB2, pl.grid2));
+    b.rb_chunk = static_cast<int>(std::min<int64_t>(kL2MaxChunk, b.rb_max));
+    b.stage_rows = b.rb_chunk * kRows;
+    b.stage_bytes = static_cast<int>(round_up(b.stage_rows * ex.w2[0].weight_row_bytes +
+                                              round_up(b.stage_rows * ex.w2[0].scale_row_bytes, 16), 128));
+    const int64_t fixed2 = static_cast<int64_t>(kL2Warps) * n * b.rb_max * kRows * 4;
+    b.stages = static_cast<int>(std::min<int64_t>(kL2StagesWanted, (kSmemBudget - fixed2) / b.stage_bytes));
+    pl.smem2 = static_cast<size_t>(b.stages * b.stage_bytes + fixed2);
+    pl.ok = a.stages >= kMinStages && b.stages >= kMinStages && b.spw <= kL2MaxSpw;
+    return pl;
 }
 
-// L1: w1 / w3 [I, D] → h.
-template <LinearFormat F, int NT>
-void launch_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
-               int64_t T, int64_t k, uint16_t* h, cudaStream_t stream) {
-    constexpr int kStepK = 4 * Traits<F>::kElems;
-    SmallParams p = base_params(ex, T, k, NT);
-    p.ids = ids;
-    p.wts = weights;
-    p.x = x;
-    p.h = h;
-    p.limit = limit;
-    p.table = static_cast<const GemmGroup*>(ex.l1_table);
-    p.N = static_cast<int>(ex.I);
-    p.K = static_cast<int>(ex.D);
-    p.steps = static_cast<int>(ex.w1[0].weight_row_bytes / kStepBytes);
-    p.w_row_bytes = ex.w1[0].weight_row_bytes;
-    p.s_row_bytes = ex.w1[0].scale_row_bytes;
-    p.spw = static_cast<int>(ceil_div(p.steps, kL1Wk));
-    p.x_rs = static_cast<int>(ceil_div(static_cast<int64_t>(p.steps) * kStepK * 2, 128) * 128 + Traits<F>::kRowMod);
-    const size_t smem = l1_smem(p.C, p.x_rs);
-    raise_smem(moe_small_l1_kernel<F, NT>);
-    // Row blocks per CTA: the n·RB (entry, row block) pairs spread over about one wave of CTAs, so
-    // that each CTA's fixed costs (routing, x stage, ring fill) are paid once for several blocks.
-    const int64_t RB = ceil_div(ex.I, kL1Rows), n = T * k;
-    const int64_t resident = std::max<int64_t>(1, resident_ctas(moe_small_l1_kernel<F, NT>, smem));
-    p.rpc = static_cast<int>(std::clamp<int64_t>(n * RB / resident, 1, RB));
-    CUDA_CHECK(launch_pdl(moe_small_l1_kernel<F, NT>,
-                          dim3(static_cast<unsigned>(ceil_div(RB, p.rpc)), static_cast<unsigned>(n)),
-                          dim3(kThreads), smem, stream, p));
-}
-
-// L2: h · w2 [D, I]ᵀ, combined per token (+ shared) → y.
-template <LinearFormat F, int NT>
-void launch_l2(const DeviceExperts& ex, const int32_t* ids, int64_t T, int64_t k, const uint16_t* h,
-               const float* shared, float* y, cudaStream_t stream) {
-    SmallParams p = base_params(ex, T, k, NT);
-    p.ids = ids;
-    p.h = const_cast<uint16_t*>(h);
-    p.shared = shared;
-    p.y = y;
-    p.table = static_cast<const GemmGroup*>(ex.l2_table);
-    p.N = static_cast<int>(ex.D);
-    p.K = static_cast<int>(ex.I);
-    p.steps = static_cast<int>(ex.w2[0].weight_row_bytes / kStepBytes);
-    p.w_row_bytes = ex.w2[0].weight_row_bytes;
-    p.s_row_bytes = ex.w2[0].scale_row_bytes;
-    p.spw = static_cast<int>(ceil_div(p.steps, kWarps));
-    const size_t smem = l2_smem(NT, p.C, static_cast<int>(T * k));
-    raise_smem(moe_small_l2_kernel<F, NT>);
-    CUDA_CHECK(launch_pdl(moe_small_l2_kernel<F, NT>, dim3(static_cast<unsigned>(ceil_div(ex.D, kL2Rows))),
-                          dim3(kThreads), smem, stream, p));
-}
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Checks shared by the two halves; false for T = 0 (nothing to launch).
 bool check_small(const char* what, const DeviceExperts& ex, int64_t T, const uint16_t* x, const MoeLayerWorkspace& ws) {
@@ -664,8 +710,9 @@ bool check_small(const char* what, const DeviceExperts& ex, int64_t T, const uin
     if (T == 0) return false;
     const int64_t k = ws.dispatch.k;
     MEGAMOE_CHECK(moe_small_fits(ex, T, k, x), what, ": T = ", T, ", k = ", k,
-                  " (or x's alignment, or the format) is outside the small path (T <= ", kMoeSmallMaxT, ", T*k <= ",
-                  kMoeSmallMaxSlots, ", 16-byte aligned x, NVFP4 or MXFP4)");
+                  " (or x's alignment, the format or the widths) is outside the small path (T <= ", kMoeSmallMaxT,
+                  ", T*k <= ", kMoeSmallMaxSlots, ", 16-byte aligned x and weights, NVFP4 or MXFP4, stages in ",
+                  kSmemBudget, " bytes of shared memory)");
     return true;
 }
 
@@ -674,36 +721,58 @@ bool check_small(const char* what, const DeviceExperts& ex, int64_t T, const uin
 bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_t* x_bf16) {
     if (T < 1 || T > kMoeSmallMaxT || T * k > kMoeSmallMaxSlots) return false;
     if (ex.format != LinearFormat::nvfp4 && ex.format != LinearFormat::mxfp4) return false;
-    if (reinterpret_cast<uintptr_t>(x_bf16) % 16 != 0) return false;   // the x stage copies 16 bytes
-    // Shared memory of the largest instance (L1 stages up to C = 16 x rows of D bf16).
-    const int64_t x_rs = ceil_div(ex.D * 2, 128) * 128 + 32;   // fp4 kRowMod
-    const int C = static_cast<int>(T);   // T ≤ 8: one n8 token tile (NT = 1)
-    return l1_smem(C, static_cast<int>(x_rs)) <= 200 * 1024 && l2_smem(1, C, static_cast<int>(T * k)) <= 200 * 1024;
+    if (!aligned16(x_bf16)) return false;   // the x stage copies 16 bytes
+    for (const auto* ws : {&ex.w1, &ex.w3, &ex.w2})
+        for (const DeviceLinear& w : *ws)
+            if (!aligned16(w.weight) || !aligned16(w.scale)) return false;   // bulk copies: 16-byte sources
+    return make_plan(ex, T, k, sm_count()).ok;
 }
 
 void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
-                  int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream) {
+                  int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     if (!check_small("moe_small_l1", ex, T, x, ws)) return;
-    const int64_t k = ws.dispatch.k;
-    uint16_t* h = ws.h.data();
-    if (ex.format == LinearFormat::nvfp4) launch_l1<LinearFormat::nvfp4, 1>(ex, limit, x, ids, weights, T, k, h, stream);
-    else launch_l1<LinearFormat::mxfp4, 1>(ex, limit, x, ids, weights, T, k, h, stream);
+    Plan pl = make_plan(ex, T, ws.dispatch.k, sm_count());
+    SmallParams& p = pl.l1;
+    p.table = static_cast<const GemmGroup*>(ex.l1_table);
+    p.ids = ids;
+    p.wts = weights;
+    p.x = x;
+    p.h = ws.h.data();
+    p.limit = limit;
+    p.official = nm == Numerics::official;
+    const bool xr = p.spw <= kL1XRegSteps;   // V4-Flash: 4 steps per warp; V4-Pro: 7 (from shared memory)
+    auto kernel = ex.format == LinearFormat::nvfp4
+                      ? (xr ? moe_small_l1_kernel<LinearFormat::nvfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::nvfp4, 0>)
+                      : (xr ? moe_small_l1_kernel<LinearFormat::mxfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::mxfp4, 0>);
+    raise_smem(kernel);
+    CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid1)), dim3((kL1Warps + 1) * 32), pl.smem1, stream, p));
 }
 
 void moe_small_l2(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T, const float* shared,
-                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream) {
+                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     if (!check_small("moe_small_l2", ex, T, x, ws)) return;
-    const int64_t k = ws.dispatch.k;
-    const uint16_t* h = ws.h.data();
-    if (ex.format == LinearFormat::nvfp4) launch_l2<LinearFormat::nvfp4, 1>(ex, ids, T, k, h, shared, y, stream);
-    else launch_l2<LinearFormat::mxfp4, 1>(ex, ids, T, k, h, shared, y, stream);
+    Plan pl = make_plan(ex, T, ws.dispatch.k, sm_count());
+    SmallParams& p = pl.l2;
+    p.table = static_cast<const GemmGroup*>(ex.l2_table);
+    p.ids = ids;
+    p.h = ws.h.data();
+    p.shared = shared;
+    p.y = y;
+    p.official = nm == Numerics::official;
+    // The h fragments' register sets are sized by the steps per warp (V4-Flash 1, V4-Pro 2).
+    auto kernel = ex.format == LinearFormat::nvfp4
+                      ? (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::nvfp4, 1> : moe_small_l2_kernel<LinearFormat::nvfp4, 2>)
+                      : (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::mxfp4, 1> : moe_small_l2_kernel<LinearFormat::mxfp4, 2>);
+    raise_smem(kernel);
+    CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid2)), dim3((kL2Warps + 1) * 32), pl.smem2, stream, p));
 }
 
 void moe_layer_small(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
-                     int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws, CUstream_st* stream) {
+                     int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws, CUstream_st* stream,
+                     Numerics nm) {
     if (!check_small("moe_layer_small", ex, T, x, ws)) return;
-    moe_small_l1(ex, limit, x, ids, weights, T, ws, stream);
-    moe_small_l2(ex, x, ids, T, shared, y, ws, stream);
+    moe_small_l1(ex, limit, x, ids, weights, T, ws, stream, nm);
+    moe_small_l2(ex, x, ids, T, shared, y, ws, stream, nm);
 }
 
 }  // namespace megamoe::cuda

@@ -843,10 +843,21 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     linear_side(d.sh_w2, ws.sh_h, T, ws.sh_out, h8 ? &ha8 : nullptr);
     mark("moe.shared");
     // official: the experts are quantized, so they take xq; see moe_layer_routed for the rest.
-    cuda::moe_layer_routed(d.experts, limit, official() ? ws.xq : ws.xn, ws.ids, ws.wts, T, moe_ws, stream,
-                           cuda::Tile::automatic, nm);
-    join();
-    cuda::moe_layer_combine(moe_ws, T, ws.sh_out, ws.y, stream, nm);
+    const uint16_t* xe = official() ? ws.xq : ws.xn;
+    // The small-T path where it measured faster end to end (H200, megamoe-forward-bench, 20 V4-Flash
+    // layers, docs/bench-forward.md): exact numerics at 1-2 tokens (B = 2: 5301 against 5432 µs per
+    // step; B = 1 even). Not under official numerics: there B = 1 measured 5114 against 4496 µs.
+    const bool small = opt.moe_small && T <= 2 && !official() && cuda::moe_small_fits(d.experts, T, k, xe);
+    if (small) {
+        // Few tokens: L1 reads its routing from ids, L2 combines and adds the shared expert itself.
+        cuda::moe_small_l1(d.experts, limit, xe, ws.ids, ws.wts, T, moe_ws, stream, nm);
+        join();
+        cuda::moe_small_l2(d.experts, xe, ws.ids, T, ws.sh_out, ws.y, moe_ws, stream, nm);
+    } else {
+        cuda::moe_layer_routed(d.experts, limit, xe, ws.ids, ws.wts, T, moe_ws, stream, cuda::Tile::automatic, nm);
+        join();
+        cuda::moe_layer_combine(moe_ws, T, ws.sh_out, ws.y, stream, nm);
+    }
     mark("moe.experts");
 }
 

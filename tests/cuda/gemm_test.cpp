@@ -1071,6 +1071,43 @@ TEST(CudaMoeLayer, LayerMatchesCpuCompositionFlashDims) {
     }
 }
 
+// The CPU's official routed-expert layer on c (x already FP8-rounded: xf; cb: c with shared
+// rounded to bf16): ops::expert_ffn per expert in the routing's order, the combine, y rounded.
+std::vector<float> official_y(const HostExperts& hx, const MoeCase& c, const std::vector<float>& xf, const Route& r,
+                              const MoeCase& cb) {
+    const int64_t T = c.T, k = c.k, D = hx.D, E = hx.E, N = T * k;
+    std::vector<float> rows_c(static_cast<size_t>(N * D));
+    for (int64_t e = 0; e < E; ++e) {
+        const int64_t o = r.offsets[static_cast<size_t>(e)], n = r.offsets[static_cast<size_t>(e + 1)] - o;
+        if (n == 0) continue;
+        std::vector<float> xs(static_cast<size_t>(n * D)), we(static_cast<size_t>(n));
+        for (int64_t j = 0; j < n; ++j) {
+            const int32_t slot = r.perm[static_cast<size_t>(o + j)];
+            std::copy_n(xf.begin() + (slot / k) * D, D, xs.begin() + j * D);
+            we[static_cast<size_t>(j)] = c.wts[static_cast<size_t>(slot)];
+        }
+        ops::expert_ffn(hx.experts[static_cast<size_t>(e)], kLimit, xs.data(), n, we.data(), rows_c.data() + o * D,
+                        Numerics::official);
+    }
+    std::vector<float> y_c = combine(rows_c, r.inv, cb, D);
+    ops::round_bf16(Numerics::official, y_c.data(), T * D);
+    return y_c;
+}
+
+// The worst per-token cosine of a against b ([T, D]) and the largest |a - b| (into worst, max_d).
+void worst_cosine(const std::vector<float>& a_, const std::vector<float>& b_, int64_t T, int64_t D, double& worst,
+                  double& max_d) {
+    for (int64_t t = 0; t < T; ++t) {
+        double ab = 0, aa = 0, bb = 0;
+        for (int64_t d = 0; d < D; ++d) {
+            const double a = a_[static_cast<size_t>(t * D + d)], b = b_[static_cast<size_t>(t * D + d)];
+            ab += a * b, aa += a * a, bb += b * b;
+            max_d = std::max(max_d, std::fabs(a - b));
+        }
+        worst = std::min(worst, ab / std::sqrt(aa * bb));
+    }
+}
+
 // Official numerics (moe_layer_routed / moe_layer_combine with Numerics::official; ops::moe's
 // official numerics): x given FP8-rounded, as the runner passes xq. Checked three ways:
 //  (a) h is FP8-rounded in 128-blocks: ops::round_gemm_input leaves the GPU's h unchanged (it is
@@ -1122,32 +1159,50 @@ TEST(CudaMoeLayer, OfficialNumericsMatchCpuOfficial) {
             EXPECT_EQ(first_mismatch(y_gpu, y_b), -1) << "y is not the official combine of the GPU's rows";
 
             // (c)
-            std::vector<float> rows_c(static_cast<size_t>(N * D));
-            for (int64_t e = 0; e < E; ++e) {
-                const int64_t o = r.offsets[static_cast<size_t>(e)], n = r.offsets[static_cast<size_t>(e + 1)] - o;
-                if (n == 0) continue;
-                std::vector<float> xs(static_cast<size_t>(n * D)), we(static_cast<size_t>(n));
-                for (int64_t j = 0; j < n; ++j) {
-                    const int32_t slot = r.perm[static_cast<size_t>(o + j)];
-                    std::copy_n(xf.begin() + (slot / k) * D, D, xs.begin() + j * D);
-                    we[static_cast<size_t>(j)] = c.wts[static_cast<size_t>(slot)];
-                }
-                ops::expert_ffn(hx.experts[static_cast<size_t>(e)], kLimit, xs.data(), n, we.data(),
-                                rows_c.data() + o * D, Numerics::official);
-            }
-            std::vector<float> y_c = combine(rows_c, r.inv, cb, D);
-            ops::round_bf16(Numerics::official, y_c.data(), T * D);
             double worst = 1, max_d = 0;
-            for (int64_t t = 0; t < T; ++t) {
-                double ab = 0, aa = 0, bb = 0;
-                for (int64_t d = 0; d < D; ++d) {
-                    const double a = y_gpu[static_cast<size_t>(t * D + d)], b = y_c[static_cast<size_t>(t * D + d)];
-                    ab += a * b, aa += a * a, bb += b * b;
-                    max_d = std::max(max_d, std::fabs(a - b));
-                }
-                worst = std::min(worst, ab / std::sqrt(aa * bb));
-            }
+            worst_cosine(y_gpu, official_y(hx, c, xf, r, cb), T, D, worst, max_d);
             std::printf("  official %s T=%ld: y vs CPU official, worst per-token cosine %.7f, max |d| %.4g\n",
+                        fmt_name(f), static_cast<long>(T), worst, max_d);
+            EXPECT_GE(worst, 0.999);
+            if (HasFailure()) return;
+        }
+    }
+}
+
+// The small-T path under official numerics (what the runner runs at batch 1 with --numerics
+// official): y against the CPU's official composition, as (c) above, on V4-Flash widths (D = 4096,
+// I = 2048, fewer experts); and y is bf16-valued (the official combine rounds it).
+TEST(CudaMoeLayer, SmallPathOfficialNumericsMatchCpuOfficial) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 4096, I = 2048, k = 6, E = 8;
+    uint32_t seed = 56000;
+    for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        const HostExperts hx = make_experts(f, E, D, I, seed += 1000);
+        cuda::DeviceExperts dex(hx.experts);
+        cuda::MoeLayerWorkspace ws(8, k, dex);
+        for (int64_t T : {1, 3, 8}) {
+            SCOPED_TRACE(str(fmt_name(f), " T=", T));
+            MoeCase c = make_case(T == 3 ? Routing::hot : Routing::uniform, T, k, E, D, true, ++seed);
+            std::vector<float> xf = widen(c.x);
+            ops::round_gemm_input(Numerics::official, xf.data(), T, D);
+            for (size_t i = 0; i < xf.size(); ++i) c.x[i] = f32_to_bf16(xf[i]);
+            DeviceInputs in(T, k, D);
+            in.upload(c);
+            ASSERT_TRUE(cuda::moe_small_fits(dex, T, k, in.x.data()));
+            DeviceArray<float> y(static_cast<size_t>(T * D));
+            poison(y.data(), y.size());
+            cuda::moe_layer_small(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, in.shared.data(), y.data(),
+                                  ws, nullptr, Numerics::official);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            const std::vector<float> y_gpu = to_host(y.data(), y.size());
+            std::vector<float> y_round = y_gpu;
+            ops::round_bf16(Numerics::official, y_round.data(), T * D);
+            EXPECT_EQ(first_mismatch(y_gpu, y_round), -1) << "y is not bf16-rounded";
+            MoeCase cb = c;
+            ops::round_bf16(Numerics::official, cb.shared.data(), T * D);
+            double worst = 1, max_d = 0;
+            worst_cosine(y_gpu, official_y(hx, c, xf, cpu_route(c, E), cb), T, D, worst, max_d);
+            std::printf("  small path, official %s T=%ld: y vs CPU official, worst per-token cosine %.7f, max |d| %.4g\n",
                         fmt_name(f), static_cast<long>(T), worst, max_d);
             EXPECT_GE(worst, 0.999);
             if (HasFailure()) return;
