@@ -30,7 +30,7 @@
 // --bf16-linears: official numerics without the FP8 × FP8 linears (RunnerOptions::fp8_activations
 //   off: the BF16 path on the same rounded inputs), to compare.
 // --no-moe-small: the routed experts through moe_layer at every batch (RunnerOptions::moe_small
-//   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens, exact).
+//   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
 // --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
 // records (span, kernel time, idle time, a table by kernel, and its first N kernels).

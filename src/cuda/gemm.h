@@ -191,7 +191,7 @@ void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, fl
 // least two ring stages of each half fit its shared memory beside x (V4-Pro: T ≤ 4);
 // moe_layer_small throws otherwise. Measured against moe_layer on an H200 (docs/bench-gemm.md,
 // "small-T path"): faster at T = 1 (V4-Flash NVFP4 46.2 against 54.0 µs), even at T = 2-4, slower
-// at T = 8; the runner takes it at 1-2 tokens under exact numerics (runner.cpp says why).
+// at T = 8; the runner takes it at 1-2 tokens (runner.cpp says why).
 constexpr int64_t kMoeSmallMaxT = 8;       // one n8 MMA token tile
 constexpr int64_t kMoeSmallMaxSlots = 64;
 bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_t* x_bf16);

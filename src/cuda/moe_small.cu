@@ -526,26 +526,22 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
 #pragma unroll
         for (int j = 0; j < kSpw; ++j) {
             if (j >= ns) continue;   // warp-uniform
-            float amax = 0.0f;
+            uint32_t m2 = 0;   // |bf16| pairs, max per half (integer max of magnitudes = value max)
 #pragma unroll
             for (int l = 0; l < 4; ++l) {
                 const uint32_t* u = reinterpret_cast<const uint32_t*>(&hb[j][l]);
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    amax = fmaxf(amax, fmaxf(fabsf(__uint_as_float(u[e] << 16)), fabsf(__uint_as_float(u[e] & 0xFFFF0000u))));
+                for (int e = 0; e < 4; ++e) m2 = __vmaxu2(m2, u[e] & 0x7FFF7FFFu);
             }
+            float amax = fmaxf(__uint_as_float(m2 << 16), __uint_as_float(m2 & 0xFFFF0000u));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
             amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-            const float sc = nm::fp8_scale(amax);
+            const float sc = nm::fp8_scale(amax), inv = 1.0f / sc;   // powers of two: inv is exact
 #pragma unroll
             for (int l = 0; l < 4; ++l) {
                 uint32_t* u = reinterpret_cast<uint32_t*>(&hb[j][l]);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float lo = nm::fp8_qdq(__uint_as_float(u[e] << 16), sc);
-                    const float hi = nm::fp8_qdq(__uint_as_float(u[e] & 0xFFFF0000u), sc);
-                    u[e] = (__float_as_uint(hi) & 0xFFFF0000u) | (__float_as_uint(lo) >> 16);   // exact: bf16 values
-                }
+                for (int e = 0; e < 4; ++e) u[e] = nm::fp8_qdq_bf16x2(u[e], sc, inv);
             }
         }
     };

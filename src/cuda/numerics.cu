@@ -232,6 +232,14 @@ scalar_op_kernel(ScalarOp op, const float* __restrict__ x, const float* __restri
         case ScalarOp::e2m1_round: r = nm::e2m1_round(v); break;
         case ScalarOp::fp8_qdq: r = nm::fp8_qdq(v, s[i]); break;
         case ScalarOp::fp4_qdq: r = nm::fp4_qdq(v, s[i]); break;
+        case ScalarOp::fp8_qdq_bf16x2: {
+            const int64_t e = i & ~int64_t(1);
+            const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(x[e]));
+            const uint32_t hi = e + 1 < n ? __bfloat16_as_ushort(__float2bfloat16_rn(x[e + 1])) : 0u;
+            const uint32_t q = nm::fp8_qdq_bf16x2(lo | (hi << 16), s[i], 1.0f / s[i]);
+            r = __uint_as_float(i & 1 ? q & 0xFFFF0000u : q << 16);
+            break;
+        }
     }
     y[i] = r;
 }
@@ -319,7 +327,7 @@ void round_bf16_inplace(float* x, int64_t n, CUstream_st* stream) {
 void scalar_op_values(ScalarOp op, const float* x, const float* s, int64_t n, float* y, CUstream_st* stream) {
     if (n < 0) fail("scalar_op_values: n=", n, " is negative");
     if (n == 0) return;
-    const bool needs_s = op == ScalarOp::fp8_qdq || op == ScalarOp::fp4_qdq;
+    const bool needs_s = op == ScalarOp::fp8_qdq || op == ScalarOp::fp4_qdq || op == ScalarOp::fp8_qdq_bf16x2;
     if (!x || !y || (needs_s && !s)) fail("scalar_op_values: null x/s/y");
     rk::launch(scalar_op_kernel, dim3(grid_of(n, kThreads, "scalar_op_values")), dim3(kThreads), 0, stream, op, x, s,
                n, y);

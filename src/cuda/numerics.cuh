@@ -20,6 +20,7 @@
 #include <cuda_fp8.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace megamoe::cuda::nm {
 
@@ -61,6 +62,20 @@ __device__ __forceinline__ uint8_t scale_byte(float s) { return static_cast<uint
 __device__ __forceinline__ float fp8_qdq(float x, float s) {
     const float v = fminf(fmaxf(x / s, -448.0f), 448.0f);
     return bf16_round(e4m3_round(v) * s);
+}
+
+// fp8_qdq of a packed bf16 pair (low half first) at a power-of-two scale s, inv_s = 1 / s (exact):
+// bit-identical to fp8_qdq on each half (x · (1/s) is x / s when 1/s is exact; the saturating
+// conversion clamps to ±448 as fp8_qdq's clamp does; e4m3 · s is exact in bf16), in ~9
+// instructions per pair where fp8_qdq's division alone takes more.
+__device__ __forceinline__ uint32_t fp8_qdq_bf16x2(uint32_t v, float s, float inv_s) {
+    const float2 x = make_float2(__uint_as_float(v << 16) * inv_s, __uint_as_float(v & 0xFFFF0000u) * inv_s);
+    const __nv_fp8x2_storage_t q = __nv_cvt_float2_to_fp8x2(x, __NV_SATFINITE, __NV_E4M3);
+    const float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(q, __NV_E4M3)));
+    const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * s, f.y * s);
+    uint32_t u;
+    memcpy(&u, &b, 4);
+    return u;
 }
 
 __device__ __forceinline__ float fp4_scale(float amax) {

@@ -57,6 +57,8 @@ enum class ScalarOp : int32_t {
     e2m1_round,   // y = nm::e2m1_round(x)
     fp8_qdq,      // y = nm::fp8_qdq(x, s)
     fp4_qdq,      // y = nm::fp4_qdq(x, s)
+    fp8_qdq_bf16x2,   // y = x's half of nm::fp8_qdq_bf16x2 on the bf16 pair {bf16(x[i & ~1]),
+                      //     bf16(x[i | 1])} (0 past n) at s[i] (a power of two)
 };
 // x, y f32 [n] device; s f32 [n] device (the qdq ops only, else may be null).
 void scalar_op_values(ScalarOp op, const float* x, const float* s, int64_t n, float* y, CUstream_st* stream);

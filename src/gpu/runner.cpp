@@ -844,10 +844,11 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     mark("moe.shared");
     // official: the experts are quantized, so they take xq; see moe_layer_routed for the rest.
     const uint16_t* xe = official() ? ws.xq : ws.xn;
-    // The small-T path where it measured faster end to end (H200, megamoe-forward-bench, 20 V4-Flash
-    // layers, docs/bench-forward.md): exact numerics at 1-2 tokens (B = 2: 5301 against 5432 µs per
-    // step; B = 1 even). Not under official numerics: there B = 1 measured 5114 against 4496 µs.
-    const bool small = opt.moe_small && T <= 2 && !official() && cuda::moe_small_fits(d.experts, T, k, xe);
+    // The small-T path at 1-2 tokens, where it measured faster end to end (H200, megamoe-forward-bench
+    // --model flash --layers 20, docs/bench-gemm.md "small-T path"): B = 1 / 2 exact 4472 / 5309
+    // against 4494 / 5490 µs per step, official 4405 / 5288 against 4502 / 5357. From T = 4 up the
+    // expert layer alone measured even or slower (integer-pipe bound decode; moe_small.cu).
+    const bool small = opt.moe_small && T <= 2 && cuda::moe_small_fits(d.experts, T, k, xe);
     if (small) {
         // Few tokens: L1 reads its routing from ids, L2 combines and adds the shared expert itself.
         cuda::moe_small_l1(d.experts, limit, xe, ws.ids, ws.wts, T, moe_ws, stream, nm);

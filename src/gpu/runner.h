@@ -41,9 +41,9 @@ struct RunnerOptions {
                                        // block also each slot's draft logits (speculative sampling)
     bool    side_stream = true;        // independent work (the kv latent, the compressors, the shared
                                        // expert) on a second stream beside the main chain
-    bool    moe_small = true;          // 1-2 tokens, exact numerics: the routed experts through the
-                                       // two-launch small-T path (cuda::moe_small_l1 / l2) where it
-                                       // applies (runner.cpp says why there); off: moe_layer always
+    bool    moe_small = true;          // 1-2 tokens: the routed experts through the two-launch
+                                       // small-T path (cuda::moe_small_l1 / l2) where it applies
+                                       // (runner.cpp says why there); off: moe_layer always
     bool    fp8_activations = true;    // official numerics, ≤ 16 tokens: FP8 linears run FP8 × FP8
                                        // (cuda::linear_fp8_act) on their input's codes; off: the BF16
                                        // path on the same rounded values (for comparison)

@@ -1,12 +1,13 @@
 // numerics_test.cpp — the official numerics' GPU roundings (src/cuda/numerics.h) and their scalar
 // device steps (src/cuda/numerics.cuh) against the CPU twins, bit for bit:
 //   CudaNumerics.ScalarStepsMatchFormats        nm::bf16_round, pow2_ceil, fp8_scale, fp4_scale,
-//       e4m3_round, e2m1_round, fp8_qdq, fp4_qdq (through scalar_op_values) against io/formats.h
-//       (f32_to_bf16, e8m0_ceil, f32_to_e4m3 / e4m3_to_f32, f32_to_e2m1 / e2m1_to_f32) and the element
-//       steps of ref/ops_numerics.cpp, on 2^18 random finite floats of every exponent and on the
-//       boundaries: every e4m3 and e2m1 value and the midpoints between neighbours (ties to even)
-//       with their f32 neighbours, the saturation points (448, 464, 5, 6), the e4m3 subnormal
-//       range and its cut-off (2^-10, 2^-17), ±0, f32 subnormals, powers of two ± 1 ulp.
+//       e4m3_round, e2m1_round, fp8_qdq (and its packed-pair form fp8_qdq_bf16x2), fp4_qdq
+//       (through scalar_op_values) against io/formats.h (f32_to_bf16, e8m0_ceil, f32_to_e4m3 /
+//       e4m3_to_f32, f32_to_e2m1 / e2m1_to_f32) and the element steps of ref/ops_numerics.cpp,
+//       on 2^18 random finite floats of every exponent and on the boundaries: every e4m3 and e2m1
+//       value and the midpoints between neighbours (ties to even) with their f32 neighbours, the
+//       saturation points (448, 464, 5, 6), the e4m3 subnormal range and its cut-off (2^-10,
+//       2^-17), ±0, f32 subnormals, powers of two ± 1 ulp.
 //   CudaNumerics.Fp8BlockRoundMatchesRoundGemmInput   rows 1, 3, 16 × K 4096, 7168, 1024, 512 in
 //       128-blocks (V4-Flash / Pro hidden sizes, q_lora, the tiny model): ops::round_gemm_input.
 //   CudaNumerics.Fp8BlockRoundMatchesRoundKvLatent    kv rows [n, 512] with rope 64 (width 448 in
@@ -132,6 +133,7 @@ float cpu_op(ScalarOp op, float x, float s) {
         case ScalarOp::e2m1_round: return cpu_e2m1(x);
         case ScalarOp::fp8_qdq: return cpu_fp8_qdq(x, s);
         case ScalarOp::fp4_qdq: return cpu_fp4_qdq(x, s);
+        case ScalarOp::fp8_qdq_bf16x2: return cpu_fp8_qdq(bf16r(x), s);
     }
     return 0.0f;
 }
@@ -145,6 +147,7 @@ const char* op_name(ScalarOp op) {
         case ScalarOp::e2m1_round: return "e2m1_round";
         case ScalarOp::fp8_qdq: return "fp8_qdq";
         case ScalarOp::fp4_qdq: return "fp4_qdq";
+        case ScalarOp::fp8_qdq_bf16x2: return "fp8_qdq_bf16x2";
     }
     return "?";
 }
@@ -258,6 +261,8 @@ TEST(CudaNumerics, ScalarStepsMatchFormats) {
             ss.push_back(s);
         }
         check_scalar(op, xs, ss);
+        // The packed-pair form (moe_small.cu's official h rounding) on the same values taken as bf16.
+        if (fp8) check_scalar(ScalarOp::fp8_qdq_bf16x2, xs, ss);
     }
 }
 
