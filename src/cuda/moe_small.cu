@@ -42,8 +42,9 @@
 // against 242 µs). What bounds it, by taking halves away in a temporary build (consumers that skip
 // the math: the stream alone; a producer that copies nothing: the math alone): at T = 1 the stream
 // alone took 30.5 µs (at T = 8, 85% of copy bandwidth) and the math alone 43.5 µs. The math is
-// bound by the integer pipe: the FP4 → BF16 decode is ~1.25 LOP3/SHF per weight (fp4x8_bits), an
-// SM sub-partition issues integer ops at half rate, and the consumers reach ~0.45 issued
+// bound by the integer pipe: the FP4 → BF16 decode was ~1.25 LOP3/SHF per weight (fp4x8_bits; 1.0
+// since, plus shifts the compiler may move to the FMA pipe), an SM sub-partition issues integer ops
+// at half rate, and the consumers reach ~0.45 issued
 // instructions per cycle per scheduler (Nsight Compute: math-pipe throttle, then wait and
 // not-selected stalls). 16 L1 consumer warps measured no faster. One bulk copy per weight row
 // (rows padded apart in shared memory against the 2-way bank conflict of rows g, g + 1 in a
