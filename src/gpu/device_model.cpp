@@ -74,8 +74,9 @@ struct Placer {
         }
         return cuda::DeviceExperts(std::move(w1), std::move(w3), std::move(w2), arena);
     }
-    // One V4 block (a main layer or the MTP block): norms, mHC, attention, MoE.
-    DeviceLayer block(const BlockWeights& b, const ModelConfig& c) {
+    // One V4 block (a main layer or the MTP block): norms, mHC, attention, MoE. held: the routed
+    // experts to upload, in this order (null: all).
+    DeviceLayer block(const BlockWeights& b, const ModelConfig& c, const std::vector<int32_t>* held = nullptr) {
         using F = cuda::SynthFill;
         DeviceLayer d;
         d.kind = b.attn.kind;
@@ -122,7 +123,14 @@ struct Placer {
             }
             d.tid2eid = put_vec(t32, "gate.tid2eid");
         }
-        d.experts = experts(f.experts);
+        if (held == nullptr) {
+            d.experts = experts(f.experts);
+        } else {
+            std::vector<ExpertWeights> mine;   // views: no bytes are read here
+            mine.reserve(held->size());
+            for (int32_t e : *held) mine.push_back(f.experts[static_cast<size_t>(e)]);
+            d.experts = experts(mine);
+        }
         d.sh_w1 = linear(f.shared.w1);
         d.sh_w3 = linear(f.shared.w3);
         d.sh_w2 = linear(f.shared.w2);
@@ -147,15 +155,54 @@ struct ShapeOnly : WeightVisitor {
     }
 };
 
+// The head rows [b, e) as a Linear view (a row-major weight without block scales: bf16 / f32).
+Linear head_rows(const Linear& h, int64_t b, int64_t e) {
+    Linear v = h;
+    v.out = e - b;
+    v.weight.shape[0] = e - b;
+    if (v.weight.data != nullptr)
+        v.weight.data = static_cast<uint8_t*>(v.weight.data) + b * h.in * static_cast<int64_t>(dtype_size(h.weight.dtype));
+    return v;
+}
+
+// Checks a shard against the model's shape; throws naming the field.
+void check_shard(const ModelConfig& c, const Weights& w, const WeightShard& s) {
+    if (!s.held.empty()) {
+        MEGAMOE_CHECK(s.held.size() == w.layers.size(), "WeightShard: held has ", s.held.size(),
+                      " layers, the model has num_hidden_layers = ", w.layers.size());
+        for (size_t l = 0; l < s.held.size(); ++l) {
+            const auto& h = s.held[l];
+            MEGAMOE_CHECK(!h.empty(), "WeightShard: layer ", l, " holds no routed expert");
+            for (size_t i = 0; i < h.size(); ++i) {
+                MEGAMOE_CHECK(h[i] >= 0 && h[i] < c.n_routed_experts, "WeightShard: layer ", l, " expert id ", h[i],
+                              " is outside [0, n_routed_experts = ", c.n_routed_experts, ")");
+                MEGAMOE_CHECK(i == 0 || h[i] > h[i - 1], "WeightShard: layer ", l,
+                              " expert ids are not strictly ascending (", h[i - 1], ", ", h[i], ")");
+            }
+        }
+    }
+    if (s.head_end >= 0 || s.head_begin != 0) {
+        MEGAMOE_CHECK(s.head_begin >= 0 && s.head_begin < s.head_end && s.head_end <= c.vocab_size,
+                      "WeightShard: head rows [", s.head_begin, ", ", s.head_end, ") are not inside [0, vocab_size = ",
+                      c.vocab_size, ")");
+        MEGAMOE_CHECK(w.head.format == LinearFormat::bf16 || w.head.format == LinearFormat::f32,
+                      "WeightShard: the head is ", format_info(w.head.format).name,
+                      "; only a bf16 / f32 head is split by rows");
+    }
+}
+
 }  // namespace
 
 void DeviceModel::place(const ModelConfig& c, const Weights& w, const ops::RopeTable& rope_m,
-                        const ops::RopeTable& rope_c, cuda::DeviceArena& arena, const Source& src) {
+                        const ops::RopeTable& rope_c, cuda::DeviceArena& arena, const Source& src,
+                        const WeightShard& shard) {
     using F = cuda::SynthFill;
+    check_shard(c, w, shard);
     Placer P{arena, src};
     cfg_ = c;
     embed = P.put<uint16_t>(w.embed, "embed", F::bf16_small);
-    head = P.linear(w.head);
+    head = shard.head_end < 0 && shard.head_begin == 0 ? P.linear(w.head)
+                                                        : P.linear(head_rows(w.head, shard.head_begin, shard.head_end));
     norm = P.put<uint16_t>(w.norm, "norm", F::bf16_one);
     hc_head_fn = P.put<float>(w.hc_head.fn, "hc_head_fn", F::f32_small);
     hc_head_base = P.put<float>(w.hc_head.base, "hc_head_base", F::f32_small);
@@ -165,7 +212,8 @@ void DeviceModel::place(const ModelConfig& c, const Weights& w, const ops::RopeT
 
     layers.clear();
     layers.resize(w.layers.size());
-    for (size_t l = 0; l < w.layers.size(); ++l) layers[l] = P.block(w.layers[l], c);
+    for (size_t l = 0; l < w.layers.size(); ++l)
+        layers[l] = P.block(w.layers[l], c, shard.held.empty() ? nullptr : &shard.held[l]);
     mtp.reset();
     if (w.mtp) {
         const MtpWeights& m = *w.mtp;
@@ -189,6 +237,13 @@ size_t DeviceModel::plan_bytes(const Model& m) {
     return counter.used();
 }
 
+size_t DeviceModel::plan_bytes(const Model& m, const WeightShard& shard) {
+    DeviceModel counting;
+    cuda::DeviceArena counter;
+    counting.place(m.cfg, m.w, m.rope_main, m.rope_compress, counter, Source{}, shard);
+    return counter.used();
+}
+
 size_t DeviceModel::plan_bytes(const ModelConfig& c) {
     Weights shapes;
     ShapeOnly so;
@@ -205,6 +260,13 @@ size_t DeviceModel::plan_bytes(const ModelConfig& c) {
 
 DeviceModel::DeviceModel(const Model& m) : cfg_(m.cfg), arena_(plan_bytes(m), "model weights") {
     place(m.cfg, m.w, m.rope_main, m.rope_compress, arena_, Source{});
+    const cudaError_t e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) fail("DeviceModel: upload: ", cudaGetErrorString(e));
+}
+
+DeviceModel::DeviceModel(const Model& m, const WeightShard& shard)
+    : cfg_(m.cfg), arena_(plan_bytes(m, shard), "model weights (one GPU's share)") {
+    place(m.cfg, m.w, m.rope_main, m.rope_compress, arena_, Source{}, shard);
     const cudaError_t e = cudaDeviceSynchronize();
     if (e != cudaSuccess) fail("DeviceModel: upload: ", cudaGetErrorString(e));
 }

@@ -67,15 +67,34 @@ struct DeviceMtp {
     const float* hc_head_scale = nullptr;    // [1]
 };
 
+// One GPU's share of an expert-parallel model (docs/multi-gpu.md §6, step 3; the tensors it names
+// are dist::plan_rank_loads' RankLoad): the routed experts it holds in every main layer, in its
+// local order (global ids ascending, ExpertPartition::held[rank]), and the rows of the head its
+// logits slice needs (dist::split_vocab). Everything else is replicated; the MTP block too (not
+// split yet, dist/partition.h). The default shard is the whole model.
+struct WeightShard {
+    std::vector<std::vector<int32_t>> held;   // [main layers][E/N] global expert ids; empty: every expert
+    int64_t head_begin = 0, head_end = -1;    // head rows [head_begin, head_end) of V; head_end < 0: all
+    bool whole() const { return held.empty() && head_begin == 0 && head_end < 0; }
+};
+
 class DeviceModel {
 public:
     // Uploads every weight of `m`, the MTP block included when the checkpoint has one. Synchronous.
     explicit DeviceModel(const Model& m);
+    // Uploads only `shard`'s weights of `m` (per-GPU loading): layers[l].experts then holds
+    // shard.held[l] in that order, `head` the rows [head_begin, head_end). Nothing reads the other
+    // experts' or rows' bytes of the mapped checkpoint. Such a model is not yet runnable: the
+    // runner's expert-parallel exchange is not built (docs/multi-gpu.md §5). Throws Error on a shard
+    // that does not fit m (layer count, expert ids out of range or not ascending, head range, a
+    // block-scaled head), naming the field.
+    DeviceModel(const Model& m, const WeightShard& shard);
     // A model of config `c` with random weights made on the GPU (cuda/synth.h), in the same layout
     // (benchmarks of models too large for a checkpoint on disk).
     DeviceModel(const ModelConfig& c, uint64_t seed);
     // Bytes the upload takes on the device (a counting pass over the same walk; no GPU needed).
     static size_t plan_bytes(const Model& m);
+    static size_t plan_bytes(const Model& m, const WeightShard& shard);
     static size_t plan_bytes(const ModelConfig& c);
 
     const ModelConfig& cfg() const { return cfg_; }
@@ -100,7 +119,8 @@ private:
     DeviceModel() = default;   // for the counting pass
     // The one walk over the weights (counting or real arena; copies from `src` or synthesizes).
     void place(const ModelConfig& c, const Weights& w, const ops::RopeTable& rope_main,
-               const ops::RopeTable& rope_compress, cuda::DeviceArena& arena, const Source& src);
+               const ops::RopeTable& rope_compress, cuda::DeviceArena& arena, const Source& src,
+               const WeightShard& shard = {});
     ModelConfig cfg_;
     cuda::DeviceArena arena_;
 };

@@ -24,6 +24,9 @@
 #include <numeric>
 
 #include "cuda/kv_row.h"
+#include "dist/load.h"
+#include "dist/partition.h"
+#include "gpu/device_model.h"
 #include "cuda/linear.h"
 #include "gpu/backend.h"
 #include "gpu/runner.h"
@@ -1782,6 +1785,104 @@ TEST(GpuRunnerPlan, WeightBytesMatchCheckpoint) {
     // than on the real models; the 2% bound is checked on V4-Flash shapes by the benchmark.
     EXPECT_LE(static_cast<double>(dev), 1.10 * static_cast<double>(ck));
     EXPECT_GE(dev, ck * 99 / 100);
+}
+
+// Per-GPU loading (docs/multi-gpu.md §6.3): one rank's share of the tiny golden uploads, per the
+// counting pass (no GPU), within the whole-model bound of the bytes dist::plan_rank_loads says the
+// rank reads; a whole-model shard counts exactly as the unsharded model; bad shards are refused
+// naming the field.
+TEST(GpuRunnerPlan, RankShareBytesMatchTheLoadPlan) {
+    if (!test::have_golden("tiny-flash-nvfp4")) GTEST_SKIP() << "no golden case";
+    auto m = Model::load(test::golden_dir("tiny-flash-nvfp4") + "/model");
+    const ModelConfig& c = m->cfg;
+    EXPECT_EQ(gpu::DeviceModel::plan_bytes(*m, gpu::WeightShard{}), gpu::DeviceModel::plan_bytes(*m));
+    for (int64_t N : {1, 2, 4}) {
+        if (c.n_routed_experts % N != 0) continue;
+        for (dist::PartitionKind kind : {dist::PartitionKind::contiguous, dist::PartitionKind::balanced}) {
+            const dist::ModelPartition p = dist::partition_model(c, &m->w, N, kind);
+            const auto loads = dist::plan_rank_loads(c, p, m->w.mtp.has_value());
+            for (int32_t r = 0; r < N; ++r) {
+                SCOPED_TRACE(str(dist::partition_kind_name(kind), " rank ", r, " of ", N));
+                gpu::WeightShard sh;
+                for (const dist::ExpertPartition& ep : p.layers) sh.held.push_back(ep.held[static_cast<size_t>(r)]);
+                sh.head_begin = loads[static_cast<size_t>(r)].head_begin;
+                sh.head_end = loads[static_cast<size_t>(r)].head_end;
+                const size_t dev = gpu::DeviceModel::plan_bytes(*m, sh);
+                const double want = static_cast<double>(loads[static_cast<size_t>(r)].bytes());
+                std::printf("  %s N=%ld rank %d: device %zu bytes, checkpoint share %.0f\n",
+                            dist::partition_kind_name(kind), static_cast<long>(N), r, dev, want);
+                EXPECT_LE(static_cast<double>(dev), 1.10 * want);   // the bound of WeightBytesMatchCheckpoint
+                EXPECT_GE(static_cast<double>(dev), 0.99 * want);
+                if (N > 1) {
+                    EXPECT_LT(dev, gpu::DeviceModel::plan_bytes(*m));
+                }
+            }
+        }
+    }
+    // Refused shards.
+    const int64_t L = c.num_hidden_layers, E = c.n_routed_experts;
+    auto all = [&] {
+        gpu::WeightShard s;
+        for (int64_t l = 0; l < L; ++l) {
+            s.held.emplace_back();
+            for (int64_t e = 0; e < E; ++e) s.held.back().push_back(static_cast<int32_t>(e));
+        }
+        return s;
+    };
+    gpu::WeightShard bad = all();
+    bad.held.pop_back();
+    test::expect_error([&] { gpu::DeviceModel::plan_bytes(*m, bad); }, {"WeightShard", "num_hidden_layers"});
+    bad = all();
+    bad.held[0][1] = static_cast<int32_t>(E);
+    test::expect_error([&] { gpu::DeviceModel::plan_bytes(*m, bad); }, {"WeightShard", "layer 0", "n_routed_experts"});
+    bad = all();
+    std::swap(bad.held[1][0], bad.held[1][1]);
+    test::expect_error([&] { gpu::DeviceModel::plan_bytes(*m, bad); }, {"WeightShard", "layer 1", "ascending"});
+    bad = all();
+    bad.head_begin = 5;
+    bad.head_end = c.vocab_size + 1;
+    test::expect_error([&] { gpu::DeviceModel::plan_bytes(*m, bad); }, {"WeightShard", "head rows", "vocab_size"});
+}
+
+// The same share uploaded (GPU): each held expert's and the head rows' device bytes are the
+// checkpoint's, downloaded back (the upload is lossless).
+TEST(GpuRunnerPlan, RankShareUploadsItsOwnTensors) {
+    if (!cuda::gpu_available()) GTEST_SKIP() << "no GPU";
+    if (!test::have_golden("tiny-flash-nvfp4")) GTEST_SKIP() << "no golden case";
+    auto m = Model::load(test::golden_dir("tiny-flash-nvfp4") + "/model");
+    const ModelConfig& c = m->cfg;
+    const int64_t N = 2;
+    ASSERT_EQ(c.n_routed_experts % N, 0);
+    const dist::ModelPartition p = dist::partition_model(c, &m->w, N, dist::PartitionKind::balanced);
+    const auto loads = dist::plan_rank_loads(c, p, m->w.mtp.has_value());
+    for (int32_t r = 0; r < N; ++r) {
+        SCOPED_TRACE(str("rank ", r));
+        gpu::WeightShard sh;
+        for (const dist::ExpertPartition& ep : p.layers) sh.held.push_back(ep.held[static_cast<size_t>(r)]);
+        sh.head_begin = loads[static_cast<size_t>(r)].head_begin;
+        sh.head_end = loads[static_cast<size_t>(r)].head_end;
+        const gpu::DeviceModel dm(*m, sh);
+        EXPECT_EQ(dm.bytes(), gpu::DeviceModel::plan_bytes(*m, sh));
+        for (size_t l = 0; l < dm.layers.size(); ++l) {
+            const cuda::DeviceExperts& ex = dm.layers[l].experts;
+            ASSERT_EQ(ex.E, static_cast<int64_t>(sh.held[l].size()));
+            for (size_t i = 0; i < sh.held[l].size(); ++i) {
+                const ExpertWeights& want = m->w.layers[l].ffn.experts[static_cast<size_t>(sh.held[l][i])];
+                const cuda::PackedBytes got = cuda::download_packed(ex.w2[i]);
+                ASSERT_EQ(got.weight.size(), want.w2.weight.bytes());
+                EXPECT_EQ(0, std::memcmp(got.weight.data(), want.w2.weight.data, got.weight.size()))
+                    << "layer " << l << " local expert " << i << " (global " << sh.held[l][i] << ")";
+                const cuda::PackedBytes g1 = cuda::download_packed(ex.w1[i]);
+                EXPECT_EQ(0, std::memcmp(g1.weight.data(), want.w1.weight.data, g1.weight.size()));
+            }
+        }
+        const cuda::PackedBytes head = cuda::download_packed(dm.head);
+        const size_t row = static_cast<size_t>(c.hidden_size) * dtype_size(m->w.head.weight.dtype);
+        ASSERT_EQ(head.weight.size(), static_cast<size_t>(sh.head_end - sh.head_begin) * row);
+        EXPECT_EQ(0, std::memcmp(head.weight.data(),
+                                 static_cast<const uint8_t*>(m->w.head.weight.data) + sh.head_begin * row,
+                                 head.weight.size()));
+    }
 }
 
 }  // namespace
