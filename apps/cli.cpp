@@ -12,6 +12,9 @@
 
 #include "dist/load.h"
 #include "dist/partition.h"
+#ifdef MEGAMOE_HAVE_CUDA
+#include "gpu/device_model.h"
+#endif
 #include "ref/generate.h"
 #include "ref/model.h"
 #include "ref/speculative.h"
@@ -84,19 +87,35 @@ RankLoadTable rank_loads(const Model& m, int64_t gpus, const std::string& partit
     t.loads = dist::plan_rank_loads(m.cfg, t.partition, m.w.mtp.has_value());
     return t;
 }
-void print_rank_loads(const RankLoadTable& t) {
+// The table: checkpoint bytes each rank reads, and (CUDA builds) the device bytes its upload takes
+// (gpu::DeviceModel's counting pass over the rank's WeightShard; no GPU needed).
+void print_rank_loads(const Model& m, const RankLoadTable& t) {
     std::printf("\nexpert parallelism over %d GPUs (%s partition; attention, shared expert, embedding and MTP "
                 "block replicated, head split by vocabulary)\n",
                 t.partition.world, dist::partition_kind_name(t.kind));
-    std::printf("%-5s %9s %-20s %12s %12s %12s %12s\n", "rank", "experts", "head rows", "replicated", "experts",
-                "head", "total");
+    std::printf("%-5s %9s %-20s %12s %12s %12s %12s", "rank", "experts", "head rows", "replicated", "experts", "head",
+                "total");
+#ifdef MEGAMOE_HAVE_CUDA
+    std::printf(" %12s", "on GPU");
+#endif
+    std::printf("\n");
     const int per_rank = t.partition.layers.empty() ? 0 : t.partition.layers[0].per_rank();
     for (const auto& rl : t.loads) {
         char rows[48];
         std::snprintf(rows, sizeof rows, "[%ld, %ld)", rl.head_begin, rl.head_end);
-        std::printf("%-5d %9d %-20s %12s %12s %12s %12s\n", rl.rank, per_rank, rows, human_bytes(rl.dense_bytes).c_str(),
+        std::printf("%-5d %9d %-20s %12s %12s %12s %12s", rl.rank, per_rank, rows, human_bytes(rl.dense_bytes).c_str(),
                     human_bytes(rl.expert_bytes).c_str(), human_bytes(rl.head_bytes).c_str(),
                     human_bytes(rl.bytes()).c_str());
+#ifdef MEGAMOE_HAVE_CUDA
+        gpu::WeightShard sh;
+        for (const dist::ExpertPartition& ep : t.partition.layers) sh.held.push_back(ep.held[static_cast<size_t>(rl.rank)]);
+        sh.head_begin = rl.head_begin;
+        sh.head_end = rl.head_end;
+        std::printf(" %12s", human_bytes(static_cast<int64_t>(gpu::DeviceModel::plan_bytes(m, sh))).c_str());
+#else
+        (void)m;
+#endif
+        std::printf("\n");
     }
 }
 
@@ -136,7 +155,7 @@ void cmd_info(const std::string& dir, int64_t gpus, const std::string& partition
     std::printf("%-16s %16ld %12s\n\nformat                                    bytes\n", "total", params,
                 human_bytes(bytes).c_str());
     for (const auto& [name, b] : s.formats) std::printf("%-40s %12s\n", name.c_str(), human_bytes(b).c_str());
-    if (gpus > 1) print_rank_loads(ranks);
+    if (gpus > 1) print_rank_loads(*m, ranks);
 }
 
 // The backend of `logits` / `generate`: one sequence of up to `positions` positions. The GPU runs

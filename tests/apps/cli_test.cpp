@@ -70,6 +70,11 @@ TEST_F(Cli, InfoPerGpu) {
     ASSERT_EQ(r.status, 0) << r.output;
     for (const char* s : {"expert parallelism over 2 GPUs (contiguous partition", "[0, 512)", "[512, 1024)"})
         EXPECT_NE(r.output.find(s), std::string::npos) << s << "\n" << r.output;
+#ifdef MEGAMOE_HAVE_CUDA
+    // The device bytes of each rank's upload (counted; gpu::DeviceModel with its WeightShard).
+    EXPECT_NE(r.output.find("on GPU"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("8.47 MiB"), std::string::npos) << r.output;   // 8886016 bytes (RankShareBytesMatchTheLoadPlan)
+#endif
     r = run("info --model " + model() + " --gpus 4 --partition balanced");
     ASSERT_EQ(r.status, 0) << r.output;
     EXPECT_NE(r.output.find("over 4 GPUs (balanced partition"), std::string::npos) << r.output;
