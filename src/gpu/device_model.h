@@ -75,7 +75,6 @@ struct DeviceMtp {
 struct WeightShard {
     std::vector<std::vector<int32_t>> held;   // [main layers][E/N] global expert ids; empty: every expert
     int64_t head_begin = 0, head_end = -1;    // head rows [head_begin, head_end) of V; head_end < 0: all
-    bool whole() const { return held.empty() && head_begin == 0 && head_end < 0; }
 };
 
 class DeviceModel {
