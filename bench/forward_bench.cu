@@ -14,7 +14,7 @@
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
-//                         [--numerics exact|official] [--bf16-linears] [--no-moe-small]
+//                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-moe-small]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
 // with the MTP block drafting K tokens per sequence (gpu::generate_speculative's rounds, batched):
 // per round one Runner::step_spec over [x, d_1 .. d_K] of every sequence (greedy, or sampled at
@@ -29,6 +29,8 @@
 // --serial: everything on one stream (RunnerOptions::side_stream off), to compare.
 // --bf16-linears: official numerics without the FP8 × FP8 linears (RunnerOptions::fp8_activations
 //   off: the BF16 path on the same rounded inputs), to compare.
+// --no-lt: official numerics without cuBLASLt's FP8 GEMM for steps of ≥ cuda::kLtMinM tokens
+//   (RunnerOptions::lt_fp8 off: megamoe's BF16-decode path on the same rounded inputs), to compare.
 // --no-moe-small: the routed experts through moe_layer at every batch (RunnerOptions::moe_small
 //   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
@@ -102,7 +104,7 @@ struct Row {
 int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
-        bool serial = false, spec = false, bf16_linears = false, no_moe_small = false;
+        bool serial = false, spec = false, bf16_linears = false, no_lt = false, no_moe_small = false;
         int64_t spec_k = 1;
         float spec_temperature = 0.0f;
         Numerics numerics = Numerics::exact;
@@ -124,6 +126,7 @@ int main(int argc, char** argv) {
             else if (a == "--trace") trace = std::stoll(next());
             else if (a == "--serial") serial = true;
             else if (a == "--bf16-linears") bf16_linears = true;
+            else if (a == "--no-lt") no_lt = true;
             else if (a == "--no-moe-small") no_moe_small = true;
             else if (a == "--spec") spec = true;
             else if (a == "--spec-tokens") {
@@ -163,6 +166,7 @@ int main(int argc, char** argv) {
         ro.memory_fraction = 0.95;
         ro.side_stream = !serial;
         ro.fp8_activations = !bf16_linears;
+        ro.lt_fp8 = !no_lt;
         ro.moe_small = !no_moe_small;
         ro.rollback = spec;
         ro.numerics = numerics;

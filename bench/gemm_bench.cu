@@ -35,6 +35,10 @@
 //      shared by all launches. The same for cuBLAS cublasGemmEx (bf16 A/B, fp32 compute, y in
 //      the same type as ours; wo_a: cublasGemmStridedBatchedEx over the groups) on random BF16
 //      weights of the same shape (the dequantized model), rotating over its own copies.
+//   3. the FP8 linears (one group) again as "fp8·lt": cuBLASLt's block-scaled FP8 GEMM
+//      (cuda::LtFp8Gemm, a chosen dependency for the official numerics at large M) on the same
+//      packed weights and x FP8-quantized in 1×128 blocks, checked against the twin on the rounded
+//      x and timed the same way (M ≥ 4), so "fp8" (megamoe's kernel) and "fp8·lt" sit side by side.
 // Part B — routed experts. For each model and expert format (NVFP4: NVIDIA's release, MXFP4:
 // DeepSeek's), all E experts (random packed codes with valid scales; 4 distinct host experts
 // uploaded E times, so every expert has its own device copy), a MoeLayerWorkspace for the
@@ -73,6 +77,8 @@
 #include "io/config.h"
 #include "cuda/gemm.h"
 #include "cuda/linear.h"
+#include "cuda/linear_lt.h"
+#include "cuda/numerics.h"
 #include "cuda/moe_dispatch.h"
 #include "io/formats.h"
 #include "core/parallel.h"
@@ -84,6 +90,7 @@ using namespace megamoe;
 namespace {
 
 constexpr double kRelTol = 1e-5;                  // tests/cuda_linear_test.cpp
+constexpr double kLtRelTol = 1.0 / 1024;          // the fp8·lt rows: FP8 WGMMA accumulation (tests/cuda/linear_test.cpp)
 constexpr double kAbsTol = 1e-30;                 // a row whose products are all 0 must give exactly 0
 constexpr size_t kRotateBytes = 200ull << 20;     // linears: > 4× the H100's 50 MB L2
 constexpr size_t kRotateBytesBlas = 400ull << 20; // cuBLAS expert weights (bf16)
@@ -392,7 +399,7 @@ LinRef linear_ref(const Linear& lin, int64_t groups, const uint16_t* dx, std::ve
 
 // Worst |y - ref| / tol over the reference's elements; > 1 (or inf for NaN) means out of bound.
 // bf16 y: pass iff y ∈ [bf16(ref - tol), bf16(ref + tol)] (f32 result within tol, then rounded).
-double compare_linear(const LinRef& r, const void* dy, int64_t N, bool y_bf16) {
+double compare_linear(const LinRef& r, const void* dy, int64_t N, bool y_bf16, double rel_tol = kRelTol) {
     double worst = 0;
     const size_t nr = r.rows.size();
     std::vector<uint16_t> yb(static_cast<size_t>(N));
@@ -410,7 +417,7 @@ double compare_linear(const LinRef& r, const void* dy, int64_t N, bool y_bf16) {
         for (size_t i = 0; i < nr; ++i) {
             const double ref = r.ref[j * nr + i], bnd = r.bound[j * nr + i];
             const double v = yf[size_t(r.rows[i])];
-            double tol = kRelTol * bnd + kAbsTol;
+            double tol = rel_tol * bnd + kAbsTol;
             bool in = std::fabs(v - ref) <= tol;
             if (y_bf16) {   // the f32 result is within tol of ref, and rounding to bf16 is monotone
                 const double lo = bf16_to_f32(f32_to_bf16(static_cast<float>(ref - tol)));
@@ -458,6 +465,7 @@ struct Options {
 struct Ctx {
     cudaStream_t stream = nullptr;
     cublasHandle_t blas = nullptr;
+    cuda::LtFp8Gemm* lt = nullptr;   // the fp8·lt rows (cuBLASLt block-scaled FP8); null: none
     double d2d = 0;          // GB/s
     double peak = 0;         // cuBLAS BF16 8192³, TFLOP/s
     std::vector<std::string> linear_rows, expert_rows;
@@ -517,6 +525,63 @@ void blas_linear(cublasHandle_t blas, const uint16_t* w, int64_t N, int64_t K, i
                                                 CUDA_R_16BF, int(K), R * K, x, CUDA_R_16BF, int(G * K), K, &beta, y, yt,
                                                 int(N), R, int(G), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
+}
+
+// The same FP8 weights through cuBLASLt's block-scaled FP8 GEMM (cuda::LtFp8Gemm, the official
+// numerics' large-M path), format "fp8·lt": x FP8-quantized in 1×128 blocks (the codes and scales
+// made once, outside the timed call, as the runner makes them in the kernel that rounds x), checked
+// against the twin on the rounded x within kLtRelTol (the FP8 WGMMA's ~14-bit accumulation; the
+// test explains the bound), then timed like the other rows (the per-call scale layout kernel
+// included). M ≥ 4 only (fewer rows are linear_fp8_act's).
+void run_lt_rows(const std::string& model, const LinShape& sh, const std::string& shape_str, const HostLinear& h,
+                 const std::vector<cuda::DeviceLinear>& dl, size_t packed, const uint16_t* dx, void* dy,
+                 const Options& opt, const std::vector<double>& blas_us, Ctx& ctx) {
+    const cudaStream_t stream = ctx.stream;
+    const int64_t N = sh.N, K = sh.K;
+    const bool y_bf16 = !opt.y_f32;
+    const size_t ysz = y_bf16 ? 2 : 4;
+    const cuda::LinearOptions o{1, y_bf16};
+    const int copies = static_cast<int>(dl.size());
+    const int64_t maxM = *std::max_element(opt.Ms.begin(), opt.Ms.end());
+    DeviceArray<uint16_t> dxr(static_cast<size_t>(maxM * K));
+    DeviceArray<uint8_t> dq(static_cast<size_t>(maxM * K));
+    DeviceArray<float> ds(static_cast<size_t>(maxM * K / 128));
+    CUDA_CHECK(cudaMemcpyAsync(dxr.data(), dx, dxr.bytes(), cudaMemcpyDeviceToDevice, stream));
+    cuda::fp8_block_round_q(dxr.data(), maxM, K, dq.data(), ds.data(), stream);
+    DeviceArray<uint8_t> scratch_buf(cuda::LtFp8Gemm::scratch_bytes(dl[0], maxM));
+    const cuda::GemmScratch scratch{scratch_buf.data(), scratch_buf.size()};
+    const cuda::ActFp8 a{dq.data(), ds.data()};
+    const std::string what = fmt("%s %s fp8·lt", model.c_str(), sh.name.c_str());
+    const auto rows = sample_indices(N, 192, 11 + uint64_t(N));
+    double worst = 0;
+    for (size_t mi = 0; mi < opt.Ms.size(); ++mi) {
+        const int64_t M = opt.Ms[mi];
+        if (M < 4) continue;
+        if (opt.check) {
+            CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(M * N) * ysz, stream));
+            ctx.lt->linear(dl[0], a, M, dy, o, scratch, stream);
+            CUDA_CHECK(cudaStreamSynchronize(stream));
+            const auto toks = sample_indices(M, 12, 5 + uint64_t(M));
+            const double w = compare_linear(linear_ref(h.lin, 1, dxr.data(), rows, toks), dy, N, y_bf16, kLtRelTol);
+            if (w > 1.0) progress("  %s: M=%lld out of bound (%.3g)\n", what.c_str(), (long long)M, w);
+            worst = std::max(worst, w);
+        }
+        auto launch = [&](int i) { ctx.lt->linear(dl[size_t(i % copies)], a, M, dy, o, scratch, stream); };
+        const double est = estimate_us(stream, launch, 3);
+        const int L = launches_for(est, M < kComputeM ? copies : 1, 1);
+        const double us = bench::time_graph(L, stream, launch, g_timing());
+        const double bytes = double(packed) + double(M * K) + double(M * N) * double(ysz);
+        const double gbs = bytes / (us * 1e-6) / 1e9;
+        const double flop = 2.0 * double(M) * double(N) * double(K);
+        const double tf = flop / (us * 1e-6) / 1e12, btf = flop / (blas_us[mi] * 1e-6) / 1e12;
+        progress("  fp8·lt M=%-5lld %10.2f us  %8.0f GB/s  %7.1f TFLOP/s  cuBLAS %10.2f us  x%.2f  (%s)\n", (long long)M,
+                 us, gbs, tf, blas_us[mi], blas_us[mi] / us, ctx.lt->plan(dl[0], M, o).c_str());
+        ctx.linear_rows.push_back(fmt(
+            "| %s | %s | %s | fp8·lt | %lld | %.2f | %.2f | %.0f | %.1f%% | %.2f | %.1f%% | %.2f | %.2f | %.2fx |",
+            model.c_str(), sh.name.c_str(), shape_str.c_str(), (long long)M, us, bytes / 1e6, gbs,
+            100.0 * gbs / ctx.d2d, tf, 100.0 * tf / ctx.peak, blas_us[mi], btf, blas_us[mi] / us));
+    }
+    if (opt.check) ctx.record(what, fmt("timed M sampled (%s y), x FP8-rounded", y_bf16 ? "bf16" : "f32"), worst);
 }
 
 void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
@@ -653,6 +718,8 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
                 detail += fmt("; timed M sampled (%s y)", y_bf16 ? "bf16" : "f32");
                 ctx.record(what, detail, worst);
             }
+            if (f == LinearFormat::fp8_block && ctx.lt && cuda::LtFp8Gemm::fits(dl[0], o))
+                run_lt_rows(model, sh, shape_str, h, dl, packed, dx.data(), dy.data(), opt, blas_us, ctx);
         }
     }
 }
@@ -1019,6 +1086,8 @@ int main(int argc, char** argv) {
         CUBLAS_CHECK(cublasSetWorkspace(ctx.blas, blas_ws.data(), blas_ws.bytes()));
         ctx.d2d = bench::d2d_bandwidth(ctx.stream);
         ctx.peak = blas_peak_tflops(ctx.blas, ctx.stream);
+        cuda::LtFp8Gemm lt;
+        ctx.lt = &lt;
 
         std::printf("## megamoe-gemm-bench\n\n");
         std::printf("- GPU: %s, %d SMs, SM clock %.0f MHz (peak), L2 %.0f MB, HBM %.1f GB\n", prop.name,

@@ -18,8 +18,9 @@ strip --strip-debug "$stage"/bin/* 2>/dev/null || true
 # Libraries outside glibc/libstdc++ (Debian 12 builds; the CUDA image may not have them).
 ldd "$stage"/bin/megamoe_tests "$stage"/bin/megamoe "$stage"/bin/megamoe-forward-bench | awk '/=>/ {print $3}' | sort -u |
     grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so' |
-    grep -v -E '/libnccl\.so' | xargs -r -I{} cp -L {} "$stage"/lib/
+    grep -v -E '/(libnccl|libcublas|libcublasLt)\.so' | xargs -r -I{} cp -L {} "$stage"/lib/
 # libnccl (218 MB) does not travel: scripts/device_env.sh finds the GPU machine's own (PyTorch's).
+# Nor does cuBLAS (libcublasLt alone is 540 MB): the GPU machine's CUDA 13 image has it.
 # Compressed: the binaries' cubins shrink ~4x, which keeps a run under the 64 MiB that travels.
 tar -cf - -C "$stage" bin lib | xz -6 -T2 > .device/pack.tar.xz
 rm -rf "$stage"

@@ -17,6 +17,7 @@
 #include "cuda/gemm.h"
 #include "cuda/hyper_conn.h"
 #include "cuda/linear.h"
+#include "cuda/linear_lt.h"
 #include "cuda/numerics.h"
 #include "cuda/router.h"
 #include "cuda/sampler.h"
@@ -95,7 +96,9 @@ static_assert(cuda::kStreamDraft == static_cast<uint32_t>(SpecStream::draft) &&
 
 // Official numerics at up to this many tokens per step: the FP8 linears run FP8 × FP8
 // (cuda::linear_fp8_act, the small-M regime it is built for) on codes made where their rounded
-// input is made.
+// input is made. From cuda::kLtMinM tokens on (RunnerOptions::lt_fp8) the same codes go to
+// cuBLASLt's block-scaled FP8 GEMM (cuda::LtFp8Gemm); in between, the BF16 path on the rounded
+// values.
 constexpr int64_t kFp8ActMaxT = 16;
 
 struct Workspace {
@@ -135,10 +138,11 @@ struct Workspace {
     float* sh_u = nullptr;           // [T, I]
     uint16_t* sh_h = nullptr;        // [T, I] bf16
     float* sh_out = nullptr;         // [T, D]
-    // Official numerics at T ≤ kFp8ActMaxT tokens: the FP8 linears' inputs as e4m3 codes + block
-    // scales (linear_fp8_act; made in the same pass as the rounded bf16 copy). [T8, K] u8 and
-    // [T8, K / 128] f32 each, T8 = min(T, kFp8ActMaxT).
+    // Official numerics at T ≤ kFp8ActMaxT tokens, and at T ≥ cuda::kLtMinM with cuBLASLt: the FP8
+    // linears' inputs as e4m3 codes + block scales (made in the same pass as the rounded bf16 copy).
+    // [T8, K] u8 and [T8, K / 128] f32 each, T8 = T with cuBLASLt, else min(T, kFp8ActMaxT).
     int64_t T8 = 0;
+    bool lt_codes = false;           // carve codes for every T (cuBLASLt on)
     uint8_t* xq8 = nullptr;          // of xq: K = D
     float* xs8 = nullptr;
     uint8_t* qr8 = nullptr;          // of qr_q: K = q_lora
@@ -220,7 +224,7 @@ struct Workspace {
         sh_u = a.take_n<float>(T * I);
         sh_h = a.take_n<uint16_t>(T * I);
         sh_out = a.take_n<float>(T * D);
-        T8 = std::min<int64_t>(T, kFp8ActMaxT);
+        T8 = lt_codes ? T : std::min<int64_t>(T, kFp8ActMaxT);
         const int64_t GR = c.o_groups * c.o_lora_rank;
         xq8 = a.take_n<uint8_t>(T8 * D);
         xs8 = a.take_n<float>(T8 * (D / 128 + 1));
@@ -285,7 +289,11 @@ struct Runner::Impl {
     std::vector<cudaEvent_t> events;              // fork / join events, one pair per site
     bool concurrent = true;
     bool fp8_act_on = true;   // RunnerOptions::fp8_activations
-    int64_t fp8_launches = 0; // linear_fp8_act calls enqueued
+    int64_t fp8_launches = 0; // FP8 × FP8 linear calls enqueued (linear_fp8_act or cuBLASLt)
+    int64_t lt_launches = 0;  // of those, through cuBLASLt
+    // cuBLASLt's block-scaled FP8 GEMM for the FP8 linears of steps of ≥ cuda::kLtMinM tokens
+    // (official numerics, RunnerOptions::lt_fp8); null when off.
+    std::unique_ptr<cuda::LtFp8Gemm> lt;
     int next_event = 0;
     int32_t* pinned_in = nullptr;                 // [ws.in_ints]
     void* pinned_samp_in = nullptr;               // [ws.samp_in_bytes]
@@ -377,31 +385,41 @@ struct Runner::Impl {
     // a8: x's codes and scales when the step made them (act8), else null. A FP8 linear given them
     // runs FP8 × FP8 (linear_fp8_act: the same values, no weight decode); every other call the
     // bf16 path.
+    // M ≤ kFp8ActMaxT: linear_fp8_act; M ≥ cuda::kLtMinM: cuBLASLt (when on and the shape fits).
     void linear(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y, bool bf16_out = false,
                 int64_t groups = 1, const cuda::ActFp8* a8 = nullptr) {
         cuda::LinearOptions lo;
         lo.groups = groups;
         lo.out_bf16 = bf16_out;
-        if (a8 && rounds_input(w) && M <= ws.T8 && cuda::fp8_act_fits(w, lo)) {
-            cuda::linear_fp8_act(w, *a8, M, y, lo, stream);
-            ++fp8_launches;
-        } else {
-            cuda::linear(w, x, M, y, lo, &ws.gemm, stream);
-        }
+        if (!fp8_linear(w, a8, M, y, lo, ws.gemm, stream)) cuda::linear(w, x, M, y, lo, &ws.gemm, stream);
     }
     // The same on the side stream, with its own scratch (concurrent linears must not share one).
     void linear_side(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y,
                      const cuda::ActFp8* a8 = nullptr) {
         const cuda::LinearOptions lo;
-        if (a8 && rounds_input(w) && M <= ws.T8 && cuda::fp8_act_fits(w, lo)) {
-            cuda::linear_fp8_act(w, *a8, M, y, lo, side_stream());
-            ++fp8_launches;
-        } else {
+        if (!fp8_linear(w, a8, M, y, lo, ws.gemm_side, side_stream()))
             cuda::linear(w, x, M, y, lo, &ws.gemm_side, side_stream());
+    }
+    // The FP8 × FP8 forms of a linear given its input's codes; false when none applies.
+    bool fp8_linear(const cuda::DeviceLinear& w, const cuda::ActFp8* a8, int64_t M, void* y,
+                    const cuda::LinearOptions& lo, const cuda::GemmScratch& scratch, cudaStream_t st) {
+        if (!a8 || !rounds_input(w) || M > ws.T8 || !cuda::fp8_act_fits(w, lo)) return false;
+        if (M <= kFp8ActMaxT) {
+            cuda::linear_fp8_act(w, *a8, M, y, lo, st);
+        } else if (lt && M >= cuda::kLtMinM && cuda::LtFp8Gemm::fits(w, lo)) {
+            lt->linear(w, *a8, M, y, lo, scratch, st);
+            ++lt_launches;
+        } else {
+            return false;
         }
+        ++fp8_launches;
+        return true;
     }
     // Whether this step makes the codes of an official FP8-linear input of width K (see kFp8ActMaxT).
-    bool act8(int64_t T, int64_t K) const { return fp8_act_on && official() && T <= ws.T8 && K % 128 == 0; }
+    bool act8(int64_t T, int64_t K) const {
+        return fp8_act_on && official() && T <= ws.T8 && K % 128 == 0 &&
+               (T <= kFp8ActMaxT || (lt && T >= cuda::kLtMinM));
+    }
     cudaStream_t side_stream() const { return concurrent ? side : stream; }
     bool official() const { return nm == Numerics::official; }
     // The input of w for the activation x: in official numerics a quantized (FP8 / FP4) linear
@@ -489,6 +507,8 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     opt.numerics = nm;
     concurrent = opt.side_stream;
     fp8_act_on = opt.fp8_activations;
+    if (fp8_act_on && opt.lt_fp8 && nm == Numerics::official && opt.max_batch_tokens >= cuda::kLtMinM)
+        lt = std::make_unique<cuda::LtFp8Gemm>();
     MEGAMOE_CHECK(opt.max_seqs >= 1 && opt.max_batch_tokens >= 1, "gpu runner: max_seqs ", opt.max_seqs,
                   ", max_batch_tokens ", opt.max_batch_tokens);
     if (opt.max_model_len <= 0) opt.max_model_len = std::min<int64_t>(c.max_position_embeddings, 65536);
@@ -520,6 +540,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
 
     // Workspace.
     ws.T = opt.max_batch_tokens;
+    ws.lt_codes = lt != nullptr;
     ws.C = std::min(opt.max_seqs, ws.T);
     ws.R = std::max(opt.max_logit_rows, ws.C);
     ws.max_rows = c.index_topk > 0 ? (opt.max_model_len + 3) / 4 : 0;
@@ -532,6 +553,8 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
         cuda::LinearOptions lo;
         lo.groups = groups;
         gemm_bytes = std::max<int64_t>(gemm_bytes, static_cast<int64_t>(cuda::linear_scratch_bytes(w, M, lo)));
+        if (lt && cuda::LtFp8Gemm::fits(w, lo))
+            gemm_bytes = std::max<int64_t>(gemm_bytes, static_cast<int64_t>(cuda::LtFp8Gemm::scratch_bytes(w, M)));
     };
     for (const DeviceLayer& d : dm->layers) {
         for (const cuda::DeviceLinear* w : {&d.wq_a, &d.wq_b, &d.wkv, &d.wo_b, &d.comp.wkv, &d.comp.wgate, &d.idx_comp.wkv,
@@ -1036,6 +1059,7 @@ int32_t Runner::open_from(int32_t handle) { return impl_->pool->open_from(handle
 int64_t Runner::graph_replays() const { return impl_->replays; }
 int64_t Runner::graphs_captured() const { return static_cast<int64_t>(impl_->graphs.size()); }
 int64_t Runner::fp8_linear_launches() const { return impl_->fp8_launches; }
+int64_t Runner::lt_linear_launches() const { return impl_->lt_launches; }
 CUstream_st* Runner::stream() const { return impl_->stream; }
 
 std::vector<std::pair<std::string, double>> Runner::profile_step(const std::vector<RunnerChunk>& chunks) {

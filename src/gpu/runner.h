@@ -47,6 +47,9 @@ struct RunnerOptions {
     bool    fp8_activations = true;    // official numerics, ≤ 16 tokens: FP8 linears run FP8 × FP8
                                        // (cuda::linear_fp8_act) on their input's codes; off: the BF16
                                        // path on the same rounded values (for comparison)
+    bool    lt_fp8 = true;             // official numerics, ≥ cuda::kLtMinM tokens (with fp8_activations):
+                                       // FP8 linears through cuBLASLt's block-scaled FP8 GEMM
+                                       // (cuda::LtFp8Gemm) on their input's codes; off: the BF16 path
     // How activations are rounded (ref/ops.h Numerics); unset: the model's own (Model::numerics, as
     // the CPU forward reads it), exact for synthetic weights. official: the bf16 activations, FP8
     // GEMM inputs, FP8-rounded KV latent and the indexer's Hadamard + FP4 q / k of DeepSeek's code.
@@ -225,6 +228,8 @@ public:
     // FP8 × FP8 linear launches enqueued so far (RunnerOptions::fp8_activations; a captured graph's
     // count once, at its capture).
     int64_t fp8_linear_launches() const;
+    // Of those, the ones through cuBLASLt (RunnerOptions::lt_fp8, steps of ≥ cuda::kLtMinM tokens).
+    int64_t lt_linear_launches() const;
 
     // For benchmarks: set a slot's position without running its tokens (the state then holds
     // whatever the pool held: timing only), and the stream the runner works on.

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "cuda/linear.h"
+#include "cuda/linear_lt.h"
 #include "cuda/numerics.h"
 #include "cuda_test_util.h"
 #include "io/formats.h"
@@ -517,6 +518,151 @@ TEST(CudaLinear, Fp8ActMatchesCpuTwin) {
                   false, 800);
     // Every code but NaN in weights and wide block scales.
     check_fp8_act({{17, 256}, {256, 1024}}, true, 900);
+}
+
+// cuBLASLt's block-scaled FP8 GEMM (cuda::LtFp8Gemm, the large-M path of the official numerics'
+// FP8 linears) against the same CPU twin as linear_fp8_act: ops::linear on round_gemm_input(x).
+// M = 4 (cuBLASLt alone), 7 (4 rows there, 3 through linear_fp8_act), 64 and 1027; the twin runs
+// on a sample of the token rows (the first four, both sides of the M4 boundary, the last, random
+// ones) over every weight row. Also: a second call gives the same bits (the algorithm and its
+// reduction order are fixed), and bf16 y lies within the bound plus its bf16 rounding.
+//
+// The bound is not kRelTol: Hopper's FP8 WGMMA accumulates a 128-element block's products in an
+// accumulator of about 14 significant bits (DeepSeek-V3 technical report §3.3.2), so each block
+// partial carries errors of a few units of 2^-13 of its magnitude, added over the K / 32 MMA steps
+// of the block; the blocks are then summed in f32. 2^-10 of Σ|w·x| leaves ~2.7x over the worst
+// measured (3.6e-4, random codes with scales over 2^-27 .. 2^7; 1e-5 .. 5e-5 on quantized V4
+// weights). What this path can get wrong in layout — a scale block misplaced (tested by partial
+// row blocks, 3 K blocks, wide scales), the two operands' kernel byte order, the M − M4 tail rows —
+// makes errors of order 2^-3 .. 1 of Σ|w·x|, far above it.
+constexpr double kLtRelTol = 1.0 / 1024;
+
+double compare_lt(const std::vector<float>& gpu_y, const Reference& ref, int64_t M, int64_t N, const std::string& what) {
+    double worst = 0;
+    int reported = 0;
+    for (size_t i = 0; i < static_cast<size_t>(M * N); ++i) {
+        const double d = std::fabs(double(gpu_y[i]) - double(ref.y[i]));
+        if (!(d <= kLtRelTol * ref.bound[i] + kAbsTol) && reported++ < 5)
+            ADD_FAILURE() << what << ": y[" << i / size_t(N) << ", " << i % size_t(N) << "] gpu " << gpu_y[i] << " cpu "
+                          << ref.y[i] << " |diff| " << d << " > " << kLtRelTol * ref.bound[i];
+        if (ref.bound[i] > 0) worst = std::max(worst, d / ref.bound[i]);
+    }
+    return worst;
+}
+void check_lt(cuda::LtFp8Gemm& lt, const std::vector<Shape>& shapes, bool random_codes, uint32_t seed) {
+    for (const Shape& s : shapes) {
+        HostLinear h;
+        if (random_codes) make_random_codes(h, LinearFormat::fp8_block, s.N, s.K, seed);
+        else make_quantized(h, LinearFormat::fp8_block, s.N, s.K, seed);
+        cuda::OwnedLinear d(h.lin);
+        ASSERT_TRUE(cuda::LtFp8Gemm::fits(d.view(), cuda::LinearOptions{})) << s.N << "x" << s.K;
+        for (int64_t M : {4, 7, 64, 1027}) {
+            const auto x = random_x(M, s.K, seed + static_cast<uint32_t>(M));
+            DeviceArray<uint16_t> dx(x);
+            DeviceArray<uint8_t> dq(static_cast<size_t>(M * s.K));
+            DeviceArray<float> ds(static_cast<size_t>(M * s.K / 128));
+            DeviceArray<float> dy(static_cast<size_t>(M * s.N));
+            DeviceArray<uint8_t> scratch(cuda::LtFp8Gemm::scratch_bytes(d.view(), M));
+            const cuda::GemmScratch sc{scratch.data(), scratch.size()};
+            dy.fill(0xFF);
+            cuda::quantize_gemm_input(dx.data(), M, s.K, dq.data(), ds.data(), nullptr);
+            const cuda::ActFp8 a{dq.data(), ds.data()};
+            lt.linear(d.view(), a, M, dy.data(), cuda::LinearOptions{}, sc, nullptr);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            const std::vector<float> y = dy.download();
+            // The sampled token rows and their rounded inputs.
+            std::vector<int64_t> toks;
+            for (int64_t t : {int64_t(0), int64_t(1), int64_t(2), int64_t(3), M / 4 * 4 - 1, M / 4 * 4, M - 1})
+                if (t >= 0 && t < M && std::find(toks.begin(), toks.end(), t) == toks.end()) toks.push_back(t);
+            std::mt19937 rng(seed);
+            while (static_cast<int64_t>(toks.size()) < std::min<int64_t>(M, 12)) {
+                const int64_t t = static_cast<int64_t>(rng() % static_cast<uint32_t>(M));
+                if (std::find(toks.begin(), toks.end(), t) == toks.end()) toks.push_back(t);
+            }
+            const int64_t m = static_cast<int64_t>(toks.size());
+            std::vector<float> xf(static_cast<size_t>(m * s.K));
+            for (int64_t i = 0; i < m; ++i)
+                for (int64_t k = 0; k < s.K; ++k) xf[size_t(i * s.K + k)] = bf16_to_f32(x[size_t(toks[size_t(i)] * s.K + k)]);
+            ops::round_gemm_input(Numerics::official, xf.data(), m, s.K);
+            std::vector<uint16_t> xr(xf.size());
+            for (size_t i = 0; i < xf.size(); ++i) xr[i] = f32_to_bf16(xf[i]);
+            const Reference ref = cpu_twin(h.lin, xr, m);
+            std::vector<float> ys(static_cast<size_t>(m * s.N));
+            for (int64_t i = 0; i < m; ++i)
+                std::copy_n(y.begin() + toks[size_t(i)] * s.N, s.N, ys.begin() + i * s.N);
+            const std::string what = str("cublasLt fp8", random_codes ? " codes " : " ", s.N, "x", s.K, " M=", M);
+            const double worst = compare_lt(ys, ref, m, s.N, what);
+            std::printf("  %-40s max |gpu-cpu| / sum|w||x| = %.2e  (%s)\n", what.c_str(), worst,
+                        lt.plan(d.view(), M, cuda::LinearOptions{}).c_str());
+            // Unwritten rows would still hold the 0xFF NaN pattern.
+            for (size_t i = 0; i < y.size(); ++i)
+                if (std::isnan(y[i])) FAIL() << what << ": y[" << i / size_t(s.N) << ", " << i % size_t(s.N) << "] unwritten";
+            // The same call again: the same bits.
+            dy.fill(0);
+            lt.linear(d.view(), a, M, dy.data(), cuda::LinearOptions{}, sc, nullptr);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            ASSERT_TRUE(dy.download() == y) << what << ": a second call differs";
+            if (M == 64 && s.N % 8 == 0) {   // bf16 y: the f32 result rounded (its algorithm may differ: 1 ulp)
+                cuda::LinearOptions o;
+                o.out_bf16 = true;
+                DeviceArray<uint16_t> dyb(static_cast<size_t>(M * s.N));
+                lt.linear(d.view(), a, M, dyb.data(), o, sc, nullptr);
+                CUDA_CHECK(cudaDeviceSynchronize());
+                const std::vector<uint16_t> yb = dyb.download();
+                for (int64_t i = 0; i < m; ++i)
+                    for (int64_t n = 0; n < s.N; ++n) {
+                        const size_t gi = size_t(toks[size_t(i)] * s.N + n), ri = size_t(i * s.N + n);
+                        const double tol = kLtRelTol * ref.bound[ri] + std::ldexp(std::fabs(double(ref.y[ri])), -8) + kAbsTol;
+                        ASSERT_LE(std::fabs(double(bf16_to_f32(yb[gi])) - double(ref.y[ri])), tol)
+                            << what << ": bf16 y[" << toks[size_t(i)] << ", " << n << "]";
+                    }
+            }
+            ++seed;
+        }
+    }
+}
+
+TEST(CudaLinear, LtFp8MatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    cuda::LtFp8Gemm lt;
+    // V4-Flash wq_a, wq_b, wo_b, shared w1 / w2, indexer wq_b, V4-Pro wq_a; a partial 128-row block
+    // (N = 136) and a K-block count that is not a multiple of 4 (K = 384).
+    check_lt(lt, {{1024, 4096}, {32768, 1024}, {4096, 8192}, {2048, 4096}, {4096, 2048}, {8192, 1024}, {1536, 7168},
+                  {136, 256}, {256, 384}},
+             false, 1200);
+    // Every code but NaN in weights and wide block scales.
+    check_lt(lt, {{136, 384}, {512, 1024}}, true, 1300);
+}
+
+TEST(CudaLinear, LtFp8FitsAndRejects) {
+    // Host checks only (no launch, no handle).
+    DeviceLinear w;
+    w.format = LinearFormat::fp8_block;
+    w.out = 256;
+    w.in = 1024;
+    w.weight_row_bytes = 1024;
+    w.weight = reinterpret_cast<void*>(0x1000);
+    w.scale = reinterpret_cast<void*>(0x2000);
+    cuda::LinearOptions o;
+    EXPECT_TRUE(cuda::LtFp8Gemm::fits(w, o));
+    w.out = 3;
+    EXPECT_FALSE(cuda::LtFp8Gemm::fits(w, o)) << "f32 y rows of 12 bytes";
+    w.out = 4;
+    EXPECT_TRUE(cuda::LtFp8Gemm::fits(w, o));
+    o.out_bf16 = true;
+    EXPECT_FALSE(cuda::LtFp8Gemm::fits(w, o)) << "bf16 y rows of 8 bytes";
+    w.out = 8;
+    EXPECT_TRUE(cuda::LtFp8Gemm::fits(w, o));
+    w.in = 1000;
+    w.weight_row_bytes = 1024;
+    EXPECT_FALSE(cuda::LtFp8Gemm::fits(w, o)) << "K % 128 != 0";
+    w.in = 1024;
+    o.groups = 8;
+    EXPECT_FALSE(cuda::LtFp8Gemm::fits(w, o)) << "grouped";
+    o.groups = 1;
+    w.format = LinearFormat::mxfp4;
+    EXPECT_FALSE(cuda::LtFp8Gemm::fits(w, o));
+    EXPECT_GT(cuda::LtFp8Gemm::scratch_bytes(w, 1024), size_t{1024} * 8 * 4) << "room for the activation scales";
 }
 
 TEST(CudaLinear, KernelOrderIsALosslessWordPermutation) {
