@@ -14,7 +14,7 @@
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
-//                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-moe-small]
+//                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
 // with the MTP block drafting K tokens per sequence (gpu::generate_speculative's rounds, batched):
 // per round one Runner::step_spec over [x, d_1 .. d_K] of every sequence (greedy, or sampled at
@@ -29,8 +29,9 @@
 // --serial: everything on one stream (RunnerOptions::side_stream off), to compare.
 // --bf16-linears: official numerics without the FP8 × FP8 linears (RunnerOptions::fp8_activations
 //   off: the BF16 path on the same rounded inputs), to compare.
-// --no-lt: official numerics without cuBLASLt's FP8 GEMM for steps of ≥ cuda::kLtMinM tokens
-//   (RunnerOptions::lt_fp8 off: megamoe's BF16-decode path on the same rounded inputs), to compare.
+// --no-lt: no cuBLASLt at all (RunnerOptions::lt_fp8 and lt_bf16 off: megamoe's own kernels for
+//   every linear), to compare. --no-lt-bf16: only its BF16 GEMM off (the bf16-input linears of
+//   steps of ≥ cuda::kLtBf16MinM tokens on megamoe's kernels; the official FP8 ones stay on cuBLASLt).
 // --no-moe-small: the routed experts through moe_layer at every batch (RunnerOptions::moe_small
 //   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
@@ -104,7 +105,7 @@ struct Row {
 int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
-        bool serial = false, spec = false, bf16_linears = false, no_lt = false, no_moe_small = false;
+        bool serial = false, spec = false, bf16_linears = false, no_lt = false, no_lt_bf16 = false, no_moe_small = false;
         int64_t spec_k = 1;
         float spec_temperature = 0.0f;
         Numerics numerics = Numerics::exact;
@@ -127,6 +128,7 @@ int main(int argc, char** argv) {
             else if (a == "--serial") serial = true;
             else if (a == "--bf16-linears") bf16_linears = true;
             else if (a == "--no-lt") no_lt = true;
+            else if (a == "--no-lt-bf16") no_lt_bf16 = true;
             else if (a == "--no-moe-small") no_moe_small = true;
             else if (a == "--spec") spec = true;
             else if (a == "--spec-tokens") {
@@ -167,6 +169,7 @@ int main(int argc, char** argv) {
         ro.side_stream = !serial;
         ro.fp8_activations = !bf16_linears;
         ro.lt_fp8 = !no_lt;
+        ro.lt_bf16 = !no_lt && !no_lt_bf16;
         ro.moe_small = !no_moe_small;
         ro.rollback = spec;
         ro.numerics = numerics;

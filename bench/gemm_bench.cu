@@ -36,9 +36,11 @@
 //      the same type as ours; wo_a: cublasGemmStridedBatchedEx over the groups) on random BF16
 //      weights of the same shape (the dequantized model), rotating over its own copies.
 //   3. the FP8 linears (one group) again as "fp8·lt": cuBLASLt's block-scaled FP8 GEMM
-//      (cuda::LtFp8Gemm, a chosen dependency for the official numerics at large M) on the same
+//      (cuda::LtGemm, a chosen dependency for the official numerics at large M) on the same
 //      packed weights and x FP8-quantized in 1×128 blocks, checked against the twin on the rounded
-//      x and timed the same way (M ≥ 4), so "fp8" (megamoe's kernel) and "fp8·lt" sit side by side.
+//      x and timed the same way (M ≥ 4), so "fp8" (megamoe's kernel) and "fp8·lt" sit side by side;
+//      and as "fp8·bf16lt": cuBLASLt's BF16 GEMM on bf16 x after expanding the weights to bf16 in a
+//      scratch (cuda::LtGemm::linear_bf16, the bf16-input linears at large M; wo_a included), M ≥ 64.
 // Part B — routed experts. For each model and expert format (NVFP4: NVIDIA's release, MXFP4:
 // DeepSeek's), all E experts (random packed codes with valid scales; 4 distinct host experts
 // uploaded E times, so every expert has its own device copy), a MoeLayerWorkspace for the
@@ -465,7 +467,7 @@ struct Options {
 struct Ctx {
     cudaStream_t stream = nullptr;
     cublasHandle_t blas = nullptr;
-    cuda::LtFp8Gemm* lt = nullptr;   // the fp8·lt rows (cuBLASLt block-scaled FP8); null: none
+    cuda::LtGemm* lt = nullptr;   // the fp8·lt rows (cuBLASLt block-scaled FP8); null: none
     double d2d = 0;          // GB/s
     double peak = 0;         // cuBLAS BF16 8192³, TFLOP/s
     std::vector<std::string> linear_rows, expert_rows;
@@ -527,7 +529,7 @@ void blas_linear(cublasHandle_t blas, const uint16_t* w, int64_t N, int64_t K, i
     }
 }
 
-// The same FP8 weights through cuBLASLt's block-scaled FP8 GEMM (cuda::LtFp8Gemm, the official
+// The same FP8 weights through cuBLASLt's block-scaled FP8 GEMM (cuda::LtGemm, the official
 // numerics' large-M path), format "fp8·lt": x FP8-quantized in 1×128 blocks (the codes and scales
 // made once, outside the timed call, as the runner makes them in the kernel that rounds x), checked
 // against the twin on the rounded x within kLtRelTol (the FP8 WGMMA's ~14-bit accumulation; the
@@ -548,7 +550,7 @@ void run_lt_rows(const std::string& model, const LinShape& sh, const std::string
     DeviceArray<float> ds(static_cast<size_t>(maxM * K / 128));
     CUDA_CHECK(cudaMemcpyAsync(dxr.data(), dx, dxr.bytes(), cudaMemcpyDeviceToDevice, stream));
     cuda::fp8_block_round_q(dxr.data(), maxM, K, dq.data(), ds.data(), stream);
-    DeviceArray<uint8_t> scratch_buf(cuda::LtFp8Gemm::scratch_bytes(dl[0], maxM));
+    DeviceArray<uint8_t> scratch_buf(cuda::LtGemm::scratch_bytes(dl[0], maxM));
     const cuda::GemmScratch scratch{scratch_buf.data(), scratch_buf.size()};
     const cuda::ActFp8 a{dq.data(), ds.data()};
     const std::string what = fmt("%s %s fp8·lt", model.c_str(), sh.name.c_str());
@@ -582,6 +584,55 @@ void run_lt_rows(const std::string& model, const LinShape& sh, const std::string
             100.0 * gbs / ctx.d2d, tf, 100.0 * tf / ctx.peak, blas_us[mi], btf, blas_us[mi] / us));
     }
     if (opt.check) ctx.record(what, fmt("timed M sampled (%s y), x FP8-rounded", y_bf16 ? "bf16" : "f32"), worst);
+}
+
+// The same FP8 weights through cuBLASLt's BF16 GEMM on bf16 x (cuda::LtGemm::linear_bf16, the
+// large-M path of the bf16-input linears: exact numerics, the official wo_a), format "fp8·bf16lt":
+// each call expands the weights to bf16 in the scratch (timed with it), then one GEMM (grouped:
+// strided-batched). Checked against the twin within kRelTol like megamoe's own rows (exact products,
+// f32 accumulation). M ≥ 64 only.
+void run_lt_bf16_rows(const std::string& model, const LinShape& sh, const std::string& shape_str, const HostLinear& h,
+                      const std::vector<cuda::DeviceLinear>& dl, size_t packed, const uint16_t* dx, void* dy,
+                      const Options& opt, const std::vector<double>& blas_us, Ctx& ctx) {
+    const cudaStream_t stream = ctx.stream;
+    const int64_t N = sh.N, K = sh.K, G = sh.groups, Kx = K * G;
+    const bool y_bf16 = !opt.y_f32;
+    const size_t ysz = y_bf16 ? 2 : 4;
+    const cuda::LinearOptions o{G, y_bf16};
+    const int copies = static_cast<int>(dl.size());
+    DeviceArray<uint8_t> scratch_buf(cuda::LtGemm::bf16_scratch_bytes(dl[0]));
+    const cuda::GemmScratch scratch{scratch_buf.data(), scratch_buf.size()};
+    const std::string what = fmt("%s %s fp8·bf16lt", model.c_str(), sh.name.c_str());
+    const auto rows = sample_indices(N, 192, 11 + uint64_t(N));
+    double worst = 0;
+    for (size_t mi = 0; mi < opt.Ms.size(); ++mi) {
+        const int64_t M = opt.Ms[mi];
+        if (M < 64) continue;
+        if (opt.check) {
+            CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(M * N) * ysz, stream));
+            ctx.lt->linear_bf16(dl[0], dx, M, dy, o, scratch, stream);
+            CUDA_CHECK(cudaStreamSynchronize(stream));
+            const auto toks = sample_indices(M, 12, 5 + uint64_t(M));
+            const double w = compare_linear(linear_ref(h.lin, G, dx, rows, toks), dy, N, y_bf16);
+            if (w > 1.0) progress("  %s: M=%lld out of bound (%.3g)\n", what.c_str(), (long long)M, w);
+            worst = std::max(worst, w);
+        }
+        auto launch = [&](int i) { ctx.lt->linear_bf16(dl[size_t(i % copies)], dx, M, dy, o, scratch, stream); };
+        const double est = estimate_us(stream, launch, 3);
+        const int L = launches_for(est, M < kComputeM ? copies : 1, 1);
+        const double us = bench::time_graph(L, stream, launch, g_timing());
+        const double bytes = double(packed) + double(M * Kx * 2) + double(M * N) * double(ysz);
+        const double gbs = bytes / (us * 1e-6) / 1e9;
+        const double flop = 2.0 * double(M) * double(N) * double(K);
+        const double tf = flop / (us * 1e-6) / 1e12, btf = flop / (blas_us[mi] * 1e-6) / 1e12;
+        progress("  fp8·bf16lt M=%-5lld %10.2f us  %8.0f GB/s  %7.1f TFLOP/s  cuBLAS %10.2f us  x%.2f  (%s)\n",
+                 (long long)M, us, gbs, tf, blas_us[mi], blas_us[mi] / us, ctx.lt->bf16_plan(dl[0], M, o).c_str());
+        ctx.linear_rows.push_back(fmt(
+            "| %s | %s | %s | fp8·bf16lt | %lld | %.2f | %.2f | %.0f | %.1f%% | %.2f | %.1f%% | %.2f | %.2f | %.2fx |",
+            model.c_str(), sh.name.c_str(), shape_str.c_str(), (long long)M, us, bytes / 1e6, gbs,
+            100.0 * gbs / ctx.d2d, tf, 100.0 * tf / ctx.peak, blas_us[mi], btf, blas_us[mi] / us));
+    }
+    if (opt.check) ctx.record(what, fmt("timed M sampled (%s y)", y_bf16 ? "bf16" : "f32"), worst);
 }
 
 void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
@@ -718,8 +769,10 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
                 detail += fmt("; timed M sampled (%s y)", y_bf16 ? "bf16" : "f32");
                 ctx.record(what, detail, worst);
             }
-            if (f == LinearFormat::fp8_block && ctx.lt && cuda::LtFp8Gemm::fits(dl[0], o))
+            if (f == LinearFormat::fp8_block && ctx.lt && cuda::LtGemm::fits(dl[0], o))
                 run_lt_rows(model, sh, shape_str, h, dl, packed, dx.data(), dy.data(), opt, blas_us, ctx);
+            if (f == LinearFormat::fp8_block && ctx.lt && cuda::LtGemm::bf16_fits(dl[0], o))
+                run_lt_bf16_rows(model, sh, shape_str, h, dl, packed, dx.data(), dy.data(), opt, blas_us, ctx);
         }
     }
 }
@@ -1086,7 +1139,7 @@ int main(int argc, char** argv) {
         CUBLAS_CHECK(cublasSetWorkspace(ctx.blas, blas_ws.data(), blas_ws.bytes()));
         ctx.d2d = bench::d2d_bandwidth(ctx.stream);
         ctx.peak = blas_peak_tflops(ctx.blas, ctx.stream);
-        cuda::LtFp8Gemm lt;
+        cuda::LtGemm lt;
         ctx.lt = &lt;
 
         std::printf("## megamoe-gemm-bench\n\n");

@@ -1,5 +1,6 @@
-// linear_lt.h — FP8 × FP8 linears at large M through cuBLASLt's block-scaled FP8 GEMM (Hopper,
-// CUDA ≥ 12.9): a chosen dependency. megamoe's own dense kernels decode FP8 weights to BF16 for
+// linear_lt.h — linears at large M through cuBLASLt: FP8 × FP8 with block scaling (Hopper, CUDA ≥
+// 12.9) for the official numerics' FP8-input linears, and BF16 for the bf16-input ones (below): a
+// chosen dependency. megamoe's own dense kernels decode FP8 weights to BF16 for
 // the tensor core (linear_tiled) and reach 0.28–0.46× cuBLAS BF16 at M = 8192; for the official
 // numerics' FP8-input linears, cuBLASLt's GEMM with DeepSeek's scaling (1×128 activation scales,
 // 128×128 weight scales) measured faster on the same job from the M in kLtMinM on (the rows side by
@@ -50,12 +51,17 @@ namespace megamoe::cuda {
 // 15.8 / 15.2 / 15.8: cuBLASLt's call costs ~15.7 µs at any small shape).
 constexpr int64_t kLtMinM = 32;
 
-class LtFp8Gemm {
+// From this many rows on, a linear with a bf16 input (exact numerics, and the official numerics'
+// wo_a) runs through cuBLASLt's BF16 GEMM (LtGemm::linear_bf16); below, megamoe's own kernels.
+// Measured on an H200: docs/bench-gemm.md, "BF16 linears at large M".
+constexpr int64_t kLtBf16MinM = 256;
+
+class LtGemm {
 public:
-    LtFp8Gemm();    // cublasLtCreate; throws megamoe::Error when cuBLASLt cannot start
-    ~LtFp8Gemm();
-    LtFp8Gemm(const LtFp8Gemm&) = delete;
-    LtFp8Gemm& operator=(const LtFp8Gemm&) = delete;
+    LtGemm();    // cublasLtCreate; throws megamoe::Error when cuBLASLt cannot start
+    ~LtGemm();
+    LtGemm(const LtGemm&) = delete;
+    LtGemm& operator=(const LtGemm&) = delete;
 
     // Whether w can run here: fp8_act_fits(w, o), unpadded device rows (always so with K % 128 == 0)
     // and rows of y whose bytes are a multiple of 16 (cuBLASLt's leading-dimension alignment for
@@ -78,15 +84,38 @@ public:
     // What a call would run, for benchmarks and logs ("cublasLt fp8 block-scaled M4=... algo ...").
     std::string plan(const DeviceLinear& w, int64_t M, const LinearOptions& o);
 
+    // ---- BF16 linears: y[M, N] (f32, or bf16 with o.out_bf16) = x[M, K·G] (bf16) · Wᵀ, grouped as
+    // linear.h's LinearOptions says, through cuBLASLt's BF16 GEMM (WGMMA, f32 accumulation; one
+    // strided-batched call for the G groups). twin: ops::linear / ops::grouped_linear on x.
+    // bf16 weights are read as uploaded; fp8_block weights are first expanded to bf16 into the
+    // caller's scratch by one kernel (code · 2^(e − 127 − F), exact as in linear.cu's decode, the
+    // kernel byte order undone; y scaled by 2^F), so the products are the exact weights' and y
+    // differs from the twin by f32 summation order only. What it costs: reading the weights once
+    // more and writing them twice (2 bytes each), which pays from kLtBf16MinM rows on.
+    //
+    // Whether w can run here: bf16 weights, or fp8_block without NaN codes and K % 16 == 0; x rows
+    // and y rows a multiple of 16 bytes ((K·G) % 8; N % 8 with bf16 y, N % 4 with f32 y), and with
+    // groups the group's rows too ((N / G) % 8).
+    static bool bf16_fits(const DeviceLinear& w, const LinearOptions& o);
+    // Scratch bytes a call of w needs (cuBLASLt's workspace, and N·K·2 for the expanded fp8
+    // weights). Reads only w's shape.
+    static size_t bf16_scratch_bytes(const DeviceLinear& w);
+    // Same launch contract as linear() above (x 16-byte aligned); throws unless bf16_fits(w, o).
+    void linear_bf16(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
+                     const GemmScratch& scratch, CUstream_st* stream);
+    std::string bf16_plan(const DeviceLinear& w, int64_t M, const LinearOptions& o);
+
 private:
     struct Plan;
     const Plan& plan_for(int64_t N, int64_t K, int64_t M4, bool out_bf16);
+    const Plan& bf16_plan_for(int64_t N, int64_t K, int64_t lda, int64_t G, int64_t M, bool out_bf16);
     cublasLtContext* handle_ = nullptr;
     // The heuristic's choice per (N, K, M4, bf16 y): host memory only, owned by this object (a
     // graph captured over a call holds cuBLASLt's kernel, not this map). Cleared when it holds
     // kMaxPlans, so a long-running server with many prefill lengths stays bounded.
     static constexpr size_t kMaxPlans = 512;
     std::map<std::tuple<int64_t, int64_t, int64_t, bool>, std::unique_ptr<Plan>> plans_;
+    std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, bool>, std::unique_ptr<Plan>> bf16_plans_;
 };
 
 }  // namespace megamoe::cuda

@@ -97,7 +97,7 @@ static_assert(cuda::kStreamDraft == static_cast<uint32_t>(SpecStream::draft) &&
 // Official numerics at up to this many tokens per step: the FP8 linears run FP8 × FP8
 // (cuda::linear_fp8_act, the small-M regime it is built for) on codes made where their rounded
 // input is made. From cuda::kLtMinM tokens on (RunnerOptions::lt_fp8) the same codes go to
-// cuBLASLt's block-scaled FP8 GEMM (cuda::LtFp8Gemm); in between, the BF16 path on the rounded
+// cuBLASLt's block-scaled FP8 GEMM (cuda::LtGemm); in between, the BF16 path on the rounded
 // values.
 constexpr int64_t kFp8ActMaxT = 16;
 
@@ -291,9 +291,12 @@ struct Runner::Impl {
     bool fp8_act_on = true;   // RunnerOptions::fp8_activations
     int64_t fp8_launches = 0; // FP8 × FP8 linear calls enqueued (linear_fp8_act or cuBLASLt)
     int64_t lt_launches = 0;  // of those, through cuBLASLt
-    // cuBLASLt's block-scaled FP8 GEMM for the FP8 linears of steps of ≥ cuda::kLtMinM tokens
-    // (official numerics, RunnerOptions::lt_fp8); null when off.
-    std::unique_ptr<cuda::LtFp8Gemm> lt;
+    int64_t lt_bf16_launches = 0;   // bf16-input linears through cuBLASLt's BF16 GEMM
+    // cuBLASLt: its block-scaled FP8 GEMM for the FP8 linears of steps of ≥ cuda::kLtMinM tokens
+    // (official numerics, RunnerOptions::lt_fp8), its BF16 GEMM for the bf16-input linears of steps
+    // of ≥ cuda::kLtBf16MinM tokens (RunnerOptions::lt_bf16); null when neither can apply.
+    std::unique_ptr<cuda::LtGemm> lt;
+    bool lt_fp8_on = false, lt_bf16_on = false;
     int next_event = 0;
     int32_t* pinned_in = nullptr;                 // [ws.in_ints]
     void* pinned_samp_in = nullptr;               // [ws.samp_in_bytes]
@@ -391,14 +394,26 @@ struct Runner::Impl {
         cuda::LinearOptions lo;
         lo.groups = groups;
         lo.out_bf16 = bf16_out;
-        if (!fp8_linear(w, a8, M, y, lo, ws.gemm, stream)) cuda::linear(w, x, M, y, lo, &ws.gemm, stream);
+        if (!fp8_linear(w, a8, M, y, lo, ws.gemm, stream) && !bf16_linear(w, x, M, y, lo, ws.gemm, stream))
+            cuda::linear(w, x, M, y, lo, &ws.gemm, stream);
     }
     // The same on the side stream, with its own scratch (concurrent linears must not share one).
     void linear_side(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y,
                      const cuda::ActFp8* a8 = nullptr) {
         const cuda::LinearOptions lo;
-        if (!fp8_linear(w, a8, M, y, lo, ws.gemm_side, side_stream()))
+        if (!fp8_linear(w, a8, M, y, lo, ws.gemm_side, side_stream()) &&
+            !bf16_linear(w, x, M, y, lo, ws.gemm_side, side_stream()))
             cuda::linear(w, x, M, y, lo, &ws.gemm_side, side_stream());
+    }
+    // cuBLASLt's BF16 GEMM on the bf16 input at ≥ cuda::kLtBf16MinM tokens; false when it does not apply.
+    bool bf16_linear(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const cuda::LinearOptions& lo,
+                     const cuda::GemmScratch& scratch, cudaStream_t st) {
+        if (!lt_bf16_on || M < cuda::kLtBf16MinM || !cuda::LtGemm::bf16_fits(w, lo) ||
+            reinterpret_cast<uintptr_t>(x) % 16 || reinterpret_cast<uintptr_t>(y) % 16)
+            return false;
+        lt->linear_bf16(w, x, M, y, lo, scratch, st);
+        ++lt_bf16_launches;
+        return true;
     }
     // The FP8 × FP8 forms of a linear given its input's codes; false when none applies.
     bool fp8_linear(const cuda::DeviceLinear& w, const cuda::ActFp8* a8, int64_t M, void* y,
@@ -406,7 +421,7 @@ struct Runner::Impl {
         if (!a8 || !rounds_input(w) || M > ws.T8 || !cuda::fp8_act_fits(w, lo)) return false;
         if (M <= kFp8ActMaxT) {
             cuda::linear_fp8_act(w, *a8, M, y, lo, st);
-        } else if (lt && M >= cuda::kLtMinM && cuda::LtFp8Gemm::fits(w, lo)) {
+        } else if (lt_fp8_on && M >= cuda::kLtMinM && cuda::LtGemm::fits(w, lo)) {
             lt->linear(w, *a8, M, y, lo, scratch, st);
             ++lt_launches;
         } else {
@@ -418,7 +433,7 @@ struct Runner::Impl {
     // Whether this step makes the codes of an official FP8-linear input of width K (see kFp8ActMaxT).
     bool act8(int64_t T, int64_t K) const {
         return fp8_act_on && official() && T <= ws.T8 && K % 128 == 0 &&
-               (T <= kFp8ActMaxT || (lt && T >= cuda::kLtMinM));
+               (T <= kFp8ActMaxT || (lt_fp8_on && T >= cuda::kLtMinM));
     }
     cudaStream_t side_stream() const { return concurrent ? side : stream; }
     bool official() const { return nm == Numerics::official; }
@@ -507,8 +522,9 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     opt.numerics = nm;
     concurrent = opt.side_stream;
     fp8_act_on = opt.fp8_activations;
-    if (fp8_act_on && opt.lt_fp8 && nm == Numerics::official && opt.max_batch_tokens >= cuda::kLtMinM)
-        lt = std::make_unique<cuda::LtFp8Gemm>();
+    lt_fp8_on = fp8_act_on && opt.lt_fp8 && nm == Numerics::official && opt.max_batch_tokens >= cuda::kLtMinM;
+    lt_bf16_on = opt.lt_bf16 && opt.max_batch_tokens >= cuda::kLtBf16MinM;
+    if (lt_fp8_on || lt_bf16_on) lt = std::make_unique<cuda::LtGemm>();
     MEGAMOE_CHECK(opt.max_seqs >= 1 && opt.max_batch_tokens >= 1, "gpu runner: max_seqs ", opt.max_seqs,
                   ", max_batch_tokens ", opt.max_batch_tokens);
     if (opt.max_model_len <= 0) opt.max_model_len = std::min<int64_t>(c.max_position_embeddings, 65536);
@@ -540,7 +556,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
 
     // Workspace.
     ws.T = opt.max_batch_tokens;
-    ws.lt_codes = lt != nullptr;
+    ws.lt_codes = lt_fp8_on;
     ws.C = std::min(opt.max_seqs, ws.T);
     ws.R = std::max(opt.max_logit_rows, ws.C);
     ws.max_rows = c.index_topk > 0 ? (opt.max_model_len + 3) / 4 : 0;
@@ -553,8 +569,12 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
         cuda::LinearOptions lo;
         lo.groups = groups;
         gemm_bytes = std::max<int64_t>(gemm_bytes, static_cast<int64_t>(cuda::linear_scratch_bytes(w, M, lo)));
-        if (lt && cuda::LtFp8Gemm::fits(w, lo))
-            gemm_bytes = std::max<int64_t>(gemm_bytes, static_cast<int64_t>(cuda::LtFp8Gemm::scratch_bytes(w, M)));
+        if (lt_fp8_on && cuda::LtGemm::fits(w, lo))
+            gemm_bytes = std::max<int64_t>(gemm_bytes, static_cast<int64_t>(cuda::LtGemm::scratch_bytes(w, M)));
+        cuda::LinearOptions lob = lo;
+        lob.out_bf16 = true;
+        if (lt_bf16_on && M >= cuda::kLtBf16MinM && (cuda::LtGemm::bf16_fits(w, lo) || cuda::LtGemm::bf16_fits(w, lob)))
+            gemm_bytes = std::max<int64_t>(gemm_bytes, static_cast<int64_t>(cuda::LtGemm::bf16_scratch_bytes(w)));
     };
     for (const DeviceLayer& d : dm->layers) {
         for (const cuda::DeviceLinear* w : {&d.wq_a, &d.wq_b, &d.wkv, &d.wo_b, &d.comp.wkv, &d.comp.wgate, &d.idx_comp.wkv,
@@ -1060,6 +1080,7 @@ int64_t Runner::graph_replays() const { return impl_->replays; }
 int64_t Runner::graphs_captured() const { return static_cast<int64_t>(impl_->graphs.size()); }
 int64_t Runner::fp8_linear_launches() const { return impl_->fp8_launches; }
 int64_t Runner::lt_linear_launches() const { return impl_->lt_launches; }
+int64_t Runner::lt_bf16_launches() const { return impl_->lt_bf16_launches; }
 CUstream_st* Runner::stream() const { return impl_->stream; }
 
 std::vector<std::pair<std::string, double>> Runner::profile_step(const std::vector<RunnerChunk>& chunks) {

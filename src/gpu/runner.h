@@ -49,7 +49,11 @@ struct RunnerOptions {
                                        // path on the same rounded values (for comparison)
     bool    lt_fp8 = true;             // official numerics, ≥ cuda::kLtMinM tokens (with fp8_activations):
                                        // FP8 linears through cuBLASLt's block-scaled FP8 GEMM
-                                       // (cuda::LtFp8Gemm) on their input's codes; off: the BF16 path
+                                       // (cuda::LtGemm) on their input's codes; off: the BF16 path
+    bool    lt_bf16 = true;            // ≥ cuda::kLtBf16MinM tokens: linears with a bf16 input (exact
+                                       // numerics, the official wo_a, BF16-weight projections) through
+                                       // cuBLASLt's BF16 GEMM (FP8 weights expanded per call into the
+                                       // workspace); off: megamoe's kernels
     // How activations are rounded (ref/ops.h Numerics); unset: the model's own (Model::numerics, as
     // the CPU forward reads it), exact for synthetic weights. official: the bf16 activations, FP8
     // GEMM inputs, FP8-rounded KV latent and the indexer's Hadamard + FP4 q / k of DeepSeek's code.
@@ -230,6 +234,8 @@ public:
     int64_t fp8_linear_launches() const;
     // Of those, the ones through cuBLASLt (RunnerOptions::lt_fp8, steps of ≥ cuda::kLtMinM tokens).
     int64_t lt_linear_launches() const;
+    // Linears with a bf16 input enqueued through cuBLASLt's BF16 GEMM (RunnerOptions::lt_bf16).
+    int64_t lt_bf16_launches() const;
 
     // For benchmarks: set a slot's position without running its tokens (the state then holds
     // whatever the pool held: timing only), and the stream the runner works on.

@@ -44,6 +44,7 @@
 #include "core/common.h"
 #include "cuda/gemm.h"
 #include "cuda/linear.h"
+#include "cuda/linear_lt.h"
 #include "cuda/moe_dispatch.h"
 #include "cuda_test_util.h"
 #include "io/formats.h"
@@ -817,6 +818,101 @@ TEST(CudaGemm, GroupedLinearMatchesCpuTwin) {
     check_linear(LinearFormat::fp8_block, 8 * 1024, 512, {1, 5, 17, 100}, 8, 5000);
     if (HasFailure()) return;
     check_linear(LinearFormat::fp8_block, 3 * 40, 264, {1, 5, 17, 100}, 3, 5100);
+}
+
+// cuBLASLt's BF16 GEMM (cuda::LtGemm::linear_bf16, the large-M path of the bf16-input linears)
+// against the same twin as linear(): fp8_block weights expanded to bf16 in the caller's scratch
+// (V4-Flash wq_a; the grouped wo_a with the real G = 8, R = 1024 and a shorter K; a partial 128-row
+// scale block) and bf16 weights (the compressors' format); f32 and bf16 y; M at and above
+// kLtBf16MinM, one not a multiple of 8. The products are the exact weights' (f32 accumulation), so
+// the bound is kRelTol as for megamoe's kernels. The same call twice gives the same bits.
+void check_lt_bf16(cuda::LtGemm& lt, LinearFormat f, int64_t N, int64_t K, int64_t groups, uint32_t seed) {
+    HostLinear h;
+    make_quantized(h, f, N, K, seed);
+    cuda::OwnedLinear d(h.lin);
+    cuda::LinearOptions og;
+    og.groups = groups;
+    ASSERT_TRUE(cuda::LtGemm::bf16_fits(d.view(), og)) << fmt_name(f) << " " << N << "x" << K;
+    DeviceArray<uint8_t> scratch(cuda::LtGemm::bf16_scratch_bytes(d.view()));
+    const cuda::GemmScratch sc{scratch.data(), scratch.size()};
+    for (int64_t M : {cuda::kLtBf16MinM, int64_t{300}}) {
+        const auto x = random_x(M, K * groups, seed + static_cast<uint32_t>(M));
+        const LinearRef ref = linear_twin(h.lin, x, M, groups);
+        const size_t n = static_cast<size_t>(M * N);
+        DeviceArray<uint16_t> dx(x.size()), yb(n);
+        DeviceArray<float> yf(n);
+        to_device(dx.data(), x);
+        const std::string what =
+            str("cublasLt bf16 ", fmt_name(f), " ", N, "x", K, groups > 1 ? str(" groups=", groups) : std::string(), " M=", M);
+        auto tol = [&](size_t i) { return kRelTol * ref.bound[i] + kAbsTol; };
+        cuda::LinearOptions o = og;
+        poison(yf.data(), n);
+        lt.linear_bf16(d.view(), dx.data(), M, yf.data(), o, sc, nullptr);
+        o.out_bf16 = true;
+        poison(yb.data(), n);
+        lt.linear_bf16(d.view(), dx.data(), M, yb.data(), o, sc, nullptr);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        const auto gf = to_host(yf.data(), n);
+        const auto gb = to_host(yb.data(), n);
+        const double worst = check_close(gf.data(), ref.y.data(), n, N, tol, what + " f32");
+        check_bf16(gb.data(), ref.y.data(), n, N, tol, what + " bf16");
+        poison(yf.data(), n);
+        lt.linear_bf16(d.view(), dx.data(), M, yf.data(), og, sc, nullptr);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        EXPECT_EQ(first_mismatch(to_host(yf.data(), n), gf), -1) << what << ": a second call differs";
+        std::printf("  %-44s max |gpu-cpu| / tol = %.2e  (%s)\n", what.c_str(), worst,
+                    lt.bf16_plan(d.view(), M, og).c_str());
+        if (::testing::Test::HasFailure()) return;
+    }
+}
+
+TEST(CudaGemm, LtBf16MatchesCpuTwin) {
+    SKIP_WITHOUT_GPU();
+    cuda::LtGemm lt;
+    check_lt_bf16(lt, LinearFormat::fp8_block, 1024, 4096, 1, 7000);
+    if (HasFailure()) return;
+    check_lt_bf16(lt, LinearFormat::fp8_block, 8 * 1024, 512, 8, 7100);
+    if (HasFailure()) return;
+    check_lt_bf16(lt, LinearFormat::fp8_block, 136, 272, 1, 7200);
+    if (HasFailure()) return;
+    check_lt_bf16(lt, LinearFormat::bf16, 1024, 4096, 1, 7300);
+    if (HasFailure()) return;
+    check_lt_bf16(lt, LinearFormat::bf16, 3 * 40, 264, 3, 7400);
+}
+
+// Host checks of the fits rules (no launch, no handle).
+TEST(CudaGemm, LtBf16FitsAndRejects) {
+    DeviceLinear w;
+    w.format = LinearFormat::fp8_block;
+    w.out = 1024;
+    w.in = 4096;
+    w.weight_row_bytes = 4096;
+    w.weight = reinterpret_cast<void*>(0x1000);
+    w.scale = reinterpret_cast<void*>(0x2000);
+    cuda::LinearOptions o;
+    EXPECT_TRUE(cuda::LtGemm::bf16_fits(w, o));
+    const size_t fp8_scratch = cuda::LtGemm::bf16_scratch_bytes(w);
+    w.nan_codes = true;
+    EXPECT_FALSE(cuda::LtGemm::bf16_fits(w, o)) << "NaN codes take the exact path";
+    w.nan_codes = false;
+    w.in = 4104;
+    EXPECT_FALSE(cuda::LtGemm::bf16_fits(w, o)) << "fp8 K % 16 != 0";
+    w.in = 4096;
+    o.groups = 3;
+    EXPECT_FALSE(cuda::LtGemm::bf16_fits(w, o)) << "groups not dividing N";
+    o.groups = 8;
+    EXPECT_TRUE(cuda::LtGemm::bf16_fits(w, o));
+    o.groups = 1;
+    w.out = 1026;
+    EXPECT_FALSE(cuda::LtGemm::bf16_fits(w, o)) << "f32 y rows of 4104 bytes";
+    w.out = 1024;
+    w.format = LinearFormat::nvfp4;
+    EXPECT_FALSE(cuda::LtGemm::bf16_fits(w, o)) << "FP4 weights stay on megamoe's kernels";
+    w.format = LinearFormat::bf16;
+    w.weight_row_bytes = 8192;
+    EXPECT_TRUE(cuda::LtGemm::bf16_fits(w, o));
+    EXPECT_EQ(fp8_scratch - cuda::LtGemm::bf16_scratch_bytes(w), size_t{1024} * 4096 * 2)
+        << "fp8 weights need room for their bf16 expansion; bf16 weights are read in place";
 }
 
 // The dense wgmma path's scratch belongs to the caller: linear_scratch_bytes(w, M_max) serves every

@@ -520,7 +520,7 @@ TEST(CudaLinear, Fp8ActMatchesCpuTwin) {
     check_fp8_act({{17, 256}, {256, 1024}}, true, 900);
 }
 
-// cuBLASLt's block-scaled FP8 GEMM (cuda::LtFp8Gemm, the large-M path of the official numerics'
+// cuBLASLt's block-scaled FP8 GEMM (cuda::LtGemm, the large-M path of the official numerics'
 // FP8 linears) against the same CPU twin as linear_fp8_act: ops::linear on round_gemm_input(x).
 // M = 4 (cuBLASLt alone), 7 (4 rows there, 3 through linear_fp8_act), 64 and 1027; the twin runs
 // on a sample of the token rows (the first four, both sides of the M4 boundary, the last, random
@@ -549,20 +549,20 @@ double compare_lt(const std::vector<float>& gpu_y, const Reference& ref, int64_t
     }
     return worst;
 }
-void check_lt(cuda::LtFp8Gemm& lt, const std::vector<Shape>& shapes, bool random_codes, uint32_t seed) {
+void check_lt(cuda::LtGemm& lt, const std::vector<Shape>& shapes, bool random_codes, uint32_t seed) {
     for (const Shape& s : shapes) {
         HostLinear h;
         if (random_codes) make_random_codes(h, LinearFormat::fp8_block, s.N, s.K, seed);
         else make_quantized(h, LinearFormat::fp8_block, s.N, s.K, seed);
         cuda::OwnedLinear d(h.lin);
-        ASSERT_TRUE(cuda::LtFp8Gemm::fits(d.view(), cuda::LinearOptions{})) << s.N << "x" << s.K;
+        ASSERT_TRUE(cuda::LtGemm::fits(d.view(), cuda::LinearOptions{})) << s.N << "x" << s.K;
         for (int64_t M : {4, 7, 64, 1027}) {
             const auto x = random_x(M, s.K, seed + static_cast<uint32_t>(M));
             DeviceArray<uint16_t> dx(x);
             DeviceArray<uint8_t> dq(static_cast<size_t>(M * s.K));
             DeviceArray<float> ds(static_cast<size_t>(M * s.K / 128));
             DeviceArray<float> dy(static_cast<size_t>(M * s.N));
-            DeviceArray<uint8_t> scratch(cuda::LtFp8Gemm::scratch_bytes(d.view(), M));
+            DeviceArray<uint8_t> scratch(cuda::LtGemm::scratch_bytes(d.view(), M));
             const cuda::GemmScratch sc{scratch.data(), scratch.size()};
             dy.fill(0xFF);
             cuda::quantize_gemm_input(dx.data(), M, s.K, dq.data(), ds.data(), nullptr);
@@ -624,7 +624,7 @@ void check_lt(cuda::LtFp8Gemm& lt, const std::vector<Shape>& shapes, bool random
 
 TEST(CudaLinear, LtFp8MatchesCpuTwin) {
     SKIP_WITHOUT_GPU();
-    cuda::LtFp8Gemm lt;
+    cuda::LtGemm lt;
     // V4-Flash wq_a, wq_b, wo_b, shared w1 / w2, indexer wq_b, V4-Pro wq_a; a partial 128-row block
     // (N = 136) and a K-block count that is not a multiple of 4 (K = 384).
     check_lt(lt, {{1024, 4096}, {32768, 1024}, {4096, 8192}, {2048, 4096}, {4096, 2048}, {8192, 1024}, {1536, 7168},
@@ -644,25 +644,25 @@ TEST(CudaLinear, LtFp8FitsAndRejects) {
     w.weight = reinterpret_cast<void*>(0x1000);
     w.scale = reinterpret_cast<void*>(0x2000);
     cuda::LinearOptions o;
-    EXPECT_TRUE(cuda::LtFp8Gemm::fits(w, o));
+    EXPECT_TRUE(cuda::LtGemm::fits(w, o));
     w.out = 3;
-    EXPECT_FALSE(cuda::LtFp8Gemm::fits(w, o)) << "f32 y rows of 12 bytes";
+    EXPECT_FALSE(cuda::LtGemm::fits(w, o)) << "f32 y rows of 12 bytes";
     w.out = 4;
-    EXPECT_TRUE(cuda::LtFp8Gemm::fits(w, o));
+    EXPECT_TRUE(cuda::LtGemm::fits(w, o));
     o.out_bf16 = true;
-    EXPECT_FALSE(cuda::LtFp8Gemm::fits(w, o)) << "bf16 y rows of 8 bytes";
+    EXPECT_FALSE(cuda::LtGemm::fits(w, o)) << "bf16 y rows of 8 bytes";
     w.out = 8;
-    EXPECT_TRUE(cuda::LtFp8Gemm::fits(w, o));
+    EXPECT_TRUE(cuda::LtGemm::fits(w, o));
     w.in = 1000;
     w.weight_row_bytes = 1024;
-    EXPECT_FALSE(cuda::LtFp8Gemm::fits(w, o)) << "K % 128 != 0";
+    EXPECT_FALSE(cuda::LtGemm::fits(w, o)) << "K % 128 != 0";
     w.in = 1024;
     o.groups = 8;
-    EXPECT_FALSE(cuda::LtFp8Gemm::fits(w, o)) << "grouped";
+    EXPECT_FALSE(cuda::LtGemm::fits(w, o)) << "grouped";
     o.groups = 1;
     w.format = LinearFormat::mxfp4;
-    EXPECT_FALSE(cuda::LtFp8Gemm::fits(w, o));
-    EXPECT_GT(cuda::LtFp8Gemm::scratch_bytes(w, 1024), size_t{1024} * 8 * 4) << "room for the activation scales";
+    EXPECT_FALSE(cuda::LtGemm::fits(w, o));
+    EXPECT_GT(cuda::LtGemm::scratch_bytes(w, 1024), size_t{1024} * 8 * 4) << "room for the activation scales";
 }
 
 TEST(CudaLinear, KernelOrderIsALosslessWordPermutation) {

@@ -198,6 +198,35 @@ TEST_P(GpuRunner, GoldenLogitsStatistics) {
     }
 }
 
+// Steps of ≥ cuda::kLtBf16MinM tokens: the bf16-input linears (all of them in exact numerics)
+// through cuBLASLt's BF16 GEMM (RunnerOptions::lt_bf16; fp8 weights expanded per call), against the
+// same runner on megamoe's kernels. Both sum exact products in f32 (another order), so both must
+// meet GoldenLogitsStatistics' bar on the full pass (one 256-token step) and agree with each other
+// to within the bf16 noise (0.0005 cosine, 2 points of top-1), with the cuBLASLt launches counted.
+TEST_P(GpuRunner, LtBf16LinearsKeepTheGoldenStatistics) {
+    gpu::RunnerOptions on = small_options(), off = small_options();
+    off.lt_bf16 = false;
+    gpu::Runner ron(*c->model, on), roff(*c->model, off);
+    const std::vector<float> a = gpu::sequence_logits_mtp(ron, c->input_ids, Schedule{-1, 0}).logits;
+    const std::vector<float> b = gpu::sequence_logits_mtp(roff, c->input_ids, Schedule{-1, 0}).logits;
+    const LogitStats sa = compare_logits(a, c->golden_logits(), T(), V());
+    const LogitStats sb = compare_logits(b, c->golden_logits(), T(), V());
+    const LogitStats ab = compare_logits(a, b.data(), T(), V());
+    const LogitStats emu = bf16_specification(*c);
+    const bool targets = emu.mean_cos >= 0.999 && emu.top1 >= 0.98;
+    const double bar_cos = targets ? 0.999 : emu.mean_cos - 0.0005, bar_top1 = targets ? 0.98 : emu.top1 - 0.02;
+    std::printf("[ %s | full pass ] cuBLASLt BF16 linears vs golden: cosine %.6f, top-1 %.2f%%; megamoe's kernels: "
+                "%.6f, %.2f%%; between them: cosine %.6f (min %.6f), top-1 %.2f%%; cuBLASLt BF16 launches %lld\n",
+                GetParam().c_str(), sa.mean_cos, 100 * sa.top1, sb.mean_cos, 100 * sb.top1, ab.mean_cos, ab.min_cos,
+                100 * ab.top1, static_cast<long long>(ron.lt_bf16_launches()));
+    EXPECT_GE(sa.mean_cos, bar_cos);
+    EXPECT_GE(sa.top1, bar_top1);
+    EXPECT_GE(sa.mean_cos, sb.mean_cos - 0.0005);
+    EXPECT_GE(sa.top1, sb.top1 - 0.02);
+    EXPECT_GT(ron.lt_bf16_launches(), 0) << "the cuBLASLt BF16 path did not run";
+    EXPECT_EQ(roff.lt_bf16_launches(), 0) << "lt_bf16 off";
+}
+
 // The CPU specification of the MTP logits with bf16 activations at the official code's rounding
 // sites (the same probe as bf16_specification, on the main pass and the MTP block).
 LogitStats bf16_mtp_specification(const Model& m, const std::vector<int32_t>& tokens, const float* golden) {
