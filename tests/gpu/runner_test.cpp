@@ -1132,6 +1132,57 @@ TEST_P(GpuRunner, GraphReplayEqualsEager) {
     EXPECT_EQ(rg.graph_replays(), 23 + 5);
     EXPECT_EQ(re.graph_replays(), 0);
 }
+// Decode steps of ≥ cuda::kLtMinM sequences in official numerics put cuBLASLt's FP8 GEMM inside the
+// captured graph (and ≥ cuda::kLtBf16MinM in exact numerics its BF16 GEMM): replay equals eager bit
+// for bit there too. 32 sequences (official) and 256 (exact), a prefill of 3 tokens each, then
+// decode steps; the cuBLASLt launches of the graphed runner are counted at capture.
+TEST_P(GpuRunner, GraphReplayEqualsEagerWithCublasLt) {
+    for (const auto& [nm, seqs] : {std::pair{Numerics::official, int64_t{32}}, std::pair{Numerics::exact, int64_t{256}}}) {
+        gpu::RunnerOptions with = small_options();
+        with.numerics = nm;
+        with.max_seqs = seqs;
+        with.max_batch_tokens = 3 * seqs;
+        with.max_logit_rows = seqs;
+        with.max_model_len = 64;
+        gpu::RunnerOptions without = with;
+        without.graphs = false;
+        gpu::Runner rg(*c->model, with), re(*c->model, without);
+        std::vector<int32_t> sg, se;
+        std::vector<gpu::RunnerChunk> pg, pe;
+        for (int64_t i = 0; i < seqs; ++i) {
+            sg.push_back(rg.open());
+            se.push_back(re.open());
+            ASSERT_TRUE(rg.reserve(sg.back(), 16) && re.reserve(se.back(), 16));
+            const auto at = c->input_ids.begin() + i % 200;
+            pg.push_back({sg.back(), std::vector<int32_t>(at, at + 3)});
+            pe.push_back({se.back(), std::vector<int32_t>(at, at + 3)});
+        }
+        std::vector<float> lg, le;
+        rg.step(pg, false, lg);
+        re.step(pe, false, le);
+        ASSERT_EQ(std::memcmp(lg.data(), le.data(), lg.size() * 4), 0) << numerics_name(nm) << " prefill";
+        for (int step = 0; step < 4; ++step) {
+            std::vector<gpu::RunnerChunk> dg, de;
+            for (int64_t i = 0; i < seqs; ++i) {
+                const int32_t tok = c->input_ids[static_cast<size_t>((3 + i + step) % 200)];
+                dg.push_back({sg[static_cast<size_t>(i)], {tok}});
+                de.push_back({se[static_cast<size_t>(i)], {tok}});
+            }
+            rg.step(dg, false, lg);
+            re.step(de, false, le);
+            ASSERT_EQ(lg.size(), le.size());
+            ASSERT_EQ(std::memcmp(lg.data(), le.data(), lg.size() * 4), 0) << numerics_name(nm) << " decode step " << step;
+        }
+        std::printf("[ %s | %s, %lld sequences ] graph replays %lld; cuBLASLt launches: FP8 %lld, BF16 %lld (graphed "
+                    "runner, counted at capture)\n",
+                    GetParam().c_str(), numerics_name(nm), static_cast<long long>(seqs),
+                    static_cast<long long>(rg.graph_replays()), static_cast<long long>(rg.lt_linear_launches()),
+                    static_cast<long long>(rg.lt_bf16_launches()));
+        EXPECT_EQ(rg.graph_replays(), 3) << numerics_name(nm);
+        if (nm == Numerics::official) EXPECT_GT(rg.lt_linear_launches(), 0);
+        else EXPECT_GT(rg.lt_bf16_launches(), 0);
+    }
+}
 // Official numerics at ≤ 16 tokens per step: the FP8 linears run FP8 × FP8 (linear_fp8_act on the
 // codes made beside each rounded input) instead of the BF16 path on the same rounded values. The
 // two differ only in f32 summation order, so decode logits agree to cosine ≥ 0.99999 per row, with
