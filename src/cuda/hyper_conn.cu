@@ -5,13 +5,17 @@
 // sum of squares. Split s takes the d-range [s·P, (s+1)·P) of every stream (P = ceil(D / VEC / S)
 // vectors of VEC = 4 or 1 columns), so one CTA owns all hc streams of its d-range: the fused post
 // can read X_in[t, :, d] once and write each X_out[t, k, d] exactly once. Each warp holds TB tokens
-// (TB = the power of two ≥ T, at most 32) and G = 32 / TB lanes per token ("column groups"):
+// (TB below) and G = 32 / TB lanes per token ("column groups"):
 //   T = 1:   G = 32 lanes share a token; lane g owns stream k = g mod hc and d-vectors
 //            d0 + g / hc + 8m, so a warp-step touches 8 consecutive d-vectors of every stream
 //            (coalesced 128-byte segments of X and of each fn row);
-//   T ≥ 32:  G = 1, a lane is a token and walks every (stream, d-vector) of the split; all lanes
-//            read the same fn address (one broadcast transaction), fn stays in L1/L2 and is reused
-//            by the 32 tokens of a warp and the up to 4 warps of a CTA.
+//   T = 2..31: TB = the power of two ≥ T tokens per warp, G = 32 / TB lanes each, as above;
+//   T ≥ 32:  "wide": TB = 4 tokens per warp, G = 8 lanes per token that take 8 consecutive
+//            d-vectors of one stream at a time and walk every stream (KG = 1), so a warp-step
+//            reads a 128-byte segment per (token, stream); lanes of the 4 tokens at the same d read
+//            the same fn address (one transaction for 4 tokens), fn stays in L1/L2 across the CTA's
+//            4 warps. (The layout before, one lane per token, read 16 bytes at 64 KB strides:
+//            kWideT says what it cost.)
 // A lane keeps n_mix + 1 running f32 sums (FMA, in its own fixed column order), then the G lanes
 // of a token combine them with a transposing butterfly (32 − TB shuffles per 32 values instead of
 // 5 per value: at each level a lane sends the half of its values that its partner keeps), which
@@ -49,6 +53,18 @@ using rk::aligned;
 using rk::pdl_begin;
 
 constexpr int kMixWarpsMax = 4;       // warps per hc_mix CTA (token groups sharing a split)
+// From kWideT tokens on (prefill), a warp holds 2^kWideTbShift = 4 tokens and each token's 8 lanes
+// walk d side by side over every stream ("wide" mode: KG = 1 below), so a warp-step reads one
+// 128-byte segment per (token, stream) and each fn value serves the warp's 4 tokens. The lane-per-
+// token layout (TB = 32) it replaces read X rows 64 KB apart, 16 bytes per lane: measured on an
+// H200 (ncu, V4-Flash, T = 8192) the fused mix moved 2.6 GB for its 1.15 GB at 1.1 TB/s, 2.4 ms
+// per call, 20% of an 8K-token prefill. Wide: 1.19 GB moved (the ideal), 2.0 ms per fused call
+// (8192-token prefill 529 → 508 ms, 20 layers); what bounds it now is latency: 130 registers per
+// thread cap the fused kernel at ~15 warps per SM (13% active) and each step waits on ~96 fn loads
+// from L2 (the 1.5 MB fn does not stay in L1). Next: more splits with each CTA's fn slice in shared
+// memory.
+constexpr int64_t kWideT = 32;
+constexpr int kWideTbShift = 2;
 constexpr int64_t kTargetCtas = 264;  // ~2 per SM on H100 / H200
 constexpr int kMaxHc = 8;
 constexpr int kMaxMix = (2 + kMaxHc) * kMaxHc;
@@ -65,7 +81,11 @@ struct MixGeometry {
 
 MixGeometry mix_geometry(int64_t T) {
     MixGeometry g;
-    while ((int64_t{1} << g.tb_shift) < T && g.tb_shift < 5) ++g.tb_shift;
+    if (T >= kWideT) {
+        g.tb_shift = kWideTbShift;
+    } else {
+        while ((int64_t{1} << g.tb_shift) < T && g.tb_shift < 5) ++g.tb_shift;
+    }
     const int64_t tb = int64_t{1} << g.tb_shift;
     const int64_t warps_needed = (T + tb - 1) / tb;
     g.warps = static_cast<int>(std::clamp<int64_t>(warps_needed, 1, kMixWarpsMax));
@@ -83,6 +103,7 @@ struct MixArgs {
     const float* fn;       // [n_mix, hc·D]
     float* part;           // [splits, T, n_mix + 1]
     bool official;         // fused: y and X_out rounded to bf16 (Numerics::official)
+    bool wide = false;     // T ≥ kWideT: a lane walks every stream (KG = 1), see kWideT
 };
 
 template <int VEC> __device__ __forceinline__ void load_vec(const float* p, float (&v)[VEC]) {
@@ -135,7 +156,7 @@ __global__ void __launch_bounds__(kMixWarpsMax * 32) hc_mix_kernel(MixArgs a, in
     const int64_t Dv = D / VEC;
     const int64_t per = (Dv + S - 1) / S;
     const int64_t d0 = min(Dv, s * per), d1 = min(Dv, d0 + per);
-    const int KG = G < HC ? G : HC;         // stream sets among the G column groups
+    const int KG = a.wide ? 1 : (G < HC ? G : HC);   // stream sets among the G column groups
     const int KPL = HC / KG;                // streams per lane: k = kset + KG·q, q < KPL
     const int DG = G / KG;                  // lanes per stream set, interleaved along d
     const int kset = g % KG;
@@ -576,7 +597,7 @@ void hc_mix(const float* X_in, const float* y, const float* post, const float* c
     const MixGeometry g = mix_geometry(T);
     if (g.tiles > 65535) fail("hc_mix: T=", T, " needs ", g.tiles, " token tiles (max 65535)");
     const bool vec = D % 4 == 0 && aligned(X_in, 16) && aligned(fn, 16) && (!fused || (aligned(y, 16) && aligned(X_out, 16)));
-    const MixArgs a{X_in, y, post, comb, X_out, T, D, fn, part, nm == Numerics::official};
+    const MixArgs a{X_in, y, post, comb, X_out, T, D, fn, part, nm == Numerics::official, T >= kWideT};
     const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(g.tiles)), block(g.warps * 32);
     switch (hc) {
         case 1: launch_mix_hc<1>(head, fused, vec, grid, block, a, g.tb_shift, stream); break;
