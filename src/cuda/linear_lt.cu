@@ -1,8 +1,8 @@
-// linear_lt.cu — FP8 × FP8 linears at large M through cuBLASLt's block-scaled FP8 GEMM (see
-// linear_lt.h for the contract and why this dependency is chosen).
+// linear_lt.cu — linears at large M through cuBLASLt: its block-scaled FP8 GEMM and its BF16 GEMM
+// (see linear_lt.h for the contracts and why this dependency is chosen).
 //
-// The GEMM in cuBLAS's column-major terms: D [N, M4] = op(A) · B with
-//   A = W, stored [N, K] row-major = [K, N] column-major (ld = the device row bytes), op(A) = Aᵀ;
+// The FP8 GEMM in cuBLAS's column-major terms: D [N, M4] = op(A) · B with
+//   A = W, stored [N, K] row-major = [K, N] column-major (ld = K: the device rows are unpadded), op(A) = Aᵀ;
 //   B = x codes, stored [M, K] row-major = [K, M] column-major (ld = K), op(B) = B;
 //   D = y, stored [M, N] row-major = [N, M] column-major (ld = N).
 // This is the "TN" form Hopper's FP8 GEMM requires. A's scales are BLK128x128_32F: f32 per

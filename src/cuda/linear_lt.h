@@ -1,7 +1,7 @@
 // linear_lt.h — linears at large M through cuBLASLt: FP8 × FP8 with block scaling (Hopper, CUDA ≥
 // 12.9) for the official numerics' FP8-input linears, and BF16 for the bf16-input ones (below): a
-// chosen dependency. megamoe's own dense kernels decode FP8 weights to BF16 for
-// the tensor core (linear_tiled) and reach 0.28–0.46× cuBLAS BF16 at M = 8192; for the official
+// chosen dependency. megamoe's own dense kernels decode FP8 weights to BF16 for the tensor core
+// (linear_tiled) and reach 0.28–0.46× cuBLAS BF16 at M = 8192; for the official
 // numerics' FP8-input linears, cuBLASLt's GEMM with DeepSeek's scaling (1×128 activation scales,
 // 128×128 weight scales) measured faster on the same job from the M in kLtMinM on (the rows side by
 // side: megamoe-gemm-bench, docs/bench-gemm.md "FP8 linears at large M"). Host API; plain C++,
@@ -15,12 +15,14 @@
 // a block's partial is summed: cuBLASLt runs Hopper's FP8 WGMMA, whose accumulator keeps about 14
 // significant bits (DeepSeek-V3 technical report §3.3.2; the block scaling promotes it to f32 every
 // 128 elements of K, as DeepSeek's own FP8 GEMMs do), where linear_fp8_act's mma.sync sums in f32.
-// Measured against the CPU twin (CudaLinear.LtFp8MatchesCpuTwin): max |y − twin| / Σ|w·x| 1.1e-5 to
-// 4.6e-5 on quantized V4 weights and up to 3.6e-4 on random codes with wide scales, against ~1e-8
-// for linear_fp8_act; the test's bound is 2^-10 of Σ|w·x|. This is the precision of the official
-// numerics' own FP8 GEMMs on Hopper, and the reason the path is for the official numerics only. The weights stay as uploaded: their bytes are in kernel order ([k0 k2 k1 k3] per
-// 4-byte word) and the activation codes are in the same order, so the dot products are unchanged
-// (the same permutation of k on both operands, inside each 128-block).
+// Measured against the CPU twin (CudaLinear.LtFp8MatchesCpuTwin): max |y − twin| / Σ|w·x| 8.8e-6 to
+// 4.8e-5 on quantized V4 shapes (up to 8.4e-5 on small odd ones) and up to 3.8e-4 on random codes
+// with wide scales, against ~1e-8 for linear_fp8_act; the test's bound is 2^-10 of Σ|w·x|. This is
+// the precision of the official numerics' own FP8 GEMMs on Hopper, and the reason the path is for
+// the official numerics only.
+// The weights stay as uploaded: their bytes are in kernel order ([k0 k2 k1 k3] per 4-byte word)
+// and the activation codes are in the same order, so the dot products are unchanged (the same
+// permutation of k on both operands, inside each 128-block).
 //
 // Per call, one small kernel writes the scales in the layouts cuBLASLt reads (f32 weight scales
 // [ceil(N/128), ceil(K/128) padded to 4] and the activation's [K/128, M4] token-major, M4 = M
@@ -47,8 +49,9 @@ namespace megamoe::cuda {
 // M ≤ 16 and the BF16-decode path between). Measured on an H200 (megamoe-gemm-bench --part linears
 // --format fp8, bf16 y; docs/bench-gemm.md "FP8 linears at large M"): at M = 32 cuBLASLt takes
 // 15.9 / 17.2 / 15.9 µs for V4-Flash wq_a / wq_b / wkv against megamoe's 16.5 / 35.1 / 16.7, and
-// wins by more above; at M = 16 megamoe's small-M kernel is faster (8.2 / 18.7 / 9.8 against
-// 15.8 / 15.2 / 15.8: cuBLASLt's call costs ~15.7 µs at any small shape).
+// wins by more above; at M = 16 megamoe's small-M kernels are faster on most shapes (wq_a 8.2 and
+// wkv 9.8 against 15.8 and 15.8; wq_b is the exception, 18.7 against 15.2): a cuBLASLt call costs
+// ~15.7 µs at any small shape with K = 4096.
 constexpr int64_t kLtMinM = 32;
 
 // From this many rows on, a linear with a bf16 input (exact numerics, and the official numerics'

@@ -524,7 +524,6 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     fp8_act_on = opt.fp8_activations;
     lt_fp8_on = fp8_act_on && opt.lt_fp8 && nm == Numerics::official && opt.max_batch_tokens >= cuda::kLtMinM;
     lt_bf16_on = opt.lt_bf16 && opt.max_batch_tokens >= cuda::kLtBf16MinM;
-    if (lt_fp8_on || lt_bf16_on) lt = std::make_unique<cuda::LtGemm>();
     MEGAMOE_CHECK(opt.max_seqs >= 1 && opt.max_batch_tokens >= 1, "gpu runner: max_seqs ", opt.max_seqs,
                   ", max_batch_tokens ", opt.max_batch_tokens);
     if (opt.max_model_len <= 0) opt.max_model_len = std::min<int64_t>(c.max_position_embeddings, 65536);
@@ -533,6 +532,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
              c.max_position_embeddings);
     if (opt.max_logit_rows <= 0) opt.max_logit_rows = opt.max_seqs;
     if (!cuda::gpu_available()) fail("gpu runner: no CUDA device is available");
+    if (lt_fp8_on || lt_bf16_on) lt = std::make_unique<cuda::LtGemm>();
     check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
     check(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), "stream");
 
