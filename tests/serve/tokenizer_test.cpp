@@ -334,6 +334,15 @@ TEST_F(TokenizerFileTest, Malformed) {
     j["model"]["vocab"]["c"] = 1;
     expect_bad(j, {"duplicate id 1"});
 
+    // A sparse id far past the entries (the dense id tables would take gigabytes): refused, naming
+    // the entry, before anything is allocated for it.
+    j = minimal();
+    j["model"]["vocab"]["c"] = 111111111;
+    expect_bad(j, {"model.vocab[\"c\"]", "id 111111111", "far past"});
+    j = minimal();
+    j["model"]["vocab"]["c"] = 1030;   // within 2 · entries + 1024: a hole is accepted
+    EXPECT_NO_THROW((void)Tokenizer::load(write(j.dump())));
+
     j = minimal();
     j["added_tokens"] = json::parse(R"([{"id": 4, "content": "<x>", "special": true},
                                         {"id": 4, "content": "<y>", "special": true}])");
