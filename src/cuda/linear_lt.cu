@@ -128,6 +128,26 @@ struct LtGemm::Plan {
     }
 };
 
+// The heuristic's first algorithm for a descriptor and its layouts (D doubling as C) within
+// kWorkspace, into r; false when it has none. A split-K reduction in the output type would round
+// bf16 partial sums: only f32 ones.
+static bool choose_algo(cublasLtHandle_t h, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+                 cublasLtMatrixLayout_t d, bool out_bf16, cublasLtMatmulHeuristicResult_t& r) {
+    cublasLtMatmulPreference_t pref = nullptr;
+    lt_check(cublasLtMatmulPreferenceCreate(&pref), "preference");
+    const uint64_t wsb = kWorkspace;
+    const uint32_t schemes = out_bf16 ? CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE : CUBLASLT_REDUCTION_SCHEME_MASK;
+    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes);
+    int found = 0;
+    if (st == CUBLAS_STATUS_SUCCESS)
+        st = cublasLtMatmulAlgoGetHeuristic(h, desc, a, b, d, d, pref, 1, &r, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    lt_check(st, "algorithm heuristic");
+    return found >= 1 && r.state == CUBLAS_STATUS_SUCCESS;
+}
+
 LtGemm::LtGemm() {
     cublasLtHandle_t h = nullptr;
     lt_check(cublasLtCreate(&h), "cublasLtCreate");
@@ -174,20 +194,7 @@ const LtGemm::Plan& LtGemm::plan_for(int64_t N, int64_t K, int64_t M4, bool out_
     lt_check(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_8F_E4M3, static_cast<uint64_t>(K), static_cast<uint64_t>(M4), K),
              "B layout");
     lt_check(cublasLtMatrixLayoutCreate(&p->d, yt, static_cast<uint64_t>(N), static_cast<uint64_t>(M4), N), "D layout");
-    cublasLtMatmulPreference_t pref = nullptr;
-    lt_check(cublasLtMatmulPreferenceCreate(&pref), "preference");
-    const uint64_t wsb = kWorkspace;
-    // A split-K reduction in the output type would round bf16 partial sums: only f32 ones.
-    const uint32_t schemes = out_bf16 ? CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE : CUBLASLT_REDUCTION_SCHEME_MASK;
-    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
-    if (st == CUBLAS_STATUS_SUCCESS)
-        st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes);
-    int found = 0;
-    if (st == CUBLAS_STATUS_SUCCESS)
-        st = cublasLtMatmulAlgoGetHeuristic(handle_, p->desc, p->a, p->b, p->d, p->d, pref, 1, &p->result, &found);
-    cublasLtMatmulPreferenceDestroy(pref);
-    lt_check(st, "algorithm heuristic");
-    if (found < 1 || p->result.state != CUBLAS_STATUS_SUCCESS)
+    if (!choose_algo(handle_, p->desc, p->a, p->b, p->d, out_bf16, p->result))
         fail("cuBLASLt: no FP8 block-scaled algorithm for N = ", N, ", K = ", K, ", M = ", M4,
              out_bf16 ? ", bf16 y" : ", f32 y", " (needs Hopper and CUDA >= 12.9)");
     int32_t tile = 0, splitk = 0;
@@ -296,19 +303,7 @@ const LtGemm::Plan& LtGemm::bf16_plan_for(int64_t N, int64_t K, int64_t lda, int
                      "batch stride");
         }
     }
-    cublasLtMatmulPreference_t pref = nullptr;
-    lt_check(cublasLtMatmulPreferenceCreate(&pref), "preference");
-    const uint64_t wsb = kWorkspace;
-    const uint32_t schemes = out_bf16 ? CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE : CUBLASLT_REDUCTION_SCHEME_MASK;
-    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
-    if (st == CUBLAS_STATUS_SUCCESS)
-        st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &schemes, sizeof schemes);
-    int found = 0;
-    if (st == CUBLAS_STATUS_SUCCESS)
-        st = cublasLtMatmulAlgoGetHeuristic(handle_, p->desc, p->a, p->b, p->d, p->d, pref, 1, &p->result, &found);
-    cublasLtMatmulPreferenceDestroy(pref);
-    lt_check(st, "algorithm heuristic");
-    if (found < 1 || p->result.state != CUBLAS_STATUS_SUCCESS)
+    if (!choose_algo(handle_, p->desc, p->a, p->b, p->d, out_bf16, p->result))
         fail("cuBLASLt: no BF16 algorithm for N = ", N, ", K = ", K, ", groups = ", G, ", M = ", M);
     int32_t tile = 0, splitk = 0;
     size_t got = 0;
