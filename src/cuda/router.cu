@@ -1,15 +1,25 @@
 // router.cu — the MoE routers on the GPU (see router.h for the contract; twins ops::route_score and
 // ops::route_hash).
 //
-// One warp per token, 4 tokens per CTA. Score router: lane l holds experts l, l + 32, ... (E ≤ 1024:
-// at most 32 per lane, in registers) with s = sqrt(softplus(logit)) and s + bias. k rounds of warp
-// argmax (a butterfly on (value, id) under "larger value, then lower id", a total order, so every
-// lane ends with the same winner) pick the experts in the twin's order: the twin takes the top k
+// One warp per token, 4 tokens per CTA. Score router: lane l holds experts l, l + 32, ... (NPL per
+// lane, a template count: E ≤ 32·NPL ≤ 1024, in registers) with s = sqrt(softplus(logit)) and
+// s + bias. k rounds of warp argmax pick the experts in the twin's order: the twin takes the top k
 // (ties to the lower id) and stable-sorts them by descending biased score, which is exactly the
-// sequence of successive maxima with ties to the lower id. A NaN biased score is treated as −inf
-// (NaN would break the total order; the twin's sort is undefined for it anyway).
+// sequence of successive maxima with ties to the lower id. Each candidate is one 64-bit key, the
+// biased score's bits mapped to an unsigned order (−0 made +0 first, so the two compare equal as
+// floats do) above the complement of the id, so "larger key" is "larger value, then lower id", a
+// total order; each lane keeps the key of its best untaken candidate, a butterfly of 5 max steps
+// gives every lane the winner, its owner lane broadcasts the winner's s and rescans its own NPL
+// candidates. A NaN biased score is treated as −inf (NaN would break the total order; the twin's
+// sort is undefined for it anyway).
 // Weights: Σ s over the chosen ids in selection order from +0, then s / Σ · route_scale, as
 // normalize_weights in ops_moe.cpp. s uses the accurate expf / log1pf / sqrtf (≤ 2 ulp from glibc).
+//
+// Latency (batch 1): the kernel is one warp and runs beside the shared expert's linears, which
+// take most issue slots of the SMs it shares, so its instruction count is its time. The version
+// before (every lane scanning 32 predicated slots per round, (value, s, id) in three shuffles per
+// butterfly step) added 12-16 µs per score-routed layer on an H200 (megamoe-forward-bench --trace),
+// the hash router ~3.
 #include "cuda/router.h"
 
 #include <cuda_runtime.h>
@@ -27,7 +37,6 @@ namespace {
 constexpr int kRouteWarps = 4;
 constexpr int kMaxExperts = 1024;
 constexpr int kMaxK = 16;
-constexpr int kPerLane = kMaxExperts / 32;
 
 // sqrt(softplus(v)) with torch's threshold (v > 20 gives v), as ops_moe.cpp's sqrt_softplus.
 __device__ __forceinline__ float sqrt_softplus(float v) { return __fsqrt_rn(v > 20.0f ? v : log1pf(expf(v))); }
@@ -44,67 +53,96 @@ struct RouteArgs {
     float* wts;               // [T, k]
 };
 
+// The order key of candidate id with biased score b (see top): larger key = larger b, then lower id.
+__device__ __forceinline__ uint64_t route_key(float b, int id) {
+    b = isnan(b) ? -INFINITY : __fadd_rn(b, 0.0f);   // NaN as −inf; −0 + 0 = +0
+    const uint32_t u = __float_as_uint(b);
+    const uint32_t ord = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return (static_cast<uint64_t>(ord) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(id));
+}
+
+template <int NPL>
 __global__ void __launch_bounds__(kRouteWarps * 32) route_kernel(RouteArgs a) {
-    rk::pdl_begin();
     const int lane = static_cast<int>(threadIdx.x & 31);
     const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + (threadIdx.x >> 5);
-    if (t >= a.T) return;   // whole warps; no block-wide barrier below
-    const float* lt = a.logits + t * a.E;
     const int E = a.E, k = a.k;
+    const bool live = t < a.T;
+    const int cnt = (E - lane + 31) / 32;   // score router: experts lane, lane + 32, ... below E
 
+    // Every load is issued before any arithmetic that uses it, and what does not come from the
+    // previous kernel (the bias and tid2eid are weights; the step's token ids were copied before
+    // its first kernel, and every kernel here waits before it lets the next one start, so all
+    // kernels but the previous one have completed) is read before griddepcontrol.wait.
+    float bias[NPL];
     int my_id = 0;      // lane r < k: the expert of slot r
-    float my_s = 0.0f;  // and its unbiased score
+    if (live) {
+        if (a.tid2eid != nullptr) {
+            if (lane < k) {
+                const int id = a.tid2eid[static_cast<int64_t>(a.tokens[t]) * k + lane];
+                my_id = id < 0 ? 0 : (id >= E ? E - 1 : id);   // out-of-range table entries are clamped (no stray reads)
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < NPL; ++i)
+                if (i < cnt) bias[i] = a.bias != nullptr ? a.bias[lane + 32 * i] : 0.0f;
+        }
+    }
+    rk::pdl_begin();
+    if (!live) return;   // whole warps; no block-wide barrier below
+    const float* lt = a.logits + t * a.E;
+
+    float my_s = 0.0f;  // lane r < k: the unbiased score of slot r
     float sum = 0.0f;   // Σ s over the slots, in slot order (the same on every lane)
 
     if (a.tid2eid != nullptr) {
-        if (lane < k) {
-            int id = a.tid2eid[static_cast<int64_t>(a.tokens[t]) * k + lane];
-            id = id < 0 ? 0 : (id >= E ? E - 1 : id);   // out-of-range table entries are clamped (no stray reads)
-            my_id = id;
-            my_s = sqrt_softplus(lt[id]);
-        }
+        if (lane < k) my_s = sqrt_softplus(lt[my_id]);
         for (int r = 0; r < k; ++r) sum = __fadd_rn(sum, __shfl_sync(0xffffffffu, my_s, r));
     } else {
-        float sc[kPerLane], bv[kPerLane];
-        const int cnt = (E - lane + 31) / 32;   // experts lane, lane + 32, ... below E
+        float sc[NPL];
+        uint64_t key[NPL];
 #pragma unroll
-        for (int i = 0; i < kPerLane; ++i) {
+        for (int i = 0; i < NPL; ++i)
+            if (i < cnt) sc[i] = lt[lane + 32 * i];   // all loads first (one round trip)
+#pragma unroll
+        for (int i = 0; i < NPL; ++i) {
+            key[i] = 0;   // below every real key: an empty slot
             if (i < cnt) {
-                const int e = lane + 32 * i;
-                sc[i] = sqrt_softplus(lt[e]);
-                const float b = a.bias != nullptr ? __fadd_rn(sc[i], a.bias[e]) : sc[i];
-                bv[i] = isnan(b) ? -INFINITY : b;
+                sc[i] = sqrt_softplus(sc[i]);
+                key[i] = route_key(a.bias != nullptr ? __fadd_rn(sc[i], bias[i]) : sc[i], lane + 32 * i);
             }
         }
-        uint32_t taken = 0;   // bit i: expert lane + 32·i already chosen
-        for (int r = 0; r < k; ++r) {
-            float best = -INFINITY, best_s = 0.0f;
-            int best_id = INT_MAX;   // none yet
+        // This lane's best untaken candidate: its key and s.
+        uint64_t best = 0;
+        float best_s = 0.0f;
 #pragma unroll
-            for (int i = 0; i < kPerLane; ++i) {
-                // Ids grow with i, so a strict '>' keeps the lower id on ties.
-                if (i < cnt && !((taken >> i) & 1u) && (best_id == INT_MAX || bv[i] > best)) {
-                    best = bv[i];
-                    best_s = sc[i];
-                    best_id = lane + 32 * i;
-                }
-            }
+        for (int i = 0; i < NPL; ++i) {
+            best_s = key[i] > best ? sc[i] : best_s;
+            best = key[i] > best ? key[i] : best;
+        }
+        for (int r = 0; r < k; ++r) {
+            uint64_t win = best;
 #pragma unroll
             for (int o = 16; o >= 1; o >>= 1) {
-                const float ob = __shfl_xor_sync(0xffffffffu, best, o);
-                const float os = __shfl_xor_sync(0xffffffffu, best_s, o);
-                const int oid = __shfl_xor_sync(0xffffffffu, best_id, o);
-                if (oid != INT_MAX && (best_id == INT_MAX || ob > best || (ob == best && oid < best_id))) {
-                    best = ob;
-                    best_s = os;
-                    best_id = oid;
+                const uint64_t other = __shfl_xor_sync(0xffffffffu, win, o);
+                win = other > win ? other : win;
+            }
+            const int id = static_cast<int>(~static_cast<uint32_t>(win));
+            const int owner = id & 31;
+            const float s = __shfl_sync(0xffffffffu, best_s, owner);
+            if (lane == owner) {   // the winner is taken; the owner's next best
+                const int taken = id >> 5;
+                best = 0;
+#pragma unroll
+                for (int i = 0; i < NPL; ++i) {
+                    key[i] = i == taken ? 0 : key[i];
+                    best_s = key[i] > best ? sc[i] : best_s;
+                    best = key[i] > best ? key[i] : best;
                 }
             }
-            if ((best_id & 31) == lane) taken |= 1u << (best_id >> 5);
-            sum = __fadd_rn(sum, best_s);
+            sum = __fadd_rn(sum, s);
             if (lane == r) {
-                my_id = best_id;
-                my_s = best_s;
+                my_id = id;
+                my_s = s;
             }
         }
     }
@@ -126,7 +164,14 @@ void route(const float* logits, int64_t T, int64_t E, int64_t k, const float* bi
     if (tid2eid != nullptr && tokens == nullptr) fail("route: the hash router needs tokens");
     const RouteArgs a{logits, T, static_cast<int>(E), static_cast<int>(k), bias, tid2eid, tokens, route_scale, ids, wts};
     const dim3 grid(rk::grid_dim((T + kRouteWarps - 1) / kRouteWarps, 0x7fffffff, "route")), block(kRouteWarps * 32);
-    rk::launch(route_kernel, grid, block, 0, stream, a);
+    const int64_t npl = (E + 31) / 32;   // candidates per lane, rounded up to a compiled count
+    if (tid2eid != nullptr || npl <= 1) rk::launch(route_kernel<1>, grid, block, 0, stream, a);
+    else if (npl <= 2) rk::launch(route_kernel<2>, grid, block, 0, stream, a);
+    else if (npl <= 4) rk::launch(route_kernel<4>, grid, block, 0, stream, a);
+    else if (npl <= 8) rk::launch(route_kernel<8>, grid, block, 0, stream, a);
+    else if (npl <= 12) rk::launch(route_kernel<12>, grid, block, 0, stream, a);
+    else if (npl <= 16) rk::launch(route_kernel<16>, grid, block, 0, stream, a);
+    else rk::launch(route_kernel<32>, grid, block, 0, stream, a);
 }
 
 }  // namespace megamoe::cuda
