@@ -401,26 +401,81 @@ __device__ void sinkhorn4_warp(const float* mix, float inv_n, const float* base,
 }
 
 // One CTA per token: kNormThreads (+ one Sinkhorn warp when PRE). Dynamic shared memory: u [D].
-template <bool PRE, int VEC>
+// HC = a.hc (1, 2, 4 or 8), a template parameter so that X can be held in registers.
+//
+// Latency (decode, one CTA): every load that does not depend on another is issued at once. The
+// weights (norm_w, base, scale) are read before griddepcontrol.wait (they are not written by any
+// kernel); right after it each thread issues the loads of X for its first kPreV d-vectors of every
+// stream (64 KB for V4-Flash: the whole token) and, per warp, the split partials of all its mix
+// values, before any of them is used. Loading them round by round instead (a split-reduction round
+// per 9 values, then one X vector of every stream per loop iteration) chained ~8 dependent trips to
+// memory: ~8 µs per pre site of a V4-Flash batch-1 step on an H200, two sites per layer.
+template <bool PRE, int VEC, int HC>
 __global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs a) {
-    pdl_begin();
+    constexpr int kPreV = VEC == 4 ? (HC <= 4 ? 4 : 2) : 0;   // d-vectors per thread and stream held in registers
+    constexpr int kPreA = kPreV > 0 ? kPreV : 1;
+    constexpr int kRounds = 4;                                  // mix values per warp whose partials are loaded together
     extern __shared__ float u_s[];
     __shared__ float mix_s[kMaxMix + 1];
     __shared__ float pre_s[kMaxHc];
     __shared__ float red[kNormWarps];
     const int64_t t = blockIdx.x;
-    const int hc = a.hc;
+    constexpr int hc = HC;
     const int64_t D = a.D;
-    const int NM = PRE ? (2 + hc) * hc : hc;
+    const int64_t nvec = D / VEC;
+    constexpr int NM = PRE ? (2 + hc) * hc : hc;
     const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
     const int nwarps = static_cast<int>(blockDim.x >> 5);
+    const int i = static_cast<int>(threadIdx.x);
 
-    // The splits, in a fixed order: lane l sums splits l, l + 32, ...; then the butterfly.
-    for (int v = warp; v <= NM; v += nwarps) {
-        float acc = 0.0f;
-        for (int64_t s = lane; s < a.S; s += 32) acc += a.part[(s * a.T + t) * (NM + 1) + v];
-        acc = rk::warp_sum(acc);
-        if (lane == 0) mix_s[v] = acc;
+    // Weights first (before the wait).
+    uint2 nw[kPreA];
+    if constexpr (kPreV > 0) {
+#pragma unroll
+        for (int q = 0; q < kPreV; ++q) {
+            const int64_t v = i + static_cast<int64_t>(q) * kNormThreads;
+            nw[q] = a.norm_w != nullptr && i < kNormThreads && v < nvec ? reinterpret_cast<const uint2*>(a.norm_w)[v]
+                                                                         : make_uint2(0u, 0u);
+        }
+    }
+    float my_base = 0.0f, my_scale = 0.0f;   // thread i < hc: pre_i's; hc ≤ i < 2·hc: post's
+    if (i < (PRE ? 2 * hc : hc)) {
+        my_base = a.base[i];
+        my_scale = a.scale[i < hc ? 0 : 1];
+    }
+    pdl_begin();
+
+    const float* xt = a.X + t * hc * D;
+    float4 xr[kPreA][hc];
+    if constexpr (kPreV > 0) {
+        if (i < kNormThreads) {
+#pragma unroll
+            for (int q = 0; q < kPreV; ++q) {
+                const int64_t v = i + static_cast<int64_t>(q) * kNormThreads;
+#pragma unroll
+                for (int j = 0; j < hc; ++j)
+                    if (v < nvec) xr[q][j] = *reinterpret_cast<const float4*>(xt + j * D + v * 4);
+            }
+        }
+    }
+
+    // The splits, in a fixed order: lane l sums splits l, l + 32, ... of value v; then the
+    // butterfly. A warp takes values warp, warp + nwarps, ... and loads kRounds of them together.
+    for (int v0 = warp; v0 <= NM; v0 += kRounds * nwarps) {
+        float acc[kRounds];
+#pragma unroll
+        for (int r = 0; r < kRounds; ++r) acc[r] = 0.0f;
+        for (int64_t s = lane; s < a.S; s += 32) {
+            const float* ps = a.part + (s * a.T + t) * (NM + 1);
+#pragma unroll
+            for (int r = 0; r < kRounds; ++r)
+                if (v0 + r * nwarps <= NM) acc[r] += ps[v0 + r * nwarps];
+        }
+#pragma unroll
+        for (int r = 0; r < kRounds; ++r) {
+            const float sum = rk::warp_sum(acc[r]);
+            if (lane == 0 && v0 + r * nwarps <= NM) mix_s[v0 + r * nwarps] = sum;
+        }
     }
     __syncthreads();
     // mixes = dots · rsqrt(ss / n + eps) (every thread computes the same factor); thread j < hc:
@@ -430,36 +485,33 @@ __global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs
     const float inv_n = rk::inv_rms(mix_s[NM], static_cast<float>(hc * D), a.norm_eps);
     if constexpr (PRE) {
         if (warp == kNormWarps) {
-            if (hc == 4)
+            if constexpr (hc == 4)
                 sinkhorn4_warp(mix_s, inv_n, a.base, a.scale[2], a.iters, a.hc_eps, a.comb + t * 16);
             else if (lane == 0)
                 sinkhorn(mix_s, inv_n, a.base, a.scale[2], hc, a.iters, a.hc_eps, a.comb + t * hc * hc);
             return;
         }
     }
-    const int i = static_cast<int>(threadIdx.x);
     if (i < hc) {
         const float m = __fmul_rn(mix_s[i], inv_n);
-        pre_s[i] = __fadd_rn(sigmoid_rn(__fadd_rn(__fmul_rn(m, a.scale[0]), a.base[i])), a.hc_eps);
+        pre_s[i] = __fadd_rn(sigmoid_rn(__fadd_rn(__fmul_rn(m, my_scale), my_base)), a.hc_eps);
     } else if (PRE && i < 2 * hc) {
         const float m = __fmul_rn(mix_s[i], inv_n);
-        a.post[t * hc + (i - hc)] = __fmul_rn(2.0f, sigmoid_rn(__fadd_rn(__fmul_rn(m, a.scale[1]), a.base[i])));
+        a.post[t * hc + (i - hc)] = __fmul_rn(2.0f, sigmoid_rn(__fadd_rn(__fmul_rn(m, my_scale), my_base)));
     }
     named_barrier_norm();   // pre_s is complete
 
     // u[d] = Σ_j pre_j X[t, j, d] from +0 in stream order (ops::hc_pre), kept in shared memory.
-    const float* xt = a.X + t * hc * D;
     float ss = 0.0f;
-    for (int64_t v = threadIdx.x; v < D / VEC; v += kNormThreads) {
+    auto form_u = [&](int64_t v, const float (&x)[hc][VEC]) {
         float u[VEC];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) u[e] = 0.0f;
+#pragma unroll
         for (int j = 0; j < hc; ++j) {
-            float x[VEC];
-            load_vec<VEC>(xt + j * D + v * VEC, x);
             const float p = pre_s[j];
 #pragma unroll
-            for (int e = 0; e < VEC; ++e) u[e] = __fadd_rn(u[e], __fmul_rn(p, x[e]));
+            for (int e = 0; e < VEC; ++e) u[e] = __fadd_rn(u[e], __fmul_rn(p, x[j][e]));
         }
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
@@ -467,6 +519,29 @@ __global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs
             u_s[v * VEC + e] = u[e];
             ss = fmaf(u[e], u[e], ss);
         }
+    };
+    if constexpr (kPreV > 0) {
+#pragma unroll
+        for (int q = 0; q < kPreV; ++q) {
+            const int64_t v = i + static_cast<int64_t>(q) * kNormThreads;
+            if (v < nvec) {
+                float x[hc][VEC];
+#pragma unroll
+                for (int j = 0; j < hc; ++j) {
+                    x[j][0] = xr[q][j].x;
+                    x[j][1] = xr[q][j].y;
+                    x[j][2] = xr[q][j].z;
+                    x[j][3] = xr[q][j].w;
+                }
+                form_u(v, x);
+            }
+        }
+    }
+    for (int64_t v = i + static_cast<int64_t>(kPreV) * kNormThreads; v < nvec; v += kNormThreads) {
+        float x[hc][VEC];
+#pragma unroll
+        for (int j = 0; j < hc; ++j) load_vec<VEC>(xt + j * D + v * VEC, x[j]);
+        form_u(v, x);
     }
     ss = rk::warp_sum(ss);
     if (lane == 0) red[warp] = ss;
@@ -475,13 +550,12 @@ __global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs
     for (int w = 0; w < kNormWarps; ++w) tot += red[w];
     const float inv = rk::inv_rms(tot, static_cast<float>(D), a.norm_eps);
     uint16_t* out = a.xn + t * D;
-    for (int64_t v = threadIdx.x; v < D / VEC; v += kNormThreads) {   // this thread's own u_s entries
+    auto emit = [&](int64_t v, uint2 wb) {   // this thread's own u_s entries; wb: norm_w of v (VEC 4)
         float o[VEC];
 #pragma unroll
         for (int e = 0; e < VEC; ++e) o[e] = __fmul_rn(u_s[v * VEC + e], inv);
         if constexpr (VEC == 4) {
             if (a.norm_w != nullptr) {
-                const uint2 wb = reinterpret_cast<const uint2*>(a.norm_w)[v];
                 o[0] = __fmul_rn(rk::bf16_lo(wb.x), o[0]);
                 o[1] = __fmul_rn(rk::bf16_hi(wb.x), o[1]);
                 o[2] = __fmul_rn(rk::bf16_lo(wb.y), o[2]);
@@ -508,7 +582,16 @@ __global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs
             if (a.norm_w != nullptr) o[0] = __fmul_rn(rk::bf16_to_f32(a.norm_w[v]), o[0]);
             out[v] = static_cast<uint16_t>(rk::f32_to_bf16(o[0]));
         }
+    };
+    if constexpr (kPreV > 0) {
+#pragma unroll
+        for (int q = 0; q < kPreV; ++q) {
+            const int64_t v = i + static_cast<int64_t>(q) * kNormThreads;
+            if (v < nvec) emit(v, nw[q]);
+        }
     }
+    for (int64_t v = i + static_cast<int64_t>(kPreV) * kNormThreads; v < nvec; v += kNormThreads)
+        emit(v, VEC == 4 && a.norm_w != nullptr ? reinterpret_cast<const uint2*>(a.norm_w)[v] : make_uint2(0u, 0u));
 }
 
 // ---------------------------------------------------------------------------- host
@@ -547,7 +630,14 @@ void launch_finish(FinishArgs a, CUstream_st* stream, const char* op) {
     const size_t smem = static_cast<size_t>(a.D) * sizeof(float);
     constexpr size_t kDefaultSmem = 48 * 1024, kMaxSmem = 227 * 1024;
     if (smem > kMaxSmem) fail(op, ": D=", a.D, " needs ", smem, " bytes of shared memory (max ", kMaxSmem, ")");
-    auto kernel = vec ? hc_finish_kernel<PRE, 4> : hc_finish_kernel<PRE, 1>;
+    void (*kernel)(FinishArgs) = nullptr;
+    switch (a.hc) {
+        case 1: kernel = vec ? hc_finish_kernel<PRE, 4, 1> : hc_finish_kernel<PRE, 1, 1>; break;
+        case 2: kernel = vec ? hc_finish_kernel<PRE, 4, 2> : hc_finish_kernel<PRE, 1, 2>; break;
+        case 4: kernel = vec ? hc_finish_kernel<PRE, 4, 4> : hc_finish_kernel<PRE, 1, 4>; break;
+        case 8: kernel = vec ? hc_finish_kernel<PRE, 4, 8> : hc_finish_kernel<PRE, 1, 8>; break;
+        default: fail(op, ": hc=", a.hc, " must be 1, 2, 4 or 8");
+    }
     if (smem > kDefaultSmem)
         CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const dim3 grid(rk::grid_dim(a.T, 0x7fffffff, op)), block(kNormThreads + (PRE ? 32 : 0));
@@ -562,7 +652,7 @@ void launch_finish(FinishArgs a, CUstream_st* stream, const char* op) {
 void check_finish(const char* op, const float* part, int64_t splits, const float* X, int64_t T, int64_t hc, int64_t D,
                   const float* base, const float* scale, const uint16_t* xn) {
     if (T < 0) fail(op, ": T=", T, " is negative");
-    if (hc < 1 || hc > kMaxHc) fail(op, ": hc=", hc, " outside [1, ", kMaxHc, "]");
+    if (hc != 1 && hc != 2 && hc != 4 && hc != 8) fail(op, ": hc=", hc, " must be 1, 2, 4 or 8");
     if (D < 1) fail(op, ": D=", D, " must be ≥ 1");
     if (splits < 1) fail(op, ": splits=", splits, " must be ≥ 1");
     if (T > 0 && (!part || !X || !base || !scale || !xn)) fail(op, ": null part/X/base/scale/xn");
