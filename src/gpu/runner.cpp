@@ -156,6 +156,7 @@ struct Workspace {
     float* logits = nullptr;         // [R, V]
     cuda::GemmScratch gemm;          // the wgmma path's permuted x and split-K partials
     cuda::GemmScratch gemm_side;     // the same for linears on the side stream
+    cuda::GemmScratch gemm_side2;    // and on the second side stream (the compressors' linears)
     // step inputs (device); their pinned mirror has the same layout
     int32_t* in = nullptr;           // [in_ints]
     int64_t in_ints = 0;
@@ -187,7 +188,7 @@ struct Workspace {
     int32_t* masked = nullptr;       // [V] ids never sampled (the first n_masked)
 
     // Carves every buffer from `a` (a counting arena first, then the real one).
-    void carve(cuda::DeviceArena& a, const ModelConfig& c, int64_t gemm_bytes) {
+    void carve(cuda::DeviceArena& a, const ModelConfig& c, int64_t gemm_bytes, int64_t gemm2_bytes) {
         const int64_t D = c.hidden_size, hc = c.hc_mult, H = c.num_attention_heads, hd = c.head_dim;
         const int64_t nI = c.index_n_heads, dI = c.index_head_dim, E = c.n_routed_experts, k = c.num_experts_per_tok;
         const int64_t I = c.moe_intermediate_size * std::max<int64_t>(1, c.n_shared_experts);
@@ -240,6 +241,8 @@ struct Workspace {
         gemm.p = a.take(gemm.bytes);
         gemm_side.bytes = static_cast<size_t>(gemm_bytes);
         gemm_side.p = a.take(gemm_side.bytes);
+        gemm_side2.bytes = static_cast<size_t>(gemm2_bytes);
+        gemm_side2.p = gemm2_bytes > 0 ? a.take(gemm_side2.bytes) : nullptr;
         samp_in_bytes = static_cast<size_t>(R) * 48;
         samp_in = a.take(samp_in_bytes);
         samp_out_bytes = static_cast<size_t>(R) * (12 + 8 * cuda::kMaxTopLogprobs);
@@ -281,11 +284,13 @@ struct Runner::Impl {
     cuda::DeviceArena ws_arena;
     cuda::MoeLayerWorkspace moe_ws;
     cudaStream_t stream = nullptr;
-    // A second stream for work that does not depend on the main chain (the compressors beside the
-    // q path, the shared expert beside the router): at small batches each of these kernels fills
-    // few SMs, and running the two chains side by side shortens the step. Captured graphs keep
-    // the fork and join as edges. Eager profiling (profile_step) runs everything on one stream.
-    cudaStream_t side = nullptr;
+    // Side streams for work that does not depend on the main chain (side 0: the kv latent beside
+    // the q path, then the indexer's compressor; the shared expert beside the router; side 1: the
+    // attention compressor): at small batches these chains are latency-bound, and running them
+    // side by side shortens the step. Captured graphs keep the forks and joins as edges. Eager
+    // profiling (profile_step) runs everything on one stream.
+    static constexpr int kSides = 2;
+    cudaStream_t side[kSides] = {};
     std::vector<cudaEvent_t> events;              // fork / join events, one pair per site
     bool concurrent = true;
     bool fp8_act_on = true;   // RunnerOptions::fp8_activations
@@ -397,13 +402,13 @@ struct Runner::Impl {
         if (!fp8_linear(w, a8, M, y, lo, ws.gemm, stream) && !bf16_linear(w, x, M, y, lo, ws.gemm, stream))
             cuda::linear(w, x, M, y, lo, &ws.gemm, stream);
     }
-    // The same on the side stream, with its own scratch (concurrent linears must not share one).
+    // The same on side stream i, with its own scratch (concurrent linears must not share one).
     void linear_side(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y,
-                     const cuda::ActFp8* a8 = nullptr) {
+                     const cuda::ActFp8* a8 = nullptr, int i = 0) {
         const cuda::LinearOptions lo;
-        if (!fp8_linear(w, a8, M, y, lo, ws.gemm_side, side_stream()) &&
-            !bf16_linear(w, x, M, y, lo, ws.gemm_side, side_stream()))
-            cuda::linear(w, x, M, y, lo, &ws.gemm_side, side_stream());
+        const cuda::GemmScratch& scratch = i == 0 ? ws.gemm_side : ws.gemm_side2;
+        if (!fp8_linear(w, a8, M, y, lo, scratch, side_stream(i)) && !bf16_linear(w, x, M, y, lo, scratch, side_stream(i)))
+            cuda::linear(w, x, M, y, lo, &scratch, side_stream(i));
     }
     // cuBLASLt's BF16 GEMM on the bf16 input at ≥ cuda::kLtBf16MinM tokens; false when it does not apply.
     bool bf16_linear(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const cuda::LinearOptions& lo,
@@ -435,7 +440,7 @@ struct Runner::Impl {
         return fp8_act_on && official() && T <= ws.T8 && K % 128 == 0 &&
                (T <= kFp8ActMaxT || (lt_fp8_on && T >= cuda::kLtMinM));
     }
-    cudaStream_t side_stream() const { return concurrent ? side : stream; }
+    cudaStream_t side_stream(int i = 0) const { return concurrent ? side[i] : stream; }
     bool official() const { return nm == Numerics::official; }
     // The input of w for the activation x: in official numerics a quantized (FP8 / FP4) linear
     // takes x FP8-rounded in 128-blocks (ops::linear_rounded), xq; every other one x itself.
@@ -454,16 +459,16 @@ struct Runner::Impl {
         }
         return events[static_cast<size_t>(next_event++)];
     }
-    void fork() {   // the side stream continues from here on the main stream
+    void fork(int i = 0) {   // side stream i continues from here on the main stream
         if (!concurrent) return;
         cudaEvent_t e = event();
         check(cudaEventRecord(e, stream), "fork");
-        check(cudaStreamWaitEvent(side, e, 0), "fork");
+        check(cudaStreamWaitEvent(side[i], e, 0), "fork");
     }
-    void join() {   // the main stream waits for what the side stream did
+    void join(int i = 0) {   // the main stream waits for what side stream i did
         if (!concurrent) return;
         cudaEvent_t e = event();
-        check(cudaEventRecord(e, side), "join");
+        check(cudaEventRecord(e, side[i]), "join");
         check(cudaStreamWaitEvent(stream, e, 0), "join");
     }
     cuda::BatchView batch(const Shape& s) const {
@@ -534,7 +539,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     if (!cuda::gpu_available()) fail("gpu runner: no CUDA device is available");
     if (lt_fp8_on || lt_bf16_on) lt = std::make_unique<cuda::LtGemm>();
     check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
-    check(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking), "stream");
+    for (cudaStream_t& st : side) check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
 
     size_t free_b = 0, total_b = 0;
     check(cudaMemGetInfo(&free_b, &total_b), "memory info");
@@ -563,25 +568,27 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     const int64_t n_flat = c.hc_mult * c.hidden_size;
     for (int64_t t = 1; t <= ws.T; ++t)
         ws.part_floats = std::max(ws.part_floats, cuda::hc_mix_splits(t, n_flat) * t * (c.mix_width() + 1));
-    int64_t gemm_bytes = 0;
-    auto need = [&](const cuda::DeviceLinear& w, int64_t M, int64_t groups) {
+    int64_t gemm_bytes = 0, gemm2_bytes = 0;   // scratch of the main / side 0 linears, of side 1's
+    auto need_in = [&](int64_t& bytes, const cuda::DeviceLinear& w, int64_t M, int64_t groups) {
         if (!w.weight) return;
         cuda::LinearOptions lo;
         lo.groups = groups;
-        gemm_bytes = std::max<int64_t>(gemm_bytes, static_cast<int64_t>(cuda::linear_scratch_bytes(w, M, lo)));
+        bytes = std::max<int64_t>(bytes, static_cast<int64_t>(cuda::linear_scratch_bytes(w, M, lo)));
         if (lt_fp8_on && cuda::LtGemm::fits(w, lo))
-            gemm_bytes = std::max<int64_t>(gemm_bytes, static_cast<int64_t>(cuda::LtGemm::scratch_bytes(w, M)));
+            bytes = std::max<int64_t>(bytes, static_cast<int64_t>(cuda::LtGemm::scratch_bytes(w, M)));
         cuda::LinearOptions lob = lo;
         lob.out_bf16 = true;
         if (lt_bf16_on && M >= cuda::kLtBf16MinM && (cuda::LtGemm::bf16_fits(w, lo) || cuda::LtGemm::bf16_fits(w, lob)))
-            gemm_bytes = std::max<int64_t>(gemm_bytes, static_cast<int64_t>(cuda::LtGemm::bf16_scratch_bytes(w)));
+            bytes = std::max<int64_t>(bytes, static_cast<int64_t>(cuda::LtGemm::bf16_scratch_bytes(w)));
     };
+    auto need = [&](const cuda::DeviceLinear& w, int64_t M, int64_t groups) { need_in(gemm_bytes, w, M, groups); };
     for (const DeviceLayer& d : dm->layers) {
         for (const cuda::DeviceLinear* w : {&d.wq_a, &d.wq_b, &d.wkv, &d.wo_b, &d.comp.wkv, &d.comp.wgate, &d.idx_comp.wkv,
                                             &d.idx_comp.wgate, &d.idx_wq_b, &d.idx_weights_proj, &d.gate, &d.sh_w1,
                                             &d.sh_w3, &d.sh_w2})
             need(*w, ws.T, 1);
         need(d.wo_a, ws.T, c.o_groups);
+        for (const cuda::DeviceLinear* w : {&d.comp.wkv, &d.comp.wgate}) need_in(gemm2_bytes, *w, ws.T, 1);
     }
     need(dm->head, ws.R, 1);
     if (dm->mtp) {
@@ -591,14 +598,16 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
                                             &e_proj})
             need(*w, ws.T, 1);
         need(d.wo_a, ws.T, c.o_groups);
+        for (const cuda::DeviceLinear* w : {&d.comp.wkv, &d.comp.wgate, &d.idx_comp.wkv, &d.idx_comp.wgate})
+            need_in(w == &d.comp.wkv || w == &d.comp.wgate ? gemm2_bytes : gemm_bytes, *w, ws.T, 1);
         need(dm->mtp->h_proj, ws.T * c.hc_mult, 1);
         ws.with_mtp = true;
     }
     {
         cuda::DeviceArena counter;
-        ws.carve(counter, c, gemm_bytes);
+        ws.carve(counter, c, gemm_bytes, gemm2_bytes);
         ws_arena = cuda::DeviceArena(counter.used(), "workspace");
-        ws.carve(ws_arena, c, gemm_bytes);
+        ws.carve(ws_arena, c, gemm_bytes, gemm2_bytes);
     }
     moe_ws = cuda::MoeLayerWorkspace(ws.T, c.num_experts_per_tok, dm->layers.at(0).experts);
     plan.workspace = ws_arena.used() + moe_ws.bytes();
@@ -690,7 +699,8 @@ Runner::Impl::~Impl() {
     if (pinned_drafts) (void)cudaFreeHost(pinned_drafts);
     if (pinned_chain) (void)cudaFreeHost(pinned_chain);
     for (cudaEvent_t e : events) (void)cudaEventDestroy(e);
-    if (side) (void)cudaStreamDestroy(side);
+    for (cudaStream_t st : side)
+        if (st) (void)cudaStreamDestroy(st);
     if (stream) (void)cudaStreamDestroy(stream);
 }
 
@@ -742,13 +752,16 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     const cuda::BatchView b = batch(s);
 
     // Inputs (ref: attention_inputs): the q path on the main stream; the kv latent and then the
-    // compressors, which read only xn, beside it on the side stream. Beside the q path's four
-    // launches the kv latent is off the critical path at batch 1 (measured on an H200: a sliding
-    // layer's q path ~33 µs, wkv and its norm ~12 µs).
+    // indexer's compressor beside it on side stream 0, the attention compressor on side stream 1
+    // (the compressors read only xn). Beside the q path's four launches the kv latent is off the
+    // critical path at batch 1 (measured on an H200: a sliding layer's q path ~33 µs, wkv and its
+    // norm ~12 µs). With both compressors after the kv latent on one side stream, that stream ended
+    // 13-16 µs after the main one in every compressed layer (megamoe-forward-bench --trace, batch 1).
     // Official numerics (ref attention_inputs): the quantized linears take FP8-rounded inputs (xq,
     // qr_q), their outputs are rounded to bf16 where they are read (head_norm_rope, rms_norm_rows),
     // and the kv latent's non-rope dims are FP8-rounded in 64-blocks.
     fork();
+    if (d.kind != AttnKind::sliding) fork(1);
     const cudaStream_t cs = side_stream();
     const cuda::ActFp8* xa8 = x8(T);
     const bool q8 = act8(T, c.q_lora_rank) && (rounds_input(d.wq_b) || rounds_input(d.idx_wq_b));
@@ -766,9 +779,9 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
 
     // Compressors (ref: compressor_feed per chunk): a row that closes at a token is visible to it.
     auto compress = [&](const DeviceCompressor& dc, float* kvp, float* gatep, const cuda::SlotArray& st,
-                        const cuda::PagedRows& rows) {
-        linear_side(dc.wkv, ws.xn, T, kvp);
-        linear_side(dc.wgate, ws.xn, T, gatep);
+                        const cuda::PagedRows& rows, int side_i) {
+        linear_side(dc.wkv, ws.xn, T, kvp, nullptr, side_i);
+        linear_side(dc.wgate, ws.xn, T, gatep, nullptr, side_i);
         cuda::CompressorArgs a;
         a.ratio = dc.ratio;
         a.dim = dc.dim;
@@ -784,17 +797,17 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
         a.numerics = nm;
         a.indexer_keys = &dc == &d.idx_comp;
         a.kv_fp8 = !a.indexer_keys && pool->layout().kv.fp8;
-        cuda::compressor_emit(a, b, cs);
-        cuda::compressor_save(a, b, cs);
+        cuda::compressor_emit(a, b, side_stream(side_i));
+        cuda::compressor_save(a, b, side_stream(side_i));
     };
     cuda::PagedRows comp_rows;
     if (d.kind != AttnKind::sliding) {
         comp_rows = pool->comp_rows(l, static_cast<int32_t>(hd));
-        compress(d.comp, ws.ckv, ws.cgate, pool->comp_state(l), comp_rows);
+        compress(d.comp, ws.ckv, ws.cgate, pool->comp_state(l), comp_rows, 1);
     }
     if (d.kind == AttnKind::csa) {
         const cuda::PagedRows keys = pool->idx_rows(l, static_cast<int32_t>(c.index_head_dim));
-        compress(d.idx_comp, ws.ikv, ws.igate, pool->idx_state(l), keys);
+        compress(d.idx_comp, ws.ikv, ws.igate, pool->idx_state(l), keys, 0);
     }
     if (d.kind != AttnKind::sliding) mark("attn.compressors");
     if (d.kind == AttnKind::csa) {
@@ -806,6 +819,7 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
         if (official()) cuda::round_indexer_qk(ws.iq, T * nI, dI, stream);
         linear(d.idx_weights_proj, input(d.idx_weights_proj, ws.xn, ws.xq), T, ws.iw, false, 1, xa8);
         join();
+        join(1);
         cuda::IndexerArgs ia;
         ia.heads = static_cast<int32_t>(nI);
         ia.head_dim = static_cast<int32_t>(dI);
@@ -823,6 +837,7 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
         trace(probe, trace_names::index_topk, l, ws.topk, false, true, T, c.index_topk);
     } else {
         join();
+        if (d.kind != AttnKind::sliding) join(1);
     }
 
     cuda::AttentionArgs aa;
