@@ -285,8 +285,9 @@ struct Runner::Impl {
     cuda::MoeLayerWorkspace moe_ws;
     cudaStream_t stream = nullptr;
     // Side streams for work that does not depend on the main chain (side 0: the kv latent beside
-    // the q path, then the indexer's compressor; the shared expert beside the router; side 1: the
-    // attention compressor): at small batches these chains are latency-bound, and running them
+    // the q path, then the indexer's compressor; the shared expert beside the routed experts;
+    // side 1: the attention compressor; the shared expert's w3): at small batches these chains
+    // are latency-bound, and running them
     // side by side shortens the step. Captured graphs keep the forks and joins as edges. Eager
     // profiling (profile_step) runs everything on one stream.
     static constexpr int kSides = 2;
@@ -465,6 +466,12 @@ struct Runner::Impl {
         check(cudaEventRecord(e, stream), "fork");
         check(cudaStreamWaitEvent(side[i], e, 0), "fork");
     }
+    void side_waits(int i, int j) {   // side stream i waits for what side stream j did
+        if (!concurrent) return;
+        cudaEvent_t e = event();
+        check(cudaEventRecord(e, side[j]), "side join");
+        check(cudaStreamWaitEvent(side[i], e, 0), "side join");
+    }
     void join(int i = 0) {   // the main stream waits for what side stream i did
         if (!concurrent) return;
         cudaEvent_t e = event();
@@ -588,7 +595,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
                                             &d.sh_w3, &d.sh_w2})
             need(*w, ws.T, 1);
         need(d.wo_a, ws.T, c.o_groups);
-        for (const cuda::DeviceLinear* w : {&d.comp.wkv, &d.comp.wgate}) need_in(gemm2_bytes, *w, ws.T, 1);
+        for (const cuda::DeviceLinear* w : {&d.comp.wkv, &d.comp.wgate, &d.sh_w3}) need_in(gemm2_bytes, *w, ws.T, 1);
     }
     need(dm->head, ws.R, 1);
     if (dm->mtp) {
@@ -598,8 +605,8 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
                                             &e_proj})
             need(*w, ws.T, 1);
         need(d.wo_a, ws.T, c.o_groups);
-        for (const cuda::DeviceLinear* w : {&d.comp.wkv, &d.comp.wgate, &d.idx_comp.wkv, &d.idx_comp.wgate})
-            need_in(w == &d.comp.wkv || w == &d.comp.wgate ? gemm2_bytes : gemm_bytes, *w, ws.T, 1);
+        for (const cuda::DeviceLinear* w : {&d.comp.wkv, &d.comp.wgate, &d.idx_comp.wkv, &d.idx_comp.wgate, &d.sh_w3})
+            need_in(w == &d.comp.wkv || w == &d.comp.wgate || w == &d.sh_w3 ? gemm2_bytes : gemm_bytes, *w, ws.T, 1);
         need(dm->mtp->h_proj, ws.T * c.hc_mult, 1);
         ws.with_mtp = true;
     }
@@ -875,10 +882,14 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     const int64_t T = s.T, E = c.n_routed_experts, k = c.num_experts_per_tok;
     const float scale = static_cast<float>(c.routed_scaling_factor), limit = static_cast<float>(c.swiglu_limit);
     // The router and the routed experts on the main stream; the shared expert (fp8 w1, w3, clamped
-    // SwiGLU, w2) beside them on the side stream, joined only before the combine that adds it last.
-    // (Forking after the router instead measured the same at batch 1 on an H200: the router got
-    // ~2.5 µs faster, the dispatch as much slower.)
+    // SwiGLU, w2) beside them, joined only before the combine that adds it last: w1 on side stream
+    // 0, w3 on side stream 1, both enqueued before the routed experts so that they start beside
+    // them. (With w3 after w1 on one stream, w3 started only when the routed L1 was nearly done,
+    // ~20 µs after w1 ended, at batch 1 on an H200: megamoe-forward-bench --trace.) (Forking after
+    // the router instead measured the same at batch 1 on an H200: the router got ~2.5 µs faster,
+    // the dispatch as much slower.)
     fork();
+    fork(1);
     linear(d.gate, input(d.gate, ws.xn, ws.xq), T, ws.gate_logits, false, 1, x8(T));
     cuda::route(ws.gate_logits, T, E, k, d.router == RouterKind::score ? d.gate_bias : nullptr,
                 d.router == RouterKind::hash ? d.tid2eid : nullptr, ws.tokens, scale, ws.ids, ws.wts, stream);
@@ -892,7 +903,8 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     const cudaStream_t ss = side_stream();
     const cuda::ActFp8* xa8 = x8(T);
     linear_side(d.sh_w1, input(d.sh_w1, ws.xn, ws.xq), T, ws.sh_g, xa8);
-    linear_side(d.sh_w3, input(d.sh_w3, ws.xn, ws.xq), T, ws.sh_u, xa8);
+    linear_side(d.sh_w3, input(d.sh_w3, ws.xn, ws.xq), T, ws.sh_u, xa8, 1);
+    side_waits(0, 1);
     cuda::swiglu(ws.sh_g, ws.sh_u, T, d.sh_w1.out, limit, ws.sh_h, ss, nm);
     const bool h8 = rounds_input(d.sh_w2) && act8(T, d.sh_w2.in);
     const cuda::ActFp8 ha8{ws.sh8, ws.shs8};
