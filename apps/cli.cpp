@@ -162,8 +162,9 @@ void cmd_info(const std::string& dir, int64_t gpus, const std::string& partition
 // steps of at most 512 tokens with a logit row each (a longer prefill chunk runs as several steps,
 // which gives the same logits up to bf16 rounding); the CPU runs each chunk in one step.
 std::unique_ptr<Backend> one_sequence_backend(const Model& m, const std::string& name, double mem_fraction,
-                                              int64_t positions) {
+                                              int64_t positions, bool cublaslt) {
     BackendOptions bo;
+    bo.cublaslt = cublaslt;
     bo.name = resolve_backend(name);
     bo.max_seqs = 1;
     bo.max_batch_tokens = bo.name == "cuda" ? 512 : int64_t{1} << 40;
@@ -176,7 +177,7 @@ std::unique_ptr<Backend> one_sequence_backend(const Model& m, const std::string&
 }
 
 void cmd_logits(const std::string& dir, const std::string& tokens_file, const std::string& out, const Schedule& s,
-                const std::string& backend, double mem_fraction, Numerics numerics, bool mtp) {
+                const std::string& backend, double mem_fraction, Numerics numerics, bool mtp, bool cublaslt) {
     if (s.chunk < 0) fail("--chunk must be >= 0 (0: one chunk), got ", s.chunk);
     const std::vector<int32_t> ids = parse_ids(read_file(tokens_file), tokens_file);
     const std::string be = resolve_backend(backend);   // a bad --backend fails before the weights load
@@ -194,12 +195,13 @@ void cmd_logits(const std::string& dir, const std::string& tokens_file, const st
         bo.max_logit_rows = 512;
         bo.max_model_len = T;
         bo.gpu_memory_fraction = mem_fraction;
+        bo.cublaslt = cublaslt;
         MtpLogits r = sequence_logits_mtp_on(*m, ids, s, bo, &std::cerr);
         std::fprintf(stderr, "megamoe: backend %s\n", be.c_str());
         logits.swap(r.logits);
         mtp_logits.swap(r.mtp_logits);
     } else {
-        auto b = one_sequence_backend(*m, backend, mem_fraction, T);
+        auto b = one_sequence_backend(*m, backend, mem_fraction, T, cublaslt);
         logits = sequence_logits(*b, ids, s);
     }
     const double sec = seconds_since(t0);
@@ -212,7 +214,7 @@ void cmd_logits(const std::string& dir, const std::string& tokens_file, const st
 
 void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t max_new, int64_t chunk, bool ignore_eos,
                   const std::string& backend, double mem_fraction, Numerics numerics, int64_t spec_tokens,
-                  const SamplingParams& sampling) {
+                  const SamplingParams& sampling, bool cublaslt) {
     sampling.validate();   // a bad --temperature / --top-p / ... fails before the weights load
     const std::vector<int32_t> prompt = parse_ids(ids_text, "--ids");
     if (max_new < 0) fail("--max-new must be >= 0, got ", max_new);
@@ -244,6 +246,7 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
         bo.max_logit_rows = 512;
         bo.max_model_len = std::min(P + max_new + spec_tokens, context);
         bo.gpu_memory_fraction = mem_fraction;
+        bo.cublaslt = cublaslt;
         t0 = std::chrono::steady_clock::now();
         SpeculativeResult r = generate_speculative_on(*m, prompt, max_new, so, bo, &std::cerr, &sampling);
         std::fprintf(stderr, "megamoe: backend %s\n", be.c_str());
@@ -252,7 +255,7 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
                      r.stats.drafted, r.stats.accepted, 100.0 * r.stats.acceptance_rate(), r.stats.rounds,
                      r.stats.tokens_per_round());
     } else {
-        auto b = one_sequence_backend(*m, backend, mem_fraction, P + std::max<int64_t>(max_new - 1, 0));
+        auto b = one_sequence_backend(*m, backend, mem_fraction, P + std::max<int64_t>(max_new - 1, 0), cublaslt);
         t0 = std::chrono::steady_clock::now();
         if (sampling.greedy()) {
             out = generate_greedy(*b, prompt, max_new, chunk, ignore_eos);
@@ -285,6 +288,10 @@ int main(int argc, char** argv) {
     std::string numerics = "auto";
     const char* numerics_help = "auto (the default: official on cuda, exact on cpu) | exact (f32 activations) | official (DeepSeek's roundings: bf16 "
                                 "activations, FP8 GEMM inputs and KV latent, Hadamard + FP4 indexer q/k)";
+    bool no_cublaslt = false;
+    const char* cublaslt_help = "cuda: run every linear on megamoe's own kernels (f32 sums). By default steps of >= 32 tokens "
+                                "take cuBLASLt's FP8 GEMM for the official FP8 linears (Hopper's ~14-bit FP8 accumulation, "
+                                "as DeepSeek's own kernels) and >= 256 tokens its BF16 GEMM for bf16-input ones";
 
     auto* info = app.add_subcommand("info", "config summary, layer schedule, weight formats and sizes");
     info->add_option("--model", model, "checkpoint directory")->required();
@@ -308,6 +315,7 @@ int main(int argc, char** argv) {
     lg->add_option("--gpus", run_gpus, gpus_help)->check(CLI::Range(int64_t{1}, int64_t{1024}));
     lg->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
     lg->add_option("--numerics", numerics, numerics_help);
+    lg->add_flag("--no-cublaslt", no_cublaslt, cublaslt_help);
     lg->add_flag("--mtp", mtp, "also write 'mtp_logits' F32 [T-1, vocab]: row t, the MTP block at t, predicts token t+2");
 
     auto* gen = app.add_subcommand("generate", "continuation (greedy, or sampled with --temperature); prints the new ids");
@@ -320,6 +328,7 @@ int main(int argc, char** argv) {
     gen->add_option("--gpus", run_gpus, gpus_help)->check(CLI::Range(int64_t{1}, int64_t{1024}));
     gen->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
     gen->add_option("--numerics", numerics, numerics_help);
+    gen->add_flag("--no-cublaslt", no_cublaslt, cublaslt_help);
     gen->add_option("--speculative-tokens", spec_tokens,
                     "draft K tokens a step with the MTP block, verified by the main model (1..3; 0: off)");
     SamplingParams gen_sampling;
@@ -373,6 +382,7 @@ int main(int argc, char** argv) {
     srv->add_option("--backend", so.backend, "cpu | cuda | auto (cuda when a GPU is usable)");
     srv->add_option("--gpu-memory-fraction", so.gpu_memory_fraction, "share of the GPU's memory megamoe may hold");
     srv->add_option("--numerics", so.numerics, numerics_help);
+    srv->add_flag("--no-cublaslt", no_cublaslt, cublaslt_help);
     srv->add_option("--max-state-tokens", so.max_state_tokens,
                     "positions of sequence state in the pool, 0: what memory holds (past it: wait, preempt)");
     srv->add_flag("--no-prefix-caching{false}", so.prefix_caching, "do not reuse the state of earlier prompts");
@@ -397,13 +407,16 @@ int main(int argc, char** argv) {
         if (mem_fraction <= 0 || mem_fraction > 1)
             fail("--gpu-memory-fraction must be in (0, 1], got ", mem_fraction);
         if (*lg) cmd_logits(model, tokens, out, sched, backend, mem_fraction,
-                              resolve_numerics(numerics, resolve_backend(backend)), mtp);
+                              resolve_numerics(numerics, resolve_backend(backend)), mtp, !no_cublaslt);
         if (*gen) {
             gen_sampling.seed = gen_seed;
             cmd_generate(model, ids, max_new, chunk, ignore_eos, backend, mem_fraction,
-                         resolve_numerics(numerics, resolve_backend(backend)), spec_tokens, gen_sampling);
+                         resolve_numerics(numerics, resolve_backend(backend)), spec_tokens, gen_sampling, !no_cublaslt);
         }
-        if (*srv) return serve(so);
+        if (*srv) {
+            so.cublaslt = !no_cublaslt;
+            return serve(so);
+        }
         if (*syn) {
             SynthOptions o;
             o.preset = preset, o.layers = layers, o.vocab = vocab, o.routed_experts = routed, o.seed = seed;

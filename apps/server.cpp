@@ -283,6 +283,7 @@ private:
         bo.gpu_memory_fraction = opt_.gpu_memory_fraction;
         bo.max_state_tokens = opt_.max_state_tokens;
         bo.numerics = resolve_numerics(opt_.numerics, resolve_backend(opt_.backend));
+        bo.cublaslt = opt_.cublaslt;
         return bo;
     }
     void routes();

@@ -40,6 +40,7 @@ struct ServeOptions {
     int64_t     synthetic_layers = -1;
     double      gpu_memory_fraction = 0.92;
     std::string numerics = "auto";         // auto | exact | official (serve/backends.h resolve_numerics)
+    bool        cublaslt = true;           // --no-cublaslt: megamoe's own kernels for every linear (BackendOptions)
     // Sequence state: at most this many positions in the pool (0: as many as memory holds; the
     // CPU backend: no limit). Past it, requests wait and running ones are preempted.
     int64_t     max_state_tokens = 0;

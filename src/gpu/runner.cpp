@@ -566,6 +566,33 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
              mib(reserve_b), " are kept back (--gpu-memory-fraction ", opt.memory_fraction, ")");
     dm = m ? std::make_unique<DeviceModel>(*m) : std::make_unique<DeviceModel>(c, seed);
 
+    // cuBLASLt's block-scaled FP8 GEMM needs Hopper and CUDA >= 12.9 (cuda/linear_lt.h): ask its
+    // heuristic for every FP8 linear of the model now, at kLtMinM rows, and run the official
+    // numerics' large-M FP8 linears on megamoe's kernels instead where it has no algorithm, rather
+    // than fail at the first large step.
+    if (lt_fp8_on) {
+        std::string why;
+        auto probe = [&](const cuda::DeviceLinear& w) {
+            if (!why.empty() || !w.weight || w.format != LinearFormat::fp8_block) return;
+            const cuda::LinearOptions lo;
+            if (!cuda::LtGemm::fits(w, lo)) return;
+            try {
+                (void)lt->plan(w, cuda::kLtMinM, lo);
+            } catch (const Error& e) {
+                why = e.what();
+            }
+        };
+        for (const DeviceLayer& d : dm->layers)
+            for (const cuda::DeviceLinear* w : {&d.wq_a, &d.wq_b, &d.wkv, &d.wo_b, &d.idx_wq_b, &d.idx_weights_proj,
+                                                &d.sh_w1, &d.sh_w3, &d.sh_w2})
+                probe(*w);
+        if (!why.empty()) {
+            lt_fp8_on = false;
+            if (log) *log << "megamoe: cuBLASLt's FP8 GEMM is not usable here (" << why
+                          << "); the FP8 linears run on megamoe's kernels at every batch size\n";
+        }
+    }
+
     // Workspace.
     ws.T = opt.max_batch_tokens;
     ws.lt_codes = lt_fp8_on;

@@ -52,6 +52,7 @@ std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, s
     ro.max_model_len = o.max_model_len;
     ro.memory_fraction = o.gpu_memory_fraction;
     ro.graphs = o.graphs;
+    ro.lt_fp8 = ro.lt_bf16 = o.cublaslt;
     ro.max_state_tokens = o.max_state_tokens;
     ro.rollback = o.speculative;
     return gpu::make_gpu_backend(m, ro, log);
@@ -72,6 +73,7 @@ MtpLogits sequence_logits_mtp_on(const Model& m, const std::vector<int32_t>& tok
     ro.max_model_len = o.max_model_len;
     ro.memory_fraction = o.gpu_memory_fraction;
     ro.graphs = o.graphs;
+    ro.lt_fp8 = ro.lt_bf16 = o.cublaslt;
     ro.max_state_tokens = o.max_state_tokens;
     gpu::Runner run(m, ro, log);
     return gpu::sequence_logits_mtp(run, tokens, s);
@@ -109,6 +111,7 @@ SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int3
     ro.max_model_len = o.max_model_len;
     ro.memory_fraction = o.gpu_memory_fraction;
     ro.graphs = o.graphs;
+    ro.lt_fp8 = ro.lt_bf16 = o.cublaslt;
     ro.max_state_tokens = o.max_state_tokens;
     ro.rollback = true;
     gpu::Runner run(m, ro, log);
@@ -139,6 +142,7 @@ std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t s
     ro.max_model_len = o.max_model_len;
     ro.memory_fraction = o.gpu_memory_fraction;
     ro.graphs = o.graphs;
+    ro.lt_fp8 = ro.lt_bf16 = o.cublaslt;
     ro.max_state_tokens = o.max_state_tokens;
     ro.rollback = o.speculative;
     ro.numerics = o.numerics;

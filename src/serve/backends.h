@@ -24,6 +24,10 @@ struct BackendOptions {
     int64_t max_state_tokens = 0;      // positions of sequence state (0: the GPU's memory; the CPU: unlimited)
     bool    speculative = false;       // the GPU runner keeps rollback records (Backend::step_speculative)
     Numerics numerics = Numerics::exact;   // synthetic weights only (a loaded model carries its own, Model::numerics)
+    // The GPU's large-M linears through cuBLASLt (gpu::RunnerOptions::lt_fp8 / lt_bf16); false:
+    // megamoe's own kernels everywhere (--no-cublaslt: the official numerics' FP8 linears with f32
+    // block sums instead of Hopper's ~14-bit FP8 accumulation, cuda/linear_lt.h).
+    bool    cublaslt = true;
 };
 
 // True when this build has the CUDA backend and a GPU is usable.
