@@ -156,7 +156,7 @@ struct Workspace {
     float* logits = nullptr;         // [R, V]
     cuda::GemmScratch gemm;          // the wgmma path's permuted x and split-K partials
     cuda::GemmScratch gemm_side;     // the same for linears on the side stream
-    cuda::GemmScratch gemm_side2;    // and on the second side stream (the compressors' linears)
+    cuda::GemmScratch gemm_side2;    // and on the second side stream (attention compressor, shared w3)
     // step inputs (device); their pinned mirror has the same layout
     int32_t* in = nullptr;           // [in_ints]
     int64_t in_ints = 0;
@@ -285,11 +285,10 @@ struct Runner::Impl {
     cuda::MoeLayerWorkspace moe_ws;
     cudaStream_t stream = nullptr;
     // Side streams for work that does not depend on the main chain (side 0: the kv latent beside
-    // the q path, then the indexer's compressor; the shared expert beside the routed experts;
-    // side 1: the attention compressor; the shared expert's w3): at small batches these chains
-    // are latency-bound, and running them
-    // side by side shortens the step. Captured graphs keep the forks and joins as edges. Eager
-    // profiling (profile_step) runs everything on one stream.
+    // the q path, then the indexer's compressor; the shared expert beside the routed experts.
+    // Side 1: the attention compressor; the shared expert's w3): at small batches these chains
+    // are latency-bound, and running them side by side shortens the step. Captured graphs keep
+    // the forks and joins as edges. Eager profiling (profile_step) runs everything on one stream.
     static constexpr int kSides = 2;
     cudaStream_t side[kSides] = {};
     std::vector<cudaEvent_t> events;              // fork / join events, one pair per site
