@@ -205,6 +205,11 @@ __device__ __forceinline__ void decode_a(const uint4& w0, const uint4& w1, int l
 // kernel of the stream finishes; every kernel launched this way calls griddepcontrol.wait before it
 // touches memory the previous kernel writes or reads, so stream order holds). Returns the launch
 // status; the caller reports it.
+// Rule every such kernel keeps: griddepcontrol.launch_dependents only after its own
+// griddepcontrol.wait (or not at all: then at its end). So while a kernel runs, every kernel of the
+// stream before the previous one has completed, and a kernel may read, before its wait, anything
+// the previous kernel does not write (weights, step inputs, older results): the router, the mHC
+// finish and moe_small's L2 do.
 template <typename... KArgs, typename... Args>
 cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, Args... args) {
     cudaLaunchConfig_t cfg = {};

@@ -69,10 +69,12 @@ __global__ void __launch_bounds__(kRouteWarps * 32) route_kernel(RouteArgs a) {
     const bool live = t < a.T;
     const int cnt = (E - lane + 31) / 32;   // score router: experts lane, lane + 32, ... below E
 
-    // Every load is issued before any arithmetic that uses it, and what does not come from the
-    // previous kernel (the bias and tid2eid are weights; the step's token ids were copied before
-    // its first kernel, and every kernel here waits before it lets the next one start, so all
-    // kernels but the previous one have completed) is read before griddepcontrol.wait.
+    // Every load is issued before any arithmetic that uses it, and what the previous kernel of the
+    // stream does not write is read before griddepcontrol.wait: every kernel megamoe launches with
+    // programmatic dependent launch waits before it lets the next one start, so when this kernel
+    // runs, all kernels but the previous one have completed. The bias and tid2eid are weights; the
+    // token ids are written by the step's input copy or, for a chained MTP block, by a kernel many
+    // launches back; the previous kernel is the gate linear that writes the logits.
     float bias[NPL];
     int my_id = 0;      // lane r < k: the expert of slot r
     if (live) {
