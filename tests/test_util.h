@@ -98,6 +98,18 @@ inline double max_abs_diff(const float* a, const float* b, size_t n) {
     return m;
 }
 
+// Cosine of two vectors in double (1 when both are zero).
+inline double cosine(const float* a, const float* b, int64_t n) {
+    double ab = 0, aa = 0, bb = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        ab += static_cast<double>(a[i]) * b[i];
+        aa += static_cast<double>(a[i]) * a[i];
+        bb += static_cast<double>(b[i]) * b[i];
+    }
+    if (aa == 0 && bb == 0) return 1;
+    return ab / std::sqrt(aa * bb);
+}
+
 // Rank bucket of every id under a distribution p [V] (rank order: larger p first, ties to the lower
 // id): 0 for the top id, then ranks 1-3, 4-15, 16-63, 64-255, 256 and beyond. The statistic of the
 // speculative decoders' distribution tests.

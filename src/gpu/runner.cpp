@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <iomanip>
@@ -526,6 +527,13 @@ struct Runner::Impl {
                int64_t width);
 };
 
+// Every linear of a block but the grouped wo_a (absent ones have a null weight): what the start-up
+// probe and the scratch sizing walk.
+static std::array<const cuda::DeviceLinear*, 14> ungrouped_linears(const DeviceLayer& d) {
+    return {&d.wq_a, &d.wq_b, &d.wkv, &d.wo_b, &d.comp.wkv, &d.comp.wgate, &d.idx_comp.wkv, &d.idx_comp.wgate,
+            &d.idx_wq_b, &d.idx_weights_proj, &d.gate, &d.sh_w1, &d.sh_w3, &d.sh_w2};
+}
+
 Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const RunnerOptions& o, std::ostream* log)
     : opt(o), cfg(cf) {
     const ModelConfig& c = cfg;
@@ -582,9 +590,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
             }
         };
         for (const DeviceLayer& d : dm->layers)
-            for (const cuda::DeviceLinear* w : {&d.wq_a, &d.wq_b, &d.wkv, &d.wo_b, &d.idx_wq_b, &d.idx_weights_proj,
-                                                &d.sh_w1, &d.sh_w3, &d.sh_w2})
-                probe(*w);
+            for (const cuda::DeviceLinear* w : ungrouped_linears(d)) probe(*w);
         if (!why.empty()) {
             lt_fp8_on = false;
             if (log) *log << "megamoe: cuBLASLt's FP8 GEMM is not usable here (" << why
@@ -615,24 +621,17 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
             bytes = std::max<int64_t>(bytes, static_cast<int64_t>(cuda::LtGemm::bf16_scratch_bytes(w)));
     };
     auto need = [&](const cuda::DeviceLinear& w, int64_t M, int64_t groups) { need_in(gemm_bytes, w, M, groups); };
-    for (const DeviceLayer& d : dm->layers) {
-        for (const cuda::DeviceLinear* w : {&d.wq_a, &d.wq_b, &d.wkv, &d.wo_b, &d.comp.wkv, &d.comp.wgate, &d.idx_comp.wkv,
-                                            &d.idx_comp.wgate, &d.idx_wq_b, &d.idx_weights_proj, &d.gate, &d.sh_w1,
-                                            &d.sh_w3, &d.sh_w2})
-            need(*w, ws.T, 1);
+    auto block_needs = [&](const DeviceLayer& d) {   // absent linears (null weight) need nothing
+        for (const cuda::DeviceLinear* w : ungrouped_linears(d)) need(*w, ws.T, 1);
         need(d.wo_a, ws.T, c.o_groups);
+        // What runs on side stream 1 (Impl::attention, Impl::moe) also takes its scratch.
         for (const cuda::DeviceLinear* w : {&d.comp.wkv, &d.comp.wgate, &d.sh_w3}) need_in(gemm2_bytes, *w, ws.T, 1);
-    }
+    };
+    for (const DeviceLayer& d : dm->layers) block_needs(d);
     need(dm->head, ws.R, 1);
     if (dm->mtp) {
-        const DeviceLayer& d = dm->mtp->block;
-        const cuda::DeviceLinear& e_proj = dm->mtp->e_proj;
-        for (const cuda::DeviceLinear* w : {&d.wq_a, &d.wq_b, &d.wkv, &d.wo_b, &d.gate, &d.sh_w1, &d.sh_w3, &d.sh_w2,
-                                            &e_proj})
-            need(*w, ws.T, 1);
-        need(d.wo_a, ws.T, c.o_groups);
-        for (const cuda::DeviceLinear* w : {&d.comp.wkv, &d.comp.wgate, &d.idx_comp.wkv, &d.idx_comp.wgate, &d.sh_w3})
-            need_in(w == &d.comp.wkv || w == &d.comp.wgate || w == &d.sh_w3 ? gemm2_bytes : gemm_bytes, *w, ws.T, 1);
+        block_needs(dm->mtp->block);
+        need(dm->mtp->e_proj, ws.T, 1);
         need(dm->mtp->h_proj, ws.T * c.hc_mult, 1);
         ws.with_mtp = true;
     }

@@ -38,13 +38,9 @@ std::string resolve_backend(const std::string& name) {
     fail("--backend must be cpu, cuda or auto, got '", name, "'");
 }
 
-std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, std::ostream* log) {
-    const std::string name = resolve_backend(o.name);
-    if (name == "cpu") {
-        const int64_t rows = std::max(o.max_logit_rows, o.max_batch_tokens);
-        return make_cpu_backend(m, o.max_seqs, std::max(o.max_batch_tokens, rows), o.max_model_len, o.max_state_tokens);
-    }
 #ifdef MEGAMOE_HAVE_CUDA
+// The runner's options from a backend's (the callers below adjust rows, sequences and rollback).
+static gpu::RunnerOptions runner_options(const BackendOptions& o) {
     gpu::RunnerOptions ro;
     ro.max_seqs = o.max_seqs;
     ro.max_batch_tokens = o.max_batch_tokens;
@@ -54,6 +50,18 @@ std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, s
     ro.graphs = o.graphs;
     ro.lt_fp8 = ro.lt_bf16 = o.cublaslt;
     ro.max_state_tokens = o.max_state_tokens;
+    return ro;
+}
+#endif
+
+std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, std::ostream* log) {
+    const std::string name = resolve_backend(o.name);
+    if (name == "cpu") {
+        const int64_t rows = std::max(o.max_logit_rows, o.max_batch_tokens);
+        return make_cpu_backend(m, o.max_seqs, std::max(o.max_batch_tokens, rows), o.max_model_len, o.max_state_tokens);
+    }
+#ifdef MEGAMOE_HAVE_CUDA
+    gpu::RunnerOptions ro = runner_options(o);
     ro.rollback = o.speculative;
     return gpu::make_gpu_backend(m, ro, log);
 #else
@@ -66,15 +74,9 @@ MtpLogits sequence_logits_mtp_on(const Model& m, const std::vector<int32_t>& tok
                                  const BackendOptions& o, std::ostream* log) {
     if (resolve_backend(o.name) == "cpu") return sequence_logits_mtp(m, tokens, s);
 #ifdef MEGAMOE_HAVE_CUDA
-    gpu::RunnerOptions ro;
+    gpu::RunnerOptions ro = runner_options(o);
     ro.max_seqs = 1;
-    ro.max_batch_tokens = o.max_batch_tokens;
     ro.max_logit_rows = std::max(o.max_logit_rows, o.max_batch_tokens);
-    ro.max_model_len = o.max_model_len;
-    ro.memory_fraction = o.gpu_memory_fraction;
-    ro.graphs = o.graphs;
-    ro.lt_fp8 = ro.lt_bf16 = o.cublaslt;
-    ro.max_state_tokens = o.max_state_tokens;
     gpu::Runner run(m, ro, log);
     return gpu::sequence_logits_mtp(run, tokens, s);
 #else
@@ -104,15 +106,9 @@ SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int3
         return generate_speculative(m, prompt, max_new, cpu);
     }
 #ifdef MEGAMOE_HAVE_CUDA
-    gpu::RunnerOptions ro;
+    gpu::RunnerOptions ro = runner_options(o);
     ro.max_seqs = 1;
-    ro.max_batch_tokens = o.max_batch_tokens;
     ro.max_logit_rows = std::max<int64_t>(o.max_logit_rows, 1 + so.draft_tokens);
-    ro.max_model_len = o.max_model_len;
-    ro.memory_fraction = o.gpu_memory_fraction;
-    ro.graphs = o.graphs;
-    ro.lt_fp8 = ro.lt_bf16 = o.cublaslt;
-    ro.max_state_tokens = o.max_state_tokens;
     ro.rollback = true;
     gpu::Runner run(m, ro, log);
     SampleSpec spec{0.0f};
@@ -135,15 +131,7 @@ std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t s
                                                 std::ostream* log) {
     if (resolve_backend(o.name) != "cuda") fail("synthetic weights are made on the GPU: they need --backend cuda");
 #ifdef MEGAMOE_HAVE_CUDA
-    gpu::RunnerOptions ro;
-    ro.max_seqs = o.max_seqs;
-    ro.max_batch_tokens = o.max_batch_tokens;
-    ro.max_logit_rows = o.max_logit_rows;
-    ro.max_model_len = o.max_model_len;
-    ro.memory_fraction = o.gpu_memory_fraction;
-    ro.graphs = o.graphs;
-    ro.lt_fp8 = ro.lt_bf16 = o.cublaslt;
-    ro.max_state_tokens = o.max_state_tokens;
+    gpu::RunnerOptions ro = runner_options(o);
     ro.rollback = o.speculative;
     ro.numerics = o.numerics;
     return gpu::make_gpu_backend(c, seed, ro, log);

@@ -92,16 +92,7 @@ const Case* load_case(const std::string& name) {
     return c.get();
 }
 
-double cosine(const float* a, const float* b, int64_t n) {
-    double ab = 0, aa = 0, bb = 0;
-    for (int64_t i = 0; i < n; ++i) {
-        ab += static_cast<double>(a[i]) * b[i];
-        aa += static_cast<double>(a[i]) * a[i];
-        bb += static_cast<double>(b[i]) * b[i];
-    }
-    if (aa == 0 && bb == 0) return 1;
-    return ab / std::sqrt(aa * bb);
-}
+using test::cosine;
 
 int64_t argmax_row(const float* x, int64_t n) {
     int64_t b = 0;
