@@ -59,6 +59,7 @@
 
 #include "core/common.h"
 #include "cuda/attention_keys.h"
+#include "cuda/device_info.h"
 #include "cuda/kv_row.h"
 #include "cuda/device.cuh"
 #include "cuda/linear.h"
@@ -762,33 +763,6 @@ topk_kernel(const float* scores, int64_t stride, const int32_t* n_rows, const in
 
 // ---------------------------------------------------------------------------- host helpers
 
-int sm_count() {
-    static std::mutex m;
-    static std::map<int, int> cache;
-    int dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    std::lock_guard<std::mutex> lk(m);
-    auto it = cache.find(dev);
-    if (it != cache.end()) return it->second;
-    int sms = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    cache[dev] = sms;
-    return sms;
-}
-
-// Raises a kernel's dynamic shared memory limit once per (device, kernel) to at least `bytes`.
-void raise_smem(const void* kernel, size_t bytes) {
-    static std::mutex m;
-    static std::map<std::pair<int, const void*>, size_t> done;
-    int dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    std::lock_guard<std::mutex> lk(m);
-    size_t& have = done[{dev, kernel}];
-    if (have >= bytes) return;
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    have = bytes;
-}
-
 // Whether clusters of `splits` CTAs of this kernel (with `smem` bytes each) can be resident.
 bool cluster_fits(const void* kernel, int splits, size_t smem) {
     static std::mutex m;
@@ -872,7 +846,7 @@ void check_paged(const PagedRows& r, const char* op, const char* name) {
 template <int D> void launch_attention(const AttentionArgs& a, const BatchView& b, cudaStream_t stream) {
     auto* kernel = sparse_attention_kernel<D>;
     const size_t smem = AttnLayout<D>::bytes(a.topk ? a.topk_k : 0);
-    raise_smem(reinterpret_cast<const void*>(kernel), smem);
+    raise_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     const int64_t head_blocks = (a.heads + kHeadsPerCta - 1) / kHeadsPerCta;
     const int64_t ctas = static_cast<int64_t>(b.T) * head_blocks;
     // Key tiles a query can have at most: its window plus the top-k, or every row its table holds.
@@ -899,7 +873,7 @@ void launch_topk(const float* scores, int64_t T, int64_t stride, const int32_t* 
     MEGAMOE_CHECK(T <= 0x7FFFFFFF, "top-k: T = ", T, " too large");
     if (stride <= kTopkCacheFloats) {
         const size_t smem = static_cast<size_t>(std::max<int64_t>(stride, 1)) * 4;
-        raise_smem(reinterpret_cast<const void*>(topk_kernel<true>), smem);
+        raise_dynamic_smem(reinterpret_cast<const void*>(topk_kernel<true>), smem);
         launch("top-k", topk_kernel<true>, dim3(static_cast<unsigned>(T)), dim3(kTopkThreads), smem, 0, stream, scores,
                stride, n, pos, ratio, k, out);
     } else {

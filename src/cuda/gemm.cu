@@ -46,11 +46,10 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <map>
-#include <mutex>
 
 #include "core/common.h"
 #include "cuda/device.cuh"
+#include "cuda/device_info.h"
 #include "cuda/gemm_group.cuh"
 #include "cuda/numerics.cuh"
 #include "cuda/numerics.h"
@@ -928,33 +927,6 @@ TiledKernel tiled_kernel_for(LinearFormat f, int epi, Tile c, int& smem) {
     fail("tiled linear: no kernel for ", linear_format_name(f), epi == kEpiSwiglu ? " with the SwiGLU epilogue" : "");
 }
 
-void raise_smem(TiledKernel k, int smem) {
-    static std::mutex m;
-    static std::map<std::pair<uintptr_t, int>, bool> done;
-    int dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    std::lock_guard<std::mutex> lk(m);
-    auto key = std::make_pair(reinterpret_cast<uintptr_t>(k), dev);
-    if (done.count(key)) return;
-    CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    done[key] = true;
-}
-
-// SMs of the current device, looked up once per device (it is on every launch's host path).
-int sm_count() {
-    static std::mutex m;
-    static std::map<int, int> cache;
-    int dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    std::lock_guard<std::mutex> lk(m);
-    auto it = cache.find(dev);
-    if (it != cache.end()) return it->second;
-    int sms = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    cache[dev] = sms;
-    return sms;
-}
-
 // Split-K of a grouped decode launch (mma_128x8) over a cluster of 2 CTAs: at one token per expert
 // the layer is a few hundred 4-warp CTAs each streaming a 128-row tile over the whole K, so most
 // SMs hold one or two of them and wait on memory. Measured on an H200 (megamoe-gemm-bench --part
@@ -971,7 +943,7 @@ void launch_tiled(LinearFormat f, int epi, Tile c, const TiledParams& p, unsigne
                   cudaStream_t stream, unsigned grid_z = 1) {
     int smem = 0;
     const TiledKernel k = tiled_kernel_for(f, epi, c, smem);
-    raise_smem(k, smem);
+    raise_dynamic_smem(reinterpret_cast<const void*>(k), static_cast<size_t>(smem));
     const TiledConfig& t = cfg(c);
     cudaError_t err;
     if (grid_z > 1 && !is_wg(c)) {

@@ -69,6 +69,7 @@
 
 #include "core/common.h"
 #include "cuda/device.cuh"
+#include "cuda/device_info.h"
 #include "io/formats.h"
 
 namespace cg = cooperative_groups;
@@ -487,11 +488,7 @@ public:
         std::lock_guard<std::mutex> lk(m_);
         auto it = cache_.find(key);
         if (it != cache_.end()) return it->second;
-        if (!raised_.count({reinterpret_cast<uintptr_t>(k), dev})) {
-            CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            kXSmemBudget + kRingSmemMax + kRedSmemMax));
-            raised_.insert({reinterpret_cast<uintptr_t>(k), dev});
-        }
+        raise_dynamic_smem(reinterpret_cast<const void*>(k), kXSmemBudget + kRingSmemMax + kRedSmemMax);
         int n = 0;
         if (cluster == 1) {
             int per_sm = 0, sms = 0;
@@ -528,7 +525,6 @@ private:
     };
     std::mutex m_;
     std::map<Key, int> cache_;
-    std::set<std::pair<uintptr_t, int>> raised_;
 };
 
 struct Plan {

@@ -63,13 +63,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
-#include <set>
-#include <tuple>
 
 #include "core/common.h"
 #include "cuda/device.cuh"
+#include "cuda/device_info.h"
 #include "cuda/gemm.h"
 #include "cuda/gemm_group.cuh"
 #include "cuda/numerics.cuh"
@@ -620,29 +617,6 @@ int64_t stage_bytes(const DeviceLinear& w) {
     return round_up(kRows * w.weight_row_bytes + round_up(kRows * w.scale_row_bytes, 16), 128);
 }
 
-int sm_count() {
-    static std::mutex m;
-    static std::map<int, int> cache;
-    int dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    std::lock_guard<std::mutex> lk(m);
-    auto it = cache.find(dev);
-    if (it != cache.end()) return it->second;
-    int sms = 0;
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    return cache[dev] = sms;
-}
-
-template <typename K> void raise_smem(K kernel) {
-    static std::mutex m;
-    static std::set<std::pair<const void*, int>> done;
-    int dev = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    std::lock_guard<std::mutex> lk(m);
-    if (done.insert({reinterpret_cast<const void*>(kernel), dev}).second)
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBudget));
-}
-
 // The launch shape of both halves, from the experts' geometry and T alone (no device queries but
 // the SM count), so that moe_small_fits and the launches agree.
 struct Plan {
@@ -743,7 +717,7 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
     auto kernel = ex.format == LinearFormat::nvfp4
                       ? (xr ? moe_small_l1_kernel<LinearFormat::nvfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::nvfp4, 0>)
                       : (xr ? moe_small_l1_kernel<LinearFormat::mxfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::mxfp4, 0>);
-    raise_smem(kernel);
+    raise_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmemBudget);
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid1)), dim3((kL1Warps + 1) * 32), pl.smem1, stream, p));
 }
 
@@ -762,7 +736,7 @@ void moe_small_l2(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids
     auto kernel = ex.format == LinearFormat::nvfp4
                       ? (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::nvfp4, 1> : moe_small_l2_kernel<LinearFormat::nvfp4, 2>)
                       : (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::mxfp4, 1> : moe_small_l2_kernel<LinearFormat::mxfp4, 2>);
-    raise_smem(kernel);
+    raise_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmemBudget);
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid2)), dim3((kL2Warps + 1) * 32), pl.smem2, stream, p));
 }
 
