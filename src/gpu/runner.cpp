@@ -889,7 +889,12 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     aa.out = ws.o;
     aa.kv_fp8 = pool->layout().kv.fp8;
     cuda::sparse_attention(aa, b, stream);
-    cuda::window_write(ws.kv, hd, pool->layout().ring_rows, pool->ring(l), b, stream, pool->layout().kv);
+    // The ring write on side stream 1 (it must follow the attention, which reads the ring, and
+    // come before the next step's; the MoE's side streams join it into the main stream): on the
+    // main stream between the attention and wo_a it kept wo_a from starting its weight copies
+    // while the attention ran (programmatic launch overlaps only adjacent kernels of a stream).
+    fork(1);
+    cuda::window_write(ws.kv, hd, pool->layout().ring_rows, pool->ring(l), b, side_stream(1), pool->layout().kv);
     mark("attn.sparse");
 
     // o (inverse-rotated by the attention kernel) → grouped wo_a → wo_b.
