@@ -502,6 +502,8 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
     }
 
     asm volatile("griddepcontrol.wait;" ::: "memory");   // L1's h
+    // The next kernel (the fused hc_mix) may be scheduled now; it waits for this grid the same way.
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     const int g = lane >> 2, tig = lane & 3;
     const int s0 = warp * p.spw, ns = max(0, min(p.spw, p.steps - s0));
     // This lane's h fragments for entry q: slot g's columns (s0 + j)·128 + (4·tig + l)·8 .. + 8.
