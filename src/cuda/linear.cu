@@ -27,10 +27,13 @@
 //   its weight prefetch overlaps that kernel's tail.
 //
 // Where the time goes (H200, see bench/linear_bench.cu): BF16 streams at ~80% of the
-// device-to-device copy bandwidth on large matrices; FP8 and FP4 are bound by decode
-// instructions (FP4 decode: 10 integer + 4 bf16 ops per 8 weights with the rotate+select decode,
-// was 15 + 4; at ~40% issue efficiency), not by memory; small matrices (≤ 8 MB) by launch and latency
-// (~5 µs, as cuBLAS). See the report of this change for measured numbers and next steps.
+// device-to-device copy bandwidth on large matrices; FP8 and FP4 run at ~40-50% issue efficiency,
+// not bound by HBM (FP4 decode: 10 integer + 4 bf16 ops per 8 weights with the rotate+select
+// decode, was 15 + 4). For FP8 not by the decode either: a variant on the hardware's e4m3 → f16
+// conversion and f16 MMAs issued 32% fewer instructions for wq_b at M = 1 in the same time under
+// Nsight Compute (2026-12-04, docs/bench-forward.md): what bounds it is the latency of each warp's
+// stream (2 steps in flight, 8-16 in all). Small matrices (≤ 8 MB) are bound by launch and latency
+// (~5 µs, as cuBLAS).
 //
 // Exactness: every A value given to the tensor core is the exact weight (up to a power of two
 // applied once to y), so y differs from ops::linear only by fp32 summation order/rounding:
