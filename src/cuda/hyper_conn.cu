@@ -143,32 +143,9 @@ __device__ __forceinline__ void xpose_level(float (&acc)[N], int base, int lane,
     }
 }
 
-// Decode (not wide): the fn rows of the lane's first d-vector into the L2 cache, before
-// griddepcontrol.wait (fn is a weight: no kernel writes it), so that the loads after the wait,
-// which are most of a one-token mix's latency, hit L2 instead of HBM while the previous kernel
-// (wo_b, or the routed experts' L2) finishes. One lane of each 8 (whose 16-byte vectors share
-// a 128-byte line) prefetches its streams' NM lines. The index arithmetic is hc_mix_kernel's.
-template <int HC, int NM, int VEC>
-__device__ __forceinline__ void prefetch_fn(const MixArgs& a, int tb_shift) {
-    const int lane = static_cast<int>(threadIdx.x & 31);
-    const int TB = 1 << tb_shift, G = 32 >> tb_shift, g = lane >> tb_shift;
-    const int KG = G < HC ? G : HC, KPL = HC / KG;
-    const int64_t S = gridDim.x, s = blockIdx.x, D = a.D, n = HC * D, Dv = D / VEC;
-    const int64_t per = (Dv + S - 1) / S, d0 = min(Dv, s * per), d1 = min(Dv, d0 + per);
-    const int64_t dv = d0 + g / KG;
-    if ((lane & (TB - 1)) != 0 || dv >= d1 || (VEC == 4 && ((g / KG) & 7) != 0) || (VEC == 1 && ((g / KG) & 31) != 0)) return;
-    for (int q = 0; q < KPL; ++q) {
-        const float* f = a.fn + (g % KG + KG * q) * D + dv * VEC;
-#pragma unroll
-        for (int o = 0; o < NM; ++o) asm volatile("prefetch.global.L2 [%0];" ::"l"(f + o * n));
-    }
-}
-
 // HC streams (1, 2, 4 or 8), NM mix rows, FUSED post, VEC columns per load (4 or 1).
 template <int HC, int NM, bool FUSED, int VEC>
 __global__ void __launch_bounds__(kMixWarpsMax * 32) hc_mix_kernel(MixArgs a, int tb_shift) {
-    if (!a.wide) prefetch_fn<HC, NM, VEC>(a, tb_shift);
-    pdl_begin();
     constexpr int NV = NM + 1;              // the dots, then the sum of squares
     constexpr int NB = (NV + 31) / 32;      // 32-value blocks of the transposing reduction
     const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
@@ -186,6 +163,20 @@ __global__ void __launch_bounds__(kMixWarpsMax * 32) hc_mix_kernel(MixArgs a, in
     const int DG = G / KG;                  // lanes per stream set, interleaved along d
     const int kset = g % KG;
     const int64_t dlane = g / KG;
+
+    // Decode (not wide): the fn lines of the lane's first d-vector into the L2 cache before
+    // griddepcontrol.wait (fn is a weight: no kernel writes it), so that the loads after the wait,
+    // most of a one-token mix's latency, hit L2 while the previous kernel (wo_b, or the routed
+    // experts' L2) finishes. One lane of each group sharing a 128-byte line (8 for VEC = 4, 32 for
+    // VEC = 1) and token 0 of the warp's tokens issue them; everything above is index arithmetic.
+    if (!a.wide && tok == 0 && d0 + dlane < d1 && (dlane & (VEC == 4 ? 7 : 31)) == 0) {
+        for (int q = 0; q < KPL; ++q) {
+            const float* f = a.fn + (kset + KG * q) * D + (d0 + dlane) * VEC;
+#pragma unroll
+            for (int o = 0; o < NM; ++o) asm volatile("prefetch.global.L2 [%0];" ::"l"(f + o * n));
+        }
+    }
+    pdl_begin();
 
     float acc[NB * 32];
 #pragma unroll
