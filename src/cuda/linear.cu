@@ -548,6 +548,17 @@ struct Plan {
 bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, int64_t group_rows, Plan& out) {
     constexpr double kBandwidth = 4.0e6;     // bytes/µs of HBM (order of magnitude; H100 3.35, H200 4.8 TB/s)
     constexpr double kRoundUs = 2.0;         // latency floor of a round: x stage, loads, reduction
+    // Each CTA of a cluster beyond the first adds latency that the bandwidth term does not see
+    // (a cluster's CTAs start together in one GPC, sync twice, and read each other's partials).
+    // Fitted on an H200 (megamoe-linear-bench, 2026-12-04, the planner restricted to S ≤ 1, 2, 4,
+    // 8 in one run, then this term at 0.15-1.0 µs in one run): at M = 1 the S = 8 the model chose
+    // without it lost to S = 2 (FP8 wkv 5.20 against 3.92 µs, wq_a 6.44 against 4.74, NVFP4 w1
+    // 7.03 against 5.38); with the term at 0.6, M = 1 and 4 gain up to 1.7 µs per linear (BF16
+    // wq_b 6 µs) and the one loss is 0.26 µs (NVFP4 wq_b at M = 4, 11.71 → 11.97). From M = 8 the smaller x slice of each CTA pays for the split
+    // (wq_a at M = 16: 8.2 µs at S = 8 against 12.2 at S = 2), and the 20-layer V4-Flash step at
+    // B = 8 ran 1.5% slower with the term than without, so it applies up to M = 4 only.
+    constexpr double kClusterRankUs = 0.6;
+    const double cluster_us = M <= 4 ? kClusterRankUs : 0.0;
     const int step_k = 4 * elems_per_16b(f);
     const int64_t t16 = ceil_div(N, 16);
     const int nt = M > 8 ? 2 : 1;
@@ -575,7 +586,8 @@ bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, int6
                 const int64_t waves = ceil_div(ctas, resident);
                 const double busy = double(ctas) / double(waves * resident);
                 const double bytes = double(ctas) * (double(rows) * spc * kStepBytes + 0.5 * double(M) * spc * step_k * 2);
-                const double cost = double(waves) * kRoundUs + bytes / (kBandwidth * busy);
+                const double cost =
+                    double(waves) * kRoundUs + double(s - 1) * cluster_us + bytes / (kBandwidth * busy);
                 if (!found || cost < out.cost * 0.98) {
                     out.mt = mt;
                     out.nt = nt;
