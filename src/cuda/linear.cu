@@ -10,9 +10,9 @@
 //   row: one "step") and decodes them in registers. The device copy of fp8 / fp4 rows has each
 //   4-byte word permuted once at upload (to_kernel_order, lossless) so that the decoded bf16
 //   pairs come out in natural k order and x is staged as it is (src/cuda/device.cuh).
-// * Weights stream through a per-warp ring of kStages shared-memory slots filled by 16-byte
-//   cp.async copies (L2 only, 256-byte L2 prefetch): while step s is decoded, steps s+1..s+2 are
-//   in flight, without holding them in registers. Each lane copies exactly the bytes it later
+// * Weights stream through a per-warp ring of shared-memory slots (ring_stages: 3, or 6 for BF16
+//   up to 8 tokens) filled by 16-byte cp.async copies (L2 only, 256-byte L2 prefetch): while step
+//   s is decoded, the next 2 (5) steps are in flight, without holding them in registers. Each lane copies exactly the bytes it later
 //   reads, so a slot is ready after cp.async.wait_group alone (no warp or CTA barrier).
 // * A warp owns 16·MT output rows (MT = 1 or 2: B fragments are reused MT times) and a range of
 //   steps along K. A CTA is 8 warps = W_r row groups × W_k K-ranges; its x slice [M, K-range] is
@@ -31,9 +31,13 @@
 // not bound by HBM (FP4 decode: 10 integer + 4 bf16 ops per 8 weights with the rotate+select
 // decode, was 15 + 4). For FP8 not by the decode either: a variant on the hardware's e4m3 → f16
 // conversion and f16 MMAs issued 32% fewer instructions for wq_b at M = 1 in the same time under
-// Nsight Compute (2026-12-04, docs/bench-forward.md): what bounds it is the latency of each warp's
-// stream (2 steps in flight, 8-16 in all). Small matrices (≤ 8 MB) are bound by launch and latency
-// (~5 µs, as cuBLAS).
+// Nsight Compute (2026-12-04, docs/bench-forward.md). Nor by the depth of each warp's stream:
+// rings of 5 or 6 stages (4-5 steps in flight instead of 2) and a loop decoding two steps at once
+// into separate accumulators (twice the independent work per warp) measured no faster for FP8
+// (wq_b at M = 1: 15.0 µs with 3 stages, 14.8 with 6, 15.9 paired; BF16, twice the bytes, gained
+// 26.0 → 18.7 from the deeper ring). What the sweeps show instead is a fixed cost per launch:
+// ~4 µs for a 2 MB matrix that each warp covers in one step (wkv), so a 32 MB one streams at
+// ~3.2 TB/s past it. Small matrices (≤ 8 MB) are bound by that latency (~4-5 µs, as cuBLAS).
 //
 // Exactness: every A value given to the tensor core is the exact weight (up to a power of two
 // applied once to y), so y differs from ops::linear only by fp32 summation order/rounding:
@@ -89,7 +93,17 @@ constexpr int kMaxM = 16;                     // tokens per launch (two n8 MMA t
 constexpr int kMaxCluster = 8;                // portable cluster size
 constexpr int kXSmemBudget = 64 * 1024;       // staged x per CTA (with the ring, 2 CTAs fit per SM)
 constexpr int kRedSmemMax = 256 * kMaxM * 4;  // partial sums: W_k·R = 128·MT rows × M tokens
-constexpr int kStages = 3;                    // per-warp cp.async ring: 2 steps in flight while 1 is decoded
+// Per-warp cp.async ring slots: kStages - 1 steps in flight while one is decoded. BF16 moves twice
+// the bytes of FP8 per weight with no decode, and its stream gains from a deeper ring up to 8
+// tokens (H200, megamoe-linear-bench, the same plans but the ring, one run, µs at M = 1 / 4:
+// wq_b 19.9 → 18.5 / 22.3 → 19.4, wo_b 21.7 → 19.9 / 22.9 → 22.1, w2 7.9 → 6.9 / 8.4 → 7.6; the
+// 20-layer V4-Flash step at B = 1 3752 → 3640 µs (its BF16 head, 1 GB, is ~18% of the bytes),
+// B = 8 the same), but not at 16 (wo_b 27.2 → 35.5 on the same plan). FP8 and
+// FP4 measured no faster with 5-6 stages (wq_b FP8 15.0 / 14.8 µs at M = 1), so they keep 3.
+constexpr int kStages = 3;
+constexpr int kDeepStages = 6;                // BF16 at M ≤ kDeepMaxM
+constexpr int kDeepMaxM = 8;
+int ring_stages(LinearFormat f, int M) { return f == LinearFormat::bf16 && M <= kDeepMaxM ? kDeepStages : kStages; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -102,7 +116,7 @@ template <int MT> struct StageLayout {
     __device__ static constexpr int scale(int idx) { return kWeightBytes + idx * 4; }
 };
 
-constexpr int kRingSmemMax = kWarps * kStages * StageLayout<2>::kBytes;   // the rings of the largest tile
+constexpr int kRingSmemMax = kWarps * kDeepStages * StageLayout<2>::kBytes;   // the rings of the largest tile
 
 struct SmallMParams {
     const uint8_t*  w;            // [N] rows of w_row_bytes
@@ -128,7 +142,7 @@ struct SmallMParams {
 // [b·R, b·R + R), R = wr·16·MT, over steps [r·spc, (r+1)·spc) of every row; warp w takes row group
 // w % wr and step range w / wr of that. Shared memory: x [M][x_rs], then the warps' rings
 // [8][kStages] of StageLayout<MT>::kBytes, then partials [W_k][M][R] f32.
-template <LinearFormat F, int MT, int NT>
+template <LinearFormat F, int MT, int NT, int kStages>
 static __global__ void __launch_bounds__(kThreads, 2) linear_small_m_kernel(const SmallMParams p) {
     using T = Traits<F>;
     constexpr int kE = T::kElems;
@@ -455,18 +469,22 @@ int x_row_mod(LinearFormat f) {
 
 using SmallMKernel = void (*)(SmallMParams);
 
-SmallMKernel small_m_kernel(LinearFormat f, int mt, int nt) {
-#define MEGAMOE_PICK(F)                                                                       \
-    return mt == 2 ? (nt == 2 ? linear_small_m_kernel<F, 2, 2> : linear_small_m_kernel<F, 2, 1>) \
-                   : (nt == 2 ? linear_small_m_kernel<F, 1, 2> : linear_small_m_kernel<F, 1, 1>)
+SmallMKernel small_m_kernel(LinearFormat f, int mt, int nt, int stages) {
+#define MEGAMOE_PICK_ST(F, ST)                                                                          \
+    return mt == 2 ? (nt == 2 ? linear_small_m_kernel<F, 2, 2, ST> : linear_small_m_kernel<F, 2, 1, ST>) \
+                   : (nt == 2 ? linear_small_m_kernel<F, 1, 2, ST> : linear_small_m_kernel<F, 1, 1, ST>)
+#define MEGAMOE_PICK(F) MEGAMOE_PICK_ST(F, kStages)
     switch (f) {
-        case LinearFormat::bf16: MEGAMOE_PICK(LinearFormat::bf16);
+        case LinearFormat::bf16:
+            if (stages == kDeepStages) MEGAMOE_PICK_ST(LinearFormat::bf16, kDeepStages);
+            MEGAMOE_PICK(LinearFormat::bf16);
         case LinearFormat::fp8_block: MEGAMOE_PICK(LinearFormat::fp8_block);
         case LinearFormat::mxfp4: MEGAMOE_PICK(LinearFormat::mxfp4);
         case LinearFormat::nvfp4: MEGAMOE_PICK(LinearFormat::nvfp4);
         default: fail("linear_small_m: no fast kernel for ", linear_format_name(f));
     }
 #undef MEGAMOE_PICK
+#undef MEGAMOE_PICK_ST
 }
 
 int current_device() {
@@ -532,6 +550,7 @@ private:
 
 struct Plan {
     int mt = 1, nt = 1, wr = 1, s = 1, spc = 0, spw = 0, x_rs = 0, row_blocks = 0;
+    int stages = kStages;   // ring slots per warp (ring_stages)
     size_t smem = 0;
     double cost = 0;   // model time, µs
 };
@@ -562,10 +581,11 @@ bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, int6
     const int step_k = 4 * elems_per_16b(f);
     const int64_t t16 = ceil_div(N, 16);
     const int nt = M > 8 ? 2 : 1;
+    const int stages = ring_stages(f, M);
     bool found = false;
     for (int mt : {2, 1}) {
         if (mt == 2 && t16 < 2) continue;
-        const SmallMKernel k = small_m_kernel(f, mt, nt);
+        const SmallMKernel k = small_m_kernel(f, mt, nt, stages);
         for (int wr : {8, 4, 2, 1}) {
             if (wr > 1 && wr * mt > t16) continue;
             const int64_t rows = int64_t(wr) * 16 * mt;
@@ -578,7 +598,7 @@ bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, int6
                 const int64_t wk = kWarps / wr;
                 const int64_t x_rs = ceil_div(spc * step_k * 2, 128) * 128 + x_row_mod(f);
                 if (int64_t(M) * x_rs > kXSmemBudget) continue;
-                const size_t ring = size_t(kWarps) * kStages * (mt == 2 ? StageLayout<2>::kBytes : StageLayout<1>::kBytes);
+                const size_t ring = size_t(kWarps) * stages * (mt == 2 ? StageLayout<2>::kBytes : StageLayout<1>::kBytes);
                 const size_t smem = static_cast<size_t>(M) * x_rs + ring + size_t(wk) * M * rows * sizeof(float);
                 const int64_t ctas = rb * s;
                 const int resident = Occupancy::get().resident_ctas(k, dev, s, smem);
@@ -591,6 +611,7 @@ bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, int6
                 if (!found || cost < out.cost * 0.98) {
                     out.mt = mt;
                     out.nt = nt;
+                    out.stages = stages;
                     out.wr = wr;
                     out.s = s;
                     out.spc = static_cast<int>(spc);
@@ -608,7 +629,7 @@ bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, int6
 }
 
 void launch_small_m(const SmallMParams& prm, const Plan& plan, LinearFormat f, cudaStream_t stream) {
-    const SmallMKernel kernel = small_m_kernel(f, plan.mt, plan.nt);
+    const SmallMKernel kernel = small_m_kernel(f, plan.mt, plan.nt, plan.stages);
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(static_cast<unsigned>(plan.s), static_cast<unsigned>(plan.row_blocks), 1);
     cfg.blockDim = dim3(kThreads, 1, 1);
@@ -918,7 +939,7 @@ std::string linear_small_m_plan(const DeviceLinear& w, int64_t M, const LinearOp
         if (m == 1) return "no plan (K too large, or no row block divides the group)";
         m = (m + 1) / 2;
     }
-    return str("MT=", plan.mt, " NT=", plan.nt, " Wr=", plan.wr, " Wk=", kWarps / plan.wr, " S=", plan.s,
+    return str("MT=", plan.mt, " NT=", plan.nt, " stages=", plan.stages, " Wr=", plan.wr, " Wk=", kWarps / plan.wr, " S=", plan.s,
                " grid=", plan.s, "x", plan.row_blocks, " steps/warp=", plan.spw, " smem=", plan.smem,
                " model=", static_cast<int>(plan.cost * 10) / 10.0, "us");
 }
