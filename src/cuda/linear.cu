@@ -91,11 +91,12 @@ constexpr int kThreads = 256;                 // 8 warps per CTA
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxM = 16;                     // tokens per launch (two n8 MMA tiles)
 constexpr int kMaxCluster = 8;                // portable cluster size
-constexpr int kXSmemBudget = 64 * 1024;       // staged x per CTA (with the ring, 2 CTAs fit per SM)
+constexpr int kXSmemBudget = 64 * 1024;       // staged x per CTA (with a 3-stage ring, 2 CTAs fit per SM)
 constexpr int kRedSmemMax = 256 * kMaxM * 4;  // partial sums: W_k·R = 128·MT rows × M tokens
 // Per-warp cp.async ring slots: kStages - 1 steps in flight while one is decoded. BF16 moves twice
 // the bytes of FP8 per weight with no decode, and its stream gains from a deeper ring up to 8
-// tokens (H200, megamoe-linear-bench, the same plans but the ring, one run, µs at M = 1 / 4:
+// tokens (H200, megamoe-linear-bench, builds that differ in the ring only, one run, µs at M = 1 / 4,
+// each with the plan the planner picks for its occupancy:
 // wq_b 19.9 → 18.5 / 22.3 → 19.4, wo_b 21.7 → 19.9 / 22.9 → 22.1, w2 7.9 → 6.9 / 8.4 → 7.6; the
 // 20-layer V4-Flash step at B = 1 3752 → 3640 µs (its BF16 head, 1 GB, is ~18% of the bytes),
 // B = 8 the same), but not at 16 (wo_b 27.2 → 35.5 on the same plan). FP8 and
@@ -103,7 +104,9 @@ constexpr int kRedSmemMax = 256 * kMaxM * 4;  // partial sums: W_k·R = 128·MT 
 constexpr int kStages = 3;
 constexpr int kDeepStages = 6;                // BF16 at M ≤ kDeepMaxM
 constexpr int kDeepMaxM = 8;
-int ring_stages(LinearFormat f, int M) { return f == LinearFormat::bf16 && M <= kDeepMaxM ? kDeepStages : kStages; }
+int ring_stages(LinearFormat f, int M) {
+    return f == LinearFormat::bf16 && M <= kDeepMaxM ? kDeepStages : kStages;
+}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
