@@ -1296,10 +1296,11 @@ size_t DeviceExperts::bytes() const {
     return b;
 }
 
-MoeLayerWorkspace::MoeLayerWorkspace(int64_t T_max, int64_t k, const DeviceExperts& ex) {
+MoeLayerWorkspace::MoeLayerWorkspace(int64_t T_max, int64_t k, const DeviceExperts& ex, bool skip)
+    : skip_bucket(skip) {
     MEGAMOE_CHECK(ex.E > 0, "MoeLayerWorkspace: experts not uploaded");
     MEGAMOE_CHECK(T_max >= 1 && k >= 1, "MoeLayerWorkspace: T_max = ", T_max, ", k = ", k);
-    dispatch = MoeDispatchWorkspace(T_max, k, ex.E, ex.D);
+    dispatch = MoeDispatchWorkspace(T_max, k, ex.E + (skip ? 1 : 0), ex.D);
     const int64_t N = T_max * k;
     // Items for the smallest token tile: Σ_e ceil(c_e / BT) ≤ N / BT + (experts with rows).
     max_items = ceil_div(N, cfg(Tile::mma_128x8).tokens) + std::min(N, ex.E);
@@ -1328,8 +1329,10 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     MEGAMOE_CHECK(ex.E > 0 && static_cast<int64_t>(ex.w1.size()) == ex.E, "moe_l", l1 ? 1 : 2,
                   ": experts not uploaded");
     MEGAMOE_CHECK(!ws.items.empty(), "moe_l", l1 ? 1 : 2, ": the workspace holds no buffers");
-    MEGAMOE_CHECK(ex.E == ws.dispatch.E && ex.D == ws.dispatch.D, "moe_l", l1 ? 1 : 2, ": workspace is for E = ",
-                  ws.dispatch.E, ", D = ", ws.dispatch.D, ", experts have E = ", ex.E, ", D = ", ex.D);
+    const int64_t buckets = ex.E + (ws.skip_bucket ? 1 : 0);   // build_items covers experts [0, ex.E) only
+    MEGAMOE_CHECK(buckets == ws.dispatch.E && ex.D == ws.dispatch.D, "moe_l", l1 ? 1 : 2, ": workspace is for ",
+                  ws.dispatch.E, " buckets, D = ", ws.dispatch.D, ", experts have E = ", ex.E,
+                  ws.skip_bucket ? " (+ the skip bucket)" : "", ", D = ", ex.D);
     MEGAMOE_CHECK(N >= 0 && N <= ws.dispatch.T_max * ws.dispatch.k, "moe_l", l1 ? 1 : 2, ": ", N,
                   " rows exceed the workspace (", ws.dispatch.T_max * ws.dispatch.k, ")");
     if (N == 0) return;
@@ -1402,7 +1405,8 @@ void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, c
     const Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
     if (N <= kMoeDispatchSmallMaxRows && !is_wg(c)) {
         // Few rows: route, gather and L1's work list in one launch instead of five.
-        ws.dispatch.route_gather_small(ids, x, weights, T, cfg(c).tokens, ws.items.data(), ws.n_items.data(), stream);
+        ws.dispatch.route_gather_small(ids, x, weights, T, cfg(c).tokens, ws.items.data(), ws.n_items.data(), stream,
+                                       ex.E);
         grouped(ex, ws, N, true, limit, c, false, stream, official);
     } else {
         ws.dispatch.route(ids, T, stream);
@@ -1418,12 +1422,15 @@ void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, fl
                        Numerics nm) {
     MEGAMOE_CHECK(T >= 0 && T <= ws.dispatch.T_max, "moe_layer: T = ", T, " exceeds the workspace's T_max = ",
                   ws.dispatch.T_max);
+    MEGAMOE_CHECK(!ws.skip_bucket, "moe_layer_combine: the workspace has a skip bucket, whose rows are never "
+                                   "computed (an expert-parallel rank's results go back through the exchange)");
     if (T == 0) return;
     ws.dispatch.combine(ws.rows.data(), shared, T, y, stream, nm == Numerics::official);
 }
 
 void moe_layer(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
                int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Tile tile) {
+    MEGAMOE_CHECK(!ws.skip_bucket, "moe_layer: the workspace has a skip bucket (use moe_layer_routed)");
     moe_layer_routed(ex, limit, x, ids, weights, T, ws, stream, tile);
     moe_layer_combine(ws, T, shared, y, stream);
 }

@@ -136,10 +136,17 @@ private:
 
 // Device buffers for the routed-expert layer at up to T_max tokens (allocated once; the calls
 // below allocate nothing). Move-only; a moved-from workspace holds no buffers.
+//
+// skip_bucket (expert parallelism, docs/multi-gpu.md §6 step 4): the dispatch gets ex.E + 1
+// buckets, and ids may name bucket ex.E ("skip": a slot another rank computes). moe_layer_routed
+// routes and gathers those slots like the others (they sort after every expert's rows) but never
+// computes them: ws.h and ws.rows hold results only for rows [0, dispatch.offsets[ex.E]), which is
+// what a rank hands back to the exchange. The calls that combine every slot (moe_layer,
+// moe_layer_combine) and the small-T path (which reads ids itself) refuse such a workspace.
 class MoeLayerWorkspace {
 public:
     MoeLayerWorkspace() = default;
-    MoeLayerWorkspace(int64_t T_max, int64_t k, const DeviceExperts& ex);   // throws megamoe::Error
+    MoeLayerWorkspace(int64_t T_max, int64_t k, const DeviceExperts& ex, bool skip_bucket = false);   // throws
 
     MoeDispatchWorkspace     dispatch;   // counts, offsets, perm, inv, xs [T_max·k, D], ws
     DeviceArray<uint16_t>    h;          // [T_max·k, I] bf16, L1 output
@@ -148,6 +155,7 @@ public:
     DeviceArray<int32_t>     items;      // [max_items, 4] int32: work list of the grouped kernels
     DeviceArray<int32_t>     n_items;    // [2] int32: items of L1's tile size, of L2's
     int64_t                  max_items = 0;
+    bool                     skip_bucket = false;   // dispatch.E = experts + 1 (see above)
     size_t bytes() const;                // device bytes held
 };
 

@@ -167,7 +167,8 @@ static __global__ void __launch_bounds__(kSmallThreads)
 moe_dispatch_small_kernel(const int32_t* __restrict__ ids, const V* __restrict__ x, const float* __restrict__ weights,
                           int N, int k, int E, int64_t vecs, int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
                           int32_t* __restrict__ perm, int32_t* __restrict__ inv, V* __restrict__ xs,
-                          float* __restrict__ ws, int BT, int4* __restrict__ items, int32_t* __restrict__ n_items) {
+                          float* __restrict__ ws, int BT, int4* __restrict__ items, int32_t* __restrict__ n_items,
+                          int item_E) {
     pdl_begin();
     __shared__ int32_t s_ids[kMoeDispatchSmallMaxRows];
     __shared__ int32_t s_pos[kMoeDispatchSmallMaxRows];
@@ -179,7 +180,7 @@ moe_dispatch_small_kernel(const int32_t* __restrict__ ids, const V* __restrict__
     int c = 0;
     if (e < E)
         for (int i = 0; i < N; ++i) c += s_ids[i] == e;
-    const int tiles = (c + BT - 1) / BT;
+    const int tiles = e < item_E ? (c + BT - 1) / BT : 0;   // buckets from item_E up are never computed
     s_rows[e] = c;
     s_tiles[e] = tiles;
     __syncthreads();
@@ -430,14 +431,17 @@ void moe_gather(const uint16_t* x_bf16, const float* weights, const int32_t* per
 void moe_dispatch_small(const int32_t* ids, const uint16_t* x_bf16, const float* weights, int64_t T, int64_t k,
                         int64_t E, int64_t D, int32_t* counts, int32_t* offsets, int32_t* perm, int32_t* inv,
                         uint16_t* xs_bf16, float* ws, int32_t BT, int32_t* items, int32_t* n_items,
-                        CUstream_st* stream) {
+                        CUstream_st* stream, int64_t item_experts) {
     check_shape(T, k, "moe_dispatch_small");
+    if (item_experts == 0) item_experts = E;
     const int64_t N = T * k;
     if (N < 1 || N > kMoeDispatchSmallMaxRows)
         fail("moe_dispatch_small: T·k = ", N, " outside [1, ", kMoeDispatchSmallMaxRows, "]");
     if (E < 1 || E > kMoeMaxExperts) fail("moe_dispatch_small: E=", E, " outside [1, ", kMoeMaxExperts, "]");
     if (D < 1) fail("moe_dispatch_small: bad D=", D);
     if (BT < 1) fail("moe_dispatch_small: bad tile height ", BT);
+    if (item_experts < 1 || item_experts > E)
+        fail("moe_dispatch_small: item_experts = ", item_experts, " outside [1, E = ", E, "]");
     if (!ids || !x_bf16 || !counts || !offsets || !perm || !inv || !xs_bf16)
         fail("moe_dispatch_small: null ids/x/counts/offsets/perm/inv/xs");
     if (items != nullptr && n_items == nullptr) fail("moe_dispatch_small: items without n_items");
@@ -450,11 +454,11 @@ void moe_dispatch_small(const int32_t* ids, const uint16_t* x_bf16, const float*
         launch_pdl(moe_dispatch_small_kernel<uint4>, dim3(1), dim3(kSmallThreads), 0, s, ids,
                    reinterpret_cast<const uint4*>(x_bf16), weights, static_cast<int>(N), static_cast<int>(k),
                    static_cast<int>(E), vecs, counts, offsets, perm, inv, reinterpret_cast<uint4*>(xs_bf16), ws,
-                   static_cast<int>(BT), it, n_items);
+                   static_cast<int>(BT), it, n_items, static_cast<int>(item_experts));
     else
         launch_pdl(moe_dispatch_small_kernel<uint16_t>, dim3(1), dim3(kSmallThreads), 0, s, ids, x_bf16, weights,
                    static_cast<int>(N), static_cast<int>(k), static_cast<int>(E), vecs, counts, offsets, perm, inv,
-                   xs_bf16, ws, static_cast<int>(BT), it, n_items);
+                   xs_bf16, ws, static_cast<int>(BT), it, n_items, static_cast<int>(item_experts));
     CUDA_CHECK(cudaGetLastError());
 }
 
@@ -512,10 +516,10 @@ void MoeDispatchWorkspace::gather(const uint16_t* x_bf16, const float* weights, 
 
 void MoeDispatchWorkspace::route_gather_small(const int32_t* ids, const uint16_t* x_bf16, const float* weights,
                                               int64_t T, int32_t BT, int32_t* items, int32_t* n_items,
-                                              CUstream_st* stream) {
+                                              CUstream_st* stream, int64_t item_experts) {
     check_workspace(*this, T, "MoeDispatchWorkspace::route_gather_small");
     moe_dispatch_small(ids, x_bf16, weights, T, k, E, D, counts.data(), offsets.data(), perm.data(), inv.data(),
-                       xs.data(), ws.data(), BT, items, n_items, stream);
+                       xs.data(), ws.data(), BT, items, n_items, stream, item_experts);
 }
 
 void MoeDispatchWorkspace::combine(const float* rows, const float* shared, int64_t T, float* y,

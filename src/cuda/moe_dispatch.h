@@ -62,11 +62,15 @@ void moe_route_counts(const int32_t* ids, int64_t T, int64_t k, int64_t E, int32
 // tiles of BT rows: expert e with c rows gets ceil(c / BT) int32 quads {e, offsets[e] + j·BT,
 // min(BT, c - j·BT), 0}, in expert order, and *n_items = their number. Requires 1 ≤ T·k ≤
 // kMoeDispatchSmallMaxRows, 1 ≤ E ≤ kMoeMaxExperts, BT ≥ 1; weights / ws may both be null.
+// item_experts (1 ≤ item_experts ≤ E; E when omitted): only experts below it get work items. The
+// buckets above are routed and gathered like the others but never computed: an expert-parallel
+// rank routes its slots over its local experts plus one "skip" bucket for the slots other ranks
+// compute (docs/multi-gpu.md §6 step 4).
 constexpr int64_t kMoeDispatchSmallMaxRows = 64;
 void moe_dispatch_small(const int32_t* ids, const uint16_t* x_bf16, const float* weights, int64_t T, int64_t k,
                         int64_t E, int64_t D, int32_t* counts, int32_t* offsets, int32_t* perm, int32_t* inv,
                         uint16_t* xs_bf16, float* ws, int32_t BT, int32_t* items, int32_t* n_items,
-                        CUstream_st* stream);
+                        CUstream_st* stream, int64_t item_experts = 0);
 
 // Gather: xs[j, :] = x[perm[j] / k, :] (bf16 bits, copied unchanged) and, when weights and ws are
 // both non-null, ws[j] = weights[perm[j]]. x: [T, D] row-major bf16 (16-byte aligned with
@@ -107,9 +111,10 @@ public:
     void route(const int32_t* ids, int64_t T, CUstream_st* stream);
     void gather(const uint16_t* x_bf16, const float* weights, int64_t T, CUstream_st* stream);
     // route + gather in one launch (moe_dispatch_small; T·k ≤ kMoeDispatchSmallMaxRows), with the
-    // work list for tiles of BT rows when items is not null.
+    // work list for tiles of BT rows of experts [0, item_experts) when items is not null
+    // (item_experts 0: all E).
     void route_gather_small(const int32_t* ids, const uint16_t* x_bf16, const float* weights, int64_t T, int32_t BT,
-                            int32_t* items, int32_t* n_items, CUstream_st* stream);
+                            int32_t* items, int32_t* n_items, CUstream_st* stream, int64_t item_experts = 0);
     void combine(const float* rows, const float* shared, int64_t T, float* y, CUstream_st* stream,
                  bool official = false) const;
 };

@@ -678,6 +678,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 bool check_small(const char* what, const DeviceExperts& ex, int64_t T, const uint16_t* x, const MoeLayerWorkspace& ws) {
     MEGAMOE_CHECK(ex.E > 0 && static_cast<int64_t>(ex.w1.size()) == ex.E, what, ": experts not uploaded");
     MEGAMOE_CHECK(!ws.h.empty(), what, ": the workspace holds no buffers");
+    MEGAMOE_CHECK(!ws.skip_bucket, what, ": the workspace has a skip bucket; the small path reads every slot's "
+                                   "expert from ids itself (expert parallelism takes moe_layer_routed)");
     MEGAMOE_CHECK(ex.E == ws.dispatch.E && ex.D == ws.dispatch.D, what, ": workspace is for E = ", ws.dispatch.E,
                   ", D = ", ws.dispatch.D, ", experts have E = ", ex.E, ", D = ", ex.D);
     MEGAMOE_CHECK(T >= 0 && T <= ws.dispatch.T_max, what, ": T = ", T, " exceeds the workspace's T_max = ",

@@ -1479,6 +1479,92 @@ TEST(CudaMoeLayer, GraphReplayEqualsPlainCalls) {
     CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
+// An expert-parallel rank's share (docs/multi-gpu.md §6 step 4): the rank holds E local experts and
+// routes its slots over E + 1 buckets, bucket E ("skip") for the slots other ranks compute.
+// moe_layer_routed on a skip-bucket workspace must route all slots in the stable order, compute h
+// and rows for the local experts' rows [0, offsets[E]) as the twins do, and leave the skip rows
+// untouched (never computed: no work item names bucket E, on the one-launch small dispatch of
+// T·k ≤ 64 as on the general route). Calls that combine every slot refuse such a workspace.
+TEST(CudaMoeLayer, SkipBucketComputesOnlyLocalExperts) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 256, I = 128, k = 6, E = 5, T_max = 129;
+    ClampStats stats;
+    uint32_t seed = 71000;
+    for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        const HostExperts hx = make_experts(f, E, D, I, seed += 1000);
+        cuda::DeviceExperts dex(hx.experts);
+        cuda::MoeLayerWorkspace ws(T_max, k, dex, /*skip_bucket=*/true);
+        EXPECT_TRUE(ws.skip_bucket);
+        EXPECT_EQ(ws.dispatch.E, E + 1);
+        for (int64_t T : {1, 3, 10, 11, 129}) {   // T·k = 6, 18, 60: small dispatch; 66, 774: general
+            for (int all_skip = 0; all_skip < 2; ++all_skip) {
+                const std::string what = str(fmt_name(f), " T=", T, all_skip ? " every slot skipped" : "");
+                SCOPED_TRACE(what);
+                MoeCase c = make_case(Routing::uniform, T, k, E + 1, D, false, ++seed);   // ids in [0, E]
+                if (all_skip) std::fill(c.ids.begin(), c.ids.end(), static_cast<int32_t>(E));
+                const int64_t N = T * k;
+                DeviceInputs in(T, k, D);
+                in.upload(c);
+                poison(ws.h.data(), static_cast<size_t>(N * I));
+                poison(ws.rows.data(), static_cast<size_t>(N * D));
+                cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr);
+                CUDA_CHECK(cudaDeviceSynchronize());
+                const Route r = get_route(ws, c, E + 1);
+                const int64_t n = r.offsets[static_cast<size_t>(E)];   // rows of local experts
+                const int64_t skipped = std::count(c.ids.begin(), c.ids.end(), static_cast<int32_t>(E));
+                EXPECT_EQ(N - n, skipped);
+                if (all_skip) EXPECT_EQ(n, 0);
+                else EXPECT_GT(n, 0);
+                const auto h = to_host(ws.h.data(), static_cast<size_t>(N * I));
+                const auto rows = to_host(ws.rows.data(), static_cast<size_t>(N * D));
+                // The local rows against the twins (l1_twin / l2_twin compute experts [0, E) only).
+                const L1Ref l1 = l1_twin(hx, kLimit, c, r, &stats);
+                check_bf16(h.data(), l1.h.data(), static_cast<size_t>(n * I), I,
+                           [&](size_t i) { return static_cast<double>(l1.err[i]); }, "local h");
+                const RowsRef l2 = l2_twin(hx, widen(h), r);
+                check_close(rows.data(), l2.rows.data(), static_cast<size_t>(n * D), D,
+                            [&](size_t i) { return kRelTol * l2.bound[i] + kAbsTol; }, "local rows");
+                // The skip rows: still the poison bytes.
+                uint16_t hp;
+                float rp;
+                std::memset(&hp, kPoison, sizeof hp);
+                std::memset(&rp, kPoison, sizeof rp);
+                int64_t bad_h = -1, bad_r = -1;
+                for (int64_t q = n * I; q < N * I && bad_h < 0; ++q)
+                    if (h[static_cast<size_t>(q)] != hp) bad_h = q;
+                for (int64_t q = n * D; q < N * D && bad_r < 0; ++q)
+                    if (std::memcmp(&rows[static_cast<size_t>(q)], &rp, sizeof rp) != 0) bad_r = q;
+                EXPECT_EQ(bad_h, -1) << "h of a skipped row was written (element " << bad_h << ")";
+                EXPECT_EQ(bad_r, -1) << "rows of a skipped row were written (element " << bad_r << ")";
+                if (HasFailure()) return;
+            }
+        }
+    }
+    std::printf("  clamped: g %lld, u %lld of %lld h elements\n", static_cast<long long>(stats.g_clamped),
+                static_cast<long long>(stats.u_clamped), static_cast<long long>(stats.total));
+
+    // What a skip-bucket workspace refuses: the layer and the combine over every slot, the small path.
+    const HostExperts hx = make_experts(LinearFormat::nvfp4, E, D, I, 72000);
+    cuda::DeviceExperts dex(hx.experts);
+    cuda::MoeLayerWorkspace ws(4, k, dex, true);
+    DeviceInputs in(1, k, D);
+    DeviceArray<float> y(static_cast<size_t>(D));
+    test::expect_error([&] { cuda::moe_layer(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 1, nullptr, y.data(), ws, nullptr); },
+                       {"moe_layer", "skip bucket"});
+    test::expect_error([&] { cuda::moe_layer_combine(ws, 1, nullptr, y.data(), nullptr); }, {"moe_layer_combine", "skip bucket"});
+    test::expect_error([&] { cuda::moe_small_l1(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 1, ws, nullptr); },
+                       {"skip bucket"});
+    // A skip-bucket workspace made for other experts (E + 1 of them: its E + 2 buckets do not match).
+    const HostExperts more = make_experts(LinearFormat::nvfp4, E + 1, D, I, 72100);
+    cuda::DeviceExperts dmore(more.experts);
+    cuda::MoeLayerWorkspace ws_more(4, k, dmore, true);
+    test::expect_error([&] { cuda::moe_l1(dex, kLimit, ws_more, k, nullptr); }, {"moe_l1", "buckets"});
+    // Without a skip bucket, E + 1 buckets are one too many for E experts as well.
+    cuda::MoeLayerWorkspace ws_plain(4, k, dmore);
+    test::expect_error([&] { cuda::moe_l1(dex, kLimit, ws_plain, k, nullptr); }, {"moe_l1", "buckets"});
+    CUDA_CHECK(cudaDeviceSynchronize());
+}
+
 TEST(CudaMoeLayer, ZeroTokensIsANoOp) {
     SKIP_WITHOUT_GPU();
     const int64_t D = 256, I = 128, k = 6, E = 8;

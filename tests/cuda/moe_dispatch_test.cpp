@@ -33,6 +33,7 @@
 #include "cuda/linear.h"   // gpu_available, CUDA_CHECK
 #include "io/formats.h"        // f32_to_bf16 (RNE)
 #include "cuda_test_util.h"
+#include "test_util.h"
 #endif
 
 namespace megamoe {
@@ -418,6 +419,18 @@ TEST(MoeDispatch, SmallDispatchMatchesRouteGatherAndWorkList) {
                 ASSERT_EQ(static_cast<size_t>(n) * 4, items_ref.size());
                 EXPECT_EQ(first_mismatch(to_host(items.data(), items_ref.size()), items_ref), -1) << "items";
                 if (HasFatalFailure()) return;
+                if (c.E > 1) {
+                    // Expert parallelism's skip bucket: the last expert routed and gathered, but no items.
+                    const std::vector<int32_t> part_ref = cpu_items(r, c.E - 1, BT);
+                    CUDA_CHECK(cudaMemset(items.data(), 0xFF, items.size() * 4));
+                    work.route_gather_small(d_ids.data(), d_x.data() + c.off, d_w.data(), c.T, BT, items.data(),
+                                            n_items.data(), nullptr, c.E - 1);
+                    CUDA_CHECK(cudaDeviceSynchronize());
+                    EXPECT_EQ(first_mismatch(to_host(work.perm.data(), static_cast<size_t>(N)), r.perm), -1) << "perm";
+                    const int32_t m = to_host(n_items.data(), 1)[0];
+                    ASSERT_EQ(static_cast<size_t>(m) * 4, part_ref.size()) << "items of E - 1 experts";
+                    EXPECT_EQ(first_mismatch(to_host(items.data(), part_ref.size()), part_ref), -1) << "items of E - 1";
+                }
             }
         }
     }
@@ -429,6 +442,10 @@ TEST(MoeDispatch, SmallDispatchMatchesRouteGatherAndWorkList) {
                  Error);
     EXPECT_THROW(big.route_gather_small(ids.data(), x.data(), nullptr, 1, 0, items.data(), n_items.data(), nullptr),
                  Error);
+    test::expect_error([&] { big.route_gather_small(ids.data(), x.data(), nullptr, 1, 8, items.data(), n_items.data(), nullptr, 17); },
+                       {"item_experts = 17"});
+    test::expect_error([&] { big.route_gather_small(ids.data(), x.data(), nullptr, 1, 8, items.data(), n_items.data(), nullptr, -1); },
+                       {"item_experts = -1"});
 }
 
 // Largest sizes the route is designed for (T·k = 98304, several chunks) and the largest E.
