@@ -573,10 +573,11 @@ bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, int6
     // Each CTA of a cluster beyond the first adds latency that the bandwidth term does not see
     // (a cluster's CTAs start together in one GPC, sync twice, and read each other's partials).
     // Fitted on an H200 (megamoe-linear-bench, 2026-12-04, the planner restricted to S ≤ 1, 2, 4,
-    // 8 in one run, then this term at 0.15-1.0 µs in one run): at M = 1 the S = 8 the model chose
+    // 8 in one run, then this term at 0.15-1.0 µs in two consecutive runs): at M = 1 the S = 8 the model chose
     // without it lost to S = 2 (FP8 wkv 5.20 against 3.92 µs, wq_a 6.44 against 4.74, NVFP4 w1
     // 7.03 against 5.38); with the term at 0.6, M = 1 and 4 gain up to 1.7 µs per linear (BF16
-    // wq_b 6 µs) and the one loss is 0.26 µs (NVFP4 wq_b at M = 4, 11.71 → 11.97). From M = 8 the smaller x slice of each CTA pays for the split
+    // wq_b ~6 µs) and the one loss is 0.26 µs (NVFP4 wq_b at M = 4, 11.71 → 11.97, measured in
+    // consecutive calls). From M = 8 the smaller x slice of each CTA pays for the split
     // (wq_a at M = 16: 8.2 µs at S = 8 against 12.2 at S = 2), and the 20-layer V4-Flash step at
     // B = 8 ran 1.5% slower with the term than without, so it applies up to M = 4 only.
     constexpr double kClusterRankUs = 0.6;
