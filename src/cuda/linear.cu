@@ -12,8 +12,9 @@
 //   pairs come out in natural k order and x is staged as it is (src/cuda/device.cuh).
 // * Weights stream through a per-warp ring of shared-memory slots (ring_stages: 3, or 6 for BF16
 //   up to 8 tokens) filled by 16-byte cp.async copies (L2 only, 256-byte L2 prefetch): while step
-//   s is decoded, the next 2 (5) steps are in flight, without holding them in registers. Each lane copies exactly the bytes it later
-//   reads, so a slot is ready after cp.async.wait_group alone (no warp or CTA barrier).
+//   s is decoded, the next 2 (5) steps are in flight, without holding them in registers. Each
+//   lane copies exactly the bytes it later reads, so a slot is ready after cp.async.wait_group
+//   alone (no warp or CTA barrier).
 // * A warp owns 16·MT output rows (MT = 1 or 2: B fragments are reused MT times) and a range of
 //   steps along K. A CTA is 8 warps = W_r row groups × W_k K-ranges; its x slice [M, K-range] is
 //   staged once into shared memory. CTAs of one thread-block cluster (S = 1..8 along grid.x)
@@ -35,7 +36,8 @@
 // rings of 5 or 6 stages (4-5 steps in flight instead of 2) and a loop decoding two steps at once
 // into separate accumulators (twice the independent work per warp) measured no faster for FP8
 // (wq_b at M = 1: 15.0 µs with 3 stages, 14.8 with 6, 15.9 paired; BF16, twice the bytes, gained
-// 26.0 → 18.7 from the deeper ring). What the sweeps show instead is a fixed cost per launch:
+// 26.0 → 18.7 from the deeper ring and the plan its occupancy led to). What the sweeps show
+// instead is a fixed cost per launch:
 // ~4 µs for a 2 MB matrix that each warp covers in one step (wkv), so a 32 MB one streams at
 // ~3.2 TB/s past it. Small matrices (≤ 8 MB) are bound by that latency (~4-5 µs, as cuBLAS).
 //
@@ -95,12 +97,12 @@ constexpr int kXSmemBudget = 64 * 1024;       // staged x per CTA (with a 3-stag
 constexpr int kRedSmemMax = 256 * kMaxM * 4;  // partial sums: W_k·R = 128·MT rows × M tokens
 // Per-warp cp.async ring slots: kStages - 1 steps in flight while one is decoded. BF16 moves twice
 // the bytes of FP8 per weight with no decode, and its stream gains from a deeper ring up to 8
-// tokens (H200, megamoe-linear-bench, builds that differ in the ring only, one run, µs at M = 1 / 4,
-// each with the plan the planner picks for its occupancy:
-// wq_b 19.9 → 18.5 / 22.3 → 19.4, wo_b 21.7 → 19.9 / 22.9 → 22.1, w2 7.9 → 6.9 / 8.4 → 7.6; the
-// 20-layer V4-Flash step at B = 1 3752 → 3640 µs (its BF16 head, 1 GB, is ~18% of the bytes),
-// B = 8 the same), but not at 16 (wo_b 27.2 → 35.5 on the same plan). FP8 and
-// FP4 measured no faster with 5-6 stages (wq_b FP8 15.0 / 14.8 µs at M = 1), so they keep 3.
+// tokens (H200, megamoe-linear-bench, builds that differ in the ring only, one run, µs at M = 1
+// / 4, each with the plan the planner picks for its occupancy: wq_b 19.9 → 18.5 / 22.3 → 19.4,
+// wo_b 21.7 → 19.9 / 22.9 → 22.1, w2 7.9 → 6.9 / 8.4 → 7.6; the 20-layer V4-Flash step at B = 1
+// 3752 → 3640 µs (its BF16 head, 1 GB, is ~18% of the bytes), B = 8 the same), but not at 16
+// (wo_b 27.2 → 35.5 on the same plan). FP8 and FP4 measured no faster with 5-6 stages (wq_b FP8
+// 15.0 / 14.8 µs at M = 1), so they keep 3.
 constexpr int kStages = 3;
 constexpr int kDeepStages = 6;                // BF16 at M ≤ kDeepMaxM
 constexpr int kDeepMaxM = 8;
@@ -573,8 +575,8 @@ bool plan_small_m(LinearFormat f, int64_t N, int64_t steps, int M, int dev, int6
     // Each CTA of a cluster beyond the first adds latency that the bandwidth term does not see
     // (a cluster's CTAs start together in one GPC, sync twice, and read each other's partials).
     // Fitted on an H200 (megamoe-linear-bench, 2026-12-04, the planner restricted to S ≤ 1, 2, 4,
-    // 8 in one run, then this term at 0.15-1.0 µs in two consecutive runs): at M = 1 the S = 8 the model chose
-    // without it lost to S = 2 (FP8 wkv 5.20 against 3.92 µs, wq_a 6.44 against 4.74, NVFP4 w1
+    // 8 in one run, then this term at 0.15-1.0 µs in two consecutive runs): at M = 1 the S = 8
+    // the model chose without it lost to S = 2 (FP8 wkv 5.20 against 3.92 µs, wq_a 6.44 against 4.74, NVFP4 w1
     // 7.03 against 5.38); with the term at 0.6, M = 1 and 4 gain up to 1.7 µs per linear (BF16
     // wq_b ~6 µs) and the one loss is 0.26 µs (NVFP4 wq_b at M = 4, 11.71 → 11.97, measured in
     // consecutive calls). From M = 8 the smaller x slice of each CTA pays for the split
@@ -943,8 +945,8 @@ std::string linear_small_m_plan(const DeviceLinear& w, int64_t M, const LinearOp
         if (m == 1) return "no plan (K too large, or no row block divides the group)";
         m = (m + 1) / 2;
     }
-    return str("MT=", plan.mt, " NT=", plan.nt, " stages=", plan.stages, " Wr=", plan.wr, " Wk=", kWarps / plan.wr, " S=", plan.s,
-               " grid=", plan.s, "x", plan.row_blocks, " steps/warp=", plan.spw, " smem=", plan.smem,
+    return str("MT=", plan.mt, " NT=", plan.nt, " stages=", plan.stages, " Wr=", plan.wr, " Wk=", kWarps / plan.wr,
+               " S=", plan.s, " grid=", plan.s, "x", plan.row_blocks, " steps/warp=", plan.spw, " smem=", plan.smem,
                " model=", static_cast<int>(plan.cost * 10) / 10.0, "us");
 }
 

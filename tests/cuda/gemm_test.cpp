@@ -1549,11 +1549,16 @@ TEST(CudaMoeLayer, SkipBucketComputesOnlyLocalExperts) {
     cuda::MoeLayerWorkspace ws(4, k, dex, true);
     DeviceInputs in(1, k, D);
     DeviceArray<float> y(static_cast<size_t>(D));
-    test::expect_error([&] { cuda::moe_layer(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 1, nullptr, y.data(), ws, nullptr); },
-                       {"moe_layer", "skip bucket"});
-    test::expect_error([&] { cuda::moe_layer_combine(ws, 1, nullptr, y.data(), nullptr); }, {"moe_layer_combine", "skip bucket"});
-    test::expect_error([&] { cuda::moe_small_l1(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 1, ws, nullptr); },
-                       {"skip bucket"});
+    test::expect_error(
+        [&] {
+            cuda::moe_layer(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 1, nullptr, y.data(), ws, nullptr);
+        },
+        {"moe_layer", "skip bucket"});
+    test::expect_error([&] { cuda::moe_layer_combine(ws, 1, nullptr, y.data(), nullptr); },
+                       {"moe_layer_combine", "skip bucket"});
+    test::expect_error(
+        [&] { cuda::moe_small_l1(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 1, ws, nullptr); },
+        {"skip bucket"});
     // A skip-bucket workspace made for other experts (E + 1 of them: its E + 2 buckets do not match).
     const HostExperts more = make_experts(LinearFormat::nvfp4, E + 1, D, I, 72100);
     cuda::DeviceExperts dmore(more.experts);

@@ -442,10 +442,12 @@ TEST(MoeDispatch, SmallDispatchMatchesRouteGatherAndWorkList) {
                  Error);
     EXPECT_THROW(big.route_gather_small(ids.data(), x.data(), nullptr, 1, 0, items.data(), n_items.data(), nullptr),
                  Error);
-    test::expect_error([&] { big.route_gather_small(ids.data(), x.data(), nullptr, 1, 8, items.data(), n_items.data(), nullptr, 17); },
-                       {"item_experts = 17"});
-    test::expect_error([&] { big.route_gather_small(ids.data(), x.data(), nullptr, 1, 8, items.data(), n_items.data(), nullptr, -1); },
-                       {"item_experts = -1"});
+    for (int64_t bad : {int64_t{17}, int64_t{-1}})   // item_experts outside [1, E = 16]
+        test::expect_error(
+            [&] {
+                big.route_gather_small(ids.data(), x.data(), nullptr, 1, 8, items.data(), n_items.data(), nullptr, bad);
+            },
+            {str("item_experts = ", bad)});
 }
 
 // Largest sizes the route is designed for (T·k = 98304, several chunks) and the largest E.
