@@ -38,8 +38,8 @@
 // (wq_b at M = 1: 15.0 µs with 3 stages, 14.8 with 6, 15.9 paired; BF16, twice the bytes, gained
 // 26.0 → 18.7 from the deeper ring and the plan its occupancy led to). What the sweeps show
 // instead is a fixed cost per launch:
-// ~4 µs for a 2 MB matrix that each warp covers in one step (wkv), so a 32 MB one streams at
-// ~3.2 TB/s past it. Small matrices (≤ 8 MB) are bound by that latency (~4-5 µs, as cuBLAS).
+// 3.9-5.2 µs for a 2 MB matrix (wkv) whatever the plan, so a 32 MB one streams at ~3.2 TB/s
+// past it. Small matrices (≤ 8 MB) are bound by that latency (~4-5 µs, as cuBLAS).
 //
 // Exactness: every A value given to the tensor core is the exact weight (up to a power of two
 // applied once to y), so y differs from ops::linear only by fp32 summation order/rounding:
