@@ -24,6 +24,7 @@
 #include "cuda/sampler.h"
 #include "cuda/rowwise.h"
 #include "cuda/step.h"
+#include "dist/exchange.h"
 #include "gpu/device_model.h"
 #include "gpu/state_pool.h"
 #include "io/formats.h"
@@ -62,7 +63,13 @@ struct CheckpointBytes : WeightVisitor {
 std::string MemoryPlan::describe() const {
     std::ostringstream os;
     os << "GPU memory plan:\n"
-       << "  weights    " << mib(weights) << " (checkpoint " << mib(checkpoint) << ")\n"
+       << "  weights    " << mib(weights);
+    if (ep_world > 1)
+        os << " (this GPU's routed experts, 1/" << ep_world << " of them, and the rest; the whole checkpoint "
+           << mib(checkpoint) << ")\n";
+    else
+        os << " (checkpoint " << mib(checkpoint) << ")\n";
+    os
        << "  workspace  " << mib(workspace) << "\n"
        << "  slots      " << mib(slots) << " (per-sequence windows and open compressor windows)\n"
        << "  state pool " << mib(blocks) << " = " << block_count << " blocks of " << block_tokens
@@ -283,7 +290,8 @@ struct Runner::Impl {
     std::unique_ptr<StatePool> pool;
     Workspace ws;
     cuda::DeviceArena ws_arena;
-    cuda::MoeLayerWorkspace moe_ws;
+    cuda::MoeLayerWorkspace moe_ws;               // the routed experts of a whole layer (no EP; the MTP block)
+    cuda::MoeLayerWorkspace moe_ws_ep;            // expert parallelism: the rows that arrive, with a skip bucket
     cudaStream_t stream = nullptr;
     // Side streams for work that does not depend on the main chain (side 0: the kv latent beside
     // the q path, then the indexer's compressor; the shared expert beside the routed experts.
@@ -336,7 +344,9 @@ struct Runner::Impl {
     // One step's shapes.
     struct Shape {
         int64_t T = 0, C = 0, R = 0;
+        int64_t X = 0;   // expert parallelism: tokens every rank's exchange calls move (≥ T); 0: no exchange
     };
+    int64_t exchange_rows = 0;                    // set_exchange_rows
     Shape last_shape;                             // of the last step run (the MTP pass's shape)
     int64_t last_rows = 0;                        // its logit rows without graph padding
     int64_t last_rows_all = 0;                    // its logit rows with padding (== last_shape.T: every token)
@@ -551,6 +561,20 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
              c.max_position_embeddings);
     if (opt.max_logit_rows <= 0) opt.max_logit_rows = opt.max_seqs;
     if (!cuda::gpu_available()) fail("gpu runner: no CUDA device is available");
+    if (opt.exchange) {   // expert parallelism: checked before anything is allocated
+        const dist::ExpertExchange& ex = *opt.exchange;
+        if (!m) fail("gpu runner: expert parallelism needs a checkpoint (a synthetic model is made whole)");
+        if (ex.layers() != c.num_hidden_layers)
+            fail("gpu runner: the expert exchange partitions ", ex.layers(), " MoE layers, the model has num_hidden_layers = ",
+                 c.num_hidden_layers);
+        if (ex.max_tokens() < opt.max_batch_tokens)
+            fail("gpu runner: the expert exchange carries ", ex.max_tokens(), " tokens per call, fewer than --max-batch-tokens ",
+                 opt.max_batch_tokens);
+        for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+            if (static_cast<int64_t>(ex.held(l).size()) != ex.skip())
+                fail("gpu runner: the expert exchange holds ", ex.held(l).size(), " experts of layer ", l, " on rank ",
+                     ex.rank(), ", its skip id is ", ex.skip(), " (n_routed_experts / GPUs)");
+    }
     if (lt_fp8_on || lt_bf16_on) lt = std::make_unique<cuda::LtGemm>();
     check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
     for (cudaStream_t& st : side) check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
@@ -560,8 +584,12 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     const size_t budget = static_cast<size_t>(static_cast<double>(total_b) * opt.memory_fraction);
     const size_t reserve_b = total_b - budget;   // left to other users of the GPU
 
-    // Weights.
-    plan.weights = m ? DeviceModel::plan_bytes(*m) : DeviceModel::plan_bytes(c);
+    // Weights: all of them, or under expert parallelism this rank's experts of every main layer.
+    WeightShard shard;
+    if (opt.exchange)
+        for (int64_t l = 0; l < c.num_hidden_layers; ++l) shard.held.push_back(opt.exchange->held(l));
+    plan.ep_world = opt.exchange ? opt.exchange->world() : 1;
+    plan.weights = !m ? DeviceModel::plan_bytes(c) : opt.exchange ? DeviceModel::plan_bytes(*m, shard) : DeviceModel::plan_bytes(*m);
     {
         CheckpointBytes cb;
         Weights scratch;
@@ -571,7 +599,8 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     if (plan.weights + reserve_b > free_b)
         fail("the model's weights need ", mib(plan.weights), " on the GPU; ", mib(free_b), " are free and ",
              mib(reserve_b), " are kept back (--gpu-memory-fraction ", opt.memory_fraction, ")");
-    dm = m ? std::make_unique<DeviceModel>(*m) : std::make_unique<DeviceModel>(c, seed);
+    dm = !m ? std::make_unique<DeviceModel>(c, seed)
+            : opt.exchange ? std::make_unique<DeviceModel>(*m, shard) : std::make_unique<DeviceModel>(*m);
 
     // cuBLASLt's block-scaled FP8 GEMM needs Hopper and CUDA >= 12.9 (cuda/linear_lt.h): ask its
     // heuristic for every FP8 linear of the model now, at kLtMinM rows, and run the official
@@ -641,8 +670,16 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
         ws_arena = cuda::DeviceArena(counter.used(), "workspace");
         ws.carve(ws_arena, c, gemm_bytes, gemm2_bytes);
     }
-    moe_ws = cuda::MoeLayerWorkspace(ws.T, c.num_experts_per_tok, dm->layers.at(0).experts);
-    plan.workspace = ws_arena.used() + moe_ws.bytes();
+    if (!opt.exchange) {
+        moe_ws = cuda::MoeLayerWorkspace(ws.T, c.num_experts_per_tok, dm->layers.at(0).experts);
+    } else {
+        // The main layers' experts see the exchange's rows (up to world · max_tokens), routed over
+        // the local experts and the skip bucket; the MTP block's whole layer keeps its own.
+        moe_ws_ep = cuda::MoeLayerWorkspace(opt.exchange->max_rows(), c.num_experts_per_tok, dm->layers.at(0).experts,
+                                            /*skip_bucket=*/true);
+        if (dm->mtp) moe_ws = cuda::MoeLayerWorkspace(ws.T, c.num_experts_per_tok, dm->mtp->block.experts);
+    }
+    plan.workspace = ws_arena.used() + moe_ws.bytes() + moe_ws_ep.bytes();
     if (opt.rollback && dm->mtp) {
         draft_q = cuda::DeviceBuffer(
             static_cast<size_t>((opt.max_seqs + 1) * kMaxSpeculativeTokens * c.vocab_size) * sizeof(float), "draft logits");
@@ -944,6 +981,25 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     mark("moe.shared");
     // official: the experts are quantized, so they take xq; see moe_layer_routed for the rest.
     const uint16_t* xe = official() ? ws.xq : ws.xn;
+    if (opt.exchange && l < c.num_hidden_layers) {
+        // Expert parallelism: the tokens go to the ranks that hold their experts, this rank's
+        // experts run over what arrived (slots of other ranks' experts sort into the skip bucket and
+        // are not computed), the rows go home, and the combine adds them to the shared expert in
+        // slot order (exchange.h: bit-identical to moe_layer_combine in a world of one).
+        dist::ExpertExchange& ex = *opt.exchange;
+        ex.dispatch(l, xe, ws.ids, ws.wts, s.X, stream);   // rows [T, X): ids −1 (enqueue), no expert
+        // The tile from the rows this rank's experts can expect: a slot's expert is local with
+        // probability 1 / world, so rows / world tokens over the local experts (the automatic choice
+        // would count the skip bucket's rows as if they were computed).
+        const cuda::Tile tile = cuda::moe_layer_config(d.experts, ex.rows() / ex.world(), k);
+        cuda::moe_layer_routed(d.experts, limit, ex.x_in(), ex.local_in(), ex.wts_in(), ex.rows(), moe_ws_ep, stream,
+                               tile, nm);
+        ex.give_back(moe_ws_ep.rows.data(), moe_ws_ep.dispatch.inv.data(), official(), stream);
+        join();
+        ex.combine(ws.sh_out, ws.ids, ws.y, official(), stream);
+        mark("moe.experts");
+        return;
+    }
     // The small-T path at 1-2 tokens, where it measured faster end to end (H200, megamoe-forward-bench
     // --model flash --layers 20, docs/bench-gemm.md "small-T path"): B = 1 / 2 exact 4472 / 5309
     // against 4494 / 5490 µs per step, official 4405 / 5288 against 4502 / 5357. From T = 4 up the
@@ -970,6 +1026,10 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     const int64_t splits = cuda::hc_mix_splits(T, hc * D);
 
     mark("start");
+    if (s.X > T)   // expert parallelism, rows past this rank's tokens: padding slots (ids −1) for every layer
+        check(cudaMemsetAsync(ws.ids + T * c.num_experts_per_tok, 0xff,
+                              static_cast<size_t>((s.X - T) * c.num_experts_per_tok) * 4, stream),
+              "exchange padding ids");
     cuda::embed_streams(dm->embed, ws.tokens, T, D, hc, ws.X, stream);
     cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, dm->layers[0].hc_attn_fn, c.mix_width(), ws.part,
                  splits, stream, nm);
@@ -1134,6 +1194,14 @@ int32_t Runner::snapshot(int32_t slot) { return impl_->pool->snapshot(slot, impl
 void Runner::drop_snapshot(int32_t handle) { impl_->pool->drop_snapshot(handle); }
 int32_t Runner::open_from(int32_t handle) { return impl_->pool->open_from(handle, impl_->stream); }
 int64_t Runner::graph_replays() const { return impl_->replays; }
+void Runner::set_exchange_rows(int64_t rows) {
+    Impl& I = *impl_;
+    if (!I.opt.exchange) fail("gpu runner: set_exchange_rows without an expert exchange (RunnerOptions::exchange)");
+    if (rows < 0 || rows > I.ws.T)
+        fail("gpu runner: ", rows, " exchange rows per step, outside [0, --max-batch-tokens ", I.ws.T, "]");
+    I.exchange_rows = rows;
+}
+
 int64_t Runner::graphs_captured() const { return static_cast<int64_t>(impl_->graphs.size()); }
 int64_t Runner::fp8_linear_launches() const { return impl_->fp8_launches; }
 int64_t Runner::lt_linear_launches() const { return impl_->lt_launches; }
@@ -1653,7 +1721,7 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
     if (spec)
         check(cudaMemcpyAsync(ws.samp_in, I.pinned_samp_in, ws.samp_in_bytes, cudaMemcpyHostToDevice, I.stream),
               "sampling inputs");
-    const Impl::Shape shape{Tp, bucket ? bucket : B, Rp};
+    const Impl::Shape shape{Tp, bucket ? bucket : B, Rp, I.opt.exchange ? std::max(Tp, I.exchange_rows) : 0};
     I.chain_ready = false;
     I.last_pos.assign(pos, pos + T);
     I.last_slot.assign(slot, slot + T);
@@ -1665,7 +1733,9 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
     I.last_chunk_lens.clear();
     for (const RunnerChunk& ch : chunks) I.last_chunk_lens.push_back(static_cast<int64_t>(ch.tokens.size()));
     if (bucket) {
-        const int64_t key = ((bucket * (kGraphChunkMax + 1) + n0) * 2 + (all_logits ? 1 : 0)) * 8 + mode;
+        // (bucket ≤ 256, n0 ≤ kGraphChunkMax, mode < 8; X ≤ max_batch_tokens)
+        const int64_t key =
+            ((shape.X * 257 + bucket) * (kGraphChunkMax + 1) + n0) * 16 + (all_logits ? 8 : 0) + mode;
         auto it = I.graphs.find(key);
         if (it == I.graphs.end()) {
             // Capture after one eager run of the same shape (first-use work such as kernel

@@ -25,6 +25,10 @@
 
 struct CUstream_st;
 
+namespace megamoe::dist {
+class ExpertExchange;
+}
+
 namespace megamoe::gpu {
 
 struct RunnerOptions {
@@ -54,6 +58,15 @@ struct RunnerOptions {
                                        // numerics, the official wo_a, BF16-weight projections) through
                                        // cuBLASLt's BF16 GEMM (FP8 weights expanded per call into the
                                        // workspace); off: megamoe's kernels
+    // Expert parallelism (issue 13; docs/multi-gpu.md §6): when set, this runner is rank
+    // exchange->rank() of the exchange's world. It uploads only exchange->held(l) of every main
+    // layer's routed experts (the MTP block stays whole) and runs each main layer's routed experts
+    // as router → exchange->dispatch → cuda::moe_layer_routed over the rows that arrived (its
+    // local experts plus the skip bucket) → give_back → (the shared expert joined) combine. The
+    // exchange must carry max_batch_tokens tokens per call; every rank's runner must run the same
+    // steps with the same padded token count (its collectives move equal counts; the multi-GPU
+    // backend's job). Not owned: it outlives the runner. Checkpoint models only.
+    dist::ExpertExchange* exchange = nullptr;
     // How activations are rounded (ref/ops.h Numerics); unset: the model's own (Model::numerics, as
     // the CPU forward reads it), exact for synthetic weights. official: the bf16 activations, FP8
     // GEMM inputs, FP8-rounded KV latent and the indexer's Hadamard + FP4 q / k of DeepSeek's code.
@@ -63,6 +76,7 @@ struct RunnerOptions {
 // Where the device memory goes; printed at start-up.
 struct MemoryPlan {
     size_t  weights = 0;               // uploaded weights (packed as in the checkpoint)
+    int32_t ep_world = 1;              // expert parallelism: `weights` are one GPU's share of this many
     size_t  checkpoint = 0;            // the same weights' bytes in the checkpoint
     size_t  workspace = 0;             // activations and scratch for max_batch_tokens
     size_t  slots = 0;                 // fixed per-sequence state (rings, open windows) for max_seqs
@@ -215,6 +229,13 @@ public:
     // copying state; exact when rewind_needs_save was false for those positions (checked: throws
     // Error otherwise, changing nothing).
     void rewind(int32_t slot, int64_t n_past);
+
+    // Expert parallelism (RunnerOptions::exchange): the tokens each of the next steps' exchange
+    // calls move, at least the step's own padded count (0: the step's own). Every rank of a world
+    // must move the same count, so the multi-GPU backend sets the largest rank's here on every
+    // rank; this rank's rows past its tokens are padding slots (ids −1: no expert, zero output).
+    // Decode graphs are kept per count. Throws Error without an exchange or past max_batch_tokens.
+    void set_exchange_rows(int64_t rows);
 
     // The same step, drawing one token per chunk on the GPU from its last logits (mask_logits then
     // sample_rows, cuda/sampler.h): only ids and logprobs come back. spec: one per chunk.

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -16,6 +17,7 @@
 #include "cuda/moe_dispatch.h"
 #include "dist/nccl/exchange.h"
 #include "io/formats.h"
+#include "ref/ops.h"
 
 namespace megamoe::dist {
 namespace {
@@ -42,15 +44,18 @@ Inputs make_inputs(uint32_t seed) {
     return in;
 }
 
-// y[t] = shared[t] + Σ_s pair[t, s] over the routed slots, slot order from 0 (ops::moe's order).
-std::vector<float> expected(const Inputs& in) {
-    std::vector<float> y(static_cast<size_t>(T_pad * D));
-    for (int64_t t = 0; t < T_pad; ++t)
+// y[t] = shared[t] + Σ_s pair[t, s] over the routed slots, slot order from 0 (ops::moe's order);
+// official: each pair and shared rounded to bf16 before the adds, y after them (ops::moe's official
+// combine). The first `rows` tokens.
+std::vector<float> expected(const Inputs& in, bool official = false, int64_t rows = T_pad) {
+    const auto r = [official](float v) { return official ? ops::bf16_round(v) : v; };
+    std::vector<float> y(static_cast<size_t>(rows * D));
+    for (int64_t t = 0; t < rows; ++t)
         for (int64_t d = 0; d < D; ++d) {
             float acc = 0;
             for (int64_t s = 0; s < k; ++s)
-                if (in.ids[static_cast<size_t>(t * k + s)] >= 0) acc += in.pair[static_cast<size_t>((t * k + s) * D + d)];
-            y[static_cast<size_t>(t * D + d)] = in.shared[static_cast<size_t>(t * D + d)] + acc;
+                if (in.ids[static_cast<size_t>(t * k + s)] >= 0) acc += r(in.pair[static_cast<size_t>((t * k + s) * D + d)]);
+            y[static_cast<size_t>(t * D + d)] = r(r(in.shared[static_cast<size_t>(t * D + d)]) + acc);
         }
     return y;
 }
@@ -98,30 +103,75 @@ TEST(DistNccl, GatherScatterWorldOfOne) {
     const ExpertPartition p = ExpertPartition::contiguous(E, 1);
     const Inputs in = make_inputs(1);
     const GatherPlan plan = plan_gather_scatter(p, {{in.ids.data(), T_pad}}, k);
-    for (Combine combine : {Combine::slot_rows, Combine::partial_sums}) {
-        GatherScatterExchange ex(comms[0], p, T_pad, k, D, combine);
+    for (Combine combine : {Combine::slot_rows, Combine::partial_sums})
+        for (bool official : {false, true}) {
+            GatherScatterExchange ex(comms[0], p, T_pad, k, D, combine);
+            EXPECT_EQ(ex.held(0), p.held[0]);
+            EXPECT_EQ(ex.max_rows(), T_pad);
+            Stream st;
+            cuda::DeviceArray<uint16_t> x(in.x);
+            cuda::DeviceArray<int32_t> ids(in.ids);
+            cuda::DeviceArray<float> wts(in.wts), shared(in.shared), y(static_cast<size_t>(T_pad * D));
+            ex.dispatch(0, x.data(), ids.data(), wts.data(), T_pad, st.get());
+            ASSERT_EQ(ex.rows(), T_pad);
+            Route route(ex.rows(), ex.skip() + 1);
+            route.run(ex.local_in(), ex.rows(), ex.skip() + 1, st.get());
+            st.sync();
+            EXPECT_EQ(ex.x_all.download(), in.x);
+            EXPECT_EQ(ex.wts_all.download(), in.wts);
+            std::vector<int32_t> want_local = plan.local[0];
+            for (int32_t& l : want_local) l = l < 0 ? ex.skip() : l;
+            EXPECT_EQ(ex.local.download(), want_local);
+            const std::vector<int32_t> offsets = route.offsets.download();
+            cuda::DeviceArray<float> rows(
+                rows_in_expert_order(route.perm.download(), offsets[static_cast<size_t>(ex.skip())], in.pair));
+            ex.give_back(rows.data(), route.inv.data(), official, st.get());
+            ex.combine(shared.data(), ids.data(), y.data(), official, st.get());
+            st.sync();
+            comms[0].check();
+            const std::vector<float> got = y.download(), want = expected(in, official);
+            EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.size() * sizeof(float)))
+                << combine_name(combine) << (official ? ", official" : ", exact");
+        }
+}
+
+// A call of fewer tokens than the exchange holds moves and combines just those (the rows of a
+// decode bucket smaller than the prefill the buffers are sized for), in a later layer's partition.
+TEST(DistNccl, CallsOfFewerTokensAndAnotherLayer) {
+    SKIP_WITHOUT_GPU();
+    std::vector<Communicator> comms = Communicator::create_local({0});
+    const std::vector<ExpertPartition> layers{ExpertPartition::contiguous(E, 1), ExpertPartition::contiguous(E, 1)};
+    const Inputs in = make_inputs(5);
+    constexpr int64_t Tc = 3;
+    GatherScatterExchange gs(comms[0], layers, T_pad, k, D, Combine::slot_rows);
+    AllToAllExchange a2a(comms[0], layers, T_pad, k, D);
+    for (ExpertExchange* ex : {static_cast<ExpertExchange*>(&gs), static_cast<ExpertExchange*>(&a2a)}) {
+        EXPECT_EQ(ex->layers(), 2);
         Stream st;
         cuda::DeviceArray<uint16_t> x(in.x);
         cuda::DeviceArray<int32_t> ids(in.ids);
         cuda::DeviceArray<float> wts(in.wts), shared(in.shared), y(static_cast<size_t>(T_pad * D));
-        ex.gather(x.data(), ids.data(), wts.data(), st.get());
-        Route route(ex.rows(), ex.skip() + 1);
-        route.run(ex.local.data(), ex.rows(), ex.skip() + 1, st.get());
+        y.fill(0);
+        ex->dispatch(1, x.data(), ids.data(), wts.data(), Tc, st.get());
+        ASSERT_EQ(ex->rows(), Tc);
+        Route route(ex->rows(), ex->skip() + 1);
+        route.run(ex->local_in(), ex->rows(), ex->skip() + 1, st.get());
         st.sync();
-        EXPECT_EQ(ex.x_all.download(), in.x);
-        EXPECT_EQ(ex.wts_all.download(), in.wts);
-        std::vector<int32_t> want_local = plan.local[0];
-        for (int32_t& l : want_local) l = l < 0 ? ex.skip() : l;
-        EXPECT_EQ(ex.local.download(), want_local);
+        // Received row j is token j here (a world of one, every token has a slot on rank 0).
+        std::vector<int32_t> src_pair(static_cast<size_t>(Tc * k));
+        std::iota(src_pair.begin(), src_pair.end(), 0);
         const std::vector<int32_t> offsets = route.offsets.download();
-        cuda::DeviceArray<float> rows(rows_in_expert_order(route.perm.download(), offsets[static_cast<size_t>(ex.skip())], in.pair));
-        ex.place(rows.data(), route.inv.data(), st.get());
-        ex.scatter(st.get());
-        ex.combine(shared.data(), ids.data(), y.data(), st.get());
+        cuda::DeviceArray<float> rows(
+            rows_in_expert_order(route.perm.download(), offsets[static_cast<size_t>(ex->skip())], in.pair, &src_pair));
+        ex->give_back(rows.data(), route.inv.data(), false, st.get());
+        ex->combine(shared.data(), ids.data(), y.data(), false, st.get());
         st.sync();
         comms[0].check();
-        const std::vector<float> got = y.download(), want = expected(in);
-        EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.size() * sizeof(float))) << combine_name(combine);
+        const std::vector<float> got = y.download(), want = expected(in, false, Tc);
+        EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.size() * sizeof(float)));
+        for (size_t i = want.size(); i < got.size(); ++i) ASSERT_EQ(got[i], 0.0f) << "row past the call's tokens";
+        EXPECT_THROW(ex->dispatch(2, x.data(), ids.data(), wts.data(), Tc, st.get()), Error);
+        EXPECT_THROW(ex->dispatch(0, x.data(), ids.data(), wts.data(), T_pad + 1, st.get()), Error);
     }
 }
 
@@ -136,7 +186,7 @@ TEST(DistNccl, AllToAllWorldOfOne) {
     cuda::DeviceArray<uint16_t> x(in.x);
     cuda::DeviceArray<int32_t> ids(in.ids);
     cuda::DeviceArray<float> wts(in.wts), shared(in.shared), y(static_cast<size_t>(T_pad * D));
-    ex.dispatch(x.data(), ids.data(), wts.data(), T_pad, st.get());
+    ex.dispatch(0, x.data(), ids.data(), wts.data(), T_pad, st.get());
     st.sync();
     // What arrived is plan_all_to_all's block 0 → 0, at row 0 of the receive buffer.
     const int64_t n = plan.send_count[0];
@@ -154,17 +204,17 @@ TEST(DistNccl, AllToAllWorldOfOne) {
         EXPECT_EQ(0, std::memcmp(rx.data() + j * D, in.x.data() + t * D, D * sizeof(uint16_t)));
     }
     // The experts' rows: received row j slot s is pair (send_token[j], s).
-    Route route(ex.recv_rows(), ex.skip() + 1);
-    route.run(ex.recv_local.data(), ex.recv_rows(), ex.skip() + 1, st.get());
+    Route route(ex.rows(), ex.skip() + 1);
+    route.run(ex.local_in(), ex.rows(), ex.skip() + 1, st.get());
     st.sync();
-    std::vector<int32_t> src_pair(static_cast<size_t>(ex.recv_rows() * k), 0);
+    std::vector<int32_t> src_pair(static_cast<size_t>(ex.rows() * k), 0);
     for (int64_t j = 0; j < n; ++j)
         for (int64_t s = 0; s < k; ++s) src_pair[static_cast<size_t>(j * k + s)] = tok[static_cast<size_t>(j)] * k + static_cast<int32_t>(s);
     const std::vector<int32_t> offsets = route.offsets.download();
     cuda::DeviceArray<float> rows(
         rows_in_expert_order(route.perm.download(), offsets[static_cast<size_t>(ex.skip())], in.pair, &src_pair));
-    ex.give_back(rows.data(), route.inv.data(), st.get());
-    ex.combine(shared.data(), y.data(), T_pad, st.get());
+    ex.give_back(rows.data(), route.inv.data(), false, st.get());
+    ex.combine(shared.data(), ids.data(), y.data(), false, st.get());
     st.sync();
     comms[0].check();
     const std::vector<float> got = y.download(), want = expected(in);
@@ -183,13 +233,12 @@ TEST(DistNccl, GatherScatterCapturesIntoAGraph) {
     cuda::DeviceArray<int32_t> ids(in.ids);
     cuda::DeviceArray<float> wts(in.wts), shared(in.shared), y(static_cast<size_t>(T_pad * D));
     cuda::DeviceArray<float> rows(std::vector<float>(in.pair.begin(), in.pair.end()));   // any f32 rows
-    Route route(ex.rows(), ex.skip() + 1);
+    Route route(T_pad, ex.skip() + 1);   // a world of one gathers T_pad rows
     auto step = [&] {
-        ex.gather(x.data(), ids.data(), wts.data(), st.get());
-        route.run(ex.local.data(), ex.rows(), ex.skip() + 1, st.get());
-        ex.place(rows.data(), route.inv.data(), st.get());
-        ex.scatter(st.get());
-        ex.combine(shared.data(), ids.data(), y.data(), st.get());
+        ex.dispatch(0, x.data(), ids.data(), wts.data(), T_pad, st.get());
+        route.run(ex.local_in(), ex.rows(), ex.skip() + 1, st.get());
+        ex.give_back(rows.data(), route.inv.data(), false, st.get());
+        ex.combine(shared.data(), ids.data(), y.data(), false, st.get());
     };
     step();
     st.sync();

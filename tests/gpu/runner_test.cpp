@@ -26,6 +26,9 @@
 #include "cuda/kv_row.h"
 #include "dist/load.h"
 #include "dist/partition.h"
+#if defined(MEGAMOE_HAVE_NCCL)
+#include "dist/nccl/exchange.h"
+#endif
 #include "gpu/device_model.h"
 #include "cuda/linear.h"
 #include "gpu/backend.h"
@@ -1123,6 +1126,107 @@ TEST_P(GpuRunner, GraphReplayEqualsEager) {
     EXPECT_EQ(rg.graph_replays(), 23 + 5);
     EXPECT_EQ(re.graph_replays(), 0);
 }
+#if defined(MEGAMOE_HAVE_NCCL)
+// Expert parallelism through the runner's hook (issue 13), in a world of one GPU: the exchange
+// (all-gather + reduce-scatter with slot rows or partial sums, and all-to-all) moves every token to
+// rank 0, the routed-expert layer runs over what arrived with the skip bucket, and the combine
+// adds the rows in slot order, so the logits equal the single-GPU runner's bit for bit: a prefill
+// of two sequences (eager, every logit row) and decode steps replayed from a CUDA graph, in exact
+// and official numerics, also when every exchange call moves padding rows past the rank's tokens
+// (set_exchange_rows: what a rank with fewer tokens than its peers does). (Both runners take moe_layer_routed: the small-T path is off, since the
+// EP path never takes it.) A world of N > 1 needs a multi-GPU machine.
+TEST_P(GpuRunner, ExpertParallelWorldOfOneEqualsOneGpu) {
+    const ModelConfig& cfg = c->model->cfg;
+    std::vector<dist::Communicator> comms = dist::Communicator::create_local({0});
+    const dist::ModelPartition mp = dist::partition_model(cfg, &c->model->w, 1, dist::PartitionKind::contiguous);
+    const int64_t k = cfg.num_experts_per_tok, D = cfg.hidden_size;
+    for (Numerics nm : {Numerics::exact, Numerics::official}) {
+        gpu::RunnerOptions o = small_options();
+        o.numerics = nm;
+        o.moe_small = false;
+        // Two sequences: a prefill of 20 tokens each, then 8 decode steps of both.
+        auto run = [&](gpu::Runner& r) {
+            std::vector<std::vector<float>> out;
+            std::vector<int32_t> slots;
+            for (int i = 0; i < 2; ++i) {
+                slots.push_back(r.open());
+                EXPECT_TRUE(r.reserve(slots.back(), 64));
+            }
+            std::vector<gpu::RunnerChunk> pre;
+            for (int i = 0; i < 2; ++i)
+                pre.push_back({slots[static_cast<size_t>(i)],
+                               std::vector<int32_t>(c->input_ids.begin() + 3 * i, c->input_ids.begin() + 3 * i + 20)});
+            out.emplace_back();
+            r.step(pre, true, out.back());
+            for (int step = 0; step < 8; ++step) {
+                std::vector<gpu::RunnerChunk> dec;
+                for (int i = 0; i < 2; ++i)
+                    dec.push_back({slots[static_cast<size_t>(i)], {c->input_ids[static_cast<size_t>(30 + 5 * i + step)]}});
+                out.emplace_back();
+                r.step(dec, false, out.back());
+            }
+            return out;
+        };
+        std::vector<std::vector<float>> want;
+        {
+            gpu::Runner base(*c->model, o);
+            want = run(base);
+        }
+        std::vector<std::pair<std::string, std::unique_ptr<dist::ExpertExchange>>> exchanges;
+        exchanges.emplace_back("all-gather + reduce-scatter, slot rows",
+                               std::make_unique<dist::GatherScatterExchange>(comms[0], mp.layers, o.max_batch_tokens, k, D,
+                                                                             dist::Combine::slot_rows));
+        exchanges.emplace_back("all-gather + reduce-scatter, partial sums",
+                               std::make_unique<dist::GatherScatterExchange>(comms[0], mp.layers, o.max_batch_tokens, k, D,
+                                                                             dist::Combine::partial_sums));
+        exchanges.emplace_back("all-to-all", std::make_unique<dist::AllToAllExchange>(comms[0], mp.layers,
+                                                                                      o.max_batch_tokens, k, D));
+        for (auto& [name, ex] : exchanges)
+            // 48: every step moves padding rows past its tokens (ids −1). (Not more: the expert
+            // layer's tile follows the rows it is given, and up to 48 rows · k = 4 over E = 16 it is
+            // the tile of the unpadded steps, mma_128x8, whose sums are the same bits.)
+            for (int64_t rows : {0, 48}) {
+                SCOPED_TRACE(name + (nm == Numerics::official ? ", official" : ", exact") +
+                             ", exchange rows " + std::to_string(rows));
+                gpu::RunnerOptions oe = o;
+                oe.exchange = ex.get();
+                gpu::Runner r(*c->model, oe);
+                EXPECT_EQ(r.plan().ep_world, 1);
+                r.set_exchange_rows(rows);
+                const std::vector<std::vector<float>> got = run(r);
+                ASSERT_EQ(got.size(), want.size());
+                for (size_t i = 0; i < got.size(); ++i) {
+                    ASSERT_EQ(got[i].size(), want[i].size()) << "step " << i;
+                    EXPECT_EQ(0, std::memcmp(got[i].data(), want[i].data(), want[i].size() * 4)) << "step " << i;
+                }
+                EXPECT_EQ(r.graphs_captured(), 1);
+                EXPECT_EQ(r.graph_replays(), 7);
+                comms[0].check();
+            }
+    }
+    // Refusals, before anything is uploaded: an exchange that carries fewer tokens than a step may
+    // hold, and one partitioned for another layer count; exchange rows past the step size or
+    // without an exchange.
+    gpu::RunnerOptions o = small_options();
+    {
+        gpu::Runner plain(*c->model, o);
+        test::expect_error([&] { plain.set_exchange_rows(8); }, {"set_exchange_rows", "without an expert exchange"});
+        dist::GatherScatterExchange ex(comms[0], mp.layers, o.max_batch_tokens, k, D, dist::Combine::slot_rows);
+        gpu::RunnerOptions oe = o;
+        oe.exchange = &ex;
+        gpu::Runner r(*c->model, oe);
+        test::expect_error([&] { r.set_exchange_rows(257); }, {"257 exchange rows", "--max-batch-tokens 256"});
+    }
+    dist::GatherScatterExchange few(comms[0], mp.layers, o.max_batch_tokens - 1, k, D, dist::Combine::slot_rows);
+    o.exchange = &few;
+    test::expect_error([&] { gpu::Runner r(*c->model, o); }, {"carries 255 tokens per call"});
+    std::vector<dist::ExpertPartition> short_layers(mp.layers.begin(), mp.layers.end() - 1);
+    dist::GatherScatterExchange short_ex(comms[0], short_layers, o.max_batch_tokens, k, D, dist::Combine::slot_rows);
+    o.exchange = &short_ex;
+    test::expect_error([&] { gpu::Runner r(*c->model, o); }, {"num_hidden_layers"});
+}
+#endif
+
 // Decode steps of ≥ cuda::kLtMinM sequences in official numerics put cuBLASLt's FP8 GEMM inside the
 // captured graph (and ≥ cuda::kLtBf16MinM in exact numerics its BF16 GEMM): replay equals eager bit
 // for bit there too. 32 sequences (official) and 256 (exact), a prefill of 3 tokens each, then

@@ -11,6 +11,7 @@
 
 #include "core/common.h"
 #include "cuda/linear.h"   // CUDA_CHECK
+#include "cuda/numerics.cuh"
 
 namespace megamoe::dist {
 
@@ -34,8 +35,9 @@ __global__ void map_local_kernel(const int32_t* ids, const int32_t* owned, int64
 }
 
 // Per row g and column d: slot_rows writes k values, partial_sums one sum (slot order from 0).
+// official: each value rounded to bf16 first (ops::moe's official combine sums bf16 rows).
 __global__ void place_kernel(const float* rows, const int32_t* inv, const int32_t* local, int64_t R, int32_t k,
-                             int64_t D, int32_t skip, bool slot_rows, float* out) {
+                             int64_t D, int32_t skip, bool slot_rows, bool official, float* out) {
     const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
     if (i >= R * D) return;
     const int64_t g = i / D, d = i % D;
@@ -43,7 +45,8 @@ __global__ void place_kernel(const float* rows, const int32_t* inv, const int32_
     for (int32_t s = 0; s < k; ++s) {
         const int64_t slot = g * k + s;
         const bool here = local[slot] != skip;
-        const float v = here ? rows[static_cast<int64_t>(inv[slot]) * D + d] : 0.0f;
+        float v = here ? rows[static_cast<int64_t>(inv[slot]) * D + d] : 0.0f;
+        if (official) v = cuda::nm::bf16_round(v);
         if (slot_rows)
             out[slot * D + d] = v;
         else if (here)
@@ -52,9 +55,10 @@ __global__ void place_kernel(const float* rows, const int32_t* inv, const int32_
     if (!slot_rows) out[g * D + d] = sum;
 }
 
-// y[t, d] = shared + Σ_s home[t, s, d] (ids ≥ 0) or shared + home[t, d].
+// y[t, d] = shared + Σ_s home[t, s, d] (ids ≥ 0) or shared + home[t, d]. official: shared rounded
+// to bf16 before the add, the result after it (the slot values were rounded by place_kernel).
 __global__ void combine_gs_kernel(const float* home, const int32_t* ids, const float* shared, int64_t T, int32_t k,
-                                  int64_t D, bool slot_rows, float* y) {
+                                  int64_t D, bool slot_rows, bool official, float* y) {
     const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
     if (i >= T * D) return;
     const int64_t t = i / D, d = i % D;
@@ -65,13 +69,14 @@ __global__ void combine_gs_kernel(const float* home, const int32_t* ids, const f
     } else {
         sum = __fadd_rn(sum, home[i]);
     }
-    y[i] = shared ? __fadd_rn(shared[i], sum) : sum;
+    if (shared) sum = __fadd_rn(official ? cuda::nm::bf16_round(shared[i]) : shared[i], sum);
+    y[i] = official ? cuda::nm::bf16_round(sum) : sum;
 }
 
-// One block per destination q: the tokens with ≥ 1 slot on q, ascending (a block-wide scan per
+// One block per destination q (its send rows at q·blk): the tokens with ≥ 1 slot on q, ascending (a block-wide scan per
 // chunk of kThreads tokens), their metadata, the count, and row_of[t, q].
 __global__ void pack_meta_kernel(const int32_t* ids, const float* wts, const int32_t* owner, const int32_t* local_of,
-                                 int64_t T, int32_t k, int32_t E, int64_t cap, int32_t N, int32_t* send_token,
+                                 int64_t T, int32_t k, int32_t E, int64_t blk, int32_t N, int32_t* send_token,
                                  int32_t* send_local, float* send_wts, int32_t* send_count, int32_t* row_of) {
     using Scan = cub::BlockScan<int, kThreads>;
     __shared__ typename Scan::TempStorage tmp;
@@ -93,7 +98,7 @@ __global__ void pack_meta_kernel(const int32_t* ids, const float* wts, const int
             const int32_t row = flag ? base + pos : -1;
             row_of[t * N + q] = row;
             if (flag) {
-                const int64_t j = static_cast<int64_t>(q) * cap + row;
+                const int64_t j = static_cast<int64_t>(q) * blk + row;
                 send_token[j] = static_cast<int32_t>(t);
                 for (int32_t s = 0; s < k; ++s) {
                     const int32_t e = ids[t * k + s];
@@ -107,11 +112,11 @@ __global__ void pack_meta_kernel(const int32_t* ids, const float* wts, const int
         __syncthreads();
     }
     // Rows past the count: no token, no slot (deterministic contents for the fixed-size send).
-    for (int64_t j = base + threadIdx.x; j < cap; j += kThreads) {
-        send_token[static_cast<int64_t>(q) * cap + j] = -1;
+    for (int64_t j = base + threadIdx.x; j < blk; j += kThreads) {
+        send_token[static_cast<int64_t>(q) * blk + j] = -1;
         for (int32_t s = 0; s < k; ++s) {
-            send_local[(static_cast<int64_t>(q) * cap + j) * k + s] = -1;
-            send_wts[(static_cast<int64_t>(q) * cap + j) * k + s] = 0.0f;
+            send_local[(static_cast<int64_t>(q) * blk + j) * k + s] = -1;
+            send_wts[(static_cast<int64_t>(q) * blk + j) * k + s] = 0.0f;
         }
     }
     if (threadIdx.x == 0) send_count[q] = base;
@@ -127,110 +132,157 @@ __global__ void pack_rows_kernel(const uint16_t* x, const int32_t* send_token, i
 }
 
 // recv_local = meta (−1 → skip), and skip for rows past their block's count.
-__global__ void mask_received_kernel(const int32_t* meta, const int32_t* count, int64_t cap, int32_t k, int32_t N,
+__global__ void mask_received_kernel(const int32_t* meta, const int32_t* count, int64_t blk, int32_t k, int32_t N,
                                      int32_t skip, int32_t* local) {
     const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-    if (i >= static_cast<int64_t>(N) * cap * k) return;
-    const int64_t j = i / k, r = j / cap, row = j % cap;
+    if (i >= static_cast<int64_t>(N) * blk * k) return;
+    const int64_t j = i / k, r = j / blk, row = j % blk;
     const int32_t l = row < count[r] ? meta[i] : -1;
     local[i] = l >= 0 ? l : skip;
 }
 
-// y[t] = shared + Σ_q back[q, row_of[t, q]] (ascending q, from 0).
+// y[t] = shared + Σ_q back[q, row_of[t, q]] (ascending q, from 0); official: as combine_gs_kernel.
 __global__ void combine_a2a_kernel(const float* back, const int32_t* row_of, const float* shared, int64_t T, int32_t N,
-                                   int64_t cap, int64_t D, float* y) {
+                                   int64_t blk, int64_t D, bool official, float* y) {
     const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
     if (i >= T * D) return;
     const int64_t t = i / D, d = i % D;
     float sum = 0.0f;
     for (int32_t q = 0; q < N; ++q) {
         const int32_t j = row_of[t * N + q];
-        if (j >= 0) sum = __fadd_rn(sum, back[(static_cast<int64_t>(q) * cap + j) * D + d]);
+        if (j >= 0) sum = __fadd_rn(sum, back[(static_cast<int64_t>(q) * blk + j) * D + d]);
     }
-    y[i] = shared ? __fadd_rn(shared[i], sum) : sum;
+    if (shared) sum = __fadd_rn(official ? cuda::nm::bf16_round(shared[i]) : shared[i], sum);
+    y[i] = official ? cuda::nm::bf16_round(sum) : sum;
 }
 
-void check_partition(const Communicator& comm, const ExpertPartition& p, int64_t k, int64_t D) {
+// Checks the partitions against the communicator and each other; returns held[rank] per layer.
+std::vector<std::vector<int32_t>> check_partitions(const Communicator& comm, const std::vector<ExpertPartition>& layers,
+                                                   int64_t k, int64_t D) {
     if (!comm.get()) throw Error("MoE exchange: the communicator is empty");
-    if (p.world != comm.world())
-        throw Error("MoE exchange: the expert partition is for " + std::to_string(p.world) + " GPUs, the NCCL world has " +
-                    std::to_string(comm.world()));
+    if (layers.empty()) throw Error("MoE exchange: no expert partition (one per main MoE layer)");
     if (k < 1 || D < 1)
         throw Error("MoE exchange: num_experts_per_tok (" + std::to_string(k) + ") and hidden_size (" + std::to_string(D) +
                     ") must be positive");
+    std::vector<std::vector<int32_t>> held;
+    for (size_t l = 0; l < layers.size(); ++l) {
+        const ExpertPartition& p = layers[l];
+        if (p.world != comm.world())
+            throw Error("MoE exchange: the expert partition of layer " + std::to_string(l) + " is for " +
+                        std::to_string(p.world) + " GPUs, the NCCL world has " + std::to_string(comm.world()));
+        if (p.experts != layers[0].experts || p.experts < 1 ||
+            p.owner.size() != static_cast<size_t>(p.experts) || p.local.size() != static_cast<size_t>(p.experts) ||
+            p.held.size() != static_cast<size_t>(p.world))
+            throw Error("MoE exchange: the expert partition of layer " + std::to_string(l) + " is malformed (" +
+                        std::to_string(p.experts) + " experts, layer 0 has " + std::to_string(layers[0].experts) + ")");
+        held.push_back(p.held[static_cast<size_t>(comm.rank())]);
+    }
+    return held;
+}
+
+void check_layer(int64_t layer, size_t layers) {
+    if (layer < 0 || layer >= static_cast<int64_t>(layers))
+        throw Error("MoE exchange: layer " + std::to_string(layer) + " outside the " + std::to_string(layers) +
+                    " partitioned layers");
+}
+
+void check_tokens(int64_t T, int64_t max) {
+    if (T < 0 || T > max)
+        throw Error("MoE exchange: " + std::to_string(T) + " tokens in one call, the exchange holds " +
+                    std::to_string(max));
 }
 
 }  // namespace
 
 // ---- all-gather + reduce-scatter
 
-GatherScatterExchange::GatherScatterExchange(const Communicator& comm, const ExpertPartition& p, int64_t T_pad, int64_t k,
-                                             int64_t D, Combine combine)
-    : comm_(comm.get()), world_(comm.world()), rank_(comm.rank()), per_rank_(p.per_rank()), T_pad_(T_pad), k_(k), D_(D),
-      E_(p.experts), combine_(combine) {
-    check_partition(comm, p, k, D);
-    if (T_pad < 1) throw Error("MoE exchange: T_pad must be at least 1, got " + std::to_string(T_pad));
-    const int64_t R = rows();
+GatherScatterExchange::GatherScatterExchange(const Communicator& comm, const std::vector<ExpertPartition>& layers,
+                                             int64_t T_max, int64_t k, int64_t D, Combine combine)
+    : comm_(comm.get()), world_(comm.world()), rank_(comm.rank()), T_max_(T_max), k_(k), D_(D), combine_(combine) {
+    held_ = check_partitions(comm, layers, k, D);
+    per_rank_ = layers[0].per_rank();
+    E_ = layers[0].experts;
+    if (T_max < 1) throw Error("MoE exchange: T_max must be at least 1, got " + std::to_string(T_max));
+    const int64_t R = max_rows();
     x_all = cuda::DeviceArray<uint16_t>(static_cast<size_t>(R * D), "exchange x_all");
     ids_all = cuda::DeviceArray<int32_t>(static_cast<size_t>(R * k), "exchange ids_all");
     wts_all = cuda::DeviceArray<float>(static_cast<size_t>(R * k), "exchange wts_all");
     local = cuda::DeviceArray<int32_t>(static_cast<size_t>(R * k), "exchange local");
-    std::vector<int32_t> own(static_cast<size_t>(E_), -1);
-    for (int32_t e = 0; e < p.experts; ++e)
-        if (p.owner[static_cast<size_t>(e)] == rank_) own[static_cast<size_t>(e)] = p.local[static_cast<size_t>(e)];
+    std::vector<int32_t> own(layers.size() * static_cast<size_t>(E_), -1);
+    for (size_t l = 0; l < layers.size(); ++l)
+        for (int32_t e = 0; e < E_; ++e)
+            if (layers[l].owner[static_cast<size_t>(e)] == rank_)
+                own[l * static_cast<size_t>(E_) + static_cast<size_t>(e)] = layers[l].local[static_cast<size_t>(e)];
     owned = cuda::DeviceArray<int32_t>(own, "exchange owned");
     out = cuda::DeviceArray<float>(static_cast<size_t>(R * width()), "exchange out");
-    home = cuda::DeviceArray<float>(static_cast<size_t>(T_pad * width()), "exchange home");
+    home = cuda::DeviceArray<float>(static_cast<size_t>(T_max * width()), "exchange home");
 }
 
-void GatherScatterExchange::gather(const uint16_t* x, const int32_t* ids, const float* wts, CUstream_st* stream) {
+const std::vector<int32_t>& GatherScatterExchange::held(int64_t layer) const {
+    check_layer(layer, held_.size());
+    return held_[static_cast<size_t>(layer)];
+}
+
+void GatherScatterExchange::dispatch(int64_t layer, const uint16_t* x, const int32_t* ids, const float* wts, int64_t T,
+                                     CUstream_st* stream) {
+    check_layer(layer, held_.size());
+    check_tokens(T, T_max_);
+    T_ = T;
+    if (T == 0) return;
     nccl_check(ncclGroupStart(), "ncclGroupStart");
-    nccl_check(ncclAllGather(x, x_all.data(), static_cast<size_t>(T_pad_ * D_) * 2, ncclUint8, nc(comm_), cs(stream)),
+    nccl_check(ncclAllGather(x, x_all.data(), static_cast<size_t>(T * D_) * 2, ncclUint8, nc(comm_), cs(stream)),
                "ncclAllGather x");
-    nccl_check(ncclAllGather(ids, ids_all.data(), static_cast<size_t>(T_pad_ * k_), ncclInt32, nc(comm_), cs(stream)),
+    nccl_check(ncclAllGather(ids, ids_all.data(), static_cast<size_t>(T * k_), ncclInt32, nc(comm_), cs(stream)),
                "ncclAllGather ids");
-    nccl_check(ncclAllGather(wts, wts_all.data(), static_cast<size_t>(T_pad_ * k_), ncclFloat32, nc(comm_), cs(stream)),
+    nccl_check(ncclAllGather(wts, wts_all.data(), static_cast<size_t>(T * k_), ncclFloat32, nc(comm_), cs(stream)),
                "ncclAllGather weights");
     nccl_check(ncclGroupEnd(), "ncclGroupEnd (all-gather)");
     const int64_t n = rows() * k_;
-    map_local_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(ids_all.data(), owned.data(), n,
+    map_local_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(ids_all.data(), owned.data() + layer * E_, n,
                                                                  static_cast<int32_t>(E_), per_rank_, local.data());
     CUDA_CHECK(cudaGetLastError());
 }
 
-void GatherScatterExchange::place(const float* expert_rows, const int32_t* inv, CUstream_st* stream) {
+void GatherScatterExchange::give_back(const float* expert_rows, const int32_t* inv, bool official, CUstream_st* stream) {
+    if (T_ == 0) return;
     const int64_t n = rows() * D_;
-    place_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(expert_rows, inv, local.data(), this->rows(),
+    place_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(expert_rows, inv, local.data(), rows(),
                                                              static_cast<int32_t>(k_), D_, per_rank_,
-                                                             combine_ == Combine::slot_rows, out.data());
+                                                             combine_ == Combine::slot_rows, official, out.data());
     CUDA_CHECK(cudaGetLastError());
-}
-
-void GatherScatterExchange::scatter(CUstream_st* stream) {
-    nccl_check(ncclReduceScatter(out.data(), home.data(), static_cast<size_t>(T_pad_ * width()), ncclFloat32, ncclSum,
+    nccl_check(ncclReduceScatter(out.data(), home.data(), static_cast<size_t>(T_ * width()), ncclFloat32, ncclSum,
                                  nc(comm_), cs(stream)),
                "ncclReduceScatter");
 }
 
-void GatherScatterExchange::combine(const float* shared, const int32_t* ids, float* y, CUstream_st* stream) const {
-    const int64_t n = T_pad_ * D_;
-    combine_gs_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(home.data(), ids, shared, T_pad_,
+void GatherScatterExchange::combine(const float* shared, const int32_t* ids, float* y, bool official,
+                                    CUstream_st* stream) {
+    if (T_ == 0) return;
+    const int64_t n = T_ * D_;
+    combine_gs_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(home.data(), ids, shared, T_,
                                                                   static_cast<int32_t>(k_), D_,
-                                                                  combine_ == Combine::slot_rows, y);
+                                                                  combine_ == Combine::slot_rows, official, y);
     CUDA_CHECK(cudaGetLastError());
 }
 
 // ---- all-to-all
 
-AllToAllExchange::AllToAllExchange(const Communicator& comm, const ExpertPartition& p, int64_t cap, int64_t k, int64_t D)
-    : comm_(comm.get()), world_(comm.world()), rank_(comm.rank()), per_rank_(p.per_rank()), cap_(cap), k_(k), D_(D),
-      E_(p.experts) {
-    check_partition(comm, p, k, D);
+AllToAllExchange::AllToAllExchange(const Communicator& comm, const std::vector<ExpertPartition>& layers, int64_t cap,
+                                   int64_t k, int64_t D)
+    : comm_(comm.get()), world_(comm.world()), rank_(comm.rank()), cap_(cap), k_(k), D_(D) {
+    held_ = check_partitions(comm, layers, k, D);
+    per_rank_ = layers[0].per_rank();
+    E_ = layers[0].experts;
     if (cap < 1) throw Error("MoE exchange: the per-peer capacity must be at least 1, got " + std::to_string(cap));
     const size_t N = static_cast<size_t>(world_), C = static_cast<size_t>(cap), K = static_cast<size_t>(k),
                  Dz = static_cast<size_t>(D);
-    owner = cuda::DeviceArray<int32_t>(p.owner, "exchange owner");
-    local_of = cuda::DeviceArray<int32_t>(p.local, "exchange local_of");
+    std::vector<int32_t> own, loc;
+    for (const ExpertPartition& p : layers) {
+        own.insert(own.end(), p.owner.begin(), p.owner.end());
+        loc.insert(loc.end(), p.local.begin(), p.local.end());
+    }
+    owner = cuda::DeviceArray<int32_t>(own, "exchange owner");
+    local_of = cuda::DeviceArray<int32_t>(loc, "exchange local_of");
     send_x = cuda::DeviceArray<uint16_t>(N * C * Dz, "exchange send_x");
     send_local = cuda::DeviceArray<int32_t>(N * C * K, "exchange send_local");
     send_wts = cuda::DeviceArray<float>(N * C * K, "exchange send_wts");
@@ -246,21 +298,29 @@ AllToAllExchange::AllToAllExchange(const Communicator& comm, const ExpertPartiti
     back = cuda::DeviceArray<float>(N * C * Dz, "exchange back");
 }
 
-void AllToAllExchange::dispatch(const uint16_t* x, const int32_t* ids, const float* wts, int64_t T, CUstream_st* stream) {
-    if (T < 0 || T > cap_)
-        throw Error("MoE exchange: " + std::to_string(T) + " tokens for a per-peer capacity of " + std::to_string(cap_));
-    pack_meta_kernel<<<world_, kThreads, 0, cs(stream)>>>(ids, wts, owner.data(), local_of.data(), T,
-                                                          static_cast<int32_t>(k_), static_cast<int32_t>(E_), cap_, world_,
-                                                          send_token.data(), send_local.data(), send_wts.data(),
+const std::vector<int32_t>& AllToAllExchange::held(int64_t layer) const {
+    check_layer(layer, held_.size());
+    return held_[static_cast<size_t>(layer)];
+}
+
+void AllToAllExchange::dispatch(int64_t layer, const uint16_t* x, const int32_t* ids, const float* wts, int64_t T,
+                                CUstream_st* stream) {
+    check_layer(layer, held_.size());
+    check_tokens(T, cap_);
+    T_ = T;
+    if (T == 0) return;
+    pack_meta_kernel<<<world_, kThreads, 0, cs(stream)>>>(ids, wts, owner.data() + layer * E_, local_of.data() + layer * E_,
+                                                          T, static_cast<int32_t>(k_), static_cast<int32_t>(E_), T,
+                                                          world_, send_token.data(), send_local.data(), send_wts.data(),
                                                           send_count.data(), row_of.data());
     CUDA_CHECK(cudaGetLastError());
-    const int64_t rows = world_ * cap_;
+    const int64_t rows = world_ * T;
     pack_rows_kernel<<<blocks_for(rows * D_), kThreads, 0, cs(stream)>>>(x, send_token.data(), rows, D_, send_x.data());
     CUDA_CHECK(cudaGetLastError());
-    const size_t xb = static_cast<size_t>(cap_ * D_) * 2, mb = static_cast<size_t>(cap_ * k_);
+    const size_t xb = static_cast<size_t>(T * D_) * 2, mb = static_cast<size_t>(T * k_);
     nccl_check(ncclGroupStart(), "ncclGroupStart");
     for (int32_t q = 0; q < world_; ++q) {
-        const size_t ox = static_cast<size_t>(q) * static_cast<size_t>(cap_ * D_), om = static_cast<size_t>(q) * mb;
+        const size_t ox = static_cast<size_t>(q) * static_cast<size_t>(T * D_), om = static_cast<size_t>(q) * mb;
         nccl_check(ncclSend(send_count.data() + q, 1, ncclInt32, q, nc(comm_), cs(stream)), "ncclSend count");
         nccl_check(ncclRecv(recv_count.data() + q, 1, ncclInt32, q, nc(comm_), cs(stream)), "ncclRecv count");
         nccl_check(ncclSend(send_x.data() + ox, xb, ncclUint8, q, nc(comm_), cs(stream)), "ncclSend x");
@@ -272,19 +332,20 @@ void AllToAllExchange::dispatch(const uint16_t* x, const int32_t* ids, const flo
     }
     nccl_check(ncclGroupEnd(), "ncclGroupEnd (dispatch)");
     const int64_t n = rows * k_;
-    mask_received_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(recv_meta.data(), recv_count.data(), cap_,
+    mask_received_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(recv_meta.data(), recv_count.data(), T,
                                                                      static_cast<int32_t>(k_), world_, per_rank_,
                                                                      recv_local.data());
     CUDA_CHECK(cudaGetLastError());
 }
 
-void AllToAllExchange::give_back(const float* rows, const int32_t* inv, CUstream_st* stream) {
-    const int64_t R = recv_rows();
+void AllToAllExchange::give_back(const float* rows, const int32_t* inv, bool official, CUstream_st* stream) {
+    if (T_ == 0) return;
+    const int64_t R = this->rows();
     place_kernel<<<blocks_for(R * D_), kThreads, 0, cs(stream)>>>(rows, inv, recv_local.data(), R,
                                                                   static_cast<int32_t>(k_), D_, per_rank_, false,
-                                                                  ret.data());
+                                                                  official, ret.data());
     CUDA_CHECK(cudaGetLastError());
-    const size_t n = static_cast<size_t>(cap_ * D_);
+    const size_t n = static_cast<size_t>(T_ * D_);
     nccl_check(ncclGroupStart(), "ncclGroupStart");
     for (int32_t q = 0; q < world_; ++q) {
         nccl_check(ncclSend(ret.data() + q * n, n, ncclFloat32, q, nc(comm_), cs(stream)), "ncclSend partial sums");
@@ -293,11 +354,11 @@ void AllToAllExchange::give_back(const float* rows, const int32_t* inv, CUstream
     nccl_check(ncclGroupEnd(), "ncclGroupEnd (combine)");
 }
 
-void AllToAllExchange::combine(const float* shared, float* y, int64_t T, CUstream_st* stream) const {
-    if (T < 0 || T > cap_)
-        throw Error("MoE exchange: " + std::to_string(T) + " tokens for a per-peer capacity of " + std::to_string(cap_));
-    combine_a2a_kernel<<<blocks_for(T * D_), kThreads, 0, cs(stream)>>>(back.data(), row_of.data(), shared, T, world_,
-                                                                        cap_, D_, y);
+void AllToAllExchange::combine(const float* shared, const int32_t* /*ids*/, float* y, bool official,
+                               CUstream_st* stream) {
+    if (T_ == 0) return;
+    combine_a2a_kernel<<<blocks_for(T_ * D_), kThreads, 0, cs(stream)>>>(back.data(), row_of.data(), shared, T_, world_,
+                                                                         T_, D_, official, y);
     CUDA_CHECK(cudaGetLastError());
 }
 
