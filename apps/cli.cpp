@@ -161,9 +161,28 @@ void cmd_info(const std::string& dir, int64_t gpus, const std::string& partition
 // The backend of `logits` / `generate`: one sequence of up to `positions` positions. The GPU runs
 // steps of at most 512 tokens with a logit row each (a longer prefill chunk runs as several steps,
 // which gives the same logits up to bf16 rounding); the CPU runs each chunk in one step.
+// --gpus and its options (BackendOptions::gpus, partition, ep_exchange).
+struct GpuSplit {
+    int64_t gpus = 1;
+    std::string partition = "contiguous", exchange = "gather";
+    void apply(BackendOptions& bo) const {
+        bo.gpus = gpus;
+        bo.partition = partition;
+        bo.ep_exchange = exchange;
+    }
+    // Before anything loads: the flags against the resolved backend (serve/backends.h check_gpus).
+    void check(const std::string& backend, bool speculative) const {
+        BackendOptions bo;
+        apply(bo);
+        bo.speculative = speculative;
+        check_gpus(bo, gpus == 1 ? std::string("cpu") : resolve_backend(backend));
+    }
+};
+
 std::unique_ptr<Backend> one_sequence_backend(const Model& m, const std::string& name, double mem_fraction,
-                                              int64_t positions, bool cublaslt) {
+                                              int64_t positions, bool cublaslt, const GpuSplit& split) {
     BackendOptions bo;
+    split.apply(bo);
     bo.cublaslt = cublaslt;
     bo.name = resolve_backend(name);
     bo.max_seqs = 1;
@@ -177,8 +196,12 @@ std::unique_ptr<Backend> one_sequence_backend(const Model& m, const std::string&
 }
 
 void cmd_logits(const std::string& dir, const std::string& tokens_file, const std::string& out, const Schedule& s,
-                const std::string& backend, double mem_fraction, Numerics numerics, bool mtp, bool cublaslt) {
+                const std::string& backend, double mem_fraction, Numerics numerics, bool mtp, bool cublaslt,
+                const GpuSplit& split) {
     if (s.chunk < 0) fail("--chunk must be >= 0 (0: one chunk), got ", s.chunk);
+    split.check(backend, false);
+    if (mtp && split.gpus > 1)
+        fail("--gpus ", split.gpus, ": the MTP block's logits (--mtp) run on one GPU (the MTP block is not split)");
     const std::vector<int32_t> ids = parse_ids(read_file(tokens_file), tokens_file);
     const std::string be = resolve_backend(backend);   // a bad --backend fails before the weights load
     if (mtp && ids.size() < 2) fail(tokens_file, ": --mtp needs at least 2 tokens (row t predicts token t+2)");
@@ -201,7 +224,7 @@ void cmd_logits(const std::string& dir, const std::string& tokens_file, const st
         logits.swap(r.logits);
         mtp_logits.swap(r.mtp_logits);
     } else {
-        auto b = one_sequence_backend(*m, backend, mem_fraction, T, cublaslt);
+        auto b = one_sequence_backend(*m, backend, mem_fraction, T, cublaslt, split);
         logits = sequence_logits(*b, ids, s);
     }
     const double sec = seconds_since(t0);
@@ -214,8 +237,9 @@ void cmd_logits(const std::string& dir, const std::string& tokens_file, const st
 
 void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t max_new, int64_t chunk, bool ignore_eos,
                   const std::string& backend, double mem_fraction, Numerics numerics, int64_t spec_tokens,
-                  const SamplingParams& sampling, bool cublaslt) {
+                  const SamplingParams& sampling, bool cublaslt, const GpuSplit& split) {
     sampling.validate();   // a bad --temperature / --top-p / ... fails before the weights load
+    split.check(backend, spec_tokens > 0);
     const std::vector<int32_t> prompt = parse_ids(ids_text, "--ids");
     if (max_new < 0) fail("--max-new must be >= 0, got ", max_new);
     if (spec_tokens < 0 || spec_tokens > kMaxSpeculativeTokens)
@@ -255,7 +279,7 @@ void cmd_generate(const std::string& dir, const std::string& ids_text, int64_t m
                      r.stats.drafted, r.stats.accepted, 100.0 * r.stats.acceptance_rate(), r.stats.rounds,
                      r.stats.tokens_per_round());
     } else {
-        auto b = one_sequence_backend(*m, backend, mem_fraction, P + std::max<int64_t>(max_new - 1, 0), cublaslt);
+        auto b = one_sequence_backend(*m, backend, mem_fraction, P + std::max<int64_t>(max_new - 1, 0), cublaslt, split);
         t0 = std::chrono::steady_clock::now();
         if (sampling.greedy()) {
             out = generate_greedy(*b, prompt, max_new, chunk, ignore_eos);
@@ -310,9 +334,17 @@ int main(int argc, char** argv) {
     std::string backend = "auto";
     double mem_fraction = 0.92;
     lg->add_option("--backend", backend, "cpu | cuda | auto (cuda when a GPU is usable)");
-    int64_t run_gpus = 1;
-    const char* gpus_help = "GPUs to split the model over (expert parallelism); only 1 runs yet";
-    lg->add_option("--gpus", run_gpus, gpus_help)->check(CLI::Range(int64_t{1}, int64_t{1024}));
+    GpuSplit split;
+    const char* gpus_help = "GPUs to split the model over (devices 0..N-1): routed experts by expert parallelism over NCCL, "
+                            "attention data-parallel (each sequence on one GPU)";
+    const char* partition_help = "--gpus: which experts go together, contiguous | balanced (hash layers by their tid2eid load)";
+    const char* exchange_help = "--gpus: the MoE exchange, gather (all-gather + reduce-scatter) | all-to-all";
+    auto add_split = [&](CLI::App* cmd) {
+        cmd->add_option("--gpus", split.gpus, gpus_help)->check(CLI::Range(int64_t{1}, int64_t{1024}));
+        cmd->add_option("--partition", split.partition, partition_help);
+        cmd->add_option("--ep-exchange", split.exchange, exchange_help);
+    };
+    add_split(lg);
     lg->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
     lg->add_option("--numerics", numerics, numerics_help);
     lg->add_flag("--no-cublaslt", no_cublaslt, cublaslt_help);
@@ -325,7 +357,7 @@ int main(int argc, char** argv) {
     gen->add_option("--chunk", chunk, "prefill the prompt in chunks of C tokens");
     gen->add_flag("--ignore-eos", ignore_eos, "do not stop at the EOS token");
     gen->add_option("--backend", backend, "cpu | cuda | auto (cuda when a GPU is usable)");
-    gen->add_option("--gpus", run_gpus, gpus_help)->check(CLI::Range(int64_t{1}, int64_t{1024}));
+    add_split(gen);
     gen->add_option("--gpu-memory-fraction", mem_fraction, "share of the GPU's memory megamoe may hold");
     gen->add_option("--numerics", numerics, numerics_help);
     gen->add_flag("--no-cublaslt", no_cublaslt, cublaslt_help);
@@ -386,7 +418,7 @@ int main(int argc, char** argv) {
     srv->add_option("--max-state-tokens", so.max_state_tokens,
                     "positions of sequence state in the pool, 0: what memory holds (past it: wait, preempt)");
     srv->add_flag("--no-prefix-caching{false}", so.prefix_caching, "do not reuse the state of earlier prompts");
-    srv->add_option("--gpus", run_gpus, gpus_help)->check(CLI::Range(int64_t{1}, int64_t{1024}));
+    add_split(srv);
     srv->add_option("--speculative-tokens", so.speculative_tokens,
                     "draft tokens per step from the checkpoint's MTP block (0: off; 1..3, the cuda backend)");
 
@@ -400,21 +432,21 @@ int main(int argc, char** argv) {
         if (decode_from->count() && sched.decode_from < 0)
             fail("--decode-from must be >= 0 (the number of tokens to prefill), got ", sched.decode_from);
         if (*info) cmd_info(model, info_gpus, info_partition);
-        if (run_gpus > 1 && (*lg || *gen || *srv))
-            fail("--gpus ", run_gpus, ": running on several GPUs is not built yet (the runner's expert-parallel "
-                 "exchange, the per-GPU upload and attention tensor parallelism are missing; docs/multi-gpu.md). "
-                 "`megamoe info --model DIR --gpus ", run_gpus, "` shows the planned split");
         if (mem_fraction <= 0 || mem_fraction > 1)
             fail("--gpu-memory-fraction must be in (0, 1], got ", mem_fraction);
         if (*lg) cmd_logits(model, tokens, out, sched, backend, mem_fraction,
-                              resolve_numerics(numerics, resolve_backend(backend)), mtp, !no_cublaslt);
+                              resolve_numerics(numerics, resolve_backend(backend)), mtp, !no_cublaslt, split);
         if (*gen) {
             gen_sampling.seed = gen_seed;
             cmd_generate(model, ids, max_new, chunk, ignore_eos, backend, mem_fraction,
-                         resolve_numerics(numerics, resolve_backend(backend)), spec_tokens, gen_sampling, !no_cublaslt);
+                         resolve_numerics(numerics, resolve_backend(backend)), spec_tokens, gen_sampling, !no_cublaslt,
+                         split);
         }
         if (*srv) {
             so.cublaslt = !no_cublaslt;
+            so.gpus = split.gpus;
+            so.partition = split.partition;
+            so.ep_exchange = split.exchange;
             return serve(so);
         }
         if (*syn) {

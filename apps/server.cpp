@@ -284,6 +284,9 @@ private:
         bo.max_state_tokens = opt_.max_state_tokens;
         bo.numerics = resolve_numerics(opt_.numerics, resolve_backend(opt_.backend));
         bo.cublaslt = opt_.cublaslt;
+        bo.gpus = opt_.gpus;
+        bo.partition = opt_.partition;
+        bo.ep_exchange = opt_.ep_exchange;
         return bo;
     }
     void routes();
@@ -1037,6 +1040,14 @@ int Server::run() {
 void validate(const ServeOptions& o) {
     if (o.numerics != "auto" && o.numerics != "exact" && o.numerics != "official")
         fail("--numerics must be exact, official or auto, got '", o.numerics, "'");
+    {
+        BackendOptions bo;
+        bo.gpus = o.gpus;
+        bo.partition = o.partition;
+        bo.ep_exchange = o.ep_exchange;
+        bo.speculative = o.speculative_tokens > 0;
+        check_gpus(bo, o.gpus == 1 ? std::string("cpu") : resolve_backend(o.backend));   // one GPU: names only
+    }
     if (o.synthetic.empty() && o.model_dir.empty()) fail("--model: a checkpoint directory is required");
     if (!o.synthetic.empty()) {
         if (!o.model_dir.empty()) fail("--synthetic and --model exclude each other");

@@ -48,6 +48,11 @@ struct ServeOptions {
     // Speculative decoding with the checkpoint's MTP block (EngineOptions::speculative_tokens):
     // 0 off, 1 draft per step and sequence (the cuda backend).
     int64_t     speculative_tokens = 0;
+    // Several GPUs (BackendOptions::gpus): routed experts split over devices 0 .. gpus-1, attention
+    // data-parallel; max_seqs is then shared out over them.
+    int64_t     gpus = 1;
+    std::string partition = "contiguous";  // contiguous | balanced
+    std::string ep_exchange = "gather";    // gather | all-to-all
 };
 
 // Throws Error naming the flag (--port, --max-seqs, ...) for a value out of range. serve()

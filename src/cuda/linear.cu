@@ -721,14 +721,16 @@ size_t DeviceLinear::bytes() const {
            (fi.global_scales ? sizeof(float) : 0);
 }
 
-bool gpu_available() {
+int gpu_count() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {
         (void)cudaGetLastError();   // clear the sticky-free error so later calls start clean
-        return false;
+        return 0;
     }
-    return n > 0;
+    return n;
 }
+
+bool gpu_available() { return gpu_count() > 0; }
 
 namespace {
 

@@ -187,6 +187,8 @@ void linear_reference(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, 
 
 // True if a CUDA device is present and usable (cudaGetDeviceCount > 0). Never throws.
 bool gpu_available();
+// The CUDA devices visible (cudaGetDeviceCount; 0 when CUDA is not usable). Never throws.
+int gpu_count();
 
 }  // namespace megamoe::cuda
 

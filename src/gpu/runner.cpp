@@ -373,6 +373,20 @@ struct Runner::Impl {
         std::vector<int32_t> accepted;                     // [rows] out
     };
     void enqueue(const Shape& s, const Probe* probe, int mode = kLogits);
+    // A step of B chunks of n0 tokens each (uniform) replays the graph of the smallest bucket ≥ B
+    // (padding chunks: n0 tokens of the padding slot at positions 0 .. n0-1); 0: an eager step.
+    int64_t pick_bucket(int64_t B, int64_t n0, bool uniform, bool all_logits, bool probe) const {
+        if (!uniform || n0 > kGraphChunkMax || !opt.graphs || probe) return 0;
+        for (int64_t b : buckets)
+            if (b >= B && b * n0 <= ws.T && (all_logits ? b * n0 : b) <= ws.R) return b;
+        return 0;
+    }
+    // Throws Error on any bad input of a step (run's checks, before anything changes).
+    void check_chunks(const std::vector<RunnerChunk>& chunks, bool all_logits, const std::vector<SampleSpec>* spec,
+                      const SpecIo* sio) const;
+    // Expert parallelism, a rank without tokens in a step: every main layer's exchange with X rows
+    // of padding (ids −1), so that the other ranks' tokens reach this rank's experts and come back.
+    void enqueue_idle(int64_t X);
     // Runner::draft_chain's device work for n (padded) starts and `steps` chained drafts, from
     // ws.chain_in and the sampling parameters at rows (k - 1)·n .. of ws.samp_in; the drafts into
     // ws.chain_out. Graph-capturable (it leaves the ws.X / ws.X2 parity as it found it).
@@ -1194,6 +1208,64 @@ int32_t Runner::snapshot(int32_t slot) { return impl_->pool->snapshot(slot, impl
 void Runner::drop_snapshot(int32_t handle) { impl_->pool->drop_snapshot(handle); }
 int32_t Runner::open_from(int32_t handle) { return impl_->pool->open_from(handle, impl_->stream); }
 int64_t Runner::graph_replays() const { return impl_->replays; }
+int64_t Runner::padded_tokens(const std::vector<RunnerChunk>& chunks, bool all_logits) const {
+    const Impl& I = *impl_;
+    if (chunks.empty()) return 0;
+    const int64_t n0 = static_cast<int64_t>(chunks.front().tokens.size());
+    int64_t T = 0;
+    bool uniform = true;
+    for (const RunnerChunk& ch : chunks) {
+        T += static_cast<int64_t>(ch.tokens.size());
+        uniform = uniform && static_cast<int64_t>(ch.tokens.size()) == n0;
+    }
+    const int64_t bucket = I.pick_bucket(static_cast<int64_t>(chunks.size()), n0, uniform, all_logits, false);
+    return bucket ? bucket * n0 : T;
+}
+
+void Runner::Impl::enqueue_idle(int64_t X) {
+    const ModelConfig& c = cfg;
+    const int64_t k = c.num_experts_per_tok;
+    const float limit = static_cast<float>(c.swiglu_limit);
+    dist::ExpertExchange& ex = *opt.exchange;
+    check(cudaMemsetAsync(ws.ids, 0xff, static_cast<size_t>(X * k) * 4, stream), "exchange padding ids");
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+        const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
+        ex.dispatch(l, ws.xn, ws.ids, ws.wts, X, stream);   // x and weights: never read (every slot padding)
+        const cuda::Tile tile = cuda::moe_layer_config(d.experts, ex.rows() / ex.world(), k);
+        cuda::moe_layer_routed(d.experts, limit, ex.x_in(), ex.local_in(), ex.wts_in(), ex.rows(), moe_ws_ep, stream,
+                               tile, nm);
+        ex.give_back(moe_ws_ep.rows.data(), moe_ws_ep.dispatch.inv.data(), official(), stream);
+        ex.combine(nullptr, ws.ids, ws.y, official(), stream);
+    }
+}
+
+void Runner::step_idle() {
+    Impl& I = *impl_;
+    if (!I.opt.exchange) fail("gpu runner: step_idle without an expert exchange (RunnerOptions::exchange)");
+    const int64_t X = I.exchange_rows;
+    if (X < 1) fail("gpu runner: step_idle needs set_exchange_rows of at least 1 (the rows the other ranks move)");
+    const int64_t key = -(int64_t{1} << 40) - X;   // idle graphs: below the chained drafts' negative keys
+    auto it = I.graphs.find(key);
+    if (!I.opt.graphs) {
+        I.enqueue_idle(X);
+    } else if (it == I.graphs.end()) {
+        I.enqueue_idle(X);   // this step; the capture records without running
+        check(cudaStreamSynchronize(I.stream), "idle step");
+        cudaGraph_t g = nullptr;
+        check(cudaStreamBeginCapture(I.stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+        I.enqueue_idle(X);
+        check(cudaStreamEndCapture(I.stream, &g), "end capture");
+        cudaGraphExec_t exec = nullptr;
+        check(cudaGraphInstantiate(&exec, g, 0), "instantiate graph");
+        (void)cudaGraphDestroy(g);
+        I.graphs[key] = exec;
+    } else {
+        check(cudaGraphLaunch(it->second, I.stream), "graph launch");
+        ++I.replays;
+    }
+    check(cudaStreamSynchronize(I.stream), "idle step");
+}
+
 void Runner::set_exchange_rows(int64_t rows) {
     Impl& I = *impl_;
     if (!I.opt.exchange) fail("gpu runner: set_exchange_rows without an expert exchange (RunnerOptions::exchange)");
@@ -1606,30 +1678,23 @@ void Runner::set_masked_ids(const std::vector<int32_t>& ids) {
     I.graphs.clear();
 }
 
-void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, const Probe& probe,
-                       const std::vector<SampleSpec>* spec, std::vector<float>* logits_out,
-                       std::vector<SampledToken>* sampled, SpecIo* sio) {
-    Impl& I = *this;
-    const ModelConfig& c = I.cfg;
+void Runner::Impl::check_chunks(const std::vector<RunnerChunk>& chunks, bool all_logits,
+                                const std::vector<SampleSpec>* spec, const SpecIo* sio) const {
+    const ModelConfig& c = cfg;
     if (chunks.empty()) fail("gpu runner: a step needs at least one chunk");
-    // Validate everything before anything changes.
     int64_t T = 0, R = 0;
-    // Steps whose chunks all have the same n ≤ kGraphChunkMax tokens (decode: n = 1; speculative
-    // verification: n = 1 + drafts) replay a CUDA graph: enqueue depends only on the step's shape.
-    const int64_t n0 = static_cast<int64_t>(chunks.front().tokens.size());
-    bool uniform = true;
-    std::vector<bool> seen(static_cast<size_t>(I.pool->n_slots()), false);
+    std::vector<bool> seen(static_cast<size_t>(pool->n_slots()), false);
     for (size_t i = 0; i < chunks.size(); ++i) {
         const RunnerChunk& ch = chunks[i];
-        if (!I.pool->is_open(ch.slot)) fail("gpu runner: chunk ", i, " names slot ", ch.slot, ", which is not open");
+        if (!pool->is_open(ch.slot)) fail("gpu runner: chunk ", i, " names slot ", ch.slot, ", which is not open");
         if (seen[static_cast<size_t>(ch.slot)]) fail("gpu runner: slot ", ch.slot, " appears twice in one step");
         seen[static_cast<size_t>(ch.slot)] = true;
         if (ch.tokens.empty()) fail("gpu runner: chunk ", i, " has no tokens");
         const int64_t n = static_cast<int64_t>(ch.tokens.size());
-        const int64_t end = I.pool->n_past(ch.slot) + n;
-        if (end > I.pool->reserved_tokens(ch.slot))
+        const int64_t end = pool->n_past(ch.slot) + n;
+        if (end > pool->reserved_tokens(ch.slot))
             fail("gpu runner: sequence in slot ", ch.slot, " would reach ", end, " positions, past the ",
-                 I.pool->reserved_tokens(ch.slot), " reserved for it");
+                 pool->reserved_tokens(ch.slot), " reserved for it");
         for (size_t j = 0; j < ch.tokens.size(); ++j)
             if (ch.tokens[j] < 0 || ch.tokens[j] >= c.vocab_size)
                 fail("gpu runner: token id ", ch.tokens[j], " (chunk ", i, ", index ", j,
@@ -1637,17 +1702,44 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
         const bool every = sio ? (*sio->every_row)[i] != 0 : all_logits;
         T += n;
         R += every ? n : 1;
-        uniform = uniform && n == n0 && every == (sio ? (*sio->every_row)[0] != 0 : all_logits);
     }
-    if (sio) all_logits = (*sio->every_row)[0] != 0;   // for a uniform step: the graph's row layout
     if (T > ws.T) fail("gpu runner: ", T, " tokens in one step, more than --max-batch-tokens ", ws.T);
     if (static_cast<int64_t>(chunks.size()) > ws.C) fail("gpu runner: ", chunks.size(), " chunks, more than ", ws.C);
     if (R > ws.R) fail("gpu runner: ", R, " logit rows in one step, more than the ", ws.R, " planned");
+    if (spec)
+        for (const SampleSpec& sp : *spec)
+            if (sp.n_top > cuda::kMaxTopLogprobs) fail("gpu runner: ", sp.n_top, " top logprobs, more than ", cuda::kMaxTopLogprobs);
+}
+
+void Runner::check_step(const std::vector<RunnerChunk>& chunks, bool all_logits, const std::vector<SampleSpec>* spec) const {
+    if (spec && spec->size() != chunks.size())
+        fail("gpu runner: ", spec->size(), " sampling specs for ", chunks.size(), " chunks");
+    impl_->check_chunks(chunks, all_logits, spec, nullptr);
+}
+
+void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, const Probe& probe,
+                       const std::vector<SampleSpec>* spec, std::vector<float>* logits_out,
+                       std::vector<SampledToken>* sampled, SpecIo* sio) {
+    Impl& I = *this;
+    const ModelConfig& c = I.cfg;
+    I.check_chunks(chunks, all_logits, spec, sio);   // everything, before anything changes
+    int64_t T = 0, R = 0;
+    // Steps whose chunks all have the same n ≤ kGraphChunkMax tokens (decode: n = 1; speculative
+    // verification: n = 1 + drafts) replay a CUDA graph: enqueue depends only on the step's shape.
+    const int64_t n0 = static_cast<int64_t>(chunks.front().tokens.size());
+    bool uniform = true;
+    for (size_t i = 0; i < chunks.size(); ++i) {
+        const int64_t n = static_cast<int64_t>(chunks[i].tokens.size());
+        const bool every = sio ? (*sio->every_row)[i] != 0 : all_logits;
+        T += n;
+        R += every ? n : 1;
+        uniform = uniform && n == n0 && every == (sio ? (*sio->every_row)[0] != 0 : all_logits);
+    }
+    if (sio) all_logits = (*sio->every_row)[0] != 0;   // for a uniform step: the graph's row layout
     int mode = kLogits;
     if (spec) {
         mode = kSample;
         for (const SampleSpec& sp : *spec) {
-            if (sp.n_top > cuda::kMaxTopLogprobs) fail("gpu runner: ", sp.n_top, " top logprobs, more than ", cuda::kMaxTopLogprobs);
             if (sp.n_top >= 0) mode = kSampleLogprobs;
         }
     }
@@ -1656,16 +1748,8 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
         mode = mode == kSampleLogprobs ? kSpecLogprobs : kSpec;
     }
 
-    // A step of B chunks of n tokens replays the graph of the smallest bucket ≥ B (padding chunks: n
-    // tokens of the padding slot at positions 0 .. n-1).
-    int64_t bucket = 0;
     const int64_t B = static_cast<int64_t>(chunks.size());
-    if (uniform && n0 <= kGraphChunkMax && I.opt.graphs && !probe)
-        for (int64_t b : I.buckets)
-            if (b >= B && b * n0 <= ws.T && (all_logits ? b * n0 : b) <= ws.R) {
-                bucket = b;
-                break;
-            }
+    const int64_t bucket = I.pick_bucket(B, n0, uniform, all_logits, static_cast<bool>(probe));
     const int64_t Tp = bucket ? bucket * n0 : T;
     const int64_t Rp = bucket ? (all_logits ? bucket * n0 : bucket) : R;
 

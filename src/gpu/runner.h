@@ -236,6 +236,19 @@ public:
     // rank; this rank's rows past its tokens are padding slots (ids −1: no expert, zero output).
     // Decode graphs are kept per count. Throws Error without an exchange or past max_batch_tokens.
     void set_exchange_rows(int64_t rows);
+    // The tokens a step of these chunks runs (with a decode graph's padding chunks): what the
+    // multi-GPU backend takes the largest of over the ranks for set_exchange_rows. 0 for no chunks.
+    int64_t padded_tokens(const std::vector<RunnerChunk>& chunks, bool all_logits) const;
+    // Throws Error where step (spec: step_sample) would refuse these chunks, changing nothing: the
+    // multi-GPU backend checks every rank's part before any rank starts (a rank that threw after
+    // its peers entered the step's collectives would leave them waiting).
+    void check_step(const std::vector<RunnerChunk>& chunks, bool all_logits,
+                    const std::vector<SampleSpec>* spec = nullptr) const;
+    // Expert parallelism, a rank with no chunk in a step: only the MoE exchange of every main layer
+    // (set_exchange_rows rows of padding), so that the other ranks' tokens reach this rank's
+    // experts; no state changes. A CUDA graph per row count (RunnerOptions::graphs). One wait.
+    // Throws Error without an exchange or with exchange rows 0.
+    void step_idle();
 
     // The same step, drawing one token per chunk on the GPU from its last logits (mask_logits then
     // sample_rows, cuda/sampler.h): only ids and logprobs come back. spec: one per chunk.

@@ -6,6 +6,7 @@
 #ifdef MEGAMOE_HAVE_CUDA
 #include "cuda/linear.h"
 #include "gpu/backend.h"
+#include "gpu/multi_backend.h"
 #endif
 
 namespace megamoe {
@@ -54,8 +55,29 @@ static gpu::RunnerOptions runner_options(const BackendOptions& o) {
 }
 #endif
 
+void check_gpus(const BackendOptions& o, const std::string& backend) {
+    if (o.gpus < 1) fail("--gpus must be at least 1, got ", o.gpus);
+    if (o.partition != "contiguous" && o.partition != "balanced")
+        fail("--partition must be contiguous or balanced, got '", o.partition, "'");
+    if (o.ep_exchange != "gather" && o.ep_exchange != "all-to-all")
+        fail("--ep-exchange must be gather or all-to-all, got '", o.ep_exchange, "'");
+    if (o.gpus == 1) return;
+    if (backend != "cuda")
+        fail("--gpus ", o.gpus, ": several GPUs run the cuda backend, and this command resolved to the ", backend,
+             " backend", cuda_backend_available() ? "" : " (no usable GPU here)");
+    if (o.speculative)
+        fail("--gpus ", o.gpus, ": speculative decoding across several GPUs is not built yet (run it with --gpus 1)");
+#ifdef MEGAMOE_HAVE_CUDA
+    if (!gpu::multi_gpu_available())
+        fail("--gpus ", o.gpus, ": this build has no NCCL (CUDA's nccl.h and libnccl were not found at configure time)");
+    const int visible = cuda::gpu_count();
+    if (o.gpus > visible) fail("--gpus ", o.gpus, ": ", visible, " CUDA device", visible == 1 ? " is" : "s are", " visible");
+#endif
+}
+
 std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, std::ostream* log) {
     const std::string name = resolve_backend(o.name);
+    check_gpus(o, name);
     if (name == "cpu") {
         const int64_t rows = std::max(o.max_logit_rows, o.max_batch_tokens);
         return make_cpu_backend(m, o.max_seqs, std::max(o.max_batch_tokens, rows), o.max_model_len, o.max_state_tokens);
@@ -63,6 +85,15 @@ std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, s
 #ifdef MEGAMOE_HAVE_CUDA
     gpu::RunnerOptions ro = runner_options(o);
     ro.rollback = o.speculative;
+    if (o.gpus > 1) {
+        // max_seqs sequences in all, shared out over the GPUs (each sequence lives on one).
+        ro.max_seqs = (o.max_seqs + o.gpus - 1) / o.gpus;
+        gpu::MultiGpuOptions mo;
+        for (int d = 0; d < o.gpus; ++d) mo.devices.push_back(d);
+        mo.partition = o.partition == "balanced" ? dist::PartitionKind::balanced : dist::PartitionKind::contiguous;
+        mo.scheme = o.ep_exchange == "all-to-all" ? dist::Scheme::all_to_all : dist::Scheme::gather_scatter;
+        return gpu::make_multi_gpu_backend(m, ro, mo, log);
+    }
     return gpu::make_gpu_backend(m, ro, log);
 #else
     (void)log;
@@ -72,6 +103,7 @@ std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, s
 
 MtpLogits sequence_logits_mtp_on(const Model& m, const std::vector<int32_t>& tokens, const Schedule& s,
                                  const BackendOptions& o, std::ostream* log) {
+    if (o.gpus != 1) fail("--gpus ", o.gpus, ": the MTP block's logits (--mtp) run on one GPU (the MTP block is not split)");
     if (resolve_backend(o.name) == "cpu") return sequence_logits_mtp(m, tokens, s);
 #ifdef MEGAMOE_HAVE_CUDA
     gpu::RunnerOptions ro = runner_options(o);
@@ -98,6 +130,8 @@ SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int3
                                           const SamplingParams* sampling) {
     const bool sampled = sampling && !sampling->greedy();
     if (sampling) sampling->validate();
+    if (o.gpus != 1)
+        fail("--gpus ", o.gpus, ": speculative decoding across several GPUs is not built yet (run it with --gpus 1)");
     if (resolve_backend(o.name) == "cpu") {
         SpeculativeOptions cpu = so;
         SpeculativeSampling s;
@@ -130,6 +164,8 @@ SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int3
 std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t seed, const BackendOptions& o,
                                                 std::ostream* log) {
     if (resolve_backend(o.name) != "cuda") fail("synthetic weights are made on the GPU: they need --backend cuda");
+    if (o.gpus != 1)
+        fail("--gpus ", o.gpus, ": synthetic weights are made whole on one GPU (several GPUs need a checkpoint)");
 #ifdef MEGAMOE_HAVE_CUDA
     gpu::RunnerOptions ro = runner_options(o);
     ro.rollback = o.speculative;

@@ -28,7 +28,18 @@ struct BackendOptions {
     // megamoe's own kernels everywhere (--no-cublaslt: the official numerics' FP8 linears with f32
     // block sums instead of Hopper's ~14-bit FP8 accumulation, cuda/linear_lt.h).
     bool    cublaslt = true;
+    // Several GPUs of this host (gpu/multi_backend.h): the routed experts split over devices
+    // 0 .. gpus-1 (expert parallelism), attention data-parallel; 1: one GPU. Per GPU: max_seqs
+    // sequences and its own state pool.
+    int64_t gpus = 1;
+    std::string partition = "contiguous";   // --partition: contiguous | balanced
+    std::string ep_exchange = "gather";     // --ep-exchange: gather (all-gather + reduce-scatter) | all-to-all
 };
+
+// Checks --gpus and its options against a resolved backend name before anything loads: gpus ≥ 1;
+// more than one needs the cuda backend, a build with NCCL and that many visible GPUs; speculative
+// decoding runs on one GPU only; partition and ep_exchange are known names. Throws Error.
+void check_gpus(const BackendOptions& o, const std::string& backend);
 
 // True when this build has the CUDA backend and a GPU is usable.
 bool cuda_backend_available();

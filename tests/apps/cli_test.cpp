@@ -91,12 +91,24 @@ TEST_F(Cli, InfoPerGpu) {
 
 // --gpus on the commands that run the model: 1 runs; more is refused with what is missing, before
 // anything is loaded.
-TEST_F(Cli, RunsOnOneGpuOnly) {
+// --gpus N > 1 runs the multi-GPU backend (gpu/multi_backend.h), which needs the cuda backend:
+// every command checks that, and the names of --partition and --ep-exchange, before it loads
+// anything. (Runs with several GPUs are tested in tests/gpu on a machine that has them.)
+TEST_F(Cli, SeveralGpusAreCheckedBeforeLoading) {
     for (const std::string cmd : {"logits --tokens /nonexistent --out /nonexistent", "generate --ids 1", "serve"}) {
-        const CliRun r = run(cmd + " --model " + model() + " --gpus 2", true);
+        const CliRun r = run(cmd + " --model " + model() + " --gpus 2 --backend cpu", true);
         EXPECT_EQ(r.status, 1) << cmd << ": " << r.output;
-        EXPECT_NE(r.output.find("--gpus 2: running on several GPUs is not built yet"), std::string::npos)
+        EXPECT_NE(r.output.find("--gpus 2: several GPUs run the cuda backend, and this command resolved to the cpu backend"),
+                  std::string::npos)
             << cmd << ": " << r.output;
+        const CliRun p = run(cmd + " --model " + model() + " --gpus 2 --partition striped", true);
+        EXPECT_EQ(p.status, 1) << cmd << ": " << p.output;
+        EXPECT_NE(p.output.find("--partition must be contiguous or balanced, got 'striped'"), std::string::npos)
+            << cmd << ": " << p.output;
+        const CliRun x = run(cmd + " --model " + model() + " --ep-exchange ring", true);
+        EXPECT_EQ(x.status, 1) << cmd << ": " << x.output;
+        EXPECT_NE(x.output.find("--ep-exchange must be gather or all-to-all, got 'ring'"), std::string::npos)
+            << cmd << ": " << x.output;
     }
     const CliRun r = run("generate --model " + model() + " --ids 1 --max-new 1 --backend cpu --gpus 1");
     EXPECT_EQ(r.status, 0) << r.output;

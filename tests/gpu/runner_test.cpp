@@ -32,6 +32,7 @@
 #include "gpu/device_model.h"
 #include "cuda/linear.h"
 #include "gpu/backend.h"
+#include "gpu/multi_backend.h"
 #include "gpu/runner.h"
 #include "gpu/state_pool.h"
 #include "io/formats.h"
@@ -1144,8 +1145,10 @@ TEST_P(GpuRunner, ExpertParallelWorldOfOneEqualsOneGpu) {
         gpu::RunnerOptions o = small_options();
         o.numerics = nm;
         o.moe_small = false;
-        // Two sequences: a prefill of 20 tokens each, then 8 decode steps of both.
-        auto run = [&](gpu::Runner& r) {
+        // Two sequences: a prefill of 20 tokens each, then 8 decode steps of both (with an idle
+        // step after each: the exchange alone, as a rank without tokens runs it, which must not
+        // touch the sequences' state).
+        auto run = [&](gpu::Runner& r, bool idle = false) {
             std::vector<std::vector<float>> out;
             std::vector<int32_t> slots;
             for (int i = 0; i < 2; ++i) {
@@ -1164,6 +1167,7 @@ TEST_P(GpuRunner, ExpertParallelWorldOfOneEqualsOneGpu) {
                     dec.push_back({slots[static_cast<size_t>(i)], {c->input_ids[static_cast<size_t>(30 + 5 * i + step)]}});
                 out.emplace_back();
                 r.step(dec, false, out.back());
+                if (idle) r.step_idle();
             }
             return out;
         };
@@ -1193,14 +1197,15 @@ TEST_P(GpuRunner, ExpertParallelWorldOfOneEqualsOneGpu) {
                 gpu::Runner r(*c->model, oe);
                 EXPECT_EQ(r.plan().ep_world, 1);
                 r.set_exchange_rows(rows);
-                const std::vector<std::vector<float>> got = run(r);
+                const std::vector<std::vector<float>> got = run(r, rows > 0);
                 ASSERT_EQ(got.size(), want.size());
                 for (size_t i = 0; i < got.size(); ++i) {
                     ASSERT_EQ(got[i].size(), want[i].size()) << "step " << i;
                     EXPECT_EQ(0, std::memcmp(got[i].data(), want[i].data(), want[i].size() * 4)) << "step " << i;
                 }
-                EXPECT_EQ(r.graphs_captured(), 1);
-                EXPECT_EQ(r.graph_replays(), 7);
+                // Decode: one graph (and with idle steps one more), captured at its first step.
+                EXPECT_EQ(r.graphs_captured(), rows > 0 ? 2 : 1);
+                EXPECT_EQ(r.graph_replays(), rows > 0 ? 14 : 7);
                 comms[0].check();
             }
     }
@@ -1224,6 +1229,100 @@ TEST_P(GpuRunner, ExpertParallelWorldOfOneEqualsOneGpu) {
     dist::GatherScatterExchange short_ex(comms[0], short_layers, o.max_batch_tokens, k, D, dist::Combine::slot_rows);
     o.exchange = &short_ex;
     test::expect_error([&] { gpu::Runner r(*c->model, o); }, {"num_hidden_layers"});
+}
+
+// The multi-GPU backend (gpu/multi_backend.h: a runner per GPU on its own thread, data-parallel
+// attention, the exchange) in a world of one, through the Backend interface the engine uses:
+// three sequences (prefills of different lengths, then decode steps with logits and with draws on
+// the GPU, greedy and sampled) give the single-GPU backend's logits and tokens bit for bit. Both
+// runners take moe_layer_routed (the small-T path off), as in the test above. The refusals of the
+// multi-GPU path are checked too.
+TEST_P(GpuRunner, MultiGpuBackendWorldOfOneEqualsOneGpu) {
+    gpu::RunnerOptions o = small_options();
+    o.moe_small = false;
+    auto drive = [&](Backend& b) {
+        std::vector<std::vector<float>> logits;
+        std::vector<std::vector<SampledToken>> drawn;
+        std::vector<int32_t> slots;
+        for (int i = 0; i < 3; ++i) {
+            slots.push_back(b.open());
+            EXPECT_GE(slots.back(), 0);
+            EXPECT_TRUE(b.reserve(slots.back(), 80));
+        }
+        std::vector<BackendChunk> pre;
+        for (int i = 0; i < 3; ++i)
+            pre.push_back({slots[static_cast<size_t>(i)],
+                           std::vector<int32_t>(c->input_ids.begin() + i, c->input_ids.begin() + 12 + 5 * i)});
+        logits.emplace_back();
+        b.step(pre, true, logits.back());
+        for (int step = 0; step < 6; ++step) {
+            std::vector<BackendChunk> dec;
+            std::vector<SampleSpec> spec;
+            for (int i = 0; i < 3; ++i) {
+                dec.push_back({slots[static_cast<size_t>(i)], {c->input_ids[static_cast<size_t>(40 + 3 * i + step)]}});
+                SampleSpec sp{i == 0 ? 0.0f : 0.8f};
+                sp.top_k = i == 2 ? 5 : 0;
+                sp.seed = 1234 + static_cast<uint64_t>(i);
+                sp.index = step;
+                sp.n_top = i == 1 ? 3 : -1;
+                spec.push_back(sp);
+            }
+            if (step % 2 == 0) {
+                logits.emplace_back();
+                b.step(dec, false, logits.back());
+            } else {
+                drawn.emplace_back();
+                b.step_sample(dec, spec, drawn.back());
+            }
+        }
+        EXPECT_EQ(b.n_past(slots[2]), 20 + 6);   // a prefill of 12 + 4·2 tokens, 6 decodes
+        return std::make_pair(logits, drawn);
+    };
+    auto one = gpu::make_gpu_backend(*c->model, o);
+    const auto want = drive(*one);
+    one.reset();
+    gpu::MultiGpuOptions mo;
+    mo.devices = {0};
+    for (dist::Scheme scheme : {dist::Scheme::gather_scatter, dist::Scheme::all_to_all}) {
+        SCOPED_TRACE(dist::scheme_name(scheme));
+        mo.scheme = scheme;
+        std::ostringstream log;
+        auto multi = gpu::make_multi_gpu_backend(*c->model, o, mo, &log);
+        EXPECT_NE(log.str().find("GPU 0 (CUDA device 0): GPU memory plan"), std::string::npos) << log.str();
+        EXPECT_EQ(multi->max_seqs(), o.max_seqs);
+        const auto got = drive(*multi);
+        ASSERT_EQ(got.first.size(), want.first.size());
+        for (size_t i = 0; i < got.first.size(); ++i) {
+            ASSERT_EQ(got.first[i].size(), want.first[i].size()) << "logits step " << i;
+            EXPECT_EQ(0, std::memcmp(got.first[i].data(), want.first[i].data(), want.first[i].size() * 4))
+                << "logits step " << i;
+        }
+        ASSERT_EQ(got.second.size(), want.second.size());
+        for (size_t i = 0; i < got.second.size(); ++i)
+            for (size_t j = 0; j < got.second[i].size(); ++j) {
+                EXPECT_EQ(got.second[i][j].id, want.second[i][j].id) << "draw step " << i << ", row " << j;
+                EXPECT_EQ(got.second[i][j].logprob, want.second[i][j].logprob) << "draw step " << i << ", row " << j;
+                EXPECT_EQ(got.second[i][j].top, want.second[i][j].top) << "draw step " << i << ", row " << j;
+            }
+        // Bad input is refused before any rank starts, and the backend still runs afterwards.
+        const int32_t s = multi->open();
+        ASSERT_GE(s, 0);
+        ASSERT_TRUE(multi->reserve(s, 4));
+        std::vector<float> l;
+        test::expect_error([&] { multi->step({{s, {0, 1, 2, 3, 4}}}, false, l); }, {"reserved"});
+        test::expect_error([&] { multi->step({{s, {static_cast<int32_t>(V())}}}, false, l); }, {"outside the vocabulary"});
+        test::expect_error([&] { multi->step({{s, {1}}}, false, l, [](TraceView&) {}); }, {"probes", "one GPU"});
+        multi->step({{s, {1, 2}}}, false, l);
+        EXPECT_EQ(l.size(), static_cast<size_t>(V()));
+        multi->close(s);
+    }
+    gpu::RunnerOptions spec = o;
+    spec.rollback = true;
+    test::expect_error([&] { (void)gpu::make_multi_gpu_backend(*c->model, spec, mo); }, {"speculative decoding"});
+    mo.devices = {0, 0};
+    test::expect_error([&] { (void)gpu::make_multi_gpu_backend(*c->model, o, mo); }, {"named twice"});
+    mo.devices = {0, 4096};
+    test::expect_error([&] { (void)gpu::make_multi_gpu_backend(*c->model, o, mo); }, {"CUDA device 4096 is not visible"});
 }
 #endif
 
