@@ -62,4 +62,32 @@ public:
     virtual void combine(const float* shared, const int32_t* ids, float* y, bool official, CUstream_st* stream) = 0;
 };
 
+// The head split by vocabulary (docs/multi-gpu.md §5): rank r holds head rows [vocab_begin,
+// vocab_end) (dist::split_vocab). With data-parallel attention each rank has its own sequences'
+// rows, so a step's head is: gather every rank's final hidden rows, this rank's slice of the
+// logits of all of them (the runner's head linear over rows() rows into slice_logits()), then
+// each rank gets its own rows' slices from every rank and assembles their full logits. Every rank
+// calls with the same R (the multi-GPU backend's padded row count); no host sync, capturable.
+class HeadExchange {
+public:
+    virtual ~HeadExchange() = default;
+
+    virtual int32_t world() const = 0;
+    virtual int32_t rank() const = 0;
+    virtual int64_t vocab() const = 0;           // V
+    virtual int64_t vocab_begin() const = 0;     // this rank's head rows [vocab_begin, vocab_end)
+    virtual int64_t vocab_end() const = 0;
+    virtual int64_t max_rows() const = 0;        // R per call at most
+
+    // All-gather this rank's R hidden rows [R, D] bf16 (rows past its own are padding: any values).
+    // Throws Error on R outside [0, max_rows()].
+    virtual void gather(const uint16_t* hidden, int64_t R, CUstream_st* stream) = 0;
+    virtual int64_t rows() const = 0;            // N·R after gather (row q·R + t: rank q's row t)
+    virtual const uint16_t* hidden_all() const = 0;   // [rows, D] bf16
+    virtual float* slice_logits() = 0;           // [rows, vocab_end − vocab_begin] f32: the head's output
+    // Each rank's rows of slice_logits go to it; logits [R, V] f32 = this rank's rows, every slice
+    // in its columns.
+    virtual void scatter(float* logits, CUstream_st* stream) = 0;
+};
+
 }  // namespace megamoe::dist

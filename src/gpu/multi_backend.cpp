@@ -20,6 +20,7 @@
 #include "dist/dp.h"
 #include "dist/nccl/comm.h"
 #include "dist/nccl/exchange.h"
+#include "dist/sim.h"
 
 namespace megamoe::gpu {
 
@@ -119,6 +120,12 @@ public:
         runners_.resize(static_cast<size_t>(world_));
         std::vector<std::ostringstream> logs(static_cast<size_t>(world_));
         const int64_t k = cfg_.num_experts_per_tok, D = cfg_.hidden_size;
+        split_head_ = mo.split_head;
+        // The runner's logit rows per step (RunnerOptions' defaults resolved as the runner does).
+        const int64_t logit_rows = std::max(opt.max_logit_rows > 0 ? opt.max_logit_rows : opt.max_seqs,
+                                            std::min(opt.max_seqs, opt.max_batch_tokens));
+        const dist::VocabSplit vocab = dist::split_vocab(cfg_.vocab_size, world_);
+        heads_.resize(static_cast<size_t>(world_));
         try {
             // Each rank makes its exchange and uploads its share on its own thread, all at once.
             on_all([&](int32_t r) {
@@ -130,6 +137,10 @@ public:
                                                                                   k, D, mo.combine);
                 RunnerOptions o = opt;
                 o.exchange = exchanges_[i].get();
+                if (split_head_) {
+                    heads_[i] = std::make_unique<dist::VocabExchange>(comms_[i], vocab, logit_rows, D);
+                    o.head_exchange = heads_[i].get();
+                }
                 o.prefix_snapshots = 0;   // prefix caching runs on one GPU only (no snapshot records)
                 runners_[i] = std::make_unique<Runner>(m, o, log ? &logs[i] : nullptr);
             });
@@ -142,7 +153,8 @@ public:
             *log << "megamoe: " << world_ << " GPUs, routed experts split " << dist::partition_kind_name(mo.partition)
                  << " (expert parallelism, exchange: " << dist::scheme_name(mo.scheme);
             if (mo.scheme == dist::Scheme::gather_scatter) *log << ", " << dist::combine_name(mo.combine);
-            *log << "), attention data-parallel (each sequence on one GPU)\n";
+            *log << "), attention data-parallel (each sequence on one GPU), the head "
+                 << (split_head_ ? "split by vocabulary" : "replicated") << "\n";
             for (int32_t r = 0; r < world_; ++r)
                 *log << "GPU " << r << " (CUDA device " << devices_[static_cast<size_t>(r)] << "): "
                      << logs[static_cast<size_t>(r)].str();
@@ -250,6 +262,7 @@ private:
         std::vector<std::vector<RunnerChunk>> chunks;   // [N] each rank's chunks (its runner's slots)
         std::vector<std::vector<SampleSpec>> spec;      // [N] their sampling specs (step_sample)
         int64_t rows = 0;                               // exchange rows of the step (the largest rank's)
+        int64_t head_rows = 0;                          // head rows of the step (the largest rank's)
     };
 
     void check_devices() const {
@@ -311,6 +324,7 @@ private:
             if (sp.chunks[ri].empty()) continue;
             runner(r).check_step(sp.chunks[ri], all_logits, spec ? &sp.spec[ri] : nullptr);
             sp.rows = std::max(sp.rows, runner(r).padded_tokens(sp.chunks[ri], all_logits));
+            sp.head_rows = std::max(sp.head_rows, runner(r).padded_rows(sp.chunks[ri], all_logits));
         }
         return sp;
     }
@@ -320,6 +334,7 @@ private:
         on_all([&](int32_t r) {
             Runner& run = runner(r);
             run.set_exchange_rows(sp.rows);
+            if (split_head_) run.set_head_rows(sp.head_rows);
             if (sp.chunks[static_cast<size_t>(r)].empty())
                 run.step_idle();
             else
@@ -334,12 +349,14 @@ private:
                 on_all([&](int32_t r) {
                     runners_[static_cast<size_t>(r)].reset();
                     exchanges_[static_cast<size_t>(r)].reset();
+                    if (static_cast<size_t>(r) < heads_.size()) heads_[static_cast<size_t>(r)].reset();
                 });
             } catch (...) {   // a destructor's CUDA error: nothing more to free
             }
         }
         runners_.clear();
         exchanges_.clear();
+        heads_.clear();
         workers_.clear();
         comms_.clear();
     }
@@ -350,6 +367,8 @@ private:
     std::vector<dist::Communicator> comms_;                       // [N]
     std::vector<std::unique_ptr<RankWorker>> workers_;            // [N]
     std::vector<std::unique_ptr<dist::ExpertExchange>> exchanges_;   // [N] (before the runners that use them)
+    std::vector<std::unique_ptr<dist::HeadExchange>> heads_;      // [N] when the head is split
+    bool split_head_ = true;
     std::vector<std::unique_ptr<Runner>> runners_;                // [N]
     std::vector<int64_t> open_;                                   // [N] sequences open on each rank
 };

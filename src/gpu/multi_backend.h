@@ -8,8 +8,9 @@
 // checked before any rank starts, every rank moves the same rows through the exchange (the
 // largest rank's padded token count: Runner::set_exchange_rows; a rank without chunks runs
 // Runner::step_idle), and the logit rows or draws come back in the step's order. Decode steps
-// replay each rank's CUDA graph. Speculative decoding, prefix caching and probes run on one GPU
-// only (refused or absent here); the head is replicated (not split by vocabulary yet).
+// replay each rank's CUDA graph. The head is split by vocabulary (each GPU holds 1/N of its rows and
+// computes that slice of every rank's rows; dist::HeadExchange), or replicated. Speculative
+// decoding, prefix caching and probes run on one GPU only (refused or absent here).
 #pragma once
 
 #include <iosfwd>
@@ -28,6 +29,7 @@ struct MultiGpuOptions {
     dist::PartitionKind partition = dist::PartitionKind::contiguous;
     dist::Scheme scheme = dist::Scheme::gather_scatter;              // the MoE exchange
     dist::Combine combine = dist::Combine::slot_rows;                // gather_scatter's return (all-to-all: partial sums)
+    bool split_head = true;                                          // the head split by vocabulary (else replicated)
 };
 
 // True when this build has the NCCL exchange (MEGAMOE_HAVE_NCCL).

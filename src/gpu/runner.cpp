@@ -65,8 +65,8 @@ std::string MemoryPlan::describe() const {
     os << "GPU memory plan:\n"
        << "  weights    " << mib(weights);
     if (ep_world > 1)
-        os << " (this GPU's routed experts, 1/" << ep_world << " of them, and the rest; the whole checkpoint "
-           << mib(checkpoint) << ")\n";
+        os << " (this GPU's share: 1/" << ep_world << " of the routed experts" << (head_slice ? " and of the head" : "")
+           << ", the rest whole; the whole checkpoint " << mib(checkpoint) << ")\n";
     else
         os << " (checkpoint " << mib(checkpoint) << ")\n";
     os
@@ -345,8 +345,28 @@ struct Runner::Impl {
     struct Shape {
         int64_t T = 0, C = 0, R = 0;
         int64_t X = 0;   // expert parallelism: tokens every rank's exchange calls move (≥ T); 0: no exchange
+        int64_t RX = 0;  // the head split by vocabulary: rows every rank's head exchange moves (≥ R); 0: none
     };
     int64_t exchange_rows = 0;                    // set_exchange_rows
+    int64_t head_rows = 0;                        // set_head_rows
+    // The head of a step's R logit rows (ws.sel) into ws.logits; with the vocabulary exchange, RX
+    // rows of every rank through it.
+    void head_logits(int64_t R, int64_t RX) {
+        if (!opt.head_exchange) {
+            linear(dm->head, ws.sel, R, ws.logits);
+            return;
+        }
+        dist::HeadExchange& hx = *opt.head_exchange;
+        hx.gather(ws.sel, RX, stream);
+        linear(dm->head, hx.hidden_all(), hx.rows(), hx.slice_logits());
+        hx.scatter(ws.logits, stream);
+    }
+    void need_mtp() const {
+        if (!dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+        if (opt.head_exchange)
+            fail("gpu runner: the MTP block's passes run on one GPU (with the head split by vocabulary every rank "
+                 "would have to run them in lockstep)");
+    }
     Shape last_shape;                             // of the last step run (the MTP pass's shape)
     int64_t last_rows = 0;                        // its logit rows without graph padding
     int64_t last_rows_all = 0;                    // its logit rows with padding (== last_shape.T: every token)
@@ -584,10 +604,25 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
         if (ex.max_tokens() < opt.max_batch_tokens)
             fail("gpu runner: the expert exchange carries ", ex.max_tokens(), " tokens per call, fewer than --max-batch-tokens ",
                  opt.max_batch_tokens);
+        if (opt.max_batch_tokens >= (int64_t{1} << 20))   // the decode graphs' keys hold the exchange rows in 20 bits
+            fail("gpu runner: --max-batch-tokens ", opt.max_batch_tokens, " with expert parallelism: at most ",
+                 (int64_t{1} << 20) - 1);
         for (int64_t l = 0; l < c.num_hidden_layers; ++l)
             if (static_cast<int64_t>(ex.held(l).size()) != ex.skip())
                 fail("gpu runner: the expert exchange holds ", ex.held(l).size(), " experts of layer ", l, " on rank ",
                      ex.rank(), ", its skip id is ", ex.skip(), " (n_routed_experts / GPUs)");
+    }
+    if (opt.head_exchange) {
+        const dist::HeadExchange& hx = *opt.head_exchange;
+        if (!opt.exchange) fail("gpu runner: the head split by vocabulary comes with expert parallelism (RunnerOptions::exchange)");
+        if (hx.world() != opt.exchange->world() || hx.rank() != opt.exchange->rank())
+            fail("gpu runner: the vocabulary exchange is rank ", hx.rank(), " of ", hx.world(), ", the expert exchange rank ",
+                 opt.exchange->rank(), " of ", opt.exchange->world());
+        if (hx.vocab() != c.vocab_size)
+            fail("gpu runner: the vocabulary exchange splits ", hx.vocab(), " ids, the model has vocab_size = ", c.vocab_size);
+        if (hx.max_rows() < std::max(opt.max_logit_rows, std::min(opt.max_seqs, opt.max_batch_tokens)))
+            fail("gpu runner: the vocabulary exchange carries ", hx.max_rows(), " rows per call, fewer than a step's ",
+                 std::max(opt.max_logit_rows, std::min(opt.max_seqs, opt.max_batch_tokens)), " logit rows");
     }
     if (lt_fp8_on || lt_bf16_on) lt = std::make_unique<cuda::LtGemm>();
     check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
@@ -602,7 +637,12 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     WeightShard shard;
     if (opt.exchange)
         for (int64_t l = 0; l < c.num_hidden_layers; ++l) shard.held.push_back(opt.exchange->held(l));
+    if (opt.head_exchange) {
+        shard.head_begin = opt.head_exchange->vocab_begin();
+        shard.head_end = opt.head_exchange->vocab_end();
+    }
     plan.ep_world = opt.exchange ? opt.exchange->world() : 1;
+    plan.head_slice = opt.head_exchange != nullptr;
     plan.weights = !m ? DeviceModel::plan_bytes(c) : opt.exchange ? DeviceModel::plan_bytes(*m, shard) : DeviceModel::plan_bytes(*m);
     {
         CheckpointBytes cb;
@@ -671,7 +711,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
         for (const cuda::DeviceLinear* w : {&d.comp.wkv, &d.comp.wgate, &d.sh_w3}) need_in(gemm2_bytes, *w, ws.T, 1);
     };
     for (const DeviceLayer& d : dm->layers) block_needs(d);
-    need(dm->head, ws.R, 1);
+    need(dm->head, opt.head_exchange ? opt.head_exchange->world() * ws.R : ws.R, 1);   // every rank's rows
     if (dm->mtp) {
         block_needs(dm->mtp->block);
         need(dm->mtp->e_proj, ws.T, 1);
@@ -1080,7 +1120,7 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     trace(probe, trace_names::final_norm, L, ws.xn, true, false, T, D);
     mark("hc");
     cuda::gather_rows_bf16(ws.xn, ws.rows, s.R, D, ws.sel, stream);
-    linear(dm->head, ws.sel, s.R, ws.logits);
+    head_logits(s.R, s.RX);
     mark("head");
     if (mode == kLogits) return;
     // Sampling on the device (cuda/sampler.h): masked ids to -inf, then one draw per row.
@@ -1181,7 +1221,7 @@ void Runner::Impl::enqueue_mtp(const Shape& s) {
     cuda::hc_head_finish(ws.part, splits, ws.X, T, hc, D, mt.hc_head_base, mt.hc_head_scale, hc_eps, eps, mt.norm,
                          ws.xn, stream, nm);
     cuda::gather_rows_bf16(ws.xn, ws.rows, s.R, D, ws.sel, stream);
-    linear(dm->head, ws.sel, s.R, ws.logits);
+    head_logits(s.R, s.R);   // (need_mtp: no vocabulary exchange here)
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -1222,6 +1262,27 @@ int64_t Runner::padded_tokens(const std::vector<RunnerChunk>& chunks, bool all_l
     return bucket ? bucket * n0 : T;
 }
 
+int64_t Runner::padded_rows(const std::vector<RunnerChunk>& chunks, bool all_logits) const {
+    const Impl& I = *impl_;
+    if (chunks.empty()) return 0;
+    const int64_t n0 = static_cast<int64_t>(chunks.front().tokens.size());
+    int64_t R = 0;
+    bool uniform = true;
+    for (const RunnerChunk& ch : chunks) {
+        R += all_logits ? static_cast<int64_t>(ch.tokens.size()) : 1;
+        uniform = uniform && static_cast<int64_t>(ch.tokens.size()) == n0;
+    }
+    const int64_t bucket = I.pick_bucket(static_cast<int64_t>(chunks.size()), n0, uniform, all_logits, false);
+    return bucket ? (all_logits ? bucket * n0 : bucket) : R;
+}
+
+void Runner::set_head_rows(int64_t rows) {
+    Impl& I = *impl_;
+    if (!I.opt.head_exchange) fail("gpu runner: set_head_rows without a vocabulary exchange (RunnerOptions::head_exchange)");
+    if (rows < 0 || rows > I.ws.R) fail("gpu runner: ", rows, " head rows per step, outside [0, ", I.ws.R, "] logit rows");
+    I.head_rows = rows;
+}
+
 void Runner::Impl::enqueue_idle(int64_t X) {
     const ModelConfig& c = cfg;
     const int64_t k = c.num_experts_per_tok;
@@ -1237,6 +1298,7 @@ void Runner::Impl::enqueue_idle(int64_t X) {
         ex.give_back(moe_ws_ep.rows.data(), moe_ws_ep.dispatch.inv.data(), official(), stream);
         ex.combine(nullptr, ws.ids, ws.y, official(), stream);
     }
+    if (opt.head_exchange) head_logits(0, head_rows);   // the other ranks' rows through this rank's head slice
 }
 
 void Runner::step_idle() {
@@ -1244,7 +1306,10 @@ void Runner::step_idle() {
     if (!I.opt.exchange) fail("gpu runner: step_idle without an expert exchange (RunnerOptions::exchange)");
     const int64_t X = I.exchange_rows;
     if (X < 1) fail("gpu runner: step_idle needs set_exchange_rows of at least 1 (the rows the other ranks move)");
-    const int64_t key = -(int64_t{1} << 40) - X;   // idle graphs: below the chained drafts' negative keys
+    if (I.opt.head_exchange && I.head_rows < 1)
+        fail("gpu runner: step_idle needs set_head_rows of at least 1 (the rows the other ranks' heads move)");
+    // Idle graphs: below the chained drafts' negative keys.
+    const int64_t key = -(int64_t{1} << 40) - (I.head_rows * (int64_t{1} << 20) + X);
     auto it = I.graphs.find(key);
     if (!I.opt.graphs) {
         I.enqueue_idle(X);
@@ -1334,7 +1399,7 @@ void Runner::step_mtp(const std::vector<RunnerChunk>& chunks, const std::vector<
                       std::vector<float>& logits, std::vector<float>& mtp_logits) {
     Impl& I = *impl_;
     const ModelConfig& c = I.cfg;
-    if (!I.dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+    I.need_mtp();
     if (next.size() != chunks.size()) fail("gpu runner: ", next.size(), " next-token lists for ", chunks.size(), " chunks");
     // The next tokens go with the step inputs (Workspace::mtp_next, one per token; 0 on padding rows).
     int32_t* dst = I.pinned_in + (I.ws.mtp_next - I.ws.in);
@@ -1380,7 +1445,7 @@ void Runner::Impl::mtp_pass(int64_t rows, std::vector<float>& mtp_logits) {
 void Runner::mtp_step(const std::vector<std::vector<int32_t>>& next, std::vector<float>& mtp_logits) {
     Impl& I = *impl_;
     const ModelConfig& c = I.cfg;
-    if (!I.dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+    I.need_mtp();
     if (I.last_chunk_lens.empty()) fail("gpu runner: mtp_step needs a step run just before it");
     if (next.size() != I.last_chunk_lens.size())
         fail("gpu runner: ", next.size(), " next-token lists for the last step's ", I.last_chunk_lens.size(), " chunks");
@@ -1553,7 +1618,7 @@ void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, s
     drafts.assign(starts.size(), {});
     if (logits) logits->clear();
     if (starts.empty() || steps < 0 || (steps == 0 && I.draft_q.empty())) return;   // nothing to chain or keep
-    if (!I.dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+    I.need_mtp();
     if (!I.chain_ready) fail("gpu runner: draft_chain needs a step_spec or step_verify just before it");
     if (steps > kGraphChunkMax - 1) fail("gpu runner: ", steps, " chained drafts, at most ", kGraphChunkMax - 1);
     const int64_t n = static_cast<int64_t>(starts.size());
@@ -1744,7 +1809,7 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
         }
     }
     if (sio) {
-        if (!I.dm->mtp) fail("gpu runner: the checkpoint has no multi-token-prediction block (mtp.0.* tensors)");
+        I.need_mtp();
         mode = mode == kSampleLogprobs ? kSpecLogprobs : kSpec;
     }
 
@@ -1805,7 +1870,8 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
     if (spec)
         check(cudaMemcpyAsync(ws.samp_in, I.pinned_samp_in, ws.samp_in_bytes, cudaMemcpyHostToDevice, I.stream),
               "sampling inputs");
-    const Impl::Shape shape{Tp, bucket ? bucket : B, Rp, I.opt.exchange ? std::max(Tp, I.exchange_rows) : 0};
+    const Impl::Shape shape{Tp, bucket ? bucket : B, Rp, I.opt.exchange ? std::max(Tp, I.exchange_rows) : 0,
+                            I.opt.head_exchange ? std::max(Rp, I.head_rows) : 0};
     I.chain_ready = false;
     I.last_pos.assign(pos, pos + T);
     I.last_slot.assign(slot, slot + T);
@@ -1817,9 +1883,10 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
     I.last_chunk_lens.clear();
     for (const RunnerChunk& ch : chunks) I.last_chunk_lens.push_back(static_cast<int64_t>(ch.tokens.size()));
     if (bucket) {
-        // (bucket ≤ 256, n0 ≤ kGraphChunkMax, mode < 8; X ≤ max_batch_tokens)
+        // (bucket ≤ 256, n0 ≤ kGraphChunkMax, mode < 8; X ≤ max_batch_tokens < 2²⁰; RX ≤ ws.R)
         const int64_t key =
-            ((shape.X * 257 + bucket) * (kGraphChunkMax + 1) + n0) * 16 + (all_logits ? 8 : 0) + mode;
+            (((shape.RX * (int64_t{1} << 20) + shape.X) * 257 + bucket) * (kGraphChunkMax + 1) + n0) * 16 +
+            (all_logits ? 8 : 0) + mode;
         auto it = I.graphs.find(key);
         if (it == I.graphs.end()) {
             // Capture after one eager run of the same shape (first-use work such as kernel

@@ -27,6 +27,7 @@ struct CUstream_st;
 
 namespace megamoe::dist {
 class ExpertExchange;
+class HeadExchange;
 }
 
 namespace megamoe::gpu {
@@ -67,6 +68,12 @@ struct RunnerOptions {
     // steps with the same padded token count (its collectives move equal counts; the multi-GPU
     // backend's job). Not owned: it outlives the runner. Checkpoint models only.
     dist::ExpertExchange* exchange = nullptr;
+    // With exchange: the head split by vocabulary (dist/exchange.h HeadExchange). The runner then
+    // uploads only head rows [vocab_begin, vocab_end) and every step's head is: gather all ranks'
+    // final rows, this rank's slice of their logits, and each rank's rows' slices back (the
+    // logits of the rank's own rows, whole). Every rank must use the same head row count
+    // (set_head_rows). The MTP block's passes are refused (they run on one GPU). Not owned.
+    dist::HeadExchange* head_exchange = nullptr;
     // How activations are rounded (ref/ops.h Numerics); unset: the model's own (Model::numerics, as
     // the CPU forward reads it), exact for synthetic weights. official: the bf16 activations, FP8
     // GEMM inputs, FP8-rounded KV latent and the indexer's Hadamard + FP4 q / k of DeepSeek's code.
@@ -77,6 +84,7 @@ struct RunnerOptions {
 struct MemoryPlan {
     size_t  weights = 0;               // uploaded weights (packed as in the checkpoint)
     int32_t ep_world = 1;              // expert parallelism: `weights` are one GPU's share of this many
+    bool    head_slice = false;        // ... and the head is split by vocabulary
     size_t  checkpoint = 0;            // the same weights' bytes in the checkpoint
     size_t  workspace = 0;             // activations and scratch for max_batch_tokens
     size_t  slots = 0;                 // fixed per-sequence state (rings, open windows) for max_seqs
@@ -239,6 +247,11 @@ public:
     // The tokens a step of these chunks runs (with a decode graph's padding chunks): what the
     // multi-GPU backend takes the largest of over the ranks for set_exchange_rows. 0 for no chunks.
     int64_t padded_tokens(const std::vector<RunnerChunk>& chunks, bool all_logits) const;
+    // The head's row count of the next steps' vocabulary exchange (RunnerOptions::head_exchange),
+    // at least a step's own padded logit rows (0: the step's own): the largest rank's, set on
+    // every rank. padded_rows: a step's logit rows with a decode graph's padding (0 for no chunks).
+    void set_head_rows(int64_t rows);
+    int64_t padded_rows(const std::vector<RunnerChunk>& chunks, bool all_logits) const;
     // Throws Error where step (spec: step_sample) would refuse these chunks, changing nothing: the
     // multi-GPU backend checks every rank's part before any rank starts (a rank that threw after
     // its peers entered the step's collectives would leave them waiting).

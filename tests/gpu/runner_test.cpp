@@ -1134,8 +1134,9 @@ TEST_P(GpuRunner, GraphReplayEqualsEager) {
 // adds the rows in slot order, so the logits equal the single-GPU runner's bit for bit: a prefill
 // of two sequences (eager, every logit row) and decode steps replayed from a CUDA graph, in exact
 // and official numerics, also when every exchange call moves padding rows past the rank's tokens
-// (set_exchange_rows: what a rank with fewer tokens than its peers does). (Both runners take moe_layer_routed: the small-T path is off, since the
-// EP path never takes it.) A world of N > 1 needs a multi-GPU machine.
+// (set_exchange_rows: what a rank with fewer tokens than its peers does). Both runners take
+// moe_layer_routed (the small-T path is off, since the EP path never takes it). A world of N > 1
+// needs a multi-GPU machine.
 TEST_P(GpuRunner, ExpertParallelWorldOfOneEqualsOneGpu) {
     const ModelConfig& cfg = c->model->cfg;
     std::vector<dist::Communicator> comms = dist::Communicator::create_local({0});
@@ -1185,6 +1186,11 @@ TEST_P(GpuRunner, ExpertParallelWorldOfOneEqualsOneGpu) {
                                                                              dist::Combine::partial_sums));
         exchanges.emplace_back("all-to-all", std::make_unique<dist::AllToAllExchange>(comms[0], mp.layers,
                                                                                       o.max_batch_tokens, k, D));
+        exchanges.emplace_back("all-gather + reduce-scatter, slot rows, the head split by vocabulary",
+                               std::make_unique<dist::GatherScatterExchange>(comms[0], mp.layers, o.max_batch_tokens, k, D,
+                                                                             dist::Combine::slot_rows));
+        // The head's vocabulary exchange (a world of one: one slice, the whole vocabulary).
+        dist::VocabExchange vx(comms[0], dist::split_vocab(V(), 1), o.max_logit_rows, D);
         for (auto& [name, ex] : exchanges)
             // 48: every step moves padding rows past its tokens (ids −1). (Not more: the expert
             // layer's tile follows the rows it is given, and up to 48 rows · k = 4 over E = 16 it is
@@ -1194,9 +1200,15 @@ TEST_P(GpuRunner, ExpertParallelWorldOfOneEqualsOneGpu) {
                              ", exchange rows " + std::to_string(rows));
                 gpu::RunnerOptions oe = o;
                 oe.exchange = ex.get();
+                const bool split_head = name.find("head split") != std::string::npos;
+                if (split_head) oe.head_exchange = &vx;
                 gpu::Runner r(*c->model, oe);
                 EXPECT_EQ(r.plan().ep_world, 1);
+                EXPECT_EQ(r.plan().head_slice, split_head);
                 r.set_exchange_rows(rows);
+                // Head rows: 2, every decode step's own (more would change the head linear's M, and
+                // with it the split of its sums); the idle steps need at least one.
+                if (split_head) r.set_head_rows(rows > 0 ? 2 : 0);
                 const std::vector<std::vector<float>> got = run(r, rows > 0);
                 ASSERT_EQ(got.size(), want.size());
                 for (size_t i = 0; i < got.size(); ++i) {
@@ -1221,6 +1233,26 @@ TEST_P(GpuRunner, ExpertParallelWorldOfOneEqualsOneGpu) {
         oe.exchange = &ex;
         gpu::Runner r(*c->model, oe);
         test::expect_error([&] { r.set_exchange_rows(257); }, {"257 exchange rows", "--max-batch-tokens 256"});
+        test::expect_error([&] { r.set_head_rows(1); }, {"set_head_rows", "without a vocabulary exchange"});
+        // With the head split, the MTP block's passes are refused (they run on one GPU).
+        dist::VocabExchange vx(comms[0], dist::split_vocab(V(), 1), o.max_logit_rows, D);
+        oe.head_exchange = &vx;
+        gpu::Runner rh(*c->model, oe);
+        const int32_t slot = rh.open();
+        ASSERT_TRUE(rh.reserve(slot, 8));
+        std::vector<float> a, b;
+        if (rh.has_mtp())
+            test::expect_error([&] { rh.step_mtp({{slot, {1, 2}}}, {{2, 3}}, a, b); }, {"MTP block's passes run on one GPU"});
+        test::expect_error([&] { rh.step_idle(); }, {"set_exchange_rows of at least 1"});
+        rh.set_exchange_rows(4);
+        test::expect_error([&] { rh.step_idle(); }, {"set_head_rows of at least 1"});
+        // A vocabulary exchange without the expert exchange, or carrying too few rows.
+        gpu::RunnerOptions oh = o;
+        oh.head_exchange = &vx;
+        test::expect_error([&] { gpu::Runner bad(*c->model, oh); }, {"comes with expert parallelism"});
+        dist::VocabExchange few_rows(comms[0], dist::split_vocab(V(), 1), o.max_logit_rows - 1, D);
+        oe.head_exchange = &few_rows;
+        test::expect_error([&] { gpu::Runner bad(*c->model, oe); }, {"carries 255 rows per call"});
     }
     dist::GatherScatterExchange few(comms[0], mp.layers, o.max_batch_tokens - 1, k, D, dist::Combine::slot_rows);
     o.exchange = &few;

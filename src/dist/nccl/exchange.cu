@@ -156,6 +156,18 @@ __global__ void combine_a2a_kernel(const float* back, const int32_t* row_of, con
     y[i] = official ? cuda::nm::bf16_round(sum) : sum;
 }
 
+// logits[t, begin[q] + v] = recv[R·begin[q] + t·(begin[q+1] − begin[q]) + v]: slice q of row t.
+__global__ void assemble_logits_kernel(const float* recv, const int64_t* begin, int32_t N, int64_t R, int64_t V,
+                                       float* logits) {
+    const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+    if (i >= R * V) return;
+    const int64_t t = i / V, col = i % V;
+    int32_t q = 0;
+    while (q + 1 < N && begin[q + 1] <= col) ++q;
+    const int64_t w = begin[q + 1] - begin[q];
+    logits[i] = recv[R * begin[q] + t * w + (col - begin[q])];
+}
+
 // Checks the partitions against the communicator and each other; returns held[rank] per layer.
 std::vector<std::vector<int32_t>> check_partitions(const Communicator& comm, const std::vector<ExpertPartition>& layers,
                                                    int64_t k, int64_t D) {
@@ -359,6 +371,57 @@ void AllToAllExchange::combine(const float* shared, const int32_t* /*ids*/, floa
     if (T_ == 0) return;
     combine_a2a_kernel<<<blocks_for(T_ * D_), kThreads, 0, cs(stream)>>>(back.data(), row_of.data(), shared, T_, world_,
                                                                          T_, D_, official, y);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+// ---- the head's vocabulary exchange
+
+VocabExchange::VocabExchange(const Communicator& comm, const VocabSplit& split, int64_t R_max, int64_t D)
+    : comm_(comm.get()), world_(comm.world()), rank_(comm.rank()), R_max_(R_max), D_(D), split_(split) {
+    if (!comm.get()) throw Error("vocabulary exchange: the communicator is empty");
+    if (split.world != comm.world() || split.begin.size() != static_cast<size_t>(split.world) + 1)
+        throw Error("vocabulary exchange: the vocabulary split is for " + std::to_string(split.world) +
+                    " GPUs, the NCCL world has " + std::to_string(comm.world()));
+    for (int32_t q = 0; q < world_; ++q)
+        if (split.rows(q) < 1)
+            throw Error("vocabulary exchange: GPU " + std::to_string(q) + " would hold no head row (vocab_size " +
+                        std::to_string(split.vocab) + " over " + std::to_string(world_) + " GPUs)");
+    if (R_max < 1 || D < 1)
+        throw Error("vocabulary exchange: rows per call (" + std::to_string(R_max) + ") and hidden_size (" +
+                    std::to_string(D) + ") must be positive");
+    const int64_t Vs = split.rows(rank_);
+    hidden_all_ = cuda::DeviceArray<uint16_t>(static_cast<size_t>(world_ * R_max * D), "vocabulary exchange hidden");
+    slices_ = cuda::DeviceArray<float>(static_cast<size_t>(world_ * R_max * Vs), "vocabulary exchange slices");
+    recv_ = cuda::DeviceArray<float>(static_cast<size_t>(R_max * split.vocab), "vocabulary exchange received");
+    begin_ = cuda::DeviceArray<int64_t>(split.begin, "vocabulary exchange columns");
+}
+
+void VocabExchange::gather(const uint16_t* hidden, int64_t R, CUstream_st* stream) {
+    if (R < 0 || R > R_max_)
+        throw Error("vocabulary exchange: " + std::to_string(R) + " rows in one call, it holds " + std::to_string(R_max_));
+    R_ = R;
+    if (R == 0) return;
+    nccl_check(ncclAllGather(hidden, hidden_all_.data(), static_cast<size_t>(R * D_) * 2, ncclUint8, nc(comm_), cs(stream)),
+               "ncclAllGather hidden rows");
+}
+
+void VocabExchange::scatter(float* logits, CUstream_st* stream) {
+    if (R_ == 0) return;
+    const int64_t Vs = split_.rows(rank_);
+    nccl_check(ncclGroupStart(), "ncclGroupStart");
+    for (int32_t q = 0; q < world_; ++q) {
+        // To q: this rank's slice of q's rows; from q: q's slice of this rank's rows.
+        nccl_check(ncclSend(slices_.data() + static_cast<int64_t>(q) * R_ * Vs, static_cast<size_t>(R_ * Vs), ncclFloat32,
+                            q, nc(comm_), cs(stream)),
+                   "ncclSend logits slice");
+        nccl_check(ncclRecv(recv_.data() + R_ * split_.begin[static_cast<size_t>(q)],
+                            static_cast<size_t>(R_ * split_.rows(q)), ncclFloat32, q, nc(comm_), cs(stream)),
+                   "ncclRecv logits slice");
+    }
+    nccl_check(ncclGroupEnd(), "ncclGroupEnd (logits)");
+    const int64_t n = R_ * split_.vocab;
+    assemble_logits_kernel<<<blocks_for(n), kThreads, 0, cs(stream)>>>(recv_.data(), begin_.data(), world_, R_,
+                                                                       split_.vocab, logits);
     CUDA_CHECK(cudaGetLastError());
 }
 

@@ -31,6 +31,7 @@
 #include "dist/nccl/comm.h"
 #include "dist/partition.h"
 #include "dist/plan.h"
+#include "dist/sim.h"   // VocabSplit
 
 struct CUstream_st;
 
@@ -144,6 +145,39 @@ private:
     int32_t world_ = 1, rank_ = 0, per_rank_ = 0;
     int64_t cap_ = 0, T_ = 0, k_ = 0, D_ = 0, E_ = 0;
     std::vector<std::vector<int32_t>> held_;   // [L][E/N]
+};
+
+// The head's vocabulary exchange (dist::HeadExchange): all-gather of the hidden rows, then grouped
+// send / recv of each rank's rows' slices (rank q's slice has rows(q) columns; a slice of no
+// columns sends nothing), then one kernel that writes each slice into its columns.
+class VocabExchange final : public HeadExchange {
+public:
+    // split: split_vocab's slices (split.world == comm.world(), every slice non-empty); R_max: rows
+    // per rank and call at most; D: hidden size. Throws Error otherwise.
+    VocabExchange(const Communicator& comm, const VocabSplit& split, int64_t R_max, int64_t D);
+
+    int32_t world() const override { return world_; }
+    int32_t rank() const override { return rank_; }
+    int64_t vocab() const override { return split_.vocab; }
+    int64_t vocab_begin() const override { return split_.begin[static_cast<size_t>(rank_)]; }
+    int64_t vocab_end() const override { return split_.begin[static_cast<size_t>(rank_) + 1]; }
+    int64_t max_rows() const override { return R_max_; }
+
+    void gather(const uint16_t* hidden, int64_t R, CUstream_st* stream) override;
+    int64_t rows() const override { return world_ * R_; }
+    const uint16_t* hidden_all() const override { return hidden_all_.data(); }
+    float* slice_logits() override { return slices_.data(); }
+    void scatter(float* logits, CUstream_st* stream) override;
+
+private:
+    ncclComm* comm_ = nullptr;
+    int32_t world_ = 1, rank_ = 0;
+    int64_t R_max_ = 0, R_ = 0, D_ = 0;
+    VocabSplit split_;
+    cuda::DeviceArray<uint16_t> hidden_all_;   // [N·R_max, D] bf16
+    cuda::DeviceArray<float>    slices_;       // [N·R_max, rows(rank)] f32 this rank's slice of every row
+    cuda::DeviceArray<float>    recv_;         // [R_max·V] f32: from rank q, [R, rows(q)] at R·begin[q]
+    cuda::DeviceArray<int64_t>  begin_;        // [N + 1] the split's column starts
 };
 
 }  // namespace megamoe::dist
