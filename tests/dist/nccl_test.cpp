@@ -1,6 +1,7 @@
-// nccl_test.cpp — the NCCL exchange (dist/nccl/exchange.h) in a world of one GPU against the CPU
-// plans (dist/plan.h): what arrives, where, and the combined sums bit for bit; the gather/scatter
-// sequence captured into a CUDA graph and replayed equals eager execution. Skips without a GPU,
+// nccl_test.cpp — the NCCL exchanges (dist/nccl/exchange.h) in a world of one GPU against the CPU
+// plans (dist/plan.h): what arrives, where, and the combined sums bit for bit (exact and official
+// rounding, calls of fewer tokens, a later layer's partition); the gather/scatter sequence
+// captured into a CUDA graph and replayed equals eager execution; the head's vocabulary exchange. Skips without a GPU,
 // or when the build has no NCCL. A world of N > 1 needs a multi-GPU machine (not run yet).
 #include <gtest/gtest.h>
 
@@ -269,6 +270,45 @@ TEST(DistNccl, GatherScatterCapturesIntoAGraph) {
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
     comms[0].check();
+}
+
+// The head's vocabulary exchange in a world of one: the hidden rows arrive as sent, and the
+// slice written into slice_logits() comes back as the whole rows' logits; calls of fewer rows than
+// it holds move just those; a split of another world or an empty slice is refused.
+TEST(DistNccl, VocabExchangeWorldOfOne) {
+    SKIP_WITHOUT_GPU();
+    std::vector<Communicator> comms = Communicator::create_local({0});
+    constexpr int64_t V = 300, R_max = 5;
+    VocabExchange vx(comms[0], split_vocab(V, 1), R_max, D);
+    EXPECT_EQ(vx.vocab_begin(), 0);
+    EXPECT_EQ(vx.vocab_end(), V);
+    Stream st;
+    std::mt19937 rng(9);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    for (int64_t R : {R_max, int64_t{2}}) {
+        std::vector<uint16_t> hidden;
+        for (int64_t i = 0; i < R * D; ++i) hidden.push_back(f32_to_bf16(nd(rng)));
+        std::vector<float> slices;
+        for (int64_t i = 0; i < R * V; ++i) slices.push_back(nd(rng));
+        cuda::DeviceArray<uint16_t> h(hidden);
+        cuda::DeviceArray<float> logits(static_cast<size_t>(R_max * V));
+        vx.gather(h.data(), R, st.get());
+        ASSERT_EQ(vx.rows(), R);
+        CUDA_CHECK(cudaMemcpyAsync(vx.slice_logits(), slices.data(), slices.size() * 4, cudaMemcpyHostToDevice, st.s));
+        vx.scatter(logits.data(), st.get());
+        st.sync();
+        comms[0].check();
+        std::vector<uint16_t> got_h(static_cast<size_t>(R * D));
+        CUDA_CHECK(cudaMemcpy(got_h.data(), vx.hidden_all(), got_h.size() * 2, cudaMemcpyDeviceToHost));
+        EXPECT_EQ(got_h, hidden) << "R = " << R;
+        const std::vector<float> got = logits.download();
+        EXPECT_EQ(0, std::memcmp(got.data(), slices.data(), slices.size() * 4)) << "R = " << R;
+    }
+    EXPECT_THROW(vx.gather(nullptr, R_max + 1, st.get()), Error);
+    EXPECT_THROW(VocabExchange(comms[0], split_vocab(V, 2), R_max, D), Error);
+    VocabSplit empty = split_vocab(V, 1);
+    empty.begin = {0, 0};
+    EXPECT_THROW(VocabExchange(comms[0], empty, R_max, D), Error);
 }
 
 TEST(DistNccl, RefusesAPartitionOfAnotherWorld) {
