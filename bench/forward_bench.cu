@@ -15,6 +15,7 @@
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
 //                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small]
+//                         [--gpus N | --multi] [--ep-exchange gather|all-to-all] [--replicated-head]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
 // with the MTP block drafting K tokens per sequence (gpu::generate_speculative's rounds, batched):
 // per round one Runner::step_spec over [x, d_1 .. d_K] of every sequence (greedy, or sampled at
@@ -37,6 +38,13 @@
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
 // --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
 // records (span, kernel time, idle time, a table by kernel, and its first N kernels).
+// --gpus N [--ep-exchange gather|all-to-all] [--replicated-head]: the same model over GPUs 0..N-1
+// through the multi-GPU backend (gpu/multi_backend.h: routed experts and the head split, attention
+// data-parallel, the NCCL exchange in the decode graphs); --multi runs that backend on one GPU
+// (a world of one). Rows: decode at each batch and context (B sequences spread over the GPUs), a
+// prefill of --prefill tokens as N sequences of prefill / N tokens (one per GPU); µs per step from
+// the host (each step ends in one wait per GPU), and the floor from the bytes the busiest GPU must
+// read (its share of the weights, of the experts hit and of the sequences' keys).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -54,6 +62,8 @@
 #include "kernel_trace.h"
 #endif
 #include "core/common.h"
+#include "cuda/kv_row.h"
+#include "gpu/multi_backend.h"
 #include "gpu/runner.h"
 #include "io/formats.h"
 #include "io/synth.h"
@@ -100,6 +110,112 @@ struct Row {
     double us_step = 0, us_layer = 0, tok_s = 0, floor_us = 0;
 };
 
+// The multi-GPU rows (--gpus / --multi): decode at each batch and context, then a prefill.
+void run_multi(const ModelConfig& cfg, const WeightBytes& wb, int64_t gpus, const std::string& exchange, bool split_head,
+               const std::vector<int64_t>& batches, const std::vector<int64_t>& contexts, int64_t prefill, int64_t steps,
+               Numerics numerics, double bw) {
+    const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
+    const int64_t max_ctx = *std::max_element(contexts.begin(), contexts.end());
+    gpu::RunnerOptions ro;
+    ro.max_seqs = (max_batch + gpus - 1) / gpus;   // per GPU: the sequences spread evenly (dist::dp_pick_rank)
+    ro.max_batch_tokens = std::max(prefill, max_batch);
+    ro.max_logit_rows = max_batch;
+    ro.max_model_len = std::max(max_ctx, prefill) + 8 * steps + 16;
+    ro.memory_fraction = 0.95;
+    ro.numerics = numerics;
+    gpu::MultiGpuOptions mo;
+    for (int d = 0; d < gpus; ++d) mo.devices.push_back(d);
+    mo.scheme = exchange == "all-to-all" ? dist::Scheme::all_to_all : dist::Scheme::gather_scatter;
+    mo.split_head = split_head;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto b = gpu::make_multi_gpu_backend(cfg, 1234, ro, mo, &std::cout);
+    std::printf("# synthetic weights made on %ld GPUs in %.1f s\n", static_cast<long>(gpus),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    const double L = static_cast<double>(cfg.num_hidden_layers), E = static_cast<double>(cfg.n_routed_experts);
+    const double k = static_cast<double>(cfg.num_experts_per_tok), N = static_cast<double>(gpus);
+    int64_t n_csa = 0, n_hca = 0, hca_ratio = 128;
+    for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+        n_csa += cfg.attn_kind(l) == AttnKind::csa;
+        n_hca += cfg.attn_kind(l) == AttnKind::hca;
+        if (cfg.attn_kind(l) == AttnKind::hca) hca_ratio = cfg.ratio(l);
+    }
+    cuda::KvRow kv{static_cast<int32_t>(cfg.head_dim), static_cast<int32_t>(cfg.qk_rope_head_dim),
+                   numerics == Numerics::official && cuda::KvRow::fp8_fits(cfg.head_dim, cfg.qk_rope_head_dim)};
+    const double kv_row = static_cast<double>(kv.bytes());
+    std::vector<float> logits;
+    for (int64_t ctx : contexts)
+        for (int64_t B : batches) {
+            std::vector<int32_t> slots;
+            for (int64_t i = 0; i < B; ++i) {
+                slots.push_back(b->open());
+                if (slots.back() < 0 || !b->reserve(slots.back(), ctx + 8 * steps + 16))
+                    fail("no room for ", B, " sequences of ", ctx, " positions over ", gpus, " GPUs");
+                gpu::set_n_past_for_benchmark(*b, slots.back(), ctx);
+            }
+            auto decode = [&](int64_t st) {
+                std::vector<BackendChunk> ch;
+                for (int64_t i = 0; i < B; ++i)
+                    ch.push_back({slots[static_cast<size_t>(i)], {static_cast<int32_t>((7 * i + 13 * st) % 1000 + 2)}});
+                return ch;
+            };
+            b->step(decode(0), false, logits);   // eager, then capture (every GPU)
+            b->step(decode(1), false, logits);   // first replay
+            for (float v : logits)
+                if (!std::isfinite(v)) fail("non-finite logit at batch ", B, ", context ", ctx);
+            const auto a = std::chrono::steady_clock::now();
+            for (int64_t st = 2; st < steps + 2; ++st) b->step(decode(st), false, logits);
+            const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count() /
+                              static_cast<double>(steps);
+            // The busiest GPU's bytes: the replicated weights, its share of the head and of the
+            // experts hit (uniform routing: hit / N of them), and the keys of its ⌈B / N⌉ sequences.
+            const double hit = E * (1.0 - std::pow(1.0 - k / E, static_cast<double>(B)));
+            const double c = static_cast<double>(ctx);
+            const double kv_tok =
+                L * static_cast<double>(cfg.sliding_window) * kv_row +
+                static_cast<double>(n_csa) * (std::min<double>(static_cast<double>(cfg.index_topk), c / 4) * kv_row +
+                                              c / 4 * static_cast<double>(cfg.index_head_dim) * 2) +
+                static_cast<double>(n_hca) * (c / static_cast<double>(hca_ratio)) * kv_row;
+            const double seqs = std::ceil(static_cast<double>(B) / N);
+            const double bytes = wb.dense + (split_head ? wb.head / N : wb.head) + L * std::ceil(hit / N) * wb.expert +
+                                 seqs * kv_tok;
+            const double floor_us = bytes / (bw * 1e9) * 1e6;
+            std::printf("%-24s %9.1f us/step %8.1f us/layer %10.0f tok/s  floor %8.1f us per GPU (%.2fx)\n",
+                        str("decode B=", B, " ctx=", ctx).c_str(), us, us / L, static_cast<double>(B) * 1e6 / us, floor_us,
+                        us / floor_us);
+            for (int32_t s : slots) b->close(s);
+        }
+    if (prefill > 0) {
+        std::vector<int32_t> slots;
+        std::vector<BackendChunk> ch;
+        const int64_t per = std::max<int64_t>(1, prefill / gpus);
+        for (int64_t g = 0; g < gpus; ++g) {
+            slots.push_back(b->open());
+            if (slots.back() < 0 || !b->reserve(slots.back(), per)) fail("no room for a prefill of ", per);
+            std::vector<int32_t> toks(static_cast<size_t>(per));
+            for (int64_t i = 0; i < per; ++i) toks[static_cast<size_t>(i)] = static_cast<int32_t>((31 * i + g) % 1000 + 2);
+            ch.push_back({slots.back(), toks});
+        }
+        b->step(ch, false, logits);   // first use (kernel attributes, cuBLASLt plans)
+        for (int32_t s : slots) b->close(s);
+        slots.clear();
+        for (BackendChunk& c : ch) {
+            c.slot = b->open();
+            if (c.slot < 0 || !b->reserve(c.slot, per)) fail("no room for a prefill of ", per);
+            slots.push_back(c.slot);
+        }
+        const auto a = std::chrono::steady_clock::now();
+        b->step(ch, false, logits);
+        const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count();
+        for (float v : logits)
+            if (!std::isfinite(v)) fail("non-finite logit in the prefill");
+        std::printf("%-24s %9.1f us/step %8.1f us/layer %10.0f tok/s  (%ld sequences of %ld tokens, one per GPU)\n",
+                    str("prefill T=", per * gpus).c_str(), us, us / L, static_cast<double>(per * gpus) * 1e6 / us,
+                    static_cast<long>(gpus), static_cast<long>(per));
+        for (int32_t s : slots) b->close(s);
+    }
+    std::printf("# all rows ran; logits finite\n");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -109,7 +225,9 @@ int main(int argc, char** argv) {
         int64_t spec_k = 1;
         float spec_temperature = 0.0f;
         Numerics numerics = Numerics::exact;
-        int64_t layers = -1, prefill = 8192, steps = 20, trace = -1;
+        int64_t layers = -1, prefill = 8192, steps = 20, trace = -1, gpus = 1;
+        bool multi = false, replicated_head = false;
+        std::string ep_exchange = "gather";
         std::vector<int64_t> batches{1, 8, 64, 256}, contexts{1024, 32768};
         for (int i = 1; i < argc; ++i) {
             const std::string a = argv[i];
@@ -138,6 +256,10 @@ int main(int argc, char** argv) {
             }
             else if (a == "--spec-temperature") spec_temperature = std::stof(next());
             else if (a == "--numerics") numerics = parse_numerics(next());
+            else if (a == "--gpus") gpus = std::stoll(next());
+            else if (a == "--multi") multi = true;
+            else if (a == "--ep-exchange") ep_exchange = next();
+            else if (a == "--replicated-head") replicated_head = true;
             else fail("unknown option ", a);
         }
         if (layers < 0) layers = preset == "pro" ? 4 : 20;
@@ -157,6 +279,20 @@ int main(int argc, char** argv) {
         std::printf("# copy bandwidth (read + write) measured in this run: %.0f GB/s\n", bw);
         std::printf("# numerics: %s\n", numerics_name(numerics));
 
+        if (gpus < 1) fail("--gpus must be at least 1");
+        if (ep_exchange != "gather" && ep_exchange != "all-to-all") fail("--ep-exchange must be gather or all-to-all");
+        if (gpus > 1 || multi) {
+            if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || no_moe_small)
+                fail("--gpus / --multi: the multi-GPU rows take --model, --layers, --batches, --contexts, --prefill, "
+                     "--steps, --experts, --numerics, --ep-exchange and --replicated-head only");
+            WeightBytes wb;
+            Weights shapes;
+            visit_weights(cfg, shapes, wb, false);
+            std::printf("# %ld GPUs (multi-GPU backend), exchange %s, head %s\n", static_cast<long>(gpus),
+                        ep_exchange.c_str(), replicated_head ? "replicated" : "split by vocabulary");
+            run_multi(cfg, wb, gpus, ep_exchange, !replicated_head, batches, contexts, prefill, steps, numerics, bw);
+            return 0;
+        }
         const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
         const int64_t max_ctx = *std::max_element(contexts.begin(), contexts.end());
         gpu::RunnerOptions ro;

@@ -125,6 +125,21 @@ struct Placer {
         }
         if (held == nullptr) {
             d.experts = experts(f.experts);
+        } else if (src.synth) {
+            // Expert e draws the seeds it draws in the whole model (3 per expert: w1, w3, w2), and
+            // the tensors after the experts draw theirs as in the whole model too: the replicated
+            // weights are then the same on every rank.
+            const uint64_t base = src.counter;
+            std::vector<cuda::DeviceLinear> w1, w3, w2;
+            for (int32_t e : *held) {
+                const ExpertWeights& x = f.experts[static_cast<size_t>(e)];
+                src.counter = base + 3 * static_cast<uint64_t>(e);
+                w1.push_back(linear(x.w1));
+                w3.push_back(linear(x.w3));
+                w2.push_back(linear(x.w2));
+            }
+            src.counter = base + 3 * static_cast<uint64_t>(f.experts.size());
+            d.experts = cuda::DeviceExperts(std::move(w1), std::move(w3), std::move(w2), arena);
         } else {
             std::vector<ExpertWeights> mine;   // views: no bytes are read here
             mine.reserve(held->size());
@@ -244,7 +259,9 @@ size_t DeviceModel::plan_bytes(const Model& m, const WeightShard& shard) {
     return counter.used();
 }
 
-size_t DeviceModel::plan_bytes(const ModelConfig& c) {
+size_t DeviceModel::plan_bytes(const ModelConfig& c) { return plan_bytes(c, WeightShard{}); }
+
+size_t DeviceModel::plan_bytes(const ModelConfig& c, const WeightShard& shard) {
     Weights shapes;
     ShapeOnly so;
     visit_weights(c, shapes, so, c.num_nextn_predict_layers > 0);   // synthetic: with the MTP block when the config has one
@@ -254,7 +271,7 @@ size_t DeviceModel::plan_bytes(const ModelConfig& c) {
     cuda::DeviceArena counter;
     Source s;
     s.synth = true;
-    counting.place(c, shapes, rm, rc, counter, s);
+    counting.place(c, shapes, rm, rc, counter, s, shard);
     return counter.used();
 }
 
@@ -271,7 +288,10 @@ DeviceModel::DeviceModel(const Model& m, const WeightShard& shard)
     if (e != cudaSuccess) fail("DeviceModel: upload: ", cudaGetErrorString(e));
 }
 
-DeviceModel::DeviceModel(const ModelConfig& c, uint64_t seed) : cfg_(c), arena_(plan_bytes(c), "synthetic weights") {
+DeviceModel::DeviceModel(const ModelConfig& c, uint64_t seed) : DeviceModel(c, seed, WeightShard{}) {}
+
+DeviceModel::DeviceModel(const ModelConfig& c, uint64_t seed, const WeightShard& shard)
+    : cfg_(c), arena_(plan_bytes(c, shard), "synthetic weights") {
     Weights shapes;
     ShapeOnly so;
     visit_weights(c, shapes, so, c.num_nextn_predict_layers > 0);   // synthetic: with the MTP block when the config has one
@@ -280,7 +300,7 @@ DeviceModel::DeviceModel(const ModelConfig& c, uint64_t seed) : cfg_(c), arena_(
     Source s;
     s.synth = true;
     s.seed = seed;
-    place(c, shapes, rm, rc, arena_, s);
+    place(c, shapes, rm, rc, arena_, s, shard);
     const cudaError_t e = cudaDeviceSynchronize();
     if (e != cudaSuccess) fail("DeviceModel: synthesis: ", cudaGetErrorString(e));
 }

@@ -91,10 +91,14 @@ public:
     // A model of config `c` with random weights made on the GPU (cuda/synth.h), in the same layout
     // (benchmarks of models too large for a checkpoint on disk).
     DeviceModel(const ModelConfig& c, uint64_t seed);
+    // ... only `shard`'s experts and head rows of it (benchmarks of several GPUs): expert e and
+    // every replicated tensor get the values they get in the whole synthetic model.
+    DeviceModel(const ModelConfig& c, uint64_t seed, const WeightShard& shard);
     // Bytes the upload takes on the device (a counting pass over the same walk; no GPU needed).
     static size_t plan_bytes(const Model& m);
     static size_t plan_bytes(const Model& m, const WeightShard& shard);
     static size_t plan_bytes(const ModelConfig& c);
+    static size_t plan_bytes(const ModelConfig& c, const WeightShard& shard);
 
     const ModelConfig& cfg() const { return cfg_; }
     size_t bytes() const { return arena_.used(); }

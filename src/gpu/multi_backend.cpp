@@ -107,13 +107,19 @@ private:
 
 class MultiGpuBackend final : public Backend {
 public:
-    MultiGpuBackend(const Model& m, const RunnerOptions& opt, const MultiGpuOptions& mo, std::ostream* log)
-        : cfg_(m.cfg), devices_(mo.devices), world_(static_cast<int32_t>(mo.devices.size())) {
+    // m: a checkpoint model, or null for random weights of config c made on the GPUs from seed.
+    MultiGpuBackend(const Model* m, const ModelConfig& c, uint64_t seed, const RunnerOptions& opt,
+                    const MultiGpuOptions& mo, std::ostream* log)
+        : cfg_(c), devices_(mo.devices), world_(static_cast<int32_t>(mo.devices.size())) {
         check_devices();
         if (opt.rollback)
             fail("--gpus ", world_, ": speculative decoding across several GPUs is not built yet (run it on one GPU)");
-        if (opt.exchange) fail("multi-GPU backend: the runner options already name an expert exchange");
-        const dist::ModelPartition mp = dist::partition_model(cfg_, &m.w, world_, mo.partition);
+        if (opt.exchange || opt.head_exchange)
+            fail("multi-GPU backend: the runner options already name an exchange");
+        if (!m && mo.partition != dist::PartitionKind::contiguous)
+            fail("--partition ", dist::partition_kind_name(mo.partition),
+                 ": synthetic weights have no hash tables to balance by; use contiguous");
+        const dist::ModelPartition mp = dist::partition_model(cfg_, m ? &m->w : nullptr, world_, mo.partition);
         comms_ = dist::Communicator::create_local(devices_);
         for (int d : devices_) workers_.push_back(std::make_unique<RankWorker>(d));
         exchanges_.resize(static_cast<size_t>(world_));
@@ -142,7 +148,8 @@ public:
                     o.head_exchange = heads_[i].get();
                 }
                 o.prefix_snapshots = 0;   // prefix caching runs on one GPU only (no snapshot records)
-                runners_[i] = std::make_unique<Runner>(m, o, log ? &logs[i] : nullptr);
+                runners_[i] = m ? std::make_unique<Runner>(*m, o, log ? &logs[i] : nullptr)
+                                : std::make_unique<Runner>(c, seed, o, log ? &logs[i] : nullptr);
             });
         } catch (...) {
             release();
@@ -249,6 +256,11 @@ public:
         int64_t cap = runner(0).capacity_tokens();
         for (int32_t r = 1; r < world_; ++r) cap = std::min(cap, runner(r).capacity_tokens());
         return cap;
+    }
+    void set_n_past_for_benchmark(int32_t slot, int64_t n) {
+        const int32_t r = rank_of(slot);
+        DeviceScope ds(device(r));
+        runner(r).set_n_past_for_benchmark(dist::dp_local(slot, world_), n);
     }
     SequenceState state(int32_t slot) const override {
         const int32_t r = rank_of(slot);
@@ -379,7 +391,18 @@ bool multi_gpu_available() { return true; }
 
 std::unique_ptr<Backend> make_multi_gpu_backend(const Model& m, const RunnerOptions& opt, const MultiGpuOptions& mo,
                                                 std::ostream* log) {
-    return std::make_unique<MultiGpuBackend>(m, opt, mo, log);
+    return std::make_unique<MultiGpuBackend>(&m, m.cfg, 0, opt, mo, log);
+}
+
+std::unique_ptr<Backend> make_multi_gpu_backend(const ModelConfig& c, uint64_t seed, const RunnerOptions& opt,
+                                                const MultiGpuOptions& mo, std::ostream* log) {
+    return std::make_unique<MultiGpuBackend>(nullptr, c, seed, opt, mo, log);
+}
+
+void set_n_past_for_benchmark(Backend& b, int32_t slot, int64_t n) {
+    auto* mb = dynamic_cast<MultiGpuBackend*>(&b);
+    if (!mb) fail("set_n_past_for_benchmark: not a multi-GPU backend (", b.name(), ")");
+    mb->set_n_past_for_benchmark(slot, n);
 }
 
 }  // namespace megamoe::gpu
@@ -393,6 +416,15 @@ bool multi_gpu_available() { return false; }
 std::unique_ptr<Backend> make_multi_gpu_backend(const Model&, const RunnerOptions&, const MultiGpuOptions& mo,
                                                 std::ostream*) {
     fail("--gpus ", mo.devices.size(), ": this build has no NCCL (CUDA's nccl.h and libnccl were not found at configure time)");
+}
+
+std::unique_ptr<Backend> make_multi_gpu_backend(const ModelConfig&, uint64_t, const RunnerOptions&,
+                                                const MultiGpuOptions& mo, std::ostream*) {
+    fail("--gpus ", mo.devices.size(), ": this build has no NCCL (CUDA's nccl.h and libnccl were not found at configure time)");
+}
+
+void set_n_past_for_benchmark(Backend& b, int32_t, int64_t) {
+    fail("set_n_past_for_benchmark: not a multi-GPU backend (", b.name(), ")");
 }
 
 }  // namespace megamoe::gpu

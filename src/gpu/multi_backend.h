@@ -41,5 +41,13 @@ bool multi_gpu_available();
 // decoding is not built across GPUs), or a rank does not fit.
 std::unique_ptr<Backend> make_multi_gpu_backend(const Model& m, const RunnerOptions& opt, const MultiGpuOptions& mo,
                                                 std::ostream* log = nullptr);
+// Random weights of config `c` made on the GPUs (benchmarks; gpu/device_model.h): each rank makes
+// only its experts and head rows, each as in the whole synthetic model. The contiguous partition
+// only (balanced needs a checkpoint's hash tables).
+std::unique_ptr<Backend> make_multi_gpu_backend(const ModelConfig& c, uint64_t seed, const RunnerOptions& opt,
+                                                const MultiGpuOptions& mo, std::ostream* log = nullptr);
+// Benchmarks: a slot's position set without running its tokens (Runner::set_n_past_for_benchmark
+// on the slot's GPU). `b` must come from make_multi_gpu_backend; throws Error otherwise.
+void set_n_past_for_benchmark(Backend& b, int32_t slot, int64_t n);
 
 }  // namespace megamoe::gpu

@@ -597,7 +597,6 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     if (!cuda::gpu_available()) fail("gpu runner: no CUDA device is available");
     if (opt.exchange) {   // expert parallelism: checked before anything is allocated
         const dist::ExpertExchange& ex = *opt.exchange;
-        if (!m) fail("gpu runner: expert parallelism needs a checkpoint (a synthetic model is made whole)");
         if (ex.layers() != c.num_hidden_layers)
             fail("gpu runner: the expert exchange partitions ", ex.layers(), " MoE layers, the model has num_hidden_layers = ",
                  c.num_hidden_layers);
@@ -643,7 +642,8 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     }
     plan.ep_world = opt.exchange ? opt.exchange->world() : 1;
     plan.head_slice = opt.head_exchange != nullptr;
-    plan.weights = !m ? DeviceModel::plan_bytes(c) : opt.exchange ? DeviceModel::plan_bytes(*m, shard) : DeviceModel::plan_bytes(*m);
+    plan.weights = !m ? DeviceModel::plan_bytes(c, shard)
+                      : opt.exchange ? DeviceModel::plan_bytes(*m, shard) : DeviceModel::plan_bytes(*m);
     {
         CheckpointBytes cb;
         Weights scratch;
@@ -653,7 +653,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     if (plan.weights + reserve_b > free_b)
         fail("the model's weights need ", mib(plan.weights), " on the GPU; ", mib(free_b), " are free and ",
              mib(reserve_b), " are kept back (--gpu-memory-fraction ", opt.memory_fraction, ")");
-    dm = !m ? std::make_unique<DeviceModel>(c, seed)
+    dm = !m ? std::make_unique<DeviceModel>(c, seed, shard)
             : opt.exchange ? std::make_unique<DeviceModel>(*m, shard) : std::make_unique<DeviceModel>(*m);
 
     // cuBLASLt's block-scaled FP8 GEMM needs Hopper and CUDA >= 12.9 (cuda/linear_lt.h): ask its

@@ -66,7 +66,8 @@ struct RunnerOptions {
     // local experts plus the skip bucket) → give_back → (the shared expert joined) combine. The
     // exchange must carry max_batch_tokens tokens per call; every rank's runner must run the same
     // steps with the same padded token count (its collectives move equal counts; the multi-GPU
-    // backend's job). Not owned: it outlives the runner. Checkpoint models only.
+    // backend's job). Not owned: it outlives the runner. A synthetic model (the second constructor)
+    // makes only this rank's experts, each as in the whole synthetic model.
     dist::ExpertExchange* exchange = nullptr;
     // With exchange: the head split by vocabulary (dist/exchange.h HeadExchange). The runner then
     // uploads only head rows [vocab_begin, vocab_end) and every step's head is: gather all ranks'

@@ -40,6 +40,15 @@ std::string resolve_backend(const std::string& name) {
 }
 
 #ifdef MEGAMOE_HAVE_CUDA
+// --gpus N: devices 0 .. N-1, the partition and the exchange by name (checked by check_gpus).
+static gpu::MultiGpuOptions multi_gpu_options(const BackendOptions& o) {
+    gpu::MultiGpuOptions mo;
+    for (int d = 0; d < o.gpus; ++d) mo.devices.push_back(d);
+    mo.partition = o.partition == "balanced" ? dist::PartitionKind::balanced : dist::PartitionKind::contiguous;
+    mo.scheme = o.ep_exchange == "all-to-all" ? dist::Scheme::all_to_all : dist::Scheme::gather_scatter;
+    return mo;
+}
+
 // The runner's options from a backend's (the callers below adjust rows, sequences and rollback).
 static gpu::RunnerOptions runner_options(const BackendOptions& o) {
     gpu::RunnerOptions ro;
@@ -88,11 +97,7 @@ std::unique_ptr<Backend> make_backend(const Model& m, const BackendOptions& o, s
     if (o.gpus > 1) {
         // max_seqs sequences in all, shared out over the GPUs (each sequence lives on one).
         ro.max_seqs = (o.max_seqs + o.gpus - 1) / o.gpus;
-        gpu::MultiGpuOptions mo;
-        for (int d = 0; d < o.gpus; ++d) mo.devices.push_back(d);
-        mo.partition = o.partition == "balanced" ? dist::PartitionKind::balanced : dist::PartitionKind::contiguous;
-        mo.scheme = o.ep_exchange == "all-to-all" ? dist::Scheme::all_to_all : dist::Scheme::gather_scatter;
-        return gpu::make_multi_gpu_backend(m, ro, mo, log);
+        return gpu::make_multi_gpu_backend(m, ro, multi_gpu_options(o), log);
     }
     return gpu::make_gpu_backend(m, ro, log);
 #else
@@ -163,13 +168,17 @@ SpeculativeResult generate_speculative_on(const Model& m, const std::vector<int3
 
 std::unique_ptr<Backend> make_synthetic_backend(const ModelConfig& c, uint64_t seed, const BackendOptions& o,
                                                 std::ostream* log) {
-    if (resolve_backend(o.name) != "cuda") fail("synthetic weights are made on the GPU: they need --backend cuda");
-    if (o.gpus != 1)
-        fail("--gpus ", o.gpus, ": synthetic weights are made whole on one GPU (several GPUs need a checkpoint)");
+    const std::string name = resolve_backend(o.name);
+    if (name != "cuda") fail("synthetic weights are made on the GPU: they need --backend cuda");
+    check_gpus(o, name);
 #ifdef MEGAMOE_HAVE_CUDA
     gpu::RunnerOptions ro = runner_options(o);
     ro.rollback = o.speculative;
     ro.numerics = o.numerics;
+    if (o.gpus > 1) {   // each GPU makes its own share (gpu/multi_backend.h)
+        ro.max_seqs = (o.max_seqs + o.gpus - 1) / o.gpus;
+        return gpu::make_multi_gpu_backend(c, seed, ro, multi_gpu_options(o), log);
+    }
     return gpu::make_gpu_backend(c, seed, ro, log);
 #else
     (void)c, (void)seed, (void)log;

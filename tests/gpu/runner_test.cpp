@@ -37,6 +37,7 @@
 #include "gpu/state_pool.h"
 #include "io/formats.h"
 #include "io/safetensors.h"
+#include "io/synth.h"
 #include "ref/generate.h"
 #include "ref/model.h"
 #include "ref/trace.h"
@@ -2131,6 +2132,47 @@ INSTANTIATE_TEST_SUITE_P(Golden, GpuRunner, ::testing::Values("tiny-flash-nvfp4"
                              std::replace(s.begin(), s.end(), '-', '_');
                              return s;
                          });
+
+#if defined(MEGAMOE_HAVE_NCCL)
+// Synthetic weights over the multi-GPU backend (benchmarks: each rank makes only its experts and
+// head rows, each as in the whole synthetic model), in a world of one: the same weights as the
+// single-GPU synthetic backend, so the same logits bit for bit (the small-T path off in both).
+TEST(GpuMultiBackend, SyntheticWorldOfOneEqualsOneGpu) {
+    if (!cuda::gpu_available()) GTEST_SKIP() << "no GPU";
+    SynthOptions so;
+    so.preset = "tiny";
+    const ModelConfig cfg = synth_config(so);
+    gpu::RunnerOptions o = small_options();
+    o.moe_small = false;
+    auto drive = [&](Backend& b) {
+        std::vector<std::vector<float>> out;
+        const int32_t s0 = b.open(), s1 = b.open();
+        EXPECT_TRUE(b.reserve(s0, 40) && b.reserve(s1, 40));
+        out.emplace_back();
+        b.step({{s0, {5, 6, 7, 8, 9, 10, 11}}, {s1, {12, 13, 14}}}, true, out.back());
+        for (int32_t t = 0; t < 5; ++t) {
+            out.emplace_back();
+            b.step({{s0, {20 + t}}, {s1, {30 + t}}}, false, out.back());
+        }
+        return out;
+    };
+    auto one = gpu::make_gpu_backend(cfg, 77, o);
+    const auto want = drive(*one);
+    one.reset();
+    gpu::MultiGpuOptions mo;
+    mo.devices = {0};
+    auto multi = gpu::make_multi_gpu_backend(cfg, 77, o, mo);
+    const auto got = drive(*multi);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+        ASSERT_EQ(got[i].size(), want[i].size()) << "step " << i;
+        for (float v : got[i]) ASSERT_TRUE(std::isfinite(v)) << "step " << i;
+        EXPECT_EQ(0, std::memcmp(got[i].data(), want[i].data(), want[i].size() * 4)) << "step " << i;
+    }
+    mo.partition = dist::PartitionKind::balanced;
+    test::expect_error([&] { (void)gpu::make_multi_gpu_backend(cfg, 77, o, mo); }, {"synthetic weights have no hash tables"});
+}
+#endif
 
 // Which drops of drafted positions a rewind takes without a copy (no GPU needed): the tiny
 // goldens' layers are SWA, CSA (ratio 4, overlapping compressors: pending slots per window
