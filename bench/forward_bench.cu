@@ -15,7 +15,8 @@
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
 //                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small]
-//                         [--gpus N | --multi] [--ep-exchange gather|all-to-all] [--replicated-head]
+//                         [--gpus N | --multi] [--ep-exchange gather|all-to-all]
+//                         [--ep-combine slot-rows|partial-sums] [--replicated-head]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
 // with the MTP block drafting K tokens per sequence (gpu::generate_speculative's rounds, batched):
 // per round one Runner::step_spec over [x, d_1 .. d_K] of every sequence (greedy, or sampled at
@@ -38,11 +39,13 @@
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
 // --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
 // records (span, kernel time, idle time, a table by kernel, and its first N kernels).
-// --gpus N [--ep-exchange gather|all-to-all] [--replicated-head]: the same model over GPUs 0..N-1
-// through the multi-GPU backend (gpu/multi_backend.h: routed experts and the head split, attention
-// data-parallel, the NCCL exchange in the decode graphs); --multi runs that backend on one GPU
-// (a world of one). Rows: decode at each batch and context (B sequences spread over the GPUs), a
-// prefill of --prefill tokens as N sequences of prefill / N tokens (one per GPU); µs per step from
+// --gpus N [--ep-exchange gather|all-to-all] [--ep-combine slot-rows|partial-sums] [--replicated-head]:
+// the same model over GPUs 0..N-1 through the multi-GPU backend (gpu/multi_backend.h: routed
+// experts and the head split, attention data-parallel, the NCCL exchange in the decode graphs;
+// partial sums send k× fewer bytes back than slot rows at a regrouped f32 sum); --multi runs that
+// backend on one GPU (a world of one). Rows: decode at each batch and context (B sequences spread
+// over the GPUs), a prefill of --prefill tokens as N sequences of prefill / N tokens (one per
+// GPU); µs per step from
 // the host (each step ends in one wait per GPU), and the floor from the bytes the busiest GPU must
 // read (its share of the weights, of the experts hit and of the sequences' keys).
 #include <cuda_runtime.h>
@@ -111,7 +114,8 @@ struct Row {
 };
 
 // The multi-GPU rows (--gpus / --multi): decode at each batch and context, then a prefill.
-void run_multi(const ModelConfig& cfg, const WeightBytes& wb, int64_t gpus, const std::string& exchange, bool split_head,
+void run_multi(const ModelConfig& cfg, const WeightBytes& wb, int64_t gpus, const std::string& exchange,
+               const std::string& combine, bool split_head,
                const std::vector<int64_t>& batches, const std::vector<int64_t>& contexts, int64_t prefill, int64_t steps,
                Numerics numerics, double bw) {
     const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
@@ -126,6 +130,7 @@ void run_multi(const ModelConfig& cfg, const WeightBytes& wb, int64_t gpus, cons
     gpu::MultiGpuOptions mo;
     for (int d = 0; d < gpus; ++d) mo.devices.push_back(d);
     mo.scheme = exchange == "all-to-all" ? dist::Scheme::all_to_all : dist::Scheme::gather_scatter;
+    mo.combine = combine == "partial-sums" ? dist::Combine::partial_sums : dist::Combine::slot_rows;
     mo.split_head = split_head;
     const auto t0 = std::chrono::steady_clock::now();
     auto b = gpu::make_multi_gpu_backend(cfg, 1234, ro, mo, &std::cout);
@@ -227,7 +232,7 @@ int main(int argc, char** argv) {
         Numerics numerics = Numerics::exact;
         int64_t layers = -1, prefill = 8192, steps = 20, trace = -1, gpus = 1;
         bool multi = false, replicated_head = false;
-        std::string ep_exchange = "gather";
+        std::string ep_exchange = "gather", ep_combine = "slot-rows";
         std::vector<int64_t> batches{1, 8, 64, 256}, contexts{1024, 32768};
         for (int i = 1; i < argc; ++i) {
             const std::string a = argv[i];
@@ -259,6 +264,7 @@ int main(int argc, char** argv) {
             else if (a == "--gpus") gpus = std::stoll(next());
             else if (a == "--multi") multi = true;
             else if (a == "--ep-exchange") ep_exchange = next();
+            else if (a == "--ep-combine") ep_combine = next();
             else if (a == "--replicated-head") replicated_head = true;
             else fail("unknown option ", a);
         }
@@ -281,16 +287,19 @@ int main(int argc, char** argv) {
 
         if (gpus < 1) fail("--gpus must be at least 1");
         if (ep_exchange != "gather" && ep_exchange != "all-to-all") fail("--ep-exchange must be gather or all-to-all");
+        if (ep_combine != "slot-rows" && ep_combine != "partial-sums") fail("--ep-combine must be slot-rows or partial-sums");
         if (gpus > 1 || multi) {
             if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || no_moe_small)
                 fail("--gpus / --multi: the multi-GPU rows take --model, --layers, --batches, --contexts, --prefill, "
-                     "--steps, --experts, --numerics, --ep-exchange and --replicated-head only");
+                     "--steps, --experts, --numerics, --ep-exchange, --ep-combine and --replicated-head only");
             WeightBytes wb;
             Weights shapes;
             visit_weights(cfg, shapes, wb, false);
-            std::printf("# %ld GPUs (multi-GPU backend), exchange %s, head %s\n", static_cast<long>(gpus),
-                        ep_exchange.c_str(), replicated_head ? "replicated" : "split by vocabulary");
-            run_multi(cfg, wb, gpus, ep_exchange, !replicated_head, batches, contexts, prefill, steps, numerics, bw);
+            std::printf("# %ld GPUs (multi-GPU backend), exchange %s (%s), head %s\n", static_cast<long>(gpus),
+                        ep_exchange.c_str(), ep_exchange == "gather" ? ep_combine.c_str() : "partial sums",
+                        replicated_head ? "replicated" : "split by vocabulary");
+            run_multi(cfg, wb, gpus, ep_exchange, ep_combine, !replicated_head, batches, contexts, prefill, steps, numerics,
+                      bw);
             return 0;
         }
         const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
