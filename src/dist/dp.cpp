@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <string>
+#include <utility>
 
 #include "core/common.h"
 #include "ref/backend.h"   // SampledToken
@@ -56,10 +57,16 @@ DpStep plan_dp_step(const std::vector<int32_t>& slots, const std::vector<int64_t
     p.chunks.resize(static_cast<size_t>(world));
     p.rows.resize(static_cast<size_t>(world));
     p.tokens.assign(static_cast<size_t>(world), 0);
+    // A slot twice: sorted (slot, chunk) pairs, O(n log n) for a decode step of hundreds of chunks.
+    std::vector<std::pair<int32_t, size_t>> order;
+    for (size_t i = 0; i < slots.size(); ++i) order.emplace_back(slots[i], i);
+    std::sort(order.begin(), order.end());
+    for (size_t i = 1; i < order.size(); ++i)
+        if (order[i].first == order[i - 1].first)
+            fail("data-parallel step: slot ", order[i].first, " appears twice (chunks ", order[i - 1].second, " and ",
+                 order[i].second, ")");
     for (size_t i = 0; i < slots.size(); ++i) {
         if (lens[i] < 1) fail("data-parallel step: chunk ", i, " has ", lens[i], " tokens");
-        for (size_t j = 0; j < i; ++j)
-            if (slots[j] == slots[i]) fail("data-parallel step: slot ", slots[i], " appears twice (chunks ", j, " and ", i, ")");
         const size_t r = static_cast<size_t>(dp_rank(slots[i], world));
         p.chunks[r].push_back(static_cast<int64_t>(i));
         p.tokens[r] += lens[i];
