@@ -401,6 +401,44 @@ struct Runner::Impl {
             if (b >= B && b * n0 <= ws.T && (all_logits ? b * n0 : b) <= ws.R) return b;
         return 0;
     }
+    // Replays the graph kept under `key`, or at its first use runs `work` eagerly (this call's work;
+    // first-use work such as kernel attributes happens outside the capture), then captures `work`
+    // without running it and keeps the graph. `what` names the warm-up wait in errors.
+    template <typename F>
+    void replay_or_capture(int64_t key, F&& work, const char* what) {
+        auto it = graphs.find(key);
+        if (it != graphs.end()) {
+            check(cudaGraphLaunch(it->second, stream), "graph launch");
+            ++replays;
+            return;
+        }
+        work();
+        check(cudaStreamSynchronize(stream), what);
+        cudaGraph_t g = nullptr;
+        check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+        work();
+        check(cudaStreamEndCapture(stream, &g), "end capture");
+        cudaGraphExec_t exec = nullptr;
+        check(cudaGraphInstantiate(&exec, g, 0), "instantiate graph");
+        (void)cudaGraphDestroy(g);
+        graphs[key] = exec;
+    }
+    // The tokens and logit rows a step of these chunks runs, with a decode graph's padding.
+    std::pair<int64_t, int64_t> padded(const std::vector<RunnerChunk>& chunks, bool all_logits) const {
+        if (chunks.empty()) return {0, 0};
+        const int64_t n0 = static_cast<int64_t>(chunks.front().tokens.size());
+        int64_t T = 0, R = 0;
+        bool uniform = true;
+        for (const RunnerChunk& ch : chunks) {
+            const int64_t n = static_cast<int64_t>(ch.tokens.size());
+            T += n;
+            R += all_logits ? n : 1;
+            uniform = uniform && n == n0;
+        }
+        const int64_t bucket = pick_bucket(static_cast<int64_t>(chunks.size()), n0, uniform, all_logits, false);
+        if (!bucket) return {T, R};
+        return {bucket * n0, all_logits ? bucket * n0 : bucket};
+    }
     // Throws Error on any bad input of a step (run's checks, before anything changes).
     void check_chunks(const std::vector<RunnerChunk>& chunks, bool all_logits, const std::vector<SampleSpec>* spec,
                       const SpecIo* sio) const;
@@ -1249,31 +1287,11 @@ void Runner::drop_snapshot(int32_t handle) { impl_->pool->drop_snapshot(handle);
 int32_t Runner::open_from(int32_t handle) { return impl_->pool->open_from(handle, impl_->stream); }
 int64_t Runner::graph_replays() const { return impl_->replays; }
 int64_t Runner::padded_tokens(const std::vector<RunnerChunk>& chunks, bool all_logits) const {
-    const Impl& I = *impl_;
-    if (chunks.empty()) return 0;
-    const int64_t n0 = static_cast<int64_t>(chunks.front().tokens.size());
-    int64_t T = 0;
-    bool uniform = true;
-    for (const RunnerChunk& ch : chunks) {
-        T += static_cast<int64_t>(ch.tokens.size());
-        uniform = uniform && static_cast<int64_t>(ch.tokens.size()) == n0;
-    }
-    const int64_t bucket = I.pick_bucket(static_cast<int64_t>(chunks.size()), n0, uniform, all_logits, false);
-    return bucket ? bucket * n0 : T;
+    return impl_->padded(chunks, all_logits).first;
 }
 
 int64_t Runner::padded_rows(const std::vector<RunnerChunk>& chunks, bool all_logits) const {
-    const Impl& I = *impl_;
-    if (chunks.empty()) return 0;
-    const int64_t n0 = static_cast<int64_t>(chunks.front().tokens.size());
-    int64_t R = 0;
-    bool uniform = true;
-    for (const RunnerChunk& ch : chunks) {
-        R += all_logits ? static_cast<int64_t>(ch.tokens.size()) : 1;
-        uniform = uniform && static_cast<int64_t>(ch.tokens.size()) == n0;
-    }
-    const int64_t bucket = I.pick_bucket(static_cast<int64_t>(chunks.size()), n0, uniform, all_logits, false);
-    return bucket ? (all_logits ? bucket * n0 : bucket) : R;
+    return impl_->padded(chunks, all_logits).second;
 }
 
 void Runner::set_head_rows(int64_t rows) {
@@ -1310,24 +1328,10 @@ void Runner::step_idle() {
         fail("gpu runner: step_idle needs set_head_rows of at least 1 (the rows the other ranks' heads move)");
     // Idle graphs: below the chained drafts' negative keys.
     const int64_t key = -(int64_t{1} << 40) - (I.head_rows * (int64_t{1} << 20) + X);
-    auto it = I.graphs.find(key);
-    if (!I.opt.graphs) {
+    if (I.opt.graphs)
+        I.replay_or_capture(key, [&] { I.enqueue_idle(X); }, "idle step");
+    else
         I.enqueue_idle(X);
-    } else if (it == I.graphs.end()) {
-        I.enqueue_idle(X);   // this step; the capture records without running
-        check(cudaStreamSynchronize(I.stream), "idle step");
-        cudaGraph_t g = nullptr;
-        check(cudaStreamBeginCapture(I.stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-        I.enqueue_idle(X);
-        check(cudaStreamEndCapture(I.stream, &g), "end capture");
-        cudaGraphExec_t exec = nullptr;
-        check(cudaGraphInstantiate(&exec, g, 0), "instantiate graph");
-        (void)cudaGraphDestroy(g);
-        I.graphs[key] = exec;
-    } else {
-        check(cudaGraphLaunch(it->second, I.stream), "graph launch");
-        ++I.replays;
-    }
     check(cudaStreamSynchronize(I.stream), "idle step");
 }
 
@@ -1678,24 +1682,10 @@ void Runner::draft_chain(const std::vector<ChainStart>& starts, int64_t steps, s
         I.enqueue_chain(nb, steps, logits);
     } else {
         const int64_t key = -1 - (nb * kGraphChunkMax + steps);   // chain graphs: negative keys
-        auto it = I.graphs.find(key);
-        if (!I.opt.graphs) {
+        if (I.opt.graphs)
+            I.replay_or_capture(key, [&] { I.enqueue_chain(nb, steps); }, "chained drafts");
+        else
             I.enqueue_chain(nb, steps);
-        } else if (it == I.graphs.end()) {
-            I.enqueue_chain(nb, steps);   // this call's drafts; the capture records without running
-            check(cudaStreamSynchronize(stream), "chained drafts");
-            cudaGraph_t g = nullptr;
-            check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-            I.enqueue_chain(nb, steps);
-            check(cudaStreamEndCapture(stream, &g), "end capture");
-            cudaGraphExec_t exec = nullptr;
-            check(cudaGraphInstantiate(&exec, g, 0), "instantiate graph");
-            (void)cudaGraphDestroy(g);
-            I.graphs[key] = exec;
-        } else {
-            check(cudaGraphLaunch(it->second, stream), "graph launch");
-            ++I.replays;
-        }
     }
     int32_t* out = pin + 5 * ws.C;
     check(cudaMemcpyAsync(out, ws.chain_out, static_cast<size_t>(steps * ws.C) * 4, cudaMemcpyDeviceToHost, stream),
@@ -1887,25 +1877,7 @@ void Runner::Impl::run(const std::vector<RunnerChunk>& chunks, bool all_logits, 
         const int64_t key =
             (((shape.RX * (int64_t{1} << 20) + shape.X) * 257 + bucket) * (kGraphChunkMax + 1) + n0) * 16 +
             (all_logits ? 8 : 0) + mode;
-        auto it = I.graphs.find(key);
-        if (it == I.graphs.end()) {
-            // Capture after one eager run of the same shape (first-use work such as kernel
-            // attributes happens outside the capture). The eager run computes this step; the
-            // capture records without running.
-            I.enqueue(shape, nullptr, mode);
-            check(cudaStreamSynchronize(I.stream), "warm-up step");
-            cudaGraph_t g = nullptr;
-            check(cudaStreamBeginCapture(I.stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-            I.enqueue(shape, nullptr, mode);
-            check(cudaStreamEndCapture(I.stream, &g), "end capture");
-            cudaGraphExec_t exec = nullptr;
-            check(cudaGraphInstantiate(&exec, g, 0), "instantiate graph");
-            (void)cudaGraphDestroy(g);
-            I.graphs[key] = exec;
-        } else {
-            check(cudaGraphLaunch(it->second, I.stream), "graph launch");
-            ++I.replays;
-        }
+        I.replay_or_capture(key, [&] { I.enqueue(shape, nullptr, mode); }, "warm-up step");
     } else {
         I.enqueue(shape, probe ? &probe : nullptr, mode);
     }
