@@ -168,15 +168,18 @@ __global__ void assemble_logits_kernel(const float* recv, const int64_t* begin, 
     logits[i] = recv[R * begin[q] + t * w + (col - begin[q])];
 }
 
-// Checks the partitions against the communicator and each other; returns held[rank] per layer.
-std::vector<std::vector<int32_t>> check_partitions(const Communicator& comm, const std::vector<ExpertPartition>& layers,
-                                                   int64_t k, int64_t D) {
+}  // namespace
+
+// ---- what both expert exchanges share
+
+PartitionedExchange::PartitionedExchange(const Communicator& comm, const std::vector<ExpertPartition>& layers,
+                                         int64_t k, int64_t D)
+    : comm_(comm.get()), world_(comm.world()), rank_(comm.rank()), k_(k), D_(D) {
     if (!comm.get()) throw Error("MoE exchange: the communicator is empty");
     if (layers.empty()) throw Error("MoE exchange: no expert partition (one per main MoE layer)");
     if (k < 1 || D < 1)
         throw Error("MoE exchange: num_experts_per_tok (" + std::to_string(k) + ") and hidden_size (" + std::to_string(D) +
                     ") must be positive");
-    std::vector<std::vector<int32_t>> held;
     for (size_t l = 0; l < layers.size(); ++l) {
         const ExpertPartition& p = layers[l];
         if (p.world != comm.world())
@@ -187,33 +190,32 @@ std::vector<std::vector<int32_t>> check_partitions(const Communicator& comm, con
             p.held.size() != static_cast<size_t>(p.world))
             throw Error("MoE exchange: the expert partition of layer " + std::to_string(l) + " is malformed (" +
                         std::to_string(p.experts) + " experts, layer 0 has " + std::to_string(layers[0].experts) + ")");
-        held.push_back(p.held[static_cast<size_t>(comm.rank())]);
+        held_.push_back(p.held[static_cast<size_t>(comm.rank())]);
     }
-    return held;
+    per_rank_ = layers[0].per_rank();
+    E_ = layers[0].experts;
 }
 
-void check_layer(int64_t layer, size_t layers) {
-    if (layer < 0 || layer >= static_cast<int64_t>(layers))
-        throw Error("MoE exchange: layer " + std::to_string(layer) + " outside the " + std::to_string(layers) +
+const std::vector<int32_t>& PartitionedExchange::held(int64_t layer) const {
+    if (layer < 0 || layer >= layers())
+        throw Error("MoE exchange: layer " + std::to_string(layer) + " outside the " + std::to_string(layers()) +
                     " partitioned layers");
+    return held_[static_cast<size_t>(layer)];
 }
 
-void check_tokens(int64_t T, int64_t max) {
-    if (T < 0 || T > max)
+void PartitionedExchange::begin_call(int64_t layer, int64_t T) {
+    (void)held(layer);   // the layer's range check
+    if (T < 0 || T > max_tokens())
         throw Error("MoE exchange: " + std::to_string(T) + " tokens in one call, the exchange holds " +
-                    std::to_string(max));
+                    std::to_string(max_tokens()));
+    T_ = T;
 }
-
-}  // namespace
 
 // ---- all-gather + reduce-scatter
 
 GatherScatterExchange::GatherScatterExchange(const Communicator& comm, const std::vector<ExpertPartition>& layers,
                                              int64_t T_max, int64_t k, int64_t D, Combine combine)
-    : comm_(comm.get()), world_(comm.world()), rank_(comm.rank()), T_max_(T_max), k_(k), D_(D), combine_(combine) {
-    held_ = check_partitions(comm, layers, k, D);
-    per_rank_ = layers[0].per_rank();
-    E_ = layers[0].experts;
+    : PartitionedExchange(comm, layers, k, D), T_max_(T_max), combine_(combine) {
     if (T_max < 1) throw Error("MoE exchange: T_max must be at least 1, got " + std::to_string(T_max));
     const int64_t R = max_rows();
     x_all = cuda::DeviceArray<uint16_t>(static_cast<size_t>(R * D), "exchange x_all");
@@ -230,16 +232,9 @@ GatherScatterExchange::GatherScatterExchange(const Communicator& comm, const std
     home = cuda::DeviceArray<float>(static_cast<size_t>(T_max * width()), "exchange home");
 }
 
-const std::vector<int32_t>& GatherScatterExchange::held(int64_t layer) const {
-    check_layer(layer, held_.size());
-    return held_[static_cast<size_t>(layer)];
-}
-
 void GatherScatterExchange::dispatch(int64_t layer, const uint16_t* x, const int32_t* ids, const float* wts, int64_t T,
                                      CUstream_st* stream) {
-    check_layer(layer, held_.size());
-    check_tokens(T, T_max_);
-    T_ = T;
+    begin_call(layer, T);
     if (T == 0) return;
     nccl_check(ncclGroupStart(), "ncclGroupStart");
     nccl_check(ncclAllGather(x, x_all.data(), static_cast<size_t>(T * D_) * 2, ncclUint8, nc(comm_), cs(stream)),
@@ -281,10 +276,7 @@ void GatherScatterExchange::combine(const float* shared, const int32_t* ids, flo
 
 AllToAllExchange::AllToAllExchange(const Communicator& comm, const std::vector<ExpertPartition>& layers, int64_t cap,
                                    int64_t k, int64_t D)
-    : comm_(comm.get()), world_(comm.world()), rank_(comm.rank()), cap_(cap), k_(k), D_(D) {
-    held_ = check_partitions(comm, layers, k, D);
-    per_rank_ = layers[0].per_rank();
-    E_ = layers[0].experts;
+    : PartitionedExchange(comm, layers, k, D), cap_(cap) {
     if (cap < 1) throw Error("MoE exchange: the per-peer capacity must be at least 1, got " + std::to_string(cap));
     const size_t N = static_cast<size_t>(world_), C = static_cast<size_t>(cap), K = static_cast<size_t>(k),
                  Dz = static_cast<size_t>(D);
@@ -310,16 +302,9 @@ AllToAllExchange::AllToAllExchange(const Communicator& comm, const std::vector<E
     back = cuda::DeviceArray<float>(N * C * Dz, "exchange back");
 }
 
-const std::vector<int32_t>& AllToAllExchange::held(int64_t layer) const {
-    check_layer(layer, held_.size());
-    return held_[static_cast<size_t>(layer)];
-}
-
 void AllToAllExchange::dispatch(int64_t layer, const uint16_t* x, const int32_t* ids, const float* wts, int64_t T,
                                 CUstream_st* stream) {
-    check_layer(layer, held_.size());
-    check_tokens(T, cap_);
-    T_ = T;
+    begin_call(layer, T);
     if (T == 0) return;
     pack_meta_kernel<<<world_, kThreads, 0, cs(stream)>>>(ids, wts, owner.data() + layer * E_, local_of.data() + layer * E_,
                                                           T, static_cast<int32_t>(k_), static_cast<int32_t>(E_), T,

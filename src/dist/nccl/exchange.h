@@ -37,9 +37,32 @@ struct CUstream_st;
 
 namespace megamoe::dist {
 
+// What both expert exchanges share: the communicator, the partitions' bookkeeping (held experts
+// per layer, the skip id) and the call's shape. Not an interface of its own; the runner sees
+// ExpertExchange. Throws Error on an empty communicator, no partition, a partition of another
+// world or malformed, a partition with another E than layer 0's, k < 1 or D < 1.
+class PartitionedExchange : public ExpertExchange {
+public:
+    int32_t world() const override { return world_; }
+    int32_t rank() const override { return rank_; }
+    int64_t layers() const override { return static_cast<int64_t>(held_.size()); }
+    int32_t skip() const override { return per_rank_; }
+    const std::vector<int32_t>& held(int64_t layer) const override;
+
+protected:
+    PartitionedExchange(const Communicator& comm, const std::vector<ExpertPartition>& layers, int64_t k, int64_t D);
+    // Throws Error on a layer outside the partitions or T outside [0, max_tokens()]; then T_ = T.
+    void begin_call(int64_t layer, int64_t T);
+
+    ncclComm* comm_ = nullptr;
+    int32_t world_ = 1, rank_ = 0, per_rank_ = 0;
+    int64_t T_ = 0, k_ = 0, D_ = 0, E_ = 0;
+    std::vector<std::vector<int32_t>> held_;   // [L][E/N]
+};
+
 // all-gather + reduce-scatter (plan_gather_scatter's layout; rows g = r·T + t for a call of T
 // tokens per rank).
-class GatherScatterExchange final : public ExpertExchange {
+class GatherScatterExchange final : public PartitionedExchange {
 public:
     // layers: one partition per main MoE layer (the same world and E in each); T_max: tokens per
     // rank and call at most. Throws Error on a partition of another world, differing E, T_max < 1.
@@ -49,11 +72,6 @@ public:
                           Combine combine)
         : GatherScatterExchange(comm, std::vector<ExpertPartition>{p}, T_max, k, D, combine) {}
 
-    int32_t world() const override { return world_; }
-    int32_t rank() const override { return rank_; }
-    int64_t layers() const override { return static_cast<int64_t>(held_.size()); }
-    int32_t skip() const override { return per_rank_; }
-    const std::vector<int32_t>& held(int64_t layer) const override;
     int64_t max_tokens() const override { return T_max_; }
     int64_t max_rows() const override { return world_ * T_max_; }
     int64_t width() const { return combine_ == Combine::slot_rows ? k_ * D_ : D_; }
@@ -82,28 +100,20 @@ public:
     cuda::DeviceArray<float>    home;      // [T_max, width] f32
 
 private:
-    ncclComm* comm_ = nullptr;
-    int32_t world_ = 1, rank_ = 0, per_rank_ = 0;
-    int64_t T_max_ = 0, T_ = 0, k_ = 0, D_ = 0, E_ = 0;
+    int64_t T_max_ = 0;
     Combine combine_ = Combine::slot_rows;
-    std::vector<std::vector<int32_t>> held_;   // [L][E/N]
 };
 
 // all-to-all with one row per (token, destination) (plan_all_to_all's order inside each block; the
 // blocks sit at fixed offsets q·T for a call of T tokens per rank instead of packed), partial-sum
 // return.
-class AllToAllExchange final : public ExpertExchange {
+class AllToAllExchange final : public PartitionedExchange {
 public:
     AllToAllExchange(const Communicator& comm, const std::vector<ExpertPartition>& layers, int64_t cap, int64_t k,
                      int64_t D);
     AllToAllExchange(const Communicator& comm, const ExpertPartition& p, int64_t cap, int64_t k, int64_t D)
         : AllToAllExchange(comm, std::vector<ExpertPartition>{p}, cap, k, D) {}
 
-    int32_t world() const override { return world_; }
-    int32_t rank() const override { return rank_; }
-    int64_t layers() const override { return static_cast<int64_t>(held_.size()); }
-    int32_t skip() const override { return per_rank_; }
-    const std::vector<int32_t>& held(int64_t layer) const override;
     int64_t max_tokens() const override { return cap_; }
     int64_t max_rows() const override { return world_ * cap_; }
     int64_t cap() const { return cap_; }                   // tokens per rank and call at most
@@ -141,10 +151,7 @@ public:
     cuda::DeviceArray<float>    back;        // [N, cap, D] f32 partial sums come home
 
 private:
-    ncclComm* comm_ = nullptr;
-    int32_t world_ = 1, rank_ = 0, per_rank_ = 0;
-    int64_t cap_ = 0, T_ = 0, k_ = 0, D_ = 0, E_ = 0;
-    std::vector<std::vector<int32_t>> held_;   // [L][E/N]
+    int64_t cap_ = 0;
 };
 
 // The head's vocabulary exchange (dist::HeadExchange): all-gather of the hidden rows, then grouped
