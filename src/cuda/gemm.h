@@ -215,6 +215,16 @@ void moe_small_l1(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x
                   Numerics nm = Numerics::exact);
 void moe_small_l2(const DeviceExperts& ex, const uint16_t* x_bf16, const int32_t* ids, int64_t T, const float* shared,
                   float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm = Numerics::exact);
+// Expert parallelism (dist/exchange.h): a slot whose id lies outside [0, ex.E) — padding, or the
+// skip id ex.E of a slot another rank computes — has no expert on either half: not computed, and
+// it adds nothing (that holds for moe_small_l2 too). The workspace may then be a skip-bucket one
+// (its h is all the small path uses). moe_small_l2_placed is L2 writing what the exchange sends
+// home instead of y (no shared, no final rounding): slot_rows: out [T, k, D] f32, each slot's row
+// (0 for a slot without expert); else out [T, D] f32, the sum over the slots with an expert in slot
+// order from 0. official: each slot's row rounded to bf16 first (moe_layer_combine's rule).
+void moe_small_l2_placed(const DeviceExperts& ex, const uint16_t* x_bf16, const int32_t* ids, int64_t T,
+                         bool slot_rows, float* out, MoeLayerWorkspace& ws, CUstream_st* stream,
+                         Numerics nm = Numerics::exact);
 
 // The kernel shape Tile::automatic picks: moe_layer for T tokens, linear_tiled for M rows (with
 // enough scratch; without, a wgmma choice runs as mma_256x128).

@@ -31,6 +31,11 @@
 //                 memory per warp, and at the end y[t, row] = shared[t] + Σ_s (Σ_w partial) in slot
 //                 order from 0: the combine of moe_dispatch.h, so no rows buffer and no third launch.
 //
+// Expert parallelism (gemm.h, moe_small_l2_placed): a slot whose id lies outside [0, E) has no
+// expert (route_slots sorts it last, in no entry); L2 can write, instead of y, the slot rows or row
+// sums that the exchange sends home, so that a rank's few rows need neither the general path's
+// dispatch nor the exchange's place kernel.
+//
 // The ring: a stage holds a block of weight rows and its scale rows as they lie in global memory
 // (each one bulk copy). full[s] completes when the producer has arrived with the stage's byte count
 // and the copies have landed; empty[s] when every consumer warp is done with it. Rows past N are
@@ -123,7 +128,10 @@ struct SmallParams {
     int x_rs;                  // L1: x row stride in shared memory (bytes)
     int rb_max;                // L2: row blocks per CTA at most
     bool official;             // Numerics::official (gate / up rounded to bf16; h FP8-rounded; combine)
+    int placed;                // L2's output: kPlaceY (y = shared + the slots' sum), or for expert
+                               // parallelism kPlaceSlotRows / kPlaceRowSums (moe_small_l2_placed)
 };
+constexpr int kPlaceY = 0, kPlaceSlotRows = 1, kPlaceRowSums = 2;
 
 // ---------------------------------------------------------------------------- mbarrier + bulk copy
 
@@ -218,11 +226,14 @@ struct Routing {
     int n_entries;
 };
 
-// All threads call it; ends with a barrier. ids are clamped into [0, E) (as moe_route_counts does).
+// All threads call it; ends with a barrier. A slot whose id lies outside [0, E) has no expert
+// (padding, or under expert parallelism the skip id of a slot another rank computes): it sorts
+// last (as E) and is in no entry, so it is not computed and its h row is not written.
+__device__ __forceinline__ bool has_expert(const SmallParams& p, int j) { return p.ids[j] >= 0 && p.ids[j] < p.E; }
 __device__ void route_slots(const SmallParams& p, Routing& r) {
     const int n = p.T * p.k, C = p.C;
     const int i = static_cast<int>(threadIdx.x), nt = static_cast<int>(blockDim.x);
-    for (int j = i; j < n; j += nt) r.id[j] = min(max(p.ids[j], 0), p.E - 1);
+    for (int j = i; j < n; j += nt) r.id[j] = has_expert(p, j) ? p.ids[j] : p.E;
     __syncthreads();
     for (int j = i; j < n; j += nt) {
         const int e = r.id[j];
@@ -240,8 +251,8 @@ __device__ void route_slots(const SmallParams& p, Routing& r) {
     __syncthreads();
     for (int j = i; j < n; j += nt) {
         const int pos = r.pos[j];
-        if (pos % C != 0) continue;
         const int e = r.id[j];
+        if (pos % C != 0 || e == p.E) continue;
         int q = pos / C, less = 0;
         for (int o = 0; o < n; ++o) {
             const int eo = r.id[o];
@@ -255,7 +266,7 @@ __device__ void route_slots(const SmallParams& p, Routing& r) {
     if (i == 0) {
         int q = 0;
         for (int o = 0; o < n; ++o)
-            if (r.pos[o] == 0) q += (r.cnt[o] + C - 1) / C;
+            if (r.pos[o] == 0 && r.id[o] < p.E) q += (r.cnt[o] + C - 1) / C;
         r.n_entries = q;
     }
     __syncthreads();
@@ -592,8 +603,11 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
     }
     consumers_sync<kL2Warps>();
 
-    // y[t, row] = shared[t, row] + Σ_s (Σ_w fin[w][t·k + s][row]), sums in fixed order from 0.
-    // official: each slot's row and shared rounded to bf16 first, and y after (moe_combine's rule).
+    // y[t, row] = shared[t, row] + Σ_s (Σ_w fin[w][t·k + s][row]), sums in fixed order from 0, over
+    // the slots with an expert. official: each slot's row and shared rounded to bf16 first, and y
+    // after (moe_combine's rule). Placed outputs (expert parallelism) stop before shared: each
+    // slot's row (0 for a slot without expert), or the slots' sum, unrounded: what the exchange's
+    // place kernel makes of the general path's rows (dist/nccl/exchange.cu).
     for (int o = static_cast<int>(threadIdx.x); o < p.T * nrb * kRows; o += kL2Warps * 32) {
         const int rl = o % kRows, j = (o / kRows) % nrb, t = o / (kRows * nrb);
         const int row = (ra + j) * kRows + rl;
@@ -601,12 +615,17 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
         float sum = 0.0f;
         for (int s = 0; s < p.k; ++s) {
             const int sl = t * p.k + s;
+            const bool here = has_expert(p, sl);
             float v = 0.0f;
-            for (int w = 0; w < kL2Warps; ++w) v = __fadd_rn(v, fin[((w * n + sl) * p.rb_max + j) * kRows + rl]);
+            if (here)
+                for (int w = 0; w < kL2Warps; ++w) v = __fadd_rn(v, fin[((w * n + sl) * p.rb_max + j) * kRows + rl]);
             if (p.official) v = nm::bf16_round(v);
-            sum = __fadd_rn(sum, v);
+            if (p.placed == kPlaceSlotRows) p.y[static_cast<int64_t>(sl) * p.N + row] = v;
+            else if (here) sum = __fadd_rn(sum, v);
         }
         const int64_t o2 = static_cast<int64_t>(t) * p.N + row;
+        if (p.placed == kPlaceRowSums) p.y[o2] = sum;
+        if (p.placed != kPlaceY) continue;
         if (p.shared) sum = __fadd_rn(p.official ? nm::bf16_round(p.shared[o2]) : p.shared[o2], sum);
         p.y[o2] = p.official ? nm::bf16_round(sum) : sum;
     }
@@ -678,10 +697,12 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 bool check_small(const char* what, const DeviceExperts& ex, int64_t T, const uint16_t* x, const MoeLayerWorkspace& ws) {
     MEGAMOE_CHECK(ex.E > 0 && static_cast<int64_t>(ex.w1.size()) == ex.E, what, ": experts not uploaded");
     MEGAMOE_CHECK(!ws.h.empty(), what, ": the workspace holds no buffers");
-    MEGAMOE_CHECK(!ws.skip_bucket, what, ": the workspace has a skip bucket; the small path reads every slot's "
-                                   "expert from ids itself (expert parallelism takes moe_layer_routed)");
-    MEGAMOE_CHECK(ex.E == ws.dispatch.E && ex.D == ws.dispatch.D, what, ": workspace is for E = ", ws.dispatch.E,
-                  ", D = ", ws.dispatch.D, ", experts have E = ", ex.E, ", D = ", ex.D);
+    // A skip-bucket workspace (expert parallelism) serves too: the small path uses its h only, and
+    // reads the skip id E as "no expert" itself.
+    const int64_t E_ws = ws.dispatch.E - (ws.skip_bucket ? 1 : 0);
+    MEGAMOE_CHECK(ex.E == E_ws && ex.D == ws.dispatch.D, what, ": workspace is for E = ", E_ws,
+                  ws.skip_bucket ? " (+ the skip bucket)" : "", ", D = ", ws.dispatch.D, ", experts have E = ", ex.E,
+                  ", D = ", ex.D);
     MEGAMOE_CHECK(T >= 0 && T <= ws.dispatch.T_max, what, ": T = ", T, " exceeds the workspace's T_max = ",
                   ws.dispatch.T_max);
     if (T == 0) return false;
@@ -725,9 +746,10 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid1)), dim3((kL1Warps + 1) * 32), pl.smem1, stream, p));
 }
 
-void moe_small_l2(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T, const float* shared,
-                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
-    if (!check_small("moe_small_l2", ex, T, x, ws)) return;
+namespace {
+void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T,
+               const float* shared, float* y, int placed, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
+    if (!check_small(what, ex, T, x, ws)) return;
     Plan pl = make_plan(ex, T, ws.dispatch.k, sm_count());
     SmallParams& p = pl.l2;
     p.table = static_cast<const GemmGroup*>(ex.l2_table);
@@ -735,6 +757,7 @@ void moe_small_l2(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids
     p.h = ws.h.data();
     p.shared = shared;
     p.y = y;
+    p.placed = placed;
     p.official = nm == Numerics::official;
     // The h fragments' register sets are sized by the steps per warp (V4-Flash 1, V4-Pro 2).
     auto kernel = ex.format == LinearFormat::nvfp4
@@ -742,6 +765,18 @@ void moe_small_l2(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids
                       : (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::mxfp4, 1> : moe_small_l2_kernel<LinearFormat::mxfp4, 2>);
     raise_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmemBudget);
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid2)), dim3((kL2Warps + 1) * 32), pl.smem2, stream, p));
+}
+}  // namespace
+
+void moe_small_l2(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T, const float* shared,
+                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
+    launch_l2("moe_small_l2", ex, x, ids, T, shared, y, kPlaceY, ws, stream, nm);
+}
+
+void moe_small_l2_placed(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T, bool slot_rows,
+                         float* out, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
+    launch_l2("moe_small_l2_placed", ex, x, ids, T, nullptr, out, slot_rows ? kPlaceSlotRows : kPlaceRowSums, ws,
+              stream, nm);
 }
 
 void moe_layer_small(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,

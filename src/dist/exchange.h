@@ -57,6 +57,15 @@ public:
     // inv [rows()·k] i32 the row of each computed slot (cuda::MoeLayerWorkspace's rows and
     // dispatch.inv). official: each row rounded to bf16 before any sum.
     virtual void give_back(const float* expert_rows, const int32_t* inv, bool official, CUstream_st* stream) = 0;
+    // The small-T path's way home (cuda::moe_small_l2_placed): the expert layer writes each arrived
+    // row's output straight into placed() in the exchange's own layout — per slot [rows, k, D] f32
+    // (places_slot_rows(): slot s's row, 0 where computed elsewhere) or per row [rows, D] f32 (the
+    // sum over the slots computed here, slot order from 0); official: each slot's row rounded to
+    // bf16 first — which is what give_back makes of expert rows and inv; give_back_placed then
+    // sends it home as give_back does.
+    virtual bool places_slot_rows() const = 0;
+    virtual float* placed() = 0;
+    virtual void give_back_placed(CUstream_st* stream) = 0;
     // y [T, D] f32 = shared + Σ over this rank's T tokens' routed slots (slot order from 0).
     // shared: [T, D] f32 or nullptr; ids: the same [T, k] as dispatch's.
     virtual void combine(const float* shared, const int32_t* ids, float* y, bool official, CUstream_st* stream) = 0;

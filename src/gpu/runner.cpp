@@ -445,6 +445,9 @@ struct Runner::Impl {
     // Expert parallelism, a rank without tokens in a step: every main layer's exchange with X rows
     // of padding (ids −1), so that the other ranks' tokens reach this rank's experts and come back.
     void enqueue_idle(int64_t X);
+    // Expert parallelism, between dispatch and combine: this rank's experts over what arrived, and
+    // their outputs sent home (the small-T path or moe_layer_routed + give_back).
+    void ep_experts(const DeviceLayer& d, dist::ExpertExchange& ex);
     // Runner::draft_chain's device work for n (padded) starts and `steps` chained drafts, from
     // ws.chain_in and the sampling parameters at rows (k - 1)·n .. of ws.samp_in; the drafts into
     // ws.chain_out. Graph-capturable (it leaves the ws.X / ws.X2 parity as it found it).
@@ -1080,13 +1083,7 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
         // slot order (exchange.h: bit-identical to moe_layer_combine in a world of one).
         dist::ExpertExchange& ex = *opt.exchange;
         ex.dispatch(l, xe, ws.ids, ws.wts, s.X, stream);   // rows [T, X): ids −1 (enqueue), no expert
-        // The tile from the rows this rank's experts can expect: a slot's expert is local with
-        // probability 1 / world, so rows / world tokens over the local experts (the automatic choice
-        // would count the skip bucket's rows as if they were computed).
-        const cuda::Tile tile = cuda::moe_layer_config(d.experts, ex.rows() / ex.world(), k);
-        cuda::moe_layer_routed(d.experts, limit, ex.x_in(), ex.local_in(), ex.wts_in(), ex.rows(), moe_ws_ep, stream,
-                               tile, nm);
-        ex.give_back(moe_ws_ep.rows.data(), moe_ws_ep.dispatch.inv.data(), official(), stream);
+        ep_experts(d, ex);
         join();
         ex.combine(ws.sh_out, ws.ids, ws.y, official(), stream);
         mark("moe.experts");
@@ -1301,19 +1298,38 @@ void Runner::set_head_rows(int64_t rows) {
     I.head_rows = rows;
 }
 
+void Runner::Impl::ep_experts(const DeviceLayer& d, dist::ExpertExchange& ex) {
+    const int64_t k = cfg.num_experts_per_tok, rows = ex.rows();
+    const float limit = static_cast<float>(cfg.swiglu_limit);
+    // The small-T path where a rank computes about as many tokens as the single-GPU rule takes it
+    // for (T ≤ 2, see moe()): rows / world tokens' slots are local on average. Its L2 writes the
+    // exchange's layout itself (slot rows or row sums), so neither the general path's dispatch
+    // kernels nor the exchange's place kernel run. (Chosen from the single-GPU measurement; not
+    // measured on several GPUs.)
+    if (opt.moe_small && rows <= 2 * ex.world() && cuda::moe_small_fits(d.experts, rows, k, ex.x_in())) {
+        cuda::moe_small_l1(d.experts, limit, ex.x_in(), ex.local_in(), ex.wts_in(), rows, moe_ws_ep, stream, nm);
+        cuda::moe_small_l2_placed(d.experts, ex.x_in(), ex.local_in(), rows, ex.places_slot_rows(), ex.placed(),
+                                  moe_ws_ep, stream, nm);
+        ex.give_back_placed(stream);
+        return;
+    }
+    // The tile from the rows this rank's experts can expect: a slot's expert is local with
+    // probability 1 / world, so rows / world tokens over the local experts (the automatic choice
+    // would count the skip bucket's rows as if they were computed).
+    const cuda::Tile tile = cuda::moe_layer_config(d.experts, rows / ex.world(), k);
+    cuda::moe_layer_routed(d.experts, limit, ex.x_in(), ex.local_in(), ex.wts_in(), rows, moe_ws_ep, stream, tile, nm);
+    ex.give_back(moe_ws_ep.rows.data(), moe_ws_ep.dispatch.inv.data(), official(), stream);
+}
+
 void Runner::Impl::enqueue_idle(int64_t X) {
     const ModelConfig& c = cfg;
     const int64_t k = c.num_experts_per_tok;
-    const float limit = static_cast<float>(c.swiglu_limit);
     dist::ExpertExchange& ex = *opt.exchange;
     check(cudaMemsetAsync(ws.ids, 0xff, static_cast<size_t>(X * k) * 4, stream), "exchange padding ids");
     for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
         const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
         ex.dispatch(l, ws.xn, ws.ids, ws.wts, X, stream);   // x and weights: never read (every slot padding)
-        const cuda::Tile tile = cuda::moe_layer_config(d.experts, ex.rows() / ex.world(), k);
-        cuda::moe_layer_routed(d.experts, limit, ex.x_in(), ex.local_in(), ex.wts_in(), ex.rows(), moe_ws_ep, stream,
-                               tile, nm);
-        ex.give_back(moe_ws_ep.rows.data(), moe_ws_ep.dispatch.inv.data(), official(), stream);
+        ep_experts(d, ex);
         ex.combine(nullptr, ws.ids, ws.y, official(), stream);
     }
     if (opt.head_exchange) head_logits(0, head_rows);   // the other ranks' rows through this rank's head slice

@@ -1557,9 +1557,7 @@ TEST(CudaMoeLayer, SkipBucketComputesOnlyLocalExperts) {
         {"moe_layer", "skip bucket"});
     test::expect_error([&] { cuda::moe_layer_combine(ws, 1, nullptr, y.data(), nullptr); },
                        {"moe_layer_combine", "skip bucket"});
-    test::expect_error(
-        [&] { cuda::moe_small_l1(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 1, ws, nullptr); },
-        {"skip bucket"});
+    // (The small path takes a skip-bucket workspace: SmallPathSkipsSlotsWithoutExpert.)
     // A skip-bucket workspace made for other experts (E + 1 of them: its E + 2 buckets do not match).
     const HostExperts more = make_experts(LinearFormat::nvfp4, E + 1, D, I, 72100);
     cuda::DeviceExperts dmore(more.experts);
@@ -1569,6 +1567,117 @@ TEST(CudaMoeLayer, SkipBucketComputesOnlyLocalExperts) {
     cuda::MoeLayerWorkspace ws_plain(4, k, dmore);
     test::expect_error([&] { cuda::moe_l1(dex, kLimit, ws_plain, k, nullptr); }, {"moe_l1", "buckets"});
     CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+// The small-T path under expert parallelism (runner.cpp ep_experts): slots whose id is outside
+// [0, E) — the skip id E of a slot another rank computes, or padding −1 — are not computed and add
+// nothing, on a skip-bucket workspace. Reference: the same tokens with those slots routed to real
+// experts at routing weight 0 (their h is ±0, so they add exactly nothing), itself checked against
+// the CPU composition (exact numerics). Since every MMA column is one slot, the slots both runs
+// compute get the same bits: y equal bit for bit, and the placed outputs the exchange sends home
+// (slot rows, row sums) equal to their definition from those bits. V4-Flash widths, T = 1..8.
+TEST(CudaMoeLayer, SmallPathSkipsSlotsWithoutExpert) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 4096, I = 2048, k = 6, E = 7;
+    uint32_t seed = 73000;
+    for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        const HostExperts hx = make_experts(f, E, D, I, seed += 1000);
+        cuda::DeviceExperts dex(hx.experts);
+        cuda::MoeLayerWorkspace ws(8, k, dex, /*skip_bucket=*/true), ws_ref(8, k, dex);
+        for (Numerics nm : {Numerics::exact, Numerics::official}) {
+            for (int64_t T : {1, 2, 5, 8}) {
+                const std::string what = str(fmt_name(f), nm == Numerics::official ? " official" : " exact", " T=", T);
+                SCOPED_TRACE(what);
+                const int64_t N = T * k;
+                const MoeCase ref = make_case(Routing::uniform, T, k, E, D, false, ++seed);
+                // Skipped: every third slot (as E, or −1 on odd tokens), and all of the last token's
+                // when T > 1; the reference routes them as before, at weight 0.
+                MoeCase skip = ref, zero = ref;
+                std::vector<bool> skipped(static_cast<size_t>(N), false);
+                for (int64_t t = 0; t < T; ++t)
+                    for (int64_t sl = 0; sl < k; ++sl) {
+                        const size_t j = static_cast<size_t>(t * k + sl);
+                        if ((t * k + sl) % 3 != 1 && !(T > 1 && t == T - 1)) continue;
+                        skipped[j] = true;
+                        skip.ids[j] = t % 2 ? -1 : static_cast<int32_t>(E);
+                        zero.wts[j] = 0.0f;
+                    }
+                DeviceInputs in(T, k, D), in0(T, k, D);
+                in.upload(skip);
+                in0.upload(zero);
+                ASSERT_TRUE(cuda::moe_small_fits(dex, T, k, in.x.data()));
+                DeviceArray<float> y0(static_cast<size_t>(T * D)), y(static_cast<size_t>(T * D)),
+                    sums(static_cast<size_t>(T * D)), slots(static_cast<size_t>(N * D));
+                for (DeviceArray<float>* a : {&y0, &y, &sums, &slots}) poison(a->data(), a->size());
+                cuda::moe_layer_small(dex, kLimit, in0.x.data(), in0.ids.data(), in0.wts.data(), T, nullptr, y0.data(),
+                                      ws_ref, nullptr, nm);
+                CUDA_CHECK(cudaDeviceSynchronize());
+                const std::vector<float> want = to_host(y0.data(), y0.size());
+                if (nm == Numerics::exact) verify_layer(hx, ws_ref, zero, kLimit, want, what + " reference", nullptr, true);
+                const std::vector<uint16_t> h_ref = to_host(ws_ref.h.data(), static_cast<size_t>(N * I));
+
+                poison(ws.h.data(), static_cast<size_t>(N * I));
+                cuda::moe_small_l1(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr, nm);
+                cuda::moe_small_l2(dex, in.x.data(), in.ids.data(), T, nullptr, y.data(), ws, nullptr, nm);
+                cuda::moe_small_l2_placed(dex, in.x.data(), in.ids.data(), T, false, sums.data(), ws, nullptr, nm);
+                cuda::moe_small_l2_placed(dex, in.x.data(), in.ids.data(), T, true, slots.data(), ws, nullptr, nm);
+                CUDA_CHECK(cudaDeviceSynchronize());
+                // h: the computed slots' rows as the reference's, the skipped slots' rows never written.
+                const std::vector<uint16_t> h = to_host(ws.h.data(), static_cast<size_t>(N * I));
+                uint16_t hp;
+                std::memset(&hp, kPoison, sizeof hp);
+                for (int64_t j = 0; j < N; ++j) {
+                    const auto a = h.begin() + j * I, b = h_ref.begin() + j * I;
+                    if (skipped[static_cast<size_t>(j)])
+                        EXPECT_EQ(std::count(a, a + I, hp), I) << "h of skipped slot " << j << " was written";
+                    else
+                        EXPECT_TRUE(std::equal(a, a + I, b)) << "h of slot " << j << " differs from the reference";
+                }
+                EXPECT_EQ(first_mismatch(to_host(y.data(), y.size()), want), -1) << "y differs from the reference";
+                // Placed: slot rows are each slot's row (0 where skipped; bf16 values under official),
+                // row sums their sum in slot order from 0, and y that sum rounded (official) or itself.
+                const std::vector<float> sr = to_host(slots.data(), slots.size()), rs = to_host(sums.data(), sums.size());
+                std::vector<float> from_slots(static_cast<size_t>(T * D)), rounded = rs;
+                for (int64_t t = 0; t < T; ++t)
+                    for (int64_t d = 0; d < D; ++d) {
+                        float acc = 0.0f;
+                        for (int64_t sl = 0; sl < k; ++sl) {
+                            const float v = sr[static_cast<size_t>((t * k + sl) * D + d)];
+                            if (skipped[static_cast<size_t>(t * k + sl)]) {
+                                EXPECT_EQ(v, 0.0f) << "slot row of skipped slot " << t * k + sl;
+                                continue;
+                            }
+                            if (nm == Numerics::official) {
+                                EXPECT_EQ(v, bf16_to_f32(f32_to_bf16(v)));
+                            }
+                            acc += v;
+                        }
+                        from_slots[static_cast<size_t>(t * D + d)] = acc;
+                    }
+                EXPECT_EQ(first_mismatch(rs, from_slots), -1) << "row sums are not the sum of the slot rows";
+                ops::round_bf16(nm, rounded.data(), T * D);
+                EXPECT_EQ(first_mismatch(rounded, want), -1) << "y is not the (rounded) row sums";
+                if (HasFailure()) return;
+            }
+        }
+    }
+    // Every slot skipped (an idle rank's padding): nothing computed, zeros placed.
+    const HostExperts hx = make_experts(LinearFormat::nvfp4, E, D, I, 74000);
+    cuda::DeviceExperts dex(hx.experts);
+    cuda::MoeLayerWorkspace ws(8, k, dex, true);
+    MoeCase c = make_case(Routing::uniform, 2, k, E, D, false, 74001);
+    std::fill(c.ids.begin(), c.ids.end(), -1);
+    DeviceInputs in(2, k, D);
+    in.upload(c);
+    DeviceArray<float> sums(static_cast<size_t>(2 * D)), slots(static_cast<size_t>(2 * k * D));
+    poison(sums.data(), sums.size());
+    poison(slots.data(), slots.size());
+    cuda::moe_small_l1(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 2, ws, nullptr);
+    cuda::moe_small_l2_placed(dex, in.x.data(), in.ids.data(), 2, false, sums.data(), ws, nullptr);
+    cuda::moe_small_l2_placed(dex, in.x.data(), in.ids.data(), 2, true, slots.data(), ws, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    for (const std::vector<float>& v : {to_host(sums.data(), sums.size()), to_host(slots.data(), slots.size())})
+        EXPECT_EQ(std::count(v.begin(), v.end(), 0.0f), static_cast<std::ptrdiff_t>(v.size()));
 }
 
 TEST(CudaMoeLayer, ZeroTokensIsANoOp) {

@@ -1143,10 +1143,13 @@ TEST_P(GpuRunner, ExpertParallelWorldOfOneEqualsOneGpu) {
     std::vector<dist::Communicator> comms = dist::Communicator::create_local({0});
     const dist::ModelPartition mp = dist::partition_model(cfg, &c->model->w, 1, dist::PartitionKind::contiguous);
     const int64_t k = cfg.num_experts_per_tok, D = cfg.hidden_size;
-    for (Numerics nm : {Numerics::exact, Numerics::official}) {
+    // moe_small: decode steps of 2 tokens take the small-T path on both sides (the expert-parallel
+    // one writes the exchange's layout from its L2, runner.cpp ep_experts), prefills the general one.
+    for (const auto& [nm, moe_small] : {std::pair{Numerics::exact, false}, std::pair{Numerics::official, false},
+                                        std::pair{Numerics::exact, true}, std::pair{Numerics::official, true}}) {
         gpu::RunnerOptions o = small_options();
         o.numerics = nm;
-        o.moe_small = false;
+        o.moe_small = moe_small;
         // Two sequences: a prefill of 20 tokens each, then 8 decode steps of both (with an idle
         // step after each: the exchange alone, as a rank without tokens runs it, which must not
         // touch the sequences' state).
@@ -1195,10 +1198,13 @@ TEST_P(GpuRunner, ExpertParallelWorldOfOneEqualsOneGpu) {
         for (auto& [name, ex] : exchanges)
             // 48: every step moves padding rows past its tokens (ids −1). (Not more: the expert
             // layer's tile follows the rows it is given, and up to 48 rows · k = 4 over E = 16 it is
-            // the tile of the unpadded steps, mma_128x8, whose sums are the same bits.)
-            for (int64_t rows : {0, 48}) {
+            // the tile of the unpadded steps, mma_128x8, whose sums are the same bits.) With the
+            // small path, 2: the decode steps stay on it (48 rows would take the general path, whose
+            // sums differ in order from the one-GPU small path's), and the idle steps run it over
+            // padding alone.
+            for (int64_t rows : {int64_t{0}, moe_small ? int64_t{2} : int64_t{48}}) {
                 SCOPED_TRACE(name + (nm == Numerics::official ? ", official" : ", exact") +
-                             ", exchange rows " + std::to_string(rows));
+                             (moe_small ? ", small-T path" : "") + ", exchange rows " + std::to_string(rows));
                 gpu::RunnerOptions oe = o;
                 oe.exchange = ex.get();
                 const bool split_head = name.find("head split") != std::string::npos;

@@ -257,6 +257,11 @@ void GatherScatterExchange::give_back(const float* expert_rows, const int32_t* i
                                                              static_cast<int32_t>(k_), D_, per_rank_,
                                                              combine_ == Combine::slot_rows, official, out.data());
     CUDA_CHECK(cudaGetLastError());
+    give_back_placed(stream);
+}
+
+void GatherScatterExchange::give_back_placed(CUstream_st* stream) {
+    if (T_ == 0) return;
     nccl_check(ncclReduceScatter(out.data(), home.data(), static_cast<size_t>(T_ * width()), ncclFloat32, ncclSum,
                                  nc(comm_), cs(stream)),
                "ncclReduceScatter");
@@ -342,6 +347,11 @@ void AllToAllExchange::give_back(const float* rows, const int32_t* inv, bool off
                                                                   static_cast<int32_t>(k_), D_, per_rank_, false,
                                                                   official, ret.data());
     CUDA_CHECK(cudaGetLastError());
+    give_back_placed(stream);
+}
+
+void AllToAllExchange::give_back_placed(CUstream_st* stream) {
+    if (T_ == 0) return;
     const size_t n = static_cast<size_t>(T_ * D_);
     nccl_check(ncclGroupStart(), "ncclGroupStart");
     for (int32_t q = 0; q < world_; ++q) {

@@ -88,6 +88,9 @@ public:
     // partial_sums: out[g] = Σ_s of those in slot order from 0), then a reduce-scatter (sum) of out
     // into home [T, width()].
     void give_back(const float* expert_rows, const int32_t* inv, bool official, CUstream_st* stream) override;
+    bool places_slot_rows() const override { return combine_ == Combine::slot_rows; }
+    float* placed() override { return out.data(); }
+    void give_back_placed(CUstream_st* stream) override;   // the reduce-scatter of out into home
     // y [T, D] f32 = shared + (Σ_s home[t, s] over ids ≥ 0 in slot order from 0 | home[t]).
     void combine(const float* shared, const int32_t* ids, float* y, bool official, CUstream_st* stream) override;
 
@@ -130,6 +133,9 @@ public:
     // ret[j] = Σ_s rows[inv[j·k+s]] over the computed slots of received row j (slot order from 0),
     // then the blocks go back (grouped send / recv) into back.
     void give_back(const float* rows, const int32_t* inv, bool official, CUstream_st* stream) override;
+    bool places_slot_rows() const override { return false; }
+    float* placed() override { return ret.data(); }         // [rows, D]: block q at q·T
+    void give_back_placed(CUstream_st* stream) override;   // the blocks of ret go back into back
     // y [T, D] f32 = shared + Σ_q back[q, row of t in q] (ascending q, from 0). shared may be
     // nullptr; ids is not read (row_of holds where each token went).
     void combine(const float* shared, const int32_t* ids, float* y, bool official, CUstream_st* stream) override;
