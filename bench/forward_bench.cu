@@ -117,7 +117,7 @@ struct Row {
 void run_multi(const ModelConfig& cfg, const WeightBytes& wb, int64_t gpus, const std::string& exchange,
                const std::string& combine, bool split_head,
                const std::vector<int64_t>& batches, const std::vector<int64_t>& contexts, int64_t prefill, int64_t steps,
-               Numerics numerics, double bw) {
+               Numerics numerics, bool moe_small, double bw) {
     const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
     const int64_t max_ctx = *std::max_element(contexts.begin(), contexts.end());
     gpu::RunnerOptions ro;
@@ -127,6 +127,7 @@ void run_multi(const ModelConfig& cfg, const WeightBytes& wb, int64_t gpus, cons
     ro.max_model_len = std::max(max_ctx, prefill) + 8 * steps + 16;
     ro.memory_fraction = 0.95;
     ro.numerics = numerics;
+    ro.moe_small = moe_small;
     gpu::MultiGpuOptions mo;
     for (int d = 0; d < gpus; ++d) mo.devices.push_back(d);
     mo.scheme = exchange == "all-to-all" ? dist::Scheme::all_to_all : dist::Scheme::gather_scatter;
@@ -289,9 +290,10 @@ int main(int argc, char** argv) {
         if (ep_exchange != "gather" && ep_exchange != "all-to-all") fail("--ep-exchange must be gather or all-to-all");
         if (ep_combine != "slot-rows" && ep_combine != "partial-sums") fail("--ep-combine must be slot-rows or partial-sums");
         if (gpus > 1 || multi) {
-            if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || no_moe_small)
+            if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16)
                 fail("--gpus / --multi: the multi-GPU rows take --model, --layers, --batches, --contexts, --prefill, "
-                     "--steps, --experts, --numerics, --ep-exchange, --ep-combine and --replicated-head only");
+                     "--steps, --experts, --numerics, --ep-exchange, --ep-combine, --replicated-head and "
+                     "--no-moe-small only");
             WeightBytes wb;
             Weights shapes;
             visit_weights(cfg, shapes, wb, false);
@@ -299,7 +301,7 @@ int main(int argc, char** argv) {
                         ep_exchange.c_str(), ep_exchange == "gather" ? ep_combine.c_str() : "partial sums",
                         replicated_head ? "replicated" : "split by vocabulary");
             run_multi(cfg, wb, gpus, ep_exchange, ep_combine, !replicated_head, batches, contexts, prefill, steps, numerics,
-                      bw);
+                      !no_moe_small, bw);
             return 0;
         }
         const int64_t max_batch = *std::max_element(batches.begin(), batches.end());
