@@ -74,6 +74,7 @@ using dev::cp_async16;
 using dev::cp_async_commit;
 using dev::cp_async_wait;
 using dev::mma_bf16;
+using dev::smem_addr;
 
 // ---------------------------------------------------------------------------- constants
 
@@ -101,10 +102,6 @@ constexpr int64_t kTopkCacheFloats = 52 * 1024;   // rows up to 208 KiB are stag
 __device__ __forceinline__ void pdl_begin() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3) {

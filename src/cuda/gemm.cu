@@ -4,7 +4,8 @@
 // in registers, never a dequantized copy) and the work decomposition below:
 //   tiled_kernel (mma.sync; the mma_* tiles): decode / few tokens per expert, and any M or K;
 //   wgmma_kernel (wgmma with A from registers; wgmma_256x128, wgmma_256x32): prefill and mid-size
-//     expert batches (described where it is defined). Tile choices: choose_dense / choose_grouped
+//     expert batches (described where it is defined), and wgmma_ws_kernel, the same tiles with a
+//     producer warpgroup (wgmma_ws_256x128: the grouped experts from T ≈ 4096). Tile choices: choose_dense / choose_grouped
 //     (measured). The dense wgmma path's buffers (permuted x, split-K partials) are the caller's
 //     GemmScratch; the grouped path's are in MoeLayerWorkspace. Nothing here allocates per call.
 //
@@ -513,6 +514,57 @@ template <LinearFormat F, int BT> struct WgLayout {
     static_assert(kStages >= 3, "the ring needs 3 stages (prefetch distance stages - 2)");
 };
 
+// The epilogue of the wgmma kernels, straight from the accumulators: acc[mt][4·nt + i] = (row
+// lrow[mt][i >> 1], token 8·nt + 2·tig + (i & 1)); f32 split-K partials, h of a SwiGLU pair, or y.
+template <int EPI, int BT>
+__device__ __forceinline__ void wg_epilogue(const TiledParams& p, const float (&acc)[2][BT / 2], const int (&lrow)[2][2],
+                                            int gi, int row0, int rows, const GemmGroup& G, int wg, int q, int g,
+                                            int tig) {
+    constexpr int MT = 2, BR = kWgRows;
+    constexpr bool kPair = EPI == kEpiSwiglu;
+    if (p.part != nullptr) {   // split-K (uniform groups only): f32 partials, reduced by reduce_split_kernel
+        const int64_t ycol = static_cast<int64_t>(gi) * p.N;
+        float* part = p.part + static_cast<int64_t>(blockIdx.z) * p.M * p.y_ld;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < BT / 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int t = nt * 8 + 2 * tig + (i & 1);
+                    const int row = static_cast<int>(blockIdx.x) * BR + lrow[mt][i >> 1];
+                    if (t < rows && row < p.N)
+                        part[static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row] = acc[mt][4 * nt + i] * G.out_scale[0];
+                }
+        return;
+    }
+    if constexpr (kPair) {
+#pragma unroll
+        for (int nt = 0; nt < BT / 8; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int t = nt * 8 + 2 * tig + (i & 1);
+                const int row = static_cast<int>(blockIdx.x) * (BR / 2) + wg * 64 + q * 16 + g + (i >= 2 ? 8 : 0);
+                if (t < rows && row < p.N)
+                    store_h(p, row0 + t, row, acc[0][4 * nt + i] * G.out_scale[0], acc[1][4 * nt + i] * G.out_scale[1]);
+            }
+    } else {
+        const int64_t ycol = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < BT / 8; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int t = nt * 8 + 2 * tig + (i & 1);
+                    const int row = static_cast<int>(blockIdx.x) * BR + lrow[mt][i >> 1];
+                    if (t < rows && row < p.N)
+                        store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row,
+                                     acc[mt][4 * nt + i] * G.out_scale[0]);
+                }
+    }
+}
+
 template <LinearFormat F, int EPI, int BT>
 static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const TiledParams p) {
     using L = WgLayout<F, BT>;
@@ -700,48 +752,266 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
     cp_async_wait<0>();
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
-    // Epilogue: acc[mt][4·nt + i] = (row lrow[mt][i >> 1], token 8·nt + 2·tig + (i & 1)).
-    if (p.part != nullptr) {   // split-K (uniform groups only): f32 partials, reduced by reduce_split_kernel
-        const int64_t ycol = static_cast<int64_t>(gi) * p.N;
-        float* part = p.part + static_cast<int64_t>(blockIdx.z) * p.M * p.y_ld;
+    wg_epilogue<EPI, BT>(p, acc, lrow, gi, row0, rows, G, wg, q, g, tig);
+}
+
+// ---------------------------------------------------------------------------- wgmma, warp-specialized
+//
+// wgmma_ws_kernel: the same tile, decode, B layout and epilogues as wgmma_kernel, with the copies
+// moved to a producer warpgroup and the per-step CTA barrier replaced by mbarriers (the next step
+// of that kernel, named in docs/bench-gemm.md: its two warpgroups copied, decoded and multiplied,
+// and met at a __syncthreads every step, so the tensor cores idled through each step's copy issue
+// and the decode of its first word).
+//   CTA: 3 warpgroups, 384 threads. Warpgroup 2 (the producer) issues every 16-byte cp.async of a
+//   stage (the weights, their scales and x, as wgmma_kernel does, spread over its 128 threads) and
+//   then cp.async.mbarrier.arrive.noinc on full[slot] (count 128: the phase completes when every
+//   producer thread's copies have landed). Warpgroups 0 and 1 (the consumers) wait on full[slot],
+//   decode and multiply as wgmma_kernel does, and hand the slot back on empty[slot] (one arrive per
+//   consumer warp, count 8) as soon as the wgmmas that read it are complete: in step s, after the
+//   wait that retires step s - 1's last group. The producer refills a slot only after its empty
+//   phase, so the ring runs kStages - 1 steps ahead of the consumers, and no thread of the CTA
+//   waits for another except through the slot it needs.
+//   Registers: setmaxnreg gives the producer 40 and each consumer 232 (the 128 accumulators and the A
+//   buffers of a consumer thread need most of them: wgmma_kernel, whose threads also hold the copy
+//   pointers, uses 254 at 256 threads; without setmaxnreg ptxas budgets 168 and spills). A branch
+//   between the wgmma groups makes ptxas serialize them (its C7513), so the consumers' hand-back of a
+//   slot is branch-free (below).
+//   The consumers fence the async proxy after each full wait, before their wgmmas read the stage
+//   (the stage was written by cp.async, a generic-proxy write).
+constexpr int kWsConsumers = 256;
+// Producer threads: a warpgroup (setmaxnreg works per warpgroup, and ptxas budgets a wgmma kernel's
+// registers for whole warpgroups anyway: a 288-thread launch bound still gave 168 per thread).
+__host__ __device__ constexpr int ws_producers(int) { return 128; }
+__host__ __device__ constexpr int ws_threads(int BT) { return kWsConsumers + ws_producers(BT); }
+// Registers after setmaxnreg: the CTA is launched with 168 per thread (65536 / 384, rounded down to 8)
+// and the warpgroups can only trade what it holds: 128·40 + 256·232 = 384·168. (A first build asked
+// for 48 + 232, more than the CTA holds: the consumers' setmaxnreg.inc waited forever.)
+constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
+static_assert(128 * kWsProducerRegs + 256 * kWsConsumerRegs <= 384 * 168, "setmaxnreg can only move the CTA's registers");
+template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
+}
+template <int N> __device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(N));
+}
+
+template <LinearFormat F, int BT> struct WsLayout {
+    using L = WgLayout<F, BT>;
+    static constexpr int kBars = L::kSmem;                           // full[kStages], empty[kStages], a spare
+    static constexpr int kSmem = L::kSmem + 8 * (2 * L::kStages + 1);
+};
+
+// Arrives on bar (noinc: counted against its initial count) when this thread's cp.asyncs so far have landed.
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void fence_proxy_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+template <LinearFormat F, int EPI, int BT>
+static __global__ void __launch_bounds__(ws_threads(BT), 1) wgmma_ws_kernel(const TiledParams p) {
+    using L = WgLayout<F, BT>;
+    using WL = WsLayout<F, BT>;
+    constexpr int MT = 2, BR = kWgRows, ST = L::kStages;
+    static_assert(BT == 32 || BT == 128, "wgmma wrappers exist for N = 32 and 128");
+    constexpr int kE = Traits<F>::kElems, kStepK = L::kStepK, kLds = kE / 8;
+    constexpr int SB = scale_slot_bytes<F>();
+    constexpr int kWsProducers = ws_producers(BT);
+    constexpr int kQ = kStepK / 8;                       // 16-byte x chunks per token per step
+    static_assert(kWsProducers % BT == 0 && (BT * kQ) % kWsProducers == 0, "x copy mapping");
+    constexpr int kXPer = BT * kQ / kWsProducers;        // x chunks per producer thread per step
+    constexpr int kWPer = BR * 4 / kWsProducers;         // weight chunks per producer thread per step
+    constexpr int kSPer = BR / kWsProducers;             // scale rows per producer thread
+    constexpr int kWRowStep = kWsProducers / 4;          // tile rows between a thread's weight chunks
+    constexpr bool kPair = EPI == kEpiSwiglu;
+    extern __shared__ __align__(128) uint8_t smem[];
+
+    const int tid = static_cast<int>(threadIdx.x);
+    const uint32_t smem_s = smem_addr(smem);
+    const uint32_t full0 = smem_s + static_cast<uint32_t>(WL::kBars), empty0 = full0 + 8u * ST;
+    if (tid == 0) {
+        for (int s = 0; s < ST; ++s) {
+            mbar_init(full0 + 8u * s, static_cast<uint32_t>(ws_producers(BT)));
+            mbar_init(empty0 + 8u * s, kWsConsumers);
+        }
+        mbar_init(empty0 + 8u * ST, kWsConsumers);   // the spare (see `release` below)
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    int gi, row0, rows;
+    GemmGroup G;
+    if (!work_item<BT>(p, gi, row0, rows, G)) return;   // the whole CTA: the item is per CTA
+    const int64_t grow0 = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
+    const uint16_t* xg = p.x + (p.items ? 0 : static_cast<int64_t>(gi) * p.K);
+    const int s0 = static_cast<int>(blockIdx.z) * p.spz;   // split-K: this CTA's steps
+    const int ns = max(0, min(p.spz, p.steps - s0));
+
+    // Tile row r: warpgroup r / 128, row tile (r / 64) % 2, row r % 64 of it (as wgmma_kernel).
+    auto phys_row = [&](int r, int& m, int& row) {
+        if constexpr (kPair) {
+            m = (r >> 6) & 1;
+            row = static_cast<int>(blockIdx.x) * (BR / 2) + (r >> 7) * 64 + (r & 63);
+        } else {
+            m = 0;
+            row = static_cast<int>(blockIdx.x) * BR + r;
+        }
+    };
+
+    if (tid >= kWsConsumers) {
+        // ---- producer warpgroup
+        setmaxnreg_dec<kWsProducerRegs>();
+        const int pt = tid - kWsConsumers;
+        // Scale rows pt + 128·i (per row: 8 bytes NVFP4, 4 MXFP4, the aligned word of the fp8 block).
+        const uint8_t* ssrc[kSPer];
+        uint32_t sok = 0;
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < BT / 8; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int t = nt * 8 + 2 * tig + (i & 1);
-                    const int row = static_cast<int>(blockIdx.x) * BR + lrow[mt][i >> 1];
-                    if (t < rows && row < p.N)
-                        part[static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row] = acc[mt][4 * nt + i] * G.out_scale[0];
+        for (int i = 0; i < kSPer; ++i) {
+            ssrc[i] = G.s[0];
+            if constexpr (SB > 0) {
+                int m, row;
+                phys_row(pt + kWsProducers * i, m, row);
+                if (row < p.N) {
+                    sok |= 1u << i;
+                    if constexpr (F == LinearFormat::fp8_block) ssrc[i] = G.s[m] + ((grow0 + row) / kFp8Block) * p.s_row_bytes;
+                    else ssrc[i] = G.s[m] + (grow0 + row) * p.s_row_bytes;
                 }
+            }
+        }
+        // x chunk i: token t = pt % BT, 16-byte chunk q = pt / BT + (128 / BT)·i of its step (k16 slice
+        // q / 2, half q % 2), into the core-matrix layout of wgmma_kernel. Token-major, so that the 8
+        // threads of a quarter-warp write 8 tokens' chunks of one (slice, half): 128 contiguous bytes
+        // of shared memory, no bank conflict (a chunk-major order would put them 128 B or 4 KB apart).
+        const int xt = pt % BT, q0 = pt / BT;
+        const bool xok = xt < rows;
+        const uint16_t* xrow = xok ? xg + static_cast<int64_t>(row0 + xt) * p.x_ld : p.x;
+        const uint32_t xdst_t = static_cast<uint32_t>(L::kX + (xt >> 3) * 256 + (xt & 7) * 16);
+        for (int ls = 0; ls < ns; ++ls) {
+            const int slot = ls % ST, s = s0 + ls;
+            if (ls >= ST) mbar_wait(empty0 + 8u * slot, static_cast<uint32_t>((ls / ST - 1) & 1));
+            const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
+            // Weight chunk i: tile row (pt >> 2) + kWRowStep·i, 16-byte part pt & 3 of the row's step.
+            // (Not unrolled: the producer has 40 registers, and unrolled, the compiler keeps every
+            // chunk's source pointer live across steps.)
+#pragma unroll 1
+            for (int i = 0; i < kWPer; ++i) {
+                int m, row;
+                phys_row((pt >> 2) + kWRowStep * i, m, row);
+                const bool ok = row < p.N;
+                const uint8_t* src = ok ? G.w[m] + (grow0 + row) * p.w_row_bytes + (pt & 3) * 16 + s * kStepBytes : G.w[0];
+                cp_async16(base + L::kW + static_cast<uint32_t>((pt + kWsProducers * i) * 16), src, ok);
+            }
+#pragma unroll
+            for (int i = 0; i < kSPer; ++i) {
+                const bool ok = (sok >> i) & 1u;
+                const uint32_t dst = base + L::kS + static_cast<uint32_t>((pt + kWsProducers * i) * SB);
+                if constexpr (F == LinearFormat::nvfp4) {
+                    cp_async8(dst, ssrc[i] + (ok ? s * 8 : 0), ok);
+                } else if constexpr (F == LinearFormat::mxfp4) {
+                    cp_async4(dst, ssrc[i] + (ok ? s * 4 : 0), ok);
+                } else if constexpr (F == LinearFormat::fp8_block) {
+                    const uintptr_t a =
+                        (reinterpret_cast<uintptr_t>(ssrc[i]) + (ok ? (s * kStepK) / kFp8Block : 0)) & ~uintptr_t(3);
+                    cp_async4(dst, reinterpret_cast<const void*>(a), ok);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < kXPer; ++i) {
+                const int q = q0 + (kWsProducers / BT) * i;
+                cp_async16(base + xdst_t + static_cast<uint32_t>((q >> 1) * (BT / 8) * 256 + (q & 1) * 128),
+                           xrow + (xok ? s * kStepK + q * 8 : 0), xok);
+            }
+            cp_async_mbar_arrive(full0 + 8u * slot);
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
         return;
     }
-    if constexpr (kPair) {
+
+    // ---- consumer warpgroups
+    setmaxnreg_inc<kWsConsumerRegs>();
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+    const int wg = warp >> 2, qw = warp & 3;
+    int lrow[MT][2], mat[MT];
+    uint32_t s_lo[MT][2];
 #pragma unroll
-        for (int nt = 0; nt < BT / 8; ++nt)
+    for (int mt = 0; mt < MT; ++mt) {
+        mat[mt] = kPair ? mt : 0;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int t = nt * 8 + 2 * tig + (i & 1);
-                const int row = static_cast<int>(blockIdx.x) * (BR / 2) + wg * 64 + q * 16 + g + (i >= 2 ? 8 : 0);
-                if (t < rows && row < p.N)
-                    store_h(p, row0 + t, row, acc[0][4 * nt + i] * G.out_scale[0], acc[1][4 * nt + i] * G.out_scale[1]);
+        for (int h = 0; h < 2; ++h) {
+            lrow[mt][h] = wg * 128 + mt * 64 + qw * 16 + h * 8 + g;
+            s_lo[mt][h] = 0;
+            if constexpr (F == LinearFormat::fp8_block) {
+                int m, row;
+                phys_row(lrow[mt][h], m, row);
+                s_lo[mt][h] = static_cast<uint32_t>(
+                    (reinterpret_cast<uintptr_t>(G.s[m]) + ((grow0 + row) / kFp8Block) * p.s_row_bytes) & 3);
             }
-    } else {
-        const int64_t ycol = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < BT / 8; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int t = nt * 8 + 2 * tig + (i & 1);
-                    const int row = static_cast<int>(blockIdx.x) * BR + lrow[mt][i >> 1];
-                    if (t < rows && row < p.N)
-                        store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row,
-                                     acc[mt][4 * nt + i] * G.out_scale[0]);
-                }
+        }
     }
+
+    constexpr int NA = BT / 2;   // accumulators per thread per row tile (m64nBT f32)
+    float acc[MT][NA];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < NA; ++i) acc[mt][i] = 0.0f;
+
+    // A buffers as in wgmma_kernel: alternating per word, one buffer (waited for in full) for bf16.
+    constexpr bool kAlt = kLds % 2 == 0;
+    constexpr int kRelease = kAlt ? 1 : 0;   // the word whose wait retires the previous step's last group
+    uint32_t a[2][MT][2][4] = {};
+    for (int ls = 0; ls < ns; ++ls) {
+        const int s = s0 + ls, slot = ls % ST;
+        if constexpr (kAlt) wgmma_wait_keep<1>(a[0]);
+        else wgmma_wait_keep<0>(a[0]);
+        mbar_wait(full0 + 8u * slot, static_cast<uint32_t>((ls / ST) & 1));
+        fence_proxy_async_smem();
+        const uint8_t* st = smem + slot * L::kStage;
+        const uint32_t xs = smem_s + static_cast<uint32_t>(slot * L::kStage + L::kX);
+        // The barrier to arrive on once step ls - 1 is done: its slot's empty, or (step 0) a spare
+        // barrier nobody waits on, so that the arrive needs no branch.
+        const uint32_t release = ls > 0 ? empty0 + 8u * static_cast<uint32_t>((ls - 1) % ST) : empty0 + 8u * ST;
+
+        uint4 wv[MT][2];
+        uint32_t mlo[MT][2], mhi[MT][2];
+        stage_weights<F, MT>(st + L::kW, st + L::kS, lrow, mat, s_lo, tig, s, G, wv, mlo, mhi);
+
+#pragma unroll
+        for (int l = 0; l < kLds; ++l) {
+            const int bf = kAlt ? (l & 1) : 0;
+            if (!kAlt) wgmma_wait_keep<0>(a[bf]);
+            else if (l > 0) wgmma_wait_keep<1>(a[bf]);   // the group that read buffer bf (two words ago) is done
+            // Every group of step ls - 1 is complete (and its weights are in registers): hand its slot
+            // back. Every consumer thread arrives (no branch on the lane here: a branch between the
+            // wgmma groups makes ptxas serialize them, C7513).
+            if (l == kRelease) mbar_arrive(release);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                decode_a<F>(wv[mt][0], wv[mt][1], l, mlo[mt][0], mhi[mt][0], mlo[mt][1], mhi[mt][1], a[bf][mt]);
+            }
+            wgmma_fence();
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int j = 2 * l + i;   // k16 slice of the step
+                const uint64_t desc = smem_desc(xs + static_cast<uint32_t>(j * (BT / 8) * 256), 128, 256);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const uint32_t(&A)[4] = a[bf][mt][i];
+                    wgmma_m64k16<BT>(acc[mt], A[0], A[1], A[2], A[3], desc);
+                }
+            }
+            wgmma_commit();
+        }
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int i = 0; i < NA; ++i) reg_fence(acc[mt][i]);
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    wg_epilogue<EPI, BT>(p, acc, lrow, gi, row0, rows, G, wg, qw, g, tig);
 }
 
 // y[i] = Σ_{z < S} part[z][i] in order z = 0, 1, ... (deterministic), as f32 or rounded to bf16.
@@ -838,6 +1108,9 @@ constexpr TiledConfig kConfigs[] = {
     {Tile::wgmma_256x128, "wgmma_256x128", 2, 16, 8, 1, kWgRows, 128, 0},
     // wgmma_kernel, 32 tokens (more weight bytes in flight)
     {Tile::wgmma_256x32, "wgmma_256x32", 2, 4, 8, 1, kWgRows, 32, 0},
+    // wgmma_ws_kernel: the same consumer shapes (8 warps) plus a producer warpgroup (kWsThreads in all)
+    {Tile::wgmma_ws_256x128, "wgmma_ws_256x128", 2, 16, 8, 1, kWgRows, 128, 0},
+    {Tile::wgmma_ws_256x32, "wgmma_ws_256x32", 2, 4, 8, 1, kWgRows, 32, 0},
 };
 constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
 constexpr bool configs_in_tile_order() {
@@ -847,7 +1120,8 @@ constexpr bool configs_in_tile_order() {
 }
 static_assert(configs_in_tile_order(), "kConfigs[i] must describe Tile i");
 
-bool is_wg(Tile c) { return c == Tile::wgmma_256x128 || c == Tile::wgmma_256x32; }
+bool is_ws(Tile c) { return c == Tile::wgmma_ws_256x128 || c == Tile::wgmma_ws_256x32; }
+bool is_wg(Tile c) { return c == Tile::wgmma_256x128 || c == Tile::wgmma_256x32 || is_ws(c); }
 
 // A forced tile (or automatic) that names a shape; throws otherwise.
 void check_tile(Tile c) {
@@ -858,6 +1132,13 @@ const TiledConfig& cfg(Tile c) {
     const int i = static_cast<int>(c);
     MEGAMOE_CHECK(i >= 0 && i < kNumConfigs, "tiled linear: tile ", i, " names no kernel shape");
     return kConfigs[i];
+}
+
+// Threads per CTA of a shape: its warps, plus the producer warpgroup of the warp-specialized ones.
+unsigned threads_of(Tile c) {
+    if (is_ws(c)) return static_cast<unsigned>(ws_threads(cfg(c).tokens));
+    const TiledConfig& t = cfg(c);
+    return static_cast<unsigned>(t.wr * t.wt * 32);
 }
 
 using TiledKernel = void (*)(TiledParams);
@@ -882,16 +1163,22 @@ template <LinearFormat F> int smem_of(Tile c) {
     fail("tiled linear: no mma.sync kernel for tile ", static_cast<int>(c));
 }
 
-template <LinearFormat F, int BT> TiledKernel wg_kernel_for(int epi, int& smem) {
-    smem = WgLayout<F, BT>::kSmem;
+template <LinearFormat F, int BT, bool WS> TiledKernel wg_kernel_for(int epi, int& smem) {
+    smem = WS ? WsLayout<F, BT>::kSmem : WgLayout<F, BT>::kSmem;
     if constexpr (F == LinearFormat::mxfp4 || F == LinearFormat::nvfp4)
-        if (epi == kEpiSwiglu) return wgmma_kernel<F, kEpiSwiglu, BT>;
+        if (epi == kEpiSwiglu) return WS ? wgmma_ws_kernel<F, kEpiSwiglu, BT> : wgmma_kernel<F, kEpiSwiglu, BT>;
     MEGAMOE_CHECK(epi != kEpiSwiglu, "wgmma linear: no SwiGLU epilogue for ", linear_format_name(F));
-    return epi == kEpiBf16 ? wgmma_kernel<F, kEpiBf16, BT> : wgmma_kernel<F, kEpiF32, BT>;
+    if (epi == kEpiBf16) return WS ? wgmma_ws_kernel<F, kEpiBf16, BT> : wgmma_kernel<F, kEpiBf16, BT>;
+    return WS ? wgmma_ws_kernel<F, kEpiF32, BT> : wgmma_kernel<F, kEpiF32, BT>;
 }
 
 template <LinearFormat F> TiledKernel wg_kernel_for(Tile c, int epi, int& smem) {
-    return c == Tile::wgmma_256x128 ? wg_kernel_for<F, 128>(epi, smem) : wg_kernel_for<F, 32>(epi, smem);
+    switch (c) {
+        case Tile::wgmma_256x128: return wg_kernel_for<F, 128, false>(epi, smem);
+        case Tile::wgmma_256x32: return wg_kernel_for<F, 32, false>(epi, smem);
+        case Tile::wgmma_ws_256x128: return wg_kernel_for<F, 128, true>(epi, smem);
+        default: return wg_kernel_for<F, 32, true>(epi, smem);
+    }
 }
 
 TiledKernel tiled_kernel_for(LinearFormat f, int epi, Tile c, int& smem) {
@@ -945,12 +1232,13 @@ void launch_tiled(LinearFormat f, int epi, Tile c, const TiledParams& p, unsigne
     const TiledKernel k = tiled_kernel_for(f, epi, c, smem);
     raise_dynamic_smem(reinterpret_cast<const void*>(k), static_cast<size_t>(smem));
     const TiledConfig& t = cfg(c);
+    const unsigned threads = threads_of(c);
     cudaError_t err;
     if (grid_z > 1 && !is_wg(c)) {
         // The mma.sync tiles split K over a cluster of grid_z CTAs (partials reduced in its shared memory).
         cudaLaunchConfig_t lc = {};
         lc.gridDim = dim3(grid_x, grid_y, grid_z);
-        lc.blockDim = dim3(static_cast<unsigned>(t.wr * t.wt * 32));
+        lc.blockDim = dim3(threads);
         lc.dynamicSmemBytes = static_cast<size_t>(smem);
         lc.stream = stream;
         cudaLaunchAttribute attr[2];
@@ -964,7 +1252,7 @@ void launch_tiled(LinearFormat f, int epi, Tile c, const TiledParams& p, unsigne
         lc.numAttrs = 2;
         err = cudaLaunchKernelEx(&lc, k, p);
     } else {
-        err = launch_pdl(k, dim3(grid_x, grid_y, grid_z), dim3(static_cast<unsigned>(t.wr * t.wt * 32)),
+        err = launch_pdl(k, dim3(grid_x, grid_y, grid_z), dim3(threads),
                          static_cast<size_t>(smem), stream, p);
     }
     if (err != cudaSuccess) {
@@ -1013,7 +1301,13 @@ Tile choose_grouped(int64_t N, int64_t E) {
     // Measured with megamoe-gemm-bench --config on H100 and H200 (Flash and Pro, NVFP4):
     if (mean <= 12) return Tile::mma_128x8;       // T ≤ 256: stream the weights, 8-token tiles
     if (mean <= 48) return Tile::wgmma_256x32;    // T ≈ 1024: wgmma, 32-token tiles (1.45x mma_128x16 on H100)
-    return Tile::wgmma_256x128;                   // T ≥ 4096: wgmma, 128-token tiles
+    // T ≥ 4096: wgmma, 128-token tiles, warp-specialized. H200, megamoe-gemm-bench --part experts --model
+    // flash --config wgmma_256x128 | wgmma_ws_256x128, two rounds in one device call, whole layer µs:
+    // NVFP4 T = 4096 4929.8 / 4919.1 against 4937.0 / 4930.2 (even), T = 16384 17432.8 / 17451.4 against
+    // 16899.8 / 16894.1 (-3.1%); MXFP4 T = 4096 4956.7 / 4971.6 against 4794.8 / 4785.5 (-3.5%), T = 16384
+    // 17839.4 / 17792.1 against 16499.0 / 16522.4 (-7.4%). At 32 tokens (T = 1024) the warp-specialized
+    // tile was slower (NVFP4 2398 against 2242 µs, MXFP4 2838 against 2447), so wgmma_256x32 stays.
+    return Tile::wgmma_ws_256x128;
 }
 
 // Split-K of a dense wgmma call: S parts of spz steps each over blockIdx.z, when the tiles alone
@@ -1070,7 +1364,8 @@ std::string tiled_config_name(Tile tile) {
     if (tile == Tile::automatic) return "automatic";
     const TiledConfig& t = cfg(tile);
     if (is_wg(tile))
-        return str(t.name, " (wgmma tile ", t.rows, "x", t.tokens, ", 2 warpgroups x 2 m64n", t.tokens, " tiles)");
+        return str(t.name, " (wgmma tile ", t.rows, "x", t.tokens, ", 2 warpgroups x 2 m64n", t.tokens, " tiles",
+                   is_ws(tile) ? ", a producer warpgroup)" : ")");
     return str(t.name, " (tile ", t.rows, "x", t.tokens, ", MT=", t.mt, " NT=", t.nt, " WR=", t.wr, " WT=", t.wt,
                " stages=", t.stages, ")");
 }

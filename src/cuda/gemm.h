@@ -46,6 +46,8 @@ enum class Tile : int8_t {
     mma_256x128,       // the dense fallback when wgmma cannot run (K not whole steps, no scratch)
     wgmma_256x128,     // prefill: each weight decoded once per 128 tokens; split-K fills the GPU
     wgmma_256x32,      // mid-size expert batches: more weight bytes in flight per token
+    wgmma_ws_256x128,  // wgmma_256x128 with a producer warpgroup and mbarriers (no CTA barrier per step)
+    wgmma_ws_256x32,   // wgmma_256x32, likewise
 };
 
 // A kernel shape: a CTA of wr·wt warps covers `rows` weight rows × `tokens` tokens per tile.
