@@ -5,8 +5,8 @@
 //   tiled_kernel (mma.sync; the mma_* tiles): decode / few tokens per expert, and any M or K;
 //   wgmma_kernel (wgmma with A from registers; wgmma_256x128, wgmma_256x32): prefill and mid-size
 //     expert batches (described where it is defined), and wgmma_ws_kernel, the same tiles with a
-//     producer warpgroup (wgmma_ws_256x128: the grouped experts from T ≈ 4096). Tile choices: choose_dense / choose_grouped
-//     (measured). The dense wgmma path's buffers (permuted x, split-K partials) are the caller's
+//     producer warpgroup (wgmma_ws_256x128: the grouped experts from T ≈ 4096). Tile choices:
+//     choose_dense / choose_grouped (measured). The dense wgmma path's buffers (permuted x, split-K partials) are the caller's
 //     GemmScratch; the grouped path's are in MoeLayerWorkspace. Nothing here allocates per call.
 //
 // Kernel (tiled_kernel)
@@ -781,13 +781,12 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
 constexpr int kWsConsumers = 256;
 // Producer threads: a warpgroup (setmaxnreg works per warpgroup, and ptxas budgets a wgmma kernel's
 // registers for whole warpgroups anyway: a 288-thread launch bound still gave 168 per thread).
-__host__ __device__ constexpr int ws_producers(int) { return 128; }
-__host__ __device__ constexpr int ws_threads(int BT) { return kWsConsumers + ws_producers(BT); }
+constexpr int kWsProducers = 128, kWsThreads = kWsConsumers + kWsProducers;
 // Registers after setmaxnreg: the CTA is launched with 168 per thread (65536 / 384, rounded down to 8)
 // and the warpgroups can only trade what it holds: 128·40 + 256·232 = 384·168. (A first build asked
 // for 48 + 232, more than the CTA holds: the consumers' setmaxnreg.inc waited forever.)
 constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
-static_assert(128 * kWsProducerRegs + 256 * kWsConsumerRegs <= 384 * 168, "setmaxnreg can only move the CTA's registers");
+static_assert(kWsProducers * kWsProducerRegs + kWsConsumers * kWsConsumerRegs <= kWsThreads * 168, "setmaxnreg can only move the CTA's registers");
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
 }
@@ -810,14 +809,13 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
 }
 
 template <LinearFormat F, int EPI, int BT>
-static __global__ void __launch_bounds__(ws_threads(BT), 1) wgmma_ws_kernel(const TiledParams p) {
+static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const TiledParams p) {
     using L = WgLayout<F, BT>;
     using WL = WsLayout<F, BT>;
     constexpr int MT = 2, BR = kWgRows, ST = L::kStages;
     static_assert(BT == 32 || BT == 128, "wgmma wrappers exist for N = 32 and 128");
     constexpr int kE = Traits<F>::kElems, kStepK = L::kStepK, kLds = kE / 8;
     constexpr int SB = scale_slot_bytes<F>();
-    constexpr int kWsProducers = ws_producers(BT);
     constexpr int kQ = kStepK / 8;                       // 16-byte x chunks per token per step
     static_assert(kWsProducers % BT == 0 && (BT * kQ) % kWsProducers == 0, "x copy mapping");
     constexpr int kXPer = BT * kQ / kWsProducers;        // x chunks per producer thread per step
@@ -832,7 +830,7 @@ static __global__ void __launch_bounds__(ws_threads(BT), 1) wgmma_ws_kernel(cons
     const uint32_t full0 = smem_s + static_cast<uint32_t>(WL::kBars), empty0 = full0 + 8u * ST;
     if (tid == 0) {
         for (int s = 0; s < ST; ++s) {
-            mbar_init(full0 + 8u * s, static_cast<uint32_t>(ws_producers(BT)));
+            mbar_init(full0 + 8u * s, kWsProducers);
             mbar_init(empty0 + 8u * s, kWsConsumers);
         }
         mbar_init(empty0 + 8u * ST, kWsConsumers);   // the spare (see `release` below)
@@ -1136,7 +1134,7 @@ const TiledConfig& cfg(Tile c) {
 
 // Threads per CTA of a shape: its warps, plus the producer warpgroup of the warp-specialized ones.
 unsigned threads_of(Tile c) {
-    if (is_ws(c)) return static_cast<unsigned>(ws_threads(cfg(c).tokens));
+    if (is_ws(c)) return kWsThreads;
     const TiledConfig& t = cfg(c);
     return static_cast<unsigned>(t.wr * t.wt * 32);
 }
