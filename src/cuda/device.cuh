@@ -162,6 +162,7 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
                  "l"(src), "r"(bytes), "r"(bar)
                  : "memory");
 }
+
 // ---------------------------------------------------------------------------- format traits
 
 // kElems: weights per 16-byte load; one warp step covers kStepK = 4·kElems columns (64 B/row).
