@@ -766,9 +766,9 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
 //   stage (the weights, their scales and x, as wgmma_kernel does, spread over its 128 threads) and
 //   then cp.async.mbarrier.arrive.noinc on full[slot] (count 128: the phase completes when every
 //   producer thread's copies have landed). Warpgroups 0 and 1 (the consumers) wait on full[slot],
-//   decode and multiply as wgmma_kernel does, and hand the slot back on empty[slot] (one arrive per
-//   consumer warp, count 8) as soon as the wgmmas that read it are complete: in step s, after the
-//   wait that retires step s - 1's last group. The producer refills a slot only after its empty
+//   decode and multiply as wgmma_kernel does, and hand the slot back on empty[slot] (every consumer
+//   thread arrives, count 256) as soon as the wgmmas that read it are complete: in step s, after
+//   the wait that retires step s - 1's last group. The producer refills a slot only after its empty
 //   phase, so the ring runs kStages - 1 steps ahead of the consumers, and no thread of the CTA
 //   waits for another except through the slot it needs.
 //   Registers: setmaxnreg gives the producer 40 and each consumer 232 (the 128 accumulators and the A
@@ -786,7 +786,8 @@ constexpr int kWsProducers = 128, kWsThreads = kWsConsumers + kWsProducers;
 // and the warpgroups can only trade what it holds: 128·40 + 256·232 = 384·168. (A first build asked
 // for 48 + 232, more than the CTA holds: the consumers' setmaxnreg.inc waited forever.)
 constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
-static_assert(kWsProducers * kWsProducerRegs + kWsConsumers * kWsConsumerRegs <= kWsThreads * 168, "setmaxnreg can only move the CTA's registers");
+static_assert(kWsProducers * kWsProducerRegs + kWsConsumers * kWsConsumerRegs <= kWsThreads * 168,
+              "setmaxnreg can only move the CTA's registers");
 template <int N> __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(N));
 }
