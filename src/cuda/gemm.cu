@@ -565,6 +565,50 @@ __device__ __forceinline__ void wg_epilogue(const TiledParams& p, const float (&
     }
 }
 
+// One step of a wgmma consumer warpgroup (wgmma_kernel, wgmma_ws_kernel): the lane's weights and
+// scale multipliers from the stage (weights at st_w, scales at st_s, x at shared address xs), then
+// per 8-column word of the lanes' chunks: wait for the group that read A buffer bf two words ago,
+// decode into it, fence, the 4 wgmmas (2 row tiles × 2 k16 slices), commit. With kHandBack (the
+// warp-specialized kernel) every thread arrives on `release` at word kRelease, once the previous
+// step's last group is complete; unconditionally, since a branch between wgmma groups makes ptxas
+// serialize them (C7513).
+template <LinearFormat F, int BT, bool kHandBack>
+__device__ __forceinline__ void wg_step(const uint8_t* st_w, const uint8_t* st_s, uint32_t xs, const int (&lrow)[2][2],
+                                        const int (&mat)[2], const uint32_t (&s_lo)[2][2], int tig, int s,
+                                        const GemmGroup& G, uint32_t (&a)[2][2][2][4], float (&acc)[2][BT / 2],
+                                        uint32_t release) {
+    constexpr int MT = 2, kLds = Traits<F>::kElems / 8;
+    constexpr bool kAlt = kLds % 2 == 0;
+    constexpr int kRelease = kAlt ? 1 : 0;   // the word whose wait retires the previous step's last group
+    uint4 wv[MT][2];
+    uint32_t mlo[MT][2], mhi[MT][2];
+    stage_weights<F, MT>(st_w, st_s, lrow, mat, s_lo, tig, s, G, wv, mlo, mhi);
+
+#pragma unroll
+    for (int l = 0; l < kLds; ++l) {
+        const int bf = kAlt ? (l & 1) : 0;
+        if (!kAlt) wgmma_wait_keep<0>(a[bf]);
+        else if (l > 0) wgmma_wait_keep<1>(a[bf]);   // the group that read buffer bf (two words ago) is done
+        if (kHandBack && l == kRelease) mbar_arrive(release);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            decode_a<F>(wv[mt][0], wv[mt][1], l, mlo[mt][0], mhi[mt][0], mlo[mt][1], mhi[mt][1], a[bf][mt]);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int j = 2 * l + i;   // k16 slice of the step
+            const uint64_t desc = smem_desc(xs + static_cast<uint32_t>(j * (BT / 8) * 256), 128, 256);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const uint32_t(&A)[4] = a[bf][mt][i];
+                wgmma_m64k16<BT>(acc[mt], A[0], A[1], A[2], A[3], desc);
+            }
+        }
+        wgmma_commit();
+    }
+}
+
 template <LinearFormat F, int EPI, int BT>
 static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const TiledParams p) {
     using L = WgLayout<F, BT>;
@@ -717,32 +761,7 @@ static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const Tiled
         const uint8_t* st = smem + slot * L::kStage;
         const uint32_t xs = smem_s + static_cast<uint32_t>(slot * L::kStage + L::kX);
 
-        uint4 wv[MT][2];
-        uint32_t mlo[MT][2], mhi[MT][2];
-        stage_weights<F, MT>(st + L::kW, st + L::kS, lrow, mat, s_lo, tig, s, G, wv, mlo, mhi);
-
-#pragma unroll
-        for (int l = 0; l < kLds; ++l) {
-            const int bf = kAlt ? (l & 1) : 0;
-            if (!kAlt) wgmma_wait_keep<0>(a[bf]);
-            else if (l > 0) wgmma_wait_keep<1>(a[bf]);   // the group that read buffer bf (two words ago) is done
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                decode_a<F>(wv[mt][0], wv[mt][1], l, mlo[mt][0], mhi[mt][0], mlo[mt][1], mhi[mt][1], a[bf][mt]);
-            }
-            wgmma_fence();
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const int j = 2 * l + i;   // k16 slice of the step
-                const uint64_t desc = smem_desc(xs + static_cast<uint32_t>(j * (BT / 8) * 256), 128, 256);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const uint32_t(&A)[4] = a[bf][mt][i];
-                    wgmma_m64k16<BT>(acc[mt], A[0], A[1], A[2], A[3], desc);
-                }
-            }
-            wgmma_commit();
-        }
+        wg_step<F, BT, false>(st + L::kW, st + L::kS, xs, lrow, mat, s_lo, tig, s, G, a, acc, 0);
     }
     wgmma_wait<0>();
 #pragma unroll
@@ -959,7 +978,6 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 
     // A buffers as in wgmma_kernel: alternating per word, one buffer (waited for in full) for bf16.
     constexpr bool kAlt = kLds % 2 == 0;
-    constexpr int kRelease = kAlt ? 1 : 0;   // the word whose wait retires the previous step's last group
     uint32_t a[2][MT][2][4] = {};
     for (int ls = 0; ls < ns; ++ls) {
         const int s = s0 + ls, slot = ls % ST;
@@ -973,36 +991,9 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
         // barrier nobody waits on, so that the arrive needs no branch.
         const uint32_t release = ls > 0 ? empty0 + 8u * static_cast<uint32_t>((ls - 1) % ST) : empty0 + 8u * ST;
 
-        uint4 wv[MT][2];
-        uint32_t mlo[MT][2], mhi[MT][2];
-        stage_weights<F, MT>(st + L::kW, st + L::kS, lrow, mat, s_lo, tig, s, G, wv, mlo, mhi);
-
-#pragma unroll
-        for (int l = 0; l < kLds; ++l) {
-            const int bf = kAlt ? (l & 1) : 0;
-            if (!kAlt) wgmma_wait_keep<0>(a[bf]);
-            else if (l > 0) wgmma_wait_keep<1>(a[bf]);   // the group that read buffer bf (two words ago) is done
-            // Every group of step ls - 1 is complete (and its weights are in registers): hand its slot
-            // back. Every consumer thread arrives (no branch on the lane here: a branch between the
-            // wgmma groups makes ptxas serialize them, C7513).
-            if (l == kRelease) mbar_arrive(release);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                decode_a<F>(wv[mt][0], wv[mt][1], l, mlo[mt][0], mhi[mt][0], mlo[mt][1], mhi[mt][1], a[bf][mt]);
-            }
-            wgmma_fence();
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const int j = 2 * l + i;   // k16 slice of the step
-                const uint64_t desc = smem_desc(xs + static_cast<uint32_t>(j * (BT / 8) * 256), 128, 256);
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const uint32_t(&A)[4] = a[bf][mt][i];
-                    wgmma_m64k16<BT>(acc[mt], A[0], A[1], A[2], A[3], desc);
-                }
-            }
-            wgmma_commit();
-        }
+        // Every group of step ls - 1 is complete (and its weights are in registers) after wg_step's
+        // first retiring wait: it hands that slot back there.
+        wg_step<F, BT, true>(st + L::kW, st + L::kS, xs, lrow, mat, s_lo, tig, s, G, a, acc, release);
     }
     wgmma_wait<0>();
 #pragma unroll
@@ -1305,7 +1296,8 @@ Tile choose_grouped(int64_t N, int64_t E) {
     // NVFP4 T = 4096 4929.8 / 4919.1 against 4937.0 / 4930.2 (even), T = 16384 17432.8 / 17451.4 against
     // 16899.8 / 16894.1 (-3.1%); MXFP4 T = 4096 4956.7 / 4971.6 against 4794.8 / 4785.5 (-3.5%), T = 16384
     // 17839.4 / 17792.1 against 16499.0 / 16522.4 (-7.4%). At 32 tokens (T = 1024) the warp-specialized
-    // tile was slower (NVFP4 2398 against 2242 µs, MXFP4 2838 against 2447), so wgmma_256x32 stays.
+    // tile was slower (NVFP4 2398.0 / 2398.3 against 2242.0 / 2244.6 µs, MXFP4 2840.8 / 2835.9 against
+    // 2447.2 / 2446.9), so wgmma_256x32 stays.
     return Tile::wgmma_ws_256x128;
 }
 
