@@ -17,6 +17,12 @@
 //   --no-check: skip the checks against the CPU twins (timing only).
 //   --config:  force one kernel shape (cuda::Tile, by name such as wgmma_256x32 or by its index in
 //              cuda::tiled_configs()) for the linears with M > 16 and for the expert layer.
+//   --numerics official: the expert layer under the official numerics (cuda::moe_layer_routed +
+//              moe_layer_combine with Numerics::official; x FP8-rounded first, as the runner passes
+//              it), checked against the CPU's official composition (ops::expert_ffn per slot, the
+//              official combine) by per-token cosine (≥ 0.999: 1 − cosine over 10^-3 is the
+//              reported error/bound); what --config wgmma_f8_128x128 (W4A8, MXFP4) needs. Default
+//              exact.
 // Progress goes to stderr; the header, the result tables (markdown) and the notes to stdout.
 //
 // Part A — linears. For each projection of the attention and of the shared expert, in its
@@ -86,6 +92,7 @@
 #include "core/parallel.h"
 #include "io/synth.h"
 #include "io/weights.h"
+#include "ref/ops.h"
 
 using namespace megamoe;
 
@@ -460,6 +467,7 @@ struct Options {
     bool quick = false, check = true, y_f32 = false;
     cuda::Tile tile = cuda::Tile::automatic;   // --config: force this kernel shape (linears M > 16, expert layer)
     bool moe_small = false;                    // --moe-small: the expert layer through cuda::moe_layer_small
+    Numerics nm = Numerics::exact;             // --numerics: the expert layer's numerics
     std::string part = "all", models, shapes, formats;
     std::vector<int64_t> Ms, Ts;
 };
@@ -655,7 +663,8 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
     fill_bf16(dx.data(), Mx * maxKx, 7, 2.0f);
     const auto& configs = cuda::tiled_configs();
     std::vector<cuda::Tile> tiles = {cuda::Tile::automatic};
-    for (const cuda::TiledConfig& c : configs) tiles.push_back(c.tile);
+    for (const cuda::TiledConfig& c : configs)
+        if (c.tile != cuda::Tile::wgmma_f8_128x128) tiles.push_back(c.tile);   // the expert layer's only
 
     for (const LinShape& sh : shapes) {
         const int64_t N = sh.N, K = sh.K, G = sh.groups, Kx = K * G;
@@ -904,6 +913,56 @@ double check_moe(const std::vector<HostExpert>& hosts, const cuda::DeviceExperts
     return worst;
 }
 
+// The expert layer under the official numerics (moe_layer_routed + moe_layer_combine, tile `tile`)
+// against the CPU's official composition on the tokens `tokens`: per slot ops::expert_ffn with
+// Numerics::official (w1 / w3 outputs rounded to bf16, h FP8-rounded in 128-blocks, the output
+// rounded to bf16), y = bf16(bf16(shared) + Σ_slots row) in slot order. Not bit for bit (a g or u
+// that lands on the other side of a bf16 or FP8 rounding boundary moves h by a step; the W4A8 tile
+// accumulates in FP8 tensor-core precision between its f32 promotions): the per-token cosine, as
+// 1 − cosine over 10^-3 (≤ 1: cosine ≥ 0.999, the bound of tests/cuda/gemm_test.cpp's official tests).
+double check_moe_official(const std::vector<HostExpert>& hosts, const cuda::DeviceExperts& ex,
+                          cuda::MoeLayerWorkspace& ws, int64_t k, float limit, const uint16_t* dx,
+                          const float* dshared, float* dy, int64_t T, const Routing& rt,
+                          const std::vector<int64_t>& tokens, cudaStream_t stream, cuda::Tile tile, bool small) {
+    const int64_t D = ex.D;
+    DeviceArray<int32_t> dids(rt.ids.size());
+    DeviceArray<float> dw(rt.wts.size());
+    CUDA_CHECK(cudaMemcpyAsync(dids.data(), rt.ids.data(), rt.ids.size() * 4, cudaMemcpyHostToDevice, stream));
+    CUDA_CHECK(cudaMemcpyAsync(dw.data(), rt.wts.data(), rt.wts.size() * 4, cudaMemcpyHostToDevice, stream));
+    CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(T * D) * 4, stream));
+    if (small) {
+        cuda::moe_layer_small(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream, Numerics::official);
+    } else {
+        cuda::moe_layer_routed(ex, limit, dx, dids.data(), dw.data(), T, ws, stream, tile, Numerics::official);
+        cuda::moe_layer_combine(ws, T, dshared, dy, stream, Numerics::official);
+    }
+    CUDA_CHECK(cudaStreamSynchronize(stream));
+    double worst = 0;
+    std::vector<float> x, y(static_cast<size_t>(D)), sh(static_cast<size_t>(D)), row(static_cast<size_t>(D));
+    std::vector<double> ref(static_cast<size_t>(D));
+    for (int64_t t : tokens) {
+        download_x_rows(dx, D, D, {t}, x);
+        CUDA_CHECK(cudaMemcpy(y.data(), dy + t * D, size_t(D) * 4, cudaMemcpyDeviceToHost));
+        CUDA_CHECK(cudaMemcpy(sh.data(), dshared + t * D, size_t(D) * 4, cudaMemcpyDeviceToHost));
+        for (int64_t d = 0; d < D; ++d) ref[size_t(d)] = bf16_to_f32(f32_to_bf16(sh[size_t(d)]));
+        for (int64_t s = 0; s < k; ++s) {
+            const HostExpert& he = hosts[size_t(rt.ids[size_t(t * k + s)]) % hosts.size()];
+            const ExpertWeights ew{he.w1.lin, he.w3.lin, he.w2.lin};
+            const float wt = rt.wts[size_t(t * k + s)];
+            ops::expert_ffn(ew, limit, x.data(), 1, &wt, row.data(), Numerics::official);
+            for (int64_t d = 0; d < D; ++d) ref[size_t(d)] += bf16_to_f32(f32_to_bf16(row[size_t(d)]));
+        }
+        double ab = 0, aa = 0, bb = 0;
+        for (int64_t d = 0; d < D; ++d) {
+            const double a = y[size_t(d)], b = bf16_to_f32(f32_to_bf16(static_cast<float>(ref[size_t(d)])));
+            ab += a * b, aa += a * a, bb += b * b;
+        }
+        const double cosine = ab / std::sqrt(aa * bb);
+        worst = std::max(worst, std::isfinite(cosine) ? (1.0 - cosine) / 1e-3 : INFINITY);
+    }
+    return worst;
+}
+
 void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
     const ModelConfig cfg = model_config(model);
     const int64_t E = cfg.n_routed_experts, D = cfg.hidden_size, I = cfg.moe_intermediate_size,
@@ -996,15 +1055,20 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
         DeviceArray<float> dshared(size_t(T_max * D)), dy(size_t(T_max * D));
         fill_bf16(dx.data(), T_max * D, 21, 2.0f);
         fill_f32(dshared.data(), T_max * D, 22, 1.0f);
+        const bool official = opt.nm == Numerics::official;
+        if (official) cuda::fp8_block_round(dx.data(), T_max, D, D, 128, stream);   // the runner's xq
         const double per_expert = double(ex.bytes()) / double(E);
         progress("  %s: %lld experts uploaded, %.2f GB packed (%.1f MB per expert), workspace %.2f GB, %.1f s\n",
                  fmt_name(f), (long long)E, ex.bytes() / 1e9, per_expert / 1e6, ws.bytes() / 1e9,
                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-        const std::string what = fmt("%s experts %s", model.c_str(), fmt_name(f));
+        const std::string what = fmt("%s experts %s%s", model.c_str(), fmt_name(f), official ? " official" : "");
         double worst = 0;
         if (opt.check) {
             std::vector<int64_t> all5 = {0, 1, 2, 3, 4};
-            worst = check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), 5, make_routing(5, k, E, 77), all5, stream, opt.moe_small);
+            worst = official ? check_moe_official(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), 5,
+                                                  make_routing(5, k, E, 77), all5, stream, opt.tile, opt.moe_small)
+                             : check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), 5,
+                                         make_routing(5, k, E, 77), all5, stream, opt.moe_small);
             if (worst > 1.0) progress("  %s: T=5 out of bound (%.3g)\n", what.c_str(), worst);
         }
         for (size_t ti = 0; ti < opt.Ts.size(); ++ti) {
@@ -1013,7 +1077,10 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
             const int R = int(rts.size());
             if (opt.check) {   // the timed call (routing 0) on a few tokens
                 const auto toks = sample_indices(T, opt.quick ? 2 : 3, 31 + uint64_t(T));
-                const double w = check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), T, rts[0], toks, stream, opt.moe_small);
+                const double w = official ? check_moe_official(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(),
+                                                               T, rts[0], toks, stream, opt.tile, opt.moe_small)
+                                          : check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), T,
+                                                      rts[0], toks, stream, opt.moe_small);
                 if (w > 1.0) progress("  %s: T=%lld out of bound (%.3g)\n", what.c_str(), (long long)T, w);
                 worst = std::max(worst, w);
             }
@@ -1032,8 +1099,12 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
                 const int r = i % R;
                 if (opt.moe_small)
                     cuda::moe_layer_small(ex, limit, dx.data(), dids.data() + r * T * k, dw.data() + r * T * k, T,
-                                          dshared.data(), dy.data(), ws, stream);
-                else
+                                          dshared.data(), dy.data(), ws, stream, opt.nm);
+                else if (official) {
+                    cuda::moe_layer_routed(ex, limit, dx.data(), dids.data() + r * T * k, dw.data() + r * T * k, T, ws,
+                                           stream, opt.tile, Numerics::official);
+                    cuda::moe_layer_combine(ws, T, dshared.data(), dy.data(), stream, Numerics::official);
+                } else
                     cuda::moe_layer(ex, limit, dx.data(), dids.data() + r * T * k, dw.data() + r * T * k, T, dshared.data(), dy.data(), ws, stream,
                                     opt.tile);
             };
@@ -1075,6 +1146,11 @@ int main(int argc, char** argv) {
             else if (a == "--f32-out") opt.y_f32 = true;
             else if (a == "--config") opt.tile = parse_tile(next());
             else if (a == "--moe-small") opt.moe_small = true;
+            else if (a == "--numerics") {
+                const std::string v = next();
+                if (v != "exact" && v != "official") fail("--numerics must be exact or official, got '", v, "'");
+                opt.nm = v == "official" ? Numerics::official : Numerics::exact;
+            }
             else if (a == "--part") opt.part = next();
             else if (a == "--model") opt.models = next();
             else if (a == "--shape") opt.shapes = next();
@@ -1088,6 +1164,7 @@ int main(int argc, char** argv) {
                     "       [--M 1,16,64,1024,8192] [--T 1,4,16,64,256,1024,4096,16384] [--shape NAMES]\n"
                     "       [--format fp8,nvfp4,mxfp4] [--f32-out] [--replays N] [--no-check] [--config TILE]\n"
                     "       [--moe-small]  (expert layer: the two-launch small-T path, T <= 8)\n"
+                    "       [--numerics exact|official]  (expert layer; official: W4A8 with --config wgmma_f8_128x128)\n"
                     "shapes: wq_a wq_b wkv wo_a wo_b sh.w1 sh.w2 idx.wq_b\n"
                     "tiles (--config: a name or its index):");
                 for (size_t i = 0; i < cuda::tiled_configs().size(); ++i)

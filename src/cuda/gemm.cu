@@ -44,6 +44,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <utility>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -54,6 +55,7 @@
 #include "cuda/gemm_group.cuh"
 #include "cuda/numerics.cuh"
 #include "cuda/numerics.h"
+#include "cuda/w4a8.h"
 #include "io/formats.h"
 
 namespace megamoe::cuda {
@@ -88,6 +90,11 @@ struct TiledParams {
                                   // mma.sync tiles split K over a cluster of gridDim.z CTAs instead
                                   // (partials summed through distributed shared memory, part unused)
     bool  official;               // SwiGLU: gate and up rounded to bf16 first (Numerics::official)
+    // The W4A8 tile (wgmma_f8_kernel) reads x as FP8 codes instead: x8 e4m3 [rows, x_ld] (fp8 kernel
+    // order, cuda::quantize_gemm_input) and their scales xs8 f32 [rows, xs_ld] (one per 128 columns).
+    const uint8_t* x8;
+    const float*   xs8;
+    int64_t        xs_ld;
 };
 
 template <LinearFormat F> struct TileX;   // x row stride in shared memory per step (conflict-free LDS.128)
@@ -1004,6 +1011,279 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
     wg_epilogue<EPI, BT>(p, acc, lrow, gi, row0, rows, G, wg, qw, g, tig);
 }
 
+// ---------------------------------------------------------------------------- W4A8: MXFP4 × FP8 activations
+//
+// wgmma_f8_kernel (tile wgmma_f8_128x128): the routed experts' prefill GEMMs under the official
+// numerics with MXFP4 weights (DeepSeek's release; the CUDA backend's default numerics), on the FP8
+// tensor core: both operands are e4m3 codes, as in the official W4A8 GEMM (deepseek-v4.md §2.6),
+// where the kernels above multiply bf16 (the same products, at half the tensor rate). The
+// activation comes quantized (cuda::quantize_gemm_input: e4m3 codes and one power-of-two scale per
+// token and 128 columns, exactly the official act_quant of the FP8-rounded x that the experts
+// take); the weights are expanded to e4m3 in shared memory (w4a8.h: exact, with each 32-block's
+// scale folded into its codes and the 128-block's largest left as a row scale).
+//   CTA: 3 warpgroups, 384 threads, 128 weight rows × 128 tokens; one step = 128 columns (one
+//   activation scale block, four MXFP4 blocks); a ring of kF8Stages stages of 33 KB.
+//   Warpgroup 2 (decoders): thread i owns tile row i. Per step it issues the x copies (cp.async:
+//   128 tokens × 128 code bytes, each 32-byte sector by two threads, and token i's scale), decodes the row's
+//   64 weight bytes, which it loaded into registers one step earlier (4 × 16 bytes and the 4 scale
+//   bytes), into 128 e4m3 bytes in the canonical K-major layout without swizzle (the layout of x in
+//   wgmma_kernel: 8 rows × 16 bytes core matrices, K-adjacent ones 128 B apart, row-adjacent ones
+//   256 B apart, one k32 slice after another; a quarter-warp's stores fill one 128-byte run), writes
+//   the row scale, fences the async proxy and arrives on full[slot] twice (a plain arrive for its
+//   stores, a cp.async arrive for its copies: count 256).
+//   Warpgroups 0 and 1 (MMA, 64 tile rows each): per step, wait on full[slot], issue 4 wgmma
+//   m64n128k32 e4m3 (A and B from shared memory) into a partial accumulator (the first with
+//   scale-d 0), wait for them, read the step's row and token scales, hand the slot back on
+//   empty[slot] (count 256) and add partial · row scale · token scale into the f32 accumulator:
+//   the promotion every 128 columns that DeepSeek's and cuBLASLt's FP8 GEMMs make, since the FP8
+//   tensor core's own accumulation keeps about 14 significant bits (DeepSeek-V3 report §3.3.2).
+//   While one MMA warpgroup promotes, the other's wgmmas run.
+//   SwiGLU pair (L1): tile row 16·w + 8·h + g (w = warp of the 8 MMA warps, g < 8) is w1 (h = 0) or
+//   w3 (h = 1) of feature 8·w + g, so each thread holds gate and up of its (feature, token) in its
+//   two accumulator rows; a CTA covers 64 features.
+//   Registers: setmaxnreg 104 (decoders: two steps of weights in registers; ptxas spilled 48-64
+//   bytes at 88, 112-164 at 72) and 200 (MMA: 64 accumulators, 64 partials, the step's 32 token
+//   scales; no spill).
+// Not yet run on a GPU (written 2026-12-05 without device time): not chosen by choose_grouped;
+// moe_layer_routed runs it when asked for by name (tests, megamoe-gemm-bench --config).
+constexpr int kF8Rows = 128, kF8Tokens = 128, kF8Stages = 5;
+constexpr int kF8DecoderRegs = 104, kF8MmaRegs = 200;
+static_assert(kWsProducers * kF8DecoderRegs + kWsConsumers * kF8MmaRegs <= kWsThreads * 168, "setmaxnreg budget");
+
+struct F8Layout {
+    static constexpr int kStepK = 128;                            // columns per step
+    static constexpr int kSlice = 128 * 32;                       // one k32 slice of 128 rows (or tokens)
+    static constexpr int kA = 0;                                  // [4 slices][16 row groups][2 halves][8][16 B]
+    static constexpr int kB = kA + 4 * kSlice;                    // x codes, the same layout over tokens
+    static constexpr int kRowScale = kB + 4 * kSlice;             // f32 [128]: w4a8::row_scale per tile row
+    static constexpr int kColScale = kRowScale + kF8Rows * 4;     // f32 [128]: the activation's scale per token
+    static constexpr int kStage = kColScale + kF8Tokens * 4;      // 33 KB
+    static constexpr int kTable = kF8Stages * kStage;             // w4a8::table, kTables × 8 bytes
+    static constexpr int kBars = kTable + w4a8::kTables * 8;      // full[kF8Stages], empty[kF8Stages]
+    static constexpr int kSmem = kBars + 8 * 2 * kF8Stages;
+    static_assert(kStage % 128 == 0, "stages stay 128-byte aligned");
+};
+
+// d = (scale_d ? d : 0) + A · B, m64n128k32, e4m3 × e4m3 → f32, A and B from shared-memory
+// descriptors (FP8 wgmma takes both K-major and has no transpose operands).
+__device__ __forceinline__ void wgmma_f8_m64n128k32(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+
+// 16 and 4 bytes global → registers through the non-coherent path (the weights never change while
+// a kernel runs), kept in L1: a decoder thread reads its row's step as four consecutive 16-byte
+// pieces, so the second half of each 32-byte sector is the next load's.
+__device__ __forceinline__ uint4 ldg_nc16(const void* p) {
+    uint4 v;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint32_t ldg_nc4(const void* p) {
+    uint32_t v;
+    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+template <int EPI>
+static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const TiledParams p) {
+    using L = F8Layout;
+    constexpr int ST = kF8Stages, BT = kF8Tokens;
+    constexpr bool kPair = EPI == kEpiSwiglu;
+    static_assert(EPI != kEpiBf16, "the W4A8 tile serves the expert layer: h (SwiGLU) or f32 rows");
+    extern __shared__ __align__(128) uint8_t smem[];
+
+    const int tid = static_cast<int>(threadIdx.x);
+    const uint32_t smem_s = smem_addr(smem);
+    const uint32_t full0 = smem_s + static_cast<uint32_t>(L::kBars), empty0 = full0 + 8u * ST;
+    if (tid == 0) {
+        for (int s = 0; s < ST; ++s) {
+            mbar_init(full0 + 8u * s, 2 * kWsProducers);   // each decoder thread: its stores, its copies
+            mbar_init(empty0 + 8u * s, kWsConsumers);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    if (tid >= kWsConsumers && tid < kWsConsumers + w4a8::kTables) {
+        uint32_t lo, hi;
+        w4a8::table(tid - kWsConsumers, lo, hi);
+        *reinterpret_cast<uint2*>(smem + L::kTable + 8 * (tid - kWsConsumers)) = make_uint2(lo, hi);
+    }
+    __syncthreads();
+
+    int gi, row0, rows;
+    GemmGroup G;
+    if (!work_item<BT>(p, gi, row0, rows, G)) return;   // the whole CTA: the item is per CTA
+    const int64_t grow0 = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
+    const int ns = p.steps;
+
+    // Tile row r → (matrix, weight row); see the pairing above.
+    auto phys_row = [&](int r, int& m, int& row) {
+        if constexpr (kPair) {
+            m = (r >> 3) & 1;
+            row = static_cast<int>(blockIdx.x) * (kF8Rows / 2) + (r >> 4) * 8 + (r & 7);
+        } else {
+            m = 0;
+            row = static_cast<int>(blockIdx.x) * kF8Rows + r;
+        }
+    };
+
+    if (tid >= kWsConsumers) {
+        // ---- decoding warpgroup
+        setmaxnreg_dec<kF8DecoderRegs>();
+        const int pt = tid - kWsConsumers;   // this thread's tile row, and the token whose scale it copies
+        int m, row;
+        phys_row(pt, m, row);
+        const bool wok = row < p.N;          // rows past N decode as zeros (their outputs are not stored)
+        const uint8_t* wrow = wok ? G.w[m] + (grow0 + row) * p.w_row_bytes : G.w[0];
+        const uint8_t* srow = wok ? G.s[m] + (grow0 + row) * p.s_row_bytes : G.s[0];
+        const bool tok = pt < rows;
+        const float* srcs = tok ? p.xs8 + static_cast<int64_t>(row0 + pt) * p.xs_ld : p.xs8;
+        const uint32_t tab = smem_s + static_cast<uint32_t>(L::kTable);
+        const uint32_t adst = static_cast<uint32_t>(L::kA + (pt >> 3) * 256 + (pt & 7) * 16);
+
+        auto load = [&](uint4 (&w)[4], uint32_t& sc, int s) {
+            if (wok) {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) w[i] = ldg_nc16(wrow + s * kStepBytes + 16 * i);
+                sc = ldg_nc4(srow + 4 * s);
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; ++i) w[i] = make_uint4(0, 0, 0, 0);
+                sc = 0;
+            }
+        };
+        auto step = [&](const uint4 (&cur)[4], uint32_t sc, uint4 (&next)[4], uint32_t& nsc, int ls) {
+            const int slot = ls % ST;
+            if (ls >= ST) mbar_wait(empty0 + 8u * slot, static_cast<uint32_t>((ls / ST - 1) & 1));
+            const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
+            // x: copy i of thread pt is token (pt / 2) + 64·(i % 2), 16-byte part q = 2·(i / 2) + pt % 2 of
+            // its step (k32 slice q / 2, half q % 2). The two threads of a token read one whole 32-byte
+            // sector (cp.async.cg goes to L2 by sectors: one 16-byte piece per token and thread, as the
+            // token-major order of wgmma_ws_kernel has it, would move twice the bytes, and this tile
+            // reads ~24 KB from L2 per step, about what L2 gives an SM in the step's tensor time at
+            // half the FP8 rate); a quarter-warp's 8 stores then fall on 4 bank groups twice (2-way).
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int t = (pt >> 1) + 64 * (i & 1), q = 2 * (i >> 1) + (pt & 1);
+                const bool ok = t < rows;
+                cp_async16(base + static_cast<uint32_t>(L::kB + (q >> 1) * L::kSlice + (t >> 3) * 256 + (q & 1) * 128 + (t & 7) * 16),
+                           ok ? p.x8 + static_cast<int64_t>(row0 + t) * p.x_ld + ls * L::kStepK + q * 16 : p.x8, ok);
+            }
+            cp_async4(base + static_cast<uint32_t>(L::kColScale + pt * 4), srcs + (tok ? ls : 0), tok);
+            if (ls + 1 < ns) load(next, nsc, ls + 1);
+
+            // The row's step: the largest exponent is the row scale, each 32-block's distance below it
+            // picks its table.
+            const uint32_t e[4] = {sc & 0xFFu, (sc >> 8) & 0xFFu, (sc >> 16) & 0xFFu, sc >> 24};
+            const uint32_t er = max(max(e[0], e[1]), max(e[2], e[3]));
+            asm volatile("st.shared.f32 [%0], %1;" ::"r"(base + static_cast<uint32_t>(L::kRowScale + pt * 4)),
+                         "f"(w4a8::row_scale(er))
+                         : "memory");
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                const uint32_t d = min(er - e[b], static_cast<uint32_t>(w4a8::kTables - 1));
+                uint32_t tlo, thi;
+                asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(tlo), "=r"(thi) : "r"(tab + 8u * d));
+                const uint32_t words[4] = {cur[b].x, cur[b].y, cur[b].z, cur[b].w};
+                uint32_t o[8];
+#pragma unroll
+                for (int w = 0; w < 4; ++w) w4a8::fp4x8_e4m3(words[w], tlo, thi, o[2 * w], o[2 * w + 1]);
+                // Columns 32·b .. +15 (words 0-1) and +16 .. +31 (words 2-3): the two halves of k32 slice b.
+                const uint32_t dst = base + adst + static_cast<uint32_t>(b * L::kSlice);
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(o[0]), "r"(o[1]), "r"(o[2]),
+                             "r"(o[3])
+                             : "memory");
+                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(dst + 128u), "r"(o[4]), "r"(o[5]),
+                             "r"(o[6]), "r"(o[7])
+                             : "memory");
+            }
+            fence_proxy_async_smem();   // the stores above are read by wgmma (the async proxy)
+            mbar_arrive(full0 + 8u * slot);
+            cp_async_mbar_arrive(full0 + 8u * slot);
+        };
+        uint4 wbuf[2][4];
+        uint32_t sbuf[2] = {0, 0};
+        if (ns > 0) load(wbuf[0], sbuf[0], 0);
+        for (int ls = 0; ls < ns; ls += 2) {
+            step(wbuf[0], sbuf[0], wbuf[1], sbuf[1], ls);
+            if (ls + 1 < ns) step(wbuf[1], sbuf[1], wbuf[0], sbuf[0], ls + 1);
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+        return;
+    }
+
+    // ---- MMA warpgroups
+    setmaxnreg_inc<kF8MmaRegs>();
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+    const int wg = warp >> 2, qw = warp & 3;
+    const int r0 = wg * 64 + qw * 16 + g;   // the thread's accumulator rows: r0 (i < 2) and r0 + 8 (i ≥ 2)
+    float acc[64], part[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.0f;
+
+    for (int ls = 0; ls < ns; ++ls) {
+        const int slot = ls % ST;
+        mbar_wait(full0 + 8u * slot, static_cast<uint32_t>((ls / ST) & 1));
+        fence_proxy_async_smem();
+        const uint32_t st = smem_s + static_cast<uint32_t>(slot * L::kStage);
+        wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint64_t da = smem_desc(st + static_cast<uint32_t>(L::kA + j * L::kSlice + wg * 8 * 256), 128, 256);
+            const uint64_t db = smem_desc(st + static_cast<uint32_t>(L::kB + j * L::kSlice), 128, 256);
+            wgmma_f8_m64n128k32(part, da, db, j);   // j = 0: part = A·B
+        }
+        wgmma_commit();
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < 64; ++i) reg_fence(part[i]);   // read only after the wait
+        float rs[2];
+        float2 cs[16];
+        asm volatile("ld.shared.f32 %0, [%1];" : "=f"(rs[0]) : "r"(st + static_cast<uint32_t>(L::kRowScale + r0 * 4)));
+        asm volatile("ld.shared.f32 %0, [%1];" : "=f"(rs[1]) : "r"(st + static_cast<uint32_t>(L::kRowScale + (r0 + 8) * 4)));
+#pragma unroll
+        for (int nt = 0; nt < 16; ++nt)
+            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                         : "=f"(cs[nt].x), "=f"(cs[nt].y)
+                         : "r"(st + static_cast<uint32_t>(L::kColScale + (nt * 8 + 2 * tig) * 4)));
+        mbar_arrive(empty0 + 8u * slot);   // every read of the slot is done: the decoders may refill it
+#pragma unroll
+        for (int nt = 0; nt < 16; ++nt) {
+            acc[4 * nt + 0] += part[4 * nt + 0] * (rs[0] * cs[nt].x);
+            acc[4 * nt + 1] += part[4 * nt + 1] * (rs[0] * cs[nt].y);
+            acc[4 * nt + 2] += part[4 * nt + 2] * (rs[1] * cs[nt].x);
+            acc[4 * nt + 3] += part[4 * nt + 3] * (rs[1] * cs[nt].y);
+        }
+    }
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+
+    if constexpr (kPair) {
+        const int feature = static_cast<int>(blockIdx.x) * (kF8Rows / 2) + wg * 32 + qw * 8 + g;
+#pragma unroll
+        for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int t = nt * 8 + 2 * tig + i;
+                if (t < rows && feature < p.N) store_h(p, row0 + t, feature, acc[4 * nt + i], acc[4 * nt + 2 + i]);
+            }
+    } else {
+#pragma unroll
+        for (int nt = 0; nt < 16; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int t = nt * 8 + 2 * tig + (i & 1);
+                const int row = static_cast<int>(blockIdx.x) * kF8Rows + r0 + 8 * (i >> 1);
+                if (t < rows && row < p.N)
+                    store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + row, acc[4 * nt + i]);
+            }
+    }
+}
+
 // y[i] = Σ_{z < S} part[z][i] in order z = 0, 1, ... (deterministic), as f32 or rounded to bf16.
 static __global__ void __launch_bounds__(256) reduce_split_kernel(const float* part, int64_t n, int S, void* y,
                                                                   bool out_bf16) {
@@ -1101,6 +1381,8 @@ constexpr TiledConfig kConfigs[] = {
     // wgmma_ws_kernel: the same consumer shapes (8 warps) plus a producer warpgroup (kWsThreads in all)
     {Tile::wgmma_ws_256x128, "wgmma_ws_256x128", 2, 16, 8, 1, kWgRows, 128, 0},
     {Tile::wgmma_ws_256x32, "wgmma_ws_256x32", 2, 4, 8, 1, kWgRows, 32, 0},
+    // wgmma_f8_kernel: 8 MMA warps (m64n128k32 e4m3, A and B from shared memory) plus a decoding warpgroup
+    {Tile::wgmma_f8_128x128, "wgmma_f8_128x128", 1, 16, 8, 1, kF8Rows, kF8Tokens, 0},
 };
 constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
 constexpr bool configs_in_tile_order() {
@@ -1112,6 +1394,10 @@ static_assert(configs_in_tile_order(), "kConfigs[i] must describe Tile i");
 
 bool is_ws(Tile c) { return c == Tile::wgmma_ws_256x128 || c == Tile::wgmma_ws_256x32; }
 bool is_wg(Tile c) { return c == Tile::wgmma_256x128 || c == Tile::wgmma_256x32 || is_ws(c); }
+// The W4A8 tile: MXFP4 weights × FP8 activation codes, on moe_layer_routed's official-numerics path
+// only (moe_w4a8_fits); everywhere else a call that names it runs wgmma_ws_256x128, the
+// register-A tile of the same token count (the same work list).
+bool is_f8(Tile c) { return c == Tile::wgmma_f8_128x128; }
 
 // A forced tile (or automatic) that names a shape; throws otherwise.
 void check_tile(Tile c) {
@@ -1126,7 +1412,7 @@ const TiledConfig& cfg(Tile c) {
 
 // Threads per CTA of a shape: its warps, plus the producer warpgroup of the warp-specialized ones.
 unsigned threads_of(Tile c) {
-    if (is_ws(c)) return kWsThreads;
+    if (is_ws(c) || is_f8(c)) return kWsThreads;
     const TiledConfig& t = cfg(c);
     return static_cast<unsigned>(t.wr * t.wt * 32);
 }
@@ -1172,6 +1458,12 @@ template <LinearFormat F> TiledKernel wg_kernel_for(Tile c, int epi, int& smem) 
 }
 
 TiledKernel tiled_kernel_for(LinearFormat f, int epi, Tile c, int& smem) {
+    if (is_f8(c)) {
+        MEGAMOE_CHECK(f == LinearFormat::mxfp4 && epi != kEpiBf16, "wgmma_f8: MXFP4 expert layers only, not ",
+                      linear_format_name(f), epi == kEpiBf16 ? " with bf16 y" : "");
+        smem = F8Layout::kSmem;
+        return epi == kEpiSwiglu ? wgmma_f8_kernel<kEpiSwiglu> : wgmma_f8_kernel<kEpiF32>;
+    }
     if (is_wg(c)) {
         switch (f) {
             case LinearFormat::bf16: return wg_kernel_for<LinearFormat::bf16>(c, epi, smem);
@@ -1224,7 +1516,7 @@ void launch_tiled(LinearFormat f, int epi, Tile c, const TiledParams& p, unsigne
     const TiledConfig& t = cfg(c);
     const unsigned threads = threads_of(c);
     cudaError_t err;
-    if (grid_z > 1 && !is_wg(c)) {
+    if (grid_z > 1 && !is_wg(c) && !is_f8(c)) {
         // The mma.sync tiles split K over a cluster of grid_z CTAs (partials reduced in its shared memory).
         cudaLaunchConfig_t lc = {};
         lc.gridDim = dim3(grid_x, grid_y, grid_z);
@@ -1417,6 +1709,7 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
     }
     const int64_t N = w.out / o.groups;
     Tile c = tile != Tile::automatic ? tile : choose_dense(N, M, o.groups, w.in % step_cols(w.format) == 0);
+    if (is_f8(c)) c = Tile::wgmma_ws_256x128;   // the W4A8 tile is the expert layer's (is_f8)
     const uint16_t* xk = x;   // x as the kernel reads it
     const int64_t cols = w.in * o.groups;
     const size_t room = scratch != nullptr && scratch->p != nullptr ? scratch->bytes : 0;
@@ -1609,8 +1902,10 @@ void launch_build_items(const MoeLayerWorkspace& ws, int64_t E, int BT, cudaStre
                           reinterpret_cast<int4*>(ws.items.data()), ws.n_items.data()));
 }
 
+// x8: the layer's input (xs for L1, h for L2) as FP8 codes and scales, when moe_layer_routed runs the
+// W4A8 tile (moe_w4a8_fits); null otherwise, and then a request for that tile runs wgmma_ws_256x128.
 void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1, float limit, Tile tile, bool build,
-             cudaStream_t stream, bool official = false) {
+             cudaStream_t stream, bool official = false, const ActFp8* x8 = nullptr) {
     check_tile(tile);
     MEGAMOE_CHECK(ex.E > 0 && static_cast<int64_t>(ex.w1.size()) == ex.E, "moe_l", l1 ? 1 : 2,
                   ": experts not uploaded");
@@ -1623,9 +1918,14 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
                   " rows exceed the workspace (", ws.dispatch.T_max * ws.dispatch.k, ")");
     if (N == 0) return;
     Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
+    if (is_f8(c) && x8 == nullptr) c = Tile::wgmma_ws_256x128;   // same token tile: the same work list
     const DeviceLinear& w = l1 ? ex.w1[0] : ex.w2[0];
     const uint16_t* x = l1 ? ws.dispatch.xs.data() : ws.h.data();
-    if (is_wg(c)) {
+    if (is_f8(c)) {
+        MEGAMOE_CHECK(official && ex.format == LinearFormat::mxfp4 && w.in % 128 == 0 && w.weight_row_bytes == w.in / 2,
+                      "moe_l", l1 ? 1 : 2, ": the W4A8 tile takes MXFP4 experts under the official numerics with ",
+                      "K % 128 == 0 (moe_w4a8_fits)");
+    } else if (is_wg(c)) {
         // wgmma_kernel reads its input in wgmma column order: a permuted copy in ws.xp.
         if (w.in % step_cols(ex.format) == 0) {
             launch_permute(ex.format, x, w.in, ws.xp.data(), w.in, N, w.in, stream);
@@ -1659,6 +1959,11 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     p.spz = p.steps;
     p.part = nullptr;
     p.official = official;
+    if (is_f8(c)) {   // x as codes: x_ld bytes per row (= K), one scale per 128 columns
+        p.x8 = x8->q;
+        p.xs8 = x8->s;
+        p.xs_ld = w.in / 128;
+    }
     const int64_t items = ceil_div(N, t.tokens) + std::min(N, ex.E);
     MEGAMOE_CHECK(items <= 65535, "moe_l", l1 ? 1 : 2, ": ", items, " work items exceed one launch");
     const int64_t rows_per_cta = l1 ? t.rows / 2 : t.rows;
@@ -1679,6 +1984,11 @@ void moe_l2(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, CUstream_
     grouped(ex, ws, N, false, 0.0f, tile, true, stream);
 }
 
+bool moe_w4a8_fits(const DeviceExperts& ex, Numerics nm) {
+    return nm == Numerics::official && ex.format == LinearFormat::mxfp4 && ex.E > 0 && ex.D % 128 == 0 &&
+           ex.I % 128 == 0 && ex.w1[0].weight_row_bytes == ex.D / 2 && ex.w2[0].weight_row_bytes == ex.I / 2;
+}
+
 void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids,
                       const float* weights, int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream, Tile tile,
                       Numerics nm) {
@@ -1688,18 +1998,41 @@ void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, c
                   ws.dispatch.T_max);
     if (T == 0) return;
     const int64_t N = T * ws.dispatch.k;
-    const Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
-    if (N <= kMoeDispatchSmallMaxRows && !is_wg(c)) {
+    Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
+    const bool w4a8 = is_f8(c) && moe_w4a8_fits(ex, nm);
+    if (is_f8(c) && !w4a8) c = Tile::wgmma_ws_256x128;
+    // The W4A8 tile's inputs as codes and scales, in ws.xp (room: 2·N·max(D, I) bytes hold N·K codes
+    // and N·K/128 f32 scales); L1's are dead once L1 has run, so L2's take the same place.
+    auto codes = [&](int64_t K) {
+        uint8_t* q = reinterpret_cast<uint8_t*>(ws.xp.data());
+        return std::make_pair(q, reinterpret_cast<float*>(q + N * K));
+    };
+    if (N <= kMoeDispatchSmallMaxRows && !is_wg(c) && !is_f8(c)) {
         // Few rows: route, gather and L1's work list in one launch instead of five.
         ws.dispatch.route_gather_small(ids, x, weights, T, cfg(c).tokens, ws.items.data(), ws.n_items.data(), stream,
                                        ex.E);
         grouped(ex, ws, N, true, limit, c, false, stream, official);
+    } else if (w4a8) {
+        ws.dispatch.route(ids, T, stream);
+        ws.dispatch.gather(x, weights, T, stream);
+        const auto [q, s] = codes(ex.D);
+        quantize_gemm_input(ws.dispatch.xs.data(), N, ex.D, q, s, stream);   // x is FP8-rounded: exact codes
+        const ActFp8 x8{q, s};
+        grouped(ex, ws, N, true, limit, c, true, stream, official, &x8);
     } else {
         ws.dispatch.route(ids, T, stream);
         ws.dispatch.gather(x, weights, T, stream);
         grouped(ex, ws, N, true, limit, c, true, stream, official);
     }
-    // official: w2's input is FP8-rounded in 128-blocks (ops::expert_ffn's linear_rounded).
+    // official: w2's input is FP8-rounded in 128-blocks (ops::expert_ffn's linear_rounded); the W4A8
+    // tile takes its codes as well.
+    if (w4a8) {
+        const auto [q, s] = codes(ex.I);
+        fp8_block_round_q(ws.h.data(), N, ex.I, q, s, stream);
+        const ActFp8 h8{q, s};
+        grouped(ex, ws, N, false, 0.0f, c, false, stream, official, &h8);
+        return;
+    }
     if (official) fp8_block_round(ws.h.data(), N, ex.I, ex.I, 128, stream);
     grouped(ex, ws, N, false, 0.0f, c, false, stream);   // same tile size: L1's work list serves
 }

@@ -46,6 +46,7 @@
 #include "cuda/linear.h"
 #include "cuda/linear_lt.h"
 #include "cuda/moe_dispatch.h"
+#include "cuda/w4a8.h"
 #include "cuda_test_util.h"
 #include "io/formats.h"
 #include "ref/ops.h"
@@ -1261,6 +1262,242 @@ TEST(CudaMoeLayer, OfficialNumericsMatchCpuOfficial) {
                         fmt_name(f), static_cast<long>(T), worst, max_d);
             EXPECT_GE(worst, 0.999);
             if (HasFailure()) return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------- the W4A8 tile
+
+// w4a8.h on the host (the kernel runs the same code): table entry d holds, for each e2m1 magnitude,
+// the e4m3 code of magnitude · 2^(6 − d): exactly that value for d ≤ 14 (so the fold is exact), the
+// nearest e4m3 (io's f32_to_e4m3, ties to even) beyond, 0 from the last entry on.
+TEST(W4a8, TablesHoldTheE4m3CodesOfScaledE2m1) {
+    const float mag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    for (int d = 0; d < cuda::w4a8::kTables; ++d) {
+        uint32_t lo = 0, hi = 0;
+        cuda::w4a8::table(d, lo, hi);
+        for (int m = 0; m < 8; ++m) {
+            const uint8_t code = static_cast<uint8_t>(((m < 4 ? lo : hi) >> (8 * (m & 3))) & 0xFFu);
+            const float want = std::ldexp(mag[m], 6 - d);
+            EXPECT_EQ(code & 0x80, 0) << "d=" << d << " m=" << m;
+            if (d <= 14) EXPECT_EQ(e4m3_to_f32(code), want) << "d=" << d << " m=" << m << ": not exact";
+            else if (d < cuda::w4a8::kTables - 1) EXPECT_EQ(code, f32_to_e4m3(want)) << "d=" << d << " m=" << m;
+            else EXPECT_EQ(code, 0) << "m=" << m;
+        }
+    }
+}
+
+// fp4x8_e4m3 pairs columns as the activation codes do: 8 random e2m1 codes of columns 0..7, packed
+// as the checkpoint stores them and put in fp4 kernel order (cuda::to_kernel_order, the upload's),
+// decode into two e4m3 words that, taken out of fp8 kernel order (the order of
+// cuda::quantize_gemm_input's codes), hold column c's signed value · 2^(6 − d) at byte c. Also the
+// PRMT emulation on its own (the sign mode), and row_scale.
+TEST(W4a8, WeightWordsDecodeInTheActivationOrder) {
+    EXPECT_EQ(cuda::w4a8::prmt(0x44332211u, 0x88776655u, 0x7654u), 0x88776655u);
+    EXPECT_EQ(cuda::w4a8::prmt(0x80000001u, 0u, 0x0B38u), 0x01FF8000u)
+        << "sign mode: selector 8 | b gives byte b's top bit over the whole byte";
+    std::mt19937 rng(4242);
+    std::uniform_int_distribution<int> code(0, 15), dist(0, 14);
+    for (int it = 0; it < 4000; ++it) {
+        uint8_t c[8];
+        for (uint8_t& v : c) v = static_cast<uint8_t>(code(rng));
+        uint8_t packed[4];
+        for (int i = 0; i < 4; ++i) packed[i] = static_cast<uint8_t>(c[2 * i] | (c[2 * i + 1] << 4));
+        cuda::to_kernel_order(LinearFormat::mxfp4, packed, 4);
+        uint32_t q = 0;
+        std::memcpy(&q, packed, 4);
+        const int d = dist(rng);
+        uint32_t lo = 0, hi = 0, w[2] = {0, 0};
+        cuda::w4a8::table(d, lo, hi);
+        cuda::w4a8::fp4x8_e4m3(q, lo, hi, w[0], w[1]);
+        uint8_t bytes[8];
+        std::memcpy(bytes, w, 8);
+        cuda::from_kernel_order(LinearFormat::fp8_block, bytes, 8);
+        for (int col = 0; col < 8; ++col) {
+            const float want = std::ldexp(e2m1_to_f32(c[col]), 6 - d);
+            ASSERT_EQ(e4m3_to_f32(bytes[col]), want) << "it=" << it << " column " << col << " code " << int(c[col])
+                                                     << " d=" << d;
+        }
+    }
+    for (uint32_t e : {0u, 1u, 6u, 7u, 100u, 127u, 133u, 254u})
+        EXPECT_EQ(cuda::w4a8::row_scale(e), std::ldexp(1.0f, static_cast<int>(e) - 133)) << "e=" << e;
+    EXPECT_TRUE(std::isnan(cuda::w4a8::row_scale(255u)));
+}
+
+// Lowers a random share of each MXFP4 32-block scale of every w1 and w2 by 0..20 binades (kept ≥ 1):
+// 32-blocks up to 20 binades below the largest of their 128-block, so the W4A8 fold runs through its
+// exact range (≤ 14) and past it (rounded codes).
+void spread_mxfp4_scales(HostExperts& hx, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int> down(0, 20), pick(0, 3);
+    for (size_t i = 0; i < hx.store.size(); ++i) {
+        if (i % 3 == 1) continue;   // w3 keeps the quantizer's scales
+        for (uint8_t& s : hx.store[i]->s)
+            if (pick(rng) == 0) s = static_cast<uint8_t>(std::max(1, int(s) - down(rng)));
+    }
+}
+
+// The W4A8 tile (Tile::wgmma_f8_128x128: MXFP4 weights × FP8 activation codes on the FP8 tensor core)
+// under the official numerics, the only place it runs as such (moe_w4a8_fits). Checked:
+//  (a) h is FP8-rounded in 128-blocks and (b) y is the official combine of the GPU's rows, as in
+//      OfficialNumericsMatchCpuOfficial;
+//  (c) L2 on its own: each row of ws.rows against the double sum of w2 · h over the GPU's own h (the
+//      input the kernel quantized, exactly), within 2^-10 · Σ|w2·h|: the e4m3 products are exact
+//      (the fold, w4a8.h) and the FP8 tensor core's accumulation is promoted to f32 every 128
+//      columns, the bound LtFp8MatchesCpuTwin sets for cuBLASLt's FP8 GEMM;
+//  (d) h against the register-A tile's (wgmma_ws_256x128, bf16 tensor core, same official numerics)
+//      on the same inputs: per-row cosine ≥ 0.999 (they differ where a g or u near a bf16 or FP8
+//      rounding boundary lands on the other side; the share of equal values is printed);
+//  (e) y against the CPU's official layer: per-token cosine ≥ 0.999.
+// Shapes: D = I = 256, E = 16, k = 6, T = 1, 17, 129 (partial token tiles, many experts), with the
+// 32-block scales spread (spread_mxfp4_scales); odd widths D = 384, I = 640 (3 and 5 steps); and
+// V4-Flash's D = 4096, I = 2048 (E = 4, k = 2, T = 129).
+TEST(CudaMoeLayer, W4a8TileMatchesCpuOfficial) {
+    SKIP_WITHOUT_GPU();
+    struct Shape {
+        int64_t D, I, E, k, T_max;
+        std::vector<int64_t> Ts;
+        bool spread;
+    };
+    const std::vector<Shape> shapes = {{256, 256, 16, 6, 129, {1, 17, 129}, true},
+                                       {384, 640, 8, 4, 33, {33}, false},
+                                       {4096, 2048, 4, 2, 129, {129}, false}};
+    uint32_t seed = 61000;
+    for (const Shape& sh : shapes) {
+        HostExperts hx = make_experts(LinearFormat::mxfp4, sh.E, sh.D, sh.I, seed += 1000);
+        if (sh.spread) spread_mxfp4_scales(hx, seed + 7);
+        cuda::DeviceExperts dex(hx.experts);
+        ASSERT_TRUE(cuda::moe_w4a8_fits(dex, Numerics::official));
+        EXPECT_FALSE(cuda::moe_w4a8_fits(dex, Numerics::exact));
+        cuda::MoeLayerWorkspace ws(sh.T_max, sh.k, dex);
+        const int64_t D = sh.D, I = sh.I, k = sh.k;
+        for (int64_t T : sh.Ts) {
+            SCOPED_TRACE(str("D=", D, " I=", I, " T=", T));
+            MoeCase c = make_case(Routing::uniform, T, k, sh.E, D, true, ++seed);
+            std::vector<float> xf = widen(c.x);
+            ops::round_gemm_input(Numerics::official, xf.data(), T, D);
+            for (size_t i = 0; i < xf.size(); ++i) c.x[i] = f32_to_bf16(xf[i]);
+            DeviceInputs in(T, k, D);
+            in.upload(c);
+            const int64_t N = T * k;
+            // The register-A tile first (for (d)), then the W4A8 tile.
+            cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr,
+                                   cuda::Tile::wgmma_ws_256x128, Numerics::official);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            const std::vector<float> h_ws = widen(to_host(ws.h.data(), static_cast<size_t>(N * I)));
+            poison(ws.h.data(), ws.h.size());
+            poison(ws.rows.data(), ws.rows.size());
+            DeviceArray<float> y(static_cast<size_t>(T * D));
+            poison(y.data(), y.size());
+            cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr,
+                                   cuda::Tile::wgmma_f8_128x128, Numerics::official);
+            cuda::moe_layer_combine(ws, T, in.shared.data(), y.data(), nullptr, Numerics::official);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            const Route r = get_route(ws, c, sh.E);
+            const std::vector<float> y_gpu = to_host(y.data(), y.size());
+            const std::vector<float> h = widen(to_host(ws.h.data(), static_cast<size_t>(N * I)));
+            const std::vector<float> rows = to_host(ws.rows.data(), static_cast<size_t>(N * D));
+
+            // (a)
+            std::vector<float> h_again = h;
+            ops::round_gemm_input(Numerics::official, h_again.data(), N, I);
+            EXPECT_EQ(first_mismatch(h, h_again), -1) << "h is not FP8-rounded in 128-blocks";
+
+            // (b)
+            std::vector<float> rows_b = rows;
+            ops::round_bf16(Numerics::official, rows_b.data(), N * D);
+            MoeCase cb = c;
+            ops::round_bf16(Numerics::official, cb.shared.data(), T * D);
+            std::vector<float> y_b = combine(rows_b, r.inv, cb, D);
+            ops::round_bf16(Numerics::official, y_b.data(), T * D);
+            EXPECT_EQ(first_mismatch(y_gpu, y_b), -1) << "y is not the official combine of the GPU's rows";
+
+            // (c)
+            double worst_c = 0;
+            int64_t bad_c = -1;
+            for (int64_t e = 0; e < sh.E; ++e) {
+                const int64_t o = r.offsets[static_cast<size_t>(e)], n = r.offsets[static_cast<size_t>(e + 1)] - o;
+                if (n == 0) continue;
+                std::vector<float> w2(static_cast<size_t>(D * I));
+                for (int64_t d = 0; d < D; ++d) hx.experts[static_cast<size_t>(e)].w2.decode_row(d, w2.data() + d * I);
+                std::vector<double> q(static_cast<size_t>(n * D));
+                std::vector<int64_t> first_bad(static_cast<size_t>(n), -1);
+                parallel_for(n, [&](int64_t j) {
+                    const float* hj = h.data() + (o + j) * I;
+                    for (int64_t d = 0; d < D; ++d) {
+                        const float* wd = w2.data() + d * I;
+                        double s = 0, b = 0;
+                        for (int64_t i = 0; i < I; ++i) {
+                            const double p = double(wd[i]) * hj[i];
+                            s += p;
+                            b += std::fabs(p);
+                        }
+                        const double got = rows[static_cast<size_t>((o + j) * D + d)];
+                        const double err = std::fabs(got - s), tol = 0x1p-10 * b + kAbsTol;
+                        q[static_cast<size_t>(j * D + d)] = std::isfinite(err) ? err / tol : INFINITY;
+                        if (!(err <= tol) && first_bad[static_cast<size_t>(j)] < 0) first_bad[static_cast<size_t>(j)] = d;
+                    }
+                }, D * I);
+                for (int64_t j = 0; j < n; ++j) {
+                    if (first_bad[static_cast<size_t>(j)] >= 0 && bad_c < 0) bad_c = (o + j) * D + first_bad[static_cast<size_t>(j)];
+                    for (int64_t d = 0; d < D; ++d) worst_c = std::max(worst_c, q[static_cast<size_t>(j * D + d)]);
+                }
+            }
+            EXPECT_EQ(bad_c, -1) << "L2 row " << (bad_c < 0 ? 0 : bad_c / D) << " column " << (bad_c < 0 ? 0 : bad_c % D)
+                                 << " is off by more than 2^-10 of its Σ|w·h|";
+
+            // (d)
+            double worst_d = 1;
+            int64_t equal = 0;
+            for (int64_t j = 0; j < N; ++j) {
+                double ab = 0, aa = 0, bb = 0;
+                for (int64_t i = 0; i < I; ++i) {
+                    const double a = h[static_cast<size_t>(j * I + i)], b = h_ws[static_cast<size_t>(j * I + i)];
+                    ab += a * b, aa += a * a, bb += b * b;
+                    equal += a == b;
+                }
+                worst_d = std::min(worst_d, aa == 0 && bb == 0 ? 1.0 : ab / std::sqrt(aa * bb));
+            }
+            EXPECT_GE(worst_d, 0.999) << "h differs from the register-A tile's";
+
+            // (e)
+            double worst = 1, max_d = 0;
+            worst_cosine(y_gpu, official_y(hx, c, xf, r, cb), T, D, worst, max_d);
+            std::printf("  W4A8 D=%ld I=%ld T=%ld: L2 max |err| / (2^-10 Σ|w·h|) %.3g; h vs register-A tile: worst "
+                        "row cosine %.7f, %.2f%% equal; y vs CPU official: worst cosine %.7f, max |d| %.4g\n",
+                        static_cast<long>(D), static_cast<long>(I), static_cast<long>(T), worst_c, worst_d,
+                        100.0 * double(equal) / double(N * I), worst, max_d);
+            EXPECT_GE(worst, 0.999);
+            if (HasFailure()) return;
+        }
+    }
+}
+
+// Where the W4A8 tile does not apply it runs as wgmma_ws_256x128: exact numerics (moe_l1 / moe_l2
+// and moe_layer_routed) and NVFP4 give that tile's bits.
+TEST(CudaMoeLayer, W4a8TileFallsBackOutsideOfficialMxfp4) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 256, I = 256, k = 6, E = 16, T = 40, N = T * k;
+    uint32_t seed = 62000;
+    for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        const HostExperts hx = make_experts(f, E, D, I, seed += 1000);
+        cuda::DeviceExperts dex(hx.experts);
+        EXPECT_EQ(cuda::moe_w4a8_fits(dex, Numerics::official), f == LinearFormat::mxfp4);
+        cuda::MoeLayerWorkspace ws(T, k, dex);
+        const MoeCase c = make_case(Routing::uniform, T, k, E, D, false, ++seed);
+        DeviceInputs in(T, k, D);
+        in.upload(c);
+        for (Numerics nm : {Numerics::exact, Numerics::official}) {
+            if (nm == Numerics::official && f == LinearFormat::mxfp4) continue;   // runs as W4A8 (above)
+            std::vector<float> out[2];
+            for (int pass = 0; pass < 2; ++pass) {
+                poison(ws.rows.data(), ws.rows.size());
+                cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr,
+                                       pass == 0 ? cuda::Tile::wgmma_ws_256x128 : cuda::Tile::wgmma_f8_128x128, nm);
+                CUDA_CHECK(cudaDeviceSynchronize());
+                out[pass] = to_host(ws.rows.data(), static_cast<size_t>(N * D));
+            }
+            EXPECT_EQ(first_mismatch(out[0], out[1]), -1) << fmt_name(f) << (nm == Numerics::exact ? " exact" : " official");
         }
     }
 }
