@@ -1013,7 +1013,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 
 // ---------------------------------------------------------------------------- W4A8: MXFP4 × FP8 activations
 //
-// wgmma_f8_kernel (tile wgmma_f8_128x128): the routed experts' prefill GEMMs under the official
+// wgmma_f8_kernel (tiles wgmma_f8_128x128, wgmma_f8_128x32): the routed experts' GEMMs under the official
 // numerics with MXFP4 weights (DeepSeek's release; the CUDA backend's default numerics), on the FP8
 // tensor core: both operands are e4m3 codes, as in the official W4A8 GEMM (deepseek-v4.md §2.6),
 // where the kernels above multiply bf16 (the same products, at half the tensor rate). The
@@ -1021,8 +1021,11 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 // token and 128 columns, exactly the official act_quant of the FP8-rounded x that the experts
 // take); the weights are expanded to e4m3 in shared memory (w4a8.h: exact, with each 32-block's
 // scale folded into its codes and the 128-block's largest left as a row scale).
-//   CTA: 3 warpgroups, 384 threads, 128 weight rows × 128 tokens; one step = 128 columns (one
-//   activation scale block, four MXFP4 blocks); a ring of kF8Stages stages of 33 KB.
+//   CTA: 3 warpgroups, 384 threads, 128 weight rows × BT = 128 or 32 tokens; one step = 128 columns
+//   (one activation scale block, four MXFP4 blocks); a ring of F8Layout<BT>::kStages stages (5 of
+//   33 KB, 8 of 21 KB). At BT = 32 each expanded weight feeds 32 tokens, so the decoder bounds the
+//   tile (by our count ~215 instructions per step against 128 tensor cycles), but it still expands
+//   weights faster than HBM delivers them: what T ≈ 1024 needs (V4-Flash: ~24 rows per expert).
 //   Warpgroup 2 (decoders): thread i owns tile row i. Per step it issues the x copies (cp.async:
 //   128 tokens × 128 code bytes, each 32-byte sector by two threads, and token i's scale), decodes the row's
 //   64 weight bytes, which it loaded into registers one step earlier (4 × 16 bytes and the 4 scale
@@ -1042,30 +1045,33 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 //   w3 (h = 1) of feature 8·w + g, so each thread holds gate and up of its (feature, token) in its
 //   two accumulator rows; a CTA covers 64 features.
 //   Registers: setmaxnreg 104 (decoders: two steps of weights in registers; ptxas spilled 48-64
-//   bytes at 88, 112-164 at 72) and 200 (MMA: 64 accumulators, 64 partials, the step's 32 token
-//   scales; no spill).
+//   bytes at 88, 112-164 at 72) and 200 (MMA at BT = 128: 64 accumulators, 64 partials, the step's
+//   32 token scales; no spill).
 // Not yet run on a GPU (written 2026-12-05 without device time): not chosen by choose_grouped;
 // moe_layer_routed runs it when asked for by name (tests, megamoe-gemm-bench --config).
-constexpr int kF8Rows = 128, kF8Tokens = 128, kF8Stages = 5;
+constexpr int kF8Rows = 128;
 constexpr int kF8DecoderRegs = 104, kF8MmaRegs = 200;
 static_assert(kWsProducers * kF8DecoderRegs + kWsConsumers * kF8MmaRegs <= kWsThreads * 168, "setmaxnreg budget");
 
-struct F8Layout {
+// BT tokens per tile: 128 (prefill) or 32 (mid-size batches: T ≈ 1024 gives V4-Flash ~24 rows per
+// expert, so a 128-token tile would be mostly padding).
+template <int BT> struct F8Layout {
     static constexpr int kStepK = 128;                            // columns per step
-    static constexpr int kSlice = 128 * 32;                       // one k32 slice of 128 rows (or tokens)
+    static constexpr int kASlice = kF8Rows * 32;                  // one k32 slice of the 128 rows
+    static constexpr int kBSlice = BT * 32;                       // one k32 slice of the BT tokens
     static constexpr int kA = 0;                                  // [4 slices][16 row groups][2 halves][8][16 B]
-    static constexpr int kB = kA + 4 * kSlice;                    // x codes, the same layout over tokens
-    static constexpr int kRowScale = kB + 4 * kSlice;             // f32 [128]: w4a8::row_scale per tile row
-    static constexpr int kColScale = kRowScale + kF8Rows * 4;     // f32 [128]: the activation's scale per token
-    static constexpr int kStage = kColScale + kF8Tokens * 4;      // 33 KB
-    static constexpr int kTable = kF8Stages * kStage;             // w4a8::table, kTables × 8 bytes
-    static constexpr int kBars = kTable + w4a8::kTables * 8;      // full[kF8Stages], empty[kF8Stages]
-    static constexpr int kSmem = kBars + 8 * 2 * kF8Stages;
-    static_assert(kStage % 128 == 0, "stages stay 128-byte aligned");
+    static constexpr int kB = kA + 4 * kASlice;                   // x codes, the same layout over tokens
+    static constexpr int kRowScale = kB + 4 * kBSlice;            // f32 [128]: w4a8::row_scale per tile row
+    static constexpr int kColScale = kRowScale + kF8Rows * 4;     // f32 [BT]: the activation's scale per token
+    static constexpr int kStage = (kColScale + BT * 4 + 127) / 128 * 128;   // 33 KB (BT 128), 21 KB (BT 32)
+    static constexpr int kStages = BT == 128 ? 5 : 8;             // ~170 KB either way
+    static constexpr int kTable = kStages * kStage;               // w4a8::table, kTables × 8 bytes
+    static constexpr int kBars = kTable + w4a8::kTables * 8;      // full[kStages], empty[kStages]
+    static constexpr int kSmem = kBars + 8 * 2 * kStages;
 };
 
-// d = (scale_d ? d : 0) + A · B, m64n128k32, e4m3 × e4m3 → f32, A and B from shared-memory
-// descriptors (FP8 wgmma takes both K-major and has no transpose operands).
+// d = (scale_d ? d : 0) + A · B, m64nNk32, e4m3 × e4m3 → f32, A and B from shared-memory
+// descriptors (FP8 wgmma takes both K-major and has no transpose operands). N = 128 and 32.
 __device__ __forceinline__ void wgmma_f8_m64n128k32(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
@@ -1073,6 +1079,18 @@ __device__ __forceinline__ void wgmma_f8_m64n128k32(float (&d)[64], uint64_t da,
         "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "l"(da), "l"(db), "r"(scale_d));
+}
+__device__ __forceinline__ void wgmma_f8_m64n32k32(float (&d)[16], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(da), "l"(db), "r"(scale_d));
+}
+template <int N> __device__ __forceinline__ void wgmma_f8_m64k32(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
+    if constexpr (N == 128) wgmma_f8_m64n128k32(d, da, db, scale_d);
+    else wgmma_f8_m64n32k32(d, da, db, scale_d);
 }
 
 // 16 and 4 bytes global → registers through the non-coherent path (the weights never change while
@@ -1089,10 +1107,11 @@ __device__ __forceinline__ uint32_t ldg_nc4(const void* p) {
     return v;
 }
 
-template <int EPI>
+template <int EPI, int BT>
 static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const TiledParams p) {
-    using L = F8Layout;
-    constexpr int ST = kF8Stages, BT = kF8Tokens;
+    using L = F8Layout<BT>;
+    constexpr int ST = L::kStages;
+    static_assert(BT == 128 || BT == 32, "wgmma wrappers exist for N = 128 and 32");
     constexpr bool kPair = EPI == kEpiSwiglu;
     static_assert(EPI != kEpiBf16, "the W4A8 tile serves the expert layer: h (SwiGLU) or f32 rows");
     extern __shared__ __align__(128) uint8_t smem[];
@@ -1140,7 +1159,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
         const bool wok = row < p.N;          // rows past N decode as zeros (their outputs are not stored)
         const uint8_t* wrow = wok ? G.w[m] + (grow0 + row) * p.w_row_bytes : G.w[0];
         const uint8_t* srow = wok ? G.s[m] + (grow0 + row) * p.s_row_bytes : G.s[0];
-        const bool tok = pt < rows;
+        const bool tok = pt < rows;        // (rows ≤ BT)
         const float* srcs = tok ? p.xs8 + static_cast<int64_t>(row0 + pt) * p.xs_ld : p.xs8;
         const uint32_t tab = smem_s + static_cast<uint32_t>(L::kTable);
         const uint32_t adst = static_cast<uint32_t>(L::kA + (pt >> 3) * 256 + (pt & 7) * 16);
@@ -1160,20 +1179,21 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
             const int slot = ls % ST;
             if (ls >= ST) mbar_wait(empty0 + 8u * slot, static_cast<uint32_t>((ls / ST - 1) & 1));
             const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
-            // x: copy i of thread pt is token (pt / 2) + 64·(i % 2), 16-byte part q = 2·(i / 2) + pt % 2 of
-            // its step (k32 slice q / 2, half q % 2). The two threads of a token read one whole 32-byte
-            // sector (cp.async.cg goes to L2 by sectors: one 16-byte piece per token and thread, as the
-            // token-major order of wgmma_ws_kernel has it, would move twice the bytes, and this tile
-            // reads ~24 KB from L2 per step, about what L2 gives an SM in the step's tensor time at
-            // half the FP8 rate); a quarter-warp's 8 stores then fall on 4 bank groups twice (2-way).
+            // x: copy i of thread pt is pair u = pt / 2 + 64·i: token u % BT, k32 slice j = u / BT, its
+            // 16-byte half pt % 2 (part q = 2·j + pt % 2 of the step). The two threads of a token and
+            // slice read one whole 32-byte sector (cp.async.cg goes to L2 by sectors: one 16-byte piece
+            // per token and thread, as the token-major order of wgmma_ws_kernel has it, would move
+            // twice the bytes, and the 128-token tile reads ~24 KB from L2 per step, about what L2
+            // gives an SM in the step's tensor time at half the FP8 rate); a quarter-warp's 8 stores
+            // then fall on 4 bank groups twice (2-way).
 #pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const int t = (pt >> 1) + 64 * (i & 1), q = 2 * (i >> 1) + (pt & 1);
+            for (int i = 0; i < BT / 16; ++i) {
+                const int u = (pt >> 1) + 64 * i, t = u % BT, q = 2 * (u / BT) + (pt & 1);
                 const bool ok = t < rows;
-                cp_async16(base + static_cast<uint32_t>(L::kB + (q >> 1) * L::kSlice + (t >> 3) * 256 + (q & 1) * 128 + (t & 7) * 16),
+                cp_async16(base + static_cast<uint32_t>(L::kB + (q >> 1) * L::kBSlice + (t >> 3) * 256 + (q & 1) * 128 + (t & 7) * 16),
                            ok ? p.x8 + static_cast<int64_t>(row0 + t) * p.x_ld + ls * L::kStepK + q * 16 : p.x8, ok);
             }
-            cp_async4(base + static_cast<uint32_t>(L::kColScale + pt * 4), srcs + (tok ? ls : 0), tok);
+            if (pt < BT) cp_async4(base + static_cast<uint32_t>(L::kColScale + pt * 4), srcs + (tok ? ls : 0), tok);
             if (ls + 1 < ns) load(next, nsc, ls + 1);
 
             // The row's step: the largest exponent is the row scale, each 32-block's distance below it
@@ -1193,7 +1213,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
 #pragma unroll
                 for (int w = 0; w < 4; ++w) w4a8::fp4x8_e4m3(words[w], tlo, thi, o[2 * w], o[2 * w + 1]);
                 // Columns 32·b .. +15 (words 0-1) and +16 .. +31 (words 2-3): the two halves of k32 slice b.
-                const uint32_t dst = base + adst + static_cast<uint32_t>(b * L::kSlice);
+                const uint32_t dst = base + adst + static_cast<uint32_t>(b * L::kASlice);
                 asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(o[0]), "r"(o[1]), "r"(o[2]),
                              "r"(o[3])
                              : "memory");
@@ -1222,9 +1242,10 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
     const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
     const int wg = warp >> 2, qw = warp & 3;
     const int r0 = wg * 64 + qw * 16 + g;   // the thread's accumulator rows: r0 (i < 2) and r0 + 8 (i ≥ 2)
-    float acc[64], part[64];
+    constexpr int NA = BT / 2, NT = BT / 8;
+    float acc[NA], part[NA];
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.0f;
+    for (int i = 0; i < NA; ++i) acc[i] = part[i] = 0.0f;
 
     for (int ls = 0; ls < ns; ++ls) {
         const int slot = ls % ST;
@@ -1234,26 +1255,26 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
         wgmma_fence();
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            const uint64_t da = smem_desc(st + static_cast<uint32_t>(L::kA + j * L::kSlice + wg * 8 * 256), 128, 256);
-            const uint64_t db = smem_desc(st + static_cast<uint32_t>(L::kB + j * L::kSlice), 128, 256);
-            wgmma_f8_m64n128k32(part, da, db, j);   // j = 0: part = A·B
+            const uint64_t da = smem_desc(st + static_cast<uint32_t>(L::kA + j * L::kASlice + wg * 8 * 256), 128, 256);
+            const uint64_t db = smem_desc(st + static_cast<uint32_t>(L::kB + j * L::kBSlice), 128, 256);
+            wgmma_f8_m64k32<BT>(part, da, db, j);   // j = 0: part = A·B
         }
         wgmma_commit();
         wgmma_wait<0>();
 #pragma unroll
-        for (int i = 0; i < 64; ++i) reg_fence(part[i]);   // read only after the wait
+        for (int i = 0; i < NA; ++i) reg_fence(part[i]);   // read only after the wait
         float rs[2];
-        float2 cs[16];
+        float2 cs[NT];
         asm volatile("ld.shared.f32 %0, [%1];" : "=f"(rs[0]) : "r"(st + static_cast<uint32_t>(L::kRowScale + r0 * 4)));
         asm volatile("ld.shared.f32 %0, [%1];" : "=f"(rs[1]) : "r"(st + static_cast<uint32_t>(L::kRowScale + (r0 + 8) * 4)));
 #pragma unroll
-        for (int nt = 0; nt < 16; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
             asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
                          : "=f"(cs[nt].x), "=f"(cs[nt].y)
                          : "r"(st + static_cast<uint32_t>(L::kColScale + (nt * 8 + 2 * tig) * 4)));
         mbar_arrive(empty0 + 8u * slot);   // every read of the slot is done: the decoders may refill it
 #pragma unroll
-        for (int nt = 0; nt < 16; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
             acc[4 * nt + 0] += part[4 * nt + 0] * (rs[0] * cs[nt].x);
             acc[4 * nt + 1] += part[4 * nt + 1] * (rs[0] * cs[nt].y);
             acc[4 * nt + 2] += part[4 * nt + 2] * (rs[1] * cs[nt].x);
@@ -1265,7 +1286,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
     if constexpr (kPair) {
         const int feature = static_cast<int>(blockIdx.x) * (kF8Rows / 2) + wg * 32 + qw * 8 + g;
 #pragma unroll
-        for (int nt = 0; nt < 16; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 const int t = nt * 8 + 2 * tig + i;
@@ -1273,7 +1294,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
             }
     } else {
 #pragma unroll
-        for (int nt = 0; nt < 16; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int t = nt * 8 + 2 * tig + (i & 1);
@@ -1382,7 +1403,8 @@ constexpr TiledConfig kConfigs[] = {
     {Tile::wgmma_ws_256x128, "wgmma_ws_256x128", 2, 16, 8, 1, kWgRows, 128, 0},
     {Tile::wgmma_ws_256x32, "wgmma_ws_256x32", 2, 4, 8, 1, kWgRows, 32, 0},
     // wgmma_f8_kernel: 8 MMA warps (m64n128k32 e4m3, A and B from shared memory) plus a decoding warpgroup
-    {Tile::wgmma_f8_128x128, "wgmma_f8_128x128", 1, 16, 8, 1, kF8Rows, kF8Tokens, 0},
+    {Tile::wgmma_f8_128x128, "wgmma_f8_128x128", 1, 16, 8, 1, kF8Rows, 128, 0},
+    {Tile::wgmma_f8_128x32, "wgmma_f8_128x32", 1, 4, 8, 1, kF8Rows, 32, 0},
 };
 constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
 constexpr bool configs_in_tile_order() {
@@ -1394,10 +1416,13 @@ static_assert(configs_in_tile_order(), "kConfigs[i] must describe Tile i");
 
 bool is_ws(Tile c) { return c == Tile::wgmma_ws_256x128 || c == Tile::wgmma_ws_256x32; }
 bool is_wg(Tile c) { return c == Tile::wgmma_256x128 || c == Tile::wgmma_256x32 || is_ws(c); }
-// The W4A8 tile: MXFP4 weights × FP8 activation codes, on moe_layer_routed's official-numerics path
-// only (moe_w4a8_fits); everywhere else a call that names it runs wgmma_ws_256x128, the
-// register-A tile of the same token count (the same work list).
-bool is_f8(Tile c) { return c == Tile::wgmma_f8_128x128; }
+// The W4A8 tiles: MXFP4 weights × FP8 activation codes, on moe_layer_routed's official-numerics path
+// only (moe_w4a8_fits); everywhere else a call that names one runs f8_fallback's register-A tile of
+// the same token count (the same work list).
+bool is_f8(Tile c) { return c == Tile::wgmma_f8_128x128 || c == Tile::wgmma_f8_128x32; }
+// What a W4A8 tile runs as where it does not apply: the register-A tile of the same token count
+// that choose_grouped takes at that size.
+Tile f8_fallback(Tile c) { return c == Tile::wgmma_f8_128x32 ? Tile::wgmma_256x32 : Tile::wgmma_ws_256x128; }
 
 // A forced tile (or automatic) that names a shape; throws otherwise.
 void check_tile(Tile c) {
@@ -1461,8 +1486,12 @@ TiledKernel tiled_kernel_for(LinearFormat f, int epi, Tile c, int& smem) {
     if (is_f8(c)) {
         MEGAMOE_CHECK(f == LinearFormat::mxfp4 && epi != kEpiBf16, "wgmma_f8: MXFP4 expert layers only, not ",
                       linear_format_name(f), epi == kEpiBf16 ? " with bf16 y" : "");
-        smem = F8Layout::kSmem;
-        return epi == kEpiSwiglu ? wgmma_f8_kernel<kEpiSwiglu> : wgmma_f8_kernel<kEpiF32>;
+        if (cfg(c).tokens == 32) {
+            smem = F8Layout<32>::kSmem;
+            return epi == kEpiSwiglu ? wgmma_f8_kernel<kEpiSwiglu, 32> : wgmma_f8_kernel<kEpiF32, 32>;
+        }
+        smem = F8Layout<128>::kSmem;
+        return epi == kEpiSwiglu ? wgmma_f8_kernel<kEpiSwiglu, 128> : wgmma_f8_kernel<kEpiF32, 128>;
     }
     if (is_wg(c)) {
         switch (f) {
@@ -1709,7 +1738,7 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
     }
     const int64_t N = w.out / o.groups;
     Tile c = tile != Tile::automatic ? tile : choose_dense(N, M, o.groups, w.in % step_cols(w.format) == 0);
-    if (is_f8(c)) c = Tile::wgmma_ws_256x128;   // the W4A8 tile is the expert layer's (is_f8)
+    if (is_f8(c)) c = f8_fallback(c);   // the W4A8 tiles are the expert layer's (is_f8)
     const uint16_t* xk = x;   // x as the kernel reads it
     const int64_t cols = w.in * o.groups;
     const size_t room = scratch != nullptr && scratch->p != nullptr ? scratch->bytes : 0;
@@ -1902,8 +1931,8 @@ void launch_build_items(const MoeLayerWorkspace& ws, int64_t E, int BT, cudaStre
                           reinterpret_cast<int4*>(ws.items.data()), ws.n_items.data()));
 }
 
-// x8: the layer's input (xs for L1, h for L2) as FP8 codes and scales, when moe_layer_routed runs the
-// W4A8 tile (moe_w4a8_fits); null otherwise, and then a request for that tile runs wgmma_ws_256x128.
+// x8: the layer's input (xs for L1, h for L2) as FP8 codes and scales, when moe_layer_routed runs a
+// W4A8 tile (moe_w4a8_fits); null otherwise, and then a request for one runs f8_fallback's tile.
 void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1, float limit, Tile tile, bool build,
              cudaStream_t stream, bool official = false, const ActFp8* x8 = nullptr) {
     check_tile(tile);
@@ -1918,7 +1947,7 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
                   " rows exceed the workspace (", ws.dispatch.T_max * ws.dispatch.k, ")");
     if (N == 0) return;
     Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
-    if (is_f8(c) && x8 == nullptr) c = Tile::wgmma_ws_256x128;   // same token tile: the same work list
+    if (is_f8(c) && x8 == nullptr) c = f8_fallback(c);   // same token tile: the same work list
     const DeviceLinear& w = l1 ? ex.w1[0] : ex.w2[0];
     const uint16_t* x = l1 ? ws.dispatch.xs.data() : ws.h.data();
     if (is_f8(c)) {
@@ -2000,7 +2029,7 @@ void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, c
     const int64_t N = T * ws.dispatch.k;
     Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
     const bool w4a8 = is_f8(c) && moe_w4a8_fits(ex, nm);
-    if (is_f8(c) && !w4a8) c = Tile::wgmma_ws_256x128;
+    if (is_f8(c) && !w4a8) c = f8_fallback(c);
     // The W4A8 tile's inputs as codes and scales, in ws.xp (room: 2·N·max(D, I) bytes hold N·K codes
     // and N·K/128 f32 scales); L1's are dead once L1 has run, so L2's take the same place.
     auto codes = [&](int64_t K) {

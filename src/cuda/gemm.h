@@ -50,6 +50,7 @@ enum class Tile : int8_t {
     wgmma_ws_256x32,   // wgmma_256x32, likewise
     wgmma_f8_128x128,  // W4A8: MXFP4 experts × FP8 activations on the FP8 tensor core, official numerics
                        // only (moe_w4a8_fits); elsewhere it runs as wgmma_ws_256x128. Not yet run on a GPU.
+    wgmma_f8_128x32,   // the same for 32 tokens per tile (T ≈ 1024); elsewhere it runs as wgmma_256x32
 };
 
 // A kernel shape: a CTA of wr·wt warps covers `rows` weight rows × `tokens` tokens per tile.
@@ -194,14 +195,15 @@ void moe_layer_routed(const DeviceExperts& ex, float swiglu_limit, const uint16_
 void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, float* y, CUstream_st* stream,
                        Numerics nm = Numerics::exact);
 
-// Whether moe_layer_routed runs Tile::wgmma_f8_128x128 as W4A8 (MXFP4 weights × FP8 activation
-// codes on the FP8 tensor core) when asked for it: official numerics, MXFP4 experts, D and I
+// Whether moe_layer_routed runs Tile::wgmma_f8_128x128 / wgmma_f8_128x32 as W4A8 (MXFP4 weights × FP8
+// activation codes on the FP8 tensor core) when asked for one: official numerics, MXFP4 experts, D and I
 // multiples of 128 with unpadded device rows. Then x (already FP8-rounded) and h are quantized to
 // e4m3 codes and 128-block scales in ws.xp (cuda::quantize_gemm_input / fp8_block_round_q: h is
 // still FP8-rounded in place, as on the other tiles) and L1 / L2 multiply codes by codes (gemm.cu:
 // the products are the official W4A8 GEMM's; the FP8 tensor core's accumulation is promoted to f32
 // every 128 columns, as DeepSeek's and cuBLASLt's FP8 GEMMs do, so rows differ from the bf16 tiles'
-// by ~2^-12 relative rather than f32 summation order). Otherwise that tile runs as wgmma_ws_256x128.
+// by that accumulator's precision, not only by f32 summation order: the tests bound it by 2^-10 of
+// Σ|w·h|). Otherwise those tiles run as wgmma_ws_256x128 / wgmma_256x32.
 bool moe_w4a8_fits(const DeviceExperts& ex, Numerics nm);
 
 // The small-T path (moe_small.cu): two launches that read their routing straight from ids (no

@@ -1337,15 +1337,16 @@ void spread_mxfp4_scales(HostExperts& hx, uint32_t seed) {
     }
 }
 
-// The W4A8 tile (Tile::wgmma_f8_128x128: MXFP4 weights × FP8 activation codes on the FP8 tensor core)
-// under the official numerics, the only place it runs as such (moe_w4a8_fits). Checked:
+// The W4A8 tiles (Tile::wgmma_f8_128x128 and wgmma_f8_128x32: MXFP4 weights × FP8 activation codes on
+// the FP8 tensor core) under the official numerics, the only place they run as such
+// (moe_w4a8_fits). Checked, for each:
 //  (a) h is FP8-rounded in 128-blocks and (b) y is the official combine of the GPU's rows, as in
 //      OfficialNumericsMatchCpuOfficial;
 //  (c) L2 on its own: each row of ws.rows against the double sum of w2 · h over the GPU's own h (the
 //      input the kernel quantized, exactly), within 2^-10 · Σ|w2·h|: the e4m3 products are exact
 //      (the fold, w4a8.h) and the FP8 tensor core's accumulation is promoted to f32 every 128
 //      columns, the bound LtFp8MatchesCpuTwin sets for cuBLASLt's FP8 GEMM;
-//  (d) h against the register-A tile's (wgmma_ws_256x128, bf16 tensor core, same official numerics)
+//  (d) h against the register-A tile's (f8_fallback's: bf16 tensor core, same official numerics)
 //      on the same inputs: per-row cosine ≥ 0.999 (they differ where a g or u near a bf16 or FP8
 //      rounding boundary lands on the other side; the share of equal values is printed);
 //  (e) y against the CPU's official layer: per-token cosine ≥ 0.999.
@@ -1371,8 +1372,10 @@ TEST(CudaMoeLayer, W4a8TileMatchesCpuOfficial) {
         EXPECT_FALSE(cuda::moe_w4a8_fits(dex, Numerics::exact));
         cuda::MoeLayerWorkspace ws(sh.T_max, sh.k, dex);
         const int64_t D = sh.D, I = sh.I, k = sh.k;
-        for (int64_t T : sh.Ts) {
-            SCOPED_TRACE(str("D=", D, " I=", I, " T=", T));
+        for (int64_t T : sh.Ts)
+        for (cuda::Tile tile : {cuda::Tile::wgmma_f8_128x128, cuda::Tile::wgmma_f8_128x32}) {
+            const cuda::Tile reg_a = tile == cuda::Tile::wgmma_f8_128x32 ? cuda::Tile::wgmma_256x32 : cuda::Tile::wgmma_ws_256x128;
+            SCOPED_TRACE(str(cuda::tile_name(tile), " D=", D, " I=", I, " T=", T));
             MoeCase c = make_case(Routing::uniform, T, k, sh.E, D, true, ++seed);
             std::vector<float> xf = widen(c.x);
             ops::round_gemm_input(Numerics::official, xf.data(), T, D);
@@ -1381,16 +1384,16 @@ TEST(CudaMoeLayer, W4a8TileMatchesCpuOfficial) {
             in.upload(c);
             const int64_t N = T * k;
             // The register-A tile first (for (d)), then the W4A8 tile.
-            cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr,
-                                   cuda::Tile::wgmma_ws_256x128, Numerics::official);
+            cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr, reg_a,
+                                   Numerics::official);
             CUDA_CHECK(cudaDeviceSynchronize());
             const std::vector<float> h_ws = widen(to_host(ws.h.data(), static_cast<size_t>(N * I)));
             poison(ws.h.data(), ws.h.size());
             poison(ws.rows.data(), ws.rows.size());
             DeviceArray<float> y(static_cast<size_t>(T * D));
             poison(y.data(), y.size());
-            cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr,
-                                   cuda::Tile::wgmma_f8_128x128, Numerics::official);
+            cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr, tile,
+                                   Numerics::official);
             cuda::moe_layer_combine(ws, T, in.shared.data(), y.data(), nullptr, Numerics::official);
             CUDA_CHECK(cudaDeviceSynchronize());
             const Route r = get_route(ws, c, sh.E);
@@ -1463,9 +1466,9 @@ TEST(CudaMoeLayer, W4a8TileMatchesCpuOfficial) {
             // (e)
             double worst = 1, max_d = 0;
             worst_cosine(y_gpu, official_y(hx, c, xf, r, cb), T, D, worst, max_d);
-            std::printf("  W4A8 D=%ld I=%ld T=%ld: L2 max |err| / (2^-10 Σ|w·h|) %.3g; h vs register-A tile: worst "
+            std::printf("  %s D=%ld I=%ld T=%ld: L2 max |err| / (2^-10 Σ|w·h|) %.3g; h vs register-A tile: worst "
                         "row cosine %.7f, %.2f%% equal; y vs CPU official: worst cosine %.7f, max |d| %.4g\n",
-                        static_cast<long>(D), static_cast<long>(I), static_cast<long>(T), worst_c, worst_d,
+                        cuda::tile_name(tile), static_cast<long>(D), static_cast<long>(I), static_cast<long>(T), worst_c, worst_d,
                         100.0 * double(equal) / double(N * I), worst, max_d);
             EXPECT_GE(worst, 0.999);
             if (HasFailure()) return;
@@ -1473,8 +1476,8 @@ TEST(CudaMoeLayer, W4a8TileMatchesCpuOfficial) {
     }
 }
 
-// Where the W4A8 tile does not apply it runs as wgmma_ws_256x128: exact numerics (moe_l1 / moe_l2
-// and moe_layer_routed) and NVFP4 give that tile's bits.
+// Where a W4A8 tile does not apply it runs as the register-A tile of its token count
+// (wgmma_ws_256x128, wgmma_256x32): exact numerics, and NVFP4 in either, give that tile's bits.
 TEST(CudaMoeLayer, W4a8TileFallsBackOutsideOfficialMxfp4) {
     SKIP_WITHOUT_GPU();
     const int64_t D = 256, I = 256, k = 6, E = 16, T = 40, N = T * k;
@@ -1489,15 +1492,20 @@ TEST(CudaMoeLayer, W4a8TileFallsBackOutsideOfficialMxfp4) {
         in.upload(c);
         for (Numerics nm : {Numerics::exact, Numerics::official}) {
             if (nm == Numerics::official && f == LinearFormat::mxfp4) continue;   // runs as W4A8 (above)
-            std::vector<float> out[2];
-            for (int pass = 0; pass < 2; ++pass) {
-                poison(ws.rows.data(), ws.rows.size());
-                cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr,
-                                       pass == 0 ? cuda::Tile::wgmma_ws_256x128 : cuda::Tile::wgmma_f8_128x128, nm);
-                CUDA_CHECK(cudaDeviceSynchronize());
-                out[pass] = to_host(ws.rows.data(), static_cast<size_t>(N * D));
+            for (cuda::Tile tile : {cuda::Tile::wgmma_f8_128x128, cuda::Tile::wgmma_f8_128x32}) {
+                const cuda::Tile reg_a =
+                    tile == cuda::Tile::wgmma_f8_128x32 ? cuda::Tile::wgmma_256x32 : cuda::Tile::wgmma_ws_256x128;
+                std::vector<float> out[2];
+                for (int pass = 0; pass < 2; ++pass) {
+                    poison(ws.rows.data(), ws.rows.size());
+                    cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr,
+                                           pass == 0 ? reg_a : tile, nm);
+                    CUDA_CHECK(cudaDeviceSynchronize());
+                    out[pass] = to_host(ws.rows.data(), static_cast<size_t>(N * D));
+                }
+                EXPECT_EQ(first_mismatch(out[0], out[1]), -1)
+                    << fmt_name(f) << (nm == Numerics::exact ? " exact " : " official ") << cuda::tile_name(tile);
             }
-            EXPECT_EQ(first_mismatch(out[0], out[1]), -1) << fmt_name(f) << (nm == Numerics::exact ? " exact" : " official");
         }
     }
 }
