@@ -2085,6 +2085,12 @@ void moe_layer(const DeviceExperts& ex, float limit, const uint16_t* x, const in
 
 Tile moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return choose_grouped(T * k, ex.E); }
 
+Tile w4a8_tile(Tile c) {
+    if (c == Tile::wgmma_ws_256x128) return Tile::wgmma_f8_128x128;
+    if (c == Tile::wgmma_256x32) return Tile::wgmma_f8_128x32;
+    return c;
+}
+
 Tile linear_tiled_config(const DeviceLinear& w, int64_t M, const LinearOptions& o) {
     MEGAMOE_CHECK(o.groups >= 1 && w.out % o.groups == 0, "linear_tiled_config: bad groups");
     return choose_dense(w.out / o.groups, M, o.groups,

@@ -205,6 +205,9 @@ void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, fl
 // by that accumulator's precision, not only by f32 summation order: the tests bound it by 2^-10 of
 // Σ|w·h|). Otherwise those tiles run as wgmma_ws_256x128 / wgmma_256x32.
 bool moe_w4a8_fits(const DeviceExperts& ex, Numerics nm);
+// The W4A8 tile for a tile the automatic choice took: wgmma_ws_256x128 → wgmma_f8_128x128,
+// wgmma_256x32 → wgmma_f8_128x32; any other tile stays (the mma.sync tiles of fewer rows per expert).
+Tile w4a8_tile(Tile automatic_choice);
 
 // The small-T path (moe_small.cu): two launches that read their routing straight from ids (no
 // route / gather / work list / combine kernels), L1 writing h at each slot's own row (ws.h row

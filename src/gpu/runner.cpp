@@ -1100,7 +1100,10 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
         join();
         cuda::moe_small_l2(d.experts, xe, ws.ids, T, ws.sh_out, ws.y, moe_ws, stream, nm);
     } else {
-        cuda::moe_layer_routed(d.experts, limit, xe, ws.ids, ws.wts, T, moe_ws, stream, cuda::Tile::automatic, nm);
+        // RunnerOptions::w4a8: the W4A8 tile where the automatic choice is a wgmma tile (it runs as that
+        // choice unless moe_w4a8_fits: official numerics, MXFP4 experts).
+        const cuda::Tile tile = opt.w4a8 ? cuda::w4a8_tile(cuda::moe_layer_config(d.experts, T, k)) : cuda::Tile::automatic;
+        cuda::moe_layer_routed(d.experts, limit, xe, ws.ids, ws.wts, T, moe_ws, stream, tile, nm);
         join();
         cuda::moe_layer_combine(moe_ws, T, ws.sh_out, ws.y, stream, nm);
     }

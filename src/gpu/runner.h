@@ -55,6 +55,10 @@ struct RunnerOptions {
     bool    lt_fp8 = true;             // official numerics, ≥ cuda::kLtMinM tokens (with fp8_activations):
                                        // FP8 linears through cuBLASLt's block-scaled FP8 GEMM
                                        // (cuda::LtGemm) on their input's codes; off: the BF16 path
+    bool    w4a8 = false;              // official numerics, MXFP4 experts: the W4A8 expert tiles (FP8
+                                       // tensor core; cuda::moe_w4a8_fits) wherever the automatic
+                                       // choice takes a wgmma tile (cuda::w4a8_tile); off until they
+                                       // have run on a GPU (docs/bench-gemm.md, "W4A8 expert tiles")
     bool    lt_bf16 = true;            // ≥ cuda::kLtBf16MinM tokens: linears with a bf16 input (exact
                                        // numerics, the official wo_a, BF16-weight projections) through
                                        // cuBLASLt's BF16 GEMM (FP8 weights expanded per call into the
