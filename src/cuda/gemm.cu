@@ -8,6 +8,9 @@
 //     producer warpgroup (wgmma_ws_256x128: the grouped experts from T ≈ 4096). Tile choices:
 //     choose_dense / choose_grouped (measured). The dense wgmma path's buffers (permuted x, split-K partials) are the caller's
 //     GemmScratch; the grouped path's are in MoeLayerWorkspace. Nothing here allocates per call.
+// A third, wgmma_f8_kernel (wgmma_f8_128x128, wgmma_f8_128x32: MXFP4 experts × FP8 activation codes
+// under the official numerics, weights expanded to e4m3 in shared memory, w4a8.h), is taken only
+// when named (not yet run on a GPU; described where it is defined).
 //
 // Kernel (tiled_kernel)
 // ---------------------
