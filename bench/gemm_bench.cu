@@ -663,8 +663,8 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
     fill_bf16(dx.data(), Mx * maxKx, 7, 2.0f);
     const auto& configs = cuda::tiled_configs();
     std::vector<cuda::Tile> tiles = {cuda::Tile::automatic};
-    for (const cuda::TiledConfig& c : configs)
-        if (c.tile != cuda::Tile::wgmma_f8_128x128) tiles.push_back(c.tile);   // the expert layer's only
+    for (const cuda::TiledConfig& c : configs)   // the W4A8 tiles are the expert layer's only
+        if (c.tile != cuda::Tile::wgmma_f8_128x128 && c.tile != cuda::Tile::wgmma_f8_128x32) tiles.push_back(c.tile);
 
     for (const LinShape& sh : shapes) {
         const int64_t N = sh.N, K = sh.K, G = sh.groups, Kx = K * G;
@@ -1120,7 +1120,8 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
                      fmt_name(f), (long long)T, us, distinct, gbs, tf, blas_us[ti] / us, L);
             ctx.expert_rows.push_back(fmt(
                 "| %s | %s | %lld | %.1f | %.2f | %.2f | %.1f | %.0f | %.1f%% | %.2f | %.1f%% | %.2f | %.2f | %.2fx |",
-                model.c_str(), fmt_name(f), (long long)T, distinct, us, us / double(T), bytes / 1e6, gbs,
+                model.c_str(), official ? fmt("%s official", fmt_name(f)).c_str() : fmt_name(f), (long long)T, distinct, us,
+                us / double(T), bytes / 1e6, gbs,
                 100.0 * gbs / ctx.d2d, tf, 100.0 * tf / ctx.peak, blas_us[ti], btf, blas_us[ti] / us));
         }
         if (opt.check)

@@ -47,10 +47,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <utility>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "core/common.h"
 #include "cuda/device.cuh"
@@ -1030,7 +1030,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 //   tile (by our count ~215 instructions per step against 128 tensor cycles), but it still expands
 //   weights faster than HBM delivers them: what T ≈ 1024 needs (V4-Flash: ~24 rows per expert).
 //   Warpgroup 2 (decoders): thread i owns tile row i. Per step it issues the x copies (cp.async:
-//   128 tokens × 128 code bytes, each 32-byte sector by two threads, and token i's scale), decodes the row's
+//   BT tokens × 128 code bytes, each 32-byte sector by two threads, and token i's scale), decodes the row's
 //   64 weight bytes, which it loaded into registers one step earlier (4 × 16 bytes and the 4 scale
 //   bytes), into 128 e4m3 bytes in the canonical K-major layout without swizzle (the layout of x in
 //   wgmma_kernel: 8 rows × 16 bytes core matrices, K-adjacent ones 128 B apart, row-adjacent ones
@@ -1038,7 +1038,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 //   the row scale, fences the async proxy and arrives on full[slot] twice (a plain arrive for its
 //   stores, a cp.async arrive for its copies: count 256).
 //   Warpgroups 0 and 1 (MMA, 64 tile rows each): per step, wait on full[slot], issue 4 wgmma
-//   m64n128k32 e4m3 (A and B from shared memory) into a partial accumulator (the first with
+//   m64nBTk32 e4m3 (A and B from shared memory) into a partial accumulator (the first with
 //   scale-d 0), wait for them, read the step's row and token scales, hand the slot back on
 //   empty[slot] (count 256) and add partial · row scale · token scale into the f32 accumulator:
 //   the promotion every 128 columns that DeepSeek's and cuBLASLt's FP8 GEMMs make, since the FP8
@@ -1405,7 +1405,7 @@ constexpr TiledConfig kConfigs[] = {
     // wgmma_ws_kernel: the same consumer shapes (8 warps) plus a producer warpgroup (kWsThreads in all)
     {Tile::wgmma_ws_256x128, "wgmma_ws_256x128", 2, 16, 8, 1, kWgRows, 128, 0},
     {Tile::wgmma_ws_256x32, "wgmma_ws_256x32", 2, 4, 8, 1, kWgRows, 32, 0},
-    // wgmma_f8_kernel: 8 MMA warps (m64n128k32 e4m3, A and B from shared memory) plus a decoding warpgroup
+    // wgmma_f8_kernel: 8 MMA warps (m64nNk32 e4m3, A and B from shared memory) plus a decoding warpgroup
     {Tile::wgmma_f8_128x128, "wgmma_f8_128x128", 1, 16, 8, 1, kF8Rows, 128, 0},
     {Tile::wgmma_f8_128x32, "wgmma_f8_128x32", 1, 4, 8, 1, kF8Rows, 32, 0},
 };
