@@ -38,7 +38,7 @@
 //   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
 // --w4a8: with --numerics official and --experts mxfp4, the routed experts on the W4A8 tiles wherever
-//   the automatic choice is a wgmma tile (RunnerOptions::w4a8; not yet run on a GPU, so off).
+//   the automatic choice is a wgmma tile (RunnerOptions::w4a8; off by default: slower so far).
 // --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
 // records (span, kernel time, idle time, a table by kernel, and its first N kernels).
 // --gpus N [--ep-exchange gather|all-to-all] [--ep-combine slot-rows|partial-sums] [--replicated-head]:

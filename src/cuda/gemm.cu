@@ -10,7 +10,7 @@
 //     GemmScratch; the grouped path's are in MoeLayerWorkspace. Nothing here allocates per call.
 // A third, wgmma_f8_kernel (wgmma_f8_128x128, wgmma_f8_128x32: MXFP4 experts × FP8 activation codes
 // under the official numerics, weights expanded to e4m3 in shared memory, w4a8.h), is taken only
-// when named (not yet run on a GPU; described where it is defined).
+// when named (measured slower so far; described where it is defined).
 //
 // Kernel (tiled_kernel)
 // ---------------------
@@ -1050,8 +1050,10 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 //   Registers: setmaxnreg 104 (decoders: two steps of weights in registers; ptxas spilled 48-64
 //   bytes at 88, 112-164 at 72) and 200 (MMA at BT = 128: 64 accumulators, 64 partials, the step's
 //   32 token scales; no spill).
-// Not yet run on a GPU (written 2026-12-05 without device time): not chosen by choose_grouped;
-// moe_layer_routed runs it when asked for by name (tests, megamoe-gemm-bench --config).
+// Measured (H100, 2026-12-05, docs/bench-gemm.md "W4A8 expert tiles"): correct, but 3-4% slower
+// than wgmma_ws_256x128 at T = 4096 / 16384 and 1.5x slower than wgmma_256x32 at T = 1024 (ncu:
+// issue 36%, L1/shared 67% busy, 0.5 eligible warps per scheduler), so choose_grouped does not take
+// it; moe_layer_routed runs it when asked for by name (tests, megamoe-gemm-bench --config).
 constexpr int kF8Rows = 128;
 constexpr int kF8DecoderRegs = 104, kF8MmaRegs = 200;
 static_assert(kWsProducers * kF8DecoderRegs + kWsConsumers * kF8MmaRegs <= kWsThreads * 168, "setmaxnreg budget");

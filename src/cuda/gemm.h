@@ -49,7 +49,7 @@ enum class Tile : int8_t {
     wgmma_ws_256x128,  // wgmma_256x128 with a producer warpgroup and mbarriers (no CTA barrier per step)
     wgmma_ws_256x32,   // wgmma_256x32, likewise
     wgmma_f8_128x128,  // W4A8: MXFP4 experts × FP8 activations on the FP8 tensor core, official numerics
-                       // only (moe_w4a8_fits); elsewhere it runs as wgmma_ws_256x128. Not yet run on a GPU.
+                       // only (moe_w4a8_fits); elsewhere it runs as wgmma_ws_256x128. Measured slower (gemm.cu).
     wgmma_f8_128x32,   // the same for 32 tokens per tile (T ≈ 1024); elsewhere it runs as wgmma_256x32
 };
 

@@ -57,8 +57,8 @@ struct RunnerOptions {
                                        // (cuda::LtGemm) on their input's codes; off: the BF16 path
     bool    w4a8 = false;              // official numerics, MXFP4 experts: the W4A8 expert tiles (FP8
                                        // tensor core; cuda::moe_w4a8_fits) wherever the automatic
-                                       // choice takes a wgmma tile (cuda::w4a8_tile); off until they
-                                       // have run on a GPU (docs/bench-gemm.md, "W4A8 expert tiles")
+                                       // choice takes a wgmma tile (cuda::w4a8_tile); off: they measured
+                                       // slower (docs/bench-gemm.md, "W4A8 expert tiles")
     bool    lt_bf16 = true;            // ≥ cuda::kLtBf16MinM tokens: linears with a bf16 input (exact
                                        // numerics, the official wo_a, BF16-weight projections) through
                                        // cuBLASLt's BF16 GEMM (FP8 weights expanded per call into the

@@ -1347,8 +1347,11 @@ void spread_mxfp4_scales(HostExperts& hx, uint32_t seed) {
 //      (the fold, w4a8.h) and the FP8 tensor core's accumulation is promoted to f32 every 128
 //      columns, the bound LtFp8MatchesCpuTwin sets for cuBLASLt's FP8 GEMM;
 //  (d) h against the register-A tile's (f8_fallback's: bf16 tensor core, same official numerics)
-//      on the same inputs: per-row cosine ≥ 0.999 (they differ where a g or u near a bf16 or FP8
-//      rounding boundary lands on the other side; the share of equal values is printed);
+//      on the same inputs: they differ only where a g or u near a bf16 rounding boundary lands on
+//      the other side of it and that moves h across an FP8 rounding boundary, so ≥ 98% of the
+//      values are equal and every other one is one FP8 step away (≤ 2^-3 of the larger, or one
+//      subnormal step 2^-9 of its block's scale). A per-row cosine is no bound here: on H100 one row
+//      of few large values measured 0.99891 from such a single step (2026-12-05); it is printed;
 //  (e) y against the CPU's official layer: per-token cosine ≥ 0.999.
 // Shapes: D = I = 256, E = 16, k = 6, T = 1, 17, 129 (partial token tiles, many experts), with the
 // 32-block scales spread (spread_mxfp4_scales); odd widths D = 384, I = 640 (3 and 5 steps); and
@@ -1451,17 +1454,34 @@ TEST(CudaMoeLayer, W4a8TileMatchesCpuOfficial) {
 
             // (d)
             double worst_d = 1;
-            int64_t equal = 0;
+            int64_t equal = 0, far = 0, first_far = -1;
+            auto block_scale = [&](const std::vector<float>& v, int64_t j, int64_t b0) {   // act_quant's s
+                double amax = 0;
+                for (int64_t i = b0; i < std::min(b0 + 128, I); ++i) amax = std::max(amax, double(std::fabs(v[static_cast<size_t>(j * I + i)])));
+                return std::ldexp(1.0, static_cast<int>(std::ceil(std::log2(std::max(amax, 1e-4) / 448.0))));
+            };
             for (int64_t j = 0; j < N; ++j) {
                 double ab = 0, aa = 0, bb = 0;
                 for (int64_t i = 0; i < I; ++i) {
                     const double a = h[static_cast<size_t>(j * I + i)], b = h_ws[static_cast<size_t>(j * I + i)];
                     ab += a * b, aa += a * a, bb += b * b;
-                    equal += a == b;
+                    if (a == b) {
+                        ++equal;
+                        continue;
+                    }
+                    const int64_t b0 = i / 128 * 128;
+                    const double sc = std::max(block_scale(h, j, b0), block_scale(h_ws, j, b0));
+                    if (!(std::fabs(a - b) <= 0.125 * std::max(std::fabs(a), std::fabs(b)) + 0x1p-9 * sc)) {
+                        ++far;
+                        if (first_far < 0) first_far = j * I + i;
+                    }
                 }
                 worst_d = std::min(worst_d, aa == 0 && bb == 0 ? 1.0 : ab / std::sqrt(aa * bb));
             }
-            EXPECT_GE(worst_d, 0.999) << "h differs from the register-A tile's";
+            EXPECT_GE(double(equal), 0.98 * double(N * I)) << "h differs from the register-A tile's in too many values";
+            EXPECT_EQ(far, 0) << "h[" << first_far << "] is more than one FP8 step from the register-A tile's ("
+                              << (first_far < 0 ? 0.0f : h[static_cast<size_t>(first_far)]) << " against "
+                              << (first_far < 0 ? 0.0f : h_ws[static_cast<size_t>(first_far)]) << ")";
 
             // (e)
             double worst = 1, max_d = 0;
