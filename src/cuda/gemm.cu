@@ -1031,8 +1031,10 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 //   weights faster than HBM delivers them: what T ≈ 1024 needs (V4-Flash: ~24 rows per expert).
 //   Warpgroup 2 (decoders): thread i owns tile row i. Per step it issues the x copies (cp.async:
 //   BT tokens × 128 code bytes, each 32-byte sector by two threads, and token i's scale), decodes the row's
-//   64 weight bytes, which it loaded into registers one step earlier (4 × 16 bytes and the 4 scale
-//   bytes), into 128 e4m3 bytes in the canonical K-major layout without swizzle (the layout of x in
+//   64 weight bytes and 4 scale bytes, which it copied into its own ring of raw steps in shared
+//   memory kRawSlots − 1 = 3 steps earlier (cp.async; a first build loaded them into registers one
+//   step earlier, so every step waited out a trip to L2 or HBM: ncu showed 0.5 eligible warps per
+//   scheduler and the decoders holding the MMAs at ~3600 cycles per step), into 128 e4m3 bytes in the canonical K-major layout without swizzle (the layout of x in
 //   wgmma_kernel: 8 rows × 16 bytes core matrices, K-adjacent ones 128 B apart, row-adjacent ones
 //   256 B apart, one k32 slice after another; a quarter-warp's stores fill one 128-byte run), writes
 //   the row scale, fences the async proxy and arrives on full[slot] twice (a plain arrive for its
@@ -1047,8 +1049,8 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 //   SwiGLU pair (L1): tile row 16·w + 8·h + g (w = warp of the 8 MMA warps, g < 8) is w1 (h = 0) or
 //   w3 (h = 1) of feature 8·w + g, so each thread holds gate and up of its (feature, token) in its
 //   two accumulator rows; a CTA covers 64 features.
-//   Registers: setmaxnreg 104 (decoders: two steps of weights in registers; ptxas spilled 48-64
-//   bytes at 88, 112-164 at 72) and 200 (MMA at BT = 128: 64 accumulators, 64 partials, the step's
+//   Registers: setmaxnreg 104 (decoders; with two steps of weights in registers, the first build,
+//   ptxas spilled 48-64 bytes at 88, 112-164 at 72) and 200 (MMA at BT = 128: 64 accumulators, 64 partials, the step's
 //   32 token scales; no spill).
 // Measured (H100, 2026-12-05, docs/bench-gemm.md "W4A8 expert tiles"): correct, but 3-4% slower
 // than wgmma_ws_256x128 at T = 4096 / 16384 and 1.5x slower than wgmma_256x32 at T = 1024 (ncu:
@@ -1070,7 +1072,14 @@ template <int BT> struct F8Layout {
     static constexpr int kColScale = kRowScale + kF8Rows * 4;     // f32 [BT]: the activation's scale per token
     static constexpr int kStage = (kColScale + BT * 4 + 127) / 128 * 128;   // 33 KB (BT 128), 21 KB (BT 32)
     static constexpr int kStages = BT == 128 ? 5 : 8;             // ~170 KB either way
-    static constexpr int kTable = kStages * kStage;               // w4a8::table, kTables × 8 bytes
+    // The decoders' own ring of raw weight steps (cp.async, kRawSlots − 1 steps in flight per
+    // thread): thread i's 64 weight bytes of a step, its 16-byte pieces rotated by (i / 2) mod 4 so
+    // that a quarter-warp's LDS.128 of piece b hits 8 distinct bank groups, then the 128 scale words.
+    static constexpr int kRawSlots = 4;
+    static constexpr int kRawW = kF8Rows * 64;                    // [128 rows][4 pieces][16 B]
+    static constexpr int kRawSlot = kRawW + kF8Rows * 4;          // + u32 [128] MXFP4 scale words
+    static constexpr int kRaw = kStages * kStage;
+    static constexpr int kTable = kRaw + kRawSlots * kRawSlot;    // w4a8::table, kTables × 8 bytes
     static constexpr int kBars = kTable + w4a8::kTables * 8;      // full[kStages], empty[kStages]
     static constexpr int kSmem = kBars + 8 * 2 * kStages;
 };
@@ -1096,20 +1105,6 @@ __device__ __forceinline__ void wgmma_f8_m64n32k32(float (&d)[16], uint64_t da, 
 template <int N> __device__ __forceinline__ void wgmma_f8_m64k32(float (&d)[N / 2], uint64_t da, uint64_t db, int scale_d) {
     if constexpr (N == 128) wgmma_f8_m64n128k32(d, da, db, scale_d);
     else wgmma_f8_m64n32k32(d, da, db, scale_d);
-}
-
-// 16 and 4 bytes global → registers through the non-coherent path (the weights never change while
-// a kernel runs), kept in L1: a decoder thread reads its row's step as four consecutive 16-byte
-// pieces, so the second half of each 32-byte sector is the next load's.
-__device__ __forceinline__ uint4 ldg_nc16(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ uint32_t ldg_nc4(const void* p) {
-    uint32_t v;
-    asm volatile("ld.global.nc.u32 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
 }
 
 template <int EPI, int BT>
@@ -1169,18 +1164,23 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
         const uint32_t tab = smem_s + static_cast<uint32_t>(L::kTable);
         const uint32_t adst = static_cast<uint32_t>(L::kA + (pt >> 3) * 256 + (pt & 7) * 16);
 
-        auto load = [&](uint4 (&w)[4], uint32_t& sc, int s) {
-            if (wok) {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) w[i] = ldg_nc16(wrow + s * kStepBytes + 16 * i);
-                sc = ldg_nc4(srow + 4 * s);
-            } else {
-#pragma unroll
-                for (int i = 0; i < 4; ++i) w[i] = make_uint4(0, 0, 0, 0);
-                sc = 0;
-            }
+        // Raw step s of this thread's row into raw slot s mod kRawSlots (rows past N: zero fill).
+        const uint32_t raw0 = smem_s + static_cast<uint32_t>(L::kRaw);
+        const uint32_t rot = static_cast<uint32_t>((pt >> 1) & 3);
+        auto raw_w = [&](int s, int b) {   // piece b of step s's 64 bytes
+            return raw0 + static_cast<uint32_t>((s % L::kRawSlots) * L::kRawSlot + pt * 64) + ((b + rot) & 3u) * 16u;
         };
-        auto step = [&](const uint4 (&cur)[4], uint32_t sc, uint4 (&next)[4], uint32_t& nsc, int ls) {
+        auto raw_s = [&](int s) { return raw0 + static_cast<uint32_t>((s % L::kRawSlots) * L::kRawSlot + L::kRawW + pt * 4); };
+        auto fetch = [&](int s) {
+            if (s < ns) {
+#pragma unroll
+                for (int b = 0; b < 4; ++b) cp_async16(raw_w(s, b), wrow + (wok ? s * kStepBytes + 16 * b : 0), wok);
+                cp_async4(raw_s(s), srow + (wok ? 4 * s : 0), wok);
+            }
+            cp_async_commit();   // one group per step, empty past the end (the wait below counts groups)
+        };
+        for (int s = 0; s < L::kRawSlots - 1; ++s) fetch(s);
+        for (int ls = 0; ls < ns; ++ls) {
             const int slot = ls % ST;
             if (ls >= ST) mbar_wait(empty0 + 8u * slot, static_cast<uint32_t>((ls / ST - 1) & 1));
             const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
@@ -1199,10 +1199,16 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
                            ok ? p.x8 + static_cast<int64_t>(row0 + t) * p.x_ld + ls * L::kStepK + q * 16 : p.x8, ok);
             }
             if (pt < BT) cp_async4(base + static_cast<uint32_t>(L::kColScale + pt * 4), srcs + (tok ? ls : 0), tok);
-            if (ls + 1 < ns) load(next, nsc, ls + 1);
+            // The stage's copies are this thread's cp.asyncs so far: the arrive completes when they
+            // (and the raw steps before ls + kRawSlots − 1, issued earlier) have landed.
+            cp_async_mbar_arrive(full0 + 8u * slot);
+            fetch(ls + L::kRawSlots - 1);
+            cp_async_wait<L::kRawSlots - 1>();   // step ls's raw group (and all before it) landed
 
             // The row's step: the largest exponent is the row scale, each 32-block's distance below it
             // picks its table.
+            uint32_t sc;
+            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sc) : "r"(raw_s(ls)) : "memory");
             const uint32_t e[4] = {sc & 0xFFu, (sc >> 8) & 0xFFu, (sc >> 16) & 0xFFu, sc >> 24};
             const uint32_t er = max(max(e[0], e[1]), max(e[2], e[3]));
             asm volatile("st.shared.f32 [%0], %1;" ::"r"(base + static_cast<uint32_t>(L::kRowScale + pt * 4)),
@@ -1213,7 +1219,11 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
                 const uint32_t d = min(er - e[b], static_cast<uint32_t>(w4a8::kTables - 1));
                 uint32_t tlo, thi;
                 asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(tlo), "=r"(thi) : "r"(tab + 8u * d));
-                const uint32_t words[4] = {cur[b].x, cur[b].y, cur[b].z, cur[b].w};
+                uint32_t words[4];
+                asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(words[0]), "=r"(words[1]), "=r"(words[2]), "=r"(words[3])
+                             : "r"(raw_w(ls, b))
+                             : "memory");
                 uint32_t o[8];
 #pragma unroll
                 for (int w = 0; w < 4; ++w) w4a8::fp4x8_e4m3(words[w], tlo, thi, o[2 * w], o[2 * w + 1]);
@@ -1228,14 +1238,6 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
             }
             fence_proxy_async_smem();   // the stores above are read by wgmma (the async proxy)
             mbar_arrive(full0 + 8u * slot);
-            cp_async_mbar_arrive(full0 + 8u * slot);
-        };
-        uint4 wbuf[2][4];
-        uint32_t sbuf[2] = {0, 0};
-        if (ns > 0) load(wbuf[0], sbuf[0], 0);
-        for (int ls = 0; ls < ns; ls += 2) {
-            step(wbuf[0], sbuf[0], wbuf[1], sbuf[1], ls);
-            if (ls + 1 < ns) step(wbuf[1], sbuf[1], wbuf[0], sbuf[0], ls + 1);
         }
         asm volatile("cp.async.wait_all;" ::: "memory");
         asm volatile("griddepcontrol.launch_dependents;" ::: "memory");

@@ -586,6 +586,19 @@ std::vector<float> combine(const std::vector<float>& rows, const std::vector<int
     return y;
 }
 
+// The official combine (moe_combine under Numerics::official) of expert rows: each row and c's
+// shared rows rounded to bf16, summed as combine() does, y rounded to bf16. cb: c with its shared
+// rows rounded (what the CPU's official layer is given).
+std::vector<float> official_combine(std::vector<float> rows, const std::vector<int32_t>& inv, const MoeCase& c,
+                                    int64_t D, MoeCase& cb) {
+    ops::round_bf16(Numerics::official, rows.data(), static_cast<int64_t>(rows.size()));
+    cb = c;
+    ops::round_bf16(Numerics::official, cb.shared.data(), c.T * D);
+    std::vector<float> y = combine(rows, inv, cb, D);
+    ops::round_bf16(Numerics::official, y.data(), c.T * D);
+    return y;
+}
+
 // Route + gather, then moe_l1 / moe_l2 for each config: h against the L1 twin, rows against ops::linear(w2)
 // on the GPU's own h.
 void check_l1_l2(const HostExperts& hx, const cuda::DeviceExperts& dex, cuda::MoeLayerWorkspace& ws, const MoeCase& c,
@@ -1247,12 +1260,9 @@ TEST(CudaMoeLayer, OfficialNumericsMatchCpuOfficial) {
             EXPECT_EQ(first_mismatch(h, h_again), -1) << "h is not FP8-rounded in 128-blocks";
 
             // (b)
-            std::vector<float> rows = to_host(ws.rows.data(), static_cast<size_t>(N * D));
-            ops::round_bf16(Numerics::official, rows.data(), N * D);
-            MoeCase cb = c;
-            ops::round_bf16(Numerics::official, cb.shared.data(), T * D);
-            std::vector<float> y_b = combine(rows, r.inv, cb, D);
-            ops::round_bf16(Numerics::official, y_b.data(), T * D);
+            MoeCase cb;
+            const std::vector<float> y_b =
+                official_combine(to_host(ws.rows.data(), static_cast<size_t>(N * D)), r.inv, c, D, cb);
             EXPECT_EQ(first_mismatch(y_gpu, y_b), -1) << "y is not the official combine of the GPU's rows";
 
             // (c)
@@ -1411,12 +1421,8 @@ TEST(CudaMoeLayer, W4a8TileMatchesCpuOfficial) {
             EXPECT_EQ(first_mismatch(h, h_again), -1) << "h is not FP8-rounded in 128-blocks";
 
             // (b)
-            std::vector<float> rows_b = rows;
-            ops::round_bf16(Numerics::official, rows_b.data(), N * D);
-            MoeCase cb = c;
-            ops::round_bf16(Numerics::official, cb.shared.data(), T * D);
-            std::vector<float> y_b = combine(rows_b, r.inv, cb, D);
-            ops::round_bf16(Numerics::official, y_b.data(), T * D);
+            MoeCase cb;
+            const std::vector<float> y_b = official_combine(rows, r.inv, c, D, cb);
             EXPECT_EQ(first_mismatch(y_gpu, y_b), -1) << "y is not the official combine of the GPU's rows";
 
             // (c)
