@@ -1052,10 +1052,13 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 //   Registers: setmaxnreg 104 (decoders; with two steps of weights in registers, the first build,
 //   ptxas spilled 48-64 bytes at 88, 112-164 at 72) and 200 (MMA at BT = 128: 64 accumulators, 64 partials, the step's
 //   32 token scales; no spill).
-// Measured (H100, 2026-12-05, docs/bench-gemm.md "W4A8 expert tiles"): correct, but 3-4% slower
-// than wgmma_ws_256x128 at T = 4096 / 16384 and 1.5x slower than wgmma_256x32 at T = 1024 (ncu:
-// issue 36%, L1/shared 67% busy, 0.5 eligible warps per scheduler), so choose_grouped does not take
-// it; moe_layer_routed runs it when asked for by name (tests, megamoe-gemm-bench --config).
+// Measured (H100, 2026-12-05, docs/bench-gemm.md "W4A8 expert tiles"): correct, but slower than the
+// register-A tiles, so choose_grouped does not take it; moe_layer_routed runs it when asked for by
+// name (tests, megamoe-gemm-bench --config). With the raw ring: 1.27x wgmma_256x32's time at
+// T = 1024 (1.50x with register loads), 1.09x wgmma_ws_256x128's at T = 16384 (1.04x). Source-level
+// ncu (T = 4096, L1): the MMA warps poll the full barriers (~75 try_waits per step), i.e. wait for
+// the decoders, which issue ~420 instructions per step (x-copy index math, the ring, the decode),
+// and the SwiGLU epilogue took 11.5% of the stall samples (one routing-weight load per value).
 constexpr int kF8Rows = 128;
 constexpr int kF8DecoderRegs = 104, kF8MmaRegs = 200;
 static_assert(kWsProducers * kF8DecoderRegs + kWsConsumers * kF8MmaRegs <= kWsThreads * 168, "setmaxnreg budget");
