@@ -1033,8 +1033,9 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 //   BT tokens × 128 code bytes, each 32-byte sector by two threads, and token i's scale), decodes the row's
 //   64 weight bytes and 4 scale bytes, which it copied into its own ring of raw steps in shared
 //   memory kRawSlots − 1 = 3 steps earlier (cp.async; a first build loaded them into registers one
-//   step earlier, so every step waited out a trip to L2 or HBM: ncu showed 0.5 eligible warps per
-//   scheduler and the decoders holding the MMAs at ~3600 cycles per step), into 128 e4m3 bytes in the canonical K-major layout without swizzle (the layout of x in
+//   step earlier, exposing a trip to L2 or HBM per step: that measured 1.50x / 1.04x the register-A
+//   tiles' time at T = 1024 / 16384 on an H100, the ring 1.27x / 1.09x), into 128 e4m3 bytes in
+//   the canonical K-major layout without swizzle (the layout of x in
 //   wgmma_kernel: 8 rows × 16 bytes core matrices, K-adjacent ones 128 B apart, row-adjacent ones
 //   256 B apart, one k32 slice after another; a quarter-warp's stores fill one 128-byte run), writes
 //   the row scale, fences the async proxy and arrives on full[slot] twice (a plain arrive for its
@@ -1050,8 +1051,8 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 //   w3 (h = 1) of feature 8·w + g, so each thread holds gate and up of its (feature, token) in its
 //   two accumulator rows; a CTA covers 64 features.
 //   Registers: setmaxnreg 104 (decoders; with two steps of weights in registers, the first build,
-//   ptxas spilled 48-64 bytes at 88, 112-164 at 72) and 200 (MMA at BT = 128: 64 accumulators, 64 partials, the step's
-//   32 token scales; no spill).
+//   ptxas spilled 48-64 bytes at 88, 112-164 at 72) and 200 (MMA at BT = 128: 64 accumulators, 64
+//   partials, the step's 32 token scales; no spill).
 // Measured (H100, 2026-12-05, docs/bench-gemm.md "W4A8 expert tiles"): correct, but slower than the
 // register-A tiles, so choose_grouped does not take it; moe_layer_routed runs it when asked for by
 // name (tests, megamoe-gemm-bench --config). With the raw ring: 1.27x wgmma_256x32's time at
