@@ -192,13 +192,33 @@ __device__ __forceinline__ void store_y(const TiledParams& p, int64_t o, float v
     if constexpr (EPI == kEpiBf16) static_cast<__nv_bfloat16*>(p.y)[o] = __float2bfloat16_rn(v);
     else static_cast<float*>(p.y)[o] = v;
 }
-__device__ __forceinline__ void store_h(const TiledParams& p, int xrow, int row, float gate, float up) {
+// rs: p.row_scale[xrow], which a caller storing many values loads for all of them first (see
+// row_scales): one load per value here, between the divisions' branches, kept them from being
+// hoisted, and ncu showed the wgmma tiles' SwiGLU epilogue waiting out one L2 trip per token.
+// With the preload (and the W4A8 decoders' x addresses below) the V4-Flash expert layer measured
+// 0.4-2.5% faster (H100, megamoe-gemm-bench --part experts, docs/bench-gemm.md).
+__device__ __forceinline__ void store_h(const TiledParams& p, int xrow, int row, float gate, float up, float rs) {
     if (p.official) {   // the official w1 / w3 outputs are bf16 (ops::expert_ffn with linear_rounded)
         gate = nm::bf16_round(gate);
         up = nm::bf16_round(up);
     }
-    const float h = silu_swiglu(gate, up, p.limit) * p.row_scale[xrow];
+    const float h = silu_swiglu(gate, up, p.limit) * rs;
     static_cast<__nv_bfloat16*>(p.y)[static_cast<int64_t>(xrow) * p.y_ld + row] = __float2bfloat16_rn(h);
+}
+__device__ __forceinline__ void store_h(const TiledParams& p, int xrow, int row, float gate, float up) {
+    store_h(p, xrow, row, gate, up, p.row_scale[xrow]);
+}
+// The routing weights of a thread's accumulator columns, tokens nt·8 + 2·tig + j (j < 2) of the
+// tile, loaded together before the epilogue's stores (0 past rows).
+template <int NT>
+__device__ __forceinline__ void row_scales(const TiledParams& p, int row0, int rows, int tig, float (&rs)[NT][2]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int t = nt * 8 + 2 * tig + j;
+            rs[nt][j] = t < rows ? p.row_scale[row0 + t] : 0.0f;
+        }
 }
 
 template <LinearFormat F, int MT, int NT, int WR, int WT, int ST, int EPI>
@@ -549,6 +569,8 @@ __device__ __forceinline__ void wg_epilogue(const TiledParams& p, const float (&
         return;
     }
     if constexpr (kPair) {
+        float rs[BT / 8][2];
+        row_scales<BT / 8>(p, row0, rows, tig, rs);
 #pragma unroll
         for (int nt = 0; nt < BT / 8; ++nt)
 #pragma unroll
@@ -556,7 +578,8 @@ __device__ __forceinline__ void wg_epilogue(const TiledParams& p, const float (&
                 const int t = nt * 8 + 2 * tig + (i & 1);
                 const int row = static_cast<int>(blockIdx.x) * (BR / 2) + wg * 64 + q * 16 + g + (i >= 2 ? 8 : 0);
                 if (t < rows && row < p.N)
-                    store_h(p, row0 + t, row, acc[0][4 * nt + i] * G.out_scale[0], acc[1][4 * nt + i] * G.out_scale[1]);
+                    store_h(p, row0 + t, row, acc[0][4 * nt + i] * G.out_scale[0], acc[1][4 * nt + i] * G.out_scale[1],
+                            rs[nt][i & 1]);
             }
     } else {
         const int64_t ycol = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
@@ -1183,6 +1206,20 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
             }
             cp_async_commit();   // one group per step, empty past the end (the wait below counts groups)
         };
+        // The x copies' addresses, once per tile (the loop adds the step): copy i of thread pt is pair
+        // u = pt / 2 + 64·i, token u % BT, k32 slice u / BT, its 16-byte half pt % 2 (see below).
+        // Recomputed per step they were a good part of the decoders' ~420 instructions per step
+        // (ncu, docs/bench-gemm.md).
+        const uint8_t* xsrc[BT / 16];
+        uint32_t xdst[BT / 16], xok = 0;
+#pragma unroll
+        for (int i = 0; i < BT / 16; ++i) {
+            const int u = (pt >> 1) + 64 * i, t = u % BT, q = 2 * (u / BT) + (pt & 1);
+            const bool ok = t < rows;
+            xok |= static_cast<uint32_t>(ok) << i;
+            xsrc[i] = ok ? p.x8 + static_cast<int64_t>(row0 + t) * p.x_ld + q * 16 : p.x8;
+            xdst[i] = static_cast<uint32_t>(L::kB + (q >> 1) * L::kBSlice + (t >> 3) * 256 + (q & 1) * 128 + (t & 7) * 16);
+        }
         for (int s = 0; s < L::kRawSlots - 1; ++s) fetch(s);
         for (int ls = 0; ls < ns; ++ls) {
             const int slot = ls % ST;
@@ -1197,10 +1234,8 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
             // then fall on 4 bank groups twice (2-way).
 #pragma unroll
             for (int i = 0; i < BT / 16; ++i) {
-                const int u = (pt >> 1) + 64 * i, t = u % BT, q = 2 * (u / BT) + (pt & 1);
-                const bool ok = t < rows;
-                cp_async16(base + static_cast<uint32_t>(L::kB + (q >> 1) * L::kBSlice + (t >> 3) * 256 + (q & 1) * 128 + (t & 7) * 16),
-                           ok ? p.x8 + static_cast<int64_t>(row0 + t) * p.x_ld + ls * L::kStepK + q * 16 : p.x8, ok);
+                const bool ok = (xok >> i) & 1u;
+                cp_async16(base + xdst[i], xsrc[i] + (ok ? ls * L::kStepK : 0), ok);
             }
             if (pt < BT) cp_async4(base + static_cast<uint32_t>(L::kColScale + pt * 4), srcs + (tok ? ls : 0), tok);
             // The stage's copies are this thread's cp.asyncs so far: the arrive completes when they
@@ -1296,12 +1331,15 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
 
     if constexpr (kPair) {
         const int feature = static_cast<int>(blockIdx.x) * (kF8Rows / 2) + wg * 32 + qw * 8 + g;
+        float rsc[NT][2];
+        row_scales<NT>(p, row0, rows, tig, rsc);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
                 const int t = nt * 8 + 2 * tig + i;
-                if (t < rows && feature < p.N) store_h(p, row0 + t, feature, acc[4 * nt + i], acc[4 * nt + 2 + i]);
+                if (t < rows && feature < p.N)
+                    store_h(p, row0 + t, feature, acc[4 * nt + i], acc[4 * nt + 2 + i], rsc[nt][i]);
             }
     } else {
 #pragma unroll
