@@ -14,6 +14,9 @@
 //      includes the small gap between back-to-back kernels of a graph.
 // Prints µs, bytes moved (packed weights + scales + x + y), GB/s and the percentage of the
 // device-to-device copy bandwidth measured here (read + write bytes of a 1 GiB cudaMemcpy).
+// FP8 rows: "fp8" is what linear_small_m runs (linear_fp8_regs where it fits), "fp8rng" the same
+// weights on the shared-memory ring kernel (LinearOptions::fp8_ring), "fp8x8" linear_fp8_act (FP8
+// activations, official numerics); "xR vs fp8" is the fp8 row's time over that row's.
 // Beside each shape: cuBLAS cublasGemmEx (bf16 A/B, fp32 compute, fp32 y) on random BF16
 // weights of the same shape (what a dequantized copy would cost), timed the same way, and the
 // speed-up of the packed-format kernel over it.
@@ -163,7 +166,8 @@ double worst_ratio(const HostLinear& h, const std::vector<float>& xf, const std:
 }
 
 // Worst |gpu - cpu| / Σ|w||x| over all elements (inf if an element is out of tolerance or NaN).
-double validate(const HostLinear& h, const cuda::DeviceLinear& d, int64_t M, cudaStream_t stream) {
+double validate(const HostLinear& h, const cuda::DeviceLinear& d, int64_t M, cudaStream_t stream,
+                const cuda::LinearOptions& o = {}) {
     const int64_t N = h.lin.out, K = h.lin.in;
     const auto x = random_x(M, K, 77 + static_cast<uint64_t>(M));
     std::vector<float> xf(x.size());
@@ -173,7 +177,7 @@ double validate(const HostLinear& h, const cuda::DeviceLinear& d, int64_t M, cud
     const cuda::DeviceArray<uint16_t> dx(x);
     cuda::DeviceArray<float> dy(got.size());
     dy.fill(0xFF);
-    cuda::linear_small_m(d, dx.data(), M, dy.data(), stream);
+    cuda::linear_small_m(d, dx.data(), M, dy.data(), o, stream);
     CUDA_CHECK(cudaStreamSynchronize(stream));
     got = dy.download();
     return worst_ratio(h, xf, ref, got, M);
@@ -323,6 +327,22 @@ int main(int argc, char** argv) {
                                 blas_us[mi], blas_us[mi] / us, ok ? "" : "  VALIDATION FAILED",
                                 verbose ? "  " : "", verbose ? cuda::linear_small_m_plan(dl[0], M).c_str() : "");
                     std::fflush(stdout);
+                    if (f == LinearFormat::fp8_block && cuda::fp8_regs_fits(dl[0], dx.data(), cuda::LinearOptions{})) {
+                        // The row above ran linear_fp8_regs; the same weights on the shared-memory ring kernel.
+                        cuda::LinearOptions ring;
+                        ring.fp8_ring = true;
+                        const double er = (quick && sh.N * sh.K > (8ll << 20)) ? 0.0 : validate(h, dl[0], M, stream, ring);
+                        all_ok &= std::isfinite(er);
+                        const double usr = bench::time_graph(std::max(copies, 20), stream, [&](int i) {
+                            cuda::linear_small_m(dl[size_t(i % copies)], dx.data(), M, dy.data(), ring, stream);
+                        }, kTiming);
+                        const double gbsr = bytes / (usr * 1e-6) / 1e9;
+                        std::printf("%-5s %-11s %-6s %3lld %9.2f %10.0f %8.0f %5.1f%% %9.1e %8.2f %8.2fx  x%.2f vs fp8%s%s%s\n", sh.name,
+                                    nk, "fp8rng", static_cast<long long>(M), usr, bytes, gbsr, 100.0 * gbsr / d2d, er,
+                                    blas_us[mi], blas_us[mi] / usr, us / usr, std::isfinite(er) ? "" : "  VALIDATION FAILED",
+                                    verbose ? "  " : "", verbose ? cuda::linear_small_m_plan(dl[0], M, ring).c_str() : "");
+                        std::fflush(stdout);
+                    }
                     if (f == LinearFormat::fp8_block && cuda::fp8_act_fits(dl[0], cuda::LinearOptions{})) {
                         // The same weights FP8 × FP8 (official numerics: x as codes + scales, made once).
                         const double e8 = (quick && sh.N * sh.K > (8ll << 20)) ? 0.0 : validate_fp8_act(h, dl[0], M, stream);

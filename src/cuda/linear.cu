@@ -27,6 +27,20 @@
 //   (griddepcontrol.wait) for the previous kernel of the stream before it reads x or writes y, so
 //   its weight prefetch overlaps that kernel's tail.
 //
+// * FP8 weights of an ungrouped linear with K % 128 == 0 and a 16-byte aligned x do not come here:
+//   linear_small_m hands them to linear_fp8_regs (linear_fp8.cu), which streams each lane's weight
+//   bytes into registers (two batches of 4 steps in flight, both requested before the wait), reads
+//   x straight into the B fragments and needs neither an x stage nor a cluster. Measured on an H100
+//   in one run (megamoe-linear-bench, its "fp8" against "fp8rng" rows), µs at M = 1 / 4 / 16:
+//   wq_a 4.60 / 4.62 / 5.35 against 6.39 / 6.26 / 8.25, wq_b 14.62 / 14.95 / 17.92 against 16.80 /
+//   16.13 / 20.90, wkv 3.84 / 3.92 / 4.78 against 4.64 / 4.83 / 9.91, wo_b 14.50 / 14.50 / 17.25
+//   against 17.93 / 19.50 / 22.73, shared w1 6.49 / 6.52 / 7.19 against 8.33 / 7.80 / 11.04, w2 5.11
+//   / 5.25 / 5.91 against 7.84 / 7.15 / 8.99; the 8-layer V4-Flash batch-1 step in exact numerics
+//   1746-1763 µs against 1823-1832 (docs/bench-forward.md). Grouped linears (wo_a) stay here: in
+//   that step wo_a overlaps the attention, and there the register kernel (with a two-wave plan)
+//   added 12.0 µs to the step against the ring's 10.6 in exact numerics, 19.3-20.2 against 14.4 in
+//   official numerics (megamoe-forward-bench --trace).
+//
 // Where the time goes (H200, see bench/linear_bench.cu): BF16 streams at ~80% of the
 // device-to-device copy bandwidth on large matrices; FP8 and FP4 run at ~40-50% issue efficiency,
 // not bound by HBM (FP4 decode: 10 integer + 4 bf16 ops per 8 weights with the rotate+select
@@ -940,6 +954,9 @@ void linear_reference(const DeviceLinear& w, const uint16_t* x, int64_t M, void*
 std::string linear_small_m_plan(const DeviceLinear& w, int64_t M, const LinearOptions& o) {
     check_launch_args(w, nullptr, 0, nullptr, o, "linear_small_m_plan");
     if (w.format == LinearFormat::f32 || w.nan_codes) return "reference kernel";
+    // (x's alignment is not known here: the plan assumes an aligned x, as every caller in the tree has.)
+    if (!o.fp8_ring && o.groups == 1 && fp8_regs_fits(w, reinterpret_cast<const uint16_t*>(uintptr_t{16}), o))
+        return linear_fp8_regs_plan(w, M);
     int m = static_cast<int>(std::clamp<int64_t>(M, 1, kMaxM));
     Plan plan;
     const int64_t group_rows = o.groups > 1 ? w.out / o.groups : 0;
@@ -958,6 +975,10 @@ void linear_small_m(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y
     if (M == 0) return;
     if (w.format == LinearFormat::f32 || w.nan_codes) {
         linear_reference(w, x, M, y, o, stream);
+        return;
+    }
+    if (!o.fp8_ring && o.groups == 1 && fp8_regs_fits(w, x, o)) {
+        linear_fp8_regs(w, x, M, y, o, stream);
         return;
     }
     const int dev = current_device();

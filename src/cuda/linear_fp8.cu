@@ -31,6 +31,14 @@
 // only (tests/cuda/linear_test.cpp: ≤ 3e-8 of Σ|w·x| on the V4 shapes, ≤ 2e-7 on random codes).
 // The per-block promotion is also how the official code's FP8 GEMM accumulates.
 //
+// BF16 activations (linear_fp8_regs, the exact numerics' FP8 linears at decode): the same layout,
+// loads and work split, with each weight decoded as linear_small_m decodes it (decode_a: e4m3 bits
+// in a bf16 times the 128-block's 2^(e - bias), exact; one multiplier per block of two steps) and
+// multiplied on m16n8k16 bf16 MMAs with x's bf16 values, which go from global memory (L1) into the
+// B fragments. linear_small_m's own kernel stages x in shared memory, streams the weights through
+// a cp.async ring of 3 slots per warp and splits K over a cluster; this layout measured faster on
+// every V4-Flash shape at M = 1, 4 and 16 (linear.cu, top), and linear_small_m runs it for FP8.
+//
 // Work split (planned per shape, see plan_fp8): a CTA is 8 warps = wr row tiles × wk K-ranges
 // (wk = 8 / wr); K-range partials are summed in shared memory in a fixed order (deterministic, no
 // atomics). wk is chosen per shape (plan_fp8).
@@ -60,14 +68,19 @@ constexpr int kRedFloats = kWarps * 16 * kMaxTokens;   // partials: (wk · wr ·
 struct Fp8Params {
     const uint8_t* w;       // [N] rows of w_row_bytes (kernel order)
     const uint8_t* scale;   // e8m0 [ceil(N/128), s_row_bytes]
-    const uint8_t* q;       // e4m3 [M, K] (kernel order)
-    const float*   s;       // f32 [M, K/128]
+    const uint8_t* q;       // e4m3 [M, K] (kernel order)             (FP8 activations)
+    const float*   s;       // f32 [M, K/128]                         (FP8 activations)
+    const uint16_t* xb;     // bf16 [M, x_ld]; group g's rows read columns g·K .. g·K + K (BF16 activations)
     void*          y;       // [M, N] f32 or bf16
     int64_t w_row_bytes, s_row_bytes;
+    int64_t x_ld;           // BF16 activations: x row stride, elements (K · groups)
     int N, K, M;
     int steps;              // K / 64
     int spw;                // steps per warp (even)
     int wr;                 // row tiles per CTA (wk = 8 / wr)
+    int group_rows;         // BF16 activations: rows per group (a multiple of 16), 0: one group
+    int bias;               // BF16 activations: the decode bias (kernel_scales)
+    float out_scale;        // BF16 activations: 2^F (kernel_scales); 1 otherwise
     bool out_bf16;
 };
 
@@ -98,7 +111,11 @@ struct Batch {
 };
 
 // Grid (1, ceil(N / (16·wr))), 256 threads. Warp w: row tile w % wr of the CTA's wr, K-range w / wr.
-template <int NT>
+// BX: BF16 activations (linear_fp8_regs): the weights are decoded as linear_small_m decodes them
+// (decode_a: e4m3 bits in a bf16 times the block's 2^(e - bias) multiplier, exact) and multiplied
+// with x's bf16 values on m16n8k16 bf16 MMAs; x goes from global memory (L1) straight into the B
+// fragments, as the FP8 codes do.
+template <int NT, bool BX>
 __global__ void __launch_bounds__(kThreads, 2) linear_fp8_act_kernel(const Fp8Params p) {
     __shared__ float red[kRedFloats];
     const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
@@ -117,15 +134,22 @@ __global__ void __launch_bounds__(kThreads, 2) linear_fp8_act_kernel(const Fp8Pa
     const int nblk = p.K / 128;
     const uint8_t* qx[NT];
     const float* sx[NT][2];
+    const uint16_t* xr[NT];   // BX: token g's x at this lane's 16 columns of step s0 (+ 8·nt tokens)
     bool on[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
         const int t = nt * 8 + g;
         on[nt] = t < p.M;
-        qx[nt] = p.q + static_cast<int64_t>(on[nt] ? t : 0) * p.K + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
-        // The C fragment's columns: tokens nt·8 + 2·tig and + 1 (clamped; unused ones are not written).
-        sx[nt][0] = p.s + static_cast<int64_t>(min(nt * 8 + 2 * tig, p.M - 1)) * nblk + s0 / 2;
-        sx[nt][1] = p.s + static_cast<int64_t>(min(nt * 8 + 2 * tig + 1, p.M - 1)) * nblk + s0 / 2;
+        if constexpr (BX) {
+            const int64_t grp = p.group_rows ? min(row0, p.N - 1) / p.group_rows : 0;
+            xr[nt] = p.xb + static_cast<int64_t>(on[nt] ? t : 0) * p.x_ld + grp * p.K + static_cast<int64_t>(s0) * kStepBytes +
+                     tig * 16;
+        } else {
+            qx[nt] = p.q + static_cast<int64_t>(on[nt] ? t : 0) * p.K + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
+            // The C fragment's columns: tokens nt·8 + 2·tig and + 1 (clamped; unused ones are not written).
+            sx[nt][0] = p.s + static_cast<int64_t>(min(nt * 8 + 2 * tig, p.M - 1)) * nblk + s0 / 2;
+            sx[nt][1] = p.s + static_cast<int64_t>(min(nt * 8 + 2 * tig + 1, p.M - 1)) * nblk + s0 / 2;
+        }
     }
 
     float acc[NT][4];
@@ -148,50 +172,84 @@ __global__ void __launch_bounds__(kThreads, 2) linear_fp8_act_kernel(const Fp8Pa
         for (int u = 0; u < kU; u += 2) {   // one 128-column block: steps i, i + 1
             const int i = b * kU + u;
             if (i >= n) break;
-            float c[NT][4];
+            if constexpr (BX) {
+                // Rows g and g + 8 lie in one 128-row block: one multiplier for the block's 128 columns.
+                const uint32_t m = pow2_bf16x2(__ldg(sc + i / 2), p.bias);
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+                for (int h = 0; h < 2; ++h) {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) c[nt][j] = 0.0f;
+                    for (int l = 0; l < 2; ++l) {   // the lane's 8-column halves: bytes 8·l .. 8·l + 7
+                        uint32_t a[2][4];
+                        decode_a<LinearFormat::fp8_block>(B.r0[u + h], B.r1[u + h], l, m, m, m, m, a);
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const uint4& a = B.r0[u + h];
-                const uint4& bb = B.r1[u + h];
+                        for (int nt = 0; nt < NT; ++nt) {
+                            const uint4 x = on[nt] ? __ldg(reinterpret_cast<const uint4*>(xr[nt] + (i + h) * kStepBytes + 8 * l))
+                                                   : make_uint4(0, 0, 0, 0);
+                            mma_bf16(acc[nt], a[0][0], a[0][1], a[0][2], a[0][3], x.x, x.y);
+                            mma_bf16(acc[nt], a[1][0], a[1][1], a[1][2], a[1][3], x.z, x.w);
+                        }
+                    }
+                }
+            } else {
+                float c[NT][4];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) c[nt][j] = 0.0f;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const uint4& a = B.r0[u + h];
+                    const uint4& bb = B.r1[u + h];
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const uint4 x = on[nt] ? __ldg(reinterpret_cast<const uint4*>(qx[nt] + (i + h) * kStepBytes))
+                                               : make_uint4(0, 0, 0, 0);
+                        mma_e4m3(c[nt], a.x, bb.x, a.y, bb.y, x.x, x.y);
+                        mma_e4m3(c[nt], a.z, bb.z, a.w, bb.w, x.z, x.w);
+                    }
+                }
+                const float sw = e8m0_value(__ldg(sc + i / 2));
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    const uint4 x = on[nt] ? __ldg(reinterpret_cast<const uint4*>(qx[nt] + (i + h) * kStepBytes))
-                                           : make_uint4(0, 0, 0, 0);
-                    mma_e4m3(c[nt], a.x, bb.x, a.y, bb.y, x.x, x.y);
-                    mma_e4m3(c[nt], a.z, bb.z, a.w, bb.w, x.z, x.w);
+                    const float f0 = sw * __ldg(sx[nt][0] + i / 2), f1 = sw * __ldg(sx[nt][1] + i / 2);
+                    acc[nt][0] = fmaf(c[nt][0], f0, acc[nt][0]);
+                    acc[nt][1] = fmaf(c[nt][1], f1, acc[nt][1]);
+                    acc[nt][2] = fmaf(c[nt][2], f0, acc[nt][2]);
+                    acc[nt][3] = fmaf(c[nt][3], f1, acc[nt][3]);
                 }
-            }
-            const float sw = e8m0_value(__ldg(sc + i / 2));
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const float f0 = sw * __ldg(sx[nt][0] + i / 2), f1 = sw * __ldg(sx[nt][1] + i / 2);
-                acc[nt][0] = fmaf(c[nt][0], f0, acc[nt][0]);
-                acc[nt][1] = fmaf(c[nt][1], f1, acc[nt][1]);
-                acc[nt][2] = fmaf(c[nt][2], f0, acc[nt][2]);
-                acc[nt][3] = fmaf(c[nt][3], f1, acc[nt][3]);
             }
         }
     };
 
-    // Weights are constant: the first batch is requested before waiting for the previous kernel
-    // (programmatic dependent launch), whose output q / s is read only after the wait.
+    // Weights are constant: the first batch (one token tile: the first two) is requested before
+    // waiting for the previous kernel (programmatic dependent launch), whose output (the
+    // activation) is read only after the wait; then one batch is in flight while the other is
+    // multiplied. (With two token tiles both batches before the wait spilled: 140 bytes, ptxas.)
     Batch A, B;
     if (n > 0) load(A, 0);
+    if constexpr (NT == 1) {
+        if (nb > 1) load(B, 1);
+    }
     asm volatile("griddepcontrol.wait;" ::: "memory");
     for (int b = 0; b < nb; b += 2) {
-        if (b + 1 < nb) load(B, b + 1);
-        multiply(A, b);
-        if (b + 1 >= nb) break;
-        if (b + 2 < nb) load(A, b + 2);
-        multiply(B, b + 1);
+        if constexpr (NT == 1) {
+            multiply(A, b);
+            if (b + 2 < nb) load(A, b + 2);
+            if (b + 1 >= nb) break;
+            multiply(B, b + 1);
+            if (b + 3 < nb) load(B, b + 3);
+        } else {
+            if (b + 1 < nb) load(B, b + 1);
+            multiply(A, b);
+            if (b + 1 >= nb) break;
+            if (b + 2 < nb) load(A, b + 2);
+            multiply(B, b + 1);
+        }
     }
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
     auto store = [&](int t, int row, float v) {
+        if constexpr (BX) v *= p.out_scale;
         const int64_t i = static_cast<int64_t>(t) * p.N + row;
         if (p.out_bf16) static_cast<__nv_bfloat16*>(p.y)[i] = __float2bfloat16_rn(v);
         else static_cast<float*>(p.y)[i] = v;
@@ -232,11 +290,17 @@ struct Fp8Plan {
 };
 
 // wk: the largest power of two ≤ 8 that leaves each warp at least one batch (kU steps) and keeps
-// the launch within about two waves of warps (kMaxWarps: 132 SMs × 16 resident warps × 2); rows
-// alone fill the GPU for the tall matrices. Measured on an H200 (M = 1, FP8): wq_b 32768×1024
-// (16 steps) 12.7 µs at wk = 2 against 18.7 at wk = 8; wo_b 4096×8192 11.2 µs at wk = 8 against
-// 21.6 at wk = 2; shared w2 4096×2048 (32 steps) 4.2 µs at wk = 8 against 5.1 at wk = 4.
-constexpr int64_t kMaxWarps = 4224;
+// the launch within one wave of warps (kMaxWarps: 132 SMs × 16 resident warps, 2 CTAs of 8 per
+// SM); rows alone fill the GPU for the tall matrices. Measured on an H200 (M = 1, FP8 × FP8):
+// wq_b 32768×1024 (16 steps) 12.7 µs at wk = 2 against 18.7 at wk = 8; wo_b 4096×8192 11.2 µs at
+// wk = 8 against 21.6 at wk = 2; shared w2 4096×2048 (32 steps) 4.2 µs at wk = 8 against 5.1 at
+// wk = 4. The limit was two waves (4224 warps) until the BF16-activation kernel measured wq_b at
+// wk = 1 (one wave, 16 steps per warp) against wk = 2 (two waves) on an H100: M = 1 / 4 / 16 14.57
+// / 14.92 / 17.93 µs against 16.12 / 16.78 / 20.47 (megamoe-linear-bench, two builds); the other
+// V4-Flash shapes plan the same either way. (A CTA's warps that start only in a second wave begin
+// their weight stream from nothing after the first wave's; in one wave every warp's first two
+// batches are requested before the wait.)
+constexpr int64_t kMaxWarps = 2112;
 Fp8Plan plan_fp8(int64_t N, int64_t steps) {
     Fp8Plan pl;
     const int64_t tiles = (N + 15) / 16;
@@ -294,9 +358,64 @@ void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, 
         p.wr = pl.wr;
         p.out_bf16 = o.out_bf16;
         const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
-        const cudaError_t e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2>, grid, block, 0, stream, p)
-                                    : launch_pdl(linear_fp8_act_kernel<1>, grid, block, 0, stream, p);
+        p.out_scale = 1.0f;
+        const cudaError_t e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2, false>, grid, block, 0, stream, p)
+                                    : launch_pdl(linear_fp8_act_kernel<1, false>, grid, block, 0, stream, p);
         if (e != cudaSuccess) fail("linear_fp8_act: launch: ", cudaGetErrorString(e));
+    }
+}
+
+bool fp8_regs_fits(const DeviceLinear& w, const uint16_t* x, const LinearOptions& o) {
+    if (w.format != LinearFormat::fp8_block || w.nan_codes || w.in % 128 != 0 || w.in <= 0 || w.out <= 0 ||
+        !w.weight || !w.scale || o.groups < 1 || w.out % o.groups != 0)
+        return false;
+    if (o.groups > 1 && (w.out / o.groups) % 16 != 0) return false;   // a warp's 16 rows in one group
+    return reinterpret_cast<uintptr_t>(x) % 16 == 0;                  // x rows: K · groups, a multiple of 128
+}
+
+std::string linear_fp8_regs_plan(const DeviceLinear& w, int64_t M) {
+    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
+    return "fp8 regs NT=" + std::to_string(std::min<int64_t>(M, kMaxTokens) > 8 ? 2 : 1) + " Wr=" + std::to_string(pl.wr) +
+           " Wk=" + std::to_string(pl.wk) + " grid=1x" + std::to_string(pl.row_blocks) +
+           " steps/warp=" + std::to_string(pl.spw);
+}
+
+void linear_fp8_regs(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
+                     CUstream_st* stream) {
+    if (!fp8_regs_fits(w, x, o))
+        fail("linear_fp8_regs: needs fp8_block weights without NaN codes, K % 128 == 0, groups of a multiple of 16 "
+             "rows and 16-byte aligned x (got ", linear_format_name(w.format), ", K = ", w.in, ", groups = ", o.groups,
+             w.nan_codes ? ", NaN codes" : "", ")");
+    if (M < 0) fail("linear_fp8_regs: M = ", M, " is negative");
+    if (M == 0) return;
+    if (!x || !y) fail("linear_fp8_regs: null activation or output");
+    if (w.out > (int64_t{1} << 30) || w.in > (int64_t{1} << 30)) fail("linear_fp8_regs: shape too large");
+    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
+    const int64_t y_row = w.out * (o.out_bf16 ? 2 : 4);
+    const int64_t x_ld = w.in * o.groups;
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens) {
+        const int m = static_cast<int>(std::min<int64_t>(kMaxTokens, M - m0));
+        Fp8Params p{};
+        p.w = static_cast<const uint8_t*>(w.weight);
+        p.scale = static_cast<const uint8_t*>(w.scale);
+        p.xb = x + m0 * x_ld;
+        p.y = static_cast<uint8_t*>(y) + m0 * y_row;
+        p.w_row_bytes = w.weight_row_bytes;
+        p.s_row_bytes = w.scale_row_bytes;
+        p.x_ld = x_ld;
+        p.N = static_cast<int>(w.out);
+        p.K = static_cast<int>(w.in);
+        p.M = m;
+        p.steps = static_cast<int>(w.weight_row_bytes / kStepBytes);
+        p.spw = pl.spw;
+        p.wr = pl.wr;
+        p.group_rows = o.groups > 1 ? static_cast<int>(w.out / o.groups) : 0;
+        p.out_bf16 = o.out_bf16;
+        kernel_scales(w, p.bias, p.out_scale);
+        const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
+        const cudaError_t e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2, true>, grid, block, 0, stream, p)
+                                    : launch_pdl(linear_fp8_act_kernel<1, true>, grid, block, 0, stream, p);
+        if (e != cudaSuccess) fail("linear_fp8_regs: launch: ", cudaGetErrorString(e));
     }
 }
 
