@@ -14,9 +14,10 @@
 //      includes the small gap between back-to-back kernels of a graph.
 // Prints µs, bytes moved (packed weights + scales + x + y), GB/s and the percentage of the
 // device-to-device copy bandwidth measured here (read + write bytes of a 1 GiB cudaMemcpy).
-// FP8 rows: "fp8" is what linear_small_m runs (linear_fp8_regs where it fits), "fp8rng" the same
-// weights on the shared-memory ring kernel (LinearOptions::fp8_ring), "fp8x8" linear_fp8_act (FP8
-// activations, official numerics); "xR vs fp8" is the fp8 row's time over that row's.
+// FP8 and BF16 rows: "fp8" / "bf16" is what linear_small_m runs (linear_regs where it fits),
+// "fp8rng" / "bf16rg" the same weights on the shared-memory ring kernel (LinearOptions::ring),
+// "fp8x8" linear_fp8_act (FP8 activations, official numerics); "xR" is the fp8 / bf16 row's time
+// over that row's.
 // Beside each shape: cuBLAS cublasGemmEx (bf16 A/B, fp32 compute, fp32 y) on random BF16
 // weights of the same shape (what a dequantized copy would cost), timed the same way, and the
 // speed-up of the packed-format kernel over it.
@@ -243,7 +244,8 @@ int main(int argc, char** argv) {
         CUBLAS_CHECK(cublasSetWorkspace(blas, blas_ws.get(), blas_ws.bytes()));
 
         const Shape shapes[] = {{"wq_a", 1024, 4096}, {"wq_b", 32768, 1024}, {"wkv", 512, 4096},
-                                {"wo_b", 4096, 8192}, {"w1", 2048, 4096},    {"w2", 4096, 2048}};
+                                {"wo_b", 4096, 8192}, {"w1", 2048, 4096},    {"w2", 4096, 2048},
+                                {"gate", 256, 4096}};   // gate: the router (BF16 in the checkpoints)
         const LinearFormat formats[] = {LinearFormat::bf16, LinearFormat::fp8_block, LinearFormat::mxfp4,
                                         LinearFormat::nvfp4};
         const int64_t Ms[] = {1, 4, 16};
@@ -327,19 +329,20 @@ int main(int argc, char** argv) {
                                 blas_us[mi], blas_us[mi] / us, ok ? "" : "  VALIDATION FAILED",
                                 verbose ? "  " : "", verbose ? cuda::linear_small_m_plan(dl[0], M).c_str() : "");
                     std::fflush(stdout);
-                    if (f == LinearFormat::fp8_block && cuda::fp8_regs_fits(dl[0], dx.data(), cuda::LinearOptions{})) {
-                        // The row above ran linear_fp8_regs; the same weights on the shared-memory ring kernel.
+                    if (cuda::regs_fits(dl[0], dx.data(), cuda::LinearOptions{})) {
+                        // The row above ran linear_regs; the same weights on the shared-memory ring kernel.
                         cuda::LinearOptions ring;
-                        ring.fp8_ring = true;
+                        ring.ring = true;
                         const double er = (quick && sh.N * sh.K > (8ll << 20)) ? 0.0 : validate(h, dl[0], M, stream, ring);
                         all_ok &= std::isfinite(er);
                         const double usr = bench::time_graph(std::max(copies, 20), stream, [&](int i) {
                             cuda::linear_small_m(dl[size_t(i % copies)], dx.data(), M, dy.data(), ring, stream);
                         }, kTiming);
                         const double gbsr = bytes / (usr * 1e-6) / 1e9;
-                        std::printf("%-5s %-11s %-6s %3lld %9.2f %10.0f %8.0f %5.1f%% %9.1e %8.2f %8.2fx  x%.2f vs fp8%s%s%s\n", sh.name,
-                                    nk, "fp8rng", static_cast<long long>(M), usr, bytes, gbsr, 100.0 * gbsr / d2d, er,
-                                    blas_us[mi], blas_us[mi] / usr, us / usr, std::isfinite(er) ? "" : "  VALIDATION FAILED",
+                        std::printf("%-5s %-11s %-6s %3lld %9.2f %10.0f %8.0f %5.1f%% %9.1e %8.2f %8.2fx  x%.2f%s%s%s\n", sh.name,
+                                    nk, f == LinearFormat::bf16 ? "bf16rg" : "fp8rng", static_cast<long long>(M), usr, bytes,
+                                    gbsr, 100.0 * gbsr / d2d, er, blas_us[mi], blas_us[mi] / usr, us / usr,
+                                    std::isfinite(er) ? "" : "  VALIDATION FAILED",
                                     verbose ? "  " : "", verbose ? cuda::linear_small_m_plan(dl[0], M, ring).c_str() : "");
                         std::fflush(stdout);
                     }

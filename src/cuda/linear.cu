@@ -28,7 +28,7 @@
 //   its weight prefetch overlaps that kernel's tail.
 //
 // * FP8 weights of an ungrouped linear with K % 128 == 0 and a 16-byte aligned x do not come here:
-//   linear_small_m hands them to linear_fp8_regs (linear_fp8.cu), which streams each lane's weight
+//   linear_small_m hands them to linear_regs (linear_fp8.cu), which streams each lane's weight
 //   bytes into registers (two batches of 4 steps in flight, both requested before the wait), reads
 //   x straight into the B fragments and needs neither an x stage nor a cluster. Measured on an H100
 //   in one run (megamoe-linear-bench, its "fp8" against "fp8rng" rows), µs at M = 1 / 4 / 16:
@@ -39,7 +39,8 @@
 //   1746-1763 µs against 1823-1832 (docs/bench-forward.md). Grouped linears (wo_a) stay here: in
 //   that step wo_a overlaps the attention, and there the register kernel (with a two-wave plan)
 //   added 12.0 µs to the step against the ring's 10.6 in exact numerics, 19.3-20.2 against 14.4 in
-//   official numerics (megamoe-forward-bench --trace).
+//   official numerics (megamoe-forward-bench --trace). BF16 weights take linear_regs above 8
+//   tokens only (takes_regs).
 //
 // Where the time goes (H200, see bench/linear_bench.cu): BF16 streams at ~80% of the
 // device-to-device copy bandwidth on large matrices; FP8 and FP4 run at ~40-50% issue efficiency,
@@ -679,6 +680,20 @@ void launch_small_m(const SmallMParams& prm, const Plan& plan, LinearFormat f, c
     }
 }
 
+// Whether linear_small_m hands a call to linear_regs (linear.cu, top): FP8 weights always where it
+// fits; BF16 weights only above kDeepMaxM tokens, where the ring kernel runs 3 stages. Measured
+// on an H100 (megamoe-linear-bench, "bf16" against "bf16rg", one run), µs at M = 1 / 16: wq_a 6.13
+// / 6.70 against 5.79 / 8.44, wkv 4.87 / 5.64 against 4.56 / 9.85, gate 4.47 / 5.40 against 3.99 /
+// 7.82, wo_b 23.40 / 25.21 against 26.12 / 32.06, shared w2 7.37 / 8.24 against 8.40 / 11.96:
+// with its 6-stage ring the ring kernel is as fast or faster at 1-4 tokens on the small BF16
+// matrices (the router gate, the compressors), and the 8-layer batch-1 step measured no faster
+// with every BF16 linear on linear_regs; at 16 tokens linear_regs is faster on every shape.
+// Grouped linears stay on the ring (wo_a beside the attention, see the top of this file).
+bool takes_regs(const DeviceLinear& w, const uint16_t* x, int64_t M, const LinearOptions& o) {
+    if (o.ring || o.groups != 1 || !regs_fits(w, x, o)) return false;
+    return w.format != LinearFormat::bf16 || M > kDeepMaxM;
+}
+
 void check_launch_args(const DeviceLinear& w, const uint16_t* x, int64_t M, const void* y, const LinearOptions& o,
                        const char* what) {
     MEGAMOE_CHECK(o.groups >= 1 && w.out % o.groups == 0, what, ": ", o.groups, " groups do not divide ", w.out, " rows");
@@ -955,8 +970,7 @@ std::string linear_small_m_plan(const DeviceLinear& w, int64_t M, const LinearOp
     check_launch_args(w, nullptr, 0, nullptr, o, "linear_small_m_plan");
     if (w.format == LinearFormat::f32 || w.nan_codes) return "reference kernel";
     // (x's alignment is not known here: the plan assumes an aligned x, as every caller in the tree has.)
-    if (!o.fp8_ring && o.groups == 1 && fp8_regs_fits(w, reinterpret_cast<const uint16_t*>(uintptr_t{16}), o))
-        return linear_fp8_regs_plan(w, M);
+    if (takes_regs(w, reinterpret_cast<const uint16_t*>(uintptr_t{16}), M, o)) return linear_regs_plan(w, M);
     int m = static_cast<int>(std::clamp<int64_t>(M, 1, kMaxM));
     Plan plan;
     const int64_t group_rows = o.groups > 1 ? w.out / o.groups : 0;
@@ -977,8 +991,8 @@ void linear_small_m(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y
         linear_reference(w, x, M, y, o, stream);
         return;
     }
-    if (!o.fp8_ring && o.groups == 1 && fp8_regs_fits(w, x, o)) {
-        linear_fp8_regs(w, x, M, y, o, stream);
+    if (takes_regs(w, x, M, o)) {
+        linear_regs(w, x, M, y, o, stream);
         return;
     }
     const int dev = current_device();

@@ -126,12 +126,12 @@ void from_kernel_order(LinearFormat f, uint8_t* bytes, int64_t n);
 //     block g multiplies x columns [g·K, (g+1)·K) of x [M, G·K] into y columns [g·N/G, (g+1)·N/G)
 //     of y [M, N]. One call for all groups.
 //   out_bf16: y is bf16 (the f32 result rounded to nearest even) instead of f32.
-//   fp8_ring: FP8 weights run linear_small_m's shared-memory ring kernel even where linear_fp8_regs
-//     fits (for benchmarks and tests that compare the two kernels).
+//   ring: linear_small_m runs its shared-memory ring kernel even where it would run linear_regs
+//     (for benchmarks and tests that compare the two kernels).
 struct LinearOptions {
     int64_t groups = 1;
     bool    out_bf16 = false;
-    bool    fp8_ring = false;
+    bool    ring = false;
 };
 
 // The kernels' per-linear constants: the decode bias (fp8: 120 - F, mxfp4: 126 - F) and the
@@ -182,8 +182,9 @@ void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, 
                     CUstream_st* stream);
 std::string linear_fp8_act_plan(const DeviceLinear& w, int64_t M);
 
-// ---- FP8 weights × BF16 activations, register-streamed (linear_fp8.cu): what linear_small_m runs
-// for FP8 weights where it fits (the exact numerics' FP8 linears at decode).
+// ---- FP8 or BF16 weights × BF16 activations, register-streamed (linear_fp8.cu): what
+// linear_small_m runs where it fits for ungrouped FP8 weights (the exact numerics' FP8 linears at
+// decode), and for BF16 weights above 8 tokens (linear.cu, takes_regs, says why).
 //
 // The same function and contract as linear_small_m (x bf16 [M, K · groups], y f32 or bf16, grouped
 // linears, asynchronous, capturable, deterministic, programmatic dependent launch) and the same
@@ -193,12 +194,12 @@ std::string linear_fp8_act_plan(const DeviceLinear& w, int64_t M);
 // requested before the wait for the previous kernel), x goes from global memory into the B
 // fragments, no shared-memory x stage and no cluster; the K-range partials of a CTA's warps are
 // summed in shared memory in a fixed order.
-// Fits: fp8_block weights without NaN codes, K % 128 == 0, groups of a multiple of 16 rows, x 16-byte
-// aligned. Throws otherwise.
-bool fp8_regs_fits(const DeviceLinear& w, const uint16_t* x_bf16, const LinearOptions& o);
-void linear_fp8_regs(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void* y, const LinearOptions& o,
-                     CUstream_st* stream);
-std::string linear_fp8_regs_plan(const DeviceLinear& w, int64_t M);
+// Fits: fp8_block weights without NaN codes and K % 128 == 0, or bf16 weights and K % 64 == 0;
+// groups of a multiple of 16 rows; x 16-byte aligned. linear_regs throws otherwise.
+bool regs_fits(const DeviceLinear& w, const uint16_t* x_bf16, const LinearOptions& o);
+void linear_regs(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void* y, const LinearOptions& o,
+                 CUstream_st* stream);
+std::string linear_regs_plan(const DeviceLinear& w, int64_t M);
 
 // The plain exact kernel that linear_small_m falls back to for f32 weights and fp8 NaN codes:
 // one warp per output row, decode exactly as Linear::decode_row, fp32 FMA. Exposed for tests.

@@ -31,7 +31,7 @@
 // only (tests/cuda/linear_test.cpp: ≤ 3e-8 of Σ|w·x| on the V4 shapes, ≤ 2e-7 on random codes).
 // The per-block promotion is also how the official code's FP8 GEMM accumulates.
 //
-// BF16 activations (linear_fp8_regs, the exact numerics' FP8 linears at decode): the same layout,
+// BF16 activations (linear_regs, the exact numerics' FP8 linears at decode): the same layout,
 // loads and work split, with each weight decoded as linear_small_m decodes it (decode_a: e4m3 bits
 // in a bf16 times the 128-block's 2^(e - bias), exact; one multiplier per block of two steps) and
 // multiplied on m16n8k16 bf16 MMAs with x's bf16 values, which go from global memory (L1) into the
@@ -111,12 +111,18 @@ struct Batch {
 };
 
 // Grid (1, ceil(N / (16·wr))), 256 threads. Warp w: row tile w % wr of the CTA's wr, K-range w / wr.
-// BX: BF16 activations (linear_fp8_regs): the weights are decoded as linear_small_m decodes them
+// BX: BF16 activations (linear_regs): the weights are decoded as linear_small_m decodes them
 // (decode_a: e4m3 bits in a bf16 times the block's 2^(e - bias) multiplier, exact) and multiplied
 // with x's bf16 values on m16n8k16 bf16 MMAs; x goes from global memory (L1) straight into the B
 // fragments, as the FP8 codes do.
-template <int NT, bool BX>
+// MODE: kAct (FP8 activations, linear_fp8_act), kFp8W (FP8 weights, BF16 activations) or kBf16W
+// (BF16 weights, BF16 activations: the weight bytes are the A fragments as they are); the last two
+// are linear_regs.
+constexpr int kAct = 0, kFp8W = 1, kBf16W = 2;
+template <int NT, int MODE>
 __global__ void __launch_bounds__(kThreads, 2) linear_fp8_act_kernel(const Fp8Params p) {
+    constexpr bool BX = MODE != kAct;
+    constexpr int kStepCols = MODE == kBf16W ? kStepBytes / 2 : kStepBytes;   // columns per 64-byte step
     __shared__ float red[kRedFloats];
     const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
     const int g = lane >> 2, tig = lane & 3;
@@ -142,8 +148,8 @@ __global__ void __launch_bounds__(kThreads, 2) linear_fp8_act_kernel(const Fp8Pa
         on[nt] = t < p.M;
         if constexpr (BX) {
             const int64_t grp = p.group_rows ? min(row0, p.N - 1) / p.group_rows : 0;
-            xr[nt] = p.xb + static_cast<int64_t>(on[nt] ? t : 0) * p.x_ld + grp * p.K + static_cast<int64_t>(s0) * kStepBytes +
-                     tig * 16;
+            xr[nt] = p.xb + static_cast<int64_t>(on[nt] ? t : 0) * p.x_ld + grp * p.K + static_cast<int64_t>(s0) * kStepCols +
+                     tig * (kStepCols / 4);
         } else {
             qx[nt] = p.q + static_cast<int64_t>(on[nt] ? t : 0) * p.K + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
             // The C fragment's columns: tokens nt·8 + 2·tig and + 1 (clamped; unused ones are not written).
@@ -172,7 +178,20 @@ __global__ void __launch_bounds__(kThreads, 2) linear_fp8_act_kernel(const Fp8Pa
         for (int u = 0; u < kU; u += 2) {   // one 128-column block: steps i, i + 1
             const int i = b * kU + u;
             if (i >= n) break;
-            if constexpr (BX) {
+            if constexpr (MODE == kBf16W) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    uint32_t a[2][4];
+                    decode_a<LinearFormat::bf16>(B.r0[u + h], B.r1[u + h], 0, 0u, 0u, 0u, 0u, a);
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        const uint4 x = on[nt] ? __ldg(reinterpret_cast<const uint4*>(xr[nt] + (i + h) * kStepCols))
+                                               : make_uint4(0, 0, 0, 0);
+                        mma_bf16(acc[nt], a[0][0], a[0][1], a[0][2], a[0][3], x.x, x.y);
+                        mma_bf16(acc[nt], a[1][0], a[1][1], a[1][2], a[1][3], x.z, x.w);
+                    }
+                }
+            } else if constexpr (MODE == kFp8W) {
                 // Rows g and g + 8 lie in one 128-row block: one multiplier for the block's 128 columns.
                 const uint32_t m = pow2_bf16x2(__ldg(sc + i / 2), p.bias);
 #pragma unroll
@@ -183,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 2) linear_fp8_act_kernel(const Fp8Pa
                         decode_a<LinearFormat::fp8_block>(B.r0[u + h], B.r1[u + h], l, m, m, m, m, a);
 #pragma unroll
                         for (int nt = 0; nt < NT; ++nt) {
-                            const uint4 x = on[nt] ? __ldg(reinterpret_cast<const uint4*>(xr[nt] + (i + h) * kStepBytes + 8 * l))
+                            const uint4 x = on[nt] ? __ldg(reinterpret_cast<const uint4*>(xr[nt] + (i + h) * kStepCols + 8 * l))
                                                    : make_uint4(0, 0, 0, 0);
                             mma_bf16(acc[nt], a[0][0], a[0][1], a[0][2], a[0][3], x.x, x.y);
                             mma_bf16(acc[nt], a[1][0], a[1][1], a[1][2], a[1][3], x.z, x.w);
@@ -359,45 +378,52 @@ void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, 
         p.out_bf16 = o.out_bf16;
         const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
         p.out_scale = 1.0f;
-        const cudaError_t e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2, false>, grid, block, 0, stream, p)
-                                    : launch_pdl(linear_fp8_act_kernel<1, false>, grid, block, 0, stream, p);
+        const cudaError_t e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2, kAct>, grid, block, 0, stream, p)
+                                    : launch_pdl(linear_fp8_act_kernel<1, kAct>, grid, block, 0, stream, p);
         if (e != cudaSuccess) fail("linear_fp8_act: launch: ", cudaGetErrorString(e));
     }
 }
 
-bool fp8_regs_fits(const DeviceLinear& w, const uint16_t* x, const LinearOptions& o) {
-    if (w.format != LinearFormat::fp8_block || w.nan_codes || w.in % 128 != 0 || w.in <= 0 || w.out <= 0 ||
-        !w.weight || !w.scale || o.groups < 1 || w.out % o.groups != 0)
+bool regs_fits(const DeviceLinear& w, const uint16_t* x, const LinearOptions& o) {
+    if (w.in <= 0 || w.out <= 0 || !w.weight || o.groups < 1 || w.out % o.groups != 0) return false;
+    if (w.format == LinearFormat::fp8_block) {
+        if (w.nan_codes || w.in % 128 != 0 || !w.scale) return false;   // whole 128-column blocks: steps in pairs
+    } else if (w.format == LinearFormat::bf16) {
+        if (w.in % 64 != 0) return false;                               // whole pairs of 32-column steps
+    } else {
         return false;
+    }
     if (o.groups > 1 && (w.out / o.groups) % 16 != 0) return false;   // a warp's 16 rows in one group
-    return reinterpret_cast<uintptr_t>(x) % 16 == 0;                  // x rows: K · groups, a multiple of 128
+    return reinterpret_cast<uintptr_t>(x) % 16 == 0;                  // x rows: K · groups, a multiple of 64
 }
 
-std::string linear_fp8_regs_plan(const DeviceLinear& w, int64_t M) {
+std::string linear_regs_plan(const DeviceLinear& w, int64_t M) {
     const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
-    return "fp8 regs NT=" + std::to_string(std::min<int64_t>(M, kMaxTokens) > 8 ? 2 : 1) + " Wr=" + std::to_string(pl.wr) +
+    return std::string(w.format == LinearFormat::bf16 ? "bf16" : "fp8") + " regs NT=" +
+           std::to_string(std::min<int64_t>(M, kMaxTokens) > 8 ? 2 : 1) + " Wr=" + std::to_string(pl.wr) +
            " Wk=" + std::to_string(pl.wk) + " grid=1x" + std::to_string(pl.row_blocks) +
            " steps/warp=" + std::to_string(pl.spw);
 }
 
-void linear_fp8_regs(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
-                     CUstream_st* stream) {
-    if (!fp8_regs_fits(w, x, o))
-        fail("linear_fp8_regs: needs fp8_block weights without NaN codes, K % 128 == 0, groups of a multiple of 16 "
-             "rows and 16-byte aligned x (got ", linear_format_name(w.format), ", K = ", w.in, ", groups = ", o.groups,
-             w.nan_codes ? ", NaN codes" : "", ")");
-    if (M < 0) fail("linear_fp8_regs: M = ", M, " is negative");
+void linear_regs(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
+                 CUstream_st* stream) {
+    if (!regs_fits(w, x, o))
+        fail("linear_regs: needs fp8_block weights without NaN codes and K % 128 == 0, or bf16 weights and K % 64 == 0; "
+             "groups of a multiple of 16 rows; a 16-byte aligned x (got ", linear_format_name(w.format), ", K = ", w.in,
+             ", groups = ", o.groups, w.nan_codes ? ", NaN codes" : "", ")");
+    if (M < 0) fail("linear_regs: M = ", M, " is negative");
     if (M == 0) return;
-    if (!x || !y) fail("linear_fp8_regs: null activation or output");
-    if (w.out > (int64_t{1} << 30) || w.in > (int64_t{1} << 30)) fail("linear_fp8_regs: shape too large");
+    if (!x || !y) fail("linear_regs: null activation or output");
+    if (w.out > (int64_t{1} << 30) || w.in > (int64_t{1} << 30)) fail("linear_regs: shape too large");
     const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
     const int64_t y_row = w.out * (o.out_bf16 ? 2 : 4);
     const int64_t x_ld = w.in * o.groups;
+    const bool bf16 = w.format == LinearFormat::bf16;
     for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens) {
         const int m = static_cast<int>(std::min<int64_t>(kMaxTokens, M - m0));
         Fp8Params p{};
         p.w = static_cast<const uint8_t*>(w.weight);
-        p.scale = static_cast<const uint8_t*>(w.scale);
+        p.scale = bf16 ? p.w : static_cast<const uint8_t*>(w.scale);   // (bf16: not read)
         p.xb = x + m0 * x_ld;
         p.y = static_cast<uint8_t*>(y) + m0 * y_row;
         p.w_row_bytes = w.weight_row_bytes;
@@ -413,9 +439,12 @@ void linear_fp8_regs(const DeviceLinear& w, const uint16_t* x, int64_t M, void* 
         p.out_bf16 = o.out_bf16;
         kernel_scales(w, p.bias, p.out_scale);
         const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
-        const cudaError_t e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2, true>, grid, block, 0, stream, p)
-                                    : launch_pdl(linear_fp8_act_kernel<1, true>, grid, block, 0, stream, p);
-        if (e != cudaSuccess) fail("linear_fp8_regs: launch: ", cudaGetErrorString(e));
+        cudaError_t e;
+        if (bf16) e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2, kBf16W>, grid, block, 0, stream, p)
+                            : launch_pdl(linear_fp8_act_kernel<1, kBf16W>, grid, block, 0, stream, p);
+        else e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2, kFp8W>, grid, block, 0, stream, p)
+                       : launch_pdl(linear_fp8_act_kernel<1, kFp8W>, grid, block, 0, stream, p);
+        if (e != cudaSuccess) fail("linear_regs: launch: ", cudaGetErrorString(e));
     }
 }
 

@@ -509,7 +509,7 @@ TEST(CudaLinear, Fp8ActFitsAndRejects) {
     }
 }
 
-TEST(CudaLinear, Fp8RegsFitsAndRejects) {
+TEST(CudaLinear, RegsFitsAndRejects) {
     // Host checks only (no launch), so this runs in every CUDA build.
     DeviceLinear w;
     w.format = LinearFormat::fp8_block;
@@ -519,72 +519,85 @@ TEST(CudaLinear, Fp8RegsFitsAndRejects) {
     w.scale = reinterpret_cast<void*>(0x2000);
     const auto* x = reinterpret_cast<const uint16_t*>(0x3000);
     cuda::LinearOptions o;
-    EXPECT_TRUE(cuda::fp8_regs_fits(w, x, o));
+    EXPECT_TRUE(cuda::regs_fits(w, x, o));
     o.groups = 8;
-    EXPECT_TRUE(cuda::fp8_regs_fits(w, x, o)) << "grouped, 1024 rows per group";
+    EXPECT_TRUE(cuda::regs_fits(w, x, o)) << "grouped, 1024 rows per group";
     w.out = 8 * 40;
-    EXPECT_FALSE(cuda::fp8_regs_fits(w, x, o)) << "groups of 40 rows: a warp's 16 rows would straddle two";
+    EXPECT_FALSE(cuda::regs_fits(w, x, o)) << "groups of 40 rows: a warp's 16 rows would straddle two";
     w.out = 8 * 1024;
     o.groups = 1;
-    EXPECT_FALSE(cuda::fp8_regs_fits(w, x + 1, o)) << "x not 16-byte aligned";
+    EXPECT_FALSE(cuda::regs_fits(w, x + 1, o)) << "x not 16-byte aligned";
     w.in = 1000;
-    EXPECT_FALSE(cuda::fp8_regs_fits(w, x, o)) << "K % 128 != 0";
+    EXPECT_FALSE(cuda::regs_fits(w, x, o)) << "K % 128 != 0";
     w.in = 1024;
     w.nan_codes = true;
-    EXPECT_FALSE(cuda::fp8_regs_fits(w, x, o)) << "NaN codes take the exact path";
+    EXPECT_FALSE(cuda::regs_fits(w, x, o)) << "NaN codes take the exact path";
     w.nan_codes = false;
+    w.format = LinearFormat::bf16;
+    w.scale = nullptr;
+    EXPECT_TRUE(cuda::regs_fits(w, x, o)) << "bf16, K % 64 == 0";
+    w.in = 1000;
+    EXPECT_FALSE(cuda::regs_fits(w, x, o)) << "bf16, K % 64 != 0";
+    w.in = 1024;
     w.format = LinearFormat::nvfp4;
-    EXPECT_FALSE(cuda::fp8_regs_fits(w, x, o));
+    EXPECT_FALSE(cuda::regs_fits(w, x, o));
     try {
         float y = 0;
-        cuda::linear_fp8_regs(w, x, 1, &y, o, nullptr);
+        cuda::linear_regs(w, x, 1, &y, o, nullptr);
         FAIL() << "nvfp4 weights accepted";
     } catch (const Error& e) {
-        EXPECT_NE(std::string(e.what()).find("linear_fp8_regs"), std::string::npos) << e.what();
+        EXPECT_NE(std::string(e.what()).find("linear_regs"), std::string::npos) << e.what();
     }
 }
 
-// linear_small_m's two FP8 kernels, the register-streamed one (what it runs where fp8_regs_fits)
-// and the shared-memory ring (LinearOptions::fp8_ring), against the CPU twin on the same inputs:
-// V4-Flash wq_a, wq_b, wkv, wo_b; odd row counts (partial 16-row tiles and 128-row scale blocks);
+// linear_small_m's two kernels for FP8 and BF16 weights, the register-streamed one (linear_regs,
+// what linear_small_m runs for FP8 and for BF16 above 8 tokens) and the shared-memory ring
+// (linear_small_m with LinearOptions::ring), against the CPU twin on the
+// same inputs: V4-Flash wq_a, wq_b, wkv, wo_b (FP8), the router gate (BF16); odd row counts
+// (partial 16-row tiles and 128-row scale blocks), odd K for BF16 (a multiple of 64 only);
 // M = 1, 3, 9 (two token tiles) and 16; f32 and bf16 y (the bf16 y is the f32 one rounded);
 // every code but NaN with wide block scales; a grouped linear (3 groups of 48 rows, the regs
 // kernel's x offset per group; the last group straddles two 128-row scale blocks), through
-// linear_fp8_regs and through linear_small_m (which runs grouped linears on the ring), against
+// linear_regs and through linear_small_m (which runs grouped linears on the ring), against
 // double sums of each decoded row over its group's columns of x.
-TEST(CudaLinear, Fp8RegsAndRingMatchCpuTwin) {
+TEST(CudaLinear, RegsAndRingMatchCpuTwin) {
     SKIP_WITHOUT_GPU();
     struct Case {
         int64_t N, K;
         bool codes;
+        LinearFormat f = LinearFormat::fp8_block;
     };
     uint32_t seed = 1200;
     for (const Case c : {Case{17, 128, false}, Case{130, 256, false}, Case{1024, 4096, false}, Case{32768, 1024, false},
-                         Case{512, 4096, false}, Case{4096, 8192, false}, Case{17, 256, true}, Case{256, 1024, true}}) {
+                         Case{512, 4096, false}, Case{4096, 8192, false}, Case{17, 256, true}, Case{256, 1024, true},
+                         Case{256, 4096, false, LinearFormat::bf16}, Case{17, 64, false, LinearFormat::bf16},
+                         Case{130, 192, false, LinearFormat::bf16}}) {
         HostLinear h;
-        if (c.codes) make_random_codes(h, LinearFormat::fp8_block, c.N, c.K, seed);
-        else make_quantized(h, LinearFormat::fp8_block, c.N, c.K, seed);
+        if (c.codes) make_random_codes(h, c.f, c.N, c.K, seed);
+        else make_quantized(h, c.f, c.N, c.K, seed);
         cuda::OwnedLinear d(h.lin);
         for (int64_t M : {1, 3, 9, 16}) {
             const auto x = random_x(M, c.K, seed + static_cast<uint32_t>(M));
             const Reference ref = cpu_twin(h.lin, x, M);
             DeviceArray<uint16_t> dx(x);
-            ASSERT_TRUE(cuda::fp8_regs_fits(d.view(), dx.data(), cuda::LinearOptions{}));
+            ASSERT_TRUE(cuda::regs_fits(d.view(), dx.data(), cuda::LinearOptions{}));
             for (bool ring : {false, true}) {
                 cuda::LinearOptions o;
-                o.fp8_ring = ring;
+                o.ring = ring;
                 DeviceArray<float> yf(static_cast<size_t>(M * c.N));
                 DeviceArray<uint16_t> yb(static_cast<size_t>(M * c.N));
                 CUDA_CHECK(cudaMemset(yf.data(), 0xFF, yf.size() * sizeof(float)));
                 CUDA_CHECK(cudaMemset(yb.data(), 0xFF, yb.size() * 2));
-                cuda::linear_small_m(d.view(), dx.data(), M, yf.data(), o, nullptr);
+                if (ring) cuda::linear_small_m(d.view(), dx.data(), M, yf.data(), o, nullptr);
+                else cuda::linear_regs(d.view(), dx.data(), M, yf.data(), o, nullptr);
                 o.out_bf16 = true;
-                cuda::linear_small_m(d.view(), dx.data(), M, yb.data(), o, nullptr);
+                if (ring) cuda::linear_small_m(d.view(), dx.data(), M, yb.data(), o, nullptr);
+                else cuda::linear_regs(d.view(), dx.data(), M, yb.data(), o, nullptr);
                 CUDA_CHECK(cudaDeviceSynchronize());
                 const std::vector<float> gf = yf.download();
                 const std::vector<uint16_t> gb = yb.download();
                 const std::string what =
-                    str(ring ? "ring " : "regs ", c.codes ? "codes " : "", c.N, "x", c.K, " M=", M);
+                    str(ring ? "ring " : "regs ", fmt_name(c.f), c.codes ? " codes " : " ", c.N, "x", c.K, " M=", M);
                 const double worst = compare(gf, ref, M, c.N, what);
                 size_t bad = 0;
                 for (size_t i = 0; i < gf.size(); ++i) bad += gb[i] != f32_to_bf16(gf[i]);
@@ -605,11 +618,11 @@ TEST(CudaLinear, Fp8RegsAndRingMatchCpuTwin) {
     for (int64_t M : {1, 5, 16}) {
         const auto x = random_x(M, G * K, 1301 + static_cast<uint32_t>(M));
         DeviceArray<uint16_t> dx(x);
-        ASSERT_TRUE(cuda::fp8_regs_fits(d.view(), dx.data(), og));
+        ASSERT_TRUE(cuda::regs_fits(d.view(), dx.data(), og));
         DeviceArray<float> dy(static_cast<size_t>(M * G * R)), dr(dy.size());
         CUDA_CHECK(cudaMemset(dy.data(), 0xFF, dy.size() * sizeof(float)));
         CUDA_CHECK(cudaMemset(dr.data(), 0xFF, dr.size() * sizeof(float)));
-        cuda::linear_fp8_regs(d.view(), dx.data(), M, dy.data(), og, nullptr);
+        cuda::linear_regs(d.view(), dx.data(), M, dy.data(), og, nullptr);
         cuda::linear_small_m(d.view(), dx.data(), M, dr.data(), og, nullptr);   // grouped: the ring kernel
         CUDA_CHECK(cudaDeviceSynchronize());
         const std::vector<float> y = dy.download(), yr = dr.download();
