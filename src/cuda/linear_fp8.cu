@@ -316,7 +316,8 @@ struct Fp8Plan {
 // wk = 4. The limit was two waves (4224 warps) until the BF16-activation kernel measured wq_b at
 // wk = 1 (one wave, 16 steps per warp) against wk = 2 (two waves) on an H100: M = 1 / 4 / 16 14.57
 // / 14.92 / 17.93 µs against 16.12 / 16.78 / 20.47 (megamoe-linear-bench, two builds); the other
-// V4-Flash shapes plan the same either way. (A CTA's warps that start only in a second wave begin
+// V4-Flash shapes plan the same either way; of V4-Pro's, wo_b (16384 columns) and the shared w2
+// go from wk = 8 to 4 (not measured). (A CTA's warps that start only in a second wave begin
 // their weight stream from nothing after the first wave's; in one wave every warp's first two
 // batches are requested before the wait.)
 constexpr int64_t kMaxWarps = 2112;
