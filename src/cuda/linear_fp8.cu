@@ -335,6 +335,34 @@ Fp8Plan plan_fp8(int64_t N, int64_t steps) {
     return pl;
 }
 
+// The plan of either host entry point, as text (benchmarks' --plans).
+std::string plan_text(const std::string& kernel, const DeviceLinear& w, int64_t M) {
+    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
+    return kernel + " NT=" + std::to_string(std::min<int64_t>(M, kMaxTokens) > 8 ? 2 : 1) + " Wr=" + std::to_string(pl.wr) +
+           " Wk=" + std::to_string(pl.wk) + " grid=1x" + std::to_string(pl.row_blocks) +
+           " steps/warp=" + std::to_string(pl.spw);
+}
+
+// The launch parameters both entry points share, for the m tokens of one launch from token m0
+// (activation pointers, and what only BF16 activations use, are the caller's).
+Fp8Params weight_params(const DeviceLinear& w, const Fp8Plan& pl, const LinearOptions& o, void* y, int64_t m0, int m) {
+    Fp8Params p{};
+    p.w = static_cast<const uint8_t*>(w.weight);
+    p.scale = static_cast<const uint8_t*>(w.scale);
+    p.y = static_cast<uint8_t*>(y) + m0 * w.out * (o.out_bf16 ? 2 : 4);
+    p.w_row_bytes = w.weight_row_bytes;
+    p.s_row_bytes = w.scale_row_bytes;
+    p.N = static_cast<int>(w.out);
+    p.K = static_cast<int>(w.in);
+    p.M = m;
+    p.steps = static_cast<int>(w.weight_row_bytes / kStepBytes);
+    p.spw = pl.spw;
+    p.wr = pl.wr;
+    p.out_bf16 = o.out_bf16;
+    p.out_scale = 1.0f;
+    return p;
+}
+
 }  // namespace
 
 bool fp8_act_fits(const DeviceLinear& w, const LinearOptions& o) {
@@ -342,12 +370,7 @@ bool fp8_act_fits(const DeviceLinear& w, const LinearOptions& o) {
            o.groups == 1 && w.weight && w.scale;
 }
 
-std::string linear_fp8_act_plan(const DeviceLinear& w, int64_t M) {
-    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
-    return "fp8xfp8 NT=" + std::to_string(std::min<int64_t>(M, kMaxTokens) > 8 ? 2 : 1) + " Wr=" + std::to_string(pl.wr) +
-           " Wk=" + std::to_string(pl.wk) + " grid=1x" + std::to_string(pl.row_blocks) +
-           " steps/warp=" + std::to_string(pl.spw);
-}
+std::string linear_fp8_act_plan(const DeviceLinear& w, int64_t M) { return plan_text("fp8xfp8", w, M); }
 
 void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, const LinearOptions& o,
                     CUstream_st* stream) {
@@ -359,26 +382,12 @@ void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, 
     if (!x.q || !x.s || !y) fail("linear_fp8_act: null activation or output");
     if (w.out > (int64_t{1} << 30) || w.in > (int64_t{1} << 30)) fail("linear_fp8_act: shape too large");
     const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
-    const int64_t y_row = w.out * (o.out_bf16 ? 2 : 4);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens) {
         const int m = static_cast<int>(std::min<int64_t>(kMaxTokens, M - m0));
-        Fp8Params p{};
-        p.w = static_cast<const uint8_t*>(w.weight);
-        p.scale = static_cast<const uint8_t*>(w.scale);
+        Fp8Params p = weight_params(w, pl, o, y, m0, m);
         p.q = x.q + m0 * w.in;
         p.s = x.s + m0 * (w.in / 128);
-        p.y = static_cast<uint8_t*>(y) + m0 * y_row;
-        p.w_row_bytes = w.weight_row_bytes;
-        p.s_row_bytes = w.scale_row_bytes;
-        p.N = static_cast<int>(w.out);
-        p.K = static_cast<int>(w.in);
-        p.M = m;
-        p.steps = static_cast<int>(w.weight_row_bytes / kStepBytes);
-        p.spw = pl.spw;
-        p.wr = pl.wr;
-        p.out_bf16 = o.out_bf16;
         const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
-        p.out_scale = 1.0f;
         const cudaError_t e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2, kAct>, grid, block, 0, stream, p)
                                     : launch_pdl(linear_fp8_act_kernel<1, kAct>, grid, block, 0, stream, p);
         if (e != cudaSuccess) fail("linear_fp8_act: launch: ", cudaGetErrorString(e));
@@ -399,11 +408,7 @@ bool regs_fits(const DeviceLinear& w, const uint16_t* x, const LinearOptions& o)
 }
 
 std::string linear_regs_plan(const DeviceLinear& w, int64_t M) {
-    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
-    return std::string(w.format == LinearFormat::bf16 ? "bf16" : "fp8") + " regs NT=" +
-           std::to_string(std::min<int64_t>(M, kMaxTokens) > 8 ? 2 : 1) + " Wr=" + std::to_string(pl.wr) +
-           " Wk=" + std::to_string(pl.wk) + " grid=1x" + std::to_string(pl.row_blocks) +
-           " steps/warp=" + std::to_string(pl.spw);
+    return plan_text(w.format == LinearFormat::bf16 ? "bf16 regs" : "fp8 regs", w, M);
 }
 
 void linear_regs(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
@@ -417,27 +422,15 @@ void linear_regs(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, c
     if (!x || !y) fail("linear_regs: null activation or output");
     if (w.out > (int64_t{1} << 30) || w.in > (int64_t{1} << 30)) fail("linear_regs: shape too large");
     const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
-    const int64_t y_row = w.out * (o.out_bf16 ? 2 : 4);
     const int64_t x_ld = w.in * o.groups;
     const bool bf16 = w.format == LinearFormat::bf16;
     for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens) {
         const int m = static_cast<int>(std::min<int64_t>(kMaxTokens, M - m0));
-        Fp8Params p{};
-        p.w = static_cast<const uint8_t*>(w.weight);
-        p.scale = bf16 ? p.w : static_cast<const uint8_t*>(w.scale);   // (bf16: not read)
+        Fp8Params p = weight_params(w, pl, o, y, m0, m);
+        if (bf16) p.scale = p.w;   // (not read)
         p.xb = x + m0 * x_ld;
-        p.y = static_cast<uint8_t*>(y) + m0 * y_row;
-        p.w_row_bytes = w.weight_row_bytes;
-        p.s_row_bytes = w.scale_row_bytes;
         p.x_ld = x_ld;
-        p.N = static_cast<int>(w.out);
-        p.K = static_cast<int>(w.in);
-        p.M = m;
-        p.steps = static_cast<int>(w.weight_row_bytes / kStepBytes);
-        p.spw = pl.spw;
-        p.wr = pl.wr;
         p.group_rows = o.groups > 1 ? static_cast<int>(w.out / o.groups) : 0;
-        p.out_bf16 = o.out_bf16;
         kernel_scales(w, p.bias, p.out_scale);
         const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
         cudaError_t e;
