@@ -103,6 +103,22 @@ constexpr int kSmemBudget = 220 * 1024;             // dynamic shared memory per
 // to the kernels running beside L1 (the shared expert on the runner's side stream).
 constexpr int kL1StagesWanted = 3;
 constexpr int kL2StagesWanted = 4;
+// L1 at two CTAs per SM (grid 2 × SMs, two ring stages each, x from shared memory: kXs = 0) where
+// the two fit (kL1TwoSmem of dynamic shared memory each): 16 consumer warps per SM in two
+// independent rings, against 8 in one. The consumers are latency-bound, not issue-bound (H100 ncu,
+// V4-Flash NVFP4 T = 1: 46% issue-active, stalls on fixed-latency dependencies of the decode, then
+// on the ring), and 8 warps per SM leave too little to hide it; 16 warps in one CTA measured no
+// faster (each warp's K-range halves, every stage still waits for all). Measured (H100, main
+// against this in one device call, megamoe-gemm-bench --part experts --model flash --moe-small):
+// MXFP4 T = 1 / 2 / 4 53.3 / 89.4 / 160.0 → 50.0 / 83.2 / 147.8 µs; NVFP4 48.6 / 80.5 / 143.4 →
+// 49.1 / 81.8 / 168.3 (its scale decode, nvfp4_mults, costs more registers and instructions per
+// step, and T = 4 lost), so NVFP4 keeps one CTA. The 8-layer batch-1 / 2 step with MXFP4 experts
+// (megamoe-forward-bench --experts mxfp4, three rounds, medians): exact 1796.5 / 2242.1 → 1753.5 /
+// 2171.1 µs, official 1858.2 / 2312.7 → 1814.7 / 2246.8. T ≤ kL1TwoMaxT: what was measured.
+constexpr int64_t kL1TwoMaxT = 4;
+// Two CTAs in an SM's 228 KB: each ≤ 114 KB − its ~1.9 KB of static shared memory (Routing, Ring)
+// − the 1 KB the driver reserves per CTA. (V4-Flash MXFP4 at T = 4: 110,720 bytes.)
+constexpr int64_t kL1TwoSmem = 111 * 1024;
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -313,9 +329,10 @@ __device__ __forceinline__ void zero(float (&acc)[2][4]) {
 // ---------------------------------------------------------------------------- L1
 
 // kXs > 0: each warp's x fragments (at most kXs steps) held in registers per entry; 0: read from
-// the x stage in shared memory at every step.
+// the x stage in shared memory at every step, in few enough registers (86-91, ptxas) for two CTAs
+// per SM (kL1TwoMaxT).
 template <LinearFormat F, int kXs>
-__global__ void __launch_bounds__((kL1Warps + 1) * 32, 1) moe_small_l1_kernel(const SmallParams p) {
+__global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_small_l1_kernel(const SmallParams p) {
     constexpr int kStepK = 4 * Traits<F>::kElems;   // columns per step (128)
     constexpr int kChunksPerStep = kStepK / 8;      // 16-byte x chunks per step
     extern __shared__ __align__(128) uint8_t smem[];
@@ -613,6 +630,7 @@ struct Plan {
     SmallParams l1{}, l2{};
     size_t smem1 = 0, smem2 = 0;
     int grid1 = 0, grid2 = 0;
+    bool l1_two = false;   // L1 at two CTAs per SM (kL1TwoMaxT)
     bool ok = false;
 };
 
@@ -640,9 +658,10 @@ Plan make_plan(const DeviceExperts& ex, int64_t T, int64_t k, int sms) {
     common(a, ex.w1[0], ex.I, ex.D, kL1Warps);
     a.x_rs = static_cast<int>(round_up(static_cast<int64_t>(a.steps) * kStepK * 2, 128) + Traits<LinearFormat::nvfp4>::kRowMod);
     const int64_t fixed1 = T * a.x_rs + 2 * kL1Warps * 2 * kRows * C * 4;
-    a.stages = static_cast<int>(std::min<int64_t>(kL1StagesWanted, (kSmemBudget - fixed1) / a.stage_bytes));
+    pl.l1_two = ex.format == LinearFormat::mxfp4 && T <= kL1TwoMaxT && fixed1 + 2 * a.stage_bytes <= kL1TwoSmem;
+    a.stages = pl.l1_two ? 2 : static_cast<int>(std::min<int64_t>(kL1StagesWanted, (kSmemBudget - fixed1) / a.stage_bytes));
     pl.smem1 = static_cast<size_t>(a.stages * a.stage_bytes + fixed1);
-    pl.grid1 = static_cast<int>(std::min<int64_t>(sms, n * ceil_div(ex.I, kRows)));
+    pl.grid1 = static_cast<int>(std::min<int64_t>((pl.l1_two ? 2 : 1) * int64_t{sms}, n * ceil_div(ex.I, kRows)));
     // L2: the ring and the per-warp partials [kL2Warps][n][rb_max][16].
     SmallParams& b = pl.l2;
     common(b, ex.w2[0], ex.D, ex.I, kL2Warps);
@@ -707,7 +726,9 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
     p.h = ws.h.data();
     p.limit = limit;
     p.official = nm == Numerics::official;
-    const bool xr = p.spw <= kL1XRegSteps;   // V4-Flash: 4 steps per warp; V4-Pro: 7 (from shared memory)
+    // x fragments in registers: V4-Flash at one CTA per SM (4 steps per warp); V4-Pro has 7 and two
+    // CTAs per SM need the registers (kL1TwoMaxT): from shared memory.
+    const bool xr = !pl.l1_two && p.spw <= kL1XRegSteps;
     auto kernel = ex.format == LinearFormat::nvfp4
                       ? (xr ? moe_small_l1_kernel<LinearFormat::nvfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::nvfp4, 0>)
                       : (xr ? moe_small_l1_kernel<LinearFormat::mxfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::mxfp4, 0>);
