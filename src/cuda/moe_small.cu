@@ -9,19 +9,20 @@
 // consumer warps decode (device.cuh, as linear.cu) and multiply them (mma.sync m16n8k16, weights
 // as A, tokens as B).
 //
-//   moe_small_l1  grid: one CTA per SM (at most one per (entry, row block) pair); 8 consumer warps
-//                 + 1. Every CTA derives the layer's routing from ids in shared memory (route_slots:
-//                 the stable sort of the T·k slots by expert, the order ops::moe uses, and the
-//                 "entries": each expert's slots in runs of at most C = min(T, 8), the MMA's token
-//                 columns). The work is the list of (entry q, 16-row block rb) pairs, q-major; CTA c
-//                 takes a contiguous share of it. A pair is two ring stages, the block's 16 w1 rows
-//                 and then the same 16 w3 rows, each with its scale rows. Consumer warp w multiplies
-//                 its K-range (steps [w·spw, (w+1)·spw) of 64 weight bytes) of every stage with the
-//                 entry's tokens' x (staged once in shared memory for all T tokens, as linear.cu's
-//                 x stage; at ≤ 4 steps per warp, V4-Flash, the warp's fragments are held in
-//                 registers per entry); after the w3 stage the eight K-range partials are summed in
-//                 shared memory in warp order and h[slot, row] = silu(min(g, L))·clamp(u, ±L)·
-//                 weight[slot] is written in bf16 at the slot's own row of h (slot = t·k + s).
+//   moe_small_l1  grid: one CTA per SM (two for MXFP4 at T ≤ kL1TwoMaxT; at most one per (entry,
+//                 row block) pair); 8 consumer warps + 1. Every CTA derives the layer's routing
+//                 from ids in shared memory (route_slots: the stable sort of the T·k slots by
+//                 expert, the order ops::moe uses, and the "entries": each expert's slots in runs
+//                 of at most C = min(T, 8), the MMA's token columns). The work is the list of
+//                 (entry q, 16-row block rb) pairs, q-major; CTA c takes a contiguous share of it.
+//                 A pair is two ring stages, the block's 16 w1 rows and then the same 16 w3 rows,
+//                 each with its scale rows. Consumer warp w multiplies its K-range (steps [w·spw,
+//                 (w+1)·spw) of 64 weight bytes) of every stage with the entry's tokens' x (staged
+//                 once in shared memory for all T tokens, as linear.cu's x stage; at ≤ 4 steps per
+//                 warp, V4-Flash at one CTA per SM, the fragments are held in registers per entry); after the
+//                 w3 stage the eight K-range partials are summed in shared memory in warp order and
+//                 h[slot, row] = silu(min(g, L))·clamp(u, ±L)·weight[slot] is written in bf16 at
+//                 the slot's own row of h (slot = t·k + s).
 //   moe_small_l2  grid: one CTA per SM (at most one per 16-row block of y); 16 consumer warps + 1.
 //                 CTA c owns a contiguous range of row blocks of y and streams, entry by entry, the
 //                 w2 rows of those blocks (up to 2 blocks per stage); consumer warp w holds the
