@@ -115,7 +115,8 @@ constexpr int kL2StagesWanted = 4;
 // 49.1 / 81.8 / 168.3 (its scale decode, nvfp4_mults, costs more registers and instructions per
 // step, and T = 4 lost), so NVFP4 keeps one CTA. The 8-layer batch-1 / 2 step with MXFP4 experts
 // (megamoe-forward-bench --experts mxfp4, three rounds, medians): exact 1796.5 / 2242.1 → 1753.5 /
-// 2171.1 µs, official 1858.2 / 2312.7 → 1814.7 / 2246.8. T ≤ kL1TwoMaxT: what was measured.
+// 2171.1 µs, official 1858.2 / 2312.7 → 1814.7 / 2246.8 (that build ran both formats at two CTAs;
+// this rule, one round in a later call: −1.1% to −1.7%). T ≤ kL1TwoMaxT: what was measured.
 constexpr int64_t kL1TwoMaxT = 4;
 // Two CTAs in an SM's 228 KB: each ≤ 114 KB − its ~1.9 KB of static shared memory (Routing, Ring)
 // − the 1 KB the driver reserves per CTA. (V4-Flash MXFP4 at T = 4: 110,720 bytes.)
