@@ -19,10 +19,10 @@
 //                 each with its scale rows. Consumer warp w multiplies its K-range (steps [w·spw,
 //                 (w+1)·spw) of 64 weight bytes) of every stage with the entry's tokens' x (staged
 //                 once in shared memory for all T tokens, as linear.cu's x stage; at ≤ 4 steps per
-//                 warp, V4-Flash at one CTA per SM, the fragments are held in registers per entry); after the
-//                 w3 stage the eight K-range partials are summed in shared memory in warp order and
-//                 h[slot, row] = silu(min(g, L))·clamp(u, ±L)·weight[slot] is written in bf16 at
-//                 the slot's own row of h (slot = t·k + s).
+//                 warp, V4-Flash at one CTA per SM, the fragments are held in registers per
+//                 entry); after the w3 stage the eight K-range partials are summed in shared memory
+//                 in warp order and h[slot, row] = silu(min(g, L))·clamp(u, ±L)·weight[slot] is
+//                 written in bf16 at the slot's own row of h (slot = t·k + s).
 //   moe_small_l2  grid: one CTA per SM (at most one per 16-row block of y); 16 consumer warps + 1.
 //                 CTA c owns a contiguous range of row blocks of y and streams, entry by entry, the
 //                 w2 rows of those blocks (up to 2 blocks per stage); consumer warp w holds the
@@ -108,8 +108,8 @@ constexpr int kL2StagesWanted = 4;
 // the two fit (kL1TwoSmem of dynamic shared memory each): 16 consumer warps per SM in two
 // independent rings, against 8 in one. The consumers are latency-bound, not issue-bound (H100 ncu,
 // V4-Flash NVFP4 T = 1: 46% issue-active, stalls on fixed-latency dependencies of the decode, then
-// on the ring), and 8 warps per SM leave too little to hide it; 16 warps in one CTA measured no
-// faster (each warp's K-range halves, every stage still waits for all). Measured (H100, main
+// on the ring), and 8 warps per SM leave too little to hide it; 16 warps in one CTA had measured no
+// faster (see the top: they share one ring, each with half the K-range). Measured (H100, main
 // against this in one device call, megamoe-gemm-bench --part experts --model flash --moe-small):
 // MXFP4 T = 1 / 2 / 4 53.3 / 89.4 / 160.0 → 50.0 / 83.2 / 147.8 µs; NVFP4 48.6 / 80.5 / 143.4 →
 // 49.1 / 81.8 / 168.3 (its scale decode, nvfp4_mults, costs more registers and instructions per
