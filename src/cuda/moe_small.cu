@@ -118,8 +118,8 @@ constexpr int kL2StagesWanted = 4;
 // 2171.1 µs, official 1858.2 / 2312.7 → 1814.7 / 2246.8 (that build ran both formats at two CTAs;
 // this rule, one round in a later call: −1.1% to −1.7%). T ≤ kL1TwoMaxT: what was measured.
 constexpr int64_t kL1TwoMaxT = 4;
-// Two CTAs in an SM's 228 KB: each ≤ 114 KB − its ~1.9 KB of static shared memory (Routing, Ring)
-// − the 1 KB the driver reserves per CTA. (V4-Flash MXFP4 at T = 4: 110,720 bytes.)
+// Two CTAs in an SM's 228 KB: each ≤ 114 KB − its 2 KB of static shared memory (Routing, Ring;
+// ptxas) − the 1 KB the driver reserves per CTA. (V4-Flash MXFP4 at T = 4: 110,720 bytes.)
 constexpr int64_t kL1TwoSmem = 111 * 1024;
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
