@@ -22,18 +22,28 @@ int device_or_fail(const char* what) {
 
 }  // namespace
 
-int sm_count() {
+SmFacts sm_facts() {
     static std::mutex m;
-    static std::map<int, int> cache;
-    const int dev = device_or_fail("sm_count");
+    static std::map<int, SmFacts> cache;
+    const int dev = device_or_fail("sm_facts");
     std::lock_guard<std::mutex> lk(m);
     auto it = cache.find(dev);
     if (it != cache.end()) return it->second;
-    int sms = 0;
-    const cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (e != cudaSuccess) fail("sm_count: cudaDeviceGetAttribute: ", cudaGetErrorString(e));
-    return cache[dev] = sms;
+    auto attr = [&](cudaDeviceAttr a, const char* name) {
+        int v = 0;
+        const cudaError_t e = cudaDeviceGetAttribute(&v, a, dev);
+        if (e != cudaSuccess) fail("sm_facts: cudaDeviceGetAttribute(", name, "): ", cudaGetErrorString(e));
+        return v;
+    };
+    SmFacts f;
+    f.sms = attr(cudaDevAttrMultiProcessorCount, "MultiProcessorCount");
+    f.smem_per_sm = attr(cudaDevAttrMaxSharedMemoryPerMultiprocessor, "MaxSharedMemoryPerMultiprocessor");
+    f.smem_per_block_optin = attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, "MaxSharedMemoryPerBlockOptin");
+    f.smem_reserved_per_block = attr(cudaDevAttrReservedSharedMemoryPerBlock, "ReservedSharedMemoryPerBlock");
+    return cache[dev] = f;
 }
+
+int sm_count() { return sm_facts().sms; }
 
 void raise_dynamic_smem(const void* kernel, size_t bytes) {
     static std::mutex m;

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "cuda/buffer.h"
+#include "cuda/device_info.h"
 #include "cuda/linear.h"
 #include "cuda/moe_dispatch.h"
 #include "io/weights.h"
@@ -225,6 +226,20 @@ bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_
 void moe_layer_small(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,
                      const float* weights, int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws,
                      CUstream_st* stream, Numerics nm = Numerics::exact);
+// The small path's launch plan for T tokens of k slots on a device with SM facts f (what
+// moe_small_fits and the launches use with sm_facts() of the current device; no CUDA call, so it
+// can be asked about any device). ok: the path applies (at least two ring stages of each half fit).
+// l1_two: L1 runs two CTAs per SM (MXFP4 at T ≤ 4 where two CTAs' shared memory fits an SM).
+// Throws for T, k outside [1, kMoeSmallMaxT], T·k ≤ kMoeSmallMaxSlots or experts without shapes.
+struct MoeSmallPlan {
+    bool ok = false;
+    bool l1_two = false;
+    int grid1 = 0, grid2 = 0;             // CTAs of L1 and L2
+    int stages1 = 0, stages2 = 0;         // ring stages
+    int64_t smem1 = 0, smem2 = 0;         // dynamic shared memory per CTA, bytes
+    int64_t static_smem = 0;              // static shared memory of either kernel (the plan's bound), bytes
+};
+MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f);
 // Its two launches, for a caller that overlaps other work with L1 (the runner: the shared expert on
 // a side stream, joined before L2). moe_small_l1 writes ws.h; moe_small_l2 reads ws.h, ids (the same
 // as L1's) and shared, and writes y. x is L1's input (moe_small_l2 takes it only for the same

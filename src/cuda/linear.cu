@@ -28,7 +28,7 @@
 //   its weight prefetch overlaps that kernel's tail.
 //
 // * FP8 weights of an ungrouped linear with K % 128 == 0 and a 16-byte aligned x do not come here:
-//   linear_small_m hands them to linear_regs (linear_fp8.cu), which streams each lane's weight
+//   linear_small_m hands them to linear_regs (linear_regs.cu), which streams each lane's weight
 //   bytes into registers (two batches of 4 steps in flight, both requested before the wait), reads
 //   x straight into the B fragments and needs neither an x stage nor a cluster. Measured on an H100
 //   in one run (megamoe-linear-bench, its "fp8" against "fp8rng" rows), µs at M = 1 / 4 / 16:

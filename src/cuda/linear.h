@@ -156,7 +156,7 @@ void linear_small_m(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, vo
 std::string linear_small_m_plan(const DeviceLinear& w, int64_t M);
 std::string linear_small_m_plan(const DeviceLinear& w, int64_t M, const LinearOptions& o);
 
-// ---- FP8 × FP8 small-M linear (linear_fp8.cu): official numerics' quantized GEMM input.
+// ---- FP8 × FP8 small-M linear (linear_regs.cu): official numerics' quantized GEMM input.
 //
 // An activation in the form the official code gives a FP8 GEMM (act_quant, deepseek-v4.md §2.3):
 // per row and 128-column block a power-of-two scale s and the e4m3 codes of x / s. Made by
@@ -182,7 +182,7 @@ void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, 
                     CUstream_st* stream);
 std::string linear_fp8_act_plan(const DeviceLinear& w, int64_t M);
 
-// ---- FP8 or BF16 weights × BF16 activations, register-streamed (linear_fp8.cu): what
+// ---- FP8 or BF16 weights × BF16 activations, register-streamed (linear_regs.cu): what
 // linear_small_m runs where it fits for ungrouped FP8 weights (the exact numerics' FP8 linears at
 // decode), and for BF16 weights above 8 tokens (linear.cu, takes_regs, says why).
 //

@@ -105,7 +105,7 @@ constexpr int kSmemBudget = 220 * 1024;             // dynamic shared memory per
 constexpr int kL1StagesWanted = 3;
 constexpr int kL2StagesWanted = 4;
 // L1 at two CTAs per SM (grid 2 × SMs, two ring stages each, x from shared memory: kXs = 0) where
-// the two fit (kL1TwoSmem of dynamic shared memory each): 16 consumer warps per SM in two
+// the two fit (two_cta_budget of dynamic shared memory each): 16 consumer warps per SM in two
 // independent rings, against 8 in one. The consumers are latency-bound, not issue-bound (H100 ncu,
 // V4-Flash NVFP4 T = 1: 46% issue-active, stalls on fixed-latency dependencies of the decode, then
 // on the ring), and 8 warps per SM leave too little to hide it; 16 warps in one CTA had measured no
@@ -118,9 +118,8 @@ constexpr int kL2StagesWanted = 4;
 // 2171.1 µs, official 1858.2 / 2312.7 → 1814.7 / 2246.8 (that build ran both formats at two CTAs;
 // this rule, one round in a later call: −1.1% to −1.7%). T ≤ kL1TwoMaxT: what was measured.
 constexpr int64_t kL1TwoMaxT = 4;
-// Two CTAs in an SM's 228 KB: each ≤ 114 KB − its 2 KB of static shared memory (Routing, Ring;
-// ptxas) − the 1 KB the driver reserves per CTA. (V4-Flash MXFP4 at T = 4: 110,720 bytes.)
-constexpr int64_t kL1TwoSmem = 111 * 1024;
+// How much shared memory each of the two CTAs may take: two_cta_budget (below), from the device's
+// facts.
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -621,13 +620,24 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
 
 // ---------------------------------------------------------------------------- host
 
+// Static shared memory of either kernel: Routing and Ring (ptxas reports these 2 KB).
+constexpr int64_t kStaticSmem = round_up(static_cast<int64_t>(sizeof(Routing)), 128) +
+                                round_up(static_cast<int64_t>(sizeof(Ring)), 128);
+// Dynamic shared memory of one CTA: kSmemBudget, or less where the device allows less per CTA.
+int64_t cta_budget(const SmFacts& f) { return std::min<int64_t>(kSmemBudget, f.smem_per_block_optin - kStaticSmem); }
+// ... of each of two CTAs sharing an SM: half the SM less the driver's per-CTA reserve and the
+// static shared memory (sm_90: 114 − 1 − 2 = 111 KB; V4-Flash MXFP4 at T = 4 takes 110,720 bytes).
+int64_t two_cta_budget(const SmFacts& f) {
+    return std::min(cta_budget(f), f.smem_per_sm / 2 - f.smem_reserved_per_block - kStaticSmem);
+}
+
 // One stage: the 16 weight rows, then the 16 scale rows (16-byte aligned), 128-byte aligned.
 int64_t stage_bytes(const DeviceLinear& w) {
     return round_up(kRows * w.weight_row_bytes + round_up(kRows * w.scale_row_bytes, 16), 128);
 }
 
-// The launch shape of both halves, from the experts' geometry and T alone (no device queries but
-// the SM count), so that moe_small_fits and the launches agree.
+// The launch shape of both halves, from the experts' geometry, T and the device's SM facts alone,
+// so that moe_small_fits and the launches agree.
 struct Plan {
     SmallParams l1{}, l2{};
     size_t smem1 = 0, smem2 = 0;
@@ -636,8 +646,9 @@ struct Plan {
     bool ok = false;
 };
 
-Plan make_plan(const DeviceExperts& ex, int64_t T, int64_t k, int sms) {
+Plan make_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f) {
     Plan pl;
+    const int64_t sms = f.sms, budget = cta_budget(f);
     constexpr int kStepK = 128;   // fp4 columns per 64-byte step
     const int C = static_cast<int>(std::min<int64_t>(8, T));
     const int64_t n = T * k;
@@ -660,10 +671,10 @@ Plan make_plan(const DeviceExperts& ex, int64_t T, int64_t k, int sms) {
     common(a, ex.w1[0], ex.I, ex.D, kL1Warps);
     a.x_rs = static_cast<int>(round_up(static_cast<int64_t>(a.steps) * kStepK * 2, 128) + Traits<LinearFormat::nvfp4>::kRowMod);
     const int64_t fixed1 = T * a.x_rs + 2 * kL1Warps * 2 * kRows * C * 4;
-    pl.l1_two = ex.format == LinearFormat::mxfp4 && T <= kL1TwoMaxT && fixed1 + 2 * a.stage_bytes <= kL1TwoSmem;
-    a.stages = pl.l1_two ? 2 : static_cast<int>(std::min<int64_t>(kL1StagesWanted, (kSmemBudget - fixed1) / a.stage_bytes));
+    pl.l1_two = ex.format == LinearFormat::mxfp4 && T <= kL1TwoMaxT && fixed1 + 2 * a.stage_bytes <= two_cta_budget(f);
+    a.stages = pl.l1_two ? 2 : static_cast<int>(std::min<int64_t>(kL1StagesWanted, (budget - fixed1) / a.stage_bytes));
     pl.smem1 = static_cast<size_t>(a.stages * a.stage_bytes + fixed1);
-    pl.grid1 = static_cast<int>(std::min<int64_t>((pl.l1_two ? 2 : 1) * int64_t{sms}, n * ceil_div(ex.I, kRows)));
+    pl.grid1 = static_cast<int>(std::min<int64_t>((pl.l1_two ? 2 : 1) * sms, n * ceil_div(ex.I, kRows)));
     // L2: the ring and the per-warp partials [kL2Warps][n][rb_max][16].
     SmallParams& b = pl.l2;
     common(b, ex.w2[0], ex.D, ex.I, kL2Warps);
@@ -675,7 +686,7 @@ Plan make_plan(const DeviceExperts& ex, int64_t T, int64_t k, int sms) {
     b.stage_bytes = static_cast<int>(round_up(b.stage_rows * ex.w2[0].weight_row_bytes +
                                               round_up(b.stage_rows * ex.w2[0].scale_row_bytes, 16), 128));
     const int64_t fixed2 = static_cast<int64_t>(kL2Warps) * n * b.rb_max * kRows * 4;
-    b.stages = static_cast<int>(std::min<int64_t>(kL2StagesWanted, (kSmemBudget - fixed2) / b.stage_bytes));
+    b.stages = static_cast<int>(std::min<int64_t>(kL2StagesWanted, (budget - fixed2) / b.stage_bytes));
     pl.smem2 = static_cast<size_t>(b.stages * b.stage_bytes + fixed2);
     pl.ok = a.stages >= kMinStages && b.stages >= kMinStages && b.spw <= kL2MaxSpw;
     return pl;
@@ -700,7 +711,7 @@ bool check_small(const char* what, const DeviceExperts& ex, int64_t T, const uin
     MEGAMOE_CHECK(moe_small_fits(ex, T, k, x), what, ": T = ", T, ", k = ", k,
                   " (or x's alignment, the format or the widths) is outside the small path (T <= ", kMoeSmallMaxT,
                   ", T*k <= ", kMoeSmallMaxSlots, ", 16-byte aligned x and weights, NVFP4 or MXFP4, stages in ",
-                  kSmemBudget, " bytes of shared memory)");
+                  cta_budget(sm_facts()), " bytes of shared memory)");
     return true;
 }
 
@@ -713,13 +724,30 @@ bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_
     for (const auto* ws : {&ex.w1, &ex.w3, &ex.w2})
         for (const DeviceLinear& w : *ws)
             if (!aligned16(w.weight) || !aligned16(w.scale)) return false;   // bulk copies: 16-byte sources
-    return make_plan(ex, T, k, sm_count()).ok;
+    return make_plan(ex, T, k, sm_facts()).ok;
+}
+
+MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f) {
+    MEGAMOE_CHECK(T >= 1 && T <= kMoeSmallMaxT && T * k <= kMoeSmallMaxSlots && ex.E > 0, "moe_small_plan: T = ", T,
+                  ", k = ", k, ", E = ", ex.E, " is outside the small path");
+    const Plan pl = make_plan(ex, T, k, f);
+    MoeSmallPlan r;
+    r.ok = pl.ok;
+    r.l1_two = pl.l1_two;
+    r.grid1 = pl.grid1;
+    r.grid2 = pl.grid2;
+    r.stages1 = pl.l1.stages;
+    r.stages2 = pl.l2.stages;
+    r.smem1 = static_cast<int64_t>(pl.smem1);
+    r.smem2 = static_cast<int64_t>(pl.smem2);
+    r.static_smem = kStaticSmem;
+    return r;
 }
 
 void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
                   int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     if (!check_small("moe_small_l1", ex, T, x, ws)) return;
-    Plan pl = make_plan(ex, T, ws.dispatch.k, sm_count());
+    Plan pl = make_plan(ex, T, ws.dispatch.k, sm_facts());
     SmallParams& p = pl.l1;
     p.table = static_cast<const GemmGroup*>(ex.l1_table);
     p.ids = ids;
@@ -734,7 +762,7 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
     auto kernel = ex.format == LinearFormat::nvfp4
                       ? (xr ? moe_small_l1_kernel<LinearFormat::nvfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::nvfp4, 0>)
                       : (xr ? moe_small_l1_kernel<LinearFormat::mxfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::mxfp4, 0>);
-    raise_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmemBudget);
+    raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(sm_facts())));
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid1)), dim3((kL1Warps + 1) * 32), pl.smem1, stream, p));
 }
 
@@ -742,7 +770,7 @@ namespace {
 void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T,
                const float* shared, float* y, int placed, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     if (!check_small(what, ex, T, x, ws)) return;
-    Plan pl = make_plan(ex, T, ws.dispatch.k, sm_count());
+    Plan pl = make_plan(ex, T, ws.dispatch.k, sm_facts());
     SmallParams& p = pl.l2;
     p.table = static_cast<const GemmGroup*>(ex.l2_table);
     p.ids = ids;
@@ -755,7 +783,7 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
     auto kernel = ex.format == LinearFormat::nvfp4
                       ? (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::nvfp4, 1> : moe_small_l2_kernel<LinearFormat::nvfp4, 2>)
                       : (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::mxfp4, 1> : moe_small_l2_kernel<LinearFormat::mxfp4, 2>);
-    raise_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmemBudget);
+    raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(sm_facts())));
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid2)), dim3((kL2Warps + 1) * 32), pl.smem2, stream, p));
 }
 }  // namespace

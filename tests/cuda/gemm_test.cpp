@@ -1680,6 +1680,72 @@ TEST(CudaMoeLayer, SmallPathBounds) {
     verify_layer(hx, ws, c, kLimit, to_host(y.data(), static_cast<size_t>(2 * D)), "unaligned x", nullptr, false);
 }
 
+// The small path's launch plan, asked for given SM facts (moe_small_plan makes no CUDA call, so this
+// runs without a GPU). L1 takes two CTAs per SM for MXFP4 at T ≤ 4 where two of them fit an SM
+// (Hopper: V4-Flash does), each within its half of the SM; NVFP4 and larger T keep one; on a device
+// with less shared memory per SM the plan stays within what that device gives a CTA.
+TEST(CudaMoeLayer, SmallPathPlanTwoCtasPerSm) {
+    const cuda::SmFacts hopper{132, 233472, 232448, 1024};   // H100 SXM: 228 KB per SM, 227 KB per CTA
+    const cuda::SmFacts small_sm{84, 102400, 101376, 1024};  // 100 KB per SM, 99 KB per CTA (sm_86 / sm_89)
+    auto shapes_only = [](LinearFormat f, int64_t E, int64_t D, int64_t I) {
+        auto lin = [&](int64_t out, int64_t in) {
+            DeviceLinear l;
+            l.format = f;
+            l.out = out;
+            l.in = in;
+            const cuda::LinearLayout lay = cuda::linear_layout(f, out, in);
+            l.weight_row_bytes = lay.weight_row_bytes;
+            l.scale_row_bytes = lay.scale_row_bytes;
+            return l;
+        };
+        std::vector<DeviceLinear> w1, w3, w2;
+        for (int64_t e = 0; e < E; ++e) {
+            w1.push_back(lin(I, D));
+            w3.push_back(lin(I, D));
+            w2.push_back(lin(D, I));
+        }
+        cuda::DeviceArena counting;
+        return std::make_unique<cuda::DeviceExperts>(w1, w3, w2, counting);
+    };
+    auto within = [](const cuda::MoeSmallPlan& p, const cuda::SmFacts& f, const std::string& what) {
+        const int64_t per_cta = f.smem_per_block_optin - p.static_smem;
+        EXPECT_LE(p.smem1, per_cta) << what;
+        EXPECT_LE(p.smem2, per_cta) << what;
+        if (p.l1_two) {
+            EXPECT_LE(2 * (p.smem1 + p.static_smem + f.smem_reserved_per_block), f.smem_per_sm) << what;
+            EXPECT_EQ(p.stages1, 2) << what;
+        }
+        EXPECT_GE(p.stages1, 2) << what;
+        EXPECT_GE(p.stages2, 2) << what;
+    };
+    const int64_t k = 6;
+    for (const LinearFormat f : {LinearFormat::mxfp4, LinearFormat::nvfp4}) {
+        const auto flash = shapes_only(f, 8, 4096, 2048);   // V4-Flash widths
+        for (int64_t T = 1; T <= cuda::kMoeSmallMaxT; ++T) {
+            const std::string what = std::string(fmt_name(f)) + " V4-Flash T = " + std::to_string(T);
+            const cuda::MoeSmallPlan p = cuda::moe_small_plan(*flash, T, k, hopper);
+            EXPECT_TRUE(p.ok) << what;
+            const bool two = f == LinearFormat::mxfp4 && T <= 4;
+            EXPECT_EQ(p.l1_two, two) << what;
+            EXPECT_EQ(p.grid1, (two ? 2 : 1) * hopper.sms) << what;   // T·k·I/16 ≥ 768 row tiles: every SM busy
+            within(p, hopper, what);
+            const cuda::MoeSmallPlan q = cuda::moe_small_plan(*flash, T, k, small_sm);
+            EXPECT_FALSE(q.l1_two) << what << " on 100 KB per SM";
+            if (q.ok) within(q, small_sm, what + " on 100 KB per SM");
+        }
+        const auto pro = shapes_only(f, 8, 7168, 3072);   // V4-Pro widths
+        for (int64_t T = 1; T <= 4; ++T) {
+            const std::string what = std::string(fmt_name(f)) + " V4-Pro T = " + std::to_string(T);
+            const cuda::MoeSmallPlan p = cuda::moe_small_plan(*pro, T, k, hopper);
+            if (p.ok) within(p, hopper, what);
+        }
+        EXPECT_TRUE(cuda::moe_small_plan(*pro, 1, k, hopper).ok) << fmt_name(f) << " V4-Pro T = 1";
+    }
+    const auto flash = shapes_only(LinearFormat::mxfp4, 8, 4096, 2048);
+    test::expect_error([&] { cuda::moe_small_plan(*flash, 9, k, hopper); }, {"moe_small_plan", "T = 9"});
+    test::expect_error([&] { cuda::moe_small_plan(*flash, 0, k, hopper); }, {"moe_small_plan", "T = 0"});
+}
+
 // moe_layer captured once per T (global capture mode: any host synchronization or allocation inside
 // would fail the capture) on a non-blocking stream with T < T_max, replayed with new x / ids /
 // weights / shared each time; each replay is checked against the twins and must equal a plain

@@ -426,7 +426,7 @@ TEST(CudaLinear, ZeroTokensIsANoOp) {
 // the low and high half-words, with random other halves: from_kernel_order undoes
 // to_kernel_order, fp8 byte b of the kernel word holds element [0 2 1 3][b], fp4 nibble j holds
 // element kFp4KernelOrder[j]; bf16 and f32 rows are left unchanged.
-// ---------------------------------------------------------------------------- FP8 × FP8 (linear_fp8.cu)
+// ---------------------------------------------------------------------------- FP8 × FP8 (linear_regs.cu)
 
 // The official numerics' FP8 linear: x rounded by round_gemm_input (the CPU twin's input), the GPU
 // given the same activation as codes + scales by quantize_gemm_input. Both sides then sum exact

@@ -1,6 +1,9 @@
-// linear_fp8.cu — FP8 weights × FP8 activations for decode / small M (≤ 16 tokens per launch):
+// linear_regs.cu — register-streamed linears for decode / small M (≤ 16 tokens per launch), on
+// sm_90a: linear_fp8_act, FP8 weights × FP8 activations,
 // y[M, N] = (q · s)[M, K] · Wᵀ with W in the checkpoint's FP8 128×128-block format and the
-// activation in act_quant form (ActFp8, linear.h), on sm_90a.
+// activation in act_quant form (ActFp8, linear.h); and linear_regs, FP8 or BF16 weights × BF16
+// activations on the same layout ("BF16 activations" below). One kernel, linear_regs_kernel, runs
+// all three (MODE).
 //
 // Why a second small-M kernel. linear_small_m (linear.cu) gives the tensor core BF16 weights, so
 // every FP8 byte is decoded in registers (6 integer ops per 4 weights plus a scale multiply per
@@ -120,7 +123,7 @@ struct Batch {
 // are linear_regs.
 constexpr int kAct = 0, kFp8W = 1, kBf16W = 2;
 template <int NT, int MODE>
-__global__ void __launch_bounds__(kThreads, 2) linear_fp8_act_kernel(const Fp8Params p) {
+__global__ void __launch_bounds__(kThreads, 2) linear_regs_kernel(const Fp8Params p) {
     constexpr bool BX = MODE != kAct;
     constexpr int kStepCols = MODE == kBf16W ? kStepBytes / 2 : kStepBytes;   // columns per 64-byte step
     __shared__ float red[kRedFloats];
@@ -388,8 +391,8 @@ void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, 
         p.q = x.q + m0 * w.in;
         p.s = x.s + m0 * (w.in / 128);
         const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
-        const cudaError_t e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2, kAct>, grid, block, 0, stream, p)
-                                    : launch_pdl(linear_fp8_act_kernel<1, kAct>, grid, block, 0, stream, p);
+        const cudaError_t e = m > 8 ? launch_pdl(linear_regs_kernel<2, kAct>, grid, block, 0, stream, p)
+                                    : launch_pdl(linear_regs_kernel<1, kAct>, grid, block, 0, stream, p);
         if (e != cudaSuccess) fail("linear_fp8_act: launch: ", cudaGetErrorString(e));
     }
 }
@@ -434,10 +437,10 @@ void linear_regs(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, c
         kernel_scales(w, p.bias, p.out_scale);
         const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
         cudaError_t e;
-        if (bf16) e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2, kBf16W>, grid, block, 0, stream, p)
-                            : launch_pdl(linear_fp8_act_kernel<1, kBf16W>, grid, block, 0, stream, p);
-        else e = m > 8 ? launch_pdl(linear_fp8_act_kernel<2, kFp8W>, grid, block, 0, stream, p)
-                       : launch_pdl(linear_fp8_act_kernel<1, kFp8W>, grid, block, 0, stream, p);
+        if (bf16) e = m > 8 ? launch_pdl(linear_regs_kernel<2, kBf16W>, grid, block, 0, stream, p)
+                            : launch_pdl(linear_regs_kernel<1, kBf16W>, grid, block, 0, stream, p);
+        else e = m > 8 ? launch_pdl(linear_regs_kernel<2, kFp8W>, grid, block, 0, stream, p)
+                       : launch_pdl(linear_regs_kernel<1, kFp8W>, grid, block, 0, stream, p);
         if (e != cudaSuccess) fail("linear_regs: launch: ", cudaGetErrorString(e));
     }
 }
