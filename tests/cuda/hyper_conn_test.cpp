@@ -423,6 +423,131 @@ TEST(CudaHyperConn, GraphReplayEqualsEager) {
     CUDA_CHECK(cudaStreamDestroy(st));
 }
 
+// hc_site against hc_mix followed by hc_pre_finish with the same splits, bit for bit in every output
+// (X_out, the partials, xn, post, comb, and under official numerics xq with its codes and scales),
+// with the fused post and without, in one launch (T ≤ kHcSiteMaxT, D % 128 == 0) and where it falls
+// back to the two (T = 3; D = 257). post / comb are the same buffers for the mix's input and the
+// finish's output, as in the runner. Three rounds on the same counter (each round's mix reads the
+// post / comb the last one wrote; the kernel's last CTA must leave the counter at 0), then
+// (graph) three replays of a captured hc_site against the same eager calls.
+void check_site_call(const Site& s, bool fused, Numerics nm, uint32_t seed, bool graph = false) {
+    SCOPED_TRACE(str("hc_site ", s.name(), fused ? " fused post" : "", nm == Numerics::official ? " official" : "",
+                     graph ? " graph" : ""));
+    Inputs in = make_inputs(s, seed);
+    const std::vector<float> y = normal_rows(s.T, s.D, seed + 10, 1.0f, -2.0f, 2.0f);
+    std::vector<float> post(static_cast<size_t>(s.T * s.hc)), comb(static_cast<size_t>(s.T * s.hc * s.hc));
+    std::mt19937 rng(seed + 11);
+    std::uniform_real_distribution<float> u01(0.0f, 1.0f);
+    for (auto& p : post) p = 2.0f * u01(rng);
+    for (auto& c : comb) c = u01(rng) * 2.0f / static_cast<float>(s.hc);
+    const bool official = nm == Numerics::official, codes = official && s.D % 128 == 0;
+    const int64_t splits = cuda::hc_mix_splits(s.T, s.n());
+    struct Side {
+        Dev d;
+        DeviceArray<float> y, X_out, xs8;
+        DeviceArray<uint16_t> xq;
+        DeviceArray<uint8_t> xq8;
+        Side(const Site& s, const Inputs& in, int64_t splits, const std::vector<float>& yv)
+            : d(s, in, splits), y(yv), X_out(in.X.size()), xs8(static_cast<size_t>(s.T * s.D / 128 + 1)),
+              xq(static_cast<size_t>(s.T * s.D)), xq8(static_cast<size_t>(s.T * s.D)) {
+            X_out.fill(0xFF);
+            xs8.fill(0xFF);
+            xq.fill(0xFF);
+            xq8.fill(0xFF);
+        }
+    };
+    Side two(s, in, splits, y), one(s, in, splits, y);
+    for (Side* side : {&two, &one}) {
+        side->d.post.upload(post);
+        side->d.comb.upload(comb);
+    }
+    DeviceArray<uint32_t> counter(1);
+    counter.fill(0);
+    auto args = [&](Side& z) {
+        struct A {
+            const float *y, *post, *comb;
+            float* X_out;
+            uint16_t* xq;
+            uint8_t* xq8;
+            float* xs8;
+        };
+        return A{fused ? z.y.data() : nullptr, fused ? z.d.post.data() : nullptr, fused ? z.d.comb.data() : nullptr,
+                 fused ? z.X_out.data() : nullptr, official ? z.xq.data() : nullptr, codes ? z.xq8.data() : nullptr,
+                 codes ? z.xs8.data() : nullptr};
+    };
+    auto run_two = [&](cudaStream_t st) {
+        const auto a = args(two);
+        cuda::hc_mix(two.d.X.data(), a.y, a.post, a.comb, a.X_out, s.T, s.hc, s.D, two.d.fn.data(), s.nm(),
+                     two.d.part.data(), splits, st, nm);
+        cuda::hc_pre_finish(two.d.part.data(), splits, fused ? a.X_out : two.d.X.data(), s.T, s.hc, s.D,
+                            two.d.base.data(), two.d.scale.data(), kIters, kHcEps, kNormEps, two.d.norm_w.data(),
+                            two.d.xn.data(), two.d.post.data(), two.d.comb.data(), st, nm, a.xq, a.xq8, a.xs8);
+    };
+    auto run_one = [&](cudaStream_t st) {
+        const auto a = args(one);
+        cuda::hc_site(one.d.X.data(), a.y, a.post, a.comb, a.X_out, s.T, s.hc, s.D, one.d.fn.data(),
+                      one.d.part.data(), splits, one.d.base.data(), one.d.scale.data(), kIters, kHcEps, kNormEps,
+                      one.d.norm_w.data(), one.d.xn.data(), one.d.post.data(), one.d.comb.data(), counter.data(), st,
+                      nm, a.xq, a.xq8, a.xs8);
+    };
+    cudaStream_t st = nullptr;
+    cudaGraph_t g = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaDeviceSynchronize());   // the uploads and fills ran on the legacy stream
+    if (graph) {
+        CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        run_one(st);
+        CUDA_CHECK(cudaStreamEndCapture(st, &g));
+        CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+    }
+    for (int round = 0; round < 3; ++round) {
+        SCOPED_TRACE(str("round ", round));
+        run_two(st);
+        if (graph) CUDA_CHECK(cudaGraphLaunch(exec, st));
+        else run_one(st);
+        CUDA_CHECK(cudaStreamSynchronize(st));
+        if (fused) expect_bits_equal(one.X_out.download(), two.X_out.download(), "X_out");
+        expect_bits_equal(one.d.part.download(), two.d.part.download(), "partials");
+        expect_bits_equal(one.d.xn.download(), two.d.xn.download(), "xn");
+        expect_bits_equal(one.d.post.download(), two.d.post.download(), "post");
+        expect_bits_equal(one.d.comb.download(), two.d.comb.download(), "comb");
+        if (official) expect_bits_equal(one.xq.download(), two.xq.download(), "xq");
+        if (codes) {
+            EXPECT_EQ(one.xq8.download(), two.xq8.download()) << "xq8";
+            expect_bits_equal(one.xs8.download(), two.xs8.download(), "xs8");
+        }
+        EXPECT_EQ(counter.download()[0], 0u) << "the counter after the call";
+    }
+    if (graph) {
+        CUDA_CHECK(cudaGraphExecDestroy(exec));
+        CUDA_CHECK(cudaGraphDestroy(g));
+    }
+    CUDA_CHECK(cudaStreamDestroy(st));
+}
+
+TEST(CudaHyperConn, SiteInOneLaunchEqualsMixThenFinish) {
+    RW_SKIP_WITHOUT_GPU();
+    EXPECT_TRUE(cuda::hc_site_one_launch(1, 4, 4096));
+    EXPECT_TRUE(cuda::hc_site_one_launch(2, 4, 7168));
+    EXPECT_FALSE(cuda::hc_site_one_launch(3, 4, 4096));   // more tokens: the two launches
+    EXPECT_FALSE(cuda::hc_site_one_launch(1, 4, 257));    // D % 128 != 0: the two launches
+    uint32_t seed = 180;
+    for (const Numerics nm : {Numerics::exact, Numerics::official}) {
+        for (const bool fused : {false, true}) {
+            check_site_call({1, 4, 4096}, fused, nm, seed++);   // V4-Flash decode: 128 CTAs, one counts last
+            check_site_call({2, 4, 4096}, fused, nm, seed++);   // two tokens finished by one CTA
+            check_site_call({1, 4, 7168}, fused, nm, seed++);   // V4-Pro: 224 CTAs
+            check_site_call({2, 4, 256}, fused, nm, seed++);    // the tiny model: 8 splits
+            check_site_call({1, 2, 128}, fused, nm, seed++);    // hc = 2, one split
+            check_site_call({3, 4, 4096}, fused, nm, seed++);   // fallback: two launches
+            check_site_call({1, 4, 257}, fused, nm, seed++);    // fallback: scalar path
+        }
+    }
+    check_site_call({1, 4, 4096}, true, Numerics::official, 199, true);
+    check_site_call({1, 4, 4096}, false, Numerics::exact, 200, true);
+}
+
 // ---------------------------------------------------------------------------- host-only checks
 
 TEST(CudaHyperConn, SplitCountIsAFunctionOfTAndN) {
@@ -475,6 +600,18 @@ TEST(CudaHyperConn, RejectsBadArguments) {
                  {"hc_head_finish", "null"});
     expect_error([&] { cuda::hc_head_finish(f, 1, f, 1, 4, 60000, f, f, 1e-6f, 1e-6f, b, b, nullptr); },
                  {"hc_head_finish", "shared memory"});
+    expect_error([&] { cuda::hc_site(f, nullptr, nullptr, nullptr, nullptr, 1, 3, 64, f, f, 1, f, f, 20, 1e-6f, 1e-6f, b, b,
+                                     f, f, fake_ptr<unsigned>(), nullptr); },
+                 {"hc_site", "hc=3"});
+    expect_error([&] { cuda::hc_site(f, f, nullptr, nullptr, g, 1, 4, 64, f, f, 1, f, f, 20, 1e-6f, 1e-6f, b, b, f, f,
+                                     fake_ptr<unsigned>(), nullptr); },
+                 {"hc_site", "all of y, post, comb, X_out"});
+    expect_error([&] { cuda::hc_site(f, nullptr, nullptr, nullptr, nullptr, 1, 4, 64, f, f, 1, f, f, 20, 1e-6f, 1e-6f, b,
+                                     b, nullptr, f, fake_ptr<unsigned>(), nullptr); },
+                 {"hc_site", "null post/comb"});
+    expect_error([&] { cuda::hc_site(f, nullptr, nullptr, nullptr, nullptr, 1, 4, 64, f, f, 1, f, f, 20, 1e-6f, 1e-6f, b,
+                                     b, f, f, nullptr, nullptr); },
+                 {"hc_site", "null counter"});
     // T = 0 launches nothing.
     cuda::hc_mix(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 4, 64, nullptr, 24, nullptr, 1, nullptr);
     cuda::hc_pre_finish(nullptr, 1, nullptr, 0, 4, 64, nullptr, nullptr, 20, 1e-6f, 1e-6f, nullptr, nullptr, nullptr,

@@ -1074,6 +1074,44 @@ TEST_P(GpuRunner, StateMatchesCpuAfterSchedules) {
 
 // Graphs: decode steps of 4 sequences replayed from a captured graph give the same logits, bit
 // for bit, as the same steps run eagerly (a second runner with graphs off).
+// A decode step whose pre sites each run in one launch (cuda::hc_site, RunnerOptions::hc_one_launch)
+// gives the logits of the same step with hc_mix + hc_pre_finish, bit for bit: one sequence (T = 1)
+// and then two (T = 2) decoding through their graphs, after prefills (which take the two launches
+// on both runners).
+TEST_P(GpuRunner, HcSiteInOneLaunchEqualsTwoLaunches) {
+    gpu::RunnerOptions one_o = small_options(), two_o = small_options();
+    two_o.hc_one_launch = false;
+    gpu::Runner r1(*c->model, one_o), r2(*c->model, two_o);
+    std::vector<int32_t> s1, s2;
+    for (int i = 0; i < 2; ++i) {
+        s1.push_back(r1.open());
+        s2.push_back(r2.open());
+        ASSERT_TRUE(r1.reserve(s1.back(), 96));
+        ASSERT_TRUE(r2.reserve(s2.back(), 96));
+    }
+    std::vector<float> l1, l2;
+    auto step = [&](const std::vector<int>& seqs, int at, const std::string& what) {
+        std::vector<gpu::RunnerChunk> c1, c2;
+        for (int i : seqs) {
+            const int32_t tok = c->input_ids[static_cast<size_t>(at + 5 * i)];
+            c1.push_back({s1[static_cast<size_t>(i)], {tok}});
+            c2.push_back({s2[static_cast<size_t>(i)], {tok}});
+        }
+        r1.step(c1, false, l1);
+        r2.step(c2, false, l2);
+        ASSERT_EQ(l1.size(), l2.size()) << what;
+        EXPECT_EQ(std::memcmp(l1.data(), l2.data(), l1.size() * 4), 0) << what;
+    };
+    for (int i = 0; i < 2; ++i) {
+        const std::vector<int32_t> toks(c->input_ids.begin() + i, c->input_ids.begin() + 17 + 6 * i);
+        r1.step({{s1[static_cast<size_t>(i)], toks}}, false, l1);
+        r2.step({{s2[static_cast<size_t>(i)], toks}}, false, l2);
+        ASSERT_EQ(std::memcmp(l1.data(), l2.data(), l1.size() * 4), 0) << "prefill " << i;
+    }
+    for (int k = 0; k < 8; ++k) step({0}, 40 + k, str("batch 1, step ", k));
+    for (int k = 0; k < 6; ++k) step({0, 1}, 60 + k, str("batch 2, step ", k));
+}
+
 TEST_P(GpuRunner, GraphReplayEqualsEager) {
     gpu::RunnerOptions with = small_options(), without = small_options();
     without.graphs = false;
