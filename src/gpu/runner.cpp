@@ -1135,9 +1135,10 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     const float hc_eps = static_cast<float>(c.hc_eps), eps = static_cast<float>(c.rms_norm_eps);
     const int64_t splits = cuda::hc_mix_splits(T, hc * D);
 
-    // RunnerOptions::hc_one_launch: at decode every pre site's mix and finish are one launch
-    // (site(), cuda::hc_site) where no probe reads the streams between them; the site of layer
-    // l + 1's attention then runs at the end of layer l, where its mix is.
+    // RunnerOptions::hc_one_launch (off by default, not yet measured): at decode every pre site's
+    // mix and finish are one launch (site(), cuda::hc_site) where no probe reads the streams
+    // between them; the site of layer l + 1's attention then runs at the end of layer l, where
+    // its mix is.
     const bool one = opt.hc_one_launch && probe == nullptr && cuda::hc_site_one_launch(T, hc, D);
 
     mark("start");

@@ -59,9 +59,11 @@ struct RunnerOptions {
                                        // tensor core; cuda::moe_w4a8_fits) wherever the automatic
                                        // choice takes a wgmma tile (cuda::w4a8_tile); off: they measured
                                        // slower (docs/bench-gemm.md, "W4A8 expert tiles")
-    bool    hc_one_launch = true;      // at decode (cuda::kHcSiteMaxT tokens) each hyper-connection pre
+    bool    hc_one_launch = false;     // at decode (cuda::kHcSiteMaxT tokens) each hyper-connection pre
                                        // site's mix and finish in one launch (cuda::hc_site, bit-identical
-                                       // to the two); off: two launches (for comparison)
+                                       // to the two launches by construction); off by default until it
+                                       // has run on a GPU: written 2026-12-05 without a device, its
+                                       // tests and the forward bench's --hc-one-launch are waiting
     bool    lt_bf16 = true;            // ≥ cuda::kLtBf16MinM tokens: linears with a bf16 input (exact
                                        // numerics, the official wo_a, BF16-weight projections) through
                                        // cuBLASLt's BF16 GEMM (FP8 weights expanded per call into the

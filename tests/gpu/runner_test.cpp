@@ -1080,6 +1080,7 @@ TEST_P(GpuRunner, StateMatchesCpuAfterSchedules) {
 // on both runners).
 TEST_P(GpuRunner, HcSiteInOneLaunchEqualsTwoLaunches) {
     gpu::RunnerOptions one_o = small_options(), two_o = small_options();
+    one_o.hc_one_launch = true;
     two_o.hc_one_launch = false;
     gpu::Runner r1(*c->model, one_o), r2(*c->model, two_o);
     std::vector<int32_t> s1, s2;
