@@ -31,6 +31,7 @@
 // hc_pre_finish, a ninth warp runs the Sinkhorn iterations in one thread (they need only the
 // mixes, so it starts right after the split reduction) and writes comb. The 8 warps synchronize
 // with a named barrier that the Sinkhorn warp never joins.
+// hc_site (decode): both in one kernel, hc_site_kernel below.
 // The scalar math mirrors ops::hc_pre / ops::hc_head / ops::rms_norm operation by operation
 // (explicit _rn intrinsics, no FMA contraction).
 #include "cuda/hyper_conn.h"

@@ -15,6 +15,7 @@
 //               the pre / post weights and the Sinkhorn comb (ops::hc_pre) or the head's weights
 //               (ops::hc_head), u = Σ_j pre_j X[t, j, :], and the RMS norm of u with the sublayer's
 //               weight (ops::rms_norm) into bf16.
+// hc_site runs the two in one launch at decode (the CTA whose mix ends last runs the finish).
 // Numerics::official adds the official code's bf16 roundings (ref block_forward / head_logits): the
 // sublayer output y and the new streams X_out of the fused post, and u before its norm; and the
 // finishes can also write xq, xn with round_gemm_input applied (the FP8 GEMMs' input).
