@@ -956,7 +956,8 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
                         rounds_input(d.wq_b) || rounds_input(d.idx_wq_b) ? ws.qr_q : nullptr, q8 ? ws.qr8 : nullptr,
                         q8 ? ws.qrs8 : nullptr);
     linear(d.wq_b, input(d.wq_b, ws.qr, ws.qr_q), T, ws.q_f, false, 1, q8 ? &qa8 : nullptr);
-    cuda::head_norm_rope(ws.q_f, T, H, hd, true, nullptr, eps, ws.pos, rope, ws.q, stream, nm);
+    if (!opt.attn_fused_q)   // else the attention makes q from q_f itself (AttentionArgs::q_f)
+        cuda::head_norm_rope(ws.q_f, T, H, hd, true, nullptr, eps, ws.pos, rope, ws.q, stream, nm);
     mark("attn.q_kv");
 
     // Compressors (ref: compressor_feed per chunk): a row that closes at a token is visible to it.
@@ -1027,6 +1028,11 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     aa.head_dim = static_cast<int32_t>(hd);
     aa.window = static_cast<int32_t>(c.sliding_window);
     aa.q = ws.q;
+    if (opt.attn_fused_q) {
+        aa.q_f = ws.q_f;
+        aa.q_eps = eps;
+        aa.q_numerics = nm;
+    }
     aa.kv = ws.kv;
     aa.ring = pool->ring(l);
     aa.ring_rows = static_cast<int32_t>(pool->layout().ring_rows);

@@ -1074,15 +1074,12 @@ TEST_P(GpuRunner, StateMatchesCpuAfterSchedules) {
 
 // Graphs: decode steps of 4 sequences replayed from a captured graph give the same logits, bit
 // for bit, as the same steps run eagerly (a second runner with graphs off).
-// A decode step whose pre sites each run in one launch (cuda::hc_site, RunnerOptions::hc_one_launch)
-// gives the logits of the same step with hc_mix + hc_pre_finish, bit for bit: one sequence (T = 1)
-// and then two (T = 2) decoding through their graphs, after prefills (which take the two launches
-// on both runners).
-TEST_P(GpuRunner, HcSiteInOneLaunchEqualsTwoLaunches) {
-    gpu::RunnerOptions one_o = small_options(), two_o = small_options();
-    one_o.hc_one_launch = true;
-    two_o.hc_one_launch = false;
-    gpu::Runner r1(*c->model, one_o), r2(*c->model, two_o);
+// Two runners that differ only in an option that must not change a bit (a fused launch against
+// the launches it replaces) give the same logits: two sequences prefilled, then one (T = 1) and
+// then both (T = 2) decoding through their graphs.
+void expect_same_logits(const Model& model, const std::vector<int32_t>& ids, const gpu::RunnerOptions& o1,
+                        const gpu::RunnerOptions& o2) {
+    gpu::Runner r1(model, o1), r2(model, o2);
     std::vector<int32_t> s1, s2;
     for (int i = 0; i < 2; ++i) {
         s1.push_back(r1.open());
@@ -1094,7 +1091,7 @@ TEST_P(GpuRunner, HcSiteInOneLaunchEqualsTwoLaunches) {
     auto step = [&](const std::vector<int>& seqs, int at, const std::string& what) {
         std::vector<gpu::RunnerChunk> c1, c2;
         for (int i : seqs) {
-            const int32_t tok = c->input_ids[static_cast<size_t>(at + 5 * i)];
+            const int32_t tok = ids[static_cast<size_t>(at + 5 * i)];
             c1.push_back({s1[static_cast<size_t>(i)], {tok}});
             c2.push_back({s2[static_cast<size_t>(i)], {tok}});
         }
@@ -1104,13 +1101,35 @@ TEST_P(GpuRunner, HcSiteInOneLaunchEqualsTwoLaunches) {
         EXPECT_EQ(std::memcmp(l1.data(), l2.data(), l1.size() * 4), 0) << what;
     };
     for (int i = 0; i < 2; ++i) {
-        const std::vector<int32_t> toks(c->input_ids.begin() + i, c->input_ids.begin() + 17 + 6 * i);
+        const std::vector<int32_t> toks(ids.begin() + i, ids.begin() + 17 + 6 * i);
         r1.step({{s1[static_cast<size_t>(i)], toks}}, false, l1);
         r2.step({{s2[static_cast<size_t>(i)], toks}}, false, l2);
         ASSERT_EQ(std::memcmp(l1.data(), l2.data(), l1.size() * 4), 0) << "prefill " << i;
     }
     for (int k = 0; k < 8; ++k) step({0}, 40 + k, str("batch 1, step ", k));
     for (int k = 0; k < 6; ++k) step({0, 1}, 60 + k, str("batch 2, step ", k));
+}
+
+// Each pre site's mix and finish in one launch (cuda::hc_site, RunnerOptions::hc_one_launch; at
+// 1-2 tokens, so the decodes) against hc_mix + hc_pre_finish.
+TEST_P(GpuRunner, HcSiteInOneLaunchEqualsTwoLaunches) {
+    gpu::RunnerOptions one = small_options(), two = small_options();
+    one.hc_one_launch = true;
+    two.hc_one_launch = false;
+    expect_same_logits(*c->model, c->input_ids, one, two);
+}
+
+// The attention making its query itself (RunnerOptions::attn_fused_q, every step) against
+// head_norm_rope then the attention, in both numerics.
+TEST_P(GpuRunner, AttentionFusedQueryEqualsHeadNormRope) {
+    for (const Numerics nm : {Numerics::exact, Numerics::official}) {
+        SCOPED_TRACE(numerics_name(nm));
+        gpu::RunnerOptions fused = small_options(), plain = small_options();
+        fused.numerics = plain.numerics = nm;
+        fused.attn_fused_q = true;
+        plain.attn_fused_q = false;
+        expect_same_logits(*c->model, c->input_ids, fused, plain);
+    }
 }
 
 TEST_P(GpuRunner, GraphReplayEqualsEager) {
