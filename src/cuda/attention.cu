@@ -165,7 +165,9 @@ template <int D> struct AttnLayout {
     static size_t bytes(int topk_k) { return static_cast<size_t>(kTopk) + static_cast<size_t>(topk_k) * 4; }
 };
 
-template <int D>
+// FQ: the fused query (AttentionArgs::q_f), a separate instantiation so that the plain kernel's
+// code stays what it was.
+template <int D, bool FQ>
 __global__ void __launch_bounds__(kAttnThreads, 1)
 sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t splits) {
     using L = AttnLayout<D>;
@@ -201,7 +203,7 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
 
     // Q (16 rows, zero past H) → shared, asynchronously; the top-k row → shared. With a.q_f the
     // rows are made below instead (an empty copy group keeps the group count).
-    if (a.q_f == nullptr) {
+    if constexpr (!FQ) {
         for (int i = tid; i < kHeadsPerCta * L::kChunks; i += kAttnThreads) {
             const int r = i / L::kChunks, c = i % L::kChunks;
             const bool ok = h0 + r < H;
@@ -293,7 +295,7 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
         if (s < my_tiles) load_tile(s);
         cp_async_commit();
     }
-    if (a.q_f != nullptr) {
+    if constexpr (FQ) {
         // The fused query (AttentionArgs::q_f): while the first key tiles are in flight, warp w
         // makes rows 2w and 2w + 1 of the CTA's 16 heads with head_norm_rope's own row body
         // (hnr::norm_rope_row: the same operations, so the same bf16 values as the separate
@@ -873,7 +875,7 @@ void check_paged(const PagedRows& r, const char* op, const char* name) {
 }
 
 template <int D> void launch_attention(const AttentionArgs& a, const BatchView& b, cudaStream_t stream) {
-    auto* kernel = sparse_attention_kernel<D>;
+    auto* kernel = a.q_f != nullptr ? sparse_attention_kernel<D, true> : sparse_attention_kernel<D, false>;
     const size_t smem = AttnLayout<D>::bytes(a.topk ? a.topk_k : 0);
     raise_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     const int64_t head_blocks = (a.heads + kHeadsPerCta - 1) / kHeadsPerCta;

@@ -31,6 +31,7 @@
 #include "core/common.h"
 #include "cuda/head_norm_rope.cuh"
 #include "cuda/numerics.cuh"
+#include "cuda/row_norm.cuh"
 #include "cuda/numerics.h"
 #include "cuda/row_kernels.cuh"
 
@@ -79,68 +80,14 @@ embed_streams_kernel(const uint16_t* __restrict__ table, const int32_t* __restri
 
 // ---------------------------------------------------------------------------- rms norm
 
-// y[r] = bf16(w · (x[r] · inv)), inv = 1 / sqrt(Σx² / D + eps). VEC = 4 (float4 in, 4 bf16 out) or 1.
-// official: x is rounded to bf16 as loaded; yq (fused: VEC 4, D % 128 == 0, every lane of a warp
-// in the loop) receives y FP8-rounded in 128-blocks, the warp's 32 vectors being one block. yq may
-// alias y (then only the rounded values remain).
+// One CTA per row; the row's body is rnorm::rms_norm_row (row_norm.cuh).
 template <int VEC>
 __global__ void __launch_bounds__(kMaxRowThreads)
 rms_norm_kernel(const float* __restrict__ x, int64_t D, const uint16_t* __restrict__ w, float eps,
                 uint16_t* y, bool official, uint16_t* yq, uint8_t* yq8, float* ys8) {
     pdl_begin();
     __shared__ float red[32];
-    const int64_t r = blockIdx.x;
-    const float* xr = x + r * D;
-    uint16_t* yr = y + r * D;
-    const int64_t nv = D / VEC;
-    auto load = [&](int64_t v, float (&q)[VEC]) {
-        if constexpr (VEC == 4) {
-            const float4 f = reinterpret_cast<const float4*>(xr)[v];
-            q[0] = f.x, q[1] = f.y, q[2] = f.z, q[3] = f.w;
-        } else {
-            q[0] = xr[v];
-        }
-        if (official)
-            for (int e = 0; e < VEC; ++e) q[e] = nm::bf16_round(q[e]);
-    };
-    float ss = 0.0f;
-    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-        float q[VEC];
-        load(v, q);
-        for (int e = 0; e < VEC; ++e) ss = fmaf(q[e], q[e], ss);
-    }
-    const float inv = rk::inv_rms(rk::block_sum(ss, red), static_cast<float>(D), eps);
-    // Second pass over the row: the same thread re-reads its own elements (L1 hits).
-    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
-        float q[VEC];
-        load(v, q);
-        if constexpr (VEC == 4) {
-            float o[4] = {__fmul_rn(q[0], inv), __fmul_rn(q[1], inv), __fmul_rn(q[2], inv), __fmul_rn(q[3], inv)};
-            if (w != nullptr) {
-                const uint2 wb = reinterpret_cast<const uint2*>(w)[v];
-                o[0] = __fmul_rn(rk::bf16_lo(wb.x), o[0]);
-                o[1] = __fmul_rn(rk::bf16_hi(wb.x), o[1]);
-                o[2] = __fmul_rn(rk::bf16_lo(wb.y), o[2]);
-                o[3] = __fmul_rn(rk::bf16_hi(wb.y), o[3]);
-            }
-            reinterpret_cast<uint2*>(yr)[v] = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
-            if (yq8 != nullptr) {   // ... and its codes and scale (linear_fp8_act's input)
-                uint32_t codes;
-                float sc;
-                nm::fp8_round_warp_block4(o, codes, sc);
-                reinterpret_cast<uint32_t*>(yq8 + r * D)[v] = codes;
-                if ((v & 31) == 0) ys8[(r * D + v * 4) / 128] = sc;
-                reinterpret_cast<uint2*>(yq + r * D)[v] = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
-            } else if (yq != nullptr) {   // round_gemm_input of this 128-block (see above)
-                nm::fp8_round_warp_block4(o);
-                reinterpret_cast<uint2*>(yq + r * D)[v] = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
-            }
-        } else {
-            float o = __fmul_rn(q[0], inv);
-            if (w != nullptr) o = __fmul_rn(rk::bf16_to_f32(w[v]), o);
-            yr[v] = static_cast<uint16_t>(rk::f32_to_bf16(o));
-        }
-    }
+    rnorm::rms_norm_row<VEC, false>(x, blockIdx.x, D, w, eps, y, official, yq, yq8, ys8, red);
 }
 
 // ---------------------------------------------------------------------------- head norm + rope

@@ -117,6 +117,7 @@ struct Workspace {
     float* post = nullptr;           // [T, hc]
     float* comb = nullptr;           // [T, hc, hc]
     uint32_t* hc_counter = nullptr;  // [1] cuda::hc_site's CTA counter: 0 between calls
+    uint32_t* tail_counter = nullptr;  // [1] cuda::linear_norm_tail's CTA counter: 0 between calls
     uint16_t* xn = nullptr;          // [T, D] bf16 normalized sublayer input
     uint16_t* xq = nullptr;          // [T, D] bf16 official numerics: xn FP8-rounded (the quantized linears' input)
     float* y = nullptr;              // [T, D] sublayer output
@@ -207,6 +208,7 @@ struct Workspace {
         post = a.take_n<float>(T * hc);
         comb = a.take_n<float>(T * hc * hc);
         hc_counter = a.take_n<uint32_t>(1);
+        tail_counter = a.take_n<uint32_t>(1);
         xn = a.take_n<uint16_t>(T * D);
         xq = a.take_n<uint16_t>(T * D);
         y = a.take_n<float>(T * D);
@@ -509,6 +511,10 @@ struct Runner::Impl {
         return true;
     }
     // The FP8 × FP8 forms of a linear given its input's codes; false when none applies.
+    // a8 where fp8_linear runs w as linear_fp8_act on it (M ≤ kFp8ActMaxT), else null.
+    const cuda::ActFp8* fp8_act_input(const cuda::DeviceLinear& w, const cuda::ActFp8* a8, int64_t M) const {
+        return a8 && rounds_input(w) && M <= ws.T8 && M <= kFp8ActMaxT && cuda::fp8_act_fits(w, {}) ? a8 : nullptr;
+    }
     bool fp8_linear(const cuda::DeviceLinear& w, const cuda::ActFp8* a8, int64_t M, void* y,
                     const cuda::LinearOptions& lo, const cuda::GemmScratch& scratch, cudaStream_t st) {
         if (!a8 || !rounds_input(w) || M > ws.T8 || !cuda::fp8_act_fits(w, lo)) return false;
@@ -782,6 +788,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
         ws_arena = cuda::DeviceArena(counter.used(), "workspace");
         ws.carve(ws_arena, c, gemm_bytes, gemm2_bytes);
         check(cudaMemset(ws.hc_counter, 0, sizeof(uint32_t)), "hc_site counter");
+        check(cudaMemset(ws.tail_counter, 0, sizeof(uint32_t)), "linear_norm_tail counter");
     }
     if (!opt.exchange) {
         moe_ws = cuda::MoeLayerWorkspace(ws.T, c.num_experts_per_tok, dm->layers.at(0).experts);
@@ -951,10 +958,22 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     linear_side(d.wkv, input(d.wkv, ws.xn, ws.xq), T, ws.kv_f, xa8);
     cuda::head_norm_rope(ws.kv_f, T, 1, hd, true, d.kv_norm, eps, ws.pos, rope, ws.kv, cs, nm);
     if (official()) cuda::fp8_block_round(ws.kv, T, hd, hd - c.qk_rope_head_dim, 64, cs);   // round_kv_latent
-    linear(d.wq_a, input(d.wq_a, ws.xn, ws.xq), T, ws.qr_f, false, 1, xa8);
-    cuda::rms_norm_rows(ws.qr_f, T, c.q_lora_rank, d.q_norm, eps, ws.qr, stream, nm,
-                        rounds_input(d.wq_b) || rounds_input(d.idx_wq_b) ? ws.qr_q : nullptr, q8 ? ws.qr8 : nullptr,
-                        q8 ? ws.qrs8 : nullptr);
+    // wq_a, then the q_lora norm: in one launch where wq_a is one register-streamed launch
+    // (RunnerOptions::linear_norm_tail, cuda::linear_norm_tail: the same bits), else two.
+    cuda::NormTail qn;
+    qn.w = d.q_norm;
+    qn.eps = eps;
+    qn.out = ws.qr;
+    qn.numerics = nm;
+    qn.out_q = rounds_input(d.wq_b) || rounds_input(d.idx_wq_b) ? ws.qr_q : nullptr;
+    qn.out_q8 = q8 ? ws.qr8 : nullptr;
+    qn.out_s8 = q8 ? ws.qrs8 : nullptr;
+    qn.counter = ws.tail_counter;
+    if (!(opt.linear_norm_tail && cuda::linear_norm_tail(d.wq_a, input(d.wq_a, ws.xn, ws.xq),
+                                                         fp8_act_input(d.wq_a, xa8, T), T, ws.qr_f, qn, stream))) {
+        linear(d.wq_a, input(d.wq_a, ws.xn, ws.xq), T, ws.qr_f, false, 1, xa8);
+        cuda::rms_norm_rows(ws.qr_f, T, c.q_lora_rank, qn.w, eps, qn.out, stream, nm, qn.out_q, qn.out_q8, qn.out_s8);
+    }
     linear(d.wq_b, input(d.wq_b, ws.qr, ws.qr_q), T, ws.q_f, false, 1, q8 ? &qa8 : nullptr);
     if (!opt.attn_fused_q)   // else the attention makes q from q_f itself (AttentionArgs::q_f)
         cuda::head_norm_rope(ws.q_f, T, H, hd, true, nullptr, eps, ws.pos, rope, ws.q, stream, nm);

@@ -70,6 +70,11 @@ struct RunnerOptions {
                                        // launch before it; off by default until it has run on a GPU
                                        // (written 2026-12-05 without a device; --attn-fused-q in the
                                        // forward bench)
+    bool    linear_norm_tail = false;  // decode: the q_lora norm run by wq_a's last CTA in wq_a's launch
+                                       // (cuda::linear_norm_tail, the same bits) instead of an
+                                       // rms_norm_rows launch after it; off by default until it has
+                                       // run on a GPU (written 2026-12-05 without a device;
+                                       // --norm-tail in the forward bench)
     bool    lt_bf16 = true;            // ≥ cuda::kLtBf16MinM tokens: linears with a bf16 input (exact
                                        // numerics, the official wo_a, BF16-weight projections) through
                                        // cuBLASLt's BF16 GEMM (FP8 weights expanded per call into the

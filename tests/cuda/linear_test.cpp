@@ -29,6 +29,7 @@
 #include "cuda/linear.h"
 #include "cuda/linear_lt.h"
 #include "cuda/numerics.h"
+#include "cuda/rowwise.h"
 #include "cuda_test_util.h"
 #include "io/formats.h"
 #include "ref/ops.h"
@@ -507,6 +508,169 @@ TEST(CudaLinear, Fp8ActFitsAndRejects) {
     } catch (const Error& e) {
         EXPECT_NE(std::string(e.what()).find("linear_fp8_act"), std::string::npos) << e.what();
     }
+}
+
+// linear_norm_tail (a row norm run by the linear's last CTA) against the linear followed by
+// rms_norm_rows, bit for bit in y and in every output of the norm: V4-Flash's and V4-Pro's wq_a
+// (FP8, the q_lora norm after it) and the tiny model's (N = 128: rms_norm_rows alone would run 32
+// threads, the tail 256) in exact numerics (bf16 x: linear_regs) and official (codes:
+// linear_fp8_act, with the rounded copy and its codes), BF16 weights above 8 tokens (where
+// linear_small_m takes linear_regs), M from 1 to 16, three calls on the same counter (which the
+// last CTA must leave at 0); and the cases it declines (nothing launched).
+TEST(CudaLinear, NormTailEqualsLinearThenRmsNorm) {
+    SKIP_WITHOUT_GPU();
+    struct Case {
+        LinearFormat f;
+        int64_t N, K;
+        std::vector<int64_t> Ms;
+    };
+    const std::vector<Case> cases = {{LinearFormat::fp8_block, 1024, 4096, {1, 2, 5, 16}},
+                                     {LinearFormat::fp8_block, 1536, 7168, {1, 3}},
+                                     {LinearFormat::fp8_block, 128, 256, {1, 2}},   // the tiny model's wq_a
+                                     {LinearFormat::fp8_block, 384, 512, {1, 9}},   // rms_norm_rows on 96 threads
+                                     {LinearFormat::bf16, 1024, 2048, {9, 16}}};
+    DeviceArray<uint32_t> counter(1);
+    counter.fill(0);
+    uint32_t seed = 900;
+    for (const Case& c : cases) {
+        HostLinear h;
+        make_quantized(h, c.f, c.N, c.K, seed++);
+        cuda::OwnedLinear d(h.lin);
+        std::vector<float> nwf(static_cast<size_t>(c.N));
+        std::mt19937 rng(seed++);
+        std::normal_distribution<float> nd(1.0f, 0.25f);
+        for (auto& v : nwf) v = nd(rng);
+        std::vector<uint16_t> nw(nwf.size());
+        for (size_t i = 0; i < nw.size(); ++i) nw[i] = f32_to_bf16(nwf[i]);
+        DeviceArray<uint16_t> dnw(nw);
+        for (const int64_t M : c.Ms) {
+            for (const Numerics nm : {Numerics::exact, Numerics::official}) {
+                const bool act = nm == Numerics::official && c.f == LinearFormat::fp8_block;
+                const std::string what = str(linear_format_name(c.f), " ", c.N, "x", c.K, " M=", M, " ",
+                                             numerics_name(nm));
+                SCOPED_TRACE(what);
+                const auto x = random_x(M, c.K, seed++);
+                DeviceArray<uint16_t> dx(x);
+                DeviceArray<uint8_t> dq(static_cast<size_t>(M * c.K));
+                DeviceArray<float> ds(static_cast<size_t>(M * c.K / 128));
+                if (act) cuda::quantize_gemm_input(dx.data(), M, c.K, dq.data(), ds.data(), nullptr);
+                const cuda::ActFp8 x8{dq.data(), ds.data()};
+                struct Out {
+                    DeviceArray<float> y, s8;
+                    DeviceArray<uint16_t> out, q;
+                    DeviceArray<uint8_t> q8;
+                    Out(int64_t M, int64_t N)
+                        : y(static_cast<size_t>(M * N)), s8(static_cast<size_t>(M * N / 128)),
+                          out(static_cast<size_t>(M * N)), q(static_cast<size_t>(M * N)), q8(static_cast<size_t>(M * N)) {
+                        y.fill(0xFF);
+                        s8.fill(0xFF);
+                        out.fill(0xFF);
+                        q.fill(0xFF);
+                        q8.fill(0xFF);
+                    }
+                };
+                Out two(M, c.N), one(M, c.N);
+                const bool official = nm == Numerics::official;
+                if (act) cuda::linear_fp8_act(d.view(), x8, M, two.y.data(), cuda::LinearOptions{}, nullptr);
+                else cuda::linear_small_m(d.view(), dx.data(), M, two.y.data(), cuda::LinearOptions{}, nullptr);
+                cuda::rms_norm_rows(two.y.data(), M, c.N, dnw.data(), 1e-6f, two.out.data(), nullptr, nm,
+                                    official ? two.q.data() : nullptr, act ? two.q8.data() : nullptr,
+                                    act ? two.s8.data() : nullptr);
+                cuda::NormTail t;
+                t.w = dnw.data();
+                t.eps = 1e-6f;
+                t.out = one.out.data();
+                t.numerics = nm;
+                t.out_q = official ? one.q.data() : nullptr;
+                t.out_q8 = act ? one.q8.data() : nullptr;
+                t.out_s8 = act ? one.s8.data() : nullptr;
+                t.counter = counter.data();
+                for (int call = 0; call < 3; ++call) {
+                    ASSERT_TRUE(cuda::linear_norm_tail(d.view(), dx.data(), act ? &x8 : nullptr, M, one.y.data(), t,
+                                                       nullptr));
+                    CUDA_CHECK(cudaDeviceSynchronize());
+                    EXPECT_EQ(counter.download()[0], 0u) << "call " << call;
+                }
+                auto bits = [](const std::vector<float>& v) {
+                    std::vector<uint32_t> u(v.size());
+                    std::memcpy(u.data(), v.data(), v.size() * 4);
+                    return u;
+                };
+                EXPECT_EQ(bits(one.y.download()), bits(two.y.download())) << "y";
+                EXPECT_EQ(one.out.download(), two.out.download()) << "out";
+                if (official) {
+                    EXPECT_EQ(one.q.download(), two.q.download()) << "out_q";
+                }
+                if (act) {
+                    EXPECT_EQ(one.q8.download(), two.q8.download()) << "out_q8";
+                    EXPECT_EQ(bits(one.s8.download()), bits(two.s8.download())) << "out_s8";
+                }
+            }
+        }
+    }
+    // Declined, nothing launched: more than 16 tokens, N not a multiple of 128, BF16 weights at 8
+    // tokens or fewer (linear_small_m's ring kernel), no counter.
+    HostLinear h;
+    make_quantized(h, LinearFormat::fp8_block, 1024, 1024, seed++);
+    cuda::OwnedLinear d(h.lin);
+    HostLinear hs;
+    make_quantized(hs, LinearFormat::fp8_block, 320, 1024, seed++);
+    cuda::OwnedLinear ds(hs.lin);
+    HostLinear hb;
+    make_quantized(hb, LinearFormat::bf16, 1024, 1024, seed++);
+    cuda::OwnedLinear db(hb.lin);
+    DeviceArray<uint16_t> dx(static_cast<size_t>(17 * 1024)), out(static_cast<size_t>(17 * 1024));
+    DeviceArray<float> dy(static_cast<size_t>(17 * 1024));
+    cuda::NormTail t;
+    t.out = out.data();
+    t.counter = counter.data();
+    EXPECT_FALSE(cuda::linear_norm_tail(d.view(), dx.data(), nullptr, 17, dy.data(), t, nullptr));
+    EXPECT_FALSE(cuda::linear_norm_tail(ds.view(), dx.data(), nullptr, 1, dy.data(), t, nullptr));
+    EXPECT_FALSE(cuda::linear_norm_tail(db.view(), dx.data(), nullptr, 8, dy.data(), t, nullptr));
+    cuda::NormTail no_counter = t;
+    no_counter.counter = nullptr;
+    EXPECT_FALSE(cuda::linear_norm_tail(d.view(), dx.data(), nullptr, 1, dy.data(), no_counter, nullptr));
+    EXPECT_EQ(counter.download()[0], 0u);
+}
+
+// linear_norm_tail's refusals are decided on the host before any launch (no GPU needed): more than
+// 16 tokens, N not a multiple of 128, no counter, a misaligned y, codes without scales, BF16
+// weights at 8 tokens or fewer, FP8 codes for weights linear_fp8_act cannot run.
+TEST(CudaLinear, NormTailDeclinesWithoutLaunching) {
+    DeviceLinear w;
+    w.format = LinearFormat::fp8_block;
+    w.out = 1024;
+    w.in = 4096;
+    w.weight_row_bytes = 4096;
+    w.weight = reinterpret_cast<void*>(0x10000);
+    w.scale = reinterpret_cast<void*>(0x20000);
+    const auto* x = reinterpret_cast<const uint16_t*>(0x30000);
+    auto* y = reinterpret_cast<float*>(0x40000);
+    cuda::NormTail t;
+    t.out = reinterpret_cast<uint16_t*>(0x50000);
+    t.counter = reinterpret_cast<uint32_t*>(0x60000);
+    EXPECT_FALSE(cuda::linear_norm_tail(w, x, nullptr, 17, y, t, nullptr)) << "17 tokens";
+    EXPECT_FALSE(cuda::linear_norm_tail(w, x, nullptr, 0, y, t, nullptr)) << "no tokens";
+    EXPECT_FALSE(cuda::linear_norm_tail(w, x, nullptr, 1, y + 1, t, nullptr)) << "y not 16-byte aligned";
+    cuda::NormTail u = t;
+    u.counter = nullptr;
+    EXPECT_FALSE(cuda::linear_norm_tail(w, x, nullptr, 1, y, u, nullptr)) << "no counter";
+    u = t;
+    u.out_q8 = reinterpret_cast<uint8_t*>(0x70000);
+    EXPECT_FALSE(cuda::linear_norm_tail(w, x, nullptr, 1, y, u, nullptr)) << "codes without scales";
+    DeviceLinear odd = w;
+    odd.out = 1000;
+    EXPECT_FALSE(cuda::linear_norm_tail(odd, x, nullptr, 1, y, t, nullptr)) << "N % 128";
+    DeviceLinear bf = w;
+    bf.format = LinearFormat::bf16;
+    bf.scale = nullptr;
+    bf.weight_row_bytes = 8192;
+    EXPECT_FALSE(cuda::linear_norm_tail(bf, x, nullptr, 8, y, t, nullptr)) << "bf16 weights at 8 tokens: the ring kernel";
+    DeviceLinear nv = w;
+    nv.format = LinearFormat::nvfp4;
+    const cuda::ActFp8 x8{reinterpret_cast<const uint8_t*>(0x80000), reinterpret_cast<const float*>(0x90000)};
+    EXPECT_FALSE(cuda::linear_norm_tail(nv, x, &x8, 1, y, t, nullptr)) << "codes for nvfp4 weights";
+    EXPECT_FALSE(cuda::linear_norm_tail(nv, x, nullptr, 1, y, t, nullptr)) << "nvfp4 weights: not linear_regs";
 }
 
 TEST(CudaLinear, RegsFitsAndRejects) {

@@ -1119,6 +1119,19 @@ TEST_P(GpuRunner, HcSiteInOneLaunchEqualsTwoLaunches) {
     expect_same_logits(*c->model, c->input_ids, one, two);
 }
 
+// The q_lora norm in wq_a's launch (RunnerOptions::linear_norm_tail, at decode) against the two
+// launches, in both numerics (official: the rounded copy and its codes made in the tail).
+TEST_P(GpuRunner, NormTailEqualsLinearThenRmsNorm) {
+    for (const Numerics nm : {Numerics::exact, Numerics::official}) {
+        SCOPED_TRACE(numerics_name(nm));
+        gpu::RunnerOptions tail = small_options(), plain = small_options();
+        tail.numerics = plain.numerics = nm;
+        tail.linear_norm_tail = true;
+        plain.linear_norm_tail = false;
+        expect_same_logits(*c->model, c->input_ids, tail, plain);
+    }
+}
+
 // The attention making its query itself (RunnerOptions::attn_fused_q, every step) against
 // head_norm_rope then the attention, in both numerics.
 TEST_P(GpuRunner, AttentionFusedQueryEqualsHeadNormRope) {
