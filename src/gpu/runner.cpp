@@ -510,11 +510,11 @@ struct Runner::Impl {
         ++lt_bf16_launches;
         return true;
     }
-    // The FP8 × FP8 forms of a linear given its input's codes; false when none applies.
     // a8 where fp8_linear runs w as linear_fp8_act on it (M ≤ kFp8ActMaxT), else null.
     const cuda::ActFp8* fp8_act_input(const cuda::DeviceLinear& w, const cuda::ActFp8* a8, int64_t M) const {
         return a8 && rounds_input(w) && M <= ws.T8 && M <= kFp8ActMaxT && cuda::fp8_act_fits(w, {}) ? a8 : nullptr;
     }
+    // The FP8 × FP8 forms of a linear given its input's codes; false when none applies.
     bool fp8_linear(const cuda::DeviceLinear& w, const cuda::ActFp8* a8, int64_t M, void* y,
                     const cuda::LinearOptions& lo, const cuda::GemmScratch& scratch, cudaStream_t st) {
         if (!a8 || !rounds_input(w) || M > ws.T8 || !cuda::fp8_act_fits(w, lo)) return false;
