@@ -452,7 +452,7 @@ template <bool CG, int VEC> __device__ __forceinline__ void ld_x(const float* p,
 }
 
 template <bool PRE, int VEC, int HC, bool CG>
-__device__ __forceinline__ void finish_body(const FinishArgs a, int64_t t) {
+__device__ __forceinline__ void finish_body(const FinishArgs& a, int64_t t) {
     constexpr int kPreV = VEC == 4 ? (HC <= 4 ? 4 : 2) : 0;   // d-vectors per thread and stream held in registers
     constexpr int kPreA = kPreV > 0 ? kPreV : 1;
     constexpr int kRounds = 4;                                  // mix values per warp whose partials are loaded together
@@ -509,7 +509,7 @@ __device__ __forceinline__ void finish_body(const FinishArgs a, int64_t t) {
             const float* ps = a.part + (s * a.T + t) * (NM + 1);
 #pragma unroll
             for (int r = 0; r < kRounds; ++r)
-                if (v0 + r * nwarps <= NM) acc[r] += ld_part<CG>(ps + v0 + r * nwarps);
+                if (v0 + r * nwarps <= NM) acc[r] += CG ? __ldcg(ps + v0 + r * nwarps) : ps[v0 + r * nwarps];
         }
 #pragma unroll
         for (int r = 0; r < kRounds; ++r) {
