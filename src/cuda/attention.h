@@ -29,7 +29,7 @@ struct AttentionArgs {
     const float*    q_f = nullptr;           // [T, H, hd] f32 or null: when given, q is not read but
                                              //   made in the kernel from q_f as head_norm_rope(q_f, T, H,
                                              //   hd, normalize, no weight, q_eps, b.pos, rope, ...,
-                                             //   q_official) makes it (the same code: the same bits)
+                                             //   q_numerics) makes it (the same code: the same bits)
     float           q_eps = 0;               //   its norm's eps
     Numerics        q_numerics = Numerics::exact;   //   its numerics
     const uint16_t* kv = nullptr;            // [T, hd] bf16 this step's latents, normalized and rotated

@@ -230,7 +230,7 @@ void moe_layer_small(const DeviceExperts& ex, float swiglu_limit, const uint16_t
 // moe_small_fits and the launches use with sm_facts() of the current device; no CUDA call, so it
 // can be asked about any device). ok: the path applies (at least two ring stages of each half fit).
 // l1_two: L1 runs two CTAs per SM (MXFP4 at T ≤ 4 where two CTAs' shared memory fits an SM).
-// Throws for T, k outside [1, kMoeSmallMaxT], T·k ≤ kMoeSmallMaxSlots or experts without shapes.
+// Throws for T outside [1, kMoeSmallMaxT], T·k > kMoeSmallMaxSlots, or experts without shapes.
 struct MoeSmallPlan {
     bool ok = false;
     bool l1_two = false;

@@ -209,9 +209,10 @@ bool small_m_takes_regs(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M
 //
 // rms_norm_rows(y, M, N, w, eps, out, numerics, out_q, out_q8, out_s8) (rowwise.h) on the f32
 // output of the linear, run by the linear's CTA that finishes last (every CTA counts itself on
-// `counter` after its rows are written), with rms_norm_rows' own row body (row_norm.cuh) on the
-// same 256 threads: the same bits as the two launches, without the second launch's wait for the
-// linear's grid to drain (V4's q_lora norm after wq_a, on the critical path of every decode step).
+// `counter` after its rows are written), with rms_norm_rows' own row body (row_norm.cuh; its sums
+// in the same order on the linear's 256 threads, linear_regs.cu says why): the same bits as the two
+// launches, without the second launch's wait for the linear's grid to drain (V4's q_lora norm
+// after wq_a, on the critical path of every decode step).
 struct NormTail {
     const uint16_t* w = nullptr;            // [N] bf16 or null
     float           eps = 0;
