@@ -15,7 +15,6 @@
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
 //                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--w4a8]
-//                         [--hc-one-launch] [--attn-fused-q] [--norm-tail]
 //                         [--gpus N | --multi] [--ep-exchange gather|all-to-all]
 //                         [--ep-combine slot-rows|partial-sums] [--replicated-head]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
@@ -37,13 +36,6 @@
 //   steps of ≥ cuda::kLtBf16MinM tokens on megamoe's kernels; the official FP8 ones stay on cuBLASLt).
 // --no-moe-small: the routed experts through moe_layer at every batch (RunnerOptions::moe_small
 //   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
-// --hc-one-launch: at 1-2 tokens each hyper-connection pre site's mix and finish in one launch
-//   (cuda::hc_site; RunnerOptions::hc_one_launch, off by default until measured), to compare with
-//   hc_mix + hc_pre_finish.
-// --attn-fused-q: the attention makes its query from wq_b's output itself (RunnerOptions::attn_fused_q,
-//   off by default until measured), to compare with the separate head_norm_rope launch.
-// --norm-tail: at decode the q_lora norm in wq_a's launch (RunnerOptions::linear_norm_tail, off by
-//   default until measured), to compare with the separate rms_norm_rows launch.
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
 // --w4a8: with --numerics official and --experts mxfp4, the routed experts on the W4A8 tiles wherever
 //   the automatic choice is a wgmma tile (RunnerOptions::w4a8; off by default: slower so far).
@@ -238,7 +230,7 @@ int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
         bool serial = false, spec = false, bf16_linears = false, no_lt = false, no_lt_bf16 = false, no_moe_small = false,
-             w4a8 = false, hc_one = false, attn_fused_q = false, norm_tail = false;
+             w4a8 = false;
         int64_t spec_k = 1;
         float spec_temperature = 0.0f;
         Numerics numerics = Numerics::exact;
@@ -266,9 +258,6 @@ int main(int argc, char** argv) {
             else if (a == "--no-lt-bf16") no_lt_bf16 = true;
             else if (a == "--no-moe-small") no_moe_small = true;
             else if (a == "--w4a8") w4a8 = true;
-            else if (a == "--hc-one-launch") hc_one = true;
-            else if (a == "--attn-fused-q") attn_fused_q = true;
-            else if (a == "--norm-tail") norm_tail = true;
             else if (a == "--spec") spec = true;
             else if (a == "--spec-tokens") {
                 spec = true;
@@ -305,7 +294,7 @@ int main(int argc, char** argv) {
         if (ep_exchange != "gather" && ep_exchange != "all-to-all") fail("--ep-exchange must be gather or all-to-all");
         if (ep_combine != "slot-rows" && ep_combine != "partial-sums") fail("--ep-combine must be slot-rows or partial-sums");
         if (gpus > 1 || multi) {
-            if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || w4a8 || hc_one || attn_fused_q || norm_tail)
+            if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || w4a8)
                 fail("--gpus / --multi: the multi-GPU rows take --model, --layers, --batches, --contexts, --prefill, "
                      "--steps, --experts, --numerics, --ep-exchange, --ep-combine, --replicated-head and "
                      "--no-moe-small only");
@@ -334,9 +323,6 @@ int main(int argc, char** argv) {
         ro.lt_bf16 = !no_lt && !no_lt_bf16;
         ro.moe_small = !no_moe_small;
         ro.w4a8 = w4a8;
-        ro.hc_one_launch = hc_one;
-        ro.attn_fused_q = attn_fused_q;
-        ro.linear_norm_tail = norm_tail;
         ro.rollback = spec;
         ro.numerics = numerics;
         const auto t0 = std::chrono::steady_clock::now();

@@ -12,9 +12,6 @@
 //     unswizzled at the start of its slot, and once the tile has landed each warp expands its 8
 //     rows in place to swizzled bf16 (e4m3 · 2^k, exact), one more barrier per tile: everything
 //     after reads the same bf16 tile as with bf16 storage.
-//   - Q: the 16 query rows are copied into shared memory, or with AttentionArgs::q_f made there
-//     from the f32 projection by head_norm_rope's row body (head_norm_rope.cuh), which saves the
-//     separate kernel's launch on a decode step's critical path.
 //   - S = Q·Kᵀ: Q's A fragments live in registers for the whole loop; warp w takes keys 8w..8w+7
 //     of the tile over the full head dim. Online softmax in f32 in base 2 (logits · scale · log2 e):
 //     the tile's row max crosses warps through shared memory; every thread applies the same
@@ -65,7 +62,6 @@
 #include "cuda/device_info.h"
 #include "cuda/kv_row.h"
 #include "cuda/device.cuh"
-#include "cuda/head_norm_rope.cuh"
 #include "cuda/linear.h"
 #include "cuda/numerics.cuh"
 
@@ -165,9 +161,7 @@ template <int D> struct AttnLayout {
     static size_t bytes(int topk_k) { return static_cast<size_t>(kTopk) + static_cast<size_t>(topk_k) * 4; }
 };
 
-// FQ: the fused query (AttentionArgs::q_f), a separate instantiation so that the plain kernel's
-// code stays what it was.
-template <int D, bool FQ>
+template <int D>
 __global__ void __launch_bounds__(kAttnThreads, 1)
 sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t splits) {
     using L = AttnLayout<D>;
@@ -201,15 +195,12 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
     const int32_t my_tiles = min(n_tiles, tile_begin + per_split) - tile_begin;
     const bool csa = a.topk != nullptr && qk.n_comp > 0;
 
-    // Q (16 rows, zero past H) → shared, asynchronously; the top-k row → shared. With a.q_f the
-    // rows are made below instead (an empty copy group keeps the group count).
-    if constexpr (!FQ) {
-        for (int i = tid; i < kHeadsPerCta * L::kChunks; i += kAttnThreads) {
-            const int r = i / L::kChunks, c = i % L::kChunks;
-            const bool ok = h0 + r < H;
-            const uint16_t* src = a.q + ((static_cast<int64_t>(t) * H + (ok ? h0 + r : 0)) * D + c * 8);
-            cp_async16(smem_addr(q_s + swz(r, c, L::kRowBytes)), src, ok);
-        }
+    // Q (16 rows, zero past H) → shared, asynchronously; the top-k row → shared.
+    for (int i = tid; i < kHeadsPerCta * L::kChunks; i += kAttnThreads) {
+        const int r = i / L::kChunks, c = i % L::kChunks;
+        const bool ok = h0 + r < H;
+        const uint16_t* src = a.q + ((static_cast<int64_t>(t) * H + (ok ? h0 + r : 0)) * D + c * 8);
+        cp_async16(smem_addr(q_s + swz(r, c, L::kRowBytes)), src, ok);
     }
     cp_async_commit();
     if (csa)
@@ -294,31 +285,6 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
     for (int s = 0; s < kStages - 1; ++s) {
         if (s < my_tiles) load_tile(s);
         cp_async_commit();
-    }
-    if constexpr (FQ) {
-        // The fused query (AttentionArgs::q_f): while the first key tiles are in flight, warp w
-        // makes rows 2w and 2w + 1 of the CTA's 16 heads with head_norm_rope's own row body
-        // (hnr::norm_rope_row: the same operations, so the same bf16 values as the separate
-        // kernel), straight into the swizzled Q tile; rows past H are zeros. Its scratch for the
-        // official norm's squares is the last key stage, which the first tiles leave untouched
-        // (it is loaded in the loop, after the barrier below).
-        float* const sq = reinterpret_cast<float*>(k_s + (kStages - 1) * L::kTileBytes) + warp * 128;
-        const hnr::HeadArgs ha{a.q_f,   static_cast<int64_t>(b.T) * H, H, D, true, nullptr, a.q_eps, b.pos,
-                               a.rope.inv_freq, a.rope.rope_dim, nullptr, a.q_numerics == Numerics::official};
-        for (int rr = 0; rr < kHeadsPerCta / kAttnWarps; ++rr) {
-            const int r = warp * (kHeadsPerCta / kAttnWarps) + rr;
-            if (h0 + r < H) {
-                hnr::norm_rope_row<4>(
-                    ha, static_cast<int64_t>(t) * H + h0 + r, lane, sq,
-                    [&](int64_t e, uint2 v) {
-                        *reinterpret_cast<uint2*>(q_s + swz(r, static_cast<int>(e >> 3), L::kRowBytes) + (e & 7) * 2) = v;
-                    },
-                    [](int64_t, uint16_t) {});
-            } else {
-                for (int c = lane; c < L::kChunks; c += 32)
-                    *reinterpret_cast<uint4*>(q_s + swz(r, c, L::kRowBytes)) = make_uint4(0u, 0u, 0u, 0u);
-            }
-        }
     }
     cp_async_wait<kStages - 1>();   // the Q group (the oldest) has landed
     __syncthreads();
@@ -875,7 +841,7 @@ void check_paged(const PagedRows& r, const char* op, const char* name) {
 }
 
 template <int D> void launch_attention(const AttentionArgs& a, const BatchView& b, cudaStream_t stream) {
-    auto* kernel = a.q_f != nullptr ? sparse_attention_kernel<D, true> : sparse_attention_kernel<D, false>;
+    auto* kernel = sparse_attention_kernel<D>;
     const size_t smem = AttnLayout<D>::bytes(a.topk ? a.topk_k : 0);
     raise_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
     const int64_t head_blocks = (a.heads + kHeadsPerCta - 1) / kHeadsPerCta;
@@ -956,13 +922,8 @@ void sparse_attention(const AttentionArgs& a, const BatchView& b, CUstream_st* s
                           kMaxTopk, ")");
     }
     if (b.T == 0) return;
-    MEGAMOE_CHECK((a.q || a.q_f) && a.kv && a.out && a.sink && a.ring.base,
-                  "sparse_attention: null q (and q_f), kv, out, sink or ring");
-    if (a.q_f) {
-        MEGAMOE_CHECK(aligned16(a.q_f) && (a.head_dim - a.rope.rope_dim) % 2 == 0 && (a.rope.rope_dim == 0 || b.pos),
-                      "sparse_attention: q_f must be 16-byte aligned, with positions when rope_dim > 0");
-    }
-    MEGAMOE_CHECK((a.q_f || aligned16(a.q)) && aligned16(a.kv) && aligned16(a.ring.base) && a.ring.slot_stride % 16 == 0 &&
+    MEGAMOE_CHECK(a.q && a.kv && a.out && a.sink && a.ring.base, "sparse_attention: null q, kv, out, sink or ring");
+    MEGAMOE_CHECK(aligned16(a.q) && aligned16(a.kv) && aligned16(a.ring.base) && a.ring.slot_stride % 16 == 0 &&
                       (reinterpret_cast<uintptr_t>(a.out) & 3u) == 0,
                   "sparse_attention: q, kv, ring (base and slot_stride) must be 16-byte aligned, out 4-byte aligned");
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);

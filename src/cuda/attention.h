@@ -26,12 +26,6 @@ struct AttentionArgs {
     int32_t         head_dim = 0;            // hd (64, 128, 256 or 512)
     int32_t         window = 0;              // W keys per query, the query included
     const uint16_t* q = nullptr;             // [T, H, hd] bf16, normalized and rotated
-    const float*    q_f = nullptr;           // [T, H, hd] f32 or null: when given, q is not read but
-                                             //   made in the kernel from q_f as head_norm_rope(q_f, T, H,
-                                             //   hd, normalize, no weight, q_eps, b.pos, rope, ...,
-                                             //   q_numerics) makes it (the same code: the same bits)
-    float           q_eps = 0;               //   its norm's eps
-    Numerics        q_numerics = Numerics::exact;   //   its numerics
     const uint16_t* kv = nullptr;            // [T, hd] bf16 this step's latents, normalized and rotated
     SlotArray       ring;                    // [ring_rows] KvRow rows per slot (window_write's layout)
     int32_t         ring_rows = 0;           // rows of the ring (≥ window; 0: window): position q in row q mod ring_rows

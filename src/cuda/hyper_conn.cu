@@ -31,7 +31,6 @@
 // hc_pre_finish, a ninth warp runs the Sinkhorn iterations in one thread (they need only the
 // mixes, so it starts right after the split reduction) and writes comb. The 8 warps synchronize
 // with a named barrier that the Sinkhorn warp never joins.
-// hc_site (decode): both in one kernel, hc_site_kernel below.
 // The scalar math mirrors ops::hc_pre / ops::hc_head / ops::rms_norm operation by operation
 // (explicit _rn intrinsics, no FMA contraction).
 #include "cuda/hyper_conn.h"
@@ -145,16 +144,14 @@ __device__ __forceinline__ void xpose_level(float (&acc)[N], int base, int lane,
 }
 
 // HC streams (1, 2, 4 or 8), NM mix rows, FUSED post, VEC columns per load (4 or 1).
-// The mix of one CTA's split and token tile by its warps 0 .. warps − 1 (hc_mix_kernel: all of its
-// warps; hc_site_kernel: the first of them).
 template <int HC, int NM, bool FUSED, int VEC>
-__device__ __forceinline__ void mix_body(const MixArgs& a, int tb_shift, int warps) {
+__global__ void __launch_bounds__(kMixWarpsMax * 32) hc_mix_kernel(MixArgs a, int tb_shift) {
     constexpr int NV = NM + 1;              // the dots, then the sum of squares
     constexpr int NB = (NV + 31) / 32;      // 32-value blocks of the transposing reduction
     const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
     const int TB = 1 << tb_shift, G = 32 >> tb_shift;
     const int tok = lane & (TB - 1), g = lane >> tb_shift;
-    const int64_t t = (static_cast<int64_t>(blockIdx.y) * warps + warp) * TB + tok;
+    const int64_t t = (static_cast<int64_t>(blockIdx.y) * (blockDim.x >> 5) + warp) * TB + tok;
     const bool valid = t < a.T;
     const int64_t S = gridDim.x, s = blockIdx.x;
     const int64_t D = a.D, n = HC * D;
@@ -271,11 +268,6 @@ __device__ __forceinline__ void mix_body(const MixArgs& a, int tb_shift, int war
             }
         }
     }
-}
-
-template <int HC, int NM, bool FUSED, int VEC>
-__global__ void __launch_bounds__(kMixWarpsMax * 32) hc_mix_kernel(MixArgs a, int tb_shift) {
-    mix_body<HC, NM, FUSED, VEC>(a, tb_shift, static_cast<int>(blockDim.x >> 5));
 }
 
 // ---------------------------------------------------------------------------- finishes
@@ -431,28 +423,8 @@ __device__ void sinkhorn4_warp(const float* mix, float inv_n, const float* base,
 // values, before any of them is used. Loading them round by round instead (a split-reduction round
 // per 9 values, then one X vector of every stream per loop iteration) chained ~8 dependent trips to
 // memory: ~8 µs per pre site of a V4-Flash batch-1 step on an H200, two sites per layer.
-//
-// CG: the partials and X were written by other CTAs of the same grid (hc_site_kernel): they are
-// read through L2 (ld.global.cg), never from this SM's L1.
-template <bool CG> __device__ __forceinline__ float ld_part(const float* p) {
-    if constexpr (CG) return __ldcg(p);
-    else return *p;
-}
-template <bool CG> __device__ __forceinline__ float4 ld_x4(const float* p) {
-    if constexpr (CG) return __ldcg(reinterpret_cast<const float4*>(p));
-    else return *reinterpret_cast<const float4*>(p);
-}
-template <bool CG, int VEC> __device__ __forceinline__ void ld_x(const float* p, float (&v)[VEC]) {
-    if constexpr (VEC == 4) {
-        const float4 q = ld_x4<CG>(p);
-        v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
-    } else {
-        v[0] = ld_part<CG>(p);
-    }
-}
-
-template <bool PRE, int VEC, int HC, bool CG>
-__device__ __forceinline__ void finish_body(const FinishArgs& a, int64_t t) {
+template <bool PRE, int VEC, int HC>
+__global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs a) {
     constexpr int kPreV = VEC == 4 ? (HC <= 4 ? 4 : 2) : 0;   // d-vectors per thread and stream held in registers
     constexpr int kPreA = kPreV > 0 ? kPreV : 1;
     constexpr int kRounds = 4;                                  // mix values per warp whose partials are loaded together
@@ -460,6 +432,7 @@ __device__ __forceinline__ void finish_body(const FinishArgs& a, int64_t t) {
     __shared__ float mix_s[kMaxMix + 1];
     __shared__ float pre_s[kMaxHc];
     __shared__ float red[kNormWarps];
+    const int64_t t = blockIdx.x;
     constexpr int hc = HC;
     const int64_t D = a.D;
     const int64_t nvec = D / VEC;
@@ -494,7 +467,7 @@ __device__ __forceinline__ void finish_body(const FinishArgs& a, int64_t t) {
                 const int64_t v = i + static_cast<int64_t>(q) * kNormThreads;
 #pragma unroll
                 for (int j = 0; j < hc; ++j)
-                    if (v < nvec) xr[q][j] = ld_x4<CG>(xt + j * D + v * 4);
+                    if (v < nvec) xr[q][j] = *reinterpret_cast<const float4*>(xt + j * D + v * 4);
             }
         }
     }
@@ -509,7 +482,7 @@ __device__ __forceinline__ void finish_body(const FinishArgs& a, int64_t t) {
             const float* ps = a.part + (s * a.T + t) * (NM + 1);
 #pragma unroll
             for (int r = 0; r < kRounds; ++r)
-                if (v0 + r * nwarps <= NM) acc[r] += CG ? __ldcg(ps + v0 + r * nwarps) : ps[v0 + r * nwarps];
+                if (v0 + r * nwarps <= NM) acc[r] += ps[v0 + r * nwarps];
         }
 #pragma unroll
         for (int r = 0; r < kRounds; ++r) {
@@ -580,7 +553,7 @@ __device__ __forceinline__ void finish_body(const FinishArgs& a, int64_t t) {
     for (int64_t v = i + static_cast<int64_t>(kPreV) * kNormThreads; v < nvec; v += kNormThreads) {
         float x[hc][VEC];
 #pragma unroll
-        for (int j = 0; j < hc; ++j) ld_x<CG, VEC>(xt + j * D + v * VEC, x[j]);
+        for (int j = 0; j < hc; ++j) load_vec<VEC>(xt + j * D + v * VEC, x[j]);
         form_u(v, x);
     }
     ss = rk::warp_sum(ss);
@@ -632,46 +605,6 @@ __device__ __forceinline__ void finish_body(const FinishArgs& a, int64_t t) {
     }
     for (int64_t v = i + static_cast<int64_t>(kPreV) * kNormThreads; v < nvec; v += kNormThreads)
         emit(v, VEC == 4 && a.norm_w != nullptr ? reinterpret_cast<const uint2*>(a.norm_w)[v] : make_uint2(0u, 0u));
-}
-
-template <bool PRE, int VEC, int HC>
-__global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs a) {
-    finish_body<PRE, VEC, HC, false>(a, blockIdx.x);
-}
-
-// ---------------------------------------------------------------------------- one launch per site
-
-// hc_site_kernel (hc_site): hc_mix, then hc_pre_finish, in one launch for a decode step
-// (T ≤ kHcSiteMaxT, so one token tile and one mix warp): grid (splits, 1), kNormThreads + 32
-// threads. Warps 0 .. mix_warps − 1 mix the CTA's split exactly as hc_mix_kernel does (the same
-// split count, so the same partials); then every CTA counts itself on `counter` after a barrier
-// and a __threadfence (the pattern of cooperative groups' grid sync), and the CTA that counts last
-// runs the finish of the T tokens with all its warps, reading the partials and the new streams
-// through L2, and puts the counter back to 0 for the next launch. The finish is finish_body, the
-// same code as hc_finish_kernel's, with the same warps: the result is bit-identical to the two
-// launches. What it saves is the second kernel's dependency on the first grid's end: at batch 1
-// the finish waited for the mix's 128 CTAs to retire and the grid's memory to flush, then
-// re-read the partials (H100, 8-layer official step, --trace: mix 4.8 µs, finish 5.4 µs on the
-// critical path at an attention site). The idle warps of the CTAs that do not count last exit.
-template <int HC, int NM, bool FUSED>
-__global__ void __launch_bounds__(kNormThreads + 32) hc_site_kernel(MixArgs a, int tb_shift, int mix_warps,
-                                                                    FinishArgs f, unsigned* counter) {
-    __shared__ int last;
-    if (static_cast<int>(threadIdx.x >> 5) < mix_warps) mix_body<HC, NM, FUSED, 4>(a, tb_shift, mix_warps);
-    else pdl_begin();
-    __syncthreads();   // this CTA's partials and streams are written
-    if (threadIdx.x == 0) {
-        __threadfence();
-        last = atomicAdd(counter, 1u) == gridDim.x * gridDim.y - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    if (threadIdx.x == 0) *counter = 0u;   // no other CTA of this grid reads it again
-    for (int64_t t = 0; t < f.T; ++t) {
-        finish_body<true, 4, HC, true>(f, t);
-        __syncthreads();   // the Sinkhorn warp left finish_body early: shared memory is reused
-    }
 }
 
 // ---------------------------------------------------------------------------- host
@@ -750,78 +683,33 @@ int64_t hc_mix_splits(int64_t T, int64_t n) {
     return std::clamp<int64_t>(want, 1, std::min(lane_cap, part_cap));
 }
 
-namespace {
-
-// hc_mix's checks and launch shape (shared with hc_site).
-struct MixLaunch {
-    MixArgs a{};
-    MixGeometry g{};
-    bool head = false, fused = false, vec = false;
-};
-MixLaunch prepare_mix(const char* op, const float* X_in, const float* y, const float* post, const float* comb,
-                      float* X_out, int64_t T, int64_t hc, int64_t D, const float* fn, int64_t n_mix, float* part,
-                      int64_t splits, Numerics nm) {
-    if (T < 0) fail(op, ": T=", T, " is negative");
-    if (hc != 1 && hc != 2 && hc != 4 && hc != 8) fail(op, ": hc=", hc, " must be 1, 2, 4 or 8");
-    if (D < 1) fail(op, ": D=", D, " must be ≥ 1");
-    MixLaunch m;
-    m.head = n_mix == hc;
-    if (!m.head && n_mix != (2 + hc) * hc)
-        fail(op, ": n_mix=", n_mix, " must be (2 + hc)·hc = ", (2 + hc) * hc, " (a site) or hc = ", hc, " (the head)");
-    if (splits < 1 || splits > 0x7fffffff) fail(op, ": splits=", splits, " must be ≥ 1");
-    const int given = (y != nullptr) + (post != nullptr) + (comb != nullptr) + (X_out != nullptr);
-    if (given != 0 && given != 4) fail(op, ": the fused post needs all of y, post, comb, X_out (or none)");
-    m.fused = given == 4;
-    if (T == 0) return m;
-    if (!X_in || !fn || !part) fail(op, ": null X_in/fn/part");
-    const int64_t n = hc * D;
-    if (m.fused && overlaps(X_in, X_out, T * n)) fail(op, ": X_out overlaps X_in");
-    m.g = mix_geometry(T);
-    if (m.g.tiles > 65535) fail(op, ": T=", T, " needs ", m.g.tiles, " token tiles (max 65535)");
-    m.vec = D % 4 == 0 && aligned(X_in, 16) && aligned(fn, 16) && (!m.fused || (aligned(y, 16) && aligned(X_out, 16)));
-    m.a = MixArgs{X_in, y, post, comb, X_out, T, D, fn, part, nm == Numerics::official, T >= kWideT};
-    return m;
-}
-
-// hc_pre_finish's checks and arguments (shared with hc_site).
-FinishArgs prepare_pre_finish(const char* op, const float* part, int64_t splits, const float* X, int64_t T, int64_t hc,
-                              int64_t D, const float* base, const float* scale, int64_t sinkhorn_iters, float hc_eps,
-                              float norm_eps, const uint16_t* norm_w, uint16_t* xn, float* post, float* comb,
-                              Numerics nm, uint16_t* xq, uint8_t* xq8, float* xs8) {
-    check_finish(op, part, splits, X, T, hc, D, base, scale, xn);
-    if (sinkhorn_iters < 0 || sinkhorn_iters > 1000000) fail(op, ": sinkhorn_iters=", sinkhorn_iters);
-    if (T > 0 && (!post || !comb)) fail(op, ": null post/comb");
-    FinishArgs a{part, splits, X, T, static_cast<int>(hc), D, base, scale, static_cast<int>(sinkhorn_iters),
-                 hc_eps, norm_eps, norm_w, xn, post, comb, nm == Numerics::official, xq};
-    a.xq8 = xq8;
-    a.xs8 = xs8;
-    return a;
-}
-
-template <int HC>
-void launch_site_hc(bool fused, dim3 grid, dim3 block, size_t smem, const MixArgs& a, int tb_shift, int mix_warps,
-                    const FinishArgs& f, unsigned* counter, CUstream_st* s) {
-    constexpr int NM = (2 + HC) * HC;
-    void (*kernel)(MixArgs, int, int, FinishArgs, unsigned*) =
-        fused ? hc_site_kernel<HC, NM, true> : hc_site_kernel<HC, NM, false>;
-    if (smem > 48 * 1024)
-        CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    rk::launch(kernel, grid, block, smem, s, a, tb_shift, mix_warps, f, counter);
-}
-
-}  // namespace
-
 void hc_mix(const float* X_in, const float* y, const float* post, const float* comb, float* X_out, int64_t T,
             int64_t hc, int64_t D, const float* fn, int64_t n_mix, float* part, int64_t splits, CUstream_st* stream,
             Numerics nm) {
-    const MixLaunch m = prepare_mix("hc_mix", X_in, y, post, comb, X_out, T, hc, D, fn, n_mix, part, splits, nm);
+    if (T < 0) fail("hc_mix: T=", T, " is negative");
+    if (hc != 1 && hc != 2 && hc != 4 && hc != 8) fail("hc_mix: hc=", hc, " must be 1, 2, 4 or 8");
+    if (D < 1) fail("hc_mix: D=", D, " must be ≥ 1");
+    const bool head = n_mix == hc;
+    if (!head && n_mix != (2 + hc) * hc)
+        fail("hc_mix: n_mix=", n_mix, " must be (2 + hc)·hc = ", (2 + hc) * hc, " (a site) or hc = ", hc, " (the head)");
+    if (splits < 1 || splits > 0x7fffffff) fail("hc_mix: splits=", splits, " must be ≥ 1");
+    const int given = (y != nullptr) + (post != nullptr) + (comb != nullptr) + (X_out != nullptr);
+    if (given != 0 && given != 4) fail("hc_mix: the fused post needs all of y, post, comb, X_out (or none)");
+    const bool fused = given == 4;
     if (T == 0) return;
-    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(m.g.tiles)), block(m.g.warps * 32);
+    if (!X_in || !fn || !part) fail("hc_mix: null X_in/fn/part");
+    const int64_t n = hc * D;
+    if (fused && overlaps(X_in, X_out, T * n)) fail("hc_mix: X_out overlaps X_in");
+    const MixGeometry g = mix_geometry(T);
+    if (g.tiles > 65535) fail("hc_mix: T=", T, " needs ", g.tiles, " token tiles (max 65535)");
+    const bool vec = D % 4 == 0 && aligned(X_in, 16) && aligned(fn, 16) && (!fused || (aligned(y, 16) && aligned(X_out, 16)));
+    const MixArgs a{X_in, y, post, comb, X_out, T, D, fn, part, nm == Numerics::official, T >= kWideT};
+    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(g.tiles)), block(g.warps * 32);
     switch (hc) {
-        case 1: launch_mix_hc<1>(m.head, m.fused, m.vec, grid, block, m.a, m.g.tb_shift, stream); break;
-        case 2: launch_mix_hc<2>(m.head, m.fused, m.vec, grid, block, m.a, m.g.tb_shift, stream); break;
-        case 4: launch_mix_hc<4>(m.head, m.fused, m.vec, grid, block, m.a, m.g.tb_shift, stream); break;
-        default: launch_mix_hc<8>(m.head, m.fused, m.vec, grid, block, m.a, m.g.tb_shift, stream); break;
+        case 1: launch_mix_hc<1>(head, fused, vec, grid, block, a, g.tb_shift, stream); break;
+        case 2: launch_mix_hc<2>(head, fused, vec, grid, block, a, g.tb_shift, stream); break;
+        case 4: launch_mix_hc<4>(head, fused, vec, grid, block, a, g.tb_shift, stream); break;
+        default: launch_mix_hc<8>(head, fused, vec, grid, block, a, g.tb_shift, stream); break;
     }
 }
 
@@ -829,47 +717,14 @@ void hc_pre_finish(const float* part, int64_t splits, const float* X, int64_t T,
                    const float* base, const float* scale, int64_t sinkhorn_iters, float hc_eps, float norm_eps,
                    const uint16_t* norm_w, uint16_t* xn, float* post, float* comb, CUstream_st* stream,
                    Numerics nm, uint16_t* xq, uint8_t* xq8, float* xs8) {
-    launch_finish<true>(prepare_pre_finish("hc_pre_finish", part, splits, X, T, hc, D, base, scale, sinkhorn_iters,
-                                           hc_eps, norm_eps, norm_w, xn, post, comb, nm, xq, xq8, xs8),
-                        stream, "hc_pre_finish");
-}
-
-bool hc_site_one_launch(int64_t T, int64_t hc, int64_t D) {
-    return T >= 1 && T <= kHcSiteMaxT && (hc == 1 || hc == 2 || hc == 4 || hc == 8) && D % 128 == 0 &&
-           D * static_cast<int64_t>(sizeof(float)) <= 227 * 1024 && mix_geometry(T).tiles == 1;
-}
-
-void hc_site(const float* X_in, const float* y, const float* post, const float* comb, float* X_out, int64_t T,
-             int64_t hc, int64_t D, const float* fn, float* part, int64_t splits, const float* base, const float* scale,
-             int64_t sinkhorn_iters, float hc_eps, float norm_eps, const uint16_t* norm_w, uint16_t* xn,
-             float* post_out, float* comb_out, unsigned* counter, CUstream_st* stream, Numerics nm, uint16_t* xq,
-             uint8_t* xq8, float* xs8) {
-    const MixLaunch m = prepare_mix("hc_site", X_in, y, post, comb, X_out, T, hc, D, fn, (2 + hc) * hc, part, splits, nm);
-    const float* X = m.fused ? X_out : X_in;
-    const FinishArgs f = prepare_pre_finish("hc_site", part, splits, X, T, hc, D, base, scale, sinkhorn_iters, hc_eps,
-                                            norm_eps, norm_w, xn, post_out, comb_out, nm, xq, xq8, xs8);
-    if (T == 0) return;
-    if (counter == nullptr) fail("hc_site: null counter");
-    // One launch only where the finish needs none of launch_finish's fallbacks (VEC 4, the fused
-    // FP8 rounding) and the mix runs VEC 4 in one token tile.
-    const bool one = hc_site_one_launch(T, hc, D) && m.vec && aligned(xn, 8) &&
-                     (norm_w == nullptr || aligned(norm_w, 8)) && (xq == nullptr || aligned(xq, 8)) &&
-                     (xq8 == nullptr || (aligned(xq8, 4) && xq != nullptr && xs8 != nullptr)) &&
-                     (xs8 == nullptr || xq8 != nullptr);
-    if (!one) {
-        hc_mix(X_in, y, post, comb, X_out, T, hc, D, fn, (2 + hc) * hc, part, splits, stream, nm);
-        hc_pre_finish(part, splits, X, T, hc, D, base, scale, sinkhorn_iters, hc_eps, norm_eps, norm_w, xn, post_out,
-                      comb_out, stream, nm, xq, xq8, xs8);
-        return;
-    }
-    const dim3 grid(static_cast<unsigned>(splits), 1u), block(kNormThreads + 32);
-    const size_t smem = static_cast<size_t>(D) * sizeof(float);
-    switch (hc) {
-        case 1: launch_site_hc<1>(m.fused, grid, block, smem, m.a, m.g.tb_shift, m.g.warps, f, counter, stream); break;
-        case 2: launch_site_hc<2>(m.fused, grid, block, smem, m.a, m.g.tb_shift, m.g.warps, f, counter, stream); break;
-        case 4: launch_site_hc<4>(m.fused, grid, block, smem, m.a, m.g.tb_shift, m.g.warps, f, counter, stream); break;
-        default: launch_site_hc<8>(m.fused, grid, block, smem, m.a, m.g.tb_shift, m.g.warps, f, counter, stream); break;
-    }
+    check_finish("hc_pre_finish", part, splits, X, T, hc, D, base, scale, xn);
+    if (sinkhorn_iters < 0 || sinkhorn_iters > 1000000) fail("hc_pre_finish: sinkhorn_iters=", sinkhorn_iters);
+    if (T > 0 && (!post || !comb)) fail("hc_pre_finish: null post/comb");
+    FinishArgs a{part, splits, X, T, static_cast<int>(hc), D, base, scale, static_cast<int>(sinkhorn_iters),
+                 hc_eps, norm_eps, norm_w, xn, post, comb, nm == Numerics::official, xq};
+    a.xq8 = xq8;
+    a.xs8 = xs8;
+    launch_finish<true>(a, stream, "hc_pre_finish");
 }
 
 void hc_head_finish(const float* part, int64_t splits, const float* X, int64_t T, int64_t hc, int64_t D,

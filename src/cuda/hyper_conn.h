@@ -15,7 +15,6 @@
 //               the pre / post weights and the Sinkhorn comb (ops::hc_pre) or the head's weights
 //               (ops::hc_head), u = Σ_j pre_j X[t, j, :], and the RMS norm of u with the sublayer's
 //               weight (ops::rms_norm) into bf16.
-// hc_site runs the two in one launch at decode (the CTA whose mix ends last runs the finish).
 // Numerics::official adds the official code's bf16 roundings (ref block_forward / head_logits): the
 // sublayer output y and the new streams X_out of the fused post, and u before its norm; and the
 // finishes can also write xq, xn with round_gemm_input applied (the FP8 GEMMs' input).
@@ -57,25 +56,6 @@ void hc_pre_finish(const float* part, int64_t splits, const float* X, int64_t T,
                    const uint16_t* norm_w, uint16_t* xn, float* post, float* comb, CUstream_st* stream,
                    Numerics nm = Numerics::exact, uint16_t* xq = nullptr, uint8_t* xq8 = nullptr,
                    float* xs8 = nullptr);
-
-// A pre site in one call: hc_mix (n_mix = (2 + hc)·hc, fused post when y, post, comb, X_out are
-// given) and then hc_pre_finish on the streams it mixed (X_out when fused, else X_in), with the
-// arguments of the two; post_out / comb_out are the finish's post / comb (they may be the buffers
-// post / comb: the mix has read them before the finish writes). Where hc_site_one_launch(T, hc, D)
-// holds and the buffers are aligned as the two kernels' vector paths want (16 bytes for X, fn,
-// y, X_out; 8 for xn, norm_w, xq; 4 for xq8) it is one kernel whose CTA that finishes its mix last
-// runs the finish, bit-identical to the two launches with the same splits; otherwise it is the two
-// launches. counter: device u32, 0 before the call and 0 again after it (the kernel's last CTA
-// resets it); two calls in flight at once (different streams) need different counters. The
-// one-launch variant is for decode (T ≤ kHcSiteMaxT): its finish runs the tokens one after
-// another in one CTA.
-constexpr int64_t kHcSiteMaxT = 2;
-bool hc_site_one_launch(int64_t T, int64_t hc, int64_t D);
-void hc_site(const float* X_in, const float* y, const float* post, const float* comb, float* X_out, int64_t T,
-             int64_t hc, int64_t D, const float* fn, float* part, int64_t splits, const float* base, const float* scale,
-             int64_t sinkhorn_iters, float hc_eps, float norm_eps, const uint16_t* norm_w, uint16_t* xn,
-             float* post_out, float* comb_out, unsigned* counter, CUstream_st* stream, Numerics nm = Numerics::exact,
-             uint16_t* xq = nullptr, uint8_t* xq8 = nullptr, float* xs8 = nullptr);
 
 // The head finish (n_mix = hc, no Sinkhorn): pre_j = sigmoid(mix_j · scale[0] + base[j]) + hc_eps,
 // u = Σ_j pre_j X[j], xn = rms_norm(u, norm_w) bf16 [T, D].

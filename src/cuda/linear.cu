@@ -983,10 +983,6 @@ std::string linear_small_m_plan(const DeviceLinear& w, int64_t M, const LinearOp
                " model=", static_cast<int>(plan.cost * 10) / 10.0, "us");
 }
 
-bool small_m_takes_regs(const DeviceLinear& w, const uint16_t* x, int64_t M, const LinearOptions& o) {
-    return M >= 0 && M <= 16 && w.format != LinearFormat::f32 && !w.nan_codes && takes_regs(w, x, M, o);
-}
-
 void linear_small_m(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
                     CUstream_st* stream) {
     check_launch_args(w, x, M, y, o, "linear_small_m");

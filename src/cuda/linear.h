@@ -26,7 +26,6 @@
 #include <string>
 #include <vector>
 
-#include "core/numerics.h"
 #include "cuda/buffer.h"
 #include "io/weights.h"
 
@@ -201,35 +200,6 @@ bool regs_fits(const DeviceLinear& w, const uint16_t* x_bf16, const LinearOption
 void linear_regs(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void* y, const LinearOptions& o,
                  CUstream_st* stream);
 std::string linear_regs_plan(const DeviceLinear& w, int64_t M);
-
-// Whether linear_small_m (and so linear at M ≤ 16) runs w on x for M tokens as linear_regs.
-bool small_m_takes_regs(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, const LinearOptions& o);
-
-// ---- A row norm in the same launch as a register-streamed linear (decode)
-//
-// rms_norm_rows(y, M, N, w, eps, out, numerics, out_q, out_q8, out_s8) (rowwise.h) on the f32
-// output of the linear, run by the linear's CTA that finishes last (every CTA counts itself on
-// `counter` after its rows are written), with rms_norm_rows' own row body (row_norm.cuh; its sums
-// in the same order on the linear's 256 threads, linear_regs.cu says why): the same bits as the two
-// launches, without the second launch's wait for the linear's grid to drain (V4's q_lora norm
-// after wq_a, on the critical path of every decode step).
-struct NormTail {
-    const uint16_t* w = nullptr;            // [N] bf16 or null
-    float           eps = 0;
-    uint16_t*       out = nullptr;          // [M, N] bf16
-    Numerics        numerics = Numerics::exact;
-    uint16_t*       out_q = nullptr;        // [M, N] bf16 or null: out FP8-rounded in 128-blocks
-    uint8_t*        out_q8 = nullptr;       // [M, N] e4m3 codes or null (with out_s8, and out_q)
-    float*          out_s8 = nullptr;       // [M, N / 128]
-    uint32_t*       counter = nullptr;      // device u32: 0 before the call, 0 again after it
-};
-// y[M, N] f32 = the linear (linear_fp8_act on x8 when given, else what linear would run on x),
-// then the tail, in one launch; true when it ran so: M ≤ 16, that linear is one linear_regs launch
-// (x8: fp8_act_fits; else small_m_takes_regs), N % 128 == 0 (rms_norm_rows' fused rounding), y
-// 16-byte, out, out_q and w 8-byte, out_q8 4-byte aligned.
-// Otherwise it launches nothing and returns false (the caller runs the linear and rms_norm_rows).
-bool linear_norm_tail(const DeviceLinear& w, const uint16_t* x_bf16, const ActFp8* x8, int64_t M, float* y,
-                      const NormTail& tail, CUstream_st* stream);
 
 // The plain exact kernel that linear_small_m falls back to for f32 weights and fp8 NaN codes:
 // one warp per output row, decode exactly as Linear::decode_row, fp32 FMA. Exposed for tests.

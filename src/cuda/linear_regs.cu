@@ -54,7 +54,6 @@
 #include "core/common.h"
 #include "cuda/device.cuh"
 #include "cuda/linear.h"
-#include "cuda/row_norm.cuh"
 #include "io/formats.h"
 
 namespace megamoe::cuda {
@@ -123,9 +122,8 @@ struct Batch {
 // (BF16 weights, BF16 activations: the weight bytes are the A fragments as they are); the last two
 // are linear_regs.
 constexpr int kAct = 0, kFp8W = 1, kBf16W = 2;
-// The body of both kernels below (linear_regs_kernel; linear_regs_tail_kernel adds the norm tail).
 template <int NT, int MODE>
-__device__ __forceinline__ void linear_regs_body(const Fp8Params& p) {
+__global__ void __launch_bounds__(kThreads, 2) linear_regs_kernel(const Fp8Params p) {
     constexpr bool BX = MODE != kAct;
     constexpr int kStepCols = MODE == kBf16W ? kStepBytes / 2 : kStepBytes;   // columns per 64-byte step
     __shared__ float red[kRedFloats];
@@ -309,36 +307,6 @@ __device__ __forceinline__ void linear_regs_body(const Fp8Params& p) {
     }
 }
 
-template <int NT, int MODE>
-__global__ void __launch_bounds__(kThreads, 2) linear_regs_kernel(const Fp8Params p) {
-    linear_regs_body<NT, MODE>(p);
-}
-
-// linear_norm_tail: the same linear, then every CTA counts itself on t.counter (a barrier, then
-// one thread's __threadfence and atomicAdd: cooperative groups' grid-sync pattern), and the CTA
-// that counts last resets the counter and runs rms_norm_rows' row body over the M rows of y,
-// reading them through L2 (other CTAs wrote them).
-template <int NT, int MODE>
-__global__ void __launch_bounds__(kThreads, 2) linear_regs_tail_kernel(const Fp8Params p, const NormTail t) {
-    __shared__ int last;
-    __shared__ float tail_red[32];
-    linear_regs_body<NT, MODE>(p);
-    __syncthreads();   // this CTA's rows of y are written
-    if (threadIdx.x == 0) {
-        __threadfence();
-        last = atomicAdd(t.counter, 1u) == gridDim.x * gridDim.y - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    if (threadIdx.x == 0) *t.counter = 0u;   // no other CTA of this grid reads it again
-    for (int r = 0; r < p.M; ++r) {
-        rnorm::rms_norm_row<4, true>(static_cast<const float*>(p.y), r, p.N, t.w, t.eps, t.out,
-                                     t.numerics == Numerics::official, t.out_q, t.out_q8, t.out_s8, tail_red);
-        __syncthreads();   // tail_red is reused by the next row
-    }
-}
-
 struct Fp8Plan {
     int wr = 1, wk = 8, spw = 0, row_blocks = 0;
 };
@@ -427,46 +395,6 @@ void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, 
                                     : launch_pdl(linear_regs_kernel<1, kAct>, grid, block, 0, stream, p);
         if (e != cudaSuccess) fail("linear_fp8_act: launch: ", cudaGetErrorString(e));
     }
-}
-
-bool linear_norm_tail(const DeviceLinear& w, const uint16_t* x, const ActFp8* x8, int64_t M, float* y,
-                      const NormTail& t, CUstream_st* stream) {
-    const LinearOptions o;
-    auto a = [](const void* ptr, uintptr_t n) { return reinterpret_cast<uintptr_t>(ptr) % n == 0; };
-    if (M < 1 || M > kMaxTokens || !y || !t.out || !t.counter) return false;
-    // N % 128: rms_norm_rows' fused rounding. Its thread count, min(256, N / 4 rounded up to a warp),
-    // against the linear's 256: for N / 4 ≤ 256 every thread of either holds at most one vector,
-    // the same one, and the linear's extra warps add +0 to the sum of squares (≥ 0): same bits.
-    if (w.out % 128 != 0 || w.out > (int64_t{1} << 30) || w.in > (int64_t{1} << 30)) return false;
-    if (!a(y, 16) || !a(t.out, 8) || (t.w && !a(t.w, 8)) || (t.out_q && !a(t.out_q, 8)) ||
-        (t.out_q8 && !a(t.out_q8, 4)))
-        return false;
-    if ((t.out_q8 == nullptr) != (t.out_s8 == nullptr) || (t.out_q8 && !t.out_q)) return false;
-    if (x8 != nullptr ? !(fp8_act_fits(w, o) && x8->q && x8->s) : !small_m_takes_regs(w, x, M, o)) return false;
-    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
-    const int m = static_cast<int>(M);
-    Fp8Params p = weight_params(w, pl, o, y, 0, m);
-    const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
-    cudaError_t e;
-    if (x8 != nullptr) {
-        p.q = x8->q;
-        p.s = x8->s;
-        e = m > 8 ? launch_pdl(linear_regs_tail_kernel<2, kAct>, grid, block, 0, stream, p, t)
-                  : launch_pdl(linear_regs_tail_kernel<1, kAct>, grid, block, 0, stream, p, t);
-    } else {
-        const bool bf16 = w.format == LinearFormat::bf16;
-        if (bf16) p.scale = p.w;   // (not read)
-        p.xb = x;
-        p.x_ld = w.in;
-        p.group_rows = 0;
-        kernel_scales(w, p.bias, p.out_scale);
-        if (bf16) e = m > 8 ? launch_pdl(linear_regs_tail_kernel<2, kBf16W>, grid, block, 0, stream, p, t)
-                            : launch_pdl(linear_regs_tail_kernel<1, kBf16W>, grid, block, 0, stream, p, t);
-        else e = m > 8 ? launch_pdl(linear_regs_tail_kernel<2, kFp8W>, grid, block, 0, stream, p, t)
-                       : launch_pdl(linear_regs_tail_kernel<1, kFp8W>, grid, block, 0, stream, p, t);
-    }
-    if (e != cudaSuccess) fail("linear_norm_tail: launch: ", cudaGetErrorString(e));
-    return true;
 }
 
 bool regs_fits(const DeviceLinear& w, const uint16_t* x, const LinearOptions& o) {

@@ -29,9 +29,7 @@
 #include <cstdint>
 
 #include "core/common.h"
-#include "cuda/head_norm_rope.cuh"
 #include "cuda/numerics.cuh"
-#include "cuda/row_norm.cuh"
 #include "cuda/numerics.h"
 #include "cuda/row_kernels.cuh"
 
@@ -80,21 +78,97 @@ embed_streams_kernel(const uint16_t* __restrict__ table, const int32_t* __restri
 
 // ---------------------------------------------------------------------------- rms norm
 
-// One CTA per row; the row's body is rnorm::rms_norm_row (row_norm.cuh).
+// y[r] = bf16(w · (x[r] · inv)), inv = 1 / sqrt(Σx² / D + eps). VEC = 4 (float4 in, 4 bf16 out) or 1.
+// official: x is rounded to bf16 as loaded; yq (fused: VEC 4, D % 128 == 0, every lane of a warp
+// in the loop) receives y FP8-rounded in 128-blocks, the warp's 32 vectors being one block. yq may
+// alias y (then only the rounded values remain).
 template <int VEC>
 __global__ void __launch_bounds__(kMaxRowThreads)
 rms_norm_kernel(const float* __restrict__ x, int64_t D, const uint16_t* __restrict__ w, float eps,
                 uint16_t* y, bool official, uint16_t* yq, uint8_t* yq8, float* ys8) {
     pdl_begin();
     __shared__ float red[32];
-    rnorm::rms_norm_row<VEC, false>(x, blockIdx.x, D, w, eps, y, official, yq, yq8, ys8, red);
+    const int64_t r = blockIdx.x;
+    const float* xr = x + r * D;
+    uint16_t* yr = y + r * D;
+    const int64_t nv = D / VEC;
+    auto load = [&](int64_t v, float (&q)[VEC]) {
+        if constexpr (VEC == 4) {
+            const float4 f = reinterpret_cast<const float4*>(xr)[v];
+            q[0] = f.x, q[1] = f.y, q[2] = f.z, q[3] = f.w;
+        } else {
+            q[0] = xr[v];
+        }
+        if (official)
+            for (int e = 0; e < VEC; ++e) q[e] = nm::bf16_round(q[e]);
+    };
+    float ss = 0.0f;
+    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+        float q[VEC];
+        load(v, q);
+        for (int e = 0; e < VEC; ++e) ss = fmaf(q[e], q[e], ss);
+    }
+    const float inv = rk::inv_rms(rk::block_sum(ss, red), static_cast<float>(D), eps);
+    // Second pass over the row: the same thread re-reads its own elements (L1 hits).
+    for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+        float q[VEC];
+        load(v, q);
+        if constexpr (VEC == 4) {
+            float o[4] = {__fmul_rn(q[0], inv), __fmul_rn(q[1], inv), __fmul_rn(q[2], inv), __fmul_rn(q[3], inv)};
+            if (w != nullptr) {
+                const uint2 wb = reinterpret_cast<const uint2*>(w)[v];
+                o[0] = __fmul_rn(rk::bf16_lo(wb.x), o[0]);
+                o[1] = __fmul_rn(rk::bf16_hi(wb.x), o[1]);
+                o[2] = __fmul_rn(rk::bf16_lo(wb.y), o[2]);
+                o[3] = __fmul_rn(rk::bf16_hi(wb.y), o[3]);
+            }
+            reinterpret_cast<uint2*>(yr)[v] = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
+            if (yq8 != nullptr) {   // ... and its codes and scale (linear_fp8_act's input)
+                uint32_t codes;
+                float sc;
+                nm::fp8_round_warp_block4(o, codes, sc);
+                reinterpret_cast<uint32_t*>(yq8 + r * D)[v] = codes;
+                if ((v & 31) == 0) ys8[(r * D + v * 4) / 128] = sc;
+                reinterpret_cast<uint2*>(yq + r * D)[v] = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
+            } else if (yq != nullptr) {   // round_gemm_input of this 128-block (see above)
+                nm::fp8_round_warp_block4(o);
+                reinterpret_cast<uint2*>(yq + r * D)[v] = make_uint2(rk::pack_bf16x2(o[0], o[1]), rk::pack_bf16x2(o[2], o[3]));
+            }
+        } else {
+            float o = __fmul_rn(q[0], inv);
+            if (w != nullptr) o = __fmul_rn(rk::bf16_to_f32(w[v]), o);
+            yr[v] = static_cast<uint16_t>(rk::f32_to_bf16(o));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------- head norm + rope
 
-using hnr::HeadArgs;
+struct HeadArgs {
+    const float* x;           // [rows, hd]
+    int64_t rows, heads, hd;
+    bool normalize;
+    const uint16_t* w;        // [hd] or null
+    float eps;
+    const int32_t* pos;       // [T]
+    const float* inv_freq;    // [rope_dim / 2]
+    int64_t rope_dim;
+    uint16_t* y;              // [rows, hd]
+    bool official;            // Numerics::official (rowwise.h)
+};
 
-// One warp per row (t, h); the row's body is hnr::norm_rope_row (head_norm_rope.cuh).
+// (a, b) rotated by angle = f32(pos) · f, as ops::rope: a·c − b·s, b·c + a·s.
+__device__ __forceinline__ void rotate(float& a, float& b, float fpos, float f) {
+    const float angle = __fmul_rn(fpos, f);
+    const float c = cosf(angle), s = sinf(angle);
+    const float a2 = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    const float b2 = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+    a = a2;
+    b = b2;
+}
+
+// One warp per row (t, h). VEC = 4: hd % 4 == 0 and hd − rope_dim even (pairs never straddle a
+// vector); VEC = 1: any hd, the plain dims and the rope pairs in two loops.
 template <int VEC>
 __global__ void __launch_bounds__(kHeadWarps * 32) head_norm_rope_kernel(HeadArgs a) {
     pdl_begin();
@@ -102,10 +176,125 @@ __global__ void __launch_bounds__(kHeadWarps * 32) head_norm_rope_kernel(HeadArg
     const int lane = static_cast<int>(threadIdx.x & 31);
     const int64_t row = static_cast<int64_t>(blockIdx.x) * kHeadWarps + (threadIdx.x >> 5);
     if (row >= a.rows) return;   // whole warps; the kernel uses no block-wide barrier
-    uint16_t* yr = a.y + row * a.hd;
-    hnr::norm_rope_row<VEC>(
-        a, row, lane, sq_s[threadIdx.x >> 5], [&](int64_t e, uint2 v) { *reinterpret_cast<uint2*>(yr + e) = v; },
-        [&](int64_t e, uint16_t v) { yr[e] = v; });
+    const int64_t hd = a.hd;
+    const float* xr = a.x + row * hd;
+    uint16_t* yr = a.y + row * hd;
+
+    // Official norms: the VEC bf16-rounded inputs at e (zeros past hd; e is a multiple of VEC).
+    auto load_bf16 = [&](int64_t e, float (&v)[VEC]) {
+        if (e >= hd) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) v[j] = 0.0f;
+        } else if constexpr (VEC == 4) {
+            const float4 q = *reinterpret_cast<const float4*>(xr + e);
+            v[0] = nm::bf16_round(q.x), v[1] = nm::bf16_round(q.y), v[2] = nm::bf16_round(q.z), v[3] = nm::bf16_round(q.w);
+        } else {
+            v[0] = nm::bf16_round(xr[e]);
+        }
+    };
+    float inv = 1.0f;
+    if (a.normalize && !a.official) {
+        float ss = 0.0f;
+        for (int64_t e = lane * VEC; e < hd; e += 32 * VEC) {
+            if constexpr (VEC == 4) {
+                const float4 q = *reinterpret_cast<const float4*>(xr + e);
+                ss = fmaf(q.x, q.x, ss);
+                ss = fmaf(q.y, q.y, ss);
+                ss = fmaf(q.z, q.z, ss);
+                ss = fmaf(q.w, q.w, ss);
+            } else {
+                ss = fmaf(xr[e], xr[e], ss);
+            }
+        }
+        inv = rk::inv_rms(rk::warp_sum(ss), static_cast<float>(hd), a.eps);
+    } else if (a.normalize && a.w != nullptr) {
+        // ops::rms_norm of the bf16 values: f64 squares and sum, 1 / sqrt(f32(ss / D) + eps).
+        double ss = 0.0;
+        for (int64_t e = lane * VEC; e < hd; e += 32 * VEC) {
+            float v[VEC];
+            load_bf16(e, v);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) ss = __dadd_rn(ss, __dmul_rn(v[j], v[j]));
+        }
+#pragma unroll
+        for (int o = 16; o >= 1; o >>= 1) ss = __dadd_rn(ss, __shfl_xor_sync(0xffffffffu, ss, o));
+        const float mean = __double2float_rn(__ddiv_rn(ss, static_cast<double>(hd)));
+        inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(mean, a.eps)));
+    } else if (a.normalize) {
+        // ops::head_rms_norm_bf16: ss += bf16(v²) in element order (f32), then mean, + eps and
+        // the rsqrt each rounded to bf16; inv is its r. Per chunk of 32·VEC elements the lanes
+        // write their squares to the warp's shared slice, then every lane adds the slice in
+        // element order (broadcast float4 reads, independent of the add chain). Past hd the
+        // squares are +0, which leave ss unchanged.
+        float* sq = sq_s[threadIdx.x >> 5];
+        float ss = 0.0f;
+        for (int64_t e0 = 0; e0 < hd; e0 += 32 * VEC) {
+            float v[VEC];
+            load_bf16(e0 + lane * VEC, v);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) sq[lane * VEC + j] = nm::bf16_round(__fmul_rn(v[j], v[j]));
+            __syncwarp();
+#pragma unroll
+            for (int i = 0; i < 32 * VEC; i += 4) {
+                const float4 s4 = *reinterpret_cast<const float4*>(sq + i);
+                ss = __fadd_rn(__fadd_rn(__fadd_rn(__fadd_rn(ss, s4.x), s4.y), s4.z), s4.w);
+            }
+            __syncwarp();   // the slice is rewritten by the next chunk
+        }
+        const float mean = nm::bf16_round(__fdiv_rn(ss, static_cast<float>(hd)));
+        inv = nm::bf16_round(__fdiv_rn(1.0f, __fsqrt_rn(nm::bf16_round(__fadd_rn(mean, a.eps)))));
+    }
+    // The normalized (and weighted) value of element e, as ops::rms_norm writes it; official: of
+    // the bf16 input, and rounded to bf16 (ops::head_rms_norm_bf16, or round_bf16 after rms_norm).
+    auto scaled = [&](float v, int64_t e) {
+        if (a.official) v = nm::bf16_round(v);
+        if (!a.normalize) return v;
+        v = __fmul_rn(v, inv);
+        if (a.w != nullptr) v = __fmul_rn(rk::bf16_to_f32(a.w[e]), v);
+        return a.official ? nm::bf16_round(v) : v;
+    };
+    const int64_t off = hd - a.rope_dim;
+    const float fpos = a.rope_dim > 0 ? static_cast<float>(a.pos[row / a.heads]) : 0.0f;
+
+    if constexpr (VEC == 4) {
+        for (int64_t e = lane * 4; e < hd; e += 128) {
+            const float4 q = *reinterpret_cast<const float4*>(xr + e);
+            float v[4] = {q.x, q.y, q.z, q.w};
+            if (a.official) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) v[j] = nm::bf16_round(v[j]);
+            }
+            if (a.normalize) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) v[j] = __fmul_rn(v[j], inv);
+                if (a.w != nullptr) {
+                    const uint2 wb = *reinterpret_cast<const uint2*>(a.w + e);
+                    v[0] = __fmul_rn(rk::bf16_lo(wb.x), v[0]);
+                    v[1] = __fmul_rn(rk::bf16_hi(wb.x), v[1]);
+                    v[2] = __fmul_rn(rk::bf16_lo(wb.y), v[2]);
+                    v[3] = __fmul_rn(rk::bf16_hi(wb.y), v[3]);
+                }
+                if (a.official) {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) v[j] = nm::bf16_round(v[j]);
+                }
+            }
+            for (int p = 0; p < 2; ++p) {
+                const int64_t e0 = e + 2 * p;   // off is even, so a pair starts at an even element
+                if (e0 >= off) rotate(v[2 * p], v[2 * p + 1], fpos, a.inv_freq[(e0 - off) / 2]);
+            }
+            *reinterpret_cast<uint2*>(yr + e) = make_uint2(rk::pack_bf16x2(v[0], v[1]), rk::pack_bf16x2(v[2], v[3]));
+        }
+    } else {
+        for (int64_t e = lane; e < off; e += 32) yr[e] = static_cast<uint16_t>(rk::f32_to_bf16(scaled(xr[e], e)));
+        for (int64_t i = lane; i < a.rope_dim / 2; i += 32) {
+            const int64_t e0 = off + 2 * i;
+            float v0 = scaled(xr[e0], e0), v1 = scaled(xr[e0 + 1], e0 + 1);
+            rotate(v0, v1, fpos, a.inv_freq[i]);
+            yr[e0] = static_cast<uint16_t>(rk::f32_to_bf16(v0));
+            yr[e0 + 1] = static_cast<uint16_t>(rk::f32_to_bf16(v1));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------- element-wise

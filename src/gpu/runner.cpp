@@ -116,8 +116,6 @@ struct Workspace {
     float* part = nullptr;           // hc_mix partial sums
     float* post = nullptr;           // [T, hc]
     float* comb = nullptr;           // [T, hc, hc]
-    uint32_t* hc_counter = nullptr;  // [1] cuda::hc_site's CTA counter: 0 between calls
-    uint32_t* tail_counter = nullptr;  // [1] cuda::linear_norm_tail's CTA counter: 0 between calls
     uint16_t* xn = nullptr;          // [T, D] bf16 normalized sublayer input
     uint16_t* xq = nullptr;          // [T, D] bf16 official numerics: xn FP8-rounded (the quantized linears' input)
     float* y = nullptr;              // [T, D] sublayer output
@@ -207,8 +205,6 @@ struct Workspace {
         part = a.take_n<float>(part_floats);
         post = a.take_n<float>(T * hc);
         comb = a.take_n<float>(T * hc * hc);
-        hc_counter = a.take_n<uint32_t>(1);
-        tail_counter = a.take_n<uint32_t>(1);
         xn = a.take_n<uint16_t>(T * D);
         xq = a.take_n<uint16_t>(T * D);
         y = a.take_n<float>(T * D);
@@ -510,10 +506,6 @@ struct Runner::Impl {
         ++lt_bf16_launches;
         return true;
     }
-    // a8 where fp8_linear runs w as linear_fp8_act on it (M ≤ kFp8ActMaxT), else null.
-    const cuda::ActFp8* fp8_act_input(const cuda::DeviceLinear& w, const cuda::ActFp8* a8, int64_t M) const {
-        return a8 && rounds_input(w) && M <= ws.T8 && M <= kFp8ActMaxT && cuda::fp8_act_fits(w, {}) ? a8 : nullptr;
-    }
     // The FP8 × FP8 forms of a linear given its input's codes; false when none applies.
     bool fp8_linear(const cuda::DeviceLinear& w, const cuda::ActFp8* a8, int64_t M, void* y,
                     const cuda::LinearOptions& lo, const cuda::GemmScratch& scratch, cudaStream_t st) {
@@ -592,21 +584,6 @@ struct Runner::Impl {
         cuda::hc_pre_finish(ws.part, splits, ws.X, T, c.hc_mult, c.hidden_size, base, scale, c.hc_sinkhorn_iters,
                             hc_eps, eps, norm_w, ws.xn, ws.post, ws.comb, stream, nm, official() ? ws.xq : nullptr,
                             q8 ? ws.xq8 : nullptr, q8 ? ws.xs8 : nullptr);
-    }
-    // A pre site in one call (cuda::hc_site: one launch at decode, bit-identical to hc_mix then
-    // pre_site): the mix of ws.X, fused with the previous sublayer's post when `post` (ws.y, ws.post,
-    // ws.comb; the new streams go to ws.X2 and are swapped in), and the finish with base, scale,
-    // norm_w into xn, post, comb.
-    void site(bool post, int64_t splits, int64_t T, const float* fn, const float* base, const float* scale,
-              const uint16_t* norm_w) {
-        const ModelConfig& c = cfg;
-        const float hc_eps = static_cast<float>(c.hc_eps), eps = static_cast<float>(c.rms_norm_eps);
-        const bool q8 = act8(T, c.hidden_size);
-        cuda::hc_site(ws.X, post ? ws.y : nullptr, post ? ws.post : nullptr, post ? ws.comb : nullptr,
-                      post ? ws.X2 : nullptr, T, c.hc_mult, c.hidden_size, fn, ws.part, splits, base, scale,
-                      c.hc_sinkhorn_iters, hc_eps, eps, norm_w, ws.xn, ws.post, ws.comb, ws.hc_counter, stream, nm,
-                      official() ? ws.xq : nullptr, q8 ? ws.xq8 : nullptr, q8 ? ws.xs8 : nullptr);
-        if (post) std::swap(ws.X, ws.X2);
     }
     // The codes of xq (made by pre_site / forced_xn) for T tokens, or null when the step has none.
     cuda::ActFp8 x8_{};
@@ -787,8 +764,6 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
         ws.carve(counter, c, gemm_bytes, gemm2_bytes);
         ws_arena = cuda::DeviceArena(counter.used(), "workspace");
         ws.carve(ws_arena, c, gemm_bytes, gemm2_bytes);
-        check(cudaMemset(ws.hc_counter, 0, sizeof(uint32_t)), "hc_site counter");
-        check(cudaMemset(ws.tail_counter, 0, sizeof(uint32_t)), "linear_norm_tail counter");
     }
     if (!opt.exchange) {
         moe_ws = cuda::MoeLayerWorkspace(ws.T, c.num_experts_per_tok, dm->layers.at(0).experts);
@@ -958,25 +933,12 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     linear_side(d.wkv, input(d.wkv, ws.xn, ws.xq), T, ws.kv_f, xa8);
     cuda::head_norm_rope(ws.kv_f, T, 1, hd, true, d.kv_norm, eps, ws.pos, rope, ws.kv, cs, nm);
     if (official()) cuda::fp8_block_round(ws.kv, T, hd, hd - c.qk_rope_head_dim, 64, cs);   // round_kv_latent
-    // wq_a, then the q_lora norm: in one launch where wq_a is one register-streamed launch
-    // (RunnerOptions::linear_norm_tail, cuda::linear_norm_tail: the same bits), else two.
-    cuda::NormTail qn;
-    qn.w = d.q_norm;
-    qn.eps = eps;
-    qn.out = ws.qr;
-    qn.numerics = nm;
-    qn.out_q = rounds_input(d.wq_b) || rounds_input(d.idx_wq_b) ? ws.qr_q : nullptr;
-    qn.out_q8 = q8 ? ws.qr8 : nullptr;
-    qn.out_s8 = q8 ? ws.qrs8 : nullptr;
-    qn.counter = ws.tail_counter;
-    if (!(opt.linear_norm_tail && cuda::linear_norm_tail(d.wq_a, input(d.wq_a, ws.xn, ws.xq),
-                                                         fp8_act_input(d.wq_a, xa8, T), T, ws.qr_f, qn, stream))) {
-        linear(d.wq_a, input(d.wq_a, ws.xn, ws.xq), T, ws.qr_f, false, 1, xa8);
-        cuda::rms_norm_rows(ws.qr_f, T, c.q_lora_rank, qn.w, eps, qn.out, stream, nm, qn.out_q, qn.out_q8, qn.out_s8);
-    }
+    linear(d.wq_a, input(d.wq_a, ws.xn, ws.xq), T, ws.qr_f, false, 1, xa8);
+    cuda::rms_norm_rows(ws.qr_f, T, c.q_lora_rank, d.q_norm, eps, ws.qr, stream, nm,
+                        rounds_input(d.wq_b) || rounds_input(d.idx_wq_b) ? ws.qr_q : nullptr, q8 ? ws.qr8 : nullptr,
+                        q8 ? ws.qrs8 : nullptr);
     linear(d.wq_b, input(d.wq_b, ws.qr, ws.qr_q), T, ws.q_f, false, 1, q8 ? &qa8 : nullptr);
-    if (!opt.attn_fused_q)   // else the attention makes q from q_f itself (AttentionArgs::q_f)
-        cuda::head_norm_rope(ws.q_f, T, H, hd, true, nullptr, eps, ws.pos, rope, ws.q, stream, nm);
+    cuda::head_norm_rope(ws.q_f, T, H, hd, true, nullptr, eps, ws.pos, rope, ws.q, stream, nm);
     mark("attn.q_kv");
 
     // Compressors (ref: compressor_feed per chunk): a row that closes at a token is visible to it.
@@ -1047,11 +1009,6 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     aa.head_dim = static_cast<int32_t>(hd);
     aa.window = static_cast<int32_t>(c.sliding_window);
     aa.q = ws.q;
-    if (opt.attn_fused_q) {
-        aa.q_f = ws.q_f;
-        aa.q_eps = eps;
-        aa.q_numerics = nm;
-    }
     aa.kv = ws.kv;
     aa.ring = pool->ring(l);
     aa.ring_rows = static_cast<int32_t>(pool->layout().ring_rows);
@@ -1160,59 +1117,41 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     const float hc_eps = static_cast<float>(c.hc_eps), eps = static_cast<float>(c.rms_norm_eps);
     const int64_t splits = cuda::hc_mix_splits(T, hc * D);
 
-    // RunnerOptions::hc_one_launch (off by default, not yet measured): at decode every pre site's
-    // mix and finish are one launch (site(), cuda::hc_site) where no probe reads the streams
-    // between them; the site of layer l + 1's attention then runs at the end of layer l, where
-    // its mix is.
-    const bool one = opt.hc_one_launch && probe == nullptr && cuda::hc_site_one_launch(T, hc, D);
-
     mark("start");
     if (s.X > T)   // expert parallelism, rows past this rank's tokens: padding slots (ids −1) for every layer
         check(cudaMemsetAsync(ws.ids + T * c.num_experts_per_tok, 0xff,
                               static_cast<size_t>((s.X - T) * c.num_experts_per_tok) * 4, stream),
               "exchange padding ids");
     cuda::embed_streams(dm->embed, ws.tokens, T, D, hc, ws.X, stream);
-    if (!one)
-        cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, dm->layers[0].hc_attn_fn, c.mix_width(),
-                     ws.part, splits, stream, nm);
+    cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, dm->layers[0].hc_attn_fn, c.mix_width(), ws.part,
+                 splits, stream, nm);
     for (int64_t l = 0; l < L; ++l) {
         const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
-        if (one) {
-            if (l == 0) site(false, splits, T, d.hc_attn_fn, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
-        } else {
-            if (trace(probe, trace_names::streams, l, ws.X, false, false, T, hc * D))   // forced: mix the new streams
-                cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, d.hc_attn_fn, c.mix_width(), ws.part,
-                             splits, stream, nm);
-            pre_site(splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
-        }
+        if (trace(probe, trace_names::streams, l, ws.X, false, false, T, hc * D))   // forced: mix the new streams
+            cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, d.hc_attn_fn, c.mix_width(), ws.part,
+                         splits, stream, nm);
+
+        pre_site(splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
         mark("hc");
         if (trace(probe, trace_names::attn_in, l, ws.xn, true, false, T, D)) forced_xn(T);
         attention(d, l, s, probe);
         trace(probe, trace_names::attn_out, l, ws.y, false, false, T, D);
         // hc_post of the attention fused with the mix of the ffn site.
-        if (one) {
-            site(true, splits, T, d.hc_ffn_fn, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
-        } else {
-            cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, d.hc_ffn_fn, c.mix_width(), ws.part, splits,
-                         stream, nm);
-            std::swap(ws.X, ws.X2);
-            pre_site(splits, T, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
-        }
+        cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, d.hc_ffn_fn, c.mix_width(), ws.part, splits,
+                     stream, nm);
+        std::swap(ws.X, ws.X2);
+
+        pre_site(splits, T, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
         mark("hc");
         if (trace(probe, trace_names::ffn_in, l, ws.xn, true, false, T, D)) forced_xn(T);
         moe(d, l, s, probe);
         trace(probe, trace_names::ffn_out, l, ws.y, false, false, T, D);
         // hc_post of the ffn fused with the next site's mix (the next layer's attention, or the head).
         const bool last = l + 1 == L;
-        if (one && !last) {
-            const DeviceLayer& dn = dm->layers[static_cast<size_t>(l + 1)];
-            site(true, splits, T, dn.hc_attn_fn, dn.hc_attn_base, dn.hc_attn_scale, dn.attn_norm);
-        } else {
-            cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D,
-                         last ? dm->hc_head_fn : dm->layers[static_cast<size_t>(l + 1)].hc_attn_fn,
-                         last ? hc : c.mix_width(), ws.part, splits, stream, nm);
-            std::swap(ws.X, ws.X2);
-        }
+        cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D,
+                     last ? dm->hc_head_fn : dm->layers[static_cast<size_t>(l + 1)].hc_attn_fn,
+                     last ? hc : c.mix_width(), ws.part, splits, stream, nm);
+        std::swap(ws.X, ws.X2);
     }
     cuda::hc_head_finish(ws.part, splits, ws.X, T, hc, D, dm->hc_head_base, dm->hc_head_scale, hc_eps, eps, dm->norm,
                          ws.xn, stream, nm);

@@ -59,22 +59,6 @@ struct RunnerOptions {
                                        // tensor core; cuda::moe_w4a8_fits) wherever the automatic
                                        // choice takes a wgmma tile (cuda::w4a8_tile); off: they measured
                                        // slower (docs/bench-gemm.md, "W4A8 expert tiles")
-    bool    hc_one_launch = false;     // at decode (cuda::kHcSiteMaxT tokens) each hyper-connection pre
-                                       // site's mix and finish in one launch (cuda::hc_site, bit-identical
-                                       // to the two launches by construction); off by default until it
-                                       // has run on a GPU: written 2026-12-05 without a device, its
-                                       // tests and the forward bench's --hc-one-launch are waiting
-    bool    attn_fused_q = false;      // the attention makes its query from wq_b's f32 output itself
-                                       // (cuda::AttentionArgs::q_f: head_norm_rope's code inside the
-                                       // attention kernel, the same bits) instead of a head_norm_rope
-                                       // launch before it; off by default until it has run on a GPU
-                                       // (written 2026-12-05 without a device; --attn-fused-q in the
-                                       // forward bench)
-    bool    linear_norm_tail = false;  // decode: the q_lora norm run by wq_a's last CTA in wq_a's launch
-                                       // (cuda::linear_norm_tail, the same bits) instead of an
-                                       // rms_norm_rows launch after it; off by default until it has
-                                       // run on a GPU (written 2026-12-05 without a device;
-                                       // --norm-tail in the forward bench)
     bool    lt_bf16 = true;            // ≥ cuda::kLtBf16MinM tokens: linears with a bf16 input (exact
                                        // numerics, the official wo_a, BF16-weight projections) through
                                        // cuBLASLt's BF16 GEMM (FP8 weights expanded per call into the

@@ -87,7 +87,6 @@
 
 #include "cuda/buffer.h"
 #include "cuda/linear.h"
-#include "cuda/rowwise.h"
 #endif
 
 namespace megamoe {
@@ -896,56 +895,6 @@ TEST(AttentionDeterminism, TwoRunsBitIdentical) {
         const std::vector<uint16_t> first = d.out.download();
         d.run();
         EXPECT_TRUE(first == d.out.download()) << cfg.name << ": two runs differ";
-    }
-}
-
-// The fused query (AttentionArgs::q_f): the attention making q from the f32 projection itself
-// gives, bit for bit, the output of head_norm_rope (normalize, no weight) into q followed by the
-// attention on q (both run head_norm_rope.cuh's row body), exact and official, at V4-Flash's
-// shapes (decode with split keys, prefill chunks), the tiny model's (8 heads: rows past H of the
-// 16-head block are zeros) and head dim 128 with 4 heads.
-TEST(SparseAttention, FusedQueryEqualsHeadNormRopeThenAttention) {
-    SKIP_WITHOUT_GPU();
-    AttnConfig tiny_dec = tiny(4, 5);
-    tiny_dec.chunks = {{1, 3000, 1}, {5, 7, 1}, {2, 257, 1}};
-    tiny_dec.name += " decode";
-    AttnConfig csa_dec = flash(4, 512, {{0, 3000, 1}, {1, 2047, 1}, {2, 9, 1}});
-    csa_dec.name += " decode";
-    AttnConfig swa_one = flash(0, 0, {{0, 5000, 1}});
-    swa_one.name += " batch 1";
-    const float eps = 1e-6f;
-    for (const AttnConfig& cfg : {tiny(4, 5), tiny_dec, hd128(4, 8), csa_dec, swa_one, flash(128, 0, flash_hca_chunks())}) {
-        const AttnCase c = make_attn_case(cfg);
-        const int64_t T = c.batch.T, H = cfg.H, hd = cfg.hd;
-        // A projection's output: rows of different scales, so the norm matters.
-        std::vector<float> q_f(static_cast<size_t>(T * H * hd));
-        std::mt19937 rng(cfg.seed + 77);
-        std::normal_distribution<float> nd(0.0f, 1.0f);
-        for (int64_t r = 0; r < T * H; ++r) {
-            const float scale = std::ldexp(1.0f, static_cast<int>(r % 7) - 3);
-            for (int64_t e = 0; e < hd; ++e) q_f[static_cast<size_t>(r * hd + e)] = scale * nd(rng);
-        }
-        DeviceArray<float> d_qf(q_f);
-        for (const Numerics nm : {Numerics::exact, Numerics::official}) {
-            SCOPED_TRACE(cfg.name + (nm == Numerics::official ? " official" : " exact"));
-            DeviceAttn d(c);
-            cuda::head_norm_rope(d_qf.data(), T, H, hd, true, nullptr, eps, d.batch.pos.data(), d.args.rope, d.q.data(),
-                                 nullptr, nm);
-            CUDA_CHECK(cudaDeviceSynchronize());
-            d.run();
-            const std::vector<uint16_t> two = d.out.download();
-            d.q.fill(0xFF);   // the fused path must not read q
-            d.args.q = nullptr;
-            d.args.q_f = d_qf.data();
-            d.args.q_eps = eps;
-            d.args.q_numerics = nm;
-            d.run();
-            const std::vector<uint16_t> one = d.out.download();
-            ASSERT_EQ(one.size(), two.size());
-            size_t diff = 0;
-            for (size_t i = 0; i < one.size(); ++i) diff += one[i] != two[i];
-            EXPECT_EQ(diff, 0u) << "outputs that differ, of " << one.size();
-        }
     }
 }
 
