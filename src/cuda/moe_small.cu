@@ -747,7 +747,8 @@ MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const
 void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
                   int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     if (!check_small("moe_small_l1", ex, T, x, ws)) return;
-    Plan pl = make_plan(ex, T, ws.dispatch.k, sm_facts());
+    const SmFacts f = sm_facts();
+    Plan pl = make_plan(ex, T, ws.dispatch.k, f);
     SmallParams& p = pl.l1;
     p.table = static_cast<const GemmGroup*>(ex.l1_table);
     p.ids = ids;
@@ -762,7 +763,7 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
     auto kernel = ex.format == LinearFormat::nvfp4
                       ? (xr ? moe_small_l1_kernel<LinearFormat::nvfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::nvfp4, 0>)
                       : (xr ? moe_small_l1_kernel<LinearFormat::mxfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::mxfp4, 0>);
-    raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(sm_facts())));
+    raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(f)));
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid1)), dim3((kL1Warps + 1) * 32), pl.smem1, stream, p));
 }
 
@@ -770,7 +771,8 @@ namespace {
 void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T,
                const float* shared, float* y, int placed, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     if (!check_small(what, ex, T, x, ws)) return;
-    Plan pl = make_plan(ex, T, ws.dispatch.k, sm_facts());
+    const SmFacts f = sm_facts();
+    Plan pl = make_plan(ex, T, ws.dispatch.k, f);
     SmallParams& p = pl.l2;
     p.table = static_cast<const GemmGroup*>(ex.l2_table);
     p.ids = ids;
@@ -783,7 +785,7 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
     auto kernel = ex.format == LinearFormat::nvfp4
                       ? (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::nvfp4, 1> : moe_small_l2_kernel<LinearFormat::nvfp4, 2>)
                       : (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::mxfp4, 1> : moe_small_l2_kernel<LinearFormat::mxfp4, 2>);
-    raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(sm_facts())));
+    raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(f)));
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid2)), dim3((kL2Warps + 1) * 32), pl.smem2, stream, p));
 }
 }  // namespace
