@@ -531,15 +531,18 @@ template <int N> __device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2],
 
 constexpr int kWgRows = 256, kWgThreads = 256;
 
-template <LinearFormat F, int BT> struct WgLayout {
+template <LinearFormat F, int BT, int CPS = 1> struct WgLayout {
     static constexpr int kStepK = 4 * Traits<F>::kElems;
     static constexpr int kW = 0;
     static constexpr int kS = kWgRows * kStepBytes;
     static constexpr int kX = kS + kWgRows * scale_slot_bytes<F>();
     static constexpr int kStage = (kX + BT * kStepK * 2 + 127) / 128 * 128;
     // Ring depth: as many stages as ~200 KB holds, at most 8 (an fp4 stage of 128 tokens holds
-    // 32 KB of x and 18 KB of weights + scales).
-    static constexpr int kStages = (200 * 1024 / kStage) < 8 ? (200 * 1024 / kStage) : 8;
+    // 32 KB of x and 18 KB of weights + scales). CPS = 2 (two CTAs per SM): 112 KB each, within
+    // what sm_90 gives each of two CTAs (228 KB per SM less 1 KB reserved per CTA, halved): an fp4
+    // stage of 32 tokens is 26 KB, so 4 stages.
+    static constexpr int kBudget = CPS == 1 ? 200 * 1024 : 112 * 1024;
+    static constexpr int kStages = (kBudget / kStage) < 8 ? (kBudget / kStage) : 8;
     static constexpr int kSmem = kStages * kStage;
     static_assert(kStages >= 3, "the ring needs 3 stages (prefetch distance stages - 2)");
 };
@@ -642,9 +645,9 @@ __device__ __forceinline__ void wg_step(const uint8_t* st_w, const uint8_t* st_s
     }
 }
 
-template <LinearFormat F, int EPI, int BT>
-static __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(const TiledParams p) {
-    using L = WgLayout<F, BT>;
+template <LinearFormat F, int EPI, int BT, int CPS>
+static __global__ void __launch_bounds__(kWgThreads, CPS) wgmma_kernel(const TiledParams p) {
+    using L = WgLayout<F, BT, CPS>;
     constexpr int MT = 2, BR = kWgRows;
     static_assert(BT == 32 || BT == 128, "wgmma wrappers exist for N = 32 and 128");
     constexpr int kE = Traits<F>::kElems, kStepK = L::kStepK, kLds = kE / 8;
@@ -1454,6 +1457,8 @@ constexpr TiledConfig kConfigs[] = {
     // wgmma_f8_kernel: 8 MMA warps (m64nNk32 e4m3, A and B from shared memory) plus a decoding warpgroup
     {Tile::wgmma_f8_128x128, "wgmma_f8_128x128", 1, 16, 8, 1, kF8Rows, 128, 0},
     {Tile::wgmma_f8_128x32, "wgmma_f8_128x32", 1, 4, 8, 1, kF8Rows, 32, 0},
+    // wgmma_kernel, 32 tokens, two CTAs per SM (a 4-stage ring each)
+    {Tile::wgmma_2cta_256x32, "wgmma_2cta_256x32", 2, 4, 8, 1, kWgRows, 32, 0},
 };
 constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
 constexpr bool configs_in_tile_order() {
@@ -1464,7 +1469,9 @@ constexpr bool configs_in_tile_order() {
 static_assert(configs_in_tile_order(), "kConfigs[i] must describe Tile i");
 
 bool is_ws(Tile c) { return c == Tile::wgmma_ws_256x128 || c == Tile::wgmma_ws_256x32; }
-bool is_wg(Tile c) { return c == Tile::wgmma_256x128 || c == Tile::wgmma_256x32 || is_ws(c); }
+bool is_wg(Tile c) {
+    return c == Tile::wgmma_256x128 || c == Tile::wgmma_256x32 || c == Tile::wgmma_2cta_256x32 || is_ws(c);
+}
 // The W4A8 tiles: MXFP4 weights × FP8 activation codes, on moe_layer_routed's official-numerics path
 // only (moe_w4a8_fits); everywhere else a call that names one runs f8_fallback's register-A tile of
 // the same token count (the same work list).
@@ -1513,19 +1520,22 @@ template <LinearFormat F> int smem_of(Tile c) {
     fail("tiled linear: no mma.sync kernel for tile ", static_cast<int>(c));
 }
 
-template <LinearFormat F, int BT, bool WS> TiledKernel wg_kernel_for(int epi, int& smem) {
-    smem = WS ? WsLayout<F, BT>::kSmem : WgLayout<F, BT>::kSmem;
+// WS: the warp-specialized kernel; CPS: CTAs per SM of wgmma_kernel (1, or 2 for wgmma_2cta_256x32).
+template <LinearFormat F, int BT, bool WS, int CPS = 1> TiledKernel wg_kernel_for(int epi, int& smem) {
+    static_assert(!WS || CPS == 1, "the warp-specialized kernel runs one CTA per SM");
+    smem = WS ? WsLayout<F, BT>::kSmem : WgLayout<F, BT, CPS>::kSmem;
     if constexpr (F == LinearFormat::mxfp4 || F == LinearFormat::nvfp4)
-        if (epi == kEpiSwiglu) return WS ? wgmma_ws_kernel<F, kEpiSwiglu, BT> : wgmma_kernel<F, kEpiSwiglu, BT>;
+        if (epi == kEpiSwiglu) return WS ? wgmma_ws_kernel<F, kEpiSwiglu, BT> : wgmma_kernel<F, kEpiSwiglu, BT, CPS>;
     MEGAMOE_CHECK(epi != kEpiSwiglu, "wgmma linear: no SwiGLU epilogue for ", linear_format_name(F));
-    if (epi == kEpiBf16) return WS ? wgmma_ws_kernel<F, kEpiBf16, BT> : wgmma_kernel<F, kEpiBf16, BT>;
-    return WS ? wgmma_ws_kernel<F, kEpiF32, BT> : wgmma_kernel<F, kEpiF32, BT>;
+    if (epi == kEpiBf16) return WS ? wgmma_ws_kernel<F, kEpiBf16, BT> : wgmma_kernel<F, kEpiBf16, BT, CPS>;
+    return WS ? wgmma_ws_kernel<F, kEpiF32, BT> : wgmma_kernel<F, kEpiF32, BT, CPS>;
 }
 
 template <LinearFormat F> TiledKernel wg_kernel_for(Tile c, int epi, int& smem) {
     switch (c) {
         case Tile::wgmma_256x128: return wg_kernel_for<F, 128, false>(epi, smem);
         case Tile::wgmma_256x32: return wg_kernel_for<F, 32, false>(epi, smem);
+        case Tile::wgmma_2cta_256x32: return wg_kernel_for<F, 32, false, 2>(epi, smem);
         case Tile::wgmma_ws_256x128: return wg_kernel_for<F, 128, true>(epi, smem);
         default: return wg_kernel_for<F, 32, true>(epi, smem);
     }
@@ -1726,7 +1736,7 @@ std::string tiled_config_name(Tile tile) {
     const TiledConfig& t = cfg(tile);
     if (is_wg(tile))
         return str(t.name, " (wgmma tile ", t.rows, "x", t.tokens, ", 2 warpgroups x 2 m64n", t.tokens, " tiles",
-                   is_ws(tile) ? ", a producer warpgroup)" : ")");
+                   is_ws(tile) ? ", a producer warpgroup)" : tile == Tile::wgmma_2cta_256x32 ? ", 2 CTAs per SM)" : ")");
     return str(t.name, " (tile ", t.rows, "x", t.tokens, ", MT=", t.mt, " NT=", t.nt, " WR=", t.wr, " WT=", t.wt,
                " stages=", t.stages, ")");
 }

@@ -108,6 +108,9 @@ static_assert(cuda::kStreamDraft == static_cast<uint32_t>(SpecStream::draft) &&
 // cuBLASLt's block-scaled FP8 GEMM (cuda::LtGemm); in between, the BF16 path on the rounded
 // values.
 constexpr int64_t kFp8ActMaxT = 16;
+// A CSA layer's indexer queries run on side stream 2 at up to this many tokens (cuda::linear's
+// small-M kernels, which need no scratch: M ≤ 16).
+constexpr int64_t kIdxSideMaxT = 16;
 
 struct Workspace {
     int64_t T = 0, C = 0, R = 0, max_rows = 0, part_floats = 0;
@@ -296,9 +299,10 @@ struct Runner::Impl {
     // Side streams for work that does not depend on the main chain (side 0: the kv latent beside
     // the q path, then the indexer's compressor; the shared expert beside the routed experts.
     // Side 1: the attention compressor; the shared expert's w3): at small batches these chains
-    // are latency-bound, and running them side by side shortens the step. Captured graphs keep
+    // are latency-bound, and running them side by side shortens the step. Side 2: a CSA layer's
+    // indexer queries and head weights beside wq_b at ≤ kIdxSideMaxT tokens. Captured graphs keep
     // the forks and joins as edges. Eager profiling (profile_step) runs everything on one stream.
-    static constexpr int kSides = 2;
+    static constexpr int kSides = 3;
     cudaStream_t side[kSides] = {};
     std::vector<cudaEvent_t> events;              // fork / join events, one pair per site
     bool concurrent = true;
@@ -603,7 +607,10 @@ struct Runner::Impl {
     // One block's sublayers: d its weights, l its layer index (state and trace names; L for the
     // MTP block).
     void attention(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe);
-    void moe(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe);
+    // Returns the splits of the partials in ws.part when the small path's L2 ran `mix` (the next
+    // site's hc_mix, fused), else 0 (the caller runs hc_mix).
+    int64_t moe(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe,
+                const cuda::HcPostMix* mix = nullptr);
     // The MTP block over the step's tokens (after a main pass left its pre-head streams in ws.X),
     // with the next tokens in ws.mtp_next: logits into ws.logits rows ws.rows.
     void enqueue_mtp(const Shape& s);
@@ -731,6 +738,12 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     const int64_t n_flat = c.hc_mult * c.hidden_size;
     for (int64_t t = 1; t <= ws.T; ++t)
         ws.part_floats = std::max(ws.part_floats, cuda::hc_mix_splits(t, n_flat) * t * (c.mix_width() + 1));
+    // ... and the small path's L2 with the fused mix (one split per L2 CTA), at the sizes it runs.
+    for (int64_t t = 1; t <= std::min<int64_t>(ws.T, 2); ++t)
+        if (dm->layers.size() > 0 && dm->layers[0].experts.E > 0)
+            ws.part_floats = std::max(ws.part_floats, cuda::moe_small_l2_splits(dm->layers[0].experts, t,
+                                                                                 c.num_experts_per_tok) *
+                                                          t * (c.mix_width() + 1));
     int64_t gemm_bytes = 0, gemm2_bytes = 0;   // scratch of the main / side 0 linears, of side 1's
     auto need_in = [&](int64_t& bytes, const cuda::DeviceLinear& w, int64_t M, int64_t groups) {
         if (!w.weight) return;
@@ -937,6 +950,7 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     cuda::rms_norm_rows(ws.qr_f, T, c.q_lora_rank, d.q_norm, eps, ws.qr, stream, nm,
                         rounds_input(d.wq_b) || rounds_input(d.idx_wq_b) ? ws.qr_q : nullptr, q8 ? ws.qr8 : nullptr,
                         q8 ? ws.qrs8 : nullptr);
+    if (d.kind == AttnKind::csa && concurrent && opt.indexer_side && T <= kIdxSideMaxT) fork(2);   // the indexer's queries (below)
     linear(d.wq_b, input(d.wq_b, ws.qr, ws.qr_q), T, ws.q_f, false, 1, q8 ? &qa8 : nullptr);
     cuda::head_norm_rope(ws.q_f, T, H, hd, true, nullptr, eps, ws.pos, rope, ws.q, stream, nm);
     mark("attn.q_kv");
@@ -975,13 +989,31 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     }
     if (d.kind != AttnKind::sliding) mark("attn.compressors");
     if (d.kind == AttnKind::csa) {
-        // The indexer's queries and head weights (main stream), then its top-k over the keys the
-        // side stream just emitted.
+        // The indexer's queries and head weights, then its top-k over the keys the side stream just
+        // emitted. At ≤ kIdxSideMaxT tokens the queries run on side stream 2 (forked after the q
+        // norm, above), beside wq_b and the q rope: on the main stream they added their four
+        // launches to a CSA layer's path to the attention. Its linears take the small-M kernels
+        // there, which need no GEMM scratch (so side 2 has none).
         const int64_t nI = c.index_n_heads, dI = c.index_head_dim;
-        linear(d.idx_wq_b, input(d.idx_wq_b, ws.qr, ws.qr_q), T, ws.iq_f, false, 1, q8 ? &qa8 : nullptr);
-        cuda::head_norm_rope(ws.iq_f, T, nI, dI, false, nullptr, eps, ws.pos, dm->rope_compress, ws.iq, stream, nm);
-        if (official()) cuda::round_indexer_qk(ws.iq, T * nI, dI, stream);
-        linear(d.idx_weights_proj, input(d.idx_weights_proj, ws.xn, ws.xq), T, ws.iw, false, 1, xa8);
+        const bool on_side = concurrent && opt.indexer_side && T <= kIdxSideMaxT;
+        const cudaStream_t is = on_side ? side_stream(2) : stream;
+        if (on_side) {
+            const cuda::LinearOptions lo;
+            if (!fp8_linear(d.idx_wq_b, q8 ? &qa8 : nullptr, T, ws.iq_f, lo, ws.gemm, is))
+                cuda::linear(d.idx_wq_b, input(d.idx_wq_b, ws.qr, ws.qr_q), T, ws.iq_f, lo, nullptr, is);
+        } else {
+            linear(d.idx_wq_b, input(d.idx_wq_b, ws.qr, ws.qr_q), T, ws.iq_f, false, 1, q8 ? &qa8 : nullptr);
+        }
+        cuda::head_norm_rope(ws.iq_f, T, nI, dI, false, nullptr, eps, ws.pos, dm->rope_compress, ws.iq, is, nm);
+        if (official()) cuda::round_indexer_qk(ws.iq, T * nI, dI, is);
+        if (on_side) {
+            const cuda::LinearOptions lo;
+            if (!fp8_linear(d.idx_weights_proj, xa8, T, ws.iw, lo, ws.gemm, is))
+                cuda::linear(d.idx_weights_proj, input(d.idx_weights_proj, ws.xn, ws.xq), T, ws.iw, lo, nullptr, is);
+            join(2);
+        } else {
+            linear(d.idx_weights_proj, input(d.idx_weights_proj, ws.xn, ws.xq), T, ws.iw, false, 1, xa8);
+        }
         join();
         join(1);
         cuda::IndexerArgs ia;
@@ -1039,7 +1071,8 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     mark("attn.out");
 }
 
-void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe) {
+int64_t Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe,
+                          const cuda::HcPostMix* mix) {
     const ModelConfig& c = cfg;
     const int64_t T = s.T, E = c.n_routed_experts, k = c.num_experts_per_tok;
     const float scale = static_cast<float>(c.routed_scaling_factor), limit = static_cast<float>(c.swiglu_limit);
@@ -1087,18 +1120,22 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
         join();
         ex.combine(ws.sh_out, ws.ids, ws.y, official(), stream);
         mark("moe.experts");
-        return;
+        return 0;
     }
     // The small-T path at 1-2 tokens, where it measured faster end to end (H200, megamoe-forward-bench
     // --model flash --layers 20, docs/bench-gemm.md "small-T path"): B = 1 / 2 exact 4472 / 5309
     // against 4494 / 5490 µs per step, official 4405 / 5288 against 4502 / 5357. From T = 4 up the
     // expert layer alone measured even or slower (integer-pipe bound decode; moe_small.cu).
     const bool small = opt.moe_small && T <= 2 && cuda::moe_small_fits(d.experts, T, k, xe);
+    int64_t mix_splits = 0;
     if (small) {
-        // Few tokens: L1 reads its routing from ids, L2 combines and adds the shared expert itself.
+        // Few tokens: L1 reads its routing from ids, L2 combines and adds the shared expert itself,
+        // and with `mix` runs the next site's hc_mix on its own rows of y (RunnerOptions::l2_mix).
         cuda::moe_small_l1(d.experts, limit, xe, ws.ids, ws.wts, T, moe_ws, stream, nm);
         join();
-        cuda::moe_small_l2(d.experts, xe, ws.ids, T, ws.sh_out, ws.y, moe_ws, stream, nm);
+        if (mix != nullptr && opt.l2_mix) mix_splits = cuda::moe_small_l2_splits(d.experts, T, k);
+        cuda::moe_small_l2(d.experts, xe, ws.ids, T, ws.sh_out, ws.y, moe_ws, stream, nm,
+                           mix_splits > 0 ? mix : nullptr);
     } else {
         // RunnerOptions::w4a8: the W4A8 tile where the automatic choice is a wgmma tile (it runs as that
         // choice unless moe_w4a8_fits: official numerics, MXFP4 experts).
@@ -1108,6 +1145,7 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
         cuda::moe_layer_combine(moe_ws, T, ws.sh_out, ws.y, stream, nm);
     }
     mark("moe.experts");
+    return mix_splits;
 }
 
 void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
@@ -1125,13 +1163,16 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     cuda::embed_streams(dm->embed, ws.tokens, T, D, hc, ws.X, stream);
     cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, dm->layers[0].hc_attn_fn, c.mix_width(), ws.part,
                  splits, stream, nm);
+    int64_t site_splits = splits;   // of the partials the next pre site's finish reads (hc_mix's, or L2's)
     for (int64_t l = 0; l < L; ++l) {
         const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
-        if (trace(probe, trace_names::streams, l, ws.X, false, false, T, hc * D))   // forced: mix the new streams
+        if (trace(probe, trace_names::streams, l, ws.X, false, false, T, hc * D)) {   // forced: mix the new streams
             cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, d.hc_attn_fn, c.mix_width(), ws.part,
                          splits, stream, nm);
+            site_splits = splits;
+        }
 
-        pre_site(splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
+        pre_site(site_splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
         mark("hc");
         if (trace(probe, trace_names::attn_in, l, ws.xn, true, false, T, D)) forced_xn(T);
         attention(d, l, s, probe);
@@ -1144,17 +1185,31 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
         pre_site(splits, T, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
         mark("hc");
         if (trace(probe, trace_names::ffn_in, l, ws.xn, true, false, T, D)) forced_xn(T);
-        moe(d, l, s, probe);
-        trace(probe, trace_names::ffn_out, l, ws.y, false, false, T, D);
-        // hc_post of the ffn fused with the next site's mix (the next layer's attention, or the head).
+        // hc_post of the ffn fused with the next site's mix (the next layer's attention, or the head):
+        // inside the experts' L2 where the small path runs (not under a probe, which may replace y
+        // after the layer), else hc_mix.
         const bool last = l + 1 == L;
-        cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D,
-                     last ? dm->hc_head_fn : dm->layers[static_cast<size_t>(l + 1)].hc_attn_fn,
-                     last ? hc : c.mix_width(), ws.part, splits, stream, nm);
+        const float* next_fn = last ? dm->hc_head_fn : dm->layers[static_cast<size_t>(l + 1)].hc_attn_fn;
+        const int64_t next_mix = last ? hc : c.mix_width();
+        cuda::HcPostMix pm;
+        pm.X_in = ws.X;
+        pm.post = ws.post;
+        pm.comb = ws.comb;
+        pm.X_out = ws.X2;
+        pm.fn = next_fn;
+        pm.hc = hc;
+        pm.n_mix = next_mix;
+        pm.part = ws.part;
+        site_splits = moe(d, l, s, probe, probe == nullptr ? &pm : nullptr);
+        trace(probe, trace_names::ffn_out, l, ws.y, false, false, T, D);
+        if (site_splits == 0) {
+            cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, next_fn, next_mix, ws.part, splits, stream, nm);
+            site_splits = splits;
+        }
         std::swap(ws.X, ws.X2);
     }
-    cuda::hc_head_finish(ws.part, splits, ws.X, T, hc, D, dm->hc_head_base, dm->hc_head_scale, hc_eps, eps, dm->norm,
-                         ws.xn, stream, nm);
+    cuda::hc_head_finish(ws.part, site_splits, ws.X, T, hc, D, dm->hc_head_base, dm->hc_head_scale, hc_eps, eps,
+                         dm->norm, ws.xn, stream, nm);
     trace(probe, trace_names::final_norm, L, ws.xn, true, false, T, D);
     mark("hc");
     cuda::gather_rows_bf16(ws.xn, ws.rows, s.R, D, ws.sel, stream);

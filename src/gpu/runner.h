@@ -49,6 +49,10 @@ struct RunnerOptions {
     bool    moe_small = true;          // 1-2 tokens: the routed experts through the two-launch
                                        // small-T path (cuda::moe_small_l1 / l2) where it applies
                                        // (runner.cpp says why there); off: moe_layer always
+    bool    l2_mix = true;             // with the small path: the next site's hc_mix fused into the
+                                       // experts' L2 (cuda::HcPostMix); off: its own launch
+    bool    indexer_side = true;       // ≤ 16 tokens: a CSA layer's indexer queries on a third side
+                                       // stream beside wq_b (with side_stream); off: the main stream
     bool    fp8_activations = true;    // official numerics, ≤ 16 tokens: FP8 linears run FP8 × FP8
                                        // (cuda::linear_fp8_act) on their input's codes; off: the BF16
                                        // path on the same rounded values (for comparison)
