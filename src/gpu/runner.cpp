@@ -310,6 +310,8 @@ struct Runner::Impl {
     int64_t fp8_launches = 0; // FP8 × FP8 linear calls enqueued (linear_fp8_act or cuBLASLt)
     int64_t lt_launches = 0;  // of those, through cuBLASLt
     int64_t lt_bf16_launches = 0;   // bf16-input linears through cuBLASLt's BF16 GEMM
+    int64_t l2_mix_launches = 0;    // the small path's L2 with the next site's hc_mix fused
+    int64_t idx_side_launches = 0;  // CSA indexer queries enqueued on side stream 2
     // cuBLASLt: its block-scaled FP8 GEMM for the FP8 linears of steps of ≥ cuda::kLtMinM tokens
     // (official numerics, RunnerOptions::lt_fp8), its BF16 GEMM for the bf16-input linears of steps
     // of ≥ cuda::kLtBf16MinM tokens (RunnerOptions::lt_bf16); null when neither can apply.
@@ -1011,6 +1013,7 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
             if (!fp8_linear(d.idx_weights_proj, xa8, T, ws.iw, lo, ws.gemm, is))
                 cuda::linear(d.idx_weights_proj, input(d.idx_weights_proj, ws.xn, ws.xq), T, ws.iw, lo, nullptr, is);
             join(2);
+            ++idx_side_launches;
         } else {
             linear(d.idx_weights_proj, input(d.idx_weights_proj, ws.xn, ws.xq), T, ws.iw, false, 1, xa8);
         }
@@ -1136,6 +1139,7 @@ int64_t Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const
         if (mix != nullptr && opt.l2_mix) mix_splits = cuda::moe_small_l2_splits(d.experts, T, k);
         cuda::moe_small_l2(d.experts, xe, ws.ids, T, ws.sh_out, ws.y, moe_ws, stream, nm,
                            mix_splits > 0 ? mix : nullptr);
+        if (mix_splits > 0) ++l2_mix_launches;
     } else {
         // RunnerOptions::w4a8: the W4A8 tile where the automatic choice is a wgmma tile (it runs as that
         // choice unless moe_w4a8_fits: official numerics, MXFP4 experts).
@@ -1421,6 +1425,8 @@ int64_t Runner::graphs_captured() const { return static_cast<int64_t>(impl_->gra
 int64_t Runner::fp8_linear_launches() const { return impl_->fp8_launches; }
 int64_t Runner::lt_linear_launches() const { return impl_->lt_launches; }
 int64_t Runner::lt_bf16_launches() const { return impl_->lt_bf16_launches; }
+int64_t Runner::l2_mix_launches() const { return impl_->l2_mix_launches; }
+int64_t Runner::indexer_side_launches() const { return impl_->idx_side_launches; }
 CUstream_st* Runner::stream() const { return impl_->stream; }
 
 std::vector<std::pair<std::string, double>> Runner::profile_step(const std::vector<RunnerChunk>& chunks) {
