@@ -14,7 +14,7 @@
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
-//                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--l2-mix 0|1] [--idx-side 0|1] [--w4a8]
+//                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--idx-side 0|1] [--w4a8]
 //                         [--gpus N | --multi] [--ep-exchange gather|all-to-all]
 //                         [--ep-combine slot-rows|partial-sums] [--replicated-head]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
@@ -36,8 +36,6 @@
 //   steps of ≥ cuda::kLtBf16MinM tokens on megamoe's kernels; the official FP8 ones stay on cuBLASLt).
 // --no-moe-small: the routed experts through moe_layer at every batch (RunnerOptions::moe_small
 //   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
-// --l2-mix 0|1: where the small path runs, the FFN's next hc_mix fused into the experts' L2 (1) or
-//   its own launch (0) (RunnerOptions::l2_mix; default: the runner's).
 // --idx-side 0|1: a CSA layer's indexer queries on a third side stream beside wq_b (1) or on the
 //   main stream (0) (RunnerOptions::indexer_side; default: the runner's).
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
@@ -233,7 +231,7 @@ void run_multi(const ModelConfig& cfg, const WeightBytes& wb, int64_t gpus, cons
 int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
-        int l2_mix = -1, idx_side = -1;   // -1: RunnerOptions' default
+        int idx_side = -1;   // -1: RunnerOptions' default
         auto on_off = [](const std::string& flag, const std::string& v) {
             if (v != "0" && v != "1") fail(flag, " takes 0 or 1, not '", v, "'");
             return v == "1" ? 1 : 0;
@@ -266,7 +264,6 @@ int main(int argc, char** argv) {
             else if (a == "--no-lt") no_lt = true;
             else if (a == "--no-lt-bf16") no_lt_bf16 = true;
             else if (a == "--no-moe-small") no_moe_small = true;
-            else if (a == "--l2-mix") l2_mix = on_off(a, next());
             else if (a == "--idx-side") idx_side = on_off(a, next());
             else if (a == "--w4a8") w4a8 = true;
             else if (a == "--spec") spec = true;
@@ -333,7 +330,6 @@ int main(int argc, char** argv) {
         ro.lt_fp8 = !no_lt;
         ro.lt_bf16 = !no_lt && !no_lt_bf16;
         ro.moe_small = !no_moe_small;
-        if (l2_mix >= 0) ro.l2_mix = l2_mix == 1;
         if (idx_side >= 0) ro.indexer_side = idx_side == 1;
         ro.w4a8 = w4a8;
         ro.rollback = spec;

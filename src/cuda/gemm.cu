@@ -1666,11 +1666,17 @@ Tile choose_dense(int64_t N, int64_t M, int64_t groups, bool wgmma_ok) {
 }
 
 // Tile for the grouped expert GEMMs from the mean rows per expert (no device sync).
-Tile choose_grouped(int64_t N, int64_t E) {
+Tile choose_grouped(int64_t N, int64_t E, LinearFormat f) {
     const double mean = static_cast<double>(N) / static_cast<double>(std::min<int64_t>(E, std::max<int64_t>(N, 1)));
     // Measured with megamoe-gemm-bench --config on H100 and H200 (Flash and Pro, NVFP4):
     if (mean <= 12) return Tile::mma_128x8;       // T ≤ 256: stream the weights, 8-token tiles
-    if (mean <= 48) return Tile::wgmma_256x32;    // T ≈ 1024: wgmma, 32-token tiles (1.45x mma_128x16 on H100)
+    // T ≈ 1024: wgmma, 32-token tiles (1.45x mma_128x16 on H100). MXFP4 at two CTAs per SM: NVIDIA
+    // H100 80GB HBM3, 2026-12-06, megamoe-gemm-bench --part experts --config wgmma_256x32 |
+    // wgmma_2cta_256x32 --no-check, one device call, µs per layer: MXFP4 Flash T = 512 / 1024 / 2048
+    // 2170.1 / 2413.2 / 4442.1 → 1983.3 / 2188.0 / 3998.5, Pro T = 1024 8331.5 → 7595.7 (-9% to
+    // -10%); NVFP4 Flash 1958.9 / 2223.0 / 4165.7 → 1981.7 / 2208.6 / 3905.2, but Pro T = 1024
+    // 7129.7 → 7616.5 (+6.8%), so NVFP4 keeps one CTA (why Pro NVFP4 lost was not analysed).
+    if (mean <= 48) return f == LinearFormat::mxfp4 ? Tile::wgmma_2cta_256x32 : Tile::wgmma_256x32;
     // T ≥ 4096: wgmma, 128-token tiles, warp-specialized. H200, megamoe-gemm-bench --part experts --model
     // flash --config wgmma_256x128 | wgmma_ws_256x128, two rounds in one device call, whole layer µs:
     // NVFP4 T = 4096 4929.8 / 4919.1 against 4937.0 / 4930.2 (even), T = 16384 17432.8 / 17451.4 against
@@ -2005,7 +2011,7 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     MEGAMOE_CHECK(N >= 0 && N <= ws.dispatch.T_max * ws.dispatch.k, "moe_l", l1 ? 1 : 2, ": ", N,
                   " rows exceed the workspace (", ws.dispatch.T_max * ws.dispatch.k, ")");
     if (N == 0) return;
-    Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
+    Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E, ex.format);
     if (is_f8(c) && x8 == nullptr) c = f8_fallback(c);   // same token tile: the same work list
     const DeviceLinear& w = l1 ? ex.w1[0] : ex.w2[0];
     const uint16_t* x = l1 ? ws.dispatch.xs.data() : ws.h.data();
@@ -2086,7 +2092,7 @@ void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, c
                   ws.dispatch.T_max);
     if (T == 0) return;
     const int64_t N = T * ws.dispatch.k;
-    Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
+    Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E, ex.format);
     const bool w4a8 = is_f8(c) && moe_w4a8_fits(ex, nm);
     if (is_f8(c) && !w4a8) c = f8_fallback(c);
     // The W4A8 tile's inputs as codes and scales, in ws.xp (room: 2·N·max(D, I) bytes hold N·K codes
@@ -2142,11 +2148,11 @@ void moe_layer(const DeviceExperts& ex, float limit, const uint16_t* x, const in
     moe_layer_combine(ws, T, shared, y, stream);
 }
 
-Tile moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return choose_grouped(T * k, ex.E); }
+Tile moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return choose_grouped(T * k, ex.E, ex.format); }
 
 Tile w4a8_tile(Tile c) {
     if (c == Tile::wgmma_ws_256x128) return Tile::wgmma_f8_128x128;
-    if (c == Tile::wgmma_256x32) return Tile::wgmma_f8_128x32;
+    if (c == Tile::wgmma_256x32 || c == Tile::wgmma_2cta_256x32) return Tile::wgmma_f8_128x32;
     return c;
 }
 

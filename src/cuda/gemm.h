@@ -52,8 +52,8 @@ enum class Tile : int8_t {
     wgmma_f8_128x128,  // W4A8: MXFP4 experts × FP8 activations on the FP8 tensor core, official numerics
                        // only (moe_w4a8_fits); elsewhere it runs as wgmma_ws_256x128. Measured slower (gemm.cu).
     wgmma_f8_128x32,   // the same for 32 tokens per tile (T ≈ 1024); elsewhere it runs as wgmma_256x32
-    wgmma_2cta_256x32,     // wgmma_256x32 at two CTAs per SM (a shallower ring each): one CTA's ring fill
-                       // and epilogue overlap the other's steps
+    wgmma_2cta_256x32, // wgmma_256x32 at two CTAs per SM (a 4-stage ring each): one CTA's ring fill and
+                       // epilogue overlap the other's steps; the MXFP4 choice at T ≈ 512-2048 (gemm.cu)
 };
 
 // A kernel shape: a CTA of wr·wt warps covers `rows` weight rows × `tokens` tokens per tile.
@@ -209,7 +209,8 @@ void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, fl
 // Σ|w·h|). Otherwise those tiles run as wgmma_ws_256x128 / wgmma_256x32.
 bool moe_w4a8_fits(const DeviceExperts& ex, Numerics nm);
 // The W4A8 tile for a tile the automatic choice took: wgmma_ws_256x128 → wgmma_f8_128x128,
-// wgmma_256x32 → wgmma_f8_128x32; any other tile stays (the mma.sync tiles of fewer rows per expert).
+// wgmma_256x32 or wgmma_2cta_256x32 → wgmma_f8_128x32; any other tile stays (the mma.sync tiles of
+// fewer rows per expert).
 Tile w4a8_tile(Tile automatic_choice);
 
 // The small-T path (moe_small.cu): two launches that read their routing straight from ids (no
@@ -249,31 +250,8 @@ MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const
 void moe_small_l1(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,
                   const float* weights, int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream,
                   Numerics nm = Numerics::exact);
-// The next hyper-connection site's hc_mix (hyper_conn.h) fused into moe_small_l2, so that a decode
-// step's FFN output needs no hc_mix launch: each L2 CTA owns a contiguous range of y's rows, and
-// after writing them it computes, for those columns c of every stream k,
-//     X_out[t, k, c] = post[t, k] · y[t, c] + Σ_j comb[t, j, k] · X_in[t, j, c]
-// (hc_mix's fused post, the same operations in the same order, official roundings included) and its
-// partial sums over them (the n_mix dots with fn's rows and the sum of squares): one split per CTA,
-// part [moe_small_l2_splits(ex, T, k), T, n_mix + 1], for hc_pre_finish / hc_head_finish with that
-// split count. Only the splits differ from hc_mix + its own splits (f32 summation order); X_out
-// and y are the same bits.
-struct HcPostMix {
-    const float* X_in = nullptr;   // [T, hc, D] f32 (may not alias X_out)
-    const float* post = nullptr;   // [T, hc] f32
-    const float* comb = nullptr;   // [T, hc, hc] f32, comb[t, j, k] as ops::hc_post reads it
-    float*       X_out = nullptr;  // [T, hc, D] f32
-    const float* fn = nullptr;     // [n_mix, hc·D] f32: the next site's mixing rows
-    int64_t      hc = 0;           // 1 ≤ hc ≤ kHcPostMixMaxHc
-    int64_t      n_mix = 0;        // (2 + hc)·hc (a site) or hc (the head)
-    float*       part = nullptr;   // [splits, T, n_mix + 1] f32, every element written
-};
-constexpr int64_t kHcPostMixMaxHc = 8;
-// The splits (L2's CTAs) of moe_small_l2 with a HcPostMix; 0 where the small path does not apply.
-int64_t moe_small_l2_splits(const DeviceExperts& ex, int64_t T, int64_t k);
 void moe_small_l2(const DeviceExperts& ex, const uint16_t* x_bf16, const int32_t* ids, int64_t T, const float* shared,
-                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm = Numerics::exact,
-                  const HcPostMix* mix = nullptr);
+                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm = Numerics::exact);
 // Expert parallelism (dist/exchange.h): a slot whose id lies outside [0, ex.E) — padding, or the
 // skip id ex.E of a slot another rank computes — has no expert on either half: not computed, and
 // it adds nothing (that holds for moe_small_l2 too). The workspace may then be a skip-bucket one

@@ -147,14 +147,6 @@ struct SmallParams {
     bool official;             // Numerics::official (gate / up rounded to bf16; h FP8-rounded; combine)
     int placed;                // L2's output: kPlaceY (y = shared + the slots' sum), or for expert
                                // parallelism kPlaceSlotRows / kPlaceRowSums (moe_small_l2_placed)
-    // L2 with the next site's hc_mix fused (HcPostMix, gemm.h; kPlaceY only); mix_fn null: off.
-    const float* mix_X_in;     // [T, hc, N] f32
-    const float* mix_post;     // [T, hc] f32
-    const float* mix_comb;     // [T, hc, hc] f32
-    float*       mix_X_out;    // [T, hc, N] f32
-    const float* mix_fn;       // [n_mix, hc·N] f32
-    float*       mix_part;     // [gridDim.x, T, n_mix + 1] f32
-    int mix_hc, mix_nm;        // streams, mix rows (n_mix)
 };
 constexpr int kPlaceY = 0, kPlaceSlotRows = 1, kPlaceRowSums = 2;
 
@@ -469,49 +461,6 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
 
 // ---------------------------------------------------------------------------- L2
 
-// The fused hc post + mix (HcPostMix) on this CTA's rows [ra·16, (ra + nrb)·16) ∩ [0, N), after L2
-// has written them to y and to ys [T][R]: X_out as hc_mix's fused post computes it (the same
-// operations in the same order, official roundings included), into global memory and xo
-// [T][hc][R]; then per token the n_mix dots of fn's rows with this CTA's columns of X_out and their
-// sum of squares, each summed by one warp in a fixed order (lanes over (stream, row) pairs, then the
-// butterfly), into mix_part[blockIdx.x, t, :]. Consumer threads only (the producer has returned).
-__device__ __forceinline__ void post_mix(const SmallParams& p, int ra, int nrb, int R, const float* ys, float* xo) {
-    const int hc = p.mix_hc, nr = nrb * kRows, r0 = ra * kRows;
-    const int64_t N = p.N, nflat = hc * N;
-    const int tid = static_cast<int>(threadIdx.x);
-    consumers_sync<kL2Warps>();   // ys is complete
-    for (int o = tid; o < p.T * hc * nr; o += kL2Warps * 32) {
-        const int lr = o % nr, k = (o / nr) % hc, t = o / (nr * hc);
-        const int64_t row = r0 + lr;
-        float v = 0.0f;
-        if (row < N) {
-            const float yv = p.official ? nm::bf16_round(ys[t * R + lr]) : ys[t * R + lr];
-            v = __fmul_rn(p.mix_post[t * hc + k], yv);
-            for (int j = 0; j < hc; ++j)
-                v = __fadd_rn(v, __fmul_rn(p.mix_comb[(t * hc + j) * hc + k], p.mix_X_in[t * nflat + j * N + row]));
-            if (p.official) v = nm::bf16_round(v);   // official: bf16 streams
-            p.mix_X_out[t * nflat + k * N + row] = v;
-        }
-        xo[(t * hc + k) * R + lr] = v;   // rows past N add nothing below
-    }
-    consumers_sync<kL2Warps>();   // xo is complete
-    const int warp = tid >> 5, lane = tid & 31, nv = p.mix_nm + 1, items = p.T * nv;
-    for (int it = warp; it < items; it += kL2Warps) {
-        const int t = it / nv, v = it % nv;   // v < n_mix: fn row v; v = n_mix: the sum of squares
-        const float* f = p.mix_fn + v * nflat + r0;
-        float acc = 0.0f;
-#pragma unroll 4
-        for (int e = lane; e < hc * nr; e += 32) {
-            const int k = e / nr, lr = e % nr;
-            const float x = xo[(t * hc + k) * R + lr];
-            if (r0 + lr < N) acc = v < p.mix_nm ? fmaf(__ldg(f + k * N + lr), x, acc) : fmaf(x, x, acc);
-        }
-#pragma unroll
-        for (int m = 16; m >= 1; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
-        if (lane == 0) p.mix_part[(static_cast<int64_t>(blockIdx.x) * p.T + t) * nv + v] = acc;
-    }
-}
-
 template <LinearFormat F, int kSpw>
 __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(const SmallParams p) {
     constexpr int kStepK = 4 * Traits<F>::kElems;
@@ -550,24 +499,8 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
         return;
     }
 
-    const bool mix = p.mix_fn != nullptr;
-    const int R = p.rb_max * kRows;   // row stride of the mix buffers
-    float* ys = fin + static_cast<size_t>(kL2Warps) * n * R;   // mix: [T][R] this CTA's y rows
-    float* xo = ys + static_cast<size_t>(p.T) * R;              // mix: [T][hc][R] its X_out rows
-    if (mix) {
-        // fn is a weight (no kernel writes it): its lines for this CTA's columns go to the L2 cache
-        // before the wait, so the mix's loads at the end hit L2 (as hc_mix prefetches them).
-        const int64_t nflat = static_cast<int64_t>(p.mix_hc) * p.N;
-        for (int sgm = static_cast<int>(threadIdx.x); sgm < p.mix_nm * p.mix_hc; sgm += kL2Warps * 32) {
-            const float* f = p.mix_fn + (sgm / p.mix_hc) * nflat + static_cast<int64_t>(sgm % p.mix_hc) * p.N + ra * kRows;
-            const int nb = min(nrb * kRows, p.N - ra * kRows) * 4;
-            for (int b = 0; b < nb + 127; b += 128)   // every 128-byte line the segment touches
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(reinterpret_cast<const char*>(f) + min(b, nb - 4)));
-        }
-    }
     asm volatile("griddepcontrol.wait;" ::: "memory");   // L1's h
-    // The next kernel (hc_mix, or with the fused mix the site's finish) may be scheduled now; it
-    // waits for this grid the same way.
+    // The next kernel (the fused hc_mix) may be scheduled now; it waits for this grid the same way.
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     const int g = lane >> 2, tig = lane & 3;
     const int s0 = warp * p.spw, ns = max(0, min(p.spw, p.steps - s0));
@@ -681,11 +614,8 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
         if (p.placed == kPlaceRowSums) p.y[o2] = sum;
         if (p.placed != kPlaceY) continue;
         if (p.shared) sum = __fadd_rn(p.official ? nm::bf16_round(p.shared[o2]) : p.shared[o2], sum);
-        const float yv = p.official ? nm::bf16_round(sum) : sum;
-        p.y[o2] = yv;
-        if (mix) ys[t * R + j * kRows + rl] = yv;
+        p.y[o2] = p.official ? nm::bf16_round(sum) : sum;
     }
-    if (mix) post_mix(p, ra, nrb, R, ys, xo);
 }
 
 // ---------------------------------------------------------------------------- host
@@ -755,10 +685,7 @@ Plan make_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f) 
     b.stage_rows = b.rb_chunk * kRows;
     b.stage_bytes = static_cast<int>(round_up(b.stage_rows * ex.w2[0].weight_row_bytes +
                                               round_up(b.stage_rows * ex.w2[0].scale_row_bytes, 16), 128));
-    // ... then the fused mix's buffers ys [T][R] and xo [T][hc][R] (R = rb_max·16; 1.2 KB at V4-Flash,
-    // T = 1), reserved whether or not a call fuses it, so that the plan does not depend on it.
-    const int64_t fixed2 = static_cast<int64_t>(kL2Warps) * n * b.rb_max * kRows * 4 +
-                           T * b.rb_max * kRows * (1 + kHcPostMixMaxHc) * 4;
+    const int64_t fixed2 = static_cast<int64_t>(kL2Warps) * n * b.rb_max * kRows * 4;
     b.stages = static_cast<int>(std::min<int64_t>(kL2StagesWanted, (budget - fixed2) / b.stage_bytes));
     pl.smem2 = static_cast<size_t>(b.stages * b.stage_bytes + fixed2);
     pl.ok = a.stages >= kMinStages && b.stages >= kMinStages && b.spw <= kL2MaxSpw;
@@ -842,8 +769,7 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
 
 namespace {
 void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T,
-               const float* shared, float* y, int placed, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm,
-               const HcPostMix* mix = nullptr) {
+               const float* shared, float* y, int placed, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     if (!check_small(what, ex, T, x, ws)) return;
     const SmFacts f = sm_facts();
     Plan pl = make_plan(ex, T, ws.dispatch.k, f);
@@ -855,24 +781,6 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
     p.y = y;
     p.placed = placed;
     p.official = nm == Numerics::official;
-    if (mix != nullptr) {
-        MEGAMOE_CHECK(placed == kPlaceY, what, ": the fused hc mix needs y");
-        MEGAMOE_CHECK(mix->hc >= 1 && mix->hc <= kHcPostMixMaxHc && mix->n_mix >= 1, what, ": fused hc mix with hc = ",
-                      mix->hc, ", n_mix = ", mix->n_mix, " (hc in [1, ", kHcPostMixMaxHc, "])");
-        MEGAMOE_CHECK(mix->X_in && mix->post && mix->comb && mix->X_out && mix->fn && mix->part, what,
-                      ": fused hc mix with a null pointer");
-        const int64_t nflat = mix->hc * ex.D;
-        MEGAMOE_CHECK(mix->X_in + T * nflat <= mix->X_out || mix->X_out + T * nflat <= mix->X_in, what,
-                      ": the fused hc mix's X_out overlaps X_in");
-        p.mix_X_in = mix->X_in;
-        p.mix_post = mix->post;
-        p.mix_comb = mix->comb;
-        p.mix_X_out = mix->X_out;
-        p.mix_fn = mix->fn;
-        p.mix_part = mix->part;
-        p.mix_hc = static_cast<int>(mix->hc);
-        p.mix_nm = static_cast<int>(mix->n_mix);
-    }
     // The h fragments' register sets are sized by the steps per warp (V4-Flash 1, V4-Pro 2).
     auto kernel = ex.format == LinearFormat::nvfp4
                       ? (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::nvfp4, 1> : moe_small_l2_kernel<LinearFormat::nvfp4, 2>)
@@ -883,15 +791,8 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
 }  // namespace
 
 void moe_small_l2(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T, const float* shared,
-                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm, const HcPostMix* mix) {
-    launch_l2("moe_small_l2", ex, x, ids, T, shared, y, kPlaceY, ws, stream, nm, mix);
-}
-
-int64_t moe_small_l2_splits(const DeviceExperts& ex, int64_t T, int64_t k) {
-    if (T < 1 || T > kMoeSmallMaxT || T * k > kMoeSmallMaxSlots || ex.E <= 0 || ex.w1.empty() || ex.w2.empty()) return 0;
-    if (ex.format != LinearFormat::nvfp4 && ex.format != LinearFormat::mxfp4) return 0;
-    const Plan pl = make_plan(ex, T, k, sm_facts());
-    return pl.ok ? pl.grid2 : 0;
+                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
+    launch_l2("moe_small_l2", ex, x, ids, T, shared, y, kPlaceY, ws, stream, nm);
 }
 
 void moe_small_l2_placed(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T, bool slot_rows,

@@ -310,7 +310,6 @@ struct Runner::Impl {
     int64_t fp8_launches = 0; // FP8 × FP8 linear calls enqueued (linear_fp8_act or cuBLASLt)
     int64_t lt_launches = 0;  // of those, through cuBLASLt
     int64_t lt_bf16_launches = 0;   // bf16-input linears through cuBLASLt's BF16 GEMM
-    int64_t l2_mix_launches = 0;    // the small path's L2 with the next site's hc_mix fused
     int64_t idx_side_launches = 0;  // CSA indexer queries enqueued on side stream 2
     // cuBLASLt: its block-scaled FP8 GEMM for the FP8 linears of steps of ≥ cuda::kLtMinM tokens
     // (official numerics, RunnerOptions::lt_fp8), its BF16 GEMM for the bf16-input linears of steps
@@ -609,10 +608,7 @@ struct Runner::Impl {
     // One block's sublayers: d its weights, l its layer index (state and trace names; L for the
     // MTP block).
     void attention(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe);
-    // Returns the splits of the partials in ws.part when the small path's L2 ran `mix` (the next
-    // site's hc_mix, fused), else 0 (the caller runs hc_mix).
-    int64_t moe(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe,
-                const cuda::HcPostMix* mix = nullptr);
+    void moe(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe);
     // The MTP block over the step's tokens (after a main pass left its pre-head streams in ws.X),
     // with the next tokens in ws.mtp_next: logits into ws.logits rows ws.rows.
     void enqueue_mtp(const Shape& s);
@@ -740,12 +736,6 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     const int64_t n_flat = c.hc_mult * c.hidden_size;
     for (int64_t t = 1; t <= ws.T; ++t)
         ws.part_floats = std::max(ws.part_floats, cuda::hc_mix_splits(t, n_flat) * t * (c.mix_width() + 1));
-    // ... and the small path's L2 with the fused mix (one split per L2 CTA), at the sizes it runs.
-    for (int64_t t = 1; t <= std::min<int64_t>(ws.T, 2); ++t)
-        if (dm->layers.size() > 0 && dm->layers[0].experts.E > 0)
-            ws.part_floats = std::max(ws.part_floats, cuda::moe_small_l2_splits(dm->layers[0].experts, t,
-                                                                                 c.num_experts_per_tok) *
-                                                          t * (c.mix_width() + 1));
     int64_t gemm_bytes = 0, gemm2_bytes = 0;   // scratch of the main / side 0 linears, of side 1's
     auto need_in = [&](int64_t& bytes, const cuda::DeviceLinear& w, int64_t M, int64_t groups) {
         if (!w.weight) return;
@@ -995,7 +985,10 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
         // emitted. At ≤ kIdxSideMaxT tokens the queries run on side stream 2 (forked after the q
         // norm, above), beside wq_b and the q rope: on the main stream they added their four
         // launches to a CSA layer's path to the attention. Its linears take the small-M kernels
-        // there, which need no GEMM scratch (so side 2 has none).
+        // there, which need no GEMM scratch (so side 2 has none). Measured on an H100 (one device
+        // call, megamoe-forward-bench --model flash --layers 8 --batches 1,2 --contexts 1024
+        // --prefill 0 --idx-side 0|1): exact B = 1 1745.2 / 1741.3 → 1723.6 / 1720.6 µs, B = 2
+        // 2143.1 / 2121.3 → 2117.3 / 2111.3 (two rounds); official B = 1 1799.3 → 1782.5.
         const int64_t nI = c.index_n_heads, dI = c.index_head_dim;
         const bool on_side = concurrent && opt.indexer_side && T <= kIdxSideMaxT;
         const cudaStream_t is = on_side ? side_stream(2) : stream;
@@ -1074,8 +1067,7 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     mark("attn.out");
 }
 
-int64_t Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe,
-                          const cuda::HcPostMix* mix) {
+void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Probe* probe) {
     const ModelConfig& c = cfg;
     const int64_t T = s.T, E = c.n_routed_experts, k = c.num_experts_per_tok;
     const float scale = static_cast<float>(c.routed_scaling_factor), limit = static_cast<float>(c.swiglu_limit);
@@ -1123,23 +1115,18 @@ int64_t Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const
         join();
         ex.combine(ws.sh_out, ws.ids, ws.y, official(), stream);
         mark("moe.experts");
-        return 0;
+        return;
     }
     // The small-T path at 1-2 tokens, where it measured faster end to end (H200, megamoe-forward-bench
     // --model flash --layers 20, docs/bench-gemm.md "small-T path"): B = 1 / 2 exact 4472 / 5309
     // against 4494 / 5490 µs per step, official 4405 / 5288 against 4502 / 5357. From T = 4 up the
     // expert layer alone measured even or slower (integer-pipe bound decode; moe_small.cu).
     const bool small = opt.moe_small && T <= 2 && cuda::moe_small_fits(d.experts, T, k, xe);
-    int64_t mix_splits = 0;
     if (small) {
-        // Few tokens: L1 reads its routing from ids, L2 combines and adds the shared expert itself,
-        // and with `mix` runs the next site's hc_mix on its own rows of y (RunnerOptions::l2_mix).
+        // Few tokens: L1 reads its routing from ids, L2 combines and adds the shared expert itself.
         cuda::moe_small_l1(d.experts, limit, xe, ws.ids, ws.wts, T, moe_ws, stream, nm);
         join();
-        if (mix != nullptr && opt.l2_mix) mix_splits = cuda::moe_small_l2_splits(d.experts, T, k);
-        cuda::moe_small_l2(d.experts, xe, ws.ids, T, ws.sh_out, ws.y, moe_ws, stream, nm,
-                           mix_splits > 0 ? mix : nullptr);
-        if (mix_splits > 0) ++l2_mix_launches;
+        cuda::moe_small_l2(d.experts, xe, ws.ids, T, ws.sh_out, ws.y, moe_ws, stream, nm);
     } else {
         // RunnerOptions::w4a8: the W4A8 tile where the automatic choice is a wgmma tile (it runs as that
         // choice unless moe_w4a8_fits: official numerics, MXFP4 experts).
@@ -1149,7 +1136,6 @@ int64_t Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const
         cuda::moe_layer_combine(moe_ws, T, ws.sh_out, ws.y, stream, nm);
     }
     mark("moe.experts");
-    return mix_splits;
 }
 
 void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
@@ -1167,16 +1153,13 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
     cuda::embed_streams(dm->embed, ws.tokens, T, D, hc, ws.X, stream);
     cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, dm->layers[0].hc_attn_fn, c.mix_width(), ws.part,
                  splits, stream, nm);
-    int64_t site_splits = splits;   // of the partials the next pre site's finish reads (hc_mix's, or L2's)
     for (int64_t l = 0; l < L; ++l) {
         const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
-        if (trace(probe, trace_names::streams, l, ws.X, false, false, T, hc * D)) {   // forced: mix the new streams
+        if (trace(probe, trace_names::streams, l, ws.X, false, false, T, hc * D))   // forced: mix the new streams
             cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, d.hc_attn_fn, c.mix_width(), ws.part,
                          splits, stream, nm);
-            site_splits = splits;
-        }
 
-        pre_site(site_splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
+        pre_site(splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
         mark("hc");
         if (trace(probe, trace_names::attn_in, l, ws.xn, true, false, T, D)) forced_xn(T);
         attention(d, l, s, probe);
@@ -1189,31 +1172,17 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
         pre_site(splits, T, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
         mark("hc");
         if (trace(probe, trace_names::ffn_in, l, ws.xn, true, false, T, D)) forced_xn(T);
-        // hc_post of the ffn fused with the next site's mix (the next layer's attention, or the head):
-        // inside the experts' L2 where the small path runs (not under a probe, which may replace y
-        // after the layer), else hc_mix.
-        const bool last = l + 1 == L;
-        const float* next_fn = last ? dm->hc_head_fn : dm->layers[static_cast<size_t>(l + 1)].hc_attn_fn;
-        const int64_t next_mix = last ? hc : c.mix_width();
-        cuda::HcPostMix pm;
-        pm.X_in = ws.X;
-        pm.post = ws.post;
-        pm.comb = ws.comb;
-        pm.X_out = ws.X2;
-        pm.fn = next_fn;
-        pm.hc = hc;
-        pm.n_mix = next_mix;
-        pm.part = ws.part;
-        site_splits = moe(d, l, s, probe, probe == nullptr ? &pm : nullptr);
+        moe(d, l, s, probe);
         trace(probe, trace_names::ffn_out, l, ws.y, false, false, T, D);
-        if (site_splits == 0) {
-            cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, next_fn, next_mix, ws.part, splits, stream, nm);
-            site_splits = splits;
-        }
+        // hc_post of the ffn fused with the next site's mix (the next layer's attention, or the head).
+        const bool last = l + 1 == L;
+        cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D,
+                     last ? dm->hc_head_fn : dm->layers[static_cast<size_t>(l + 1)].hc_attn_fn,
+                     last ? hc : c.mix_width(), ws.part, splits, stream, nm);
         std::swap(ws.X, ws.X2);
     }
-    cuda::hc_head_finish(ws.part, site_splits, ws.X, T, hc, D, dm->hc_head_base, dm->hc_head_scale, hc_eps, eps,
-                         dm->norm, ws.xn, stream, nm);
+    cuda::hc_head_finish(ws.part, splits, ws.X, T, hc, D, dm->hc_head_base, dm->hc_head_scale, hc_eps, eps, dm->norm,
+                         ws.xn, stream, nm);
     trace(probe, trace_names::final_norm, L, ws.xn, true, false, T, D);
     mark("hc");
     cuda::gather_rows_bf16(ws.xn, ws.rows, s.R, D, ws.sel, stream);
@@ -1425,7 +1394,6 @@ int64_t Runner::graphs_captured() const { return static_cast<int64_t>(impl_->gra
 int64_t Runner::fp8_linear_launches() const { return impl_->fp8_launches; }
 int64_t Runner::lt_linear_launches() const { return impl_->lt_launches; }
 int64_t Runner::lt_bf16_launches() const { return impl_->lt_bf16_launches; }
-int64_t Runner::l2_mix_launches() const { return impl_->l2_mix_launches; }
 int64_t Runner::indexer_side_launches() const { return impl_->idx_side_launches; }
 CUstream_st* Runner::stream() const { return impl_->stream; }
 

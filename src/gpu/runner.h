@@ -49,12 +49,9 @@ struct RunnerOptions {
     bool    moe_small = true;          // 1-2 tokens: the routed experts through the two-launch
                                        // small-T path (cuda::moe_small_l1 / l2) where it applies
                                        // (runner.cpp says why there); off: moe_layer always
-    bool    l2_mix = false;            // with the small path: the next site's hc_mix fused into the
-                                       // experts' L2 (cuda::HcPostMix); off: its own launch. Off by
-                                       // default until measured on a GPU (not yet run on one)
-    bool    indexer_side = false;      // ≤ 16 tokens: a CSA layer's indexer queries on a third side
-                                       // stream beside wq_b (with side_stream); off: the main stream.
-                                       // Off by default until measured on a GPU (not yet run on one)
+    bool    indexer_side = true;       // ≤ 16 tokens: a CSA layer's indexer queries on a third side
+                                       // stream beside wq_b (with side_stream); off: the main stream
+                                       // (runner.cpp says what it measured)
     bool    fp8_activations = true;    // official numerics, ≤ 16 tokens: FP8 linears run FP8 × FP8
                                        // (cuda::linear_fp8_act) on their input's codes; off: the BF16
                                        // path on the same rounded values (for comparison)
@@ -294,9 +291,7 @@ public:
     int64_t lt_linear_launches() const;
     // Linears with a bf16 input enqueued through cuBLASLt's BF16 GEMM (RunnerOptions::lt_bf16).
     int64_t lt_bf16_launches() const;
-    // The small path's L2 launches enqueued with the next site's hc_mix fused (RunnerOptions::l2_mix),
-    // and the CSA layers' indexer queries enqueued on side stream 2 (RunnerOptions::indexer_side).
-    int64_t l2_mix_launches() const;
+    // CSA layers' indexer queries enqueued on side stream 2 (RunnerOptions::indexer_side).
     int64_t indexer_side_launches() const;
 
     // For benchmarks: set a slot's position without running its tokens (the state then holds

@@ -43,7 +43,6 @@
 
 #include "core/common.h"
 #include "cuda/gemm.h"
-#include "cuda/hyper_conn.h"
 #include "cuda/linear.h"
 #include "cuda/linear_lt.h"
 #include "cuda/moe_dispatch.h"
@@ -1646,122 +1645,6 @@ TEST(CudaMoeLayer, SmallPathOddShapesManyExpertsRepeatedIds) {
                 check_layer(hx, dex, ws, c, kLimit, str(fmt_name(f), " repeated ids T=", T), nullptr, true);
                 if (HasFailure()) return;
             }
-        }
-    }
-}
-
-// The next site's hc_mix fused into the small path's L2 (cuda::HcPostMix, what the runner runs at
-// 1-2 tokens) against L2 without it followed by cuda::hc_mix with its own splits: y and X_out the
-// same bits; the partial sums summed over the splits within 1e-5 of Σ|term| of a double sum (each
-// split's order differs, nothing else), for a site (n_mix = 24) and the head (n_mix = 4), both
-// numerics, V4-Flash widths and an odd one.
-TEST(CudaMoeLayer, SmallPathL2MixMatchesHcMix) {
-    SKIP_WITHOUT_GPU();
-    const int64_t k = 6, hc = 4;
-    struct Shape {
-        int64_t D, I, E;
-    };
-    uint32_t seed = 97000;
-    for (const Shape sh : {Shape{4096, 2048, 8}, Shape{224, 96, 16}}) {
-        const int64_t D = sh.D, nflat = hc * D;
-        for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
-            const HostExperts hx = make_experts(f, sh.E, D, sh.I, seed += 1000);
-            cuda::DeviceExperts dex(hx.experts);
-            cuda::MoeLayerWorkspace ws(4, k, dex);
-            for (Numerics nm : {Numerics::exact, Numerics::official})
-                for (int64_t T : {1, 2, 3})
-                    for (int64_t n_mix : {(2 + hc) * hc, hc}) {
-                        SCOPED_TRACE(str(fmt_name(f), " D=", D, " ", numerics_name(nm), " T=", T, " n_mix=", n_mix));
-                        const MoeCase c = make_case(Routing::uniform, T, k, sh.E, D, true, ++seed);
-                        DeviceInputs in(T, k, D);
-                        in.upload(c);
-                        std::mt19937 rng(++seed);
-                        std::normal_distribution<float> nd(0.0f, 1.0f);
-                        std::uniform_real_distribution<float> ud(0.0f, 2.0f);
-                        std::vector<float> X_in(static_cast<size_t>(T * nflat)), post(static_cast<size_t>(T * hc)),
-                            comb(static_cast<size_t>(T * hc * hc)), fn(static_cast<size_t>(n_mix * nflat));
-                        for (float& v : X_in) v = nd(rng);
-                        for (float& v : post) v = ud(rng);
-                        for (float& v : comb) v = 0.5f * ud(rng);
-                        for (float& v : fn) v = 0.02f * nd(rng);
-                        DeviceArray<float> dX_in(X_in.size()), dpost(post.size()), dcomb(comb.size()), dfn(fn.size());
-                        to_device(dX_in.data(), X_in);
-                        to_device(dpost.data(), post);
-                        to_device(dcomb.data(), comb);
-                        to_device(dfn.data(), fn);
-                        const int64_t S_mix = cuda::hc_mix_splits(T, nflat), S_l2 = cuda::moe_small_l2_splits(dex, T, k);
-                        ASSERT_GT(S_l2, 0);
-                        DeviceArray<float> y0(static_cast<size_t>(T * D)), y1(y0.size()), X0(X_in.size()), X1(X_in.size()),
-                            part0(static_cast<size_t>(S_mix * T * (n_mix + 1))), part1(static_cast<size_t>(S_l2 * T * (n_mix + 1)));
-                        for (float* p : {y0.data(), y1.data(), X0.data(), X1.data()}) poison(p, static_cast<size_t>(p == y0.data() || p == y1.data() ? T * D : T * nflat));
-                        poison(part1.data(), part1.size());
-                        // Reference: L2, then hc_mix with the fused post.
-                        cuda::moe_small_l1(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr, nm);
-                        cuda::moe_small_l2(dex, in.x.data(), in.ids.data(), T, in.shared.data(), y0.data(), ws, nullptr, nm);
-                        cuda::hc_mix(dX_in.data(), y0.data(), dpost.data(), dcomb.data(), X0.data(), T, hc, D, dfn.data(),
-                                     n_mix, part0.data(), S_mix, nullptr, nm);
-                        // Fused.
-                        cuda::HcPostMix pm;
-                        pm.X_in = dX_in.data();
-                        pm.post = dpost.data();
-                        pm.comb = dcomb.data();
-                        pm.X_out = X1.data();
-                        pm.fn = dfn.data();
-                        pm.hc = hc;
-                        pm.n_mix = n_mix;
-                        pm.part = part1.data();
-                        cuda::moe_small_l1(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr, nm);
-                        cuda::moe_small_l2(dex, in.x.data(), in.ids.data(), T, in.shared.data(), y1.data(), ws, nullptr, nm, &pm);
-                        CUDA_CHECK(cudaDeviceSynchronize());
-                        const std::vector<float> hy0 = to_host(y0.data(), y0.size()), hy1 = to_host(y1.data(), y1.size());
-                        const std::vector<float> hX0 = to_host(X0.data(), X0.size()), hX1 = to_host(X1.data(), X1.size());
-                        EXPECT_EQ(first_mismatch(hy0, hy1), -1) << "y differs with the fused mix";
-                        EXPECT_EQ(first_mismatch(hX0, hX1), -1) << "X_out differs from hc_mix's";
-                        const std::vector<float> p0 = to_host(part0.data(), part0.size()), p1 = to_host(part1.data(), part1.size());
-                        double worst = 0;
-                        for (int64_t t = 0; t < T; ++t)
-                            for (int64_t v = 0; v <= n_mix; ++v) {
-                                double exact = 0, mag = 0, s0 = 0, s1 = 0;
-                                for (int64_t i = 0; i < nflat; ++i) {
-                                    const double x = hX1[static_cast<size_t>(t * nflat + i)];
-                                    const double term = v < n_mix ? fn[static_cast<size_t>(v * nflat + i)] * x : x * x;
-                                    exact += term;
-                                    mag += std::fabs(term);
-                                }
-                                for (int64_t sp = 0; sp < S_mix; ++sp) s0 += p0[static_cast<size_t>((sp * T + t) * (n_mix + 1) + v)];
-                                for (int64_t sp = 0; sp < S_l2; ++sp) s1 += p1[static_cast<size_t>((sp * T + t) * (n_mix + 1) + v)];
-                                const double bound = 1e-5 * mag + 1e-30;
-                                worst = std::max(worst, std::fabs(s1 - exact) / bound);
-                                EXPECT_LE(std::fabs(s1 - exact), bound) << "t=" << t << " v=" << v << " fused " << s1 << " exact " << exact;
-                                EXPECT_LE(std::fabs(s0 - exact), bound) << "t=" << t << " v=" << v << " hc_mix " << s0;
-                            }
-                        if (T == 1 && n_mix == (2 + hc) * hc)
-                            std::printf("  fused L2 mix %s D=%ld %s: %ld splits (hc_mix %ld), worst |sum - exact| / bound %.3g\n",
-                                        fmt_name(f), static_cast<long>(D), numerics_name(nm), static_cast<long>(S_l2),
-                                        static_cast<long>(S_mix), worst);
-                        if (HasFailure()) return;
-                    }
-            // Argument checks: X_out overlapping X_in; hc out of range.
-            DeviceInputs in(1, k, D);
-            DeviceArray<float> buf(static_cast<size_t>(3 * nflat)), y(static_cast<size_t>(D)), fnb(static_cast<size_t>(24 * nflat)),
-                part(static_cast<size_t>(1024 * 25));
-            cuda::HcPostMix bad;
-            bad.X_in = buf.data();
-            bad.post = buf.data();
-            bad.comb = buf.data();
-            bad.X_out = buf.data() + nflat / 2;
-            bad.fn = fnb.data();
-            bad.hc = hc;
-            bad.n_mix = 24;
-            bad.part = part.data();
-            test::expect_error([&] { cuda::moe_small_l2(dex, in.x.data(), in.ids.data(), 1, nullptr, y.data(), ws, nullptr,
-                                                        Numerics::exact, &bad); },
-                               {"moe_small_l2", "overlaps"});
-            bad.X_out = buf.data() + nflat;
-            bad.hc = 9;
-            test::expect_error([&] { cuda::moe_small_l2(dex, in.x.data(), in.ids.data(), 1, nullptr, y.data(), ws, nullptr,
-                                                        Numerics::exact, &bad); },
-                               {"moe_small_l2", "hc = 9"});
         }
     }
 }

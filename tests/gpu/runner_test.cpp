@@ -1075,55 +1075,39 @@ TEST_P(GpuRunner, StateMatchesCpuAfterSchedules) {
 
 // Graphs: decode steps of 4 sequences replayed from a captured graph give the same logits, bit
 // for bit, as the same steps run eagerly (a second runner with graphs off).
-// RunnerOptions::indexer_side (a CSA layer's indexer queries on side stream 2) and l2_mix (the next
-// site's hc_mix fused into the small path's L2) against the runner without them, over a prefill and
-// 24 batch-1 decode steps replayed from graphs: the side stream moves no arithmetic (logits equal
-// bit for bit); the fused mix changes only the f32 order of the mix's partial sums (one split per
-// L2 CTA instead of hc_mix's), so every step's logits stay within cosine 1 − 1e-5 of the plain
-// runner's with the same greedy token, and replaying its graph equals running it eagerly bit for bit.
-TEST_P(GpuRunner, FusedL2MixAndIndexerSideStream) {
-    gpu::RunnerOptions base = small_options(), side = small_options(), mix = small_options(), mix_eager = small_options();
-    base.l2_mix = false, base.indexer_side = false;
-    side.l2_mix = false, side.indexer_side = true;
-    mix.l2_mix = true, mix.indexer_side = true;
-    mix_eager = mix;
-    mix_eager.graphs = false;
-    gpu::Runner rb(*c->model, base), rs(*c->model, side), rm(*c->model, mix), re(*c->model, mix_eager);
-    gpu::Runner* all[] = {&rb, &rs, &rm, &re};
-    int32_t slot[4];
-    for (int i = 0; i < 4; ++i) {
+// RunnerOptions::indexer_side (a CSA layer's indexer queries on side stream 2 at ≤ 16 tokens)
+// against the runner without it, over a prefill and 24 batch-1 decode steps replayed from graphs
+// and the same steps eagerly: the side stream moves no arithmetic, so the logits are equal bit for
+// bit, and the queries did run on side stream 2 (in a case with CSA layers).
+TEST_P(GpuRunner, IndexerSideStreamEqualsMainStream) {
+    gpu::RunnerOptions main = small_options(), side = small_options(), side_eager = small_options();
+    main.indexer_side = false;
+    side.indexer_side = true;
+    side_eager.indexer_side = true;
+    side_eager.graphs = false;
+    gpu::Runner rm(*c->model, main), rs(*c->model, side), re(*c->model, side_eager);
+    gpu::Runner* all[] = {&rm, &rs, &re};
+    int32_t slot[3];
+    for (int i = 0; i < 3; ++i) {
         slot[i] = all[i]->open();
         ASSERT_TRUE(all[i]->reserve(slot[i], 128));
     }
-    std::vector<float> lg[4];
+    std::vector<float> lg[3];
     const std::vector<int32_t> prompt(c->input_ids.begin(), c->input_ids.begin() + 40);
-    double worst = 1;
     for (int step = 0; step <= 24; ++step) {
-        for (int i = 0; i < 4; ++i) {
-            std::vector<gpu::RunnerChunk> ch{{slot[i], step == 0 ? prompt : std::vector<int32_t>{c->input_ids[static_cast<size_t>(39 + step)]}}};
+        for (int i = 0; i < 3; ++i) {
+            std::vector<gpu::RunnerChunk> ch{
+                {slot[i], step == 0 ? prompt : std::vector<int32_t>{c->input_ids[static_cast<size_t>(39 + step)]}}};
             all[i]->step(ch, false, lg[i]);
         }
         ASSERT_EQ(lg[0].size(), static_cast<size_t>(V())) << "step " << step;
-        EXPECT_EQ(std::memcmp(lg[0].data(), lg[1].data(), lg[0].size() * 4), 0) << "indexer_side changed step " << step;
-        EXPECT_EQ(std::memcmp(lg[2].data(), lg[3].data(), lg[2].size() * 4), 0) << "fused mix: graph != eager, step " << step;
-        const LogitStats st = compare_logits(lg[2], lg[0].data(), 1, V());
-        worst = std::min(worst, st.min_cos);
-        EXPECT_GE(st.min_cos, 1 - 1e-5) << "step " << step;
-        // The same greedy token unless the plain runner's top two are within 1e-4 (a near tie).
-        std::vector<float> sorted = lg[0];
-        std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<float>());
-        if (sorted[0] - sorted[1] > 1e-4f * (1.0f + std::fabs(sorted[0]))) {
-            EXPECT_EQ(argmax_row(lg[2].data(), V()), argmax_row(lg[0].data(), V())) << "step " << step;
-        }
-        if (HasFailure()) return;
+        ASSERT_EQ(std::memcmp(lg[0].data(), lg[1].data(), lg[0].size() * 4), 0) << "graph, step " << step;
+        ASSERT_EQ(std::memcmp(lg[0].data(), lg[2].data(), lg[0].size() * 4), 0) << "eager, step " << step;
     }
-    std::printf("[ %s ] fused L2 mix vs hc_mix: worst logit cosine %.9f over 25 steps; fused L2 launches %lld, "
-                "indexer queries on side 2 %lld\n",
-                GetParam().c_str(), worst, static_cast<long long>(rm.l2_mix_launches()),
-                static_cast<long long>(rs.indexer_side_launches()));
-    EXPECT_GT(rm.l2_mix_launches(), 0) << "the fused mix never ran";
-    EXPECT_EQ(rb.l2_mix_launches(), 0);
-    EXPECT_EQ(rb.indexer_side_launches(), 0);
+    std::printf("[ %s ] indexer queries on side stream 2: %lld enqueues, logits equal over 25 steps\n",
+                GetParam().c_str(), static_cast<long long>(rs.indexer_side_launches()));
+    EXPECT_EQ(rm.indexer_side_launches(), 0);
+    EXPECT_GT(rs.graph_replays(), 0);
     if (c->model->cfg.index_topk > 0) {
         EXPECT_GT(rs.indexer_side_launches(), 0) << "no indexer query on side stream 2";
     }
