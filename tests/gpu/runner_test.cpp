@@ -19,7 +19,6 @@
 #include <map>
 #include <sys/wait.h>
 #include <fstream>
-#include <functional>
 #include <filesystem>
 #include <memory>
 #include <numeric>
@@ -1073,19 +1072,17 @@ TEST_P(GpuRunner, StateMatchesCpuAfterSchedules) {
     }
 }
 
-// Graphs: decode steps of 4 sequences replayed from a captured graph give the same logits, bit
-// for bit, as the same steps run eagerly (a second runner with graphs off).
 // RunnerOptions::indexer_side (a CSA layer's indexer queries on side stream 2 at ≤ 16 tokens)
 // against the runner without it, over a prefill and 24 batch-1 decode steps replayed from graphs
 // and the same steps eagerly: the side stream moves no arithmetic, so the logits are equal bit for
 // bit, and the queries did run on side stream 2 (in a case with CSA layers).
 TEST_P(GpuRunner, IndexerSideStreamEqualsMainStream) {
-    gpu::RunnerOptions main = small_options(), side = small_options(), side_eager = small_options();
-    main.indexer_side = false;
+    gpu::RunnerOptions plain = small_options(), side = small_options(), side_eager = small_options();
+    plain.indexer_side = false;
     side.indexer_side = true;
     side_eager.indexer_side = true;
     side_eager.graphs = false;
-    gpu::Runner rm(*c->model, main), rs(*c->model, side), re(*c->model, side_eager);
+    gpu::Runner rm(*c->model, plain), rs(*c->model, side), re(*c->model, side_eager);
     gpu::Runner* all[] = {&rm, &rs, &re};
     int32_t slot[3];
     for (int i = 0; i < 3; ++i) {
@@ -1113,6 +1110,8 @@ TEST_P(GpuRunner, IndexerSideStreamEqualsMainStream) {
     }
 }
 
+// Graphs: decode steps of 4 sequences replayed from a captured graph give the same logits, bit
+// for bit, as the same steps run eagerly (a second runner with graphs off).
 TEST_P(GpuRunner, GraphReplayEqualsEager) {
     gpu::RunnerOptions with = small_options(), without = small_options();
     without.graphs = false;
