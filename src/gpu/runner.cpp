@@ -495,12 +495,17 @@ struct Runner::Impl {
             cuda::linear(w, x, M, y, lo, &ws.gemm, stream);
     }
     // The same on side stream i, with its own scratch (concurrent linears must not share one).
+    // Side stream 2 (a CSA layer's indexer queries at ≤ kIdxSideMaxT tokens) has none: the small-M
+    // kernels such calls take need none.
     void linear_side(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y,
                      const cuda::ActFp8* a8 = nullptr, int i = 0) {
+        MEGAMOE_CHECK(i < 2 || M <= kIdxSideMaxT, "linear_side: side stream 2 has no GEMM scratch (M = ", M,
+                      " > ", kIdxSideMaxT, ")");
         const cuda::LinearOptions lo;
-        const cuda::GemmScratch& scratch = i == 0 ? ws.gemm_side : ws.gemm_side2;
+        const cuda::GemmScratch none{};
+        const cuda::GemmScratch& scratch = i == 0 ? ws.gemm_side : i == 1 ? ws.gemm_side2 : none;
         if (!fp8_linear(w, a8, M, y, lo, scratch, side_stream(i)) && !bf16_linear(w, x, M, y, lo, scratch, side_stream(i)))
-            cuda::linear(w, x, M, y, lo, &scratch, side_stream(i));
+            cuda::linear(w, x, M, y, lo, i < 2 ? &scratch : nullptr, side_stream(i));
     }
     // cuBLASLt's BF16 GEMM on the bf16 input at ≥ cuda::kLtBf16MinM tokens; false when it does not apply.
     bool bf16_linear(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const cuda::LinearOptions& lo,
@@ -993,19 +998,12 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
         const int64_t nI = c.index_n_heads, dI = c.index_head_dim;
         const bool on_side = concurrent && opt.indexer_side && T <= kIdxSideMaxT;
         const cudaStream_t is = on_side ? side_stream(2) : stream;
-        if (on_side) {
-            const cuda::LinearOptions lo;
-            if (!fp8_linear(d.idx_wq_b, q8 ? &qa8 : nullptr, T, ws.iq_f, lo, ws.gemm, is))
-                cuda::linear(d.idx_wq_b, input(d.idx_wq_b, ws.qr, ws.qr_q), T, ws.iq_f, lo, nullptr, is);
-        } else {
-            linear(d.idx_wq_b, input(d.idx_wq_b, ws.qr, ws.qr_q), T, ws.iq_f, false, 1, q8 ? &qa8 : nullptr);
-        }
+        if (on_side) linear_side(d.idx_wq_b, input(d.idx_wq_b, ws.qr, ws.qr_q), T, ws.iq_f, q8 ? &qa8 : nullptr, 2);
+        else linear(d.idx_wq_b, input(d.idx_wq_b, ws.qr, ws.qr_q), T, ws.iq_f, false, 1, q8 ? &qa8 : nullptr);
         cuda::head_norm_rope(ws.iq_f, T, nI, dI, false, nullptr, eps, ws.pos, dm->rope_compress, ws.iq, is, nm);
         if (official()) cuda::round_indexer_qk(ws.iq, T * nI, dI, is);
         if (on_side) {
-            const cuda::LinearOptions lo;
-            if (!fp8_linear(d.idx_weights_proj, xa8, T, ws.iw, lo, ws.gemm, is))
-                cuda::linear(d.idx_weights_proj, input(d.idx_weights_proj, ws.xn, ws.xq), T, ws.iw, lo, nullptr, is);
+            linear_side(d.idx_weights_proj, input(d.idx_weights_proj, ws.xn, ws.xq), T, ws.iw, xa8, 2);
             join(2);
             ++idx_side_launches;
         } else {
