@@ -33,3 +33,11 @@ for run in nvfp4:exact:1 nvfp4:exact:2 mxfp4:exact:1 nvfp4:official:1; do
         echo
     done
 done
+# Where the time goes (CUPTI timeline of one graph-replayed B = 1 step): the two small-path kernels'
+# rows of the per-kernel table ("adds" = how far each moves the end of the busy frontier).
+for o in 0:0 1:1; do
+    echo "== trace, w2-prefetch ${o%%:*} evict-first ${o#*:}"
+    timeout 60 megamoe-forward-bench --model flash --layers "$layers" --batches 1 --contexts 1024 --prefill 0 \
+        --steps 10 --w2-prefetch "${o%%:*}" --evict-first "${o#*:}" --trace 0 2>/dev/null |
+        grep -E "trace:|moe_small|linear_small_m|linear_regs|kernel  " | head -12
+done
