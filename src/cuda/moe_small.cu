@@ -118,6 +118,9 @@ constexpr int kL2StagesWanted = 4;
 // 2171.1 µs, official 1858.2 / 2312.7 → 1814.7 / 2246.8 (that build ran both formats at two CTAs;
 // this rule, one round in a later call: −1.1% to −1.7%). T ≤ kL1TwoMaxT: what was measured.
 constexpr int64_t kL1TwoMaxT = 4;
+// MoeSmallOptions::w2_prefetch asks the L2 cache for at most this share of its size (whole
+// experts' w2: V4-Flash 4.5-4.7 MB each, so 6 of them, T = 1, in an H100's or H200's 50 MB).
+constexpr double kPrefetchL2Share = 0.6;
 // How much shared memory each of the two CTAs may take: two_cta_budget (below), from the device's
 // facts.
 
@@ -151,7 +154,8 @@ struct SmallParams {
     // L1 only (MoeSmallOptions::w2_prefetch): 0, or when L1's producer asks the L2 cache for w2 of
     // the entries' experts (1: after its last copy, 2: before its first), from this table (L2's)
     // with these bytes per expert (w2's weight and scale rows, each contiguous).
-    int pf_mode;
+    // At most pf_entries entries (their w2 bytes fit kPrefetchL2Share of the L2 cache).
+    int pf_mode, pf_entries;
     const GemmGroup* pf_table;
     int64_t pf_w_bytes, pf_s_bytes;
 };
@@ -218,7 +222,7 @@ __device__ __forceinline__ void prefetch_w2_share(const SmallParams& p, int n_en
         const int64_t hi = b + 1 == G ? (bytes & ~int64_t(15)) : ((bytes * (b + 1) / G) & ~int64_t(255));
         if (hi > lo) bulk_prefetch_l2(base + lo, static_cast<uint32_t>(hi - lo));
     };
-    for (int q = 0; q < n_entries; ++q) {
+    for (int q = 0; q < min(n_entries, p.pf_entries); ++q) {
         const GemmGroup& W = p.pf_table[entry_exp[q]];
         part(W.w[0], p.pf_w_bytes);
         part(W.s[0], p.pf_s_bytes);
@@ -796,6 +800,9 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
     p.pf_table = static_cast<const GemmGroup*>(ex.l2_table);
     p.pf_w_bytes = ex.D * ex.w2[0].weight_row_bytes;
     p.pf_s_bytes = ex.D * ex.w2[0].scale_row_bytes;
+    // Prefetched lines past the cache's share would push out earlier ones (read twice from HBM).
+    p.pf_entries = static_cast<int>(std::min<int64_t>(kMoeSmallMaxSlots, static_cast<int64_t>(kPrefetchL2Share * f.l2_bytes) /
+                                                                             std::max<int64_t>(1, p.pf_w_bytes + p.pf_s_bytes)));
     // x fragments in registers: V4-Flash at one CTA per SM (4 steps per warp); V4-Pro has 7 and two
     // CTAs per SM need the registers (kL1TwoMaxT): from shared memory.
     const bool xr = !pl.l1_two && p.spw <= kL1XRegSteps;
