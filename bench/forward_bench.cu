@@ -15,7 +15,6 @@
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
 //                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--idx-side 0|1] [--w4a8]
-//                         [--w2-prefetch 0|1|2] [--evict-first 0|1]
 //                         [--gpus N | --multi] [--ep-exchange gather|all-to-all]
 //                         [--ep-combine slot-rows|partial-sums] [--replicated-head]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
@@ -39,8 +38,6 @@
 //   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
 // --idx-side 0|1: a CSA layer's indexer queries on a third side stream beside wq_b (1) or on the
 //   main stream (0) (RunnerOptions::indexer_side; default: the runner's).
-// --w2-prefetch 0|1|2, --evict-first 0|1: the small-T expert path's use of the L2 cache
-//   (RunnerOptions::moe_w2_prefetch / moe_evict_first, cuda::MoeSmallOptions; default: the runner's).
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
 // --w4a8: with --numerics official and --experts mxfp4, the routed experts on the W4A8 tiles wherever
 //   the automatic choice is a wgmma tile (RunnerOptions::w4a8; off by default: slower so far).
@@ -235,7 +232,6 @@ int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
         int idx_side = -1;   // -1: RunnerOptions' default
-        int w2_prefetch = -1, evict_first = -1;   // -1: RunnerOptions' defaults
         auto on_off = [](const std::string& flag, const std::string& v) {
             if (v != "0" && v != "1") fail(flag, " takes 0 or 1, not '", v, "'");
             return v == "1" ? 1 : 0;
@@ -269,12 +265,6 @@ int main(int argc, char** argv) {
             else if (a == "--no-lt-bf16") no_lt_bf16 = true;
             else if (a == "--no-moe-small") no_moe_small = true;
             else if (a == "--idx-side") idx_side = on_off(a, next());
-            else if (a == "--evict-first") evict_first = on_off(a, next());
-            else if (a == "--w2-prefetch") {
-                const std::string v = next();
-                if (v != "0" && v != "1" && v != "2") fail("--w2-prefetch takes 0, 1 or 2, not '", v, "'");
-                w2_prefetch = std::stoi(v);
-            }
             else if (a == "--w4a8") w4a8 = true;
             else if (a == "--spec") spec = true;
             else if (a == "--spec-tokens") {
@@ -341,8 +331,6 @@ int main(int argc, char** argv) {
         ro.lt_bf16 = !no_lt && !no_lt_bf16;
         ro.moe_small = !no_moe_small;
         if (idx_side >= 0) ro.indexer_side = idx_side == 1;
-        if (w2_prefetch >= 0) ro.moe_w2_prefetch = w2_prefetch;
-        if (evict_first >= 0) ro.moe_evict_first = evict_first == 1;
         ro.w4a8 = w4a8;
         ro.rollback = spec;
         ro.numerics = numerics;

@@ -467,7 +467,6 @@ struct Options {
     bool quick = false, check = true, y_f32 = false;
     cuda::Tile tile = cuda::Tile::automatic;   // --config: force this kernel shape (linears M > 16, expert layer)
     bool moe_small = false;                    // --moe-small: the expert layer through cuda::moe_layer_small
-    cuda::MoeSmallOptions small;               // --w2-prefetch 0|1|2, --evict-first 0|1 (with --moe-small)
     Numerics nm = Numerics::exact;             // --numerics: the expert layer's numerics
     std::string part = "all", models, shapes, formats;
     std::vector<int64_t> Ms, Ts;
@@ -837,8 +836,7 @@ uint64_t routing_seed(int64_t T, int r) { return uint64_t(T) * 1000 + uint64_t(r
 // Bound per output element: Σ over slots and i of |w2[d,i]|·a_i + 1e-5·Σ|w2·hb| + fp32 combine rounding.
 double check_moe(const std::vector<HostExpert>& hosts, const cuda::DeviceExperts& ex, cuda::MoeLayerWorkspace& ws,
                  int64_t k, float limit, const uint16_t* dx, const float* dshared, float* dy, int64_t T,
-                 const Routing& rt, const std::vector<int64_t>& tokens, cudaStream_t stream,
-                 const cuda::MoeSmallOptions* small = nullptr) {
+                 const Routing& rt, const std::vector<int64_t>& tokens, cudaStream_t stream, bool small = false) {
     const int64_t D = ex.D, I = ex.I;
     DeviceArray<int32_t> dids(rt.ids.size());
     DeviceArray<float> dw(rt.wts.size());
@@ -846,7 +844,7 @@ double check_moe(const std::vector<HostExpert>& hosts, const cuda::DeviceExperts
     CUDA_CHECK(cudaMemcpyAsync(dw.data(), rt.wts.data(), rt.wts.size() * 4, cudaMemcpyHostToDevice, stream));
     CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(T * D) * 4, stream));
     if (small)
-        cuda::moe_layer_small(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream, Numerics::exact, *small);
+        cuda::moe_layer_small(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream);
     else
         cuda::moe_layer(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream);
     CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -925,8 +923,7 @@ double check_moe(const std::vector<HostExpert>& hosts, const cuda::DeviceExperts
 double check_moe_official(const std::vector<HostExpert>& hosts, const cuda::DeviceExperts& ex,
                           cuda::MoeLayerWorkspace& ws, int64_t k, float limit, const uint16_t* dx,
                           const float* dshared, float* dy, int64_t T, const Routing& rt,
-                          const std::vector<int64_t>& tokens, cudaStream_t stream, cuda::Tile tile,
-                          const cuda::MoeSmallOptions* small) {
+                          const std::vector<int64_t>& tokens, cudaStream_t stream, cuda::Tile tile, bool small) {
     const int64_t D = ex.D;
     DeviceArray<int32_t> dids(rt.ids.size());
     DeviceArray<float> dw(rt.wts.size());
@@ -934,8 +931,7 @@ double check_moe_official(const std::vector<HostExpert>& hosts, const cuda::Devi
     CUDA_CHECK(cudaMemcpyAsync(dw.data(), rt.wts.data(), rt.wts.size() * 4, cudaMemcpyHostToDevice, stream));
     CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(T * D) * 4, stream));
     if (small) {
-        cuda::moe_layer_small(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream, Numerics::official,
-                              *small);
+        cuda::moe_layer_small(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream, Numerics::official);
     } else {
         cuda::moe_layer_routed(ex, limit, dx, dids.data(), dw.data(), T, ws, stream, tile, Numerics::official);
         cuda::moe_layer_combine(ws, T, dshared, dy, stream, Numerics::official);
@@ -1070,9 +1066,9 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
         if (opt.check) {
             std::vector<int64_t> all5 = {0, 1, 2, 3, 4};
             worst = official ? check_moe_official(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), 5,
-                                                  make_routing(5, k, E, 77), all5, stream, opt.tile, opt.moe_small ? &opt.small : nullptr)
+                                                  make_routing(5, k, E, 77), all5, stream, opt.tile, opt.moe_small)
                              : check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), 5,
-                                         make_routing(5, k, E, 77), all5, stream, opt.moe_small ? &opt.small : nullptr);
+                                         make_routing(5, k, E, 77), all5, stream, opt.moe_small);
             if (worst > 1.0) progress("  %s: T=5 out of bound (%.3g)\n", what.c_str(), worst);
         }
         for (size_t ti = 0; ti < opt.Ts.size(); ++ti) {
@@ -1082,9 +1078,9 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
             if (opt.check) {   // the timed call (routing 0) on a few tokens
                 const auto toks = sample_indices(T, opt.quick ? 2 : 3, 31 + uint64_t(T));
                 const double w = official ? check_moe_official(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(),
-                                                               T, rts[0], toks, stream, opt.tile, opt.moe_small ? &opt.small : nullptr)
+                                                               T, rts[0], toks, stream, opt.tile, opt.moe_small)
                                           : check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), T,
-                                                      rts[0], toks, stream, opt.moe_small ? &opt.small : nullptr);
+                                                      rts[0], toks, stream, opt.moe_small);
                 if (w > 1.0) progress("  %s: T=%lld out of bound (%.3g)\n", what.c_str(), (long long)T, w);
                 worst = std::max(worst, w);
             }
@@ -1103,7 +1099,7 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
                 const int r = i % R;
                 if (opt.moe_small)
                     cuda::moe_layer_small(ex, limit, dx.data(), dids.data() + r * T * k, dw.data() + r * T * k, T,
-                                          dshared.data(), dy.data(), ws, stream, opt.nm, opt.small);
+                                          dshared.data(), dy.data(), ws, stream, opt.nm);
                 else if (official) {
                     cuda::moe_layer_routed(ex, limit, dx.data(), dids.data() + r * T * k, dw.data() + r * T * k, T, ws,
                                            stream, opt.tile, Numerics::official);
@@ -1151,15 +1147,6 @@ int main(int argc, char** argv) {
             else if (a == "--f32-out") opt.y_f32 = true;
             else if (a == "--config") opt.tile = parse_tile(next());
             else if (a == "--moe-small") opt.moe_small = true;
-            else if (a == "--w2-prefetch") {
-                const std::string v = next();
-                if (v != "0" && v != "1" && v != "2") fail("--w2-prefetch takes 0, 1 or 2, not '", v, "'");
-                opt.small.w2_prefetch = std::atoi(v.c_str());
-            } else if (a == "--evict-first") {
-                const std::string v = next();
-                if (v != "0" && v != "1") fail("--evict-first takes 0 or 1, not '", v, "'");
-                opt.small.evict_first = v == "1";
-            }
             else if (a == "--numerics") {
                 const std::string v = next();
                 if (v != "exact" && v != "official") fail("--numerics must be exact or official, got '", v, "'");
@@ -1178,7 +1165,6 @@ int main(int argc, char** argv) {
                     "       [--M 1,16,64,1024,8192] [--T 1,4,16,64,256,1024,4096,16384] [--shape NAMES]\n"
                     "       [--format fp8,nvfp4,mxfp4] [--f32-out] [--replays N] [--no-check] [--config TILE]\n"
                     "       [--moe-small]  (expert layer: the two-launch small-T path, T <= 8)\n"
-                    "       [--w2-prefetch 0|1|2] [--evict-first 0|1]  (with --moe-small: its L2-cache use)\n"
                     "       [--numerics exact|official]  (expert layer; official: W4A8 with --config wgmma_f8_128x128)\n"
                     "shapes: wq_a wq_b wkv wo_a wo_b sh.w1 sh.w2 idx.wq_b\n"
                     "tiles (--config: a name or its index):");

@@ -40,7 +40,6 @@ SmFacts sm_facts() {
     f.smem_per_sm = attr(cudaDevAttrMaxSharedMemoryPerMultiprocessor, "MaxSharedMemoryPerMultiprocessor");
     f.smem_per_block_optin = attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, "MaxSharedMemoryPerBlockOptin");
     f.smem_reserved_per_block = attr(cudaDevAttrReservedSharedMemoryPerBlock, "ReservedSharedMemoryPerBlock");
-    f.l2_bytes = attr(cudaDevAttrL2CacheSize, "L2CacheSize");
     return cache[dev] = f;
 }
 

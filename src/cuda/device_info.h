@@ -16,7 +16,6 @@ struct SmFacts {
     int64_t smem_per_sm = 0;               // cudaDevAttrMaxSharedMemoryPerMultiprocessor, bytes
     int64_t smem_per_block_optin = 0;      // cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes
     int64_t smem_reserved_per_block = 0;   // cudaDevAttrReservedSharedMemoryPerBlock, bytes
-    int64_t l2_bytes = 0;                  // cudaDevAttrL2CacheSize, bytes
 };
 
 // The current device's facts, cached per device; thread-safe. Throws megamoe::Error when the

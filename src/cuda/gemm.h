@@ -225,19 +225,10 @@ Tile w4a8_tile(Tile automatic_choice);
 // at T = 8; the runner takes it at 1-2 tokens (runner.cpp says why).
 constexpr int64_t kMoeSmallMaxT = 8;       // one n8 MMA token tile
 constexpr int64_t kMoeSmallMaxSlots = 64;
-// How the small path uses the L2 cache (same results either way; moe_small.cu says what each
-// measured). w2_prefetch: L1's producer asks the L2 cache for w2 (weights and scales) of the
-// experts the tokens hit, each CTA a 1/grid share — 0: no, 1: after its last weight copy (while
-// its consumers finish), 2: before its first. evict_first: the weights' bulk copies (read once)
-// carry an evict-first L2 policy, so they do not push out what was prefetched.
-struct MoeSmallOptions {
-    int  w2_prefetch = 0;
-    bool evict_first = false;
-};
 bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_t* x_bf16);
 void moe_layer_small(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,
                      const float* weights, int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws,
-                     CUstream_st* stream, Numerics nm = Numerics::exact, const MoeSmallOptions& so = {});
+                     CUstream_st* stream, Numerics nm = Numerics::exact);
 // The small path's launch plan for T tokens of k slots on a device with SM facts f (what
 // moe_small_fits and the launches use with sm_facts() of the current device; no CUDA call, so it
 // can be asked about any device). ok: the path applies (at least two ring stages of each half fit).
@@ -258,10 +249,9 @@ MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const
 // moe_small_fits check). moe_layer_small = moe_small_l1, then moe_small_l2 on the same stream.
 void moe_small_l1(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,
                   const float* weights, int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream,
-                  Numerics nm = Numerics::exact, const MoeSmallOptions& so = {});
+                  Numerics nm = Numerics::exact);
 void moe_small_l2(const DeviceExperts& ex, const uint16_t* x_bf16, const int32_t* ids, int64_t T, const float* shared,
-                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm = Numerics::exact,
-                  const MoeSmallOptions& so = {});
+                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm = Numerics::exact);
 // Expert parallelism (dist/exchange.h): a slot whose id lies outside [0, ex.E) — padding, or the
 // skip id ex.E of a slot another rank computes — has no expert on either half: not computed, and
 // it adds nothing (that holds for moe_small_l2 too). The workspace may then be a skip-bucket one
@@ -271,7 +261,7 @@ void moe_small_l2(const DeviceExperts& ex, const uint16_t* x_bf16, const int32_t
 // order from 0. official: each slot's row rounded to bf16 first (moe_layer_combine's rule).
 void moe_small_l2_placed(const DeviceExperts& ex, const uint16_t* x_bf16, const int32_t* ids, int64_t T,
                          bool slot_rows, float* out, MoeLayerWorkspace& ws, CUstream_st* stream,
-                         Numerics nm = Numerics::exact, const MoeSmallOptions& so = {});
+                         Numerics nm = Numerics::exact);
 
 // The kernel shape Tile::automatic picks: moe_layer for T tokens, linear_tiled for M rows (with
 // enough scratch; without, a wgmma choice runs as mma_256x128).

@@ -118,9 +118,6 @@ constexpr int kL2StagesWanted = 4;
 // 2171.1 µs, official 1858.2 / 2312.7 → 1814.7 / 2246.8 (that build ran both formats at two CTAs;
 // this rule, one round in a later call: −1.1% to −1.7%). T ≤ kL1TwoMaxT: what was measured.
 constexpr int64_t kL1TwoMaxT = 4;
-// MoeSmallOptions::w2_prefetch asks the L2 cache for at most this share of its size (whole
-// experts' w2: V4-Flash 4.5-4.7 MB each, so 6 of them, T = 1, in an H100's or H200's 50 MB).
-constexpr double kPrefetchL2Share = 0.6;
 // How much shared memory each of the two CTAs may take: two_cta_budget (below), from the device's
 // facts.
 
@@ -150,14 +147,6 @@ struct SmallParams {
     bool official;             // Numerics::official (gate / up rounded to bf16; h FP8-rounded; combine)
     int placed;                // L2's output: kPlaceY (y = shared + the slots' sum), or for expert
                                // parallelism kPlaceSlotRows / kPlaceRowSums (moe_small_l2_placed)
-    bool evict_first;          // the weights' bulk copies with an evict-first L2 policy (MoeSmallOptions)
-    // L1 only (MoeSmallOptions::w2_prefetch): 0, or when L1's producer asks the L2 cache for w2 of
-    // the entries' experts (1: after its last copy, 2: before its first), from this table (L2's)
-    // with these bytes per expert (w2's weight and scale rows, each contiguous).
-    // At most pf_entries entries (their w2 bytes fit kPrefetchL2Share of the L2 cache).
-    int pf_mode, pf_entries;
-    const GemmGroup* pf_table;
-    int64_t pf_w_bytes, pf_s_bytes;
 };
 constexpr int kPlaceY = 0, kPlaceSlotRows = 1, kPlaceRowSums = 2;
 
@@ -202,31 +191,8 @@ __device__ __forceinline__ void produce(const SmallParams& p, Ring& r, uint8_t* 
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     }
     mbar_expect_arrive(full, wbytes + sbulk);
-    const uint8_t* wsrc = w + static_cast<int64_t>(row0) * p.w_row_bytes;
-    if (p.evict_first) {
-        const uint64_t pol = l2_evict_first_policy();
-        bulk_copy(smem_addr(st), wsrc, wbytes, full, pol);
-        if (sbulk > 0) bulk_copy(smem_addr(sc), ssrc, sbulk, full, pol);
-    } else {
-        bulk_copy(smem_addr(st), wsrc, wbytes, full);
-        if (sbulk > 0) bulk_copy(smem_addr(sc), ssrc, sbulk, full);
-    }
-}
-
-// L1's producer: this CTA's share (1/gridDim.x, in 256-byte pieces) of w2's weight and scale bytes
-// for every entry's expert, asked of the L2 cache (pf_mode), so that L2's copies hit the cache.
-__device__ __forceinline__ void prefetch_w2_share(const SmallParams& p, int n_entries, const int* entry_exp) {
-    const int64_t b = blockIdx.x, G = gridDim.x;
-    auto part = [&](const uint8_t* base, int64_t bytes) {
-        const int64_t lo = (bytes * b / G) & ~int64_t(255);
-        const int64_t hi = b + 1 == G ? (bytes & ~int64_t(15)) : ((bytes * (b + 1) / G) & ~int64_t(255));
-        if (hi > lo) bulk_prefetch_l2(base + lo, static_cast<uint32_t>(hi - lo));
-    };
-    for (int q = 0; q < min(n_entries, p.pf_entries); ++q) {
-        const GemmGroup& W = p.pf_table[entry_exp[q]];
-        part(W.w[0], p.pf_w_bytes);
-        part(W.s[0], p.pf_s_bytes);
-    }
+    bulk_copy(smem_addr(st), w + static_cast<int64_t>(row0) * p.w_row_bytes, wbytes, full);
+    if (sbulk > 0) bulk_copy(smem_addr(sc), ssrc, sbulk, full);
 }
 
 // ---------------------------------------------------------------------------- routing
@@ -392,7 +358,6 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
 
     if (warp == kL1Warps) {   // ---- producer: one thread
         if (lane != 0) return;
-        if (p.pf_mode == 2) prefetch_w2_share(p, rt.n_entries, rt.entry_exp);
         int gq = -1;
         GemmGroup G{};
         for (int i = 0; i < items; ++i) {
@@ -403,7 +368,6 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
             }
             produce(p, ring_bars, ring, i, G.w[m], G.s[m], rb * kRows, kRows);
         }
-        if (p.pf_mode == 1) prefetch_w2_share(p, rt.n_entries, rt.entry_exp);
         return;
     }
 
@@ -781,10 +745,8 @@ MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const
 }
 
 void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
-                  int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm, const MoeSmallOptions& so) {
+                  int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     if (!check_small("moe_small_l1", ex, T, x, ws)) return;
-    MEGAMOE_CHECK(so.w2_prefetch >= 0 && so.w2_prefetch <= 2, "moe_small_l1: MoeSmallOptions::w2_prefetch = ",
-                  so.w2_prefetch, " is not 0, 1 or 2");
     const SmFacts f = sm_facts();
     Plan pl = make_plan(ex, T, ws.dispatch.k, f);
     SmallParams& p = pl.l1;
@@ -795,14 +757,6 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
     p.h = ws.h.data();
     p.limit = limit;
     p.official = nm == Numerics::official;
-    p.evict_first = so.evict_first;
-    p.pf_mode = so.w2_prefetch;
-    p.pf_table = static_cast<const GemmGroup*>(ex.l2_table);
-    p.pf_w_bytes = ex.D * ex.w2[0].weight_row_bytes;
-    p.pf_s_bytes = ex.D * ex.w2[0].scale_row_bytes;
-    // Prefetched lines past the cache's share would push out earlier ones (read twice from HBM).
-    p.pf_entries = static_cast<int>(std::min<int64_t>(kMoeSmallMaxSlots, static_cast<int64_t>(kPrefetchL2Share * f.l2_bytes) /
-                                                                             std::max<int64_t>(1, p.pf_w_bytes + p.pf_s_bytes)));
     // x fragments in registers: V4-Flash at one CTA per SM (4 steps per warp); V4-Pro has 7 and two
     // CTAs per SM need the registers (kL1TwoMaxT): from shared memory.
     const bool xr = !pl.l1_two && p.spw <= kL1XRegSteps;
@@ -815,8 +769,7 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
 
 namespace {
 void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T,
-               const float* shared, float* y, int placed, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm,
-               const MoeSmallOptions& so) {
+               const float* shared, float* y, int placed, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     if (!check_small(what, ex, T, x, ws)) return;
     const SmFacts f = sm_facts();
     Plan pl = make_plan(ex, T, ws.dispatch.k, f);
@@ -828,7 +781,6 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
     p.y = y;
     p.placed = placed;
     p.official = nm == Numerics::official;
-    p.evict_first = so.evict_first;
     // The h fragments' register sets are sized by the steps per warp (V4-Flash 1, V4-Pro 2).
     auto kernel = ex.format == LinearFormat::nvfp4
                       ? (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::nvfp4, 1> : moe_small_l2_kernel<LinearFormat::nvfp4, 2>)
@@ -839,23 +791,22 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
 }  // namespace
 
 void moe_small_l2(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T, const float* shared,
-                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm, const MoeSmallOptions& so) {
-    launch_l2("moe_small_l2", ex, x, ids, T, shared, y, kPlaceY, ws, stream, nm, so);
+                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
+    launch_l2("moe_small_l2", ex, x, ids, T, shared, y, kPlaceY, ws, stream, nm);
 }
 
 void moe_small_l2_placed(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T, bool slot_rows,
-                         float* out, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm,
-                         const MoeSmallOptions& so) {
+                         float* out, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     launch_l2("moe_small_l2_placed", ex, x, ids, T, nullptr, out, slot_rows ? kPlaceSlotRows : kPlaceRowSums, ws,
-              stream, nm, so);
+              stream, nm);
 }
 
 void moe_layer_small(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
                      int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws, CUstream_st* stream,
-                     Numerics nm, const MoeSmallOptions& so) {
+                     Numerics nm) {
     if (!check_small("moe_layer_small", ex, T, x, ws)) return;
-    moe_small_l1(ex, limit, x, ids, weights, T, ws, stream, nm, so);
-    moe_small_l2(ex, x, ids, T, shared, y, ws, stream, nm, so);
+    moe_small_l1(ex, limit, x, ids, weights, T, ws, stream, nm);
+    moe_small_l2(ex, x, ids, T, shared, y, ws, stream, nm);
 }
 
 }  // namespace megamoe::cuda

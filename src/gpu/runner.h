@@ -49,8 +49,6 @@ struct RunnerOptions {
     bool    moe_small = true;          // 1-2 tokens: the routed experts through the two-launch
                                        // small-T path (cuda::moe_small_l1 / l2) where it applies
                                        // (runner.cpp says why there); off: moe_layer always
-    int     moe_w2_prefetch = 0;       // the small-T path's use of the L2 cache (cuda::MoeSmallOptions:
-    bool    moe_evict_first = false;   // w2_prefetch 0 / 1 / 2 and evict_first; same results)
     bool    indexer_side = true;       // ≤ 16 tokens: a CSA layer's indexer queries on a third side
                                        // stream beside wq_b (with side_stream); off: the main stream
                                        // (runner.cpp says what it measured)

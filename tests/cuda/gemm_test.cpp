@@ -1649,65 +1649,6 @@ TEST(CudaMoeLayer, SmallPathOddShapesManyExpertsRepeatedIds) {
     }
 }
 
-// The small path's L2-cache options (cuda::MoeSmallOptions: w2 prefetched by L1's producer after
-// its last copy or before its first, evict-first copies) change where bytes come from, not what is
-// computed: h and y bit for bit as with neither, on V4-Flash widths and odd ones (scale rows that
-// are not a multiple of 16 bytes in all, 256 experts), both formats and numerics, T = 1, 2, 5.
-// (The default options' results are checked against the CPU composition by the tests above.)
-TEST(CudaMoeLayer, SmallPathCacheOptionsKeepBits) {
-    SKIP_WITHOUT_GPU();
-    const int64_t k = 6;
-    struct Shape {
-        int64_t D, I, E;
-    };
-    uint32_t seed = 96000;
-    for (const Shape sh : {Shape{4096, 2048, 8}, Shape{224, 96, 256}}) {
-        for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
-            const HostExperts hx = make_experts(f, sh.E, sh.D, sh.I, seed += 1000);
-            cuda::DeviceExperts dex(hx.experts);
-            cuda::MoeLayerWorkspace ws(8, k, dex);
-            for (Numerics nm : {Numerics::exact, Numerics::official})
-                for (int64_t T : {1, 2, 5}) {
-                    const std::string what = str(fmt_name(f), " D=", sh.D, nm == Numerics::official ? " official" : " exact",
-                                                 " T=", T);
-                    SCOPED_TRACE(what);
-                    const MoeCase c = make_case(Routing::uniform, T, k, sh.E, sh.D, true, ++seed);
-                    DeviceInputs in(T, k, sh.D);
-                    in.upload(c);
-                    ASSERT_TRUE(cuda::moe_small_fits(dex, T, k, in.x.data()));
-                    DeviceArray<float> y(static_cast<size_t>(T * sh.D));
-                    auto run = [&](const cuda::MoeSmallOptions& so) {
-                        poison(y.data(), y.size());
-                        poison(ws.h.data(), static_cast<size_t>(T * k * sh.I));
-                        cuda::moe_layer_small(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T,
-                                              in.shared.data(), y.data(), ws, nullptr, nm, so);
-                        CUDA_CHECK(cudaDeviceSynchronize());
-                        return std::make_pair(to_host(ws.h.data(), static_cast<size_t>(T * k * sh.I)),
-                                              to_host(y.data(), y.size()));
-                    };
-                    const auto ref = run(cuda::MoeSmallOptions{0, false});
-                    for (int pf : {0, 1, 2})
-                        for (bool ef : {false, true}) {
-                            if (pf == 0 && !ef) continue;
-                            const auto got = run(cuda::MoeSmallOptions{pf, ef});
-                            EXPECT_TRUE(got.first == ref.first) << "h differs with w2_prefetch " << pf << ", evict_first " << ef;
-                            EXPECT_EQ(first_mismatch(got.second, ref.second), -1)
-                                << "y differs with w2_prefetch " << pf << ", evict_first " << ef;
-                        }
-                    if (HasFailure()) return;
-                }
-        }
-    }
-    const HostExperts hx = make_experts(LinearFormat::nvfp4, 8, 256, 128, 96900);
-    cuda::DeviceExperts dex(hx.experts);
-    cuda::MoeLayerWorkspace ws(4, k, dex);
-    DeviceInputs in(1, k, 256);
-    DeviceArray<float> y(256);
-    test::expect_error([&] { cuda::moe_layer_small(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 1, nullptr,
-                                                   y.data(), ws, nullptr, Numerics::exact, cuda::MoeSmallOptions{3, false}); },
-                       {"moe_small_l1", "w2_prefetch = 3"});
-}
-
 // Where the small path applies, and its own argument checks.
 TEST(CudaMoeLayer, SmallPathBounds) {
     SKIP_WITHOUT_GPU();
