@@ -168,14 +168,31 @@ __device__ __forceinline__ void ring_init(Ring& r, int stages, int warps) {
     }
 }
 
-// Producer (one thread): stage `slot` ← rows [row0, row0 + rows) ∩ [0, N) of one weight (rows of
+// Item i of a CTA's ring sequence: its slot (i % stages) and the parity of its round ((i / stages)
+// & 1), advanced one item at a time. (Per item, the divisions by the runtime stage count cost ~25
+// instructions of each consumer warp: Nsight Compute's source counters, docs/bench-gemm.md.)
+struct RingPos {
+    int slot = 0;
+    uint32_t phase = 0;
+    bool wrapped = false;   // i >= stages: the slot was used before (the producer waits for it)
+    __device__ __forceinline__ void next(int stages) {
+        if (++slot == stages) {
+            slot = 0;
+            phase ^= 1u;
+            wrapped = true;
+        }
+    }
+};
+
+// Producer (one thread): stage rp.slot ← rows [row0, row0 + rows) ∩ [0, N) of one weight (rows of
 // w_row_bytes at w, scale rows of s_row_bytes at s; rows ≤ stage_rows), each block in one bulk
 // copy: the weight rows are contiguous, and so are the scale rows (one copy per row measured
-// slower, see the top). Item i of the CTA's sequence; waits for the slot to be free.
-__device__ __forceinline__ void produce(const SmallParams& p, Ring& r, uint8_t* ring, int i, const uint8_t* w,
+// slower, see the top). Waits for the slot to be free, then advances rp.
+__device__ __forceinline__ void produce(const SmallParams& p, Ring& r, uint8_t* ring, RingPos& rp, const uint8_t* w,
                                         const uint8_t* s, int row0, int rows) {
-    const int slot = i % p.stages;
-    if (i >= p.stages) mbar_wait(smem_addr(&r.empty[slot]), static_cast<uint32_t>((i / p.stages - 1) & 1));
+    const int slot = rp.slot;
+    if (rp.wrapped) mbar_wait(smem_addr(&r.empty[slot]), rp.phase ^ 1u);
+    rp.next(p.stages);
     uint8_t* st = ring + static_cast<size_t>(slot) * p.stage_bytes;
     rows = min(rows, p.N - row0);
     const uint32_t wbytes = static_cast<uint32_t>(rows * p.w_row_bytes);
@@ -358,15 +375,20 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
 
     if (warp == kL1Warps) {   // ---- producer: one thread
         if (lane != 0) return;
-        int gq = -1;
+        int gq = -1, q = pa / RB, rb = pa - q * RB;   // pair pa + i / 2 = (entry q, row block rb)
         GemmGroup G{};
+        RingPos rp;
         for (int i = 0; i < items; ++i) {
-            const int pr = pa + i / 2, q = pr / RB, rb = pr - q * RB, m = i & 1;
+            const int m = i & 1;
+            if (m == 0 && i > 0 && ++rb == RB) {
+                rb = 0;
+                ++q;
+            }
             if (q != gq) {
                 G = p.table[rt.entry_exp[q]];
                 gq = q;
             }
-            produce(p, ring_bars, ring, i, G.w[m], G.s[m], rb * kRows, kRows);
+            produce(p, ring_bars, ring, rp, G.w[m], G.s[m], rb * kRows, kRows);
         }
         return;
     }
@@ -395,8 +417,14 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
                          : make_uint4(0, 0, 0, 0);
     };
     uint4 xb[kXs > 0 ? kXs : 1][4];   // kXs > 0: the entry's fragments
+    int q = pa / RB, rb = pa - q * RB;   // pair pa + i / 2 = (entry q, row block rb), advanced per pair
+    RingPos rp;
     for (int i = 0; i < items; ++i) {
-        const int pr = pa + i / 2, q = pr / RB, rb = pr - q * RB, m = i & 1;
+        const int m = i & 1;
+        if (m == 0 && i > 0 && ++rb == RB) {
+            rb = 0;
+            ++q;
+        }
         if (q != cur_q) {
             cur_q = q;
             m_cnt = rt.entry_cnt[q];
@@ -410,8 +438,9 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
                     for (int l = 0; l < 4; ++l) xb[j][l] = j < ns ? xfrag(j, l) : make_uint4(0, 0, 0, 0);
             }
         }
-        const int slot = i % p.stages;
-        mbar_wait(smem_addr(&ring_bars.full[slot]), static_cast<uint32_t>((i / p.stages) & 1));
+        const int slot = rp.slot;
+        mbar_wait(smem_addr(&ring_bars.full[slot]), rp.phase);
+        rp.next(p.stages);
         const uint8_t* st = ring + static_cast<size_t>(slot) * p.stage_bytes;
         // m is warp-uniform but not a compile-time index: each branch names its matrix's accumulators
         // (a runtime index would put acc in local memory).
@@ -428,7 +457,7 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
         if (m == 0) continue;
 
         // Pair done: partials red[buf][warp][matrix][row][token], then the fixed-order sum over warps.
-        float* rd = red + static_cast<size_t>((i / 2) & 1) * kL1Warps * 2 * kRows * C;
+        float* rd = red + static_cast<size_t>((i >> 1) & 1) * kL1Warps * 2 * kRows * C;
 #pragma unroll
         for (int mm = 0; mm < 2; ++mm)
 #pragma unroll
@@ -485,16 +514,20 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
 
     if (warp == kL2Warps) {   // ---- producer: one thread (w2 does not depend on L1: no wait)
         if (lane != 0) return;
-        int gq = -1;
+        int gq = -1, q = 0, c = 0;   // item i = (entry q, chunk c), entry-major
         GemmGroup G{};
+        RingPos rp;
         for (int i = 0; i < items; ++i) {
-            const int q = i / nch, c = i - q * nch;
             if (q != gq) {
                 G = p.table[rt.entry_exp[q]];
                 gq = q;
             }
             const int j0 = c * p.rb_chunk;
-            produce(p, ring_bars, ring, i, G.w[0], G.s[0], (ra + j0) * kRows, min(p.rb_chunk, nrb - j0) * kRows);
+            produce(p, ring_bars, ring, rp, G.w[0], G.s[0], (ra + j0) * kRows, min(p.rb_chunk, nrb - j0) * kRows);
+            if (++c == nch) {
+                c = 0;
+                ++q;
+            }
         }
         return;
     }
@@ -545,14 +578,24 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
             }
         }
     };
+    RingPos rp;   // the stages in the producer's order: entry-major, chunk c within
     auto entry = [&](int q, uint4 (&hb)[kSpw][4], uint4 (&next)[kSpw][4]) {
         const int m_cnt = rt.entry_cnt[q], start = rt.entry_start[q];
         const GemmGroup G = p.table[rt.entry_exp[q]];
+        // This lane's partial rows in fin for its token columns t = 2·tig + e (−1: past the entry's
+        // slots), once per entry rather than per store.
+        int fo[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int t = 2 * tig + e;
+            fo[e] = t < m_cnt ? (warp * n + rt.order[start + t]) * p.rb_max * kRows : -1;
+        }
         if (p.official) round_h(hb);
         load_h(q + 1, next);
         for (int c = 0; c < nch; ++c) {
-            const int i = q * nch + c, slot = i % p.stages;
-            mbar_wait(smem_addr(&ring_bars.full[slot]), static_cast<uint32_t>((i / p.stages) & 1));
+            const int slot = rp.slot;
+            mbar_wait(smem_addr(&ring_bars.full[slot]), rp.phase);
+            rp.next(p.stages);
             const uint8_t* st = ring + static_cast<size_t>(slot) * p.stage_bytes;
             const int nj = min(p.rb_chunk, nrb - c * p.rb_chunk);
             float acc[kL2MaxChunk][2][4];
@@ -572,11 +615,9 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
                 const int j = c * p.rb_chunk + jj;
 #pragma unroll
                 for (int v = 0; v < 4; ++v) {
-                    const int t = 2 * tig + (v & 1);
-                    if (t < m_cnt) {
+                    if (fo[v & 1] >= 0) {
                         const int rl = g + (v >= 2 ? 8 : 0);
-                        fin[((warp * n + rt.order[start + t]) * p.rb_max + j) * kRows + rl] =
-                            (acc[jj][0][v] + acc[jj][1][v]) * G.out_scale[0];
+                        fin[fo[v & 1] + j * kRows + rl] = (acc[jj][0][v] + acc[jj][1][v]) * G.out_scale[0];
                     }
                 }
             }
