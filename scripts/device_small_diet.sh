@@ -2,6 +2,9 @@
 # One device call (carry .device, made by scripts/device_pack.sh with the previous build's
 # megamoe-gemm-bench and megamoe-forward-bench added as *-old): the small-T expert path's tests, then
 # the expert layer alone and the batch-1/2 step, previous build against this one, in rounds.
+#   packing (here): bash scripts/device_pack.sh build tiny-flash-nvfp4 tiny-flash-mxfp4, then unpack
+#   .device/pack.tar.xz, add the previous build's two benches to its bin/ as megamoe-gemm-bench-old and
+#   megamoe-forward-bench-old, drop bin/megamoe and re-pack (under the 64 MiB a run carries)
 #   usage (on the GPU machine, repository root): bash scripts/device_small_diet.sh [layers]
 set -uo pipefail
 source scripts/device_env.sh
