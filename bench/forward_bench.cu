@@ -2,8 +2,9 @@
 // synthetic full-width model made in GPU memory (random packed weights in the checkpoint formats;
 // V4-Flash at full width is ~160 GB, more than a GPU machine's disk holds).
 //
-// Rows: decode steps at batch 1, 8, 64, 256 and context 1K and 32K (graph-replayed steps, as
-// serving runs them), and an 8K-token prefill. Each row: µs per step and per layer, tokens/s, the
+// Rows: decode steps at batch 1, 8, 64, 256 and context 1K and 32K (graph-replayed steps of
+// step_sample, greedy: as serving runs them, only the drawn ids come back; the same step with every
+// logit row brought to the host is printed under it), and an 8K-token prefill. Each row: µs per step and per layer, tokens/s, the
 // bandwidth floor (the bytes a step must read ÷ the copy bandwidth measured in the same run) and
 // the ratio to it, then where the time goes (an eager step with events between the stages).
 //
@@ -15,6 +16,7 @@
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
 //                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--idx-side 0|1] [--w4a8]
+//                         [--attn-wide 0|1]
 //                         [--gpus N | --multi] [--ep-exchange gather|all-to-all]
 //                         [--ep-combine slot-rows|partial-sums] [--replicated-head]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
@@ -38,11 +40,14 @@
 //   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
 // --idx-side 0|1: a CSA layer's indexer queries on a third side stream beside wq_b (1) or on the
 //   main stream (0) (RunnerOptions::indexer_side; default: the runner's).
+// --attn-wide 0|1: the attention's CTAs of 16 heads (0) or 64 heads (1) at every step
+//   (RunnerOptions::attn_wide; default: by the step's size, cuda::attention_wide).
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
 // --w4a8: with --numerics official and --experts mxfp4, the routed experts on the W4A8 tiles wherever
 //   the automatic choice is a wgmma tile (RunnerOptions::w4a8; off by default: slower so far).
 // --trace N: after each decode row, the GPU timeline of one graph-replayed step from CUPTI's kernel
-// records (span, kernel time, idle time, a table by kernel, and its first N kernels).
+// records (span, kernel time, idle time, a table by kernel, and its first N kernels); after the
+// prefill row, the prefill's table by kernel.
 // --gpus N [--ep-exchange gather|all-to-all] [--ep-combine slot-rows|partial-sums] [--replicated-head]:
 // the same model over GPUs 0..N-1 through the multi-GPU backend (gpu/multi_backend.h: routed
 // experts and the head split, attention data-parallel, the NCCL exchange in the decode graphs;
@@ -172,8 +177,15 @@ void run_multi(const ModelConfig& cfg, const WeightBytes& wb, int64_t gpus, cons
             b->step(decode(1), false, logits);   // first replay
             for (float v : logits)
                 if (!std::isfinite(v)) fail("non-finite logit at batch ", B, ", context ", ctx);
+            // Timed: step_sample (greedy), as serving runs it (see the single-GPU rows).
+            const std::vector<SampleSpec> greedy(static_cast<size_t>(B), SampleSpec{0.0f});
+            std::vector<SampledToken> drawn;
+            b->step_sample(decode(2), greedy, drawn);   // eager, then capture
+            b->step_sample(decode(3), greedy, drawn);   // first replay
+            for (const SampledToken& d : drawn)
+                if (d.id < 0 || d.id >= cfg.vocab_size) fail("sampled id ", d.id, " at batch ", B, ", context ", ctx);
             const auto a = std::chrono::steady_clock::now();
-            for (int64_t st = 2; st < steps + 2; ++st) b->step(decode(st), false, logits);
+            for (int64_t st = 4; st < steps + 4; ++st) b->step_sample(decode(st), greedy, drawn);
             const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count() /
                               static_cast<double>(steps);
             // The busiest GPU's bytes: the replicated weights, its share of the head and of the
@@ -232,6 +244,7 @@ int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
         int idx_side = -1;   // -1: RunnerOptions' default
+        int attn_wide = -1;  // -1: by the step's size
         auto on_off = [](const std::string& flag, const std::string& v) {
             if (v != "0" && v != "1") fail(flag, " takes 0 or 1, not '", v, "'");
             return v == "1" ? 1 : 0;
@@ -265,6 +278,7 @@ int main(int argc, char** argv) {
             else if (a == "--no-lt-bf16") no_lt_bf16 = true;
             else if (a == "--no-moe-small") no_moe_small = true;
             else if (a == "--idx-side") idx_side = on_off(a, next());
+            else if (a == "--attn-wide") attn_wide = on_off(a, next());
             else if (a == "--w4a8") w4a8 = true;
             else if (a == "--spec") spec = true;
             else if (a == "--spec-tokens") {
@@ -302,7 +316,7 @@ int main(int argc, char** argv) {
         if (ep_exchange != "gather" && ep_exchange != "all-to-all") fail("--ep-exchange must be gather or all-to-all");
         if (ep_combine != "slot-rows" && ep_combine != "partial-sums") fail("--ep-combine must be slot-rows or partial-sums");
         if (gpus > 1 || multi) {
-            if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || w4a8)
+            if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || w4a8 || attn_wide >= 0)
                 fail("--gpus / --multi: the multi-GPU rows take --model, --layers, --batches, --contexts, --prefill, "
                      "--steps, --experts, --numerics, --ep-exchange, --ep-combine, --replicated-head and "
                      "--no-moe-small only");
@@ -331,6 +345,7 @@ int main(int argc, char** argv) {
         ro.lt_bf16 = !no_lt && !no_lt_bf16;
         ro.moe_small = !no_moe_small;
         if (idx_side >= 0) ro.indexer_side = idx_side == 1;
+        ro.attn_wide = attn_wide;
         ro.w4a8 = w4a8;
         ro.rollback = spec;
         ro.numerics = numerics;
@@ -374,11 +389,29 @@ int main(int argc, char** argv) {
                 run.step(decode(1), false, logits);   // first replay
                 for (float v : logits)
                     if (!std::isfinite(v)) fail("non-finite logit at batch ", B, ", context ", ctx);
-                CUDA_CHECK(cudaDeviceSynchronize());
-                const auto a = std::chrono::steady_clock::now();
-                for (int64_t s = 2; s < steps + 2; ++s) run.step(decode(s), false, logits);
-                const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count() /
-                                  static_cast<double>(steps);
+                // The timed step is the one serving runs (serve/engine.cpp): step_sample, greedy here,
+                // which draws on the GPU and brings back only the ids. The step that brings every
+                // logit row to the host (step(), what `megamoe logits` and the tests use) is timed
+                // after it: at B = 256 that is 132 MB of f32 logits per step through PCIe and a host
+                // copy, which the rows before 2026-12-06 counted as part of the decode step.
+                const std::vector<SampleSpec> greedy(static_cast<size_t>(B), SampleSpec{0.0f});
+                std::vector<SampledToken> drawn;
+                run.step_sample(decode(2), greedy, drawn);   // eager, then capture (the sampling graph)
+                run.step_sample(decode(3), greedy, drawn);   // first replay
+                for (const SampledToken& d : drawn)
+                    if (d.id < 0 || d.id >= cfg.vocab_size) fail("sampled id ", d.id, " at batch ", B, ", context ", ctx);
+                auto time_steps = [&](bool with_logits, int64_t s0) {
+                    CUDA_CHECK(cudaDeviceSynchronize());
+                    const auto a = std::chrono::steady_clock::now();
+                    for (int64_t s = s0; s < s0 + steps; ++s) {
+                        if (with_logits) run.step(decode(s), false, logits);
+                        else run.step_sample(decode(s), greedy, drawn);
+                    }
+                    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count() /
+                           static_cast<double>(steps);
+                };
+                const double us = time_steps(false, 4);
+                const double us_logits = time_steps(true, 4 + steps);
                 // Floor: dense weights + the experts B tokens hit (expected distinct, uniform routing)
                 // + the head + per token its keys (window + top-k or all HCA rows + indexer keys).
                 const double hit = E * (1.0 - std::pow(1.0 - k / E, static_cast<double>(B)));
@@ -399,19 +432,20 @@ int main(int argc, char** argv) {
                 rows.push_back(r);
                 std::printf("%-24s %9.1f us/step %8.1f us/layer %10.0f tok/s  floor %8.1f us (%.2fx)\n", r.what.c_str(),
                             r.us_step, r.us_layer, r.tok_s, r.floor_us, r.us_step / r.floor_us);
+                std::printf("    with every logit row to the host (step, not step_sample): %.1f us/step\n", us_logits);
                 if (trace >= 0) {
 #ifdef MEGAMOE_HAVE_CUPTI
                     bench::KernelTrace tr;
                     tr.start();
-                    run.step(decode(steps + 2), false, logits);
-                    run.step(decode(steps + 3), false, logits);
+                    run.step_sample(decode(2 * steps + 4), greedy, drawn);
+                    run.step_sample(decode(2 * steps + 5), greedy, drawn);
                     CUDA_CHECK(cudaDeviceSynchronize());
                     bench::KernelTrace::print(stdout, tr.stop(), "embed_streams", static_cast<size_t>(trace));
 #else
                     fail("--trace: this megamoe-forward-bench was built without CUPTI");
 #endif
                 }
-                const auto prof = run.profile_step(decode(steps + 4));
+                const auto prof = run.profile_step(decode(2 * steps + 6));
                 double tot = 0;
                 for (const auto& [n, ms] : prof) tot += ms;
                 std::printf("    eager step %.1f us:", tot * 1000);
@@ -536,6 +570,18 @@ int main(int argc, char** argv) {
             for (const auto& [n, ms] : prof) std::printf(" %s %.0f%%", n.c_str(), 100 * ms / tot);
             std::printf("\n");
             run.close(s3);
+            if (trace >= 0) {   // the prefill's kernels by name (its timeline is thousands of launches: none listed)
+#ifdef MEGAMOE_HAVE_CUPTI
+                const int32_t s4 = run.open();
+                (void)run.reserve(s4, prefill);
+                bench::KernelTrace tr;
+                tr.start();
+                run.step({{s4, toks}}, false, logits);
+                CUDA_CHECK(cudaDeviceSynchronize());
+                bench::KernelTrace::print(stdout, tr.stop(), "embed_streams", 0);
+                run.close(s4);
+#endif
+            }
         }
         std::printf("# all rows ran; logits finite\n");
         return 0;

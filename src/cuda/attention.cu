@@ -28,6 +28,9 @@
 //     the inverse RoPE at the query position and writes bf16. S = 1 runs the same code.
 //   S depends on T and H only (graph-capturable); a token's result depends on S (the summation
 //   order of the split), so it is fixed for a given batch size, not across batch sizes.
+//   From a wave of tokens on (attention_wide: prefill chunks, large decode batches) one CTA takes
+//   64 heads instead (sparse_attention_wide_kernel below: each key tile read once for all of them,
+//   4× the MMA work per tile); same arithmetic, another f32 order of the row sums.
 //
 // indexer_topk: (1) scores: CTAs (token, key-block stride); a warp takes 32 key rows as two
 //   m16 tiles (keys = MMA rows) against all heads (MMA columns, 8 per n-tile); the key rows go
@@ -481,6 +484,317 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
     cluster.sync();   // peers may still read this CTA's shared memory until here
 }
 
+// ---------------------------------------------------------------------------- sparse attention, 64 heads per CTA
+
+// At many tokens (prefill chunks, large decode batches) the 16-head CTAs above read every key
+// row once per head block (4 times for V4-Flash's 64 heads, 8 for V4-Pro's 128) and spend a
+// barrier-bound tile on 2 MFLOP. sparse_attention_wide_kernel keeps the same arithmetic (64-key
+// tiles, online softmax in base 2 in f32, P rounded to bf16, f32 accumulation; so the same
+// tolerance and twin) with one CTA per (token, 64 heads), no key split:
+//   - S = Q·Kᵀ: warp w takes heads 16·(w mod 4) .. + 15 and keys 32·(w / 4) .. + 31 of the tile
+//     (4 n-tiles over the full head dim; Q's A fragments from shared memory, each used for the
+//     4 n-tiles); the two warps of a head group exchange their row maxima through shared memory.
+//   - O += P·V: warp w takes the same 16 heads and output columns [(w / 4)·hd/2, (w / 4 + 1)·hd/2)
+//     (hd/16 n-tiles: 128 f32 accumulators per thread at hd = 512), so the rescale by the running
+//     max uses the max this warp just computed, and each thread's accumulators hold whole RoPE pairs:
+//     the epilogue (sink, normalization, inverse rotation, bf16 store) runs from registers.
+//   - Shared memory at hd = 512: Q 64 KB, two key stages of 64 KB, P 8 KB (kWideStages).
+// Per 64-key tile a CTA does 8 MFLOP (4× the 16-head CTA's) and reads the tile once for all 64
+// heads. Row sums: each thread adds its share in tile order, then the quad and the two key halves
+// are added in a fixed order, as above.
+
+constexpr int kWideHeads = 64;        // heads per CTA (MMA rows: 4 groups of 16)
+
+template <int D> struct WideLayout {
+    static constexpr int kStages = D >= 512 ? 2 : 3;
+    static constexpr int kPtrBufs = kStages + 1;
+    static constexpr int kRowBytes = D * 2;
+    static constexpr int kChunks = D / 8;
+    static constexpr int kTileBytes = kTileKeys * kRowBytes;
+    static constexpr int kQ = 0;                                       // bf16 [64][D] (swizzled)
+    static constexpr int kK = kQ + kWideHeads * kRowBytes;             // bf16 [kStages][64][D]
+    static constexpr int kP = kK + kStages * kTileBytes;               // bf16 [64 heads][64 keys] (swizzled)
+    static constexpr int kPtr = kP + kWideHeads * kTileKeys * 2;       // const uint16_t* [kPtrBufs][64]
+    static constexpr int kRed = kPtr + kPtrBufs * kTileKeys * 8;       // f32 [8 warps][16]
+    static constexpr int kTopk = kRed + kAttnWarps * kHeadsPerCta * 4; // int32 [topk_k]
+    static_assert(kK % 128 == 0 && kP % 128 == 0 && kPtr % 16 == 0, "aligned regions");
+    static size_t bytes(int topk_k) { return static_cast<size_t>(kTopk) + static_cast<size_t>(topk_k) * 4; }
+};
+
+template <int D>
+__global__ void __launch_bounds__(kAttnThreads, 1)
+sparse_attention_wide_kernel(const AttentionArgs a, const BatchView b) {
+    using L = WideLayout<D>;
+    constexpr int kStages = L::kStages;
+    constexpr int kHalf = D / 2;           // output columns per warp
+    constexpr int kNT = kHalf / 8;         // n-tiles of O per warp
+    pdl_begin();
+    extern __shared__ __align__(128) uint8_t smem[];
+    uint8_t* const q_s = smem + L::kQ;
+    uint8_t* const k_s = smem + L::kK;
+    uint8_t* const p_s = smem + L::kP;
+    const uint16_t** const ptr_s = reinterpret_cast<const uint16_t**>(smem + L::kPtr);
+    float* const red_s = reinterpret_cast<float*>(smem + L::kRed);
+    int32_t* const topk_s = reinterpret_cast<int32_t*>(smem + L::kTopk);
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+    const int hg = warp & 3, half = warp >> 2;   // head group; key half (S) and column half (O)
+    const int32_t t = static_cast<int32_t>(blockIdx.x);
+    const int32_t h0 = static_cast<int32_t>(blockIdx.y) * kWideHeads;
+    const int32_t H = a.heads;
+
+    const QueryKeys qk = query_keys(a, b, t);
+    const int32_t n_keys = qk.n_keys();
+    const int32_t n_tiles = (n_keys + kTileKeys - 1) / kTileKeys;
+    const bool csa = a.topk != nullptr && qk.n_comp > 0;
+
+    for (int i = tid; i < kWideHeads * L::kChunks; i += kAttnThreads) {
+        const int r = i / L::kChunks, c = i % L::kChunks;
+        const bool ok = h0 + r < H;
+        const uint16_t* src = a.q + ((static_cast<int64_t>(t) * H + (ok ? h0 + r : 0)) * D + c * 8);
+        cp_async16(smem_addr(q_s + swz(r, c, L::kRowBytes)), src, ok);
+    }
+    cp_async_commit();
+    if (csa)
+        for (int i = tid; i < a.topk_k; i += kAttnThreads) topk_s[i] = a.topk[static_cast<int64_t>(t) * a.topk_k + i];
+    __syncthreads();
+
+    // Key addresses, tile gather and fp8 expansion: as sparse_attention_kernel (one CTA, no split).
+    auto fill_ptrs = [&](int lt) {
+        if (tid < kTileKeys) {
+            const uint16_t* p = nullptr;
+            if (lt < n_tiles) {
+                const int32_t j = lt * kTileKeys + tid;
+                bool stored = false;
+                if (j < n_keys) p = key_row(a, qk, j, csa ? topk_s : nullptr, &stored);
+                if (p && stored && a.kv_fp8)
+                    p = reinterpret_cast<const uint16_t*>(reinterpret_cast<uintptr_t>(p) | uintptr_t{1});
+            }
+            ptr_s[(lt % L::kPtrBufs) * kTileKeys + tid] = p;
+        }
+    };
+    const KvRow fmt{D, a.rope.rope_dim, true};
+    const int raw_chunks = a.kv_fp8 ? fmt.bytes() / 16 : 0;
+    auto load_tile = [&](int lt) {
+        const uint16_t* const* ptrs = ptr_s + (lt % L::kPtrBufs) * kTileKeys;
+        uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
+        for (int i = tid; i < kTileKeys * L::kChunks; i += kAttnThreads) {
+            const int r = i / L::kChunks, c = i % L::kChunks;
+            const uintptr_t u = reinterpret_cast<uintptr_t>(ptrs[r]);
+            if (u & 1u) {
+                if (c < raw_chunks)
+                    cp_async16(smem_addr(stage + r * L::kRowBytes + c * 16), reinterpret_cast<const uint8_t*>(u - 1u) + c * 16,
+                               true);
+            } else {
+                const uint16_t* src = ptrs[r];
+                cp_async16(smem_addr(stage + swz(r, c, L::kRowBytes)), src ? src + c * 8 : a.q, src != nullptr);
+            }
+        }
+    };
+    auto decode_tile = [&](int lt) {
+        const uint16_t* const* ptrs = ptr_s + (lt % L::kPtrBufs) * kTileKeys;
+        uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
+        constexpr int kPer = (L::kChunks + 31) / 32;
+        for (int rr = 0; rr < kTileKeys / kAttnWarps; ++rr) {
+            const int r = warp * (kTileKeys / kAttnWarps) + rr;
+            if (!(reinterpret_cast<uintptr_t>(ptrs[r]) & 1u)) continue;   // warp-uniform
+            uint8_t* const row = stage + r * L::kRowBytes;
+            uint4 v[kPer];
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {
+                const int c = lane + 32 * i, d0 = 8 * c;
+                if (c >= L::kChunks) break;
+                if (d0 < fmt.nope()) {
+                    const uint2 q = *reinterpret_cast<const uint2*>(row + d0);
+                    const float sc = __uint_as_float(static_cast<uint32_t>(row[fmt.scale_offset() + d0 / KvRow::kBlock]) << 23);
+                    v[i].x = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.x & 0xFFFFu), sc);
+                    v[i].y = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.x >> 16), sc);
+                    v[i].z = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.y & 0xFFFFu), sc);
+                    v[i].w = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.y >> 16), sc);
+                } else {
+                    v[i] = *reinterpret_cast<const uint4*>(row + fmt.rope_offset() + 2 * (d0 - fmt.nope()));
+                }
+            }
+            __syncwarp();
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {
+                const int c = lane + 32 * i;
+                if (c >= L::kChunks) break;
+                *reinterpret_cast<uint4*>(stage + swz(r, c, L::kRowBytes)) = v[i];
+            }
+            __syncwarp();
+        }
+    };
+
+    for (int s = 0; s < kStages; ++s) fill_ptrs(s);
+    __syncthreads();
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < n_tiles) load_tile(s);
+        cp_async_commit();
+    }
+
+    const float sl2 = a.scale * kLog2e;
+    float o[kNT][4];
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+    float m_run[2] = {-INFINITY, -INFINITY};   // heads 16·hg + g, + 8 (log2 units), the same in both warps of hg
+    float l_run[2] = {0.0f, 0.0f};             // this thread's share of the row sums (its key half)
+    const int qr = 16 * hg + (lane & 7) + 8 * ((lane >> 3) & 1);   // ldmatrix row of Q and P
+    const int vr0 = (lane & 7) + 8 * ((lane >> 3) & 1);            // ldmatrix.trans key row within 16
+
+    for (int lt = 0; lt < n_tiles; ++lt) {
+        cp_async_wait<kStages - 2>();   // tile lt (and, at lt = 0, Q) has landed (this thread's copies)
+        __syncthreads();                // ... everyone's; tile lt − 1 and P are fully consumed
+        {
+            const int nl = lt + kStages - 1;
+            if (nl < n_tiles) load_tile(nl);
+            cp_async_commit();
+            fill_ptrs(lt + kStages);    // its buffer last held tile lt − 1's table
+        }
+        if (a.kv_fp8) {
+            decode_tile(lt);
+            __syncthreads();
+        }
+        const uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
+        const uint16_t* const* ptrs = ptr_s + (lt % L::kPtrBufs) * kTileKeys;
+
+        // S[16 heads × 32 keys]: keys 32·half + 8·j + (0..7), j = 0..3.
+        float s[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll 4
+        for (int ks = 0; ks < D / 32; ++ks) {
+            uint32_t qa[4], qb[4];
+            ldsm_x4(smem_addr(q_s + swz(qr, 4 * ks + (lane >> 4), L::kRowBytes)), qa[0], qa[1], qa[2], qa[3]);
+            ldsm_x4(smem_addr(q_s + swz(qr, 4 * ks + 2 + (lane >> 4), L::kRowBytes)), qb[0], qb[1], qb[2], qb[3]);
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int kr = 32 * half + 8 * j + (lane & 7);
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4(smem_addr(stage + swz(kr, 4 * ks + (lane >> 3), L::kRowBytes)), b0, b1, b2, b3);
+                mma_bf16(s[j], qa[0], qa[1], qa[2], qa[3], b0, b1);
+                mma_bf16(s[j], qb[0], qb[1], qb[2], qb[3], b2, b3);
+            }
+        }
+        float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int col = 32 * half + 8 * j + 2 * tig;
+            const bool v0 = ptrs[col] != nullptr, v1 = ptrs[col + 1] != nullptr;
+            s[j][0] = v0 ? s[j][0] * sl2 : -INFINITY;
+            s[j][1] = v1 ? s[j][1] * sl2 : -INFINITY;
+            s[j][2] = v0 ? s[j][2] * sl2 : -INFINITY;
+            s[j][3] = v1 ? s[j][3] * sl2 : -INFINITY;
+            mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+            mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xFFFFFFFFu, mx0, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xFFFFFFFFu, mx1, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xFFFFFFFFu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xFFFFFFFFu, mx1, 2));
+        if (tig == 0) {
+            red_s[warp * kHeadsPerCta + g] = mx0;
+            red_s[warp * kHeadsPerCta + g + 8] = mx1;
+        }
+        __syncthreads();
+        mx0 = fmaxf(red_s[hg * kHeadsPerCta + g], red_s[(hg + 4) * kHeadsPerCta + g]);
+        mx1 = fmaxf(red_s[hg * kHeadsPerCta + g + 8], red_s[(hg + 4) * kHeadsPerCta + g + 8]);
+        const float mn0 = fmaxf(m_run[0], mx0), mn1 = fmaxf(m_run[1], mx1);
+        const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+        const float corr0 = fast_exp2(m_run[0] - mu0), corr1 = fast_exp2(m_run[1] - mu1);
+        m_run[0] = mn0;
+        m_run[1] = mn1;
+        float ls0 = 0.0f, ls1 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t p01 = pack_bf16x2(fast_exp2(s[j][0] - mu0), fast_exp2(s[j][1] - mu0));
+            const uint32_t p23 = pack_bf16x2(fast_exp2(s[j][2] - mu1), fast_exp2(s[j][3] - mu1));
+            ls0 += bf16_lo(p01) + bf16_hi(p01);
+            ls1 += bf16_lo(p23) + bf16_hi(p23);
+            // P rows 16·hg + g / + 8, keys col, col + 1: chunk 4·half + j of a 128-byte row.
+            *reinterpret_cast<uint32_t*>(p_s + swz(16 * hg + g, 4 * half + j, kTileKeys * 2) + 4 * tig) = p01;
+            *reinterpret_cast<uint32_t*>(p_s + swz(16 * hg + g + 8, 4 * half + j, kTileKeys * 2) + 4 * tig) = p23;
+        }
+        l_run[0] = l_run[0] * corr0 + ls0;
+        l_run[1] = l_run[1] * corr1 + ls1;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+            o[nt][0] *= corr0;
+            o[nt][1] *= corr0;
+            o[nt][2] *= corr1;
+            o[nt][3] *= corr1;
+        }
+        __syncthreads();   // P of both key halves is in shared memory
+
+        // O[16 × hd/2] += P[16 × 64] · V[64 × hd/2], V = this tile's rows, columns of this half.
+#pragma unroll
+        for (int kk = 0; kk < kTileKeys / 16; ++kk) {
+            uint32_t a0, a1, a2, a3;
+            ldsm_x4(smem_addr(p_s + swz(qr, 2 * kk + (lane >> 4), kTileKeys * 2)), a0, a1, a2, a3);
+            const int vr = 16 * kk + vr0;
+#pragma unroll
+            for (int np = 0; np < kNT / 2; ++np) {
+                uint32_t b0, b1, b2, b3;
+                const int c = half * (kHalf / 8) + 2 * np + (lane >> 4);
+                ldsm_x4_trans(smem_addr(stage + swz(vr, c, L::kRowBytes)), b0, b1, b2, b3);
+                mma_bf16(o[2 * np], a0, a1, a2, a3, b0, b1);
+                mma_bf16(o[2 * np + 1], a0, a1, a2, a3, b2, b3);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // Row sums: the quad, then key half 0 + key half 1 (fixed order).
+    float l0 = l_run[0] + __shfl_xor_sync(0xFFFFFFFFu, l_run[0], 1);
+    float l1 = l_run[1] + __shfl_xor_sync(0xFFFFFFFFu, l_run[1], 1);
+    l0 += __shfl_xor_sync(0xFFFFFFFFu, l0, 2);
+    l1 += __shfl_xor_sync(0xFFFFFFFFu, l1, 2);
+    __syncthreads();   // every warp is past its last read of red_s
+    if (tig == 0) {
+        red_s[warp * kHeadsPerCta + g] = l0;
+        red_s[warp * kHeadsPerCta + g + 8] = l1;
+    }
+    __syncthreads();
+    // With the sink as one more logit (no value row): M = max(sink, m), den = 2^(sink − M) + l·2^(m − M).
+    float e[2], den[2];
+    bool live[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int row = g + 8 * rr, h = h0 + 16 * hg + row;
+        live[rr] = h < H;
+        const float l = red_s[hg * kHeadsPerCta + row] + red_s[(hg + 4) * kHeadsPerCta + row];
+        const float sink2 = live[rr] ? a.sink[h] * kLog2e : 0.0f;
+        const float mx = fmaxf(sink2, m_run[rr]);
+        e[rr] = fast_exp2(m_run[rr] - mx);
+        den[rr] = fast_exp2(sink2 - mx) + l * e[rr];
+    }
+    const int rd = a.rope.rope_dim, off = D - rd;
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) {
+        const int c = half * kHalf + 8 * nt + 2 * tig;
+        float sn = 0.0f, cs = 1.0f;
+        if (c >= off) {
+            const float angle = static_cast<float>(qk.p) * a.rope.inv_freq[(c - off) / 2];
+            sincosf(angle, &sn, &cs);
+            sn = -sn;   // the conjugate rotation (ops::rope, inverse)
+        }
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            if (!live[rr]) continue;
+            float x0 = o[nt][2 * rr] * e[rr], x1 = o[nt][2 * rr + 1] * e[rr];
+            x0 /= den[rr];
+            x1 /= den[rr];
+            if (c >= off) {
+                const float y0 = x0 * cs - x1 * sn, y1 = x1 * cs + x0 * sn;
+                x0 = y0;
+                x1 = y1;
+            }
+            const int h = h0 + 16 * hg + g + 8 * rr;
+            *reinterpret_cast<uint32_t*>(a.out + (static_cast<int64_t>(t) * H + h) * D + c) = pack_bf16x2(x0, x1);
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------- indexer scores
 
 // scores[t, s] = Σ_h w[t,h]·w_scale · relu(q[t,h]·K[s] · scale) for s < n_vis(t), row blocks of
@@ -841,6 +1155,16 @@ void check_paged(const PagedRows& r, const char* op, const char* name) {
 }
 
 template <int D> void launch_attention(const AttentionArgs& a, const BatchView& b, cudaStream_t stream) {
+    const int64_t wide_blocks = (a.heads + kWideHeads - 1) / kWideHeads;
+    if (attention_wide(a.heads, b.T, sm_count(), a.wide)) {
+        auto* kernel = sparse_attention_wide_kernel<D>;
+        const size_t smem = WideLayout<D>::bytes(a.topk ? a.topk_k : 0);
+        raise_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+        MEGAMOE_CHECK(b.T <= 0x7FFFFFFF && wide_blocks <= 65535, "sparse_attention: T = ", b.T, " too large");
+        launch("sparse_attention (64 heads per CTA)", kernel, dim3(static_cast<unsigned>(b.T), static_cast<unsigned>(wide_blocks)),
+               dim3(kAttnThreads), smem, 0, stream, a, b);
+        return;
+    }
     auto* kernel = sparse_attention_kernel<D>;
     const size_t smem = AttnLayout<D>::bytes(a.topk ? a.topk_k : 0);
     raise_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);

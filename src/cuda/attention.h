@@ -39,7 +39,18 @@ struct AttentionArgs {
     RopeView        rope;                    // the layer's table: the output's rope dims are rotated
                                              // back at the query position (ops::rope, inverse)
     uint16_t*       out = nullptr;           // [T, H, hd] bf16
+    int32_t         wide = -1;               // which kernel (attention_wide): -1 by size, 0 the CTAs of
+                                             //   16 heads (key splits at few tokens), 1 of 64 heads
 };
+
+// Whether sparse_attention runs its CTAs of 64 heads (one per token and 64 heads, each key tile
+// read once for them) rather than of 16 heads (which split a token's keys over a cluster when the
+// grid is small): `wide` 0 / 1 forces the choice; -1 takes 64 heads when the model has at least 64
+// and the tokens give a full wave of such CTAs (T·⌈H/64⌉ ≥ sms). Same arithmetic, same tolerance.
+inline bool attention_wide(int64_t heads, int64_t T, int64_t sms, int32_t wide) {
+    if (wide >= 0) return wide == 1;
+    return heads >= 64 && T * ((heads + 63) / 64) >= sms;
+}
 
 // out[t, h] = Σ_j softmax([q·k_j·scale ..., sink_h])_j · k_j (sink column dropped), keys as above,
 // then the inverse rotation of its rope dims.      twin: ops::attend_one, then ops::rope(inverse)

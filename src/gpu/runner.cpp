@@ -1046,6 +1046,7 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     aa.rope = rope;
     aa.out = ws.o;
     aa.kv_fp8 = pool->layout().kv.fp8;
+    aa.wide = opt.attn_wide;
     cuda::sparse_attention(aa, b, stream);
     // The ring write on side stream 1 (it must follow the attention, which reads the ring, and
     // come before the next step's; the MoE's side streams join it into the main stream): on the

@@ -62,6 +62,8 @@ struct RunnerOptions {
                                        // tensor core; cuda::moe_w4a8_fits) wherever the automatic
                                        // choice takes a wgmma tile (cuda::w4a8_tile); off: they measured
                                        // slower (docs/bench-gemm.md, "W4A8 expert tiles")
+    int32_t attn_wide = -1;            // the attention's CTAs (cuda::attention_wide): -1 by the step's
+                                       // size, 0 16 heads each (key splits), 1 64 heads each
     bool    lt_bf16 = true;            // ≥ cuda::kLtBf16MinM tokens: linears with a bf16 input (exact
                                        // numerics, the official wo_a, BF16-weight projections) through
                                        // cuBLASLt's BF16 GEMM (FP8 weights expanded per call into the

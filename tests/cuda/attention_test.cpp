@@ -22,11 +22,14 @@
 //                                           is tight enough to see a wrong key).
 //   TopkEmulation.MatchesCpu                CPU: the kernel's radix select + ordered compaction, run
 //                                           sequentially on the host, equals ops::topk_indices.
-//   AttentionValidation.*                   bad shapes throw before any CUDA call (no GPU needed).
-//   SparseAttention.{Tiny,Hd128H4,Hd256,Flash,FlashDecode,Pro}
+//   AttentionValidation.*                   bad shapes throw before any CUDA call (no GPU needed);
+//                                           WideChoice: which kernel the launcher takes.
+//   SparseAttention.{Tiny,Hd128H4,Hd256,Flash,FlashDecode,Pro,WideSmallShapes}
 //                                           GPU vs CPU, element by element, for sliding-only, CSA
 //                                           (top-k rows with −1 padding) and HCA (all rows), with and
-//                                           without key splits (clusters of 2..8 CTAs).
+//                                           without key splits (clusters of 2..8 CTAs); the V4 shapes
+//                                           through both kernels (16 and 64 heads per CTA), the small
+//                                           ones through the 64-head kernel too.
 //   IndexerTopk.{Tiny,Flash}                scores vs ops::indexer_scores (tolerance below); the
 //                                           top-k exactly equal to ops::topk_indices of the GPU's own
 //                                           scores; vs the CPU's scores only near-ties may differ.
@@ -823,15 +826,23 @@ struct DeviceAttn {
     }
 };
 
-void run_attention(const AttnConfig& cfg) {
+// wide: AttentionArgs::wide (-1 the launcher's choice by size, 0 CTAs of 16 heads, 1 of 64 heads).
+void run_attention(const AttnConfig& cfg, int32_t wide = -1) {
     const AttnCase c = make_attn_case(cfg);
     DeviceAttn d(c);
+    d.args.wide = wide;
     const std::vector<float> got = d.run();
     const std::vector<int32_t> tokens = all_tokens(c);
     const AttnRef ref = reference(c, tokens);
-    const Cmp r = compare_out(c, ref, got, tokens, cfg.name);
-    EXPECT_EQ(r.bad, 0) << cfg.name;
-    std::printf("  %-20s T %d: worst |err|/tol %.3f\n", cfg.name.c_str(), c.batch.T, r.worst);
+    const std::string what = cfg.name + (wide == 1 ? " (64 heads/CTA)" : wide == 0 ? " (16 heads/CTA)" : "");
+    const Cmp r = compare_out(c, ref, got, tokens, what);
+    EXPECT_EQ(r.bad, 0) << what;
+    std::printf("  %-36s T %d: worst |err|/tol %.3f\n", what.c_str(), c.batch.T, r.worst);
+}
+// Both kernels on the same case.
+void run_attention_both(const AttnConfig& cfg) {
+    run_attention(cfg, 0);
+    run_attention(cfg, 1);
 }
 
 #define SKIP_WITHOUT_GPU() \
@@ -865,37 +876,67 @@ TEST(SparseAttention, Hd256) {
 
 TEST(SparseAttention, Flash) {
     SKIP_WITHOUT_GPU();
-    run_attention(flash(4, 512, flash_csa_chunks()));
-    run_attention(flash(128, 0, flash_hca_chunks()));
-    run_attention(flash(0, 0, {{0, 0, 140}, {1, 5000, 3}}));
+    run_attention_both(flash(4, 512, flash_csa_chunks()));
+    run_attention_both(flash(128, 0, flash_hca_chunks()));
+    run_attention_both(flash(0, 0, {{0, 0, 140}, {1, 5000, 3}}));
 }
 
 TEST(SparseAttention, FlashDecode) {
     SKIP_WITHOUT_GPU();
-    // A decode batch: T·H/16 CTAs do not fill the GPU, so the keys are split across clusters.
+    // A decode batch: T·H/16 CTAs do not fill the GPU, so the 16-head kernel splits the keys across
+    // clusters; the 64-head kernel runs one CTA per token.
     AttnConfig csa = flash(4, 512, {{0, 3000, 1}, {1, 2047, 1}, {2, 9, 1}});
     csa.name += " decode";
-    run_attention(csa);
+    run_attention_both(csa);
     AttnConfig hca = flash(128, 0, {{0, 40000, 1}, {1, 127, 1}});
     hca.name += " decode";
-    run_attention(hca);
+    run_attention_both(hca);
 }
 
 TEST(SparseAttention, Pro) {
     SKIP_WITHOUT_GPU();
-    run_attention(flash(4, 1024, {{0, 5000, 2}, {1, 4500, 8}}, 128));
+    run_attention_both(flash(4, 1024, {{0, 5000, 2}, {1, 4500, 8}}, 128));
+}
+
+// The 64-head kernel on the small shapes: fewer heads than a CTA's 64 (zero rows, not stored),
+// head dims 64-256.
+TEST(SparseAttention, WideSmallShapes) {
+    SKIP_WITHOUT_GPU();
+    AttnConfig dec = tiny(4, 5);
+    dec.chunks = {{1, 3000, 1}, {5, 7, 1}, {2, 257, 1}};
+    dec.name += " decode";
+    AttnConfig hd256 = hd128(4, 16);
+    hd256.name = "hd256 h16 r4";
+    hd256.H = 16;
+    hd256.hd = 256;
+    hd256.rope_dim = 64;
+    for (const AttnConfig& cfg : {tiny(0, 0), tiny(4, 5), tiny(16, 0), dec, hd128(0, 0), hd128(4, 8), hd128(128, 0), hd256})
+        run_attention(cfg, 1);
+}
+
+// The launcher's choice: 64 heads per CTA once the tokens fill a wave of them, forced either way.
+TEST(AttentionValidation, WideChoice) {
+    EXPECT_FALSE(cuda::attention_wide(64, 1, 132, -1));
+    EXPECT_FALSE(cuda::attention_wide(64, 131, 132, -1));
+    EXPECT_TRUE(cuda::attention_wide(64, 132, 132, -1));
+    EXPECT_TRUE(cuda::attention_wide(128, 66, 132, -1));
+    EXPECT_FALSE(cuda::attention_wide(16, 8192, 132, -1));   // fewer heads than a CTA: the 16-head kernel
+    EXPECT_TRUE(cuda::attention_wide(16, 1, 132, 1));
+    EXPECT_FALSE(cuda::attention_wide(64, 8192, 132, 0));
 }
 
 TEST(AttentionDeterminism, TwoRunsBitIdentical) {
     SKIP_WITHOUT_GPU();
-    for (const AttnConfig& cfg : {flash(4, 512, {{0, 3000, 1}, {1, 2100, 3}}), tiny(16, 0)}) {
-        const AttnCase c = make_attn_case(cfg);
-        DeviceAttn d(c);
-        d.run();
-        const std::vector<uint16_t> first = d.out.download();
-        d.run();
-        EXPECT_TRUE(first == d.out.download()) << cfg.name << ": two runs differ";
-    }
+    for (const AttnConfig& cfg : {flash(4, 512, {{0, 3000, 1}, {1, 2100, 3}}), tiny(16, 0)})
+        for (int32_t wide : {0, 1}) {
+            const AttnCase c = make_attn_case(cfg);
+            DeviceAttn d(c);
+            d.args.wide = wide;
+            d.run();
+            const std::vector<uint16_t> first = d.out.download();
+            d.run();
+            EXPECT_TRUE(first == d.out.download()) << cfg.name << " wide " << wide << ": two runs differ";
+        }
 }
 
 // ---------------------------------------------------------------------------- FP8 KV rows
@@ -979,10 +1020,12 @@ TEST(SparseAttention, Fp8KvRowsEqualBf16Storage) {
     csa_dec.name += " decode";
     for (const AttnConfig& cfg :
          {tiny(0, 0), tiny(4, 5), tiny(16, 0), tiny_dec, hd128(4, 8), hd128(128, 0), flash(4, 512, flash_csa_chunks()),
-          flash(128, 0, flash_hca_chunks()), flash(0, 0, {{0, 0, 140}, {1, 5000, 3}}), csa_dec}) {
+          flash(128, 0, flash_hca_chunks()), flash(0, 0, {{0, 0, 140}, {1, 5000, 3}}), csa_dec})
+      for (int32_t wide : {0, 1}) {   // both kernels decode the rows the same way
         AttnCase c = make_attn_case(cfg);
         round_kv_rows(c);
         DeviceAttn d(c);
+        d.args.wide = wide;
         d.run();
         const std::vector<uint16_t> want = d.out.download();
         const Fp8Store st = fp8_store(c);
@@ -1003,10 +1046,11 @@ TEST(SparseAttention, Fp8KvRowsEqualBf16Storage) {
         const std::vector<uint16_t> got = d.out.download();
         int64_t differ = 0;
         for (size_t i = 0; i < want.size(); ++i) differ += got[i] != want[i] ? 1 : 0;
-        EXPECT_EQ(differ, 0) << cfg.name << ": " << differ << " of " << want.size() << " outputs differ";
-        std::printf("  %-20s T %d: fp8 rows %d bytes (bf16 %d), %lld of %zu outputs differ\n", cfg.name.c_str(),
-                    c.batch.T, st.f.bytes(), 2 * cfg.hd, static_cast<long long>(differ), want.size());
-    }
+        EXPECT_EQ(differ, 0) << cfg.name << " wide " << wide << ": " << differ << " of " << want.size() << " outputs differ";
+        std::printf("  %-20s T %d, %d heads/CTA: fp8 rows %d bytes (bf16 %d), %lld of %zu outputs differ\n",
+                    cfg.name.c_str(), c.batch.T, wide ? 64 : 16, st.f.bytes(), 2 * cfg.hd, static_cast<long long>(differ),
+                    want.size());
+      }
     // A bf16 row stride where fp8 rows are promised is refused.
     AttnCase c = make_attn_case(tiny(4, 5));
     DeviceAttn d(c);

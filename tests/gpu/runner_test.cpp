@@ -223,6 +223,41 @@ TEST_P(GpuRunner, LtBf16LinearsKeepTheGoldenStatistics) {
     EXPECT_EQ(roff.lt_bf16_launches(), 0) << "lt_bf16 off";
 }
 
+// The attention's 64-head CTAs (RunnerOptions::attn_wide = 1; the tiny models' 8-16 heads run as
+// zero-padded rows of one CTA) at every step of every schedule, against the golden and against
+// the 16-head kernel (attn_wide = 0): the same arithmetic in another f32 order, so both must meet
+// GoldenLogitsStatistics' bar and agree with each other to within the bf16 noise (0.0005 cosine,
+// 2 points of top-1). At V4's 64 heads the runner takes it by itself from a wave of tokens on.
+TEST_P(GpuRunner, WideAttentionKeepsTheGoldenStatistics) {
+    gpu::RunnerOptions wide = small_options(), narrow = small_options();
+    wide.attn_wide = 1;
+    narrow.attn_wide = 0;
+    auto bw = gpu::make_gpu_backend(*c->model, wide);
+    auto bn = gpu::make_gpu_backend(*c->model, narrow);
+    const LogitStats emu = bf16_specification(*c);
+    const bool targets = emu.mean_cos >= 0.999 && emu.top1 >= 0.98;
+    const double bar_cos = targets ? 0.999 : emu.mean_cos - 0.0005, bar_top1 = targets ? 0.98 : emu.top1 - 0.02;
+    const struct {
+        const char* name;
+        Schedule s;
+    } schedules[] = {{"full pass", {-1, 0}}, {"decode after prefill 100", {100, 0}}, {"chunks of 37", {-1, 37}}};
+    for (const auto& sc : schedules) {
+        const std::vector<float> a = sequence_logits(*bw, c->input_ids, sc.s);
+        const std::vector<float> b = sequence_logits(*bn, c->input_ids, sc.s);
+        const LogitStats sa = compare_logits(a, c->golden_logits(), T(), V());
+        const LogitStats sb = compare_logits(b, c->golden_logits(), T(), V());
+        const LogitStats ab = compare_logits(a, b.data(), T(), V());
+        std::printf("[ %s | %s ] 64-head attention vs golden: cosine %.6f, top-1 %.2f%%; 16-head: %.6f, %.2f%%; "
+                    "between them: cosine %.6f (min %.6f), top-1 %.2f%%\n",
+                    GetParam().c_str(), sc.name, sa.mean_cos, 100 * sa.top1, sb.mean_cos, 100 * sb.top1, ab.mean_cos,
+                    ab.min_cos, 100 * ab.top1);
+        EXPECT_GE(sa.mean_cos, bar_cos) << sc.name;
+        EXPECT_GE(sa.top1, bar_top1) << sc.name;
+        EXPECT_GE(sa.mean_cos, sb.mean_cos - 0.0005) << sc.name;
+        EXPECT_GE(sa.top1, sb.top1 - 0.02) << sc.name;
+    }
+}
+
 // The CPU specification of the MTP logits with bf16 activations at the official code's rounding
 // sites (the same probe as bf16_specification, on the main pass and the MTP block).
 LogitStats bf16_mtp_specification(const Model& m, const std::vector<int32_t>& tokens, const float* golden) {
