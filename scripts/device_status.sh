@@ -7,7 +7,8 @@
 # Full outputs go to $OUT (tests.log, forward-*.log, table-*.log, trace.log, experts.log); a summary
 # to stdout. "table": the docs' full megamoe-forward-bench rows (V4-Flash, and V4-Pro at 4 layers).
 #   usage (on the GPU machine, repository root): bash scripts/device_status.sh [layers] [what ...]
-#   what: tests attn forward table trace experts (default: tests forward trace experts)
+#   what: tests attn sampler forward table trace experts (default: tests forward trace experts)
+#   TESTS: a gtest filter for "tests" (default: every GPU suite)
 set -uo pipefail
 source scripts/device_env.sh
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -22,7 +23,7 @@ mkdir -p "$out"
 cd /tmp
 has() { local w; for w in "${what[@]}"; do [ "$w" = "$1" ] && return 0; done; return 1; }
 if has tests; then
-    filter='Cuda*:*Gpu*:*Attention*:IndexerTopk*:MoeDispatch*:W4a8*:Dist*:TopkRows*'
+    filter=${TESTS:-'Cuda*:*Gpu*:*Attention*:IndexerTopk*:MoeDispatch*:W4a8*:Dist*:TopkRows*'}
     start=$(date +%s)
     timeout 420 megamoe_tests --gtest_filter="$filter" > "$out/tests.log" 2>&1
     echo "tests: rc $? in $(( $(date +%s) - start )) s"
@@ -46,6 +47,16 @@ if has attn; then   # the attention's 16-head CTAs against its 64-head ones, in 
                 --prefill 8192 --steps 10 --attn-wide "$w" > "$out/attn-$w-$r.log" 2>&1
             printf 'attn-wide %s round %s: ' "$w" "$r"
             grep -E "^decode B=|^prefill" "$out/attn-$w-$r.log" | awk '{printf "%s %s %s %s | ", $1, $2, $3, $4}'
+            echo
+        done
+    done
+fi
+if has sampler; then   # the sampler's pass A over parts of each row (the default) against one CTA per row
+    for r in 1 2; do
+        for sp in 0 -1; do
+            printf 'sample-parts %s round %s: ' "$sp" "$r"
+            timeout 90 megamoe-forward-bench --model flash --layers "$layers" --batches 1,2,4,8 --contexts 1024 \
+                --prefill 0 --steps 20 --sample-parts "$sp" 2>/dev/null | grep -E "^decode B=" | awk '{printf "%s %s us  ", $2, $4}'
             echo
         done
     done

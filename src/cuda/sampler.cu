@@ -42,6 +42,7 @@
 #include <cstdint>
 
 #include "core/common.h"
+#include "cuda/device_info.h"
 #include "cuda/row_kernels.cuh"
 
 namespace megamoe::cuda {
@@ -57,12 +58,15 @@ constexpr uint64_t kNoCut = ~0ull; // every token inside
 constexpr unsigned kFull = 0xffffffffu;
 static_assert(kMaxSampleVocab <= int64_t{kBuckets} * kChunkIds, "chunk sums live in the bucket array");
 
+struct PartStats;
 struct SampleArgs {
     const float* logits;   // [R, V]
     int V;
     SampleParams p;
     SampleOutputs o;
     SpecCheck check;       // q_row null: no checks
+    const PartStats* part = nullptr;   // [R, parts]: pass A by row_stats_kernel (parts > 0)
+    int parts = 0;
 };
 
 using u128 = unsigned __int128;
@@ -221,11 +225,11 @@ __device__ __forceinline__ void load_quad(const Row& w, int q, float (&a)[4]) {
 
 // f(chunk, first id of the lane's quad, values[4]) for every chunk, by whole warps (chunk is
 // warp-uniform, so f may use warp collectives). Each thread sees its ids in increasing order.
+// for_each_chunk_in: the chunks [c0, c1) only (row_stats_kernel's part of the row).
 template <class F>
-__device__ __forceinline__ void for_each_chunk(const Row& w, F&& f) {
+__device__ __forceinline__ void for_each_chunk_in(const Row& w, int c0, int nchunks, F&& f) {
     const int lane = static_cast<int>(threadIdx.x & 31), warp = static_cast<int>(threadIdx.x >> 5);
-    const int nchunks = (w.V + kChunkIds - 1) / kChunkIds;
-    int c = warp;
+    int c = c0 + warp;
     for (; c + 3 * kWarps < nchunks; c += 4 * kWarps) {
         float a[4][4];
 #pragma unroll
@@ -238,6 +242,10 @@ __device__ __forceinline__ void for_each_chunk(const Row& w, F&& f) {
         load_quad(w, c * 32 + lane, a);
         f(c, (c * 32 + lane) * 4, a);
     }
+}
+template <class F>
+__device__ __forceinline__ void for_each_chunk(const Row& w, F&& f) {
+    for_each_chunk_in(w, 0, (w.V + kChunkIds - 1) / kChunkIds, static_cast<F&&>(f));
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -572,17 +580,13 @@ struct Kept {
 
 // Pass A (max with its lowest id, min, counts) and the cuts of steps 5-6 of row x [V] with the
 // parameters (T, top_k, top_p, min_p). nv == 0: no valid id (nothing else is set).
-__device__ Kept kept_set(Smem& s, const float* x, int V, float T, int top_k, float top_p, float min_p_in) {
-    const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-    Kept K;
-    Row& w = K.w;
-    w.x = x;
-    w.V = V;
-    w.vec = (reinterpret_cast<uintptr_t>(w.x) & 15u) == 0;
-
+// Pass A's statistics of a set of ids: the largest valid logit and its lowest id, the smallest,
+// the number of valid and of +inf logits. merge is exact and commutative (max / min with the id
+// as tie-break, integer sums), so any split of the row and any merge order give the same bits.
+struct RowStats {
     float m = -INFINITY, mn = INFINITY;
     int best = INT_MAX, nv = 0, ni = 0;
-    for_each_chunk(w, [&](int, int i0, const float (&v)[4]) {
+    __device__ __forceinline__ void fold(int i0, const float (&v)[4]) {
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
             if (!valid(v[k])) continue;   // also ids past V
@@ -594,41 +598,65 @@ __device__ Kept kept_set(Smem& s, const float* x, int V, float T, int top_k, flo
             }
             mn = fminf(mn, v[k]);
         }
-    });
-#pragma unroll
-    for (int o = 16; o >= 1; o >>= 1) {
-        const float om = __shfl_xor_sync(kFull, m, o), omn = __shfl_xor_sync(kFull, mn, o);
-        const int ob = __shfl_xor_sync(kFull, best, o);
+    }
+    __device__ __forceinline__ void merge(float om, float omn, int ob, int onv, int oni) {
         if (om > m || (om == m && ob < best)) {
             m = om;
             best = ob;
         }
         mn = fminf(mn, omn);
-        nv += __shfl_xor_sync(kFull, nv, o);
-        ni += __shfl_xor_sync(kFull, ni, o);
+        nv += onv;
+        ni += oni;
     }
-    __syncthreads();   // the previous user of the scratch is done
-    if (lane == 0) {
-        s.red_m[warp] = m;
-        s.red_mn[warp] = mn;
-        s.red_id[warp] = best;
-        s.red_nv[warp] = nv;
-        s.red_ni[warp] = ni;
-    }
-    __syncthreads();
-    m = -INFINITY;
-    mn = INFINITY;
-    best = INT_MAX;
-    nv = ni = 0;
-    for (int i = 0; i < kWarps; ++i) {
-        if (s.red_m[i] > m || (s.red_m[i] == m && s.red_id[i] < best)) {
-            m = s.red_m[i];
-            best = s.red_id[i];
+    // The CTA's merge of every thread's stats (all threads call it; all return the same).
+    __device__ void block_merge(Smem& s) {
+        const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+#pragma unroll
+        for (int o = 16; o >= 1; o >>= 1)
+            merge(__shfl_xor_sync(kFull, m, o), __shfl_xor_sync(kFull, mn, o), __shfl_xor_sync(kFull, best, o),
+                  __shfl_xor_sync(kFull, nv, o), __shfl_xor_sync(kFull, ni, o));
+        __syncthreads();   // the previous user of the scratch is done
+        if (lane == 0) {
+            s.red_m[warp] = m;
+            s.red_mn[warp] = mn;
+            s.red_id[warp] = best;
+            s.red_nv[warp] = nv;
+            s.red_ni[warp] = ni;
         }
-        mn = fminf(mn, s.red_mn[i]);
-        nv += s.red_nv[i];
-        ni += s.red_ni[i];
+        __syncthreads();
+        *this = RowStats{};
+        for (int i = 0; i < kWarps; ++i) merge(s.red_m[i], s.red_mn[i], s.red_id[i], s.red_nv[i], s.red_ni[i]);
     }
+};
+
+// A part's stats as row_stats_kernel stores them for sample_kernel (32 bytes).
+struct alignas(16) PartStats {
+    float m, mn;
+    int best, nv, ni, pad[3];
+};
+
+// parts > 0: pass A was done by row_stats_kernel, whose `parts` partial stats of this row are at
+// part[0 .. parts); else this CTA streams the row.
+__device__ Kept kept_set(Smem& s, const float* x, int V, float T, int top_k, float top_p, float min_p_in,
+                         const PartStats* part = nullptr, int parts = 0) {
+    Kept K;
+    Row& w = K.w;
+    w.x = x;
+    w.V = V;
+    w.vec = (reinterpret_cast<uintptr_t>(w.x) & 15u) == 0;
+
+    RowStats st;
+    if (parts > 0) {
+        for (int i = static_cast<int>(threadIdx.x); i < parts; i += kThreads) {
+            const PartStats ps = part[i];
+            st.merge(ps.m, ps.mn, ps.best, ps.nv, ps.ni);
+        }
+    } else {
+        for_each_chunk(w, [&](int, int i0, const float (&v)[4]) { st.fold(i0, v); });
+    }
+    st.block_merge(s);
+    const float m = st.m, mn = st.mn;
+    const int best = st.best, nv = st.nv, ni = st.ni;
     K.mn = mn;
     K.best = best;
     K.nv = nv;
@@ -802,13 +830,31 @@ __global__ void __launch_bounds__(kThreads) spec_accept_kernel(SpecAcceptArgs a,
 }
 
 
+// Pass A over part blockIdx.x of row blockIdx.y: chunks [p·per, min((p + 1)·per, nchunks)).
+__global__ void __launch_bounds__(kThreads) row_stats_kernel(const float* logits, int V, int parts, PartStats* out) {
+    rk::pdl_begin();
+    __shared__ Smem s;
+    const int64_t r = blockIdx.y;
+    const int p = static_cast<int>(blockIdx.x);
+    Row w;
+    w.x = logits + r * V;
+    w.V = V;
+    w.vec = (reinterpret_cast<uintptr_t>(w.x) & 15u) == 0;
+    const int nchunks = (V + kChunkIds - 1) / kChunkIds, per = (nchunks + parts - 1) / parts;
+    RowStats st;
+    for_each_chunk_in(w, p * per, min(nchunks, (p + 1) * per), [&](int, int i0, const float (&v)[4]) { st.fold(i0, v); });
+    st.block_merge(s);
+    if (threadIdx.x == 0) out[r * parts + p] = PartStats{st.m, st.mn, st.best, st.nv, st.ni, {0, 0, 0}};
+}
+
 __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a) {
     rk::pdl_begin();
     __shared__ Smem s;
     const int tid = static_cast<int>(threadIdx.x), lane = tid & 31;
     const int64_t r = blockIdx.x;
     const int V = a.V;
-    const Kept K = kept_set(s, a.logits + r * V, V, a.p.temperature[r], a.p.top_k[r], a.p.top_p[r], a.p.min_p[r]);
+    const Kept K = kept_set(s, a.logits + r * V, V, a.p.temperature[r], a.p.top_k[r], a.p.top_p[r], a.p.min_p[r],
+                            a.part + r * a.parts, a.parts);
     const Row& w = K.w;
     const int best = K.best, nv = K.nv, ni = K.ni;
     const float m = w.m;
@@ -960,7 +1006,7 @@ __global__ void __launch_bounds__(256) chain_inputs_kernel(ChainStepInputs a, in
 }  // namespace
 
 void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& p, const SampleOutputs& o,
-                 CUstream_st* stream, const SpecCheck* check) {
+                 CUstream_st* stream, const SpecCheck* check, const SampleScratch* scratch) {
     constexpr const char* op = "sample_rows";
     if (R < 0) fail(op, ": R=", R, " is negative");
     if (V < 1 || V > kMaxSampleVocab) fail(op, ": V=", V, " is outside [1, ", kMaxSampleVocab, "]");
@@ -974,8 +1020,30 @@ void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& 
         fail(op, ": n_top=", o.n_top, " needs top_ids and top_logprobs");
     if (check && (!check->q || !check->q_row || !check->draft || !check->accepted))
         fail(op, ": a draft check needs q, q_row, draft and accepted");
-    const SampleArgs args{logits, static_cast<int>(V), p, o, check ? *check : SpecCheck{}};
+    SampleArgs args{logits, static_cast<int>(V), p, o, check ? *check : SpecCheck{}};
+    const int parts = scratch ? sample_parts(R, V, sm_count(), scratch->parts) : 0;
+    if (parts > 0) {
+        if (!scratch->p || scratch->bytes < sample_scratch_bytes(R, parts))
+            fail(op, ": scratch of ", scratch->bytes, " bytes for ", R, " rows of ", parts, " parts (",
+                 sample_scratch_bytes(R, parts), " needed)");
+        args.part = static_cast<const PartStats*>(scratch->p);
+        args.parts = parts;
+        rk::launch(row_stats_kernel, dim3(static_cast<unsigned>(parts), rk::grid_dim(R, 65535, op)), dim3(kThreads), 0,
+                   stream, logits, static_cast<int>(V), parts, static_cast<PartStats*>(scratch->p));
+    }
     rk::launch(sample_kernel, dim3(rk::grid_dim(R, 0x7fffffff, op)), dim3(kThreads), 0, stream, args);
+}
+
+int sample_parts(int64_t R, int64_t V, int sms, int parts) {
+    const int64_t nchunks = (V + kChunkIds - 1) / kChunkIds;
+    if (parts >= 0) return static_cast<int>(std::min<int64_t>({parts, kMaxSampleParts, nchunks}));
+    if (R <= 0 || 2 * R >= sms) return 0;   // the rows alone give half a wave of CTAs: one pass each
+    const int64_t want = std::min<int64_t>({(2 * static_cast<int64_t>(sms) + R - 1) / R, kMaxSampleParts, nchunks / 8});
+    return want >= 2 ? static_cast<int>(want) : 0;
+}
+
+size_t sample_scratch_bytes(int64_t R, int parts) {
+    return static_cast<size_t>(std::max<int64_t>(R, 0)) * static_cast<size_t>(std::max(parts, 0)) * sizeof(PartStats);
 }
 
 void spec_accept_rows(const SpecAcceptArgs& a, int64_t R, int64_t V, CUstream_st* stream) {

@@ -71,8 +71,25 @@ struct SpecCheck {
 // check (optional; the runner's verify steps): the standard rule fused in, each checked row's
 // token is spec_accept_rows' decision, reported as a given id would be (so the rows' checks and
 // draws run side by side, one CTA each); twin: spec_accept_rows, then sample_rows with given.
+// scratch (optional): where few rows would leave most SMs idle (sample_parts), pass A (the row's
+// max, its id, min and counts) first runs over `parts` parts of each row in a CTA each
+// (row_stats_kernel) and the row's CTA merges their results: exact integer and max/min merges, so
+// the outputs are the same bits as without scratch. Without scratch every row is one CTA's.
+struct SampleScratch {
+    void*  p = nullptr;     // device, sample_scratch_bytes(R, parts) bytes at least
+    size_t bytes = 0;
+    int    parts = -1;      // -1: sample_parts' choice; 0: none; n > 0: n parts (capped; tests)
+};
+constexpr int kMaxSampleParts = 64;
 void sample_rows(const float* logits, int64_t R, int64_t V, const SampleParams& p, const SampleOutputs& o,
-                 CUstream_st* stream, const SpecCheck* check = nullptr);
+                 CUstream_st* stream, const SpecCheck* check = nullptr, const SampleScratch* scratch = nullptr);
+// Parts per row of pass A for R rows of V ids on a GPU of `sms` SMs: `parts` ≥ 0 as asked (at most
+// kMaxSampleParts and the row's 128-id chunks); -1: 0 (no pre-pass) from sms / 2 rows on, else
+// about two CTAs per SM in all, at least 8 chunks per part. Fixed for given (R, V, GPU):
+// graph-capturable.
+int sample_parts(int64_t R, int64_t V, int sms, int parts = -1);
+// Scratch bytes for R rows of `parts` parts (sample_scratch_bytes(R, kMaxSampleParts) covers every choice).
+size_t sample_scratch_bytes(int64_t R, int parts = kMaxSampleParts);
 
 // logits[r, ids[j]] = -inf for every row r < R and j < n (device; ids i32 [n], entries outside
 // [0, V) are skipped): the engine's masked_token_ids applied on the device before sample_rows.

@@ -196,6 +196,7 @@ struct Workspace {
     void* samp_out = nullptr;        // ids i32 [R], logprob f32 [R], top ids i32 [R, 20], top logprobs f32 [R, 20],
                                      // accepted i32 [R] (speculative steps)
     size_t samp_out_bytes = 0;
+    cuda::SampleScratch samp_scratch;   // the sampler's pass A over parts of few rows (cuda::sample_parts)
     int32_t* masked = nullptr;       // [V] ids never sampled (the first n_masked)
 
     // Carves every buffer from `a` (a counting arena first, then the real one).
@@ -258,6 +259,8 @@ struct Workspace {
         samp_in = a.take(samp_in_bytes);
         samp_out_bytes = static_cast<size_t>(R) * (12 + 8 * cuda::kMaxTopLogprobs);
         samp_out = a.take(samp_out_bytes);
+        samp_scratch.bytes = cuda::sample_scratch_bytes(R);
+        samp_scratch.p = a.take(samp_scratch.bytes);
         masked = a.take_n<int32_t>(c.vocab_size);
         in_ints = 7 * T + 2 * C + R;
         in = a.take_n<int32_t>(in_ints);
@@ -774,6 +777,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
         ws.carve(counter, c, gemm_bytes, gemm2_bytes);
         ws_arena = cuda::DeviceArena(counter.used(), "workspace");
         ws.carve(ws_arena, c, gemm_bytes, gemm2_bytes);
+        ws.samp_scratch.parts = opt.sample_parts;
     }
     if (!opt.exchange) {
         moe_ws = cuda::MoeLayerWorkspace(ws.T, c.num_experts_per_tok, dm->layers.at(0).experts);
@@ -1211,9 +1215,9 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
         check.q_row = reinterpret_cast<const int64_t*>(static_cast<const char*>(ws.samp_in) + 32 * Rw);
         check.draft = reinterpret_cast<const int32_t*>(static_cast<const char*>(ws.samp_in) + 40 * Rw);
         check.accepted = reinterpret_cast<int32_t*>(out + (8 + 8 * cuda::kMaxTopLogprobs) * Rw);
-        cuda::sample_rows(ws.logits, R, V, sp, so, stream, &check);
+        cuda::sample_rows(ws.logits, R, V, sp, so, stream, &check, &ws.samp_scratch);
     } else {
-        cuda::sample_rows(ws.logits, R, V, sp, so, stream);
+        cuda::sample_rows(ws.logits, R, V, sp, so, stream, nullptr, &ws.samp_scratch);
     }
     mark("sample");
     if (mode != kSpec && mode != kSpecLogprobs) return;
@@ -1247,7 +1251,7 @@ void Runner::Impl::sample_drafts(int64_t R, int32_t* ids) {
     cuda::SampleParams sp = sample_params();
     sp.stream = cuda::kStreamDraft;
     sp.index_offset = 1;
-    cuda::sample_rows(ws.logits, R, V, sp, so, stream);
+    cuda::sample_rows(ws.logits, R, V, sp, so, stream, nullptr, &ws.samp_scratch);
 }
 
 // The MTP block (ref: mtp_forward) over the positions of the step just run, in lockstep with the
@@ -1654,7 +1658,7 @@ void Runner::Impl::enqueue_chain(int64_t n, int64_t steps, std::vector<float>* l
         sp.top_k += r0;
         cuda::SampleOutputs so;
         so.ids = ws.chain_out + (k - 1) * ws.C;
-        cuda::sample_rows(ws.logits, n, V, sp, so, stream);
+        cuda::sample_rows(ws.logits, n, V, sp, so, stream, nullptr, &ws.samp_scratch);
     }
     // Back to the buffer parity the captured graphs were recorded with (enqueue_mtp swaps an even
     // number of times; the gather swapped once).

@@ -62,6 +62,8 @@ struct RunnerOptions {
                                        // tensor core; cuda::moe_w4a8_fits) wherever the automatic
                                        // choice takes a wgmma tile (cuda::w4a8_tile); off: they measured
                                        // slower (docs/bench-gemm.md, "W4A8 expert tiles")
+    int32_t sample_parts = -1;         // the sampler's pass A over parts of each row (cuda::sample_parts):
+                                       // -1 by the step's rows, 0 one CTA per row
     int32_t attn_wide = -1;            // the attention's CTAs (cuda::attention_wide): -1 by the step's
                                        // size, 0 16 heads each (key splits), 1 64 heads each
     bool    lt_bf16 = true;            // ≥ cuda::kLtBf16MinM tokens: linears with a bf16 input (exact

@@ -224,7 +224,7 @@ struct DeviceBatch {
         p.index = index.data();
         return p;
     }
-    void launch(cudaStream_t stream) {
+    void launch(cudaStream_t stream, const cuda::SampleScratch* scratch = nullptr) {
         const cuda::SampleParams p = params();
         cuda::SampleOutputs o;
         o.ids = ids.data();
@@ -232,11 +232,12 @@ struct DeviceBatch {
         o.n_top = n_top;
         o.top_ids = n_top > 0 ? top_ids.data() : nullptr;
         o.top_logprobs = n_top > 0 ? top_logprobs.data() : nullptr;
-        cuda::sample_rows(logits.data(), R, V, p, o, stream);
+        cuda::sample_rows(logits.data(), R, V, p, o, stream, nullptr, scratch);
     }
-    Result run() {
+    Result run(const cuda::SampleScratch* scratch = nullptr) {
         CUDA_CHECK(cudaDeviceSynchronize());   // uploads ran on the legacy stream
-        launch(nullptr);
+        ids.fill(0x55);                        // nothing left from an earlier run
+        launch(nullptr, scratch);
         CUDA_CHECK(cudaDeviceSynchronize());
         return download();
     }
@@ -461,6 +462,55 @@ TEST(CudaSampler, RepeatedRunsAreBitIdentical) {
     EXPECT_EQ(0, std::memcmp(x.logprob.data(), y.logprob.data(), x.logprob.size() * sizeof(float)));
     EXPECT_EQ(x.top_ids, y.top_ids);
     EXPECT_EQ(0, std::memcmp(x.top_logprobs.data(), y.top_logprobs.data(), x.top_logprobs.size() * sizeof(float)));
+}
+
+// Pass A over parts of each row (row_stats_kernel, SampleScratch) gives the same bits as one CTA
+// per row: the same rows (every kind: ties, NaN, ±inf, few valid ids, all equal) with n_top 0 and
+// 20, at the full vocabulary and at odd ones, with the automatic part count and forced ones (1, 2,
+// 7 parts, and more than a row has chunks).
+TEST(CudaSampler, RowPartsGiveTheSameBits) {
+    SAMPLER_SKIP_WITHOUT_GPU();
+    int dev = 0, sms = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    EXPECT_EQ(cuda::sample_parts(1, 129280, 132), 64);
+    EXPECT_EQ(cuda::sample_parts(8, 129280, 132), 33);
+    EXPECT_EQ(cuda::sample_parts(66, 129280, 132), 0);   // half a wave of rows: no pre-pass
+    EXPECT_EQ(cuda::sample_parts(1, 1000, 132), 0);      // 8 chunks: too few to split
+    EXPECT_EQ(cuda::sample_parts(1, 1000, 132, 3), 3);
+    EXPECT_EQ(cuda::sample_parts(1, 100, 132, 5), 1);    // one chunk
+    for (const auto& [R, V, seed] : {std::tuple<int64_t, int64_t, uint32_t>{9, 129280, 21}, {3, 4099, 22}, {5, 1001, 23}})
+        for (int n_top : {0, 20}) {
+            const Batch b = make_batch(R, V, seed);
+            DeviceBatch d(b, n_top);
+            const Result want = d.run();
+            DeviceArray<uint8_t> scratch(cuda::sample_scratch_bytes(R));
+            for (int parts : {-1, 1, 2, 7, 1000}) {
+                cuda::SampleScratch sc;
+                sc.p = scratch.data();
+                sc.bytes = scratch.size();
+                sc.parts = parts;
+                const Result got = d.run(&sc);
+                const std::string what = str("R ", R, " V ", V, " n_top ", n_top, " parts ", parts, " (",
+                                             cuda::sample_parts(R, V, sms, parts), ")");
+                EXPECT_EQ(got.ids, want.ids) << what;
+                EXPECT_EQ(0, std::memcmp(got.logprob.data(), want.logprob.data(), want.logprob.size() * sizeof(float)))
+                    << what;
+                EXPECT_EQ(got.top_ids, want.top_ids) << what;
+                EXPECT_EQ(0, std::memcmp(got.top_logprobs.data(), want.top_logprobs.data(),
+                                         want.top_logprobs.size() * sizeof(float)))
+                    << what;
+            }
+        }
+    // Too little scratch for the parts asked is refused before any launch.
+    const Batch b = make_batch(2, 4096, 24);
+    DeviceBatch d(b, 0);
+    DeviceArray<uint8_t> small(cuda::sample_scratch_bytes(2, 4) - 1);
+    cuda::SampleScratch sc;
+    sc.p = small.data();
+    sc.bytes = small.size();
+    sc.parts = 4;
+    test::expect_error([&] { d.launch(nullptr, &sc); }, {"sample_rows", "scratch"});
 }
 
 // A row's token depends on its logits, parameters and key only: not on its position in the
