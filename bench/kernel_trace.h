@@ -1,5 +1,6 @@
 // kernel_trace.h — the GPU timeline of a few steps, from CUPTI's kernel activity records (start
-// and end of every kernel, graph-launched ones included, without serializing them): what a
+// and end of every kernel, graph-launched ones included, without serializing them; copies and
+// memsets as "[memcpy ...]" / "[memset ...]" entries): what a
 // decode step's graph spends in each kernel and how long the GPU waits between kernels. A
 // benchmark tool, not part of the engine (Nsight Systems gives the same where it is installed;
 // the GPU machines here have only Nsight Compute, which times kernels one at a time).
@@ -34,23 +35,30 @@ public:
         records().clear();
         check(cuptiActivityRegisterCallbacks(&KernelTrace::request, &KernelTrace::complete), "register callbacks");
         check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "enable kernel records");
+        check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY), "enable memcpy records");
+        check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET), "enable memset records");
     }
     // Flushes every record and stops recording; returns the kernels sorted by start.
     const std::vector<Kernel>& stop() {
         check(cuptiActivityFlushAll(1), "flush");
         check(cuptiActivityDisable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "disable kernel records");
+        check(cuptiActivityDisable(CUPTI_ACTIVITY_KIND_MEMCPY), "disable memcpy records");
+        check(cuptiActivityDisable(CUPTI_ACTIVITY_KIND_MEMSET), "disable memset records");
         auto& r = records();
         std::sort(r.begin(), r.end(), [](const Kernel& a, const Kernel& b) { return a.start < b.start; });
         return r;
     }
 
     // The kernels of the last step: from the last kernel whose name contains `first` (the step's
-    // first kernel) to the end. Prints the step's span, the sum of kernel times, the time no
-    // kernel runs, a table by kernel name, and the first `timeline` kernels one per line.
+    // first kernel; with the uploads and memsets right before it, its inputs) to the end. Prints
+    // the step's span, the sum of kernel times, the time no kernel runs, a table by kernel name,
+    // and the first `timeline` kernels one per line.
     static void print(std::FILE* f, const std::vector<Kernel>& all, const std::string& first, size_t timeline) {
         size_t b = 0;
         for (size_t i = 0; i < all.size(); ++i)
             if (all[i].name.find(first) != std::string::npos) b = i;
+        auto input = [](const std::string& n) { return n.rfind("[memcpy HtoD", 0) == 0 || n.rfind("[memset", 0) == 0; };
+        while (b > 0 && input(all[b - 1].name)) --b;   // the step's input uploads (the step before ends with its DtoH)
         const std::vector<Kernel> k(all.begin() + static_cast<std::ptrdiff_t>(b), all.end());
         if (k.empty()) return;
         uint64_t span_end = 0, busy = 0, cover = k.front().start;
@@ -119,6 +127,7 @@ private:
     }
     // "void (anonymous namespace)::tiled_kernel<(LinearFormat)3, 4, ...>(Params)" -> "tiled_kernel<...>".
     static std::string short_name(const std::string& mangled) {
+        if (!mangled.empty() && mangled[0] == '[') return mangled;   // a copy or memset
         int st = 0;
         char* d = abi::__cxa_demangle(mangled.c_str(), nullptr, nullptr, &st);
         std::string s = st == 0 && d ? d : mangled;
@@ -138,9 +147,21 @@ private:
     static void CUPTIAPI complete(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid) {
         CUpti_Activity* rec = nullptr;
         while (cuptiActivityGetNextRecord(buffer, valid, &rec) == CUPTI_SUCCESS) {
-            if (rec->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) continue;
-            const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
-            records().push_back({k->name ? k->name : "?", k->start, k->end, k->streamId});
+            if (rec->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) {
+                const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(rec);
+                records().push_back({k->name ? k->name : "?", k->start, k->end, k->streamId});
+            } else if (rec->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {   // copies and memsets count as busy time
+                const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(rec);
+                const char* dir = m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_HTOD   ? "HtoD"
+                                  : m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_DTOH ? "DtoH"
+                                  : m->copyKind == CUPTI_ACTIVITY_MEMCPY_KIND_DTOD ? "DtoD"
+                                                                                   : "other";
+                records().push_back({std::string("[memcpy ") + dir + " " + std::to_string(m->bytes / 1024) + " KB]",
+                                     m->start, m->end, m->streamId});
+            } else if (rec->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
+                const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(rec);
+                records().push_back({"[memset " + std::to_string(m->bytes / 1024) + " KB]", m->start, m->end, m->streamId});
+            }
         }
         std::free(buffer);
     }

@@ -8,7 +8,8 @@
 # to stdout. "table": the docs' full megamoe-forward-bench rows (V4-Flash, and V4-Pro at 4 layers).
 #   usage (on the GPU machine, repository root): bash scripts/device_status.sh [layers] [what ...]
 #   what: tests attn sampler forward table trace experts (default: tests forward trace experts)
-#   TESTS: a gtest filter for "tests" (default: every GPU suite)
+#   TESTS: a gtest filter for "tests" (default: every GPU suite); TRACE_BATCHES, TRACE_LINES: the
+#   trace's batches (default 1,64,256) and timeline lines (400)
 set -uo pipefail
 source scripts/device_env.sh
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
@@ -69,8 +70,8 @@ if has table; then   # the docs' table: every default row (batches 1-256, contex
     echo "table pro: rc $?"; grep -E "^decode|^prefill|copy bandwidth" "$out/table-pro.log"
 fi
 if has trace; then
-    timeout 120 megamoe-forward-bench --model flash --layers 8 --batches 1,64,256 --contexts 1024 --prefill 0 --steps 10 \
-        --trace 400 > "$out/trace.log" 2>&1
+    timeout 120 megamoe-forward-bench --model flash --layers 8 --batches "${TRACE_BATCHES:-1,64,256}" --contexts 1024 \
+        --prefill 0 --steps 10 --trace "${TRACE_LINES:-400}" > "$out/trace.log" 2>&1
     echo "trace: rc $?"; grep -E "trace:|gap before|^decode B=" "$out/trace.log" | head -12
 fi
 if has experts; then
