@@ -476,7 +476,7 @@ TEST_P(GpuRunner, ChainedDraftsMatchCpuAndLeaveTheState) {
     const SampleSpec greedy{0.0f};
     std::vector<std::vector<int32_t>> chained;
     test::expect_error([&] { a.draft_chain({{0, 0, 1, greedy}}, 1, chained); }, {"step_spec"});
-    double cos_sum = 0;
+    double cos_sum = 0, spec_sum = 0;
     int cos_n = 0;
     for (size_t P : {size_t{15}, size_t{16}, size_t{37}}) {
         SCOPED_TRACE(testing::Message() << "prompt " << P);
@@ -500,39 +500,66 @@ TEST_P(GpuRunner, ChainedDraftsMatchCpuAndLeaveTheState) {
         ASSERT_EQ(static_cast<int64_t>(chained[0].size()), steps);
         ASSERT_EQ(static_cast<int64_t>(gl.size()), steps * Vn);
         // CPU: the same positions fed the GPU's tokens (x, d_1, d_2: a near tie may pick another id
-        // on the two sides), the chain on a scratch state as ref/speculative.cpp runs it.
-        SequenceState st(cfg);
-        std::vector<float> logits, streams, ml, ms;
-        ForwardOptions fo;
-        fo.streams_out = &streams;
-        std::vector<SequenceChunk> fb{{&st, prompt}};
-        forward(m, fb, fo, logits);
-        std::vector<int32_t> next(prompt.begin() + 1, prompt.end());
-        next.push_back(x);
-        ForwardOptions mo;
-        mo.streams_out = &ms;
-        std::vector<MtpChunk> mb{{&st, streams.data(), next}};
-        mtp_forward(m, mb, mo, ml);
-        std::printf("[ %s | prompt %zu ] x %d (CPU %d), d_1 %d (CPU %d)\n", GetParam().c_str(), P, x, argmax(logits.data(), Vn),
-                    first_a[0][0], argmax(ml.data(), Vn));
-        SequenceState scratch(cfg);
-        scratch.mtp = st.mtp;
-        std::vector<float> h(ms.end() - HD, ms.end());
+        // on the two sides), the chain on a scratch state as ref/speculative.cpp runs it, twice:
+        // exact (the reference the GPU is compared with) and with bf16 activations at the official
+        // code's rounding sites (bf16_mtp_specification's probe: what the GPU's arithmetic is
+        // specified to be). The second's distance from the first is this prompt's bf16 noise floor.
+        Probe round = [](TraceView& v) {
+            const std::string n = v.name;
+            if (v.dtype != DType::f32 || n == trace_names::final_norm || n == trace_names::mtp_norm) return;
+            for (int64_t i = 0; i < v.rows * v.width; ++i) v.f32()[i] = bf16_to_f32(f32_to_bf16(v.f32()[i]));
+            v.modified = true;
+        };
+        std::vector<std::vector<float>> cpu_chain[2];   // [exact, bf16 activations][step] logits
+        int32_t cpu_x = -1, cpu_d1[2] = {-1, -1};
+        for (int side = 0; side < 2; ++side) {
+            SequenceState st(cfg);
+            std::vector<float> logits, streams, ml, ms;
+            ForwardOptions fo;
+            fo.streams_out = &streams;
+            if (side) fo.probe = round;
+            std::vector<SequenceChunk> fb{{&st, prompt}};
+            forward(m, fb, fo, logits);
+            if (!side) cpu_x = argmax(logits.data(), Vn);
+            std::vector<int32_t> next(prompt.begin() + 1, prompt.end());
+            next.push_back(x);
+            ForwardOptions mo;
+            mo.streams_out = &ms;
+            if (side) mo.probe = round;
+            std::vector<MtpChunk> mb{{&st, streams.data(), next}};
+            mtp_forward(m, mb, mo, ml);
+            cpu_d1[side] = argmax(ml.data(), Vn);
+            SequenceState scratch(cfg);
+            scratch.mtp = st.mtp;
+            std::vector<float> h(ms.end() - HD, ms.end());
+            for (int64_t k = 1; k <= steps; ++k) {
+                const int32_t fed = k == 1 ? first_a[0][0] : chained[0][static_cast<size_t>(k - 2)];
+                scratch.n_past = scratch.mtp.n_past + 1;
+                std::vector<MtpChunk> cb{{&scratch, h.data(), {fed}}};
+                mtp_forward(m, cb, mo, ml);
+                h = ms;
+                cpu_chain[side].push_back(ml);
+            }
+        }
+        std::printf("[ %s | prompt %zu ] x %d (CPU %d), d_1 %d (CPU %d, CPU with bf16 activations %d)\n",
+                    GetParam().c_str(), P, x, cpu_x, first_a[0][0], cpu_d1[0], cpu_d1[1]);
         for (int64_t k = 1; k <= steps; ++k) {
-            const int32_t fed = k == 1 ? first_a[0][0] : chained[0][static_cast<size_t>(k - 2)];
-            scratch.n_past = scratch.mtp.n_past + 1;
-            std::vector<MtpChunk> cb{{&scratch, h.data(), {fed}}};
-            mtp_forward(m, cb, mo, ml);
-            h = ms;
-            const double cs = cosine(gl.data() + (k - 1) * Vn, ml.data(), Vn);
-            std::printf("[ %s | prompt %zu ] chained draft %ld: GPU %d, CPU %d, logits cosine %.6f\n", GetParam().c_str(), P,
-                        static_cast<long>(k + 1), chained[0][static_cast<size_t>(k - 1)], argmax(ml.data(), Vn), cs);
-            // Measured on an H200: 0.99996-0.99997 on prompts 15 and 16, 0.99900 / 0.99929 on prompt 37,
-            // whose main-model token is itself a near tie (GPU and CPU pick different ids: its
-            // streams carry this tiny model's bf16 noise, 0.58 logits between schedules). Bar: every
-            // row within twice the worst deficit, and the mean within 0.9995.
-            EXPECT_GE(cs, 0.998) << "chained step " << k;
+            const std::vector<float>& exact = cpu_chain[0][static_cast<size_t>(k - 1)];
+            const double cs = cosine(gl.data() + (k - 1) * Vn, exact.data(), Vn);
+            const double spec = cosine(cpu_chain[1][static_cast<size_t>(k - 1)].data(), exact.data(), Vn);
+            // Bar: 0.998, or, where the specification itself is further from the exact chain (a
+            // near tie upstream: on tiny-flash-mxfp4's prompt 37 the exact and the bf16 CPU pick
+            // different d_1, 140 and 593, and the GPU picks 593; their chains then differ by
+            // cosine 0.9959 / 0.9979 at the two steps, the GPU's by 0.9950 / 0.9973 on an H100),
+            // within twice the specification's deficit.
+            const double bar = std::min(0.998, 1.0 - 2.0 * (1.0 - spec));
+            std::printf("[ %s | prompt %zu ] chained draft %ld: GPU %d, CPU %d, logits cosine %.6f (CPU with bf16 "
+                        "activations: %.6f; bar %.6f)\n",
+                        GetParam().c_str(), P, static_cast<long>(k + 1), chained[0][static_cast<size_t>(k - 1)],
+                        argmax(exact.data(), Vn), cs, spec, bar);
+            EXPECT_GE(cs, bar) << "chained step " << k;
             cos_sum += cs;
+            spec_sum += spec;
             ++cos_n;
         }
         // The next positions' MTP logits: runner a (chained) = runner b (not), bit for bit.
@@ -546,7 +573,9 @@ TEST_P(GpuRunner, ChainedDraftsMatchCpuAndLeaveTheState) {
         a.close(sa);
         b.close(sb);
     }
-    EXPECT_GE(cos_sum / std::max(cos_n, 1), 0.9995) << "mean cosine of the chained drafts' logits";
+    // The mean: 0.9995, or within twice the specification's mean deficit where that is larger.
+    const double mean_bar = std::min(0.9995, 1.0 - 2.0 * (1.0 - spec_sum / std::max(cos_n, 1)));
+    EXPECT_GE(cos_sum / std::max(cos_n, 1), mean_bar) << "mean cosine of the chained drafts' logits";
 }
 
 // step_verify and rewind with drafts from an oracle (the golden models' own MTP drafts are never
