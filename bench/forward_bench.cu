@@ -16,7 +16,7 @@
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
 //                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--idx-side 0|1] [--w4a8]
-//                         [--attn-wide 0|1] [--sample-parts N]
+//                         [--attn-wide 0|1] [--sample-parts N] [--hc-stage 0|1]
 //                         [--gpus N | --multi] [--ep-exchange gather|all-to-all]
 //                         [--ep-combine slot-rows|partial-sums] [--replicated-head]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
@@ -44,6 +44,8 @@
 //   (RunnerOptions::attn_wide; default: by the step's size, cuda::attention_wide).
 // --sample-parts N: the sampler's pass A over N parts of each row (0: one CTA per row;
 //   RunnerOptions::sample_parts; default: by the step's rows, cuda::sample_parts).
+// --hc-stage 0|1: the mHC mix at ≥ 32 tokens with fn from L2 (0) or staged through shared memory
+//   (1, the default; RunnerOptions::hc_stage: same bits).
 // --numerics: how activations are rounded (RunnerOptions::numerics; default exact).
 // --w4a8: with --numerics official and --experts mxfp4, the routed experts on the W4A8 tiles wherever
 //   the automatic choice is a wgmma tile (RunnerOptions::w4a8; off by default: slower so far).
@@ -248,6 +250,7 @@ int main(int argc, char** argv) {
         int idx_side = -1;   // -1: RunnerOptions' default
         int attn_wide = -1;  // -1: by the step's size
         int sample_parts = -1;   // -1: by the step's rows
+        int hc_stage = -1;       // -1: RunnerOptions' default
         auto on_off = [](const std::string& flag, const std::string& v) {
             if (v != "0" && v != "1") fail(flag, " takes 0 or 1, not '", v, "'");
             return v == "1" ? 1 : 0;
@@ -283,6 +286,7 @@ int main(int argc, char** argv) {
             else if (a == "--idx-side") idx_side = on_off(a, next());
             else if (a == "--attn-wide") attn_wide = on_off(a, next());
             else if (a == "--sample-parts") sample_parts = static_cast<int>(std::stoll(next()));
+            else if (a == "--hc-stage") hc_stage = on_off(a, next());
             else if (a == "--w4a8") w4a8 = true;
             else if (a == "--spec") spec = true;
             else if (a == "--spec-tokens") {
@@ -320,7 +324,7 @@ int main(int argc, char** argv) {
         if (ep_exchange != "gather" && ep_exchange != "all-to-all") fail("--ep-exchange must be gather or all-to-all");
         if (ep_combine != "slot-rows" && ep_combine != "partial-sums") fail("--ep-combine must be slot-rows or partial-sums");
         if (gpus > 1 || multi) {
-            if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || w4a8 || attn_wide >= 0 || sample_parts >= 0)
+            if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || w4a8 || attn_wide >= 0 || sample_parts >= 0 || hc_stage >= 0)
                 fail("--gpus / --multi: the multi-GPU rows take --model, --layers, --batches, --contexts, --prefill, "
                      "--steps, --experts, --numerics, --ep-exchange, --ep-combine, --replicated-head and "
                      "--no-moe-small only");
@@ -351,6 +355,7 @@ int main(int argc, char** argv) {
         if (idx_side >= 0) ro.indexer_side = idx_side == 1;
         ro.attn_wide = attn_wide;
         ro.sample_parts = sample_parts;
+        if (hc_stage >= 0) ro.hc_stage = hc_stage == 1;
         ro.w4a8 = w4a8;
         ro.rollback = spec;
         ro.numerics = numerics;
@@ -415,7 +420,11 @@ int main(int argc, char** argv) {
                     return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - a).count() /
                            static_cast<double>(steps);
                 };
+                const double launch0 = run.graph_launch_host_us();
+                const int64_t replays0 = run.graph_replays();
                 const double us = time_steps(false, 4);
+                const double launch_us = (run.graph_launch_host_us() - launch0) /
+                                         static_cast<double>(std::max<int64_t>(1, run.graph_replays() - replays0));
                 const double us_logits = time_steps(true, 4 + steps);
                 // Floor: dense weights + the experts B tokens hit (expected distinct, uniform routing)
                 // + the head + per token its keys (window + top-k or all HCA rows + indexer keys).
@@ -437,7 +446,8 @@ int main(int argc, char** argv) {
                 rows.push_back(r);
                 std::printf("%-24s %9.1f us/step %8.1f us/layer %10.0f tok/s  floor %8.1f us (%.2fx)\n", r.what.c_str(),
                             r.us_step, r.us_layer, r.tok_s, r.floor_us, r.us_step / r.floor_us);
-                std::printf("    with every logit row to the host (step, not step_sample): %.1f us/step\n", us_logits);
+                std::printf("    with every logit row to the host (step, not step_sample): %.1f us/step; host time in "
+                            "cudaGraphLaunch: %.1f us/step\n", us_logits, launch_us);
                 if (trace >= 0) {
 #ifdef MEGAMOE_HAVE_CUPTI
                     bench::KernelTrace tr;

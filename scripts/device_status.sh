@@ -7,7 +7,7 @@
 # Full outputs go to $OUT (tests.log, forward-*.log, table-*.log, trace.log, experts.log); a summary
 # to stdout. "table": the docs' full megamoe-forward-bench rows (V4-Flash, and V4-Pro at 4 layers).
 #   usage (on the GPU machine, repository root): bash scripts/device_status.sh [layers] [what ...]
-#   what: tests attn sampler forward table trace experts (default: tests forward trace experts)
+#   what: tests attn sampler hc forward table trace experts (default: tests forward trace experts)
 #   TESTS: a gtest filter for "tests" (default: every GPU suite); TRACE_BATCHES, TRACE_LINES: the
 #   trace's batches (default 1,64,256) and timeline lines (400)
 set -uo pipefail
@@ -37,7 +37,7 @@ if has forward; then
         timeout 150 megamoe-forward-bench --model flash --layers "$layers" --batches "$bs" --contexts 1024 \
             --prefill 0 --steps 20 --numerics "$nm" > "$out/forward-$nm-$r.log" 2>&1
         grep -E "^decode B=|with every logit" "$out/forward-$nm-$r.log" |
-            awk '/^decode/ {printf "%s %s us %s", $2, $4, $NF} /with every/ {printf " [logits %s]  ", $(NF-1)}'
+            awk '/^decode/ {printf "%s %s us %s", $2, $4, $NF} /with every/ {printf " [logits %s, launch %s]  ", $11, $(NF-1)}'
         grep -E "copy bandwidth" "$out/forward-$nm-$r.log" | head -1 | sed 's/^# */ | /'
     done
 fi
@@ -60,6 +60,16 @@ if has sampler; then   # the sampler's pass A over parts of each row (the defaul
                 --prefill 0 --steps 20 --sample-parts "$sp" 2>/dev/null | grep -E "^decode B=" | awk '{printf "%s %s us  ", $2, $4}'
             echo
         done
+    done
+fi
+if has hc; then   # the mHC mix with fn staged through shared memory (the default) against loads from L2
+    for st in 0 1; do
+        printf 'hc-stage %s: ' "$st"
+        timeout 100 megamoe-forward-bench --model flash --layers "$layers" --batches 64,256 --contexts 1024 \
+            --prefill 8192 --steps 10 --hc-stage "$st" > "$out/hc-$st.log" 2>&1
+        grep -E "^decode B=|^prefill|with every" "$out/hc-$st.log" |
+            awk '/^decode/ {printf "%s %s us  ", $2, $4} /^prefill/ {printf "prefill %s us  ", $3} /with every/ {printf "(launch %s)  ", $(NF-1)}'
+        echo
     done
 fi
 if has table; then   # the docs' table: every default row (batches 1-256, contexts 1K and 32K, 8K prefill)

@@ -42,6 +42,7 @@
 #include <cstdint>
 
 #include "core/common.h"
+#include "cuda/device.cuh"
 #include "cuda/numerics.cuh"
 #include "cuda/numerics.h"
 #include "cuda/row_kernels.cuh"
@@ -67,6 +68,13 @@ constexpr int kMixWarpsMax = 4;       // warps per hc_mix CTA (token groups shar
 // new split count moved the tiny NVFP4 golden's chunks-of-37 top-1 from 98.44% to 97.66% (one
 // position at a near tie), below GoldenLogitsStatistics' 98% bar (the issue's).
 constexpr int64_t kWideT = 32;
+// Wide mode, VEC = 4: fn staged through shared memory in chunks of kStageVecs d-vectors, two
+// buffers of NM·HC·kStageVecs float4 (48 KB for a V4 site: NM 24, HC 4), where they fit the 48 KB a
+// kernel gets without opting in. Measured: see hc_mix_kernel.
+constexpr int kStageVecs = 16;
+template <int HC, int NM, int VEC>
+constexpr bool kStageFn = VEC == 4 && 2 * NM * HC * kStageVecs * 16 <= 48 * 1024;
+template <int HC, int NM> constexpr size_t stage_bytes() { return size_t{2} * NM * HC * kStageVecs * 16; }
 constexpr int kWideTbShift = 2;
 constexpr int64_t kTargetCtas = 264;  // ~2 per SM on H100 / H200
 constexpr int kMaxHc = 8;
@@ -107,6 +115,7 @@ struct MixArgs {
     float* part;           // [splits, T, n_mix + 1]
     bool official;         // fused: y and X_out rounded to bf16 (Numerics::official)
     bool wide = false;     // T ≥ kWideT: a lane walks every stream (KG = 1), see kWideT
+    bool stage = false;    // wide, VEC = 4, kStageFn: fn through shared memory (launched with stage_bytes)
 };
 
 template <int VEC> __device__ __forceinline__ void load_vec(const float* p, float (&v)[VEC]) {
@@ -182,9 +191,9 @@ __global__ void __launch_bounds__(kMixWarpsMax * 32) hc_mix_kernel(MixArgs a, in
 #pragma unroll
     for (int i = 0; i < NB * 32; ++i) acc[i] = 0.0f;
 
-    if (valid) {
-        float pk[HC], cm[HC][HC];   // fused: post[t, k] and comb[t, :, k] of the lane's streams
-        if constexpr (FUSED) {
+    float pk[HC], cm[HC][HC];   // fused: post[t, k] and comb[t, :, k] of the lane's streams
+    if constexpr (FUSED) {
+        if (valid) {
 #pragma unroll
             for (int q = 0; q < HC; ++q) {
                 if (q < KPL) {
@@ -195,54 +204,100 @@ __global__ void __launch_bounds__(kMixWarpsMax * 32) hc_mix_kernel(MixArgs a, in
                 }
             }
         }
-        const float* xt = a.X_in + t * n;
-        for (int64_t dv = d0 + dlane; dv < d1; dv += DG) {
-            const int64_t c = dv * VEC;   // column inside a stream
-            float xv[HC][VEC];            // the mixed values of the lane's streams
-            if constexpr (FUSED) {
-                // X_out[t, k, c] = post_k · y[c] + Σ_j comb[j][k] · X_in[t, j, c]   (ops::hc_post's order)
-                float yv[VEC], xin[HC][VEC];
-                load_vec<VEC>(a.y + t * D + c, yv);
-                if (a.official) {   // the sublayer's output is bf16 in the official code
+    }
+    const float* xt = a.X_in + t * n;
+    // One d-vector of the lane's streams: the fused post, then the sums of squares and the dots in
+    // one fixed order (dv, stream, row). fn_of(o, q, w) gives row o of stream kset + KG·q at this dv.
+    auto column = [&](int64_t dv, auto&& fn_of) {
+        const int64_t c = dv * VEC;   // column inside a stream
+        float xv[HC][VEC];            // the mixed values of the lane's streams
+        if constexpr (FUSED) {
+            // X_out[t, k, c] = post_k · y[c] + Σ_j comb[j][k] · X_in[t, j, c]   (ops::hc_post's order)
+            float yv[VEC], xin[HC][VEC];
+            load_vec<VEC>(a.y + t * D + c, yv);
+            if (a.official) {   // the sublayer's output is bf16 in the official code
 #pragma unroll
-                    for (int e = 0; e < VEC; ++e) yv[e] = nm::bf16_round(yv[e]);
-                }
-#pragma unroll
-                for (int j = 0; j < HC; ++j) load_vec<VEC>(xt + j * D + c, xin[j]);
-#pragma unroll
-                for (int q = 0; q < HC; ++q) {
-                    if (q < KPL) {
-#pragma unroll
-                        for (int e = 0; e < VEC; ++e) {
-                            float o = __fmul_rn(pk[q], yv[e]);
-#pragma unroll
-                            for (int j = 0; j < HC; ++j) o = __fadd_rn(o, __fmul_rn(cm[q][j], xin[j][e]));
-                            xv[q][e] = a.official ? nm::bf16_round(o) : o;   // official: bf16 streams
-                        }
-                        store_vec<VEC>(a.X_out + t * n + (kset + KG * q) * D + c, xv[q]);
-                    }
-                }
-            } else {
-#pragma unroll
-                for (int q = 0; q < HC; ++q)
-                    if (q < KPL) load_vec<VEC>(xt + (kset + KG * q) * D + c, xv[q]);
+                for (int e = 0; e < VEC; ++e) yv[e] = nm::bf16_round(yv[e]);
             }
+#pragma unroll
+            for (int j = 0; j < HC; ++j) load_vec<VEC>(xt + j * D + c, xin[j]);
 #pragma unroll
             for (int q = 0; q < HC; ++q) {
                 if (q < KPL) {
-                    const float* f = a.fn + (kset + KG * q) * D + c;
 #pragma unroll
-                    for (int e = 0; e < VEC; ++e) acc[NM] = fmaf(xv[q][e], xv[q][e], acc[NM]);
+                    for (int e = 0; e < VEC; ++e) {
+                        float o = __fmul_rn(pk[q], yv[e]);
 #pragma unroll
-                    for (int o = 0; o < NM; ++o) {
-                        float w[VEC];
-                        load_vec_ro<VEC>(f + o * n, w);
-#pragma unroll
-                        for (int e = 0; e < VEC; ++e) acc[o] = fmaf(w[e], xv[q][e], acc[o]);
+                        for (int j = 0; j < HC; ++j) o = __fadd_rn(o, __fmul_rn(cm[q][j], xin[j][e]));
+                        xv[q][e] = a.official ? nm::bf16_round(o) : o;   // official: bf16 streams
                     }
+                    store_vec<VEC>(a.X_out + t * n + (kset + KG * q) * D + c, xv[q]);
+                }
+            }
+        } else {
+#pragma unroll
+            for (int q = 0; q < HC; ++q)
+                if (q < KPL) load_vec<VEC>(xt + (kset + KG * q) * D + c, xv[q]);
+        }
+#pragma unroll
+        for (int q = 0; q < HC; ++q) {
+            if (q < KPL) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[NM] = fmaf(xv[q][e], xv[q][e], acc[NM]);
+#pragma unroll
+                for (int o = 0; o < NM; ++o) {
+                    float w[VEC];
+                    fn_of(o, q, w);
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) acc[o] = fmaf(w[e], xv[q][e], acc[o]);
                 }
             }
         }
+    };
+
+    if (kStageFn<HC, NM, VEC> && a.stage) {
+        // Wide (prefill): the CTA's warps share every fn value of their d-range, so fn goes through
+        // shared memory in chunks of kStageVecs d-vectors (all NM rows of every stream, one chunk
+        // copied while the one before is multiplied); the lanes then read it there instead of
+        // waiting on L2 for each of their NM·HC loads per d-vector. The same sums in the same
+        // order as the loads from global memory below (each lane walks its d-vectors in
+        // increasing order, chunk after chunk): the same bits.
+        extern __shared__ __align__(16) float4 fn_s[];   // [2][NM][HC][kStageVecs]
+        const int64_t nvec = d1 - d0;
+        const int64_t chunks = (nvec + kStageVecs - 1) / kStageVecs;
+        auto stage = [&](int64_t ch) {
+            const int64_t cb = d0 + ch * kStageVecs;
+            const int cn = static_cast<int>(min(static_cast<int64_t>(kStageVecs), d1 - cb));
+            float4* buf = fn_s + (ch & 1) * (NM * HC * kStageVecs);
+            for (int i = static_cast<int>(threadIdx.x); i < NM * HC * kStageVecs; i += static_cast<int>(blockDim.x)) {
+                const int v = i % kStageVecs, q = (i / kStageVecs) % HC, o = i / (kStageVecs * HC);
+                if (v < cn) dev::cp_async16(dev::smem_addr(buf + i), a.fn + o * n + q * D + (cb + v) * VEC, true);
+            }
+            dev::cp_async_commit();
+        };
+        stage(0);
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+            dev::cp_async_wait<0>();   // chunk ch has landed (this thread's copies)
+            __syncthreads();           // ... everyone's; chunk ch − 1's buffer is free
+            if (ch + 1 < chunks) stage(ch + 1);
+            if (valid) {
+                const int64_t cb = d0 + ch * kStageVecs;
+                const float4* buf = fn_s + (ch & 1) * (NM * HC * kStageVecs);
+                for (int64_t dv = cb + dlane; dv < min(d1, cb + static_cast<int64_t>(kStageVecs)); dv += DG)
+                    column(dv, [&](int o, int q, float (&w)[VEC]) {
+                        const float4 f4 = buf[(o * HC + q) * kStageVecs + (dv - cb)];
+                        w[0] = f4.x;
+                        w[1] = f4.y;
+                        w[2] = f4.z;
+                        w[3] = f4.w;
+                    });
+            }
+        }
+    } else if (valid) {
+        for (int64_t dv = d0 + dlane; dv < d1; dv += DG)
+            column(dv, [&](int o, int q, float (&w)[VEC]) {
+                load_vec_ro<VEC>(a.fn + (kset + KG * q) * D + dv * VEC + o * n, w);
+            });
     }
 
     // Transposing butterfly over the lane bits that select the column group (bits tb_shift..4).
@@ -610,12 +665,14 @@ __global__ void __launch_bounds__(kNormThreads + 32) hc_finish_kernel(FinishArgs
 // ---------------------------------------------------------------------------- host
 
 template <int HC, int NM>
-void launch_mix(bool fused, bool vec, dim3 grid, dim3 block, const MixArgs& a, int tb_shift, CUstream_st* s) {
+void launch_mix(bool fused, bool vec, dim3 grid, dim3 block, MixArgs a, int tb_shift, CUstream_st* s) {
+    a.stage = a.stage && vec && kStageFn<HC, NM, 4>;
+    const size_t smem = a.stage ? stage_bytes<HC, NM>() : 0;
     if (fused) {
-        if (vec) rk::launch(hc_mix_kernel<HC, NM, true, 4>, grid, block, 0, s, a, tb_shift);
+        if (vec) rk::launch(hc_mix_kernel<HC, NM, true, 4>, grid, block, smem, s, a, tb_shift);
         else rk::launch(hc_mix_kernel<HC, NM, true, 1>, grid, block, 0, s, a, tb_shift);
     } else {
-        if (vec) rk::launch(hc_mix_kernel<HC, NM, false, 4>, grid, block, 0, s, a, tb_shift);
+        if (vec) rk::launch(hc_mix_kernel<HC, NM, false, 4>, grid, block, smem, s, a, tb_shift);
         else rk::launch(hc_mix_kernel<HC, NM, false, 1>, grid, block, 0, s, a, tb_shift);
     }
 }
@@ -685,7 +742,7 @@ int64_t hc_mix_splits(int64_t T, int64_t n) {
 
 void hc_mix(const float* X_in, const float* y, const float* post, const float* comb, float* X_out, int64_t T,
             int64_t hc, int64_t D, const float* fn, int64_t n_mix, float* part, int64_t splits, CUstream_st* stream,
-            Numerics nm) {
+            Numerics nm, bool stage_fn) {
     if (T < 0) fail("hc_mix: T=", T, " is negative");
     if (hc != 1 && hc != 2 && hc != 4 && hc != 8) fail("hc_mix: hc=", hc, " must be 1, 2, 4 or 8");
     if (D < 1) fail("hc_mix: D=", D, " must be ≥ 1");
@@ -703,7 +760,8 @@ void hc_mix(const float* X_in, const float* y, const float* post, const float* c
     const MixGeometry g = mix_geometry(T);
     if (g.tiles > 65535) fail("hc_mix: T=", T, " needs ", g.tiles, " token tiles (max 65535)");
     const bool vec = D % 4 == 0 && aligned(X_in, 16) && aligned(fn, 16) && (!fused || (aligned(y, 16) && aligned(X_out, 16)));
-    const MixArgs a{X_in, y, post, comb, X_out, T, D, fn, part, nm == Numerics::official, T >= kWideT};
+    const MixArgs a{X_in, y, post, comb, X_out, T, D, fn, part, nm == Numerics::official, T >= kWideT,
+                    stage_fn && T >= kWideT};
     const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(g.tiles)), block(g.warps * 32);
     switch (hc) {
         case 1: launch_mix_hc<1>(head, fused, vec, grid, block, a, g.tb_shift, stream); break;

@@ -4,6 +4,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <chrono>
 #include <array>
 #include <cmath>
 #include <cstring>
@@ -334,6 +335,7 @@ struct Runner::Impl {
     std::map<int64_t, cudaGraphExec_t> graphs;    // (decode bucket, output mode) -> graph
     std::vector<int64_t> buckets;
     int64_t replays = 0;
+    double replay_launch_us = 0;   // host time inside cudaGraphLaunch over all replays
     // Stage events of profile_step (eager steps only).
     bool profiling = false;
     std::vector<std::pair<const char*, cudaEvent_t>> marks;
@@ -416,7 +418,9 @@ struct Runner::Impl {
     void replay_or_capture(int64_t key, F&& work, const char* what) {
         auto it = graphs.find(key);
         if (it != graphs.end()) {
+            const auto t0 = std::chrono::steady_clock::now();
             check(cudaGraphLaunch(it->second, stream), "graph launch");
+            replay_launch_us += std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
             ++replays;
             return;
         }
@@ -1155,12 +1159,12 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
               "exchange padding ids");
     cuda::embed_streams(dm->embed, ws.tokens, T, D, hc, ws.X, stream);
     cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, dm->layers[0].hc_attn_fn, c.mix_width(), ws.part,
-                 splits, stream, nm);
+                 splits, stream, nm, opt.hc_stage);
     for (int64_t l = 0; l < L; ++l) {
         const DeviceLayer& d = dm->layers[static_cast<size_t>(l)];
         if (trace(probe, trace_names::streams, l, ws.X, false, false, T, hc * D))   // forced: mix the new streams
             cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, d.hc_attn_fn, c.mix_width(), ws.part,
-                         splits, stream, nm);
+                         splits, stream, nm, opt.hc_stage);
 
         pre_site(splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
         mark("hc");
@@ -1169,7 +1173,7 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
         trace(probe, trace_names::attn_out, l, ws.y, false, false, T, D);
         // hc_post of the attention fused with the mix of the ffn site.
         cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, d.hc_ffn_fn, c.mix_width(), ws.part, splits,
-                     stream, nm);
+                     stream, nm, opt.hc_stage);
         std::swap(ws.X, ws.X2);
 
         pre_site(splits, T, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
@@ -1181,7 +1185,7 @@ void Runner::Impl::enqueue(const Shape& s, const Probe* probe, int mode) {
         const bool last = l + 1 == L;
         cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D,
                      last ? dm->hc_head_fn : dm->layers[static_cast<size_t>(l + 1)].hc_attn_fn,
-                     last ? hc : c.mix_width(), ws.part, splits, stream, nm);
+                     last ? hc : c.mix_width(), ws.part, splits, stream, nm, opt.hc_stage);
         std::swap(ws.X, ws.X2);
     }
     cuda::hc_head_finish(ws.part, splits, ws.X, T, hc, D, dm->hc_head_base, dm->hc_head_scale, hc_eps, eps, dm->norm,
@@ -1278,14 +1282,14 @@ void Runner::Impl::enqueue_mtp(const Shape& s) {
     cuda::add_rows_broadcast(ws.X2, ws.mtp_pe, T, hc, D, ws.X, stream, nm);   // official: bf16 inputs and sum
 
     cuda::hc_mix(ws.X, nullptr, nullptr, nullptr, nullptr, T, hc, D, d.hc_attn_fn, c.mix_width(), ws.part, splits,
-                 stream, nm);
+                 stream, nm, opt.hc_stage);
     pre_site(splits, T, d.hc_attn_base, d.hc_attn_scale, d.attn_norm);
     attention(d, L, s, nullptr);
-    cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, d.hc_ffn_fn, c.mix_width(), ws.part, splits, stream, nm);
+    cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, d.hc_ffn_fn, c.mix_width(), ws.part, splits, stream, nm, opt.hc_stage);
     std::swap(ws.X, ws.X2);
     pre_site(splits, T, d.hc_ffn_base, d.hc_ffn_scale, d.ffn_norm);
     moe(d, L, s, nullptr);
-    cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, mt.hc_head_fn, hc, ws.part, splits, stream, nm);
+    cuda::hc_mix(ws.X, ws.y, ws.post, ws.comb, ws.X2, T, hc, D, mt.hc_head_fn, hc, ws.part, splits, stream, nm, opt.hc_stage);
     std::swap(ws.X, ws.X2);
     cuda::hc_head_finish(ws.part, splits, ws.X, T, hc, D, mt.hc_head_base, mt.hc_head_scale, hc_eps, eps, mt.norm,
                          ws.xn, stream, nm);
@@ -1317,6 +1321,7 @@ int32_t Runner::snapshot(int32_t slot) { return impl_->pool->snapshot(slot, impl
 void Runner::drop_snapshot(int32_t handle) { impl_->pool->drop_snapshot(handle); }
 int32_t Runner::open_from(int32_t handle) { return impl_->pool->open_from(handle, impl_->stream); }
 int64_t Runner::graph_replays() const { return impl_->replays; }
+double Runner::graph_launch_host_us() const { return impl_->replay_launch_us; }
 int64_t Runner::padded_tokens(const std::vector<RunnerChunk>& chunks, bool all_logits) const {
     return impl_->padded(chunks, all_logits).first;
 }

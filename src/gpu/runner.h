@@ -62,6 +62,8 @@ struct RunnerOptions {
                                        // tensor core; cuda::moe_w4a8_fits) wherever the automatic
                                        // choice takes a wgmma tile (cuda::w4a8_tile); off: they measured
                                        // slower (docs/bench-gemm.md, "W4A8 expert tiles")
+    bool    hc_stage = true;           // ≥ 32 tokens: the mHC mix stages fn through shared memory
+                                       // (cuda::hc_mix stage_fn; same bits); off: loads from L2
     int32_t sample_parts = -1;         // the sampler's pass A over parts of each row (cuda::sample_parts):
                                        // -1 by the step's rows, 0 one CTA per row
     int32_t attn_wide = -1;            // the attention's CTAs (cuda::attention_wide): -1 by the step's
@@ -287,6 +289,8 @@ public:
 
     // Graph statistics (tests and logs): decode steps replayed from a graph, graphs captured.
     int64_t graph_replays() const;
+    // Host time spent inside cudaGraphLaunch over all replays (µs; the benchmark reports it per step).
+    double graph_launch_host_us() const;
     int64_t graphs_captured() const;
     // FP8 × FP8 linear launches enqueued so far (RunnerOptions::fp8_activations; a captured graph's
     // count once, at its capture).

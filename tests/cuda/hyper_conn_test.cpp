@@ -300,6 +300,41 @@ TEST(CudaHyperConn, FusedPostEqualsPostThenMix) {
     check_fused({2, 4, 4096, true}, 149); // the head's mix fused with the last block's post
 }
 
+// From 32 tokens on the mix stages fn through shared memory (hc_mix's stage_fn): the same sums in
+// the same order as the loads from L2, so partial sums and the fused X_out bit for bit, fused or
+// not, exact or official, a site's mix and the head's, with one split and several (T = 33: more
+// CTAs' worth of splits), V4-Flash, V4-Pro and tiny widths, and D % 64 != 0 (a last chunk of
+// fewer than 16 vectors).
+TEST(CudaHyperConn, StagedFnGivesTheSameBits) {
+    RW_SKIP_WITHOUT_GPU();
+    for (const Site& s : {Site{129, 4, 4096}, Site{33, 4, 4096}, Site{40, 4, 7168}, Site{64, 4, 256},
+                          Site{35, 4, 4100}, Site{100, 4, 4096, true}, Site{48, 2, 1024}})
+        for (bool fused : {false, true})
+            for (Numerics nm : {Numerics::exact, Numerics::official}) {
+                SCOPED_TRACE(str(s.name(), fused ? " fused" : "", nm == Numerics::official ? " official" : ""));
+                const Inputs in = make_inputs(s, 190 + static_cast<uint32_t>(s.T));
+                const int64_t splits = cuda::hc_mix_splits(s.T, s.n());
+                const std::vector<float> y = normal_rows(s.T, s.D, 191, 1.0f, -2.0f, 2.0f);
+                std::vector<float> post(static_cast<size_t>(s.T * s.hc), 0.75f), comb(static_cast<size_t>(s.T * s.hc * s.hc));
+                for (size_t i = 0; i < comb.size(); ++i) comb[i] = 0.1f + 0.05f * static_cast<float>(i % 7);
+                DeviceArray<float> X(in.X), fn(in.fn), d_y(y), d_post(post), d_comb(comb);
+                std::vector<float> part[2], out[2];
+                for (int staged = 0; staged < 2; ++staged) {
+                    DeviceArray<float> d_part(static_cast<size_t>(splits * s.T * (s.nm() + 1))), d_out(in.X.size());
+                    d_part.fill(0xFF);
+                    d_out.fill(0xFF);
+                    cuda::hc_mix(X.data(), fused ? d_y.data() : nullptr, fused ? d_post.data() : nullptr,
+                                 fused ? d_comb.data() : nullptr, fused ? d_out.data() : nullptr, s.T, s.hc, s.D,
+                                 fn.data(), s.nm(), d_part.data(), splits, nullptr, nm, staged == 1);
+                    CUDA_CHECK(cudaDeviceSynchronize());
+                    part[staged] = d_part.download();
+                    if (fused) out[staged] = d_out.download();
+                }
+                expect_bits_equal(part[1], part[0], "partial sums, staged fn vs loads");
+                if (fused) expect_bits_equal(out[1], out[0], "X_out, staged fn vs loads");
+            }
+}
+
 // Official numerics: the fused post rounds y and the new streams to bf16, bit for bit against
 // ops::hc_post on bf16(y) then round_bf16 (ref block_forward); the finish rounds u to bf16 before its
 // norm (xn against the twin with the exact-mode tolerance), and xq is round_gemm_input of the
