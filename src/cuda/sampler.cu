@@ -3,7 +3,9 @@
 //
 // One CTA of 512 threads per row. Every pass streams the row from global memory (L2) in chunks
 // of 128 ids (a warp reads a chunk as one float4 per lane; chunks are dealt to the warps
-// round-robin); nothing is sorted but small candidate sets in shared memory.
+// round-robin); nothing is sorted but small candidate sets in shared memory. With scratch and
+// few rows (sample_parts), pass A runs first over parts of each row in CTAs of their own
+// (row_stats_kernel) and the row's CTA merges their statistics (exactly: the same bits).
 //   A. max m (its lowest id: the greedy token), min, number of valid and of +inf logits.
 //   B. Each cut of the ranking (top-n logprobs, top-k, top-p) is a rank position found by
 //      select_cut: a histogram of the candidates over 2048 value buckets, floor((m - x) · 2048 /
@@ -578,8 +580,6 @@ struct Kept {
     }
 };
 
-// Pass A (max with its lowest id, min, counts) and the cuts of steps 5-6 of row x [V] with the
-// parameters (T, top_k, top_p, min_p). nv == 0: no valid id (nothing else is set).
 // Pass A's statistics of a set of ids: the largest valid logit and its lowest id, the smallest,
 // the number of valid and of +inf logits. merge is exact and commutative (max / min with the id
 // as tie-break, integer sums), so any split of the row and any merge order give the same bits.
@@ -635,6 +635,8 @@ struct alignas(16) PartStats {
     int best, nv, ni, pad[3];
 };
 
+// Pass A (max with its lowest id, min, counts) and the cuts of steps 5-6 of row x [V] with the
+// parameters (T, top_k, top_p, min_p). nv == 0: no valid id (nothing else is set).
 // parts > 0: pass A was done by row_stats_kernel, whose `parts` partial stats of this row are at
 // part[0 .. parts); else this CTA streams the row.
 __device__ Kept kept_set(Smem& s, const float* x, int V, float T, int top_k, float top_p, float min_p_in,
