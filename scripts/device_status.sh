@@ -5,7 +5,8 @@
 # exact and official, CUPTI timelines of one step at batch 1, 64, 256 (8 layers), and the expert
 # layer at T = 1-256.
 # Full outputs go to $OUT (tests.log, forward-*.log, table-*.log, trace.log, experts.log); a summary
-# to stdout. "table": the docs' full megamoe-forward-bench rows (V4-Flash, and V4-Pro at 4 layers).
+# to stdout. "table": the docs' full megamoe-forward-bench rows (V4-Flash, and V4-Pro at 4 layers on an
+# H200, 2 on an H100).
 #   usage (on the GPU machine, repository root): bash scripts/device_status.sh [layers] [what ...]
 #   what: tests attn sampler hc forward table trace experts (default: tests forward trace experts)
 #   TESTS: a gtest filter for "tests" (default: every GPU suite); TRACE_BATCHES, TRACE_LINES: the
@@ -82,7 +83,7 @@ fi
 if has trace; then
     timeout 120 megamoe-forward-bench --model flash --layers 8 --batches "${TRACE_BATCHES:-1,64,256}" --contexts 1024 \
         --prefill 0 --steps 10 --trace "${TRACE_LINES:-400}" > "$out/trace.log" 2>&1
-    echo "trace: rc $?"; grep -E "trace:|gap before|^decode B=" "$out/trace.log" | head -12
+    echo "trace: rc $?"; grep -E "trace:|^decode B=" "$out/trace.log" | head -12
 fi
 if has experts; then
     timeout 150 megamoe-gemm-bench --part experts --model flash --format nvfp4,mxfp4 --T 1,4,16,64,256 --no-check \
