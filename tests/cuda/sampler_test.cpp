@@ -468,17 +468,23 @@ TEST(CudaSampler, RepeatedRunsAreBitIdentical) {
 // per row: the same rows (every kind: ties, NaN, ±inf, few valid ids, all equal) with n_top 0 and
 // 20, at the full vocabulary and at odd ones, with the automatic part count and forced ones (1, 2,
 // 7 parts, and more than a row has chunks).
-TEST(CudaSampler, RowPartsGiveTheSameBits) {
-    SAMPLER_SKIP_WITHOUT_GPU();
-    int dev = 0, sms = 0;
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+// The part count (host only, no GPU needed).
+TEST(CudaSampler, PartsChoice) {
     EXPECT_EQ(cuda::sample_parts(1, 129280, 132), 64);
     EXPECT_EQ(cuda::sample_parts(8, 129280, 132), 33);
     EXPECT_EQ(cuda::sample_parts(66, 129280, 132), 0);   // half a wave of rows: no pre-pass
     EXPECT_EQ(cuda::sample_parts(1, 1000, 132), 0);      // 8 chunks: too few to split
     EXPECT_EQ(cuda::sample_parts(1, 1000, 132, 3), 3);
     EXPECT_EQ(cuda::sample_parts(1, 100, 132, 5), 1);    // one chunk
+    EXPECT_EQ(cuda::sample_parts(1, 129280, 132, 0), 0);
+    EXPECT_EQ(cuda::sample_scratch_bytes(3, 4), size_t{3 * 4 * 32});
+}
+
+TEST(CudaSampler, RowPartsGiveTheSameBits) {
+    SAMPLER_SKIP_WITHOUT_GPU();
+    int dev = 0, sms = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     for (const auto& [R, V, seed] : {std::tuple<int64_t, int64_t, uint32_t>{9, 129280, 21}, {3, 4099, 22}, {5, 1001, 23}})
         for (int n_top : {0, 20}) {
             const Batch b = make_batch(R, V, seed);
