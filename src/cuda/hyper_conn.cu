@@ -14,9 +14,10 @@
 //            d-vectors of one stream at a time and walk every stream (KG = 1), so a warp-step
 //            reads a 128-byte segment per (token, stream); lanes of the 4 tokens at the same d read
 //            the same fn address (one transaction for 4 tokens), fn stays in L1/L2 across the CTA's
-//            4 warps; with VEC = 4 and hc ≤ 4 the CTA copies fn through shared memory in chunks of
-//            16 d-vectors (kStageFn), one chunk in flight while the last one is multiplied. (The layout before, one lane per token, read 16 bytes at 64 KB strides:
-//            kWideT says what it cost.)
+//            4 warps; with VEC = 4, where two chunks fit 48 KB (kStageFn: a site's mix up to hc = 4,
+//            every head mix), the CTA copies fn through shared memory in chunks of 16 d-vectors,
+//            one chunk in flight while the last one is multiplied. (The layout before, one lane per
+//            token, read 16 bytes at 64 KB strides: kWideT says what it cost.)
 // A lane keeps n_mix + 1 running f32 sums (FMA, in its own fixed column order), then the G lanes
 // of a token combine them with a transposing butterfly (32 − TB shuffles per 32 values instead of
 // 5 per value: at each level a lane sends the half of its values that its partner keeps), which

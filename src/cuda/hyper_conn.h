@@ -40,7 +40,7 @@ int64_t hc_mix_splits(int64_t T, int64_t n);
 // n_mix ∈ {(2 + hc)·hc (a site), hc (the head)} (compile-time variants); others throw.
 // Fused post (all four non-null, else all null): y f32 [T, D], post f32 [T, hc], comb f32 [T, hc, hc]
 // (comb[t, j, k] as ops::hc_post reads it), X_out f32 [T, hc, D] (may not alias X_in).
-// stage_fn: from 32 tokens on (D % 4 == 0, aligned, a site's or the head's mix of hc ≤ 4), fn goes
+// stage_fn: from 32 tokens on (D % 4 == 0, aligned; a site's mix up to hc = 4, every head mix), fn goes
 // through shared memory in chunks shared by the CTA's tokens; the same sums in the same order as
 // without it (false: loads from L2), so the same bits.
 void hc_mix(const float* X_in, const float* y, const float* post, const float* comb, float* X_out, int64_t T,
