@@ -5,8 +5,9 @@
 // Rows: decode steps at batch 1, 8, 64, 256 and context 1K and 32K (graph-replayed steps of
 // step_sample, greedy: as serving runs them, only the drawn ids come back; the same step with every
 // logit row brought to the host is printed under it), and an 8K-token prefill. Each row: µs per
-// step and per layer, tokens/s, the bandwidth floor (the bytes a step must read ÷ the copy bandwidth measured in the same run) and
-// the ratio to it, then where the time goes (an eager step with events between the stages).
+// step and per layer, tokens/s, the bandwidth floor (the bytes a step must read ÷ the copy
+// bandwidth measured in the same run) and the ratio to it, then where the time goes (an eager step
+// with events between the stages).
 //
 // Validation comes first, as for every benchmark: the forward itself is validated against the CPU
 // reference by tests/gpu/runner_test.cpp on the golden checkpoints; here the bench checks that
