@@ -498,7 +498,8 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
 //     (hd/16 n-tiles: 128 f32 accumulators per thread at hd = 512), so the rescale by the running
 //     max uses the max this warp just computed, and each thread's accumulators hold whole RoPE pairs:
 //     the epilogue (sink, normalization, inverse rotation, bf16 store) runs from registers.
-//   - Shared memory at hd = 512: Q 64 KB, two key stages of 64 KB, P 8 KB (kWideStages).
+//   - Shared memory at hd = 512: Q 64 KB, two key stages of 64 KB, P 8 KB (WideLayout; three
+//     stages below hd = 512).
 // Per 64-key tile a CTA does 8 MFLOP (4× the 16-head CTA's) and reads the tile once for all 64
 // heads. Row sums: each thread adds its share in tile order, then the quad and the two key halves
 // are added in a fixed order, as above.
@@ -1160,9 +1161,11 @@ template <int D> void launch_attention(const AttentionArgs& a, const BatchView& 
         auto* kernel = sparse_attention_wide_kernel<D>;
         const size_t smem = WideLayout<D>::bytes(a.topk ? a.topk_k : 0);
         raise_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
-        MEGAMOE_CHECK(b.T <= 0x7FFFFFFF && wide_blocks <= 65535, "sparse_attention: T = ", b.T, " too large");
-        launch("sparse_attention (64 heads per CTA)", kernel, dim3(static_cast<unsigned>(b.T), static_cast<unsigned>(wide_blocks)),
-               dim3(kAttnThreads), smem, 0, stream, a, b);
+        MEGAMOE_CHECK(b.T <= 0x7FFFFFFF && wide_blocks <= 65535, "sparse_attention: T = ", b.T, ", heads = ", a.heads,
+                      " too large");
+        launch("sparse_attention (64 heads per CTA)", kernel,
+               dim3(static_cast<unsigned>(b.T), static_cast<unsigned>(wide_blocks)), dim3(kAttnThreads), smem, 0, stream,
+               a, b);
         return;
     }
     auto* kernel = sparse_attention_kernel<D>;
