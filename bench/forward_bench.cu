@@ -17,7 +17,7 @@
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
 //                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--idx-side 0|1] [--w4a8]
-//                         [--attn-wide 0|1] [--sample-parts N] [--hc-stage 0|1]
+//                         [--attn-wide 0|1] [--attn-splits N] [--sample-parts N] [--hc-stage 0|1]
 //                         [--gpus N | --multi] [--ep-exchange gather|all-to-all]
 //                         [--ep-combine slot-rows|partial-sums] [--replicated-head]
 // --spec (= --spec-tokens 1), --spec-tokens K (1..3): after each decode row, speculative decoding
@@ -43,6 +43,8 @@
 //   main stream (0) (RunnerOptions::indexer_side; default: the runner's).
 // --attn-wide 0|1: the attention's CTAs of 16 heads (0) or 64 heads (1) at every step
 //   (RunnerOptions::attn_wide; default: by the step's size, cuda::attention_wide).
+// --attn-splits 1|2|4|8: the 16-head CTAs' key splits at every step (RunnerOptions::attn_splits;
+//   default: by the step's size and the layer's key tiles, cuda::attention_splits).
 // --sample-parts N: the sampler's pass A over N parts of each row (0: one CTA per row;
 //   RunnerOptions::sample_parts; default: by the step's rows, cuda::sample_parts).
 // --hc-stage 0|1: the mHC mix at ≥ 32 tokens with fn from L2 (0) or staged through shared memory
@@ -250,6 +252,7 @@ int main(int argc, char** argv) {
         std::string preset = "flash", experts = "nvfp4";
         int idx_side = -1;   // -1: RunnerOptions' default
         int attn_wide = -1;  // -1: by the step's size
+        int attn_splits = 0;     // 0: by the step's size
         int sample_parts = -1;   // -1: by the step's rows
         int hc_stage = -1;       // -1: RunnerOptions' default
         auto on_off = [](const std::string& flag, const std::string& v) {
@@ -286,6 +289,7 @@ int main(int argc, char** argv) {
             else if (a == "--no-moe-small") no_moe_small = true;
             else if (a == "--idx-side") idx_side = on_off(a, next());
             else if (a == "--attn-wide") attn_wide = on_off(a, next());
+            else if (a == "--attn-splits") attn_splits = static_cast<int>(std::stoll(next()));
             else if (a == "--sample-parts") sample_parts = static_cast<int>(std::stoll(next()));
             else if (a == "--hc-stage") hc_stage = on_off(a, next());
             else if (a == "--w4a8") w4a8 = true;
@@ -325,7 +329,8 @@ int main(int argc, char** argv) {
         if (ep_exchange != "gather" && ep_exchange != "all-to-all") fail("--ep-exchange must be gather or all-to-all");
         if (ep_combine != "slot-rows" && ep_combine != "partial-sums") fail("--ep-combine must be slot-rows or partial-sums");
         if (gpus > 1 || multi) {
-            if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || w4a8 || attn_wide >= 0 || sample_parts >= 0 || hc_stage >= 0)
+            if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || w4a8 || attn_wide >= 0 ||
+                attn_splits > 0 || sample_parts >= 0 || hc_stage >= 0)
                 fail("--gpus / --multi: the multi-GPU rows take --model, --layers, --batches, --contexts, --prefill, "
                      "--steps, --experts, --numerics, --ep-exchange, --ep-combine, --replicated-head and "
                      "--no-moe-small only");
@@ -355,6 +360,7 @@ int main(int argc, char** argv) {
         ro.moe_small = !no_moe_small;
         if (idx_side >= 0) ro.indexer_side = idx_side == 1;
         ro.attn_wide = attn_wide;
+        ro.attn_splits = attn_splits;
         ro.sample_parts = sample_parts;
         if (hc_stage >= 0) ro.hc_stage = hc_stage == 1;
         ro.w4a8 = w4a8;

@@ -25,7 +25,18 @@
 //     of the key tiles. Each CTA leaves (m, l, O) of its range in its shared memory; after a cluster
 //     barrier, CTA r combines columns [r·hd/S, (r+1)·hd/S) of all S partials through distributed
 //     shared memory, in rank order, with the sink as one more logit (no value row), then applies
-//     the inverse RoPE at the query position and writes bf16. S = 1 runs the same code.
+//     the inverse RoPE at the query position and writes bf16. S = 1 runs the same code. Each
+//     combine step requests its S partials together (combine_splits), and the barrier that keeps a
+//     CTA's shared memory alive for its peers has no release fence.
+//   The one-token step (V4-Flash: 16 heads × 1-2 tiles per CTA, 8-32 CTAs) is a chain of
+//   latencies, not work: ~25 K cycles per CTA. A clock64 probe on an H100 (thread 0 of the first
+//   CTA, V4-Flash at 1 K context, window layer S = 2 / CSA layer S = 8), cycles before → after
+//   this layout: the combine 7000 → 4600 (S = 2; ~3500 both at S = 8), the closing barrier ~3000
+//   (a release fence behind the output stores) → 700-2000 (now mostly waiting for the peer), the
+//   split weights 1750 → 600 (the sink loaded at the start, every rank's m and l requested
+//   together), issuing the first tile's copies 2800 → 2000 (KeyTiles::load). What remains: the
+//   tile's landing (1000-5000), the tile's math (~2500 per tile), query_keys' dependent loads
+//   with Q's copies (~1300), and the first cluster barrier (1800-6000: the slower split).
 //   S depends on T and H only (graph-capturable); a token's result depends on S (the summation
 //   order of the split), so it is fixed for a given batch size, not across batch sizes.
 //   From a wave of tokens on (attention_wide: prefill chunks, large decode batches) one CTA takes
@@ -146,7 +157,6 @@ __device__ __forceinline__ uint32_t swz(int r, int c, int row_bytes) {
 // Dynamic shared memory of the attention kernel for head dim D (topk_k ints at the end).
 template <int D> struct AttnLayout {
     static constexpr int kRowBytes = D * 2;
-    static constexpr int kChunks = D / 8;                       // 16-byte chunks per row
     static constexpr int kTileBytes = kTileKeys * kRowBytes;
     static constexpr int kPartStride = D + 8;                   // floats per row of the partial O
     static constexpr int kQ = 0;                                // bf16 [16][D] (swizzled)
@@ -163,6 +173,221 @@ template <int D> struct AttnLayout {
     static_assert(kK % 128 == 0 && kP % 128 == 0 && kPtr % 16 == 0, "aligned regions");
     static size_t bytes(int topk_k) { return static_cast<size_t>(kTopk) + static_cast<size_t>(topk_k) * 4; }
 };
+
+// A query's key rows in tiles of 64, for both attention kernels: the row addresses of a tile
+// (fill), its gather into a stage (load), and the expansion of its FP8 rows (decode).
+//   fill   threads 0..63 write key j's row address into the table (nullptr: no row). An fp8 row
+//          (a.kv_fp8 and a stored row) is tagged by bit 0 of its address (rows are 16-byte aligned).
+//   load   cp.async, one 16-byte chunk per thread and row: thread i takes chunk i mod (D/8) of rows
+//          i / (D/8) + k·(256·8/D), the order the copies always had; the table entries of a batch of
+//          rows are read before any copy is issued, so the reads' shared-memory latency is paid once
+//          per batch, not per row (at hd = 512, one token: ~2800 → ~2000 cycles to issue a tile's
+//          4096 copies, a clock64 probe on an H100; the rest is the memory system taking them).
+//          An fp8 row's raw bytes go unswizzled to the start of its slot; decode expands them.
+//   decode expands the fp8 rows of a landed tile in place into swizzled bf16 rows (kv_row.h:
+//          e4m3 · 2^(e − 127), exact in bf16). Warp w takes rows 8w .. 8w + 7; its lanes read all of
+//          a row's raw bytes before any writes it.
+// Tiles are local (lt): tile tile0 + lt of the query's key list; kPtrBufs tables, kStagesN stages.
+template <int D, int kPtrBufsN, int kStagesN> struct KeyTiles {
+    static constexpr int kRowBytes = D * 2;
+    static constexpr int kChunks = D / 8;                          // 16-byte chunks per bf16 row
+    static constexpr int kTileBytes = kTileKeys * kRowBytes;
+    static constexpr int kRowsPerPass = kAttnThreads / kChunks;    // rows one pass of the CTA copies
+    static constexpr int kPasses = kTileKeys / kRowsPerPass;
+    static constexpr int kBatch = kPasses < 8 ? kPasses : 8;       // table entries read ahead of their copies
+    static_assert(kAttnThreads % kChunks == 0 && kTileKeys % kRowsPerPass == 0 && kPasses % kBatch == 0,
+                  "a pass covers whole rows");
+
+    const AttentionArgs& a;
+    const QueryKeys& qk;
+    const int32_t* topk;        // the token's top-k row (shared memory) for CSA, else nullptr
+    const uint16_t** ptr_s;     // [kPtrBufsN][64] row addresses
+    uint8_t* k_s;               // [kStagesN][64][D] bf16 (swizzled)
+    int32_t tile0, tiles, n_keys;
+    int raw_chunks;             // 16-byte chunks of a stored fp8 row (0: bf16 rows)
+
+    __device__ __forceinline__ KvRow fmt() const { return KvRow{D, a.rope.rope_dim, true}; }
+    __device__ __forceinline__ const uint16_t* const* table(int lt) const {
+        return ptr_s + (lt % kPtrBufsN) * kTileKeys;
+    }
+    __device__ __forceinline__ uint8_t* stage(int lt) const { return k_s + (lt % kStagesN) * kTileBytes; }
+
+    __device__ __forceinline__ void fill(int lt, int tid) const {
+        if (tid >= kTileKeys) return;
+        const uint16_t* p = nullptr;
+        if (lt < tiles) {
+            const int32_t j = (tile0 + lt) * kTileKeys + tid;
+            bool stored = false;
+            if (j < n_keys) p = key_row(a, qk, j, topk, &stored);
+            if (p && stored && a.kv_fp8)
+                p = reinterpret_cast<const uint16_t*>(reinterpret_cast<uintptr_t>(p) | uintptr_t{1});
+        }
+        ptr_s[(lt % kPtrBufsN) * kTileKeys + tid] = p;
+    }
+
+    __device__ __forceinline__ void load(int lt, int tid) const {
+        const uint16_t* const* ptrs = table(lt);
+        uint8_t* const st = stage(lt);
+        const int c = tid % kChunks, r0 = tid / kChunks;
+#pragma unroll
+        for (int p0 = 0; p0 < kPasses; p0 += kBatch) {
+            uintptr_t u[kBatch];
+#pragma unroll
+            for (int k = 0; k < kBatch; ++k) u[k] = reinterpret_cast<uintptr_t>(ptrs[r0 + (p0 + k) * kRowsPerPass]);
+#pragma unroll
+            for (int k = 0; k < kBatch; ++k) {
+                const int r = r0 + (p0 + k) * kRowsPerPass;
+                if (u[k] & 1u) {
+                    if (c < raw_chunks)
+                        cp_async16(smem_addr(st + r * kRowBytes + c * 16),
+                                   reinterpret_cast<const uint8_t*>(u[k] - 1u) + c * 16, true);
+                } else {
+                    const uint16_t* src = reinterpret_cast<const uint16_t*>(u[k]);
+                    cp_async16(smem_addr(st + swz(r, c, kRowBytes)), src ? src + c * 8 : a.q, src != nullptr);
+                }
+            }
+        }
+    }
+
+    __device__ __forceinline__ void decode(int lt, int warp, int lane) const {
+        const uint16_t* const* ptrs = table(lt);
+        uint8_t* const st = stage(lt);
+        const KvRow f = fmt();
+        constexpr int kPer = (kChunks + 31) / 32;
+        for (int rr = 0; rr < kTileKeys / kAttnWarps; ++rr) {
+            const int r = warp * (kTileKeys / kAttnWarps) + rr;
+            if (!(reinterpret_cast<uintptr_t>(ptrs[r]) & 1u)) continue;   // warp-uniform
+            uint8_t* const row = st + r * kRowBytes;
+            uint4 v[kPer];
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {
+                const int c = lane + 32 * i, d0 = 8 * c;   // bf16 chunk c: dims d0 .. d0 + 7
+                if (c >= kChunks) break;
+                if (d0 < f.nope()) {
+                    const uint2 q = *reinterpret_cast<const uint2*>(row + d0);
+                    const uint32_t e = row[f.scale_offset() + d0 / KvRow::kBlock];
+                    const float sc = __uint_as_float(e << 23);
+                    v[i].x = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.x & 0xFFFFu), sc);
+                    v[i].y = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.x >> 16), sc);
+                    v[i].z = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.y & 0xFFFFu), sc);
+                    v[i].w = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.y >> 16), sc);
+                } else {
+                    v[i] = *reinterpret_cast<const uint4*>(row + f.rope_offset() + 2 * (d0 - f.nope()));
+                }
+            }
+            __syncwarp();
+#pragma unroll
+            for (int i = 0; i < kPer; ++i) {
+                const int c = lane + 32 * i;
+                if (c >= kChunks) break;
+                *reinterpret_cast<uint4*>(st + swz(r, c, kRowBytes)) = v[i];
+            }
+            __syncwarp();
+        }
+    }
+};
+
+// Whether a query's compressed keys come from its top-k row (CSA): what query_keys says
+// (n_comp = topk_k when the layer compresses and has a top-k), known before its loads.
+__device__ __forceinline__ bool uses_topk(const AttentionArgs& a) {
+    return a.topk != nullptr && a.comp.ratio > 0 && a.topk_k > 0;
+}
+
+// Q rows h0 .. h0 + rows − 1 of token t (zero past H) → shared memory (swizzled), asynchronously
+// (the caller commits); the top-k row of token t → shared memory (CSA).
+template <int D>
+__device__ __forceinline__ void stage_query(const AttentionArgs& a, int32_t t, int32_t h0, int rows, uint8_t* q_s,
+                                            int32_t* topk_s, int tid) {
+    constexpr int kChunks = D / 8;
+    for (int i = tid; i < rows * kChunks; i += kAttnThreads) {
+        const int r = i / kChunks, c = i % kChunks;
+        const bool ok = h0 + r < a.heads;
+        const uint16_t* src = a.q + ((static_cast<int64_t>(t) * a.heads + (ok ? h0 + r : 0)) * D + c * 8);
+        cp_async16(smem_addr(q_s + swz(r, c, D * 2)), src, ok);
+    }
+    if (uses_topk(a))
+        for (int i = tid; i < a.topk_k; i += kAttnThreads) topk_s[i] = a.topk[static_cast<int64_t>(t) * a.topk_k + i];
+}
+
+// Distributed shared memory: the address of the same shared variable in cluster rank `rank`
+// (mapa), and 32-bit / 128-bit loads through it (ld.shared::cluster).
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t local, uint32_t rank) {
+    uint32_t r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(local), "r"(rank));
+    return r;
+}
+__device__ __forceinline__ float ld_cluster_f32(uint32_t addr) {
+    float v;
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(addr));
+    return v;
+}
+__device__ __forceinline__ float4 ld_cluster_f4(uint32_t addr) {
+    float4 v;
+    asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "r"(addr));
+    return v;
+}
+
+// The split combine of sparse_attention_kernel: columns [rank·D/S, (rank+1)·D/S) of the 16 rows,
+// 4 at a time (two RoPE pairs): O = Σ_r e_r·O_r (rank order, from 0) / den, the inverse rotation of
+// the rope dims at the query position p, bf16 stores; the same operations in the same order as
+// one pair at a time, so the same bits. Each step requests its S partials together (its own from
+// shared memory, the peers' through the cluster) before using any: one round trip per step where
+// one pair and one rank at a time took S per pair (at S = 2, hd = 512: ~7000 cycles for the
+// combine, a clock64 probe on an H100). It stays a loop: unrolled over a thread's steps (and
+// templated on S) the combine measured slower, its code fetched cold at every launch (one CTA per
+// SM runs it once per step).
+template <int D>
+__device__ __forceinline__ void combine_splits(const AttentionArgs& a, int32_t t, int32_t h0, int32_t rank,
+                                               int32_t splits, int32_t p, const float* part, const float* coef_s,
+                                               const float* den_s) {
+    using L = AttnLayout<D>;
+    const int cols = D / splits, quads = cols / 4;               // this rank's columns, in float4s (D / 8 ≥ 8)
+    const int c0 = static_cast<int>(rank) * cols;
+    const int off = D - a.rope.rope_dim;
+    const int32_t H = a.heads;
+    for (int it = static_cast<int>(threadIdx.x); it < kHeadsPerCta * quads; it += kAttnThreads) {
+        const int row = it / quads, c = c0 + 4 * (it % quads);
+        const float* src = part + row * L::kPartStride + c;
+        const uint32_t local = smem_addr(src);
+        float4 v[kMaxSplits];
+#pragma unroll
+        for (int r = 0; r < kMaxSplits; ++r)
+            if (r < splits)
+                v[r] = r == rank ? *reinterpret_cast<const float4*>(src)
+                                 : ld_cluster_f4(cluster_addr(local, static_cast<uint32_t>(r)));
+        if (h0 + row >= H) continue;
+        float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int r = 0; r < kMaxSplits; ++r)
+            if (r < splits) {
+                const float e = coef_s[r * kHeadsPerCta + row];
+                y[0] = fmaf(v[r].x, e, y[0]);
+                y[1] = fmaf(v[r].y, e, y[1]);
+                y[2] = fmaf(v[r].z, e, y[2]);
+                y[3] = fmaf(v[r].w, e, y[3]);
+            }
+        const float den = den_s[row];
+        y[0] /= den;
+        y[1] /= den;
+        y[2] /= den;
+        y[3] /= den;
+        for (int pr = 0; pr < 2; ++pr) {
+            const int cc = c + 2 * pr;
+            if (cc < off) continue;
+            const float angle = static_cast<float>(p) * a.rope.inv_freq[(cc - off) / 2];
+            float sn, cs;
+            sincosf(angle, &sn, &cs);
+            sn = -sn;   // the conjugate rotation (ops::rope, inverse)
+            const float x0 = y[2 * pr], x1 = y[2 * pr + 1];
+            y[2 * pr] = x0 * cs - x1 * sn;
+            y[2 * pr + 1] = x1 * cs + x0 * sn;
+        }
+        *reinterpret_cast<uint2*>(a.out + (static_cast<int64_t>(t) * H + h0 + row) * D + c) =
+            make_uint2(pack_bf16x2(y[0], y[1]), pack_bf16x2(y[2], y[3]));
+    }
+}
 
 template <int D>
 __global__ void __launch_bounds__(kAttnThreads, 1)
@@ -189,104 +414,31 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
     const int32_t t = static_cast<int32_t>(blockIdx.x / static_cast<uint32_t>(splits));
     const int32_t h0 = static_cast<int32_t>(blockIdx.y) * kHeadsPerCta;
     const int32_t H = a.heads;
+    // The sink logit of this thread's row for the split weights (threads 0..15), loaded now.
+    const float sink2 = tid < kHeadsPerCta && h0 + tid < H ? a.sink[h0 + tid] * kLog2e : 0.0f;
 
+    // The query's keys (query_keys: dependent loads, chunk → its first token → that position),
+    // then Q (16 rows) and the top-k row → shared memory. (Q's copies first measured ~500 cycles
+    // slower at one token: the copies' issue then sits in front of those loads.)
     const QueryKeys qk = query_keys(a, b, t);
+    stage_query<D>(a, t, h0, kHeadsPerCta, q_s, topk_s, tid);
+    cp_async_commit();
     const int32_t n_keys = qk.n_keys();
     const int32_t n_tiles = (n_keys + kTileKeys - 1) / kTileKeys;
     const int32_t per_split = (n_tiles + splits - 1) / splits;
     const int32_t tile_begin = min(n_tiles, rank * per_split);
     const int32_t my_tiles = min(n_tiles, tile_begin + per_split) - tile_begin;
-    const bool csa = a.topk != nullptr && qk.n_comp > 0;
-
-    // Q (16 rows, zero past H) → shared, asynchronously; the top-k row → shared.
-    for (int i = tid; i < kHeadsPerCta * L::kChunks; i += kAttnThreads) {
-        const int r = i / L::kChunks, c = i % L::kChunks;
-        const bool ok = h0 + r < H;
-        const uint16_t* src = a.q + ((static_cast<int64_t>(t) * H + (ok ? h0 + r : 0)) * D + c * 8);
-        cp_async16(smem_addr(q_s + swz(r, c, L::kRowBytes)), src, ok);
-    }
-    cp_async_commit();
-    if (csa)
-        for (int i = tid; i < a.topk_k; i += kAttnThreads) topk_s[i] = a.topk[static_cast<int64_t>(t) * a.topk_k + i];
+    const bool csa = uses_topk(a);
     __syncthreads();
 
-    // Key addresses of local tile lt (nullptr: no row). Threads 0..63, one key each. An fp8 row
-    // (a.kv_fp8 and a stored row) is tagged by bit 0 of its address (rows are 16-byte aligned).
-    auto fill_ptrs = [&](int lt) {
-        if (tid < kTileKeys) {
-            const uint16_t* p = nullptr;
-            if (lt < my_tiles) {
-                const int32_t j = (tile_begin + lt) * kTileKeys + tid;
-                bool stored = false;
-                if (j < n_keys) p = key_row(a, qk, j, csa ? topk_s : nullptr, &stored);
-                if (p && stored && a.kv_fp8)
-                    p = reinterpret_cast<const uint16_t*>(reinterpret_cast<uintptr_t>(p) | uintptr_t{1});
-            }
-            ptr_s[(lt % kPtrBufs) * kTileKeys + tid] = p;
-        }
-    };
-    // Gathers local tile lt into its stage (chunk-major over threads: a row's chunks are adjacent).
-    // An fp8 row's raw bytes go unswizzled to the start of its row; decode_tile expands them.
-    const KvRow fmt{D, a.rope.rope_dim, true};
-    const int raw_chunks = a.kv_fp8 ? fmt.bytes() / 16 : 0;
-    auto load_tile = [&](int lt) {
-        const uint16_t* const* ptrs = ptr_s + (lt % kPtrBufs) * kTileKeys;
-        uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
-        for (int i = tid; i < kTileKeys * L::kChunks; i += kAttnThreads) {
-            const int r = i / L::kChunks, c = i % L::kChunks;
-            const uintptr_t u = reinterpret_cast<uintptr_t>(ptrs[r]);
-            if (u & 1u) {
-                if (c < raw_chunks)
-                    cp_async16(smem_addr(stage + r * L::kRowBytes + c * 16), reinterpret_cast<const uint8_t*>(u - 1u) + c * 16,
-                               true);
-            } else {
-                const uint16_t* src = ptrs[r];
-                cp_async16(smem_addr(stage + swz(r, c, L::kRowBytes)), src ? src + c * 8 : a.q, src != nullptr);
-            }
-        }
-    };
-    // Expands the fp8 rows of the landed tile lt in place into swizzled bf16 rows (kv_row.h:
-    // e4m3 · 2^(e − 127), exact in bf16). Warp w takes rows 8w .. 8w + 7; its lanes read all of a
-    // row's raw bytes before any writes it.
-    auto decode_tile = [&](int lt) {
-        const uint16_t* const* ptrs = ptr_s + (lt % kPtrBufs) * kTileKeys;
-        uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
-        constexpr int kPer = (L::kChunks + 31) / 32;
-        for (int rr = 0; rr < kTileKeys / kAttnWarps; ++rr) {
-            const int r = warp * (kTileKeys / kAttnWarps) + rr;
-            if (!(reinterpret_cast<uintptr_t>(ptrs[r]) & 1u)) continue;   // warp-uniform
-            uint8_t* const row = stage + r * L::kRowBytes;
-            uint4 v[kPer];
-#pragma unroll
-            for (int i = 0; i < kPer; ++i) {
-                const int c = lane + 32 * i, d0 = 8 * c;   // bf16 chunk c: dims d0 .. d0 + 7
-                if (c >= L::kChunks) break;
-                if (d0 < fmt.nope()) {
-                    const uint2 q = *reinterpret_cast<const uint2*>(row + d0);
-                    const float sc = __uint_as_float(static_cast<uint32_t>(row[fmt.scale_offset() + d0 / KvRow::kBlock]) << 23);
-                    v[i].x = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.x & 0xFFFFu), sc);
-                    v[i].y = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.x >> 16), sc);
-                    v[i].z = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.y & 0xFFFFu), sc);
-                    v[i].w = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.y >> 16), sc);
-                } else {
-                    v[i] = *reinterpret_cast<const uint4*>(row + fmt.rope_offset() + 2 * (d0 - fmt.nope()));
-                }
-            }
-            __syncwarp();
-#pragma unroll
-            for (int i = 0; i < kPer; ++i) {
-                const int c = lane + 32 * i;
-                if (c >= L::kChunks) break;
-                *reinterpret_cast<uint4*>(stage + swz(r, c, L::kRowBytes)) = v[i];
-            }
-            __syncwarp();
-        }
-    };
+    const int raw_chunks = a.kv_fp8 ? KvRow{D, a.rope.rope_dim, true}.bytes() / 16 : 0;
+    const KeyTiles<D, kPtrBufs, kStages> kt{a,         qk,       csa ? topk_s : nullptr, ptr_s, k_s, tile_begin,
+                                            my_tiles,  n_keys,   raw_chunks};
 
-    for (int s = 0; s < kStages; ++s) fill_ptrs(s);
+    for (int s = 0; s < kStages; ++s) kt.fill(s, tid);
     __syncthreads();
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < my_tiles) load_tile(s);
+        if (s < my_tiles) kt.load(s, tid);
         cp_async_commit();
     }
     cp_async_wait<kStages - 1>();   // the Q group (the oldest) has landed
@@ -314,12 +466,12 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
         __syncthreads();                // ... everyone's; tile lt − 1 is fully consumed
         {
             const int nl = lt + kStages - 1;
-            if (nl < my_tiles) load_tile(nl);
+            if (nl < my_tiles) kt.load(nl, tid);
             cp_async_commit();
-            fill_ptrs(lt + kStages);    // its buffer last held tile lt − 1's table
+            kt.fill(lt + kStages, tid);   // its buffer last held tile lt − 1's table
         }
         if (a.kv_fp8) {
-            decode_tile(lt);
+            kt.decode(lt, warp, lane);
             __syncthreads();
         }
         const uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
@@ -437,51 +589,39 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
     cluster.sync();   // every CTA's partial is complete and visible to the cluster
 
     // Split weights per row: M = max(sink, m_r), e_r = 2^(m_r − M), den = 2^(sink − M) + Σ_r l_r e_r.
+    // Every rank's m and l are requested before any is used (one round trip, not 3·S in turn).
     if (tid < kHeadsPerCta) {
-        const int h = h0 + tid;
-        const float sink2 = h < H ? a.sink[h] * kLog2e : 0.0f;
+        float mr[kMaxSplits], lr[kMaxSplits];
+        const uint32_t m_local = smem_addr(m_s + tid), l_local = smem_addr(l_s + tid);
+#pragma unroll
+        for (int r = 0; r < kMaxSplits; ++r)
+            if (r < splits) {
+                mr[r] = ld_cluster_f32(cluster_addr(m_local, static_cast<uint32_t>(r)));
+                lr[r] = ld_cluster_f32(cluster_addr(l_local, static_cast<uint32_t>(r)));
+            }
         float mx = sink2;
-        for (int r = 0; r < splits; ++r) mx = fmaxf(mx, *cluster.map_shared_rank(m_s + tid, r));
+#pragma unroll
+        for (int r = 0; r < kMaxSplits; ++r)
+            if (r < splits) mx = fmaxf(mx, mr[r]);
         float den = fast_exp2(sink2 - mx);
-        for (int r = 0; r < splits; ++r) {
-            const float e = fast_exp2(*cluster.map_shared_rank(m_s + tid, r) - mx);
-            coef_s[r * kHeadsPerCta + tid] = e;
-            den += *cluster.map_shared_rank(l_s + tid, r) * e;
-        }
+#pragma unroll
+        for (int r = 0; r < kMaxSplits; ++r)
+            if (r < splits) {
+                const float e = fast_exp2(mr[r] - mx);
+                coef_s[r * kHeadsPerCta + tid] = e;
+                den += lr[r] * e;
+            }
         den_s[tid] = den;
     }
     __syncthreads();
 
-    // Columns [rank·D/S, (rank+1)·D/S) of the 16 rows, two at a time (a RoPE pair), then the
-    // inverse rotation of the rope dims at the query position and the bf16 store.
-    {
-        const int cols = D / splits, pairs = cols / 2, c0 = rank * cols;
-        const int rd = a.rope.rope_dim, off = D - rd;
-        for (int it = tid; it < kHeadsPerCta * pairs; it += kAttnThreads) {
-            const int row = it / pairs, c = c0 + 2 * (it % pairs);
-            if (h0 + row >= H) continue;
-            float x0 = 0.0f, x1 = 0.0f;
-            for (int r = 0; r < splits; ++r) {
-                const float2 v = *cluster.map_shared_rank(reinterpret_cast<const float2*>(part + row * L::kPartStride + c), r);
-                const float e = coef_s[r * kHeadsPerCta + row];
-                x0 = fmaf(v.x, e, x0);
-                x1 = fmaf(v.y, e, x1);
-            }
-            x0 /= den_s[row];
-            x1 /= den_s[row];
-            if (c >= off) {
-                const float angle = static_cast<float>(qk.p) * a.rope.inv_freq[(c - off) / 2];
-                float sn, cs;
-                sincosf(angle, &sn, &cs);
-                sn = -sn;   // the conjugate rotation (ops::rope, inverse)
-                const float y0 = x0 * cs - x1 * sn, y1 = x1 * cs + x0 * sn;
-                x0 = y0;
-                x1 = y1;
-            }
-            *reinterpret_cast<uint32_t*>(a.out + (static_cast<int64_t>(t) * H + h0 + row) * D + c) = pack_bf16x2(x0, x1);
-        }
-    }
-    cluster.sync();   // peers may still read this CTA's shared memory until here
+    combine_splits<D>(a, t, h0, rank, splits, qk.p, part, coef_s, den_s);
+    // Peers may still read this CTA's shared memory until they arrive. Relaxed: each CTA's reads
+    // are consumed (its stores used them), and the global stores need no ordering with the peers,
+    // so no release fence waits for them (cluster.sync's did: ~3000 cycles at the end of every
+    // one-token attention, a clock64 probe on an H100).
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
 }
 
 // ---------------------------------------------------------------------------- sparse attention, 64 heads per CTA
@@ -510,7 +650,6 @@ template <int D> struct WideLayout {
     static constexpr int kStages = D >= 512 ? 2 : 3;
     static constexpr int kPtrBufs = kStages + 1;
     static constexpr int kRowBytes = D * 2;
-    static constexpr int kChunks = D / 8;
     static constexpr int kTileBytes = kTileKeys * kRowBytes;
     static constexpr int kQ = 0;                                       // bf16 [64][D] (swizzled)
     static constexpr int kK = kQ + kWideHeads * kRowBytes;             // bf16 [kStages][64][D]
@@ -545,92 +684,22 @@ sparse_attention_wide_kernel(const AttentionArgs a, const BatchView b) {
     const int32_t H = a.heads;
 
     const QueryKeys qk = query_keys(a, b, t);
+    stage_query<D>(a, t, h0, kWideHeads, q_s, topk_s, tid);
+    cp_async_commit();
     const int32_t n_keys = qk.n_keys();
     const int32_t n_tiles = (n_keys + kTileKeys - 1) / kTileKeys;
-    const bool csa = a.topk != nullptr && qk.n_comp > 0;
-
-    for (int i = tid; i < kWideHeads * L::kChunks; i += kAttnThreads) {
-        const int r = i / L::kChunks, c = i % L::kChunks;
-        const bool ok = h0 + r < H;
-        const uint16_t* src = a.q + ((static_cast<int64_t>(t) * H + (ok ? h0 + r : 0)) * D + c * 8);
-        cp_async16(smem_addr(q_s + swz(r, c, L::kRowBytes)), src, ok);
-    }
-    cp_async_commit();
-    if (csa)
-        for (int i = tid; i < a.topk_k; i += kAttnThreads) topk_s[i] = a.topk[static_cast<int64_t>(t) * a.topk_k + i];
+    const bool csa = uses_topk(a);
     __syncthreads();
 
-    // Key addresses, tile gather and fp8 expansion: as sparse_attention_kernel (one CTA, no split).
-    auto fill_ptrs = [&](int lt) {
-        if (tid < kTileKeys) {
-            const uint16_t* p = nullptr;
-            if (lt < n_tiles) {
-                const int32_t j = lt * kTileKeys + tid;
-                bool stored = false;
-                if (j < n_keys) p = key_row(a, qk, j, csa ? topk_s : nullptr, &stored);
-                if (p && stored && a.kv_fp8)
-                    p = reinterpret_cast<const uint16_t*>(reinterpret_cast<uintptr_t>(p) | uintptr_t{1});
-            }
-            ptr_s[(lt % L::kPtrBufs) * kTileKeys + tid] = p;
-        }
-    };
-    const KvRow fmt{D, a.rope.rope_dim, true};
-    const int raw_chunks = a.kv_fp8 ? fmt.bytes() / 16 : 0;
-    auto load_tile = [&](int lt) {
-        const uint16_t* const* ptrs = ptr_s + (lt % L::kPtrBufs) * kTileKeys;
-        uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
-        for (int i = tid; i < kTileKeys * L::kChunks; i += kAttnThreads) {
-            const int r = i / L::kChunks, c = i % L::kChunks;
-            const uintptr_t u = reinterpret_cast<uintptr_t>(ptrs[r]);
-            if (u & 1u) {
-                if (c < raw_chunks)
-                    cp_async16(smem_addr(stage + r * L::kRowBytes + c * 16), reinterpret_cast<const uint8_t*>(u - 1u) + c * 16,
-                               true);
-            } else {
-                const uint16_t* src = ptrs[r];
-                cp_async16(smem_addr(stage + swz(r, c, L::kRowBytes)), src ? src + c * 8 : a.q, src != nullptr);
-            }
-        }
-    };
-    auto decode_tile = [&](int lt) {
-        const uint16_t* const* ptrs = ptr_s + (lt % L::kPtrBufs) * kTileKeys;
-        uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
-        constexpr int kPer = (L::kChunks + 31) / 32;
-        for (int rr = 0; rr < kTileKeys / kAttnWarps; ++rr) {
-            const int r = warp * (kTileKeys / kAttnWarps) + rr;
-            if (!(reinterpret_cast<uintptr_t>(ptrs[r]) & 1u)) continue;   // warp-uniform
-            uint8_t* const row = stage + r * L::kRowBytes;
-            uint4 v[kPer];
-#pragma unroll
-            for (int i = 0; i < kPer; ++i) {
-                const int c = lane + 32 * i, d0 = 8 * c;
-                if (c >= L::kChunks) break;
-                if (d0 < fmt.nope()) {
-                    const uint2 q = *reinterpret_cast<const uint2*>(row + d0);
-                    const float sc = __uint_as_float(static_cast<uint32_t>(row[fmt.scale_offset() + d0 / KvRow::kBlock]) << 23);
-                    v[i].x = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.x & 0xFFFFu), sc);
-                    v[i].y = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.x >> 16), sc);
-                    v[i].z = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.y & 0xFFFFu), sc);
-                    v[i].w = nm::e4m3x2_to_bf16x2(static_cast<uint16_t>(q.y >> 16), sc);
-                } else {
-                    v[i] = *reinterpret_cast<const uint4*>(row + fmt.rope_offset() + 2 * (d0 - fmt.nope()));
-                }
-            }
-            __syncwarp();
-#pragma unroll
-            for (int i = 0; i < kPer; ++i) {
-                const int c = lane + 32 * i;
-                if (c >= L::kChunks) break;
-                *reinterpret_cast<uint4*>(stage + swz(r, c, L::kRowBytes)) = v[i];
-            }
-            __syncwarp();
-        }
-    };
+    // Key addresses, tile gather and fp8 expansion: KeyTiles, as sparse_attention_kernel (no split).
+    const int raw_chunks = a.kv_fp8 ? KvRow{D, a.rope.rope_dim, true}.bytes() / 16 : 0;
+    const KeyTiles<D, L::kPtrBufs, kStages> kt{a,       qk,     csa ? topk_s : nullptr, ptr_s, k_s, 0,
+                                               n_tiles, n_keys, raw_chunks};
 
-    for (int s = 0; s < kStages; ++s) fill_ptrs(s);
+    for (int s = 0; s < kStages; ++s) kt.fill(s, tid);
     __syncthreads();
     for (int s = 0; s < kStages - 1; ++s) {
-        if (s < n_tiles) load_tile(s);
+        if (s < n_tiles) kt.load(s, tid);
         cp_async_commit();
     }
 
@@ -648,12 +717,12 @@ sparse_attention_wide_kernel(const AttentionArgs a, const BatchView b) {
         __syncthreads();                // ... everyone's; tile lt − 1 and P are fully consumed
         {
             const int nl = lt + kStages - 1;
-            if (nl < n_tiles) load_tile(nl);
+            if (nl < n_tiles) kt.load(nl, tid);
             cp_async_commit();
-            fill_ptrs(lt + kStages);    // its buffer last held tile lt − 1's table
+            kt.fill(lt + kStages, tid);   // its buffer last held tile lt − 1's table
         }
         if (a.kv_fp8) {
-            decode_tile(lt);
+            kt.decode(lt, warp, lane);
             __syncthreads();
         }
         const uint8_t* const stage = k_s + (lt % kStages) * L::kTileBytes;
@@ -1179,11 +1248,9 @@ template <int D> void launch_attention(const AttentionArgs& a, const BatchView& 
         max_keys += a.topk ? a.topk_k
                            : static_cast<int64_t>(a.comp.max_blocks) * a.comp.block_tokens / a.comp.ratio;
     const int64_t max_tiles = (max_keys + kTileKeys - 1) / kTileKeys;
-    const int sms = sm_count();
-    int splits = 1;
-    // Split while the grid still fits one wave (one CTA per SM: the hd = 512 kernel's shared memory
-    // and registers allow no more) and every CTA keeps at least one tile.
-    while (splits < kMaxSplits && ctas * splits * 2 <= sms && 2 * splits <= max_tiles) splits *= 2;
+    // One wave at most (one CTA per SM: the hd = 512 kernel's shared memory and registers allow no
+    // more), each split at least one tile (attention_splits).
+    int splits = attention_splits(ctas, max_tiles, sm_count(), a.splits);
     while (splits > 1 && !cluster_fits(reinterpret_cast<const void*>(kernel), splits, smem)) splits /= 2;
     const int64_t gx = ctas / head_blocks * splits;
     MEGAMOE_CHECK(gx <= 0x7FFFFFFF, "sparse_attention: T = ", b.T, " too large");
@@ -1224,6 +1291,8 @@ template <int NH, int DI> void launch_indexer(const IndexerArgs& a, const BatchV
 void sparse_attention(const AttentionArgs& a, const BatchView& b, CUstream_st* stream) {
     check_batch(b, "sparse_attention");
     MEGAMOE_CHECK(a.heads > 0, "sparse_attention: heads = ", a.heads);
+    MEGAMOE_CHECK(a.splits == 0 || a.splits == 1 || a.splits == 2 || a.splits == 4 || a.splits == kMaxSplits,
+                  "sparse_attention: splits = ", a.splits, " (0: by size, or 1, 2, 4, 8)");
     MEGAMOE_CHECK(a.head_dim == 64 || a.head_dim == 128 || a.head_dim == 256 || a.head_dim == 512,
                   "sparse_attention: head_dim ", a.head_dim, " (supported: 64, 128, 256, 512)");
     MEGAMOE_CHECK(a.window > 0, "sparse_attention: window = ", a.window);

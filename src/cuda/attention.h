@@ -41,6 +41,9 @@ struct AttentionArgs {
     uint16_t*       out = nullptr;           // [T, H, hd] bf16
     int32_t         wide = -1;               // which kernel (attention_wide): -1 by size, 0 the CTAs of
                                              //   16 heads (key splits at few tokens), 1 of 64 heads
+    int32_t         splits = 0;              // the 16-head CTAs' key splits (attention_splits): 0 by
+                                             //   size, else 1, 2, 4 or 8 (fewer where a cluster of them
+                                             //   does not fit)
 };
 
 // Whether sparse_attention runs its CTAs of 64 heads (one per token and 64 heads, each key tile
@@ -50,6 +53,20 @@ struct AttentionArgs {
 inline bool attention_wide(int64_t heads, int64_t T, int64_t sms, int32_t wide) {
     if (wide >= 0) return wide == 1;
     return heads >= 64 && T * ((heads + 63) / 64) >= sms;
+}
+
+// The 16-head kernel's key splits for `ctas` CTAs (tokens × head blocks) whose queries have at most
+// `max_tiles` key tiles (64 keys): `forced` (1, 2, 4 or 8) if given, else doubled from 1 while the
+// grid stays within one CTA per SM (sms) and each split keeps a tile. sparse_attention halves it
+// further where a cluster of that many does not fit. (Not splitting below 8 tiles, so that a
+// window layer's 2 tiles and a compressed layer's 3-6 run in one CTA without the split's exchange,
+// measured slower at batch 1: H100, 8-layer V4-Flash, 1683.7 / 1714.6 µs against 1691.0 / 1683.7,
+// official numerics 1769.2 against 1739.0; docs/bench-forward.md, "The one-token attention".)
+inline int32_t attention_splits(int64_t ctas, int64_t max_tiles, int64_t sms, int32_t forced) {
+    if (forced > 0) return forced;
+    int32_t splits = 1;
+    while (splits < 8 && ctas * splits * 2 <= sms && 2 * splits <= max_tiles) splits *= 2;
+    return splits;
 }
 
 // out[t, h] = Σ_j softmax([q·k_j·scale ..., sink_h])_j · k_j (sink column dropped), keys as above,

@@ -647,6 +647,9 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     lt_bf16_on = opt.lt_bf16 && opt.max_batch_tokens >= cuda::kLtBf16MinM;
     MEGAMOE_CHECK(opt.max_seqs >= 1 && opt.max_batch_tokens >= 1, "gpu runner: max_seqs ", opt.max_seqs,
                   ", max_batch_tokens ", opt.max_batch_tokens);
+    MEGAMOE_CHECK(opt.attn_splits == 0 || opt.attn_splits == 1 || opt.attn_splits == 2 || opt.attn_splits == 4 ||
+                      opt.attn_splits == 8,
+                  "gpu runner: attn_splits ", opt.attn_splits, " (0: by size, or 1, 2, 4, 8)");
     if (opt.max_model_len <= 0) opt.max_model_len = std::min<int64_t>(c.max_position_embeddings, 65536);
     if (opt.max_model_len > c.max_position_embeddings)
         fail("--max-model-len ", opt.max_model_len, " exceeds the model's max_position_embeddings ",
@@ -1055,6 +1058,7 @@ void Runner::Impl::attention(const DeviceLayer& d, int64_t l, const Shape& s, co
     aa.out = ws.o;
     aa.kv_fp8 = pool->layout().kv.fp8;
     aa.wide = opt.attn_wide;
+    aa.splits = opt.attn_splits;
     cuda::sparse_attention(aa, b, stream);
     // The ring write on side stream 1 (it must follow the attention, which reads the ring, and
     // come before the next step's; the MoE's side streams join it into the main stream): on the

@@ -68,6 +68,8 @@ struct RunnerOptions {
                                        // -1 by the step's rows, 0 one CTA per row
     int32_t attn_wide = -1;            // the attention's CTAs (cuda::attention_wide): -1 by the step's
                                        // size, 0 16 heads each (key splits), 1 64 heads each
+    int32_t attn_splits = 0;           // the 16-head CTAs' key splits (cuda::attention_splits): 0 by
+                                       // size, else 1, 2, 4 or 8
     bool    lt_bf16 = true;            // ≥ cuda::kLtBf16MinM tokens: linears with a bf16 input (exact
                                        // numerics, the official wo_a, BF16-weight projections) through
                                        // cuBLASLt's BF16 GEMM (FP8 weights expanded per call into the

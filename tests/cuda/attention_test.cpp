@@ -30,6 +30,8 @@
 //                                           without key splits (clusters of 2..8 CTAs); the V4 shapes
 //                                           through both kernels (16 and 64 heads per CTA), the small
 //                                           ones through the 64-head kernel too.
+//   SparseAttention.KeySplitsForced          every split count (1, 2, 4, 8) on decode batches.
+//   AttentionValidation.SplitChoice          when the launcher splits a query's keys.
 //   IndexerTopk.{Tiny,Flash}                scores vs ops::indexer_scores (tolerance below); the
 //                                           top-k exactly equal to ops::topk_indices of the GPU's own
 //                                           scores; vs the CPU's scores only near-ties may differ.
@@ -826,15 +828,18 @@ struct DeviceAttn {
     }
 };
 
-// wide: AttentionArgs::wide (-1 the launcher's choice by size, 0 CTAs of 16 heads, 1 of 64 heads).
-void run_attention(const AttnConfig& cfg, int32_t wide = -1) {
+// wide: AttentionArgs::wide (-1 the launcher's choice by size, 0 CTAs of 16 heads, 1 of 64 heads);
+// splits: AttentionArgs::splits (0 by size, else the 16-head CTAs' key splits).
+void run_attention(const AttnConfig& cfg, int32_t wide = -1, int32_t splits = 0) {
     const AttnCase c = make_attn_case(cfg);
     DeviceAttn d(c);
     d.args.wide = wide;
+    d.args.splits = splits;
     const std::vector<float> got = d.run();
     const std::vector<int32_t> tokens = all_tokens(c);
     const AttnRef ref = reference(c, tokens);
-    const std::string what = cfg.name + (wide == 1 ? " (64 heads/CTA)" : wide == 0 ? " (16 heads/CTA)" : "");
+    const std::string what = cfg.name + (wide == 1 ? " (64 heads/CTA)" : wide == 0 ? " (16 heads/CTA)" : "") +
+                             (splits > 0 ? " splits " + std::to_string(splits) : "");
     const Cmp r = compare_out(c, ref, got, tokens, what);
     EXPECT_EQ(r.bad, 0) << what;
     std::printf("  %-36s T %d: worst |err|/tol %.3f\n", what.c_str(), c.batch.T, r.worst);
@@ -898,6 +903,24 @@ TEST(SparseAttention, Pro) {
     run_attention_both(flash(4, 1024, {{0, 5000, 2}, {1, 4500, 8}}, 128));
 }
 
+// Every key split of the 16-head kernel on decode batches, whatever attention_splits would take:
+// clusters of 1, 2, 4 and 8 CTAs (8 splits of a 2-tile window layer leave 6 CTAs without keys),
+// the combine through distributed shared memory, at head dims 64 (tiny) and 512 (V4-Flash).
+TEST(SparseAttention, KeySplitsForced) {
+    SKIP_WITHOUT_GPU();
+    AttnConfig tiny_dec = tiny(4, 5);
+    tiny_dec.chunks = {{1, 3000, 1}, {5, 7, 1}, {2, 257, 1}};
+    tiny_dec.name += " decode";
+    AttnConfig csa = flash(4, 512, {{0, 3000, 1}, {1, 2047, 1}, {2, 9, 1}});
+    csa.name += " decode";
+    AttnConfig hca = flash(128, 0, {{0, 40000, 1}, {1, 127, 1}});
+    hca.name += " decode";
+    AttnConfig swa = flash(0, 0, {{0, 5000, 1}, {1, 60, 1}});
+    swa.name += " decode";
+    for (const AttnConfig& cfg : {tiny_dec, csa, hca, swa})
+        for (int32_t splits : {1, 2, 4, 8}) run_attention(cfg, 0, splits);
+}
+
 // The 64-head kernel on the small shapes: fewer heads than a CTA's 64 (zero rows, not stored),
 // head dims 64-256.
 TEST(SparseAttention, WideSmallShapes) {
@@ -923,6 +946,20 @@ TEST(AttentionValidation, WideChoice) {
     EXPECT_FALSE(cuda::attention_wide(16, 8192, 132, -1));   // fewer heads than a CTA: the 16-head kernel
     EXPECT_TRUE(cuda::attention_wide(16, 1, 132, 1));
     EXPECT_FALSE(cuda::attention_wide(64, 8192, 132, 0));
+}
+
+// The 16-head kernel's key splits: doubled while the grid stays within one CTA per SM and each
+// split keeps a tile; a forced count is taken as given.
+TEST(AttentionValidation, SplitChoice) {
+    EXPECT_EQ(cuda::attention_splits(4, 2, 132, 0), 2);     // V4-Flash window layer, one token
+    EXPECT_EQ(cuda::attention_splits(4, 6, 132, 0), 4);     // compressed layer, 32 K context (8 > 6)
+    EXPECT_EQ(cuda::attention_splits(4, 10, 132, 0), 8);    // CSA: window + top-512
+    EXPECT_EQ(cuda::attention_splits(32, 10, 132, 0), 4);   // 8 tokens: 128 CTAs, one wave
+    EXPECT_EQ(cuda::attention_splits(40, 10, 132, 0), 2);   // 10 tokens: 160 would not be
+    EXPECT_EQ(cuda::attention_splits(4, 1, 132, 0), 1);
+    EXPECT_EQ(cuda::attention_splits(132, 100, 132, 0), 1);
+    EXPECT_EQ(cuda::attention_splits(4, 2, 132, 8), 8);
+    EXPECT_EQ(cuda::attention_splits(4, 100, 132, 1), 1);
 }
 
 TEST(AttentionDeterminism, TwoRunsBitIdentical) {
