@@ -349,6 +349,9 @@ __device__ __forceinline__ void combine_splits(const AttentionArgs& a, int32_t t
     const int32_t H = a.heads;
     for (int it = static_cast<int>(threadIdx.x); it < kHeadsPerCta * quads; it += kAttnThreads) {
         const int row = it / quads, c = c0 + 4 * (it % quads);
+        // (Before the reads: every peer read must be used before the closing barrier's relaxed
+        // arrive, which lets the peers exit.)
+        if (h0 + row >= H) continue;
         const float* src = part + row * L::kPartStride + c;
         const uint32_t local = smem_addr(src);
         float4 v[kMaxSplits];
@@ -357,7 +360,6 @@ __device__ __forceinline__ void combine_splits(const AttentionArgs& a, int32_t t
             if (r < splits)
                 v[r] = r == rank ? *reinterpret_cast<const float4*>(src)
                                  : ld_cluster_f4(cluster_addr(local, static_cast<uint32_t>(r)));
-        if (h0 + row >= H) continue;
         float y[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int r = 0; r < kMaxSplits; ++r)
@@ -432,8 +434,8 @@ sparse_attention_kernel(const AttentionArgs a, const BatchView b, const int32_t 
     __syncthreads();
 
     const int raw_chunks = a.kv_fp8 ? KvRow{D, a.rope.rope_dim, true}.bytes() / 16 : 0;
-    const KeyTiles<D, kPtrBufs, kStages> kt{a,         qk,       csa ? topk_s : nullptr, ptr_s, k_s, tile_begin,
-                                            my_tiles,  n_keys,   raw_chunks};
+    const KeyTiles<D, kPtrBufs, kStages> kt{a, qk, csa ? topk_s : nullptr, ptr_s, k_s, tile_begin, my_tiles,
+                                            n_keys, raw_chunks};
 
     for (int s = 0; s < kStages; ++s) kt.fill(s, tid);
     __syncthreads();
@@ -693,8 +695,8 @@ sparse_attention_wide_kernel(const AttentionArgs a, const BatchView b) {
 
     // Key addresses, tile gather and fp8 expansion: KeyTiles, as sparse_attention_kernel (no split).
     const int raw_chunks = a.kv_fp8 ? KvRow{D, a.rope.rope_dim, true}.bytes() / 16 : 0;
-    const KeyTiles<D, L::kPtrBufs, kStages> kt{a,       qk,     csa ? topk_s : nullptr, ptr_s, k_s, 0,
-                                               n_tiles, n_keys, raw_chunks};
+    const KeyTiles<D, L::kPtrBufs, kStages> kt{a, qk, csa ? topk_s : nullptr, ptr_s, k_s, 0, n_tiles, n_keys,
+                                               raw_chunks};
 
     for (int s = 0; s < kStages; ++s) kt.fill(s, tid);
     __syncthreads();
