@@ -1,8 +1,12 @@
 # Sourced on the GPU machine from the repository root: unpacks .device/pack.tar.xz (binaries and
-# libraries, see scripts/device_pack.sh) to /tmp/megamoe, puts them on the paths, and links
-# ../shared where the tests look for it (their MEGAMOE_SHARED_DIR is /work/shared).
+# libraries, see scripts/device_pack.sh) to /tmp/megamoe and .device/golden.tar.xz (the golden
+# cases) to .device/shared, puts the binaries on the paths, and links .device/shared where the
+# tests look for it (their MEGAMOE_SHARED_DIR is /work/shared).
 mkdir -p /tmp/megamoe /work
 tar -xJf .device/pack.tar.xz -C /tmp/megamoe
+# The golden cases (scripts/device_pack.sh compresses them) → .device/shared/golden.
+mkdir -p .device/shared
+[ -f .device/golden.tar.xz ] && [ ! -d .device/shared/golden ] && tar -xJf .device/golden.tar.xz -C .device/shared
 [ -e /work/shared ] || ln -s "$PWD/.device/shared" /work/shared
 # The tests that start the CLI look for it where it was built (MEGAMOE_CLI_PATH).
 mkdir -p /work/main/build && ln -sf /tmp/megamoe/bin/megamoe /work/main/build/megamoe &&
