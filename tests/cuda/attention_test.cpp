@@ -1480,6 +1480,9 @@ TEST(AttentionValidation, BadShapesThrow) {
     a.rope.rope_dim = 3;
     test::expect_error([&] { cuda::sparse_attention(a, b, nullptr); }, {"rope_dim 3"});
     a.rope.rope_dim = 0;
+    a.splits = 3;
+    test::expect_error([&] { cuda::sparse_attention(a, b, nullptr); }, {"splits = 3"});
+    a.splits = 0;
     a.comp.ratio = 4;
     a.comp.dim = 32;
     test::expect_error([&] { cuda::sparse_attention(a, b, nullptr); }, {"compressed rows of 32"});
