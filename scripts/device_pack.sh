@@ -26,7 +26,7 @@ bins=("$build"/tests/megamoe_tests "$build"/megamoe "$build"/megamoe-serve-bench
 cp "${bins[@]}" "$stage"/bin/
 strip --strip-debug "$stage"/bin/* 2>/dev/null || true
 # Libraries outside glibc/libstdc++ (Debian 12 builds; the CUDA image may not have them).
-ldd "$stage"/bin/megamoe_tests "$stage"/bin/megamoe | awk '/=>/ {print $3}' | sort -u |
+ldd "$stage"/bin/* | awk '/=>/ {print $3}' | sort -u |   # (the forward bench's CUPTI among them)
     grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so' |
     grep -v -E '/(libnccl|libcublas|libcublasLt)\.so' | xargs -r -I{} cp -L {} "$stage"/lib/
 # libnccl (218 MB) does not travel: scripts/device_env.sh finds the GPU machine's own (PyTorch's).
