@@ -623,6 +623,18 @@ std::vector<Chunk> flash_csa_chunks() {
 std::vector<Chunk> flash_hca_chunks() {
     return {{0, 20000, 1}, {1, 1000, 64}, {2, 255, 2}};
 }
+// A decode batch of case c (one token per sequence, "decode" in its name).
+AttnConfig as_decode(AttnConfig c, std::vector<Chunk> chunks) {
+    c.chunks = std::move(chunks);
+    c.name += " decode";
+    return c;
+}
+// The decode batches several tests share: 3 tiny sequences; V4-Flash CSA (3 sequences) and HCA (2).
+AttnConfig tiny_decode(int32_t ratio, int32_t topk_k) {
+    return as_decode(tiny(ratio, topk_k), {{1, 3000, 1}, {5, 7, 1}, {2, 257, 1}});
+}
+AttnConfig flash_csa_decode() { return as_decode(flash(4, 512, {}), {{0, 3000, 1}, {1, 2047, 1}, {2, 9, 1}}); }
+AttnConfig flash_hca_decode() { return as_decode(flash(128, 0, {}), {{0, 40000, 1}, {1, 127, 1}}); }
 
 // ---------------------------------------------------------------------------- CPU-only tests
 
@@ -857,11 +869,7 @@ TEST(SparseAttention, Tiny) {
     SKIP_WITHOUT_GPU();
     for (const AttnConfig& cfg : {tiny(0, 0), tiny(4, 5), tiny(16, 0)}) run_attention(cfg);
     // Decodes only (T = 3, one head block: key splits in clusters).
-    for (AttnConfig cfg : {tiny(4, 5), tiny(16, 0)}) {
-        cfg.chunks = {{1, 3000, 1}, {5, 7, 1}, {2, 257, 1}};
-        cfg.name += " decode";
-        run_attention(cfg);
-    }
+    for (const AttnConfig& cfg : {tiny_decode(4, 5), tiny_decode(16, 0)}) run_attention(cfg);
 }
 
 TEST(SparseAttention, Hd128H4) {
@@ -890,12 +898,8 @@ TEST(SparseAttention, FlashDecode) {
     SKIP_WITHOUT_GPU();
     // A decode batch: T·H/16 CTAs do not fill the GPU, so the 16-head kernel splits the keys across
     // clusters; the 64-head kernel runs one CTA per token.
-    AttnConfig csa = flash(4, 512, {{0, 3000, 1}, {1, 2047, 1}, {2, 9, 1}});
-    csa.name += " decode";
-    run_attention_both(csa);
-    AttnConfig hca = flash(128, 0, {{0, 40000, 1}, {1, 127, 1}});
-    hca.name += " decode";
-    run_attention_both(hca);
+    run_attention_both(flash_csa_decode());
+    run_attention_both(flash_hca_decode());
 }
 
 TEST(SparseAttention, Pro) {
@@ -908,16 +912,8 @@ TEST(SparseAttention, Pro) {
 // the combine through distributed shared memory, at head dims 64 (tiny) and 512 (V4-Flash).
 TEST(SparseAttention, KeySplitsForced) {
     SKIP_WITHOUT_GPU();
-    AttnConfig tiny_dec = tiny(4, 5);
-    tiny_dec.chunks = {{1, 3000, 1}, {5, 7, 1}, {2, 257, 1}};
-    tiny_dec.name += " decode";
-    AttnConfig csa = flash(4, 512, {{0, 3000, 1}, {1, 2047, 1}, {2, 9, 1}});
-    csa.name += " decode";
-    AttnConfig hca = flash(128, 0, {{0, 40000, 1}, {1, 127, 1}});
-    hca.name += " decode";
-    AttnConfig swa = flash(0, 0, {{0, 5000, 1}, {1, 60, 1}});
-    swa.name += " decode";
-    for (const AttnConfig& cfg : {tiny_dec, csa, hca, swa})
+    const AttnConfig swa = as_decode(flash(0, 0, {}), {{0, 5000, 1}, {1, 60, 1}});
+    for (const AttnConfig& cfg : {tiny_decode(4, 5), flash_csa_decode(), flash_hca_decode(), swa})
         for (int32_t splits : {1, 2, 4, 8}) run_attention(cfg, 0, splits);
 }
 
@@ -925,9 +921,7 @@ TEST(SparseAttention, KeySplitsForced) {
 // head dims 64-256.
 TEST(SparseAttention, WideSmallShapes) {
     SKIP_WITHOUT_GPU();
-    AttnConfig dec = tiny(4, 5);
-    dec.chunks = {{1, 3000, 1}, {5, 7, 1}, {2, 257, 1}};
-    dec.name += " decode";
+    const AttnConfig dec = tiny_decode(4, 5);
     AttnConfig hd256 = hd128(4, 16);
     hd256.name = "hd256 h16 r4";
     hd256.H = 16;
@@ -1050,14 +1044,10 @@ Fp8Store fp8_store(const AttnCase& c) {
 // storage (window keys mix this step's bf16 kv rows and stored fp8 ones; CSA, HCA, splits).
 TEST(SparseAttention, Fp8KvRowsEqualBf16Storage) {
     SKIP_WITHOUT_GPU();
-    AttnConfig tiny_dec = tiny(4, 5);
-    tiny_dec.chunks = {{1, 3000, 1}, {5, 7, 1}, {2, 257, 1}};
-    tiny_dec.name += " decode";
-    AttnConfig csa_dec = flash(4, 512, {{0, 3000, 1}, {1, 2047, 1}, {2, 9, 1}});
-    csa_dec.name += " decode";
     for (const AttnConfig& cfg :
-         {tiny(0, 0), tiny(4, 5), tiny(16, 0), tiny_dec, hd128(4, 8), hd128(128, 0), flash(4, 512, flash_csa_chunks()),
-          flash(128, 0, flash_hca_chunks()), flash(0, 0, {{0, 0, 140}, {1, 5000, 3}}), csa_dec})
+         {tiny(0, 0), tiny(4, 5), tiny(16, 0), tiny_decode(4, 5), hd128(4, 8), hd128(128, 0),
+          flash(4, 512, flash_csa_chunks()), flash(128, 0, flash_hca_chunks()), flash(0, 0, {{0, 0, 140}, {1, 5000, 3}}),
+          flash_csa_decode()})
       for (int32_t wide : {0, 1}) {   // both kernels decode the rows the same way
         AttnCase c = make_attn_case(cfg);
         round_kv_rows(c);
