@@ -623,18 +623,6 @@ std::vector<Chunk> flash_csa_chunks() {
 std::vector<Chunk> flash_hca_chunks() {
     return {{0, 20000, 1}, {1, 1000, 64}, {2, 255, 2}};
 }
-// A decode batch of case c (one token per sequence, "decode" in its name).
-AttnConfig as_decode(AttnConfig c, std::vector<Chunk> chunks) {
-    c.chunks = std::move(chunks);
-    c.name += " decode";
-    return c;
-}
-// The decode batches several tests share: 3 tiny sequences; V4-Flash CSA (3 sequences) and HCA (2).
-AttnConfig tiny_decode(int32_t ratio, int32_t topk_k) {
-    return as_decode(tiny(ratio, topk_k), {{1, 3000, 1}, {5, 7, 1}, {2, 257, 1}});
-}
-AttnConfig flash_csa_decode() { return as_decode(flash(4, 512, {}), {{0, 3000, 1}, {1, 2047, 1}, {2, 9, 1}}); }
-AttnConfig flash_hca_decode() { return as_decode(flash(128, 0, {}), {{0, 40000, 1}, {1, 127, 1}}); }
 
 // ---------------------------------------------------------------------------- CPU-only tests
 
@@ -795,6 +783,20 @@ TEST(TopkEmulation, MatchesCpu) {
 #ifdef MEGAMOE_HAVE_CUDA
 
 using cuda::DeviceArray;
+
+// (GPU tests only: CI builds without CUDA and treats unused functions as errors.)
+// A decode batch of case c (one token per sequence, "decode" in its name).
+AttnConfig as_decode(AttnConfig c, std::vector<Chunk> chunks) {
+    c.chunks = std::move(chunks);
+    c.name += " decode";
+    return c;
+}
+// The decode batches several tests share: 3 tiny sequences; V4-Flash CSA (3 sequences) and HCA (2).
+AttnConfig tiny_decode(int32_t ratio, int32_t topk_k) {
+    return as_decode(tiny(ratio, topk_k), {{1, 3000, 1}, {5, 7, 1}, {2, 257, 1}});
+}
+AttnConfig flash_csa_decode() { return as_decode(flash(4, 512, {}), {{0, 3000, 1}, {1, 2047, 1}, {2, 9, 1}}); }
+AttnConfig flash_hca_decode() { return as_decode(flash(128, 0, {}), {{0, 40000, 1}, {1, 127, 1}}); }
 
 // ---------------------------------------------------------------------------- device copies
 
