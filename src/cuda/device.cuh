@@ -77,25 +77,33 @@ __device__ __forceinline__ void fp8x4_bits(uint32_t q, uint32_t& lo, uint32_t& h
 
 // Eight e2m1 nibbles n0..n7 (n0 = bits 0..3 = element 0) -> p[i] = bf16x2 {n_i, n_{i+4}}, each
 // value e2m1 · 2^-126 (sign -> bit 15, 2 exponent + 1 mantissa bits -> bits 8..6).
-// 8 logic ops and 5 left shifts (was 10 logic ops and rotates): r = q rotated right by 6 holds
-// nibble j's 3 magnitude bits at 4j-6 .. 4j-4 (mod 32), 9 below its sign bit 4j+3 in q: the bf16
-// spacing of bit 15 and bits 8..6. Selecting the signs of {n2 n3 n6 n7} from q and everything
-// else from r gives one word with those four nibbles' fields disjoint ({2..4, 11}, {6..8, 15},
-// +16); an AND keeps {n3, n7} and a left shift by 4 then an AND {n2, n6} (no field wraps). n0 / n4
-// and n1 / n5 are placed straight from q: magnitudes by a left shift of 6 (2), signs of 12 (8).
-// Left shifts by constants may issue on the FMA pipe (IMAD.SHL) rather than the integer pipe, which
-// the decode otherwise saturates (moe_small.cu, "What bounds it"). Measured against the previous
-// form (H200, megamoe-gemm-bench --part experts --model flash, both binaries in one device call):
-// moe_layer 2-4% faster at T = 1, 2, 8 (NVFP4 T = 1 52.5 against 54.3 µs), the small-T path
-// 0.5-2% slower, the NVFP4 wq_b linear at M = 1 11.31 against 11.48 µs.
+// 10 operations: 6 logic, 3 funnel rotates, 1 left shift. r = q rotated right by 6 holds nibble
+// j's 3 magnitude bits at 4j-6 .. 4j-4 (mod 32), 9 below its sign bit 4j+3 in q: the bf16 spacing
+// of bit 15 and bits 8..6. Selecting the signs of {n2 n3 n6 n7} from q and everything else from r
+// gives one word ta in which those four nibbles' fields are disjoint ({2..4, 11}, {6..8, 15}, +16);
+// an AND keeps {n3, n7} and a left shift by 4 then an AND {n2, n6} (no field wraps). The same
+// select with the signs of {n0 n1 n4 n5} gives tb, whose fields ({26..28, 3}, {30..0, 7}, {10..12,
+// 19}, {14..16, 23}) are disjoint too and land on bits {6..8, 15} and {22..24, 31} by a rotation:
+// 12 for {n0, n4}, 8 for {n1, n5}.
+// History (each measured on the expert paths in one device call): 10 logic ops and rotates
+// (the first form); then 8 logic ops and 5 left shifts, so that the shifts could issue on the FMA
+// pipe (IMAD.SHL) rather than the integer pipe (H200: moe_layer 2-4% faster at T = 1, 2, 8, the
+// small-T path 0.5-2% slower); now the second select, the same integer-pipe count (9) with 3
+// fewer instructions per word: the small-T kernels are bound by issue, not by one pipe
+// (docs/bench-gemm.md, "Small-T path"). Bit-identical to the previous form for all 2^32 words
+// (checked on the host). Measured with moe_small.cu's changes of the same commit (H100, previous
+// build in the same call, megamoe-gemm-bench --part experts --model flash --moe-small): small-T
+// path NVFP4 T = 1 / 2 −0.8% / −0.6%, MXFP4 −4.4% / −5.3%; the general path at T = 64 NVFP4 +1.1%
+// (one round), MXFP4 −3.9%.
 __device__ __forceinline__ void fp4x8_bits(uint32_t q, uint32_t (&p)[4]) {
-    constexpr uint32_t kMask = 0x81C081C0u, kSign = 0x80008000u;
+    constexpr uint32_t kMask = 0x81C081C0u;
     const uint32_t r = rotl32(q, 26);
     const uint32_t ta = bitsel<0x88008800u>(q, r);   // n2 n3 n6 n7
+    const uint32_t tb = bitsel<0x00880088u>(q, r);   // n0 n1 n4 n5
     p[3] = ta & kMask;
     p[2] = (ta << 4) & kMask;
-    p[1] = bitsel<kSign>(q << 8, q << 2) & kMask;
-    p[0] = bitsel<kSign>(q << 12, q << 6) & kMask;
+    p[1] = rotl32(tb, 8) & kMask;
+    p[0] = rotl32(tb, 12) & kMask;
 }
 
 // bf16x2 {2^(e+bias-127), same} for an e8m0 byte e (255 = NaN); subnormal when e+bias <= 0.

@@ -55,6 +55,12 @@
 // not-selected stalls). 16 L1 consumer warps measured no faster. One bulk copy per weight row
 // (rows padded apart in shared memory against the 2-way bank conflict of rows g, g + 1 in a
 // quarter-warp's LDS.128) held the stream to 1.9-2.2 TB/s: 32 copies per stage instead of 2.
+// Without a ring (measured slower, not kept; docs/bench-gemm.md "Small-T path: both halves from
+// registers"): each warp loading its own weights into registers, linear_regs' layout (L1 as tiles
+// of 8 w1 + 8 w3 rows, a warp over the whole K, the SwiGLU from its own accumulators; L2 as
+// 16-row tiles × 8 K-ranges, two CTAs of 8 warps per SM) took V4-Flash NVFP4 T = 1 from 45.9 to
+// 50.3 µs (H100); L2 alone from registers, with this L1, 45.7 (even), and the step in official
+// numerics 1.6% slower; an L2-cache bulk prefetch of each warp's next tile, 60 µs.
 //
 // Overlap. L1 waits for the router (griddepcontrol.wait) before anything, since ids say which
 // weights to read, and then lets L2 launch at once (launch_dependents). L2 reads ids and the
@@ -314,18 +320,35 @@ __device__ __forceinline__ void consume_step(const uint8_t* w0, const uint8_t* w
     }
 }
 
-// One consumer warp's K-range of 16 rows of a stage (weight rows at wst, scale rows at sst): steps
-// [s0, s0 + ns); bfrag(j, l) for
-// step j of the range. kUnroll > 0: the loop fully unrolled to at most kUnroll steps (so that a
-// caller's per-step register arrays stay in registers); 0: a plain loop.
-template <LinearFormat F, int kUnroll, typename BFrag>
-__device__ __forceinline__ void consume(const SmallParams& p, const uint8_t* wst, const uint8_t* sst, int s0, int ns,
-                                        int bias, float (&acc)[2][4], BFrag&& bfrag) {
+// A lane's byte offsets within a 16-row block of a stage: its weight rows g and g + 8 (16 bytes at
+// column tig·16 of each step) and its scale words of the same rows. Fixed for the kernel, so they
+// are computed once (in 32 bits: a stage is < 227 KB) rather than per block and entry.
+struct LaneOffs {
+    int w0, w1, s0, s1;
+};
+template <LinearFormat F> __device__ __forceinline__ LaneOffs lane_offs(const SmallParams& p) {
     const int lane = static_cast<int>(threadIdx.x) & 31, g = lane >> 2, tig = lane & 3;
-    const uint8_t* w0 = wst + g * p.w_row_bytes + tig * 16;
-    const uint8_t* w1 = w0 + 8 * p.w_row_bytes;
-    const uint8_t* sc0 = sst + scale_lane_off<F>(tig) + g * p.s_row_bytes;
-    const uint8_t* sc1 = sc0 + 8 * p.s_row_bytes;
+    const int wr = static_cast<int>(p.w_row_bytes), sr = static_cast<int>(p.s_row_bytes);
+    LaneOffs o;
+    o.w0 = g * wr + tig * 16;
+    o.w1 = o.w0 + 8 * wr;
+    o.s0 = scale_lane_off<F>(tig) + g * sr;
+    o.s1 = o.s0 + 8 * sr;
+    return o;
+}
+
+// One consumer warp's K-range of 16 rows of a stage (weight rows at wst, scale rows at sst; the
+// lane's offsets lo): steps [s0, s0 + ns); bfrag(j, l) for step j of the range. kUnroll > 0: the
+// loop fully unrolled to at most kUnroll steps (so that a caller's per-step register arrays stay in
+// registers); 0: a plain loop.
+template <LinearFormat F, int kUnroll, typename BFrag>
+__device__ __forceinline__ void consume(const LaneOffs& lo, const uint8_t* wst, const uint8_t* sst, int s0, int ns,
+                                        int bias, float (&acc)[2][4], BFrag&& bfrag) {
+    const int tig = static_cast<int>(threadIdx.x) & 3;
+    const uint8_t* w0 = wst + lo.w0;
+    const uint8_t* w1 = wst + lo.w1;
+    const uint8_t* sc0 = sst + lo.s0;
+    const uint8_t* sc1 = sst + lo.s1;
     if constexpr (kUnroll > 0) {
 #pragma unroll
         for (int j = 0; j < kUnroll; ++j)
@@ -409,12 +432,12 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
     const int g = lane >> 2, tig = lane & 3;
     const int s0 = warp * p.spw, ns = max(0, min(p.spw, p.steps - s0));
     const int C = p.C;
+    const LaneOffs offs = lane_offs<F>(p);
     float acc[2][2][4];   // [w1 | w3][chain][fragment]
-    int cur_q = -1, xoff = -1, m_cnt = 0, start = 0;
+    int cur_q = -1, xoff = 0, m_cnt = 0, start = 0;
     GemmGroup G{};
     auto xfrag = [&](int j, int l) {   // from the x stage
-        return xoff >= 0 ? *reinterpret_cast<const uint4*>(xs + xoff + x_chunk_pos<F>((s0 + j) * kChunksPerStep + tig * 4 + l) * 16)
-                         : make_uint4(0, 0, 0, 0);
+        return *reinterpret_cast<const uint4*>(xs + xoff + x_chunk_pos<F>((s0 + j) * kChunksPerStep + tig * 4 + l) * 16);
     };
     uint4 xb[kXs > 0 ? kXs : 1][4];   // kXs > 0: the entry's fragments
     int q = pa / RB, rb = pa - q * RB;   // pair pa + i / 2 = (entry q, row block rb), advanced per pair
@@ -430,7 +453,10 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
             m_cnt = rt.entry_cnt[q];
             start = rt.entry_start[q];
             G = p.table[rt.entry_exp[q]];
-            xoff = g < m_cnt ? (rt.order[start + g] / p.k) * p.x_rs : -1;   // this lane's B token row
+            // This lane's B token row: its slot's token, or for a lane past the entry's slots (g ≥
+            // m_cnt) the last slot's: that MMA column's partials are never summed (the pair's
+            // epilogue reads t < m_cnt), so any finite row serves and the reads need no zero fill.
+            xoff = (rt.order[start + min(g, m_cnt - 1)] / p.k) * p.x_rs;
             if constexpr (kXs > 0) {
 #pragma unroll
                 for (int j = 0; j < kXs; ++j)
@@ -447,8 +473,8 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
         auto run = [&](float (&a)[2][4], int bias) {
             zero(a);
             const uint8_t* sst = st + kRows * p.w_row_bytes;
-            if constexpr (kXs > 0) consume<F, kXs>(p, st, sst, s0, ns, bias, a, [&](int j, int l) { return xb[j][l]; });
-            else consume<F, 0>(p, st, sst, s0, ns, bias, a, xfrag);
+            if constexpr (kXs > 0) consume<F, kXs>(offs, st, sst, s0, ns, bias, a, [&](int j, int l) { return xb[j][l]; });
+            else consume<F, 0>(offs, st, sst, s0, ns, bias, a, xfrag);
         };
         if (m == 0) run(acc[0], G.bias[0]);
         else run(acc[1], G.bias[1]);
@@ -537,18 +563,39 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     const int g = lane >> 2, tig = lane & 3;
     const int s0 = warp * p.spw, ns = max(0, min(p.spw, p.steps - s0));
+    const LaneOffs offs = lane_offs<F>(p);
+    // Byte offsets within a stage (32 bits: a stage is < 227 KB): a 16-row block's weight rows,
+    // the scale rows' start, a 16-row block's scale rows.
+    const int blk_w = kRows * static_cast<int>(p.w_row_bytes);
+    const int sc_at = p.stage_rows * static_cast<int>(p.w_row_bytes);
+    const int blk_s = kRows * static_cast<int>(p.s_row_bytes);
+    // The warp's K-range lies wholly inside K (V4-Flash, V4-Pro: every warp with steps): its h
+    // loads need no per-chunk predicate.
+    const bool whole = ns == kSpw && (s0 + kSpw) * kStepK <= p.K;
     // This lane's h fragments for entry q: slot g's columns (s0 + j)·128 + (4·tig + l)·8 .. + 8.
     // Loaded one entry ahead (two register sets), so the loads' latency hides behind an entry's MMAs.
+    // A lane whose token column g has no slot in the entry (g ≥ its count) reads the entry's last
+    // slot instead: that MMA column is never stored (fo < 0 below), so any finite row serves, and
+    // the loads need neither a zero fill nor a predicate (exact: the stored columns see only
+    // their own lanes' fragments).
     auto load_h = [&](int q, uint4 (&hb)[kSpw][4]) {
-        const uint16_t* hrow = q < Q && g < rt.entry_cnt[q]
-                                   ? p.h + static_cast<int64_t>(rt.order[rt.entry_start[q] + g]) * p.K
-                                   : nullptr;
+        if (q >= Q) return;   // uniform: no entry after the last
+        const uint16_t* hrow =
+            p.h + static_cast<int64_t>(rt.order[rt.entry_start[q] + min(g, rt.entry_cnt[q] - 1)]) * p.K;
+        if (whole) {
+#pragma unroll
+            for (int j = 0; j < kSpw; ++j)
+#pragma unroll
+                for (int l = 0; l < 4; ++l)
+                    hb[j][l] = *reinterpret_cast<const uint4*>(hrow + (s0 + j) * kStepK + (4 * tig + l) * 8);
+            return;
+        }
 #pragma unroll
         for (int j = 0; j < kSpw; ++j)
 #pragma unroll
             for (int l = 0; l < 4; ++l) {
                 const int col = (s0 + j) * kStepK + (4 * tig + l) * 8;
-                hb[j][l] = hrow != nullptr && j < ns && col < p.K   // K % 8 == 0: a chunk is wholly in or out
+                hb[j][l] = j < ns && col < p.K   // K % 8 == 0: a chunk is wholly in or out
                                ? *reinterpret_cast<const uint4*>(hrow + col)
                                : make_uint4(0, 0, 0, 0);
             }
@@ -603,9 +650,8 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
             for (int jj = 0; jj < kL2MaxChunk; ++jj) {
                 zero(acc[jj]);
                 if (jj < nj)
-                    consume<F, kSpw>(p, st + jj * kRows * p.w_row_bytes,
-                                     st + p.stage_rows * p.w_row_bytes + jj * kRows * p.s_row_bytes, s0, ns, G.bias[0],
-                                     acc[jj], [&](int j2, int l) { return hb[j2][l]; });
+                    consume<F, kSpw>(offs, st + jj * blk_w, st + sc_at + jj * blk_s, s0, ns, G.bias[0], acc[jj],
+                                     [&](int j2, int l) { return hb[j2][l]; });
             }
             __syncwarp();
             if (lane == 0) mbar_arrive(smem_addr(&ring_bars.empty[slot]));

@@ -104,7 +104,7 @@ MEGAMOE_W4A8_HD uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) {
 // k1 k3 k5 k7]) → its e4m3 codes in fp8 kernel order: w0 = columns [k0 k2 k1 k3] (nibbles 0 1 4 5),
 // w1 = [k4 k6 k5 k7] (nibbles 2 3 6 7), each magnitude looked up in the table (tlo, thi) and signed.
 // Ten integer ops for 8 columns (a mask, a shift, 6 PRMTs, 2 LOP3s) where the bf16 path's
-// fp4x8_bits takes 13 and 4 bf16 scale multiplies (device.cuh).
+// fp4x8_bits takes 10 and 4 bf16 scale multiplies (device.cuh).
 MEGAMOE_W4A8_HD void fp4x8_e4m3(uint32_t q, uint32_t tlo, uint32_t thi, uint32_t& w0, uint32_t& w1) {
     const uint32_t m = q & 0x77777777u;   // magnitudes; bytes: n0|n1, n2|n3, n4|n5, n6|n7
     // Selectors of 4 magnitudes each (only the low 16 bits count): nibbles n0 n1 n4 n5, n2 n3 n6 n7.
