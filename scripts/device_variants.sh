@@ -3,9 +3,9 @@
 # layer alone (megamoe-gemm-bench --moe-small, T = 1, 2; the general path at T = 64) and the 8-layer
 # step (megamoe-forward-bench), each variant in turn, in rounds, optionally after a test filter.
 # (scripts/device_small_diet.sh is the two-variant form of the same call.)
-#   packing (here): bash scripts/device_pack.sh build tiny-flash-nvfp4, then unpack .device/pack.tar.xz,
-#   add each other build's two benches to its bin/ as megamoe-gemm-bench-NAME and
-#   megamoe-forward-bench-NAME, drop bin/megamoe and re-pack (under the 64 MiB a run carries)
+#   packing (here): bash scripts/device_pack.sh build tiny-flash-nvfp4, then
+#   bash scripts/device_repack.sh NAME=DIR ... (each other build's two benches as *-NAME; deleting
+#   .device/golden.tar.xz leaves room for more builds where the tests named need no golden case)
 #   usage (on the GPU machine, repository root):
 #     bash scripts/device_variants.sh "old dec new" [layers] [gtest filter] ["old new": the steps' variants]
 #     ("new": the packed build; the steps run the first list unless the fourth argument names fewer)
