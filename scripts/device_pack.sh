@@ -46,9 +46,4 @@ rm -rf "$stage"
 du -sh .device/*
 du -sh .device
 # What travels is the working tree plus .device; the device tool refuses more than 64 MiB.
-total=$(( $(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1) + $(du -sb .device | cut -f1) ))
-if [ "$total" -gt $((64 * 1024 * 1024)) ]; then
-    echo "device_pack: the tree and .device come to $total bytes, over the 64 MiB a run carries" >&2
-    echo "  (pack fewer golden cases, or --tests)" >&2
-    exit 1
-fi
+bash scripts/device_fits.sh device_pack "pack fewer golden cases, or --tests"

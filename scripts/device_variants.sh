@@ -2,7 +2,6 @@
 # One device call comparing builds of the small-T expert path and the batch-1/2 step: the expert
 # layer alone (megamoe-gemm-bench --moe-small, T = 1, 2; the general path at T = 64) and the 8-layer
 # step (megamoe-forward-bench), each variant in turn, in rounds, optionally after a test filter.
-# (scripts/device_small_diet.sh is the two-variant form of the same call.)
 #   packing (here): bash scripts/device_pack.sh build tiny-flash-nvfp4, then
 #   bash scripts/device_repack.sh NAME=DIR ... (each other build's two benches as *-NAME; deleting
 #   .device/golden.tar.xz leaves room for more builds where the tests named need no golden case)
