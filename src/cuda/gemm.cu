@@ -1866,6 +1866,7 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
 void linear(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
             const GemmScratch* scratch, CUstream_st* stream) {
     if (M <= 16) linear_small_m(w, x, M, y, o, stream);
+    else if (M <= kRegsMaxM && !o.ring && regs_fits(w, x, o)) linear_regs(w, x, M, y, o, stream);
     else linear_tiled(w, x, M, y, o, scratch, stream, Tile::automatic);
 }
 

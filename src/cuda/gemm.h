@@ -3,7 +3,8 @@
 //
 // Two kernel families (gemm.cu: mma.sync tiles and wgmma tiles) serve three callers:
 //   linear / linear_tiled   y[M, N] = x[M, K] · Wᵀ for one weight (M > 16; M ≤ 16 goes to
-//                           linear_small_m), optionally grouped (wo_a) and with bf16 output;
+//                           linear_small_m, and FP8 / BF16 weights up to kRegsMaxM tokens to
+//                           linear_regs), optionally grouped (wo_a) and with bf16 output;
 //   moe_l1                  per expert e, rows j of its slice of xs:
 //                           h[j] = silu(min(g, L)) · clamp(u, -L, L) · ws[j]   (bf16)
 //                           with g = xs[j] · w1[e]ᵀ, u = xs[j] · w3[e]ᵀ computed in one pass;
@@ -88,7 +89,8 @@ struct GemmScratch {
 // only w's layout, so w may be a plan from a counting arena (upload_linear).
 size_t linear_scratch_bytes(const DeviceLinear& w, int64_t M, const LinearOptions& o);
 
-// y[M, N] = x[M, K·groups] · Wᵀ (see LinearOptions): M ≤ 16 → linear_small_m, else linear_tiled.
+// y[M, N] = x[M, K·groups] · Wᵀ (see LinearOptions): M ≤ 16 → linear_small_m; M ≤ kRegsMaxM with
+// regs_fits (FP8 blocks or BF16 weights; linear.h) → linear_regs; else linear_tiled.
 // x bf16 row-major [M, K·groups] (16-byte aligned; for the tiled path K % 8 == 0), y f32 or bf16
 // [M, N]. Asynchronous, deterministic, allocation-free and graph-capturable: the wgmma path takes
 // its buffers from `scratch` (see GemmScratch), which the caller owns, so capture needs no warm-up

@@ -174,8 +174,8 @@ bool fp8_act_fits(const DeviceLinear& w, const LinearOptions& o);
 // activation's codes multiplied on the tensor core (mma.sync m16n8k32 e4m3, no weight decode), each
 // 128-column block's f32 partial scaled by (weight block scale · activation block scale) and
 // accumulated in f32. Every product is exact (e4m3 × e4m3 fits f32); y differs from the CPU twin
-// ops::linear(w, round_gemm_input(x)) by the order of f32 summation only. M ≤ 16 per launch (slices
-// of 16 beyond). Same launch contract as linear_small_m (asynchronous, capturable, deterministic,
+// ops::linear(w, round_gemm_input(x)) by the order of f32 summation only. M ≤ 64 per launch (slices
+// of 64 beyond). Same launch contract as linear_small_m (asynchronous, capturable, deterministic,
 // programmatic dependent launch: weights are prefetched before the wait for the previous kernel).
 // Throws unless fp8_act_fits(w, o).
 void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, const LinearOptions& o,
@@ -191,12 +191,16 @@ std::string linear_fp8_act_plan(const DeviceLinear& w, int64_t M);
 // exactness (each weight decoded exactly to bf16 with its block scale, fp32 accumulation: y differs
 // from ops::linear by summation order only), but laid out as linear_fp8_act: each lane streams 16
 // bytes of two weight rows per step into registers (two batches of 4 steps in flight, both
-// requested before the wait for the previous kernel), x goes from global memory into the B
-// fragments, no shared-memory x stage and no cluster; the K-range partials of a CTA's warps are
-// summed in shared memory in a fixed order.
+// requested before the wait for the previous kernel; batches of 2 steps from 17 tokens on), x goes
+// from global memory into the B fragments, no shared-memory x stage and no cluster; the K-range
+// partials of a CTA's warps are summed in shared memory in a fixed order. Up to 64 tokens per
+// launch (1, 2, 4 or 8 token tiles of 8 per warp), more in launches of 64.
 // Fits: fp8_block weights without NaN codes and K % 128 == 0, or bf16 weights and K % 64 == 0;
 // groups of a multiple of 16 rows; x 16-byte aligned. linear_regs throws otherwise.
 bool regs_fits(const DeviceLinear& w, const uint16_t* x_bf16, const LinearOptions& o);
+// cuda::linear (gemm.h) runs linear_regs up to this many tokens where it fits (one launch up to 64
+// tokens: eight n8 MMA tiles per warp), the wgmma tiles above.
+constexpr int64_t kRegsMaxM = 64;
 void linear_regs(const DeviceLinear& w, const uint16_t* x_bf16, int64_t M, void* y, const LinearOptions& o,
                  CUstream_st* stream);
 std::string linear_regs_plan(const DeviceLinear& w, int64_t M);

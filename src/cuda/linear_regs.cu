@@ -17,14 +17,15 @@
 // the block scaling (4 FMAs and three loads of scales).
 //
 // Layout. A warp owns 16 weight rows (the MMA's M, "swap AB": tokens are the MMA's N = 8 columns,
-// two n-tiles for 9..16 tokens) and a range of 64-byte steps along K; lane (g, tig) loads 16 bytes
+// 1, 2, 4 or 8 n-tiles for up to 8, 16, 32 or 64 tokens; with BF16 activations at 33-64 tokens two
+// 16-row tiles, MT below) and a range of 64-byte steps along K; lane (g, tig) loads 16 bytes
 // of rows g and g + 8 per step (ld.global.nc, no L1 allocation, 256-byte L2 prefetch) and, for
 // token g (+ 8), the same 16 columns of q. The MMA's k order inside a step is free as long as A
 // and B agree: the lane's words 0, 1 feed one MMA (as its k 4·tig.. and 16 + 4·tig..), words 2, 3
 // the next, for weights and activation alike, and both are stored in kernel order (bytes k0 k2 k1
 // k3 of every word), so no byte is moved. The weights stream through registers in batches of
-// kU = 4 steps, double-buffered (the next batch is in flight while this one is multiplied), with
-// no shared memory and no barrier on the way.
+// kU = 4 steps (2 from four n-tiles on), double-buffered (the next batch is in flight while this
+// one is multiplied), with no shared memory and no barrier on the way.
 //
 // Numerics. Each 128-column block (two steps) is multiplied into a fresh f32 fragment, which is
 // then scaled by the weight block's e8m0 scale times the activation block's scale (both powers
@@ -53,6 +54,7 @@
 
 #include "core/common.h"
 #include "cuda/device.cuh"
+#include "cuda/device_info.h"
 #include "cuda/linear.h"
 #include "io/formats.h"
 
@@ -64,9 +66,13 @@ using namespace dev;
 
 constexpr int kThreads = 256;               // 8 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kU = 4;                       // steps per register batch (two 128-column blocks)
-constexpr int kMaxTokens = 16;              // two n8 tiles
-constexpr int kRedFloats = kWarps * 16 * kMaxTokens;   // partials: (wk · wr · 16 rows) × tokens
+// Steps per register batch: 4 (two 128-column blocks) up to two token tiles; 2 from four tiles on,
+// where each step's MMAs take NT times as long and the accumulators take the registers (NT = 8: 32
+// f32 per lane).
+template <int NT> constexpr int kU = NT >= 4 ? 2 : 4;
+constexpr int kMaxTokens = 64;              // eight n8 tiles per launch
+// Token tiles of a launch of m tokens: 1, 2, 4 or 8.
+constexpr int token_tiles(int64_t m) { return m > 32 ? 8 : m > 16 ? 4 : m > 8 ? 2 : 1; }
 
 struct Fp8Params {
     const uint8_t* w;       // [N] rows of w_row_bytes (kernel order)
@@ -109,11 +115,12 @@ __device__ __forceinline__ float e8m0_value(uint32_t e) {
     return e == 0 ? __uint_as_float(0x00400000u) : (e == 255 ? __uint_as_float(0x7FC00000u) : __uint_as_float(e << 23));
 }
 
-struct Batch {
-    uint4 r0[kU], r1[kU];   // rows g and g + 8, kU steps
+template <int U, int MT> struct Batch {
+    uint4 r0[MT][U], r1[MT][U];   // rows g and g + 8 of each row tile, U steps
 };
 
-// Grid (1, ceil(N / (16·wr))), 256 threads. Warp w: row tile w % wr of the CTA's wr, K-range w / wr.
+// Grid (1, ceil(N / (16·MT·wr))), 256 threads. Warp w: row tile w % wr of the CTA's wr (16·MT rows
+// each), K-range w / wr.
 // BX: BF16 activations (linear_regs): the weights are decoded as linear_small_m decodes them
 // (decode_a: e4m3 bits in a bf16 times the block's 2^(e - bias) multiplier, exact) and multiplied
 // with x's bf16 values on m16n8k16 bf16 MMAs; x goes from global memory (L1) straight into the B
@@ -122,93 +129,131 @@ struct Batch {
 // (BF16 weights, BF16 activations: the weight bytes are the A fragments as they are); the last two
 // are linear_regs.
 constexpr int kAct = 0, kFp8W = 1, kBf16W = 2;
-template <int NT, int MODE>
-__global__ void __launch_bounds__(kThreads, 2) linear_regs_kernel(const Fp8Params p) {
+template <int NT> constexpr int kMinCtas = NT >= 4 ? 1 : 2;   // CTAs per SM the registers allow
+// Partial sums of a CTA whose warps split K: (wk · wr · 16·MT rows) × 8·NT tokens, f32. Up to 32 KB
+// they are a static array; MT = 2 at eight token tiles (64 KB) takes dynamic shared memory.
+template <int NT, int MT> constexpr int kRedBytes = kWarps * 16 * MT * 8 * NT * 4;
+template <int NT, int MT> constexpr bool kRedDynamic = kRedBytes<NT, MT> > 32 * 1024;
+// MT: 16-row tiles per warp (1, or 2 with BF16 activations from 33 tokens on): each x fragment a
+// lane loads feeds MT tiles' MMAs. At eight token tiles a warp step of one row tile reads 8 KB of
+// x (from L1) per 1 KB of weights; two row tiles halve that, at 2 × 8 × 4 accumulators per lane.
+template <int NT, int MODE, int MT>
+__global__ void __launch_bounds__(kThreads, kMinCtas<NT>) linear_regs_kernel(const Fp8Params p) {
+    static_assert(MT == 1 || (MT == 2 && MODE != kAct), "two row tiles per warp: BF16 activations only");
     constexpr bool BX = MODE != kAct;
     constexpr int kStepCols = MODE == kBf16W ? kStepBytes / 2 : kStepBytes;   // columns per 64-byte step
-    __shared__ float red[kRedFloats];
+    constexpr int U = kU<NT>;
+    constexpr int kWarpRows = 16 * MT;
+    __shared__ float red_static[kRedDynamic<NT, MT> ? 1 : kRedBytes<NT, MT> / 4];
+    extern __shared__ float red_dynamic[];
+    float* red = kRedDynamic<NT, MT> ? red_dynamic : red_static;
     const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
     const int g = lane >> 2, tig = lane & 3;
     const int wk_count = kWarps / p.wr;
     const int wrow = warp % p.wr, wk = warp / p.wr;
-    const int R = p.wr * 16;
-    const int row0 = static_cast<int>(blockIdx.y) * R + wrow * 16;
+    const int R = p.wr * kWarpRows;
+    const int row0 = static_cast<int>(blockIdx.y) * R + wrow * kWarpRows;
     const int s0 = wk * p.spw;
     const int n = max(0, min(s0 + p.spw, p.steps) - s0);   // even: K % 128 == 0, spw even
-    // Rows past N read row N - 1 (valid memory) and are never written.
-    const int ra = min(row0 + g, p.N - 1), rb = min(row0 + 8 + g, p.N - 1);
-    const uint8_t* wa = p.w + static_cast<int64_t>(ra) * p.w_row_bytes + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
-    const uint8_t* wb = p.w + static_cast<int64_t>(rb) * p.w_row_bytes + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
+    // Rows past N read row N - 1 (valid memory) and are never written. Row tile mt: rows
+    // row0 + 16·mt + g (A rows g) and + 8 (A rows g + 8).
+    const uint8_t* wa[MT];
+    const uint8_t* wb[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const int ra = min(row0 + 16 * mt + g, p.N - 1), rb = min(row0 + 16 * mt + 8 + g, p.N - 1);
+        wa[mt] = p.w + static_cast<int64_t>(ra) * p.w_row_bytes + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
+        wb[mt] = p.w + static_cast<int64_t>(rb) * p.w_row_bytes + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
+    }
+    // A warp's 16·MT rows lie in one 128-row scale block (row0 is a multiple of 16·MT).
     const uint8_t* sc = p.scale + static_cast<int64_t>(min(row0, p.N - 1) / 128) * p.s_row_bytes + s0 / 2;
     const int nblk = p.K / 128;
     const uint8_t* qx[NT];
     const float* sx[NT][2];
-    const uint16_t* xr[NT];   // BX: token g's x at this lane's 16 columns of step s0 (+ 8·nt tokens)
-    bool on[NT];
+    // BF16 activations: token g's x at this lane's 16 columns of step s0 (+ 8·nt tokens). A token
+    // column past M reads token M - 1 (valid memory, finite where x is): column n of the MMA's B
+    // feeds only column n of C, which is not stored for t ≥ M, so no load needs a predicate.
+    // (As 32-bit offsets from one base: regs_fits keeps 64 rows of x under 2^31 elements.)
+    const uint16_t* xbase = nullptr;
+    uint32_t xr[NT];
+    if constexpr (BX) {
+        const int64_t grp = p.group_rows ? min(row0, p.N - 1) / p.group_rows : 0;
+        xbase = p.xb + grp * p.K + static_cast<int64_t>(s0) * kStepCols + tig * (kStepCols / 4);
+    }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-        const int t = nt * 8 + g;
-        on[nt] = t < p.M;
+        const int t = min(nt * 8 + g, p.M - 1);
         if constexpr (BX) {
-            const int64_t grp = p.group_rows ? min(row0, p.N - 1) / p.group_rows : 0;
-            xr[nt] = p.xb + static_cast<int64_t>(on[nt] ? t : 0) * p.x_ld + grp * p.K + static_cast<int64_t>(s0) * kStepCols +
-                     tig * (kStepCols / 4);
+            xr[nt] = static_cast<uint32_t>(t) * static_cast<uint32_t>(p.x_ld);
         } else {
-            qx[nt] = p.q + static_cast<int64_t>(on[nt] ? t : 0) * p.K + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
+            qx[nt] = p.q + static_cast<int64_t>(t) * p.K + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
             // The C fragment's columns: tokens nt·8 + 2·tig and + 1 (clamped; unused ones are not written).
             sx[nt][0] = p.s + static_cast<int64_t>(min(nt * 8 + 2 * tig, p.M - 1)) * nblk + s0 / 2;
             sx[nt][1] = p.s + static_cast<int64_t>(min(nt * 8 + 2 * tig + 1, p.M - 1)) * nblk + s0 / 2;
         }
     }
 
-    float acc[NT][4];
+    float acc[MT][NT][4];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nt][i] = 0.0f;
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
 
-    const int nb = (n + kU - 1) / kU;
-    auto load = [&](Batch& B, int b) {
+    const int nb = (n + U - 1) / U;
+    auto load = [&](Batch<U, MT>& B, int b) {
 #pragma unroll
-        for (int u = 0; u < kU; ++u) {
-            const int i = min(b * kU + u, n - 1);   // past the range: reload the last step (not used)
-            B.r0[u] = ld_weights(wa + static_cast<int64_t>(i) * kStepBytes);
-            B.r1[u] = ld_weights(wb + static_cast<int64_t>(i) * kStepBytes);
+        for (int u = 0; u < U; ++u) {
+            const int i = min(b * U + u, n - 1);   // past the range: reload the last step (not used)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                B.r0[mt][u] = ld_weights(wa[mt] + static_cast<int64_t>(i) * kStepBytes);
+                B.r1[mt][u] = ld_weights(wb[mt] + static_cast<int64_t>(i) * kStepBytes);
+            }
         }
     };
-    auto multiply = [&](const Batch& B, int b) {
+    auto multiply = [&](const Batch<U, MT>& B, int b) {
 #pragma unroll
-        for (int u = 0; u < kU; u += 2) {   // one 128-column block: steps i, i + 1
-            const int i = b * kU + u;
+        for (int u = 0; u < U; u += 2) {   // one 128-column block: steps i, i + 1
+            const int i = b * U + u;
             if (i >= n) break;
             if constexpr (MODE == kBf16W) {
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    uint32_t a[2][4];
-                    decode_a<LinearFormat::bf16>(B.r0[u + h], B.r1[u + h], 0, 0u, 0u, 0u, 0u, a);
+                    uint32_t a[MT][2][4];
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
+                        decode_a<LinearFormat::bf16>(B.r0[mt][u + h], B.r1[mt][u + h], 0, 0u, 0u, 0u, 0u, a[mt]);
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
-                        const uint4 x = on[nt] ? __ldg(reinterpret_cast<const uint4*>(xr[nt] + (i + h) * kStepCols))
-                                               : make_uint4(0, 0, 0, 0);
-                        mma_bf16(acc[nt], a[0][0], a[0][1], a[0][2], a[0][3], x.x, x.y);
-                        mma_bf16(acc[nt], a[1][0], a[1][1], a[1][2], a[1][3], x.z, x.w);
+                        const uint4 x = __ldg(reinterpret_cast<const uint4*>(xbase + xr[nt] + (i + h) * kStepCols));
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            mma_bf16(acc[mt][nt], a[mt][0][0], a[mt][0][1], a[mt][0][2], a[mt][0][3], x.x, x.y);
+                            mma_bf16(acc[mt][nt], a[mt][1][0], a[mt][1][1], a[mt][1][2], a[mt][1][3], x.z, x.w);
+                        }
                     }
                 }
             } else if constexpr (MODE == kFp8W) {
-                // Rows g and g + 8 lie in one 128-row block: one multiplier for the block's 128 columns.
+                // A warp's rows lie in one 128-row block: one multiplier for the block's 128 columns.
                 const uint32_t m = pow2_bf16x2(__ldg(sc + i / 2), p.bias);
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
 #pragma unroll
                     for (int l = 0; l < 2; ++l) {   // the lane's 8-column halves: bytes 8·l .. 8·l + 7
-                        uint32_t a[2][4];
-                        decode_a<LinearFormat::fp8_block>(B.r0[u + h], B.r1[u + h], l, m, m, m, m, a);
+                        uint32_t a[MT][2][4];
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt)
+                            decode_a<LinearFormat::fp8_block>(B.r0[mt][u + h], B.r1[mt][u + h], l, m, m, m, m, a[mt]);
 #pragma unroll
                         for (int nt = 0; nt < NT; ++nt) {
-                            const uint4 x = on[nt] ? __ldg(reinterpret_cast<const uint4*>(xr[nt] + (i + h) * kStepCols + 8 * l))
-                                                   : make_uint4(0, 0, 0, 0);
-                            mma_bf16(acc[nt], a[0][0], a[0][1], a[0][2], a[0][3], x.x, x.y);
-                            mma_bf16(acc[nt], a[1][0], a[1][1], a[1][2], a[1][3], x.z, x.w);
+                            const uint4 x = __ldg(reinterpret_cast<const uint4*>(xbase + xr[nt] + (i + h) * kStepCols + 8 * l));
+#pragma unroll
+                            for (int mt = 0; mt < MT; ++mt) {
+                                mma_bf16(acc[mt][nt], a[mt][0][0], a[mt][0][1], a[mt][0][2], a[mt][0][3], x.x, x.y);
+                                mma_bf16(acc[mt][nt], a[mt][1][0], a[mt][1][1], a[mt][1][2], a[mt][1][3], x.z, x.w);
+                            }
                         }
                     }
                 }
@@ -220,12 +265,14 @@ __global__ void __launch_bounds__(kThreads, 2) linear_regs_kernel(const Fp8Param
                     for (int j = 0; j < 4; ++j) c[nt][j] = 0.0f;
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const uint4& a = B.r0[u + h];
-                    const uint4& bb = B.r1[u + h];
+                    const uint4& a = B.r0[0][u + h];
+                    const uint4& bb = B.r1[0][u + h];
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
-                        const uint4 x = on[nt] ? __ldg(reinterpret_cast<const uint4*>(qx[nt] + (i + h) * kStepBytes))
-                                               : make_uint4(0, 0, 0, 0);
+                        // (Predicated on the token for two tiles: unconditional loads spill there, ptxas.)
+                        const uint4 x = NT != 2 || nt * 8 + g < p.M
+                                            ? __ldg(reinterpret_cast<const uint4*>(qx[nt] + (i + h) * kStepBytes))
+                                            : make_uint4(0, 0, 0, 0);
                         mma_e4m3(c[nt], a.x, bb.x, a.y, bb.y, x.x, x.y);
                         mma_e4m3(c[nt], a.z, bb.z, a.w, bb.w, x.z, x.w);
                     }
@@ -234,10 +281,10 @@ __global__ void __launch_bounds__(kThreads, 2) linear_regs_kernel(const Fp8Param
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
                     const float f0 = sw * __ldg(sx[nt][0] + i / 2), f1 = sw * __ldg(sx[nt][1] + i / 2);
-                    acc[nt][0] = fmaf(c[nt][0], f0, acc[nt][0]);
-                    acc[nt][1] = fmaf(c[nt][1], f1, acc[nt][1]);
-                    acc[nt][2] = fmaf(c[nt][2], f0, acc[nt][2]);
-                    acc[nt][3] = fmaf(c[nt][3], f1, acc[nt][3]);
+                    acc[0][nt][0] = fmaf(c[nt][0], f0, acc[0][nt][0]);
+                    acc[0][nt][1] = fmaf(c[nt][1], f1, acc[0][nt][1]);
+                    acc[0][nt][2] = fmaf(c[nt][2], f0, acc[0][nt][2]);
+                    acc[0][nt][3] = fmaf(c[nt][3], f1, acc[0][nt][3]);
                 }
             }
         }
@@ -247,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 2) linear_regs_kernel(const Fp8Param
     // waiting for the previous kernel (programmatic dependent launch), whose output (the
     // activation) is read only after the wait; then one batch is in flight while the other is
     // multiplied. (With two token tiles both batches before the wait spilled: 140 bytes, ptxas.)
-    Batch A, B;
+    Batch<U, MT> A, B;
     if (n > 0) load(A, 0);
     if constexpr (NT == 1) {
         if (nb > 1) load(B, 1);
@@ -279,24 +326,28 @@ __global__ void __launch_bounds__(kThreads, 2) linear_regs_kernel(const Fp8Param
     const int M = p.M;
     if (wk_count == 1) {   // the warp has whole rows: write from the fragments
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int t = nt * 8 + 2 * tig + (i & 1);
-                const int row = row0 + g + (i >= 2 ? 8 : 0);
-                if (t < M && row < p.N) store(t, row, acc[nt][i]);
-            }
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int t = nt * 8 + 2 * tig + (i & 1);
+                    const int row = row0 + 16 * mt + g + (i >= 2 ? 8 : 0);
+                    if (t < M && row < p.N) store(t, row, acc[mt][nt][i]);
+                }
         return;
     }
     // Partials red[wk][t][row in CTA], then each (t, row) summed over wk in order.
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int t = nt * 8 + 2 * tig + (i & 1);
-            const int rl = wrow * 16 + g + (i >= 2 ? 8 : 0);
-            if (t < M) red[(wk * M + t) * R + rl] = acc[nt][i];
-        }
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int t = nt * 8 + 2 * tig + (i & 1);
+                const int rl = wrow * kWarpRows + 16 * mt + g + (i >= 2 ? 8 : 0);
+                if (t < M) red[(wk * M + t) * R + rl] = acc[mt][nt][i];
+            }
     __syncthreads();
     for (int i = static_cast<int>(threadIdx.x); i < M * R; i += kThreads) {
         const int t = i / R, rl = i - t * R;
@@ -324,24 +375,41 @@ struct Fp8Plan {
 // their weight stream from nothing after the first wave's; in one wave every warp's first two
 // batches are requested before the wait.)
 constexpr int64_t kMaxWarps = 2112;
-Fp8Plan plan_fp8(int64_t N, int64_t steps) {
+// From four token tiles on the kernel runs one CTA per SM (kMinCtas): half the warps per wave.
+// mt: 16-row tiles per warp (the kernel's MT).
+Fp8Plan plan_fp8(int64_t N, int64_t steps, int nt, int mt) {
     Fp8Plan pl;
-    const int64_t tiles = (N + 15) / 16;
+    const int64_t max_warps = kMaxWarps * (nt >= 4 ? 1 : 2) / 2;
+    const int64_t tiles = (N + 16 * mt - 1) / (16 * mt);
     int wk = 8;
-    while (wk > 1 && (steps / wk < kU || tiles * wk > kMaxWarps)) wk /= 2;
+    while (wk > 1 && (steps / wk < kU<1> || tiles * wk > max_warps)) wk /= 2;
     pl.wk = wk;
     pl.wr = kWarps / wk;
     int64_t spw = (steps + wk - 1) / wk;
     spw += spw & 1;
     pl.spw = static_cast<int>(spw);
-    pl.row_blocks = static_cast<int>((N + 16 * pl.wr - 1) / (16 * pl.wr));
+    pl.row_blocks = static_cast<int>((N + 16 * mt * pl.wr - 1) / (16 * mt * pl.wr));
     return pl;
 }
 
+// Row tiles per warp for a launch of nt token tiles with BF16 activations (bx): two at eight token
+// tiles where a group (if any) holds whole 32-row tiles and the launch keeps at least half a wave
+// of warps, else one. Measured on an H100 (megamoe-gemm-bench --part linears --M 64 --format fp8,
+// one call, µs, MT = 2 against MT = 1): wq_b 24.41 / 28.22, wo_a 25.79 / 31.65, wo_b 25.52 / 28.20,
+// shared w2 10.00 / 10.80, indexer wq_b 11.50 / 12.24 (each 1024 warps at MT = 2); but wq_a 12.75 /
+// 9.99, wkv 12.09 / 9.56, shared w1 13.77 / 10.16, where 32-row tiles leave 128-512 warps.
+int row_tiles(int nt, bool bx, int64_t group_rows, int64_t N, int64_t steps) {
+    if (!bx || nt != 8 || group_rows % 32 != 0) return 1;
+    const Fp8Plan pl = plan_fp8(N, steps, nt, 2);
+    return int64_t{pl.row_blocks} * kWarps >= kMaxWarps / 4 ? 2 : 1;   // kMaxWarps / 4: half a wave at one CTA per SM
+}
+
 // The plan of either host entry point, as text (benchmarks' --plans).
-std::string plan_text(const std::string& kernel, const DeviceLinear& w, int64_t M) {
-    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
-    return kernel + " NT=" + std::to_string(std::min<int64_t>(M, kMaxTokens) > 8 ? 2 : 1) + " Wr=" + std::to_string(pl.wr) +
+std::string plan_text(const std::string& kernel, const DeviceLinear& w, int64_t M, bool bx, int64_t group_rows) {
+    const int nt = token_tiles(std::min<int64_t>(std::max<int64_t>(M, 1), kMaxTokens));
+    const int mt = row_tiles(nt, bx, group_rows, w.out, w.weight_row_bytes / kStepBytes);
+    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes, nt, mt);
+    return kernel + " NT=" + std::to_string(nt) + " MT=" + std::to_string(mt) + " Wr=" + std::to_string(pl.wr) +
            " Wk=" + std::to_string(pl.wk) + " grid=1x" + std::to_string(pl.row_blocks) +
            " steps/warp=" + std::to_string(pl.spw);
 }
@@ -366,6 +434,32 @@ Fp8Params weight_params(const DeviceLinear& w, const Fp8Plan& pl, const LinearOp
     return p;
 }
 
+template <int NT, int MODE, int MT>
+cudaError_t launch_regs_kernel(const Fp8Plan& pl, const Fp8Params& p, CUstream_st* stream) {
+    const auto kernel = linear_regs_kernel<NT, MODE, MT>;
+    size_t smem = 0;
+    if constexpr (kRedDynamic<NT, MT>) {
+        smem = kRedBytes<NT, MT>;
+        raise_dynamic_smem(reinterpret_cast<const void*>(kernel), smem);
+    }
+    return launch_pdl(kernel, dim3(1, static_cast<unsigned>(pl.row_blocks)), dim3(kThreads), smem, stream, p);
+}
+
+// One launch of linear_regs_kernel with nt token tiles (token_tiles of the launch's m) and mt row
+// tiles per warp (row_tiles).
+template <int MODE> cudaError_t launch_regs(int nt, int mt, const Fp8Plan& pl, const Fp8Params& p, CUstream_st* stream) {
+    switch (nt) {
+        case 1: return launch_regs_kernel<1, MODE, 1>(pl, p, stream);
+        case 2: return launch_regs_kernel<2, MODE, 1>(pl, p, stream);
+        case 4: return launch_regs_kernel<4, MODE, 1>(pl, p, stream);
+        default:
+            if constexpr (MODE != kAct) {
+                if (mt == 2) return launch_regs_kernel<8, MODE, 2>(pl, p, stream);
+            }
+            return launch_regs_kernel<8, MODE, 1>(pl, p, stream);
+    }
+}
+
 }  // namespace
 
 bool fp8_act_fits(const DeviceLinear& w, const LinearOptions& o) {
@@ -373,7 +467,7 @@ bool fp8_act_fits(const DeviceLinear& w, const LinearOptions& o) {
            o.groups == 1 && w.weight && w.scale;
 }
 
-std::string linear_fp8_act_plan(const DeviceLinear& w, int64_t M) { return plan_text("fp8xfp8", w, M); }
+std::string linear_fp8_act_plan(const DeviceLinear& w, int64_t M) { return plan_text("fp8xfp8", w, M, false, 0); }
 
 void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, const LinearOptions& o,
                     CUstream_st* stream) {
@@ -384,15 +478,14 @@ void linear_fp8_act(const DeviceLinear& w, const ActFp8& x, int64_t M, void* y, 
     if (M == 0) return;
     if (!x.q || !x.s || !y) fail("linear_fp8_act: null activation or output");
     if (w.out > (int64_t{1} << 30) || w.in > (int64_t{1} << 30)) fail("linear_fp8_act: shape too large");
-    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
     for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens) {
         const int m = static_cast<int>(std::min<int64_t>(kMaxTokens, M - m0));
+        const int nt = token_tiles(m);
+        const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes, nt, 1);
         Fp8Params p = weight_params(w, pl, o, y, m0, m);
         p.q = x.q + m0 * w.in;
         p.s = x.s + m0 * (w.in / 128);
-        const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
-        const cudaError_t e = m > 8 ? launch_pdl(linear_regs_kernel<2, kAct>, grid, block, 0, stream, p)
-                                    : launch_pdl(linear_regs_kernel<1, kAct>, grid, block, 0, stream, p);
+        const cudaError_t e = launch_regs<kAct>(nt, 1, pl, p, stream);
         if (e != cudaSuccess) fail("linear_fp8_act: launch: ", cudaGetErrorString(e));
     }
 }
@@ -407,11 +500,12 @@ bool regs_fits(const DeviceLinear& w, const uint16_t* x, const LinearOptions& o)
         return false;
     }
     if (o.groups > 1 && (w.out / o.groups) % 16 != 0) return false;   // a warp's 16 rows in one group
+    if (w.in * o.groups * kMaxTokens >= (int64_t{1} << 31)) return false;   // x offsets of a launch in 32 bits
     return reinterpret_cast<uintptr_t>(x) % 16 == 0;                  // x rows: K · groups, a multiple of 64
 }
 
 std::string linear_regs_plan(const DeviceLinear& w, int64_t M) {
-    return plan_text(w.format == LinearFormat::bf16 ? "bf16 regs" : "fp8 regs", w, M);
+    return plan_text(w.format == LinearFormat::bf16 ? "bf16 regs" : "fp8 regs", w, M, true, 0);
 }
 
 void linear_regs(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, const LinearOptions& o,
@@ -424,23 +518,20 @@ void linear_regs(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, c
     if (M == 0) return;
     if (!x || !y) fail("linear_regs: null activation or output");
     if (w.out > (int64_t{1} << 30) || w.in > (int64_t{1} << 30)) fail("linear_regs: shape too large");
-    const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes);
     const int64_t x_ld = w.in * o.groups;
     const bool bf16 = w.format == LinearFormat::bf16;
+    const int64_t group_rows = o.groups > 1 ? w.out / o.groups : 0;
     for (int64_t m0 = 0; m0 < M; m0 += kMaxTokens) {
         const int m = static_cast<int>(std::min<int64_t>(kMaxTokens, M - m0));
+        const int nt = token_tiles(m), mt = row_tiles(nt, true, group_rows, w.out, w.weight_row_bytes / kStepBytes);
+        const Fp8Plan pl = plan_fp8(w.out, w.weight_row_bytes / kStepBytes, nt, mt);
         Fp8Params p = weight_params(w, pl, o, y, m0, m);
         if (bf16) p.scale = p.w;   // (not read)
         p.xb = x + m0 * x_ld;
         p.x_ld = x_ld;
-        p.group_rows = o.groups > 1 ? static_cast<int>(w.out / o.groups) : 0;
+        p.group_rows = static_cast<int>(group_rows);
         kernel_scales(w, p.bias, p.out_scale);
-        const dim3 grid(1, static_cast<unsigned>(pl.row_blocks)), block(kThreads);
-        cudaError_t e;
-        if (bf16) e = m > 8 ? launch_pdl(linear_regs_kernel<2, kBf16W>, grid, block, 0, stream, p)
-                            : launch_pdl(linear_regs_kernel<1, kBf16W>, grid, block, 0, stream, p);
-        else e = m > 8 ? launch_pdl(linear_regs_kernel<2, kFp8W>, grid, block, 0, stream, p)
-                       : launch_pdl(linear_regs_kernel<1, kFp8W>, grid, block, 0, stream, p);
+        const cudaError_t e = bf16 ? launch_regs<kBf16W>(nt, mt, pl, p, stream) : launch_regs<kFp8W>(nt, mt, pl, p, stream);
         if (e != cudaSuccess) fail("linear_regs: launch: ", cudaGetErrorString(e));
     }
 }

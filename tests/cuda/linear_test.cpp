@@ -439,7 +439,7 @@ void check_fp8_act(const std::vector<Shape>& shapes, bool random_codes, uint32_t
         else make_quantized(h, LinearFormat::fp8_block, s.N, s.K, seed);
         cuda::OwnedLinear d(h.lin);
         ASSERT_TRUE(cuda::fp8_act_fits(d.view(), cuda::LinearOptions{}));
-        for (int64_t M : {1, 3, 8, 9, 16, 21}) {
+        for (int64_t M : {1, 3, 8, 9, 16, 21, 33, 64, 80}) {   // token tiles 1, 2, 4, 8; two launches
             const auto x = random_x(M, s.K, seed + static_cast<uint32_t>(M));
             std::vector<float> xf(x.size());
             for (size_t i = 0; i < x.size(); ++i) xf[i] = bf16_to_f32(x[i]);
@@ -576,33 +576,41 @@ TEST(CudaLinear, RegsAndRingMatchCpuTwin) {
         if (c.codes) make_random_codes(h, c.f, c.N, c.K, seed);
         else make_quantized(h, c.f, c.N, c.K, seed);
         cuda::OwnedLinear d(h.lin);
-        for (int64_t M : {1, 3, 9, 16}) {
+        // 1-16 tokens: linear_regs and the ring; 17-64 (token tiles 4, 8) and 80 (two launches):
+        // linear_regs, and cuda::linear, which runs it there, in place of the ring.
+        for (int64_t M : {1, 3, 9, 16, 17, 33, 64, 80}) {
             const auto x = random_x(M, c.K, seed + static_cast<uint32_t>(M));
             const Reference ref = cpu_twin(h.lin, x, M);
             DeviceArray<uint16_t> dx(x);
             ASSERT_TRUE(cuda::regs_fits(d.view(), dx.data(), cuda::LinearOptions{}));
             for (bool ring : {false, true}) {
+                if (ring && M > 16 && M != 64) continue;
                 cuda::LinearOptions o;
                 o.ring = ring;
                 DeviceArray<float> yf(static_cast<size_t>(M * c.N));
                 DeviceArray<uint16_t> yb(static_cast<size_t>(M * c.N));
                 CUDA_CHECK(cudaMemset(yf.data(), 0xFF, yf.size() * sizeof(float)));
                 CUDA_CHECK(cudaMemset(yb.data(), 0xFF, yb.size() * 2));
-                if (ring) cuda::linear_small_m(d.view(), dx.data(), M, yf.data(), o, nullptr);
-                else cuda::linear_regs(d.view(), dx.data(), M, yf.data(), o, nullptr);
+                // (ring at M = 64: cuda::linear, which takes linear_regs at 17-64 tokens.)
+                auto run = [&](void* y) {
+                    if (ring && M > 16) cuda::linear(d.view(), dx.data(), M, y, o, nullptr, nullptr);
+                    else if (ring) cuda::linear_small_m(d.view(), dx.data(), M, y, o, nullptr);
+                    else cuda::linear_regs(d.view(), dx.data(), M, y, o, nullptr);
+                };
+                run(yf.data());
                 o.out_bf16 = true;
-                if (ring) cuda::linear_small_m(d.view(), dx.data(), M, yb.data(), o, nullptr);
-                else cuda::linear_regs(d.view(), dx.data(), M, yb.data(), o, nullptr);
+                run(yb.data());
                 CUDA_CHECK(cudaDeviceSynchronize());
                 const std::vector<float> gf = yf.download();
                 const std::vector<uint16_t> gb = yb.download();
                 const std::string what =
-                    str(ring ? "ring " : "regs ", fmt_name(c.f), c.codes ? " codes " : " ", c.N, "x", c.K, " M=", M);
+                    str(ring ? (M > 16 ? "linear " : "ring ") : "regs ", fmt_name(c.f), c.codes ? " codes " : " ", c.N, "x", c.K,
+                        " M=", M);
                 const double worst = compare(gf, ref, M, c.N, what);
                 size_t bad = 0;
                 for (size_t i = 0; i < gf.size(); ++i) bad += gb[i] != f32_to_bf16(gf[i]);
                 EXPECT_EQ(bad, 0u) << what << ": bf16 y is not the f32 y rounded";
-                if (M == 1 || M == 16) std::printf("  %-34s max |gpu-cpu| / sum|w||x| = %.2e\n", what.c_str(), worst);
+                if (M == 1 || M == 16 || M == 64) std::printf("  %-34s max |gpu-cpu| / sum|w||x| = %.2e\n", what.c_str(), worst);
                 if (HasFailure()) return;
             }
         }
@@ -615,7 +623,7 @@ TEST(CudaLinear, RegsAndRingMatchCpuTwin) {
     cuda::OwnedLinear d(h.lin);
     cuda::LinearOptions og;
     og.groups = G;
-    for (int64_t M : {1, 5, 16}) {
+    for (int64_t M : {1, 5, 16, 40}) {
         const auto x = random_x(M, G * K, 1301 + static_cast<uint32_t>(M));
         DeviceArray<uint16_t> dx(x);
         ASSERT_TRUE(cuda::regs_fits(d.view(), dx.data(), og));
