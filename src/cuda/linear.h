@@ -126,8 +126,9 @@ void from_kernel_order(LinearFormat f, uint8_t* bytes, int64_t n);
 //     block g multiplies x columns [g·K, (g+1)·K) of x [M, G·K] into y columns [g·N/G, (g+1)·N/G)
 //     of y [M, N]. One call for all groups.
 //   out_bf16: y is bf16 (the f32 result rounded to nearest even) instead of f32.
-//   ring: linear_small_m runs its shared-memory ring kernel even where it would run linear_regs
-//     (for benchmarks and tests that compare the two kernels).
+//   ring: linear_small_m runs its shared-memory ring kernel even where it would run linear_regs,
+//     and cuda::linear its tiled kernels at 17-64 tokens (for benchmarks and tests that compare
+//     the kernels).
 struct LinearOptions {
     int64_t groups = 1;
     bool    out_bf16 = false;

@@ -577,7 +577,8 @@ TEST(CudaLinear, RegsAndRingMatchCpuTwin) {
         else make_quantized(h, c.f, c.N, c.K, seed);
         cuda::OwnedLinear d(h.lin);
         // 1-16 tokens: linear_regs and the ring; 17-64 (token tiles 4, 8) and 80 (two launches):
-        // linear_regs, and cuda::linear, which runs it there, in place of the ring.
+        // linear_regs, and at 64 also cuda::linear with LinearOptions::ring, which then runs the
+        // tiled kernel it ran there before linear_regs took 17-64 tokens.
         for (int64_t M : {1, 3, 9, 16, 17, 33, 64, 80}) {
             const auto x = random_x(M, c.K, seed + static_cast<uint32_t>(M));
             const Reference ref = cpu_twin(h.lin, x, M);
@@ -591,7 +592,6 @@ TEST(CudaLinear, RegsAndRingMatchCpuTwin) {
                 DeviceArray<uint16_t> yb(static_cast<size_t>(M * c.N));
                 CUDA_CHECK(cudaMemset(yf.data(), 0xFF, yf.size() * sizeof(float)));
                 CUDA_CHECK(cudaMemset(yb.data(), 0xFF, yb.size() * 2));
-                // (ring at M = 64: cuda::linear, which takes linear_regs at 17-64 tokens.)
                 auto run = [&](void* y) {
                     if (ring && M > 16) cuda::linear(d.view(), dx.data(), M, y, o, nullptr, nullptr);
                     else if (ring) cuda::linear_small_m(d.view(), dx.data(), M, y, o, nullptr);
@@ -604,7 +604,7 @@ TEST(CudaLinear, RegsAndRingMatchCpuTwin) {
                 const std::vector<float> gf = yf.download();
                 const std::vector<uint16_t> gb = yb.download();
                 const std::string what =
-                    str(ring ? (M > 16 ? "linear " : "ring ") : "regs ", fmt_name(c.f), c.codes ? " codes " : " ", c.N, "x", c.K,
+                    str(ring ? (M > 16 ? "tiled " : "ring ") : "regs ", fmt_name(c.f), c.codes ? " codes " : " ", c.N, "x", c.K,
                         " M=", M);
                 const double worst = compare(gf, ref, M, c.N, what);
                 size_t bad = 0;
