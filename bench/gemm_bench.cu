@@ -45,6 +45,8 @@
 //      (cuda::LtGemm, a chosen dependency for the official numerics at large M) on the same
 //      packed weights and x FP8-quantized in 1×128 blocks, checked against the twin on the rounded
 //      x and timed the same way (M ≥ 4), so "fp8" (megamoe's kernel) and "fp8·lt" sit side by side;
+//      and as "fp8x8" up to 64 tokens: megamoe's FP8 × FP8 kernel (cuda::linear_fp8_act) on the
+//      same rounded x, the official numerics' choice up to 16 tokens;
 //      and as "fp8·bf16lt": cuBLASLt's BF16 GEMM on bf16 x after expanding the weights to bf16 in a
 //      scratch (cuda::LtGemm::linear_bf16, the bf16-input linears at large M; wo_a included), M ≥ 64.
 // Part B — routed experts. For each model and expert format (NVFP4: NVIDIA's release, MXFP4:
@@ -594,6 +596,60 @@ void run_lt_rows(const std::string& model, const LinShape& sh, const std::string
     if (opt.check) ctx.record(what, fmt("timed M sampled (%s y), x FP8-rounded", y_bf16 ? "bf16" : "f32"), worst);
 }
 
+// The same FP8 weights through megamoe's FP8 × FP8 kernel (cuda::linear_fp8_act, what the official
+// numerics run up to 16 tokens; one launch up to 64), format "fp8x8": x FP8-quantized in 1×128 blocks
+// as for the fp8·lt rows, checked against the twin on the rounded x within kRelTol (exact products
+// in f32; tests/cuda/linear_test.cpp), M ≤ 64 only: beside the fp8·lt rows it shows where the
+// runner should switch from one to the other (it switches at 16 / 32 tokens: runner.cpp, kFp8ActMaxT).
+void run_fp8x8_rows(const std::string& model, const LinShape& sh, const std::string& shape_str, const HostLinear& h,
+                    const std::vector<cuda::DeviceLinear>& dl, size_t packed, const uint16_t* dx, void* dy,
+                    const Options& opt, const std::vector<double>& blas_us, Ctx& ctx) {
+    const cudaStream_t stream = ctx.stream;
+    const int64_t N = sh.N, K = sh.K;
+    const bool y_bf16 = !opt.y_f32;
+    const size_t ysz = y_bf16 ? 2 : 4;
+    const cuda::LinearOptions o{1, y_bf16};
+    const int copies = static_cast<int>(dl.size());
+    const int64_t maxM = *std::max_element(opt.Ms.begin(), opt.Ms.end());
+    DeviceArray<uint16_t> dxr(static_cast<size_t>(maxM * K));
+    DeviceArray<uint8_t> dq(static_cast<size_t>(maxM * K));
+    DeviceArray<float> ds(static_cast<size_t>(maxM * K / 128));
+    CUDA_CHECK(cudaMemcpyAsync(dxr.data(), dx, dxr.bytes(), cudaMemcpyDeviceToDevice, stream));
+    cuda::fp8_block_round_q(dxr.data(), maxM, K, dq.data(), ds.data(), stream);
+    const cuda::ActFp8 a{dq.data(), ds.data()};
+    const std::string what = fmt("%s %s fp8x8", model.c_str(), sh.name.c_str());
+    const auto rows = sample_indices(N, 192, 13 + uint64_t(N));
+    double worst = 0;
+    for (size_t mi = 0; mi < opt.Ms.size(); ++mi) {
+        const int64_t M = opt.Ms[mi];
+        if (M > cuda::kRegsMaxM) continue;
+        if (opt.check) {
+            CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(M * N) * ysz, stream));
+            cuda::linear_fp8_act(dl[0], a, M, dy, o, stream);
+            CUDA_CHECK(cudaStreamSynchronize(stream));
+            const auto toks = sample_indices(M, 12, 7 + uint64_t(M));
+            const double w = compare_linear(linear_ref(h.lin, 1, dxr.data(), rows, toks), dy, N, y_bf16);
+            if (w > 1.0) progress("  %s: M=%lld out of bound (%.3g)\n", what.c_str(), (long long)M, w);
+            worst = std::max(worst, w);
+        }
+        auto launch = [&](int i) { cuda::linear_fp8_act(dl[size_t(i % copies)], a, M, dy, o, stream); };
+        const double est = estimate_us(stream, launch, 3);
+        const int L = launches_for(est, copies, 1);
+        const double us = bench::time_graph(L, stream, launch, g_timing());
+        const double bytes = double(packed) + double(M * K) + double(M * N) * double(ysz);
+        const double gbs = bytes / (us * 1e-6) / 1e9;
+        const double flop = 2.0 * double(M) * double(N) * double(K);
+        const double tf = flop / (us * 1e-6) / 1e12, btf = flop / (blas_us[mi] * 1e-6) / 1e12;
+        progress("  fp8x8  M=%-5lld %10.2f us  %8.0f GB/s  %7.1f TFLOP/s  cuBLAS %10.2f us  x%.2f  (%s)\n", (long long)M,
+                 us, gbs, tf, blas_us[mi], blas_us[mi] / us, cuda::linear_fp8_act_plan(dl[0], M).c_str());
+        ctx.linear_rows.push_back(fmt(
+            "| %s | %s | %s | fp8x8 | %lld | %.2f | %.2f | %.0f | %.1f%% | %.2f | %.1f%% | %.2f | %.2f | %.2fx |",
+            model.c_str(), sh.name.c_str(), shape_str.c_str(), (long long)M, us, bytes / 1e6, gbs,
+            100.0 * gbs / ctx.d2d, tf, 100.0 * tf / ctx.peak, blas_us[mi], btf, blas_us[mi] / us));
+    }
+    if (opt.check) ctx.record(what, fmt("timed M sampled (%s y), x FP8-rounded", y_bf16 ? "bf16" : "f32"), worst);
+}
+
 // The same FP8 weights through cuBLASLt's BF16 GEMM on bf16 x (cuda::LtGemm::linear_bf16, the
 // large-M path of the bf16-input linears: exact numerics, the official wo_a), format "fp8·bf16lt":
 // each call expands the weights to bf16 in the scratch (timed with it), then one GEMM (grouped:
@@ -780,6 +836,8 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
             }
             if (f == LinearFormat::fp8_block && ctx.lt && cuda::LtGemm::fits(dl[0], o))
                 run_lt_rows(model, sh, shape_str, h, dl, packed, dx.data(), dy.data(), opt, blas_us, ctx);
+            if (f == LinearFormat::fp8_block && cuda::fp8_act_fits(dl[0], o))
+                run_fp8x8_rows(model, sh, shape_str, h, dl, packed, dx.data(), dy.data(), opt, blas_us, ctx);
             if (f == LinearFormat::fp8_block && ctx.lt && cuda::LtGemm::bf16_fits(dl[0], o))
                 run_lt_bf16_rows(model, sh, shape_str, h, dl, packed, dx.data(), dy.data(), opt, blas_us, ctx);
         }
