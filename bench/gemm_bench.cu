@@ -539,15 +539,19 @@ void blas_linear(cublasHandle_t blas, const uint16_t* w, int64_t N, int64_t K, i
     }
 }
 
-// The same FP8 weights through cuBLASLt's block-scaled FP8 GEMM (cuda::LtGemm, the official
-// numerics' large-M path), format "fp8·lt": x FP8-quantized in 1×128 blocks (the codes and scales
-// made once, outside the timed call, as the runner makes them in the kernel that rounds x), checked
-// against the twin on the rounded x within kLtRelTol (the FP8 WGMMA's ~14-bit accumulation; the
-// test explains the bound), then timed like the other rows (the per-call scale layout kernel
-// included). M ≥ 4 only (fewer rows are linear_fp8_act's).
-void run_lt_rows(const std::string& model, const LinShape& sh, const std::string& shape_str, const HostLinear& h,
-                 const std::vector<cuda::DeviceLinear>& dl, size_t packed, const uint16_t* dx, void* dy,
-                 const Options& opt, const std::vector<double>& blas_us, Ctx& ctx) {
+// The same FP8 weights on x FP8-quantized in 1×128 blocks (the official numerics' GEMM input; the
+// codes and scales made once, outside the timed calls, as the runner makes them in the kernel that
+// rounds x), each call checked against the twin on the rounded x and then timed like the other rows:
+//   "fp8·lt": cuBLASLt's block-scaled FP8 GEMM (cuda::LtGemm, the official numerics' large-M path),
+//     within kLtRelTol (the FP8 WGMMA's ~14-bit accumulation; the test explains the bound), the
+//     per-call scale layout kernel included; M ≥ 4 only (fewer rows are linear_fp8_act's);
+//   "fp8x8": megamoe's FP8 × FP8 kernel (cuda::linear_fp8_act, what the official numerics run up to
+//     16 tokens; one launch up to 64), within kRelTol (exact products in f32; tests/cuda/
+//     linear_test.cpp); M ≤ 64 only: beside the fp8·lt rows it shows where the runner should switch
+//     from one to the other (it switches at 16 / 32 tokens: runner.cpp, kFp8ActMaxT).
+void run_fp8_act_rows(const std::string& model, const LinShape& sh, const std::string& shape_str, const HostLinear& h,
+                      const std::vector<cuda::DeviceLinear>& dl, size_t packed, const uint16_t* dx, void* dy,
+                      const Options& opt, const std::vector<double>& blas_us, Ctx& ctx) {
     const cudaStream_t stream = ctx.stream;
     const int64_t N = sh.N, K = sh.K;
     const bool y_bf16 = !opt.y_f32;
@@ -560,94 +564,54 @@ void run_lt_rows(const std::string& model, const LinShape& sh, const std::string
     DeviceArray<float> ds(static_cast<size_t>(maxM * K / 128));
     CUDA_CHECK(cudaMemcpyAsync(dxr.data(), dx, dxr.bytes(), cudaMemcpyDeviceToDevice, stream));
     cuda::fp8_block_round_q(dxr.data(), maxM, K, dq.data(), ds.data(), stream);
-    DeviceArray<uint8_t> scratch_buf(cuda::LtGemm::scratch_bytes(dl[0], maxM));
+    const cuda::ActFp8 a{dq.data(), ds.data()};
+    const bool with_lt = ctx.lt && cuda::LtGemm::fits(dl[0], o);
+    DeviceArray<uint8_t> scratch_buf(with_lt ? cuda::LtGemm::scratch_bytes(dl[0], maxM) : 0);
     const cuda::GemmScratch scratch{scratch_buf.data(), scratch_buf.size()};
-    const cuda::ActFp8 a{dq.data(), ds.data()};
-    const std::string what = fmt("%s %s fp8·lt", model.c_str(), sh.name.c_str());
-    const auto rows = sample_indices(N, 192, 11 + uint64_t(N));
-    double worst = 0;
-    for (size_t mi = 0; mi < opt.Ms.size(); ++mi) {
-        const int64_t M = opt.Ms[mi];
-        if (M < 4) continue;
-        if (opt.check) {
-            CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(M * N) * ysz, stream));
-            ctx.lt->linear(dl[0], a, M, dy, o, scratch, stream);
-            CUDA_CHECK(cudaStreamSynchronize(stream));
-            const auto toks = sample_indices(M, 12, 5 + uint64_t(M));
-            const double w = compare_linear(linear_ref(h.lin, 1, dxr.data(), rows, toks), dy, N, y_bf16, kLtRelTol);
-            if (w > 1.0) progress("  %s: M=%lld out of bound (%.3g)\n", what.c_str(), (long long)M, w);
-            worst = std::max(worst, w);
-        }
-        auto launch = [&](int i) { ctx.lt->linear(dl[size_t(i % copies)], a, M, dy, o, scratch, stream); };
-        const double est = estimate_us(stream, launch, 3);
-        const int L = launches_for(est, M < kComputeM ? copies : 1, 1);
-        const double us = bench::time_graph(L, stream, launch, g_timing());
-        const double bytes = double(packed) + double(M * K) + double(M * N) * double(ysz);
-        const double gbs = bytes / (us * 1e-6) / 1e9;
-        const double flop = 2.0 * double(M) * double(N) * double(K);
-        const double tf = flop / (us * 1e-6) / 1e12, btf = flop / (blas_us[mi] * 1e-6) / 1e12;
-        progress("  fp8·lt M=%-5lld %10.2f us  %8.0f GB/s  %7.1f TFLOP/s  cuBLAS %10.2f us  x%.2f  (%s)\n", (long long)M,
-                 us, gbs, tf, blas_us[mi], blas_us[mi] / us, ctx.lt->plan(dl[0], M, o).c_str());
-        ctx.linear_rows.push_back(fmt(
-            "| %s | %s | %s | fp8·lt | %lld | %.2f | %.2f | %.0f | %.1f%% | %.2f | %.1f%% | %.2f | %.2f | %.2fx |",
-            model.c_str(), sh.name.c_str(), shape_str.c_str(), (long long)M, us, bytes / 1e6, gbs,
-            100.0 * gbs / ctx.d2d, tf, 100.0 * tf / ctx.peak, blas_us[mi], btf, blas_us[mi] / us));
-    }
-    if (opt.check) ctx.record(what, fmt("timed M sampled (%s y), x FP8-rounded", y_bf16 ? "bf16" : "f32"), worst);
-}
 
-// The same FP8 weights through megamoe's FP8 × FP8 kernel (cuda::linear_fp8_act, what the official
-// numerics run up to 16 tokens; one launch up to 64), format "fp8x8": x FP8-quantized in 1×128 blocks
-// as for the fp8·lt rows, checked against the twin on the rounded x within kRelTol (exact products
-// in f32; tests/cuda/linear_test.cpp), M ≤ 64 only: beside the fp8·lt rows it shows where the
-// runner should switch from one to the other (it switches at 16 / 32 tokens: runner.cpp, kFp8ActMaxT).
-void run_fp8x8_rows(const std::string& model, const LinShape& sh, const std::string& shape_str, const HostLinear& h,
-                    const std::vector<cuda::DeviceLinear>& dl, size_t packed, const uint16_t* dx, void* dy,
-                    const Options& opt, const std::vector<double>& blas_us, Ctx& ctx) {
-    const cudaStream_t stream = ctx.stream;
-    const int64_t N = sh.N, K = sh.K;
-    const bool y_bf16 = !opt.y_f32;
-    const size_t ysz = y_bf16 ? 2 : 4;
-    const cuda::LinearOptions o{1, y_bf16};
-    const int copies = static_cast<int>(dl.size());
-    const int64_t maxM = *std::max_element(opt.Ms.begin(), opt.Ms.end());
-    DeviceArray<uint16_t> dxr(static_cast<size_t>(maxM * K));
-    DeviceArray<uint8_t> dq(static_cast<size_t>(maxM * K));
-    DeviceArray<float> ds(static_cast<size_t>(maxM * K / 128));
-    CUDA_CHECK(cudaMemcpyAsync(dxr.data(), dx, dxr.bytes(), cudaMemcpyDeviceToDevice, stream));
-    cuda::fp8_block_round_q(dxr.data(), maxM, K, dq.data(), ds.data(), stream);
-    const cuda::ActFp8 a{dq.data(), ds.data()};
-    const std::string what = fmt("%s %s fp8x8", model.c_str(), sh.name.c_str());
-    const auto rows = sample_indices(N, 192, 13 + uint64_t(N));
-    double worst = 0;
-    for (size_t mi = 0; mi < opt.Ms.size(); ++mi) {
-        const int64_t M = opt.Ms[mi];
-        if (M > cuda::kRegsMaxM) continue;
-        if (opt.check) {
-            CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(M * N) * ysz, stream));
-            cuda::linear_fp8_act(dl[0], a, M, dy, o, stream);
-            CUDA_CHECK(cudaStreamSynchronize(stream));
-            const auto toks = sample_indices(M, 12, 7 + uint64_t(M));
-            const double w = compare_linear(linear_ref(h.lin, 1, dxr.data(), rows, toks), dy, N, y_bf16);
-            if (w > 1.0) progress("  %s: M=%lld out of bound (%.3g)\n", what.c_str(), (long long)M, w);
-            worst = std::max(worst, w);
+    // One kind of row: call(w, M) runs it, plan(M) names its launch, seed picks the sampled rows
+    // (seed) and tokens (seed - 6), as each kind did on its own.
+    auto rows_of = [&](const char* tag, double tol, uint64_t seed, int64_t min_m, int64_t max_m, auto call, auto plan) {
+        const std::string what = fmt("%s %s %s", model.c_str(), sh.name.c_str(), tag);
+        const auto rows = sample_indices(N, 192, seed + uint64_t(N));
+        double worst = 0;
+        for (size_t mi = 0; mi < opt.Ms.size(); ++mi) {
+            const int64_t M = opt.Ms[mi];
+            if (M < min_m || M > max_m) continue;
+            if (opt.check) {
+                CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(M * N) * ysz, stream));
+                call(dl[0], M);
+                CUDA_CHECK(cudaStreamSynchronize(stream));
+                const auto toks = sample_indices(M, 12, seed - 6 + uint64_t(M));
+                const double w = compare_linear(linear_ref(h.lin, 1, dxr.data(), rows, toks), dy, N, y_bf16, tol);
+                if (w > 1.0) progress("  %s: M=%lld out of bound (%.3g)\n", what.c_str(), (long long)M, w);
+                worst = std::max(worst, w);
+            }
+            auto launch = [&](int i) { call(dl[size_t(i % copies)], M); };
+            const double est = estimate_us(stream, launch, 3);
+            const int L = launches_for(est, M < kComputeM ? copies : 1, 1);
+            const double us = bench::time_graph(L, stream, launch, g_timing());
+            const double bytes = double(packed) + double(M * K) + double(M * N) * double(ysz);
+            const double gbs = bytes / (us * 1e-6) / 1e9;
+            const double flop = 2.0 * double(M) * double(N) * double(K);
+            const double tf = flop / (us * 1e-6) / 1e12, btf = flop / (blas_us[mi] * 1e-6) / 1e12;
+            progress("  %-6s M=%-5lld %10.2f us  %8.0f GB/s  %7.1f TFLOP/s  cuBLAS %10.2f us  x%.2f  (%s)\n", tag,
+                     (long long)M, us, gbs, tf, blas_us[mi], blas_us[mi] / us, plan(M).c_str());
+            ctx.linear_rows.push_back(fmt(
+                "| %s | %s | %s | %s | %lld | %.2f | %.2f | %.0f | %.1f%% | %.2f | %.1f%% | %.2f | %.2f | %.2fx |",
+                model.c_str(), sh.name.c_str(), shape_str.c_str(), tag, (long long)M, us, bytes / 1e6, gbs,
+                100.0 * gbs / ctx.d2d, tf, 100.0 * tf / ctx.peak, blas_us[mi], btf, blas_us[mi] / us));
         }
-        auto launch = [&](int i) { cuda::linear_fp8_act(dl[size_t(i % copies)], a, M, dy, o, stream); };
-        const double est = estimate_us(stream, launch, 3);
-        const int L = launches_for(est, copies, 1);
-        const double us = bench::time_graph(L, stream, launch, g_timing());
-        const double bytes = double(packed) + double(M * K) + double(M * N) * double(ysz);
-        const double gbs = bytes / (us * 1e-6) / 1e9;
-        const double flop = 2.0 * double(M) * double(N) * double(K);
-        const double tf = flop / (us * 1e-6) / 1e12, btf = flop / (blas_us[mi] * 1e-6) / 1e12;
-        progress("  fp8x8  M=%-5lld %10.2f us  %8.0f GB/s  %7.1f TFLOP/s  cuBLAS %10.2f us  x%.2f  (%s)\n", (long long)M,
-                 us, gbs, tf, blas_us[mi], blas_us[mi] / us, cuda::linear_fp8_act_plan(dl[0], M).c_str());
-        ctx.linear_rows.push_back(fmt(
-            "| %s | %s | %s | fp8x8 | %lld | %.2f | %.2f | %.0f | %.1f%% | %.2f | %.1f%% | %.2f | %.2f | %.2fx |",
-            model.c_str(), sh.name.c_str(), shape_str.c_str(), (long long)M, us, bytes / 1e6, gbs,
-            100.0 * gbs / ctx.d2d, tf, 100.0 * tf / ctx.peak, blas_us[mi], btf, blas_us[mi] / us));
-    }
-    if (opt.check) ctx.record(what, fmt("timed M sampled (%s y), x FP8-rounded", y_bf16 ? "bf16" : "f32"), worst);
+        if (opt.check) ctx.record(what, fmt("timed M sampled (%s y), x FP8-rounded", y_bf16 ? "bf16" : "f32"), worst);
+    };
+    if (with_lt)
+        rows_of("fp8·lt", kLtRelTol, 11, 4, maxM,
+                [&](const cuda::DeviceLinear& w, int64_t M) { ctx.lt->linear(w, a, M, dy, o, scratch, stream); },
+                [&](int64_t M) { return ctx.lt->plan(dl[0], M, o); });
+    if (cuda::fp8_act_fits(dl[0], o))
+        rows_of("fp8x8", kRelTol, 13, 1, cuda::kRegsMaxM,
+                [&](const cuda::DeviceLinear& w, int64_t M) { cuda::linear_fp8_act(w, a, M, dy, o, stream); },
+                [&](int64_t M) { return cuda::linear_fp8_act_plan(dl[0], M); });
 }
 
 // The same FP8 weights through cuBLASLt's BF16 GEMM on bf16 x (cuda::LtGemm::linear_bf16, the
@@ -834,10 +798,8 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
                 detail += fmt("; timed M sampled (%s y)", y_bf16 ? "bf16" : "f32");
                 ctx.record(what, detail, worst);
             }
-            if (f == LinearFormat::fp8_block && ctx.lt && cuda::LtGemm::fits(dl[0], o))
-                run_lt_rows(model, sh, shape_str, h, dl, packed, dx.data(), dy.data(), opt, blas_us, ctx);
-            if (f == LinearFormat::fp8_block && cuda::fp8_act_fits(dl[0], o))
-                run_fp8x8_rows(model, sh, shape_str, h, dl, packed, dx.data(), dy.data(), opt, blas_us, ctx);
+            if (f == LinearFormat::fp8_block)
+                run_fp8_act_rows(model, sh, shape_str, h, dl, packed, dx.data(), dy.data(), opt, blas_us, ctx);
             if (f == LinearFormat::fp8_block && ctx.lt && cuda::LtGemm::bf16_fits(dl[0], o))
                 run_lt_bf16_rows(model, sh, shape_str, h, dl, packed, dx.data(), dy.data(), opt, blas_us, ctx);
         }
