@@ -17,6 +17,7 @@
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
 //                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--idx-side 0|1] [--w4a8]
+//                         [--fp8-act-max T] [--lt-min-out N]
 //                         [--attn-wide 0|1] [--attn-splits N] [--sample-parts N] [--hc-stage 0|1]
 //                         [--gpus N | --multi] [--ep-exchange gather|all-to-all]
 //                         [--ep-combine slot-rows|partial-sums] [--replicated-head]
@@ -39,6 +40,9 @@
 //   steps of ≥ cuda::kLtBf16MinM tokens on megamoe's kernels; the official FP8 ones stay on cuBLASLt).
 // --no-moe-small: the routed experts through moe_layer at every batch (RunnerOptions::moe_small
 //   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
+// --fp8-act-max T, --lt-min-out N: official numerics, the FP8 × FP8 kernel (linear_fp8_act) at up to
+//   T tokens (1..64), and where cuBLASLt applies too (32..T tokens), cuBLASLt only for linears of
+//   ≥ N output rows (RunnerOptions::fp8_act_max_t, lt_min_out; default: the runner's rule), to compare.
 // --idx-side 0|1: a CSA layer's indexer queries on a third side stream beside wq_b (1) or on the
 //   main stream (0) (RunnerOptions::indexer_side; default: the runner's).
 // --attn-wide 0|1: the attention's CTAs of 16 heads (0) or 64 heads (1) at every step
@@ -255,6 +259,7 @@ int main(int argc, char** argv) {
         int attn_splits = 0;     // 0: by the step's size
         int sample_parts = -1;   // -1: by the step's rows
         int hc_stage = -1;       // -1: RunnerOptions' default
+        int64_t fp8_act_max = -1, lt_min_out = -1;   // -1: the runner's rule
         auto on_off = [](const std::string& flag, const std::string& v) {
             if (v != "0" && v != "1") fail(flag, " takes 0 or 1, not '", v, "'");
             return v == "1" ? 1 : 0;
@@ -293,6 +298,8 @@ int main(int argc, char** argv) {
             else if (a == "--sample-parts") sample_parts = static_cast<int>(std::stoll(next()));
             else if (a == "--hc-stage") hc_stage = on_off(a, next());
             else if (a == "--w4a8") w4a8 = true;
+            else if (a == "--fp8-act-max") fp8_act_max = std::stoll(next());
+            else if (a == "--lt-min-out") lt_min_out = std::stoll(next());
             else if (a == "--spec") spec = true;
             else if (a == "--spec-tokens") {
                 spec = true;
@@ -330,7 +337,7 @@ int main(int argc, char** argv) {
         if (ep_combine != "slot-rows" && ep_combine != "partial-sums") fail("--ep-combine must be slot-rows or partial-sums");
         if (gpus > 1 || multi) {
             if (spec || trace >= 0 || serial || bf16_linears || no_lt || no_lt_bf16 || w4a8 || attn_wide >= 0 ||
-                attn_splits > 0 || sample_parts >= 0 || hc_stage >= 0)
+                attn_splits > 0 || sample_parts >= 0 || hc_stage >= 0 || fp8_act_max >= 0 || lt_min_out >= 0)
                 fail("--gpus / --multi: the multi-GPU rows take --model, --layers, --batches, --contexts, --prefill, "
                      "--steps, --experts, --numerics, --ep-exchange, --ep-combine, --replicated-head and "
                      "--no-moe-small only");
@@ -364,6 +371,8 @@ int main(int argc, char** argv) {
         ro.sample_parts = sample_parts;
         if (hc_stage >= 0) ro.hc_stage = hc_stage == 1;
         ro.w4a8 = w4a8;
+        ro.fp8_act_max_t = fp8_act_max;
+        ro.lt_min_out = lt_min_out;
         ro.rollback = spec;
         ro.numerics = numerics;
         const auto t0 = std::chrono::steady_clock::now();

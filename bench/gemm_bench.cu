@@ -46,7 +46,7 @@
 //      packed weights and x FP8-quantized in 1×128 blocks, checked against the twin on the rounded
 //      x and timed the same way (M ≥ 4), so "fp8" (megamoe's kernel) and "fp8·lt" sit side by side;
 //      and as "fp8x8" up to 64 tokens: megamoe's FP8 × FP8 kernel (cuda::linear_fp8_act) on the
-//      same rounded x, the official numerics' choice up to 16 tokens;
+//      same rounded x, the official numerics' choice up to 8 tokens;
 //      and as "fp8·bf16lt": cuBLASLt's BF16 GEMM on bf16 x after expanding the weights to bf16 in a
 //      scratch (cuda::LtGemm::linear_bf16, the bf16-input linears at large M; wo_a included), M ≥ 64.
 // Part B — routed experts. For each model and expert format (NVFP4: NVIDIA's release, MXFP4:
@@ -546,9 +546,9 @@ void blas_linear(cublasHandle_t blas, const uint16_t* w, int64_t N, int64_t K, i
 //     within kLtRelTol (the FP8 WGMMA's ~14-bit accumulation; the test explains the bound), the
 //     per-call scale layout kernel included; M ≥ 4 only (fewer rows are linear_fp8_act's);
 //   "fp8x8": megamoe's FP8 × FP8 kernel (cuda::linear_fp8_act, what the official numerics run up to
-//     16 tokens; one launch up to 64), within kRelTol (exact products in f32; tests/cuda/
-//     linear_test.cpp); M ≤ 64 only: beside the fp8·lt rows it shows where the runner should switch
-//     from one to the other (it switches at 16 / 32 tokens: runner.cpp, kFp8ActMaxT).
+//     8 tokens; one launch up to 64), within kRelTol (exact products in f32; tests/cuda/
+//     linear_test.cpp); M ≤ 64 only: beside the "fp8" and fp8·lt rows it shows where the runner
+//     should switch between them (at 8 / 32 tokens: runner.cpp, kFp8ActMaxT, says what was measured).
 void run_fp8_act_rows(const std::string& model, const LinShape& sh, const std::string& shape_str, const HostLinear& h,
                       const std::vector<cuda::DeviceLinear>& dl, size_t packed, const uint16_t* dx, void* dy,
                       const Options& opt, const std::vector<double>& blas_us, Ctx& ctx) {

@@ -1,4 +1,4 @@
-// linear_regs.cu — register-streamed linears for decode / small M (≤ 16 tokens per launch), on
+// linear_regs.cu — register-streamed linears for decode / small M (≤ 64 tokens per launch), on
 // sm_90a: linear_fp8_act, FP8 weights × FP8 activations,
 // y[M, N] = (q · s)[M, K] · Wᵀ with W in the checkpoint's FP8 128×128-block format and the
 // activation in act_quant form (ActFp8, linear.h); and linear_regs, FP8 or BF16 weights × BF16
@@ -168,8 +168,16 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<NT>) linear_regs_kernel(con
     // A warp's 16·MT rows lie in one 128-row scale block (row0 is a multiple of 16·MT).
     const uint8_t* sc = p.scale + static_cast<int64_t>(min(row0, p.N - 1) / 128) * p.s_row_bytes + s0 / 2;
     const int nblk = p.K / 128;
-    const uint8_t* qx[NT];
-    const float* sx[NT][2];
+    // FP8 activations: token t's codes at qbase + qo[nt] and the scales of its C columns at sbase +
+    // so[nt][·], as 32-bit offsets (fp8_act_fits keeps 64 rows of codes under 2^31 bytes). With
+    // 64-bit pointers the eight-tile instance spilled 52 bytes (ptxas) and this way none: H100,
+    // megamoe-gemm-bench --part linears --format fp8, "fp8x8" at M = 64, one call, µs: wq_b 34.12 →
+    // 27.45, wo_b 34.71 → 28.06, wq_a 10.56 → 8.91, shared w2 12.06 → 10.27; at M = 16 (two tiles,
+    // which still spill: 100 bytes against 72) 1-4% slower (wq_b 18.71 → 19.51), where the runner
+    // no longer takes this kernel (kFp8ActMaxT, runner.cpp).
+    const uint8_t* qbase = nullptr;
+    const float* sbase = nullptr;
+    uint32_t qo[NT], so[NT][2];
     // BF16 activations: token g's x at this lane's 16 columns of step s0 (+ 8·nt tokens). A token
     // column past M reads token M - 1 (valid memory, finite where x is): column n of the MMA's B
     // feeds only column n of C, which is not stored for t ≥ M, so no load needs a predicate.
@@ -179,6 +187,9 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<NT>) linear_regs_kernel(con
     if constexpr (BX) {
         const int64_t grp = p.group_rows ? min(row0, p.N - 1) / p.group_rows : 0;
         xbase = p.xb + grp * p.K + static_cast<int64_t>(s0) * kStepCols + tig * (kStepCols / 4);
+    } else {
+        qbase = p.q + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
+        sbase = p.s + s0 / 2;
     }
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
@@ -186,10 +197,10 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<NT>) linear_regs_kernel(con
         if constexpr (BX) {
             xr[nt] = static_cast<uint32_t>(t) * static_cast<uint32_t>(p.x_ld);
         } else {
-            qx[nt] = p.q + static_cast<int64_t>(t) * p.K + static_cast<int64_t>(s0) * kStepBytes + tig * 16;
+            qo[nt] = static_cast<uint32_t>(t) * static_cast<uint32_t>(p.K);
             // The C fragment's columns: tokens nt·8 + 2·tig and + 1 (clamped; unused ones are not written).
-            sx[nt][0] = p.s + static_cast<int64_t>(min(nt * 8 + 2 * tig, p.M - 1)) * nblk + s0 / 2;
-            sx[nt][1] = p.s + static_cast<int64_t>(min(nt * 8 + 2 * tig + 1, p.M - 1)) * nblk + s0 / 2;
+            so[nt][0] = static_cast<uint32_t>(min(nt * 8 + 2 * tig, p.M - 1) * nblk);
+            so[nt][1] = static_cast<uint32_t>(min(nt * 8 + 2 * tig + 1, p.M - 1) * nblk);
         }
     }
 
@@ -271,7 +282,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<NT>) linear_regs_kernel(con
                     for (int nt = 0; nt < NT; ++nt) {
                         // (Predicated on the token for two tiles: unconditional loads spill there, ptxas.)
                         const uint4 x = NT != 2 || nt * 8 + g < p.M
-                                            ? __ldg(reinterpret_cast<const uint4*>(qx[nt] + (i + h) * kStepBytes))
+                                            ? __ldg(reinterpret_cast<const uint4*>(qbase + qo[nt] + (i + h) * kStepBytes))
                                             : make_uint4(0, 0, 0, 0);
                         mma_e4m3(c[nt], a.x, bb.x, a.y, bb.y, x.x, x.y);
                         mma_e4m3(c[nt], a.z, bb.z, a.w, bb.w, x.z, x.w);
@@ -280,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, kMinCtas<NT>) linear_regs_kernel(con
                 const float sw = e8m0_value(__ldg(sc + i / 2));
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt) {
-                    const float f0 = sw * __ldg(sx[nt][0] + i / 2), f1 = sw * __ldg(sx[nt][1] + i / 2);
+                    const float f0 = sw * __ldg(sbase + so[nt][0] + i / 2), f1 = sw * __ldg(sbase + so[nt][1] + i / 2);
                     acc[0][nt][0] = fmaf(c[nt][0], f0, acc[0][nt][0]);
                     acc[0][nt][1] = fmaf(c[nt][1], f1, acc[0][nt][1]);
                     acc[0][nt][2] = fmaf(c[nt][2], f0, acc[0][nt][2]);
@@ -464,7 +475,7 @@ template <int MODE> cudaError_t launch_regs(int nt, int mt, const Fp8Plan& pl, c
 
 bool fp8_act_fits(const DeviceLinear& w, const LinearOptions& o) {
     return w.format == LinearFormat::fp8_block && !w.nan_codes && w.in % 128 == 0 && w.in > 0 && w.out > 0 &&
-           o.groups == 1 && w.weight && w.scale;
+           o.groups == 1 && w.weight && w.scale && w.in * kMaxTokens < (int64_t{1} << 31);   // 32-bit code offsets
 }
 
 std::string linear_fp8_act_plan(const DeviceLinear& w, int64_t M) { return plan_text("fp8xfp8", w, M, false, 0); }

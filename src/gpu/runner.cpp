@@ -107,8 +107,21 @@ static_assert(cuda::kStreamDraft == static_cast<uint32_t>(SpecStream::draft) &&
 // (cuda::linear_fp8_act, the small-M regime it is built for) on codes made where their rounded
 // input is made. From cuda::kLtMinM tokens on (RunnerOptions::lt_fp8) the same codes go to
 // cuBLASLt's block-scaled FP8 GEMM (cuda::LtGemm); in between, the BF16 path on the rounded
-// values.
-constexpr int64_t kFp8ActMaxT = 16;
+// values (cuda::linear → linear_regs: the same values, decoded weights). RunnerOptions::
+// fp8_act_max_t and lt_min_out override the rule (to compare).
+// Why 8 (one token tile): at 9-16 tokens linear_fp8_act's two-tile instance (two CTAs per SM, 128
+// registers) spills and was slower than linear_regs on every V4 shape (H100, megamoe-gemm-bench
+// --part linears --format fp8 --M 16: wq_b 19.51 against 17.09 µs, wo_b 19.10 / 16.64, wq_a 6.61 /
+// 5.32), and the 8-layer official step with this rule against 16 (megamoe-forward-bench --numerics
+// official --fp8-act-max 8, two rounds, same call): B = 12 5128.8 / 5114.5 → 5007.8 / 5007.1 µs,
+// B = 16 5671.9 / 5668.4 → 5543.7 / 5540.3, B = 4 and 8 even (same kernels). At 1-8 tokens
+// linear_fp8_act is the faster (M = 1: wo_b 13.62 against 14.50 µs, docs/bench-forward.md). At
+// 32-64 tokens cuBLASLt stays for every FP8 linear although linear_fp8_act is faster alone on the
+// small ones (M = 64: wq_a 8.91 against 15.47 µs): the step measured slower with them on
+// linear_fp8_act (B = 32 8094.4 → 8166.5 µs, B = 64 11418.1 → 11561.0 with lt_min_out = 4096;
+// with every linear on linear_fp8_act 8170.7 / 11764.0); those linears run beside others on the
+// side streams, where (our reading, not profiled) cuBLASLt's few CTAs leave the SMs to them.
+constexpr int64_t kFp8ActMaxT = 8;
 // A CSA layer's indexer queries run on side stream 2 at up to this many tokens (cuda::linear's
 // small-M kernels, which need no scratch: M ≤ 16).
 constexpr int64_t kIdxSideMaxT = 16;
@@ -155,6 +168,7 @@ struct Workspace {
     // [T8, K] u8 and [T8, K / 128] f32 each, T8 = T with cuBLASLt, else min(T, kFp8ActMaxT).
     int64_t T8 = 0;
     bool lt_codes = false;           // carve codes for every T (cuBLASLt on)
+    int64_t act_max = kFp8ActMaxT;   // the runner's fp8_act_max
     uint8_t* xq8 = nullptr;          // of xq: K = D
     float* xs8 = nullptr;
     uint8_t* qr8 = nullptr;          // of qr_q: K = q_lora
@@ -238,7 +252,7 @@ struct Workspace {
         sh_u = a.take_n<float>(T * I);
         sh_h = a.take_n<uint16_t>(T * I);
         sh_out = a.take_n<float>(T * D);
-        T8 = lt_codes ? T : std::min<int64_t>(T, kFp8ActMaxT);
+        T8 = lt_codes ? T : std::min<int64_t>(T, act_max);
         const int64_t GR = c.o_groups * c.o_lora_rank;
         xq8 = a.take_n<uint8_t>(T8 * D);
         xs8 = a.take_n<float>(T8 * (D / 128 + 1));
@@ -311,6 +325,8 @@ struct Runner::Impl {
     std::vector<cudaEvent_t> events;              // fork / join events, one pair per site
     bool concurrent = true;
     bool fp8_act_on = true;   // RunnerOptions::fp8_activations
+    int64_t fp8_act_max = kFp8ActMaxT;   // linear_fp8_act at up to this many tokens (RunnerOptions::fp8_act_max_t)
+    int64_t lt_min_out = 0;   // where both apply, cuBLASLt for linears of ≥ this many rows (RunnerOptions::lt_min_out)
     int64_t fp8_launches = 0; // FP8 × FP8 linear calls enqueued (linear_fp8_act or cuBLASLt)
     int64_t lt_launches = 0;  // of those, through cuBLASLt
     int64_t lt_bf16_launches = 0;   // bf16-input linears through cuBLASLt's BF16 GEMM
@@ -491,7 +507,8 @@ struct Runner::Impl {
     // a8: x's codes and scales when the step made them (act8), else null. A FP8 linear given them
     // runs FP8 × FP8 (linear_fp8_act: the same values, no weight decode); every other call the
     // bf16 path.
-    // M ≤ kFp8ActMaxT: linear_fp8_act; M ≥ cuda::kLtMinM: cuBLASLt (when on and the shape fits).
+    // M ≤ fp8_act_max: linear_fp8_act; M ≥ cuda::kLtMinM: cuBLASLt (when on and the shape fits); where
+    // both apply, cuBLASLt for linears of ≥ lt_min_out rows.
     void linear(const cuda::DeviceLinear& w, const uint16_t* x, int64_t M, void* y, bool bf16_out = false,
                 int64_t groups = 1, const cuda::ActFp8* a8 = nullptr) {
         cuda::LinearOptions lo;
@@ -527,21 +544,22 @@ struct Runner::Impl {
     bool fp8_linear(const cuda::DeviceLinear& w, const cuda::ActFp8* a8, int64_t M, void* y,
                     const cuda::LinearOptions& lo, const cuda::GemmScratch& scratch, cudaStream_t st) {
         if (!a8 || !rounds_input(w) || M > ws.T8 || !cuda::fp8_act_fits(w, lo)) return false;
-        if (M <= kFp8ActMaxT) {
-            cuda::linear_fp8_act(w, *a8, M, y, lo, st);
-        } else if (lt_fp8_on && M >= cuda::kLtMinM && cuda::LtGemm::fits(w, lo)) {
+        const bool act = M <= fp8_act_max;
+        if (lt_fp8_on && M >= cuda::kLtMinM && (!act || w.out >= lt_min_out) && cuda::LtGemm::fits(w, lo)) {
             lt->linear(w, *a8, M, y, lo, scratch, st);
             ++lt_launches;
+        } else if (act) {
+            cuda::linear_fp8_act(w, *a8, M, y, lo, st);
         } else {
             return false;
         }
         ++fp8_launches;
         return true;
     }
-    // Whether this step makes the codes of an official FP8-linear input of width K (see kFp8ActMaxT).
+    // Whether this step makes the codes of an official FP8-linear input of width K (see fp8_linear).
     bool act8(int64_t T, int64_t K) const {
         return fp8_act_on && official() && T <= ws.T8 && K % 128 == 0 &&
-               (T <= kFp8ActMaxT || (lt_fp8_on && T >= cuda::kLtMinM));
+               (T <= fp8_act_max || (lt_fp8_on && T >= cuda::kLtMinM));
     }
     cudaStream_t side_stream(int i = 0) const { return concurrent ? side[i] : stream; }
     bool official() const { return nm == Numerics::official; }
@@ -643,6 +661,10 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     opt.numerics = nm;
     concurrent = opt.side_stream;
     fp8_act_on = opt.fp8_activations;
+    MEGAMOE_CHECK(opt.fp8_act_max_t == -1 || (opt.fp8_act_max_t >= 1 && opt.fp8_act_max_t <= cuda::kRegsMaxM),
+                  "gpu runner: fp8_act_max_t ", opt.fp8_act_max_t, " (-1: the runner's rule, or 1..", cuda::kRegsMaxM, ")");
+    if (opt.fp8_act_max_t > 0) fp8_act_max = opt.fp8_act_max_t;
+    if (opt.lt_min_out >= 0) lt_min_out = opt.lt_min_out;
     lt_fp8_on = fp8_act_on && opt.lt_fp8 && nm == Numerics::official && opt.max_batch_tokens >= cuda::kLtMinM;
     lt_bf16_on = opt.lt_bf16 && opt.max_batch_tokens >= cuda::kLtBf16MinM;
     MEGAMOE_CHECK(opt.max_seqs >= 1 && opt.max_batch_tokens >= 1, "gpu runner: max_seqs ", opt.max_seqs,
@@ -745,6 +767,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     // Workspace.
     ws.T = opt.max_batch_tokens;
     ws.lt_codes = lt_fp8_on;
+    ws.act_max = fp8_act_max;
     ws.C = std::min(opt.max_seqs, ws.T);
     ws.R = std::max(opt.max_logit_rows, ws.C);
     ws.max_rows = c.index_topk > 0 ? (opt.max_model_len + 3) / 4 : 0;

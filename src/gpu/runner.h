@@ -52,12 +52,17 @@ struct RunnerOptions {
     bool    indexer_side = true;       // ≤ 16 tokens: a CSA layer's indexer queries on a third side
                                        // stream beside wq_b (with side_stream); off: the main stream
                                        // (runner.cpp says what it measured)
-    bool    fp8_activations = true;    // official numerics, ≤ 16 tokens: FP8 linears run FP8 × FP8
+    bool    fp8_activations = true;    // official numerics, ≤ 8 tokens: FP8 linears run FP8 × FP8
                                        // (cuda::linear_fp8_act) on their input's codes; off: the BF16
                                        // path on the same rounded values (for comparison)
     bool    lt_fp8 = true;             // official numerics, ≥ cuda::kLtMinM tokens (with fp8_activations):
                                        // FP8 linears through cuBLASLt's block-scaled FP8 GEMM
                                        // (cuda::LtGemm) on their input's codes; off: the BF16 path
+    int64_t fp8_act_max_t = -1;        // official numerics: FP8 × FP8 (cuda::linear_fp8_act) at up to
+                                       // this many tokens (1..cuda::kRegsMaxM; -1: the runner's rule)
+    int64_t lt_min_out = -1;           // ... and where both apply (kLtMinM ≤ T ≤ fp8_act_max_t),
+                                       // cuBLASLt for linears of at least this many output rows,
+                                       // linear_fp8_act for the others (-1: the runner's rule)
     bool    w4a8 = false;              // official numerics, MXFP4 experts: the W4A8 expert tiles (FP8
                                        // tensor core; cuda::moe_w4a8_fits) wherever the automatic
                                        // choice takes a wgmma tile (cuda::w4a8_tile); off: they measured

@@ -1526,7 +1526,7 @@ TEST_P(GpuRunner, GraphReplayEqualsEagerWithCublasLt) {
         else EXPECT_GT(rg.lt_bf16_launches(), 0);
     }
 }
-// Official numerics at ≤ 16 tokens per step: the FP8 linears run FP8 × FP8 (linear_fp8_act on the
+// Official numerics at ≤ 8 tokens per step (runner.cpp, kFp8ActMaxT): the FP8 linears run FP8 × FP8 (linear_fp8_act on the
 // codes made beside each rounded input) instead of the BF16 path on the same rounded values. The
 // two differ only in f32 summation order, so decode logits agree to cosine ≥ 0.99999 per row, with
 // the same argmax except at near ties, and a graph replay of the FP8 path equals its eager run bit
@@ -1548,7 +1548,7 @@ TEST_P(GpuRunner, Fp8LinearsMatchBf16LinearsInOfficialDecode) {
         ASSERT_TRUE(ra.reserve(sa.back(), 128) && re.reserve(se.back(), 128) && rb.reserve(sb.back(), 128));
     }
     std::vector<float> la, le, lb;
-    std::vector<gpu::RunnerChunk> pa, pe, pb;   // prefill: > 16 tokens, the BF16 path in all three
+    std::vector<gpu::RunnerChunk> pa, pe, pb;   // prefill: > 8 tokens, the BF16 path in all three
     for (int i = 0; i < 4; ++i) {
         std::vector<int32_t> toks(c->input_ids.begin() + i, c->input_ids.begin() + i + 20 + 7 * i);
         pa.push_back({sa[static_cast<size_t>(i)], toks});
@@ -1594,6 +1594,46 @@ TEST_P(GpuRunner, Fp8LinearsMatchBf16LinearsInOfficialDecode) {
     EXPECT_GT(re.fp8_linear_launches(), 0);
     EXPECT_EQ(rb.fp8_linear_launches(), 0) << "fp8_activations off";
     EXPECT_EQ(ra.graph_replays(), 23);
+}
+// The same at 17-64 tokens per step (RunnerOptions::fp8_act_max_t = 64, cuBLASLt off): prefill
+// chunks of 24 and of 40 tokens (and the rest) through linear_fp8_act's 4- and 8-tile instances,
+// against the BF16 path on the same rounded values. Again only the f32 summation order differs, so
+// every position's logits agree to cosine ≥ 0.99999 with the same argmax except at near ties.
+TEST_P(GpuRunner, Fp8LinearsUpTo64TokensMatchBf16Linears) {
+    gpu::RunnerOptions fp8 = small_options(), bf16 = small_options();
+    fp8.numerics = bf16.numerics = Numerics::official;
+    fp8.lt_fp8 = false;
+    fp8.fp8_act_max_t = 64;
+    bf16.fp8_activations = false;
+    gpu::Runner ra(*c->model, fp8), rb(*c->model, bf16);
+    for (const int64_t chunk : {24, 40}) {
+        const int64_t before = ra.fp8_linear_launches();
+        const std::vector<float> la = gpu::sequence_logits_mtp(ra, c->input_ids, Schedule{-1, chunk}).logits;
+        const std::vector<float> lb = gpu::sequence_logits_mtp(rb, c->input_ids, Schedule{-1, chunk}).logits;
+        ASSERT_EQ(la.size(), lb.size());
+        double worst = 1.0;
+        int64_t same_top = 0;
+        for (int64_t r = 0; r < T(); ++r) {
+            const float* a = la.data() + r * V();
+            const float* b = lb.data() + r * V();
+            worst = std::min(worst, cosine(a, b, V()));
+            same_top += std::max_element(a, a + V()) - a == std::max_element(b, b + V()) - b;
+        }
+        const int64_t launches = ra.fp8_linear_launches() - before;
+        std::printf("[ %s | official, chunks of %lld ] FP8 x FP8 linears vs BF16 linears: %lld rows, worst cosine "
+                    "%.8f, same argmax %lld; FP8 x FP8 launches %lld\n",
+                    GetParam().c_str(), static_cast<long long>(chunk), static_cast<long long>(T()), worst,
+                    static_cast<long long>(same_top), static_cast<long long>(launches));
+        EXPECT_GE(worst, 0.99999) << "chunks of " << chunk;
+        EXPECT_GE(same_top, T() - 2) << "argmax differs beyond near ties, chunks of " << chunk;
+        EXPECT_GT(launches, 0) << "the FP8 x FP8 path did not run, chunks of " << chunk;
+    }
+    EXPECT_EQ(ra.lt_linear_launches(), 0);
+    EXPECT_EQ(rb.fp8_linear_launches(), 0) << "fp8_activations off";
+    gpu::RunnerOptions bad = small_options();
+    bad.numerics = Numerics::official;
+    bad.fp8_act_max_t = 65;
+    EXPECT_THROW((void)gpu::Runner(*c->model, bad), Error) << "fp8_act_max_t past kRegsMaxM";
 }
 // Prefix snapshots on the GPU: a sequence opened from a snapshot continues exactly as the one it
 // was taken from (bit for bit: the same state and the same step shapes), keeps working after that
@@ -2240,6 +2280,27 @@ TEST(GpuOfficialCode, LtLinearsAgreeAsWellAsBf16Linears) {
     EXPECT_GT(lt_full, 0) << "the cuBLASLt path did not run";
     EXPECT_GT(lt_decode, 0) << "the 100-token prefill runs through cuBLASLt";
     EXPECT_EQ(roff.lt_linear_launches(), 0) << "lt_fp8 off";
+
+    // Chunks of 64 tokens with both FP8 × FP8 kernels in one step (RunnerOptions::fp8_act_max_t = 64,
+    // lt_min_out = D: cuBLASLt for wq_b, wo_b, the shared w2 and the indexer's wq_b of this model,
+    // linear_fp8_act for wq_a, wkv and the shared w1 / w3): the same bars against DeepSeek's code.
+    gpu::RunnerOptions mixed = on;
+    mixed.fp8_act_max_t = 64;
+    mixed.lt_min_out = m->cfg.hidden_size;
+    gpu::Runner rmix(*m, mixed);
+    const std::vector<float> chunk_mix = gpu::sequence_logits_mtp(rmix, ids, Schedule{-1, 64}).logits;
+    const std::vector<float> chunk_off = gpu::sequence_logits_mtp(roff, ids, Schedule{-1, 64}).logits;
+    const LogitStats c_mix = compare_logits(chunk_mix, gold_full, T, V);
+    const LogitStats c_off = compare_logits(chunk_off, gold_full, T, V);
+    show("GPU official chunks of 64, both FP8 kernels vs official", c_mix);
+    show("GPU official chunks of 64, BF16 path vs official", c_off);
+    std::printf("[ official-tiny-mxfp4 ] chunks of 64: FP8 x FP8 launches %lld, of them cuBLASLt %lld\n",
+                static_cast<long long>(rmix.fp8_linear_launches()), static_cast<long long>(rmix.lt_linear_launches()));
+    EXPECT_GE(c_mix.mean_cos, 0.98);
+    EXPECT_GE(c_mix.top1, 0.65);
+    EXPECT_GE(c_mix.mean_cos, c_off.mean_cos - 0.003);
+    EXPECT_GT(rmix.lt_linear_launches(), 0) << "no linear took cuBLASLt";
+    EXPECT_GT(rmix.fp8_linear_launches(), rmix.lt_linear_launches()) << "no linear took linear_fp8_act";
 }
 
 INSTANTIATE_TEST_SUITE_P(Golden, GpuRunner, ::testing::Values("tiny-flash-nvfp4", "tiny-flash-mxfp4"),
