@@ -4,8 +4,8 @@
 # the golden cases the GPU tests read. On the GPU machine, scripts/device_env.sh sets it up.
 #   usage: scripts/device_pack.sh [--tests] [build-dir] [golden case ...]
 #   --tests: only what the GPU tests run (megamoe_tests, the CLI and megamoe-serve-bench, which
-#   tests start), not the three benchmarks: ~9 MB less, so that every golden case fits the 64 MiB
-#   that travels (tiny-flash-nvfp4, tiny-flash-mxfp4 and official-tiny-mxfp4: ~50 MB of them).
+#   tests start), not the three benchmarks, for room beside the golden cases (tiny-flash-nvfp4,
+#   tiny-flash-mxfp4 and official-tiny-mxfp4: 41 MB of them, compressed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tests_only=0
@@ -24,7 +24,7 @@ bins=("$build"/tests/megamoe_tests "$build"/megamoe "$build"/megamoe-serve-bench
 [ "$tests_only" = 1 ] ||
     bins+=("$build"/megamoe-forward-bench "$build"/megamoe-gemm-bench "$build"/megamoe-linear-bench)
 cp "${bins[@]}" "$stage"/bin/
-strip --strip-debug "$stage"/bin/* 2>/dev/null || true
+strip --strip-all "$stage"/bin/* 2>/dev/null || true
 # Libraries outside glibc/libstdc++ (Debian 12 builds; the CUDA image may not have them).
 ldd "$stage"/bin/* | awk '/=>/ {print $3}' | sort -u |   # (the forward bench's CUPTI among them)
     grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so' |
@@ -32,7 +32,10 @@ ldd "$stage"/bin/* | awk '/=>/ {print $3}' | sort -u |   # (the forward bench's 
 # libnccl (218 MB) does not travel: scripts/device_env.sh finds the GPU machine's own (PyTorch's).
 # Nor does cuBLAS (libcublasLt alone is 540 MB): the GPU machine's CUDA 13 image has it.
 # Compressed: the binaries' cubins shrink ~4x, which keeps a run under the 64 MiB that travels.
-tar -cf - -C "$stage" bin lib | xz -6 -T2 > .device/pack.tar.xz
+# xz -9: its 64 MiB dictionary spans whole binaries, which share most of their code (the CLI and
+# the tests' binary: --tests' pack 15.6 MB at -6, 10.0 at -9), so the three golden cases travel
+# beside the benchmarks.
+tar -cf - -C "$stage" bin lib | xz -9 -T2 > .device/pack.tar.xz
 # The golden cases, compressed too (~17% smaller: what lets all three travel beside --tests'
 # binaries); scripts/device_env.sh unpacks them into .device/shared/golden on the GPU machine.
 cp -r ../shared/golden/tokenizer "$stage"/golden/   # the server tests' tokenizer fixture

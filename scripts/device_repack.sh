@@ -13,11 +13,11 @@ tar -xJf .device/pack.tar.xz -C "$stage"
 for nv in "$@"; do
     name=${nv%%=*} dir=${nv#*=}
     for b in megamoe-forward-bench megamoe-gemm-bench; do
-        strip --strip-debug -o "$stage/bin/$b-$name" "$dir/$b"
+        strip --strip-all -o "$stage/bin/$b-$name" "$dir/$b"
     done
 done
 rm -f "$stage"/bin/megamoe "$stage"/bin/megamoe-linear-bench "$stage"/bin/megamoe-serve-bench
-tar -cf - -C "$stage" bin lib | xz -6 -T2 > .device/pack.tar.xz
+tar -cf - -C "$stage" bin lib | xz -9 -T2 > .device/pack.tar.xz   # (device_pack.sh: why -9)
 rm -rf "$stage"
 du -sh .device/*
 bash scripts/device_fits.sh device_repack "name fewer builds, or delete .device/golden.tar.xz"
