@@ -165,7 +165,7 @@ struct Workspace {
     float* sh_out = nullptr;         // [T, D]
     // Official numerics at T ≤ kFp8ActMaxT tokens, and at T ≥ cuda::kLtMinM with cuBLASLt: the FP8
     // linears' inputs as e4m3 codes + block scales (made in the same pass as the rounded bf16 copy).
-    // [T8, K] u8 and [T8, K / 128] f32 each, T8 = T with cuBLASLt, else min(T, kFp8ActMaxT).
+    // [T8, K] u8 and [T8, K / 128] f32 each, T8 = T with cuBLASLt, else min(T, act_max).
     int64_t T8 = 0;
     bool lt_codes = false;           // carve codes for every T (cuBLASLt on)
     int64_t act_max = kFp8ActMaxT;   // the runner's fp8_act_max
@@ -663,6 +663,7 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     fp8_act_on = opt.fp8_activations;
     MEGAMOE_CHECK(opt.fp8_act_max_t == -1 || (opt.fp8_act_max_t >= 1 && opt.fp8_act_max_t <= cuda::kRegsMaxM),
                   "gpu runner: fp8_act_max_t ", opt.fp8_act_max_t, " (-1: the runner's rule, or 1..", cuda::kRegsMaxM, ")");
+    MEGAMOE_CHECK(opt.lt_min_out >= -1, "gpu runner: lt_min_out ", opt.lt_min_out, " (-1: the runner's rule, or rows >= 0)");
     if (opt.fp8_act_max_t > 0) fp8_act_max = opt.fp8_act_max_t;
     if (opt.lt_min_out >= 0) lt_min_out = opt.lt_min_out;
     lt_fp8_on = fp8_act_on && opt.lt_fp8 && nm == Numerics::official && opt.max_batch_tokens >= cuda::kLtMinM;

@@ -1634,6 +1634,9 @@ TEST_P(GpuRunner, Fp8LinearsUpTo64TokensMatchBf16Linears) {
     bad.numerics = Numerics::official;
     bad.fp8_act_max_t = 65;
     EXPECT_THROW((void)gpu::Runner(*c->model, bad), Error) << "fp8_act_max_t past kRegsMaxM";
+    bad.fp8_act_max_t = -1;
+    bad.lt_min_out = -2;
+    EXPECT_THROW((void)gpu::Runner(*c->model, bad), Error) << "lt_min_out below -1";
 }
 // Prefix snapshots on the GPU: a sequence opened from a snapshot continues exactly as the one it
 // was taken from (bit for bit: the same state and the same step shapes), keeps working after that
