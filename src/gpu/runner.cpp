@@ -110,9 +110,10 @@ static_assert(cuda::kStreamDraft == static_cast<uint32_t>(SpecStream::draft) &&
 // values (cuda::linear → linear_regs: the same values, decoded weights). RunnerOptions::
 // fp8_act_max_t and lt_min_out override the rule (to compare).
 // Why 8 (one token tile): at 9-16 tokens linear_fp8_act's two-tile instance (two CTAs per SM, 128
-// registers) spills and was slower than linear_regs on every V4 shape (H100, megamoe-gemm-bench
-// --part linears --format fp8 --M 16: wq_b 19.51 against 17.09 µs, wo_b 19.10 / 16.64, wq_a 6.61 /
-// 5.32), and the 8-layer official step with this rule against 16 (megamoe-forward-bench --numerics
+// registers) spills and was slower than linear_regs on every V4-Flash and V4-Pro linear it runs
+// (wo_a is a bf16 einsum in the official code) (H100, megamoe-gemm-bench --part linears --model all
+// --format fp8 --M 16: Flash wq_b 19.51 against 17.09 µs, wo_b 19.10 / 16.64, wq_a 6.61 / 5.32;
+// Pro wq_b 54.31 / 46.26, wo_b 66.39 / 53.52), and the 8-layer official step with this rule against 16 (megamoe-forward-bench --numerics
 // official --fp8-act-max 8, two rounds, same call): B = 12 5128.8 / 5114.5 → 5007.8 / 5007.1 µs,
 // B = 16 5671.9 / 5668.4 → 5543.7 / 5540.3, B = 4 and 8 even (same kernels). At 1-8 tokens
 // linear_fp8_act is the faster (M = 1: wo_b 13.62 against 14.50 µs, docs/bench-forward.md). At
