@@ -33,8 +33,8 @@ ldd "$stage"/bin/* | awk '/=>/ {print $3}' | sort -u |   # (the forward bench's 
 # Nor does cuBLAS (libcublasLt alone is 540 MB): the GPU machine's CUDA 13 image has it.
 # Compressed: the binaries' cubins shrink ~4x, which keeps a run under the 64 MiB that travels.
 # xz -9: its 64 MiB dictionary spans whole binaries, which share most of their code (the CLI and
-# the tests' binary: --tests' pack 15.6 MB at -6, 10.0 at -9), so the three golden cases travel
-# beside the benchmarks.
+# the tests' binary: --tests' pack 15.6 MB at -6 with --strip-debug, 10.0 at -9 with --strip-all,
+# of which --strip-all alone is ~3%), so the three golden cases travel beside the benchmarks.
 tar -cf - -C "$stage" bin lib | xz -9 -T2 > .device/pack.tar.xz
 # The golden cases, compressed too (~17% smaller: what lets all three travel beside --tests'
 # binaries); scripts/device_env.sh unpacks them into .device/shared/golden on the GPU machine.
