@@ -112,16 +112,17 @@ static_assert(cuda::kStreamDraft == static_cast<uint32_t>(SpecStream::draft) &&
 // Why 8 (one token tile): at 9-16 tokens linear_fp8_act's two-tile instance (two CTAs per SM, 128
 // registers) spills and was slower than linear_regs on every V4-Flash and V4-Pro linear it runs
 // (wo_a is a bf16 einsum in the official code) (H100, megamoe-gemm-bench --part linears --model all
-// --format fp8 --M 16: Flash wq_b 19.51 against 17.09 µs, wo_b 19.10 / 16.64, wq_a 6.61 / 5.32;
-// Pro wq_b 54.31 / 46.26, wo_b 66.39 / 53.52), and the 8-layer official step with this rule against 16 (megamoe-forward-bench --numerics
-// official --fp8-act-max 8, two rounds, same call): B = 12 5128.8 / 5114.5 → 5007.8 / 5007.1 µs,
-// B = 16 5671.9 / 5668.4 → 5543.7 / 5540.3, B = 4 and 8 even (same kernels). At 1-8 tokens
-// linear_fp8_act is the faster (M = 1: wo_b 13.62 against 14.50 µs, docs/bench-forward.md). At
-// 32-64 tokens cuBLASLt stays for every FP8 linear although linear_fp8_act is faster alone on the
-// small ones (M = 64: wq_a 8.91 against 15.47 µs): the step measured slower with them on
-// linear_fp8_act (B = 32 8094.4 → 8166.5 µs, B = 64 11418.1 → 11561.0 with lt_min_out = 4096;
-// with every linear on linear_fp8_act 8170.7 / 11764.0); those linears run beside others on the
-// side streams, where (our reading, not profiled) cuBLASLt's few CTAs leave the SMs to them.
+// --format fp8 --M 16: Flash wq_b 19.51 against 17.09 µs, wo_b 19.10 / 16.64, wq_a 6.61 / 5.32; Pro
+// wq_b 54.31 / 46.26, wo_b 66.39 / 53.52), and the 8-layer official step with this rule against 16
+// (megamoe-forward-bench --numerics official --fp8-act-max 8, two rounds, same call): B = 12 5128.8
+// / 5114.5 → 5007.8 / 5007.1 µs, B = 16 5671.9 / 5668.4 → 5543.7 / 5540.3, B = 4 and 8 even (same
+// kernels). At 1-8 tokens linear_fp8_act is the faster (M = 1: wo_b 13.62 against 14.50 µs,
+// docs/bench-forward.md). At 32-64 tokens cuBLASLt stays for every FP8 linear although
+// linear_fp8_act is faster alone on the small ones (M = 64: wq_a 8.91 against 15.47 µs): the step
+// measured slower with them on linear_fp8_act (B = 32 8094.4 → 8166.5 µs, B = 64 11418.1 → 11561.0
+// with lt_min_out = 4096; with every linear on linear_fp8_act 8170.7 / 11764.0); those linears run
+// beside others on the side streams, where (our reading, not profiled) cuBLASLt's few CTAs leave
+// the SMs to them.
 constexpr int64_t kFp8ActMaxT = 8;
 // A CSA layer's indexer queries run on side stream 2 at up to this many tokens (cuda::linear's
 // small-M kernels, which need no scratch: M ≤ 16).
