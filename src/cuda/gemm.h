@@ -233,7 +233,8 @@ void moe_layer_small(const DeviceExperts& ex, float swiglu_limit, const uint16_t
                      CUstream_st* stream, Numerics nm = Numerics::exact);
 // The small path's launch plan for T tokens of k slots on a device with SM facts f (what
 // moe_small_fits and the launches use with sm_facts() of the current device; no CUDA call, so it
-// can be asked about any device). ok: the path applies (at least two ring stages of each half fit).
+// can be asked about any device). ok: the path applies (at least two ring stages of each half fit,
+// and w2's K steps per L2 warp have a kernel instance: 16 warps of 1-2 or 8 of 3).
 // l1_two: L1 runs two CTAs per SM (MXFP4 at T ≤ 4 where two CTAs' shared memory fits an SM).
 // Throws for T outside [1, kMoeSmallMaxT], T·k > kMoeSmallMaxSlots, or experts without shapes.
 struct MoeSmallPlan {
@@ -241,6 +242,7 @@ struct MoeSmallPlan {
     bool l1_two = false;
     int grid1 = 0, grid2 = 0;             // CTAs of L1 and L2
     int stages1 = 0, stages2 = 0;         // ring stages
+    int warps2 = 0, spw2 = 0;             // L2's consumer warps and w2's 128-column K steps per warp
     int64_t smem1 = 0, smem2 = 0;         // dynamic shared memory per CTA, bytes
     int64_t static_smem = 0;              // static shared memory of either kernel (the plan's bound), bytes
 };

@@ -23,10 +23,11 @@
 //                 entry); after the w3 stage the eight K-range partials are summed in shared memory
 //                 in warp order and h[slot, row] = silu(min(g, L))·clamp(u, ±L)·weight[slot] is
 //                 written in bf16 at the slot's own row of h (slot = t·k + s).
-//   moe_small_l2  grid: one CTA per SM (at most one per 16-row block of y); 16 consumer warps + 1.
+//   moe_small_l2  grid: one CTA per SM (at most one per 16-row block of y); 16 consumer warps + 1
+//                 (8 for V4-Pro's w2: l2_warps).
 //                 CTA c owns a contiguous range of row blocks of y and streams, entry by entry, the
 //                 w2 rows of those blocks (up to 2 blocks per stage); consumer warp w holds the
-//                 entry's h columns of its K-range (1-2 steps) in registers, loaded one entry
+//                 entry's h columns of its K-range (1-3 steps) in registers, loaded one entry
 //                 ahead (under official numerics FP8-rounded there in their 128-column blocks,
 //                 which are exactly a step's columns). Each (slot, row) partial goes to shared
 //                 memory per warp, and at the end y[t, row] = shared[t] + Σ_s (Σ_w partial) in slot
@@ -75,6 +76,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "core/common.h"
 #include "cuda/device.cuh"
@@ -92,17 +94,31 @@ using namespace dev;
 
 // Consumer warps (decode + MMA) per CTA; one more warp holds the producer thread (bulk copies).
 // L1: 8 (2 per scheduler; 16 measured no faster), each holding its K-range's x fragments in
-// registers where that is at most 4 steps (V4-Flash); L2: 16, so that a warp's K-range of w2 is
-// 1-2 steps (V4-Flash, V4-Pro) and the entry's h fragments fit in registers twice (prefetch).
+// registers where that is at most 4 steps (V4-Flash); L2: 16 (V4-Flash: one step of w2's K each) or
+// 8 (V4-Pro: three steps each; l2_warps says why), and the entry's h fragments of a warp's K-range
+// fit in registers twice (prefetch).
 constexpr int kL1Warps = 8;
 constexpr int kL2Warps = 16;
+constexpr int kL2ProWarps = 8;
 constexpr int kL1XRegSteps = 4;   // L1: x fragments in registers up to this many steps per warp
 constexpr int kL2MaxChunk = 2;    // L2: 16-row blocks per stage at most (fewer, larger stages: less sync per byte)
 constexpr int kMaxSlots = static_cast<int>(kMoeSmallMaxSlots);
 constexpr int kRows = 16;                           // weight rows per stage: the MMA's M
 constexpr int kMaxStages = 8;
 constexpr int kMinStages = 2;
-constexpr int kL2MaxSpw = 2;                        // L2: steps per consumer warp held in registers
+constexpr int kL2MaxSpw = 2;                        // L2 at kL2Warps: steps per consumer warp held in registers
+constexpr int kL2ProSpw = 3;                        // L2 at kL2ProWarps: its steps per warp
+// L2's consumer warps for w2's K of `steps` 128-column steps. The instances are 16 warps of 1 or 2
+// steps and 8 warps of 3. V4-Pro's w2 has 24 steps: at 16 warps, 12 warps took 2 and 4 had none
+// (the ring's stage waited for the slowest), at 8 warps each takes 3 and the fin partials halve.
+// Measured (H100, main's 16 warps against 8 in one device call, megamoe-gemm-bench --part experts
+// --model all --T 1,2 --moe-small, two rounds): V4-Pro NVFP4 T = 1 104.4 → 97.0 µs (−7.3%),
+// T = 2 190.1 → 172.4 (−9.3%); MXFP4 T = 1 109.7 → 108.8, T = 2 196.0 → 187.1 (−4.6%). V4-Flash
+// (16 steps, one per warp at 16) measured even (NVFP4) or 4% slower (MXFP4 T = 1) at 8 warps of 2,
+// and keeps 16. Steps 33-48 (16 warps of 3) have no instance: the plan refuses them (not ok).
+// Registers (ptxas, sm_90a): 16 warps of 2 steps are held to 96 per thread by the 544-thread block
+// and spill 188-232 bytes; 8 warps of 3 take 163-164 and do not spill.
+__host__ __device__ constexpr int l2_warps(int steps) { return steps > 16 && steps <= 8 * kL2ProSpw ? kL2ProWarps : kL2Warps; }
 constexpr int kSmemBudget = 220 * 1024;             // dynamic shared memory per CTA (227 KB on sm_90)
 // Ring depths (H200, V4-Flash NVFP4): standalone, 3 / 4 stages measured as fast as 4 / 6 (T = 1
 // 46.97 against 47.79 µs, T = 8 280.4 against 280.3); in the 20-layer batch-1 step 3 L1 stages
@@ -516,14 +532,15 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
 
 // ---------------------------------------------------------------------------- L2
 
-template <LinearFormat F, int kSpw>
-__global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(const SmallParams p) {
+// W consumer warps (kL2Warps or kL2ProWarps) of kSpw steps at most each.
+template <LinearFormat F, int kSpw, int W>
+__global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const SmallParams p) {
     constexpr int kStepK = 4 * Traits<F>::kElems;
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ Routing rt;
     __shared__ Ring ring_bars;
 
-    ring_init(ring_bars, p.stages, kL2Warps);
+    ring_init(ring_bars, p.stages, W);
     // ids were written before L1 ran, and this grid starts only after every L1 CTA passed its own
     // griddepcontrol.wait (see top): they are complete. h is read only after the wait below.
     route_slots(p, rt);
@@ -535,10 +552,10 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
     const int items = Q * nch;   // entry-major: (q, c) = (i / nch, i % nch); chunk c: row blocks c·rb_chunk ..
     const int n = p.T * p.k;
     uint8_t* ring = smem;
-    float* fin = reinterpret_cast<float*>(smem + static_cast<size_t>(p.stages) * p.stage_bytes);   // [kL2Warps][n][rb_max][16]
+    float* fin = reinterpret_cast<float*>(smem + static_cast<size_t>(p.stages) * p.stage_bytes);   // [W][n][rb_max][16]
     const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
 
-    if (warp == kL2Warps) {   // ---- producer: one thread (w2 does not depend on L1: no wait)
+    if (warp == W) {   // ---- producer: one thread (w2 does not depend on L1: no wait)
         if (lane != 0) return;
         int gq = -1, q = 0, c = 0;   // item i = (entry q, chunk c), entry-major
         GemmGroup G{};
@@ -675,14 +692,14 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
         entry(q, ha, hb);
         if (q + 1 < Q) entry(q + 1, hb, ha);
     }
-    consumers_sync<kL2Warps>();
+    consumers_sync<W>();
 
     // y[t, row] = shared[t, row] + Σ_s (Σ_w fin[w][t·k + s][row]), sums in fixed order from 0, over
     // the slots with an expert. official: each slot's row and shared rounded to bf16 first, and y
     // after (moe_combine's rule). Placed outputs (expert parallelism) stop before shared: each
     // slot's row (0 for a slot without expert), or the slots' sum, unrounded: what the exchange's
     // place kernel makes of the general path's rows (dist/nccl/exchange.cu).
-    for (int o = static_cast<int>(threadIdx.x); o < p.T * nrb * kRows; o += kL2Warps * 32) {
+    for (int o = static_cast<int>(threadIdx.x); o < p.T * nrb * kRows; o += W * 32) {
         const int rl = o % kRows, j = (o / kRows) % nrb, t = o / (kRows * nrb);
         const int row = (ra + j) * kRows + rl;
         if (row >= p.N) continue;
@@ -692,7 +709,7 @@ __global__ void __launch_bounds__((kL2Warps + 1) * 32, 1) moe_small_l2_kernel(co
             const bool here = has_expert(p, sl);
             float v = 0.0f;
             if (here)
-                for (int w = 0; w < kL2Warps; ++w) v = __fadd_rn(v, fin[((w * n + sl) * p.rb_max + j) * kRows + rl]);
+                for (int w = 0; w < W; ++w) v = __fadd_rn(v, fin[((w * n + sl) * p.rb_max + j) * kRows + rl]);
             if (p.official) v = nm::bf16_round(v);
             if (p.placed == kPlaceSlotRows) p.y[static_cast<int64_t>(sl) * p.N + row] = v;
             else if (here) sum = __fadd_rn(sum, v);
@@ -730,6 +747,7 @@ struct Plan {
     size_t smem1 = 0, smem2 = 0;
     int grid1 = 0, grid2 = 0;
     bool l1_two = false;   // L1 at two CTAs per SM (kL1TwoMaxT)
+    int warps2 = kL2Warps; // L2's consumer warps (l2_warps)
     bool ok = false;
 };
 
@@ -762,9 +780,10 @@ Plan make_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f) 
     a.stages = pl.l1_two ? 2 : static_cast<int>(std::min<int64_t>(kL1StagesWanted, (budget - fixed1) / a.stage_bytes));
     pl.smem1 = static_cast<size_t>(a.stages * a.stage_bytes + fixed1);
     pl.grid1 = static_cast<int>(std::min<int64_t>((pl.l1_two ? 2 : 1) * sms, n * ceil_div(ex.I, kRows)));
-    // L2: the ring and the per-warp partials [kL2Warps][n][rb_max][16].
+    // L2: the ring and the per-warp partials [warps2][n][rb_max][16].
     SmallParams& b = pl.l2;
-    common(b, ex.w2[0], ex.D, ex.I, kL2Warps);
+    pl.warps2 = l2_warps(static_cast<int>(ex.w2[0].weight_row_bytes / kStepBytes));
+    common(b, ex.w2[0], ex.D, ex.I, pl.warps2);
     const int64_t RB2 = ceil_div(ex.D, kRows);
     pl.grid2 = static_cast<int>(std::min<int64_t>(sms, RB2));
     b.rb_max = static_cast<int>(ceil_div(RB2, pl.grid2));
@@ -772,10 +791,11 @@ Plan make_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f) 
     b.stage_rows = b.rb_chunk * kRows;
     b.stage_bytes = static_cast<int>(round_up(b.stage_rows * ex.w2[0].weight_row_bytes +
                                               round_up(b.stage_rows * ex.w2[0].scale_row_bytes, 16), 128));
-    const int64_t fixed2 = static_cast<int64_t>(kL2Warps) * n * b.rb_max * kRows * 4;
+    const int64_t fixed2 = static_cast<int64_t>(pl.warps2) * n * b.rb_max * kRows * 4;
     b.stages = static_cast<int>(std::min<int64_t>(kL2StagesWanted, (budget - fixed2) / b.stage_bytes));
     pl.smem2 = static_cast<size_t>(b.stages * b.stage_bytes + fixed2);
-    pl.ok = a.stages >= kMinStages && b.stages >= kMinStages && b.spw <= kL2MaxSpw;
+    const bool l2_instance = pl.warps2 == kL2ProWarps ? b.spw <= kL2ProSpw : b.spw <= kL2MaxSpw;
+    pl.ok = a.stages >= kMinStages && b.stages >= kMinStages && l2_instance;
     return pl;
 }
 
@@ -825,6 +845,8 @@ MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const
     r.grid2 = pl.grid2;
     r.stages1 = pl.l1.stages;
     r.stages2 = pl.l2.stages;
+    r.warps2 = pl.warps2;
+    r.spw2 = pl.l2.spw;
     r.smem1 = static_cast<int64_t>(pl.smem1);
     r.smem2 = static_cast<int64_t>(pl.smem2);
     r.static_smem = kStaticSmem;
@@ -868,12 +890,18 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
     p.y = y;
     p.placed = placed;
     p.official = nm == Numerics::official;
-    // The h fragments' register sets are sized by the steps per warp (V4-Flash 1, V4-Pro 2).
-    auto kernel = ex.format == LinearFormat::nvfp4
-                      ? (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::nvfp4, 1> : moe_small_l2_kernel<LinearFormat::nvfp4, 2>)
-                      : (p.spw <= 1 ? moe_small_l2_kernel<LinearFormat::mxfp4, 1> : moe_small_l2_kernel<LinearFormat::mxfp4, 2>);
+    // The h fragments' register sets are sized by the steps per warp (V4-Flash 1 at 16 warps,
+    // V4-Pro 3 at 8); the plan is ok only for these instances (check_small).
+    using K2 = void (*)(SmallParams);
+    auto pick = [&](auto fmt) -> K2 {
+        constexpr LinearFormat F = decltype(fmt)::value;
+        if (pl.warps2 == kL2ProWarps) return moe_small_l2_kernel<F, kL2ProSpw, kL2ProWarps>;
+        return p.spw <= 1 ? moe_small_l2_kernel<F, 1, kL2Warps> : moe_small_l2_kernel<F, kL2MaxSpw, kL2Warps>;
+    };
+    const K2 kernel = ex.format == LinearFormat::nvfp4 ? pick(std::integral_constant<LinearFormat, LinearFormat::nvfp4>{})
+                                                       : pick(std::integral_constant<LinearFormat, LinearFormat::mxfp4>{});
     raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(f)));
-    CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid2)), dim3((kL2Warps + 1) * 32), pl.smem2, stream, p));
+    CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid2)), dim3((pl.warps2 + 1) * 32), pl.smem2, stream, p));
 }
 }  // namespace
 

@@ -1725,6 +1725,8 @@ TEST(CudaMoeLayer, SmallPathPlanTwoCtasPerSm) {
             const std::string what = std::string(fmt_name(f)) + " V4-Flash T = " + std::to_string(T);
             const cuda::MoeSmallPlan p = cuda::moe_small_plan(*flash, T, k, hopper);
             EXPECT_TRUE(p.ok) << what;
+            EXPECT_EQ(p.warps2, 16) << what;   // w2's 16 K steps: one per warp
+            EXPECT_EQ(p.spw2, 1) << what;
             const bool two = f == LinearFormat::mxfp4 && T <= 4;
             EXPECT_EQ(p.l1_two, two) << what;
             EXPECT_EQ(p.grid1, (two ? 2 : 1) * hopper.sms) << what;   // T·k·I/16 ≥ 768 row tiles: every SM busy
@@ -1738,8 +1740,18 @@ TEST(CudaMoeLayer, SmallPathPlanTwoCtasPerSm) {
             const std::string what = std::string(fmt_name(f)) + " V4-Pro T = " + std::to_string(T);
             const cuda::MoeSmallPlan p = cuda::moe_small_plan(*pro, T, k, hopper);
             if (p.ok) within(p, hopper, what);
+            EXPECT_EQ(p.warps2, 8) << what;   // w2's 24 K steps: 3 per warp on 8 warps
+            EXPECT_EQ(p.spw2, 3) << what;
         }
         EXPECT_TRUE(cuda::moe_small_plan(*pro, 1, k, hopper).ok) << fmt_name(f) << " V4-Pro T = 1";
+        // 25-32 steps of w2's K: 16 warps of 2; 33-48 would be 16 warps of 3, an instance that does
+        // not exist: refused, not run on the two-step one (which would skip K's last steps).
+        const cuda::MoeSmallPlan p32 = cuda::moe_small_plan(*shapes_only(f, 8, 4096, 4096), 1, k, hopper);
+        EXPECT_TRUE(p32.ok) << fmt_name(f) << " I = 4096";
+        EXPECT_EQ(p32.warps2, 16) << fmt_name(f) << " I = 4096";
+        EXPECT_EQ(p32.spw2, 2) << fmt_name(f) << " I = 4096";
+        EXPECT_FALSE(cuda::moe_small_plan(*shapes_only(f, 8, 4096, 4608), 1, k, hopper).ok) << fmt_name(f) << " I = 4608";
+        EXPECT_FALSE(cuda::moe_small_plan(*shapes_only(f, 8, 4096, 6144), 1, k, hopper).ok) << fmt_name(f) << " I = 6144";
     }
     const auto flash = shapes_only(LinearFormat::mxfp4, 8, 4096, 2048);
     test::expect_error([&] { cuda::moe_small_plan(*flash, 9, k, hopper); }, {"moe_small_plan", "T = 9"});
