@@ -40,7 +40,7 @@
 //   steps of ≥ cuda::kLtBf16MinM tokens on megamoe's kernels; the official FP8 ones stay on cuBLASLt).
 // --no-moe-small: the routed experts through moe_layer at every batch (RunnerOptions::moe_small
 //   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
-// --small-w4a8 0|1: official numerics with MXFP4 experts, the small-T path's W4A8 form (1, the
+// --small-w4a8 0|1: official numerics, the small-T path's W4A8 form (1, the
 //   default) or its BF16 form (0) (RunnerOptions::moe_small_w4a8), to compare.
 // --fp8-act-max T, --lt-min-out N: official numerics, the FP8 × FP8 kernel (linear_fp8_act) at up to
 //   T tokens (1..64), and where cuBLASLt applies too (32..T tokens), cuBLASLt only for linears of

@@ -229,7 +229,7 @@ constexpr int64_t kMoeSmallMaxT = 8;       // one n8 MMA token tile
 constexpr int64_t kMoeSmallMaxSlots = 64;
 bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_t* x_bf16);
 // Whether the small path runs its W4A8 form (moe_small.cu: both GEMMs on the FP8 tensor core, the
-// inputs' FP8 codes against the e2m1 nibbles as e4m3): official numerics, MXFP4 experts, T ≤ 2;
+// inputs' FP8 codes against the e2m1 nibbles as e4m3): official numerics, T ≤ 2 (MXFP4 or NVFP4);
 // `fp8_mma` false (the launches' last argument) keeps the BF16 form, to compare. Same numerics.
 bool moe_small_w4a8(const DeviceExperts& ex, int64_t T, Numerics nm);
 void moe_layer_small(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,

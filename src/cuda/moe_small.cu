@@ -118,7 +118,9 @@ constexpr int kL2ProSpw = 3;                        // L2 at kL2ProWarps: its st
 // and keeps 16. Steps 33-48 (16 warps of 3) have no instance: the plan refuses them (not ok).
 // Registers (ptxas, sm_90a): 16 warps of 2 steps are held to 96 per thread by the 544-thread block
 // and spill 188-232 bytes; 8 warps of 3 take 163-164 and do not spill.
-__host__ __device__ constexpr int l2_warps(int steps) { return steps > 16 && steps <= 8 * kL2ProSpw ? kL2ProWarps : kL2Warps; }
+__host__ __device__ constexpr int l2_warps(int steps) {
+    return steps > 16 && steps <= kL2ProWarps * kL2ProSpw ? kL2ProWarps : kL2Warps;
+}
 constexpr int kSmemBudget = 220 * 1024;             // dynamic shared memory per CTA (227 KB on sm_90)
 // Ring depths (H200, V4-Flash NVFP4): standalone, 3 / 4 stages measured as fast as 4 / 6 (T = 1
 // 46.97 against 47.79 µs, T = 8 280.4 against 280.3); in the 20-layer batch-1 step 3 L1 stages
@@ -384,20 +386,23 @@ __device__ __forceinline__ void zero(float (&acc)[2][4]) {
         for (int v = 0; v < 4; ++v) acc[c][v] = 0.0f;
 }
 
-// ---------------------------------------------------------------------------- W4A8 (official, MXFP4)
+// ---------------------------------------------------------------------------- W4A8 (official numerics)
 //
 // Under official numerics w1 / w3 and w2 take FP8-rounded inputs (ops::expert_ffn's
 // linear_rounded: e4m3 codes times a power-of-two scale per 128 columns, round_gemm_input), and an
 // e2m1 nibble is an e4m3 byte exactly (fp4x8_e4m3: value · 2^-6). So both operands can go to the
 // tensor core as FP8, mma.sync m16n8k32 e4m3 × e4m3 → f32: per 16 weights of a lane 7 integer ops
 // and half an MMA, against the BF16 path's 10 + 4 bf16 multiplies and one MMA (decode_a).
-// The catch is MXFP4's scale per 32 columns: a lane's 16 bytes of a step are one whole group (its
-// columns 32·tig ..), and an MMA sums k over the four lanes of a row, i.e. over four groups. So the
+// The catch is the block scales: a lane's 16 bytes of a step are one whole MXFP4 group of 32
+// columns (its columns 32·tig ..; two NVFP4 blocks of 16), and an MMA sums k over the four lanes of
+// a row, i.e. over four groups. So the
 // MMA's 8 token columns hold groups instead: column c = 4·slot + j has B = the slot's codes in the k
 // positions fed by lane tig = j only (zeros from the other lanes), so D[row][c] is the row times the
 // slot's input over group j of the step alone, and after the step's 4 MMAs (one per word of the
 // lanes' 16 bytes) the group's scale multiplies it: acc[row][c] += 2^(e - 127) · sx · D[row][c]
-// (sx: the slot's input scale of the step, times 2^6 for the codes' 2^-6; f8_scales). This leaves
+// (sx: the slot's input scale of the step, times 2^6 for the codes' 2^-6; f8_scales). NVFP4 keeps
+// a D per 16-column half (words 0, 1 and 2, 3) and scales each by its e4m3 block scale, and the
+// tensor's global scale multiplies the row at the end (f8_out_scale). This leaves
 // two slots per entry (C ≤ 2: T ≤ 2, what the runner runs here), and at the end a slot's value of a
 // row is the sum of its four group columns (two per lane, lanes tig and tig ^ 1).
 // Exactness: every product of two e4m3 codes is exact in f32, a column sums 32 of them per step, and
@@ -444,23 +449,45 @@ __device__ __forceinline__ float chunk_amax(const uint4& v) {
     return fmaxf(__uint_as_float(m2 << 16), __uint_as_float(m2 & 0xFFFF0000u));
 }
 
-// One consumer warp's K-range of 16 rows of an MXFP4 stage on the FP8 tensor core (see above):
-// acc[v] (D's layout) += the steps [s0, s0 + ns); bfrag(j, l): the lane's B codes of step j, word l
-// (zeros unless the lane feeds its column's group); sx(j): its columns' slot scale of step j.
-template <int kUnroll, typename BFrag, typename Sx>
+// NVFP4 (blocks of 16 columns: words 0, 1 of a lane's 16 bytes are one block, words 2, 3 the
+// next): two D fragments per step, one per block half, and for D's v the scales of rows g / g + 8,
+// span j0 / j0 + 1, first and second half: the row's scale word at byte 4 · (tig & 1) of the step's
+// 8 holds exactly [span j0: first, second; span j0 + 1: first, second]. e4m3 → f16 → f32 is exact
+// (NaN stays NaN), times sx (a power of two).
+__device__ __forceinline__ void f8_scales_nvfp4(uint32_t e0, uint32_t e1, float sx, float (&ca)[4], float (&cb)[4]) {
+    auto two = [&](uint32_t w, float& a, float& b) {
+        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xFFFFu), __NV_E4M3);
+        const float2 f = __half22float2(__half2(h));
+        a = f.x * sx;
+        b = f.y * sx;
+    };
+    two(e0, ca[0], cb[0]);
+    two(e0 >> 16, ca[1], cb[1]);
+    two(e1, ca[2], cb[2]);
+    two(e1 >> 16, ca[3], cb[3]);
+}
+
+// One consumer warp's K-range of 16 rows of a stage on the FP8 tensor core (see above): acc[v] (D's
+// layout) += the steps [s0, s0 + ns); bfrag(j, l): the lane's B codes of step j, word l (zeros
+// unless the lane feeds its column's group); sx(j): its columns' slot scale of step j. For NVFP4
+// the result still carries the tensor's global scale (scale_2, f8_out_scale).
+template <LinearFormat F, int kUnroll, typename BFrag, typename Sx>
 __device__ __forceinline__ void consume_f8(const LaneOffs& lo, const uint8_t* wst, const uint8_t* sst, int s0, int ns,
                                            uint32_t sel, float (&acc)[4], BFrag&& bfrag, Sx&& sx) {
+    const int tig = static_cast<int>(threadIdx.x) & 3;
     const uint8_t* w0 = wst + lo.w0;
     const uint8_t* w1 = wst + lo.w1;
-    const uint8_t* sc0 = sst + lo.s0;
-    const uint8_t* sc1 = sst + lo.s1;
+    // MXFP4: the rows' 4 scale bytes of a step (byte j: group j); NVFP4: 4 of the 8 (f8_scales_nvfp4).
+    const int so = F == LinearFormat::nvfp4 ? 4 * (tig & 1) - scale_lane_off<F>(tig) : 0;
+    const uint8_t* sc0 = sst + lo.s0 + so;
+    const uint8_t* sc1 = sst + lo.s1 + so;
     auto step = [&](int j) {
         const int s = s0 + j;
         const uint4 wv0 = *reinterpret_cast<const uint4*>(w0 + s * kStepBytes);
         const uint4 wv1 = *reinterpret_cast<const uint4*>(w1 + s * kStepBytes);
-        const uint32_t e0 = *reinterpret_cast<const uint32_t*>(sc0 + s * 4);
-        const uint32_t e1 = *reinterpret_cast<const uint32_t*>(sc1 + s * 4);
-        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        const uint32_t e0 = *reinterpret_cast<const uint32_t*>(sc0 + s * scale_step_bytes<F>());
+        const uint32_t e1 = *reinterpret_cast<const uint32_t*>(sc1 + s * scale_step_bytes<F>());
+        float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
         for (int l = 0; l < 4; ++l) {
             const uint32_t q0 = l == 0 ? wv0.x : l == 1 ? wv0.y : l == 2 ? wv0.z : wv0.w;
@@ -469,12 +496,19 @@ __device__ __forceinline__ void consume_f8(const LaneOffs& lo, const uint8_t* ws
             fp4x8_e4m3(q0, lo0, hi0);
             fp4x8_e4m3(q1, lo1, hi1);
             const uint2 b = bfrag(j, l);
-            mma_e4m3(d, lo0, lo1, hi0, hi1, b.x, b.y);
+            mma_e4m3(d[F == LinearFormat::nvfp4 && l >= 2 ? 1 : 0], lo0, lo1, hi0, hi1, b.x, b.y);
         }
-        float c[4];
-        f8_scales(e0, e1, sel, sx(j), c);
+        if constexpr (F == LinearFormat::nvfp4) {
+            float ca[4], cb[4];
+            f8_scales_nvfp4(e0, e1, sx(j), ca, cb);
 #pragma unroll
-        for (int v = 0; v < 4; ++v) acc[v] = fmaf(c[v], d[v], acc[v]);
+            for (int v = 0; v < 4; ++v) acc[v] = fmaf(cb[v], d[1][v], fmaf(ca[v], d[0][v], acc[v]));
+        } else {
+            float c[4];
+            f8_scales(e0, e1, sel, sx(j), c);
+#pragma unroll
+            for (int v = 0; v < 4; ++v) acc[v] = fmaf(c[v], d[0][v], acc[v]);
+        }
     };
     if constexpr (kUnroll > 0) {
 #pragma unroll
@@ -484,6 +518,12 @@ __device__ __forceinline__ void consume_f8(const LaneOffs& lo, const uint8_t* ws
 #pragma unroll 2
         for (int j = 0; j < ns; ++j) step(j);
     }
+}
+
+// What multiplies a W4A8 result: NVFP4's global scale (out_scale less the BF16 path's 2^kNvfp4Shift;
+// a power of two apart, so exact), 1 for MXFP4 (its scales are the true ones).
+__device__ __forceinline__ float f8_out_scale(const GemmGroup& G, int m, LinearFormat f) {
+    return f == LinearFormat::nvfp4 ? G.out_scale[m] * (1.0f / (1 << kNvfp4Shift)) : 1.0f;
 }
 
 // A slot's sum over its four group columns of D's layout for row g (v = 0, 1) or g + 8 (v = 2, 3):
@@ -498,11 +538,11 @@ __device__ __forceinline__ float f8_slot_sum(const float (&acc)[4], int half) {
 
 // kXs > 0: each warp's x fragments (at most kXs steps) held in registers per entry; 0: read from
 // the x stage in shared memory at every step, in few enough registers (86-91, ptxas) for two CTAs
-// per SM (kL1TwoMaxT). kF8 (MXFP4, official numerics, C ≤ kF8MaxC; kXs = 0): the W4A8 form above,
+// per SM (kL1TwoMaxT). kF8 (official numerics, C ≤ kF8MaxC; kXs = 0): the W4A8 form above,
 // the x stage holding e4m3 codes and their scales instead of bf16.
 template <LinearFormat F, int kXs, bool kF8 = false>
 __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_small_l1_kernel(const SmallParams p) {
-    static_assert(!kF8 || (F == LinearFormat::mxfp4 && kXs == 0), "W4A8: MXFP4, x from shared memory");
+    static_assert(!kF8 || kXs == 0, "W4A8: x from shared memory");
     constexpr int kStepK = 4 * Traits<F>::kElems;   // columns per step (128)
     constexpr int kChunksPerStep = kStepK / 8;      // 16-byte x chunks per step
     extern __shared__ __align__(128) uint8_t smem[];
@@ -557,8 +597,8 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
         for (int i0 = warp * 32; i0 < total; i0 += kL1Warps * 32) {
             const int i = i0 + lane;
             const int t = min(i, total - 1) / per_row, c = i - t * per_row;
-            const uint4 v = i < total && c < chunks ? __ldg(reinterpret_cast<const uint4*>(p.x + static_cast<int64_t>(t) * p.K) + c)
-                                                    : make_uint4(0, 0, 0, 0);
+            const uint4* xr = reinterpret_cast<const uint4*>(p.x + static_cast<int64_t>(t) * p.K);
+            const uint4 v = i < total && c < chunks ? __ldg(xr + c) : make_uint4(0, 0, 0, 0);
             float amax = chunk_amax(v);
 #pragma unroll
             for (int o = 1; o < 16; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -568,7 +608,8 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
                 if ((c & (kChunksPerStep - 1)) == 0) xsc[t * p.steps + c / kChunksPerStep] = sc * 64.0f;
             }
         }
-        if (threadIdx.x < 2) reinterpret_cast<uint4*>(const_cast<uint8_t*>(zeros8))[threadIdx.x] = make_uint4(0, 0, 0, 0);
+        if (threadIdx.x < 2)
+            reinterpret_cast<uint4*>(const_cast<uint8_t*>(zeros8))[threadIdx.x] = make_uint4(0, 0, 0, 0);
     } else {
         // ---- consumers: stage all T tokens' x, chunk-swizzled as linear.cu (columns past K: zeros).
         const int chunks = p.K / 8;   // K % 8 == 0 (DeviceExperts checks D % 8)
@@ -641,7 +682,7 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
             zero(a);
             const uint8_t* sst = st + kRows * p.w_row_bytes;
             if constexpr (kF8)
-                consume_f8<0>(offs, st, sst, s0, ns, sel, a[0],
+                consume_f8<F, 0>(offs, st, sst, s0, ns, sel, a[0],
                               [&](int j, int l) {
                                   return *reinterpret_cast<const uint2*>(b8 + (s0 + j) * b8s + 8 * (4 * tig + l));
                               },
@@ -685,10 +726,8 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
                 gs += rd[((w * 2 + 0) * kRows + rl) * C + t];
                 us += rd[((w * 2 + 1) * kRows + rl) * C + t];
             }
-            if constexpr (!kF8) {   // (W4A8's scales are the true ones: no decode bias to undo)
-                gs *= G.out_scale[0];
-                us *= G.out_scale[1];
-            }
+            gs *= kF8 ? f8_out_scale(G, 0, F) : G.out_scale[0];   // (W4A8: no decode bias to undo)
+            us *= kF8 ? f8_out_scale(G, 1, F) : G.out_scale[1];
             if (p.official) {   // the official w1 / w3 outputs are bf16 (ops::expert_ffn with linear_rounded)
                 gs = nm::bf16_round(gs);
                 us = nm::bf16_round(us);
@@ -702,11 +741,10 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
 
 // ---------------------------------------------------------------------------- L2
 
-// W consumer warps (kL2Warps or kL2ProWarps) of kSpw steps at most each. kF8 (MXFP4, official
-// numerics, C ≤ kF8MaxC): the W4A8 form (see above), h's FP8 rounding giving the B codes.
+// W consumer warps (kL2Warps or kL2ProWarps) of kSpw steps at most each. kF8 (official numerics,
+// C ≤ kF8MaxC): the W4A8 form (see above), h's FP8 rounding giving the B codes.
 template <LinearFormat F, int kSpw, int W, bool kF8 = false>
 __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const SmallParams p) {
-    static_assert(!kF8 || F == LinearFormat::mxfp4, "W4A8: MXFP4");
     constexpr int kStepK = 4 * Traits<F>::kElems;
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ Routing rt;
@@ -867,7 +905,7 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
                 zero(acc[jj]);
                 if (jj >= nj) continue;
                 if constexpr (kF8)
-                    consume_f8<kSpw>(offs, st + jj * blk_w, st + sc_at + jj * blk_s, s0, ns, sel, acc[jj][0],
+                    consume_f8<F, kSpw>(offs, st + jj * blk_w, st + sc_at + jj * blk_s, s0, ns, sel, acc[jj][0],
                                      [&](int j2, int l) { return hc[j2][l]; }, [&](int j2) { return sxv[j2]; });
                 else
                     consume<F, kSpw>(offs, st + jj * blk_w, st + sc_at + jj * blk_s, s0, ns, G.bias[0], acc[jj],
@@ -882,7 +920,7 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
                 if constexpr (kF8) {
 #pragma unroll
                     for (int hf = 0; hf < 2; ++hf) {
-                        const float r = f8_slot_sum(acc[jj][0], hf);   // (the true scales: no out_scale)
+                        const float r = f8_slot_sum(acc[jj][0], hf) * f8_out_scale(G, 0, F);
                         if (fo8 >= 0) fin[fo8 + j * kRows + g + 8 * hf] = r;
                     }
                 } else {
@@ -1049,7 +1087,8 @@ bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_
 }
 
 bool moe_small_w4a8(const DeviceExperts& ex, int64_t T, Numerics nm) {
-    return nm == Numerics::official && ex.format == LinearFormat::mxfp4 && T >= 1 && T <= kF8MaxC;
+    const bool fp4 = ex.format == LinearFormat::mxfp4 || ex.format == LinearFormat::nvfp4;
+    return nm == Numerics::official && fp4 && T >= 1 && T <= kF8MaxC;
 }
 
 MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f) {
@@ -1091,7 +1130,9 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
                       ? (xr ? moe_small_l1_kernel<LinearFormat::nvfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::nvfp4, 0>)
                       : (xr ? moe_small_l1_kernel<LinearFormat::mxfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::mxfp4, 0>);
     // W4A8 (moe_small_w4a8): the x stage holds codes, read per step (as at kXs = 0).
-    if (fp8_mma && moe_small_w4a8(ex, T, nm)) kernel = moe_small_l1_kernel<LinearFormat::mxfp4, 0, true>;
+    if (fp8_mma && moe_small_w4a8(ex, T, nm))
+        kernel = ex.format == LinearFormat::nvfp4 ? moe_small_l1_kernel<LinearFormat::nvfp4, 0, true>
+                                                  : moe_small_l1_kernel<LinearFormat::mxfp4, 0, true>;
     raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(f)));
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid1)), dim3((kL1Warps + 1) * 32), pl.smem1, stream, p));
 }
@@ -1122,9 +1163,11 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
     };
     using Nv = std::integral_constant<LinearFormat, LinearFormat::nvfp4>;
     using Mx = std::integral_constant<LinearFormat, LinearFormat::mxfp4>;
-    const K2 kernel = ex.format == LinearFormat::nvfp4 ? pick(Nv{}, std::false_type{})
-                      : fp8_mma && moe_small_w4a8(ex, T, nm) ? pick(Mx{}, std::true_type{})
-                                                             : pick(Mx{}, std::false_type{});
+    const bool f8 = fp8_mma && moe_small_w4a8(ex, T, nm);
+    using Yes = std::true_type;
+    using No = std::false_type;
+    const K2 kernel = ex.format == LinearFormat::nvfp4 ? (f8 ? pick(Nv{}, Yes{}) : pick(Nv{}, No{}))
+                                                       : (f8 ? pick(Mx{}, Yes{}) : pick(Mx{}, No{}));
     raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(f)));
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid2)), dim3((pl.warps2 + 1) * 32), pl.smem2, stream, p));
 }
