@@ -40,8 +40,6 @@
 //   steps of ≥ cuda::kLtBf16MinM tokens on megamoe's kernels; the official FP8 ones stay on cuBLASLt).
 // --no-moe-small: the routed experts through moe_layer at every batch (RunnerOptions::moe_small
 //   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
-// --small-w4a8 0|1: official numerics, the small-T path's W4A8 form (1, the
-//   default) or its BF16 form (0) (RunnerOptions::moe_small_w4a8), to compare.
 // --fp8-act-max T, --lt-min-out N: official numerics, the FP8 × FP8 kernel (linear_fp8_act) at up to
 //   T tokens (1..64), and where cuBLASLt applies too (32..T tokens), cuBLASLt only for linears of
 //   ≥ N output rows (RunnerOptions::fp8_act_max_t, lt_min_out; default: the runner's rule), to compare.
@@ -257,7 +255,6 @@ int main(int argc, char** argv) {
     try {
         std::string preset = "flash", experts = "nvfp4";
         int idx_side = -1;   // -1: RunnerOptions' default
-        int small_w4a8 = -1;   // -1: RunnerOptions' default
         int attn_wide = -1;  // -1: by the step's size
         int attn_splits = 0;     // 0: by the step's size
         int sample_parts = -1;   // -1: by the step's rows
@@ -295,7 +292,6 @@ int main(int argc, char** argv) {
             else if (a == "--no-lt") no_lt = true;
             else if (a == "--no-lt-bf16") no_lt_bf16 = true;
             else if (a == "--no-moe-small") no_moe_small = true;
-            else if (a == "--small-w4a8") small_w4a8 = on_off(a, next());
             else if (a == "--idx-side") idx_side = on_off(a, next());
             else if (a == "--attn-wide") attn_wide = on_off(a, next());
             else if (a == "--attn-splits") attn_splits = static_cast<int>(std::stoll(next()));
@@ -369,7 +365,6 @@ int main(int argc, char** argv) {
         ro.lt_fp8 = !no_lt;
         ro.lt_bf16 = !no_lt && !no_lt_bf16;
         ro.moe_small = !no_moe_small;
-        if (small_w4a8 >= 0) ro.moe_small_w4a8 = small_w4a8 == 1;
         if (idx_side >= 0) ro.indexer_side = idx_side == 1;
         ro.attn_wide = attn_wide;
         ro.attn_splits = attn_splits;

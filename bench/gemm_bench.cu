@@ -469,7 +469,6 @@ struct Options {
     bool quick = false, check = true, y_f32 = false;
     cuda::Tile tile = cuda::Tile::automatic;   // --config: force this kernel shape (linears M > 16, expert layer)
     bool moe_small = false;                    // --moe-small: the expert layer through cuda::moe_layer_small
-    bool small_w4a8 = true;                    // --small-w4a8 0|1: its W4A8 form where it applies (moe_small_w4a8)
     Numerics nm = Numerics::exact;             // --numerics: the expert layer's numerics
     std::string part = "all", models, shapes, formats;
     std::vector<int64_t> Ms, Ts;
@@ -944,8 +943,7 @@ double check_moe(const std::vector<HostExpert>& hosts, const cuda::DeviceExperts
 double check_moe_official(const std::vector<HostExpert>& hosts, const cuda::DeviceExperts& ex,
                           cuda::MoeLayerWorkspace& ws, int64_t k, float limit, const uint16_t* dx,
                           const float* dshared, float* dy, int64_t T, const Routing& rt,
-                          const std::vector<int64_t>& tokens, cudaStream_t stream, cuda::Tile tile, bool small,
-                          bool small_w4a8) {
+                          const std::vector<int64_t>& tokens, cudaStream_t stream, cuda::Tile tile, bool small) {
     const int64_t D = ex.D;
     DeviceArray<int32_t> dids(rt.ids.size());
     DeviceArray<float> dw(rt.wts.size());
@@ -953,8 +951,7 @@ double check_moe_official(const std::vector<HostExpert>& hosts, const cuda::Devi
     CUDA_CHECK(cudaMemcpyAsync(dw.data(), rt.wts.data(), rt.wts.size() * 4, cudaMemcpyHostToDevice, stream));
     CUDA_CHECK(cudaMemsetAsync(dy, 0xFF, size_t(T * D) * 4, stream));
     if (small) {
-        cuda::moe_layer_small(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream, Numerics::official,
-                              small_w4a8);
+        cuda::moe_layer_small(ex, limit, dx, dids.data(), dw.data(), T, dshared, dy, ws, stream, Numerics::official);
     } else {
         cuda::moe_layer_routed(ex, limit, dx, dids.data(), dw.data(), T, ws, stream, tile, Numerics::official);
         cuda::moe_layer_combine(ws, T, dshared, dy, stream, Numerics::official);
@@ -1089,8 +1086,7 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
         if (opt.check) {
             std::vector<int64_t> all5 = {0, 1, 2, 3, 4};
             worst = official ? check_moe_official(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), 5,
-                                                  make_routing(5, k, E, 77), all5, stream, opt.tile, opt.moe_small,
-                                                  opt.small_w4a8)
+                                                  make_routing(5, k, E, 77), all5, stream, opt.tile, opt.moe_small)
                              : check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), 5,
                                          make_routing(5, k, E, 77), all5, stream, opt.moe_small);
             if (worst > 1.0) progress("  %s: T=5 out of bound (%.3g)\n", what.c_str(), worst);
@@ -1102,8 +1098,7 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
             if (opt.check) {   // the timed call (routing 0) on a few tokens
                 const auto toks = sample_indices(T, opt.quick ? 2 : 3, 31 + uint64_t(T));
                 const double w = official ? check_moe_official(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(),
-                                                               T, rts[0], toks, stream, opt.tile, opt.moe_small,
-                                                               opt.small_w4a8)
+                                                               T, rts[0], toks, stream, opt.tile, opt.moe_small)
                                           : check_moe(hosts, ex, ws, k, limit, dx.data(), dshared.data(), dy.data(), T,
                                                       rts[0], toks, stream, opt.moe_small);
                 if (w > 1.0) progress("  %s: T=%lld out of bound (%.3g)\n", what.c_str(), (long long)T, w);
@@ -1124,7 +1119,7 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
                 const int r = i % R;
                 if (opt.moe_small)
                     cuda::moe_layer_small(ex, limit, dx.data(), dids.data() + r * T * k, dw.data() + r * T * k, T,
-                                          dshared.data(), dy.data(), ws, stream, opt.nm, opt.small_w4a8);
+                                          dshared.data(), dy.data(), ws, stream, opt.nm);
                 else if (official) {
                     cuda::moe_layer_routed(ex, limit, dx.data(), dids.data() + r * T * k, dw.data() + r * T * k, T, ws,
                                            stream, opt.tile, Numerics::official);
@@ -1172,11 +1167,6 @@ int main(int argc, char** argv) {
             else if (a == "--f32-out") opt.y_f32 = true;
             else if (a == "--config") opt.tile = parse_tile(next());
             else if (a == "--moe-small") opt.moe_small = true;
-            else if (a == "--small-w4a8") {
-                const std::string v = next();
-                if (v != "0" && v != "1") fail("--small-w4a8 must be 0 or 1, got '", v, "'");
-                opt.small_w4a8 = v == "1";
-            }
             else if (a == "--numerics") {
                 const std::string v = next();
                 if (v != "exact" && v != "official") fail("--numerics must be exact or official, got '", v, "'");

@@ -53,20 +53,6 @@ __device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// c += A·B, m16n8k32, A row-major e4m3 (4 regs of 4 codes), B col-major e4m3 (2 regs), f32.
-__device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-// 2^(e-127) for an e8m0 byte, exact (e = 0: the f32 subnormal 2^-127; 255: NaN).
-__device__ __forceinline__ float e8m0_value(uint32_t e) {
-    return e == 0 ? __uint_as_float(0x00400000u) : (e == 255 ? __uint_as_float(0x7FC00000u) : __uint_as_float(e << 23));
-}
-
 __device__ __forceinline__ uint32_t rotl32(uint32_t x, int k) { return __funnelshift_l(x, x, k); }
 // (a & C) | (b & ~C) in one LOP3 (left to itself the compiler splits it in two).
 template <uint32_t C> __device__ __forceinline__ uint32_t bitsel(uint32_t a, uint32_t b) {
@@ -118,16 +104,6 @@ __device__ __forceinline__ void fp4x8_bits(uint32_t q, uint32_t (&p)[4]) {
     p[2] = (ta << 4) & kMask;
     p[1] = rotl32(tb, 8) & kMask;
     p[0] = rotl32(tb, 12) & kMask;
-}
-
-// Eight e2m1 nibbles (a kernel-order word) -> eight e4m3 bytes, each value e2m1 · 2^-6, exact
-// (e2m1's exponent field and mantissa bit are e4m3's low exponent bits and top mantissa bit at the
-// same bias offset: 0.5 → 2^-7, 6 → 1.5 · 2^-4; the sign to bit 7): lo = the low nibble of each
-// byte (word positions 0, 2, 4, 6: k0 k4 k1 k5 in kernel order), hi = the high one (k2 k6 k3 k7).
-// 7 integer ops per word.
-__device__ __forceinline__ void fp4x8_e4m3(uint32_t q, uint32_t& lo, uint32_t& hi) {
-    lo = bitsel<0x1C1C1C1Cu>(q << 2, q << 4) & 0x9C9C9C9Cu;   // magnitude bits 0..2 → 2..4, sign 3 → 7
-    hi = bitsel<0x1C1C1C1Cu>(q >> 2, q) & 0x9C9C9C9Cu;        // magnitude bits 4..6 → 2..4, sign stays at 7
 }
 
 // bf16x2 {2^(e+bias-127), same} for an e8m0 byte e (255 = NaN); subnormal when e+bias <= 0.

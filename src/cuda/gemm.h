@@ -228,13 +228,9 @@ Tile w4a8_tile(Tile automatic_choice);
 constexpr int64_t kMoeSmallMaxT = 8;       // one n8 MMA token tile
 constexpr int64_t kMoeSmallMaxSlots = 64;
 bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_t* x_bf16);
-// Whether the small path runs its W4A8 form (moe_small.cu: both GEMMs on the FP8 tensor core, the
-// inputs' FP8 codes against the e2m1 nibbles as e4m3): official numerics, T ≤ 2 (MXFP4 or NVFP4);
-// `fp8_mma` false (the launches' last argument) keeps the BF16 form, to compare. Same numerics.
-bool moe_small_w4a8(const DeviceExperts& ex, int64_t T, Numerics nm);
 void moe_layer_small(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,
                      const float* weights, int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws,
-                     CUstream_st* stream, Numerics nm = Numerics::exact, bool fp8_mma = true);
+                     CUstream_st* stream, Numerics nm = Numerics::exact);
 // The small path's launch plan for T tokens of k slots on a device with SM facts f (what
 // moe_small_fits and the launches use with sm_facts() of the current device; no CUDA call, so it
 // can be asked about any device). ok: the path applies (at least two ring stages of each half fit,
@@ -257,10 +253,9 @@ MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const
 // moe_small_fits check). moe_layer_small = moe_small_l1, then moe_small_l2 on the same stream.
 void moe_small_l1(const DeviceExperts& ex, float swiglu_limit, const uint16_t* x_bf16, const int32_t* ids,
                   const float* weights, int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream,
-                  Numerics nm = Numerics::exact, bool fp8_mma = true);
+                  Numerics nm = Numerics::exact);
 void moe_small_l2(const DeviceExperts& ex, const uint16_t* x_bf16, const int32_t* ids, int64_t T, const float* shared,
-                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm = Numerics::exact,
-                  bool fp8_mma = true);
+                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm = Numerics::exact);
 // Expert parallelism (dist/exchange.h): a slot whose id lies outside [0, ex.E) — padding, or the
 // skip id ex.E of a slot another rank computes — has no expert on either half: not computed, and
 // it adds nothing (that holds for moe_small_l2 too). The workspace may then be a skip-bucket one
@@ -270,7 +265,7 @@ void moe_small_l2(const DeviceExperts& ex, const uint16_t* x_bf16, const int32_t
 // order from 0. official: each slot's row rounded to bf16 first (moe_layer_combine's rule).
 void moe_small_l2_placed(const DeviceExperts& ex, const uint16_t* x_bf16, const int32_t* ids, int64_t T,
                          bool slot_rows, float* out, MoeLayerWorkspace& ws, CUstream_st* stream,
-                         Numerics nm = Numerics::exact, bool fp8_mma = true);
+                         Numerics nm = Numerics::exact);
 
 // The kernel shape Tile::automatic picks: moe_layer for T tokens, linear_tiled for M rows (with
 // enough scratch; without, a wgmma choice runs as mma_256x128).

@@ -101,6 +101,20 @@ __device__ __forceinline__ uint4 ld_weights(const void* p) {
     return v;
 }
 
+// c += A·B, m16n8k32, A row-major e4m3 (4 regs of 4 codes), B col-major e4m3 (2 regs), f32.
+__device__ __forceinline__ void mma_e4m3(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// 2^(e-127) for an e8m0 byte, exact (e = 0: the f32 subnormal 2^-127; 255: NaN).
+__device__ __forceinline__ float e8m0_value(uint32_t e) {
+    return e == 0 ? __uint_as_float(0x00400000u) : (e == 255 ? __uint_as_float(0x7FC00000u) : __uint_as_float(e << 23));
+}
+
 template <int U, int MT> struct Batch {
     uint4 r0[MT][U], r1[MT][U];   // rows g and g + 8 of each row tile, U steps
 };

@@ -118,9 +118,7 @@ constexpr int kL2ProSpw = 3;                        // L2 at kL2ProWarps: its st
 // and keeps 16. Steps 33-48 (16 warps of 3) have no instance: the plan refuses them (not ok).
 // Registers (ptxas, sm_90a): 16 warps of 2 steps are held to 96 per thread by the 544-thread block
 // and spill 188-232 bytes; 8 warps of 3 take 163-164 and do not spill.
-__host__ __device__ constexpr int l2_warps(int steps) {
-    return steps > 16 && steps <= kL2ProWarps * kL2ProSpw ? kL2ProWarps : kL2Warps;
-}
+__host__ __device__ constexpr int l2_warps(int steps) { return steps > 16 && steps <= 8 * kL2ProSpw ? kL2ProWarps : kL2Warps; }
 constexpr int kSmemBudget = 220 * 1024;             // dynamic shared memory per CTA (227 KB on sm_90)
 // Ring depths (H200, V4-Flash NVFP4): standalone, 3 / 4 stages measured as fast as 4 / 6 (T = 1
 // 46.97 against 47.79 µs, T = 8 280.4 against 280.3); in the 20-layer batch-1 step 3 L1 stages
@@ -167,7 +165,6 @@ struct SmallParams {
     int stage_bytes;           // one stage: stage_rows weight rows, then as many scale rows (as in global memory)
     int rb_chunk;              // L2: row blocks per stage
     int x_rs;                  // L1: x row stride in shared memory (bytes)
-    int x_stage;               // L1: bytes of the x stage (T · x_rs, or the W4A8 codes if larger)
     int rb_max;                // L2: row blocks per CTA at most
     bool official;             // Numerics::official (gate / up rounded to bf16; h FP8-rounded; combine)
     int placed;                // L2's output: kPlaceY (y = shared + the slots' sum), or for expert
@@ -386,163 +383,13 @@ __device__ __forceinline__ void zero(float (&acc)[2][4]) {
         for (int v = 0; v < 4; ++v) acc[c][v] = 0.0f;
 }
 
-// ---------------------------------------------------------------------------- W4A8 (official numerics)
-//
-// Under official numerics w1 / w3 and w2 take FP8-rounded inputs (ops::expert_ffn's
-// linear_rounded: e4m3 codes times a power-of-two scale per 128 columns, round_gemm_input), and an
-// e2m1 nibble is an e4m3 byte exactly (fp4x8_e4m3: value · 2^-6). So both operands can go to the
-// tensor core as FP8, mma.sync m16n8k32 e4m3 × e4m3 → f32: per 16 weights of a lane 7 integer ops
-// and half an MMA, against the BF16 path's 10 + 4 bf16 multiplies and one MMA (decode_a).
-// The catch is the block scales: a lane's 16 bytes of a step are one whole MXFP4 group of 32
-// columns (its columns 32·tig ..; two NVFP4 blocks of 16), and an MMA sums k over the four lanes of
-// a row, i.e. over four groups. So the
-// MMA's 8 token columns hold groups instead: column c = 4·slot + j has B = the slot's codes in the k
-// positions fed by lane tig = j only (zeros from the other lanes), so D[row][c] is the row times the
-// slot's input over group j of the step alone, and after the step's 4 MMAs (one per word of the
-// lanes' 16 bytes) the group's scale multiplies it: acc[row][c] += 2^(e - 127) · sx · D[row][c]
-// (sx: the slot's input scale of the step, times 2^6 for the codes' 2^-6; f8_scales). NVFP4 keeps
-// a D per 16-column half (words 0, 1 and 2, 3) and scales each by its e4m3 block scale, and the
-// tensor's global scale multiplies the row at the end (f8_out_scale). This leaves
-// two slots per entry (C ≤ 2: T ≤ 2, what the runner runs here), and at the end a slot's value of a
-// row is the sum of its four group columns (two per lane, lanes tig and tig ^ 1).
-// Exactness: every product of two e4m3 codes is exact in f32, a column sums 32 of them per step, and
-// the scales are powers of two: h and y differ from the CPU's official composition by f32
-// summation order only, as the BF16 path (CudaMoeLayer.SmallPathFp8MatchesBf16Path compares them).
-constexpr int kF8MaxC = 2;   // slots per entry: the MMA's 8 columns are 4 groups × 2 slots
-
-// The lane's D scales of a step: rows g, g + 8 × its columns' groups j0 = 2·(tig & 1), j0 + 1 (D's
-// v = 0..3: (g, j0), (g, j0 + 1), (g + 8, j0), (g + 8, j0 + 1)), from the rows' e8m0 scale words e0,
-// e1 (byte j: group j of the step) and sel (f8_sel), times sx. Exact: 2^(e - 127) (e = 0: the f32
-// subnormal 2^-127, taken as bits by the max) times sx ≥ 2^-16 (fp8_scale's floor, times 2^6); an
-// e8m0 of 255 (NaN) reads as +inf here, where decode_a gives NaN.
-__device__ __forceinline__ void f8_scales(uint32_t e0, uint32_t e1, uint32_t sel, float sx, float (&c)[4]) {
-    const uint32_t q = __byte_perm(e0, e1, sel);
-    c[0] = __uint_as_float(max((q << 23) & 0x7F800000u, 0x00400000u)) * sx;
-    c[1] = __uint_as_float(max((q << 15) & 0x7F800000u, 0x00400000u)) * sx;
-    c[2] = __uint_as_float(max((q << 7) & 0x7F800000u, 0x00400000u)) * sx;
-    c[3] = __uint_as_float(max((q >> 1) & 0x7F800000u, 0x00400000u)) * sx;
-}
-__device__ __forceinline__ uint32_t f8_sel(int tig) {
-    const uint32_t j0 = 2u * (static_cast<uint32_t>(tig) & 1u);
-    return j0 | (j0 + 1) << 4 | (j0 + 4) << 8 | (j0 + 5) << 12;
-}
-
-// Eight bf16 inputs (k0..k7 in order, one 16-byte chunk) at scale 1 / inv -> their e4m3 codes in the
-// order the B fragment takes them (b0 = k0 k4 k1 k5, b1 = k2 k6 k3 k7: fp4x8_e4m3's lo, hi).
-__device__ __forceinline__ uint2 f8_codes(const uint4& v, float inv) {
-    auto lo = [&](uint32_t u) { return __uint_as_float(u << 16) * inv; };
-    auto hi = [&](uint32_t u) { return __uint_as_float(u & 0xFFFF0000u) * inv; };
-    auto cvt = [](float a, float b) {   // a in the low byte
-        return static_cast<uint32_t>(__nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3));
-    };
-    const uint32_t c04 = cvt(lo(v.x), lo(v.z)), c15 = cvt(hi(v.x), hi(v.z));
-    const uint32_t c26 = cvt(lo(v.y), lo(v.w)), c37 = cvt(hi(v.y), hi(v.w));
-    return make_uint2(__byte_perm(c04, c15, 0x5410), __byte_perm(c26, c37, 0x5410));
-}
-// max |v| over a chunk's eight bf16 values
-__device__ __forceinline__ float chunk_amax(const uint4& v) {
-    uint32_t m2 = 0;
-    m2 = __vmaxu2(m2, v.x & 0x7FFF7FFFu);
-    m2 = __vmaxu2(m2, v.y & 0x7FFF7FFFu);
-    m2 = __vmaxu2(m2, v.z & 0x7FFF7FFFu);
-    m2 = __vmaxu2(m2, v.w & 0x7FFF7FFFu);
-    return fmaxf(__uint_as_float(m2 << 16), __uint_as_float(m2 & 0xFFFF0000u));
-}
-
-// NVFP4 (blocks of 16 columns: words 0, 1 of a lane's 16 bytes are one block, words 2, 3 the
-// next): two D fragments per step, one per block half, and for D's v the scales of rows g / g + 8,
-// span j0 / j0 + 1, first and second half: the row's scale word at byte 4 · (tig & 1) of the step's
-// 8 holds exactly [span j0: first, second; span j0 + 1: first, second]. e4m3 → f16 → f32 is exact
-// (NaN stays NaN), times sx (a power of two).
-__device__ __forceinline__ void f8_scales_nvfp4(uint32_t e0, uint32_t e1, float sx, float (&ca)[4], float (&cb)[4]) {
-    auto two = [&](uint32_t w, float& a, float& b) {
-        const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(w & 0xFFFFu), __NV_E4M3);
-        const float2 f = __half22float2(__half2(h));
-        a = f.x * sx;
-        b = f.y * sx;
-    };
-    two(e0, ca[0], cb[0]);
-    two(e0 >> 16, ca[1], cb[1]);
-    two(e1, ca[2], cb[2]);
-    two(e1 >> 16, ca[3], cb[3]);
-}
-
-// One consumer warp's K-range of 16 rows of a stage on the FP8 tensor core (see above): acc[v] (D's
-// layout) += the steps [s0, s0 + ns); bfrag(j, l): the lane's B codes of step j, word l (zeros
-// unless the lane feeds its column's group); sx(j): its columns' slot scale of step j. For NVFP4
-// the result still carries the tensor's global scale (scale_2, f8_out_scale).
-template <LinearFormat F, int kUnroll, typename BFrag, typename Sx>
-__device__ __forceinline__ void consume_f8(const LaneOffs& lo, const uint8_t* wst, const uint8_t* sst, int s0, int ns,
-                                           uint32_t sel, float (&acc)[4], BFrag&& bfrag, Sx&& sx) {
-    const int tig = static_cast<int>(threadIdx.x) & 3;
-    const uint8_t* w0 = wst + lo.w0;
-    const uint8_t* w1 = wst + lo.w1;
-    // MXFP4: the rows' 4 scale bytes of a step (byte j: group j); NVFP4: 4 of the 8 (f8_scales_nvfp4).
-    const int so = F == LinearFormat::nvfp4 ? 4 * (tig & 1) - scale_lane_off<F>(tig) : 0;
-    const uint8_t* sc0 = sst + lo.s0 + so;
-    const uint8_t* sc1 = sst + lo.s1 + so;
-    auto step = [&](int j) {
-        const int s = s0 + j;
-        const uint4 wv0 = *reinterpret_cast<const uint4*>(w0 + s * kStepBytes);
-        const uint4 wv1 = *reinterpret_cast<const uint4*>(w1 + s * kStepBytes);
-        const uint32_t e0 = *reinterpret_cast<const uint32_t*>(sc0 + s * scale_step_bytes<F>());
-        const uint32_t e1 = *reinterpret_cast<const uint32_t*>(sc1 + s * scale_step_bytes<F>());
-        float d[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
-        for (int l = 0; l < 4; ++l) {
-            const uint32_t q0 = l == 0 ? wv0.x : l == 1 ? wv0.y : l == 2 ? wv0.z : wv0.w;
-            const uint32_t q1 = l == 0 ? wv1.x : l == 1 ? wv1.y : l == 2 ? wv1.z : wv1.w;
-            uint32_t lo0, hi0, lo1, hi1;
-            fp4x8_e4m3(q0, lo0, hi0);
-            fp4x8_e4m3(q1, lo1, hi1);
-            const uint2 b = bfrag(j, l);
-            mma_e4m3(d[F == LinearFormat::nvfp4 && l >= 2 ? 1 : 0], lo0, lo1, hi0, hi1, b.x, b.y);
-        }
-        if constexpr (F == LinearFormat::nvfp4) {
-            float ca[4], cb[4];
-            f8_scales_nvfp4(e0, e1, sx(j), ca, cb);
-#pragma unroll
-            for (int v = 0; v < 4; ++v) acc[v] = fmaf(cb[v], d[1][v], fmaf(ca[v], d[0][v], acc[v]));
-        } else {
-            float c[4];
-            f8_scales(e0, e1, sel, sx(j), c);
-#pragma unroll
-            for (int v = 0; v < 4; ++v) acc[v] = fmaf(c[v], d[0][v], acc[v]);
-        }
-    };
-    if constexpr (kUnroll > 0) {
-#pragma unroll
-        for (int j = 0; j < kUnroll; ++j)
-            if (j < ns) step(j);
-    } else {
-#pragma unroll 2
-        for (int j = 0; j < ns; ++j) step(j);
-    }
-}
-
-// What multiplies a W4A8 result: NVFP4's global scale (out_scale less the BF16 path's 2^kNvfp4Shift;
-// a power of two apart, so exact), 1 for MXFP4 (its scales are the true ones).
-__device__ __forceinline__ float f8_out_scale(const GemmGroup& G, int m, LinearFormat f) {
-    return f == LinearFormat::nvfp4 ? G.out_scale[m] * (1.0f / (1 << kNvfp4Shift)) : 1.0f;
-}
-
-// A slot's sum over its four group columns of D's layout for row g (v = 0, 1) or g + 8 (v = 2, 3):
-// the lane's two columns, then lane tig ^ 1's (the same bits in both lanes). Lanes with even tig
-// hold slot tig / 2.
-__device__ __forceinline__ float f8_slot_sum(const float (&acc)[4], int half) {
-    float r = acc[2 * half] + acc[2 * half + 1];
-    return r + __shfl_xor_sync(0xffffffffu, r, 1);
-}
-
 // ---------------------------------------------------------------------------- L1
 
 // kXs > 0: each warp's x fragments (at most kXs steps) held in registers per entry; 0: read from
 // the x stage in shared memory at every step, in few enough registers (86-91, ptxas) for two CTAs
-// per SM (kL1TwoMaxT). kF8 (official numerics, C ≤ kF8MaxC; kXs = 0): the W4A8 form above,
-// the x stage holding e4m3 codes and their scales instead of bf16.
-template <LinearFormat F, int kXs, bool kF8 = false>
+// per SM (kL1TwoMaxT).
+template <LinearFormat F, int kXs>
 __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_small_l1_kernel(const SmallParams p) {
-    static_assert(!kF8 || kXs == 0, "W4A8: x from shared memory");
     constexpr int kStepK = 4 * Traits<F>::kElems;   // columns per step (128)
     constexpr int kChunksPerStep = kStepK / 8;      // 16-byte x chunks per step
     extern __shared__ __align__(128) uint8_t smem[];
@@ -562,7 +409,7 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
     const int items = 2 * (pb - pa);   // (pair, w1) then (pair, w3)
     uint8_t* ring = smem;
     uint8_t* xs = smem + static_cast<size_t>(p.stages) * p.stage_bytes;                  // [T][x_rs]
-    float* red = reinterpret_cast<float*>(xs + p.x_stage);                               // [2][kL1Warps][2][16][C]
+    float* red = reinterpret_cast<float*>(xs + static_cast<size_t>(p.T) * p.x_rs);        // [2][kL1Warps][2][16][C]
     const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
 
     if (warp == kL1Warps) {   // ---- producer: one thread
@@ -585,33 +432,8 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
         return;
     }
 
-    // W4A8: the x stage is [T][steps · 128] e4m3 codes (each 8-column chunk in f8_codes' order), then
-    // [T][steps] f32 scales (times 2^6), then 32 zero bytes (the B codes of lanes that feed no column).
-    const int row8 = p.steps * kStepK;
-    float* xsc = reinterpret_cast<float*>(xs + static_cast<size_t>(p.T) * row8);
-    const uint8_t* zeros8 = reinterpret_cast<const uint8_t*>(xsc + round_up(static_cast<int64_t>(p.T) * p.steps, 4));
-    if constexpr (kF8) {
-        // ---- consumers: x → codes per 128-column block (round_gemm_input: scale fp8_scale(amax), the
-        // codes x / scale), 16 lanes per block; whole warps run the loop (the shuffles).
-        const int chunks = p.K / 8, per_row = p.steps * kChunksPerStep, total = p.T * per_row;
-        for (int i0 = warp * 32; i0 < total; i0 += kL1Warps * 32) {
-            const int i = i0 + lane;
-            const int t = min(i, total - 1) / per_row, c = i - t * per_row;
-            const uint4* xr = reinterpret_cast<const uint4*>(p.x + static_cast<int64_t>(t) * p.K);
-            const uint4 v = i < total && c < chunks ? __ldg(xr + c) : make_uint4(0, 0, 0, 0);
-            float amax = chunk_amax(v);
-#pragma unroll
-            for (int o = 1; o < 16; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-            const float sc = nm::fp8_scale(amax);   // a power of two: 1 / sc is exact
-            if (i < total) {
-                *reinterpret_cast<uint2*>(xs + static_cast<size_t>(t) * row8 + c * 8) = f8_codes(v, 1.0f / sc);
-                if ((c & (kChunksPerStep - 1)) == 0) xsc[t * p.steps + c / kChunksPerStep] = sc * 64.0f;
-            }
-        }
-        if (threadIdx.x < 2)
-            reinterpret_cast<uint4*>(const_cast<uint8_t*>(zeros8))[threadIdx.x] = make_uint4(0, 0, 0, 0);
-    } else {
-        // ---- consumers: stage all T tokens' x, chunk-swizzled as linear.cu (columns past K: zeros).
+    // ---- consumers: stage all T tokens' x, chunk-swizzled as linear.cu (columns past K: zeros).
+    {
         const int chunks = p.K / 8;   // K % 8 == 0 (DeviceExperts checks D % 8)
         const int per_row = p.steps * kChunksPerStep;
         for (int i = static_cast<int>(threadIdx.x); i < p.T * per_row; i += kL1Warps * 32) {
@@ -627,14 +449,8 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
     const int s0 = warp * p.spw, ns = max(0, min(p.spw, p.steps - s0));
     const int C = p.C;
     const LaneOffs offs = lane_offs<F>(p);
-    float acc[2][2][4];   // [w1 | w3][chain][fragment] (W4A8: acc[m][0] in D's layout)
+    float acc[2][2][4];   // [w1 | w3][chain][fragment]
     int cur_q = -1, xoff = 0, m_cnt = 0, start = 0;
-    // W4A8: this lane's B codes (its slot g / 4's group tig, or zeros when tig != g % 4: b8 + s · b8s
-    // + 8 · (4 · tig + l)) and the x scales of its D columns' slot tig / 2 (sxr[s]).
-    const uint8_t* b8 = zeros8 - 8 * 4 * tig;
-    int b8s = 0;
-    const float* sxr = xsc;
-    const uint32_t sel = f8_sel(tig);
     GemmGroup G{};
     auto xfrag = [&](int j, int l) {   // from the x stage
         return *reinterpret_cast<const uint4*>(xs + xoff + x_chunk_pos<F>((s0 + j) * kChunksPerStep + tig * 4 + l) * 16);
@@ -657,14 +473,6 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
             // m_cnt) the last slot's: that MMA column's partials are never summed (the pair's
             // epilogue reads t < m_cnt), so any finite row serves and the reads need no zero fill.
             xoff = (rt.order[start + min(g, m_cnt - 1)] / p.k) * p.x_rs;
-            if constexpr (kF8) {
-                // As above, a column past the entry's slots reads the last slot (never summed).
-                const int tb = rt.order[start + min(g >> 2, m_cnt - 1)] / p.k;
-                const bool feeds = (g & 3) == tig;
-                b8 = feeds ? xs + static_cast<size_t>(tb) * row8 : zeros8 - 8 * 4 * tig;
-                b8s = feeds ? kStepK : 0;
-                sxr = xsc + (rt.order[start + min(tig >> 1, m_cnt - 1)] / p.k) * p.steps;
-            }
             if constexpr (kXs > 0) {
 #pragma unroll
                 for (int j = 0; j < kXs; ++j)
@@ -681,13 +489,7 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
         auto run = [&](float (&a)[2][4], int bias) {
             zero(a);
             const uint8_t* sst = st + kRows * p.w_row_bytes;
-            if constexpr (kF8)
-                consume_f8<F, 0>(offs, st, sst, s0, ns, sel, a[0],
-                              [&](int j, int l) {
-                                  return *reinterpret_cast<const uint2*>(b8 + (s0 + j) * b8s + 8 * (4 * tig + l));
-                              },
-                              [&](int j) { return sxr[s0 + j]; });
-            else if constexpr (kXs > 0) consume<F, kXs>(offs, st, sst, s0, ns, bias, a, [&](int j, int l) { return xb[j][l]; });
+            if constexpr (kXs > 0) consume<F, kXs>(offs, st, sst, s0, ns, bias, a, [&](int j, int l) { return xb[j][l]; });
             else consume<F, 0>(offs, st, sst, s0, ns, bias, a, xfrag);
         };
         if (m == 0) run(acc[0], G.bias[0]);
@@ -698,24 +500,13 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
 
         // Pair done: partials red[buf][warp][matrix][row][token], then the fixed-order sum over warps.
         float* rd = red + static_cast<size_t>((i >> 1) & 1) * kL1Warps * 2 * kRows * C;
-        if constexpr (kF8) {
 #pragma unroll
-            for (int mm = 0; mm < 2; ++mm)
+        for (int mm = 0; mm < 2; ++mm)
 #pragma unroll
-                for (int hf = 0; hf < 2; ++hf) {
-                    const float r = f8_slot_sum(acc[mm][0], hf);
-                    const int t = tig >> 1;
-                    if ((tig & 1) == 0 && t < C) rd[((warp * 2 + mm) * kRows + g + 8 * hf) * C + t] = r;
-                }
-        } else {
-#pragma unroll
-            for (int mm = 0; mm < 2; ++mm)
-#pragma unroll
-                for (int v = 0; v < 4; ++v) {
-                    const int t = 2 * tig + (v & 1), rl = g + (v >= 2 ? 8 : 0);
-                    if (t < C) rd[((warp * 2 + mm) * kRows + rl) * C + t] = acc[mm][0][v] + acc[mm][1][v];
-                }
-        }
+            for (int v = 0; v < 4; ++v) {
+                const int t = 2 * tig + (v & 1), rl = g + (v >= 2 ? 8 : 0);
+                if (t < C) rd[((warp * 2 + mm) * kRows + rl) * C + t] = acc[mm][0][v] + acc[mm][1][v];
+            }
         consumers_sync<kL1Warps>();   // (double-buffered: buffer b is rewritten two pairs later, after the next sync)
         for (int o = static_cast<int>(threadIdx.x); o < kRows * m_cnt; o += kL1Warps * 32) {
             const int rl = o % kRows, t = o / kRows;
@@ -726,8 +517,8 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
                 gs += rd[((w * 2 + 0) * kRows + rl) * C + t];
                 us += rd[((w * 2 + 1) * kRows + rl) * C + t];
             }
-            gs *= kF8 ? f8_out_scale(G, 0, F) : G.out_scale[0];   // (W4A8: no decode bias to undo)
-            us *= kF8 ? f8_out_scale(G, 1, F) : G.out_scale[1];
+            gs *= G.out_scale[0];
+            us *= G.out_scale[1];
             if (p.official) {   // the official w1 / w3 outputs are bf16 (ops::expert_ffn with linear_rounded)
                 gs = nm::bf16_round(gs);
                 us = nm::bf16_round(us);
@@ -741,9 +532,8 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
 
 // ---------------------------------------------------------------------------- L2
 
-// W consumer warps (kL2Warps or kL2ProWarps) of kSpw steps at most each. kF8 (official numerics,
-// C ≤ kF8MaxC): the W4A8 form (see above), h's FP8 rounding giving the B codes.
-template <LinearFormat F, int kSpw, int W, bool kF8 = false>
+// W consumer warps (kL2Warps or kL2ProWarps) of kSpw steps at most each.
+template <LinearFormat F, int kSpw, int W>
 __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const SmallParams p) {
     constexpr int kStepK = 4 * Traits<F>::kElems;
     extern __shared__ __align__(128) uint8_t smem[];
@@ -807,10 +597,8 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
     // their own lanes' fragments).
     auto load_h = [&](int q, uint4 (&hb)[kSpw][4]) {
         if (q >= Q) return;   // uniform: no entry after the last
-        // (W4A8: lane (g, tig) loads slot g / 4's group tig of each step, the columns below.)
-        const int gs = kF8 ? g >> 2 : g;
         const uint16_t* hrow =
-            p.h + static_cast<int64_t>(rt.order[rt.entry_start[q] + min(gs, rt.entry_cnt[q] - 1)]) * p.K;
+            p.h + static_cast<int64_t>(rt.order[rt.entry_start[q] + min(g, rt.entry_cnt[q] - 1)]) * p.K;
         if (whole) {
 #pragma unroll
             for (int j = 0; j < kSpw; ++j)
@@ -854,25 +642,6 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
             }
         }
     };
-    // W4A8: the entry's B codes of h (round_h's rounding, as codes: the block's scale from the 4 lanes
-    // of the slot's step, zeros in lanes that feed no column) and the scales of the lane's D
-    // columns' slot tig / 2 (from lane 16 · (tig / 2), which loaded that slot), times 2^6.
-    const bool feeds = (g & 3) == tig;
-    const uint32_t sel = f8_sel(tig);
-    auto to_codes = [&](const uint4 (&hb)[kSpw][4], uint2 (&hc)[kSpw][4], float (&sxv)[kSpw]) {
-#pragma unroll
-        for (int j = 0; j < kSpw; ++j) {
-            if (j >= ns) continue;   // warp-uniform
-            float amax = fmaxf(fmaxf(chunk_amax(hb[j][0]), chunk_amax(hb[j][1])),
-                               fmaxf(chunk_amax(hb[j][2]), chunk_amax(hb[j][3])));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-            amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
-            const float sc = nm::fp8_scale(amax), inv = 1.0f / sc;   // powers of two: inv is exact
-#pragma unroll
-            for (int l = 0; l < 4; ++l) hc[j][l] = feeds ? f8_codes(hb[j][l], inv) : make_uint2(0, 0);
-            sxv[j] = __shfl_sync(0xffffffffu, sc * 64.0f, 16 * (tig >> 1));
-        }
-    };
     RingPos rp;   // the stages in the producer's order: entry-major, chunk c within
     auto entry = [&](int q, uint4 (&hb)[kSpw][4], uint4 (&next)[kSpw][4]) {
         const int m_cnt = rt.entry_cnt[q], start = rt.entry_start[q];
@@ -885,13 +654,7 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
             const int t = 2 * tig + e;
             fo[e] = t < m_cnt ? (warp * n + rt.order[start + t]) * p.rb_max * kRows : -1;
         }
-        // W4A8: lanes of even tig store slot tig / 2's sums (f8_slot_sum).
-        const int t8 = tig >> 1;
-        const int fo8 = (tig & 1) == 0 && t8 < m_cnt ? (warp * n + rt.order[start + t8]) * p.rb_max * kRows : -1;
-        uint2 hc[kF8 ? kSpw : 1][4];
-        float sxv[kF8 ? kSpw : 1];
-        if constexpr (kF8) to_codes(hb, hc, sxv);
-        else if (p.official) round_h(hb);
+        if (p.official) round_h(hb);
         load_h(q + 1, next);
         for (int c = 0; c < nch; ++c) {
             const int slot = rp.slot;
@@ -903,11 +666,7 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
 #pragma unroll
             for (int jj = 0; jj < kL2MaxChunk; ++jj) {
                 zero(acc[jj]);
-                if (jj >= nj) continue;
-                if constexpr (kF8)
-                    consume_f8<F, kSpw>(offs, st + jj * blk_w, st + sc_at + jj * blk_s, s0, ns, sel, acc[jj][0],
-                                     [&](int j2, int l) { return hc[j2][l]; }, [&](int j2) { return sxv[j2]; });
-                else
+                if (jj < nj)
                     consume<F, kSpw>(offs, st + jj * blk_w, st + sc_at + jj * blk_s, s0, ns, G.bias[0], acc[jj],
                                      [&](int j2, int l) { return hb[j2][l]; });
             }
@@ -917,19 +676,11 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
             for (int jj = 0; jj < kL2MaxChunk; ++jj) {
                 if (jj >= nj) continue;
                 const int j = c * p.rb_chunk + jj;
-                if constexpr (kF8) {
 #pragma unroll
-                    for (int hf = 0; hf < 2; ++hf) {
-                        const float r = f8_slot_sum(acc[jj][0], hf) * f8_out_scale(G, 0, F);
-                        if (fo8 >= 0) fin[fo8 + j * kRows + g + 8 * hf] = r;
-                    }
-                } else {
-#pragma unroll
-                    for (int v = 0; v < 4; ++v) {
-                        if (fo[v & 1] >= 0) {
-                            const int rl = g + (v >= 2 ? 8 : 0);
-                            fin[fo[v & 1] + j * kRows + rl] = (acc[jj][0][v] + acc[jj][1][v]) * G.out_scale[0];
-                        }
+                for (int v = 0; v < 4; ++v) {
+                    if (fo[v & 1] >= 0) {
+                        const int rl = g + (v >= 2 ? 8 : 0);
+                        fin[fo[v & 1] + j * kRows + rl] = (acc[jj][0][v] + acc[jj][1][v]) * G.out_scale[0];
                     }
                 }
             }
@@ -1024,10 +775,7 @@ Plan make_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f) 
     SmallParams& a = pl.l1;
     common(a, ex.w1[0], ex.I, ex.D, kL1Warps);
     a.x_rs = static_cast<int>(round_up(static_cast<int64_t>(a.steps) * kStepK * 2, 128) + Traits<LinearFormat::nvfp4>::kRowMod);
-    // The W4A8 stage (codes, scales, 32 zero bytes) is smaller but for K ≤ 128; one plan serves both.
-    const int64_t f8_stage = T * a.steps * kStepK + 4 * round_up(T * a.steps, 4) + 32;
-    a.x_stage = static_cast<int>(round_up(std::max<int64_t>(T * a.x_rs, f8_stage), 16));
-    const int64_t fixed1 = a.x_stage + 2 * kL1Warps * 2 * kRows * C * 4;
+    const int64_t fixed1 = T * a.x_rs + 2 * kL1Warps * 2 * kRows * C * 4;
     pl.l1_two = ex.format == LinearFormat::mxfp4 && T <= kL1TwoMaxT && fixed1 + 2 * a.stage_bytes <= two_cta_budget(f);
     a.stages = pl.l1_two ? 2 : static_cast<int>(std::min<int64_t>(kL1StagesWanted, (budget - fixed1) / a.stage_bytes));
     pl.smem1 = static_cast<size_t>(a.stages * a.stage_bytes + fixed1);
@@ -1086,11 +834,6 @@ bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_
     return make_plan(ex, T, k, sm_facts()).ok;
 }
 
-bool moe_small_w4a8(const DeviceExperts& ex, int64_t T, Numerics nm) {
-    const bool fp4 = ex.format == LinearFormat::mxfp4 || ex.format == LinearFormat::nvfp4;
-    return nm == Numerics::official && fp4 && T >= 1 && T <= kF8MaxC;
-}
-
 MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f) {
     MEGAMOE_CHECK(T >= 1 && T <= kMoeSmallMaxT && T * k <= kMoeSmallMaxSlots && ex.E > 0, "moe_small_plan: T = ", T,
                   ", k = ", k, ", E = ", ex.E, " is outside the small path");
@@ -1111,7 +854,7 @@ MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const
 }
 
 void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
-                  int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm, bool fp8_mma) {
+                  int64_t T, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     if (!check_small("moe_small_l1", ex, T, x, ws)) return;
     const SmFacts f = sm_facts();
     Plan pl = make_plan(ex, T, ws.dispatch.k, f);
@@ -1129,18 +872,13 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
     auto kernel = ex.format == LinearFormat::nvfp4
                       ? (xr ? moe_small_l1_kernel<LinearFormat::nvfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::nvfp4, 0>)
                       : (xr ? moe_small_l1_kernel<LinearFormat::mxfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::mxfp4, 0>);
-    // W4A8 (moe_small_w4a8): the x stage holds codes, read per step (as at kXs = 0).
-    if (fp8_mma && moe_small_w4a8(ex, T, nm))
-        kernel = ex.format == LinearFormat::nvfp4 ? moe_small_l1_kernel<LinearFormat::nvfp4, 0, true>
-                                                  : moe_small_l1_kernel<LinearFormat::mxfp4, 0, true>;
     raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(f)));
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid1)), dim3((kL1Warps + 1) * 32), pl.smem1, stream, p));
 }
 
 namespace {
 void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T,
-               const float* shared, float* y, int placed, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm,
-               bool fp8_mma) {
+               const float* shared, float* y, int placed, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     if (!check_small(what, ex, T, x, ws)) return;
     const SmFacts f = sm_facts();
     Plan pl = make_plan(ex, T, ws.dispatch.k, f);
@@ -1155,41 +893,35 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
     // The h fragments' register sets are sized by the steps per warp (V4-Flash 1 at 16 warps,
     // V4-Pro 3 at 8); the plan is ok only for these instances (check_small).
     using K2 = void (*)(SmallParams);
-    auto pick = [&](auto fmt, auto f8) -> K2 {
+    auto pick = [&](auto fmt) -> K2 {
         constexpr LinearFormat F = decltype(fmt)::value;
-        constexpr bool kF8 = decltype(f8)::value;
-        if (pl.warps2 == kL2ProWarps) return moe_small_l2_kernel<F, kL2ProSpw, kL2ProWarps, kF8>;
-        return p.spw <= 1 ? moe_small_l2_kernel<F, 1, kL2Warps, kF8> : moe_small_l2_kernel<F, kL2MaxSpw, kL2Warps, kF8>;
+        if (pl.warps2 == kL2ProWarps) return moe_small_l2_kernel<F, kL2ProSpw, kL2ProWarps>;
+        return p.spw <= 1 ? moe_small_l2_kernel<F, 1, kL2Warps> : moe_small_l2_kernel<F, kL2MaxSpw, kL2Warps>;
     };
-    using Nv = std::integral_constant<LinearFormat, LinearFormat::nvfp4>;
-    using Mx = std::integral_constant<LinearFormat, LinearFormat::mxfp4>;
-    const bool f8 = fp8_mma && moe_small_w4a8(ex, T, nm);
-    using Yes = std::true_type;
-    using No = std::false_type;
-    const K2 kernel = ex.format == LinearFormat::nvfp4 ? (f8 ? pick(Nv{}, Yes{}) : pick(Nv{}, No{}))
-                                                       : (f8 ? pick(Mx{}, Yes{}) : pick(Mx{}, No{}));
+    const K2 kernel = ex.format == LinearFormat::nvfp4 ? pick(std::integral_constant<LinearFormat, LinearFormat::nvfp4>{})
+                                                       : pick(std::integral_constant<LinearFormat, LinearFormat::mxfp4>{});
     raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(f)));
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid2)), dim3((pl.warps2 + 1) * 32), pl.smem2, stream, p));
 }
 }  // namespace
 
 void moe_small_l2(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T, const float* shared,
-                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm, bool fp8_mma) {
-    launch_l2("moe_small_l2", ex, x, ids, T, shared, y, kPlaceY, ws, stream, nm, fp8_mma);
+                  float* y, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
+    launch_l2("moe_small_l2", ex, x, ids, T, shared, y, kPlaceY, ws, stream, nm);
 }
 
 void moe_small_l2_placed(const DeviceExperts& ex, const uint16_t* x, const int32_t* ids, int64_t T, bool slot_rows,
-                         float* out, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm, bool fp8_mma) {
+                         float* out, MoeLayerWorkspace& ws, CUstream_st* stream, Numerics nm) {
     launch_l2("moe_small_l2_placed", ex, x, ids, T, nullptr, out, slot_rows ? kPlaceSlotRows : kPlaceRowSums, ws,
-              stream, nm, fp8_mma);
+              stream, nm);
 }
 
 void moe_layer_small(const DeviceExperts& ex, float limit, const uint16_t* x, const int32_t* ids, const float* weights,
                      int64_t T, const float* shared, float* y, MoeLayerWorkspace& ws, CUstream_st* stream,
-                     Numerics nm, bool fp8_mma) {
+                     Numerics nm) {
     if (!check_small("moe_layer_small", ex, T, x, ws)) return;
-    moe_small_l1(ex, limit, x, ids, weights, T, ws, stream, nm, fp8_mma);
-    moe_small_l2(ex, x, ids, T, shared, y, ws, stream, nm, fp8_mma);
+    moe_small_l1(ex, limit, x, ids, weights, T, ws, stream, nm);
+    moe_small_l2(ex, x, ids, T, shared, y, ws, stream, nm);
 }
 
 }  // namespace megamoe::cuda

@@ -1161,9 +1161,9 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     const bool small = opt.moe_small && T <= 2 && cuda::moe_small_fits(d.experts, T, k, xe);
     if (small) {
         // Few tokens: L1 reads its routing from ids, L2 combines and adds the shared expert itself.
-        cuda::moe_small_l1(d.experts, limit, xe, ws.ids, ws.wts, T, moe_ws, stream, nm, opt.moe_small_w4a8);
+        cuda::moe_small_l1(d.experts, limit, xe, ws.ids, ws.wts, T, moe_ws, stream, nm);
         join();
-        cuda::moe_small_l2(d.experts, xe, ws.ids, T, ws.sh_out, ws.y, moe_ws, stream, nm, opt.moe_small_w4a8);
+        cuda::moe_small_l2(d.experts, xe, ws.ids, T, ws.sh_out, ws.y, moe_ws, stream, nm);
     } else {
         // RunnerOptions::w4a8: the W4A8 tile where the automatic choice is a wgmma tile (it runs as that
         // choice unless moe_w4a8_fits: official numerics, MXFP4 experts).
@@ -1376,10 +1376,9 @@ void Runner::Impl::ep_experts(const DeviceLayer& d, dist::ExpertExchange& ex) {
     // kernels nor the exchange's place kernel run. (Chosen from the single-GPU measurement; not
     // measured on several GPUs.)
     if (opt.moe_small && rows <= 2 * ex.world() && cuda::moe_small_fits(d.experts, rows, k, ex.x_in())) {
-        cuda::moe_small_l1(d.experts, limit, ex.x_in(), ex.local_in(), ex.wts_in(), rows, moe_ws_ep, stream, nm,
-                           opt.moe_small_w4a8);
+        cuda::moe_small_l1(d.experts, limit, ex.x_in(), ex.local_in(), ex.wts_in(), rows, moe_ws_ep, stream, nm);
         cuda::moe_small_l2_placed(d.experts, ex.x_in(), ex.local_in(), rows, ex.places_slot_rows(), ex.placed(),
-                                  moe_ws_ep, stream, nm, opt.moe_small_w4a8);
+                                  moe_ws_ep, stream, nm);
         ex.give_back_placed(stream);
         return;
     }

@@ -49,9 +49,6 @@ struct RunnerOptions {
     bool    moe_small = true;          // 1-2 tokens: the routed experts through the two-launch
                                        // small-T path (cuda::moe_small_l1 / l2) where it applies
                                        // (runner.cpp says why there); off: moe_layer always
-    bool    moe_small_w4a8 = true;     // official numerics: the small-T path's W4A8 form
-                                       // (cuda::moe_small_w4a8; FP8 tensor-core MMAs, same numerics);
-                                       // off: its BF16 form (for comparison)
     bool    indexer_side = true;       // ≤ 16 tokens: a CSA layer's indexer queries on a third side
                                        // stream beside wq_b (with side_stream); off: the main stream
                                        // (runner.cpp says what it measured)
