@@ -114,7 +114,7 @@ constexpr int kL2ProSpw = 3;                        // L2 at kL2ProWarps: its st
 // Measured (H100, main's 16 warps against 8 in one device call, megamoe-gemm-bench --part experts
 // --model all --T 1,2 --moe-small, two rounds): V4-Pro NVFP4 T = 1 104.4 → 97.0 µs (−7.3%),
 // T = 2 190.1 → 172.4 (−9.3%); MXFP4 T = 1 109.7 → 108.8, T = 2 196.0 → 187.1 (−4.6%); again on
-// 2026-12-07 against a 191a93e build (H100, one call, --model pro, two rounds): NVFP4 −5.7% / −8.7%,
+// 2026-12-07 against a 191a93e build (H100, one call, --model pro, two rounds): NVFP4 −5.6% / −8.6%,
 // MXFP4 −0.9% / −4.6% at T = 1 / 2 (docs/bench-gemm.md, "L2 at 8 warps for V4-Pro"). V4-Flash
 // (16 steps, one per warp at 16) measured even (NVFP4) or 4% slower (MXFP4 T = 1) at 8 warps of 2,
 // and keeps 16. Steps 33-48 (16 warps of 3) have no instance: the plan refuses them (not ok).
