@@ -597,10 +597,26 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
     // slot instead: that MMA column is never stored (fo < 0 below), so any finite row serves, and
     // the loads need neither a zero fill nor a predicate (exact: the stored columns see only
     // their own lanes' fragments).
+    // Under official numerics an entry of one slot (every entry at T = 1, most at T = 2) loads its
+    // h compactly: the 8 token columns of the MMA would all hold that slot's row, so lane (g, tig)
+    // loads only its words 2g, 2g + 1 of the 16 the fragment set of tig needs (columns (4·tig +
+    // g/2)·8 + 4·(g & 1) .. + 4, one 8-byte load per step, into hb[j][0].x, .y) and round_h1 rounds
+    // those and gathers the rest from the lanes holding them.
+    auto compact = [&](int q) { return p.official && rt.entry_cnt[q] == 1; };
     auto load_h = [&](int q, uint4 (&hb)[kSpw][4]) {
         if (q >= Q) return;   // uniform: no entry after the last
         const uint16_t* hrow =
             p.h + static_cast<int64_t>(rt.order[rt.entry_start[q] + min(g, rt.entry_cnt[q] - 1)]) * p.K;
+        if (compact(q)) {   // uniform
+#pragma unroll
+            for (int j = 0; j < kSpw; ++j) {
+                const int col = (s0 + j) * kStepK + (4 * tig + (g >> 1)) * 8 + 4 * (g & 1);
+                const uint2 v = j < ns && col < p.K ? *reinterpret_cast<const uint2*>(hrow + col) : make_uint2(0, 0);
+                hb[j][0].x = v.x;
+                hb[j][0].y = v.y;
+            }
+            return;
+        }
         if (whole) {
 #pragma unroll
             for (int j = 0; j < kSpw; ++j)
@@ -644,6 +660,34 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
             }
         }
     };
+    // round_h for a compactly loaded entry (above): the same block maxima (over the step's 128
+    // columns, here all 32 lanes' 4 values) and the same fp8_qdq_bf16x2 per pair, so the same bits,
+    // with each value rounded once per warp instead of once per token column (8 times): ~50
+    // instructions per step against ~180. Then word w (= 4·l + e) of hb[j][l] comes from lane
+    // 4·(w / 2) + tig, which holds it as its word w & 1.
+    auto round_h1 = [&](uint4 (&hb)[kSpw][4]) {
+#pragma unroll
+        for (int j = 0; j < kSpw; ++j) {
+            if (j >= ns) continue;   // warp-uniform
+            uint32_t c[2] = {hb[j][0].x, hb[j][0].y};
+            const uint32_t m2 = __vmaxu2(c[0] & 0x7FFF7FFFu, c[1] & 0x7FFF7FFFu);
+            float amax = fmaxf(__uint_as_float(m2 << 16), __uint_as_float(m2 & 0xFFFF0000u));
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            const float sc = nm::fp8_scale(amax), inv = 1.0f / sc;
+            c[0] = nm::fp8_qdq_bf16x2(c[0], sc, inv);
+            c[1] = nm::fp8_qdq_bf16x2(c[1], sc, inv);
+#pragma unroll
+            for (int l = 0; l < 4; ++l) {
+                uint32_t* u = reinterpret_cast<uint32_t*>(&hb[j][l]);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int w = 4 * l + e;
+                    u[e] = __shfl_sync(0xffffffffu, c[w & 1], 4 * (w >> 1) + tig);
+                }
+            }
+        }
+    };
     RingPos rp;   // the stages in the producer's order: entry-major, chunk c within
     auto entry = [&](int q, uint4 (&hb)[kSpw][4], uint4 (&next)[kSpw][4]) {
         const int m_cnt = rt.entry_cnt[q], start = rt.entry_start[q];
@@ -656,7 +700,8 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
             const int t = 2 * tig + e;
             fo[e] = t < m_cnt ? (warp * n + rt.order[start + t]) * p.rb_max * kRows : -1;
         }
-        if (p.official) round_h(hb);
+        if (compact(q)) round_h1(hb);
+        else if (p.official) round_h(hb);
         load_h(q + 1, next);
         for (int c = 0; c < nch; ++c) {
             const int slot = rp.slot;

@@ -39,6 +39,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "core/common.h"
@@ -1573,6 +1574,68 @@ TEST(CudaMoeLayer, SmallPathOfficialNumericsMatchCpuOfficial) {
                         fmt_name(f), static_cast<long>(T), worst, max_d);
             EXPECT_GE(worst, 0.999);
             if (HasFailure()) return;
+        }
+    }
+}
+
+// A token's output does not depend on which other tokens share its launch: two tokens routed to
+// the same k experts (every entry of the layer holds 2 slots) give, bit for bit, what each gives
+// alone at T = 1 (every entry 1 slot). Under official numerics L2 loads and rounds an entry of one
+// slot compactly (moe_small.cu, round_h1) and an entry of more slots per token column (round_h):
+// this compares the two forms of the FP8 rounding of h, at V4-Flash and V4-Pro widths (L2's 16-warp
+// and 8-warp instances), both formats, both numerics.
+TEST(CudaMoeLayer, SmallPathTokenAloneEqualsTokenInPair) {
+    SKIP_WITHOUT_GPU();
+    const int64_t k = 6;
+    struct Shape {
+        const char* name;
+        int64_t D, I, E;
+    };
+    uint32_t seed = 57000;
+    for (const Shape sh : {Shape{"Flash", 4096, 2048, 8}, Shape{"Pro", 7168, 3072, 7}}) {
+        for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+            const HostExperts hx = make_experts(f, sh.E, sh.D, sh.I, seed += 1000);
+            cuda::DeviceExperts dex(hx.experts);
+            cuda::MoeLayerWorkspace ws(2, k, dex);
+            MoeCase pair = make_case(Routing::uniform, 2, k, sh.E, sh.D, true, ++seed);
+            for (int64_t s = 0; s < k; ++s) pair.ids[static_cast<size_t>(k + s)] = pair.ids[static_cast<size_t>(s)];
+            std::vector<float> xf = widen(pair.x);   // official inputs are FP8-rounded; exact takes them too
+            ops::round_gemm_input(Numerics::official, xf.data(), 2, sh.D);
+            for (size_t i = 0; i < xf.size(); ++i) pair.x[i] = f32_to_bf16(xf[i]);
+            for (Numerics nm : {Numerics::official, Numerics::exact}) {
+                SCOPED_TRACE(str(sh.name, " ", fmt_name(f), nm == Numerics::official ? " official" : " exact"));
+                auto run = [&](const MoeCase& c) {
+                    DeviceInputs in(c.T, k, sh.D);
+                    in.upload(c);
+                    EXPECT_TRUE(cuda::moe_small_fits(dex, c.T, k, in.x.data()));
+                    DeviceArray<float> y(static_cast<size_t>(c.T * sh.D));
+                    poison(y.data(), y.size());
+                    cuda::moe_layer_small(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), c.T, in.shared.data(),
+                                          y.data(), ws, nullptr, nm);
+                    CUDA_CHECK(cudaDeviceSynchronize());
+                    return to_host(y.data(), y.size());
+                };
+                const std::vector<float> y2 = run(pair);
+                for (int64_t t = 0; t < 2; ++t) {
+                    MoeCase one;
+                    one.T = 1;
+                    one.k = k;
+                    const auto at = [t](const auto& v, int64_t w) {
+                        return std::vector<typename std::decay_t<decltype(v)>::value_type>(v.begin() + t * w,
+                                                                                           v.begin() + (t + 1) * w);
+                    };
+                    one.ids = at(pair.ids, k);
+                    one.wts = at(pair.wts, k);
+                    one.x = at(pair.x, sh.D);
+                    one.shared = at(pair.shared, sh.D);
+                    const std::vector<float> y1 = run(one);
+                    const std::vector<float> y2t(y2.begin() + t * sh.D, y2.begin() + (t + 1) * sh.D);
+                    const int64_t bad = first_mismatch(y1, y2t);
+                    EXPECT_EQ(bad, -1) << "token " << t << ": y[" << bad << "] alone " << (bad >= 0 ? y1[size_t(bad)] : 0.0f)
+                                       << ", in the pair " << (bad >= 0 ? y2t[size_t(bad)] : 0.0f);
+                }
+                if (HasFailure()) return;
+            }
         }
     }
 }
