@@ -535,7 +535,10 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
 // ---------------------------------------------------------------------------- L2
 
 // W consumer warps (kL2Warps or kL2ProWarps) of kSpw steps at most each.
-template <LinearFormat F, int kSpw, int W>
+// kOff: Numerics::official (SmallParams::official), a template parameter so that the exact
+// instances hold none of the official rounding code (compiled in, it slowed the exact path by
+// 1.4-3% on an H100, docs/bench-gemm.md "h rounded once per warp").
+template <LinearFormat F, int kSpw, int W, bool kOff>
 __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const SmallParams p) {
     constexpr int kStepK = 4 * Traits<F>::kElems;
     extern __shared__ __align__(128) uint8_t smem[];
@@ -602,7 +605,7 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
     // loads only its words 2g, 2g + 1 of the 16 the fragment set of tig needs (columns (4·tig +
     // g/2)·8 + 4·(g & 1) .. + 4, one 8-byte load per step, into hb[j][0].x, .y) and round_h1 rounds
     // those and gathers the rest from the lanes holding them.
-    auto compact = [&](int q) { return p.official && rt.entry_cnt[q] == 1; };
+    auto compact = [&](int q) { return kOff && rt.entry_cnt[q] == 1; };
     auto load_h = [&](int q, uint4 (&hb)[kSpw][4]) {
         if (q >= Q) return;   // uniform: no entry after the last
         const uint16_t* hrow =
@@ -701,7 +704,7 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
             fo[e] = t < m_cnt ? (warp * n + rt.order[start + t]) * p.rb_max * kRows : -1;
         }
         if (compact(q)) round_h1(hb);
-        else if (p.official) round_h(hb);
+        else if constexpr (kOff) round_h(hb);
         load_h(q + 1, next);
         for (int c = 0; c < nch; ++c) {
             const int slot = rp.slot;
@@ -757,15 +760,15 @@ __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const Sma
             float v = 0.0f;
             if (here)
                 for (int w = 0; w < W; ++w) v = __fadd_rn(v, fin[((w * n + sl) * p.rb_max + j) * kRows + rl]);
-            if (p.official) v = nm::bf16_round(v);
+            if constexpr (kOff) v = nm::bf16_round(v);
             if (p.placed == kPlaceSlotRows) p.y[static_cast<int64_t>(sl) * p.N + row] = v;
             else if (here) sum = __fadd_rn(sum, v);
         }
         const int64_t o2 = static_cast<int64_t>(t) * p.N + row;
         if (p.placed == kPlaceRowSums) p.y[o2] = sum;
         if (p.placed != kPlaceY) continue;
-        if (p.shared) sum = __fadd_rn(p.official ? nm::bf16_round(p.shared[o2]) : p.shared[o2], sum);
-        p.y[o2] = p.official ? nm::bf16_round(sum) : sum;
+        if (p.shared) sum = __fadd_rn(kOff ? nm::bf16_round(p.shared[o2]) : p.shared[o2], sum);
+        p.y[o2] = kOff ? nm::bf16_round(sum) : sum;
     }
 }
 
@@ -940,10 +943,14 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
     // The h fragments' register sets are sized by the steps per warp (V4-Flash 1 at 16 warps,
     // V4-Pro 3 at 8); the plan is ok only for these instances (check_small).
     using K2 = void (*)(SmallParams);
-    auto pick = [&](auto fmt) -> K2 {
+    auto pick_nm = [&](auto fmt, auto off) -> K2 {
         constexpr LinearFormat F = decltype(fmt)::value;
-        if (pl.warps2 == kL2ProWarps) return moe_small_l2_kernel<F, kL2ProSpw, kL2ProWarps>;
-        return p.spw <= 1 ? moe_small_l2_kernel<F, 1, kL2Warps> : moe_small_l2_kernel<F, kL2MaxSpw, kL2Warps>;
+        constexpr bool kOff = decltype(off)::value;
+        if (pl.warps2 == kL2ProWarps) return moe_small_l2_kernel<F, kL2ProSpw, kL2ProWarps, kOff>;
+        return p.spw <= 1 ? moe_small_l2_kernel<F, 1, kL2Warps, kOff> : moe_small_l2_kernel<F, kL2MaxSpw, kL2Warps, kOff>;
+    };
+    auto pick = [&](auto fmt) -> K2 {
+        return p.official ? pick_nm(fmt, std::true_type{}) : pick_nm(fmt, std::false_type{});
     };
     const K2 kernel = ex.format == LinearFormat::nvfp4 ? pick(std::integral_constant<LinearFormat, LinearFormat::nvfp4>{})
                                                        : pick(std::integral_constant<LinearFormat, LinearFormat::mxfp4>{});

@@ -42,13 +42,15 @@ __device__ __forceinline__ float e4m3_round(float v) {
     return __half2float(__half(__nv_cvt_fp8_to_halfraw(q, __NV_E4M3)));
 }
 
-// x / s for a power of two s: x · (1/s) with 1/s made from s's exponent, which is the same number
-// (1/s is exact, and a product and a quotient are both the correctly rounded value of the same
-// x · 2^-k, subnormal results included; no fast-math, no FTZ) in 2 instructions where the IEEE
-// division takes ~10 and a slow path. 1/s is exact while s ≤ 2^126; s = 2^127 (the scale of an
-// infinite block maximum) divides.
+// x / s for a power of two s = 2^k (k in [-126, 127]: what fp8_scale and fp4_scale give): x · 2^-k,
+// the same number (2^-k is exact, the f32 subnormal 2^-127 included, and a product and a quotient
+// are both the correctly rounded value of the same x · 2^-k, subnormal results included; no
+// fast-math, no FTZ), in 3 instructions and no branch where the IEEE division takes ~10 and a slow
+// path. (A first form fell back to the division for k = 127; with it compiled into the kernels the
+// exact path got slower, docs/bench-gemm.md "h rounded once per warp".)
 __device__ __forceinline__ float div_pow2(float x, float s) {
-    return s < 0x1p127f ? x * __uint_as_float(0x7F000000u - __float_as_uint(s)) : x / s;
+    const uint32_t u = __float_as_uint(s);
+    return x * __uint_as_float(u < 0x7F000000u ? 0x7F000000u - u : 0x00400000u);
 }
 
 // The e4m3 code of x at scale s (fp8_qdq's code; the KV rows' fp8 storage, cuda/kv_row.h).
