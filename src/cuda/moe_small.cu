@@ -63,6 +63,11 @@
 // 50.3 µs (H100); L2 alone from registers, with this L1, 45.7 (even), and the step in official
 // numerics 1.6% slower; an L2-cache bulk prefetch of each warp's next tile, 60 µs.
 //
+// On the FP8 tensor core (wgmma m64n16k32 e4m3, A from registers: the e2m1 codes placed as e4m3
+// in 5 ops per 8 weights; official numerics, branch wip/small-fp8-l1): correct, but L1 measured
+// slower (H100, V4-Flash NVFP4 T = 1 / 2 +2.7% / +7.8%, the 8-layer step +0.9% / +1.1%; docs/bench-gemm.md
+// "L1 on the FP8 tensor core through wgmma"): the consumers wait on latency, not issue.
+//
 // Overlap. L1 waits for the router (griddepcontrol.wait) before anything, since ids say which
 // weights to read, and then lets L2 launch at once (launch_dependents). L2 reads ids and the
 // experts' descriptors and starts streaming w2 as soon as its CTAs are resident, and waits for
