@@ -545,7 +545,7 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
 // 1.4-3% on an H100, docs/bench-gemm.md "h rounded once per warp"). Measured in this form against
 // the previous L2 (H100, one device call, megamoe-gemm-bench --part experts --model all --T 1,2
 // --moe-small, two rounds): official V4-Flash even to −1.6%, V4-Pro −2.8% to −4.9%; exact V4-Flash
-// −0.6% to −1.4%, V4-Pro −3.0% to −7.5%; the 8-layer batch-1 / 2 step even.
+// −0.6% to −1.4%, V4-Pro −3.1% to −7.5%; the 8-layer batch-1 / 2 step even.
 template <LinearFormat F, int kSpw, int W, bool kOff>
 __global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const SmallParams p) {
     constexpr int kStepK = 4 * Traits<F>::kElems;
