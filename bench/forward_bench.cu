@@ -16,7 +16,7 @@
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
-//                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--idx-side 0|1] [--w4a8]
+//                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--moe-small-max-t T] [--idx-side 0|1] [--w4a8]
 //                         [--fp8-act-max T] [--lt-min-out N]
 //                         [--attn-wide 0|1] [--attn-splits N] [--sample-parts N] [--hc-stage 0|1]
 //                         [--gpus N | --multi] [--ep-exchange gather|all-to-all]
@@ -39,7 +39,8 @@
 //   every linear), to compare. --no-lt-bf16: only its BF16 GEMM off (the bf16-input linears of
 //   steps of ≥ cuda::kLtBf16MinM tokens on megamoe's kernels; the official FP8 ones stay on cuBLASLt).
 // --no-moe-small: the routed experts through moe_layer at every batch (RunnerOptions::moe_small
-//   off), to compare with the two-launch small-T path (which the runner takes at 1-2 tokens).
+//   off), to compare with the two-launch small-T path (which the runner takes at 1-4 tokens).
+// --moe-small-max-t T: the small-T path at up to T tokens (RunnerOptions::moe_small_max_t), to compare.
 // --fp8-act-max T, --lt-min-out N: official numerics, the FP8 × FP8 kernel (linear_fp8_act) at up to
 //   T tokens (1..64), and where cuBLASLt applies too (32..T tokens), cuBLASLt only for linears of
 //   ≥ N output rows (RunnerOptions::fp8_act_max_t, lt_min_out; default: the runner's rule), to compare.
@@ -259,6 +260,7 @@ int main(int argc, char** argv) {
         int attn_splits = 0;     // 0: by the step's size
         int sample_parts = -1;   // -1: by the step's rows
         int hc_stage = -1;       // -1: RunnerOptions' default
+        int64_t moe_small_max_t = -1;   // -1: RunnerOptions' default
         int64_t fp8_act_max = -1, lt_min_out = -1;   // -1: the runner's rule
         auto on_off = [](const std::string& flag, const std::string& v) {
             if (v != "0" && v != "1") fail(flag, " takes 0 or 1, not '", v, "'");
@@ -292,6 +294,10 @@ int main(int argc, char** argv) {
             else if (a == "--no-lt") no_lt = true;
             else if (a == "--no-lt-bf16") no_lt_bf16 = true;
             else if (a == "--no-moe-small") no_moe_small = true;
+            else if (a == "--moe-small-max-t") {
+                moe_small_max_t = std::stoll(next());
+                if (moe_small_max_t < 0) fail("--moe-small-max-t takes a token count >= 0 (0: never), not ", moe_small_max_t);
+            }
             else if (a == "--idx-side") idx_side = on_off(a, next());
             else if (a == "--attn-wide") attn_wide = on_off(a, next());
             else if (a == "--attn-splits") attn_splits = static_cast<int>(std::stoll(next()));
@@ -365,6 +371,7 @@ int main(int argc, char** argv) {
         ro.lt_fp8 = !no_lt;
         ro.lt_bf16 = !no_lt && !no_lt_bf16;
         ro.moe_small = !no_moe_small;
+        if (moe_small_max_t >= 0) ro.moe_small_max_t = moe_small_max_t;
         if (idx_side >= 0) ro.indexer_side = idx_side == 1;
         ro.attn_wide = attn_wide;
         ro.attn_splits = attn_splits;

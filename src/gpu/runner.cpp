@@ -1154,11 +1154,15 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
         mark("moe.experts");
         return;
     }
-    // The small-T path at 1-2 tokens, where it measured faster end to end (H200, megamoe-forward-bench
-    // --model flash --layers 20, docs/bench-gemm.md "small-T path"): B = 1 / 2 exact 4472 / 5309
-    // against 4494 / 5490 µs per step, official 4405 / 5288 against 4502 / 5357. From T = 4 up the
-    // expert layer alone measured even or slower (integer-pipe bound decode; moe_small.cu).
-    const bool small = opt.moe_small && T <= 2 && cuda::moe_small_fits(d.experts, T, k, xe);
+    // The small-T path at up to RunnerOptions::moe_small_max_t = 4 tokens, where it measured faster
+    // end to end: at 1-2 tokens first (H200, megamoe-forward-bench --model flash --layers 20,
+    // docs/bench-gemm.md "small-T path": B = 1 / 2 exact 4472 / 5309 against 4494 / 5490 µs per
+    // step, official 4405 / 5288 against 4502 / 5357); at 3-4 tokens since 2026-12-07 (H100, 8-layer
+    // V4-Flash, --moe-small-max-t 4 against 2, three rounds, means: NVFP4 exact B = 3 / 4 −7.1% /
+    // −7.3%, official −4.0% / −4.3%; MXFP4 exact −3.7% / −3.3%, official −0.7% / −0.4%; 2-layer V4-Pro
+    // exact −5.8% / −6.0%; docs/bench-forward.md). Past 4 tokens not measured in the step (the layer
+    // alone was slower at T = 8 on an H200, 2026-12-04).
+    const bool small = opt.moe_small && T <= opt.moe_small_max_t && cuda::moe_small_fits(d.experts, T, k, xe);
     if (small) {
         // Few tokens: L1 reads its routing from ids, L2 combines and adds the shared expert itself.
         cuda::moe_small_l1(d.experts, limit, xe, ws.ids, ws.wts, T, moe_ws, stream, nm);
@@ -1371,11 +1375,11 @@ void Runner::Impl::ep_experts(const DeviceLayer& d, dist::ExpertExchange& ex) {
     const int64_t k = cfg.num_experts_per_tok, rows = ex.rows();
     const float limit = static_cast<float>(cfg.swiglu_limit);
     // The small-T path where a rank computes about as many tokens as the single-GPU rule takes it
-    // for (T ≤ 2, see moe()): rows / world tokens' slots are local on average. Its L2 writes the
+    // for (T ≤ moe_small_max_t, see moe()): rows / world tokens' slots are local on average. Its L2 writes the
     // exchange's layout itself (slot rows or row sums), so neither the general path's dispatch
     // kernels nor the exchange's place kernel run. (Chosen from the single-GPU measurement; not
     // measured on several GPUs.)
-    if (opt.moe_small && rows <= 2 * ex.world() && cuda::moe_small_fits(d.experts, rows, k, ex.x_in())) {
+    if (opt.moe_small && rows <= opt.moe_small_max_t * ex.world() && cuda::moe_small_fits(d.experts, rows, k, ex.x_in())) {
         cuda::moe_small_l1(d.experts, limit, ex.x_in(), ex.local_in(), ex.wts_in(), rows, moe_ws_ep, stream, nm);
         cuda::moe_small_l2_placed(d.experts, ex.x_in(), ex.local_in(), rows, ex.places_slot_rows(), ex.placed(),
                                   moe_ws_ep, stream, nm);

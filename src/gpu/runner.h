@@ -46,9 +46,12 @@ struct RunnerOptions {
                                        // block also each slot's draft logits (speculative sampling)
     bool    side_stream = true;        // independent work (the kv latent, the compressors, the shared
                                        // expert) on a second stream beside the main chain
-    bool    moe_small = true;          // 1-2 tokens: the routed experts through the two-launch
+    bool    moe_small = true;          // 1-4 tokens: the routed experts through the two-launch
                                        // small-T path (cuda::moe_small_l1 / l2) where it applies
                                        // (runner.cpp says why there); off: moe_layer always
+    int64_t moe_small_max_t = 4;       // ... at up to this many tokens (runner.cpp says why 4; the
+                                       // small path itself stops at cuda::kMoeSmallMaxT and where the
+                                       // plan does not fit, V4-Pro past 4)
     bool    indexer_side = true;       // ≤ 16 tokens: a CSA layer's indexer queries on a third side
                                        // stream beside wq_b (with side_stream); off: the main stream
                                        // (runner.cpp says what it measured)
