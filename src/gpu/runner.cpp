@@ -1375,9 +1375,9 @@ void Runner::Impl::ep_experts(const DeviceLayer& d, dist::ExpertExchange& ex) {
     const int64_t k = cfg.num_experts_per_tok, rows = ex.rows();
     const float limit = static_cast<float>(cfg.swiglu_limit);
     // The small-T path where a rank computes about as many tokens as the single-GPU rule takes it
-    // for (T ≤ moe_small_max_t, see moe()): rows / world tokens' slots are local on average. Its L2 writes the
-    // exchange's layout itself (slot rows or row sums), so neither the general path's dispatch
-    // kernels nor the exchange's place kernel run. (Chosen from the single-GPU measurement; not
+    // for (T ≤ moe_small_max_t, see moe()): rows / world tokens' slots are local on average. Its L2
+    // writes the exchange's layout itself (slot rows or row sums), so neither the general path's
+    // dispatch kernels nor the exchange's place kernel run. (Chosen from the single-GPU measurement; not
     // measured on several GPUs.)
     if (opt.moe_small && rows <= opt.moe_small_max_t * ex.world() && cuda::moe_small_fits(d.experts, rows, k, ex.x_in())) {
         cuda::moe_small_l1(d.experts, limit, ex.x_in(), ex.local_in(), ex.wts_in(), rows, moe_ws_ep, stream, nm);
