@@ -51,6 +51,8 @@ struct RouteArgs {
     float route_scale;
     int32_t* ids;             // [T, k]
     float* wts;               // [T, k]
+    const int32_t* slots;     // [T] or null: graph padding (slots[t] == pad_slot) is routed as token 0
+    int32_t pad_slot;
 };
 
 // The order key of candidate id with biased score b (see top): larger key = larger b, then lower id.
@@ -77,10 +79,12 @@ __global__ void __launch_bounds__(kRouteWarps * 32) route_kernel(RouteArgs a) {
     // launches back; the previous kernel is the gate linear that writes the logits.
     float bias[NPL];
     int my_id = 0;      // lane r < k: the expert of slot r
+    int64_t src = t;    // the token whose logits (or token id) route this one: token 0 for padding
     if (live) {
+        if (a.slots != nullptr && a.slots[t] == a.pad_slot) src = 0;
         if (a.tid2eid != nullptr) {
             if (lane < k) {
-                const int id = a.tid2eid[static_cast<int64_t>(a.tokens[t]) * k + lane];
+                const int id = a.tid2eid[static_cast<int64_t>(a.tokens[src]) * k + lane];
                 my_id = id < 0 ? 0 : (id >= E ? E - 1 : id);   // out-of-range table entries are clamped (no stray reads)
             }
         } else {
@@ -91,7 +95,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) route_kernel(RouteArgs a) {
     }
     rk::pdl_begin();
     if (!live) return;   // whole warps; no block-wide barrier below
-    const float* lt = a.logits + t * a.E;
+    const float* lt = a.logits + src * a.E;
 
     float my_s = 0.0f;  // lane r < k: the unbiased score of slot r
     float sum = 0.0f;   // Σ s over the slots, in slot order (the same on every lane)
@@ -157,14 +161,16 @@ __global__ void __launch_bounds__(kRouteWarps * 32) route_kernel(RouteArgs a) {
 }  // namespace
 
 void route(const float* logits, int64_t T, int64_t E, int64_t k, const float* bias, const int32_t* tid2eid,
-           const int32_t* tokens, float route_scale, int32_t* ids, float* wts, CUstream_st* stream) {
+           const int32_t* tokens, float route_scale, int32_t* ids, float* wts, CUstream_st* stream,
+           const int32_t* slots, int32_t pad_slot) {
     if (T < 0) fail("route: T=", T, " is negative");
     if (E < 1 || E > kMaxExperts) fail("route: E=", E, " outside [1, ", kMaxExperts, "]");
     if (k < 1 || k > kMaxK || k > E) fail("route: k=", k, " outside [1, min(", kMaxK, ", E=", E, ")]");
     if (T == 0) return;
     if (!logits || !ids || !wts) fail("route: null logits/ids/wts");
     if (tid2eid != nullptr && tokens == nullptr) fail("route: the hash router needs tokens");
-    const RouteArgs a{logits, T, static_cast<int>(E), static_cast<int>(k), bias, tid2eid, tokens, route_scale, ids, wts};
+    const RouteArgs a{logits, T, static_cast<int>(E), static_cast<int>(k), bias, tid2eid, tokens, route_scale, ids, wts,
+                      slots, pad_slot};
     const dim3 grid(rk::grid_dim((T + kRouteWarps - 1) / kRouteWarps, 0x7fffffff, "route")), block(kRouteWarps * 32);
     const int64_t npl = (E + 31) / 32;   // candidates per lane, rounded up to a compiled count
     if (tid2eid != nullptr || npl <= 1) rk::launch(route_kernel<1>, grid, block, 0, stream, a);

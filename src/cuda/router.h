@@ -19,7 +19,13 @@ namespace megamoe::cuda {
 // score ranks as −inf. Launched with programmatic dependent launch: bias, tid2eid and tokens are
 // read before the wait for the previous kernel of the stream, so that kernel must not write them
 // (only logits may come from it; every earlier kernel has completed, see dev::launch_pdl).
+// Graph padding (slots != null): a token t with slots[t] == pad_slot (int32 [T], read before the
+// wait like tokens) is routed as token 0 — the same ids and weights, from token 0's logits (or
+// token) — so that the padding rows of a decode graph's bucket hit no expert the real tokens do
+// not, and the expert layer reads no weights for them (each token's expert output depends on its
+// own rows only, so the real tokens' results do not change). Token 0 must be a real token.
 void route(const float* logits, int64_t T, int64_t E, int64_t k, const float* bias, const int32_t* tid2eid,
-           const int32_t* tokens, float route_scale, int32_t* ids, float* wts, CUstream_st* stream);
+           const int32_t* tokens, float route_scale, int32_t* ids, float* wts, CUstream_st* stream,
+           const int32_t* slots = nullptr, int32_t pad_slot = -1);
 
 }  // namespace megamoe::cuda

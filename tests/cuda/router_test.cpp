@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <numeric>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -93,7 +94,8 @@ struct Routed {
     std::vector<float> wts;
 };
 
-Routed gpu_route(Router& r, bool hash, cudaStream_t stream = nullptr) {
+Routed gpu_route(Router& r, bool hash, cudaStream_t stream = nullptr, const std::vector<int32_t>& slots = {},
+                 int32_t pad_slot = -1) {
     DeviceArray<float> d_logits(r.logits()), d_bias(r.bias);
     std::vector<int32_t> table32(r.table.begin(), r.table.end());
     DeviceArray<int32_t> d_table(hash ? table32 : std::vector<int32_t>{0});
@@ -102,8 +104,10 @@ Routed gpu_route(Router& r, bool hash, cudaStream_t stream = nullptr) {
     DeviceArray<float> d_wts(static_cast<size_t>(r.T * r.k));
     d_ids.fill(0xFF);
     d_wts.fill(0xFF);
+    DeviceArray<int32_t> d_slots(slots.empty() ? std::vector<int32_t>{0} : slots);
     cuda::route(d_logits.data(), r.T, r.E, r.k, hash ? nullptr : d_bias.data(), hash ? d_table.data() : nullptr,
-                hash ? d_tokens.data() : nullptr, r.scale, d_ids.data(), d_wts.data(), stream);
+                hash ? d_tokens.data() : nullptr, r.scale, d_ids.data(), d_wts.data(), stream,
+                slots.empty() ? nullptr : d_slots.data(), pad_slot);
     return {d_ids.download(), d_wts.download()};
 }
 
@@ -229,6 +233,40 @@ TEST(CudaRouter, HashRouterMatchesRouteHash) {
     }
     check_hash(17, 16, 4, 1.0f, 100, 222);
     check_hash(5, 1024, 16, 1.0f, 50, 223);
+}
+
+// Graph padding: tokens whose slot is the padding slot get token 0's ids and weights (both
+// routers), every other token what it gets without the slots, bit for bit.
+TEST(CudaRouter, PaddingTokensAreRoutedAsTokenZero) {
+    RW_SKIP_WITHOUT_GPU();
+    for (const bool hash : {false, true}) {
+        SCOPED_TRACE(hash ? "hash" : "score");
+        const int64_t T = 8, k = 6, E = 256, V = 1000;
+        Router r(T, E, k, 1.5f, 240);
+        std::mt19937 rng(241);
+        if (hash) {
+            r.table.resize(static_cast<size_t>(V * k));
+            for (auto& e : r.table) e = static_cast<int64_t>(rng() % E);
+            r.tokens.resize(static_cast<size_t>(T));
+            for (auto& t : r.tokens) t = static_cast<int32_t>(rng() % V);
+        }
+        const int32_t pad = 9;                                           // the pool's padding slot
+        const std::vector<int32_t> slots = {3, 0, 5, pad, 1, pad, pad, 2};   // 3 real, padding, real, padding
+        const Routed plain = gpu_route(r, hash), padded = gpu_route(r, hash, nullptr, slots, pad);
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t src = slots[static_cast<size_t>(t)] == pad ? 0 : t;
+            for (int64_t i = 0; i < k; ++i) {
+                const size_t j = static_cast<size_t>(t * k + i), s = static_cast<size_t>(src * k + i);
+                EXPECT_EQ(padded.ids[j], plain.ids[s]) << "t=" << t << " slot " << i;
+                EXPECT_EQ(std::memcmp(&padded.wts[j], &plain.wts[s], 4), 0) << "t=" << t << " slot " << i;
+            }
+        }
+        bool differs = false;   // the padding rows did change (their own routing is another token's)
+        for (int64_t t : {3, 5, 6})
+            for (int64_t i = 0; i < k; ++i)
+                differs |= plain.ids[static_cast<size_t>(t * k + i)] != plain.ids[static_cast<size_t>(i)];
+        EXPECT_TRUE(differs);
+    }
 }
 
 TEST(CudaRouter, RepeatedRunsAreBitIdentical) {

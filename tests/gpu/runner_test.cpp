@@ -1270,6 +1270,23 @@ TEST_P(GpuRunner, GraphReplayEqualsEager) {
     }
     EXPECT_EQ(rg.graphs_captured(), 1);
     EXPECT_EQ(rg.graph_replays(), 23);
+    // Decode steps of 3 of the 4 sequences: the same graph (bucket 4) with one padding row, which
+    // cuda::route routes as token 0 (no expert weights of its own), against eager steps without it.
+    for (int step = 0; step < 4; ++step) {
+        std::vector<gpu::RunnerChunk> dg, de;
+        for (int i = 0; i < 3; ++i) {
+            const int32_t tok = c->input_ids[static_cast<size_t>(70 + 5 * i + step)];
+            dg.push_back({sg[static_cast<size_t>(i)], {tok}});
+            de.push_back({se[static_cast<size_t>(i)], {tok}});
+        }
+        rg.step(dg, false, lg);
+        re.step(de, false, le);
+        ASSERT_EQ(lg.size(), static_cast<size_t>(3 * V()));
+        ASSERT_EQ(lg.size(), le.size());
+        ASSERT_EQ(std::memcmp(lg.data(), le.data(), lg.size() * 4), 0) << "3-sequence decode step " << step;
+    }
+    EXPECT_EQ(rg.graphs_captured(), 1);
+    EXPECT_EQ(rg.graph_replays(), 27);
     // Chunks of 3 tokens each (speculative verification's shape), every logit row, 3 of the 4
     // sequences: the bucket of 4 with a padding chunk, replayed from its own graph.
     for (int step = 0; step < 6; ++step) {
@@ -1286,7 +1303,7 @@ TEST_P(GpuRunner, GraphReplayEqualsEager) {
         ASSERT_EQ(std::memcmp(lg.data(), le.data(), lg.size() * 4), 0) << "3-token step " << step;
     }
     EXPECT_EQ(rg.graphs_captured(), 2);
-    EXPECT_EQ(rg.graph_replays(), 23 + 5);
+    EXPECT_EQ(rg.graph_replays(), 27 + 5);
     EXPECT_EQ(re.graph_replays(), 0);
 }
 #if defined(MEGAMOE_HAVE_NCCL)
