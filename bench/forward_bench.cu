@@ -16,7 +16,7 @@
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
-//                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--moe-small-max-t T] [--idx-side 0|1] [--w4a8]
+//                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--moe-small-max-t T] [--pad-route 0|1] [--idx-side 0|1] [--w4a8]
 //                         [--fp8-act-max T] [--lt-min-out N]
 //                         [--attn-wide 0|1] [--attn-splits N] [--sample-parts N] [--hc-stage 0|1]
 //                         [--gpus N | --multi] [--ep-exchange gather|all-to-all]
@@ -41,6 +41,8 @@
 // --no-moe-small: the routed experts through moe_layer at every batch (RunnerOptions::moe_small
 //   off), to compare with the two-launch small-T path (which the runner takes at 1-4 tokens).
 // --moe-small-max-t T: the small-T path at up to T tokens (RunnerOptions::moe_small_max_t), to compare.
+// --pad-route 0|1: a decode graph's padding rows routed as token 0 (1, the default) or from their own
+//   logits (0) (RunnerOptions::pad_route), to compare at batches between the graph buckets.
 // --fp8-act-max T, --lt-min-out N: official numerics, the FP8 × FP8 kernel (linear_fp8_act) at up to
 //   T tokens (1..64), and where cuBLASLt applies too (32..T tokens), cuBLASLt only for linears of
 //   ≥ N output rows (RunnerOptions::fp8_act_max_t, lt_min_out; default: the runner's rule), to compare.
@@ -261,6 +263,7 @@ int main(int argc, char** argv) {
         int sample_parts = -1;   // -1: by the step's rows
         int hc_stage = -1;       // -1: RunnerOptions' default
         int64_t moe_small_max_t = -1;   // -1: RunnerOptions' default
+        int pad_route = 1;              // RunnerOptions::pad_route
         int64_t fp8_act_max = -1, lt_min_out = -1;   // -1: the runner's rule
         auto on_off = [](const std::string& flag, const std::string& v) {
             if (v != "0" && v != "1") fail(flag, " takes 0 or 1, not '", v, "'");
@@ -298,6 +301,7 @@ int main(int argc, char** argv) {
                 moe_small_max_t = std::stoll(next());
                 if (moe_small_max_t < 0) fail("--moe-small-max-t takes a token count >= 0 (0: never), not ", moe_small_max_t);
             }
+            else if (a == "--pad-route") pad_route = on_off(a, next());
             else if (a == "--idx-side") idx_side = on_off(a, next());
             else if (a == "--attn-wide") attn_wide = on_off(a, next());
             else if (a == "--attn-splits") attn_splits = static_cast<int>(std::stoll(next()));
@@ -372,6 +376,7 @@ int main(int argc, char** argv) {
         ro.lt_bf16 = !no_lt && !no_lt_bf16;
         ro.moe_small = !no_moe_small;
         if (moe_small_max_t >= 0) ro.moe_small_max_t = moe_small_max_t;
+        ro.pad_route = pad_route != 0;
         if (idx_side >= 0) ro.indexer_side = idx_side == 1;
         ro.attn_wide = attn_wide;
         ro.attn_splits = attn_splits;

@@ -1119,8 +1119,8 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     fork(1);
     linear(d.gate, input(d.gate, ws.xn, ws.xq), T, ws.gate_logits, false, 1, x8(T));
     cuda::route(ws.gate_logits, T, E, k, d.router == RouterKind::score ? d.gate_bias : nullptr,
-                d.router == RouterKind::hash ? d.tid2eid : nullptr, ws.tokens, scale, ws.ids, ws.wts, stream, ws.slot,
-                pool->pad_slot());   // a decode graph's padding rows routed as token 0: no expert bytes of their own
+                d.router == RouterKind::hash ? d.tid2eid : nullptr, ws.tokens, scale, ws.ids, ws.wts, stream,
+                opt.pad_route ? ws.slot : nullptr, pool->pad_slot());   // padding rows as token 0 (router.h)
     if (trace(probe, trace_names::expert_ids, l, ws.ids, false, true, T, k)) {
         // The weights of the given experts: the hash path with a table of the forced ids.
         check(cudaMemcpyAsync(ws.forced_ids, ws.ids, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToDevice, stream),

@@ -49,6 +49,9 @@ struct RunnerOptions {
     bool    moe_small = true;          // 1-4 tokens: the routed experts through the two-launch
                                        // small-T path (cuda::moe_small_l1 / l2) where it applies
                                        // (runner.cpp says why there); off: moe_layer always
+    bool    pad_route = true;          // a decode graph's padding rows routed as token 0 (cuda::route's
+                                       // graph padding: no expert weights of their own); off: routed
+                                       // from their own logits, as before (to compare)
     int64_t moe_small_max_t = 4;       // ... at up to this many tokens (runner.cpp says why 4; the
                                        // small path itself stops at cuda::kMoeSmallMaxT and where the
                                        // plan does not fit, V4-Pro past 4)
