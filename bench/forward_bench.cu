@@ -39,8 +39,10 @@
 //   every linear), to compare. --no-lt-bf16: only its BF16 GEMM off (the bf16-input linears of
 //   steps of ≥ cuda::kLtBf16MinM tokens on megamoe's kernels; the official FP8 ones stay on cuBLASLt).
 // --no-moe-small: the routed experts through moe_layer at every batch (RunnerOptions::moe_small
-//   off), to compare with the two-launch small-T path (which the runner takes at 1-4 tokens).
-// --moe-small-max-t T: the small-T path at up to T tokens (RunnerOptions::moe_small_max_t), to compare.
+//   off), to compare with the two-launch small-T path (which the runner takes at 1-4 tokens, 1-8
+//   for NVFP4 experts in exact numerics).
+// --moe-small-max-t T: the small-T path at up to T tokens (RunnerOptions::moe_small_max_t; default
+//   the runner's rule), to compare.
 // --pad-route 0|1: a decode graph's padding rows routed as token 0 (1, the default) or from their own
 //   logits (0) (RunnerOptions::pad_route), to compare at batches between the graph buckets.
 // --fp8-act-max T, --lt-min-out N: official numerics, the FP8 × FP8 kernel (linear_fp8_act) at up to

@@ -225,7 +225,8 @@ Tile w4a8_tile(Tile automatic_choice);
 // moe_layer_small throws otherwise. Measured against moe_layer on an H200 (docs/bench-gemm.md,
 // "small-T path"): faster at T = 1 (V4-Flash NVFP4 46.2 against 54.0 µs), even at T = 2-4, slower
 // at T = 8; since then, on an H100 (2026-12-07), T = 3 / 4 111.2 / 134.9 against 135.8 / 164.4 µs;
-// the runner takes it at 1-4 tokens (runner.cpp says why).
+// the runner takes it at 1-4 tokens, and at 5-8 for NVFP4 experts in exact numerics (runner.cpp's
+// small_max_t says why).
 constexpr int64_t kMoeSmallMaxT = 8;       // one n8 MMA token tile
 constexpr int64_t kMoeSmallMaxSlots = 64;
 bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_t* x_bf16);

@@ -333,6 +333,7 @@ struct Runner::Impl {
     int64_t lt_launches = 0;  // of those, through cuBLASLt
     int64_t lt_bf16_launches = 0;   // bf16-input linears through cuBLASLt's BF16 GEMM
     int64_t idx_side_launches = 0;  // CSA indexer queries enqueued on side stream 2
+    int64_t moe_small_count = 0;    // MoE layers enqueued through the small-T expert path
     // cuBLASLt: its block-scaled FP8 GEMM for the FP8 linears of steps of ≥ cuda::kLtMinM tokens
     // (official numerics, RunnerOptions::lt_fp8), its BF16 GEMM for the bf16-input linears of steps
     // of ≥ cuda::kLtBf16MinM tokens (RunnerOptions::lt_bf16); null when neither can apply.
@@ -565,6 +566,22 @@ struct Runner::Impl {
     }
     cudaStream_t side_stream(int i = 0) const { return concurrent ? side[i] : stream; }
     bool official() const { return nm == Numerics::official; }
+    // The most tokens the routed experts take the small-T path at (RunnerOptions::moe_small_max_t,
+    // or where that is −1 the measured rule). 1-2 tokens first (H200, 2026-12-04), 3-4 since
+    // 2026-12-07 (H100; moe() has both measures). 5-8 tokens only for NVFP4 experts in exact
+    // numerics: NVIDIA H100 80GB HBM3, 8-layer V4-Flash, `megamoe-forward-bench --model flash
+    // --layers 8 --batches 5,6,7,8 --contexts 1024 --prefill 0 --steps 30 --experts E --numerics N
+    // --moe-small-max-t 8` against 4, alternated, three rounds, means: NVFP4 exact B = 5 / 6 / 7 / 8
+    // −3.4% / −3.5% / −3.8% / −4.0% per step; NVFP4 official +0.1% / +0.3% / +0.3% / −0.1%; MXFP4
+    // exact +1.6% / +0.3% / +0.8% / +3.0%; MXFP4 official +5.1% / +4.5% / +5.7% / +7.7%. (The layer
+    // alone, `megamoe-gemm-bench --part experts --model flash --T 5,6,7,8`, same call: NVFP4
+    // 195 / 226 / 262 / 291 µs → 169 / 196 / 229 / 254 with --moe-small, MXFP4 177 / 217 / 242 / 259
+    // → 172 / 199 / 232 / 258; in the step the shared expert runs beside L1, and the MXFP4 small L1
+    // gives up more to it.)
+    int64_t small_max_t(const cuda::DeviceExperts& e) const {
+        if (opt.moe_small_max_t >= 0) return opt.moe_small_max_t;
+        return e.format == LinearFormat::nvfp4 && !official() ? 8 : 4;
+    }
     // The input of w for the activation x: in official numerics a quantized (FP8 / FP4) linear
     // takes x FP8-rounded in 128-blocks (ops::linear_rounded), xq; every other one x itself.
     bool rounds_input(const cuda::DeviceLinear& w) const {
@@ -1121,6 +1138,9 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     cuda::route(ws.gate_logits, T, E, k, d.router == RouterKind::score ? d.gate_bias : nullptr,
                 d.router == RouterKind::hash ? d.tid2eid : nullptr, ws.tokens, scale, ws.ids, ws.wts, stream,
                 opt.pad_route ? ws.slot : nullptr, pool->pad_slot());   // padding rows as token 0 (router.h)
+    // (pad_route measured on an H100, 2026-12-07: 8-layer V4-Flash NVFP4 steps at batch 3 / 5 / 7 /
+    // 12 −9.0% / −6.7% / −5.8% / −3.9% exact, −8.6% / −6.3% / −5.4% / −3.8% official, 24 even;
+    // megamoe-forward-bench --pad-route 0|1, docs/bench-forward.md.)
     if (trace(probe, trace_names::expert_ids, l, ws.ids, false, true, T, k)) {
         // The weights of the given experts: the hash path with a table of the forced ids.
         check(cudaMemcpyAsync(ws.forced_ids, ws.ids, static_cast<size_t>(T * k) * 4, cudaMemcpyDeviceToDevice, stream),
@@ -1155,17 +1175,17 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
         mark("moe.experts");
         return;
     }
-    // The small-T path at up to RunnerOptions::moe_small_max_t = 4 tokens, where it measured faster
-    // end to end: at 1-2 tokens first (H200, megamoe-forward-bench --model flash --layers 20,
-    // docs/bench-gemm.md "small-T path": B = 1 / 2 exact 4472 / 5309 against 4494 / 5490 µs per
+    // The small-T path at up to small_max_t tokens (4, or 8 for NVFP4 experts in exact numerics),
+    // where it measured faster end to end: at 1-2 tokens first (H200, megamoe-forward-bench --model
+    // flash --layers 20, docs/bench-gemm.md "small-T path": B = 1 / 2 exact 4472 / 5309 against 4494 / 5490 µs per
     // step, official 4405 / 5288 against 4502 / 5357); at 3-4 tokens since 2026-12-07 (H100, 8-layer
     // V4-Flash, --moe-small-max-t 4 against 2, three rounds, means: NVFP4 exact B = 3 / 4 −7.1% /
     // −7.3%, official −4.0% / −4.3%; MXFP4 exact −3.7% / −3.3%, official −0.7% / −0.4%; 2-layer V4-Pro
-    // exact −5.8% / −6.0%; docs/bench-forward.md). Past 4 tokens not measured in the step (the layer
-    // alone was slower at T = 8 on an H200, 2026-12-04).
-    const bool small = opt.moe_small && T <= opt.moe_small_max_t && cuda::moe_small_fits(d.experts, T, k, xe);
+    // exact −5.8% / −6.0%; docs/bench-forward.md); at 5-8 tokens see small_max_t.
+    const bool small = opt.moe_small && T <= small_max_t(d.experts) && cuda::moe_small_fits(d.experts, T, k, xe);
     if (small) {
         // Few tokens: L1 reads its routing from ids, L2 combines and adds the shared expert itself.
+        ++moe_small_count;
         cuda::moe_small_l1(d.experts, limit, xe, ws.ids, ws.wts, T, moe_ws, stream, nm);
         join();
         cuda::moe_small_l2(d.experts, xe, ws.ids, T, ws.sh_out, ws.y, moe_ws, stream, nm);
@@ -1376,11 +1396,13 @@ void Runner::Impl::ep_experts(const DeviceLayer& d, dist::ExpertExchange& ex) {
     const int64_t k = cfg.num_experts_per_tok, rows = ex.rows();
     const float limit = static_cast<float>(cfg.swiglu_limit);
     // The small-T path where a rank computes about as many tokens as the single-GPU rule takes it
-    // for (T ≤ moe_small_max_t, see moe()): rows / world tokens' slots are local on average. Its L2
+    // for (T ≤ small_max_t, see moe()): rows / world tokens' slots are local on average. Its L2
     // writes the exchange's layout itself (slot rows or row sums), so neither the general path's
     // dispatch kernels nor the exchange's place kernel run. (Chosen from the single-GPU measurement; not
     // measured on several GPUs.)
-    if (opt.moe_small && rows <= opt.moe_small_max_t * ex.world() && cuda::moe_small_fits(d.experts, rows, k, ex.x_in())) {
+    if (opt.moe_small && rows <= small_max_t(d.experts) * ex.world() &&
+        cuda::moe_small_fits(d.experts, rows, k, ex.x_in())) {
+        ++moe_small_count;
         cuda::moe_small_l1(d.experts, limit, ex.x_in(), ex.local_in(), ex.wts_in(), rows, moe_ws_ep, stream, nm);
         cuda::moe_small_l2_placed(d.experts, ex.x_in(), ex.local_in(), rows, ex.places_slot_rows(), ex.placed(),
                                   moe_ws_ep, stream, nm);
@@ -1438,6 +1460,7 @@ int64_t Runner::fp8_linear_launches() const { return impl_->fp8_launches; }
 int64_t Runner::lt_linear_launches() const { return impl_->lt_launches; }
 int64_t Runner::lt_bf16_launches() const { return impl_->lt_bf16_launches; }
 int64_t Runner::indexer_side_launches() const { return impl_->idx_side_launches; }
+int64_t Runner::moe_small_launches() const { return impl_->moe_small_count; }
 CUstream_st* Runner::stream() const { return impl_->stream; }
 
 std::vector<std::pair<std::string, double>> Runner::profile_step(const std::vector<RunnerChunk>& chunks) {

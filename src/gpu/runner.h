@@ -46,15 +46,18 @@ struct RunnerOptions {
                                        // block also each slot's draft logits (speculative sampling)
     bool    side_stream = true;        // independent work (the kv latent, the compressors, the shared
                                        // expert) on a second stream beside the main chain
-    bool    moe_small = true;          // 1-4 tokens: the routed experts through the two-launch
+    bool    moe_small = true;          // few tokens: the routed experts through the two-launch
                                        // small-T path (cuda::moe_small_l1 / l2) where it applies
                                        // (runner.cpp says why there); off: moe_layer always
     bool    pad_route = true;          // a decode graph's padding rows routed as token 0 (cuda::route's
-                                       // graph padding: no expert weights of their own); off: routed
-                                       // from their own logits, as before (to compare)
-    int64_t moe_small_max_t = 4;       // ... at up to this many tokens (runner.cpp says why 4; the
-                                       // small path itself stops at cuda::kMoeSmallMaxT and where the
-                                       // plan does not fit, V4-Pro past 4)
+                                       // graph padding: no expert weights of their own; runner.cpp
+                                       // says what it measured); off: routed from their own logits,
+                                       // as before (to compare)
+    int64_t moe_small_max_t = -1;      // ... at up to this many tokens; −1: the measured rule
+                                       // (Runner::Impl::small_max_t: 8 for NVFP4 experts in exact
+                                       // numerics, else 4; runner.cpp says why). The small path
+                                       // itself stops at cuda::kMoeSmallMaxT and where the plan does
+                                       // not fit (V4-Pro past 4)
     bool    indexer_side = true;       // ≤ 16 tokens: a CSA layer's indexer queries on a third side
                                        // stream beside wq_b (with side_stream); off: the main stream
                                        // (runner.cpp says what it measured)
@@ -314,6 +317,9 @@ public:
     int64_t lt_bf16_launches() const;
     // CSA layers' indexer queries enqueued on side stream 2 (RunnerOptions::indexer_side).
     int64_t indexer_side_launches() const;
+    // MoE layers enqueued through the small-T expert path (RunnerOptions::moe_small, moe_small_max_t;
+    // a graph's first use counts its eager run and its capture).
+    int64_t moe_small_launches() const;
 
     // For benchmarks: set a slot's position without running its tokens (the state then holds
     // whatever the pool held: timing only), and the stream the runner works on.
