@@ -26,8 +26,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <numeric>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
