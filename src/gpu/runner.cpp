@@ -1177,11 +1177,12 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
     }
     // The small-T path at up to small_max_t tokens (4, or 8 for NVFP4 experts in exact numerics),
     // where it measured faster end to end: at 1-2 tokens first (H200, megamoe-forward-bench --model
-    // flash --layers 20, docs/bench-gemm.md "small-T path": B = 1 / 2 exact 4472 / 5309 against 4494 / 5490 µs per
-    // step, official 4405 / 5288 against 4502 / 5357); at 3-4 tokens since 2026-12-07 (H100, 8-layer
-    // V4-Flash, --moe-small-max-t 4 against 2, three rounds, means: NVFP4 exact B = 3 / 4 −7.1% /
-    // −7.3%, official −4.0% / −4.3%; MXFP4 exact −3.7% / −3.3%, official −0.7% / −0.4%; 2-layer V4-Pro
-    // exact −5.8% / −6.0%; docs/bench-forward.md); at 5-8 tokens see small_max_t.
+    // flash --layers 20, docs/bench-gemm.md "small-T path": B = 1 / 2 exact 4472 / 5309 against
+    // 4494 / 5490 µs per step, official 4405 / 5288 against 4502 / 5357); at 3-4 tokens since
+    // 2026-12-07 (H100, 8-layer V4-Flash, --moe-small-max-t 4 against 2, three rounds, means: NVFP4
+    // exact B = 3 / 4 −7.1% / −7.3%, official −4.0% / −4.3%; MXFP4 exact −3.7% / −3.3%, official
+    // −0.7% / −0.4%; 2-layer V4-Pro exact −5.8% / −6.0%; docs/bench-forward.md); at 5-8 tokens see
+    // small_max_t.
     const bool small = opt.moe_small && T <= small_max_t(d.experts) && cuda::moe_small_fits(d.experts, T, k, xe);
     if (small) {
         // Few tokens: L1 reads its routing from ids, L2 combines and adds the shared expert itself.
