@@ -1139,7 +1139,7 @@ void Runner::Impl::moe(const DeviceLayer& d, int64_t l, const Shape& s, const Pr
                 d.router == RouterKind::hash ? d.tid2eid : nullptr, ws.tokens, scale, ws.ids, ws.wts, stream,
                 opt.pad_route ? ws.slot : nullptr, pool->pad_slot());   // padding rows as token 0 (router.h)
     // (pad_route measured on an H100, 2026-12-07: 8-layer V4-Flash NVFP4 steps at batch 3 / 5 / 7 /
-    // 12 −9.0% / −6.7% / −5.8% / −3.9% exact, −8.6% / −6.3% / −5.4% / −3.8% official, 24 even;
+    // 12 −9.0% / −6.7% / −5.8% / −3.9% exact, −8.6% / −6.3% / −5.4% / −3.8% official;
     // megamoe-forward-bench --pad-route 0|1, docs/bench-forward.md.)
     if (trace(probe, trace_names::expert_ids, l, ws.ids, false, true, T, k)) {
         // The weights of the given experts: the hash path with a table of the forced ids.
