@@ -265,7 +265,7 @@ int main(int argc, char** argv) {
         int sample_parts = -1;   // -1: by the step's rows
         int hc_stage = -1;       // -1: RunnerOptions' default
         int64_t moe_small_max_t = -1;   // -1: RunnerOptions' default
-        int pad_route = 1;              // RunnerOptions::pad_route
+        int pad_route = -1;             // -1: RunnerOptions' default
         int64_t fp8_act_max = -1, lt_min_out = -1;   // -1: the runner's rule
         auto on_off = [](const std::string& flag, const std::string& v) {
             if (v != "0" && v != "1") fail(flag, " takes 0 or 1, not '", v, "'");
@@ -378,7 +378,7 @@ int main(int argc, char** argv) {
         ro.lt_bf16 = !no_lt && !no_lt_bf16;
         ro.moe_small = !no_moe_small;
         if (moe_small_max_t >= 0) ro.moe_small_max_t = moe_small_max_t;
-        ro.pad_route = pad_route != 0;
+        if (pad_route >= 0) ro.pad_route = pad_route == 1;
         if (idx_side >= 0) ro.indexer_side = idx_side == 1;
         ro.attn_wide = attn_wide;
         ro.attn_splits = attn_splits;

@@ -49,15 +49,15 @@ struct RunnerOptions {
     bool    moe_small = true;          // few tokens: the routed experts through the two-launch
                                        // small-T path (cuda::moe_small_l1 / l2) where it applies
                                        // (runner.cpp says why there); off: moe_layer always
-    bool    pad_route = true;          // a decode graph's padding rows routed as token 0 (cuda::route's
-                                       // graph padding: no expert weights of their own; runner.cpp
-                                       // says what it measured); off: routed from their own logits,
-                                       // as before (to compare)
     int64_t moe_small_max_t = -1;      // ... at up to this many tokens; −1: the measured rule
                                        // (Runner::Impl::small_max_t: 8 for NVFP4 experts in exact
                                        // numerics, else 4; runner.cpp says why). The small path
                                        // itself stops at cuda::kMoeSmallMaxT and where the plan does
                                        // not fit (V4-Pro past 4)
+    bool    pad_route = true;          // a decode graph's padding rows routed as token 0 (cuda::route's
+                                       // graph padding: no expert weights of their own; runner.cpp
+                                       // says what it measured); off: routed from their own logits,
+                                       // as before (to compare)
     bool    indexer_side = true;       // ≤ 16 tokens: a CSA layer's indexer queries on a third side
                                        // stream beside wq_b (with side_stream); off: the main stream
                                        // (runner.cpp says what it measured)
