@@ -2,9 +2,10 @@
 //
 // Two kernel families share the weight handling (packed checkpoint bytes in kernel order, decoded
 // in registers, never a dequantized copy) and the work decomposition below:
-//   tiled_kernel (mma.sync; the mma_* tiles): decode / few tokens per expert, and any M or K;
-//   wgmma_kernel (wgmma with A from registers; wgmma_256x128, wgmma_256x32): prefill and mid-size
-//     expert batches (described where it is defined), and wgmma_ws_kernel, the same tiles with a
+//   tiled_kernel (mma.sync; the mma_* tiles): decode / few tokens per expert, mid-size expert
+//     batches (mma_256x32: 12-48 rows per expert, T ≈ 512-2048 on V4-Flash), and any M or K;
+//   wgmma_kernel (wgmma with A from registers; wgmma_256x128, wgmma_256x32): prefill (described
+//     where it is defined), and wgmma_ws_kernel, the same tiles with a
 //     producer warpgroup (wgmma_ws_256x128: the grouped experts from T ≈ 4096). Tile choices:
 //     choose_dense / choose_grouped (measured). The dense wgmma path's buffers (permuted x, split-K partials) are the caller's
 //     GemmScratch; the grouped path's are in MoeLayerWorkspace. Nothing here allocates per call.
@@ -221,8 +222,12 @@ __device__ __forceinline__ void row_scales(const TiledParams& p, int row0, int r
         }
 }
 
+// CTAs per SM the register budget is held to: mma_256x32 needs at most 128 registers for two CTAs
+// per SM (ptxas gave its SwiGLU instances 130-134 unbounded: one CTA of 8 warps per SM).
+template <int NT, int WR, int WT> constexpr int tiled_min_ctas() { return NT == 4 && WR == 8 && WT == 1 ? 2 : 1; }
+
 template <LinearFormat F, int MT, int NT, int WR, int WT, int ST, int EPI>
-static __global__ void __launch_bounds__(WR * WT * 32, 1) tiled_kernel(const TiledParams p) {
+static __global__ void __launch_bounds__(WR * WT * 32, tiled_min_ctas<NT, WR, WT>()) tiled_kernel(const TiledParams p) {
     using L = TileLayout<F, MT, NT, WR, WT, ST>;
     constexpr int kThreads = L::kThreads;
     constexpr int kTStages = ST;
@@ -1441,7 +1446,11 @@ static __global__ void __launch_bounds__(1024) build_items_kernel(const int32_t*
     X(mma_256x64, 4, 4, 4, 2, 4) \
     X(mma_128x128, 4, 4, 2, 4, 4) \
     X(mma_128x128_nt8, 2, 8, 4, 2, 3)  /* NT = 8: half the decode work per MMA */ \
-    X(mma_256x128, 4, 8, 4, 2, 3)
+    X(mma_256x128, 4, 8, 4, 2, 3) \
+    X(mma_256x32, 2, 4, 8, 1, 3)       /* T ≈ 512-2048: 8 warps of 32 rows x 32 tokens, each decoded */ \
+                                       /* fragment feeding 4 token tiles; 2 CTAs per SM (16 warps). On an */ \
+                                       /* H100 a 4-stage ring and a 4-warp 128x32 tile were slower */ \
+                                       /* (choose_grouped) */
 
 constexpr TiledConfig kConfigs[] = {
 #define MEGAMOE_ROW(tile, mt, nt, wr, wt, st) {Tile::tile, #tile, mt, nt, wr, wt, (wr) * (mt) * 16, (wt) * (nt) * 8, st},
@@ -1476,8 +1485,8 @@ bool is_wg(Tile c) {
 // only (moe_w4a8_fits); everywhere else a call that names one runs f8_fallback's register-A tile of
 // the same token count (the same work list).
 bool is_f8(Tile c) { return c == Tile::wgmma_f8_128x128 || c == Tile::wgmma_f8_128x32; }
-// What a W4A8 tile runs as where it does not apply: the register-A tile of the same token count
-// that choose_grouped takes at that size.
+// What a W4A8 tile runs as where it does not apply: the register-A wgmma tile of the same token
+// count (the same work list).
 Tile f8_fallback(Tile c) { return c == Tile::wgmma_f8_128x32 ? Tile::wgmma_256x32 : Tile::wgmma_ws_256x128; }
 
 // A forced tile (or automatic) that names a shape; throws otherwise.
@@ -1670,13 +1679,20 @@ Tile choose_grouped(int64_t N, int64_t E, LinearFormat f) {
     const double mean = static_cast<double>(N) / static_cast<double>(std::min<int64_t>(E, std::max<int64_t>(N, 1)));
     // Measured with megamoe-gemm-bench --config on H100 and H200 (Flash and Pro, NVFP4):
     if (mean <= 12) return Tile::mma_128x8;       // T ≤ 256: stream the weights, 8-token tiles
-    // T ≈ 1024: wgmma, 32-token tiles (1.45x mma_128x16 on H100). MXFP4 at two CTAs per SM: NVIDIA
-    // H100 80GB HBM3, 2026-12-06, megamoe-gemm-bench --part experts --config wgmma_256x32 |
-    // wgmma_2cta_256x32 --no-check, one device call, µs per layer: MXFP4 Flash T = 512 / 1024 / 2048
-    // 2170.1 / 2413.2 / 4442.1 → 1983.3 / 2188.0 / 3998.5, Pro T = 1024 8331.5 → 7595.7 (-9% to
-    // -10%); NVFP4 Flash 1958.9 / 2223.0 / 4165.7 → 1981.7 / 2208.6 / 3905.2, but Pro T = 1024
-    // 7129.7 → 7616.5 (+6.8%), so NVFP4 keeps one CTA (why Pro NVFP4 lost was not analysed).
-    if (mean <= 48) return f == LinearFormat::mxfp4 ? Tile::wgmma_2cta_256x32 : Tile::wgmma_256x32;
+    // T ≈ 512-2048: 32-token tiles on mma.sync, 8 warps, two CTAs per SM. NVIDIA H100 80GB HBM3,
+    // 2026-12-07, megamoe-gemm-bench --part experts --format nvfp4,mxfp4 --T 512,1024,2048 --no-check
+    // --config C, one machine, µs per layer, wgmma_256x32 / wgmma_2cta_256x32 / mma_256x32:
+    //   Flash NVFP4 T = 512  1907.4 / 1941.9 / 1796.4,  1024  2198.9 / 2214.0 / 2081.0,  2048  4109.4 / 3862.8 / 3756.2
+    //   Flash MXFP4 T = 512  2100.8 / 1923.9 / 1764.7,  1024  2328.1 / 2164.5 / 2016.7,  2048  4340.1 / 3912.9 / 3615.3
+    //   Pro (T = 1024)  NVFP4 6916.9 / 7413.6 / 6888.9,  MXFP4 8034.2 / 7413.2 / 6720.8
+    // (the previous choice, wgmma_256x32 for NVFP4 and wgmma_2cta_256x32 for MXFP4: 5.4-9.3% slower,
+    // Pro NVFP4 even). Nsight Compute, Flash NVFP4 T = 1024, L1: the wgmma tile holds 2 warps per
+    // scheduler (one CTA of 8, 144 registers) and issues on 40% of the cycles with the tensor pipe
+    // 22% active; mma_256x32 holds 3.95 and issues on 54%, tensor pipe 37%, DRAM 51% of its peak
+    // (45%), its largest stall the math pipe's throttle (1.44 per issued instruction): the decode's
+    // latency was the limit, now partly the mma.sync pipe. It also needs no permuted copy of x
+    // (permute_x: 64 + 33 µs per layer at T = 1024 under ncu).
+    if (mean <= 48) return Tile::mma_256x32;
     // T ≥ 4096: wgmma, 128-token tiles, warp-specialized. H200, megamoe-gemm-bench --part experts --model
     // flash --config wgmma_256x128 | wgmma_ws_256x128, two rounds in one device call, whole layer µs:
     // NVFP4 T = 4096 4929.8 / 4919.1 against 4937.0 / 4930.2 (even), T = 16384 17432.8 / 17451.4 against
@@ -2153,7 +2169,7 @@ Tile moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return ch
 
 Tile w4a8_tile(Tile c) {
     if (c == Tile::wgmma_ws_256x128) return Tile::wgmma_f8_128x128;
-    if (c == Tile::wgmma_256x32 || c == Tile::wgmma_2cta_256x32) return Tile::wgmma_f8_128x32;
+    if (c == Tile::wgmma_256x32 || c == Tile::wgmma_2cta_256x32 || c == Tile::mma_256x32) return Tile::wgmma_f8_128x32;
     return c;
 }
 

@@ -46,15 +46,16 @@ enum class Tile : int8_t {
     mma_128x128,
     mma_128x128_nt8,   // NT = 8: half the decode work per MMA; the grouped fallback without wgmma
     mma_256x128,       // the dense fallback when wgmma cannot run (K not whole steps, no scratch)
+    mma_256x32,        // T ≈ 512-2048 experts: 8 warps of 32 rows × 32 tokens, two CTAs per SM
     wgmma_256x128,     // prefill: each weight decoded once per 128 tokens; split-K fills the GPU
-    wgmma_256x32,      // mid-size expert batches: more weight bytes in flight per token
+    wgmma_256x32,      // mid-size expert batches (the choice until 2026-12-07; now mma_256x32)
     wgmma_ws_256x128,  // wgmma_256x128 with a producer warpgroup and mbarriers (no CTA barrier per step)
     wgmma_ws_256x32,   // wgmma_256x32, likewise
     wgmma_f8_128x128,  // W4A8: MXFP4 experts × FP8 activations on the FP8 tensor core, official numerics
                        // only (moe_w4a8_fits); elsewhere it runs as wgmma_ws_256x128. Measured slower (gemm.cu).
     wgmma_f8_128x32,   // the same for 32 tokens per tile (T ≈ 1024); elsewhere it runs as wgmma_256x32
     wgmma_2cta_256x32, // wgmma_256x32 at two CTAs per SM (a 4-stage ring each): one CTA's ring fill and
-                       // epilogue overlap the other's steps; the MXFP4 choice at T ≈ 512-2048 (gemm.cu)
+                       // epilogue overlap the other's steps (the MXFP4 choice at T ≈ 512-2048 until mma_256x32)
 };
 
 // A kernel shape: a CTA of wr·wt warps covers `rows` weight rows × `tokens` tokens per tile.
@@ -211,8 +212,8 @@ void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, fl
 // Σ|w·h|). Otherwise those tiles run as wgmma_ws_256x128 / wgmma_256x32.
 bool moe_w4a8_fits(const DeviceExperts& ex, Numerics nm);
 // The W4A8 tile for a tile the automatic choice took: wgmma_ws_256x128 → wgmma_f8_128x128,
-// wgmma_256x32 or wgmma_2cta_256x32 → wgmma_f8_128x32; any other tile stays (the mma.sync tiles of
-// fewer rows per expert).
+// wgmma_256x32, wgmma_2cta_256x32 or mma_256x32 → wgmma_f8_128x32; any other tile stays (the
+// mma.sync tiles of fewer rows per expert).
 Tile w4a8_tile(Tile automatic_choice);
 
 // The small-T path (moe_small.cu): two launches that read their routing straight from ids (no

@@ -1071,6 +1071,27 @@ TEST(CudaMoeLayer, RejectsNon4BitExperts) {
 // A model's experts planned in a counting arena (host only: the checks and the counting run
 // without a GPU), then placed in a real arena of the counted size: the same layer, bit for bit,
 // as experts in their own allocation.
+// The automatic tile by mean rows per expert (host only: experts planned in a counting arena):
+// mma_128x8 up to 12, mma_256x32 up to 48 (both formats, measured: choose_grouped), the
+// warp-specialized wgmma tile above; the W4A8 option maps the 32-token tile to its FP8 twin.
+TEST(CudaMoeLayer, AutomaticTileByRowsPerExpert) {
+    const int64_t D = 256, I = 128, E = 8, k = 6;
+    for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        const HostExperts hx = make_experts(f, E, D, I, 71000);
+        cuda::DeviceArena plan;
+        cuda::DeviceExperts ex(hx.experts, plan);
+        // T·k / E rows per expert: 16 → 12, 17 → 12.75, 64 → 48, 65 → 48.75.
+        EXPECT_EQ(cuda::moe_layer_config(ex, 1, k), cuda::Tile::mma_128x8) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 16, k), cuda::Tile::mma_128x8) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 17, k), cuda::Tile::mma_256x32) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 64, k), cuda::Tile::mma_256x32) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 65, k), cuda::Tile::wgmma_ws_256x128) << fmt_name(f);
+    }
+    EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_256x32), cuda::Tile::wgmma_f8_128x32);
+    EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::wgmma_ws_256x128), cuda::Tile::wgmma_f8_128x128);
+    EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_128x8), cuda::Tile::mma_128x8);
+}
+
 TEST(CudaMoeLayer, ExpertsPlanAndPlaceInAnArena) {
     const int64_t D = 256, I = 128, E = 8, k = 6;
     const HostExperts hx = make_experts(LinearFormat::mxfp4, E, D, I, 70000);
