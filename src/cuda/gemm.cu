@@ -223,7 +223,7 @@ __device__ __forceinline__ void row_scales(const TiledParams& p, int row0, int r
 }
 
 // CTAs per SM the register budget is held to: mma_256x32 needs at most 128 registers for two CTAs
-// per SM (ptxas gave its SwiGLU instances 130-134 unbounded: one CTA of 8 warps per SM).
+// per SM (unbounded, ptxas gave its NVFP4 SwiGLU instance 131 and its FP8 ones 132: one CTA per SM).
 template <int NT, int WR, int WT> constexpr int tiled_min_ctas() { return NT == 4 && WR == 8 && WT == 1 ? 2 : 1; }
 
 template <LinearFormat F, int MT, int NT, int WR, int WT, int ST, int EPI>
