@@ -1068,9 +1068,6 @@ TEST(CudaMoeLayer, RejectsNon4BitExperts) {
     }
 }
 
-// A model's experts planned in a counting arena (host only: the checks and the counting run
-// without a GPU), then placed in a real arena of the counted size: the same layer, bit for bit,
-// as experts in their own allocation.
 // The automatic tile by mean rows per expert (host only: experts planned in a counting arena):
 // mma_128x8 up to 12, mma_256x32 up to 48 (both formats, measured: choose_grouped), the
 // warp-specialized wgmma tile above; the W4A8 option maps the 32-token tile to its FP8 twin.
@@ -1092,6 +1089,9 @@ TEST(CudaMoeLayer, AutomaticTileByRowsPerExpert) {
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_128x8), cuda::Tile::mma_128x8);
 }
 
+// A model's experts planned in a counting arena (host only: the checks and the counting run
+// without a GPU), then placed in a real arena of the counted size: the same layer, bit for bit,
+// as experts in their own allocation.
 TEST(CudaMoeLayer, ExpertsPlanAndPlaceInAnArena) {
     const int64_t D = 256, I = 128, E = 8, k = 6;
     const HostExperts hx = make_experts(LinearFormat::mxfp4, E, D, I, 70000);
