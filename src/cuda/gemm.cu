@@ -1685,8 +1685,8 @@ Tile choose_grouped(int64_t N, int64_t E, LinearFormat f) {
     //   Flash NVFP4 T = 512  1907.4 / 1941.9 / 1796.4,  1024  2198.9 / 2214.0 / 2081.0,  2048  4109.4 / 3862.8 / 3756.2
     //   Flash MXFP4 T = 512  2100.8 / 1923.9 / 1764.7,  1024  2328.1 / 2164.5 / 2016.7,  2048  4340.1 / 3912.9 / 3615.3
     //   Pro (T = 1024)  NVFP4 6916.9 / 7413.6 / 6888.9,  MXFP4 8034.2 / 7413.2 / 6720.8
-    // (the previous choice, wgmma_256x32 for NVFP4 and wgmma_2cta_256x32 for MXFP4: 5.4-9.3% slower,
-    // Pro NVFP4 even). Nsight Compute, Flash NVFP4 T = 1024, L1: the wgmma tile holds 2 warps per
+    // (the previous choice, wgmma_256x32 for NVFP4 and wgmma_2cta_256x32 for MXFP4, 5.4-9.3% slower at
+    // T = 1024 and 2048, Pro NVFP4 even; T = 512, 12 rows per expert, stays on mma_128x8 above). Nsight Compute, Flash NVFP4 T = 1024, L1: the wgmma tile holds 2 warps per
     // scheduler (one CTA of 8, 144 registers) and issues on 40% of the cycles with the tensor pipe
     // 22% active; mma_256x32 holds 3.95 and issues on 54%, tensor pipe 37%, DRAM 51% of its peak
     // (45%), its largest stall the math pipe's throttle (1.44 per issued instruction): the decode's
