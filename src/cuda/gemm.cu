@@ -222,12 +222,15 @@ __device__ __forceinline__ void row_scales(const TiledParams& p, int row0, int r
         }
 }
 
-// CTAs per SM the register budget is held to: mma_256x32 needs at most 128 registers for two CTAs
-// per SM (unbounded, ptxas gave its NVFP4 SwiGLU instance 131 and its FP8 ones 132: one CTA per SM).
-template <int NT, int WR, int WT> constexpr int tiled_min_ctas() { return NT == 4 && WR == 8 && WT == 1 ? 2 : 1; }
+// CTAs per SM the register budget is held to: mma_256x32 (MT 2, NT 4, 8 × 1 warps) needs at most
+// 128 registers for two CTAs per SM (unbounded, ptxas gave its NVFP4 SwiGLU instance 131 and its
+// FP8 ones 132: one CTA per SM); every other shape keeps 1.
+template <int MT, int NT, int WR, int WT> constexpr int tiled_min_ctas() {
+    return MT == 2 && NT == 4 && WR == 8 && WT == 1 ? 2 : 1;
+}
 
 template <LinearFormat F, int MT, int NT, int WR, int WT, int ST, int EPI>
-static __global__ void __launch_bounds__(WR * WT * 32, tiled_min_ctas<NT, WR, WT>()) tiled_kernel(const TiledParams p) {
+static __global__ void __launch_bounds__(WR * WT * 32, tiled_min_ctas<MT, NT, WR, WT>()) tiled_kernel(const TiledParams p) {
     using L = TileLayout<F, MT, NT, WR, WT, ST>;
     constexpr int kThreads = L::kThreads;
     constexpr int kTStages = ST;
@@ -1675,7 +1678,7 @@ Tile choose_dense(int64_t N, int64_t M, int64_t groups, bool wgmma_ok) {
 }
 
 // Tile for the grouped expert GEMMs from the mean rows per expert (no device sync).
-Tile choose_grouped(int64_t N, int64_t E, LinearFormat f) {
+Tile choose_grouped(int64_t N, int64_t E) {   // the same rule for NVFP4 and MXFP4 (measured)
     const double mean = static_cast<double>(N) / static_cast<double>(std::min<int64_t>(E, std::max<int64_t>(N, 1)));
     // Measured with megamoe-gemm-bench --config on H100 and H200 (Flash and Pro, NVFP4):
     if (mean <= 12) return Tile::mma_128x8;       // T ≤ 256: stream the weights, 8-token tiles
@@ -1686,9 +1689,9 @@ Tile choose_grouped(int64_t N, int64_t E, LinearFormat f) {
     //   Flash MXFP4 T = 512  2100.8 / 1923.9 / 1764.7,  1024  2328.1 / 2164.5 / 2016.7,  2048  4340.1 / 3912.9 / 3615.3
     //   Pro (T = 1024)  NVFP4 6916.9 / 7413.6 / 6888.9,  MXFP4 8034.2 / 7413.2 / 6720.8
     // (the previous choice, wgmma_256x32 for NVFP4 and wgmma_2cta_256x32 for MXFP4, 5.4-9.3% slower at
-    // T = 1024 and 2048, Pro NVFP4 even; T = 512, 12 rows per expert, stays on mma_128x8 above). Nsight Compute, Flash NVFP4 T = 1024, L1: the wgmma tile holds 2 warps per
-    // scheduler (one CTA of 8, 144 registers) and issues on 40% of the cycles with the tensor pipe
-    // 22% active; mma_256x32 holds 3.95 and issues on 54%, tensor pipe 37%, DRAM 51% of its peak
+    // T = 1024 and 2048, Pro NVFP4 even; T = 512, 12 rows per expert, stays on mma_128x8 above).
+    // Nsight Compute, Flash NVFP4 T = 1024, L1: the wgmma tile holds 2 warps per scheduler (one CTA
+    // of 8, 144 registers) and issues on 40% of the cycles with the tensor pipe 22% active; mma_256x32 holds 3.95 and issues on 54%, tensor pipe 37%, DRAM 51% of its peak
     // (45%), its largest stall the math pipe's throttle (1.44 per issued instruction): the decode's
     // latency was the limit, now partly the mma.sync pipe. It also needs no permuted copy of x
     // (permute_x: 64 + 33 µs per layer at T = 1024 under ncu).
@@ -2028,7 +2031,7 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     MEGAMOE_CHECK(N >= 0 && N <= ws.dispatch.T_max * ws.dispatch.k, "moe_l", l1 ? 1 : 2, ": ", N,
                   " rows exceed the workspace (", ws.dispatch.T_max * ws.dispatch.k, ")");
     if (N == 0) return;
-    Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E, ex.format);
+    Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
     if (is_f8(c) && x8 == nullptr) c = f8_fallback(c);   // same token tile: the same work list
     const DeviceLinear& w = l1 ? ex.w1[0] : ex.w2[0];
     const uint16_t* x = l1 ? ws.dispatch.xs.data() : ws.h.data();
@@ -2109,7 +2112,7 @@ void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, c
                   ws.dispatch.T_max);
     if (T == 0) return;
     const int64_t N = T * ws.dispatch.k;
-    Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E, ex.format);
+    Tile c = tile != Tile::automatic ? tile : choose_grouped(N, ex.E);
     const bool w4a8 = is_f8(c) && moe_w4a8_fits(ex, nm);
     if (is_f8(c) && !w4a8) c = f8_fallback(c);
     // The W4A8 tile's inputs as codes and scales, in ws.xp (room: 2·N·max(D, I) bytes hold N·K codes
@@ -2165,7 +2168,7 @@ void moe_layer(const DeviceExperts& ex, float limit, const uint16_t* x, const in
     moe_layer_combine(ws, T, shared, y, stream);
 }
 
-Tile moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return choose_grouped(T * k, ex.E, ex.format); }
+Tile moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return choose_grouped(T * k, ex.E); }
 
 Tile w4a8_tile(Tile c) {
     if (c == Tile::wgmma_ws_256x128) return Tile::wgmma_f8_128x128;
