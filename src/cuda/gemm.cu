@@ -1680,8 +1680,22 @@ Tile choose_dense(int64_t N, int64_t M, int64_t groups, bool wgmma_ok) {
 // Tile for the grouped expert GEMMs from the mean rows per expert (no device sync).
 Tile choose_grouped(int64_t N, int64_t E) {   // the same rule for NVFP4 and MXFP4 (measured)
     const double mean = static_cast<double>(N) / static_cast<double>(std::min<int64_t>(E, std::max<int64_t>(N, 1)));
-    // Measured with megamoe-gemm-bench --config on H100 and H200 (Flash and Pro, NVFP4):
-    if (mean <= 12) return Tile::mma_128x8;       // T ≤ 256: stream the weights, 8-token tiles
+    // Up to 12 rows per expert: stream the weights, 8- or 16-token tiles on mma.sync (4 warps). NVIDIA
+    // H100 80GB HBM3, 2026-12-07, one machine, megamoe-gemm-bench --part experts --format nvfp4,mxfp4
+    // --no-check --config C, µs per layer NVFP4 | MXFP4, mma_128x8 / mma_128x16 / mma_256x32, (rows per expert):
+    //   Flash T = 192 (4.5)   1485 / 1581 / 1726 | 1301 / 1439 / 1698
+    //   Flash T = 256 (6)     1529 / 1633 / 1794 | 1365 / 1537 / 1746
+    //   Flash T = 320 (7.5)   1644 / 1663 / 1795 | 1581 / 1509 / 1763
+    //   Pro   T = 512 (8)     6704 / 6317 / 6506 | 6226 / 5937 / 6247
+    //   Flash T = 384 (9)     1879 / 1676 / 1800 | 1822 / 1564 / 1761
+    //   Flash T = 448 (10.5)  2119 / 1724 / 1836 | 2069 / 1629 / 1779
+    //   Flash T = 512 (12)    2300 / 1816 / 1844 | 2251 / 1707 / 1775
+    //   Pro   T = 768 (12)   10103 / 7863 / 8078 | 10076 / 7504 / 7824
+    //   Flash T = 576 (13.5)  2519 / 1913 / 1848 | 2465 / 1811 / 1794
+    //   Flash T = 640 (15)    2621 / 2082 / 1871 | 2584 / 1990 / 1816
+    // (before: mma_128x8 up to 12 rows, 27% slower than mma_128x16 at Flash T = 512).
+    if (mean <= 7) return Tile::mma_128x8;
+    if (mean <= 12) return Tile::mma_128x16;
     // T ≈ 512-2048: 32-token tiles on mma.sync, 8 warps, two CTAs per SM. NVIDIA H100 80GB HBM3,
     // 2026-12-07, megamoe-gemm-bench --part experts --format nvfp4,mxfp4 --T 512,1024,2048 --no-check
     // --config C, one machine, µs per layer, wgmma_256x32 / wgmma_2cta_256x32 / mma_256x32:
@@ -1689,7 +1703,7 @@ Tile choose_grouped(int64_t N, int64_t E) {   // the same rule for NVFP4 and MXF
     //   Flash MXFP4 T = 512  2100.8 / 1923.9 / 1764.7,  1024  2328.1 / 2164.5 / 2016.7,  2048  4340.1 / 3912.9 / 3615.3
     //   Pro (T = 1024)  NVFP4 6916.9 / 7413.6 / 6888.9,  MXFP4 8034.2 / 7413.2 / 6720.8
     // (the previous choice, wgmma_256x32 for NVFP4 and wgmma_2cta_256x32 for MXFP4, 5.4-9.3% slower at
-    // T = 1024 and 2048, Pro NVFP4 even; T = 512, 12 rows per expert, stays on mma_128x8 above).
+    // T = 1024 and 2048, Pro NVFP4 even; T = 512, 12 rows per expert, takes mma_128x16 above).
     // Nsight Compute, Flash NVFP4 T = 1024, L1: the wgmma tile holds 2 warps per scheduler (one CTA
     // of 8, 144 registers) and issues on 40% of the cycles with the tensor pipe 22% active; mma_256x32 holds 3.95 and issues on 54%, tensor pipe 37%, DRAM 51% of its peak
     // (45%), its largest stall the math pipe's throttle (1.44 per issued instruction): the decode's

@@ -1077,9 +1077,11 @@ TEST(CudaMoeLayer, AutomaticTileByRowsPerExpert) {
         const HostExperts hx = make_experts(f, E, D, I, 71000);
         cuda::DeviceArena plan;
         cuda::DeviceExperts ex(hx.experts, plan);
-        // T·k / E rows per expert: 16 → 12, 17 → 12.75, 64 → 48, 65 → 48.75.
+        // T·k / E rows per expert: 9 → 6.75, 10 → 7.5, 16 → 12, 17 → 12.75, 64 → 48, 65 → 48.75.
         EXPECT_EQ(cuda::moe_layer_config(ex, 1, k), cuda::Tile::mma_128x8) << fmt_name(f);
-        EXPECT_EQ(cuda::moe_layer_config(ex, 16, k), cuda::Tile::mma_128x8) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 9, k), cuda::Tile::mma_128x8) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 10, k), cuda::Tile::mma_128x16) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 16, k), cuda::Tile::mma_128x16) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 17, k), cuda::Tile::mma_256x32) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 64, k), cuda::Tile::mma_256x32) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 65, k), cuda::Tile::wgmma_ws_256x128) << fmt_name(f);
@@ -1087,6 +1089,7 @@ TEST(CudaMoeLayer, AutomaticTileByRowsPerExpert) {
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_256x32), cuda::Tile::wgmma_f8_128x32);
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::wgmma_ws_256x128), cuda::Tile::wgmma_f8_128x128);
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_128x8), cuda::Tile::mma_128x8);
+    EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_128x16), cuda::Tile::mma_128x16);
 }
 
 // A model's experts planned in a counting arena (host only: the checks and the counting run
