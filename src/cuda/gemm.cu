@@ -1445,7 +1445,7 @@ static __global__ void __launch_bounds__(1024) build_items_kernel(const int32_t*
     X(mma_128x8, 2, 1, 4, 1, 3)        /* 4 warps: decode, few tokens per expert; no duplicate decode. */ \
                                        /* 3 stages: 5 CTAs (20 warps) per SM; 6 stages (2 CTAs) was 15-20% */ \
                                        /* slower on H200 (instruction-issue bound, more warps hide more latency) */ \
-    X(mma_128x16, 2, 2, 4, 1, 4)       /* 4 warps */ \
+    X(mma_128x16, 2, 2, 4, 1, 4)       /* 4 warps; experts at 7-12 rows each (choose_grouped) */ \
     X(mma_256x64, 4, 4, 4, 2, 4) \
     X(mma_128x128, 4, 4, 2, 4, 4) \
     X(mma_128x128_nt8, 2, 8, 4, 2, 3)  /* NT = 8: half the decode work per MMA */ \
