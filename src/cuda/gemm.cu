@@ -3,10 +3,11 @@
 // Two kernel families share the weight handling (packed checkpoint bytes in kernel order, decoded
 // in registers, never a dequantized copy) and the work decomposition below:
 //   tiled_kernel (mma.sync; the mma_* tiles): decode / few tokens per expert, mid-size expert
-//     batches (mma_256x32: 12-48 rows per expert, T ≈ 512-2048 on V4-Flash), and any M or K;
+//     batches (mma_128x16 / mma_256x32: 7-12 / 12-60 rows per expert, T ≈ 320-2560 on V4-Flash),
+//     and any M or K;
 //   wgmma_kernel (wgmma with A from registers; wgmma_256x128, wgmma_256x32): prefill (described
 //     where it is defined), and wgmma_ws_kernel, the same tiles with a
-//     producer warpgroup (wgmma_ws_256x128: the grouped experts from T ≈ 4096). Tile choices:
+//     producer warpgroup (wgmma_ws_256x128: the grouped experts from T ≈ 2816). Tile choices:
 //     choose_dense / choose_grouped (measured). The dense wgmma path's buffers (permuted x, split-K partials) are the caller's
 //     GemmScratch; the grouped path's are in MoeLayerWorkspace. Nothing here allocates per call.
 // A third, wgmma_f8_kernel (wgmma_f8_128x128, wgmma_f8_128x32: MXFP4 experts × FP8 activation codes
@@ -1709,8 +1710,14 @@ Tile choose_grouped(int64_t N, int64_t E) {   // the same rule for NVFP4 and MXF
     // (45%), its largest stall the math pipe's throttle (1.44 per issued instruction): the decode's
     // latency was the limit, now partly the mma.sync pipe. It also needs no permuted copy of x
     // (permute_x: 64 + 33 µs per layer at T = 1024 under ncu).
-    if (mean <= 48) return Tile::mma_256x32;
-    // T ≥ 4096: wgmma, 128-token tiles, warp-specialized. H200, megamoe-gemm-bench --part experts --model
+    // Its upper edge: the same H100 kind, 2026-12-07, NVFP4 | MXFP4, mma_256x32 against wgmma_ws_256x128
+    // (rows per expert): Flash T = 2048 (48) 3725.7 | 3594.1 against 4204.3 | 4114.1, 2304 (54) 3840.3 |
+    // 3746.8 against 4293.2 | 4210.6, 2560 (60) 4235.8 | 4188.4 against 4320.4 | 4228.0, 2816 (66)
+    // 4739.6 | 4566.2 against 4494.8 | 4398.6, 3072 (72) 5152.3 | 5007.0 against 4580.8 | 4465.2;
+    // Pro T = 2048 (32) 10097.5 | 9853.3 against 14578.2 | 14584.9, 4096 (64) 17007.4 | 16663.3 against
+    // 15713.5 | 15576.3. (mma_256x64 and mma_256x128 were slower than one of the two in every row.)
+    if (mean <= 60) return Tile::mma_256x32;
+    // T ≥ 2816 on V4-Flash: wgmma, 128-token tiles, warp-specialized. H200, megamoe-gemm-bench --part experts --model
     // flash --config wgmma_256x128 | wgmma_ws_256x128, two rounds in one device call, whole layer µs:
     // NVFP4 T = 4096 4929.8 / 4919.1 against 4937.0 / 4930.2 (even), T = 16384 17432.8 / 17451.4 against
     // 16899.8 / 16894.1 (-3.1%); MXFP4 T = 4096 4956.7 / 4971.6 against 4794.8 / 4785.5 (-3.5%), T = 16384

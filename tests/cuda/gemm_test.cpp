@@ -1077,14 +1077,14 @@ TEST(CudaMoeLayer, AutomaticTileByRowsPerExpert) {
         const HostExperts hx = make_experts(f, E, D, I, 71000);
         cuda::DeviceArena plan;
         cuda::DeviceExperts ex(hx.experts, plan);
-        // T·k / E rows per expert: 9 → 6.75, 10 → 7.5, 16 → 12, 17 → 12.75, 64 → 48, 65 → 48.75.
+        // T·k / E rows per expert: 9 → 6.75, 10 → 7.5, 16 → 12, 17 → 12.75, 80 → 60, 81 → 60.75.
         EXPECT_EQ(cuda::moe_layer_config(ex, 1, k), cuda::Tile::mma_128x8) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 9, k), cuda::Tile::mma_128x8) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 10, k), cuda::Tile::mma_128x16) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 16, k), cuda::Tile::mma_128x16) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 17, k), cuda::Tile::mma_256x32) << fmt_name(f);
-        EXPECT_EQ(cuda::moe_layer_config(ex, 64, k), cuda::Tile::mma_256x32) << fmt_name(f);
-        EXPECT_EQ(cuda::moe_layer_config(ex, 65, k), cuda::Tile::wgmma_ws_256x128) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 80, k), cuda::Tile::mma_256x32) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 81, k), cuda::Tile::wgmma_ws_256x128) << fmt_name(f);
     }
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_256x32), cuda::Tile::wgmma_f8_128x32);
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::wgmma_ws_256x128), cuda::Tile::wgmma_f8_128x128);
