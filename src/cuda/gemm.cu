@@ -3,7 +3,7 @@
 // Two kernel families share the weight handling (packed checkpoint bytes in kernel order, decoded
 // in registers, never a dequantized copy) and the work decomposition below:
 //   tiled_kernel (mma.sync; the mma_* tiles): decode / few tokens per expert, mid-size expert
-//     batches (mma_128x16 / mma_256x32: 7-12 / 12-60 rows per expert, T ≈ 320-2560 on V4-Flash),
+//     batches (mma_128x16 / mma_256x32 / mma_256x48: 7-60 rows per expert, T ≈ 320-2560 on V4-Flash),
 //     and any M or K;
 //   wgmma_kernel (wgmma with A from registers; wgmma_256x128, wgmma_256x32): prefill (described
 //     where it is defined), and wgmma_ws_kernel, the same tiles with a
@@ -225,9 +225,10 @@ __device__ __forceinline__ void row_scales(const TiledParams& p, int row0, int r
 
 // CTAs per SM the register budget is held to: mma_256x32 (MT 2, NT 4, 8 × 1 warps) needs at most
 // 128 registers for two CTAs per SM (unbounded, ptxas gave its NVFP4 SwiGLU instance 131 and its
-// FP8 ones 132: one CTA per SM); every other shape keeps 1.
+// FP8 ones 132: one CTA per SM); mma_256x48 (NT 6) is held to the same and spills a little (measured
+// faster than at one CTA per SM, choose_grouped); every other shape keeps 1.
 template <int MT, int NT, int WR, int WT> constexpr int tiled_min_ctas() {
-    return MT == 2 && NT == 4 && WR == 8 && WT == 1 ? 2 : 1;
+    return MT == 2 && (NT == 4 || NT == 6) && WR == 8 && WT == 1 ? 2 : 1;
 }
 
 template <LinearFormat F, int MT, int NT, int WR, int WT, int ST, int EPI>
@@ -1451,10 +1452,14 @@ static __global__ void __launch_bounds__(1024) build_items_kernel(const int32_t*
     X(mma_128x128, 4, 4, 2, 4, 4) \
     X(mma_128x128_nt8, 2, 8, 4, 2, 3)  /* NT = 8: half the decode work per MMA */ \
     X(mma_256x128, 4, 8, 4, 2, 3) \
-    X(mma_256x32, 2, 4, 8, 1, 3)       /* T ≈ 512-2048: 8 warps of 32 rows x 32 tokens, each decoded */ \
+    X(mma_256x32, 2, 4, 8, 1, 3)       /* 12-31, 49-60 rows per expert: 8 warps of 32 rows x 32 tokens, each decoded */ \
                                        /* fragment feeding 4 token tiles; 2 CTAs per SM (16 warps). On an */ \
                                        /* H100 a 4-stage ring and a 4-warp 128x32 tile were slower */ \
-                                       /* (choose_grouped) */
+                                       /* (choose_grouped) */ \
+    X(mma_256x48, 2, 6, 8, 1, 3)       /* 31-48 rows per expert: one 48-token tile where mma_256x32 */ \
+                                       /* needs two. Held to 128 registers for two CTAs per SM it spills */ \
+                                       /* (ptxas: 32-68 spill stores per instance); at one CTA per SM */ \
+                                       /* with 4 stages it was slower still (choose_grouped) */
 
 constexpr TiledConfig kConfigs[] = {
 #define MEGAMOE_ROW(tile, mt, nt, wr, wt, st) {Tile::tile, #tile, mt, nt, wr, wt, (wr) * (mt) * 16, (wt) * (nt) * 8, st},
@@ -1716,6 +1721,17 @@ Tile choose_grouped(int64_t N, int64_t E) {   // the same rule for NVFP4 and MXF
     // 4739.6 | 4566.2 against 4494.8 | 4398.6, 3072 (72) 5152.3 | 5007.0 against 4580.8 | 4465.2;
     // Pro T = 2048 (32) 10097.5 | 9853.3 against 14578.2 | 14584.9, 4096 (64) 17007.4 | 16663.3 against
     // 15713.5 | 15576.3. (mma_256x64 and mma_256x128 were slower than one of the two in every row.)
+    // 31-48 rows per expert: 48-token tiles, where most experts need two 32-token tiles (decoding
+    // their weights twice). Same H100 kind, 2026-12-07, one machine, NVFP4 | MXFP4, mma_256x32 against
+    // mma_256x48 (rows per expert): Flash T = 1024 (24) 1960.6 | 1968.1 against 2464.0 | 2444.1,
+    // 1152 (27) 2182.2 | 2089.9 against 2500.6 | 2470.1, 1280 (30) 2506.0 | 2414.9 against 2556.5 |
+    // 2502.5, 1408 (33) 2966.9 | 2820.9 against 2555.8 | 2593.4, 1536 (36) 3174.3 | 3055.8 against
+    // 2692.9 | 2541.2, 2048 (48) 3694.7 | 3560.5 against 3387.3 | 3469.2, 2304 (54) 3919.4 | 3804.4
+    // against 4186.7 | 4197.5, 2560 (60) 4164.5 | 4109.2 against 4505.5 | 4524.0; Pro T = 2048 (32)
+    // 10062.2 | 9734.3 against 9206.2 | 9268.2, 3072 (48) 13720.1 | 13219.1 against 13241.9 | 13388.8.
+    // From 49 rows both tiles need two per expert, and the narrower one wastes fewer MMAs.
+    if (mean <= 31) return Tile::mma_256x32;
+    if (mean <= 48) return Tile::mma_256x48;
     if (mean <= 60) return Tile::mma_256x32;
     // T ≥ 2816 on V4-Flash: wgmma, 128-token tiles, warp-specialized. H200, megamoe-gemm-bench --part experts --model
     // flash --config wgmma_256x128 | wgmma_ws_256x128, two rounds in one device call, whole layer µs:
@@ -2193,7 +2209,8 @@ Tile moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return ch
 
 Tile w4a8_tile(Tile c) {
     if (c == Tile::wgmma_ws_256x128) return Tile::wgmma_f8_128x128;
-    if (c == Tile::wgmma_256x32 || c == Tile::wgmma_2cta_256x32 || c == Tile::mma_256x32) return Tile::wgmma_f8_128x32;
+    if (c == Tile::wgmma_256x32 || c == Tile::wgmma_2cta_256x32 || c == Tile::mma_256x32 || c == Tile::mma_256x48)
+        return Tile::wgmma_f8_128x32;
     return c;
 }
 

@@ -41,12 +41,14 @@ namespace megamoe::cuda {
 enum class Tile : int8_t {
     automatic = -1,    // chosen per call: from M (dense), from the mean rows per expert (grouped)
     mma_128x8 = 0,     // decode, few tokens per expert: 4 warps, no duplicate decode, 5 CTAs per SM
-    mma_128x16,        // 4 warps, each decoded fragment used for two token tiles
+    mma_128x16,        // 4 warps, each decoded fragment used for two token tiles; experts at 7-12 rows each
     mma_256x64,
     mma_128x128,
     mma_128x128_nt8,   // NT = 8: half the decode work per MMA; the grouped fallback without wgmma
     mma_256x128,       // the dense fallback when wgmma cannot run (K not whole steps, no scratch)
-    mma_256x32,        // T ≈ 512-2048 experts: 8 warps of 32 rows × 32 tokens, two CTAs per SM
+    mma_256x32,        // 12-31 and 49-60 rows per expert (V4-Flash T ≈ 544-1280, 2112-2560): 8 warps of
+                       // 32 rows × 32 tokens, two CTAs per SM
+    mma_256x48,        // 31-48 rows per expert (V4-Flash T ≈ 1344-2048): mma_256x32 with 48 tokens per tile
     wgmma_256x128,     // prefill: each weight decoded once per 128 tokens; split-K fills the GPU
     wgmma_256x32,      // mid-size expert batches (the choice until 2026-12-07; now mma_256x32)
     wgmma_ws_256x128,  // wgmma_256x128 with a producer warpgroup and mbarriers (no CTA barrier per step)
@@ -212,7 +214,7 @@ void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, fl
 // Σ|w·h|). Otherwise those tiles run as wgmma_ws_256x128 / wgmma_256x32.
 bool moe_w4a8_fits(const DeviceExperts& ex, Numerics nm);
 // The W4A8 tile for a tile the automatic choice took: wgmma_ws_256x128 → wgmma_f8_128x128,
-// wgmma_256x32, wgmma_2cta_256x32 or mma_256x32 → wgmma_f8_128x32; any other tile stays (the
+// wgmma_256x32, wgmma_2cta_256x32, mma_256x32 or mma_256x48 → wgmma_f8_128x32; any other tile stays (the
 // mma.sync tiles of fewer rows per expert).
 Tile w4a8_tile(Tile automatic_choice);
 

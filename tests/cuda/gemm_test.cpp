@@ -1069,24 +1069,31 @@ TEST(CudaMoeLayer, RejectsNon4BitExperts) {
 }
 
 // The automatic tile by mean rows per expert (host only: experts planned in a counting arena):
-// mma_128x8 up to 12, mma_256x32 up to 48 (both formats, measured: choose_grouped), the
-// warp-specialized wgmma tile above; the W4A8 option maps the 32-token tile to its FP8 twin.
+// mma_128x8 up to 7, mma_128x16 up to 12, mma_256x32 up to 31, mma_256x48 up to 48, mma_256x32 again up
+// to 60 (both formats, measured: choose_grouped), the
+// warp-specialized wgmma tile above; the W4A8 option maps the 32- and 48-token tiles to the FP8 32-token tile.
 TEST(CudaMoeLayer, AutomaticTileByRowsPerExpert) {
     const int64_t D = 256, I = 128, E = 8, k = 6;
     for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
         const HostExperts hx = make_experts(f, E, D, I, 71000);
         cuda::DeviceArena plan;
         cuda::DeviceExperts ex(hx.experts, plan);
-        // T·k / E rows per expert: 9 → 6.75, 10 → 7.5, 16 → 12, 17 → 12.75, 80 → 60, 81 → 60.75.
+        // T·k / E rows per expert: 9 → 6.75, 10 → 7.5, 16 → 12, 17 → 12.75, 41 → 30.75, 42 → 31.5,
+        // 64 → 48, 65 → 48.75, 80 → 60, 81 → 60.75.
         EXPECT_EQ(cuda::moe_layer_config(ex, 1, k), cuda::Tile::mma_128x8) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 9, k), cuda::Tile::mma_128x8) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 10, k), cuda::Tile::mma_128x16) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 16, k), cuda::Tile::mma_128x16) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 17, k), cuda::Tile::mma_256x32) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 41, k), cuda::Tile::mma_256x32) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 42, k), cuda::Tile::mma_256x48) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 64, k), cuda::Tile::mma_256x48) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 65, k), cuda::Tile::mma_256x32) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 80, k), cuda::Tile::mma_256x32) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 81, k), cuda::Tile::wgmma_ws_256x128) << fmt_name(f);
     }
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_256x32), cuda::Tile::wgmma_f8_128x32);
+    EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_256x48), cuda::Tile::wgmma_f8_128x32);
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::wgmma_ws_256x128), cuda::Tile::wgmma_f8_128x128);
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_128x8), cuda::Tile::mma_128x8);
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_128x16), cuda::Tile::mma_128x16);
