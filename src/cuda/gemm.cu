@@ -1711,16 +1711,18 @@ Tile choose_grouped(int64_t N, int64_t E) {   // the same rule for NVFP4 and MXF
     // (the previous choice, wgmma_256x32 for NVFP4 and wgmma_2cta_256x32 for MXFP4, 5.4-9.3% slower at
     // T = 1024 and 2048, Pro NVFP4 even; T = 512, 12 rows per expert, takes mma_128x16 above).
     // Nsight Compute, Flash NVFP4 T = 1024, L1: the wgmma tile holds 2 warps per scheduler (one CTA
-    // of 8, 144 registers) and issues on 40% of the cycles with the tensor pipe 22% active; mma_256x32 holds 3.95 and issues on 54%, tensor pipe 37%, DRAM 51% of its peak
-    // (45%), its largest stall the math pipe's throttle (1.44 per issued instruction): the decode's
-    // latency was the limit, now partly the mma.sync pipe. It also needs no permuted copy of x
+    // of 8, 144 registers) and issues on 40% of the cycles, tensor pipe 22% active, DRAM 45% of its
+    // peak; mma_256x32 holds 3.95, issues on 54%, tensor pipe 37%, DRAM 51%, its largest stall the
+    // math pipe's throttle (1.44 per issued instruction): the decode's latency was the limit, now
+    // partly the mma.sync pipe. It also needs no permuted copy of x
     // (permute_x: 64 + 33 µs per layer at T = 1024 under ncu).
     // Its upper edge: the same H100 kind, 2026-12-07, NVFP4 | MXFP4, mma_256x32 against wgmma_ws_256x128
     // (rows per expert): Flash T = 2048 (48) 3725.7 | 3594.1 against 4204.3 | 4114.1, 2304 (54) 3840.3 |
     // 3746.8 against 4293.2 | 4210.6, 2560 (60) 4235.8 | 4188.4 against 4320.4 | 4228.0, 2816 (66)
     // 4739.6 | 4566.2 against 4494.8 | 4398.6, 3072 (72) 5152.3 | 5007.0 against 4580.8 | 4465.2;
     // Pro T = 2048 (32) 10097.5 | 9853.3 against 14578.2 | 14584.9, 4096 (64) 17007.4 | 16663.3 against
-    // 15713.5 | 15576.3. (mma_256x64 and mma_256x128 were slower than one of the two in every row.)
+    // 15713.5 | 15576.3. (mma_256x128 was slower than one of the two in every row; mma_256x64 won one
+    // cell, Flash NVFP4 T = 2048 at 3576.3, and lost its MXFP4 twin by 8.7%: not taken.)
     // 31-48 rows per expert: 48-token tiles, where most experts need two 32-token tiles (decoding
     // their weights twice). Same H100 kind, 2026-12-07, one machine, NVFP4 | MXFP4, mma_256x32 against
     // mma_256x48 (rows per expert): Flash T = 1024 (24) 1960.6 | 1968.1 against 2464.0 | 2444.1,

@@ -1069,9 +1069,9 @@ TEST(CudaMoeLayer, RejectsNon4BitExperts) {
 }
 
 // The automatic tile by mean rows per expert (host only: experts planned in a counting arena):
-// mma_128x8 up to 7, mma_128x16 up to 12, mma_256x32 up to 31, mma_256x48 up to 48, mma_256x32 again up
-// to 60 (both formats, measured: choose_grouped), the
-// warp-specialized wgmma tile above; the W4A8 option maps the 32- and 48-token tiles to the FP8 32-token tile.
+// mma_128x8 up to 7, mma_128x16 up to 12, mma_256x32 up to 31, mma_256x48 up to 48, mma_256x32 again
+// up to 60, the warp-specialized wgmma tile above (both formats, measured: choose_grouped); the W4A8
+// option maps the 32- and 48-token tiles to the FP8 32-token tile.
 TEST(CudaMoeLayer, AutomaticTileByRowsPerExpert) {
     const int64_t D = 256, I = 128, E = 8, k = 6;
     for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
