@@ -23,6 +23,9 @@
 //              official combine) by per-token cosine (≥ 0.999: 1 − cosine over 10^-3 is the
 //              reported error/bound); what --config wgmma_f8_128x128 (W4A8, MXFP4) needs. Default
 //              exact.
+//   --skew S:  the expert layer's routings draw expert e in proportion to 1 / (1 + rank e)^S (a fixed
+//              shuffle of the experts gives the ranks), so some experts hold several times the mean
+//              rows; 0 (the default) is uniform. Each T's first routing's rows per expert are printed.
 // Progress goes to stderr; the header, the result tables (markdown) and the notes to stdout.
 //
 // Part A — linears. For each projection of the attention and of the shared expert, in its
@@ -52,7 +55,8 @@
 // Part B — routed experts. For each model and expert format (NVFP4: NVIDIA's release, MXFP4:
 // DeepSeek's), all E experts (random packed codes with valid scales; 4 distinct host experts
 // uploaded E times, so every expert has its own device copy), a MoeLayerWorkspace for the
-// largest T, and T tokens with uniform random top-k routing (k distinct experts per token):
+// largest T, and T tokens with uniform random top-k routing (k distinct experts per token; --skew
+// makes it uneven):
 //   1. check cuda::moe_layer (with a shared-expert input) against a CPU composition on the
 //      experts the routing picked: T = 5 every token, and a few sampled tokens of every timed
 //      call, with a bound derived from the linear bound plus the bf16 rounding of h;
@@ -470,6 +474,7 @@ struct Options {
     cuda::Tile tile = cuda::Tile::automatic;   // --config: force this kernel shape (linears M > 16, expert layer)
     bool moe_small = false;                    // --moe-small: the expert layer through cuda::moe_layer_small
     Numerics nm = Numerics::exact;             // --numerics: the expert layer's numerics
+    double skew = 0.0;                         // --skew: expert popularity 1 / (1 + rank)^skew (0: uniform)
     std::string part = "all", models, shapes, formats;
     std::vector<int64_t> Ms, Ts;
 };
@@ -812,7 +817,10 @@ struct HostExpert {
     HostLinear w1, w3, w2;
 };
 
-// One routing of T tokens: k distinct experts per token, uniform; positive weights.
+// One routing of T tokens: k distinct experts per token, uniform (skew 0) or with expert e drawn in
+// proportion to 1 / (1 + rank(e))^skew, rank a fixed shuffle of the experts (so the hot experts are
+// not the low ids); positive weights. Serving's routing is not uniform: a batch's busiest experts hold
+// several times the mean rows, and the expert layer's tile is chosen from the mean (choose_grouped).
 struct Routing {
     std::vector<int32_t> ids;
     std::vector<float> wts;
@@ -820,18 +828,33 @@ struct Routing {
     int64_t distinct = 0;
 };
 
-Routing make_routing(int64_t T, int64_t k, int64_t E, uint64_t seed) {
+Routing make_routing(int64_t T, int64_t k, int64_t E, uint64_t seed, double skew = 0.0) {
     Routing r;
     r.ids.resize(static_cast<size_t>(T * k));
     r.wts.resize(r.ids.size());
     r.counts.assign(static_cast<size_t>(E), 0);
     uint64_t s = seed * 0x2545F4914F6CDD1Dull + 12345;
+    std::vector<double> cdf;   // skew > 0: cumulative weights over the experts
+    if (skew > 0.0) {
+        std::vector<int32_t> rank(static_cast<size_t>(E));
+        for (int64_t e = 0; e < E; ++e) rank[size_t(e)] = static_cast<int32_t>(e);
+        uint64_t ps = 0x5EEDull;   // the same shuffle for every routing and T
+        for (int64_t e = E - 1; e > 0; --e) std::swap(rank[size_t(e)], rank[size_t(splitmix(ps) % uint64_t(e + 1))]);
+        double acc = 0.0;
+        for (int64_t e = 0; e < E; ++e) cdf.push_back(acc += std::pow(1.0 + rank[size_t(e)], -skew));
+    }
     for (int64_t t = 0; t < T; ++t) {
         for (int64_t j = 0; j < k; ++j) {
             int32_t e;
             bool dup;
             do {
-                e = static_cast<int32_t>(splitmix(s) % static_cast<uint64_t>(E));
+                if (cdf.empty()) {
+                    e = static_cast<int32_t>(splitmix(s) % static_cast<uint64_t>(E));
+                } else {
+                    const double u = static_cast<double>(splitmix(s) >> 11) * 0x1.0p-53 * cdf.back();
+                    e = static_cast<int32_t>(std::upper_bound(cdf.begin(), cdf.end(), u) - cdf.begin());
+                    e = std::min<int32_t>(e, static_cast<int32_t>(E - 1));
+                }
                 dup = false;
                 for (int64_t i = 0; i < j; ++i) dup |= r.ids[size_t(t * k + i)] == e;
             } while (dup);
@@ -1002,7 +1025,14 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
     std::vector<std::vector<Routing>> routings(opt.Ts.size());
     for (size_t ti = 0; ti < opt.Ts.size(); ++ti)
         for (int r = 0; r < routings_for(opt.Ts[ti]); ++r)
-            routings[ti].push_back(make_routing(opt.Ts[ti], k, E, routing_seed(opt.Ts[ti], r)));
+            routings[ti].push_back(make_routing(opt.Ts[ti], k, E, routing_seed(opt.Ts[ti], r), opt.skew));
+    if (opt.skew > 0.0)
+        for (size_t ti = 0; ti < opt.Ts.size(); ++ti) {
+            const Routing& rt = routings[ti][0];
+            progress("  routing T=%-6lld skew %.2f: rows per expert mean %.1f (over %lld hit), max %d\n",
+                     (long long)opt.Ts[ti], opt.skew, double(opt.Ts[ti] * k) / double(std::max<int64_t>(rt.distinct, 1)),
+                     (long long)rt.distinct, *std::max_element(rt.counts.begin(), rt.counts.end()));
+        }
 
     // cuBLAS first (its buffers are freed before the packed experts are made).
     std::vector<double> blas_us(opt.Ts.size(), 0.0);
@@ -1167,6 +1197,13 @@ int main(int argc, char** argv) {
             else if (a == "--f32-out") opt.y_f32 = true;
             else if (a == "--config") opt.tile = parse_tile(next());
             else if (a == "--moe-small") opt.moe_small = true;
+            else if (a == "--skew") {
+                const std::string v = next();
+                char* end = nullptr;
+                opt.skew = std::strtod(v.c_str(), &end);
+                if (end == v.c_str() || *end != '\0' || !(opt.skew >= 0.0) || opt.skew > 8.0)
+                    fail("--skew must be a number in [0, 8], got '", v, "'");
+            }
             else if (a == "--numerics") {
                 const std::string v = next();
                 if (v != "exact" && v != "official") fail("--numerics must be exact or official, got '", v, "'");
@@ -1186,6 +1223,7 @@ int main(int argc, char** argv) {
                     "       [--format fp8,nvfp4,mxfp4] [--f32-out] [--replays N] [--no-check] [--config TILE]\n"
                     "       [--moe-small]  (expert layer: the two-launch small-T path, T <= 8)\n"
                     "       [--numerics exact|official]  (expert layer; official: W4A8 with --config wgmma_f8_128x128)\n"
+                    "       [--skew S]  (expert layer: expert e routed in proportion to 1 / (1 + rank e)^S; 0 = uniform)\n"
                     "shapes: wq_a wq_b wkv wo_a wo_b sh.w1 sh.w2 idx.wq_b\n"
                     "tiles (--config: a name or its index):");
                 for (size_t i = 0; i < cuda::tiled_configs().size(); ++i)
