@@ -226,7 +226,8 @@ __device__ __forceinline__ void row_scales(const TiledParams& p, int row0, int r
 // CTAs per SM the register budget is held to: mma_256x32 (MT 2, NT 4, 8 × 1 warps) needs at most
 // 128 registers for two CTAs per SM (unbounded, ptxas gave its NVFP4 SwiGLU instance 131 and its
 // FP8 ones 132: one CTA per SM); mma_256x48 (NT 6) is held to the same and spills a little (measured
-// faster than at one CTA per SM, choose_grouped); every other shape keeps 1.
+// faster than a one-CTA-per-SM form with 4 stages; the same shape at one CTA and 3 stages was not
+// measured; choose_grouped); every other shape keeps 1.
 template <int MT, int NT, int WR, int WT> constexpr int tiled_min_ctas() {
     return MT == 2 && (NT == 4 || NT == 6) && WR == 8 && WT == 1 ? 2 : 1;
 }

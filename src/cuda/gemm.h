@@ -46,9 +46,10 @@ enum class Tile : int8_t {
     mma_128x128,
     mma_128x128_nt8,   // NT = 8: half the decode work per MMA; the grouped fallback without wgmma
     mma_256x128,       // the dense fallback when wgmma cannot run (K not whole steps, no scratch)
-    mma_256x32,        // 12-31 and 49-60 rows per expert (V4-Flash T ≈ 544-1280, 2112-2560): 8 warps of
-                       // 32 rows × 32 tokens, two CTAs per SM
-    mma_256x48,        // 31-48 rows per expert (V4-Flash T ≈ 1344-2048): mma_256x32 with 48 tokens per tile
+    mma_256x32,        // mean rows per expert in (12, 31] and (48, 60] (V4-Flash T = 513-1322, 2049-2560):
+                       // 8 warps of 32 rows × 32 tokens, two CTAs per SM
+    mma_256x48,        // mean rows per expert in (31, 48] (V4-Flash T = 1323-2048): mma_256x32 with
+                       // 48 tokens per tile
     wgmma_256x128,     // prefill: each weight decoded once per 128 tokens; split-K fills the GPU
     wgmma_256x32,      // mid-size expert batches (the choice until 2026-12-07; now mma_256x32)
     wgmma_ws_256x128,  // wgmma_256x128 with a producer warpgroup and mbarriers (no CTA barrier per step)
