@@ -688,8 +688,12 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
     fill_bf16(dx.data(), Mx * maxKx, 7, 2.0f);
     const auto& configs = cuda::tiled_configs();
     std::vector<cuda::Tile> tiles = {cuda::Tile::automatic};
-    for (const cuda::TiledConfig& c : configs)   // the W4A8 tiles are the expert layer's only
-        if (c.tile != cuda::Tile::wgmma_f8_128x128 && c.tile != cuda::Tile::wgmma_f8_128x32) tiles.push_back(c.tile);
+    for (const cuda::TiledConfig& c : configs) {   // the W4A8 and persistent tiles are the expert layer's only
+        const cuda::Tile t = c.tile;
+        if (t != cuda::Tile::wgmma_f8_128x128 && t != cuda::Tile::wgmma_f8_128x32 && t != cuda::Tile::wgmma_pws_256x128 &&
+            t != cuda::Tile::wgmma_pf8_128x128 && t != cuda::Tile::wgmma_pf8_128x32)
+            tiles.push_back(t);
+    }
 
     for (const LinShape& sh : shapes) {
         const int64_t N = sh.N, K = sh.K, G = sh.groups, Kx = K * G;

@@ -13,6 +13,9 @@
 // A third, wgmma_f8_kernel (wgmma_f8_128x128, wgmma_f8_128x32: MXFP4 experts × FP8 activation codes
 // under the official numerics, weights expanded to e4m3 in shared memory, w4a8.h), is taken only
 // when named (measured slower so far; described where it is defined).
+// The persistent tiles (wgmma_pws_256x128, wgmma_pf8_128x128, wgmma_pf8_128x32: TileWalk) run
+// those two warp-specialized kernels with one CTA per SM walking the expert work list, the ring
+// running on from tile to tile; not measured yet, so taken only when named.
 //
 // Kernel (tiled_kernel)
 // ---------------------
@@ -34,7 +37,8 @@
 //   columns [g·K, (g+1)·K)) or listed (experts: a device table of weight pointers per expert and
 //   a device work list built from the routing offsets by build_items, so no host sync is needed;
 //   grid.y is the list's upper bound and CTAs past its device-side length exit at once). Empty
-//   experts have no items.
+//   experts have no items. (The persistent tiles instead launch one CTA per SM, each walking the
+//   list's row-tile × item pairs: TileWalk.)
 // * Epilogues straight from the accumulators: f32 or bf16 y; or, for a SwiGLU pair (w1, w3 of an
 //   expert), the warp's first MT/2 row tiles read w1 rows and the last MT/2 the same w3 rows, so a
 //   lane holds gate and up of the same (row, token) and writes
@@ -100,6 +104,9 @@ struct TiledParams {
     const uint8_t* x8;
     const float*   xs8;
     int64_t        xs_ld;
+    // The persistent tiles (is_persistent: wgmma_pws_256x128, wgmma_pf8_*; listed groups only): row
+    // tiles per work item. gridDim.x CTAs then walk the list (TileWalk); 0 for every other launch.
+    int row_tiles;
 };
 
 template <LinearFormat F> struct TileX;   // x row stride in shared memory per step (conflict-free LDS.128)
@@ -153,6 +160,60 @@ __device__ __forceinline__ bool work_item(const TiledParams& p, int& gi, int& ro
     }
     return true;
 }
+
+// The tiles a CTA of the warp-specialized kernels (wgmma_ws_kernel, wgmma_f8_kernel) computes.
+// kPersist = false: one, row tile blockIdx.x of work item blockIdx.y (work_item). kPersist = true
+// (the persistent tiles, listed groups): tiles t = blockIdx.x, blockIdx.x + gridDim.x, ... of the
+// whole list in row-tile-major order (row tile t % p.row_tiles of item t / p.row_tiles, so that the
+// CTAs running at one time share their items' x in L2, as a one-tile grid's do), until the item
+// count the device-side list holds. One CTA per SM then keeps its ring, barriers and tables from
+// tile to tile, and its producer (decoders) fill the next tile's stages while its consumers still
+// multiply the last steps and store the previous tile: a one-tile CTA exposes its ring's first
+// fill and its epilogue (the W4A8 tile's profile put the epilogue at 11.5% of the stall samples
+// and the prologue at 5%: docs/bench-gemm.md, "The decoders' raw-weight ring").
+template <int BT, bool kPersist> struct TileWalk {
+    int i = 0;    // persistent: the tiles this CTA walked before this one (its steps: i · steps)
+    __device__ __forceinline__ bool first(const TiledParams& p, int& gi, int& row0, int& rows, GemmGroup& G) {
+        if constexpr (!kPersist) {
+            return work_item<BT>(p, gi, row0, rows, G);
+        } else {
+            asm volatile("griddepcontrol.wait;" ::: "memory");   // the list comes from the kernel before
+            return load(p, gi, row0, rows, G);
+        }
+    }
+    // The CTA's next tile; false past the end (and always for a one-tile CTA).
+    __device__ __forceinline__ bool next(const TiledParams& p, int& gi, int& row0, int& rows, GemmGroup& G) {
+        if constexpr (!kPersist) {
+            return false;
+        } else {
+            ++i;
+            return load(p, gi, row0, rows, G);
+        }
+    }
+    // Whether this is the CTA's last tile. (The walk's state is one counter: the tile index and the
+    // list's length are derived again where needed, so that the walk holds few registers across
+    // the main loops: the producer warpgroup has 40.)
+    __device__ __forceinline__ bool last(const TiledParams& p) const {
+        if constexpr (!kPersist) return true;
+        else return index() + static_cast<int>(gridDim.x) >= *p.n_items * p.row_tiles;
+    }
+    __device__ __forceinline__ int index() const { return static_cast<int>(blockIdx.x) + i * static_cast<int>(gridDim.x); }
+    // This tile's row tile (derived, not held: see last()).
+    __device__ __forceinline__ int row_tile(const TiledParams& p) const {
+        if constexpr (!kPersist) return static_cast<int>(blockIdx.x);
+        else return index() % p.row_tiles;
+    }
+    __device__ __forceinline__ bool load(const TiledParams& p, int& gi, int& row0, int& rows, GemmGroup& G) {
+        const int t = index();
+        if (t >= *p.n_items * p.row_tiles) return false;
+        const int4 w = p.items[t / p.row_tiles];
+        gi = w.x;
+        row0 = w.y;
+        rows = w.z;
+        G = p.table[gi];
+        return true;
+    }
+};
 
 // A lane's weights and scale multipliers from one ring stage: the 16 bytes at byte 16·tig of the
 // step for each of its rows lrow[mt][h] (w_slot: [rows][64 B]), and the bf16x2 block-scale
@@ -560,13 +621,15 @@ template <LinearFormat F, int BT, int CPS = 1> struct WgLayout {
 
 // The epilogue of the wgmma kernels, straight from the accumulators: acc[mt][4·nt + i] = (row
 // lrow[mt][i >> 1], token 8·nt + 2·tig + (i & 1)); f32 split-K partials, h of a SwiGLU pair, or y.
-template <int EPI, int BT>
+// rt: the CTA's row tile (blockIdx.x, or a persistent CTA's current one: TileWalk). kListed: the
+// call is known to be a listed (expert) one (the persistent tiles): no split-K, no uniform groups.
+template <int EPI, int BT, bool kListed = false>
 __device__ __forceinline__ void wg_epilogue(const TiledParams& p, const float (&acc)[2][BT / 2], const int (&lrow)[2][2],
                                             int gi, int row0, int rows, const GemmGroup& G, int wg, int q, int g,
-                                            int tig) {
+                                            int tig, int rt) {
     constexpr int MT = 2, BR = kWgRows;
     constexpr bool kPair = EPI == kEpiSwiglu;
-    if (p.part != nullptr) {   // split-K (uniform groups only): f32 partials, reduced by reduce_split_kernel
+    if (!kListed && p.part != nullptr) {   // split-K (uniform groups only): f32 partials, reduced by reduce_split_kernel
         const int64_t ycol = static_cast<int64_t>(gi) * p.N;
         float* part = p.part + static_cast<int64_t>(blockIdx.z) * p.M * p.y_ld;
 #pragma unroll
@@ -576,7 +639,7 @@ __device__ __forceinline__ void wg_epilogue(const TiledParams& p, const float (&
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const int t = nt * 8 + 2 * tig + (i & 1);
-                    const int row = static_cast<int>(blockIdx.x) * BR + lrow[mt][i >> 1];
+                    const int row = rt * BR + lrow[mt][i >> 1];
                     if (t < rows && row < p.N)
                         part[static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row] = acc[mt][4 * nt + i] * G.out_scale[0];
                 }
@@ -590,13 +653,13 @@ __device__ __forceinline__ void wg_epilogue(const TiledParams& p, const float (&
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int t = nt * 8 + 2 * tig + (i & 1);
-                const int row = static_cast<int>(blockIdx.x) * (BR / 2) + wg * 64 + q * 16 + g + (i >= 2 ? 8 : 0);
+                const int row = rt * (BR / 2) + wg * 64 + q * 16 + g + (i >= 2 ? 8 : 0);
                 if (t < rows && row < p.N)
                     store_h(p, row0 + t, row, acc[0][4 * nt + i] * G.out_scale[0], acc[1][4 * nt + i] * G.out_scale[1],
                             rs[nt][i & 1]);
             }
     } else {
-        const int64_t ycol = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
+        const int64_t ycol = kListed || p.items ? 0 : static_cast<int64_t>(gi) * p.N;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -604,7 +667,7 @@ __device__ __forceinline__ void wg_epilogue(const TiledParams& p, const float (&
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
                     const int t = nt * 8 + 2 * tig + (i & 1);
-                    const int row = static_cast<int>(blockIdx.x) * BR + lrow[mt][i >> 1];
+                    const int row = rt * BR + lrow[mt][i >> 1];
                     if (t < rows && row < p.N)
                         store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + ycol + row,
                                      acc[mt][4 * nt + i] * G.out_scale[0]);
@@ -818,7 +881,7 @@ static __global__ void __launch_bounds__(kWgThreads, CPS) wgmma_kernel(const Til
     cp_async_wait<0>();
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
-    wg_epilogue<EPI, BT>(p, acc, lrow, gi, row0, rows, G, wg, q, g, tig);
+    wg_epilogue<EPI, BT>(p, acc, lrow, gi, row0, rows, G, wg, q, g, tig, static_cast<int>(blockIdx.x));
 }
 
 // ---------------------------------------------------------------------------- wgmma, warp-specialized
@@ -875,7 +938,12 @@ __device__ __forceinline__ void fence_proxy_async_smem() {
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
-template <LinearFormat F, int EPI, int BT>
+// kPersist: the persistent form (Tile::wgmma_pws_256x128, listed groups): the CTA walks its tiles
+// (TileWalk) with one ring whose step count runs on across them (gs below: the steps of earlier
+// tiles plus this tile's), so the producer copies the next tile's first stages while the consumers
+// finish the previous one and run its epilogue. The consumers then hand back a tile's last slot
+// after its final wait (a one-tile CTA never needs it back).
+template <LinearFormat F, int EPI, int BT, bool kPersist = false>
 static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const TiledParams p) {
     using L = WgLayout<F, BT>;
     using WL = WsLayout<F, BT>;
@@ -907,88 +975,106 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
 
     int gi, row0, rows;
     GemmGroup G;
-    if (!work_item<BT>(p, gi, row0, rows, G)) return;   // the whole CTA: the item is per CTA
-    const int64_t grow0 = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
-    const uint16_t* xg = p.x + (p.items ? 0 : static_cast<int64_t>(gi) * p.K);
+    TileWalk<BT, kPersist> tw;
+    if (!tw.first(p, gi, row0, rows, G)) return;   // the whole CTA: the walk is per CTA
     const int s0 = static_cast<int>(blockIdx.z) * p.spz;   // split-K: this CTA's steps
     const int ns = max(0, min(p.spz, p.steps - s0));
 
-    // Tile row r: warpgroup r / 128, row tile (r / 64) % 2, row r % 64 of it (as wgmma_kernel).
-    auto phys_row = [&](int r, int& m, int& row) {
+    // Tile row r of row tile rt: warpgroup r / 128, row tile (r / 64) % 2, row r % 64 of it (as wgmma_kernel).
+    auto phys_row = [&](int rt, int r, int& m, int& row) {
         if constexpr (kPair) {
             m = (r >> 6) & 1;
-            row = static_cast<int>(blockIdx.x) * (BR / 2) + (r >> 7) * 64 + (r & 63);
+            row = rt * (BR / 2) + (r >> 7) * 64 + (r & 63);
         } else {
             m = 0;
-            row = static_cast<int>(blockIdx.x) * BR + r;
+            row = rt * BR + r;
         }
+    };
+
+    // Matrix m's weights or scales (m = 1: the up half of a SwiGLU pair). The persistent form selects
+    // rather than indexes G with the runtime m, which would keep a copy of G in local memory (ptxas:
+    // 48 bytes of stack in the SwiGLU instances) beside the 40 registers its producer has.
+    auto gw = [&](int m) -> const uint8_t* {
+        if constexpr (kPersist) return m ? G.w[1] : G.w[0];
+        else return G.w[m];
+    };
+    auto gs_ = [&](int m) -> const uint8_t* {
+        if constexpr (kPersist) return m ? G.s[1] : G.s[0];
+        else return G.s[m];
     };
 
     if (tid >= kWsConsumers) {
         // ---- producer warpgroup
         setmaxnreg_dec<kWsProducerRegs>();
         const int pt = tid - kWsConsumers;
-        // Scale rows pt + 128·i (per row: 8 bytes NVFP4, 4 MXFP4, the aligned word of the fp8 block).
-        const uint8_t* ssrc[kSPer];
-        uint32_t sok = 0;
-#pragma unroll
-        for (int i = 0; i < kSPer; ++i) {
-            ssrc[i] = G.s[0];
-            if constexpr (SB > 0) {
-                int m, row;
-                phys_row(pt + kWsProducers * i, m, row);
-                if (row < p.N) {
-                    sok |= 1u << i;
-                    if constexpr (F == LinearFormat::fp8_block) ssrc[i] = G.s[m] + ((grow0 + row) / kFp8Block) * p.s_row_bytes;
-                    else ssrc[i] = G.s[m] + (grow0 + row) * p.s_row_bytes;
-                }
-            }
-        }
-        // x chunk i: token t = pt % BT, 16-byte chunk q = pt / BT + (128 / BT)·i of its step (k16 slice
-        // q / 2, half q % 2), into the core-matrix layout of wgmma_kernel. Token-major, so that the 8
-        // threads of a quarter-warp write 8 tokens' chunks of one (slice, half): 128 contiguous bytes
-        // of shared memory, no bank conflict (a chunk-major order would put them 128 B or 4 KB apart).
-        const int xt = pt % BT, q0 = pt / BT;
-        const bool xok = xt < rows;
-        const uint16_t* xrow = xok ? xg + static_cast<int64_t>(row0 + xt) * p.x_ld : p.x;
-        const uint32_t xdst_t = static_cast<uint32_t>(L::kX + (xt >> 3) * 256 + (xt & 7) * 16);
-        for (int ls = 0; ls < ns; ++ls) {
-            const int slot = ls % ST, s = s0 + ls;
-            if (ls >= ST) mbar_wait(empty0 + 8u * slot, static_cast<uint32_t>((ls / ST - 1) & 1));
-            const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
-            // Weight chunk i: tile row (pt >> 2) + kWRowStep·i, 16-byte part pt & 3 of the row's step.
-            // (Not unrolled: the producer has 40 registers, and unrolled, the compiler keeps every
-            // chunk's source pointer live across steps.)
-#pragma unroll 1
-            for (int i = 0; i < kWPer; ++i) {
-                int m, row;
-                phys_row((pt >> 2) + kWRowStep * i, m, row);
-                const bool ok = row < p.N;
-                const uint8_t* src = ok ? G.w[m] + (grow0 + row) * p.w_row_bytes + (pt & 3) * 16 + s * kStepBytes : G.w[0];
-                cp_async16(base + L::kW + static_cast<uint32_t>((pt + kWsProducers * i) * 16), src, ok);
-            }
+        do {
+            const int g0 = tw.i * ns;   // the steps of the CTA's earlier tiles (persistent)
+            const int rt = tw.row_tile(p);
+            const int64_t grow0 = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
+            const uint16_t* xg = p.x + (p.items ? 0 : static_cast<int64_t>(gi) * p.K);
+            // Scale rows pt + 128·i (per row: 8 bytes NVFP4, 4 MXFP4, the aligned word of the fp8 block).
+            const uint8_t* ssrc[kSPer];
+            uint32_t sok = 0;
 #pragma unroll
             for (int i = 0; i < kSPer; ++i) {
-                const bool ok = (sok >> i) & 1u;
-                const uint32_t dst = base + L::kS + static_cast<uint32_t>((pt + kWsProducers * i) * SB);
-                if constexpr (F == LinearFormat::nvfp4) {
-                    cp_async8(dst, ssrc[i] + (ok ? s * 8 : 0), ok);
-                } else if constexpr (F == LinearFormat::mxfp4) {
-                    cp_async4(dst, ssrc[i] + (ok ? s * 4 : 0), ok);
-                } else if constexpr (F == LinearFormat::fp8_block) {
-                    const uintptr_t a =
-                        (reinterpret_cast<uintptr_t>(ssrc[i]) + (ok ? (s * kStepK) / kFp8Block : 0)) & ~uintptr_t(3);
-                    cp_async4(dst, reinterpret_cast<const void*>(a), ok);
+                ssrc[i] = G.s[0];
+                if constexpr (SB > 0) {
+                    int m, row;
+                    phys_row(rt, pt + kWsProducers * i, m, row);
+                    if (row < p.N) {
+                        sok |= 1u << i;
+                        if constexpr (F == LinearFormat::fp8_block) ssrc[i] = gs_(m) + ((grow0 + row) / kFp8Block) * p.s_row_bytes;
+                        else ssrc[i] = gs_(m) + (grow0 + row) * p.s_row_bytes;
+                    }
                 }
             }
+            // x chunk i: token t = pt % BT, 16-byte chunk q = pt / BT + (128 / BT)·i of its step (k16 slice
+            // q / 2, half q % 2), into the core-matrix layout of wgmma_kernel. Token-major, so that the 8
+            // threads of a quarter-warp write 8 tokens' chunks of one (slice, half): 128 contiguous bytes
+            // of shared memory, no bank conflict (a chunk-major order would put them 128 B or 4 KB apart).
+            const int xt = pt % BT, q0 = pt / BT;
+            const bool xok = xt < rows;
+            const uint16_t* xrow = xok ? xg + static_cast<int64_t>(row0 + xt) * p.x_ld : p.x;
+            const uint32_t xdst_t = static_cast<uint32_t>(L::kX + (xt >> 3) * 256 + (xt & 7) * 16);
+            for (int ls = 0; ls < ns; ++ls) {
+                const int gs = g0 + ls;   // the ring's step count (= ls for a one-tile CTA)
+                const int slot = gs % ST, s = s0 + ls;
+                if (gs >= ST) mbar_wait(empty0 + 8u * slot, static_cast<uint32_t>((gs / ST - 1) & 1));
+                const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
+                // Weight chunk i: tile row (pt >> 2) + kWRowStep·i, 16-byte part pt & 3 of the row's step.
+                // (Not unrolled: the producer has 40 registers, and unrolled, the compiler keeps every
+                // chunk's source pointer live across steps.)
+#pragma unroll 1
+                for (int i = 0; i < kWPer; ++i) {
+                    int m, row;
+                    phys_row(rt, (pt >> 2) + kWRowStep * i, m, row);
+                    const bool ok = row < p.N;
+                    const uint8_t* src = ok ? gw(m) + (grow0 + row) * p.w_row_bytes + (pt & 3) * 16 + s * kStepBytes : G.w[0];
+                    cp_async16(base + L::kW + static_cast<uint32_t>((pt + kWsProducers * i) * 16), src, ok);
+                }
 #pragma unroll
-            for (int i = 0; i < kXPer; ++i) {
-                const int q = q0 + (kWsProducers / BT) * i;
-                cp_async16(base + xdst_t + static_cast<uint32_t>((q >> 1) * (BT / 8) * 256 + (q & 1) * 128),
-                           xrow + (xok ? s * kStepK + q * 8 : 0), xok);
+                for (int i = 0; i < kSPer; ++i) {
+                    const bool ok = (sok >> i) & 1u;
+                    const uint32_t dst = base + L::kS + static_cast<uint32_t>((pt + kWsProducers * i) * SB);
+                    if constexpr (F == LinearFormat::nvfp4) {
+                        cp_async8(dst, ssrc[i] + (ok ? s * 8 : 0), ok);
+                    } else if constexpr (F == LinearFormat::mxfp4) {
+                        cp_async4(dst, ssrc[i] + (ok ? s * 4 : 0), ok);
+                    } else if constexpr (F == LinearFormat::fp8_block) {
+                        const uintptr_t a =
+                            (reinterpret_cast<uintptr_t>(ssrc[i]) + (ok ? (s * kStepK) / kFp8Block : 0)) & ~uintptr_t(3);
+                        cp_async4(dst, reinterpret_cast<const void*>(a), ok);
+                    }
+                }
+#pragma unroll
+                for (int i = 0; i < kXPer; ++i) {
+                    const int q = q0 + (kWsProducers / BT) * i;
+                    cp_async16(base + xdst_t + static_cast<uint32_t>((q >> 1) * (BT / 8) * 256 + (q & 1) * 128),
+                               xrow + (xok ? s * kStepK + q * 8 : 0), xok);
+                }
+                cp_async_mbar_arrive(full0 + 8u * slot);
             }
-            cp_async_mbar_arrive(full0 + 8u * slot);
-        }
+        } while (tw.next(p, gi, row0, rows, G));
         asm volatile("cp.async.wait_all;" ::: "memory");
         asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
         return;
@@ -999,56 +1085,67 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
     const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
     const int wg = warp >> 2, qw = warp & 3;
     int lrow[MT][2], mat[MT];
-    uint32_t s_lo[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         mat[mt] = kPair ? mt : 0;
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            lrow[mt][h] = wg * 128 + mt * 64 + qw * 16 + h * 8 + g;
-            s_lo[mt][h] = 0;
-            if constexpr (F == LinearFormat::fp8_block) {
-                int m, row;
-                phys_row(lrow[mt][h], m, row);
-                s_lo[mt][h] = static_cast<uint32_t>(
-                    (reinterpret_cast<uintptr_t>(G.s[m]) + ((grow0 + row) / kFp8Block) * p.s_row_bytes) & 3);
-            }
-        }
+        for (int h = 0; h < 2; ++h) lrow[mt][h] = wg * 128 + mt * 64 + qw * 16 + h * 8 + g;
     }
 
     constexpr int NA = BT / 2;   // accumulators per thread per row tile (m64nBT f32)
-    float acc[MT][NA];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int i = 0; i < NA; ++i) acc[mt][i] = 0.0f;
-
     // A buffers as in wgmma_kernel: alternating per word, one buffer (waited for in full) for bf16.
     constexpr bool kAlt = kLds % 2 == 0;
     uint32_t a[2][MT][2][4] = {};
-    for (int ls = 0; ls < ns; ++ls) {
-        const int s = s0 + ls, slot = ls % ST;
-        if constexpr (kAlt) wgmma_wait_keep<1>(a[0]);
-        else wgmma_wait_keep<0>(a[0]);
-        mbar_wait(full0 + 8u * slot, static_cast<uint32_t>((ls / ST) & 1));
-        fence_proxy_async_smem();
-        const uint8_t* st = smem + slot * L::kStage;
-        const uint32_t xs = smem_s + static_cast<uint32_t>(slot * L::kStage + L::kX);
-        // The barrier to arrive on once step ls - 1 is done: its slot's empty, or (step 0) a spare
-        // barrier nobody waits on, so that the arrive needs no branch.
-        const uint32_t release = ls > 0 ? empty0 + 8u * static_cast<uint32_t>((ls - 1) % ST) : empty0 + 8u * ST;
+    do {
+        const int g0 = tw.i * ns;   // the steps of the CTA's earlier tiles (persistent)
+        const int64_t grow0 = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
+        uint32_t s_lo[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                s_lo[mt][h] = 0;
+                if constexpr (F == LinearFormat::fp8_block) {
+                    int m, row;
+                    phys_row(tw.row_tile(p), lrow[mt][h], m, row);
+                    s_lo[mt][h] = static_cast<uint32_t>(
+                        (reinterpret_cast<uintptr_t>(gs_(m)) + ((grow0 + row) / kFp8Block) * p.s_row_bytes) & 3);
+                }
+            }
+        float acc[MT][NA];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < NA; ++i) acc[mt][i] = 0.0f;
 
-        // Every group of step ls - 1 is complete (and its weights are in registers) after wg_step's
-        // first retiring wait: it hands that slot back there.
-        wg_step<F, BT, true>(st + L::kW, st + L::kS, xs, lrow, mat, s_lo, tig, s, G, a, acc, release);
-    }
-    wgmma_wait<0>();
+        for (int ls = 0; ls < ns; ++ls) {
+            const int gs = g0 + ls, s = s0 + ls, slot = gs % ST;
+            if constexpr (kAlt) wgmma_wait_keep<1>(a[0]);
+            else wgmma_wait_keep<0>(a[0]);
+            mbar_wait(full0 + 8u * slot, static_cast<uint32_t>((gs / ST) & 1));
+            fence_proxy_async_smem();
+            const uint8_t* st = smem + slot * L::kStage;
+            const uint32_t xs = smem_s + static_cast<uint32_t>(slot * L::kStage + L::kX);
+            // The barrier to arrive on once step ls - 1 is done: its slot's empty, or (a tile's step 0)
+            // a spare barrier nobody waits on, so that the arrive needs no branch.
+            const uint32_t release = ls > 0 ? empty0 + 8u * static_cast<uint32_t>((gs - 1) % ST) : empty0 + 8u * ST;
+
+            // Every group of step ls - 1 is complete (and its weights are in registers) after wg_step's
+            // first retiring wait: it hands that slot back there.
+            wg_step<F, BT, true>(st + L::kW, st + L::kS, xs, lrow, mat, s_lo, tig, s, G, a, acc, release);
+        }
+        wgmma_wait<0>();
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int i = 0; i < NA; ++i) reg_fence(acc[mt][i]);
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-    wg_epilogue<EPI, BT>(p, acc, lrow, gi, row0, rows, G, wg, qw, g, tig);
+            for (int i = 0; i < NA; ++i) reg_fence(acc[mt][i]);
+        // The tile's last slot back to the producer, which may be filling the next tile's steps.
+        if constexpr (kPersist) {
+            if (ns > 0) mbar_arrive(empty0 + 8u * static_cast<uint32_t>((g0 + ns - 1) % ST));
+        }
+        if (tw.last(p)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+        wg_epilogue<EPI, BT, kPersist>(p, acc, lrow, gi, row0, rows, G, wg, qw, g, tig, tw.row_tile(p));
+    } while (tw.next(p, gi, row0, rows, G));
 }
 
 // ---------------------------------------------------------------------------- W4A8: MXFP4 × FP8 activations
@@ -1148,7 +1245,11 @@ template <int N> __device__ __forceinline__ void wgmma_f8_m64k32(float (&d)[N / 
     else wgmma_f8_m64n32k32(d, da, db, scale_d);
 }
 
-template <int EPI, int BT>
+// kPersist: the persistent form (Tile::wgmma_pf8_128x128, wgmma_pf8_128x32): the CTA walks its
+// tiles (TileWalk) with one ring whose step count runs on across them, as wgmma_ws_kernel's; the
+// decoders restart their raw ring at each tile (its first kRawSlots − 1 steps are fetched when the
+// tile begins, while the MMA warps still work through the stages already filled).
+template <int EPI, int BT, bool kPersist = false>
 static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const TiledParams p) {
     using L = F8Layout<BT>;
     constexpr int ST = L::kStages;
@@ -1176,18 +1277,18 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
 
     int gi, row0, rows;
     GemmGroup G;
-    if (!work_item<BT>(p, gi, row0, rows, G)) return;   // the whole CTA: the item is per CTA
-    const int64_t grow0 = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
+    TileWalk<BT, kPersist> tw;
+    if (!tw.first(p, gi, row0, rows, G)) return;   // the whole CTA: the walk is per CTA
     const int ns = p.steps;
 
-    // Tile row r → (matrix, weight row); see the pairing above.
-    auto phys_row = [&](int r, int& m, int& row) {
+    // Tile row r of row tile rt → (matrix, weight row); see the pairing above.
+    auto phys_row = [&](int rt, int r, int& m, int& row) {
         if constexpr (kPair) {
             m = (r >> 3) & 1;
-            row = static_cast<int>(blockIdx.x) * (kF8Rows / 2) + (r >> 4) * 8 + (r & 7);
+            row = rt * (kF8Rows / 2) + (r >> 4) * 8 + (r & 7);
         } else {
             m = 0;
-            row = static_cast<int>(blockIdx.x) * kF8Rows + r;
+            row = rt * kF8Rows + r;
         }
     };
 
@@ -1195,16 +1296,8 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
         // ---- decoding warpgroup
         setmaxnreg_dec<kF8DecoderRegs>();
         const int pt = tid - kWsConsumers;   // this thread's tile row, and the token whose scale it copies
-        int m, row;
-        phys_row(pt, m, row);
-        const bool wok = row < p.N;          // rows past N decode as zeros (their outputs are not stored)
-        const uint8_t* wrow = wok ? G.w[m] + (grow0 + row) * p.w_row_bytes : G.w[0];
-        const uint8_t* srow = wok ? G.s[m] + (grow0 + row) * p.s_row_bytes : G.s[0];
-        const bool tok = pt < rows;        // (rows ≤ BT)
-        const float* srcs = tok ? p.xs8 + static_cast<int64_t>(row0 + pt) * p.xs_ld : p.xs8;
         const uint32_t tab = smem_s + static_cast<uint32_t>(L::kTable);
         const uint32_t adst = static_cast<uint32_t>(L::kA + (pt >> 3) * 256 + (pt & 7) * 16);
-
         // Raw step s of this thread's row into raw slot s mod kRawSlots (rows past N: zero fill).
         const uint32_t raw0 = smem_s + static_cast<uint32_t>(L::kRaw);
         const uint32_t rot = static_cast<uint32_t>((pt >> 1) & 3);
@@ -1212,86 +1305,98 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
             return raw0 + static_cast<uint32_t>((s % L::kRawSlots) * L::kRawSlot + pt * 64) + ((b + rot) & 3u) * 16u;
         };
         auto raw_s = [&](int s) { return raw0 + static_cast<uint32_t>((s % L::kRawSlots) * L::kRawSlot + L::kRawW + pt * 4); };
-        auto fetch = [&](int s) {
-            if (s < ns) {
+        do {
+            const int g0 = tw.i * ns;   // the steps of the CTA's earlier tiles (persistent)
+            const int64_t grow0 = p.items ? 0 : static_cast<int64_t>(gi) * p.N;
+            int m, row;
+            phys_row(tw.row_tile(p), pt, m, row);
+            const bool wok = row < p.N;          // rows past N decode as zeros (their outputs are not stored)
+            const uint8_t* wrow = wok ? G.w[m] + (grow0 + row) * p.w_row_bytes : G.w[0];
+            const uint8_t* srow = wok ? G.s[m] + (grow0 + row) * p.s_row_bytes : G.s[0];
+            const bool tok = pt < rows;        // (rows ≤ BT)
+            const float* srcs = tok ? p.xs8 + static_cast<int64_t>(row0 + pt) * p.xs_ld : p.xs8;
+            auto fetch = [&](int s) {
+                if (s < ns) {
 #pragma unroll
-                for (int b = 0; b < 4; ++b) cp_async16(raw_w(s, b), wrow + (wok ? s * kStepBytes + 16 * b : 0), wok);
-                cp_async4(raw_s(s), srow + (wok ? 4 * s : 0), wok);
-            }
-            cp_async_commit();   // one group per step, empty past the end (the wait below counts groups)
-        };
-        // The x copies' addresses, once per tile (the loop adds the step): copy i of thread pt is pair
-        // u = pt / 2 + 64·i, token u % BT, k32 slice u / BT, its 16-byte half pt % 2 (see below).
-        // Recomputed per step they were a good part of the decoders' ~420 instructions per step
-        // (ncu, docs/bench-gemm.md).
-        const uint8_t* xsrc[BT / 16];
-        uint32_t xdst[BT / 16], xok = 0;
-#pragma unroll
-        for (int i = 0; i < BT / 16; ++i) {
-            const int u = (pt >> 1) + 64 * i, t = u % BT, q = 2 * (u / BT) + (pt & 1);
-            const bool ok = t < rows;
-            xok |= static_cast<uint32_t>(ok) << i;
-            xsrc[i] = ok ? p.x8 + static_cast<int64_t>(row0 + t) * p.x_ld + q * 16 : p.x8;
-            xdst[i] = static_cast<uint32_t>(L::kB + (q >> 1) * L::kBSlice + (t >> 3) * 256 + (q & 1) * 128 + (t & 7) * 16);
-        }
-        for (int s = 0; s < L::kRawSlots - 1; ++s) fetch(s);
-        for (int ls = 0; ls < ns; ++ls) {
-            const int slot = ls % ST;
-            if (ls >= ST) mbar_wait(empty0 + 8u * slot, static_cast<uint32_t>((ls / ST - 1) & 1));
-            const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
-            // x: copy i of thread pt is pair u = pt / 2 + 64·i: token u % BT, k32 slice j = u / BT, its
-            // 16-byte half pt % 2 (part q = 2·j + pt % 2 of the step). The two threads of a token and
-            // slice read one whole 32-byte sector (cp.async.cg goes to L2 by sectors: one 16-byte piece
-            // per token and thread, as the token-major order of wgmma_ws_kernel has it, would move
-            // twice the bytes, and the 128-token tile reads ~24 KB from L2 per step, about what L2
-            // gives an SM in the step's tensor time at half the FP8 rate); a quarter-warp's 8 stores
-            // then fall on 4 bank groups twice (2-way).
+                    for (int b = 0; b < 4; ++b) cp_async16(raw_w(s, b), wrow + (wok ? s * kStepBytes + 16 * b : 0), wok);
+                    cp_async4(raw_s(s), srow + (wok ? 4 * s : 0), wok);
+                }
+                cp_async_commit();   // one group per step, empty past the end (the wait below counts groups)
+            };
+            // The x copies' addresses, once per tile (the loop adds the step): copy i of thread pt is pair
+            // u = pt / 2 + 64·i, token u % BT, k32 slice u / BT, its 16-byte half pt % 2 (see below).
+            // Recomputed per step they were a good part of the decoders' ~420 instructions per step
+            // (ncu, docs/bench-gemm.md).
+            const uint8_t* xsrc[BT / 16];
+            uint32_t xdst[BT / 16], xok = 0;
 #pragma unroll
             for (int i = 0; i < BT / 16; ++i) {
-                const bool ok = (xok >> i) & 1u;
-                cp_async16(base + xdst[i], xsrc[i] + (ok ? ls * L::kStepK : 0), ok);
+                const int u = (pt >> 1) + 64 * i, t = u % BT, q = 2 * (u / BT) + (pt & 1);
+                const bool ok = t < rows;
+                xok |= static_cast<uint32_t>(ok) << i;
+                xsrc[i] = ok ? p.x8 + static_cast<int64_t>(row0 + t) * p.x_ld + q * 16 : p.x8;
+                xdst[i] = static_cast<uint32_t>(L::kB + (q >> 1) * L::kBSlice + (t >> 3) * 256 + (q & 1) * 128 + (t & 7) * 16);
             }
-            if (pt < BT) cp_async4(base + static_cast<uint32_t>(L::kColScale + pt * 4), srcs + (tok ? ls : 0), tok);
-            // The stage's copies are this thread's cp.asyncs so far: the arrive completes when they
-            // (and the raw steps before ls + kRawSlots − 1, issued earlier) have landed.
-            cp_async_mbar_arrive(full0 + 8u * slot);
-            fetch(ls + L::kRawSlots - 1);
-            cp_async_wait<L::kRawSlots - 1>();   // step ls's raw group (and all before it) landed
+            for (int s = 0; s < L::kRawSlots - 1; ++s) fetch(s);
+            for (int ls = 0; ls < ns; ++ls) {
+                const int gs = g0 + ls;   // the ring's step count (= ls for a one-tile CTA)
+                const int slot = gs % ST;
+                if (gs >= ST) mbar_wait(empty0 + 8u * slot, static_cast<uint32_t>((gs / ST - 1) & 1));
+                const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
+                // x: copy i of thread pt is pair u = pt / 2 + 64·i: token u % BT, k32 slice j = u / BT, its
+                // 16-byte half pt % 2 (part q = 2·j + pt % 2 of the step). The two threads of a token and
+                // slice read one whole 32-byte sector (cp.async.cg goes to L2 by sectors: one 16-byte piece
+                // per token and thread, as the token-major order of wgmma_ws_kernel has it, would move
+                // twice the bytes, and the 128-token tile reads ~24 KB from L2 per step, about what L2
+                // gives an SM in the step's tensor time at half the FP8 rate); a quarter-warp's 8 stores
+                // then fall on 4 bank groups twice (2-way).
+#pragma unroll
+                for (int i = 0; i < BT / 16; ++i) {
+                    const bool ok = (xok >> i) & 1u;
+                    cp_async16(base + xdst[i], xsrc[i] + (ok ? ls * L::kStepK : 0), ok);
+                }
+                if (pt < BT) cp_async4(base + static_cast<uint32_t>(L::kColScale + pt * 4), srcs + (tok ? ls : 0), tok);
+                // The stage's copies are this thread's cp.asyncs so far: the arrive completes when they
+                // (and the raw steps before ls + kRawSlots − 1, issued earlier) have landed.
+                cp_async_mbar_arrive(full0 + 8u * slot);
+                fetch(ls + L::kRawSlots - 1);
+                cp_async_wait<L::kRawSlots - 1>();   // step ls's raw group (and all before it) landed
 
-            // The row's step: the largest exponent is the row scale, each 32-block's distance below it
-            // picks its table.
-            uint32_t sc;
-            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sc) : "r"(raw_s(ls)) : "memory");
-            const uint32_t e[4] = {sc & 0xFFu, (sc >> 8) & 0xFFu, (sc >> 16) & 0xFFu, sc >> 24};
-            const uint32_t er = max(max(e[0], e[1]), max(e[2], e[3]));
-            asm volatile("st.shared.f32 [%0], %1;" ::"r"(base + static_cast<uint32_t>(L::kRowScale + pt * 4)),
-                         "f"(w4a8::row_scale(er))
-                         : "memory");
+                // The row's step: the largest exponent is the row scale, each 32-block's distance below it
+                // picks its table.
+                uint32_t sc;
+                asm volatile("ld.shared.u32 %0, [%1];" : "=r"(sc) : "r"(raw_s(ls)) : "memory");
+                const uint32_t e[4] = {sc & 0xFFu, (sc >> 8) & 0xFFu, (sc >> 16) & 0xFFu, sc >> 24};
+                const uint32_t er = max(max(e[0], e[1]), max(e[2], e[3]));
+                asm volatile("st.shared.f32 [%0], %1;" ::"r"(base + static_cast<uint32_t>(L::kRowScale + pt * 4)),
+                             "f"(w4a8::row_scale(er))
+                             : "memory");
 #pragma unroll
-            for (int b = 0; b < 4; ++b) {
-                const uint32_t d = min(er - e[b], static_cast<uint32_t>(w4a8::kTables - 1));
-                uint32_t tlo, thi;
-                asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(tlo), "=r"(thi) : "r"(tab + 8u * d));
-                uint32_t words[4];
-                asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                             : "=r"(words[0]), "=r"(words[1]), "=r"(words[2]), "=r"(words[3])
-                             : "r"(raw_w(ls, b))
-                             : "memory");
-                uint32_t o[8];
+                for (int b = 0; b < 4; ++b) {
+                    const uint32_t d = min(er - e[b], static_cast<uint32_t>(w4a8::kTables - 1));
+                    uint32_t tlo, thi;
+                    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(tlo), "=r"(thi) : "r"(tab + 8u * d));
+                    uint32_t words[4];
+                    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                                 : "=r"(words[0]), "=r"(words[1]), "=r"(words[2]), "=r"(words[3])
+                                 : "r"(raw_w(ls, b))
+                                 : "memory");
+                    uint32_t o[8];
 #pragma unroll
-                for (int w = 0; w < 4; ++w) w4a8::fp4x8_e4m3(words[w], tlo, thi, o[2 * w], o[2 * w + 1]);
-                // Columns 32·b .. +15 (words 0-1) and +16 .. +31 (words 2-3): the two halves of k32 slice b.
-                const uint32_t dst = base + adst + static_cast<uint32_t>(b * L::kASlice);
-                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(o[0]), "r"(o[1]), "r"(o[2]),
-                             "r"(o[3])
-                             : "memory");
-                asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(dst + 128u), "r"(o[4]), "r"(o[5]),
-                             "r"(o[6]), "r"(o[7])
-                             : "memory");
+                    for (int w = 0; w < 4; ++w) w4a8::fp4x8_e4m3(words[w], tlo, thi, o[2 * w], o[2 * w + 1]);
+                    // Columns 32·b .. +15 (words 0-1) and +16 .. +31 (words 2-3): the two halves of k32 slice b.
+                    const uint32_t dst = base + adst + static_cast<uint32_t>(b * L::kASlice);
+                    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(dst), "r"(o[0]), "r"(o[1]), "r"(o[2]),
+                                 "r"(o[3])
+                                 : "memory");
+                    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(dst + 128u), "r"(o[4]), "r"(o[5]),
+                                 "r"(o[6]), "r"(o[7])
+                                 : "memory");
+                }
+                fence_proxy_async_smem();   // the stores above are read by wgmma (the async proxy)
+                mbar_arrive(full0 + 8u * slot);
             }
-            fence_proxy_async_smem();   // the stores above are read by wgmma (the async proxy)
-            mbar_arrive(full0 + 8u * slot);
-        }
+        } while (tw.next(p, gi, row0, rows, G));
         asm volatile("cp.async.wait_all;" ::: "memory");
         asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
         return;
@@ -1303,69 +1408,73 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
     const int wg = warp >> 2, qw = warp & 3;
     const int r0 = wg * 64 + qw * 16 + g;   // the thread's accumulator rows: r0 (i < 2) and r0 + 8 (i ≥ 2)
     constexpr int NA = BT / 2, NT = BT / 8;
-    float acc[NA], part[NA];
+    do {
+        const int g0 = tw.i * ns;   // the steps of the CTA's earlier tiles (persistent)
+        float acc[NA], part[NA];
 #pragma unroll
-    for (int i = 0; i < NA; ++i) acc[i] = part[i] = 0.0f;
+        for (int i = 0; i < NA; ++i) acc[i] = part[i] = 0.0f;
 
-    for (int ls = 0; ls < ns; ++ls) {
-        const int slot = ls % ST;
-        mbar_wait(full0 + 8u * slot, static_cast<uint32_t>((ls / ST) & 1));
-        fence_proxy_async_smem();
-        const uint32_t st = smem_s + static_cast<uint32_t>(slot * L::kStage);
-        wgmma_fence();
+        for (int ls = 0; ls < ns; ++ls) {
+            const int gs = g0 + ls, slot = gs % ST;
+            mbar_wait(full0 + 8u * slot, static_cast<uint32_t>((gs / ST) & 1));
+            fence_proxy_async_smem();
+            const uint32_t st = smem_s + static_cast<uint32_t>(slot * L::kStage);
+            wgmma_fence();
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const uint64_t da = smem_desc(st + static_cast<uint32_t>(L::kA + j * L::kASlice + wg * 8 * 256), 128, 256);
-            const uint64_t db = smem_desc(st + static_cast<uint32_t>(L::kB + j * L::kBSlice), 128, 256);
-            wgmma_f8_m64k32<BT>(part, da, db, j);   // j = 0: part = A·B
+            for (int j = 0; j < 4; ++j) {
+                const uint64_t da = smem_desc(st + static_cast<uint32_t>(L::kA + j * L::kASlice + wg * 8 * 256), 128, 256);
+                const uint64_t db = smem_desc(st + static_cast<uint32_t>(L::kB + j * L::kBSlice), 128, 256);
+                wgmma_f8_m64k32<BT>(part, da, db, j);   // j = 0: part = A·B
+            }
+            wgmma_commit();
+            wgmma_wait<0>();
+#pragma unroll
+            for (int i = 0; i < NA; ++i) reg_fence(part[i]);   // read only after the wait
+            float rs[2];
+            float2 cs[NT];
+            asm volatile("ld.shared.f32 %0, [%1];" : "=f"(rs[0]) : "r"(st + static_cast<uint32_t>(L::kRowScale + r0 * 4)));
+            asm volatile("ld.shared.f32 %0, [%1];" : "=f"(rs[1]) : "r"(st + static_cast<uint32_t>(L::kRowScale + (r0 + 8) * 4)));
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                             : "=f"(cs[nt].x), "=f"(cs[nt].y)
+                             : "r"(st + static_cast<uint32_t>(L::kColScale + (nt * 8 + 2 * tig) * 4)));
+            mbar_arrive(empty0 + 8u * slot);   // every read of the slot is done: the decoders may refill it
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                acc[4 * nt + 0] += part[4 * nt + 0] * (rs[0] * cs[nt].x);
+                acc[4 * nt + 1] += part[4 * nt + 1] * (rs[0] * cs[nt].y);
+                acc[4 * nt + 2] += part[4 * nt + 2] * (rs[1] * cs[nt].x);
+                acc[4 * nt + 3] += part[4 * nt + 3] * (rs[1] * cs[nt].y);
+            }
         }
-        wgmma_commit();
-        wgmma_wait<0>();
-#pragma unroll
-        for (int i = 0; i < NA; ++i) reg_fence(part[i]);   // read only after the wait
-        float rs[2];
-        float2 cs[NT];
-        asm volatile("ld.shared.f32 %0, [%1];" : "=f"(rs[0]) : "r"(st + static_cast<uint32_t>(L::kRowScale + r0 * 4)));
-        asm volatile("ld.shared.f32 %0, [%1];" : "=f"(rs[1]) : "r"(st + static_cast<uint32_t>(L::kRowScale + (r0 + 8) * 4)));
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-            asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
-                         : "=f"(cs[nt].x), "=f"(cs[nt].y)
-                         : "r"(st + static_cast<uint32_t>(L::kColScale + (nt * 8 + 2 * tig) * 4)));
-        mbar_arrive(empty0 + 8u * slot);   // every read of the slot is done: the decoders may refill it
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            acc[4 * nt + 0] += part[4 * nt + 0] * (rs[0] * cs[nt].x);
-            acc[4 * nt + 1] += part[4 * nt + 1] * (rs[0] * cs[nt].y);
-            acc[4 * nt + 2] += part[4 * nt + 2] * (rs[1] * cs[nt].x);
-            acc[4 * nt + 3] += part[4 * nt + 3] * (rs[1] * cs[nt].y);
-        }
-    }
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+        if (tw.last(p)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 
-    if constexpr (kPair) {
-        const int feature = static_cast<int>(blockIdx.x) * (kF8Rows / 2) + wg * 32 + qw * 8 + g;
-        float rsc[NT][2];
-        row_scales<NT>(p, row0, rows, tig, rsc);
+        if constexpr (kPair) {
+            const int feature = tw.row_tile(p) * (kF8Rows / 2) + wg * 32 + qw * 8 + g;
+            float rsc[NT][2];
+            row_scales<NT>(p, row0, rows, tig, rsc);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                const int t = nt * 8 + 2 * tig + i;
-                if (t < rows && feature < p.N)
-                    store_h(p, row0 + t, feature, acc[4 * nt + i], acc[4 * nt + 2 + i], rsc[nt][i]);
-            }
-    } else {
+                for (int i = 0; i < 2; ++i) {
+                    const int t = nt * 8 + 2 * tig + i;
+                    if (t < rows && feature < p.N)
+                        store_h(p, row0 + t, feature, acc[4 * nt + i], acc[4 * nt + 2 + i], rsc[nt][i]);
+                }
+        } else {
+            const int rt = tw.row_tile(p);
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int t = nt * 8 + 2 * tig + (i & 1);
-                const int row = static_cast<int>(blockIdx.x) * kF8Rows + r0 + 8 * (i >> 1);
-                if (t < rows && row < p.N)
-                    store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + row, acc[4 * nt + i]);
-            }
-    }
+                for (int i = 0; i < 4; ++i) {
+                    const int t = nt * 8 + 2 * tig + (i & 1);
+                    const int row = rt * kF8Rows + r0 + 8 * (i >> 1);
+                    if (t < rows && row < p.N)
+                        store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + row, acc[4 * nt + i]);
+                }
+        }
+    } while (tw.next(p, gi, row0, rows, G));
 }
 
 // y[i] = Σ_{z < S} part[z][i] in order z = 0, 1, ... (deterministic), as f32 or rounded to bf16.
@@ -1478,6 +1587,10 @@ constexpr TiledConfig kConfigs[] = {
     {Tile::wgmma_f8_128x32, "wgmma_f8_128x32", 1, 4, 8, 1, kF8Rows, 32, 0},
     // wgmma_kernel, 32 tokens, two CTAs per SM (a 4-stage ring each)
     {Tile::wgmma_2cta_256x32, "wgmma_2cta_256x32", 2, 4, 8, 1, kWgRows, 32, 0},
+    // the persistent forms of wgmma_ws_256x128, wgmma_f8_128x128 and wgmma_f8_128x32 (TileWalk)
+    {Tile::wgmma_pws_256x128, "wgmma_pws_256x128", 2, 16, 8, 1, kWgRows, 128, 0},
+    {Tile::wgmma_pf8_128x128, "wgmma_pf8_128x128", 1, 16, 8, 1, kF8Rows, 128, 0},
+    {Tile::wgmma_pf8_128x32, "wgmma_pf8_128x32", 1, 4, 8, 1, kF8Rows, 32, 0},
 };
 constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
 constexpr bool configs_in_tile_order() {
@@ -1487,17 +1600,35 @@ constexpr bool configs_in_tile_order() {
 }
 static_assert(configs_in_tile_order(), "kConfigs[i] must describe Tile i");
 
-bool is_ws(Tile c) { return c == Tile::wgmma_ws_256x128 || c == Tile::wgmma_ws_256x32; }
+bool is_ws(Tile c) { return c == Tile::wgmma_ws_256x128 || c == Tile::wgmma_ws_256x32 || c == Tile::wgmma_pws_256x128; }
 bool is_wg(Tile c) {
     return c == Tile::wgmma_256x128 || c == Tile::wgmma_256x32 || c == Tile::wgmma_2cta_256x32 || is_ws(c);
 }
 // The W4A8 tiles: MXFP4 weights × FP8 activation codes, on moe_layer_routed's official-numerics path
 // only (moe_w4a8_fits); everywhere else a call that names one runs f8_fallback's register-A tile of
 // the same token count (the same work list).
-bool is_f8(Tile c) { return c == Tile::wgmma_f8_128x128 || c == Tile::wgmma_f8_128x32; }
+bool is_f8(Tile c) {
+    return c == Tile::wgmma_f8_128x128 || c == Tile::wgmma_f8_128x32 || c == Tile::wgmma_pf8_128x128 ||
+           c == Tile::wgmma_pf8_128x32;
+}
 // What a W4A8 tile runs as where it does not apply: the register-A wgmma tile of the same token
-// count (the same work list).
-Tile f8_fallback(Tile c) { return c == Tile::wgmma_f8_128x32 ? Tile::wgmma_256x32 : Tile::wgmma_ws_256x128; }
+// count (the same work list), persistent where one is instantiated.
+Tile f8_fallback(Tile c) {
+    if (c == Tile::wgmma_f8_128x32 || c == Tile::wgmma_pf8_128x32) return Tile::wgmma_256x32;
+    return c == Tile::wgmma_pf8_128x128 ? Tile::wgmma_pws_256x128 : Tile::wgmma_ws_256x128;
+}
+// The persistent tiles (TileWalk): listed groups only; a dense call runs one_tile_form(c).
+bool is_persistent(Tile c) {
+    return c == Tile::wgmma_pws_256x128 || c == Tile::wgmma_pf8_128x128 || c == Tile::wgmma_pf8_128x32;
+}
+Tile one_tile_form(Tile c) {
+    switch (c) {
+        case Tile::wgmma_pws_256x128: return Tile::wgmma_ws_256x128;
+        case Tile::wgmma_pf8_128x128: return Tile::wgmma_f8_128x128;
+        case Tile::wgmma_pf8_128x32: return Tile::wgmma_f8_128x32;
+        default: return c;
+    }
+}
 
 // A forced tile (or automatic) that names a shape; throws otherwise.
 void check_tile(Tile c) {
@@ -1549,6 +1680,17 @@ template <LinearFormat F, int BT, bool WS, int CPS = 1> TiledKernel wg_kernel_fo
     if (epi == kEpiBf16) return WS ? wgmma_ws_kernel<F, kEpiBf16, BT> : wgmma_kernel<F, kEpiBf16, BT, CPS>;
     return WS ? wgmma_ws_kernel<F, kEpiF32, BT> : wgmma_kernel<F, kEpiF32, BT, CPS>;
 }
+// wgmma_pws_256x128: the expert layer's formats and epilogues only (h of a SwiGLU pair, f32 rows),
+// the instances a grouped call can ask for.
+template <LinearFormat F> TiledKernel pws_kernel_for(int epi, int& smem) {
+    if constexpr (F == LinearFormat::mxfp4 || F == LinearFormat::nvfp4) {
+        smem = WsLayout<F, 128>::kSmem;
+        if (epi == kEpiSwiglu) return wgmma_ws_kernel<F, kEpiSwiglu, 128, true>;
+        if (epi == kEpiF32) return wgmma_ws_kernel<F, kEpiF32, 128, true>;
+    }
+    fail("wgmma_pws_256x128: grouped NVFP4 / MXFP4 layers with h or f32 rows only, not ", linear_format_name(F),
+         epi == kEpiBf16 ? " with bf16 y" : "");
+}
 
 template <LinearFormat F> TiledKernel wg_kernel_for(Tile c, int epi, int& smem) {
     switch (c) {
@@ -1556,6 +1698,7 @@ template <LinearFormat F> TiledKernel wg_kernel_for(Tile c, int epi, int& smem) 
         case Tile::wgmma_256x32: return wg_kernel_for<F, 32, false>(epi, smem);
         case Tile::wgmma_2cta_256x32: return wg_kernel_for<F, 32, false, 2>(epi, smem);
         case Tile::wgmma_ws_256x128: return wg_kernel_for<F, 128, true>(epi, smem);
+        case Tile::wgmma_pws_256x128: return pws_kernel_for<F>(epi, smem);
         default: return wg_kernel_for<F, 32, true>(epi, smem);
     }
 }
@@ -1564,12 +1707,15 @@ TiledKernel tiled_kernel_for(LinearFormat f, int epi, Tile c, int& smem) {
     if (is_f8(c)) {
         MEGAMOE_CHECK(f == LinearFormat::mxfp4 && epi != kEpiBf16, "wgmma_f8: MXFP4 expert layers only, not ",
                       linear_format_name(f), epi == kEpiBf16 ? " with bf16 y" : "");
+        const bool sw = epi == kEpiSwiglu, pe = is_persistent(c);
         if (cfg(c).tokens == 32) {
             smem = F8Layout<32>::kSmem;
-            return epi == kEpiSwiglu ? wgmma_f8_kernel<kEpiSwiglu, 32> : wgmma_f8_kernel<kEpiF32, 32>;
+            if (pe) return sw ? wgmma_f8_kernel<kEpiSwiglu, 32, true> : wgmma_f8_kernel<kEpiF32, 32, true>;
+            return sw ? wgmma_f8_kernel<kEpiSwiglu, 32> : wgmma_f8_kernel<kEpiF32, 32>;
         }
         smem = F8Layout<128>::kSmem;
-        return epi == kEpiSwiglu ? wgmma_f8_kernel<kEpiSwiglu, 128> : wgmma_f8_kernel<kEpiF32, 128>;
+        if (pe) return sw ? wgmma_f8_kernel<kEpiSwiglu, 128, true> : wgmma_f8_kernel<kEpiF32, 128, true>;
+        return sw ? wgmma_f8_kernel<kEpiSwiglu, 128> : wgmma_f8_kernel<kEpiF32, 128>;
     }
     if (is_wg(c)) {
         switch (f) {
@@ -1863,6 +2009,7 @@ void linear_tiled(const DeviceLinear& w, const uint16_t* x, int64_t M, void* y, 
     const int64_t N = w.out / o.groups;
     Tile c = tile != Tile::automatic ? tile : choose_dense(N, M, o.groups, w.in % step_cols(w.format) == 0);
     if (is_f8(c)) c = f8_fallback(c);   // the W4A8 tiles are the expert layer's (is_f8)
+    c = one_tile_form(c);               // a dense call has no work list for a persistent walk
     const uint16_t* xk = x;   // x as the kernel reads it
     const int64_t cols = w.in * o.groups;
     const size_t room = scratch != nullptr && scratch->p != nullptr ? scratch->bytes : 0;
@@ -2122,6 +2269,13 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     MEGAMOE_CHECK(items <= 65535, "moe_l", l1 ? 1 : 2, ": ", items, " work items exceed one launch");
     const int64_t rows_per_cta = l1 ? t.rows / 2 : t.rows;
     const int64_t gx = ceil_div(w.out, rows_per_cta);
+    if (is_persistent(c)) {   // one CTA per SM walks the list's gx · n_items tiles (TileWalk)
+        MEGAMOE_CHECK(gx * items <= std::numeric_limits<int>::max(), "moe_l", l1 ? 1 : 2, ": ", gx * items, " tiles");
+        p.row_tiles = static_cast<int>(gx);
+        const int64_t grid = std::min<int64_t>(gx * items, sm_count());
+        launch_tiled(ex.format, l1 ? kEpiSwiglu : kEpiF32, c, p, static_cast<unsigned>(grid), 1, stream);
+        return;
+    }
     const int64_t S = decode_split(c, gx * items, p.steps);
     p.spz = static_cast<int>(ceil_div(p.steps, S));
     launch_tiled(ex.format, l1 ? kEpiSwiglu : kEpiF32, c, p, static_cast<unsigned>(gx), static_cast<unsigned>(items),
@@ -2212,6 +2366,7 @@ Tile moe_layer_config(const DeviceExperts& ex, int64_t T, int64_t k) { return ch
 
 Tile w4a8_tile(Tile c) {
     if (c == Tile::wgmma_ws_256x128) return Tile::wgmma_f8_128x128;
+    if (c == Tile::wgmma_pws_256x128) return Tile::wgmma_pf8_128x128;
     if (c == Tile::wgmma_256x32 || c == Tile::wgmma_2cta_256x32 || c == Tile::mma_256x32 || c == Tile::mma_256x48)
         return Tile::wgmma_f8_128x32;
     return c;

@@ -59,6 +59,13 @@ enum class Tile : int8_t {
     wgmma_f8_128x32,   // the same for 32 tokens per tile (T ≈ 1024); elsewhere it runs as wgmma_256x32
     wgmma_2cta_256x32, // wgmma_256x32 at two CTAs per SM (a 4-stage ring each): one CTA's ring fill and
                        // epilogue overlap the other's steps (the MXFP4 choice at T ≈ 512-2048 until mma_256x32)
+    // The persistent tiles (grouped calls; a dense call runs the one-tile form): one CTA per SM walks
+    // the work list, its ring running on from tile to tile, so the producer (decoders) fill the next
+    // tile's stages while the consumers finish a tile and store it. Not measured yet (written on
+    // 2026-12-07 without a GPU), so never chosen automatically: --config / a forced tile asks for one.
+    wgmma_pws_256x128, // wgmma_ws_256x128, persistent
+    wgmma_pf8_128x128, // wgmma_f8_128x128, persistent; where W4A8 does not apply it runs as wgmma_pws_256x128
+    wgmma_pf8_128x32,  // wgmma_f8_128x32, persistent; where W4A8 does not apply it runs as wgmma_256x32
 };
 
 // A kernel shape: a CTA of wr·wt warps covers `rows` weight rows × `tokens` tokens per tile.
@@ -212,11 +219,12 @@ void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, fl
 // the products are the official W4A8 GEMM's; the FP8 tensor core's accumulation is promoted to f32
 // every 128 columns, as DeepSeek's and cuBLASLt's FP8 GEMMs do, so rows differ from the bf16 tiles'
 // by that accumulator's precision, not only by f32 summation order: the tests bound it by 2^-10 of
-// Σ|w·h|). Otherwise those tiles run as wgmma_ws_256x128 / wgmma_256x32.
+// Σ|w·h|). Otherwise those tiles run as wgmma_ws_256x128 / wgmma_256x32 (the persistent
+// wgmma_pf8_128x128 / wgmma_pf8_128x32 as wgmma_pws_256x128 / wgmma_256x32).
 bool moe_w4a8_fits(const DeviceExperts& ex, Numerics nm);
 // The W4A8 tile for a tile the automatic choice took: wgmma_ws_256x128 → wgmma_f8_128x128,
-// wgmma_256x32, wgmma_2cta_256x32, mma_256x32 or mma_256x48 → wgmma_f8_128x32; any other tile stays (the
-// mma.sync tiles of fewer rows per expert).
+// wgmma_256x32, wgmma_2cta_256x32, mma_256x32 or mma_256x48 → wgmma_f8_128x32, wgmma_pws_256x128 →
+// wgmma_pf8_128x128; any other tile stays (the mma.sync tiles of fewer rows per expert).
 Tile w4a8_tile(Tile automatic_choice);
 
 // The small-T path (moe_small.cu): two launches that read their routing straight from ids (no

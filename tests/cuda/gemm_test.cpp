@@ -1095,6 +1095,7 @@ TEST(CudaMoeLayer, AutomaticTileByRowsPerExpert) {
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_256x32), cuda::Tile::wgmma_f8_128x32);
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_256x48), cuda::Tile::wgmma_f8_128x32);
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::wgmma_ws_256x128), cuda::Tile::wgmma_f8_128x128);
+    EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::wgmma_pws_256x128), cuda::Tile::wgmma_pf8_128x128);
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_128x8), cuda::Tile::mma_128x8);
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_128x16), cuda::Tile::mma_128x16);
 }
@@ -1379,8 +1380,17 @@ void spread_mxfp4_scales(HostExperts& hx, uint32_t seed) {
     }
 }
 
-// The W4A8 tiles (Tile::wgmma_f8_128x128 and wgmma_f8_128x32: MXFP4 weights × FP8 activation codes on
-// the FP8 tensor core) under the official numerics, the only place they run as such
+// The W4A8 tiles, one-tile and persistent, and the register-A tile each runs as where W4A8 does not
+// apply (gemm.h, moe_w4a8_fits): the same token tile, so the same work list.
+const cuda::Tile kW4a8Tiles[] = {cuda::Tile::wgmma_f8_128x128, cuda::Tile::wgmma_f8_128x32,
+                                 cuda::Tile::wgmma_pf8_128x128, cuda::Tile::wgmma_pf8_128x32};
+cuda::Tile register_a_tile(cuda::Tile w4a8) {
+    if (w4a8 == cuda::Tile::wgmma_f8_128x32 || w4a8 == cuda::Tile::wgmma_pf8_128x32) return cuda::Tile::wgmma_256x32;
+    return w4a8 == cuda::Tile::wgmma_pf8_128x128 ? cuda::Tile::wgmma_pws_256x128 : cuda::Tile::wgmma_ws_256x128;
+}
+
+// The W4A8 tiles (Tile::wgmma_f8_128x128 and wgmma_f8_128x32, and their persistent forms: MXFP4
+// weights × FP8 activation codes on the FP8 tensor core) under the official numerics, the only place they run as such
 // (moe_w4a8_fits). Checked, for each:
 //  (a) h is FP8-rounded in 128-blocks and (b) y is the official combine of the GPU's rows, as in
 //      OfficialNumericsMatchCpuOfficial;
@@ -1419,8 +1429,8 @@ TEST(CudaMoeLayer, W4a8TileMatchesCpuOfficial) {
         cuda::MoeLayerWorkspace ws(sh.T_max, sh.k, dex);
         const int64_t D = sh.D, I = sh.I, k = sh.k;
         for (int64_t T : sh.Ts)
-        for (cuda::Tile tile : {cuda::Tile::wgmma_f8_128x128, cuda::Tile::wgmma_f8_128x32}) {
-            const cuda::Tile reg_a = tile == cuda::Tile::wgmma_f8_128x32 ? cuda::Tile::wgmma_256x32 : cuda::Tile::wgmma_ws_256x128;
+        for (cuda::Tile tile : kW4a8Tiles) {
+            const cuda::Tile reg_a = register_a_tile(tile);
             SCOPED_TRACE(str(cuda::tile_name(tile), " D=", D, " I=", I, " T=", T));
             MoeCase c = make_case(Routing::uniform, T, k, sh.E, D, true, ++seed);
             std::vector<float> xf = widen(c.x);
@@ -1535,7 +1545,8 @@ TEST(CudaMoeLayer, W4a8TileMatchesCpuOfficial) {
 }
 
 // Where a W4A8 tile does not apply it runs as the register-A tile of its token count
-// (wgmma_ws_256x128, wgmma_256x32): exact numerics, and NVFP4 in either, give that tile's bits.
+// (wgmma_ws_256x128, wgmma_256x32; wgmma_pws_256x128 for wgmma_pf8_128x128): exact numerics, and
+// NVFP4 in either, give that tile's bits.
 TEST(CudaMoeLayer, W4a8TileFallsBackOutsideOfficialMxfp4) {
     SKIP_WITHOUT_GPU();
     const int64_t D = 256, I = 256, k = 6, E = 16, T = 40, N = T * k;
@@ -1550,9 +1561,8 @@ TEST(CudaMoeLayer, W4a8TileFallsBackOutsideOfficialMxfp4) {
         in.upload(c);
         for (Numerics nm : {Numerics::exact, Numerics::official}) {
             if (nm == Numerics::official && f == LinearFormat::mxfp4) continue;   // runs as W4A8 (above)
-            for (cuda::Tile tile : {cuda::Tile::wgmma_f8_128x128, cuda::Tile::wgmma_f8_128x32}) {
-                const cuda::Tile reg_a =
-                    tile == cuda::Tile::wgmma_f8_128x32 ? cuda::Tile::wgmma_256x32 : cuda::Tile::wgmma_ws_256x128;
+            for (cuda::Tile tile : kW4a8Tiles) {
+                const cuda::Tile reg_a = register_a_tile(tile);
                 std::vector<float> out[2];
                 for (int pass = 0; pass < 2; ++pass) {
                     poison(ws.rows.data(), ws.rows.size());
@@ -1563,6 +1573,60 @@ TEST(CudaMoeLayer, W4a8TileFallsBackOutsideOfficialMxfp4) {
                 }
                 EXPECT_EQ(first_mismatch(out[0], out[1]), -1)
                     << fmt_name(f) << (nm == Numerics::exact ? " exact " : " official ") << cuda::tile_name(tile);
+            }
+        }
+    }
+}
+
+// The persistent tiles (gemm.h: one CTA per SM walks the work list, its ring running on from tile
+// to tile) compute every tile as their one-tile forms do, in the same order, so h, the slot rows and
+// y are the same bits: wgmma_pws_256x128 against wgmma_ws_256x128 (NVFP4 and MXFP4, exact and
+// official numerics), wgmma_pf8_128x128 / wgmma_pf8_128x32 against wgmma_f8_128x128 / wgmma_f8_128x32
+// (MXFP4, official: W4A8; elsewhere both sides run their register-A fallbacks). V4-Flash widths
+// with enough tokens that the list has more tiles than an H100 or H200 has SMs (so each CTA walks
+// several, across the ring's phase wraps), and odd widths (D = 384, I = 640: 3 and 5 steps).
+TEST(CudaMoeLayer, PersistentTilesEqualOneTileForms) {
+    SKIP_WITHOUT_GPU();
+    struct Shape {
+        int64_t D, I, E, k, T;
+    };
+    const std::pair<cuda::Tile, cuda::Tile> pairs[] = {{cuda::Tile::wgmma_pws_256x128, cuda::Tile::wgmma_ws_256x128},
+                                                       {cuda::Tile::wgmma_pf8_128x128, cuda::Tile::wgmma_f8_128x128},
+                                                       {cuda::Tile::wgmma_pf8_128x32, cuda::Tile::wgmma_f8_128x32}};
+    uint32_t seed = 63000;
+    for (const Shape& sh : {Shape{4096, 2048, 16, 6, 300}, Shape{384, 640, 8, 4, 70}}) {
+        for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+            const HostExperts hx = make_experts(f, sh.E, sh.D, sh.I, seed += 1000);
+            cuda::DeviceExperts dex(hx.experts);
+            cuda::MoeLayerWorkspace ws(sh.T, sh.k, dex);
+            const int64_t T = sh.T, D = sh.D, N = T * sh.k;
+            const MoeCase c = make_case(Routing::uniform, T, sh.k, sh.E, D, true, ++seed);
+            DeviceInputs in(T, sh.k, D);
+            in.upload(c);
+            DeviceArray<float> y(static_cast<size_t>(T * D));
+            for (Numerics nm : {Numerics::exact, Numerics::official}) {
+                for (const auto& [pers, one] : pairs) {
+                    SCOPED_TRACE(str(fmt_name(f), nm == Numerics::exact ? " exact " : " official ", cuda::tile_name(pers),
+                                     " D=", D, " I=", sh.I, " T=", T));
+                    std::vector<uint16_t> h[2];
+                    std::vector<float> rows[2], yv[2];
+                    for (int pass = 0; pass < 2; ++pass) {
+                        poison(ws.h.data(), ws.h.size());
+                        poison(ws.rows.data(), ws.rows.size());
+                        poison(y.data(), y.size());
+                        cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr,
+                                               pass == 0 ? one : pers, nm);
+                        cuda::moe_layer_combine(ws, T, in.shared.data(), y.data(), nullptr, nm);
+                        CUDA_CHECK(cudaDeviceSynchronize());
+                        h[pass] = to_host(ws.h.data(), static_cast<size_t>(N * sh.I));
+                        rows[pass] = to_host(ws.rows.data(), static_cast<size_t>(N * D));
+                        yv[pass] = to_host(y.data(), y.size());
+                    }
+                    EXPECT_EQ(first_mismatch(h[0], h[1]), -1) << "h";
+                    EXPECT_EQ(first_mismatch(rows[0], rows[1]), -1) << "slot rows";
+                    EXPECT_EQ(first_mismatch(yv[0], yv[1]), -1) << "y";
+                    if (HasFailure()) return;
+                }
             }
         }
     }
