@@ -1393,7 +1393,20 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
                                  "r"(o[6]), "r"(o[7])
                                  : "memory");
                 }
-                fence_proxy_async_smem();   // the stores above are read by wgmma (the async proxy)
+                // The stores above are read by wgmma (the async proxy). The proxy fence that orders them is
+                // the MMA warps' own, after their wait on full[slot] (below), as for the x bytes these
+                // threads copy with cp.async (generic-proxy writes too): the mbarrier's release (this
+                // arrive) and acquire (their wait) put the stores before that fence in causality order,
+                // which is what the PTX memory model asks of a proxy fence ("along the base causality
+                // path"), and wgmma_ws_kernel orders its producer's cp.async bytes the same way. These
+                // threads used to fence here as well, every step, with the x copies and the raw ring's
+                // cp.asyncs of later steps in flight; if the hardware drains a thread's outstanding
+                // cp.asyncs at a proxy fence (not documented either way; Fuser measured ~50% on a
+                // Hopper GEMM from dropping proxy fences that mbarrier waits made redundant), that
+                // tied each step to an HBM round trip. What was measured fits that: the MMA warps polled
+                // full[] ~75 times a step (ncu source counters), and at T = 16384 a step took ~2 µs
+                // (18.7 ms over ~8900 steps per SM, H100) for the decoders' ~420 instructions.
+                // Not yet measured without the fence (written without a GPU).
                 mbar_arrive(full0 + 8u * slot);
             }
         } while (tw.next(p, gi, row0, rows, G));
