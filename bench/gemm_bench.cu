@@ -26,6 +26,8 @@
 //   --skew S:  the expert layer's routings draw expert e in proportion to 1 / (1 + rank e)^S (a fixed
 //              shuffle of the experts gives the ranks), so some experts hold several times the mean
 //              rows; 0 (the default) is uniform. Each T's first routing's rows per expert are printed.
+//   --skip-dead: the expert layer's workspace with skip_dead_ntiles (gemm.h): mma_256x32 and
+//              mma_256x48 multiply (and copy x for) only the 8-token column tiles that hold rows.
 // Progress goes to stderr; the header, the result tables (markdown) and the notes to stdout.
 //
 // Part A — linears. For each projection of the attention and of the shared expert, in its
@@ -475,6 +477,7 @@ struct Options {
     bool moe_small = false;                    // --moe-small: the expert layer through cuda::moe_layer_small
     Numerics nm = Numerics::exact;             // --numerics: the expert layer's numerics
     double skew = 0.0;                         // --skew: expert popularity 1 / (1 + rank)^skew (0: uniform)
+    bool skip_dead = false;                    // --skip-dead: MoeLayerWorkspace::skip_dead_ntiles
     std::string part = "all", models, shapes, formats;
     std::vector<int64_t> Ms, Ts;
 };
@@ -1104,6 +1107,8 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
         }
         cuda::DeviceExperts ex(host);
         cuda::MoeLayerWorkspace ws(T_max, k, ex);
+        ws.skip_dead_ntiles = opt.skip_dead;
+        if (opt.skip_dead) progress("  skip_dead_ntiles on: mma_256x32 / mma_256x48 skip column tiles without rows\n");
         CUDA_CHECK(cudaDeviceSynchronize());   // uploads ran on the legacy stream
         DeviceArray<uint16_t> dx(size_t(T_max * D));
         DeviceArray<float> dshared(size_t(T_max * D)), dy(size_t(T_max * D));
@@ -1201,6 +1206,7 @@ int main(int argc, char** argv) {
             else if (a == "--f32-out") opt.y_f32 = true;
             else if (a == "--config") opt.tile = parse_tile(next());
             else if (a == "--moe-small") opt.moe_small = true;
+            else if (a == "--skip-dead") opt.skip_dead = true;
             else if (a == "--skew") {
                 const std::string v = next();
                 char* end = nullptr;
@@ -1230,6 +1236,7 @@ int main(int argc, char** argv) {
                     "       [--moe-small]  (expert layer: the two-launch small-T path, T <= 8)\n"
                     "       [--numerics exact|official]  (expert layer; official: W4A8 with --config wgmma_f8_128x128)\n"
                     "       [--skew S]  (expert layer: expert e routed in proportion to 1 / (1 + rank e)^S; 0 = uniform)\n"
+                    "       [--skip-dead]  (expert layer: mma_256x32 / mma_256x48 skip the 8-token column tiles without rows)\n"
                     "shapes: wq_a wq_b wkv wo_a wo_b sh.w1 sh.w2 idx.wq_b\n"
                     "tiles (--config: a name or its index):");
                 for (size_t i = 0; i < cuda::tiled_configs().size(); ++i)

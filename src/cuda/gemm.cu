@@ -107,6 +107,10 @@ struct TiledParams {
     // The persistent tiles (is_persistent: wgmma_pws_256x128, wgmma_pf8_*; listed groups only): row
     // tiles per work item. gridDim.x CTAs then walk the list (TileWalk); 0 for every other launch.
     int row_tiles;
+    // mma_256x32 / mma_256x48 on listed groups: launch tiled_kernel's kSkipDead instance, whose
+    // warps multiply only the 8-token column tiles that hold rows of their work item, and whose
+    // ring copies x only for those (MoeLayerWorkspace::skip_dead_ntiles; off: every column tile).
+    bool skip_dead;
 };
 
 template <LinearFormat F> struct TileX;   // x row stride in shared memory per step (conflict-free LDS.128)
@@ -293,7 +297,9 @@ template <int MT, int NT, int WR, int WT> constexpr int tiled_min_ctas() {
     return MT == 2 && (NT == 4 || NT == 6) && WR == 8 && WT == 1 ? 2 : 1;
 }
 
-template <LinearFormat F, int MT, int NT, int WR, int WT, int ST, int EPI>
+// kSkipDead: the instance that skips the column tiles without rows (p.skip_dead; mma_256x32 and
+// mma_256x48 on listed groups, launch_tiled); every other instance multiplies all of them.
+template <LinearFormat F, int MT, int NT, int WR, int WT, int ST, int EPI, bool kSkipDead = false>
 static __global__ void __launch_bounds__(WR * WT * 32, tiled_min_ctas<MT, NT, WR, WT>()) tiled_kernel(const TiledParams p) {
     using L = TileLayout<F, MT, NT, WR, WT, ST>;
     constexpr int kThreads = L::kThreads;
@@ -359,6 +365,11 @@ static __global__ void __launch_bounds__(WR * WT * 32, tiled_min_ctas<MT, NT, WR
     }
     const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
 
+    // The tile's 8-token column tiles that hold rows (kSkipDead with p.skip_dead; else all): the x
+    // chunks of the rest are not copied, and a warp's column tiles past them are not multiplied
+    // (their columns are never stored, and no warp reads their x).
+    static_assert(!kSkipDead || (WT == 1 && NT >= 4 && NT <= 8), "the skip instances: one warp column, 4-8 column tiles");
+    const int live_tok = kSkipDead ? min(BT, (rows + 7) & ~7) : BT;
     auto issue = [&](int s, int slot) {
         const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
 #pragma unroll
@@ -378,7 +389,8 @@ static __global__ void __launch_bounds__(WR * WT * 32, tiled_min_ctas<MT, NT, WR
                 }
             }
         }
-        for (int c = tid; c < kXChunks; c += kThreads) {
+        const int x_chunks = kSkipDead ? live_tok * (kStepK / 8) : kXChunks;
+        for (int c = tid; c < x_chunks; c += kThreads) {
             const int t = c / (kStepK / 8), q = c - t * (kStepK / 8);
             const int k = s * kStepK + q * 8;
             const bool ok = t < rows && k < p.K;
@@ -424,26 +436,14 @@ static __global__ void __launch_bounds__(WR * WT * 32, tiled_min_ctas<MT, NT, WR
             for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0.0f;
 
     const int tb = wt_i * NT * 8;
-    for (int i = 0; i < n_steps; ++i) {
-        const int s = s_begin + i;
-        cp_async_wait<kTStages - 2>();
-        __syncthreads();   // step s has landed for every thread; slot (i-1) % kTStages is free
-        {
-            const int nx = i + kTStages - 1;
-            if (nx < n_steps) issue(s_begin + nx, nx % kTStages);
-            cp_async_commit();
-        }
-        const uint8_t* st = smem + (i % kTStages) * L::kStage;
-
-        uint4 wv[MT][2];
-        uint32_t mlo[MT][2], mhi[MT][2];
-        stage_weights<F, MT>(st + L::kW, st + L::kS, lrow, mat, s_lo, tig, s, G, wv, mlo, mhi);
-
+    // The step's MMAs over this warp's first LIVE column tiles (LIVE = NT: all of them).
+    auto multiply = [&]<int LIVE>(const uint8_t* st, const uint4 (&wv)[MT][2], const uint32_t (&mlo)[MT][2],
+                                  const uint32_t (&mhi)[MT][2]) {
 #pragma unroll
         for (int l = 0; l < kLds; ++l) {
-            uint4 b[NT];
+            uint4 b[LIVE > 0 ? LIVE : 1];
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+            for (int nt = 0; nt < LIVE; ++nt)
                 b[nt] = *reinterpret_cast<const uint4*>(st + L::kX + (tb + nt * 8 + g) * XRS +
                                                         x_chunk_pos<F>(tig * kLds + l) * 16);
 #pragma unroll
@@ -451,12 +451,53 @@ static __global__ void __launch_bounds__(WR * WT * 32, tiled_min_ctas<MT, NT, WR
                 uint32_t a[2][4];
                 decode_a<F>(wv[mt][0], wv[mt][1], l, mlo[mt][0], mhi[mt][0], mlo[mt][1], mhi[mt][1], a);
 #pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
+                for (int nt = 0; nt < LIVE; ++nt) {
                     mma_bf16(acc[mt][nt], a[0][0], a[0][1], a[0][2], a[0][3], b[nt].x, b[nt].y);
                     mma_bf16(acc[mt][nt], a[1][0], a[1][1], a[1][2], a[1][3], b[nt].z, b[nt].w);
                 }
             }
         }
+    };
+    // This warp's column tiles with rows (warp-uniform, constant over the CTA's steps).
+    const int live = kSkipDead ? max(0, min(NT, (live_tok - tb) / 8)) : NT;
+    // The main loop for LIVE column tiles; the skip instances run one copy per LIVE, chosen once
+    // (the choice inside the loop, per step, made ptxas spill 100-136 bytes in mma_256x48's).
+    auto main_loop = [&]<int LIVE>() {
+        for (int i = 0; i < n_steps; ++i) {
+            const int s = s_begin + i;
+            cp_async_wait<kTStages - 2>();
+            __syncthreads();   // step s has landed for every thread; slot (i-1) % kTStages is free
+            {
+                const int nx = i + kTStages - 1;
+                if (nx < n_steps) issue(s_begin + nx, nx % kTStages);
+                cp_async_commit();
+            }
+            const uint8_t* st = smem + (i % kTStages) * L::kStage;
+
+            uint4 wv[MT][2];
+            uint32_t mlo[MT][2], mhi[MT][2];
+            stage_weights<F, MT>(st + L::kW, st + L::kS, lrow, mat, s_lo, tig, s, G, wv, mlo, mhi);
+            multiply.template operator()<LIVE>(st, wv, mlo, mhi);
+        }
+    };
+    if constexpr (kSkipDead) {
+        // (live ≥ 1: an item has rows, and the warp's columns start at token 0)
+        if (live >= NT) main_loop.template operator()<NT>();
+        else if (live == NT - 1) main_loop.template operator()<NT - 1>();
+        else if (live == NT - 2) main_loop.template operator()<NT - 2>();
+        else if (live == NT - 3) main_loop.template operator()<NT - 3>();
+        else if constexpr (NT > 4) {
+            if (live == NT - 4) main_loop.template operator()<NT - 4>();
+            else if constexpr (NT > 5) {
+                if (live == NT - 5) main_loop.template operator()<NT - 5>();
+                else if constexpr (NT > 6) {
+                    if (live == NT - 6) main_loop.template operator()<NT - 6>();
+                    else if constexpr (NT > 7) main_loop.template operator()<NT - 7>();
+                }
+            }
+        }
+    } else {
+        main_loop.template operator()<NT>();
     }
     cp_async_wait<0>();
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -1774,10 +1815,37 @@ int64_t decode_split(Tile c, int64_t ctas, int64_t steps) {
     return ctas <= 2 * sm_count() ? 2 : 1;
 }
 
+static_assert(kConfigs[static_cast<int>(Tile::mma_256x32)].mt == 2 && kConfigs[static_cast<int>(Tile::mma_256x32)].nt == 4 &&
+                  kConfigs[static_cast<int>(Tile::mma_256x32)].wr == 8 && kConfigs[static_cast<int>(Tile::mma_256x32)].wt == 1 &&
+                  kConfigs[static_cast<int>(Tile::mma_256x32)].stages == 3 &&
+                  kConfigs[static_cast<int>(Tile::mma_256x48)].mt == 2 && kConfigs[static_cast<int>(Tile::mma_256x48)].nt == 6 &&
+                  kConfigs[static_cast<int>(Tile::mma_256x48)].wr == 8 && kConfigs[static_cast<int>(Tile::mma_256x48)].wt == 1 &&
+                  kConfigs[static_cast<int>(Tile::mma_256x48)].stages == 3,
+              "skip_dead_kernel_for instantiates mma_256x32 and mma_256x48 by their shapes");
+// The kSkipDead instances of tiled_kernel (TiledParams::skip_dead): mma_256x32 and mma_256x48,
+// the expert layer's formats and epilogues; null for any other tile.
+template <LinearFormat F> TiledKernel skip_dead_kernel_for(Tile c, int epi) {
+    if constexpr (F == LinearFormat::nvfp4 || F == LinearFormat::mxfp4) {
+        if (epi == kEpiBf16) return nullptr;
+        const bool sw = epi == kEpiSwiglu;
+        if (c == Tile::mma_256x32)
+            return sw ? tiled_kernel<F, 2, 4, 8, 1, 3, kEpiSwiglu, true> : tiled_kernel<F, 2, 4, 8, 1, 3, kEpiF32, true>;
+        if (c == Tile::mma_256x48)
+            return sw ? tiled_kernel<F, 2, 6, 8, 1, 3, kEpiSwiglu, true> : tiled_kernel<F, 2, 6, 8, 1, 3, kEpiF32, true>;
+    }
+    return nullptr;
+}
+
 void launch_tiled(LinearFormat f, int epi, Tile c, const TiledParams& p, unsigned grid_x, unsigned grid_y,
                   cudaStream_t stream, unsigned grid_z = 1) {
     int smem = 0;
-    const TiledKernel k = tiled_kernel_for(f, epi, c, smem);
+    TiledKernel k = tiled_kernel_for(f, epi, c, smem);
+    if (p.skip_dead && p.items != nullptr) {   // the same shape and shared memory, its skip instance
+        const TiledKernel ks = f == LinearFormat::nvfp4   ? skip_dead_kernel_for<LinearFormat::nvfp4>(c, epi)
+                               : f == LinearFormat::mxfp4 ? skip_dead_kernel_for<LinearFormat::mxfp4>(c, epi)
+                                                          : nullptr;
+        if (ks != nullptr) k = ks;
+    }
     raise_dynamic_smem(reinterpret_cast<const void*>(k), static_cast<size_t>(smem));
     const TiledConfig& t = cfg(c);
     const unsigned threads = threads_of(c);
@@ -2273,6 +2341,7 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     p.spz = p.steps;
     p.part = nullptr;
     p.official = official;
+    p.skip_dead = ws.skip_dead_ntiles;
     if (is_f8(c)) {   // x as codes: x_ld bytes per row (= K), one scale per 128 columns
         p.x8 = x8->q;
         p.xs8 = x8->s;

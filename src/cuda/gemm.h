@@ -177,6 +177,12 @@ public:
     DeviceArray<int32_t>     n_items;    // [2] int32: items of L1's tile size, of L2's
     int64_t                  max_items = 0;
     bool                     skip_bucket = false;   // dispatch.E = experts + 1 (see above)
+    // mma_256x32 / mma_256x48 (the tiles of 12-60 rows per expert): each warp multiplies only the
+    // 8-token column tiles of a work item that hold rows, and x is copied only for those, so a
+    // 48-token tile of 20 rows costs about what a 24-token one would. Same results bit for bit
+    // (the skipped columns are never stored). Off by default: not measured yet (2026-12-07, no
+    // GPU); megamoe-gemm-bench --skip-dead turns it on for the expert layer.
+    bool                     skip_dead_ntiles = false;
     size_t bytes() const;                // device bytes held
 };
 

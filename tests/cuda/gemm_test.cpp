@@ -1632,6 +1632,65 @@ TEST(CudaMoeLayer, PersistentTilesEqualOneTileForms) {
     }
 }
 
+// MoeLayerWorkspace::skip_dead_ntiles: mma_256x32 and mma_256x48 multiply (and copy x for) only
+// the 8-token column tiles of a work item that hold rows. The skipped columns are never stored, so
+// h, the slot rows and y are the same bits as with every column tile. Token counts that leave
+// partial tiles of 1-47 rows per expert (E = 16, k = 6: T = 20 → ~7.5 rows per expert, 70 → ~26,
+// 120 → 45, and a hot routing with a few experts far above the mean), NVFP4 and MXFP4, exact and
+// official numerics (official MXFP4 would run the W4A8 tile only when asked for one: these tiles
+// stay bf16), V4-Flash widths and odd ones (D = 384, I = 640).
+TEST(CudaMoeLayer, SkipDeadColumnTilesEqualsEveryColumnTile) {
+    SKIP_WITHOUT_GPU();
+    struct Shape {
+        int64_t D, I, E, k;
+    };
+    uint32_t seed = 64000;
+    for (const Shape& sh : {Shape{4096, 2048, 16, 6}, Shape{384, 640, 16, 6}}) {
+        for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+            const HostExperts hx = make_experts(f, sh.E, sh.D, sh.I, seed += 1000);
+            cuda::DeviceExperts dex(hx.experts);
+            const int64_t T_max = 120, D = sh.D;
+            cuda::MoeLayerWorkspace ws(T_max, sh.k, dex);
+            EXPECT_FALSE(ws.skip_dead_ntiles);   // off unless asked for
+            DeviceArray<float> y(static_cast<size_t>(T_max * D));
+            for (int64_t T : {20, 70, 120}) {
+                for (Routing r : {Routing::uniform, Routing::hot}) {
+                    const MoeCase c = make_case(r, T, sh.k, sh.E, D, true, ++seed);
+                    DeviceInputs in(T, sh.k, D);
+                    in.upload(c);
+                    const int64_t N = T * sh.k;
+                    for (Numerics nm : {Numerics::exact, Numerics::official})
+                        for (cuda::Tile tile : {cuda::Tile::mma_256x32, cuda::Tile::mma_256x48}) {
+                            SCOPED_TRACE(str(fmt_name(f), nm == Numerics::exact ? " exact " : " official ",
+                                             cuda::tile_name(tile), " D=", D, " I=", sh.I, " T=", T, " ",
+                                             routing_name(r)));
+                            std::vector<uint16_t> h[2];
+                            std::vector<float> rows[2], yv[2];
+                            for (int pass = 0; pass < 2; ++pass) {
+                                ws.skip_dead_ntiles = pass == 1;
+                                poison(ws.h.data(), ws.h.size());
+                                poison(ws.rows.data(), ws.rows.size());
+                                poison(y.data(), y.size());
+                                cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws,
+                                                       nullptr, tile, nm);
+                                cuda::moe_layer_combine(ws, T, in.shared.data(), y.data(), nullptr, nm);
+                                CUDA_CHECK(cudaDeviceSynchronize());
+                                h[pass] = to_host(ws.h.data(), static_cast<size_t>(N * sh.I));
+                                rows[pass] = to_host(ws.rows.data(), static_cast<size_t>(N * D));
+                                yv[pass] = to_host(y.data(), static_cast<size_t>(T * D));
+                            }
+                            ws.skip_dead_ntiles = false;
+                            EXPECT_EQ(first_mismatch(h[0], h[1]), -1) << "h";
+                            EXPECT_EQ(first_mismatch(rows[0], rows[1]), -1) << "slot rows";
+                            EXPECT_EQ(first_mismatch(yv[0], yv[1]), -1) << "y";
+                            if (HasFailure()) return;
+                        }
+                }
+            }
+        }
+    }
+}
+
 // The small-T path under official numerics (what the runner runs at batch 1 with --numerics
 // official): y against the CPU's official composition, as (c) above, on V4-Flash widths (D = 4096,
 // I = 2048, fewer experts); and y is bf16-valued (the official combine rounds it).
