@@ -111,7 +111,9 @@ struct TiledParams {
     // warps multiply only the 8-token column tiles that hold rows of their work item, and whose
     // ring copies x only for those (MoeLayerWorkspace::skip_dead_ntiles; off: every column tile).
     bool skip_dead;
+    int  w4a8_fence;   // the W4A8 decoders' proxy fence (kW4a8Fence*, from MoeLayerWorkspace::w4a8_fence)
 };
+constexpr int kW4a8FenceFull = 0, kW4a8FenceRelease = 1, kW4a8FenceReader = 2;
 
 template <LinearFormat F> struct TileX;   // x row stride in shared memory per step (conflict-free LDS.128)
 template <> struct TileX<LinearFormat::bf16> { static constexpr int kRs = 64; };
@@ -1434,20 +1436,26 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
                                  "r"(o[6]), "r"(o[7])
                                  : "memory");
                 }
-                // The stores above are read by wgmma (the async proxy). The proxy fence that orders them is
-                // the MMA warps' own, after their wait on full[slot] (below), as for the x bytes these
-                // threads copy with cp.async (generic-proxy writes too): the mbarrier's release (this
-                // arrive) and acquire (their wait) put the stores before that fence in causality order,
-                // which is what the PTX memory model asks of a proxy fence ("along the base causality
-                // path"), and wgmma_ws_kernel orders its producer's cp.async bytes the same way. These
-                // threads used to fence here as well, every step, with the x copies and the raw ring's
-                // cp.asyncs of later steps in flight; if the hardware drains a thread's outstanding
-                // cp.asyncs at a proxy fence (not documented either way; Fuser measured ~50% on a
-                // Hopper GEMM from dropping proxy fences that mbarrier waits made redundant), that
-                // tied each step to an HBM round trip. What was measured fits that: the MMA warps polled
-                // full[] ~75 times a step (ncu source counters), and at T = 16384 a step took ~2 µs
-                // (18.7 ms over ~8900 steps per SM, H100) for the decoders' ~420 instructions.
-                // Not yet measured without the fence (written without a GPU).
+                // The stores above are read by wgmma (the async proxy): a proxy fence must order them
+                // first. p.w4a8_fence (MoeLayerWorkspace::w4a8_fence; a measurement knob, warp-uniform):
+                //   full: fence.proxy.async.shared::cta here, as CUTLASS's transform warps do before
+                //     handing converted operands to the MMA (the default; what this kernel always did);
+                //   release: the one-way generic → async release fence (sm_90), the lighter form for
+                //     exactly this (stores, then an async-proxy reader);
+                //   reader: none here; the MMA warps' own fence after their wait on full[slot] (below)
+                //     is then the only one on the path from the stores to the wgmma, as it already is
+                //     for the x bytes these threads copy with cp.async.
+                // Why measure it: these threads fence every step with the step's x copies and the raw
+                // ring's copies of later steps (from HBM) in flight, and if a proxy fence waits for the
+                // executing thread's outstanding cp.async writes (not documented either way; NVIDIA's
+                // Fuser measured "almost 50%" on a Hopper matmul from removing proxy fences that mbarrier
+                // waits made redundant, NVIDIA/Fuser#3136), each step waits out an HBM round trip. What
+                // was measured fits that: the MMA warps polled full[] ~75 times a step (ncu source
+                // counters), and at T = 16384 a step took ~2 µs (18.7 ms over ~8900 steps per SM, H100)
+                // for the decoders' ~420 instructions. Not measured yet (written without a GPU).
+                if (p.w4a8_fence == kW4a8FenceFull) fence_proxy_async_smem();
+                else if (p.w4a8_fence == kW4a8FenceRelease)
+                    asm volatile("fence.proxy.async::generic.release.sync_restrict::shared::cta.cluster;" ::: "memory");
                 mbar_arrive(full0 + 8u * slot);
             }
         } while (tw.next(p, gi, row0, rows, G));
@@ -2342,6 +2350,9 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     p.part = nullptr;
     p.official = official;
     p.skip_dead = ws.skip_dead_ntiles;
+    p.w4a8_fence = ws.w4a8_fence == W4a8Fence::release ? kW4a8FenceRelease
+                   : ws.w4a8_fence == W4a8Fence::reader ? kW4a8FenceReader
+                                                         : kW4a8FenceFull;
     if (is_f8(c)) {   // x as codes: x_ld bytes per row (= K), one scale per 128 columns
         p.x8 = x8->q;
         p.xs8 = x8->s;

@@ -164,6 +164,11 @@ private:
 // computes them: ws.h and ws.rows hold results only for rows [0, dispatch.offsets[ex.E]), which is
 // what a rank hands back to the exchange. The calls that combine every slot (moe_layer,
 // moe_layer_combine) and the small-T path (which reads ids itself) refuse such a workspace.
+// Where the W4A8 tiles' decoders order their expanded weights for wgmma (gemm.cu, wgmma_f8_kernel):
+// a full proxy fence per step (the default), the one-way release fence, or only the MMA warps'
+// fence after their wait. A measurement knob (megamoe-gemm-bench --w4a8-fence), not yet measured.
+enum class W4a8Fence : int8_t { full, release, reader };
+
 class MoeLayerWorkspace {
 public:
     MoeLayerWorkspace() = default;
@@ -183,6 +188,7 @@ public:
     // (the skipped columns are never stored). Off by default: not measured yet (2026-12-07, no
     // GPU); megamoe-gemm-bench --skip-dead turns it on for the expert layer.
     bool                     skip_dead_ntiles = false;
+    W4a8Fence                w4a8_fence = W4a8Fence::full;   // the W4A8 tiles only (see W4a8Fence)
     size_t bytes() const;                // device bytes held
 };
 

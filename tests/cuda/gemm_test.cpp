@@ -1632,6 +1632,55 @@ TEST(CudaMoeLayer, PersistentTilesEqualOneTileForms) {
     }
 }
 
+// MoeLayerWorkspace::w4a8_fence: the W4A8 decoders' proxy fence per step (full, the one-way
+// release form, or none but the MMA warps' own) changes when their stores become visible to wgmma,
+// never what the wgmma reads once the MMA warps' wait on the stage's barrier has returned: the same
+// bits in every mode. Run three times per mode at V4-Flash widths with more tiles than SMs (a
+// missing order would show as stale weights now and then, not every time), one-tile and persistent.
+TEST(CudaMoeLayer, W4a8FenceModesGiveTheSameBits) {
+    SKIP_WITHOUT_GPU();
+    const int64_t D = 4096, I = 2048, E = 16, k = 6, T = 300, N = T * k;
+    const HostExperts hx = make_experts(LinearFormat::mxfp4, E, D, I, 65000);
+    cuda::DeviceExperts dex(hx.experts);
+    ASSERT_TRUE(cuda::moe_w4a8_fits(dex, Numerics::official));
+    cuda::MoeLayerWorkspace ws(T, k, dex);
+    EXPECT_EQ(ws.w4a8_fence, cuda::W4a8Fence::full);   // the default
+    MoeCase c = make_case(Routing::uniform, T, k, E, D, false, 65001);
+    std::vector<float> xf = widen(c.x);
+    ops::round_gemm_input(Numerics::official, xf.data(), T, D);
+    for (size_t i = 0; i < xf.size(); ++i) c.x[i] = f32_to_bf16(xf[i]);
+    DeviceInputs in(T, k, D);
+    in.upload(c);
+    for (cuda::Tile tile : kW4a8Tiles) {
+        std::vector<uint16_t> h_ref;
+        std::vector<float> rows_ref;
+        for (cuda::W4a8Fence mode : {cuda::W4a8Fence::full, cuda::W4a8Fence::release, cuda::W4a8Fence::reader})
+            for (int run = 0; run < 3; ++run) {
+                SCOPED_TRACE(str(cuda::tile_name(tile), " mode ", static_cast<int>(mode), " run ", run));
+                ws.w4a8_fence = mode;
+                poison(ws.h.data(), ws.h.size());
+                poison(ws.rows.data(), ws.rows.size());
+                cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr, tile,
+                                       Numerics::official);
+                CUDA_CHECK(cudaDeviceSynchronize());
+                std::vector<uint16_t> h = to_host(ws.h.data(), static_cast<size_t>(N * I));
+                std::vector<float> rows = to_host(ws.rows.data(), static_cast<size_t>(N * D));
+                if (h_ref.empty()) {
+                    h_ref = std::move(h);
+                    rows_ref = std::move(rows);
+                    continue;
+                }
+                EXPECT_EQ(first_mismatch(h_ref, h), -1) << "h";
+                EXPECT_EQ(first_mismatch(rows_ref, rows), -1) << "slot rows";
+                if (HasFailure()) {
+                    ws.w4a8_fence = cuda::W4a8Fence::full;
+                    return;
+                }
+            }
+    }
+    ws.w4a8_fence = cuda::W4a8Fence::full;
+}
+
 // MoeLayerWorkspace::skip_dead_ntiles: mma_256x32 and mma_256x48 multiply (and copy x for) only
 // the 8-token column tiles of a work item that hold rows. The skipped columns are never stored, so
 // h, the slot rows and y are the same bits as with every column tile. Token counts that leave
