@@ -112,6 +112,7 @@ struct TiledParams {
     // ring copies x only for those (MoeLayerWorkspace::skip_dead_ntiles; off: every column tile).
     bool skip_dead;
     int  w4a8_fence;   // the W4A8 decoders' proxy fence (kW4a8Fence*, from MoeLayerWorkspace::w4a8_fence)
+    bool pws_fence;    // wgmma_pws_256x128's consumers fence the async proxy per step (MoeLayerWorkspace::pws_consumer_fence)
 };
 constexpr int kW4a8FenceFull = 0, kW4a8FenceRelease = 1, kW4a8FenceReader = 2;
 
@@ -1166,7 +1167,13 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
             if constexpr (kAlt) wgmma_wait_keep<1>(a[0]);
             else wgmma_wait_keep<0>(a[0]);
             mbar_wait(full0 + 8u * slot, static_cast<uint32_t>((gs / ST) & 1));
-            fence_proxy_async_smem();
+            // The stage's bytes came by cp.async (the generic proxy) and the wgmmas read x through the
+            // async proxy: a proxy fence orders them. The persistent form can leave it out
+            // (p.pws_fence = false: MoeLayerWorkspace::pws_consumer_fence, a measurement knob), as
+            // CUTLASS's SM90 cp.async + GMMA mainloop (sm90_mma_multistage_gmma_ss_warpspecialized)
+            // and this file's wgmma_kernel (cp.async, CTA barrier, wgmma) do: a proxy fence is not
+            // free (see the W4A8 decoders' fence), and this one runs every step.
+            if (!kPersist || p.pws_fence) fence_proxy_async_smem();
             const uint8_t* st = smem + slot * L::kStage;
             const uint32_t xs = smem_s + static_cast<uint32_t>(slot * L::kStage + L::kX);
             // The barrier to arrive on once step ls - 1 is done: its slot's empty, or (a tile's step 0)
@@ -2350,6 +2357,7 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     p.part = nullptr;
     p.official = official;
     p.skip_dead = ws.skip_dead_ntiles;
+    p.pws_fence = ws.pws_consumer_fence;
     p.w4a8_fence = ws.w4a8_fence == W4a8Fence::release ? kW4a8FenceRelease
                    : ws.w4a8_fence == W4a8Fence::reader ? kW4a8FenceReader
                                                          : kW4a8FenceFull;

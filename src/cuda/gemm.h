@@ -189,6 +189,10 @@ public:
     // GPU); megamoe-gemm-bench --skip-dead turns it on for the expert layer.
     bool                     skip_dead_ntiles = false;
     W4a8Fence                w4a8_fence = W4a8Fence::full;   // the W4A8 tiles only (see W4a8Fence)
+    // wgmma_pws_256x128 only: its consumers' proxy fence after each stage's wait (on by default;
+    // off as CUTLASS's cp.async + GMMA mainloop and wgmma_kernel run). A measurement knob
+    // (megamoe-gemm-bench --pws-fence 0), not yet measured.
+    bool                     pws_consumer_fence = true;
     size_t bytes() const;                // device bytes held
 };
 

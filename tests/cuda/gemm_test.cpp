@@ -1584,7 +1584,9 @@ TEST(CudaMoeLayer, W4a8TileFallsBackOutsideOfficialMxfp4) {
 // official numerics), wgmma_pf8_128x128 / wgmma_pf8_128x32 against wgmma_f8_128x128 / wgmma_f8_128x32
 // (MXFP4, official: W4A8; elsewhere both sides run their register-A fallbacks). V4-Flash widths
 // with enough tokens that the list has more tiles than an H100 or H200 has SMs (so each CTA walks
-// several, across the ring's phase wraps), and odd widths (D = 384, I = 640: 3 and 5 steps).
+// several, across the ring's phase wraps), and odd widths (D = 384, I = 640: 3 and 5 steps). The
+// persistent forms also run twice more with MoeLayerWorkspace::pws_consumer_fence off (the
+// register-A consumers without their per-step proxy fence): the same bits.
 TEST(CudaMoeLayer, PersistentTilesEqualOneTileForms) {
     SKIP_WITHOUT_GPU();
     struct Shape {
@@ -1608,9 +1610,13 @@ TEST(CudaMoeLayer, PersistentTilesEqualOneTileForms) {
                 for (const auto& [pers, one] : pairs) {
                     SCOPED_TRACE(str(fmt_name(f), nm == Numerics::exact ? " exact " : " official ", cuda::tile_name(pers),
                                      " D=", D, " I=", sh.I, " T=", T));
-                    std::vector<uint16_t> h[2];
-                    std::vector<float> rows[2], yv[2];
-                    for (int pass = 0; pass < 2; ++pass) {
+                    std::vector<uint16_t> h[4];
+                    std::vector<float> rows[4], yv[4];
+                    for (int pass = 0; pass < 4; ++pass) {
+                        // pass 0: the one-tile form; 1: persistent; 2, 3: persistent without the
+                        // register-A consumers' proxy fence (MoeLayerWorkspace::pws_consumer_fence),
+                        // twice (a missing order would show now and then, not every time)
+                        ws.pws_consumer_fence = pass < 2;
                         poison(ws.h.data(), ws.h.size());
                         poison(ws.rows.data(), ws.rows.size());
                         poison(y.data(), y.size());
@@ -1622,9 +1628,12 @@ TEST(CudaMoeLayer, PersistentTilesEqualOneTileForms) {
                         rows[pass] = to_host(ws.rows.data(), static_cast<size_t>(N * D));
                         yv[pass] = to_host(y.data(), y.size());
                     }
-                    EXPECT_EQ(first_mismatch(h[0], h[1]), -1) << "h";
-                    EXPECT_EQ(first_mismatch(rows[0], rows[1]), -1) << "slot rows";
-                    EXPECT_EQ(first_mismatch(yv[0], yv[1]), -1) << "y";
+                    ws.pws_consumer_fence = true;
+                    for (int pass = 1; pass < 4; ++pass) {
+                        EXPECT_EQ(first_mismatch(h[0], h[pass]), -1) << "h, pass " << pass;
+                        EXPECT_EQ(first_mismatch(rows[0], rows[pass]), -1) << "slot rows, pass " << pass;
+                        EXPECT_EQ(first_mismatch(yv[0], yv[pass]), -1) << "y, pass " << pass;
+                    }
                     if (HasFailure()) return;
                 }
             }
