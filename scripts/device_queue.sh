@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The measurements the ninth session (2026-12-07, no device machine lent) left for the next GPU call,
+# in stages that each fit one device call (600 s), each command under its own timeout so that a hang
+# (a barrier that never completes) costs its slot, not the call. Full logs go to $OUT; the table
+# rows (megamoe-gemm-bench's markdown, "| flash | ...") and the tests' verdicts to stdout.
+#   packing (here): bash scripts/device_pack.sh build tiny-flash-nvfp4 tiny-flash-mxfp4 official-tiny-mxfp4
+#   usage (on the GPU machine, repository root, carry .device): bash scripts/device_queue.sh STAGE ...
+#   stages:
+#     tests    the new tests first (persistent tiles, W4A8 fence modes, skipped column tiles), then
+#              the expert-layer tests that run every tile against the CPU twins            (~4-6 min)
+#     persist  wgmma_ws_256x128 against wgmma_pws_256x128 (and --pws-fence 0), V4-Flash NVFP4 and
+#              MXFP4, T = 4096, 16384, two rounds                                          (~5 min)
+#     w4a8     MXFP4, official numerics: the W4A8 tiles (one-tile and persistent, each --w4a8-fence
+#              mode) against the register-A tiles of their token counts, T = 1024, 4096, 16384  (~6 min)
+#     skip     mma_256x32 / mma_256x48 with and without --skip-dead, T = 768-2048, uniform and
+#              --skew 0.3 routing, and the automatic choice                               (~4 min)
+#   Then the standing measures: bash scripts/device_status.sh (every GPU test, the 20-layer
+#   V4-Flash step on an H200: issue 8's table).
+set -uo pipefail
+# shellcheck source=/dev/null
+source scripts/device_env.sh
+out=${OUT:-/tmp/megamoe-out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader
+cd /tmp || exit 1
+
+bench() {   # name timeout args...: one megamoe-gemm-bench run, its rows to stdout
+    local name=$1 t=$2
+    shift 2
+    timeout "$t" megamoe-gemm-bench --part experts --model flash "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    printf '%-44s rc=%s\n' "$name" "$rc"
+    grep -E "^\| flash|check|bound" "$out/$name.log" | grep -v "^| model" | head -12
+}
+
+for stage in "$@"; do
+    echo "== $stage"
+    case "$stage" in
+        tests)
+            timeout 240 megamoe_tests --gtest_filter='CudaMoeLayer.PersistentTiles*:CudaMoeLayer.W4a8FenceModes*:CudaMoeLayer.SkipDead*' \
+                > "$out/tests-new.log" 2>&1
+            echo "new tests rc=$? (124: timed out)"
+            grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]|Failure|mismatch" "$out/tests-new.log" | head -30
+            timeout 300 megamoe_tests --gtest_filter='CudaMoeLayer.L1L2MatchCpuTwin*:CudaMoeLayer.W4a8*:W4a8.*:CudaGemm.*' \
+                > "$out/tests-tiles.log" 2>&1
+            echo "tile tests rc=$? (124: timed out)"
+            grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]|Failure" "$out/tests-tiles.log" | head -30
+            ;;
+        persist)
+            for r in 1 2; do
+                bench "persist-ws-r$r" 120 --format nvfp4,mxfp4 --T 4096,16384 --no-check --config wgmma_ws_256x128
+                bench "persist-pws-r$r" 120 --format nvfp4,mxfp4 --T 4096,16384 --no-check --config wgmma_pws_256x128
+                bench "persist-pws-nofence-r$r" 120 --format nvfp4,mxfp4 --T 4096,16384 --no-check \
+                    --config wgmma_pws_256x128 --pws-fence 0
+            done
+            ;;
+        w4a8)
+            o=(--format mxfp4 --numerics official)
+            bench "w4a8-1024-reg" 60 "${o[@]}" --T 1024 --config wgmma_256x32
+            bench "w4a8-1024-auto" 60 "${o[@]}" --T 1024
+            for f in full release reader; do
+                bench "w4a8-1024-f8-$f" 60 "${o[@]}" --T 1024 --config wgmma_f8_128x32 --w4a8-fence "$f"
+                bench "w4a8-1024-pf8-$f" 60 "${o[@]}" --T 1024 --config wgmma_pf8_128x32 --w4a8-fence "$f"
+            done
+            bench "w4a8-big-reg" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_ws_256x128
+            for f in full release reader; do
+                bench "w4a8-big-f8-$f" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_f8_128x128 --w4a8-fence "$f"
+                bench "w4a8-big-pf8-$f" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_pf8_128x128 --w4a8-fence "$f"
+            done
+            ;;
+        skip)
+            for s in 0 0.3; do
+                bench "skip-auto-s$s" 60 --format nvfp4,mxfp4 --T 768,1024,1536,2048 --skew "$s" --no-check
+                for t in mma_256x32 mma_256x48; do
+                    bench "skip-$t-s$s" 60 --format nvfp4,mxfp4 --T 768,1024,1536,2048 --skew "$s" --no-check --config "$t"
+                    bench "skip-$t-s$s-dead" 60 --format nvfp4,mxfp4 --T 768,1024,1536,2048 --skew "$s" --no-check \
+                        --config "$t" --skip-dead
+                done
+            done
+            ;;
+        *) echo "unknown stage '$stage' (tests persist w4a8 skip)" ;;
+    esac
+done
