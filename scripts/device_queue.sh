@@ -14,6 +14,10 @@
 #              mode) against the register-A tiles of their token counts, T = 1024, 4096, 16384  (~6 min)
 #     skip     mma_256x32 / mma_256x48 with and without --skip-dead, T = 768-2048, uniform and
 #              --skew 0.3 routing, and the automatic choice                               (~4 min)
+#     linears  the small-M linears whose ring kernel splits K over a cluster (grouped wo_a, NVFP4 and
+#              MXFP4 wq_b / shared w1) at M = 1-16, this build and, when packed beside it as
+#              megamoe-gemm-bench-old (scripts/device_repack.sh old=DIR, a build of 1f94d2c), the
+#              previous one, alternated, two rounds: linear_small_m's relaxed closing barrier (~3 min)
 #   Then the standing measures: bash scripts/device_status.sh (every GPU test, the 20-layer
 #   V4-Flash step on an H200: issue 8's table).
 set -uo pipefail
@@ -78,6 +82,18 @@ for stage in "$@"; do
                 done
             done
             ;;
-        *) echo "unknown stage '$stage' (tests persist w4a8 skip)" ;;
+        linears)
+            bins=(megamoe-gemm-bench)
+            command -v megamoe-gemm-bench-old > /dev/null && bins=(megamoe-gemm-bench-old megamoe-gemm-bench)
+            for r in 1 2; do
+                for b in "${bins[@]}"; do
+                    timeout 120 "$b" --part linears --model flash --shape wo_a,wq_b,sh.w1 --format fp8,nvfp4,mxfp4 \
+                        --M 1,2,4,8,16 --no-check > "$out/linears-$b-r$r.log" 2>&1
+                    echo "linears $b round $r rc=$?"
+                    grep -E "^\| flash" "$out/linears-$b-r$r.log" | awk -F'|' '{printf "  %s %s %s M=%s %s us\n", $3, $4, $5, $6, $7}'
+                done
+            done
+            ;;
+        *) echo "unknown stage '$stage' (tests persist w4a8 skip linears)" ;;
     esac
 done
