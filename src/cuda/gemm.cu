@@ -197,23 +197,32 @@ template <int BT, bool kPersist> struct TileWalk {
             return load(p, gi, row0, rows, G);
         }
     }
-    // Whether this is the CTA's last tile. (The walk's state is one counter: the tile index and the
-    // list's length are derived again where needed, so that the walk holds few registers across
-    // the main loops: the producer warpgroup has 40.)
+    // Whether this is the CTA's last tile. (The walk's state is one counter: the tile's item, row
+    // tile and the list's length are derived again where needed, so that the walk holds few
+    // registers across the main loops: the producer warpgroup has 40.)
     __device__ __forceinline__ bool last(const TiledParams& p) const {
-        if constexpr (!kPersist) return true;
-        else return index() + static_cast<int>(gridDim.x) >= *p.n_items * p.row_tiles;
+        if constexpr (!kPersist) {
+            return true;
+        } else {
+            int item, rt;
+            return !persistent_tile(static_cast<int>(blockIdx.x), i + 1, static_cast<int>(gridDim.x), p.row_tiles,
+                                    *p.n_items, item, rt);
+        }
     }
-    __device__ __forceinline__ int index() const { return static_cast<int>(blockIdx.x) + i * static_cast<int>(gridDim.x); }
     // This tile's row tile (derived, not held: see last()).
     __device__ __forceinline__ int row_tile(const TiledParams& p) const {
-        if constexpr (!kPersist) return static_cast<int>(blockIdx.x);
-        else return index() % p.row_tiles;
+        if constexpr (!kPersist) {
+            return static_cast<int>(blockIdx.x);
+        } else {   // persistent_tile's rt, without the bound (the tile is one the walk took)
+            return (static_cast<int>(blockIdx.x) + i * static_cast<int>(gridDim.x)) % p.row_tiles;
+        }
     }
     __device__ __forceinline__ bool load(const TiledParams& p, int& gi, int& row0, int& rows, GemmGroup& G) {
-        const int t = index();
-        if (t >= *p.n_items * p.row_tiles) return false;
-        const int4 w = p.items[t / p.row_tiles];
+        int item, rt;
+        if (!persistent_tile(static_cast<int>(blockIdx.x), i, static_cast<int>(gridDim.x), p.row_tiles, *p.n_items, item,
+                             rt))
+            return false;
+        const int4 w = p.items[item];
         gi = w.x;
         row0 = w.y;
         rows = w.z;

@@ -243,6 +243,23 @@ bool moe_w4a8_fits(const DeviceExperts& ex, Numerics nm);
 // wgmma_pf8_128x128; any other tile stays (the mma.sync tiles of fewer rows per expert).
 Tile w4a8_tile(Tile automatic_choice);
 
+#if defined(__CUDACC__)
+#define MEGAMOE_GEMM_HD __host__ __device__ __forceinline__
+#else
+#define MEGAMOE_GEMM_HD inline
+#endif
+// The persistent tiles' walk (gemm.cu, TileWalk): CTA b of a grid of `grid` takes tiles b,
+// b + grid, b + 2·grid, ... of the list's n_items × row_tiles tiles in row-tile-major order; its
+// i-th is row tile rt of work item `item`, or none (false) past the list. Host and device (the
+// kernels' walk, and a CPU test that every tile is taken once).
+MEGAMOE_GEMM_HD constexpr bool persistent_tile(int b, int i, int grid, int row_tiles, int n_items, int& item, int& rt) {
+    const int t = b + i * grid;
+    if (t >= n_items * row_tiles) return false;
+    item = t / row_tiles;
+    rt = t - item * row_tiles;
+    return true;
+}
+
 // The small-T path (moe_small.cu): two launches that read their routing straight from ids (no
 // route / gather / work list / combine kernels), L1 writing h at each slot's own row (ws.h row
 // t·k + s) and L2 combining in slot order itself (ws.rows and the dispatch buffers are not used).

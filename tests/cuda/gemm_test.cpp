@@ -1578,6 +1578,32 @@ TEST(CudaMoeLayer, W4a8TileFallsBackOutsideOfficialMxfp4) {
     }
 }
 
+// The persistent tiles' walk (gemm.h, persistent_tile; host only: runs without a GPU): over the CTAs
+// of a grid, every (item, row tile) of the list is taken exactly once, each CTA's tiles in
+// increasing order, and a CTA's walk ends at its first index past the list. Grids smaller and
+// larger than the list, one row tile, one item.
+TEST(CudaGemm, PersistentWalkTakesEveryTileOnce) {
+    for (int row_tiles : {1, 3, 16, 32})
+        for (int n_items : {1, 7, 64, 700})
+            for (int grid : {1, 5, 132, 264, 5000}) {
+                std::vector<int> taken(static_cast<size_t>(row_tiles * n_items), 0);
+                for (int b = 0; b < grid; ++b) {
+                    int last = -1, item = 0, rt = 0;
+                    for (int i = 0; cuda::persistent_tile(b, i, grid, row_tiles, n_items, item, rt); ++i) {
+                        ASSERT_TRUE(item >= 0 && item < n_items && rt >= 0 && rt < row_tiles);
+                        const int t = item * row_tiles + rt;   // row-tile-major
+                        EXPECT_GT(t, last) << "CTA " << b << " tile " << i;
+                        EXPECT_EQ(t, b + i * grid);
+                        last = t;
+                        ++taken[static_cast<size_t>(t)];
+                    }
+                }
+                for (size_t t = 0; t < taken.size(); ++t)
+                    ASSERT_EQ(taken[t], 1) << "tile " << t << " of " << n_items << " items x " << row_tiles
+                                           << " row tiles, grid " << grid;
+            }
+}
+
 // The persistent tiles (gemm.h: one CTA per SM walks the work list, its ring running on from tile
 // to tile) compute every tile as their one-tile forms do, in the same order, so h, the slot rows and
 // y are the same bits: wgmma_pws_256x128 against wgmma_ws_256x128 (NVFP4 and MXFP4, exact and
