@@ -155,6 +155,11 @@ private:
     void tables(DeviceArena& arena);   // checks w1, w3, w2 and sets the shapes; carves and fills the tables
 };
 
+// Where the W4A8 tiles' decoders order their expanded weights for wgmma (gemm.cu, wgmma_f8_kernel):
+// a full proxy fence per step (the default), the one-way release fence, or only the MMA warps'
+// fence after their wait. A measurement knob (megamoe-gemm-bench --w4a8-fence), not yet measured.
+enum class W4a8Fence : int8_t { full, release, reader };
+
 // Device buffers for the routed-expert layer at up to T_max tokens (allocated once; the calls
 // below allocate nothing). Move-only; a moved-from workspace holds no buffers.
 //
@@ -164,11 +169,6 @@ private:
 // computes them: ws.h and ws.rows hold results only for rows [0, dispatch.offsets[ex.E]), which is
 // what a rank hands back to the exchange. The calls that combine every slot (moe_layer,
 // moe_layer_combine) and the small-T path (which reads ids itself) refuse such a workspace.
-// Where the W4A8 tiles' decoders order their expanded weights for wgmma (gemm.cu, wgmma_f8_kernel):
-// a full proxy fence per step (the default), the one-way release fence, or only the MMA warps'
-// fence after their wait. A measurement knob (megamoe-gemm-bench --w4a8-fence), not yet measured.
-enum class W4a8Fence : int8_t { full, release, reader };
-
 class MoeLayerWorkspace {
 public:
     MoeLayerWorkspace() = default;
