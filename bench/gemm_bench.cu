@@ -26,8 +26,8 @@
 //   --skew S:  the expert layer's routings draw expert e in proportion to 1 / (1 + rank e)^S (a fixed
 //              shuffle of the experts gives the ranks), so some experts hold several times the mean
 //              rows; 0 (the default) is uniform. Each T's first routing's rows per expert are printed.
-//   --skip-dead: the expert layer's workspace with skip_dead_ntiles (gemm.h): mma_256x32 and
-//              mma_256x48 multiply (and copy x for) only the 8-token column tiles that hold rows.
+//   --skip-dead 0|1: the expert layer's workspace's skip_dead_ntiles (gemm.h; default 1): mma_256x32
+//              and mma_256x48 multiply (and copy x for) only the 8-token column tiles that hold rows.
 //   --w4a8-fence full|release|reader: the W4A8 tiles' decoders fence the async proxy fully each step
 //              (default), with the one-way release fence, or not at all (the MMA warps' fence only).
 //   --pws-fence 0|1: wgmma_pws_256x128's consumers fence the async proxy after each stage's wait (1,
@@ -481,7 +481,7 @@ struct Options {
     bool moe_small = false;                    // --moe-small: the expert layer through cuda::moe_layer_small
     Numerics nm = Numerics::exact;             // --numerics: the expert layer's numerics
     double skew = 0.0;                         // --skew: expert popularity 1 / (1 + rank)^skew (0: uniform)
-    bool skip_dead = false;                    // --skip-dead: MoeLayerWorkspace::skip_dead_ntiles
+    bool skip_dead = true;                     // --skip-dead 0|1: MoeLayerWorkspace::skip_dead_ntiles
     cuda::W4a8Fence w4a8_fence = cuda::W4a8Fence::full;   // --w4a8-fence: MoeLayerWorkspace::w4a8_fence
     bool pws_fence = true;                     // --pws-fence 0|1: MoeLayerWorkspace::pws_consumer_fence
     std::string part = "all", models, shapes, formats;
@@ -1119,7 +1119,7 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
         if (!opt.pws_fence) progress("  pws_consumer_fence off (wgmma_pws_256x128)\n");
         if (opt.w4a8_fence != cuda::W4a8Fence::full)
             progress("  w4a8_fence %s (the W4A8 tiles' decoders)\n", opt.w4a8_fence == cuda::W4a8Fence::release ? "release" : "reader");
-        if (opt.skip_dead) progress("  skip_dead_ntiles on: mma_256x32 / mma_256x48 skip column tiles without rows\n");
+        if (!opt.skip_dead) progress("  skip_dead_ntiles off: mma_256x32 / mma_256x48 multiply every column tile\n");
         CUDA_CHECK(cudaDeviceSynchronize());   // uploads ran on the legacy stream
         DeviceArray<uint16_t> dx(size_t(T_max * D));
         DeviceArray<float> dshared(size_t(T_max * D)), dy(size_t(T_max * D));
@@ -1217,7 +1217,11 @@ int main(int argc, char** argv) {
             else if (a == "--f32-out") opt.y_f32 = true;
             else if (a == "--config") opt.tile = parse_tile(next());
             else if (a == "--moe-small") opt.moe_small = true;
-            else if (a == "--skip-dead") opt.skip_dead = true;
+            else if (a == "--skip-dead") {
+                const std::string v = next();
+                if (v != "0" && v != "1") fail("--skip-dead must be 0 or 1, got '", v, "'");
+                opt.skip_dead = v == "1";
+            }
             else if (a == "--pws-fence") {
                 const std::string v = next();
                 if (v != "0" && v != "1") fail("--pws-fence must be 0 or 1, got '", v, "'");
@@ -1259,7 +1263,7 @@ int main(int argc, char** argv) {
                     "       [--moe-small]  (expert layer: the two-launch small-T path, T <= 8)\n"
                     "       [--numerics exact|official]  (expert layer; official: W4A8 with --config wgmma_f8_128x128)\n"
                     "       [--skew S]  (expert layer: expert e routed in proportion to 1 / (1 + rank e)^S; 0 = uniform)\n"
-                    "       [--skip-dead]  (expert layer: mma_256x32 / mma_256x48 skip the 8-token column tiles without rows)\n"
+                    "       [--skip-dead 0|1]  (expert layer: mma_256x32 / mma_256x48 skip the 8-token column tiles without rows; default 1)\n"
                     "       [--w4a8-fence full|release|reader]  (the W4A8 tiles' decoders: their proxy fence per step)\n"
                     "       [--pws-fence 0|1]  (wgmma_pws_256x128's consumers: their proxy fence per step; default 1)\n"
                     "shapes: wq_a wq_b wkv wo_a wo_b sh.w1 sh.w2 idx.wq_b\n"

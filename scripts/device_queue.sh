@@ -12,7 +12,7 @@
 #              MXFP4, T = 4096, 16384, two rounds                                          (~5 min)
 #     w4a8     MXFP4, official numerics: the W4A8 tiles (one-tile and persistent, each --w4a8-fence
 #              mode) against the register-A tiles of their token counts, T = 1024, 4096, 16384  (~6 min)
-#     skip     mma_256x32 / mma_256x48 with and without --skip-dead, T = 768-2048, uniform and
+#     skip     mma_256x32 / mma_256x48 with --skip-dead 0 and 1, T = 768-2048, uniform and
 #              --skew 0.3 routing, and the automatic choice                               (~4 min)
 #     linears  the small-M linears whose ring kernel splits K over a cluster (grouped wo_a, NVFP4 and
 #              MXFP4 wq_b / shared w1) at M = 1-16, this build and, when packed beside it as
@@ -76,9 +76,10 @@ for stage in "$@"; do
             for s in 0 0.3; do
                 bench "skip-auto-s$s" 60 --format nvfp4,mxfp4 --T 768,1024,1536,2048 --skew "$s" --no-check
                 for t in mma_256x32 mma_256x48; do
-                    bench "skip-$t-s$s" 60 --format nvfp4,mxfp4 --T 768,1024,1536,2048 --skew "$s" --no-check --config "$t"
+                    bench "skip-$t-s$s" 60 --format nvfp4,mxfp4 --T 768,1024,1536,2048 --skew "$s" --no-check --config "$t" \
+                        --skip-dead 0
                     bench "skip-$t-s$s-dead" 60 --format nvfp4,mxfp4 --T 768,1024,1536,2048 --skew "$s" --no-check \
-                        --config "$t" --skip-dead
+                        --config "$t" --skip-dead 1
                 done
             done
             ;;

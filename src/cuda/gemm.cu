@@ -1994,7 +1994,14 @@ Tile choose_grouped(int64_t N, int64_t E) {   // the same rule for NVFP4 and MXF
     // 17839.4 / 17792.1 against 16499.0 / 16522.4 (-7.4%). At 32 tokens (T = 1024) the warp-specialized
     // tile was slower (NVFP4 2398.0 / 2398.3 against 2242.0 / 2244.6 µs, MXFP4 2840.8 / 2835.9 against
     // 2447.2 / 2446.9), so wgmma_256x32 stays.
-    return Tile::wgmma_ws_256x128;
+    // Its persistent form since 2026-12-07 (TileWalk: one CTA per SM walks the list, so a tile's
+    // epilogue overlaps the next tile's first copies). NVIDIA H100 80GB HBM3, one machine,
+    // megamoe-gemm-bench --part experts --model flash --format nvfp4,mxfp4 --T 4096,16384 --no-check
+    // --config wgmma_ws_256x128 | wgmma_pws_256x128, two rounds: NVFP4 T = 4096 4912.9 / 4894.5 against
+    // 4312.8 / 4392.3 (-11.3%), T = 16384 16958.7 / 17019.8 against 16079.7 / 16104.4 (-5.3%); MXFP4
+    // T = 4096 4787.4 / 4744.2 against 4290.5 / 4286.2 (-10.0%), T = 16384 16497.9 / 16619.1 against
+    // 15649.9 / 15663.1 (-5.4%). The same bits (CudaMoeLayer.PersistentTilesEqualOneTileForms).
+    return Tile::wgmma_pws_256x128;
 }
 
 // Split-K of a dense wgmma call: S parts of spz steps each over blockIdx.z, when the tiles alone

@@ -61,9 +61,9 @@ enum class Tile : int8_t {
                        // epilogue overlap the other's steps (the MXFP4 choice at T ≈ 512-2048 until mma_256x32)
     // The persistent tiles (grouped calls; a dense call runs the one-tile form): one CTA per SM walks
     // the work list, its ring running on from tile to tile, so the producer (decoders) fill the next
-    // tile's stages while the consumers finish a tile and store it. Not measured yet (written on
-    // 2026-12-07 without a GPU), so never chosen automatically: --config / a forced tile asks for one.
-    wgmma_pws_256x128, // wgmma_ws_256x128, persistent
+    // tile's stages while the consumers finish a tile and store it.
+    wgmma_pws_256x128, // wgmma_ws_256x128, persistent: the automatic choice from 61 rows per expert since its
+                       // measure (H100, 2026-12-07: 5-11% faster, choose_grouped)
     wgmma_pf8_128x128, // wgmma_f8_128x128, persistent; where W4A8 does not apply it runs as wgmma_pws_256x128
     wgmma_pf8_128x32,  // wgmma_f8_128x32, persistent; where W4A8 does not apply it runs as wgmma_256x32
 };
@@ -185,9 +185,10 @@ public:
     // mma_256x32 / mma_256x48 (the tiles of 12-60 rows per expert): each warp multiplies only the
     // 8-token column tiles of a work item that hold rows, and x is copied only for those, so a
     // 48-token tile of 20 rows costs about what a 24-token one would. Same results bit for bit
-    // (the skipped columns are never stored). Off by default: not measured yet (2026-12-07, no
-    // GPU); megamoe-gemm-bench --skip-dead turns it on for the expert layer.
-    bool                     skip_dead_ntiles = false;
+    // (the skipped columns are never stored). On by default since its measure (NVIDIA H100 80GB
+    // HBM3, 2026-12-07: V4-Flash T = 768-2048, both formats, uniform and skewed routing, 1-24%
+    // faster at every point; docs/bench-gemm.md); megamoe-gemm-bench --skip-dead 0 turns it off.
+    bool                     skip_dead_ntiles = true;
     W4a8Fence                w4a8_fence = W4a8Fence::full;   // the W4A8 tiles only (see W4a8Fence)
     // wgmma_pws_256x128 only: its consumers' proxy fence after each stage's wait (on by default;
     // off as CUTLASS's cp.async + GMMA mainloop and wgmma_kernel run). A measurement knob

@@ -1090,7 +1090,7 @@ TEST(CudaMoeLayer, AutomaticTileByRowsPerExpert) {
         EXPECT_EQ(cuda::moe_layer_config(ex, 64, k), cuda::Tile::mma_256x48) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 65, k), cuda::Tile::mma_256x32) << fmt_name(f);
         EXPECT_EQ(cuda::moe_layer_config(ex, 80, k), cuda::Tile::mma_256x32) << fmt_name(f);
-        EXPECT_EQ(cuda::moe_layer_config(ex, 81, k), cuda::Tile::wgmma_ws_256x128) << fmt_name(f);
+        EXPECT_EQ(cuda::moe_layer_config(ex, 81, k), cuda::Tile::wgmma_pws_256x128) << fmt_name(f);
     }
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_256x32), cuda::Tile::wgmma_f8_128x32);
     EXPECT_EQ(cuda::w4a8_tile(cuda::Tile::mma_256x48), cuda::Tile::wgmma_f8_128x32);
@@ -1735,7 +1735,7 @@ TEST(CudaMoeLayer, SkipDeadColumnTilesEqualsEveryColumnTile) {
             cuda::DeviceExperts dex(hx.experts);
             const int64_t T_max = 120, D = sh.D;
             cuda::MoeLayerWorkspace ws(T_max, sh.k, dex);
-            EXPECT_FALSE(ws.skip_dead_ntiles);   // off unless asked for
+            EXPECT_TRUE(ws.skip_dead_ntiles);   // on by default
             DeviceArray<float> y(static_cast<size_t>(T_max * D));
             for (int64_t T : {20, 70, 120}) {
                 for (Routing r : {Routing::uniform, Routing::hot}) {
@@ -1763,7 +1763,7 @@ TEST(CudaMoeLayer, SkipDeadColumnTilesEqualsEveryColumnTile) {
                                 rows[pass] = to_host(ws.rows.data(), static_cast<size_t>(N * D));
                                 yv[pass] = to_host(y.data(), static_cast<size_t>(T * D));
                             }
-                            ws.skip_dead_ntiles = false;
+                            ws.skip_dead_ntiles = true;
                             EXPECT_EQ(first_mismatch(h[0], h[1]), -1) << "h";
                             EXPECT_EQ(first_mismatch(rows[0], rows[1]), -1) << "slot rows";
                             EXPECT_EQ(first_mismatch(yv[0], yv[1]), -1) << "y";
