@@ -28,10 +28,6 @@
 //              rows; 0 (the default) is uniform. Each T's first routing's rows per expert are printed.
 //   --skip-dead 0|1: the expert layer's workspace's skip_dead_ntiles (gemm.h; default 1): mma_256x32
 //              and mma_256x48 multiply (and copy x for) only the 8-token column tiles that hold rows.
-//   --w4a8-fence full|release|reader: the W4A8 tiles' decoders fence the async proxy fully each step
-//              (default), with the one-way release fence, or not at all (the MMA warps' fence only).
-//   --pws-fence 0|1: wgmma_pws_256x128's consumers fence the async proxy after each stage's wait (1,
-//              the default) or not (as wgmma_kernel and CUTLASS's cp.async + GMMA mainloop).
 // Progress goes to stderr; the header, the result tables (markdown) and the notes to stdout.
 //
 // Part A — linears. For each projection of the attention and of the shared expert, in its
@@ -482,8 +478,6 @@ struct Options {
     Numerics nm = Numerics::exact;             // --numerics: the expert layer's numerics
     double skew = 0.0;                         // --skew: expert popularity 1 / (1 + rank)^skew (0: uniform)
     bool skip_dead = true;                     // --skip-dead 0|1: MoeLayerWorkspace::skip_dead_ntiles
-    cuda::W4a8Fence w4a8_fence = cuda::W4a8Fence::full;   // --w4a8-fence: MoeLayerWorkspace::w4a8_fence
-    bool pws_fence = true;                     // --pws-fence 0|1: MoeLayerWorkspace::pws_consumer_fence
     std::string part = "all", models, shapes, formats;
     std::vector<int64_t> Ms, Ts;
 };
@@ -1114,11 +1108,6 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
         cuda::DeviceExperts ex(host);
         cuda::MoeLayerWorkspace ws(T_max, k, ex);
         ws.skip_dead_ntiles = opt.skip_dead;
-        ws.w4a8_fence = opt.w4a8_fence;
-        ws.pws_consumer_fence = opt.pws_fence;
-        if (!opt.pws_fence) progress("  pws_consumer_fence off (wgmma_pws_256x128)\n");
-        if (opt.w4a8_fence != cuda::W4a8Fence::full)
-            progress("  w4a8_fence %s (the W4A8 tiles' decoders)\n", opt.w4a8_fence == cuda::W4a8Fence::release ? "release" : "reader");
         if (!opt.skip_dead) progress("  skip_dead_ntiles off: mma_256x32 / mma_256x48 multiply every column tile\n");
         CUDA_CHECK(cudaDeviceSynchronize());   // uploads ran on the legacy stream
         DeviceArray<uint16_t> dx(size_t(T_max * D));
@@ -1222,18 +1211,6 @@ int main(int argc, char** argv) {
                 if (v != "0" && v != "1") fail("--skip-dead must be 0 or 1, got '", v, "'");
                 opt.skip_dead = v == "1";
             }
-            else if (a == "--pws-fence") {
-                const std::string v = next();
-                if (v != "0" && v != "1") fail("--pws-fence must be 0 or 1, got '", v, "'");
-                opt.pws_fence = v == "1";
-            }
-            else if (a == "--w4a8-fence") {
-                const std::string v = next();
-                if (v == "full") opt.w4a8_fence = cuda::W4a8Fence::full;
-                else if (v == "release") opt.w4a8_fence = cuda::W4a8Fence::release;
-                else if (v == "reader") opt.w4a8_fence = cuda::W4a8Fence::reader;
-                else fail("--w4a8-fence must be full, release or reader, got '", v, "'");
-            }
             else if (a == "--skew") {
                 const std::string v = next();
                 char* end = nullptr;
@@ -1264,8 +1241,6 @@ int main(int argc, char** argv) {
                     "       [--numerics exact|official]  (expert layer; official: W4A8 with --config wgmma_f8_128x128)\n"
                     "       [--skew S]  (expert layer: expert e routed in proportion to 1 / (1 + rank e)^S; 0 = uniform)\n"
                     "       [--skip-dead 0|1]  (expert layer: mma_256x32 / mma_256x48 skip the 8-token column tiles without rows; default 1)\n"
-                    "       [--w4a8-fence full|release|reader]  (the W4A8 tiles' decoders: their proxy fence per step)\n"
-                    "       [--pws-fence 0|1]  (wgmma_pws_256x128's consumers: their proxy fence per step; default 1)\n"
                     "shapes: wq_a wq_b wkv wo_a wo_b sh.w1 sh.w2 idx.wq_b\n"
                     "tiles (--config: a name or its index):");
                 for (size_t i = 0; i < cuda::tiled_configs().size(); ++i)

@@ -6,12 +6,12 @@
 #   packing (here): bash scripts/device_pack.sh build tiny-flash-nvfp4 tiny-flash-mxfp4 official-tiny-mxfp4
 #   usage (on the GPU machine, repository root, carry .device): bash scripts/device_queue.sh STAGE ...
 #   stages:
-#     tests    the new tests first (persistent tiles, W4A8 fence modes, skipped column tiles), then
+#     tests    the ninth session's tests first (persistent tiles, W4A8 repeat runs, skipped column tiles), then
 #              the expert-layer tests that run every tile against the CPU twins            (~4-6 min)
-#     persist  wgmma_ws_256x128 against wgmma_pws_256x128 (and --pws-fence 0), V4-Flash NVFP4 and
+#     persist  wgmma_ws_256x128 against wgmma_pws_256x128, V4-Flash NVFP4 and
 #              MXFP4, T = 4096, 16384, two rounds                                          (~5 min)
-#     w4a8     MXFP4, official numerics: the W4A8 tiles (one-tile and persistent, each --w4a8-fence
-#              mode) against the register-A tiles of their token counts, T = 1024, 4096, 16384  (~6 min)
+#     w4a8     MXFP4, official numerics: the W4A8 tiles (one-tile and persistent) against the
+#              register-A tiles of their token counts, T = 1024, 4096, 16384               (~3 min)
 #     skip     mma_256x32 / mma_256x48 with --skip-dead 0 and 1, T = 768-2048, uniform and
 #              --skew 0.3 routing, and the automatic choice                               (~4 min)
 #     linears  the small-M linears whose ring kernel splits K over a cluster (grouped wo_a, NVFP4 and
@@ -41,7 +41,7 @@ for stage in "$@"; do
     echo "== $stage"
     case "$stage" in
         tests)
-            timeout 240 megamoe_tests --gtest_filter='CudaMoeLayer.PersistentTiles*:CudaMoeLayer.W4a8FenceModes*:CudaMoeLayer.SkipDead*' \
+            timeout 240 megamoe_tests --gtest_filter='CudaMoeLayer.PersistentTiles*:CudaMoeLayer.W4a8TilesGiveTheSameBits*:CudaMoeLayer.SkipDead*' \
                 > "$out/tests-new.log" 2>&1
             echo "new tests rc=$? (124: timed out)"
             grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]|Failure|mismatch" "$out/tests-new.log" | head -30
@@ -54,23 +54,17 @@ for stage in "$@"; do
             for r in 1 2; do
                 bench "persist-ws-r$r" 120 --format nvfp4,mxfp4 --T 4096,16384 --no-check --config wgmma_ws_256x128
                 bench "persist-pws-r$r" 120 --format nvfp4,mxfp4 --T 4096,16384 --no-check --config wgmma_pws_256x128
-                bench "persist-pws-nofence-r$r" 120 --format nvfp4,mxfp4 --T 4096,16384 --no-check \
-                    --config wgmma_pws_256x128 --pws-fence 0
             done
             ;;
         w4a8)
             o=(--format mxfp4 --numerics official)
             bench "w4a8-1024-reg" 60 "${o[@]}" --T 1024 --config wgmma_256x32
             bench "w4a8-1024-auto" 60 "${o[@]}" --T 1024
-            for f in full release reader; do
-                bench "w4a8-1024-f8-$f" 60 "${o[@]}" --T 1024 --config wgmma_f8_128x32 --w4a8-fence "$f"
-                bench "w4a8-1024-pf8-$f" 60 "${o[@]}" --T 1024 --config wgmma_pf8_128x32 --w4a8-fence "$f"
-            done
+            bench "w4a8-1024-f8" 60 "${o[@]}" --T 1024 --config wgmma_f8_128x32
+            bench "w4a8-1024-pf8" 60 "${o[@]}" --T 1024 --config wgmma_pf8_128x32
             bench "w4a8-big-reg" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_ws_256x128
-            for f in full release reader; do
-                bench "w4a8-big-f8-$f" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_f8_128x128 --w4a8-fence "$f"
-                bench "w4a8-big-pf8-$f" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_pf8_128x128 --w4a8-fence "$f"
-            done
+            bench "w4a8-big-f8" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_f8_128x128
+            bench "w4a8-big-pf8" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_pf8_128x128
             ;;
         skip)
             for s in 0 0.3; do

@@ -111,10 +111,7 @@ struct TiledParams {
     // warps multiply only the 8-token column tiles that hold rows of their work item, and whose
     // ring copies x only for those (MoeLayerWorkspace::skip_dead_ntiles; off: every column tile).
     bool skip_dead;
-    int  w4a8_fence;   // the W4A8 decoders' proxy fence (kW4a8Fence*, from MoeLayerWorkspace::w4a8_fence)
-    bool pws_fence;    // wgmma_pws_256x128's consumers fence the async proxy per step (MoeLayerWorkspace::pws_consumer_fence)
 };
-constexpr int kW4a8FenceFull = 0, kW4a8FenceRelease = 1, kW4a8FenceReader = 2;
 
 template <LinearFormat F> struct TileX;   // x row stride in shared memory per step (conflict-free LDS.128)
 template <> struct TileX<LinearFormat::bf16> { static constexpr int kRs = 64; };
@@ -1177,12 +1174,10 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
             else wgmma_wait_keep<0>(a[0]);
             mbar_wait(full0 + 8u * slot, static_cast<uint32_t>((gs / ST) & 1));
             // The stage's bytes came by cp.async (the generic proxy) and the wgmmas read x through the
-            // async proxy: a proxy fence orders them. The persistent form can leave it out
-            // (p.pws_fence = false: MoeLayerWorkspace::pws_consumer_fence, a measurement knob), as
-            // CUTLASS's SM90 cp.async + GMMA mainloop (sm90_mma_multistage_gmma_ss_warpspecialized)
-            // and this file's wgmma_kernel (cp.async, CTA barrier, wgmma) do: a proxy fence is not
-            // free (see the W4A8 decoders' fence), and this one runs every step.
-            if (!kPersist || p.pws_fence) fence_proxy_async_smem();
+            // async proxy: a proxy fence orders them. (Leaving it out in the persistent form, as
+            // CUTLASS's SM90 cp.async + GMMA mainloop and this file's wgmma_kernel do, measured within
+            // ±1% on an H100, 2026-12-07, docs/bench-gemm.md: kept, since it costs nothing measurable.)
+            fence_proxy_async_smem();
             const uint8_t* st = smem + slot * L::kStage;
             const uint32_t xs = smem_s + static_cast<uint32_t>(slot * L::kStage + L::kX);
             // The barrier to arrive on once step ls - 1 is done: its slot's empty, or (a tile's step 0)
@@ -1452,26 +1447,12 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
                                  "r"(o[6]), "r"(o[7])
                                  : "memory");
                 }
-                // The stores above are read by wgmma (the async proxy): a proxy fence must order them
-                // first. p.w4a8_fence (MoeLayerWorkspace::w4a8_fence; a measurement knob, warp-uniform):
-                //   full: fence.proxy.async.shared::cta here, as CUTLASS's transform warps do before
-                //     handing converted operands to the MMA (the default; what this kernel always did);
-                //   release: the one-way generic → async release fence (sm_90), the lighter form for
-                //     exactly this (stores, then an async-proxy reader);
-                //   reader: none here; the MMA warps' own fence after their wait on full[slot] (below)
-                //     is then the only one on the path from the stores to the wgmma, as it already is
-                //     for the x bytes these threads copy with cp.async.
-                // Why measure it: these threads fence every step with the step's x copies and the raw
-                // ring's copies of later steps (from HBM) in flight, and if a proxy fence waits for the
-                // executing thread's outstanding cp.async writes (not documented either way; NVIDIA's
-                // Fuser measured "almost 50%" on a Hopper matmul from removing proxy fences that mbarrier
-                // waits made redundant, NVIDIA/Fuser#3136), each step waits out an HBM round trip. What
-                // was measured fits that: the MMA warps polled full[] ~75 times a step (ncu source
-                // counters), and at T = 16384 a step took ~2 µs (18.7 ms over ~8900 steps per SM, H100)
-                // for the decoders' ~420 instructions. Not measured yet (written without a GPU).
-                if (p.w4a8_fence == kW4a8FenceFull) fence_proxy_async_smem();
-                else if (p.w4a8_fence == kW4a8FenceRelease)
-                    asm volatile("fence.proxy.async::generic.release.sync_restrict::shared::cta.cluster;" ::: "memory");
+                // The stores above are read by wgmma (the async proxy): a proxy fence orders them first,
+                // as CUTLASS's transform warps fence before handing converted operands to the MMA.
+                // (Measured on an H100, 2026-12-07, docs/bench-gemm.md: this fence, the one-way
+                // release fence and none here at all were within 1% of each other at T = 1024 and
+                // 16384, so the fence is not what holds a step at ~2 µs.)
+                fence_proxy_async_smem();
                 mbar_arrive(full0 + 8u * slot);
             }
         } while (tw.next(p, gi, row0, rows, G));
@@ -2373,10 +2354,6 @@ void grouped(const DeviceExperts& ex, MoeLayerWorkspace& ws, int64_t N, bool l1,
     p.part = nullptr;
     p.official = official;
     p.skip_dead = ws.skip_dead_ntiles;
-    p.pws_fence = ws.pws_consumer_fence;
-    p.w4a8_fence = ws.w4a8_fence == W4a8Fence::release ? kW4a8FenceRelease
-                   : ws.w4a8_fence == W4a8Fence::reader ? kW4a8FenceReader
-                                                         : kW4a8FenceFull;
     if (is_f8(c)) {   // x as codes: x_ld bytes per row (= K), one scale per 128 columns
         p.x8 = x8->q;
         p.xs8 = x8->s;

@@ -155,11 +155,6 @@ private:
     void tables(DeviceArena& arena);   // checks w1, w3, w2 and sets the shapes; carves and fills the tables
 };
 
-// Where the W4A8 tiles' decoders order their expanded weights for wgmma (gemm.cu, wgmma_f8_kernel):
-// a full proxy fence per step (the default), the one-way release fence, or only the MMA warps'
-// fence after their wait. A measurement knob (megamoe-gemm-bench --w4a8-fence), not yet measured.
-enum class W4a8Fence : int8_t { full, release, reader };
-
 // Device buffers for the routed-expert layer at up to T_max tokens (allocated once; the calls
 // below allocate nothing). Move-only; a moved-from workspace holds no buffers.
 //
@@ -189,11 +184,6 @@ public:
     // HBM3, 2026-12-07: V4-Flash T = 768-2048, both formats, uniform and skewed routing, 1-24%
     // faster at every point; docs/bench-gemm.md); megamoe-gemm-bench --skip-dead 0 turns it off.
     bool                     skip_dead_ntiles = true;
-    W4a8Fence                w4a8_fence = W4a8Fence::full;   // the W4A8 tiles only (see W4a8Fence)
-    // wgmma_pws_256x128 only: its consumers' proxy fence after each stage's wait (on by default;
-    // off as CUTLASS's cp.async + GMMA mainloop and wgmma_kernel run). A measurement knob
-    // (megamoe-gemm-bench --pws-fence 0), not yet measured.
-    bool                     pws_consumer_fence = true;
     size_t bytes() const;                // device bytes held
 };
 

@@ -1611,8 +1611,8 @@ TEST(CudaGemm, PersistentWalkTakesEveryTileOnce) {
 // (MXFP4, official: W4A8; elsewhere both sides run their register-A fallbacks). V4-Flash widths
 // with enough tokens that the list has more tiles than an H100 or H200 has SMs (so each CTA walks
 // several, across the ring's phase wraps), and odd widths (D = 384, I = 640: 3 and 5 steps). The
-// persistent forms also run twice more with MoeLayerWorkspace::pws_consumer_fence off (the
-// register-A consumers without their per-step proxy fence): the same bits.
+// persistent forms run twice (a missing order between the ring's stages would show now and then,
+// not every time).
 TEST(CudaMoeLayer, PersistentTilesEqualOneTileForms) {
     SKIP_WITHOUT_GPU();
     struct Shape {
@@ -1636,13 +1636,9 @@ TEST(CudaMoeLayer, PersistentTilesEqualOneTileForms) {
                 for (const auto& [pers, one] : pairs) {
                     SCOPED_TRACE(str(fmt_name(f), nm == Numerics::exact ? " exact " : " official ", cuda::tile_name(pers),
                                      " D=", D, " I=", sh.I, " T=", T));
-                    std::vector<uint16_t> h[4];
-                    std::vector<float> rows[4], yv[4];
-                    for (int pass = 0; pass < 4; ++pass) {
-                        // pass 0: the one-tile form; 1: persistent; 2, 3: persistent without the
-                        // register-A consumers' proxy fence (MoeLayerWorkspace::pws_consumer_fence),
-                        // twice (a missing order would show now and then, not every time)
-                        ws.pws_consumer_fence = pass < 2;
+                    std::vector<uint16_t> h[3];
+                    std::vector<float> rows[3], yv[3];
+                    for (int pass = 0; pass < 3; ++pass) {   // pass 0: the one-tile form; 1, 2: persistent
                         poison(ws.h.data(), ws.h.size());
                         poison(ws.rows.data(), ws.rows.size());
                         poison(y.data(), y.size());
@@ -1654,8 +1650,7 @@ TEST(CudaMoeLayer, PersistentTilesEqualOneTileForms) {
                         rows[pass] = to_host(ws.rows.data(), static_cast<size_t>(N * D));
                         yv[pass] = to_host(y.data(), y.size());
                     }
-                    ws.pws_consumer_fence = true;
-                    for (int pass = 1; pass < 4; ++pass) {
+                    for (int pass = 1; pass < 3; ++pass) {
                         EXPECT_EQ(first_mismatch(h[0], h[pass]), -1) << "h, pass " << pass;
                         EXPECT_EQ(first_mismatch(rows[0], rows[pass]), -1) << "slot rows, pass " << pass;
                         EXPECT_EQ(first_mismatch(yv[0], yv[pass]), -1) << "y, pass " << pass;
@@ -1667,19 +1662,17 @@ TEST(CudaMoeLayer, PersistentTilesEqualOneTileForms) {
     }
 }
 
-// MoeLayerWorkspace::w4a8_fence: the W4A8 decoders' proxy fence per step (full, the one-way
-// release form, or none but the MMA warps' own) changes when their stores become visible to wgmma,
-// never what the wgmma reads once the MMA warps' wait on the stage's barrier has returned: the same
-// bits in every mode. Run three times per mode at V4-Flash widths with more tiles than SMs (a
-// missing order would show as stale weights now and then, not every time), one-tile and persistent.
-TEST(CudaMoeLayer, W4a8FenceModesGiveTheSameBits) {
+// The W4A8 tiles' decoder warps store expanded weights that the MMA warps' wgmma reads through the
+// async proxy, ordered by a proxy fence and the stage's barrier: a missing order would show as
+// stale weights now and then, not every time. So each W4A8 tile, one-tile and persistent, runs five
+// times at V4-Flash widths with more tiles than SMs and must give the same bits every time.
+TEST(CudaMoeLayer, W4a8TilesGiveTheSameBitsEveryRun) {
     SKIP_WITHOUT_GPU();
     const int64_t D = 4096, I = 2048, E = 16, k = 6, T = 300, N = T * k;
     const HostExperts hx = make_experts(LinearFormat::mxfp4, E, D, I, 65000);
     cuda::DeviceExperts dex(hx.experts);
     ASSERT_TRUE(cuda::moe_w4a8_fits(dex, Numerics::official));
     cuda::MoeLayerWorkspace ws(T, k, dex);
-    EXPECT_EQ(ws.w4a8_fence, cuda::W4a8Fence::full);   // the default
     MoeCase c = make_case(Routing::uniform, T, k, E, D, false, 65001);
     std::vector<float> xf = widen(c.x);
     ops::round_gemm_input(Numerics::official, xf.data(), T, D);
@@ -1689,31 +1682,25 @@ TEST(CudaMoeLayer, W4a8FenceModesGiveTheSameBits) {
     for (cuda::Tile tile : kW4a8Tiles) {
         std::vector<uint16_t> h_ref;
         std::vector<float> rows_ref;
-        for (cuda::W4a8Fence mode : {cuda::W4a8Fence::full, cuda::W4a8Fence::release, cuda::W4a8Fence::reader})
-            for (int run = 0; run < 3; ++run) {
-                SCOPED_TRACE(str(cuda::tile_name(tile), " mode ", static_cast<int>(mode), " run ", run));
-                ws.w4a8_fence = mode;
-                poison(ws.h.data(), ws.h.size());
-                poison(ws.rows.data(), ws.rows.size());
-                cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr, tile,
-                                       Numerics::official);
-                CUDA_CHECK(cudaDeviceSynchronize());
-                std::vector<uint16_t> h = to_host(ws.h.data(), static_cast<size_t>(N * I));
-                std::vector<float> rows = to_host(ws.rows.data(), static_cast<size_t>(N * D));
-                if (h_ref.empty()) {
-                    h_ref = std::move(h);
-                    rows_ref = std::move(rows);
-                    continue;
-                }
-                EXPECT_EQ(first_mismatch(h_ref, h), -1) << "h";
-                EXPECT_EQ(first_mismatch(rows_ref, rows), -1) << "slot rows";
-                if (HasFailure()) {
-                    ws.w4a8_fence = cuda::W4a8Fence::full;
-                    return;
-                }
+        for (int run = 0; run < 5; ++run) {
+            SCOPED_TRACE(str(cuda::tile_name(tile), " run ", run));
+            poison(ws.h.data(), ws.h.size());
+            poison(ws.rows.data(), ws.rows.size());
+            cuda::moe_layer_routed(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), T, ws, nullptr, tile,
+                                   Numerics::official);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            std::vector<uint16_t> h = to_host(ws.h.data(), static_cast<size_t>(N * I));
+            std::vector<float> rows = to_host(ws.rows.data(), static_cast<size_t>(N * D));
+            if (h_ref.empty()) {
+                h_ref = std::move(h);
+                rows_ref = std::move(rows);
+                continue;
             }
+            EXPECT_EQ(first_mismatch(h_ref, h), -1) << "h";
+            EXPECT_EQ(first_mismatch(rows_ref, rows), -1) << "slot rows";
+            if (HasFailure()) return;
+        }
     }
-    ws.w4a8_fence = cuda::W4a8Fence::full;
 }
 
 // MoeLayerWorkspace::skip_dead_ntiles: mma_256x32 and mma_256x48 multiply (and copy x for) only
