@@ -2046,6 +2046,113 @@ TEST(CudaMoeLayer, SmallPathPlanTwoCtasPerSm) {
     test::expect_error([&] { cuda::moe_small_plan(*flash, 0, k, hopper); }, {"moe_small_plan", "T = 0"});
 }
 
+// The plan with L2 resident beside L1 (MoeLayerWorkspace::small_l2_beside; moe_small.cu,
+// beside_plan), given Hopper's SM facts: V4-Flash NVFP4 at every T where the two CTAs' shared
+// memory fits one SM (and then within it, L2 at 8 warps of 2 steps, two stages), MXFP4 only past
+// its two-L1-CTA range (T > 4), V4-Pro (w2's 24 steps) never; where it does not apply, the plan
+// is the one without it.
+TEST(CudaMoeLayer, SmallPathPlanL2BesideL1) {
+    const cuda::SmFacts hopper{132, 233472, 232448, 1024};
+    auto shapes_only = [](LinearFormat f, int64_t E, int64_t D, int64_t I) {
+        auto lin = [&](int64_t out, int64_t in) {
+            DeviceLinear l;
+            l.format = f;
+            l.out = out;
+            l.in = in;
+            const cuda::LinearLayout lay = cuda::linear_layout(f, out, in);
+            l.weight_row_bytes = lay.weight_row_bytes;
+            l.scale_row_bytes = lay.scale_row_bytes;
+            return l;
+        };
+        std::vector<DeviceLinear> w1, w3, w2;
+        for (int64_t e = 0; e < E; ++e) {
+            w1.push_back(lin(I, D));
+            w3.push_back(lin(I, D));
+            w2.push_back(lin(D, I));
+        }
+        cuda::DeviceArena counting;
+        return std::make_unique<cuda::DeviceExperts>(w1, w3, w2, counting);
+    };
+    const int64_t k = 6;
+    for (const LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        const auto flash = shapes_only(f, 8, 4096, 2048);
+        int beside_count = 0;
+        for (int64_t T = 1; T <= cuda::kMoeSmallMaxT; ++T) {
+            const std::string what = std::string(fmt_name(f)) + " V4-Flash T = " + std::to_string(T);
+            const cuda::MoeSmallPlan base = cuda::moe_small_plan(*flash, T, k, hopper);
+            const cuda::MoeSmallPlan p = cuda::moe_small_plan(*flash, T, k, hopper, true);
+            EXPECT_FALSE(base.beside) << what;
+            ASSERT_TRUE(p.ok) << what;
+            if (base.l1_two) {
+                EXPECT_FALSE(p.beside) << what;
+            }
+            if (!p.beside) {
+                EXPECT_EQ(p.smem1, base.smem1) << what;
+                EXPECT_EQ(p.smem2, base.smem2) << what;
+                EXPECT_EQ(p.warps2, base.warps2) << what;
+                continue;
+            }
+            ++beside_count;
+            EXPECT_EQ(p.warps2, 8) << what;
+            EXPECT_EQ(p.spw2, 2) << what;
+            EXPECT_EQ(p.stages2, 2) << what;
+            EXPECT_GE(p.stages1, 2) << what;
+            EXPECT_EQ(p.grid1, base.grid1) << what;
+            EXPECT_EQ(p.grid2, base.grid2) << what;
+            EXPECT_LE(p.smem1 + p.smem2 + 2 * (p.static_smem + hopper.smem_reserved_per_block), hopper.smem_per_sm)
+                << what;
+        }
+        // NVFP4 from T = 1 (one L1 CTA per SM); MXFP4 only past T = 4 (two L1 CTAs per SM below).
+        EXPECT_TRUE(cuda::moe_small_plan(*flash, f == LinearFormat::nvfp4 ? 1 : 5, k, hopper, true).beside)
+            << fmt_name(f);
+        EXPECT_GT(beside_count, 0) << fmt_name(f);
+        const auto pro = shapes_only(f, 8, 7168, 3072);
+        EXPECT_FALSE(cuda::moe_small_plan(*pro, 1, k, hopper, true).beside) << fmt_name(f) << " V4-Pro";
+    }
+}
+
+// The small-T path with L2 resident beside L1 (MoeLayerWorkspace::small_l2_beside: L1's x from
+// shared memory, L2 at 8 warps of 2 steps) against the CPU composition, as
+// SmallPathMatchesCpuCompositionRealWidths, V4-Flash widths (where it applies: both formats, T = 1,
+// 2, 5, 8; MXFP4 at T ≤ 4 and V4-Pro run the plan without it), and under official numerics against
+// the CPU's official composition at T = 1.
+TEST(CudaMoeLayer, SmallPathL2BesideL1MatchesCpuComposition) {
+    SKIP_WITHOUT_GPU();
+    const int64_t k = 6, D = 4096, I = 2048, E = 8;
+    ClampStats stats;
+    uint32_t seed = 81000;
+    for (LinearFormat f : {LinearFormat::nvfp4, LinearFormat::mxfp4}) {
+        const HostExperts hx = make_experts(f, E, D, I, seed += 1000);
+        cuda::DeviceExperts dex(hx.experts);
+        cuda::MoeLayerWorkspace ws(8, k, dex);
+        ws.small_l2_beside = true;
+        for (int64_t T : {1, 2, 5, 8}) {
+            const MoeCase c = make_case(T % 2 ? Routing::uniform : Routing::hot, T, k, E, D, T != 2, ++seed);
+            check_layer(hx, dex, ws, c, kLimit, str(fmt_name(f), " beside T=", T), &stats, true);
+            if (HasFailure()) return;
+        }
+        MoeCase c = make_case(Routing::uniform, 1, k, E, D, true, ++seed);
+        std::vector<float> xf = widen(c.x);
+        ops::round_gemm_input(Numerics::official, xf.data(), 1, D);
+        for (size_t i = 0; i < xf.size(); ++i) c.x[i] = f32_to_bf16(xf[i]);
+        DeviceInputs in(1, k, D);
+        in.upload(c);
+        DeviceArray<float> y(static_cast<size_t>(D));
+        poison(y.data(), y.size());
+        cuda::moe_layer_small(dex, kLimit, in.x.data(), in.ids.data(), in.wts.data(), 1, in.shared.data(), y.data(), ws,
+                              nullptr, Numerics::official);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        const std::vector<float> y_gpu = to_host(y.data(), y.size());
+        MoeCase cb = c;
+        ops::round_bf16(Numerics::official, cb.shared.data(), D);
+        double worst = 1, max_d = 0;
+        worst_cosine(y_gpu, official_y(hx, c, xf, cpu_route(c, E), cb), 1, D, worst, max_d);
+        std::printf("  beside, official %s T=1: y vs CPU official, cosine %.7f, max |d| %.4g\n", fmt_name(f), worst, max_d);
+        EXPECT_GE(worst, 0.999);
+    }
+    expect_clamps_exercised(stats);
+}
+
 // moe_layer captured once per T (global capture mode: any host synchronization or allocation inside
 // would fail the capture) on a non-blocking stream with T < T_max, replayed with new x / ids /
 // weights / shared each time; each replay is checked against the twins and must equal a plain
