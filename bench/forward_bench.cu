@@ -45,8 +45,6 @@
 //   the runner's rule), to compare.
 // --pad-route 0|1: a decode graph's padding rows routed as token 0 (1, the default) or from their own
 //   logits (0) (RunnerOptions::pad_route), to compare at batches between the graph buckets.
-// --l2-beside 0|1: the small-T path's L2 resident beside its L1 (RunnerOptions::moe_l2_beside), to
-//   compare.
 // --fp8-act-max T, --lt-min-out N: official numerics, the FP8 × FP8 kernel (linear_fp8_act) at up to
 //   T tokens (1..64), and where cuBLASLt applies too (32..T tokens), cuBLASLt only for linears of
 //   ≥ N output rows (RunnerOptions::fp8_act_max_t, lt_min_out; default: the runner's rule), to compare.
@@ -92,7 +90,6 @@
 #include "kernel_trace.h"
 #endif
 #include "core/common.h"
-#include "cuda/device_info.h"
 #include "cuda/kv_row.h"
 #include "gpu/multi_backend.h"
 #include "gpu/runner.h"
@@ -269,7 +266,6 @@ int main(int argc, char** argv) {
         int hc_stage = -1;       // -1: RunnerOptions' default
         int64_t moe_small_max_t = -1;   // -1: RunnerOptions' default
         int pad_route = -1;             // -1: RunnerOptions' default
-        int l2_beside = -1;             // -1: RunnerOptions' default
         int64_t fp8_act_max = -1, lt_min_out = -1;   // -1: the runner's rule
         auto on_off = [](const std::string& flag, const std::string& v) {
             if (v != "0" && v != "1") fail(flag, " takes 0 or 1, not '", v, "'");
@@ -308,8 +304,6 @@ int main(int argc, char** argv) {
                 if (moe_small_max_t < 0) fail("--moe-small-max-t takes a token count >= 0 (0: never), not ", moe_small_max_t);
             }
             else if (a == "--pad-route") pad_route = on_off(a, next());
-            else if (a == "--l2-beside") l2_beside = on_off(a, next());
-            else if (a == "--carveout") cuda::set_carveout(static_cast<int>(std::stoll(next())));
             else if (a == "--idx-side") idx_side = on_off(a, next());
             else if (a == "--attn-wide") attn_wide = on_off(a, next());
             else if (a == "--attn-splits") attn_splits = static_cast<int>(std::stoll(next()));
@@ -385,7 +379,6 @@ int main(int argc, char** argv) {
         ro.moe_small = !no_moe_small;
         if (moe_small_max_t >= 0) ro.moe_small_max_t = moe_small_max_t;
         if (pad_route >= 0) ro.pad_route = pad_route == 1;
-        if (l2_beside >= 0) ro.moe_l2_beside = l2_beside == 1;
         if (idx_side >= 0) ro.indexer_side = idx_side == 1;
         ro.attn_wide = attn_wide;
         ro.attn_splits = attn_splits;

@@ -28,8 +28,6 @@
 //              rows; 0 (the default) is uniform. Each T's first routing's rows per expert are printed.
 //   --skip-dead 0|1: the expert layer's workspace's skip_dead_ntiles (gemm.h; default 1): mma_256x32
 //              and mma_256x48 multiply (and copy x for) only the 8-token column tiles that hold rows.
-//   --l2-beside 0|1: the workspace's small_l2_beside (gemm.h; default 0): with --moe-small, L2
-//              resident beside L1.
 // Progress goes to stderr; the header, the result tables (markdown) and the notes to stdout.
 //
 // Part A — linears. For each projection of the attention and of the shared expert, in its
@@ -480,7 +478,6 @@ struct Options {
     Numerics nm = Numerics::exact;             // --numerics: the expert layer's numerics
     double skew = 0.0;                         // --skew: expert popularity 1 / (1 + rank)^skew (0: uniform)
     bool skip_dead = true;                     // --skip-dead 0|1: MoeLayerWorkspace::skip_dead_ntiles
-    bool l2_beside = false;                    // --l2-beside 0|1: MoeLayerWorkspace::small_l2_beside
     std::string part = "all", models, shapes, formats;
     std::vector<int64_t> Ms, Ts;
 };
@@ -1111,8 +1108,6 @@ void run_experts(const std::string& model, const Options& opt, Ctx& ctx) {
         cuda::DeviceExperts ex(host);
         cuda::MoeLayerWorkspace ws(T_max, k, ex);
         ws.skip_dead_ntiles = opt.skip_dead;
-        ws.small_l2_beside = opt.l2_beside;
-        if (opt.l2_beside) progress("  small_l2_beside on: the small-T path's L2 resident beside L1\n");
         if (!opt.skip_dead) progress("  skip_dead_ntiles off: mma_256x32 / mma_256x48 multiply every column tile\n");
         CUDA_CHECK(cudaDeviceSynchronize());   // uploads ran on the legacy stream
         DeviceArray<uint16_t> dx(size_t(T_max * D));
@@ -1216,11 +1211,6 @@ int main(int argc, char** argv) {
                 if (v != "0" && v != "1") fail("--skip-dead must be 0 or 1, got '", v, "'");
                 opt.skip_dead = v == "1";
             }
-            else if (a == "--l2-beside") {
-                const std::string v = next();
-                if (v != "0" && v != "1") fail("--l2-beside must be 0 or 1, got '", v, "'");
-                opt.l2_beside = v == "1";
-            }
             else if (a == "--skew") {
                 const std::string v = next();
                 char* end = nullptr;
@@ -1251,7 +1241,6 @@ int main(int argc, char** argv) {
                     "       [--numerics exact|official]  (expert layer; official: W4A8 with --config wgmma_f8_128x128)\n"
                     "       [--skew S]  (expert layer: expert e routed in proportion to 1 / (1 + rank e)^S; 0 = uniform)\n"
                     "       [--skip-dead 0|1]  (expert layer: mma_256x32 / mma_256x48 skip the 8-token column tiles without rows; default 1)\n"
-                    "       [--l2-beside 0|1]  (expert layer, --moe-small: L2 resident beside L1; default 0)\n"
                     "shapes: wq_a wq_b wkv wo_a wo_b sh.w1 sh.w2 idx.wq_b\n"
                     "tiles (--config: a name or its index):");
                 for (size_t i = 0; i < cuda::tiled_configs().size(); ++i)

@@ -1196,7 +1196,6 @@ void launch(const char* what, void (*kernel)(KArgs...), dim3 grid, dim3 block, s
     }
     cfg.attrs = attr;
     cfg.numAttrs = n;
-    apply_carveout(reinterpret_cast<const void*>(kernel));
     const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
     if (err != cudaSuccess) {
         (void)cudaGetLastError();   // a refused launch is not sticky; leave no error behind

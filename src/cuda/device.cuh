@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cuda/device_info.h"
 #include "io/weights.h"
 
 namespace megamoe::cuda::dev {
@@ -264,7 +263,6 @@ cudaError_t launch_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t s
     attr[0].val.programmaticStreamSerializationAllowed = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    apply_carveout(reinterpret_cast<const void*>(kernel));
     return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(args)...);
 }
 

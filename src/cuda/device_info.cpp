@@ -3,7 +3,6 @@
 
 #include <cuda_runtime_api.h>
 
-#include <atomic>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -56,25 +55,6 @@ void raise_dynamic_smem(const void* kernel, size_t bytes) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
     if (e != cudaSuccess) fail("raise_dynamic_smem: ", bytes, " bytes: ", cudaGetErrorString(e));
     have = bytes;
-}
-
-namespace {
-std::atomic<int> g_carveout{-1};
-}
-void set_carveout(int percent) { g_carveout = percent; }
-void apply_carveout(const void* kernel) {
-    const int c = g_carveout.load();
-    if (c < 0) return;
-    static std::mutex m;
-    static std::map<std::pair<int, const void*>, int> done;
-    int dev = 0;
-    (void)cudaGetDevice(&dev);
-    std::lock_guard<std::mutex> lk(m);
-    auto it = done.find({dev, kernel});
-    if (it != done.end() && it->second == c) return;
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, c);
-    if (e != cudaSuccess) fail("apply_carveout: ", cudaGetErrorString(e));
-    done[{dev, kernel}] = c;
 }
 
 }  // namespace megamoe::cuda

@@ -30,9 +30,4 @@ int sm_count();
 // Throws megamoe::Error with the runtime's message when the device refuses the size.
 void raise_dynamic_smem(const void* kernel, size_t bytes);
 
-// Experiment (wip): the preferred shared-memory carve-out (percent of the SM's maximum) given to
-// every kernel launched through the launch helpers (apply_carveout), -1 (default): the driver's choice.
-void set_carveout(int percent);
-void apply_carveout(const void* kernel);
-
 }  // namespace megamoe::cuda

@@ -1871,7 +1871,6 @@ void launch_tiled(LinearFormat f, int epi, Tile c, const TiledParams& p, unsigne
         attr[1].val.clusterDim.z = grid_z;
         lc.attrs = attr;
         lc.numAttrs = 2;
-        apply_carveout(reinterpret_cast<const void*>(k));
         err = cudaLaunchKernelEx(&lc, k, p);
     } else {
         err = launch_pdl(k, dim3(grid_x, grid_y, grid_z), dim3(threads),

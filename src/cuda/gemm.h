@@ -184,10 +184,6 @@ public:
     // HBM3, 2026-12-07: V4-Flash T = 768-2048, both formats, uniform and skewed routing, 1-24%
     // faster at every point; docs/bench-gemm.md); megamoe-gemm-bench --skip-dead 0 turns it off.
     bool                     skip_dead_ntiles = true;
-    // The small-T path (moe_small_l1 / moe_small_l2): L2 resident beside L1, its producer streaming
-    // w2 while L1 runs (moe_small.cu, beside_plan). A measurement knob, off by default
-    // (megamoe-gemm-bench --l2-beside 1, megamoe-forward-bench --l2-beside 1).
-    bool                     small_l2_beside = false;
     size_t bytes() const;                // device bytes held
 };
 
@@ -287,11 +283,8 @@ struct MoeSmallPlan {
     int warps2 = 0, spw2 = 0;             // L2's consumer warps and w2's 128-column K steps per warp
     int64_t smem1 = 0, smem2 = 0;         // dynamic shared memory per CTA, bytes
     int64_t static_smem = 0;              // static shared memory of either kernel (the plan's bound), bytes
-    bool beside = false;                  // L2 resident beside L1 (asked for with l2_beside, and it fits)
 };
-// l2_beside: the plan MoeLayerWorkspace::small_l2_beside asks for (the plan without it where that
-// does not fit).
-MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f, bool l2_beside = false);
+MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f);
 // Its two launches, for a caller that overlaps other work with L1 (the runner: the shared expert on
 // a side stream, joined before L2). moe_small_l1 writes ws.h; moe_small_l2 reads ws.h, ids (the same
 // as L1's) and shared, and writes y. x is L1's input (moe_small_l2 takes it only for the same

@@ -681,7 +681,6 @@ void launch_small_m(const SmallMParams& prm, const Plan& plan, LinearFormat f, c
     }
     cfg.attrs = attr;
     cfg.numAttrs = n_attr;
-    apply_carveout(reinterpret_cast<const void*>(kernel));
     const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, prm);
     if (err != cudaSuccess) {
         (void)cudaGetLastError();   // a refused launch is not sticky; leave no error for the next call

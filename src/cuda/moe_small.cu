@@ -546,14 +546,8 @@ __global__ void __launch_bounds__((kL1Warps + 1) * 32, kXs > 0 ? 1 : 2) moe_smal
 // the previous L2 (H100, one device call, megamoe-gemm-bench --part experts --model all --T 1,2
 // --moe-small, two rounds): official V4-Flash even to −1.6%, V4-Pro −2.8% to −4.9%; exact V4-Flash
 // −0.6% to −1.4%, V4-Pro −3.1% to −7.5%; the 8-layer batch-1 / 2 step even.
-// kBeside: the instance that runs beside L1 (MoeLayerWorkspace::small_l2_beside): at most 112
-// registers per thread (kL2BesideRegs), so that its 9 warps and L1's (x from shared memory, 88
-// registers) fit one SM's register file quarter by quarter (see beside_plan). (__launch_bounds__'
-// two CTAs per SM would give 96: ptxas budgets 18 warps of this kernel, 5 in a quarter.)
-constexpr int kL2BesideRegs = 112;
-template <LinearFormat F, int kSpw, int W, bool kOff, bool kBeside = false>
-__global__ void __launch_bounds__((W + 1) * 32, 1) __maxnreg__(kBeside ? kL2BesideRegs : 255)
-    moe_small_l2_kernel(const SmallParams p) {
+template <LinearFormat F, int kSpw, int W, bool kOff>
+__global__ void __launch_bounds__((W + 1) * 32, 1) moe_small_l2_kernel(const SmallParams p) {
     constexpr int kStepK = 4 * Traits<F>::kElems;
     extern __shared__ __align__(128) uint8_t smem[];
     __shared__ Routing rt;
@@ -812,7 +806,6 @@ struct Plan {
     int grid1 = 0, grid2 = 0;
     bool l1_two = false;   // L1 at two CTAs per SM (kL1TwoMaxT)
     int warps2 = kL2Warps; // L2's consumer warps (l2_warps)
-    bool beside = false;   // L2 resident beside L1 (beside_plan): L1's x from shared memory, L2 at kL2BesideWarps
     bool ok = false;
 };
 
@@ -864,44 +857,6 @@ Plan make_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f) 
     return pl;
 }
 
-// L2 beside L1 (MoeLayerWorkspace::small_l2_beside; a measurement knob). L2 launches as soon as
-// every L1 CTA has passed its wait (programmatic launch) and its producer streams w2, which does
-// not depend on L1, while its consumers wait for h. In the plan above an L2 CTA cannot be resident
-// beside an L1 CTA (registers: L1's 9 warps at 128 and L2's 17 at 96 are 89 K of the SM's 64 K;
-// shared memory: ~110 + ~145 KB), so w2's first bytes are asked for only when an SM's L1 CTA has
-// exited. Here both fit: L1 takes its x fragments from shared memory (the kXs = 0 instance, 88
-// registers) and L2 runs 8 consumer warps of 2 steps (V4-Flash's w2: 16 steps) compiled for at most
-// 112 registers, two ring stages. Registers are allocated per scheduler quarter (16 K each; a
-// warp's come from its scheduler's quarter): 18 warps put at most 5 in a quarter, 3 · 2816 + 2 ·
-// 3584 = 15616 and 2 · 2816 + 3 · 3584 = 16384 both fit. Shared memory: both CTAs' dynamic bytes,
-// static bytes and the driver's per-CTA reserve within the SM's. Returns false (the plan unchanged)
-// where that does not hold: L1 at two CTAs per SM (MXFP4, T <= kL1TwoMaxT), w2 of more than 16
-// steps (V4-Pro), or the shared memory (more tokens: L1's x stage grows by T rows).
-constexpr int kL2BesideWarps = 8;
-constexpr int kL2BesideSpw = 2;
-bool beside_plan(Plan& pl, int64_t T, int64_t k, const SmFacts& f) {
-    if (!pl.ok || pl.l1_two) return false;
-    SmallParams a = pl.l1, b = pl.l2;
-    const int64_t n = T * k;
-    b.spw = static_cast<int>(ceil_div(b.steps, kL2BesideWarps));
-    if (b.spw > kL2BesideSpw) return false;
-    b.stages = kMinStages;
-    const int64_t smem2 = static_cast<int64_t>(b.stages) * b.stage_bytes +
-                          static_cast<int64_t>(kL2BesideWarps) * n * b.rb_max * kRows * 4;
-    const int64_t C = std::min<int64_t>(8, T);
-    const int64_t fixed1 = T * a.x_rs + 2 * kL1Warps * 2 * kRows * C * 4;
-    const int64_t room = f.smem_per_sm - 2 * (f.smem_reserved_per_block + kStaticSmem) - smem2 - fixed1;
-    a.stages = static_cast<int>(std::min<int64_t>(kL1StagesWanted, room / a.stage_bytes));
-    if (a.stages < kMinStages) return false;
-    pl.l1 = a;
-    pl.l2 = b;
-    pl.smem1 = static_cast<size_t>(a.stages * a.stage_bytes + fixed1);
-    pl.smem2 = static_cast<size_t>(smem2);
-    pl.warps2 = kL2BesideWarps;
-    pl.beside = true;
-    return true;
-}
-
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Checks shared by the two halves; false for T = 0 (nothing to launch).
@@ -937,11 +892,10 @@ bool moe_small_fits(const DeviceExperts& ex, int64_t T, int64_t k, const uint16_
     return make_plan(ex, T, k, sm_facts()).ok;
 }
 
-MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f, bool l2_beside) {
+MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const SmFacts& f) {
     MEGAMOE_CHECK(T >= 1 && T <= kMoeSmallMaxT && T * k <= kMoeSmallMaxSlots && ex.E > 0, "moe_small_plan: T = ", T,
                   ", k = ", k, ", E = ", ex.E, " is outside the small path");
-    Plan pl = make_plan(ex, T, k, f);
-    if (l2_beside) beside_plan(pl, T, k, f);
+    const Plan pl = make_plan(ex, T, k, f);
     MoeSmallPlan r;
     r.ok = pl.ok;
     r.l1_two = pl.l1_two;
@@ -954,7 +908,6 @@ MoeSmallPlan moe_small_plan(const DeviceExperts& ex, int64_t T, int64_t k, const
     r.smem1 = static_cast<int64_t>(pl.smem1);
     r.smem2 = static_cast<int64_t>(pl.smem2);
     r.static_smem = kStaticSmem;
-    r.beside = pl.beside;
     return r;
 }
 
@@ -963,7 +916,6 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
     if (!check_small("moe_small_l1", ex, T, x, ws)) return;
     const SmFacts f = sm_facts();
     Plan pl = make_plan(ex, T, ws.dispatch.k, f);
-    if (ws.small_l2_beside) beside_plan(pl, T, ws.dispatch.k, f);
     SmallParams& p = pl.l1;
     p.table = static_cast<const GemmGroup*>(ex.l1_table);
     p.ids = ids;
@@ -974,16 +926,11 @@ void moe_small_l1(const DeviceExperts& ex, float limit, const uint16_t* x, const
     p.official = nm == Numerics::official;
     // x fragments in registers: V4-Flash at one CTA per SM (4 steps per warp); V4-Pro has 7 and two
     // CTAs per SM need the registers (kL1TwoMaxT): from shared memory.
-    const bool xr = !pl.l1_two && !pl.beside && p.spw <= kL1XRegSteps;
+    const bool xr = !pl.l1_two && p.spw <= kL1XRegSteps;
     auto kernel = ex.format == LinearFormat::nvfp4
                       ? (xr ? moe_small_l1_kernel<LinearFormat::nvfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::nvfp4, 0>)
                       : (xr ? moe_small_l1_kernel<LinearFormat::mxfp4, kL1XRegSteps> : moe_small_l1_kernel<LinearFormat::mxfp4, 0>);
     raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(f)));
-    // Beside: the SM's shared memory carve-out must hold both CTAs; the driver sizes it by the
-    // kernel's own needs unless told otherwise, and an SM whose carve-out fits L1 alone cannot take L2.
-    if (pl.beside)
-        CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        static_cast<int>(cudaSharedmemCarveoutMaxShared)));
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid1)), dim3((kL1Warps + 1) * 32), pl.smem1, stream, p));
 }
 
@@ -993,7 +940,6 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
     if (!check_small(what, ex, T, x, ws)) return;
     const SmFacts f = sm_facts();
     Plan pl = make_plan(ex, T, ws.dispatch.k, f);
-    if (ws.small_l2_beside) beside_plan(pl, T, ws.dispatch.k, f);
     SmallParams& p = pl.l2;
     p.table = static_cast<const GemmGroup*>(ex.l2_table);
     p.ids = ids;
@@ -1008,7 +954,6 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
     auto pick_nm = [&](auto fmt, auto off) -> K2 {
         constexpr LinearFormat F = decltype(fmt)::value;
         constexpr bool kOff = decltype(off)::value;
-        if (pl.beside) return moe_small_l2_kernel<F, kL2BesideSpw, kL2BesideWarps, kOff, true>;
         if (pl.warps2 == kL2ProWarps) return moe_small_l2_kernel<F, kL2ProSpw, kL2ProWarps, kOff>;
         return p.spw <= 1 ? moe_small_l2_kernel<F, 1, kL2Warps, kOff> : moe_small_l2_kernel<F, kL2MaxSpw, kL2Warps, kOff>;
     };
@@ -1018,9 +963,6 @@ void launch_l2(const char* what, const DeviceExperts& ex, const uint16_t* x, con
     const K2 kernel = ex.format == LinearFormat::nvfp4 ? pick(std::integral_constant<LinearFormat, LinearFormat::nvfp4>{})
                                                        : pick(std::integral_constant<LinearFormat, LinearFormat::mxfp4>{});
     raise_dynamic_smem(reinterpret_cast<const void*>(kernel), static_cast<size_t>(cta_budget(f)));
-    if (pl.beside)
-        CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel), cudaFuncAttributePreferredSharedMemoryCarveout,
-                                        static_cast<int>(cudaSharedmemCarveoutMaxShared)));
     CUDA_CHECK(launch_pdl(kernel, dim3(static_cast<unsigned>(pl.grid2)), dim3((pl.warps2 + 1) * 32), pl.smem2, stream, p));
 }
 }  // namespace

@@ -831,14 +831,12 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
     }
     if (!opt.exchange) {
         moe_ws = cuda::MoeLayerWorkspace(ws.T, c.num_experts_per_tok, dm->layers.at(0).experts);
-        moe_ws.small_l2_beside = opt.moe_l2_beside;
     } else {
         // The main layers' experts see the exchange's rows (up to world · max_tokens), routed over
         // the local experts and the skip bucket; the MTP block's whole layer keeps its own.
         moe_ws_ep = cuda::MoeLayerWorkspace(opt.exchange->max_rows(), c.num_experts_per_tok, dm->layers.at(0).experts,
                                             /*skip_bucket=*/true);
         if (dm->mtp) moe_ws = cuda::MoeLayerWorkspace(ws.T, c.num_experts_per_tok, dm->mtp->block.experts);
-        moe_ws_ep.small_l2_beside = moe_ws.small_l2_beside = opt.moe_l2_beside;
     }
     plan.workspace = ws_arena.used() + moe_ws.bytes() + moe_ws_ep.bytes();
     if (opt.rollback && dm->mtp) {

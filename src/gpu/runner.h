@@ -54,8 +54,6 @@ struct RunnerOptions {
                                        // numerics, else 4; runner.cpp says why). The small path
                                        // itself stops at cuda::kMoeSmallMaxT and where the plan does
                                        // not fit (V4-Pro past 4)
-    bool    moe_l2_beside = false;     // the small-T path's L2 resident beside its L1
-                                       // (cuda::MoeLayerWorkspace::small_l2_beside; a measurement knob)
     bool    pad_route = true;          // a decode graph's padding rows routed as token 0 (cuda::route's
                                        // graph padding: no expert weights of their own; runner.cpp
                                        // says what it measured); off: routed from their own logits,
