@@ -1175,8 +1175,8 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_ws_kernel(const Ti
             mbar_wait(full0 + 8u * slot, static_cast<uint32_t>((gs / ST) & 1));
             // The stage's bytes came by cp.async (the generic proxy) and the wgmmas read x through the
             // async proxy: a proxy fence orders them. (Leaving it out in the persistent form, as
-            // CUTLASS's SM90 cp.async + GMMA mainloop and this file's wgmma_kernel do, measured within
-            // ±1% on an H100, 2026-12-07, docs/bench-gemm.md: kept, since it costs nothing measurable.)
+            // CUTLASS's SM90 cp.async + GMMA mainloop and this file's wgmma_kernel do, measured −1.4%
+            // to +0.5% on an H100, 2026-12-07, docs/bench-gemm.md: inside the run-to-run spread, so kept.)
             fence_proxy_async_smem();
             const uint8_t* st = smem + slot * L::kStage;
             const uint32_t xs = smem_s + static_cast<uint32_t>(slot * L::kStage + L::kX);
@@ -1450,7 +1450,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
                 // The stores above are read by wgmma (the async proxy): a proxy fence orders them first,
                 // as CUTLASS's transform warps fence before handing converted operands to the MMA.
                 // (Measured on an H100, 2026-12-07, docs/bench-gemm.md: this fence, the one-way
-                // release fence and none here at all were within 1% of each other at T = 1024 and
+                // release fence and none here at all were within 1.2% of each other at T = 1024 and
                 // 16384, so the fence is not what holds a step at ~2 µs.)
                 fence_proxy_async_smem();
                 mbar_arrive(full0 + 8u * slot);
