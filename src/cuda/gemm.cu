@@ -12,7 +12,9 @@
 //     GemmScratch; the grouped path's are in MoeLayerWorkspace. Nothing here allocates per call.
 // A third, wgmma_f8_kernel (wgmma_f8_128x128, wgmma_f8_128x32: MXFP4 experts × FP8 activation codes
 // under the official numerics, weights expanded to e4m3 in shared memory, w4a8.h), is taken only
-// when named (measured slower so far; described where it is defined).
+// when named (measured slower so far; described where it is defined); and a fourth,
+// wgmma_rf8_kernel (wgmma_rf8_128x128: the same products with the weights expanded in the MMA
+// warps' registers, wgmma's A from registers), written without a GPU and taken only when named.
 // The persistent tiles (wgmma_pws_256x128, wgmma_pf8_128x128, wgmma_pf8_128x32: TileWalk) run
 // those two warp-specialized kernels with one CTA per SM walking the expert work list, the ring
 // running on from tile to tile; not measured yet, so taken only when named.
@@ -56,6 +58,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include "core/common.h"
@@ -1536,6 +1539,301 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
     } while (tw.next(p, gi, row0, rows, G));
 }
 
+// ---------------------------------------------------------------------------- W4A8, A from registers
+//
+// wgmma_rf8_kernel (Tile::wgmma_rf8_128x128; persistent, listed groups only; MXFP4 experts under the
+// official numerics, moe_w4a8_fits): the products of wgmma_f8_kernel — the same e4m3 codes of the
+// weights (w4a8.h: each 32-block's scale folded into its codes relative to the row's largest of the
+// step, exact for ≤ 14 binades), the activation's codes and scales, the FP8 tensor core's partial
+// over a step's 128 columns promoted into f32 with row scale · token scale — with the weights'
+// expansion moved out of a decoding warpgroup and into the MMA warps' own registers, as the bf16
+// register-A tiles (wgmma_ws_kernel) decode theirs. Why: the W4A8 tile's MMA warps waited for its one
+// decoding warpgroup (ncu source counters, docs/bench-gemm.md: ~75 polls of `full` per step while
+// the decoders issued ~420 instructions per warp-step: 4 warps expanding 16 K weights per step),
+// and its A operand made a round trip through shared memory (16 KB of codes stored and read back per
+// step). Here each of the 8 MMA warps expands its own fragments (per thread per step: 2 rows × 4
+// slices, one weight word each, fp4x8_e4m3: ~10 integer ops per 8 codes), and the expansion of step
+// s + 1 runs while step s's wgmmas do (two register buffers of A), so the tensor core waits on the
+// decode only where both warpgroups are decoding at once.
+//   CTA: 3 warpgroups, 384 threads; a tile is 128 weight rows (64 per MMA warpgroup; an L1 tile's
+//   rows pair w1 / w3 as wgmma_f8_kernel's do) × 128 tokens; one step = 128 columns (one activation
+//   scale block, four MXFP4 32-blocks, four k32 slices).
+//   Warpgroup 2 (producer) copies per step, with cp.async into one of kStages ring slots: the
+//   128 rows' 64 weight bytes as they lie in global memory (rows 80 bytes apart: the MMA lanes' LDS.32
+//   of word tig of a slice, rows g = 0..7, then fall on 32 distinct banks), each row's four e8m0
+//   scales (one word), the 128 tokens' 128 codes (16-byte halves of each k32 slice into the canonical
+//   K-major layout of wgmma_f8_kernel: 8 tokens × 16 bytes core matrices, halves 128 B apart, token
+//   groups 256 B apart) and their step scales; then cp.async.mbarrier.arrive on full[slot].
+//   Warpgroups 0 and 1 (MMA): thread (warp w, lane g·4 + tig) owns tile rows r0 = 16·w + g and r0 + 8.
+//   For a step: wait on full[slot]; per row the step's scale word gives the row scale (the largest
+//   exponent, w4a8::row_scale) and each slice's table (its distance below it); per slice j, weight
+//   word 4·j + tig of the row (columns 32·j + 8·tig .. + 7, fp4 kernel order) expands into the two
+//   e4m3 words of fp8 kernel-order words 2·tig and 2·tig + 1 of the slice: A registers a0 / a2 (row
+//   r0) and a1 / a3 (row r0 + 8), byte positions 4·tig .. and 16 + 4·tig .. of the slice, where the
+//   activation codes come in register-A order (w4a8::ra_word; moe_layer_routed quantizes them so).
+//   Then 4 wgmma m64n128k32 e4m3 (A from registers, B from the slot) into the partial (the first with
+//   scale-d 0), commit; the next step's wait and expansion into the other A buffer; wait for the
+//   group (keeping its A registers alive), read the step's token scales, hand the slot back on
+//   empty[slot] (count 256), promote: acc += partial · row scale · token scale.
+//   Registers: setmaxnreg 40 (producer) and 232 (MMA: 64 accumulators, 64 partials, 32 A registers).
+// Written without a GPU (2026-12-08): not measured; taken only when named (--config wgmma_rf8_128x128).
+struct Rf8Layout {
+    static constexpr int kRawRs = 80;                              // raw row stride: 64 weight bytes + 16
+    static constexpr int kRaw = 0;                                 // [128 rows][80 B]
+    static constexpr int kScale = kRaw + kF8Rows * kRawRs;         // u32 [128]: the row's 4 e8m0 exponents
+    static constexpr int kB = kScale + kF8Rows * 4;                // codes [4 slices][16 token groups][2 halves][8][16 B]
+    static constexpr int kBSlice = 128 * 32;
+    static constexpr int kColScale = kB + 4 * kBSlice;             // f32 [128]: the step's scale per token
+    static constexpr int kStage = (kColScale + 128 * 4 + 127) / 128 * 128;   // 27 KB
+    static constexpr int kStages = 7;                              // 189 KB
+    static constexpr int kTable = kStages * kStage;                // w4a8::table, kTables × 8 bytes
+    static constexpr int kBars = kTable + w4a8::kTables * 8;       // full[kStages], empty[kStages]
+    static constexpr int kSmem = kBars + 8 * 2 * kStages;
+};
+static_assert(Rf8Layout::kB % 128 == 0 && Rf8Layout::kStage % 128 == 0, "wgmma operands 128-byte aligned");
+static_assert(Rf8Layout::kSmem <= 227 * 1024, "one CTA per SM");
+
+// d = (scale_d ? d : 0) + A · B, m64n128k32, e4m3 × e4m3 → f32; A from registers (a0..a3: this warp's
+// 16 rows, the fragment layout of mma.m16n8k32 for 8-bit types), B from a shared-memory descriptor.
+__device__ __forceinline__ void wgmma_f8_ra_m64n128k32(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                      uint32_t a3, uint64_t db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(scale_d));
+}
+
+// wgmma.wait_group 0 that keeps a step's 16 A registers alive and unchanged until it (as
+// wgmma_wait_keep: the wgmmas read them asynchronously).
+__device__ __forceinline__ void wgmma_wait0_keep(uint32_t (&r)[4][4]) {
+    asm volatile("wgmma.wait_group.sync.aligned 0;"
+                 : "+r"(r[0][0]), "+r"(r[0][1]), "+r"(r[0][2]), "+r"(r[0][3]), "+r"(r[1][0]), "+r"(r[1][1]),
+                   "+r"(r[1][2]), "+r"(r[1][3]), "+r"(r[2][0]), "+r"(r[2][1]), "+r"(r[2][2]), "+r"(r[2][3]),
+                   "+r"(r[3][0]), "+r"(r[3][1]), "+r"(r[3][2]), "+r"(r[3][3])
+                 :
+                 : "memory");
+}
+
+// A thread's A fragments and row scales of one step, from the ring slot at shared address st: rows r0
+// (h = 0) and r0 + 8 (h = 1), whose raw weight word tig of slice 0 is at st + raw and whose scale word
+// is at st + sc. A[j] feeds the wgmma of k32 slice j: {a0, a1, a2, a3} = {row r0's first word,
+// row r0 + 8's first, row r0's second, row r0 + 8's second} of fp4x8_e4m3.
+__device__ __forceinline__ void rf8_decode(uint32_t st, uint32_t raw, uint32_t sc, uint32_t tab, uint32_t (&A)[4][4],
+                                           float (&rs)[2]) {
+    using L = Rf8Layout;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        uint32_t s;
+        asm volatile("ld.shared.u32 %0, [%1];" : "=r"(s) : "r"(st + sc + 32u * h) : "memory");   // 8 rows × 4 B on
+        const uint32_t e[4] = {s & 0xFFu, (s >> 8) & 0xFFu, (s >> 16) & 0xFFu, s >> 24};
+        const uint32_t er = max(max(e[0], e[1]), max(e[2], e[3]));
+        rs[h] = w4a8::row_scale(er);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const uint32_t d = min(er - e[j], static_cast<uint32_t>(w4a8::kTables - 1));
+            uint32_t tlo, thi, q;
+            asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(tlo), "=r"(thi) : "r"(tab + 8u * d));
+            asm volatile("ld.shared.u32 %0, [%1];"
+                         : "=r"(q)
+                         : "r"(st + raw + static_cast<uint32_t>(8 * L::kRawRs * h + 16 * j))
+                         : "memory");
+            uint32_t w0, w1;
+            w4a8::fp4x8_e4m3(q, tlo, thi, w0, w1);
+            A[j][h] = w0;
+            A[j][2 + h] = w1;
+        }
+    }
+}
+
+template <int EPI>
+static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_rf8_kernel(const TiledParams p) {
+    using L = Rf8Layout;
+    constexpr int ST = L::kStages, BT = 128, NA = BT / 2, NT = BT / 8;
+    constexpr bool kPair = EPI == kEpiSwiglu;
+    static_assert(EPI != kEpiBf16, "the W4A8 tile serves the expert layer: h (SwiGLU) or f32 rows");
+    extern __shared__ __align__(128) uint8_t smem[];
+
+    const int tid = static_cast<int>(threadIdx.x);
+    const uint32_t smem_s = smem_addr(smem);
+    const uint32_t full0 = smem_s + static_cast<uint32_t>(L::kBars), empty0 = full0 + 8u * ST;
+    if (tid == 0) {
+        for (int s = 0; s < ST; ++s) {
+            mbar_init(full0 + 8u * s, kWsProducers);   // each producer thread's copies of the step
+            mbar_init(empty0 + 8u * s, kWsConsumers);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    if (tid >= kWsConsumers && tid < kWsConsumers + w4a8::kTables) {
+        uint32_t lo, hi;
+        w4a8::table(tid - kWsConsumers, lo, hi);
+        *reinterpret_cast<uint2*>(smem + L::kTable + 8 * (tid - kWsConsumers)) = make_uint2(lo, hi);
+    }
+    __syncthreads();
+
+    int gi, row0, rows;
+    GemmGroup G;
+    TileWalk<BT, true> tw;
+    if (!tw.first(p, gi, row0, rows, G)) return;   // the whole CTA: the walk is per CTA
+    const int ns = p.steps;
+
+    // Tile row r of row tile rt → (matrix, weight row), as wgmma_f8_kernel's.
+    auto phys_row = [&](int rt, int r, int& m, int& row) {
+        if constexpr (kPair) {
+            m = (r >> 3) & 1;
+            row = rt * (kF8Rows / 2) + (r >> 4) * 8 + (r & 7);
+        } else {
+            m = 0;
+            row = rt * kF8Rows + r;
+        }
+    };
+
+    if (tid >= kWsConsumers) {
+        // ---- producer warpgroup
+        setmaxnreg_dec<kWsProducerRegs>();
+        const int pt = tid - kWsConsumers;   // tile row of its scale word, token of its step scale
+        do {
+            const int g0 = tw.i * ns;   // the steps of the CTA's earlier tiles
+            const int rt = tw.row_tile(p);
+            int m, row;
+            phys_row(rt, pt, m, row);
+            const bool sok = row < p.N;
+            const uint8_t* srow = sok ? (m ? G.s[1] : G.s[0]) + static_cast<int64_t>(row) * p.s_row_bytes : G.s[0];
+            // Codes: this thread copies half xh of every k32 slice of tokens xt and xt + 64 (a quarter-warp
+            // writes 4 tokens × both halves: 8 distinct 16-byte bank groups; the two threads of a token read
+            // one 32-byte sector).
+            const int xh = pt & 1, xt = pt >> 1;
+            const bool xok0 = xt < rows, xok1 = xt + 64 < rows;
+            const uint8_t* x0 = xok0 ? p.x8 + static_cast<int64_t>(row0 + xt) * p.x_ld + xh * 16 : p.x8;
+            const uint8_t* x1 = xok1 ? p.x8 + static_cast<int64_t>(row0 + xt + 64) * p.x_ld + xh * 16 : p.x8;
+            const uint32_t xd = static_cast<uint32_t>(L::kB + (xt >> 3) * 256 + xh * 128 + (xt & 7) * 16);
+            const bool cok = pt < rows;
+            const float* csrc = cok ? p.xs8 + static_cast<int64_t>(row0 + pt) * p.xs_ld : p.xs8;
+            for (int ls = 0; ls < ns; ++ls) {
+                const int gs = g0 + ls, slot = gs % ST;
+                if (gs >= ST) mbar_wait(empty0 + 8u * slot, static_cast<uint32_t>((gs / ST - 1) & 1));
+                const uint32_t base = smem_s + static_cast<uint32_t>(slot * L::kStage);
+                // Weight chunk i: tile row (pt >> 2) + 32·i, 16-byte part pt & 3 of its step. (Not unrolled:
+                // the producer has 40 registers.)
+#pragma unroll 1
+                for (int i = 0; i < 4; ++i) {
+                    const int r = (pt >> 2) + 32 * i;
+                    int mw, rw;
+                    phys_row(rt, r, mw, rw);
+                    const bool ok = rw < p.N;
+                    const uint8_t* src = ok ? (mw ? G.w[1] : G.w[0]) + static_cast<int64_t>(rw) * p.w_row_bytes +
+                                                  ls * kStepBytes + (pt & 3) * 16
+                                            : G.w[0];
+                    cp_async16(base + static_cast<uint32_t>(L::kRaw + r * L::kRawRs + (pt & 3) * 16), src, ok);
+                }
+                cp_async4(base + static_cast<uint32_t>(L::kScale + pt * 4), srow + (sok ? ls * 4 : 0), sok);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    cp_async16(base + xd + static_cast<uint32_t>(j * L::kBSlice), x0 + (xok0 ? ls * 128 + j * 32 : 0),
+                               xok0);
+                    cp_async16(base + xd + static_cast<uint32_t>(8 * 256 + j * L::kBSlice),
+                               x1 + (xok1 ? ls * 128 + j * 32 : 0), xok1);
+                }
+                cp_async4(base + static_cast<uint32_t>(L::kColScale + pt * 4), csrc + (cok ? ls : 0), cok);
+                cp_async_mbar_arrive(full0 + 8u * slot);
+            }
+        } while (tw.next(p, gi, row0, rows, G));
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+        return;
+    }
+
+    // ---- MMA warpgroups
+    setmaxnreg_inc<kWsConsumerRegs>();
+    const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+    const int wg = warp >> 2, qw = warp & 3;
+    const int r0 = wg * 64 + qw * 16 + g;   // the thread's rows: r0 (accumulators i < 2) and r0 + 8 (i ≥ 2)
+    const uint32_t tab = smem_s + static_cast<uint32_t>(L::kTable);
+    const uint32_t raw = static_cast<uint32_t>(L::kRaw + r0 * L::kRawRs + tig * 4);
+    const uint32_t sc = static_cast<uint32_t>(L::kScale + r0 * 4);
+    do {
+        const int g0 = tw.i * ns;   // the steps of the CTA's earlier tiles
+        float acc[NA], part[NA];
+#pragma unroll
+        for (int i = 0; i < NA; ++i) acc[i] = part[i] = 0.0f;
+        uint32_t a[2][4][4];   // [buffer][k32 slice][register]
+        float rs[2][2];        // [buffer][row r0, r0 + 8]
+        {
+            const int slot = g0 % ST;
+            mbar_wait(full0 + 8u * slot, static_cast<uint32_t>((g0 / ST) & 1));
+            fence_proxy_async_smem();   // the slot's codes came by cp.async; the wgmmas read them (async proxy)
+            rf8_decode(smem_s + static_cast<uint32_t>(slot * L::kStage), raw, sc, tab, a[0], rs[0]);
+        }
+        // Step ls with A buffer B (a compile-time index: the loop below takes steps in pairs).
+        auto step = [&](auto bc, int ls) {
+            constexpr int B = decltype(bc)::value;
+            const int gs = g0 + ls, slot = gs % ST;
+            const uint32_t st = smem_s + static_cast<uint32_t>(slot * L::kStage);
+            wgmma_fence();
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const uint64_t db = smem_desc(st + static_cast<uint32_t>(L::kB + j * L::kBSlice), 128, 256);
+                wgmma_f8_ra_m64n128k32(part, a[B][j][0], a[B][j][1], a[B][j][2], a[B][j][3], db, j);   // j = 0: part = A·B
+            }
+            wgmma_commit();
+            if (ls + 1 < ns) {   // the next step's fragments while these wgmmas run
+                const int gn = gs + 1, sn = gn % ST;
+                mbar_wait(full0 + 8u * sn, static_cast<uint32_t>((gn / ST) & 1));
+                fence_proxy_async_smem();
+                rf8_decode(smem_s + static_cast<uint32_t>(sn * L::kStage), raw, sc, tab, a[B ^ 1], rs[B ^ 1]);
+            }
+            wgmma_wait0_keep(a[B]);
+#pragma unroll
+            for (int i = 0; i < NA; ++i) reg_fence(part[i]);   // read only after the wait
+            float2 cs[NT];
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                             : "=f"(cs[nt].x), "=f"(cs[nt].y)
+                             : "r"(st + static_cast<uint32_t>(L::kColScale + (nt * 8 + 2 * tig) * 4)));
+            mbar_arrive(empty0 + 8u * slot);   // every read of the slot is done: the producer may refill it
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                acc[4 * nt + 0] += part[4 * nt + 0] * (rs[B][0] * cs[nt].x);
+                acc[4 * nt + 1] += part[4 * nt + 1] * (rs[B][0] * cs[nt].y);
+                acc[4 * nt + 2] += part[4 * nt + 2] * (rs[B][1] * cs[nt].x);
+                acc[4 * nt + 3] += part[4 * nt + 3] * (rs[B][1] * cs[nt].y);
+            }
+        };
+        for (int ls = 0; ls < ns; ls += 2) {
+            step(std::integral_constant<int, 0>{}, ls);
+            if (ls + 1 < ns) step(std::integral_constant<int, 1>{}, ls + 1);
+        }
+        if (tw.last(p)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+
+        if constexpr (kPair) {
+            const int feature = tw.row_tile(p) * (kF8Rows / 2) + wg * 32 + qw * 8 + g;
+            float rsc[NT][2];
+            row_scales<NT>(p, row0, rows, tig, rsc);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 2; ++i) {
+                    const int t = nt * 8 + 2 * tig + i;
+                    if (t < rows && feature < p.N)
+                        store_h(p, row0 + t, feature, acc[4 * nt + i], acc[4 * nt + 2 + i], rsc[nt][i]);
+                }
+        } else {
+            const int rt = tw.row_tile(p);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int t = nt * 8 + 2 * tig + (i & 1);
+                    const int row = rt * kF8Rows + r0 + 8 * (i >> 1);
+                    if (t < rows && row < p.N)
+                        store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + row, acc[4 * nt + i]);
+                }
+        }
+    } while (tw.next(p, gi, row0, rows, G));
+}
+
 // y[i] = Σ_{z < S} part[z][i] in order z = 0, 1, ... (deterministic), as f32 or rounded to bf16.
 static __global__ void __launch_bounds__(256) reduce_split_kernel(const float* part, int64_t n, int S, void* y,
                                                                   bool out_bf16) {
@@ -1650,6 +1948,8 @@ constexpr TiledConfig kConfigs[] = {
     {Tile::wgmma_pws_256x128, "wgmma_pws_256x128", 2, 16, 8, 1, kWgRows, 128, 0},
     {Tile::wgmma_pf8_128x128, "wgmma_pf8_128x128", 1, 16, 8, 1, kF8Rows, 128, 0},
     {Tile::wgmma_pf8_128x32, "wgmma_pf8_128x32", 1, 4, 8, 1, kF8Rows, 32, 0},
+    // wgmma_rf8_kernel: 8 MMA warps (m64n128k32 e4m3, A from registers) plus a producer warpgroup; persistent
+    {Tile::wgmma_rf8_128x128, "wgmma_rf8_128x128", 1, 16, 8, 1, kF8Rows, 128, 0},
 };
 constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
 constexpr bool configs_in_tile_order() {
@@ -1668,17 +1968,19 @@ bool is_wg(Tile c) {
 // the same token count (the same work list).
 bool is_f8(Tile c) {
     return c == Tile::wgmma_f8_128x128 || c == Tile::wgmma_f8_128x32 || c == Tile::wgmma_pf8_128x128 ||
-           c == Tile::wgmma_pf8_128x32;
+           c == Tile::wgmma_pf8_128x32 || c == Tile::wgmma_rf8_128x128;
 }
 // What a W4A8 tile runs as where it does not apply: the register-A wgmma tile of the same token
 // count (the same work list), persistent where one is instantiated.
 Tile f8_fallback(Tile c) {
     if (c == Tile::wgmma_f8_128x32 || c == Tile::wgmma_pf8_128x32) return Tile::wgmma_256x32;
-    return c == Tile::wgmma_pf8_128x128 ? Tile::wgmma_pws_256x128 : Tile::wgmma_ws_256x128;
+    return c == Tile::wgmma_pf8_128x128 || c == Tile::wgmma_rf8_128x128 ? Tile::wgmma_pws_256x128
+                                                                        : Tile::wgmma_ws_256x128;
 }
 // The persistent tiles (TileWalk): listed groups only; a dense call runs one_tile_form(c).
 bool is_persistent(Tile c) {
-    return c == Tile::wgmma_pws_256x128 || c == Tile::wgmma_pf8_128x128 || c == Tile::wgmma_pf8_128x32;
+    return c == Tile::wgmma_pws_256x128 || c == Tile::wgmma_pf8_128x128 || c == Tile::wgmma_pf8_128x32 ||
+           c == Tile::wgmma_rf8_128x128;
 }
 Tile one_tile_form(Tile c) {
     switch (c) {
@@ -1767,6 +2069,10 @@ TiledKernel tiled_kernel_for(LinearFormat f, int epi, Tile c, int& smem) {
         MEGAMOE_CHECK(f == LinearFormat::mxfp4 && epi != kEpiBf16, "wgmma_f8: MXFP4 expert layers only, not ",
                       linear_format_name(f), epi == kEpiBf16 ? " with bf16 y" : "");
         const bool sw = epi == kEpiSwiglu, pe = is_persistent(c);
+        if (c == Tile::wgmma_rf8_128x128) {
+            smem = Rf8Layout::kSmem;
+            return sw ? wgmma_rf8_kernel<kEpiSwiglu> : wgmma_rf8_kernel<kEpiF32>;
+        }
         if (cfg(c).tokens == 32) {
             smem = F8Layout<32>::kSmem;
             if (pe) return sw ? wgmma_f8_kernel<kEpiSwiglu, 32, true> : wgmma_f8_kernel<kEpiF32, 32, true>;
@@ -2418,7 +2724,8 @@ void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, c
         ws.dispatch.route(ids, T, stream);
         ws.dispatch.gather(x, weights, T, stream);
         const auto [q, s] = codes(ex.D);
-        quantize_gemm_input(ws.dispatch.xs.data(), N, ex.D, q, s, stream);   // x is FP8-rounded: exact codes
+        // x is FP8-rounded: exact codes (in register-A order for wgmma_rf8_128x128, w4a8::ra_word)
+        quantize_gemm_input(ws.dispatch.xs.data(), N, ex.D, q, s, stream, c == Tile::wgmma_rf8_128x128);
         const ActFp8 x8{q, s};
         grouped(ex, ws, N, true, limit, c, true, stream, official, &x8);
     } else {
@@ -2430,7 +2737,7 @@ void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, c
     // tile takes its codes as well.
     if (w4a8) {
         const auto [q, s] = codes(ex.I);
-        fp8_block_round_q(ws.h.data(), N, ex.I, q, s, stream);
+        fp8_block_round_q(ws.h.data(), N, ex.I, q, s, stream, c == Tile::wgmma_rf8_128x128);
         const ActFp8 h8{q, s};
         grouped(ex, ws, N, false, 0.0f, c, false, stream, official, &h8);
         return;

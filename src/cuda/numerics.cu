@@ -31,6 +31,7 @@
 #include "core/common.h"
 #include "cuda/numerics.cuh"
 #include "cuda/row_kernels.cuh"
+#include "cuda/w4a8.h"
 
 namespace megamoe::cuda {
 namespace {
@@ -148,8 +149,9 @@ fp8_block_round_kernel(uint16_t* __restrict__ x, int64_t n_units, int64_t nblk, 
 // The act_quant form of a GEMM input (ActFp8): one warp per (row, 128-block), lane i the 4
 // elements 4i .. 4i + 3 (one 8-byte load). s = fp8_scale(amax) as fp8_block_round's; the codes are
 // fp8_qdq's (nm::e4m3_code), written as one word in kernel order (bytes k0 k2 k1 k3). kRound:
-// also store the rounded values back into x (fp8_block_round's result).
-template <bool kRound>
+// also store the rounded values back into x (fp8_block_round's result). kRa: the word goes to its
+// register-A position in the block (w4a8::ra_word) instead of word `lane`.
+template <bool kRound, bool kRa>
 __global__ void __launch_bounds__(kThreads)
 quantize_gemm_input_kernel(uint16_t* __restrict__ x, int64_t n_units, int64_t nblk, uint8_t* __restrict__ q,
                            float* __restrict__ s) {
@@ -165,7 +167,8 @@ quantize_gemm_input_kernel(uint16_t* __restrict__ x, int64_t n_units, int64_t nb
     uint32_t c[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) c[j] = nm::e4m3_code(v[j], sc);
-    *reinterpret_cast<uint32_t*>(q + off) = c[0] | (c[2] << 8) | (c[1] << 16) | (c[3] << 24);
+    const int64_t qoff = kRa ? unit * 128 + w4a8::ra_word(lane) * 4 : off;
+    *reinterpret_cast<uint32_t*>(q + qoff) = c[0] | (c[2] << 8) | (c[1] << 16) | (c[3] << 24);
     if (lane == 0) s[unit] = sc;
     if constexpr (kRound) {
 #pragma unroll
@@ -279,7 +282,8 @@ void fp8_block_round(uint16_t* x, int64_t rows, int64_t ld, int64_t width, int64
 
 namespace {
 template <bool kRound>
-void quantize_launch(const char* name, uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream) {
+void quantize_launch(const char* name, uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream,
+                     bool ra_order) {
     if (rows < 0) fail(name, ": rows=", rows, " is negative");
     if (K < 128 || K % 128 != 0) fail(name, ": K=", K, " must be a positive multiple of 128");
     if (rows == 0) return;
@@ -287,16 +291,19 @@ void quantize_launch(const char* name, uint16_t* x, int64_t rows, int64_t K, uin
     if (!aligned(x, 8) || !aligned(q, 4) || !aligned(s, 4)) fail(name, ": x must be 8-byte aligned, q and s 4-byte");
     const int64_t nblk = K / 128, units = rows * nblk;
     const dim3 grid(grid_of(units, kWarpsPerCta, name)), threads(kThreads);
-    rk::launch(quantize_gemm_input_kernel<kRound>, grid, threads, 0, stream, x, units, nblk, q, s);
+    if (ra_order) rk::launch(quantize_gemm_input_kernel<kRound, true>, grid, threads, 0, stream, x, units, nblk, q, s);
+    else rk::launch(quantize_gemm_input_kernel<kRound, false>, grid, threads, 0, stream, x, units, nblk, q, s);
 }
 }  // namespace
 
-void quantize_gemm_input(const uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream) {
-    quantize_launch<false>("quantize_gemm_input", const_cast<uint16_t*>(x), rows, K, q, s, stream);
+void quantize_gemm_input(const uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream,
+                         bool ra_order) {
+    quantize_launch<false>("quantize_gemm_input", const_cast<uint16_t*>(x), rows, K, q, s, stream, ra_order);
 }
 
-void fp8_block_round_q(uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream) {
-    quantize_launch<true>("fp8_block_round_q", x, rows, K, q, s, stream);
+void fp8_block_round_q(uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream,
+                       bool ra_order) {
+    quantize_launch<true>("fp8_block_round_q", x, rows, K, q, s, stream, ra_order);
 }
 
 void round_indexer_qk(uint16_t* x, int64_t rows, int64_t hd, CUstream_st* stream) {

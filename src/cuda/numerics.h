@@ -32,10 +32,14 @@ void fp8_block_round(uint16_t* x, int64_t rows, int64_t ld, int64_t width, int64
 // k3). q · s is round_gemm_input(x) bit for bit (and x itself when x is already rounded: a rounded
 // block requantizes exactly).                    twin: ops::round_gemm_input (of which q · s is the value)
 // K % 128 == 0, x 8-byte aligned, q and s 4-byte aligned. One warp per block, 8 per CTA.
-void quantize_gemm_input(const uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream);
+// ra_order: the 4-byte words of q in the register-A W4A8 tile's order instead (w4a8.h, ra_word:
+// within each 32-column slice the even words, then the odd ones); the same words, the same s.
+void quantize_gemm_input(const uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream,
+                         bool ra_order = false);
 // fp8_block_round(x, rows, K, K, 128) and quantize_gemm_input in one pass: x is rounded in place and
-// q, s are written (same requirements as quantize_gemm_input).
-void fp8_block_round_q(uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream);
+// q, s are written (same requirements and ra_order as quantize_gemm_input).
+void fp8_block_round_q(uint16_t* x, int64_t rows, int64_t K, uint8_t* q, float* s, CUstream_st* stream,
+                       bool ra_order = false);
 
 // The indexer's query / key rounding in place: each row of x bf16 [rows, hd] is rotated by the
 // hd-point Walsh-Hadamard transform (f32 butterflies h = 1, 2, 4, ..., then · 1/sqrt(hd)), rounded

@@ -129,4 +129,19 @@ MEGAMOE_W4A8_HD float row_scale(uint32_t e) {
     return f;
 }
 
+// ---- the register-A W4A8 tile (gemm.cu, Tile::wgmma_rf8_128x128)
+//
+// There the weights' e4m3 codes go to wgmma from registers: in a k32 slice of a step (32 columns),
+// lane tig of a warp holds, for its rows g and g + 8, the codes of byte positions 4·tig .. 4·tig + 3
+// (registers a0, a1) and 16 + 4·tig .. (a2, a3) — the A fragment of wgmma m64nNk32 with 8-bit
+// types, as of mma.m16n8k32 — and the tensor core pairs each with the activation code at the
+// same position of the slice in shared memory. The lane decodes one weight word of the slice,
+// word tig (columns 32·j + 8·tig .. + 7), whose two e4m3 words are fp8 kernel-order words 2·tig and
+// 2·tig + 1 of the slice (fp4x8_e4m3); so the activation's codes come in "register-A order": in
+// each 32-column slice, fp8 word w (4 columns) at word position ra_word(w), the even words first
+// (positions 0-3, the slice's first 16 bytes), then the odd ones (positions 4-7). quantize_gemm_input
+// and fp8_block_round_q write that order when asked (numerics.h); a 16-byte copy then moves each
+// half-slice whole.
+MEGAMOE_W4A8_HD int ra_word(int w) { return (w & ~7) | ((w & 7) >> 1) | ((w & 1) << 2); }
+
 }  // namespace megamoe::cuda::w4a8

@@ -1367,6 +1367,62 @@ TEST(W4a8, WeightWordsDecodeInTheActivationOrder) {
     EXPECT_TRUE(std::isnan(cuda::w4a8::row_scale(255u)));
 }
 
+// The register-A W4A8 tile's pairing (gemm.cu, wgmma_rf8_kernel), emulated on the host for one 128-column
+// step of a weight row: lane tig of a warp expands weight word 4·j + tig of slice j (fp4x8_e4m3 with
+// the slice's table) into A registers a0 (byte positions 4·tig .. 4·tig + 3 of the slice) and a2
+// (16 + 4·tig ..), and the tensor core multiplies each A byte with the activation code at the same
+// position of the slice, the codes laid out as quantize_gemm_input writes them with ra_order (fp8
+// kernel-order word w at word position w4a8::ra_word(w)). The sum over the 32 positions of the 4
+// slices must be the step's Σ_col w[col]·x[col] (w with each 32-block's fold 2^(6 − d)), exactly:
+// every position pairs a column's weight with the same column's activation, each column once.
+TEST(W4a8, RegisterAFragmentsPairEachColumnWithItsActivation) {
+    std::mt19937 rng(777);
+    std::uniform_int_distribution<int> code(0, 15), act(0, 255), dist(0, 14);
+    for (int it = 0; it < 500; ++it) {
+        uint8_t c[128];
+        for (uint8_t& v : c) v = static_cast<uint8_t>(code(rng));
+        uint8_t packed[64];
+        for (int i = 0; i < 64; ++i) packed[i] = static_cast<uint8_t>(c[2 * i] | (c[2 * i + 1] << 4));
+        cuda::to_kernel_order(LinearFormat::mxfp4, packed, 64);
+        int d[4];
+        for (int& v : d) v = dist(rng);
+        uint8_t xc[128];   // activation codes by column (NaN codes 0x7F / 0xFF avoided)
+        for (uint8_t& v : xc) {
+            do v = static_cast<uint8_t>(act(rng));
+            while ((v & 0x7F) == 0x7F);
+        }
+        uint8_t xk[128];   // fp8 kernel order, then register-A word order (quantize_gemm_input, ra_order)
+        std::memcpy(xk, xc, 128);
+        cuda::to_kernel_order(LinearFormat::fp8_block, xk, 128);
+        uint8_t xra[128];
+        for (int w = 0; w < 32; ++w) std::memcpy(xra + 4 * cuda::w4a8::ra_word(w), xk + 4 * w, 4);
+
+        double want = 0, got = 0;
+        for (int col = 0; col < 128; ++col)
+            want += static_cast<double>(std::ldexp(e2m1_to_f32(c[col]), 6 - d[col / 32])) * e4m3_to_f32(xc[col]);
+        for (int j = 0; j < 4; ++j) {
+            uint32_t tlo = 0, thi = 0;
+            cuda::w4a8::table(d[j], tlo, thi);
+            for (int tig = 0; tig < 4; ++tig) {
+                uint32_t q = 0, w0 = 0, w1 = 0;
+                std::memcpy(&q, packed + 16 * j + 4 * tig, 4);
+                cuda::w4a8::fp4x8_e4m3(q, tlo, thi, w0, w1);
+                for (int b = 0; b < 4; ++b) {
+                    const uint8_t a_lo = static_cast<uint8_t>(w0 >> (8 * b)), a_hi = static_cast<uint8_t>(w1 >> (8 * b));
+                    got += static_cast<double>(e4m3_to_f32(a_lo)) * e4m3_to_f32(xra[32 * j + 4 * tig + b]);
+                    got += static_cast<double>(e4m3_to_f32(a_hi)) * e4m3_to_f32(xra[32 * j + 16 + 4 * tig + b]);
+                }
+            }
+        }
+        ASSERT_EQ(got, want) << "it=" << it;
+    }
+    // ra_word is a permutation of each 128-block's 32 words that keeps every word in its 32-column slice.
+    for (int w = 0; w < 32; ++w) {
+        EXPECT_EQ(cuda::w4a8::ra_word(w) / 8, w / 8) << "w=" << w;
+        for (int v = 0; v < w; ++v) EXPECT_NE(cuda::w4a8::ra_word(v), cuda::w4a8::ra_word(w)) << v << " " << w;
+    }
+}
+
 // Lowers a random share of each MXFP4 32-block scale of every w1 and w2 by 0..20 binades (kept ≥ 1):
 // 32-blocks up to 20 binades below the largest of their 128-block, so the W4A8 fold runs through its
 // exact range (≤ 14) and past it (rounded codes).
@@ -1382,11 +1438,16 @@ void spread_mxfp4_scales(HostExperts& hx, uint32_t seed) {
 
 // The W4A8 tiles, one-tile and persistent, and the register-A tile each runs as where W4A8 does not
 // apply (gemm.h, moe_w4a8_fits): the same token tile, so the same work list.
+// (wgmma_rf8_128x128, the W4A8 tile whose MMA warps expand the weights in their registers, is among
+// them: the same products as wgmma_pf8_128x128, its fallback the same register-A tile.)
 const cuda::Tile kW4a8Tiles[] = {cuda::Tile::wgmma_f8_128x128, cuda::Tile::wgmma_f8_128x32,
-                                 cuda::Tile::wgmma_pf8_128x128, cuda::Tile::wgmma_pf8_128x32};
+                                 cuda::Tile::wgmma_pf8_128x128, cuda::Tile::wgmma_pf8_128x32,
+                                 cuda::Tile::wgmma_rf8_128x128};
 cuda::Tile register_a_tile(cuda::Tile w4a8) {
     if (w4a8 == cuda::Tile::wgmma_f8_128x32 || w4a8 == cuda::Tile::wgmma_pf8_128x32) return cuda::Tile::wgmma_256x32;
-    return w4a8 == cuda::Tile::wgmma_pf8_128x128 ? cuda::Tile::wgmma_pws_256x128 : cuda::Tile::wgmma_ws_256x128;
+    return w4a8 == cuda::Tile::wgmma_pf8_128x128 || w4a8 == cuda::Tile::wgmma_rf8_128x128
+               ? cuda::Tile::wgmma_pws_256x128
+               : cuda::Tile::wgmma_ws_256x128;
 }
 
 // The W4A8 tiles (Tile::wgmma_f8_128x128 and wgmma_f8_128x32, and their persistent forms: MXFP4

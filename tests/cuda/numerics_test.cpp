@@ -35,6 +35,7 @@
 #include <gtest/gtest.h>
 
 #include "cuda/numerics.h"
+#include "cuda/w4a8.h"
 
 #include <algorithm>
 #include <cmath>
@@ -495,6 +496,36 @@ void check_quantize(const std::vector<uint16_t>& x, int64_t rows, int64_t K, con
         bad += std::memcmp(&v, &want[static_cast<size_t>(i)], 4) != 0;
     }
     EXPECT_EQ(bad, 0u) << "a rounded input requantizes to itself";
+
+    // ra_order (the register-A W4A8 tile's input): the same words and scales as kernel order, word w
+    // of each 128-block at word position w4a8::ra_word(w), from both functions (and the same x).
+    for (int round_too = 0; round_too < 2; ++round_too) {
+        const char* how = round_too ? "fp8_block_round_q, ra_order" : "quantize_gemm_input, ra_order";
+        std::vector<uint8_t> qs[2];
+        std::vector<float> ss[2];
+        std::vector<uint16_t> xs[2];
+        for (int ra = 0; ra < 2; ++ra) {
+            DeviceArray<uint16_t> dr(x);
+            DeviceArray<uint8_t> qr(x.size());
+            DeviceArray<float> sr(static_cast<size_t>(rows * nblk));
+            qr.fill(0);
+            if (round_too) cuda::fp8_block_round_q(dr.data(), rows, K, qr.data(), sr.data(), nullptr, ra != 0);
+            else cuda::quantize_gemm_input(dr.data(), rows, K, qr.data(), sr.data(), nullptr, ra != 0);
+            CUDA_CHECK(cudaDeviceSynchronize());
+            qs[ra] = qr.download();
+            ss[ra] = sr.download();
+            xs[ra] = dr.download();
+        }
+        ASSERT_EQ(ss[1], ss[0]) << how << ": scales";
+        ASSERT_EQ(xs[1], xs[0]) << how << ": x";
+        size_t moved = 0;
+        for (int64_t blk = 0; blk < rows * nblk; ++blk)
+            for (int w = 0; w < 32; ++w)
+                for (int b = 0; b < 4; ++b)
+                    moved += qs[1][static_cast<size_t>(blk * 128 + cuda::w4a8::ra_word(w) * 4 + b)] !=
+                             qs[0][static_cast<size_t>(blk * 128 + w * 4 + b)];
+        EXPECT_EQ(moved, 0u) << how << ": bytes not at their register-A place";
+    }
 }
 
 TEST(CudaNumerics, QuantizeGemmInputIsTheRounding) {
