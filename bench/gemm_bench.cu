@@ -694,7 +694,8 @@ void run_linears(const std::string& model, const Options& opt, Ctx& ctx) {
     for (const cuda::TiledConfig& c : configs) {   // the W4A8 and persistent tiles are the expert layer's only
         const cuda::Tile t = c.tile;
         if (t != cuda::Tile::wgmma_f8_128x128 && t != cuda::Tile::wgmma_f8_128x32 && t != cuda::Tile::wgmma_pws_256x128 &&
-            t != cuda::Tile::wgmma_pf8_128x128 && t != cuda::Tile::wgmma_pf8_128x32 && t != cuda::Tile::wgmma_rf8_128x128)
+            t != cuda::Tile::wgmma_pf8_128x128 && t != cuda::Tile::wgmma_pf8_128x32 && t != cuda::Tile::wgmma_rf8_128x128 &&
+            t != cuda::Tile::wgmma_rf8_128x32)
             tiles.push_back(t);
     }
 

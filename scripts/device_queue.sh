@@ -14,6 +14,10 @@
 #              register-A tiles of their token counts, T = 1024, 4096, 16384               (~3 min)
 #     skip     mma_256x32 / mma_256x48 with --skip-dead 0 and 1, T = 768-2048, uniform and
 #              --skew 0.3 routing, and the automatic choice                               (~4 min)
+#     rf8      (eleventh session, 2026-12-08) the register-A W4A8 tiles wgmma_rf8_128x128 / wgmma_rf8_128x32:
+#              their tests first (W4A8, the quantize order), then MXFP4 official against the automatic
+#              choice and the shared-memory W4A8 tiles at T = 1024, 2048, 4096, 16384, the rf8 rows
+#              checked against the CPU's official layer before timing, two rounds            (~5 min)
 #     linears  the small-M linears whose ring kernel splits K over a cluster (grouped wo_a, NVFP4 and
 #              MXFP4 wq_b / shared w1) at M = 1-16, this build and, when packed beside it as
 #              megamoe-gemm-bench-old (scripts/device_repack.sh old=DIR, a build of 1f94d2c), the
@@ -65,6 +69,22 @@ for stage in "$@"; do
             bench "w4a8-big-reg" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_ws_256x128
             bench "w4a8-big-f8" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_f8_128x128
             bench "w4a8-big-pf8" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_pf8_128x128
+            ;;
+        rf8)
+            timeout 240 megamoe_tests --gtest_filter='W4a8.*:CudaNumerics.QuantizeGemmInput*:CudaMoeLayer.W4a8*' \
+                > "$out/tests-rf8.log" 2>&1
+            echo "rf8 tests rc=$? (124: timed out)"
+            grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]|Failure|rf8" "$out/tests-rf8.log" | head -30
+            o=(--format mxfp4 --numerics official)
+            for r in 1 2; do
+                chk=(); [ "$r" = 2 ] && chk=(--no-check)
+                bench "rf8-mid-auto-r$r" 60 "${o[@]}" --T 1024,2048 --no-check
+                bench "rf8-mid-pf8-r$r" 60 "${o[@]}" --T 1024,2048 --no-check --config wgmma_pf8_128x32
+                bench "rf8-mid-rf8-r$r" 90 "${o[@]}" --T 1024,2048 "${chk[@]}" --config wgmma_rf8_128x32
+                bench "rf8-big-auto-r$r" 90 "${o[@]}" --T 4096,16384 --no-check
+                bench "rf8-big-pf8-r$r" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_pf8_128x128
+                bench "rf8-big-rf8-r$r" 120 "${o[@]}" --T 4096,16384 "${chk[@]}" --config wgmma_rf8_128x128
+            done
             ;;
         skip)
             for s in 0 0.3; do

@@ -1541,8 +1541,8 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
 
 // ---------------------------------------------------------------------------- W4A8, A from registers
 //
-// wgmma_rf8_kernel (Tile::wgmma_rf8_128x128; persistent, listed groups only; MXFP4 experts under the
-// official numerics, moe_w4a8_fits): the products of wgmma_f8_kernel — the same e4m3 codes of the
+// wgmma_rf8_kernel (Tile::wgmma_rf8_128x128, wgmma_rf8_128x32; persistent, listed groups only; MXFP4
+// experts under the official numerics, moe_w4a8_fits): the products of wgmma_f8_kernel — the same e4m3 codes of the
 // weights (w4a8.h: each 32-block's scale folded into its codes relative to the row's largest of the
 // step, exact for ≤ 14 binades), the activation's codes and scales, the FP8 tensor core's partial
 // over a step's 128 columns promoted into f32 with row scale · token scale — with the weights'
@@ -1556,8 +1556,11 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
 // s + 1 runs while step s's wgmmas do (two register buffers of A), so the tensor core waits on the
 // decode only where both warpgroups are decoding at once.
 //   CTA: 3 warpgroups, 384 threads; a tile is 128 weight rows (64 per MMA warpgroup; an L1 tile's
-//   rows pair w1 / w3 as wgmma_f8_kernel's do) × 128 tokens; one step = 128 columns (one activation
-//   scale block, four MXFP4 32-blocks, four k32 slices).
+//   rows pair w1 / w3 as wgmma_f8_kernel's do) × BT = 128 or 32 tokens; one step = 128 columns (one
+//   activation scale block, four MXFP4 32-blocks, four k32 slices). At 32 tokens (T ≈ 1024 on
+//   V4-Flash: ~24 rows per expert) each expanded weight feeds 32 tokens, so the expansion weighs
+//   four times as much per product: the tile the W4A8 path has there (wgmma_f8_128x32) measured
+//   1.27x the register-A bf16 tile's time, decoder-bound.
 //   Warpgroup 2 (producer) copies per step, with cp.async into one of kStages ring slots: the
 //   128 rows' 64 weight bytes as they lie in global memory (rows 80 bytes apart: the MMA lanes' LDS.32
 //   of word tig of a slice, rows g = 0..7, then fall on 32 distinct banks), each row's four e8m0
@@ -1575,23 +1578,26 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
 //   scale-d 0), commit; the next step's wait and expansion into the other A buffer; wait for the
 //   group (keeping its A registers alive), read the step's token scales, hand the slot back on
 //   empty[slot] (count 256), promote: acc += partial · row scale · token scale.
-//   Registers: setmaxnreg 40 (producer) and 232 (MMA: 64 accumulators, 64 partials, 32 A registers).
-// Written without a GPU (2026-12-08): not measured; taken only when named (--config wgmma_rf8_128x128).
-struct Rf8Layout {
+//   Registers: setmaxnreg 40 (producer) and 232 (MMA at BT = 128: 64 accumulators, 64 partials, 32 A
+//   registers).
+// Written without a GPU (2026-12-08): not measured; taken only when named (--config wgmma_rf8_128x128,
+// wgmma_rf8_128x32).
+// BT tokens per tile: 128 (prefill) or 32 (wgmma_rf8_128x32: mid-size batches, T ≈ 1024 on V4-Flash).
+template <int BT> struct Rf8Layout {
     static constexpr int kRawRs = 80;                              // raw row stride: 64 weight bytes + 16
     static constexpr int kRaw = 0;                                 // [128 rows][80 B]
     static constexpr int kScale = kRaw + kF8Rows * kRawRs;         // u32 [128]: the row's 4 e8m0 exponents
-    static constexpr int kB = kScale + kF8Rows * 4;                // codes [4 slices][16 token groups][2 halves][8][16 B]
-    static constexpr int kBSlice = 128 * 32;
-    static constexpr int kColScale = kB + 4 * kBSlice;             // f32 [128]: the step's scale per token
-    static constexpr int kStage = (kColScale + 128 * 4 + 127) / 128 * 128;   // 27 KB
-    static constexpr int kStages = 7;                              // 189 KB
+    static constexpr int kB = kScale + kF8Rows * 4;                // codes [4 slices][BT/8 token groups][2 halves][8][16 B]
+    static constexpr int kBSlice = BT * 32;
+    static constexpr int kColScale = kB + 4 * kBSlice;             // f32 [BT]: the step's scale per token
+    static constexpr int kStage = (kColScale + BT * 4 + 127) / 128 * 128;   // 27 KB (BT 128), 15 KB (BT 32)
+    static constexpr int kStages = BT == 128 ? 7 : 12;             // 189 / 177 KB
     static constexpr int kTable = kStages * kStage;                // w4a8::table, kTables × 8 bytes
     static constexpr int kBars = kTable + w4a8::kTables * 8;       // full[kStages], empty[kStages]
     static constexpr int kSmem = kBars + 8 * 2 * kStages;
+    static_assert(kB % 128 == 0 && kStage % 128 == 0, "wgmma operands 128-byte aligned");
+    static_assert(kSmem <= 227 * 1024, "one CTA per SM");
 };
-static_assert(Rf8Layout::kB % 128 == 0 && Rf8Layout::kStage % 128 == 0, "wgmma operands 128-byte aligned");
-static_assert(Rf8Layout::kSmem <= 227 * 1024, "one CTA per SM");
 
 // d = (scale_d ? d : 0) + A · B, m64n128k32, e4m3 × e4m3 → f32; A from registers (a0..a3: this warp's
 // 16 rows, the fragment layout of mma.m16n8k32 for 8-bit types), B from a shared-memory descriptor.
@@ -1603,6 +1609,21 @@ __device__ __forceinline__ void wgmma_f8_ra_m64n128k32(float (&d)[64], uint32_t 
         "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_f8_ra_m64n32k32(float (&d)[16], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                     uint32_t a3, uint64_t db, int scale_d) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16, %17, %18, %19}, %20, p, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(db), "r"(scale_d));
+}
+template <int N>
+__device__ __forceinline__ void wgmma_f8_ra_m64k32(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t db, int scale_d) {
+    if constexpr (N == 128) wgmma_f8_ra_m64n128k32(d, a[0], a[1], a[2], a[3], db, scale_d);
+    else wgmma_f8_ra_m64n32k32(d, a[0], a[1], a[2], a[3], db, scale_d);
 }
 
 // wgmma.wait_group 0 that keeps a step's 16 A registers alive and unchanged until it (as
@@ -1622,7 +1643,7 @@ __device__ __forceinline__ void wgmma_wait0_keep(uint32_t (&r)[4][4]) {
 // row r0 + 8's first, row r0's second, row r0 + 8's second} of fp4x8_e4m3.
 __device__ __forceinline__ void rf8_decode(uint32_t st, uint32_t raw, uint32_t sc, uint32_t tab, uint32_t (&A)[4][4],
                                            float (&rs)[2]) {
-    using L = Rf8Layout;
+    constexpr int kRawRs = Rf8Layout<128>::kRawRs;   // the same rows for both token counts
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
         uint32_t s;
@@ -1637,7 +1658,7 @@ __device__ __forceinline__ void rf8_decode(uint32_t st, uint32_t raw, uint32_t s
             asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(tlo), "=r"(thi) : "r"(tab + 8u * d));
             asm volatile("ld.shared.u32 %0, [%1];"
                          : "=r"(q)
-                         : "r"(st + raw + static_cast<uint32_t>(8 * L::kRawRs * h + 16 * j))
+                         : "r"(st + raw + static_cast<uint32_t>(8 * kRawRs * h + 16 * j))
                          : "memory");
             uint32_t w0, w1;
             w4a8::fp4x8_e4m3(q, tlo, thi, w0, w1);
@@ -1647,10 +1668,11 @@ __device__ __forceinline__ void rf8_decode(uint32_t st, uint32_t raw, uint32_t s
     }
 }
 
-template <int EPI>
+template <int EPI, int BT>
 static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_rf8_kernel(const TiledParams p) {
-    using L = Rf8Layout;
-    constexpr int ST = L::kStages, BT = 128, NA = BT / 2, NT = BT / 8;
+    using L = Rf8Layout<BT>;
+    static_assert(BT == 128 || BT == 32, "wgmma wrappers exist for N = 128 and 32");
+    constexpr int ST = L::kStages, NA = BT / 2, NT = BT / 8;
     constexpr bool kPair = EPI == kEpiSwiglu;
     static_assert(EPI != kEpiBf16, "the W4A8 tile serves the expert layer: h (SwiGLU) or f32 rows");
     extern __shared__ __align__(128) uint8_t smem[];
@@ -1700,15 +1722,16 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_rf8_kernel(const T
             phys_row(rt, pt, m, row);
             const bool sok = row < p.N;
             const uint8_t* srow = sok ? (m ? G.s[1] : G.s[0]) + static_cast<int64_t>(row) * p.s_row_bytes : G.s[0];
-            // Codes: this thread copies half xh of every k32 slice of tokens xt and xt + 64 (a quarter-warp
-            // writes 4 tokens × both halves: 8 distinct 16-byte bank groups; the two threads of a token read
-            // one 32-byte sector).
-            const int xh = pt & 1, xt = pt >> 1;
-            const bool xok0 = xt < rows, xok1 = xt + 64 < rows;
-            const uint8_t* x0 = xok0 ? p.x8 + static_cast<int64_t>(row0 + xt) * p.x_ld + xh * 16 : p.x8;
-            const uint8_t* x1 = xok1 ? p.x8 + static_cast<int64_t>(row0 + xt + 64) * p.x_ld + xh * 16 : p.x8;
-            const uint32_t xd = static_cast<uint32_t>(L::kB + (xt >> 3) * 256 + xh * 128 + (xt & 7) * 16);
-            const bool cok = pt < rows;
+            // Codes: this thread copies half xh of k32 slices of tokens: BT = 128, every slice of tokens xt
+            // and xt + 64; BT = 32, slices j0 and j0 + 2 of token xt (a quarter-warp writes 4 tokens × both
+            // halves: 8 distinct 16-byte bank groups; the two threads of a token read one 32-byte sector).
+            const int xh = pt & 1, xt = BT == 128 ? pt >> 1 : (pt >> 1) & 31, j0 = BT == 128 ? 0 : pt >> 6;
+            const int xt1 = BT == 128 ? xt + 64 : xt;   // the second token (BT = 32: the same one)
+            const bool xok0 = xt < rows, xok1 = xt1 < rows;
+            const uint8_t* x0 = xok0 ? p.x8 + static_cast<int64_t>(row0 + xt) * p.x_ld + xh * 16 + j0 * 32 : p.x8;
+            const uint8_t* x1 = xok1 ? p.x8 + static_cast<int64_t>(row0 + xt1) * p.x_ld + xh * 16 + j0 * 32 : p.x8;
+            const uint32_t xd = static_cast<uint32_t>(L::kB + j0 * L::kBSlice + (xt >> 3) * 256 + xh * 128 + (xt & 7) * 16);
+            const bool cok = pt < rows && pt < BT;
             const float* csrc = cok ? p.xs8 + static_cast<int64_t>(row0 + pt) * p.xs_ld : p.xs8;
             for (int ls = 0; ls < ns; ++ls) {
                 const int gs = g0 + ls, slot = gs % ST;
@@ -1728,14 +1751,19 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_rf8_kernel(const T
                     cp_async16(base + static_cast<uint32_t>(L::kRaw + r * L::kRawRs + (pt & 3) * 16), src, ok);
                 }
                 cp_async4(base + static_cast<uint32_t>(L::kScale + pt * 4), srow + (sok ? ls * 4 : 0), sok);
+                if constexpr (BT == 128) {
 #pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    cp_async16(base + xd + static_cast<uint32_t>(j * L::kBSlice), x0 + (xok0 ? ls * 128 + j * 32 : 0),
-                               xok0);
-                    cp_async16(base + xd + static_cast<uint32_t>(8 * 256 + j * L::kBSlice),
-                               x1 + (xok1 ? ls * 128 + j * 32 : 0), xok1);
+                    for (int j = 0; j < 4; ++j) {
+                        cp_async16(base + xd + static_cast<uint32_t>(j * L::kBSlice), x0 + (xok0 ? ls * 128 + j * 32 : 0),
+                                   xok0);
+                        cp_async16(base + xd + static_cast<uint32_t>(8 * 256 + j * L::kBSlice),
+                                   x1 + (xok1 ? ls * 128 + j * 32 : 0), xok1);
+                    }
+                } else {   // slices j0 and j0 + 2 of token xt
+                    cp_async16(base + xd, x0 + (xok0 ? ls * 128 : 0), xok0);
+                    cp_async16(base + xd + static_cast<uint32_t>(2 * L::kBSlice), x1 + (xok1 ? ls * 128 + 64 : 0), xok1);
                 }
-                cp_async4(base + static_cast<uint32_t>(L::kColScale + pt * 4), csrc + (cok ? ls : 0), cok);
+                if (pt < BT) cp_async4(base + static_cast<uint32_t>(L::kColScale + pt * 4), csrc + (cok ? ls : 0), cok);
                 cp_async_mbar_arrive(full0 + 8u * slot);
             }
         } while (tw.next(p, gi, row0, rows, G));
@@ -1774,7 +1802,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_rf8_kernel(const T
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const uint64_t db = smem_desc(st + static_cast<uint32_t>(L::kB + j * L::kBSlice), 128, 256);
-                wgmma_f8_ra_m64n128k32(part, a[B][j][0], a[B][j][1], a[B][j][2], a[B][j][3], db, j);   // j = 0: part = A·B
+                wgmma_f8_ra_m64k32<BT>(part, a[B][j], db, j);   // j = 0: part = A·B
             }
             wgmma_commit();
             if (ls + 1 < ns) {   // the next step's fragments while these wgmmas run
@@ -1948,8 +1976,9 @@ constexpr TiledConfig kConfigs[] = {
     {Tile::wgmma_pws_256x128, "wgmma_pws_256x128", 2, 16, 8, 1, kWgRows, 128, 0},
     {Tile::wgmma_pf8_128x128, "wgmma_pf8_128x128", 1, 16, 8, 1, kF8Rows, 128, 0},
     {Tile::wgmma_pf8_128x32, "wgmma_pf8_128x32", 1, 4, 8, 1, kF8Rows, 32, 0},
-    // wgmma_rf8_kernel: 8 MMA warps (m64n128k32 e4m3, A from registers) plus a producer warpgroup; persistent
+    // wgmma_rf8_kernel: 8 MMA warps (m64nNk32 e4m3, A from registers) plus a producer warpgroup; persistent
     {Tile::wgmma_rf8_128x128, "wgmma_rf8_128x128", 1, 16, 8, 1, kF8Rows, 128, 0},
+    {Tile::wgmma_rf8_128x32, "wgmma_rf8_128x32", 1, 4, 8, 1, kF8Rows, 32, 0},
 };
 constexpr int kNumConfigs = static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0]));
 constexpr bool configs_in_tile_order() {
@@ -1966,21 +1995,23 @@ bool is_wg(Tile c) {
 // The W4A8 tiles: MXFP4 weights × FP8 activation codes, on moe_layer_routed's official-numerics path
 // only (moe_w4a8_fits); everywhere else a call that names one runs f8_fallback's register-A tile of
 // the same token count (the same work list).
+// The register-A W4A8 tiles (wgmma_rf8_kernel): their activation codes in register-A order (w4a8::ra_word).
+bool is_rf8(Tile c) { return c == Tile::wgmma_rf8_128x128 || c == Tile::wgmma_rf8_128x32; }
 bool is_f8(Tile c) {
     return c == Tile::wgmma_f8_128x128 || c == Tile::wgmma_f8_128x32 || c == Tile::wgmma_pf8_128x128 ||
-           c == Tile::wgmma_pf8_128x32 || c == Tile::wgmma_rf8_128x128;
+           c == Tile::wgmma_pf8_128x32 || is_rf8(c);
 }
 // What a W4A8 tile runs as where it does not apply: the register-A wgmma tile of the same token
 // count (the same work list), persistent where one is instantiated.
 Tile f8_fallback(Tile c) {
-    if (c == Tile::wgmma_f8_128x32 || c == Tile::wgmma_pf8_128x32) return Tile::wgmma_256x32;
+    if (c == Tile::wgmma_f8_128x32 || c == Tile::wgmma_pf8_128x32 || c == Tile::wgmma_rf8_128x32) return Tile::wgmma_256x32;
     return c == Tile::wgmma_pf8_128x128 || c == Tile::wgmma_rf8_128x128 ? Tile::wgmma_pws_256x128
                                                                         : Tile::wgmma_ws_256x128;
 }
 // The persistent tiles (TileWalk): listed groups only; a dense call runs one_tile_form(c).
 bool is_persistent(Tile c) {
     return c == Tile::wgmma_pws_256x128 || c == Tile::wgmma_pf8_128x128 || c == Tile::wgmma_pf8_128x32 ||
-           c == Tile::wgmma_rf8_128x128;
+           is_rf8(c);
 }
 Tile one_tile_form(Tile c) {
     switch (c) {
@@ -2070,8 +2101,12 @@ TiledKernel tiled_kernel_for(LinearFormat f, int epi, Tile c, int& smem) {
                       linear_format_name(f), epi == kEpiBf16 ? " with bf16 y" : "");
         const bool sw = epi == kEpiSwiglu, pe = is_persistent(c);
         if (c == Tile::wgmma_rf8_128x128) {
-            smem = Rf8Layout::kSmem;
-            return sw ? wgmma_rf8_kernel<kEpiSwiglu> : wgmma_rf8_kernel<kEpiF32>;
+            smem = Rf8Layout<128>::kSmem;
+            return sw ? wgmma_rf8_kernel<kEpiSwiglu, 128> : wgmma_rf8_kernel<kEpiF32, 128>;
+        }
+        if (c == Tile::wgmma_rf8_128x32) {
+            smem = Rf8Layout<32>::kSmem;
+            return sw ? wgmma_rf8_kernel<kEpiSwiglu, 32> : wgmma_rf8_kernel<kEpiF32, 32>;
         }
         if (cfg(c).tokens == 32) {
             smem = F8Layout<32>::kSmem;
@@ -2724,8 +2759,8 @@ void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, c
         ws.dispatch.route(ids, T, stream);
         ws.dispatch.gather(x, weights, T, stream);
         const auto [q, s] = codes(ex.D);
-        // x is FP8-rounded: exact codes (in register-A order for wgmma_rf8_128x128, w4a8::ra_word)
-        quantize_gemm_input(ws.dispatch.xs.data(), N, ex.D, q, s, stream, c == Tile::wgmma_rf8_128x128);
+        // x is FP8-rounded: exact codes (in register-A order for the wgmma_rf8 tiles, w4a8::ra_word)
+        quantize_gemm_input(ws.dispatch.xs.data(), N, ex.D, q, s, stream, is_rf8(c));
         const ActFp8 x8{q, s};
         grouped(ex, ws, N, true, limit, c, true, stream, official, &x8);
     } else {
@@ -2737,7 +2772,7 @@ void moe_layer_routed(const DeviceExperts& ex, float limit, const uint16_t* x, c
     // tile takes its codes as well.
     if (w4a8) {
         const auto [q, s] = codes(ex.I);
-        fp8_block_round_q(ws.h.data(), N, ex.I, q, s, stream, c == Tile::wgmma_rf8_128x128);
+        fp8_block_round_q(ws.h.data(), N, ex.I, q, s, stream, is_rf8(c));
         const ActFp8 h8{q, s};
         grouped(ex, ws, N, false, 0.0f, c, false, stream, official, &h8);
         return;

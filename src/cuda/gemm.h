@@ -69,6 +69,7 @@ enum class Tile : int8_t {
     wgmma_rf8_128x128, // W4A8 with the weights' e4m3 codes decoded in the MMA warps' registers (wgmma A from
                        // registers, as the register-A bf16 tiles), persistent; official MXFP4 only, else it runs
                        // as wgmma_pws_256x128. Not chosen automatically (written without a GPU, gemm.cu).
+    wgmma_rf8_128x32,  // the same for 32 tokens per tile (T ≈ 1024); elsewhere it runs as wgmma_256x32
 };
 
 // A kernel shape: a CTA of wr·wt warps covers `rows` weight rows × `tokens` tokens per tile.
@@ -230,8 +231,9 @@ void moe_layer_combine(MoeLayerWorkspace& ws, int64_t T, const float* shared, fl
 // every 128 columns, as DeepSeek's and cuBLASLt's FP8 GEMMs do, so rows differ from the bf16 tiles'
 // by that accumulator's precision, not only by f32 summation order: the tests bound it by 2^-10 of
 // Σ|w·h|). Otherwise those tiles run as wgmma_ws_256x128 / wgmma_256x32 (the persistent
-// wgmma_pf8_128x128 / wgmma_pf8_128x32 as wgmma_pws_256x128 / wgmma_256x32, and wgmma_rf8_128x128 —
-// whose codes moe_layer_routed quantizes in register-A order, w4a8::ra_word — as wgmma_pws_256x128).
+// wgmma_pf8_128x128 / wgmma_pf8_128x32 as wgmma_pws_256x128 / wgmma_256x32, and wgmma_rf8_128x128 /
+// wgmma_rf8_128x32 — whose codes moe_layer_routed quantizes in register-A order, w4a8::ra_word — as
+// wgmma_pws_256x128 / wgmma_256x32).
 bool moe_w4a8_fits(const DeviceExperts& ex, Numerics nm);
 // The W4A8 tile for a tile the automatic choice took: wgmma_ws_256x128 → wgmma_f8_128x128,
 // wgmma_256x32, wgmma_2cta_256x32, mma_256x32 or mma_256x48 → wgmma_f8_128x32, wgmma_pws_256x128 →

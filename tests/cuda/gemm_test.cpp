@@ -1438,13 +1438,15 @@ void spread_mxfp4_scales(HostExperts& hx, uint32_t seed) {
 
 // The W4A8 tiles, one-tile and persistent, and the register-A tile each runs as where W4A8 does not
 // apply (gemm.h, moe_w4a8_fits): the same token tile, so the same work list.
-// (wgmma_rf8_128x128, the W4A8 tile whose MMA warps expand the weights in their registers, is among
-// them: the same products as wgmma_pf8_128x128, its fallback the same register-A tile.)
-const cuda::Tile kW4a8Tiles[] = {cuda::Tile::wgmma_f8_128x128, cuda::Tile::wgmma_f8_128x32,
+// (wgmma_rf8_128x128 / wgmma_rf8_128x32, the W4A8 tiles whose MMA warps expand the weights in their
+// registers, are among them: the same products as wgmma_pf8_128x128 / wgmma_pf8_128x32, the same fallbacks.)
+const cuda::Tile kW4a8Tiles[] = {cuda::Tile::wgmma_f8_128x128,  cuda::Tile::wgmma_f8_128x32,
                                  cuda::Tile::wgmma_pf8_128x128, cuda::Tile::wgmma_pf8_128x32,
-                                 cuda::Tile::wgmma_rf8_128x128};
+                                 cuda::Tile::wgmma_rf8_128x128, cuda::Tile::wgmma_rf8_128x32};
 cuda::Tile register_a_tile(cuda::Tile w4a8) {
-    if (w4a8 == cuda::Tile::wgmma_f8_128x32 || w4a8 == cuda::Tile::wgmma_pf8_128x32) return cuda::Tile::wgmma_256x32;
+    if (w4a8 == cuda::Tile::wgmma_f8_128x32 || w4a8 == cuda::Tile::wgmma_pf8_128x32 ||
+        w4a8 == cuda::Tile::wgmma_rf8_128x32)
+        return cuda::Tile::wgmma_256x32;
     return w4a8 == cuda::Tile::wgmma_pf8_128x128 || w4a8 == cuda::Tile::wgmma_rf8_128x128
                ? cuda::Tile::wgmma_pws_256x128
                : cuda::Tile::wgmma_ws_256x128;
