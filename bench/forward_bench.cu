@@ -16,7 +16,7 @@
 //   megamoe-forward-bench [--model flash|pro] [--layers N] [--batches 1,8,64,256]
 //                         [--contexts 1024,32768] [--prefill 8192] [--steps 20] [--experts nvfp4|mxfp4]
 //                         [--trace N] [--serial] [--spec | --spec-tokens K] [--spec-temperature T]
-//                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--moe-small-max-t T] [--pad-route 0|1] [--idx-side 0|1] [--w4a8]
+//                         [--numerics exact|official] [--bf16-linears] [--no-lt] [--no-lt-bf16] [--no-moe-small] [--moe-small-max-t T] [--pad-route 0|1] [--stream-priority 0|1] [--idx-side 0|1] [--w4a8]
 //                         [--fp8-act-max T] [--lt-min-out N]
 //                         [--attn-wide 0|1] [--attn-splits N] [--sample-parts N] [--hc-stage 0|1]
 //                         [--gpus N | --multi] [--ep-exchange gather|all-to-all]
@@ -45,6 +45,8 @@
 //   the runner's rule), to compare.
 // --pad-route 0|1: a decode graph's padding rows routed as token 0 (1, the default) or from their own
 //   logits (0) (RunnerOptions::pad_route), to compare at batches between the graph buckets.
+// --stream-priority 0|1: the main stream at the highest priority and the side streams at the lowest,
+//   graphs with node priorities (RunnerOptions::stream_priority), to compare.
 // --fp8-act-max T, --lt-min-out N: official numerics, the FP8 × FP8 kernel (linear_fp8_act) at up to
 //   T tokens (1..64), and where cuBLASLt applies too (32..T tokens), cuBLASLt only for linears of
 //   ≥ N output rows (RunnerOptions::fp8_act_max_t, lt_min_out; default: the runner's rule), to compare.
@@ -266,6 +268,7 @@ int main(int argc, char** argv) {
         int hc_stage = -1;       // -1: RunnerOptions' default
         int64_t moe_small_max_t = -1;   // -1: RunnerOptions' default
         int pad_route = -1;             // -1: RunnerOptions' default
+        int stream_priority = -1;       // -1: RunnerOptions' default
         int64_t fp8_act_max = -1, lt_min_out = -1;   // -1: the runner's rule
         auto on_off = [](const std::string& flag, const std::string& v) {
             if (v != "0" && v != "1") fail(flag, " takes 0 or 1, not '", v, "'");
@@ -304,6 +307,7 @@ int main(int argc, char** argv) {
                 if (moe_small_max_t < 0) fail("--moe-small-max-t takes a token count >= 0 (0: never), not ", moe_small_max_t);
             }
             else if (a == "--pad-route") pad_route = on_off(a, next());
+            else if (a == "--stream-priority") stream_priority = on_off(a, next());
             else if (a == "--idx-side") idx_side = on_off(a, next());
             else if (a == "--attn-wide") attn_wide = on_off(a, next());
             else if (a == "--attn-splits") attn_splits = static_cast<int>(std::stoll(next()));
@@ -379,6 +383,7 @@ int main(int argc, char** argv) {
         ro.moe_small = !no_moe_small;
         if (moe_small_max_t >= 0) ro.moe_small_max_t = moe_small_max_t;
         if (pad_route >= 0) ro.pad_route = pad_route == 1;
+        if (stream_priority >= 0) ro.stream_priority = stream_priority == 1;
         if (idx_side >= 0) ro.indexer_side = idx_side == 1;
         ro.attn_wide = attn_wide;
         ro.attn_splits = attn_splits;

@@ -18,6 +18,9 @@
 #              their tests first (W4A8, the quantize order), then MXFP4 official against the automatic
 #              choice and the shared-memory W4A8 tiles at T = 1024, 2048, 4096, 16384, the rf8 rows
 #              checked against the CPU's official layer before timing, two rounds            (~5 min)
+#     prio     (eleventh session) RunnerOptions::stream_priority: its test, then the 8-layer V4-Flash
+#              step at batch 1 and 2 with --stream-priority 0 and 1 alternated, exact and official,
+#              two rounds, and a batch-1 timeline of each                                   (~5 min)
 #     linears  the small-M linears whose ring kernel splits K over a cluster (grouped wo_a, NVFP4 and
 #              MXFP4 wq_b / shared w1) at M = 1-16, this build and, when packed beside it as
 #              megamoe-gemm-bench-old (scripts/device_repack.sh old=DIR, a build of 1f94d2c), the
@@ -84,6 +87,28 @@ for stage in "$@"; do
                 bench "rf8-big-auto-r$r" 90 "${o[@]}" --T 4096,16384 --no-check
                 bench "rf8-big-pf8-r$r" 90 "${o[@]}" --T 4096,16384 --no-check --config wgmma_pf8_128x128
                 bench "rf8-big-rf8-r$r" 120 "${o[@]}" --T 4096,16384 "${chk[@]}" --config wgmma_rf8_128x128
+            done
+            ;;
+        prio)
+            timeout 200 megamoe_tests --gtest_filter='Golden/GpuRunner.StreamPriorityGivesTheSameLogits/*' \
+                > "$out/tests-prio.log" 2>&1
+            echo "prio tests rc=$? (124: timed out)"
+            grep -E "^\[  (PASSED|FAILED) |^\[  FAILED  \]|Failure" "$out/tests-prio.log" | head -10
+            for r in 1 2; do
+                for nm in exact official; do
+                    for v in 0 1; do
+                        timeout 100 megamoe-forward-bench --model flash --layers 8 --batches 1,2 --contexts 1024 --prefill 0 \
+                            --steps 20 --numerics "$nm" --stream-priority "$v" > "$out/prio-$nm-$v-r$r.log" 2>&1
+                        printf 'step %s priority=%s round %s rc=%s: ' "$nm" "$v" "$r" "$?"
+                        grep -E "^decode B=" "$out/prio-$nm-$v-r$r.log" | awk '{printf "%s %s us (%s)  ", $2, $4, $NF}'
+                        echo
+                    done
+                done
+            done
+            for v in 0 1; do
+                timeout 100 megamoe-forward-bench --model flash --layers 4 --batches 1 --contexts 1024 --prefill 0 --steps 10 \
+                    --trace 400 --stream-priority "$v" > "$out/prio-trace-$v.log" 2>&1
+                printf 'trace priority=%s: ' "$v"; grep -E "trace:" "$out/prio-trace-$v.log"
             done
             ;;
         skip)

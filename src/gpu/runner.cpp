@@ -450,7 +450,10 @@ struct Runner::Impl {
         work();
         check(cudaStreamEndCapture(stream, &g), "end capture");
         cudaGraphExec_t exec = nullptr;
-        check(cudaGraphInstantiate(&exec, g, 0), "instantiate graph");
+        // With stream_priority the captured kernels keep their streams' priorities as node
+        // priorities, which a graph launch honours only when instantiated to.
+        check(cudaGraphInstantiate(&exec, g, opt.stream_priority ? cudaGraphInstantiateFlagUseNodePriority : 0),
+              "instantiate graph");
         (void)cudaGraphDestroy(g);
         graphs[key] = exec;
     }
@@ -727,8 +730,15 @@ Runner::Impl::Impl(const Model* m, const ModelConfig& cf, uint64_t seed, const R
                  std::max(opt.max_logit_rows, std::min(opt.max_seqs, opt.max_batch_tokens)), " logit rows");
     }
     if (lt_fp8_on || lt_bf16_on) lt = std::make_unique<cuda::LtGemm>();
-    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
-    for (cudaStream_t& st : side) check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
+    if (opt.stream_priority) {   // RunnerOptions::stream_priority: the critical chain first
+        int least = 0, greatest = 0;
+        check(cudaDeviceGetStreamPriorityRange(&least, &greatest), "stream priority range");
+        check(cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, greatest), "stream");
+        for (cudaStream_t& st : side) check(cudaStreamCreateWithPriority(&st, cudaStreamNonBlocking, least), "stream");
+    } else {
+        check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "stream");
+        for (cudaStream_t& st : side) check(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "stream");
+    }
 
     size_t free_b = 0, total_b = 0;
     check(cudaMemGetInfo(&free_b, &total_b), "memory info");

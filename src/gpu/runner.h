@@ -58,6 +58,14 @@ struct RunnerOptions {
                                        // graph padding: no expert weights of their own; runner.cpp
                                        // says what it measured); off: routed from their own logits,
                                        // as before (to compare)
+    bool    stream_priority = false;   // the main stream (the step's critical chain) at the device's
+                                       // highest stream priority and the side streams at its lowest, and
+                                       // the decode graphs instantiated with their nodes' priorities
+                                       // (cudaGraphInstantiateFlagUseNodePriority), so that where side
+                                       // work and the critical chain both wait for an SM the chain's CTAs
+                                       // go first. Same results (only the order CTAs are scheduled in).
+                                       // Written without a GPU (2026-12-08), off until measured
+                                       // (megamoe-forward-bench --stream-priority 1)
     bool    indexer_side = true;       // ≤ 16 tokens: a CSA layer's indexer queries on a third side
                                        // stream beside wq_b (with side_stream); off: the main stream
                                        // (runner.cpp says what it measured)
