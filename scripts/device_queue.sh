@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The measurements the ninth session (2026-12-07, no device machine lent) left for the next GPU call,
-# in stages that each fit one device call (600 s), each command under its own timeout so that a hang
+# The measurements sessions without a device machine left for the next GPU call (the ninth,
+# 2026-12-07: tests, persist, w4a8, skip, linears; the eleventh, 2026-12-08: rf8, prio), in stages
+# that each fit one device call (600 s), each command under its own timeout so that a hang
 # (a barrier that never completes) costs its slot, not the call. Full logs go to $OUT; the table
 # rows (megamoe-gemm-bench's markdown, "| flash | ...") and the tests' verdicts to stdout.
 #   packing (here): bash scripts/device_pack.sh build tiny-flash-nvfp4 tiny-flash-mxfp4 official-tiny-mxfp4
