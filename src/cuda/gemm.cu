@@ -13,8 +13,8 @@
 // A third, wgmma_f8_kernel (wgmma_f8_128x128, wgmma_f8_128x32: MXFP4 experts × FP8 activation codes
 // under the official numerics, weights expanded to e4m3 in shared memory, w4a8.h), is taken only
 // when named (measured slower so far; described where it is defined); and a fourth,
-// wgmma_rf8_kernel (wgmma_rf8_128x128: the same products with the weights expanded in the MMA
-// warps' registers, wgmma's A from registers), written without a GPU and taken only when named.
+// wgmma_rf8_kernel (wgmma_rf8_128x128, wgmma_rf8_128x32: the same products with the weights expanded
+// in the MMA warps' registers, wgmma's A from registers), written without a GPU and taken only when named.
 // The persistent tiles (wgmma_pws_256x128, wgmma_pf8_128x128, wgmma_pf8_128x32: TileWalk) run
 // those two warp-specialized kernels with one CTA per SM walking the expert work list, the ring
 // running on from tile to tile; not measured yet, so taken only when named.
@@ -1542,8 +1542,8 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
 // ---------------------------------------------------------------------------- W4A8, A from registers
 //
 // wgmma_rf8_kernel (Tile::wgmma_rf8_128x128, wgmma_rf8_128x32; persistent, listed groups only; MXFP4
-// experts under the official numerics, moe_w4a8_fits): the products of wgmma_f8_kernel — the same e4m3 codes of the
-// weights (w4a8.h: each 32-block's scale folded into its codes relative to the row's largest of the
+// experts under the official numerics, moe_w4a8_fits): the products of wgmma_f8_kernel — the same
+// e4m3 codes of the weights (w4a8.h: each 32-block's scale folded into its codes relative to the row's largest of the
 // step, exact for ≤ 14 binades), the activation's codes and scales, the FP8 tensor core's partial
 // over a step's 128 columns promoted into f32 with row scale · token scale — with the weights'
 // expansion moved out of a decoding warpgroup and into the MMA warps' own registers, as the bf16
@@ -1564,7 +1564,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
 //   Warpgroup 2 (producer) copies per step, with cp.async into one of kStages ring slots: the
 //   128 rows' 64 weight bytes as they lie in global memory (rows 80 bytes apart: the MMA lanes' LDS.32
 //   of word tig of a slice, rows g = 0..7, then fall on 32 distinct banks), each row's four e8m0
-//   scales (one word), the 128 tokens' 128 codes (16-byte halves of each k32 slice into the canonical
+//   scales (one word), the BT tokens' 128 codes (16-byte halves of each k32 slice into the canonical
 //   K-major layout of wgmma_f8_kernel: 8 tokens × 16 bytes core matrices, halves 128 B apart, token
 //   groups 256 B apart) and their step scales; then cp.async.mbarrier.arrive on full[slot].
 //   Warpgroups 0 and 1 (MMA): thread (warp w, lane g·4 + tig) owns tile rows r0 = 16·w + g and r0 + 8.

@@ -129,7 +129,7 @@ MEGAMOE_W4A8_HD float row_scale(uint32_t e) {
     return f;
 }
 
-// ---- the register-A W4A8 tile (gemm.cu, Tile::wgmma_rf8_128x128)
+// ---- the register-A W4A8 tiles (gemm.cu, Tile::wgmma_rf8_128x128 and wgmma_rf8_128x32)
 //
 // There the weights' e4m3 codes go to wgmma from registers: in a k32 slice of a step (32 columns),
 // lane tig of a warp holds, for its rows g and g + 8, the codes of byte positions 4·tig .. 4·tig + 3
