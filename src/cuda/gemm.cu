@@ -1302,6 +1302,97 @@ template <int N> __device__ __forceinline__ void wgmma_f8_m64k32(float (&d)[N / 
     else wgmma_f8_m64n32k32(d, da, db, scale_d);
 }
 
+// ---- pieces both W4A8 kernels use (wgmma_f8_kernel, and wgmma_rf8_kernel below)
+
+// Thread 0 initializes the ring's ST full barriers at full0 (count full_count) and ST empty ones at
+// empty0 (count kWsConsumers: every MMA thread hands a slot back); the first w4a8::kTables threads of
+// the third warpgroup write the expansion tables at smem + table. The caller's __syncthreads
+// publishes both.
+template <int ST>
+__device__ __forceinline__ void f8_init(uint8_t* smem, int table, uint32_t full0, uint32_t empty0, uint32_t full_count) {
+    const int tid = static_cast<int>(threadIdx.x);
+    if (tid == 0) {
+        for (int s = 0; s < ST; ++s) {
+            mbar_init(full0 + 8u * s, full_count);
+            mbar_init(empty0 + 8u * s, kWsConsumers);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    if (tid >= kWsConsumers && tid < kWsConsumers + w4a8::kTables) {
+        uint32_t lo, hi;
+        w4a8::table(tid - kWsConsumers, lo, hi);
+        *reinterpret_cast<uint2*>(smem + table + 8 * (tid - kWsConsumers)) = make_uint2(lo, hi);
+    }
+}
+
+// Tile row r of row tile rt → (matrix m, weight row). kPair (L1, a SwiGLU pair): tile row 16·w + 8·h + g
+// is w1 (h = 0) or w3 (h = 1) of feature rt·64 + 8·w + g, so an MMA thread holds gate and up of a
+// feature in its two accumulator rows; else row rt·128 + r of the one matrix.
+template <bool kPair> __device__ __forceinline__ void f8_phys_row(int rt, int r, int& m, int& row) {
+    if constexpr (kPair) {
+        m = (r >> 3) & 1;
+        row = rt * (kF8Rows / 2) + (r >> 4) * 8 + (r & 7);
+    } else {
+        m = 0;
+        row = rt * kF8Rows + r;
+    }
+}
+
+// A step's promotion: the step's token scales from the slot's f32 [BT] at shared address cs_at, the
+// slot handed back on `empty` (every read of it is done once they are in registers), then
+// acc += part · row scale · token scale (rs0: the thread's row r0, rs1: r0 + 8).
+template <int BT>
+__device__ __forceinline__ void f8_promote(uint32_t cs_at, int tig, uint32_t empty, float rs0, float rs1,
+                                           float (&acc)[BT / 2], const float (&part)[BT / 2]) {
+    constexpr int NT = BT / 8;
+    float2 cs[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
+                     : "=f"(cs[nt].x), "=f"(cs[nt].y)
+                     : "r"(cs_at + static_cast<uint32_t>((nt * 8 + 2 * tig) * 4)));
+    mbar_arrive(empty);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        acc[4 * nt + 0] += part[4 * nt + 0] * (rs0 * cs[nt].x);
+        acc[4 * nt + 1] += part[4 * nt + 1] * (rs0 * cs[nt].y);
+        acc[4 * nt + 2] += part[4 * nt + 2] * (rs1 * cs[nt].x);
+        acc[4 * nt + 3] += part[4 * nt + 3] * (rs1 * cs[nt].y);
+    }
+}
+
+// The tile's epilogue from an MMA thread's accumulators (warpgroup wg, warp qw, lane g·4 + tig; rows
+// r0 = 64·wg + 16·qw + g and r0 + 8 of row tile rt): h of its feature's SwiGLU pair, or f32 rows.
+template <int EPI, int BT>
+__device__ __forceinline__ void f8_epilogue(const TiledParams& p, const float (&acc)[BT / 2], int row0, int rows, int rt,
+                                            int wg, int qw, int g, int tig) {
+    constexpr int NT = BT / 8;
+    if constexpr (EPI == kEpiSwiglu) {
+        const int feature = rt * (kF8Rows / 2) + wg * 32 + qw * 8 + g;
+        float rsc[NT][2];
+        row_scales<NT>(p, row0, rows, tig, rsc);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int t = nt * 8 + 2 * tig + i;
+                if (t < rows && feature < p.N)
+                    store_h(p, row0 + t, feature, acc[4 * nt + i], acc[4 * nt + 2 + i], rsc[nt][i]);
+            }
+    } else {
+        const int r0 = wg * 64 + qw * 16 + g;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int t = nt * 8 + 2 * tig + (i & 1);
+                const int row = rt * kF8Rows + r0 + 8 * (i >> 1);
+                if (t < rows && row < p.N)
+                    store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + row, acc[4 * nt + i]);
+            }
+    }
+}
+
 // kPersist: the persistent form (Tile::wgmma_pf8_128x128, wgmma_pf8_128x32): the CTA walks its
 // tiles (TileWalk) with one ring whose step count runs on across them, as wgmma_ws_kernel's; the
 // decoders restart their raw ring at each tile (its first kRawSlots − 1 steps are fetched when the
@@ -1318,18 +1409,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
     const int tid = static_cast<int>(threadIdx.x);
     const uint32_t smem_s = smem_addr(smem);
     const uint32_t full0 = smem_s + static_cast<uint32_t>(L::kBars), empty0 = full0 + 8u * ST;
-    if (tid == 0) {
-        for (int s = 0; s < ST; ++s) {
-            mbar_init(full0 + 8u * s, 2 * kWsProducers);   // each decoder thread: its stores, its copies
-            mbar_init(empty0 + 8u * s, kWsConsumers);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    if (tid >= kWsConsumers && tid < kWsConsumers + w4a8::kTables) {
-        uint32_t lo, hi;
-        w4a8::table(tid - kWsConsumers, lo, hi);
-        *reinterpret_cast<uint2*>(smem + L::kTable + 8 * (tid - kWsConsumers)) = make_uint2(lo, hi);
-    }
+    f8_init<ST>(smem, L::kTable, full0, empty0, 2 * kWsProducers);   // full: each decoder thread's stores and copies
     __syncthreads();
 
     int gi, row0, rows;
@@ -1338,16 +1418,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
     if (!tw.first(p, gi, row0, rows, G)) return;   // the whole CTA: the walk is per CTA
     const int ns = p.steps;
 
-    // Tile row r of row tile rt → (matrix, weight row); see the pairing above.
-    auto phys_row = [&](int rt, int r, int& m, int& row) {
-        if constexpr (kPair) {
-            m = (r >> 3) & 1;
-            row = rt * (kF8Rows / 2) + (r >> 4) * 8 + (r & 7);
-        } else {
-            m = 0;
-            row = rt * kF8Rows + r;
-        }
-    };
+    auto phys_row = [](int rt, int r, int& m, int& row) { f8_phys_row<kPair>(rt, r, m, row); };
 
     if (tid >= kWsConsumers) {
         // ---- decoding warpgroup
@@ -1469,7 +1540,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
     const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
     const int wg = warp >> 2, qw = warp & 3;
     const int r0 = wg * 64 + qw * 16 + g;   // the thread's accumulator rows: r0 (i < 2) and r0 + 8 (i ≥ 2)
-    constexpr int NA = BT / 2, NT = BT / 8;
+    constexpr int NA = BT / 2;
     do {
         const int g0 = tw.i * ns;   // the steps of the CTA's earlier tiles (persistent)
         float acc[NA], part[NA];
@@ -1493,49 +1564,13 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_f8_kernel(const Ti
 #pragma unroll
             for (int i = 0; i < NA; ++i) reg_fence(part[i]);   // read only after the wait
             float rs[2];
-            float2 cs[NT];
             asm volatile("ld.shared.f32 %0, [%1];" : "=f"(rs[0]) : "r"(st + static_cast<uint32_t>(L::kRowScale + r0 * 4)));
             asm volatile("ld.shared.f32 %0, [%1];" : "=f"(rs[1]) : "r"(st + static_cast<uint32_t>(L::kRowScale + (r0 + 8) * 4)));
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
-                             : "=f"(cs[nt].x), "=f"(cs[nt].y)
-                             : "r"(st + static_cast<uint32_t>(L::kColScale + (nt * 8 + 2 * tig) * 4)));
-            mbar_arrive(empty0 + 8u * slot);   // every read of the slot is done: the decoders may refill it
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                acc[4 * nt + 0] += part[4 * nt + 0] * (rs[0] * cs[nt].x);
-                acc[4 * nt + 1] += part[4 * nt + 1] * (rs[0] * cs[nt].y);
-                acc[4 * nt + 2] += part[4 * nt + 2] * (rs[1] * cs[nt].x);
-                acc[4 * nt + 3] += part[4 * nt + 3] * (rs[1] * cs[nt].y);
-            }
+            // every read of the slot is done once its token scales are in registers: the decoders may refill it
+            f8_promote<BT>(st + static_cast<uint32_t>(L::kColScale), tig, empty0 + 8u * slot, rs[0], rs[1], acc, part);
         }
         if (tw.last(p)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-
-        if constexpr (kPair) {
-            const int feature = tw.row_tile(p) * (kF8Rows / 2) + wg * 32 + qw * 8 + g;
-            float rsc[NT][2];
-            row_scales<NT>(p, row0, rows, tig, rsc);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    const int t = nt * 8 + 2 * tig + i;
-                    if (t < rows && feature < p.N)
-                        store_h(p, row0 + t, feature, acc[4 * nt + i], acc[4 * nt + 2 + i], rsc[nt][i]);
-                }
-        } else {
-            const int rt = tw.row_tile(p);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int t = nt * 8 + 2 * tig + (i & 1);
-                    const int row = rt * kF8Rows + r0 + 8 * (i >> 1);
-                    if (t < rows && row < p.N)
-                        store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + row, acc[4 * nt + i]);
-                }
-        }
+        f8_epilogue<EPI, BT>(p, acc, row0, rows, tw.row_tile(p), wg, qw, g, tig);
     } while (tw.next(p, gi, row0, rows, G));
 }
 
@@ -1672,7 +1707,7 @@ template <int EPI, int BT>
 static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_rf8_kernel(const TiledParams p) {
     using L = Rf8Layout<BT>;
     static_assert(BT == 128 || BT == 32, "wgmma wrappers exist for N = 128 and 32");
-    constexpr int ST = L::kStages, NA = BT / 2, NT = BT / 8;
+    constexpr int ST = L::kStages, NA = BT / 2;
     constexpr bool kPair = EPI == kEpiSwiglu;
     static_assert(EPI != kEpiBf16, "the W4A8 tile serves the expert layer: h (SwiGLU) or f32 rows");
     extern __shared__ __align__(128) uint8_t smem[];
@@ -1680,18 +1715,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_rf8_kernel(const T
     const int tid = static_cast<int>(threadIdx.x);
     const uint32_t smem_s = smem_addr(smem);
     const uint32_t full0 = smem_s + static_cast<uint32_t>(L::kBars), empty0 = full0 + 8u * ST;
-    if (tid == 0) {
-        for (int s = 0; s < ST; ++s) {
-            mbar_init(full0 + 8u * s, kWsProducers);   // each producer thread's copies of the step
-            mbar_init(empty0 + 8u * s, kWsConsumers);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    if (tid >= kWsConsumers && tid < kWsConsumers + w4a8::kTables) {
-        uint32_t lo, hi;
-        w4a8::table(tid - kWsConsumers, lo, hi);
-        *reinterpret_cast<uint2*>(smem + L::kTable + 8 * (tid - kWsConsumers)) = make_uint2(lo, hi);
-    }
+    f8_init<ST>(smem, L::kTable, full0, empty0, kWsProducers);   // full: each producer thread's copies of the step
     __syncthreads();
 
     int gi, row0, rows;
@@ -1700,16 +1724,7 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_rf8_kernel(const T
     if (!tw.first(p, gi, row0, rows, G)) return;   // the whole CTA: the walk is per CTA
     const int ns = p.steps;
 
-    // Tile row r of row tile rt → (matrix, weight row), as wgmma_f8_kernel's.
-    auto phys_row = [&](int rt, int r, int& m, int& row) {
-        if constexpr (kPair) {
-            m = (r >> 3) & 1;
-            row = rt * (kF8Rows / 2) + (r >> 4) * 8 + (r & 7);
-        } else {
-            m = 0;
-            row = rt * kF8Rows + r;
-        }
-    };
+    auto phys_row = [](int rt, int r, int& m, int& row) { f8_phys_row<kPair>(rt, r, m, row); };
 
     if (tid >= kWsConsumers) {
         // ---- producer warpgroup
@@ -1814,51 +1829,16 @@ static __global__ void __launch_bounds__(kWsThreads, 1) wgmma_rf8_kernel(const T
             wgmma_wait0_keep(a[B]);
 #pragma unroll
             for (int i = 0; i < NA; ++i) reg_fence(part[i]);   // read only after the wait
-            float2 cs[NT];
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-                asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];"
-                             : "=f"(cs[nt].x), "=f"(cs[nt].y)
-                             : "r"(st + static_cast<uint32_t>(L::kColScale + (nt * 8 + 2 * tig) * 4)));
-            mbar_arrive(empty0 + 8u * slot);   // every read of the slot is done: the producer may refill it
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                acc[4 * nt + 0] += part[4 * nt + 0] * (rs[B][0] * cs[nt].x);
-                acc[4 * nt + 1] += part[4 * nt + 1] * (rs[B][0] * cs[nt].y);
-                acc[4 * nt + 2] += part[4 * nt + 2] * (rs[B][1] * cs[nt].x);
-                acc[4 * nt + 3] += part[4 * nt + 3] * (rs[B][1] * cs[nt].y);
-            }
+            // every read of the slot is done once its token scales are in registers: the producer may refill it
+            f8_promote<BT>(st + static_cast<uint32_t>(L::kColScale), tig, empty0 + 8u * slot, rs[B][0], rs[B][1], acc,
+                           part);
         };
         for (int ls = 0; ls < ns; ls += 2) {
             step(std::integral_constant<int, 0>{}, ls);
             if (ls + 1 < ns) step(std::integral_constant<int, 1>{}, ls + 1);
         }
         if (tw.last(p)) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-
-        if constexpr (kPair) {
-            const int feature = tw.row_tile(p) * (kF8Rows / 2) + wg * 32 + qw * 8 + g;
-            float rsc[NT][2];
-            row_scales<NT>(p, row0, rows, tig, rsc);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 2; ++i) {
-                    const int t = nt * 8 + 2 * tig + i;
-                    if (t < rows && feature < p.N)
-                        store_h(p, row0 + t, feature, acc[4 * nt + i], acc[4 * nt + 2 + i], rsc[nt][i]);
-                }
-        } else {
-            const int rt = tw.row_tile(p);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int t = nt * 8 + 2 * tig + (i & 1);
-                    const int row = rt * kF8Rows + r0 + 8 * (i >> 1);
-                    if (t < rows && row < p.N)
-                        store_y<EPI>(p, static_cast<int64_t>(row0 + t) * p.y_ld + row, acc[4 * nt + i]);
-                }
-        }
+        f8_epilogue<EPI, BT>(p, acc, row0, rows, tw.row_tile(p), wg, qw, g, tig);
     } while (tw.next(p, gi, row0, rows, G));
 }
 

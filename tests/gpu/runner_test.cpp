@@ -144,6 +144,28 @@ protected:
     }
     int64_t V() const { return c->model->cfg.vocab_size; }
     int64_t T() const { return static_cast<int64_t>(c->input_ids.size()); }
+    // Runners whose options differ only in how the work is scheduled: a prefill of the golden
+    // sequence's first 40 tokens, then 24 batch-1 steps on each; every step's logits must equal the
+    // first runner's bit for bit (`what[i]` names runner i in a failure).
+    void expect_same_logits(gpu::Runner* const (&all)[3], const char* const (&what)[3]) {
+        int32_t slot[3];
+        for (int i = 0; i < 3; ++i) {
+            slot[i] = all[i]->open();
+            ASSERT_TRUE(all[i]->reserve(slot[i], 128));
+        }
+        std::vector<float> lg[3];
+        const std::vector<int32_t> prompt(c->input_ids.begin(), c->input_ids.begin() + 40);
+        for (int step = 0; step <= 24; ++step) {
+            for (int i = 0; i < 3; ++i) {
+                std::vector<gpu::RunnerChunk> ch{
+                    {slot[i], step == 0 ? prompt : std::vector<int32_t>{c->input_ids[static_cast<size_t>(39 + step)]}}};
+                all[i]->step(ch, false, lg[i]);
+            }
+            ASSERT_EQ(lg[0].size(), static_cast<size_t>(V())) << "step " << step;
+            for (int i = 1; i < 3; ++i)
+                ASSERT_EQ(std::memcmp(lg[0].data(), lg[i].data(), lg[0].size() * 4), 0) << what[i] << ", step " << step;
+        }
+    }
 };
 
 // The CPU specification with bf16 rounding where the official code keeps activations in bf16
@@ -1156,24 +1178,8 @@ TEST_P(GpuRunner, IndexerSideStreamEqualsMainStream) {
     side_eager.indexer_side = true;
     side_eager.graphs = false;
     gpu::Runner rm(*c->model, plain), rs(*c->model, side), re(*c->model, side_eager);
-    gpu::Runner* all[] = {&rm, &rs, &re};
-    int32_t slot[3];
-    for (int i = 0; i < 3; ++i) {
-        slot[i] = all[i]->open();
-        ASSERT_TRUE(all[i]->reserve(slot[i], 128));
-    }
-    std::vector<float> lg[3];
-    const std::vector<int32_t> prompt(c->input_ids.begin(), c->input_ids.begin() + 40);
-    for (int step = 0; step <= 24; ++step) {
-        for (int i = 0; i < 3; ++i) {
-            std::vector<gpu::RunnerChunk> ch{
-                {slot[i], step == 0 ? prompt : std::vector<int32_t>{c->input_ids[static_cast<size_t>(39 + step)]}}};
-            all[i]->step(ch, false, lg[i]);
-        }
-        ASSERT_EQ(lg[0].size(), static_cast<size_t>(V())) << "step " << step;
-        ASSERT_EQ(std::memcmp(lg[0].data(), lg[1].data(), lg[0].size() * 4), 0) << "graph, step " << step;
-        ASSERT_EQ(std::memcmp(lg[0].data(), lg[2].data(), lg[0].size() * 4), 0) << "eager, step " << step;
-    }
+    expect_same_logits({&rm, &rs, &re}, {"main stream", "graph", "eager"});
+    if (HasFatalFailure()) return;
     std::printf("[ %s ] indexer queries on side stream 2: %lld enqueues, logits equal over 25 steps\n",
                 GetParam().c_str(), static_cast<long long>(rs.indexer_side_launches()));
     EXPECT_EQ(rm.indexer_side_launches(), 0);
@@ -1193,24 +1199,8 @@ TEST_P(GpuRunner, StreamPriorityGivesTheSameLogits) {
     prio_eager.stream_priority = true;
     prio_eager.graphs = false;
     gpu::Runner rm(*c->model, plain), rp(*c->model, prio), re(*c->model, prio_eager);
-    gpu::Runner* all[] = {&rm, &rp, &re};
-    int32_t slot[3];
-    for (int i = 0; i < 3; ++i) {
-        slot[i] = all[i]->open();
-        ASSERT_TRUE(all[i]->reserve(slot[i], 128));
-    }
-    std::vector<float> lg[3];
-    const std::vector<int32_t> prompt(c->input_ids.begin(), c->input_ids.begin() + 40);
-    for (int step = 0; step <= 24; ++step) {
-        for (int i = 0; i < 3; ++i) {
-            std::vector<gpu::RunnerChunk> ch{
-                {slot[i], step == 0 ? prompt : std::vector<int32_t>{c->input_ids[static_cast<size_t>(39 + step)]}}};
-            all[i]->step(ch, false, lg[i]);
-        }
-        ASSERT_EQ(lg[0].size(), static_cast<size_t>(V())) << "step " << step;
-        ASSERT_EQ(std::memcmp(lg[0].data(), lg[1].data(), lg[0].size() * 4), 0) << "graph, step " << step;
-        ASSERT_EQ(std::memcmp(lg[0].data(), lg[2].data(), lg[0].size() * 4), 0) << "eager, step " << step;
-    }
+    expect_same_logits({&rm, &rp, &re}, {"default", "graph", "eager"});
+    if (HasFatalFailure()) return;
     EXPECT_GT(rp.graph_replays(), 0);
 }
 
